@@ -1,0 +1,66 @@
+"""The `workbench` command line: info, capture, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+from workbench.cli import app
+from workbench.texts import TextFileError, load_texts
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(
+        T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
+    ).save_pretrained(path)
+    return path
+
+
+def test_every_command_has_help() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("info", "capture", "version"):
+        assert command in result.output
+        assert runner.invoke(app, [command, "--help"]).exit_code == 0
+
+
+def test_info_lists_hook_names(saved_gpt2) -> None:
+    result = runner.invoke(app, ["info", str(saved_gpt2), "--hooks", "blocks.1.*"])
+    assert result.exit_code == 0, result.output
+    assert "blocks.1.hook_resid_post" in result.output and "blocks.0.hook_resid_post" not in result.output
+    assert "n_layers: 2" in result.output
+
+
+def test_info_unknown_hook_is_a_clear_error(saved_gpt2) -> None:
+    result = runner.invoke(app, ["info", str(saved_gpt2), "--hooks", "blocks.1.hook_resid_psot"])
+    assert result.exit_code == 2
+    assert "closest valid names" in result.output
+
+
+def test_info_directory_without_config(tmp_path) -> None:
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def test_non_utf8_text_file_is_reported_with_its_line(tmp_path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(TextFileError, match=r"not UTF-8 \(byte 14, line 2"):
+        load_texts(path)
+
+
+def test_texts_from_jsonl_and_txt(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n', encoding="utf-8")
+    assert load_texts(tmp_path / "a.txt") == ["one", "two"]
+    assert load_texts(tmp_path / "b.jsonl") == ["x", "y"]
+    (tmp_path / "c.jsonl").write_text('{"txt": "x"}\n', encoding="utf-8")
+    with pytest.raises(TextFileError, match='c.jsonl:1: each JSONL line needs a "text" field'):
+        load_texts(tmp_path / "c.jsonl")

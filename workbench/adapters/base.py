@@ -1,0 +1,257 @@
+"""Machinery shared by the Hugging Face adapters: module sites that feed named hook points.
+
+An adapter describes, for one model family, which module input or output carries each TransformerLens-named
+activation (a :class:`Site`). Torch hooks are installed only for sites whose hook points are active, so a
+forward pass with nothing captured runs the model untouched.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from workbench.hooks import HookPoint
+
+if TYPE_CHECKING:
+    from workbench.model import ModelSpec
+
+Split = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+Merge = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+@dataclass
+class Site:
+    """A module input ("input": first argument) or output ("output": the tensor or the tuple's first item)
+    that carries the activations of ``names``.
+
+    ``split`` maps the module's tensor to one TransformerLens-shaped tensor per name; ``merge`` is its inverse,
+    used when a hook replaces an activation. Both default to the identity for a single name.
+    """
+
+    module: nn.Module
+    when: str
+    names: tuple[str, ...]
+    split: Split | None = None
+    merge: Merge | None = None
+
+
+@dataclass
+class ResidMidSite:
+    """``hook_resid_mid`` of a sequential pre-LN block: resid_pre (the block input) + attention output.
+
+    Hooked on the attention module's output so that a replacement flows into both the residual stream and the
+    next LayerNorm: the attention output becomes ``new_resid_mid − resid_pre``.
+    """
+
+    block: nn.Module
+    attention: nn.Module
+    name: str
+
+
+@dataclass
+class AttentionSite:
+    """Hook points fed from inside the attention function of one layer (pattern and statistics)."""
+
+    module: nn.Module
+    layer: int
+    names: dict[str, str] = field(default_factory=dict)
+
+
+AnySite = Site | ResidMidSite | AttentionSite
+
+
+def heads_view(n_heads: int) -> tuple[Split, Merge]:
+    """[batch, pos, heads·d_head] <-> [batch, pos, heads, d_head]."""
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (x.unflatten(-1, (n_heads, -1)),)
+
+    def merge(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return parts[0].flatten(-2)
+
+    return split, merge
+
+
+def concat_qkv(n_heads: int, n_kv_heads: int, d_head: int) -> tuple[Split, Merge]:
+    """Fused projection laid out [q (heads·d) | k (kv·d) | v (kv·d)] (GPT-2 ``c_attn``) <-> q, k, v heads."""
+    sizes = (n_heads * d_head, n_kv_heads * d_head, n_kv_heads * d_head)
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = x.split(sizes, dim=-1)
+        return (
+            q.unflatten(-1, (n_heads, d_head)),
+            k.unflatten(-1, (n_kv_heads, d_head)),
+            v.unflatten(-1, (n_kv_heads, d_head)),
+        )
+
+    def merge(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat([p.flatten(-2) for p in parts], dim=-1)
+
+    return split, merge
+
+
+def interleaved_qkv(n_heads: int, d_head: int) -> tuple[Split, Merge]:
+    """Fused projection laid out per head as [q | k | v] (GPT-NeoX ``query_key_value``) <-> q, k, v heads."""
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.unflatten(-1, (n_heads, 3 * d_head)).split(d_head, dim=-1)
+
+    def merge(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat(parts, dim=-1).flatten(-2)
+
+    return split, merge
+
+
+class HFAdapter:
+    """Base for one Hugging Face model family: subclasses give ``spec`` and ``sites``."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    base_attr: str = ""
+
+    def spec(self, config: Any) -> ModelSpec:
+        raise NotImplementedError
+
+    def sites(self, model: nn.Module, spec: ModelSpec) -> list[AnySite]:
+        raise NotImplementedError
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The headless model inside a task model (e.g. ``GPT2LMHeadModel.transformer``), or the model itself."""
+        return getattr(model, self.base_attr, model)
+
+    @staticmethod
+    def attention_site(attention: nn.Module, layer: int) -> AttentionSite:
+        prefix = f"blocks.{layer}.attn."
+        stats = ("pattern", "entropy", "sink", "lse", "max_logit")
+        return AttentionSite(attention, layer, {s: f"{prefix}hook_{s}" for s in stats})
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_input(args: tuple, kwargs: dict, tensor: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (tensor, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": tensor}
+
+
+def _run_points(
+    points: list[HookPoint], tensors: tuple[torch.Tensor, ...]
+) -> tuple[tuple[torch.Tensor, ...], bool]:
+    out, changed = [], False
+    for point, tensor in zip(points, tensors, strict=True):
+        new = point(tensor) if point.active else tensor
+        changed |= new is not tensor
+        out.append(new)
+    return tuple(out), changed
+
+
+def install_site(site: AnySite, points: dict[str, HookPoint]) -> list[Any]:
+    """Register the torch hooks that feed ``site``'s active hook points; returns the handles."""
+    if isinstance(site, AttentionSite):
+        return []
+    if isinstance(site, ResidMidSite):
+        return _install_resid_mid(site, points[site.name])
+    site_points = [points[n] for n in site.names]
+    split = site.split or (lambda x: (x,))
+    merge = site.merge or (lambda parts: parts[0])
+    if site.when == "output":
+
+        def on_output(module: nn.Module, args: tuple, output: Any) -> Any:
+            new, changed = _run_points(site_points, split(_first(output)))
+            return _replace_first(output, merge(new)) if changed else None
+
+        return [site.module.register_forward_hook(on_output)]
+
+    def on_input(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        new, changed = _run_points(site_points, split(_input_tensor(args, kwargs)))
+        return _with_input(args, kwargs, merge(new)) if changed else None
+
+    return [site.module.register_forward_pre_hook(on_input, with_kwargs=True)]
+
+
+def _install_resid_mid(site: ResidMidSite, point: HookPoint) -> list[Any]:
+    stash: dict[str, torch.Tensor] = {}
+
+    def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stash["resid_pre"] = _input_tensor(args, kwargs)
+
+    def on_attention(module: nn.Module, args: tuple, output: Any) -> Any:
+        resid_pre = stash.pop("resid_pre")
+        attn_out = _first(output)
+        mid = resid_pre + attn_out
+        new = point(mid)
+        return _replace_first(output, new - resid_pre) if new is not mid else None
+
+    return [
+        site.block.register_forward_pre_hook(remember, with_kwargs=True),
+        site.attention.register_forward_hook(on_attention),
+    ]
+
+
+# Attention modules -> (weak reference to the owning HookedModel, AttentionSite), read by the attention function.
+ATTENTION_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, AttentionSite]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def block_sites(
+    layer: int,
+    block: nn.Module,
+    *,
+    attention: nn.Module,
+    qkv: list[Site],
+    out_proj: nn.Module,
+    n_heads: int,
+    mlp_pre: nn.Module,
+    mlp_post: Site,
+    mlp_out: nn.Module,
+    resid_mid: AnySite | None,
+    attn_out: nn.Module | None = None,
+) -> list[AnySite]:
+    """The standard sites of one transformer block, in the order their torch hooks must run."""
+    prefix = f"blocks.{layer}."
+    split, merge = heads_view(n_heads)
+    sites: list[AnySite] = [
+        Site(block, "input", (prefix + "hook_resid_pre",)),
+        *qkv,
+        Site(out_proj, "input", (prefix + "attn.hook_z",), split, merge),
+        HFAdapter.attention_site(attention, layer),
+        Site(attn_out or attention, "output", (prefix + "hook_attn_out",)),
+    ]
+    if resid_mid is not None:
+        sites.append(resid_mid)
+    sites += [
+        Site(mlp_pre, "output", (prefix + "mlp.hook_pre",)),
+        mlp_post,
+        Site(mlp_out, "output", (prefix + "hook_mlp_out",)),
+        Site(block, "output", (prefix + "hook_resid_post",)),
+    ]
+    return sites
+
+
+def site_names(sites: Sequence[AnySite]) -> list[str]:
+    """Every hook name the sites feed, in forward order."""
+    names: list[str] = []
+    for site in sites:
+        if isinstance(site, ResidMidSite):
+            names.append(site.name)
+        elif isinstance(site, AttentionSite):
+            names += list(site.names.values())
+        else:
+            names += list(site.names)
+    return names

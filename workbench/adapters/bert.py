@@ -1,0 +1,61 @@
+"""BERT-family encoders (BERT, MiniLM) -> TransformerLens hook names.
+
+Post-LayerNorm blocks: ``hook_resid_mid`` is the attention sub-block's output after its LayerNorm,
+``hook_resid_post`` the block output (what ``output_hidden_states`` returns); ``hook_embed`` is the embedding
+output after its LayerNorm. There is no final LayerNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from workbench.adapters.base import AnySite, HFAdapter, Site, block_sites, heads_view
+
+
+class BertAdapter(HFAdapter):
+    family = "bert"
+    base_attr = "bert"
+    model_types = ("bert",)
+
+    def spec(self, config: Any):
+        from workbench.model import ModelSpec
+
+        return ModelSpec(
+            family=self.family,
+            n_layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_attention_heads,
+            d_head=config.hidden_size // config.num_attention_heads,
+            d_mlp=config.intermediate_size,
+            d_vocab=config.vocab_size,
+            n_ctx=config.max_position_embeddings,
+            causal=False,
+        )
+
+    def sites(self, model: nn.Module, spec) -> list[AnySite]:
+        base = self.base(model)
+        sites: list[AnySite] = [Site(base.embeddings, "output", ("hook_embed",))]
+        split, merge = heads_view(spec.n_heads)
+        for layer, block in enumerate(base.encoder.layer):
+            self_attn, prefix = block.attention.self, f"blocks.{layer}."
+            qkv = [
+                Site(getattr(self_attn, proj), "output", (prefix + f"attn.hook_{letter}",), split, merge)
+                for letter, proj in (("q", "query"), ("k", "key"), ("v", "value"))
+            ]
+            sites += block_sites(
+                layer,
+                block,
+                attention=self_attn,
+                qkv=qkv,
+                out_proj=block.attention.output.dense,
+                n_heads=spec.n_heads,
+                mlp_pre=block.intermediate.dense,
+                mlp_post=Site(block.intermediate, "output", (prefix + "mlp.hook_post",)),
+                mlp_out=block.output.dense,
+                resid_mid=Site(block.attention, "output", (prefix + "hook_resid_mid",)),
+                attn_out=block.attention.output.dense,
+            )
+        return sites

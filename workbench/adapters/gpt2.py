@@ -1,0 +1,56 @@
+"""GPT-2 modules -> TransformerLens hook names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, concat_qkv
+
+
+class GPT2Adapter(HFAdapter):
+    family = "gpt2"
+    base_attr = "transformer"
+    model_types = ("gpt2",)
+
+    def spec(self, config: Any):
+        from workbench.model import ModelSpec
+
+        return ModelSpec(
+            family=self.family,
+            n_layers=config.n_layer,
+            d_model=config.n_embd,
+            n_heads=config.n_head,
+            n_kv_heads=config.n_head,
+            d_head=config.n_embd // config.n_head,
+            d_mlp=config.n_inner or 4 * config.n_embd,
+            d_vocab=config.vocab_size,
+            n_ctx=config.n_positions,
+            causal=True,
+        )
+
+    def sites(self, model: nn.Module, spec) -> list[AnySite]:
+        base = self.base(model)
+        sites: list[AnySite] = [
+            Site(base.wte, "output", ("hook_embed",)),
+            Site(base.wpe, "output", ("hook_pos_embed",)),
+        ]
+        split, merge = concat_qkv(spec.n_heads, spec.n_heads, spec.d_head)
+        for layer, block in enumerate(base.h):
+            attn, prefix = block.attn, f"blocks.{layer}."
+            qkv = Site(attn.c_attn, "output", tuple(prefix + f"attn.hook_{x}" for x in "qkv"), split, merge)
+            sites += block_sites(
+                layer,
+                block,
+                attention=attn,
+                qkv=[qkv],
+                out_proj=attn.c_proj,
+                n_heads=spec.n_heads,
+                mlp_pre=block.mlp.c_fc,
+                mlp_post=Site(block.mlp.act, "output", (prefix + "mlp.hook_post",)),
+                mlp_out=block.mlp,
+                resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
+            )
+        sites.append(Site(base.ln_f, "output", ("ln_final.hook_normalized",)))
+        return sites

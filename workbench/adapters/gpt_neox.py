@@ -1,0 +1,57 @@
+"""GPT-NeoX (Pythia) modules -> TransformerLens hook names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, interleaved_qkv
+
+
+class GPTNeoXAdapter(HFAdapter):
+    family = "gpt_neox"
+    base_attr = "gpt_neox"
+    model_types = ("gpt_neox",)
+
+    def spec(self, config: Any):
+        from workbench.model import ModelSpec
+
+        return ModelSpec(
+            family=self.family,
+            n_layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_attention_heads,
+            d_head=config.hidden_size // config.num_attention_heads,
+            d_mlp=config.intermediate_size,
+            d_vocab=config.vocab_size,
+            n_ctx=config.max_position_embeddings,
+            causal=True,
+            parallel_residual=bool(config.use_parallel_residual),
+        )
+
+    def sites(self, model: nn.Module, spec) -> list[AnySite]:
+        base = self.base(model)
+        sites: list[AnySite] = [Site(base.embed_in, "output", ("hook_embed",))]
+        split, merge = interleaved_qkv(spec.n_heads, spec.d_head)
+        for layer, block in enumerate(base.layers):
+            attn, prefix = block.attention, f"blocks.{layer}."
+            qkv = Site(
+                attn.query_key_value, "output", tuple(prefix + f"attn.hook_{x}" for x in "qkv"), split, merge
+            )
+            mid = None if spec.parallel_residual else ResidMidSite(block, attn, prefix + "hook_resid_mid")
+            sites += block_sites(
+                layer,
+                block,
+                attention=attn,
+                qkv=[qkv],
+                out_proj=attn.dense,
+                n_heads=spec.n_heads,
+                mlp_pre=block.mlp.dense_h_to_4h,
+                mlp_post=Site(block.mlp.act, "output", (prefix + "mlp.hook_post",)),
+                mlp_out=block.mlp,
+                resid_mid=mid,
+            )
+        sites.append(Site(base.final_layer_norm, "output", ("ln_final.hook_normalized",)))
+        return sites

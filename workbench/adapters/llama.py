@@ -1,0 +1,64 @@
+"""Llama-family modules (Llama, and models sharing its layout) -> TransformerLens hook names.
+
+The MLP is gated: ``mlp.hook_pre`` is the gate projection before the activation, ``mlp.hook_post`` the input
+of ``down_proj`` (act(gate) · up), as in TransformerLens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, heads_view
+
+
+class LlamaAdapter(HFAdapter):
+    family = "llama"
+    base_attr = "model"
+    model_types = ("llama", "mistral", "qwen2")
+
+    def spec(self, config: Any):
+        from workbench.model import ModelSpec
+
+        d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return ModelSpec(
+            family=self.family,
+            n_layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+            d_head=d_head,
+            d_mlp=config.intermediate_size,
+            d_vocab=config.vocab_size,
+            n_ctx=config.max_position_embeddings,
+            causal=True,
+        )
+
+    def sites(self, model: nn.Module, spec) -> list[AnySite]:
+        base = self.base(model)
+        sites: list[AnySite] = [Site(base.embed_tokens, "output", ("hook_embed",))]
+        for layer, block in enumerate(base.layers):
+            attn, prefix = block.self_attn, f"blocks.{layer}."
+            qkv = []
+            for letter, proj, heads in (
+                ("q", attn.q_proj, spec.n_heads),
+                ("k", attn.k_proj, spec.n_kv_heads),
+                ("v", attn.v_proj, spec.n_kv_heads),
+            ):
+                split, merge = heads_view(heads)
+                qkv.append(Site(proj, "output", (prefix + f"attn.hook_{letter}",), split, merge))
+            sites += block_sites(
+                layer,
+                block,
+                attention=attn,
+                qkv=qkv,
+                out_proj=attn.o_proj,
+                n_heads=spec.n_heads,
+                mlp_pre=block.mlp.gate_proj,
+                mlp_post=Site(block.mlp.down_proj, "input", (prefix + "mlp.hook_post",)),
+                mlp_out=block.mlp,
+                resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
+            )
+        sites.append(Site(base.norm, "output", ("ln_final.hook_normalized",)))
+        return sites

@@ -1,0 +1,113 @@
+"""TransformerLens HookedTransformer: hook names pass through; attention statistics are added per layer.
+
+On TransformerLens's own attention the statistics hooks (``blocks.{l}.attn.hook_entropy|sink|lse|max_logit``)
+are computed from ``hook_attn_scores`` (already masked); after ``install_attention`` they come from the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.hooks import HookPoint
+
+STATS = ("entropy", "sink", "lse", "max_logit")
+
+
+class TransformerLensAdapter:
+    family = "transformer_lens"
+
+    def spec(self, model: nn.Module):
+        from workbench.model import ModelSpec
+
+        cfg = model.cfg
+        return ModelSpec(
+            family=self.family,
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+            d_head=cfg.d_head,
+            d_mlp=cfg.d_mlp or 0,
+            d_vocab=cfg.d_vocab,
+            n_ctx=cfg.n_ctx,
+            causal=cfg.attention_dir == "causal",
+            parallel_residual=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        )
+
+    def hook_names(self, model: nn.Module) -> list[str]:
+        names = list(model.hook_dict)
+        out: list[str] = []
+        for name in names:
+            out.append(name)
+            if name.endswith("attn.hook_pattern"):
+                prefix = name[: -len("hook_pattern")]
+                out += [f"{prefix}hook_{s}" for s in STATS]
+        return out
+
+    def install(self, owner: Any, active: tuple[str, ...]) -> list[Any]:
+        """Attach one TransformerLens hook per active point of ``owner`` (a HookedModel); statistics are
+        computed from ``hook_attn_scores``."""
+        model, points = owner.model, owner.hook_points
+        handles: list[Any] = []
+        stat_layers: dict[str, list[str]] = {}
+        for name in active:
+            head, _, tail = name.rpartition(".hook_")
+            if tail in STATS and name not in model.hook_dict:
+                stat_layers.setdefault(head, []).append(name)
+                continue
+            handles.append(_attach(model.hook_dict[name], _forward_to(points[name])))
+        for prefix, names in stat_layers.items():
+            scores_point = model.hook_dict[f"{prefix}.hook_attn_scores"]
+            handles.append(_attach(scores_point, _stats_from_scores_hook([points[n] for n in names], owner)))
+        return handles
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+
+    def tokenize(self, model: nn.Module, texts: Any) -> dict[str, torch.Tensor]:
+        from transformer_lens.utils import get_attention_mask
+
+        tokens = model.to_tokens(texts, padding_side="right")
+        mask = get_attention_mask(model.tokenizer, tokens, model.cfg.default_prepend_bos)
+        return {"input_ids": tokens, "attention_mask": mask}
+
+
+class _Handle:
+    def __init__(self, tl_point: nn.Module, torch_handle: Any) -> None:
+        self.tl_point, self.torch_handle = tl_point, torch_handle
+
+    def remove(self) -> None:
+        self.torch_handle.remove()
+        self.tl_point.fwd_hooks = [
+            h for h in self.tl_point.fwd_hooks if getattr(h, "hook", h) is not self.torch_handle
+        ]
+
+
+def _attach(tl_point: nn.Module, fn: Any) -> _Handle:
+    def full_hook(module: nn.Module, module_input: Any, module_output: torch.Tensor) -> torch.Tensor | None:
+        return fn(module_output)
+
+    return _Handle(tl_point, tl_point.register_forward_hook(full_hook))
+
+
+def _forward_to(point: HookPoint):
+    def run(activation: torch.Tensor) -> torch.Tensor | None:
+        new = point(activation)
+        return new if new is not activation else None
+
+    return run
+
+
+def _stats_from_scores_hook(stat_points: list[HookPoint], owner: Any):
+    from workbench.attention.reference import stats_from_scores
+
+    def run(scores: torch.Tensor) -> None:
+        stats = stats_from_scores(scores, sink_k=owner.sink_k)
+        for point in stat_points:
+            point(stats[point.name.rpartition(".hook_")[2]])
+        return None
+
+    return run

@@ -1,0 +1,67 @@
+"""Vision Transformer (transformers ViT) modules -> TransformerLens hook names.
+
+Position 0 is the [CLS] token, then one position per patch; ``hook_embed`` is the patch + position embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, heads_view
+
+
+class ViTAdapter(HFAdapter):
+    family = "vit"
+    base_attr = "vit"
+    model_types = ("vit",)
+
+    def spec(self, config: Any):
+        from workbench.model import ModelSpec
+
+        n_patches = (config.image_size // config.patch_size) ** 2
+        return ModelSpec(
+            family=self.family,
+            n_layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_attention_heads,
+            d_head=config.hidden_size // config.num_attention_heads,
+            d_mlp=config.intermediate_size,
+            d_vocab=getattr(config, "num_labels", 0),
+            n_ctx=n_patches + 1,
+            causal=False,
+        )
+
+    def sites(self, model: nn.Module, spec) -> list[AnySite]:
+        base = self.base(model)
+        sites: list[AnySite] = [Site(base.embeddings, "output", ("hook_embed",))]
+        for layer, block in enumerate(base.layers):
+            attn, prefix = block.attention, f"blocks.{layer}."
+            qkv = []
+            for letter in "qkv":
+                split, merge = heads_view(spec.n_heads)
+                qkv.append(
+                    Site(
+                        getattr(attn, f"{letter}_proj"),
+                        "output",
+                        (prefix + f"attn.hook_{letter}",),
+                        split,
+                        merge,
+                    )
+                )
+            sites += block_sites(
+                layer,
+                block,
+                attention=attn,
+                qkv=qkv,
+                out_proj=attn.o_proj,
+                n_heads=spec.n_heads,
+                mlp_pre=block.mlp.fc1,
+                mlp_post=Site(block.mlp.activation_fn, "output", (prefix + "mlp.hook_post",)),
+                mlp_out=block.mlp,
+                resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
+            )
+        sites.append(Site(base.layernorm, "output", ("ln_final.hook_normalized",)))
+        return sites

