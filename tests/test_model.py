@@ -326,3 +326,46 @@ def test_real_minilm_loads_offline_and_matches_hf() -> None:
             cache[f"blocks.{layer}.hook_resid_post"], reference.hidden_states[layer + 1]
         )
     assert model.to_str_tokens("the cat")[0] == "[CLS]"
+
+
+def test_attention_statistics_agree_across_paths_and_with_transformer_lens() -> None:
+    hf = tiny_gpt2()
+    tl = HookedModel.from_transformer_lens(tl_twin(hf, "gpt2"))
+    model = HookedModel.from_hf(hf)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(14))
+    names = ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_entropy", "blocks.*.attn.hook_sink",
+             "blocks.*.attn.hook_lse", "blocks.*.attn.hook_max_logit"]  # fmt: skip
+    with torch.no_grad():
+        bare = model(ids)
+        logits, cache = model.run_with_cache(ids, names)
+        _, tl_cache = tl.run_with_cache(ids, names)
+        _, sdpa_stats = model.run_with_cache(ids, names[1:])
+    torch.testing.assert_close(logits, bare, atol=1e-5, rtol=1e-4)
+    for name in cache:
+        torch.testing.assert_close(cache[name], tl_cache[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in sdpa_stats:
+        torch.testing.assert_close(sdpa_stats[name], cache[name], msg=name)
+    pattern = cache["blocks.1.attn.hook_pattern"].double()
+    entropy = -(pattern * pattern.clamp_min(1e-300).log()).sum(-1)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_entropy"].double(), entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cache["blocks.1.attn.hook_sink"].double(), pattern[..., 0], atol=1e-6, rtol=1e-5
+    )
+    assert torch.allclose(
+        cache["blocks.0.attn.hook_sink"][:, :, 0], torch.ones(2, 4)
+    )  # query 0 sees only key 0
+
+
+def test_attention_statistics_table_matches_direct_capture() -> None:
+    from workbench.attention.summary import attention_statistics, layer_head_heatmap
+
+    model = HookedModel.from_hf(tiny_neox())
+    ids = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(15))
+    table = attention_statistics(model, ids, batch_size=2)
+    assert len(table) == 2 * 4 and set(table.columns) >= {"layer", "head", "entropy", "sink", "n_queries"}
+    with torch.no_grad(), model.capture("blocks.1.attn.hook_entropy") as cache:
+        model(ids)
+    expected = cache["blocks.1.attn.hook_entropy"][:, 2, 1:].double().mean()
+    got = table[(table["layer"] == 1) & (table["head"] == 2)]["entropy"].item()
+    assert abs(got - expected.item()) < 1e-6
+    assert layer_head_heatmap(table).data[0].z.shape == (2, 4)

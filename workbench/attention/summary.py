@@ -1,0 +1,101 @@
+"""Per-layer × head attention statistics of a model or a checkpoint series, for tables and the dashboard.
+
+The statistics hooks (``blocks.{l}.attn.hook_entropy|sink|lse|max_logit``, [batch, head, query]) are averaged
+over the real (non-padding) query positions of a text corpus; position 0 is left out of the sink average, since
+its only key is itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from workbench.model import HookedModel
+
+STAT_HOOKS = ("entropy", "sink", "lse", "max_logit")
+
+
+def attention_statistics(
+    model: HookedModel,
+    texts: Sequence[str] | torch.Tensor,
+    *,
+    batch_size: int = 16,
+    sink_k: int = 1,
+) -> pd.DataFrame:
+    """Mean statistics per (layer, head) over ``texts`` (strings, or token ids [batch, pos]).
+
+    Returns columns: model, checkpoint, layer, head, entropy, sink, lse, max_logit, n_queries.
+    """
+    names = [f"blocks.*.attn.hook_{s}" for s in STAT_HOOKS]
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    sums = {s: torch.zeros(n_layers, n_heads, dtype=torch.float64) for s in STAT_HOOKS}
+    counts = torch.zeros(n_layers, dtype=torch.float64)
+    previous_sink = model.sink_k
+    model.sink_k = sink_k
+    try:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            if isinstance(chunk, torch.Tensor):
+                batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+            else:
+                batch = model.tokenize(list(chunk))
+            real = batch["attention_mask"].bool().clone()
+            real[:, 0] = False
+            with torch.no_grad(), model.capture(names, dtype=torch.float64) as cache:
+                model(batch)
+            weight = real[:, None, :].to(torch.float64)
+            for layer in range(n_layers):
+                for stat in STAT_HOOKS:
+                    value = cache[f"blocks.{layer}.attn.hook_{stat}"]
+                    sums[stat][layer] += (value.nan_to_num(0.0, neginf=0.0) * weight).sum(dim=(0, 2))
+                counts[layer] += real.sum()
+    finally:
+        model.sink_k = previous_sink
+    rows = []
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            row = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "layer": layer, "head": head}
+            row.update({s: float(sums[s][layer, head] / counts[layer].clamp_min(1)) for s in STAT_HOOKS})
+            row["n_queries"] = int(counts[layer])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def attention_statistics_over_checkpoints(
+    models: Iterable[HookedModel], texts: Sequence[str], **kwargs
+) -> pd.DataFrame:
+    """:func:`attention_statistics` for each model of a checkpoint series (loaded one at a time)."""
+    return pd.concat([attention_statistics(m, texts, **kwargs) for m in models], ignore_index=True)
+
+
+def layer_head_heatmap(
+    table: pd.DataFrame, statistic: str = "entropy", checkpoint: int | None = None
+) -> go.Figure:
+    """Heatmap layer × head of one statistic (the latest checkpoint unless ``checkpoint`` is given)."""
+    import plotly.express as px
+
+    if checkpoint is None and table["checkpoint"].notna().any():
+        checkpoint = int(table["checkpoint"].max())
+    rows = table if checkpoint is None else table[table["checkpoint"] == checkpoint]
+    grid = rows.pivot_table(index="layer", columns="head", values=statistic)
+    title = f"attention {statistic} per layer × head" + (
+        f" (step {checkpoint})" if checkpoint is not None else ""
+    )
+    return px.imshow(grid, labels={"x": "head", "y": "layer", "color": statistic}, title=title, aspect="auto")
+
+
+def statistic_over_checkpoints(table: pd.DataFrame, statistic: str = "sink") -> go.Figure:
+    """One line per layer: the head-averaged statistic against training step (log x axis)."""
+    import plotly.express as px
+
+    per_layer = table.groupby(["checkpoint", "layer"], as_index=False)[statistic].mean()
+    per_layer["checkpoint_axis"] = per_layer["checkpoint"].clip(lower=1)
+    fig = px.line(per_layer, x="checkpoint_axis", y=statistic, color="layer", markers=True, log_x=True,
+                  title=f"mean attention {statistic} over training", labels={"checkpoint_axis": "step"})  # fmt: skip
+    return fig
