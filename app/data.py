@@ -1,0 +1,90 @@
+"""Cached loaders for the dashboard: everything it shows comes from the workspace's results database.
+
+Caches are keyed by the database path and its modification time, never by large arrays, so a rerun of an
+analysis shows up on the next page load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+
+class WorkspaceProblem(Exception):
+    """The workspace cannot be shown; the message tells the user what to run or fix."""
+
+
+def workspace_path() -> Path:
+    """The workspace given on the command line (``-- --workspace DIR``), $WORKBENCH_WORKSPACE, or ./workspace."""
+    argv = list(st.session_state.get("_argv", [])) or _script_args()
+    if "--workspace" in argv and argv.index("--workspace") + 1 < len(argv):
+        return Path(argv[argv.index("--workspace") + 1]).resolve()
+    return Path(os.environ.get("WORKBENCH_WORKSPACE", "workspace")).resolve()
+
+
+def _script_args() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+def results_path(workspace: Path) -> Path:
+    from workbench.workspace import Workspace
+
+    return Workspace(workspace).results_path
+
+
+def check_workspace(workspace: Path) -> Path:
+    """Raise WorkspaceProblem with a fix when the workspace or its results database is missing or too new."""
+    if not workspace.is_dir():
+        raise WorkspaceProblem(
+            f"The workspace {workspace} does not exist. Run `make demo` (or `workbench demo --workspace {workspace}`) "
+            "to create one, or start the dashboard with `workbench dashboard --workspace DIR`."
+        )
+    path = results_path(workspace)
+    if not path.exists():
+        raise WorkspaceProblem(
+            f"{workspace} has no results database yet ({path.name}). Run an analysis, e.g. `workbench demo`, "
+            "`workbench massive ...` or `workbench probe run jobs.toml`."
+        )
+    from workbench.results import ResultsDB, SchemaVersionError
+
+    try:
+        ResultsDB(path).tables()
+    except SchemaVersionError as err:
+        raise WorkspaceProblem(str(err)) from err
+    return path
+
+
+@st.cache_data(show_spinner=False)
+def _read(path: str, mtime: float, table: str) -> pd.DataFrame:
+    from workbench.results import ResultsDB
+
+    return ResultsDB(Path(path)).read(table)
+
+
+@st.cache_data(show_spinner=False)
+def _tables(path: str, mtime: float) -> list[str]:
+    from workbench.results import ResultsDB
+
+    return ResultsDB(Path(path)).tables()
+
+
+def tables(path: Path) -> list[str]:
+    """Names of the tables in the results database at ``path``."""
+    return _tables(str(path), path.stat().st_mtime)
+
+
+def table(path: Path, name: str) -> pd.DataFrame | None:
+    """One results table (None when no analysis has written it yet)."""
+    if name not in tables(path):
+        return None
+    return _read(str(path), path.stat().st_mtime, name)
+
+
+def empty_state(what: str, command: str) -> None:
+    """Say that nothing is computed yet and which command produces it."""
+    st.info(f"No {what} in this workspace yet. Produce it with:\n\n```\n{command}\n```")

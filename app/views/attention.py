@@ -1,0 +1,32 @@
+"""Attention statistics from the fused kernel: entropy and sink mass per layer × head, over checkpoints."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.data import WorkspaceProblem, check_workspace, empty_state, table, workspace_path
+from workbench.attention.summary import STAT_HOOKS, layer_head_heatmap, statistic_over_checkpoints
+
+st.title("Attention statistics")
+try:
+    db = check_workspace(workspace_path())
+except WorkspaceProblem as problem:
+    st.warning(str(problem))
+    st.stop()
+stats = table(db, "attention_stats")
+if stats is None or stats.empty:
+    empty_state("attention statistics", "workbench attention-stats MODEL_OR_SERIES --texts FILE")
+    st.stop()
+model = st.selectbox("model", sorted(stats["model"].unique()))
+rows = stats[stats["model"] == model]
+statistic = st.radio("statistic", STAT_HOOKS, horizontal=True)
+steps = sorted(int(s) for s in rows["checkpoint"].dropna().unique())
+step = (
+    st.select_slider("checkpoint", steps, value=steps[-1])
+    if len(steps) > 1
+    else (steps[0] if steps else None)
+)
+st.plotly_chart(layer_head_heatmap(rows, statistic, checkpoint=step), use_container_width=True)
+if len(steps) > 1:
+    st.plotly_chart(statistic_over_checkpoints(rows, statistic), use_container_width=True)
+st.dataframe(rows, use_container_width=True, hide_index=True)

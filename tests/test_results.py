@@ -1,0 +1,76 @@
+"""Results database: round trips, idempotent re-runs, schema growth, versioning, safe names; workspace layout."""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+import pytest
+
+from workbench.results import SCHEMA_VERSION, ResultsDB, SchemaVersionError
+from workbench.workspace import Workspace
+
+
+def test_write_read_filter_and_rerun_replaces(tmp_path) -> None:
+    db = ResultsDB(tmp_path / "results.duckdb")
+    rows = pd.DataFrame(
+        {"model": ["m", "m", "m"], "checkpoint": [0, 8, 8], "hook": ["a", "a", "b"], "acc": [0.1, 0.5, 0.6]}
+    )
+    assert db.write("probe_results", rows, replace_keys=["model", "checkpoint", "hook"]) == 3
+    assert db.tables() == ["probe_results"]
+    got = db.read("probe_results", checkpoint=8)
+    assert sorted(got["acc"]) == [0.5, 0.6]
+    assert set(got.columns) >= {
+        "model",
+        "checkpoint",
+        "hook",
+        "dataset",
+        "workbench_version",
+        "created_at",
+        "acc",
+    }
+    rerun = pd.DataFrame({"model": ["m"], "checkpoint": [8], "hook": ["a"], "acc": [0.7]})
+    db.write("probe_results", rerun, replace_keys=["model", "checkpoint", "hook"])
+    table = db.read("probe_results")
+    assert len(table) == 3 and table.loc[(table.checkpoint == 8) & (table.hook == "a"), "acc"].item() == 0.7
+    assert db.read("probe_results", hook=["a", "b"], checkpoint=[0]).shape[0] == 1
+    assert db.delete("probe_results", checkpoint=0) == 1
+
+
+def test_new_columns_and_nested_values(tmp_path) -> None:
+    db = ResultsDB(tmp_path / "r.duckdb")
+    db.write("massive", pd.DataFrame({"model": ["m"], "layer": [0], "ratio": [3.0]}))
+    db.write("massive", pd.DataFrame({"model": ["m"], "layer": [1], "ratio": [4.0], "top_dims": [[3, 7]]}))
+    table = db.read("massive").sort_values("layer")
+    assert table["top_dims"].isna().tolist() == [True, False]
+    assert table["top_dims"].iloc[1] == "[3, 7]"
+    assert db.read("nothing_here").empty
+
+
+def test_unsafe_names_are_refused(tmp_path) -> None:
+    db = ResultsDB(tmp_path / "r.duckdb")
+    with pytest.raises(ValueError, match="table name"):
+        db.write("x; DROP TABLE y", pd.DataFrame({"a": [1]}))
+    db.write("t", pd.DataFrame({"a": [1]}))
+    with pytest.raises(ValueError, match="column name"):
+        db.read("t", **{'a" OR 1=1 --': 1})
+
+
+def test_database_from_a_newer_workbench_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "r.duckdb"
+    ResultsDB(path).write("t", pd.DataFrame({"a": [1]}))
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE _schema SET version = ?", [SCHEMA_VERSION + 1])
+    con.close()
+    with pytest.raises(SchemaVersionError, match="newer workbench"):
+        ResultsDB(path).tables()
+
+
+def test_workspace_layout_and_env(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path / "ws"))
+    ws = Workspace().ensure()
+    assert ws.root == (tmp_path / "ws").resolve()
+    assert ws.models_dir.is_dir() and ws.stores_dir.is_dir() and ws.jobs_dir.is_dir()
+    assert ws.model_dir("code-tiny") == ws.models_dir / "code-tiny"
+    assert ResultsDB(ws).path == ws.results_path
+    with pytest.raises(ValueError, match="not a valid name"):
+        ws.store_dir("../escape")

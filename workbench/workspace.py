@@ -1,0 +1,69 @@
+"""The workspace: the one directory that holds zoo models, activation stores, results.duckdb and job state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VAR = "WORKBENCH_WORKSPACE"
+
+
+class Workspace:
+    """A workspace rooted at ``path`` (default: ``$WORKBENCH_WORKSPACE`` or ``./workspace``).
+
+    Layout: ``models/<name>/step<N>/`` checkpoints, ``stores/<name>/`` activation stores, ``jobs/`` batch-job
+    state, ``results.duckdb`` the results database. Nothing is written outside it.
+    """
+
+    def __init__(self, path: str | Path | Workspace | None = None) -> None:
+        if isinstance(path, Workspace):
+            path = path.root
+        self.root = Path(path or os.environ.get(ENV_VAR) or "workspace").expanduser().resolve()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def stores_dir(self) -> Path:
+        return self.root / "stores"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def results_path(self) -> Path:
+        return self.root / "results.duckdb"
+
+    def model_dir(self, name: str) -> Path:
+        return self.models_dir / _safe_name(name)
+
+    def store_dir(self, name: str) -> Path:
+        return self.stores_dir / _safe_name(name)
+
+    def ensure(self) -> Workspace:
+        """Create the workspace directories (idempotent)."""
+        for directory in (self.models_dir, self.stores_dir, self.jobs_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def results(self):
+        """The workspace's results database (:class:`workbench.results.ResultsDB`)."""
+        from workbench.results import ResultsDB
+
+        self.ensure()
+        return ResultsDB(self.results_path)
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+
+def _safe_name(name: str) -> str:
+    """A model or store name as a single path component (no separators, no '..')."""
+    cleaned = name.strip()
+    if not cleaned or cleaned in {".", ".."} or "/" in cleaned or "\\" in cleaned or "\0" in cleaned:
+        raise ValueError(
+            f"{name!r} is not a valid name inside the workspace; use letters, digits, '-', '_' and '.'"
+        )
+    return cleaned
