@@ -64,3 +64,60 @@ def test_texts_from_jsonl_and_txt(tmp_path) -> None:
     (tmp_path / "c.jsonl").write_text('{"txt": "x"}\n', encoding="utf-8")
     with pytest.raises(TextFileError, match='c.jsonl:1: each JSONL line needs a "text" field'):
         load_texts(tmp_path / "c.jsonl")
+
+
+def test_capture_command_writes_a_complete_store(tmp_path) -> None:
+    from workbench.store import ActivationStore
+
+    texts = tmp_path / "corpus.txt"
+    texts.write_text("the cat sat\nmassive activations\nhello world\n", encoding="utf-8")
+    out = tmp_path / "store"
+    args = [
+        "capture",
+        "minilm",
+        "--hooks",
+        "blocks.*.hook_resid_post",
+        "--texts",
+        str(texts),
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, [*args, "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(out, verify="full")
+    assert len(store.hooks) == 6 and store.read("blocks.5.hook_resid_post").shape[1] == 384
+    assert store.manifest["dataset"] == "corpus" and store.manifest["model"] == "minilm"
+    mismatch = runner.invoke(
+        app,
+        [
+            "capture",
+            "minilm",
+            "--hooks",
+            "blocks.0.hook_resid_post",
+            "--texts",
+            str(texts),
+            "--out",
+            str(out),
+        ],
+    )
+    assert mismatch.exit_code == 2 and "already holds a different store" in mismatch.output
+
+
+def test_capture_command_rejects_non_utf8_texts(tmp_path) -> None:
+    texts = tmp_path / "bad.txt"
+    texts.write_bytes(b"ok\n\xff\xfe broken\n")
+    result = runner.invoke(
+        app,
+        [
+            "capture",
+            "minilm",
+            "--hooks",
+            "blocks.0.hook_resid_post",
+            "--texts",
+            str(texts),
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert result.exit_code == 2 and "not UTF-8" in result.output
+    assert not (tmp_path / "s").exists()

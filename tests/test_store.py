@@ -1,0 +1,195 @@
+"""ActivationStore: atomic shards, checksums, resume without duplicates, mmap reads, shuffled batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from workbench.model import HookedModel
+from workbench.store import ActivationStore, StoreError, capture_to_store
+
+
+def _rows(n: int, d: int = 8, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(n, d, generator=gen), "b": torch.randn(n, 2, 3, generator=gen)}, torch.arange(n)
+
+
+def _store(path, **kwargs) -> ActivationStore:
+    defaults = dict(model="m", hooks=["a", "b"], dataset="d", shard_rows=10)
+    return ActivationStore.create(path, **{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_roundtrip_is_exact_and_memory_mapped(tmp_path, dtype) -> None:
+    store = _store(tmp_path / "s", dtype=dtype)
+    acts, ids = _rows(25)
+    store.append({k: v[:12] for k, v in acts.items()}, ids[:12])
+    store.append({k: v[12:] for k, v in acts.items()}, ids[12:])
+    store.finalize()
+    opened = ActivationStore.open(tmp_path / "s", verify="full")
+    assert opened.n_rows == 25 and len(opened.manifest["shards"]) == 2
+    torch.testing.assert_close(opened.read("a"), acts["a"].to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(opened.read("b"), acts["b"].to(dtype), rtol=0, atol=0)
+    assert torch.equal(opened.token_ids(), ids)
+    assert opened.manifest["workbench_version"] and opened.manifest["dtype"] == str(dtype).removeprefix(
+        "torch."
+    )
+
+
+def test_reads_are_memory_maps_of_the_shard_file(tmp_path) -> None:
+    store = _store(tmp_path / "s", shard_rows=100)
+    acts, ids = _rows(20)
+    store.append(acts, ids)
+    store.finalize()
+    column = ActivationStore.open(tmp_path / "s", verify="none").read("a")
+    shard = tmp_path / "s" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    offset = header + json.loads(data[8:header])["a"]["data_offsets"][0]
+    data[offset : offset + 4] = torch.tensor([123.0]).numpy().tobytes()
+    with open(shard, "r+b") as handle:  # rewrite in place: the mapped pages change under the tensor
+        handle.write(bytes(data))
+    assert column[0, 0].item() == 123.0
+
+
+def test_shuffled_batches_cover_every_row_once(tmp_path) -> None:
+    store = _store(tmp_path / "s")
+    acts, ids = _rows(37)
+    for start in range(0, 37, 9):
+        store.append({k: v[start : start + 9] for k, v in acts.items()}, ids[start : start + 9])
+    store.finalize()
+    opened = ActivationStore.open(tmp_path / "s")
+    seen = []
+    for batch in opened.iter_batches("a", batch_size=8, seed=3):
+        assert torch.equal(batch["a"], acts["a"][batch["token_ids"]])
+        seen += batch["token_ids"].tolist()
+    assert sorted(seen) == list(range(37)) and seen != list(range(37))
+    again = [b["token_ids"].tolist() for b in opened.iter_batches("a", batch_size=8, seed=3)]
+    assert sum(again, []) == seen
+
+
+def test_corrupted_and_truncated_shards_are_reported_with_their_path(tmp_path) -> None:
+    store = _store(tmp_path / "s")
+    acts, ids = _rows(30)
+    store.append(acts, ids)
+    store.finalize()
+    shard = tmp_path / "s" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard-00000.safetensors fails its checksum"):
+        ActivationStore.open(tmp_path / "s", verify="full")
+    with pytest.raises(StoreError, match="fails its checksum"):
+        ActivationStore.open(tmp_path / "s").read("a")
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(StoreError, match="truncated or corrupted"):
+        ActivationStore.open(tmp_path / "s").read("a")
+
+
+def test_interrupted_store_is_not_read_as_complete_and_resumes(tmp_path, monkeypatch) -> None:
+    acts, ids = _rows(40)
+    store = _store(tmp_path / "s")
+    store.append({k: v[:15] for k, v in acts.items()}, ids[:15], sequences_done=3)
+
+    import workbench.store as module
+
+    real_write = module._atomic_write_bytes
+    calls = {"n": 0}
+
+    def crash_on_manifest(path, data):
+        calls["n"] += 1
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt("killed between shard and manifest")
+        real_write(path, data)
+
+    monkeypatch.setattr(module, "_atomic_write_bytes", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        store.append({k: v[15:30] for k, v in acts.items()}, ids[15:30], sequences_done=6)
+    monkeypatch.setattr(module, "_atomic_write_bytes", real_write)
+    assert (tmp_path / "s" / "shard-00001.safetensors").exists()  # orphan shard, not in the manifest
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore.open(tmp_path / "s")
+    resumed = _store(tmp_path / "s")
+    assert resumed.n_rows == 15 and resumed.manifest["sequences_done"] == 3
+    assert not (tmp_path / "s" / "shard-00001.safetensors").exists()
+    resumed.append({k: v[15:] for k, v in acts.items()}, ids[15:], sequences_done=8)
+    resumed.finalize()
+    final = ActivationStore.open(tmp_path / "s", verify="full")
+    assert torch.equal(final.token_ids(), ids)
+    torch.testing.assert_close(final.read("a"), acts["a"])
+
+
+def test_existing_store_with_another_identity_is_refused(tmp_path) -> None:
+    _store(tmp_path / "s").finalize()
+    with pytest.raises(StoreError, match="model: stored 'm', requested 'other'"):
+        _store(tmp_path / "s", model="other")
+    with pytest.raises(StoreError, match="hooks"):
+        _store(tmp_path / "s", hooks=["a"])
+    assert _store(tmp_path / "s", model="other", overwrite=True).n_rows == 0
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(StoreError, match="not empty"):
+        _store(tmp_path / "junk")
+
+
+def test_non_finite_rows_are_refused(tmp_path) -> None:
+    store = _store(tmp_path / "s")
+    acts, ids = _rows(5)
+    acts["a"][3, 1] = float("nan")
+    with pytest.raises(StoreError, match="a holds NaN/inf at appended row 3"):
+        store.append(acts, ids)
+
+
+def _tiny_model() -> HookedModel:
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                          vocab_size=260, max_position_embeddings=64)  # fmt: skip
+    tokenizer = T.PreTrainedTokenizerFast(
+        tokenizer_object=_byte_tokenizer(), pad_token="<pad>", eos_token="<eos>"
+    )
+    return HookedModel.from_hf(T.GPTNeoXForCausalLM(cfg), tokenizer, name="tiny")
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i) if chr(i).isprintable() else f"<0x{i:02X}>": i for i in range(256)}
+    vocab.update({"<pad>": 256, "<eos>": 257})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return tok
+
+
+def test_capture_to_store_matches_direct_capture_and_resumes(tmp_path) -> None:
+    model = _tiny_model()
+    texts = [f"def f{i}(x): return x + {i}" for i in range(11)]
+    store = capture_to_store(
+        model, texts, "blocks.*.hook_resid_post", tmp_path / "c", batch_size=4, shard_rows=30, progress=False
+    )
+    assert store.hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    batch = model.tokenize(texts[5:6])
+    with torch.no_grad(), model.capture("blocks.1.hook_resid_post") as cache:
+        model(batch)
+    rows = store.locations()[:, 0] == 5
+    torch.testing.assert_close(
+        store.read("blocks.1.hook_resid_post")[rows], cache["blocks.1.hook_resid_post"][0]
+    )
+    assert int(rows.sum()) == len(texts[5])
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest["complete"], manifest["shards"], manifest["n_rows"], manifest["sequences_done"] = (
+        False,
+        manifest["shards"][:1],
+        manifest["shards"][0]["rows"],
+        4,
+    )
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    resumed = capture_to_store(
+        model, texts, "blocks.*.hook_resid_post", tmp_path / "c", batch_size=4, shard_rows=30, progress=False
+    )
+    assert torch.equal(resumed.locations(), store.locations())
+    torch.testing.assert_close(
+        resumed.read("blocks.0.hook_resid_post"), store.read("blocks.0.hook_resid_post")
+    )

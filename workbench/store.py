@@ -1,0 +1,445 @@
+"""ActivationStore: activations streamed to sharded safetensors files with a JSON manifest.
+
+Layout of a store directory::
+
+    manifest.json          identity (model, checkpoint, dataset, hooks, dtype), shards with row counts and sha256,
+                           n_rows, sequences_done (for resuming a capture), complete flag, workbench version
+    shard-00000.safetensors  one tensor per hook [rows, ...] plus token_ids, sequence, position [rows]
+
+Shards are written to a temporary file, fsynced and renamed; the manifest is rewritten the same way only after
+the shard is in place, so a crash leaves either the old or the new state, never a half shard that reads as
+complete. Reads map shard files into memory (no copy) and verify each shard's checksum before first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from workbench import __version__
+
+if TYPE_CHECKING:
+    from workbench.model import HookedModel
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+META_COLUMNS = ("token_ids", "sequence", "position")
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StoreError(RuntimeError):
+    """A store cannot be created, resumed or read; the message names the path and the fix."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a read-only memory map (no copy)."""
+    with open(path, "rb") as handle:
+        header_len = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(header_len))
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        np_dtype = _DTYPES[info["dtype"]]
+        count = (end - start) // np.dtype(np_dtype).itemsize
+        array = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_len + start, shape=(count,))
+        tensor = (
+            torch.from_numpy(array).reshape(info["shape"])
+            if count
+            else torch.empty(info["shape"], dtype=torch.from_numpy(np.empty(0, np_dtype)).dtype)
+        )
+        if info["dtype"] == "BF16":
+            tensor = tensor.view(torch.bfloat16)
+        out[name] = tensor
+    return out
+
+
+class ActivationStore:
+    """A directory of activation shards; build with :meth:`create`, read with :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], verify: str = "lazy") -> None:
+        self.path = path
+        self.manifest = manifest
+        self._verify = verify
+        self._verified: set[str] = set()
+        self._mapped: dict[str, dict[str, torch.Tensor]] = {}
+        self._buffer: list[dict[str, torch.Tensor]] = []
+        self._buffer_rows = 0
+        self._buffer_sequences_done = manifest.get("sequences_done", 0)
+
+    # ---------------------------------------------------------------- creating
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        model: str,
+        hooks: Sequence[str],
+        dataset: str,
+        checkpoint: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        shard_rows: int = 65536,
+        resume: bool = True,
+        overwrite: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> ActivationStore:
+        """Create a store, or resume one at ``path`` written with the same identity.
+
+        A store at ``path`` with a different model, checkpoint, dataset, hooks or dtype raises StoreError
+        (choose another path or pass ``overwrite=True``).
+        """
+        path = Path(path)
+        dtype_name = str(dtype).removeprefix("torch.")
+        if dtype_name not in _TORCH_DTYPES:
+            raise StoreError(f"dtype {dtype} is not storable; use one of {', '.join(_TORCH_DTYPES)}")
+        identity = {
+            "model": model,
+            "checkpoint": checkpoint,
+            "dataset": dataset,
+            "hooks": list(hooks),
+            "dtype": dtype_name,
+        }
+        manifest_path = path / MANIFEST
+        if manifest_path.exists() and not overwrite:
+            manifest = cls._read_manifest(path)
+            differs = {k: (manifest.get(k), v) for k, v in identity.items() if manifest.get(k) != v}
+            if differs:
+                detail = "; ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in differs.items())
+                raise StoreError(
+                    f"{path} already holds a different store ({detail}); write to a new path, or pass "
+                    "overwrite=True to replace it"
+                )
+            if not resume:
+                raise StoreError(
+                    f"{path} already exists; pass resume=True to continue it or overwrite=True to replace it"
+                )
+            store = cls(path, manifest)
+            store._remove_orphans()
+            return store
+        if path.exists() and overwrite:
+            for child in path.glob("shard-*.safetensors"):
+                child.unlink()
+            (path / MANIFEST).unlink(missing_ok=True)
+        elif path.exists() and any(path.iterdir()):
+            raise StoreError(
+                f"{path} exists, is not empty and holds no store manifest; choose an empty or new directory"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            **identity,
+            "workbench_version": __version__,
+            "shard_rows": shard_rows,
+            "shards": [],
+            "n_rows": 0,
+            "sequences_done": 0,
+            "complete": False,
+            "shapes": {},
+            "extra": extra or {},
+        }
+        store = cls(path, manifest)
+        store._write_manifest()
+        return store
+
+    def append(
+        self,
+        activations: dict[str, torch.Tensor],
+        token_ids: torch.Tensor,
+        sequence: torch.Tensor | None = None,
+        position: torch.Tensor | None = None,
+        sequences_done: int | None = None,
+    ) -> None:
+        """Add rows: ``activations[hook]`` [rows, ...] for every hook, ``token_ids``/``sequence``/``position`` [rows].
+
+        Rows are buffered and written as a shard once ``shard_rows`` are pending; ``sequences_done`` records how
+        many input sequences are fully contained in the rows appended so far (for resuming).
+        """
+        if self.manifest["complete"]:
+            raise StoreError(f"{self.path} is finalised; create a new store to add rows")
+        missing = set(self.hooks) - set(activations)
+        if missing or set(activations) - set(self.hooks):
+            raise StoreError(f"append needs exactly the hooks {self.hooks}; got {sorted(activations)}")
+        rows = len(token_ids)
+        dtype = _TORCH_DTYPES[self.manifest["dtype"]]
+        chunk: dict[str, torch.Tensor] = {}
+        for hook, value in activations.items():
+            if value.shape[0] != rows:
+                raise StoreError(f"{hook} has {value.shape[0]} rows but token_ids has {rows}")
+            if not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).flatten(1).any(1).nonzero()[0, 0])
+                raise StoreError(
+                    f"{hook} holds NaN/inf at appended row {bad}; refusing to store non-finite activations"
+                )
+            shape = list(value.shape[1:])
+            known = self.manifest["shapes"].setdefault(hook, shape)
+            if known != shape:
+                raise StoreError(f"{hook} rows have shape {shape}, but the store holds {known}")
+            chunk[hook] = value.detach().to("cpu", dtype).contiguous()
+        chunk["token_ids"] = token_ids.detach().to("cpu", torch.int64)
+        chunk["sequence"] = (sequence if sequence is not None else torch.full((rows,), -1)).to(
+            "cpu", torch.int64
+        )
+        chunk["position"] = (position if position is not None else torch.full((rows,), -1)).to(
+            "cpu", torch.int64
+        )
+        self._buffer.append(chunk)
+        self._buffer_rows += rows
+        if sequences_done is not None:
+            self._buffer_sequences_done = sequences_done
+        if self._buffer_rows >= self.manifest["shard_rows"]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one shard (atomically), then record it in the manifest."""
+        if not self._buffer:
+            return
+        from safetensors.torch import save
+
+        tensors = {k: torch.cat([c[k] for c in self._buffer]) for k in self._buffer[0]}
+        index = len(self.manifest["shards"])
+        name = f"shard-{index:05d}.safetensors"
+        data = save(tensors, metadata={"store": str(self.path.name), "shard": str(index)})
+        _atomic_write_bytes(self.path / name, data)
+        self.manifest["shards"].append(
+            {"file": name, "rows": self._buffer_rows, "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        self.manifest["n_rows"] += self._buffer_rows
+        self.manifest["sequences_done"] = self._buffer_sequences_done
+        self._write_manifest()
+        self._buffer, self._buffer_rows = [], 0
+
+    def finalize(self) -> ActivationStore:
+        """Flush and mark the store complete; only complete stores open for reading by default."""
+        self.flush()
+        self.manifest["complete"] = True
+        self._write_manifest()
+        return self
+
+    def _write_manifest(self) -> None:
+        _atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+
+    def _remove_orphans(self) -> None:
+        """Delete shard files a crash left behind without a manifest entry."""
+        known = {s["file"] for s in self.manifest["shards"]}
+        for child in self.path.glob("shard-*.safetensors"):
+            if child.name not in known:
+                child.unlink()
+        for child in self.path.glob(".*.tmp-*"):
+            child.unlink()
+
+    # ---------------------------------------------------------------- reading
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[str, Any]:
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            raise StoreError(f"{path} is not an activation store (no {MANIFEST}); capture into it first")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{manifest_path} is corrupt ({err}); recapture the store") from err
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise StoreError(
+                f"{path} was written by a newer workbench (format {manifest['format_version']}); upgrade"
+            )
+        return manifest
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, verify: str = "lazy", allow_incomplete: bool = False
+    ) -> ActivationStore:
+        """Open a store for reading. ``verify``: "full" checks every shard's sha256 now, "lazy" each shard on first
+        read, "none" never. An incomplete (interrupted) store raises unless ``allow_incomplete``."""
+        path = Path(path)
+        manifest = cls._read_manifest(path)
+        if not manifest["complete"] and not allow_incomplete:
+            raise StoreError(
+                f"{path} is incomplete ({manifest['n_rows']} rows, {manifest['sequences_done']} sequences written before "
+                "it stopped); resume the capture (same command) or open with allow_incomplete=True"
+            )
+        if verify not in ("full", "lazy", "none"):
+            raise ValueError(f"verify={verify!r}; use 'full', 'lazy' or 'none'")
+        store = cls(path, manifest, verify)
+        if verify == "full":
+            for shard in manifest["shards"]:
+                store._check(shard)
+        return store
+
+    def _check(self, shard: dict[str, Any]) -> None:
+        if shard["file"] in self._verified or self._verify == "none":
+            return
+        file = self.path / shard["file"]
+        if not file.exists():
+            raise StoreError(f"shard {file} is missing; the store is damaged, recapture it")
+        if _sha256(file) != shard["sha256"]:
+            raise StoreError(f"shard {file} fails its checksum (truncated or corrupted); recapture the store")
+        self._verified.add(shard["file"])
+
+    def _shard(self, index: int) -> dict[str, torch.Tensor]:
+        shard = self.manifest["shards"][index]
+        if shard["file"] not in self._mapped:
+            self._check(shard)
+            try:
+                self._mapped[shard["file"]] = _mmap_safetensors(self.path / shard["file"])
+            except (OSError, ValueError, KeyError, struct.error) as err:
+                raise StoreError(
+                    f"shard {self.path / shard['file']} cannot be read ({err}); recapture the store"
+                ) from err
+        return self._mapped[shard["file"]]
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    def _column(self, name: str) -> torch.Tensor:
+        if name not in self.hooks and name not in META_COLUMNS:
+            raise StoreError(f"{name!r} is not in {self.path}; stored hooks: {', '.join(self.hooks)}")
+        parts = [self._shard(i)[name] for i in range(len(self.manifest["shards"]))]
+        if not parts:
+            shape = self.manifest["shapes"].get(name, [])
+            return torch.empty(0, *shape)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def read(self, hook: str) -> torch.Tensor:
+        """All rows of ``hook`` [n_rows, ...] (a memory map for a single shard, else a concatenated copy)."""
+        return self._column(hook)
+
+    def token_ids(self) -> torch.Tensor:
+        """Token id of each row [n_rows]."""
+        return self._column("token_ids")
+
+    def locations(self) -> torch.Tensor:
+        """(sequence index, position) of each row [n_rows, 2]."""
+        return torch.stack([self._column("sequence"), self._column("position")], dim=1)
+
+    def iter_batches(
+        self,
+        hook: str | Sequence[str],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches {hook: [batch, ...], "token_ids": [batch]} over all rows once, in a seeded order across shards.
+
+        Memory stays bounded by one batch plus the mapped shard pages in use.
+        """
+        hooks = [hook] if isinstance(hook, str) else list(hook)
+        for name in hooks:
+            self._column_check(name)
+        sizes = [s["rows"] for s in self.manifest["shards"]]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        order = np.random.default_rng(seed).permutation(self.n_rows) if shuffle else np.arange(self.n_rows)
+        for begin in range(0, self.n_rows, batch_size):
+            rows = order[begin : begin + batch_size]
+            if drop_last and len(rows) < batch_size:
+                break
+            shard_of = np.searchsorted(starts, rows, side="right") - 1
+            batch: dict[str, list[torch.Tensor]] = {name: [] for name in [*hooks, "token_ids"]}
+            slots = []
+            for shard_index in np.unique(shard_of):
+                picked = rows[shard_of == shard_index] - starts[shard_index]
+                tensors = self._shard(int(shard_index))
+                index = torch.from_numpy(picked)
+                for name in batch:
+                    batch[name].append(tensors[name][index])
+                slots.append(np.nonzero(shard_of == shard_index)[0])
+            restore = torch.from_numpy(np.argsort(np.concatenate(slots)))
+            yield {name: torch.cat(parts)[restore] for name, parts in batch.items()}
+
+    def _column_check(self, name: str) -> None:
+        if name not in self.hooks:
+            raise StoreError(f"{name!r} is not in {self.path}; stored hooks: {', '.join(self.hooks)}")
+
+    def __repr__(self) -> str:
+        state = "complete" if self.manifest["complete"] else "incomplete"
+        return f"ActivationStore({str(self.path)!r}, {self.n_rows} rows, hooks={self.hooks}, {state})"
+
+
+def capture_to_store(
+    model: HookedModel,
+    texts: Sequence[str],
+    hooks: str | Sequence[str],
+    path: str | Path,
+    *,
+    batch_size: int = 16,
+    max_length: int = 128,
+    dtype: torch.dtype = torch.float32,
+    dataset: str = "texts",
+    shard_rows: int = 65536,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ActivationStore:
+    """Stream ``texts`` through ``model`` and store the activations of ``hooks`` for every real token.
+
+    Each row is one (sequence, position); padding is dropped. Activations are read per batch, so RAM is bounded
+    by one batch plus one shard. An interrupted capture resumes after the last sequence written.
+    """
+    from tqdm.auto import tqdm
+
+    names = model.resolve(hooks)
+    store = ActivationStore.create(
+        path, model=model.cfg.name, checkpoint=model.cfg.checkpoint, hooks=names, dataset=dataset, dtype=dtype,
+        shard_rows=shard_rows, resume=resume, overwrite=overwrite,
+    )  # fmt: skip
+    if store.manifest["complete"]:
+        return store
+    start = store.manifest["sequences_done"]
+    bar = tqdm(
+        total=len(texts), initial=start, desc=f"capture → {Path(path).name}", unit="seq", disable=not progress
+    )
+    for begin in range(start, len(texts), batch_size):
+        chunk = list(texts[begin : begin + batch_size])
+        batch = model.tokenize(chunk, max_length=max_length)
+        mask = batch["attention_mask"].bool()
+        with torch.no_grad(), model.capture(names, dtype=dtype) as cache:
+            model(batch)
+        rows: dict[str, torch.Tensor] = {}
+        for name in names:
+            value = cache[name]
+            if value.ndim == 3 and name.endswith(("hook_entropy", "hook_sink", "hook_lse", "hook_max_logit")):
+                value = value.transpose(1, 2)
+            rows[name] = value[mask]
+        sequence, position = mask.nonzero(as_tuple=True)
+        store.append(
+            rows,
+            batch["input_ids"][mask],
+            sequence=sequence + begin,
+            position=position,
+            sequences_done=begin + len(chunk),
+        )
+        bar.update(len(chunk))
+    bar.close()
+    return store.finalize()
