@@ -135,6 +135,12 @@ def capture(
     typer.echo(f"wrote {store.n_rows} rows × {len(store.hooks)} hooks to {out}")
 
 
+def _mount_core() -> None:
+    from workbench.zoo.cli import app as zoo_app
+
+    app.add_typer(zoo_app, name="zoo")
+
+
 def _mount_plugins() -> None:
     """Add the commands that installed packages declare in the ``workbench.cli`` entry-point group."""
     for entry in importlib.metadata.entry_points(group="workbench.cli"):
@@ -149,6 +155,7 @@ def _mount_plugins() -> None:
             app.command(name=entry.name)(target)
 
 
+_mount_core()
 _mount_plugins()
 
 if __name__ == "__main__":

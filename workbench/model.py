@@ -10,7 +10,6 @@ model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", zero_ablate)])
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -485,9 +484,6 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
     if not is_local or any((local / f).exists() for f in tokenizer_files):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
-    elif is_local and (local.parent / "tokenizer.json").exists():
-        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(local.parent / "tokenizer.json"))
-        special = local.parent / "special_tokens_map.json"
-        if special.exists():
-            tokenizer.add_special_tokens(json.loads(special.read_text()))
+    elif (local.parent / "tokenizer.json").exists():  # a checkpoint series keeps one tokenizer at its root
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(local.parent))
     return model, tokenizer

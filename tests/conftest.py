@@ -1,0 +1,46 @@
+"""Session-scoped zoo fixtures: code-tiny, fsm-tiny and vit-digits trained once per test session.
+
+Set WORKBENCH_TEST_ZOO_CACHE=DIR to reuse trained models across local runs (CI never sets it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TEST_ZOO = ("code-tiny", "fsm-tiny", "vit-digits")
+
+
+@pytest.fixture(scope="session")
+def zoo_workspace(tmp_path_factory):
+    from workbench.workspace import Workspace
+    from workbench.zoo.train import train_zoo_model
+
+    cache = os.environ.get("WORKBENCH_TEST_ZOO_CACHE")
+    workspace = Workspace(Path(cache) if cache else tmp_path_factory.mktemp("zoo")).ensure()
+    for name in TEST_ZOO:
+        train_zoo_model(name, workspace, progress=False)
+    return workspace
+
+
+@pytest.fixture(scope="session")
+def code_series(zoo_workspace):
+    from workbench.checkpoints import CheckpointSeries
+
+    return CheckpointSeries.from_directory(zoo_workspace.model_dir("code-tiny"))
+
+
+@pytest.fixture(scope="session")
+def fsm_series(zoo_workspace):
+    from workbench.checkpoints import CheckpointSeries
+
+    return CheckpointSeries.from_directory(zoo_workspace.model_dir("fsm-tiny"))
+
+
+@pytest.fixture(scope="session")
+def vit_model_dir(zoo_workspace):
+    from workbench.zoo.train import get_spec
+
+    return zoo_workspace.model_dir("vit-digits") / f"step{get_spec('vit-digits').steps}"

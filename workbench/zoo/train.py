@@ -1,0 +1,402 @@
+"""Train the embedded model suite with Pythia-style checkpoints, offline, seeded, resumable.
+
+    train_zoo_model("code-tiny", workspace)   ->  <workspace>/models/code-tiny/
+        spec.json  tokenizer.json (+ config)  train_log.jsonl  step0/ step1/ step2/ step4/ … (save_pretrained)
+        resume/ (optimizer state of the last checkpoint)
+
+Language models are transformers ``GPTNeoXForCausalLM`` (Pythia's architecture: rotary, parallel residual)
+trained on the Python standard library's source (``code-*``) or on TokFSM sequences (``fsm-*``); ``vit-digits``
+is a ``ViTForImageClassification`` on sklearn's digits. Checkpoints follow Pythia: step 0 (the initialisation),
+1, 2, 4, …, 512, then every ``checkpoint_every`` steps, and the last step. Checkpoint N holds the weights after
+N optimizer updates. Batches are drawn from a generator seeded by (seed, step), so a resumed run continues
+exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from workbench.workspace import Workspace
+from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
+
+
+class ZooError(ValueError):
+    """A zoo request cannot be satisfied; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything that determines a zoo training run (saved as spec.json; a resume must match it)."""
+
+    name: str
+    corpus: str  # "code" | "fsm" | "digits"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    steps: int
+    seq_len: int = 64
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    checkpoint_every: int = 250
+    seed: int = 0
+    vocab_size: int = 512
+    max_files: int = 60
+    fsm: dict[str, int] = field(default_factory=lambda: {"n_states": 100, "vocab_size": 20, "branching": 3})
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SPECS: dict[str, ZooSpec] = {
+    spec.name: spec
+    for spec in (
+        ZooSpec("code-tiny", "code", n_layers=2, d_model=64, n_heads=4, d_mlp=256, steps=300, max_files=40),
+        ZooSpec(
+            "code-small",
+            "code",
+            n_layers=4,
+            d_model=128,
+            n_heads=4,
+            d_mlp=512,
+            steps=1000,
+            seq_len=128,
+            lr=2e-3,
+            max_files=150,
+        ),  # fmt: skip
+        ZooSpec(
+            "code-medium",
+            "code",
+            n_layers=6,
+            d_model=192,
+            n_heads=6,
+            d_mlp=768,
+            steps=1500,
+            seq_len=128,
+            lr=1.5e-3,
+            max_files=300,
+            vocab_size=1024,
+            checkpoint_every=500,
+        ),  # fmt: skip
+        ZooSpec("fsm-tiny", "fsm", n_layers=2, d_model=32, n_heads=4, d_mlp=64, steps=1000, batch_size=32),
+        ZooSpec(
+            "fsm-small",
+            "fsm",
+            n_layers=3,
+            d_model=64,
+            n_heads=4,
+            d_mlp=96,
+            steps=1200,
+            batch_size=32,
+            lr=2e-3,
+        ),
+        ZooSpec(
+            "vit-digits",
+            "digits",
+            n_layers=2,
+            d_model=48,
+            n_heads=4,
+            d_mlp=96,
+            steps=800,
+            batch_size=64,
+            warmup=40,
+            checkpoint_every=200,
+        ),  # fmt: skip
+    )
+}
+
+
+def get_spec(name: str, **overrides: Any) -> ZooSpec:
+    """The registered spec ``name`` (with field overrides, e.g. ``steps=100``)."""
+    if name not in SPECS:
+        raise ZooError(f"no zoo model named {name!r}; valid names: {', '.join(SPECS)}")
+    try:
+        return dataclasses.replace(SPECS[name], **overrides)
+    except TypeError as err:
+        raise ZooError(
+            f"bad override for {name}: {err}; fields: {', '.join(f.name for f in dataclasses.fields(ZooSpec))}"
+        ) from None
+
+
+def checkpoint_steps(total: int, every: int) -> list[int]:
+    """Pythia's schedule: 0, 1, 2, 4, …, 512 (capped at ``total``), then every ``every`` steps, and ``total``."""
+    steps = {0, total}
+    power = 1
+    while power <= min(512, total):
+        steps.add(power)
+        power *= 2
+    steps.update(range(every, total + 1, every))
+    return sorted(steps)
+
+
+# ---------------------------------------------------------------------------------------------- data
+class _CodeData:
+    def __init__(self, spec: ZooSpec, model_dir: Path) -> None:
+        from workbench.zoo.tokenizer import as_transformers, save_tokenizer, train_bpe
+
+        texts = python_source_texts(max_files=spec.max_files, seed=spec.seed)
+        tokenizer_file = model_dir / "tokenizer.json"
+        if tokenizer_file.exists():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        else:
+            tokenizer = train_bpe(texts, spec.vocab_size)
+            save_tokenizer(tokenizer, model_dir)
+        self.tokenizer = as_transformers(tokenizer)
+        eos = self.tokenizer.eos_token_id
+        ids: list[int] = []
+        for encoding in tokenizer.encode_batch(texts):
+            ids += encoding.ids + [eos]
+        self.tokens = torch.tensor(ids, dtype=torch.long)
+        self.vocab_size = tokenizer.get_vocab_size()
+        counts = torch.bincount(self.tokens, minlength=self.vocab_size).double()
+        p = counts[counts > 0] / counts.sum()
+        self.unigram_entropy = float(-(p * p.log()).sum())
+
+    def batch(self, spec: ZooSpec, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(hash((spec.seed, step)) % (2**63))
+        starts = torch.randint(0, len(self.tokens) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
+        return torch.stack([self.tokens[s : s + spec.seq_len] for s in starts.tolist()])
+
+
+class _FSMData:
+    def __init__(self, spec: ZooSpec, model_dir: Path) -> None:
+        from workbench.zoo.tokenizer import as_transformers, fsm_tokenizer, save_tokenizer
+
+        self.fsm = TokFSM(**spec.fsm, seed=spec.seed)
+        tokenizer = fsm_tokenizer(self.fsm.vocab_size)
+        if not (model_dir / "tokenizer.json").exists():
+            save_tokenizer(tokenizer, model_dir)
+        self.tokenizer = as_transformers(tokenizer)
+        self.vocab_size = tokenizer.get_vocab_size()
+        tokens, _ = self.fsm.sample(2000, spec.seq_len, seed=10**6)
+        counts = np.bincount(tokens.ravel(), minlength=self.vocab_size)
+        p = counts[counts > 0] / counts.sum()
+        self.unigram_entropy = float(-(p * np.log(p)).sum())
+
+    def batch(self, spec: ZooSpec, step: int) -> torch.Tensor:
+        tokens, _ = self.fsm.sample(spec.batch_size, spec.seq_len, seed=step)
+        return torch.from_numpy(tokens)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _build_model(spec: ZooSpec, vocab_size: int) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(spec.seed)
+    if spec.corpus == "digits":
+        config = transformers.ViTConfig(
+            image_size=8, patch_size=2, num_channels=1, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
+            num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp, num_labels=10,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        return transformers.ViTForImageClassification(config)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp, max_position_embeddings=max(2048, spec.seq_len),
+        rotary_pct=0.25, use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
+        tie_word_embeddings=False, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1,
+    )  # fmt: skip
+    return transformers.GPTNeoXForCausalLM(config)
+
+
+def _optimizer(model: torch.nn.Module, spec: ZooSpec) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, LayerNorm or embeddings' norms)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95))
+
+
+def _lr_factor(spec: ZooSpec, step: int) -> float:
+    if step < spec.warmup:
+        return (step + 1) / spec.warmup
+    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _save_checkpoint(model: torch.nn.Module, model_dir: Path, step: int) -> None:
+    final = model_dir / f"step{step}"
+    from transformers.utils import logging as hf_logging
+
+    tmp = model_dir / f".step{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _save_resume_state(optimizer: torch.optim.Optimizer, model_dir: Path, step: int) -> None:
+    tmp = model_dir / f".resume.tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+    final = model_dir / "resume"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _check_spec(model_dir: Path, spec: ZooSpec) -> None:
+    spec_file = model_dir / "spec.json"
+    if not spec_file.exists():
+        return
+    stored = json.loads(spec_file.read_text())
+    differs = {k: (stored.get(k), v) for k, v in spec.to_json().items() if stored.get(k) != v}
+    if differs:
+        detail = ", ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in differs.items())
+        raise ZooError(
+            f"{model_dir} holds a run with a different config ({detail}); use another workspace or name, or delete "
+            f"{model_dir} (or pass --restart) to train from scratch"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_zoo_model(
+    name: str | ZooSpec,
+    workspace: str | Path | Workspace | None = None,
+    *,
+    restart: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    **overrides: Any,
+) -> Path:
+    """Train (or resume, or find finished) zoo model ``name`` in the workspace; returns its directory.
+
+    ``stop_after`` ends the run after that many optimizer steps (simulating an interruption; the run resumes from
+    its last checkpoint next time). ``overrides`` change spec fields (e.g. ``steps=100``).
+    """
+    from tqdm.auto import tqdm
+
+    spec = name if isinstance(name, ZooSpec) else get_spec(name, **overrides)
+    model_dir = Workspace(workspace).ensure().model_dir(spec.name)
+    if restart and model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _check_spec(model_dir, spec)
+    _write_json(model_dir / "spec.json", spec.to_json())
+    schedule = checkpoint_steps(spec.steps, spec.checkpoint_every)
+    done = [s for s in schedule if (model_dir / f"step{s}" / "model.safetensors").exists()]
+    if done and done[-1] == spec.steps:
+        return model_dir
+
+    if spec.corpus == "digits":
+        data = None
+        x_train, y_train, x_test, y_test = digits_dataset(seed=spec.seed)
+        model = _build_model(spec, 0)
+        meta: dict[str, Any] = {"chance_accuracy": 0.1}
+    else:
+        data = _CodeData(spec, model_dir) if spec.corpus == "code" else _FSMData(spec, model_dir)
+        model = _build_model(spec, data.vocab_size)
+        meta = {"unigram_entropy": data.unigram_entropy}
+        if spec.corpus == "fsm":
+            meta["fsm_entropy_rate"] = data.fsm.entropy_rate()
+    optimizer = _optimizer(model, spec)
+    start = 0
+    resume_file = model_dir / "resume" / "optimizer.pt"
+    if done and resume_file.exists():
+        state = torch.load(resume_file, weights_only=True)
+        start = int(state["step"])
+        if start not in done:
+            raise ZooError(
+                f"{model_dir}: resume state is at step {start} but step{start}/ is missing; pass restart"
+            )
+        saved = type(model).from_pretrained(str(model_dir / f"step{start}"))
+        model.load_state_dict(saved.state_dict())
+        del saved
+        optimizer.load_state_dict(state["optimizer"])
+    elif done and done != [0]:
+        raise ZooError(
+            f"{model_dir} has checkpoints but no resume state; pass restart=True (--restart) to retrain"
+        )
+    log_path = model_dir / "train_log.jsonl"
+    kept = [
+        line
+        for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+        if json.loads(line)["step"] <= start
+    ]
+    log_path.write_text("".join(line + "\n" for line in kept))
+    _write_json(model_dir / "meta.json", meta)
+    if start == 0:
+        _save_checkpoint(model, model_dir, 0)
+
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(range(start, spec.steps), desc=f"train {spec.name}", unit="step", disable=not progress)
+    with open(log_path, "a") as log:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = spec.lr * _lr_factor(spec, step)
+            if data is None:
+                gen = torch.Generator().manual_seed(hash((spec.seed, step)) % (2**63))
+                index = torch.randint(0, len(x_train), (spec.batch_size,), generator=gen)
+                loss = torch.nn.functional.cross_entropy(
+                    model(pixel_values=x_train[index]).logits, y_train[index]
+                )
+            else:
+                tokens = data.batch(spec, step)
+                loss = model(input_ids=tokens, labels=tokens).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            loss_value = loss.item()
+            entry: dict[str, Any] = {
+                "step": step + 1,
+                "loss": round(loss_value, 5),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if step + 1 in schedule:
+                if data is None:
+                    entry["test_accuracy"] = _accuracy(model, x_test, y_test)
+                    model.train()
+                _save_checkpoint(model, model_dir, step + 1)
+                _save_resume_state(optimizer, model_dir, step + 1)
+            log.write(json.dumps(entry) + "\n")
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            if stop_after is not None and step + 1 - start >= stop_after:
+                break
+    meta["train_seconds"] = round(time.perf_counter() - started, 2)
+    _write_json(model_dir / "meta.json", meta)
+    return model_dir
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(pixel_values=x).logits.argmax(-1) == y).float().mean())
+
+
+def read_train_log(model_dir: str | Path) -> list[dict[str, Any]]:
+    """The training log of a zoo model: one dict per optimizer step (step, loss, lr[, test_accuracy])."""
+    path = Path(model_dir) / "train_log.jsonl"
+    if not path.exists():
+        raise ZooError(f"{model_dir} has no train_log.jsonl; is it a zoo model directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
