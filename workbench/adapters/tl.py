@@ -56,7 +56,8 @@ class TransformerLensAdapter:
         for name in active:
             head, _, tail = name.rpartition(".hook_")
             if tail in STATS and name not in model.hook_dict:
-                stat_layers.setdefault(head, []).append(name)
+                if owner.attention_path != "kernel":  # on the kernel path the patched forward feeds them
+                    stat_layers.setdefault(head, []).append(name)
                 continue
             handles.append(_attach(model.hook_dict[name], _forward_to(points[name])))
         for prefix, names in stat_layers.items():

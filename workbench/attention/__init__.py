@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from workbench.attention.reference import masked_scores, stats_from_scores
 
 PATHS = ("sdpa", "eager", "kernel")
+__all__ = ["AttentionOutput", "attend", "install_attention", "uninstall_attention", "PATHS"]
+
+
+def __getattr__(name: str):
+    if name in ("install_attention", "uninstall_attention", "kernel_statistics"):
+        from workbench.attention import install
+
+        return getattr(install, name)
+    raise AttributeError(f"module 'workbench.attention' has no attribute {name!r}")
 
 
 class AttentionOutput(NamedTuple):
