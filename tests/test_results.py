@@ -1,4 +1,4 @@
-"""Results database: round trips, idempotent re-runs, schema growth, versioning, safe names; workspace layout."""
+"""Results database: round trips, idempotent re-runs, schema growth, versioning, safe names, read-only queries."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 from workbench.results import SCHEMA_VERSION, ResultsDB, SchemaVersionError
-from workbench.workspace import Workspace
 
 
 def test_write_read_filter_and_rerun_replaces(tmp_path) -> None:
@@ -65,12 +64,30 @@ def test_database_from_a_newer_workbench_is_a_clear_error(tmp_path) -> None:
         ResultsDB(path).tables()
 
 
-def test_workspace_layout_and_env(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path / "ws"))
-    ws = Workspace().ensure()
-    assert ws.root == (tmp_path / "ws").resolve()
-    assert ws.models_dir.is_dir() and ws.stores_dir.is_dir() and ws.jobs_dir.is_dir()
-    assert ws.model_dir("code-tiny") == ws.models_dir / "code-tiny"
-    assert ResultsDB(ws).path == ws.results_path
-    with pytest.raises(ValueError, match="not a valid name"):
-        ws.store_dir("../escape")
+def test_query_is_read_only_and_parameterised(tmp_path) -> None:
+    db = ResultsDB(tmp_path / "r.duckdb")
+    db.write("t", pd.DataFrame({"model": ["a", "b"], "x": [1, 2]}))
+    assert db.query("SELECT x FROM t WHERE model = ?", ["b"])["x"].tolist() == [2]
+    with pytest.raises(duckdb.Error, match="read-only"):
+        db.query("DELETE FROM t")
+    assert len(db.read("t")) == 2
+
+
+def test_a_writer_waits_for_another_process_holding_the_lock(tmp_path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "r.duckdb"
+    ResultsDB(path).write("t", pd.DataFrame({"x": [1]}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('held', flush=True); "
+         "time.sleep(1.5); c.close()"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    began = time.monotonic()
+    ResultsDB(path).write("t", pd.DataFrame({"x": [2]}))
+    holder.wait(timeout=30)
+    assert time.monotonic() - began > 0.5
+    assert sorted(ResultsDB(path).read("t")["x"]) == [1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,7 +144,7 @@ def test_non_finite_rows_are_refused(tmp_path) -> None:
         store.append(acts, ids)
 
 
-def _tiny_model() -> HookedModel:
+def _tiny_neox() -> HookedModel:
     torch.manual_seed(0)
     cfg = T.GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                           vocab_size=260, max_position_embeddings=64)  # fmt: skip
@@ -163,33 +164,128 @@ def _byte_tokenizer():
     return tok
 
 
-def test_capture_to_store_matches_direct_capture_and_resumes(tmp_path) -> None:
-    model = _tiny_model()
-    texts = [f"def f{i}(x): return x + {i}" for i in range(11)]
-    store = capture_to_store(
-        model, texts, "blocks.*.hook_resid_post", tmp_path / "c", batch_size=4, shard_rows=30, progress=False
-    )
+@pytest.fixture(scope="module")
+def gpt2() -> tuple[T.GPT2LMHeadModel, HookedModel]:
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
+    hf = T.GPT2LMHeadModel(config).eval()
+    return hf, HookedModel.from_hf(hf, tokenizer=None, name="gpt2-tiny")
+
+
+def _token_lists(n: int, seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 20, (n,), generator=gen)
+    return [torch.randint(0, 100, (int(k),), generator=gen).tolist() for k in lengths]
+
+
+def test_capture_rows_match_unpadded_hf_hidden_states(tmp_path, gpt2) -> None:
+    hf, model = gpt2
+    inputs = _token_lists(9)
+    store = capture_to_store(model, inputs, "blocks.*.hook_resid_post", tmp_path / "c", batch_size=4,
+                             shard_rows=25, progress=False)  # fmt: skip
     assert store.hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    batch = model.tokenize(texts[5:6])
-    with torch.no_grad(), model.capture("blocks.1.hook_resid_post") as cache:
-        model(batch)
-    rows = store.locations()[:, 0] == 5
+    assert store.n_rows == sum(map(len, inputs)) and len(store.manifest["shards"]) > 1
+    assert torch.equal(store.token_ids(), torch.tensor(sum(inputs, [])))
+    where = store.locations()
+    layer0 = store.read("blocks.0.hook_resid_post")
+    for index, ids in enumerate(inputs):
+        with torch.no_grad():
+            reference = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+        rows = where[:, 0] == index
+        assert where[rows, 1].tolist() == list(range(len(ids)))
+        torch.testing.assert_close(layer0[rows], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_positions_keep_only_those_tokens(tmp_path, gpt2) -> None:
+    _, model = gpt2
+    inputs = _token_lists(6)
+    full = capture_to_store(model, inputs, "blocks.1.hook_resid_post", tmp_path / "full", batch_size=3,
+                            progress=False)  # fmt: skip
+    last = capture_to_store(model, inputs, "blocks.1.hook_resid_post", tmp_path / "last", batch_size=3,
+                            positions="last", progress=False)  # fmt: skip
+    ends = [(i, len(ids) - 1) for i, ids in enumerate(inputs)]
+    assert [tuple(r) for r in last.locations().tolist()] == ends
+    full_rows = {tuple(r): k for k, r in enumerate(full.locations().tolist())}
+    picked = torch.tensor([full_rows[e] for e in ends])
     torch.testing.assert_close(
-        store.read("blocks.1.hook_resid_post")[rows], cache["blocks.1.hook_resid_post"][0]
+        last.read("blocks.1.hook_resid_post"), full.read("blocks.1.hook_resid_post")[picked]
     )
-    assert int(rows.sum()) == len(texts[5])
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    manifest["complete"], manifest["shards"], manifest["n_rows"], manifest["sequences_done"] = (
-        False,
-        manifest["shards"][:1],
-        manifest["shards"][0]["rows"],
-        4,
+    edges = capture_to_store(model, inputs, "blocks.1.hook_resid_post", tmp_path / "edges", batch_size=3,
+                             positions=[0, -1], progress=False)  # fmt: skip
+    assert [tuple(r) for r in edges.locations().tolist()] == sorted(ends + [(i, 0) for i in range(6)])
+
+
+def test_capture_crash_then_resume_equals_uninterrupted_run(tmp_path, gpt2, monkeypatch) -> None:
+    _, model = gpt2
+    inputs = _token_lists(13)
+    options = dict(batch_size=3, shard_rows=20, progress=False)
+    reference = capture_to_store(model, inputs, "blocks.*.hook_resid_post", tmp_path / "ref", **options)
+
+    import workbench.store as module
+
+    real_write, manifests = module._atomic_write_bytes, []
+
+    def crash_on_third_shard(path, data):
+        if path.name == "manifest.json":
+            manifests.append(json.loads(data))
+            if len(manifests) == 4:  # creation, shard 0, shard 1, then shard 2's manifest update
+                raise KeyboardInterrupt("killed after the shard file, before the manifest")
+        real_write(path, data)
+
+    monkeypatch.setattr(module, "_atomic_write_bytes", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        capture_to_store(model, inputs, "blocks.*.hook_resid_post", tmp_path / "c", **options)
+    monkeypatch.setattr(module, "_atomic_write_bytes", real_write)
+    assert (tmp_path / "c" / "shard-00002.safetensors").exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore.open(tmp_path / "c")
+    partial = ActivationStore.open(tmp_path / "c", allow_incomplete=True)
+    assert len(partial.manifest["shards"]) == 2 and 0 < partial.manifest["sequences_done"] < 13
+    resumed = capture_to_store(model, inputs, "blocks.*.hook_resid_post", tmp_path / "c", **options)
+    assert resumed.manifest["complete"] and resumed.n_rows == reference.n_rows
+    assert torch.equal(resumed.locations(), reference.locations())
+    assert torch.equal(resumed.token_ids(), reference.token_ids())
+    for hook in reference.hooks:
+        assert torch.equal(resumed.read(hook), reference.read(hook))
+    with pytest.raises(StoreError, match="inputs_sha256"):
+        capture_to_store(model, inputs[:-1], "blocks.*.hook_resid_post", tmp_path / "c", **options)
+
+
+def test_capture_from_texts_through_the_tokenizer(tmp_path) -> None:
+    model = _tiny_neox()
+    texts = [f"def f{i}(x): return x + {i}" for i in range(5)]
+    store = capture_to_store(model, texts, "blocks.1.hook_mlp_out", tmp_path / "c", batch_size=2,
+                             dtype=torch.bfloat16, progress=False)  # fmt: skip
+    assert (
+        store.n_rows == sum(map(len, texts)) and store.read("blocks.1.hook_mlp_out").dtype == torch.bfloat16
     )
-    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
-    resumed = capture_to_store(
-        model, texts, "blocks.*.hook_resid_post", tmp_path / "c", batch_size=4, shard_rows=30, progress=False
-    )
-    assert torch.equal(resumed.locations(), store.locations())
-    torch.testing.assert_close(
-        resumed.read("blocks.0.hook_resid_post"), store.read("blocks.0.hook_resid_post")
-    )
+    with torch.no_grad(), model.capture("blocks.1.hook_mlp_out") as cache:
+        model(model.tokenize(texts[3:4]))
+    rows = store.locations()[:, 0] == 3
+    torch.testing.assert_close(store.read("blocks.1.hook_mlp_out")[rows].float(),
+                               cache["blocks.1.hook_mlp_out"][0].bfloat16().float())  # fmt: skip
+
+
+def _anon_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+def test_ram_stays_flat_while_appending_and_reading_many_shards(tmp_path) -> None:
+    store = ActivationStore.create(tmp_path / "big", model="m", hooks=["h"], dataset="d", shard_rows=2048)
+    rows = torch.randn(2048, 512)  # 4 MiB per shard
+    for index in range(30):
+        store.append({"h": rows + index}, torch.full((2048,), index))
+        if index == 4:
+            after_five = _anon_rss_mib()
+    store.finalize()
+    assert _anon_rss_mib() - after_five < 16
+    opened = ActivationStore.open(tmp_path / "big")
+    before = _anon_rss_mib()
+    total = 0.0
+    for batch in opened.iter_batches("h", batch_size=4096, seed=0):
+        total += float(batch["h"][:, 0].sum())
+    assert _anon_rss_mib() - before < 48
+    assert total == pytest.approx(float((rows[:, 0].sum() + 2048 * torch.arange(30.0).mean()) * 30), rel=1e-3)

@@ -121,6 +121,7 @@ class ResultsDB:
         return [r[0] for r in rows]
 
     def columns(self, table: str) -> list[str]:
+        """Column names of ``table`` in order ([] when it does not exist)."""
         con = self._connect(read_only=True)
         if con is None:
             return []

@@ -27,6 +27,7 @@ import torch
 from workbench import __version__
 
 if TYPE_CHECKING:
+    from workbench.hooks import Positions
     from workbench.model import HookedModel
 
 MANIFEST = "manifest.json"
@@ -58,7 +59,7 @@ def _sha256(path: Path) -> str:
 
 
 def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a read-only memory map (no copy)."""
+    """Every tensor of a safetensors file as a copy-on-write memory map: no copy, and edits never reach the file."""
     with open(path, "rb") as handle:
         header_len = struct.unpack("<Q", handle.read(8))[0]
         header = json.loads(handle.read(header_len))
@@ -69,7 +70,7 @@ def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
         start, end = info["data_offsets"]
         np_dtype = _DTYPES[info["dtype"]]
         count = (end - start) // np.dtype(np_dtype).itemsize
-        array = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_len + start, shape=(count,))
+        array = np.memmap(path, dtype=np_dtype, mode="c", offset=8 + header_len + start, shape=(count,))
         tensor = (
             torch.from_numpy(array).reshape(info["shape"])
             if count
@@ -387,16 +388,21 @@ class ActivationStore:
         return f"ActivationStore({str(self.path)!r}, {self.n_rows} rows, hooks={self.hooks}, {state})"
 
 
+Inputs = Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
+
+
 def capture_to_store(
     model: HookedModel,
-    texts: Sequence[str],
+    texts: Inputs,
     hooks: str | Sequence[str],
     path: str | Path,
     *,
     batch_size: int = 16,
     max_length: int = 128,
+    positions: Positions = None,
     dtype: torch.dtype = torch.float32,
     dataset: str = "texts",
+    checkpoint: int | None = None,
     shard_rows: int = 65536,
     resume: bool = True,
     overwrite: bool = False,
@@ -404,16 +410,35 @@ def capture_to_store(
 ) -> ActivationStore:
     """Stream ``texts`` through ``model`` and store the activations of ``hooks`` for every real token.
 
-    Each row is one (sequence, position); padding is dropped. Activations are read per batch, so RAM is bounded
-    by one batch plus one shard. An interrupted capture resumes after the last sequence written.
+    ``texts``: strings (tokenized by the model), token-id lists, or token ids [n, pos] (all real). Each row is one
+    (sequence, position); padding is dropped, and ``positions`` (int, list, slice or "last", counted within each
+    sequence's real tokens) keeps only those. ``checkpoint`` defaults to the model's. RAM is bounded by one batch
+    plus one shard. An interrupted capture resumes after the last sequence written; resuming with other inputs,
+    ``max_length`` or ``positions`` raises StoreError.
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
     names = model.resolve(hooks)
+    recipe = {
+        "inputs_sha256": _fingerprint(texts),
+        "n_inputs": len(texts),
+        "max_length": max_length,
+        "positions": _describe_positions(positions),
+    }
     store = ActivationStore.create(
-        path, model=model.cfg.name, checkpoint=model.cfg.checkpoint, hooks=names, dataset=dataset, dtype=dtype,
-        shard_rows=shard_rows, resume=resume, overwrite=overwrite,
+        path, model=model.cfg.name, checkpoint=model.cfg.checkpoint if checkpoint is None else checkpoint,
+        hooks=names, dataset=dataset, dtype=dtype, shard_rows=shard_rows, resume=resume, overwrite=overwrite,
+        extra={"capture": recipe},
     )  # fmt: skip
+    stored = store.manifest["extra"].get("capture")
+    if stored != recipe:
+        changed = sorted(k for k in recipe if (stored or {}).get(k) != recipe[k])
+        raise StoreError(
+            f"{path} was captured from other inputs or settings ({', '.join(changed)} differ); write to a new path "
+            "or pass overwrite=True"
+        )
     if store.manifest["complete"]:
         return store
     start = store.manifest["sequences_done"]
@@ -421,21 +446,26 @@ def capture_to_store(
         total=len(texts), initial=start, desc=f"capture → {Path(path).name}", unit="seq", disable=not progress
     )
     for begin in range(start, len(texts), batch_size):
-        chunk = list(texts[begin : begin + batch_size])
-        batch = model.tokenize(chunk, max_length=max_length)
-        mask = batch["attention_mask"].bool()
+        chunk = texts[begin : begin + batch_size]
+        batch = _encode(model, chunk, max_length)
+        keep = _position_mask(batch["attention_mask"].bool(), positions)
         with torch.no_grad(), model.capture(names, dtype=dtype) as cache:
             model(batch)
         rows: dict[str, torch.Tensor] = {}
         for name in names:
             value = cache[name]
-            if value.ndim == 3 and name.endswith(("hook_entropy", "hook_sink", "hook_lse", "hook_max_logit")):
+            if name.endswith(("hook_entropy", "hook_sink", "hook_lse", "hook_max_logit")):
                 value = value.transpose(1, 2)
-            rows[name] = value[mask]
-        sequence, position = mask.nonzero(as_tuple=True)
+            if tuple(value.shape[:2]) != tuple(keep.shape):
+                raise StoreError(
+                    f"{name} has shape {list(value.shape)}, not [batch, pos, ...] = {list(keep.shape)}; "
+                    "only per-token hooks can be stored as rows (capture attention patterns in memory instead)"
+                )
+            rows[name] = value[keep.to(value.device)]
+        sequence, position = keep.nonzero(as_tuple=True)
         store.append(
             rows,
-            batch["input_ids"][mask],
+            batch["input_ids"][keep],
             sequence=sequence + begin,
             position=position,
             sequences_done=begin + len(chunk),
@@ -443,3 +473,67 @@ def capture_to_store(
         bar.update(len(chunk))
     bar.close()
     return store.finalize()
+
+
+def _encode(model: HookedModel, chunk: Inputs, max_length: int) -> dict[str, torch.Tensor]:
+    """A slice of the inputs as input_ids / attention_mask [batch, pos], right-padded and truncated."""
+    if isinstance(chunk, torch.Tensor):
+        if chunk.ndim != 2 or chunk.is_floating_point():
+            raise ValueError(
+                f"token ids must be an integer tensor [n, pos]; got {chunk.dtype} {list(chunk.shape)}"
+            )
+        ids = chunk[:, :max_length].long()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if all(isinstance(item, str) for item in chunk):
+        return model.tokenize(list(chunk), max_length=max_length)
+    sequences = [torch.as_tensor(list(item), dtype=torch.long)[:max_length] for item in chunk]
+    if any(s.ndim != 1 or len(s) == 0 for s in sequences):
+        raise ValueError("each input must be a non-empty text or a non-empty list of token ids")
+    ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+    lengths = torch.tensor([len(s) for s in sequences])
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _position_mask(mask: torch.Tensor, positions: Positions) -> torch.Tensor:
+    """Which (sequence, position) cells to keep [batch, pos]: real tokens, narrowed to ``positions`` counted
+    within each sequence's real length (negative ints from its last real token)."""
+    if positions is None:
+        return mask
+    lengths = mask.sum(1)
+    keep = torch.zeros_like(mask)
+    for row, length in enumerate(lengths.tolist()):
+        if positions == "last":
+            picked: Sequence[int] | range = [length - 1]
+        elif isinstance(positions, str):
+            raise ValueError(f"positions={positions!r}; use an int, a list of ints, a slice or 'last'")
+        elif isinstance(positions, slice):
+            picked = range(length)[positions]
+        else:
+            wanted = [positions] if isinstance(positions, int) else list(positions)
+            picked = [p + length if p < 0 else p for p in wanted if -length <= p < length]
+        keep[row, list(picked)] = True
+    return keep & mask
+
+
+def _describe_positions(positions: Positions) -> Any:
+    if isinstance(positions, slice):
+        return {"slice": [positions.start, positions.stop, positions.step]}
+    if positions is None or isinstance(positions, (int, str)):
+        return positions
+    return [int(p) for p in positions]
+
+
+def _fingerprint(texts: Inputs) -> str:
+    """sha256 of the capture inputs, so a resume can check it continues the same corpus."""
+    digest = hashlib.sha256()
+    if isinstance(texts, torch.Tensor):
+        digest.update(str(list(texts.shape)).encode())
+        digest.update(texts.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+    for item in texts:
+        if isinstance(item, str):
+            digest.update(b"s" + item.encode("utf-8", "surrogatepass") + b"\0")
+        else:
+            digest.update(b"t" + np.asarray(list(item), dtype=np.int64).tobytes() + b"\0")
+    return digest.hexdigest()

@@ -61,62 +61,18 @@ class ZooSpec:
         return dataclasses.asdict(self)
 
 
-SPECS: dict[str, ZooSpec] = {
-    spec.name: spec
-    for spec in (
-        ZooSpec("code-tiny", "code", n_layers=2, d_model=64, n_heads=4, d_mlp=256, steps=300, max_files=40),
-        ZooSpec(
-            "code-small",
-            "code",
-            n_layers=4,
-            d_model=128,
-            n_heads=4,
-            d_mlp=512,
-            steps=1000,
-            seq_len=128,
-            lr=2e-3,
-            max_files=150,
-        ),  # fmt: skip
-        ZooSpec(
-            "code-medium",
-            "code",
-            n_layers=6,
-            d_model=192,
-            n_heads=6,
-            d_mlp=768,
-            steps=1500,
-            seq_len=128,
-            lr=1.5e-3,
-            max_files=300,
-            vocab_size=1024,
-            checkpoint_every=500,
-        ),  # fmt: skip
-        ZooSpec("fsm-tiny", "fsm", n_layers=2, d_model=32, n_heads=4, d_mlp=64, steps=1000, batch_size=32),
-        ZooSpec(
-            "fsm-small",
-            "fsm",
-            n_layers=3,
-            d_model=64,
-            n_heads=4,
-            d_mlp=96,
-            steps=1200,
-            batch_size=32,
-            lr=2e-3,
-        ),
-        ZooSpec(
-            "vit-digits",
-            "digits",
-            n_layers=2,
-            d_model=48,
-            n_heads=4,
-            d_mlp=96,
-            steps=800,
-            batch_size=64,
-            warmup=40,
-            checkpoint_every=200,
-        ),  # fmt: skip
-    )
-}
+_ZOO = (
+    ZooSpec("code-tiny", "code", n_layers=2, d_model=64, n_heads=4, d_mlp=256, steps=300, max_files=40),
+    ZooSpec("code-small", "code", n_layers=4, d_model=128, n_heads=4, d_mlp=512, steps=600, seq_len=128, lr=2e-3,
+            max_files=150),
+    ZooSpec("code-medium", "code", n_layers=6, d_model=128, n_heads=4, d_mlp=512, steps=800, seq_len=128, lr=2e-3,
+            max_files=300, checkpoint_every=200),
+    ZooSpec("fsm-tiny", "fsm", n_layers=2, d_model=32, n_heads=4, d_mlp=64, steps=1000, batch_size=32),
+    ZooSpec("fsm-small", "fsm", n_layers=3, d_model=64, n_heads=4, d_mlp=96, steps=1200, batch_size=32, lr=2e-3),
+    ZooSpec("vit-digits", "digits", n_layers=2, d_model=48, n_heads=4, d_mlp=96, steps=800, batch_size=64, warmup=40,
+            checkpoint_every=200),
+)  # fmt: skip
+SPECS: dict[str, ZooSpec] = {spec.name: spec for spec in _ZOO}
 
 
 def get_spec(name: str, **overrides: Any) -> ZooSpec:

@@ -1,0 +1,178 @@
+"""Massive activations: real MiniLM, a planted model, emergence fits on planted curves, zoo tracking, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import transformers as T
+
+from workbench.emergence import (
+    FAMILIES,
+    FitError,
+    ParameterPredictor,
+    compare_families,
+    derived_quantities,
+    fit_curve,
+)
+from workbench.massive import (
+    MassiveCriteria,
+    MassiveError,
+    detect_massive,
+    fit_emergence,
+    track_massive,
+    write_results,
+)
+from workbench.model import HookedModel
+
+TEXTS = ["The cat sat on the mat.", "Massive activations act as biases.", "Paris is the capital of France.",
+         "I like tea, and coffee.", "Numbers: 1, 2, 3 and 4."]  # fmt: skip
+PYTHIA_LIKE = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, *range(1000, 10001, 1000)], dtype=float)
+
+
+@pytest.mark.parametrize(
+    ("family", "params"),
+    [
+        ("exp_log", [5.0, 1e-4, 0.05, 1.0, 1.0]),
+        ("logistic", [10.0, 2.0, 5.0, 1.0]),
+        ("log", [3.0, 0.01, 2.0]),
+    ],
+)
+def test_fit_recovers_planted_parameters_from_noisy_samples(family, params) -> None:
+    rng = np.random.default_rng(0)
+    clean = FAMILIES[family].fn(PYTHIA_LIKE, *params)
+    noisy = clean + rng.normal(0, 0.01 * np.abs(clean).max(), len(clean))
+    fit = fit_curve(PYTHIA_LIKE, noisy, family)
+    assert fit.status == "ok" and fit.r2 > 0.99
+    recovered = np.array(list(fit.params.values()))
+    np.testing.assert_allclose(recovered, params, rtol=0.15, atol=0.02)
+    assert all(np.isfinite(v) for v in fit.stderr.values())
+    ranking = compare_families(PYTHIA_LIKE, noisy)
+    assert (
+        ranking.iloc[0]["family"] == family
+        or ranking.iloc[0]["aic"] <= ranking[ranking.family == family]["aic"].item() + 2
+    )
+
+
+def test_derived_quantities_of_a_rise_and_decay() -> None:
+    fit = fit_curve(PYTHIA_LIKE, FAMILIES["exp_log"].fn(PYTHIA_LIKE, 5.0, 1e-4, 0.05, 1.0, 1.0), "exp_log")
+    derived = derived_quantities(fit, PYTHIA_LIKE.max())
+    assert 1000 < derived["peak_step"] < 5000 and derived["peak_value"] > 15
+    assert 10 < derived["emergence_step"] < derived["peak_step"]
+    assert derived["steady_state"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_fit_refuses_too_few_checkpoints_and_reports_no_emergence() -> None:
+    with pytest.raises(FitError, match="needs at least 6 checkpoints; got 1"):
+        fit_curve([100], [3.0])
+    flat = fit_curve(PYTHIA_LIKE, np.full(len(PYTHIA_LIKE), 7.0) + 1e-3 * np.sin(PYTHIA_LIKE))
+    assert flat.status == "no_emergence" and not flat.params
+    one = pd.DataFrame(
+        {"model": ["m"], "hook": ["blocks.0.hook_resid_post"], "layer": [0], "checkpoint": [5], "top1": [1.0]}
+    )
+    with pytest.raises(FitError, match="needs a checkpoint series; got 1 checkpoint"):
+        fit_emergence(one)
+
+
+def test_predictor_learns_a_planted_architecture_relation() -> None:
+    rows = []
+    for n_layers, d_model in [(2, 64), (4, 128), (6, 256), (8, 512), (3, 96), (5, 192)]:
+        for layer in range(n_layers):
+            frac = layer / (n_layers - 1)
+            rows.append({"n_layers": n_layers, "d_model": d_model, "n_heads": 4, "d_mlp": 4 * d_model, "layer": layer,
+                         "param_A": 2.0 * frac + np.log2(d_model), "param_gamma": 0.01 * n_layers})  # fmt: skip
+    predictor = ParameterPredictor().fit(pd.DataFrame(rows))
+    assert set(predictor.cv_scores) == {"A", "gamma"} and predictor.cv_scores["A"] > 0.5
+    predicted = predictor.predict({"n_layers": 4, "d_model": 128, "n_heads": 4, "d_mlp": 512})
+    truth = 2.0 * np.arange(4) / 3 + 7.0
+    assert np.abs(predicted["param_A"].to_numpy() - truth).max() < 1.0
+
+
+def test_minilm_reports_the_cls_outlier_dimension_and_matches_plain_transformers() -> None:
+    from workbench.model import packaged_model_dir
+
+    model = HookedModel.from_pretrained("minilm")
+    report = detect_massive(model, TEXTS)
+    layers = report.layers
+    assert (layers["top1_token"] == "[CLS]").all() and (layers["top1_position"] == 0).all()
+    assert layers["top1_dim"].nunique() == 1
+    dim = int(layers["top1_dim"].iloc[0])
+    assert (layers["top1_spread"] < 0.1).all(), "the [CLS] outlier is nearly input-invariant"
+    assert not layers["passes_abs"].any(), "post-LN MiniLM stays below |a| > 100"
+    hf = T.AutoModel.from_pretrained(packaged_model_dir("minilm")).eval()
+    batch = model.tokenize(TEXTS)
+    with torch.no_grad():
+        hidden = hf(**batch, output_hidden_states=True).hidden_states
+    real = batch["attention_mask"].bool()
+    for layer in range(6):
+        h = hidden[layer + 1]
+        top = h.abs()[real].max().item()
+        median = h.abs()[real].median().item()
+        row = layers[layers["layer"] == layer].iloc[0]
+        assert row["top1"] == pytest.approx(top, rel=1e-5)
+        assert row["ratio"] == pytest.approx(top / median, rel=0.02)
+        assert h[:, 0, dim].abs().min() > 0.5 * top
+
+
+def _planted_model(token: int, dim: int, value: float) -> HookedModel:
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                          vocab_size=50, max_position_embeddings=64)  # fmt: skip
+    hf = T.GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.gpt_neox.embed_in.weight[token, dim] = value
+    return HookedModel.from_hf(hf, name="planted")
+
+
+def test_planted_massive_activation_is_found_exactly() -> None:
+    model = _planted_model(token=7, dim=13, value=600.0)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(8, 50, (6, 12), generator=gen)
+    ids[:, 0] = 7
+    ids[2, 5] = 7
+    report = detect_massive(model, ids)
+    assert (report.layers["top1_dim"] == 13).all() and (report.layers["top1_token_id"] == 7).all()
+    assert report.layers["massive"].all() and (report.layers["n_massive"] == 1).all()
+    massive = report.top[report.top["massive"]]
+    assert set(zip(massive["dim"], massive["token_id"], strict=True)) == {(13, 7)}
+    assert (report.top[report.top["massive"]]["occurrences"] == 7).all()
+    assert (report.layers["top1_spread"] < 0.05).all()
+
+
+def test_nan_activations_are_reported_with_hook_and_position() -> None:
+    model = _planted_model(token=7, dim=13, value=float("nan"))
+    ids = torch.full((2, 5), 9)
+    ids[1, 3] = 7
+    with pytest.raises(MassiveError, match=r"hook_embed holds NaN/inf at sequence 1, position 3"):
+        detect_massive(model, ids, hooks="hook_embed")
+
+
+def test_non_residual_hook_is_allowed_with_a_note() -> None:
+    model = _planted_model(token=7, dim=13, value=600.0)
+    report = detect_massive(model, torch.randint(0, 50, (2, 6)), hooks="blocks.0.hook_mlp_out")
+    assert report.notes and "not a residual-stream hook" in report.notes[0]
+    with pytest.raises(MassiveError, match="need \\[batch, pos, d\\]"):
+        detect_massive(model, torch.randint(0, 50, (2, 6)), hooks="blocks.0.attn.hook_q")
+
+
+def test_tracking_over_zoo_checkpoints_and_results(code_series, zoo_workspace) -> None:
+    texts = [
+        "def f(x):\n    return x\n",
+        "import os\nprint(os.path.join('a', 'b'))\n",
+        "class A:\n    pass\n",
+    ]
+    report = track_massive(code_series, texts, progress=False, criteria=MassiveCriteria(top_k=5))
+    layers = report.layers
+    assert sorted(layers["checkpoint"].unique()) == code_series.steps
+    assert len(layers) == len(code_series.steps) * 2
+    fits = fit_emergence(layers, metric="top1")
+    assert set(fits["status"]) <= {"ok", "no_emergence", "failed"} and len(fits) == 2
+    write_results(report, fits, zoo_workspace)
+    db = zoo_workspace.results()
+    assert {"massive_layers", "massive_top", "massive_fits"} <= set(db.tables())
+    assert len(db.read("massive_layers", model="code-tiny")) == len(layers)
+    write_results(report, fits, zoo_workspace)
+    assert len(db.read("massive_layers", model="code-tiny")) == len(layers), (
+        "re-running replaces, never duplicates"
+    )

@@ -1,0 +1,345 @@
+"""Massive activations (Sun et al., 2024): detection per layer, tracking over checkpoints, emergence fits.
+
+A massive activation is a scalar in the residual stream orders of magnitude above the rest, at a fixed feature
+dimension and on a few tokens (the first token, delimiters), nearly constant across inputs. For each hook
+(default: every ``blocks.*.hook_resid_post``) :func:`detect_massive` reports
+
+- the top-k magnitudes with their (sequence, position, token, dimension),
+- the median magnitude and the ratio top-1 / median,
+- the input-invariance of each top value: over every occurrence of the same token in the corpus, the spread
+  (std / |mean|) of that dimension — near 0 for a massive activation,
+- whether the top-1 passes the absolute threshold (default |a| > 100) and the ratio threshold (> 1000×).
+
+Post-LayerNorm models (BERT, MiniLM) keep magnitudes small, so ratio and invariance are always reported even
+when nothing passes the absolute threshold. The median is exact up to ``median_sample`` magnitudes per hook and
+estimated from a uniform random sample beyond that (bounded memory).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from workbench.emergence import CurveFit, FitError, derived_quantities, fit_curve
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from workbench.checkpoints import CheckpointSeries
+    from workbench.model import HookedModel
+
+
+class MassiveError(ValueError):
+    """Bad input to the massive-activation analysis (NaN activations, unusable hooks)."""
+
+
+@dataclass(frozen=True)
+class MassiveCriteria:
+    """Thresholds: |a| > ``abs_threshold`` and |a| > ``ratio_threshold`` × median (``require`` "both"/"either")."""
+
+    abs_threshold: float = 100.0
+    ratio_threshold: float = 1000.0
+    require: str = "both"
+    top_k: int = 10
+
+    def passes(self, value: float, median: float) -> tuple[bool, bool, bool]:
+        by_abs = value > self.abs_threshold
+        by_ratio = value > self.ratio_threshold * max(median, 1e-12)
+        return by_abs, by_ratio, (by_abs and by_ratio) if self.require == "both" else (by_abs or by_ratio)
+
+
+@dataclass
+class MassiveReport:
+    """Per-hook summary (``layers``: one row per hook) and the top-k entries (``top``: one row per entry)."""
+
+    layers: pd.DataFrame
+    top: pd.DataFrame
+    notes: list[str]
+
+
+def _batches(model: HookedModel, inputs: Sequence[str] | torch.Tensor, batch_size: int, max_length: int):
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        if isinstance(chunk, torch.Tensor):
+            yield start, {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        else:
+            yield start, model.tokenize(list(chunk), max_length=max_length)
+
+
+def detect_massive(
+    model: HookedModel,
+    inputs: Sequence[str] | torch.Tensor,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    *,
+    criteria: MassiveCriteria | None = None,
+    batch_size: int = 8,
+    max_length: int = 128,
+    median_sample: int = 200_000,
+    dataset: str = "texts",
+    seed: int = 0,
+    progress: bool = False,
+) -> MassiveReport:
+    """Find massive activations of ``model`` on ``inputs`` (texts or token ids [n, pos]) at ``hooks``.
+
+    Two streaming passes over the inputs (one batch in memory at a time): the first finds the top-k entries and
+    the median, the second measures the spread of each top entry's (dimension, token) across inputs.
+    """
+    from tqdm.auto import tqdm
+
+    criteria = criteria or MassiveCriteria()
+    names = model.resolve(hooks)
+    notes = [f"{n} is not a residual-stream hook; magnitudes there are not comparable to Sun et al.'s thresholds"
+             for n in names if "resid" not in n and n != "hook_embed"]  # fmt: skip
+    rng = np.random.default_rng(seed)
+    tops: dict[str, dict[tuple[int, int], tuple[float, int, int, int, int, float]]] = {n: {} for n in names}
+    samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    seen: dict[str, int] = dict.fromkeys(names, 0)
+    for start, batch in tqdm(list(_batches(model, inputs, batch_size, max_length)), desc="massive: scan",
+                             disable=not progress):  # fmt: skip
+        mask = batch["attention_mask"].bool()
+        ids = batch["input_ids"]
+        with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
+            model(batch)
+        for name in names:
+            act = cache[name]
+            if act.ndim != 3:
+                raise MassiveError(
+                    f"{name} has shape {tuple(act.shape)}; massive activations need [batch, pos, d]"
+                )
+            real = act[mask]
+            if not torch.isfinite(real).all():
+                seq, pos = mask.nonzero()[(~torch.isfinite(real)).any(-1).nonzero()[0, 0]].tolist()
+                raise MassiveError(f"{name} holds NaN/inf at sequence {start + seq}, position {pos}")
+            magnitude = act.abs().masked_fill(~mask[..., None], -1.0)
+            values, flat = magnitude.flatten().topk(min(criteria.top_k * 4, magnitude.numel()))
+            d = act.shape[-1]
+            best = tops[name]
+            for value, index in zip(values.tolist(), flat.tolist(), strict=True):
+                if value < 0:
+                    continue
+                b, rest = divmod(index, act.shape[1] * d)
+                pos, dim = divmod(rest, d)
+                key = (dim, int(ids[b, pos]))  # one entry per (dimension, token): its largest occurrence
+                if key not in best or value > best[key][0]:
+                    best[key] = (value, start + b, pos, key[1], dim, float(act[b, pos, dim]))
+            if len(best) > 4 * criteria.top_k:
+                tops[name] = best = dict(
+                    heapq.nlargest(4 * criteria.top_k, best.items(), key=lambda kv: kv[1][0])
+                )
+            flat_real = real.abs().flatten().numpy()
+            seen[name] += flat_real.size
+            take = min(flat_real.size, max(1, median_sample * flat_real.size // max(seen[name], 1)))
+            samples[name].append(
+                rng.choice(flat_real, size=take, replace=False) if take < flat_real.size else flat_real
+            )
+    spreads = _token_spreads(model, inputs, names, tops, batch_size, max_length)
+    layer_rows, top_rows = [], []
+    for name in names:
+        pool = np.concatenate(samples[name]) if samples[name] else np.zeros(1)
+        if pool.size > median_sample:
+            pool = rng.choice(pool, size=median_sample, replace=False)
+        median = float(np.median(pool))
+        ranked = sorted(tops[name].values(), reverse=True)[: criteria.top_k]
+        for rank, (value, seq, pos, token, dim, signed) in enumerate(ranked):
+            by_abs, by_ratio, massive = criteria.passes(value, median)
+            spread, count = spreads[name].get((dim, token), (np.nan, 0))
+            top_rows.append({"hook": name, "rank": rank, "magnitude": value, "value": signed, "dim": dim,
+                             "token_id": token, "token": _token_text(model, token), "sequence": seq, "position": pos,
+                             "ratio": value / max(median, 1e-12), "spread": spread, "occurrences": count,
+                             "passes_abs": by_abs, "passes_ratio": by_ratio, "massive": massive})  # fmt: skip
+        top1 = ranked[0] if ranked else (np.nan, -1, -1, -1, -1, np.nan)
+        by_abs, by_ratio, massive = criteria.passes(top1[0], median)
+        layer_rows.append({
+            "hook": name, "layer": _layer_of(name), "top1": top1[0], "top1_dim": top1[4], "top1_token_id": top1[3],
+            "top1_token": _token_text(model, top1[3]), "top1_position": top1[2], "median": median,
+            "ratio": top1[0] / max(median, 1e-12), "top1_spread": spreads[name].get((top1[4], top1[3]), (np.nan, 0))[0],
+            "passes_abs": by_abs, "passes_ratio": by_ratio, "massive": massive,
+            "n_massive": sum(r["massive"] for r in top_rows if r["hook"] == name),
+        })  # fmt: skip
+    meta = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "dataset": dataset}
+    layers = pd.DataFrame(layer_rows).assign(**meta)
+    top = pd.DataFrame(top_rows).assign(**meta)
+    layers["checkpoint"] = layers["checkpoint"].astype("Int64")
+    top["checkpoint"] = top["checkpoint"].astype("Int64")
+    return MassiveReport(layers, top, notes)
+
+
+def _token_spreads(
+    model, inputs, names, tops, batch_size, max_length
+) -> dict[str, dict[tuple[int, int], tuple[float, int]]]:
+    """For each top (dim, token) of each hook: std / |mean| of that dimension over every occurrence of the token."""
+    wanted = {name: sorted(tops[name]) for name in names}
+    sums = {name: {key: [0.0, 0.0, 0] for key in keys} for name, keys in wanted.items()}
+    for _, batch in _batches(model, inputs, batch_size, max_length):
+        mask = batch["attention_mask"].bool()
+        ids = batch["input_ids"]
+        with torch.no_grad(), model.capture(names, dtype=torch.float64) as cache:
+            model(batch)
+        for name in names:
+            act = cache[name]
+            for dim, token in wanted[name]:
+                where = mask & (ids == token)
+                values = act[..., dim][where]
+                acc = sums[name][(dim, token)]
+                acc[0] += float(values.sum())
+                acc[1] += float((values**2).sum())
+                acc[2] += int(values.numel())
+    out: dict[str, dict[tuple[int, int], tuple[float, int]]] = {}
+    for name, per_key in sums.items():
+        out[name] = {}
+        for key, (total, squares, count) in per_key.items():
+            mean = total / max(count, 1)
+            std = np.sqrt(max(squares / max(count, 1) - mean**2, 0.0))
+            out[name][key] = (std / max(abs(mean), 1e-12), count)
+    return out
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else -1
+
+
+def _token_text(model: HookedModel, token: int) -> str:
+    if model.tokenizer is None or token < 0:
+        return str(token)
+    return model.tokenizer.decode([token])
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+def track_massive(
+    series: CheckpointSeries | Iterable[HookedModel],
+    inputs: Sequence[str] | torch.Tensor,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    *,
+    criteria: MassiveCriteria | None = None,
+    steps: Sequence[int] | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> MassiveReport:
+    """:func:`detect_massive` at every checkpoint (loaded one at a time); rows carry the checkpoint step."""
+    models = series.iter(steps=steps, progress=progress) if hasattr(series, "iter") else series
+    reports = [detect_massive(model, inputs, hooks, criteria=criteria, **kwargs) for model in models]
+    if not reports:
+        raise MassiveError("the series yielded no checkpoints")
+    return MassiveReport(
+        pd.concat([r.layers for r in reports], ignore_index=True),
+        pd.concat([r.top for r in reports], ignore_index=True),
+        reports[0].notes,
+    )
+
+
+def fit_emergence(
+    layers: pd.DataFrame, metric: str = "top1", family: str = "exp_log", **fit_kwargs: Any
+) -> pd.DataFrame:
+    """Fit ``family`` to ``metric`` over checkpoints, per (model, hook); one row per hook with parameters,
+    uncertainties, R², AIC, status and the derived quantities (peak, emergence step, steady state)."""
+    rows = []
+    for (model_name, hook), group in layers.groupby(["model", "hook"], sort=False):
+        group = group.dropna(subset=["checkpoint"]).sort_values("checkpoint")
+        steps = group["checkpoint"].to_numpy(dtype=float)
+        if len(steps) < 2:
+            raise FitError(
+                f"{model_name} {hook}: an emergence fit needs a checkpoint series; got {len(steps)} checkpoint(s)"
+            )
+        fit: CurveFit = fit_curve(steps, group[metric].to_numpy(dtype=float), family, **fit_kwargs)
+        row = {
+            "model": model_name,
+            "hook": hook,
+            "layer": int(group["layer"].iloc[0]),
+            "metric": metric,
+            **fit.as_row(),
+        }
+        row.update(derived_quantities(fit, float(steps.max())))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_results(report: MassiveReport, fits: pd.DataFrame | None = None, workspace: Any = None) -> None:
+    """Store a report (and fits) in the workspace results database: tables massive_layers, massive_top,
+    massive_fits (re-running replaces the same model/checkpoint/hook/dataset rows)."""
+    from workbench.workspace import Workspace
+
+    db = Workspace(workspace).results()
+    keys = ["model", "checkpoint", "hook", "dataset"]
+    db.write("massive_layers", report.layers, replace_keys=keys)
+    db.write("massive_top", report.top, replace_keys=keys)
+    if fits is not None and not fits.empty:
+        db.write(
+            "massive_fits",
+            fits.assign(dataset=report.layers["dataset"].iloc[0]),
+            replace_keys=["model", "hook", "metric", "family"],
+        )
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def magnitude_map(
+    model: HookedModel, text: str | torch.Tensor, hooks: str = "blocks.*.hook_resid_post"
+) -> go.Figure:
+    """Heatmap layer × dimension of the largest |activation| over positions, for one input."""
+    import plotly.express as px
+
+    names = model.resolve(hooks)
+    with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
+        model(text if isinstance(text, torch.Tensor) else [text])
+    grid = torch.stack([cache[n][0].abs().amax(0) for n in names]).numpy()
+    return px.imshow(grid, aspect="auto", color_continuous_scale="Viridis", labels={"x": "dimension", "y": "hook", "color": "max |a|"},
+                     y=names, title=f"{model.cfg.name}: max |activation| per dimension")  # fmt: skip
+
+
+def ratio_by_layer(layers: pd.DataFrame) -> go.Figure:
+    """Top-1 / median per layer (log scale), one line per model/checkpoint."""
+    import plotly.express as px
+
+    frame = layers.assign(series=layers["model"] + " @ " + layers["checkpoint"].astype(str))
+    return px.line(frame, x="layer", y="ratio", color="series", markers=True, log_y=True,
+                   title="top-1 magnitude / median per layer")  # fmt: skip
+
+
+def checkpoint_heatmap(layers: pd.DataFrame, metric: str = "ratio") -> go.Figure:
+    """Heatmap layer × checkpoint of ``metric`` (log colour scale)."""
+    import plotly.express as px
+
+    grid = layers.pivot_table(index="layer", columns="checkpoint", values=metric)
+    return px.imshow(np.log10(grid.clip(lower=1e-12)), aspect="auto", labels={"x": "checkpoint", "y": "layer", "color": f"log10 {metric}"},
+                     x=[str(c) for c in grid.columns], title=f"{metric} over training (log10)")  # fmt: skip
+
+
+def emergence_curves(
+    layers: pd.DataFrame, fits: pd.DataFrame | None = None, metric: str = "top1"
+) -> go.Figure:
+    """Per-layer metric over checkpoints (markers) with the fitted curves (lines) where a fit succeeded."""
+    import plotly.graph_objects as go
+
+    from workbench.emergence import FAMILIES
+
+    fig = go.Figure()
+    for layer, group in layers.sort_values("checkpoint").groupby("layer"):
+        steps = group["checkpoint"].to_numpy(dtype=float)
+        fig.add_trace(
+            go.Scatter(x=np.maximum(steps, 0.5), y=group[metric], mode="markers", name=f"layer {layer}")
+        )
+        if fits is not None:
+            row = fits[(fits["layer"] == layer) & (fits["status"] == "ok")]
+            if len(row):
+                r = row.iloc[0]
+                family = FAMILIES[r["family"]]
+                params = [r[f"param_{p}"] for p in family.params]
+                grid = np.geomspace(0.5, steps.max(), 200)
+                fig.add_trace(
+                    go.Scatter(
+                        x=grid,
+                        y=family.fn(grid, *params),
+                        mode="lines",
+                        name=f"layer {layer} fit (R²={r['r2']:.2f})",
+                    )
+                )
+    fig.update_layout(
+        xaxis_type="log", xaxis_title="step", yaxis_title=metric, title=f"{metric} over training"
+    )
+    return fig
