@@ -88,3 +88,26 @@ def table(path: Path, name: str) -> pd.DataFrame | None:
 def empty_state(what: str, command: str) -> None:
     """Say that nothing is computed yet and which command produces it."""
     st.info(f"No {what} in this workspace yet. Produce it with:\n\n```\n{command}\n```")
+
+
+def open_workspace_or_stop() -> Path:
+    """The results database of the current workspace, or a warning and ``st.stop()``."""
+    try:
+        return check_workspace(workspace_path())
+    except WorkspaceProblem as problem:
+        st.warning(str(problem))
+        st.stop()
+
+
+def table_browser(path: Path, names: list[str], what: str, command: str) -> pd.DataFrame | None:
+    """Show the first existing table of ``names`` as a filterable, sortable table; empty state otherwise."""
+    for name in names:
+        rows = table(path, name)
+        if rows is not None and not rows.empty:
+            if "model" in rows:
+                model = st.selectbox("model", sorted(rows["model"].dropna().unique()), key=f"{name}-model")
+                rows = rows[rows["model"] == model]
+            st.dataframe(rows, use_container_width=True, hide_index=True)
+            return rows
+    empty_state(what, command)
+    return None

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.data import WorkspaceProblem, check_workspace, empty_state, table, workspace_path
+from app.data import empty_state, open_workspace_or_stop, table
 from workbench.attention.summary import STAT_HOOKS, layer_head_heatmap, statistic_over_checkpoints
 
 st.title("Attention statistics")
-try:
-    db = check_workspace(workspace_path())
-except WorkspaceProblem as problem:
-    st.warning(str(problem))
-    st.stop()
+db = open_workspace_or_stop()
 stats = table(db, "attention_stats")
 if stats is None or stats.empty:
     empty_state("attention statistics", "workbench attention-stats MODEL_OR_SERIES --texts FILE")

@@ -5,16 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.data import WorkspaceProblem, check_workspace, table, tables, workspace_path
+from app.data import open_workspace_or_stop, table, tables, workspace_path
 
 st.title("Interpretability workbench")
 workspace = workspace_path()
 st.caption(f"workspace: `{workspace}`")
-try:
-    db = check_workspace(workspace)
-except WorkspaceProblem as problem:
-    st.warning(str(problem))
-    st.stop()
+db = open_workspace_or_stop()
 
 models_dir = workspace / "models"
 series = []

@@ -1,0 +1,55 @@
+"""`workbench dashboard` and `workbench demo` (mounted through the workbench.cli entry points)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+MAIN = Path(__file__).with_name("main.py")
+
+
+def serve(workspace: Path, host: str, port: int) -> None:
+    """Run the Streamlit app in the foreground."""
+    url = f"http://{host}:{port}"
+    typer.secho(f"dashboard: {url}  (workspace {workspace}; Ctrl-C to stop)", fg=typer.colors.GREEN)
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(MAIN),
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--", "--workspace", str(workspace),
+    ]  # fmt: skip
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(command, check=True)
+
+
+def dashboard(
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8501,
+) -> None:
+    """Open the Streamlit dashboard on the workspace (binds 127.0.0.1 unless --host says otherwise)."""
+    from workbench.workspace import Workspace
+
+    serve(Workspace(workspace).root, host, port)
+
+
+def demo(
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")] = None,
+    serve_dashboard: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Start the dashboard at the end.")
+    ] = True,
+    host: Annotated[str, typer.Option(help="Dashboard address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Dashboard port.")] = 8501,
+) -> None:
+    """Train the embedded zoo, run the analyses, then open the dashboard (reruns reuse what is done)."""
+    from app.demo import run_demo
+
+    ws = run_demo(workspace)
+    if serve_dashboard:
+        serve(ws.root, host, port)

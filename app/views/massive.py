@@ -1,0 +1,46 @@
+"""Massive activations: layer × checkpoint heatmap, top dimensions and tokens, fitted emergence curves."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.data import empty_state, open_workspace_or_stop, table
+from workbench.massive import checkpoint_heatmap, emergence_curves, ratio_by_layer
+
+st.title("Massive activations")
+db = open_workspace_or_stop()
+layers = table(db, "massive_layers")
+if layers is None or layers.empty:
+    empty_state(
+        "massive-activation results", "workbench demo    # or: python -c 'from workbench.massive import ...'"
+    )
+    st.stop()
+model = st.selectbox("model", sorted(layers["model"].unique()))
+rows = layers[layers["model"] == model]
+metric = st.radio(
+    "metric", ["ratio", "top1", "median"], horizontal=True, help="ratio = top-1 magnitude / median"
+)
+checkpoints = rows["checkpoint"].dropna().unique()
+if len(checkpoints) > 1:
+    st.plotly_chart(checkpoint_heatmap(rows, metric), use_container_width=True)
+    fits = table(db, "massive_fits")
+    fits = fits[fits["model"] == model] if fits is not None else None
+    st.plotly_chart(emergence_curves(rows, fits, metric="top1"), use_container_width=True)
+    if fits is not None and not fits.empty:
+        st.subheader("Emergence fits per layer")
+        columns = [c for c in fits.columns if c.startswith(("layer", "family", "status", "r2", "aic", "param_", "stderr_",
+                                                             "peak_", "emergence_", "steady_"))]  # fmt: skip
+        st.dataframe(fits[columns].sort_values("layer"), use_container_width=True, hide_index=True)
+else:
+    st.plotly_chart(ratio_by_layer(rows), use_container_width=True)
+st.subheader("Top dimensions and tokens")
+top = table(db, "massive_top")
+if top is not None and not top.empty:
+    top = top[top["model"] == model]
+    step = st.selectbox("checkpoint", sorted(top["checkpoint"].dropna().unique().tolist()) or [None], index=None,
+                        placeholder="latest")  # fmt: skip
+    if step is None and top["checkpoint"].notna().any():
+        step = top["checkpoint"].max()
+    shown = top if step is None else top[top["checkpoint"] == step]
+    st.dataframe(shown[["hook", "rank", "magnitude", "dim", "token", "position", "ratio", "spread", "occurrences",
+                        "massive"]], use_container_width=True, hide_index=True)  # fmt: skip
