@@ -44,3 +44,25 @@ def vit_model_dir(zoo_workspace):
     from workbench.zoo.train import get_spec
 
     return zoo_workspace.model_dir("vit-digits") / f"step{get_spec('vit-digits').steps}"
+
+
+@pytest.fixture(scope="session")
+def dashboard_workspace(zoo_workspace, tmp_path_factory):
+    """A workspace whose results database holds massive-activation and attention-statistics results."""
+    from workbench.attention.summary import attention_statistics
+    from workbench.checkpoints import CheckpointSeries
+    from workbench.massive import fit_emergence, track_massive, write_results
+
+    series = CheckpointSeries.from_directory(zoo_workspace.model_dir("code-tiny"))
+    texts = ["def f(x):\n    return x\n", "import os\n"]
+    report = track_massive(series, texts, steps=[0, 1, 2, 4, 8, 16, 32, 64, 128], progress=False)
+    write_results(report, fit_emergence(report.layers), zoo_workspace)
+    import pandas as pd
+
+    stats = pd.concat(
+        [attention_statistics(series.load(s), texts) for s in (0, series.steps[-1])], ignore_index=True
+    )
+    zoo_workspace.results().write(
+        "attention_stats", stats, replace_keys=["model", "checkpoint", "layer", "head"]
+    )
+    return zoo_workspace

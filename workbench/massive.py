@@ -306,8 +306,11 @@ def checkpoint_heatmap(layers: pd.DataFrame, metric: str = "ratio") -> go.Figure
     import plotly.express as px
 
     grid = layers.pivot_table(index="layer", columns="checkpoint", values=metric)
-    return px.imshow(np.log10(grid.clip(lower=1e-12)), aspect="auto", labels={"x": "checkpoint", "y": "layer", "color": f"log10 {metric}"},
+    fig = px.imshow(np.log10(grid.clip(lower=1e-12)), aspect="auto", labels={"x": "checkpoint", "y": "layer", "color": f"log10 {metric}"},
                      x=[str(c) for c in grid.columns], title=f"{metric} over training (log10)")  # fmt: skip
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
 
 
 def emergence_curves(
