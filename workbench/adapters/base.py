@@ -8,6 +8,7 @@ forward pass with nothing captured runs the model untouched.
 from __future__ import annotations
 
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -107,7 +108,7 @@ def interleaved_qkv(n_heads: int, d_head: int) -> tuple[Split, Merge]:
     return split, merge
 
 
-class HFAdapter:
+class HFAdapter(ABC):
     """Base for one Hugging Face model family: subclasses give ``spec`` and ``sites``."""
 
     family: str = ""
@@ -115,10 +116,32 @@ class HFAdapter:
     base_attr: str = ""
 
     def spec(self, config: Any) -> ModelSpec:
-        raise NotImplementedError
+        """Shape facts from a transformers config (families override what their config names differently)."""
+        return self.standard_spec(config)
 
+    def standard_spec(self, config: Any, **overrides: Any) -> ModelSpec:
+        """ModelSpec from the standard transformers config attributes, with per-family ``overrides``."""
+        from workbench.model import ModelSpec
+
+        n_heads = config.num_attention_heads
+        fields: dict[str, Any] = {
+            "family": self.family,
+            "n_layers": config.num_hidden_layers,
+            "d_model": config.hidden_size,
+            "n_heads": n_heads,
+            "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads,
+            "d_head": getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+            "d_mlp": getattr(config, "intermediate_size", None),
+            "d_vocab": getattr(config, "vocab_size", 0),
+            "n_ctx": getattr(config, "max_position_embeddings", 0),
+            "causal": True,
+        }
+        fields.update(overrides)
+        return ModelSpec(**fields)
+
+    @abstractmethod
     def sites(self, model: nn.Module, spec: ModelSpec) -> list[AnySite]:
-        raise NotImplementedError
+        """The family's module sites in forward order (every family file defines this)."""
 
     def base(self, model: nn.Module) -> nn.Module:
         """The headless model inside a task model (e.g. ``GPT2LMHeadModel.transformer``), or the model itself."""

@@ -15,20 +15,7 @@ class GPT2Adapter(HFAdapter):
     model_types = ("gpt2",)
 
     def spec(self, config: Any):
-        from workbench.model import ModelSpec
-
-        return ModelSpec(
-            family=self.family,
-            n_layers=config.n_layer,
-            d_model=config.n_embd,
-            n_heads=config.n_head,
-            n_kv_heads=config.n_head,
-            d_head=config.n_embd // config.n_head,
-            d_mlp=config.n_inner or 4 * config.n_embd,
-            d_vocab=config.vocab_size,
-            n_ctx=config.n_positions,
-            causal=True,
-        )
+        return self.standard_spec(config, d_mlp=config.n_inner or 4 * config.n_embd)
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
         base = self.base(model)

@@ -15,21 +15,7 @@ class GPTNeoXAdapter(HFAdapter):
     model_types = ("gpt_neox",)
 
     def spec(self, config: Any):
-        from workbench.model import ModelSpec
-
-        return ModelSpec(
-            family=self.family,
-            n_layers=config.num_hidden_layers,
-            d_model=config.hidden_size,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            d_head=config.hidden_size // config.num_attention_heads,
-            d_mlp=config.intermediate_size,
-            d_vocab=config.vocab_size,
-            n_ctx=config.max_position_embeddings,
-            causal=True,
-            parallel_residual=bool(config.use_parallel_residual),
-        )
+        return self.standard_spec(config, parallel_residual=bool(config.use_parallel_residual))
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
         base = self.base(model)

@@ -6,8 +6,6 @@ of ``down_proj`` (act(gate) · up), as in TransformerLens.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, heads_view
@@ -17,23 +15,6 @@ class LlamaAdapter(HFAdapter):
     family = "llama"
     base_attr = "model"
     model_types = ("llama", "mistral", "qwen2")
-
-    def spec(self, config: Any):
-        from workbench.model import ModelSpec
-
-        d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return ModelSpec(
-            family=self.family,
-            n_layers=config.num_hidden_layers,
-            d_model=config.hidden_size,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
-            d_head=d_head,
-            d_mlp=config.intermediate_size,
-            d_vocab=config.vocab_size,
-            n_ctx=config.max_position_embeddings,
-            causal=True,
-        )
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
         base = self.base(model)

@@ -18,20 +18,9 @@ class ViTAdapter(HFAdapter):
     model_types = ("vit",)
 
     def spec(self, config: Any):
-        from workbench.model import ModelSpec
-
         n_patches = (config.image_size // config.patch_size) ** 2
-        return ModelSpec(
-            family=self.family,
-            n_layers=config.num_hidden_layers,
-            d_model=config.hidden_size,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            d_head=config.hidden_size // config.num_attention_heads,
-            d_mlp=config.intermediate_size,
-            d_vocab=getattr(config, "num_labels", 0),
-            n_ctx=n_patches + 1,
-            causal=False,
+        return self.standard_spec(
+            config, d_vocab=getattr(config, "num_labels", 0), n_ctx=n_patches + 1, causal=False
         )
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
