@@ -121,3 +121,26 @@ def test_capture_command_rejects_non_utf8_texts(tmp_path) -> None:
     )
     assert result.exit_code == 2 and "not UTF-8" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
+    from workbench.results import ResultsDB
+
+    result = runner.invoke(app, ["massive", "minilm", "--workspace", str(zoo_workspace.root)])
+    assert result.exit_code == 0, result.output
+    assert "[CLS]" in result.output
+    series = runner.invoke(
+        app,
+        [
+            "massive",
+            "code-tiny",
+            "--workspace",
+            str(zoo_workspace.root),
+            *sum((["--step", str(s)] for s in (0, 1, 2, 4, 8, 16, 32, 64)), []),
+        ],
+    )
+    assert series.exit_code == 0, series.output
+    fits = ResultsDB(zoo_workspace).read("massive_fits", model="code-tiny")
+    assert len(fits) == 2 and set(fits["family"]) == {"exp_log"}
+    one = runner.invoke(app, ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "0"])
+    assert one.exit_code == 0, one.output
