@@ -162,3 +162,15 @@ def test_python_labels_follow_the_source_structure(code_series) -> None:
     assert labels["inside_string"][0, :n].sum() >= 1
     with pytest.raises(LabelError, match="valid: bracket_depth"):
         check_label_set("brackets")
+
+
+def test_prepend_bos_starts_every_training_window_with_bos(tmp_path) -> None:
+    from workbench.zoo.train import _CodeData
+
+    spec = get_spec("code-tiny", prepend_bos=True, max_files=5)
+    data = _CodeData(spec, tmp_path)
+    batch = data.batch(spec, step=3)
+    assert batch.shape == (spec.batch_size, spec.seq_len)
+    assert (batch[:, 0] == data.tokenizer.bos_token_id).all()
+    plain = data.batch(get_spec("code-tiny", max_files=5), step=3)
+    assert torch.equal(batch[:, 1:], plain[:, :-1])

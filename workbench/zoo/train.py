@@ -55,6 +55,7 @@ class ZooSpec:
     seed: int = 0
     vocab_size: int = 512
     max_files: int = 60
+    prepend_bos: bool = False  # every training window starts with the BOS token (a fixed first token)
     fsm: dict[str, int] = field(default_factory=lambda: {"n_states": 100, "vocab_size": 20, "branching": 3})
 
     def to_json(self) -> dict[str, Any]:
@@ -126,7 +127,10 @@ class _CodeData:
     def batch(self, spec: ZooSpec, step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(hash((spec.seed, step)) % (2**63))
         starts = torch.randint(0, len(self.tokens) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
-        return torch.stack([self.tokens[s : s + spec.seq_len] for s in starts.tolist()])
+        batch = torch.stack([self.tokens[s : s + spec.seq_len] for s in starts.tolist()])
+        if spec.prepend_bos:
+            batch = torch.cat([torch.full((spec.batch_size, 1), self.tokenizer.bos_token_id), batch[:, :-1]], dim=1)
+        return batch
 
 
 class _FSMData:
