@@ -176,3 +176,15 @@ def test_tracking_over_zoo_checkpoints_and_results(code_series, zoo_workspace) -
     assert len(db.read("massive_layers", model="code-tiny")) == len(layers), (
         "re-running replaces, never duplicates"
     )
+
+
+def test_magnitude_map_and_ratio_figures_show_the_planted_dimension() -> None:
+    from workbench.massive import magnitude_map, ratio_by_layer
+
+    model = _planted_model(token=7, dim=13, value=600.0)
+    ids = torch.tensor([[7, 9, 10, 11]])
+    fig = magnitude_map(model, ids)
+    grid = np.asarray(fig.data[0].z)
+    assert grid.shape == (3, 32) and (grid.argmax(axis=1) == 13).all()
+    report = detect_massive(model, ids)
+    assert len(ratio_by_layer(report.layers).data) == 1
