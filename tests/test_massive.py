@@ -162,7 +162,9 @@ def test_tracking_over_zoo_checkpoints_and_results(code_series, zoo_workspace) -
         "import os\nprint(os.path.join('a', 'b'))\n",
         "class A:\n    pass\n",
     ]
-    report = track_massive(code_series, texts, progress=False, criteria=MassiveCriteria(top_k=5))
+    report = track_massive(
+        code_series, texts, progress=False, criteria=MassiveCriteria(top_k=5), dataset="tracking-test"
+    )
     layers = report.layers
     assert sorted(layers["checkpoint"].unique()) == code_series.steps
     assert len(layers) == len(code_series.steps) * 2
@@ -171,11 +173,10 @@ def test_tracking_over_zoo_checkpoints_and_results(code_series, zoo_workspace) -
     write_results(report, fits, zoo_workspace)
     db = zoo_workspace.results()
     assert {"massive_layers", "massive_top", "massive_fits"} <= set(db.tables())
-    assert len(db.read("massive_layers", model="code-tiny")) == len(layers)
+    mine = {"model": "code-tiny", "dataset": "tracking-test"}
+    assert len(db.read("massive_layers", **mine)) == len(layers)
     write_results(report, fits, zoo_workspace)
-    assert len(db.read("massive_layers", model="code-tiny")) == len(layers), (
-        "re-running replaces, never duplicates"
-    )
+    assert len(db.read("massive_layers", **mine)) == len(layers), "re-running replaces, never duplicates"
 
 
 def test_magnitude_map_and_ratio_figures_show_the_planted_dimension() -> None:
