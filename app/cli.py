@@ -49,7 +49,13 @@ def demo(
 ) -> None:
     """Train the embedded zoo, run the analyses, then open the dashboard (reruns reuse what is done)."""
     from app.demo import run_demo
+    from workbench.checkpoints import CheckpointError
+    from workbench.zoo.train import ZooError
 
-    ws = run_demo(workspace)
+    try:
+        ws = run_demo(workspace)
+    except (ZooError, CheckpointError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     if serve_dashboard:
         serve(ws.root, host, port)

@@ -174,3 +174,12 @@ def test_prepend_bos_starts_every_training_window_with_bos(tmp_path) -> None:
     assert (batch[:, 0] == data.tokenizer.bos_token_id).all()
     plain = data.batch(get_spec("code-tiny", max_files=5), step=3)
     assert torch.equal(batch[:, 1:], plain[:, :-1])
+
+
+def test_runs_written_before_a_spec_field_existed_still_resume(tmp_path) -> None:
+    model_dir = train_zoo_model("fsm-tiny", tmp_path, steps=4, progress=False)
+    spec_file = model_dir / "spec.json"
+    stored = json.loads(spec_file.read_text())
+    del stored["prepend_bos"]  # as written by an older workbench
+    spec_file.write_text(json.dumps(stored))
+    assert train_zoo_model("fsm-tiny", tmp_path, steps=4, progress=False) == model_dir

@@ -129,7 +129,9 @@ class _CodeData:
         starts = torch.randint(0, len(self.tokens) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
         batch = torch.stack([self.tokens[s : s + spec.seq_len] for s in starts.tolist()])
         if spec.prepend_bos:
-            batch = torch.cat([torch.full((spec.batch_size, 1), self.tokenizer.bos_token_id), batch[:, :-1]], dim=1)
+            batch = torch.cat(
+                [torch.full((spec.batch_size, 1), self.tokenizer.bos_token_id), batch[:, :-1]], dim=1
+            )
         return batch
 
 
@@ -228,7 +230,15 @@ def _check_spec(model_dir: Path, spec: ZooSpec) -> None:
     if not spec_file.exists():
         return
     stored = json.loads(spec_file.read_text())
-    differs = {k: (stored.get(k), v) for k, v in spec.to_json().items() if stored.get(k) != v}
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(ZooSpec) if f.default is not dataclasses.MISSING
+    }
+    # fields added after a run was written compare by their default, so older runs stay resumable
+    differs = {
+        k: (stored.get(k, defaults.get(k)), v)
+        for k, v in spec.to_json().items()
+        if stored.get(k, defaults.get(k)) != v
+    }
     if differs:
         detail = ", ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in differs.items())
         raise ZooError(
