@@ -352,7 +352,8 @@ class ActivationStore:
         seed: int = 0,
         drop_last: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches {hook: [batch, ...], "token_ids": [batch]} over all rows once, in a seeded order across shards.
+        """Batches {hook: [batch, ...], "token_ids": [batch], "location": [batch, 2] (sequence, position)} over all
+        rows once, in a seeded order across shards.
 
         Memory stays bounded by one batch plus the mapped shard pages in use.
         """
@@ -367,7 +368,9 @@ class ActivationStore:
             if drop_last and len(rows) < batch_size:
                 break
             shard_of = np.searchsorted(starts, rows, side="right") - 1
-            batch: dict[str, list[torch.Tensor]] = {name: [] for name in [*hooks, "token_ids"]}
+            batch: dict[str, list[torch.Tensor]] = {
+                name: [] for name in [*hooks, "token_ids", "sequence", "position"]
+            }
             slots = []
             for shard_index in np.unique(shard_of):
                 picked = rows[shard_of == shard_index] - starts[shard_index]
@@ -377,7 +380,9 @@ class ActivationStore:
                     batch[name].append(tensors[name][index])
                 slots.append(np.nonzero(shard_of == shard_index)[0])
             restore = torch.from_numpy(np.argsort(np.concatenate(slots)))
-            yield {name: torch.cat(parts)[restore] for name, parts in batch.items()}
+            out = {name: torch.cat(parts)[restore] for name, parts in batch.items()}
+            out["location"] = torch.stack([out.pop("sequence"), out.pop("position")], dim=1)
+            yield out
 
     def _column_check(self, name: str) -> None:
         if name not in self.hooks:

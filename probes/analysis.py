@@ -1,0 +1,337 @@
+"""Probing a model (or every checkpoint of a series) for a label set: data, controls, results rows, figures.
+
+    dataset = label_dataset("bracket_depth", tokenizer=model.tokenizer, n_sequences=64, seq_len=64)
+    rows = probe_model(model, dataset, hooks="blocks.*.hook_resid_post")
+    write_probe_results(rows, workspace)
+    probe_heatmap(rows, "bracket_depth")
+
+Every row reports the held-out score of the probe, the control-task score (Hewitt & Liang: a random label per
+token type, drawn from the label distribution), the selectivity (score − control score), the majority-class
+baseline, the token-identity baseline (the best lookup from token type to the real label) and, optionally, the
+score of the same probe on a randomly initialised copy of the model.
+
+With a small vocabulary (the zoo's 512 BPE tokens, TokFSM's 20) token identity is linearly decodable at every
+layer, so the control task saturates (1.0 on TokFSM) and selectivity is negative even for a probe that reads
+context. The token-identity baseline is then the informative control: a probe above it reads information the
+token alone does not carry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+
+from probes.linear import ProbeError, cross_validate, fit_probes
+from workbench.model import HookedModel
+from workbench.zoo.labels import FSM_LABELS, IGNORE, PYTHON_LABELS, check_label_set
+
+RESULTS_TABLE = "probe_results"
+RESULT_KEYS = ["model", "checkpoint", "hook", "label_set", "dataset"]
+
+
+@dataclass
+class ProbeSettings:
+    """What a probe fit uses; every field is a key of a job file's [settings] table."""
+
+    n_sequences: int = 64
+    seq_len: int = 64
+    test_fraction: float = 0.25
+    l2: float = 1e-3
+    max_iter: int = 100
+    task: str = "classification"
+    cv_folds: int = 0
+    control: bool = True
+    random_init: bool = True
+    batch_size: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LabelDataset:
+    """Token ids [n_sequences, seq_len] and one label set [n_sequences, seq_len] (−1 = no label)."""
+
+    name: str
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    description: str
+    pad_token_id: int | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def label_dataset(
+    label_set: str,
+    *,
+    tokenizer: Any = None,
+    fsm: Any = None,
+    n_sequences: int = 64,
+    seq_len: int = 64,
+    seed: int = 0,
+) -> LabelDataset:
+    """A seeded probing dataset for ``label_set``: Python labels need the model's ``tokenizer``, TokFSM labels
+    the ``fsm`` (a :class:`workbench.zoo.corpora.TokFSM`)."""
+    from workbench.zoo.labels import fsm_label_dataset, python_label_dataset
+
+    check_label_set(label_set)
+    if label_set in PYTHON_LABELS:
+        if tokenizer is None:
+            raise ProbeError(f"label set {label_set!r} is computed from Python source and needs a tokenizer")
+        tokens, labels = python_label_dataset(tokenizer, n_sequences, seq_len, seed=seed)
+        return LabelDataset(
+            label_set, tokens, labels[label_set], f"python-stdlib:{n_sequences}x{seq_len}:seed{seed}",
+            tokenizer.pad_token_id,
+        )  # fmt: skip
+    if fsm is None:
+        raise ProbeError(
+            f"label set {label_set!r} needs the TokFSM that generated the model's training data "
+            "(a zoo model trained on the fsm corpus)"
+        )
+    tokens, labels = fsm_label_dataset(fsm, n_sequences, seq_len, seed=seed)
+    return LabelDataset(label_set, tokens, labels[label_set], f"tokfsm:{n_sequences}x{seq_len}:seed{seed}")
+
+
+def collect_activations(
+    model: HookedModel, dataset: LabelDataset, hooks: str | Sequence[str], batch_size: int = 16
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations of the labelled tokens: (hook names, x [hooks, n_tokens, d], labels [n_tokens],
+    token ids [n_tokens], sequence index [n_tokens]). Hooks must share the width d (e.g. the residual stream)."""
+    names = model.resolve(hooks)
+    keep = dataset.labels != IGNORE
+    if dataset.pad_token_id is not None:
+        keep &= dataset.tokens != dataset.pad_token_id
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    with torch.no_grad(), model.capture(names) as cache:
+        for begin in range(0, len(dataset.tokens), batch_size):
+            tokens = dataset.tokens[begin : begin + batch_size]
+            mask = None
+            if dataset.pad_token_id is not None:
+                mask = (tokens != dataset.pad_token_id).long()
+            model(tokens, attention_mask=mask)
+            rows = keep[begin : begin + batch_size]
+            for name in names:
+                parts[name].append(cache[name][rows].float())
+    widths = {name: parts[name][0].shape[-1] for name in names}
+    if len(set(widths.values())) != 1 or any(parts[name][0].ndim != 2 for name in names):
+        raise ProbeError(
+            f"probed hooks must be [batch, pos, d] activations of one width; got {widths}. "
+            "Probe hooks of different widths in separate calls"
+        )
+    x = torch.stack([torch.cat(parts[name]) for name in names])
+    sequence = torch.arange(len(dataset.tokens))[:, None].expand_as(keep)[keep]
+    return names, x, dataset.labels[keep], dataset.tokens[keep], sequence
+
+
+def control_labels(token_ids: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Hewitt & Liang's control task: each token type gets one label drawn from the empirical label
+    distribution, fixed for every occurrence of that type. token_ids, labels [n] → control labels [n]."""
+    generator = torch.Generator().manual_seed(seed)
+    values, counts = torch.unique(labels, return_counts=True)
+    types, inverse = torch.unique(token_ids, return_inverse=True)
+    drawn = torch.multinomial(counts.double(), len(types), replacement=True, generator=generator)
+    return values[drawn][inverse]
+
+
+def random_init_model(model: HookedModel, seed: int = 0) -> HookedModel:
+    """A copy of ``model``'s architecture with freshly initialised weights (the random-init baseline)."""
+    torch.manual_seed(seed)
+    if model.cfg.family == "transformer_lens":
+        from transformer_lens import HookedTransformer
+
+        fresh = HookedTransformer(model.model.cfg)
+        return HookedModel.from_transformer_lens(fresh, name=model.cfg.name)
+    fresh = type(model.model)(model.model.config)
+    return HookedModel.from_hf(fresh, model.tokenizer, name=model.cfg.name)
+
+
+def _split(sequence: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out split by sequence (no sequence is in both halves): boolean train, test masks [n]."""
+    if not 0 < test_fraction < 1:
+        raise ProbeError(f"test_fraction={test_fraction} must lie strictly between 0 and 1")
+    ids = torch.unique(sequence)
+    if len(ids) < 2:
+        raise ProbeError("a held-out split needs at least two sequences; raise n_sequences")
+    order = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    n_test = min(len(ids) - 1, max(1, round(len(ids) * test_fraction)))
+    test = torch.isin(sequence, order[:n_test])
+    return ~test, test
+
+
+def _majority_score(train: torch.Tensor, test: torch.Tensor, task: str) -> float:
+    if task == "regression":
+        prediction = train.float().mean()
+        residual = ((test.float() - prediction) ** 2).sum()
+        total = ((test.float() - test.float().mean()) ** 2).sum().clamp_min(1e-12)
+        return float(1 - residual / total)
+    values, counts = torch.unique(train, return_counts=True)
+    return float((test == values[counts.argmax()]).double().mean())
+
+
+def token_identity_score(
+    token_ids: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor
+) -> float:
+    """Accuracy of the best lookup from token type to label (the training majority label of each type; unseen
+    types get the overall majority): what lexical identity alone explains. Inputs [n]; masks [n]."""
+    types, inverse = torch.unique(token_ids, return_inverse=True)
+    values, label_index = torch.unique(labels, return_inverse=True)
+    counts = torch.zeros(len(types), len(values))
+    counts.index_put_((inverse[train], label_index[train]), torch.ones(int(train.sum())), accumulate=True)
+    overall = counts.sum(0).argmax()
+    best = torch.where(counts.sum(1) > 0, counts.argmax(1), overall)
+    return float((values[best[inverse[test]]] == labels[test]).double().mean())
+
+
+def _layer(hook: str) -> int:
+    parts = hook.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else -1
+
+
+def probe_model(
+    model: HookedModel,
+    dataset: LabelDataset,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    settings: ProbeSettings | None = None,
+) -> pd.DataFrame:
+    """Probe every hook of ``model`` for ``dataset``'s labels in one batched fit; one row per hook.
+
+    Columns: model, checkpoint, hook, layer, label_set, dataset, metric, score (held out), control_score,
+    selectivity, majority_score, token_identity_score, random_init_score, cv_mean, cv_std, n_train, n_test,
+    n_classes, l2.
+    """
+    settings = settings or ProbeSettings()
+    names, x, labels, token_ids, sequence = collect_activations(model, dataset, hooks, settings.batch_size)
+    if len(labels) == 0:
+        raise ProbeError(f"no labelled tokens for {dataset.name!r} in the dataset ({dataset.description})")
+    train, test = _split(sequence, settings.test_fraction, settings.seed)
+    fit = {"task": settings.task, "l2": settings.l2, "max_iter": settings.max_iter, "sites": names}
+    probes = fit_probes(x[:, train], labels[train], **fit)
+    score = probes.score(x[:, test], labels[test]).numpy()
+    rows = pd.DataFrame({
+        "model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "hook": names,
+        "layer": [_layer(n) for n in names], "label_set": dataset.name, "dataset": dataset.description,
+        "metric": "accuracy" if settings.task == "classification" else "r2", "score": score,
+        "majority_score": _majority_score(labels[train], labels[test], settings.task),
+        "token_identity_score": token_identity_score(token_ids, labels, train, test)
+        if settings.task == "classification" else np.nan,
+        "n_train": int(train.sum()), "n_test": int(test.sum()),
+        "n_classes": len(probes.classes) if probes.classes is not None else 0, "l2": settings.l2,
+    })  # fmt: skip
+    rows["control_score"] = np.nan
+    if settings.control:
+        control = control_labels(token_ids, labels, settings.seed)
+        control_probes = fit_probes(x[:, train], control[train], **fit)
+        rows["control_score"] = control_probes.score(x[:, test], control[test]).numpy()
+    rows["selectivity"] = rows["score"] - rows["control_score"]
+    rows["random_init_score"] = np.nan
+    if settings.random_init:
+        baseline = random_init_model(model, settings.seed)
+        _, x_random, *_ = collect_activations(baseline, dataset, names, settings.batch_size)
+        random_probes = fit_probes(x_random[:, train], labels[train], **fit)
+        rows["random_init_score"] = random_probes.score(x_random[:, test], labels[test]).numpy()
+    rows["cv_mean"] = rows["cv_std"] = np.nan
+    if settings.cv_folds:
+        folds = cross_validate(
+            x, labels, folds=settings.cv_folds, seed=settings.seed, groups=sequence, **fit
+        ).numpy()
+        rows["cv_mean"], rows["cv_std"] = folds.mean(0), folds.std(0)
+    return rows
+
+
+def probe_series(
+    series,
+    datasets: Sequence[LabelDataset],
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    settings: ProbeSettings | None = None,
+    steps: Sequence[int] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """:func:`probe_model` for each dataset at every checkpoint of a :class:`CheckpointSeries` (loaded once each)."""
+    frames = [
+        probe_model(model, dataset, hooks, settings)
+        for model in series.iter(steps, progress=progress)
+        for dataset in datasets
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_probe_results(rows: pd.DataFrame, workspace, job: str | None = None) -> int:
+    """Upsert probe rows into the workspace's ``probe_results`` table (keyed by model/checkpoint/hook/label set/
+    dataset, so re-running replaces rather than duplicates)."""
+    from workbench.workspace import Workspace
+
+    rows = rows.assign(job=job) if job is not None else rows
+    return Workspace(workspace).results().write(RESULTS_TABLE, rows, replace_keys=RESULT_KEYS)
+
+
+def probe_heatmap(
+    rows: pd.DataFrame, label_set: str, metric: str = "score", model: str | None = None
+) -> go.Figure:
+    """Heatmap layer × checkpoint of ``metric`` (score, selectivity, control_score, …) for one label set."""
+    frame = _select(rows, label_set, model)
+    grid = frame.pivot_table(index="layer", columns="checkpoint", values=metric)
+    fig = px.imshow(
+        grid, aspect="auto", origin="lower", color_continuous_scale="Viridis",
+        labels={"x": "checkpoint", "y": "layer", "color": metric},
+        title=f"{frame['model'].iloc[0]} · {label_set} · {metric}",
+    )  # fmt: skip
+    fig.update_xaxes(type="category")
+    return fig
+
+
+def probe_over_checkpoints(rows: pd.DataFrame, label_set: str, model: str | None = None) -> go.Figure:
+    """Held-out score (solid) and control score (dotted) per layer over checkpoints, log-scaled steps."""
+    frame = _select(rows, label_set, model).sort_values("checkpoint")
+    fig = go.Figure()
+    for layer, group in frame.groupby("layer"):
+        steps = group["checkpoint"].clip(lower=0) + 1
+        fig.add_scatter(x=steps, y=group["score"], mode="lines+markers", name=f"layer {layer}")
+        fig.add_scatter(
+            x=steps, y=group["control_score"], mode="lines", line={"dash": "dot"},
+            name=f"layer {layer} control", legendgroup=str(layer), showlegend=True,
+        )  # fmt: skip
+    baseline = float(frame["majority_score"].mean())
+    fig.add_hline(y=baseline, line_dash="dash", annotation_text="majority")
+    fig.update_layout(
+        xaxis={"type": "log", "title": "checkpoint step + 1"}, yaxis_title=frame["metric"].iloc[0],
+        title=f"{frame['model'].iloc[0]} · {label_set} over training",
+    )  # fmt: skip
+    return fig
+
+
+def _select(rows: pd.DataFrame, label_set: str, model: str | None) -> pd.DataFrame:
+    frame = rows[rows["label_set"] == label_set]
+    if model is not None:
+        frame = frame[frame["model"] == model]
+    if frame.empty:
+        have = sorted(rows["label_set"].unique())
+        raise ProbeError(f"no probe rows for label set {label_set!r}" + (f" and model {model!r}" if model else "")
+                         + f"; label sets present: {have}")  # fmt: skip
+    if frame["model"].nunique() > 1:
+        raise ProbeError(f"rows hold several models {sorted(frame['model'].unique())}; pass model=")
+    return frame
+
+
+def zoo_fsm(model_dir: str | Path):
+    """The TokFSM a zoo model directory (or one of its step dirs) was trained on, from its spec.json."""
+    from workbench.zoo.corpora import TokFSM
+
+    path = Path(model_dir)
+    for candidate in (path / "spec.json", path.parent / "spec.json"):
+        if candidate.exists():
+            spec = json.loads(candidate.read_text())
+            if spec.get("corpus") != "fsm":
+                break
+            return TokFSM(**spec["fsm"], seed=spec.get("seed", 0))
+    raise ProbeError(
+        f"{path} is not a zoo model trained on TokFSM; the label sets {', '.join(FSM_LABELS)} need one"
+    )

@@ -1,0 +1,207 @@
+"""Linear probes: sklearn parity, streaming from a store, controls, interventions, and the zoo science check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from probes.analysis import (
+    ProbeSettings,
+    collect_activations,
+    control_labels,
+    label_dataset,
+    probe_heatmap,
+    probe_model,
+    probe_over_checkpoints,
+    random_init_model,
+    token_identity_score,
+    write_probe_results,
+    zoo_fsm,
+)
+from probes.estimator import ProbeClassifier, ProbeRegressor
+from probes.linear import LinearProbes, ProbeError, cross_validate, fit_probes, fit_probes_streaming
+
+
+def planted(n: int = 1500, d: int = 12, classes: int = 4, seed: int = 0):
+    """Three sites with increasing signal about y: site 0 none, site 1 weak, site 2 strong."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=g)
+    means = torch.randn(classes, d, generator=g)
+    sites = [torch.randn(n, d, generator=g) * 2 + strength * means[y] for strength in (0.0, 0.5, 2.0)]
+    offset = torch.randn(d, generator=g) * 5
+    return torch.stack(sites) * torch.linspace(0.5, 3, d) + offset, y
+
+
+def test_batched_logistic_matches_sklearn_per_site() -> None:
+    x, y = planted()
+    l2 = 1e-2
+    probes = fit_probes(x, y, l2=l2, tol=1e-7, max_iter=300)
+    for site in range(3):
+        z = StandardScaler().fit_transform(x[site].numpy())
+        reference = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-8, max_iter=2000).fit(z, y.numpy())
+        ours = probes.weight[site] - probes.weight[site].mean(1, keepdim=True)
+        np.testing.assert_allclose(ours.numpy(), reference.coef_.T, atol=2e-3)
+        assert float(probes.score(x, y)[site]) == pytest.approx(reference.score(z, y.numpy()), abs=2e-3)
+    accuracy = probes.score(x, y)
+    assert accuracy[0] < 0.35 < accuracy[1] < accuracy[2]
+
+
+def test_ridge_matches_sklearn_closed_form() -> None:
+    x, y = planted()
+    target = torch.stack([y.float() * 2 + x[2, :, 0], x[1, :, 3]], dim=1)
+    l2 = 0.1
+    probes = fit_probes(x, target, task="regression", l2=l2)
+    for site in range(3):
+        z = StandardScaler().fit_transform(x[site].numpy())
+        reference = Ridge(alpha=l2 * len(y)).fit(z, target.numpy())
+        np.testing.assert_allclose(probes.weight[site].numpy(), reference.coef_.T, atol=1e-4)
+        prediction = probes.predict(x)[site].numpy()
+        np.testing.assert_allclose(prediction, reference.predict(z), atol=1e-3)
+
+
+def test_estimators_work_in_sklearn_pipelines_and_searches() -> None:
+    x, y = planted()
+    features, labels = x[2].numpy(), y.numpy() + 10
+    scores = cross_val_score(make_pipeline(ProbeClassifier(l2=1e-2)), features, labels, cv=4)
+    reference = cross_val_score(
+        make_pipeline(StandardScaler(), LogisticRegression(C=1 / (1e-2 * 1125))), features, labels, cv=4
+    )
+    np.testing.assert_allclose(scores, reference, atol=0.01)
+    model = clone(ProbeClassifier(l2=0.5)).fit(features, labels)
+    assert set(model.predict(features)) <= set(labels)
+    np.testing.assert_allclose(model.predict_proba(features).sum(1), 1, atol=1e-5)
+    search = GridSearchCV(ProbeRegressor(), {"l2": [1e-3, 10.0]}, cv=3).fit(features, features[:, 0] * 3)
+    assert search.best_params_["l2"] == 1e-3 and search.best_score_ > 0.99
+
+
+def test_cross_validation_and_save_load(tmp_path) -> None:
+    x, y = planted()
+    folds = cross_validate(x, y, folds=3, l2=1e-2)
+    assert folds.shape == (3, 3) and (folds[:, 2] > folds[:, 0] + 0.3).all()
+    probes = fit_probes(x, y, sites=["a", "b", "c"])
+    loaded = LinearProbes.load(probes.save(tmp_path / "probes.safetensors"))
+    torch.testing.assert_close(loaded.predict_proba(x), probes.predict_proba(x))
+    assert loaded.sites == ["a", "b", "c"]
+
+
+def test_bad_probe_inputs_are_named() -> None:
+    x, y = planted(n=50)
+    broken = x.clone()
+    broken[1, 7, 0] = float("nan")
+    with pytest.raises(ProbeError, match="site 1, row 7"):
+        fit_probes(broken, y)
+    with pytest.raises(ProbeError, match="two classes"):
+        fit_probes(x, torch.zeros(50))
+    with pytest.raises(ProbeError, match=r"\[sites, n, d\]"):
+        fit_probes(x[0], y)
+    with pytest.raises(ProbeError, match="task"):
+        fit_probes(x, y, task="ordinal")
+    with pytest.raises(ProbeError, match="width 12"):
+        fit_probes(x, y).predict(x[:, :, :5])
+
+
+def test_control_labels_are_fixed_per_token_type_and_follow_the_label_distribution() -> None:
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(300, (20000,), generator=g)
+    labels = (torch.rand(20000, generator=g) < 0.3).long()
+    control = control_labels(tokens, labels, seed=0)
+    for token in range(0, 300, 37):
+        assert control[tokens == token].unique().numel() == 1
+    assert abs(float(control.float().mean()) - 0.3) < 0.08
+    train = torch.arange(20000) < 15000
+    assert token_identity_score(tokens, control, train, ~train) == 1.0
+
+
+def test_streaming_fit_from_a_store_matches_in_memory(fsm_series, tmp_path) -> None:
+    from workbench.store import ActivationStore, capture_to_store
+
+    model = fsm_series.load(fsm_series.steps[-1])
+    dataset = label_dataset("fsm_state", fsm=zoo_fsm(fsm_series.location(0)), n_sequences=48, seq_len=32)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    store = ActivationStore.open(capture_to_store(model, dataset.tokens, hooks, tmp_path / "s", shard_rows=400,
+                                                  progress=False).path)  # fmt: skip
+    where = store.locations()
+    labels = dataset.labels[where[:, 0], where[:, 1]]
+
+    def batches():
+        for batch in store.iter_batches(hooks, 256, seed=0):
+            rows = batch["location"]
+            yield torch.stack([batch[h] for h in hooks]).float(), dataset.labels[rows[:, 0], rows[:, 1]]
+
+    x = torch.stack([store.read(h) for h in hooks]).float()
+    exact = fit_probes(x, labels, task="regression", l2=1e-2)
+    streamed = fit_probes_streaming(batches, sites=hooks, task="regression", l2=1e-2)
+    torch.testing.assert_close(streamed.predict(x), exact.predict(x), atol=1e-3, rtol=1e-3)
+    memory = fit_probes(x, labels, l2=1e-3).score(x, labels)
+    stream = fit_probes_streaming(batches, sites=hooks, l2=1e-3, epochs=8, lr=0.05).score(x, labels)
+    assert (stream > memory - 0.05).all(), (stream, memory)
+
+
+def test_probe_direction_steers_and_project_out_removes_it(code_series) -> None:
+    from workbench.interventions import project_out, steering
+
+    model = code_series.load(code_series.steps[-1])
+    dataset = label_dataset("inside_string", tokenizer=model.tokenizer, n_sequences=24, seq_len=48)
+    hook = "blocks.1.hook_resid_post"
+    _, x, labels, _, _ = collect_activations(model, dataset, [hook])
+    probes = fit_probes(x, labels, l2=1e-2, sites=[hook])
+    direction = probes.direction(hook, label=1)
+    tokens = dataset.tokens[:4]
+    clean_rate = float(probes.predict(_capture(model, tokens, hook)).float().mean())
+    steered = _capture(model, tokens, hook, [(hook, steering(direction, scale=40.0))])
+    assert float(probes.predict(steered).float().mean()) > max(0.95, clean_rate)
+    removed = _capture(model, tokens, hook, [(hook, project_out(direction))])
+    assert float((removed[0] @ direction).abs().max()) < 1e-3
+
+
+def _capture(model, tokens, hook, fwd_hooks=()):
+    with torch.no_grad(), model.hooks(list(fwd_hooks)), model.capture(hook) as cache:
+        model(tokens)
+    return cache[hook].reshape(1, -1, model.cfg.d_model)
+
+
+def test_random_init_model_has_the_architecture_but_not_the_weights(code_series) -> None:
+    model = code_series.load(code_series.steps[-1])
+    fresh = random_init_model(model, seed=3)
+    assert fresh.hook_names() == model.hook_names()
+    trained = dict(model.model.named_parameters())
+    changed = [name for name, p in fresh.model.named_parameters() if not torch.equal(p, trained[name])]
+    assert len(changed) > len(trained) // 2
+
+
+def test_science_fsm_state_is_read_beyond_token_identity_after_training(fsm_series, tmp_path) -> None:
+    """TokFSM: the hidden state is decodable from the residual stream of the trained model well beyond what the
+    token alone tells (and beyond step 0 and a random-init copy); H&L's control saturates on 20 token types."""
+    dataset = label_dataset("fsm_state", fsm=zoo_fsm(fsm_series.location(0)), n_sequences=64, seq_len=48)
+    settings = ProbeSettings(l2=1e-3)
+    hooks = ["hook_embed", "blocks.*.hook_resid_post"]
+    final = probe_model(fsm_series.load(fsm_series.steps[-1]), dataset, hooks, settings)
+    start = probe_model(fsm_series.load(0), dataset, hooks, settings.__class__(l2=1e-3, random_init=False))
+    best = final.loc[final["score"].idxmax()]
+    assert best["hook"] != "hook_embed"
+    assert best["score"] > best["token_identity_score"] + 0.1
+    assert best["score"] > start["score"].max() + 0.1
+    assert best["score"] > best["random_init_score"] + 0.1
+    assert (final["control_score"] > 0.99).all()
+    assert final["majority_score"].iloc[0] < 0.05
+    rows = __import__("pandas").concat([final, start])
+    write_probe_results(rows, tmp_path)
+    assert len(probe_heatmap(rows, "fsm_state").data) == 1
+    assert len(probe_over_checkpoints(rows, "fsm_state").data) == 2 * 3
+
+
+def test_science_bracket_depth_beats_step_zero_and_token_identity(code_series) -> None:
+    model = code_series.load(code_series.steps[-1])
+    dataset = label_dataset("bracket_depth", tokenizer=model.tokenizer, n_sequences=96, seq_len=64)
+    settings = ProbeSettings(random_init=False)
+    final = probe_model(model, dataset, "blocks.*.hook_resid_post", settings)
+    start = probe_model(code_series.load(0), dataset, "blocks.*.hook_resid_post", settings)
+    assert final["score"].max() > start["score"].max() + 0.02
+    assert final["score"].max() > final["token_identity_score"].iloc[0]
+    assert final["selectivity"].max() > start["selectivity"].max()
