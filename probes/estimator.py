@@ -19,7 +19,7 @@ from probes.linear import LinearProbes, fit_probes
 class _ProbeEstimator(BaseEstimator):
     task = "classification"
 
-    def __init__(self, l2: float = 1e-3, standardize: bool = True, max_iter: int = 100, tol: float = 1e-5):
+    def __init__(self, l2: float = 1e-3, standardize: bool = True, max_iter: int = 100, tol: float = 1e-4):
         self.l2 = l2
         self.standardize = standardize
         self.max_iter = max_iter

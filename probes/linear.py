@@ -167,10 +167,10 @@ def _ridge(z: torch.Tensor, targets: torch.Tensor, l2: float) -> tuple[torch.Ten
     n = z.shape[1]
     z_mean = z.mean(1, keepdim=True)
     t_mean = targets.mean(0)
-    zc = (z - z_mean).double()
-    gram = zc.transpose(1, 2) @ zc / n
+    zc = z - z_mean
+    gram = (zc.transpose(1, 2) @ zc).double() / n
     gram.diagonal(dim1=1, dim2=2).add_(l2)
-    rhs = zc.transpose(1, 2) @ (targets - t_mean).double()[None] / n
+    rhs = (zc.transpose(1, 2) @ (targets - t_mean)[None]).double() / n
     weight = torch.linalg.solve(gram, rhs).float()
     bias = t_mean[None] - (z_mean @ weight)[:, 0]
     return weight, bias
@@ -184,7 +184,7 @@ def fit_probes(
     l2: float = 1e-3,
     standardize: bool = True,
     max_iter: int = 100,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     sites: Sequence[str] | None = None,
 ) -> LinearProbes:
     """Fit one linear probe per site on activations ``x`` [sites, n, d] (or {site: [n, d]}) and labels ``y`` [n].
@@ -219,37 +219,75 @@ def fit_probes(
     return LinearProbes(task, weight, bias, mean, scale, classes, sites, l2, iterations)
 
 
+def _whitener(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factor L of each site's input covariance and P = L⁻ᵀ, so that z @ P has identity covariance:
+    z [sites, n, d] → (P, L) [sites, d, d]."""
+    centred = z - z.mean(1, keepdim=True)
+    covariance = (centred.transpose(1, 2) @ centred).double() / z.shape[1]
+    jitter = 1e-6 * covariance.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+    covariance.diagonal(dim1=1, dim2=2).add_(jitter[:, None])
+    lower = torch.linalg.cholesky(covariance)
+    eye = torch.eye(z.shape[2], dtype=torch.float64).expand_as(lower)
+    whiten = torch.linalg.solve_triangular(lower, eye, upper=False).transpose(1, 2)
+    return whiten.float().contiguous(), lower.float()
+
+
 def _logistic(
     z: torch.Tensor, index: torch.Tensor, n_classes: int, l2: float, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Multinomial logistic regression for every site at once; z [sites, n, d], index [n] in [0, n_classes)."""
+    """Multinomial logistic regression for every site at once; z [sites, n, d], index [n] in [0, n_classes).
+
+    L-BFGS runs on whitened inputs (z @ P, identity covariance) with weights V, W = P V, and the penalty kept on
+    W: the same objective with a better-conditioned Hessian. The loss and gradient are computed by hand in a
+    class-major layout (logits [sites, classes, n]), where the skinny matmuls are several times faster than
+    [n, d] @ [d, classes].
+    """
     onehot = F.one_hot(index, n_classes).float()
     start_weight, start_bias = _ridge(z, onehot - onehot.mean(0), max(l2, 1e-4))
     scale = 2.0 * n_classes
-    weight = (start_weight * scale).contiguous().requires_grad_(True)
-    bias = (
-        (start_bias * scale + torch.log(onehot.mean(0).clamp_min(1e-6))[None])
-        .contiguous()
-        .requires_grad_(True)
-    )
-    sites = z.shape[0]
-    target = index.repeat(sites)
+    whiten, lower = _whitener(z)
+    zw = torch.bmm(z, whiten)
+    inner = (lower.transpose(1, 2) @ (start_weight * scale)).transpose(1, 2).contiguous()  # Vᵀ [sites, C, d]
+    bias = (start_bias * scale + torch.log(onehot.mean(0).clamp_min(1e-6))[None]).contiguous()
+    inner, bias, iterations = _lbfgs_logistic(zw, index, inner, bias, whiten, l2, max_iter, tol)
+    return torch.bmm(whiten, inner.transpose(1, 2)), bias, iterations
+
+
+def _lbfgs_logistic(
+    zw: torch.Tensor,
+    index: torch.Tensor,
+    inner: torch.Tensor,
+    bias: torch.Tensor,
+    whiten: torch.Tensor,
+    l2: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """L-BFGS on whitened inputs zw [sites, n, d] from Vᵀ ``inner`` [sites, C, d] and ``bias`` [sites, C]."""
+    n_classes, n = inner.shape[1], zw.shape[1]
+    zw_t = zw.transpose(1, 2).contiguous()
+    target = F.one_hot(index, n_classes).T.float()[None]
+    inner = inner.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
-        history_size=20, line_search_fn="strong_wolfe",
+        [inner, bias], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
+        history_size=50, line_search_fn="strong_wolfe",
     )  # fmt: skip
 
+    @torch.no_grad()
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = torch.baddbmm(bias[:, None, :], z, weight)
-        loss = F.cross_entropy(logits.reshape(-1, n_classes), target, reduction="sum") / index.shape[0]
-        loss = loss + 0.5 * l2 * (weight**2).sum()
-        loss.backward()
+        logits = torch.baddbmm(bias[:, :, None], inner, zw_t)
+        lse = torch.logsumexp(logits, dim=1, keepdim=True)
+        weight_t = torch.bmm(inner, whiten.transpose(1, 2))
+        loss = (lse.sum() - (logits * target).sum()) / n + 0.5 * l2 * (weight_t**2).sum()
+        residual = (torch.exp(logits - lse) - target) / n
+        inner.grad = torch.bmm(residual, zw) + l2 * torch.bmm(weight_t, whiten)
+        bias.grad = residual.sum(-1)
         return loss
 
     optimizer.step(closure)
-    iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
-    return weight.detach(), bias.detach(), int(iterations)
+    done = optimizer.state[optimizer._params[0]].get("n_iter", 0)
+    return inner.detach(), bias.detach(), int(done)
 
 
 def kfold_indices(

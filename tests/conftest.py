@@ -48,7 +48,7 @@ def vit_model_dir(zoo_workspace):
 
 @pytest.fixture(scope="session")
 def dashboard_workspace(zoo_workspace, tmp_path_factory):
-    """A workspace whose results database holds massive-activation and attention-statistics results."""
+    """A workspace whose results database holds massive-activation, attention-statistics and probe results."""
     from workbench.attention.summary import attention_statistics
     from workbench.checkpoints import CheckpointSeries
     from workbench.massive import fit_emergence, track_massive, write_results
@@ -65,4 +65,10 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     zoo_workspace.results().write(
         "attention_stats", stats, replace_keys=["model", "checkpoint", "layer", "head"]
     )
+    from probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
+
+    dataset = label_dataset("bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, seq_len=48)
+    rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
+                        progress=False)  # fmt: skip
+    write_probe_results(rows, zoo_workspace)
     return zoo_workspace

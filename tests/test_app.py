@@ -40,6 +40,16 @@ def test_attention_view_shows_layer_head_heatmap(dashboard_workspace, monkeypatc
     assert not app.exception
 
 
+def test_probes_view_shows_heatmap_curves_and_rows(dashboard_workspace, monkeypatch) -> None:
+    app = _run("probes", dashboard_workspace.root, monkeypatch)
+    assert not app.exception, app.exception
+    assert len(app.get("plotly_chart")) == 2
+    assert app.selectbox[1].value == "bracket_depth"
+    assert set(app.dataframe[0].value["checkpoint"]) == {0, 64, 300}
+    app.radio[0].set_value("selectivity").run()
+    assert not app.exception
+
+
 def test_overview_lists_models_and_tables(dashboard_workspace, monkeypatch) -> None:
     app = _run("overview", dashboard_workspace.root, monkeypatch)
     models = app.dataframe[0].value
