@@ -15,6 +15,7 @@ from workbench.workspace import Workspace
 
 console = Console()
 DEMO_MODELS = ("code-tiny", "code-small", "fsm-tiny", "vit-digits")
+PROBE_JOB = Path(__file__).with_name("demo_probes.toml")
 CODE_PROMPTS = [
     "def add(a, b):\n    return a + b\n",
     "import os\nprint(os.path.join('a', 'b'))\n",
@@ -33,6 +34,12 @@ def _step(name: str, done: bool, run: Callable[[], str | None]) -> None:
     console.print(f"[bold]→ {name}[/]")
     note = run()
     console.print(f"[green]✓[/] {name} in {time.perf_counter() - start:.1f}s" + (f": {note}" if note else ""))
+
+
+def _job_done(ws: Workspace, job_file: Path) -> bool:
+    from probes.jobs import job_status
+
+    return bool((job_status(job_file, ws)["status"] == "done").all())
 
 
 def run_demo(workspace: str | Path | None = None) -> Workspace:
@@ -76,5 +83,16 @@ def run_demo(workspace: str | Path | None = None) -> Workspace:
         return f"{len(frame)} (checkpoint, layer, head) rows"
 
     _step("attention statistics over code-small checkpoints", "attention_stats" in db.tables(), attention)
+
+    def probes() -> str:
+        from probes.jobs import run_job
+
+        status = run_job(PROBE_JOB, workspace=ws, workers=2)
+        rows = db.read("probe_results", job="demo-probes")
+        last = rows[rows["checkpoint"] == rows.groupby("model")["checkpoint"].transform("max")]
+        best = last.groupby("label_set")["score"].max().round(3).to_dict()
+        return f"{(status['status'] == 'done').sum()}/{len(status)} tasks; best final accuracy {best}"
+
+    _step("probe job (code-small, fsm-tiny over checkpoints)", _job_done(ws, PROBE_JOB), probes)
     console.print("[bold green]demo results ready[/]")
     return ws
