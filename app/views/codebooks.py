@@ -1,13 +1,50 @@
-"""Codebooks: results written by the analysis to the workspace's results database."""
+"""Codebooks: per-code usage, code ↔ label purity and mutual information, top tokens and contexts per code."""
 
 from __future__ import annotations
 
+import plotly.express as px
 import streamlit as st
 
-from app.data import open_workspace_or_stop, table_browser
+from app.data import empty_state, open_workspace_or_stop, table
 
 st.title("Codebooks")
 db = open_workspace_or_stop()
-table_browser(
-    db, ["codebook_codes", "codebook_purity"], "codebook results", "workbench codebook train fsm-tiny"
-)
+codes = table(db, "codebook_codes")
+if codes is None or codes.empty:
+    empty_state(
+        "codebook results", "workbench codebook train fsm-tiny && workbench codebook analyse fsm-tiny"
+    )
+    st.stop()
+model = st.selectbox("model", sorted(codes["model"].dropna().unique()))
+codes = codes[codes["model"] == model]
+site = st.selectbox("site", sorted(codes["site"].dropna().unique()))
+codes = codes[codes["site"] == site].sort_values("count", ascending=False)
+if "loss_gap" in codes and codes["loss_gap"].notna().any():
+    st.metric("loss gap (codebook − original, nats)", f"{codes['loss_gap'].dropna().iloc[0]:+.3f}")
+st.metric("live codes", len(codes))
+st.plotly_chart(
+    px.bar(codes, x=codes["code"].astype(str), y="count", hover_data=["top_tokens"],
+           labels={"x": "code"}, title="Code usage (sorted by count)"),
+    use_container_width=True,
+)  # fmt: skip
+purity = table(db, "codebook_purity")
+if purity is not None and not purity.empty:
+    purity = purity[(purity["model"] == model) & (purity["site"] == site)]
+if purity is not None and not purity.empty:
+    label_set = st.selectbox("label set", sorted(purity["label_set"].unique()))
+    rows = purity[purity["label_set"] == label_set].sort_values("label")
+    st.metric(f"mean best-code purity per {label_set} label", f"{rows['purity'].mean():.3f}")
+    st.plotly_chart(
+        px.scatter(rows, x="label", y="purity", size="label_count", color="mi", hover_data=["best_code", "recall"],
+                   title=f"Best code per {label_set} label: purity (colour = MI, nats)"),
+        use_container_width=True,
+    )  # fmt: skip
+    st.subheader("Best code per label")
+    st.dataframe(rows[["label", "best_code", "purity", "recall", "mi", "label_count"]], use_container_width=True,
+                 hide_index=True)  # fmt: skip
+else:
+    empty_state("code ↔ label purity", "workbench codebook analyse fsm-tiny")
+st.subheader("Codes")
+columns = [c for c in ("code", "head", "count", "frequency", "best_label", "purity", "top_tokens", "top_contexts")
+           if c in codes]  # fmt: skip
+st.dataframe(codes[columns], use_container_width=True, hide_index=True)

@@ -1,0 +1,689 @@
+"""Codebook features (Tamkin et al., "Codebook Features: Sparse and Discrete Interpretability").
+
+A codebook is a vector-quantisation bottleneck on one hook site: the activation u (LayerNorm-ed, per head for
+``attn.hook_z``) picks its top-k codes by inner-product or cosine similarity, and the sum of those code vectors
+replaces the activation. Gradients pass straight through to u; the codes learn from the downstream loss plus a
+reconstruction term. ``CodebookSet`` attaches codebooks to a HookedModel through hooks, records the chosen codes,
+and steers them (forced or disabled codes). Analysis tables: ``codebook_codes`` and ``codebook_purity``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CODES_TABLE = "codebook_codes"
+PURITY_TABLE = "codebook_purity"
+
+
+class CodebookError(ValueError):
+    """Bad codebook input: the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    """One codebook: ``n_groups`` independent codebooks (heads) of ``n_codes`` codes of size ``d``."""
+
+    site: str
+    d: int
+    n_codes: int = 200
+    k: int = 1
+    n_groups: int = 1
+    similarity: str = "dot"
+
+    def __post_init__(self) -> None:
+        if self.similarity not in ("dot", "cosine"):
+            raise CodebookError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
+        if not 1 <= self.k <= self.n_codes:
+            raise CodebookError(f"k={self.k} must be between 1 and n_codes={self.n_codes}; lower k")
+
+
+class Codebook(nn.Module):
+    """VQ bottleneck: input [..., d] (or [..., n_groups, d] per head) -> sum of its top-k codes, same shape."""
+
+    def __init__(self, config: CodebookConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.codes = nn.Parameter(
+            torch.randn(config.n_groups, config.n_codes, config.d) / math.sqrt(config.d)
+        )
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.n_groups > 1:
+            if x.shape[-2:] != (c.n_groups, c.d):
+                raise CodebookError(f"{c.site}: expected [..., {c.n_groups}, {c.d}], got {tuple(x.shape)}")
+            return x.reshape(-1, c.n_groups, c.d)
+        if x.shape[-1] != c.d:
+            raise CodebookError(f"{c.site}: expected last dimension {c.d}, got {tuple(x.shape)}")
+        return x.reshape(-1, 1, c.d)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Similarity of LayerNorm-ed inputs to the codes: [rows, n_groups, d] -> [rows, n_groups, n_codes]."""
+        u = F.layer_norm(x, (x.shape[-1],))
+        codes = self.codes
+        if self.config.similarity == "cosine":
+            u, codes = F.normalize(u, dim=-1), F.normalize(codes, dim=-1)
+        return torch.einsum("rgd,gcd->rgc", u, codes)
+
+    def select(
+        self, x: torch.Tensor, disabled: Sequence[int] = (), forced: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Top-k code indices [rows, n_groups, k] for [rows, n_groups, d]; ``forced`` rows (>= 0) replace them."""
+        scores = self.scores(x)
+        if disabled:
+            scores[..., list(disabled)] = -torch.inf
+        idx = scores.topk(self.config.k, dim=-1).indices
+        if forced is not None:
+            mask = forced[..., :1] >= 0
+            idx = torch.where(mask, forced, idx)
+        return idx
+
+    def decode(self, idx: torch.Tensor) -> torch.Tensor:
+        """Sum of the chosen codes: indices [rows, n_groups, k] -> [rows, n_groups, d]."""
+        groups = torch.arange(self.config.n_groups, device=idx.device)[None, :, None]
+        return self.codes[groups, idx].sum(-2)
+
+    def forward(
+        self, x: torch.Tensor, disabled: Sequence[int] = (), forced: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output shaped like x with a straight-through gradient to x, indices [rows, n_groups, k])."""
+        flat = self._grouped(x)
+        idx = self.select(flat.detach(), disabled, forced)
+        out = self.decode(idx) + (flat - flat.detach())
+        return out.reshape(x.shape), idx
+
+
+@dataclass
+class _SiteState:
+    codebook: Codebook
+    last_codes: torch.Tensor | None = None
+    last_input: torch.Tensor | None = None
+    disabled: list[int] = field(default_factory=list)
+    forced: dict[int, tuple[int, int | None]] = field(default_factory=dict)
+
+
+class CodebookSet(nn.Module):
+    """Codebooks keyed by hook site, attached to a HookedModel through ``hooks()``."""
+
+    def __init__(self, configs: Sequence[CodebookConfig]) -> None:
+        super().__init__()
+        self.books = nn.ModuleList([Codebook(c) for c in configs])
+        self.state = {c.site: _SiteState(book) for c, book in zip(configs, self.books, strict=True)}
+        self.record_inputs = False
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.state)
+
+    def __getitem__(self, site: str) -> Codebook:
+        return self._site(site).codebook
+
+    def _site(self, site: str) -> _SiteState:
+        if site not in self.state:
+            raise CodebookError(f"no codebook on site {site!r}; codebook sites: {', '.join(self.state)}")
+        return self.state[site]
+
+    def _check_code(self, site: str, code: int) -> int:
+        n = self._site(site).codebook.config.n_codes
+        if not 0 <= int(code) < n:
+            raise CodebookError(f"code {code} is out of range for {site} (valid codes: 0..{n - 1})")
+        return int(code)
+
+    def _hook(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
+        state = self.state[hook.name]
+        book = state.codebook
+        lead = act.shape[:2]
+        forced = None
+        if state.forced:
+            forced = torch.full((*lead, book.config.n_groups, book.config.k), -1, dtype=torch.long)
+            for position, (code, group) in state.forced.items():
+                if position >= lead[1] or position < -lead[1]:
+                    raise CodebookError(
+                        f"forced position {position} is outside the sequence length {lead[1]}"
+                    )
+                if group is None:
+                    forced[:, position] = code
+                else:
+                    forced[:, position, group] = code
+            forced = forced.reshape(-1, book.config.n_groups, book.config.k).to(act.device)
+        out, idx = book(act, state.disabled, forced)
+        state.last_codes = idx.reshape(*lead, book.config.n_groups, book.config.k).detach()
+        if self.record_inputs:
+            state.last_input = act.detach()
+        return out
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """``fwd_hooks`` putting every codebook in its site: ``model.hooks(codebooks.hooks())``."""
+        return [(site, self._hook) for site in self.state]
+
+    def check_sites(self, model: Any) -> None:
+        """Raise HookNameError (with close matches) when a site does not exist on ``model``."""
+        for site in self.state:
+            model.resolve(site)
+
+    def codes(self, site: str) -> torch.Tensor:
+        """Codes chosen in the last forward pass at ``site``: [batch, pos, n_groups, k]."""
+        codes = self._site(site).last_codes
+        if codes is None:
+            raise CodebookError(
+                f"no forward pass has run with the codebook on {site}; run the model in hooks()"
+            )
+        return codes
+
+    @contextmanager
+    def steer(
+        self,
+        site: str,
+        force: dict[int, int] | None = None,
+        disable: Sequence[int] = (),
+        group: int | None = None,
+    ) -> Iterator[CodebookSet]:
+        """Within the block, force ``{position: code}`` at ``site`` (all k slots; one head if ``group``) and
+        never choose the ``disable``d codes."""
+        state = self._site(site)
+        force = {int(p): self._check_code(site, c) for p, c in (force or {}).items()}
+        disable = [self._check_code(site, c) for c in disable]
+        if group is not None and not 0 <= group < state.codebook.config.n_groups:
+            raise CodebookError(
+                f"group {group} out of range for {site} ({state.codebook.config.n_groups} heads)"
+            )
+        saved = (dict(state.forced), list(state.disabled))
+        state.forced.update({p: (c, group) for p, c in force.items()})
+        state.disabled = sorted(set(state.disabled) | set(disable))
+        try:
+            yield self
+        finally:
+            state.forced, state.disabled = saved
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``codebooks.safetensors`` + ``config.json`` atomically into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"codes.{i}": book.codes.detach().contiguous().cpu() for i, book in enumerate(self.books)}
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, directory / "codebooks.safetensors")
+        meta = {"configs": [asdict(book.config) for book in self.books], **(extra or {})}
+        _write_text(directory / "config.json", json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CodebookSet:
+        """Codebooks saved by ``save``."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / "config.json").exists():
+            raise CodebookError(
+                f"{directory} holds no codebooks (config.json); train them with train_codebooks"
+            )
+        meta = json.loads((directory / "config.json").read_text())
+        books = cls([CodebookConfig(**c) for c in meta["configs"]])
+        tensors = load_file(directory / "codebooks.safetensors")
+        with torch.no_grad():
+            for i, book in enumerate(books.books):
+                book.codes.copy_(tensors[f"codes.{i}"])
+        return books
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def site_config(model: Any, site: str, n_codes: int, k: int = 1, similarity: str = "dot") -> CodebookConfig:
+    """Config for ``site`` on ``model``: per-head codebooks on ``attn.hook_z``, one codebook elsewhere."""
+    names = model.resolve(site)
+    if len(names) != 1:
+        raise CodebookError(
+            f"site {site!r} matches {len(names)} hooks; give one exact hook name per codebook"
+        )
+    cfg = model.cfg
+    if site.endswith("attn.hook_z"):
+        return CodebookConfig(site, cfg.d_head, n_codes, k, cfg.n_heads, similarity)
+    if site.endswith(
+        ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+    ):
+        return CodebookConfig(site, cfg.d_model, n_codes, k, 1, similarity)
+    raise CodebookError(
+        f"site {site!r} is not a codebook site; use blocks.L.attn.hook_z, blocks.L.hook_mlp_out or "
+        "blocks.L.hook_resid_post"
+    )
+
+
+def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding: points [n, d] -> centres [n_clusters, d]."""
+    if x.shape[0] < n_clusters:
+        raise CodebookError(
+            f"k-means needs at least {n_clusters} rows, got {x.shape[0]}; capture more tokens"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    x = x.double()
+    centres = x[torch.randint(x.shape[0], (1,), generator=gen)]
+    dist = torch.cdist(x, centres).squeeze(1) ** 2
+    for _ in range(1, n_clusters):
+        pick = torch.multinomial(dist / dist.sum(), 1, generator=gen)
+        centres = torch.cat([centres, x[pick]])
+        dist = torch.minimum(dist, ((x - x[pick]) ** 2).sum(-1))
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=n_clusters)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
+    return centres.float()
+
+
+def init_kmeans(codebooks: CodebookSet, model: Any, tokens: torch.Tensor, seed: int = 0) -> None:
+    """Initialise every codebook from k-means on the LayerNorm-ed activations of ``tokens`` [batch, pos]."""
+    with torch.no_grad(), model.capture(codebooks.sites) as cache:
+        model(tokens)
+    with torch.no_grad():
+        for site in codebooks.sites:
+            book = codebooks[site]
+            flat = book._grouped(cache[site])
+            u = F.layer_norm(flat, (flat.shape[-1],))
+            for g in range(book.config.n_groups):
+                book.codes[g] = kmeans(u[:, g], book.config.n_codes, seed=seed + g).to(book.codes)
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+@dataclass
+class TrainReport:
+    """Losses of a codebook fine-tune: the loss gap is codebook loss − un-bottlenecked loss (held-out tokens)."""
+
+    base_loss: float
+    codebook_loss: float
+    steps: int
+    dead_replaced: int
+    history: list[float]
+    directory: Path | None = None
+
+    @property
+    def loss_gap(self) -> float:
+        return self.codebook_loss - self.base_loss
+
+
+def evaluate_loss(model: Any, tokens: torch.Tensor, codebooks: CodebookSet | None = None) -> float:
+    """Mean next-token loss on ``tokens`` [batch, pos], with ``codebooks`` in place when given."""
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, codebooks.hooks() if codebooks else [])
+        return float(_next_token_loss(logits, tokens))
+
+
+def train_codebooks(
+    model: Any,
+    tokens: torch.Tensor,
+    sites: Sequence[str],
+    *,
+    n_codes: int = 200,
+    k: int = 1,
+    similarity: str = "dot",
+    steps: int = 200,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    reconstruction_weight: float = 1.0,
+    train_model: bool = False,
+    dead_every: int = 50,
+    eval_tokens: torch.Tensor | None = None,
+    directory: str | Path | None = None,
+    checkpoint_every: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[CodebookSet, TrainReport]:
+    """Fine-tune codebooks on ``sites`` of ``model`` with next-token loss + reconstruction on ``tokens``
+    [n, pos]. k-means init; codes unused for ``dead_every`` steps are re-seeded from current inputs. With
+    ``directory`` the codebooks (and the step) are checkpointed there and a rerun resumes from them.
+    ``train_model`` also updates the model's own weights (in place)."""
+    from tqdm.auto import tqdm
+
+    if tokens.ndim != 2:
+        raise CodebookError(f"tokens must be [batch, pos] token ids, got shape {tuple(tokens.shape)}")
+    configs = [site_config(model, s, n_codes, k, similarity) for s in sites]
+    directory = Path(directory) if directory else None
+    start = 0
+    if directory is not None and (directory / "config.json").exists():
+        books = CodebookSet.load(directory)
+        if [asdict(b.config) for b in books.books] != [asdict(c) for c in configs]:
+            raise CodebookError(f"{directory} holds codebooks with other settings; pick another run name")
+        start = json.loads((directory / "config.json").read_text()).get("step", 0)
+    else:
+        books = CodebookSet(configs)
+        init_kmeans(books, model, tokens[: max(batch_size, 64)], seed=seed)
+    eval_tokens = tokens[-batch_size:] if eval_tokens is None else eval_tokens
+    params = list(books.parameters()) + (list(model.model.parameters()) if train_model else [])
+    for p in model.model.parameters():
+        p.requires_grad_(train_model)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    usage = {s: torch.zeros(books[s].config.n_groups, n_codes) for s in books.sites}
+    history, replaced = [], 0
+    books.record_inputs = True
+    try:
+        for step in tqdm(
+            range(start, steps), disable=not progress, desc="codebooks", initial=start, total=steps
+        ):
+            batch = tokens[torch.randint(tokens.shape[0], (batch_size,), generator=gen)]
+            with model.hooks(books.hooks()):
+                logits = model(batch)
+            loss = _next_token_loss(logits, batch)
+            recon = sum(
+                F.mse_loss(books[s].decode(books.codes(s).reshape(-1, *books.codes(s).shape[2:])),
+                           F.layer_norm(books[s]._grouped(books.state[s].last_input),
+                                        (books[s].config.d,)))
+                for s in books.sites
+            )  # fmt: skip
+            optimizer.zero_grad()
+            (loss + reconstruction_weight * recon).backward()
+            optimizer.step()
+            history.append(float(loss.detach()))
+            for s in books.sites:
+                codes = books.codes(s)
+                for g in range(codes.shape[2]):
+                    usage[s][g] += torch.bincount(codes[:, :, g].reshape(-1), minlength=n_codes)
+            if dead_every and (step + 1) % dead_every == 0:
+                replaced += _replace_dead(books, usage, gen)
+            if directory is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                books.save(directory, {"step": step + 1, "n_codes": n_codes})
+    finally:
+        books.record_inputs = False
+        for p in model.model.parameters():
+            p.requires_grad_(False)
+    report = TrainReport(evaluate_loss(model, eval_tokens), evaluate_loss(model, eval_tokens, books), steps,
+                         replaced, history, directory)  # fmt: skip
+    if directory is not None:
+        books.save(directory, {"step": steps, "base_loss": report.base_loss,
+                               "codebook_loss": report.codebook_loss, "loss_gap": report.loss_gap})  # fmt: skip
+    return books, report
+
+
+def _replace_dead(books: CodebookSet, usage: dict[str, torch.Tensor], gen: torch.Generator) -> int:
+    """Re-seed codes unused since the last check with random recent LayerNorm-ed inputs; resets usage."""
+    replaced = 0
+    with torch.no_grad():
+        for site in books.sites:
+            book, state = books[site], books.state[site]
+            if state.last_input is None:
+                continue
+            flat = book._grouped(state.last_input)
+            u = F.layer_norm(flat, (flat.shape[-1],))
+            for g in range(book.config.n_groups):
+                dead = (usage[site][g] == 0).nonzero().squeeze(1)
+                if len(dead):
+                    rows = torch.randint(u.shape[0], (len(dead),), generator=gen)
+                    book.codes[g, dead] = u[rows, g] + 0.01 * torch.randn(
+                        len(dead), book.config.d, generator=gen
+                    )
+                    replaced += len(dead)
+            usage[site].zero_()
+    return replaced
+
+
+def collect_codes(
+    model: Any, codebooks: CodebookSet, tokens: torch.Tensor, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Codes chosen at every site for ``tokens`` [n, pos]: {site: [n, pos, n_groups, k]}."""
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in codebooks.sites}
+    with torch.no_grad(), model.hooks(codebooks.hooks()):
+        for i in range(0, tokens.shape[0], batch_size):
+            model(tokens[i : i + batch_size])
+            for s in codebooks.sites:
+                out[s].append(codebooks.codes(s))
+    return {s: torch.cat(v) for s, v in out.items()}
+
+
+def association(codes: np.ndarray, labels: np.ndarray, n_codes: int) -> pd.DataFrame:
+    """Code ↔ label association from aligned code ids and labels [rows] (label −1 ignored): per label value,
+    the best code (highest count on that label), its purity P(label | code), recall P(code | label) and the
+    mutual information (nats) between the indicators code==best and label==value."""
+    keep = labels >= 0
+    codes, labels = codes[keep].astype(np.int64), labels[keep].astype(np.int64)
+    n_labels = int(labels.max()) + 1 if len(labels) else 0
+    joint = np.zeros((n_codes, n_labels))
+    np.add.at(joint, (codes, labels), 1)
+    n = joint.sum()
+    per_code, per_label = joint.sum(1), joint.sum(0)
+    rows = []
+    for label in np.flatnonzero(per_label):
+        best = int(joint[:, label].argmax())
+        both = joint[best, label]
+        p = np.array([[n - per_code[best] - per_label[label] + both, per_label[label] - both],
+                      [per_code[best] - both, both]]) / n  # fmt: skip
+        outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+        mi = float(
+            np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1) / np.where(outer > 0, outer, 1)), 0))
+        )
+        rows.append({"label": int(label), "best_code": best, "purity": both / per_code[best],
+                     "recall": both / per_label[label], "label_count": int(per_label[label]), "mi": mi})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def mutual_information(codes: np.ndarray, labels: np.ndarray) -> float:
+    """I(code; label) in nats from aligned arrays [rows] (label −1 ignored)."""
+    keep = labels >= 0
+    codes, labels = codes[keep], labels[keep]
+    _, ci = np.unique(codes, return_inverse=True)
+    _, li = np.unique(labels, return_inverse=True)
+    joint = np.zeros((ci.max() + 1, li.max() + 1))
+    np.add.at(joint, (ci, li), 1)
+    p = joint / joint.sum()
+    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+
+
+def analyse_codes(
+    model: Any,
+    codebooks: CodebookSet,
+    tokens: torch.Tensor,
+    label_sets: dict[str, torch.Tensor] | None = None,
+    *,
+    model_name: str | None = None,
+    top_contexts: int = 5,
+    context: int = 4,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-code counts, top tokens and contexts, and code ↔ label purity / MI for ``tokens`` [n, pos] and
+    ``label_sets`` {name: labels [n, pos]}. Returns (codes table, purity table); the first chosen code (k slot 0)
+    is the one associated with labels. Per-head sites get one row per (head, code)."""
+    name = model_name or model.cfg.name
+    step = model.cfg.checkpoint
+    codes = collect_codes(model, codebooks, tokens)
+    label_sets = label_sets or {}
+    to_str = model.to_str_tokens if model.tokenizer is not None else (lambda t: [str(int(x)) for x in t])
+    code_rows, purity_rows = [], []
+    for site, chosen in codes.items():
+        config = codebooks[site].config
+        for group in range(config.n_groups):
+            first = chosen[:, :, group, 0].numpy()
+            flat = chosen[:, :, group].reshape(-1, config.k).numpy()
+            flat_tok = tokens.reshape(-1).numpy()
+            counts = np.bincount(flat.reshape(-1), minlength=config.n_codes)
+            best = {}
+            for set_name, labels in label_sets.items():
+                table = association(first.reshape(-1), labels.numpy().reshape(-1), config.n_codes)
+                mi_total = mutual_information(first.reshape(-1), labels.numpy().reshape(-1))
+                for row in table.to_dict("records"):
+                    purity_rows.append({"model": name, "checkpoint": step, "site": site, "hook": site,
+                                        "head": group if config.n_groups > 1 else None, "label_set": set_name,
+                                        **row, "label_set_mi": mi_total})  # fmt: skip
+                best[set_name] = _best_label_per_code(
+                    first.reshape(-1), labels.numpy().reshape(-1), config.n_codes
+                )
+            for code in np.flatnonzero(counts):
+                where = np.flatnonzero((flat == code).any(1))
+                tok_ids, tok_counts = np.unique(flat_tok[where], return_counts=True)
+                order = np.argsort(-tok_counts)[:5]
+                top_tokens = [to_str(torch.tensor([int(tok_ids[i])]))[0] for i in order]
+                contexts = []
+                for row_index in where[:top_contexts]:
+                    seq, pos = divmod(int(row_index), tokens.shape[1])
+                    window = tokens[seq, max(0, pos - context) : pos + 1]
+                    contexts.append(" ".join(to_str(window)))
+                row = {"model": name, "checkpoint": step, "site": site, "hook": site,
+                       "head": group if config.n_groups > 1 else None, "code": int(code), "count": int(counts[code]),
+                       "frequency": float(counts[code] / max(1, flat.shape[0])), "top_tokens": top_tokens,
+                       "top_contexts": contexts}  # fmt: skip
+                if best:
+                    set_name, (labels_of, purities) = next(iter(best.items()))
+                    row.update({"label_set": set_name, "best_label": int(labels_of[code]),
+                                "purity": float(purities[code])})  # fmt: skip
+                code_rows.append(row)
+    return pd.DataFrame(code_rows), pd.DataFrame(purity_rows)
+
+
+def _best_label_per_code(
+    codes: np.ndarray, labels: np.ndarray, n_codes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(most frequent label, its share) for each code [n_codes]; −1 / 0 where a code never fires."""
+    keep = labels >= 0
+    n_labels = int(labels[keep].max()) + 1 if keep.any() else 1
+    joint = np.zeros((n_codes, n_labels))
+    np.add.at(joint, (codes[keep], labels[keep]), 1)
+    total = joint.sum(1)
+    return np.where(total > 0, joint.argmax(1), -1), np.where(
+        total > 0, joint.max(1) / np.maximum(total, 1), 0.0
+    )
+
+
+def write_results(codes: pd.DataFrame, purity: pd.DataFrame, workspace: Any) -> None:
+    """Write the analysis tables (re-runs replace rows of the same model, checkpoint, site)."""
+    db = workspace.results()
+    db.write(CODES_TABLE, codes, replace_keys=["model", "checkpoint", "site", "head", "code"])
+    if not purity.empty:
+        db.write(
+            PURITY_TABLE, purity, replace_keys=["model", "checkpoint", "site", "head", "label_set", "label"]
+        )
+
+
+def generate(
+    model: Any, codebooks: CodebookSet, tokens: torch.Tensor, n_new: int, steer: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """Greedy continuation of ``tokens`` [batch, pos] by ``n_new`` tokens with the codebooks in place and
+    ``steer`` (keyword arguments of ``CodebookSet.steer``, including ``site``) active on every step."""
+    out = tokens
+    with torch.no_grad(), model.hooks(codebooks.hooks()):
+        for _ in range(n_new):
+            if steer:
+                with codebooks.steer(**steer):
+                    logits = model(out)
+            else:
+                logits = model(out)
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+def fsm_steering_check(
+    model: Any,
+    codebooks: CodebookSet,
+    site: str,
+    fsm: Any,
+    purity: pd.DataFrame,
+    tokens: torch.Tensor,
+    states: torch.Tensor,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Force, at the last position of each sequence, the best code of a random other FSM state; report the
+    rate of greedy next tokens legal from the forced state and from the true state (and both without forcing)."""
+    rows = purity[(purity["site"] == site) & (purity["label_set"] == "fsm_state")]
+    code_of = dict(zip(rows["label"].astype(int), rows["best_code"].astype(int), strict=True))
+    rng = np.random.default_rng(seed)
+    last = tokens.shape[1] - 1
+    true_states = states[:, last].numpy()
+    forced_legal = forced_true = plain_true = plain_forced = 0
+    n = 0
+    with torch.no_grad(), model.hooks(codebooks.hooks()):
+        plain = model(tokens)[:, -1].argmax(-1).numpy()
+        for i, true in enumerate(true_states):
+            choices = [s for s in code_of if fsm.legal_next_tokens(s) != fsm.legal_next_tokens(int(true))]
+            target = int(rng.choice(choices))
+            with codebooks.steer(site, force={last: code_of[target]}):
+                token = int(model(tokens[i : i + 1])[0, -1].argmax())
+            forced_legal += fsm.is_legal(target, token)
+            forced_true += fsm.is_legal(int(true), token)
+            plain_true += fsm.is_legal(int(true), int(plain[i]))
+            plain_forced += fsm.is_legal(target, int(plain[i]))
+            n += 1
+    return {"forced_legal_from_forced": forced_legal / n, "forced_legal_from_true": forced_true / n,
+            "plain_legal_from_true": plain_true / n, "plain_legal_from_forced": plain_forced / n}  # fmt: skip
+
+
+def fsm_codebook_study(
+    model: Any,
+    fsm: Any,
+    *,
+    site: str = "blocks.1.hook_resid_post",
+    n_codes: int = 200,
+    steps: int = 100,
+    n_sequences: int = 256,
+    seq_len: int = 32,
+    directory: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The TokFSM science check: fine-tune a k=1 codebook on ``site`` of an FSM model, measure the purity of the
+    best code per FSM state and the effect of forcing a state's code. Returns tables, numbers and the codebooks."""
+    from workbench.zoo.labels import fsm_label_dataset
+
+    tokens, labels = fsm_label_dataset(fsm, n_sequences, seq_len, seed=seed)
+    test_tokens, test_labels = fsm_label_dataset(fsm, 128, seq_len, seed=seed + 1)
+    books, report = train_codebooks(model, tokens, [site], n_codes=n_codes, k=1, steps=steps,
+                                    eval_tokens=test_tokens, directory=directory, seed=seed,
+                                    progress=progress)  # fmt: skip
+    codes, purity = analyse_codes(model, books, test_tokens, {"fsm_state": test_labels["fsm_state"]})
+    steering = fsm_steering_check(
+        model, books, site, fsm, purity, test_tokens[:64], test_labels["fsm_state"][:64]
+    )
+    state_purity = purity[purity["label_set"] == "fsm_state"]["purity"]
+    return {"codebooks": books, "report": report, "codes": codes, "purity": purity, "steering": steering,
+            "mean_state_purity": float(state_purity.mean())}  # fmt: skip
+
+
+def demo_step(workspace: Any, progress: bool = True) -> str:
+    """Codebooks on the workspace's fsm-tiny (last checkpoint): train, analyse, steer; writes both tables."""
+    from workbench.checkpoints import CheckpointSeries
+    from workbench.zoo.corpora import TokFSM
+    from workbench.zoo.train import get_spec
+
+    series = CheckpointSeries.from_directory(workspace.model_dir("fsm-tiny"))
+    model = series.load(series.steps[-1])
+    spec = get_spec("fsm-tiny")
+    fsm = TokFSM(**spec.fsm, seed=spec.seed)
+    study = fsm_codebook_study(
+        model, fsm, directory=codebook_dir(workspace, "fsm-tiny-demo"), progress=progress
+    )
+    codes = study["codes"].assign(model="fsm-tiny")
+    purity = study["purity"].assign(model="fsm-tiny")
+    codes["loss_gap"] = study["report"].loss_gap
+    write_results(codes, purity, workspace)
+    steer = study["steering"]
+    return (f"codebooks fsm-tiny: state purity {study['mean_state_purity']:.2f}, loss gap "
+            f"{study['report'].loss_gap:+.3f} nats, forced code → legal from forced state "
+            f"{steer['forced_legal_from_forced']:.2f} vs unforced {steer['plain_legal_from_forced']:.2f}")  # fmt: skip
+
+
+def codebook_dir(workspace: Any, run_name: str) -> Path:
+    """``workspace.root / "codebooks" / run_name`` (names with separators or '..' are refused)."""
+    if not run_name or "/" in run_name or "\\" in run_name or ".." in run_name:
+        raise CodebookError(f"run name {run_name!r} must be a plain name without separators or '..'")
+    return Path(workspace.root) / "codebooks" / run_name
