@@ -188,6 +188,25 @@ class HookedModel(nn.Module):
         hooked = cls.from_hf(model.to(device), tokenizer, name=str(name_or_path), checkpoint=checkpoint)
         return hooked
 
+    # ------------------------------------------------------------------ weights
+    def embedding_matrix(self) -> torch.Tensor:
+        """Token embedding W_E [d_vocab, d_model] (what ``hook_embed`` reads for each token)."""
+        if self.cfg.family == "transformer_lens":
+            return self.model.W_E
+        return self.model.get_input_embeddings().weight
+
+    def head_output_weights(self, layer: int) -> torch.Tensor:
+        """Per-head output projection W_O [n_heads, d_head, d_model]: ``hook_z[..., h, :] @ W_O[h]`` is head h's
+        write to the residual stream (before the output bias)."""
+        if not 0 <= layer < self.cfg.n_layers:
+            raise ValueError(f"layer {layer} is out of range; the model has {self.cfg.n_layers} layers")
+        if self.cfg.family == "transformer_lens":
+            return self.model.blocks[layer].attn.W_O
+        name = f"blocks.{layer}.attn.hook_z"
+        module = next(s.module for s in self._sites if getattr(s, "names", None) == (name,))
+        weight = module.weight  # [d_model, n_heads * d_head]
+        return weight.T.reshape(self.cfg.n_heads, -1, weight.shape[0])
+
     # ------------------------------------------------------------------ hook points
     def hook_names(self) -> list[str]:
         """All hook point names in forward order."""

@@ -1,11 +1,49 @@
-"""Neuron paths: results written by the analysis to the workspace's results database."""
+"""Neuron paths: joint-IG paths vs baselines, per-target neurons, and remove/enhance manipulation metrics."""
 
 from __future__ import annotations
 
+import plotly.express as px
 import streamlit as st
 
-from app.data import open_workspace_or_stop, table_browser
+from app.data import empty_state, open_workspace_or_stop, table
 
 st.title("Neuron paths")
 db = open_workspace_or_stop()
-table_browser(db, ["neuron_paths"], "neuron paths", "workbench neuron-path run vit-digits")
+metrics = table(db, "neuron_path_metrics")
+paths = table(db, "neuron_paths")
+if metrics is None or metrics.empty or paths is None or paths.empty:
+    empty_state("neuron-path results", "workbench neuron-path run vit-digits")
+    st.stop()
+model = st.selectbox("model", sorted(metrics["model"].unique()))
+rows = metrics[metrics["model"] == model]
+st.subheader("Methods compared (averaged over targets)")
+score_fig = px.bar(
+    rows, x="method", y="joint_score", color="method", title="Joint IG score of each method's path"
+)
+st.plotly_chart(score_fig, use_container_width=True)
+long = rows.melt(
+    id_vars="method",
+    value_vars=[
+        "remove_prob_ratio",
+        "enhance_prob_ratio",
+        "remove_accuracy_change",
+        "enhance_accuracy_change",
+    ],
+    var_name="metric",
+)
+st.plotly_chart(
+    px.bar(long, x="metric", y="value", color="method", barmode="group", title="Remove (×0) / enhance (×2)"),
+    use_container_width=True,
+)
+st.dataframe(rows, use_container_width=True, hide_index=True)
+st.subheader("Path neurons per target")
+neurons = paths[paths["model"] == model]
+method = st.radio("method", sorted(neurons["method"].unique()), horizontal=True)
+chosen = neurons[neurons["method"] == method]
+fig = px.scatter(
+    chosen, x="layer", y="neuron", color=chosen["target"].astype(str),
+     hover_data=["target", "rank", "joint_score"], title=f"{method}: neuron chosen per layer",
+)  # fmt: skip
+fig.update_traces(mode="lines+markers")
+st.plotly_chart(fig, use_container_width=True)
+st.dataframe(chosen.sort_values(["target", "layer", "rank"]), use_container_width=True, hide_index=True)

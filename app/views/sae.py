@@ -1,16 +1,109 @@
-"""SAE features: results written by the analysis to the workspace's results database."""
+"""SAE features: evaluation table, searchable latent list and feature pages (top contexts, histogram, logit effects)."""
 
 from __future__ import annotations
 
+import html
+import json
+import math
+
+import plotly.graph_objects as go
 import streamlit as st
 
-from app.data import open_workspace_or_stop, table_browser
+from app.data import empty_state, open_workspace_or_stop, table
 
 st.title("SAE features")
 db = open_workspace_or_stop()
-table_browser(
-    db,
-    ["sae_evals", "sae_features"],
-    "SAE evaluations and feature pages",
-    "workbench sae train MODEL --hook blocks.0.hook_resid_post",
+evals = table(db, "sae_evals")
+features = table(db, "sae_features")
+if (evals is None or evals.empty) and (features is None or features.empty):
+    empty_state(
+        "SAE evaluations and feature pages", "workbench sae train code-tiny --hook blocks.0.hook_resid_post"
+    )
+    st.stop()
+
+if evals is not None and not evals.empty:
+    st.subheader("Evaluations")
+    columns = [c for c in ["sae_id", "model", "checkpoint", "hook", "hook_out", "architecture", "transcoder", "d_sae",
+                           "k", "L0", "FVU", "explained_variance", "cosine", "ce_recovered", "kl", "ce_clean",
+                           "ce_spliced", "ce_zero", "dead_fraction", "dense_fraction"] if c in evals.columns]  # fmt: skip
+    st.dataframe(evals[columns], use_container_width=True, hide_index=True)
+    tradeoff = go.Figure(
+        go.Scatter(
+            x=evals["L0"],
+            y=evals["FVU"],
+            mode="markers+text",
+            text=evals["sae_id"],
+            textposition="top center",
+        )
+    )
+    tradeoff.update_layout(
+        title="Sparsity vs reconstruction", xaxis_title="L0", yaxis_title="FVU", height=360
+    )
+    st.plotly_chart(tradeoff, use_container_width=True)
+
+if features is None or features.empty:
+    empty_state("feature pages", "workbench sae train code-tiny --hook blocks.0.hook_resid_post")
+    st.stop()
+
+st.subheader("Features")
+sae_id = st.selectbox("SAE", sorted(features["sae_id"].unique()))
+rows = features[features["sae_id"] == sae_id].copy()
+density_fig = go.Figure(go.Histogram(x=rows["density"].clip(lower=1e-6).map(math.log10)))
+density_fig.update_layout(
+    title="Latent density (log10 fraction of tokens)", xaxis_title="log10 density", height=300
 )
+st.plotly_chart(density_fig, use_container_width=True)
+search = st.text_input("search top-context tokens", "")
+rows["top_tokens"] = rows["top_contexts"].map(
+    lambda text: " | ".join(c["tokens"][c["focus"]] for c in json.loads(text or "[]"))
+)
+if search:
+    rows = rows[rows["top_tokens"].str.contains(search, case=False, regex=False)]
+listing = rows[["latent", "density", "max_activation", "top_tokens"]].sort_values(
+    "max_activation", ascending=False
+)
+st.dataframe(listing, use_container_width=True, hide_index=True)
+if rows.empty:
+    st.info("No latent matches this search.")
+    st.stop()
+latent = st.selectbox("latent", listing["latent"].tolist())
+page = rows[rows["latent"] == latent].iloc[0]
+st.markdown(
+    f"**Latent {latent}** — density {page['density']:.4f}, max activation {page['max_activation']:.3f}"
+)
+
+st.markdown("**Top activating contexts**")
+for context in json.loads(page["top_contexts"] or "[]"):
+    peak = max(max(context["acts"]), 1e-9)
+    spans = []
+    for i, (token, act) in enumerate(zip(context["tokens"], context["acts"], strict=True)):
+        alpha = max(0.0, act) / peak
+        border = "border-bottom:2px solid black;" if i == context["focus"] else ""
+        spans.append(
+            f'<span title="{act:.3f}" style="background:rgba(255,120,0,{alpha:.2f});{border}white-space:pre">'
+            f"{html.escape(token)}</span>"
+        )
+    st.markdown(f"`{context['activation']:.3f}` " + "".join(spans), unsafe_allow_html=True)
+
+hist = json.loads(page["histogram"] or "{}")
+if hist.get("counts"):
+    edges = hist["edges"]
+    centers = [(a * b) ** 0.5 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    fig = go.Figure(go.Bar(x=centers, y=hist["counts"]))
+    fig.update_layout(title="Activation histogram (non-zero)", xaxis_type="log", xaxis_title="activation",
+                      yaxis_title="tokens", height=300)  # fmt: skip
+    st.plotly_chart(fig, use_container_width=True)
+quantiles = json.loads(page.get("quantile_activations") or "[]")
+if quantiles:
+    st.caption("activation quantiles (10%..90% of non-zero): " + ", ".join(f"{q:.3f}" for q in quantiles))
+
+if "promoted_tokens" in page and isinstance(page["promoted_tokens"], str):
+    left, right = st.columns(2)
+    for column, key, label in (
+        (left, "promoted_tokens", "Promoted"),
+        (right, "suppressed_tokens", "Suppressed"),
+    ):
+        entries = json.loads(page[key] or "[]")
+        fig = go.Figure(go.Bar(x=[v for _, v in entries], y=[repr(t) for t, _ in entries], orientation="h"))
+        fig.update_layout(title=f"{label} tokens (W_dec · W_U)", height=320, yaxis_autorange="reversed")
+        column.plotly_chart(fig, use_container_width=True)

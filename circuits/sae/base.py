@@ -1,0 +1,227 @@
+"""Shared SAE / transcoder module, config, registry and safetensors I/O.
+
+An SAE maps x [.., d_in] to latents f = encode(x) [.., d_sae] and back to decode(f) [.., d_out]
+(d_out = d_in for an SAE; a transcoder reads `hook_in` and predicts `hook_out`; a skip transcoder adds x @ W_skip).
+Pre-activations are x @ W_enc + b_enc (no b_dec subtraction; SAELens files with it are folded on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE = "workbench_sae.json"
+
+
+class SAEInputError(ValueError):
+    """Bad input to an SAE: wrong shape, non-finite values, unknown architecture, invalid k."""
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild an SAE; `k` is used by topk/batchtopk, `threshold` init by jumprelu."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    d_out: int | None = None
+    skip: bool = False
+    k: int | None = None
+    l1_coefficient: float = 1e-3
+    l0_coefficient: float = 1e-3
+    aux_k_coefficient: float = 1 / 32
+    aux_k: int | None = None
+    bandwidth: float = 0.05
+    init_threshold: float = 0.05
+    hook_in: str = ""
+    hook_out: str = ""
+    model: str = ""
+    checkpoint: int | None = None
+    dataset: str = ""
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if not self.hook_out:
+            self.hook_out = self.hook_in
+        if self.architecture not in REGISTRY:
+            raise SAEInputError(
+                f"unknown SAE architecture {self.architecture!r}; use one of {sorted(REGISTRY)}"
+            )
+        if min(self.d_in, self.d_sae, self.d_out) <= 0:
+            raise SAEInputError(
+                f"d_in, d_sae and d_out must be positive, got {self.d_in}, {self.d_sae}, {self.d_out}"
+            )
+        if self.architecture in ("topk", "batchtopk") and (self.k is None or not 0 < self.k <= self.d_sae):
+            raise SAEInputError(
+                f"k={self.k} is invalid for d_sae={self.d_sae}: pass 1 <= k <= d_sae (or widen the SAE)"
+            )
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.skip or self.hook_out != self.hook_in or self.d_out != self.d_in
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder / transcoder; subclasses define `activation` and `training_loss`."""
+
+    architecture = "base"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in, self.d_sae, self.d_out = cfg.d_in, cfg.d_sae, cfg.d_out
+        self.hook_in, self.hook_out = cfg.hook_in, cfg.hook_out
+        w_dec = torch.randn(cfg.d_sae, cfg.d_out)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        w_enc = w_dec.T.clone() if cfg.d_in == cfg.d_out else torch.randn(cfg.d_in, cfg.d_sae) / cfg.d_in**0.5
+        self.W_enc = nn.Parameter(w_enc)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out)) if cfg.skip else None
+
+    def check_input(self, x: torch.Tensor, name: str = "x") -> None:
+        """Raise SAEInputError for a wrong last dimension or a non-finite row."""
+        hook = self.hook_in or "input"
+        if x.shape[-1] != self.d_in:
+            raise SAEInputError(
+                f"{name} for hook {hook!r} has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}: "
+                "use an SAE trained on this hook/model"
+            )
+        finite = torch.isfinite(x.reshape(-1, x.shape[-1])).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise SAEInputError(
+                f"{name} for hook {hook!r} has NaN/inf values in row {row}: fix or drop those activations"
+            )
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """[.., d_in] -> [.., d_sae]."""
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[.., d_in] -> latents [.., d_sae]."""
+        return self.activation(self.pre_activation(x.to(self.W_enc.dtype)))
+
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents [.., d_sae] -> [.., d_out]; a skip transcoder also needs its input x [.., d_in]."""
+        out = f @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise SAEInputError("a skip transcoder's decode needs its input x: call decode(f, x)")
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (SAE) or predicted output (transcoder), [.., d_out]."""
+        return self.decode(self.encode(x), x)
+
+    def training_forward(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """x [batch, d_in] -> (latents, prediction, pre-activations, extra losses); overridden where training differs."""
+        pre = self.pre_activation(x)
+        f = self.activation(pre)
+        return f, self.decode(f, x), pre, {}
+
+    def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def fold_scaling(self, scale_in: float, scale_out: float) -> None:
+        """Make an SAE trained on x*scale_in -> y*scale_out act on raw x and predict raw y (same latents)."""
+        self.W_enc.mul_(scale_in)
+        self.W_dec.div_(scale_out)
+        self.b_dec.div_(scale_out)
+        if self.W_skip is not None:
+            self.W_skip.mul_(scale_in / scale_out)
+
+    def inference_state(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """(architecture to save as, fp32 tensors) — BatchTopK saves itself as JumpReLU."""
+        return self.cfg.architecture, {
+            k: v.detach().float().contiguous() for k, v in self.state_dict().items()
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write `sae_weights.safetensors` + `workbench_sae.json` atomically into directory `path`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        architecture, tensors = self.inference_state()
+        cfg = asdict(self.cfg) | {"architecture": architecture}
+        tmp = path / f".{WEIGHTS_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path / WEIGHTS_FILE)
+        atomic_write_text(path / CONFIG_FILE, json.dumps(cfg, indent=2))
+        return path
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(name: str):
+    """Class decorator adding an SAE architecture to REGISTRY under `name`."""
+
+    def add(cls: type[SAE]) -> type[SAE]:
+        cls.architecture = name
+        REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def create_sae(cfg: SAEConfig) -> SAE:
+    """Build a freshly initialised SAE of `cfg.architecture`."""
+    return REGISTRY[cfg.architecture](cfg)
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> SAE:
+    """Load an SAE saved by `SAE.save` (or a SAELens directory, through saelens_io)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        if (path / "cfg.json").exists():
+            from circuits.sae.saelens_io import load_saelens
+
+            return load_saelens(path, device=device)
+        raise SAEInputError(
+            f"{path} holds no {CONFIG_FILE} or cfg.json: pass a directory written by SAE.save"
+        )
+    cfg = SAEConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    sae = create_sae(cfg)
+    sae.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=device))
+    return sae.to(device)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,45 @@
+"""BatchTopK SAE: keep the k*batch largest activations across a batch; saved as JumpReLU with a global threshold."""
+
+from __future__ import annotations
+
+import torch
+
+from circuits.sae.base import SAE, register
+from circuits.sae.topk import TopKSAE
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    """Training: batch-level top-k; inference: f = pre * 1[pre > threshold] with the learned global threshold."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+
+    def batch_activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """pre [batch, d_sae] -> latents keeping the k*batch largest positive entries of the whole batch."""
+        flat = pre.relu().flatten()
+        n_keep = min(self.cfg.k * pre.shape[0], flat.numel())
+        values, indices = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        if float(self.threshold) < 0:
+            return super().activation(pre)
+        return pre * (pre > self.threshold).to(pre.dtype)
+
+    def training_forward(self, x, dead_mask=None):
+        pre = self.pre_activation(x)
+        f = self.batch_activation(pre)
+        with torch.no_grad():
+            kept = f[f > 0]
+            if kept.numel():
+                smallest = kept.min().float()
+                current = self.threshold if float(self.threshold) >= 0 else smallest
+                self.threshold.copy_(0.99 * current + 0.01 * smallest)
+        return f, self.decode(f, x), pre, {}
+
+    def inference_state(self):
+        _, tensors = SAE.inference_state(self)
+        tensors["threshold"] = tensors["threshold"].expand(self.d_sae).contiguous()
+        return "jumprelu", tensors

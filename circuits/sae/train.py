@@ -1,0 +1,191 @@
+"""Train SAEs / transcoders from an iterator of activation batches (one model forward can feed several SAEs)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from circuits.sae.base import SAE, SAEInputError
+from circuits.sae.topk import TopKSAE
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; `steps` batches are consumed, LR warms up then decays linearly over the last part."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    dead_after_tokens: int = 20_000
+    normalize_activations: bool = True
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 0
+    progress: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """Trained SAEs (norm scaling already folded in) and per-step metrics per SAE."""
+
+    saes: dict[str, SAE]
+    history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+    if step < decay_start or cfg.decay_fraction <= 0:
+        return warm
+    return warm * max(0.0, (cfg.steps - step) / max(cfg.steps - decay_start, 1))
+
+
+def _as_pair(batch, sae: SAE, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        x = batch[sae.hook_in]
+        y = batch[sae.hook_out]
+    elif isinstance(batch, (tuple, list)):
+        x, y = batch
+    else:
+        x = y = batch
+    x = x.reshape(-1, x.shape[-1]).float()
+    y = y.reshape(-1, y.shape[-1]).float()
+    sae.check_input(x, f"training batch for {name}")
+    if y.shape[-1] != sae.d_out or not bool(torch.isfinite(y).all()):
+        bad = (~torch.isfinite(y).all(1)).nonzero()
+        raise SAEInputError(
+            f"target for hook {sae.hook_out!r} has width {y.shape[-1]} (d_out={sae.d_out})"
+            + (f" and NaN/inf in row {int(bad[0])}" if len(bad) else "")
+            + ": pass finite targets of width d_out"
+        )
+    return x, y
+
+
+def _scale(t: torch.Tensor) -> float:
+    """Factor making the mean squared norm equal d (Anthropic-style expected norm sqrt(d))."""
+    return float(math.sqrt(t.shape[-1]) / t.norm(dim=-1).mean().clamp_min(1e-8))
+
+
+def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | None = None) -> TrainResult:
+    """Train every SAE in `saes` on the same stream.
+
+    Each batch is a dict {hook: [batch, d]} (each SAE reads its hook_in / hook_out), or, for one SAE,
+    a tensor [batch, d_in] or an (x [batch, d_in], y [batch, d_out]) pair.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    saes = dict(saes)
+    params = [p for sae in saes.values() for p in sae.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    tokens_since_fired = {n: torch.zeros(s.d_sae, dtype=torch.long) for n, s in saes.items()}
+    scales: dict[str, tuple[float, float]] = {}
+    history: dict[str, list[dict[str, float]]] = {n: [] for n in saes}
+    start = 0
+    state_path = Path(cfg.checkpoint_dir) / "trainer_state.pt" if cfg.checkpoint_dir else None
+    if state_path is not None and state_path.exists():
+        start = _resume(state_path, saes, optimizer, scheduler, tokens_since_fired, scales, history)
+    iterator: Iterator = iter(batches)
+    for _ in range(start):
+        next(iterator, None)
+    bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc="train SAE")
+    for step in bar:
+        batch = next(iterator, None)
+        if batch is None:
+            break
+        total = 0.0
+        for name, sae in saes.items():
+            x, y = _as_pair(batch, sae, name)
+            if name not in scales:
+                scales[name] = (_scale(x), _scale(y)) if cfg.normalize_activations else (1.0, 1.0)
+            s_in, s_out = scales[name]
+            x, y = x * s_in, y * s_out
+            dead = tokens_since_fired[name] > cfg.dead_after_tokens
+            f, prediction, pre, _ = sae.training_forward(x, dead)
+            residual = y - prediction
+            mse = residual.pow(2).sum(-1).mean()
+            losses = {"mse": mse} | sae.sparsity_loss(f, pre)
+            if isinstance(sae, TopKSAE):
+                losses["aux_k"] = sae.aux_loss(pre, residual.detach(), dead)
+            loss = sum(losses.values())
+            total = total + loss
+            with torch.no_grad():
+                fired = (f > 0).any(0)
+                tokens_since_fired[name] += x.shape[0]
+                tokens_since_fired[name][fired] = 0
+                fvu = float(residual.pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12))
+                l0 = float((f > 0).float().sum(-1).mean())
+            history[name].append(
+                {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "fvu": fvu,
+                    "l0": l0,
+                    "dead": float(dead.float().mean()),
+                }
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        scheduler.step()
+        for sae in saes.values():
+            sae.normalize_decoder()
+            if hasattr(sae, "clamp_threshold"):
+                sae.clamp_threshold()
+        if cfg.progress:
+            last = history[next(iter(saes))][-1]
+            bar.set_postfix(l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}")
+        if state_path is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _checkpoint(state_path, step + 1, saes, optimizer, scheduler, tokens_since_fired, scales, history)
+    for name, sae in saes.items():
+        s_in, s_out = scales.get(name, (1.0, 1.0))
+        sae.fold_scaling(s_in, s_out)
+    return TrainResult(saes, history)
+
+
+def train_sae(sae: SAE, batches: Iterable, cfg: TrainConfig | None = None) -> SAE:
+    """Train one SAE on batches of tensors [batch, d_in] or (x, y) pairs; returns it (scaling folded in)."""
+    return train_saes({"sae": sae}, batches, cfg).saes["sae"]
+
+
+def _checkpoint(path: Path, step, saes, optimizer, scheduler, fired, scales, history) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    for name, sae in saes.items():
+        tmp_weights = path.parent / f".{name}.tmp"
+        save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(tmp_weights))
+        os.replace(tmp_weights, path.parent / f"{name}.safetensors")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "fired": fired,
+        "scales": {n: list(s) for n, s in scales.items()},
+        "history": history,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, saes, optimizer, scheduler, fired, scales, history) -> int:
+    from safetensors.torch import load_file
+
+    state = torch.load(path, weights_only=True)
+    for name, sae in saes.items():
+        sae.load_state_dict(load_file(str(path.parent / f"{name}.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    fired.update(state["fired"])
+    scales.update({n: tuple(s) for n, s in state["scales"].items()})
+    history.update(state["history"])
+    return int(state["step"])

@@ -1,0 +1,377 @@
+"""Circuits through MLPs with transcoders, after "Transcoders Find Interpretable LLM Feature Circuits".
+
+A transcoder at layer L reads the residual stream that feeds the MLP (``hook_in``: ``blocks.L.hook_resid_pre``
+for parallel-attention blocks such as GPT-NeoX, ``blocks.L.hook_resid_mid`` for sequential ones) and predicts the
+MLP's output. A target feature i has an encoder vector e = W_enc[:, i] [d_model]; everything that writes into
+the residual stream below it contributes linearly to its pre-activation e · resid + b_enc:
+
+- ``pullback``: input-invariant — W_dec of every earlier transcoder feature dotted with e; ``deembedding``: W_E e,
+  the tokens that push the feature directly;
+- ``feature_attribution``: input-dependent on one prompt — activation × pullback for earlier transcoder
+  features, pattern-weighted OV contributions of every attention head and source position, the token embedding,
+  and the bias and transcoder-error terms. The rows sum exactly to the pre-activation minus b_enc;
+- ``find_paths``: a greedy top-k search that expands the strongest contributors recursively (through earlier
+  transcoder features at the same position and through attention heads to their source positions) and returns
+  a table and a plotly graph.
+
+The contributions through an attention head to its source position are linearised (the head's pattern is held
+fixed and its LayerNorm is differentiated at the prompt's values); everything else is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from workbench.model import HookedModel
+
+ROTARY_FAMILIES = ("gpt_neox", "llama")
+
+
+class CircuitError(ValueError):
+    """Bad circuit query: unknown layer or feature, position out of range, transcoders that do not fit."""
+
+
+def _check(transcoders: Mapping[int, torch.nn.Module], layer: int, feature: int) -> torch.nn.Module:
+    if layer not in transcoders:
+        raise CircuitError(f"no transcoder at layer {layer}; transcoder layers: {sorted(transcoders)}")
+    transcoder = transcoders[layer]
+    if not 0 <= feature < transcoder.d_sae:
+        raise CircuitError(f"feature {feature} is out of range for layer {layer} (d_sae={transcoder.d_sae})")
+    return transcoder
+
+
+def _reads_attention_of_own_layer(transcoder) -> bool:
+    return transcoder.hook_in.endswith("hook_resid_mid")
+
+
+def _layer_of(transcoder) -> int:
+    parts = transcoder.hook_in.split(".")
+    if parts[0] != "blocks" or not parts[1].isdigit() or not parts[-1].startswith("hook_resid_"):
+        raise CircuitError(
+            f"transcoder hook_in {transcoder.hook_in!r} is not a residual-stream hook; circuits need transcoders "
+            "trained on blocks.L.hook_resid_pre (parallel blocks) or blocks.L.hook_resid_mid (sequential blocks)"
+        )
+    return int(parts[1])
+
+
+def pullback(
+    transcoders: Mapping[int, torch.nn.Module], layer: int, feature: int, top_k: int | None = 20
+) -> pd.DataFrame:
+    """Input-invariant connections: W_dec[j] · e for every feature j of every transcoder below ``layer``.
+
+    Returns rows (source_layer, source_feature, pullback) sorted by |pullback| (the ``top_k`` largest)."""
+    target = _check(transcoders, layer, feature)
+    vector = target.W_enc[:, feature].detach()
+    frames = []
+    for source_layer, transcoder in sorted(transcoders.items()):
+        if source_layer >= layer:
+            continue
+        scores = (transcoder.W_dec.detach() @ vector).numpy()
+        frames.append(pd.DataFrame({"source_layer": source_layer, "source_feature": range(len(scores)),
+                                    "pullback": scores}))  # fmt: skip
+    if not frames:
+        return pd.DataFrame(columns=["source_layer", "source_feature", "pullback"])
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows.reindex(rows["pullback"].abs().sort_values(ascending=False).index)
+    return rows.head(top_k) if top_k else rows
+
+
+def deembedding(
+    model: HookedModel, transcoders: Mapping[int, torch.nn.Module], layer: int, feature: int, top_k: int = 20
+) -> pd.DataFrame:
+    """Tokens whose embedding most excites (and inhibits) the feature directly: W_E e, rows (token, text, score)."""
+    target = _check(transcoders, layer, feature)
+    scores = (model.embedding_matrix().detach() @ target.W_enc[:, feature].detach()).float()
+    order = torch.cat([scores.topk(top_k).indices, (-scores).topk(top_k).indices])
+    texts = [model.to_str_tokens([int(t)])[0] if model.tokenizer is not None else str(int(t)) for t in order]
+    return pd.DataFrame({"token": order.numpy(), "text": texts, "score": scores[order].numpy()})
+
+
+@dataclass
+class _Trace:
+    """One prompt's activations: resid_pre / resid_mid per layer [pos, d], v [layer][pos, head, d_head],
+    pattern [layer][head, q, k], transcoder activations and errors [layer][pos, d_sae | d]."""
+
+    tokens: torch.Tensor
+    resid: dict[str, torch.Tensor]
+    values: list[torch.Tensor]
+    patterns: list[torch.Tensor]
+    latents: dict[int, torch.Tensor]
+    errors: dict[int, torch.Tensor]
+    embed: torch.Tensor
+
+
+def _trace(model: HookedModel, transcoders: Mapping[int, torch.nn.Module], tokens: torch.Tensor) -> _Trace:
+    if model.cfg.family not in ROTARY_FAMILIES:
+        raise CircuitError(
+            f"transcoder circuits need a rotary causal LM ({', '.join(ROTARY_FAMILIES)}), whose residual stream is "
+            f"token embedding + attention + MLP writes only; got {model.cfg.family!r}"
+        )
+    tokens = torch.as_tensor(tokens).reshape(1, -1)
+    names = ["hook_embed", "blocks.*.hook_resid_pre", "blocks.*.attn.hook_v", "blocks.*.attn.hook_pattern",
+             "blocks.*.hook_mlp_out"]  # fmt: skip
+    names += [t.hook_in for t in transcoders.values()]
+    with torch.no_grad(), model.capture(sorted(set(model.resolve(names)))) as cache:
+        model(tokens)
+    n_layers = model.cfg.n_layers
+    latents, errors = {}, {}
+    for layer, transcoder in transcoders.items():
+        if _layer_of(transcoder) != layer:
+            raise CircuitError(f"the transcoder keyed by layer {layer} reads {transcoder.hook_in!r}")
+        x = cache[transcoder.hook_in][0].float()
+        with torch.no_grad():
+            latents[layer] = transcoder.encode(x)
+            errors[layer] = cache[f"blocks.{layer}.hook_mlp_out"][0].float() - transcoder.decode(
+                latents[layer], x
+            )
+    resid = {name: cache[name][0].float() for name in cache if "hook_resid" in name}
+    values = [cache[f"blocks.{index}.attn.hook_v"][0].float() for index in range(n_layers)]
+    patterns = [cache[f"blocks.{index}.attn.hook_pattern"][0].float() for index in range(n_layers)]
+    return _Trace(tokens[0], resid, values, patterns, latents, errors, cache["hook_embed"][0].float())
+
+
+def _head_bias(model: HookedModel, layer: int) -> torch.Tensor | None:
+    name = f"blocks.{layer}.attn.hook_z"
+    module = next(s.module for s in model._sites if getattr(s, "names", None) == (name,))
+    return None if module.bias is None else module.bias.detach().float()
+
+
+def _contributions(
+    model: HookedModel,
+    transcoders: Mapping[int, torch.nn.Module],
+    trace: _Trace,
+    vector: torch.Tensor,
+    below: int,
+    attention_layers: int,
+    position: int,
+) -> pd.DataFrame:
+    """Every linear contribution to ``vector`` · resid at ``position`` from writers below layer ``below``."""
+    frames = []
+    for layer, transcoder in sorted(transcoders.items()):
+        if layer >= below:
+            continue
+        pull = transcoder.W_dec.detach().float() @ vector
+        acts = trace.latents[layer][position]
+        active = torch.nonzero(acts).flatten()
+        frames.append(pd.DataFrame({"kind": "transcoder", "layer": layer, "index": active.numpy(),
+                                    "source_position": position, "activation": acts[active].numpy(),
+                                    "pullback": pull[active].numpy(),
+                                    "attribution": (acts[active] * pull[active]).numpy()}))  # fmt: skip
+        frames.append(pd.DataFrame([
+            {"kind": "bias", "layer": layer, "index": -1, "source_position": position,
+             "attribution": float(transcoder.b_dec.detach().float() @ vector)},
+            {"kind": "error", "layer": layer, "index": -1, "source_position": position,
+             "attribution": float(trace.errors[layer][position] @ vector)},
+        ]))  # fmt: skip
+    for layer in range(attention_layers):
+        w_o = model.head_output_weights(layer).detach().float()  # [head, d_head, d_model]
+        head_vector = w_o @ vector  # [head, d_head]
+        per_source = torch.einsum("khd,hd->hk", trace.values[layer][: position + 1], head_vector)
+        scores = trace.patterns[layer][:, position, : position + 1] * per_source  # [head, k]
+        heads, sources = torch.meshgrid(
+            torch.arange(scores.shape[0]), torch.arange(scores.shape[1]), indexing="ij"
+        )
+        frames.append(pd.DataFrame({"kind": "attention", "layer": layer, "index": heads.flatten().numpy(),
+                                    "source_position": sources.flatten().numpy(),
+                                    "attribution": scores.flatten().numpy()}))  # fmt: skip
+        bias = _head_bias(model, layer)
+        if bias is not None:
+            frames.append(pd.DataFrame([{"kind": "bias", "layer": layer, "index": -2, "source_position": position,
+                                         "attribution": float(bias @ vector)}]))  # fmt: skip
+    frames.append(pd.DataFrame([{"kind": "embedding", "layer": -1, "index": int(trace.tokens[position]),
+                                 "source_position": position,
+                                 "attribution": float(trace.embed[position] @ vector)}]))  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
+
+
+def feature_attribution(
+    model: HookedModel,
+    transcoders: Mapping[int, torch.nn.Module],
+    tokens: torch.Tensor | Sequence[int],
+    layer: int,
+    feature: int,
+    position: int = -1,
+) -> pd.DataFrame:
+    """Decompose the target feature's pre-activation on a prompt into its upstream contributions.
+
+    Rows: kind (transcoder | attention | embedding | bias | error), layer, index (feature, head, token id; −1 / −2
+    for transcoder / attention-output biases), source_position, activation and pullback (transcoder rows),
+    attribution. ``attribution.sum() + b_enc[feature]`` equals the pre-activation; the frame's ``attrs`` hold
+    ``pre_activation`` and ``activation``."""
+    target = _check(transcoders, layer, feature)
+    trace = _trace(model, transcoders, tokens)
+    position = _position(position, len(trace.tokens))
+    vector = target.W_enc[:, feature].detach().float()
+    attention_layers = layer + 1 if _reads_attention_of_own_layer(target) else layer
+    rows = _contributions(model, transcoders, trace, vector, layer, attention_layers, position)
+    pre = _pre_activation(target, trace, position, feature)
+    rows.attrs.update(pre_activation=pre, activation=float(trace.latents[layer][position, feature]))
+    return rows.reindex(rows["attribution"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+
+def _pre_activation(transcoder, trace: _Trace, position: int, feature: int) -> float:
+    with torch.no_grad():
+        return float(transcoder.pre_activation(trace.resid[transcoder.hook_in][position])[feature])
+
+
+def _position(position: int, length: int) -> int:
+    resolved = position + length if position < 0 else position
+    if not 0 <= resolved < length:
+        raise CircuitError(f"position {position} is out of range for a prompt of {length} tokens")
+    return resolved
+
+
+@dataclass
+class CircuitGraph:
+    """Nodes of a greedy path search: id, parent, depth, kind, layer, index, position, attribution (in units of
+    the target's pre-activation), text (token shown at the position)."""
+
+    nodes: pd.DataFrame
+
+    def figure(self) -> go.Figure:
+        """The circuit drawn over (layer, position): one marker per node, one line per edge, width ∝ |attribution|."""
+        nodes = self.nodes.set_index("id")
+        x = nodes["layer"].where(nodes["kind"] != "target", nodes["layer"] + 0.5)
+        fig = go.Figure()
+        scale = float(nodes["attribution"].abs().max() or 1.0)
+        for node_id, row in nodes.iterrows():
+            if row["parent"] < 0:
+                continue
+            parent = nodes.loc[row["parent"]]
+            fig.add_scatter(
+                x=[x[node_id], x[row["parent"]]], y=[row["position"], parent["position"]], mode="lines",
+                line={"width": 1 + 6 * abs(row["attribution"]) / scale,
+                      "color": "#d62728" if row["attribution"] > 0 else "#1f77b4"},
+                hoverinfo="skip", showlegend=False,
+            )  # fmt: skip
+        labels = [f"{r.kind} L{r.layer} #{r.index} @{r.position} ({r.text})<br>attribution {r.attribution:.3f}"
+                  for r in nodes.itertuples()]  # fmt: skip
+        fig.add_scatter(x=x, y=nodes["position"], mode="markers+text", text=nodes["kind"].str[0].str.upper()
+                        + nodes["index"].astype(str), textposition="top center", hovertext=labels,
+                        hoverinfo="text", marker={"size": 12, "color": nodes["depth"], "colorscale": "Viridis"},
+                        showlegend=False)  # fmt: skip
+        fig.update_layout(xaxis_title="layer (−1 = embedding)", yaxis_title="token position",
+                          title="transcoder circuit (red: excites, blue: inhibits)")  # fmt: skip
+        return fig
+
+
+def find_paths(
+    model: HookedModel,
+    transcoders: Mapping[int, torch.nn.Module],
+    tokens: torch.Tensor | Sequence[int],
+    layer: int,
+    feature: int,
+    position: int = -1,
+    top_k: int = 3,
+    depth: int = 3,
+) -> CircuitGraph:
+    """Greedy top-k path search from a target feature: at each node keep the ``top_k`` strongest contributors
+    (transcoder features, attention heads × source positions, the token embedding) and expand transcoder and
+    attention nodes until ``depth``. Attributions are expressed in the target's pre-activation units."""
+    if top_k < 1 or depth < 1:
+        raise CircuitError(f"top_k={top_k} and depth={depth} must be ≥ 1")
+    target = _check(transcoders, layer, feature)
+    trace = _trace(model, transcoders, tokens)
+    position = _position(position, len(trace.tokens))
+    texts = (
+        model.to_str_tokens(trace.tokens)
+        if model.tokenizer is not None
+        else [str(int(t)) for t in trace.tokens]
+    )
+    vector = target.W_enc[:, feature].detach().float()
+    pre = _pre_activation(target, trace, position, feature)
+    nodes = [{"id": 0, "parent": -1, "depth": 0, "kind": "target", "layer": layer, "index": feature,
+              "position": position, "attribution": pre, "text": texts[position]}]  # fmt: skip
+    attention_layers = layer + 1 if _reads_attention_of_own_layer(target) else layer
+    frontier = [(0, vector, layer, attention_layers, position)]
+    for level in range(1, depth + 1):
+        next_frontier = []
+        for parent, node_vector, below, attention_below, at in frontier:
+            rows = _contributions(model, transcoders, trace, node_vector, below, attention_below, at)
+            rows = rows[rows["kind"].isin(["transcoder", "attention", "embedding"])]
+            rows = rows.reindex(rows["attribution"].abs().sort_values(ascending=False).index).head(top_k)
+            for row in rows.itertuples():
+                node_id = len(nodes)
+                source = int(row.source_position)
+                nodes.append({"id": node_id, "parent": parent, "depth": level, "kind": row.kind,
+                              "layer": int(row.layer), "index": int(row.index), "position": source,
+                              "attribution": float(row.attribution), "text": texts[source]})  # fmt: skip
+                if level == depth:
+                    continue
+                if row.kind == "transcoder":
+                    source_tc = transcoders[int(row.layer)]
+                    child = float(row.pullback) * source_tc.W_enc[:, int(row.index)].detach().float()
+                    own = _reads_attention_of_own_layer(source_tc)
+                    next_frontier.append((node_id, child, int(row.layer), int(row.layer) + own, source))
+                elif row.kind == "attention":
+                    child = _through_head(
+                        model, trace, int(row.layer), int(row.index), at, source, node_vector
+                    )
+                    next_frontier.append((node_id, child, int(row.layer), int(row.layer), source))
+        frontier = next_frontier
+    return CircuitGraph(pd.DataFrame(nodes))
+
+
+def _through_head(
+    model: HookedModel, trace: _Trace, layer: int, head: int, query: int, source: int, vector: torch.Tensor
+) -> torch.Tensor:
+    """The residual-stream direction at ``source`` (resid_pre of ``layer``) whose dot product linearly predicts
+    the head's pattern-weighted contribution to ``vector`` at ``query`` (pattern fixed; LayerNorm linearised)."""
+    w_o = model.head_output_weights(layer).detach().float()[head]  # [d_head, d_model]
+    direction = w_o @ vector
+    resid = trace.resid[f"blocks.{layer}.hook_resid_pre"][None].clone().requires_grad_(True)
+    name = f"blocks.{layer}.attn.hook_v"
+
+    def replace_input(activation, hook):
+        return resid.to(activation.dtype)
+
+    with (
+        model.capture(name, grad=True) as cache,
+        model.hooks([(f"blocks.{layer}.hook_resid_pre", replace_input)]),
+    ):
+        model(trace.tokens[None])
+    value = cache[name][0, source, head].float()
+    (gradient,) = torch.autograd.grad(value @ direction, resid)
+    return trace.patterns[layer][head, query, source] * gradient[0, source].detach()
+
+
+DEMO_PROMPT = "def area(width, height):\n    return (width * height) / 2\n"
+CIRCUIT_TABLE = "transcoder_circuits"
+
+
+def write_circuit(graph: CircuitGraph, workspace, *, model: str, checkpoint: int | None, prompt: str) -> int:
+    """Store a path search's nodes in ``transcoder_circuits`` (one circuit per model/checkpoint/target/prompt)."""
+    target = graph.nodes.iloc[0]
+    rows = graph.nodes.assign(model=model, checkpoint=checkpoint, prompt=prompt,
+                              target=f"L{target['layer']}#{target['index']}@{target['position']}")  # fmt: skip
+    keys = ["model", "checkpoint", "target", "prompt"]
+    return workspace.results().write(CIRCUIT_TABLE, rows, replace_keys=keys)
+
+
+def demo_step(workspace, progress: bool = True) -> str:
+    """Trace the most active layer-1 transcoder feature of code-tiny on a code prompt (the SAE demo step trains
+    the transcoders) and store its circuit."""
+    from circuits.sae import load_sae
+    from circuits.sae.evals import sae_dir
+    from workbench.checkpoints import CheckpointSeries
+
+    series = CheckpointSeries.from_directory(workspace.model_dir("code-tiny"))
+    model = series.load(series.steps[-1])
+    transcoders = {
+        layer: load_sae(sae_dir(workspace, f"code-tiny.L{layer}-mlp-transcoder")) for layer in (0, 1)
+    }
+    tokens = model.to_tokens(DEMO_PROMPT)[0]
+    with torch.no_grad(), model.capture(transcoders[1].hook_in) as cache:
+        model(tokens[None])
+        feature = int(transcoders[1].encode(cache[transcoders[1].hook_in][0, -1]).argmax())
+    graph = find_paths(model, transcoders, tokens, layer=1, feature=feature, top_k=3, depth=3)
+    write_circuit(graph, workspace, model="code-tiny", checkpoint=series.steps[-1], prompt=DEMO_PROMPT)
+    strongest = graph.nodes.iloc[1:].sort_values("attribution", key=abs, ascending=False).iloc[0]
+    return (f"circuit of layer-1 feature {feature}: {len(graph.nodes)} nodes; strongest input {strongest['kind']} "
+            f"L{strongest['layer']} #{strongest['index']} ({strongest['attribution']:+.2f} of "
+            f"{graph.nodes.iloc[0]['attribution']:.2f})")  # fmt: skip

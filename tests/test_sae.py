@@ -1,0 +1,277 @@
+"""SAE architectures, trainer, SAELens interop, evals, feature pages, CLI and dashboard view."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuits.sae import SAEConfig, SAEInputError, create_sae, load_sae
+from circuits.sae.train import TrainConfig, train_sae, train_saes
+
+
+def planted(n_atoms=32, d=16, n=4096, active=3, seed=0, d_out=None):
+    """x = sum of `active` random unit atoms with positive coefficients; y = x @ M when d_out given."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    atoms = atoms / atoms.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, n_atoms, generator=g).argsort(1)[:, :active]
+    coef = torch.zeros(n, n_atoms).scatter(1, idx, 1 + torch.rand(n, active, generator=g))
+    x = coef @ atoms
+    if d_out is None:
+        return atoms, coef, x
+    out_atoms = torch.randn(n_atoms, d_out, generator=g)
+    out_atoms = out_atoms / out_atoms.norm(dim=1, keepdim=True)
+    return out_atoms, coef, x, coef @ out_atoms
+
+
+def batches(*tensors, batch=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = tensors[0].shape[0]
+    while True:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n - batch + 1, batch):
+            rows = order[i : i + batch]
+            yield tensors[0][rows] if len(tensors) == 1 else tuple(t[rows] for t in tensors)
+
+
+def recovered(atoms, W_dec):
+    """Per true atom, the best cosine with any decoder row."""
+    a = atoms / atoms.norm(dim=1, keepdim=True)
+    w = W_dec / W_dec.norm(dim=1, keepdim=True)
+    return (a @ w.T).max(1).values
+
+
+VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "sae.py"
+FAST = TrainConfig(steps=250, lr=3e-3, warmup_steps=20, progress=False, dead_after_tokens=5000)
+
+
+@pytest.mark.parametrize(
+    "architecture,extra",
+    [
+        ("topk", {"k": 3}),
+        ("batchtopk", {"k": 3}),
+        ("relu", {"l1_coefficient": 0.05}),
+        ("jumprelu", {"l0_coefficient": 0.02, "init_threshold": 0.1}),
+    ],  # fmt: skip
+)
+def test_recovers_planted_dictionary(architecture, extra):
+    torch.manual_seed(0)
+    atoms, _, x = planted()
+    sae = create_sae(SAEConfig(architecture, d_in=16, d_sae=64, **extra))
+    sae = train_sae(sae, batches(x), FAST)
+    cos = recovered(atoms, sae.W_dec.detach())
+    assert (cos > 0.9).float().mean() >= 0.8, cos
+    with torch.no_grad():
+        fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.2
+
+
+def _saelens_encode(path, x):
+    from sae_lens import SAE as LensSAE
+
+    lens = LensSAE.load_from_disk(str(path))
+    with torch.no_grad():
+        return lens.encode(x), lens.decode(lens.encode(x))
+
+
+@pytest.mark.parametrize(
+    "architecture,extra",
+    [
+        ("relu", {}),
+        ("topk", {"k": 4}),
+        ("jumprelu", {}),
+        ("batchtopk", {"k": 4}),
+        ("relu", {"d_out": 6, "hook_out": "out"}),
+        ("relu", {"d_out": 6, "skip": True, "hook_out": "out"}),
+        ("jumprelu", {"d_out": 6, "skip": True, "hook_out": "out"}),
+    ],  # fmt: skip
+)
+def test_saelens_round_trip(tmp_path, architecture, extra):
+    from circuits.sae.saelens_io import load_saelens, save_saelens
+
+    torch.manual_seed(1)
+    sae = create_sae(SAEConfig(architecture, d_in=8, d_sae=32, hook_in="blocks.0.hook_resid_post", **extra))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        if architecture == "batchtopk":
+            sae.threshold.fill_(0.2)
+    x = torch.randn(50, 8)
+    save_saelens(sae, tmp_path)
+    lens_f, lens_out = _saelens_encode(tmp_path, x)
+    ours_f = sae.encode(x).detach()
+    torch.testing.assert_close(lens_f, ours_f, atol=1e-5, rtol=1e-5)
+    if sae.W_skip is None:
+        torch.testing.assert_close(lens_out, sae(x).detach(), atol=1e-5, rtol=1e-5)
+    back = load_saelens(tmp_path)
+    torch.testing.assert_close(back.encode(x), ours_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back(x), sae(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_load_saelens_trained_format(tmp_path):
+    """An SAE written by sae_lens itself (with b_dec input centering) gives the same encodings here."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from circuits.sae.saelens_io import load_saelens
+
+    torch.manual_seed(2)
+    lens = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    lens.save_model(tmp_path)
+    x = torch.randn(20, 8)
+    ours = load_sae(tmp_path)
+    torch.testing.assert_close(ours.encode(x), lens.encode(x).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(x), lens(x).detach(), atol=1e-5, rtol=1e-5)
+    cfg = (tmp_path / "cfg.json").read_text().replace('"standard"', '"gated"')
+    (tmp_path / "cfg.json").write_text(cfg)
+    with pytest.raises(SAEInputError, match="gated"):
+        load_saelens(tmp_path)
+
+
+def test_bad_input():
+    with pytest.raises(SAEInputError, match="k=40"):
+        SAEConfig("topk", d_in=8, d_sae=16, k=40)
+    sae = create_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2, hook_in="blocks.1.hook_resid_post"))
+    x = torch.randn(10, 8)
+    x[7, 3] = float("nan")
+    with pytest.raises(SAEInputError, match=r"blocks.1.hook_resid_post.*row 7"):
+        train_sae(sae, iter([x]), TrainConfig(steps=1, progress=False))
+    with pytest.raises(SAEInputError, match="d_in=8"):
+        sae.check_input(torch.randn(3, 5))
+
+
+def test_transcoder_recovers_planted_map():
+    torch.manual_seed(0)
+    out_atoms, _, x, y = planted(d_out=24)
+    sae = create_sae(SAEConfig("topk", d_in=16, d_sae=64, d_out=24, k=3, hook_in="in", hook_out="out"))
+    sae = train_sae(sae, batches(x, y), TrainConfig(**{**FAST.__dict__, "steps": 500}))
+    cos = recovered(out_atoms, sae.W_dec.detach())
+    assert cos.median() > 0.9 and (cos > 0.9).float().mean() >= 0.75
+    with torch.no_grad():
+        fvu = ((sae(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.3
+
+
+def test_checkpoint_resume_matches_uninterrupted(tmp_path):
+    _, _, x = planted(n=1024)
+    cfg = dict(steps=40, lr=3e-3, warmup_steps=5, progress=False, normalize_activations=True)
+
+    def fresh():
+        torch.manual_seed(3)
+        return create_sae(SAEConfig("topk", d_in=16, d_sae=32, k=3))
+
+    straight = train_sae(fresh(), batches(x, batch=64), TrainConfig(**cfg))
+    partial = TrainConfig(**cfg | {"steps": 40, "checkpoint_dir": tmp_path, "checkpoint_every": 20})
+    train_sae(fresh(), itertools.islice(batches(x, batch=64), 20), partial)
+    resumed = train_sae(fresh(), batches(x, batch=64), partial)
+    torch.testing.assert_close(resumed.W_dec, straight.W_dec, atol=1e-5, rtol=1e-4)
+
+
+def test_several_saes_from_one_stream_and_batchtopk_saved_as_jumprelu(tmp_path):
+    _, _, x = planted(n=1024)
+    saes = {
+        "narrow": create_sae(SAEConfig("topk", d_in=16, d_sae=32, k=3, hook_in="h")),
+        "wide": create_sae(SAEConfig("batchtopk", d_in=16, d_sae=64, k=3, hook_in="h")),
+    }
+    stream = ({"h": b} for b in batches(x, batch=128))
+    result = train_saes(saes, stream, TrainConfig(steps=60, lr=3e-3, progress=False))
+    assert set(result.history) == {"narrow", "wide"} and len(result.history["wide"]) == 60
+    wide = result.saes["wide"]
+    wide.save(tmp_path)
+    loaded = load_sae(tmp_path)
+    assert loaded.cfg.architecture == "jumprelu"
+    torch.testing.assert_close(loaded.encode(x), wide.encode(x).detach())
+
+
+def test_splice_metrics_against_closed_form(code_series):
+    """A skip transcoder whose W_skip copies its input exactly recovers all CE (KL 0); zero-ablation CE matches
+    an independent ablation through workbench.interventions."""
+    import torch.nn.functional as F
+
+    from circuits.sae.evals import splice_metrics
+    from workbench.interventions import zero_ablation
+
+    model = code_series.load(code_series.steps[-1])
+    hook = "blocks.1.hook_mlp_out"
+    sae = create_sae(SAEConfig("relu", d_in=64, d_sae=8, d_out=64, skip=True, hook_in=hook, hook_out=hook))
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.W_skip.copy_(torch.eye(64))
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 24), generator=torch.Generator().manual_seed(0))
+    out = splice_metrics(model, sae, tokens)
+    assert out["ce_recovered"] == pytest.approx(1.0, abs=1e-4) and out["kl"] == pytest.approx(0.0, abs=1e-5)
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, zero_ablation())])[:, :-1]
+    ce_zero = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1))
+    assert out["ce_zero"] == pytest.approx(float(ce_zero), rel=1e-4)
+
+
+def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
+    """demo_step on the session zoo, checked against brute force; the dashboard renders its results."""
+    import json
+    import shutil
+
+    from streamlit.testing.v1 import AppTest
+
+    from circuits.sae import demo_step
+    from circuits.sae.evals import sae_dir
+    from workbench.store import ActivationStore
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "ws").ensure()
+    shutil.copytree(zoo_workspace.model_dir("code-tiny"), workspace.model_dir("code-tiny"))
+    summary = demo_step(workspace, progress=False)
+    assert "CE recovered" in summary
+    evals = workspace.results().read("sae_evals")
+    assert set(evals["sae_id"]) == {"code-tiny.L0-resid-topk", "code-tiny.L0-mlp-transcoder"}
+    assert (evals["L0"] <= 8).all() and (evals["FVU"] < 0.6).all() and (evals["ce_recovered"] > 0.5).all()
+    features = workspace.results().read("sae_features", sae_id="code-tiny.L0-resid-topk")
+    assert len(features) == 256
+    sae = load_sae(sae_dir(workspace, "code-tiny.L0-resid-topk"))
+    store = ActivationStore.open(next(workspace.stores_dir.iterdir()))
+    acts = sae.encode(store.read(sae.hook_in).float()).detach()
+    torch.testing.assert_close(torch.tensor(features.sort_values("latent")["max_activation"].to_numpy()).float(),
+                               acts.max(0).values, atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(torch.tensor(features.sort_values("latent")["density"].to_numpy()).float(),
+                               (acts > 0).float().mean(0), atol=1e-6, rtol=0)  # fmt: skip
+    best = features.sort_values("max_activation").iloc[-1]
+    top = json.loads(best["top_contexts"])[0]
+    assert top["acts"][top["focus"]] == pytest.approx(best["max_activation"], rel=1e-4)
+
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(workspace.root))
+    view = AppTest.from_file(str(VIEW), default_timeout=60).run()
+    assert not view.exception
+    assert len(view.dataframe) >= 2 and any("Latent" in m.value for m in view.markdown)
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path / "empty"))
+    Workspace(tmp_path / "empty").results().write("unrelated", __import__("pandas").DataFrame({"x": [1]}))
+    empty = AppTest.from_file(str(VIEW), default_timeout=60).run()
+    assert not empty.exception and "workbench sae train" in empty.info[0].value
+
+
+def test_cli_eval_writes_row(zoo_workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from circuits.sae.saelens_io import save_saelens
+    from circuits.sae_cli import app
+    from workbench.results import ResultsDB
+
+    sae = create_sae(SAEConfig("topk", d_in=64, d_sae=32, k=4, hook_in="blocks.0.hook_resid_post"))
+    save_saelens(sae, tmp_path / "lens")
+    workspace = tmp_path / "ws"
+    (workspace / "models").mkdir(parents=True)
+    (workspace / "models" / "code-tiny").symlink_to(zoo_workspace.model_dir("code-tiny"))
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "lens"), "code-tiny", "--sequences", "2",
+                                      "--workspace", str(workspace)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    row = ResultsDB(workspace / "results.duckdb").read("sae_evals").iloc[0]
+    assert row["sae_id"] == "lens" and row["L0"] == pytest.approx(4.0)
+    bad = create_sae(SAEConfig("topk", d_in=32, d_sae=32, k=4, hook_in="blocks.0.hook_resid_post"))
+    save_saelens(bad, tmp_path / "bad")
+    result = CliRunner().invoke(
+        app, ["eval", str(tmp_path / "bad"), "code-tiny", "--workspace", str(workspace)]
+    )
+    assert result.exit_code == 2 and "d_in=32" in result.output
