@@ -14,7 +14,7 @@ from rich.console import Console
 from workbench.workspace import Workspace
 
 console = Console()
-DEMO_MODELS = ("code-tiny", "code-small", "fsm-tiny", "vit-digits")
+DEMO_MODELS = ("code-tiny", "code-small", "fsm-tiny", "fsm-small", "vit-digits")
 PROBE_JOB = Path(__file__).with_name("demo_probes.toml")
 CODE_PROMPTS = [
     "def add(a, b):\n    return a + b\n",
@@ -94,5 +94,19 @@ def run_demo(workspace: str | Path | None = None) -> Workspace:
         return f"{(status['status'] == 'done').sum()}/{len(status)} tasks; best final accuracy {best}"
 
     _step("probe job (code-small, fsm-tiny over checkpoints)", _job_done(ws, PROBE_JOB), probes)
+
+    import circuits.codebook
+    import circuits.neuron_path
+    import circuits.sae
+    import circuits.transcoder_circuits
+
+    analyses = [
+        ("SAE and transcoders on code-tiny", "sae_evals", circuits.sae.demo_step),
+        ("transcoder circuit on code-tiny", "transcoder_circuits", circuits.transcoder_circuits.demo_step),
+        ("codebooks on fsm-small", "codebook_purity", circuits.codebook.demo_step),
+        ("neuron paths on vit-digits", "neuron_path_metrics", circuits.neuron_path.demo_step),
+    ]
+    for title, table_name, run in analyses:
+        _step(title, table_name in db.tables(), lambda run=run: run(ws, progress=True))
     console.print("[bold green]demo results ready[/]")
     return ws

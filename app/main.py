@@ -16,6 +16,7 @@ pages = [
     st.Page(VIEWS / "attention.py", title="Attention statistics", icon=":material/visibility:"),
     st.Page(VIEWS / "probes.py", title="Probes", icon=":material/science:"),
     st.Page(VIEWS / "sae.py", title="SAE features", icon=":material/scatter_plot:"),
+    st.Page(VIEWS / "circuits.py", title="Transcoder circuits", icon=":material/account_tree:"),
     st.Page(VIEWS / "codebooks.py", title="Codebooks", icon=":material/grid_view:"),
     st.Page(VIEWS / "neuron_paths.py", title="Neuron paths", icon=":material/route:"),
 ]

@@ -659,25 +659,29 @@ def fsm_codebook_study(
             "mean_state_purity": float(state_purity.mean())}  # fmt: skip
 
 
-def demo_step(workspace: Any, progress: bool = True) -> str:
-    """Codebooks on the workspace's fsm-tiny (last checkpoint): train, analyse, steer; writes both tables."""
+def demo_step(
+    workspace: Any, progress: bool = True, model_name: str = "fsm-small", n_codes: int = 300, steps: int = 300
+) -> str:
+    """Codebooks on the last checkpoint of a TokFSM zoo model in the workspace, on its last block's residual stream:
+    train, analyse, steer; writes both tables."""
     from workbench.checkpoints import CheckpointSeries
     from workbench.zoo.corpora import TokFSM
     from workbench.zoo.train import get_spec
 
-    series = CheckpointSeries.from_directory(workspace.model_dir("fsm-tiny"))
+    series = CheckpointSeries.from_directory(workspace.model_dir(model_name))
     model = series.load(series.steps[-1])
-    spec = get_spec("fsm-tiny")
+    spec = get_spec(model_name)
     fsm = TokFSM(**spec.fsm, seed=spec.seed)
     study = fsm_codebook_study(
-        model, fsm, directory=codebook_dir(workspace, "fsm-tiny-demo"), progress=progress
-    )
-    codes = study["codes"].assign(model="fsm-tiny")
-    purity = study["purity"].assign(model="fsm-tiny")
+        model, fsm, site=f"blocks.{spec.n_layers - 1}.hook_resid_post", n_codes=n_codes, steps=steps,
+        directory=codebook_dir(workspace, f"{model_name}-demo"), progress=progress,
+    )  # fmt: skip
+    codes = study["codes"].assign(model=model_name)
+    purity = study["purity"].assign(model=model_name)
     codes["loss_gap"] = study["report"].loss_gap
     write_results(codes, purity, workspace)
     steer = study["steering"]
-    return (f"codebooks fsm-tiny: state purity {study['mean_state_purity']:.2f}, loss gap "
+    return (f"codebooks {model_name}: state purity {study['mean_state_purity']:.2f}, loss gap "
             f"{study['report'].loss_gap:+.3f} nats, forced code → legal from forced state "
             f"{steer['forced_legal_from_forced']:.2f} vs unforced {steer['plain_legal_from_forced']:.2f}")  # fmt: skip
 

@@ -48,7 +48,8 @@ def vit_model_dir(zoo_workspace):
 
 @pytest.fixture(scope="session")
 def dashboard_workspace(zoo_workspace, tmp_path_factory):
-    """A workspace whose results database holds massive-activation, attention-statistics and probe results."""
+    """A workspace whose results database holds massive-activation, attention-statistics, probe, SAE and
+    transcoder-circuit results."""
     from workbench.attention.summary import attention_statistics
     from workbench.checkpoints import CheckpointSeries
     from workbench.massive import fit_emergence, track_massive, write_results
@@ -71,4 +72,9 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
                         progress=False)  # fmt: skip
     write_probe_results(rows, zoo_workspace)
+    import circuits.sae
+    import circuits.transcoder_circuits
+
+    circuits.sae.demo_step(zoo_workspace, progress=False)
+    circuits.transcoder_circuits.demo_step(zoo_workspace, progress=False)
     return zoo_workspace

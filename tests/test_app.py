@@ -9,7 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 VIEWS = Path(__file__).resolve().parents[1] / "app" / "views"
-ALL_VIEWS = ("overview", "massive", "attention", "probes", "sae", "codebooks", "neuron_paths")
+ALL_VIEWS = ("overview", "massive", "attention", "probes", "sae", "circuits", "codebooks", "neuron_paths")
 
 
 def _run(view: str, workspace: Path, monkeypatch) -> AppTest:
@@ -50,6 +50,14 @@ def test_probes_view_shows_heatmap_curves_and_rows(dashboard_workspace, monkeypa
     assert not app.exception
 
 
+def test_circuits_view_draws_the_path_search(dashboard_workspace, monkeypatch) -> None:
+    app = _run("circuits", dashboard_workspace.root, monkeypatch)
+    assert not app.exception, app.exception
+    assert len(app.get("plotly_chart")) == 1 and len(app.dataframe) == 1
+    nodes = app.dataframe[0].value
+    assert nodes.iloc[0]["kind"] == "target" and len(nodes) > 1
+
+
 def test_overview_lists_models_and_tables(dashboard_workspace, monkeypatch) -> None:
     app = _run("overview", dashboard_workspace.root, monkeypatch)
     models = app.dataframe[0].value
@@ -58,7 +66,7 @@ def test_overview_lists_models_and_tables(dashboard_workspace, monkeypatch) -> N
     assert {"massive_layers", "attention_stats"} <= tables
 
 
-@pytest.mark.parametrize("view", ["probes", "sae", "codebooks", "neuron_paths"])
+@pytest.mark.parametrize("view", ["probes", "sae", "circuits", "codebooks", "neuron_paths"])
 def test_views_without_data_name_the_command_that_produces_it(view, tmp_path, monkeypatch) -> None:
     from workbench.workspace import Workspace
 

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 PAGES = {"": "Interpretability workbench", "massive": "Massive activations", "attention": "Attention statistics",
-         "probes": "Probes", "sae": "SAE features", "codebooks": "Codebooks", "neuron_paths": "Neuron paths"}  # fmt: skip
+         "probes": "Probes", "sae": "SAE features", "circuits": "Transcoder circuits", "codebooks": "Codebooks", "neuron_paths": "Neuron paths"}  # fmt: skip
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [

@@ -148,7 +148,7 @@ def codebook_workspace(zoo_workspace, tmp_path_factory):
 
     workspace = Workspace(tmp_path_factory.mktemp("codebooks")).ensure()
     workspace.model_dir("fsm-tiny").symlink_to(zoo_workspace.model_dir("fsm-tiny"), target_is_directory=True)
-    summary = demo_step(workspace, progress=False)
+    summary = demo_step(workspace, progress=False, model_name="fsm-tiny", n_codes=200, steps=100)
     return workspace, summary
 
 

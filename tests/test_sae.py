@@ -227,7 +227,11 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     summary = demo_step(workspace, progress=False)
     assert "CE recovered" in summary
     evals = workspace.results().read("sae_evals")
-    assert set(evals["sae_id"]) == {"code-tiny.L0-resid-topk", "code-tiny.L0-mlp-transcoder"}
+    assert set(evals["sae_id"]) == {
+        "code-tiny.L0-resid-topk",
+        "code-tiny.L0-mlp-transcoder",
+        "code-tiny.L1-mlp-transcoder",
+    }
     assert (evals["L0"] <= 8).all() and (evals["FVU"] < 0.6).all() and (evals["ce_recovered"] > 0.5).all()
     features = workspace.results().read("sae_features", sae_id="code-tiny.L0-resid-topk")
     assert len(features) == 256

@@ -251,13 +251,16 @@ def train_and_evaluate(
 
 
 def demo_step(workspace, progress: bool = True) -> str:
-    """Train a TopK SAE on code-tiny's layer-0 residual stream and a TopK transcoder on its layer-0 MLP,
+    """Train a TopK SAE on code-tiny's layer-0 residual stream and TopK transcoders on its layer-0 and 1 MLPs,
     write `sae_evals` and `sae_features`, return a one-line summary."""
     specs = {
         "code-tiny.L0-resid-topk": {"architecture": "topk", "d_sae": 256, "k": 8, "hook_in": "blocks.0.hook_resid_post"},
-        "code-tiny.L0-mlp-transcoder": {
-            "architecture": "topk", "d_sae": 256, "k": 8,
-            "hook_in": "blocks.0.hook_resid_pre", "hook_out": "blocks.0.hook_mlp_out",
+        **{
+            f"code-tiny.L{layer}-mlp-transcoder": {
+                "architecture": "topk", "d_sae": 256, "k": 8,
+                "hook_in": f"blocks.{layer}.hook_resid_pre", "hook_out": f"blocks.{layer}.hook_mlp_out",
+            }
+            for layer in (0, 1)
         },
     }  # fmt: skip
     frame = train_and_evaluate(workspace, "code-tiny", specs, progress=progress)
