@@ -279,3 +279,30 @@ def test_cli_eval_writes_row(zoo_workspace, tmp_path):
         app, ["eval", str(tmp_path / "bad"), "code-tiny", "--workspace", str(workspace)]
     )
     assert result.exit_code == 2 and "d_in=32" in result.output
+
+
+def test_live_model_batches_shuffle_across_sequences_and_train_a_transcoder(code_series) -> None:
+    from circuits.sae.base import SAEConfig, create_sae
+    from circuits.sae.evals import code_token_sequences
+    from circuits.sae.train import TrainConfig, live_batches, train_saes
+
+    model = code_series.load(code_series.steps[-1])
+    tokens = code_token_sequences(model.tokenizer, 24, 32)
+    hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_mlp_out"]
+    stream = live_batches(model, tokens, hooks, batch_size=64, buffer_rows=512, sequences_per_forward=4)
+    first = next(stream)
+    assert set(first) == set(hooks) and first[hooks[0]].shape == (64, 64)
+    with torch.no_grad(), model.capture(hooks) as cache:
+        model(tokens)
+    every = cache[hooks[0]].reshape(-1, 64)
+    match = torch.cdist(first[hooks[0]], every).argmin(1)
+    assert torch.cdist(first[hooks[0]], every).min(1).values.max() < 1e-3  # each row is a real token
+    assert len(set((match // 32).tolist())) >= 8, "a batch should mix many sequences"
+    transcoder = create_sae(
+        SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8, hook_in=hooks[0], hook_out=hooks[1])
+    )
+    history = train_saes(
+        {"t": transcoder}, stream, TrainConfig(steps=60, lr=3e-3, warmup_steps=5, progress=False)
+    )
+    fvu = [h["fvu"] for h in history.history["t"]]
+    assert sum(fvu[-10:]) / 10 < 0.6 * sum(fvu[:5]) / 5

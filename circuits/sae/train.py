@@ -151,6 +151,54 @@ def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | No
     return TrainResult(saes, history)
 
 
+def live_batches(
+    model,
+    tokens: torch.Tensor,
+    hooks: str | list[str],
+    *,
+    batch_size: int = 256,
+    buffer_rows: int = 16384,
+    sequences_per_forward: int = 16,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Activation batches {hook: [batch_size, d]} from a live HookedModel, endlessly, through a shuffling buffer.
+
+    ``tokens`` [n_sequences, seq_len] are run ``sequences_per_forward`` at a time (cycling over epochs); every real
+    token's activations of all ``hooks`` enter a buffer of ``buffer_rows`` rows, and once it is full each forward
+    pass is followed by draws of random rows, so a batch mixes tokens of many sequences and positions (as with
+    SAELens's activation store). Memory stays at the buffer plus one forward pass.
+    """
+    names = model.resolve(hooks)
+    generator = torch.Generator().manual_seed(seed)
+    buffer: dict[str, torch.Tensor] = {}
+    epoch = 0
+    while True:
+        order = torch.randperm(len(tokens), generator=generator)
+        for begin in range(0, len(order), sequences_per_forward):
+            chunk = tokens[order[begin : begin + sequences_per_forward]]
+            keep = (
+                (chunk != pad_token_id)
+                if pad_token_id is not None
+                else torch.ones_like(chunk, dtype=torch.bool)
+            )
+            with torch.no_grad(), model.capture(names) as cache:
+                model(chunk, attention_mask=keep.long())
+            for name in names:
+                rows = cache[name][keep].float()
+                buffer[name] = rows if name not in buffer else torch.cat([buffer[name], rows])
+            filled = len(buffer[names[0]])
+            if filled < buffer_rows:
+                continue
+            draws = max(1, (filled - buffer_rows // 2) // batch_size)
+            perm = torch.randperm(filled, generator=generator)
+            for index in perm[: draws * batch_size].view(draws, batch_size):
+                yield {name: buffer[name][index] for name in names}
+            kept = perm[draws * batch_size :]
+            buffer = {name: value[kept] for name, value in buffer.items()}
+        epoch += 1
+
+
 def train_sae(sae: SAE, batches: Iterable, cfg: TrainConfig | None = None) -> SAE:
     """Train one SAE on batches of tensors [batch, d_in] or (x, y) pairs; returns it (scaling folded in)."""
     return train_saes({"sae": sae}, batches, cfg).saes["sae"]
