@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from workbench.cli_options import fail
+
 MAIN = Path(__file__).with_name("main.py")
 
 
@@ -55,7 +57,6 @@ def demo(
     try:
         ws = run_demo(workspace)
     except (ZooError, CheckpointError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        fail(err)
     if serve_dashboard:
         serve(ws.root, host, port)

@@ -7,16 +7,9 @@ from typing import Annotated
 
 import typer
 
+from workbench.cli_options import WorkspaceOption, fail
+
 app = typer.Typer(help="Sparse autoencoders and transcoders on zoo models.", no_args_is_help=True)
-
-WorkspaceOption = Annotated[
-    Path | None, typer.Option("--workspace", "-w", help="Workspace (default ./workspace).")
-]
-
-
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -61,7 +54,7 @@ def train(
             train_steps=steps, progress=progress,
         )  # fmt: skip
     except (ValueError, KeyError) as err:
-        _fail(err)
+        fail(err)
     row = frame.iloc[0]
     typer.echo(
         f"{name}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  CE recovered {row.ce_recovered:.3f}  KL {row.kl:.4f}"
@@ -93,7 +86,7 @@ def evaluate(
         tokens = code_token_sequences(hooked.tokenizer, sequences, 64, seed=1)
         frame = evaluate_sae(hooked, sae, tokens, sae_id or sae_path.name, dataset="python-stdlib")
     except (ValueError, KeyError) as err:
-        _fail(err)
+        fail(err)
     write_evals(frame, ws)
     row = frame.iloc[0]
     typer.echo(f"L0 {row.L0:.2f}  FVU {row.FVU:.4f}  CE recovered {row.ce_recovered:.3f}  KL {row.kl:.4f}")

@@ -7,18 +7,10 @@ from typing import Annotated
 
 import typer
 
+from workbench.cli_options import WorkspaceOption, fail
+
 app = typer.Typer(help="Scripted linear-probe batch jobs (see probes/jobs.py for the job file format).",
                   no_args_is_help=True)  # fmt: skip
-
-WorkspaceOption = Annotated[
-    Path | None,
-    typer.Option("--workspace", "-w", help="Workspace (default: the job file's, or ./workspace)."),
-]
-
-
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -39,7 +31,7 @@ def run(
         status = run_job(job_file, workspace=workspace, backend=backend, workers=workers, address=address,
                          resume=resume)  # fmt: skip
     except ProbeJobError as err:
-        _fail(err)
+        fail(err)
     counts = status["status"].value_counts().to_dict()
     typer.echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     for row in status[status["status"] == "failed"].itertuples():
@@ -58,7 +50,7 @@ def status(
     try:
         table = job_status(job_file, workspace)
     except ProbeJobError as err:
-        _fail(err)
+        fail(err)
     for row in table.itertuples():
         line = f"{row.status:8} {row.task}"
         typer.echo(line + (f"  ({row.error})" if row.status == "failed" else ""))

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from workbench import __version__
+from workbench.cli_options import WorkspaceOption, fail
 
 app = typer.Typer(
     name="workbench",
@@ -21,18 +22,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-WorkspaceOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace", "-w", help="Workspace directory (default: $WORKBENCH_WORKSPACE or ./workspace)."
-    ),
-]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def load_model_argument(model: str, workspace: Path | None = None):
@@ -84,7 +73,7 @@ def info(
         hooked = load_model_argument(model, workspace)
         names = hooked.resolve(pattern)
     except (ModelLoadError, KeyError, FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(repr(hooked))
     for key, value in hooked.cfg.to_dict().items():
         typer.echo(f"  {key}: {value}")
@@ -116,7 +105,7 @@ def capture(
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
-        _fail(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
+        fail(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
     try:
         corpus = load_texts(texts)
         hooked = load_model_argument(model, workspace)
@@ -131,7 +120,7 @@ def capture(
             dataset=dataset or texts.stem,
         )
     except (TextFileError, ModelLoadError, StoreError, KeyError, ValueError, IndexError) as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(f"wrote {store.n_rows} rows × {len(store.hooks)} hooks to {out}")
 
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from workbench.cli_options import fail
+
 DEFAULT_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Paris is the capital of France, and Berlin is the capital of Germany.",
@@ -80,8 +82,7 @@ def massive_command(
         KeyError,
         ValueError,
     ) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        fail(err)
     for note in report.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
     latest = report.layers if report.layers["checkpoint"].isna().all() else report.layers[

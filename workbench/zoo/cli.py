@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from workbench.cli_options import fail
+
 app = typer.Typer(
     help="Train the embedded model suite (offline) with Pythia-style checkpoints.", no_args_is_help=True
 )
@@ -42,7 +44,6 @@ def train(
     try:
         model_dir = train_zoo_model(name, workspace, restart=restart, **overrides)
     except ZooError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        fail(err)
     log = read_train_log(model_dir)
     typer.echo(f"{name}: {len(log)} steps, final loss {log[-1]['loss']:.3f} → {model_dir}")
