@@ -237,21 +237,22 @@ class CircuitGraph:
         """The circuit drawn over (layer, position): one marker per node, one line per edge, width ∝ |attribution|."""
         nodes = self.nodes.set_index("id")
         x = nodes["layer"].where(nodes["kind"] != "target", nodes["layer"] + 0.5)
+        shared = nodes.assign(x=x).groupby(["x", "position"]).cumcount()
+        y = nodes["position"] + 0.2 * shared
         fig = go.Figure()
         scale = float(nodes["attribution"].abs().max() or 1.0)
         for node_id, row in nodes.iterrows():
             if row["parent"] < 0:
                 continue
-            parent = nodes.loc[row["parent"]]
             fig.add_scatter(
-                x=[x[node_id], x[row["parent"]]], y=[row["position"], parent["position"]], mode="lines",
+                x=[x[node_id], x[row["parent"]]], y=[y[node_id], y[row["parent"]]], mode="lines",
                 line={"width": 1 + 6 * abs(row["attribution"]) / scale,
                       "color": "#d62728" if row["attribution"] > 0 else "#1f77b4"},
                 hoverinfo="skip", showlegend=False,
             )  # fmt: skip
         labels = [f"{r.kind} L{r.layer} #{r.index} @{r.position} ({r.text})<br>attribution {r.attribution:.3f}"
                   for r in nodes.itertuples()]  # fmt: skip
-        fig.add_scatter(x=x, y=nodes["position"], mode="markers+text", text=nodes["kind"].str[0].str.upper()
+        fig.add_scatter(x=x, y=y, mode="markers+text", text=nodes["kind"].str[0].str.upper()
                         + nodes["index"].astype(str), textposition="top center", hovertext=labels,
                         hoverinfo="text", marker={"size": 12, "color": nodes["depth"], "colorscale": "Viridis"},
                         showlegend=False)  # fmt: skip

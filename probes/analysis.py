@@ -285,6 +285,7 @@ def probe_heatmap(
         title=f"{frame['model'].iloc[0]} · {label_set} · {metric}",
     )  # fmt: skip
     fig.update_xaxes(type="category")
+    fig.update_yaxes(dtick=1)
     return fig
 
 
