@@ -207,7 +207,7 @@ def test_splice_metrics_against_closed_form(code_series):
     assert out["ce_recovered"] == pytest.approx(1.0, abs=1e-4) and out["kl"] == pytest.approx(0.0, abs=1e-5)
     logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, zero_ablation())])[:, :-1]
     ce_zero = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1))
-    assert out["ce_zero"] == pytest.approx(float(ce_zero), rel=1e-4)
+    assert out["ce_zero"] == pytest.approx(float(ce_zero.detach()), rel=1e-4)
 
 
 def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
