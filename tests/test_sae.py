@@ -306,3 +306,42 @@ def test_live_model_batches_shuffle_across_sequences_and_train_a_transcoder(code
     )
     fvu = [h["fvu"] for h in history.history["t"]]
     assert sum(fvu[-10:]) / 10 < 0.6 * sum(fvu[:5]) / 5
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparse_topk_training_gradients_equal_the_dense_formulation(skip) -> None:
+    """TopK training uses sparse encoder gradients and an embedding_bag decoder; both must match autograd through
+    the dense f = topk(x W_enc + b_enc), f W_dec + b_dec (+ x W_skip), including the AuxK term."""
+    from circuits.sae.base import SAEConfig, create_sae
+    from circuits.sae.topk import topk_activation
+
+    torch.manual_seed(0)
+    sae = create_sae(
+        SAEConfig(architecture="topk", d_in=24, d_sae=96, d_out=16 if skip else 24, k=5, skip=skip)
+    )
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        if skip:
+            sae.W_skip.normal_()
+    x, y = torch.randn(40, 24), torch.randn(40, sae.d_out)
+    dead = torch.rand(96) < 0.3
+
+    def grads(loss):
+        sae.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    f, prediction, pre, _ = sae.training_forward(x, dead)
+    residual = (y - prediction).detach()
+    sparse = grads((y - prediction).pow(2).sum() + sae.aux_loss(x, pre, residual, dead))
+    dense_pre = sae.pre_activation(x)
+    dense_f = topk_activation(dense_pre, 5)
+    torch.testing.assert_close(f, dense_f.detach())
+    aux_k = min(sae.d_out // 2, int(dead.sum()))
+    f_dead = topk_activation(torch.where(dead, dense_pre, torch.full_like(dense_pre, -torch.inf)), aux_k)
+    aux = (f_dead.nan_to_num(0.0) @ sae.W_dec - residual).pow(2).sum(-1).mean()
+    aux = sae.cfg.aux_k_coefficient * aux / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    dense = grads((y - sae.decode(dense_f, x)).pow(2).sum() + aux)
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-5)

@@ -114,7 +114,7 @@ def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | No
             mse = residual.pow(2).sum(-1).mean()
             losses = {"mse": mse} | sae.sparsity_loss(f, pre)
             if isinstance(sae, TopKSAE):
-                losses["aux_k"] = sae.aux_loss(pre, residual.detach(), dead)
+                losses["aux_k"] = sae.aux_loss(x, pre.detach(), residual.detach(), dead)
             loss = sum(losses.values())
             total = total + loss
             with torch.no_grad():
