@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workbench.fileio import atomic_save_tensors, atomic_write_json
 
 CODES_TABLE = "codebook_codes"
 PURITY_TABLE = "codebook_purity"
@@ -211,17 +211,13 @@ class CodebookSet(nn.Module):
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``codebooks.safetensors`` + ``config.json`` atomically into ``directory``."""
-        from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"codes.{i}": book.codes.detach().contiguous().cpu() for i, book in enumerate(self.books)}
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp)
-        os.replace(tmp, directory / "codebooks.safetensors")
+        atomic_save_tensors(directory / "codebooks.safetensors", tensors)
         meta = {"configs": [asdict(book.config) for book in self.books], **(extra or {})}
-        _write_text(directory / "config.json", json.dumps(meta, indent=1))
+        atomic_write_json(directory / "config.json", meta)
         return directory
 
     @classmethod
@@ -241,13 +237,6 @@ class CodebookSet(nn.Module):
             for i, book in enumerate(books.books):
                 book.codes.copy_(tensors[f"codes.{i}"])
         return books
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def site_config(model: Any, site: str, n_codes: int, k: int = 1, similarity: str = "dot") -> CodebookConfig:

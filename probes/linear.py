@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+
+from workbench.fileio import atomic_save_tensors
 
 TASKS = ("classification", "regression")
 
@@ -101,16 +102,13 @@ class LinearProbes:
 
     def save(self, path: str | Path) -> Path:
         """Write the probes as safetensors (+ JSON metadata in the header), atomically."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "scale": self.scale}
         if self.classes is not None:
             tensors["classes"] = self.classes
         meta = {"task": self.task, "sites": json.dumps(self.sites), "l2": repr(self.l2)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_save_tensors(path, tensors, metadata=meta)
         return path
 
     @classmethod

@@ -97,7 +97,7 @@ def test_interrupted_store_is_not_read_as_complete_and_resumes(tmp_path, monkeyp
 
     import workbench.store as module
 
-    real_write = module._atomic_write_bytes
+    real_write = module.atomic_write_bytes
     calls = {"n": 0}
 
     def crash_on_manifest(path, data):
@@ -106,10 +106,10 @@ def test_interrupted_store_is_not_read_as_complete_and_resumes(tmp_path, monkeyp
             raise KeyboardInterrupt("killed between shard and manifest")
         real_write(path, data)
 
-    monkeypatch.setattr(module, "_atomic_write_bytes", crash_on_manifest)
+    monkeypatch.setattr(module, "atomic_write_bytes", crash_on_manifest)
     with pytest.raises(KeyboardInterrupt):
         store.append({k: v[15:30] for k, v in acts.items()}, ids[15:30], sequences_done=6)
-    monkeypatch.setattr(module, "_atomic_write_bytes", real_write)
+    monkeypatch.setattr(module, "atomic_write_bytes", real_write)
     assert (tmp_path / "s" / "shard-00001.safetensors").exists()  # orphan shard, not in the manifest
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore.open(tmp_path / "s")
@@ -223,7 +223,7 @@ def test_capture_crash_then_resume_equals_uninterrupted_run(tmp_path, gpt2, monk
 
     import workbench.store as module
 
-    real_write, manifests = module._atomic_write_bytes, []
+    real_write, manifests = module.atomic_write_bytes, []
 
     def crash_on_third_shard(path, data):
         if path.name == "manifest.json":
@@ -232,10 +232,10 @@ def test_capture_crash_then_resume_equals_uninterrupted_run(tmp_path, gpt2, monk
                 raise KeyboardInterrupt("killed after the shard file, before the manifest")
         real_write(path, data)
 
-    monkeypatch.setattr(module, "_atomic_write_bytes", crash_on_third_shard)
+    monkeypatch.setattr(module, "atomic_write_bytes", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         capture_to_store(model, inputs, "blocks.*.hook_resid_post", tmp_path / "c", **options)
-    monkeypatch.setattr(module, "_atomic_write_bytes", real_write)
+    monkeypatch.setattr(module, "atomic_write_bytes", real_write)
     assert (tmp_path / "c" / "shard-00002.safetensors").exists()
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore.open(tmp_path / "c")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from workbench import __version__
+from workbench.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     from workbench.hooks import Positions
@@ -39,15 +39,6 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 class StoreError(RuntimeError):
     """A store cannot be created, resumed or read; the message names the path and the fix."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -227,7 +218,7 @@ class ActivationStore:
         index = len(self.manifest["shards"])
         name = f"shard-{index:05d}.safetensors"
         data = save(tensors, metadata={"store": str(self.path.name), "shard": str(index)})
-        _atomic_write_bytes(self.path / name, data)
+        atomic_write_bytes(self.path / name, data)
         self.manifest["shards"].append(
             {"file": name, "rows": self._buffer_rows, "sha256": hashlib.sha256(data).hexdigest()}
         )
@@ -244,7 +235,7 @@ class ActivationStore:
         return self
 
     def _write_manifest(self) -> None:
-        _atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
 
     def _remove_orphans(self) -> None:
         """Delete shard files a crash left behind without a manifest entry."""

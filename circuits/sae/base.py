@@ -8,14 +8,14 @@ Pre-activations are x @ W_enc + b_enc (no b_dec subtraction; SAELens files with 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from workbench.fileio import atomic_save_tensors, atomic_write_text
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "workbench_sae.json"
@@ -165,15 +165,12 @@ class SAE(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write `sae_weights.safetensors` + `workbench_sae.json` atomically into directory `path`."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         architecture, tensors = self.inference_state()
         cfg = asdict(self.cfg) | {"architecture": architecture}
-        tmp = path / f".{WEIGHTS_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / WEIGHTS_FILE)
+        atomic_save_tensors(path / WEIGHTS_FILE, tensors)
         atomic_write_text(path / CONFIG_FILE, json.dumps(cfg, indent=2))
         return path
 
@@ -220,8 +217,3 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     return sae.to(device)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)

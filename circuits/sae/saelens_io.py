@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from circuits.sae.base import SAE, SAEConfig, SAEInputError, atomic_write_text, create_sae
+from circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
+from workbench.fileio import atomic_save_tensors, atomic_write_text
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
@@ -27,7 +27,6 @@ _FROM_SAELENS = {name: arch for (arch, _, _), name in _TO_SAELENS.items()}
 
 def save_saelens(sae: SAE, path: str | Path) -> Path:
     """Write `sae` so that `sae_lens.SAE.load_from_disk(path)` rebuilds it with identical encodings."""
-    from safetensors.torch import save_file
 
     architecture, tensors = sae.inference_state()
     key = (architecture, sae.cfg.is_transcoder, sae.W_skip is not None)
@@ -62,9 +61,7 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
         cfg["d_out"] = sae.d_out
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{SAELENS_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path / SAELENS_WEIGHTS)
+    atomic_save_tensors(path / SAELENS_WEIGHTS, tensors)
     atomic_write_text(path / SAELENS_CONFIG, json.dumps(cfg, indent=2))
     return path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from circuits.sae.base import SAE, SAEInputError
 from circuits.sae.topk import TopKSAE
+from workbench.fileio import atomic_save_tensors, atomic_torch_save
 
 
 @dataclass
@@ -206,12 +206,9 @@ def train_sae(sae: SAE, batches: Iterable, cfg: TrainConfig | None = None) -> SA
 
 def _checkpoint(path: Path, step, saes, optimizer, scheduler, fired, scales, history) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
 
     for name, sae in saes.items():
-        tmp_weights = path.parent / f".{name}.tmp"
-        save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(tmp_weights))
-        os.replace(tmp_weights, path.parent / f"{name}.safetensors")
+        atomic_save_tensors(path.parent / f"{name}.safetensors", sae.state_dict())
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -220,9 +217,7 @@ def _checkpoint(path: Path, step, saes, optimizer, scheduler, fired, scales, his
         "scales": {n: list(s) for n, s in scales.items()},
         "history": history,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(path, state)
 
 
 def _resume(path: Path, saes, optimizer, scheduler, fired, scales, history) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workbench.fileio import atomic_write_json
 from workbench.workspace import Workspace
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
 
@@ -219,12 +220,6 @@ def _save_resume_state(optimizer: torch.optim.Optimizer, model_dir: Path, step: 
     os.replace(tmp, final)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def _check_spec(model_dir: Path, spec: ZooSpec) -> None:
     spec_file = model_dir / "spec.json"
     if not spec_file.exists():
@@ -270,7 +265,7 @@ def train_zoo_model(
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     _check_spec(model_dir, spec)
-    _write_json(model_dir / "spec.json", spec.to_json())
+    atomic_write_json(model_dir / "spec.json", spec.to_json())
     schedule = checkpoint_steps(spec.steps, spec.checkpoint_every)
     done = [s for s in schedule if (model_dir / f"step{s}" / "model.safetensors").exists()]
     if done and done[-1] == spec.steps:
@@ -312,7 +307,7 @@ def train_zoo_model(
         if json.loads(line)["step"] <= start
     ]
     log_path.write_text("".join(line + "\n" for line in kept))
-    _write_json(model_dir / "meta.json", meta)
+    atomic_write_json(model_dir / "meta.json", meta)
     if start == 0:
         _save_checkpoint(model, model_dir, 0)
 
@@ -354,7 +349,7 @@ def train_zoo_model(
             if stop_after is not None and step + 1 - start >= stop_after:
                 break
     meta["train_seconds"] = round(time.perf_counter() - started, 2)
-    _write_json(model_dir / "meta.json", meta)
+    atomic_write_json(model_dir / "meta.json", meta)
     return model_dir
 
 
