@@ -15,15 +15,19 @@ from circuits.codebook import (
     CodebookConfig,
     CodebookError,
     CodebookSet,
+    _replace_dead,
     analyse_codes,
     association,
     codebook_dir,
+    collect_codes,
     demo_step,
     fsm_steering_check,
+    generate,
     kmeans,
     mutual_information,
     site_config,
     train_codebooks,
+    write_results,
 )
 
 VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "codebooks.py"
@@ -46,6 +50,9 @@ def test_forward_is_sum_of_top_k_codes_with_straight_through_gradient(similarity
     assert torch.equal(idx.reshape(4, 5, 2, 3).sort(-1).values, expected_idx)
     gathered = book.codes.detach().double()[torch.arange(2)[None, None, :, None], expected_idx].sum(-2)
     torch.testing.assert_close(out.detach().double(), gathered, atol=1e-5, rtol=1e-5)
+    _, idx2, chosen_scores = book.encode(x)
+    expected_scores = scores.reshape(20, 2, 10).gather(-1, idx2).float()
+    torch.testing.assert_close(chosen_scores, expected_scores, atol=1e-4, rtol=1e-4)
     upstream = torch.randn_like(out)
     out.backward(upstream)
     torch.testing.assert_close(x.grad, upstream)
@@ -126,6 +133,7 @@ def test_per_head_training_checkpoints_resumes_and_steers(fsm_series, tmp_path) 
     assert np.isfinite(report.loss_gap) and report.codebook_loss > 0
     resumed, report2 = train_codebooks(model, tokens, [site], steps=6, **kwargs)
     assert len(report2.history) == 2  # steps 4 and 5 only
+    assert CodebookSet.metadata(tmp_path / "run")["step"] == 6
     reloaded = CodebookSet.load(tmp_path / "run")
     torch.testing.assert_close(reloaded[site].codes, resumed[site].codes)
     with pytest.raises(CodebookError, match="other settings"):
@@ -135,10 +143,162 @@ def test_per_head_training_checkpoints_resumes_and_steers(fsm_series, tmp_path) 
         with reloaded.steer(site, force={3: 5}, group=1, disable=[0, 1]):
             model(tokens[:4])
         steered = reloaded.codes(site)
-        assert (steered[:, 3, 1] == 5).all()
+        assert (steered[:, 3, 1, 0] == 5).all() and (steered[:, 3, 1, 1] == -1).all()  # exactly code 5, once
         assert not torch.isin(steered[:, :, 0], torch.tensor([0, 1])).any()
         model(tokens[:4])
         assert not (reloaded.codes(site)[:, 3, 1] == 5).all()  # forcing ended with the block
+
+
+def _planted_codebook():
+    """4 tight clusters in 8 dims; codes 0-3 sit on the (LayerNorm-ed) centres, codes 4-7 on their negatives, so
+    under dot similarity codes 4-7 never win."""
+    torch.manual_seed(0)
+    centres = torch.nn.functional.layer_norm(torch.randn(4, 8) * 3, (8,))
+    x = centres.repeat_interleave(25, 0) + 0.5 * torch.randn(100, 8)
+    books = CodebookSet([CodebookConfig("s", d=8, n_codes=8, k=1)])
+    with torch.no_grad():
+        books["s"].codes[0] = torch.cat([centres, -centres])
+    return books, x
+
+
+def test_dead_codes_are_replaced_by_inputs_and_then_win() -> None:
+    books, x = _planted_codebook()
+    book = books["s"]
+    used = torch.bincount(book.select(x[:, None]).reshape(-1), minlength=8)
+    assert (used[:4] > 0).all() and (used[4:] == 0).all()
+    books.state["s"].last_input = x
+    usage = {"s": used[None].float()}
+    live = book.codes.detach()[0, :4].clone()
+    replaced = _replace_dead(books, usage, torch.Generator().manual_seed(0))
+    assert replaced == 4 and (usage["s"] == 0).all()
+    torch.testing.assert_close(book.codes.detach()[0, :4], live)  # live codes untouched
+    u = torch.nn.functional.layer_norm(x, (8,))
+    distance = torch.cdist(book.codes.detach()[0, 4:], u).min(1).values
+    assert (distance < 0.1).all()  # each new code is an input plus 1 % noise
+    after = torch.bincount(book.select(x[:, None]).reshape(-1), minlength=8)
+    assert (after > 0).all()  # the re-seeded codes now win on the inputs they were seeded from
+
+
+def test_disabling_and_forcing_rules() -> None:
+    books = CodebookSet([CodebookConfig("s", d=8, n_codes=6, k=2)])
+    book = books["s"]
+    x = torch.randn(5, 7, 8)
+
+    class Hook:
+        name = "s"
+
+    with books.steer("s", disable=[0, 1, 2, 3]):  # exactly k codes left: they are the ones chosen
+        books._hook(x, Hook())
+        assert set(books.codes("s").unique().tolist()) == {4, 5}
+    with pytest.raises(CodebookError, match="fewer than k=2"):
+        with books.steer("s", disable=[0, 1, 2, 3, 4]):
+            pass
+    with books.steer("s", disable=[0, 1, 2]), pytest.raises(CodebookError, match="fewer than k=2"):
+        with books.steer("s", disable=[3, 4]):  # nested blocks add up
+            pass
+    with books.steer("s", force={2: 3, -1: 0}):
+        out = books._hook(x, Hook())
+    codes = book.codes.detach()
+    torch.testing.assert_close(out[:, 2], codes[0, 3].expand(5, 8))  # exactly the forced code, once
+    torch.testing.assert_close(out[:, -1], codes[0, 0].expand(5, 8))
+    assert (books.codes("s")[:, 2, 0, 1] == -1).all() and (books.scores("s")[:, 2, 0, 1] == -torch.inf).all()
+    natural = books._hook(x, Hook())
+    torch.testing.assert_close(natural[:, 1], codes[0][books.codes("s")[:, 1, 0]].sum(1))
+
+
+def test_fsm_steering_check_without_candidates_or_with_shared_codes(fsm_series) -> None:
+    from workbench.zoo.corpora import TokFSM
+    from workbench.zoo.train import get_spec
+
+    model = fsm_series.load(fsm_series.steps[-1])
+    spec = get_spec("fsm-tiny")
+    fsm = TokFSM(**spec.fsm, seed=spec.seed)
+    tokens, states = (torch.from_numpy(a) for a in fsm.sample(6, 8, seed=0))
+    site = "blocks.1.hook_resid_post"
+    books = CodebookSet([site_config(model, site, 8)])
+    legal = [frozenset(fsm.legal_next_tokens(s)) for s in range(fsm.n_states)]
+    a, b = next((a, b) for a in range(fsm.n_states) for b in range(a) if legal[a] != legal[b])
+    shared = pd.DataFrame({"site": site, "label_set": "fsm_state", "label": [a, b], "best_code": [3, 3]})
+    result = fsm_steering_check(model, books, site, fsm, shared, tokens, states)
+    assert result["n"] == 0 and result["skipped"] == 6 and np.isnan(result["forced_legal_from_forced"])
+    alone = pd.DataFrame({"site": site, "label_set": "fsm_state", "label": [a], "best_code": [3]})
+    result = fsm_steering_check(model, books, site, fsm, alone, tokens, states)
+    assert result["n"] + result["skipped"] == 6
+    assert result["n"] == sum(legal[int(s)] != legal[a] for s in states[:, -1]) > 0
+
+
+@pytest.mark.parametrize("train_model", [False, True])
+def test_resume_equals_an_uninterrupted_run(fsm_series, tmp_path, train_model) -> None:
+    """MLP-out site, cosine similarity, dead-code replacement across the interruption; with ``train_model`` the
+    model weights are checkpointed too. The caller's requires_grad flags survive."""
+    from workbench.zoo.corpora import TokFSM
+    from workbench.zoo.train import get_spec
+
+    spec = get_spec("fsm-tiny")
+    tokens = torch.from_numpy(TokFSM(**spec.fsm, seed=spec.seed).sample(64, 12, seed=3)[0])
+    site = "blocks.0.hook_mlp_out"
+    kwargs = dict(n_codes=24, similarity="cosine", batch_size=8, checkpoint_every=3, dead_every=2,
+                  train_model=train_model, progress=False)  # fmt: skip
+
+    def fresh():
+        model = fsm_series.load(fsm_series.steps[-1])
+        for i, p in enumerate(model.model.parameters()):
+            p.requires_grad_(i % 2 == 0)
+        return model
+
+    full_model = fresh()
+    full, full_report = train_codebooks(
+        full_model, tokens, [site], steps=6, directory=tmp_path / "a", **kwargs
+    )
+    assert [p.requires_grad for p in full_model.model.parameters()] == [
+        i % 2 == 0 for i, _ in enumerate(full_model.model.parameters())
+    ]
+    assert full_report.dead_replaced > 0 and full[site].config.similarity == "cosine"
+    train_codebooks(fresh(), tokens, [site], steps=3, directory=tmp_path / "b", **kwargs)
+    resumed_model = fresh()
+    resumed, report = train_codebooks(
+        resumed_model, tokens, [site], steps=6, directory=tmp_path / "b", **kwargs
+    )
+    assert len(report.history) == 3
+    np.testing.assert_allclose(report.history, full_report.history[3:], rtol=1e-5)
+    torch.testing.assert_close(resumed[site].codes, full[site].codes, atol=1e-6, rtol=1e-5)
+    base = fsm_series.load(fsm_series.steps[-1]).model.state_dict()
+    full_weights, resumed_weights = full_model.model.state_dict(), resumed_model.model.state_dict()
+    for name, value in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, atol=1e-6, rtol=1e-5)
+    changed = any(not torch.equal(value, base[name]) for name, value in full_weights.items())
+    assert changed == train_model
+    if train_model:
+        assert report.loss_gap == pytest.approx(full_report.loss_gap, abs=1e-5)
+
+    # steps below the saved step train nothing and keep the step
+    _, again = train_codebooks(fresh(), tokens, [site], steps=2, directory=tmp_path / "b", **kwargs)
+    assert again.steps == 6 and again.history == [] and CodebookSet.metadata(tmp_path / "b")["step"] == 6
+    (tmp_path / "b" / "config.json").unlink()  # the safetensors file alone is complete
+    torch.testing.assert_close(CodebookSet.load(tmp_path / "b")[site].codes, full[site].codes)
+    with pytest.raises(CodebookError, match=r"other settings \(train_model\)"):
+        train_codebooks(fresh(), tokens, [site], steps=6, directory=tmp_path / "b",
+                        **{**kwargs, "train_model": not train_model})  # fmt: skip
+
+
+def test_write_results_replaces_every_row_of_a_site(tmp_path) -> None:
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path).ensure()
+
+    def frame(site, codes):
+        return pd.DataFrame({"model": "m", "checkpoint": 5, "site": site, "head": None, "code": codes,
+                             "count": 1})  # fmt: skip
+
+    purity = pd.DataFrame({"model": "m", "checkpoint": 5, "site": "a", "head": None, "label_set": "s",
+                           "label": [0, 1], "purity": 0.5})  # fmt: skip
+    write_results(pd.concat([frame("a", [1, 2, 3]), frame("b", [7])]), purity, workspace)
+    write_results(frame("a", [1, 2]), purity.iloc[:1], workspace)
+    rows = workspace.results().read("codebook_codes")
+    assert sorted(rows[rows["site"] == "a"]["code"]) == [1, 2] and list(
+        rows[rows["site"] == "b"]["code"]
+    ) == [7]
+    assert list(workspace.results().read("codebook_purity")["label"]) == [0]
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +349,68 @@ def test_demo_step_fsm_state_purity_and_steering(codebook_workspace) -> None:
     assert effect["forced_legal_from_true"] < effect["plain_legal_from_true"]
 
 
+def _demo_model_and_books(workspace):
+    from workbench.checkpoints import CheckpointSeries
+    from workbench.zoo.corpora import TokFSM
+    from workbench.zoo.train import get_spec
+
+    series = CheckpointSeries.from_directory(workspace.model_dir("fsm-tiny"))
+    spec = get_spec("fsm-tiny")
+    books = CodebookSet.load(codebook_dir(workspace, "fsm-tiny-demo"))
+    return series.load(series.steps[-1]), books, TokFSM(**spec.fsm, seed=spec.seed)
+
+
+def test_generation_follows_a_forced_state_code_and_disabled_codes_are_avoided(codebook_workspace) -> None:
+    workspace, _ = codebook_workspace
+    model, books, fsm = _demo_model_and_books(workspace)
+    site = books.sites[0]
+    purity = workspace.results().read("codebook_purity", model="fsm-tiny")
+    purity = purity[
+        purity["best_code"].map(purity["best_code"].value_counts()) == 1
+    ]  # codes naming one state
+    state, code = (int(v) for v in purity.sort_values("purity").iloc[-1][["label", "best_code"]])
+    legal = fsm.legal_next_tokens(state)
+    prompts = torch.from_numpy(fsm.sample(16, 8, seed=5)[0])
+    plain = generate(model, books, prompts, 6)[:, 8:]
+    forced = generate(model, books, prompts, 6, steer={"site": site, "force": {-1: code}})[:, 8:]
+    assert (books.codes(site)[:, -1, 0, 0] == code).all()
+    forced_rate = np.isin(forced.numpy(), list(legal)).mean()
+    plain_rate = np.isin(plain.numpy(), list(legal)).mean()
+    assert forced_rate > 0.6 and forced_rate > plain_rate + 0.3
+
+    used = collect_codes(model, books, torch.cat([prompts, plain], 1))[site].unique().tolist()
+    avoided = generate(model, books, prompts, 6, steer={"site": site, "disable": used})
+    assert not torch.isin(books.codes(site), torch.tensor(used)).any()
+    assert not torch.equal(avoided[:, 8:], plain)
+
+
+def test_top_contexts_are_ranked_by_similarity(codebook_workspace) -> None:
+    workspace, _ = codebook_workspace
+    model, books, fsm = _demo_model_and_books(workspace)
+    site = books.sites[0]
+    tokens = torch.from_numpy(fsm.sample(32, 10, seed=7)[0])
+    codes, _ = analyse_codes(model, books, tokens, top_contexts=3, context=2)
+    chosen, scores = collect_codes(model, books, tokens, return_scores=True)
+    brute = books[site].scores(books[site]._grouped(_capture(model, site, tokens)))  # [rows, 1, n_codes]
+    torch.testing.assert_close(
+        scores[site].reshape(-1), brute[:, 0].gather(1, chosen[site].reshape(-1, 1))[:, 0]
+    )
+    busy = codes[codes["count"] > 3]
+    assert len(busy)
+    for row in busy.itertuples():
+        where = (chosen[site].reshape(-1) == row.code).nonzero().squeeze(1)
+        best = scores[site].reshape(-1)[where].sort(descending=True)
+        np.testing.assert_allclose(row.top_context_scores, best.values[:3].numpy(), rtol=1e-6)
+        seq, pos = divmod(int(where[best.indices[0]]), tokens.shape[1])
+        assert row.top_contexts[0] == " ".join(model.to_str_tokens(tokens[seq, max(0, pos - 2) : pos + 1]))
+
+
+def _capture(model, site, tokens):
+    with torch.no_grad(), model.capture([site]) as cache:
+        model(tokens)
+    return cache[site]
+
+
 def test_dashboard_view_renders_codebook_results(codebook_workspace, monkeypatch, tmp_path) -> None:
     from streamlit.testing.v1 import AppTest
 
@@ -226,4 +448,7 @@ def test_cli_train_then_analyse_writes_tables(zoo_workspace, tmp_path) -> None:
     assert "purity" in analysed.output
     assert set(workspace.results().read("codebook_codes")["code"]) <= set(range(16))
     missing = runner.invoke(app, ["analyse", "fsm-tiny", "--workspace", str(tmp_path), "--run", "nope"])
-    assert missing.exit_code != 0 and "train them" in str(missing.exception)
+    assert missing.exit_code == 2 and "error:" in missing.output and "train them" in missing.output
+    bad_site = runner.invoke(app, ["train", "fsm-tiny", "--site", "blocks.1.hook_resid_pots", "--run", "x",
+                                   "--workspace", str(tmp_path)])  # fmt: skip
+    assert bad_site.exit_code == 2 and "hook_resid_post" in bad_site.output

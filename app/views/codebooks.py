@@ -34,6 +34,10 @@ if purity is not None and not purity.empty:
     label_set = st.selectbox("label set", sorted(purity["label_set"].unique()))
     rows = purity[purity["label_set"] == label_set].sort_values("label")
     st.metric(f"mean best-code purity per {label_set} label", f"{rows['purity'].mean():.3f}")
+    st.caption(
+        "Best code of a label = the code chosen most often on that label's tokens; purity = P(label | best code), "
+        "recall = P(best code | label)."
+    )
     st.plotly_chart(
         px.scatter(rows, x="label", y="purity", size="label_count", color="mi", hover_data=["best_code", "recall"],
                    title=f"Best code per {label_set} label: purity (colour = MI, nats)"),
@@ -44,7 +48,7 @@ if purity is not None and not purity.empty:
                  hide_index=True)  # fmt: skip
 else:
     empty_state("code ↔ label purity", "workbench codebook analyse fsm-tiny")
-st.subheader("Codes")
+st.subheader("Codes (top contexts: highest code-input similarity first)")
 columns = [c for c in ("code", "head", "count", "frequency", "best_label", "purity", "top_tokens", "top_contexts")
            if c in codes]  # fmt: skip
 st.dataframe(codes[columns], use_container_width=True, hide_index=True)
