@@ -1,7 +1,7 @@
 """TopK SAE training throughput: our trainer vs SAELens's SAETrainer on the same in-memory activations.
 
 Same architecture (TopK with AuxK), width, k, batch, steps, learning rate (constant), Adam, float32, no activation
-normalisation on either side, same initial seed. Only the training loops are timed. Both trained SAEs are then
+normalisation on either side, same initial seed. Only the training loops are timed; runs alternate (repeats, best-of and median reported). Both trained SAEs are then
 scored on the same held-out activations (FVU, L0) through their own encode/decode.
 
     python benchmarks/sae.py                      # synthetic: d_in 256, sparse sums of 4096 unit directions
@@ -11,6 +11,7 @@ scored on the same held-out activations (FVU, L0) through their own encode/decod
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -59,12 +60,16 @@ def train_ours(data, args) -> tuple[float, object]:
     from circuits.sae.train import TrainConfig, train_saes
 
     torch.manual_seed(args.seed)
-    sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k))
+    sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k)).to(
+        args.device
+    )
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
                       normalize_activations=False, progress=False, dead_after_tokens=10_000_000)  # fmt: skip
     stream = batches(data, args.batch, args.seed)
+    _sync(args.device)
     start = time.perf_counter()
     trained = train_saes({"sae": sae}, stream, cfg).saes["sae"]
+    _sync(args.device)
     return time.perf_counter() - start, trained
 
 
@@ -74,16 +79,25 @@ def train_saelens(data, args) -> tuple[float, object]:
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(args.seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=data.shape[1], d_sae=args.d_sae, k=args.k, device="cpu"))
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(d_in=data.shape[1], d_sae=args.d_sae, k=args.k, device=args.device)
+    )
     cfg = SAETrainerConfig(
         total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
-        lr_end=args.lr, lr_scheduler_name="constant", device="cpu", dead_feature_window=10_000, feature_sampling_window=10_000,
+        lr_end=args.lr, lr_scheduler_name="constant", device=args.device, dead_feature_window=10_000, feature_sampling_window=10_000,
         logger=LoggingConfig(log_to_wandb=False),
     )  # fmt: skip
     trainer = SAETrainer(cfg, sae, batches(data, args.batch, args.seed))
+    _sync(args.device)
     start = time.perf_counter()
     trained = trainer.fit()
+    _sync(args.device)
     return time.perf_counter() - start, trained
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -99,29 +113,40 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both trainers use it)")
     args = parser.parse_args()
 
     data = real(60_000) if args.real else synthetic(60_000, args.d_in)
+    data = data.to(args.device)
     train, held_out = data[:50_000], data[50_000:]
     print(f"activations: {'code-tiny resid' if args.real else 'synthetic'} {tuple(data.shape)}; TopK d_sae "
           f"{args.d_sae}, k {args.k}, batch {args.batch}, steps {args.steps}, lr {args.lr}; "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
     results = {"ours": [], "SAELens": []}
     models = {}
-    for _ in range(args.repeats):
-        for name, run in (("ours", train_ours), ("SAELens", train_saelens)):
+    for repeat in range(args.repeats):  # interleaved, alternating who goes first: shared machines drift
+        order = (("ours", train_ours), ("SAELens", train_saelens))
+        for name, run in order if repeat % 2 == 0 else order[::-1]:
             seconds, sae = run(train, args)
             results[name].append(seconds)
             models[name] = sae
+            print(f"  repeat {repeat}: {name} {seconds:.2f} s", flush=True)
     tokens = args.steps * args.batch
     rows = {}
     for name, sae in models.items():
         seconds = min(results[name])
         fvu, l0 = fvu_l0(sae.encode, sae.decode, held_out)
         rows[name] = (seconds, tokens / seconds, fvu, l0)
-    print(f"{'trainer':10} {'seconds':>8} {'tokens/s':>10} {'held-out FVU':>13} {'L0':>6}")
+    print(f"{'trainer':10} {'best s':>8} {'median s':>9} {'tokens/s':>10} {'held-out FVU':>13} {'L0':>6}")
     for name, (seconds, rate, fvu, l0) in rows.items():
-        print(f"{name:10} {seconds:8.2f} {rate:10.0f} {fvu:13.4f} {l0:6.1f}")
+        median = statistics.median(results[name])
+        print(f"{name:10} {seconds:8.2f} {median:9.2f} {rate:10.0f} {fvu:13.4f} {l0:6.1f}")
+    for name, (*_, l0) in rows.items():  # TopK: every held-out row must have exactly k active latents
+        if abs(l0 - args.k) > 0.05 * args.k:
+            raise SystemExit(
+                f"{name} reached L0 {l0:.2f}, not k={args.k}: the FVU comparison would be unfair"
+            )
+    print(f"L0 check: both at k={args.k} (ours {rows['ours'][3]:.2f}, SAELens {rows['SAELens'][3]:.2f})")
     ratio = rows["ours"][1] / rows["SAELens"][1]
     print(f"throughput ratio ours / SAELens: {ratio:.2f}× (target ≥ 1.5×); FVU ours − SAELens: "
           f"{rows['ours'][2] - rows['SAELens'][2]:+.4f} (target ≤ 0)")  # fmt: skip

@@ -66,12 +66,12 @@ def pullback(
 
     Returns rows (source_layer, source_feature, pullback) sorted by |pullback| (the ``top_k`` largest)."""
     target = _check(transcoders, layer, feature)
-    vector = target.W_enc[:, feature].detach()
+    vector = target.W_enc[:, feature].detach().float().cpu()
     frames = []
     for source_layer, transcoder in sorted(transcoders.items()):
         if source_layer >= layer:
             continue
-        scores = (transcoder.W_dec.detach() @ vector).numpy()
+        scores = (transcoder.W_dec.detach().float().cpu() @ vector).numpy()
         frames.append(pd.DataFrame({"source_layer": source_layer, "source_feature": range(len(scores)),
                                     "pullback": scores}))  # fmt: skip
     if not frames:
@@ -86,7 +86,7 @@ def deembedding(
 ) -> pd.DataFrame:
     """Tokens whose embedding most excites (and inhibits) the feature directly: W_E e, rows (token, text, score)."""
     target = _check(transcoders, layer, feature)
-    scores = (model.embedding_matrix().detach() @ target.W_enc[:, feature].detach()).float()
+    scores = model.embedding_matrix().detach().float().cpu() @ target.W_enc[:, feature].detach().float().cpu()
     order = torch.cat([scores.topk(top_k).indices, (-scores).topk(top_k).indices])
     texts = [model.to_str_tokens([int(t)])[0] if model.tokenizer is not None else str(int(t)) for t in order]
     return pd.DataFrame({"token": order.numpy(), "text": texts, "score": scores[order].numpy()})
@@ -94,8 +94,9 @@ def deembedding(
 
 @dataclass
 class _Trace:
-    """One prompt's activations: resid_pre / resid_mid per layer [pos, d], v [layer][pos, head, d_head],
-    pattern [layer][head, q, k], transcoder activations and errors [layer][pos, d_sae | d]."""
+    """One prompt's activations, all float32 on the CPU: resid_pre / resid_mid per layer [pos, d],
+    v [layer][pos, head, d_head], pattern [layer][head, q, k], attention-output bias [layer][pos, d] (what the
+    attention output holds beyond its heads' writes), transcoder activations and errors [layer][pos, d_sae | d]."""
 
     tokens: torch.Tensor
     resid: dict[str, torch.Tensor]
@@ -104,6 +105,7 @@ class _Trace:
     latents: dict[int, torch.Tensor]
     errors: dict[int, torch.Tensor]
     embed: torch.Tensor
+    attn_bias: list[torch.Tensor]
 
 
 def _trace(model: HookedModel, transcoders: Mapping[int, torch.nn.Module], tokens: torch.Tensor) -> _Trace:
@@ -114,7 +116,7 @@ def _trace(model: HookedModel, transcoders: Mapping[int, torch.nn.Module], token
         )
     tokens = torch.as_tensor(tokens).reshape(1, -1)
     names = ["hook_embed", "blocks.*.hook_resid_pre", "blocks.*.attn.hook_v", "blocks.*.attn.hook_pattern",
-             "blocks.*.hook_mlp_out"]  # fmt: skip
+             "blocks.*.hook_mlp_out", "blocks.*.hook_attn_out", "blocks.*.attn.hook_z"]  # fmt: skip
     names += [t.hook_in for t in transcoders.values()]
     with torch.no_grad(), model.capture(sorted(set(model.resolve(names)))) as cache:
         model(tokens)
@@ -123,22 +125,36 @@ def _trace(model: HookedModel, transcoders: Mapping[int, torch.nn.Module], token
     for layer, transcoder in transcoders.items():
         if _layer_of(transcoder) != layer:
             raise CircuitError(f"the transcoder keyed by layer {layer} reads {transcoder.hook_in!r}")
-        x = cache[transcoder.hook_in][0].float()
+        x = cache[transcoder.hook_in][0].to(device=transcoder.device, dtype=torch.float32)
         with torch.no_grad():
-            latents[layer] = transcoder.encode(x)
-            errors[layer] = cache[f"blocks.{layer}.hook_mlp_out"][0].float() - transcoder.decode(
-                latents[layer], x
-            )
-    resid = {name: cache[name][0].float() for name in cache if "hook_resid" in name}
-    values = [cache[f"blocks.{index}.attn.hook_v"][0].float() for index in range(n_layers)]
-    patterns = [cache[f"blocks.{index}.attn.hook_pattern"][0].float() for index in range(n_layers)]
-    return _Trace(tokens[0], resid, values, patterns, latents, errors, cache["hook_embed"][0].float())
+            f = transcoder.encode(x)
+            prediction = transcoder.decode(f, x).float().cpu()
+        latents[layer] = f.float().cpu()
+        errors[layer] = cache[f"blocks.{layer}.hook_mlp_out"][0].float().cpu() - prediction
+
+    def get(name: str) -> torch.Tensor:
+        return cache[name][0].float().cpu()
+
+    resid = {name: get(name) for name in cache if "hook_resid" in name}
+    values = [get(f"blocks.{index}.attn.hook_v") for index in range(n_layers)]
+    patterns = [get(f"blocks.{index}.attn.hook_pattern") for index in range(n_layers)]
+    attn_bias = []
+    for index in range(n_layers):  # attn_out − Σ_h z_h W_O[h]: the output projection's bias (0 without one)
+        w_o = model.head_output_weights(index).detach().float().cpu()
+        heads = torch.einsum("phd,hdm->pm", get(f"blocks.{index}.attn.hook_z"), w_o)
+        attn_bias.append(get(f"blocks.{index}.hook_attn_out") - heads)
+    return _Trace(tokens[0].cpu(), resid, values, patterns, latents, errors, get("hook_embed"), attn_bias)
 
 
-def _head_bias(model: HookedModel, layer: int) -> torch.Tensor | None:
-    name = f"blocks.{layer}.attn.hook_z"
-    module = next(s.module for s in model._sites if getattr(s, "names", None) == (name,))
-    return None if module.bias is None else module.bias.detach().float()
+def _require_layers_below(transcoders: Mapping[int, torch.nn.Module], layer: int) -> None:
+    """Attributions are exact only when every MLP below ``layer`` is replaced by a transcoder."""
+    missing = [index for index in range(layer) if index not in transcoders]
+    if missing:
+        raise CircuitError(
+            f"no transcoder for layer(s) {missing} below layer {layer}: their MLP outputs would be missing from the "
+            f"attribution, which would no longer sum to the pre-activation. Train transcoders for those layers "
+            f"(hook_in blocks.L.hook_resid_pre or hook_resid_mid, hook_out blocks.L.hook_mlp_out) and pass them too"
+        )
 
 
 def _contributions(
@@ -155,7 +171,7 @@ def _contributions(
     for layer, transcoder in sorted(transcoders.items()):
         if layer >= below:
             continue
-        pull = transcoder.W_dec.detach().float() @ vector
+        pull = transcoder.W_dec.detach().float().cpu() @ vector
         acts = trace.latents[layer][position]
         active = torch.nonzero(acts).flatten()
         frames.append(pd.DataFrame({"kind": "transcoder", "layer": layer, "index": active.numpy(),
@@ -164,12 +180,12 @@ def _contributions(
                                     "attribution": (acts[active] * pull[active]).numpy()}))  # fmt: skip
         frames.append(pd.DataFrame([
             {"kind": "bias", "layer": layer, "index": -1, "source_position": position,
-             "attribution": float(transcoder.b_dec.detach().float() @ vector)},
+             "attribution": float(transcoder.b_dec.detach().float().cpu() @ vector)},
             {"kind": "error", "layer": layer, "index": -1, "source_position": position,
              "attribution": float(trace.errors[layer][position] @ vector)},
         ]))  # fmt: skip
     for layer in range(attention_layers):
-        w_o = model.head_output_weights(layer).detach().float()  # [head, d_head, d_model]
+        w_o = model.head_output_weights(layer).detach().float().cpu()  # [head, d_head, d_model]
         head_vector = w_o @ vector  # [head, d_head]
         per_source = torch.einsum("khd,hd->hk", trace.values[layer][: position + 1], head_vector)
         scores = trace.patterns[layer][:, position, : position + 1] * per_source  # [head, k]
@@ -179,10 +195,8 @@ def _contributions(
         frames.append(pd.DataFrame({"kind": "attention", "layer": layer, "index": heads.flatten().numpy(),
                                     "source_position": sources.flatten().numpy(),
                                     "attribution": scores.flatten().numpy()}))  # fmt: skip
-        bias = _head_bias(model, layer)
-        if bias is not None:
-            frames.append(pd.DataFrame([{"kind": "bias", "layer": layer, "index": -2, "source_position": position,
-                                         "attribution": float(bias @ vector)}]))  # fmt: skip
+        frames.append(pd.DataFrame([{"kind": "bias", "layer": layer, "index": -2, "source_position": position,
+                                     "attribution": float(trace.attn_bias[layer][position] @ vector)}]))  # fmt: skip
     frames.append(pd.DataFrame([{"kind": "embedding", "layer": -1, "index": int(trace.tokens[position]),
                                  "source_position": position,
                                  "attribution": float(trace.embed[position] @ vector)}]))  # fmt: skip
@@ -204,9 +218,10 @@ def feature_attribution(
     attribution. ``attribution.sum() + b_enc[feature]`` equals the pre-activation; the frame's ``attrs`` hold
     ``pre_activation`` and ``activation``."""
     target = _check(transcoders, layer, feature)
+    _require_layers_below(transcoders, layer)
     trace = _trace(model, transcoders, tokens)
     position = _position(position, len(trace.tokens))
-    vector = target.W_enc[:, feature].detach().float()
+    vector = target.W_enc[:, feature].detach().float().cpu()
     attention_layers = layer + 1 if _reads_attention_of_own_layer(target) else layer
     rows = _contributions(model, transcoders, trace, vector, layer, attention_layers, position)
     pre = _pre_activation(target, trace, position, feature)
@@ -216,7 +231,8 @@ def feature_attribution(
 
 def _pre_activation(transcoder, trace: _Trace, position: int, feature: int) -> float:
     with torch.no_grad():
-        return float(transcoder.pre_activation(trace.resid[transcoder.hook_in][position])[feature])
+        x = trace.resid[transcoder.hook_in][position].to(transcoder.device)
+        return float(transcoder.pre_activation(x)[feature])
 
 
 def _position(position: int, length: int) -> int:
@@ -277,6 +293,7 @@ def find_paths(
     if top_k < 1 or depth < 1:
         raise CircuitError(f"top_k={top_k} and depth={depth} must be ≥ 1")
     target = _check(transcoders, layer, feature)
+    _require_layers_below(transcoders, layer)
     trace = _trace(model, transcoders, tokens)
     position = _position(position, len(trace.tokens))
     texts = (
@@ -284,7 +301,7 @@ def find_paths(
         if model.tokenizer is not None
         else [str(int(t)) for t in trace.tokens]
     )
-    vector = target.W_enc[:, feature].detach().float()
+    vector = target.W_enc[:, feature].detach().float().cpu()
     pre = _pre_activation(target, trace, position, feature)
     nodes = [{"id": 0, "parent": -1, "depth": 0, "kind": "target", "layer": layer, "index": feature,
               "position": position, "attribution": pre, "text": texts[position]}]  # fmt: skip
@@ -306,7 +323,7 @@ def find_paths(
                     continue
                 if row.kind == "transcoder":
                     source_tc = transcoders[int(row.layer)]
-                    child = float(row.pullback) * source_tc.W_enc[:, int(row.index)].detach().float()
+                    child = float(row.pullback) * source_tc.W_enc[:, int(row.index)].detach().float().cpu()
                     own = _reads_attention_of_own_layer(source_tc)
                     next_frontier.append((node_id, child, int(row.layer), int(row.layer) + own, source))
                 elif row.kind == "attention":
@@ -323,20 +340,20 @@ def _through_head(
 ) -> torch.Tensor:
     """The residual-stream direction at ``source`` (resid_pre of ``layer``) whose dot product linearly predicts
     the head's pattern-weighted contribution to ``vector`` at ``query`` (pattern fixed; LayerNorm linearised)."""
-    w_o = model.head_output_weights(layer).detach().float()[head]  # [d_head, d_model]
+    w_o = model.head_output_weights(layer).detach().float().cpu()[head]  # [d_head, d_model]
     direction = w_o @ vector
     resid = trace.resid[f"blocks.{layer}.hook_resid_pre"][None].clone().requires_grad_(True)
     name = f"blocks.{layer}.attn.hook_v"
 
     def replace_input(activation, hook):
-        return resid.to(activation.dtype)
+        return resid.to(device=activation.device, dtype=activation.dtype)
 
     with (
         model.capture(name, grad=True) as cache,
         model.hooks([(f"blocks.{layer}.hook_resid_pre", replace_input)]),
     ):
-        model(trace.tokens[None])
-    value = cache[name][0, source, head].float()
+        model(trace.tokens[None].to(model.device))
+    value = cache[name][0, source, head].float().cpu()
     (gradient,) = torch.autograd.grad(value @ direction, resid)
     return trace.patterns[layer][head, query, source] * gradient[0, source].detach()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,41 @@ def test_load_saelens_trained_format(tmp_path):
         load_saelens(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "kind,options",
+    [("topk", {"k": 5}), ("topk", {"k": 5, "rescale_acts_by_decoder_norm": True}), ("jumprelu", {})],
+)
+def test_load_saelens_built_topk_and_jumprelu(tmp_path, kind, options):
+    """TopK (with and without decoder-norm rescaling) and JumpReLU SAEs built and saved by sae_lens itself, with
+    b_dec input centering and non-unit decoder rows: our encodings and reconstructions equal sae_lens's own."""
+    import sae_lens
+
+    config, module = {
+        "topk": (sae_lens.TopKSAEConfig, sae_lens.TopKSAE),
+        "jumprelu": (sae_lens.JumpReLUSAEConfig, sae_lens.JumpReLUSAE),
+    }[kind]
+    torch.manual_seed(4)
+    lens = module(config(d_in=12, d_sae=48, apply_b_dec_to_input=True, **options))
+    with torch.no_grad():
+        for name, p in lens.named_parameters():
+            p.copy_(0.3 * torch.randn_like(p).abs() if name == "threshold" else p + 0.3 * torch.randn_like(p))
+        lens.W_dec.mul_(torch.rand(48, 1) + 0.5)
+    lens.save_model(tmp_path)
+    x = torch.randn(64, 12)
+    with torch.no_grad():
+        lens_f = lens.encode(x)
+        lens_f = lens_f.to_dense() if lens_f.is_sparse else lens_f
+        lens_out = lens.decode(lens.encode(x))
+    ours = load_sae(tmp_path)
+    assert ours.cfg.architecture == kind and ours.cfg.k == options.get("k")
+    assert bool((lens_f > 0).any()) and bool((lens_f == 0).any())
+    torch.testing.assert_close(ours.encode(x), lens_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(x), lens_out, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_input():
+    from circuits.sae.evals import splice_hooks
+
     with pytest.raises(SAEInputError, match="k=40"):
         SAEConfig("topk", d_in=8, d_sae=16, k=40)
     sae = create_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2, hook_in="blocks.1.hook_resid_post"))
@@ -143,6 +178,38 @@ def test_bad_input():
         train_sae(sae, iter([x]), TrainConfig(steps=1, progress=False))
     with pytest.raises(SAEInputError, match="d_in=8"):
         sae.check_input(torch.randn(3, 5))
+    named = create_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2, hook_in="h"))
+    with pytest.raises(SAEInputError, match=r"no activations for hook\(s\) \['h'\].*holds \['g'\]"):
+        train_saes({"a": named}, iter([{"g": torch.randn(4, 8), "token_ids": torch.zeros(4)}]),
+                   TrainConfig(steps=1, progress=False))  # fmt: skip
+    for bad in ("../escape", "a/b", ".."):
+        with pytest.raises(ValueError, match="cannot name a checkpoint file"):
+            train_saes({bad: named}, iter([torch.randn(4, 8)]), TrainConfig(steps=1, progress=False))
+    replace = dict(splice_hooks(sae))
+    with pytest.raises(SAEInputError, match=r"blocks.1.hook_resid_post.*last dimension 5.*d_in=8"):
+        replace["blocks.1.hook_resid_post"](torch.randn(2, 3, 5), None)
+
+
+def test_untrained_batchtopk_is_not_saved_as_jumprelu(tmp_path):
+    from circuits.sae.saelens_io import save_saelens
+
+    sae = create_sae(SAEConfig("batchtopk", d_in=8, d_sae=16, k=2))
+    for save in (sae.save, lambda path: save_saelens(sae, path)):
+        with pytest.raises(SAEInputError, match="has not been trained.*train it first"):
+            save(tmp_path / "out")
+    assert not (tmp_path / "out" / "sae_weights.safetensors").exists()
+
+
+def test_saelens_file_missing_a_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from circuits.sae.saelens_io import load_saelens, save_saelens
+
+    save_saelens(create_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2)), tmp_path)
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "b_enc"}, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(SAEInputError, match=r"lacks tensor\(s\) \['b_enc'\].*'topk'"):
+        load_saelens(tmp_path)
 
 
 def test_transcoder_recovers_planted_map():
@@ -205,6 +272,9 @@ def test_splice_metrics_against_closed_form(code_series):
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 24), generator=torch.Generator().manual_seed(0))
     out = splice_metrics(model, sae, tokens)
     assert out["ce_recovered"] == pytest.approx(1.0, abs=1e-4) and out["kl"] == pytest.approx(0.0, abs=1e-5)
+    narrow = create_sae(SAEConfig("topk", d_in=32, d_sae=8, k=2, hook_in=hook))
+    with pytest.raises(SAEInputError, match=r"blocks.1.hook_mlp_out.*last dimension 64.*d_in=32"):
+        splice_metrics(model, narrow, tokens, progress=False)
     logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, zero_ablation())])[:, :-1]
     ce_zero = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1))
     assert out["ce_zero"] == pytest.approx(float(ce_zero.detach()), rel=1e-4)
@@ -250,6 +320,7 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     view = AppTest.from_file(str(VIEW), default_timeout=60).run()
     assert not view.exception
     assert len(view.dataframe) >= 2 and any("Latent" in m.value for m in view.markdown)
+    assert any("Quantile samples" in m.value for m in view.markdown) and len(view.expander) == 4
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path / "empty"))
     Workspace(tmp_path / "empty").results().write("unrelated", __import__("pandas").DataFrame({"x": [1]}))
     empty = AppTest.from_file(str(VIEW), default_timeout=60).run()
@@ -337,7 +408,7 @@ def test_sparse_topk_training_gradients_equal_the_dense_formulation(skip) -> Non
     sparse = grads((y - prediction).pow(2).sum() + sae.aux_loss(x, pre, residual, dead))
     dense_pre = sae.pre_activation(x)
     dense_f = topk_activation(dense_pre, 5)
-    torch.testing.assert_close(f, dense_f.detach())
+    torch.testing.assert_close(f.to_dense(), dense_f.detach())
     aux_k = min(sae.d_out // 2, int(dead.sum()))
     f_dead = topk_activation(torch.where(dead, dense_pre, torch.full_like(dense_pre, -torch.inf)), aux_k)
     aux = (f_dead.nan_to_num(0.0) @ sae.W_dec - residual).pow(2).sum(-1).mean()
@@ -345,3 +416,75 @@ def test_sparse_topk_training_gradients_equal_the_dense_formulation(skip) -> Non
     dense = grads((y - sae.decode(dense_f, x)).pow(2).sum() + aux)
     for name in dense:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-5)
+
+
+def test_feature_pages_streaming_against_brute_force(tmp_path) -> None:
+    """Planted store (rows in shuffled order, several shards and batches): top contexts are exactly the top
+    activations, windows hold the right tokens and activations, quantile samples lie in their bands, band edges
+    are the activation quantiles to one fine bin, band counts, density, max and histogram match brute force."""
+    import json
+
+    from circuits.sae.features import FINE_EDGES, HIST_EDGES, feature_pages
+    from workbench.store import ActivationStore
+
+    torch.manual_seed(0)
+    n_seq, n_pos, d_in = 40, 15, 12
+    sae = create_sae(SAEConfig(architecture="topk", d_in=d_in, d_sae=10, k=4, hook_in="h"))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.3)
+    seq, pos = torch.arange(n_seq).repeat_interleave(n_pos), torch.arange(n_pos).repeat(n_seq)
+    order = torch.randperm(len(seq))
+    seq, pos = seq[order], pos[order]
+    x = torch.randn(len(seq), d_in) * torch.rand(len(seq), 1) * 3
+    tokens = torch.randint(1000, (len(seq),))
+    store = ActivationStore.create(tmp_path / "s", model="m", hooks=["h"], dataset="d", shard_rows=128)
+    store.append({"h": x}, token_ids=tokens, sequence=seq, position=pos)
+    store.finalize()
+    top_k, n_q, m, window = 5, 4, 3, 3
+    frame = feature_pages(sae, ActivationStore.open(tmp_path / "s"), "t", top_k=top_k, n_quantiles=n_q,
+                          samples_per_quantile=m, window=window, batch_size=50, progress=False)  # fmt: skip
+    acts = sae.encode(x).detach()
+
+    def window_rows(row):
+        same = (seq == seq[row]) & (pos >= pos[row] - window) & (pos <= pos[row] + 2)
+        rows = same.nonzero().flatten()
+        return rows[pos[rows].argsort()].tolist()
+
+    def check_context(context, latent):
+        row = context["row"]
+        rows = window_rows(row)
+        assert context["tokens"] == [str(int(tokens[r])) for r in rows] and rows[context["focus"]] == row
+        assert context["acts"] == pytest.approx(acts[rows, latent].tolist(), abs=1e-4)
+        assert context["activation"] == pytest.approx(float(acts[row, latent]), abs=1e-4)
+
+    checked_bands = 0
+    for latent in range(sae.d_sae):
+        page = frame[frame["latent"] == latent].iloc[0]
+        column = acts[:, latent]
+        positive = column[column > 0]
+        assert page["density"] == pytest.approx(len(positive) / len(x))
+        assert page["max_activation"] == pytest.approx(float(column.max()), abs=1e-5)
+        counts = torch.histc(torch.bucketize(positive, HIST_EDGES).clamp(1, len(HIST_EDGES) - 1).float() - 1,
+                             bins=len(HIST_EDGES) - 1, min=0, max=len(HIST_EDGES) - 2)  # fmt: skip
+        assert json.loads(page["histogram"])["counts"] == counts.long().tolist()
+        contexts = json.loads(page["top_contexts"])
+        expected = column.topk(min(top_k, len(positive)))
+        assert [c["row"] for c in contexts] == expected.indices.tolist()
+        for context in contexts:
+            check_context(context, latent)
+        bands = json.loads(page["quantile_samples"])
+        assert len(bands) == (n_q if len(positive) else 0)
+        for j, band in enumerate(bands):
+            low, high = band["low"], band["high"] if band["high"] is not None else float("inf")
+            in_band = (positive > low) & (positive <= high)
+            assert band["count"] == int(in_band.sum())
+            assert len(band["contexts"]) == min(m, band["count"])
+            assert len({c["row"] for c in band["contexts"]}) == len(band["contexts"])
+            for context in band["contexts"]:
+                assert low < context["activation"] <= high or context["activation"] == pytest.approx(high)
+                check_context(context, latent)
+            if j and math.isfinite(low):  # inner edge: the j/n_q quantile, rounded up to a fine-bin edge
+                below = FINE_EDGES[(FINE_EDGES - low).abs().argmin() - 1]
+                assert (positive <= low).float().mean() >= j / n_q - 1e-6 > (positive <= below).float().mean()
+                checked_bands += 1
+    assert checked_bands >= 10

@@ -80,6 +80,10 @@ def test_head_contributions_sum_to_the_models_attention_output(circuit_setup) ->
     heads = rows[(rows["kind"] == "attention") & (rows["layer"] == 0)]["attribution"].sum()
     bias = rows[(rows["kind"] == "bias") & (rows["index"] == -2)]["attribution"].sum()
     assert heads + bias == pytest.approx(expected, abs=1e-4)
+    dense = model.model.gpt_neox.layers[
+        0
+    ].attention.dense  # the output projection's own bias, from the weights
+    assert bias == pytest.approx(float(dense.bias.detach() @ vector), abs=1e-4)
     assert (rows[rows["kind"] == "attention"]["source_position"] <= 5).all()
 
 
@@ -114,5 +118,11 @@ def test_bad_circuit_queries_are_named(circuit_setup) -> None:
         pullback(transcoders, 3, 0)
     with pytest.raises(CircuitError, match="out of range"):
         feature_attribution(model, transcoders, prompt, 1, 500)
+    with pytest.raises(
+        CircuitError, match=r"no transcoder for layer\(s\) \[0\] below layer 1.*Train transcoders"
+    ):
+        feature_attribution(model, {1: transcoders[1]}, prompt, 1, feature)
+    with pytest.raises(CircuitError, match=r"layer\(s\) \[0\]"):
+        find_paths(model, {1: transcoders[1]}, prompt, 1, feature)
     with pytest.raises(CircuitError, match="position 99"):
         feature_attribution(model, transcoders, prompt, 1, feature, position=99)

@@ -1,4 +1,5 @@
-"""SAE features: evaluation table, searchable latent list and feature pages (top contexts, histogram, logit effects)."""
+"""SAE features: evaluation table, searchable latent list and feature pages (top contexts, quantile samples,
+histogram, logit effects)."""
 
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ st.markdown(
     f"**Latent {latent}** — density {page['density']:.4f}, max activation {page['max_activation']:.3f}"
 )
 
-st.markdown("**Top activating contexts**")
-for context in json.loads(page["top_contexts"] or "[]"):
+
+def show_context(context: dict) -> None:
+    """One token window, each token shaded by the latent's activation, the focus token underlined."""
     peak = max(max(context["acts"]), 1e-9)
     spans = []
     for i, (token, act) in enumerate(zip(context["tokens"], context["acts"], strict=True)):
@@ -85,6 +87,24 @@ for context in json.loads(page["top_contexts"] or "[]"):
         )
     st.markdown(f"`{context['activation']:.3f}` " + "".join(spans), unsafe_allow_html=True)
 
+
+st.markdown("**Top activating contexts**")
+for context in json.loads(page["top_contexts"] or "[]"):
+    show_context(context)
+
+bands = (
+    json.loads(page.get("quantile_samples") or "[]") if isinstance(page.get("quantile_samples"), str) else []
+)
+if bands:
+    st.markdown("**Quantile samples** (random contexts from each quantile band of the non-zero activations)")
+    for band in reversed(bands):
+        high = "∞" if band["high"] is None else f"{band['high']:.3f}"
+        with st.expander(f"({band['low']:.3f}, {high}] — {band['count']} tokens", expanded=band is bands[-1]):
+            for context in band["contexts"]:
+                show_context(context)
+            if not band["contexts"]:
+                st.caption("no activations in this band")
+
 hist = json.loads(page["histogram"] or "{}")
 if hist.get("counts"):
     edges = hist["edges"]
@@ -95,7 +115,7 @@ if hist.get("counts"):
     st.plotly_chart(fig, use_container_width=True)
 quantiles = json.loads(page.get("quantile_activations") or "[]")
 if quantiles:
-    st.caption("activation quantiles (10%..90% of non-zero): " + ", ".join(f"{q:.3f}" for q in quantiles))
+    st.caption("quantile-band edges of the non-zero activations: " + ", ".join(f"{q:.3f}" for q in quantiles))
 
 if "promoted_tokens" in page and isinstance(page["promoted_tokens"], str):
     left, right = st.columns(2)

@@ -102,6 +102,8 @@ class SAE(nn.Module):
                 f"{name} for hook {hook!r} has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}: "
                 "use an SAE trained on this hook/model"
             )
+        if x.numel() and bool(torch.isfinite(x.sum())):
+            return  # fast path: one reduction; a non-finite sum (NaN/inf, or overflow) gets the row check
         finite = torch.isfinite(x.reshape(-1, x.shape[-1])).all(dim=1)
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0])
@@ -215,5 +217,3 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     sae = create_sae(cfg)
     sae.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=device))
     return sae.to(device)
-
-

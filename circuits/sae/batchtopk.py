@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from circuits.sae.base import SAE, register
+from circuits.sae.base import SAE, SAEInputError, register
 from circuits.sae.topk import TopKSAE
 
 
@@ -40,6 +40,13 @@ class BatchTopKSAE(TopKSAE):
         return f, self.decode(f, x), pre, {}
 
     def inference_state(self):
+        """Saved as JumpReLU with the learned global threshold; an untrained one (threshold still at its initial
+        -1, no training batch seen) has no JumpReLU equivalent and raises SAEInputError."""
+        if float(self.threshold) < 0:
+            raise SAEInputError(
+                "this BatchTopK SAE has not been trained (its threshold is still the initial -1), so it cannot be "
+                "saved as JumpReLU: train it first (train_sae / train_saes), or save a topk SAE instead"
+            )
         _, tensors = SAE.inference_state(self)
         tensors["threshold"] = tensors["threshold"].expand(self.d_sae).contiguous()
         return "jumprelu", tensors

@@ -17,20 +17,25 @@ EVAL_KEYS = ["model", "checkpoint", "hook", "sae_id"]
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, batches: Iterable, dense_threshold: float = 0.1) -> dict:
+def reconstruction_metrics(
+    sae: SAE, batches: Iterable, dense_threshold: float = 0.1, progress: bool = True
+) -> dict:
     """Streaming L0, FVU, explained variance, cosine, dead/dense fractions and density histogram.
 
-    `batches` yields x [batch, d_in] (target = x) or (x [batch, d_in], y [batch, d_out]) pairs.
+    `batches` yields x [batch, d_in] (target = x) or (x [batch, d_in], y [batch, d_out]) pairs, on any device
+    (moved to the SAE's); sums are accumulated in float64. `density` comes back on the CPU, [d_sae].
     """
+    from tqdm.auto import tqdm
+
     n = 0
     sq_err = 0.0
     y_sum = y_sq = None
     cos_sum = l0_sum = 0.0
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
-    for batch in batches:
+    fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.device)
+    for batch in tqdm(batches, disable=not progress, desc="reconstruction metrics", unit="batch"):
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, batch)
-        x = x.reshape(-1, x.shape[-1]).float()
-        y = y.reshape(-1, y.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).to(device=sae.device, dtype=torch.float32)
+        y = y.reshape(-1, y.shape[-1]).to(device=sae.device, dtype=torch.float32)
         sae.check_input(x)
         f = sae.encode(x)
         out = sae.decode(f, x)
@@ -44,7 +49,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterable, dense_threshold: float =
         fires += active.sum(0).double()
         n += x.shape[0]
     total_var = float((y_sq - y_sum.pow(2) / n).sum())
-    density = fires / n
+    density = (fires / n).cpu()
     fvu = sq_err / max(total_var, 1e-30)
     return {
         "n_tokens": n,
@@ -88,7 +93,8 @@ def splice_hooks(sae: SAE, mode: str = "sae") -> list:
         if mode == "zero":
             return torch.zeros_like(act)
         x = seen.pop("x") if sae.hook_in != sae.hook_out else act
-        return sae(x.float()).to(act.dtype)
+        sae.check_input(x, f"activation of {sae.hook_in!r} while splicing the SAE")
+        return sae(x.to(device=sae.device, dtype=torch.float32)).to(device=act.device, dtype=act.dtype)
 
     if sae.hook_in != sae.hook_out:
         return [(sae.hook_in, read_input), (sae.hook_out, replace)]
@@ -96,13 +102,17 @@ def splice_hooks(sae: SAE, mode: str = "sae") -> list:
 
 
 @torch.no_grad()
-def splice_metrics(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> dict:
-    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL(clean || spliced) on tokens [batch, pos]."""
+def splice_metrics(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict:
+    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL(clean || spliced) on tokens [batch, pos].
+
+    A hook activation whose width is not the SAE's d_in (or that holds NaN/inf) raises SAEInputError."""
+    from tqdm.auto import tqdm
+
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0}
     count = 0
-    for start in range(0, tokens.shape[0], batch_size):
+    for start in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc="splice metrics"):
         batch = tokens[start : start + batch_size]
-        targets = batch[:, 1:].reshape(-1)
+        targets = batch[:, 1:].reshape(-1).to(model.device)
         clean = model(batch)[:, :-1].float().log_softmax(-1).flatten(0, 1)
         spliced = (
             model.run_with_hooks(batch, fwd_hooks=splice_hooks(sae))[:, :-1]
@@ -126,7 +136,13 @@ def splice_metrics(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -
 
 
 def evaluate_sae(
-    model, sae: SAE, tokens: torch.Tensor, sae_id: str, batch_size: int = 8, dataset: str = ""
+    model,
+    sae: SAE,
+    tokens: torch.Tensor,
+    sae_id: str,
+    batch_size: int = 8,
+    dataset: str = "",
+    progress: bool = True,
 ) -> pd.DataFrame:
     """One `sae_evals` row for `sae` on `model` over tokens [batch, pos]."""
     hooks = [sae.hook_in] if sae.hook_in == sae.hook_out else [sae.hook_in, sae.hook_out]
@@ -137,7 +153,7 @@ def evaluate_sae(
             x = cache[sae.hook_in].flatten(0, -2)
             yield x if len(hooks) == 1 else (x, cache[sae.hook_out].flatten(0, -2))
 
-    recon = reconstruction_metrics(sae, pairs())
+    recon = reconstruction_metrics(sae, pairs(), progress=progress)
     density = recon.pop("density")
     row = {
         "model": sae.cfg.model or model.cfg.name,
@@ -152,7 +168,7 @@ def evaluate_sae(
         "d_sae": sae.d_sae,
         "k": sae.cfg.k,
         **recon,
-        **splice_metrics(model, sae, tokens, batch_size),
+        **splice_metrics(model, sae, tokens, batch_size, progress=progress),
         "density_histogram": density_histogram(density),
     }
     return pd.DataFrame([row])
@@ -242,7 +258,9 @@ def train_and_evaluate(
     for sae_id, sae in trained.items():
         sae.eval()
         sae.save(sae_dir(workspace, sae_id))
-        rows.append(evaluate_sae(model, sae, tokens[split:], sae_id, dataset="python-stdlib"))
+        rows.append(
+            evaluate_sae(model, sae, tokens[split:], sae_id, dataset="python-stdlib", progress=progress)
+        )
         if pages and not sae.cfg.is_transcoder:
             write_features(feature_pages(sae, store, sae_id, model=model, progress=progress), workspace)
     frame = pd.concat(rows, ignore_index=True)

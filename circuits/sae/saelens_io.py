@@ -114,6 +114,12 @@ def load_saelens(path: str | Path, device: str = "cpu") -> SAE:
     if "W_skip" in tensors:
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()
     sae = create_sae(cfg)
+    missing = [k for k in sae.state_dict() if k not in tensors]
+    if missing:
+        raise SAEInputError(
+            f"{path / SAELENS_WEIGHTS} lacks tensor(s) {missing} that a SAELens {name!r} SAE needs (it holds "
+            f"{sorted(tensors)}): re-save it with sae_lens (SAE.save_model) or fix the architecture in cfg.json"
+        )
     state = {k: tensors[k] for k in sae.state_dict()}
     with torch.no_grad():
         sae.load_state_dict(state)
