@@ -9,6 +9,7 @@ steps evaluated as one batch.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import pandas as pd
@@ -63,13 +64,17 @@ def make_task(model, inputs: torch.Tensor, targets: torch.Tensor | None = None, 
 
 
 def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise NeuronPathError(
             f"steps m={steps!r} must be an integer >= 1 (the Riemann sum needs at least one step)"
         )
 
 
 def _check_path(model, path: dict[int, list[int]]) -> None:
+    if not any(len(neurons) for neurons in path.values()):
+        raise NeuronPathError(
+            f"the path {path!r} holds no neurons; give {{layer: [neuron, ...]}} with at least one"
+        )
     for layer, neurons in path.items():
         if not 0 <= layer < model.cfg.n_layers:
             raise NeuronPathError(
@@ -81,9 +86,16 @@ def _check_path(model, path: dict[int, list[int]]) -> None:
 
 
 def target_probs(logits: torch.Tensor, targets: torch.Tensor, position: int) -> torch.Tensor:
-    """Probability of each row's target: logits [rows, classes] or [rows, pos, vocab] → [rows]."""
+    """Probability of each row's target: logits [rows, classes] or [rows, pos, vocab] → [rows]. A target
+    outside the model's outputs raises NeuronPathError (also for a Task built without ``make_task``)."""
     if logits.ndim == 3:
         logits = logits[:, position]
+    n_out = logits.shape[-1]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n_out):
+        bad = int(targets.max()) if int(targets.max()) >= n_out else int(targets.min())
+        raise NeuronPathError(
+            f"target {bad} is outside the model's {n_out} outputs; use a class/token id in 0..{n_out - 1}"
+        )
     return logits.float().softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
@@ -124,7 +136,6 @@ def _joint_scores(model, task: Task, clean: dict[int, torch.Tensor], masks: list
     """Joint IG score of each candidate set (masks[c][ly]: [d_mlp] bool) averaged over inputs → [candidates]."""
     n, c = task.inputs.shape[0], len(masks)
     alphas = torch.arange(1, steps + 1, dtype=torch.float32) / steps
-    rows = c * n * steps
     alpha = alphas.repeat(c * n).requires_grad_(True)
     inputs = _repeat(task.inputs, steps).repeat(c, *([1] * (task.inputs.ndim - 1)))
     targets = _repeat(task.targets, steps).repeat(c)
@@ -134,7 +145,7 @@ def _joint_scores(model, task: Task, clean: dict[int, torch.Tensor], masks: list
     with model.hooks(_scaled_hooks(row_clean, row_masks, alpha, task.position)):
         probs = target_probs(model(inputs), targets, task.position)
     (grad,) = torch.autograd.grad(probs.sum(), alpha)
-    return grad.reshape(c, n * steps).mean(1).detach() if rows else torch.zeros(0)
+    return grad.reshape(c, n * steps).mean(1).detach()
 
 
 def _masks(model, path: dict[int, list[int]]) -> dict[int, torch.Tensor]:
@@ -249,6 +260,7 @@ def analyse(model, model_name: str, tasks: dict[int, Task], steps: int = 20, top
     """Paths of all three methods for each target ({target: Task}) → (neuron_paths rows, neuron_path_metrics rows)."""
     from tqdm.auto import tqdm
 
+    checkpoint = model.cfg.checkpoint
     path_rows, metric_rows = [], []
     for target, task in tqdm(tasks.items(), desc=f"{model_name} targets", disable=not progress):
         ours, _ = locate_path(model, task, steps, top_k, progress=False)
@@ -259,26 +271,31 @@ def analyse(model, model_name: str, tasks: dict[int, Task], steps: int = 20, top
             removed, enhanced = manipulate(model, task, path, 0.0), manipulate(model, task, path, 2.0)
             for layer, neurons in path.items():
                 for rank, neuron in enumerate(neurons):
-                    path_rows.append({"model": model_name, "target": int(target), "method": method, "layer": layer,
+                    path_rows.append({"model": model_name, "checkpoint": checkpoint, "target": int(target), "method": method, "layer": layer,
                                       "rank": rank, "neuron": int(neuron), "position": task.position,
                                       "joint_score": score, "n_inputs": int(task.inputs.shape[0])})  # fmt: skip
-            metric_rows.append({"model": model_name, "target": int(target), "method": method, "joint_score": score,
+            metric_rows.append({"model": model_name, "checkpoint": checkpoint, "target": int(target), "method": method, "joint_score": score,
                                 "remove_prob_ratio": removed["prob_ratio"],
                                 "remove_accuracy_change": removed["accuracy_change"],
                                 "enhance_prob_ratio": enhanced["prob_ratio"],
                                 "enhance_accuracy_change": enhanced["accuracy_change"]})  # fmt: skip
     per_target = pd.DataFrame(metric_rows)
-    metrics = per_target.drop(columns="target").groupby(["model", "method"], as_index=False).mean()
+    metrics = (
+        per_target.drop(columns="target")
+        .groupby(["model", "checkpoint", "method"], as_index=False, dropna=False, sort=False)
+        .mean()
+    )
     metrics["n_targets"] = len(tasks)
     metrics["steps"] = steps
     return pd.DataFrame(path_rows), metrics
 
 
 def write_results(workspace, paths: pd.DataFrame, metrics: pd.DataFrame) -> None:
-    """Write both tables to the workspace results database, replacing earlier rows of the same models."""
+    """Write both tables to the workspace results database, replacing earlier rows of the same (model,
+    checkpoint)."""
     db = workspace.results()
-    db.write("neuron_paths", paths, replace_keys=["model"])
-    db.write("neuron_path_metrics", metrics, replace_keys=["model"])
+    db.write("neuron_paths", paths, replace_keys=["model", "checkpoint"])
+    db.write("neuron_path_metrics", metrics, replace_keys=["model", "checkpoint"])
 
 
 def vit_tasks(per_class: int = 8, seed: int = 0) -> dict[int, Task]:
@@ -302,6 +319,19 @@ def lm_tasks(model, tokens: torch.Tensor, position: int, n_targets: int = 2) -> 
     chosen = values[counts.argsort(descending=True)[:n_targets]]
     return {int(t): Task(task.inputs[task.targets == t], task.targets[task.targets == t], task.position)
             for t in chosen}  # fmt: skip
+
+
+def fsm_tokens(model_name: str, length: int, n_sequences: int = 64, seed: int = 0) -> torch.Tensor:
+    """Token sequences [n_sequences, length] sampled from the TokFSM of zoo model ``model_name`` (the LM tasks
+    of FSM zoo models are built from these rather than from text)."""
+    from workbench.zoo.corpora import TokFSM
+    from workbench.zoo.train import get_spec
+
+    spec = get_spec(model_name)
+    if spec.corpus != "fsm":
+        raise NeuronPathError(f"{model_name} is not a TokFSM zoo model (corpus {spec.corpus!r})")
+    tokens, _ = TokFSM(**spec.fsm, seed=spec.seed).sample(n_sequences, length, seed=seed)
+    return torch.from_numpy(tokens)
 
 
 def demo_step(workspace, progress: bool = True) -> str:

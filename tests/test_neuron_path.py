@@ -34,41 +34,35 @@ def task_three():
     return vit_tasks(per_class=4)[3]
 
 
-def test_joint_score_integrates_to_probability_difference(vit, task_three) -> None:
-    """Completeness: ∫ dP/dα over [0,1] = P(path at clean) − P(path zeroed), with all other units clean."""
-    path = {0: [5, 17], 1: [40]}
-    score = joint_score(vit, task_three, path, steps=400)
-    with torch.no_grad():
-        p_clean = target_probs(vit(task_three.inputs), task_three.targets, 0).double()
-    ratio = manipulate(vit, task_three, path, 0.0)
-    assert ratio["prob_ratio"] > 0
+def _probability_drop(model, task: Task, path: dict[int, list[int]]) -> float:
+    """Mean of P(target) − P(target with the path's units zeroed and every other unit of their layers held at its
+    clean value), at the task position: what the joint score integrates to."""
     from circuits.neuron_path import HOOK
 
-    def zero(layer, neurons):
-        def hook(act, hook):
-            act = act.clone()
-            act[:, 0, neurons] = 0
-            return act
-
-        return hook
-
-    clean_acts = {}
-    with torch.no_grad(), vit.capture([HOOK.format(layer=0), HOOK.format(layer=1)]) as cache:
-        vit(task_three.inputs)
-    clean_acts = {ly: cache[HOOK.format(layer=ly)] for ly in (0, 1)}
+    with torch.no_grad(), model.capture([HOOK.format(layer=ly) for ly in path]) as cache:
+        p_clean = target_probs(model(task.inputs), task.targets, task.position).double()
+    clean = {ly: cache[HOOK.format(layer=ly)][:, task.position] for ly in path}
 
     def patched(layer, neurons):
         def hook(act, hook):
             act = act.clone()
-            act[:, 0] = clean_acts[layer][:, 0]
-            act[:, 0, neurons] = 0
+            act[:, task.position] = clean[layer]
+            act[:, task.position, neurons] = 0
             return act
 
         return hook
 
-    with torch.no_grad(), vit.hooks([(HOOK.format(layer=ly), patched(ly, n)) for ly, n in path.items()]):
-        p_zero = target_probs(vit(task_three.inputs), task_three.targets, 0).double()
-    assert score == pytest.approx(float((p_clean - p_zero).mean()), abs=2e-3)
+    with torch.no_grad(), model.hooks([(HOOK.format(layer=ly), patched(ly, n)) for ly, n in path.items()]):
+        p_zero = target_probs(model(task.inputs), task.targets, task.position).double()
+    return float((p_clean - p_zero).mean())
+
+
+def test_joint_score_integrates_to_probability_difference(vit, task_three) -> None:
+    """Completeness: ∫ dP/dα over [0,1] = P(path at clean) − P(path zeroed), with all other units clean."""
+    path = {0: [5, 17], 1: [40]}
+    score = joint_score(vit, task_three, path, steps=400)
+    assert manipulate(vit, task_three, path, 0.0)["prob_ratio"] > 0
+    assert score == pytest.approx(_probability_drop(vit, task_three, path), abs=2e-3)
 
 
 def test_bad_input_raises_clear_errors(vit, task_three) -> None:
@@ -141,20 +135,21 @@ def test_cli_is_registered() -> None:
     assert any(c.name in (None, "run") and c.callback.__name__ == "run" for c in app.registered_commands)
 
 
-def test_task_dataclass_is_used_for_lms(code_series) -> None:
+def test_make_task_for_lms_defaults_to_the_next_token(code_series) -> None:
     lm = code_series.load(code_series.steps[-1]).eval()
     tokens = torch.randint(0, lm.cfg.d_vocab, (3, 6))
     task = make_task(lm, tokens, None, position=2)
     assert isinstance(task, Task) and torch.equal(task.targets, tokens[:, 3])
-    score = joint_score(lm, task, {0: [1], 1: [2]}, steps=4)
-    assert isinstance(score, float)
+    with pytest.raises(NeuronPathError, match="targets are required"):
+        make_task(lm, tokens, None, position=5)
 
 
-def planted_network():
+def planted_network(write: float = 5.0, unembed: float = 3.0):
     """A 2-layer GPT-NeoX whose influential path for (token 0 → next token 5) is known by construction: layer-0
     neuron 3 reads token 0's embedding direction and writes a direction that only layer-1 neuron 11 reads, which
-    writes the unembedding direction of token 5. Decoy neurons (7 at layer 0, 9 at layer 1) fire harder but write
-    nothing; attention writes nothing; every other unit has small random weights."""
+    writes ``write`` × the unembedding direction of token 5 (its unembedding is ``unembed`` × (e4 − e5)). Decoy
+    neurons (7 at layer 0, 9 at layer 1) fire harder but write nothing; attention writes nothing; every other unit
+    has small random weights."""
     import transformers
 
     from workbench.model import HookedModel
@@ -187,9 +182,9 @@ def planted_network():
         first.dense_4h_to_h.weight[:, 7] = 0
         second.dense_h_to_4h.weight[11] = 2 * (e[2] - e[3])
         second.dense_h_to_4h.weight[9] = 4 * (e[0] - e[1])
-        second.dense_4h_to_h.weight[:, 11] = 5 * (e[4] - e[5])
+        second.dense_4h_to_h.weight[:, 11] = write * (e[4] - e[5])
         second.dense_4h_to_h.weight[:, 9] = 0
-        model.get_output_embeddings().weight[5] = 3 * (e[4] - e[5])
+        model.get_output_embeddings().weight[5] = unembed * (e[4] - e[5])
     return HookedModel.from_hf(model, name="planted")
 
 
@@ -208,3 +203,116 @@ def test_planted_path_is_recovered_exactly_and_the_baseline_is_fooled() -> None:
     assert joint_score(model, task, {0: [7], 1: [9]}) < 0.01
     assert manipulate(model, task, path, 0.0)["prob_ratio"] < 0.3
     assert manipulate(model, task, {0: [7], 1: [9]}, 0.0)["prob_ratio"] > 0.99
+
+
+def test_a_task_built_directly_is_checked_where_it_is_scored(vit, task_three) -> None:
+    import numpy as np
+
+    from circuits.neuron_path import influence_pattern_path
+
+    bad = Task(task_three.inputs, torch.full_like(task_three.targets, 10), 0)
+    for call in (
+        lambda: joint_score(vit, bad, {0: [1]}, steps=2),
+        lambda: locate_path(vit, bad, steps=2, progress=False),
+        lambda: influence_pattern_path(vit, bad, steps=2),
+        lambda: manipulate(vit, bad, {0: [1]}, 0.0),
+    ):
+        with pytest.raises(NeuronPathError, match="outside the model's 10 outputs"):
+            call()
+    for empty in ({}, {0: [], 1: []}):
+        with pytest.raises(NeuronPathError, match="no neurons"):
+            joint_score(vit, task_three, empty)
+        with pytest.raises(NeuronPathError, match="no neurons"):
+            manipulate(vit, task_three, empty, 0.0)
+    assert joint_score(vit, task_three, {0: [1]}, steps=np.int64(3)) == pytest.approx(
+        joint_score(vit, task_three, {0: [1]}, steps=3)
+    )
+    with pytest.raises(NeuronPathError, match="m=True"):
+        joint_score(vit, task_three, {0: [1]}, steps=True)
+
+
+@pytest.fixture(scope="module")
+def fsm_lm(fsm_series):
+    return fsm_series.load(fsm_series.steps[-1]).eval()
+
+
+@pytest.fixture(scope="module")
+def fsm_task(fsm_lm):
+    from circuits.neuron_path import fsm_tokens, lm_tasks
+
+    tasks = lm_tasks(fsm_lm, fsm_tokens("fsm-tiny", 8, n_sequences=48), position=6, n_targets=1)
+    (task,) = tasks.values()
+    return Task(task.inputs[:8], task.targets[:8], task.position)
+
+
+def test_lm_joint_score_is_complete_and_the_located_path_beats_the_baselines(fsm_lm, fsm_task) -> None:
+    """On fsm-tiny at position 6: score ≈ P(clean) − P(path zeroed, every other unit clean) for the next token,
+    and the layer-progressive path outscores both baselines and removing it lowers the target probability more."""
+    from circuits.neuron_path import influence_pattern_path, top_activation_path
+
+    model, task = fsm_lm, fsm_task
+    assert torch.equal(task.targets, task.inputs[:, 7])
+    path = {0: [3, 10], 1: [5]}
+    score = joint_score(model, task, path, steps=300)
+    drop = _probability_drop(model, task, path)
+    assert abs(drop) > 1e-3 and score == pytest.approx(drop, abs=2e-3)
+
+    ours, scores = locate_path(model, task, steps=4, progress=False)
+    baselines = [top_activation_path(model, task), influence_pattern_path(model, task, steps=4)]
+    ours_score = joint_score(model, task, ours, steps=20)
+    removed = manipulate(model, task, ours, 0.0)["prob_ratio"]
+    assert ours_score > 0.02 and removed < 0.95
+    for baseline in baselines:
+        assert ours_score > joint_score(model, task, baseline, steps=20)
+        assert removed < manipulate(model, task, baseline, 0.0)["prob_ratio"]
+
+
+def test_influence_pattern_on_the_planted_network() -> None:
+    """Influence pattern = per layer the largest mean gradient of P(token 5) over α-scaled inputs. In a planted
+    network kept out of saturation (layer-1 neuron 11 writes 0.5 (e4 − e5), P ≈ 0.56) its layer-1 pick is neuron
+    11, the only writer of the target direction; the decoys (7, 9) write nothing and get exactly zero gradient.
+    Every pick equals a one-α-at-a-time autograd reference. At layer 0 the planted neuron 3 has a negative gradient
+    (its write grows the final LayerNorm's norm), so the baseline misses it while the joint score finds it."""
+    from circuits.neuron_path import HOOK, influence_pattern_path
+
+    model = planted_network(write=0.5, unembed=1.0)
+    task = make_task(model, torch.tensor([[0, 1]] * 4), targets=torch.full((4,), 5), position=0)
+    with torch.no_grad():
+        assert 0.3 < float(target_probs(model(task.inputs), task.targets, 0).mean()) < 0.8
+    names = [HOOK.format(layer=ly) for ly in (0, 1)]
+    total = [torch.zeros(16), torch.zeros(16)]
+    for alpha in torch.arange(1, 11) / 10:
+        with model.hooks([("hook_embed", lambda act, hook, a=alpha: act * a)]):
+            with model.capture(names, grad=True) as cache:
+                probs = target_probs(model(task.inputs), task.targets, 0)
+            grads = torch.autograd.grad(probs.sum(), [cache[n] for n in names])
+        total = [t + g[:, 0].mean(0) / 10 for t, g in zip(total, grads, strict=True)]
+    influence = influence_pattern_path(model, task, steps=10, top_k=3)
+    assert influence == {ly: total[ly].topk(3).indices.tolist() for ly in (0, 1)}
+    assert influence[1][0] == 11
+    assert float(total[0][7]) == 0 and float(total[1][9]) == 0
+    assert float(total[0][3]) < 0 and 3 not in influence[0]
+    assert locate_path(model, task, steps=10, progress=False)[0] == {0: [3], 1: [11]}
+
+
+def test_cli_runs_on_an_fsm_model_and_writes_checkpointed_rows(zoo_workspace, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from circuits.neuron_path_cli import app
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path).ensure()
+    workspace.model_dir("fsm-tiny").symlink_to(zoo_workspace.model_dir("fsm-tiny"), target_is_directory=True)
+    args = ["--steps", "2", "--position", "4", "--n-targets", "1", "--n-sequences", "24", "--no-progress"]
+    result = CliRunner().invoke(app, ["fsm-tiny", *args, "-w", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    metrics = workspace.results().read("neuron_path_metrics")
+    paths = workspace.results().read("neuron_paths")
+    last_step = max(int(p.name.removeprefix("step")) for p in workspace.model_dir("fsm-tiny").glob("step*"))
+    assert set(metrics["method"]) == {"joint_ig", "top_activation", "influence_pattern"}
+    assert (metrics["checkpoint"] == last_step).all() and (paths["checkpoint"] == last_step).all()
+    assert set(paths["layer"]) == {0, 1} and (paths["position"] == 4).all()
+    again = CliRunner().invoke(app, ["fsm-tiny", *args, "-w", str(tmp_path)])
+    assert again.exit_code == 0 and len(workspace.results().read("neuron_path_metrics")) == 3
+    missing = CliRunner().invoke(app, ["nope", "-w", str(tmp_path)])
+    assert missing.exit_code == 2 and "error:" in missing.output

@@ -16,6 +16,10 @@ if metrics is None or metrics.empty or paths is None or paths.empty:
     st.stop()
 model = st.selectbox("model", sorted(metrics["model"].unique()))
 rows = metrics[metrics["model"] == model]
+neurons = paths[paths["model"] == model]
+if "checkpoint" in rows and rows["checkpoint"].nunique() > 1:  # runs on several checkpoints of one series
+    step = st.selectbox("checkpoint", sorted(rows["checkpoint"].dropna().unique(), reverse=True))
+    rows, neurons = rows[rows["checkpoint"] == step], neurons[neurons["checkpoint"] == step]
 st.subheader("Methods compared (averaged over targets)")
 score_fig = px.bar(
     rows, x="method", y="joint_score", color="method", title="Joint IG score of each method's path"
@@ -37,7 +41,6 @@ st.plotly_chart(
 )
 st.dataframe(rows, use_container_width=True, hide_index=True)
 st.subheader("Path neurons per target")
-neurons = paths[paths["model"] == model]
 method = st.radio("method", sorted(neurons["method"].unique()), horizontal=True)
 chosen = neurons[neurons["method"] == method]
 fig = px.scatter(
