@@ -36,6 +36,7 @@ def train(
 ) -> None:
     """Train one SAE / transcoder on a zoo model, save it under the workspace and write sae_evals + sae_features."""
     from circuits.sae.evals import train_and_evaluate
+    from circuits.sae.train import check_sae_name
     from workbench.workspace import Workspace
 
     spec = {
@@ -49,6 +50,7 @@ def train(
         spec["k"] = k
     name = sae_id or f"{model}.{hook}.{architecture}"
     try:
+        check_sae_name(name)  # before the capture: a bad name fails at once
         frame = train_and_evaluate(
             Workspace(workspace).ensure(), model, {name: spec}, step=step, n_sequences=sequences,
             train_steps=steps, progress=progress,

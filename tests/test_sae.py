@@ -350,6 +350,9 @@ def test_cli_eval_writes_row(zoo_workspace, tmp_path):
         app, ["eval", str(tmp_path / "bad"), "code-tiny", "--workspace", str(workspace)]
     )
     assert result.exit_code == 2 and "d_in=32" in result.output
+    result = CliRunner().invoke(app, ["train", "code-tiny", "--hook", "blocks.0.hook_resid_post", "--sae-id",
+                                      "../escape", "--workspace", str(workspace)])  # fmt: skip
+    assert result.exit_code == 2 and "cannot name a checkpoint file" in result.output
 
 
 def test_live_model_batches_shuffle_across_sequences_and_train_a_transcoder(code_series) -> None:

@@ -144,6 +144,8 @@ class SAE(nn.Module):
         return f, self.decode(f, x), pre, {}
 
     def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra training-loss terms from latents f [batch, d_sae] (dense; TopK's is sparse COO and unused) and
+        pre-activations pre [batch, d_sae]: {name: scalar tensor []} added to the MSE. None in the base class."""
         return {}
 
     @torch.no_grad()

@@ -59,6 +59,8 @@ class JumpReLUSAE(SAE):
         return pre.relu() * (pre > self.threshold).to(pre.dtype)
 
     def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor) -> dict[str, torch.Tensor]:
+        """f, pre [batch, d_sae] -> {"l0": scalar []}: l0_coefficient · mean_batch Σ_i 1[pre_i > θ_i], whose
+        gradient reaches the thresholds θ [d_sae] through the rectangle-kernel straight-through estimator."""
         l0 = _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum(-1).mean()
         return {"l0": self.cfg.l0_coefficient * l0}
 

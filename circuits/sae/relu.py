@@ -15,5 +15,6 @@ class ReLUSAE(SAE):
         return torch.relu(pre)
 
     def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor) -> dict[str, torch.Tensor]:
+        """f, pre [batch, d_sae] -> {"l1": scalar []}: l1_coefficient · mean_batch Σ_i f_i ‖W_dec[i]‖."""
         l1 = (f * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         return {"l1": self.cfg.l1_coefficient * l1}

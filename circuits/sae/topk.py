@@ -92,7 +92,12 @@ class TopKSAE(SAE):
     def aux_loss(
         self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """AuxK: the top dead latents reconstruct the residual error [batch, d_out] (normalised MSE)."""
+        """AuxK loss (scalar []): the aux_k largest pre-activations among dead latents reconstruct the main error.
+
+        x [batch, d_in]; pre [batch, d_sae] (detached pre-activations); residual [batch, d_out] = target −
+        prediction (detached); dead_mask [d_sae] bool (any device). aux_k = cfg.aux_k or d_out // 2, at most the
+        number of dead latents. Returns aux_k_coefficient · ‖Σ_dead f_j W_dec[j] − residual‖² / ‖residual −
+        mean‖² (batch means), zero when no latent is dead."""
         if dead_mask is None or not bool(dead_mask.any()):
             return pre.new_zeros(())
         aux_k = min(self.cfg.aux_k or self.d_out // 2, int(dead_mask.sum()))

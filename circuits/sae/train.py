@@ -39,6 +39,8 @@ class TrainResult:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier (a float, no tensors) at 0-based ``step``: linear warm-up to 1 over
+    ``warmup_steps``, constant, then linear decay to 0 over the last ``decay_fraction`` of ``steps``."""
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
     if step < decay_start or cfg.decay_fraction <= 0:
