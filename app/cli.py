@@ -50,13 +50,11 @@ def demo(
     port: Annotated[int, typer.Option(help="Dashboard port.")] = 8501,
 ) -> None:
     """Train the embedded zoo, run the analyses, then open the dashboard (reruns reuse what is done)."""
-    from app.demo import run_demo
-    from workbench.checkpoints import CheckpointError
-    from workbench.zoo.train import ZooError
+    from app.demo import DemoStepError, run_demo
 
     try:
         ws = run_demo(workspace)
-    except (ZooError, CheckpointError) as err:
+    except DemoStepError as err:
         fail(err)
     if serve_dashboard:
         serve(ws.root, host, port)

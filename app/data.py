@@ -19,7 +19,7 @@ class WorkspaceProblem(Exception):
 
 def workspace_path() -> Path:
     """The workspace given on the command line (``-- --workspace DIR``), $WORKBENCH_WORKSPACE, or ./workspace."""
-    argv = list(st.session_state.get("_argv", [])) or _script_args()
+    argv = _script_args()
     if "--workspace" in argv and argv.index("--workspace") + 1 < len(argv):
         return Path(argv[argv.index("--workspace") + 1]).resolve()
     return Path(os.environ.get("WORKBENCH_WORKSPACE", "workspace")).resolve()
@@ -50,11 +50,11 @@ def check_workspace(workspace: Path) -> Path:
             f"{workspace} has no results database yet ({path.name}). Run an analysis, e.g. `workbench demo`, "
             "`workbench massive ...` or `workbench probe run jobs.toml`."
         )
-    from workbench.results import ResultsDB, SchemaVersionError
+    from workbench.results import ResultsDB, ResultsLockedError, SchemaVersionError
 
     try:
         ResultsDB(path).tables()
-    except SchemaVersionError as err:
+    except (SchemaVersionError, ResultsLockedError) as err:
         raise WorkspaceProblem(str(err)) from err
     return path
 
@@ -79,10 +79,45 @@ def tables(path: Path) -> list[str]:
 
 
 def table(path: Path, name: str) -> pd.DataFrame | None:
-    """One results table (None when no analysis has written it yet)."""
-    if name not in tables(path):
-        return None
-    return _read(str(path), path.stat().st_mtime, name)
+    """One results table (None when no analysis has written it yet); a database locked for too long stops the page
+    with a warning."""
+    from workbench.results import ResultsLockedError
+
+    try:
+        if name not in tables(path):
+            return None
+        return _read(str(path), path.stat().st_mtime, name)
+    except ResultsLockedError as err:
+        st.warning(str(err))
+        st.stop()
+
+
+@st.cache_data(show_spinner=False)
+def _row_counts(path: str, mtime: float) -> pd.DataFrame:
+    from workbench.results import ResultsDB
+
+    db = ResultsDB(Path(path))
+    rows = []
+    for name in db.tables():
+        columns = set(db.columns(name))
+        counted = [c for c in ("model", "checkpoint", "hook") if c in columns]
+        select = ", ".join(["count(*) AS rows", *(f"count(DISTINCT {c}) AS {c}s" for c in counted)])
+        rows.append({"table": name, **db.query(f"SELECT {select} FROM {name}").iloc[0].to_dict()})
+    return pd.DataFrame(rows)
+
+
+def row_counts(path: Path) -> pd.DataFrame:
+    """Per results table: its row count and how many distinct models, checkpoints and hooks it covers."""
+    return _row_counts(str(path), path.stat().st_mtime)
+
+
+def pick(rows: pd.DataFrame, column: str, label: str | None = None, key: str | None = None) -> pd.DataFrame:
+    """Filter ``rows`` to one value of ``column`` chosen in a selectbox (shown only when there is a choice)."""
+    if column not in rows or rows[column].nunique(dropna=False) <= 1:
+        return rows
+    values = sorted(rows[column].dropna().unique().tolist(), key=str)
+    chosen = st.selectbox(label or column, values, key=key)
+    return rows[rows[column] == chosen]
 
 
 def empty_state(what: str, command: str) -> None:

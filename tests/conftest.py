@@ -50,7 +50,7 @@ def vit_model_dir(zoo_workspace):
 def dashboard_workspace(zoo_workspace, tmp_path_factory):
     """A workspace whose results database holds massive-activation, attention-statistics, probe, SAE and
     transcoder-circuit results."""
-    from workbench.attention.summary import attention_statistics
+    from workbench.attention.summary import write_attention_statistics
     from workbench.checkpoints import CheckpointSeries
     from workbench.massive import fit_emergence, track_massive, write_results
 
@@ -58,14 +58,8 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     texts = ["def f(x):\n    return x\n", "import os\n"]
     report = track_massive(series, texts, steps=[0, 1, 2, 4, 8, 16, 32, 64, 128], progress=False)
     write_results(report, fit_emergence(report.layers), zoo_workspace)
-    import pandas as pd
-
-    stats = pd.concat(
-        [attention_statistics(series.load(s), texts) for s in (0, series.steps[-1])], ignore_index=True
-    )
-    zoo_workspace.results().write(
-        "attention_stats", stats, replace_keys=["model", "checkpoint", "layer", "head"]
-    )
+    write_attention_statistics((series.load(s) for s in (0, series.steps[-1])), texts, zoo_workspace,
+                               dataset="test-prompts")  # fmt: skip
     from probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
 
     dataset = label_dataset("bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, seq_len=48)

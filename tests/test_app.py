@@ -58,22 +58,71 @@ def test_circuits_view_draws_the_path_search(dashboard_workspace, monkeypatch) -
     assert nodes.iloc[0]["kind"] == "target" and len(nodes) > 1
 
 
-def test_overview_lists_models_and_tables(dashboard_workspace, monkeypatch) -> None:
+def _frame_with(app: AppTest, column: str) -> pd.DataFrame:
+    return next(frame.value for frame in app.dataframe if column in frame.value)
+
+
+def test_overview_lists_models_runs_and_tables(dashboard_workspace, monkeypatch) -> None:
+    from workbench.workspace import Workspace
+
     app = _run("overview", dashboard_workspace.root, monkeypatch)
-    models = app.dataframe[0].value
-    assert "code-tiny" in set(models["model"])
-    tables = set(app.dataframe[1].value["table"])
-    assert {"massive_layers", "attention_stats"} <= tables
+    assert "code-tiny" in set(_frame_with(app, "checkpoints")["model"])
+    runs = _frame_with(app, "kind")
+    assert "SAE / transcoder" in set(runs["kind"])
+    counts = _frame_with(app, "table").set_index("table")
+    assert {"massive_layers", "attention_stats"} <= set(counts.index)
+    db = Workspace(dashboard_workspace.root).results()
+    assert counts.loc["attention_stats", "rows"] == len(db.read("attention_stats"))
+    assert counts.loc["massive_layers", "models"] == db.read("massive_layers")["model"].nunique()
 
 
-@pytest.mark.parametrize("view", ["probes", "sae", "circuits", "codebooks", "neuron_paths"])
-def test_views_without_data_name_the_command_that_produces_it(view, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "view", ["massive", "attention", "probes", "sae", "circuits", "codebooks", "neuron_paths"]
+)
+def test_views_without_data_name_a_command_that_exists(view, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from workbench.cli import app as cli
     from workbench.workspace import Workspace
 
     Workspace(tmp_path).results().write("unrelated", pd.DataFrame({"x": [1]}))
     app = _run(view, tmp_path, monkeypatch)
     assert not app.exception
-    assert app.info and "workbench" in app.info[0].value
+    message = app.info[0].value
+    commands = [line.split("#")[0].split() for line in message.splitlines() if line.startswith("workbench ")]
+    assert commands, message
+    for words in commands:
+        subcommand = [w for w in words[1:] if not w.startswith("-")][:2]
+        result = CliRunner().invoke(cli, [*subcommand[:1], "--help"])
+        assert result.exit_code == 0, (message, result.output)
+        if subcommand[0] in ("probe", "sae", "codebook", "neuron-path") and len(subcommand) > 1:
+            assert CliRunner().invoke(cli, [*subcommand, "--help"]).exit_code == 0, message
+
+
+def test_a_locked_database_gets_a_message_not_a_traceback(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from workbench import results
+    from workbench.workspace import Workspace
+
+    Workspace(tmp_path).results().write("t", pd.DataFrame({"a": [1]}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+         "time.sleep(30)", str(tmp_path / "results.duckdb")], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(results, "LOCK_WAIT_SECONDS", 0.5)
+        start = time.monotonic()
+        app = _run("overview", tmp_path, monkeypatch)
+        assert not app.exception, app.exception
+        assert "locked by another process" in app.warning[0].value
+        assert time.monotonic() - start < 20
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_missing_workspace_and_newer_database_get_clear_messages(tmp_path, monkeypatch) -> None:

@@ -144,3 +144,56 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     assert len(fits) == 2 and set(fits["family"]) == {"exp_log"}
     one = runner.invoke(app, ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "0"])
     assert one.exit_code == 0, one.output
+
+
+def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace, tmp_path) -> None:
+    from workbench.attention.summary import STAT_HOOKS, attention_statistics
+    from workbench.checkpoints import CheckpointSeries
+    from workbench.results import ResultsDB
+
+    texts = tmp_path / "prompts.txt"
+    texts.write_text("def f(x):\n    return x\nimport os\n", encoding="utf-8")
+    series = CheckpointSeries.from_directory(zoo_workspace.model_dir("code-tiny"))
+    steps = [0, series.steps[-1]]
+    args = [
+        "attention",
+        "code-tiny",
+        "--workspace",
+        str(zoo_workspace.root),
+        "--texts",
+        str(texts),
+        "--kernel",
+    ]
+    result = runner.invoke(app, [*args, *sum((["--step", str(s)] for s in steps), [])])
+    assert result.exit_code == 0, result.output
+    rows = ResultsDB(zoo_workspace).read("attention_stats", model="code-tiny", dataset="prompts")
+    assert sorted(rows["checkpoint"].unique()) == steps
+    assert len(rows) == len(steps) * series.load(0).cfg.n_layers * series.load(0).cfg.n_heads
+    eager = attention_statistics(series.load(steps[-1]), load_texts(texts))
+    kernel = rows[rows["checkpoint"] == steps[-1]].sort_values(["layer", "head"])
+    for stat in STAT_HOOKS:
+        assert kernel[stat].to_numpy() == pytest.approx(eager[stat].to_numpy(), abs=1e-4), stat
+    rerun = runner.invoke(app, [*args, "--step", str(steps[-1])])
+    assert rerun.exit_code == 0 and len(
+        ResultsDB(zoo_workspace).read("attention_stats", dataset="prompts")
+    ) == len(rows)
+    bad = runner.invoke(
+        app, ["attention", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "7777"]
+    )
+    assert bad.exit_code == 2 and "not in the series" in bad.output
+
+
+def test_demo_steps_are_recorded_reused_and_failures_keep_finished_steps(tmp_path) -> None:
+    from app.demo import DemoStepError, _step
+    from workbench.workspace import Workspace
+
+    db = Workspace(tmp_path).ensure().results()
+    calls = []
+    _step(db, "first", lambda: calls.append(1) or "note one")
+    _step(db, "first", lambda: calls.append(2) or "again")
+    assert calls == [1]
+    with pytest.raises(DemoStepError, match=r"'second' failed: ValueError: boom.*rerun `workbench demo`"):
+        _step(db, "second", lambda: (_ for _ in ()).throw(ValueError("boom")))
+    assert db.read("demo_steps")["step"].tolist() == ["first"]
+    _step(db, "second", lambda: calls.append(3) and None)
+    assert calls == [1, 3] and sorted(db.read("demo_steps")["step"]) == ["first", "second"]

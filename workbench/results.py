@@ -29,6 +29,13 @@ COMMON_COLUMNS = ("model", "checkpoint", "hook", "dataset", "workbench_version",
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
+LOCK_WAIT_SECONDS = 10.0  # how long a call waits for another process's write lock
+
+
+class ResultsLockedError(RuntimeError):
+    """Another process held the results database's lock for longer than the retry window."""
+
+
 class SchemaVersionError(RuntimeError):
     """The database was written by a newer workbench than this one."""
 
@@ -75,14 +82,21 @@ class ResultsDB:
         if read_only and not self.path.exists():
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except duckdb.IOException as err:
-                if "lock" not in str(err).lower() or time.monotonic() > deadline:
+                if "lock" not in str(err).lower():
                     raise
+                if time.monotonic() > deadline:
+                    raise ResultsLockedError(
+                        f"the results database {self.path} stayed locked by another process for "
+                        f"{LOCK_WAIT_SECONDS:g} s ({err}). "
+                        "Wait for the analysis that is writing it to finish, or close the program holding it open "
+                        "(e.g. a notebook with a live duckdb connection), then try again."
+                    ) from err
                 time.sleep(0.05)
         if not read_only:
             con.execute("CREATE TABLE IF NOT EXISTS _schema (version INTEGER)")

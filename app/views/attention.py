@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.data import empty_state, open_workspace_or_stop, table
+from app.data import empty_state, open_workspace_or_stop, pick, table
 from workbench.attention.summary import STAT_HOOKS, layer_head_heatmap, statistic_over_checkpoints
 
 st.title("Attention statistics")
 db = open_workspace_or_stop()
 stats = table(db, "attention_stats")
 if stats is None or stats.empty:
-    empty_state("attention statistics", "workbench attention-stats MODEL_OR_SERIES --texts FILE")
+    empty_state("attention statistics", "workbench attention code-small --kernel    # or: workbench demo")
     st.stop()
 model = st.selectbox("model", sorted(stats["model"].unique()))
-rows = stats[stats["model"] == model]
+rows = pick(stats[stats["model"] == model], "dataset", "prompt set")
 statistic = st.radio("statistic", STAT_HOOKS, horizontal=True)
 steps = sorted(int(s) for s in rows["checkpoint"].dropna().unique())
 step = (

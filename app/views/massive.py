@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.data import empty_state, open_workspace_or_stop, table
+from app.data import empty_state, open_workspace_or_stop, pick, table
 from workbench.massive import checkpoint_heatmap, emergence_curves, ratio_by_layer
 
 st.title("Massive activations")
 db = open_workspace_or_stop()
 layers = table(db, "massive_layers")
 if layers is None or layers.empty:
-    empty_state(
-        "massive-activation results", "workbench demo    # or: python -c 'from workbench.massive import ...'"
-    )
+    empty_state("massive-activation results", "workbench massive code-small    # or: workbench demo")
     st.stop()
 model = st.selectbox("model", sorted(layers["model"].unique()))
-rows = layers[layers["model"] == model]
+rows = pick(layers[layers["model"] == model], "dataset", "prompt set")
+dataset = rows["dataset"].iloc[0] if "dataset" in rows else None
 metric = st.radio(
     "metric", ["ratio", "top1", "median"], horizontal=True, help="ratio = top-1 magnitude / median"
 )
@@ -24,7 +23,8 @@ checkpoints = rows["checkpoint"].dropna().unique()
 if len(checkpoints) > 1:
     st.plotly_chart(checkpoint_heatmap(rows, metric), use_container_width=True)
     fits = table(db, "massive_fits")
-    fits = fits[fits["model"] == model] if fits is not None else None
+    if fits is not None:
+        fits = fits[(fits["model"] == model) & ((fits["dataset"] == dataset) if "dataset" in fits else True)]
     st.plotly_chart(emergence_curves(rows, fits, metric="top1"), use_container_width=True)
     if fits is not None and not fits.empty:
         st.subheader("Emergence fits per layer")
@@ -36,7 +36,7 @@ else:
 st.subheader("Top dimensions and tokens")
 top = table(db, "massive_top")
 if top is not None and not top.empty:
-    top = top[top["model"] == model]
+    top = top[(top["model"] == model) & ((top["dataset"] == dataset) if "dataset" in top else True)]
     step = st.selectbox("checkpoint", sorted(top["checkpoint"].dropna().unique().tolist()) or [None], index=None,
                         placeholder="latest")  # fmt: skip
     if step is None and top["checkpoint"].notna().any():

@@ -1,11 +1,11 @@
-"""Overview: what the workspace holds — models, checkpoint series, stores, and which analyses have results."""
+"""Overview: what the workspace holds — models and checkpoint series, runs (stores, probe jobs, SAEs, codebooks),\nand which analyses have results."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from app.data import open_workspace_or_stop, table, tables, workspace_path
+from app.data import open_workspace_or_stop, row_counts, workspace_path
 
 st.title("Interpretability workbench")
 workspace = workspace_path()
@@ -25,18 +25,26 @@ if series:
 else:
     st.info("No models yet: `workbench zoo train code-tiny` trains one into this workspace.")
 
+st.subheader("Runs")
+RUN_KINDS = {"stores": "activation store", "jobs": "probe job state", "saes": "SAE / transcoder",
+             "codebooks": "codebook run"}  # fmt: skip
+runs = []
+for folder, kind in RUN_KINDS.items():
+    root = workspace / folder
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            modified = pd.Timestamp(entry.stat().st_mtime, unit="s").floor("s")
+            runs.append({"kind": kind, "name": entry.name, "modified (UTC)": modified})
+if runs:
+    st.dataframe(pd.DataFrame(runs), use_container_width=True, hide_index=True)
+else:
+    st.info("No stores, probe jobs, SAEs or codebook runs yet: `workbench demo` makes one of each.")
+
 st.subheader("Computed results")
-summary = []
-for name in tables(db):
-    rows = table(db, name)
-    if rows is None:
-        continue
-    entry = {"table": name, "rows": len(rows)}
-    for column in ("model", "checkpoint", "hook"):
-        if column in rows:
-            entry[f"{column}s"] = rows[column].nunique()
-    summary.append(entry)
-if summary:
-    st.dataframe(pd.DataFrame(summary), use_container_width=True, hide_index=True)
+summary = row_counts(db)
+if not summary.empty:
+    st.dataframe(summary, use_container_width=True, hide_index=True)
 else:
     st.info("The results database is empty: run `workbench demo` or an analysis command.")

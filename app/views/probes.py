@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.data import empty_state, open_workspace_or_stop, table
+from app.data import empty_state, open_workspace_or_stop, pick, table
 from probes.analysis import probe_heatmap, probe_over_checkpoints
 
 METRICS = {
@@ -26,8 +26,7 @@ model = left.selectbox("model", sorted(rows["model"].unique()))
 rows = rows[rows["model"] == model]
 label_set = right.selectbox("label set", sorted(rows["label_set"].unique()))
 rows = rows[rows["label_set"] == label_set]
-if rows["dataset"].nunique() > 1:
-    rows = rows[rows["dataset"] == st.selectbox("dataset", sorted(rows["dataset"].unique()))]
+rows = pick(rows, "dataset")
 available = [m for m in METRICS if m in rows and rows[m].notna().any()]
 metric = st.radio("metric", available, horizontal=True, format_func=lambda m: m.replace("_", " "),
                   help="; ".join(f"{m}: {METRICS[m]}" for m in available))  # fmt: skip
@@ -35,6 +34,11 @@ if rows["checkpoint"].nunique() > 1:
     st.plotly_chart(probe_heatmap(rows, label_set, metric), use_container_width=True)
     st.plotly_chart(probe_over_checkpoints(rows, label_set), use_container_width=True)
 last = rows[rows["checkpoint"] == rows["checkpoint"].max()] if rows["checkpoint"].notna().any() else rows
+if last["score"].isna().all():
+    st.warning(
+        "Every probe of the last checkpoint failed to score (NaN); see `workbench probe status JOB.toml`."
+    )
+    st.stop()
 best = last.loc[last["score"].idxmax()]
 cols = st.columns(4)
 cols[0].metric("best layer (last checkpoint)", str(best["hook"]))

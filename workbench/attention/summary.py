@@ -14,9 +14,12 @@ import pandas as pd
 import torch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import plotly.graph_objects as go
 
     from workbench.model import HookedModel
+    from workbench.workspace import Workspace
 
 STAT_HOOKS = ("entropy", "sink", "lse", "max_logit")
 
@@ -67,11 +70,37 @@ def attention_statistics(
     return pd.DataFrame(rows)
 
 
-def attention_statistics_over_checkpoints(
-    models: Iterable[HookedModel], texts: Sequence[str], **kwargs
+RESULT_KEYS = ["model", "checkpoint", "dataset", "layer", "head"]
+
+
+def write_attention_statistics(
+    models: Iterable[HookedModel],
+    texts: Sequence[str] | torch.Tensor,
+    workspace: Workspace | str | Path | None = None,
+    *,
+    dataset: str = "texts",
+    kernel: bool = False,
+    **kwargs,
 ) -> pd.DataFrame:
-    """:func:`attention_statistics` for each model of a checkpoint series (loaded one at a time)."""
-    return pd.concat([attention_statistics(m, texts, **kwargs) for m in models], ignore_index=True)
+    """:func:`attention_statistics` for each model (e.g. ``series.iter()``, loaded one at a time), written to the
+    workspace's ``attention_stats`` table (a rerun replaces its own rows) and returned.
+
+    ``kernel=True`` computes the statistics inside the fused Triton kernel (``install_attention``) instead of the
+    eager path; both give the same numbers.
+    """
+    from workbench.workspace import Workspace
+
+    frames = []
+    for model in models:
+        if kernel:
+            from workbench.attention.install import install_attention
+
+            install_attention(model)
+        frames.append(attention_statistics(model, texts, **kwargs))
+    frame = pd.concat(frames, ignore_index=True).assign(dataset=dataset, hook="blocks.*.attn.hook_*")
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace).ensure()
+    ws.results().write("attention_stats", frame, replace_keys=RESULT_KEYS)
+    return frame
 
 
 def layer_head_heatmap(
@@ -95,7 +124,11 @@ def statistic_over_checkpoints(table: pd.DataFrame, statistic: str = "sink") -> 
     import plotly.express as px
 
     per_layer = table.groupby(["checkpoint", "layer"], as_index=False)[statistic].mean()
-    per_layer["checkpoint_axis"] = per_layer["checkpoint"].clip(lower=1)
-    fig = px.line(per_layer, x="checkpoint_axis", y=statistic, color="layer", markers=True, log_x=True,
-                  title=f"mean attention {statistic} over training", labels={"checkpoint_axis": "step"})  # fmt: skip
+    # step 0 has no place on a log axis: it is drawn at half the first positive step, labelled "0"
+    positive = per_layer.loc[per_layer["checkpoint"] > 0, "checkpoint"]
+    zero_at = float(positive.min()) / 2 if len(positive) else 1.0
+    per_layer["step_axis"] = per_layer["checkpoint"].astype(float).where(per_layer["checkpoint"] > 0, zero_at)
+    fig = px.line(per_layer, x="step_axis", y=statistic, color="layer", markers=True, log_x=True,
+                  hover_data={"checkpoint": True, "step_axis": False},
+                  title=f"mean attention {statistic} over training", labels={"step_axis": "step"})  # fmt: skip
     return fig
