@@ -798,6 +798,33 @@ def fsm_steering_check(
             "n": n, "skipped": skipped}  # fmt: skip
 
 
+def fsm_purity_ceiling(fsm: Any, tokens: torch.Tensor, states: torch.Tensor) -> dict[str, float]:
+    """What the state-purity metric can reach on these sequences at best. A model only sees the tokens, so any
+    code is a function of the prefix; the most informative one is the exact posterior over FSM states (forward
+    filtering from a uniform first state). Returns ``purity``: the mean state purity of the code "posterior id"
+    (one code per distinct posterior), and ``map_accuracy``: how often the posterior's most likely state is the
+    true one. With every state's token shared by m states and uniform transitions both are 1/m."""
+    tokens, states = tokens.cpu().numpy(), states.cpu().numpy()
+    n_states = len(fsm.emission)
+    transition = np.zeros((n_states, n_states))
+    for state in range(n_states):
+        np.add.at(transition[state], fsm.successors[state], 1 / len(fsm.successors[state]))
+    emits = fsm.emission[:, None] == np.arange(int(fsm.emission.max()) + 1)[None]  # [state, token]
+    belief = np.full((tokens.shape[0], n_states), 1 / n_states)
+    posterior = np.empty((*tokens.shape, n_states))
+    for t in range(tokens.shape[1]):
+        if t:
+            belief = belief @ transition
+        belief = belief * emits[:, tokens[:, t]].T
+        belief /= belief.sum(1, keepdims=True)
+        posterior[:, t] = belief
+    flat = posterior.reshape(-1, n_states)
+    _, ids = np.unique(np.round(flat, 9), axis=0, return_inverse=True)
+    table = association(ids.reshape(-1), states.reshape(-1), int(ids.max()) + 1)
+    return {"purity": float(table["purity"].mean()),
+            "map_accuracy": float((flat.argmax(1) == states.reshape(-1)).mean())}  # fmt: skip
+
+
 def fsm_codebook_study(
     model: Any,
     fsm: Any,
@@ -828,8 +855,10 @@ def fsm_codebook_study(
         model, books, site, fsm, purity, test_tokens[:64], test_labels["fsm_state"][:64]
     )
     state_purity = purity[purity["label_set"] == "fsm_state"]["purity"]
+    ceiling = fsm_purity_ceiling(fsm, test_tokens, test_labels["fsm_state"])
     return {"codebooks": books, "report": report, "codes": codes, "purity": purity, "steering": steering,
-            "mean_state_purity": float(state_purity.mean())}  # fmt: skip
+            "mean_state_purity": float(state_purity.mean()), "purity_ceiling": ceiling["purity"],
+            "map_accuracy": ceiling["map_accuracy"]}  # fmt: skip
 
 
 def demo_step(
@@ -850,11 +879,12 @@ def demo_step(
         directory=codebook_dir(workspace, f"{model_name}-demo"), progress=progress,
     )  # fmt: skip
     codes = study["codes"].assign(model=model_name)
-    purity = study["purity"].assign(model=model_name)
+    purity = study["purity"].assign(model=model_name, purity_ceiling=study["purity_ceiling"])
     codes["loss_gap"] = study["report"].loss_gap
     write_results(codes, purity, workspace)
     steer = study["steering"]
-    return (f"codebooks {model_name}: state purity {study['mean_state_purity']:.2f}, loss gap "
+    return (f"codebooks {model_name}: state purity {study['mean_state_purity']:.3f} (ceiling for a code that knows "
+            f"the exact state posterior {study['purity_ceiling']:.3f}), loss gap "
             f"{study['report'].loss_gap:+.3f} nats, forced code → legal from forced state "
             f"{steer['forced_legal_from_forced']:.2f} vs unforced {steer['plain_legal_from_forced']:.2f}")  # fmt: skip
 

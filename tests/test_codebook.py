@@ -21,6 +21,7 @@ from circuits.codebook import (
     codebook_dir,
     collect_codes,
     demo_step,
+    fsm_purity_ceiling,
     fsm_steering_check,
     generate,
     kmeans,
@@ -93,6 +94,22 @@ def test_purity_and_mutual_information_on_planted_codes() -> None:
     assert mutual_information(codes, labels_with_ignore) == pytest.approx(
         mutual_info_score(codes[keep], labels_with_ignore[keep])
     )
+
+
+def test_fsm_purity_ceiling_in_closed_form() -> None:
+    """Tokens shared by m = 2 states and uniform transitions: the posterior is uniform over a token's states, so
+    each state's purity is its share of its token's occurrences and the mean over states is exactly V / N = 0.5.
+    Distinct tokens per state: the posterior is certain, ceiling 1."""
+    from workbench.zoo.corpora import TokFSM
+
+    shared = TokFSM(n_states=10, vocab_size=5, branching=10, seed=0)
+    tokens, states = (torch.from_numpy(a) for a in shared.sample(200, 6, seed=1))
+    ceiling = fsm_purity_ceiling(shared, tokens, states)
+    assert ceiling["purity"] == pytest.approx(0.5, abs=1e-12)
+    assert ceiling["map_accuracy"] == pytest.approx(0.5, abs=0.05)
+    distinct = TokFSM(n_states=5, vocab_size=5, branching=2, seed=0)
+    tokens, states = (torch.from_numpy(a) for a in distinct.sample(20, 6, seed=1))
+    assert fsm_purity_ceiling(distinct, tokens, states) == {"purity": 1.0, "map_accuracy": 1.0}
 
 
 def test_bad_sites_and_codes_raise_clear_errors(fsm_series) -> None:
@@ -318,7 +335,7 @@ def test_demo_step_fsm_state_purity_and_steering(codebook_workspace) -> None:
     from workbench.zoo.train import get_spec
 
     workspace, summary = codebook_workspace
-    assert "state purity" in summary and "loss gap" in summary
+    assert "state purity" in summary and "loss gap" in summary and "ceiling" in summary
     purity = workspace.results().read("codebook_purity", model="fsm-tiny")
     codes = workspace.results().read("codebook_codes", model="fsm-tiny")
     assert {"best_code", "purity", "mi", "recall", "label_set"} <= set(purity.columns)
@@ -327,6 +344,7 @@ def test_demo_step_fsm_state_purity_and_steering(codebook_workspace) -> None:
     )
     assert purity["label"].nunique() >= 90  # states seen in the held-out sample
     trained_purity = purity["purity"].mean()
+    assert trained_purity < purity["purity_ceiling"].iloc[0] <= 1
 
     from workbench.checkpoints import CheckpointSeries
 

@@ -34,6 +34,10 @@ if purity is not None and not purity.empty:
     label_set = st.selectbox("label set", sorted(purity["label_set"].unique()))
     rows = purity[purity["label_set"] == label_set].sort_values("label")
     st.metric(f"mean best-code purity per {label_set} label", f"{rows['purity'].mean():.3f}")
+    if "purity_ceiling" in rows and rows["purity_ceiling"].notna().any():
+        st.metric(
+            "ceiling (a code per exact state posterior)", f"{rows['purity_ceiling'].dropna().iloc[0]:.3f}"
+        )
     st.caption(
         "Best code of a label = the code chosen most often on that label's tokens; purity = P(label | best code), "
         "recall = P(best code | label)."
