@@ -48,8 +48,8 @@ def vit_model_dir(zoo_workspace):
 
 @pytest.fixture(scope="session")
 def dashboard_workspace(zoo_workspace, tmp_path_factory):
-    """A workspace whose results database holds massive-activation, attention-statistics, probe, SAE and
-    transcoder-circuit results."""
+    """A workspace whose results database holds massive-activation, attention-statistics, probe, SAE,
+    transcoder-circuit, codebook and neuron-path results (every dashboard view has data)."""
     from workbench.attention.summary import write_attention_statistics
     from workbench.checkpoints import CheckpointSeries
     from workbench.massive import fit_emergence, track_massive, write_results
@@ -71,4 +71,9 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
 
     circuits.sae.demo_step(zoo_workspace, progress=False)
     circuits.transcoder_circuits.demo_step(zoo_workspace, progress=False)
+    import circuits.codebook
+    import circuits.neuron_path
+
+    circuits.codebook.demo_step(zoo_workspace, progress=False, model_name="fsm-tiny", n_codes=100, steps=40)
+    circuits.neuron_path.demo_step(zoo_workspace, progress=False)
     return zoo_workspace

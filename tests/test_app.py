@@ -50,6 +50,15 @@ def test_probes_view_shows_heatmap_curves_and_rows(dashboard_workspace, monkeypa
     assert not app.exception
 
 
+def test_codebook_and_neuron_path_views_show_their_results(dashboard_workspace, monkeypatch) -> None:
+    codebooks = _run("codebooks", dashboard_workspace.root, monkeypatch)
+    assert not codebooks.exception, codebooks.exception
+    assert codebooks.get("plotly_chart") and codebooks.selectbox[0].options
+    paths = _run("neuron_paths", dashboard_workspace.root, monkeypatch)
+    assert not paths.exception, paths.exception
+    assert len(paths.get("plotly_chart")) >= 2
+
+
 def test_circuits_view_draws_the_path_search(dashboard_workspace, monkeypatch) -> None:
     app = _run("circuits", dashboard_workspace.root, monkeypatch)
     assert not app.exception, app.exception
