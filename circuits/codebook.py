@@ -191,6 +191,11 @@ class CodebookSet(nn.Module):
     def _hook(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
         state = self.state[hook.name]
         book = state.codebook
+        if book.codes.device != act.device:
+            raise CodebookError(
+                f"the codebook on {hook.name} is on {book.codes.device} but the activations are on {act.device}; "
+                f"move the codebooks with codebooks.to({str(act.device)!r})"
+            )
         lead = act.shape[:2]
         forced = None
         if state.forced:
@@ -444,7 +449,8 @@ def train_codebooks(
     then ``codebooks.safetensors`` (codes with configs and step in its metadata) is rewritten for analysis; each
     write is atomic and each file complete on its own, so a crash never leaves a mixed state. A rerun with the
     same settings resumes from ``train_state.pt`` and ends equal to an uninterrupted run; a rerun with ``steps``
-    at or below the saved step trains nothing and keeps the saved step. ``train_model`` also updates the model's
+    at or below the saved step trains nothing and keeps the saved step (so does a finished run saved before
+    ``train_state.pt`` existed; one that would need more steps is refused). ``train_model`` also updates the model's
     own weights (in place; a resume loads the checkpointed weights into ``model``). The parameters'
     ``requires_grad`` flags are restored on exit."""
     from tqdm.auto import tqdm
@@ -459,11 +465,21 @@ def train_codebooks(
                 "train_model": train_model}  # fmt: skip
     directory = Path(directory) if directory else None
     books = CodebookSet(configs).to(device)
+    eval_tokens = tokens[-batch_size:] if eval_tokens is None else eval_tokens.to(device)
     saved = _train_state(directory) if directory is not None else None
     if saved is None and directory is not None and (directory / "codebooks.safetensors").exists():
-        raise CodebookError(
-            f"{directory} holds codebooks but no training state ({TRAIN_STATE}) to resume from; pick another run name"
-        )
+        meta = CodebookSet.metadata(
+            directory
+        )  # a run finished before train_state.pt existed: usable, not resumable
+        if meta["configs"] != settings["configs"] or train_model or int(meta.get("step", 0)) < steps:
+            raise CodebookError(
+                f"{directory} holds codebooks without the training state ({TRAIN_STATE}) needed to train them "
+                "further or with these settings; pick another run name"
+            )
+        books = CodebookSet.load(directory, device)
+        report = TrainReport(evaluate_loss(model, eval_tokens), evaluate_loss(model, eval_tokens, books),
+                             int(meta["step"]), 0, [], directory)  # fmt: skip
+        return books, report
     if saved is not None and saved["settings"] != settings:
         changed = sorted(key for key in settings if saved["settings"].get(key) != settings[key])
         raise CodebookError(
@@ -496,7 +512,6 @@ def train_codebooks(
         atomic_torch_save(directory / TRAIN_STATE, state)
         books.save(directory, {"step": step, "n_codes": n_codes, "train_model": train_model})
 
-    eval_tokens = tokens[-batch_size:] if eval_tokens is None else eval_tokens.to(device)
     grad_flags = [p.requires_grad for p in model.model.parameters()]
     for p in model.model.parameters():
         p.requires_grad_(train_model)

@@ -293,6 +293,16 @@ def test_resume_equals_an_uninterrupted_run(fsm_series, tmp_path, train_model) -
     assert again.steps == 6 and again.history == [] and CodebookSet.metadata(tmp_path / "b")["step"] == 6
     (tmp_path / "b" / "config.json").unlink()  # the safetensors file alone is complete
     torch.testing.assert_close(CodebookSet.load(tmp_path / "b")[site].codes, full[site].codes)
+    if not train_model:  # a finished run saved before train_state.pt existed is used as it is, not trained on
+        (tmp_path / "b" / "train_state.pt").unlink()
+        old, old_report = train_codebooks(
+            fresh(), tokens, [site], steps=6, directory=tmp_path / "b", **kwargs
+        )
+        assert old_report.steps == 6 and old_report.history == []
+        torch.testing.assert_close(old[site].codes, full[site].codes)
+        with pytest.raises(CodebookError, match="without the training state"):
+            train_codebooks(fresh(), tokens, [site], steps=7, directory=tmp_path / "b", **kwargs)
+        return
     with pytest.raises(CodebookError, match=r"other settings \(train_model\)"):
         train_codebooks(fresh(), tokens, [site], steps=6, directory=tmp_path / "b",
                         **{**kwargs, "train_model": not train_model})  # fmt: skip
