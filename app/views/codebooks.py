@@ -22,11 +22,10 @@ codes = codes[codes["site"] == site].sort_values("count", ascending=False)
 if "loss_gap" in codes and codes["loss_gap"].notna().any():
     st.metric("loss gap (codebook − original, nats)", f"{codes['loss_gap'].dropna().iloc[0]:+.3f}")
 st.metric("live codes", len(codes))
-st.plotly_chart(
-    px.bar(codes, x=codes["code"].astype(str), y="count", hover_data=["top_tokens"],
-           labels={"x": "code"}, title="Code usage (sorted by count)"),
-    use_container_width=True,
-)  # fmt: skip
+usage = px.bar(codes, x=codes["code"].astype(str), y="count", hover_data=["top_tokens"], labels={"x": "code"},
+               title="Code usage (sorted by count)")  # fmt: skip
+usage.update_xaxes(type="category", categoryorder="total descending")
+st.plotly_chart(usage, use_container_width=True)
 purity = table(db, "codebook_purity")
 if purity is not None and not purity.empty:
     purity = purity[(purity["model"] == model) & (purity["site"] == site)]
