@@ -491,3 +491,24 @@ def test_feature_pages_streaming_against_brute_force(tmp_path) -> None:
                 assert (positive <= low).float().mean() >= j / n_q - 1e-6 > (positive <= below).float().mean()
                 checked_bands += 1
     assert checked_bands >= 10
+
+
+@pytest.mark.parametrize("architecture,extra", [("topk", {"k": 12}), ("jumprelu", {"init_threshold": 0.05})])
+def test_data_init_is_the_least_squares_scale(architecture, extra) -> None:
+    """initialize_from_batch (float64): b_dec = mean target, encoder centred, and the scale c is the least-squares
+    optimum (residual ⟂ reconstruction, so FVU ≤ 1); a JumpReLU keeps exactly the latents that fired."""
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(architecture, d_in=16, d_sae=64, **extra)).double()
+    x = torch.randn(256, 16, dtype=torch.float64) * 3 + 2
+    with torch.no_grad():
+        centred = (x - x.mean(0)) @ sae.W_enc
+        fired_before = centred > (sae.threshold if architecture == "jumprelu" else 0)
+        sae.initialize_from_batch(x, x)
+        f = sae.encode(x)
+        pred = f @ sae.W_dec
+        residual = x - sae.b_dec - pred
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
+    assert abs(float((pred * residual).sum())) < 1e-9 * float(pred.pow(2).sum())
+    assert float(residual.pow(2).sum()) < float((x - x.mean(0)).pow(2).sum())
+    if architecture == "jumprelu":
+        assert torch.equal(f > 0, fired_before)

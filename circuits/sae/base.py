@@ -8,6 +8,7 @@ Pre-activations are x @ W_enc + b_enc (no b_dec subtraction; SAELens files with 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,28 @@ class SAE(nn.Module):
         """Extra training-loss terms from latents f [batch, d_sae] (dense; TopK's is sparse COO and unused) and
         pre-activations pre [batch, d_sae]: {name: scalar tensor []} added to the MSE. None in the base class."""
         return {}
+
+    @torch.no_grad()
+    def initialize_from_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Data-dependent initialisation from the first training batch x [batch, d_in], y [batch, d_out].
+
+        b_dec starts at the mean target (minus the skip path's mean), the encoder is centred on the mean input
+        (b_enc = −mean(x) W_enc), and W_enc, b_enc (and a JumpReLU threshold, so the same latents fire) are scaled
+        by the least-squares factor c that makes the initial reconstruction f W_dec best fit y − b_dec. Without
+        it, W_enc = W_decᵀ with unit rows over-shoots by ~9k/d_in when k is a sizeable fraction of d_in (initial
+        FVU ≈ 8 at k = 32, d_in = 64)."""
+        mean_x = x.mean(0)
+        skip = x @ self.W_skip if self.W_skip is not None else 0.0
+        self.b_dec.copy_((y - skip).mean(0))
+        self.b_enc.copy_(-(mean_x @ self.W_enc))
+        pred = self.encode(x) @ self.W_dec
+        c = float((pred * (y - skip - self.b_dec)).sum() / pred.pow(2).sum().clamp_min(1e-12))
+        if math.isfinite(c) and c > 0:
+            self.W_enc.mul_(c)
+            self.b_enc.mul_(c)
+            threshold = getattr(self, "threshold", None)
+            if isinstance(threshold, nn.Parameter):
+                threshold.mul_(c)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

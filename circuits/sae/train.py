@@ -28,6 +28,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     progress: bool = True
     seed: int = 0
+    data_init: bool = True  # SAE.initialize_from_batch on the first batch (b_dec = mean, encoder scale)
 
 
 @dataclass
@@ -172,10 +173,13 @@ def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | No
         total = 0.0
         for name, sae in saes.items():
             x, y = _as_pair(batch, sae, name)
-            if name not in scales:
+            first = name not in scales
+            if first:
                 scales[name] = (_scale(x), _scale(y)) if cfg.normalize_activations else (1.0, 1.0)
             s_in, s_out = scales[name]
             x, y = (x * s_in if s_in != 1.0 else x), (y * s_out if s_out != 1.0 else y)
+            if first and cfg.data_init:
+                sae.initialize_from_batch(x, y)
             dead = tokens_since_fired[name] > cfg.dead_after_tokens
             f, prediction, pre, _ = sae.training_forward(x, dead)
             residual = y - prediction
