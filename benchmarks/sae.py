@@ -1,11 +1,14 @@
 """TopK SAE training throughput: our trainer vs SAELens's SAETrainer on the same in-memory activations.
 
 Same architecture (TopK with AuxK), width, k, batch, steps, learning rate (constant), Adam, float32, no activation
-normalisation on either side, same initial seed. Only the training loops are timed; runs alternate (repeats, best-of and median reported). Both trained SAEs are then
-scored on the same held-out activations (FVU, L0) through their own encode/decode.
+normalisation on either side, same torch seed; each trainer keeps its own initialisation (ours: the data-dependent
+init from the first batch, inside the timed loop). Only the training loops are timed; runs alternate which trainer
+goes first (shared machines drift) and best-of and median are reported. Both trained SAEs are then scored on the
+same held-out activations (FVU, L0) through their own encode/decode, and the run fails unless both sit at L0 = k.
 
     python benchmarks/sae.py                      # synthetic: d_in 256, sparse sums of 4096 unit directions
     python benchmarks/sae.py --real               # code-tiny blocks.1.hook_resid_post (d_in 64)
+    python benchmarks/sae.py --device cuda        # both trainers on the GPU
 """
 
 from __future__ import annotations
