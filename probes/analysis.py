@@ -19,8 +19,9 @@ token alone does not carry.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
-from probes.linear import ProbeError, cross_validate, fit_probes
+from probes.linear import TASKS, ProbeError, cross_validate, fit_probes
 from workbench.model import HookedModel
 from workbench.zoo.labels import FSM_LABELS, IGNORE, PYTHON_LABELS, check_label_set
 
@@ -38,9 +39,35 @@ RESULTS_TABLE = "probe_results"
 RESULT_KEYS = ["model", "checkpoint", "hook", "label_set", "dataset"]
 
 
+class ProbeSettingError(ProbeError):
+    """An invalid :class:`ProbeSettings` value; ``key`` names the setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"setting {key!r} {message}")
+        self.key = key
+
+
+# What each setting must satisfy (its type comes from the default value).
+_SETTING_RULES: dict[str, tuple[Any, str]] = {
+    "n_sequences": (lambda v: v >= 2, "≥ 2 (the held-out split is by sequence)"),
+    "seq_len": (lambda v: v >= 2, "≥ 2"),
+    "test_fraction": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+    "l2": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+    "max_iter": (lambda v: v >= 1, "≥ 1"),
+    "task": (lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
+    "cv_folds": (lambda v: v == 0 or v >= 2, "0 (no cross-validation) or ≥ 2"),
+    "batch_size": (lambda v: v >= 1, "≥ 1"),
+    "seed": (lambda v: v >= 0, "≥ 0"),
+}
+
+
 @dataclass
 class ProbeSettings:
-    """What a probe fit uses; every field is a key of a job file's [settings] table."""
+    """What a probe fit uses; every field is a key of a job file's [settings] table.
+
+    Values are checked on construction (:class:`ProbeSettingError` names the bad one): ints must be ints (not
+    bools), floats accept ints, and each value must satisfy its rule (e.g. ``0 < test_fraction < 1``).
+    """
 
     n_sequences: int = 64
     seq_len: int = 64
@@ -53,6 +80,19 @@ class ProbeSettings:
     random_init: bool = True
     batch_size: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            expected = type(item.default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, item.name, value)
+            if type(value) is not expected:
+                raise ProbeSettingError(item.name, f"must be {expected.__name__}; got {value!r}")
+            rule, wanted = _SETTING_RULES.get(item.name, (lambda v: True, ""))
+            if not rule(value):
+                raise ProbeSettingError(item.name, f"must be {wanted}; got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -143,18 +183,24 @@ def control_labels(token_ids: torch.Tensor, labels: torch.Tensor, seed: int = 0)
 
 
 def random_init_model(model: HookedModel, seed: int = 0) -> HookedModel:
-    """A copy of ``model``'s architecture with freshly initialised weights (the random-init baseline)."""
-    torch.manual_seed(seed)
-    if model.cfg.family == "transformer_lens":
-        from transformer_lens import HookedTransformer
+    """A copy of ``model``'s architecture with freshly initialised weights (the random-init baseline).
 
-        fresh = HookedTransformer(model.model.cfg)
-        return HookedModel.from_transformer_lens(fresh, name=model.cfg.name)
-    fresh = type(model.model)(model.model.config)
+    The weights depend only on ``seed``; the global torch RNG is left as it was (the draws use a forked state).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if model.cfg.family == "transformer_lens":
+            from transformer_lens import HookedTransformer
+
+            fresh = HookedTransformer(model.model.cfg)
+            return HookedModel.from_transformer_lens(fresh, name=model.cfg.name)
+        fresh = type(model.model)(model.model.config)
     return HookedModel.from_hf(fresh, model.tokenizer, name=model.cfg.name)
 
 
-def _split(sequence: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_by_sequence(
+    sequence: torch.Tensor, test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out split by sequence (no sequence is in both halves): boolean train, test masks [n]."""
     if not 0 < test_fraction < 1:
         raise ProbeError(f"test_fraction={test_fraction} must lie strictly between 0 and 1")
@@ -212,7 +258,7 @@ def probe_model(
     names, x, labels, token_ids, sequence = collect_activations(model, dataset, hooks, settings.batch_size)
     if len(labels) == 0:
         raise ProbeError(f"no labelled tokens for {dataset.name!r} in the dataset ({dataset.description})")
-    train, test = _split(sequence, settings.test_fraction, settings.seed)
+    train, test = split_by_sequence(sequence, settings.test_fraction, settings.seed)
     fit = {"task": settings.task, "l2": settings.l2, "max_iter": settings.max_iter, "sites": names}
     probes = fit_probes(x[:, train], labels[train], **fit)
     score = probes.score(x[:, test], labels[test]).numpy()

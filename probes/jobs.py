@@ -28,7 +28,7 @@ import re
 import time
 import tomllib
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from probes.analysis import RESULTS_TABLE, ProbeSettings
+from probes.analysis import RESULTS_TABLE, ProbeSettingError, ProbeSettings
 from workbench.workspace import Workspace
 
 STATUS_TABLE = "probe_tasks"
@@ -63,11 +63,15 @@ class ProbeTask:
     label_set: str
     hooks: tuple[str, ...]
     settings: dict[str, Any]
+    table: str = ""  # where the task comes from: "job.toml:12 [[probe]] #2"
 
     @property
     def task_id(self) -> str:
+        """``model@step:label_set#hash``; the hash covers the checkpoint location and the resolved hooks, so two
+        [[probe]] tables probing other hooks (or another directory of the same name) never share an id."""
         step = "final" if self.checkpoint is None else self.checkpoint
-        return f"{self.model}@{step}:{self.label_set}"
+        what = hashlib.sha256(json.dumps([self.location, list(self.hooks)]).encode()).hexdigest()[:8]
+        return f"{self.model}@{step}:{self.label_set}#{what}"
 
     @property
     def fingerprint(self) -> str:
@@ -82,26 +86,52 @@ class ProbeJob:
     path: Path
     workspace: Workspace
     settings: ProbeSettings
-    entries: list[dict[str, Any]]
+    entries: list[dict[str, Any]]  # each [[probe]] table, checked, with "_where" ("job.toml:12 [[probe]] #2")
 
 
-def _line_of(text: str, key: str, after: int = 0) -> int | None:
-    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if number > after and pattern.match(line):
-            return number
-    return None
+class _Lines:
+    """Line numbers of keys in a TOML text, by table: top level, [settings], and the n-th [[probe]]."""
 
+    HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\"']+)\s*\]\]?")
 
-def _where(path: Path, text: str, key: str, after: int = 0) -> str:
-    line = _line_of(text, key, after)
-    return f"{path}:{line}" if line else str(path)
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+        self.sections: dict[str, list[int]] = {}  # table name -> header line numbers (1-based)
+        for number, line in enumerate(self.lines, start=1):
+            match = self.HEADER.match(line)
+            if match:
+                self.sections.setdefault(match.group(1).strip("\"'"), []).append(number)
+
+    def _span(self, section: str | None, index: int) -> tuple[int, int]:
+        """(first, last) line of the table's body; the top level runs up to the first header."""
+        headers = sorted(n for numbers in self.sections.values() for n in numbers)
+        if section is None:
+            return 1, (headers[0] - 1 if headers else len(self.lines))
+        starts = self.sections.get(section, [])
+        if index >= len(starts):
+            return 0, -1
+        begin = starts[index]
+        end = next((n - 1 for n in headers if n > begin), len(self.lines))
+        return begin, end
+
+    def line(self, key: str | None, section: str | None = None, index: int = 0) -> int | None:
+        """The line of ``key`` in the table (or of the table's header when ``key`` is None or not found)."""
+        begin, end = self._span(section, index)
+        if key is not None:
+            pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+            for number in range(max(begin, 1), end + 1):
+                if pattern.match(self.lines[number - 1]):
+                    return number
+        return begin or None
+
+    def where(self, key: str | None, section: str | None = None, index: int = 0) -> str:
+        line = self.line(key, section, index)
+        return f"{self.path}:{line}" if line else str(self.path)
 
 
 def load_job(path: str | Path, workspace: str | Path | Workspace | None = None) -> ProbeJob:
-    """Parse and check a job file; errors name the key and the line."""
-    from workbench.zoo.labels import LABEL_SETS
-
+    """Parse and check a job file (keys, types, settings values); errors name the key and the line."""
     path = Path(path)
     if not path.is_file():
         raise ProbeJobError(f"job file {path} does not exist")
@@ -110,81 +140,88 @@ def load_job(path: str | Path, workspace: str | Path | Workspace | None = None) 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ProbeJobError(f"{path}: not valid TOML: {err}") from None
+    lines = _Lines(path, text)
     for key in data:
         if key not in JOB_KEYS:
-            raise ProbeJobError(
-                f"{_where(path, text, key)}: unknown key {key!r}; valid keys: {sorted(JOB_KEYS)}"
-            )
+            raise ProbeJobError(f"{lines.where(key)}: unknown key {key!r}; valid keys: {sorted(JOB_KEYS)}")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ProbeJobError(
-            f'{path}: the job needs `name = "..."` (a string naming it in the results database)'
+            f'{lines.where("name")}: the job needs `name = "..."` (a string naming it in the results database)'
         )
-    fields = {f.name: f for f in dataclasses.fields(ProbeSettings)}
-    settings_table = data.get("settings", {})
-    for key, value in settings_table.items():
-        if key not in fields:
-            raise ProbeJobError(
-                f"{_where(path, text, key)}: unknown setting {key!r}; valid settings: {sorted(fields)}"
-            )
-        expected = type(getattr(ProbeSettings(), key))
-        if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
-            raise ProbeJobError(
-                f"{_where(path, text, key)}: setting {key!r} must be {expected.__name__}; got {value!r}"
-            )
-    settings = ProbeSettings(
-        **{k: (float(v) if fields[k].type == "float" else v) for k, v in settings_table.items()}
-    )
+    settings = _load_settings(data.get("settings", {}), lines)
     entries = data.get("probe")
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ProbeJobError(
-            f"{path}: the job has no [[probe]] tables; add one with model, hooks and label_sets"
+            f"{lines.where('probe')}: the job needs [[probe]] tables, each with model, hooks and label_sets"
         )
-    after = 0
-    for index, entry in enumerate(entries):
-        where = f"[[probe]] #{index + 1}"
-        after = _line_of(text, "model", after) or after
-        for key in entry:
-            if key not in PROBE_KEYS:
-                raise ProbeJobError(
-                    f"{_where(path, text, key, after - 1)}: unknown key {key!r} in {where}; valid: {sorted(PROBE_KEYS)}"
-                )
-        if not isinstance(entry.get("model"), str):
-            raise ProbeJobError(f'{path}: {where} needs `model = "..."`')
-        label_sets = entry.get("label_sets")
-        if isinstance(label_sets, str):
-            label_sets = entry["label_sets"] = [label_sets]
-        if not label_sets:
-            raise ProbeJobError(f"{_where(path, text, 'model', after - 1)}: {where} needs label_sets = [...]")
-        for label_set in label_sets:
-            if label_set not in LABEL_SETS:
-                raise ProbeJobError(
-                    f"{_where(path, text, 'label_sets', after - 1)}: unknown label set {label_set!r}; "
-                    f"valid: {', '.join(LABEL_SETS)}"
-                )
-        hooks = entry.setdefault("hooks", DEFAULT_HOOKS)
-        if isinstance(hooks, str):
-            entry["hooks"] = [hooks]
-        checkpoints = entry.setdefault("checkpoints", "all")
-        if not (checkpoints in ("all", "last") or (
-            isinstance(checkpoints, list) and all(isinstance(s, int) for s in checkpoints)
-        )):  # fmt: skip
-            raise ProbeJobError(
-                f'{_where(path, text, "checkpoints", after - 1)}: checkpoints must be "all", "last" or a list '
-                f"of steps; got {checkpoints!r}"
-            )
+    checked = [_check_entry(entry, index, lines) for index, entry in enumerate(entries)]
     if workspace is None and isinstance(data.get("workspace"), str):
         workspace = (path.parent / data["workspace"]).resolve()
-    return ProbeJob(name.strip(), path, Workspace(workspace), settings, entries)
+    return ProbeJob(name.strip(), path, Workspace(workspace), settings, checked)
+
+
+def _load_settings(table: Any, lines: _Lines) -> ProbeSettings:
+    if not isinstance(table, dict):
+        raise ProbeJobError(f"{lines.where('settings')}: settings must be a [settings] table; got {table!r}")
+    valid = {item.name for item in dataclasses.fields(ProbeSettings)}
+    for key in table:
+        if key not in valid:
+            raise ProbeJobError(
+                f"{lines.where(key, 'settings')}: unknown setting {key!r}; valid settings: {sorted(valid)}"
+            )
+    try:
+        return ProbeSettings(**table)
+    except ProbeSettingError as err:
+        raise ProbeJobError(f"{lines.where(err.key, 'settings')}: {err}") from None
+
+
+def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, Any]:
+    """One [[probe]] table with defaults filled in and strings promoted to lists; wrong keys or types raise."""
+    from workbench.zoo.labels import LABEL_SETS
+
+    table = f"[[probe]] #{index + 1}"
+
+    def fail(key: str | None, message: str) -> ProbeJobError:
+        return ProbeJobError(f"{lines.where(key, 'probe', index)}: {table}: {message}")
+
+    for key in entry:
+        if key not in PROBE_KEYS:
+            raise fail(key, f"unknown key {key!r}; valid: {sorted(PROBE_KEYS)}")
+    if not isinstance(entry.get("model"), str) or not entry["model"].strip():
+        raise fail("model", 'needs `model = "..."` (a zoo model, checkpoint-series dir, model dir or hub id)')
+    entry = {**entry, "_where": f"{lines.where(None, 'probe', index)} {table} (model {entry['model']!r})"}
+    for key, default in (("label_sets", None), ("hooks", DEFAULT_HOOKS)):
+        value = entry.get(key, default)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise fail(key, f"{key} must be a non-empty list of strings (or one string); got {value!r}")
+        entry[key] = value
+    for label_set in entry["label_sets"]:
+        if label_set not in LABEL_SETS:
+            raise fail("label_sets", f"unknown label set {label_set!r}; valid: {', '.join(LABEL_SETS)}")
+    checkpoints = entry.setdefault("checkpoints", "all")
+    steps_ok = isinstance(checkpoints, list) and checkpoints and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in checkpoints
+    )  # fmt: skip
+    if checkpoints not in ("all", "last") and not steps_ok:
+        raise fail(
+            "checkpoints",
+            f'checkpoints must be "all", "last" or a non-empty list of steps (ints ≥ 0); got {checkpoints!r}',
+        )
+    return entry
 
 
 def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
-    """Resolve every [[probe]] table to its checkpoints and check hooks and label sets against the model."""
+    """Resolve every [[probe]] table to its checkpoints and check hooks and label sets against the model.
+
+    Two tables giving the same task (model directory, checkpoint, label set and hooks) are refused."""
     from workbench.checkpoints import CheckpointError, load_series
 
-    tasks = []
+    tasks: dict[str, ProbeTask] = {}
     for entry in job.entries:
-        name = entry["model"]
+        name, where = entry["model"], entry["_where"]
         model_dir = Path(name)
         if (model_dir / "config.json").is_file():
             source, location, steps = "model", str(model_dir.resolve()), [None]
@@ -192,54 +229,57 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
             try:
                 series = load_series(name, workspace=job.workspace.root)
             except CheckpointError as err:
-                raise ProbeJobError(f"{job.path}: model {name!r}: {err}") from None
+                raise ProbeJobError(f"{where}: {err}") from None
             source = "hub" if series.revision_format else "series"
             location = name if source == "hub" else str(Path(series.location(series.steps[0])).parent)
-            steps = _pick_steps(series.steps, entry["checkpoints"], name, job.path)
+            steps = _pick_steps(series.steps, entry["checkpoints"], where)
         probe_model_name = Path(location).name if source == "series" else name
-        hooks = _check_hooks_and_labels(source, location, steps[-1], entry, job.path)
+        hooks = _check_hooks_and_labels(source, location, steps[-1], entry)
         settings = job.settings.to_dict()
-        tasks += [
-            ProbeTask(job.name, probe_model_name, source, location, step, label_set, hooks, settings)
-            for step in steps
-            for label_set in entry["label_sets"]
-        ]
-    return tasks
+        for step in steps:
+            for label_set in entry["label_sets"]:
+                task = ProbeTask(
+                    job.name, probe_model_name, source, location, step, label_set, hooks, settings, where
+                )
+                if task.task_id in tasks:
+                    raise ProbeJobError(
+                        f"{where}: task {task.task_id} (hooks {', '.join(hooks)}) is already in "
+                        f"{tasks[task.task_id].table}; remove the duplicate checkpoint, label set or table"
+                    )
+                tasks[task.task_id] = task
+    return list(tasks.values())
 
 
-def _pick_steps(steps: list[int], wanted: Any, name: str, path: Path) -> list[int]:
+def _pick_steps(steps: list[int], wanted: Any, where: str) -> list[int]:
     if wanted == "all":
         return list(steps)
     if wanted == "last":
         return [steps[-1]]
     missing = sorted(set(wanted) - set(steps))
     if missing:
-        raise ProbeJobError(f"{path}: model {name!r} has no checkpoints {missing}; available: {steps}")
+        raise ProbeJobError(f"{where}: no checkpoints {missing}; available: {steps}")
     return sorted(set(wanted))
 
 
-def _check_hooks_and_labels(source: str, location: str, step: int | None, entry: dict, path: Path) -> tuple:
+def _check_hooks_and_labels(source: str, location: str, step: int | None, entry: dict) -> tuple:
     from probes.analysis import zoo_fsm
     from workbench.hooks import HookNameError
     from workbench.zoo.labels import FSM_LABELS
 
+    where = entry["_where"]
     model = _load(source, location, step)
     try:
         hooks = tuple(model.resolve(entry["hooks"]))
     except HookNameError as err:
-        raise ProbeJobError(f"{path}: model {entry['model']!r}: {err}") from None
+        raise ProbeJobError(f"{where}: hooks: {err}") from None
     for label_set in entry["label_sets"]:
         if label_set in FSM_LABELS:
             try:
                 zoo_fsm(location)
             except ValueError as err:
-                raise ProbeJobError(
-                    f"{path}: model {entry['model']!r}, label set {label_set!r}: {err}"
-                ) from None
+                raise ProbeJobError(f"{where}: label set {label_set!r}: {err}") from None
         elif model.tokenizer is None:
-            raise ProbeJobError(
-                f"{path}: label set {label_set!r} needs a tokenizer; {entry['model']!r} has none"
-            )
+            raise ProbeJobError(f"{where}: label set {label_set!r} needs a tokenizer; the model has none")
     return hooks
 
 
@@ -255,7 +295,10 @@ def _load(source: str, location: str, step: int | None):
 
 
 def run_task(task: ProbeTask) -> dict[str, Any]:
-    """Compute one task (in whichever process runs it): {"status", "rows" (records), "error", "seconds"}."""
+    """Compute one task (in whichever process runs it): {"status", "rows" (records), "error", "seconds",
+    "threads" (torch threads it ran with)}."""
+    import torch
+
     from probes.analysis import label_dataset, probe_model, zoo_fsm
     from workbench.zoo.labels import FSM_LABELS
 
@@ -270,11 +313,17 @@ def run_task(task: ProbeTask) -> dict[str, Any]:
             seq_len=settings.seq_len, seed=settings.seed,
         )  # fmt: skip
         rows = probe_model(model, dataset, list(task.hooks), settings)
-        return {"status": "done", "rows": rows.to_dict("records"), "error": None,
-                "seconds": time.perf_counter() - start}  # fmt: skip
+        outcome = _outcome("done", start, rows=rows.to_dict("records"))
     except Exception as err:  # noqa: BLE001 — a failed task is reported in the status table, not raised
-        last = traceback.format_exception_only(err)[-1].strip()
-        return {"status": "failed", "rows": [], "error": last, "seconds": time.perf_counter() - start}
+        outcome = _outcome("failed", start, error=err)
+    return {**outcome, "threads": torch.get_num_threads()}
+
+
+def _outcome(status: str, start: float, rows: list | None = None, error: BaseException | str | None = None):
+    if isinstance(error, BaseException):
+        error = traceback.format_exception_only(error)[-1].strip()
+    return {"status": status, "rows": rows or [], "error": error, "seconds": time.perf_counter() - start,
+            "threads": None}  # fmt: skip
 
 
 def _status_rows(job: ProbeJob) -> pd.DataFrame:
@@ -297,8 +346,9 @@ def job_status(path: str | Path, workspace: str | Path | Workspace | None = None
         status = "pending" if row is None or stale else row.status
         rows.append({
             "task": task.task_id, "model": task.model, "checkpoint": task.checkpoint, "label_set": task.label_set,
-            "status": status, "error": None if row is None or stale else row.error,
+            "hooks": len(task.hooks), "status": status, "error": None if row is None or stale else row.error,
             "seconds": None if row is None else row.seconds,
+            "threads": None if row is None else getattr(row, "threads", None),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -312,19 +362,22 @@ def run_job(
     address: str | None = None,
     resume: bool = True,
     progress: bool = True,
+    task_runner: Callable[[ProbeTask], dict[str, Any]] = run_task,
 ) -> pd.DataFrame:
     """Run the job's pending tasks (all tasks with ``resume=False``); returns :func:`job_status` afterwards.
 
     ``backend="local"`` uses a process pool of ``workers`` (``workers=1`` runs in this process);
     ``backend="ray"`` submits one Ray task per probe task to the cluster at ``address`` (default: start a local
-    one with ``workers`` CPUs). Results are committed as each task finishes.
+    one with ``workers`` CPUs). Results are committed as each task finishes. A task whose worker dies (the pool
+    breaks, or the Ray task raises) is marked failed with the error and the other tasks still run.
+    ``task_runner`` computes one task (default :func:`run_task`; a module-level function, so that it pickles).
     """
     from tqdm.auto import tqdm
 
     if backend not in BACKENDS:
         raise ProbeJobError(f"backend={backend!r} is not known; use one of {BACKENDS}")
-    if workers < 1:
-        raise ProbeJobError(f"workers={workers} must be ≥ 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ProbeJobError(f"workers={workers!r} must be an int ≥ 1")
     job = load_job(path, workspace)
     tasks = expand_tasks(job)
     if resume:
@@ -334,7 +387,7 @@ def run_job(
     db = job.workspace.results()
     bar = tqdm(total=len(tasks), desc=f"probe job {job.name}", unit="task", disable=not progress)
     failed = 0
-    for task, outcome in _execute(tasks, backend, workers, address):
+    for task, outcome in _execute(tasks, backend, workers, address, task_runner):
         _commit(db, task, outcome)
         failed += outcome["status"] == "failed"
         bar.set_postfix(failed=failed)
@@ -353,46 +406,106 @@ def _commit(db, task: ProbeTask, outcome: dict[str, Any]) -> None:
         "job": task.job, "task": task.task_id, "model": task.model, "checkpoint": task.checkpoint,
         "label_set": task.label_set, "status": outcome["status"], "error": outcome["error"],
         "seconds": float(outcome["seconds"]), "fingerprint": task.fingerprint,
-        "finished_at": datetime.now(UTC).replace(tzinfo=None),
+        "threads": outcome.get("threads"), "finished_at": datetime.now(UTC).replace(tzinfo=None),
     }])  # fmt: skip
     db.write(STATUS_TABLE, status, replace_keys=["job", "task"])
 
 
-def _execute(
-    tasks: list[ProbeTask], backend: str, workers: int, address: str | None
-) -> Iterator[tuple[ProbeTask, dict[str, Any]]]:
+Outcomes = Iterator[tuple[ProbeTask, dict[str, Any]]]
+
+
+def _execute(tasks: list[ProbeTask], backend: str, workers: int, address: str | None, runner) -> Outcomes:
     if not tasks:
         return
     if backend == "ray":
-        yield from _execute_ray(tasks, workers, address)
+        yield from _execute_ray(tasks, workers, address, runner)
     elif workers == 1:
         for task in tasks:
-            yield task, run_task(task)
+            yield task, _guarded(runner, task)
     else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(workers,)
-        ) as pool:
-            pending = {pool.submit(run_task, task): task for task in tasks}
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    yield pending.pop(future), future.result()
+        yield from _execute_pool(tasks, workers, runner)
 
 
-def _init_worker(workers: int) -> None:
+def _guarded(runner, task: ProbeTask) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        return runner(task)
+    except Exception as err:  # noqa: BLE001 — a custom runner's error fails its task only
+        return _outcome("failed", start, error=err)
+
+
+def _execute_pool(tasks: list[ProbeTask], workers: int, runner) -> Outcomes:
+    """Run ``tasks`` on a spawn process pool. When a worker dies the pool breaks and every unfinished task gets
+    BrokenProcessPool; the tasks that may have been running then (the first ``workers + 1`` unfinished, as the
+    pool hands them out in order) are re-run one at a time in a fresh one-worker pool — the task that crashes
+    alone is marked failed — and the rest go to a fresh pool. Every worker, the lone ones too, runs torch with
+    cores / ``workers`` threads, so a task's results do not depend on which pool ran it."""
     import os
 
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    queue = list(tasks)
+    while queue:
+        batch, queue = queue, []
+        suspects = []
+        for task, outcome in _pool_round(batch, workers, threads, runner):
+            if outcome is not None:
+                yield task, outcome
+            else:
+                suspects.append(task)
+        if suspects:
+            queue = suspects[workers + 1 :]
+            for task in suspects[: workers + 1]:
+                (task, outcome), *_ = _pool_round([task], 1, threads, runner, isolated=True)
+                yield task, outcome
+
+
+def _pool_round(batch: list[ProbeTask], workers: int, threads: int, runner, isolated: bool = False):
+    """(task, outcome) for each task of one pool's life; outcome None for a task the broken pool left unfinished
+    (unless ``isolated``: then the one task ran alone and its crash is its failure)."""
+    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
+
+    start = time.perf_counter()
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        pending = {pool.submit(runner, task): task for task in batch}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(finished, key=lambda f: batch.index(pending[f])):
+                task = pending.pop(future)
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool as err:
+                    outcome = (
+                        _outcome("failed", start, error=f"worker process died: {err}") if isolated else None
+                    )
+                except Exception as err:  # noqa: BLE001 — e.g. a runner raising or an unpicklable result
+                    outcome = _outcome("failed", start, error=err)
+                if outcome is None:
+                    results.append((task, None))
+                else:
+                    yield task, outcome
+    yield from results
+
+
+def _init_worker(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(threads)
 
 
-def _execute_ray(
-    tasks: list[ProbeTask], workers: int, address: str | None
-) -> Iterator[tuple[ProbeTask, dict[str, Any]]]:
+def _ray_task(runner, task: ProbeTask, threads: int) -> dict[str, Any]:
+    """What a Ray worker runs: cap torch's threads to the CPUs the task reserved, then run the task."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return runner(task)
+
+
+def _execute_ray(tasks: list[ProbeTask], workers: int, address: str | None, runner) -> Outcomes:
     import ray
 
     started = not ray.is_initialized()
@@ -402,12 +515,25 @@ def _execute_ray(
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=1)(run_task)
-        pending = {remote.remote(task): task for task in tasks}
+        remote = ray.remote(num_cpus=1)(_ray_task)
+        start = time.perf_counter()
+        pending = {remote.remote(runner, task, 1): task for task in tasks}
         while pending:
             finished, _ = ray.wait(list(pending), num_returns=1)
             for reference in finished:
-                yield pending.pop(reference), ray.get(reference)
+                task = pending.pop(reference)
+                try:
+                    outcome = ray.get(reference)
+                except Exception as err:  # noqa: BLE001 — RayTaskError, WorkerCrashedError: this task fails
+                    outcome = _outcome("failed", start, error=_ray_error(err))
+                yield task, outcome
     finally:
         if started:
             ray.shutdown()
+
+
+def _ray_error(err: Exception) -> str:
+    """The cause of a Ray task error in one line (RayTaskError wraps the task's own exception)."""
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    return traceback.format_exception_only(err)[-1].strip().splitlines()[0]

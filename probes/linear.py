@@ -113,6 +113,9 @@ class LinearProbes:
 
     @classmethod
     def load(cls, path: str | Path) -> LinearProbes:
+        """Read probes written by :meth:`save`: the tensors (weight [sites, d, outputs], bias [sites, outputs],
+        mean and scale [sites, d], classes [outputs] for classification) and the task, site names and l2 from
+        the safetensors header. ``iterations`` is not saved and reads 0."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
@@ -155,9 +158,13 @@ def _check_inputs(x: torch.Tensor, n_sites: int | None = None, d: int | None = N
 def _standardise(x: torch.Tensor, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not standardize:
         return torch.zeros(x.shape[0], x.shape[2]), torch.ones(x.shape[0], x.shape[2])
-    mean = x.mean(1)
-    scale = x.std(1, unbiased=False)
-    return mean, torch.where(scale > 1e-6 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
+    return x.mean(1), _safe_scale(x.std(1, unbiased=False))
+
+
+def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Per-dimension standard deviations [sites, d] with (near-)constant dimensions — below 1e-6 of the largest
+    standard deviation of all sites — left unscaled (1), so they are neither amplified nor divided by zero."""
+    return torch.where(scale > 1e-6 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
 
 
 def _ridge(z: torch.Tensor, targets: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,45 +349,47 @@ def fit_probes_streaming(
 
     ``batches()`` returns a fresh iterable of (x [sites, batch, d], y [batch]) each time it is called (one pass over
     the data). Ridge is exact (normal equations accumulated in one pass); logistic regression takes a statistics
-    pass and ``epochs`` passes of Adam on the same objective as :func:`fit_probes`.
+    pass and ``epochs`` passes of Adam on the same objective as :func:`fit_probes`. Every y must have one entry
+    per row of its x; ``classes`` (default: the labels seen in the statistics pass) lists the class labels, and a
+    label outside it raises :class:`ProbeError` (drop unlabelled rows before yielding them). Standardisation
+    uses the same near-constant-dimension rule as the in-memory fit.
     """
     from tqdm.auto import tqdm
 
     if task not in TASKS:
         raise ProbeError(f"task={task!r} is not known; use one of {TASKS}")
+    wanted = None if classes is None or task == "regression" else {int(v) for v in classes}
     count, total, squares, seen = 0, None, None, set()
     for x, y in batches():
-        x = _check_inputs(x, len(sites)).double()
+        x, y = _check_batch(x, y, sites, wanted)
+        x = x.double()
         total = x.sum(1) if total is None else total + x.sum(1)
         squares = (x**2).sum(1) if squares is None else squares + (x**2).sum(1)
         count += x.shape[1]
-        if task == "classification" and classes is None:
-            seen.update(torch.as_tensor(y).long().unique().tolist())
+        if task == "classification":
+            seen.update(y.long().unique().tolist())
     if count == 0:
         raise ProbeError("the batch source yielded no rows")
-    mean = (total / count).float()
-    variance = (squares / count - (total / count) ** 2).clamp_min(0).float()
-    scale = variance.sqrt()
-    scale = (
-        torch.where(scale > 1e-6, scale, torch.ones_like(scale)) if standardize else torch.ones_like(scale)
-    )
-    if not standardize:
-        mean = torch.zeros_like(mean)
-    d = mean.shape[1]
+    if standardize:
+        mean = (total / count).float()
+        scale = _safe_scale((squares / count - (total / count) ** 2).clamp_min(0).sqrt().float())
+    else:
+        mean, scale = torch.zeros(total.shape), torch.ones(total.shape)
     if task == "regression":
         return _ridge_streaming(batches, sites, mean, scale, count, l2)
-    class_values = torch.tensor(sorted(classes if classes is not None else seen))
+    class_values = torch.tensor(sorted(wanted if wanted is not None else seen))
     if len(class_values) < 2:
         raise ProbeError(f"classification needs at least two classes; got {class_values.tolist()}")
+    d = mean.shape[1]
     weight = torch.zeros(len(sites), d, len(class_values), requires_grad=True)
     bias = torch.zeros(len(sites), len(class_values), requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
-    lookup = {int(v): i for i, v in enumerate(class_values.tolist())}
     n_steps = 0
     for _ in tqdm(range(epochs), desc="probe epochs", disable=not progress):
         for x, y in batches():
-            z = (_check_inputs(x, len(sites)) - mean[:, None]) / scale[:, None]
-            target = torch.tensor([lookup.get(int(v), -100) for v in torch.as_tensor(y).tolist()])
+            x, y = _check_batch(x, y, sites, wanted)
+            z = (x - mean[:, None]) / scale[:, None]
+            target = torch.searchsorted(class_values, y.long())
             logits = torch.baddbmm(bias[:, None, :], z, weight)
             loss = F.cross_entropy(logits.reshape(-1, len(class_values)), target.repeat(len(sites)))
             loss = loss * len(sites) + 0.5 * l2 * (weight**2).sum()
@@ -393,10 +402,46 @@ def fit_probes_streaming(
     )
 
 
-def _ridge_streaming(batches, sites, mean, scale, count, l2) -> LinearProbes:
+def _check_batch(
+    x: torch.Tensor, y: torch.Tensor, sites: Sequence[str], classes: set[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A streamed batch checked: x [sites, batch, d] finite, y [batch] (or [batch, targets]) with one label per
+    row and, when ``classes`` is given, only those labels."""
+    x = _check_inputs(x, len(sites))
+    y = torch.as_tensor(y)
+    if y.ndim == 0 or y.shape[0] != x.shape[1]:
+        raise ProbeError(
+            f"a batch has {x.shape[1]} activation rows but labels of shape {tuple(y.shape)}; "
+            "yield (x [sites, batch, d], y [batch]) pairs"
+        )
+    if classes is not None:
+        unknown = sorted(set(y.long().unique().tolist()) - classes)
+        if unknown:
+            raise ProbeError(
+                f"labels {unknown} are not among classes={sorted(classes)}; add them to classes or drop "
+                "those rows (e.g. the −1 'no label' rows) from the batches"
+            )
+    return x, y
+
+
+def _ridge_streaming(
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    sites: Sequence[str],
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    count: int,
+    l2: float,
+) -> LinearProbes:
+    """Exact ridge from one more pass: accumulate, in float64, the Gram matrix Σ zᵀz [sites, d, d], Σ zᵀt
+    [sites, d, targets], Σ z [sites, d] and Σ t [targets] of the standardised batches z = (x − mean) / scale
+    (x [sites, batch, d], t [batch, targets]), centre them with the means over all ``count`` rows and solve
+    (Cov(z) + l2·I) W = Cov(z, t) per site — the same normal equations :func:`_ridge` solves in memory.
+    ``mean``/``scale`` [sites, d] come from the statistics pass. Returns weight [sites, d, targets], bias
+    [sites, targets]."""
     gram = z_sum = t_sum = cross = None
     for x, y in batches():
-        z = ((_check_inputs(x, len(sites)) - mean[:, None]) / scale[:, None]).double()
+        x, y = _check_batch(x, y, sites, None)
+        z = ((x - mean[:, None]) / scale[:, None]).double()
         t = _as_targets(y).double()
         gram = z.transpose(1, 2) @ z if gram is None else gram + z.transpose(1, 2) @ z
         cross = z.transpose(1, 2) @ t[None] if cross is None else cross + z.transpose(1, 2) @ t[None]
