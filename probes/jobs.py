@@ -116,14 +116,15 @@ class _Lines:
         return begin, end
 
     def line(self, key: str | None, section: str | None = None, index: int = 0) -> int | None:
-        """The line of ``key`` in the table (or of the table's header when ``key`` is None or not found)."""
+        """The line of ``key`` in the table (or of the table's header when ``key`` is None or not found there;
+        None for a key missing from the top level)."""
         begin, end = self._span(section, index)
         if key is not None:
             pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
             for number in range(max(begin, 1), end + 1):
                 if pattern.match(self.lines[number - 1]):
                     return number
-        return begin or None
+        return begin if section is not None and begin else None
 
     def where(self, key: str | None, section: str | None = None, index: int = 0) -> str:
         line = self.line(key, section, index)
