@@ -6,11 +6,21 @@ Set WORKBENCH_TEST_ZOO_CACHE=DIR to reuse trained models across local runs (CI n
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 TEST_ZOO = ("code-tiny", "fsm-tiny", "vit-digits")
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """streamlit's AppTest runs a view script as ``__main__`` and leaves it there; a spawn process pool started
+    later in the session (probe jobs) would then re-run that view in every worker. Put the real one back."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture(scope="session")

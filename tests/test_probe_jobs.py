@@ -166,7 +166,7 @@ def test_process_pool_gives_the_same_results_and_survives_a_crashed_worker(job_w
     pool = linked_workspace(job_workspace, tmp_path / "pool")
     status = run_job(path, workspace=pool, workers=2, progress=False, task_runner=crash_on_fsm)
     assert dict(zip(status["label_set"], status["status"], strict=True)) == {
-        "bracket_depth": "done", "inside_string": "done", "fsm_state": "failed"}  # fmt: skip
+        "bracket_depth": "done", "inside_string": "done", "fsm_state": "failed"}, status["error"].tolist()  # fmt: skip
     assert "worker process died" in status.set_index("label_set").loc["fsm_state", "error"]
     same_results(pool.results().read("probe_results"), serial[serial["model"] == "code-tiny"])
     status = run_job(path, workspace=pool, workers=2, progress=False)

@@ -275,8 +275,8 @@ def _anon_rss_mib() -> float:
 
 def test_ram_stays_flat_while_appending_and_reading_many_shards(tmp_path) -> None:
     store = ActivationStore.create(tmp_path / "big", model="m", hooks=["h"], dataset="d", shard_rows=2048)
-    rows = torch.randn(2048, 512)  # 4 MiB per shard
-    for index in range(30):
+    rows = torch.randn(2048, 512)  # 4 MiB per shard, 256 MiB in all
+    for index in range(64):
         store.append({"h": rows + index}, torch.full((2048,), index))
         if index == 4:
             after_five = _anon_rss_mib()
@@ -287,5 +287,6 @@ def test_ram_stays_flat_while_appending_and_reading_many_shards(tmp_path) -> Non
     total = 0.0
     for batch in opened.iter_batches("h", batch_size=4096, seed=0):
         total += float(batch["h"][:, 0].sum())
-    assert _anon_rss_mib() - before < 48
-    assert total == pytest.approx(float((rows[:, 0].sum() + 2048 * torch.arange(30.0).mean()) * 30), rel=1e-3)
+    # a few 8 MiB batches in flight plus what glibc keeps of freed ones (≈ 50 MiB seen), far below the 256 MiB store
+    assert _anon_rss_mib() - before < 96
+    assert total == pytest.approx(float((rows[:, 0].sum() + 2048 * torch.arange(64.0).mean()) * 64), rel=1e-3)
