@@ -117,7 +117,8 @@ class SAE(nn.Module):
         return x @ self.W_enc + self.b_enc
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Latents from pre-activations, [.., d_sae] -> [.., d_sae]; each architecture file defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define activation()")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[.., d_in] -> latents [.., d_sae]."""
