@@ -7,6 +7,7 @@ Pre-activations are x @ W_enc + b_enc (no b_dec subtraction; SAELens files with 
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -76,7 +77,7 @@ class SAEConfig:
         return cls(**{key: value for key, value in data.items() if key in names})
 
 
-class SAE(nn.Module):
+class SAE(nn.Module, abc.ABC):
     """Base sparse autoencoder / transcoder; subclasses define `activation` and `training_loss`."""
 
     architecture = "base"
@@ -116,9 +117,9 @@ class SAE(nn.Module):
         """[.., d_in] -> [.., d_sae]."""
         return x @ self.W_enc + self.b_enc
 
+    @abc.abstractmethod
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """Latents from pre-activations, [.., d_sae] -> [.., d_sae]; each architecture file defines its own."""
-        raise NotImplementedError(f"{type(self).__name__} must define activation()")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[.., d_in] -> latents [.., d_sae]."""
