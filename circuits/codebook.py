@@ -906,6 +906,10 @@ def demo_step(
 
 def codebook_dir(workspace: Any, run_name: str) -> Path:
     """``workspace.root / "codebooks" / run_name`` (names with separators or '..' are refused)."""
-    if not run_name or "/" in run_name or "\\" in run_name or ".." in run_name:
-        raise CodebookError(f"run name {run_name!r} must be a plain name without separators or '..'")
-    return Path(workspace.root) / "codebooks" / run_name
+    from workbench.workspace import safe_name
+
+    try:
+        name = safe_name(run_name, "for a codebook run: use a plain name")
+    except ValueError as err:
+        raise CodebookError(str(err)) from None
+    return Path(workspace.root) / "codebooks" / name

@@ -37,10 +37,10 @@ class Workspace:
         return self.root / "results.duckdb"
 
     def model_dir(self, name: str) -> Path:
-        return self.models_dir / _safe_name(name)
+        return self.models_dir / safe_name(name)
 
     def store_dir(self, name: str) -> Path:
-        return self.stores_dir / _safe_name(name)
+        return self.stores_dir / safe_name(name)
 
     def ensure(self) -> Workspace:
         """Create the workspace directories (idempotent)."""
@@ -59,11 +59,13 @@ class Workspace:
         return f"Workspace({str(self.root)!r})"
 
 
-def _safe_name(name: str) -> str:
-    """A model or store name as a single path component (no separators, no '..')."""
-    cleaned = name.strip()
-    if not cleaned or cleaned in {".", ".."} or "/" in cleaned or "\\" in cleaned or "\0" in cleaned:
+def safe_name(name: str, purpose: str = "inside the workspace") -> str:
+    """``name`` as a single, non-hidden path component: no separators, no '..', no leading '.'; the one check for
+    every name the workbench turns into a file or directory (models, stores, SAEs, codebook runs)."""
+    cleaned = name.strip() if isinstance(name, str) else ""
+    if not cleaned or cleaned.startswith(".") or ".." in cleaned or any(c in cleaned for c in "/\\\0"):
         raise ValueError(
-            f"{name!r} is not a valid name inside the workspace; use letters, digits, '-', '_' and '.'"
+            f"{name!r} is not a valid name {purpose}; use letters, digits, '-', '_' and single dots "
+            "(no '/', '\\', '..' or leading '.')"
         )
     return cleaned

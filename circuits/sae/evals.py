@@ -181,9 +181,9 @@ def write_evals(frame: pd.DataFrame, workspace) -> int:
 
 def sae_dir(workspace, sae_id: str):
     """Where SAE `sae_id` is saved inside the workspace."""
-    from workbench.workspace import _safe_name
+    from workbench.workspace import safe_name
 
-    return workspace.root / "saes" / _safe_name(sae_id)
+    return workspace.root / "saes" / safe_name(sae_id)
 
 
 def code_token_sequences(tokenizer, n_sequences: int = 48, seq_len: int = 64, seed: int = 0) -> torch.Tensor:

@@ -50,20 +50,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def check_sae_name(name: str) -> str:
-    """An SAE name becomes a file name in checkpoint directories: reject path separators, '..' and empties."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or "/" in name
-        or "\\" in name
-        or ".." in name
-        or name.startswith(".")
-    ):
-        raise ValueError(
-            f"SAE name {name!r} cannot name a checkpoint file: use letters, digits, '-', '_' and single dots "
-            "(no '/', '\\' or '..'), e.g. 'pythia.L3-resid-topk'"
-        )
-    return name
+    """An SAE name becomes a file name in checkpoint directories (see ``workbench.workspace.safe_name``)."""
+    from workbench.workspace import safe_name
+
+    return safe_name(name, "for an SAE: it cannot name a checkpoint file (e.g. 'pythia.L3-resid-topk')")
 
 
 def _can_fuse(params: list[torch.Tensor]) -> bool:
