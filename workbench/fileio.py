@@ -3,6 +3,7 @@ new one, never half of one: write to a temporary file beside the target, fsync, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -63,3 +64,42 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     """``torch.save`` to ``path`` atomically; read it back with ``torch.load(path, weights_only=True)``."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+CHECKSUMS_FILE = "checksums.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | Path, pattern: str = "*.safetensors") -> dict[str, str]:
+    """Record the sha256 of every file matching ``pattern`` in ``directory`` in ``checksums.json`` (atomic)."""
+    directory = Path(directory)
+    sums = {p.name: sha256_file(p) for p in sorted(directory.glob(pattern)) if p.is_file()}
+    atomic_write_json(directory / CHECKSUMS_FILE, {"sha256": sums})
+    return sums
+
+
+def verify_checksums(directory: str | Path) -> list[str]:
+    """Names of the files in ``directory`` whose bytes differ from ``checksums.json`` (missing files count).
+
+    A directory without ``checksums.json`` (saved by another tool) verifies as ``[]``.
+    """
+    directory = Path(directory)
+    record = directory / CHECKSUMS_FILE
+    if not record.is_file():
+        return []
+    try:
+        sums = json.loads(record.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return [CHECKSUMS_FILE]
+    return [
+        name for name, expected in sums.items()
+        if not (directory / name).is_file() or sha256_file(directory / name) != expected
+    ]  # fmt: skip
