@@ -100,11 +100,11 @@ def test_interrupted_store_is_not_read_as_complete_and_resumes(tmp_path, monkeyp
     real_write = module.atomic_write_bytes
     calls = {"n": 0}
 
-    def crash_on_manifest(path, data):
+    def crash_on_manifest(path, data, boundary=None):
         calls["n"] += 1
         if path.name == "manifest.json":
             raise KeyboardInterrupt("killed between shard and manifest")
-        real_write(path, data)
+        real_write(path, data, boundary)
 
     monkeypatch.setattr(module, "atomic_write_bytes", crash_on_manifest)
     with pytest.raises(KeyboardInterrupt):
@@ -225,12 +225,12 @@ def test_capture_crash_then_resume_equals_uninterrupted_run(tmp_path, gpt2, monk
 
     real_write, manifests = module.atomic_write_bytes, []
 
-    def crash_on_third_shard(path, data):
+    def crash_on_third_shard(path, data, boundary=None):
         if path.name == "manifest.json":
             manifests.append(json.loads(data))
             if len(manifests) == 4:  # creation, shard 0, shard 1, then shard 2's manifest update
                 raise KeyboardInterrupt("killed after the shard file, before the manifest")
-        real_write(path, data)
+        real_write(path, data, boundary)
 
     monkeypatch.setattr(module, "atomic_write_bytes", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
@@ -290,3 +290,177 @@ def test_ram_stays_flat_while_appending_and_reading_many_shards(tmp_path) -> Non
     # a few 8 MiB batches in flight plus what glibc keeps of freed ones (≈ 50 MiB seen), far below the 256 MiB store
     assert _anon_rss_mib() - before < 96
     assert total == pytest.approx(float((rows[:, 0].sum() + 2048 * torch.arange(64.0).mean()) * 64), rel=1e-3)
+
+
+def test_safetensors_bytes_are_deterministic_and_read_back_by_safetensors(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from workbench.fileio import atomic_save_tensors, safetensors_bytes
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 4, generator=gen), "f16": torch.randn(5, generator=gen).half(),
+        "bf16": torch.randn(2, 3, generator=gen).bfloat16(), "i64": torch.arange(7), "mask": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5), "scalar_int": torch.tensor(-3), "empty": torch.empty(0, 4),
+        "strided": torch.randn(4, 6, generator=gen)[:, ::2],
+    }  # fmt: skip
+    metadata = {"b": "2", "a": "1"}
+    atomic_save_tensors(tmp_path / "x.safetensors", tensors, metadata)
+    reversed_order = dict(reversed(list(tensors.items())))
+    assert (
+        safetensors_bytes(reversed_order, dict(reversed(list(metadata.items()))))
+        == (tmp_path / "x.safetensors").read_bytes()
+    )
+    loaded = load_file(tmp_path / "x.safetensors")
+    with safe_open(tmp_path / "x.safetensors", "pt") as handle:
+        assert handle.metadata() == metadata and sorted(handle.keys()) == sorted(tensors)
+        opened = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 — not a dict
+    for name, tensor in tensors.items():
+        for got in (loaded[name], opened[name]):
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
+    assert list(tmp_path.iterdir()) == [tmp_path / "x.safetensors"]  # no temporary file left
+
+
+def _capture(model, inputs, path, **kwargs) -> ActivationStore:
+    options = dict(batch_size=3, shard_rows=20, progress=False)
+    return capture_to_store(model, inputs, "blocks.*.hook_resid_post", path, **{**options, **kwargs})
+
+
+def test_identical_captures_have_identical_shard_and_manifest_bytes(tmp_path, gpt2) -> None:
+    from workbench.fileio import sha256_file
+
+    _, model = gpt2
+    inputs = _token_lists(8)
+    first, second = (
+        _capture(model, inputs, tmp_path / "a" / "s"),
+        _capture(model, inputs, tmp_path / "b" / "t"),
+    )
+    files = sorted(p.name for p in first.path.iterdir())
+    assert files == sorted(p.name for p in second.path.iterdir()) and len(files) > 2
+    for name in files:
+        assert sha256_file(first.path / name) == sha256_file(second.path / name), name
+
+
+def test_directory_a_crash_left_without_a_manifest_starts_afresh(tmp_path, gpt2) -> None:
+    from workbench.fileio import atomic_path, temp_files
+
+    _, model = gpt2
+    inputs = _token_lists(5)
+    path = tmp_path / "c"
+    with atomic_path(path / "manifest.json") as tmp:  # the writer's own temporary name
+        leftover = tmp.with_name(tmp.name.replace("manifest", "manifest.crashed"))
+        leftover.write_text("{half a manif")
+    assert temp_files(path) == [leftover]
+    (path / "manifest.json").unlink()
+    (path / "shard-00000.safetensors").write_bytes(b"orphan")
+    store = _capture(model, inputs, path)
+    assert store.manifest["complete"] and store.n_rows == sum(map(len, inputs))
+    assert not leftover.exists() and temp_files(path) == []
+    assert ActivationStore.open(path, verify="full").n_rows == store.n_rows
+
+
+def test_resume_sweeps_the_temporary_files_a_crash_left(tmp_path) -> None:
+    from workbench.fileio import TEMP_GLOB
+
+    store = _store(tmp_path / "s")
+    acts, ids = _rows(10)
+    store.append(acts, ids)
+    stale = [
+        tmp_path / "s" / ".shard-00001.safetensors.k2j4h1x9.tmp",
+        tmp_path / "s" / ".manifest.json.abcd1234.tmp",
+    ]
+    for file in stale:
+        assert file.match(TEMP_GLOB)
+        file.write_bytes(b"partial")
+    resumed = _store(tmp_path / "s")
+    assert resumed.n_rows == 10 and not any(file.exists() for file in stale)
+
+
+@pytest.mark.parametrize(
+    ("positions", "error", "message"),
+    [
+        (1000, IndexError, r"positions \[1000\] are out of range for 6 of 6 sequences \(shortest \d+ tokens"),
+        ([0, 999], IndexError, r"positions \[999\] are out of range .*max_length .*negative position"),
+        (15, IndexError, r"out of range for [1-5] of 6 sequences"),
+        (-30, IndexError, r"positions \[-30\]"),
+        (slice(100, 200), IndexError, "selects no token"),
+        ("first", ValueError, "use an int"),
+        ([], ValueError, "non-empty list"),
+    ],
+)
+def test_positions_some_sequence_lacks_are_refused_before_anything_is_written(
+    tmp_path, gpt2, positions, error, message
+) -> None:
+    _, model = gpt2
+    inputs = _token_lists(6)
+    assert min(map(len, inputs)) < 15 < max(map(len, inputs))
+    with pytest.raises(error, match=message):
+        _capture(model, inputs, tmp_path / "c", positions=positions)
+    assert not (tmp_path / "c").exists()
+    shortest = min(map(len, inputs))
+    kept = _capture(model, inputs, tmp_path / "ok", positions=[0, shortest - 1, -shortest])
+    assert kept.n_rows == sum(len({0, shortest - 1, len(ids) - shortest}) for ids in inputs)
+
+
+def test_empty_inputs_are_refused(tmp_path, gpt2) -> None:
+    _, model = gpt2
+    with pytest.raises(StoreError, match="no inputs"):
+        _capture(model, [], tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(StoreError, match="no inputs"):
+        _capture(model, torch.zeros(0, 4, dtype=torch.long), tmp_path / "c")
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m["shards"][0].update(file="../../outside.safetensors"),
+            r"shards\[0\].file is '../../outside",
+        ),
+        (lambda m: m["shards"][0].update(file="/etc/passwd"), r"shards\[0\].file is '/etc/passwd'"),
+        (lambda m: m.pop("n_rows"), "key 'n_rows' is missing"),
+        (lambda m: m["shards"][1].pop("sha256"), r"key shards\[1\].sha256 is missing"),
+        (lambda m: m["shards"][0].update(rows="ten"), r"shards\[0\].rows is 'ten', not int"),
+        (lambda m: m.update(n_rows=m["n_rows"] + 1), "n_rows is 26 but the shards hold 25 rows"),
+        (lambda m: m.update(hooks="a"), "key 'hooks' is 'a', not list"),
+        (lambda m: m.update(complete=1), "key 'complete' is 1, not bool"),
+        (lambda m: m.update(dtype="int8"), "key 'dtype' is 'int8'"),
+        (lambda m: m.pop("checkpoint"), "key 'checkpoint' is missing"),
+    ],
+)
+def test_damaged_manifests_are_refused_naming_the_key(tmp_path, edit, message) -> None:
+    store = _store(tmp_path / "s")
+    acts, ids = _rows(25)
+    store.append({k: v[:12] for k, v in acts.items()}, ids[:12])
+    store.append({k: v[12:] for k, v in acts.items()}, ids[12:])
+    store.finalize()
+    _edit_manifest(tmp_path / "s", edit)
+    with pytest.raises(StoreError, match=message):
+        ActivationStore.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="recapture the store"):
+        _store(tmp_path / "s")
+
+
+def test_capture_rerun_on_a_finished_store_verifies_its_checksums(tmp_path, gpt2) -> None:
+    _, model = gpt2
+    inputs = _token_lists(7)
+    reference = _capture(model, inputs, tmp_path / "c")
+    again = _capture(model, inputs, tmp_path / "c")
+    assert again.manifest == reference.manifest
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard-00001.safetensors fails its checksum.*overwrite=True"):
+        _capture(model, inputs, tmp_path / "c")
+    redone = _capture(model, inputs, tmp_path / "c", overwrite=True)
+    assert shard.read_bytes() == (tmp_path / "c" / "shard-00001.safetensors").read_bytes()
+    assert torch.equal(redone.read("blocks.0.hook_resid_post"), reference.read("blocks.0.hook_resid_post"))

@@ -1,5 +1,10 @@
 """Atomic file writes. Everything the workbench saves goes through here, so a crash leaves the old file or the
-new one, never half of one: write to a temporary file beside the target, fsync, rename over it."""
+new one, never half of one: write to a temporary file beside the target, fsync, rename over it.
+
+A crash can leave the temporary file behind: its name is ``.NAME.XXXXXXXX.tmp`` (``TEMP_GLOB``), and
+:func:`remove_temp_files` sweeps them. Safetensors files are written byte-for-byte deterministically
+(:func:`safetensors_bytes`: sorted JSON header), so identical tensors give identical files and checksums.
+"""
 
 from __future__ import annotations
 
@@ -14,28 +19,71 @@ from typing import Any
 
 import torch
 
+from workbench.faults import crash_point
+
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+TEMP_GLOB = f"{TEMP_PREFIX}*{TEMP_SUFFIX}"  # what atomic_path creates (and a crash may leave behind)
+
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, boundary: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; on success it is fsynced and renamed over ``path``,
-    on an exception it is removed and ``path`` is left as it was."""
+    on an exception it is removed and ``path`` is left as it was.
+
+    ``boundary`` names the fault-injection points ``<boundary>.before_rename`` (temporary file complete and
+    fsynced) and ``<boundary>.after_rename`` (see :mod:`workbench.faults`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        if boundary:
+            crash_point(f"{boundary}.before_rename")
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
+        if boundary:
+            crash_point(f"{boundary}.after_rename")
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_files(directory: str | Path) -> list[Path]:
+    """The temporary files :func:`atomic_path` left in ``directory`` (a crash between write and rename)."""
+    return sorted(p for p in Path(directory).glob(TEMP_GLOB) if p.is_file())
+
+
+def remove_temp_files(directory: str | Path) -> int:
+    """Delete the temporary files a crash left in ``directory``; returns how many. Call it only while no other
+    process is writing there."""
+    found = temp_files(directory)
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, boundary: str | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (``boundary``: fault-injection point names, see :func:`atomic_path`)."""
+    with atomic_path(path, boundary) as tmp:
         tmp.write_bytes(data)
 
 
@@ -49,15 +97,60 @@ def atomic_write_json(path: str | Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=1))
 
 
-def atomic_save_tensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """Write ``tensors`` (moved to the CPU, made contiguous) as a safetensors file atomically."""
-    from safetensors.torch import save_file
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
 
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The safetensors file of ``tensors`` (any shapes, 0-d included), deterministic byte for byte.
+
+    Layout: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__":
+    {...}}`` with sorted keys, padded with spaces to a multiple of 8, then each tensor's raw little-endian bytes,
+    widest dtype first and by name within a width (so each tensor is aligned to its element size). Readable by ``safetensors.safe_open`` / ``safetensors.torch.load_file``.
+    """
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise TypeError("safetensors metadata must map str to str")
     cpu = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+    for name, tensor in cpu.items():
+        if name == "__metadata__":
+            raise ValueError("a tensor cannot be named '__metadata__' in a safetensors file")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}; storable: {list(SAFETENSORS_DTYPES)}")
+    header: dict[str, Any] = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(cpu, key=lambda n: (-cpu[n].element_size(), n)):  # widest first: every tensor aligned
+        tensor = cpu[name]
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def atomic_save_tensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    boundary: str | None = None,
+) -> None:
+    """Write ``tensors`` as a safetensors file atomically, with deterministic bytes (:func:`safetensors_bytes`)."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata), boundary)
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:

@@ -8,13 +8,21 @@ Layout of a store directory::
 
 Shards are written to a temporary file, fsynced and renamed; the manifest is rewritten the same way only after
 the shard is in place, so a crash leaves either the old or the new state, never a half shard that reads as
-complete. Reads map shard files into memory (no copy) and verify each shard's checksum before first use.
+complete: at worst temporary files and an orphan shard, which a resume deletes (a directory holding only those
+and no manifest is a capture killed while writing its first manifest, and starts afresh). Shard bytes are
+deterministic, so identical captures have identical files and checksums. Reads map shard files into memory (no
+copy) and verify each shard's checksum before first use; a capture rerun on a finished store verifies every shard.
+
+Fault-injection points (:mod:`workbench.faults`): ``store.first_manifest.before_rename|after_rename``,
+``store.shard.before_rename|after_rename``, ``store.manifest.before_rename|after_rename`` (every later manifest
+rewrite: after each shard and at finalize).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 
 from workbench import __version__
-from workbench.fileio import atomic_write_bytes
+from workbench.fileio import TEMP_GLOB, atomic_write_bytes, remove_temp_files, safetensors_bytes, sha256_file
 
 if TYPE_CHECKING:
     from workbench.hooks import Positions
@@ -35,18 +43,12 @@ FORMAT_VERSION = 1
 META_COLUMNS = ("token_ids", "sequence", "position")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_NAME = re.compile(r"^shard-\d{5,}\.safetensors$")
+SHARD_GLOB = "shard-*.safetensors"
 
 
 class StoreError(RuntimeError):
     """A store cannot be created, resumed or read; the message names the path and the fix."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -71,6 +73,67 @@ def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
             tensor = tensor.view(torch.bfloat16)
         out[name] = tensor
     return out
+
+
+def _crash_leftover(path: Path) -> bool:
+    """A file a killed capture can leave before its first manifest exists: a temporary file or a shard."""
+    return path.is_file() and (path.match(TEMP_GLOB) or bool(SHARD_NAME.match(path.name)))
+
+
+_MANIFEST_KEYS: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "model": (str,), "dataset": (str,), "hooks": (list,), "dtype": (str,),
+    "shard_rows": (int,), "shards": (list,), "n_rows": (int,), "sequences_done": (int,), "complete": (bool,),
+    "shapes": (dict,), "extra": (dict,),
+}  # fmt: skip
+
+
+def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest with missing or mistyped keys, shard files outside the store, or counts that disagree."""
+
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{manifest_path} is damaged: {what}; recapture the store (overwrite=True)")
+
+    for key, types in _MANIFEST_KEYS.items():
+        if key not in manifest:
+            raise bad(f"key {key!r} is missing")
+        value = manifest[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise bad(f"key {key!r} is {value!r}, not {' or '.join(t.__name__ for t in types)}")
+    if "checkpoint" not in manifest:
+        raise bad("key 'checkpoint' is missing")
+    if manifest["checkpoint"] is not None and (
+        not isinstance(manifest["checkpoint"], int) or isinstance(manifest["checkpoint"], bool)
+    ):
+        raise bad(f"key 'checkpoint' is {manifest['checkpoint']!r}, not an int or null")
+    if manifest["dtype"] not in _TORCH_DTYPES:
+        raise bad(f"key 'dtype' is {manifest['dtype']!r}, not one of {', '.join(_TORCH_DTYPES)}")
+    if not all(isinstance(h, str) for h in manifest["hooks"]):
+        raise bad("key 'hooks' must list hook names")
+    total = 0
+    for index, shard in enumerate(manifest["shards"]):
+        where = f"shards[{index}]"
+        if not isinstance(shard, dict):
+            raise bad(f"{where} is {shard!r}, not an object")
+        for key, types in (("file", (str,)), ("rows", (int,)), ("sha256", (str,))):
+            if key not in shard:
+                raise bad(f"key {where}.{key} is missing")
+            if not isinstance(shard[key], types) or isinstance(shard[key], bool):
+                raise bad(f"key {where}.{key} is {shard[key]!r}, not {types[0].__name__}")
+        if not SHARD_NAME.match(shard["file"]):
+            raise bad(
+                f"{where}.file is {shard['file']!r}, not a shard file name inside the store (shard-NNNNN.safetensors)"
+            )
+        if shard["rows"] < 1:
+            raise bad(f"{where}.rows is {shard['rows']}, not a positive row count")
+        total += shard["rows"]
+    if manifest["n_rows"] != total:
+        raise bad(f"n_rows is {manifest['n_rows']} but the shards hold {total} rows")
+    if len({s["file"] for s in manifest["shards"]}) != len(manifest["shards"]):
+        raise bad("a shard file is listed twice")
+    if manifest["sequences_done"] < 0 or manifest["shard_rows"] < 1:
+        raise bad(
+            f"sequences_done={manifest['sequences_done']}, shard_rows={manifest['shard_rows']} out of range"
+        )
 
 
 class ActivationStore:
@@ -136,13 +199,22 @@ class ActivationStore:
             store._remove_orphans()
             return store
         if path.exists() and overwrite:
-            for child in path.glob("shard-*.safetensors"):
+            for child in path.glob(SHARD_GLOB):
                 child.unlink()
             (path / MANIFEST).unlink(missing_ok=True)
-        elif path.exists() and any(path.iterdir()):
-            raise StoreError(
-                f"{path} exists, is not empty and holds no store manifest; choose an empty or new directory"
-            )
+            remove_temp_files(path)
+        elif path.is_dir():
+            others = [c.name for c in path.iterdir() if not _crash_leftover(c)]
+            if others:
+                raise StoreError(
+                    f"{path} exists, is not empty ({', '.join(sorted(others)[:3])}) and holds no store manifest; "
+                    "choose an empty or new directory"
+                )
+            for child in path.glob(SHARD_GLOB):  # a capture killed before its first manifest was in place
+                child.unlink()
+            remove_temp_files(path)
+        elif path.exists():
+            raise StoreError(f"{path} is a file, not a store directory; choose a new directory")
         path.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -157,7 +229,7 @@ class ActivationStore:
             "extra": extra or {},
         }
         store = cls(path, manifest)
-        store._write_manifest()
+        store._write_manifest("store.first_manifest")
         return store
 
     def append(
@@ -212,13 +284,11 @@ class ActivationStore:
         """Write the buffered rows as one shard (atomically), then record it in the manifest."""
         if not self._buffer:
             return
-        from safetensors.torch import save
-
         tensors = {k: torch.cat([c[k] for c in self._buffer]) for k in self._buffer[0]}
         index = len(self.manifest["shards"])
         name = f"shard-{index:05d}.safetensors"
-        data = save(tensors, metadata={"store": str(self.path.name), "shard": str(index)})
-        atomic_write_bytes(self.path / name, data)
+        data = safetensors_bytes(tensors, metadata={"shard": str(index)})
+        atomic_write_bytes(self.path / name, data, boundary="store.shard")
         self.manifest["shards"].append(
             {"file": name, "rows": self._buffer_rows, "sha256": hashlib.sha256(data).hexdigest()}
         )
@@ -234,17 +304,21 @@ class ActivationStore:
         self._write_manifest()
         return self
 
-    def _write_manifest(self) -> None:
-        atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+    def _write_manifest(self, boundary: str = "store.manifest") -> None:
+        atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode(), boundary)
 
     def _remove_orphans(self) -> None:
-        """Delete shard files a crash left behind without a manifest entry."""
+        """Delete shard files a crash left behind without a manifest entry, and temporary files."""
         known = {s["file"] for s in self.manifest["shards"]}
-        for child in self.path.glob("shard-*.safetensors"):
+        for child in self.path.glob(SHARD_GLOB):
             if child.name not in known:
                 child.unlink()
-        for child in self.path.glob(".*.tmp-*"):
-            child.unlink()
+        remove_temp_files(self.path)
+
+    def verify(self) -> None:
+        """Check every shard against its sha256 now, whatever ``verify`` mode it was opened with."""
+        for shard in self.manifest["shards"]:
+            self._check(shard, force=True)
 
     # ---------------------------------------------------------------- reading
     @staticmethod
@@ -254,12 +328,16 @@ class ActivationStore:
             raise StoreError(f"{path} is not an activation store (no {MANIFEST}); capture into it first")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StoreError(f"{manifest_path} is corrupt ({err}); recapture the store") from err
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{manifest_path} is corrupt (not a JSON object); recapture the store")
+        version = manifest.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
             raise StoreError(
-                f"{path} was written by a newer workbench (format {manifest['format_version']}); upgrade"
+                f"{path} was written by a newer workbench (format {version}); upgrade the workbench"
             )
+        _check_manifest(manifest_path, manifest)
         return manifest
 
     @classmethod
@@ -283,14 +361,16 @@ class ActivationStore:
                 store._check(shard)
         return store
 
-    def _check(self, shard: dict[str, Any]) -> None:
-        if shard["file"] in self._verified or self._verify == "none":
+    def _check(self, shard: dict[str, Any], force: bool = False) -> None:
+        if not force and (shard["file"] in self._verified or self._verify == "none"):
             return
         file = self.path / shard["file"]
         if not file.exists():
-            raise StoreError(f"shard {file} is missing; the store is damaged, recapture it")
-        if _sha256(file) != shard["sha256"]:
-            raise StoreError(f"shard {file} fails its checksum (truncated or corrupted); recapture the store")
+            raise StoreError(f"shard {file} is missing; the store is damaged, recapture it (overwrite=True)")
+        if sha256_file(file) != shard["sha256"]:
+            raise StoreError(
+                f"shard {file} fails its checksum (truncated or corrupted); recapture the store (overwrite=True)"
+            )
         self._verified.add(shard["file"])
 
     def _shard(self, index: int) -> dict[str, torch.Tensor]:
@@ -408,15 +488,22 @@ def capture_to_store(
 
     ``texts``: strings (tokenized by the model), token-id lists, or token ids [n, pos] (all real). Each row is one
     (sequence, position); padding is dropped, and ``positions`` (int, list, slice or "last", counted within each
-    sequence's real tokens) keeps only those. ``checkpoint`` defaults to the model's. RAM is bounded by one batch
-    plus one shard. An interrupted capture resumes after the last sequence written; resuming with other inputs,
-    ``max_length`` or ``positions`` raises StoreError.
+    sequence's real tokens) keeps only those; an int or listed position must exist in every sequence (IndexError
+    naming the shortest length otherwise), a slice must select at least one token overall. Empty inputs are
+    refused. ``checkpoint`` defaults to the model's. RAM is bounded by one batch plus one shard. An interrupted
+    capture resumes after the last sequence written; resuming with other inputs, ``max_length`` or ``positions``
+    raises StoreError. A rerun on a finished store verifies every shard's checksum and returns it.
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
+    if len(texts) == 0:
+        raise StoreError(f"no inputs to capture into {path}; pass at least one text or token sequence")
     names = model.resolve(hooks)
+    _check_positions(
+        positions, _lengths(model, texts, max_length, batch_size) if positions is not None else None
+    )
     recipe = {
         "inputs_sha256": _fingerprint(texts),
         "n_inputs": len(texts),
@@ -435,6 +522,7 @@ def capture_to_store(
             f"{path} was captured from other inputs or settings ({', '.join(changed)} differ); write to a new path "
             "or pass overwrite=True"
         )
+    store.verify()
     if store.manifest["complete"]:
         return store
     start = store.manifest["sequences_done"]
@@ -468,7 +556,54 @@ def capture_to_store(
         )
         bar.update(len(chunk))
     bar.close()
+    if store.n_rows + store._buffer_rows == 0:
+        raise StoreError(
+            f"the inputs hold no tokens to store in {path} (every sequence is empty after tokenization"
+            + (f" or lacks positions {positions!r}" if positions is not None else "")
+            + "); pass non-empty inputs"
+        )
     return store.finalize()
+
+
+def _lengths(model: HookedModel, texts: Inputs, max_length: int, batch_size: int) -> list[int]:
+    """Real-token count of every input after tokenization and truncation to ``max_length``."""
+    if isinstance(texts, torch.Tensor):
+        return [min(texts.shape[-1], max_length)] * len(texts) if texts.ndim == 2 else []
+    step = max(batch_size, 256)
+    return [
+        int(n) for begin in range(0, len(texts), step)
+        for n in _encode(model, texts[begin : begin + step], max_length)["attention_mask"].sum(1).tolist()
+    ]  # fmt: skip
+
+
+def _check_positions(positions: Positions, lengths: list[int] | None) -> None:
+    """Refuse ``positions`` up front: a kind that is not int / list / slice / "last", an int or listed position
+    that some sequence lacks (IndexError naming the shortest length), or a slice that selects nothing."""
+    if positions is None or positions == "last":
+        return
+    if isinstance(positions, str):
+        raise ValueError(f"positions={positions!r}; use an int, a list of ints, a slice or 'last'")
+    if isinstance(positions, slice):
+        if lengths is not None and not any(len(range(n)[positions]) for n in lengths):
+            raise IndexError(
+                f"positions={positions} selects no token of any sequence (longest {max(lengths)} tokens); "
+                "choose a slice within the sequences or raise --max-length"
+            )
+        return
+    wanted = [positions] if isinstance(positions, int) else list(positions)
+    if not wanted or not all(isinstance(p, int) and not isinstance(p, bool) for p in wanted):
+        raise ValueError(f"positions={positions!r}; use an int, a non-empty list of ints, a slice or 'last'")
+    if not lengths:
+        return
+    shortest = min(lengths)
+    outside = [p for p in wanted if not -shortest <= p < shortest]
+    if outside:
+        lacking = sum(1 for n in lengths if any(not -n <= p < n for p in outside))
+        raise IndexError(
+            f"positions {outside} are out of range for {lacking} of {len(lengths)} sequences (shortest "
+            f"{shortest} tokens; valid positions there are {-shortest}..{shortest - 1}); raise max_length "
+            "(--max-length), drop the shorter inputs, or count from the end with a negative position"
+        )
 
 
 def _encode(model: HookedModel, chunk: Inputs, max_length: int) -> dict[str, torch.Tensor]:
