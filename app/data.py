@@ -38,7 +38,8 @@ def results_path(workspace: Path) -> Path:
 
 
 def check_workspace(workspace: Path) -> Path:
-    """Raise WorkspaceProblem with a fix when the workspace or its results database is missing or too new."""
+    """Raise WorkspaceProblem with a fix when the workspace or its results database is missing, too new, locked
+    or corrupt."""
     if not workspace.is_dir():
         raise WorkspaceProblem(
             f"The workspace {workspace} does not exist. Run `make demo` (or `workbench demo --workspace {workspace}`) "
@@ -50,11 +51,11 @@ def check_workspace(workspace: Path) -> Path:
             f"{workspace} has no results database yet ({path.name}). Run an analysis, e.g. `workbench demo`, "
             "`workbench massive ...` or `workbench probe run jobs.toml`."
         )
-    from workbench.results import ResultsDB, ResultsLockedError, SchemaVersionError
+    from workbench.results import ResultsDB, ResultsError
 
     try:
         ResultsDB(path).tables()
-    except (SchemaVersionError, ResultsLockedError) as err:
+    except ResultsError as err:
         raise WorkspaceProblem(str(err)) from err
     return path
 
@@ -79,15 +80,15 @@ def tables(path: Path) -> list[str]:
 
 
 def table(path: Path, name: str) -> pd.DataFrame | None:
-    """One results table (None when no analysis has written it yet); a database locked for too long stops the page
-    with a warning."""
-    from workbench.results import ResultsLockedError
+    """One results table (None when no analysis has written it yet); a database locked for too long or corrupt
+    stops the page with a warning."""
+    from workbench.results import ResultsError
 
     try:
         if name not in tables(path):
             return None
         return _read(str(path), path.stat().st_mtime, name)
-    except ResultsLockedError as err:
+    except ResultsError as err:
         st.warning(str(err))
         st.stop()
 
@@ -109,6 +110,13 @@ def _row_counts(path: str, mtime: float) -> pd.DataFrame:
 def row_counts(path: Path) -> pd.DataFrame:
     """Per results table: its row count and how many distinct models, checkpoints and hooks it covers."""
     return _row_counts(str(path), path.stat().st_mtime)
+
+
+def plain(text: object) -> str:
+    """``text`` as inert markdown/HTML: every character that markdown, HTML or Streamlit's directives (``:red[]``,
+    ``$`` math) could interpret becomes a numeric character reference, so user-derived text (tokens, names) shows
+    literally, links and images included, even inside ``unsafe_allow_html`` markup."""
+    return "".join(c if c.isalnum() or c == " " else f"&#{ord(c)};" for c in str(text))
 
 
 def pick(rows: pd.DataFrame, column: str, label: str | None = None, key: str | None = None) -> pd.DataFrame:

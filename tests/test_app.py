@@ -147,3 +147,55 @@ def test_missing_workspace_and_newer_database_get_clear_messages(tmp_path, monke
     con.close()
     app = _run("massive", tmp_path, monkeypatch)
     assert not app.exception and "newer workbench" in app.warning[0].value
+
+
+PAYLOADS = ("<script>alert(1)</script>", "[x](javascript:alert(1))", "![](http://evil/x.png)", ":red[red]")
+
+
+def test_feature_contexts_render_user_tokens_inert(tmp_path, monkeypatch) -> None:
+    """Tokens are user data: no script tag, javascript: link or remote image reaches the rendered markdown, and
+    each still reads literally once its character references are decoded."""
+    import html
+    import json
+
+    from workbench.workspace import Workspace
+
+    context = {"tokens": ["def", *PAYLOADS, "x"], "acts": [0.1, 2.0, 1.0, 0.5, 0.2, 0.0], "focus": 1,
+               "activation": 2.0}  # fmt: skip
+    Workspace(tmp_path).results().write("sae_features", pd.DataFrame([{
+        "sae_id": "evil", "model": "m", "hook": "blocks.0.hook_resid_post", "latent": 0, "density": 0.1,
+        "max_activation": 2.0, "top_contexts": json.dumps([context]), "histogram": json.dumps({}),
+        "quantile_samples": json.dumps([{"low": 0.0, "high": None, "count": 1, "contexts": [context]}]),
+    }]))  # fmt: skip
+    app = _run("sae", tmp_path, monkeypatch)
+    assert not app.exception, app.exception
+    rendered = [m.value for m in app.markdown if "span" in m.value]
+    assert len(rendered) == 2, [m.value for m in app.markdown]  # the top context and the quantile sample
+    for value in rendered:
+        for active in ("<script", "javascript:", "](", "http://", ":red[", "![", "<img"):
+            assert active not in value, (active, value)
+        assert value.count("<span") == len(context["tokens"])
+        text = html.unescape(value)
+        assert all(payload in text for payload in PAYLOADS)
+
+
+def test_plain_leaves_no_markup_character() -> None:
+    import html
+    import re
+
+    from app.data import plain
+
+    for payload in (*PAYLOADS, "a *b* _c_ `d` $e$ \\f & g"):
+        escaped = plain(payload)
+        assert re.fullmatch(r"(?:[A-Za-z0-9 ]|&#\d+;)*", escaped), escaped
+        assert html.unescape(escaped) == payload
+
+
+def test_a_corrupt_database_gets_a_message_not_a_traceback(tmp_path, monkeypatch) -> None:
+    import os
+
+    (tmp_path / "results.duckdb").write_bytes(os.urandom(8192))
+    for view in ("overview", "sae"):
+        app = _run(view, tmp_path, monkeypatch)
+        assert not app.exception, app.exception
+        assert "is corrupt" in app.warning[0].value and "Move it aside" in app.warning[0].value

@@ -91,3 +91,25 @@ def test_a_writer_waits_for_another_process_holding_the_lock(tmp_path) -> None:
     holder.wait(timeout=30)
     assert time.monotonic() - began > 0.5
     assert sorted(ResultsDB(path).read("t")["x"]) == [1, 2]
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty"])
+def test_a_corrupt_database_gives_a_clear_error_naming_the_file_and_the_fix(tmp_path, damage) -> None:
+    import os
+
+    from workbench.results import ResultsCorruptError, ResultsError
+
+    path = tmp_path / "results.duckdb"
+    db = ResultsDB(path)
+    db.write("t", pd.DataFrame({"model": ["m"] * 5000, "x": range(5000)}))
+    data = path.read_bytes()
+    path.write_bytes(
+        {"random": os.urandom(len(data)), "truncated": data[: len(data) // 3], "empty": b""}[damage]
+    )
+    for call in (db.tables, lambda: db.read("t"), lambda: db.write("t", pd.DataFrame({"x": [1]})),
+                 lambda: db.query("SELECT 1")):  # fmt: skip
+        with pytest.raises(ResultsCorruptError, match=rf"{path}.* corrupt .*Move it aside") as caught:
+            call()
+        assert isinstance(caught.value, ResultsError) and not isinstance(caught.value, duckdb.Error)
+    path.rename(tmp_path / "results.duckdb.corrupt")
+    assert db.write("t", pd.DataFrame({"x": [1]})) == 1 and len(db.read("t")) == 1

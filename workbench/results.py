@@ -6,7 +6,9 @@ and ``created_at``; an analysis adds its own columns. New columns are added to a
 (older rows read NULL there). Lists and dicts are stored as JSON text.
 
 Connections are short-lived (opened per call) so that a batch job, a notebook and the dashboard take turns on
-the file; a call that finds the file locked by another process retries for a few seconds.
+the file; a call that finds the file locked by another process retries for a few seconds. A write is one
+transaction (fault-injection point ``results.write.before_commit``: a kill there leaves the old rows). Every
+failure is a :class:`ResultsError`: locked, newer schema, or corrupt (a file that is not a DuckDB database).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from workbench import __version__
+from workbench.faults import crash_point
 
 SCHEMA_VERSION = 1
 COMMON_COLUMNS = ("model", "checkpoint", "hook", "dataset", "workbench_version", "created_at")
@@ -32,12 +35,23 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 LOCK_WAIT_SECONDS = 10.0  # how long a call waits for another process's write lock
 
 
-class ResultsLockedError(RuntimeError):
+_CORRUPT = re.compile(r"not a valid DuckDB database|corrupt|checksum|serializ", re.IGNORECASE)
+
+
+class ResultsError(RuntimeError):
+    """The results database cannot be used; the message names the file and the fix."""
+
+
+class ResultsLockedError(ResultsError):
     """Another process held the results database's lock for longer than the retry window."""
 
 
-class SchemaVersionError(RuntimeError):
+class SchemaVersionError(ResultsError):
     """The database was written by a newer workbench than this one."""
+
+
+class ResultsCorruptError(ResultsError):
+    """The results file is not a readable DuckDB database (damaged, truncated or another kind of file)."""
 
 
 def _check_identifier(name: str, what: str = "table") -> str:
@@ -87,9 +101,9 @@ class ResultsDB:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
-            except duckdb.IOException as err:
-                if "lock" not in str(err).lower():
-                    raise
+            except duckdb.Error as err:
+                if not isinstance(err, duckdb.IOException) or "lock" not in str(err).lower():
+                    raise self._failure(err) from err
                 if time.monotonic() > deadline:
                     raise ResultsLockedError(
                         f"the results database {self.path} stayed locked by another process for "
@@ -98,12 +112,26 @@ class ResultsDB:
                         "(e.g. a notebook with a live duckdb connection), then try again."
                     ) from err
                 time.sleep(0.05)
-        if not read_only:
-            con.execute("CREATE TABLE IF NOT EXISTS _schema (version INTEGER)")
-            if con.execute("SELECT count(*) FROM _schema").fetchone()[0] == 0:
-                con.execute("INSERT INTO _schema VALUES (?)", [SCHEMA_VERSION])
-        self._check_version(con)
+        try:
+            if not read_only:
+                con.execute("CREATE TABLE IF NOT EXISTS _schema (version INTEGER)")
+                if con.execute("SELECT count(*) FROM _schema").fetchone()[0] == 0:
+                    con.execute("INSERT INTO _schema VALUES (?)", [SCHEMA_VERSION])
+            self._check_version(con)
+        except duckdb.Error as err:
+            con.close()
+            raise self._failure(err) from err
         return con
+
+    def _failure(self, err: Exception) -> ResultsError:
+        """The ResultsError for a duckdb error: ResultsCorruptError when the file is damaged."""
+        if _CORRUPT.search(str(err)):
+            return ResultsCorruptError(
+                f"the results database {self.path} is corrupt or not a DuckDB file ({str(err).strip()}). "
+                f"Move it aside (mv {self.path} {self.path}.corrupt), then rerun the analyses that fill it "
+                "(e.g. `workbench demo`); a fresh database is created on the next write."
+            )
+        return ResultsError(f"the results database {self.path} cannot be opened ({str(err).strip()})")
 
     def _check_version(self, con) -> None:
         has_schema = con.execute(
@@ -196,6 +224,7 @@ class ResultsDB:
             names = ", ".join(f'"{c}"' for c in frame.columns)
             con.execute(f'INSERT INTO "{table}" ({names}) SELECT {names} FROM _incoming')
             con.unregister("_incoming")
+            crash_point("results.write.before_commit")
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from app.data import empty_state, open_workspace_or_stop, table
+from app.data import empty_state, open_workspace_or_stop, plain, table
 
 st.title("Codebooks")
 db = open_workspace_or_stop()
@@ -32,7 +32,7 @@ if purity is not None and not purity.empty:
 if purity is not None and not purity.empty:
     label_set = st.selectbox("label set", sorted(purity["label_set"].unique()))
     rows = purity[purity["label_set"] == label_set].sort_values("label")
-    st.metric(f"mean best-code purity per {label_set} label", f"{rows['purity'].mean():.3f}")
+    st.metric(f"mean best-code purity per {plain(label_set)} label", f"{rows['purity'].mean():.3f}")
     if "purity_ceiling" in rows and rows["purity_ceiling"].notna().any():
         st.metric(
             "ceiling (a code per exact state posterior)", f"{rows['purity_ceiling'].dropna().iloc[0]:.3f}"

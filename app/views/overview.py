@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.data import open_workspace_or_stop, row_counts, workspace_path
+from app.data import open_workspace_or_stop, plain, row_counts, workspace_path
 
 st.title("Interpretability workbench")
 workspace = workspace_path()
-st.caption(f"workspace: `{workspace}`")
+st.caption(f"workspace: {plain(workspace)}")
 db = open_workspace_or_stop()
 
 models_dir = workspace / "models"

@@ -3,14 +3,13 @@ histogram, logit effects)."""
 
 from __future__ import annotations
 
-import html
 import json
 import math
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.data import empty_state, open_workspace_or_stop, table
+from app.data import empty_state, open_workspace_or_stop, plain, table
 
 st.title("SAE features")
 db = open_workspace_or_stop()
@@ -75,17 +74,20 @@ st.markdown(
 
 
 def show_context(context: dict) -> None:
-    """One token window, each token shaded by the latent's activation, the focus token underlined."""
-    peak = max(max(context["acts"]), 1e-9)
+    """One token window, each token shaded by the latent's activation, the focus token underlined. Tokens come
+    from user data: ``plain`` makes them inert (no HTML, markdown links or images), and the numbers are floats."""
+    acts = [float(a) for a in context["acts"]]
+    peak = max(max(acts, default=0.0), 1e-9)
+    focus = int(context["focus"])
     spans = []
-    for i, (token, act) in enumerate(zip(context["tokens"], context["acts"], strict=True)):
+    for i, (token, act) in enumerate(zip(context["tokens"], acts, strict=True)):
         alpha = max(0.0, act) / peak
-        border = "border-bottom:2px solid black;" if i == context["focus"] else ""
+        border = "border-bottom:2px solid black;" if i == focus else ""
         spans.append(
             f'<span title="{act:.3f}" style="background:rgba(255,120,0,{alpha:.2f});{border}white-space:pre">'
-            f"{html.escape(token)}</span>"
+            f"{plain(token)}</span>"
         )
-    st.markdown(f"`{context['activation']:.3f}` " + "".join(spans), unsafe_allow_html=True)
+    st.markdown(f"`{float(context['activation']):.3f}` " + "".join(spans), unsafe_allow_html=True)
 
 
 st.markdown("**Top activating contexts**")
