@@ -15,16 +15,25 @@ A job file::
     label_sets = ["bracket_depth", "inside_string"]
 
 Each finished task is committed at once (its rows to ``probe_results``, its status to ``probe_tasks``), so a
-killed job resumes where it stopped. The main process is the only writer of the results database; workers
-(processes of a local pool, or Ray tasks) only compute.
+killed job resumes where it stopped: a task whose rows were written but not its status is re-run and its rows
+replaced (fault-injection points ``probejob.results_written`` and ``probejob.status_written``). The main process
+is the only writer of the results database; workers (processes of a local pool, or Ray tasks) only compute, and
+a local pool's workers exit when the main process dies, kill -9 included (``PR_SET_PDEATHSIG`` on Linux, and a
+watchdog thread polling the parent pid everywhere), so a resumed job never runs beside stale workers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import signal
+import sys
+import threading
 import time
 import tomllib
 import traceback
@@ -38,6 +47,7 @@ from typing import Any
 import pandas as pd
 
 from probes.analysis import RESULTS_TABLE, ProbeSettingError, ProbeSettings
+from workbench.faults import crash_point
 from workbench.workspace import Workspace
 
 STATUS_TABLE = "probe_tasks"
@@ -45,6 +55,8 @@ BACKENDS = ("local", "ray")
 JOB_KEYS = {"name", "workspace", "settings", "probe"}
 PROBE_KEYS = {"model", "checkpoints", "hooks", "label_sets"}
 DEFAULT_HOOKS = ["hook_embed", "blocks.*.hook_resid_post"]
+PARENT_POLL_SECONDS = 0.5  # how often a pool worker checks that the job process is still alive
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ProbeJobError(ValueError):
@@ -218,7 +230,9 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
     """Resolve every [[probe]] table to its checkpoints and check hooks and label sets against the model.
 
     Two tables giving the same task (model directory, checkpoint, label set and hooks) are refused."""
-    from workbench.checkpoints import CheckpointError, load_series
+    from workbench.checkpoints import CheckpointError
+    from workbench.model import ModelLoadError
+    from workbench.references import resolve_series as load_series
 
     tasks: dict[str, ProbeTask] = {}
     for entry in job.entries:
@@ -229,7 +243,7 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
         else:
             try:
                 series = load_series(name, workspace=job.workspace.root)
-            except CheckpointError as err:
+            except (CheckpointError, ModelLoadError) as err:
                 raise ProbeJobError(f"{where}: {err}") from None
             source = "hub" if series.revision_format else "series"
             location = name if source == "hub" else str(Path(series.location(series.steps[0])).parent)
@@ -403,6 +417,7 @@ def _commit(db, task: ProbeTask, outcome: dict[str, Any]) -> None:
     if outcome["rows"]:
         rows = pd.DataFrame(outcome["rows"]).assign(job=task.job)
         db.write(RESULTS_TABLE, rows, replace_keys=RESULT_KEYS)
+    crash_point("probejob.results_written")
     status = pd.DataFrame([{
         "job": task.job, "task": task.task_id, "model": task.model, "checkpoint": task.checkpoint,
         "label_set": task.label_set, "status": outcome["status"], "error": outcome["error"],
@@ -410,6 +425,7 @@ def _commit(db, task: ProbeTask, outcome: dict[str, Any]) -> None:
         "threads": outcome.get("threads"), "finished_at": datetime.now(UTC).replace(tzinfo=None),
     }])  # fmt: skip
     db.write(STATUS_TABLE, status, replace_keys=["job", "task"])
+    crash_point("probejob.status_written")
 
 
 Outcomes = Iterator[tuple[ProbeTask, dict[str, Any]]]
@@ -441,8 +457,6 @@ def _execute_pool(tasks: list[ProbeTask], workers: int, runner) -> Outcomes:
     pool hands them out in order) are re-run one at a time in a fresh one-worker pool — the task that crashes
     alone is marked failed — and the rest go to a fresh pool. Every worker, the lone ones too, runs torch with
     cores / ``workers`` threads, so a task's results do not depend on which pool ran it."""
-    import os
-
     threads = max(1, (os.cpu_count() or 1) // workers)
     queue = list(tasks)
     while queue:
@@ -470,7 +484,7 @@ def _pool_round(batch: list[ProbeTask], workers: int, threads: int, runner, isol
     results = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
     ) as pool:
         pending = {pool.submit(runner, task): task for task in batch}
         while pending:
@@ -492,10 +506,35 @@ def _pool_round(batch: list[ProbeTask], workers: int, threads: int, runner, isol
     yield from results
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    """Pool worker start-up: die with the job process ``parent``, then cap torch's threads."""
     import torch
 
+    die_with_parent(parent)
     torch.set_num_threads(threads)
+
+
+def die_with_parent(parent: int, interval: float = PARENT_POLL_SECONDS) -> None:
+    """Make this process exit as soon as the process ``parent`` (the one that started it) dies, even by SIGKILL.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere: a daemon
+    thread exits the process once ``os.getppid()`` is no longer ``parent`` (orphans are re-parented). A parent
+    already gone by the time this runs ends the process at once."""
+    if sys.platform.startswith("linux"):
+        # without prctl (another libc) the watchdog below still ends the process
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(
+        target=_watch_parent, args=(parent, interval), name="parent-watchdog", daemon=True
+    ).start()
+
+
+def _watch_parent(parent: int, interval: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def _ray_task(runner, task: ProbeTask, threads: int) -> dict[str, Any]:

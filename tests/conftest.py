@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 TEST_ZOO = ("code-tiny", "fsm-tiny", "vit-digits")
+# No test reaches a hub: the hub code path runs against a cache the tests lay out (tests/hub_cache.py). Set before
+# anything imports huggingface_hub, which reads these once.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="workbench-hub-cache-"))
+os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+HUB_REPO = "workbench-test/code-tiny"
+HUB_STEPS = (0, 1, 2, 300)
+HUB_DUPLICATE = ("step3", 2)  # a branch byte-identical to step2, as on some public Pythia branches
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +56,19 @@ def fsm_series(zoo_workspace):
     from workbench.checkpoints import CheckpointSeries
 
     return CheckpointSeries.from_directory(zoo_workspace.model_dir("fsm-tiny"))
+
+
+@pytest.fixture(scope="session")
+def hub_repo(zoo_workspace) -> str:
+    """``workbench-test/code-tiny`` in the offline hub cache: branches step0, step1, step2, step3 (= step2's bytes)
+    and step300 (= main), from the code-tiny zoo series."""
+    from tests.hub_cache import lay_out_hub_cache
+
+    series_dir = zoo_workspace.model_dir("code-tiny")
+    branches = {f"step{s}": series_dir / f"step{s}" for s in HUB_STEPS}
+    branches[HUB_DUPLICATE[0]] = series_dir / f"step{HUB_DUPLICATE[1]}"
+    lay_out_hub_cache(HUB_CACHE, HUB_REPO, dict(sorted(branches.items(), key=lambda kv: int(kv[0][4:]))))
+    return HUB_REPO
 
 
 @pytest.fixture(scope="session")

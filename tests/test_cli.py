@@ -8,7 +8,7 @@ import transformers as T
 from typer.testing import CliRunner
 
 from workbench.cli import app
-from workbench.texts import TextFileError, load_texts
+from workbench.datasets import DatasetError, load_dataset, read_text_lines
 
 runner = CliRunner()
 
@@ -52,18 +52,18 @@ def test_info_directory_without_config(tmp_path) -> None:
 def test_non_utf8_text_file_is_reported_with_its_line(tmp_path) -> None:
     path = tmp_path / "corpus.txt"
     path.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
-    with pytest.raises(TextFileError, match=r"not UTF-8 \(byte 14, line 2"):
-        load_texts(path)
+    with pytest.raises(DatasetError, match=r"not UTF-8 \(byte 14, line 2"):
+        read_text_lines(path)
 
 
 def test_texts_from_jsonl_and_txt(tmp_path) -> None:
     (tmp_path / "a.txt").write_text("one\n\ntwo\n", encoding="utf-8")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n', encoding="utf-8")
-    assert load_texts(tmp_path / "a.txt") == ["one", "two"]
-    assert load_texts(tmp_path / "b.jsonl") == ["x", "y"]
+    assert load_dataset(tmp_path / "a.txt").documents() == ["one", "two"]
+    assert load_dataset(tmp_path / "b.jsonl").documents() == ["x", "y"]
     (tmp_path / "c.jsonl").write_text('{"txt": "x"}\n', encoding="utf-8")
-    with pytest.raises(TextFileError, match='c.jsonl:1: each JSONL line needs a "text" field'):
-        load_texts(tmp_path / "c.jsonl")
+    with pytest.raises(DatasetError, match="c.jsonl: row 1 has no column 'text' \\(it has txt\\)"):
+        load_dataset(tmp_path / "c.jsonl")
 
 
 def test_capture_command_writes_a_complete_store(tmp_path) -> None:
@@ -77,7 +77,7 @@ def test_capture_command_writes_a_complete_store(tmp_path) -> None:
         "minilm",
         "--hooks",
         "blocks.*.hook_resid_post",
-        "--texts",
+        "--data",
         str(texts),
         "--out",
         str(out),
@@ -86,7 +86,7 @@ def test_capture_command_writes_a_complete_store(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     store = ActivationStore.open(out, verify="full")
     assert len(store.hooks) == 6 and store.read("blocks.5.hook_resid_post").shape[1] == 384
-    assert store.manifest["dataset"] == "corpus" and store.manifest["model"] == "minilm"
+    assert store.manifest["dataset"] == "corpus.txt" and store.manifest["model"] == "minilm"
     mismatch = runner.invoke(
         app,
         [
@@ -94,7 +94,7 @@ def test_capture_command_writes_a_complete_store(tmp_path) -> None:
             "minilm",
             "--hooks",
             "blocks.0.hook_resid_post",
-            "--texts",
+            "--data",
             str(texts),
             "--out",
             str(out),
@@ -113,7 +113,7 @@ def test_capture_command_rejects_non_utf8_texts(tmp_path) -> None:
             "minilm",
             "--hooks",
             "blocks.0.hook_resid_post",
-            "--texts",
+            "--data",
             str(texts),
             "--out",
             str(tmp_path / "s"),
@@ -160,27 +160,27 @@ def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace,
         "code-tiny",
         "--workspace",
         str(zoo_workspace.root),
-        "--texts",
+        "--data",
         str(texts),
         "--kernel",
     ]
     result = runner.invoke(app, [*args, *sum((["--step", str(s)] for s in steps), [])])
     assert result.exit_code == 0, result.output
-    rows = ResultsDB(zoo_workspace).read("attention_stats", model="code-tiny", dataset="prompts")
+    rows = ResultsDB(zoo_workspace).read("attention_stats", model="code-tiny", dataset="prompts.txt")
     assert sorted(rows["checkpoint"].unique()) == steps
     assert len(rows) == len(steps) * series.load(0).cfg.n_layers * series.load(0).cfg.n_heads
-    eager = attention_statistics(series.load(steps[-1]), load_texts(texts))
+    eager = attention_statistics(series.load(steps[-1]), read_text_lines(texts))
     kernel = rows[rows["checkpoint"] == steps[-1]].sort_values(["layer", "head"])
     for stat in STAT_HOOKS:
         assert kernel[stat].to_numpy() == pytest.approx(eager[stat].to_numpy(), abs=1e-4), stat
     rerun = runner.invoke(app, [*args, "--step", str(steps[-1])])
     assert rerun.exit_code == 0 and len(
-        ResultsDB(zoo_workspace).read("attention_stats", dataset="prompts")
+        ResultsDB(zoo_workspace).read("attention_stats", dataset="prompts.txt")
     ) == len(rows)
     bad = runner.invoke(
         app, ["attention", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "7777"]
     )
-    assert bad.exit_code == 2 and "not in the series" in bad.output
+    assert bad.exit_code == 2 and "no checkpoint at step(s) [7777]" in bad.output
 
 
 def test_demo_steps_are_recorded_reused_and_failures_keep_finished_steps(tmp_path) -> None:

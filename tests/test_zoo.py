@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from workbench.checkpoints import CheckpointError, CheckpointSeries, load_series
+from workbench.checkpoints import CheckpointError, CheckpointSeries
 from workbench.zoo.corpora import CorpusError, TokFSM, python_source_texts
 from workbench.zoo.labels import (
     LabelError,
@@ -120,14 +120,6 @@ def test_damaged_checkpoints_are_reported_or_skipped(tmp_path, code_series) -> N
     assert 1 in tolerant.skipped
     with pytest.raises(CheckpointError, match="no step<N>/"):
         CheckpointSeries.from_directory(tmp_path / "series" / "step0")
-
-
-def test_load_series_by_zoo_name_and_hub_path_up_to_the_network(zoo_workspace) -> None:
-    assert load_series("code-tiny", workspace=zoo_workspace.root).steps[0] == 0
-    hub = load_series("EleutherAI/pythia-70m")
-    assert len(hub) == 154 and hub.revision(1000) == "step1000"
-    with pytest.raises(CheckpointError, match="neither a directory nor a trained zoo model"):
-        load_series("not-a-model", workspace=zoo_workspace.root)
 
 
 def test_tokfsm_ground_truth_and_labels() -> None:

@@ -4,15 +4,23 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """Lazy top-level API: ``from workbench import HookedModel, load_series``."""
+    """Lazy top-level API: ``from workbench import HookedModel, load_model, load_series, load_dataset``."""
     if name in ("HookedModel", "ModelSpec"):
         from workbench import model
 
         return getattr(model, name)
-    if name in ("CheckpointSeries", "load_series"):
+    if name == "CheckpointSeries":
         from workbench import checkpoints
 
-        return getattr(checkpoints, name)
+        return checkpoints.CheckpointSeries
+    if name in ("load_model", "load_series", "resolve_model", "resolve_series"):
+        from workbench import references
+
+        return references.resolve_series if name.endswith("series") else references.resolve_model
+    if name in ("load_dataset", "DatasetRef"):
+        from workbench import datasets
+
+        return getattr(datasets, name)
     if name in ("ActivationStore", "capture_to_store"):
         from workbench import store
 

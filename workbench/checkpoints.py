@@ -1,29 +1,34 @@
 """CheckpointSeries: one object over a training run's checkpoints, loaded lazily (one in memory at a time).
 
 series = CheckpointSeries.from_directory("workspace/models/code-small")      # step0/ step1/ … step1000/
-series = CheckpointSeries.from_hub("EleutherAI/pythia-70m", steps=[0, 1000, 143000])   # needs network
-for model in series:             # HookedModel with model.cfg.checkpoint == step, progress bar
-    ...
-load_series(...)                 # the same, from a directory, a workspace zoo name, or a hub name
+series = CheckpointSeries.from_hub("EleutherAI/pythia-70m", steps=[0, 1000, 143000])   # hub or its cache
+for model in series:             # HookedModel with model.cfg.checkpoint == step, progress bar; byte-identical
+    ...                          # checkpoints are loaded once (series.duplicates says which)
+Any model reference becomes a series through ``workbench.references.resolve_series`` (``workbench.load_series``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench.fileio import CHECKSUMS_FILE, verify_checksums
+
 if TYPE_CHECKING:
     from workbench.model import HookedModel
 
+log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step(\d+)$")
 PYTHIA_STEPS = [0, *(2**i for i in range(10)), *range(1000, 143001, 1000)]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint is missing or damaged; the message names its step and path."""
 
 
@@ -39,10 +44,13 @@ class CheckpointSeries:
         self.skip_damaged = skip_damaged
         self.load_kwargs = load_kwargs or {}
         self.skipped: dict[int, str] = {}
+        self.duplicates: dict[int, int] = {}
+        self._preloaded: HookedModel | None = None
 
     # ------------------------------------------------------------------ sources
     @classmethod
-    def from_directory(cls, path: str | Path, *, skip_damaged: bool = False) -> CheckpointSeries:
+    def from_directory(cls, path: str | Path, *, skip_damaged: bool = False,
+                       load_kwargs: dict[str, Any] | None = None) -> CheckpointSeries:  # fmt: skip
         """A directory of ``step<N>/`` folders in ``save_pretrained`` layout (tokenizer at the root or in each)."""
         root = Path(path)
         if not root.is_dir():
@@ -53,18 +61,38 @@ class CheckpointSeries:
                 f"{root} holds no step<N>/ checkpoint folders; train one with `workbench zoo train NAME` or point "
                 "at a directory of save_pretrained checkpoints named step0, step1, …"
             )
-        return cls(root.name, steps, lambda step: root / f"step{step}", skip_damaged=skip_damaged)
+        return cls(root.name, steps, lambda step: root / f"step{step}", skip_damaged=skip_damaged,
+                   load_kwargs=load_kwargs)  # fmt: skip
 
     @classmethod
     def from_hub(cls, repo_id: str, steps: Sequence[int] | None = None, *, revision_format: str = "step{step}",
                  skip_damaged: bool = False, **load_kwargs: Any) -> CheckpointSeries:  # fmt: skip
         """Hub revisions of one model, e.g. Pythia's ``EleutherAI/pythia-70m`` at revisions ``step1000``.
 
-        ``steps`` defaults to Pythia's 154 published checkpoints. Loading needs network access to the hub (or a
-        populated HF cache); set ``HF_HUB_OFFLINE=1`` to use only the cache.
+        ``steps`` defaults to Pythia's 154 published checkpoints (``workbench.references.resolve_series`` lists
+        the repo's real ``stepN`` branches instead). Loading needs the hub or a populated HF cache
+        (``HF_HUB_OFFLINE=1`` uses only the cache).
         """
         return cls(repo_id, steps if steps is not None else PYTHIA_STEPS, lambda step: repo_id,
                    revision_format=revision_format, skip_damaged=skip_damaged, load_kwargs=load_kwargs)  # fmt: skip
+
+    @classmethod
+    def single(cls, model: HookedModel) -> CheckpointSeries:
+        """A one-checkpoint series over an already loaded model (its ``cfg.checkpoint``, or step 0)."""
+        step = model.cfg.checkpoint if model.cfg.checkpoint is not None else 0
+        series = cls(model.cfg.name, [step], lambda _step: model.cfg.name)
+        series._preloaded = model
+        return series
+
+    def restrict(self, steps: Sequence[int]) -> CheckpointSeries:
+        """The same series over ``steps`` only (each must exist)."""
+        missing = sorted(set(int(s) for s in steps) - set(self.steps))
+        if missing:
+            raise CheckpointError(f"{self.name} has no checkpoint at step(s) {missing}; steps: {self.steps}")
+        series = CheckpointSeries(self.name, steps, self._locate, revision_format=self.revision_format,
+                                  skip_damaged=self.skip_damaged, load_kwargs=self.load_kwargs)  # fmt: skip
+        series._preloaded = self._preloaded
+        return series
 
     # ------------------------------------------------------------------ loading
     def location(self, step: int) -> str | Path:
@@ -79,6 +107,8 @@ class CheckpointSeries:
         """The checkpoint at ``step`` as a HookedModel (``cfg.checkpoint == step``, ``cfg.name`` the series)."""
         from workbench.model import HookedModel
 
+        if self._preloaded is not None:
+            return self._preloaded
         where = self.location(step)
         if isinstance(where, Path):
             _check_local_checkpoint(where, step)
@@ -94,17 +124,58 @@ class CheckpointSeries:
     def __iter__(self) -> Iterator[HookedModel]:
         return self.iter(progress=True)
 
-    def iter(self, steps: Sequence[int] | None = None, progress: bool = True) -> Iterator[HookedModel]:
+    def fingerprint(self, step: int) -> str | None:
+        """A content hash of the checkpoint's weight files (None when it cannot be had without downloading).
+
+        Local step folders hash ``checksums.json`` when present (else the files' bytes); a hub checkpoint in the
+        local cache hashes the blob names its snapshot links to (the hub names LFS blobs by their sha256).
+        """
+        if self._preloaded is not None:
+            return None
+        where = self.location(step)
+        if isinstance(where, Path):
+            record = where / CHECKSUMS_FILE
+            if record.is_file():
+                return hashlib.sha256(record.read_bytes()).hexdigest()
+            digest = hashlib.sha256()
+            for file in sorted(where.glob("*.safetensors")):
+                digest.update(file.name.encode())
+                digest.update(file.read_bytes())
+            return digest.hexdigest()
+        from workbench.references import hub_cache_dir
+
+        repo_cache = hub_cache_dir() / f"models--{str(where).replace('/', '--')}"
+        ref = repo_cache / "refs" / (self.revision(step) or "main")
+        if not ref.is_file():
+            return None
+        snapshot = repo_cache / "snapshots" / ref.read_text().strip()
+        weights = sorted(p for p in snapshot.glob("*") if p.suffix in (".safetensors", ".bin"))
+        if not weights:
+            return None
+        return hashlib.sha256("".join(f"{p.name}={p.resolve().name};" for p in weights).encode()).hexdigest()
+
+    def iter(self, steps: Sequence[int] | None = None, progress: bool = True,
+             dedupe: bool = True) -> Iterator[HookedModel]:  # fmt: skip
         """Yield each checkpoint's HookedModel in step order; only one is referenced by the series at a time.
 
-        Damaged checkpoints raise CheckpointError, or are skipped (recorded in ``self.skipped``) when the series
-        was made with ``skip_damaged=True``.
+        With ``dedupe`` a checkpoint byte-identical to an earlier one (same :meth:`fingerprint`) is not loaded
+        again: it is recorded in ``self.duplicates`` (step -> the earlier step) and logged once. Damaged
+        checkpoints raise CheckpointError, or are skipped (recorded in ``self.skipped``) when the series was made
+        with ``skip_damaged=True``.
         """
         from tqdm.auto import tqdm
 
+        seen: dict[str, int] = {}
         for step in tqdm(
             steps or self.steps, desc=f"checkpoints of {self.name}", unit="ckpt", disable=not progress
         ):
+            if dedupe:
+                key = self.fingerprint(step)
+                if key is not None and key in seen:
+                    self.duplicates[step] = seen[key]
+                    continue
+                if key is not None:
+                    seen[key] = step
             try:
                 model = self.load(step)
             except CheckpointError as err:
@@ -114,6 +185,12 @@ class CheckpointSeries:
                 continue
             yield model
             del model
+        if self.duplicates:
+            log.warning(
+                "%s: %d checkpoint(s) are byte-identical to an earlier one and were analysed once: %s",
+                self.name, len(self.duplicates),
+                ", ".join(f"step {s} = step {o}" for s, o in sorted(self.duplicates.items())),
+            )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"CheckpointSeries({self.name!r}, {len(self.steps)} steps: {self.steps[:4]}…{self.steps[-1:]})"
@@ -146,26 +223,9 @@ def _check_local_checkpoint(path: Path, step: int) -> None:
                 f"checkpoint for step {step}: {file} is truncated or corrupt ({size} bytes, header says "
                 f"{8 + header_len + end}); re-save it, or load the series with skip_damaged=True"
             )
-
-
-def load_series(
-    source: str | Path, *, workspace: str | Path | None = None, **kwargs: Any
-) -> CheckpointSeries:
-    """A checkpoint series from a directory, a zoo model name in the workspace, or a hub repo id (Pythia)."""
-    path = Path(source)
-    if path.is_dir():
-        return CheckpointSeries.from_directory(path, **kwargs)
-    from workbench.workspace import Workspace
-
-    zoo_dir = Workspace(workspace).model_dir(str(source)) if "/" not in str(source) else None
-    if zoo_dir is not None and zoo_dir.is_dir():
-        return CheckpointSeries.from_directory(zoo_dir, **kwargs)
-    if "/" in str(source):
-        return CheckpointSeries.from_hub(str(source), **kwargs)
-    from workbench.zoo.train import SPECS
-
-    raise CheckpointError(
-        f"{source!r} is neither a directory nor a trained zoo model in {Workspace(workspace).models_dir}; "
-        f"train one with `workbench zoo train NAME` (names: {', '.join(SPECS)}) or give a hub id like "
-        "EleutherAI/pythia-70m"
-    )
+    damaged = verify_checksums(path)
+    if damaged:
+        raise CheckpointError(
+            f"checkpoint for step {step} at {path}: {', '.join(damaged)} differ from {CHECKSUMS_FILE} (corrupted "
+            "on disk); restore or re-save the checkpoint, or load the series with skip_damaged=True"
+        )

@@ -9,38 +9,65 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from workbench import __version__
-from workbench.cli_options import WorkspaceOption, fail
+from workbench.cli_options import (
+    BatchSizeOption,
+    ContextOption,
+    DataOption,
+    DeviceOption,
+    MaxTokensOption,
+    ModelArgument,
+    ProgressOption,
+    TrustRemoteCodeOption,
+    WorkspaceOption,
+    fail,
+    open_data,
+    open_model,
+    parse_dtype,
+)
+
+USER_ERRORS = (ValueError, KeyError, IndexError, LookupError, OSError)
+OWN_PACKAGES = ("workbench", "probes", "circuits", "app")  # their error classes name the problem and the fix
+
+
+class _OneLineErrors(TyperGroup):
+    """The top-level command group: every error a command raises becomes one line on stderr, never a traceback.
+
+    Bad input (the workbench's own error classes, whose messages name the fix, ValueError / KeyError / IndexError,
+    and OS errors such as a missing file) and running out of memory exit 2; anything else is an internal
+    error (exit 1). ``workbench --verbose ...`` re-raises, so the traceback is there when wanted.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as err:  # noqa: BLE001 - the one place errors meet the user
+            if ctx.params.get("verbose") or type(err).__module__.startswith("typer"):  # usage errors, Exit
+                raise
+            if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+                message, code = (f"not enough memory for this request ({err or 'MemoryError'}); ask for less "
+                                 "(e.g. a smaller --d-sae, --batch-size or --context-length)"), 2  # fmt: skip
+            elif isinstance(err, USER_ERRORS) or type(err).__module__.split(".")[0] in OWN_PACKAGES:
+                message, code = str(err.args[0] if isinstance(err, KeyError) and err.args else err), 2
+            else:
+                message, code = (f"internal error ({type(err).__name__}: {err}); rerun as `workbench --verbose "
+                                 "...` for the traceback and report it"), 1  # fmt: skip
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code) from None
+
 
 app = typer.Typer(
     name="workbench",
+    cls=_OneLineErrors,
     help="Mechanistic-interpretability workbench: hooked models, activation stores, analyses and a dashboard.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-
-def load_model_argument(model: str, workspace: Path | None = None):
-    """Resolve a MODEL argument: a directory, a zoo model name in the workspace (``name`` or ``name@step``),
-    a packaged model (``minilm``), or a hub name."""
-    from workbench.model import HookedModel
-
-    name, _, step = model.partition("@")
-    if Path(model).exists():
-        return HookedModel.from_pretrained(model)
-    from workbench.workspace import Workspace
-
-    zoo_dir = Workspace(workspace).model_dir(name)
-    if zoo_dir.is_dir():
-        from workbench.checkpoints import CheckpointSeries
-
-        series = CheckpointSeries.from_directory(zoo_dir)
-        return series.load(int(step) if step else series.steps[-1])
-    return HookedModel.from_pretrained(model)
 
 
 @app.callback()
@@ -62,18 +89,14 @@ def version() -> None:
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Model directory, zoo name[@step], 'minilm', or hub name.")],
+    model: ModelArgument,
     pattern: Annotated[str, typer.Option("--hooks", help="Only hook names matching this glob.")] = "*",
     workspace: WorkspaceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Describe a model and list its hook names."""
-    from workbench.model import ModelLoadError
-
-    try:
-        hooked = load_model_argument(model, workspace)
-        names = hooked.resolve(pattern)
-    except (ModelLoadError, KeyError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
+    hooked = open_model(model, workspace, trust_remote_code=trust_remote_code)
+    names = hooked.resolve(pattern)
     typer.echo(repr(hooked))
     for key, value in hooked.cfg.to_dict().items():
         typer.echo(f"  {key}: {value}")
@@ -84,43 +107,32 @@ def info(
 
 @app.command()
 def capture(
-    model: Annotated[str, typer.Argument(help="Model directory, zoo name[@step], 'minilm', or hub name.")],
+    model: ModelArgument,
     hooks: Annotated[list[str], typer.Option("--hooks", help="Hook names or globs (repeatable).")],
-    texts: Annotated[
-        Path, typer.Option("--texts", help="UTF-8 file, one text per line (or .jsonl with 'text').")
-    ],
+    data: DataOption,
     out: Annotated[Path, typer.Option("--out", help="Activation store directory to create or resume.")],
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 16,
-    max_length: Annotated[int, typer.Option(help="Truncate texts to this many tokens.")] = 128,
+    batch_size: BatchSizeOption = 16,
+    context_length: ContextOption = 128,
+    max_tokens: MaxTokensOption = None,
+    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack documents into full rows.")] = False,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16.")] = "float32",
-    dataset: Annotated[str | None, typer.Option(help="Dataset name recorded in the manifest.")] = None,
+    device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Stream activations of HOOKS over TEXTS into a sharded, checksummed activation store (resumable)."""
-    import torch
+    """Stream activations of HOOKS over --data into a sharded, checksummed activation store (resumable)."""
+    from workbench.store import capture_to_store
 
-    from workbench.model import ModelLoadError
-    from workbench.store import StoreError, capture_to_store
-    from workbench.texts import TextFileError, load_texts
-
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        fail(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
-    try:
-        corpus = load_texts(texts)
-        hooked = load_model_argument(model, workspace)
-        store = capture_to_store(
-            hooked,
-            corpus,
-            hooks,
-            out,
-            batch_size=batch_size,
-            max_length=max_length,
-            dtype=dtypes[dtype],
-            dataset=dataset or texts.stem,
-        )
-    except (TextFileError, ModelLoadError, StoreError, KeyError, ValueError, IndexError) as err:
-        fail(str(err))
+    stored = parse_dtype(dtype)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; name a directory for the activation store")
+    dataset = open_data(data)
+    hooked = open_model(model, workspace, device=device, trust_remote_code=trust_remote_code)
+    rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, batch_size=batch_size,
+                              packing=packing, max_tokens=max_tokens)  # fmt: skip
+    store = capture_to_store(hooked, rows, hooks, out, batch_size=batch_size, max_length=context_length,
+                             dtype=stored, dataset=dataset.name, progress=progress)  # fmt: skip
     typer.echo(f"wrote {store.n_rows} rows × {len(store.hooks)} hooks to {out}")
 
 

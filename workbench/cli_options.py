@@ -1,11 +1,18 @@
-"""What every `workbench` sub-command shares: the --workspace option and the one way to fail with a message."""
+"""What every `workbench` command shares: the options every analysis takes (model reference, --data, workspace,
+device, dtype, batch size, context length, token budget, seed, progress), opening them, and the one way to fail."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    import torch
+
+    from workbench.datasets import Dataset
+    from workbench.model import HookedModel
 
 WorkspaceOption = Annotated[
     Path | None,
@@ -13,9 +20,68 @@ WorkspaceOption = Annotated[
         "--workspace", "-w", help="Workspace directory (default: $WORKBENCH_WORKSPACE or ./workspace)."
     ),
 ]
+ModelArgument = Annotated[
+    str,
+    typer.Argument(
+        help="Model reference: DIR (save_pretrained), DIR or DIR@STEP (step<N>/ folders), a workspace model "
+        "NAME[@STEP], minilm, ORG/NAME[@REVISION] (hub or its cache), tl:NAME (TransformerLens)."
+    ),
+]
+DataOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data", "-d",
+        help="Dataset reference: FILE.txt (a document per line), FILE.jsonl:FIELD / .csv / .parquet, a directory "
+        "of text files, a save_to_disk folder, ids.npy / .safetensors, an activation store, zoo:python-stdlib, "
+        "zoo:tokfsm, zoo:digits.",
+    ),
+]  # fmt: skip
+DeviceOption = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, float16 or bfloat16.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")]
+ContextOption = Annotated[int, typer.Option("--context-length", min=1, help="Tokens per sequence.")]
+MaxTokensOption = Annotated[
+    int | None, typer.Option("--max-tokens", min=1, help="Token budget read from --data (default: all).")
+]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed of every random choice (same seed, same result).")]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Allow a model whose config runs its own Python code (auto_map)."),
+]
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def fail(message: object) -> NoReturn:
     """Print ``error: message`` in red on stderr and exit with status 2 (bad input, nothing was written)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` / ``"float16"`` / ``"bfloat16"`` -> the torch dtype; anything else fails naming the choices."""
+    import torch
+
+    if name not in DTYPES:
+        fail(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def open_model(model: str, workspace: Path | None = None, device: str = "cpu", dtype: str = "float32",
+               trust_remote_code: bool = False) -> HookedModel:  # fmt: skip
+    """Resolve a MODEL argument through the one resolver (``workbench.references.resolve_model``)."""
+    from workbench.references import resolve_model
+
+    return resolve_model(model, workspace=workspace, device=device, dtype=parse_dtype(dtype),
+                         trust_remote_code=trust_remote_code)  # fmt: skip
+
+
+def open_data(data: str | None, default: str | None = None, limit: int | None = None) -> Dataset:
+    """Load ``--data`` (or ``default`` when it is not given) through ``workbench.datasets.load_dataset``."""
+    from workbench.datasets import load_dataset
+
+    reference = data or default
+    if reference is None:
+        fail("--data is required: a text file, FILE.jsonl:FIELD, a directory, a save_to_disk folder, ids.npy, "
+             "an activation store or zoo:NAME")  # fmt: skip
+    return load_dataset(reference, limit=limit)

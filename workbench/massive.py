@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from workbench.analysis import Analysis, Table, write_tables
+from workbench.datasets import iter_model_batches
 from workbench.emergence import CurveFit, FitError, derived_quantities, fit_curve
 
 if TYPE_CHECKING:
@@ -63,13 +65,8 @@ class MassiveReport:
     notes: list[str]
 
 
-def _batches(model: HookedModel, inputs: Sequence[str] | torch.Tensor, batch_size: int, max_length: int):
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        if isinstance(chunk, torch.Tensor):
-            yield start, {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
-        else:
-            yield start, model.tokenize(list(chunk), max_length=max_length)
+def _batches(model: HookedModel, inputs: Any, batch_size: int, max_length: int):
+    return iter_model_batches(inputs, model.tokenizer, batch_size=batch_size, context_length=max_length)
 
 
 def detect_massive(
@@ -85,7 +82,7 @@ def detect_massive(
     seed: int = 0,
     progress: bool = False,
 ) -> MassiveReport:
-    """Find massive activations of ``model`` on ``inputs`` (texts or token ids [n, pos]) at ``hooks``.
+    """Find massive activations of ``model`` on ``inputs`` (a Dataset, texts, token-id lists or ids [n, pos]).
 
     Two streaming passes over the inputs (one batch in memory at a time): the first finds the top-k entries and
     the median, the second measures the spread of each top entry's (dimension, token) across inputs.
@@ -260,21 +257,30 @@ def fit_emergence(
     return pd.DataFrame(rows)
 
 
+_ROW_KEYS = ("model", "checkpoint", "hook", "dataset")
+ANALYSIS = Analysis(
+    name="massive",
+    command="workbench massive MODEL --data DATA",
+    tables=(
+        Table("massive_layers", keys=_ROW_KEYS, columns=("top1", "top1_dim", "top1_token", "median", "ratio",
+              "top1_spread", "massive"), description="per hook (× checkpoint): top-1 magnitude, median, ratio"),
+        Table("massive_top", keys=_ROW_KEYS, columns=("rank", "value", "dim", "token", "sequence", "position"),
+              description="the largest (dimension, token) entries per hook"),
+        Table("massive_fits", keys=("model", "hook", "metric", "family"),
+              columns=("status", "r2", "peak_step", "emergence_step"), description="emergence curve fits"),
+    ),
+    requires=("text",),
+    description="massive activations: detection, tracking over checkpoints, emergence fits",
+)  # fmt: skip
+
+
 def write_results(report: MassiveReport, fits: pd.DataFrame | None = None, workspace: Any = None) -> None:
     """Store a report (and fits) in the workspace results database: tables massive_layers, massive_top,
     massive_fits (re-running replaces the same model/checkpoint/hook/dataset rows)."""
-    from workbench.workspace import Workspace
-
-    db = Workspace(workspace).results()
-    keys = ["model", "checkpoint", "hook", "dataset"]
-    db.write("massive_layers", report.layers, replace_keys=keys)
-    db.write("massive_top", report.top, replace_keys=keys)
+    frames = {"massive_layers": report.layers, "massive_top": report.top}
     if fits is not None and not fits.empty:
-        db.write(
-            "massive_fits",
-            fits.assign(dataset=report.layers["dataset"].iloc[0]),
-            replace_keys=["model", "hook", "metric", "family"],
-        )
+        frames["massive_fits"] = fits.assign(dataset=report.layers["dataset"].iloc[0])
+    write_tables(workspace, ANALYSIS, frames)
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -1,13 +1,24 @@
-"""`workbench massive MODEL_OR_SERIES`: detect (one model) or track and fit (a checkpoint series)."""
+"""`workbench massive MODEL --data DATA`: detect (one model) or track and fit (a checkpoint series)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from workbench.cli_options import fail
+from workbench.cli_options import (
+    BatchSizeOption,
+    ContextOption,
+    DataOption,
+    DeviceOption,
+    MaxTokensOption,
+    ModelArgument,
+    ProgressOption,
+    TrustRemoteCodeOption,
+    WorkspaceOption,
+    open_data,
+    parse_dtype,
+)
 
 DEFAULT_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -17,80 +28,74 @@ DEFAULT_TEXTS = [
     "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
     "Massive activations act as fixed biases in the residual stream.",
 ]
+StepsOption = Annotated[list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")]
+
+
+def default_prompts():
+    """The built-in prompt set used when ``--data`` is not given (a Dataset named builtin-prompts)."""
+    from workbench.datasets import Dataset
+
+    return Dataset("builtin-prompts", texts=lambda: DEFAULT_TEXTS)
 
 
 def massive_command(
-    model: Annotated[
-        str, typer.Argument(help="Zoo name, checkpoint directory, model directory, 'minilm' or hub id.")
-    ],
-    texts: Annotated[
-        Path | None, typer.Option("--texts", help="UTF-8 file, one text per line (default: built-in).")
-    ] = None,
+    model: ModelArgument,
+    data: DataOption = None,
     hooks: Annotated[list[str] | None, typer.Option("--hooks", help="Hooks or globs (repeatable).")] = None,
-    steps: Annotated[
-        list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")
-    ] = None,
+    steps: StepsOption = None,
     family: Annotated[str, typer.Option(help="Emergence curve family for series fits.")] = "exp_log",
     abs_threshold: Annotated[float, typer.Option(help="Absolute magnitude threshold.")] = 100.0,
     ratio_threshold: Annotated[float, typer.Option(help="Top-1 / median threshold.")] = 1000.0,
-    workspace: Annotated[Path | None, typer.Option("--workspace", "-w")] = None,
+    batch_size: BatchSizeOption = 8,
+    context_length: ContextOption = 128,
+    max_tokens: MaxTokensOption = None,
+    device: DeviceOption = "cpu",
+    dtype: Annotated[str, typer.Option(help="Model dtype.")] = "float32",
+    workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Find massive activations per layer; over a checkpoint series, also fit their emergence curves."""
-    from workbench.checkpoints import CheckpointError, CheckpointSeries, load_series
-    from workbench.emergence import FitError
     from workbench.massive import (
+        ANALYSIS,
         MassiveCriteria,
-        MassiveError,
         detect_massive,
         fit_emergence,
         track_massive,
         write_results,
     )
-    from workbench.model import ModelLoadError
-    from workbench.texts import TextFileError, load_texts
+    from workbench.references import resolve_series
 
     criteria = MassiveCriteria(abs_threshold=abs_threshold, ratio_threshold=ratio_threshold)
     names = hooks or ["blocks.*.hook_resid_post"]
-    try:
-        corpus = load_texts(texts) if texts else DEFAULT_TEXTS
-        dataset = texts.stem if texts else "builtin-prompts"
-        series: CheckpointSeries | None = None
-        try:
-            series = load_series(model, workspace=workspace)
-        except CheckpointError:
-            series = None
-        fits = None
-        if series is not None and len(series.steps if steps is None else steps) > 1:
-            report = track_massive(series, corpus, names, criteria=criteria, steps=steps, dataset=dataset)
-            fits = fit_emergence(report.layers, metric="top1", family=family)
-        else:
-            from workbench.cli import load_model_argument
-
-            hooked = (
-                series.load(steps[0] if steps else series.steps[-1])
-                if series
-                else load_model_argument(model, workspace)
-            )
-            report = detect_massive(hooked, corpus, names, criteria=criteria, dataset=dataset, progress=True)
-        write_results(report, fits, workspace)
-    except (
-        TextFileError,
-        ModelLoadError,
-        CheckpointError,
-        MassiveError,
-        FitError,
-        KeyError,
-        ValueError,
-    ) as err:
-        fail(err)
+    dataset = open_data(data) if data else default_prompts()
+    ANALYSIS.check(data=dataset)
+    series = resolve_series(model, workspace=workspace, steps=steps, device=device, dtype=parse_dtype(dtype),
+                            trust_remote_code=trust_remote_code)  # fmt: skip
+    options = {"batch_size": batch_size, "max_length": context_length, "dataset": dataset.name}
+    inputs = _budget(dataset, series, context_length, max_tokens)
+    fits = None
+    if len(series) > 1:
+        report = track_massive(series, inputs, names, criteria=criteria, progress=progress, **options)
+        fits = fit_emergence(report.layers, metric="top1", family=family)
+    else:
+        report = detect_massive(series.load(series.steps[0]), inputs, names, criteria=criteria, progress=progress,
+                                **options)  # fmt: skip
+    write_results(report, fits, workspace)
     for note in report.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
-    latest = report.layers if report.layers["checkpoint"].isna().all() else report.layers[
-        report.layers["checkpoint"] == report.layers["checkpoint"].max()]  # fmt: skip
+    layers = report.layers
+    latest = layers if layers["checkpoint"].isna().all() else layers[layers["checkpoint"] == layers["checkpoint"].max()]
     columns = ["hook", "top1", "top1_dim", "top1_token", "median", "ratio", "top1_spread", "massive"]
     typer.echo(latest[columns].to_string(index=False))
     if fits is not None:
-        typer.echo(
-            fits[["hook", "family", "status", "r2", "peak_step", "emergence_step"]].to_string(index=False)
-        )
-    typer.echo("results written to the workspace (tables massive_layers, massive_top, massive_fits)")
+        typer.echo(fits[["hook", "family", "status", "r2", "peak_step", "emergence_step"]].to_string(index=False))
+    typer.echo(f"results written to the workspace (tables {', '.join(ANALYSIS.table_names)})")
+
+
+def _budget(dataset, series, context_length: int, max_tokens: int | None):
+    """``dataset`` itself, or its first ``max_tokens`` tokens as token rows (tokenized with the series' tokenizer)."""
+    if max_tokens is None:
+        return dataset
+    tokenizer = series.load(series.steps[0]).tokenizer
+    return dataset.token_rows(tokenizer, context_length=context_length, max_tokens=max_tokens)

@@ -172,8 +172,9 @@ class HookedModel(nn.Module):
         """Load from a local directory (HF ``save_pretrained`` layout) or a hub name.
 
         ``backend="tl"`` loads through TransformerLens's ``HookedTransformer.from_pretrained`` instead. A hub name
-        needs network access (set ``HF_HUB_OFFLINE=1`` to fail fast without it); ``revision`` selects e.g.
-        Pythia's ``"step1000"``.
+        needs network access or the hub cache (``HF_HUB_OFFLINE=1``); ``revision`` selects e.g. Pythia's
+        ``"step1000"``. ``trust_remote_code=True`` (keyword) is needed for a config with ``auto_map``. Any model
+        reference string (zoo names, ``DIR@STEP``, ``tl:NAME``) goes through ``workbench.references.resolve_model``.
         """
         if backend == "tl":
             from transformer_lens import HookedTransformer
@@ -469,8 +470,13 @@ def packaged_model_dir(name: str) -> Path:
     return Path(module.__file__).resolve().parent / "model"
 
 
-def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dtype, **kwargs: Any):
-    """Load a transformers model and its tokenizer (None if the directory has none)."""
+def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dtype,
+             trust_remote_code: bool = False, **kwargs: Any):  # fmt: skip
+    """Load a transformers model and its tokenizer (None if the directory has none).
+
+    A config that asks for its own Python code (``auto_map``) is refused unless ``trust_remote_code=True``;
+    transformers' interactive prompt is never reached.
+    """
     import transformers
 
     if str(name_or_path) in PACKAGED_MODELS and revision is None:
@@ -482,13 +488,22 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
             f"{local} has no config.json, so it is not a saved transformers model; point at a directory written by "
             "save_pretrained (config.json + model.safetensors), or a workbench zoo checkpoint (models/<name>/step<N>)"
         )
+    remote = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        config = transformers.AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+        config = transformers.AutoConfig.from_pretrained(str(name_or_path), **remote)
     except OSError as err:
         raise ModelLoadError(
             f"could not load {name_or_path!r} (revision {revision!r}): {err}. Without network access only local "
-            "directories load; train a zoo model with `workbench zoo train NAME` or point at a saved directory."
+            "directories and the hub cache load; train a zoo model with `workbench zoo train NAME` or point at a "
+            "saved directory."
         ) from err
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise ModelLoadError(f"could not load {name_or_path!r}: {err}") from err
+        raise ModelLoadError(
+            f"{name_or_path} asks to run its own Python code (auto_map in config.json), which the workbench does not "
+            "run unless told to: pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source"
+        ) from None
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForImageClassification") for a in architectures):
         auto = transformers.AutoModelForImageClassification
@@ -498,11 +513,11 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
         auto = transformers.AutoModelForMaskedLM
     else:
         auto = transformers.AutoModel
-    model = auto.from_pretrained(str(name_or_path), revision=revision, dtype=dtype, **kwargs)
+    model = auto.from_pretrained(str(name_or_path), dtype=dtype, **remote, **kwargs)
     tokenizer = None
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
     if not is_local or any((local / f).exists() for f in tokenizer_files):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path), **remote)
     elif (local.parent / "tokenizer.json").exists():  # a checkpoint series keeps one tokenizer at its root
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(local.parent))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(local.parent), trust_remote_code=trust_remote_code)
     return model, tokenizer

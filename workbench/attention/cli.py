@@ -1,66 +1,56 @@
-"""`workbench attention MODEL_OR_SERIES`: per-layer × head attention statistics, written to the workspace."""
+"""`workbench attention MODEL --data DATA`: per-layer × head attention statistics, written to the workspace."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from workbench.cli_options import WorkspaceOption, fail
+from workbench.cli_options import (
+    BatchSizeOption,
+    ContextOption,
+    DataOption,
+    DeviceOption,
+    MaxTokensOption,
+    ModelArgument,
+    ProgressOption,
+    TrustRemoteCodeOption,
+    WorkspaceOption,
+    open_data,
+    parse_dtype,
+)
+from workbench.massive_cli import StepsOption, _budget, default_prompts
 
 
 def attention_command(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="Zoo name (its whole checkpoint series), name@STEP, a directory, 'minilm' or hub id."
-        ),
-    ],
-    texts: Annotated[
-        Path | None,
-        typer.Option("--texts", help="UTF-8 file, one text per line (default: built-in prompts)."),
-    ] = None,
-    steps: Annotated[
-        list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")
-    ] = None,
+    model: ModelArgument,
+    data: DataOption = None,
+    steps: StepsOption = None,
     kernel: Annotated[
-        bool,
-        typer.Option("--kernel/--eager", help="Statistics from the fused Triton kernel or the eager path."),
+        bool, typer.Option("--kernel/--eager", help="Statistics from the fused Triton kernel or the eager path.")
     ] = False,
-    sink_k: Annotated[int, typer.Option(help="Sink mass = attention on the first k keys.")] = 1,
+    sink_k: Annotated[int, typer.Option(min=1, help="Sink mass = attention on the first k keys.")] = 1,
+    batch_size: BatchSizeOption = 16,
+    context_length: ContextOption = 128,
+    max_tokens: MaxTokensOption = None,
+    device: DeviceOption = "cpu",
+    dtype: Annotated[str, typer.Option(help="Model dtype.")] = "float32",
     workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Mean attention entropy, sink mass, log-sum-exp and max logit per layer × head (× checkpoint)."""
-    from workbench.attention.summary import write_attention_statistics
-    from workbench.checkpoints import CheckpointError, load_series
-    from workbench.massive_cli import DEFAULT_TEXTS
-    from workbench.model import ModelLoadError
-    from workbench.texts import TextFileError, load_texts
+    from workbench.attention.summary import ANALYSIS, write_attention_statistics
+    from workbench.references import resolve_series
 
-    try:
-        corpus = load_texts(texts) if texts else DEFAULT_TEXTS
-        dataset = texts.stem if texts else "builtin-prompts"
-        try:
-            series = load_series(model, workspace=workspace)
-        except CheckpointError:  # one model: name@STEP, a model directory, 'minilm', a hub id
-            from workbench.cli import load_model_argument
-
-            models = [load_model_argument(model, workspace)]
-        else:
-            unknown = sorted(set(steps or []) - set(series.steps))
-            if unknown:
-                fail(f"--step {unknown} not in the series of {model}; its steps are {series.steps}")
-            models = series.iter(steps=steps, progress=True)
-        frame = write_attention_statistics(
-            models, corpus, workspace, dataset=dataset, kernel=kernel, sink_k=sink_k
-        )
-    except (TextFileError, ModelLoadError, CheckpointError, KeyError, ValueError) as err:
-        fail(err)
-    latest = (
-        frame[frame["checkpoint"] == frame["checkpoint"].max()]
-        if frame["checkpoint"].notna().any()
-        else frame
-    )
+    dataset = open_data(data) if data else default_prompts()
+    ANALYSIS.check(data=dataset)
+    series = resolve_series(model, workspace=workspace, steps=steps, device=device, dtype=parse_dtype(dtype),
+                            trust_remote_code=trust_remote_code)  # fmt: skip
+    inputs = _budget(dataset, series, context_length, max_tokens)
+    frame = write_attention_statistics(series.iter(progress=progress), inputs, workspace, dataset=dataset.name,
+                                       kernel=kernel, sink_k=sink_k, batch_size=batch_size,
+                                       max_length=context_length)  # fmt: skip
+    latest = frame[frame["checkpoint"] == frame["checkpoint"].max()] if frame["checkpoint"].notna().any() else frame
     typer.echo(latest.groupby("layer")[["entropy", "sink", "max_logit"]].mean().round(3).to_string())
-    typer.echo(f"{len(frame)} rows written to the workspace (table attention_stats, dataset {dataset!r})")
+    typer.echo(f"{len(frame)} rows written to the workspace (table attention_stats, dataset {dataset.name!r})")

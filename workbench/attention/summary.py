@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from workbench.analysis import Analysis, Table, write_tables
+from workbench.datasets import Dataset, iter_model_batches
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -26,12 +29,13 @@ STAT_HOOKS = ("entropy", "sink", "lse", "max_logit")
 
 def attention_statistics(
     model: HookedModel,
-    texts: Sequence[str] | torch.Tensor,
+    texts: Dataset | Sequence[str] | torch.Tensor,
     *,
     batch_size: int = 16,
+    max_length: int = 128,
     sink_k: int = 1,
 ) -> pd.DataFrame:
-    """Mean statistics per (layer, head) over ``texts`` (strings, or token ids [batch, pos]).
+    """Mean statistics per (layer, head) over ``texts`` (a Dataset, strings, token-id lists or ids [batch, pos]).
 
     Returns columns: model, checkpoint, layer, head, entropy, sink, lse, max_logit, n_queries.
     """
@@ -42,12 +46,7 @@ def attention_statistics(
     previous_sink = model.sink_k
     model.sink_k = sink_k
     try:
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
-            if isinstance(chunk, torch.Tensor):
-                batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
-            else:
-                batch = model.tokenize(list(chunk))
+        for _, batch in iter_model_batches(texts, model.tokenizer, batch_size=batch_size, context_length=max_length):
             real = batch["attention_mask"].bool().clone()
             real[:, 0] = False
             with torch.no_grad(), model.capture(names, dtype=torch.float64) as cache:
@@ -71,6 +70,15 @@ def attention_statistics(
 
 
 RESULT_KEYS = ["model", "checkpoint", "dataset", "layer", "head"]
+ANALYSIS = Analysis(
+    name="attention",
+    command="workbench attention MODEL --data DATA",
+    tables=(Table("attention_stats", keys=tuple(RESULT_KEYS),
+                  columns=("entropy", "sink", "lse", "max_logit", "n_queries"),
+                  description="mean attention statistics per layer × head (× checkpoint)"),),
+    requires=("text",),
+    description="attention entropy, sink mass, log-sum-exp and max logit per layer × head",
+)  # fmt: skip
 
 
 def write_attention_statistics(
@@ -88,8 +96,6 @@ def write_attention_statistics(
     ``kernel=True`` computes the statistics inside the fused Triton kernel (``install_attention``) instead of the
     eager path; both give the same numbers.
     """
-    from workbench.workspace import Workspace
-
     frames = []
     for model in models:
         if kernel:
@@ -98,8 +104,7 @@ def write_attention_statistics(
             install_attention(model)
         frames.append(attention_statistics(model, texts, **kwargs))
     frame = pd.concat(frames, ignore_index=True).assign(dataset=dataset, hook="blocks.*.attn.hook_*")
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace).ensure()
-    ws.results().write("attention_stats", frame, replace_keys=RESULT_KEYS)
+    write_tables(workspace, ANALYSIS, {"attention_stats": frame})
     return frame
 
 

