@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.faults import crash_point
 from workbench.fileio import atomic_save_tensors, atomic_torch_save, atomic_write_json
 
 CODES_TABLE = "codebook_codes"
@@ -279,6 +280,7 @@ class CodebookSet(nn.Module):
         meta = {"format": FORMAT, "configs": [asdict(book.config) for book in self.books], **(extra or {})}
         tensors = {f"codes.{i}": book.codes.detach() for i, book in enumerate(self.books)}
         atomic_save_tensors(directory / "codebooks.safetensors", tensors, {"codebooks": json.dumps(meta)})
+        crash_point("codebook.codes_saved")
         atomic_write_json(directory / "config.json", meta)
         return directory
 
@@ -452,7 +454,10 @@ def train_codebooks(
     at or below the saved step trains nothing and keeps the saved step (so does a finished run saved before
     ``train_state.pt`` existed; one that would need more steps is refused). ``train_model`` also updates the model's
     own weights (in place; a resume loads the checkpointed weights into ``model``). The parameters'
-    ``requires_grad`` flags are restored on exit."""
+    ``requires_grad`` flags are restored on exit. ``seed`` drives every random draw (k-means init, batches,
+    dead-code re-seeding) through local generators; the global RNG is left untouched. Fault-injection points
+    (``workbench.faults``): ``codebook.state_saved`` (after ``train_state.pt``), ``codebook.codes_saved`` (after
+    ``codebooks.safetensors``, before ``config.json``)."""
     from tqdm.auto import tqdm
 
     if tokens.ndim != 2:
@@ -464,7 +469,12 @@ def train_codebooks(
                 "reconstruction_weight": reconstruction_weight, "dead_every": dead_every, "seed": seed,
                 "train_model": train_model}  # fmt: skip
     directory = Path(directory) if directory else None
-    books = CodebookSet(configs).to(device)
+    if directory is not None:
+        for leftover in directory.glob(".*.tmp"):  # temporary files of a write a kill interrupted
+            leftover.unlink(missing_ok=True)
+    with torch.random.fork_rng(devices=[]):  # placeholder codes (replaced below): seeded, global RNG kept
+        torch.manual_seed(seed)
+        books = CodebookSet(configs).to(device)
     eval_tokens = tokens[-batch_size:] if eval_tokens is None else eval_tokens.to(device)
     saved = _train_state(directory) if directory is not None else None
     if saved is None and directory is not None and (directory / "codebooks.safetensors").exists():
@@ -510,6 +520,7 @@ def train_codebooks(
         if train_model:
             state["model"] = {n: t.detach().cpu() for n, t in model.model.state_dict().items()}
         atomic_torch_save(directory / TRAIN_STATE, state)
+        crash_point("codebook.state_saved")
         books.save(directory, {"step": step, "n_codes": n_codes, "train_model": train_model})
 
     grad_flags = [p.requires_grad for p in model.model.parameters()]

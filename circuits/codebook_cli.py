@@ -45,6 +45,7 @@ def train(
     run: str = typer.Option("", help="run name under workspace/codebooks (default: MODEL-codebooks)"),
     step: int | None = typer.Option(None, help="checkpoint step (default: last)"),
     workspace: WorkspaceOption = None,
+    seed: int = typer.Option(0, help="seed of the k-means init, batches and dead-code re-seeding"),
 ) -> None:  # fmt: skip
     """Fine-tune codebooks (checkpointed and resumable under workspace/codebooks/RUN) and print the loss gap."""
     from circuits.codebook import codebook_dir, train_codebooks
@@ -54,7 +55,7 @@ def train(
         tokens, _ = _fsm_data(model, 256, 32, 0)
         held_out, _ = _fsm_data(model, 128, 32, 1)
         _, report = train_codebooks(hooked, tokens, site, n_codes=n_codes, k=k, similarity=similarity,
-                                    steps=steps, eval_tokens=held_out,
+                                    steps=steps, eval_tokens=held_out, seed=seed,
                                     directory=codebook_dir(ws, run or f"{model}-codebooks"))  # fmt: skip
     except _errors() as err:
         fail(err)

@@ -33,6 +33,7 @@ def train(
     ] = None,
     workspace: WorkspaceOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the SAE's initialisation (same seed, same SAE).")] = 0,
 ) -> None:
     """Train one SAE / transcoder on a zoo model, save it under the workspace and write sae_evals + sae_features."""
     from circuits.sae.evals import train_and_evaluate
@@ -53,7 +54,7 @@ def train(
         check_sae_name(name)  # before the capture: a bad name fails at once
         frame = train_and_evaluate(
             Workspace(workspace).ensure(), model, {name: spec}, step=step, n_sequences=sequences,
-            train_steps=steps, progress=progress,
+            train_steps=steps, progress=progress, seed=seed,
         )  # fmt: skip
     except (ValueError, KeyError) as err:
         fail(err)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from circuits.sae import SAEConfig, SAEInputError, create_sae, load_sae
-from circuits.sae.train import TrainConfig, train_sae, train_saes
+from circuits.sae.train import TrainConfig, seeded_sae, train_sae, train_saes
 
 
 def planted(n_atoms=32, d=16, n=4096, active=3, seed=0, d_out=None):
@@ -236,7 +236,50 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
     partial = TrainConfig(**cfg | {"steps": 40, "checkpoint_dir": tmp_path, "checkpoint_every": 20})
     train_sae(fresh(), itertools.islice(batches(x, batch=64), 20), partial)
     resumed = train_sae(fresh(), batches(x, batch=64), partial)
-    torch.testing.assert_close(resumed.W_dec, straight.W_dec, atol=1e-5, rtol=1e-4)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer_state.pt"]  # weights and state: one file
+    short = TrainConfig(**cfg | {"checkpoint_dir": tmp_path, "checkpoint_every": 20})
+    with pytest.raises(ValueError, match="stream ended after 3 batches, but the checkpoint .* is at step 40"):
+        train_sae(fresh(), itertools.islice(batches(x, batch=64), 3), short)
+    with pytest.raises(ValueError, match=r"holds SAEs \['sae'\] but these are \['other'\]"):
+        train_saes({"other": fresh()}, batches(x, batch=64), short)
+
+
+def test_same_seed_same_bytes_and_the_global_rng_is_left_alone(tmp_path):
+    _, _, x = planted(n=512)
+    cfg = SAEConfig("topk", d_in=16, d_sae=32, k=3)
+    before = torch.get_rng_state()
+    saes = [seeded_sae(cfg, seed) for seed in (0, 0, 1)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(saes[0].W_dec, saes[1].W_dec) and not torch.equal(saes[0].W_dec, saes[2].W_dec)
+    for i, sae in enumerate(saes):
+        train_sae(sae, batches(x, batch=64), TrainConfig(steps=15, warmup_steps=2, progress=False)).save(
+            tmp_path / str(i)
+        )
+    assert torch.equal(torch.get_rng_state(), before)
+    weights = [(tmp_path / str(i) / "sae_weights.safetensors").read_bytes() for i in range(3)]
+    assert weights[0] == weights[1] != weights[2]
+
+
+def test_bad_training_input_is_refused_naming_the_step():
+    sae = seeded_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2, hook_in="h"))
+    good = torch.randn(32, 8)
+    for steps in (0, -5):
+        with pytest.raises(ValueError, match=f"steps must be a whole number of at least 1, got {steps}"):
+            train_sae(sae, iter([good]), TrainConfig(steps=steps, progress=False))
+    with pytest.raises(ValueError, match="yielded no batches"):
+        train_sae(sae, iter([]), TrainConfig(steps=3, progress=False))
+    with pytest.raises(ValueError, match="needs .* a checkpoint_dir"):
+        train_sae(sae, iter([good]), TrainConfig(steps=3, checkpoint_every=2, progress=False))
+    bad = good.clone()
+    bad[5, 2] = float("inf")
+    with pytest.raises(SAEInputError, match=r"at step 2 .*'h'.*NaN/inf values in row 5"):
+        train_sae(sae, iter([good, good, bad]), TrainConfig(steps=3, progress=False))
+    huge = good * 1e30  # finite, but the loss overflows: refused instead of training into NaN weights
+    with pytest.raises(ValueError, match="loss became (inf|nan) at step 1"):
+        train_sae(seeded_sae(SAEConfig("relu", d_in=8, d_sae=16)), iter([good, huge]),
+                  TrainConfig(steps=2, progress=False))  # fmt: skip
 
 
 def test_several_saes_from_one_stream_and_batchtopk_saved_as_jumprelu(tmp_path):

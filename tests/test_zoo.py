@@ -77,8 +77,62 @@ def test_training_is_reproducible_and_resumes_after_interruption(tmp_path) -> No
     )
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+        assert torch.equal(a[key], b[key]), key
+    assert read_train_log(resumed) == read_train_log(full)
     assert [e["step"] for e in read_train_log(resumed)] == list(range(1, 41))
+
+
+SMALL = dict(n_layers=1, d_model=16, n_heads=2, d_mlp=32, batch_size=4, seq_len=16, progress=False)
+
+
+def test_same_seed_same_bytes_other_seed_other_weights_and_the_global_rng_is_left_alone(tmp_path) -> None:
+    from workbench.fileio import verify_checksums
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    runs = [train_zoo_model("fsm-tiny", tmp_path / str(i), steps=3, seed=seed, **SMALL) for i, seed in
+            enumerate((0, 0, 1))]  # fmt: skip
+    assert torch.equal(torch.get_rng_state(), before)
+    for step in (0, 3):
+        weights = [(run / f"step{step}" / "model.safetensors").read_bytes() for run in runs]
+        assert weights[0] == weights[1] != weights[2]
+        sums = json.loads((runs[0] / f"step{step}" / "checksums.json").read_text())["sha256"]
+        assert "model.safetensors" in sums and verify_checksums(runs[0] / f"step{step}") == []
+    assert read_train_log(runs[0]) == read_train_log(runs[1])
+
+
+def test_non_positive_steps_are_refused_before_anything_is_written(tmp_path) -> None:
+    from workbench.cli import app
+
+    for steps in (0, -5):
+        with pytest.raises(ZooError, match=f"steps must be a whole number of at least 1, got {steps}"):
+            train_zoo_model("fsm-tiny", tmp_path, steps=steps, progress=False)
+        result = CliRunner().invoke(
+            app, ["zoo", "train", "fsm-tiny", "--steps", str(steps), "--workspace", str(tmp_path)]
+        )
+        assert result.exit_code == 2 and "pass --steps N" in result.output, result.output
+    with pytest.raises(ZooError, match="checkpoint_every must be .* at least 1, got 0"):
+        train_zoo_model("fsm-tiny", tmp_path, steps=4, checkpoint_every=0, progress=False)
+    assert not (tmp_path / "models" / "fsm-tiny").exists()
+
+
+def test_a_run_killed_inside_the_old_resume_replacement_resumes(tmp_path) -> None:
+    """The old writer deleted resume/ before renaming the new state in: a kill between left it only in
+    .resume.tmp-PID/. That state is put back and the run resumes instead of asking for --restart."""
+    import os
+
+    reference = train_zoo_model("fsm-tiny", tmp_path / "a", steps=6, **SMALL)
+    model_dir = train_zoo_model("fsm-tiny", tmp_path / "b", steps=6, stop_after=3, **SMALL)  # resume at 2
+    legacy = model_dir / ".resume.tmp-4242"
+    legacy.mkdir()
+    os.replace(model_dir / "resume" / "optimizer.pt", legacy / "optimizer.pt")
+    (model_dir / "resume").rmdir()
+    train_zoo_model("fsm-tiny", tmp_path / "b", steps=6, **SMALL)
+    assert not legacy.exists()
+    assert read_train_log(model_dir) == read_train_log(reference)
+    assert (model_dir / "step6" / "model.safetensors").read_bytes() == (
+        reference / "step6" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_resume_into_a_workspace_with_another_config_is_refused(tmp_path) -> None:

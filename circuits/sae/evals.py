@@ -213,12 +213,14 @@ def train_and_evaluate(
     lr: float = 3e-3,
     pages: bool = True,
     progress: bool = True,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Capture a store from a zoo model, train every SAE in `specs` ({sae_id: SAEConfig kwargs}) from one
-    stream, save them under the workspace, write `sae_evals` (and `sae_features`) and return the eval rows."""
-    from circuits.sae.base import SAEConfig, create_sae
+    stream, save them under the workspace, write `sae_evals` (and `sae_features`) and return the eval rows.
+    ``seed`` draws the SAEs' initialisation (the same seed gives the same SAE files, byte for byte)."""
+    from circuits.sae.base import SAEConfig
     from circuits.sae.features import feature_pages, write_features
-    from circuits.sae.train import TrainConfig, train_saes
+    from circuits.sae.train import TrainConfig, seeded_sae, train_saes
     from workbench.checkpoints import CheckpointSeries
     from workbench.store import capture_to_store
 
@@ -238,10 +240,11 @@ def train_and_evaluate(
     for sae_id, spec in specs.items():
         d_in = store.manifest["shapes"][spec["hook_in"]][-1]
         d_out = store.manifest["shapes"][spec.get("hook_out") or spec["hook_in"]][-1]
-        saes[sae_id] = create_sae(
+        saes[sae_id] = seeded_sae(
             SAEConfig(
                 d_in=d_in, d_out=d_out, model=model_name, checkpoint=step, dataset="python-stdlib", **spec
-            )
+            ),
+            seed,
         )
 
     def stream():

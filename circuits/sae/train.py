@@ -1,4 +1,12 @@
-"""Train SAEs / transcoders from an iterator of activation batches (one model forward can feed several SAEs)."""
+"""Train SAEs / transcoders from an iterator of activation batches (one model forward can feed several SAEs).
+
+Training draws no random numbers: the same SAEs (``seeded_sae``) on the same stream give identical bytes. A
+checkpoint is one file, ``trainer_state.pt`` in ``TrainConfig.checkpoint_dir`` (weights, optimizer, scheduler,
+dead-latent counters, scales, history of one step), replaced atomically, so a kill -9 at any moment resumes from
+a consistent step and ends in the same SAEs as an uninterrupted run. Fault-injection points
+(``workbench.faults``): ``sae.checkpoint_written`` (temporary file complete, not renamed) and
+``sae.checkpoint_saved``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,13 @@ from pathlib import Path
 
 import torch
 
-from circuits.sae.base import SAE, SAEInputError
+from circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
 from circuits.sae.topk import TopKSAE
-from workbench.fileio import atomic_save_tensors, atomic_torch_save
+from workbench.faults import crash_point
+from workbench.fileio import atomic_path
+
+TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE_VERSION = 2  # 1 (unversioned): weights in separate files beside the state
 
 
 @dataclass
@@ -27,7 +39,6 @@ class TrainConfig:
     checkpoint_dir: str | Path | None = None
     checkpoint_every: int = 0
     progress: bool = True
-    seed: int = 0
     data_init: bool = True  # SAE.initialize_from_batch on the first batch (b_dec = mean, encoder scale)
 
 
@@ -47,6 +58,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < decay_start or cfg.decay_fraction <= 0:
         return warm
     return warm * max(0.0, (cfg.steps - step) / max(cfg.steps - decay_start, 1))
+
+
+def seeded_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
+    """``create_sae(cfg)`` with its random initialisation drawn from ``seed``; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_sae(cfg)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1:
+        raise ValueError(
+            f"TrainConfig.steps must be a whole number of at least 1, got {cfg.steps!r}; pass steps=N"
+        )
+    if cfg.checkpoint_every < 0 or (cfg.checkpoint_every and cfg.checkpoint_dir is None):
+        raise ValueError(
+            f"checkpoint_every={cfg.checkpoint_every} needs checkpoint_every >= 0 and a checkpoint_dir; set both "
+            "(or checkpoint_every=0 for no checkpoints)"
+        )
 
 
 def check_sae_name(name: str) -> str:
@@ -111,11 +141,18 @@ def _latent_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _flush(pending: dict[str, list], history: dict[str, list[dict[str, float]]]) -> None:
-    """Move the per-step metric tensors in ``pending`` into ``history`` as floats (one device sync)."""
+    """Move the per-step metric tensors in ``pending`` into ``history`` as floats (one device sync); a non-finite
+    loss raises ValueError naming the SAE and the step, before anything is checkpointed or returned."""
     for name, rows in pending.items():
         if rows:
             values = torch.stack([torch.stack(list(m.values())).float() for _, m in rows]).tolist()
             keys = list(rows[0][1])
+            for (step, _), row in zip(rows, values, strict=True):
+                if not math.isfinite(row[keys.index("loss")]):
+                    raise ValueError(
+                        f"SAE {name}: the training loss became {row[keys.index('loss')]} at step {step} (batch "
+                        f"{step} of the stream); check that batch's activations (scale, NaN/inf) or lower lr"
+                    )
             history[name].extend(
                 {"step": step} | dict(zip(keys, v, strict=True))
                 for (step, _), v in zip(rows, values, strict=True)
@@ -132,12 +169,13 @@ def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | No
     """Train every SAE in `saes` on the same stream.
 
     Each batch is a dict {hook: [batch, d]} (each SAE reads its hook_in / hook_out), or, for one SAE,
-    a tensor [batch, d_in] or an (x [batch, d_in], y [batch, d_out]) pair.
+    a tensor [batch, d_in] or an (x [batch, d_in], y [batch, d_out]) pair. Refused with ValueError: steps < 1,
+    a stream without batches, a batch with NaN/inf (named by its step), a loss that turns non-finite.
     """
     from tqdm.auto import tqdm
 
     cfg = cfg or TrainConfig()
-    torch.manual_seed(cfg.seed)
+    _check_config(cfg)
     saes = dict(saes)
     for name in saes:
         check_sae_name(name)
@@ -149,20 +187,32 @@ def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | No
     history: dict[str, list[dict[str, float]]] = {n: [] for n in saes}
     pending: dict[str, list] = {n: [] for n in saes}  # metrics still as tensors: one device sync per flush
     start = 0
-    state_path = Path(cfg.checkpoint_dir) / "trainer_state.pt" if cfg.checkpoint_dir else None
-    if state_path is not None and state_path.exists():
-        start = _resume(state_path, saes, optimizer, scheduler, tokens_since_fired, scales, history)
+    state_path = Path(cfg.checkpoint_dir) / TRAINER_STATE if cfg.checkpoint_dir else None
+    if state_path is not None:
+        for leftover in state_path.parent.glob(f".{TRAINER_STATE}.*.tmp"):  # a kill before the rename
+            leftover.unlink(missing_ok=True)
+        if state_path.exists():
+            start = _resume(state_path, saes, optimizer, scheduler, tokens_since_fired, scales, history)
     iterator: Iterator = iter(batches)
-    for _ in range(start):
-        next(iterator, None)
+    for skipped in range(start):
+        if next(iterator, None) is None:
+            raise ValueError(
+                f"the batch stream ended after {skipped} batches, but the checkpoint in {cfg.checkpoint_dir} is "
+                f"at step {start}: resume with the same stream from its beginning"
+            )
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc="train SAE")
     for step in bar:
         batch = next(iterator, None)
         if batch is None:
+            if step == 0:
+                raise ValueError(
+                    "the batch stream yielded no batches: pass an iterable of activation batches (tensors "
+                    "[batch, d_in], (x, y) pairs or {hook: tensor} dicts), e.g. store.iter_batches(hook, 256)"
+                )
             break
         total = 0.0
         for name, sae in saes.items():
-            x, y = _as_pair(batch, sae, name)
+            x, y = _as_pair(batch, sae, f"{name} at step {step} (batch {step} of the stream)")
             first = name not in scales
             if first:
                 scales[name] = (_scale(x), _scale(y)) if cfg.normalize_activations else (1.0, 1.0)
@@ -263,27 +313,39 @@ def train_sae(sae: SAE, batches: Iterable, cfg: TrainConfig | None = None) -> SA
 
 
 def _checkpoint(path: Path, step, saes, optimizer, scheduler, fired, scales, history) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    for name, sae in saes.items():
-        atomic_save_tensors(path.parent / f"{name}.safetensors", sae.state_dict())
+    """Write everything a resume needs, weights included, as one file replaced atomically."""
     state = {
+        "version": TRAINER_STATE_VERSION,
         "step": step,
+        "saes": {
+            name: {k: v.detach().cpu() for k, v in sae.state_dict().items()} for name, sae in saes.items()
+        },
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "fired": fired,
         "scales": {n: list(s) for n, s in scales.items()},
         "history": history,
     }
-    atomic_torch_save(path, state)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        crash_point("sae.checkpoint_written")
+    crash_point("sae.checkpoint_saved")
 
 
 def _resume(path: Path, saes, optimizer, scheduler, fired, scales, history) -> int:
-    from safetensors.torch import load_file
-
     state = torch.load(path, weights_only=True)
+    if state.get("version") != TRAINER_STATE_VERSION:
+        raise ValueError(
+            f"{path} was written by an older SAE trainer (weights in separate files, possibly of another step); "
+            f"delete {path.parent} (or pick another checkpoint_dir) to train from scratch"
+        )
+    if sorted(state["saes"]) != sorted(saes):
+        raise ValueError(
+            f"{path} holds SAEs {sorted(state['saes'])} but these are {sorted(saes)}: train the same SAEs, or pick "
+            "another checkpoint_dir"
+        )
     for name, sae in saes.items():
-        sae.load_state_dict(load_file(str(path.parent / f"{name}.safetensors")))
+        sae.load_state_dict(state["saes"][name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     fired.update(state["fired"])

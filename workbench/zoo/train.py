@@ -1,8 +1,8 @@
 """Train the embedded model suite with Pythia-style checkpoints, offline, seeded, resumable.
 
     train_zoo_model("code-tiny", workspace)   ->  <workspace>/models/code-tiny/
-        spec.json  tokenizer.json (+ config)  train_log.jsonl  step0/ step1/ step2/ step4/ … (save_pretrained)
-        resume/ (optimizer state of the last checkpoint)
+        spec.json  tokenizer.json (+ config)  train_log.jsonl  step0/ step1/ step2/ step4/ … (save_pretrained
+        + checksums.json)  resume/optimizer.pt (step, optimizer state of the last checkpoint)
 
 Language models are transformers ``GPTNeoXForCausalLM`` (Pythia's architecture: rotary, parallel residual)
 trained on the Python standard library's source (``code-*``) or on TokFSM sequences (``fsm-*``); ``vit-digits``
@@ -10,6 +10,14 @@ is a ``ViTForImageClassification`` on sklearn's digits. Checkpoints follow Pythi
 1, 2, 4, …, 512, then every ``checkpoint_every`` steps, and the last step. Checkpoint N holds the weights after
 N optimizer updates. Batches are drawn from a generator seeded by (seed, step), so a resumed run continues
 exactly as an uninterrupted one would.
+
+Crash safety (kill -9 at any moment): a checkpoint is written as a hidden directory, fsynced and renamed into
+place whole; each log line is flushed as it is written (and the log fsynced at each checkpoint); only then is
+``resume/optimizer.pt`` replaced atomically, so it always names a step directory that exists and every log line
+up to it. A resume discards what lies past that step (later step directories, log lines) and retrains it, bit
+for bit as the killed run would have. Fault-injection points (``workbench.faults``): ``zoo.tokenizer_written``,
+``zoo.log_truncated``, ``zoo.step_written``, ``zoo.step_renamed``, ``zoo.log_line``, ``zoo.resume_saved``,
+``zoo.dir_trashed``.
 """
 
 from __future__ import annotations
@@ -18,8 +26,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.fileio import atomic_write_json
+from workbench.faults import crash_point
+from workbench.fileio import atomic_torch_save, atomic_write_json, atomic_write_text, write_checksums
 from workbench.workspace import Workspace
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
 
@@ -103,7 +115,7 @@ def checkpoint_steps(total: int, every: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- data
 class _CodeData:
     def __init__(self, spec: ZooSpec, model_dir: Path) -> None:
-        from workbench.zoo.tokenizer import as_transformers, save_tokenizer, train_bpe
+        from workbench.zoo.tokenizer import as_transformers, train_bpe
 
         texts = python_source_texts(max_files=spec.max_files, seed=spec.seed)
         tokenizer_file = model_dir / "tokenizer.json"
@@ -113,7 +125,7 @@ class _CodeData:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         else:
             tokenizer = train_bpe(texts, spec.vocab_size)
-            save_tokenizer(tokenizer, model_dir)
+            _save_tokenizer(tokenizer, model_dir)
         self.tokenizer = as_transformers(tokenizer)
         eos = self.tokenizer.eos_token_id
         ids: list[int] = []
@@ -138,12 +150,12 @@ class _CodeData:
 
 class _FSMData:
     def __init__(self, spec: ZooSpec, model_dir: Path) -> None:
-        from workbench.zoo.tokenizer import as_transformers, fsm_tokenizer, save_tokenizer
+        from workbench.zoo.tokenizer import as_transformers, fsm_tokenizer
 
         self.fsm = TokFSM(**spec.fsm, seed=spec.seed)
         tokenizer = fsm_tokenizer(self.fsm.vocab_size)
         if not (model_dir / "tokenizer.json").exists():
-            save_tokenizer(tokenizer, model_dir)
+            _save_tokenizer(tokenizer, model_dir)
         self.tokenizer = as_transformers(tokenizer)
         self.vocab_size = tokenizer.get_vocab_size()
         tokens, _ = self.fsm.sample(2000, spec.seq_len, seed=10**6)
@@ -158,9 +170,14 @@ class _FSMData:
 
 # ---------------------------------------------------------------------------------------------- models
 def _build_model(spec: ZooSpec, vocab_size: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's global RNG as it was
+        torch.manual_seed(spec.seed)
+        return _init_model(spec, vocab_size)
+
+
+def _init_model(spec: ZooSpec, vocab_size: int) -> torch.nn.Module:
     import transformers
 
-    torch.manual_seed(spec.seed)
     if spec.corpus == "digits":
         config = transformers.ViTConfig(
             image_size=8, patch_size=2, num_channels=1, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
@@ -194,30 +211,138 @@ def _lr_factor(spec: ZooSpec, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _save_checkpoint(model: torch.nn.Module, model_dir: Path, step: int) -> None:
-    final = model_dir / f"step{step}"
+RESUME_FILE = Path("resume") / "optimizer.pt"
+_STEP_DIR = re.compile(r"step(\d+)")
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file in ``directory`` and the directory itself, before it is renamed into place."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that no reader sees part of it: rename it to a hidden name, then remove that."""
+    trash = path.with_name(f".{path.name}.trash.tmp-{os.getpid()}")
+    os.rename(path, trash)
+    crash_point("zoo.dir_trashed")
+    shutil.rmtree(trash)
+
+
+def _remove_temp(model_dir: Path) -> None:
+    """Remove what a killed run left half-written: hidden ``.*.tmp*`` files and directories."""
+    for path in [*model_dir.glob(".*.tmp*"), *(model_dir / RESUME_FILE.parent).glob(".*.tmp*")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _save_tokenizer(tokenizer, model_dir: Path) -> None:
+    """``save_tokenizer`` into a hidden directory, then move its files into ``model_dir``, ``tokenizer.json`` last
+    (its presence means the tokenizer is complete)."""
+    from workbench.zoo.tokenizer import save_tokenizer
+
+    tmp = model_dir / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_tokenizer(tokenizer, tmp)
+    _fsync_tree(tmp)
+    crash_point("zoo.tokenizer_written")
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "tokenizer.json"):
+        os.replace(path, model_dir / path.name)
+    tmp.rmdir()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (saving / loading a checkpoint)."""
     from transformers.utils import logging as hf_logging
 
-    tmp = model_dir / f".step{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        yield
     finally:
         hf_logging.enable_progress_bar()
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
-def _save_resume_state(optimizer: torch.optim.Optimizer, model_dir: Path, step: int) -> None:
-    tmp = model_dir / f".resume.tmp-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
-    final = model_dir / "resume"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+def _save_checkpoint(model: torch.nn.Module, model_dir: Path, step: int) -> None:
+    """Write ``step<step>/`` (save_pretrained + checksums.json) as a hidden directory, then rename it into place
+    whole; ``step<step>/`` must not exist yet."""
+    tmp = model_dir / f".step{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_transformers():
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    write_checksums(tmp)
+    _fsync_tree(tmp)
+    crash_point("zoo.step_written")
+    os.rename(tmp, model_dir / f"step{step}")
+    crash_point("zoo.step_renamed")
+
+
+def _save_resume_state(optimizer: torch.optim.Optimizer, model_dir: Path, step: int, seconds: float) -> None:
+    """Replace ``resume/optimizer.pt`` atomically; written only once ``step<step>/`` is in place."""
+    atomic_torch_save(
+        model_dir / RESUME_FILE, {"step": step, "optimizer": optimizer.state_dict(), "train_seconds": seconds}
+    )
+    crash_point("zoo.resume_saved")
+
+
+def _load_resume_state(model_dir: Path) -> dict[str, Any] | None:
+    """The resume state, or None. A run killed inside the old delete-then-rename replacement left its complete
+    state only in ``.resume.tmp-PID/``: the newest of those whose step directory exists is put back."""
+    path = model_dir / RESUME_FILE
+    if not path.exists():
+        found = []
+        for old in model_dir.glob(".resume.tmp-*/optimizer.pt"):
+            try:
+                step = int(torch.load(old, weights_only=True)["step"])
+            except Exception:  # noqa: BLE001 - a half-written leftover is skipped
+                continue
+            if (model_dir / f"step{step}" / "model.safetensors").exists():
+                found.append((step, old))
+        if not found:
+            return None
+        path.parent.mkdir(exist_ok=True)
+        os.replace(max(found)[1], path)
+    return torch.load(path, weights_only=True)
+
+
+def _step_dirs(model_dir: Path) -> dict[int, Path]:
+    return {
+        int(m.group(1)): p for p in model_dir.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
+    }
+
+
+def _log_entries(log_path: Path, upto: int) -> list[str]:
+    """Log lines of steps ``<= upto`` (a line torn by a kill mid-write is dropped)."""
+    kept = []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step <= upto:
+            kept.append(line + "\n")
+    return kept
+
+
+def _check_lengths(spec: ZooSpec) -> None:
+    for name in ("steps", "checkpoint_every", "batch_size", "seq_len"):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            default = getattr(SPECS[spec.name], name) if spec.name in SPECS else 1
+            flag = f"--{name} N or " if name == "steps" else ""
+            raise ZooError(
+                f"{spec.name}: {name} must be a whole number of at least 1, got {value!r}; pass {flag}"
+                f"{name}=N with N >= 1 (the default is {default})"
+            )
 
 
 def _check_spec(model_dir: Path, spec: ZooSpec) -> None:
@@ -255,21 +380,42 @@ def train_zoo_model(
     """Train (or resume, or find finished) zoo model ``name`` in the workspace; returns its directory.
 
     ``stop_after`` ends the run after that many optimizer steps (simulating an interruption; the run resumes from
-    its last checkpoint next time). ``overrides`` change spec fields (e.g. ``steps=100``).
+    its last checkpoint next time). ``overrides`` change spec fields (e.g. ``steps=100``, ``seed=1``); the seed
+    determines the initialisation and every batch, and the global RNG is left untouched.
     """
     from tqdm.auto import tqdm
 
     spec = name if isinstance(name, ZooSpec) else get_spec(name, **overrides)
+    _check_lengths(spec)
     model_dir = Workspace(workspace).ensure().model_dir(spec.name)
     if restart and model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     _check_spec(model_dir, spec)
     atomic_write_json(model_dir / "spec.json", spec.to_json())
-    schedule = checkpoint_steps(spec.steps, spec.checkpoint_every)
-    done = [s for s in schedule if (model_dir / f"step{s}" / "model.safetensors").exists()]
-    if done and done[-1] == spec.steps:
+    state = _load_resume_state(model_dir)
+    _remove_temp(model_dir)
+    steps_on_disk = _step_dirs(model_dir)
+    if state is None and spec.steps in steps_on_disk:
+        return model_dir  # finished by a workbench that kept no resume state
+    if state is None and any(step > 0 for step in steps_on_disk):
+        raise ZooError(
+            f"{model_dir} has checkpoints but no resume state; pass restart=True (--restart) to retrain"
+        )
+    start = int(state["step"]) if state is not None else 0
+    if state is not None and start not in steps_on_disk:
+        raise ZooError(
+            f"{model_dir}: resume state is at step {start} but step{start}/ is missing; pass restart=True "
+            "(--restart) to retrain"
+        )
+    if start == spec.steps:
         return model_dir
+    for step, path in steps_on_disk.items():  # what a killed run wrote past its resume point is retrained
+        if step > start or state is None:
+            _remove_dir(path)
+    log_path = model_dir / "train_log.jsonl"
+    atomic_write_text(log_path, "".join(_log_entries(log_path, upto=start)))
+    crash_point("zoo.log_truncated")
 
     if spec.corpus == "digits":
         data = None
@@ -283,36 +429,21 @@ def train_zoo_model(
         if spec.corpus == "fsm":
             meta["fsm_entropy_rate"] = data.fsm.entropy_rate()
     optimizer = _optimizer(model, spec)
-    start = 0
-    resume_file = model_dir / "resume" / "optimizer.pt"
-    if done and resume_file.exists():
-        state = torch.load(resume_file, weights_only=True)
-        start = int(state["step"])
-        if start not in done:
-            raise ZooError(
-                f"{model_dir}: resume state is at step {start} but step{start}/ is missing; pass restart"
-            )
-        saved = type(model).from_pretrained(str(model_dir / f"step{start}"))
+    if state is not None:
+        with torch.random.fork_rng(devices=[]), _quiet_transformers():  # from_pretrained may draw an init
+            saved = type(model).from_pretrained(str(model_dir / f"step{start}"))
         model.load_state_dict(saved.state_dict())
         del saved
         optimizer.load_state_dict(state["optimizer"])
-    elif done and done != [0]:
-        raise ZooError(
-            f"{model_dir} has checkpoints but no resume state; pass restart=True (--restart) to retrain"
-        )
-    log_path = model_dir / "train_log.jsonl"
-    kept = [
-        line
-        for line in (log_path.read_text().splitlines() if log_path.exists() else [])
-        if json.loads(line)["step"] <= start
-    ]
-    log_path.write_text("".join(line + "\n" for line in kept))
     atomic_write_json(model_dir / "meta.json", meta)
-    if start == 0:
+    if state is None:
         _save_checkpoint(model, model_dir, 0)
+        _save_resume_state(optimizer, model_dir, 0, 0.0)
 
-    model.train()
+    schedule = set(checkpoint_steps(spec.steps, spec.checkpoint_every))
+    seconds = float(state.get("train_seconds", 0.0)) if state is not None else 0.0
     started = time.perf_counter()
+    model.train()
     bar = tqdm(range(start, spec.steps), desc=f"train {spec.name}", unit="step", disable=not progress)
     with open(log_path, "a") as log:
         for step in bar:
@@ -337,19 +468,25 @@ def train_zoo_model(
                 "loss": round(loss_value, 5),
                 "lr": optimizer.param_groups[0]["lr"],
             }
-            if step + 1 in schedule:
+            checkpoint = step + 1 in schedule
+            if checkpoint:
                 if data is None:
                     entry["test_accuracy"] = _accuracy(model, x_test, y_test)
                     model.train()
                 _save_checkpoint(model, model_dir, step + 1)
-                _save_resume_state(optimizer, model_dir, step + 1)
             log.write(json.dumps(entry) + "\n")
+            log.flush()  # in the kernel's hands: survives kill -9
+            crash_point("zoo.log_line")
+            if checkpoint:
+                os.fsync(log.fileno())  # every line up to the resume point survives a power cut too
+                elapsed = round(seconds + time.perf_counter() - started, 2)
+                if step + 1 == spec.steps:
+                    atomic_write_json(model_dir / "meta.json", meta | {"train_seconds": elapsed})
+                _save_resume_state(optimizer, model_dir, step + 1, elapsed)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss_value:.3f}")
             if stop_after is not None and step + 1 - start >= stop_after:
                 break
-    meta["train_seconds"] = round(time.perf_counter() - started, 2)
-    atomic_write_json(model_dir / "meta.json", meta)
     return model_dir
 
 
