@@ -519,7 +519,8 @@ def die_with_parent(parent: int, interval: float = PARENT_POLL_SECONDS) -> None:
 
     Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere: a daemon
     thread exits the process once ``os.getppid()`` is no longer ``parent`` (orphans are re-parented). A parent
-    already gone by the time this runs ends the process at once."""
+    already gone by the time this runs ends the process at once (a worker killed while still importing its
+    modules, before its initializer runs, exits when that start-up finishes)."""
     if sys.platform.startswith("linux"):
         # without prctl (another libc) the watchdog below still ends the process
         with contextlib.suppress(OSError, AttributeError):

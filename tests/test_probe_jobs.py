@@ -112,6 +112,74 @@ def test_killed_job_resumes_without_lost_or_duplicated_results(job_workspace) ->
     assert len(rows) == code_checkpoints * 2 * 3 + 2
 
 
+def _descendants(pid: int) -> list:
+    """Live descendant processes of ``pid`` (psutil), zombies excluded."""
+    psutil = pytest.importorskip("psutil")
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if _alive(c)]
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_kill_9_of_the_job_takes_its_pool_workers_down_and_resume_completes(job_workspace) -> None:
+    """kill -9 of the main process only (not its group): the spawn workers and the resource tracker exit within
+    seconds; a resume then commits every task exactly once."""
+    path = write_job(job_workspace, checkpoints='"all"', n_sequences=8)
+    tasks = expand_tasks(load_job(path, job_workspace))
+    command = [sys.executable, "-m", "workbench.cli", "probe", "run", str(path), "-w", str(job_workspace.root),
+               "--workers", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        workers = []
+        while time.time() < deadline and process.poll() is None:
+            workers = [p for p in _descendants(process.pid) if "spawn_main" in " ".join(p.cmdline())]
+            if len(workers) == 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2, "the pool's two workers never appeared"
+        while time.time() < deadline and process.poll() is None:  # workers started up: one task committed
+            time.sleep(0.5)
+            try:
+                if (job_status(path, job_workspace)["status"] == "done").sum() >= 1:
+                    break
+            except Exception:  # noqa: BLE001, S112 — the database is locked while the job commits
+                continue
+        helpers = _descendants(process.pid)  # the workers and multiprocessing's resource tracker
+        assert process.poll() is None, "the job finished before it could be killed"
+        process.kill()
+        process.wait(10)
+        gone_by = time.time() + 5
+        while time.time() < gone_by and any(_alive(p) for p in helpers):
+            time.sleep(0.1)
+        left = [(p.pid, " ".join(p.cmdline())[:80]) for p in helpers if _alive(p)]
+        assert not left, f"still running 5 s after the job was killed: {left}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        for helper in _descendants(process.pid):
+            helper.kill()
+    final = run_job(path, workspace=job_workspace, progress=False)
+    assert (final["status"] == "done").all() and len(final) == len(tasks)
+    rows = job_workspace.results().read("probe_results")
+    assert not rows.duplicated(["model", "checkpoint", "hook", "label_set", "dataset"]).any()
+    code_checkpoints = len([t for t in tasks if t.model == "code-tiny"]) // 2
+    assert len(rows) == code_checkpoints * 2 * 3 + 2
+    status_rows = job_workspace.results().read("probe_tasks")
+    assert not status_rows.duplicated(["job", "task"]).any() and len(status_rows) == len(tasks)
+
+
 KEYS = ["model", "checkpoint", "label_set", "hook"]
 METRICS = ["score", "control_score", "selectivity", "majority_score", "token_identity_score", "n_train", "n_test",
            "n_classes"]  # fmt: skip
