@@ -130,7 +130,7 @@ def pick(rows: pd.DataFrame, column: str, label: str | None = None, key: str | N
 
 def empty_state(what: str, command: str) -> None:
     """Say that nothing is computed yet and which command produces it."""
-    st.info(f"No {what} in this workspace yet. Produce it with:\n\n```\n{command}\n```")
+    st.info(f"No results yet for {what} in this workspace. Produce them with:\n\n```\n{command}\n```")
 
 
 def open_workspace_or_stop() -> Path:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import streamlit as st
 
 from app.data import empty_state, open_workspace_or_stop, pick, table
-from workbench.massive import checkpoint_heatmap, emergence_curves, ratio_by_layer
+from workbench.massive import ANALYSIS, checkpoint_heatmap, emergence_curves, ratio_by_layer
+
+LAYERS, TOP, FITS = (t.name for t in ANALYSIS.tables)
 
 st.title("Massive activations")
 db = open_workspace_or_stop()
-layers = table(db, "massive_layers")
+layers = table(db, LAYERS)
 if layers is None or layers.empty:
-    empty_state("massive-activation results", "workbench massive code-small    # or: workbench demo")
+    empty_state(ANALYSIS.description, f"{ANALYSIS.command}    # e.g. MODEL = code-small, DATA = notes.txt")
     st.stop()
 model = st.selectbox("model", sorted(layers["model"].unique()))
 rows = pick(layers[layers["model"] == model], "dataset", "prompt set")
@@ -22,7 +24,7 @@ metric = st.radio(
 checkpoints = rows["checkpoint"].dropna().unique()
 if len(checkpoints) > 1:
     st.plotly_chart(checkpoint_heatmap(rows, metric), use_container_width=True)
-    fits = table(db, "massive_fits")
+    fits = table(db, FITS)
     if fits is not None:
         fits = fits[(fits["model"] == model) & ((fits["dataset"] == dataset) if "dataset" in fits else True)]
     st.plotly_chart(emergence_curves(rows, fits, metric="top1"), use_container_width=True)
@@ -34,7 +36,7 @@ if len(checkpoints) > 1:
 else:
     st.plotly_chart(ratio_by_layer(rows), use_container_width=True)
 st.subheader("Top dimensions and tokens")
-top = table(db, "massive_top")
+top = table(db, TOP)
 if top is not None and not top.empty:
     top = top[(top["model"] == model) & ((top["dataset"] == dataset) if "dataset" in top else True)]
     step = st.selectbox("checkpoint", sorted(top["checkpoint"].dropna().unique().tolist()) or [None], index=None,
