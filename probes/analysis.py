@@ -1,14 +1,17 @@
-"""Probing a model (or every checkpoint of a series) for a label set: data, controls, results rows, figures.
+"""Probing a model (or every checkpoint of a series) for any label source: data, controls, results rows, figures.
 
-    dataset = label_dataset("bracket_depth", tokenizer=model.tokenizer, n_sequences=64, seq_len=64)
+    dataset = load_labels("reviews.csv", model.tokenizer, position="first")      # or "zoo:bracket_depth", spans, …
     rows = probe_model(model, dataset, hooks="blocks.*.hook_resid_post")
     write_probe_results(rows, workspace)
-    probe_heatmap(rows, "bracket_depth")
+    probe_heatmap(rows, dataset.name)
 
-Every row reports the held-out score of the probe, the control-task score (Hewitt & Liang: a random label per
-token type, drawn from the label distribution), the selectivity (score − control score), the majority-class
-baseline, the token-identity baseline (the best lookup from token type to the real label) and, optionally, the
-score of the same probe on a randomly initialised copy of the model.
+Label sources (user files, label functions, the zoo's label sets) live in :mod:`probes.labels`. Every row reports
+the held-out score of the probe, the control-task score (Hewitt & Liang: a random label per token type, drawn from
+the label distribution; for per-sequence labels the "type" is the sequence's token content, so held-out sequences
+are unseen types and the control scores near chance), the selectivity (score − control score), the majority-class
+baseline, the token-identity baseline (the best lookup from the probed token's type to the real label; NaN for
+mean-pooled sequences and regression) and, optionally, the score of the same probe on a randomly initialised copy
+of the model.
 
 With a small vocabulary (the zoo's 512 BPE tokens, TokFSM's 20) token identity is linearly decodable at every
 layer, so the control task saturates (1.0 on TokFSM) and selectivity is negative even for a probe that reads
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +34,33 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
+from probes.labels import ZOO_FSM, LabelDataset, LabelSource, parse_label_source
 from probes.linear import TASKS, ProbeError, cross_validate, fit_probes
+from workbench.analysis import Analysis, Table, write_tables
+from workbench.datasets import Dataset, load_dataset
 from workbench.model import HookedModel
-from workbench.zoo.labels import FSM_LABELS, IGNORE, PYTHON_LABELS, check_label_set
+
+__all__ = ["ANALYSIS", "LabelDataset", "ProbeSettings", "collect_activations", "label_dataset", "labels_for_model",
+           "probe_model", "probe_series", "write_probe_results"]  # fmt: skip
 
 RESULTS_TABLE = "probe_results"
+TASKS_TABLE = "probe_tasks"
 RESULT_KEYS = ["model", "checkpoint", "hook", "label_set", "dataset"]
+ANALYSIS = Analysis(
+    name="probes",
+    command="workbench probe fit MODEL --labels LABELS [--data DATA]  |  workbench probe run JOB.toml",
+    tables=(
+        Table(RESULTS_TABLE, keys=tuple(RESULT_KEYS), columns=(
+            "layer", "position", "label_names", "metric", "score", "control_score", "selectivity", "majority_score",
+            "token_identity_score", "random_init_score", "cv_mean", "cv_std", "n_train", "n_test", "n_classes",
+            "l2", "job"), description="One linear probe per (model, checkpoint, hook, label set, dataset): held-out "
+            "score and its controls"),
+        Table(TASKS_TABLE, keys=("job", "task"), columns=(
+            "model", "checkpoint", "label_set", "status", "error", "seconds", "fingerprint", "threads",
+            "finished_at"), description="State of each task of a probe job (done / failed, with its error)"),
+    ),
+    description="Linear probes for any label source (label files, label functions, zoo label sets) with controls",
+)  # fmt: skip
 
 
 class ProbeSettingError(ProbeError):
@@ -65,6 +89,8 @@ _SETTING_RULES: dict[str, tuple[Any, str]] = {
 class ProbeSettings:
     """What a probe fit uses; every field is a key of a job file's [settings] table.
 
+    ``n_sequences`` is the number of sequences of a zoo label set (and of documents a label function labels; label
+    files use every row); ``seq_len`` the context length every label source is tokenized to.
     Values are checked on construction (:class:`ProbeSettingError` names the bad one): ints must be ints (not
     bools), floats accept ints, and each value must satisfy its rule (e.g. ``0 < test_fraction < 1``).
     """
@@ -98,18 +124,6 @@ class ProbeSettings:
         return dict(self.__dict__)
 
 
-@dataclass
-class LabelDataset:
-    """Token ids [n_sequences, seq_len] and one label set [n_sequences, seq_len] (−1 = no label)."""
-
-    name: str
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    description: str
-    pad_token_id: int | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
 def label_dataset(
     label_set: str,
     *,
@@ -119,55 +133,84 @@ def label_dataset(
     seq_len: int = 64,
     seed: int = 0,
 ) -> LabelDataset:
-    """A seeded probing dataset for ``label_set``: Python labels need the model's ``tokenizer``, TokFSM labels
-    the ``fsm`` (a :class:`workbench.zoo.corpora.TokFSM`)."""
-    from workbench.zoo.labels import fsm_label_dataset, python_label_dataset
+    """A seeded zoo label set (``zoo:NAME`` of :mod:`probes.labels`): Python labels need the model's ``tokenizer``,
+    TokFSM labels the ``fsm`` (a :class:`workbench.zoo.corpora.TokFSM`)."""
+    name = label_set.removeprefix("zoo:")
+    return parse_label_source(f"zoo:{name}").build(
+        tokenizer, fsm=fsm, n_sequences=n_sequences, context_length=seq_len, seed=seed
+    )
 
-    check_label_set(label_set)
-    if label_set in PYTHON_LABELS:
-        if tokenizer is None:
-            raise ProbeError(f"label set {label_set!r} is computed from Python source and needs a tokenizer")
-        tokens, labels = python_label_dataset(tokenizer, n_sequences, seq_len, seed=seed)
-        return LabelDataset(
-            label_set, tokens, labels[label_set], f"python-stdlib:{n_sequences}x{seq_len}:seed{seed}",
-            tokenizer.pad_token_id,
-        )  # fmt: skip
-    if fsm is None:
-        raise ProbeError(
-            f"label set {label_set!r} needs the TokFSM that generated the model's training data "
-            "(a zoo model trained on the fsm corpus)"
-        )
-    tokens, labels = fsm_label_dataset(fsm, n_sequences, seq_len, seed=seed)
-    return LabelDataset(label_set, tokens, labels[label_set], f"tokfsm:{n_sequences}x{seq_len}:seed{seed}")
+
+def labels_for_model(
+    source: str | Path | LabelSource | Any,
+    model: HookedModel,
+    *,
+    location: str | Path | None = None,
+    data: str | Path | Dataset | None = None,
+    position: str | int | None = None,
+    settings: ProbeSettings | None = None,
+) -> LabelDataset:
+    """Any label source aligned to ``model``'s tokenizer with ``settings`` (n_sequences, seq_len, seed, task).
+
+    The TokFSM label sets find their machine in the zoo model directory ``location`` (the one the model was loaded
+    from) unless ``data`` is ``zoo:tokfsm``.
+    """
+    settings = settings or ProbeSettings()
+    parsed = source if isinstance(source, LabelSource) else parse_label_source(source)
+    dataset = load_dataset(data) if data is not None and not isinstance(data, Dataset) else data
+    fsm = None
+    if parsed.kind == "zoo" and parsed.zoo in ZOO_FSM and dataset is None:
+        if location is None:
+            raise ProbeError(f"label set {parsed.zoo!r} needs a zoo model trained on TokFSM (or --data zoo:tokfsm)")
+        fsm = zoo_fsm(location)
+    return parsed.build(
+        model.tokenizer, data=dataset, fsm=fsm, position=position, task=settings.task,
+        context_length=settings.seq_len, batch_size=settings.batch_size, n_sequences=settings.n_sequences,
+        seed=settings.seed,
+    )  # fmt: skip
 
 
 def collect_activations(
     model: HookedModel, dataset: LabelDataset, hooks: str | Sequence[str], batch_size: int = 16
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activations of the labelled tokens: (hook names, x [hooks, n_tokens, d], labels [n_tokens],
-    token ids [n_tokens], sequence index [n_tokens]). Hooks must share the width d (e.g. the residual stream)."""
+    """Activations of the labelled tokens: (hook names, x [hooks, n_samples, d], labels [n_samples], token ids
+    [n_samples], sequence index [n_samples]). Hooks must share the width d (e.g. the residual stream).
+
+    A sample is a labelled token; for a mean-pooled dataset (``position="mean"``) it is a sequence, its activation
+    the mean over its labelled tokens and its token id −1. Padding (``dataset.mask`` = 0) is never a sample.
+    """
     names = model.resolve(hooks)
-    keep = dataset.labels != IGNORE
-    if dataset.pad_token_id is not None:
-        keep &= dataset.tokens != dataset.pad_token_id
+    keep = dataset.labelled()
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     with torch.no_grad(), model.capture(names) as cache:
         for begin in range(0, len(dataset.tokens), batch_size):
-            tokens = dataset.tokens[begin : begin + batch_size]
-            mask = None
-            if dataset.pad_token_id is not None:
-                mask = (tokens != dataset.pad_token_id).long()
-            model(tokens, attention_mask=mask)
             rows = keep[begin : begin + batch_size]
+            mask = dataset.mask[begin : begin + batch_size]
+            model(dataset.tokens[begin : begin + batch_size], attention_mask=None if bool(mask.all()) else mask)
             for name in names:
-                parts[name].append(cache[name][rows].float())
+                act = cache[name].float()
+                if act.ndim != 3:
+                    raise ProbeError(f"probed hooks must be [batch, pos, d] activations; {name} is "
+                                     f"{list(act.shape)}. Probe the residual stream, attn/mlp outputs or z")  # fmt: skip
+                if dataset.pooled:
+                    weight = rows[..., None].float()
+                    act = ((act * weight).sum(1) / weight.sum(1).clamp_min(1))[rows.any(1)]
+                else:
+                    act = act[rows]
+                parts[name].append(act)
     widths = {name: parts[name][0].shape[-1] for name in names}
-    if len(set(widths.values())) != 1 or any(parts[name][0].ndim != 2 for name in names):
+    if len(set(widths.values())) != 1:
         raise ProbeError(
             f"probed hooks must be [batch, pos, d] activations of one width; got {widths}. "
             "Probe hooks of different widths in separate calls"
         )
     x = torch.stack([torch.cat(parts[name]) for name in names])
+    if dataset.pooled:
+        has = keep.any(1)
+        first = keep.float().argmax(1)
+        rows_index = torch.arange(len(keep))
+        labels = dataset.labels[rows_index, first][has]
+        return names, x, labels, torch.full((int(has.sum()),), -1), rows_index[has]
     sequence = torch.arange(len(dataset.tokens))[:, None].expand_as(keep)[keep]
     return names, x, dataset.labels[keep], dataset.tokens[keep], sequence
 
@@ -250,33 +293,42 @@ def probe_model(
 ) -> pd.DataFrame:
     """Probe every hook of ``model`` for ``dataset``'s labels in one batched fit; one row per hook.
 
-    Columns: model, checkpoint, hook, layer, label_set, dataset, metric, score (held out), control_score,
-    selectivity, majority_score, token_identity_score, random_init_score, cv_mean, cv_std, n_train, n_test,
-    n_classes, l2.
+    The fit is a regression when the dataset's or the settings' task is one. Columns: model, checkpoint, hook,
+    layer, label_set, dataset, position ("token", or where a sequence label is probed), label_names (JSON list),
+    metric, score (held out), control_score, selectivity, majority_score, token_identity_score, random_init_score,
+    cv_mean, cv_std, n_train, n_test, n_classes, l2.
     """
     settings = settings or ProbeSettings()
+    task = "regression" if "regression" in (dataset.task, settings.task) else "classification"
+    if task == "regression" and dataset.task == "classification" and dataset.classes and not _numeric(dataset):
+        raise ProbeError(f"{dataset.name!r} holds classes {list(dataset.classes)[:5]}, not numbers; regression needs "
+                         "numeric labels (build them with task='regression')")  # fmt: skip
     names, x, labels, token_ids, sequence = collect_activations(model, dataset, hooks, settings.batch_size)
     if len(labels) == 0:
-        raise ProbeError(f"no labelled tokens for {dataset.name!r} in the dataset ({dataset.description})")
+        raise ProbeError(f"no labelled tokens for {dataset.name!r} in the dataset ({dataset.dataset})")
     train, test = split_by_sequence(sequence, settings.test_fraction, settings.seed)
-    fit = {"task": settings.task, "l2": settings.l2, "max_iter": settings.max_iter, "sites": names}
+    fit = {"task": task, "l2": settings.l2, "max_iter": settings.max_iter, "sites": names}
     probes = fit_probes(x[:, train], labels[train], **fit)
     score = probes.score(x[:, test], labels[test]).numpy()
+    identity = task == "classification" and not dataset.pooled
     rows = pd.DataFrame({
         "model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "hook": names,
-        "layer": [_layer(n) for n in names], "label_set": dataset.name, "dataset": dataset.description,
-        "metric": "accuracy" if settings.task == "classification" else "r2", "score": score,
-        "majority_score": _majority_score(labels[train], labels[test], settings.task),
-        "token_identity_score": token_identity_score(token_ids, labels, train, test)
-        if settings.task == "classification" else np.nan,
+        "layer": [_layer(n) for n in names], "label_set": dataset.name, "dataset": dataset.dataset,
+        "position": "token" if dataset.level == "token" else str(dataset.position),
+        "label_names": json.dumps(list(dataset.label_names)),
+        "metric": "accuracy" if task == "classification" else "r2", "score": score,
+        "majority_score": _majority_score(labels[train], labels[test], task),
+        "token_identity_score": token_identity_score(token_ids, labels, train, test) if identity else np.nan,
         "n_train": int(train.sum()), "n_test": int(test.sum()),
         "n_classes": len(probes.classes) if probes.classes is not None else 0, "l2": settings.l2,
     })  # fmt: skip
     rows["control_score"] = np.nan
     if settings.control:
-        control = control_labels(token_ids, labels, settings.seed)
-        control_probes = fit_probes(x[:, train], control[train], **fit)
-        rows["control_score"] = control_probes.score(x[:, test], control[test]).numpy()
+        types = _sequence_types(dataset)[sequence] if dataset.level == "sequence" else token_ids
+        control = control_labels(types, labels, settings.seed)
+        if len(torch.unique(control[train])) > 1:
+            control_probes = fit_probes(x[:, train], control[train], **fit)
+            rows["control_score"] = control_probes.score(x[:, test], control[test]).numpy()
     rows["selectivity"] = rows["score"] - rows["control_score"]
     rows["random_init_score"] = np.nan
     if settings.random_init:
@@ -293,6 +345,20 @@ def probe_model(
     return rows
 
 
+def _numeric(dataset: LabelDataset) -> bool:
+    try:
+        [float(c) for c in dataset.classes]
+    except ValueError:
+        return False
+    return True
+
+
+def _sequence_types(dataset: LabelDataset) -> torch.Tensor:
+    """One id per distinct sequence content (real tokens only) [n]: the control task's "type" for sequence labels."""
+    masked = torch.where(dataset.mask.bool(), dataset.tokens, -1)
+    return torch.unique(masked, dim=0, return_inverse=True)[1]
+
+
 def probe_series(
     series,
     datasets: Sequence[LabelDataset],
@@ -301,7 +367,8 @@ def probe_series(
     steps: Sequence[int] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """:func:`probe_model` for each dataset at every checkpoint of a :class:`CheckpointSeries` (loaded once each)."""
+    """:func:`probe_model` for each label dataset (any source of :mod:`probes.labels`, aligned once: checkpoints
+    share the tokenizer) at every checkpoint of a :class:`CheckpointSeries` (loaded once each)."""
     frames = [
         probe_model(model, dataset, hooks, settings)
         for model in series.iter(steps, progress=progress)
@@ -311,12 +378,10 @@ def probe_series(
 
 
 def write_probe_results(rows: pd.DataFrame, workspace, job: str | None = None) -> int:
-    """Upsert probe rows into the workspace's ``probe_results`` table (keyed by model/checkpoint/hook/label set/
-    dataset, so re-running replaces rather than duplicates)."""
-    from workbench.workspace import Workspace
-
+    """Upsert probe rows into the workspace's ``probe_results`` table through :func:`workbench.analysis.write_tables`
+    (keyed by model/checkpoint/hook/label set/dataset, so re-running replaces rather than duplicates)."""
     rows = rows.assign(job=job) if job is not None else rows
-    return Workspace(workspace).results().write(RESULTS_TABLE, rows, replace_keys=RESULT_KEYS)
+    return write_tables(workspace, ANALYSIS, {RESULTS_TABLE: rows}).get(RESULTS_TABLE, 0)
 
 
 def probe_heatmap(
@@ -380,5 +445,5 @@ def zoo_fsm(model_dir: str | Path):
                 break
             return TokFSM(**spec["fsm"], seed=spec.get("seed", 0))
     raise ProbeError(
-        f"{path} is not a zoo model trained on TokFSM; the label sets {', '.join(FSM_LABELS)} need one"
+        f"{path} is not a zoo model trained on TokFSM; the label sets {', '.join(ZOO_FSM)} need one"
     )

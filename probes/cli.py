@@ -1,4 +1,5 @@
-"""`workbench probe run|status JOBS.toml` (mounted through the workbench.cli entry points)."""
+"""`workbench probe fit MODEL --labels LABELS` and `workbench probe run|status JOBS.toml` (mounted through the
+workbench.cli entry points)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,77 @@ from typing import Annotated
 
 import typer
 
-from workbench.cli_options import WorkspaceOption, fail
+from workbench.cli_options import (
+    BatchSizeOption,
+    ContextOption,
+    DataOption,
+    DeviceOption,
+    DtypeOption,
+    ModelArgument,
+    SeedOption,
+    TrustRemoteCodeOption,
+    WorkspaceOption,
+    fail,
+    open_model,
+)
 
-app = typer.Typer(help="Scripted linear-probe batch jobs (see probes/jobs.py for the job file format).",
-                  no_args_is_help=True)  # fmt: skip
+app = typer.Typer(help="Linear probes: fit one model for a label source, or run scripted batch jobs (see "
+                  "probes/jobs.py for the job file format).", no_args_is_help=True)  # fmt: skip
+TABLE_COLUMNS = {"hook": "hook", "score": "score", "control_score": "control", "selectivity": "selectivity",
+                 "majority_score": "majority", "token_identity_score": "token id", "random_init_score": "random init"}  # fmt: skip
+
+
+@app.command()
+def fit(
+    model: ModelArgument,
+    labels: Annotated[str, typer.Option(
+        "--labels", "-l", help="Label source: FILE.csv[:TEXT[:LABEL]] / .tsv / .jsonl / .parquet with one label per "
+        'text, a .jsonl of {"text", "spans"} or {"tokens", "labels"} records, zoo:NAME (bracket_depth, '
+        "inside_string, indent_level, next_token_type, fsm_state, fsm_next_state) or FILE.py:FUNCTION.")],
+    data: DataOption = None,
+    hooks: Annotated[list[str] | None, typer.Option(
+        "--hooks", help="Hooks or globs (repeatable, or comma-separated).")] = None,
+    position: Annotated[str | None, typer.Option(
+        "--position", help="Where a per-sequence label is probed: last (default), first (e.g. [CLS]), mean "
+        "(mean-pooled over the real tokens) or a token index N.")] = None,
+    task: Annotated[str, typer.Option("--task", help="classification or regression (numeric labels).")] = (
+        "classification"),
+    n_sequences: Annotated[int, typer.Option(
+        "--n-sequences", min=2, help="Sequences of a zoo label set / documents a label function labels.")] = 64,
+    context_length: ContextOption = 128,
+    batch_size: BatchSizeOption = 16,
+    seed: SeedOption = 0,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init/--no-random-init", help="Also probe a randomly initialised copy (a baseline).")] = True,
+    workspace: WorkspaceOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Probe every hook of MODEL for a label source; prints a score table and writes probe_results."""
+    from probes.analysis import ProbeSettings, labels_for_model, probe_model, write_probe_results
+    from probes.labels import parse_label_source, parse_position
+    from workbench.references import parse_model_ref
+    from workbench.workspace import Workspace
+
+    settings = ProbeSettings(task=task, seq_len=context_length, batch_size=batch_size, seed=seed,
+                             n_sequences=n_sequences, random_init=random_init)  # fmt: skip
+    source = parse_label_source(labels)  # a bad label file fails before the model loads
+    where = parse_model_ref(model, workspace)
+    hooked = open_model(model, workspace, device, dtype, trust_remote_code)
+    location = where.location if where.kind in ("directory", "series") else None
+    dataset = labels_for_model(source, hooked, location=location, data=data, settings=settings,
+                               position=parse_position(position) if position is not None else None)  # fmt: skip
+    patterns = [p.strip() for item in hooks or ["blocks.*.hook_resid_post"] for p in item.split(",") if p.strip()]
+    rows = probe_model(hooked, dataset, patterns, settings)
+    shown = rows[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
+    typer.echo(f"{hooked.cfg.name} · {dataset.name} on {dataset.dataset} · {rows['metric'].iloc[0]} "
+               f"(n_train {rows['n_train'].iloc[0]}, n_test {rows['n_test'].iloc[0]}, classes "
+               f"{', '.join(dataset.label_names) or rows['n_classes'].iloc[0]})")  # fmt: skip
+    typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    root = Workspace(workspace).root
+    written = write_probe_results(rows, root)
+    typer.echo(f"wrote {written} rows to probe_results in {root}")
 
 
 @app.command()

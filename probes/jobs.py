@@ -1,4 +1,4 @@
-"""Scripted probe batch jobs: a TOML file expands to (model, checkpoint, label set) tasks run locally or on Ray.
+"""Scripted probe batch jobs: a TOML file expands to (model, checkpoint, label source) tasks run locally or on Ray.
 
 A job file::
 
@@ -9,10 +9,21 @@ A job file::
     l2 = 1e-3
 
     [[probe]]                            # one table per model or checkpoint series
-    model = "code-tiny"                  # zoo model in the workspace, checkpoint-series dir, model dir, hub id
-    checkpoints = "all"                  # "all", "last", or a list of steps
+    model = "code-tiny"                  # any model reference: a workspace model (code-tiny, code-tiny@300), a
+                                         # save_pretrained dir, a dir of step<N>/ folders, ORG/NAME[@REV], minilm
+    checkpoints = "all"                  # "all", "last", or a list of steps (a single model has one)
     hooks = ["hook_embed", "blocks.*.hook_resid_post"]
-    label_sets = ["bracket_depth", "inside_string"]
+    label_sets = ["bracket_depth", "inside_string"]     # the zoo's label sets, or (and) ...
+
+    [[probe]]
+    model = "minilm"
+    labels = ["sentiment.csv", "entities.jsonl"]        # any label source of probes.labels (files, zoo:NAME,
+    position = "first"                                  #   FILE.py:FN); position: last | first | mean | N
+    data = "reviews.txt"                                # texts for zoo Python label sets / label functions
+
+Relative paths (model directories, label files, data) are looked up next to the job file first, then in the
+working directory. Every model is loaded through ``workbench.references`` (the one resolver). A changed label file
+changes its tasks' fingerprints, so they run again.
 
 Each finished task is committed at once (its rows to ``probe_results``, its status to ``probe_tasks``), so a
 killed job resumes where it stopped: a task whose rows were written but not its status is re-run and its rows
@@ -46,14 +57,16 @@ from typing import Any
 
 import pandas as pd
 
-from probes.analysis import RESULTS_TABLE, ProbeSettingError, ProbeSettings
+from probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
+from probes.labels import LabelError, parse_label_source, parse_position
+from workbench.analysis import write_tables
 from workbench.faults import crash_point
 from workbench.workspace import Workspace
 
-STATUS_TABLE = "probe_tasks"
+STATUS_TABLE = TASKS_TABLE
 BACKENDS = ("local", "ray")
 JOB_KEYS = {"name", "workspace", "settings", "probe"}
-PROBE_KEYS = {"model", "checkpoints", "hooks", "label_sets"}
+PROBE_KEYS = {"model", "checkpoints", "hooks", "label_sets", "labels", "data", "position"}
 DEFAULT_HOOKS = ["hook_embed", "blocks.*.hook_resid_post"]
 PARENT_POLL_SECONDS = 0.5  # how often a pool worker checks that the job process is still alive
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -65,7 +78,11 @@ class ProbeJobError(ValueError):
 
 @dataclass(frozen=True)
 class ProbeTask:
-    """One unit of work: probe every hook of one checkpoint for one label set."""
+    """One unit of work: probe every hook of one checkpoint for one label source.
+
+    ``location`` with ``source`` and ``checkpoint`` is a model reference (:meth:`model_ref`); ``labels`` is the
+    label source's resolved reference ("" for a zoo label set named by ``label_set``), ``digest`` the hash of its
+    file's bytes."""
 
     job: str
     model: str
@@ -76,19 +93,40 @@ class ProbeTask:
     hooks: tuple[str, ...]
     settings: dict[str, Any]
     table: str = ""  # where the task comes from: "job.toml:12 [[probe]] #2"
+    labels: str = ""
+    data: str | None = None
+    position: str | int | None = None
+    digest: str = ""
+
+    @property
+    def model_ref(self) -> str:
+        """The reference ``workbench.references.resolve_model`` loads this task's checkpoint from."""
+        if self.source == "series":
+            return f"{self.location}@{self.checkpoint}"
+        if self.source == "hub":
+            return f"{self.location}@step{self.checkpoint}"
+        return self.location
+
+    def _label_parts(self) -> list[Any]:
+        """What identifies a non-zoo label source (nothing for a plain zoo label set, so their ids stay put)."""
+        return [self.labels, self.data, self.position] if self.labels or self.data or self.position is not None else []
 
     @property
     def task_id(self) -> str:
-        """``model@step:label_set#hash``; the hash covers the checkpoint location and the resolved hooks, so two
-        [[probe]] tables probing other hooks (or another directory of the same name) never share an id."""
+        """``model@step:label_set#hash``; the hash covers the checkpoint location, the resolved hooks and the label
+        source, so two [[probe]] tables probing other hooks (or another directory of the same name) never share
+        an id."""
         step = "final" if self.checkpoint is None else self.checkpoint
-        what = hashlib.sha256(json.dumps([self.location, list(self.hooks)]).encode()).hexdigest()[:8]
+        payload = [self.location, list(self.hooks), *self._label_parts()]
+        what = hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:8]
         return f"{self.model}@{step}:{self.label_set}#{what}"
 
     @property
     def fingerprint(self) -> str:
-        """Changes when anything that shapes the result changes (hooks, settings), forcing a re-run."""
-        payload = json.dumps([list(self.hooks), self.settings, self.location], sort_keys=True)
+        """Changes when anything that shapes the result changes (hooks, settings, the label file's bytes), forcing
+        a re-run."""
+        extra = [*self._label_parts(), self.digest] if self._label_parts() else []
+        payload = json.dumps([list(self.hooks), self.settings, self.location, *extra], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -191,7 +229,7 @@ def _load_settings(table: Any, lines: _Lines) -> ProbeSettings:
 
 def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, Any]:
     """One [[probe]] table with defaults filled in and strings promoted to lists; wrong keys or types raise."""
-    from workbench.zoo.labels import LABEL_SETS
+    from probes.labels import ZOO_LABEL_SETS as LABEL_SETS
 
     table = f"[[probe]] #{index + 1}"
 
@@ -204,16 +242,45 @@ def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, 
     if not isinstance(entry.get("model"), str) or not entry["model"].strip():
         raise fail("model", 'needs `model = "..."` (a zoo model, checkpoint-series dir, model dir or hub id)')
     entry = {**entry, "_where": f"{lines.where(None, 'probe', index)} {table} (model {entry['model']!r})"}
-    for key, default in (("label_sets", None), ("hooks", DEFAULT_HOOKS)):
+    lists = [("hooks", DEFAULT_HOOKS)]
+    lists += [("label_sets", None)] if "labels" not in entry or "label_sets" in entry else []
+    lists += [("labels", None)] if "labels" in entry else []
+    for key, default in lists:
         value = entry.get(key, default)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             raise fail(key, f"{key} must be a non-empty list of strings (or one string); got {value!r}")
         entry[key] = value
-    for label_set in entry["label_sets"]:
+    for label_set in entry.get("label_sets", []):
         if label_set not in LABEL_SETS:
             raise fail("label_sets", f"unknown label set {label_set!r}; valid: {', '.join(LABEL_SETS)}")
+    base = lines.path.parent
+    entry["_labels"] = []
+    for reference in entry.get("labels", []):
+        try:
+            entry["_labels"].append(parse_label_source(reference, base=base))
+        except LabelError as err:
+            raise fail("labels", str(err)) from None
+    for key in ("data", "position"):
+        if key in entry and (not isinstance(entry[key], (str, int)) or isinstance(entry[key], bool)):
+            raise fail(key, f"{key} must be a string{' or an int' if key == 'position' else ''}; got {entry[key]!r}")
+    if "data" in entry:
+        from workbench.datasets import parse_dataset_ref
+
+        entry["data"] = _relative(entry["data"], base)
+        try:
+            parse_dataset_ref(entry["data"])
+        except ValueError as err:
+            raise fail("data", str(err)) from None
+    if "position" in entry:
+        try:
+            entry["position"] = parse_position(entry["position"])
+        except LabelError as err:
+            raise fail("position", str(err)) from None
+        if not any(s.kind in ("sequence", "function") for s in entry["_labels"]):
+            raise fail("position", "position applies to per-sequence labels (labels = a text,label file or a "
+                       "label function); drop it here")  # fmt: skip
     checkpoints = entry.setdefault("checkpoints", "all")
     steps_ok = isinstance(checkpoints, list) and checkpoints and all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in checkpoints
@@ -226,36 +293,60 @@ def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, 
     return entry
 
 
-def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
-    """Resolve every [[probe]] table to its checkpoints and check hooks and label sets against the model.
+def _relative(reference: str, base: Path) -> str:
+    """``reference`` with its path part looked up next to the job file first (``base``), then as given."""
+    if reference.startswith(("zoo:", "tl:", "py:")) or Path(reference).is_absolute():
+        return reference
+    parts = reference.split(":")
+    for cut in range(len(parts), 0, -1):
+        head = ":".join(parts[:cut])
+        for stem in (head.rsplit("@", 1)[0], head):
+            if (base / stem).exists():
+                return str((base / head).resolve(strict=False)) + "".join(f":{p}" for p in parts[cut:])
+    return reference
 
-    Two tables giving the same task (model directory, checkpoint, label set and hooks) are refused."""
+
+def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
+    """Resolve every [[probe]] table to its checkpoints (through ``workbench.references``, the one resolver) and
+    check hooks and label sources against the model.
+
+    Two tables giving the same task (model directory, checkpoint, label source and hooks) are refused."""
     from workbench.checkpoints import CheckpointError
     from workbench.model import ModelLoadError
-    from workbench.references import resolve_series as load_series
+    from workbench.references import parse_model_ref, resolve_series
 
     tasks: dict[str, ProbeTask] = {}
     for entry in job.entries:
         name, where = entry["model"], entry["_where"]
-        model_dir = Path(name)
-        if (model_dir / "config.json").is_file():
-            source, location, steps = "model", str(model_dir.resolve()), [None]
-        else:
-            try:
-                series = load_series(name, workspace=job.workspace.root)
-            except (CheckpointError, ModelLoadError) as err:
-                raise ProbeJobError(f"{where}: {err}") from None
-            source = "hub" if series.revision_format else "series"
-            location = name if source == "hub" else str(Path(series.location(series.steps[0])).parent)
-            steps = _pick_steps(series.steps, entry["checkpoints"], where)
+        try:
+            ref = parse_model_ref(_relative(name, job.path.parent), job.workspace.root)
+            if ref.kind == "series" or (ref.kind == "hub" and (ref.at is None or re.fullmatch(r"(step)?\d+", ref.at))):
+                series = resolve_series(ref.text, workspace=job.workspace.root)
+                source = "hub" if ref.kind == "hub" else "series"
+                location = str(ref.location) if source == "hub" else str(Path(series.location(series.steps[0])).parent)
+                steps = _pick_steps(series.steps, entry["checkpoints"], where)
+            else:  # one model: a save_pretrained directory, minilm, tl:NAME, ORG/NAME@REVISION
+                location = str(Path(ref.location).resolve()) if ref.kind == "directory" else ref.text
+                source, steps = "model", [None]
+                if entry["checkpoints"] not in ("all", "last"):
+                    raise ProbeJobError(f"{where}: {name!r} is a single model, so checkpoints "
+                                        f"{entry['checkpoints']} do not apply; drop the checkpoints key")  # fmt: skip
+        except (CheckpointError, ModelLoadError) as err:
+            raise ProbeJobError(f"{where}: {err}") from None
         probe_model_name = Path(location).name if source == "series" else name
-        hooks = _check_hooks_and_labels(source, location, steps[-1], entry)
+        hooks = _check_hooks_and_labels(ProbeTask(job.name, name, source, location, steps[-1], "", (), {}), entry)
         settings = job.settings.to_dict()
+        data, position = entry.get("data"), entry.get("position")
+        plain = [(label_set, "", "") for label_set in entry.get("label_sets", [])]
+        sources = [(s.label_set(position if s.kind in ("sequence", "function") else None), s.reference, s.digest)
+                   for s in entry["_labels"]]  # fmt: skip
         for step in steps:
-            for label_set in entry["label_sets"]:
+            for label_set, labels, digest in plain + sources:
+                zoo_plain = not labels
                 task = ProbeTask(
-                    job.name, probe_model_name, source, location, step, label_set, hooks, settings, where
-                )
+                    job.name, probe_model_name, source, location, step, label_set, hooks, settings, where,
+                    labels=labels, data=data, position=None if zoo_plain else position, digest=digest,
+                )  # fmt: skip
                 if task.task_id in tasks:
                     raise ProbeJobError(
                         f"{where}: task {task.task_id} (hooks {', '.join(hooks)}) is already in "
@@ -276,21 +367,25 @@ def _pick_steps(steps: list[int], wanted: Any, where: str) -> list[int]:
     return sorted(set(wanted))
 
 
-def _check_hooks_and_labels(source: str, location: str, step: int | None, entry: dict) -> tuple:
+def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
+    """The hooks of ``entry`` resolved on the task's model; label sources the model cannot use are refused."""
     from probes.analysis import zoo_fsm
+    from probes.labels import ZOO_FSM
     from workbench.hooks import HookNameError
-    from workbench.zoo.labels import FSM_LABELS
 
     where = entry["_where"]
-    model = _load(source, location, step)
+    model = _load(task)
     try:
         hooks = tuple(model.resolve(entry["hooks"]))
     except HookNameError as err:
         raise ProbeJobError(f"{where}: hooks: {err}") from None
-    for label_set in entry["label_sets"]:
-        if label_set in FSM_LABELS:
+    names = [*entry.get("label_sets", []), *(s.zoo or s.text for s in entry["_labels"])]
+    for label_set in names:
+        if label_set in ZOO_FSM:
+            if str(entry.get("data", "")).startswith("zoo:tokfsm"):
+                continue
             try:
-                zoo_fsm(location)
+                zoo_fsm(task.location)
             except ValueError as err:
                 raise ProbeJobError(f"{where}: label set {label_set!r}: {err}") from None
         elif model.tokenizer is None:
@@ -298,15 +393,13 @@ def _check_hooks_and_labels(source: str, location: str, step: int | None, entry:
     return hooks
 
 
-def _load(source: str, location: str, step: int | None):
-    from workbench.checkpoints import CheckpointSeries
-    from workbench.model import HookedModel
+def _load(task: ProbeTask):
+    """The task's checkpoint, through the one resolver (``workbench.references.resolve_model``)."""
+    from workbench.references import resolve_model
 
-    if source == "model":
-        return HookedModel.from_pretrained(location)
-    if source == "hub":
-        return CheckpointSeries.from_hub(location, [step]).load(step)
-    return CheckpointSeries.from_directory(location).load(step)
+    model = resolve_model(task.model_ref)
+    model.cfg.checkpoint = task.checkpoint
+    return model
 
 
 def run_task(task: ProbeTask) -> dict[str, Any]:
@@ -314,19 +407,15 @@ def run_task(task: ProbeTask) -> dict[str, Any]:
     "threads" (torch threads it ran with)}."""
     import torch
 
-    from probes.analysis import label_dataset, probe_model, zoo_fsm
-    from workbench.zoo.labels import FSM_LABELS
+    from probes.analysis import labels_for_model, probe_model
 
     start = time.perf_counter()
     try:
         settings = ProbeSettings(**task.settings)
-        model = _load(task.source, task.location, task.checkpoint)
+        model = _load(task)
         model.cfg.name = task.model
-        fsm = zoo_fsm(task.location) if task.label_set in FSM_LABELS else None
-        dataset = label_dataset(
-            task.label_set, tokenizer=model.tokenizer, fsm=fsm, n_sequences=settings.n_sequences,
-            seq_len=settings.seq_len, seed=settings.seed,
-        )  # fmt: skip
+        dataset = labels_for_model(task.labels or f"zoo:{task.label_set}", model, location=task.location,
+                                   data=task.data, position=task.position, settings=settings)  # fmt: skip
         rows = probe_model(model, dataset, list(task.hooks), settings)
         outcome = _outcome("done", start, rows=rows.to_dict("records"))
     except Exception as err:  # noqa: BLE001 — a failed task is reported in the status table, not raised
@@ -399,11 +488,10 @@ def run_job(
         status = job_status(path, job.workspace)
         done = set(status.loc[status["status"] == "done", "task"])
         tasks = [task for task in tasks if task.task_id not in done]
-    db = job.workspace.results()
     bar = tqdm(total=len(tasks), desc=f"probe job {job.name}", unit="task", disable=not progress)
     failed = 0
     for task, outcome in _execute(tasks, backend, workers, address, task_runner):
-        _commit(db, task, outcome)
+        _commit(job.workspace, task, outcome)
         failed += outcome["status"] == "failed"
         bar.set_postfix(failed=failed)
         bar.update()
@@ -411,12 +499,11 @@ def run_job(
     return job_status(path, job.workspace)
 
 
-def _commit(db, task: ProbeTask, outcome: dict[str, Any]) -> None:
-    from probes.analysis import RESULT_KEYS
-
+def _commit(workspace: Workspace, task: ProbeTask, outcome: dict[str, Any]) -> None:
+    """Store the task's rows, then its status, each through the one results writer (its own transaction)."""
     if outcome["rows"]:
         rows = pd.DataFrame(outcome["rows"]).assign(job=task.job)
-        db.write(RESULTS_TABLE, rows, replace_keys=RESULT_KEYS)
+        write_tables(workspace, ANALYSIS, {RESULTS_TABLE: rows})
     crash_point("probejob.results_written")
     status = pd.DataFrame([{
         "job": task.job, "task": task.task_id, "model": task.model, "checkpoint": task.checkpoint,
@@ -424,7 +511,7 @@ def _commit(db, task: ProbeTask, outcome: dict[str, Any]) -> None:
         "seconds": float(outcome["seconds"]), "fingerprint": task.fingerprint,
         "threads": outcome.get("threads"), "finished_at": datetime.now(UTC).replace(tzinfo=None),
     }])  # fmt: skip
-    db.write(STATUS_TABLE, status, replace_keys=["job", "task"])
+    write_tables(workspace, ANALYSIS, {STATUS_TABLE: status})
     crash_point("probejob.status_written")
 
 

@@ -231,7 +231,11 @@ def _whitener(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     covariance = (centred.transpose(1, 2) @ centred).double() / z.shape[1]
     jitter = 1e-6 * covariance.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
     covariance.diagonal(dim1=1, dim2=2).add_(jitter[:, None])
-    lower = torch.linalg.cholesky(covariance)
+    lower, info = torch.linalg.cholesky_ex(covariance)
+    while bool((info > 0).any()):  # fewer samples than dimensions: float32 round-off makes it indefinite
+        covariance.diagonal(dim1=1, dim2=2).add_(jitter[:, None] * 99)
+        jitter = jitter * 100
+        lower, info = torch.linalg.cholesky_ex(covariance)
     eye = torch.eye(z.shape[2], dtype=torch.float64).expand_as(lower)
     whiten = torch.linalg.solve_triangular(lower, eye, upper=False).transpose(1, 2)
     return whiten.float().contiguous(), lower.float()
