@@ -1,59 +1,85 @@
-"""`workbench neuron-path run`: neuron paths of a zoo model in a workspace, written to the results database."""
+"""`workbench neuron-path run MODEL --data DATA`: neuron paths of any causal LM or ViT classifier on any dataset,
+written to the workspace results database."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from workbench.cli_options import WorkspaceOption, fail
+from workbench.cli_options import (
+    DataOption,
+    DeviceOption,
+    ModelArgument,
+    ProgressOption,
+    SeedOption,
+    TrustRemoteCodeOption,
+    WorkspaceOption,
+    fail,
+    open_data,
+    open_model,
+)
 
 app = typer.Typer(help="Neuron-path attribution (joint integrated gradients over MLP neurons).")
 
-
-def _corpus(model: str) -> str | None:
-    from workbench.zoo.train import ZooError, get_spec
-
-    try:
-        return get_spec(model).corpus
-    except ZooError:
-        return None
+DATA_REQUIRED = (
+    "--data is required: the dataset the paths are traced on; for a causal LM text or token ids (a text file, "
+    "FILE.jsonl:FIELD, ids.npy, zoo:tokfsm, zoo:python-stdlib), for an image classifier inputs with a class label "
+    "array (zoo:digits)"
+)
 
 
 @app.command()
 def run(
-    model: str = typer.Argument("vit-digits", help="zoo model name in the workspace"),
-    steps: int = typer.Option(20, help="Riemann steps m"),
-    top_k: int = typer.Option(1, help="neurons per layer"),
-    per_class: int = typer.Option(8, help="ViT: test images per class"),
-    position: int = typer.Option(8, help="LM: token position analysed (the target is the token after it)"),
-    n_targets: int = typer.Option(3, help="LM: number of most frequent next tokens analysed"),
-    n_sequences: int = typer.Option(64, help="FSM models: sampled sequences (split among the targets)"),
+    model: ModelArgument,
+    data: DataOption = None,
+    position: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="LM: position analysed, the target is the token after it (default 8); ViT: default 0 (CLS).",
+        ),
+    ] = None,
+    n_targets: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="LM: most frequent next tokens analysed (default 3); ViT: classes (default all)."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Riemann steps m of the integrated gradients.")] = 20,
+    top_k: Annotated[int, typer.Option(min=1, help="Neurons per layer.")] = 1,
+    max_sequences: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="LM: token rows read from --data (split among the targets); ViT: images, split "
+            "evenly among the classes.",
+        ),
+    ] = 64,
+    label: Annotated[
+        str | None,
+        typer.Option(help="ViT: the label array of --data holding the classes (default: its only one)."),
+    ] = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Locate paths (ours and both baselines) for every class / target token and write the results tables."""
-    import torch
+    """Locate paths (ours and both baselines) for each target token / class and write the results tables; a model
+    or dataset the analysis cannot use is refused before any work."""
+    from circuits.neuron_path import ANALYSIS, write_results
+    from circuits.neuron_path import run as run_paths
 
-    from circuits.neuron_path import NeuronPathError, analyse, fsm_tokens, lm_tasks, vit_tasks, write_results
-    from workbench.checkpoints import CheckpointError, CheckpointSeries
-    from workbench.workspace import Workspace
-    from workbench.zoo.train import ZooError
-
-    ws = Workspace(workspace)
-    try:
-        series = CheckpointSeries.from_directory(ws.model_dir(model))
-        hooked = series.load(series.steps[-1]).eval()
-        if hooked.cfg.family == "vit":
-            tasks = vit_tasks(per_class)
-        elif _corpus(model) == "fsm":  # TokFSM zoo models: analyse sequences sampled from their FSM
-            tasks = lm_tasks(hooked, fsm_tokens(model, position + 2, n_sequences), position, n_targets)
-        else:
-            from workbench.zoo.corpora import python_source_texts
-
-            batch = hooked.tokenize(python_source_texts(max_files=128), max_length=position + 2)
-            full = batch["attention_mask"].bool().all(1)
-            tasks = lm_tasks(hooked, torch.as_tensor(batch["input_ids"])[full], position, n_targets)
-        paths, metrics = analyse(hooked, model, tasks, steps, top_k, progress=progress)
-    except (NeuronPathError, CheckpointError, ZooError) as err:
-        fail(err)
-    write_results(ws, paths, metrics)
-    typer.echo(metrics.to_string(index=False))
+    if data is None:
+        fail(DATA_REQUIRED)
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    dataset = open_data(data)
+    frames = run_paths(hooked, dataset, position=position, n_targets=n_targets, steps=steps, top_k=top_k,
+                       max_sequences=max_sequences, label=label, seed=seed, progress=progress)  # fmt: skip
+    write_results(workspace, frames)
+    metrics = frames["neuron_path_metrics"]
+    typer.echo(metrics[["method", "joint_score", "remove_prob_ratio", "remove_accuracy_change", "enhance_prob_ratio",
+                        "enhance_accuracy_change"]].to_string(index=False))  # fmt: skip
+    typer.echo(f"{len(frames['neuron_paths'])} path rows of {hooked.cfg.name} on {dataset.name!r} written to the "
+               f"workspace (tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip

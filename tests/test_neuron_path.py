@@ -1,44 +1,70 @@
-"""Neuron paths: closed-form IG check, bad input, science check on the zoo ViT, demo, CLI wiring and view."""
+"""Neuron paths: closed-form IG check, bad input, planted paths, science checks on the zoo ViT and fsm-tiny, the demo
+and its view, and `workbench neuron-path run MODEL --data DATA` on zoo models, a user's GPT-2 directory and text
+file, with immediate refusals of what cannot work."""
 
 from __future__ import annotations
 
+import shutil
+from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import transformers
+from streamlit.testing.v1 import AppTest
+from typer.testing import CliRunner
 
 from circuits.neuron_path import (
+    ANALYSIS,
+    HOOK,
     NeuronPathError,
     Task,
+    check,
+    class_tasks,
     demo_step,
+    influence_pattern_path,
     joint_score,
+    lm_tasks,
     locate_path,
     make_task,
     manipulate,
     target_probs,
-    vit_tasks,
+    token_rows,
+    top_activation_path,
 )
+from workbench.analysis import AnalysisNotApplicable
+from workbench.cli import app as cli
+from workbench.datasets import load_dataset
+from workbench.model import HookedModel
+from workbench.references import resolve_model
+from workbench.workspace import Workspace
 
 VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "neuron_paths.py"
+CODE_LINES = [
+    "def add(first, second):    return first + second",
+    "for index in range(10):    print(index * index)",
+    "import os, sys; print(os.path.join(sys.prefix, 'lib'))",
+    "class Point:    def __init__(self, x, y):        self.x = x",
+    "with open(path) as handle:    text = handle.read()",
+    "if value is None:    raise ValueError('value is required')",
+    "x",
+] * 4
 
 
 @pytest.fixture(scope="module")
 def vit(vit_model_dir):
-    from workbench.model import HookedModel
-
-    return HookedModel.from_pretrained(vit_model_dir).eval()
+    return resolve_model(vit_model_dir).eval()
 
 
 @pytest.fixture(scope="module")
-def task_three():
-    return vit_tasks(per_class=4)[3]
+def task_three(vit):
+    return class_tasks(vit, load_dataset("zoo:digits"), per_class=4)[3]
 
 
 def _probability_drop(model, task: Task, path: dict[int, list[int]]) -> float:
     """Mean of P(target) − P(target with the path's units zeroed and every other unit of their layers held at its
     clean value), at the task position: what the joint score integrates to."""
-    from circuits.neuron_path import HOOK
-
     with torch.no_grad(), model.capture([HOOK.format(layer=ly) for ly in path]) as cache:
         p_clean = target_probs(model(task.inputs), task.targets, task.position).double()
     clean = {ly: cache[HOOK.format(layer=ly)][:, task.position] for ly in path}
@@ -90,12 +116,6 @@ def test_locate_path_picks_the_best_candidate(vit, task_three) -> None:
 def test_demo_science_check_and_view(zoo_workspace, tmp_path, monkeypatch) -> None:
     """On the zoo ViT our path (3 neurons per layer) beats both baselines on joint score and removing it costs more
     accuracy than removing theirs; the view renders the results."""
-    import shutil
-
-    from streamlit.testing.v1 import AppTest
-
-    from workbench.workspace import Workspace
-
     workspace = Workspace(tmp_path / "ws").ensure()
     shutil.copytree(
         zoo_workspace.model_dir("vit-digits"), workspace.model_dir("vit-digits"), dirs_exist_ok=True
@@ -110,6 +130,8 @@ def test_demo_science_check_and_view(zoo_workspace, tmp_path, monkeypatch) -> No
     assert ours["remove_accuracy_change"] < metrics.loc["top_activation", "remove_accuracy_change"]
     paths = workspace.results().read("neuron_paths")
     assert set(paths["target"]) == set(range(10)) and set(paths["layer"]) == {0, 1}
+    assert (paths["n_inputs"] == 3).all() and set(paths["rank"]) == {0, 1, 2}
+    assert set(paths["dataset"]) == {"zoo:digits"} and set(paths["model"]) == {"vit-digits"}
 
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(workspace.root))
     app = AppTest.from_file(str(VIEW), default_timeout=60).run()
@@ -126,17 +148,34 @@ def test_demo_science_check_and_view(zoo_workspace, tmp_path, monkeypatch) -> No
 
 
 def test_cli_is_registered() -> None:
-    from importlib.metadata import entry_points
-
     names = {e.name for e in entry_points(group="workbench.cli")}
     assert "neuron-path" in names
     from circuits.neuron_path_cli import app
 
     assert any(c.name in (None, "run") and c.callback.__name__ == "run" for c in app.registered_commands)
+    assert ANALYSIS.table_names == ["neuron_paths", "neuron_path_metrics"]
+    assert all("dataset" in table.keys for table in ANALYSIS.tables)
 
 
-def test_make_task_for_lms_defaults_to_the_next_token(code_series) -> None:
-    lm = code_series.load(code_series.steps[-1]).eval()
+@pytest.fixture(scope="module")
+def code_lm(code_series):
+    return code_series.load(code_series.steps[-1]).eval()
+
+
+@pytest.fixture(scope="module")
+def fsm_lm(fsm_series):
+    return fsm_series.load(fsm_series.steps[-1]).eval()
+
+
+@pytest.fixture(scope="module")
+def fsm_task(fsm_lm):
+    rows = token_rows(fsm_lm, load_dataset("zoo:tokfsm"), position=6, max_rows=48)
+    (task,) = lm_tasks(fsm_lm, rows, position=6, n_targets=1).values()
+    return Task(task.inputs[:8], task.targets[:8], task.position)
+
+
+def test_make_task_for_lms_defaults_to_the_next_token(code_lm) -> None:
+    lm = code_lm
     tokens = torch.randint(0, lm.cfg.d_vocab, (3, 6))
     task = make_task(lm, tokens, None, position=2)
     assert isinstance(task, Task) and torch.equal(task.targets, tokens[:, 3])
@@ -150,10 +189,6 @@ def planted_network(write: float = 5.0, unembed: float = 3.0):
     writes ``write`` × the unembedding direction of token 5 (its unembedding is ``unembed`` × (e4 − e5)). Decoy
     neurons (7 at layer 0, 9 at layer 1) fire harder but write nothing; attention writes nothing; every other unit
     has small random weights."""
-    import transformers
-
-    from workbench.model import HookedModel
-
     torch.manual_seed(0)
     config = transformers.GPTNeoXConfig(
         vocab_size=6, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
@@ -189,8 +224,6 @@ def planted_network(write: float = 5.0, unembed: float = 3.0):
 
 
 def test_planted_path_is_recovered_exactly_and_the_baseline_is_fooled() -> None:
-    from circuits.neuron_path import top_activation_path
-
     model = planted_network()
     task = make_task(model, torch.tensor([[0, 1]] * 4), targets=torch.full((4,), 5), position=0)
     with torch.no_grad():
@@ -206,10 +239,6 @@ def test_planted_path_is_recovered_exactly_and_the_baseline_is_fooled() -> None:
 
 
 def test_a_task_built_directly_is_checked_where_it_is_scored(vit, task_three) -> None:
-    import numpy as np
-
-    from circuits.neuron_path import influence_pattern_path
-
     bad = Task(task_three.inputs, torch.full_like(task_three.targets, 10), 0)
     for call in (
         lambda: joint_score(vit, bad, {0: [1]}, steps=2),
@@ -231,25 +260,9 @@ def test_a_task_built_directly_is_checked_where_it_is_scored(vit, task_three) ->
         joint_score(vit, task_three, {0: [1]}, steps=True)
 
 
-@pytest.fixture(scope="module")
-def fsm_lm(fsm_series):
-    return fsm_series.load(fsm_series.steps[-1]).eval()
-
-
-@pytest.fixture(scope="module")
-def fsm_task(fsm_lm):
-    from circuits.neuron_path import fsm_tokens, lm_tasks
-
-    tasks = lm_tasks(fsm_lm, fsm_tokens("fsm-tiny", 8, n_sequences=48), position=6, n_targets=1)
-    (task,) = tasks.values()
-    return Task(task.inputs[:8], task.targets[:8], task.position)
-
-
 def test_lm_joint_score_is_complete_and_the_located_path_beats_the_baselines(fsm_lm, fsm_task) -> None:
     """On fsm-tiny at position 6: score ≈ P(clean) − P(path zeroed, every other unit clean) for the next token,
     and the layer-progressive path outscores both baselines and removing it lowers the target probability more."""
-    from circuits.neuron_path import influence_pattern_path, top_activation_path
-
     model, task = fsm_lm, fsm_task
     assert torch.equal(task.targets, task.inputs[:, 7])
     path = {0: [3, 10], 1: [5]}
@@ -273,8 +286,6 @@ def test_influence_pattern_on_the_planted_network() -> None:
     11, the only writer of the target direction; the decoys (7, 9) write nothing and get exactly zero gradient.
     Every pick equals a one-α-at-a-time autograd reference. At layer 0 the planted neuron 3 has a negative gradient
     (its write grows the final LayerNorm's norm), so the baseline misses it while the joint score finds it."""
-    from circuits.neuron_path import HOOK, influence_pattern_path
-
     model = planted_network(write=0.5, unembed=1.0)
     task = make_task(model, torch.tensor([[0, 1]] * 4), targets=torch.full((4,), 5), position=0)
     with torch.no_grad():
@@ -295,24 +306,183 @@ def test_influence_pattern_on_the_planted_network() -> None:
     assert locate_path(model, task, steps=10, progress=False)[0] == {0: [3], 1: [11]}
 
 
-def test_cli_runs_on_an_fsm_model_and_writes_checkpointed_rows(zoo_workspace, tmp_path) -> None:
-    from typer.testing import CliRunner
+def test_token_rows_come_from_the_datasets_iterator_and_keep_rows_with_a_next_token(
+    code_lm, tmp_path
+) -> None:
+    """A user's text file (a document per line) → rows [n, position + 2] equal to the tokenizer's ids of each line
+    that has a token after ``position`` (the one-token line is dropped); a seed shuffles the same rows."""
+    path = tmp_path / "snippets.txt"
+    path.write_text("\n".join(CODE_LINES[:7]) + "\n")
+    data = load_dataset(path)
+    expected = [
+        ids[:5] for ids in (code_lm.tokenizer(line)["input_ids"] for line in CODE_LINES[:7]) if len(ids) >= 5
+    ]
+    assert 0 < len(expected) < 7
+    rows = token_rows(code_lm, data, position=3, max_rows=64, seed=None)
+    assert rows.shape == (len(expected), 5) and rows.tolist() == expected
+    shuffled = token_rows(code_lm, data, position=3, max_rows=64, seed=1)
+    assert sorted(shuffled.tolist()) == sorted(expected)
+    assert token_rows(code_lm, data, position=3, max_rows=2, seed=None).tolist() == expected[:2]
+    with pytest.raises(NeuronPathError, match="no row of dataset .* has a token after position 200"):
+        token_rows(code_lm, data, position=200)
 
-    from circuits.neuron_path_cli import app
-    from workbench.workspace import Workspace
 
-    workspace = Workspace(tmp_path).ensure()
-    workspace.model_dir("fsm-tiny").symlink_to(zoo_workspace.model_dir("fsm-tiny"), target_is_directory=True)
-    args = ["--steps", "2", "--position", "4", "--n-targets", "1", "--n-sequences", "24", "--no-progress"]
-    result = CliRunner().invoke(app, ["fsm-tiny", *args, "-w", str(tmp_path)])
+def test_check_refuses_a_model_without_mlp_neurons() -> None:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_vocab=64,
+                                     attn_only=True, act_fn="relu")  # fmt: skip
+    attention_only = resolve_model(HookedTransformer(config))
+    with pytest.raises(
+        AnalysisNotApplicable, match=r"no blocks\.0\.mlp\.hook_post \(an attention-only model\)"
+    ):
+        check(attention_only, load_dataset("zoo:tokfsm", limit=4))
+
+
+runner = CliRunner()
+FAST = ["--steps", "2", "--n-targets", "1", "--max-sequences", "16", "--no-progress"]
+
+
+def _workspace(zoo_workspace, root: Path) -> Workspace:
+    """A fresh workspace whose models/ link to the zoo's, so results land here and not in the shared zoo."""
+    workspace = Workspace(root).ensure()
+    for name in ("fsm-tiny", "code-tiny", "vit-digits"):
+        workspace.model_dir(name).symlink_to(zoo_workspace.model_dir(name), target_is_directory=True)
+    return workspace
+
+
+def _neuron_path(workspace: Workspace, *args: str):
+    return runner.invoke(cli, ["neuron-path", "run", *args, "-w", str(workspace.root)])
+
+
+def _last_step(workspace: Workspace, name: str) -> int:
+    return max(int(p.name.removeprefix("step")) for p in workspace.model_dir(name).glob("step*"))
+
+
+@pytest.fixture(scope="module")
+def code_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("np-data") / "snippets.txt"
+    path.write_text("\n".join(CODE_LINES) + "\n")
+    return path
+
+
+def test_cli_on_fsm_tiny_with_zoo_tokfsm_and_the_same_tokens_from_a_users_file(
+    zoo_workspace, tmp_path
+) -> None:
+    """`--data zoo:tokfsm` writes rows keyed by model, last checkpoint and dataset; a rerun replaces them; the same
+    token rows saved as the user's ids.npy give the same paths under their own dataset name, beside the zoo rows."""
+    workspace = _workspace(zoo_workspace, tmp_path / "ws")
+    args = ["fsm-tiny", "--position", "4", *FAST]
+    result = _neuron_path(workspace, *args, "--data", "zoo:tokfsm")
     assert result.exit_code == 0, result.output
-    metrics = workspace.results().read("neuron_path_metrics")
+    db = workspace.results()
+    metrics = db.read("neuron_path_metrics", dataset="zoo:tokfsm")
+    paths = db.read("neuron_paths", dataset="zoo:tokfsm")
+    step = _last_step(workspace, "fsm-tiny")
+    assert set(metrics["method"]) == {"joint_ig", "top_activation", "influence_pattern"} and len(metrics) == 3
+    assert (metrics["model"] == "fsm-tiny").all() and (paths["model"] == "fsm-tiny").all()
+    assert (metrics["checkpoint"] == step).all() and (paths["checkpoint"] == step).all()
+    assert set(paths["layer"]) == {0, 1} and (paths["position"] == 4).all() and paths["target"].nunique() == 1
+    assert (paths["hook"] == "blocks.*.mlp.hook_post").all() and (paths["n_inputs"] <= 16).all()
+    assert _neuron_path(workspace, *args, "--data", "zoo:tokfsm").exit_code == 0
+    assert len(db.read("neuron_path_metrics")) == 3 and len(db.read("neuron_paths")) == len(paths)
+
+    ids = tmp_path / "fsm_ids.npy"
+    np.save(ids, load_dataset("zoo:tokfsm").token_ids.numpy())
+    name = load_dataset(ids).name
+    assert name != "zoo:tokfsm"
+    result = _neuron_path(workspace, *args, "--data", str(ids))
+    assert result.exit_code == 0, result.output
+    both = db.read("neuron_paths")
+    assert set(both["dataset"]) == {"zoo:tokfsm", name} and len(db.read("neuron_path_metrics")) == 6
+    columns = ["target", "method", "layer", "rank", "neuron"]
+    ours = both[both["dataset"] == name].sort_values(columns)[columns].reset_index(drop=True)
+    assert ours.equals(
+        both[both["dataset"] == "zoo:tokfsm"].sort_values(columns)[columns].reset_index(drop=True)
+    )
+
+
+def test_cli_on_a_zoo_checkpoint_with_a_users_text_file(zoo_workspace, code_file, tmp_path) -> None:
+    """`code-tiny@250 --data snippets.txt`: rows of checkpoint 250 under the file's dataset name, the target being
+    the most frequent token after position 3 of the file's lines."""
+    workspace = _workspace(zoo_workspace, tmp_path / "ws")
+    result = _neuron_path(workspace, "code-tiny@250", "--data", str(code_file), "--position", "3", *FAST)
+    assert result.exit_code == 0, result.output
     paths = workspace.results().read("neuron_paths")
-    last_step = max(int(p.name.removeprefix("step")) for p in workspace.model_dir("fsm-tiny").glob("step*"))
-    assert set(metrics["method"]) == {"joint_ig", "top_activation", "influence_pattern"}
-    assert (metrics["checkpoint"] == last_step).all() and (paths["checkpoint"] == last_step).all()
-    assert set(paths["layer"]) == {0, 1} and (paths["position"] == 4).all()
-    again = CliRunner().invoke(app, ["fsm-tiny", *args, "-w", str(tmp_path)])
-    assert again.exit_code == 0 and len(workspace.results().read("neuron_path_metrics")) == 3
-    missing = CliRunner().invoke(app, ["nope", "-w", str(tmp_path)])
-    assert missing.exit_code == 2 and "error:" in missing.output
+    model = resolve_model("code-tiny@250", workspace=workspace)
+    rows = token_rows(model, load_dataset(code_file), position=3, max_rows=16)
+    values, counts = rows[:, 4].unique(return_counts=True)
+    assert (paths["model"] == "code-tiny").all() and (paths["checkpoint"] == 250).all()
+    assert (paths["dataset"] == load_dataset(code_file).name).all()
+    assert set(paths["target"]) == {int(values[counts.argmax()])}
+    assert (paths["n_inputs"] == int(counts.max())).all() and (paths["target_text"].str.len() > 0).all()
+
+
+def test_cli_on_a_users_gpt2_directory_and_text_file(zoo_workspace, code_file, tmp_path) -> None:
+    """A GPT-2 saved by the user (not from the zoo, the zoo tokenizer copied next to it): rows under its directory,
+    no checkpoint, top-2 neurons per layer inside d_mlp; a position past its 64-token context is refused."""
+    workspace = _workspace(zoo_workspace, tmp_path / "ws")
+    model_dir = tmp_path / "my-gpt2"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_workspace.model_dir("code-tiny") / name, model_dir / name)
+    result = _neuron_path(workspace, str(model_dir), "--data", str(code_file), "--position", "3", "--top-k", "2",
+                          *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    paths = workspace.results().read("neuron_paths")
+    metrics = workspace.results().read("neuron_path_metrics")
+    assert set(paths["model"]) == {resolve_model(model_dir).cfg.name} and paths["checkpoint"].isna().all()
+    assert (paths["dataset"] == load_dataset(code_file).name).all() and len(metrics) == 3
+    assert set(paths["layer"]) == {0, 1} and set(paths["rank"]) == {0, 1}
+    assert paths["neuron"].between(0, 4 * 32 - 1).all()
+    beyond = _neuron_path(workspace, str(model_dir), "--data", str(code_file), "--position", "63", *FAST)
+    assert beyond.exit_code == 2 and "pick a position in 0..62" in beyond.output
+
+
+def test_cli_on_vit_digits_with_zoo_digits(zoo_workspace, tmp_path) -> None:
+    """`vit-digits --data zoo:digits --n-targets 2 --max-sequences 6`: the two most frequent classes, 3 images each,
+    at CLS, at the last checkpoint."""
+    workspace = _workspace(zoo_workspace, tmp_path / "ws")
+    args = ["--steps", "2", "--n-targets", "2", "--max-sequences", "6", "--no-progress"]
+    result = _neuron_path(workspace, "vit-digits", "--data", "zoo:digits", *args)
+    assert result.exit_code == 0, result.output
+    paths = workspace.results().read("neuron_paths")
+    counts = np.bincount(load_dataset("zoo:digits").labels["digit"], minlength=10)
+    targets = set(paths["target"])
+    assert len(targets) == 2 and min(counts[list(targets)]) >= max(np.delete(counts, list(targets)))
+    assert (paths["model"] == "vit-digits").all() and (
+        paths["checkpoint"] == _last_step(workspace, "vit-digits")
+    ).all()
+    assert (
+        (paths["dataset"] == "zoo:digits").all()
+        and (paths["position"] == 0).all()
+        and (paths["n_inputs"] == 3).all()
+    )
+
+
+def test_cli_refuses_at_once_what_cannot_work(zoo_workspace, code_file, tmp_path) -> None:
+    """MiniLM (an encoder: hidden states, no target probability), an image dataset for an LM, text for the ViT, a
+    position beyond the context, no --data: exit 2, one `error:` line naming the fix, nothing written."""
+    workspace = _workspace(zoo_workspace, tmp_path / "ws")
+    cases = {
+        ("minilm", "--data", str(code_file)): "is an encoder whose forward returns hidden states",
+        (
+            "fsm-tiny",
+            "--data",
+            "zoo:digits",
+        ): "holds inputs of shape (450, 1, 8, 8) (images); pass a text or token",
+        ("vit-digits", "--data", str(code_file)): "is an image classifier, but dataset",
+        ("fsm-tiny", "--data", "zoo:tokfsm", "--position", "5000"): "beyond the context of fsm-tiny",
+        ("vit-digits", "--data", "zoo:digits", "--position", "40"): "beyond the 17 positions of vit-digits",
+        ("vit-digits",): "--data is required",
+        ("no-such-model", "--data", "zoo:tokfsm"): "no-such-model",
+    }
+    for args, message in cases.items():
+        result = _neuron_path(workspace, *args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2, (args, result.output)
+        assert len(errors) == 1 and message in errors[0], (args, result.output)
+        assert "Traceback" not in result.output
+    assert "neuron_paths" not in workspace.results().tables()
