@@ -219,15 +219,23 @@ def track_massive(
     progress: bool = True,
     **kwargs: Any,
 ) -> MassiveReport:
-    """:func:`detect_massive` at every checkpoint (loaded one at a time); rows carry the checkpoint step."""
+    """:func:`detect_massive` at every checkpoint (loaded one at a time); rows carry the checkpoint step.
+
+    Checkpoints byte-identical to an earlier one are analysed once (``CheckpointSeries.iter``) and named in a note.
+    """
     models = series.iter(steps=steps, progress=progress) if hasattr(series, "iter") else series
     reports = [detect_massive(model, inputs, hooks, criteria=criteria, **kwargs) for model in models]
     if not reports:
         raise MassiveError("the series yielded no checkpoints")
+    notes = list(reports[0].notes)
+    duplicates = getattr(series, "duplicates", {})
+    if duplicates:
+        notes.append("byte-identical checkpoints analysed once: "
+                     + ", ".join(f"step {s} = step {o}" for s, o in sorted(duplicates.items())))  # fmt: skip
     return MassiveReport(
         pd.concat([r.layers for r in reports], ignore_index=True),
         pd.concat([r.top for r in reports], ignore_index=True),
-        reports[0].notes,
+        notes,
     )
 
 

@@ -66,6 +66,10 @@ def massive_command(
     )
     from workbench.references import resolve_series
 
+    from workbench.emergence import FAMILIES, FitError
+
+    if family not in FAMILIES:
+        raise FitError(f"unknown curve family {family!r}; registered: {', '.join(FAMILIES)}")
     criteria = MassiveCriteria(abs_threshold=abs_threshold, ratio_threshold=ratio_threshold)
     names = hooks or ["blocks.*.hook_resid_post"]
     dataset = open_data(data) if data else default_prompts()
@@ -77,7 +81,13 @@ def massive_command(
     fits = None
     if len(series) > 1:
         report = track_massive(series, inputs, names, criteria=criteria, progress=progress, **options)
-        fits = fit_emergence(report.layers, metric="top1", family=family)
+        distinct = report.layers["checkpoint"].nunique()
+        needed = len(FAMILIES[family].params) + 1
+        if distinct >= needed:
+            fits = fit_emergence(report.layers, metric="top1", family=family)
+        else:
+            report.notes.append(f"no {family} emergence fit: it needs {needed} distinct checkpoints, the series has "
+                                f"{distinct}; pass more --step values or --family log")  # fmt: skip
     else:
         report = detect_massive(series.load(series.steps[0]), inputs, names, criteria=criteria, progress=progress,
                                 **options)  # fmt: skip

@@ -1,0 +1,139 @@
+"""Issue 15's acceptance matrix: every analysis command × {a zoo checkpoint, a GPT-2-architecture directory that is
+not from the zoo, MiniLM, a Pythia-style series through the offline hub cache} × {a text file, a jsonl column, a
+save_to_disk folder}, plus a TransformerLens HookedTransformer through the Python API. Each cell either writes its
+result rows (read back from the results DB, with the cell's model and dataset) or, where the analysis does not apply,
+fails at once — exit 2, one line, the reason — having written nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+from workbench.cli import app
+from workbench.workspace import Workspace
+
+runner = CliRunner()
+TEXTS = [
+    "def add(a, b):\n    return a + b",
+    "import os\nprint(os.path.join('a', 'b'))",
+    "for i in range(10):\n    print(i * i)",
+    "class Point:\n    def __init__(self, x):\n        self.x = x",
+    "data = {'a': [1, 2, 3], 'b': (4, 5)}",
+    "while True:\n    break",
+]
+MODELS = ("zoo", "gpt2-dir", "minilm", "hub")
+DATASETS = ("text", "jsonl", "hf-disk")
+
+
+@pytest.fixture(scope="module")
+def matrix(zoo_workspace, hub_repo, tmp_path_factory):
+    """A fresh workspace (holding the zoo models), the model references and the dataset references of the matrix."""
+    root = tmp_path_factory.mktemp("matrix")
+    workspace = root / "workspace"
+    shutil.copytree(zoo_workspace.model_dir("code-tiny"), workspace / "models" / "code-tiny")
+    gpt2 = root / "my-gpt2"
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)).save_pretrained(
+        gpt2
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_workspace.model_dir("code-tiny") / name, gpt2 / name)
+    (root / "notes.txt").write_text("\n".join(t.replace("\n", " ; ") for t in TEXTS) + "\n", encoding="utf-8")
+    (root / "rows.jsonl").write_text("".join(json.dumps({"code": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(root / "hf"))
+    models = {"zoo": "code-tiny@300", "gpt2-dir": str(gpt2), "minilm": "minilm", "hub": hub_repo}
+    data = {"text": str(root / "notes.txt"), "jsonl": f"{root / 'rows.jsonl'}:code", "hf-disk": str(root / "hf")}
+    names = {"text": "notes.txt", "jsonl": "rows.jsonl:code", "hf-disk": "hf"}
+    return {"workspace": workspace, "models": models, "data": data, "dataset_names": names}
+
+
+def _model_name(matrix, model: str) -> str:
+    """The model name result rows carry for a matrix model."""
+    return {"zoo": "code-tiny", "minilm": "minilm", "hub": matrix["models"]["hub"]}.get(
+        model, matrix["models"]["gpt2-dir"]
+    )
+
+
+def _invoke(args: list[str]):
+    start = time.monotonic()
+    result = runner.invoke(app, args)
+    return result, time.monotonic() - start
+
+
+def _assert_refused(result, reason: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and reason in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_massive(matrix, model, dataset) -> None:
+    ws = matrix["workspace"]
+    args = ["massive", matrix["models"][model], "--data", matrix["data"][dataset], "--workspace", str(ws),
+            "--no-progress", "--context-length", "32"]  # fmt: skip
+    if model == "hub":
+        args += ["--step", "0", "--step", "1", "--step", "2", "--step", "3", "--step", "300"]
+    result, _ = _invoke(args)
+    assert result.exit_code == 0, result.output
+    rows = Workspace(ws).results().read("massive_layers", model=_model_name(matrix, model),
+                              dataset=matrix["dataset_names"][dataset])  # fmt: skip
+    assert len(rows) > 0 and rows["top1"].gt(0).all()
+    if model == "hub":  # a series: one row per distinct checkpoint and hook, step3 (= step2's bytes) analysed once
+        assert sorted(rows["checkpoint"].unique()) == [0, 1, 2, 300]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_attention(matrix, model, dataset) -> None:
+    ws = matrix["workspace"]
+    ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
+    result, _ = _invoke(["attention", ref, "--data", matrix["data"][dataset], "--workspace", str(ws),
+                         "--no-progress", "--context-length", "32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = Workspace(ws).results().read("attention_stats", model=_model_name(matrix, model),
+                              dataset=matrix["dataset_names"][dataset])  # fmt: skip
+    assert len(rows) > 0 and rows["entropy"].ge(0).all() and rows["sink"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_capture(matrix, model, dataset) -> None:
+    from workbench.store import ActivationStore
+
+    out = matrix["workspace"] / "stores" / f"{model}-{dataset}"
+    result, _ = _invoke(["capture", matrix["models"][model], "--hooks", "blocks.0.hook_resid_post", "--data",
+                         matrix["data"][dataset], "--out", str(out), "--workspace", str(matrix["workspace"]),
+                         "--no-progress", "--context-length", "32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(out, verify="full")
+    assert store.n_rows > len(TEXTS) and store.manifest["dataset"] == matrix["dataset_names"][dataset]
+
+
+def test_transformer_lens_model_through_the_python_api(matrix) -> None:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from workbench.attention.summary import attention_statistics
+    from workbench.datasets import load_dataset
+    from workbench.massive import detect_massive
+    from workbench.references import resolve_model
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_vocab=512, act_fn="gelu",
+                                  d_mlp=64, tokenizer_name=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = resolve_model(HookedTransformer(cfg))
+    model.tokenizer = resolve_model("code-tiny", workspace=matrix["workspace"]).tokenizer
+    for dataset in DATASETS:
+        data = load_dataset(matrix["data"][dataset])
+        report = detect_massive(model, data, dataset=data.name, max_length=32)
+        assert len(report.layers) == 2 and report.layers["top1"].gt(0).all()
+        assert len(attention_statistics(model, data, max_length=32)) == 2 * 4
