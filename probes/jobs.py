@@ -337,15 +337,16 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
         hooks = _check_hooks_and_labels(ProbeTask(job.name, name, source, location, steps[-1], "", (), {}), entry)
         settings = job.settings.to_dict()
         data, position = entry.get("data"), entry.get("position")
-        plain = [(label_set, "", "") for label_set in entry.get("label_sets", [])]
-        sources = [(s.label_set(position if s.kind in ("sequence", "function") else None), s.reference, s.digest)
-                   for s in entry["_labels"]]  # fmt: skip
+        plain = [(label_set, "", None, "") for label_set in entry.get("label_sets", [])]
+        sources = []
+        for label_source in entry["_labels"]:
+            at = position if label_source.kind in ("sequence", "function") else None
+            sources.append((label_source.label_set(at), label_source.reference, at, label_source.digest))
         for step in steps:
-            for label_set, labels, digest in plain + sources:
-                zoo_plain = not labels
+            for label_set, labels, at, digest in plain + sources:
                 task = ProbeTask(
                     job.name, probe_model_name, source, location, step, label_set, hooks, settings, where,
-                    labels=labels, data=data, position=None if zoo_plain else position, digest=digest,
+                    labels=labels, data=data, position=at, digest=digest,
                 )  # fmt: skip
                 if task.task_id in tasks:
                     raise ProbeJobError(
