@@ -134,6 +134,25 @@ def test_bad_sites_and_codes_raise_clear_errors(fsm_series) -> None:
         codebook_dir(None, "../elsewhere")
 
 
+def test_same_seed_same_codes_other_seed_other_codes_global_rng_left_alone(fsm_series) -> None:
+    from workbench.zoo.corpora import TokFSM
+    from workbench.zoo.train import get_spec
+
+    model = fsm_series.load(fsm_series.steps[-1])
+    spec = get_spec("fsm-tiny")
+    tokens = torch.from_numpy(TokFSM(**spec.fsm, seed=spec.seed).sample(64, 12, seed=3)[0])
+    site = "blocks.0.hook_mlp_out"
+    before = torch.get_rng_state()
+    codes = [
+        train_codebooks(
+            model, tokens, [site], n_codes=12, steps=4, batch_size=8, dead_every=2, seed=seed, progress=False
+        )[0][site].codes
+        for seed in (0, 0, 1)
+    ]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
+
+
 def test_per_head_training_checkpoints_resumes_and_steers(fsm_series, tmp_path) -> None:
     from workbench.zoo.corpora import TokFSM
     from workbench.zoo.train import get_spec

@@ -555,3 +555,20 @@ def test_data_init_is_the_least_squares_scale(architecture, extra) -> None:
     assert float(residual.pow(2).sum()) < float((x - x.mean(0)).pow(2).sum())
     if architecture == "jumprelu":
         assert torch.equal(f > 0, fired_before)
+
+
+def test_cli_train_same_seed_same_sae_bytes(zoo_workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from circuits.sae_cli import app
+
+    workspace = tmp_path / "ws"
+    (workspace / "models").mkdir(parents=True)
+    (workspace / "models" / "code-tiny").symlink_to(zoo_workspace.model_dir("code-tiny"))
+    for sae_id, seed in (("a", 0), ("b", 0), ("c", 1)):
+        result = CliRunner().invoke(app, ["train", "code-tiny", "--hook", "blocks.0.hook_resid_post", "--d-sae", "32",
+                                          "--k", "4", "--steps", "10", "--sequences", "8", "--seed", str(seed),
+                                          "--sae-id", sae_id, "--workspace", str(workspace), "--no-progress"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    weights = {i: (workspace / "saes" / i / "sae_weights.safetensors").read_bytes() for i in "abc"}
+    assert weights["a"] == weights["b"] != weights["c"]
