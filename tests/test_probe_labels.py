@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
 from probes.analysis import ProbeSettings, collect_activations, probe_model, split_by_sequence
-from probes.jobs import job_status, run_job
+from probes.jobs import job_status, load_job, run_job
 from probes.labels import LabelError, align_char_labels, load_labels, parse_label_source
 from workbench.references import resolve_model
 from workbench.workspace import Workspace
@@ -274,3 +274,16 @@ def test_bad_label_files_exit_2_with_one_line(gpt2_dir, tmp_path, name, content,
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_example_job_files_parse_with_their_label_files() -> None:
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    job = load_job(examples / "my_labels.toml")
+    sources = [entry["_labels"][0] for entry in job.entries]
+    assert [s.kind for s in sources] == ["sequence", "chars"] and job.entries[0]["position"] == "first"
+    assert sources[0].label_set("first") == "my_sentiment.csv:label@first"
+    assert set(sources[0].raw) == {"positive", "negative"} and Path(sources[1].reference).is_file()
+    zoo = load_job(examples / "zoo_probes.toml")
+    assert zoo.entries[0]["label_sets"] == ["bracket_depth", "inside_string"]

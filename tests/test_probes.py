@@ -52,6 +52,25 @@ def test_batched_logistic_matches_sklearn_per_site() -> None:
     assert accuracy[0] < 0.35 < accuracy[1] < accuracy[2]
 
 
+def test_logistic_with_fewer_samples_than_dimensions_matches_sklearn() -> None:
+    """n < d (a few labelled sentences in a 384-wide residual stream): the whitening covariance is singular, which
+    float32 round-off makes indefinite; the fit still runs and agrees with sklearn on held-out rows."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(60) % 2
+    latent = torch.randn(60, 8, generator=g)  # low-rank activations, as in a real residual stream
+    latent[:, 0] += 2 * y
+    x = (latent @ torch.randn(8, 384, generator=g) + 0.01 * torch.randn(60, 384, generator=g))[None]
+    l2 = 1e-2
+    probes = fit_probes(x[:, :40], y[:40], l2=l2, max_iter=300)
+    scaler = StandardScaler().fit(x[0, :40].numpy())
+    reference = LogisticRegression(C=1 / (l2 * 40), max_iter=5000).fit(scaler.transform(x[0, :40].numpy()), y[:40])
+    expected = reference.predict(scaler.transform(x[0, 40:].numpy()))
+    agree = (probes.predict(x[:, 40:])[0].numpy() == expected).mean()
+    assert agree >= 0.95
+    assert float(probes.score(x[:, 40:], y[40:])[0]) == pytest.approx((expected == y[40:].numpy()).mean(), abs=0.05)
+    assert float(probes.score(x[:, 40:], y[40:])[0]) > 0.7  # above chance: the signal is in latent 0
+
+
 def test_ridge_matches_sklearn_closed_form() -> None:
     x, y = planted()
     target = torch.stack([y.float() * 2 + x[2, :, 0], x[1, :, 3]], dim=1)
