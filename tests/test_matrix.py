@@ -137,3 +137,21 @@ def test_transformer_lens_model_through_the_python_api(matrix) -> None:
         report = detect_massive(model, data, dataset=data.name, max_length=32)
         assert len(report.layers) == 2 and report.layers["top1"].gt(0).all()
         assert len(attention_statistics(model, data, max_length=32)) == 2 * 4
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_neuron_path(matrix, model, dataset) -> None:
+    ws = matrix["workspace"]
+    ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
+    result, seconds = _invoke(["neuron-path", "run", ref, "--data", matrix["data"][dataset], "--workspace", str(ws),
+                               "--no-progress", "--position", "3", "--n-targets", "1", "--steps", "4",
+                               "--max-sequences", "6"])  # fmt: skip
+    if model == "minilm":  # an encoder whose forward gives hidden states: no target probability to attribute
+        _assert_refused(result, "neuron")
+        assert seconds < 30
+        return
+    assert result.exit_code == 0, result.output
+    rows = Workspace(ws).results().read("neuron_path_metrics", model=_model_name(matrix, model),
+                                        dataset=matrix["dataset_names"][dataset])  # fmt: skip
+    assert len(rows) > 0

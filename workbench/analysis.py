@@ -31,6 +31,7 @@ from workbench.workspace import Workspace
 REQUIREMENTS = {
     "tokenizer": "a tokenizer (text input)",
     "causal": "a causal language model (next-token logits)",
+    "logits": "output logits (a causal LM's next-token or a classifier's class logits)",
     "mlp": "MLP blocks (d_mlp > 0)",
     "rotary": "rotary position embeddings (GPT-NeoX / Llama)",
     "text": "a text dataset (documents or token ids)",
@@ -96,6 +97,8 @@ def _meets(requirement: str, model: Any, data: Any) -> bool:
         return model.tokenizer is not None or (data is not None and data.modality == "tokens")
     if requirement == "causal":
         return bool(cfg.causal) and cfg.family != "vit"
+    if requirement == "logits":
+        return (bool(cfg.causal) and cfg.family != "vit") or cfg.family == "vit"
     if requirement == "mlp":
         return cfg.d_mlp > 0
     if requirement == "rotary":
@@ -104,7 +107,7 @@ def _meets(requirement: str, model: Any, data: Any) -> bool:
 
 
 def _advice(missing: list[str]) -> str:
-    if "causal" in missing:
+    if "causal" in missing or "logits" in missing:
         return "use a causal LM (GPT-2, GPT-NeoX/Pythia, Llama, a code-* or fsm-* zoo model)"
     if "rotary" in missing:
         return "use a GPT-NeoX (Pythia) or Llama model"

@@ -6,20 +6,25 @@ import plotly.express as px
 import streamlit as st
 
 from app.data import empty_state, open_workspace_or_stop, table
+from circuits.neuron_path import ANALYSIS
+
+PATHS, METRICS = (t.name for t in ANALYSIS.tables)
 
 st.title("Neuron paths")
 db = open_workspace_or_stop()
-metrics = table(db, "neuron_path_metrics")
-paths = table(db, "neuron_paths")
+metrics = table(db, METRICS)
+paths = table(db, PATHS)
 if metrics is None or metrics.empty or paths is None or paths.empty:
-    empty_state("neuron-path results", "workbench neuron-path run vit-digits")
+    empty_state(ANALYSIS.description or "neuron paths",
+                f"{ANALYSIS.command}    # e.g. workbench neuron-path run vit-digits --data zoo:digits")  # fmt: skip
     st.stop()
 model = st.selectbox("model", sorted(metrics["model"].unique()))
 rows = metrics[metrics["model"] == model]
 neurons = paths[paths["model"] == model]
-if "checkpoint" in rows and rows["checkpoint"].nunique() > 1:  # runs on several checkpoints of one series
-    step = st.selectbox("checkpoint", sorted(rows["checkpoint"].dropna().unique(), reverse=True))
-    rows, neurons = rows[rows["checkpoint"] == step], neurons[neurons["checkpoint"] == step]
+for column, label in (("checkpoint", "checkpoint"), ("dataset", "dataset"), ("position", "position")):
+    if column in rows and rows[column].nunique() > 1:  # several runs of this model: show one at a time
+        value = st.selectbox(label, sorted(rows[column].dropna().unique(), key=str, reverse=column == "checkpoint"))
+        rows, neurons = rows[rows[column] == value], neurons[neurons[column] == value]
 st.subheader("Methods compared (averaged over targets)")
 score_fig = px.bar(
     rows, x="method", y="joint_score", color="method", title="Joint IG score of each method's path"
