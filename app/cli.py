@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,13 @@ MAIN = Path(__file__).with_name("main.py")
 
 
 def serve(workspace: Path, host: str, port: int) -> None:
-    """Run the Streamlit app in the foreground."""
+    """Run the Streamlit app in the foreground (a port already in use fails at once, naming --port)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        fail(f"cannot serve on {host}:{port} ({err.strerror or err}); another server holds it: pass --port N "
+             "(e.g. --port 8502), or stop the other server")  # fmt: skip
     url = f"http://{host}:{port}"
     typer.secho(f"dashboard: {url}  (workspace {workspace}; Ctrl-C to stop)", fg=typer.colors.GREEN)
     command = [

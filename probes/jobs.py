@@ -186,7 +186,15 @@ def load_job(path: str | Path, workspace: str | Path | Workspace | None = None) 
     path = Path(path)
     if not path.is_file():
         raise ProbeJobError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        encoding = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ProbeJobError(
+            f"{path} is not UTF-8{encoding} (byte {err.start}); TOML files must be UTF-8: re-save it as UTF-8, e.g. "
+            f"`iconv -f utf-16 -t utf-8 {path} > {path.stem}.utf8.toml`"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

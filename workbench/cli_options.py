@@ -11,6 +11,7 @@ import typer
 if TYPE_CHECKING:
     import torch
 
+    from workbench.checkpoints import CheckpointSeries
     from workbench.datasets import Dataset
     from workbench.model import HookedModel
 
@@ -69,11 +70,37 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def open_model(model: str, workspace: Path | None = None, device: str = "cpu", dtype: str = "float32",
                trust_remote_code: bool = False) -> HookedModel:  # fmt: skip
-    """Resolve a MODEL argument through the one resolver (``workbench.references.resolve_model``)."""
+    """Resolve a MODEL argument through the one resolver (``workbench.references.resolve_model``).
+
+    The workspace's results database is opened first, so a corrupt or locked one fails before any model work.
+    """
     from workbench.references import resolve_model
+
+    check_results(workspace)
 
     return resolve_model(model, workspace=workspace, device=device, dtype=parse_dtype(dtype),
                          trust_remote_code=trust_remote_code)  # fmt: skip
+
+
+def open_series(model: str, workspace: Path | None = None, steps: list[int] | None = None, device: str = "cpu",
+                dtype: str = "float32", trust_remote_code: bool = False) -> CheckpointSeries:  # fmt: skip
+    """Resolve a MODEL argument as a checkpoint series (``workbench.references.resolve_series``), after
+    :func:`check_results`."""
+    from workbench.references import resolve_series
+
+    check_results(workspace)
+    return resolve_series(model, workspace=workspace, steps=steps, device=device, dtype=parse_dtype(dtype),
+                          trust_remote_code=trust_remote_code)  # fmt: skip
+
+
+def check_results(workspace: Path | None) -> None:
+    """Open the workspace's results database if it exists: a corrupt or locked one raises its clear error now,
+    before a command spends time on models and data."""
+    from workbench.workspace import Workspace
+
+    ws = Workspace(workspace)
+    if ws.results_path.exists():
+        ws.results().tables()
 
 
 def open_data(data: str | None, default: str | None = None, limit: int | None = None) -> Dataset:

@@ -17,7 +17,7 @@ from workbench.cli_options import (
     TrustRemoteCodeOption,
     WorkspaceOption,
     open_data,
-    parse_dtype,
+    open_series,
 )
 
 DEFAULT_TEXTS = [
@@ -56,6 +56,7 @@ def massive_command(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Find massive activations per layer; over a checkpoint series, also fit their emergence curves."""
+    from workbench.emergence import FAMILIES, FitError
     from workbench.massive import (
         ANALYSIS,
         MassiveCriteria,
@@ -64,9 +65,6 @@ def massive_command(
         track_massive,
         write_results,
     )
-    from workbench.references import resolve_series
-
-    from workbench.emergence import FAMILIES, FitError
 
     if family not in FAMILIES:
         raise FitError(f"unknown curve family {family!r}; registered: {', '.join(FAMILIES)}")
@@ -74,8 +72,7 @@ def massive_command(
     names = hooks or ["blocks.*.hook_resid_post"]
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)
-    series = resolve_series(model, workspace=workspace, steps=steps, device=device, dtype=parse_dtype(dtype),
-                            trust_remote_code=trust_remote_code)  # fmt: skip
+    series = open_series(model, workspace, steps, device, dtype, trust_remote_code)
     options = {"batch_size": batch_size, "max_length": context_length, "dataset": dataset.name}
     inputs = _budget(dataset, series, context_length, max_tokens)
     fits = None

@@ -17,7 +17,7 @@ from workbench.cli_options import (
     TrustRemoteCodeOption,
     WorkspaceOption,
     open_data,
-    parse_dtype,
+    open_series,
 )
 from workbench.massive_cli import StepsOption, _budget, default_prompts
 
@@ -41,12 +41,10 @@ def attention_command(
 ) -> None:
     """Mean attention entropy, sink mass, log-sum-exp and max logit per layer × head (× checkpoint)."""
     from workbench.attention.summary import ANALYSIS, write_attention_statistics
-    from workbench.references import resolve_series
 
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)
-    series = resolve_series(model, workspace=workspace, steps=steps, device=device, dtype=parse_dtype(dtype),
-                            trust_remote_code=trust_remote_code)  # fmt: skip
+    series = open_series(model, workspace, steps, device, dtype, trust_remote_code)
     inputs = _budget(dataset, series, context_length, max_tokens)
     frame = write_attention_statistics(series.iter(progress=progress), inputs, workspace, dataset=dataset.name,
                                        kernel=kernel, sink_k=sink_k, batch_size=batch_size,
