@@ -1,7 +1,10 @@
-"""The one-command demo: train the embedded zoo, run every analysis, fill the results database.
+"""The one-command demo: a list of recipes over the zoo — the same `workbench` commands a user types.
 
-Each finished step is recorded in the results table ``demo_steps`` and skipped on a rerun (the probe job resumes
-by its own task status, zoo training from its last checkpoint), so a rerun only serves the dashboard.
+Each recipe is a command line run in-process through the CLI (`workbench.cli.app`), so the demo exercises exactly
+what the README shows; only zoo training is a Python call (it resumes from its last checkpoint). Each finished
+recipe is recorded in the results table ``demo_steps`` and skipped on a rerun (the probe job resumes by its own
+task status), so a rerun only serves the dashboard. A failing recipe raises DemoStepError naming it and the
+command to rerun by hand; the recipes before it stay done.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,19 +22,69 @@ from workbench.workspace import Workspace
 
 console = Console()
 DEMO_MODELS = ("code-tiny", "code-small", "fsm-tiny", "fsm-small", "vit-digits")
-PROBE_JOB = Path(__file__).with_name("demo_probes.toml")
-DEMO_DATASET = "demo-prompts"
-CODE_PROMPTS = [
-    "def add(a, b):\n    return a + b\n",
-    "import os\nprint(os.path.join('a', 'b'))\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
-    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
-    "data = {'a': [1, 2, 3], 'b': (4, 5)}\n",
-    "try:\n    value = int(text)\nexcept ValueError:\n    value = None\n",
-]
-
-
+HERE = Path(__file__).parent
+PROBE_JOB = HERE / "demo_probes.toml"
+PROMPTS = HERE / "demo_prompts.jsonl"  # the demo's own "user data": a jsonl file with a text field
 DEMO_TABLE = "demo_steps"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One demo step: a title and a `workbench` command line ({ws} is the workspace), or a Python callable."""
+
+    title: str
+    command: tuple[str, ...] = ()
+    run: Callable[[Workspace], str | None] | None = None
+
+    def argv(self, ws: Workspace) -> list[str]:
+        return [part.format(ws=ws.root) for part in self.command]
+
+
+def recipes() -> list[Recipe]:
+    """The demo, in order: train the zoo, then every analysis on zoo models and zoo / packaged data, plus the real
+    pretrained MiniLM on the demo's prompts file."""
+    prompts = str(PROMPTS)
+    steps = [Recipe(f"train zoo model {name}", run=lambda ws, name=name: _train(ws, name)) for name in DEMO_MODELS]
+    steps += [
+        Recipe("massive activations over code-small checkpoints",
+               ("massive", "code-small", "--data", prompts, "-w", "{ws}")),
+        Recipe("massive activations of the pretrained MiniLM", ("massive", "minilm", "--data", prompts, "-w", "{ws}")),
+        Recipe("attention statistics over code-small checkpoints",
+               ("attention", "code-small", "--data", prompts, "-w", "{ws}")),
+        Recipe("probe job (code-small, fsm-tiny over checkpoints)",
+               ("probe", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}")),
+        Recipe("SAE and transcoders on code-tiny", run=_sae),
+        Recipe("transcoder circuit on code-tiny", run=_circuit),
+        Recipe("codebooks on fsm-small", run=_codebooks),
+        Recipe("neuron paths on vit-digits",
+               ("neuron-path", "run", "vit-digits", "--data", "zoo:digits", "--top-k", "3", "--steps", "5",
+                "--max-sequences", "30", "-w", "{ws}")),
+    ]  # fmt: skip
+    return steps
+
+
+def _train(ws: Workspace, name: str) -> str:
+    from workbench.zoo.train import train_zoo_model
+
+    return str(train_zoo_model(name, ws, progress=True).name)
+
+
+def _sae(ws: Workspace) -> str:
+    import circuits.sae
+
+    return circuits.sae.demo_step(ws, progress=True)
+
+
+def _circuit(ws: Workspace) -> str:
+    import circuits.transcoder_circuits
+
+    return circuits.transcoder_circuits.demo_step(ws, progress=True)
+
+
+def _codebooks(ws: Workspace) -> str:
+    import circuits.codebook
+
+    return circuits.codebook.demo_step(ws, progress=True)
 
 
 class DemoStepError(RuntimeError):
@@ -55,12 +109,22 @@ def _step(db, name: str, run: Callable[[], str | None], done: bool | None = None
             "and rerun `workbench demo` (or `make demo`) to continue from here (add -v to see the traceback)."
         ) from err
     seconds = time.perf_counter() - start
-    db.write(
-        DEMO_TABLE,
-        pd.DataFrame([{"step": name, "seconds": seconds, "note": note or ""}]),
-        replace_keys=["step"],
-    )
+    db.write(DEMO_TABLE, pd.DataFrame([{"step": name, "seconds": seconds, "note": note or ""}]), replace_keys=["step"])
     console.print(f"[green]✓[/] {name} in {seconds:.1f}s" + (f": {note}" if note else ""))
+
+
+class RecipeFailed(RuntimeError):
+    """A recipe's command exited non-zero (its one-line error is already printed)."""
+
+
+def _run_command(argv: list[str]) -> str:
+    """Run one `workbench` command line in this process; its exit code must be 0."""
+    from workbench.cli import app
+
+    code = app(args=argv, standalone_mode=False)
+    if code:
+        raise RecipeFailed(f"`workbench {' '.join(argv)}` exited with {code} (its error is printed above)")
+    return f"workbench {' '.join(argv[:2])} …"
 
 
 def _job_done(ws: Workspace, job_file: Path) -> bool:
@@ -70,65 +134,20 @@ def _job_done(ws: Workspace, job_file: Path) -> bool:
 
 
 def run_demo(workspace: str | Path | None = None) -> Workspace:
-    """Run every demo step into ``workspace`` and return it."""
-    from workbench.checkpoints import CheckpointSeries
-    from workbench.zoo.train import train_zoo_model
-
+    """Run every demo recipe into ``workspace`` and return it."""
     ws = Workspace(workspace).ensure()
     db = ws.results()
     console.print(f"[bold]Workbench demo[/] → workspace {ws.root}")
-    for name in DEMO_MODELS:
-        _step(
-            db,
-            f"train zoo model {name}",
-            lambda name=name: str(train_zoo_model(name, ws, progress=True).name),
-            done=False,
-        )  # fmt: skip  (training resumes from its last checkpoint, so always ask it)
-
-    def massive() -> str:
-        from workbench.massive import fit_emergence, track_massive, write_results
-
-        series = CheckpointSeries.from_directory(ws.model_dir("code-small"))
-        report = track_massive(series, CODE_PROMPTS, dataset=DEMO_DATASET)
-        fits = fit_emergence(report.layers, metric="top1")
-        write_results(report, fits, ws)
-        ok = fits[fits["status"] == "ok"]
-        return f"{len(series)} checkpoints, {len(ok)}/{len(fits)} layers fitted"
-
-    _step(db, "massive activations over code-small checkpoints", massive)
-
-    def attention() -> str:
-        from workbench.attention.summary import write_attention_statistics
-
-        series = CheckpointSeries.from_directory(ws.model_dir("code-small"))
-        frame = write_attention_statistics(series.iter(progress=True), CODE_PROMPTS, ws, dataset=DEMO_DATASET)
-        return f"{len(frame)} (checkpoint, layer, head) rows"
-
-    _step(db, "attention statistics over code-small checkpoints", attention)
-
-    def probes() -> str:
-        from probes.jobs import run_job
-
-        status = run_job(PROBE_JOB, workspace=ws, workers=2)
-        rows = db.read("probe_results", job="demo-probes")
-        last = rows[rows["checkpoint"] == rows.groupby("model")["checkpoint"].transform("max")]
-        best = last.groupby("label_set")["score"].max().round(3).to_dict()
-        return f"{(status['status'] == 'done').sum()}/{len(status)} tasks; best final accuracy {best}"
-
-    _step(db, "probe job (code-small, fsm-tiny over checkpoints)", probes, done=_job_done(ws, PROBE_JOB))
-
-    import circuits.codebook
-    import circuits.neuron_path
-    import circuits.sae
-    import circuits.transcoder_circuits
-
-    analyses = [
-        ("SAE and transcoders on code-tiny", circuits.sae.demo_step),
-        ("transcoder circuit on code-tiny", circuits.transcoder_circuits.demo_step),
-        ("codebooks on fsm-small", circuits.codebook.demo_step),
-        ("neuron paths on vit-digits", circuits.neuron_path.demo_step),
-    ]
-    for title, run in analyses:
-        _step(db, title, lambda run=run: run(ws, progress=True))
+    for recipe in recipes():
+        if recipe.run is not None:
+            run = lambda recipe=recipe: recipe.run(ws)  # noqa: E731
+        else:
+            run = lambda recipe=recipe: _run_command(recipe.argv(ws))  # noqa: E731
+        done = None
+        if recipe.title.startswith("train zoo model"):
+            done = False  # training resumes from its last checkpoint, so always ask it
+        elif "probe" in recipe.command:
+            done = _job_done(ws, PROBE_JOB)
+        _step(db, recipe.title, run, done=done)
     console.print("[bold green]demo results ready[/]")
     return ws
