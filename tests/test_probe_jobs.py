@@ -340,7 +340,7 @@ SETTING = "random_init = false"  # the last [settings] line (7); a setting added
         ('model = "fsm-tiny"', "model = 3", r"demo.toml:15: .*#2: needs `model"),
         ("[[probe]]", "[[probe]", r"not valid TOML.*line 9"),
         ('"blocks.*.hook_resid_post"', '"blocks.*.hook_resid_pots"', r"demo.toml:14 \[\[probe\]\] #2 \(model 'fsm-tiny'\): hooks: .*hook_resid_post"),
-        ('model = "fsm-tiny"', 'model = "fsm-huge"', r"demo.toml:14 .*fsm-huge.*zoo train"),
+        ('model = "fsm-tiny"', 'model = "fsm-huge"', r"demo.toml:14 .*fsm-huge.*not a model in the workspace"),
         ("[0, 300]", "[0, 7]", r"demo.toml:9 \[\[probe\]\] #1 .*no checkpoints \[7\]"),
         (FSM_TABLE, FSM_TABLE + FSM_TABLE, r"demo.toml:19 \[\[probe\]\] #3 .*already in .*demo.toml:14 \[\[probe\]\] #2"),
     ],
