@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -210,7 +210,8 @@ def iter_model_batches(
         batches = ({"input_ids": inputs[i : i + batch_size], "attention_mask": torch.ones_like(inputs[i : i + batch_size])}
                    for i in range(0, len(inputs), batch_size))  # fmt: skip
     elif len(inputs) and all(isinstance(x, str) for x in inputs):
-        batches = Dataset("texts", texts=lambda: list(inputs)).batches(
+        texts = cast("Sequence[str]", inputs)  # all strings (checked above)
+        batches = Dataset("texts", texts=lambda: list(texts)).batches(
             tokenizer, context_length=context_length, batch_size=batch_size, **options
         )
     else:

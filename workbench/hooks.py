@@ -169,7 +169,7 @@ def select_positions(
     if isinstance(positions, slice):
         return activation.narrow(pos_dim, 0, seq_len)[(slice(None),) * pos_dim + (positions,)]
     single = isinstance(positions, int)
-    wanted = [positions] if single else list(positions)
+    wanted = [positions] if isinstance(positions, int) else list(positions)
     bad = [p for p in wanted if not -seq_len <= p < seq_len]
     if bad:
         raise IndexError(

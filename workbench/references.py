@@ -23,7 +23,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +31,9 @@ import torch
 from workbench.checkpoints import STEP_DIR, CheckpointSeries
 from workbench.model import PACKAGED_MODELS, HookedModel, ModelLoadError
 from workbench.workspace import Workspace
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FORMS = (
     "a save_pretrained directory (DIR), a directory of step<N>/ folders (DIR or DIR@STEP), a model in the "
@@ -140,12 +143,12 @@ def resolve_model(
     config asks for its own Python code (``auto_map``); it is off unless asked for.
     """
     wrapped = _wrap_object(ref)
-    if wrapped is not None:
+    if isinstance(wrapped, HookedModel):  # without ``probe`` it is a HookedModel or None
         return wrapped
     if isinstance(ref, CheckpointSeries):
         return ref.load(ref.steps[-1])
     parsed = parse_model_ref(ref, workspace)
-    load = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    load: dict[str, Any] = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
     if parsed.kind == "tl":
         return HookedModel.from_pretrained(parsed.location, backend="tl", device=device, dtype=dtype)
     if parsed.kind in ("packaged", "directory"):
@@ -176,7 +179,7 @@ def resolve_series(
     """
     if isinstance(ref, CheckpointSeries):
         return ref.restrict(steps) if steps else ref
-    load = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    load: dict[str, Any] = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
     parsed = None if _wrap_object(ref, probe=True) else parse_model_ref(ref, workspace)
     if parsed is None or parsed.kind in ("tl", "packaged", "directory"):
         model = resolve_model(ref, workspace=workspace, **load)
@@ -215,7 +218,7 @@ def _wrap_object(ref: Any, probe: bool = False) -> HookedModel | bool | None:
     if hasattr(ref, "hook_dict") and hasattr(ref, "cfg"):  # TransformerLens HookedTransformer / TransformerBridge
         return HookedModel.from_transformer_lens(ref)
     if hasattr(ref, "config") and hasattr(ref.config, "model_type"):  # transformers PreTrainedModel
-        return HookedModel.from_hf(ref)
+        return HookedModel.from_hf(cast("PreTrainedModel", ref))
     raise ModelReferenceError(
         f"a {kind} is not a model the workbench wraps; pass a HookedModel, a TransformerLens HookedTransformer or "
         f"TransformerBridge, a transformers PreTrainedModel, or a string: {FORMS}"

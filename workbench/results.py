@@ -115,7 +115,8 @@ class ResultsDB:
         try:
             if not read_only:
                 con.execute("CREATE TABLE IF NOT EXISTS _schema (version INTEGER)")
-                if con.execute("SELECT count(*) FROM _schema").fetchone()[0] == 0:
+                row = con.execute("SELECT count(*) FROM _schema").fetchone()
+                if row is None or row[0] == 0:
                     con.execute("INSERT INTO _schema VALUES (?)", [SCHEMA_VERSION])
             self._check_version(con)
         except duckdb.Error as err:

@@ -26,7 +26,7 @@ import re
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -616,7 +616,7 @@ def _encode(model: HookedModel, chunk: Inputs, max_length: int) -> dict[str, tor
         ids = chunk[:, :max_length].long()
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if all(isinstance(item, str) for item in chunk):
-        return model.tokenize(list(chunk), max_length=max_length)
+        return model.tokenize(list(cast("Sequence[str]", chunk)), max_length=max_length)
     sequences = [torch.as_tensor(list(item), dtype=torch.long)[:max_length] for item in chunk]
     if any(s.ndim != 1 or len(s) == 0 for s in sequences):
         raise ValueError("each input must be a non-empty text or a non-empty list of token ids")

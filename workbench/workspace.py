@@ -18,7 +18,7 @@ class Workspace:
     def __init__(self, path: str | Path | Workspace | None = None) -> None:
         if isinstance(path, Workspace):
             path = path.root
-        self.root = Path(path or os.environ.get(ENV_VAR) or "workspace").expanduser().resolve()
+        self.root: Path = Path(path or os.environ.get(ENV_VAR) or "workspace").expanduser().resolve()
 
     @property
     def models_dir(self) -> Path:

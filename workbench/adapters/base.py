@@ -143,8 +143,12 @@ class HFAdapter(ABC):
     def sites(self, model: nn.Module, spec: ModelSpec) -> list[AnySite]:
         """The family's module sites in forward order (every family file defines this)."""
 
-    def base(self, model: nn.Module) -> nn.Module:
-        """The headless model inside a task model (e.g. ``GPT2LMHeadModel.transformer``), or the model itself."""
+    def base(self, model: nn.Module) -> Any:
+        """The headless model inside a task model (e.g. ``GPT2LMHeadModel.transformer``), or the model itself.
+
+        Typed ``Any``: each family file walks it by that family's submodule names (``base.layers``,
+        ``block.attention``...), which torch's stubs would type as ``Tensor | Module`` (``nn.Module.__getattr__``).
+        """
         return getattr(model, self.base_attr, model)
 
     @staticmethod

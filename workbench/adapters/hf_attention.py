@@ -50,12 +50,13 @@ def workbench_attention(
     -> (output [batch, q, heads, d], pattern or None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    owner_ref, site = ATTENTION_OWNERS.get(module, (None, None))
-    owner = owner_ref() if owner_ref is not None else None
-    if owner is None:
+    entry = ATTENTION_OWNERS.get(module)
+    owner = entry[0]() if entry is not None else None
+    if entry is None or owner is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    site = entry[1]
     points = owner.hook_points
     pattern_point = points[site.names["pattern"]]
     stat_points = {s: points[site.names[s]] for s in STAT_NAMES}
@@ -95,6 +96,7 @@ def workbench_attention(
             groups = query.shape[1] // value.shape[1]
             out = pattern.to(value.dtype) @ value.repeat_interleave(groups, dim=1)
     if want_stats:
+        assert result.stats is not None  # attend(return_stats=True) always returns them
         for name, point in stat_points.items():
             if point.active:
                 point(result.stats[name])

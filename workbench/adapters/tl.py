@@ -6,20 +6,28 @@ are computed from ``hook_attn_scores`` (already masked); after ``install_attenti
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch import nn
 
 from workbench.hooks import HookPoint
 
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint as TLHookPoint
+
 STATS = ("entropy", "sink", "lse", "max_logit")
+
+# A TransformerLens ``HookedTransformer`` or ``TransformerBridge`` (not imported: ``import workbench`` stays
+# light, and both are accepted). Their attributes (cfg, hook_dict, to_tokens, blocks) are not visible
+# through ``nn.Module``, whose ``__getattr__`` torch's stubs type as ``Tensor | Module``.
+TLModel: TypeAlias = Any
 
 
 class TransformerLensAdapter:
     family = "transformer_lens"
 
-    def spec(self, model: nn.Module):
+    def spec(self, model: TLModel):
         from workbench.model import ModelSpec
 
         cfg = model.cfg
@@ -37,7 +45,7 @@ class TransformerLensAdapter:
             parallel_residual=bool(getattr(cfg, "parallel_attn_mlp", False)),
         )
 
-    def hook_names(self, model: nn.Module) -> list[str]:
+    def hook_names(self, model: TLModel) -> list[str]:
         names = list(model.hook_dict)
         out: list[str] = []
         for name in names:
@@ -65,10 +73,10 @@ class TransformerLensAdapter:
             handles.append(_attach(scores_point, _stats_from_scores_hook([points[n] for n in names], owner)))
         return handles
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    def forward(self, model: TLModel, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
 
-    def tokenize(self, model: nn.Module, texts: Any) -> dict[str, torch.Tensor]:
+    def tokenize(self, model: TLModel, texts: Any) -> dict[str, torch.Tensor]:
         from transformer_lens.utils import get_attention_mask
 
         tokens = model.to_tokens(texts, padding_side="right")
@@ -77,7 +85,7 @@ class TransformerLensAdapter:
 
 
 class _Handle:
-    def __init__(self, tl_point: nn.Module, torch_handle: Any) -> None:
+    def __init__(self, tl_point: TLHookPoint, torch_handle: Any) -> None:
         self.tl_point, self.torch_handle = tl_point, torch_handle
 
     def remove(self) -> None:
@@ -87,7 +95,7 @@ class _Handle:
         ]
 
 
-def _attach(tl_point: nn.Module, fn: Any) -> _Handle:
+def _attach(tl_point: TLHookPoint, fn: Any) -> _Handle:
     def full_hook(module: nn.Module, module_input: Any, module_output: torch.Tensor) -> torch.Tensor | None:
         return fn(module_output)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from workbench.adapters.tl import TLModel
     from workbench.model import HookedModel
 
 STATS = ("entropy", "sink", "lse", "max_logit")
@@ -38,7 +39,8 @@ def install_attention(model: HookedModel, sink_k: int = 1) -> HookedModel:
 def uninstall_attention(model: HookedModel) -> HookedModel:
     """Restore the model's own attention computation."""
     if model.cfg.family == "transformer_lens":
-        for block in model.model.blocks:
+        tl_model: TLModel = model.model
+        for block in tl_model.blocks:
             block.attn.__dict__.pop("forward", None)
     model.attention_path = "sdpa"
     model._installed = ()
@@ -47,7 +49,8 @@ def uninstall_attention(model: HookedModel) -> HookedModel:
 
 
 def _patch_transformer_lens(model: HookedModel) -> None:
-    cfg = model.model.cfg
+    tl_model: TLModel = model.model
+    cfg = tl_model.cfg
     unsupported = {
         "alibi positions": cfg.positional_embedding_type == "alibi",
         "attention result per head (use_attn_result)": cfg.use_attn_result,
@@ -61,7 +64,7 @@ def _patch_transformer_lens(model: HookedModel) -> None:
             f"the fused kernel does not support {', '.join(found)} in this TransformerLens model; keep its own "
             "attention (statistics still come from hook_attn_scores on that path)"
         )
-    for layer, block in enumerate(model.model.blocks):
+    for layer, block in enumerate(tl_model.blocks):
         block.attn.forward = types.MethodType(_kernel_forward_for(model, layer), block.attn)
 
 
@@ -100,6 +103,7 @@ def _kernel_forward_for(owner: HookedModel, layer: int):
             return_stats=want_stats, sink_k=owner.sink_k,
         )  # fmt: skip
         if want_stats:
+            assert stats is not None  # flash_attention(return_stats=True) always returns them
             for point, name in zip(points, STATS, strict=True):
                 if point.active:
                     point(stats[name].to(q.dtype))

@@ -196,7 +196,7 @@ def flash_attention(
     bm, bn = block_m or bm, block_n or bn
     out = torch.empty_like(q)
     stat_shape = (batch, heads, q_len) if return_stats else (1, 1, 1)
-    stats = [torch.empty(stat_shape, device=q.device, dtype=torch.float32) for _ in range(4)]
+    buffers = [torch.empty(stat_shape, device=q.device, dtype=torch.float32) for _ in range(4)]
     pad = (
         key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
         if key_padding_mask is not None
@@ -204,9 +204,9 @@ def flash_attention(
     )
     grid = (triton.cdiv(q_len, bm), batch * heads)
     _flash_stats_kernel[grid](
-        q, k, v, out, pad, *stats,
+        q, k, v, out, pad, *buffers,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        pad.stride(0) if key_padding_mask is not None else 0, stats[0].stride(0), stats[0].stride(1),
+        pad.stride(0) if key_padding_mask is not None else 0, buffers[0].stride(0), buffers[0].stride(1),
         heads, heads // kv_heads, q_len, k_len, d_head, scale * LOG2E, sink_k,
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, STATS=return_stats, IEEE=q.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d_head)),
@@ -214,4 +214,4 @@ def flash_attention(
     )  # fmt: skip
     if not return_stats:
         return out, None
-    return out, dict(zip(("lse", "max_logit", "entropy", "sink"), stats, strict=True))
+    return out, dict(zip(("lse", "max_logit", "entropy", "sink"), buffers, strict=True))

@@ -8,7 +8,7 @@ its only key is itself.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -62,7 +62,7 @@ def attention_statistics(
     rows = []
     for layer in range(n_layers):
         for head in range(n_heads):
-            row = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "layer": layer, "head": head}
+            row: dict[str, Any] = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "layer": layer, "head": head}
             row.update({s: float(sums[s][layer, head] / counts[layer].clamp_min(1)) for s in STAT_HOOKS})
             row["n_queries"] = int(counts[layer])
             rows.append(row)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -40,7 +40,7 @@ def train(
     """Train NAME into the workspace (resumes an interrupted run; a finished run is left as it is)."""
     from workbench.zoo.train import ZooError, read_train_log, train_zoo_model
 
-    overrides = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}
     try:
         model_dir = train_zoo_model(name, workspace, restart=restart, **overrides)
     except ZooError as err:

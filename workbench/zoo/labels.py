@@ -154,7 +154,7 @@ def python_label_dataset(
 
     rng = np.random.default_rng(seed)
     files = python_source_texts(max_files=max_files, seed=seed + 1)
-    windows = []
+    windows: list[str] = []
     while len(windows) < n_sequences:
         text = files[int(rng.integers(len(files)))]
         lines = text.splitlines(keepends=True)

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from workbench.faults import crash_point
 from workbench.fileio import atomic_torch_save, atomic_write_json, atomic_write_text, write_checksums
 from workbench.workspace import Workspace
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class ZooError(ValueError):
@@ -169,26 +172,29 @@ class _FSMData:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def _build_model(spec: ZooSpec, vocab_size: int) -> torch.nn.Module:
+def _build_model(spec: ZooSpec, vocab_size: int) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's global RNG as it was
         torch.manual_seed(spec.seed)
         return _init_model(spec, vocab_size)
 
 
-def _init_model(spec: ZooSpec, vocab_size: int) -> torch.nn.Module:
+def _init_model(spec: ZooSpec, vocab_size: int) -> PreTrainedModel:
     import transformers
 
+    # Keywords the configs read in __post_init__(**kwargs) rather than declare as fields (invisible to a checker).
+    labels: dict[str, Any] = {"num_labels": 10}
+    rotary: dict[str, Any] = {"rotary_pct": 0.25}
     if spec.corpus == "digits":
-        config = transformers.ViTConfig(
+        vit_config = transformers.ViTConfig(
             image_size=8, patch_size=2, num_channels=1, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
-            num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp, num_labels=10,
+            num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp, **labels,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
-        return transformers.ViTForImageClassification(config)
+        return transformers.ViTForImageClassification(vit_config)
     config = transformers.GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
         num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp, max_position_embeddings=max(2048, spec.seq_len),
-        rotary_pct=0.25, use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
+        **rotary, use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
         tie_word_embeddings=False, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1,
     )  # fmt: skip
     return transformers.GPTNeoXForCausalLM(config)
@@ -196,7 +202,8 @@ def _init_model(spec: ZooSpec, vocab_size: int) -> torch.nn.Module:
 
 def _optimizer(model: torch.nn.Module, spec: ZooSpec) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on biases, LayerNorm or embeddings' norms)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         (decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -272,7 +279,7 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def _save_checkpoint(model: torch.nn.Module, model_dir: Path, step: int) -> None:
+def _save_checkpoint(model: PreTrainedModel, model_dir: Path, step: int) -> None:
     """Write ``step<step>/`` (save_pretrained + checksums.json) as a hidden directory, then rename it into place
     whole; ``step<step>/`` must not exist yet."""
     tmp = model_dir / f".step{step}.tmp-{os.getpid()}"
@@ -427,6 +434,7 @@ def train_zoo_model(
         model = _build_model(spec, data.vocab_size)
         meta = {"unigram_entropy": data.unigram_entropy}
         if spec.corpus == "fsm":
+            assert isinstance(data, _FSMData)
             meta["fsm_entropy_rate"] = data.fsm.entropy_rate()
     optimizer = _optimizer(model, spec)
     if state is not None:
