@@ -1,85 +1,130 @@
-"""`workbench codebook train|analyse`: fine-tune codebooks on a zoo model and write the analysis tables."""
+"""`workbench codebook train|analyse MODEL --data DATA`: codebooks on any causal LM, trained (checkpointed and
+resumable under workspace/codebooks/RUN) and analysed on any dataset, written to the workspace results database."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from workbench.cli_options import WorkspaceOption, fail
+from workbench.cli_options import (
+    BatchSizeOption,
+    ContextOption,
+    DataOption,
+    DeviceOption,
+    MaxTokensOption,
+    ModelArgument,
+    ProgressOption,
+    SeedOption,
+    TrustRemoteCodeOption,
+    WorkspaceOption,
+    fail,
+    open_data,
+    open_model,
+)
+from workbench.workspace import Workspace
 
-app = typer.Typer(help="Codebook features: VQ bottlenecks on hook sites, code analysis and steering.")
+app = typer.Typer(help="Codebook features: VQ bottlenecks on hook sites of a causal LM, code analysis and steering.")
 
-
-def _load(workspace, model_name: str, step: int | None):
-    from workbench.checkpoints import CheckpointSeries
-    from workbench.workspace import Workspace
-
-    ws = Workspace(workspace).ensure()
-    series = CheckpointSeries.from_directory(ws.model_dir(model_name))
-    return ws, series.load(series.steps[-1] if step is None else step)
-
-
-def _fsm_data(model_name: str, n_sequences: int, seq_len: int, seed: int):
-    from workbench.zoo.corpora import TokFSM
-    from workbench.zoo.labels import fsm_label_dataset
-    from workbench.zoo.train import get_spec
-
-    spec = get_spec(model_name)
-    if spec.corpus != "fsm":
-        raise ValueError(f"{model_name} is not an FSM zoo model; use fsm-tiny or fsm-small")
-    return fsm_label_dataset(TokFSM(**spec.fsm, seed=spec.seed), n_sequences, seq_len, seed=seed)
-
-
-def _errors() -> tuple[type[Exception], ...]:
-    from workbench.checkpoints import CheckpointError
-    from workbench.hooks import HookNameError
-
-    return (ValueError, CheckpointError, HookNameError)
+DATA_REQUIRED = (
+    "--data is required: the text or token ids the codebooks are {} on (a text file, FILE.jsonl:FIELD, a directory, "
+    "a save_to_disk folder, ids.npy, zoo:tokfsm, zoo:python-stdlib)"
+)
+RunOption = Annotated[
+    str | None,
+    typer.Option("--run", help="Run name under workspace/codebooks (default: the model's short name + -codebooks)."),
+]
 
 
 @app.command()
 def train(
-    model: str = typer.Argument("fsm-tiny", help="zoo model in the workspace"),
-    site: list[str] = typer.Option(["blocks.1.hook_resid_post"], help="hook site(s) for codebooks"),
-    n_codes: int = typer.Option(200), k: int = typer.Option(1), steps: int = typer.Option(150),
-    similarity: str = typer.Option("dot", help="dot or cosine"),
-    run: str = typer.Option("", help="run name under workspace/codebooks (default: MODEL-codebooks)"),
-    step: int | None = typer.Option(None, help="checkpoint step (default: last)"),
+    model: ModelArgument,
+    data: DataOption = None,
+    site: Annotated[
+        list[str] | None,
+        typer.Option("--site", help="Hook site of a codebook (repeatable): blocks.L.hook_resid_post|mlp_out|attn_out "
+                     "or blocks.L.attn.hook_z (one per head); default the last block's hook_resid_post."),
+    ] = None,  # fmt: skip
+    n_codes: Annotated[int, typer.Option("--n-codes", min=1, help="Codes per codebook.")] = 200,
+    k: Annotated[int, typer.Option("--k", min=1, help="Codes chosen per token.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")] = 150,
+    similarity: Annotated[str, typer.Option("--similarity", help="dot or cosine.")] = "dot",
+    run: RunOption = None,
+    seed: SeedOption = 0,
+    context_length: ContextOption = 128,
+    max_tokens: MaxTokensOption = None,
+    batch_size: BatchSizeOption = 32,
+    device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
-    seed: int = typer.Option(0, help="seed of the k-means init, batches and dead-code re-seeding"),
-) -> None:  # fmt: skip
-    """Fine-tune codebooks (checkpointed and resumable under workspace/codebooks/RUN) and print the loss gap."""
-    from circuits.codebook import codebook_dir, train_codebooks
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Fine-tune codebooks with next-token loss on --data (a seeded quarter of its rows held out for the loss gap);
+    a model or dataset codebooks cannot use (an encoder such as minilm, a missing site) is refused before any work."""
+    from circuits.codebook import CodebookConfig, check, codebook_dir, default_run_name, default_site
+    from circuits.codebook import train as train_codebooks
 
-    try:
-        ws, hooked = _load(workspace, model, step)
-        tokens, _ = _fsm_data(model, 256, 32, 0)
-        held_out, _ = _fsm_data(model, 128, 32, 1)
-        _, report = train_codebooks(hooked, tokens, site, n_codes=n_codes, k=k, similarity=similarity,
-                                    steps=steps, eval_tokens=held_out, seed=seed,
-                                    directory=codebook_dir(ws, run or f"{model}-codebooks"))  # fmt: skip
-    except _errors() as err:
-        fail(err)
-    typer.echo(f"loss {report.base_loss:.4f} -> {report.codebook_loss:.4f} with codebooks "
-               f"(gap {report.loss_gap:+.4f}); saved in {report.directory}")  # fmt: skip
+    if data is None:
+        fail(DATA_REQUIRED.format("trained"))
+    CodebookConfig("--site", d=1, n_codes=n_codes, k=k, similarity=similarity)  # refuses bad settings at once
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code)
+    dataset = open_data(data)
+    sites = site or [default_site(hooked)]
+    check(hooked, dataset, sites, context_length)
+    directory = codebook_dir(Workspace(workspace).ensure(), run or default_run_name(model))
+    _, report = train_codebooks(hooked, dataset, sites, n_codes=n_codes, k=k, similarity=similarity, steps=steps,
+                                batch_size=batch_size, context_length=context_length, max_tokens=max_tokens,
+                                directory=directory, seed=seed, progress=progress)  # fmt: skip
+    typer.echo(f"held-out loss {report.base_loss:.4f} -> {report.codebook_loss:.4f} with codebooks on "
+               f"{', '.join(sites)} (gap {report.loss_gap:+.4f} nats, step {report.steps}); saved in "
+               f"{report.directory}; next: workbench codebook analyse {model} --data {data} --run "
+               f"{directory.name}")  # fmt: skip
 
 
 @app.command()
 def analyse(
-    model: str = typer.Argument("fsm-tiny"), run: str = typer.Option(""),
-    step: int | None = typer.Option(None), workspace: WorkspaceOption = None,
-) -> None:  # fmt: skip
-    """Per-code counts, top contexts and FSM-state purity / MI of a trained run -> results tables."""
-    from circuits.codebook import CodebookSet, analyse_codes, codebook_dir, write_results
+    model: ModelArgument,
+    data: DataOption = None,
+    run: RunOption = None,
+    labels: Annotated[
+        list[str] | None,
+        typer.Option("--labels", help="Per-token labels for purity / MI (repeatable): a label array of --data "
+                     "(zoo:tokfsm: fsm_state; default: all it carries) or a label source (spans .jsonl, "
+                     "FILE.py:FN)."),
+    ] = None,  # fmt: skip
+    context_length: Annotated[
+        int | None, typer.Option("--context-length", min=1, help="Tokens per row (default: the training's).")
+    ] = None,
+    max_tokens: MaxTokensOption = None,
+    device: DeviceOption = "cpu",
+    workspace: WorkspaceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Per-code counts and top contexts of a trained run on --data (its held-out rows when it is the training
+    data), and code ↔ label purity / MI when --data carries per-token labels or --labels names a source."""
+    from circuits.codebook import ANALYSIS, PURITY_TABLE, check, codebook_dir, default_run_name, write_results
+    from circuits.codebook import run as analyse_run
 
-    try:
-        ws, hooked = _load(workspace, model, step)
-        books = CodebookSet.load(codebook_dir(ws, run or f"{model}-codebooks"))
-        books.check_sites(hooked)
-        tokens, labels = _fsm_data(model, 128, 32, 1)
-    except _errors() as err:
-        fail(err)
-    codes, purity = analyse_codes(hooked, books, tokens, {"fsm_state": labels["fsm_state"]}, model_name=model)
-    write_results(codes, purity, ws)
-    for site, rows in purity.groupby("site"):
-        typer.echo(f"{site}: mean purity P(state | best code) over FSM states {rows['purity'].mean():.3f}, "
-                   f"I(code; state) {rows['label_set_mi'].iloc[0]:.3f} nats")  # fmt: skip
+    if data is None:
+        fail(DATA_REQUIRED.format("analysed"))
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code)
+    dataset = open_data(data)
+    check(hooked, dataset, context_length=context_length)
+    ws = Workspace(workspace)
+    directory = codebook_dir(ws, run or default_run_name(model))
+    if not (directory / "codebooks.safetensors").exists():
+        fail(f"no codebook run {directory.name!r} in {directory.parent}; train them first: workbench codebook "
+             f"train {model} --data {data} --run {directory.name}")  # fmt: skip
+    frames = analyse_run(hooked, dataset, directory, labels=labels, context_length=context_length,
+                         max_tokens=max_tokens)  # fmt: skip
+    written = write_results(ws.ensure(), frames)
+    purity = frames[PURITY_TABLE]
+    if len(purity):
+        for (site, label_set), rows in purity.groupby(["site", "label_set"]):
+            typer.echo(f"{site}: mean purity P({label_set} | best code) over {len(rows)} labels "
+                       f"{rows['purity'].mean():.3f}, I(code; {label_set}) {rows['label_set_mi'].iloc[0]:.3f} nats")  # fmt: skip
+    else:
+        typer.echo(f"dataset {dataset.name!r} carries no per-token labels: wrote code counts and contexts only "
+                   "(pass --labels SOURCE for purity / MI)")  # fmt: skip
+    typer.echo(f"{written.get(ANALYSIS.tables[0].name, 0)} code rows of run {directory.name} on {dataset.name!r} "
+               f"written (tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip

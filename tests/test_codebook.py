@@ -1,35 +1,48 @@
 """Codebook features: VQ maths against float64 brute force, k-means against sklearn, purity/MI against sklearn
-and closed forms, checkpoint/resume, steering, the TokFSM science check, demo_step and the dashboard view."""
+and closed forms, checkpoint/resume, steering, the TokFSM science check, demo_step, the dashboard view, and
+`workbench codebook train|analyse` on zoo and user models and datasets (MiniLM refused at once)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import transformers
+from typer.testing import CliRunner
 
 from circuits.codebook import (
+    ANALYSIS,
+    CODES_TABLE,
+    PURITY_TABLE,
     CodebookConfig,
     CodebookError,
     CodebookSet,
-    _replace_dead,
     analyse_codes,
     association,
     codebook_dir,
     collect_codes,
+    default_run_name,
     demo_step,
     fsm_purity_ceiling,
     fsm_steering_check,
     generate,
     kmeans,
     mutual_information,
+    read_rows,
     site_config,
     train_codebooks,
     write_results,
 )
+from circuits.codebook.train import _replace_dead
+from workbench.cli import app as cli
+from workbench.datasets import load_dataset
+from workbench.references import resolve_model
+from workbench.workspace import Workspace
 
 VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "codebooks.py"
 
@@ -328,30 +341,31 @@ def test_resume_equals_an_uninterrupted_run(fsm_series, tmp_path, train_model) -
 
 
 def test_write_results_replaces_every_row_of_a_site(tmp_path) -> None:
-    from workbench.workspace import Workspace
-
     workspace = Workspace(tmp_path).ensure()
 
-    def frame(site, codes):
-        return pd.DataFrame({"model": "m", "checkpoint": 5, "site": site, "head": None, "code": codes,
-                             "count": 1})  # fmt: skip
+    def frame(site, codes, dataset="d"):
+        return pd.DataFrame({"model": "m", "checkpoint": 5, "dataset": dataset, "run": "r", "site": site,
+                             "head": None, "code": codes, "count": 1})  # fmt: skip
 
-    purity = pd.DataFrame({"model": "m", "checkpoint": 5, "site": "a", "head": None, "label_set": "s",
-                           "label": [0, 1], "purity": 0.5})  # fmt: skip
-    write_results(pd.concat([frame("a", [1, 2, 3]), frame("b", [7])]), purity, workspace)
-    write_results(frame("a", [1, 2]), purity.iloc[:1], workspace)
+    purity = pd.DataFrame({"model": "m", "checkpoint": 5, "dataset": "d", "run": "r", "site": "a", "head": None,
+                           "label_set": "s", "label": [0, 1], "purity": 0.5})  # fmt: skip
+    write_results(workspace, {CODES_TABLE: pd.concat([frame("a", [1, 2, 3]), frame("b", [7]), frame("a", [9], "e")]),
+                              PURITY_TABLE: purity})  # fmt: skip
+    write_results(workspace, {CODES_TABLE: frame("a", [1, 2]), PURITY_TABLE: purity.iloc[:1]})
     rows = workspace.results().read("codebook_codes")
-    assert sorted(rows[rows["site"] == "a"]["code"]) == [1, 2] and list(
-        rows[rows["site"] == "b"]["code"]
-    ) == [7]
+    on = rows[rows["dataset"] == "d"]
+    assert sorted(on[on["site"] == "a"]["code"]) == [1, 2] and list(on[on["site"] == "b"]["code"]) == [7]
+    assert list(rows[rows["dataset"] == "e"]["code"]) == [9]  # another dataset's rows stay
     assert list(workspace.results().read("codebook_purity")["label"]) == [0]
+    assert ANALYSIS.table_names == [CODES_TABLE, PURITY_TABLE]
+    assert all("dataset" in t.keys and "site" in t.keys for t in ANALYSIS.tables)
+    with pytest.raises(ValueError, match="lacks key column"):
+        write_results(workspace, {CODES_TABLE: frame("a", [1]).drop(columns="site")})
 
 
 @pytest.fixture(scope="module")
 def codebook_workspace(zoo_workspace, tmp_path_factory):
     """A workspace holding a link to the session's fsm-tiny, after demo_step."""
-    from workbench.workspace import Workspace
-
     workspace = Workspace(tmp_path_factory.mktemp("codebooks")).ensure()
     workspace.model_dir("fsm-tiny").symlink_to(zoo_workspace.model_dir("fsm-tiny"), target_is_directory=True)
     summary = demo_step(workspace, progress=False, model_name="fsm-tiny", n_codes=200, steps=100)
@@ -465,11 +479,10 @@ def test_dashboard_view_renders_codebook_results(codebook_workspace, monkeypatch
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(workspace.root))
     app = AppTest.from_file(str(VIEW), default_timeout=60).run()
     assert not app.exception, app.exception
+    assert [box.label for box in app.selectbox] == ["model", "site", "label set"]  # one dataset and run: no pickers
     assert len(app.get("plotly_chart")) == 2
     assert len(app.dataframe) == 2 and "best_code" in app.dataframe[0].value.columns
     assert any("purity" in m.label for m in app.metric)
-
-    from workbench.workspace import Workspace
 
     Workspace(tmp_path).results().write("unrelated", pd.DataFrame({"x": [1]}))
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path))
@@ -477,25 +490,147 @@ def test_dashboard_view_renders_codebook_results(codebook_workspace, monkeypatch
     assert not empty.exception and "workbench codebook" in empty.info[0].value
 
 
-def test_cli_train_then_analyse_writes_tables(zoo_workspace, tmp_path) -> None:
-    from typer.testing import CliRunner
+runner = CliRunner()
+TINY = ["--steps", "3", "--n-codes", "16", "--context-length", "32", "--batch-size", "8", "--no-progress"]
+CODE_LINES = [f"def f{i}(x, y):\n    return x * {i} + y  # {'even' if i % 2 else 'odd'} case {i * 7}" for i in range(60)]
 
-    from circuits.codebook_cli import app
-    from workbench.workspace import Workspace
 
-    workspace = Workspace(tmp_path).ensure()
-    workspace.model_dir("fsm-tiny").symlink_to(zoo_workspace.model_dir("fsm-tiny"), target_is_directory=True)
-    runner = CliRunner()
-    args = ["--workspace", str(tmp_path), "--run", "cli"]
-    trained = runner.invoke(app, ["train", "fsm-tiny", "--steps", "3", "--n-codes", "16", *args])
+def _codebook(workspace: Workspace, *args: str):
+    return runner.invoke(cli, ["codebook", *args, "-w", str(workspace.root)])
+
+
+def _linked_workspace(zoo_workspace, root: Path) -> Workspace:
+    """A fresh workspace whose models/ link to the zoo's, so runs and results land here."""
+    workspace = Workspace(root).ensure()
+    for name in ("fsm-tiny", "code-tiny"):
+        workspace.model_dir(name).symlink_to(zoo_workspace.model_dir(name), target_is_directory=True)
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def code_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cb-data") / "snippets.txt"
+    path.write_text("\n".join(line.replace("\n", " ") for line in CODE_LINES) + "\n")
+    return path
+
+
+def test_default_run_names_are_valid_names(tmp_path) -> None:
+    (tmp_path / "my-gpt2").mkdir()
+    (tmp_path / "series" / "step300").mkdir(parents=True)
+    assert default_run_name("fsm-tiny") == "fsm-tiny-codebooks"
+    assert default_run_name("code-tiny@300") == "code-tiny@300-codebooks"
+    assert default_run_name("EleutherAI/pythia-70m@step3000") == "EleutherAI--pythia-70m@step3000-codebooks"
+    assert default_run_name(str(tmp_path / "my-gpt2") + "/") == "my-gpt2-codebooks"
+    assert default_run_name(str(tmp_path / "series" / "step300")) == "series@300-codebooks"
+    assert default_run_name(f"{tmp_path / 'series'}@300") == "series@300-codebooks"
+
+
+def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_workspace, tmp_path) -> None:
+    """`train fsm-tiny --data zoo:tokfsm` then `analyse`: rows keyed by model, last checkpoint, dataset, run and
+    site; counts over exactly the held-out quarter of zoo:tokfsm's rows; FSM-state purity rows; a rerun replaces its
+    rows; a missing run or a mistyped site exits 2 naming the fix."""
+    workspace = _linked_workspace(zoo_workspace, tmp_path / "ws")
+    trained = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", *TINY)
     assert trained.exit_code == 0, trained.output
-    assert "gap" in trained.output and (tmp_path / "codebooks" / "cli" / "codebooks.safetensors").exists()
-    analysed = runner.invoke(app, ["analyse", "fsm-tiny", *args])
+    run_dir = tmp_path / "ws" / "codebooks" / "fsm-tiny-codebooks"
+    assert "gap" in trained.output and (run_dir / "codebooks.safetensors").exists()
+    meta = CodebookSet.metadata(run_dir)
+    assert meta["step"] == 3 and meta["source"]["dataset"] == "zoo:tokfsm" and meta["source"]["context_length"] == 32
+    analysed = _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm")
     assert analysed.exit_code == 0, analysed.output
-    assert "purity" in analysed.output
-    assert set(workspace.results().read("codebook_codes")["code"]) <= set(range(16))
-    missing = runner.invoke(app, ["analyse", "fsm-tiny", "--workspace", str(tmp_path), "--run", "nope"])
-    assert missing.exit_code == 2 and "error:" in missing.output and "train them" in missing.output
-    bad_site = runner.invoke(app, ["train", "fsm-tiny", "--site", "blocks.1.hook_resid_pots", "--run", "x",
-                                   "--workspace", str(tmp_path)])  # fmt: skip
-    assert bad_site.exit_code == 2 and "hook_resid_post" in bad_site.output
+    assert "P(fsm_state | best code)" in analysed.output
+    db = workspace.results()
+    codes, purity = db.read(CODES_TABLE), db.read(PURITY_TABLE)
+    step = max(int(p.name[4:]) for p in workspace.model_dir("fsm-tiny").glob("step*"))
+    for rows in (codes, purity):
+        assert (rows["model"] == "fsm-tiny").all() and (rows["checkpoint"] == step).all()
+        assert (rows["dataset"] == "zoo:tokfsm").all() and (rows["run"] == "fsm-tiny-codebooks").all()
+        assert (rows["site"] == "blocks.1.hook_resid_post").all()
+    held = read_rows(resolve_model("fsm-tiny", workspace=workspace), load_dataset("zoo:tokfsm"), context_length=32)
+    assert held.eval.shape == (128, 32) and codes["count"].sum() == held.eval.numel()  # k = 1: one code per token
+    assert set(codes["code"]) <= set(range(16)) and codes["loss_gap"].notna().all()
+    assert (purity["label_set"] == "fsm_state").all()
+    assert set(purity["label"]) == set(held.eval_labels["fsm_state"].unique().tolist())
+    assert purity["purity"].between(0, 1).all() and (purity["label_count"].sum() == held.eval.numel())
+    assert _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm").exit_code == 0
+    assert len(db.read(CODES_TABLE)) == len(codes) and len(db.read(PURITY_TABLE)) == len(purity)
+
+    missing = _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm", "--run", "nope")
+    assert missing.exit_code == 2 and "error:" in missing.output and "train them first" in missing.output
+    bad_site = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", "--site", "blocks.1.hook_resid_pots",
+                         "--run", "x", *TINY)  # fmt: skip
+    assert bad_site.exit_code == 2 and "hook_resid_post" in bad_site.output and "Traceback" not in bad_site.output
+    assert not (tmp_path / "ws" / "codebooks" / "x").exists()
+
+
+def test_cli_code_tiny_checkpoint_on_a_users_text_file(zoo_workspace, code_file, tmp_path) -> None:
+    """`code-tiny@300 --data snippets.txt`: packed rows of the file; without labels only counts and contexts (and
+    the command says so); a per-character label function as --labels gives purity rows named by their classes."""
+    workspace = _linked_workspace(zoo_workspace, tmp_path / "ws")
+    trained = _codebook(workspace, "train", "code-tiny@300", "--data", str(code_file), *TINY)
+    assert trained.exit_code == 0, trained.output
+    assert (tmp_path / "ws" / "codebooks" / "code-tiny@300-codebooks" / "codebooks.safetensors").exists()
+    analysed = _codebook(workspace, "analyse", "code-tiny@300", "--data", str(code_file))
+    assert analysed.exit_code == 0, analysed.output
+    assert "carries no per-token labels" in analysed.output
+    name = load_dataset(code_file).name
+    codes = workspace.results().read(CODES_TABLE)
+    assert (codes["model"] == "code-tiny").all() and (codes["checkpoint"] == 300).all()
+    assert (codes["dataset"] == name).all() and "codebook_purity" not in workspace.results().tables()
+    model = resolve_model("code-tiny@300", workspace=workspace)
+    held = read_rows(model, load_dataset(code_file), context_length=32)
+    assert codes["count"].sum() == held.eval.numel() and held.eval.shape[1] == 32
+    contexts = json.loads(codes.sort_values("count").iloc[-1]["top_contexts"])  # the busiest code's
+    assert len(contexts) == 5 and all(isinstance(c, str) and c for c in contexts)
+
+    labeller = tmp_path / "digits.py"
+    labeller.write_text("def digit(text):\n    return ['digit' if c.isdigit() else 'other' for c in text]\n")
+    labelled = _codebook(workspace, "analyse", "code-tiny@300", "--data", str(code_file), "--labels",
+                         f"{labeller}:digit")  # fmt: skip
+    assert labelled.exit_code == 0, labelled.output
+    purity = workspace.results().read(PURITY_TABLE)
+    assert set(purity["label_name"]) == {"digit", "other"} and (purity["dataset"] == name).all()
+    assert purity["purity"].between(0, 1).all() and (purity["label_set_mi"] >= 0).all()
+
+
+def test_cli_on_a_users_gpt2_directory_and_save_to_disk_folder(zoo_workspace, tmp_path) -> None:
+    """A GPT-2 saved by the user (random init, the zoo's tokenizer copied next to it) on a datasets.save_to_disk
+    folder, with per-head codebooks on attn.hook_z: one row per (head, code), the run named after the directory."""
+    import datasets
+
+    model_dir = tmp_path / "my-gpt2"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_workspace.model_dir("code-tiny") / name, model_dir / name)
+    folder = tmp_path / "hf-snippets"
+    datasets.Dataset.from_dict({"text": CODE_LINES}).save_to_disk(str(folder))
+    workspace = Workspace(tmp_path / "ws")
+    site = "blocks.0.attn.hook_z"
+    trained = _codebook(workspace, "train", str(model_dir), "--data", str(folder), "--site", site, "--k", "2",
+                        "--similarity", "cosine", *TINY)  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    run_dir = tmp_path / "ws" / "codebooks" / "my-gpt2-codebooks"
+    books = CodebookSet.load(run_dir)
+    assert books[site].config.n_groups == 4 and books[site].config.k == 2 and books[site].config.d == 8
+    analysed = _codebook(workspace, "analyse", str(model_dir), "--data", str(folder))
+    assert analysed.exit_code == 0, analysed.output
+    codes = workspace.results().read(CODES_TABLE)
+    assert set(codes["model"]) == {resolve_model(model_dir).cfg.name} and codes["checkpoint"].isna().all()
+    assert (codes["dataset"] == load_dataset(folder).name).all() and set(codes["head"]) == {0, 1, 2, 3}
+    held = read_rows(resolve_model(model_dir), load_dataset(folder), context_length=32)
+    assert (codes.groupby("head")["count"].sum() == 2 * held.eval.numel()).all()  # k = 2 codes per token and head
+
+
+def test_cli_refuses_minilm_at_once(code_file, tmp_path) -> None:
+    """MiniLM is an encoder without next-token logits: train and analyse exit 2 with one `error:` line naming the
+    reason, no traceback, nothing written."""
+    workspace = Workspace(tmp_path / "ws")
+    for command in ("train", "analyse"):
+        result = _codebook(workspace, command, "minilm", "--data", str(code_file), *(TINY if command == "train" else ()))
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2, result.output
+        assert len(errors) == 1 and "next-token loss" in errors[0] and "causal" in errors[0], result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").rglob("*"))

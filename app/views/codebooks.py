@@ -6,18 +6,25 @@ import plotly.express as px
 import streamlit as st
 
 from app.data import empty_state, open_workspace_or_stop, plain, table
+from circuits.codebook import ANALYSIS, CODES_TABLE, PURITY_TABLE, TRAIN_COMMAND
 
 st.title("Codebooks")
 db = open_workspace_or_stop()
-codes = table(db, "codebook_codes")
+codes = table(db, CODES_TABLE)
 if codes is None or codes.empty:
-    empty_state(
-        "codebook results", "workbench codebook train fsm-tiny && workbench codebook analyse fsm-tiny"
-    )
+    empty_state(ANALYSIS.description or "codebook results",
+                f"{TRAIN_COMMAND}    # e.g. fsm-tiny --data zoo:tokfsm\n{ANALYSIS.command}")  # fmt: skip
     st.stop()
 model = st.selectbox("model", sorted(codes["model"].dropna().unique()))
 codes = codes[codes["model"] == model]
+selected = {"model": model}
+for column in ("checkpoint", "dataset", "run"):  # several runs of this model: show one at a time
+    if column in codes and codes[column].nunique() > 1:
+        selected[column] = st.selectbox(column, sorted(codes[column].dropna().unique(), key=str,
+                                                       reverse=column == "checkpoint"))  # fmt: skip
+        codes = codes[codes[column] == selected[column]]
 site = st.selectbox("site", sorted(codes["site"].dropna().unique()))
+selected["site"] = site
 codes = codes[codes["site"] == site].sort_values("count", ascending=False)
 if "loss_gap" in codes and codes["loss_gap"].notna().any():
     st.metric("loss gap (codebook − original, nats)", f"{codes['loss_gap'].dropna().iloc[0]:+.3f}")
@@ -26,9 +33,11 @@ usage = px.bar(codes, x=codes["code"].astype(str), y="count", hover_data=["top_t
                title="Code usage (sorted by count)")  # fmt: skip
 usage.update_xaxes(type="category", categoryorder="total descending")
 st.plotly_chart(usage, use_container_width=True)
-purity = table(db, "codebook_purity")
+purity = table(db, PURITY_TABLE)
 if purity is not None and not purity.empty:
-    purity = purity[(purity["model"] == model) & (purity["site"] == site)]
+    for column, value in selected.items():
+        if column in purity:
+            purity = purity[purity[column] == value]
 if purity is not None and not purity.empty:
     label_set = st.selectbox("label set", sorted(purity["label_set"].unique()))
     rows = purity[purity["label_set"] == label_set].sort_values("label")
@@ -50,7 +59,8 @@ if purity is not None and not purity.empty:
     st.dataframe(rows[["label", "best_code", "purity", "recall", "mi", "label_count"]], use_container_width=True,
                  hide_index=True)  # fmt: skip
 else:
-    empty_state("code ↔ label purity", "workbench codebook analyse fsm-tiny")
+    empty_state("code ↔ label purity (the dataset carried no per-token labels)",
+                f"{ANALYSIS.command} --labels SOURCE    # e.g. fsm-tiny --data zoo:tokfsm")  # fmt: skip
 st.subheader("Codes (top contexts: highest code-input similarity first)")
 columns = [c for c in ("code", "head", "count", "frequency", "best_label", "purity", "top_tokens", "top_contexts")
            if c in codes]  # fmt: skip
