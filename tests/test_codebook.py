@@ -536,6 +536,10 @@ def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_works
     assert "gap" in trained.output and (run_dir / "codebooks.safetensors").exists()
     meta = CodebookSet.metadata(run_dir)
     assert meta["step"] == 3 and meta["source"]["dataset"] == "zoo:tokfsm" and meta["source"]["context_length"] == 32
+    more = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", *TINY[2:], "--steps", "4")
+    assert more.exit_code == 0 and "step 4" in more.output and CodebookSet.metadata(run_dir)["step"] == 4  # resumed
+    other = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", *TINY, "--max-tokens", "4096")
+    assert other.exit_code == 2 and "other settings (source)" in other.output  # other rows: not this run's
     analysed = _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm")
     assert analysed.exit_code == 0, analysed.output
     assert "P(fsm_state | best code)" in analysed.output
