@@ -21,7 +21,7 @@ STATS = ("entropy", "sink", "lse", "max_logit")
 def _compare_paths(model: HookedModel, inputs, attention_mask=None) -> None:
     names = ["blocks.*.attn.hook_pattern", *[f"blocks.*.attn.hook_{s}" for s in STATS]]
     with torch.no_grad():
-        model.attention_path = "eager"
+        model.set_attention_path("eager")
         with model.capture(names) as eager:
             eager_logits = model(inputs, attention_mask=attention_mask)
         uninstall_attention(model)

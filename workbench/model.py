@@ -15,18 +15,17 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from workbench.adapters.base import (
     ATTENTION_OWNERS,
+    Adapter,
     AnySite,
     AttentionSite,
     HFAdapter,
-    Site,
-    install_site,
     site_names,
 )
 from workbench.hooks import (
@@ -93,6 +92,7 @@ def _pos_dim(name: str) -> int:
     return 2 if name.endswith(("hook_pattern", "hook_attn_scores", *STAT_HOOKS)) else 1
 
 
+ATTENTION_PATHS = ("sdpa", "eager", "kernel")
 STAT_HOOKS = ("hook_entropy", "hook_sink", "hook_lse", "hook_max_logit")
 
 
@@ -104,7 +104,7 @@ class HookedModel(nn.Module):
     final hidden state [batch, pos, d_model] for encoders without a head.
     """
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, tokenizer: Any = None, adapter: Any = None) -> None:
+    def __init__(self, model: nn.Module, spec: ModelSpec, tokenizer: Any, adapter: Adapter) -> None:
         super().__init__()
         self.model = model.eval()
         self.cfg = spec
@@ -197,23 +197,33 @@ class HookedModel(nn.Module):
     # ------------------------------------------------------------------ weights
     def embedding_matrix(self) -> torch.Tensor:
         """Token embedding W_E [d_vocab, d_model] (what ``hook_embed`` reads for each token)."""
-        inner: Any = self.model  # TL's W_E / HF's get_input_embeddings() are not visible through nn.Module
-        if self.cfg.family == "transformer_lens":
-            return inner.W_E
-        return inner.get_input_embeddings().weight
+        return self.adapter.embedding_matrix(self)
 
     def head_output_weights(self, layer: int) -> torch.Tensor:
         """Per-head output projection W_O [n_heads, d_head, d_model]: ``hook_z[..., h, :] @ W_O[h]`` is head h's
         write to the residual stream (before the output bias)."""
         if not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"layer {layer} is out of range; the model has {self.cfg.n_layers} layers")
-        if self.cfg.family == "transformer_lens":
-            tl_model: Any = self.model  # TransformerLens's blocks are not visible through nn.Module
-            return tl_model.blocks[layer].attn.W_O
-        name = f"blocks.{layer}.attn.hook_z"
-        module = next(s.module for s in self._sites if isinstance(s, Site) and s.names == (name,))
-        weight = cast(torch.Tensor, module.weight)  # [d_model, n_heads * d_head]
-        return weight.T.reshape(self.cfg.n_heads, -1, weight.shape[0])
+        return self.adapter.head_output_weights(self, layer)
+
+    @property
+    def sites(self) -> list[AnySite]:
+        """The family adapter's module sites (Hugging Face models; empty for TransformerLens)."""
+        return list(self._sites)
+
+    def set_attention_path(self, path: str) -> None:
+        """Compute attention on ``path``: "sdpa" (fastest bare forward), "eager" (materialised pattern, the only
+        path with ``hook_pattern``) or "kernel" (the fused Triton kernel with in-kernel statistics)."""
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"attention path {path!r} is not one of {', '.join(ATTENTION_PATHS)}")
+        self.adapter.set_attention_path(self, path)
+        self.attention_path = path
+        self.refresh_hooks()
+
+    def refresh_hooks(self) -> None:
+        """Re-install the backend hooks of the active hook points (after the attention path changed)."""
+        self._installed = ()
+        self._sync_hooks()
 
     # ------------------------------------------------------------------ hook points
     def hook_names(self) -> list[str]:
@@ -252,14 +262,7 @@ class HookedModel(nn.Module):
             return
         for handle in self._handles:
             handle.remove()
-        self._handles = []
-        if hasattr(self.adapter, "install"):
-            self._handles = self.adapter.install(self, active)
-        else:
-            wanted = set(active)
-            for site in self._sites:
-                if wanted & set(site_names([site])):
-                    self._handles += install_site(site, self.hook_points)
+        self._handles = self.adapter.install(self, active)
         self._installed = active
 
     @contextlib.contextmanager
@@ -332,24 +335,13 @@ class HookedModel(nn.Module):
             self._last_index = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
         else:
             self._last_index = None
-        if hasattr(self.adapter, "forward"):
-            return self.adapter.forward(self.model, batch, **kwargs)
-        output = self.model(**batch, **kwargs)
-        for field_name in ("logits", "last_hidden_state"):
-            value = getattr(output, field_name, None)
-            if value is not None:
-                return value
-        return output[0]
+        return self.adapter.forward(self, batch, **kwargs)
 
     def _prepare(self, inputs: Any, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         device = self.device
-        if self.cfg.family == "vit":
-            pixels = inputs["pixel_values"] if isinstance(inputs, dict) else inputs
-            if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
-                raise ValueError(
-                    "a ViT takes pixel_values as a float tensor [batch, channels, height, width]"
-                )
-            return {"pixel_values": pixels.to(device)}
+        prepared = self.adapter.prepare_inputs(self, inputs)
+        if prepared is not None:
+            return prepared
         if isinstance(inputs, (str, list, tuple)) and (
             isinstance(inputs, str) or all(isinstance(t, str) for t in inputs)
         ):
@@ -399,16 +391,8 @@ class HookedModel(nn.Module):
 
     def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Texts -> dict(input_ids [batch, pos], attention_mask [batch, pos]), padded, truncated to n_ctx."""
-        tokenizer = self._require_tokenizer()
-        if hasattr(self.adapter, "tokenize"):
-            return self.adapter.tokenize(self.model, texts)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        encoded = tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length or self.cfg.n_ctx
-        )
-        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        self._require_tokenizer()
+        return self.adapter.tokenize(self, [texts] if isinstance(texts, str) else list(texts), max_length)
 
     def to_tokens(self, texts: str | Sequence[str], prepend_bos: bool | None = None) -> torch.Tensor:
         """Texts -> token ids [batch, pos] (right-padded). ``prepend_bos=True`` adds the BOS token."""

@@ -1,8 +1,11 @@
-"""Machinery shared by the Hugging Face adapters: module sites that feed named hook points.
+"""The adapter protocol, and the machinery shared by the Hugging Face adapters (module sites feeding hook points).
 
-An adapter describes, for one model family, which module input or output carries each TransformerLens-named
-activation (a :class:`Site`). Torch hooks are installed only for sites whose hook points are active, so a
-forward pass with nothing captured runs the model untouched.
+An :class:`Adapter` is everything :class:`~workbench.model.HookedModel` needs to know about a model family, so the
+model never branches on a family name: its ModelSpec, installing torch hooks for the active hook points, running a
+forward pass, tokenizing, preparing non-text inputs, the embedding and per-head output weights, and switching the
+attention path. A Hugging Face adapter describes which module input or output carries each TransformerLens-named
+activation (a :class:`Site`); torch hooks are installed only for sites whose hook points are active, so a forward
+pass with nothing captured runs the model untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -108,8 +111,43 @@ def interleaved_qkv(n_heads: int, d_head: int) -> tuple[Split, Merge]:
     return split, merge
 
 
+class Adapter(Protocol):
+    """What a HookedModel asks of its model family (``owner`` is the HookedModel)."""
+
+    family: str
+
+    def install(self, owner: Any, active: tuple[str, ...]) -> list[Any]:
+        """Register backend hooks feeding the ``active`` hook points; returns handles with ``.remove()``."""
+        ...
+
+    def forward(self, owner: Any, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        """Run the wrapped model on a prepared batch; logits (or the last hidden state for headless encoders)."""
+        ...
+
+    def tokenize(self, owner: Any, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
+        """Texts -> {"input_ids", "attention_mask"} [batch, pos] with the family's tokenizer conventions."""
+        ...
+
+    def prepare_inputs(self, owner: Any, inputs: Any) -> dict[str, torch.Tensor] | None:
+        """Inputs that are not text or token ids (ViT pixels) -> the model's keyword arguments; None: not mine."""
+        ...
+
+    def embedding_matrix(self, owner: Any) -> torch.Tensor:
+        """Token embedding W_E [d_vocab, d_model]."""
+        ...
+
+    def head_output_weights(self, owner: Any, layer: int) -> torch.Tensor:
+        """Per-head output projection W_O [n_heads, d_head, d_model] of ``layer``."""
+        ...
+
+    def set_attention_path(self, owner: Any, path: str) -> None:
+        """Make the model compute attention on ``path`` ("sdpa", "eager" or "kernel")."""
+        ...
+
+
 class HFAdapter(ABC):
-    """Base for one Hugging Face model family: subclasses give ``spec`` and ``sites``."""
+    """Base for one Hugging Face model family: subclasses give ``spec`` and ``sites``; the rest of the
+    :class:`Adapter` protocol is shared here."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
@@ -150,6 +188,47 @@ class HFAdapter(ABC):
         ``block.attention``...), which torch's stubs would type as ``Tensor | Module`` (``nn.Module.__getattr__``).
         """
         return getattr(model, self.base_attr, model)
+
+    def install(self, owner: Any, active: tuple[str, ...]) -> list[Any]:
+        wanted = set(active)
+        handles: list[Any] = []
+        for site in owner.sites:
+            if wanted & set(site_names([site])):
+                handles += install_site(site, owner.hook_points)
+        return handles
+
+    def forward(self, owner: Any, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        output = owner.model(**batch, **kwargs)
+        for field_name in ("logits", "last_hidden_state"):
+            value = getattr(output, field_name, None)
+            if value is not None:
+                return value
+        return output[0]
+
+    def tokenize(self, owner: Any, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
+        tokenizer = owner.tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        encoded = tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length or owner.cfg.n_ctx
+        )
+        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def prepare_inputs(self, owner: Any, inputs: Any) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def embedding_matrix(self, owner: Any) -> torch.Tensor:
+        return owner.model.get_input_embeddings().weight
+
+    def head_output_weights(self, owner: Any, layer: int) -> torch.Tensor:
+        name = f"blocks.{layer}.attn.hook_z"
+        module = next(s.module for s in owner.sites if isinstance(s, Site) and s.names == (name,))
+        weight = cast(torch.Tensor, module.weight)  # [d_model, n_heads * d_head]
+        return weight.T.reshape(owner.cfg.n_heads, -1, weight.shape[0])
+
+    def set_attention_path(self, owner: Any, path: str) -> None:
+        """Nothing to patch: the registered "workbench" attention function reads ``owner.attention_path``."""
+        return None
 
     @staticmethod
     def attention_site(attention: nn.Module, layer: int) -> AttentionSite:

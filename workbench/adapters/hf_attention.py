@@ -70,7 +70,7 @@ def workbench_attention(
     if want_pattern and path == "kernel":
         raise ValueError(
             f"{site.names['pattern']} needs the materialised pattern, which the fused kernel never builds; set "
-            "model.attention_path = 'eager' (or workbench.attention.uninstall_attention(model)) to capture it, or "
+            "model.set_attention_path('eager') (or workbench.attention.uninstall_attention(model)) to capture it, or "
             "capture the statistics hooks (hook_entropy, hook_sink, hook_lse, hook_max_logit) on the kernel path"
         )
     from workbench.attention import attend

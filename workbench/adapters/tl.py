@@ -73,15 +73,39 @@ class TransformerLensAdapter:
             handles.append(_attach(scores_point, _stats_from_scores_hook([points[n] for n in names], owner)))
         return handles
 
-    def forward(self, model: TLModel, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
-        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+    def forward(self, owner: Any, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        return owner.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
 
-    def tokenize(self, model: TLModel, texts: Any) -> dict[str, torch.Tensor]:
+    def tokenize(self, owner: Any, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
         from transformer_lens.utils import get_attention_mask
 
+        model: TLModel = owner.model
         tokens = model.to_tokens(texts, padding_side="right")
+        if max_length is not None:
+            tokens = tokens[:, :max_length]
         mask = get_attention_mask(model.tokenizer, tokens, model.cfg.default_prepend_bos)
         return {"input_ids": tokens, "attention_mask": mask}
+
+    def prepare_inputs(self, owner: Any, inputs: Any) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def embedding_matrix(self, owner: Any) -> torch.Tensor:
+        model: TLModel = owner.model
+        return model.W_E
+
+    def head_output_weights(self, owner: Any, layer: int) -> torch.Tensor:
+        model: TLModel = owner.model
+        return model.blocks[layer].attn.W_O
+
+    def set_attention_path(self, owner: Any, path: str) -> None:
+        """The kernel path replaces each attention block's forward (workbench.attention.install); other paths
+        restore TransformerLens's own."""
+        from workbench.attention.install import patch_transformer_lens, unpatch_transformer_lens
+
+        if path == "kernel":
+            patch_transformer_lens(owner)
+        else:
+            unpatch_transformer_lens(owner)
 
 
 class _Handle:

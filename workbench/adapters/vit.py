@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, heads_view
@@ -22,6 +23,13 @@ class ViTAdapter(HFAdapter):
         return self.standard_spec(
             config, d_vocab=getattr(config, "num_labels", 0), n_ctx=n_patches + 1, causal=False
         )
+
+    def prepare_inputs(self, owner: Any, inputs: Any) -> dict[str, torch.Tensor]:
+        """Pixels [batch, channels, height, width] (or {"pixel_values": ...}) -> the ViT's keyword arguments."""
+        pixels = inputs["pixel_values"] if isinstance(inputs, dict) else inputs
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+            raise ValueError("a ViT takes pixel_values as a float tensor [batch, channels, height, width]")
+        return {"pixel_values": pixels.to(owner.device)}
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
         base = self.base(model)

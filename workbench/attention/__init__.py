@@ -56,7 +56,7 @@ def attend(
     if return_pattern and path == "kernel":
         raise ValueError(
             "hook_pattern needs the materialised pattern, which the fused kernel never builds; use the eager path "
-            "(model.attention_path = 'eager' or uninstall_attention(model)) or capture the statistics hooks"
+            "(model.set_attention_path('eager') or uninstall_attention(model)) or capture the statistics hooks"
         )
     if path == "kernel":
         from workbench.attention.kernel import flash_attention

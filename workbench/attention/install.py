@@ -28,27 +28,25 @@ def install_attention(model: HookedModel, sink_k: int = 1) -> HookedModel:
     if sink_k < 0:
         raise ValueError(f"sink_k must be >= 0, got {sink_k}")
     model.sink_k = sink_k
-    if model.cfg.family == "transformer_lens":
-        _patch_transformer_lens(model)
-    model.attention_path = "kernel"
-    model._installed = ()  # re-install hooks: statistics come from another place on this path
-    model._sync_hooks()
+    model.set_attention_path("kernel")
     return model
 
 
 def uninstall_attention(model: HookedModel) -> HookedModel:
     """Restore the model's own attention computation."""
-    if model.cfg.family == "transformer_lens":
-        tl_model: TLModel = model.model
-        for block in tl_model.blocks:
-            block.attn.__dict__.pop("forward", None)
-    model.attention_path = "sdpa"
-    model._installed = ()
-    model._sync_hooks()
+    model.set_attention_path("sdpa")
     return model
 
 
-def _patch_transformer_lens(model: HookedModel) -> None:
+def unpatch_transformer_lens(model: HookedModel) -> None:
+    """Give every TransformerLens attention block its own forward back."""
+    tl_model: Any = model.model
+    for block in tl_model.blocks:
+        block.attn.__dict__.pop("forward", None)
+
+
+def patch_transformer_lens(model: HookedModel) -> None:
+    """Replace each TransformerLens attention block's forward with the fused kernel (unsupported features refused)."""
     tl_model: TLModel = model.model
     cfg = tl_model.cfg
     unsupported = {
