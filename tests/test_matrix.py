@@ -45,7 +45,9 @@ def matrix(zoo_workspace, hub_repo, tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(zoo_workspace.model_dir("code-tiny") / name, gpt2 / name)
     (root / "notes.txt").write_text("\n".join(t.replace("\n", " ; ") for t in TEXTS) + "\n", encoding="utf-8")
-    (root / "rows.jsonl").write_text("".join(json.dumps({"code": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    snippets = TEXTS + [f"for k in range({i}):\n    total += k" if i % 2 else f"value = {i} * {i}" for i in range(14)]
+    (root / "rows.jsonl").write_text("".join(json.dumps({"code": t, "loop": str("for" in t or "while" in t)}) + "\n"
+                                             for t in snippets), encoding="utf-8")  # fmt: skip
     import datasets
 
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(root / "hf"))
@@ -153,5 +155,44 @@ def test_neuron_path(matrix, model, dataset) -> None:
         return
     assert result.exit_code == 0, result.output
     rows = Workspace(ws).results().read("neuron_path_metrics", model=_model_name(matrix, model),
+                                        dataset=matrix["dataset_names"][dataset])  # fmt: skip
+    assert len(rows) > 0
+
+
+def _probe_labels(matrix, dataset: str) -> list[str]:
+    """The label source of a probe cell: a zoo label set read over the cell's dataset, or the jsonl's own labels."""
+    if dataset == "jsonl":  # one label per text: does the snippet loop?
+        return ["--labels", f"{matrix['data']['jsonl'].rpartition(':')[0]}:code:loop"]
+    return ["--labels", "zoo:inside_string", "--data", matrix["data"][dataset]]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_probe(matrix, model, dataset) -> None:
+    ws = matrix["workspace"]
+    ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
+    result, _ = _invoke(["probe", "fit", ref, *_probe_labels(matrix, dataset), "--hooks", "blocks.*.hook_resid_post",
+                         "--no-random-init", "--context-length", "32", "--workspace", str(ws)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = Workspace(ws).results().read("probe_results", model=_model_name(matrix, model))
+    assert len(rows) > 0 and rows["score"].notna().all()
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_codebook(matrix, model, dataset) -> None:
+    ws = matrix["workspace"]
+    ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
+    run = f"matrix-{model}-{dataset}"
+    common = [ref, "--data", matrix["data"][dataset], "--run", run, "--context-length", "16", "--workspace", str(ws)]
+    result, seconds = _invoke(["codebook", "train", *common, "--n-codes", "8", "--steps", "3", "--no-progress"])
+    if model == "minilm":  # codebooks are fine-tuned with the next-token loss: an encoder has none
+        _assert_refused(result, "causal")
+        assert seconds < 30 and not (ws / "codebooks" / run).exists()
+        return
+    assert result.exit_code == 0, result.output
+    analysed, _ = _invoke(["codebook", "analyse", *common])
+    assert analysed.exit_code == 0, analysed.output
+    rows = Workspace(ws).results().read("codebook_codes", model=_model_name(matrix, model),
                                         dataset=matrix["dataset_names"][dataset])  # fmt: skip
     assert len(rows) > 0
