@@ -135,7 +135,7 @@ def _capture_cli(model_dir: Path, texts_file: Path, out: Path) -> list[str]:
 
 
 def _capture_args(model_dir: Path, texts_file: Path, out: Path) -> list[str]:
-    return ["capture", str(model_dir), "--hooks", HOOKS[0], "--texts", str(texts_file), "--out", str(out),
+    return ["capture", str(model_dir), "--hooks", HOOKS[0], "--data", str(texts_file), "--out", str(out),
             "--batch-size", "4"]  # fmt: skip
 
 
