@@ -1,21 +1,45 @@
-"""`workbench sae train|eval` (mounted through the workbench.cli entry points)."""
+"""`workbench sae train|eval|circuit MODEL --data DATA` (mounted through the workbench.cli entry points): SAEs,
+transcoders and transcoder circuits on any model reference and any dataset reference."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from workbench.cli_options import WorkspaceOption, fail
+from workbench.cli_options import (
+    BatchSizeOption,
+    ContextOption,
+    DataOption,
+    DeviceOption,
+    ModelArgument,
+    ProgressOption,
+    SeedOption,
+    TrustRemoteCodeOption,
+    WorkspaceOption,
+    fail,
+    open_data,
+    open_model,
+)
 
-app = typer.Typer(help="Sparse autoencoders and transcoders on zoo models.", no_args_is_help=True)
+app = typer.Typer(help="Sparse autoencoders, transcoders and transcoder circuits.", no_args_is_help=True)
+
+# Checked by the library (an `error:` line naming the fix) rather than by typer's range check.
+TokensOption = Annotated[
+    int | None,
+    typer.Option("--max-tokens", help="Token budget read from --data (default: 100000 for train)."),
+]
+DATA_REQUIRED = (
+    "--data is required: the text the activations are read from (a text file, FILE.jsonl:FIELD, a directory, a "
+    "save_to_disk folder, ids.npy, zoo:python-stdlib) or an activation store holding the hook(s)"
+)
 
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Argument(help="Zoo model name in the workspace, e.g. code-tiny.")],
+    model: ModelArgument,
     hook: Annotated[str, typer.Option(help="Input hook, e.g. blocks.0.hook_resid_post.")],
+    data: DataOption = None,
     hook_out: Annotated[
         str | None, typer.Option(help="Output hook for a transcoder (e.g. blocks.0.hook_mlp_out).")
     ] = None,
@@ -23,73 +47,132 @@ def train(
     d_sae: Annotated[int, typer.Option(help="Number of latents.")] = 256,
     k: Annotated[int, typer.Option(help="Active latents per token (topk / batchtopk).")] = 8,
     skip: Annotated[bool, typer.Option(help="Skip transcoder (adds x @ W_skip).")] = False,
-    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: the last).")] = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
-    sequences: Annotated[
-        int, typer.Option(help="Token sequences of 64 tokens captured from the corpus.")
-    ] = 48,
+    max_tokens: TokensOption = 100_000,
+    context_length: ContextOption = 128,
+    batch_size: BatchSizeOption = 16,
+    train_batch_size: Annotated[int, typer.Option(min=1, help="Activation rows per training step.")] = 256,
     sae_id: Annotated[
-        str | None, typer.Option(help="Name of the SAE (default from model, hook, architecture).")
+        str | None,
+        typer.Option(help="Name of the SAE (default: MODEL's short name, hook(s) and architecture)."),
     ] = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of the SAE's initialisation (same seed, same SAE).")] = 0,
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Train one SAE / transcoder on a zoo model, save it under the workspace and write sae_evals + sae_features."""
-    from circuits.sae.evals import train_and_evaluate
+    """Train one SAE / transcoder on MODEL's activations over --data, save it under the workspace (saes/<id>/) and
+    write sae_evals (held-out quarter of the rows) and sae_features."""
+    from circuits.sae.analysis import ANALYSIS, default_sae_id, run, write_results
     from circuits.sae.train import check_sae_name
-    from workbench.workspace import Workspace
 
-    spec = {
-        "architecture": architecture,
-        "d_sae": d_sae,
-        "hook_in": hook,
-        "hook_out": hook_out or hook,
-        "skip": skip,
-    }
-    if architecture in ("topk", "batchtopk"):
-        spec["k"] = k
-    name = sae_id or f"{model}.{hook}.{architecture}"
-    try:
-        check_sae_name(name)  # before the capture: a bad name fails at once
-        frame = train_and_evaluate(
-            Workspace(workspace).ensure(), model, {name: spec}, step=step, n_sequences=sequences,
-            train_steps=steps, progress=progress, seed=seed,
-        )  # fmt: skip
-    except (ValueError, KeyError) as err:
-        fail(err)
-    row = frame.iloc[0]
-    typer.echo(
-        f"{name}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  CE recovered {row.ce_recovered:.3f}  KL {row.kl:.4f}"
-    )
+    if data is None:
+        fail(DATA_REQUIRED)
+    name = check_sae_name(sae_id) if sae_id else default_sae_id(model, hook, architecture, hook_out)
+    spec = {"architecture": architecture, "d_sae": d_sae, "hook_in": hook, "hook_out": hook_out or hook,
+            "skip": skip} | ({"k": k} if architecture in ("topk", "batchtopk") else {})  # fmt: skip
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    dataset = open_data(data)
+    frames = run(hooked, dataset, {name: spec}, workspace=workspace, max_tokens=max_tokens,
+                 context_length=context_length, batch_size=batch_size, steps=steps,
+                 train_batch_size=train_batch_size, seed=seed, progress=progress)  # fmt: skip
+    write_results(workspace, frames)
+    row = frames["sae_evals"].iloc[0]
+    typer.echo(f"{name}: {_metrics(row)}")
+    typer.echo(f"saved to saes/{name}; {hooked.cfg.name} on {row['dataset']!r} written to the workspace (tables "
+               f"{', '.join(ANALYSIS.table_names)})")  # fmt: skip
 
 
 @app.command("eval")
 def evaluate(
-    sae_path: Annotated[Path, typer.Argument(help="SAE directory (ours or SAELens cfg.json format).")],
-    model: Annotated[str, typer.Argument(help="Zoo model name in the workspace.")],
-    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: the last).")] = None,
-    sequences: Annotated[int, typer.Option(help="Evaluation sequences of 64 tokens.")] = 16,
+    sae_path: Annotated[
+        str, typer.Argument(help="SAE directory (ours or SAELens cfg.json format) or SAE id.")
+    ],
+    model: ModelArgument,
+    data: DataOption = None,
+    max_tokens: TokensOption = 20_000,
+    context_length: ContextOption = 128,
+    batch_size: BatchSizeOption = 16,
     sae_id: Annotated[
         str | None, typer.Option(help="Name in sae_evals (default: the directory name).")
     ] = None,
+    device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Evaluate a saved SAE spliced into a zoo model and write its sae_evals row."""
-    from circuits.sae import load_sae
-    from circuits.sae.evals import code_token_sequences, evaluate_sae, write_evals
-    from workbench.checkpoints import CheckpointSeries
-    from workbench.workspace import Workspace
+    """Evaluate a saved SAE spliced into MODEL over --data and write its sae_evals row (CE metrics on causal LMs,
+    reconstruction metrics on any model)."""
+    from circuits.sae.analysis import evaluate as evaluate_on
+    from circuits.sae.analysis import find_sae, write_results
 
-    ws = Workspace(workspace).ensure()
-    try:
-        sae = load_sae(sae_path)
-        series = CheckpointSeries.from_directory(ws.model_dir(model))
-        hooked = series.load(series.steps[-1] if step is None else step)
-        tokens = code_token_sequences(hooked.tokenizer, sequences, 64, seed=1)
-        frame = evaluate_sae(hooked, sae, tokens, sae_id or sae_path.name, dataset="python-stdlib")
-    except (ValueError, KeyError) as err:
-        fail(err)
-    write_evals(frame, ws)
-    row = frame.iloc[0]
-    typer.echo(f"L0 {row.L0:.2f}  FVU {row.FVU:.4f}  CE recovered {row.ce_recovered:.3f}  KL {row.kl:.4f}")
+    if data is None:
+        fail(DATA_REQUIRED)
+    found, sae = find_sae(sae_path, workspace)
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    dataset = open_data(data)
+    frames = evaluate_on(hooked, dataset, sae, sae_id=sae_id or found, max_tokens=max_tokens,
+                         context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
+    write_results(workspace, frames)
+    typer.echo(
+        f"{sae_id or found} on {hooked.cfg.name} / {dataset.name!r}: {_metrics(frames['sae_evals'].iloc[0])}"
+    )
+
+
+@app.command()
+def circuit(
+    model: ModelArgument,
+    transcoder: Annotated[
+        list[str],
+        typer.Option(
+            help="Transcoder id in the workspace or directory (repeatable; one per layer below the target)."
+        ),
+    ],
+    data: DataOption = None,
+    layer: Annotated[
+        int | None, typer.Option(help="Target layer (default: the highest transcoder's).")
+    ] = None,
+    feature: Annotated[
+        int | None, typer.Option(help="Target feature (default: the most active at --position).")
+    ] = None,
+    prompt_index: Annotated[int, typer.Option(min=0, help="Which token row of --data is the prompt.")] = 0,
+    position: Annotated[
+        int, typer.Option(help="Target position in the prompt (negative: from the end).")
+    ] = -1,
+    context_length: ContextOption = 64,
+    top_k: Annotated[int, typer.Option(min=1, help="Contributors kept per node.")] = 3,
+    depth: Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")] = 3,
+    device: DeviceOption = "cpu",
+    workspace: WorkspaceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Trace a transcoder feature's circuit on a prompt from --data (greedy path search) and write
+    transcoder_circuits; needs a rotary model (GPT-NeoX / Llama) with transcoders on every layer below the target."""
+    from circuits.sae.analysis import find_sae
+    from circuits.transcoder_circuits import ANALYSIS, run, write_results
+
+    if data is None:
+        fail(
+            "--data is required: the prompt is a token row of it (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
+        )
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    ANALYSIS.check(hooked)  # a model without rotary embeddings is refused before anything else is read
+    dataset = open_data(data)
+    transcoders = [find_sae(ref, workspace)[1] for ref in transcoder]
+    frames = run(hooked, dataset, transcoders, layer=layer, feature=feature, prompt_index=prompt_index,
+                 position=position, context_length=context_length, top_k=top_k, depth=depth)  # fmt: skip
+    write_results(workspace, frames)
+    nodes = frames["transcoder_circuits"]
+    root = nodes.iloc[0]
+    typer.echo(nodes[["id", "parent", "depth", "kind", "layer", "index", "position", "text", "attribution"]]
+               .to_string(index=False))  # fmt: skip
+    typer.echo(f"circuit of {root['target']} ({len(nodes)} nodes) on prompt {prompt_index} of {dataset.name!r} "
+               f"written to the workspace (table {', '.join(ANALYSIS.table_names)})")  # fmt: skip
+
+
+def _metrics(row) -> str:
+    text = f"L0 {row['L0']:.2f}  FVU {row['FVU']:.4f}  cosine {row['cosine']:.3f}"
+    if row.get("ce_note"):
+        return f"{text}  ({row['ce_note']})"
+    return f"{text}  CE recovered {row['ce_recovered']:.3f}  KL {row['kl']:.4f}"

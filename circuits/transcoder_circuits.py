@@ -16,6 +16,9 @@ the residual stream below it contributes linearly to its pre-activation e · res
 
 The contributions through an attention head to its source position are linearised (the head's pattern is held
 fixed and its LayerNorm is differentiated at the prompt's values); everything else is exact.
+
+:func:`run` traces one circuit on a prompt taken from any dataset (``workbench.datasets``) with transcoders of
+any rotary model (``ANALYSIS`` declares the ``transcoder_circuits`` table; :func:`write_results` stores it).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from workbench.analysis import Analysis, Table, write_tables
+from workbench.datasets import load_dataset
 from workbench.model import HookedModel
+from workbench.references import resolve_model
 
 ROTARY_FAMILIES = ("gpt_neox", "llama")
 
@@ -358,38 +364,132 @@ def _through_head(
     return trace.patterns[layer][head, query, source] * gradient[0, source].detach()
 
 
-DEMO_PROMPT = "def area(width, height):\n    return (width * height) / 2\n"
-CIRCUIT_TABLE = "transcoder_circuits"
+def by_layer(
+    transcoders: Mapping[int, torch.nn.Module] | Sequence[torch.nn.Module],
+) -> dict[int, torch.nn.Module]:
+    """Transcoders keyed by the layer they read (``blocks.L.hook_resid_pre|mid``); a list is keyed by its hooks."""
+    if isinstance(transcoders, Mapping):
+        return dict(transcoders)
+    keyed: dict[int, torch.nn.Module] = {}
+    for transcoder in transcoders:
+        layer = _layer_of(transcoder)
+        if layer in keyed:
+            raise CircuitError(
+                f"two transcoders read layer {layer} ({transcoder.hook_in}); pass one per layer"
+            )
+        keyed[layer] = transcoder
+    return keyed
 
 
-def write_circuit(graph: CircuitGraph, workspace, *, model: str, checkpoint: int | None, prompt: str) -> int:
-    """Store a path search's nodes in ``transcoder_circuits`` (one circuit per model/checkpoint/target/prompt)."""
-    target = graph.nodes.iloc[0]
-    rows = graph.nodes.assign(model=model, checkpoint=checkpoint, prompt=prompt,
-                              target=f"L{target['layer']}#{target['index']}@{target['position']}")  # fmt: skip
-    keys = ["model", "checkpoint", "target", "prompt"]
-    return workspace.results().write(CIRCUIT_TABLE, rows, replace_keys=keys)
+def check_transcoders(model: HookedModel, transcoders: Mapping[int, torch.nn.Module]) -> None:
+    """Refuse transcoders that are not MLP transcoders of this model: hook_in a residual-stream hook of layer L,
+    hook_out ``blocks.L.hook_mlp_out``, widths d_model (an SAE of another model or hook is named)."""
+    if not transcoders:
+        raise CircuitError(
+            "no transcoders given; pass one per layer up to the target (--transcoder, repeatable)"
+        )
+    for layer, transcoder in transcoders.items():
+        if _layer_of(transcoder) != layer or transcoder.hook_out != f"blocks.{layer}.hook_mlp_out":
+            raise CircuitError(
+                f"the transcoder for layer {layer} maps {transcoder.hook_in!r} → {transcoder.hook_out!r}; a circuit "
+                f"needs MLP transcoders blocks.{layer}.hook_resid_pre (or hook_resid_mid) → blocks.{layer}.hook_mlp_out"
+            )
+        if layer >= model.cfg.n_layers or (transcoder.d_in, transcoder.d_out) != (model.cfg.d_model,) * 2:
+            trained_on = f" (trained on {transcoder.cfg.model!r})" if transcoder.cfg.model else ""
+            raise CircuitError(
+                f"the layer-{layer} transcoder{trained_on} has d_in={transcoder.d_in}, d_out={transcoder.d_out}, but "
+                f"{model.cfg.name} has {model.cfg.n_layers} layers of d_model={model.cfg.d_model}: it is a "
+                "transcoder of another model; train transcoders on this one"
+            )
+
+
+_CIRCUIT_KEYS = ("model", "checkpoint", "dataset", "target", "prompt")
+ANALYSIS = Analysis(
+    name="transcoder_circuits",
+    command="workbench sae circuit MODEL --data DATA --transcoder SAE_ID",
+    tables=(
+        Table("transcoder_circuits", keys=_CIRCUIT_KEYS,
+              columns=("prompt_index", "id", "parent", "depth", "kind", "layer", "index", "position", "attribution",
+                       "text"),
+              description="nodes of a greedy path search from a target transcoder feature (target = "
+              "L<layer>#<feature>@<position>) on a prompt of the dataset; attributions in the target's "
+              "pre-activation units"),
+    ),
+    requires=("rotary", "tokenizer", "text"),
+    description="transcoder circuits: exact attribution and greedy path search through transcoders and heads",
+)  # fmt: skip
+
+
+def run(
+    model: HookedModel,
+    data,
+    transcoders: Mapping[int, torch.nn.Module] | Sequence[torch.nn.Module],
+    *,
+    layer: int | None = None,
+    feature: int | None = None,
+    prompt_index: int = 0,
+    position: int = -1,
+    context_length: int = 64,
+    top_k: int = 3,
+    depth: int = 3,
+) -> dict[str, pd.DataFrame]:
+    """The circuit of a transcoder feature on a prompt taken from ``data`` → {"transcoder_circuits": nodes}.
+
+    Args:
+        model: a rotary causal LM (GPT-NeoX / Llama), e.g. from ``workbench.references.resolve_model``.
+        data: a text or token Dataset; the prompt is its token row ``prompt_index`` (at most ``context_length``
+            tokens, one document per row).
+        transcoders: {layer: transcoder} or a list keyed by their hooks; every layer below the target needs one.
+        layer, feature: the target (default: the highest transcoder layer and its most active feature at
+            ``position``).
+    """
+    ANALYSIS.check(model, data)
+    transcoders = by_layer(transcoders)
+    check_transcoders(model, transcoders)
+    layer = max(transcoders) if layer is None else layer
+    if feature is not None:
+        _check(transcoders, layer, feature)
+    _require_layers_below(transcoders, layer)
+    rows = data.token_rows(model.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
+    if len(rows) <= prompt_index:
+        raise CircuitError(
+            f"dataset {data.name!r} has {len(rows)} token row(s), so there is no prompt {prompt_index}; pick "
+            f"--prompt-index 0..{len(rows) - 1}"
+        )
+    tokens = torch.tensor(rows[prompt_index], dtype=torch.long)
+    at = _position(position, len(tokens))
+    if feature is None:
+        target = _check(transcoders, layer, 0)
+        with torch.no_grad(), model.capture(target.hook_in) as cache:
+            model(tokens[None].to(model.device))
+            x = cache[target.hook_in][0, at].to(device=target.device, dtype=torch.float32)
+            feature = int(target.encode(x).argmax())
+    graph = find_paths(model, transcoders, tokens, layer=layer, feature=feature, position=at, top_k=top_k,
+                       depth=depth)  # fmt: skip
+    prompt = model.to_string(tokens) if model.tokenizer is not None else " ".join(map(str, tokens.tolist()))
+    nodes = graph.nodes.assign(model=model.cfg.name, checkpoint=model.cfg.checkpoint, dataset=data.name,
+                               hook=transcoders[layer].hook_in, prompt=prompt, prompt_index=prompt_index,
+                               target=f"L{layer}#{feature}@{at}")  # fmt: skip
+    return {"transcoder_circuits": nodes}
+
+
+def write_results(workspace, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:
+    """Store ``run``'s frame (``workbench.analysis.write_tables``): one circuit per model, checkpoint, dataset,
+    target and prompt."""
+    return write_tables(workspace, ANALYSIS, frames)
 
 
 def demo_step(workspace, progress: bool = True) -> str:
-    """Trace the most active layer-1 transcoder feature of code-tiny on a code prompt (the SAE demo step trains
-    the transcoders) and store its circuit."""
-    from circuits.sae import load_sae
-    from circuits.sae.evals import sae_dir
-    from workbench.checkpoints import CheckpointSeries
+    """The circuit of code-tiny's most active layer-1 transcoder feature at the last token of the first
+    ``zoo:python-stdlib`` prompt (the SAE demo step trains the transcoders); writes ``transcoder_circuits``."""
+    from circuits.sae.analysis import find_sae
 
-    series = CheckpointSeries.from_directory(workspace.model_dir("code-tiny"))
-    model = series.load(series.steps[-1])
-    transcoders = {
-        layer: load_sae(sae_dir(workspace, f"code-tiny.L{layer}-mlp-transcoder")) for layer in (0, 1)
-    }
-    tokens = model.to_tokens(DEMO_PROMPT)[0]
-    with torch.no_grad(), model.capture(transcoders[1].hook_in) as cache:
-        model(tokens[None])
-        feature = int(transcoders[1].encode(cache[transcoders[1].hook_in][0, -1]).argmax())
-    graph = find_paths(model, transcoders, tokens, layer=1, feature=feature, top_k=3, depth=3)
-    write_circuit(graph, workspace, model="code-tiny", checkpoint=series.steps[-1], prompt=DEMO_PROMPT)
-    strongest = graph.nodes.iloc[1:].sort_values("attribution", key=abs, ascending=False).iloc[0]
-    return (f"circuit of layer-1 feature {feature}: {len(graph.nodes)} nodes; strongest input {strongest['kind']} "
+    model = resolve_model("code-tiny", workspace=workspace)
+    transcoders = [find_sae(f"code-tiny.L{layer}-mlp-transcoder", workspace)[1] for layer in (0, 1)]
+    frames = run(model, load_dataset("zoo:python-stdlib"), transcoders, context_length=32)
+    write_results(workspace, frames)
+    nodes = frames["transcoder_circuits"]
+    strongest = nodes.iloc[1:].sort_values("attribution", key=abs, ascending=False).iloc[0]
+    return (f"circuit of {nodes.iloc[0]['target']}: {len(nodes)} nodes; strongest input {strongest['kind']} "
             f"L{strongest['layer']} #{strongest['index']} ({strongest['attribution']:+.2f} of "
-            f"{graph.nodes.iloc[0]['attribution']:.2f})")  # fmt: skip
+            f"{nodes.iloc[0]['attribution']:.2f})")  # fmt: skip

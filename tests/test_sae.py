@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -339,6 +341,11 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     shutil.copytree(zoo_workspace.model_dir("code-tiny"), workspace.model_dir("code-tiny"))
     summary = demo_step(workspace, progress=False)
     assert "CE recovered" in summary
+    import circuits.transcoder_circuits
+
+    assert "nodes" in circuits.transcoder_circuits.demo_step(workspace, progress=False)
+    circuit = workspace.results().read("transcoder_circuits")
+    assert set(circuit["dataset"]) == {"zoo:python-stdlib"} and set(circuit["model"]) == {"code-tiny"}
     evals = workspace.results().read("sae_evals")
     assert set(evals["sae_id"]) == {
         "code-tiny.L0-resid-topk",
@@ -370,41 +377,14 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     assert not empty.exception and "workbench sae train" in empty.info[0].value
 
 
-def test_cli_eval_writes_row(zoo_workspace, tmp_path):
-    from typer.testing import CliRunner
-
-    from circuits.sae.saelens_io import save_saelens
-    from circuits.sae_cli import app
-    from workbench.results import ResultsDB
-
-    sae = create_sae(SAEConfig("topk", d_in=64, d_sae=32, k=4, hook_in="blocks.0.hook_resid_post"))
-    save_saelens(sae, tmp_path / "lens")
-    workspace = tmp_path / "ws"
-    (workspace / "models").mkdir(parents=True)
-    (workspace / "models" / "code-tiny").symlink_to(zoo_workspace.model_dir("code-tiny"))
-    result = CliRunner().invoke(app, ["eval", str(tmp_path / "lens"), "code-tiny", "--sequences", "2",
-                                      "--workspace", str(workspace)])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    row = ResultsDB(workspace / "results.duckdb").read("sae_evals").iloc[0]
-    assert row["sae_id"] == "lens" and row["L0"] == pytest.approx(4.0)
-    bad = create_sae(SAEConfig("topk", d_in=32, d_sae=32, k=4, hook_in="blocks.0.hook_resid_post"))
-    save_saelens(bad, tmp_path / "bad")
-    result = CliRunner().invoke(
-        app, ["eval", str(tmp_path / "bad"), "code-tiny", "--workspace", str(workspace)]
-    )
-    assert result.exit_code == 2 and "d_in=32" in result.output
-    result = CliRunner().invoke(app, ["train", "code-tiny", "--hook", "blocks.0.hook_resid_post", "--sae-id",
-                                      "../escape", "--workspace", str(workspace)])  # fmt: skip
-    assert result.exit_code == 2 and "cannot name a checkpoint file" in result.output
-
-
 def test_live_model_batches_shuffle_across_sequences_and_train_a_transcoder(code_series) -> None:
     from circuits.sae.base import SAEConfig, create_sae
-    from circuits.sae.evals import code_token_sequences
     from circuits.sae.train import TrainConfig, live_batches, train_saes
+    from workbench.datasets import load_dataset
 
     model = code_series.load(code_series.steps[-1])
-    tokens = code_token_sequences(model.tokenizer, 24, 32)
+    tokens, _ = load_dataset("zoo:python-stdlib").token_tensor(model.tokenizer, context_length=32, packing=True,
+                                                               max_rows=24)  # fmt: skip
     hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_mlp_out"]
     stream = live_batches(model, tokens, hooks, batch_size=64, buffer_rows=512, sequences_per_forward=4)
     first = next(stream)
@@ -558,17 +538,295 @@ def test_data_init_is_the_least_squares_scale(architecture, extra) -> None:
 
 
 def test_cli_train_same_seed_same_sae_bytes(zoo_workspace, tmp_path):
-    from typer.testing import CliRunner
-
-    from circuits.sae_cli import app
-
     workspace = tmp_path / "ws"
     (workspace / "models").mkdir(parents=True)
     (workspace / "models" / "code-tiny").symlink_to(zoo_workspace.model_dir("code-tiny"))
     for sae_id, seed in (("a", 0), ("b", 0), ("c", 1)):
-        result = CliRunner().invoke(app, ["train", "code-tiny", "--hook", "blocks.0.hook_resid_post", "--d-sae", "32",
-                                          "--k", "4", "--steps", "10", "--sequences", "8", "--seed", str(seed),
-                                          "--sae-id", sae_id, "--workspace", str(workspace), "--no-progress"])  # fmt: skip
+        result = sae_cli(workspace, "train", "code-tiny", "--data", "zoo:python-stdlib", "--hook",
+                         "blocks.0.hook_resid_post", "--d-sae", "32", "--k", "4", "--steps", "10", "--max-tokens",
+                         "512", "--context-length", "64", "--seed", str(seed), "--sae-id", sae_id, "--no-progress")  # fmt: skip
         assert result.exit_code == 0, result.output
     weights = {i: (workspace / "saes" / i / "sae_weights.safetensors").read_bytes() for i in "abc"}
     assert weights["a"] == weights["b"] != weights["c"]
+
+
+# ---------------------------------------------------------------------------------------------------- any model, any data
+NOTE_LINES = [
+    "def add(first, second):    return first + second",
+    "for index in range(10):    print(index * index)",
+    "the quick brown fox jumps over the lazy dog again and again",
+    "class Point:    def __init__(self, x, y):        self.x = x",
+    "with open(path) as handle:    text = handle.read()",
+    "seven wizards quietly judge the boxing match in the old hall",
+    "if value is None:    raise ValueError('value is required')",
+] * 12
+FAST_SAE = ["--d-sae", "64", "--k", "4", "--steps", "40", "--max-tokens", "2000", "--context-length", "64",
+            "--train-batch-size", "128", "--no-progress"]  # fmt: skip
+
+
+def sae_cli(workspace, *args: str):
+    """`workbench sae ARGS -w WORKSPACE` through the top-level CLI (its one-line errors)."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    return CliRunner().invoke(app, ["sae", *args, "--workspace", str(workspace)])
+
+
+def refused(result, reason: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and reason in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory):
+    """A user's text file, a jsonl file with a `body` column and a datasets.save_to_disk folder of the same lines."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("sae-data")
+    (root / "notes.txt").write_text("\n".join(NOTE_LINES) + "\n")
+    (root / "rows.jsonl").write_text("".join(json.dumps({"id": i, "body": line}) + "\n"
+                                             for i, line in enumerate(NOTE_LINES)))  # fmt: skip
+    datasets.Dataset.from_dict({"text": NOTE_LINES}).save_to_disk(str(root / "hf_notes"))
+    return root
+
+
+@pytest.fixture()
+def zoo_ws(zoo_workspace, tmp_path):
+    """A fresh workspace whose models/code-tiny links to the zoo's (results land here, not in the shared zoo)."""
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "ws").ensure()
+    workspace.model_dir("code-tiny").symlink_to(
+        zoo_workspace.model_dir("code-tiny"), target_is_directory=True
+    )
+    return workspace
+
+
+def heldout_reference(model, sae, data_ref, context_length=64, max_tokens=2000):
+    """Independent metrics on the held-out quarter of the rows: each row run alone, unpadded, FVU and CE summed
+    by hand (no masks, no batching)."""
+    import torch.nn.functional as F
+
+    from circuits.sae.analysis import EVAL_FRACTION
+    from workbench.datasets import load_dataset
+
+    ids, mask = load_dataset(data_ref).token_tensor(model.tokenizer, context_length=context_length, batch_size=16,
+                                                    packing=True, shuffle_seed=0, max_tokens=max_tokens)  # fmt: skip
+    split = round(len(ids) * (1 - EVAL_FRACTION))
+    xs, ys, nll, count = [], [], 0.0, 0
+    for row, m in zip(ids[split:], mask[split:], strict=True):
+        tokens = row[m.bool()][None]
+        with torch.no_grad(), model.capture([sae.hook_in, sae.hook_out]) as cache:
+            logits = model(tokens)
+        xs.append(cache[sae.hook_in][0])
+        ys.append(cache[sae.hook_out][0])
+        if model.cfg.causal:
+            nll += float(F.cross_entropy(logits[0, :-1].double(), tokens[0, 1:], reduction="sum"))
+            count += tokens.shape[1] - 1
+    x, y = torch.cat(xs), torch.cat(ys)
+    with torch.no_grad():
+        out = sae(x)
+    fvu = float((out - y).double().pow(2).sum() / (y.double() - y.double().mean(0)).pow(2).sum())
+    return {"FVU": fvu, "ce_clean": nll / count if count else float("nan"), "n_tokens": len(x)}
+
+
+def test_short_names_of_model_and_dataset_references(tmp_path):
+    from circuits.sae.analysis import default_sae_id, short_name
+
+    (tmp_path / "my-gpt2").mkdir()
+    assert short_name(tmp_path / "my-gpt2") == "my-gpt2" and short_name(f"{tmp_path}/my-gpt2/") == "my-gpt2"
+    assert short_name("EleutherAI/pythia-70m@step3000") == "EleutherAI--pythia-70m@step3000"
+    assert short_name("tl:gpt2") == "tl-gpt2" and short_name("code-tiny@300") == "code-tiny@300"
+    assert (
+        short_name("data.jsonl:text") == "data.jsonl-text"
+        and short_name("zoo:python-stdlib") == "zoo-python-stdlib"
+    )
+    assert default_sae_id("org/m", "blocks.0.hook_resid_pre", "topk", "blocks.0.hook_mlp_out") == (
+        "org--m.blocks.0.hook_resid_pre.blocks.0.hook_mlp_out.topk"
+    )
+
+
+def test_cli_train_and_eval_on_a_zoo_checkpoint_with_a_users_text_file(zoo_ws, user_data):
+    """`sae train code-tiny@300 --data notes.txt`: the SAE and its feature pages come from the user's text (not the
+    stdlib corpus), rows keyed by model, checkpoint 300 and dataset; FVU and clean CE equal a per-row, unpadded
+    recomputation; `sae eval` on a jsonl column adds a row beside it instead of replacing it."""
+    from circuits.sae.evals import sae_dir
+    from workbench.references import resolve_model
+
+    notes = str(user_data / "notes.txt")
+    result = sae_cli(zoo_ws.root, "train", "code-tiny@300", "--data", notes, "--hook", "blocks.0.hook_resid_post",
+                     *FAST_SAE)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sae_id = "code-tiny@300.blocks.0.hook_resid_post.topk"
+    row = zoo_ws.results().read("sae_evals", sae_id=sae_id).iloc[0]
+    assert (row["model"], row["checkpoint"], row["dataset"], row["ce_note"]) == (
+        "code-tiny",
+        300,
+        "notes.txt",
+        "",
+    )
+    sae = load_sae(sae_dir(zoo_ws, sae_id))
+    assert sae.cfg.dataset == "notes.txt" and sae.cfg.checkpoint == 300
+    reference = heldout_reference(resolve_model("code-tiny@300", workspace=zoo_ws), sae, notes)
+    assert row["n_tokens"] == reference["n_tokens"] and row["L0"] <= 4
+    assert row["FVU"] == pytest.approx(reference["FVU"], rel=1e-4)
+    assert row["ce_clean"] == pytest.approx(reference["ce_clean"], rel=1e-4)
+    assert row["ce_zero"] > row["ce_spliced"] and 0 < row["ce_recovered"] <= 1.05
+    pages = zoo_ws.results().read("sae_features", sae_id=sae_id)
+    assert (
+        len(pages) == 64 and set(pages["dataset"]) == {"notes.txt"} and set(pages["model"]) == {"code-tiny"}
+    )
+    text = "\n".join(NOTE_LINES)
+    focus = [c["tokens"][c["focus"]] for p in pages["top_contexts"] for c in json.loads(p)]
+    assert focus and all(token.strip() in text or "endoftext" in token for token in focus)
+
+    result = sae_cli(zoo_ws.root, "eval", sae_id, "code-tiny@300", "--data", f"{user_data / 'rows.jsonl'}:body",
+                     "--max-tokens", "1000", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = zoo_ws.results().read("sae_evals", sae_id=sae_id)
+    assert sorted(rows["dataset"]) == ["notes.txt", "rows.jsonl:body"] and (rows["checkpoint"] == 300).all()
+
+
+def test_cli_on_minilm_with_a_jsonl_column_reports_reconstruction_and_marks_ce_not_applicable(
+    zoo_ws, user_data
+):
+    """MiniLM (a BERT encoder, no LM head): train and eval work, reconstruction metrics match the independent
+    recomputation, the CE columns are NaN with a note saying why; no promoted tokens without an unembedding."""
+    from circuits.sae.evals import sae_dir
+    from workbench.references import resolve_model
+
+    data = f"{user_data / 'rows.jsonl'}:body"
+    result = sae_cli(
+        zoo_ws.root, "train", "minilm", "--data", data, "--hook", "blocks.1.hook_resid_post", *FAST_SAE
+    )
+    assert result.exit_code == 0, result.output
+    assert "CE metrics do not apply" in result.output
+    sae_id = "minilm.blocks.1.hook_resid_post.topk"
+    row = zoo_ws.results().read("sae_evals", sae_id=sae_id).iloc[0]
+    assert (row["model"], row["dataset"], row["d_in"]) == ("minilm", "rows.jsonl:body", 384)
+    assert "encoder" in row["ce_note"] and "not next-token logits" in row["ce_note"]
+    assert all(math.isnan(row[c]) for c in ("ce_clean", "ce_spliced", "ce_zero", "ce_recovered", "kl"))
+    reference = heldout_reference(resolve_model("minilm"), load_sae(sae_dir(zoo_ws, sae_id)), data)
+    assert row["FVU"] == pytest.approx(reference["FVU"], rel=1e-4) and 0 < row["FVU"] < 1
+    pages = zoo_ws.results().read("sae_features", sae_id=sae_id)
+    assert len(pages) == 64 and set(pages["dataset"]) == {"rows.jsonl:body"}
+    assert "promoted_tokens" not in pages or pages["promoted_tokens"].isna().all()
+
+    result = sae_cli(zoo_ws.root, "eval", str(sae_dir(zoo_ws, sae_id)), "minilm", "--data",
+                     str(user_data / "notes.txt"), "--max-tokens", "800", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0 and "CE metrics do not apply" in result.output, result.output
+    assert sorted(zoo_ws.results().read("sae_evals", sae_id=sae_id)["dataset"]) == [
+        "notes.txt",
+        "rows.jsonl:body",
+    ]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(zoo_workspace, tmp_path_factory):
+    """A tiny random GPT-2 saved with save_pretrained (not from the zoo), the zoo tokenizer copied beside it."""
+    import shutil
+
+    import transformers
+
+    path = tmp_path_factory.mktemp("user-models") / "my-gpt2"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_workspace.model_dir("code-tiny") / name, path / name)
+    return path
+
+
+def test_cli_transcoder_on_a_users_gpt2_directory_with_a_save_to_disk_folder(tmp_path, gpt2_dir, user_data):
+    """A save_pretrained GPT-2 directory + a datasets folder: the default SAE id comes from the directory's name, the
+    transcoder row records the model as every analysis names it (its path; no checkpoint) and the folder's dataset name; `sae eval` of the saved
+    directory on the same model writes a second row."""
+    from circuits.sae.evals import sae_dir
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "ws")
+    result = sae_cli(workspace.root, "train", str(gpt2_dir), "--data", str(user_data / "hf_notes"), "--hook",
+                     "blocks.1.hook_resid_mid", "--hook-out", "blocks.1.hook_mlp_out", "--architecture", "relu",
+                     *FAST_SAE[2:], "--context-length", "32", "--d-sae", "48")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sae_id = "my-gpt2.blocks.1.hook_resid_mid.blocks.1.hook_mlp_out.relu"
+    row = workspace.results().read("sae_evals", sae_id=sae_id).iloc[0]
+    assert (row["model"], row["dataset"], row["transcoder"], row["d_sae"]) == (
+        str(gpt2_dir),
+        "hf_notes",
+        True,
+        48,
+    )
+    assert pd.isna(row["checkpoint"]) and row["ce_note"] == "" and math.isfinite(row["ce_recovered"])
+    assert row["ce_clean"] > 5.5  # a random 512-token model is near log(512) = 6.24
+    assert workspace.results().read("sae_features").empty  # no feature pages for transcoders
+    result = sae_cli(workspace.root, "eval", str(sae_dir(workspace, sae_id)), str(gpt2_dir), "--data",
+                     str(user_data / "notes.txt"), "--max-tokens", "600", "--context-length", "32",
+                     "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(workspace.results().read("sae_evals")["dataset"]) == ["hf_notes", "notes.txt"]
+
+
+def test_cli_train_from_an_activation_store_made_by_workbench_capture(zoo_ws, user_data, tmp_path):
+    """`--data STORE` holding the hook trains on the store's own rows (no new capture): the training rows are the
+    store's rows of the first three quarters of its sequences, the rows record the store's dataset; a store of
+    another checkpoint is refused before any work."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+    from workbench.store import ActivationStore
+
+    store_dir = tmp_path / "my-store"
+    result = CliRunner().invoke(app, ["capture", "code-tiny@300", "--hooks", "blocks.1.hook_resid_post", "--data",
+                                      str(user_data / "notes.txt"), "--out", str(store_dir), "--max-tokens", "2000",
+                                      "--context-length", "64", "-w", str(zoo_ws.root), "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = sae_cli(zoo_ws.root, "train", "code-tiny@300", "--data", str(store_dir), "--hook",
+                     "blocks.1.hook_resid_post", "--sae-id", "from-store", *FAST_SAE)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not zoo_ws.stores_dir.exists() or not any(zoo_ws.stores_dir.iterdir())
+    store = ActivationStore.open(store_dir)
+    sequences = store.locations()[:, 0]
+    kept = sequences.unique(sorted=True)
+    below = kept[round(len(kept) * 0.75)]
+    row = zoo_ws.results().read("sae_evals", sae_id="from-store").iloc[0]
+    assert row["n_train_rows"] == int((sequences < below).sum()) < store.n_rows
+    assert (row["model"], row["checkpoint"], row["dataset"]) == ("code-tiny", 300, "notes.txt")
+    assert len(zoo_ws.results().read("sae_features", sae_id="from-store")) == 64
+    refused(sae_cli(zoo_ws.root, "train", "code-tiny@250", "--data", str(store_dir), "--hook",
+                    "blocks.1.hook_resid_post", "--sae-id", "other", *FAST_SAE),
+            "captured from 'code-tiny' at checkpoint 300, not 'code-tiny' at checkpoint 250")  # fmt: skip
+    assert not (zoo_ws.root / "saes" / "other").exists()
+
+
+def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(zoo_ws, user_data, tmp_path):
+    from circuits.sae.saelens_io import save_saelens
+
+    notes = str(user_data / "notes.txt")
+    base = ["train", "code-tiny@300", "--data", notes, "--hook", "blocks.0.hook_resid_post", "--no-progress"]
+    cases = [
+        ([*base, "--steps", "0"], "steps=0: train at least one step"),
+        ([*base, "--max-tokens", "0"], "max_tokens=0"),
+        ([*base, "--hook", "blocks.0.hook_resid_pots"], "closest valid names: blocks.0.hook_resid_post"),
+        ([*base, "--hook", "blocks.0.attn.hook_z"], "not [batch, pos, d]"),
+        ([*base, "--d-sae", str(10**11)], "d_sae=100000000000 is too large to train"),
+        ([*base, "--sae-id", "../escape"], "cannot name a checkpoint file"),
+        ([*base, "--architecture", "gated"], "unknown SAE architecture 'gated'"),
+        ([*base, "--k", "500", "--d-sae", "64"], "k=500 is invalid for d_sae=64"),
+        ([*base, "--data", str(tmp_path / "missing.txt")], "no such file or directory"),
+        (["train", "code-tiny@300", "--hook", "blocks.0.hook_resid_post"], "--data is required"),
+        (["train", "code-tiny@999", "--data", notes, "--hook", "blocks.0.hook_resid_post"], "999"),
+        (["eval", "no-such-sae", "code-tiny", "--data", notes], "no SAE 'no-such-sae'"),
+    ]
+    for args, reason in cases:
+        refused(sae_cli(zoo_ws.root, *args), reason)
+    narrow = create_sae(SAEConfig("topk", d_in=32, d_sae=32, k=4, hook_in="blocks.0.hook_resid_post"))
+    save_saelens(narrow, tmp_path / "narrow")
+    refused(sae_cli(zoo_ws.root, "eval", str(tmp_path / "narrow"), "code-tiny", "--data", notes),
+            "has d_in=32, but blocks.0.hook_resid_post of code-tiny has width 64")  # fmt: skip
+    refused(sae_cli(zoo_ws.root, "eval", str(tmp_path / "narrow"), "minilm", "--data", notes), "width 384")
+    assert not (zoo_ws.root / "saes").exists() and not any(zoo_ws.stores_dir.iterdir())
+    assert "sae_evals" not in zoo_ws.results().tables()

@@ -126,3 +126,111 @@ def test_bad_circuit_queries_are_named(circuit_setup) -> None:
         find_paths(model, {1: transcoders[1]}, prompt, 1, feature)
     with pytest.raises(CircuitError, match="position 99"):
         feature_attribution(model, transcoders, prompt, 1, feature, position=99)
+
+
+NOTES = [
+    "for item in items:    total = total + item",
+    "def area(width, height):    return width * height / 2",
+]
+
+
+def _cli(workspace, *args: str):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    return CliRunner().invoke(app, ["sae", "circuit", *args, "--workspace", str(workspace)])
+
+
+def test_cli_circuit_on_code_tiny_transcoders_from_a_users_text(
+    circuit_setup, zoo_workspace, tmp_path
+) -> None:
+    """`sae circuit code-tiny@300 --data notes.txt --transcoder DIR ...`: the stored nodes are find_paths's on the
+    dataset's second token row, keyed by model, checkpoint, dataset and target; a bad prompt index is refused."""
+    from workbench.datasets import load_dataset
+    from workbench.workspace import Workspace
+
+    model, transcoders, _, _ = circuit_setup
+    workspace = Workspace(tmp_path / "ws").ensure()
+    workspace.model_dir("code-tiny").symlink_to(
+        zoo_workspace.model_dir("code-tiny"), target_is_directory=True
+    )
+    for layer, transcoder in transcoders.items():
+        transcoder.save(tmp_path / f"tc{layer}")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n".join(NOTES) + "\n")
+    args = ["code-tiny@300", "--data", str(notes), "--transcoder", str(tmp_path / "tc0"), "--transcoder",
+            str(tmp_path / "tc1"), "--prompt-index", "1", "--top-k", "2", "--depth", "2"]  # fmt: skip
+    result = _cli(workspace.root, *args)
+    assert result.exit_code == 0, result.output
+    rows = workspace.results().read("transcoder_circuits")
+    tokens = torch.tensor(load_dataset(notes).token_rows(model.tokenizer, context_length=64)[1])
+    with torch.no_grad(), model.capture("blocks.1.hook_resid_pre") as cache:
+        model(tokens[None])
+    feature = int(transcoders[1].encode(cache["blocks.1.hook_resid_pre"][0, -1]).argmax())
+    expected = find_paths(model, transcoders, tokens, layer=1, feature=feature, top_k=2, depth=2).nodes
+    assert set(rows["target"]) == {f"L1#{feature}@{len(tokens) - 1}"} and set(rows["dataset"]) == {
+        "notes.txt"
+    }
+    assert (
+        set(rows["model"]) == {"code-tiny"}
+        and set(rows["checkpoint"]) == {300}
+        and (rows["prompt_index"] == 1).all()
+    )
+    rows = rows.sort_values("id").reset_index(drop=True)
+    assert rows["kind"].tolist() == expected["kind"].tolist()
+    np.testing.assert_allclose(rows["attribution"], expected["attribution"], rtol=1e-5, atol=1e-6)
+    assert _cli(workspace.root, *args).exit_code == 0  # a rerun replaces the circuit's rows
+    assert len(workspace.results().read("transcoder_circuits")) == len(rows)
+    result = _cli(workspace.root, *args[:-6], "--prompt-index", "5")
+    assert result.exit_code == 2 and "no prompt 5" in result.output.splitlines()[-1]
+    result = _cli(workspace.root, *args[:5], "--layer", "1")  # only the layer-0 transcoder
+    assert result.exit_code == 2 and "no transcoder at layer 1" in result.output
+
+
+def test_cli_circuit_on_gpt2_fails_at_once_with_the_reason(zoo_workspace, tmp_path) -> None:
+    """GPT-2 has learned absolute positions, not rotary embeddings: refused before the transcoders or the data are
+    read (they do not even exist here), one `error:` line, nothing written."""
+    import shutil
+
+    import transformers
+
+    path = tmp_path / "my-gpt2"
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_workspace.model_dir("code-tiny") / name, path / name)
+    workspace = tmp_path / "ws"
+    result = _cli(workspace, str(path), "--data", str(tmp_path / "absent.txt"), "--transcoder", "absent")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert (
+        lines[-1].startswith("error: transcoder_circuits needs rotary position embeddings")
+        and "gpt2" in lines[-1]
+    )
+    assert "Traceback" not in result.output and not (workspace / "results.duckdb").exists()
+
+
+def test_run_takes_a_list_of_transcoders_and_refuses_ones_of_another_model(circuit_setup) -> None:
+    from circuits.sae.base import SAEConfig, create_sae
+    from circuits.transcoder_circuits import run
+    from workbench.datasets import Dataset
+
+    model, transcoders, _, _ = circuit_setup
+    data = Dataset("two-prompts", texts=lambda: NOTES)
+    frames = run(model, data, list(transcoders.values()), top_k=1, depth=1)
+    nodes = frames["transcoder_circuits"]
+    assert (
+        len(nodes) == 2
+        and nodes["target"].iloc[0].startswith("L1#")
+        and (nodes["dataset"] == "two-prompts").all()
+    )
+    wide = create_sae(SAEConfig("topk", d_in=32, d_sae=16, d_out=32, k=2, hook_in="blocks.0.hook_resid_pre",
+                                hook_out="blocks.0.hook_mlp_out", model="other"))  # fmt: skip
+    with pytest.raises(
+        CircuitError, match=r"\(trained on 'other'\) has d_in=32.*transcoder of another model"
+    ):
+        run(model, data, {0: wide, 1: transcoders[1]})
+    with pytest.raises(CircuitError, match="maps 'blocks.0.hook_resid_pre' → 'blocks.0.hook_resid_post'"):
+        run(model, data, [create_sae(SAEConfig("topk", d_in=64, d_sae=16, k=2, hook_in="blocks.0.hook_resid_pre",
+                                               hook_out="blocks.0.hook_resid_post"))])  # fmt: skip

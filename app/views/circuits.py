@@ -5,17 +5,27 @@ from __future__ import annotations
 import streamlit as st
 
 from app.data import empty_state, open_workspace_or_stop, table
-from circuits.transcoder_circuits import CIRCUIT_TABLE, CircuitGraph
+from circuits.transcoder_circuits import ANALYSIS, CircuitGraph
+
+(CIRCUITS,) = (t.name for t in ANALYSIS.tables)
 
 st.title("Transcoder circuits")
 db = open_workspace_or_stop()
-rows = table(db, CIRCUIT_TABLE)
+rows = table(db, CIRCUITS)
 if rows is None or rows.empty:
-    empty_state("transcoder circuits", "workbench demo    # or: circuits.transcoder_circuits.find_paths(...)")
+    empty_state(ANALYSIS.description or "transcoder circuits",
+                f"{ANALYSIS.command}    # e.g. workbench sae circuit code-tiny --data zoo:python-stdlib "
+                "--transcoder code-tiny.L0-mlp-transcoder --transcoder code-tiny.L1-mlp-transcoder")  # fmt: skip
     st.stop()
 left, right = st.columns(2)
 model = left.selectbox("model", sorted(rows["model"].unique()))
 rows = rows[rows["model"] == model]
+for column in ("checkpoint", "dataset"):
+    if column in rows and rows[column].nunique() > 1:  # several runs of this model: show one at a time
+        value = st.selectbox(
+            column, sorted(rows[column].dropna().unique(), key=str, reverse=column == "checkpoint")
+        )
+        rows = rows[rows[column] == value]
 target = right.selectbox("target feature (layer#feature@position)", sorted(rows["target"].unique()))
 rows = rows[rows["target"] == target]
 prompt = st.selectbox("prompt", sorted(rows["prompt"].unique()), format_func=lambda p: p[:80])

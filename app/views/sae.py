@@ -10,22 +10,28 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.data import empty_state, open_workspace_or_stop, plain, table
+from circuits.sae.analysis import ANALYSIS
+
+EVALS, FEATURES = (t.name for t in ANALYSIS.tables)
+COMMAND = (f"{ANALYSIS.command}    # e.g. workbench sae train code-tiny --data zoo:python-stdlib "
+           "--hook blocks.0.hook_resid_post")  # fmt: skip
 
 st.title("SAE features")
 db = open_workspace_or_stop()
-evals = table(db, "sae_evals")
-features = table(db, "sae_features")
+evals = table(db, EVALS)
+features = table(db, FEATURES)
 if (evals is None or evals.empty) and (features is None or features.empty):
-    empty_state(
-        "SAE evaluations and feature pages", "workbench sae train code-tiny --hook blocks.0.hook_resid_post"
-    )
+    empty_state("SAE evaluations and feature pages", COMMAND)
     st.stop()
 
 if evals is not None and not evals.empty:
     st.subheader("Evaluations")
-    columns = [c for c in ["sae_id", "model", "checkpoint", "hook", "hook_out", "architecture", "transcoder", "d_sae",
-                           "k", "L0", "FVU", "explained_variance", "cosine", "ce_recovered", "kl", "ce_clean",
-                           "ce_spliced", "ce_zero", "dead_fraction", "dense_fraction"] if c in evals.columns]  # fmt: skip
+    if "dataset" in evals and evals["dataset"].nunique() > 1:  # the same SAEs scored on several datasets
+        evals = evals[evals["dataset"] == st.selectbox("dataset", sorted(evals["dataset"].dropna().unique()))]
+    columns = [c for c in ["sae_id", "model", "checkpoint", "dataset", "hook", "hook_out", "architecture",
+                           "transcoder", "d_sae", "k", "L0", "FVU", "explained_variance", "cosine", "ce_recovered",
+                           "kl", "ce_clean", "ce_spliced", "ce_zero", "dead_fraction", "dense_fraction", "ce_note"]
+               if c in evals.columns]  # fmt: skip
     st.dataframe(evals[columns], use_container_width=True, hide_index=True)
     tradeoff = go.Figure(
         go.Scatter(
@@ -42,12 +48,16 @@ if evals is not None and not evals.empty:
     st.plotly_chart(tradeoff, use_container_width=True)
 
 if features is None or features.empty:
-    empty_state("feature pages", "workbench sae train code-tiny --hook blocks.0.hook_resid_post")
+    empty_state("feature pages", COMMAND)
     st.stop()
 
 st.subheader("Features")
 sae_id = st.selectbox("SAE", sorted(features["sae_id"].unique()))
 rows = features[features["sae_id"] == sae_id].copy()
+if "dataset" in rows and rows["dataset"].nunique() > 1:  # pages of this SAE from several datasets
+    rows = rows[
+        rows["dataset"] == st.selectbox("pages from dataset", sorted(rows["dataset"].dropna().unique()))
+    ]
 density_fig = go.Figure(go.Histogram(x=rows["density"].clip(lower=1e-6).map(math.log10)))
 density_fig.update_layout(
     title="Latent density (log10 fraction of tokens)", xaxis_title="log10 density", height=300

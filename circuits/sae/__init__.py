@@ -1,4 +1,5 @@
-"""Sparse autoencoders and transcoders: architectures, trainer, evaluations, SAELens interop, feature pages."""
+"""Sparse autoencoders and transcoders: architectures, trainer, evaluations, SAELens interop, feature pages, and
+the analysis that trains and evaluates them on any model and dataset (``circuits.sae.analysis``)."""
 
 from circuits.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)
 from circuits.sae.base import REGISTRY, SAE, SAEConfig, SAEInputError, create_sae, load_sae
@@ -7,7 +8,7 @@ __all__ = ["demo_step", "REGISTRY", "SAE", "SAEConfig", "SAEInputError", "create
 
 
 def demo_step(workspace, progress: bool = True) -> str:
-    """Demo: train and evaluate an SAE and a transcoder on the zoo's code-tiny model (see evals.demo_step)."""
-    from circuits.sae.evals import demo_step as run
+    """Demo: an SAE and transcoders on the zoo's code-tiny over zoo:python-stdlib (``analysis.demo_step``)."""
+    from circuits.sae.analysis import demo_step as run
 
     return run(workspace, progress=progress)

@@ -1,5 +1,6 @@
 """Feature-page data: per latent, top activating contexts, quantile samples, activation histogram and the
-tokens its decoder direction promotes / suppresses through the unembedding. Table `sae_features`."""
+tokens its decoder direction promotes / suppresses through the unembedding: rows of table ``sae_features``
+(declared in ``circuits.sae.analysis.ANALYSIS``), read from the activation store of the SAE's own dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 
 from circuits.sae.base import SAE
 
-FEATURE_KEYS = ["sae_id", "latent"]
 HIST_EDGES = torch.logspace(-3, 3, 31)
 # Fine log-spaced bins (ratio 10**(8/256) ≈ 1.075) from which the quantile-band edges are read: a band edge is
 # the upper edge of the bin where the cumulative count of non-zero activations reaches j / n_quantiles.
@@ -50,7 +50,8 @@ def feature_pages(
     Columns: density, max_activation, top_contexts (JSON list of {activation, focus, tokens, acts}),
     quantile_activations (the inner band edges), quantile_samples (JSON list per band of {low, high, count,
     contexts}), histogram, and promoted/suppressed tokens from W_dec @ W_U when `model` (HookedModel) is given
-    and d_out = d_model.
+    and d_out = d_model
+    and the model has an output embedding W_U [d_vocab, d_model] (an encoder such as MiniLM has none).
     """
     from tqdm.auto import tqdm
 
@@ -132,8 +133,9 @@ def feature_pages(
         }
 
     promoted = suppressed = None
-    if model is not None and sae.d_out == model.cfg.d_model:
-        unembed = model.model.get_output_embeddings().weight.detach().float()
+    head = _unembedding(model)
+    if head is not None and sae.d_out == head.shape[1]:
+        unembed = head.detach().float()
         logits = (sae.W_dec.detach().float() @ unembed.to(device).T).cpu()
         promoted = logits.topk(n_tokens, dim=1)
         suppressed = (-logits).topk(n_tokens, dim=1)
@@ -299,6 +301,8 @@ def _decoder(tokenizer):
     return lambda token: tokenizer.decode([token])
 
 
-def write_features(frame: pd.DataFrame, workspace) -> int:
-    """Write `sae_features` rows (re-runs replace the same (sae_id, latent))."""
-    return workspace.results().write("sae_features", frame, replace_keys=FEATURE_KEYS)
+def _unembedding(model):
+    """W_U [d_vocab, d_model] of a HookedModel's LM head, or None (no model, or an encoder without a head)."""
+    get = getattr(getattr(model, "model", None), "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return None if head is None else head.weight

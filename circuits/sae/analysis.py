@@ -1,0 +1,421 @@
+"""The SAE analysis: train SAEs / transcoders on any model and any dataset, evaluate them, and their feature pages.
+
+:func:`run` takes a HookedModel (``workbench.references.resolve_model``), a Dataset (``workbench.datasets.
+load_dataset``) and ``{sae_id: SAEConfig kwargs}``; it reads a token budget of the dataset through its one
+iterator, holds out the last quarter of the rows for evaluation, captures the rest into an activation store in
+the workspace (one forward feeds every SAE), trains, saves each SAE under ``workspace/saes/<id>/`` and returns the
+``sae_evals`` and ``sae_features`` frames. A dataset that *is* an activation store holding the hooks is trained
+from directly (its rows are the training data). :func:`evaluate` scores a saved SAE on a model and a dataset.
+Everything a run can refuse (hooks the model lacks, an SAE that does not fit in memory, zero steps, a store of
+another model) is refused before any capture. The CE metrics need next-token logits: on an encoder such as MiniLM
+only the reconstruction metrics are reported and ``ce_note`` says why. :func:`write_results` stores the frames.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from circuits.sae.base import SAE, SAEConfig, SAEInputError, load_sae
+from circuits.sae.evals import evaluate_sae, sae_dir
+from circuits.sae.features import feature_pages
+from circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_saes
+from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
+from workbench.datasets import Dataset, DatasetError, load_dataset
+from workbench.hooks import resolve_hook_names
+from workbench.references import resolve_model
+from workbench.workspace import Workspace, safe_name
+
+_KEYS = ("model", "checkpoint", "hook", "dataset", "sae_id")
+ANALYSIS = Analysis(
+    name="sae",
+    command="workbench sae train MODEL --data DATA --hook HOOK",
+    tables=(
+        Table("sae_evals", keys=_KEYS,
+              columns=("hook_out", "architecture", "transcoder", "d_in", "d_sae", "k", "n_tokens", "L0", "FVU",
+                       "explained_variance", "cosine", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",
+                       "ce_zero", "ce_recovered", "kl", "ce_note", "density_histogram", "n_train_rows",
+                       "train_steps"),
+              description="per SAE, model checkpoint and dataset: sparsity, reconstruction and (causal LMs) the CE "
+              "loss with the SAE spliced in; ce_note says when the CE metrics do not apply"),
+        Table("sae_features", keys=_KEYS,
+              columns=("latent", "density", "max_activation", "top_contexts", "quantile_activations",
+                       "quantile_samples", "histogram", "promoted_tokens", "suppressed_tokens"),
+              description="feature pages, one row per latent, from the SAE's training dataset; a rerun replaces "
+              "every latent of that SAE and dataset"),
+    ),
+    requires=("tokenizer", "text"),
+    description="sparse autoencoders and transcoders: training, evaluation, feature pages",
+)  # fmt: skip
+EVAL_FRACTION = 0.25  # share of the token rows held out for evaluation
+
+
+# ---------------------------------------------------------------------------------------------------- names
+def short_name(reference: Any) -> str:
+    """A model or dataset reference as a name fit for a file: a path's last component, a hub id with '/' → '--'
+    (``EleutherAI/pythia-70m@step3000`` → ``EleutherAI--pythia-70m@step3000``), ``tl:gpt2`` → ``tl-gpt2``,
+    ``data.jsonl:text`` → ``data.jsonl-text``; an in-memory model gives its ``cfg.name``."""
+    if not isinstance(reference, (str, Path)):
+        reference = getattr(getattr(reference, "cfg", None), "name", None) or type(reference).__name__
+    text = str(reference).strip().rstrip("/\\")
+    if text.startswith("tl:"):
+        text = "tl-" + text[3:]
+    path = Path(text).expanduser()
+    if text.startswith((".", "/", "~")) or "\\" in text or path.exists():
+        text = path.name
+    text = re.sub(r"[^\w.@+-]+", "-", text.replace("/", "--"))
+    return re.sub(r"\.{2,}", ".", text).strip("-.") or "model"
+
+
+def default_sae_id(model_reference: Any, hook_in: str, architecture: str, hook_out: str | None = None) -> str:
+    """``<model short name>.<hook_in>[.<hook_out>].<architecture>``, checked by ``safe_name``."""
+    out = f".{hook_out}" if hook_out and hook_out != hook_in else ""
+    return check_sae_name(f"{short_name(model_reference)}.{hook_in}{out}.{architecture}")
+
+
+def find_sae(reference: str | Path, workspace: Any = None) -> tuple[str, SAE]:
+    """An SAE by directory (ours or SAELens format) or by id in ``workspace/saes`` → (id, SAE)."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path.name, load_sae(path)
+    ws = Workspace(workspace)
+    name = str(reference)
+    if safe_name(name, "for an SAE") and sae_dir(ws, name).is_dir():
+        return name, load_sae(sae_dir(ws, name))
+    saved = sorted(p.name for p in (ws.root / "saes").glob("*") if p.is_dir())
+    raise SAEInputError(
+        f"no SAE {name!r}: not a directory ({path.resolve()}) and not in {ws.root / 'saes'} (saved SAEs: "
+        f"{', '.join(saved) or 'none'}); train one with `workbench sae train`, or pass an SAE directory"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def probe_model(model, hooks: list[str]) -> tuple[dict[str, int], str]:
+    """Widths of ``hooks`` (exact names the model has, one [batch, pos, d] activation each) from a 2-token forward,
+    and ``ce_note``: "" when the model gives next-token logits [batch, pos, d_vocab], else why the CE metrics do
+    not apply. Unknown hooks raise HookNameError naming the closest hooks."""
+    for hook in hooks:
+        matched = model.resolve(hook)
+        if matched != [hook]:
+            raise SAEInputError(f"hook {hook!r} names {len(matched)} hooks ({', '.join(matched[:4])}, …); an SAE "
+                                "reads one hook: give its exact name")  # fmt: skip
+    ids = torch.zeros((1, 2), dtype=torch.long, device=model.device)
+    with torch.no_grad(), model.capture(list(dict.fromkeys(hooks))) as cache:
+        out = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    widths = {}
+    for hook in hooks:
+        shape = tuple(cache[hook].shape)
+        if len(shape) != 3:
+            raise SAEInputError(
+                f"{hook} of {model.cfg.name} has shape {list(shape)} per batch, not [batch, pos, d]; an SAE reads "
+                "one vector per token: use a hook such as blocks.L.hook_resid_post, blocks.L.hook_mlp_out or "
+                "blocks.L.mlp.hook_post"
+            )
+        widths[hook] = shape[-1]
+    logits = bool(model.cfg.causal) and out.ndim == 3 and out.shape[-1] == model.cfg.d_vocab
+    note = "" if logits else (
+        f"CE metrics do not apply: {model.cfg.name} ({model.cfg.family}) is "
+        + ("an encoder" if not model.cfg.causal else "a model without an LM head")
+        + f" whose forward returns hidden states [batch, pos, {out.shape[-1]}], not next-token logits; the "
+        "reconstruction metrics (L0, FVU, cosine, dead/dense fractions) are reported"
+    )  # fmt: skip
+    return widths, note
+
+
+def check_sae_fits(sae: SAE, model, widths: Mapping[str, int], sae_id: str) -> None:
+    """Refuse an SAE whose hooks or widths are not the model's (an SAE trained on another model or hook)."""
+    trained_on = f" (trained on {sae.cfg.model!r})" if sae.cfg.model else ""
+    for hook, width, what in ((sae.hook_in, sae.d_in, "d_in"), (sae.hook_out, sae.d_out, "d_out")):
+        if widths[hook] != width:
+            raise SAEInputError(
+                f"SAE {sae_id!r}{trained_on} has {what}={width}, but {hook} of {model.cfg.name} has width "
+                f"{widths[hook]}: it is an SAE for another model or hook; evaluate it on the model it was trained on"
+            )
+
+
+def _sae_hooks(sae: SAE, model, sae_id: str) -> list[str]:
+    if not sae.hook_in:
+        raise SAEInputError(f"SAE {sae_id!r} names no input hook (hook_in/hook_name is empty); it cannot be "
+                            "spliced into a model")  # fmt: skip
+    hooks = list(dict.fromkeys([sae.hook_in, sae.hook_out]))
+    known = set(model.hook_names())
+    missing = [h for h in hooks if h not in known]
+    if missing:
+        trained_on = f"; it was trained on {sae.cfg.model!r}" if sae.cfg.model else ""
+        try:
+            resolve_hook_names(missing[0], model.hook_names())
+        except KeyError as err:
+            raise SAEInputError(f"SAE {sae_id!r} reads {missing[0]!r}, which {model.cfg.name} lacks{trained_on}: "
+                                f"{err}") from None  # fmt: skip
+    return hooks
+
+
+def _available_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return float("inf")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+def check_memory(configs: Mapping[str, SAEConfig], device: torch.device | str) -> None:
+    """Refuse SAEs whose weights, gradients and two Adam moments (4 float32 copies) exceed the device's free
+    memory, before anything is allocated."""
+    device = torch.device(device)
+    need = 0
+    for cfg in configs.values():
+        weights = cfg.d_in * cfg.d_sae + cfg.d_sae * cfg.d_out + cfg.d_sae + cfg.d_out
+        need += 16 * (weights + (cfg.d_in * cfg.d_out if cfg.skip else 0))
+    free = _available_bytes(device)
+    if need > free:
+        widest = max(configs.values(), key=lambda c: c.d_sae)
+        raise SAEInputError(
+            f"d_sae={widest.d_sae} is too large to train: the SAE(s) need about {need / 2**30:.1f} GiB (weights, "
+            f"gradients and Adam moments, float32) but {device} has {free / 2**30:.1f} GiB free; pick a smaller "
+            "--d-sae"
+        )
+
+
+def _check_counts(steps: int, max_tokens: int | None) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SAEInputError(f"steps={steps!r}: train at least one step (--steps 1 or more)")
+    if max_tokens is not None and max_tokens < 1:
+        raise SAEInputError(f"max_tokens={max_tokens!r}: the token budget must be at least 1 (--max-tokens), or "
+                            "None for all of the dataset")  # fmt: skip
+
+
+def _store_source(model, data: Dataset, hooks: list[str], widths: Mapping[str, int]):
+    """``data.store`` when it holds every hook (checked to come from ``model``), else None (capture from its
+    tokens)."""
+    store = data.store
+    if store is None or not set(hooks) <= set(store.hooks):
+        return None
+    manifest = store.manifest
+    if manifest.get("model") != model.cfg.name or manifest.get("checkpoint") != model.cfg.checkpoint:
+        raise AnalysisNotApplicable(
+            f"activation store {store.path} was captured from {manifest.get('model')!r} at checkpoint "
+            f"{manifest.get('checkpoint')}, not {model.cfg.name!r} at checkpoint {model.cfg.checkpoint}: SAEs "
+            "trained on its rows would not fit this model; pass the model it was captured from, or text with --data"
+        )
+    for hook in hooks:
+        stored = manifest.get("shapes", {}).get(hook, [None])[-1]
+        if stored != widths[hook]:
+            raise AnalysisNotApplicable(
+                f"activation store {store.path} holds {hook} of width {stored}, but {model.cfg.name} has width "
+                f"{widths[hook]}; recapture it with `workbench capture`"
+            )
+    if manifest.get("extra", {}).get("capture", {}).get("positions") not in (None, "None"):
+        raise AnalysisNotApplicable(
+            f"activation store {store.path} holds only some positions of each sequence, so the held-out rows "
+            "cannot be run through the model for evaluation; capture every token, or pass the text with --data"
+        )
+    return store
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def token_rows(model, data: Dataset, *, max_tokens: int | None, context_length: int, batch_size: int,
+               seed: int | None = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The dataset's token rows through its one iterator (documents packed into full rows for text):
+    (ids [n, pos], attention_mask [n, pos]), checked against the model's vocabulary."""
+    ids, mask = data.token_tensor(model.tokenizer, context_length=context_length, batch_size=batch_size,
+                                  packing=data.modality == "text", shuffle_seed=seed, max_tokens=max_tokens,
+                                  progress=progress)  # fmt: skip
+    if model.cfg.d_vocab and int(ids[mask.bool()].max()) >= model.cfg.d_vocab:
+        raise DatasetError(
+            f"dataset {data.name!r} holds token id {int(ids[mask.bool()].max())}, outside {model.cfg.name}'s "
+            f"vocabulary (d_vocab={model.cfg.d_vocab}); pass token ids made with this model's tokenizer, or text"
+        )
+    return ids, mask
+
+
+def _split(n_rows: int, data: Dataset, context_length: int) -> int:
+    if n_rows < 2:
+        raise DatasetError(
+            f"dataset {data.name!r} gave {n_rows} token row of at most {context_length} tokens, and a quarter of "
+            "the rows is held out for evaluation: give more text, a larger --max-tokens or a smaller "
+            "--context-length"
+        )
+    return max(1, min(n_rows - 1, round(n_rows * (1 - EVAL_FRACTION))))
+
+
+def _rows_stream(store, hooks: list[str], batch_size: int, below_sequence: int | None) -> Iterator[dict]:
+    """Endless shuffled batches {hook: [batch_size, d]} of the store's rows (only sequences < below_sequence)."""
+    epoch = 0
+    pending: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    filled = 0
+    while True:
+        for batch in store.iter_batches(hooks, batch_size, shuffle=True, seed=epoch):
+            keep = slice(None) if below_sequence is None else batch["location"][:, 0] < below_sequence
+            for hook in hooks:
+                pending[hook].append(batch[hook][keep])
+            filled += len(pending[hooks[0]][-1])
+            while filled >= batch_size:
+                joined = {h: torch.cat(v) for h, v in pending.items()}
+                yield {h: v[:batch_size] for h, v in joined.items()}
+                pending = {h: [v[batch_size:]] for h, v in joined.items()}
+                filled -= batch_size
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def run(
+    model,
+    data: Dataset,
+    specs: Mapping[str, Mapping[str, Any]],
+    *,
+    workspace: Any,
+    max_tokens: int | None = 100_000,
+    context_length: int = 128,
+    batch_size: int = 16,
+    steps: int = 300,
+    train_batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    pages: bool = True,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Train every SAE / transcoder of ``specs`` on ``model``'s activations over ``data`` → {table: DataFrame}.
+
+    Args:
+        model: a HookedModel (any model reference through ``resolve_model``).
+        data: a Dataset of text or token ids, or an activation store holding the hooks (trained from directly).
+        specs: {sae_id: SAEConfig kwargs}: architecture, d_sae, hook_in, optional hook_out / k / skip / ...
+        workspace: where the SAEs (``saes/<id>/``) and the training store (``stores/sae-…``) are written.
+        max_tokens: token budget read from ``data`` (text / token ids; a store's rows are all used).
+        context_length, batch_size: tokens per row and rows per forward pass of the capture.
+        steps, train_batch_size, lr: optimisation (activation rows per step).
+        seed: the SAEs' initialisation and the order of the documents (same seed, same SAE files).
+        pages: also the feature pages of each SAE (not of transcoders).
+    Returns ``{"sae_evals": one row per SAE on the held-out quarter of the rows, "sae_features": one row per latent
+    of each SAE (absent when only transcoders were trained)}``.
+    """
+    ANALYSIS.check(model, data)
+    _check_counts(steps, max_tokens)
+    if not specs:
+        raise SAEInputError("no SAE to train: pass {sae_id: {architecture, d_sae, hook_in, ...}}")
+    for sae_id in specs:
+        check_sae_name(sae_id)
+    hooks = list(dict.fromkeys(h for spec in specs.values() for h in (spec["hook_in"], spec.get("hook_out") or
+                                                                          spec["hook_in"])))  # fmt: skip
+    widths, ce_note = probe_model(model, hooks)
+    dataset = data.name
+    store = _store_source(model, data, hooks, widths)
+    if store is not None:
+        dataset = store.manifest.get("dataset") or data.name
+    configs = {
+        sae_id: SAEConfig(**{**spec, "d_in": widths[spec["hook_in"]],
+                             "d_out": widths[spec.get("hook_out") or spec["hook_in"]], "model": model.cfg.name,
+                             "checkpoint": model.cfg.checkpoint, "dataset": dataset})
+        for sae_id, spec in specs.items()
+    }  # fmt: skip
+    check_memory(configs, model.device)
+    saes = {}
+    for sae_id, cfg in configs.items():
+        try:
+            saes[sae_id] = seeded_sae(cfg, seed).to(model.device)
+        except RuntimeError as err:  # the allocator refused despite the estimate
+            raise SAEInputError(f"could not allocate SAE {sae_id!r} (d_sae={cfg.d_sae}): {str(err).splitlines()[0]}; "
+                                "pick a smaller --d-sae") from None  # fmt: skip
+    ws = Workspace(workspace).ensure()  # nothing is written before this point
+    if store is not None:
+        ids, mask = data.token_ids, (data.token_mask if data.token_mask is not None
+                                     else torch.ones_like(data.token_ids))  # fmt: skip
+        split = _split(len(ids), data, ids.shape[1])
+        sequences = store.locations()[:, 0].unique(sorted=True)
+        below = int(sequences[split]) if split < len(sequences) else None
+        train_rows = int((store.locations()[:, 0] < below).sum()) if below is not None else store.n_rows
+    else:
+        ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
+                               batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+        split = _split(len(ids), data, context_length)
+        rows = [r[m.bool()].tolist() for r, m in zip(ids[:split], mask[:split], strict=True)]
+        step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
+        name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}"
+        from workbench.store import capture_to_store
+
+        store = capture_to_store(model, rows, hooks, ws.store_dir(safe_name(name)), batch_size=batch_size,
+                                 max_length=context_length, dataset=dataset, checkpoint=model.cfg.checkpoint,
+                                 overwrite=True, progress=progress)  # fmt: skip
+        below, train_rows = None, store.n_rows
+    batch = min(train_batch_size, train_rows)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=min(20, steps), progress=progress,
+                      dead_after_tokens=10 * batch)  # fmt: skip
+    trained = train_saes(saes, _rows_stream(store, hooks, batch, below), cfg).saes
+    evals, features = [], []
+    for sae_id, sae in trained.items():
+        sae.eval()
+        sae.save(sae_dir(ws, sae_id))
+        frame = evaluate_sae(model, sae, ids[split:], sae_id, batch_size=batch_size, dataset=dataset,
+                             progress=progress, attention_mask=mask[split:], ce_note=ce_note)  # fmt: skip
+        evals.append(frame.assign(n_train_rows=train_rows, train_steps=steps))
+        if pages and not sae.cfg.is_transcoder:
+            features.append(feature_pages(sae, store, sae_id, model=model, progress=progress))
+    frames = {"sae_evals": pd.concat(evals, ignore_index=True)}
+    if features:
+        frames["sae_features"] = pd.concat(features, ignore_index=True)
+    return frames
+
+
+def evaluate(model, data: Dataset, sae: SAE, *, sae_id: str, max_tokens: int | None = 20_000,
+             context_length: int = 128, batch_size: int = 16, seed: int | None = 0,
+             progress: bool = True) -> dict[str, pd.DataFrame]:  # fmt: skip
+    """A saved SAE spliced into ``model`` over a token budget of ``data`` → {"sae_evals": one row}; an SAE whose
+    hooks or widths are not the model's is refused before any data is read."""
+    ANALYSIS.check(model, data)
+    _check_counts(1, max_tokens)
+    hooks = _sae_hooks(sae, model, sae_id)
+    widths, ce_note = probe_model(model, hooks)
+    check_sae_fits(sae, model, widths, sae_id)
+    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
+                           batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+    sae = sae.to(model.device).eval()
+    frame = evaluate_sae(model, sae, ids, sae_id, batch_size=batch_size, dataset=data.name, progress=progress,
+                         attention_mask=mask, ce_note=ce_note)  # fmt: skip
+    return {"sae_evals": frame}
+
+
+def write_results(workspace: Any, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:
+    """Store ``run`` / ``evaluate`` frames (``workbench.analysis.write_tables``): a rerun of the same SAE on the
+    same model checkpoint and dataset replaces its rows."""
+    return write_tables(workspace, ANALYSIS, frames)
+
+
+DEMO_SPECS = {
+    "code-tiny.L0-resid-topk": {"architecture": "topk", "d_sae": 256, "k": 8, "hook_in": "blocks.0.hook_resid_post"},
+    **{
+        f"code-tiny.L{layer}-mlp-transcoder": {
+            "architecture": "topk", "d_sae": 256, "k": 8,
+            "hook_in": f"blocks.{layer}.hook_resid_pre", "hook_out": f"blocks.{layer}.hook_mlp_out",
+        }
+        for layer in (0, 1)
+    },
+}  # fmt: skip
+
+
+def demo_step(workspace, progress: bool = True) -> str:
+    """A TopK SAE on code-tiny's layer-0 residual stream and TopK transcoders on its layer-0 and 1 MLPs, trained on
+    ``zoo:python-stdlib``; writes ``sae_evals`` and ``sae_features`` and returns a one-line summary."""
+    model = resolve_model("code-tiny", workspace=workspace)
+    frames = run(model, load_dataset("zoo:python-stdlib"), DEMO_SPECS, workspace=workspace, max_tokens=4096,
+                 context_length=64, progress=progress)  # fmt: skip
+    write_results(workspace, frames)
+    parts = [
+        f"{r.sae_id}: L0 {r.L0:.1f}, FVU {r.FVU:.3f}, CE recovered {r.ce_recovered:.2f}, dead {r.dead_fraction:.0%}"
+        for r in frames["sae_evals"].itertuples()
+    ]
+    return "SAE " + "; ".join(parts)
