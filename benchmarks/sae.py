@@ -30,16 +30,16 @@ def synthetic(n: int, d_in: int, n_atoms: int = 4096, active: int = 16, seed: in
 
 
 def real(n: int) -> torch.Tensor:
-    from circuits.sae.evals import code_token_sequences
-    from workbench.checkpoints import CheckpointSeries
+    from workbench.datasets import load_dataset
+    from workbench.references import resolve_model
     from workbench.workspace import Workspace
     from workbench.zoo.train import train_zoo_model
 
     workspace = Workspace().ensure()
     train_zoo_model("code-tiny", workspace, progress=True)
-    series = CheckpointSeries.from_directory(workspace.model_dir("code-tiny"))
-    model = series.load(series.steps[-1])
-    tokens = code_token_sequences(model.tokenizer, n // 64 + 1, 64)
+    model = resolve_model("code-tiny", workspace=workspace)
+    tokens, _ = load_dataset("zoo:python-stdlib").token_tensor(model.tokenizer, context_length=64, packing=True,
+                                                              max_rows=n // 64 + 1)  # fmt: skip
     with torch.no_grad(), model.capture("blocks.1.hook_resid_post") as cache:
         model(tokens)
     return cache["blocks.1.hook_resid_post"].reshape(-1, model.cfg.d_model)[:n]

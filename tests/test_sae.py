@@ -634,7 +634,8 @@ def heldout_reference(model, sae, data_ref, context_length=64, max_tokens=2000):
 
 
 def test_short_names_of_model_and_dataset_references(tmp_path):
-    from circuits.sae.analysis import default_sae_id, short_name
+    from circuits.sae.analysis import default_sae_id
+    from workbench.references import short_name
 
     (tmp_path / "my-gpt2").mkdir()
     assert short_name(tmp_path / "my-gpt2") == "my-gpt2" and short_name(f"{tmp_path}/my-gpt2/") == "my-gpt2"

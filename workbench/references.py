@@ -128,6 +128,28 @@ def parse_step(at: str, where: str) -> int | None:
     return int(digits)
 
 
+def short_name(reference: Any) -> str:
+    """A model (or dataset) reference as one file-name component, for default run / SAE names.
+
+    A path gives its last component (a ``stepN`` folder gives ``<parent>@N``; ``DIR@STEP`` keeps ``@STEP``); a hub
+    id's '/' becomes '--' (``EleutherAI/pythia-70m@step3000`` -> ``EleutherAI--pythia-70m@step3000``); ``tl:gpt2`` ->
+    ``tl-gpt2``; ``data.jsonl:text`` -> ``data.jsonl-text``; an in-memory model gives its ``cfg.name``.
+    """
+    if not isinstance(reference, (str, Path)):
+        reference = getattr(getattr(reference, "cfg", None), "name", None) or type(reference).__name__
+    text = str(reference).strip().rstrip("/\\")
+    if text.startswith("tl:"):
+        text = "tl-" + text[3:]
+    base, at, step = text.rpartition("@") if "@" in text else (text, "", "")
+    path = Path(base).expanduser()
+    if base.startswith((".", "/", "~")) or "\\" in base or path.exists():  # a directory or file
+        if not at and re.fullmatch(r"step\d+", path.name) and path.parent.name:
+            path, at, step = path.parent, "@", path.name[4:]
+        base = (path.resolve() if path.exists() else path).name
+    text = re.sub(r"[^\w.@+-]+", "-", f"{base}{at}{step}".replace("/", "--"))
+    return re.sub(r"\.{2,}", ".", text).strip("-.") or "model"
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 def resolve_model(
     ref: Any,

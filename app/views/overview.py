@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app.data import open_workspace_or_stop, plain, row_counts, workspace_path
+from workbench.analysis import registered_analyses
 
 st.title("Interpretability workbench")
 workspace = workspace_path()
@@ -42,8 +43,18 @@ if runs:
 else:
     st.info("No stores, probe jobs, SAEs or codebook runs yet: `workbench demo` makes one of each.")
 
-st.subheader("Computed results")
+st.subheader("Analyses")
 summary = row_counts(db)
+counts = dict(zip(summary["table"], summary["rows"], strict=True)) if not summary.empty and "rows" in summary else {}
+catalogue = [
+    {"analysis": analysis.name, "tables": ", ".join(analysis.table_names),
+     "rows": sum(int(counts.get(t, 0)) for t in analysis.table_names), "command": analysis.command,
+     "what": analysis.description}
+    for analysis in registered_analyses().values()
+]  # fmt: skip
+st.dataframe(pd.DataFrame(catalogue), use_container_width=True, hide_index=True)
+
+st.subheader("Computed results")
 if not summary.empty:
     st.dataframe(summary, use_container_width=True, hide_index=True)
 else:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from circuits.codebook.module import CodebookError
+from workbench.references import short_name
 from workbench.workspace import safe_name
 
 
@@ -20,16 +20,5 @@ def codebook_dir(workspace: Any, run_name: str) -> Path:
 
 
 def default_run_name(reference: str) -> str:
-    """``<short name>-codebooks`` for a model reference: a workspace name keeps its ``@STEP`` (``code-tiny@300``);
-    a path gives its last component (a ``stepN`` folder: ``<parent>@N``); a hub id ``org/name`` gives
-    ``org--name``."""
-    text = str(reference).strip().rstrip("/\\")
-    base, at, step = text.rpartition("@") if "@" in text else (text, "", "")
-    path = Path(base).expanduser()
-    if base.startswith(("/", ".", "~")) or path.exists():  # a directory
-        if not at and re.fullmatch(r"step\d+", path.name) and path.parent.name:
-            path, at, step = path.parent, "@", path.name[4:]
-        short = (path.resolve() if path.exists() else path).name
-    else:  # a workspace model, minilm, tl:NAME or a hub id org/name
-        short = base.replace("/", "--")
-    return safe_name(f"{short.lstrip('.')}{at}{step}-codebooks", "for a codebook run")
+    """``<short name>-codebooks`` for a model reference (``workbench.references.short_name``)."""
+    return safe_name(f"{short_name(reference)}-codebooks", "for a codebook run")

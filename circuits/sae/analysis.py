@@ -14,7 +14,6 @@ only the reconstruction metrics are reported and ``ce_note`` says why. :func:`wr
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_sa
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.datasets import Dataset, DatasetError, load_dataset
 from workbench.hooks import resolve_hook_names
-from workbench.references import resolve_model
+from workbench.references import resolve_model, short_name
 from workbench.workspace import Workspace, safe_name
 
 _KEYS = ("model", "checkpoint", "hook", "dataset", "sae_id")
@@ -57,22 +56,6 @@ EVAL_FRACTION = 0.25  # share of the token rows held out for evaluation
 
 
 # ---------------------------------------------------------------------------------------------------- names
-def short_name(reference: Any) -> str:
-    """A model or dataset reference as a name fit for a file: a path's last component, a hub id with '/' → '--'
-    (``EleutherAI/pythia-70m@step3000`` → ``EleutherAI--pythia-70m@step3000``), ``tl:gpt2`` → ``tl-gpt2``,
-    ``data.jsonl:text`` → ``data.jsonl-text``; an in-memory model gives its ``cfg.name``."""
-    if not isinstance(reference, (str, Path)):
-        reference = getattr(getattr(reference, "cfg", None), "name", None) or type(reference).__name__
-    text = str(reference).strip().rstrip("/\\")
-    if text.startswith("tl:"):
-        text = "tl-" + text[3:]
-    path = Path(text).expanduser()
-    if text.startswith((".", "/", "~")) or "\\" in text or path.exists():
-        text = path.name
-    text = re.sub(r"[^\w.@+-]+", "-", text.replace("/", "--"))
-    return re.sub(r"\.{2,}", ".", text).strip("-.") or "model"
-
-
 def default_sae_id(model_reference: Any, hook_in: str, architecture: str, hook_out: str | None = None) -> str:
     """``<model short name>.<hook_in>[.<hook_out>].<architecture>``, checked by ``safe_name``."""
     out = f".{hook_out}" if hook_out and hook_out != hook_in else ""
