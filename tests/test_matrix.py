@@ -196,3 +196,73 @@ def test_codebook(matrix, model, dataset) -> None:
     rows = Workspace(ws).results().read("codebook_codes", model=_model_name(matrix, model),
                                         dataset=matrix["dataset_names"][dataset])  # fmt: skip
     assert len(rows) > 0
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_sae(matrix, model, dataset) -> None:
+    ws = matrix["workspace"]
+    ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
+    sae_id = f"matrix-{model}-{dataset}"
+    result, _ = _invoke(["sae", "train", ref, "--data", matrix["data"][dataset], "--hook", "blocks.0.hook_resid_post",
+                         "--d-sae", "32", "--k", "4", "--steps", "5", "--max-tokens", "400", "--context-length",
+                         "32", "--sae-id", sae_id, "--no-progress", "--workspace", str(ws)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = Workspace(ws).results().read("sae_evals", sae_id=sae_id, dataset=matrix["dataset_names"][dataset])
+    assert len(rows) == 1 and rows["model"].iloc[0] == _model_name(matrix, model) and rows["FVU"].iloc[0] >= 0
+    if model == "minilm":  # an encoder: reconstruction metrics, CE marked not applicable
+        assert rows["ce_recovered"].isna().all()
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_transcoder_circuit(matrix, model, dataset) -> None:
+    ws = matrix["workspace"]
+    ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
+    data = matrix["data"][dataset]
+    if model in ("gpt2-dir", "minilm"):  # the circuit's attention linearisation needs rotary embeddings
+        result, seconds = _invoke(["sae", "circuit", ref, "--data", data, "--transcoder", "none", "--workspace",
+                                   str(ws)])  # fmt: skip
+        _assert_refused(result, "rotary")
+        assert seconds < 30
+        return
+    transcoders = []
+    for layer in (0, 1):
+        sae_id = f"matrix-tc-{model}-{dataset}-L{layer}"
+        trained, _ = _invoke(["sae", "train", ref, "--data", data, "--hook", f"blocks.{layer}.hook_resid_pre",
+                              "--hook-out", f"blocks.{layer}.hook_mlp_out", "--d-sae", "32", "--k", "4", "--steps",
+                              "5", "--max-tokens", "400", "--context-length", "32", "--sae-id", sae_id,
+                              "--no-progress", "--workspace", str(ws)])  # fmt: skip
+        assert trained.exit_code == 0, trained.output
+        transcoders += ["--transcoder", sae_id]
+    result, _ = _invoke(["sae", "circuit", ref, "--data", data, *transcoders, "--context-length", "16",
+                         "--workspace", str(ws)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = Workspace(ws).results().read("transcoder_circuits", model=_model_name(matrix, model),
+                                        dataset=matrix["dataset_names"][dataset])  # fmt: skip
+    assert len(rows) > 1
+
+
+VIEW_TABLES = {"massive": "massive_layers", "attention": "attention_stats", "probes": "probe_results",
+               "sae": "sae_evals", "circuits": "transcoder_circuits", "codebooks": "codebook_codes",
+               "neuron_paths": "neuron_path_metrics"}  # fmt: skip
+
+
+@pytest.mark.parametrize("view", sorted(VIEW_TABLES))
+def test_every_cell_is_visible_in_its_dashboard_view(matrix, view, monkeypatch) -> None:
+    """Runs after the cells above (file order): each view renders the matrix workspace and offers (picker) or shows
+    (table) every model that has rows in its table."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    ws = matrix["workspace"]
+    models = set(Workspace(ws).results().read(VIEW_TABLES[view])["model"])
+    assert models, view
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(ws))
+    app = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "views" / f"{view}.py"),
+                            default_timeout=60).run()  # fmt: skip
+    assert not app.exception, app.exception
+    offered = {str(o) for box in app.selectbox for o in box.options}  # a model picker, or a table of all models
+    shown = {str(m) for frame in app.dataframe if "model" in frame.value for m in frame.value["model"]}
+    assert {str(m) for m in models} <= offered | shown, (view, models, offered, shown)
