@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -167,6 +168,19 @@ def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 1e-6 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
 
 
+def _per_site(op: Callable[..., Any], *tensors: torch.Tensor) -> Any:
+    """``op`` applied to each site's slice of ``tensors`` (leading dim = sites), results stacked.
+
+    Batched LAPACK calls (solve, cholesky, triangular solve over [sites, d, d]) run MKL's threaded factorisation
+    inside torch's parallel loop over the batch; that nesting of OpenMP teams can deadlock (seen on the 2-core CPU
+    build: a probe fit spinning in mkl_lapack_dgetrf forever). One call per site never nests; sites are few.
+    """
+    results = [op(*(t[i] for t in tensors)) for i in range(tensors[0].shape[0])]
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+    return torch.stack(results)
+
+
 def _ridge(z: torch.Tensor, targets: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form ridge on standardised ``z`` [sites, n, d] and ``targets`` [n, t]: weight [sites, d, t], bias."""
     n = z.shape[1]
@@ -176,7 +190,7 @@ def _ridge(z: torch.Tensor, targets: torch.Tensor, l2: float) -> tuple[torch.Ten
     gram = (zc.transpose(1, 2) @ zc).double() / n
     gram.diagonal(dim1=1, dim2=2).add_(l2)
     rhs = (zc.transpose(1, 2) @ (targets - t_mean)[None]).double() / n
-    weight = torch.linalg.solve(gram, rhs).float()
+    weight = _per_site(torch.linalg.solve, gram, rhs).float()
     bias = t_mean[None] - (z_mean @ weight)[:, 0]
     return weight, bias
 
@@ -231,13 +245,13 @@ def _whitener(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     covariance = (centred.transpose(1, 2) @ centred).double() / z.shape[1]
     jitter = 1e-6 * covariance.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
     covariance.diagonal(dim1=1, dim2=2).add_(jitter[:, None])
-    lower, info = torch.linalg.cholesky_ex(covariance)
+    lower, info = _per_site(torch.linalg.cholesky_ex, covariance)
     while bool((info > 0).any()):  # fewer samples than dimensions: float32 round-off makes it indefinite
         covariance.diagonal(dim1=1, dim2=2).add_(jitter[:, None] * 99)
         jitter = jitter * 100
-        lower, info = torch.linalg.cholesky_ex(covariance)
+        lower, info = _per_site(torch.linalg.cholesky_ex, covariance)
     eye = torch.eye(z.shape[2], dtype=torch.float64).expand_as(lower)
-    whiten = torch.linalg.solve_triangular(lower, eye, upper=False).transpose(1, 2)
+    whiten = _per_site(lambda a, b: torch.linalg.solve_triangular(a, b, upper=False), lower, eye).transpose(1, 2)
     return whiten.float().contiguous(), lower.float()
 
 
@@ -455,6 +469,6 @@ def _ridge_streaming(
     centred_gram = gram / count - z_mean[:, :, None] * z_mean[:, None, :]
     centred_gram.diagonal(dim1=1, dim2=2).add_(l2)
     centred_cross = cross / count - z_mean[:, :, None] * t_mean[None, None, :]
-    weight = torch.linalg.solve(centred_gram, centred_cross)
+    weight = _per_site(torch.linalg.solve, centred_gram, centred_cross)
     bias = t_mean[None] - (z_mean[:, None, :] @ weight)[:, 0]
     return LinearProbes("regression", weight.float(), bias.float(), mean, scale, None, list(sites), l2)
