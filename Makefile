@@ -22,13 +22,16 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/workbench demo --workspace $(WORKSPACE)
 
+PY_DIRS := workbench probes circuits app tests benchmarks
+
 test: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(VENV)/bin/mypy
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check $(PY_DIRS) && $(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(WORKSPACE) .pytest_cache

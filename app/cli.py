@@ -57,7 +57,7 @@ def demo(
     port: Annotated[int, typer.Option(help="Dashboard port.")] = 8501,
 ) -> None:
     """Train the embedded zoo, run the analyses, then open the dashboard (reruns reuse what is done)."""
-    from app.demo import DemoStepError, run_demo
+    from workbench.app.demo import DemoStepError, run_demo
 
     try:
         ws = run_demo(workspace)

@@ -44,7 +44,9 @@ def recipes() -> list[Recipe]:
     """The demo, in order: train the zoo, then every analysis on zoo models and zoo / packaged data, plus the real
     pretrained MiniLM on the demo's prompts file."""
     prompts = str(PROMPTS)
-    steps = [Recipe(f"train zoo model {name}", run=lambda ws, name=name: _train(ws, name)) for name in DEMO_MODELS]
+    steps = [
+        Recipe(f"train zoo model {name}", run=lambda ws, name=name: _train(ws, name)) for name in DEMO_MODELS
+    ]
     steps += [
         Recipe("massive activations over code-small checkpoints",
                ("massive", "code-small", "--data", prompts, "-w", "{ws}")),
@@ -70,21 +72,21 @@ def _train(ws: Workspace, name: str) -> str:
 
 
 def _sae(ws: Workspace) -> str:
-    import circuits.sae
+    import workbench.circuits.sae
 
-    return circuits.sae.demo_step(ws, progress=True)
+    return workbench.circuits.sae.demo_step(ws, progress=True)
 
 
 def _circuit(ws: Workspace) -> str:
-    import circuits.transcoder_circuits
+    import workbench.circuits.transcoder_circuits
 
-    return circuits.transcoder_circuits.demo_step(ws, progress=True)
+    return workbench.circuits.transcoder_circuits.demo_step(ws, progress=True)
 
 
 def _codebooks(ws: Workspace) -> str:
-    import circuits.codebook
+    import workbench.circuits.codebook
 
-    return circuits.codebook.demo_step(ws, progress=True)
+    return workbench.circuits.codebook.demo_step(ws, progress=True)
 
 
 class DemoStepError(RuntimeError):
@@ -109,7 +111,11 @@ def _step(db, name: str, run: Callable[[], str | None], done: bool | None = None
             "and rerun `workbench demo` (or `make demo`) to continue from here (add -v to see the traceback)."
         ) from err
     seconds = time.perf_counter() - start
-    db.write(DEMO_TABLE, pd.DataFrame([{"step": name, "seconds": seconds, "note": note or ""}]), replace_keys=["step"])
+    db.write(
+        DEMO_TABLE,
+        pd.DataFrame([{"step": name, "seconds": seconds, "note": note or ""}]),
+        replace_keys=["step"],
+    )
     console.print(f"[green]✓[/] {name} in {seconds:.1f}s" + (f": {note}" if note else ""))
 
 
@@ -128,7 +134,7 @@ def _run_command(argv: list[str]) -> str:
 
 
 def _job_done(ws: Workspace, job_file: Path) -> bool:
-    from probes.jobs import job_status
+    from workbench.probes.jobs import job_status
 
     return bool((job_status(job_file, ws)["status"] == "done").all())
 

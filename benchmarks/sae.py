@@ -59,8 +59,8 @@ def fvu_l0(encode, decode, x: torch.Tensor) -> tuple[float, float]:
 
 
 def train_ours(data, args) -> tuple[float, object]:
-    from circuits.sae.base import SAEConfig, create_sae
-    from circuits.sae.train import TrainConfig, train_saes
+    from workbench.circuits.sae.base import SAEConfig, create_sae
+    from workbench.circuits.sae.train import TrainConfig, train_saes
 
     torch.manual_seed(args.seed)
     sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k)).to(

@@ -1,6 +1,6 @@
 """Wall time and peak RAM of training each zoo model on this machine (one fresh process per model).
 
-    python benchmarks/zoo.py [NAME ...]        # default: every registered zoo model
+python benchmarks/zoo.py [NAME ...]        # default: every registered zoo model
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ def main() -> None:
     print(f"{'model':12s} {'seconds':>8s} {'peak RSS':>9s} {'steps':>6s} {'final loss':>10s}  reference")
     for name in names:
         with tempfile.TemporaryDirectory() as workspace:
-            out = subprocess.run([sys.executable, "-c", CHILD, name, workspace], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, name, workspace], capture_output=True, text=True, check=True
+            )
         row = json.loads(out.stdout.strip().splitlines()[-1])
         reference = (f"unigram entropy {row['unigram_entropy']:.3f}" if "unigram_entropy" in row
                      else f"chance {row['chance_accuracy']}")  # fmt: skip
-        print(f"{name:12s} {row['seconds']:8.1f} {row['peak_rss_mib']:6d} MiB {row['steps']:6d} {row['final_loss']:10.3f}  {reference}")
+        print(
+            f"{name:12s} {row['seconds']:8.1f} {row['peak_rss_mib']:6d} MiB {row['steps']:6d} {row['final_loss']:10.3f}  {reference}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ from workbench.cli_options import (
 )
 from workbench.workspace import Workspace
 
-app = typer.Typer(help="Codebook features: VQ bottlenecks on hook sites of a causal LM, code analysis and steering.")
+app = typer.Typer(
+    help="Codebook features: VQ bottlenecks on hook sites of a causal LM, code analysis and steering."
+)
 
 DATA_REQUIRED = (
     "--data is required: the text or token ids the codebooks are {} on (a text file, FILE.jsonl:FIELD, a directory, "
@@ -32,7 +34,9 @@ DATA_REQUIRED = (
 )
 RunOption = Annotated[
     str | None,
-    typer.Option("--run", help="Run name under workspace/codebooks (default: the model's short name + -codebooks)."),
+    typer.Option(
+        "--run", help="Run name under workspace/codebooks (default: the model's short name + -codebooks)."
+    ),
 ]
 
 
@@ -42,8 +46,11 @@ def train(
     data: DataOption = None,
     site: Annotated[
         list[str] | None,
-        typer.Option("--site", help="Hook site of a codebook (repeatable): blocks.L.hook_resid_post|mlp_out|attn_out "
-                     "or blocks.L.attn.hook_z (one per head); default the last block's hook_resid_post."),
+        typer.Option(
+            "--site",
+            help="Hook site of a codebook (repeatable): blocks.L.hook_resid_post|mlp_out|attn_out "
+            "or blocks.L.attn.hook_z (one per head); default the last block's hook_resid_post.",
+        ),
     ] = None,  # fmt: skip
     n_codes: Annotated[int, typer.Option("--n-codes", min=1, help="Codes per codebook.")] = 200,
     k: Annotated[int, typer.Option("--k", min=1, help="Codes chosen per token.")] = 1,
@@ -61,8 +68,14 @@ def train(
 ) -> None:
     """Fine-tune codebooks with next-token loss on --data (a seeded quarter of its rows held out for the loss gap);
     a model or dataset codebooks cannot use (an encoder such as minilm, a missing site) is refused before any work."""
-    from circuits.codebook import CodebookConfig, check, codebook_dir, default_run_name, default_site
-    from circuits.codebook import train as train_codebooks
+    from workbench.circuits.codebook import (
+        CodebookConfig,
+        check,
+        codebook_dir,
+        default_run_name,
+        default_site,
+    )
+    from workbench.circuits.codebook import train as train_codebooks
 
     if data is None:
         fail(DATA_REQUIRED.format("trained"))
@@ -88,9 +101,12 @@ def analyse(
     run: RunOption = None,
     labels: Annotated[
         list[str] | None,
-        typer.Option("--labels", help="Per-token labels for purity / MI (repeatable): a label array of --data "
-                     "(zoo:tokfsm: fsm_state; default: all it carries) or a label source (spans .jsonl, "
-                     "FILE.py:FN)."),
+        typer.Option(
+            "--labels",
+            help="Per-token labels for purity / MI (repeatable): a label array of --data "
+            "(zoo:tokfsm: fsm_state; default: all it carries) or a label source (spans .jsonl, "
+            "FILE.py:FN).",
+        ),
     ] = None,  # fmt: skip
     context_length: Annotated[
         int | None, typer.Option("--context-length", min=1, help="Tokens per row (default: the training's).")
@@ -102,8 +118,15 @@ def analyse(
 ) -> None:
     """Per-code counts and top contexts of a trained run on --data (its held-out rows when it is the training
     data), and code ↔ label purity / MI when --data carries per-token labels or --labels names a source."""
-    from circuits.codebook import ANALYSIS, PURITY_TABLE, check, codebook_dir, default_run_name, write_results
-    from circuits.codebook import run as analyse_run
+    from workbench.circuits.codebook import (
+        ANALYSIS,
+        PURITY_TABLE,
+        check,
+        codebook_dir,
+        default_run_name,
+        write_results,
+    )
+    from workbench.circuits.codebook import run as analyse_run
 
     if data is None:
         fail(DATA_REQUIRED.format("analysed"))

@@ -68,8 +68,8 @@ def run(
 ) -> None:
     """Locate paths (ours and both baselines) for each target token / class and write the results tables; a model
     or dataset the analysis cannot use is refused before any work."""
-    from circuits.neuron_path import ANALYSIS, write_results
-    from circuits.neuron_path import run as run_paths
+    from workbench.circuits.neuron_path import ANALYSIS, write_results
+    from workbench.circuits.neuron_path import run as run_paths
 
     if data is None:
         fail(DATA_REQUIRED)

@@ -64,8 +64,8 @@ def train(
 ) -> None:
     """Train one SAE / transcoder on MODEL's activations over --data, save it under the workspace (saes/<id>/) and
     write sae_evals (held-out quarter of the rows) and sae_features."""
-    from circuits.sae.analysis import ANALYSIS, default_sae_id, run, write_results
-    from circuits.sae.train import check_sae_name
+    from workbench.circuits.sae.analysis import ANALYSIS, default_sae_id, run, write_results
+    from workbench.circuits.sae.train import check_sae_name
 
     if data is None:
         fail(DATA_REQUIRED)
@@ -104,8 +104,8 @@ def evaluate(
 ) -> None:
     """Evaluate a saved SAE spliced into MODEL over --data and write its sae_evals row (CE metrics on causal LMs,
     reconstruction metrics on any model)."""
-    from circuits.sae.analysis import evaluate as evaluate_on
-    from circuits.sae.analysis import find_sae, write_results
+    from workbench.circuits.sae.analysis import evaluate as evaluate_on
+    from workbench.circuits.sae.analysis import find_sae, write_results
 
     if data is None:
         fail(DATA_REQUIRED)
@@ -149,8 +149,8 @@ def circuit(
 ) -> None:
     """Trace a transcoder feature's circuit on a prompt from --data (greedy path search) and write
     transcoder_circuits; needs a rotary model (GPT-NeoX / Llama) with transcoders on every layer below the target."""
-    from circuits.sae.analysis import find_sae
-    from circuits.transcoder_circuits import ANALYSIS, run, write_results
+    from workbench.circuits.sae.analysis import find_sae
+    from workbench.circuits.transcoder_circuits import ANALYSIS, run, write_results
 
     if data is None:
         fail(

@@ -482,7 +482,7 @@ def write_results(workspace, frames: Mapping[str, pd.DataFrame]) -> dict[str, in
 def demo_step(workspace, progress: bool = True) -> str:
     """The circuit of code-tiny's most active layer-1 transcoder feature at the last token of the first
     ``zoo:python-stdlib`` prompt (the SAE demo step trains the transcoders); writes ``transcoder_circuits``."""
-    from circuits.sae.analysis import find_sae
+    from workbench.circuits.sae.analysis import find_sae
 
     model = resolve_model("code-tiny", workspace=workspace)
     transcoders = [find_sae(f"code-tiny.L{layer}-mlp-transcoder", workspace)[1] for layer in (0, 1)]

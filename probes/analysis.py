@@ -33,9 +33,9 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import torch
+from workbench.probes.labels import ZOO_FSM, LabelDataset, LabelSource, parse_label_source
+from workbench.probes.linear import TASKS, ProbeError, cross_validate, fit_probes
 
-from probes.labels import ZOO_FSM, LabelDataset, LabelSource, parse_label_source
-from probes.linear import TASKS, ProbeError, cross_validate, fit_probes
 from workbench.analysis import Analysis, Table, write_tables
 from workbench.datasets import Dataset, load_dataset
 from workbench.model import HookedModel
@@ -161,7 +161,9 @@ def labels_for_model(
     fsm = None
     if parsed.kind == "zoo" and parsed.zoo in ZOO_FSM and dataset is None:
         if location is None:
-            raise ProbeError(f"label set {parsed.zoo!r} needs a zoo model trained on TokFSM (or --data zoo:tokfsm)")
+            raise ProbeError(
+                f"label set {parsed.zoo!r} needs a zoo model trained on TokFSM (or --data zoo:tokfsm)"
+            )
         fsm = zoo_fsm(location)
     return parsed.build(
         model.tokenizer, data=dataset, fsm=fsm, position=position, task=settings.task,
@@ -186,7 +188,9 @@ def collect_activations(
         for begin in range(0, len(dataset.tokens), batch_size):
             rows = keep[begin : begin + batch_size]
             mask = dataset.mask[begin : begin + batch_size]
-            model(dataset.tokens[begin : begin + batch_size], attention_mask=None if bool(mask.all()) else mask)
+            model(
+                dataset.tokens[begin : begin + batch_size], attention_mask=None if bool(mask.all()) else mask
+            )
             for name in names:
                 act = cache[name].float()
                 if act.ndim != 3:
@@ -300,7 +304,12 @@ def probe_model(
     """
     settings = settings or ProbeSettings()
     task = "regression" if "regression" in (dataset.task, settings.task) else "classification"
-    if task == "regression" and dataset.task == "classification" and dataset.classes and not _numeric(dataset):
+    if (
+        task == "regression"
+        and dataset.task == "classification"
+        and dataset.classes
+        and not _numeric(dataset)
+    ):
         raise ProbeError(f"{dataset.name!r} holds classes {list(dataset.classes)[:5]}, not numbers; regression needs "
                          "numeric labels (build them with task='regression')")  # fmt: skip
     names, x, labels, token_ids, sequence = collect_activations(model, dataset, hooks, settings.batch_size)

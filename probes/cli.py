@@ -31,33 +31,55 @@ TABLE_COLUMNS = {"hook": "hook", "score": "score", "control_score": "control", "
 @app.command()
 def fit(
     model: ModelArgument,
-    labels: Annotated[str, typer.Option(
-        "--labels", "-l", help="Label source: FILE.csv[:TEXT[:LABEL]] / .tsv / .jsonl / .parquet with one label per "
-        'text, a .jsonl of {"text", "spans"} or {"tokens", "labels"} records, zoo:NAME (bracket_depth, '
-        "inside_string, indent_level, next_token_type, fsm_state, fsm_next_state) or FILE.py:FUNCTION.")],
+    labels: Annotated[
+        str,
+        typer.Option(
+            "--labels",
+            "-l",
+            help="Label source: FILE.csv[:TEXT[:LABEL]] / .tsv / .jsonl / .parquet with one label per "
+            'text, a .jsonl of {"text", "spans"} or {"tokens", "labels"} records, zoo:NAME (bracket_depth, '
+            "inside_string, indent_level, next_token_type, fsm_state, fsm_next_state) or FILE.py:FUNCTION.",
+        ),
+    ],
     data: DataOption = None,
-    hooks: Annotated[list[str] | None, typer.Option(
-        "--hooks", help="Hooks or globs (repeatable, or comma-separated).")] = None,
-    position: Annotated[str | None, typer.Option(
-        "--position", help="Where a per-sequence label is probed: last (default), first (e.g. [CLS]), mean "
-        "(mean-pooled over the real tokens) or a token index N.")] = None,
+    hooks: Annotated[
+        list[str] | None, typer.Option("--hooks", help="Hooks or globs (repeatable, or comma-separated).")
+    ] = None,
+    position: Annotated[
+        str | None,
+        typer.Option(
+            "--position",
+            help="Where a per-sequence label is probed: last (default), first (e.g. [CLS]), mean "
+            "(mean-pooled over the real tokens) or a token index N.",
+        ),
+    ] = None,
     task: Annotated[str, typer.Option("--task", help="classification or regression (numeric labels).")] = (
-        "classification"),
-    n_sequences: Annotated[int, typer.Option(
-        "--n-sequences", min=2, help="Sequences of a zoo label set / documents a label function labels.")] = 64,
+        "classification"
+    ),
+    n_sequences: Annotated[
+        int,
+        typer.Option(
+            "--n-sequences", min=2, help="Sequences of a zoo label set / documents a label function labels."
+        ),
+    ] = 64,
     context_length: ContextOption = 128,
     batch_size: BatchSizeOption = 16,
     seed: SeedOption = 0,
-    random_init: Annotated[bool, typer.Option(
-        "--random-init/--no-random-init", help="Also probe a randomly initialised copy (a baseline).")] = True,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init/--no-random-init", help="Also probe a randomly initialised copy (a baseline)."
+        ),
+    ] = True,
     workspace: WorkspaceOption = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Probe every hook of MODEL for a label source; prints a score table and writes probe_results."""
-    from probes.analysis import ProbeSettings, labels_for_model, probe_model, write_probe_results
-    from probes.labels import parse_label_source, parse_position
+    from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model, write_probe_results
+    from workbench.probes.labels import parse_label_source, parse_position
+
     from workbench.references import parse_model_ref
     from workbench.workspace import Workspace
 
@@ -69,7 +91,9 @@ def fit(
     location = where.location if where.kind in ("directory", "series") else None
     dataset = labels_for_model(source, hooked, location=location, data=data, settings=settings,
                                position=parse_position(position) if position is not None else None)  # fmt: skip
-    patterns = [p.strip() for item in hooks or ["blocks.*.hook_resid_post"] for p in item.split(",") if p.strip()]
+    patterns = [
+        p.strip() for item in hooks or ["blocks.*.hook_resid_post"] for p in item.split(",") if p.strip()
+    ]
     rows = probe_model(hooked, dataset, patterns, settings)
     shown = rows[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
     typer.echo(f"{hooked.cfg.name} · {dataset.name} on {dataset.dataset} · {rows['metric'].iloc[0]} "
@@ -93,7 +117,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip tasks already done.")] = True,
 ) -> None:
     """Run every pending task of a probe job; each finished task is committed at once."""
-    from probes.jobs import ProbeJobError, run_job
+    from workbench.probes.jobs import ProbeJobError, run_job
 
     try:
         status = run_job(job_file, workspace=workspace, backend=backend, workers=workers, address=address,
@@ -113,7 +137,7 @@ def status(
     job_file: Annotated[Path, typer.Argument(help="TOML job file.")], workspace: WorkspaceOption = None
 ) -> None:
     """Show every task of the job as done, failed (with its error) or pending."""
-    from probes.jobs import ProbeJobError, job_status
+    from workbench.probes.jobs import ProbeJobError, job_status
 
     try:
         table = job_status(job_file, workspace)

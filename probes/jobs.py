@@ -56,9 +56,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
+from workbench.probes.labels import LabelError, parse_label_source, parse_position
 
-from probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
-from probes.labels import LabelError, parse_label_source, parse_position
 from workbench.analysis import write_tables
 from workbench.faults import crash_point
 from workbench.workspace import Workspace
@@ -109,7 +109,11 @@ class ProbeTask:
 
     def _label_parts(self) -> list[Any]:
         """What identifies a non-zoo label source (nothing for a plain zoo label set, so their ids stay put)."""
-        return [self.labels, self.data, self.position] if self.labels or self.data or self.position is not None else []
+        return (
+            [self.labels, self.data, self.position]
+            if self.labels or self.data or self.position is not None
+            else []
+        )
 
     @property
     def task_id(self) -> str:
@@ -237,7 +241,7 @@ def _load_settings(table: Any, lines: _Lines) -> ProbeSettings:
 
 def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, Any]:
     """One [[probe]] table with defaults filled in and strings promoted to lists; wrong keys or types raise."""
-    from probes.labels import ZOO_LABEL_SETS as LABEL_SETS
+    from workbench.probes.labels import ZOO_LABEL_SETS as LABEL_SETS
 
     table = f"[[probe]] #{index + 1}"
 
@@ -272,7 +276,9 @@ def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, 
             raise fail("labels", str(err)) from None
     for key in ("data", "position"):
         if key in entry and (not isinstance(entry[key], (str, int)) or isinstance(entry[key], bool)):
-            raise fail(key, f"{key} must be a string{' or an int' if key == 'position' else ''}; got {entry[key]!r}")
+            raise fail(
+                key, f"{key} must be a string{' or an int' if key == 'position' else ''}; got {entry[key]!r}"
+            )
     if "data" in entry:
         from workbench.datasets import parse_dataset_ref
 
@@ -328,10 +334,16 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
         name, where = entry["model"], entry["_where"]
         try:
             ref = parse_model_ref(_relative(name, job.path.parent), job.workspace.root)
-            if ref.kind == "series" or (ref.kind == "hub" and (ref.at is None or re.fullmatch(r"(step)?\d+", ref.at))):
+            if ref.kind == "series" or (
+                ref.kind == "hub" and (ref.at is None or re.fullmatch(r"(step)?\d+", ref.at))
+            ):
                 series = resolve_series(ref.text, workspace=job.workspace.root)
                 source = "hub" if ref.kind == "hub" else "series"
-                location = str(ref.location) if source == "hub" else str(Path(series.location(series.steps[0])).parent)
+                location = (
+                    str(ref.location)
+                    if source == "hub"
+                    else str(Path(series.location(series.steps[0])).parent)
+                )
                 steps = _pick_steps(series.steps, entry["checkpoints"], where)
             else:  # one model: a save_pretrained directory, minilm, tl:NAME, ORG/NAME@REVISION
                 location = str(Path(ref.location).resolve()) if ref.kind == "directory" else ref.text
@@ -342,7 +354,9 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
         except (CheckpointError, ModelLoadError) as err:
             raise ProbeJobError(f"{where}: {err}") from None
         probe_model_name = Path(location).name if source == "series" else name
-        hooks = _check_hooks_and_labels(ProbeTask(job.name, name, source, location, steps[-1], "", (), {}), entry)
+        hooks = _check_hooks_and_labels(
+            ProbeTask(job.name, name, source, location, steps[-1], "", (), {}), entry
+        )
         settings = job.settings.to_dict()
         data, position = entry.get("data"), entry.get("position")
         plain = [(label_set, "", None, "") for label_set in entry.get("label_sets", [])]
@@ -378,8 +392,9 @@ def _pick_steps(steps: list[int], wanted: Any, where: str) -> list[int]:
 
 def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
     """The hooks of ``entry`` resolved on the task's model; label sources the model cannot use are refused."""
-    from probes.analysis import zoo_fsm
-    from probes.labels import ZOO_FSM
+    from workbench.probes.analysis import zoo_fsm
+    from workbench.probes.labels import ZOO_FSM
+
     from workbench.hooks import HookNameError
 
     where = entry["_where"]
@@ -415,8 +430,7 @@ def run_task(task: ProbeTask) -> dict[str, Any]:
     """Compute one task (in whichever process runs it): {"status", "rows" (records), "error", "seconds",
     "threads" (torch threads it ran with)}."""
     import torch
-
-    from probes.analysis import labels_for_model, probe_model
+    from workbench.probes.analysis import labels_for_model, probe_model
 
     start = time.perf_counter()
     try:

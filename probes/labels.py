@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from workbench.probes.linear import TASKS, ProbeError
 
-from probes.linear import TASKS, ProbeError
 from workbench.datasets import TABLE_SUFFIXES, Dataset, DatasetError, iter_model_batches, read_records
 
 IGNORE = -1
@@ -58,7 +58,8 @@ POSITIONS = ("last", "first", "mean")
 FORMS = (
     "a label file FILE.csv[:TEXT[:LABEL]] (also .tsv/.jsonl/.json/.parquet) with one label per text, a .jsonl of "
     '{"text", "spans": [{"start", "end", "label"}]} or {"tokens", "labels"} records, zoo:NAME ('
-    + ", ".join(ZOO_LABEL_SETS) + "), or a label function FILE.py:FN / py:MODULE:FN"
+    + ", ".join(ZOO_LABEL_SETS)
+    + "), or a label function FILE.py:FN / py:MODULE:FN"
 )
 
 
@@ -179,9 +180,13 @@ class LabelSource:
         name = self.label_set(position)
         source = self._evaluate(data, n_sequences) if self.kind == "function" else self
         if tokenizer is None:
-            raise LabelError(f"labels {self.text!r} are on text and need the model's tokenizer; the model has none")
+            raise LabelError(
+                f"labels {self.text!r} are on text and need the model's tokenizer; the model has none"
+            )
         if source.kind == "sequence":
-            return _sequence_dataset(source, name, tokenizer, position or "last", task, context_length, batch_size)
+            return _sequence_dataset(
+                source, name, tokenizer, position or "last", task, context_length, batch_size
+            )
         if position is not None:
             raise LabelError(
                 f"--position applies to per-sequence labels; {self.text} labels every token (drop --position)"
@@ -191,7 +196,9 @@ class LabelSource:
     def _evaluate(self, data: Dataset | None, limit: int) -> LabelSource:
         """Run the label function on the documents of ``data``: a "sequence" or "chars" source."""
         if data is None:
-            raise LabelError(f"label function {self.text!r} labels texts; give them with --data (data = in a job)")
+            raise LabelError(
+                f"label function {self.text!r} labels texts; give them with --data (data = in a job)"
+            )
         texts = data.documents(limit=limit)
         values = []
         for number, text in enumerate(texts, 1):
@@ -320,7 +327,9 @@ def parse_position(position: str | int) -> str | int:
     try:
         return int(text)
     except ValueError:
-        raise LabelError(f"position {position!r} must be last, first, mean or a token index (an int)") from None
+        raise LabelError(
+            f"position {position!r} must be last, first, mean or a token index (an int)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------- alignment
@@ -346,7 +355,9 @@ def align_char_labels(char_labels: Sequence[Any], offsets: Sequence[tuple[int, i
     return out
 
 
-def tokenize_with_offsets(tokenizer: Any, text: str, context_length: int) -> tuple[list[int], list[tuple[int, int]]]:
+def tokenize_with_offsets(
+    tokenizer: Any, text: str, context_length: int
+) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of ``text`` (special tokens included, truncated to ``context_length``)."""
     if not getattr(tokenizer, "is_fast", True):
         raise LabelError(f"aligning labels to tokens needs a fast tokenizer (offset mapping); "
@@ -361,7 +372,9 @@ def _sequence_dataset(source: LabelSource, name: str, tokenizer: Any, position: 
     texts = Dataset(source.dataset, texts=lambda: source.texts)
     ids, mask = texts.token_tensor(tokenizer, context_length=context_length, batch_size=batch_size)
     if len(ids) != len(source.texts):
-        raise LabelError(f"{source.text}: {len(source.texts)} texts gave {len(ids)} token rows; remove empty texts")
+        raise LabelError(
+            f"{source.text}: {len(source.texts)} texts gave {len(ids)} token rows; remove empty texts"
+        )
     values, classes = _encode([[label] for label in source.raw], task, source.text)
     lengths = mask.sum(1)
     labels = torch.full(ids.shape, math.nan) if task == "regression" else torch.full(ids.shape, IGNORE)
@@ -465,14 +478,18 @@ def _line(path: Path, index: int) -> str:
     """``FILE:LINE`` of record ``index`` (0-based) for line-based files, ``FILE row N`` otherwise."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        numbers = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        numbers = [
+            n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
+        ]
         return f"{path}:{numbers[index]}" if index < len(numbers) else f"{path} row {index + 1}"
     if suffix in (".csv", ".tsv"):
         return f"{path}:{index + 2}"
     return f"{path} row {index + 1}"
 
 
-def _sequence_source(text: str, path: Path, records: list[dict], text_col: str, label_col: str) -> LabelSource:
+def _sequence_source(
+    text: str, path: Path, records: list[dict], text_col: str, label_col: str
+) -> LabelSource:
     texts, raw = [], []
     for index, record in enumerate(records):
         for column in (text_col, label_col):
@@ -486,7 +503,9 @@ def _sequence_source(text: str, path: Path, records: list[dict], text_col: str, 
             raise LabelError(f"{_line(path, index)}: the text ({text_col!r}) is empty or not a string; "
                              "fill it in or remove the row")  # fmt: skip
         if label is None or (isinstance(label, str) and not label.strip()) or _is_nan(label):
-            raise LabelError(f"{_line(path, index)}: the label ({label_col!r}) is empty; fill it in or remove the row")
+            raise LabelError(
+                f"{_line(path, index)}: the label ({label_col!r}) is empty; fill it in or remove the row"
+            )
         texts.append(value)
         raw.append(label.strip() if isinstance(label, str) else label)
     name = f"{path.name}:{label_col}"
@@ -502,7 +521,7 @@ def _span_source(text: str, path: Path, records: list[dict], text_col: str) -> L
             raise LabelError(f"{where}: a span record needs a {text_col!r} string (it has "
                              f"{', '.join(map(str, record))}); write {{\"text\": ..., \"spans\": [...]}}")  # fmt: skip
         if not isinstance(spans, list):
-            raise LabelError(f"{where}: 'spans' must be a list of {{\"start\", \"end\", \"label\"}} objects")
+            raise LabelError(f'{where}: \'spans\' must be a list of {{"start", "end", "label"}} objects')
         chars: list[Any] = [_OUTSIDE] * len(value)
         for span in spans:
             if not isinstance(span, dict) or not {"start", "end", "label"} <= set(span):
@@ -602,7 +621,9 @@ def _encode(rows: list[list[Any]], task: str, source: str) -> tuple[list[list[fl
     numeric = all(_is_number(v) for v in seen)
     classes = tuple(sorted(seen, key=float) if numeric else sorted(seen))
     index = {name: i for i, name in enumerate(classes)}
-    return [[IGNORE if label is None else index[_class_name(label)] for label in row] for row in rows], classes
+    return [
+        [IGNORE if label is None else index[_class_name(label)] for label in row] for row in rows
+    ], classes
 
 
 def _class_name(label: Any) -> str:

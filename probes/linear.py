@@ -251,7 +251,9 @@ def _whitener(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         jitter = jitter * 100
         lower, info = _per_site(torch.linalg.cholesky_ex, covariance)
     eye = torch.eye(z.shape[2], dtype=torch.float64).expand_as(lower)
-    whiten = _per_site(lambda a, b: torch.linalg.solve_triangular(a, b, upper=False), lower, eye).transpose(1, 2)
+    whiten = _per_site(lambda a, b: torch.linalg.solve_triangular(a, b, upper=False), lower, eye).transpose(
+        1, 2
+    )
     return whiten.float().contiguous(), lower.float()
 
 

@@ -92,20 +92,22 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     write_results(report, fit_emergence(report.layers), zoo_workspace)
     write_attention_statistics((series.load(s) for s in (0, series.steps[-1])), texts, zoo_workspace,
                                dataset="test-prompts")  # fmt: skip
-    from probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
+    from workbench.probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
 
     dataset = label_dataset("bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, seq_len=48)
     rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
                         progress=False)  # fmt: skip
     write_probe_results(rows, zoo_workspace)
-    import circuits.sae
-    import circuits.transcoder_circuits
+    import workbench.circuits.sae
+    import workbench.circuits.transcoder_circuits
 
-    circuits.sae.demo_step(zoo_workspace, progress=False)
-    circuits.transcoder_circuits.demo_step(zoo_workspace, progress=False)
-    import circuits.codebook
-    import circuits.neuron_path
+    workbench.circuits.sae.demo_step(zoo_workspace, progress=False)
+    workbench.circuits.transcoder_circuits.demo_step(zoo_workspace, progress=False)
+    import workbench.circuits.codebook
+    import workbench.circuits.neuron_path
 
-    circuits.codebook.demo_step(zoo_workspace, progress=False, model_name="fsm-tiny", n_codes=100, steps=40)
-    circuits.neuron_path.demo_step(zoo_workspace, progress=False)
+    workbench.circuits.codebook.demo_step(
+        zoo_workspace, progress=False, model_name="fsm-tiny", n_codes=100, steps=40
+    )
+    workbench.circuits.neuron_path.demo_step(zoo_workspace, progress=False)
     return zoo_workspace

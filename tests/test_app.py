@@ -183,7 +183,7 @@ def test_plain_leaves_no_markup_character() -> None:
     import html
     import re
 
-    from app.data import plain
+    from workbench.app.data import plain
 
     for payload in (*PAYLOADS, "a *b* _c_ `d` $e$ \\f & g"):
         escaped = plain(payload)

@@ -80,7 +80,9 @@ def test_bad_input_is_one_clear_line(bad, case) -> None:
     _, args, words = case
     args = [a.format(**bad) for a in args]
     result = runner.invoke(app, args)
-    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    lines = [
+        line for line in result.output.splitlines() if line.strip() and not line.startswith("Loading weights")
+    ]
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and lines, result.output
     assert lines[-1].startswith("error: "), result.output

@@ -14,8 +14,7 @@ import pytest
 import torch
 import transformers
 from typer.testing import CliRunner
-
-from circuits.codebook import (
+from workbench.circuits.codebook import (
     ANALYSIS,
     CODES_TABLE,
     PURITY_TABLE,
@@ -38,7 +37,8 @@ from circuits.codebook import (
     train_codebooks,
     write_results,
 )
-from circuits.codebook.train import _replace_dead
+from workbench.circuits.codebook.train import _replace_dead
+
 from workbench.cli import app as cli
 from workbench.datasets import load_dataset
 from workbench.references import resolve_model
@@ -479,7 +479,11 @@ def test_dashboard_view_renders_codebook_results(codebook_workspace, monkeypatch
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(workspace.root))
     app = AppTest.from_file(str(VIEW), default_timeout=60).run()
     assert not app.exception, app.exception
-    assert [box.label for box in app.selectbox] == ["model", "site", "label set"]  # one dataset and run: no pickers
+    assert [box.label for box in app.selectbox] == [
+        "model",
+        "site",
+        "label set",
+    ]  # one dataset and run: no pickers
     assert len(app.get("plotly_chart")) == 2
     assert len(app.dataframe) == 2 and "best_code" in app.dataframe[0].value.columns
     assert any("purity" in m.label for m in app.metric)
@@ -492,7 +496,9 @@ def test_dashboard_view_renders_codebook_results(codebook_workspace, monkeypatch
 
 runner = CliRunner()
 TINY = ["--steps", "3", "--n-codes", "16", "--context-length", "32", "--batch-size", "8", "--no-progress"]
-CODE_LINES = [f"def f{i}(x, y):\n    return x * {i} + y  # {'even' if i % 2 else 'odd'} case {i * 7}" for i in range(60)]
+CODE_LINES = [
+    f"def f{i}(x, y):\n    return x * {i} + y  # {'even' if i % 2 else 'odd'} case {i * 7}" for i in range(60)
+]
 
 
 def _codebook(workspace: Workspace, *args: str):
@@ -535,9 +541,15 @@ def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_works
     run_dir = tmp_path / "ws" / "codebooks" / "fsm-tiny-codebooks"
     assert "gap" in trained.output and (run_dir / "codebooks.safetensors").exists()
     meta = CodebookSet.metadata(run_dir)
-    assert meta["step"] == 3 and meta["source"]["dataset"] == "zoo:tokfsm" and meta["source"]["context_length"] == 32
+    assert (
+        meta["step"] == 3
+        and meta["source"]["dataset"] == "zoo:tokfsm"
+        and meta["source"]["context_length"] == 32
+    )
     more = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", *TINY[2:], "--steps", "4")
-    assert more.exit_code == 0 and "step 4" in more.output and CodebookSet.metadata(run_dir)["step"] == 4  # resumed
+    assert (
+        more.exit_code == 0 and "step 4" in more.output and CodebookSet.metadata(run_dir)["step"] == 4
+    )  # resumed
     other = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", *TINY, "--max-tokens", "4096")
     assert other.exit_code == 2 and "other settings (source)" in other.output  # other rows: not this run's
     analysed = _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm")
@@ -550,8 +562,12 @@ def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_works
         assert (rows["model"] == "fsm-tiny").all() and (rows["checkpoint"] == step).all()
         assert (rows["dataset"] == "zoo:tokfsm").all() and (rows["run"] == "fsm-tiny-codebooks").all()
         assert (rows["site"] == "blocks.1.hook_resid_post").all()
-    held = read_rows(resolve_model("fsm-tiny", workspace=workspace), load_dataset("zoo:tokfsm"), context_length=32)
-    assert held.eval.shape == (128, 32) and codes["count"].sum() == held.eval.numel()  # k = 1: one code per token
+    held = read_rows(
+        resolve_model("fsm-tiny", workspace=workspace), load_dataset("zoo:tokfsm"), context_length=32
+    )
+    assert (
+        held.eval.shape == (128, 32) and codes["count"].sum() == held.eval.numel()
+    )  # k = 1: one code per token
     assert set(codes["code"]) <= set(range(16)) and codes["loss_gap"].notna().all()
     assert (purity["label_set"] == "fsm_state").all()
     assert set(purity["label"]) == set(held.eval_labels["fsm_state"].unique().tolist())
@@ -563,7 +579,11 @@ def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_works
     assert missing.exit_code == 2 and "error:" in missing.output and "train them first" in missing.output
     bad_site = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", "--site", "blocks.1.hook_resid_pots",
                          "--run", "x", *TINY)  # fmt: skip
-    assert bad_site.exit_code == 2 and "hook_resid_post" in bad_site.output and "Traceback" not in bad_site.output
+    assert (
+        bad_site.exit_code == 2
+        and "hook_resid_post" in bad_site.output
+        and "Traceback" not in bad_site.output
+    )
     assert not (tmp_path / "ws" / "codebooks" / "x").exists()
 
 
@@ -624,7 +644,9 @@ def test_cli_on_a_users_gpt2_directory_and_save_to_disk_folder(zoo_workspace, tm
     assert set(codes["model"]) == {resolve_model(model_dir).cfg.name} and codes["checkpoint"].isna().all()
     assert (codes["dataset"] == load_dataset(folder).name).all() and set(codes["head"]) == {0, 1, 2, 3}
     held = read_rows(resolve_model(model_dir), load_dataset(folder), context_length=32)
-    assert (codes.groupby("head")["count"].sum() == 2 * held.eval.numel()).all()  # k = 2 codes per token and head
+    assert (
+        codes.groupby("head")["count"].sum() == 2 * held.eval.numel()
+    ).all()  # k = 2 codes per token and head
 
 
 def test_cli_refuses_minilm_at_once(code_file, tmp_path) -> None:
@@ -632,7 +654,9 @@ def test_cli_refuses_minilm_at_once(code_file, tmp_path) -> None:
     reason, no traceback, nothing written."""
     workspace = Workspace(tmp_path / "ws")
     for command in ("train", "analyse"):
-        result = _codebook(workspace, command, "minilm", "--data", str(code_file), *(TINY if command == "train" else ()))
+        result = _codebook(
+            workspace, command, "minilm", "--data", str(code_file), *(TINY if command == "train" else ())
+        )
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert result.exit_code == 2, result.output
         assert len(errors) == 1 and "next-token loss" in errors[0] and "causal" in errors[0], result.output

@@ -213,7 +213,7 @@ def _rows(workspace: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def probe_reference(model_dir, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from probes.jobs import run_job
+    from workbench.probes.jobs import run_job
 
     path, workspace = _job(model_dir, tmp_path_factory.mktemp("probe-ref"))
     status = run_job(path, workspace=workspace, progress=False)
@@ -233,7 +233,7 @@ def probe_reference(model_dir, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataF
 def test_probe_job_killed_at_a_commit_boundary_resumes_row_for_row(
     point, model_dir, probe_reference, tmp_path
 ) -> None:
-    from probes.jobs import run_job
+    from workbench.probes.jobs import run_job
 
     path, workspace = _job(model_dir, tmp_path)
     command = [sys.executable, "-m", "workbench.cli", "probe", "run", str(path), "-w", str(workspace)]

@@ -41,7 +41,7 @@ def fork():
     its exit code (-9: killed by SIGKILL)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(
-        ["tests.test_crash_training", "workbench.zoo.train", "circuits.sae.train", "circuits.codebook",
+        ["tests.test_crash_training", "workbench.zoo.train", "workbench.circuits.sae.train", "workbench.circuits.codebook",
          "workbench.model", "transformers.models.gpt_neox.modeling_gpt_neox", "safetensors.torch", "tqdm.auto"]
     )  # fmt: skip
 
@@ -177,8 +177,8 @@ def _sae_stream():
 
 
 def _train_sae(root: str) -> None:
-    from circuits.sae.base import SAEConfig
-    from circuits.sae.train import TrainConfig, seeded_sae, train_saes
+    from workbench.circuits.sae.base import SAEConfig
+    from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_saes
 
     saes = {
         "topk": seeded_sae(SAEConfig("topk", d_in=8, d_sae=32, k=3, hook_in="h"), 0),
@@ -225,7 +225,8 @@ def test_sae_training_killed_at_a_write_boundary_resumes_to_the_same_bytes(
 
 # ---------------------------------------------------------------------------------------------- codebooks
 def _train_codebooks(model_dir: str, root: str) -> None:
-    from circuits.codebook import train_codebooks
+    from workbench.circuits.codebook import train_codebooks
+
     from workbench.model import HookedModel
     from workbench.zoo.corpora import TokFSM
     from workbench.zoo.train import get_spec

@@ -22,7 +22,9 @@ def minilm_tokenizer():
 @pytest.fixture
 def sources(tmp_path):
     (tmp_path / "notes.txt").write_text("\n".join(DOCS) + "\n\n", encoding="utf-8")
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(DOCS)))
+    (tmp_path / "rows.jsonl").write_text(
+        "".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(DOCS))
+    )
     (tmp_path / "rows.csv").write_text("body,label\n" + "".join(f'"{d}",{i}\n' for i, d in enumerate(DOCS)))
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -36,7 +38,9 @@ def sources(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "hf"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": DOCS})}).save_to_disk(str(tmp_path / "hfd"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": DOCS})}).save_to_disk(
+        str(tmp_path / "hfd")
+    )
     return tmp_path
 
 
@@ -59,7 +63,9 @@ def test_pre_tokenized_ids_and_activation_store(sources, minilm_tokenizer) -> No
     model = HookedModel.from_pretrained("minilm")
     capture_to_store(model, DOCS, "blocks.0.hook_resid_post", sources / "store", progress=False)
     stored = load_dataset(sources / "store")
-    assert stored.store is not None and stored.store.n_rows == sum(len(minilm_tokenizer(d)["input_ids"]) for d in DOCS)
+    assert stored.store is not None and stored.store.n_rows == sum(
+        len(minilm_tokenizer(d)["input_ids"]) for d in DOCS
+    )
     assert stored.token_rows(None, context_length=64) == [minilm_tokenizer(d)["input_ids"] for d in DOCS]
 
 

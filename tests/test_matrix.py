@@ -39,20 +39,26 @@ def matrix(zoo_workspace, hub_repo, tmp_path_factory):
     shutil.copytree(zoo_workspace.model_dir("code-tiny"), workspace / "models" / "code-tiny")
     gpt2 = root / "my-gpt2"
     torch.manual_seed(0)
-    T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)).save_pretrained(
-        gpt2
-    )
+    T.GPT2LMHeadModel(
+        T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+    ).save_pretrained(gpt2)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(zoo_workspace.model_dir("code-tiny") / name, gpt2 / name)
     (root / "notes.txt").write_text("\n".join(t.replace("\n", " ; ") for t in TEXTS) + "\n", encoding="utf-8")
-    snippets = TEXTS + [f"for k in range({i}):\n    total += k" if i % 2 else f"value = {i} * {i}" for i in range(14)]
+    snippets = TEXTS + [
+        f"for k in range({i}):\n    total += k" if i % 2 else f"value = {i} * {i}" for i in range(14)
+    ]
     (root / "rows.jsonl").write_text("".join(json.dumps({"code": t, "loop": str("for" in t or "while" in t)}) + "\n"
                                              for t in snippets), encoding="utf-8")  # fmt: skip
     import datasets
 
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(root / "hf"))
     models = {"zoo": "code-tiny@300", "gpt2-dir": str(gpt2), "minilm": "minilm", "hub": hub_repo}
-    data = {"text": str(root / "notes.txt"), "jsonl": f"{root / 'rows.jsonl'}:code", "hf-disk": str(root / "hf")}
+    data = {
+        "text": str(root / "notes.txt"),
+        "jsonl": f"{root / 'rows.jsonl'}:code",
+        "hf-disk": str(root / "hf"),
+    }
     names = {"text": "notes.txt", "jsonl": "rows.jsonl:code", "hf-disk": "hf"}
     return {"workspace": workspace, "models": models, "data": data, "dataset_names": names}
 
@@ -90,7 +96,9 @@ def test_massive(matrix, model, dataset) -> None:
     rows = Workspace(ws).results().read("massive_layers", model=_model_name(matrix, model),
                               dataset=matrix["dataset_names"][dataset])  # fmt: skip
     assert len(rows) > 0 and rows["top1"].gt(0).all()
-    if model == "hub":  # a series: one row per distinct checkpoint and hook, step3 (= step2's bytes) analysed once
+    if (
+        model == "hub"
+    ):  # a series: one row per distinct checkpoint and hook, step3 (= step2's bytes) analysed once
         assert sorted(rows["checkpoint"].unique()) == [0, 1, 2, 300]
 
 
@@ -184,8 +192,20 @@ def test_codebook(matrix, model, dataset) -> None:
     ws = matrix["workspace"]
     ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
     run = f"matrix-{model}-{dataset}"
-    common = [ref, "--data", matrix["data"][dataset], "--run", run, "--context-length", "16", "--workspace", str(ws)]
-    result, seconds = _invoke(["codebook", "train", *common, "--n-codes", "8", "--steps", "3", "--no-progress"])
+    common = [
+        ref,
+        "--data",
+        matrix["data"][dataset],
+        "--run",
+        run,
+        "--context-length",
+        "16",
+        "--workspace",
+        str(ws),
+    ]
+    result, seconds = _invoke(
+        ["codebook", "train", *common, "--n-codes", "8", "--steps", "3", "--no-progress"]
+    )
     if model == "minilm":  # codebooks are fine-tuned with the next-token loss: an encoder has none
         _assert_refused(result, "causal")
         assert seconds < 30 and not (ws / "codebooks" / run).exists()
@@ -263,6 +283,8 @@ def test_every_cell_is_visible_in_its_dashboard_view(matrix, view, monkeypatch) 
     app = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "views" / f"{view}.py"),
                             default_timeout=60).run()  # fmt: skip
     assert not app.exception, app.exception
-    offered = {str(o) for box in app.selectbox for o in box.options}  # a model picker, or a table of all models
+    offered = {
+        str(o) for box in app.selectbox for o in box.options
+    }  # a model picker, or a table of all models
     shown = {str(m) for frame in app.dataframe if "model" in frame.value for m in frame.value["model"]}
     assert {str(m) for m in models} <= offered | shown, (view, models, offered, shown)

@@ -14,8 +14,7 @@ import torch
 import transformers
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
-
-from circuits.neuron_path import (
+from workbench.circuits.neuron_path import (
     ANALYSIS,
     HOOK,
     NeuronPathError,
@@ -33,6 +32,7 @@ from circuits.neuron_path import (
     token_rows,
     top_activation_path,
 )
+
 from workbench.analysis import AnalysisNotApplicable
 from workbench.cli import app as cli
 from workbench.datasets import load_dataset
@@ -150,7 +150,7 @@ def test_demo_science_check_and_view(zoo_workspace, tmp_path, monkeypatch) -> No
 def test_cli_is_registered() -> None:
     names = {e.name for e in entry_points(group="workbench.cli")}
     assert "neuron-path" in names
-    from circuits.neuron_path_cli import app
+    from workbench.circuits.neuron_path_cli import app
 
     assert any(c.name in (None, "run") and c.callback.__name__ == "run" for c in app.registered_commands)
     assert ANALYSIS.table_names == ["neuron_paths", "neuron_path_metrics"]

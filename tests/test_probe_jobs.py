@@ -14,8 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
+from workbench.probes.jobs import (
+    ProbeJobError,
+    ProbeTask,
+    expand_tasks,
+    job_status,
+    load_job,
+    run_job,
+    run_task,
+)
 
-from probes.jobs import ProbeJobError, ProbeTask, expand_tasks, job_status, load_job, run_job, run_task
 from workbench.workspace import Workspace
 
 JOB = """

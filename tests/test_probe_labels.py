@@ -17,15 +17,27 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
+from workbench.probes.analysis import ProbeSettings, collect_activations, probe_model, split_by_sequence
+from workbench.probes.jobs import job_status, load_job, run_job
+from workbench.probes.labels import LabelError, align_char_labels, load_labels, parse_label_source
 
-from probes.analysis import ProbeSettings, collect_activations, probe_model, split_by_sequence
-from probes.jobs import job_status, load_job, run_job
-from probes.labels import LabelError, align_char_labels, load_labels, parse_label_source
 from workbench.references import resolve_model
 from workbench.workspace import Workspace
 
-POSITIVE, NEGATIVE = ["wonderful", "excellent", "delightful", "superb"], ["terrible", "awful", "dreadful", "horrible"]
-SUBJECTS = ["the movie", "this film", "the plot", "the acting", "our dinner", "the concert", "that book", "the show"]
+POSITIVE, NEGATIVE = (
+    ["wonderful", "excellent", "delightful", "superb"],
+    ["terrible", "awful", "dreadful", "horrible"],
+)
+SUBJECTS = [
+    "the movie",
+    "this film",
+    "the plot",
+    "the acting",
+    "our dinner",
+    "the concert",
+    "that book",
+    "the show",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +95,10 @@ SPANS_BPE = [0, 0, 0, 3, 3, 3, 1, 1, 1, 1, 1, 1, 2, 2]
 # "def add(a, b):" with FN = add, ARG = a, b, the rest ignored (outside=None); classes ARG 0, FN 1.
 CODE = {"text": "def add(a, b):", "spans": [{"start": 4, "end": 7, "label": "FN"}, {"start": 8, "end": 9, "label": "ARG"},
                                             {"start": 11, "end": 12, "label": "ARG"}]}  # fmt: skip
-PIECES = {"tokens": ["def", " add", "(", "a", ", ", "b", "):"], "labels": [None, "FN", None, "ARG", None, "ARG", None]}
+PIECES = {
+    "tokens": ["def", " add", "(", "a", ", ", "b", "):"],
+    "labels": [None, "FN", None, "ARG", None, "ARG", None],
+}
 CODE_WORDPIECE = [-1, -1, 1, -1, 0, -1, 0, -1, -1, -1]  # [CLS] def add ( a , b ) : [SEP]
 CODE_BPE = [-1, 1, 1, 1, -1, 0, -1, 0, -1]  # def Ġa d d ( a , Ġb ):
 
@@ -123,7 +138,8 @@ def test_planted_sentiment_on_minilm_cls_beats_its_controls_and_matches_sklearn(
     for site, hook in enumerate(names):
         scaler = StandardScaler().fit(x[site, train].numpy())
         reference = LogisticRegression(C=1 / (settings.l2 * int(train.sum())), max_iter=2000).fit(
-            scaler.transform(x[site, train].numpy()), labels[train].numpy())
+            scaler.transform(x[site, train].numpy()), labels[train].numpy()
+        )
         expected = reference.score(scaler.transform(x[site, test].numpy()), labels[test].numpy())
         got = float(rows.set_index("hook").loc[hook, "score"])
         assert abs(got - expected) <= 1 / int(test.sum()) + 1e-9, (hook, got, expected)
@@ -137,7 +153,9 @@ def test_mean_pooling_and_regression_on_minilm(minilm, tmp_path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, ["text", "label"])
         writer.writeheader()
-        writer.writerows({"text": r["review"], "label": str(float(r["sentiment"] == "positive"))} for r in records)
+        writer.writerows(
+            {"text": r["review"], "label": str(float(r["sentiment"] == "positive"))} for r in records
+        )
     pooled = load_labels(path, minilm.tokenizer, position="mean", task="regression")
     assert pooled.labels.dtype == torch.float32 and pooled.name == "reviews.csv:label@mean"
     hook = "blocks.3.hook_resid_post"
@@ -192,11 +210,16 @@ def test_zoo_label_sets_are_one_provider_and_read_your_own_code(bpe_tokenizer, t
     assert imported.stdout.strip() == "[]"
 
 
-def test_fit_cli_on_a_user_gpt2_directory_puts_span_labels_on_its_tokens(gpt2_dir, bpe_tokenizer, tmp_path) -> None:
+def test_fit_cli_on_a_user_gpt2_directory_puts_span_labels_on_its_tokens(
+    gpt2_dir, bpe_tokenizer, tmp_path
+) -> None:
     from workbench.cli import app
 
     model = resolve_model(str(gpt2_dir))
-    records = [SPANS, {"text": "Lovelace wrote code for Ada", "spans": [{"start": 24, "end": 27, "label": "NAME"}]}]
+    records = [
+        SPANS,
+        {"text": "Lovelace wrote code for Ada", "spans": [{"start": 24, "end": 27, "label": "NAME"}]},
+    ]
     path = write_jsonl(tmp_path / "people.jsonl", records * 6)
     dataset = load_labels(path, model.tokenizer)
     assert dataset.labels[0, : len(SPANS_BPE)].tolist() == SPANS_BPE
@@ -227,7 +250,9 @@ position = "last"
 """
 
 
-def test_job_with_a_user_model_directory_and_label_files_resumes_without_duplicates(gpt2_dir, tmp_path) -> None:
+def test_job_with_a_user_model_directory_and_label_files_resumes_without_duplicates(
+    gpt2_dir, tmp_path
+) -> None:
     root = tmp_path / "job"
     (root / "models").mkdir(parents=True)
     (root / "models" / "my-gpt2").symlink_to(gpt2_dir, target_is_directory=True)
@@ -248,7 +273,9 @@ def test_job_with_a_user_model_directory_and_label_files_resumes_without_duplica
     assert list(job_status(path, workspace)["status"]) == ["done", "pending"]
     run_job(path, workspace=workspace, progress=False)
     rows = workspace.results().read("probe_results")
-    assert len(rows) == 4 and not rows.duplicated(["model", "checkpoint", "hook", "label_set", "dataset"]).any()
+    assert (
+        len(rows) == 4 and not rows.duplicated(["model", "checkpoint", "hook", "label_set", "dataset"]).any()
+    )
     tasks = workspace.results().read("probe_tasks")
     assert len(tasks) == 2 and (tasks["status"] == "done").all()
 
@@ -269,7 +296,9 @@ def test_bad_label_files_exit_2_with_one_line(gpt2_dir, tmp_path, name, content,
 
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    result = CliRunner().invoke(app, ["probe", "fit", str(gpt2_dir), "--labels", str(path), "-w", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["probe", "fit", str(gpt2_dir), "--labels", str(path), "-w", str(tmp_path)]
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output

@@ -10,8 +10,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-from probes.analysis import (
+from workbench.probes.analysis import (
     ProbeSettings,
     collect_activations,
     control_labels,
@@ -24,8 +23,8 @@ from probes.analysis import (
     write_probe_results,
     zoo_fsm,
 )
-from probes.estimator import ProbeClassifier, ProbeRegressor
-from probes.linear import LinearProbes, ProbeError, cross_validate, fit_probes, fit_probes_streaming
+from workbench.probes.estimator import ProbeClassifier, ProbeRegressor
+from workbench.probes.linear import LinearProbes, ProbeError, cross_validate, fit_probes, fit_probes_streaming
 
 
 def planted(n: int = 1500, d: int = 12, classes: int = 4, seed: int = 0):
@@ -63,11 +62,15 @@ def test_logistic_with_fewer_samples_than_dimensions_matches_sklearn() -> None:
     l2 = 1e-2
     probes = fit_probes(x[:, :40], y[:40], l2=l2, max_iter=300)
     scaler = StandardScaler().fit(x[0, :40].numpy())
-    reference = LogisticRegression(C=1 / (l2 * 40), max_iter=5000).fit(scaler.transform(x[0, :40].numpy()), y[:40])
+    reference = LogisticRegression(C=1 / (l2 * 40), max_iter=5000).fit(
+        scaler.transform(x[0, :40].numpy()), y[:40]
+    )
     expected = reference.predict(scaler.transform(x[0, 40:].numpy()))
     agree = (probes.predict(x[:, 40:])[0].numpy() == expected).mean()
     assert agree >= 0.95
-    assert float(probes.score(x[:, 40:], y[40:])[0]) == pytest.approx((expected == y[40:].numpy()).mean(), abs=0.05)
+    assert float(probes.score(x[:, 40:], y[40:])[0]) == pytest.approx(
+        (expected == y[40:].numpy()).mean(), abs=0.05
+    )
     assert float(probes.score(x[:, 40:], y[40:])[0]) > 0.7  # above chance: the signal is in latent 0
 
 

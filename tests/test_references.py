@@ -30,9 +30,9 @@ def gpt2_dir(tmp_path_factory):
     """A GPT-2-architecture model that is not from the zoo, saved with save_pretrained (tokenizer included)."""
     path = tmp_path_factory.mktemp("my-gpt2")
     torch.manual_seed(0)
-    T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)).save_pretrained(
-        path
-    )
+    T.GPT2LMHeadModel(
+        T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+    ).save_pretrained(path)
     return path
 
 
@@ -42,7 +42,10 @@ def test_grammar_forms(zoo_workspace, gpt2_dir, hub_repo) -> None:
     assert parse_model_ref("minilm").kind == "packaged"
     assert parse_model_ref(str(gpt2_dir)).kind == "directory"
     series_dir = zoo_workspace.model_dir("code-tiny")
-    assert (parse_model_ref(f"{series_dir}@300").kind, parse_model_ref(f"{series_dir}@300").at) == ("series", "300")
+    assert (parse_model_ref(f"{series_dir}@300").kind, parse_model_ref(f"{series_dir}@300").at) == (
+        "series",
+        "300",
+    )
     zoo = parse_model_ref("code-tiny@step300", ws)
     assert (zoo.kind, zoo.at, zoo.name) == ("series", "step300", "code-tiny")
     hub = parse_model_ref(f"{hub_repo}@step1", ws)
@@ -132,7 +135,11 @@ def test_errors_list_what_was_tried(zoo_workspace, gpt2_dir) -> None:
 
 
 def test_an_unknown_hub_model_fails_at_once_without_a_reachable_hub(tmp_path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_CACHE": str(HUB_CACHE), "HOME": str(tmp_path)}  # HF_HUB_OFFLINE unset
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HF_HUB_CACHE": str(HUB_CACHE),
+        "HOME": str(tmp_path),
+    }  # HF_HUB_OFFLINE unset
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "workbench.cli", "info", "someone/not-cached"], env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -145,11 +152,16 @@ def test_remote_code_is_refused_unless_allowed(gpt2_dir, tmp_path) -> None:
     custom = tmp_path / "custom"
     shutil.copytree(gpt2_dir, custom)
     config = json.loads((custom / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.M"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.M",
+    }
     (custom / "config.json").write_text(json.dumps(config))
     for name in ("configuration_evil.py", "modeling_evil.py"):
         (custom / name).write_text("raise SystemExit('foreign code ran')\n")
-    assert resolve_model(str(custom)).cfg.family == "gpt2"  # a known architecture loads transformers' own code
+    assert (
+        resolve_model(str(custom)).cfg.family == "gpt2"
+    )  # a known architecture loads transformers' own code
     config["model_type"] = "evil-model"  # only the foreign code could build this one
     (custom / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="asks to run its own Python code.*trust_remote_code=True"):

@@ -10,9 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-from circuits.sae import SAEConfig, SAEInputError, create_sae, load_sae
-from circuits.sae.train import TrainConfig, seeded_sae, train_sae, train_saes
+from workbench.circuits.sae import SAEConfig, SAEInputError, create_sae, load_sae
+from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_sae, train_saes
 
 
 def planted(n_atoms=32, d=16, n=4096, active=3, seed=0, d_out=None):
@@ -93,7 +92,7 @@ def _saelens_encode(path, x):
     ],  # fmt: skip
 )
 def test_saelens_round_trip(tmp_path, architecture, extra):
-    from circuits.sae.saelens_io import load_saelens, save_saelens
+    from workbench.circuits.sae.saelens_io import load_saelens, save_saelens
 
     torch.manual_seed(1)
     sae = create_sae(SAEConfig(architecture, d_in=8, d_sae=32, hook_in="blocks.0.hook_resid_post", **extra))
@@ -117,8 +116,7 @@ def test_saelens_round_trip(tmp_path, architecture, extra):
 def test_load_saelens_trained_format(tmp_path):
     """An SAE written by sae_lens itself (with b_dec input centering) gives the same encodings here."""
     from sae_lens import StandardSAE, StandardSAEConfig
-
-    from circuits.sae.saelens_io import load_saelens
+    from workbench.circuits.sae.saelens_io import load_saelens
 
     torch.manual_seed(2)
     lens = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16, apply_b_dec_to_input=True))
@@ -169,7 +167,7 @@ def test_load_saelens_built_topk_and_jumprelu(tmp_path, kind, options):
 
 
 def test_bad_input():
-    from circuits.sae.evals import splice_hooks
+    from workbench.circuits.sae.evals import splice_hooks
 
     with pytest.raises(SAEInputError, match="k=40"):
         SAEConfig("topk", d_in=8, d_sae=16, k=40)
@@ -193,7 +191,7 @@ def test_bad_input():
 
 
 def test_untrained_batchtopk_is_not_saved_as_jumprelu(tmp_path):
-    from circuits.sae.saelens_io import save_saelens
+    from workbench.circuits.sae.saelens_io import save_saelens
 
     sae = create_sae(SAEConfig("batchtopk", d_in=8, d_sae=16, k=2))
     for save in (sae.save, lambda path: save_saelens(sae, path)):
@@ -204,8 +202,7 @@ def test_untrained_batchtopk_is_not_saved_as_jumprelu(tmp_path):
 
 def test_saelens_file_missing_a_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
-
-    from circuits.sae.saelens_io import load_saelens, save_saelens
+    from workbench.circuits.sae.saelens_io import load_saelens, save_saelens
 
     save_saelens(create_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2)), tmp_path)
     tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
@@ -304,8 +301,8 @@ def test_splice_metrics_against_closed_form(code_series):
     """A skip transcoder whose W_skip copies its input exactly recovers all CE (KL 0); zero-ablation CE matches
     an independent ablation through workbench.interventions."""
     import torch.nn.functional as F
+    from workbench.circuits.sae.evals import splice_metrics
 
-    from circuits.sae.evals import splice_metrics
     from workbench.interventions import zero_ablation
 
     model = code_series.load(code_series.steps[-1])
@@ -331,9 +328,9 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     import shutil
 
     from streamlit.testing.v1 import AppTest
+    from workbench.circuits.sae import demo_step
+    from workbench.circuits.sae.evals import sae_dir
 
-    from circuits.sae import demo_step
-    from circuits.sae.evals import sae_dir
     from workbench.store import ActivationStore
     from workbench.workspace import Workspace
 
@@ -341,9 +338,9 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     shutil.copytree(zoo_workspace.model_dir("code-tiny"), workspace.model_dir("code-tiny"))
     summary = demo_step(workspace, progress=False)
     assert "CE recovered" in summary
-    import circuits.transcoder_circuits
+    import workbench.circuits.transcoder_circuits
 
-    assert "nodes" in circuits.transcoder_circuits.demo_step(workspace, progress=False)
+    assert "nodes" in workbench.circuits.transcoder_circuits.demo_step(workspace, progress=False)
     circuit = workspace.results().read("transcoder_circuits")
     assert set(circuit["dataset"]) == {"zoo:python-stdlib"} and set(circuit["model"]) == {"code-tiny"}
     evals = workspace.results().read("sae_evals")
@@ -378,8 +375,9 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
 
 
 def test_live_model_batches_shuffle_across_sequences_and_train_a_transcoder(code_series) -> None:
-    from circuits.sae.base import SAEConfig, create_sae
-    from circuits.sae.train import TrainConfig, live_batches, train_saes
+    from workbench.circuits.sae.base import SAEConfig, create_sae
+    from workbench.circuits.sae.train import TrainConfig, live_batches, train_saes
+
     from workbench.datasets import load_dataset
 
     model = code_series.load(code_series.steps[-1])
@@ -409,8 +407,8 @@ def test_live_model_batches_shuffle_across_sequences_and_train_a_transcoder(code
 def test_sparse_topk_training_gradients_equal_the_dense_formulation(skip) -> None:
     """TopK training uses sparse encoder gradients and an embedding_bag decoder; both must match autograd through
     the dense f = topk(x W_enc + b_enc), f W_dec + b_dec (+ x W_skip), including the AuxK term."""
-    from circuits.sae.base import SAEConfig, create_sae
-    from circuits.sae.topk import topk_activation
+    from workbench.circuits.sae.base import SAEConfig, create_sae
+    from workbench.circuits.sae.topk import topk_activation
 
     torch.manual_seed(0)
     sae = create_sae(
@@ -450,7 +448,8 @@ def test_feature_pages_streaming_against_brute_force(tmp_path) -> None:
     are the activation quantiles to one fine bin, band counts, density, max and histogram match brute force."""
     import json
 
-    from circuits.sae.features import FINE_EDGES, HIST_EDGES, feature_pages
+    from workbench.circuits.sae.features import FINE_EDGES, HIST_EDGES, feature_pages
+
     from workbench.store import ActivationStore
 
     torch.manual_seed(0)
@@ -609,8 +608,8 @@ def heldout_reference(model, sae, data_ref, context_length=64, max_tokens=2000):
     """Independent metrics on the held-out quarter of the rows: each row run alone, unpadded, FVU and CE summed
     by hand (no masks, no batching)."""
     import torch.nn.functional as F
+    from workbench.circuits.sae.analysis import EVAL_FRACTION
 
-    from circuits.sae.analysis import EVAL_FRACTION
     from workbench.datasets import load_dataset
 
     ids, mask = load_dataset(data_ref).token_tensor(model.tokenizer, context_length=context_length, batch_size=16,
@@ -634,7 +633,8 @@ def heldout_reference(model, sae, data_ref, context_length=64, max_tokens=2000):
 
 
 def test_short_names_of_model_and_dataset_references(tmp_path):
-    from circuits.sae.analysis import default_sae_id
+    from workbench.circuits.sae.analysis import default_sae_id
+
     from workbench.references import short_name
 
     (tmp_path / "my-gpt2").mkdir()
@@ -654,7 +654,8 @@ def test_cli_train_and_eval_on_a_zoo_checkpoint_with_a_users_text_file(zoo_ws, u
     """`sae train code-tiny@300 --data notes.txt`: the SAE and its feature pages come from the user's text (not the
     stdlib corpus), rows keyed by model, checkpoint 300 and dataset; FVU and clean CE equal a per-row, unpadded
     recomputation; `sae eval` on a jsonl column adds a row beside it instead of replacing it."""
-    from circuits.sae.evals import sae_dir
+    from workbench.circuits.sae.evals import sae_dir
+
     from workbench.references import resolve_model
 
     notes = str(user_data / "notes.txt")
@@ -696,7 +697,8 @@ def test_cli_on_minilm_with_a_jsonl_column_reports_reconstruction_and_marks_ce_n
 ):
     """MiniLM (a BERT encoder, no LM head): train and eval work, reconstruction metrics match the independent
     recomputation, the CE columns are NaN with a note saying why; no promoted tokens without an unembedding."""
-    from circuits.sae.evals import sae_dir
+    from workbench.circuits.sae.evals import sae_dir
+
     from workbench.references import resolve_model
 
     data = f"{user_data / 'rows.jsonl'}:body"
@@ -745,7 +747,8 @@ def test_cli_transcoder_on_a_users_gpt2_directory_with_a_save_to_disk_folder(tmp
     """A save_pretrained GPT-2 directory + a datasets folder: the default SAE id comes from the directory's name, the
     transcoder row records the model as every analysis names it (its path; no checkpoint) and the folder's dataset name; `sae eval` of the saved
     directory on the same model writes a second row."""
-    from circuits.sae.evals import sae_dir
+    from workbench.circuits.sae.evals import sae_dir
+
     from workbench.workspace import Workspace
 
     workspace = Workspace(tmp_path / "ws")
@@ -804,7 +807,7 @@ def test_cli_train_from_an_activation_store_made_by_workbench_capture(zoo_ws, us
 
 
 def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(zoo_ws, user_data, tmp_path):
-    from circuits.sae.saelens_io import save_saelens
+    from workbench.circuits.sae.saelens_io import save_saelens
 
     notes = str(user_data / "notes.txt")
     base = ["train", "code-tiny@300", "--data", notes, "--hook", "blocks.0.hook_resid_post", "--no-progress"]

@@ -114,7 +114,9 @@ def capture(
     batch_size: BatchSizeOption = 16,
     context_length: ContextOption = 128,
     max_tokens: MaxTokensOption = None,
-    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack documents into full rows.")] = False,
+    packing: Annotated[
+        bool, typer.Option("--packing/--no-packing", help="Pack documents into full rows.")
+    ] = False,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16.")] = "float32",
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,

@@ -44,11 +44,15 @@ ContextOption = Annotated[int, typer.Option("--context-length", min=1, help="Tok
 MaxTokensOption = Annotated[
     int | None, typer.Option("--max-tokens", min=1, help="Token budget read from --data (default: all).")
 ]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed of every random choice (same seed, same result).")]
+SeedOption = Annotated[
+    int, typer.Option("--seed", help="Seed of every random choice (same seed, same result).")
+]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
 TrustRemoteCodeOption = Annotated[
     bool,
-    typer.Option("--trust-remote-code", help="Allow a model whose config runs its own Python code (auto_map)."),
+    typer.Option(
+        "--trust-remote-code", help="Allow a model whose config runs its own Python code (auto_map)."
+    ),
 ]
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -62,7 +62,7 @@ class Dataset:
 
     @property
     def modality(self) -> str:
-        """"text" (documents to tokenize), "tokens" (already ids) or "inputs" (e.g. pixels)."""
+        """ "text" (documents to tokenize), "tokens" (already ids) or "inputs" (e.g. pixels)."""
         return "text" if self.texts is not None else "tokens" if self.token_ids is not None else "inputs"
 
     # ------------------------------------------------------------------ documents
@@ -74,7 +74,9 @@ class Dataset:
             )
         docs = [d for d in self.texts() if d.strip()]
         if not docs:
-            raise DatasetError(f"dataset {self.name!r} holds no text; it needs at least one non-empty document")
+            raise DatasetError(
+                f"dataset {self.name!r} holds no text; it needs at least one non-empty document"
+            )
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(len(docs))
             docs = [docs[i] for i in order]
@@ -109,7 +111,9 @@ class Dataset:
         from tqdm.auto import tqdm
 
         if context_length < 1 or batch_size < 1:
-            raise DatasetError(f"context_length ({context_length}) and batch_size ({batch_size}) must be >= 1")
+            raise DatasetError(
+                f"context_length ({context_length}) and batch_size ({batch_size}) must be >= 1"
+            )
         rows = self._rows(tokenizer, context_length, bos, packing, shuffle_seed)
         bar = tqdm(total=max_tokens, desc=f"tokens of {self.name}", unit="tok", disable=not progress)
         pad = _pad_id(tokenizer)
@@ -166,7 +170,9 @@ class Dataset:
                 yield row[:context_length].tolist()
             return
         if tokenizer is None:
-            raise DatasetError(f"dataset {self.name!r} is text, and the model has no tokenizer to read it with")
+            raise DatasetError(
+                f"dataset {self.name!r} is text, and the model has no tokenizer to read it with"
+            )
         docs = self.documents(shuffle_seed=shuffle_seed)
         bos_id = _bos_id(tokenizer) if bos else None
         if bos and bos_id is None:
@@ -174,7 +180,9 @@ class Dataset:
         special = bos is None
         if not packing:
             for doc in docs:
-                ids = tokenizer(doc, add_special_tokens=special, truncation=True, max_length=context_length)["input_ids"]
+                ids = tokenizer(doc, add_special_tokens=special, truncation=True, max_length=context_length)[
+                    "input_ids"
+                ]
                 if bos_id is not None and (not ids or ids[0] != bos_id):
                     ids = [bos_id, *ids][:context_length]
                 if ids:
@@ -206,7 +214,9 @@ def iter_model_batches(
         batches = inputs.batches(tokenizer, context_length=context_length, batch_size=batch_size, **options)
     elif isinstance(inputs, torch.Tensor):
         if inputs.is_floating_point() or inputs.dim() != 2:
-            raise DatasetError(f"token ids must be an integer tensor [n, pos], got {tuple(inputs.shape)} {inputs.dtype}")
+            raise DatasetError(
+                f"token ids must be an integer tensor [n, pos], got {tuple(inputs.shape)} {inputs.dtype}"
+            )
         batches = ({"input_ids": inputs[i : i + batch_size], "attention_mask": torch.ones_like(inputs[i : i + batch_size])}
                    for i in range(0, len(inputs), batch_size))  # fmt: skip
     elif len(inputs) and all(isinstance(x, str) for x in inputs):
@@ -218,7 +228,9 @@ def iter_model_batches(
         rows = [list(map(int, r))[:context_length] for r in inputs]
         if not rows or not all(rows):
             raise DatasetError("inputs hold no tokens; pass texts, token-id lists or a dataset")
-        batches = (_collate(rows[i : i + batch_size], _pad_id(tokenizer)) for i in range(0, len(rows), batch_size))
+        batches = (
+            _collate(rows[i : i + batch_size], _pad_id(tokenizer)) for i in range(0, len(rows), batch_size)
+        )
     start = 0
     for batch in batches:
         yield start, batch
@@ -331,7 +343,9 @@ def load_dataset(ref: str | Path | Dataset | DatasetRef, *, limit: int | None = 
     if parsed.kind == "glob":
         files = sorted(p for p in path.glob(parsed.field or "*.txt") if p.is_file())
         if not files:
-            raise DatasetError(f"{path} holds no files matching {parsed.field!r}; name a pattern, e.g. '{path}/*.md'")
+            raise DatasetError(
+                f"{path} holds no files matching {parsed.field!r}; name a pattern, e.g. '{path}/*.md'"
+            )
         return Dataset(parsed.name, texts=lambda: _capped((_read_utf8(f) for f in files), limit),
                        meta={"path": str(path), "files": len(files)})  # fmt: skip
     if parsed.kind == "tokens":
@@ -393,7 +407,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DatasetError(f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)")
+            raise DatasetError(
+                f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)"
+            )
         return rows
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -402,9 +418,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DatasetError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one object") from None
+            raise DatasetError(
+                f"{path}:{number}: not valid JSON ({err.msg}); each line must be one object"
+            ) from None
         if not isinstance(row, dict):
-            raise DatasetError(f"{path}:{number}: each JSONL line must be an object like {{\"text\": ...}}")
+            raise DatasetError(f'{path}:{number}: each JSONL line must be an object like {{"text": ...}}')
         rows.append(row)
     return rows
 
@@ -432,7 +450,9 @@ def _read_hf_disk(path: Path, spec: str | None) -> list[str]:
         split, _, column = (spec or "").rpartition("/") if spec and "/" in spec else ("", "", spec or "text")
         split = split or ("train" if "train" in loaded else next(iter(loaded)))
         if split not in loaded:
-            raise DatasetError(f"{path} has no split {split!r}; splits: {', '.join(loaded)} (write FOLDER:SPLIT/FIELD)")
+            raise DatasetError(
+                f"{path} has no split {split!r}; splits: {', '.join(loaded)} (write FOLDER:SPLIT/FIELD)"
+            )
         loaded = loaded[split]
     if column not in loaded.column_names:
         raise DatasetError(

@@ -28,7 +28,9 @@ DEFAULT_TEXTS = [
     "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
     "Massive activations act as fixed biases in the residual stream.",
 ]
-StepsOption = Annotated[list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")]
+StepsOption = Annotated[
+    list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")
+]
 
 
 def default_prompts():
@@ -73,7 +75,11 @@ def massive_command(
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)
     series = open_series(model, workspace, steps, device, dtype, trust_remote_code)
-    options: dict[str, Any] = {"batch_size": batch_size, "max_length": context_length, "dataset": dataset.name}
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "max_length": context_length,
+        "dataset": dataset.name,
+    }
     inputs = _budget(dataset, series, context_length, max_tokens)
     fits = None
     if len(series) > 1:
@@ -92,11 +98,17 @@ def massive_command(
     for note in report.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
     layers = report.layers
-    latest = layers if layers["checkpoint"].isna().all() else layers[layers["checkpoint"] == layers["checkpoint"].max()]
+    latest = (
+        layers
+        if layers["checkpoint"].isna().all()
+        else layers[layers["checkpoint"] == layers["checkpoint"].max()]
+    )
     columns = ["hook", "top1", "top1_dim", "top1_token", "median", "ratio", "top1_spread", "massive"]
     typer.echo(latest[columns].to_string(index=False))
     if fits is not None:
-        typer.echo(fits[["hook", "family", "status", "r2", "peak_step", "emergence_step"]].to_string(index=False))
+        typer.echo(
+            fits[["hook", "family", "status", "r2", "peak_step", "emergence_step"]].to_string(index=False)
+        )
     typer.echo(f"results written to the workspace (tables {', '.join(ANALYSIS.table_names)})")
 
 

@@ -513,5 +513,7 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
     if not is_local or any((local / f).exists() for f in tokenizer_files):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path), **remote)
     elif (local.parent / "tokenizer.json").exists():  # a checkpoint series keeps one tokenizer at its root
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(local.parent), trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(local.parent), trust_remote_code=trust_remote_code
+        )
     return model, tokenizer

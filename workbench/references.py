@@ -216,7 +216,9 @@ def resolve_series(
         if parsed.at:
             step = parse_step(parsed.at, parsed.text)
             if step is None:
-                raise ModelReferenceError(f"'@last' is not a hub revision in {parsed.text!r}; name a stepN branch")
+                raise ModelReferenceError(
+                    f"'@last' is not a hub revision in {parsed.text!r}; name a stepN branch"
+                )
             steps = [step]
         available = hub_step_branches(repo)
         if not available:
@@ -237,7 +239,9 @@ def _wrap_object(ref: Any, probe: bool = False) -> HookedModel | bool | None:
     if probe:
         return True
     kind = type(ref).__name__
-    if hasattr(ref, "hook_dict") and hasattr(ref, "cfg"):  # TransformerLens HookedTransformer / TransformerBridge
+    if hasattr(ref, "hook_dict") and hasattr(
+        ref, "cfg"
+    ):  # TransformerLens HookedTransformer / TransformerBridge
         return HookedModel.from_transformer_lens(ref)
     if hasattr(ref, "config") and hasattr(ref.config, "model_type"):  # transformers PreTrainedModel
         return HookedModel.from_hf(cast("PreTrainedModel", ref))
@@ -288,7 +292,9 @@ def hub_step_branches(repo: str) -> list[int]:
             names |= {branch.name for branch in list_repo_refs(repo).branches}
         except Exception as err:  # noqa: BLE001 - any hub failure means: use what the cache holds
             if not names:
-                raise ModelReferenceError(f"could not list the branches of {repo!r} on the hub: {err}") from None
+                raise ModelReferenceError(
+                    f"could not list the branches of {repo!r} on the hub: {err}"
+                ) from None
     return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"step(\d+)", n)))
 
 
@@ -310,7 +316,9 @@ def _check_hub_reachable(repo: str, revision: str | None) -> None:
     reachable hub could serve."""
     cached = hub_cached_revisions(repo)
     wanted = revision or "main"
-    if wanted in cached or (re.fullmatch(r"[0-9a-f]{40}", wanted) and (_repo_cache(repo) / "snapshots" / wanted).is_dir()):
+    if wanted in cached or (
+        re.fullmatch(r"[0-9a-f]{40}", wanted) and (_repo_cache(repo) / "snapshots" / wanted).is_dir()
+    ):
         return
     if hub_offline() or not _hub_reachable():
         state = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached (offline)"

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import streamlit as st
+from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
 
-from app.data import empty_state, open_workspace_or_stop, pick, table
 from workbench.attention.summary import ANALYSIS, STAT_HOOKS, layer_head_heatmap, statistic_over_checkpoints
 
 st.title("Attention statistics")
 db = open_workspace_or_stop()
 stats = table(db, ANALYSIS.tables[0].name)
 if stats is None or stats.empty:
-    empty_state(ANALYSIS.description, f"{ANALYSIS.command} --kernel    # e.g. MODEL = code-small, DATA = notes.txt")
+    empty_state(
+        ANALYSIS.description, f"{ANALYSIS.command} --kernel    # e.g. MODEL = code-small, DATA = notes.txt"
+    )
     st.stop()
 model = st.selectbox("model", sorted(stats["model"].unique()))
 rows = pick(stats[stats["model"] == model], "dataset", "prompt set")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import streamlit as st
-
-from app.data import empty_state, open_workspace_or_stop, table
-from circuits.transcoder_circuits import ANALYSIS, CircuitGraph
+from workbench.app.data import empty_state, open_workspace_or_stop, table
+from workbench.circuits.transcoder_circuits import ANALYSIS, CircuitGraph
 
 (CIRCUITS,) = (t.name for t in ANALYSIS.tables)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import plotly.express as px
 import streamlit as st
-
-from app.data import empty_state, open_workspace_or_stop, plain, table
-from circuits.codebook import ANALYSIS, CODES_TABLE, PURITY_TABLE, TRAIN_COMMAND
+from workbench.app.data import empty_state, open_workspace_or_stop, plain, table
+from workbench.circuits.codebook import ANALYSIS, CODES_TABLE, PURITY_TABLE, TRAIN_COMMAND
 
 st.title("Codebooks")
 db = open_workspace_or_stop()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import plotly.express as px
 import streamlit as st
-
-from app.data import empty_state, open_workspace_or_stop, table
-from circuits.neuron_path import ANALYSIS
+from workbench.app.data import empty_state, open_workspace_or_stop, table
+from workbench.circuits.neuron_path import ANALYSIS
 
 PATHS, METRICS = (t.name for t in ANALYSIS.tables)
 
@@ -23,7 +22,9 @@ rows = metrics[metrics["model"] == model]
 neurons = paths[paths["model"] == model]
 for column, label in (("checkpoint", "checkpoint"), ("dataset", "dataset"), ("position", "position")):
     if column in rows and rows[column].nunique() > 1:  # several runs of this model: show one at a time
-        value = st.selectbox(label, sorted(rows[column].dropna().unique(), key=str, reverse=column == "checkpoint"))
+        value = st.selectbox(
+            label, sorted(rows[column].dropna().unique(), key=str, reverse=column == "checkpoint")
+        )
         rows, neurons = rows[rows[column] == value], neurons[neurons[column] == value]
 st.subheader("Methods compared (averaged over targets)")
 score_fig = px.bar(

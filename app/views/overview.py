@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
+from workbench.app.data import open_workspace_or_stop, plain, row_counts, workspace_path
 
-from app.data import open_workspace_or_stop, plain, row_counts, workspace_path
 from workbench.analysis import registered_analyses
 
 st.title("Interpretability workbench")
@@ -45,7 +45,11 @@ else:
 
 st.subheader("Analyses")
 summary = row_counts(db)
-counts = dict(zip(summary["table"], summary["rows"], strict=True)) if not summary.empty and "rows" in summary else {}
+counts = (
+    dict(zip(summary["table"], summary["rows"], strict=True))
+    if not summary.empty and "rows" in summary
+    else {}
+)
 catalogue = [
     {"analysis": analysis.name, "tables": ", ".join(analysis.table_names),
      "rows": sum(int(counts.get(t, 0)) for t in analysis.table_names), "command": analysis.command,

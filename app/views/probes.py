@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import streamlit as st
-
-from app.data import empty_state, open_workspace_or_stop, pick, table
-from probes.analysis import probe_heatmap, probe_over_checkpoints
+from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
+from workbench.probes.analysis import probe_heatmap, probe_over_checkpoints
 
 METRICS = {
     "score": "held-out probe accuracy (R² for regression)",

@@ -8,9 +8,8 @@ import math
 
 import plotly.graph_objects as go
 import streamlit as st
-
-from app.data import empty_state, open_workspace_or_stop, plain, table
-from circuits.sae.analysis import ANALYSIS
+from workbench.app.data import empty_state, open_workspace_or_stop, plain, table
+from workbench.circuits.sae.analysis import ANALYSIS
 
 EVALS, FEATURES = (t.name for t in ANALYSIS.tables)
 COMMAND = (f"{ANALYSIS.command}    # e.g. workbench sae train code-tiny --data zoo:python-stdlib "

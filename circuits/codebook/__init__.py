@@ -16,7 +16,7 @@ replaces it. One job per file:
     demo.py      demo_step (the study on a zoo fsm-* model and zoo:tokfsm)
 """
 
-from circuits.codebook.analysis import (
+from workbench.circuits.codebook.analysis import (
     ANALYSIS,
     CODES_TABLE,
     PURITY_TABLE,
@@ -29,14 +29,20 @@ from circuits.codebook.analysis import (
     run,
     write_results,
 )
-from circuits.codebook.data import TokenRows, read_rows, split_rows, token_rows
-from circuits.codebook.demo import demo_step
-from circuits.codebook.kmeans import init_kmeans, kmeans
-from circuits.codebook.module import Codebook, CodebookConfig, CodebookError, CodebookSet, site_config
-from circuits.codebook.runs import codebook_dir, default_run_name
-from circuits.codebook.steering import generate
-from circuits.codebook.tokfsm import fsm_codebook_study, fsm_purity_ceiling, fsm_steering_check
-from circuits.codebook.train import (
+from workbench.circuits.codebook.data import TokenRows, read_rows, split_rows, token_rows
+from workbench.circuits.codebook.demo import demo_step
+from workbench.circuits.codebook.kmeans import init_kmeans, kmeans
+from workbench.circuits.codebook.module import (
+    Codebook,
+    CodebookConfig,
+    CodebookError,
+    CodebookSet,
+    site_config,
+)
+from workbench.circuits.codebook.runs import codebook_dir, default_run_name
+from workbench.circuits.codebook.steering import generate
+from workbench.circuits.codebook.tokfsm import fsm_codebook_study, fsm_purity_ceiling, fsm_steering_check
+from workbench.circuits.codebook.train import (
     TRAIN_STATE,
     TrainReport,
     default_site,

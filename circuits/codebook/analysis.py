@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from workbench.circuits.codebook.data import EVAL_FRACTION, read_rows, token_rows
+from workbench.circuits.codebook.module import CodebookError, CodebookSet, site_config
 
-from circuits.codebook.data import EVAL_FRACTION, read_rows, token_rows
-from circuits.codebook.module import CodebookError, CodebookSet, site_config
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.datasets import Dataset
 from workbench.hooks import HookNameError
@@ -257,8 +257,14 @@ def run(
     max_tokens = max_tokens or source.get("max_tokens")
     check(model, data, codebooks.sites, context_length, codebooks)
     if source.get("dataset") == data.name:
-        rows = read_rows(model, data, context_length=context_length, max_tokens=max_tokens,
-                         seed=source.get("seed", 0), eval_fraction=source.get("eval_fraction", EVAL_FRACTION))
+        rows = read_rows(
+            model,
+            data,
+            context_length=context_length,
+            max_tokens=max_tokens,
+            seed=source.get("seed", 0),
+            eval_fraction=source.get("eval_fraction", EVAL_FRACTION),
+        )
         tokens, carried = rows.eval, rows.eval_labels
     else:
         tokens, carried = token_rows(model, data, context_length=context_length, max_tokens=max_tokens)
@@ -279,7 +285,9 @@ def _source_purity(model: Any, codebooks: CodebookSet, data: Dataset, source: st
                    context_length: int) -> pd.DataFrame:  # fmt: skip
     """Purity rows against a per-token label source of ``probes.labels`` (its own token rows, aligned to the
     model's tokenizer; ``data`` feeds a label function)."""
-    from probes.labels import load_labels  # the probes package only when a label source is asked for
+    from workbench.probes.labels import (
+        load_labels,  # the probes package only when a label source is asked for
+    )
 
     labelled = load_labels(source, model.tokenizer, data=data, context_length=context_length)
     if labelled.level != "token" or labelled.task != "classification":
@@ -287,7 +295,9 @@ def _source_purity(model: Any, codebooks: CodebookSet, data: Dataset, source: st
             f"label source {source!r} gives {labelled.level}-level {labelled.task} labels; code purity needs one "
             "class label per token: a spans .jsonl, a tokens/labels .jsonl or a per-character label function"
         )
-    ids = torch.where(labelled.labelled(), labelled.labels.long(), torch.full_like(labelled.labels.long(), -1))
+    ids = torch.where(
+        labelled.labelled(), labelled.labels.long(), torch.full_like(labelled.labels.long(), -1)
+    )
     _, purity = analyse_codes(model, codebooks, labelled.tokens, {labelled.name: ids}, dataset=data.name,
                               top_contexts=0)  # fmt: skip
     if labelled.classes and len(purity):

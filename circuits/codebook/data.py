@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from workbench.circuits.codebook.module import CodebookError
 
-from circuits.codebook.module import CodebookError
 from workbench.datasets import Dataset
 
 EVAL_FRACTION = 0.25
@@ -78,7 +78,9 @@ def token_rows(
     return tokens, labels
 
 
-def split_rows(n: int, eval_fraction: float = EVAL_FRACTION, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_rows(
+    n: int, eval_fraction: float = EVAL_FRACTION, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded split of row indices 0..n−1: (train [n − m], held out [m]), m = round(n · eval_fraction) ≥ 1."""
     if not 0 < eval_fraction < 1:
         raise CodebookError(f"eval_fraction={eval_fraction} must lie strictly between 0 and 1")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from circuits.codebook.analysis import write_results
-from circuits.codebook.runs import codebook_dir
-from circuits.codebook.tokfsm import fsm_codebook_study
+from workbench.circuits.codebook.analysis import write_results
+from workbench.circuits.codebook.runs import codebook_dir
+from workbench.circuits.codebook.tokfsm import fsm_codebook_study
+
 from workbench.datasets import load_dataset
 from workbench.references import resolve_model
 

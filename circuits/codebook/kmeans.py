@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from circuits.codebook.module import CodebookError, CodebookSet
+from workbench.circuits.codebook.module import CodebookError, CodebookSet
 
 
 def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, seed: int = 0) -> torch.Tensor:

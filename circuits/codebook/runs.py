@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from circuits.codebook.module import CodebookError
+from workbench.circuits.codebook.module import CodebookError
+
 from workbench.references import short_name
 from workbench.workspace import safe_name
 

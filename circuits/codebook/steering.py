@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from circuits.codebook.module import CodebookSet
+from workbench.circuits.codebook.module import CodebookSet
 
 
 def generate(

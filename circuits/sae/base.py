@@ -234,7 +234,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
         if (path / "cfg.json").exists():
-            from circuits.sae.saelens_io import load_saelens
+            from workbench.circuits.sae.saelens_io import load_saelens
 
             return load_saelens(path, device=device)
         raise SAEInputError(

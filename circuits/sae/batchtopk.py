@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from circuits.sae.base import SAE, SAEInputError, register
-from circuits.sae.topk import TopKSAE
+from workbench.circuits.sae.base import SAE, SAEInputError, register
+from workbench.circuits.sae.topk import TopKSAE
 
 
 @register("batchtopk")

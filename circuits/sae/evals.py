@@ -11,8 +11,7 @@ from collections.abc import Iterable
 import pandas as pd
 import torch
 import torch.nn.functional as F
-
-from circuits.sae.base import SAE, SAEInputError
+from workbench.circuits.sae.base import SAE, SAEInputError
 
 
 @torch.no_grad()

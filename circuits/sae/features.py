@@ -10,8 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import torch
-
-from circuits.sae.base import SAE
+from workbench.circuits.sae.base import SAE
 
 HIST_EDGES = torch.logspace(-3, 3, 31)
 # Fine log-spaced bins (ratio 10**(8/256) ≈ 1.075) from which the quantile-band edges are read: a band edge is

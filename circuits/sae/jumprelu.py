@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-from circuits.sae.base import SAE, register
+from workbench.circuits.sae.base import SAE, register
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:

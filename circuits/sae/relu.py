@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from circuits.sae.base import SAE, register
+from workbench.circuits.sae.base import SAE, register
 
 
 @register("relu")

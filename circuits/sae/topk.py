@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
-
-from circuits.sae.base import SAE, register
+from workbench.circuits.sae.base import SAE, register
 
 
 def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:

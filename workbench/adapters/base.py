@@ -210,7 +210,11 @@ class HFAdapter(ABC):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         encoded = tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length or owner.cfg.n_ctx
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length or owner.cfg.n_ctx,
         )
         return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 

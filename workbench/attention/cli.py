@@ -27,7 +27,8 @@ def attention_command(
     data: DataOption = None,
     steps: StepsOption = None,
     kernel: Annotated[
-        bool, typer.Option("--kernel/--eager", help="Statistics from the fused Triton kernel or the eager path.")
+        bool,
+        typer.Option("--kernel/--eager", help="Statistics from the fused Triton kernel or the eager path."),
     ] = False,
     sink_k: Annotated[int, typer.Option(min=1, help="Sink mass = attention on the first k keys.")] = 1,
     batch_size: BatchSizeOption = 16,
@@ -49,6 +50,12 @@ def attention_command(
     frame = write_attention_statistics(series.iter(progress=progress), inputs, workspace, dataset=dataset.name,
                                        kernel=kernel, sink_k=sink_k, batch_size=batch_size,
                                        max_length=context_length)  # fmt: skip
-    latest = frame[frame["checkpoint"] == frame["checkpoint"].max()] if frame["checkpoint"].notna().any() else frame
+    latest = (
+        frame[frame["checkpoint"] == frame["checkpoint"].max()]
+        if frame["checkpoint"].notna().any()
+        else frame
+    )
     typer.echo(latest.groupby("layer")[["entropy", "sink", "max_logit"]].mean().round(3).to_string())
-    typer.echo(f"{len(frame)} rows written to the workspace (table attention_stats, dataset {dataset.name!r})")
+    typer.echo(
+        f"{len(frame)} rows written to the workspace (table attention_stats, dataset {dataset.name!r})"
+    )

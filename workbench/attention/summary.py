@@ -46,7 +46,9 @@ def attention_statistics(
     previous_sink = model.sink_k
     model.sink_k = sink_k
     try:
-        for _, batch in iter_model_batches(texts, model.tokenizer, batch_size=batch_size, context_length=max_length):
+        for _, batch in iter_model_batches(
+            texts, model.tokenizer, batch_size=batch_size, context_length=max_length
+        ):
             real = batch["attention_mask"].bool().clone()
             real[:, 0] = False
             with torch.no_grad(), model.capture(names, dtype=torch.float64) as cache:
@@ -62,7 +64,12 @@ def attention_statistics(
     rows = []
     for layer in range(n_layers):
         for head in range(n_heads):
-            row: dict[str, Any] = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "layer": layer, "head": head}
+            row: dict[str, Any] = {
+                "model": model.cfg.name,
+                "checkpoint": model.cfg.checkpoint,
+                "layer": layer,
+                "head": head,
+            }
             row.update({s: float(sums[s][layer, head] / counts[layer].clamp_min(1)) for s in STAT_HOOKS})
             row["n_queries"] = int(counts[layer])
             rows.append(row)
