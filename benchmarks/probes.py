@@ -59,10 +59,10 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from workbench.probes.analysis import collect_activations, label_dataset, split_by_sequence
-    from workbench.probes.linear import fit_probes
 
     from workbench.checkpoints import CheckpointSeries
+    from workbench.probes.analysis import collect_activations, label_dataset, split_by_sequence
+    from workbench.probes.linear import fit_probes
     from workbench.workspace import Workspace
     from workbench.zoo.train import train_zoo_model
 

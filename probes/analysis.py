@@ -33,12 +33,12 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import torch
-from workbench.probes.labels import ZOO_FSM, LabelDataset, LabelSource, parse_label_source
-from workbench.probes.linear import TASKS, ProbeError, cross_validate, fit_probes
 
 from workbench.analysis import Analysis, Table, write_tables
 from workbench.datasets import Dataset, load_dataset
 from workbench.model import HookedModel
+from workbench.probes.labels import ZOO_FSM, LabelDataset, LabelSource, parse_label_source
+from workbench.probes.linear import TASKS, ProbeError, cross_validate, fit_probes
 
 __all__ = ["ANALYSIS", "LabelDataset", "ProbeSettings", "collect_activations", "label_dataset", "labels_for_model",
            "probe_model", "probe_series", "write_probe_results"]  # fmt: skip

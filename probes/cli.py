@@ -79,7 +79,6 @@ def fit(
     """Probe every hook of MODEL for a label source; prints a score table and writes probe_results."""
     from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model, write_probe_results
     from workbench.probes.labels import parse_label_source, parse_position
-
     from workbench.references import parse_model_ref
     from workbench.workspace import Workspace
 

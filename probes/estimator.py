@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
+
 from workbench.probes.linear import LinearProbes, fit_probes
 
 

@@ -56,11 +56,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
-from workbench.probes.labels import LabelError, parse_label_source, parse_position
 
 from workbench.analysis import write_tables
 from workbench.faults import crash_point
+from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
+from workbench.probes.labels import LabelError, parse_label_source, parse_position
 from workbench.workspace import Workspace
 
 STATUS_TABLE = TASKS_TABLE
@@ -392,10 +392,9 @@ def _pick_steps(steps: list[int], wanted: Any, where: str) -> list[int]:
 
 def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
     """The hooks of ``entry`` resolved on the task's model; label sources the model cannot use are refused."""
+    from workbench.hooks import HookNameError
     from workbench.probes.analysis import zoo_fsm
     from workbench.probes.labels import ZOO_FSM
-
-    from workbench.hooks import HookNameError
 
     where = entry["_where"]
     model = _load(task)
@@ -430,6 +429,7 @@ def run_task(task: ProbeTask) -> dict[str, Any]:
     """Compute one task (in whichever process runs it): {"status", "rows" (records), "error", "seconds",
     "threads" (torch threads it ran with)}."""
     import torch
+
     from workbench.probes.analysis import labels_for_model, probe_model
 
     start = time.perf_counter()

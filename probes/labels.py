@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from workbench.probes.linear import TASKS, ProbeError
 
 from workbench.datasets import TABLE_SUFFIXES, Dataset, DatasetError, iter_model_batches, read_records
+from workbench.probes.linear import TASKS, ProbeError
 
 IGNORE = -1
 ZOO_PYTHON = ("bracket_depth", "inside_string", "indent_level", "next_token_type")

@@ -185,7 +185,6 @@ def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace,
 
 def test_demo_steps_are_recorded_reused_and_failures_keep_finished_steps(tmp_path) -> None:
     from workbench.app.demo import DemoStepError, _step
-
     from workbench.workspace import Workspace
 
     db = Workspace(tmp_path).ensure().results()

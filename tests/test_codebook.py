@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from typer.testing import CliRunner
+
 from workbench.circuits.codebook import (
     ANALYSIS,
     CODES_TABLE,
@@ -38,7 +39,6 @@ from workbench.circuits.codebook import (
     write_results,
 )
 from workbench.circuits.codebook.train import _replace_dead
-
 from workbench.cli import app as cli
 from workbench.datasets import load_dataset
 from workbench.references import resolve_model

@@ -226,7 +226,6 @@ def test_sae_training_killed_at_a_write_boundary_resumes_to_the_same_bytes(
 # ---------------------------------------------------------------------------------------------- codebooks
 def _train_codebooks(model_dir: str, root: str) -> None:
     from workbench.circuits.codebook import train_codebooks
-
     from workbench.model import HookedModel
     from workbench.zoo.corpora import TokFSM
     from workbench.zoo.train import get_spec

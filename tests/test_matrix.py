@@ -129,24 +129,52 @@ def test_capture(matrix, model, dataset) -> None:
     assert store.n_rows > len(TEXTS) and store.manifest["dataset"] == matrix["dataset_names"][dataset]
 
 
-def test_transformer_lens_model_through_the_python_api(matrix) -> None:
+@pytest.fixture(scope="module")
+def tl_model(matrix):
+    """A TransformerLens HookedTransformer (rotary, GELU MLPs) wrapped by the resolver, with the zoo tokenizer."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from workbench.attention.summary import attention_statistics
-    from workbench.datasets import load_dataset
-    from workbench.massive import detect_massive
     from workbench.references import resolve_model
 
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_vocab=512, act_fn="gelu",
-                                  d_mlp=64, tokenizer_name=None)  # fmt: skip
+                                  d_mlp=64, positional_embedding_type="rotary", tokenizer_name=None)  # fmt: skip
     torch.manual_seed(0)
     model = resolve_model(HookedTransformer(cfg))
     model.tokenizer = resolve_model("code-tiny", workspace=matrix["workspace"]).tokenizer
-    for dataset in DATASETS:
-        data = load_dataset(matrix["data"][dataset])
-        report = detect_massive(model, data, dataset=data.name, max_length=32)
-        assert len(report.layers) == 2 and report.layers["top1"].gt(0).all()
-        assert len(attention_statistics(model, data, max_length=32)) == 2 * 4
+    return model
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset, tmp_path) -> None:
+    """The in-memory TransformerLens model through every analysis's library function (the CLI takes tl:NAME, which
+    needs the hub)."""
+    from workbench.attention.summary import attention_statistics
+    from workbench.circuits import neuron_path
+    from workbench.circuits.codebook import train as train_codebooks
+    from workbench.circuits.codebook.analysis import run as analyse_codebooks
+    from workbench.circuits.sae.analysis import run as run_saes
+    from workbench.datasets import load_dataset
+    from workbench.massive import detect_massive
+    from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
+
+    model, data = tl_model, load_dataset(matrix["data"][dataset])
+    report = detect_massive(model, data, dataset=data.name, max_length=32)
+    assert len(report.layers) == 2 and report.layers["top1"].gt(0).all()
+    assert len(attention_statistics(model, data, max_length=32)) == 2 * 4
+    saes = run_saes(model, data, {"tl-sae": {"architecture": "topk", "d_sae": 32, "k": 4,
+                                            "hook_in": "blocks.0.hook_resid_post"}},
+                    workspace=tmp_path, max_tokens=400, context_length=32, steps=5, progress=False)  # fmt: skip
+    assert len(saes["sae_evals"]) == 1 and saes["sae_evals"]["ce_recovered"].notna().all()
+    paths = neuron_path.run(model, data, position=3, n_targets=1, steps=4, max_sequences=6, progress=False)
+    assert len(paths["neuron_path_metrics"]) > 0
+    books, report = train_codebooks(model, data, n_codes=8, steps=3, context_length=16, directory=tmp_path / "cb",
+                                    progress=False)  # fmt: skip
+    assert len(analyse_codebooks(model, data, books, context_length=16)["codebook_codes"]) > 0
+    labels = labels_for_model(
+        "zoo:inside_string", model, data=data, settings=ProbeSettings(random_init=False)
+    )
+    rows = probe_model(model, labels, "blocks.*.hook_resid_post", ProbeSettings(random_init=False))
+    assert len(rows) == 2 and rows["score"].notna().all()
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

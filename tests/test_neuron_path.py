@@ -14,6 +14,8 @@ import torch
 import transformers
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
+
+from workbench.analysis import AnalysisNotApplicable
 from workbench.circuits.neuron_path import (
     ANALYSIS,
     HOOK,
@@ -32,8 +34,6 @@ from workbench.circuits.neuron_path import (
     token_rows,
     top_activation_path,
 )
-
-from workbench.analysis import AnalysisNotApplicable
 from workbench.cli import app as cli
 from workbench.datasets import load_dataset
 from workbench.model import HookedModel

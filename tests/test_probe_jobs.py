@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
+
 from workbench.probes.jobs import (
     ProbeJobError,
     ProbeTask,
@@ -23,7 +24,6 @@ from workbench.probes.jobs import (
     run_job,
     run_task,
 )
-
 from workbench.workspace import Workspace
 
 JOB = """

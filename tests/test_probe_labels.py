@@ -17,10 +17,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
+
 from workbench.probes.analysis import ProbeSettings, collect_activations, probe_model, split_by_sequence
 from workbench.probes.jobs import job_status, load_job, run_job
 from workbench.probes.labels import LabelError, align_char_labels, load_labels, parse_label_source
-
 from workbench.references import resolve_model
 from workbench.workspace import Workspace
 

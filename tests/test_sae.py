@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from workbench.circuits.sae import SAEConfig, SAEInputError, create_sae, load_sae
 from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_sae, train_saes
 
@@ -116,6 +117,7 @@ def test_saelens_round_trip(tmp_path, architecture, extra):
 def test_load_saelens_trained_format(tmp_path):
     """An SAE written by sae_lens itself (with b_dec input centering) gives the same encodings here."""
     from sae_lens import StandardSAE, StandardSAEConfig
+
     from workbench.circuits.sae.saelens_io import load_saelens
 
     torch.manual_seed(2)
@@ -202,6 +204,7 @@ def test_untrained_batchtopk_is_not_saved_as_jumprelu(tmp_path):
 
 def test_saelens_file_missing_a_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
+
     from workbench.circuits.sae.saelens_io import load_saelens, save_saelens
 
     save_saelens(create_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2)), tmp_path)
@@ -301,8 +304,8 @@ def test_splice_metrics_against_closed_form(code_series):
     """A skip transcoder whose W_skip copies its input exactly recovers all CE (KL 0); zero-ablation CE matches
     an independent ablation through workbench.interventions."""
     import torch.nn.functional as F
-    from workbench.circuits.sae.evals import splice_metrics
 
+    from workbench.circuits.sae.evals import splice_metrics
     from workbench.interventions import zero_ablation
 
     model = code_series.load(code_series.steps[-1])
@@ -328,9 +331,9 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     import shutil
 
     from streamlit.testing.v1 import AppTest
+
     from workbench.circuits.sae import demo_step
     from workbench.circuits.sae.evals import sae_dir
-
     from workbench.store import ActivationStore
     from workbench.workspace import Workspace
 
@@ -377,7 +380,6 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
 def test_live_model_batches_shuffle_across_sequences_and_train_a_transcoder(code_series) -> None:
     from workbench.circuits.sae.base import SAEConfig, create_sae
     from workbench.circuits.sae.train import TrainConfig, live_batches, train_saes
-
     from workbench.datasets import load_dataset
 
     model = code_series.load(code_series.steps[-1])
@@ -449,7 +451,6 @@ def test_feature_pages_streaming_against_brute_force(tmp_path) -> None:
     import json
 
     from workbench.circuits.sae.features import FINE_EDGES, HIST_EDGES, feature_pages
-
     from workbench.store import ActivationStore
 
     torch.manual_seed(0)
@@ -608,8 +609,8 @@ def heldout_reference(model, sae, data_ref, context_length=64, max_tokens=2000):
     """Independent metrics on the held-out quarter of the rows: each row run alone, unpadded, FVU and CE summed
     by hand (no masks, no batching)."""
     import torch.nn.functional as F
-    from workbench.circuits.sae.analysis import EVAL_FRACTION
 
+    from workbench.circuits.sae.analysis import EVAL_FRACTION
     from workbench.datasets import load_dataset
 
     ids, mask = load_dataset(data_ref).token_tensor(model.tokenizer, context_length=context_length, batch_size=16,
@@ -634,7 +635,6 @@ def heldout_reference(model, sae, data_ref, context_length=64, max_tokens=2000):
 
 def test_short_names_of_model_and_dataset_references(tmp_path):
     from workbench.circuits.sae.analysis import default_sae_id
-
     from workbench.references import short_name
 
     (tmp_path / "my-gpt2").mkdir()
@@ -655,7 +655,6 @@ def test_cli_train_and_eval_on_a_zoo_checkpoint_with_a_users_text_file(zoo_ws, u
     stdlib corpus), rows keyed by model, checkpoint 300 and dataset; FVU and clean CE equal a per-row, unpadded
     recomputation; `sae eval` on a jsonl column adds a row beside it instead of replacing it."""
     from workbench.circuits.sae.evals import sae_dir
-
     from workbench.references import resolve_model
 
     notes = str(user_data / "notes.txt")
@@ -698,7 +697,6 @@ def test_cli_on_minilm_with_a_jsonl_column_reports_reconstruction_and_marks_ce_n
     """MiniLM (a BERT encoder, no LM head): train and eval work, reconstruction metrics match the independent
     recomputation, the CE columns are NaN with a note saying why; no promoted tokens without an unembedding."""
     from workbench.circuits.sae.evals import sae_dir
-
     from workbench.references import resolve_model
 
     data = f"{user_data / 'rows.jsonl'}:body"
@@ -748,7 +746,6 @@ def test_cli_transcoder_on_a_users_gpt2_directory_with_a_save_to_disk_folder(tmp
     transcoder row records the model as every analysis names it (its path; no checkpoint) and the folder's dataset name; `sae eval` of the saved
     directory on the same model writes a second row."""
     from workbench.circuits.sae.evals import sae_dir
-
     from workbench.workspace import Workspace
 
     workspace = Workspace(tmp_path / "ws")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from workbench.circuits.transcoder_circuits import (
     CircuitError,
     deembedding,
@@ -20,7 +21,6 @@ PROMPT = "def area(width, height):\n    return (width * height) / 2\n"
 def circuit_setup(code_series):
     from workbench.circuits.sae.base import SAEConfig, create_sae
     from workbench.circuits.sae.train import TrainConfig, train_saes
-
     from workbench.zoo.labels import python_label_dataset
 
     model = code_series.load(code_series.steps[-1])
@@ -214,7 +214,6 @@ def test_cli_circuit_on_gpt2_fails_at_once_with_the_reason(zoo_workspace, tmp_pa
 def test_run_takes_a_list_of_transcoders_and_refuses_ones_of_another_model(circuit_setup) -> None:
     from workbench.circuits.sae.base import SAEConfig, create_sae
     from workbench.circuits.transcoder_circuits import run
-
     from workbench.datasets import Dataset
 
     model, transcoders, _, _ = circuit_setup

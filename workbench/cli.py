@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import pickle
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +32,8 @@ from workbench.cli_options import (
     parse_dtype,
 )
 
-USER_ERRORS = (ValueError, KeyError, IndexError, LookupError, OSError)
+# pickle.UnpicklingError: a checkpoint torch.load(weights_only=True) refuses to unpickle (it holds Python objects)
+USER_ERRORS = (ValueError, KeyError, IndexError, LookupError, OSError, pickle.UnpicklingError)
 OWN_PACKAGES = ("workbench", "probes", "circuits", "app")  # their error classes name the problem and the fix
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import streamlit as st
-from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
 
+from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
 from workbench.attention.summary import ANALYSIS, STAT_HOOKS, layer_head_heatmap, statistic_over_checkpoints
 
 st.title("Attention statistics")

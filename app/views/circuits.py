@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
+
 from workbench.app.data import empty_state, open_workspace_or_stop, table
 from workbench.circuits.transcoder_circuits import ANALYSIS, CircuitGraph
 

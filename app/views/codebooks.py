@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import plotly.express as px
 import streamlit as st
+
 from workbench.app.data import empty_state, open_workspace_or_stop, plain, table
 from workbench.circuits.codebook import ANALYSIS, CODES_TABLE, PURITY_TABLE, TRAIN_COMMAND
 

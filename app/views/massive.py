@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import streamlit as st
-from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
 
+from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
 from workbench.massive import ANALYSIS, checkpoint_heatmap, emergence_curves, ratio_by_layer
 
 LAYERS, TOP, FITS = (t.name for t in ANALYSIS.tables)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import plotly.express as px
 import streamlit as st
+
 from workbench.app.data import empty_state, open_workspace_or_stop, table
 from workbench.circuits.neuron_path import ANALYSIS
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from workbench.app.data import open_workspace_or_stop, plain, row_counts, workspace_path
 
 from workbench.analysis import registered_analyses
+from workbench.app.data import open_workspace_or_stop, plain, row_counts, workspace_path
 
 st.title("Interpretability workbench")
 workspace = workspace_path()

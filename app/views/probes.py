@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import streamlit as st
+
 from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
-from workbench.probes.analysis import probe_heatmap, probe_over_checkpoints
+from workbench.probes.analysis import ANALYSIS, probe_heatmap, probe_over_checkpoints
 
 METRICS = {
     "score": "held-out probe accuracy (R² for regression)",
@@ -16,9 +17,12 @@ METRICS = {
 
 st.title("Probes")
 db = open_workspace_or_stop()
-rows = table(db, "probe_results")
+rows = table(db, ANALYSIS.tables[0].name)
 if rows is None or rows.empty:
-    empty_state("probe results", "workbench probe run examples/zoo_probes.toml    # or: workbench demo")
+    empty_state(
+        ANALYSIS.description or "probes",
+        f"{ANALYSIS.command}    # e.g. workbench probe run examples/zoo_probes.toml",
+    )
     st.stop()
 left, right = st.columns(2)
 model = left.selectbox("model", sorted(rows["model"].unique()))

@@ -8,6 +8,7 @@ import math
 
 import plotly.graph_objects as go
 import streamlit as st
+
 from workbench.app.data import empty_state, open_workspace_or_stop, plain, table
 from workbench.circuits.sae.analysis import ANALYSIS
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from workbench.circuits.codebook.data import EVAL_FRACTION, read_rows, token_rows
-from workbench.circuits.codebook.module import CodebookError, CodebookSet, site_config
 
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
+from workbench.circuits.codebook.data import EVAL_FRACTION, read_rows, token_rows
+from workbench.circuits.codebook.module import CodebookError, CodebookSet, site_config
 from workbench.datasets import Dataset
 from workbench.hooks import HookNameError
 

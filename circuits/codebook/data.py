@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from workbench.circuits.codebook.module import CodebookError
 
+from workbench.circuits.codebook.module import CodebookError
 from workbench.datasets import Dataset
 
 EVAL_FRACTION = 0.25

@@ -8,7 +8,6 @@ from typing import Any
 from workbench.circuits.codebook.analysis import write_results
 from workbench.circuits.codebook.runs import codebook_dir
 from workbench.circuits.codebook.tokfsm import fsm_codebook_study
-
 from workbench.datasets import load_dataset
 from workbench.references import resolve_model
 

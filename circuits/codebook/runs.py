@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from workbench.circuits.codebook.module import CodebookError
-
 from workbench.references import short_name
 from workbench.workspace import safe_name
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from workbench.circuits.codebook.module import CodebookSet
 
 

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
 from workbench.circuits.codebook.analysis import CODES_TABLE, PURITY_TABLE, association
 from workbench.circuits.codebook.analysis import run as analyse
 from workbench.circuits.codebook.data import read_rows
 from workbench.circuits.codebook.module import CodebookError, CodebookSet
 from workbench.circuits.codebook.train import default_site, train
-
 from workbench.datasets import Dataset
 
 STATE_LABELS = "fsm_state"

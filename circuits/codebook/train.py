@@ -17,11 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
 from workbench.circuits.codebook.analysis import check
 from workbench.circuits.codebook.data import EVAL_FRACTION, read_rows
 from workbench.circuits.codebook.kmeans import init_kmeans
 from workbench.circuits.codebook.module import CodebookError, CodebookSet, site_config
-
 from workbench.datasets import Dataset
 from workbench.faults import crash_point
 from workbench.fileio import atomic_torch_save

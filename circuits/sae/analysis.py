@@ -20,12 +20,12 @@ from typing import Any
 
 import pandas as pd
 import torch
+
+from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, load_sae
 from workbench.circuits.sae.evals import evaluate_sae, sae_dir
 from workbench.circuits.sae.features import feature_pages
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_saes
-
-from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.datasets import Dataset, DatasetError, load_dataset
 from workbench.hooks import resolve_hook_names
 from workbench.references import resolve_model, short_name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from workbench.circuits.sae.base import SAE, SAEInputError, register
 from workbench.circuits.sae.topk import TopKSAE
 

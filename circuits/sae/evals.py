@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import pandas as pd
 import torch
 import torch.nn.functional as F
+
 from workbench.circuits.sae.base import SAE, SAEInputError
 
 

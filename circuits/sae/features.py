@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import torch
+
 from workbench.circuits.sae.base import SAE
 
 HIST_EDGES = torch.logspace(-3, 3, 31)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
 
+from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
 from workbench.fileio import atomic_save_tensors, atomic_write_text
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
 from workbench.circuits.sae.base import SAE, register
 
 

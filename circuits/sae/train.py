@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
 from workbench.circuits.sae.topk import TopKSAE
-
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
 
