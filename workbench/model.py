@@ -13,7 +13,6 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ from workbench.hooks import (
     resolve_hook_names,
     select_positions,
 )
+from workbench.spec import ModelSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -49,28 +49,6 @@ __all__ = ["HookedModel", "ModelSpec", "HookNameError", "ActivationCache", "Hook
 
 class ModelLoadError(ValueError):
     """A model could not be loaded; the message says what is missing and how to fix it."""
-
-
-@dataclass
-class ModelSpec:
-    """Shape facts of a wrapped model, shared by every family."""
-
-    family: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_mlp: int
-    d_vocab: int
-    n_ctx: int
-    causal: bool
-    parallel_residual: bool = False
-    name: str = ""
-    checkpoint: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _hf_adapters() -> dict[str, HFAdapter]:

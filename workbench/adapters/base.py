@@ -14,15 +14,13 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from workbench.hooks import HookPoint
-
-if TYPE_CHECKING:
-    from workbench.model import ModelSpec
+from workbench.spec import ModelSpec
 
 Split = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 Merge = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
@@ -159,8 +157,6 @@ class HFAdapter(ABC):
 
     def standard_spec(self, config: Any, **overrides: Any) -> ModelSpec:
         """ModelSpec from the standard transformers config attributes, with per-family ``overrides``."""
-        from workbench.model import ModelSpec
-
         n_heads = config.num_attention_heads
         fields: dict[str, Any] = {
             "family": self.family,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from workbench.hooks import HookPoint
+from workbench.spec import ModelSpec
 
 if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint as TLHookPoint
@@ -28,8 +29,6 @@ class TransformerLensAdapter:
     family = "transformer_lens"
 
     def spec(self, model: TLModel):
-        from workbench.model import ModelSpec
-
         cfg = model.cfg
         return ModelSpec(
             family=self.family,
