@@ -328,8 +328,10 @@ def block_sites(
     mlp_out: nn.Module,
     resid_mid: AnySite | None,
     attn_out: nn.Module | None = None,
+    mlp_in: nn.Module | None = None,
 ) -> list[AnySite]:
-    """The standard sites of one transformer block, in the order their torch hooks must run."""
+    """The standard sites of one transformer block, in the order their torch hooks must run; ``mlp_in`` is the
+    module whose input is the normalised residual the MLP reads (``ln2.hook_normalized``, pre-LN families)."""
     prefix = f"blocks.{layer}."
     split, merge = heads_view(n_heads)
     sites: list[AnySite] = [
@@ -341,6 +343,8 @@ def block_sites(
     ]
     if resid_mid is not None:
         sites.append(resid_mid)
+    if mlp_in is not None:
+        sites.append(Site(mlp_in, "input", (prefix + "ln2.hook_normalized",)))
     sites += [
         Site(mlp_pre, "output", (prefix + "mlp.hook_pre",)),
         mlp_post,

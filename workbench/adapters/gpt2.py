@@ -37,6 +37,7 @@ class GPT2Adapter(HFAdapter):
                 mlp_pre=block.mlp.c_fc,
                 mlp_post=Site(block.mlp.act, "output", (prefix + "mlp.hook_post",)),
                 mlp_out=block.mlp,
+                mlp_in=block.mlp,
                 resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
             )
         sites.append(Site(base.ln_f, "output", ("ln_final.hook_normalized",)))

@@ -37,6 +37,7 @@ class GPTNeoXAdapter(HFAdapter):
                 mlp_pre=block.mlp.dense_h_to_4h,
                 mlp_post=Site(block.mlp.act, "output", (prefix + "mlp.hook_post",)),
                 mlp_out=block.mlp,
+                mlp_in=block.mlp,
                 resid_mid=mid,
             )
         sites.append(Site(base.final_layer_norm, "output", ("ln_final.hook_normalized",)))

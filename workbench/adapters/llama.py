@@ -39,6 +39,7 @@ class LlamaAdapter(HFAdapter):
                 mlp_pre=block.mlp.gate_proj,
                 mlp_post=Site(block.mlp.down_proj, "input", (prefix + "mlp.hook_post",)),
                 mlp_out=block.mlp,
+                mlp_in=block.mlp,
                 resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
             )
         sites.append(Site(base.norm, "output", ("ln_final.hook_normalized",)))
