@@ -228,18 +228,15 @@ def create_sae(cfg: SAEConfig) -> SAE:
 
 
 def load_sae(path: str | Path, device: str = "cpu") -> SAE:
-    """Load an SAE saved by `SAE.save` (or a SAELens directory, through saelens_io)."""
+    """Load an SAE saved by `SAE.save`, or one SAE in any layout `workbench.circuits.sae.formats` reads (SAELens,
+    sparsify, Gemma Scope, dictionary_learning, a one-layer circuit-tracer set), detected from the files."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
-        if (path / "cfg.json").exists():
-            from workbench.circuits.sae.saelens_io import load_saelens
+        from workbench.circuits.sae.formats import read_sae
 
-            return load_saelens(path, device=device)
-        raise SAEInputError(
-            f"{path} holds no {CONFIG_FILE} or cfg.json: pass a directory written by SAE.save"
-        )
+        return read_sae(path, device=device)
     cfg = SAEConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
     sae = create_sae(cfg)
     sae.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=device))
