@@ -1,0 +1,402 @@
+"""The prompt lab's model-only computations, for the dashboard page and for notebooks alike.
+
+One prompt, one model: per-token residual norms and largest |activation| per layer (massive activations stand
+out), attention entropy / sink mass per layer × head (kernel statistics where the kernel runs, the reference path
+otherwise) and one head's full pattern, next-token distributions clean vs under a stack of
+:class:`~workbench.interventions.Intervention`, greedy or sampled continuations side by side, and the session
+record the page saves. Readouts that need an analysis package (SAE latents, probes, codebook codes) live in
+``workbench.circuits.sae.readout``, ``workbench.probes.readout`` and ``workbench.circuits.codebook.readout``.
+
+    model = resolve_model("code-tiny")
+    tokens = encode_prompt(model, "def f(x):")                       # [1, pos]
+    stack = [Intervention("zero", "blocks.0.attn.hook_z", heads=(1,))]
+    table = compare_next_token(model, tokens, stack).table          # token, p_clean, p_intervened, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from workbench.analysis import Analysis, Table, write_tables
+from workbench.interventions import Intervention, apply_interventions
+from workbench.model import HookedModel
+
+MAX_PROMPT_TOKENS = int(os.environ.get("WORKBENCH_PROMPT_LAB_MAX_TOKENS", "256"))
+PATTERN_MAX_TOKENS = 64  # the full pattern of a head is drawn for prompts up to this length
+MODEL_BUDGET_BYTES = int(float(os.environ.get("WORKBENCH_PROMPT_LAB_BUDGET_GB", "4")) * 2**30)
+
+ANALYSIS = Analysis(
+    name="prompt_lab",
+    command="workbench dashboard    # Prompt lab page: type a prompt, intervene, press Save",
+    tables=(
+        Table("prompt_lab_sessions", keys=("model", "checkpoint", "session"),
+              columns=("prompt", "tokens", "interventions", "next_token", "focus_token", "logit_diff",
+                       "continuation_clean", "continuation_intervened", "generation", "readouts"),
+              description="saved prompt-lab sessions: prompt, intervention stack, next-token distributions clean "
+              "vs intervened, continuations and readouts"),
+    ),
+    requires=("causal", "tokenizer"),
+    description="interactive prompt lab sessions saved from the dashboard",
+)  # fmt: skip
+
+
+class PromptLabError(ValueError):
+    """Bad prompt-lab input (a prompt too long, a model over the memory budget); the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- models
+def parameter_bytes(model: HookedModel) -> int:
+    """Bytes held by the model's parameters and buffers."""
+    tensors = [*model.model.parameters(), *model.model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ModelCache:
+    """Loaded models kept while used and released least-recently-used first so their parameter bytes stay within
+    ``budget_bytes``; a model larger than the whole budget is refused (and released)."""
+
+    def __init__(self, budget_bytes: int = MODEL_BUDGET_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        self._models: OrderedDict[str, tuple[HookedModel, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, load: Callable[[], HookedModel]) -> HookedModel:
+        """The model cached under ``key``, else ``load()`` it, evicting older models to stay under the budget."""
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key][0]
+            model = load()
+            size = parameter_bytes(model)
+            if size > self.budget_bytes:
+                del model
+                raise PromptLabError(
+                    f"{key} holds {size / 2**20:.1f} MiB of parameters, more than the prompt lab's memory budget of "
+                    f"{self.budget_bytes / 2**20:.1f} MiB; raise WORKBENCH_PROMPT_LAB_BUDGET_GB (GiB) or pick a "
+                    "smaller model"
+                )
+            while self._models and self.used_bytes + size > self.budget_bytes:
+                self._models.popitem(last=False)
+            self._models[key] = (model, size)
+            return model
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for _, size in self._models.values())
+
+    @property
+    def loaded(self) -> list[str]:
+        """Keys of the loaded models, least recently used first."""
+        return list(self._models)
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._models.pop(key, None)
+
+
+def model_key(reference: str, step: int | None) -> str:
+    return reference if step is None else f"{reference.split('@')[0]}@{step}"
+
+
+def series_steps(reference: str, workspace: Any = None) -> list[int]:
+    """Checkpoint steps of a series reference ([] for a single model), without loading weights."""
+    from workbench.references import parse_model_ref, resolve_series
+
+    parsed = parse_model_ref(reference.split("@")[0], workspace)
+    if parsed.kind not in ("series", "hub"):
+        return []
+    return list(resolve_series(reference.split("@")[0], workspace=workspace).steps)
+
+
+def load_lab_model(
+    reference: str, step: int | None = None, workspace: Any = None, device: str = "cpu"
+) -> HookedModel:
+    """Any model reference (``workbench.references``), at checkpoint ``step`` of its series when given."""
+    from workbench.references import resolve_model, resolve_series
+
+    if step is None:
+        return resolve_model(reference, workspace=workspace, device=device)
+    return resolve_series(reference.split("@")[0], workspace=workspace, device=device).load(step)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def encode_prompt(model: HookedModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> torch.Tensor:
+    """The prompt's token ids [1, pos]; an empty prompt or one over ``max_tokens`` / the context is refused."""
+    if not prompt or not prompt.strip():
+        raise PromptLabError("the prompt is empty; type some text")
+    if model.tokenizer is None:
+        raise PromptLabError(f"{model.cfg.name} has no tokenizer; the prompt lab needs a text model")
+    count = len(model.tokenizer(prompt)["input_ids"])  # untruncated; model.to_tokens cuts at the context
+    limit = min(max_tokens, model.cfg.n_ctx or max_tokens)
+    if count > limit:
+        raise PromptLabError(
+            f"the prompt has {count} tokens, over the limit of {limit} "
+            f"({'the model context' if limit == model.cfg.n_ctx else 'WORKBENCH_PROMPT_LAB_MAX_TOKENS'}); "
+            "shorten it" + ("" if limit == model.cfg.n_ctx else " or raise WORKBENCH_PROMPT_LAB_MAX_TOKENS")
+        )
+    return model.to_tokens(prompt).cpu()
+
+
+def str_tokens(model: HookedModel, tokens: torch.Tensor) -> list[str]:
+    """Each token of ``tokens`` [1, pos] as text."""
+    return model.to_str_tokens(tokens[0])
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def residual_profile(model: HookedModel, tokens: torch.Tensor) -> pd.DataFrame:
+    """Per layer (``blocks.{l}.hook_resid_post``) and token of ``tokens`` [1, pos]: the residual norm, the largest
+    |activation| and its dimension. Columns: layer, position, token, resid_norm, max_abs, max_dim."""
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+    with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
+        model(tokens.to(model.device))
+    texts = str_tokens(model, tokens)
+    rows = []
+    for layer, name in enumerate(names):
+        resid = cache[name][0]  # [pos, d_model]
+        peak = resid.abs().max(-1)
+        for position, text in enumerate(texts):
+            rows.append({"layer": layer, "position": position, "token": text,
+                         "resid_norm": float(resid[position].norm()), "max_abs": float(peak.values[position]),
+                         "max_dim": int(peak.indices[position])})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def attention_profile(model: HookedModel, tokens: torch.Tensor, kernel: bool | None = None) -> pd.DataFrame:
+    """Attention entropy, sink mass, lse and max logit per layer × head, averaged over the queries of ``tokens``
+    [1, pos] (``workbench.attention.summary.attention_statistics``; the sink average leaves out query 0).
+
+    ``kernel``: compute them inside the fused Triton kernel (default: where it runs, i.e. the model is on CUDA),
+    else on the reference path. The ``path`` column says which."""
+    from workbench.attention.summary import attention_statistics
+
+    use_kernel = model.device.type == "cuda" if kernel is None else kernel
+    previous = model.attention_path
+    path = "kernel" if use_kernel else ("eager" if previous == "kernel" else previous)
+    model.set_attention_path(path)
+    try:
+        frame = attention_statistics(model, tokens.cpu(), batch_size=1, max_length=tokens.shape[1])
+    finally:
+        model.set_attention_path(previous)
+    return frame.assign(path=path)
+
+
+def head_pattern(model: HookedModel, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """The attention pattern [query, key] of one head on ``tokens`` [1, pos] (prompts up to PATTERN_MAX_TOKENS)."""
+    if tokens.shape[1] > PATTERN_MAX_TOKENS:
+        raise PromptLabError(
+            f"the prompt has {tokens.shape[1]} tokens; the full pattern is drawn for prompts up to "
+            f"{PATTERN_MAX_TOKENS} (the per-head statistics cover longer ones)"
+        )
+    if not 0 <= head < model.cfg.n_heads:
+        raise PromptLabError(
+            f"head {head} out of range: {model.cfg.name} has {model.cfg.n_heads} heads per layer"
+        )
+    name = f"blocks.{layer}.attn.hook_pattern"
+    previous = model.attention_path
+    if previous == "kernel":
+        model.set_attention_path("eager")
+    try:
+        with torch.no_grad(), model.capture([name], dtype=torch.float32) as cache:
+            model(tokens.to(model.device))
+    finally:
+        model.set_attention_path(previous)
+    return cache[name][0, head]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+@dataclass
+class NextTokenComparison:
+    """Next-token logits after the prompt, clean and under the interventions ([d_vocab] each), and ``table``: the
+    union of both top-k tokens with token_id, token, p_clean, p_intervened, logit_clean, logit_intervened,
+    delta_p, delta_logit. ``focus`` holds the chosen token's logits and their difference."""
+
+    clean: torch.Tensor
+    intervened: torch.Tensor
+    table: pd.DataFrame
+    focus: dict[str, Any] | None = None
+
+    @property
+    def kl(self) -> float:
+        """KL(clean ‖ intervened) of the next-token distributions, nats."""
+        p, q = self.clean.log_softmax(-1), self.intervened.log_softmax(-1)
+        return float((p.exp() * (p - q)).sum())
+
+
+def next_token_logits(
+    model: HookedModel, tokens: torch.Tensor, interventions: Sequence[Intervention] = ()
+) -> torch.Tensor:
+    """Logits [d_vocab] of the token after ``tokens`` [1, pos], under ``interventions`` (a stack)."""
+    tokens = tokens.to(model.device)
+    with torch.no_grad(), apply_interventions(model, interventions, tokens):
+        return model(tokens)[0, -1].float().cpu()
+
+
+def compare_next_token(
+    model: HookedModel,
+    tokens: torch.Tensor,
+    interventions: Sequence[Intervention],
+    top_k: int = 10,
+    focus_token: str | None = None,
+) -> NextTokenComparison:
+    """Next-token distributions clean vs intervened; ``focus_token`` (a single token's text) adds its logit
+    difference (intervened − clean)."""
+    clean = next_token_logits(model, tokens)
+    intervened = next_token_logits(model, tokens, interventions)
+    p_clean, p_int = clean.softmax(-1), intervened.softmax(-1)
+    ids = list(dict.fromkeys([*p_clean.topk(top_k).indices.tolist(), *p_int.topk(top_k).indices.tolist()]))
+    focus = None
+    if focus_token:
+        focus_id = token_id(model, focus_token)
+        ids = list(dict.fromkeys([*ids, focus_id]))
+        focus = {"token": focus_token, "token_id": focus_id, "logit_clean": float(clean[focus_id]),
+                 "logit_intervened": float(intervened[focus_id]),
+                 "logit_diff": float(intervened[focus_id] - clean[focus_id])}  # fmt: skip
+    table = pd.DataFrame({
+        "token_id": ids, "token": [model.to_str_tokens([i])[0] for i in ids],
+        "p_clean": p_clean[ids].tolist(), "p_intervened": p_int[ids].tolist(),
+        "logit_clean": clean[ids].tolist(), "logit_intervened": intervened[ids].tolist(),
+    })  # fmt: skip
+    table["delta_p"] = table["p_intervened"] - table["p_clean"]
+    table["delta_logit"] = table["logit_intervened"] - table["logit_clean"]
+    table = table.sort_values("p_clean", ascending=False, ignore_index=True)
+    return NextTokenComparison(clean, intervened, table, focus)
+
+
+def token_id(model: HookedModel, text: str) -> int:
+    """The id of ``text`` when it is exactly one token of the model's vocabulary."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise PromptLabError(
+            f"{text!r} is {len(ids)} tokens for {model.cfg.name} ({model.to_str_tokens(ids)}); choose one token"
+        )
+    return int(ids[0])
+
+
+def generate(
+    model: HookedModel,
+    tokens: torch.Tensor,
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Continue ``tokens`` [1, pos] by ``max_new_tokens`` under the interventions (applied at every step):
+    greedy when ``temperature`` is 0, else sampled with a generator seeded by ``seed``. -> new ids [n_new]."""
+    device = model.device
+    ids = tokens.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    limit = model.cfg.n_ctx or ids.shape[1] + max_new_tokens
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    new: list[int] = []
+    with torch.no_grad(), apply_interventions(model, interventions, tokens):
+        for _ in range(max_new_tokens):
+            if ids.shape[1] >= limit:
+                break
+            logits = model(ids)[0, -1].float().cpu()
+            if temperature > 0:
+                choice = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+            else:
+                choice = int(logits.argmax())
+            new.append(choice)
+            ids = torch.cat([ids, torch.tensor([[choice]], device=device)], dim=1)
+            if choice == eos:
+                break
+    return torch.tensor(new, dtype=torch.long)
+
+
+def continuations(
+    model: HookedModel,
+    tokens: torch.Tensor,
+    interventions: Sequence[Intervention],
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Clean and intervened continuations (same seed) as text: {"clean": ..., "intervened": ...}."""
+    out = {}
+    for name, stack in (("clean", ()), ("intervened", interventions)):
+        new = generate(model, tokens, stack, max_new_tokens, temperature, seed)
+        out[name] = str(model.to_string(new)) if len(new) else ""
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def profile_heatmap(profile: pd.DataFrame, metric: str = "max_abs") -> go.Figure:
+    """Layer × token heatmap of a :func:`residual_profile` column (resid_norm or max_abs)."""
+    grid = profile.pivot_table(index="layer", columns="position", values=metric)
+    labels = profile.drop_duplicates("position").sort_values("position")["token"].map(repr).tolist()
+    fig = go.Figure(go.Heatmap(z=grid.values, x=[f"{i}:{t}" for i, t in enumerate(labels)], y=grid.index,
+                               colorscale="Viridis", colorbar={"title": metric}))  # fmt: skip
+    fig.update_layout(
+        title=f"{metric} per layer × token", xaxis_title="token", yaxis_title="layer", height=320
+    )
+    return fig
+
+
+def pattern_heatmap(pattern: torch.Tensor, tokens: Sequence[str], layer: int, head: int) -> go.Figure:
+    """The [query, key] pattern of one head with token labels."""
+    labels = [f"{i}:{t!r}" for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=pattern.numpy(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1))
+    fig.update_layout(title=f"L{layer}H{head} attention pattern", xaxis_title="key", yaxis_title="query",
+                      yaxis_autorange="reversed", height=420)  # fmt: skip
+    return fig
+
+
+def next_token_figure(table: pd.DataFrame) -> go.Figure:
+    """Grouped bars of p_clean and p_intervened per token of a :class:`NextTokenComparison` table."""
+    labels = table["token"].map(repr)
+    fig = go.Figure([go.Bar(name="clean", x=labels, y=table["p_clean"]),
+                     go.Bar(name="intervened", x=labels, y=table["p_intervened"])])  # fmt: skip
+    fig.update_layout(barmode="group", title="next-token probability", yaxis_title="p", height=320)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def session_frame(
+    model: HookedModel,
+    prompt: str,
+    interventions: Sequence[Intervention],
+    comparison: NextTokenComparison,
+    continuation: dict[str, str],
+    generation: dict[str, Any],
+    readouts: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """One ``prompt_lab_sessions`` row; ``session`` is a hash of the model, prompt and stack, so saving the same
+    session again replaces its row."""
+    stack = [iv.to_dict() for iv in interventions]
+    ident = json.dumps([model.cfg.name, model.cfg.checkpoint, prompt, stack, generation], sort_keys=True)
+    focus = comparison.focus or {}
+    return pd.DataFrame([{
+        "model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "hook": None, "dataset": None,
+        "session": hashlib.sha256(ident.encode()).hexdigest()[:16], "prompt": prompt,
+        "tokens": json.dumps(model.to_str_tokens(model.tokenizer(prompt)["input_ids"])),
+        "interventions": json.dumps(stack), "next_token": comparison.table.to_json(orient="records"),
+        "focus_token": focus.get("token"), "logit_diff": focus.get("logit_diff"),
+        "continuation_clean": continuation.get("clean"), "continuation_intervened": continuation.get("intervened"),
+        "generation": json.dumps(generation), "readouts": json.dumps(readouts or {}),
+    }])  # fmt: skip
+
+
+def save_session(workspace: Any, frame: pd.DataFrame) -> str:
+    """Write a :func:`session_frame` row through the one results writer (one transaction) -> the session id."""
+    write_tables(workspace, ANALYSIS, {"prompt_lab_sessions": frame})
+    return str(frame["session"].iloc[0])
+
+
+def saved_models(workspace: Any) -> list[str]:
+    """Names of the models trained into ``workspace/models`` (the page's suggestions)."""
+    from workbench.workspace import Workspace
+
+    root = Workspace(workspace).models_dir
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
