@@ -1,4 +1,13 @@
-"""Read and write SAELens's on-disk format (cfg.json + sae_weights.safetensors) for our SAEs and transcoders."""
+"""Read and write SAELens's on-disk format (cfg.json + sae_weights.safetensors) for our SAEs and transcoders.
+
+Architecture names are sae_lens's registry names (``sae_lens.registry.SAE_CLASS_REGISTRY``, checked against the
+installed package by the tests): standard, topk, jumprelu, transcoder, skip_transcoder, jumprelu_transcoder,
+jumprelu_skip_transcoder. ``normalize_activations``: ``none``, ``expected_average_only_in`` and
+``covariance_whitening`` are the identity at inference in sae_lens (their factors are folded into the weights
+before saving), so they load as is; ``constant_norm_rescale`` and ``layer_norm`` rescale every token by its own norm
+(nonlinear, not foldable) and are refused. ``reshape_activations: hook_z`` SAEs read ``attn.hook_z`` flattened to
+[.., n_heads·d_head]; ``hook_head_index`` (one head's slice of hook_z) is refused.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ from pathlib import Path
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
+from workbench.circuits.sae.formats.tensors import fold_decoder_norms, fold_input_centering, read_safetensors
 from workbench.fileio import atomic_save_tensors, atomic_write_text
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -23,6 +33,8 @@ _TO_SAELENS = {
     ("jumprelu", True, True): "jumprelu_skip_transcoder",
 }
 _FROM_SAELENS = {name: arch for (arch, _, _), name in _TO_SAELENS.items()}
+SAELENS_ARCHITECTURES = tuple(_FROM_SAELENS)
+IDENTITY_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_whitening")
 
 
 def save_saelens(sae: SAE, path: str | Path) -> Path:
@@ -68,35 +80,46 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
 
 def load_saelens(path: str | Path, device: str = "cpu") -> SAE:
     """Load a SAELens directory as one of our SAEs (b_dec input-centering folded into b_enc)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / SAELENS_CONFIG).exists():
         raise SAEInputError(
             f"{path} has no {SAELENS_CONFIG}: pass a directory written by sae_lens save_model"
         )
-    raw = json.loads((path / SAELENS_CONFIG).read_text())
+    try:
+        raw = json.loads((path / SAELENS_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise SAEInputError(f"{path / SAELENS_CONFIG} is not valid JSON ({err})") from None
     name = raw.get("architecture", "standard")
     if name not in _FROM_SAELENS:
         raise SAEInputError(
             f"SAELens architecture {name!r} in {path / SAELENS_CONFIG} is not supported: "
             f"convert it to one of {sorted(_FROM_SAELENS)}"
         )
-    if raw.get("normalize_activations", "none") not in ("none", None):
+    normalize = raw.get("normalize_activations") or "none"
+    if normalize not in IDENTITY_NORMALIZATIONS:
         raise SAEInputError(
-            f"{path}: normalize_activations={raw['normalize_activations']!r} is not supported; "
-            "fold the normalisation into the weights and save with 'none'"
+            f"{path / SAELENS_CONFIG}: normalize_activations={normalize!r} rescales each token by its own norm at "
+            f"inference, which no fixed weights reproduce; the workbench reads {', '.join(IDENTITY_NORMALIZATIONS)}"
         )
-    tensors = {k: v.float() for k, v in load_file(str(path / SAELENS_WEIGHTS), device="cpu").items()}
     meta = raw.get("metadata") or {}
+    if meta.get("hook_head_index", raw.get("hook_head_index")) is not None:
+        raise SAEInputError(
+            f"{path / SAELENS_CONFIG}: hook_head_index={meta.get('hook_head_index', raw.get('hook_head_index'))} "
+            "(an SAE on one head's slice of hook_z) is not supported: the workbench splices whole hooks"
+        )
+    tensors = read_safetensors(path / SAELENS_WEIGHTS)
     d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     d_out = int(raw.get("d_out", d_in))
     architecture = _FROM_SAELENS[name]
+    needed = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture == "jumprelu" else [])
+    missing = [k for k in needed + (["W_skip"] if "skip" in name else []) if k not in tensors]
+    if missing:
+        raise SAEInputError(
+            f"{path / SAELENS_WEIGHTS} lacks tensor(s) {missing} that a SAELens {name!r} SAE needs (it holds "
+            f"{sorted(tensors)}): re-save it with sae_lens (SAE.save_model) or fix the architecture in cfg.json"
+        )
     if name == "topk" and raw.get("rescale_acts_by_decoder_norm"):
-        norms = tensors["W_dec"].norm(dim=1)
-        tensors["W_enc"] = tensors["W_enc"] * norms
-        tensors["b_enc"] = tensors["b_enc"] * norms
-        tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+        fold_decoder_norms(tensors)
     cfg = SAEConfig(
         architecture,
         d_in=d_in,
@@ -110,16 +133,16 @@ def load_saelens(path: str | Path, device: str = "cpu") -> SAE:
         dataset=meta.get("dataset_path") or "",
     )
     if raw.get("apply_b_dec_to_input", True) and d_out == d_in and "transcoder" not in name:
-        tensors["b_enc"] = tensors["b_enc"] - tensors["b_dec"] @ tensors["W_enc"]
+        fold_input_centering(tensors, tensors["b_dec"])
     if "W_skip" in tensors:
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()
     sae = create_sae(cfg)
-    missing = [k for k in sae.state_dict() if k not in tensors]
-    if missing:
-        raise SAEInputError(
-            f"{path / SAELENS_WEIGHTS} lacks tensor(s) {missing} that a SAELens {name!r} SAE needs (it holds "
-            f"{sorted(tensors)}): re-save it with sae_lens (SAE.save_model) or fix the architecture in cfg.json"
-        )
+    for key, expected in sae.state_dict().items():
+        if tuple(tensors[key].shape) != tuple(expected.shape):
+            raise SAEInputError(
+                f"{path / SAELENS_WEIGHTS}: tensor {key!r} has shape {list(tensors[key].shape)} but {SAELENS_CONFIG} "
+                f"says d_in={d_in}, d_sae={d_sae}, d_out={d_out} (expected {list(expected.shape)})"
+            )
     state = {k: tensors[k] for k in sae.state_dict()}
     with torch.no_grad():
         sae.load_state_dict(state)
