@@ -19,5 +19,6 @@ pages = [
     st.Page(VIEWS / "circuits.py", title="Transcoder circuits", icon=":material/account_tree:"),
     st.Page(VIEWS / "codebooks.py", title="Codebooks", icon=":material/grid_view:"),
     st.Page(VIEWS / "neuron_paths.py", title="Neuron paths", icon=":material/route:"),
+    st.Page(VIEWS / "prompt_lab.py", title="Prompt lab", icon=":material/edit_note:"),
 ]
 st.navigation(pages).run()
