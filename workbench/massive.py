@@ -343,7 +343,7 @@ def emergence_curves(
             go.Scatter(x=np.maximum(steps, 0.5), y=group[metric], mode="markers", name=f"layer {layer}")
         )
         if fits is not None:
-            row = fits[(fits["layer"] == layer) & (fits["status"] == "ok")]
+            row = fits[(fits["layer"] == layer) & fits["status"].isin(["ok", "non_identifiable"])]
             if len(row):
                 r = row.iloc[0]
                 family = FAMILIES[r["family"]]
@@ -354,7 +354,8 @@ def emergence_curves(
                         x=grid,
                         y=family.fn(grid, *params),
                         mode="lines",
-                        name=f"layer {layer} fit (R²={r['r2']:.2f})",
+                        name=f"layer {layer} fit ({r['status']}, R²={r['r2']:.2f})",
+                        line={"dash": "solid" if r["status"] == "ok" else "dash"},
                     )
                 )
     fig.update_layout(
