@@ -1,0 +1,432 @@
+"""Prompt lab: type a prompt, see activations, SAE latents, probe predictions, codebook codes and attention on it,
+stack interventions, and compare next-token distributions and continuations clean vs intervened.
+
+Everything it computes comes from library functions notebooks use too: ``workbench.prompt_lab``,
+``workbench.interventions``, ``workbench.circuits.sae.readout``, ``workbench.probes.readout``,
+``workbench.circuits.codebook.readout``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import streamlit as st
+
+from workbench import prompt_lab as lab
+from workbench.app.data import plain, table, token_chips, workspace_path
+from workbench.attention.summary import layer_head_heatmap
+from workbench.interventions import Intervention
+from workbench.workspace import Workspace
+
+st.title("Prompt lab")
+workspace = Workspace(workspace_path())
+DEFAULT_PROMPT = "def add(a, b):\n    return a +"
+OVERLAYS = ("max |activation|", "residual norm", "SAE latents", "probe predictions", "codebook codes")
+KINDS = ("steer: SAE latent", "steer: probe direction", "steer: codebook code", "zero-ablate heads",
+         "mean-ablate heads", "zero-ablate MLP neurons", "mean-ablate MLP neurons", "patch from a second prompt")  # fmt: skip
+ERRORS = (ValueError, KeyError, IndexError, OSError, RuntimeError)
+
+
+@st.cache_resource(show_spinner=False)
+def model_cache() -> lab.ModelCache:
+    """One model cache per server process (LRU under lab.MODEL_BUDGET_BYTES)."""
+    return lab.ModelCache()
+
+
+@st.cache_data(show_spinner=False)
+def steps_of(reference: str, root: str) -> list[int]:
+    return lab.series_steps(reference, root)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def sae_for(key: str, sae_id: str, root: str, _model: Any) -> tuple[Any, str]:
+    from workbench.circuits.sae.readout import load_sae_for
+
+    return load_sae_for(_model, sae_id, root)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def probe_for(key: str, name: str, root: str, _model: Any) -> tuple[Any, Any, str]:
+    from workbench.probes.readout import load_probe_for
+
+    return load_probe_for(_model, name, root)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def codebooks_for(key: str, run: str, root: str, _model: Any) -> Any:
+    from workbench.circuits.codebook.readout import load_codebooks_for
+
+    return load_codebooks_for(_model, run, root)
+
+
+def fail(message: object) -> None:
+    st.error(str(message))
+    st.stop()
+
+
+def parse_indices(text: str, what: str) -> tuple[int, ...] | None:
+    """'all' / '' -> None; '0, 3' -> (0, 3); anything else stops the page with a message."""
+    text = text.strip()
+    if text in ("", "all"):
+        return None
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        fail(f"{what}: {text!r} is not a comma-separated list of integers (e.g. 0, 3) or 'all'")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- model
+root = str(workspace.root)
+suggested = lab.saved_models(workspace)
+left, mid, right = st.columns([2, 1, 2])
+choice = left.selectbox("model", [*suggested, "other reference…"], key="lab_model",
+                        help="a model trained into this workspace, or any model reference")  # fmt: skip
+reference = choice
+if choice == "other reference…" or not suggested:
+    reference = left.text_input("model reference", key="lab_reference",
+                                help="DIR, DIR@STEP, NAME@STEP, ORG/NAME@REVISION, minilm or tl:NAME").strip()  # fmt: skip
+    if not reference:
+        st.info("Type a model reference to load it (e.g. a save_pretrained directory or code-tiny@300).")
+        st.stop()
+try:
+    steps = steps_of(reference, root)
+except ERRORS as err:
+    fail(err)
+step = None
+if steps and "@" not in reference:
+    step = mid.selectbox("checkpoint", steps, index=len(steps) - 1, key=f"lab_step_{reference}")
+cache = model_cache()
+key = lab.model_key(reference, step)
+try:
+    if key in cache.loaded:
+        model = cache.get(key, lambda: lab.load_lab_model(reference, step, root))
+    else:
+        with st.status(f"Loading {key} …", expanded=False) as status:
+            model = cache.get(key, lambda: lab.load_lab_model(reference, step, root))
+            status.update(label=f"Loaded {key}", state="complete")
+    lab.ANALYSIS.check(model)
+except ERRORS as err:
+    fail(err)
+right.caption(
+    f"{plain(model.cfg.name)} ({model.cfg.family}, {model.cfg.n_layers} layers, d_model {model.cfg.d_model}) · "
+    f"loaded: {plain(', '.join(cache.loaded))} · {cache.used_bytes / 2**20:.1f} of "
+    f"{cache.budget_bytes / 2**20:.0f} MiB budget"
+)
+
+# ---------------------------------------------------------------------------------------------- prompt
+with st.expander("use a row of a dataset"):
+    data_ref = st.text_input(
+        "dataset reference", key="lab_dataset", help="a text file, FILE.jsonl:FIELD, zoo:…"
+    )
+    row = st.number_input("row", min_value=0, value=0, step=1, key="lab_row")
+
+    def use_row() -> None:
+        from workbench.datasets import load_dataset
+
+        try:
+            documents = load_dataset(data_ref, limit=int(row) + 1).documents(limit=int(row) + 1)
+            st.session_state["lab_prompt"] = documents[int(row)]
+        except ERRORS as err:
+            st.session_state["lab_row_error"] = str(err)
+
+    st.button("use this row as the prompt", on_click=use_row, key="lab_use_row", disabled=not data_ref)
+    if "lab_row_error" in st.session_state:
+        st.error(st.session_state.pop("lab_row_error"))
+st.session_state.setdefault("lab_prompt", DEFAULT_PROMPT)
+prompt = st.text_area("prompt", key="lab_prompt", height=90)
+try:
+    tokens = lab.encode_prompt(model, prompt)
+except ERRORS as err:
+    fail(err)
+texts = lab.str_tokens(model, tokens)
+stacks = st.session_state.setdefault("lab_stacks", {})
+stack: list[dict] = stacks.setdefault(key, [])
+interventions = [Intervention.from_dict(d) for d in stack]
+
+# ---------------------------------------------------------------------------------------------- tokens
+st.subheader("Tokens")
+c1, c2 = st.columns([1, 3])
+layer = c1.selectbox("layer", list(range(model.cfg.n_layers)), key="lab_layer")
+overlay = c2.radio("overlay", OVERLAYS, horizontal=True, key="lab_overlay")
+readout: dict[str, Any] = {"overlay": overlay, "layer": layer}
+profile = lab.residual_profile(model, tokens)
+values: list[float] | None = None
+notes: list[str] | None = None
+shown = None
+if overlay in ("max |activation|", "residual norm"):
+    column = "max_abs" if overlay == "max |activation|" else "resid_norm"
+    rows = profile[profile["layer"] == layer]
+    values = rows[column].tolist()
+    notes = [
+        f"{v:.2f}" + (f" @{d}" if column == "max_abs" else "")
+        for v, d in zip(values, rows["max_dim"], strict=True)
+    ]
+    shown = rows
+elif overlay == "SAE latents":
+    from workbench.circuits.sae.readout import saved_saes, top_latents
+
+    saes = saved_saes(workspace)
+    if not saes:
+        st.info(
+            "No SAEs in this workspace. Train one with:\n\n```\nworkbench sae train MODEL --data DATA --hook HOOK\n```"
+        )
+    else:
+        labels = {
+            s.sae_id: f"{s.sae_id} ({s.hook_in}{' → ' + s.hook_out if s.hook_out != s.hook_in else ''})"
+            for s in saes
+        }
+        sae_id = str(st.selectbox("SAE", list(labels), format_func=lambda s: labels[s], key="lab_sae"))
+        try:
+            sae, note = sae_for(key, sae_id, root, model)
+            latents = top_latents(model, tokens, sae, k=3)
+        except ERRORS as err:
+            fail(err)
+        if note:
+            st.warning(note)
+        first = latents[latents["rank"] == 0].set_index("position")["activation"]
+        values = [float(first.get(p, 0.0)) for p in range(len(texts))]
+        notes = [" ".join(f"L{r.latent}:{r.activation:.2f}" for r in latents[latents["position"] == p].itertuples())
+                 for p in range(len(texts))]  # fmt: skip
+        shown = latents
+        readout["sae"] = sae_id
+elif overlay == "probe predictions":
+    from workbench.probes.readout import probe_predictions, saved_probes
+
+    probes_found = saved_probes(workspace)
+    if not probes_found:
+        st.info("No saved probes in this workspace (workspace/probes/); save fitted probes with "
+                "`workbench.probes.readout.save_probe(workspace, name, probes, model=model)`.")  # fmt: skip
+    else:
+        name = st.selectbox("probe", [p.name for p in probes_found], key="lab_probe")
+        try:
+            probes, saved, note = probe_for(key, name, root, model)
+            site = st.selectbox("probe site", probes.sites, key="lab_probe_site")
+            predictions = probe_predictions(model, tokens, probes, site, saved.label_names)
+        except ERRORS as err:
+            fail(err)
+        if note:
+            st.warning(note)
+        values = (
+            predictions["confidence"].tolist()
+            if "confidence" in predictions
+            else predictions["prediction"].tolist()
+        )
+        notes = predictions["label"].tolist()
+        shown = predictions
+        readout["probe"] = name
+elif overlay == "codebook codes":
+    from workbench.circuits.codebook.readout import saved_codebooks, token_codes
+
+    runs = saved_codebooks(workspace)
+    if not runs:
+        st.info(
+            "No codebooks in this workspace. Train them with:\n\n```\nworkbench codebook train MODEL --data DATA\n```"
+        )
+    else:
+        run = st.selectbox("codebook run", list(runs), key="lab_codebook")
+        try:
+            codebooks = codebooks_for(key, run, root, model)
+            site = st.selectbox("codebook site", codebooks.sites, key="lab_codebook_site")
+            codes = token_codes(model, tokens, codebooks, site)
+        except ERRORS as err:
+            fail(err)
+        top = codes[(codes["rank"] == 0) & (codes["group"] == 0)].set_index("position")
+        values = [float(top["score"].get(p, 0.0)) for p in range(len(texts))]
+        notes = [" ".join(f"c{r.code}" for r in codes[(codes["position"] == p) & (codes["rank"] == 0)].itertuples())
+                 for p in range(len(texts))]  # fmt: skip
+        shown = codes
+        readout["codebook"] = run
+st.markdown(token_chips(texts, values, notes), unsafe_allow_html=True)
+if shown is not None:
+    readout["rows"] = json.loads(shown.to_json(orient="records"))
+    with st.expander("values", expanded=False):
+        st.dataframe(shown, width="stretch", hide_index=True)
+if overlay == "SAE latents" and shown is not None and not shown.empty:
+    latent = st.selectbox("open latent", sorted(set(shown["latent"])), key="lab_open_latent")
+    pages = table(workspace.results_path, "sae_features") if workspace.results_path.exists() else None
+    page = None if pages is None else pages[(pages["sae_id"] == readout["sae"]) & (pages["latent"] == latent)]
+    if page is None or page.empty:
+        st.caption(
+            f"latent {latent}: no feature page in the results database (`workbench sae train` writes them)"
+        )
+    else:
+        entry = page.iloc[0]
+        st.markdown(f"**Latent {latent}** of {plain(readout['sae'])} — density {entry['density']:.4f}, max "
+                    f"activation {entry['max_activation']:.3f} (full page: SAE features)")  # fmt: skip
+        for context in json.loads(entry["top_contexts"] or "[]")[:5]:
+            st.markdown(
+                token_chips(context["tokens"], [float(a) for a in context["acts"]]), unsafe_allow_html=True
+            )
+metric = "max_abs" if overlay != "residual norm" else "resid_norm"
+st.plotly_chart(lab.profile_heatmap(profile, metric), width="stretch")
+
+# ---------------------------------------------------------------------------------------------- attention
+st.subheader("Attention")
+a1, a2 = st.columns(2)
+try:
+    attention = lab.attention_profile(model, tokens)
+except ERRORS as err:
+    fail(err)
+statistic = a1.radio("statistic", ("entropy", "sink"), horizontal=True, key="lab_statistic")
+a1.plotly_chart(layer_head_heatmap(attention, statistic), width="stretch")
+a1.caption(f"per layer × head, mean over this prompt's queries ({attention['path'].iloc[0]} path)")
+if tokens.shape[1] <= lab.PATTERN_MAX_TOKENS:
+    h1, h2 = a2.columns(2)
+    pattern_layer = h1.selectbox("pattern layer", list(range(model.cfg.n_layers)), key="lab_pattern_layer")
+    pattern_head = h2.selectbox("pattern head", list(range(model.cfg.n_heads)), key="lab_pattern_head")
+    pattern = lab.head_pattern(model, tokens, pattern_layer, pattern_head)
+    a2.plotly_chart(lab.pattern_heatmap(pattern, texts, pattern_layer, pattern_head), width="stretch")
+else:
+    a2.info(f"The full pattern of a head is drawn for prompts up to {lab.PATTERN_MAX_TOKENS} tokens.")
+
+
+# ---------------------------------------------------------------------------------------------- interventions
+def new_intervention(kind: str) -> Intervention | None:
+    """The add-intervention form for ``kind``; returns the intervention when the button is pressed."""
+    f1, f2, f3, f4 = st.columns(4)
+    positions = parse_indices(f4.text_input("positions", "all", key="lab_iv_positions",
+                                            help="token positions, e.g. 0, 3 (all: every position)"), "positions")  # fmt: skip
+    built: Any = None
+    if kind == "steer: SAE latent":
+        from workbench.circuits.sae.readout import latent_steering, saved_saes
+
+        ids = [s.sae_id for s in saved_saes(workspace)]
+        if not ids:
+            st.info("No SAEs in this workspace.")
+            return None
+        sae_id = f1.selectbox("steering SAE", ids, key="lab_iv_sae")
+        latent = int(f2.number_input("latent", min_value=0, value=0, step=1, key="lab_iv_latent"))
+        scale = float(f3.number_input("scale", value=4.0, step=1.0, key="lab_iv_scale"))
+
+        def built() -> Intervention:
+            sae, _ = sae_for(key, sae_id, root, model)
+            return latent_steering(sae, sae_id, latent, scale, positions=positions)
+    elif kind == "steer: probe direction":
+        from workbench.probes.readout import probe_steering, saved_probes
+
+        found = {p.name: p for p in saved_probes(workspace)}
+        if not found:
+            st.info("No saved probes in this workspace.")
+            return None
+        name = f1.selectbox("steering probe", list(found), key="lab_iv_probe")
+        site = f1.selectbox("probe hook", found[name].sites, key="lab_iv_probe_site")
+        label_value = f2.number_input(
+            "class (label value; regression: target)", value=1, step=1, key="lab_iv_label"
+        )
+        scale = float(f3.number_input("scale", value=4.0, step=1.0, key="lab_iv_scale"))
+
+        def built() -> Intervention:
+            probes, _, _ = probe_for(key, name, root, model)
+            return probe_steering(probes, name, site, int(label_value), scale, positions=positions)
+    elif kind == "steer: codebook code":
+        from workbench.circuits.codebook.readout import code_steering, saved_codebooks
+
+        runs = saved_codebooks(workspace)
+        if not runs:
+            st.info("No codebooks in this workspace.")
+            return None
+        run = f1.selectbox("steering codebook", list(runs), key="lab_iv_codebook")
+        site = f1.selectbox("codebook hook", runs[run], key="lab_iv_codebook_site")
+        code = int(f2.number_input("code", min_value=0, value=0, step=1, key="lab_iv_code"))
+        group = int(
+            f2.number_input("head (per-head codebooks)", min_value=0, value=0, step=1, key="lab_iv_group")
+        )
+        scale = float(f3.number_input("scale", value=4.0, step=1.0, key="lab_iv_scale"))
+
+        def built() -> Intervention:
+            return code_steering(codebooks_for(key, run, root, model), run, site, code, scale, group=group,
+                                 positions=positions)  # fmt: skip
+    elif kind in ("zero-ablate heads", "mean-ablate heads"):
+        at = int(f1.selectbox("ablation layer", list(range(model.cfg.n_layers)), key="lab_iv_layer"))
+        heads = parse_indices(f2.text_input("heads", "0", key="lab_iv_heads"), "heads")
+        built = Intervention(kind.split("-")[0], f"blocks.{at}.attn.hook_z", positions=positions, heads=heads)
+    elif kind in ("zero-ablate MLP neurons", "mean-ablate MLP neurons"):
+        at = int(f1.selectbox("ablation layer", list(range(model.cfg.n_layers)), key="lab_iv_layer"))
+        neurons = parse_indices(f2.text_input("neurons", "0", key="lab_iv_neurons"), "neurons")
+        built = Intervention(
+            kind.split("-")[0], f"blocks.{at}.mlp.hook_post", positions=positions, neurons=neurons
+        )
+    else:
+        per_query = ("hook_pattern", "hook_entropy", "hook_sink", "hook_lse", "hook_max_logit")
+        per_token = [n for n in model.hook_names() if not n.endswith(per_query)]
+        hook = f1.selectbox("patched hook", per_token, key="lab_iv_hook")
+        source = f2.text_area("source prompt (same number of tokens)", key="lab_iv_source", height=70)
+        built = Intervention("patch", hook, positions=positions, source=source) if source else None
+    if st.button("add intervention", key="lab_iv_add", type="primary"):
+        if built is None:
+            fail("give a source prompt to patch from")
+        return built() if callable(built) else built
+    return None
+
+
+st.subheader("Interventions")
+kind = st.selectbox("kind", KINDS, key="lab_iv_kind")
+try:
+    added = new_intervention(kind)
+except ERRORS as err:
+    fail(err)
+if added is not None:
+    stack.append(added.to_dict())
+    interventions.append(added)
+for index, intervention in enumerate(list(interventions)):
+    i1, i2 = st.columns([6, 1])
+    i1.markdown(f"{index + 1}. {plain(intervention.describe())}")
+    if i2.button("remove", key=f"lab_iv_remove_{index}"):
+        del stack[index]
+        st.rerun()
+if interventions and st.button("clear all interventions", key="lab_iv_clear"):
+    stack.clear()
+    st.rerun()
+if not interventions:
+    st.caption("No interventions yet: the intervened outputs equal the clean ones.")
+
+# ---------------------------------------------------------------------------------------------- outputs
+st.subheader("Next token and continuation")
+o1, o2, o3 = st.columns(3)
+top_k = int(o1.number_input("top tokens", min_value=1, max_value=50, value=8, key="lab_top_k"))
+focus = o2.text_input(
+    "token for the logit difference", key="lab_focus", help="one token of the vocabulary"
+).strip("\n")
+try:
+    comparison = lab.compare_next_token(model, tokens, interventions, top_k=top_k, focus_token=focus or None)
+except ERRORS as err:
+    fail(err)
+clean_top, int_top = comparison.clean.argmax(), comparison.intervened.argmax()
+best_clean = model.to_str_tokens([int(clean_top)])[0]
+best_int = model.to_str_tokens([int(int_top)])[0]
+summary = (f"top next token clean {plain(repr(best_clean))} (p={float(comparison.clean.softmax(-1).max()):.4f}) → "
+           f"intervened {plain(repr(best_int))} (p={float(comparison.intervened.softmax(-1).max()):.4f}); "
+           f"KL(clean‖intervened) = {comparison.kl:.4f} nats")  # fmt: skip
+if comparison.focus:
+    summary += f"; logit difference of {plain(repr(focus))}: {comparison.focus['logit_diff']:+.4f}"
+o3.metric("KL clean → intervened (nats)", f"{comparison.kl:.4f}")
+st.markdown(summary)
+st.plotly_chart(lab.next_token_figure(comparison.table), width="stretch")
+with st.expander("next-token table", expanded=False):
+    st.dataframe(comparison.table, width="stretch", hide_index=True)
+g1, g2, g3, g4 = st.columns(4)
+mode = g1.radio("decoding", ("greedy", "sampled"), horizontal=True, key="lab_mode")
+new_tokens = int(g2.number_input("new tokens", min_value=1, max_value=200, value=20, key="lab_new_tokens"))
+temperature = 0.0 if mode == "greedy" else float(g3.number_input("temperature", min_value=0.05, value=1.0,
+                                                                  step=0.1, key="lab_temperature"))  # fmt: skip
+seed = int(g4.number_input("seed", min_value=0, value=0, step=1, key="lab_seed"))
+generation = {"mode": mode, "max_new_tokens": new_tokens, "temperature": temperature, "seed": seed}
+try:
+    continuation = lab.continuations(model, tokens, interventions, new_tokens, temperature, seed)
+except ERRORS as err:
+    fail(err)
+k1, k2 = st.columns(2)
+k1.markdown("**clean**")
+k1.code(prompt + continuation["clean"], language=None)
+k2.markdown("**intervened**")
+k2.code(prompt + continuation["intervened"], language=None)
+
+if st.button("save session to the results database", key="lab_save"):
+    frame = lab.session_frame(model, prompt, interventions, comparison, continuation, generation, readout)
+    try:
+        session = lab.save_session(workspace, frame)
+    except ERRORS as err:
+        fail(err)
+    st.success(f"saved session {session} to prompt_lab_sessions in {plain(workspace.results_path)}")
