@@ -176,3 +176,101 @@ def _metrics(row) -> str:
     if row.get("ce_note"):
         return f"{text}  ({row['ce_note']})"
     return f"{text}  CE recovered {row['ce_recovered']:.3f}  KL {row['kl']:.4f}"
+
+
+# ---------------------------------------------------------------------------------------- foreign formats
+@app.command("import")
+def import_(
+    path: Annotated[str, typer.Argument(help="SAE folder or file: SAELens, sparsify (a coder or a run folder), "
+                                        "Gemma Scope params.npz, dictionary_learning ae.pt, circuit-tracer set.")],
+    format: Annotated[str, typer.Option("--format", help="auto, saelens, sparsify, gemmascope, "
+                                        "dictionary_learning or circuit_tracer.")] = "auto",
+    sae_id: Annotated[str | None, typer.Option("--id", help="Name in the workspace (several SAEs: the prefix; "
+                                               "default: the folder name).")] = None,
+    family: Annotated[str | None, typer.Option(help="Model family for sparsify module names (gpt_neox, gpt2, "
+                                               "llama) when the names fit several.")] = None,
+    hook: Annotated[str | None, typer.Option(help="Input hook, where the layout records none.")] = None,
+    hook_out: Annotated[str | None, typer.Option(help="Output hook of a transcoder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace SAEs of the same id.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:  # fmt: skip
+    """Register SAEs / transcoders from another trainer's layout in the workspace (saes/<id>/), so sae eval,
+    sae features, sae export, sae circuit and the dashboard use them like ours; nothing is registered on error."""
+    from workbench.circuits.sae.formats.transfer import import_saes
+
+    ids = import_saes(path, workspace, format=format, sae_id=sae_id, family=family, hook=hook, hook_out=hook_out,
+                      overwrite=overwrite)  # fmt: skip
+    from workbench.circuits.sae.analysis import find_sae
+
+    for name in ids:
+        sae = find_sae(name, workspace)[1]
+        what = f"{sae.hook_in} -> {sae.hook_out}" if sae.cfg.is_transcoder else sae.hook_in
+        typer.echo(f"imported {name}: {sae.cfg.architecture} d_in={sae.d_in} d_sae={sae.d_sae} ({what})")
+
+
+@app.command()
+def features(
+    sae_path: Annotated[str, typer.Argument(help="SAE id in the workspace or SAE directory.")],
+    model: ModelArgument,
+    data: DataOption = None,
+    max_tokens: TokensOption = 20_000,
+    context_length: ContextOption = 128,
+    batch_size: BatchSizeOption = 16,
+    device: DeviceOption = "cpu",
+    workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Feature pages (top contexts, quantiles, histogram, promoted tokens) of a saved or imported SAE on MODEL
+    over --data, written to sae_features."""
+    from workbench.circuits.sae.analysis import find_sae, write_results
+    from workbench.circuits.sae.features import feature_pages_on_data
+
+    if data is None:
+        fail(DATA_REQUIRED)
+    found, sae = find_sae(sae_path, workspace)
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    dataset = open_data(data)
+    pages = feature_pages_on_data(hooked, dataset, sae, found, workspace=workspace, max_tokens=max_tokens,
+                                  context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
+    write_results(workspace, {"sae_features": pages})
+    live = int((pages["density"] > 0).sum())
+    typer.echo(
+        f"{found}: {len(pages)} feature pages ({live} latents fire) on {dataset.name!r} written to sae_features"
+    )
+
+
+@app.command()
+def export(
+    sae_path: Annotated[str, typer.Argument(help="SAE id in the workspace or SAE directory.")],
+    out: Annotated[str, typer.Option("--out", help="Directory to write.")],
+    format: Annotated[str, typer.Option("--format", help="saelens, sparsify or neuronpedia.")] = "saelens",
+    family: Annotated[str | None, typer.Option(help="Model family for sparsify's module names (gpt_neox, "
+                                               "gpt2, llama).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="The SAE's model (sparsify: its family; "
+                                              "neuronpedia: logits through its unembedding).")] = None,
+    workspace: WorkspaceOption = None,
+    device: DeviceOption = "cpu",
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:  # fmt: skip
+    """Write a workspace SAE as SAELens or sparsify files (sae-lens / sparsify / delphi load it unchanged), or its
+    feature pages as SAEDashboard batch JSON + a Neuronpedia bulk-import folder."""
+    from workbench.circuits.sae.analysis import find_sae
+    from workbench.circuits.sae.features import token_decoder, unembedding_matrix
+    from workbench.circuits.sae.formats.transfer import EXPORT_FORMATS, export_sae
+    from workbench.workspace import Workspace
+
+    if format not in EXPORT_FORMATS:
+        fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    found, sae = find_sae(sae_path, workspace)
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval() if model else None
+    options: dict = {"sae_id": found}
+    if format == "sparsify":
+        options["family"] = family or (hooked.cfg.family if hooked is not None else None)
+    if format == "neuronpedia":
+        options["features"] = Workspace(workspace).results().read("sae_features", sae_id=found)
+        if hooked is not None and unembedding_matrix(hooked) is not None:
+            options |= {"unembedding": unembedding_matrix(hooked), "decode": token_decoder(hooked.tokenizer),
+                        "model_id": hooked.cfg.name}  # fmt: skip
+    written = export_sae(sae, out, format, **options)
+    typer.echo(f"{found} written as {format} to {written}")

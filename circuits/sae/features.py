@@ -120,7 +120,7 @@ def feature_pages(
         for neighbour in windows(row):
             wanted.setdefault(neighbour, set()).add(latent)
     window_acts = _window_activations(sae, store, wanted, batch_size, device, progress, sae_id)
-    decode = _decoder(tokenizer or (model.tokenizer if model is not None else None))
+    decode = token_decoder(tokenizer or (model.tokenizer if model is not None else None))
 
     def context(row: int, latent: int, activation: float) -> dict:
         rows = windows(row)
@@ -133,7 +133,7 @@ def feature_pages(
         }
 
     promoted = suppressed = None
-    head = _unembedding(model)
+    head = unembedding_matrix(model)
     if head is not None and sae.d_out == head.shape[1]:
         unembed = head.detach().float()
         logits = (sae.W_dec.detach().float() @ unembed.to(device).T).cpu()
@@ -295,14 +295,41 @@ def _window_activations(sae, store, wanted: dict[int, set[int]], batch_size, dev
     return out
 
 
-def _decoder(tokenizer):
+def token_decoder(tokenizer):
     if tokenizer is None:
         return str
     return lambda token: tokenizer.decode([token])
 
 
-def _unembedding(model):
+def unembedding_matrix(model):
     """W_U [d_vocab, d_model] of a HookedModel's LM head, or None (no model, or an encoder without a head)."""
     get = getattr(getattr(model, "model", None), "get_output_embeddings", None)
     head = get() if callable(get) else None
     return None if head is None else head.weight
+
+
+def feature_pages_on_data(
+    model, data, sae: SAE, sae_id: str, *, workspace, max_tokens: int | None = 20_000, context_length: int = 128,
+    batch_size: int = 16, seed: int | None = 0, progress: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """Feature pages of a saved (or imported) SAE on ``model`` over a token budget of ``data``: the rows are captured
+    at ``sae.hook_in`` into ``workspace/stores/pages-<sae_id>-<dataset>`` and read by :func:`feature_pages`; an SAE
+    whose hook or width is not the model's is refused before any data is read."""
+    from workbench.circuits.sae.analysis import ANALYSIS, _sae_hooks, check_sae_fits, probe_model, token_rows
+    from workbench.references import short_name
+    from workbench.store import capture_to_store
+    from workbench.workspace import Workspace, safe_name
+
+    ANALYSIS.check(model, data)
+    hooks = _sae_hooks(sae, model, sae_id)
+    widths, _ = probe_model(model, hooks)
+    check_sae_fits(sae, model, widths, sae_id)
+    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length, batch_size=batch_size,
+                           seed=seed, progress=progress)  # fmt: skip
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+    ws = Workspace(workspace).ensure()
+    store = capture_to_store(model, rows, [sae.hook_in], ws.store_dir(safe_name(f"pages-{sae_id}-{short_name(data.name)}")),
+                             batch_size=batch_size, max_length=context_length, dataset=data.name,
+                             checkpoint=model.cfg.checkpoint, overwrite=True, progress=progress)  # fmt: skip
+    sae = sae.to(model.device).eval()
+    return feature_pages(sae, store, sae_id, model=model, progress=progress).assign(dataset=data.name)

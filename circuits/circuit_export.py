@@ -1,0 +1,173 @@
+"""Transcoder circuits out as circuit-tracer graph files, and the readable node labels the dashboard shares.
+
+:func:`circuit_tracer_graph` turns the nodes of a path search (``transcoder_circuits`` rows) into circuit-tracer's
+graph JSON: ``metadata`` (slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold, schema_version),
+``qParams`` (pinnedIds, supernodes, linkType, clickedId, sg_pos), ``nodes[]`` (node_id ``{layer}_{feature}_{pos}``
+for transcoder features, ``E_{token}_{pos}`` for embeddings; feature = cantor(layer, feature), layer, ctx_idx,
+feature_type, jsNodeId, clerp, influence, activation) and ``links[]`` (source, target, weight). circuit-tracer draws
+no attention nodes (attention is frozen in its replacement model), so a head on a path is folded into the links it
+carries: its contributors link straight to the node the head feeds, and the head is named in their ``clerp``. Link weights are the path attributions of the search, in units of the target feature's
+pre-activation. :func:`write_circuit_tracer` writes ``{slug}.json``, ``graph-metadata.json`` and one feature file
+per feature (``features/{scan}/{cantor id}.json``: top_logits, bottom_logits, act_min, act_max,
+examples_quantiles) from the transcoders' feature pages, the layout ``circuit_tracer.frontend.local_server.serve(
+data_dir=OUT, features_dir=OUT/features)`` serves. circuit-tracer cannot be installed next to the project's
+transformers, so the tests check these files field by field against its ``frontend/graph_models.py`` schema.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from workbench.fileio import atomic_write_json
+
+SCHEMA_VERSION = 1
+
+
+def token_text(token: str) -> str:
+    """A token as a person reads it in a label: newlines, tabs and carriage returns drawn (⏎ → ↵), spaces kept."""
+    return token.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
+
+
+def node_label(kind: str, layer: int, index: int, position: int, text: str) -> str:
+    """Readable name of a circuit node: ``L1 #124 @31 "m"``, ``emb "m" @31``, ``head L0.H2 ← @5 "x"``."""
+    token = f'"{token_text(text)}"'
+    if kind == "embedding":
+        return f"emb {token} @{position}"
+    if kind == "attention":
+        return f"head L{layer}.H{index} ← @{position} {token}"
+    prefix = "target " if kind == "target" else ""
+    return f"{prefix}L{layer} #{index} @{position} {token}"
+
+
+def cantor(layer: int, feature: int) -> int:
+    """circuit-tracer's feature id for (layer, feature index)."""
+    return (layer + feature) * (layer + feature + 1) // 2 + feature
+
+
+def _node_id(row) -> str:
+    if row["kind"] == "embedding":
+        return f"E_{int(row['index'])}_{int(row['position'])}"
+    return f"{int(row['layer'])}_{int(row['index'])}_{int(row['position'])}"
+
+
+def circuit_tracer_graph(
+    nodes: pd.DataFrame, prompt_tokens: list[str], *, slug: str, scan: str, transcoder_list: list[str],
+    prompt: str,
+) -> dict[str, Any]:  # fmt: skip
+    """circuit-tracer graph JSON for one circuit (rows with id, parent, kind, layer, index, position, attribution,
+    text; ``prompt_tokens``: the prompt's token strings)."""
+    rows = nodes.sort_values("id").set_index("id", drop=False)
+    by_id = {int(i): row for i, row in rows.iterrows()}
+
+    def visible_parent(node_id: int) -> int:
+        parent = int(by_id[node_id]["parent"])
+        while parent >= 0 and by_id[parent]["kind"] == "attention":
+            parent = int(by_id[parent]["parent"])
+        return parent
+
+    out_nodes: dict[str, dict[str, Any]] = {}
+    heads: dict[str, list[str]] = {}
+    for row in by_id.values():
+        kind = row["kind"]
+        if kind == "attention":
+            continue
+        nid = _node_id(row)
+        if kind == "embedding":
+            position = int(row["position"])
+            node = {"node_id": nid, "feature": position, "layer": "E", "ctx_idx": position,
+                    "feature_type": "embedding", "jsNodeId": f"E_{int(row['index'])}-{position}"}  # fmt: skip
+        else:
+            layer, feature = int(row["layer"]), int(row["index"])
+            node = {"node_id": nid, "feature": cantor(layer, feature), "layer": str(layer),
+                    "ctx_idx": int(row["position"]), "feature_type": "cross layer transcoder",
+                    "jsNodeId": f"{layer}_{feature}-0"}  # fmt: skip
+        node |= {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+                 "clerp": node_label(kind, int(row["layer"]), int(row["index"]), int(row["position"]), row["text"]),
+                 "influence": None, "activation": float(row["attribution"]) if kind == "target" else None}  # fmt: skip
+        out_nodes.setdefault(nid, node)
+        parent = int(row["parent"])
+        if parent >= 0 and by_id[parent]["kind"] == "attention":
+            head = by_id[parent]
+            heads.setdefault(nid, []).append(f"via head L{int(head['layer'])}.H{int(head['index'])}")
+    for nid, via in heads.items():
+        out_nodes[nid]["clerp"] += " (" + ", ".join(dict.fromkeys(via)) + ")"
+    weights: dict[tuple[str, str], float] = {}
+    for node_id, row in by_id.items():
+        if row["kind"] == "attention" or int(row["parent"]) < 0:
+            continue
+        key = (_node_id(row), _node_id(by_id[visible_parent(node_id)]))
+        weights[key] = weights.get(key, 0.0) + float(row["attribution"])
+    target = _node_id(by_id[int(rows.loc[rows["kind"] == "target", "id"].iloc[0])])
+    influence = {nid: 0.0 for nid in out_nodes}
+    for (source, _), weight in weights.items():
+        influence[source] += abs(weight)
+    for nid, node in out_nodes.items():
+        node["influence"] = influence[nid] if nid != target else None
+    return {
+        "metadata": {"slug": slug, "scan": scan, "transcoder_list": transcoder_list,
+                     "prompt_tokens": [token_text(t) for t in prompt_tokens], "prompt": prompt,
+                     "node_threshold": None, "schema_version": SCHEMA_VERSION},
+        "qParams": {"pinnedIds": [target], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": list(out_nodes.values()),
+        "links": [{"source": s, "target": t, "weight": w} for (s, t), w in weights.items()],
+    }  # fmt: skip
+
+
+def feature_file(page: pd.Series | None) -> dict[str, Any]:
+    """circuit-tracer's per-feature JSON from one ``sae_features`` row (None: no page was computed)."""
+    if page is None:
+        return {
+            "top_logits": [],
+            "bottom_logits": [],
+            "act_min": 0.0,
+            "act_max": 0.0,
+            "examples_quantiles": [],
+        }
+
+    def examples(contexts: list[dict]) -> list[dict]:
+        return [{"tokens": [token_text(t) for t in c["tokens"]], "tokens_acts_list": c["acts"],
+                 "train_token_ind": c["focus"], "is_repeated_datapoint": False} for c in contexts]  # fmt: skip
+
+    quantiles = [
+        {"quantile_name": "Top activations", "examples": examples(json.loads(page["top_contexts"] or "[]"))}
+    ]
+    for band in json.loads(page["quantile_samples"] or "[]"):
+        high = "max" if band["high"] is None else f"{band['high']:.3g}"
+        quantiles.append({"quantile_name": f"Activations {band['low']:.3g} – {high}",
+                          "examples": examples(band["contexts"])})  # fmt: skip
+    promoted = json.loads(page.get("promoted_tokens") or "[]")
+    suppressed = json.loads(page.get("suppressed_tokens") or "[]")
+    return {"top_logits": [token_text(t) for t, _ in promoted], "bottom_logits": [token_text(t) for t, _ in suppressed],
+            "act_min": 0.0, "act_max": float(page["max_activation"]), "examples_quantiles": quantiles}  # fmt: skip
+
+
+def write_circuit_tracer(
+    out: str | Path, graph: dict[str, Any], pages: dict[tuple[int, int], pd.Series]
+) -> Path:
+    """Write ``graph`` as ``out/{slug}.json``, add it to ``out/graph-metadata.json`` and write the feature file of
+    every feature node under ``out/features/<scan name>/`` (``pages``: {(layer, feature): sae_features row}).
+    The scan must be ``./features/<name>`` so the viewer reads the local files; returns the graph file."""
+    out = Path(out)
+    meta = graph["metadata"]
+    scan = meta["scan"]
+    if not scan.startswith("./features/"):
+        raise ValueError(
+            f"scan {scan!r} must start with ./features/ so circuit-tracer's viewer reads local feature files"
+        )
+    path = out / f"{meta['slug']}.json"
+    atomic_write_json(path, graph)
+    index = out / "graph-metadata.json"
+    listing = json.loads(index.read_text()) if index.is_file() else {"graphs": []}
+    listing["graphs"] = [g for g in listing.get("graphs", []) if g.get("slug") != meta["slug"]] + [meta]
+    atomic_write_json(index, listing)
+    features = out / scan.removeprefix("./")
+    for node in graph["nodes"]:
+        if node["feature_type"] != "cross layer transcoder":
+            continue
+        layer, feature, _ = (int(x) for x in node["node_id"].split("_"))
+        atomic_write_json(features / f"{node['feature']}.json", feature_file(pages.get((layer, feature))))
+    return path

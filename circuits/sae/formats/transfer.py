@@ -1,0 +1,110 @@
+"""Import foreign SAEs into the workspace and export workspace SAEs to the ecosystem's layouts.
+
+An imported SAE is saved like one of ours (``workspace/saes/<id>/``: ``SAE.save`` + ``source.json`` naming the
+format and path it came from), so ``sae eval``, feature pages, splicing, circuits and the dashboard treat it
+alike. Every SAE of an import is read and checked before anything is written; each is staged in a hidden folder
+under ``saes/`` and renamed into place, so an error leaves no SAE registered half-way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from workbench.circuits.sae.base import SAE, SAEInputError
+from workbench.circuits.sae.evals import sae_dir
+from workbench.circuits.sae.formats import FORMATS, detect_format, read_saes
+from workbench.fileio import atomic_write_json
+from workbench.workspace import Workspace, safe_name
+
+EXPORT_FORMATS = ("saelens", "sparsify", "neuronpedia")
+SOURCE_FILE = "source.json"
+
+
+def import_saes(
+    path: str | Path,
+    workspace: Any = None,
+    *,
+    format: str = "auto",
+    sae_id: str | None = None,
+    family: str | None = None,
+    hook: str | None = None,
+    hook_out: str | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Register every SAE at ``path`` under ``workspace/saes/``; returns their ids. One SAE takes ``sae_id`` (default:
+    the folder name); several (a sparsify run, a transcoder set) are ``<sae_id or folder>.<name>``."""
+    path = Path(path).expanduser()
+    kind = detect_format(path) if format == "auto" else format
+    if kind not in FORMATS:
+        raise SAEInputError(f"unknown SAE format {format!r}; use auto or one of {', '.join(FORMATS)}")
+    saes = read_saes(path, kind, family=family, hook=hook, hook_out=hook_out)
+    base = sae_id or (path.parent.name if path.is_file() else path.name)
+    named = [(base if len(saes) == 1 else f"{base}.{name}", name, sae) for name, sae in saes]
+    ws = Workspace(workspace).ensure()
+    for new_id, name, sae in named:
+        safe_name(new_id, "for an SAE")
+        if not sae.hook_in:
+            raise SAEInputError(f"{path}: SAE {name!r} names no input hook: pass --hook (and --hook-out)")
+        if sae_dir(ws, new_id).exists() and not overwrite:
+            raise SAEInputError(
+                f"SAE {new_id!r} already exists in {ws.root / 'saes'}: pass --id NAME or --overwrite"
+            )
+    root = ws.root / "saes"
+    root.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for new_id, name, sae in named:
+            stage = Path(tempfile.mkdtemp(dir=root, prefix=f".import-{new_id}."))
+            stage.chmod(0o755)  # mkdtemp's 0700 would differ from the folders SAE.save creates
+            staged.append((stage, sae_dir(ws, new_id)))
+            atomic_write_json(
+                stage / SOURCE_FILE, {"format": kind, "path": str(path.resolve()), "name": name}
+            )
+            sae.save(stage)
+        for stage, final in staged:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(stage, final)
+    finally:
+        for stage, _ in staged:
+            if stage.exists():
+                shutil.rmtree(stage)
+    return [new_id for new_id, _, _ in named]
+
+
+def export_sae(
+    sae: SAE, out: str | Path, format: str, *, family: str | None = None, features=None, sae_id: str = "",
+    model_id: str = "", unembedding=None, decode=None,
+) -> Path:  # fmt: skip
+    """Write ``sae`` in ``format`` (saelens, sparsify, neuronpedia) under ``out``; returns what was written.
+
+    sparsify needs the model ``family`` (its folders are HF module names); neuronpedia needs ``features`` (the
+    SAE's ``sae_features`` rows) and takes the model's ``unembedding`` [d_vocab, d_model] and ``decode`` for the
+    logit tables."""
+    from workbench.circuits.sae.formats.neuronpedia import dashboard_batch, logit_effects, write_bulk_export
+    from workbench.circuits.sae.formats.sparsify import save_sparsify
+    from workbench.circuits.sae.saelens_io import save_saelens
+
+    out = Path(out).expanduser()
+    if format == "saelens":
+        return save_saelens(sae, out)
+    if format == "sparsify":
+        if not family:
+            raise SAEInputError("sparsify names folders by the HF module: pass --family (gpt_neox, gpt2, llama) or "
+                                "--model")  # fmt: skip
+        return save_sparsify(sae, out, family=family)
+    if format == "neuronpedia":
+        if features is None or len(features) == 0:
+            raise SAEInputError(
+                f"SAE {sae_id!r} has no feature pages in the workspace (table sae_features): run `workbench sae "
+                "train` for it, or `workbench sae eval` with feature pages, before exporting to Neuronpedia"
+            )
+        logits = logit_effects(sae, unembedding) if unembedding is not None else None
+        batch = dashboard_batch(features, sae, model_id=model_id or sae.cfg.model or "model", sae_set=sae_id,
+                                logits=logits, decode=decode)  # fmt: skip
+        return write_bulk_export(out, batch, sae)
+    raise SAEInputError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
