@@ -14,6 +14,7 @@ pages = [
     st.Page(VIEWS / "overview.py", title="Overview", icon=":material/home:", default=True),
     st.Page(VIEWS / "massive.py", title="Massive activations", icon=":material/bolt:"),
     st.Page(VIEWS / "attention.py", title="Attention statistics", icon=":material/visibility:"),
+    st.Page(VIEWS / "dynamics.py", title="Training dynamics", icon=":material/timeline:"),
     st.Page(VIEWS / "probes.py", title="Probes", icon=":material/science:"),
     st.Page(VIEWS / "sae.py", title="SAE features", icon=":material/scatter_plot:"),
     st.Page(VIEWS / "circuits.py", title="Transcoder circuits", icon=":material/account_tree:"),

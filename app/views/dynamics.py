@@ -1,0 +1,84 @@
+"""Training dynamics: metrics × layers over steps with fits and emergence steps, the emergence order, per-head sink
+vs massive magnitude, and the architecture sweep's predicted vs fitted parameters."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
+from workbench.dynamics import (
+    ANALYSIS,
+    METRICS,
+    NO_HEAD,
+    describe_order,
+    metric_curves,
+    order_chart,
+    predicted_vs_fitted,
+    sink_vs_massive,
+)
+
+METRIC_TABLE, FITS, ORDER, _, PREDICTOR, PREDICTIONS = ANALYSIS.table_names
+
+st.title("Training dynamics")
+db = open_workspace_or_stop()
+metrics = table(db, METRIC_TABLE)
+if metrics is None or metrics.empty:
+    empty_state(
+        ANALYSIS.description, f"{ANALYSIS.command}    # e.g. SERIES = code-small, DATA = zoo:python-stdlib"
+    )
+    st.stop()
+model = st.selectbox("model", sorted(metrics["model"].unique()))
+rows = pick(metrics[metrics["model"] == model], "dataset", "prompt set")
+dataset = rows["dataset"].iloc[0]
+fits = table(db, FITS)
+if fits is not None:
+    fits = fits[(fits["model"] == model) & (fits["dataset"] == dataset)]
+order = table(db, ORDER)
+if order is not None:
+    order = order[(order["model"] == model) & (order["dataset"] == dataset)].sort_values("rank")
+
+if order is not None and not order.empty:
+    st.subheader("Emergence order")
+    st.plotly_chart(order_chart(order), use_container_width=True)
+    st.text(describe_order(order))
+
+st.subheader("Metrics over training")
+available = [m for m in METRICS if m in set(rows["metric"])] + sorted(set(rows["metric"]) - set(METRICS))
+metric = st.radio("metric", available, horizontal=True,
+                  format_func=lambda m: METRICS[m].phenomenon if m in METRICS else m)  # fmt: skip
+head = None
+heads = sorted(int(h) for h in rows.loc[rows["metric"] == metric, "head"].unique() if h != NO_HEAD)
+if heads:
+    choice = st.selectbox("head", ["mean over heads", *heads])
+    head = None if choice == "mean over heads" else int(choice)
+st.plotly_chart(metric_curves(rows, fits, metric, head=head), use_container_width=True)
+if fits is not None and not fits.empty:
+    shown = fits[fits["metric"] == metric]
+    if head is not None:
+        shown = shown[shown["head"] == head]
+    columns = [c for c in shown.columns if c.startswith(("layer", "head", "family", "status", "message", "r2",
+               "condition_", "param_", "stderr_", "emergence_", "low_emergence", "high_emergence", "steady_",
+               "low_steady", "high_steady", "selected"))]  # fmt: skip
+    st.dataframe(shown[columns].sort_values(["layer", "head"]), use_container_width=True, hide_index=True)
+
+if {"sink_mass", "massive_top1"} <= set(rows["metric"]):
+    st.subheader("Per head: sink mass vs massive magnitude")
+    st.plotly_chart(sink_vs_massive(rows), use_container_width=True)
+
+scores = table(db, PREDICTOR)
+predictions = table(db, PREDICTIONS)
+st.subheader("Architecture sweep: predicted vs fitted parameters")
+if scores is None or scores.empty or predictions is None:
+    empty_state(
+        "the architecture sweep", "workbench dynamics sweep SWEEP.toml    # e.g. examples/dynamics_sweep.toml"
+    )
+else:
+    scores = pick(scores, "sweep", "sweep", key="sweep")
+    sweep = scores["sweep"].iloc[0]
+    scores = pick(scores, "metric", "fitted metric", key="sweep_metric")
+    chosen = scores["metric"].iloc[0]
+    st.dataframe(scores[["target", "r2", "n_rows", "n_architectures", "learnt_as", "claim", "note"]],
+                 use_container_width=True, hide_index=True)  # fmt: skip
+    shown = predictions[(predictions["sweep"] == sweep) & (predictions["metric"] == chosen)]
+    if not shown.empty:
+        st.plotly_chart(predicted_vs_fitted(shown, scores), use_container_width=True)
