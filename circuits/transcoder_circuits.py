@@ -55,7 +55,8 @@ def _reads_attention_of_own_layer(transcoder) -> bool:
     return transcoder.hook_in.endswith("hook_resid_mid")
 
 
-def _layer_of(transcoder) -> int:
+def layer_of(transcoder) -> int:
+    """The layer whose residual stream a circuit transcoder reads (``blocks.L.hook_resid_pre|mid``)."""
     parts = transcoder.hook_in.split(".")
     if parts[0] != "blocks" or not parts[1].isdigit() or not parts[-1].startswith("hook_resid_"):
         raise CircuitError(
@@ -129,7 +130,7 @@ def _trace(model: HookedModel, transcoders: Mapping[int, torch.nn.Module], token
     n_layers = model.cfg.n_layers
     latents, errors = {}, {}
     for layer, transcoder in transcoders.items():
-        if _layer_of(transcoder) != layer:
+        if layer_of(transcoder) != layer:
             raise CircuitError(f"the transcoder keyed by layer {layer} reads {transcoder.hook_in!r}")
         x = cache[transcoder.hook_in][0].to(device=transcoder.device, dtype=torch.float32)
         with torch.no_grad():
@@ -372,7 +373,7 @@ def by_layer(
         return dict(transcoders)
     keyed: dict[int, torch.nn.Module] = {}
     for transcoder in transcoders:
-        layer = _layer_of(transcoder)
+        layer = layer_of(transcoder)
         if layer in keyed:
             raise CircuitError(
                 f"two transcoders read layer {layer} ({transcoder.hook_in}); pass one per layer"
@@ -389,7 +390,7 @@ def check_transcoders(model: HookedModel, transcoders: Mapping[int, torch.nn.Mod
             "no transcoders given; pass one per layer up to the target (--transcoder, repeatable)"
         )
     for layer, transcoder in transcoders.items():
-        if _layer_of(transcoder) != layer or transcoder.hook_out != f"blocks.{layer}.hook_mlp_out":
+        if layer_of(transcoder) != layer or transcoder.hook_out != f"blocks.{layer}.hook_mlp_out":
             raise CircuitError(
                 f"the transcoder for layer {layer} maps {transcoder.hook_in!r} → {transcoder.hook_out!r}; a circuit "
                 f"needs MLP transcoders blocks.{layer}.hook_resid_pre (or hook_resid_mid) → blocks.{layer}.hook_mlp_out"
