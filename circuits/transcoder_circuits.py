@@ -31,6 +31,7 @@ import plotly.graph_objects as go
 import torch
 
 from workbench.analysis import Analysis, Table, write_tables
+from workbench.circuits.circuit_export import node_label, token_text
 from workbench.datasets import load_dataset
 from workbench.model import HookedModel
 from workbench.references import resolve_model
@@ -256,31 +257,51 @@ class CircuitGraph:
 
     nodes: pd.DataFrame
 
+    def labelled(self) -> pd.DataFrame:
+        """The nodes with ``node`` (a readable name: ``L0 #198 @31 "m"``, ``emb "m" @31``, ``head L0.H2 ← @5 "x"``)
+        and ``token`` (the position's token with whitespace drawn) columns."""
+        names = [node_label(r.kind, int(r.layer), int(r.index), int(r.position), str(r.text))
+                 for r in self.nodes.itertuples()]  # fmt: skip
+        return self.nodes.assign(node=names, token=[f'"{token_text(str(t))}"' for t in self.nodes["text"]])
+
     def figure(self) -> go.Figure:
-        """The circuit drawn over (layer, position): one marker per node, one line per edge, width ∝ |attribution|."""
-        nodes = self.nodes.set_index("id")
-        x = nodes["layer"].where(nodes["kind"] != "target", nodes["layer"] + 0.5)
-        shared = nodes.assign(x=x).groupby(["x", "position"]).cumcount()
-        y = nodes["position"] + 0.2 * shared
+        """The circuit drawn as circuit-tracer draws graphs: token positions across (tick labels are the prompt's
+        tokens at integer positions), layers up (embedding at the bottom), one marker per node with a readable
+        label, one line per edge, width ∝ |attribution| (red excites, blue inhibits). Nodes sharing a (layer,
+        position) cell are spread within it."""
+        nodes = self.labelled().set_index("id")
+        row = nodes["layer"].where(nodes["kind"] != "embedding", -1)
+        cell = nodes.assign(row=row).groupby(["row", "position"])
+        rank, count = cell.cumcount(), cell["kind"].transform("size")
+        x = nodes["position"] + 0.6 * ((rank + 0.5) / count - 0.5)
+        y = row.astype(float)
         fig = go.Figure()
         scale = float(nodes["attribution"].abs().max() or 1.0)
-        for node_id, row in nodes.iterrows():
-            if row["parent"] < 0:
+        for node_id, item in nodes.iterrows():
+            if item["parent"] < 0:
                 continue
             fig.add_scatter(
-                x=[x[node_id], x[row["parent"]]], y=[y[node_id], y[row["parent"]]], mode="lines",
-                line={"width": 1 + 6 * abs(row["attribution"]) / scale,
-                      "color": "#d62728" if row["attribution"] > 0 else "#1f77b4"},
+                x=[x[node_id], x[item["parent"]]], y=[y[node_id], y[item["parent"]]], mode="lines",
+                line={"width": 1 + 6 * abs(item["attribution"]) / scale,
+                      "color": "#d62728" if item["attribution"] > 0 else "#1f77b4"},
                 hoverinfo="skip", showlegend=False,
             )  # fmt: skip
-        labels = [f"{r.kind} L{r.layer} #{r.index} @{r.position} ({r.text})<br>attribution {r.attribution:.3f}"
-                  for r in nodes.itertuples()]  # fmt: skip
-        fig.add_scatter(x=x, y=y, mode="markers+text", text=nodes["kind"].str[0].str.upper()
-                        + nodes["index"].astype(str), textposition="top center", hovertext=labels,
+        short = [("★ " if r.kind == "target" else "") + (f"L{r.layer}.H{r.index}" if r.kind == "attention" else
+                 r.token if r.kind == "embedding" else f"L{r.layer} #{r.index}") for r in nodes.itertuples()]  # fmt: skip
+        hover = [f"{r.node}<br>attribution {r.attribution:.3f}" for r in nodes.itertuples()]
+        fig.add_scatter(x=x, y=y, mode="markers+text", text=short, textposition="top center", hovertext=hover,
                         hoverinfo="text", marker={"size": 12, "color": nodes["depth"], "colorscale": "Viridis"},
                         showlegend=False)  # fmt: skip
-        fig.update_layout(xaxis_title="layer (−1 = embedding)", yaxis_title="token position",
-                          title="transcoder circuit (red: excites, blue: inhibits)")  # fmt: skip
+        positions = sorted(nodes["position"].unique())
+        tokens = nodes.groupby("position")["token"].first()
+        layers = sorted(row.unique())
+        fig.update_layout(
+            xaxis={"title": "token position", "tickmode": "array", "tickvals": positions,
+                   "ticktext": [f"{p}<br>{tokens[p]}" for p in positions]},
+            yaxis={"title": "layer", "tickmode": "array", "tickvals": layers,
+                   "ticktext": ["embedding" if v < 0 else f"L{v}" for v in layers]},
+            title="transcoder circuit (red: excites, blue: inhibits; ★ target)",
+        )  # fmt: skip
         return fig
 
 

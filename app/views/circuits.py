@@ -37,9 +37,12 @@ cols[0].metric("target pre-activation", f"{root['attribution']:.3f}")
 cols[1].metric("nodes", len(nodes))
 cols[2].metric("checkpoint", str(root["checkpoint"]))
 columns = ["id", "parent", "depth", "kind", "layer", "index", "position", "text", "attribution"]
-st.plotly_chart(CircuitGraph(nodes[columns].reset_index(drop=True)).figure(), use_container_width=True)
+graph = CircuitGraph(nodes[columns].reset_index(drop=True))
+st.plotly_chart(graph.figure(), use_container_width=True)
 st.caption(
     "Attributions are in units of the target's pre-activation: transcoder features (activation × pullback), "
-    "attention heads from a source position (pattern-weighted OV), token embeddings."
+    "attention heads from a source position (pattern-weighted OV), token embeddings. Export a circuit for "
+    "circuit-tracer's viewer with `workbench circuits export MODEL --data DATA --transcoder ID ... --out DIR`."
 )
-st.dataframe(nodes[columns], use_container_width=True, hide_index=True)
+shown = ["id", "parent", "node", "kind", "layer", "index", "position", "token", "attribution"]
+st.dataframe(graph.labelled()[shown], use_container_width=True, hide_index=True)
