@@ -1,0 +1,379 @@
+"""Prompt lab: the library functions against independent computations (raw hooks, sae.encode, the codebooks' own
+recorded codes, float64 attention), the model cache, saving, and the page under AppTest."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from workbench import prompt_lab as lab
+from workbench.interventions import Intervention
+
+PAGE = Path(__file__).resolve().parents[1] / "app" / "views" / "prompt_lab.py"
+PROMPT = "def f(x):\n    return x"
+RESID = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def code_model(zoo_workspace):
+    return lab.load_lab_model("code-tiny", workspace=zoo_workspace)
+
+
+@pytest.fixture(scope="module")
+def tokens(code_model):
+    return lab.encode_prompt(code_model, PROMPT)
+
+
+@pytest.fixture(scope="module")
+def resid_sae(dashboard_workspace, code_model):
+    from workbench.circuits.sae.readout import load_sae_for
+
+    sae, note = load_sae_for(code_model, "code-tiny.L0-resid-topk", dashboard_workspace)
+    assert note == ""
+    return sae
+
+
+def _raw_logits(model, tokens, hooks) -> torch.Tensor:
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].float()
+
+
+def test_an_intervention_stack_equals_a_manual_forward(code_model, tokens, resid_sae) -> None:
+    """Steering by an SAE decoder row, a head ablation and a mean-ablation of MLP units at some positions, as one
+    stack, give the next-token logits of a forward with hand-written hooks doing the same."""
+    from workbench.circuits.sae.readout import latent_steering
+
+    steer = latent_steering(resid_sae, "sae", 5, 6.0)
+    head = Intervention("zero", "blocks.1.attn.hook_z", heads=(0, 2))
+    units = Intervention("mean", "blocks.0.mlp.hook_post", positions=(1, 4), neurons=(3, 7, 11))
+    stack = [steer, head, units]
+    got = lab.next_token_logits(code_model, tokens, stack)
+
+    direction = resid_sae.W_dec[5].detach()
+    _, cache = code_model.run_with_cache(tokens, ["blocks.0.mlp.hook_post"])
+    mean = cache["blocks.0.mlp.hook_post"][0].mean(0)
+
+    def add(act, hook):
+        return act + 6.0 * direction
+
+    def zero_heads(act, hook):
+        act = act.clone()
+        act[:, :, [0, 2]] = 0
+        return act
+
+    def mean_units(act, hook):
+        act = act.clone()
+        for p in (1, 4):
+            for u in (3, 7, 11):
+                act[:, p, u] = mean[u]
+        return act
+
+    hooks = [(RESID, add), ("blocks.1.attn.hook_z", zero_heads), ("blocks.0.mlp.hook_post", mean_units)]
+    want = _raw_logits(code_model, tokens, hooks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, lab.next_token_logits(code_model, tokens), atol=1e-3)
+    comparison = lab.compare_next_token(code_model, tokens, stack, top_k=5, focus_token="x")
+    p, q = want.log_softmax(-1), _raw_logits(code_model, tokens, []).log_softmax(-1)
+    assert comparison.kl == pytest.approx(float((q.exp() * (q - p)).sum()), rel=1e-4)
+    xid = lab.token_id(code_model, "x")
+    assert comparison.focus["logit_diff"] == pytest.approx(float(want[xid] - comparison.clean[xid]), abs=1e-5)
+    assert set(comparison.table["token_id"]) >= set(want.topk(5).indices.tolist())
+
+
+def test_patching_copies_the_source_prompt_and_refuses_other_lengths(code_model, tokens) -> None:
+    source = "def f(y):\n    return x"
+    source_ids = code_model.to_tokens(source)
+    assert source_ids.shape == tokens.shape
+    _, donor = code_model.run_with_cache(source_ids, [RESID])
+
+    def patch(act, hook):
+        act = act.clone()
+        act[:, 3] = donor[RESID][:, 3]
+        return act
+
+    got = lab.next_token_logits(
+        code_model, tokens, [Intervention("patch", RESID, positions=(3,), source=source)]
+    )
+    torch.testing.assert_close(got, _raw_logits(code_model, tokens, [(RESID, patch)]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same length"):
+        lab.next_token_logits(code_model, tokens, [Intervention("patch", RESID, source="def")])
+    with pytest.raises(IndexError, match="out of range"):
+        lab.next_token_logits(code_model, tokens, [Intervention("zero", RESID, positions=(99,))])
+    with pytest.raises(ValueError, match="not one hook"):
+        lab.next_token_logits(code_model, tokens, [Intervention("zero", "blocks.*.hook_resid_post")])
+    roundtrip = Intervention.from_dict(Intervention("zero", RESID, positions=[1, 2]).to_dict())
+    assert roundtrip == Intervention("zero", RESID, positions=(1, 2))
+
+
+def test_continuations_are_greedy_argmax_or_seeded_samples(code_model, tokens, resid_sae) -> None:
+    from workbench.circuits.sae.readout import latent_steering
+
+    ids = tokens.clone()
+    for _ in range(8):  # greedy by hand
+        with torch.no_grad():
+            ids = torch.cat([ids, code_model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    greedy = ids[0, tokens.shape[1] :].tolist()
+    assert lab.generate(code_model, tokens, max_new_tokens=6).tolist() == greedy[:6]
+    sampled = [
+        lab.generate(code_model, tokens, max_new_tokens=6, temperature=1.0, seed=s).tolist() for s in (1, 1)
+    ]
+    assert sampled[0] == sampled[1]
+    steer = latent_steering(resid_sae, "sae", int(resid_sae.W_dec.norm(dim=1).argmax()), 40.0)
+    out = lab.continuations(code_model, tokens, [steer], max_new_tokens=8)
+    assert out["clean"] == code_model.to_string(greedy)
+    assert out["intervened"] != out["clean"]
+
+
+def test_sae_readout_equals_encode_and_refuses_another_model(code_model, tokens, resid_sae, dashboard_workspace,
+                                                             zoo_workspace) -> None:  # fmt: skip
+    from workbench.circuits.sae.base import SAEInputError
+    from workbench.circuits.sae.readout import latent_activations, load_sae_for, saved_saes, top_latents
+
+    _, cache = code_model.run_with_cache(tokens, [RESID])
+    acts = resid_sae.encode(cache[RESID][0])
+    torch.testing.assert_close(latent_activations(code_model, tokens, resid_sae), acts)
+    top = top_latents(code_model, tokens, resid_sae, k=3)
+    for position in range(tokens.shape[1]):
+        rows = top[top["position"] == position].sort_values("rank")
+        want = acts[position].topk(3)
+        assert rows["latent"].tolist() == [
+            i for i, v in zip(want.indices.tolist(), want.values.tolist(), strict=True) if v > 0
+        ]
+        assert rows["activation"].tolist() == pytest.approx(
+            [v for v in want.values.tolist() if v > 0], rel=1e-5
+        )
+    assert {"code-tiny.L0-resid-topk", "code-tiny.L0-mlp-transcoder"} <= {
+        s.sae_id for s in saved_saes(zoo_workspace)
+    }
+    fsm = lab.load_lab_model("fsm-tiny", workspace=zoo_workspace)
+    with pytest.raises(SAEInputError, match="another model or hook"):
+        load_sae_for(fsm, "code-tiny.L0-resid-topk", dashboard_workspace)
+    early = lab.load_lab_model("code-tiny", step=0, workspace=zoo_workspace)
+    assert "checkpoint 300" in load_sae_for(early, "code-tiny.L0-resid-topk", dashboard_workspace)[1]
+
+
+def test_probe_readout_predicts_like_the_probe_and_steers_along_its_direction(
+    code_model, tokens, tmp_path
+) -> None:
+    from workbench.probes.linear import ProbeError, fit_probes
+    from workbench.probes.readout import (
+        load_probe_for,
+        probe_predictions,
+        probe_steering,
+        save_probe,
+        saved_probes,
+    )
+
+    texts = ["def f(x):\n    return x + 1\n", "import os\nprint(os.path)\n", "class A:\n    pass\n"]
+    batch = code_model.tokenize(texts)
+    _, cache = code_model.run_with_cache(batch, [RESID])
+    real = batch["attention_mask"].bool()
+    x = cache[RESID][real]
+    y = (batch["input_ids"][real] % 2).long()  # token-id parity: a label the residual stream carries
+    probes = fit_probes({RESID: x}, y)
+    save_probe(tmp_path, "parity", probes, model=code_model, label_set="parity", label_names=["even", "odd"])
+    assert [p.name for p in saved_probes(tmp_path)] == ["parity"]
+    loaded, saved, note = load_probe_for(code_model, "parity", tmp_path)
+    assert note == "" and saved.label_names == ["even", "odd"]
+    frame = probe_predictions(code_model, tokens, loaded, RESID, saved.label_names)
+    _, mine = code_model.run_with_cache(tokens, [RESID])
+    want = probes.predict(mine[RESID][0][None])[0]
+    assert frame["prediction"].tolist() == want.tolist()
+    assert frame["label"].tolist() == [["even", "odd"][int(v)] for v in want]
+    steer = probe_steering(loaded, "parity", RESID, 1, 5.0)
+    direction = probes.direction(RESID, 1)
+    torch.testing.assert_close(
+        lab.next_token_logits(code_model, tokens, [steer]),
+        _raw_logits(code_model, tokens, [(RESID, lambda a, h: a + 5.0 * direction)]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(ProbeError, match="no saved probe 'nope'"):
+        load_probe_for(code_model, "nope", tmp_path)
+
+
+def test_codebook_readout_equals_the_codes_the_codebook_chooses(zoo_workspace, dashboard_workspace) -> None:
+    from workbench.circuits.codebook.module import CodebookError
+    from workbench.circuits.codebook.readout import (
+        code_steering,
+        load_codebooks_for,
+        saved_codebooks,
+        token_codes,
+    )
+
+    fsm = lab.load_lab_model("fsm-tiny", workspace=zoo_workspace)
+    runs = saved_codebooks(dashboard_workspace)
+    run, sites = next(iter(runs.items()))
+    codebooks = load_codebooks_for(fsm, run, dashboard_workspace)
+    ids = lab.encode_prompt(fsm, "t0 t3 t5 t1 t2 t7")
+    site = sites[0]
+    codes = token_codes(fsm, ids, codebooks, site)
+    with torch.no_grad(), fsm.hooks(codebooks.hooks()):
+        fsm(ids)
+    recorded = codebooks.codes(site)[0]  # [pos, n_groups, k], chosen inside the model
+    assert codes.sort_values(["position", "group", "rank"])["code"].tolist() == recorded.flatten().tolist()
+    steer = code_steering(codebooks, run, site, int(recorded[2, 0, 0]), 3.0, positions=(2,))
+    vector = codebooks[site].codes[0, int(recorded[2, 0, 0])].detach()
+
+    def add_at_2(act, hook):
+        act = act.clone()
+        act[:, 2] += 3.0 * vector
+        return act
+
+    torch.testing.assert_close(
+        lab.next_token_logits(fsm, ids, [steer]), _raw_logits(fsm, ids, [(site, add_at_2)])
+    )
+    code_model = lab.load_lab_model("code-tiny", workspace=zoo_workspace)
+    with pytest.raises(CodebookError, match="another model"):
+        load_codebooks_for(code_model, run, dashboard_workspace)
+
+
+def test_residual_and_attention_profiles_match_float64_references(code_model, tokens) -> None:
+    profile = lab.residual_profile(code_model, tokens)
+    _, cache = code_model.run_with_cache(tokens, ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern"])
+    for layer in range(code_model.cfg.n_layers):
+        resid = cache[f"blocks.{layer}.hook_resid_post"][0].double()
+        rows = profile[profile["layer"] == layer].sort_values("position")
+        assert rows["resid_norm"].tolist() == pytest.approx(resid.norm(dim=-1).tolist(), rel=1e-5)
+        assert rows["max_abs"].tolist() == pytest.approx(resid.abs().amax(-1).tolist(), rel=1e-5)
+    attention = lab.attention_profile(code_model, tokens)
+    assert attention["path"].iloc[0] != "kernel"  # no CUDA here: the reference path
+    for layer in range(code_model.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()  # [head, q, k]
+        entropy = -(pattern * pattern.clamp_min(1e-300).log()).sum(-1)
+        sink = pattern[..., 0]
+        rows = attention[attention["layer"] == layer].sort_values("head")
+        # attention_statistics leaves query 0 out of its averages
+        assert rows["entropy"].tolist() == pytest.approx(entropy[:, 1:].mean(-1).tolist(), abs=1e-4)
+        assert rows["sink"].tolist() == pytest.approx(sink[:, 1:].mean(-1).tolist(), abs=1e-4)
+        one = lab.head_pattern(code_model, tokens, layer, 1)
+        torch.testing.assert_close(one.double(), pattern[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(lab.PromptLabError, match="4 heads"):
+        lab.head_pattern(code_model, tokens, 0, 9)
+
+
+def test_prompt_limits_and_the_model_cache_budget(code_model, zoo_workspace) -> None:
+    with pytest.raises(lab.PromptLabError, match="over the limit of 8"):
+        lab.encode_prompt(code_model, PROMPT + " x" * 10, max_tokens=8)
+    with pytest.raises(lab.PromptLabError, match="empty"):
+        lab.encode_prompt(code_model, "  ")
+    size = lab.parameter_bytes(code_model)
+    assert size == sum(p.numel() * 4 for p in code_model.model.parameters()) + sum(
+        b.numel() * b.element_size() for b in code_model.model.buffers()
+    )
+    cache = lab.ModelCache(budget_bytes=int(size * 1.5))
+    loads = []
+
+    def loader(step):
+        def load():
+            loads.append(step)
+            return lab.load_lab_model("code-tiny", step, zoo_workspace)
+
+        return load
+
+    first = cache.get("code-tiny@0", loader(0))
+    assert cache.get("code-tiny@0", loader(0)) is first and loads == [0]
+    cache.get("code-tiny@300", loader(300))
+    assert cache.loaded == ["code-tiny@300"] and cache.used_bytes == size  # @0 released to stay in budget
+    with pytest.raises(lab.PromptLabError, match="memory budget"):
+        lab.ModelCache(budget_bytes=size // 2).get("code-tiny", loader(300))
+    assert lab.series_steps("code-tiny", zoo_workspace)[-1] == 300
+
+
+def test_a_session_is_written_in_one_transaction(code_model, tokens, tmp_path, monkeypatch) -> None:
+    from workbench import results
+    from workbench.workspace import Workspace
+
+    stack = [Intervention("zero", "blocks.1.attn.hook_z", heads=(1,))]
+    comparison = lab.compare_next_token(code_model, tokens, stack, focus_token="x")
+    continuation = lab.continuations(code_model, tokens, stack, max_new_tokens=4)
+    frame = lab.session_frame(code_model, PROMPT, stack, comparison, continuation, {"mode": "greedy"})
+
+    def crash(name):
+        if name == "results.write.before_commit":
+            raise RuntimeError("killed before commit")
+
+    Workspace(tmp_path).results().write("other", pd.DataFrame({"a": [1]}))
+    monkeypatch.setattr(results, "crash_point", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        lab.save_session(tmp_path, frame)
+    assert "prompt_lab_sessions" not in Workspace(tmp_path).results().tables()
+    monkeypatch.undo()
+    session = lab.save_session(tmp_path, frame)
+    lab.save_session(tmp_path, frame)  # the same session again replaces its row
+    rows = Workspace(tmp_path).results().read("prompt_lab_sessions")
+    assert len(rows) == 1 and rows["session"].iloc[0] == session
+    import json
+
+    assert [Intervention.from_dict(d) for d in json.loads(rows["interventions"].iloc[0])] == stack
+    assert rows["logit_diff"].iloc[0] == pytest.approx(comparison.focus["logit_diff"])
+    assert rows["continuation_intervened"].iloc[0] == continuation["intervened"]
+    assert not math.isnan(rows["logit_diff"].iloc[0])
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def _page(workspace, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(workspace.root))
+    return AppTest.from_file(str(PAGE), default_timeout=90).run()
+
+
+def test_page_steers_and_shows_what_the_api_gives(
+    dashboard_workspace, code_model, resid_sae, monkeypatch
+) -> None:
+    from workbench.circuits.sae.readout import latent_steering, top_latents
+
+    app = _page(dashboard_workspace, monkeypatch)
+    assert not app.exception, app.exception
+    assert app.selectbox(key="lab_model").value == "code-tiny"
+    app.text_area(key="lab_prompt").set_value(PROMPT)
+    app.radio(key="lab_overlay").set_value("SAE latents")
+    app.run()
+    app.selectbox(key="lab_sae").set_value("code-tiny.L0-resid-topk").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    chips = next(m.value for m in app.markdown if "token-chip" in m.value)
+    tokens = lab.encode_prompt(code_model, PROMPT)
+    top = top_latents(code_model, tokens, resid_sae, k=3)
+    assert chips.count('class="token-chip"') == tokens.shape[1]
+    assert f"L{int(top.iloc[0]['latent'])}&#58;" in chips  # the first token's top latent, shown on its chip
+    clean = [c.value for c in app.code]
+    app.selectbox(key="lab_iv_sae").set_value("code-tiny.L0-resid-topk")
+    app.number_input(key="lab_iv_latent").set_value(7)
+    app.number_input(key="lab_iv_scale").set_value(30.0)
+    app.button(key="lab_iv_add").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any("latent 7" in m.value for m in app.markdown)
+    api = lab.continuations(
+        code_model, tokens, [latent_steering(resid_sae, "code-tiny.L0-resid-topk", 7, 30.0)]
+    )
+    shown = [c.value for c in app.code]
+    assert shown == [PROMPT + api["clean"], PROMPT + api["intervened"]] and shown[0] == clean[0] != shown[1]
+    app.button(key="lab_save").click().run()
+    assert app.success and "saved session" in app.success[0].value
+    from workbench.workspace import Workspace
+
+    db = Workspace(dashboard_workspace.root).results()
+    assert db.read("prompt_lab_sessions")["continuation_intervened"].tolist() == [api["intervened"]]
+    db.delete("prompt_lab_sessions")
+    app.button(key="lab_iv_remove_0").click().run()
+    assert [c.value for c in app.code] == clean
+
+
+def test_page_bad_input_gets_a_message(dashboard_workspace, monkeypatch) -> None:
+    app = _page(dashboard_workspace, monkeypatch)
+    app.text_area(key="lab_prompt").set_value("x " * 2000).run()
+    assert not app.exception and "over the limit" in app.error[0].value
+    app.text_area(key="lab_prompt").set_value("t0 t1 t2")
+    app.selectbox(key="lab_model").set_value("fsm-tiny").run()
+    app.radio(key="lab_overlay").set_value("SAE latents").run()
+    assert not app.exception and "another model or hook" in app.error[0].value
+    app.selectbox(key="lab_model").set_value("vit-digits").run()
+    assert not app.exception and "causal" in app.error[0].value
+    app.selectbox(key="lab_model").set_value("other reference…").run()
+    app.text_input(key="lab_reference").set_value("no/such-model@main").run()
+    assert not app.exception and app.error and "no/such-model" in app.error[0].value
