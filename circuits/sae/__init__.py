@@ -1,7 +1,7 @@
 """Sparse autoencoders and transcoders: architectures, trainer, evaluations, SAELens interop, feature pages, and
 the analysis that trains and evaluates them on any model and dataset (``circuits.sae.analysis``)."""
 
-from workbench.circuits.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (register architectures)
+from workbench.circuits.sae import batchtopk, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (register them)
 from workbench.circuits.sae.base import REGISTRY, SAE, SAEConfig, SAEInputError, create_sae, load_sae
 
 __all__ = ["demo_step", "REGISTRY", "SAE", "SAEConfig", "SAEInputError", "create_sae", "load_sae"]

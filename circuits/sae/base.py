@@ -29,7 +29,9 @@ class SAEInputError(ValueError):
 
 @dataclass
 class SAEConfig:
-    """Everything needed to rebuild an SAE; `k` is used by topk/batchtopk, `threshold` init by jumprelu."""
+    """Everything needed to rebuild an SAE; `k` is used by topk/batchtopk/matryoshka_batchtopk, `threshold` init by
+    jumprelu, `matryoshka_widths` (nested prefix sizes ending at d_sae; default d_sae/8, /4, /2, 1) by
+    matryoshka_batchtopk."""
 
     architecture: str
     d_in: int
@@ -43,6 +45,7 @@ class SAEConfig:
     aux_k: int | None = None
     bandwidth: float = 0.05
     init_threshold: float = 0.05
+    matryoshka_widths: list[int] | None = None
     hook_in: str = ""
     hook_out: str = ""
     model: str = ""
@@ -62,10 +65,22 @@ class SAEConfig:
             raise SAEInputError(
                 f"d_in, d_sae and d_out must be positive, got {self.d_in}, {self.d_sae}, {self.d_out}"
             )
-        if self.architecture in ("topk", "batchtopk") and (self.k is None or not 0 < self.k <= self.d_sae):
+        if self.architecture in K_ARCHITECTURES and (self.k is None or not 0 < self.k <= self.d_sae):
             raise SAEInputError(
                 f"k={self.k} is invalid for d_sae={self.d_sae}: pass 1 <= k <= d_sae (or widen the SAE)"
             )
+        if self.architecture == "matryoshka_batchtopk":
+            widths = list(self.matryoshka_widths or [max(1, self.d_sae // 8), max(1, self.d_sae // 4),
+                                                     max(1, self.d_sae // 2), self.d_sae])  # fmt: skip
+            widths = sorted(set(widths))
+            if widths[-1] < self.d_sae:
+                widths.append(self.d_sae)  # the outer level is the whole dictionary
+            if widths[0] < 1 or widths[-1] != self.d_sae:
+                raise SAEInputError(
+                    f"matryoshka_widths={self.matryoshka_widths} must be nested prefix sizes 1 <= w <= d_sae "
+                    f"(d_sae={self.d_sae}), e.g. [{self.d_sae // 4}, {self.d_sae // 2}, {self.d_sae}]"
+                )
+            self.matryoshka_widths = widths
 
     @property
     def is_transcoder(self) -> bool:
@@ -151,6 +166,14 @@ class SAE(nn.Module, abc.ABC):
         pre-activations pre [batch, d_sae]: {name: scalar tensor []} added to the MSE. None in the base class."""
         return {}
 
+    def auxiliary_losses(
+        self, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor, pre: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Training-loss terms that need the input x [batch, d_in] and target y [batch, d_out] besides the latents f
+        and pre-activations pre [batch, d_sae] (Gated's frozen-decoder reconstruction, Matryoshka's nested
+        prefixes): {name: scalar tensor []} added to the MSE. None in the base class."""
+        return {}
+
     @torch.no_grad()
     def initialize_from_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Data-dependent initialisation from the first training batch x [batch, d_in], y [batch, d_out].
@@ -160,18 +183,27 @@ class SAE(nn.Module, abc.ABC):
         by the least-squares factor c that makes the initial reconstruction f W_dec best fit y − b_dec. Without
         it, W_enc = W_decᵀ with unit rows over-shoots by ~9k/d_in when k is a sizeable fraction of d_in (initial
         FVU ≈ 8 at k = 32, d_in = 64)."""
-        mean_x = x.mean(0)
         skip = x @ self.W_skip if self.W_skip is not None else 0.0
         self.b_dec.copy_((y - skip).mean(0))
-        self.b_enc.copy_(-(mean_x @ self.W_enc))
+        self.center_encoder(x.mean(0))
         pred = self.encode(x) @ self.W_dec
         c = float((pred * (y - skip - self.b_dec)).sum() / pred.pow(2).sum().clamp_min(1e-12))
         if math.isfinite(c) and c > 0:
-            self.W_enc.mul_(c)
-            self.b_enc.mul_(c)
-            threshold = getattr(self, "threshold", None)
-            if isinstance(threshold, nn.Parameter):
-                threshold.mul_(c)
+            self.scale_encoder(c)
+
+    @torch.no_grad()
+    def center_encoder(self, mean_x: torch.Tensor) -> None:
+        """Biases making the pre-activations of the mean input [d_in] zero (b_enc = −mean_x W_enc)."""
+        self.b_enc.copy_(-(mean_x @ self.W_enc))
+
+    @torch.no_grad()
+    def scale_encoder(self, c: float) -> None:
+        """Scale the encoder (W_enc, b_enc, a learned threshold) by c: every latent's value scales by c."""
+        self.W_enc.mul_(c)
+        self.b_enc.mul_(c)
+        threshold = getattr(self, "threshold", None)
+        if isinstance(threshold, nn.Parameter):
+            threshold.mul_(c)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -209,6 +241,7 @@ class SAE(nn.Module, abc.ABC):
 
 
 REGISTRY: dict[str, type[SAE]] = {}
+K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # those that take k
 
 
 def register(name: str):

@@ -10,7 +10,10 @@ from workbench.circuits.sae.topk import TopKSAE
 
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
-    """Training: batch-level top-k; inference: f = pre * 1[pre > threshold] with the learned global threshold."""
+    """Training: batch-level top-k; inference: f = pre * 1[pre > threshold] with the learned global threshold.
+
+    Data-parallel (``batch_gather`` set): the batch is the global batch, and the kept entries are those at or
+    above the (k · global batch)-th largest value of all ranks."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -20,6 +23,15 @@ class BatchTopKSAE(TopKSAE):
         """pre [batch, d_sae] -> latents keeping the k*batch largest positive entries of the whole batch."""
         flat = pre.relu().flatten()
         n_keep = min(self.cfg.k * pre.shape[0], flat.numel())
+        if self.batch_gather is not None:
+            with torch.no_grad():  # every rank offers its largest k·(global batch) values; the cut is the
+                rows = int(self.batch_gather(pre.new_tensor([pre.shape[0]])).sum())  # global k·batch-th
+                n_global = min(self.cfg.k * rows, flat.numel() * rows // pre.shape[0])
+                candidates = self.batch_gather(
+                    flat.detach().topk(min(n_global, flat.numel()), sorted=False).values
+                )
+                cut = candidates.topk(n_global, sorted=True).values[-1]
+            return (pre * (flat.view_as(pre) >= cut.clamp_min(torch.finfo(pre.dtype).tiny))).relu()
         values, indices = flat.topk(n_keep, sorted=False)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
 
@@ -33,6 +45,10 @@ class BatchTopKSAE(TopKSAE):
         f = self.batch_activation(pre)
         with torch.no_grad():
             kept = f[f > 0]
+            if self.batch_gather is not None:  # the smallest kept activation of the global batch
+                local = kept.min().float() if kept.numel() else torch.tensor(torch.inf, device=f.device)
+                kept = self.batch_gather(local.reshape(1))
+                kept = kept[torch.isfinite(kept)]
             if kept.numel():
                 smallest = kept.min().float()
                 current = self.threshold if float(self.threshold) >= 0 else smallest

@@ -31,7 +31,9 @@ _TO_SAELENS = {
     ("relu", True, True): "skip_transcoder",
     ("jumprelu", True, False): "jumprelu_transcoder",
     ("jumprelu", True, True): "jumprelu_skip_transcoder",
+    ("gated", False, False): "gated",  # our b_enc is SAELens's b_gate (GATED_RENAMES)
 }
+GATED_RENAMES = {"b_enc": "b_gate"}
 _FROM_SAELENS = {name: arch for (arch, _, _), name in _TO_SAELENS.items()}
 SAELENS_ARCHITECTURES = tuple(_FROM_SAELENS)
 IDENTITY_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_whitening")
@@ -48,6 +50,8 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
             f"{' with skip' if key[2] else ''}: save with SAE.save instead"
         )
     name = _TO_SAELENS[key]
+    if name == "gated":
+        tensors = {GATED_RENAMES.get(k, k): v for k, v in tensors.items()}
     if "W_skip" in tensors:
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()
     cfg = {
@@ -112,6 +116,11 @@ def load_saelens(path: str | Path, device: str = "cpu") -> SAE:
     d_out = int(raw.get("d_out", d_in))
     architecture = _FROM_SAELENS[name]
     needed = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture == "jumprelu" else [])
+    if name == "gated":
+        tensors = {({v: k for k, v in GATED_RENAMES.items()}).get(k, k): v for k, v in tensors.items()}
+        needed += ["r_mag", "b_mag"]
+        if raw.get("apply_b_dec_to_input", True) and all(k in tensors for k in needed):  # the magnitude path too
+            tensors["b_mag"] = tensors["b_mag"] - tensors["b_dec"] @ (tensors["W_enc"] * tensors["r_mag"].exp())
     missing = [k for k in needed + (["W_skip"] if "skip" in name else []) if k not in tensors]
     if missing:
         raise SAEInputError(

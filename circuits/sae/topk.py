@@ -9,6 +9,8 @@ Gradients equal those of the dense formulation (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional as F
 
@@ -68,7 +70,12 @@ class _SparseDecode(torch.autograd.Function):
 
 @register("topk")
 class TopKSAE(SAE):
-    """f = relu(topk_k(x W_enc + b_enc))."""
+    """f = relu(topk_k(x W_enc + b_enc)).
+
+    ``batch_gather`` (set by the data-parallel trainer, else None) gathers a tensor [n] of every rank into
+    [world · n], so that batch-level statistics (the AuxK normaliser; BatchTopK's cut) are the global batch's."""
+
+    batch_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_activation(pre, self.cfg.k)
@@ -106,5 +113,13 @@ class TopKSAE(SAE):
             chosen, index = pre.masked_fill(~dead, -torch.inf).topk(aux_k, dim=-1)
         values = _ChosenPreActivations.apply(x, self.W_enc, self.b_enc, index, chosen.nan_to_num(0.0)).relu()
         recon = _SparseDecode.apply(index, values, self.W_dec)
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        if self.batch_gather is None:
+            denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        else:  # data-parallel: the residual's variance over the global batch
+            local = torch.cat(
+                [residual.sum(0), residual.pow(2).sum().reshape(1), residual.new_tensor([len(x)])]
+            )
+            total = self.batch_gather(local).view(-1, len(local)).sum(0)
+            n = total[-1]
+            denom = ((total[-2] - total[:-2].pow(2).sum() / n) / n).clamp_min(1e-8)
         return self.cfg.aux_k_coefficient * (recon - residual).pow(2).sum(-1).mean() / denom

@@ -18,6 +18,13 @@ from pathlib import Path
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
+from workbench.circuits.sae.distributed import (
+    Distributed,
+    agreed_resume_path,
+    prune_rank_states,
+    rank_state_name,
+    route_batches,
+)
 from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
@@ -165,12 +172,21 @@ def _scale(t: torch.Tensor) -> float:
     return float(math.sqrt(t.shape[-1]) / t.norm(dim=-1).mean().clamp_min(1e-8))
 
 
-def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | None = None) -> TrainResult:
+def train_saes(
+    saes: Mapping[str, SAE],
+    batches: Iterable,
+    cfg: TrainConfig | None = None,
+    distributed: Distributed | None = None,
+) -> TrainResult:
     """Train every SAE in `saes` on the same stream.
 
     Each batch is a dict {hook: [batch, d]} (each SAE reads its hook_in / hook_out), or, for one SAE,
     a tensor [batch, d_in] or an (x [batch, d_in], y [batch, d_out]) pair. Refused with ValueError: steps < 1,
     a stream without batches, a batch with NaN/inf (named by its step), a loss that turns non-finite.
+
+    ``distributed`` (``workbench.circuits.sae.distributed``): in mode "data" every rank passes the same SAEs and
+    its own batches, and the ranks train identical SAEs on the global batch; in mode "hooks" every rank passes the
+    SAEs it owns (``owned_names``) and its own dict batches, and each SAE trains on the global batch of its hooks.
     """
     from tqdm.auto import tqdm
 
@@ -179,26 +195,49 @@ def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | No
     saes = dict(saes)
     for name in saes:
         check_sae_name(name)
+    data_parallel = distributed is not None and distributed.mode == "data"
+    sharded = distributed is not None and distributed.mode == "hooks"
+    world = distributed.world_size if data_parallel and distributed is not None else 1
     params = [p for sae in saes.values() for p in sae.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=_can_fuse(params))
+    optimizer = torch.optim.Adam(params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr, betas=(0.9, 0.999),
+                                 fused=_can_fuse(params))  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     tokens_since_fired = {n: torch.zeros(s.d_sae, dtype=torch.long, device=s.device) for n, s in saes.items()}
     scales: dict[str, tuple[float, float]] = {}
     history: dict[str, list[dict[str, float]]] = {n: [] for n in saes}
     pending: dict[str, list] = {n: [] for n in saes}  # metrics still as tensors: one device sync per flush
     start = 0
-    state_path = Path(cfg.checkpoint_dir) / TRAINER_STATE if cfg.checkpoint_dir else None
-    if state_path is not None:
-        for leftover in state_path.parent.glob(f".{TRAINER_STATE}.*.tmp"):  # a kill before the rename
-            leftover.unlink(missing_ok=True)
-        if state_path.exists():
-            start = _resume(state_path, saes, optimizer, scheduler, tokens_since_fired, scales, history)
+    writes = distributed is None or sharded or distributed.is_main  # data-parallel: rank 0 writes for all
+    state_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    resume_from: Path | None = None
+    if state_dir is not None:
+        for leftover in state_dir.glob(f".{TRAINER_STATE.split('.')[0]}*.tmp") if writes else ():
+            leftover.unlink(missing_ok=True)  # a kill before the rename
+        if sharded and distributed is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            resume_from = agreed_resume_path(state_dir, TRAINER_STATE, distributed)
+        elif (state_dir / TRAINER_STATE).exists():
+            resume_from = state_dir / TRAINER_STATE
+        if resume_from is not None:
+            start = _resume(resume_from, saes, optimizer, scheduler, tokens_since_fired, scales, history)
     iterator: Iterator = iter(batches)
     for skipped in range(start):
         if next(iterator, None) is None:
             raise ValueError(
                 f"the batch stream ended after {skipped} batches, but the checkpoint in {cfg.checkpoint_dir} is "
                 f"at step {start}: resume with the same stream from its beginning"
+            )
+    if sharded and distributed is not None:
+        needs = distributed.all_gather_object(
+            sorted({h for s in saes.values() for h in (s.hook_in, s.hook_out)})
+        )
+        iterator = route_batches(iterator, dict(enumerate(needs)), distributed)
+    elif data_parallel and distributed is not None:
+        iterator = _agreed_stream(iterator, distributed)
+    for sae in saes.values():
+        if isinstance(sae, TopKSAE):
+            sae.batch_gather = (
+                distributed.all_gather_rows if data_parallel and distributed is not None else None
             )
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc="train SAE")
     for step in bar:
@@ -210,53 +249,101 @@ def train_saes(saes: Mapping[str, SAE], batches: Iterable, cfg: TrainConfig | No
                     "[batch, d_in], (x, y) pairs or {hook: tensor} dicts), e.g. store.iter_batches(hook, 256)"
                 )
             break
-        total = 0.0
+        total: torch.Tensor | float = 0.0
+        step_stats: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor], int]] = {}
         for name, sae in saes.items():
             x, y = _as_pair(batch, sae, f"{name} at step {step} (batch {step} of the stream)")
             first = name not in scales
-            if first:
-                scales[name] = (_scale(x), _scale(y)) if cfg.normalize_activations else (1.0, 1.0)
+            if first:  # data-parallel: the scale and initialisation come from the first global batch
+                gx = distributed.all_gather_rows(x) if data_parallel and distributed is not None else x
+                gy = (
+                    gx if y is x else (distributed.all_gather_rows(y) if data_parallel and distributed else y)
+                )
+                scales[name] = (_scale(gx), _scale(gy)) if cfg.normalize_activations else (1.0, 1.0)
             s_in, s_out = scales[name]
             x, y = (x * s_in if s_in != 1.0 else x), (y * s_out if s_out != 1.0 else y)
             if first and cfg.data_init:
-                sae.initialize_from_batch(x, y)
+                sae.initialize_from_batch(gx * s_in, gy * s_out)
             dead = tokens_since_fired[name] > cfg.dead_after_tokens
             f, prediction, pre, _ = sae.training_forward(x, dead)
             residual = y - prediction
             mse = residual.pow(2).sum(-1).mean()
-            losses = {"mse": mse} | sae.sparsity_loss(f, pre)
+            losses = {"mse": mse} | sae.sparsity_loss(f, pre) | sae.auxiliary_losses(x, y, f, pre)
             if isinstance(sae, TopKSAE):
                 losses["aux_k"] = sae.aux_loss(x, pre.detach(), residual.detach(), dead)
             loss = sum(losses.values())
             total = total + loss
             with torch.no_grad():
                 fired, l0 = _latent_stats(f)
-                tokens_since_fired[name] += x.shape[0]
-                tokens_since_fired[name].masked_fill_(fired, 0)
                 variance = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
                 metrics = {"loss": loss.detach(), "fvu": mse.detach() * x.shape[0] / variance, "l0": l0,
                            "dead": dead.float().mean()}  # fmt: skip
+            step_stats[name] = (fired, metrics, x.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        if isinstance(total, torch.Tensor) and params:
+            total.backward()
+        if data_parallel and distributed is not None:
+            _all_reduce_step(params, step_stats, distributed)
+        for name, (fired, metrics, rows) in step_stats.items():
+            with torch.no_grad():
+                tokens_since_fired[name] += rows * world
+                tokens_since_fired[name].masked_fill_(fired, 0)
             pending[name].append((step, metrics))
-        if cfg.progress and (step % 10 == 0 or step == cfg.steps - 1):
+        if cfg.progress and saes and (step % 10 == 0 or step == cfg.steps - 1):
             _flush(pending, history)
             last = history[next(iter(saes))][-1]
             bar.set_postfix(l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
         optimizer.step()
         scheduler.step()
         for sae in saes.values():
             sae.normalize_decoder()
             if hasattr(sae, "clamp_threshold"):
                 sae.clamp_threshold()
-        if state_path is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+        if state_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             _flush(pending, history)
-            _checkpoint(state_path, step + 1, saes, optimizer, scheduler, tokens_since_fired, scales, history)
+            if sharded and distributed is not None:
+                name = rank_state_name(TRAINER_STATE, distributed.rank, distributed.world_size, step + 1)
+                _checkpoint(state_dir / name, step + 1, saes, optimizer, scheduler, tokens_since_fired, scales,
+                            history)  # fmt: skip
+                prune_rank_states(state_dir, TRAINER_STATE, distributed, step + 1)
+            elif writes:
+                _checkpoint(state_dir / TRAINER_STATE, step + 1, saes, optimizer, scheduler, tokens_since_fired,
+                            scales, history)  # fmt: skip
     _flush(pending, history)
     for name, sae in saes.items():
+        if isinstance(sae, TopKSAE):
+            sae.batch_gather = None
         s_in, s_out = scales.get(name, (1.0, 1.0))
         sae.fold_scaling(s_in, s_out)
     return TrainResult(saes, history)
+
+
+def _agreed_stream(iterator: Iterator, ctx: Distributed) -> Iterator:
+    """Data-parallel: the local batches, ending on every rank as soon as any rank's stream ends."""
+    while True:
+        batch = next(iterator, None)
+        if ctx.all_reduce_min_int(0 if batch is None else 1) == 0:
+            return
+        yield batch
+
+
+def _all_reduce_step(
+    params: list[torch.Tensor], step_stats: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor], int]],
+    ctx: Distributed,
+) -> None:  # fmt: skip
+    """Data-parallel: average the gradients, the step's metrics and the fired masks [d_sae] over the ranks in one
+    all_reduce (a latent fired if it fired on any rank); updates the tensors in ``step_stats`` in place."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    fired_parts = {name: fired.float() for name, (fired, _, _) in step_stats.items()}
+    metric_parts = [m for _, metrics, _ in step_stats.values() for m in metrics.values()]
+    with torch.no_grad():
+        ctx.all_reduce_mean_([*grads, *[m.reshape(1) for m in metric_parts], *fired_parts.values()])
+    for name, (_, metrics, rows) in list(step_stats.items()):
+        step_stats[name] = (fired_parts[name] > 0, metrics, rows)
 
 
 def live_batches(
