@@ -7,6 +7,14 @@ from typing import Annotated
 
 import typer
 
+from workbench.circuits.circuits_cli import (
+    DepthOption,
+    FeatureOption,
+    LayerOption,
+    PositionOption,
+    PromptIndexOption,
+    TopKOption,
+)
 from workbench.cli_options import (
     BatchSizeOption,
     ContextOption,
@@ -37,13 +45,16 @@ DATA_REQUIRED = (
 
 @app.command()
 def train(
+    context: typer.Context,
     model: ModelArgument,
     hook: Annotated[str, typer.Option(help="Input hook, e.g. blocks.0.hook_resid_post.")],
     data: DataOption = None,
     hook_out: Annotated[
         str | None, typer.Option(help="Output hook for a transcoder (e.g. blocks.0.hook_mlp_out).")
     ] = None,
-    architecture: Annotated[str, typer.Option(help="relu, topk, batchtopk or jumprelu.")] = "topk",
+    architecture: Annotated[
+        str, typer.Option(help="relu, topk, batchtopk, jumprelu, gated or matryoshka_batchtopk.")
+    ] = "topk",
     d_sae: Annotated[int, typer.Option(help="Number of latents.")] = 256,
     k: Annotated[int, typer.Option(help="Active latents per token (topk / batchtopk).")] = 8,
     skip: Annotated[bool, typer.Option(help="Skip transcoder (adds x @ W_skip).")] = False,
@@ -61,27 +72,77 @@ def train(
     workspace: WorkspaceOption = None,
     progress: ProgressOption = True,
     trust_remote_code: TrustRemoteCodeOption = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="Data-parallel processes on this machine (torchrun; gloo on CPU, NCCL on GPU). For "
+            "several machines run `torchrun --nnodes ... -m workbench.cli sae train ...` instead."
+        ),
+    ] = 1,  # fmt: skip
+    mask_outliers: Annotated[
+        float | None,
+        typer.Option(
+            help="Leave out of training the tokens whose norm exceeds this many times the median "
+            "(attention sinks / massive activations), e.g. 10."
+        ),
+    ] = None,  # fmt: skip
+    mask_action: Annotated[
+        str, typer.Option(help="What --mask-outliers does to such tokens: exclude or cap (scale down).")
+    ] = "exclude",
 ) -> None:
     """Train one SAE / transcoder on MODEL's activations over --data, save it under the workspace (saes/<id>/) and
     write sae_evals (held-out quarter of the rows) and sae_features."""
+    from workbench.circuits.sae import distributed as dist
     from workbench.circuits.sae.analysis import ANALYSIS, default_sae_id, run, write_results
+    from workbench.circuits.sae.base import K_ARCHITECTURES
     from workbench.circuits.sae.train import check_sae_name
 
     if data is None:
         fail(DATA_REQUIRED)
+    if nproc > 1 and not dist.launched_by_torchrun():  # re-run this very command on nproc ranks
+        dist.launch(nproc, ["sae", "train", *_argv(context, drop=("nproc",))])
+        return
+    ctx = dist.init_distributed("data", device) if dist.launched_by_torchrun() else None
+    main = ctx is None or ctx.is_main
     name = check_sae_name(sae_id) if sae_id else default_sae_id(model, hook, architecture, hook_out)
     spec = {"architecture": architecture, "d_sae": d_sae, "hook_in": hook, "hook_out": hook_out or hook,
-            "skip": skip} | ({"k": k} if architecture in ("topk", "batchtopk") else {})  # fmt: skip
-    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+            "skip": skip} | ({"k": k} if architecture in K_ARCHITECTURES else {})  # fmt: skip
+    hooked = open_model(
+        model, workspace, str(ctx.device) if ctx else device, "float32", trust_remote_code
+    ).eval()
     dataset = open_data(data)
+    options = {"outlier_norm": mask_outliers, "outlier_action": mask_action} if mask_outliers else {}
     frames = run(hooked, dataset, {name: spec}, workspace=workspace, max_tokens=max_tokens,
                  context_length=context_length, batch_size=batch_size, steps=steps,
-                 train_batch_size=train_batch_size, seed=seed, progress=progress)  # fmt: skip
-    write_results(workspace, frames)
-    row = frames["sae_evals"].iloc[0]
-    typer.echo(f"{name}: {_metrics(row)}")
-    typer.echo(f"saved to saes/{name}; {hooked.cfg.name} on {row['dataset']!r} written to the workspace (tables "
-               f"{', '.join(ANALYSIS.table_names)})")  # fmt: skip
+                 train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
+                 train_options=options)  # fmt: skip
+    if main:
+        write_results(workspace, frames)
+        row = frames["sae_evals"].iloc[0]
+        ranks = f" ({ctx.world_size} data-parallel processes)" if ctx else ""
+        typer.echo(f"{name}: {_metrics(row)}{ranks}")
+        typer.echo(f"saved to saes/{name}; {hooked.cfg.name} on {row['dataset']!r} written to the workspace (tables "
+                   f"{', '.join(ANALYSIS.table_names)})")  # fmt: skip
+    if ctx is not None:
+        dist.shutdown()
+
+
+def _argv(context: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives ``context``'s parameter values (what a torchrun rank re-parses)."""
+    argv: list[str] = []
+    for param in context.command.params:
+        value = context.params.get(param.name or "")
+        if param.name in drop or value is None:
+            continue
+        opts, negative = list(param.opts), list(getattr(param, "secondary_opts", []))
+        if param.param_type_name == "argument":
+            argv.append(str(value))
+        elif getattr(param, "is_flag", False):
+            argv += [opts[0]] if value else negative[:1]
+        else:
+            for item in value if getattr(param, "multiple", False) else [value]:
+                argv += [opts[0], str(item)]
+    return argv
 
 
 @app.command("eval")
@@ -130,19 +191,13 @@ def circuit(
         ),
     ],
     data: DataOption = None,
-    layer: Annotated[
-        int | None, typer.Option(help="Target layer (default: the highest transcoder's).")
-    ] = None,
-    feature: Annotated[
-        int | None, typer.Option(help="Target feature (default: the most active at --position).")
-    ] = None,
-    prompt_index: Annotated[int, typer.Option(min=0, help="Which token row of --data is the prompt.")] = 0,
-    position: Annotated[
-        int, typer.Option(help="Target position in the prompt (negative: from the end).")
-    ] = -1,
+    layer: LayerOption = None,
+    feature: FeatureOption = None,
+    prompt_index: PromptIndexOption = 0,
+    position: PositionOption = -1,
     context_length: ContextOption = 64,
-    top_k: Annotated[int, typer.Option(min=1, help="Contributors kept per node.")] = 3,
-    depth: Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")] = 3,
+    top_k: TopKOption = 3,
+    depth: DepthOption = 3,
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,

@@ -175,3 +175,34 @@ def test_gated_saelens_file_with_input_centering_loads_folded(tmp_path):
     x = torch.randn(64, D_IN, generator=generator)
     with torch.no_grad():
         torch.testing.assert_close(load_sae(tmp_path).encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- masking
+def test_outlier_masking_drops_a_planted_massive_token():
+    """One row in 16 is an attention-sink-like token: a fixed direction at 60× the typical norm. Excluding rows
+    over 10× the median norm masks exactly those rows and reconstructs the ordinary rows better."""
+    data, _ = _planted(200 * 64, 1)
+    sink = torch.zeros(D_IN)
+    sink[3] = 60 * float(data.norm(dim=-1).median())
+    data.view(200, 64, D_IN)[:, ::16] = sink + 0.01 * data.view(200, 64, D_IN)[:, ::16]
+    held_out, _ = _planted(2048, 7)
+    fvu = {}
+    for label, extra in (("plain", {}), ("exclude", {"outlier_norm": 10.0}), ("cap", {"outlier_norm": 10.0,
+                                                                                     "outlier_action": "cap"})):  # fmt: skip
+        cfg = TrainConfig(steps=200, lr=3e-3, warmup_steps=10, progress=False, dead_after_tokens=2048, **extra)
+        result = train_sae_history(SAEConfig("topk", d_in=D_IN, d_sae=D_SAE, k=6), list(data.view(200, 64, D_IN)), cfg)
+        sae, history = result
+        fvu[label] = _fvu(sae.eval(), held_out)
+        if extra:
+            assert {row["masked"] for row in history} == {4 / 64}, label
+    assert fvu["exclude"] < 0.8 * fvu["plain"], fvu
+    with pytest.raises(ValueError, match="outlier_norm=0.5.*factor above 1"):
+        train_sae(seeded_sae(SAEConfig("topk", d_in=D_IN, d_sae=D_SAE, k=6), 0), [data[:64]],
+                  TrainConfig(steps=1, progress=False, outlier_norm=0.5))  # fmt: skip
+
+
+def train_sae_history(cfg: SAEConfig, batches, train_cfg: TrainConfig):
+    from workbench.circuits.sae.train import train_saes
+
+    result = train_saes({"sae": seeded_sae(cfg, 0)}, batches, train_cfg)
+    return result.saes["sae"], result.history["sae"]

@@ -422,9 +422,11 @@ class ActivationStore:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        shards: Sequence[int] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches {hook: [batch, ...], "token_ids": [batch], "location": [batch, 2] (sequence, position)} over all
-        rows once, in a seeded order across shards.
+        rows once (or the rows of the given shard indices only: a rank's disjoint share), in a seeded order across
+        shards.
 
         Memory stays bounded by one batch plus the mapped shard pages in use.
         """
@@ -433,8 +435,17 @@ class ActivationStore:
             self._column_check(name)
         sizes = [s["rows"] for s in self.manifest["shards"]]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        order = np.random.default_rng(seed).permutation(self.n_rows) if shuffle else np.arange(self.n_rows)
-        for begin in range(0, self.n_rows, batch_size):
+        if shards is None:
+            rows_read = np.arange(self.n_rows)
+        else:
+            bad = [i for i in shards if not 0 <= i < len(sizes)]
+            if bad:
+                raise StoreError(f"{self.path} has shards 0..{len(sizes) - 1}, not {bad}")
+            rows_read = np.concatenate(
+                [np.arange(starts[i], starts[i + 1]) for i in shards] or [np.zeros(0, int)]
+            )
+        order = np.random.default_rng(seed).permutation(rows_read) if shuffle else rows_read
+        for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
             if drop_last and len(rows) < batch_size:
                 break

@@ -23,6 +23,7 @@ import torch
 
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, load_sae
+from workbench.circuits.sae.distributed import Distributed, document_range, owned_names, store_shards
 from workbench.circuits.sae.evals import evaluate_sae, sae_dir
 from workbench.circuits.sae.features import feature_pages
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_saes
@@ -236,13 +237,15 @@ def _split(n_rows: int, data: Dataset, context_length: int) -> int:
     return max(1, min(n_rows - 1, round(n_rows * (1 - EVAL_FRACTION))))
 
 
-def _rows_stream(store, hooks: list[str], batch_size: int, below_sequence: int | None) -> Iterator[dict]:
-    """Endless shuffled batches {hook: [batch_size, d]} of the store's rows (only sequences < below_sequence)."""
+def _rows_stream(store, hooks: list[str], batch_size: int, below_sequence: int | None,
+                 shards: list[int] | None = None) -> Iterator[dict]:  # fmt: skip
+    """Endless shuffled batches {hook: [batch_size, d]} of the store's rows (only sequences < below_sequence; only
+    the given shards, for a rank of a distributed run)."""
     epoch = 0
     pending: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     filled = 0
     while True:
-        for batch in store.iter_batches(hooks, batch_size, shuffle=True, seed=epoch):
+        for batch in store.iter_batches(hooks, batch_size, shuffle=True, seed=epoch, shards=shards):
             keep = slice(None) if below_sequence is None else batch["location"][:, 0] < below_sequence
             for hook in hooks:
                 pending[hook].append(batch[hook][keep])
@@ -271,6 +274,8 @@ def run(
     seed: int = 0,
     pages: bool = True,
     progress: bool = True,
+    distributed: Distributed | None = None,
+    train_options: Mapping[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Train every SAE / transcoder of ``specs`` on ``model``'s activations over ``data`` → {table: DataFrame}.
 
@@ -284,6 +289,12 @@ def run(
         steps, train_batch_size, lr: optimisation (activation rows per step).
         seed: the SAEs' initialisation and the order of the documents (same seed, same SAE files).
         pages: also the feature pages of each SAE (not of transcoders).
+        train_options: further ``TrainConfig`` fields (e.g. ``outlier_norm=10`` to mask attention-sink tokens).
+        distributed: this rank of a torchrun job (``circuits.sae.distributed.init_distributed``): every rank captures
+            its own document range of the training rows into its own store (or reads its own shards of a store
+            given as data) and trains (data-parallel: the SAEs on the global batch of ``train_batch_size`` rows;
+            hook-sharded: the SAEs it owns); rank 0 saves and evaluates (hook-sharded: each owner its own), and
+            every rank returns the same frames.
     Returns ``{"sae_evals": one row per SAE on the held-out quarter of the rows, "sae_features": one row per latent
     of each SAE (absent when only transcoders were trained)}``.
     """
@@ -307,8 +318,11 @@ def run(
         for sae_id, spec in specs.items()
     }  # fmt: skip
     check_memory(configs, model.device)
+    rank, world = (distributed.rank, distributed.world_size) if distributed is not None else (0, 1)
+    sharded = distributed is not None and distributed.mode == "hooks"
+    mine = owned_names(list(configs), rank, world) if sharded else list(configs)
     saes = {}
-    for sae_id, cfg in configs.items():
+    for sae_id, cfg in ((n, configs[n]) for n in mine):
         try:
             saes[sae_id] = seeded_sae(cfg, seed).to(model.device)
         except RuntimeError as err:  # the allocator refused despite the estimate
@@ -322,25 +336,41 @@ def run(
         sequences = store.locations()[:, 0].unique(sorted=True)
         below = int(sequences[split]) if split < len(sequences) else None
         train_rows = int((store.locations()[:, 0] < below).sum()) if below is not None else store.n_rows
+        shards, row_range = store_shards(len(store.manifest["shards"]), store.n_rows, rank, world)
+        if row_range is not None:
+            raise SAEInputError(
+                f"activation store {store.path} has {len(store.manifest['shards'])} shard(s) for {world} ranks, "
+                "and each rank reads whole shards: recapture it with more shards (smaller --shard-rows) or run "
+                "fewer processes"
+            )
     else:
         ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
                                batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
         split = _split(len(ids), data, context_length)
-        rows = [r[m.bool()].tolist() for r, m in zip(ids[:split], mask[:split], strict=True)]
+        if split < world:
+            raise DatasetError(f"dataset {data.name!r} gave {split} training rows for {world} ranks: give more text "
+                               "or run fewer processes")  # fmt: skip
+        mine_rows = document_range(split, rank, world)  # disjoint document ranges per rank
+        rows = [r[m.bool()].tolist() for r, m in zip(ids[mine_rows], mask[mine_rows], strict=True)]
         step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
         name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}"
+        name += f"-rank{rank}-of-{world}" if world > 1 else ""
         from workbench.store import capture_to_store
 
         store = capture_to_store(model, rows, hooks, ws.store_dir(safe_name(name)), batch_size=batch_size,
                                  max_length=context_length, dataset=dataset, checkpoint=model.cfg.checkpoint,
                                  overwrite=True, progress=progress)  # fmt: skip
-        below, train_rows = None, store.n_rows
-    batch = min(train_batch_size, train_rows)
+        below, train_rows, shards = None, store.n_rows, None
+    batch = max(1, min(train_batch_size, train_rows * world) // world)  # rows per rank and step
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=min(20, steps), progress=progress,
-                      dead_after_tokens=10 * batch)  # fmt: skip
-    trained = train_saes(saes, _rows_stream(store, hooks, batch, below), cfg).saes
+                      dead_after_tokens=10 * batch * world, **(train_options or {}))  # fmt: skip
+    trained = train_saes(
+        saes, _rows_stream(store, hooks, batch, below, shards), cfg, distributed=distributed
+    ).saes
     evals, features = [], []
     for sae_id, sae in trained.items():
+        if distributed is not None and not sharded and not distributed.is_main:
+            break  # data-parallel ranks hold the same SAEs: rank 0 saves and evaluates them
         sae.eval()
         sae.save(sae_dir(ws, sae_id))
         frame = evaluate_sae(model, sae, ids[split:], sae_id, batch_size=batch_size, dataset=dataset,
@@ -348,6 +378,10 @@ def run(
         evals.append(frame.assign(n_train_rows=train_rows, train_steps=steps))
         if pages and not sae.cfg.is_transcoder:
             features.append(feature_pages(sae, store, sae_id, model=model, progress=progress))
+    if distributed is not None:  # every rank gets every rank's rows
+        gathered = distributed.all_gather_object((evals, features))
+        evals = [frame for part, _ in gathered for frame in part]
+        features = [frame for _, part in gathered for frame in part]
     frames = {"sae_evals": pd.concat(evals, ignore_index=True)}
     if features:
         frames["sae_features"] = pd.concat(features, ignore_index=True)

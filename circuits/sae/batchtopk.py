@@ -26,10 +26,10 @@ class BatchTopKSAE(TopKSAE):
         if self.batch_gather is not None:
             with torch.no_grad():  # every rank offers its largest k·(global batch) values; the cut is the
                 rows = int(self.batch_gather(pre.new_tensor([pre.shape[0]])).sum())  # global k·batch-th
-                n_global = min(self.cfg.k * rows, flat.numel() * rows // pre.shape[0])
-                candidates = self.batch_gather(
-                    flat.detach().topk(min(n_global, flat.numel()), sorted=False).values
-                )
+                n_global = min(self.cfg.k, self.d_sae) * rows
+                offered = flat.detach().topk(min(n_global, flat.numel()), sorted=False).values
+                offered = torch.cat([offered, offered.new_full((n_global - len(offered),), -torch.inf)])
+                candidates = self.batch_gather(offered)  # as long on every rank, even when masking drops rows
                 cut = candidates.topk(n_global, sorted=True).values[-1]
             return (pre * (flat.view_as(pre) >= cut.clamp_min(torch.finfo(pre.dtype).tiny))).relu()
         values, indices = flat.topk(n_keep, sorted=False)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 MODES = ("data", "hooks")
 DEFAULT_TIMEOUT_S = 600  # a rank waiting this long on a dead peer gives up (torchrun also stops the job)
+_TORCHRUN_LOG = re.compile(rb"^[WEI]\d{4} \d\d:\d\d:\d\d")  # torchrun's own log lines (W1201 12:13:54...)
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -87,6 +88,11 @@ class Distributed:
     def all_reduce_min_int(self, value: int) -> int:
         t = self._on(torch.tensor([value], dtype=torch.long))
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def all_reduce_sum_int(self, value: int) -> int:
+        t = self._on(torch.tensor([value], dtype=torch.long))
+        dist.all_reduce(t)
         return int(t.item())
 
     def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -249,25 +255,30 @@ def torchrun_command(nproc: int, module_args: Sequence[str]) -> list[str]:
 def launch(nproc: int, module_args: Sequence[str]) -> None:
     """Run ``workbench <module_args>`` on ``nproc`` local processes under torchrun (rank 0 prints the output).
 
-    The ranks' own output passes through as it comes; torchrun's failure report (a traceback) is held back and a
-    DistributedRunError carries the ranks' first ``error:`` line instead."""
+    The ranks' own output passes through as it comes; torchrun's log lines and failure report (a traceback) are held
+    back, and a DistributedRunError carries the ranks' first ``error:`` line instead."""
     if nproc < 1:
         raise DistributedRunError(f"--nproc {nproc}: run at least one process")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     process = subprocess.Popen(torchrun_command(nproc, module_args), env=env, stderr=subprocess.PIPE)
     assert process.stderr is not None
-    seen, passing = b"", True
+    seen, pending, passing = b"", b"", True
     while chunk := os.read(process.stderr.fileno(), 65536):
-        seen += chunk
-        if passing and b"Traceback (most recent call last)" in seen[-len(chunk) - 40 :]:
-            passing = False  # torchrun's report of a failed rank: its error line is what the user needs
-        if passing:
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
+        seen, pending = seen + chunk, pending + chunk
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        if b"\r" in pending:  # a progress bar redrawing: show it as it comes
+            shown, _, pending = pending.rpartition(b"\r")
+            lines.append(shown + b"\r")
+        for line in lines:
+            passing = passing and not line.startswith(b"Traceback (most recent call last)")
+            if passing and not _TORCHRUN_LOG.match(line) and not line.startswith(b"error:"):
+                sys.stderr.buffer.write(line if line.endswith(b"\r") else line + b"\n")
+        sys.stderr.flush()
     if process.wait() != 0:
-        lines = seen.decode(errors="replace").splitlines()
-        errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
-        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        text = seen.decode(errors="replace").splitlines()
+        errors = [line.removeprefix("error:").strip() for line in text if line.startswith("error:")]
+        last = next((line for line in reversed(text) if line.strip()), "no output")
         raise DistributedRunError(
             f"{errors[0] if errors else last} (a rank of the {nproc}-process run failed)"
         )

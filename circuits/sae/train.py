@@ -47,6 +47,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     progress: bool = True
     data_init: bool = True  # SAE.initialize_from_batch on the first batch (b_dec = mean, encoder scale)
+    # Outlier-token masking (attention sinks / massive activations): rows whose input norm exceeds outlier_norm ×
+    # the median row norm of the first (global) batch are left out of training ("exclude") or scaled down to that
+    # norm ("cap"); None trains on every row. The masked fraction is logged as "masked".
+    outlier_norm: float | None = None
+    outlier_action: str = "exclude"
 
 
 @dataclass
@@ -78,6 +83,13 @@ def _check_config(cfg: TrainConfig) -> None:
     if isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1:
         raise ValueError(
             f"TrainConfig.steps must be a whole number of at least 1, got {cfg.steps!r}; pass steps=N"
+        )
+    if cfg.outlier_action not in ("exclude", "cap") or (
+        cfg.outlier_norm is not None and cfg.outlier_norm <= 1
+    ):
+        raise ValueError(
+            f"outlier_norm={cfg.outlier_norm!r}, outlier_action={cfg.outlier_action!r}: pass a factor above 1 (e.g. "
+            "10: rows over 10× the median norm) and 'exclude' or 'cap', or outlier_norm=None for no masking"
         )
     if cfg.checkpoint_every < 0 or (cfg.checkpoint_every and cfg.checkpoint_dir is None):
         raise ValueError(
@@ -262,8 +274,18 @@ def train_saes(
                 scales[name] = (_scale(gx), _scale(gy)) if cfg.normalize_activations else (1.0, 1.0)
             s_in, s_out = scales[name]
             x, y = (x * s_in if s_in != 1.0 else x), (y * s_out if s_out != 1.0 else y)
+            if first:
+                gx, gy = gx * s_in, (gx * s_in if gy is gx else gy * s_out)
+            if cfg.outlier_norm is not None:
+                limit_key = (
+                    f"{name}/outlier_limit"  # kept with the scales, so a resumed run masks the same rows
+                )
+                if first:
+                    scales[limit_key] = (cfg.outlier_norm * float(gx.norm(dim=-1).median()), 0.0)
+                    gx, gy, _ = _mask_outliers(gx, gy, scales[limit_key][0], cfg.outlier_action)
+                x, y, masked = _mask_outliers(x, y, scales[limit_key][0], cfg.outlier_action)
             if first and cfg.data_init:
-                sae.initialize_from_batch(gx * s_in, gy * s_out)
+                sae.initialize_from_batch(gx, gy)
             dead = tokens_since_fired[name] > cfg.dead_after_tokens
             f, prediction, pre, _ = sae.training_forward(x, dead)
             residual = y - prediction
@@ -272,12 +294,18 @@ def train_saes(
             if isinstance(sae, TopKSAE):
                 losses["aux_k"] = sae.aux_loss(x, pre.detach(), residual.detach(), dead)
             loss = sum(losses.values())
+            if (
+                cfg.outlier_norm is not None and data_parallel and distributed is not None
+            ):  # ranks kept unequal rows
+                loss = loss * (x.shape[0] * world / max(distributed.all_reduce_sum_int(x.shape[0]), 1))
             total = total + loss
             with torch.no_grad():
                 fired, l0 = _latent_stats(f)
                 variance = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
                 metrics = {"loss": loss.detach(), "fvu": mse.detach() * x.shape[0] / variance, "l0": l0,
                            "dead": dead.float().mean()}  # fmt: skip
+                if cfg.outlier_norm is not None:
+                    metrics["masked"] = masked
             step_stats[name] = (fired, metrics, x.shape[0])
         optimizer.zero_grad(set_to_none=True)
         if isinstance(total, torch.Tensor) and params:
@@ -313,9 +341,25 @@ def train_saes(
     for name, sae in saes.items():
         if isinstance(sae, TopKSAE):
             sae.batch_gather = None
-        s_in, s_out = scales.get(name, (1.0, 1.0))
+        s_in, s_out = scales.get(name, (1.0, 1.0))[:2]
         sae.fold_scaling(s_in, s_out)
     return TrainResult(saes, history)
+
+
+def _mask_outliers(
+    x: torch.Tensor, y: torch.Tensor, limit: float, action: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of x [rows, d_in] (and their targets y [rows, d_out]) whose norm exceeds ``limit``: dropped
+    ("exclude") or scaled down to norm ``limit`` ("cap", the target by the same factor) -> (x, y, masked fraction [])."""
+    norms = x.norm(dim=-1)
+    outlier = norms > limit
+    fraction = outlier.float().mean()
+    if not bool(outlier.any()):
+        return x, y, fraction
+    if action == "cap":
+        factor = (limit / norms.clamp_min(1e-12)).clamp(max=1.0)[:, None]
+        return x * factor, (x * factor if y is x else y * factor), fraction
+    return x[~outlier], (x[~outlier] if y is x else y[~outlier]), fraction
 
 
 def _agreed_stream(iterator: Iterator, ctx: Distributed) -> Iterator:
