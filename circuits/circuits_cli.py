@@ -20,6 +20,16 @@ from workbench.cli_options import (
 )
 
 app = typer.Typer(help="Transcoder circuits in other tools' formats.", no_args_is_help=True)
+
+# The circuit's options, shared with `workbench sae circuit`.
+LayerOption = Annotated[int | None, typer.Option(help="Target layer (default: the highest transcoder's).")]
+FeatureOption = Annotated[
+    int | None, typer.Option(help="Target feature (default: the most active at --position).")
+]
+PromptIndexOption = Annotated[int, typer.Option(min=0, help="Which token row of --data is the prompt.")]
+PositionOption = Annotated[int, typer.Option(help="Target position in the prompt (negative: from the end).")]
+TopKOption = Annotated[int, typer.Option(min=1, help="Contributors kept per node.")]
+DepthOption = Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")]
 EXPORT_FORMATS = ("circuit-tracer",)
 
 
@@ -38,17 +48,13 @@ def export(
     ],
     data: DataOption = None,
     format: Annotated[str, typer.Option("--format", help="circuit-tracer.")] = "circuit-tracer",
-    layer: Annotated[
-        int | None, typer.Option(help="Target layer (default: the highest transcoder's).")
-    ] = None,
-    feature: Annotated[int | None, typer.Option(help="Target feature (default: the most active).")] = None,
-    prompt_index: Annotated[int, typer.Option(min=0, help="Which token row of --data is the prompt.")] = 0,
-    position: Annotated[
-        int, typer.Option(help="Target position in the prompt (negative: from the end).")
-    ] = -1,
+    layer: LayerOption = None,
+    feature: FeatureOption = None,
+    prompt_index: PromptIndexOption = 0,
+    position: PositionOption = -1,
     context_length: ContextOption = 64,
-    top_k: Annotated[int, typer.Option(min=1, help="Contributors kept per node.")] = 3,
-    depth: Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")] = 3,
+    top_k: TopKOption = 3,
+    depth: DepthOption = 3,
     slug: Annotated[str | None, typer.Option(help="Graph name (default: model-target-prompt).")] = None,
     pages_tokens: Annotated[
         int,
