@@ -246,10 +246,22 @@ def test_dictionary_learning_classes(tmp_path) -> None:
         torch.testing.assert_close(
             sae.encode(x.float()).double(), expected, atol=1e-4, rtol=1e-4, msg=dict_class
         )
-    gated = {"encoder.weight": enc_w, "decoder.weight": dec_w, "decoder_bias": b_dec, "r_mag": enc_b,
-             "gate_bias": enc_b, "mag_bias": enc_b}  # fmt: skip
-    with pytest.raises(SAEInputError, match="GatedAutoEncoder"):
-        load_sae(_dictionary_learning(tmp_path / "gated", "GatedAutoEncoder", gated))
+    r_mag, gate_bias, mag_bias = 0.3 * rnd(n), rnd(n), rnd(n)
+    x_enc = (x - b_dec) @ enc_w.T
+    gated_expected = (x_enc + gate_bias > 0) * torch.relu(r_mag.exp() * x_enc + mag_bias) * dec_w.norm(dim=0)
+    gated = {"encoder.weight": enc_w, "decoder.weight": dec_w, "decoder_bias": b_dec, "r_mag": r_mag,
+             "gate_bias": gate_bias, "mag_bias": mag_bias}  # fmt: skip
+    sae = load_sae(
+        _dictionary_learning(tmp_path / "gated", "GatedAutoEncoder", {k: v.float() for k, v in gated.items()})
+    )
+    assert (
+        sae.cfg.architecture == "gated"
+        and bool((gated_expected > 0).any())
+        and bool((gated_expected == 0).any())
+    )
+    torch.testing.assert_close(sae.encode(x.float()).double(), gated_expected, atol=1e-4, rtol=1e-4)
+    recon = gated_expected / dec_w.norm(dim=0) @ dec_w.T + b_dec  # dictionary_learning's decode
+    torch.testing.assert_close(sae(x.float()).double(), recon, atol=1e-4, rtol=1e-4)
 
 
 class _Pickled:  # an object torch.load(weights_only=True) must refuse to rebuild

@@ -10,8 +10,8 @@ AutoEncoderTopK            encoder.*, decoder.weight, b_dec, k (, threshold)    
 BatchTopKSAE,              encoder.*, decoder.weight, b_dec, k, threshold (global, scalar)      jumprelu (relu while
 MatryoshkaBatchTopKSAE                                                                          threshold < 0)
 JumpReluAutoEncoder        W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, threshold    jumprelu
-GatedAutoEncoder           encoder.weight, decoder.weight, decoder_bias, r_mag, gate_bias,      refused (no gated
-                           mag_bias                                                             architecture yet)
+GatedAutoEncoder           encoder.weight, decoder.weight, decoder_bias, r_mag, gate_bias,      gated
+                           mag_bias
 =========================  ==================================================================  ======================
 
 Latents equal dictionary_learning's ``encode``: inputs are centred by the decoder bias (folded into b_enc), and
@@ -111,12 +111,34 @@ def load_dictionary_learning(
         tensors = {key: state[key] for key in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
         fold_decoder_norms(tensors)
         return folder.name, build_sae("jumprelu", tensors, weights, device, **common)
+    if dict_class == "GatedAutoEncoder" and "gated" in REGISTRY:
+        return folder.name, _gated(state, weights, device, common)
     if dict_class == "GatedAutoEncoder":
         raise SAEInputError(
-            f"{cfg_path}: GatedAutoEncoder is not supported yet: the workbench registry has no gated architecture "
-            f"to load it into (it has {sorted(REGISTRY)})"
+            f"{cfg_path}: GatedAutoEncoder needs the workbench's gated architecture, which this registry lacks "
+            f"(it has {sorted(REGISTRY)})"
         )
     raise SAEInputError(
         f"{cfg_path}: dict_class {dict_class!r} is not supported; the workbench reads AutoEncoder, AutoEncoderTopK, "
-        "BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder (GatedAutoEncoder once a gated architecture exists)"
+        "BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder and GatedAutoEncoder"
     )
+
+
+def _gated(state: dict[str, torch.Tensor], weights: Path, device: str, common: dict) -> SAE:
+    """GatedAutoEncoder -> the workbench gated SAE. Its encode is f = 1[(x−c)W + gate_bias > 0] ·
+    relu(exp(r_mag) ⊙ (x−c)W + mag_bias) · ‖W_dec[i]‖ with c = decoder_bias; the centring goes into b_enc / b_mag
+    and the decoder norms into r_mag (+log‖W_dec[i]‖) and b_mag, the decoder rows to unit norm."""
+    require(state, ["encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias"], weights,
+            "a GatedAutoEncoder")  # fmt: skip
+    norms = state["decoder.weight"].norm(dim=0).clamp_min(1e-12)  # [d_sae]
+    w_enc = state["encoder.weight"].T.contiguous()
+    center = state["decoder_bias"] @ w_enc  # [d_sae]
+    tensors = {
+        "W_enc": w_enc,
+        "b_enc": state["gate_bias"] - center,
+        "r_mag": state["r_mag"] + norms.log(),
+        "b_mag": (state["mag_bias"] - state["r_mag"].exp() * center) * norms,
+        "W_dec": (state["decoder.weight"] / norms).T.contiguous(),
+        "b_dec": state["decoder_bias"],
+    }
+    return build_sae("gated", tensors, weights, device, **common)
