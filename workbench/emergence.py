@@ -72,7 +72,9 @@ class CurveFamily:
 
     ``to_params(theta, scales)`` maps fit coordinates to the parameters; ``bounds(scales)`` gives (lower, upper)
     arrays in theta; ``guesses(scales)`` the starting points. ``free_lower`` names the parameters whose lower
-    bound is a meaningful value, not a sign of a bad fit (λ = 0: no decay; t0 = 1: f(0) = K).
+    bound is a meaningful value, not a sign of a bad fit (λ = 0: no decay; t0 = 1: f(0) = K). ``locations`` names
+    the location parameters, whose standard error is judged against the data's range ("metric": the metric's
+    range; "log_step": log(1 + last step)) rather than against their value (K = 0 is as good as any K).
     """
 
     name: str
@@ -82,6 +84,7 @@ class CurveFamily:
     bounds: Callable[[Scales], tuple[np.ndarray, np.ndarray]]
     guesses: Callable[[Scales], list[list[float]]]
     free_lower: tuple[str, ...] = ()
+    locations: dict[str, str] = field(default_factory=dict)
     description: str = ""
 
 
@@ -135,7 +138,8 @@ def _exp_log_guesses(s: Scales) -> list[list[float]]:
 
 register_family(CurveFamily(
     "exp_log", ("A", "lambda", "gamma", "t0", "K"), _exp_log, _exp_log_params, _exp_log_bounds, _exp_log_guesses,
-    free_lower=("lambda", "t0"), description="A·exp(−λt)·log(γt + t0) + K (arXiv 2508.03616)",
+    free_lower=("lambda", "t0"), locations={"K": "metric"},
+    description="A·exp(−λt)·log(γt + t0) + K (arXiv 2508.03616)",
 ))  # fmt: skip
 
 
@@ -159,7 +163,8 @@ def _logistic_guesses(s: Scales) -> list[list[float]]:
 
 register_family(CurveFamily(
     "logistic", ("A", "rate", "center_log_step", "K"), _logistic, _logistic_params, _logistic_bounds,
-    _logistic_guesses, description="K + A / (1 + exp(−rate·(log(1+t) − center)))",
+    _logistic_guesses, locations={"K": "metric", "center_log_step": "log_step"},
+    description="K + A / (1 + exp(−rate·(log(1+t) − center)))",
 ))  # fmt: skip
 
 
@@ -186,7 +191,7 @@ def _log_guesses(s: Scales) -> list[list[float]]:
 
 
 register_family(CurveFamily(
-    "log", ("A", "gamma", "K"), _log_curve, _log_params, _log_bounds, _log_guesses,
+    "log", ("A", "gamma", "K"), _log_curve, _log_params, _log_bounds, _log_guesses, locations={"K": "metric"},
     description="A·log(γt + 1) + K",
 ))  # fmt: skip
 
@@ -364,6 +369,10 @@ def _assess(curve, t, y, result, scales: Scales, lower, upper, *, max_condition:
     for i, name in enumerate(curve.params):
         if at_upper[i] or (at_lower[i] and name not in curve.free_lower):
             problems.append(f"{name} at its {'upper' if at_upper[i] else 'lower'} bound ({params[i]:.3g})")
+        elif name in curve.locations:
+            reference = scales.y_scale if curve.locations[name] == "metric" else float(np.log1p(scales.t_max))
+            if stderr[i] > reference:
+                problems.append(f"stderr({name}) {stderr[i]:.2g} > the data's range {reference:.2g}")
         elif name not in curve.free_lower and stderr[i] > abs(params[i]):
             problems.append(f"stderr({name}) {stderr[i]:.2g} > |{name}| {abs(params[i]):.2g}")
     if problems:
@@ -572,7 +581,7 @@ class ParameterPredictor:
                 raise FitError(f"leave-one-{groups}-out needs at least 2 distinct {groups} values")
         self.parameters = params
         x = self._features(table)
-        base = self.estimator or RandomForestRegressor(n_estimators=200, random_state=0, min_samples_leaf=1)
+        base = self.estimator if self.estimator is not None else RandomForestRegressor(n_estimators=200, random_state=0)
         if groups is not None:
             folds: Any = LeaveOneGroupOut()
             split_groups = table[groups].to_numpy()

@@ -44,13 +44,13 @@ if order is not None and not order.empty:
 
 st.subheader("Metrics over training")
 available = [m for m in METRICS if m in set(rows["metric"])] + sorted(set(rows["metric"]) - set(METRICS))
-metric = st.radio("metric", available, horizontal=True,
-                  format_func=lambda m: METRICS[m].phenomenon if m in METRICS else m)  # fmt: skip
-head = None
+metric = str(st.radio("metric", available, horizontal=True,
+                  format_func=lambda m: METRICS[m].phenomenon if m in METRICS else m))  # fmt: skip
+head: int | None = None
 heads = sorted(int(h) for h in rows.loc[rows["metric"] == metric, "head"].unique() if h != NO_HEAD)
 if heads:
-    choice = st.selectbox("head", ["mean over heads", *heads])
-    head = None if choice == "mean over heads" else int(choice)
+    choice = st.selectbox("head", ["mean over heads", *map(str, heads)])
+    head = None if choice == "mean over heads" else int(str(choice))
 st.plotly_chart(metric_curves(rows, fits, metric, head=head), use_container_width=True)
 if fits is not None and not fits.empty:
     shown = fits[fits["metric"] == metric]
