@@ -72,6 +72,12 @@ CASES = [
     ("probe job missing", ["probe", "status", "{root}/nope.toml", "-w", "{ws}"], ["nope.toml"]),
     ("corrupt results database", ["massive", "minilm", "-w", "{root}/corrupt-ws"],
      ["results.duckdb"]),
+    ("sae import not a layout", ["sae", "import", "{root}/notes.txt", "-w", "{ws}"],
+     ["notes.txt", "not a file any SAE layout starts from"]),
+    ("sae import unknown format", ["sae", "import", "{root}", "--format", "onnx", "-w", "{ws}"],
+     ["unknown SAE format 'onnx'", "sparsify"]),
+    ("sae export unknown SAE", ["sae", "export", "nope", "--out", "{root}/exported", "-w", "{ws}"],
+     ["no SAE 'nope'", "sae train"]),
 ]  # fmt: skip
 
 
