@@ -247,14 +247,21 @@ def import_(
     hook: Annotated[str | None, typer.Option(help="Input hook, where the layout records none.")] = None,
     hook_out: Annotated[str | None, typer.Option(help="Output hook of a transcoder.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace SAEs of the same id.")] = False,
+    model: Annotated[str | None, typer.Option("--model", help="Check every SAE's hooks and widths against "
+                                              "this model before registering any.")] = None,
     workspace: WorkspaceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:  # fmt: skip
     """Register SAEs / transcoders from another trainer's layout in the workspace (saes/<id>/), so sae eval,
     sae features, sae export, sae circuit and the dashboard use them like ours; nothing is registered on error."""
+    from workbench.adapters.module_names import FAMILY_MODULES
     from workbench.circuits.sae.formats.transfer import import_saes
 
+    hooked = open_model(model, workspace, "cpu", "float32", trust_remote_code).eval() if model else None
+    if hooked is not None and family is None and hooked.cfg.family in FAMILY_MODULES:
+        family = hooked.cfg.family
     ids = import_saes(path, workspace, format=format, sae_id=sae_id, family=family, hook=hook, hook_out=hook_out,
-                      overwrite=overwrite)  # fmt: skip
+                      overwrite=overwrite, model=hooked)  # fmt: skip
     from workbench.circuits.sae.analysis import find_sae
 
     for name in ids:

@@ -436,14 +436,17 @@ def test_bad_layouts_are_refused_and_nothing_is_registered(tmp_path) -> None:
 
 
 def test_imported_sae_with_another_width_is_refused_at_eval(tmp_path, zoo_workspace) -> None:
-    """An SAE for another model (d_in 16) imported fine, then evaluated on code-tiny: the hook width is named."""
+    """An SAE for another model (d_in 16): refused at import when checked against code-tiny, and (imported unchecked)
+    refused by sae eval on code-tiny, the hook width named both times."""
     from tests.test_sae import sae_cli
 
     _sparsify_coder(tmp_path / "layers.0")
     ws = zoo_workspace.root
-    assert (
-        sae_cli(ws, "import", str(tmp_path / "layers.0"), "--id", "other-model", "--overwrite").exit_code == 0
-    )
+    result = sae_cli(ws, "import", str(tmp_path / "layers.0"), "--id", "other-model", "--model", "code-tiny")
+    _assert_refused(result, "d_in=16", "blocks.0.hook_resid_post", "another model or hook")
+    assert not (ws / "saes" / "other-model").exists()
+    result = sae_cli(ws, "import", str(tmp_path / "layers.0"), "--id", "other-model", "--overwrite")
+    assert result.exit_code == 0, result.output
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x\n")
     result = sae_cli(ws, "eval", "other-model", "code-tiny", "--data", str(text), "--no-progress")

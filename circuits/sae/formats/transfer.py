@@ -34,9 +34,13 @@ def import_saes(
     hook: str | None = None,
     hook_out: str | None = None,
     overwrite: bool = False,
+    model=None,
 ) -> list[str]:
     """Register every SAE at ``path`` under ``workspace/saes/``; returns their ids. One SAE takes ``sae_id`` (default:
-    the folder name); several (a sparsify run, a transcoder set) are ``<sae_id or folder>.<name>``."""
+    the folder name); several (a sparsify run, a transcoder set) are ``<sae_id or folder>.<name>``. With ``model``
+    (a HookedModel) every SAE's hooks and widths are checked against it before anything is registered."""
+    from workbench.circuits.sae.analysis import _sae_hooks, check_sae_fits, probe_model
+
     path = Path(path).expanduser()
     kind = detect_format(path) if format == "auto" else format
     if kind not in FORMATS:
@@ -53,6 +57,9 @@ def import_saes(
             raise SAEInputError(
                 f"SAE {new_id!r} already exists in {ws.root / 'saes'}: pass --id NAME or --overwrite"
             )
+        if model is not None:
+            widths, _ = probe_model(model, _sae_hooks(sae, model, new_id))
+            check_sae_fits(sae, model, widths, new_id)
     root = ws.root / "saes"
     root.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
