@@ -103,11 +103,23 @@ def test_graph_folds_attention_and_merges_repeated_nodes(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_transcoders(zoo_workspace):
+def code_ws(zoo_workspace, tmp_path_factory):
+    """A fresh workspace whose models/code-tiny links to the zoo's (results land here, not in the shared zoo)."""
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path_factory.mktemp("circuit-export")).ensure()
+    workspace.model_dir("code-tiny").symlink_to(
+        zoo_workspace.model_dir("code-tiny"), target_is_directory=True
+    )
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def tiny_transcoders(code_ws):
     """Seeded (untrained) MLP transcoders on both layers of code-tiny, saved in the workspace."""
     from workbench.references import resolve_model
 
-    model = resolve_model("code-tiny", workspace=zoo_workspace)
+    model = resolve_model("code-tiny", workspace=code_ws)
     names = set(model.hook_names())
     ids = []
     for layer in range(model.cfg.n_layers):
@@ -118,12 +130,12 @@ def tiny_transcoders(zoo_workspace):
                                   hook_out=f"blocks.{layer}.hook_mlp_out", model="code-tiny"))  # fmt: skip
         with torch.no_grad():
             tc.W_enc.normal_()
-        tc.save(zoo_workspace.root / "saes" / f"export-tc{layer}")
+        tc.save(code_ws.root / "saes" / f"export-tc{layer}")
         ids.append(f"export-tc{layer}")
     return model, ids
 
 
-def test_circuits_export_cli(tmp_path, zoo_workspace, tiny_transcoders) -> None:
+def test_circuits_export_cli(tmp_path, code_ws, tiny_transcoders) -> None:
     from typer.testing import CliRunner
 
     from workbench.cli import app
@@ -133,7 +145,7 @@ def test_circuits_export_cli(tmp_path, zoo_workspace, tiny_transcoders) -> None:
     text.write_text("\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(20)))
     args = ["circuits", "export", "code-tiny", "--data", str(text), "--out", str(tmp_path / "graph"),
             "--context-length", "24", "--pages-tokens", "600", "--top-k", "2", "--depth", "2",
-            "--workspace", str(zoo_workspace.root)]  # fmt: skip
+            "--workspace", str(code_ws.root)]  # fmt: skip
     for tc in ids:
         args += ["--transcoder", tc]
     result = CliRunner().invoke(app, args)
@@ -141,7 +153,7 @@ def test_circuits_export_cli(tmp_path, zoo_workspace, tiny_transcoders) -> None:
     (graph_file,) = (tmp_path / "graph").glob("code-tiny-*.json")
     graph = json.loads(graph_file.read_text())
     check_schema(graph)
-    rows = zoo_workspace.results().read("sae_features", sae_id=ids)
+    rows = code_ws.results().read("sae_features", sae_id=ids)
     assert (
         sorted(rows["sae_id"].unique()) == ids
     )  # pages computed for the transcoders, cached in sae_features

@@ -435,13 +435,25 @@ def test_bad_layouts_are_refused_and_nothing_is_registered(tmp_path) -> None:
     assert not [p for p in ws.rglob(".import-*")]
 
 
-def test_imported_sae_with_another_width_is_refused_at_eval(tmp_path, zoo_workspace) -> None:
+@pytest.fixture()
+def code_ws(zoo_workspace, tmp_path):
+    """A fresh workspace whose models/code-tiny links to the zoo's (results land here, not in the shared zoo)."""
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "ws").ensure()
+    workspace.model_dir("code-tiny").symlink_to(
+        zoo_workspace.model_dir("code-tiny"), target_is_directory=True
+    )
+    return workspace
+
+
+def test_imported_sae_with_another_width_is_refused_at_eval(tmp_path, code_ws) -> None:
     """An SAE for another model (d_in 16): refused at import when checked against code-tiny, and (imported unchecked)
     refused by sae eval on code-tiny, the hook width named both times."""
     from tests.test_sae import sae_cli
 
     _sparsify_coder(tmp_path / "layers.0")
-    ws = zoo_workspace.root
+    ws = code_ws.root
     result = sae_cli(ws, "import", str(tmp_path / "layers.0"), "--id", "other-model", "--model", "code-tiny")
     _assert_refused(result, "d_in=16", "blocks.0.hook_resid_post", "another model or hook")
     assert not (ws / "saes" / "other-model").exists()
@@ -453,13 +465,13 @@ def test_imported_sae_with_another_width_is_refused_at_eval(tmp_path, zoo_worksp
     _assert_refused(result, "d_in=16", "blocks.0.hook_resid_post", "another model or hook")
 
 
-def test_neuronpedia_export_from_feature_pages(tmp_path, zoo_workspace) -> None:
+def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
     """`sae features` on an imported SAE, then `sae export --format neuronpedia`: the batch JSON and the bulk-import
     folder carry SAEDashboard's fields (neuronpedia_dashboard.py / neuronpedia_export.py), values from the pages."""
     from tests.test_sae import sae_cli
     from workbench.references import resolve_model
 
-    model = resolve_model("code-tiny", workspace=zoo_workspace)
+    model = resolve_model("code-tiny", workspace=code_ws)
     d = model.cfg.d_model
     torch.manual_seed(0)
     sae = create_sae(
@@ -468,7 +480,7 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, zoo_workspace) -> None:
     from workbench.circuits.sae.saelens_io import save_saelens
 
     save_saelens(sae, tmp_path / "lens")
-    ws = zoo_workspace.root
+    ws = code_ws.root
     assert sae_cli(ws, "import", str(tmp_path / "lens"), "--id", "np-sae", "--overwrite").exit_code == 0
     text = tmp_path / "code.txt"
     text.write_text("\n".join(f"def f{i}(x):    return x + {i}" for i in range(40)))
@@ -486,7 +498,7 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, zoo_workspace) -> None:
                     "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_values",
                     "freq_hist_data_bar_heights", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
                     "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations"}  # fmt: skip
-    pages = zoo_workspace.results().read("sae_features", sae_id="np-sae")
+    pages = code_ws.results().read("sae_features", sae_id="np-sae")
     assert len(batch["features"]) == 24 == len(pages)
     for feature in batch["features"]:
         assert set(feature) == feature_keys
