@@ -9,6 +9,7 @@ command to rerun by hand; the recipes before it stay done.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ def recipes() -> list[Recipe]:
     pretrained MiniLM on the demo's prompts file."""
     prompts = str(PROMPTS)
     steps = [
-        Recipe(f"train zoo model {name}", run=lambda ws, name=name: _train(ws, name)) for name in DEMO_MODELS
+        Recipe(f"train zoo model {name}", run=functools.partial(_train, name=name)) for name in DEMO_MODELS
     ]
     steps += [
         Recipe("massive activations over code-small checkpoints",

@@ -393,9 +393,17 @@ def check(model, data: Dataset, position: int | None = None, label: str | None =
     return kind
 
 
+def _inputs(data: Dataset) -> torch.Tensor:
+    """``data``'s input array [n, ...]; a token or text dataset is refused (class tasks read inputs)."""
+    if data.inputs is None:
+        raise NeuronPathError(f"dataset {data.name!r} holds no input array (it is {data.modality}); class tasks "
+                              "need an inputs dataset such as zoo:digits")  # fmt: skip
+    return data.inputs
+
+
 def _class_labels(data: Dataset, label: str | None = None) -> tuple[str, torch.Tensor]:
     """(name, class ids [n]) of ``data``'s per-input label array ``label`` (default: its only one)."""
-    n = len(data.inputs)
+    n = len(_inputs(data))
     per_input = {k: v for k, v in data.labels.items() if tuple(getattr(v, "shape", ())) == (n,)}
     if not per_input:
         raise AnalysisNotApplicable(
@@ -465,18 +473,19 @@ def class_tasks(model, data: Dataset, *, per_class: int = 8, n_targets: int | No
     for c in sorted(int(v) for v in classes):
         idx = (labels == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=generator)[:per_class]]
-        tasks[c] = make_task(model, data.inputs[idx], labels[idx], position)
+        tasks[c] = make_task(model, _inputs(data)[idx], labels[idx], position)
     return tasks
 
 
 def _check_inputs(model, data: Dataset) -> None:
+    inputs = _inputs(data)
     try:
         with torch.no_grad():
-            model(data.inputs[:1].to(model.device))
+            model(inputs[:1].to(model.device))
     except (RuntimeError, ValueError) as err:
         raise NeuronPathError(
             f"{model.cfg.name} cannot read the inputs of dataset {data.name!r} (shape "
-            f"{tuple(data.inputs.shape)}): {str(err).splitlines()[0]}; pass images of the size it was trained on"
+            f"{tuple(inputs.shape)}): {str(err).splitlines()[0]}; pass images of the size it was trained on"
         ) from err
 
 

@@ -234,14 +234,14 @@ def random_init_model(model: HookedModel, seed: int = 0) -> HookedModel:
 
     The weights depend only on ``seed``; the global torch RNG is left as it was (the draws use a forked state).
     """
+    inner: Any = model.model  # a HookedTransformer or a transformers PreTrainedModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model.cfg.family == "transformer_lens":
             from transformer_lens import HookedTransformer
 
-            fresh = HookedTransformer(model.model.cfg)
-            return HookedModel.from_transformer_lens(fresh, name=model.cfg.name)
-        fresh = type(model.model)(model.model.config)
+            return HookedModel.from_transformer_lens(HookedTransformer(inner.cfg), name=model.cfg.name)
+        fresh = type(inner)(inner.config)
     return HookedModel.from_hf(fresh, model.tokenizer, name=model.cfg.name)
 
 

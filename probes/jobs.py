@@ -254,7 +254,7 @@ def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, 
     if not isinstance(entry.get("model"), str) or not entry["model"].strip():
         raise fail("model", 'needs `model = "..."` (a zoo model, checkpoint-series dir, model dir or hub id)')
     entry = {**entry, "_where": f"{lines.where(None, 'probe', index)} {table} (model {entry['model']!r})"}
-    lists = [("hooks", DEFAULT_HOOKS)]
+    lists: list[tuple[str, list[str] | None]] = [("hooks", DEFAULT_HOOKS)]
     lists += [("label_sets", None)] if "labels" not in entry or "label_sets" in entry else []
     lists += [("labels", None)] if "labels" in entry else []
     for key, default in lists:
@@ -344,7 +344,7 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
                     if source == "hub"
                     else str(Path(series.location(series.steps[0])).parent)
                 )
-                steps = _pick_steps(series.steps, entry["checkpoints"], where)
+                steps: list[int | None] = list(_pick_steps(series.steps, entry["checkpoints"], where))
             else:  # one model: a save_pretrained directory, minilm, tl:NAME, ORG/NAME@REVISION
                 location = str(Path(ref.location).resolve()) if ref.kind == "directory" else ref.text
                 source, steps = "model", [None]
@@ -686,5 +686,5 @@ def _execute_ray(tasks: list[ProbeTask], workers: int, address: str | None, runn
 def _ray_error(err: Exception) -> str:
     """The cause of a Ray task error in one line (RayTaskError wraps the task's own exception)."""
     cause = getattr(err, "cause", None)
-    err = cause if isinstance(cause, BaseException) else err
-    return traceback.format_exception_only(err)[-1].strip().splitlines()[0]
+    shown: BaseException = cause if isinstance(cause, BaseException) else err
+    return traceback.format_exception_only(shown)[-1].strip().splitlines()[0]

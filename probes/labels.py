@@ -115,7 +115,7 @@ class LabelDataset:
     def labelled(self) -> torch.Tensor:
         """Boolean [n, pos]: real tokens that carry a label."""
         known = ~torch.isnan(self.labels) if self.labels.is_floating_point() else self.labels != IGNORE
-        return known & self.mask.bool()
+        return known if self.mask is None else known & self.mask.bool()
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -263,15 +263,15 @@ def parse_label_source(
     records = _records(path)
     first = records[0]
     if "spans" in first:
-        source = _span_source(text, path, records, text_column or "text")
+        parsed = _span_source(text, path, records, text_column or "text")
     elif "tokens" in first and ("labels" in first or label_column):
-        source = _pieces_source(text, path, records, label_column or "labels", token_separator)
+        parsed = _pieces_source(text, path, records, label_column or "labels", token_separator)
     else:
         text_col = columns[0] if columns else text_column or "text"
         label_col = columns[1] if len(columns) > 1 else label_column or "label"
-        source = _sequence_source(text, path, records, text_col, label_col)
-    source.reference = reference
-    return source
+        parsed = _sequence_source(text, path, records, text_col, label_col)
+    parsed.reference = reference
+    return parsed
 
 
 def load_labels(
@@ -363,7 +363,7 @@ def tokenize_with_offsets(
         raise LabelError(f"aligning labels to tokens needs a fast tokenizer (offset mapping); "
                          f"{type(tokenizer).__name__} is not one: save the model with its tokenizer.json")  # fmt: skip
     encoding = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=context_length)
-    return list(encoding["input_ids"]), [tuple(map(int, o)) for o in encoding["offset_mapping"]]
+    return list(encoding["input_ids"]), [(int(start), int(end)) for start, end in encoding["offset_mapping"]]
 
 
 # ---------------------------------------------------------------------------------------------------- builders
@@ -395,9 +395,9 @@ def _token_dataset(source: LabelSource, name: str, tokenizer: Any, task: str, ou
                    context_length: int) -> LabelDataset:  # fmt: skip
     rows, token_labels = [], []
     for text, chars in zip(source.texts, source.raw, strict=True):
-        ids, offsets = tokenize_with_offsets(tokenizer, text, context_length)
+        token_ids, offsets = tokenize_with_offsets(tokenizer, text, context_length)
         chars = [outside if label is _OUTSIDE else label for label in chars]
-        rows.append(ids)
+        rows.append(token_ids)
         token_labels.append(align_char_labels(chars, offsets, text))
     values, classes = _encode(token_labels, task, source.text)
     (_, batch), *_ = iter_model_batches(rows, tokenizer, batch_size=len(rows), context_length=context_length)

@@ -66,13 +66,14 @@ class LinearProbes:
         """Predicted labels [sites, n] (classification) or values [sites, n, targets] (regression)."""
         out = self.decision_function(x)
         if self.task == "classification":
-            return self.classes[out.argmax(-1)]
+            return self._require_classifier("predict")[out.argmax(-1)]
         return out
 
     def score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Accuracy (classification) or R² averaged over targets (regression) per site [sites]."""
         if self.task == "classification":
-            return (self.predict(x) == y.to(self.classes.dtype)[None]).double().mean(1)
+            classes = self._require_classifier("score")
+            return (self.predict(x) == y.to(classes.dtype)[None]).double().mean(1)
         return r2_score(self.predict(x), _as_targets(y))
 
     def direction(self, site: str | int = 0, label: int | None = None) -> torch.Tensor:
@@ -87,7 +88,7 @@ class LinearProbes:
         if self.task == "regression":
             vector = weight[:, 0 if label is None else int(label)]
         else:
-            values = self.classes.tolist()
+            values = self._require_classifier("direction").tolist()
             if label is None:
                 if len(values) != 2:
                     raise ProbeError(f"name the label for a {len(values)}-class probe; classes: {values}")
@@ -97,9 +98,11 @@ class LinearProbes:
             vector = weight[:, values.index(label)] - weight.mean(1)
         return vector / vector.norm().clamp_min(1e-12)
 
-    def _require_classifier(self, what: str) -> None:
-        if self.task != "classification":
+    def _require_classifier(self, what: str) -> torch.Tensor:
+        """The class values [outputs]; a regression probe is refused naming ``what`` needed them."""
+        if self.task != "classification" or self.classes is None:
             raise ProbeError(f"{what} needs a classification probe; this one is {self.task}")
+        return self.classes
 
     def save(self, path: str | Path) -> Path:
         """Write the probes as safetensors (+ JSON metadata in the header), atomically."""
@@ -388,7 +391,7 @@ def fit_probes_streaming(
         count += x.shape[1]
         if task == "classification":
             seen.update(y.long().unique().tolist())
-    if count == 0:
+    if count == 0 or total is None or squares is None:
         raise ProbeError("the batch source yielded no rows")
     if standardize:
         mean = (total / count).float()
@@ -467,6 +470,10 @@ def _ridge_streaming(
         cross = z.transpose(1, 2) @ t[None] if cross is None else cross + z.transpose(1, 2) @ t[None]
         z_sum = z.sum(1) if z_sum is None else z_sum + z.sum(1)
         t_sum = t.sum(0) if t_sum is None else t_sum + t.sum(0)
+    if gram is None or cross is None or z_sum is None or t_sum is None:
+        raise ProbeError(
+            "the batch source yielded no rows on the second pass (it must yield the same batches)"
+        )
     z_mean, t_mean = z_sum / count, t_sum / count
     centred_gram = gram / count - z_mean[:, :, None] * z_mean[:, None, :]
     centred_gram.diagonal(dim1=1, dim2=2).add_(l2)

@@ -1,11 +1,14 @@
 """Session-scoped zoo fixtures: code-tiny, fsm-tiny and vit-digits trained once per test session.
 
-Set WORKBENCH_TEST_ZOO_CACHE=DIR to reuse trained models across local runs (CI never sets it).
+Set WORKBENCH_TEST_ZOO_CACHE=DIR to reuse trained models across local runs (CI never sets it). Under pytest-xdist
+the workers of one run share the trained models; every worker's zoo_workspace is its own copy.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +21,11 @@ TEST_ZOO = ("code-tiny", "fsm-tiny", "vit-digits")
 HUB_CACHE = Path(tempfile.mkdtemp(prefix="workbench-hub-cache-"))
 os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (`-n 2`, the README's test command) each worker computes on one core: two workers with two
+# intra-op threads each would oversubscribe a 2-core machine. Set before torch is imported by any test module.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 HUB_REPO = "workbench-test/code-tiny"
 HUB_STEPS = (0, 1, 2, 300)
 HUB_DUPLICATE = ("step3", 2)  # a branch byte-identical to step2, as on some public Pythia branches
@@ -32,15 +40,37 @@ def _restore_main_module():
     sys.modules["__main__"] = main
 
 
-@pytest.fixture(scope="session")
-def zoo_workspace(tmp_path_factory):
+def _trained_zoo(tmp_path_factory) -> Path:
+    """A workspace holding the trained TEST_ZOO models: WORKBENCH_TEST_ZOO_CACHE, or one directory all xdist
+    workers of this run share (each model trained once, under its own lock; workers start on different models)."""
     from workbench.workspace import Workspace
     from workbench.zoo.train import train_zoo_model
 
-    cache = os.environ.get("WORKBENCH_TEST_ZOO_CACHE")
-    workspace = Workspace(Path(cache) if cache else tmp_path_factory.mktemp("zoo")).ensure()
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if os.environ.get("WORKBENCH_TEST_ZOO_CACHE"):
+        root = Path(os.environ["WORKBENCH_TEST_ZOO_CACHE"])
+    elif worker:
+        root = tmp_path_factory.getbasetemp().parent / "zoo-trained"
+    else:
+        root = tmp_path_factory.mktemp("zoo-trained")
+    trained = Workspace(root).ensure()
+    offset = int(worker[2:]) if worker and worker[2:].isdigit() else 0
+    for name in TEST_ZOO[offset % len(TEST_ZOO) :] + TEST_ZOO[: offset % len(TEST_ZOO)]:
+        with open(root / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            train_zoo_model(name, trained, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def zoo_workspace(tmp_path_factory):
+    """This session's own workspace with copies of the trained test zoo (results written here stay private)."""
+    from workbench.workspace import Workspace
+
+    trained = Workspace(_trained_zoo(tmp_path_factory))
+    workspace = Workspace(tmp_path_factory.mktemp("zoo")).ensure()
     for name in TEST_ZOO:
-        train_zoo_model(name, workspace, progress=False)
+        shutil.copytree(trained.model_dir(name), workspace.model_dir(name))
     return workspace
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -80,6 +80,27 @@ def check(model: Any, data: Dataset | None = None, sites: Sequence[str] = (), co
             f"--context-length {context_length} exceeds the {model.cfg.n_ctx} positions of {model.cfg.name}; "
             f"pick at most {model.cfg.n_ctx}"
         )
+
+
+@overload
+def collect_codes(
+    model: Any,
+    codebooks: CodebookSet,
+    tokens: torch.Tensor,
+    batch_size: int = ...,
+    return_scores: Literal[False] = ...,
+) -> dict[str, torch.Tensor]: ...
+
+
+@overload
+def collect_codes(
+    model: Any,
+    codebooks: CodebookSet,
+    tokens: torch.Tensor,
+    batch_size: int = ...,
+    *,
+    return_scores: Literal[True],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...
 
 
 def collect_codes(
@@ -164,7 +185,7 @@ def analyse_codes(
     step = model.cfg.checkpoint
     tokens = tokens.cpu()
     codes, scores = collect_codes(model, codebooks, tokens, return_scores=True)
-    label_sets = {k: v.cpu().numpy().reshape(-1) for k, v in (label_sets or {}).items()}
+    flat_labels = {k: v.cpu().numpy().reshape(-1) for k, v in (label_sets or {}).items()}
     to_str = model.to_str_tokens if model.tokenizer is not None else (lambda t: [str(int(x)) for x in t])
     flat_tok = tokens.reshape(-1).numpy()
     code_rows, purity_rows = [], []
@@ -176,7 +197,7 @@ def analyse_codes(
             flat_scores = scores[site][:, :, group].reshape(-1, config.k).numpy()
             counts = np.bincount(flat[flat >= 0].reshape(-1), minlength=config.n_codes)
             best = {}
-            for set_name, labels in label_sets.items():
+            for set_name, labels in flat_labels.items():
                 table = association(first, labels, config.n_codes)
                 mi_total = mutual_information(first, labels)
                 for row in table.to_dict("records"):

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ class Codebook(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Similarity of LayerNorm-ed inputs to the codes: [rows, n_groups, d] -> [rows, n_groups, n_codes]."""
         u = F.layer_norm(x, (x.shape[-1],))
-        codes = self.codes
+        codes: torch.Tensor = self.codes
         if self.config.similarity == "cosine":
             u, codes = F.normalize(u, dim=-1), F.normalize(codes, dim=-1)
         return torch.einsum("rgd,gcd->rgc", u, codes)
@@ -160,9 +160,15 @@ class CodebookSet(nn.Module):
 
     def __init__(self, configs: Sequence[CodebookConfig]) -> None:
         super().__init__()
-        self.books = nn.ModuleList([Codebook(c) for c in configs])
-        self.state = {c.site: _SiteState(book) for c, book in zip(configs, self.books, strict=True)}
+        codebooks = [Codebook(c) for c in configs]
+        self.books = nn.ModuleList(codebooks)
+        self.state = {c.site: _SiteState(book) for c, book in zip(configs, codebooks, strict=True)}
         self.record_inputs = False
+
+    @property
+    def codebooks(self) -> list[Codebook]:
+        """The codebooks in config order (``books`` is their ModuleList, for parameters and ``.to``)."""
+        return [cast(Codebook, book) for book in self.books]
 
     @property
     def sites(self) -> list[str]:
@@ -233,7 +239,12 @@ class CodebookSet(nn.Module):
     def scores(self, site: str) -> torch.Tensor:
         """Similarity of the codes chosen in the last forward pass to their inputs: [batch, pos, n_groups, k]."""
         self.codes(site)
-        return self._site(site).last_scores
+        scores = self._site(site).last_scores
+        if scores is None:
+            raise CodebookError(
+                f"no forward pass has run with the codebook on {site}; run the model in hooks()"
+            )
+        return scores
 
     @contextmanager
     def steer(
@@ -270,8 +281,12 @@ class CodebookSet(nn.Module):
         complete on its own) and a readable copy of that metadata in ``config.json``, each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "configs": [asdict(book.config) for book in self.books], **(extra or {})}
-        tensors = {f"codes.{i}": book.codes.detach() for i, book in enumerate(self.books)}
+        meta = {
+            "format": FORMAT,
+            "configs": [asdict(book.config) for book in self.codebooks],
+            **(extra or {}),
+        }
+        tensors = {f"codes.{i}": book.codes.detach() for i, book in enumerate(self.codebooks)}
         atomic_save_tensors(directory / "codebooks.safetensors", tensors, {"codebooks": json.dumps(meta)})
         crash_point("codebook.codes_saved")
         atomic_write_json(directory / "config.json", meta)
@@ -299,7 +314,7 @@ class CodebookSet(nn.Module):
         books = cls([CodebookConfig(**c) for c in meta["configs"]])
         tensors = load_file(directory / "codebooks.safetensors")
         with torch.no_grad():
-            for i, book in enumerate(books.books):
+            for i, book in enumerate(books.codebooks):
                 book.codes.copy_(tensors[f"codes.{i}"])
         return books.to(device) if device is not None else books
 

@@ -95,25 +95,25 @@ def fsm_purity_ceiling(fsm: Any, tokens: torch.Tensor, states: torch.Tensor) -> 
     filtering from a uniform first state). Returns ``purity``: the mean state purity of the code "posterior id"
     (one code per distinct posterior), and ``map_accuracy``: how often the posterior's most likely state is the
     true one. With every state's token shared by m states and uniform transitions both are 1/m."""
-    tokens, states = tokens.cpu().numpy(), states.cpu().numpy()
+    token_ids, true_states = tokens.cpu().numpy(), states.cpu().numpy()
     n_states = len(fsm.emission)
     transition = np.zeros((n_states, n_states))
     for state in range(n_states):
         np.add.at(transition[state], fsm.successors[state], 1 / len(fsm.successors[state]))
     emits = fsm.emission[:, None] == np.arange(int(fsm.emission.max()) + 1)[None]  # [state, token]
-    belief = np.full((tokens.shape[0], n_states), 1 / n_states)
-    posterior = np.empty((*tokens.shape, n_states))
-    for t in range(tokens.shape[1]):
+    belief = np.full((token_ids.shape[0], n_states), 1 / n_states)
+    posterior = np.empty((*token_ids.shape, n_states))
+    for t in range(token_ids.shape[1]):
         if t:
             belief = belief @ transition
-        belief = belief * emits[:, tokens[:, t]].T
+        belief = belief * emits[:, token_ids[:, t]].T
         belief /= belief.sum(1, keepdims=True)
         posterior[:, t] = belief
     flat = posterior.reshape(-1, n_states)
     _, ids = np.unique(np.round(flat, 9), axis=0, return_inverse=True)
-    table = association(ids.reshape(-1), states.reshape(-1), int(ids.max()) + 1)
+    table = association(ids.reshape(-1), true_states.reshape(-1), int(ids.max()) + 1)
     return {"purity": float(table["purity"].mean()),
-            "map_accuracy": float((flat.argmax(1) == states.reshape(-1)).mean())}  # fmt: skip
+            "map_accuracy": float((flat.argmax(1) == true_states.reshape(-1)).mean())}  # fmt: skip
 
 
 def fsm_codebook_study(

@@ -157,7 +157,7 @@ def train_codebooks(
     start, replaced = 0, 0
     if saved is not None:
         with torch.no_grad():
-            for i, book in enumerate(books.books):
+            for i, book in enumerate(books.codebooks):
                 book.codes.copy_(saved["codes"][i])
             if train_model:
                 model.model.load_state_dict(saved["model"])
@@ -169,8 +169,10 @@ def train_codebooks(
         init_kmeans(books, model, tokens[: max(batch_size, 64)], seed=seed)
 
     def checkpoint(step: int) -> None:
+        if directory is None:
+            return
         state = {"version": TRAIN_STATE_VERSION, "step": step, "settings": settings, "replaced": replaced,
-                 "codes": [b.codes.detach().cpu() for b in books.books], "optimizer": optimizer.state_dict(),
+                 "codes": [b.codes.detach().cpu() for b in books.codebooks], "optimizer": optimizer.state_dict(),
                  "generator": gen.get_state(), "usage": {s: u.cpu() for s, u in usage.items()}}  # fmt: skip
         if train_model:
             state["model"] = {n: t.detach().cpu() for n, t in model.model.state_dict().items()}
