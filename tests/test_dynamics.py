@@ -208,6 +208,23 @@ def test_a_run_with_other_settings_is_refused(tracked, text_file) -> None:
                        progress=False)  # fmt: skip
 
 
+def test_one_checkpoint_records_metrics_with_a_note_and_bad_requests_fail_clearly(tracked, text_file,
+                                                                                   tmp_path) -> None:  # fmt: skip
+    _, _, series = tracked
+    single = track_dynamics(series.restrict([300]), load_dataset(str(text_file)), settings=SETTINGS,
+                            workspace=tmp_path, n_boot=5, progress=False)  # fmt: skip
+    assert set(single.metrics["checkpoint"]) == {300} and set(single.fits["status"]) == {"refused"}
+    assert "an emergence fit needs at least 6" in single.notes[0]
+    from workbench.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["dynamics", "code-tiny", "--data", str(text_file), "--family", "cubic", "-w",
+                              str(series.location(0).parent.parent.parent)])  # fmt: skip
+    assert bad.exit_code == 2 and "unknown curve family 'cubic'; registered: exp_log" in bad.output
+    missing = runner.invoke(app, ["dynamics", "sweep"])
+    assert missing.exit_code == 2 and "needs the sweep file" in missing.output
+
+
 def test_cli_run_killed_mid_series_resumes_to_the_same_result(
     tracked, zoo_workspace, text_file, tmp_path
 ) -> None:
@@ -272,7 +289,7 @@ lr = 3e-3
         "resid_norm_growth",
     }
     scores = result.scores
-    assert set(scores["target"]) == {"A", "gamma", "K", "emergence_step", "steady_state"}
+    assert set(scores["target"]) == {"A", "gamma", "K", "emergence_step", "final_value", "steady_state"}
     assert scores["claim"].str.len().gt(0).all()
     assert (scores["r2"].notna() | scores["note"].str.len().gt(0)).all()
     assert "leave-one-architecture-out" in describe_sweep(result)

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 
 from workbench.analysis import Analysis, Table, write_tables
-from workbench.emergence import FAMILIES, FitError, bootstrap_fit, derived_quantities
+from workbench.emergence import DERIVED, FAMILIES, FitError, bootstrap_fit, derived_quantities
 from workbench.faults import crash_point
 from workbench.fileio import atomic_save_tensors, remove_temp_files
 from workbench.workspace import Workspace, safe_name
@@ -328,6 +328,10 @@ def track_dynamics(
     fits = fits.assign(model=series.name, dataset=data.name)
     order = emergence_order(fits).assign(model=series.name, dataset=data.name)
     notes = []
+    needed = min(len(FAMILIES[f].params) for f in families) + 1
+    if len(analysed) < needed:
+        notes.append(f"{len(analysed)} distinct checkpoint(s): metrics recorded, but an emergence fit needs at least "
+                     f"{needed}; pass a series with more checkpoints (or --family log, which needs 4)")  # fmt: skip
     if duplicates:
         notes.append("byte-identical checkpoints analysed once and left out of the fits: "
                      + ", ".join(f"step {s} = step {o}" for s, o in sorted(duplicates.items())))  # fmt: skip
@@ -485,9 +489,10 @@ def fit_dynamics(
                 row["selected"] = row is chosen
                 rows.append(row)
     frame = pd.DataFrame(rows)
-    if "selected" not in frame:
-        frame["selected"] = False
-    frame["selected"] = frame["selected"].fillna(False).astype(bool)
+    for column in ("r2", "aic", "change", "scale", "trend", "direction", *DERIVED):
+        if column not in frame:
+            frame[column] = np.nan
+    frame["selected"] = frame["selected"].fillna(False).astype(bool) if "selected" in frame else False
     return frame
 
 

@@ -55,11 +55,12 @@ from workbench.zoo.train import ZooError, ZooSpec, get_spec, train_zoo_model
 TOP_KEYS = {"name", "data", "base", "metrics", "family", "defaults", "track", "config", "series"}
 TRACK_KEYS = {"max_sequences", "context_length", "batch_size", "bos", "sparsity_threshold", "n_boot", "level"}
 SERIES_KEYS = {"model", "name", "steps", "lr", "weight_decay", "prepend_bos"}
-DERIVED_TARGETS = ("emergence_step", "steady_state")
+DERIVED_TARGETS = ("emergence_step", "final_value", "steady_state")
 # The paper's qualitative claim per target (arXiv 2508.03616: steady state predicted well, emergence timing moderately)
 CLAIMS = {
     "K": "steady state: predicted well",
     "steady_state": "steady state: predicted well",
+    "final_value": "steady state (the value reached at the last step): predicted well",
     "A": "amplitude: predicted well with the steady state",
     "emergence_step": "emergence timing: predicted moderately",
     "gamma": "emergence timing: predicted moderately",
