@@ -1,0 +1,29 @@
+"""The distribution installs every package of the source tree (pyproject lists packages explicitly)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_source_package_is_listed_in_pyproject():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    found = set()
+    for name, folder in setuptools["package-dir"].items():
+        base = ROOT / folder
+        for init in base.rglob("__init__.py"):
+            if "__pycache__" in init.parts:
+                continue
+            relative = init.parent.relative_to(base).parts
+            found.add(".".join((name, *relative)))
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    # Folders of modules without __init__.py (views) are packages to setuptools too.
+    for name, folder in setuptools["package-dir"].items():
+        for sub in (ROOT / folder).rglob("*.py"):
+            if "__pycache__" in sub.parts or (sub.parent / "__init__.py").exists():
+                continue
+            package = ".".join((name, *sub.parent.relative_to(ROOT / folder).parts))
+            assert package in listed, f"{sub.relative_to(ROOT)}: add {package} to [tool.setuptools] packages"
