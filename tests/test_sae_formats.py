@@ -134,6 +134,25 @@ def test_sparsify_run_folder_loads_with_the_package_encodings(tmp_path, eager_sp
             expected = coder.decode(*coder.encode(x)[:2]) if coder.cfg.multi_topk else coder(x).sae_out
             torch.testing.assert_close(saes[name](x), expected, **TOL)
     assert load_sae(tmp_path / "layers.1").cfg.k == 5
+    (tmp_path / "layers.1").rename(tmp_path / "my-coder")
+    with pytest.raises(SAEInputError, match="hookpoint 'my-coder' is no module.*pass --hook"):
+        load_sae(tmp_path / "my-coder")
+    named = dict(read_saes(tmp_path / "my-coder", hook="blocks.4.hook_resid_post"))["my-coder"]
+    assert (named.hook_in, named.hook_out) == ("blocks.4.hook_resid_post",) * 2
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2", "llama"])
+def test_module_names_map_both_ways(family) -> None:
+    from workbench.adapters.module_names import FAMILY_MODULES, hook_for_module, module_for_hook
+
+    hooks = ["hook_embed", "ln_final.hook_normalized"] + [
+        f"blocks.3.{h}" for h in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                                  "ln2.hook_normalized")
+    ]  # fmt: skip
+    for hook in hooks:
+        module, side = module_for_hook(family, hook)
+        assert hook_for_module(family, module, side) == hook
+        assert hook_for_module(family, f"{FAMILY_MODULES[family].base}.{module}", side) == hook
 
 
 def test_ours_saved_as_sparsify_loads_in_sparsify(tmp_path, eager_sparsify) -> None:

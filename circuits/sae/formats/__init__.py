@@ -96,7 +96,7 @@ def read_saes(
     elif kind == "saelens":
         saes = [(path.name, load_saelens(path, device=device))]
     elif kind == "sparsify":
-        saes = sparsify.load_sparsify(path, family=family, device=device)
+        saes = sparsify.load_sparsify(path, family=family, device=device, hook=hook, hook_out=hook_out)
     elif kind == "gemmascope":
         saes = [gemmascope.load_gemmascope(path, hook=hook, hook_out=hook_out, device=device)]
     elif kind == "dictionary_learning":
@@ -105,7 +105,7 @@ def read_saes(
         ]
     else:
         saes = circuit_tracer.load_transcoder_set(path, device=device)
-    if kind in ("workbench", "saelens", "sparsify", "circuit_tracer") and (hook or hook_out):
+    if kind in ("workbench", "saelens", "circuit_tracer") and (hook or hook_out):
         for _, sae in saes:
             override_hooks(sae, hook, hook_out)
     return saes

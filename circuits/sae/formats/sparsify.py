@@ -69,8 +69,12 @@ def _hook(module: str, side: str, family: str | None, source: Path) -> str:
     )
 
 
-def load_coder(folder: Path, hookpoint: str, *, family: str | None, model: str, device: str = "cpu") -> SAE:
-    """One sparsify coder folder as a workbench TopK SAE / transcoder."""
+def load_coder(
+    folder: Path, hookpoint: str, *, family: str | None, model: str, device: str = "cpu",
+    hooks: tuple[str, str] | None = None,
+) -> SAE:  # fmt: skip
+    """One sparsify coder folder as a workbench TopK SAE / transcoder; ``hooks`` (in, out) replace the mapping of
+    its hookpoint name."""
     cfg_path = folder / SPARSIFY_CONFIG
     try:
         raw = json.loads(cfg_path.read_text())
@@ -102,16 +106,21 @@ def load_coder(folder: Path, hookpoint: str, *, family: str | None, model: str, 
         fold_input_centering(ours, tensors["b_dec"])
     if "W_skip" in tensors:
         ours["W_skip"] = tensors["W_skip"].T.contiguous()
-    hook_in = _hook(hookpoint, "input" if transcode else "output", family, weights)
-    hook_out = _hook(hookpoint, "output", family, weights) if transcode else hook_in
+    if hooks is not None:
+        hook_in, hook_out = hooks
+    else:
+        hook_in = _hook(hookpoint, "input" if transcode else "output", family, weights)
+        hook_out = _hook(hookpoint, "output", family, weights) if transcode else hook_in
     return build_sae("topk", ours, weights, device, k=int(raw.get("k", 32)), hook_in=hook_in, hook_out=hook_out,
                      model=model)  # fmt: skip
 
 
 def load_sparsify(
-    path: str | Path, *, family: str | None = None, device: str = "cpu"
-) -> list[tuple[str, SAE]]:
-    """Every coder of a sparsify folder or run folder as (name, SAE): the name is the hookpoint (and seed)."""
+    path: str | Path, *, family: str | None = None, device: str = "cpu", hook: str | None = None,
+    hook_out: str | None = None,
+) -> list[tuple[str, SAE]]:  # fmt: skip
+    """Every coder of a sparsify folder or run folder as (name, SAE): the name is the hookpoint (and seed).
+    ``hook`` / ``hook_out`` name the hooks of a single coder whose folder is no module name."""
     root = Path(path)
     folders = [root] if (root / SPARSIFY_CONFIG).exists() else hookpoint_folders(root)
     if not folders:
@@ -128,11 +137,18 @@ def load_sparsify(
             except json.JSONDecodeError as err:
                 raise SAEInputError(f"{candidate} is not valid JSON ({err})") from None
             break
+    if hook and len(folders) > 1:
+        raise SAEInputError(
+            f"{root} holds {len(folders)} coders; --hook names the hook of one: import its folder"
+        )
+    hooks = (hook, hook_out or hook) if hook else None
     out = []
     for folder in folders:
         hookpoint = _hookpoint(folder, run_root)
         name = ".".join(folder.relative_to(run_root).parts)
-        out.append((name, load_coder(folder, hookpoint, family=family, model=model, device=device)))
+        out.append(
+            (name, load_coder(folder, hookpoint, family=family, model=model, device=device, hooks=hooks))
+        )
     return out
 
 
