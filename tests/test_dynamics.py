@@ -330,3 +330,17 @@ def test_view_shows_order_curves_sink_scatter_and_predictions(tracked, monkeypat
     assert app.title[0].value == "Training dynamics"
     assert len(app.get("plotly_chart")) >= 4  # order, metric curves, sink vs massive, predicted vs fitted
     assert len(app.dataframe) >= 2
+
+
+def test_view_without_data_names_the_command(tmp_path, monkeypatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from workbench.cli import app as cli
+    from workbench.workspace import Workspace
+
+    Workspace(tmp_path).results().write("unrelated", pd.DataFrame({"x": [1]}))
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path))
+    view = Path(__file__).resolve().parents[1] / "app" / "views" / "dynamics.py"
+    app = AppTest.from_file(str(view), default_timeout=60).run()
+    assert not app.exception and "workbench dynamics SERIES --data DATA" in app.info[0].value
+    assert CliRunner().invoke(cli, ["dynamics", "--help"]).exit_code == 0
