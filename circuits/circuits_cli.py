@@ -131,3 +131,29 @@ def export(
     typer.echo(f"circuit of {root['target']} ({len(graph['nodes'])} nodes, {len(graph['links'])} links) written to "
                f"{path}; view it with circuit_tracer.frontend.local_server.serve(data_dir={out!r}, "
                f"features_dir={out!r} + '/features')")  # fmt: skip
+
+
+@app.command("clt-eval")
+def clt_eval(
+    path: Annotated[str, typer.Argument(help="circuit-tracer cross-layer transcoder folder (config.yaml + "
+                                        "W_enc_L / W_dec_L safetensors).")],
+    model: ModelArgument,
+    data: DataOption = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of --data to score on.")] = 4096,
+    context_length: ContextOption = 64,
+    device: DeviceOption = "cpu",
+    workspace: WorkspaceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:  # fmt: skip
+    """Score a cross-layer transcoder on MODEL over --data: per layer, FVU and cosine of its predicted MLP outputs
+    and the mean L0 of its features."""
+    from workbench.circuits.sae.formats.circuit_tracer import evaluate_clt, load_clt
+
+    if data is None:
+        fail(
+            "--data is required: the text the CLT is scored on (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
+        )
+    clt = load_clt(path, device=device)
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    frame = evaluate_clt(hooked, open_data(data), clt, max_tokens=max_tokens, context_length=context_length)
+    typer.echo(frame.to_string(index=False))

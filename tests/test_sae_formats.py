@@ -370,6 +370,19 @@ def test_cross_layer_transcoder_loads_and_evaluates(tmp_path) -> None:
     frame = evaluate_clt(model, load_dataset(str(text)), clt, max_tokens=64)
     assert list(frame["hook_in"]) == ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"]
     assert (frame["n_tokens"] == 64).all() and np.isfinite(frame["FVU"]).all() and (frame["L0"] > 0).all()
+    from tests.test_sae import sae_cli
+
+    result = sae_cli(tmp_path / "ws", "import", str(folder))
+    assert result.exit_code == 2 and "workbench circuits clt-eval" in result.output, result.output
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    model.model.save_pretrained(tmp_path / "llama")
+    result = CliRunner().invoke(app, ["circuits", "clt-eval", str(folder), str(tmp_path / "llama"), "--data",
+                                      str(text), "--max-tokens", "32", "--workspace", str(tmp_path / "ws")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "blocks.1.hook_resid_mid" in result.output and "FVU" in result.output
 
 
 # ----------------------------------------------------------------------------------------------- workspace, bad input
