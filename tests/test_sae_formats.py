@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -420,6 +421,22 @@ def test_import_registers_atomically_and_exports(tmp_path) -> None:
     )
     result = sae_cli(ws, "export", "tiny.layers.1", "--format", "neuronpedia", "--out", str(tmp_path / "np"))
     assert result.exit_code == 2 and "no feature pages" in result.output
+
+
+def test_dashboard_lists_imported_saes(tmp_path, monkeypatch) -> None:
+    from tests.test_app import _run
+    from tests.test_sae import sae_cli
+    from workbench.workspace import Workspace
+
+    _sparsify_coder(tmp_path / "run" / "layers.2")
+    ws = Workspace(tmp_path / "ws")
+    ws.results().write("unrelated", pd.DataFrame({"x": [1]}))
+    assert sae_cli(ws.root, "import", str(tmp_path / "run"), "--id", "mine").exit_code == 0
+    app = _run("sae", ws.root, monkeypatch)
+    assert not app.exception, app.exception
+    listed = app.dataframe[0].value
+    assert list(listed["sae_id"]) == ["mine"] and list(listed["format"]) == ["sparsify"]
+    assert list(listed["hook_in"]) == ["blocks.2.hook_resid_post"]
 
 
 def _assert_refused(result, *reasons: str) -> None:

@@ -11,6 +11,7 @@ import streamlit as st
 
 from workbench.app.data import empty_state, open_workspace_or_stop, plain, table
 from workbench.circuits.sae.analysis import ANALYSIS
+from workbench.circuits.sae.formats.transfer import imported_saes
 
 EVALS, FEATURES = (t.name for t in ANALYSIS.tables)
 COMMAND = (f"{ANALYSIS.command}    # e.g. workbench sae train code-tiny --data zoo:python-stdlib "
@@ -20,6 +21,12 @@ st.title("SAE features")
 db = open_workspace_or_stop()
 evals = table(db, EVALS)
 features = table(db, FEATURES)
+imported = imported_saes(db.parent)
+if not imported.empty:
+    with st.expander(f"Imported SAEs ({len(imported)})", expanded=evals is None or evals.empty):
+        st.dataframe(imported, use_container_width=True, hide_index=True)
+        st.caption("Imported with `workbench sae import PATH`. Score one with `workbench sae eval ID MODEL --data "
+                   "DATA`, its feature pages with `workbench sae features ID MODEL --data DATA`.")  # fmt: skip
 if (evals is None or evals.empty) and (features is None or features.empty):
     empty_state("SAE evaluations and feature pages", COMMAND)
     st.stop()

@@ -8,13 +8,16 @@ under ``saes/`` and renamed into place, so an error leaves no SAE registered hal
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from workbench.circuits.sae.base import SAE, SAEInputError
+import pandas as pd
+
+from workbench.circuits.sae.base import CONFIG_FILE, SAE, SAEInputError
 from workbench.circuits.sae.evals import sae_dir
 from workbench.circuits.sae.formats import FORMATS, detect_format, read_saes
 from workbench.fileio import atomic_write_json
@@ -115,3 +118,18 @@ def export_sae(
                                 logits=logits, decode=decode)  # fmt: skip
         return write_bulk_export(out, batch, sae)
     raise SAEInputError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+
+
+def imported_saes(workspace: Any = None) -> pd.DataFrame:
+    """The workspace's imported SAEs: sae_id, format, source (path), architecture, hook_in, hook_out, d_in, d_sae."""
+    rows = []
+    for source in sorted(Workspace(workspace).root.glob(f"saes/*/{SOURCE_FILE}")):
+        config = source.parent / CONFIG_FILE
+        if not config.is_file():
+            continue
+        origin, cfg = json.loads(source.read_text()), json.loads(config.read_text())
+        rows.append({"sae_id": source.parent.name, "format": origin.get("format"), "source": origin.get("path"),
+                     "architecture": cfg.get("architecture"), "hook_in": cfg.get("hook_in"),
+                     "hook_out": cfg.get("hook_out"), "d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae")})  # fmt: skip
+    return pd.DataFrame(rows, columns=["sae_id", "format", "source", "architecture", "hook_in", "hook_out", "d_in",
+                                       "d_sae"])  # fmt: skip
