@@ -106,8 +106,11 @@ def read_saes(
     else:
         saes = circuit_tracer.load_transcoder_set(path, device=device)
     if kind in ("workbench", "saelens", "circuit_tracer") and (hook or hook_out):
-        for _, sae in saes:
-            override_hooks(sae, hook, hook_out)
+        if len(saes) > 1:
+            raise SAEInputError(
+                f"{path} holds {len(saes)} SAEs with their own hooks; --hook names the hook of one"
+            )
+        override_hooks(saes[0][1], hook, hook_out)
     return saes
 
 
