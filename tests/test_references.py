@@ -78,6 +78,21 @@ def test_hub_series_from_the_offline_cache_dedupes_identical_branches(hub_repo) 
     assert one.steps == [300]
 
 
+def test_series_tokenizer_reads_no_weights_and_matches_the_loaded_models(
+    zoo_workspace, hub_repo, monkeypatch
+):
+    """``series.tokenizer()`` (the token budget of ``massive|attention --max-tokens``) equals the tokenizer the
+    loaded checkpoint carries, for a hub series through the offline cache and a local step-folder series."""
+    text = "def f(x):\n    return x + 1\n"
+    for series in (resolve_series(hub_repo), resolve_series("code-tiny", workspace=zoo_workspace.root)):
+        expected = series.load(series.steps[0]).tokenizer(text)["input_ids"]
+        with monkeypatch.context() as patch:  # no model weights may be read
+            patch.setattr(
+                T.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights read")
+            )
+            assert series.tokenizer()(text)["input_ids"] == expected
+
+
 def test_local_series_dedupes_byte_identical_step_folders(zoo_workspace, tmp_path) -> None:
     copy = tmp_path / "my-run"
     source = zoo_workspace.model_dir("code-tiny")

@@ -103,6 +103,16 @@ class CheckpointSeries:
     def revision(self, step: int) -> str | None:
         return self.revision_format.format(step=step) if self.revision_format else None
 
+    def tokenizer(self, step: int | None = None) -> Any:
+        """The tokenizer of the checkpoint at ``step`` (default: the first), without loading its weights."""
+        from workbench.model import load_tokenizer
+
+        if self._preloaded is not None:
+            return self._preloaded.tokenizer
+        step = self.steps[0] if step is None else step
+        return load_tokenizer(self.location(step), revision=self.revision(step),
+                              trust_remote_code=bool(self.load_kwargs.get("trust_remote_code", False)))  # fmt: skip
+
     def load(self, step: int) -> HookedModel:
         """The checkpoint at ``step`` as a HookedModel (``cfg.checkpoint == step``, ``cfg.name`` the series)."""
         from workbench.model import HookedModel

@@ -116,5 +116,4 @@ def _budget(dataset, series, context_length: int, max_tokens: int | None):
     """``dataset`` itself, or its first ``max_tokens`` tokens as token rows (tokenized with the series' tokenizer)."""
     if max_tokens is None:
         return dataset
-    tokenizer = series.load(series.steps[0]).tokenizer
-    return dataset.token_rows(tokenizer, context_length=context_length, max_tokens=max_tokens)
+    return dataset.token_rows(series.tokenizer(), context_length=context_length, max_tokens=max_tokens)

@@ -486,12 +486,27 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
     else:
         auto = transformers.AutoModel
     model = auto.from_pretrained(str(name_or_path), dtype=dtype, **remote, **kwargs)
-    tokenizer = None
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
-    if not is_local or any((local / f).exists() for f in tokenizer_files):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path), **remote)
-    elif (local.parent / "tokenizer.json").exists():  # a checkpoint series keeps one tokenizer at its root
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
+    return model, load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer saved with a model, reading no weights: from a ``save_pretrained`` directory, else its
+    checkpoint series' root (one tokenizer for all ``step<N>/``), else the hub repo at ``revision``; None when a
+    local directory has none."""
+    import transformers
+
+    if str(name_or_path) in PACKAGED_MODELS and revision is None:
+        name_or_path = packaged_model_dir(str(name_or_path))
+    local = Path(name_or_path)
+    if not local.exists() or any((local / f).exists() for f in TOKENIZER_FILES):
+        return transformers.AutoTokenizer.from_pretrained(
+            str(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
+    if (local.parent / "tokenizer.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(
             str(local.parent), trust_remote_code=trust_remote_code
         )
-    return model, tokenizer
+    return None
