@@ -119,8 +119,12 @@ def load_saelens(path: str | Path, device: str = "cpu") -> SAE:
     if name == "gated":
         tensors = {({v: k for k, v in GATED_RENAMES.items()}).get(k, k): v for k, v in tensors.items()}
         needed += ["r_mag", "b_mag"]
-        if raw.get("apply_b_dec_to_input", True) and all(k in tensors for k in needed):  # the magnitude path too
-            tensors["b_mag"] = tensors["b_mag"] - tensors["b_dec"] @ (tensors["W_enc"] * tensors["r_mag"].exp())
+        if raw.get("apply_b_dec_to_input", True) and all(
+            k in tensors for k in needed
+        ):  # the magnitude path too
+            tensors["b_mag"] = tensors["b_mag"] - tensors["b_dec"] @ (
+                tensors["W_enc"] * tensors["r_mag"].exp()
+            )
     missing = [k for k in needed + (["W_skip"] if "skip" in name else []) if k not in tensors]
     if missing:
         raise SAEInputError(
