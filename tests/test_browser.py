@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 PAGES = {"": "Interpretability workbench", "massive": "Massive activations", "attention": "Attention statistics",
-         "probes": "Probes", "sae": "SAE features", "circuits": "Transcoder circuits", "codebooks": "Codebooks", "neuron_paths": "Neuron paths"}  # fmt: skip
+         "probes": "Probes", "sae": "SAE features", "circuits": "Transcoder circuits", "codebooks": "Codebooks", "neuron_paths": "Neuron paths",
+         "prompt_lab": "Prompt lab"}  # fmt: skip
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
@@ -58,14 +59,16 @@ def dashboard_url(dashboard_workspace):
     server.wait(timeout=20)
 
 
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
 def test_every_page_renders_in_a_real_browser(dashboard_url) -> None:
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         for path, title in PAGES.items():
             page.goto(f"{dashboard_url}/{path}", wait_until="networkidle")
@@ -74,4 +77,91 @@ def test_every_page_renders_in_a_real_browser(dashboard_url) -> None:
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
             page.screenshot(path=str(ARTIFACTS / f"{path or 'overview'}.png"), full_page=True)
         browser.close()
-    assert len(list(ARTIFACTS.glob("*.png"))) == len(PAGES)
+    assert {p.name for p in ARTIFACTS.glob("*.png")} >= {f"{path or 'overview'}.png" for path in PAGES}
+
+
+PROMPT = "def f(x):\n    return x"
+SAE_ID = "code-tiny.L0-resid-topk"
+
+
+def _until(check, timeout: float = 60.0, what: str = "") -> None:
+    """Poll ``check()`` until it is truthy (streamlit reruns asynchronously after each input)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _idle(page) -> None:
+    """Wait for the script run triggered by the last input to finish (the running-man widget goes away)."""
+    page.wait_for_timeout(300)
+    _until(
+        lambda: page.locator('[data-testid="stStatusWidget"]').count() == 0, what="the script run to finish"
+    )
+    page.wait_for_timeout(200)
+
+
+def _choose(page, label: str, option: str) -> None:
+    _idle(page)
+    page.get_by_label(label, exact=True).last.click()
+    page.get_by_role("option", name=option).first.click()
+
+
+def _codes(page) -> list[str]:
+    return [c.inner_text().rstrip() for c in page.locator('[data-testid="stCode"] code').all()]
+
+
+def test_prompt_lab_steers_in_a_real_browser(dashboard_url, dashboard_workspace) -> None:
+    """Pick a zoo model, type a prompt, see the token chips with SAE latents, add a steering intervention: the
+    continuation and next-token KL shown change and equal what the same intervention gives through the API."""
+    from playwright.sync_api import sync_playwright
+
+    from workbench import prompt_lab as lab
+    from workbench.circuits.sae.readout import latent_steering, load_sae_for, top_latents
+
+    model = lab.load_lab_model("code-tiny", workspace=dashboard_workspace)
+    tokens = lab.encode_prompt(model, PROMPT)
+    sae, _ = load_sae_for(model, SAE_ID, dashboard_workspace)
+    first_latent = int(top_latents(model, tokens, sae, k=1).iloc[0]["latent"])
+    steer = latent_steering(sae, SAE_ID, 7, 30.0)
+    api = lab.continuations(model, tokens, [steer])
+    kl = lab.compare_next_token(model, tokens, [steer]).kl
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{dashboard_url}/prompt_lab", wait_until="networkidle")
+        page.get_by_role("heading", name="Prompt lab").first.wait_for(timeout=60_000)
+        _choose(page, "model", "code-tiny")
+        _idle(page)
+        box = page.get_by_label("prompt", exact=True).last
+        box.fill(PROMPT)
+        box.press("Control+Enter")
+        _until(
+            lambda: _codes(page)[:1] == [PROMPT + api["clean"]], what="the clean continuation of the prompt"
+        )
+        page.get_by_text("SAE latents", exact=True).last.click()
+        _choose(page, "SAE", f"{SAE_ID} (blocks.0.hook_resid_post)")
+        chips = page.locator(".token-chip")
+        _until(lambda: chips.count() == tokens.shape[1] and f"L{first_latent}:" in chips.first.inner_text(),
+               what="token chips with the SAE's top latents")  # fmt: skip
+        page.screenshot(path=str(ARTIFACTS / "prompt_lab_latents.png"), full_page=True)
+        _idle(page)
+        assert page.get_by_label("steering SAE", exact=True).last.input_value() == SAE_ID  # the SAE shown
+        for label, value in (("latent", "7"), ("scale", "30")):
+            _idle(page)
+            field = page.get_by_label(label, exact=True).last
+            field.fill(value)
+            field.press("Enter")
+        _idle(page)
+        page.get_by_role("button", name="add intervention").last.click()
+        _until(lambda: page.get_by_text("latent 7)").count() > 0, what="the intervention in the stack")
+        _until(lambda: _codes(page) == [PROMPT + api["clean"], PROMPT + api["intervened"]],
+               what="the intervened continuation")  # fmt: skip
+        assert api["intervened"] != api["clean"]
+        assert page.get_by_text(f"KL(clean‖intervened) = {kl:.4f} nats").count() == 1
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.screenshot(path=str(ARTIFACTS / "prompt_lab_steered.png"), full_page=True)
+        browser.close()

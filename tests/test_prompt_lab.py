@@ -342,7 +342,9 @@ def test_page_steers_and_shows_what_the_api_gives(
     assert chips.count('class="token-chip"') == tokens.shape[1]
     assert f"L{int(top.iloc[0]['latent'])}&#58;" in chips  # the first token's top latent, shown on its chip
     clean = [c.value for c in app.code]
-    app.selectbox(key="lab_iv_sae").set_value("code-tiny.L0-resid-topk")
+    assert (
+        app.selectbox(key="lab_iv_sae_code-tiny.L0-resid-topk").value == "code-tiny.L0-resid-topk"
+    )  # the shown SAE
     app.number_input(key="lab_iv_latent").set_value(7)
     app.number_input(key="lab_iv_scale").set_value(30.0)
     app.button(key="lab_iv_add").click().run()

@@ -296,7 +296,9 @@ def new_intervention(kind: str) -> Intervention | None:
         if not ids:
             st.info("No SAEs in this workspace.")
             return None
-        sae_id = f1.selectbox("steering SAE", ids, key="lab_iv_sae")
+        shown_sae = st.session_state.get("lab_sae")  # default: the SAE the token chips show
+        sae_id = f1.selectbox("steering SAE", ids, index=ids.index(shown_sae) if shown_sae in ids else 0,
+                              key=f"lab_iv_sae_{shown_sae}")  # fmt: skip
         latent = int(f2.number_input("latent", min_value=0, value=0, step=1, key="lab_iv_latent"))
         scale = float(f3.number_input("scale", value=4.0, step=1.0, key="lab_iv_scale"))
 
