@@ -9,6 +9,7 @@ leave-one-architecture-out cross-validation.
     base = "code-tiny"                   # the zoo spec every [[config]] starts from
     metrics = ["massive_top1", "massive_ratio", "resid_norm_growth"]   # per-layer metrics the predictor learns
     family = "exp_log"                   # curve family fitted per layer
+    predictor = "ridge"                  # "ridge" (standardised RidgeCV) or "forest" (random forest)
 
     [defaults]                           # ZooSpec fields for every config (steps, seq_len, max_files, ...)
     steps = 300
@@ -52,7 +53,11 @@ from workbench.emergence import FAMILIES, LOG_TARGETS, FitError, ParameterPredic
 from workbench.workspace import Workspace, safe_name
 from workbench.zoo.train import ZooError, ZooSpec, get_spec, train_zoo_model
 
-TOP_KEYS = {"name", "data", "base", "metrics", "family", "defaults", "track", "config", "series"}
+TOP_KEYS = {"name", "data", "base", "metrics", "family", "predictor", "defaults", "track", "config", "series"}
+PREDICTORS = (
+    "ridge",
+    "forest",
+)  # standardised ridge (extrapolates linearly to a held-out size) or a random forest
 TRACK_KEYS = {"max_sequences", "context_length", "batch_size", "bos", "sparsity_threshold", "n_boot", "level"}
 SERIES_KEYS = {"model", "name", "steps", "lr", "weight_decay", "prepend_bos"}
 DERIVED_TARGETS = ("emergence_step", "final_value", "steady_state")
@@ -90,6 +95,7 @@ class Sweep:
     data: str
     metrics: list[str]
     family: str
+    predictor: str
     settings: DynamicsSettings
     n_boot: int
     level: float
@@ -130,6 +136,9 @@ def load_sweep(path: str | Path) -> Sweep:
     family = str(raw.get("family", "exp_log"))
     if family not in FAMILIES:
         raise SweepError(f"{path}: family {family!r} is not registered; choose one of {', '.join(FAMILIES)}")
+    predictor = str(raw.get("predictor", "ridge"))
+    if predictor not in PREDICTORS:
+        raise SweepError(f"{path}: predictor {predictor!r} is not one of {', '.join(PREDICTORS)}")
     track = dict(raw.get("track", {}))
     _known(path, "[track]", track, TRACK_KEYS)
     n_boot, level = int(track.pop("n_boot", 20)), float(track.pop("level", 0.9))
@@ -174,9 +183,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(
             f"{path}: leave-one-architecture-out needs at least 2 architectures; got {len(entries)}"
         )
-    return Sweep(
-        name, str(raw.get("data", "zoo:python-stdlib")), metrics, family, settings, n_boot, level, entries
-    )
+    data = str(raw.get("data", "zoo:python-stdlib"))
+    return Sweep(name, data, metrics, family, predictor, settings, n_boot, level, entries)
 
 
 def _known(path: Path, where: str, table: dict[str, Any], allowed: set[str]) -> None:
@@ -214,22 +222,22 @@ def run_sweep(
                            & (result.fits["head"] == NO_HEAD) & (result.fits["family"] == sweep.family)]  # fmt: skip
         frames.append(rows.assign(**features, model=series.name))
     fits = pd.concat(frames, ignore_index=True).assign(sweep=sweep.name, dataset=data.name)
-    scores, predictions = score_predictor(fits, sweep.family)
+    scores, predictions = score_predictor(fits, sweep.family, sweep.predictor)
     scores, predictions = scores.assign(sweep=sweep.name), predictions.assign(sweep=sweep.name)
     write_tables(ws, ANALYSIS, {"dynamics_sweep_fits": fits, "dynamics_predictor": scores,
                                 "dynamics_predictions": predictions})  # fmt: skip
     return SweepResult(sweep.name, fits, scores, predictions, notes)
 
 
-def score_predictor(fits: pd.DataFrame, family: str = "exp_log") -> tuple[pd.DataFrame, pd.DataFrame]:
+def score_predictor(
+    fits: pd.DataFrame, family: str = "exp_log", predictor: str = "ridge"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Leave-one-architecture-out R² of :class:`ParameterPredictor` per metric × target.
 
     The curve parameters are learnt from identifiable ("ok") fits only; the derived quantities (emergence step,
     steady state) from every usable fit. A target with fewer than 3 rows or 2 architectures gets R² NaN and a note.
     """
-    from sklearn.ensemble import RandomForestRegressor
-
-    estimator = RandomForestRegressor(n_estimators=100, random_state=0, min_samples_leaf=2)
+    estimator = _estimator(predictor)
     scores, predictions = [], []
     for metric, group in fits.groupby("metric", sort=False):
         for target in (*FAMILIES[family].params, *DERIVED_TARGETS):
@@ -237,9 +245,9 @@ def score_predictor(fits: pd.DataFrame, family: str = "exp_log") -> tuple[pd.Dat
             rows = group[group["status"].isin(statuses)].reset_index(drop=True)
             base = {"metric": metric, "target": target, "claim": CLAIMS.get(target, ""), "n_rows": len(rows),
                     "n_architectures": int(rows["architecture"].nunique()) if len(rows) else 0,
-                    "learnt_as": "log10" if target in LOG_TARGETS else "value"}  # fmt: skip
+                    "learnt_as": "log10" if target in LOG_TARGETS else "value", "predictor": predictor}  # fmt: skip
             try:
-                predictor = ParameterPredictor([target], estimator).fit(rows, groups="architecture")
+                learnt = ParameterPredictor([target], estimator).fit(rows, groups="architecture")
             except FitError as err:
                 scores.append({**base, "r2": np.nan, "note": str(err)})
                 continue
@@ -247,14 +255,27 @@ def score_predictor(fits: pd.DataFrame, family: str = "exp_log") -> tuple[pd.Dat
             fitted = rows[column].to_numpy(dtype=float)
             if target in LOG_TARGETS:
                 fitted = np.log10(np.abs(fitted))
-            scores.append({**base, "r2": predictor.cv_scores[target], "note": ""})
+            scores.append({**base, "r2": learnt.cv_scores[target], "note": ""})
             predictions.append(pd.DataFrame({"metric": metric, "target": target, "model": rows["model"],
                                              "architecture": rows["architecture"], "layer": rows["layer"],
-                                             "fitted": fitted, "predicted": predictor.cv_predictions[target]}))  # fmt: skip
+                                             "fitted": fitted, "predicted": learnt.cv_predictions[target]}))  # fmt: skip
     columns = ["metric", "target", "model", "architecture", "layer", "fitted", "predicted"]
     return pd.DataFrame(scores), (
         pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=columns)
     )
+
+
+def _estimator(predictor: str) -> Any:
+    """The regressor behind ``predictor`` (see :data:`PREDICTORS`)."""
+    if predictor == "forest":
+        from sklearn.ensemble import RandomForestRegressor
+
+        return RandomForestRegressor(n_estimators=200, random_state=0)
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
 
 
 def describe_sweep(result: SweepResult) -> str:
@@ -265,6 +286,7 @@ def describe_sweep(result: SweepResult) -> str:
     for note in result.notes:
         lines.append(f"note: {note}")
     shown = result.scores[["metric", "target", "r2", "n_rows", "n_architectures", "claim", "note"]]
-    lines.append("leave-one-architecture-out R² (scale targets learnt as log10):")
+    predictor = result.scores["predictor"].iloc[0] if "predictor" in result.scores else ""
+    lines.append(f"leave-one-architecture-out R² ({predictor}; scale targets learnt as log10):")
     lines.append(shown.to_string(index=False))
     return "\n".join(lines)
