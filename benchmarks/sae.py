@@ -1,4 +1,4 @@
-"""TopK SAE training throughput: our trainer vs SAELens's SAETrainer on the same in-memory activations.
+"""TopK SAE training throughput: our trainer vs SAELens's SAETrainer and sparsify on the same in-memory activations.
 
 Same architecture (TopK with AuxK), width, k, batch, steps, learning rate (constant), Adam, float32, no activation
 normalisation on either side, same torch seed; each trainer keeps its own initialisation (ours: the data-dependent
@@ -8,7 +8,11 @@ same held-out activations (FVU, L0) through their own encode/decode, and the run
 
     python benchmarks/sae.py                      # synthetic: d_in 256, sparse sums of 4096 unit directions
     python benchmarks/sae.py --real               # code-tiny blocks.1.hook_resid_post (d_in 64)
-    python benchmarks/sae.py --device cuda        # both trainers on the GPU
+    python benchmarks/sae.py --device cuda        # every trainer on the GPU
+    python benchmarks/sae.py --d-in 768 --d-sae 24576 --k 32 --nproc 2   # GPT-2 / Pythia-160m width, + 2 gloo ranks
+
+sparsify (eai-sparsify) runs its SparseCoder through its own training step (``train_sparsify``); ``--nproc N``
+also times our trainer data-parallel on N gloo processes over the same global batches.
 """
 
 from __future__ import annotations
@@ -98,6 +102,100 @@ def train_saelens(data, args) -> tuple[float, object]:
     return time.perf_counter() - start, trained
 
 
+def train_sparsify(data, args) -> tuple[float, object]:
+    """eai-sparsify's SparseCoder through its own training step (sparsify.trainer's loop body without a model:
+    b_dec = mean of the first batch, loss = fvu + auxk_alpha · auxk_loss with its dead mask, gradient parallel to the
+    decoder rows removed, Adam, decoder rows renormalised), at the same lr as the others."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(args.seed)
+    sae = SparseCoder(data.shape[1], SparseCoderConfig(num_latents=args.d_sae, k=args.k), device=args.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    since_fired = torch.zeros(args.d_sae, dtype=torch.long, device=args.device)
+    stream = batches(data, args.batch, args.seed)
+    _sync(args.device)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        x = next(stream)
+        if step == 0:
+            sae.b_dec.data = x.mean(0)
+            sae.set_decoder_norm_to_unit_norm()
+        out = sae(x, dead_mask=since_fired > 10_000_000)
+        loss = out.fvu + (1 / 32) * out.auxk_loss
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            since_fired += len(x)
+            since_fired[out.latent_indices.flatten()] = 0
+        sae.set_decoder_norm_to_unit_norm()
+    _sync(args.device)
+
+    class Wrapped:  # encode -> dense latents, decode(dense) like the others
+        def encode(self, x):
+            top_acts, top_indices, _ = sae.encode(x)
+            return torch.zeros(len(x), args.d_sae, device=x.device).scatter(1, top_indices, top_acts)
+
+        def decode(self, f):
+            return f @ sae.W_dec + sae.b_dec
+
+    return time.perf_counter() - start, Wrapped()
+
+
+def _rank_train(rank: int, world: int, port: int, data, args, out) -> None:
+    """One rank of a data-parallel run of our trainer: its half of every global batch, one thread."""
+    import os
+
+    from workbench.circuits.sae.base import SAEConfig, create_sae
+    from workbench.circuits.sae.distributed import init_distributed, shutdown
+    from workbench.circuits.sae.train import TrainConfig, train_saes
+
+    torch.set_num_threads(max(1, args.threads // world))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = init_distributed("data", args.device)
+    torch.manual_seed(args.seed)
+    sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k))
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
+                      normalize_activations=False, progress=False, dead_after_tokens=10_000_000)  # fmt: skip
+    local = args.batch // world
+    stream = (b[rank * local : (rank + 1) * local] for b in batches(data, args.batch, args.seed))
+    ctx.barrier()
+    start = time.perf_counter()
+    trained = train_saes({"sae": sae}, stream, cfg, distributed=ctx).saes["sae"]
+    ctx.barrier()
+    if rank == 0:
+        out.put((time.perf_counter() - start, {k: v.clone() for k, v in trained.state_dict().items()}))
+    shutdown()
+
+
+def train_ours_processes(data, args) -> tuple[float, object]:
+    """Our trainer data-parallel on ``args.nproc`` gloo processes (same global batch, threads split)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from workbench.circuits.sae.base import SAEConfig, create_sae
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_train, args=(r, args.nproc, port, data, args, out))
+        for r in range(args.nproc)
+    ]
+    for proc in procs:
+        proc.start()
+    seconds, state = out.get()
+    for proc in procs:
+        proc.join()
+    sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k))
+    sae.load_state_dict(state)
+    return seconds, sae
+
+
 def _sync(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -116,19 +214,30 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both trainers use it)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every trainer uses it)")
+    parser.add_argument("--peers", default="SAELens,sparsify", help="comma-separated: SAELens, sparsify")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="also time ours data-parallel on N gloo processes"
+    )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--n-rows", type=int, default=60_000)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    data = real(60_000) if args.real else synthetic(60_000, args.d_in)
+    data = real(args.n_rows) if args.real else synthetic(args.n_rows, args.d_in)
     data = data.to(args.device)
-    train, held_out = data[:50_000], data[50_000:]
+    split = args.n_rows * 5 // 6
+    train, held_out = data[:split], data[split:]
     print(f"activations: {'code-tiny resid' if args.real else 'synthetic'} {tuple(data.shape)}; TopK d_sae "
           f"{args.d_sae}, k {args.k}, batch {args.batch}, steps {args.steps}, lr {args.lr}; "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    results = {"ours": [], "SAELens": []}
+    trainers = {"ours": train_ours, "SAELens": train_saelens, "sparsify": train_sparsify}
+    order = [("ours", train_ours)] + [(n, trainers[n]) for n in args.peers.split(",") if n]
+    if args.nproc > 1:
+        order.append((f"ours x{args.nproc} proc", train_ours_processes))
+    results: dict[str, list[float]] = {name: [] for name, _ in order}
     models = {}
     for repeat in range(args.repeats):  # interleaved, alternating who goes first: shared machines drift
-        order = (("ours", train_ours), ("SAELens", train_saelens))
         for name, run in order if repeat % 2 == 0 else order[::-1]:
             seconds, sae = run(train, args)
             results[name].append(seconds)
@@ -140,19 +249,28 @@ def main() -> None:
         seconds = min(results[name])
         fvu, l0 = fvu_l0(sae.encode, sae.decode, held_out)
         rows[name] = (seconds, tokens / seconds, fvu, l0)
-    print(f"{'trainer':10} {'best s':>8} {'median s':>9} {'tokens/s':>10} {'held-out FVU':>13} {'L0':>6}")
+    print(f"{'trainer':16} {'best s':>8} {'median s':>9} {'tokens/s':>10} {'held-out FVU':>13} {'L0':>6}")
     for name, (seconds, rate, fvu, l0) in rows.items():
         median = statistics.median(results[name])
-        print(f"{name:10} {seconds:8.2f} {median:9.2f} {rate:10.0f} {fvu:13.4f} {l0:6.1f}")
+        print(f"{name:16} {seconds:8.2f} {median:9.2f} {rate:10.0f} {fvu:13.4f} {l0:6.1f}")
     for name, (*_, l0) in rows.items():  # TopK: every held-out row must have exactly k active latents
         if abs(l0 - args.k) > 0.05 * args.k:
             raise SystemExit(
                 f"{name} reached L0 {l0:.2f}, not k={args.k}: the FVU comparison would be unfair"
             )
-    print(f"L0 check: both at k={args.k} (ours {rows['ours'][3]:.2f}, SAELens {rows['SAELens'][3]:.2f})")
-    ratio = rows["ours"][1] / rows["SAELens"][1]
-    print(f"throughput ratio ours / SAELens: {ratio:.2f}× (target ≥ 1.5×); FVU ours − SAELens: "
-          f"{rows['ours'][2] - rows['SAELens'][2]:+.4f} (target ≤ 0)")  # fmt: skip
+    print(f"L0 check: all at k={args.k} (" + ", ".join(f"{n} {r[3]:.2f}" for n, r in rows.items()) + ")")
+    peers = [n for n in rows if n in ("SAELens", "sparsify")]
+    for peer in peers:
+        print(f"throughput ratio ours / {peer}: {rows['ours'][1] / rows[peer][1]:.2f}×; FVU ours − {peer}: "
+              f"{rows['ours'][2] - rows[peer][2]:+.4f}")  # fmt: skip
+    if peers:
+        fastest = max(peers, key=lambda n: rows[n][1])
+        print(f"vs the faster peer ({fastest}): {rows['ours'][1] / rows[fastest][1]:.2f}× (target ≥ 1.5×), FVU "
+              f"{rows['ours'][2] - rows[fastest][2]:+.4f} (target ≤ 0)")  # fmt: skip
+    if args.nproc > 1:
+        name = f"ours x{args.nproc} proc"
+        print(f"{args.nproc} gloo processes vs 1 process: {rows[name][1] / rows['ours'][1]:.2f}× tokens/s, FVU "
+              f"{rows[name][2] - rows['ours'][2]:+.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -89,6 +89,12 @@ def train(
     mask_action: Annotated[
         str, typer.Option(help="What --mask-outliers does to such tokens: exclude or cap (scale down).")
     ] = "exclude",
+    mask_metric: Annotated[
+        str,
+        typer.Option(
+            help="Size --mask-outliers compares: norm, or max (largest |entry|: post-LayerNorm models)."
+        ),
+    ] = "norm",
 ) -> None:
     """Train one SAE / transcoder on MODEL's activations over --data, save it under the workspace (saes/<id>/) and
     write sae_evals (held-out quarter of the rows) and sae_features."""
@@ -111,7 +117,8 @@ def train(
         model, workspace, str(ctx.device) if ctx else device, "float32", trust_remote_code
     ).eval()
     dataset = open_data(data)
-    options = {"outlier_norm": mask_outliers, "outlier_action": mask_action} if mask_outliers else {}
+    options = ({"outlier_norm": mask_outliers, "outlier_action": mask_action, "outlier_metric": mask_metric}
+               if mask_outliers else {})  # fmt: skip
     frames = run(hooked, dataset, {name: spec}, workspace=workspace, max_tokens=max_tokens,
                  context_length=context_length, batch_size=batch_size, steps=steps,
                  train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,

@@ -130,9 +130,9 @@ def test_load_saelens_trained_format(tmp_path):
     ours = load_sae(tmp_path)
     torch.testing.assert_close(ours.encode(x), lens.encode(x).detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours(x), lens(x).detach(), atol=1e-5, rtol=1e-5)
-    cfg = (tmp_path / "cfg.json").read_text().replace('"standard"', '"gated"')
+    cfg = (tmp_path / "cfg.json").read_text().replace('"standard"', '"temporal"')
     (tmp_path / "cfg.json").write_text(cfg)
-    with pytest.raises(SAEInputError, match="gated"):
+    with pytest.raises(SAEInputError, match="temporal"):
         load_saelens(tmp_path)
 
 
@@ -815,7 +815,7 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(zoo_ws, user_data
         ([*base, "--hook", "blocks.0.attn.hook_z"], "not [batch, pos, d]"),
         ([*base, "--d-sae", str(10**11)], "d_sae=100000000000 is too large to train"),
         ([*base, "--sae-id", "../escape"], "cannot name a checkpoint file"),
-        ([*base, "--architecture", "gated"], "unknown SAE architecture 'gated'"),
+        ([*base, "--architecture", "sparsemax"], "unknown SAE architecture 'sparsemax'"),
         ([*base, "--k", "500", "--d-sae", "64"], "k=500 is invalid for d_sae=64"),
         ([*base, "--data", str(tmp_path / "missing.txt")], "no such file or directory"),
         (["train", "code-tiny@300", "--hook", "blocks.0.hook_resid_post"], "--data is required"),

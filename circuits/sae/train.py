@@ -50,8 +50,11 @@ class TrainConfig:
     # Outlier-token masking (attention sinks / massive activations): rows whose input norm exceeds outlier_norm ×
     # the median row norm of the first (global) batch are left out of training ("exclude") or scaled down to that
     # norm ("cap"); None trains on every row. The masked fraction is logged as "masked".
+    # outlier_metric "max": the row's largest |entry| instead of its norm (post-LayerNorm models such as BERT /
+    # MiniLM keep every token's norm alike, and their sink token stands out in one dimension).
     outlier_norm: float | None = None
     outlier_action: str = "exclude"
+    outlier_metric: str = "norm"
 
 
 @dataclass
@@ -84,12 +87,12 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(
             f"TrainConfig.steps must be a whole number of at least 1, got {cfg.steps!r}; pass steps=N"
         )
-    if cfg.outlier_action not in ("exclude", "cap") or (
-        cfg.outlier_norm is not None and cfg.outlier_norm <= 1
-    ):
+    if (cfg.outlier_action not in ("exclude", "cap") or cfg.outlier_metric not in ("norm", "max")
+            or (cfg.outlier_norm is not None and cfg.outlier_norm <= 1)):  # fmt: skip
         raise ValueError(
-            f"outlier_norm={cfg.outlier_norm!r}, outlier_action={cfg.outlier_action!r}: pass a factor above 1 (e.g. "
-            "10: rows over 10× the median norm) and 'exclude' or 'cap', or outlier_norm=None for no masking"
+            f"outlier_norm={cfg.outlier_norm!r}, outlier_action={cfg.outlier_action!r}, outlier_metric="
+            f"{cfg.outlier_metric!r}: pass a factor above 1 (e.g. 10: rows over 10× the median norm), 'exclude' or "
+            "'cap', and 'norm' or 'max', or outlier_norm=None for no masking"
         )
     if cfg.checkpoint_every < 0 or (cfg.checkpoint_every and cfg.checkpoint_dir is None):
         raise ValueError(
@@ -277,13 +280,18 @@ def train_saes(
             if first:
                 gx, gy = gx * s_in, (gx * s_in if gy is gx else gy * s_out)
             if cfg.outlier_norm is not None:
-                limit_key = (
-                    f"{name}/outlier_limit"  # kept with the scales, so a resumed run masks the same rows
-                )
+                limit_key = f"{name}/outlier_limit"  # in the scales: a resumed run masks the same rows
                 if first:
-                    scales[limit_key] = (cfg.outlier_norm * float(gx.norm(dim=-1).median()), 0.0)
-                    gx, gy, _ = _mask_outliers(gx, gy, scales[limit_key][0], cfg.outlier_action)
-                x, y, masked = _mask_outliers(x, y, scales[limit_key][0], cfg.outlier_action)
+                    scales[limit_key] = (
+                        cfg.outlier_norm * float(row_size(gx, cfg.outlier_metric).median()),
+                        0.0,
+                    )
+                    gx, gy, _ = _mask_outliers(
+                        gx, gy, scales[limit_key][0], cfg.outlier_action, cfg.outlier_metric
+                    )
+                x, y, masked = _mask_outliers(
+                    x, y, scales[limit_key][0], cfg.outlier_action, cfg.outlier_metric
+                )
             if first and cfg.data_init:
                 sae.initialize_from_batch(gx, gy)
             dead = tokens_since_fired[name] > cfg.dead_after_tokens
@@ -346,12 +354,18 @@ def train_saes(
     return TrainResult(saes, history)
 
 
+def row_size(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """[rows, d] -> [rows]: the norm ("norm") or the largest |entry| ("max") of each row."""
+    return x.norm(dim=-1) if metric == "norm" else x.abs().amax(dim=-1)
+
+
 def _mask_outliers(
-    x: torch.Tensor, y: torch.Tensor, limit: float, action: str
+    x: torch.Tensor, y: torch.Tensor, limit: float, action: str, metric: str = "norm"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of x [rows, d_in] (and their targets y [rows, d_out]) whose norm exceeds ``limit``: dropped
-    ("exclude") or scaled down to norm ``limit`` ("cap", the target by the same factor) -> (x, y, masked fraction [])."""
-    norms = x.norm(dim=-1)
+    """Rows of x [rows, d_in] (and their targets y [rows, d_out]) whose size (``row_size``) exceeds ``limit``:
+    dropped ("exclude") or scaled down to size ``limit`` ("cap", the target by the same factor) -> (x, y, masked
+    fraction [])."""
+    norms = row_size(x, metric)
     outlier = norms > limit
     fraction = outlier.float().mean()
     if not bool(outlier.any()):
