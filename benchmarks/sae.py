@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -106,6 +108,10 @@ def train_sparsify(data, args) -> tuple[float, object]:
     """eai-sparsify's SparseCoder through its own training step (sparsify.trainer's loop body without a model:
     b_dec = mean of the first batch, loss = fvu + auxk_alpha · auxk_loss with its dead mask, gradient parallel to the
     decoder rows removed, Adam, decoder rows renormalised), at the same lr as the others."""
+    import os
+
+    if torch.device(args.device).type != "cuda":  # its Triton decoder needs a GPU; on CPU it has an eager one
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(args.seed)
@@ -165,7 +171,8 @@ def _rank_train(rank: int, world: int, port: int, data, args, out) -> None:
     trained = train_saes({"sae": sae}, stream, cfg, distributed=ctx).saes["sae"]
     ctx.barrier()
     if rank == 0:
-        out.put((time.perf_counter() - start, {k: v.clone() for k, v in trained.state_dict().items()}))
+        torch.save(trained.state_dict(), out[1])
+        out[0].put(time.perf_counter() - start)
     shutdown()
 
 
@@ -181,18 +188,17 @@ def train_ours_processes(data, args) -> tuple[float, object]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank_train, args=(r, args.nproc, port, data, args, out))
-        for r in range(args.nproc)
-    ]
-    for proc in procs:
-        proc.start()
-    seconds, state = out.get()
-    for proc in procs:
-        proc.join()
-    sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k))
-    sae.load_state_dict(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = (ctx.Queue(), Path(tmp) / "sae.pt")
+        procs = [ctx.Process(target=_rank_train, args=(r, args.nproc, port, data, args, out))
+                 for r in range(args.nproc)]  # fmt: skip
+        for proc in procs:
+            proc.start()
+        seconds = out[0].get()
+        for proc in procs:
+            proc.join()
+        sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k))
+        sae.load_state_dict(torch.load(out[1], weights_only=True))
     return seconds, sae
 
 
@@ -223,6 +229,7 @@ def main() -> None:
     parser.add_argument("--n-rows", type=int, default=60_000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (s): not timed
 
     data = real(args.n_rows) if args.real else synthetic(args.n_rows, args.d_in)
     data = data.to(args.device)

@@ -2,7 +2,8 @@
 
 Every packed row starts with the model's BOS / [CLS] token (a fixed first token). The workbench's massive-activation
 detector (``workbench.massive.detect_massive``) names where the largest residual entries sit; the row-norm ratio
-of position 0 to the median says how far that token is from the rest. Then the same TopK SAE (same seed, steps,
+(or of its largest entry: post-LayerNorm models keep norms alike) of position 0 to the median says how far
+that token is from the rest. Then the same TopK SAE (same seed, steps,
 batch, lr) is trained on the same activations three times — on every token, with the outlier tokens excluded
 (``TrainConfig.outlier_norm``), and with them capped — and scored on held-out sequences: FVU over the ordinary
 tokens (position > 0), FVU over all tokens, L0 and the fraction of dead latents (never firing on the held-out
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from workbench.circuits.sae.base import SAEConfig
-from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_saes
+from workbench.circuits.sae.train import TrainConfig, row_size, seeded_sae, train_saes
 from workbench.datasets import load_dataset
 from workbench.massive import detect_massive
 from workbench.references import resolve_model
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--factor", type=float, default=None, help="outlier_norm (default: halfway, in log, "
                         "between the 99.9th percentile of ordinary tokens and position 0's median norm)")  # fmt: skip
+    parser.add_argument(
+        "--metric", default="norm", help="norm, or max (largest |entry|: post-LayerNorm models)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = resolve_model(args.model, workspace=args.workspace).eval()
@@ -69,16 +73,18 @@ def main() -> None:
     print(
         top[[c for c in ("value", "position", "token", "dimension", "ratio") if c in top.columns]].to_string()
     )
-    norms = x.norm(dim=-1)
-    median = float(norms.median())
-    first, ordinary = norms[position == 0], norms[position > 0]
-    ratio_first = float(first.median()) / median
-    p999 = float(ordinary.quantile(0.999)) / median
-    factor = args.factor or float((ratio_first * p999) ** 0.5)
-    print(
-        f"row norm / median: position 0 {ratio_first:.1f}x (min {float(first.min()) / median:.1f}x), "
-        f"ordinary tokens p99.9 {p999:.2f}x, max {float(ordinary.max()) / median:.2f}x; outlier_norm = {factor:.2f}"
-    )
+    factor = args.factor
+    for metric in ("norm", "max"):
+        sizes = row_size(x, metric)
+        median = float(sizes.median())
+        first, ordinary = sizes[position == 0], sizes[position > 0]
+        ratio_first = float(first.median()) / median
+        p999 = float(ordinary.quantile(0.999)) / median
+        print(f"row {metric} / median: position 0 {ratio_first:.2f}x (min {float(first.min()) / median:.2f}x), "
+              f"ordinary tokens p99.9 {p999:.2f}x, max {float(ordinary.max()) / median:.2f}x")  # fmt: skip
+        if metric == args.metric and factor is None:
+            factor = float((ratio_first * p999) ** 0.5)
+    print(f"outlier_norm = {factor:.2f} on the row {args.metric}")
     held = sequence >= int(sequence.max() * 0.75)
     train, test = x[~held], x[held]
     test_ordinary = test[position[held] > 0]
@@ -89,8 +95,9 @@ def main() -> None:
             yield train[torch.randint(len(train), (args.batch,), generator=generator)]
 
     results = []
-    for label, extra in (("all tokens", {}), ("exclude outliers", {"outlier_norm": factor}),
-                         ("cap outliers", {"outlier_norm": factor, "outlier_action": "cap"})):  # fmt: skip
+    masking = {"outlier_norm": factor, "outlier_metric": args.metric}
+    for label, extra in (("all tokens", {}), ("exclude outliers", masking),
+                         ("cap outliers", masking | {"outlier_action": "cap"})):  # fmt: skip
         generator.manual_seed(0)
         cfg = SAEConfig(
             "topk", d_in=x.shape[1], d_sae=args.expansion * x.shape[1], k=args.k, hook_in=args.hook
