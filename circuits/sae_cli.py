@@ -29,6 +29,7 @@ from workbench.cli_options import (
     open_data,
     open_model,
 )
+from workbench.workspace import Workspace
 
 app = typer.Typer(help="Sparse autoencoders, transcoders and transcoder circuits.", no_args_is_help=True)
 
@@ -269,10 +270,13 @@ def import_(
         family = hooked.cfg.family
     ids = import_saes(path, workspace, format=format, sae_id=sae_id, family=family, hook=hook, hook_out=hook_out,
                       overwrite=overwrite, model=hooked)  # fmt: skip
-    from workbench.circuits.sae.analysis import find_sae
+    from workbench.circuits.sae import load_sae
+    from workbench.circuits.sae.evals import sae_dir
 
-    for name in ids:
-        sae = find_sae(name, workspace)[1]
+    for (
+        name
+    ) in ids:  # read back from the workspace (a folder named like the id may sit in the working directory)
+        sae = load_sae(sae_dir(Workspace(workspace), name))
         what = f"{sae.hook_in} -> {sae.hook_out}" if sae.cfg.is_transcoder else sae.hook_in
         typer.echo(f"imported {name}: {sae.cfg.architecture} d_in={sae.d_in} d_sae={sae.d_sae} ({what})")
 
