@@ -9,6 +9,7 @@ Everything it computes comes from library functions notebooks use too: ``workben
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import streamlit as st
@@ -19,6 +20,7 @@ from workbench.attention.summary import layer_head_heatmap
 from workbench.interventions import Intervention
 from workbench.workspace import Workspace
 
+STARTED = time.perf_counter()
 st.title("Prompt lab")
 workspace = Workspace(workspace_path())
 DEFAULT_PROMPT = "def add(a, b):\n    return a +"
@@ -424,6 +426,7 @@ k1.markdown("**clean**")
 k1.code(prompt + continuation["clean"], language=None)
 k2.markdown("**intervened**")
 k2.code(prompt + continuation["intervened"], language=None)
+st.caption(f"computed in {time.perf_counter() - STARTED:.2f} s", help="this run of the page, on the server")
 
 if st.button("save session to the results database", key="lab_save"):
     frame = lab.session_frame(model, prompt, interventions, comparison, continuation, generation, readout)
