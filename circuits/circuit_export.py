@@ -3,11 +3,13 @@
 :func:`circuit_tracer_graph` turns the nodes of a path search (``transcoder_circuits`` rows) into circuit-tracer's
 graph JSON: ``metadata`` (slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold, schema_version),
 ``qParams`` (pinnedIds, supernodes, linkType, clickedId, sg_pos), ``nodes[]`` (node_id ``{layer}_{feature}_{pos}``
-for transcoder features, ``E_{token}_{pos}`` for embeddings; feature = cantor(layer, feature), layer, ctx_idx,
-feature_type, jsNodeId, clerp, influence, activation) and ``links[]`` (source, target, weight). circuit-tracer draws
-no attention nodes (attention is frozen in its replacement model), so a head on a path is folded into the links it
-carries: its contributors link straight to the node the head feeds, and the head is named in their ``clerp``. Link weights are the path attributions of the search, in units of the target feature's
-pre-activation. :func:`write_circuit_tracer` writes ``{slug}.json``, ``graph-metadata.json`` and one feature file
+for transcoder features, ``{layer}_-1_{pos}`` for transcoder errors, ``E_{token}_{pos}`` for embeddings,
+``{n_layers + 1}_{token}_{pos}`` for logits; feature = cantor(layer, feature) / −1 / pos / token id, layer, ctx_idx,
+feature_type, token_prob and is_target_logit for logits, jsNodeId, clerp, influence, activation) and ``links[]``
+(source, target, weight). circuit-tracer draws no attention nodes (attention is frozen in its replacement model), so
+a head on a path is folded into the links it carries: its contributors link straight to the node the head feeds,
+and the head is named in their ``clerp``. Link weights are the path attributions of the search, in units of the
+root's pre-activation (a target feature) or demeaned logit (logit roots). :func:`write_circuit_tracer` writes ``{slug}.json``, ``graph-metadata.json`` and one feature file
 per feature (``features/{scan}/{cantor id}.json``: top_logits, bottom_logits, act_min, act_max,
 examples_quantiles) from the transcoders' feature pages, the layout ``circuit_tracer.frontend.local_server.serve(
 data_dir=OUT, features_dir=OUT/features)`` serves. circuit-tracer cannot be installed next to the project's
@@ -32,13 +34,27 @@ def token_text(token: str) -> str:
     return token.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
 
 
-def node_label(kind: str, layer: int, index: int, position: int, text: str) -> str:
-    """Readable name of a circuit node: ``L1 #124 @31 "m"``, ``emb "m" @31``, ``head L0.H2 ← @5 "x"``."""
+def node_label(
+    kind: str,
+    layer: int,
+    index: int,
+    position: int,
+    text: str,
+    output: str = "",
+    probability: float | None = None,
+) -> str:
+    """Readable name of a circuit node: ``L1 #124 @31 "m"``, ``emb "m" @31``, ``head L0.H2 ← @5 "x"``,
+    ``error L0 @31 "m"``, ``logit " return" p=0.412 @31`` (``output``: the logit's token, ``probability`` its)."""
     token = f'"{token_text(text)}"'
     if kind == "embedding":
         return f"emb {token} @{position}"
     if kind == "attention":
         return f"head L{layer}.H{index} ← @{position} {token}"
+    if kind == "error":
+        return f"error L{layer} @{position} {token}"
+    if kind == "logit":
+        chance = "" if probability is None else f" p={probability:.3f}"
+        return f'logit "{token_text(output)}"{chance} @{position}'
     prefix = "target " if kind == "target" else ""
     return f"{prefix}L{layer} #{index} @{position} {token}"
 
@@ -49,19 +65,62 @@ def cantor(layer: int, feature: int) -> int:
 
 
 def _node_id(row) -> str:
-    if row["kind"] == "embedding":
-        return f"E_{int(row['index'])}_{int(row['position'])}"
-    return f"{int(row['layer'])}_{int(row['index'])}_{int(row['position'])}"
+    kind, layer, index, position = row["kind"], int(row["layer"]), int(row["index"]), int(row["position"])
+    if kind == "embedding":
+        return f"E_{index}_{position}"
+    if kind == "error":
+        return f"{layer}_-1_{position}"
+    if kind == "logit":  # our logit rows sit at layer n_layers; circuit-tracer numbers them n_layers + 1
+        return f"{layer + 1}_{index}_{position}"
+    return f"{layer}_{index}_{position}"
+
+
+def _finite(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _node(row, is_target_logit: bool) -> dict[str, Any]:
+    """One circuit-tracer node (frontend/graph_models.py's Node) for a ``transcoder_circuits`` row."""
+    kind, layer, index, position = row["kind"], int(row["layer"]), int(row["index"]), int(row["position"])
+    nid = _node_id(row)
+    output = "" if pd.isna(row.get("output", "")) else str(row.get("output", ""))
+    probability = _finite(row.get("probability"))
+    node: dict[str, Any] = {"node_id": nid, "layer": str(layer), "ctx_idx": position, "token_prob": 0.0,
+                            "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "influence": None,
+                            "activation": None,
+                            "clerp": node_label(kind, layer, index, position, str(row["text"]), output=output,
+                                                probability=probability)}  # fmt: skip
+    if kind == "embedding":
+        return node | {"feature": position, "layer": "E", "feature_type": "embedding",
+                       "jsNodeId": f"E_{index}-{position}"}  # fmt: skip
+    if kind == "error":
+        return node | {
+            "feature": -1,
+            "feature_type": "mlp reconstruction error",
+            "jsNodeId": f"{layer}_-1-{position}",
+        }
+    if kind == "logit":
+        chance = probability or 0.0
+        return node | {"feature": index, "layer": str(layer + 1), "feature_type": "logit", "token_prob": chance,
+                       "is_target_logit": is_target_logit, "jsNodeId": f"L_{index}-{position}",
+                       "clerp": f'Output "{token_text(output)}" (p={chance:.3f})'}  # fmt: skip
+    return node | {"feature": cantor(layer, index), "feature_type": "cross layer transcoder",
+                   "jsNodeId": f"{layer}_{index}-0", "activation": _finite(row.get("activation"))}  # fmt: skip
 
 
 def circuit_tracer_graph(
     nodes: pd.DataFrame, prompt_tokens: list[str], *, slug: str, scan: str, transcoder_list: list[str],
     prompt: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """circuit-tracer graph JSON for one circuit (rows with id, parent, kind, layer, index, position, attribution,
-    text; ``prompt_tokens``: the prompt's token strings)."""
+    """circuit-tracer graph JSON for one circuit (``transcoder_circuits`` rows: id, parent, kind, layer, index,
+    position, attribution, text, and activation / output / probability where the search recorded them;
+    ``prompt_tokens``: the prompt's token strings). The roots (parent −1: a target feature, or logits of which the
+    most probable is the target logit) are pinned."""
     rows = nodes.sort_values("id").set_index("id", drop=False)
     by_id = {int(i): row for i, row in rows.iterrows()}
+    roots = [node_id for node_id, row in by_id.items() if int(row["parent"]) < 0]
+    logits = [node_id for node_id in roots if by_id[node_id]["kind"] == "logit"]
+    top_logit = max(logits, key=lambda i: _finite(by_id[i].get("probability")) or 0.0) if logits else None
 
     def visible_parent(node_id: int) -> int:
         parent = int(by_id[node_id]["parent"])
@@ -71,24 +130,11 @@ def circuit_tracer_graph(
 
     out_nodes: dict[str, dict[str, Any]] = {}
     heads: dict[str, list[str]] = {}
-    for row in by_id.values():
-        kind = row["kind"]
-        if kind == "attention":
+    for node_id, row in by_id.items():
+        if row["kind"] == "attention":
             continue
         nid = _node_id(row)
-        if kind == "embedding":
-            position = int(row["position"])
-            node = {"node_id": nid, "feature": position, "layer": "E", "ctx_idx": position,
-                    "feature_type": "embedding", "jsNodeId": f"E_{int(row['index'])}-{position}"}  # fmt: skip
-        else:
-            layer, feature = int(row["layer"]), int(row["index"])
-            node = {"node_id": nid, "feature": cantor(layer, feature), "layer": str(layer),
-                    "ctx_idx": int(row["position"]), "feature_type": "cross layer transcoder",
-                    "jsNodeId": f"{layer}_{feature}-0"}  # fmt: skip
-        node |= {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
-                 "clerp": node_label(kind, int(row["layer"]), int(row["index"]), int(row["position"]), row["text"]),
-                 "influence": None, "activation": float(row["attribution"]) if kind == "target" else None}  # fmt: skip
-        out_nodes.setdefault(nid, node)
+        out_nodes.setdefault(nid, _node(row, node_id == top_logit))
         parent = int(row["parent"])
         if parent >= 0 and by_id[parent]["kind"] == "attention":
             head = by_id[parent]
@@ -101,17 +147,17 @@ def circuit_tracer_graph(
             continue
         key = (_node_id(row), _node_id(by_id[visible_parent(node_id)]))
         weights[key] = weights.get(key, 0.0) + float(row["attribution"])
-    target = _node_id(by_id[int(rows.loc[rows["kind"] == "target", "id"].iloc[0])])
+    pinned = list(dict.fromkeys(_node_id(by_id[node_id]) for node_id in roots))
     influence = {nid: 0.0 for nid in out_nodes}
     for (source, _), weight in weights.items():
         influence[source] += abs(weight)
     for nid, node in out_nodes.items():
-        node["influence"] = influence[nid] if nid != target else None
+        node["influence"] = None if nid in pinned else influence[nid]
     return {
         "metadata": {"slug": slug, "scan": scan, "transcoder_list": transcoder_list,
                      "prompt_tokens": [token_text(t) for t in prompt_tokens], "prompt": prompt,
                      "node_threshold": None, "schema_version": SCHEMA_VERSION},
-        "qParams": {"pinnedIds": [target], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "qParams": {"pinnedIds": pinned, "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": list(out_nodes.values()),
         "links": [{"source": s, "target": t, "weight": w} for (s, t), w in weights.items()],
     }  # fmt: skip

@@ -31,6 +31,7 @@ PositionOption = Annotated[int, typer.Option(help="Target position in the prompt
 TopKOption = Annotated[int, typer.Option(min=1, help="Contributors kept per node.")]
 DepthOption = Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")]
 EXPORT_FORMATS = ("circuit-tracer",)
+ROOTS = ("logit", "feature")
 
 
 @app.callback()
@@ -48,6 +49,20 @@ def export(
     ],
     data: DataOption = None,
     format: Annotated[str, typer.Option("--format", help="circuit-tracer.")] = "circuit-tracer",
+    root: Annotated[
+        str,
+        typer.Option(
+            help="logit: the graph is rooted at the most probable next tokens at --position (circuit-tracer's "
+            "graphs; needs a transcoder on every layer); feature: at a transcoder feature (--layer / --feature)."
+        ),
+    ] = "logit",
+    max_logits: Annotated[int, typer.Option(min=1, help="Logit roots at most (--root logit).")] = 3,
+    logit_probability: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Logit roots until their total probability reaches this (--root logit)."
+        ),
+    ] = 0.95,
     layer: LayerOption = None,
     feature: FeatureOption = None,
     prompt_index: PromptIndexOption = 0,
@@ -68,7 +83,8 @@ def export(
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Trace a transcoder feature's circuit on a prompt of --data and write it as circuit-tracer graph JSON
+    """Trace the circuit of the next-token logits (or of a transcoder feature, --root feature) on a prompt of --data
+    and write it as circuit-tracer graph JSON
     (OUT/<slug>.json, OUT/graph-metadata.json) with the transcoders' feature files (OUT/features/<scan>/), which
     circuit_tracer.frontend.local_server.serve(data_dir=OUT, features_dir=OUT/features) opens."""
     import pandas as pd
@@ -82,6 +98,10 @@ def export(
 
     if format not in EXPORT_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if root not in ROOTS:
+        fail(f"--root {root!r} is not one of {', '.join(ROOTS)}")
+    if root == "logit" and (layer is not None or feature is not None):
+        fail("--layer / --feature name a target feature: pass --root feature with them")
     if data is None:
         fail(
             "--data is required: the prompt is a token row of it (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
@@ -90,18 +110,19 @@ def export(
     ANALYSIS.check(hooked)
     dataset = open_data(data)
     found = [find_sae(ref, workspace) for ref in transcoder]
-    frames = run(hooked, dataset, [sae for _, sae in found], layer=layer, feature=feature,
-                 prompt_index=prompt_index, position=position, context_length=context_length, top_k=top_k,
-                 depth=depth)  # fmt: skip
+    frames = run(hooked, dataset, [sae for _, sae in found], root="logit" if root == "logit" else "feature",
+                 layer=layer, feature=feature, prompt_index=prompt_index, position=position,
+                 context_length=context_length, top_k=top_k, depth=depth, max_logits=max_logits,
+                 logit_probability=logit_probability)  # fmt: skip
     nodes = frames["transcoder_circuits"]
-    root = nodes.iloc[0]
+    top = nodes.iloc[0]
     rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
     tokens = hooked.to_str_tokens(list(rows[prompt_index]))
-    name = safe_name(slug or f"{short_name(hooked.cfg.name)}-{root['target'].replace('#', '-').replace('@', '-')}"
+    name = safe_name(slug or f"{short_name(hooked.cfg.name)}-{top['target'].replace('#', '-').replace('@', '-')}"
                      f"-p{prompt_index}", "for a graph")  # fmt: skip
     ids = [found_id for found_id, _ in found]
     graph = circuit_tracer_graph(nodes, tokens, slug=name, scan=f"./features/{safe_name(short_name(hooked.cfg.name))}",
-                                 transcoder_list=ids, prompt=root["prompt"])  # fmt: skip
+                                 transcoder_list=ids, prompt=top["prompt"])  # fmt: skip
     results = Workspace(workspace).results()
     features = results.read("sae_features", sae_id=ids, dataset=dataset.name)
     missing = [
@@ -125,10 +146,10 @@ def export(
         ]
         write_results(workspace, {"sae_features": pd.concat(computed, ignore_index=True)})
         features = results.read("sae_features", sae_id=ids, dataset=dataset.name)
-    layer_of = {found_id: layer_of(sae) for found_id, sae in found}
-    pages = {(layer_of[page["sae_id"]], int(page["latent"])): page for _, page in features.iterrows()}
+    layers = {found_id: layer_of(sae) for found_id, sae in found}
+    pages = {(layers[page["sae_id"]], int(page["latent"])): page for _, page in features.iterrows()}
     path = write_circuit_tracer(out, graph, pages)
-    typer.echo(f"circuit of {root['target']} ({len(graph['nodes'])} nodes, {len(graph['links'])} links) written to "
+    typer.echo(f"circuit of {top['target']} ({len(graph['nodes'])} nodes, {len(graph['links'])} links) written to "
                f"{path}; view it with circuit_tracer.frontend.local_server.serve(data_dir={out!r}, "
                f"features_dir={out!r} + '/features')")  # fmt: skip
 

@@ -2,8 +2,9 @@
 
 circuit-tracer pins an older transformers, so it is not installed: the graph JSON is checked field by field
 against its documented schema (``circuit_tracer/frontend/graph_models.py``: Metadata, QParams, Node, Link; node ids
-``{layer}_{feature}_{pos}`` and ``E_{token}_{pos}``) and the feature files against what its frontend reads
-(``top_logits``, ``bottom_logits``, ``act_min``, ``act_max``, ``examples_quantiles``).
+``{layer}_{feature}_{pos}``, ``{layer}_-1_{pos}`` (errors), ``E_{token}_{pos}`` and ``{n_layers + 1}_{token}_{pos}``
+(logits), with the jsNodeId, feature, token_prob and is_target_logit its Node factories give) and the feature files
+against what its frontend reads (``top_logits``, ``bottom_logits``, ``act_min``, ``act_max``, ``examples_quantiles``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ NODE = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_t
 FEATURE_TYPES = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
 
 
-def check_schema(graph: dict) -> None:
+def check_schema(graph: dict, n_layers: int = 2) -> None:
     assert set(graph) == {"metadata", "qParams", "nodes", "links"}
     for section, schema in ((graph["metadata"], METADATA), (graph["qParams"], QPARAMS)):
         assert set(section) == set(schema)
@@ -45,10 +46,28 @@ def check_schema(graph: dict) -> None:
             assert (
                 node["node_id"] == f"E_{token}_{pos}" and node["layer"] == "E" and node["ctx_idx"] == int(pos)
             )
+            assert node["feature"] == int(pos) and node["jsNodeId"] == f"E_{token}-{pos}"
+        elif node["feature_type"] == "logit":
+            layer, token, pos = map(int, node["node_id"].split("_"))
+            assert layer == n_layers + 1 and node["layer"] == str(layer) and node["feature"] == token
+            assert node["ctx_idx"] == pos and node["jsNodeId"] == f"L_{token}-{pos}"
+            assert 0 < node["token_prob"] <= 1 and node["clerp"].startswith('Output "')
+            assert node["clerp"].endswith(f"(p={node['token_prob']:.3f})") and node["influence"] is None
+        elif node["feature_type"] == "mlp reconstruction error":
+            layer, minus_one, pos = map(int, node["node_id"].split("_"))
+            assert minus_one == -1 and node["feature"] == -1 and int(node["layer"]) == layer < n_layers
+            assert node["ctx_idx"] == pos and node["jsNodeId"] == f"{layer}_-1-{pos}"
         else:
             layer, feature, pos = map(int, node["node_id"].split("_"))
             assert node["feature"] == cantor(layer, feature) and node["layer"] == str(layer)
             assert node["ctx_idx"] == pos and node["jsNodeId"] == f"{layer}_{feature}-0"
+        if node["feature_type"] != "logit":
+            assert node["token_prob"] == 0.0 and not node["is_target_logit"]
+    logits = [node for node in graph["nodes"] if node["feature_type"] == "logit"]
+    if logits:  # exactly one target logit: the most probable; the logits are the pinned roots
+        assert [n["is_target_logit"] for n in logits].count(True) == 1
+        assert max(logits, key=lambda n: n["token_prob"])["is_target_logit"]
+        assert set(graph["qParams"]["pinnedIds"]) == {n["node_id"] for n in logits}
     for link in graph["links"]:
         assert set(link) == {"source", "target", "weight"} and isinstance(link["weight"], float)
         assert link["source"] in ids and link["target"] in ids
@@ -61,7 +80,7 @@ def test_graph_folds_attention_and_merges_repeated_nodes(tmp_path) -> None:
     """A hand-made search tree: target L1#5@3 <- head L0.H1 from @1 <- emb(@1); target <- L0#2@3 <- emb(@3), and the
     same embedding reached twice becomes one node whose links carry the summed attributions."""
     nodes = pd.DataFrame([
-        {"id": 0, "parent": -1, "depth": 0, "kind": "target", "layer": 1, "index": 5, "position": 3, "attribution": 2.0, "text": "c"},
+        {"id": 0, "parent": -1, "depth": 0, "kind": "target", "layer": 1, "index": 5, "position": 3, "attribution": 2.0, "text": "c", "activation": 1.25},
         {"id": 1, "parent": 0, "depth": 1, "kind": "attention", "layer": 0, "index": 1, "position": 1, "attribution": 0.8, "text": "\n"},
         {"id": 2, "parent": 0, "depth": 1, "kind": "transcoder", "layer": 0, "index": 2, "position": 3, "attribution": 0.5, "text": "c"},
         {"id": 3, "parent": 1, "depth": 2, "kind": "embedding", "layer": -1, "index": 42, "position": 1, "attribution": 0.7, "text": "\n"},
@@ -80,7 +99,7 @@ def test_graph_folds_attention_and_merges_repeated_nodes(tmp_path) -> None:
     }
     by_id = {n["node_id"]: n for n in graph["nodes"]}
     assert by_id["E_42_1"]["clerp"] == 'emb "⏎" @1 (via head L0.H1)'
-    assert graph["qParams"]["pinnedIds"] == ["1_5_3"] and by_id["1_5_3"]["activation"] == 2.0
+    assert graph["qParams"]["pinnedIds"] == ["1_5_3"] and by_id["1_5_3"]["activation"] == 1.25
     assert graph["metadata"]["prompt_tokens"] == ["a", "⏎", "b", "c"]
     page = pd.Series({"top_contexts": json.dumps([{"activation": 1.5, "focus": 1, "row": 0, "tokens": ["x", "\n"],
                                                    "acts": [0.0, 1.5]}]),
@@ -100,6 +119,42 @@ def test_graph_folds_attention_and_merges_repeated_nodes(tmp_path) -> None:
     assert (tmp_path / "features" / "toy" / f"{cantor(0, 2)}.json").is_file()  # a feature without a page
     with pytest.raises(ValueError, match="./features/"):
         write_circuit_tracer(tmp_path, graph | {"metadata": graph["metadata"] | {"scan": "toy"}}, {})
+
+
+def test_logit_rooted_graph_has_circuit_tracers_logit_and_error_nodes() -> None:
+    """Two logit roots at the last position (layer n_layers here, n_layers + 1 in circuit-tracer's numbering): the
+    more probable is the target logit; an error node links to a logit; a feature reached from both logits is one
+    node with a link to each."""
+    nodes = pd.DataFrame([
+        {"id": 0, "parent": -1, "depth": 0, "kind": "logit", "layer": 2, "index": 17, "position": 2, "attribution": 3.0, "text": "b", "output": " x", "probability": 0.6},
+        {"id": 1, "parent": -1, "depth": 0, "kind": "logit", "layer": 2, "index": 9, "position": 2, "attribution": 2.5, "text": "b", "output": "\n", "probability": 0.3},
+        {"id": 2, "parent": 0, "depth": 1, "kind": "transcoder", "layer": 1, "index": 4, "position": 2, "attribution": 1.5, "text": "b", "activation": 0.9},
+        {"id": 3, "parent": 0, "depth": 1, "kind": "error", "layer": 0, "index": -1, "position": 2, "attribution": -0.4, "text": "b"},
+        {"id": 4, "parent": 1, "depth": 1, "kind": "transcoder", "layer": 1, "index": 4, "position": 2, "attribution": 0.7, "text": "b", "activation": 0.9},
+        {"id": 5, "parent": 2, "depth": 2, "kind": "embedding", "layer": -1, "index": 33, "position": 2, "attribution": 0.2, "text": "b"},
+    ])  # fmt: skip
+    graph = circuit_tracer_graph(nodes, ["a", "b", "b"], slug="logits", scan="./features/toy",
+                                 transcoder_list=["t0", "t1"], prompt="abb")  # fmt: skip
+    check_schema(graph, n_layers=2)
+    by_id = {n["node_id"]: n for n in graph["nodes"]}
+    assert set(by_id) == {"3_17_2", "3_9_2", "1_4_2", "0_-1_2", "E_33_2"}
+    assert by_id["3_17_2"]["is_target_logit"] and not by_id["3_9_2"]["is_target_logit"]
+    assert (
+        by_id["3_17_2"]["clerp"] == 'Output " x" (p=0.600)'
+        and by_id["3_9_2"]["clerp"] == 'Output "⏎" (p=0.300)'
+    )
+    assert by_id["3_17_2"]["token_prob"] == 0.6 and by_id["1_4_2"]["activation"] == 0.9
+    assert (
+        by_id["0_-1_2"]["feature_type"] == "mlp reconstruction error"
+        and by_id["0_-1_2"]["clerp"] == 'error L0 @2 "b"'
+    )
+    links = {(link["source"], link["target"]): link["weight"] for link in graph["links"]}
+    assert links == {("1_4_2", "3_17_2"): 1.5, ("0_-1_2", "3_17_2"): -0.4, ("1_4_2", "3_9_2"): 0.7,
+                     ("E_33_2", "1_4_2"): 0.2}  # fmt: skip
+    assert by_id["1_4_2"]["influence"] == pytest.approx(2.2) and graph["qParams"]["pinnedIds"] == [
+        "3_17_2",
+        "3_9_2",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +208,15 @@ def test_circuits_export_cli(tmp_path, code_ws, tiny_transcoders) -> None:
     (graph_file,) = (tmp_path / "graph").glob("code-tiny-*.json")
     graph = json.loads(graph_file.read_text())
     check_schema(graph)
+    logits = [n for n in graph["nodes"] if n["feature_type"] == "logit"]
+    last = len(graph["metadata"]["prompt_tokens"]) - 1
+    assert logits and all(n["ctx_idx"] == last for n in logits)  # rooted at the next-token prediction
+    with torch.no_grad():
+        probabilities = torch.softmax(model(torch.tensor([rows_tokens(model, text)]))[0, -1], 0)
+    top = max(logits, key=lambda n: n["token_prob"])
+    assert top["feature"] == int(probabilities.argmax())
+    assert top["token_prob"] == pytest.approx(float(probabilities.max()), abs=1e-5)
+    assert {link["target"] for link in graph["links"]} & {n["node_id"] for n in logits}
     rows = code_ws.results().read("sae_features", sae_id=ids)
     assert (
         sorted(rows["sae_id"].unique()) == ids
@@ -168,6 +232,23 @@ def test_circuits_export_cli(tmp_path, code_ws, tiny_transcoders) -> None:
         assert set(page) == {"top_logits", "bottom_logits", "act_min", "act_max", "examples_quantiles"}
     result = CliRunner().invoke(app, [*args[:-2], "--format", "graphml"])
     assert result.exit_code == 2 and "is not one of circuit-tracer" in result.output
+    result = CliRunner().invoke(app, [*args, "--layer", "1"])
+    assert result.exit_code == 2 and "pass --root feature" in result.output
+    result = CliRunner().invoke(app, [*args, "--root", "feature", "--layer", "1", "--slug", "feature-root"])
+    assert result.exit_code == 0, result.output
+    graph = json.loads((tmp_path / "graph" / "feature-root.json").read_text())
+    check_schema(graph)
+    (pinned,) = graph["qParams"]["pinnedIds"]
+    assert pinned.startswith("1_") and not any(n["feature_type"] == "logit" for n in graph["nodes"])
+    listing = json.loads((tmp_path / "graph" / "graph-metadata.json").read_text())
+    assert {g["slug"] for g in listing["graphs"]} == {graph_file.stem, "feature-root"}
+
+
+def rows_tokens(model, path) -> list[int]:
+    """The first token row of a text file as the CLI reads it (one document per row, at most 24 tokens)."""
+    from workbench.datasets import load_dataset
+
+    return list(load_dataset(path).token_rows(model.tokenizer, context_length=24, max_rows=1)[0])
 
 
 def test_dashboard_circuit_figure_is_readable() -> None:
@@ -193,3 +274,39 @@ def test_dashboard_circuit_figure_is_readable() -> None:
     assert list(graph.labelled()["node"]) == ['target L1 #124 @31 " m"', 'L0 #198 @31 " m"', 'L0 #16 @31 " m"',
                                               'head L0.H2 ← @30 "⏎"', 'emb " m" @31']  # fmt: skip
     assert node_label("embedding", -1, 336, 31, " m") == 'emb " m" @31'
+
+
+def test_dashboard_view_shows_a_logit_rooted_circuit(code_ws, tiny_transcoders, monkeypatch) -> None:
+    """run(root="logit") rows stored next to a feature-rooted circuit: the view picks either root, shows the top
+    logit's token and probability, and lists the logit nodes first."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from workbench.circuits.sae.analysis import find_sae
+    from workbench.circuits.transcoder_circuits import run, write_results
+    from workbench.datasets import Dataset
+
+    model, ids = tiny_transcoders
+    transcoders = [find_sae(i, code_ws)[1] for i in ids]
+    data = Dataset("two-defs", texts=lambda: ["def f(x):\n    return x + 1", "import os\n"])
+    logit = run(model, data, transcoders, root="logit", top_k=2, depth=2, max_logits=2)["transcoder_circuits"]
+    feature = run(model, data, transcoders, top_k=1, depth=1)["transcoder_circuits"]
+    write_results(code_ws, {"transcoder_circuits": pd.concat([feature, logit], ignore_index=True)})
+    assert set(logit["target"]) == {f"logits@{len(model.to_tokens(data.texts()[0])[0]) - 1}"}
+    assert (logit["hook"] == "ln_final.hook_normalized").all()
+    with pytest.raises(ValueError, match="no target layer or feature"):
+        run(model, data, transcoders, root="logit", layer=1)
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(code_ws.root))
+    view = Path(__file__).resolve().parents[1] / "app" / "views" / "circuits.py"
+    app = AppTest.from_file(str(view), default_timeout=60).run()
+    assert not app.exception, app.exception
+    target = next(box for box in app.selectbox if "root" in box.label)
+    assert set(target.options) == set(logit["target"]) | set(feature["target"])
+    app = target.set_value(logit["target"].iloc[0]).run()
+    assert not app.exception, app.exception
+    top = logit.iloc[0]
+    assert app.metric[0].label == f'logit of "{top["output"]}" (demeaned)'
+    assert app.metric[0].value == f"{top['attribution']:.3f}"
+    shown = app.dataframe[0].value
+    assert shown.iloc[0]["kind"] == "logit" and shown.iloc[0]["node"].startswith("logit ")

@@ -1,4 +1,6 @@
-"""Transcoder circuits on code-tiny: exact decomposition identities, head OV sums, de-embedding, path search."""
+"""Transcoder circuits on code-tiny: exact decomposition identities, head OV sums, de-embedding, path search; logit
+roots (the final norm frozen) against the model's own logits and a float64 reference, on GPT-NeoX and on a tiny
+random Llama (RMSNorm, grouped-query attention)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.circuits.circuit_export import token_text
 from workbench.circuits.transcoder_circuits import (
+    SEARCH_KINDS,
     CircuitError,
     deembedding,
     feature_attribution,
+    find_logit_paths,
     find_paths,
+    logit_attribution,
     pullback,
+    salient_tokens,
 )
 
 PROMPT = "def area(width, height):\n    return (width * height) / 2\n"
@@ -106,8 +113,12 @@ def test_path_search_expands_the_strongest_contributors(circuit_setup) -> None:
     assert nodes.iloc[0]["kind"] == "target" and len(nodes) <= 1 + 2 + 4
     first = nodes[nodes["depth"] == 1]
     rows = feature_attribution(model, transcoders, prompt, layer=1, feature=feature)
-    rows = rows[rows["kind"].isin(["transcoder", "attention", "embedding"])]
+    rows = rows[rows["kind"].isin(SEARCH_KINDS)]
     assert sorted(first["attribution"].abs().round(5)) == sorted(rows["attribution"].abs().head(2).round(5))
+    assert (
+        nodes[nodes["kind"] == "error"]["depth"] >= 1
+    ).all()  # errors are leaves: no node has one as parent
+    assert not set(nodes["parent"]) & set(nodes[nodes["kind"] == "error"]["id"])
     assert (nodes[nodes["depth"] == 2]["layer"] < 1).all()
     assert len(graph.figure().data) == len(nodes)
 
@@ -234,3 +245,147 @@ def test_run_takes_a_list_of_transcoders_and_refuses_ones_of_another_model(circu
     with pytest.raises(CircuitError, match="maps 'blocks.0.hook_resid_pre' → 'blocks.0.hook_resid_post'"):
         run(model, data, [create_sae(SAEConfig("topk", d_in=64, d_sae=16, k=2, hook_in="blocks.0.hook_resid_pre",
                                                hook_out="blocks.0.hook_resid_post"))])  # fmt: skip
+
+
+def test_logit_attribution_sums_to_the_models_own_logit(circuit_setup) -> None:
+    """Every writer of the final residual stream through the frozen final LayerNorm, plus its bias through W_U,
+    adds up to the logit the model computes (raw, and demeaned over the vocabulary as circuit-tracer roots it)."""
+    model, transcoders, prompt, _ = circuit_setup
+    with torch.no_grad():
+        logits = model(prompt[None])[0, -1].double()
+    for demean in (False, True):
+        rows = logit_attribution(model, transcoders, prompt, demean=demean)
+        token = rows.attrs["token"]
+        expected = float(logits[token] - (logits.mean() if demean else 0.0))
+        assert token == int(logits.argmax())
+        assert rows["attribution"].sum() == pytest.approx(expected, abs=1e-3 * max(1.0, abs(expected)))
+        assert rows.attrs["logit"] == pytest.approx(expected, abs=1e-4)
+        assert rows.attrs["probability"] == pytest.approx(float(torch.softmax(logits, 0)[token]), abs=1e-6)
+    assert set(rows["kind"]) == {"transcoder", "attention", "embedding", "bias", "error"}
+    assert set(rows[rows["kind"] == "transcoder"]["layer"]) == {0, 1}  # every layer writes to the logit
+    other = int(logits.argsort()[-2])
+    rows = logit_attribution(model, transcoders, prompt, token=other, position=5, demean=False)
+    with torch.no_grad():
+        at_five = model(prompt[None])[0, 5]
+    assert rows["attribution"].sum() == pytest.approx(
+        float(at_five[other]), abs=1e-3 * max(1.0, abs(float(at_five[other])))
+    )
+
+
+def test_direct_paths_to_the_logit_equal_a_float64_reference(circuit_setup) -> None:
+    """With the final LayerNorm's scale σ frozen at the prompt, feature i of layer L reaches the demeaned logit of t
+    directly by activation × (W_dec[i] · v), v = centre(γ ⊙ (W_U[t] − mean_t' W_U[t'])) / σ, and the token embedding
+    by W_E[token] · v: computed here in float64 from the HF weights."""
+    model, transcoders, prompt, _ = circuit_setup
+    rows = logit_attribution(model, transcoders, prompt)
+    token = rows.attrs["token"]
+    norm, unembed = (
+        model.model.gpt_neox.final_layer_norm,
+        model.model.get_output_embeddings().weight.detach().double(),
+    )
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    with torch.no_grad(), model.capture(hooks) as cache:
+        model(prompt[None])
+    x = cache["blocks.1.hook_resid_post"][0, -1].double()
+    sigma = torch.sqrt(x.var(unbiased=False) + norm.eps)
+    scaled = norm.weight.detach().double() * (unbiased := unembed[token] - unembed.mean(0))
+    vector = (scaled - scaled.mean()) / sigma
+    for layer, transcoder in transcoders.items():
+        with torch.no_grad():
+            acts = transcoder.encode(cache[f"blocks.{layer}.hook_resid_pre"][0, -1]).double()
+        active = torch.nonzero(acts).flatten()
+        expected = (acts * (transcoder.W_dec.detach().double() @ vector))[active]
+        got = rows[(rows["kind"] == "transcoder") & (rows["layer"] == layer)].set_index("index")[
+            "attribution"
+        ]
+        np.testing.assert_allclose(got.loc[active.numpy()].to_numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    embedding = rows[rows["kind"] == "embedding"]["attribution"].item()
+    assert embedding == pytest.approx(
+        float(model.embedding_matrix().detach().double()[prompt[-1]] @ vector), abs=1e-4
+    )
+    bias = rows[(rows["kind"] == "bias") & (rows["index"] == -3)]["attribution"].item()
+    assert bias == pytest.approx(float(norm.bias.detach().double() @ unbiased), abs=1e-4)
+    graph = find_logit_paths(model, transcoders, prompt, logit_tokens=[token], top_k=4, depth=1).nodes
+    first = rows[rows["kind"].isin(SEARCH_KINDS)].head(4)
+    assert (
+        graph.iloc[0]["kind"] == "logit" and graph.iloc[0]["index"] == token and graph.iloc[0]["layer"] == 2
+    )
+    np.testing.assert_allclose(graph.iloc[1:]["attribution"], first["attribution"], rtol=1e-5)
+
+
+def test_logit_paths_start_at_the_most_probable_tokens(circuit_setup) -> None:
+    model, transcoders, prompt, _ = circuit_setup
+    with torch.no_grad():
+        logits = model(prompt[None])[0, -1]
+    probabilities = torch.softmax(logits, 0)
+    chosen = salient_tokens(logits, max_logits=10, probability=0.5)
+    order = probabilities.argsort(descending=True)
+    assert chosen == order[: len(chosen)].tolist()
+    assert probabilities[chosen].sum() >= 0.5 > probabilities[chosen[:-1]].sum() or len(chosen) == 10
+    graph = find_logit_paths(
+        model, transcoders, prompt, max_logits=2, logit_probability=1.0, top_k=2, depth=2
+    )
+    nodes = graph.nodes
+    roots = nodes[nodes["parent"] < 0]
+    assert roots["kind"].tolist() == ["logit", "logit"] and roots["index"].tolist() == order[:2].tolist()
+    np.testing.assert_allclose(roots["probability"], probabilities[order[:2]].numpy(), rtol=1e-5)
+    assert roots["output"].tolist() == model.to_str_tokens(order[:2])
+    assert (roots["position"] == len(prompt) - 1).all() and len(nodes) <= 2 * (1 + 2 + 4)
+    labels = graph.labelled()["node"]
+    assert (
+        labels.iloc[0]
+        == f'logit "{token_text(roots["output"].iloc[0])}" p={roots["probability"].iloc[0]:.3f} @{len(prompt) - 1}'
+    )
+    figure = graph.figure()
+    assert list(figure.layout.yaxis.ticktext)[-1] == "logits"
+    with pytest.raises(CircuitError, match=r"layer\(s\) \[0\] below layer 2"):
+        find_logit_paths(model, {1: transcoders[1]}, prompt)
+    with pytest.raises(CircuitError, match="token 99999 is out of range"):
+        logit_attribution(model, transcoders, prompt, token=99999)
+
+
+def test_logit_circuits_on_a_llama_with_rmsnorm_and_grouped_query_attention() -> None:
+    """A random tiny Llama (RMSNorm with non-unit γ, 4 query heads on 2 key/value heads, hook_resid_mid
+    transcoders): the decomposition adds up to the model's logit, and each layer's head rows plus the output bias
+    add up to its attention output read along the logit direction."""
+    import transformers
+
+    from workbench.circuits.sae.base import SAEConfig, create_sae
+    from workbench.model import HookedModel
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.model.norm.weight.uniform_(0.5, 1.5)
+    model = HookedModel.from_hf(hf, None, name="tiny-llama")
+    transcoders = {
+        layer: create_sae(SAEConfig("relu", d_in=32, d_sae=48, hook_in=f"blocks.{layer}.hook_resid_mid",
+                                    hook_out=f"blocks.{layer}.hook_mlp_out"))
+        for layer in (0, 1)
+    }  # fmt: skip
+    tokens = torch.randint(96, (10,), generator=torch.Generator().manual_seed(1))
+    rows = logit_attribution(model, transcoders, tokens, demean=False)
+    hooks = ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out", "blocks.1.hook_resid_post"]
+    with torch.no_grad(), model.capture(hooks) as cache:
+        logits = model(tokens[None])[0, -1]
+    expected = float(logits[rows.attrs["token"]])
+    assert rows["attribution"].sum() == pytest.approx(expected, abs=1e-3 * max(1.0, abs(expected)))
+    x = cache["blocks.1.hook_resid_post"][0, -1].double()
+    rms = torch.sqrt(x.pow(2).mean() + hf.model.norm.variance_epsilon)
+    vector = (
+        hf.model.norm.weight.detach().double()
+        * hf.lm_head.weight.detach().double()[rows.attrs["token"]]
+        / rms
+    )
+    for layer in (0, 1):
+        heads = rows[(rows["kind"] == "attention") & (rows["layer"] == layer)]["attribution"].sum()
+        bias = rows[(rows["kind"] == "bias") & (rows["layer"] == layer) & (rows["index"] == -2)][
+            "attribution"
+        ].sum()
+        assert heads + bias == pytest.approx(
+            float(cache[f"blocks.{layer}.hook_attn_out"][0, -1].double() @ vector), abs=1e-4
+        )
+    graph = find_logit_paths(model, transcoders, tokens, max_logits=1, top_k=3, depth=2)
+    assert graph.nodes.iloc[0]["kind"] == "logit" and len(graph.nodes) > 1

@@ -1,11 +1,12 @@
-"""Transcoder circuits: the greedy path search from a target feature, drawn over layer × position, with its table."""
+"""Transcoder circuits: the greedy path search from a target feature or from the next-token logits, drawn over
+layer × position, with its table."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from workbench.app.data import empty_state, open_workspace_or_stop, table
-from workbench.circuits.transcoder_circuits import ANALYSIS, CircuitGraph
+from workbench.circuits.transcoder_circuits import ANALYSIS, NODE_COLUMNS, CircuitGraph
 
 (CIRCUITS,) = (t.name for t in ANALYSIS.tables)
 
@@ -26,23 +27,29 @@ for column in ("checkpoint", "dataset"):
             column, sorted(rows[column].dropna().unique(), key=str, reverse=column == "checkpoint")
         )
         rows = rows[rows[column] == value]
-target = right.selectbox("target feature (layer#feature@position)", sorted(rows["target"].unique()))
+target = right.selectbox(
+    "root (L<layer>#<feature>@<position> or logits@<position>)", sorted(rows["target"].unique())
+)
 rows = rows[rows["target"] == target]
 prompt = st.selectbox("prompt", sorted(rows["prompt"].unique()), format_func=lambda p: p[:80])
 nodes = rows[rows["prompt"] == prompt].sort_values("id")
 st.code(prompt, language="python")
-root = nodes[nodes["kind"] == "target"].iloc[0]
+root = nodes[nodes["parent"] < 0].iloc[0]
 cols = st.columns(3)
-cols[0].metric("target pre-activation", f"{root['attribution']:.3f}")
+if root["kind"] == "logit":
+    cols[0].metric(f'logit of "{root["output"]}" (demeaned)', f"{root['attribution']:.3f}",
+                   f"p = {root['probability']:.3f}", delta_color="off")  # fmt: skip
+else:
+    cols[0].metric("target pre-activation", f"{root['attribution']:.3f}")
 cols[1].metric("nodes", len(nodes))
 cols[2].metric("checkpoint", str(root["checkpoint"]))
-columns = ["id", "parent", "depth", "kind", "layer", "index", "position", "text", "attribution"]
-graph = CircuitGraph(nodes[columns].reset_index(drop=True))
+graph = CircuitGraph(nodes[[c for c in NODE_COLUMNS if c in nodes]].reset_index(drop=True))
 st.plotly_chart(graph.figure(), use_container_width=True)
 st.caption(
-    "Attributions are in units of the target's pre-activation: transcoder features (activation × pullback), "
-    "attention heads from a source position (pattern-weighted OV), token embeddings. Export a circuit for "
-    "circuit-tracer's viewer with `workbench circuits export MODEL --data DATA --transcoder ID ... --out DIR`."
+    "Attributions are in units of the root's pre-activation (a feature) or demeaned logit (the final norm frozen "
+    "at the prompt): transcoder features (activation × pullback), attention heads from a source position "
+    "(pattern-weighted OV), token embeddings, transcoder errors. Export a logit-rooted circuit for circuit-tracer's "
+    "viewer with `workbench circuits export MODEL --data DATA --transcoder ID ... --out DIR`."
 )
 shown = ["id", "parent", "node", "kind", "layer", "index", "position", "token", "attribution"]
 st.dataframe(graph.labelled()[shown], use_container_width=True, hide_index=True)

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from workbench.circuits.sae.base import SAE
 
@@ -136,9 +137,8 @@ def feature_pages(
     head = unembedding_matrix(model)
     if head is not None and sae.d_out == head.shape[1]:
         unembed = head.detach().float()
-        logits = (sae.W_dec.detach().float() @ unembed.to(device).T).cpu()
-        promoted = logits.topk(n_tokens, dim=1)
-        suppressed = (-logits).topk(n_tokens, dim=1)
+        logits = (sae.W_dec.detach().float() @ unembed.to(device).T).cpu()  # [d_sae, d_vocab]
+        promoted, suppressed = logits.topk(n_tokens, dim=1), (-logits).topk(n_tokens, dim=1)
     samples: dict[int, list[tuple[int, float]]] = {}
     for group, row, act in zip(kept.tolist(), kept_row.tolist(), kept_act.tolist(), strict=True):
         samples.setdefault(group, []).append((row, act))
@@ -186,7 +186,7 @@ def feature_pages(
             "quantile_samples": json.dumps(quantile_samples),
             "histogram": json.dumps({"edges": HIST_EDGES.tolist(), "counts": hist[latent].tolist()}),
         }
-        if promoted is not None:
+        if promoted is not None and suppressed is not None:
             record["promoted_tokens"] = json.dumps(
                 [
                     [decode(int(t)), round(float(v), 4)]
@@ -301,11 +301,19 @@ def token_decoder(tokenizer):
     return lambda token: tokenizer.decode([token])
 
 
-def unembedding_matrix(model):
-    """W_U [d_vocab, d_model] of a HookedModel's LM head, or None (no model, or an encoder without a head)."""
+def output_head(model) -> nn.Module | None:
+    """The LM head of a HookedModel (``weight`` W_U [d_vocab, d_model], maybe ``bias`` [d_vocab]), or None (no model,
+    or an encoder without a head)."""
     get = getattr(getattr(model, "model", None), "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return None if head is None else head.weight
+    return head if isinstance(head, nn.Module) else None
+
+
+def unembedding_matrix(model) -> torch.Tensor | None:
+    """W_U [d_vocab, d_model] of a HookedModel's LM head, or None (no model, or an encoder without a head)."""
+    head = output_head(model)
+    weight = None if head is None else getattr(head, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
 
 
 def feature_pages_on_data(
