@@ -549,6 +549,15 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
                     "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations"}  # fmt: skip
     pages = code_ws.results().read("sae_features", sae_id="np-sae")
     assert len(batch["features"]) == 24 == len(pages)
+    from workbench.datasets import load_dataset
+
+    ids, mask = load_dataset(text).token_tensor(
+        model.tokenizer, context_length=32, batch_size=16, packing=True, shuffle_seed=0, max_tokens=1500
+    )  # the rows `sae features` read
+    lengths = mask.sum(1)
+    counts = {"n_prompts_total": int((lengths > 0).sum()), "n_tokens_in_prompt": int(lengths.max())}
+    assert counts["n_prompts_total"] > 1 and counts["n_tokens_in_prompt"] == 32
+    assert all({k: f[k] for k in counts} == counts for f in batch["features"])
     for feature in batch["features"]:
         assert set(feature) == feature_keys
         page = pages[pages["latent"] == feature["feature_index"]].iloc[0]

@@ -50,7 +50,8 @@ def feature_pages(
 
     Columns: density, max_activation, top_contexts (JSON list of {activation, focus, tokens, acts}),
     quantile_activations (the inner band edges), quantile_samples (JSON list per band of {low, high, count,
-    contexts}), histogram, and promoted/suppressed tokens from W_dec @ W_U when `model` (HookedModel) is given
+    contexts}), histogram, n_prompts (sequences in the store) and n_tokens_in_prompt (tokens of its longest
+    sequence; padding is never stored), and promoted/suppressed tokens from W_dec @ W_U when `model` (HookedModel) is given
     and d_out = d_model
     and the model has an output embedding W_U [d_vocab, d_model] (an encoder such as MiniLM has none).
     """
@@ -112,6 +113,8 @@ def feature_pages(
     kept, kept_row, kept_act = kept.cpu(), kept_row.cpu(), kept_act.cpu()
     locations = store.locations()
     token_ids = store.token_ids()
+    n_prompts = int(locations[:, 0].unique().numel()) if n_rows else 0
+    n_tokens_in_prompt = int(locations[:, 1].max()) + 1 if n_rows else 0
     windows = _windows(locations, window)
     wanted: dict[int, set[int]] = {}
     focus_rows = [(int(r), latent) for latent in range(d_sae) for r, v in zip(top_rows[latent], top_vals[latent],
@@ -185,6 +188,8 @@ def feature_pages(
             ),
             "quantile_samples": json.dumps(quantile_samples),
             "histogram": json.dumps({"edges": HIST_EDGES.tolist(), "counts": hist[latent].tolist()}),
+            "n_prompts": n_prompts,
+            "n_tokens_in_prompt": n_tokens_in_prompt,
         }
         if promoted is not None and suppressed is not None:
             record["promoted_tokens"] = json.dumps(

@@ -58,6 +58,12 @@ def logit_effects(sae: SAE, unembedding: torch.Tensor) -> torch.Tensor:
     return sae.W_dec.detach().float().cpu() @ unembedding.detach().float().cpu().T
 
 
+def _count(row: Any, column: str) -> int:
+    """A count column of a ``sae_features`` row (0 for pages stored before the column existed)."""
+    value = getattr(row, column, None)
+    return 0 if value is None or pd.isna(value) else int(value)
+
+
 def dashboard_batch(
     features: pd.DataFrame,
     sae: SAE,
@@ -102,7 +108,8 @@ def dashboard_batch(
             "frac_nonzero": float(row.density),
             "freq_hist_data_bar_values": bar_values,
             "freq_hist_data_bar_heights": bar_heights,
-            "n_prompts_total": 0, "n_tokens_in_prompt": 0, "dataset": str(row.dataset or ""),
+            "n_prompts_total": _count(row, "n_prompts"), "n_tokens_in_prompt": _count(row, "n_tokens_in_prompt"),
+            "dataset": str(row.dataset or ""),
             "decoder_weights_dist": [],
             "activations": activations,
         }  # fmt: skip
