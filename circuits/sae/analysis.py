@@ -64,14 +64,17 @@ def default_sae_id(model_reference: Any, hook_in: str, architecture: str, hook_o
 
 
 def find_sae(reference: str | Path, workspace: Any = None) -> tuple[str, SAE]:
-    """An SAE by directory (ours or SAELens format) or by id in ``workspace/saes`` → (id, SAE)."""
+    """An SAE by id in ``workspace/saes`` or by directory (any layout ``load_sae`` reads) → (id, SAE). A bare name
+    that is both a saved id and a folder in the working directory means the saved SAE (write ``./NAME`` for the
+    folder)."""
     path = Path(reference).expanduser()
-    if path.is_dir():
-        return path.name, load_sae(path)
     ws = Workspace(workspace)
     name = str(reference)
-    if safe_name(name, "for an SAE") and sae_dir(ws, name).is_dir():
+    bare = len(path.parts) == 1 and not name.startswith(".")
+    if bare and safe_name(name, "for an SAE") and sae_dir(ws, name).is_dir():
         return name, load_sae(sae_dir(ws, name))
+    if path.is_dir():
+        return path.name, load_sae(path)
     saved = sorted(p.name for p in (ws.root / "saes").glob("*") if p.is_dir())
     raise SAEInputError(
         f"no SAE {name!r}: not a directory ({path.resolve()}) and not in {ws.root / 'saes'} (saved SAEs: "
