@@ -19,10 +19,11 @@ from workbench.circuits.circuit_export import cantor, circuit_tracer_graph, node
 from workbench.circuits.sae import SAEConfig, create_sae
 from workbench.circuits.transcoder_circuits import CircuitGraph
 
-METADATA = {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str,
+Schema = dict[str, type | tuple[type, ...]]
+METADATA: Schema = {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str,
             "node_threshold": (float, type(None)), "schema_version": (int, type(None))}  # fmt: skip
-QPARAMS = {"pinnedIds": list, "supernodes": list, "linkType": str, "clickedId": str, "sg_pos": str}
-NODE = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "token_prob": float,
+QPARAMS: Schema = {"pinnedIds": list, "supernodes": list, "linkType": str, "clickedId": str, "sg_pos": str}
+NODE: Schema = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "token_prob": float,
         "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int, "jsNodeId": str, "clerp": str,
         "influence": (float, type(None)), "activation": (float, type(None))}  # fmt: skip
 FEATURE_TYPES = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
@@ -289,11 +290,12 @@ def test_dashboard_view_shows_a_logit_rooted_circuit(code_ws, tiny_transcoders, 
 
     model, ids = tiny_transcoders
     transcoders = [find_sae(i, code_ws)[1] for i in ids]
-    data = Dataset("two-defs", texts=lambda: ["def f(x):\n    return x + 1", "import os\n"])
+    prompts = ["def f(x):\n    return x + 1", "import os\n"]
+    data = Dataset("two-defs", texts=lambda: prompts)
     logit = run(model, data, transcoders, root="logit", top_k=2, depth=2, max_logits=2)["transcoder_circuits"]
     feature = run(model, data, transcoders, top_k=1, depth=1)["transcoder_circuits"]
     write_results(code_ws, {"transcoder_circuits": pd.concat([feature, logit], ignore_index=True)})
-    assert set(logit["target"]) == {f"logits@{len(model.to_tokens(data.texts()[0])[0]) - 1}"}
+    assert set(logit["target"]) == {f"logits@{len(model.to_tokens(prompts[0])[0]) - 1}"}
     assert (logit["hook"] == "ln_final.hook_normalized").all()
     with pytest.raises(ValueError, match="no target layer or feature"):
         run(model, data, transcoders, root="logit", layer=1)

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from workbench.circuits.sae import SAEConfig, SAEInputError, create_sae, load_sae
 from workbench.circuits.sae.formats import detect_format, read_saes
 
-TOL = {"atol": 1e-5, "rtol": 1e-5}
+TOL = 1e-5  # atol and rtol of every encoding comparison
 
 
 def perturbed(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
@@ -56,7 +57,7 @@ def test_saelens_normalize_activations(tmp_path, normalize) -> None:
         with pytest.raises(SAEInputError, match=rf"cfg.json: normalize_activations='{normalize}'"):
             load_sae(tmp_path)
         return
-    torch.testing.assert_close(load_sae(tmp_path).encode(x), lens.encode(x).detach(), **TOL)
+    torch.testing.assert_close(load_sae(tmp_path).encode(x), lens.encode(x).detach(), atol=TOL, rtol=TOL)
 
 
 def test_saelens_hook_z_and_head_index(tmp_path) -> None:
@@ -73,7 +74,7 @@ def test_saelens_hook_z_and_head_index(tmp_path) -> None:
     z = torch.randn(7, 3, 4)  # [pos, head, d_head]
     ours = load_sae(tmp_path / "z")
     assert ours.hook_in == "blocks.0.attn.hook_z"
-    torch.testing.assert_close(ours.encode(z.flatten(-2)), lens.encode(z).detach(), **TOL)
+    torch.testing.assert_close(ours.encode(z.flatten(-2)), lens.encode(z).detach(), atol=TOL, rtol=TOL)
     raw = json.loads((tmp_path / "z" / "cfg.json").read_text())
     raw["metadata"]["hook_head_index"] = 1
     (tmp_path / "z" / "cfg.json").write_text(json.dumps(raw))
@@ -130,10 +131,10 @@ def test_sparsify_run_folder_loads_with_the_package_encodings(tmp_path, eager_sp
     x = torch.randn(40, 16)
     with torch.no_grad():
         for name, coder in coders.items():
-            torch.testing.assert_close(saes[name].encode(x), dense(coder.encode(x), 48), **TOL)
+            torch.testing.assert_close(saes[name].encode(x), dense(coder.encode(x), 48), atol=TOL, rtol=TOL)
             # multi_topk's forward returns the 4k-latent reconstruction of its training loss; inference decodes k
             expected = coder.decode(*coder.encode(x)[:2]) if coder.cfg.multi_topk else coder(x).sae_out
-            torch.testing.assert_close(saes[name](x), expected, **TOL)
+            torch.testing.assert_close(saes[name](x), expected, atol=TOL, rtol=TOL)
     assert load_sae(tmp_path / "layers.1").cfg.k == 5
     (tmp_path / "layers.1").rename(tmp_path / "my-coder")
     with pytest.raises(SAEInputError, match="hookpoint 'my-coder' is no module.*pass --hook"):
@@ -172,8 +173,8 @@ def test_ours_saved_as_sparsify_loads_in_sparsify(tmp_path, eager_sparsify) -> N
         assert written == tmp_path / family / folder
         coder = SparseCoder.load_from_disk(written)
         with torch.no_grad():
-            torch.testing.assert_close(dense(coder.encode(x), 40), module.encode(x), **TOL)
-            torch.testing.assert_close(coder(x).sae_out, module(x), **TOL)
+            torch.testing.assert_close(dense(coder.encode(x), 40), module.encode(x), atol=TOL, rtol=TOL)
+            torch.testing.assert_close(coder(x).sae_out, module(x), atol=TOL, rtol=TOL)
         assert set(SparseCoder.load_many(str(tmp_path / family), local=True)) == {folder}
         back = load_sae(written)
         assert (back.hook_in, back.hook_out) == (module.hook_in, module.hook_out)
@@ -190,7 +191,8 @@ def test_gemmascope_params_npz(tmp_path) -> None:
               "b_enc": g.normal(size=d_sae), "b_dec": g.normal(size=d_in), "threshold": g.uniform(0, 1, d_sae)}  # fmt: skip
     folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_3" / "width_16k" / "average_l0_50"
     folder.mkdir(parents=True)
-    np.savez(folder / "params.npz", **{k: v.astype(np.float32) for k, v in params.items()})
+    arrays: dict[str, Any] = {k: v.astype(np.float32) for k, v in params.items()}
+    np.savez(folder / "params.npz", **arrays)
     assert detect_format(folder) == "gemmascope"
     sae = load_sae(folder)
     assert (sae.cfg.architecture, sae.hook_in, sae.hook_out) == ("jumprelu",) + (
@@ -209,7 +211,8 @@ def test_gemmascope_params_npz(tmp_path) -> None:
     (transcoder / "params.npz").write_bytes((folder / "params.npz").read_bytes())
     tc = load_sae(transcoder / "params.npz")
     assert (tc.hook_in, tc.hook_out) == ("blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out")
-    np.savez(folder / "params.npz", **{k: v for k, v in params.items() if k != "threshold"})
+    arrays = {k: v for k, v in params.items() if k != "threshold"}
+    np.savez(folder / "params.npz", **arrays)
     with pytest.raises(SAEInputError, match=r"params.npz lacks tensor\(s\) \['threshold'\]"):
         load_sae(folder)
 
@@ -326,9 +329,9 @@ def test_circuit_tracer_transcoder_set(tmp_path) -> None:
         )
         pre = torch.nn.functional.linear(x, tensors["W_enc"], tensors["b_enc"])
         acts = pre * (pre > tensors["activation_function.threshold"])
-        torch.testing.assert_close(sae.encode(x), acts, **TOL)
+        torch.testing.assert_close(sae.encode(x), acts, atol=TOL, rtol=TOL)
         torch.testing.assert_close(
-            sae(x), acts @ tensors["W_dec"] + tensors["b_dec"] + x @ tensors["W_skip"].T, **TOL
+            sae(x), acts @ tensors["W_dec"] + tensors["b_dec"] + x @ tensors["W_skip"].T, atol=TOL, rtol=TOL
         )
 
 
@@ -365,7 +368,8 @@ def test_cross_layer_transcoder_loads_and_evaluates(tmp_path) -> None:
         read_saes(folder)
     config = transformers.LlamaConfig(hidden_size=d, intermediate_size=32, num_hidden_layers=n_layers,
                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=64)  # fmt: skip
-    model = HookedModel.from_hf(transformers.AutoModelForCausalLM.from_config(config).eval())
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = HookedModel.from_hf(hf)
     text = tmp_path / "ids.npy"
     np.save(text, np.random.default_rng(0).integers(0, 64, size=(4, 16)))
     frame = evaluate_clt(model, load_dataset(str(text)), clt, max_tokens=64)
@@ -379,7 +383,7 @@ def test_cross_layer_transcoder_loads_and_evaluates(tmp_path) -> None:
 
     from workbench.cli import app
 
-    model.model.save_pretrained(tmp_path / "llama")
+    hf.save_pretrained(tmp_path / "llama")
     result = CliRunner().invoke(app, ["circuits", "clt-eval", str(folder), str(tmp_path / "llama"), "--data",
                                       str(text), "--max-tokens", "32", "--workspace", str(tmp_path / "ws")])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -413,7 +417,7 @@ def test_import_registers_atomically_and_exports(tmp_path) -> None:
 
     x = torch.randn(9, 16)
     lens = LensSAE.load_from_disk(str(tmp_path / "lens"))
-    torch.testing.assert_close(lens.encode(x).detach(), sae.encode(x), **TOL)
+    torch.testing.assert_close(lens.encode(x).detach(), sae.encode(x), atol=TOL, rtol=TOL)
     result = sae_cli(ws, "export", "tiny.layers.1", "--format", "sparsify", "--out", str(tmp_path / "sp"),
                      "--family", "gpt_neox")  # fmt: skip
     assert result.exit_code == 0 and (tmp_path / "sp" / "layers.1" / "sae.safetensors").is_file(), (
