@@ -3,7 +3,7 @@ through the workbench.cli entry points): a transcoder circuit as circuit-tracer 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -30,8 +30,31 @@ PromptIndexOption = Annotated[int, typer.Option(min=0, help="Which token row of 
 PositionOption = Annotated[int, typer.Option(help="Target position in the prompt (negative: from the end).")]
 TopKOption = Annotated[int, typer.Option(min=1, help="Contributors kept per node.")]
 DepthOption = Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")]
+RootOption = Annotated[
+    str,
+    typer.Option(
+        help="logit: rooted at the most probable next tokens at --position (circuit-tracer's graphs; needs a "
+        "transcoder on every layer); feature: at a transcoder feature (--layer / --feature)."
+    ),
+]
+MaxLogitsOption = Annotated[int, typer.Option(min=1, help="Logit roots at most (--root logit).")]
+LogitProbabilityOption = Annotated[
+    float,
+    typer.Option(
+        min=0.0, max=1.0, help="Logit roots until their total probability reaches this (--root logit)."
+    ),
+]
 EXPORT_FORMATS = ("circuit-tracer",)
 ROOTS = ("logit", "feature")
+
+
+def circuit_root(root: str, layer: int | None, feature: int | None) -> Literal["logit", "feature"]:
+    """--root checked: one of ROOTS, and --layer / --feature only with a feature root."""
+    if root not in ROOTS:
+        fail(f"--root {root!r} is not one of {', '.join(ROOTS)}")
+    if root == "logit" and (layer is not None or feature is not None):
+        fail("--layer / --feature name a target feature: pass --root feature with them")
+    return "logit" if root == "logit" else "feature"
 
 
 @app.callback()
@@ -49,20 +72,9 @@ def export(
     ],
     data: DataOption = None,
     format: Annotated[str, typer.Option("--format", help="circuit-tracer.")] = "circuit-tracer",
-    root: Annotated[
-        str,
-        typer.Option(
-            help="logit: the graph is rooted at the most probable next tokens at --position (circuit-tracer's "
-            "graphs; needs a transcoder on every layer); feature: at a transcoder feature (--layer / --feature)."
-        ),
-    ] = "logit",
-    max_logits: Annotated[int, typer.Option(min=1, help="Logit roots at most (--root logit).")] = 3,
-    logit_probability: Annotated[
-        float,
-        typer.Option(
-            min=0.0, max=1.0, help="Logit roots until their total probability reaches this (--root logit)."
-        ),
-    ] = 0.95,
+    root: RootOption = "logit",
+    max_logits: MaxLogitsOption = 3,
+    logit_probability: LogitProbabilityOption = 0.95,
     layer: LayerOption = None,
     feature: FeatureOption = None,
     prompt_index: PromptIndexOption = 0,
@@ -98,10 +110,7 @@ def export(
 
     if format not in EXPORT_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    if root not in ROOTS:
-        fail(f"--root {root!r} is not one of {', '.join(ROOTS)}")
-    if root == "logit" and (layer is not None or feature is not None):
-        fail("--layer / --feature name a target feature: pass --root feature with them")
+    checked_root = circuit_root(root, layer, feature)
     if data is None:
         fail(
             "--data is required: the prompt is a token row of it (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
@@ -110,7 +119,7 @@ def export(
     ANALYSIS.check(hooked)
     dataset = open_data(data)
     found = [find_sae(ref, workspace) for ref in transcoder]
-    frames = run(hooked, dataset, [sae for _, sae in found], root="logit" if root == "logit" else "feature",
+    frames = run(hooked, dataset, [sae for _, sae in found], root=checked_root,
                  layer=layer, feature=feature, prompt_index=prompt_index, position=position,
                  context_length=context_length, top_k=top_k, depth=depth, max_logits=max_logits,
                  logit_probability=logit_probability)  # fmt: skip

@@ -11,9 +11,13 @@ from workbench.circuits.circuits_cli import (
     DepthOption,
     FeatureOption,
     LayerOption,
+    LogitProbabilityOption,
+    MaxLogitsOption,
     PositionOption,
     PromptIndexOption,
+    RootOption,
     TopKOption,
+    circuit_root,
 )
 from workbench.cli_options import (
     BatchSizeOption,
@@ -199,6 +203,7 @@ def circuit(
         ),
     ],
     data: DataOption = None,
+    root: RootOption = "feature",
     layer: LayerOption = None,
     feature: FeatureOption = None,
     prompt_index: PromptIndexOption = 0,
@@ -206,12 +211,15 @@ def circuit(
     context_length: ContextOption = 64,
     top_k: TopKOption = 3,
     depth: DepthOption = 3,
+    max_logits: MaxLogitsOption = 3,
+    logit_probability: LogitProbabilityOption = 0.95,
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Trace a transcoder feature's circuit on a prompt from --data (greedy path search) and write
-    transcoder_circuits; needs a rotary model (GPT-NeoX / Llama) with transcoders on every layer below the target."""
+    """Trace a transcoder feature's circuit (or the next-token logits', --root logit) on a prompt from --data
+    (greedy path search) and write transcoder_circuits; needs a rotary model (GPT-NeoX / Llama) with transcoders on
+    every layer below the target (every layer for logits)."""
     from workbench.circuits.sae.analysis import find_sae
     from workbench.circuits.transcoder_circuits import ANALYSIS, run, write_results
 
@@ -219,12 +227,14 @@ def circuit(
         fail(
             "--data is required: the prompt is a token row of it (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
         )
+    checked_root = circuit_root(root, layer, feature)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     ANALYSIS.check(hooked)  # a model without rotary embeddings is refused before anything else is read
     dataset = open_data(data)
     transcoders = [find_sae(ref, workspace)[1] for ref in transcoder]
-    frames = run(hooked, dataset, transcoders, layer=layer, feature=feature, prompt_index=prompt_index,
-                 position=position, context_length=context_length, top_k=top_k, depth=depth)  # fmt: skip
+    frames = run(hooked, dataset, transcoders, root=checked_root, layer=layer, feature=feature,
+                 prompt_index=prompt_index, position=position, context_length=context_length, top_k=top_k,
+                 depth=depth, max_logits=max_logits, logit_probability=logit_probability)  # fmt: skip
     write_results(workspace, frames)
     nodes = frames["transcoder_circuits"]
     root = nodes.iloc[0]

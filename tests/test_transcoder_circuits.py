@@ -197,6 +197,16 @@ def test_cli_circuit_on_code_tiny_transcoders_from_a_users_text(
     assert result.exit_code == 2 and "no prompt 5" in result.output.splitlines()[-1]
     result = _cli(workspace.root, *args[:5], "--layer", "1")  # only the layer-0 transcoder
     assert result.exit_code == 2 and "no transcoder at layer 1" in result.output
+    result = _cli(workspace.root, *args, "--root", "logit", "--max-logits", "2")
+    assert result.exit_code == 0, result.output
+    rows = (
+        workspace.results().read("transcoder_circuits", target=f"logits@{len(tokens) - 1}").sort_values("id")
+    )
+    expected = find_logit_paths(model, transcoders, tokens, max_logits=2, top_k=2, depth=2).nodes
+    assert rows["kind"].tolist() == expected["kind"].tolist() and rows["kind"].iloc[0] == "logit"
+    np.testing.assert_allclose(rows["attribution"], expected["attribution"], rtol=1e-5, atol=1e-6)
+    result = _cli(workspace.root, *args, "--root", "logit", "--layer", "1")
+    assert result.exit_code == 2 and "pass --root feature" in result.output
 
 
 def test_cli_circuit_on_gpt2_fails_at_once_with_the_reason(zoo_workspace, tmp_path) -> None:
