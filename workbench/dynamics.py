@@ -109,7 +109,7 @@ class DynamicsResult:
     """``metrics``: one row per (checkpoint, metric, layer, head) with the mean over prompts, its standard error
     and (massive metrics) the top-1's token / dimension / position; ``fits``: one row per (metric, layer, head,
     family); ``order``: one row per metric, in order of emergence; ``samples``: metric -> per-prompt values
-    [n_steps, n_prompts, n_layers(, n_heads)] over ``steps``."""
+    [n_steps, n_prompts, n_layers(, n_heads)] over ``steps``; ``spec``: the model's shape facts (ModelSpec)."""
 
     metrics: pd.DataFrame
     fits: pd.DataFrame
@@ -118,6 +118,7 @@ class DynamicsResult:
     samples: dict[str, np.ndarray]
     duplicates: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -302,7 +303,7 @@ def track_dynamics(
             values[name] = _extra_values(name, fn(model), model.cfg.n_layers)
         meta = {"settings": expected, "step": str(step), "fingerprint": series.fingerprint(step) or "",
                 "tokens_sha256": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest(),
-                "layers": str(model.cfg.n_layers), "heads": str(model.cfg.n_heads)}  # fmt: skip
+                "spec": json.dumps(model.cfg.to_dict(), sort_keys=True, default=str)}  # fmt: skip
         atomic_save_tensors(directory / f"step{step}.safetensors",
                             {k: torch.as_tensor(v) for k, v in values.items()}, meta, boundary="dynamics.checkpoint")  # fmt: skip
         done[step] = {"values": values, "fingerprint": meta["fingerprint"], "meta": meta}
@@ -339,7 +340,8 @@ def track_dynamics(
         write_tables(
             workspace, ANALYSIS, {"dynamics_metrics": metrics, "dynamics_fits": fits, "dynamics_order": order}
         )
-    return DynamicsResult(metrics, fits, order, analysed, samples, duplicates, notes)
+    spec = json.loads(done[analysed[-1]]["meta"].get("spec", "{}"))
+    return DynamicsResult(metrics, fits, order, analysed, samples, duplicates, notes, spec)
 
 
 def _tokens(

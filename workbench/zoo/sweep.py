@@ -214,8 +214,10 @@ def run_sweep(
                                 families=(sweep.family,), n_boot=sweep.n_boot, level=sweep.level, steps=entry.steps,
                                 progress=progress)  # fmt: skip
         notes += [f"{entry.name}: {note}" for note in result.notes]
-        cfg = series.load(result.steps[-1]).cfg
-        features = {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads, "d_mlp": cfg.d_mlp,
+        cfg = (
+            result.spec or series.load(result.steps[-1]).cfg.to_dict()
+        )  # files written before specs were stored
+        features = {"n_layers": cfg["n_layers"], "d_model": cfg["d_model"], "n_heads": cfg["n_heads"], "d_mlp": cfg["d_mlp"],
                     "lr": entry.recipe.get("lr"), "weight_decay": entry.recipe.get("weight_decay", 0.0),
                     "prepend_bos": bool(entry.recipe.get("prepend_bos", False)), "architecture": entry.name}  # fmt: skip
         rows = result.fits[result.fits["metric"].isin(sweep.metrics) & (result.fits["layer"] >= 0)
