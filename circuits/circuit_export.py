@@ -110,12 +110,13 @@ def _node(row, is_target_logit: bool) -> dict[str, Any]:
 
 def circuit_tracer_graph(
     nodes: pd.DataFrame, prompt_tokens: list[str], *, slug: str, scan: str, transcoder_list: list[str],
-    prompt: str,
+    prompt: str, prompt_ids: list[int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """circuit-tracer graph JSON for one circuit (``transcoder_circuits`` rows: id, parent, kind, layer, index,
     position, attribution, text, and activation / output / probability where the search recorded them;
     ``prompt_tokens``: the prompt's token strings). The roots (parent −1: a target feature, or logits of which the
-    most probable is the target logit) are pinned."""
+    most probable is the target logit) are pinned. With ``prompt_ids`` (the prompt's token ids) every position gets
+    its embedding node, linked or not, as circuit-tracer's graphs keep every token node."""
     rows = nodes.sort_values("id").set_index("id", drop=False)
     by_id = {int(i): row for i, row in rows.iterrows()}
     roots = [node_id for node_id, row in by_id.items() if int(row["parent"]) < 0]
@@ -147,6 +148,10 @@ def circuit_tracer_graph(
             continue
         key = (_node_id(row), _node_id(by_id[visible_parent(node_id)]))
         weights[key] = weights.get(key, 0.0) + float(row["attribution"])
+    for position, token in enumerate(prompt_ids or []):
+        row = pd.Series({"kind": "embedding", "layer": -1, "index": token, "position": position,
+                         "text": prompt_tokens[position]})  # fmt: skip
+        out_nodes.setdefault(_node_id(row), _node(row, False))
     pinned = list(dict.fromkeys(_node_id(by_id[node_id]) for node_id in roots))
     influence = {nid: 0.0 for nid in out_nodes}
     for (source, _), weight in weights.items():

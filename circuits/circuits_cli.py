@@ -126,12 +126,13 @@ def export(
     nodes = frames["transcoder_circuits"]
     top = nodes.iloc[0]
     rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
-    tokens = hooked.to_str_tokens(list(rows[prompt_index]))
+    prompt_ids = [int(t) for t in rows[prompt_index]]
+    tokens = hooked.to_str_tokens(prompt_ids)
     name = safe_name(slug or f"{short_name(hooked.cfg.name)}-{top['target'].replace('#', '-').replace('@', '-')}"
                      f"-p{prompt_index}", "for a graph")  # fmt: skip
     ids = [found_id for found_id, _ in found]
     graph = circuit_tracer_graph(nodes, tokens, slug=name, scan=f"./features/{safe_name(short_name(hooked.cfg.name))}",
-                                 transcoder_list=ids, prompt=top["prompt"])  # fmt: skip
+                                 transcoder_list=ids, prompt=top["prompt"], prompt_ids=prompt_ids)  # fmt: skip
     results = Workspace(workspace).results()
     features = results.read("sae_features", sae_id=ids, dataset=dataset.name)
     missing = [

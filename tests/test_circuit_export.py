@@ -218,6 +218,12 @@ def test_circuits_export_cli(tmp_path, code_ws, tiny_transcoders) -> None:
     assert top["feature"] == int(probabilities.argmax())
     assert top["token_prob"] == pytest.approx(float(probabilities.max()), abs=1e-5)
     assert {link["target"] for link in graph["links"]} & {n["node_id"] for n in logits}
+    embeddings = {n["ctx_idx"]: n for n in graph["nodes"] if n["feature_type"] == "embedding"}
+    prompt_ids = rows_tokens(model, text)
+    assert sorted(embeddings) == list(
+        range(len(prompt_ids))
+    )  # every token node, as circuit-tracer keeps them
+    assert all(embeddings[p]["node_id"] == f"E_{t}_{p}" for p, t in enumerate(prompt_ids))
     rows = code_ws.results().read("sae_features", sae_id=ids)
     assert (
         sorted(rows["sae_id"].unique()) == ids
