@@ -9,10 +9,10 @@ feature_type, token_prob and is_target_logit for logits, jsNodeId, clerp, influe
 (source, target, weight). circuit-tracer draws no attention nodes (attention is frozen in its replacement model), so
 a head on a path is folded into the links it carries: its contributors link straight to the node the head feeds,
 and the head is named in their ``clerp``. Link weights are the path attributions of the search, in units of the
-root's pre-activation (a target feature) or demeaned logit (logit roots). :func:`write_circuit_tracer` writes ``{slug}.json``, ``graph-metadata.json`` and one feature file
-per feature (``features/{scan}/{cantor id}.json``: top_logits, bottom_logits, act_min, act_max,
-examples_quantiles) from the transcoders' feature pages, the layout ``circuit_tracer.frontend.local_server.serve(
-data_dir=OUT, features_dir=OUT/features)`` serves. circuit-tracer cannot be installed next to the project's
+root's pre-activation (a target feature) or demeaned logit (logit roots). :func:`write_circuit_tracer` writes
+``{slug}.json``, ``graph-metadata.json`` and one feature file per feature (``features/{scan}/{cantor id}.json``:
+top_logits, bottom_logits, act_min, act_max, examples_quantiles) from the transcoders' feature pages, the layout
+``circuit_tracer.frontend.local_server.serve(data_dir=OUT, features_dir=OUT/features)`` serves. circuit-tracer cannot be installed next to the project's
 transformers, so the tests check these files field by field against its ``frontend/graph_models.py`` schema.
 """
 

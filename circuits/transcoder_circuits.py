@@ -129,9 +129,10 @@ def deembedding(
 @dataclass
 class _Trace:
     """One prompt's activations, all float32 on the CPU: resid_pre / resid_mid / the last resid_post [pos, d],
-    v [layer][pos, head, d_head] (key/value heads repeated per query head), pattern [layer][head, q, k], attention-output bias [layer][pos, d] (what the
-    attention output holds beyond its heads' writes), transcoder activations and errors [layer][pos, d_sae | d],
-    the model's logits [pos, d_vocab] and the final norm's output [pos, d] (None when the model has no such hook)."""
+    v [layer][pos, head, d_head] (key/value heads repeated per query head), pattern [layer][head, q, k],
+    attention-output bias [layer][pos, d] (what the attention output holds beyond its heads' writes), transcoder
+    activations and errors [layer][pos, d_sae | d], the model's logits {position: [d_vocab]} at the position asked
+    for, and the final norm's output [pos, d] (None when the model has no such hook)."""
 
     tokens: torch.Tensor
     resid: dict[str, torch.Tensor]
@@ -141,11 +142,17 @@ class _Trace:
     errors: dict[int, torch.Tensor]
     embed: torch.Tensor
     attn_bias: list[torch.Tensor]
-    logits: torch.Tensor
+    logits: dict[int, torch.Tensor]
     normalized: torch.Tensor | None
 
 
-def _trace(model: HookedModel, transcoders: Transcoders, tokens: torch.Tensor | Sequence[int]) -> _Trace:
+def _trace(
+    model: HookedModel,
+    transcoders: Transcoders,
+    tokens: torch.Tensor | Sequence[int],
+    logits_at: int | None = None,
+) -> _Trace:
+    """Run the prompt once; ``logits_at``: the (resolved) position whose logits [d_vocab] are kept."""
     if model.cfg.family not in ROTARY_FAMILIES:
         raise CircuitError(
             f"transcoder circuits need a rotary causal LM ({', '.join(ROTARY_FAMILIES)}), whose residual stream is "
@@ -160,7 +167,8 @@ def _trace(model: HookedModel, transcoders: Transcoders, tokens: torch.Tensor | 
     has_norm = FINAL_NORM_HOOK in model.hook_names()
     names += [FINAL_NORM_HOOK] if has_norm else []
     with torch.no_grad(), model.capture(sorted(set(model.resolve(names)))) as cache:
-        logits = model(tokens)[0].float().cpu()
+        output = model(tokens)[0]
+    logits = {} if logits_at is None else {logits_at: output[logits_at].float().cpu()}
     latents, errors = {}, {}
     for layer, transcoder in transcoders.items():
         if layer_of(transcoder) != layer:
@@ -388,8 +396,8 @@ def logit_attribution(
     and ``token``."""
     n_layers = model.cfg.n_layers
     _require_layers_below(transcoders, n_layers)
-    trace = _trace(model, transcoders, tokens)
-    position = _position(position, len(trace.tokens))
+    position = _position(position, len(torch.as_tensor(tokens).reshape(-1)))
+    trace = _trace(model, transcoders, tokens, logits_at=position)
     token = int(trace.logits[position].argmax()) if token is None else token
     target = _logit_target(model, trace, position, token, demean)
     rows = _contributions(model, transcoders, trace, target.vector, n_layers, n_layers, position)
@@ -589,8 +597,8 @@ def find_logit_paths(
     layer."""
     n_layers = model.cfg.n_layers
     _require_layers_below(transcoders, n_layers)
-    trace = _trace(model, transcoders, tokens)
-    position = _position(position, len(trace.tokens))
+    position = _position(position, len(torch.as_tensor(tokens).reshape(-1)))
+    trace = _trace(model, transcoders, tokens, logits_at=position)
     chosen = (
         salient_tokens(trace.logits[position], max_logits, logit_probability)
         if logit_tokens is None
