@@ -80,6 +80,7 @@ def test_an_intervention_stack_equals_a_manual_forward(code_model, tokens, resid
     p, q = want.log_softmax(-1), _raw_logits(code_model, tokens, []).log_softmax(-1)
     assert comparison.kl == pytest.approx(float((q.exp() * (q - p)).sum()), rel=1e-4)
     xid = lab.token_id(code_model, "x")
+    assert comparison.focus is not None
     assert comparison.focus["logit_diff"] == pytest.approx(float(want[xid] - comparison.clean[xid]), abs=1e-5)
     assert set(comparison.table["token_id"]) >= set(want.topk(5).indices.tolist())
 
@@ -310,6 +311,7 @@ def test_a_session_is_written_in_one_transaction(code_model, tokens, tmp_path, m
     import json
 
     assert [Intervention.from_dict(d) for d in json.loads(rows["interventions"].iloc[0])] == stack
+    assert comparison.focus is not None
     assert rows["logit_diff"].iloc[0] == pytest.approx(comparison.focus["logit_diff"])
     assert rows["continuation_intervened"].iloc[0] == continuation["intervened"]
     assert not math.isnan(rows["logit_diff"].iloc[0])

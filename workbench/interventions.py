@@ -180,10 +180,10 @@ class Intervention:
 
     kind: str
     hook: str
-    positions: tuple[int, ...] | None = None
-    heads: tuple[int, ...] | None = None
-    neurons: tuple[int, ...] | None = None
-    vector: tuple[float, ...] | None = None
+    positions: Sequence[int] | None = None  # stored as tuples (hashable, JSON-able)
+    heads: Sequence[int] | None = None
+    neurons: Sequence[int] | None = None
+    vector: Sequence[float] | None = None
     scale: float = 1.0
     source: str | None = None
     label: str = ""
