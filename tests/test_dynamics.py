@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from workbench.attention.kernel import kernel_available
 from workbench.datasets import load_dataset
 from workbench.dynamics import (
     ANALYSIS,
@@ -346,3 +347,19 @@ def test_view_without_data_names_the_command(tmp_path, monkeypatch) -> None:
     app = AppTest.from_file(str(view), default_timeout=60).run()
     assert not app.exception and "workbench dynamics SERIES --data DATA" in app.info[0].value
     assert CliRunner().invoke(cli, ["dynamics", "--help"]).exit_code == 0
+
+
+@pytest.mark.skipif(
+    not kernel_available(torch.device("cpu"))[0], reason="needs TRITON_INTERPRET=1 before import"
+)
+def test_kernel_statistics_give_the_same_metrics(tracked, text_file) -> None:
+    from workbench.dynamics import checkpoint_metrics
+
+    _, _, series = tracked
+    model = series.load(300)
+    ids, mask = load_dataset(str(text_file)).token_tensor(model.tokenizer, context_length=16, max_rows=2)
+    reference = checkpoint_metrics(model, ids, mask, DynamicsSettings(batch_size=2))
+    model.set_attention_path("kernel")  # the fused Triton kernel (interpreted on CPU: TRITON_INTERPRET=1)
+    fused = checkpoint_metrics(model, ids, mask, DynamicsSettings(batch_size=2))
+    for metric in ("sink_mass", "attention_entropy", "massive_top1", "mlp_sparsity", "resid_norm_growth"):
+        np.testing.assert_allclose(fused[metric], reference[metric], atol=1e-5, err_msg=metric)
