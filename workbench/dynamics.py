@@ -325,7 +325,8 @@ def track_dynamics(
     samples = {
         name: np.stack([per_step[s][name] for s in analysed]) for name in _metric_names(per_step[analysed[0]])
     }
-    fits = fit_dynamics(analysed, samples, families=families, n_boot=n_boot, level=level, seed=seed)
+    fits = fit_dynamics(analysed, samples, families=families, n_boot=n_boot, level=level, seed=seed,
+                        progress=progress)  # fmt: skip
     fits = fits.assign(model=series.name, dataset=data.name)
     order = emergence_order(fits).assign(model=series.name, dataset=data.name)
     notes = []
@@ -450,6 +451,7 @@ def fit_dynamics(
     n_boot: int = 100,
     level: float = 0.9,
     seed: int = 0,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Fit every metric × layer (× head) over ``steps`` with bootstrap intervals over prompts.
 
@@ -461,12 +463,17 @@ def fit_dynamics(
     intervals (``low_<q>`` / ``high_<q>``), the derived quantities and ``selected`` (the family used for the
     emergence order: the lowest AIC among identifiable fits, else among usable ones).
     """
+    from tqdm.auto import tqdm
+
     t = np.asarray(steps, dtype=float)
     rows = []
+    bar = tqdm(total=sum(int(np.prod(np.shape(a)[2:])) for a in samples.values()), desc="dynamics: fits",
+               unit="curve", disable=not progress)  # fmt: skip
     for name, array in samples.items():
         array = np.asarray(array, dtype=float)
         offset = 1 if name.startswith("massive_") else 0
         for index in np.ndindex(array.shape[2:]):
+            bar.update()
             per_prompt = array[(slice(None), slice(None), *index)].T  # [n_prompts, n_steps]
             candidates = []
             for family in families:
@@ -490,6 +497,7 @@ def fit_dynamics(
             for row in candidates:
                 row["selected"] = row is chosen
                 rows.append(row)
+    bar.close()
     frame = pd.DataFrame(rows)
     for column in ("r2", "aic", "change", "scale", "trend", "direction", *DERIVED):
         if column not in frame:
