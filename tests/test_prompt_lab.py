@@ -381,3 +381,52 @@ def test_page_bad_input_gets_a_message(dashboard_workspace, monkeypatch) -> None
     app.selectbox(key="lab_model").set_value("other reference…").run()
     app.text_input(key="lab_reference").set_value("no/such-model@main").run()
     assert not app.exception and app.error and "no/such-model" in app.error[0].value
+
+
+def test_page_overlays_probe_predictions_codebook_codes_and_a_dataset_row(
+    dashboard_workspace, zoo_workspace, code_model, tmp_path, monkeypatch
+) -> None:
+    import shutil
+
+    from workbench.circuits.codebook.readout import load_codebooks_for, saved_codebooks, token_codes
+    from workbench.probes.linear import fit_probes
+    from workbench.probes.readout import probe_predictions, probes_dir, save_probe
+
+    batch = code_model.tokenize(["def f(x):\n    return x + 1\n", "import os\n"])
+    _, cache = code_model.run_with_cache(batch, [RESID])
+    real = batch["attention_mask"].bool()
+    probes = fit_probes({RESID: cache[RESID][real]}, (batch["input_ids"][real] % 2).long())
+    save_probe(dashboard_workspace, "lab-parity", probes, model=code_model, label_names=["even", "odd"])
+    try:
+        app = _page(dashboard_workspace, monkeypatch)
+        app.text_area(key="lab_prompt").set_value(PROMPT)
+        app.radio(key="lab_overlay").set_value("probe predictions").run()
+        assert not app.exception and not app.error, [e.value for e in app.error]
+        chips = next(m.value for m in app.markdown if "token-chip" in m.value)
+        want = probe_predictions(
+            code_model, lab.encode_prompt(code_model, PROMPT), probes, RESID, ["even", "odd"]
+        )
+        assert chips.count("<small") == len(want) and all(label in chips for label in set(want["label"]))
+    finally:
+        shutil.rmtree(probes_dir(dashboard_workspace) / "lab-parity")
+
+    app.text_area(key="lab_prompt").set_value("t0 t3 t5 t1")
+    app.selectbox(key="lab_model").set_value("fsm-tiny")
+    app.radio(key="lab_overlay").set_value("codebook codes").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    fsm = lab.load_lab_model("fsm-tiny", workspace=zoo_workspace)
+    run, sites = next(iter(saved_codebooks(dashboard_workspace).items()))
+    codes = token_codes(fsm, lab.encode_prompt(fsm, "t0 t3 t5 t1"), load_codebooks_for(fsm, run, dashboard_workspace),
+                        sites[0])  # fmt: skip
+    chips = next(m.value for m in app.markdown if "token-chip" in m.value)
+    assert all(f"c{code}" in chips for code in codes["code"])
+
+    rows = tmp_path / "prompts.txt"
+    rows.write_text("t1 t2\nt4 t6 t0\n")
+    app.text_input(key="lab_dataset").set_value(str(rows))
+    app.number_input(key="lab_row").set_value(1).run()
+    app.button(key="lab_use_row").click().run()
+    assert app.text_area(key="lab_prompt").value == "t4 t6 t0"
+    app.text_input(key="lab_dataset").set_value(str(tmp_path / "missing.txt")).run()
+    app.button(key="lab_use_row").click().run()
+    assert not app.exception and "missing.txt" in app.error[0].value
