@@ -89,8 +89,7 @@ def dynamics_command(
             fail("workbench dynamics sweep needs the sweep file: workbench dynamics sweep SWEEP.toml")
         from workbench.zoo.sweep import describe_sweep, run_sweep
 
-        result = run_sweep(sweep_file, workspace, progress=progress)
-        typer.echo(describe_sweep(result))
+        typer.echo(describe_sweep(run_sweep(sweep_file, workspace, progress=progress)))
         return
     if sweep_file is not None:
         fail(f"unexpected argument {sweep_file}; `workbench dynamics SERIES --data DATA` takes one SERIES "

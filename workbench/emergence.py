@@ -581,7 +581,11 @@ class ParameterPredictor:
                 raise FitError(f"leave-one-{groups}-out needs at least 2 distinct {groups} values")
         self.parameters = params
         x = self._features(table)
-        base = self.estimator if self.estimator is not None else RandomForestRegressor(n_estimators=200, random_state=0)
+        base = (
+            self.estimator
+            if self.estimator is not None
+            else RandomForestRegressor(n_estimators=200, random_state=0)
+        )
         if groups is not None:
             folds: Any = LeaveOneGroupOut()
             split_groups = table[groups].to_numpy()
