@@ -430,3 +430,16 @@ def test_page_overlays_probe_predictions_codebook_codes_and_a_dataset_row(
     app.text_input(key="lab_dataset").set_value(str(tmp_path / "missing.txt")).run()
     app.button(key="lab_use_row").click().run()
     assert not app.exception and "missing.txt" in app.error[0].value
+
+
+def test_attention_profile_in_the_fused_kernel_equals_the_reference_path(code_model, tokens) -> None:
+    from workbench.attention.kernel import kernel_available
+
+    if not kernel_available(torch.device("cpu"))[0]:
+        pytest.skip("needs TRITON_INTERPRET=1 before import (set by make test) or a GPU")
+    before = code_model.attention_path
+    kernel = lab.attention_profile(code_model, tokens, kernel=True)
+    assert code_model.attention_path == before and set(kernel["path"]) == {"kernel"}
+    reference = lab.attention_profile(code_model, tokens, kernel=False)
+    for statistic in ("entropy", "sink", "lse", "max_logit"):
+        assert kernel[statistic].tolist() == pytest.approx(reference[statistic].tolist(), abs=1e-5)
