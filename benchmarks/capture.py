@@ -1,16 +1,25 @@
-"""Capture overhead: bare forward vs our all-layer resid_post capture vs TransformerLens run_with_cache.
+"""Capture overhead: bare forward vs our all-layer resid_post capture vs TransformerLens run_with_cache, and the
+capture -> store stream (tokens/s, MB/s, peak RSS along the stream) at real model shapes.
 
-Same weights (a Pythia-70m-shaped GPT-NeoX, random init; TransformerLens gets them through its own weight
-conversion), same batch, same hooks. Prints median times and ratios.
+Same weights (random init; TransformerLens gets the GPT-NeoX ones through its own weight conversion), same batch,
+same hooks. Prints median times and ratios. ``--shape`` picks a real architecture's shape (random init):
+pythia-160m (GPT-NeoX 12 × 768), pythia-410m (24 × 1024), gpt2-small (GPT-2 12 × 768), llama-gqa (Llama,
+12 × 768, 12 query heads sharing 4 KV heads); TransformerLens is timed on the GPT-NeoX shapes.
+``--store-tokens N`` then streams N tokens through ``capture_to_store`` into a temporary store (all-layer
+resid_post, float32) and reports tokens/s, MB/s and the peak RSS at each quarter of the stream (flat = bounded).
 
     python benchmarks/capture.py [--layers 6 --d-model 512 --batch 8 --seq 128 --repeats 7]
+    python benchmarks/capture.py --shape pythia-160m --store-tokens 65536
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 import transformers as T
@@ -29,6 +38,66 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+SHAPES = {  # family, layers, d_model, heads, kv heads, vocab
+    "pythia-160m": ("gpt_neox", 12, 768, 12, 12, 50304),
+    "pythia-410m": ("gpt_neox", 24, 1024, 16, 16, 50304),
+    "gpt2-small": ("gpt2", 12, 768, 12, 12, 50257),
+    "llama-gqa": ("llama", 12, 768, 12, 4, 32000),
+}
+
+
+def build_hf(family: str, layers: int, d_model: int, heads: int, kv_heads: int, vocab: int):
+    """A random-init HF causal LM of that family and shape."""
+    if family == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers, n_embd=d_model, n_head=heads, vocab_size=vocab))
+    if family == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=layers, hidden_size=d_model,
+                                                num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                                intermediate_size=int(8 / 3 * d_model) // 64 * 64,
+                                                vocab_size=vocab))  # fmt: skip
+    return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(num_hidden_layers=layers, hidden_size=d_model,
+                                                num_attention_heads=heads, intermediate_size=4 * d_model,
+                                                vocab_size=vocab, rotary_pct=0.25))  # fmt: skip
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def store_stream(model, names: list[str], n_tokens: int, seq: int, batch: int, vocab: int) -> None:
+    """Capture ``n_tokens`` random tokens of all ``names`` into a temporary store; tokens/s, MB/s, and the peak RSS
+    in each quarter of the stream's time (sampled every 0.2 s; flat = memory bounded by a batch and a shard)."""
+    from workbench.store import capture_to_store
+
+    n_rows = max(1, n_tokens // seq)
+    rows = torch.randint(0, vocab, (n_rows, seq)).tolist()
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            samples.append((time.perf_counter() - start, rss_mb()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        store = capture_to_store(model, rows, names, Path(tmp) / "store", batch_size=batch, max_length=seq,
+                                 shard_rows=4096, progress=False)  # fmt: skip
+        seconds = time.perf_counter() - start
+        done.set()
+        size = sum(f.stat().st_size for f in (Path(tmp) / "store").iterdir()) / 2**20
+    tokens = n_rows * seq
+    print(f"  capture -> store: {tokens} tokens × {len(names)} hooks in {seconds:.1f} s = {tokens / seconds:.0f} "
+          f"tokens/s, {size / seconds:.1f} MB/s ({size:.0f} MB, {store.n_rows} rows, shards of 4096 rows)")  # fmt: skip
+    quarters = [max((mb for t, mb in samples if q * seconds / 4 <= t < (q + 1) * seconds / 4), default=float("nan"))
+                for q in range(4)]  # fmt: skip
+    print("  peak RSS in each quarter of the stream: " + ", ".join(f"{mb:.0f} MB" for mb in quarters))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=6)
@@ -39,7 +108,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--store-tokens", type=int, default=0)
     args = parser.parse_args()
+    family = "gpt_neox"
+    if args.shape:
+        family, args.layers, args.d_model, args.heads, kv_heads, args.vocab = SHAPES[args.shape]
+    if family != "gpt_neox":
+        return other_family(args, family, kv_heads)
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights
@@ -104,7 +180,7 @@ def main() -> None:
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"model=GPT-NeoX L{args.layers} d{args.d_model} batch={args.batch}x{args.seq}; max |ours - TL| = {worst:.2e}")  # fmt: skip
     for name, seconds in results.items():
-        print(f"  {name:32s} {seconds * 1e3:9.1f} ms")
+        print(f"  {name:32s} {seconds * 1e3:9.1f} ms  ({args.batch * args.seq / seconds:.0f} tokens/s)")
     bare_t = results["bare HF forward"]
     print(
         f"  capture / bare forward          {results['workbench capture'] / bare_t:6.3f}x  (target <= 1.10)"
@@ -112,6 +188,40 @@ def main() -> None:
     print(
         f"  TransformerLens / capture        {results['TransformerLens run_with_cache'] / results['workbench capture']:6.3f}x  (target >= 1.0)"
     )
+    if args.store_tokens:
+        store_stream(model, names, args.store_tokens, args.seq, args.batch, args.vocab)
+
+
+def other_family(args, family: str, kv_heads: int) -> None:
+    """GPT-2 / Llama shapes: bare forward vs our capture (TransformerLens's converters are not timed here)."""
+    from workbench.model import HookedModel
+
+    torch.manual_seed(0)
+    hf = build_hf(family, args.layers, args.d_model, args.heads, kv_heads, args.vocab).eval().to(args.device)
+    bare_model = build_hf(family, args.layers, args.d_model, args.heads, kv_heads, args.vocab).eval()
+    bare_model.load_state_dict(hf.state_dict())
+    bare_model = bare_model.to(args.device)
+    model = HookedModel.from_hf(hf)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    names = [f"blocks.{i}.hook_resid_post" for i in range(args.layers)]
+
+    def ours() -> None:
+        with model.capture(names, device=None) as cache:
+            model(ids)
+        assert len(cache) == args.layers
+
+    with torch.inference_mode():
+        results = interleaved_medians({"bare HF forward": lambda: bare_model(ids), "workbench capture": ours},
+                                      args.repeats)  # fmt: skip
+    print(f"device={args.device} threads={torch.get_num_threads()} model={args.shape} ({family} L{args.layers} "
+          f"d{args.d_model} heads {args.heads}/{kv_heads} kv) batch={args.batch}x{args.seq}")  # fmt: skip
+    for name, seconds in results.items():
+        print(f"  {name:32s} {seconds * 1e3:9.1f} ms  ({args.batch * args.seq / seconds:.0f} tokens/s)")
+    print(
+        f"  capture / bare forward          {results['workbench capture'] / results['bare HF forward']:6.3f}x"
+    )
+    if args.store_tokens:
+        store_stream(model, names, args.store_tokens, args.seq, args.batch, args.vocab)
 
 
 if __name__ == "__main__":

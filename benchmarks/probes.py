@@ -13,6 +13,7 @@ sites) and the training objective each reached (the same float64 formula for bot
 stopped short of sklearn's optimum).
 
     python benchmarks/probes.py [--model code-small --label-set next_token_type --n-sequences 256]
+    python benchmarks/probes.py --synthetic --d 768 --layers 12 --checkpoints 8 --repeats 1   # real shape
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=1000, help="iteration cap, both sides")
     parser.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance, both sides")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--synthetic", action="store_true", help="real-shape synthetic sites instead of a zoo model"
+    )
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--checkpoints", type=int, default=8)
+    parser.add_argument("--n-tokens", type=int, default=4096)
+    parser.add_argument("--classes", type=int, default=4)
     args = parser.parse_args()
 
     from sklearn.exceptions import ConvergenceWarning
@@ -66,21 +75,26 @@ def main() -> None:
     from workbench.workspace import Workspace
     from workbench.zoo.train import train_zoo_model
 
-    workspace = Workspace(args.workspace).ensure()
-    train_zoo_model(args.model, workspace, progress=True)
-    series = CheckpointSeries.from_directory(workspace.model_dir(args.model))
-    model = series.load(series.steps[-1])
-    dataset = label_dataset(args.label_set, tokenizer=model.tokenizer, n_sequences=args.n_sequences,
-                            seq_len=args.seq_len)  # fmt: skip
-    hooks, x, labels, _, sequence = collect_activations(
-        model, dataset, ["hook_embed", "blocks.*.hook_resid_post"]
-    )
+    if args.synthetic:
+        hooks, x, labels, sequence = synthetic_sites(args)
+        source = f"synthetic {args.checkpoints} checkpoints × {args.layers} layers"
+    else:
+        workspace = Workspace(args.workspace).ensure()
+        train_zoo_model(args.model, workspace, progress=True)
+        series = CheckpointSeries.from_directory(workspace.model_dir(args.model))
+        model = series.load(series.steps[-1])
+        dataset = label_dataset(args.label_set, tokenizer=model.tokenizer, n_sequences=args.n_sequences,
+                                seq_len=args.seq_len)  # fmt: skip
+        hooks, x, labels, _, sequence = collect_activations(
+            model, dataset, ["hook_embed", "blocks.*.hook_resid_post"]
+        )
+        source = f"{args.model} step {series.steps[-1]}"
     train, test = split_by_sequence(sequence, 0.25, 0)
     x_train, y_train = x[:, train].contiguous(), labels[train]
     x_test, y_test = x[:, test].contiguous(), labels[test]
     np_train = [x_train[site].numpy() for site in range(len(hooks))]
     n_train = int(train.sum())
-    print(f"{args.model} step {series.steps[-1]}: {len(hooks)} sites × {n_train} train tokens × d={x.shape[-1]}, "
+    print(f"{source}: {len(hooks)} sites × {n_train} train tokens × d={x.shape[-1]}, "
           f"{labels.unique().numel()} classes ({args.label_set}); torch threads {torch.get_num_threads()}; "
           f"max_iter {args.max_iter}, tol {args.tol:g} on both sides")  # fmt: skip
 
@@ -154,6 +168,24 @@ def main() -> None:
         print(f"{hook:26} {ours[site]:7.4f} {reference:7.4f} {diffs[-1]:8.2f} {probes.iterations:8d} "
               f"{int(logistic.n_iter_[0]):7d} {ours_objective - sklearn_objective:14.2e}")  # fmt: skip
     print(f"max |accuracy difference|: {max(abs(d) for d in diffs):.2f} points")
+
+
+def synthetic_sites(args) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Real-shape probe sites (d × layers × checkpoints, e.g. Pythia-160m's 768 × 12 × 8): at each site the class
+    means differ along a few random directions with a strength that grows with layer and checkpoint, plus unit
+    noise -> (site names, x [sites, n, d], labels [n], sequence [n] in 64-token sequences)."""
+    g = torch.Generator().manual_seed(0)
+    n = args.n_tokens * 5 // 4
+    labels = torch.randint(args.classes, (n,), generator=g)
+    names, sites = [], []
+    for step in range(args.checkpoints):
+        for layer in range(args.layers):
+            means = (
+                torch.randn(args.classes, args.d, generator=g) * 0.05 * (1 + layer) * (1 + step) / args.layers
+            )
+            sites.append(means[labels] + torch.randn(n, args.d, generator=g))
+            names.append(f"step{step}.blocks.{layer}.hook_resid_post")
+    return names, torch.stack(sites), labels, torch.arange(n) // 64
 
 
 def _times(values: list[float]) -> str:
