@@ -157,8 +157,9 @@ def table_browser(path: Path, names: list[str], what: str, command: str) -> pd.D
 
 
 def token_chips(tokens: list[str], values: list[float] | None = None, notes: list[str] | None = None) -> str:
-    """A row of token chips as HTML: each token (made inert by ``plain``) shaded by its value relative to the row's
-    largest |value|, with ``notes`` (e.g. "L12 3.1") under it and the value in its tooltip."""
+    """A row of token chips as HTML: each token (made inert by ``plain``; spaces shown as ·, newlines as ↵) shaded by
+    its value relative to the row's largest |value|, with ``notes`` (e.g. "L12 3.1") under it and the value in its
+    tooltip."""
     peak = max((abs(v) for v in values or []), default=0.0) or 1.0
     chips = []
     for i, token in enumerate(tokens):
@@ -168,6 +169,6 @@ def token_chips(tokens: list[str], values: list[float] | None = None, notes: lis
         chips.append(
             f'<span class="token-chip" title="{i}: {value:.4g}" style="display:inline-block;margin:2px;padding:2px 5px;'
             f"border:1px solid #ccc;border-radius:4px;background:rgba(255,120,0,{alpha:.2f});white-space:pre;"
-            f'font-family:monospace;vertical-align:top">{plain(token)}{note}</span>'
+            f'font-family:monospace;vertical-align:top">{plain(token.replace(" ", "·").replace(chr(10), "↵"))}{note}</span>'
         )
     return "".join(chips)

@@ -246,7 +246,10 @@ if shown is not None:
     with st.expander("values", expanded=False):
         st.dataframe(shown, width="stretch", hide_index=True)
 if overlay == "SAE latents" and shown is not None and not shown.empty:
-    latent = st.selectbox("open latent", sorted(set(shown["latent"])), key="lab_open_latent")
+    last = shown[shown["position"] == shown["position"].max()]["latent"].tolist()  # the last token's first
+    latents_seen = list(dict.fromkeys([*last, *sorted(set(shown["latent"]))]))
+    latent = st.selectbox("open latent", latents_seen, key="lab_open_latent",
+                          help="the latents on the chips, the last token's first: its feature page")  # fmt: skip
     pages = table(workspace.results_path, "sae_features") if workspace.results_path.exists() else None
     page = None if pages is None else pages[(pages["sae_id"] == readout["sae"]) & (pages["latent"] == latent)]
     if page is None or page.empty:
