@@ -415,6 +415,9 @@ def bootstrap_fit(
             the fit are resampled instead.
         n_boot: replicates; each is refitted from the full fit's solution.
         level: interval coverage, e.g. 0.9 for 5 %–95 %.
+
+    Intervals of steps (emergence, peak) are never narrower than the checkpoints bracketing the estimate: between
+    two checkpoints the curve's shape is the family's, not the data's.
     """
     t = np.asarray(steps, dtype=float)
     if samples is not None:
@@ -455,6 +458,17 @@ def bootstrap_fit(
         column = table[:, i][np.isfinite(table[:, i])]
         if len(column):
             fit.intervals[name] = (float(np.quantile(column, tail)), float(np.quantile(column, 1.0 - tail)))
+    observed = np.unique(t)
+    derived = derived_quantities(fit, float(t.max()))
+    for name in (
+        "emergence_step",
+        "peak_step",
+    ):  # the data place a step no finer than between two checkpoints
+        if name in fit.intervals and np.isfinite(derived[name]):
+            low, high = fit.intervals[name]
+            below, above = observed[observed <= derived[name]], observed[observed >= derived[name]]
+            fit.intervals[name] = (min(low, float(below.max()) if len(below) else low),
+                                   max(high, float(above.min()) if len(above) else high))  # fmt: skip
     fit.level, fit.n_boot = level, len(draws)
     return fit
 
