@@ -7,6 +7,8 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 WORKSPACE ?= workspace
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; a file's tests stay on one worker): 2 fits the 2-core CI machine.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test lint clean
 
@@ -28,7 +30,7 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(VENV)/bin/mypy
-	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check $(PY_DIRS) && $(VENV)/bin/mypy
