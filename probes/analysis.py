@@ -38,7 +38,7 @@ from workbench.analysis import Analysis, Table, write_tables
 from workbench.datasets import Dataset, load_dataset
 from workbench.model import HookedModel
 from workbench.probes.labels import ZOO_FSM, LabelDataset, LabelSource, parse_label_source
-from workbench.probes.linear import TASKS, ProbeError, cross_validate, fit_probes
+from workbench.probes.linear import TASKS, LinearProbes, ProbeError, cross_validate, fit_probes
 
 __all__ = ["ANALYSIS", "LabelDataset", "ProbeSettings", "collect_activations", "label_dataset", "labels_for_model",
            "probe_model", "probe_series", "write_probe_results"]  # fmt: skip
@@ -295,7 +295,19 @@ def probe_model(
     hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
     settings: ProbeSettings | None = None,
 ) -> pd.DataFrame:
-    """Probe every hook of ``model`` for ``dataset``'s labels in one batched fit; one row per hook.
+    """Probe every hook of ``model`` for ``dataset``'s labels in one batched fit; one row per hook (the score table
+    of :func:`fit_model_probes`)."""
+    return fit_model_probes(model, dataset, hooks, settings)[0]
+
+
+def fit_model_probes(
+    model: HookedModel,
+    dataset: LabelDataset,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    settings: ProbeSettings | None = None,
+) -> tuple[pd.DataFrame, LinearProbes]:
+    """Probe every hook of ``model`` for ``dataset``'s labels in one batched fit → (one row per hook, the fitted
+    probes, one site per hook, trained on the training split; ``probes.readout.save_probe`` keeps them).
 
     The fit is a regression when the dataset's or the settings' task is one. Columns: model, checkpoint, hook,
     layer, label_set, dataset, position ("token", or where a sequence label is probed), label_names (JSON list),
@@ -351,7 +363,7 @@ def probe_model(
             x, labels, folds=settings.cv_folds, seed=settings.seed, groups=sequence, **fit
         ).numpy()
         rows["cv_mean"], rows["cv_std"] = folds.mean(0), folds.std(0)
-    return rows
+    return rows, probes
 
 
 def _numeric(dataset: LabelDataset) -> bool:

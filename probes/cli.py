@@ -71,20 +71,37 @@ def fit(
             "--random-init/--no-random-init", help="Also probe a randomly initialised copy (a baseline)."
         ),
     ] = True,
+    save: Annotated[
+        str | None,
+        typer.Option(
+            "--save",
+            help="Also keep the fitted probes as workspace/probes/NAME (the prompt lab's probe overlay and "
+            "steering; probes.readout.load_probe_for).",
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Probe every hook of MODEL for a label source; prints a score table and writes probe_results."""
-    from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model, write_probe_results
+    """Probe every hook of MODEL for a label source; prints a score table and writes probe_results (and, with
+    --save, the fitted probes)."""
+    from workbench.probes.analysis import (
+        ProbeSettings,
+        fit_model_probes,
+        labels_for_model,
+        write_probe_results,
+    )
     from workbench.probes.labels import parse_label_source, parse_position
+    from workbench.probes.readout import save_probe
     from workbench.references import parse_model_ref
-    from workbench.workspace import Workspace
+    from workbench.workspace import Workspace, safe_name
 
     settings = ProbeSettings(task=task, seq_len=context_length, batch_size=batch_size, seed=seed,
                              n_sequences=n_sequences, random_init=random_init)  # fmt: skip
     source = parse_label_source(labels)  # a bad label file fails before the model loads
+    if save is not None:
+        safe_name(save, "for a probe")
     where = parse_model_ref(model, workspace)
     hooked = open_model(model, workspace, device, dtype, trust_remote_code)
     location = where.location if where.kind in ("directory", "series") else None
@@ -93,7 +110,7 @@ def fit(
     patterns = [
         p.strip() for item in hooks or ["blocks.*.hook_resid_post"] for p in item.split(",") if p.strip()
     ]
-    rows = probe_model(hooked, dataset, patterns, settings)
+    rows, probes = fit_model_probes(hooked, dataset, patterns, settings)
     shown = rows[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
     typer.echo(f"{hooked.cfg.name} · {dataset.name} on {dataset.dataset} · {rows['metric'].iloc[0]} "
                f"(n_train {rows['n_train'].iloc[0]}, n_test {rows['n_test'].iloc[0]}, classes "
@@ -102,6 +119,10 @@ def fit(
     root = Workspace(workspace).root
     written = write_probe_results(rows, root)
     typer.echo(f"wrote {written} rows to probe_results in {root}")
+    if save is not None:
+        saved = save_probe(root, save, probes, model=hooked, label_set=dataset.name,
+                           label_names=list(dataset.label_names))  # fmt: skip
+        typer.echo(f"saved the probes ({len(probes.sites)} hooks) to {saved}")
 
 
 @app.command()

@@ -80,7 +80,8 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
     if name not in listing:
         raise ProbeError(
             f"no saved probe {name!r} in {probes_dir(workspace)} (saved: {', '.join(listing) or 'none'}); save one "
-            "with workbench.probes.readout.save_probe(workspace, name, probes, model=model)"
+            "with `workbench probe fit MODEL --labels ... --save NAME` or probes.readout.save_probe(workspace, name, "
+            "probes, model=model)"
         )
     saved = listing[name]
     probes = LinearProbes.load(probes_dir(workspace) / name / WEIGHTS)

@@ -18,9 +18,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
-from workbench.probes.analysis import ProbeSettings, collect_activations, probe_model, split_by_sequence
+from workbench.probes.analysis import (
+    ProbeSettings,
+    collect_activations,
+    fit_model_probes,
+    probe_model,
+    split_by_sequence,
+)
 from workbench.probes.jobs import job_status, load_job, run_job
 from workbench.probes.labels import LabelError, align_char_labels, load_labels, parse_label_source
+from workbench.probes.readout import load_probe_for
 from workbench.references import resolve_model
 from workbench.workspace import Workspace
 
@@ -228,12 +235,19 @@ def test_fit_cli_on_a_user_gpt2_directory_puts_span_labels_on_its_tokens(
     assert "".join(named).strip() == "Ada"
     workspace = tmp_path / "ws"
     result = CliRunner().invoke(app, ["probe", "fit", str(gpt2_dir), "--labels", str(path), "--hooks",
-                                      "blocks.*.hook_resid_post", "--no-random-init", "-w", str(workspace)])  # fmt: skip
+                                      "blocks.*.hook_resid_post", "--no-random-init", "-w", str(workspace),
+                                      "--save", "people"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "blocks.1.hook_resid_post" in result.output and "wrote 2 rows to probe_results" in result.output
     rows = Workspace(workspace).results().read("probe_results")
     assert set(rows["label_set"]) == {"people.jsonl:spans"} and set(rows["position"]) == {"token"}
     assert rows["n_train"].iloc[0] + rows["n_test"].iloc[0] == int(dataset.labelled().sum())
+    # --save keeps the fitted probes: the same weights a fit through the Python API gives
+    saved, listing, note = load_probe_for(model, "people", workspace)
+    _, fitted = fit_model_probes(model, dataset, "blocks.*.hook_resid_post", ProbeSettings(random_init=False))
+    assert saved.sites == fitted.sites == list(rows["hook"]) and listing.label_set == "people.jsonl:spans"
+    torch.testing.assert_close(saved.weight, fitted.weight)
+    torch.testing.assert_close(saved.bias, fitted.bias)
 
 
 JOB = """name = "mine"
