@@ -67,7 +67,9 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def store_stream(model, names: list[str], n_tokens: int, seq: int, batch: int, vocab: int) -> None:
+def store_stream(
+    model, names: list[str], n_tokens: int, seq: int, batch: int, vocab: int, shard_rows: int
+) -> None:
     """Capture ``n_tokens`` random tokens of all ``names`` into a temporary store; tokens/s, MB/s, and the peak RSS
     in each quarter of the stream's time (sampled every 0.2 s; flat = memory bounded by a batch and a shard)."""
     from workbench.store import capture_to_store
@@ -86,13 +88,13 @@ def store_stream(model, names: list[str], n_tokens: int, seq: int, batch: int, v
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         store = capture_to_store(model, rows, names, Path(tmp) / "store", batch_size=batch, max_length=seq,
-                                 shard_rows=4096, progress=False)  # fmt: skip
+                                 shard_rows=shard_rows, progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
         done.set()
         size = sum(f.stat().st_size for f in (Path(tmp) / "store").iterdir()) / 2**20
     tokens = n_rows * seq
     print(f"  capture -> store: {tokens} tokens × {len(names)} hooks in {seconds:.1f} s = {tokens / seconds:.0f} "
-          f"tokens/s, {size / seconds:.1f} MB/s ({size:.0f} MB, {store.n_rows} rows, shards of 4096 rows)")  # fmt: skip
+          f"tokens/s, {size / seconds:.1f} MB/s ({size:.0f} MB, {store.n_rows} rows, shards of {shard_rows} rows)")  # fmt: skip
     quarters = [max((mb for t, mb in samples if q * seconds / 4 <= t < (q + 1) * seconds / 4), default=float("nan"))
                 for q in range(4)]  # fmt: skip
     print("  peak RSS in each quarter of the stream: " + ", ".join(f"{mb:.0f} MB" for mb in quarters))
@@ -110,6 +112,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--store-tokens", type=int, default=0)
+    parser.add_argument(
+        "--shard-rows", type=int, default=1024, help="store shard size of the --store-tokens stream"
+    )
     args = parser.parse_args()
     family = "gpt_neox"
     if args.shape:
@@ -189,7 +194,7 @@ def main() -> None:
         f"  TransformerLens / capture        {results['TransformerLens run_with_cache'] / results['workbench capture']:6.3f}x  (target >= 1.0)"
     )
     if args.store_tokens:
-        store_stream(model, names, args.store_tokens, args.seq, args.batch, args.vocab)
+        store_stream(model, names, args.store_tokens, args.seq, args.batch, args.vocab, args.shard_rows)
 
 
 def other_family(args, family: str, kv_heads: int) -> None:
@@ -221,7 +226,7 @@ def other_family(args, family: str, kv_heads: int) -> None:
         f"  capture / bare forward          {results['workbench capture'] / results['bare HF forward']:6.3f}x"
     )
     if args.store_tokens:
-        store_stream(model, names, args.store_tokens, args.seq, args.batch, args.vocab)
+        store_stream(model, names, args.store_tokens, args.seq, args.batch, args.vocab, args.shard_rows)
 
 
 if __name__ == "__main__":
