@@ -54,6 +54,8 @@ def recipes() -> list[Recipe]:
         Recipe("massive activations of the pretrained MiniLM", ("massive", "minilm", "--data", prompts, "-w", "{ws}")),
         Recipe("attention statistics over code-small checkpoints",
                ("attention", "code-small", "--data", prompts, "-w", "{ws}")),
+        Recipe("training dynamics over code-small checkpoints",
+               ("dynamics", "code-small", "--data", prompts, "-w", "{ws}")),
         Recipe("probe job (code-small, fsm-tiny over checkpoints)",
                ("probe", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}")),
         Recipe("SAE and transcoders on code-tiny", run=_sae),

@@ -9,7 +9,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 VIEWS = Path(__file__).resolve().parents[1] / "app" / "views"
-ALL_VIEWS = ("overview", "massive", "attention", "probes", "sae", "circuits", "codebooks", "neuron_paths")
+ALL_VIEWS = ("overview", "massive", "attention", "dynamics", "probes", "sae", "circuits", "codebooks", "neuron_paths",
+             "prompt_lab")  # fmt: skip
 
 
 def _run(view: str, workspace: Path, monkeypatch) -> AppTest:
@@ -86,7 +87,7 @@ def test_overview_lists_models_runs_and_tables(dashboard_workspace, monkeypatch)
 
 
 @pytest.mark.parametrize(
-    "view", ["massive", "attention", "probes", "sae", "circuits", "codebooks", "neuron_paths"]
+    "view", ["massive", "attention", "dynamics", "probes", "sae", "circuits", "codebooks", "neuron_paths"]
 )
 def test_views_without_data_name_a_command_that_exists(view, tmp_path, monkeypatch) -> None:
     from typer.testing import CliRunner
