@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -364,6 +364,29 @@ def fit_model_probes(
         ).numpy()
         rows["cv_mean"], rows["cv_std"] = folds.mean(0), folds.std(0)
     return rows, probes
+
+
+def probe_accuracy_metric(
+    labels: str | Path | LabelSource,
+    *,
+    data: str | Path | Dataset | None = None,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    settings: ProbeSettings | None = None,
+) -> Callable[[HookedModel], np.ndarray]:
+    """A training-dynamics metric (``workbench.dynamics_metrics`` entry point ``probe_accuracy``): for each
+    checkpoint, the held-out probe score per hook [n_hooks] (one per layer with the default hooks) for ``labels``,
+    aligned once to the first checkpoint's tokenizer (checkpoints of a series share it). The label source is
+    checked when the metric is made, before any checkpoint loads."""
+    settings = settings or ProbeSettings(random_init=False, control=False)
+    source = labels if isinstance(labels, LabelSource) else parse_label_source(labels)
+    built: list[LabelDataset] = []
+
+    def metric(model: HookedModel) -> np.ndarray:
+        if not built:
+            built.append(labels_for_model(source, model, data=data, settings=settings))
+        return probe_model(model, built[0], hooks, settings)["score"].to_numpy()
+
+    return metric
 
 
 def _numeric(dataset: LabelDataset) -> bool:

@@ -255,6 +255,34 @@ def test_cli_run_killed_mid_series_resumes_to_the_same_result(
     np.testing.assert_allclose(merged["value"], merged["value_ref"], rtol=1e-6)
 
 
+def test_cli_labels_track_probe_accuracy_equal_to_a_probe_fit(zoo_workspace, tmp_path) -> None:
+    """--labels adds the probes package's metric (workbench.dynamics_metrics entry point): per checkpoint and layer,
+    the held-out score of the same probe fit made directly."""
+    from workbench.cli import app
+    from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
+    from workbench.references import resolve_series
+    from workbench.workspace import Workspace
+
+    model_dir = str(zoo_workspace.model_dir("code-tiny"))
+    args = ["dynamics", model_dir, "--data", "zoo:python-stdlib", "--labels", "zoo:bracket_depth", "--context-length",
+            "32", "--max-sequences", "6", "--batch-size", "6", "--n-boot", "0", "--workspace", str(tmp_path),
+            "--no-progress", "--step", "0", "--step", "300"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stored = Workspace(tmp_path).results().read("dynamics_metrics")
+    stored = stored[stored["metric"] == "probe_accuracy"].sort_values(["checkpoint", "layer"])
+    series = resolve_series(model_dir)
+    settings = ProbeSettings(random_init=False, control=False)
+    labels = labels_for_model(
+        "zoo:bracket_depth", series.load(0), data="zoo:python-stdlib", settings=settings
+    )
+    expected = [
+        probe_model(series.load(step), labels, settings=settings)["score"].to_numpy() for step in (0, 300)
+    ]
+    np.testing.assert_allclose(stored["value"].to_numpy(), np.concatenate(expected), rtol=1e-6)
+    assert stored["value"].between(0, 0.999).all() and len(stored) == 2 * series.load(0).cfg.n_layers
+
+
 def test_hub_series_with_a_duplicate_branch_and_a_micro_sweep(hub_repo, zoo_workspace, tmp_path) -> None:
     from workbench.zoo.sweep import SweepError, describe_sweep, load_sweep, run_sweep
 

@@ -19,7 +19,8 @@ per-prompt values of the tracked metrics (:data:`METRICS`):
 
 Further metrics come from ``extra_metrics`` (name -> function of the checkpoint's HookedModel returning
 [n_layers] or [n_samples, n_layers] values), e.g. probe accuracy from the probes package (the core imports no
-analysis). Every metric × layer (× head) then gets an emergence fit (:mod:`workbench.emergence`) with bootstrap
+analysis; analysis packages offer metric factories in the ``workbench.dynamics_metrics`` entry-point group,
+:func:`metric_providers`, which the CLI's ``--labels`` uses). Every metric × layer (× head) then gets an emergence fit (:mod:`workbench.emergence`) with bootstrap
 intervals over prompts, and :func:`emergence_order` says which phenomena emerge in which order.
 
 Resumable and crash-safe: each checkpoint's per-prompt values are written atomically to
@@ -31,6 +32,7 @@ Byte-identical checkpoints are analysed once and left out of the fits (their ste
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -232,6 +234,16 @@ def _near_zero_fraction(post: torch.Tensor, real: torch.Tensor, threshold: float
 def run_dir(workspace: Workspace | str | Path | None, run: str) -> Path:
     """Where a run's per-checkpoint files live: ``<workspace>/dynamics/<run>/``."""
     return Workspace(workspace).root / "dynamics" / safe_name(run, "as a dynamics run name")
+
+
+def metric_providers() -> dict[str, Callable[..., Callable[[HookedModel], Any]]]:
+    """Metric factories the installed analysis packages offer (``workbench.dynamics_metrics`` entry points): name ->
+    factory(SOURCE, **options) returning a function of a checkpoint's HookedModel -> [n_layers] values
+    (``probe_accuracy``: SOURCE is a label source, the probes package fits one probe per layer)."""
+    return {
+        entry.name: entry.load()
+        for entry in importlib.metadata.entry_points(group="workbench.dynamics_metrics")
+    }
 
 
 def track_dynamics(

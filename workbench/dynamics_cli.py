@@ -69,6 +69,16 @@ def dynamics_command(
             help="Attention statistics from the fused Triton kernel (needs a GPU, or TRITON_INTERPRET=1).",
         ),
     ] = False,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            "-l",
+            help="Also track probe accuracy per layer for this label source (as `workbench probe fit --labels`: "
+            "zoo:NAME, FILE.csv:TEXT:LABEL, spans .jsonl, FILE.py:FUNCTION); texts for label functions come "
+            "from --data.",
+        ),
+    ] = None,
     run: Annotated[
         str | None, typer.Option("--run", help="Run name (default: SERIES--DATA); a rerun resumes it.")
     ] = None,
@@ -82,7 +92,13 @@ def dynamics_command(
     """Track massive activations, attention sinks and entropy, MLP sparsity and residual norm growth over the
     checkpoints of SERIES (any model reference with checkpoints), fit each metric × layer (× head), and say what
     emerges when. `workbench dynamics sweep SWEEP.toml` runs the architecture study instead."""
-    from workbench.dynamics import ANALYSIS, DynamicsSettings, describe_order, track_dynamics
+    from workbench.dynamics import (
+        ANALYSIS,
+        DynamicsSettings,
+        describe_order,
+        metric_providers,
+        track_dynamics,
+    )
 
     if model == "sweep":
         if sweep_file is None:
@@ -96,11 +112,18 @@ def dynamics_command(
              "(for the architecture study: `workbench dynamics sweep SWEEP.toml`)")  # fmt: skip
     dataset = open_data(data)
     ANALYSIS.check(data=dataset)
+    extra = {}
+    if labels is not None:
+        providers = metric_providers()
+        if "probe_accuracy" not in providers:
+            fail("--labels needs the probes package's probe_accuracy metric (workbench.dynamics_metrics entry "
+                 "point); reinstall the workbench (pip install -e .)")  # fmt: skip
+        extra["probe_accuracy"] = providers["probe_accuracy"](labels, data=dataset)
     series = open_series(model, workspace, None, device, dtype, trust_remote_code)
     settings = DynamicsSettings(context_length=context_length, max_sequences=max_sequences, max_tokens=max_tokens,
                                 batch_size=batch_size, bos=bos, sparsity_threshold=sparsity_threshold)  # fmt: skip
     result = track_dynamics(series, dataset, settings=settings, workspace=workspace, run=run,
-                            families=tuple(family or ("exp_log",)), n_boot=n_boot, level=level, steps=steps,
+                            extra_metrics=extra, families=tuple(family or ("exp_log",)), n_boot=n_boot, level=level, steps=steps,
                             attention_path="kernel" if kernel else None, seed=seed, progress=progress)  # fmt: skip
     for note in result.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
