@@ -229,7 +229,9 @@ def main() -> None:
     parser.add_argument("--n-rows", type=int, default=60_000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (s): not timed
+    torch.optim.Adam(
+        [torch.zeros(1, requires_grad=True)]
+    )  # its first use imports torch._dynamo (s): not timed
 
     data = real(args.n_rows) if args.real else synthetic(args.n_rows, args.d_in)
     data = data.to(args.device)

@@ -48,7 +48,9 @@ def trained():
     cfg = TrainConfig(steps=300, lr=3e-3, warmup_steps=10, progress=False, dead_after_tokens=2048)
     specs = {
         "gated": SAEConfig("gated", d_in=D_IN, d_sae=D_SAE, l1_coefficient=3.0),
-        "matryoshka": SAEConfig("matryoshka_batchtopk", d_in=D_IN, d_sae=D_SAE, k=6, matryoshka_widths=[8, 32]),
+        "matryoshka": SAEConfig(
+            "matryoshka_batchtopk", d_in=D_IN, d_sae=D_SAE, k=6, matryoshka_widths=[8, 32]
+        ),
         "batchtopk": SAEConfig("batchtopk", d_in=D_IN, d_sae=D_SAE, k=6),
     }
     return {name: train_sae(seeded_sae(c, 0), _batches(cfg.steps), cfg).eval() for name, c in specs.items()}
@@ -94,7 +96,9 @@ def test_matryoshka_objective_equals_sae_lens_matryoshka_batchtopk():
     from sae_lens.saes.sae import TrainStepInput
 
     generator = torch.Generator().manual_seed(4)
-    ours = seeded_sae(SAEConfig("matryoshka_batchtopk", d_in=D_IN, d_sae=D_SAE, k=4, matryoshka_widths=[8, 16]), 0)
+    ours = seeded_sae(
+        SAEConfig("matryoshka_batchtopk", d_in=D_IN, d_sae=D_SAE, k=4, matryoshka_widths=[8, 16]), 0
+    )
     assert ours.cfg.matryoshka_widths == [8, 16, D_SAE]
     _random_weights(ours, generator)
     theirs = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
@@ -105,7 +109,9 @@ def test_matryoshka_objective_equals_sae_lens_matryoshka_batchtopk():
     out = theirs.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
     f, prediction, pre, _ = ours.training_forward(x)
     torch.testing.assert_close(f, out.feature_acts.to_dense(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close((x - prediction).pow(2).sum(-1).mean(), out.losses["mse_loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        (x - prediction).pow(2).sum(-1).mean(), out.losses["mse_loss"], rtol=1e-5, atol=1e-6
+    )
     inner = out.losses["inner_mse_loss_8"] + out.losses["inner_mse_loss_16"]
     torch.testing.assert_close(ours.auxiliary_losses(x, x, f, pre)["matryoshka"], inner, rtol=1e-5, atol=1e-6)
 
@@ -129,7 +135,9 @@ def test_gated_and_matryoshka_recover_a_planted_dictionary(trained):
         assert l0 < 7.5 and fvu[name] < 0.15, (name, l0, fvu[name])
         cosine = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ atoms.T  # [d_sae, atoms]
         recovered = float((cosine.max(0).values > 0.9).float().mean())
-        assert name == "matryoshka" or recovered > 0.9, f"{name} recovered {recovered:.0%} of the planted atoms"
+        assert name == "matryoshka" or recovered > 0.9, (
+            f"{name} recovered {recovered:.0%} of the planted atoms"
+        )
     assert fvu["matryoshka"] < 1.1 * fvu["batchtopk"]
 
 
@@ -189,8 +197,12 @@ def test_outlier_masking_drops_a_planted_massive_token():
     fvu = {}
     for label, extra in (("plain", {}), ("exclude", {"outlier_norm": 10.0}), ("cap", {"outlier_norm": 10.0,
                                                                                      "outlier_action": "cap"})):  # fmt: skip
-        cfg = TrainConfig(steps=200, lr=3e-3, warmup_steps=10, progress=False, dead_after_tokens=2048, **extra)
-        result = train_sae_history(SAEConfig("topk", d_in=D_IN, d_sae=D_SAE, k=6), list(data.view(200, 64, D_IN)), cfg)
+        cfg = TrainConfig(
+            steps=200, lr=3e-3, warmup_steps=10, progress=False, dead_after_tokens=2048, **extra
+        )
+        result = train_sae_history(
+            SAEConfig("topk", d_in=D_IN, d_sae=D_SAE, k=6), list(data.view(200, 64, D_IN)), cfg
+        )
         sae, history = result
         fvu[label] = _fvu(sae.eval(), held_out)
         if extra:

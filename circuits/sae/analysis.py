@@ -333,8 +333,11 @@ def run(
                                 "pick a smaller --d-sae") from None  # fmt: skip
     ws = Workspace(workspace).ensure()  # nothing is written before this point
     if store is not None:
-        ids, mask = data.token_ids, (data.token_mask if data.token_mask is not None
-                                     else torch.ones_like(data.token_ids))  # fmt: skip
+        if data.token_ids is None:
+            raise SAEInputError(f"activation store {store.path} records no token ids, so the held-out rows cannot "
+                                "be spliced back into the model; recapture it with `workbench capture`")  # fmt: skip
+        ids = data.token_ids
+        mask = data.token_mask if data.token_mask is not None else torch.ones_like(ids)
         split = _split(len(ids), data, ids.shape[1])
         sequences = store.locations()[:, 0].unique(sorted=True)
         below = int(sequences[split]) if split < len(sequences) else None

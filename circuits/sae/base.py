@@ -100,16 +100,17 @@ class SAE(nn.Module, abc.ABC):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        self.d_in, self.d_sae, self.d_out = cfg.d_in, cfg.d_sae, cfg.d_out
+        d_out = cfg.d_in if cfg.d_out is None else cfg.d_out  # SAEConfig.__post_init__ fills it in
+        self.d_in, self.d_sae, self.d_out = cfg.d_in, cfg.d_sae, d_out
         self.hook_in, self.hook_out = cfg.hook_in, cfg.hook_out
-        w_dec = torch.randn(cfg.d_sae, cfg.d_out)
+        w_dec = torch.randn(cfg.d_sae, d_out)
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        w_enc = w_dec.T.clone() if cfg.d_in == cfg.d_out else torch.randn(cfg.d_in, cfg.d_sae) / cfg.d_in**0.5
+        w_enc = w_dec.T.clone() if cfg.d_in == d_out else torch.randn(cfg.d_in, cfg.d_sae) / cfg.d_in**0.5
         self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
-        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out)) if cfg.skip else None
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, d_out)) if cfg.skip else None
 
     def check_input(self, x: torch.Tensor, name: str = "x") -> None:
         """Raise SAEInputError for a wrong last dimension or a non-finite row."""

@@ -47,6 +47,8 @@ def reconstruction_metrics(
         l0_sum += float(active.sum())
         fires += active.sum(0).double()
         n += x.shape[0]
+    if y_sum is None or y_sq is None:
+        raise ValueError("no activation batches to evaluate the SAE on; pass at least one batch")
     total_var = float((y_sq - y_sum.pow(2) / n).sum())
     density = (fires / n).cpu()
     fvu = sq_err / max(total_var, 1e-30)
