@@ -33,6 +33,7 @@ from workbench.cli_options import (
     open_data,
     open_model,
 )
+from workbench.references import short_name
 from workbench.workspace import Workspace
 
 app = typer.Typer(help="Sparse autoencoders, transcoders and transcoder circuits.", no_args_is_help=True)
@@ -353,7 +354,10 @@ def export(
     if format == "neuronpedia":
         options["features"] = Workspace(workspace).results().read("sae_features", sae_id=found)
         if hooked is not None and unembedding_matrix(hooked) is not None:
-            options |= {"unembedding": unembedding_matrix(hooked), "decode": token_decoder(hooked.tokenizer),
-                        "model_id": hooked.cfg.name}  # fmt: skip
+            options |= {
+                "unembedding": unembedding_matrix(hooked),
+                "decode": token_decoder(hooked.tokenizer),
+                "model_id": short_name(hooked.cfg.name),
+            }  # fmt: skip  (a folder name: no '/')
     written = export_sae(sae, out, format, **options)
     typer.echo(f"{found} written as {format} to {written}")

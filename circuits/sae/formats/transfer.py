@@ -21,6 +21,7 @@ from workbench.circuits.sae.base import CONFIG_FILE, SAE, SAEInputError
 from workbench.circuits.sae.evals import sae_dir
 from workbench.circuits.sae.formats import FORMATS, detect_format, read_saes
 from workbench.fileio import atomic_write_json
+from workbench.references import short_name
 from workbench.workspace import Workspace, safe_name
 
 EXPORT_FORMATS = ("saelens", "sparsify", "neuronpedia")
@@ -114,7 +115,7 @@ def export_sae(
                 "train` for it, or `workbench sae eval` with feature pages, before exporting to Neuronpedia"
             )
         logits = logit_effects(sae, unembedding) if unembedding is not None else None
-        batch = dashboard_batch(features, sae, model_id=model_id or sae.cfg.model or "model", sae_set=sae_id,
+        batch = dashboard_batch(features, sae, model_id=short_name(model_id or sae.cfg.model or "model"), sae_set=sae_id,
                                 logits=logits, decode=decode)  # fmt: skip
         return write_bulk_export(out, batch, sae)
     raise SAEInputError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
