@@ -190,6 +190,8 @@ def test_fits_order_and_figures(tracked) -> None:
     ]
     steps = result.order["emergence_step"].dropna().to_numpy()
     assert (np.diff(steps) >= 0).all() and "half-way at step" in describe_order(result.order)
+    undetermined = result.order[result.order["status"] != "ok"]
+    assert undetermined["steady_state"].isna().all()  # no extrapolated level from a non-identifiable curve
     db = Path(workspace) / "results.duckdb"
     assert db.exists()
     from workbench.workspace import Workspace

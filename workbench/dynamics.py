@@ -524,6 +524,8 @@ def emergence_order(fits: pd.DataFrame) -> pd.DataFrame:
 
     ``resolved_before_next`` is True when the interval ends before the next phenomenon's interval begins (the order
     is beyond the prompt-sampling uncertainty); metrics without a usable fit come last with their status.
+    ``steady_state`` (the curve's extrapolated level) is NaN for a non-identifiable fit, whose half-rise step is
+    determined but whose long-run level is not.
     """
     rows = []
     for metric, group in fits.groupby("metric", sort=False):
@@ -539,7 +541,9 @@ def emergence_order(fits: pd.DataFrame) -> pd.DataFrame:
                      "status": best["status"], "emergence_step": float(best["emergence_step"]),
                      "low_emergence_step": float(best.get("low_emergence_step", np.nan)),
                      "high_emergence_step": float(best.get("high_emergence_step", np.nan)),
-                     "steady_state": float(best["steady_state"]), "trend": int(best["trend"]),
+                     # the extrapolated level is only reported where the curve's parameters are determined
+                     "steady_state": float(best["steady_state"]) if best["status"] == "ok" else np.nan,
+                     "trend": int(best["trend"]),
                      "relative_change": float(best["change"] / best["scale"]),
                      "n_series": int(len(usable))})  # fmt: skip
     order = pd.DataFrame(rows).sort_values("emergence_step", na_position="last").reset_index(drop=True)
