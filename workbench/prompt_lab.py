@@ -35,6 +35,10 @@ from workbench.model import HookedModel
 MAX_PROMPT_TOKENS = int(os.environ.get("WORKBENCH_PROMPT_LAB_MAX_TOKENS", "256"))
 PATTERN_MAX_TOKENS = 64  # the full pattern of a head is drawn for prompts up to this length
 MODEL_BUDGET_BYTES = int(float(os.environ.get("WORKBENCH_PROMPT_LAB_BUDGET_GB", "4")) * 2**30)
+# Torch intra-op threads in the dashboard server. Streamlit runs every script run in a new thread, and each new
+# calling thread pays for its own OpenMP team: with the default (one per core) a new session's first render of
+# the page took 3.9-5.8 s on 2 cores for 0.1 s of model work; one thread: 0.5 s (benchmarks/RESULTS.md).
+SERVER_THREADS = int(os.environ.get("WORKBENCH_DASHBOARD_THREADS", "1"))
 
 ANALYSIS = Analysis(
     name="prompt_lab",

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import streamlit as st
+import torch
 
 from workbench import prompt_lab as lab
 from workbench.app.data import plain, table, token_chips, workspace_path
@@ -21,6 +22,7 @@ from workbench.interventions import Intervention
 from workbench.workspace import Workspace
 
 STARTED = time.perf_counter()
+torch.set_num_threads(lab.SERVER_THREADS)  # see lab.SERVER_THREADS (WORKBENCH_DASHBOARD_THREADS)
 st.title("Prompt lab")
 workspace = Workspace(workspace_path())
 DEFAULT_PROMPT = "def add(a, b):\n    return a +"
