@@ -408,15 +408,7 @@ def _read_done(directory: Path, expected: str, run: str) -> dict[int, dict[str, 
 def _tokenizer_of(series: CheckpointSeries, step: int) -> Any:
     """The series' tokenizer without loading weights (None when it cannot be had)."""
     try:
-        from transformers import AutoTokenizer
-
-        where = series.location(step)
-        root = (
-            Path(where).parent
-            if isinstance(where, Path) and not (Path(where) / "tokenizer.json").exists()
-            else where
-        )
-        return AutoTokenizer.from_pretrained(str(root), revision=series.revision(step))
+        return series.tokenizer(step)
     except Exception:  # noqa: BLE001 - token texts are a convenience; ids are always recorded
         return None
 
