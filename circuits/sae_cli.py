@@ -3,6 +3,7 @@ transcoders and transcoder circuits on any model reference and any dataset refer
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -53,10 +54,20 @@ DATA_REQUIRED = (
 def train(
     context: typer.Context,
     model: ModelArgument,
-    hook: Annotated[str, typer.Option(help="Input hook, e.g. blocks.0.hook_resid_post.")],
+    hook: Annotated[
+        list[str],
+        typer.Option(
+            help="Input hook, e.g. blocks.0.hook_resid_post; repeat it (or comma-separate) for several SAEs, all "
+            "trained from one model forward."
+        ),
+    ],
     data: DataOption = None,
     hook_out: Annotated[
-        str | None, typer.Option(help="Output hook for a transcoder (e.g. blocks.0.hook_mlp_out).")
+        list[str] | None,
+        typer.Option(
+            help="Output hook for a transcoder (e.g. blocks.0.hook_mlp_out); with several --hook, one per --hook "
+            "in the same order."
+        ),
     ] = None,
     architecture: Annotated[
         str, typer.Option(help="relu, topk, batchtopk, jumprelu, gated or matryoshka_batchtopk.")
@@ -68,10 +79,15 @@ def train(
     max_tokens: TokensOption = 100_000,
     context_length: ContextOption = 128,
     batch_size: BatchSizeOption = 16,
-    train_batch_size: Annotated[int, typer.Option(min=1, help="Activation rows per training step.")] = 256,
+    train_batch_size: Annotated[
+        int, typer.Option(min=1, help="Activation rows per training step (over all processes).")
+    ] = 256,
     sae_id: Annotated[
-        str | None,
-        typer.Option(help="Name of the SAE (default: MODEL's short name, hook(s) and architecture)."),
+        list[str] | None,
+        typer.Option(
+            help="Name of the SAE (default: MODEL's short name, hook(s) and architecture); with several --hook, "
+            "one per --hook."
+        ),
     ] = None,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
@@ -81,10 +97,19 @@ def train(
     nproc: Annotated[
         int,
         typer.Option(
-            help="Data-parallel processes on this machine (torchrun; gloo on CPU, NCCL on GPU). For "
-            "several machines run `torchrun --nnodes ... -m workbench.cli sae train ...` instead."
+            help="Processes on this machine (torchrun; gloo on CPU, NCCL on GPU: one GPU per process), each "
+            "running the model on its own share of the documents. For several machines run `torchrun --nnodes "
+            "... -m workbench.cli sae train ...` instead."
         ),
     ] = 1,  # fmt: skip
+    parallel: Annotated[
+        str,
+        typer.Option(
+            help="How the processes share the SAEs: data (every process trains every SAE, gradients averaged), "
+            "hooks (each SAE trained by one process on every process's activations of its hook, like sparsify's "
+            "distribute_modules) or auto (hooks when there are at least as many SAEs as processes, else data)."
+        ),
+    ] = "auto",  # fmt: skip
     mask_outliers: Annotated[
         float | None,
         typer.Option(
@@ -102,42 +127,90 @@ def train(
         ),
     ] = "norm",
 ) -> None:
-    """Train one SAE / transcoder on MODEL's activations over --data, save it under the workspace (saes/<id>/) and
-    write sae_evals (held-out quarter of the rows) and sae_features."""
+    """Train SAEs / transcoders (one per --hook, from one model forward) on MODEL's activations over --data, save
+    them under the workspace (saes/<id>/) and write sae_evals (held-out quarter of the rows) and sae_features.
+
+    With --nproc N (or under torchrun) the N processes take disjoint document ranges; --parallel picks
+    data-parallel or hook-sharded training. Hook-sharded SAE files are written by the process that trains them:
+    across machines, put the workspace on a filesystem every machine sees."""
     from workbench.circuits.sae import distributed as dist
-    from workbench.circuits.sae.analysis import ANALYSIS, default_sae_id, run, write_results
-    from workbench.circuits.sae.base import K_ARCHITECTURES
-    from workbench.circuits.sae.train import check_sae_name
+    from workbench.circuits.sae.analysis import ANALYSIS, run, write_results
 
     if data is None:
         fail(DATA_REQUIRED)
+    specs = _sae_specs(model, hook, hook_out, sae_id, architecture, d_sae, k, skip)
+    world = int(os.environ["WORLD_SIZE"]) if dist.launched_by_torchrun() else nproc
+    mode = dist.parallel_mode(parallel, len(specs), world)  # checked before any process starts
     if nproc > 1 and not dist.launched_by_torchrun():  # re-run this very command on nproc ranks
         dist.launch(nproc, ["sae", "train", *_argv(context, drop=("nproc",))])
         return
-    ctx = dist.init_distributed("data", device) if dist.launched_by_torchrun() else None
+    ctx = dist.init_distributed(mode, device) if dist.launched_by_torchrun() else None
     main = ctx is None or ctx.is_main
-    name = check_sae_name(sae_id) if sae_id else default_sae_id(model, hook, architecture, hook_out)
-    spec = {"architecture": architecture, "d_sae": d_sae, "hook_in": hook, "hook_out": hook_out or hook,
-            "skip": skip} | ({"k": k} if architecture in K_ARCHITECTURES else {})  # fmt: skip
     hooked = open_model(
         model, workspace, str(ctx.device) if ctx else device, "float32", trust_remote_code
     ).eval()
     dataset = open_data(data)
     options = ({"outlier_norm": mask_outliers, "outlier_action": mask_action, "outlier_metric": mask_metric}
                if mask_outliers else {})  # fmt: skip
-    frames = run(hooked, dataset, {name: spec}, workspace=workspace, max_tokens=max_tokens,
+    frames = run(hooked, dataset, specs, workspace=workspace, max_tokens=max_tokens,
                  context_length=context_length, batch_size=batch_size, steps=steps,
                  train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
                  train_options=options)  # fmt: skip
     if main:
         write_results(workspace, frames)
-        row = frames["sae_evals"].iloc[0]
-        ranks = f" ({ctx.world_size} data-parallel processes)" if ctx else ""
-        typer.echo(f"{name}: {_metrics(row)}{ranks}")
-        typer.echo(f"saved to saes/{name}; {hooked.cfg.name} on {row['dataset']!r} written to the workspace (tables "
-                   f"{', '.join(ANALYSIS.table_names)})")  # fmt: skip
+        rows = frames["sae_evals"].set_index("sae_id")
+        for name in specs:
+            typer.echo(f"{name}: {_metrics(rows.loc[name])}")
+        if ctx is not None:
+            typer.echo(_layout(ctx, list(specs)))
+        saved = ", ".join(f"saes/{name}" for name in specs)
+        typer.echo(f"saved to {saved}; {hooked.cfg.name} on {rows.iloc[0]['dataset']!r} written to the workspace "
+                   f"(tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip
     if ctx is not None:
         dist.shutdown()
+
+
+def _sae_specs(model: str, hooks: list[str], hooks_out: list[str] | None, ids: list[str] | None,
+               architecture: str, d_sae: int, k: int, skip: bool) -> dict[str, dict]:  # fmt: skip
+    """{sae_id: SAEConfig kwargs} for ``sae train``: one SAE per --hook (its --hook-out and --sae-id by position)."""
+    from workbench.circuits.sae.analysis import default_sae_id
+    from workbench.circuits.sae.base import K_ARCHITECTURES
+    from workbench.circuits.sae.train import check_sae_name
+
+    ins, outs, names = _listed(hooks), _listed(hooks_out), _listed(ids)
+    if not ins:
+        fail("--hook is empty: name the input hook, e.g. --hook blocks.0.hook_resid_post")
+    for option, given in (("--hook-out", outs), ("--sae-id", names)):
+        if given and len(given) != len(ins):
+            fail(f"{len(given)} {option} for {len(ins)} --hook ({', '.join(ins)}): give one {option} per --hook, "
+                 "in the same order, or none")  # fmt: skip
+    pairs = list(zip(ins, outs or ins, strict=True))  # an SAE reconstructs its own hook
+    names = [check_sae_name(n) for n in names] if names else [
+        default_sae_id(model, h, architecture, o) for h, o in pairs
+    ]  # fmt: skip
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        fail(f"SAE id {repeated[0]!r} is given twice (the same --hook/--hook-out pair or --sae-id): each SAE needs "
+             "its own id")  # fmt: skip
+    extra = {"k": k} if architecture in K_ARCHITECTURES else {}
+    return {name: {"architecture": architecture, "d_sae": d_sae, "hook_in": h, "hook_out": o, "skip": skip} | extra
+            for name, (h, o) in zip(names, pairs, strict=True)}  # fmt: skip
+
+
+def _listed(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated option values, in order."""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+def _layout(ctx, names: list[str]) -> str:
+    """Which process trained what, for the summary line."""
+    from workbench.circuits.sae.distributed import owned_names
+
+    if ctx.mode == "data":
+        return f"{ctx.world_size} data-parallel processes (every process trained every SAE)"
+    owners = "; ".join(f"rank {r}: {', '.join(owned_names(names, r, ctx.world_size)) or 'none'}"
+                       for r in range(ctx.world_size))  # fmt: skip
+    return f"{ctx.world_size} hook-sharded processes ({owners})"
 
 
 def _argv(context: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:

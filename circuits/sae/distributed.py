@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 MODES = ("data", "hooks")
+PARALLEL_CHOICES = ("auto", *MODES)  # `sae train --parallel`
 DEFAULT_TIMEOUT_S = 600  # a rank waiting this long on a dead peer gives up (torchrun also stops the job)
 _TORCHRUN_LOG = re.compile(rb"^[WEI]\d{4} \d\d:\d\d:\d\d")  # torchrun's own log lines (W1201 12:13:54...)
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -156,6 +157,19 @@ def shutdown() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- ownership
+def parallel_mode(requested: str, n_saes: int, world_size: int) -> str:
+    """The layout of a job training ``n_saes`` SAEs on ``world_size`` ranks: ``requested`` ("data" / "hooks"), or
+    for "auto" hook-sharded when every rank owns at least one SAE (no gradient traffic, each rank holds only its
+    SAEs and their optimizer state), else data-parallel (no idle rank)."""
+    if requested not in PARALLEL_CHOICES:
+        raise ValueError(
+            f"parallel layout {requested!r} (--parallel) is unknown; use one of {list(PARALLEL_CHOICES)}"
+        )
+    if requested != "auto":
+        return requested
+    return "hooks" if n_saes >= world_size > 1 else "data"
+
+
 def owned_names(names: Sequence[str], rank: int, world_size: int) -> list[str]:
     """Hook-sharded ownership: the SAE names (sorted) dealt round robin over the ranks; this rank's share."""
     return [name for i, name in enumerate(sorted(names)) if i % world_size == rank]
