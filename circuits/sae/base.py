@@ -96,6 +96,9 @@ class SAE(nn.Module, abc.ABC):
     """Base sparse autoencoder / transcoder; subclasses define `activation` and `training_loss`."""
 
     architecture = "base"
+    # parameters [.., d_sae] whose gradient the training backward adds one latent (last-dim index) at a time: the
+    # trainer stores them latent-major so that each latent's entries are contiguous
+    latent_major_parameters: tuple[str, ...] = ()
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

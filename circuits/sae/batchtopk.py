@@ -15,6 +15,8 @@ class BatchTopKSAE(TopKSAE):
     Data-parallel (``batch_gather`` set): the batch is the global batch, and the kept entries are those at or
     above the (k · global batch)-th largest value of all ranks."""
 
+    latent_major_parameters: tuple[str, ...] = ()  # dense latents: autograd's own backward
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))

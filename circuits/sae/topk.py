@@ -1,10 +1,11 @@
 """TopK SAE: keep the k largest pre-activations per row; AuxK loss revives dead latents.
 
-Training exploits the sparsity: the pre-activations are computed once without autograd, and only the chosen
-entries carry gradient (``_ChosenPreActivations``: a sparse backward into W_enc / b_enc), while the decoder is an
-``embedding_bag`` over the k chosen rows of W_dec whose backward (``_SparseDecode``) is one sparse-dense product
-for W_dec and one dense product + gather for the chosen values (no sort, unlike ``embedding_bag``'s own backward).
-Gradients equal those of the dense formulation (tested).
+Training exploits the sparsity: the pre-activations are computed once without autograd (the step's one dense
+product, batch × d_in × d_sae), and only the chosen entries carry gradient (``_ChosenPreActivations``: a backward
+into W_enc / b_enc at the chosen latents only), while the decoder is an ``embedding_bag`` over the k chosen rows of
+W_dec whose backward (``_SparseDecode``) reads and writes only those rows. The weight gradients (batch · k rows of
+d_in or d_out each) are added in place into ``W_enc.grad`` / ``W_dec.grad``; the trainer stores W_enc latent-major
+so each such row is contiguous. Gradients equal those of the dense formulation (tested).
 """
 
 from __future__ import annotations
@@ -23,35 +24,89 @@ def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
 
-def _chosen_matrix(index: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
-    """Sparse COO [d_sae, batch] holding values[row, j] at (index[row, j], row); index, values [batch, k]."""
-    rows = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
-    return torch.sparse_coo_tensor(torch.stack([index.reshape(-1), rows]), values.reshape(-1),
-                                   (d_sae, index.shape[0]), check_invariants=False)  # fmt: skip
+_CHUNK_ELEMENTS = 1 << 22  # rows × k × d per chunk of the sparse products: ~16 MB of float32 temporaries
+
+
+def _chunk_rows(index: torch.Tensor, width: int) -> int:
+    """Rows per chunk so that a [rows, k, width] temporary stays near ``_CHUNK_ELEMENTS`` entries."""
+    return max(1, _CHUNK_ELEMENTS // max(1, index.shape[1] * width))
+
+
+def _add_to_gradient(
+    param: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, source: torch.Tensor, latent_dim: int
+) -> None:
+    """param.grad += the gradient of a matrix whose rows along ``latent_dim`` (0: W_dec [d_sae, d_out]; 1: W_enc
+    [d_in, d_sae]) were picked by index [batch, k] with weights [batch, k] times source [batch, width]; creates the
+    gradient as zeros in the parameter's own layout when absent (so the optimiser sees grad and param alike).
+
+    The trainer stores W_enc latent-major (``SAE.latent_major_parameters``), so each latent's gradient row is
+    contiguous and the rows are added in place; for a W_enc stored the usual way they are built in a [d_sae, d_in]
+    temporary and added transposed (correct, slower)."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    rows = param.grad if latent_dim == 0 else param.grad.T
+    if rows.is_contiguous():
+        _add_chosen_rows(rows, index, weights, source)
+    else:
+        scratch = torch.zeros(rows.shape, dtype=rows.dtype, device=rows.device)
+        _add_chosen_rows(scratch, index, weights, source)
+        rows.add_(scratch)
+
+
+def _add_chosen_rows(
+    out: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, source: torch.Tensor
+) -> None:
+    """out[index[b, j]] += weights[b, j] · source[b] in place: out [d_sae, width], index and weights [batch, k],
+    source [batch, width] — the gradient of a matrix whose rows were picked by ``index`` (one index_add_ per
+    chunk of rows, so the [rows, k, width] temporary stays small and no [d_sae, width] buffer is allocated)."""
+    step = _chunk_rows(index, source.shape[1])
+    for start in range(0, index.shape[0], step):
+        rows = slice(start, start + step)
+        picked = weights[rows, :, None].to(source.dtype) * source[rows, None, :]
+        out.index_add_(0, index[rows].reshape(-1), picked.reshape(-1, source.shape[1]))
+
+
+def _chosen_dots(index: torch.Tensor, matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """[batch, k]: matrix[index[b, j]] · vectors[b], for index [batch, k], matrix [d_sae, width], vectors [batch,
+    width] — only the k chosen rows of each product (k · width per row instead of d_sae · width)."""
+    out = vectors.new_empty(index.shape)
+    step = _chunk_rows(index, matrix.shape[1])
+    for start in range(0, index.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = torch.bmm(F.embedding(index[rows], matrix), vectors[rows, :, None])[..., 0]
+    return out
 
 
 class _ChosenPreActivations(torch.autograd.Function):
     """Pre-activations at chosen latents, ``values`` [batch, k] = (x @ W_enc + b_enc)[row, index], passed in already
-    computed; the backward scatters into W_enc [d_in, d_sae] and b_enc [d_sae] only at the chosen latents."""
+    computed; the backward adds into W_enc [d_in, d_sae] (stored latent-major) and b_enc [d_sae] only at the chosen
+    latents.
+
+    The weight gradient is accumulated straight into ``W_enc.grad`` (as ``loss.backward()`` accumulates; the
+    Function returns None for it), like Megatron's fused weight-gradient accumulation: a [d_sae, d_in] gradient
+    for at most batch · k rows is never materialised, zeroed and copied each step."""
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, index, values):
-        ctx.save_for_backward(x, index)
-        ctx.d_sae = w_enc.shape[1]
+        ctx.save_for_backward(x, w_enc, index)
         return values
 
     @staticmethod
     def backward(ctx, grad):
-        x, index = ctx.saved_tensors
-        grad_w = torch.sparse.mm(_chosen_matrix(index, grad.to(x.dtype), ctx.d_sae), x)  # [d_sae, d_in]
-        grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device).index_add_(
-            0, index.reshape(-1), grad.reshape(-1)
-        )
-        return None, grad_w.T, grad_b, None, None
+        x, w_enc, index = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            _add_to_gradient(w_enc, index, grad, x, latent_dim=1)
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.new_zeros(w_enc.shape[1]).index_add_(0, index.reshape(-1), grad.reshape(-1))
+        return None, None, grad_b, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """Σ_j values[:, j] · W_dec[index[:, j]]: index, values [batch, k], W_dec [d_sae, d_out] -> [batch, d_out]."""
+    """Σ_j values[:, j] · W_dec[index[:, j]]: index, values [batch, k], W_dec [d_sae, d_out] -> [batch, d_out].
+
+    The backward touches only the chosen rows: the values' gradient is k dot products per row, and W_dec's is
+    accumulated straight into ``W_dec.grad`` (see ``_ChosenPreActivations``)."""
 
     @staticmethod
     def forward(ctx, index, values, w_dec):
@@ -61,11 +116,10 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         index, values, w_dec = ctx.saved_tensors
-        grad_values = (grad @ w_dec.T).gather(1, index) if ctx.needs_input_grad[1] else None
-        grad_w = None
+        grad_values = _chosen_dots(index, w_dec, grad) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
-            grad_w = torch.sparse.mm(_chosen_matrix(index, values.to(grad.dtype), w_dec.shape[0]), grad)
-        return None, grad_values, grad_w
+            _add_to_gradient(w_dec, index, values, grad, latent_dim=0)
+        return None, grad_values, None
 
 
 @register("topk")
@@ -76,6 +130,7 @@ class TopKSAE(SAE):
     [world · n], so that batch-level statistics (the AuxK normaliser; BatchTopK's cut) are the global batch's."""
 
     batch_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    latent_major_parameters: tuple[str, ...] = ("W_enc",)  # its sparse backward adds whole latent rows
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_activation(pre, self.cfg.k)

@@ -25,12 +25,13 @@ from workbench.circuits.sae.distributed import (
     rank_state_name,
     route_batches,
 )
+from workbench.circuits.sae.flat_parameters import FlatParameters, flat_parameters
 from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
 
 TRAINER_STATE = "trainer_state.pt"
-TRAINER_STATE_VERSION = 2  # 1 (unversioned): weights in separate files beside the state
+TRAINER_STATE_VERSION = 3  # 1 (unversioned): weights in separate files; 2: per-parameter optimizer state
 
 
 @dataclass
@@ -203,17 +204,29 @@ def train_saes(
     its own batches, and the ranks train identical SAEs on the global batch; in mode "hooks" every rank passes the
     SAEs it owns (``owned_names``) and its own dict batches, and each SAE trains on the global batch of its hooks.
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or TrainConfig()
     _check_config(cfg)
     saes = dict(saes)
     for name in saes:
         check_sae_name(name)
+    flat = flat_parameters(saes.values())  # one buffer (and one gradient buffer) per device and dtype
+    try:
+        return _train(saes, batches, cfg, distributed, flat)
+    finally:
+        flat.restore()
+
+
+def _train(
+    saes: dict[str, SAE], batches: Iterable, cfg: TrainConfig, distributed: Distributed | None,
+    flat: FlatParameters,
+) -> TrainResult:  # fmt: skip
+    """The body of :func:`train_saes`, with the SAEs' parameters in ``flat``'s buffers."""
+    from tqdm.auto import tqdm
+
     data_parallel = distributed is not None and distributed.mode == "data"
     sharded = distributed is not None and distributed.mode == "hooks"
     world = distributed.world_size if data_parallel and distributed is not None else 1
-    params = [p for sae in saes.values() for p in sae.parameters()]
+    params = flat.buffers
     optimizer = torch.optim.Adam(params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr, betas=(0.9, 0.999),
                                  fused=_can_fuse(params))  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -315,7 +328,7 @@ def train_saes(
                 if cfg.outlier_norm is not None:
                     metrics["masked"] = masked
             step_stats[name] = (fired, metrics, x.shape[0])
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # gradient buffers persist: no fresh d_sae × d pages per step
         if isinstance(total, torch.Tensor) and params:
             total.backward()
         if data_parallel and distributed is not None:
@@ -481,7 +494,8 @@ def _resume(path: Path, saes, optimizer, scheduler, fired, scales, history) -> i
     state = torch.load(path, weights_only=True)
     if state.get("version") != TRAINER_STATE_VERSION:
         raise ValueError(
-            f"{path} was written by an older SAE trainer (weights in separate files, possibly of another step); "
+            f"{path} was written by an older SAE trainer (format {state.get('version', 1)}, this one reads "
+            f"{TRAINER_STATE_VERSION}); "
             f"delete {path.parent} (or pick another checkpoint_dir) to train from scratch"
         )
     if sorted(state["saes"]) != sorted(saes):
