@@ -228,3 +228,37 @@ def test_several_hooks_bad_pairings_are_refused_before_any_process_starts(tmp_pa
     for args, reason in cases:
         refused(sae_cli(tmp_path / "ws", *args), reason)
     assert not (tmp_path / "ws").exists()
+
+
+def test_the_memory_check_counts_every_rank_on_the_machine(code_series, notes, monkeypatch):
+    """On CPU the ranks of one machine share its memory: SAEs that fit one process are refused for two local ranks
+    (data-parallel: a copy each; hook-sharded: one SAE each), before anything is allocated or any collective runs.
+    Each SAE needs 70% of the free memory."""
+    from workbench.circuits.sae.analysis import _available_bytes, run
+    from workbench.circuits.sae.base import SAEInputError
+    from workbench.circuits.sae.distributed import Distributed, local_ranks
+    from workbench.datasets import load_dataset
+
+    model = code_series.load(code_series.steps[-1]).eval()
+    d_in = model.cfg.d_model
+    d_sae = int(0.7 * _available_bytes(torch.device("cpu")) / (16 * (2 * d_in + 1)))
+    specs = {
+        f"L{i}": {"architecture": "relu", "d_sae": d_sae, "hook_in": hook} for i, hook in enumerate(HOOKS)
+    }
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for mode, chosen in (("data", ["L0"]), ("hooks", ["L0", "L1"])):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        ctx = Distributed(rank=1, world_size=WORLD, mode=mode)
+        assert local_ranks(ctx) == range(2)
+        with pytest.raises(
+            SAEInputError, match="the SAEs of the 2 processes on this machine need about .* or fewer"
+        ):
+            run(
+                model,
+                load_dataset(str(notes)),
+                {n: specs[n] for n in chosen},
+                workspace=None,
+                distributed=ctx,
+            )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # rank 5 of 8, four per machine: the second machine's ranks
+    assert local_ranks(Distributed(rank=5, world_size=8)) == range(4, 8)

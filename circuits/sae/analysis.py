@@ -14,7 +14,7 @@ only the reconstruction metrics are reported and ``ce_note`` says why. :func:`wr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,13 @@ import torch
 
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, load_sae
-from workbench.circuits.sae.distributed import Distributed, document_range, owned_names, store_shards
+from workbench.circuits.sae.distributed import (
+    Distributed,
+    document_range,
+    local_ranks,
+    owned_names,
+    store_shards,
+)
 from workbench.circuits.sae.evals import evaluate_sae, sae_dir
 from workbench.circuits.sae.features import feature_pages
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_saes
@@ -160,21 +166,24 @@ def _available_bytes(device: torch.device) -> float:
         return float("inf")
 
 
-def check_memory(configs: Mapping[str, SAEConfig], device: torch.device | str) -> None:
+def check_memory(
+    configs: Sequence[SAEConfig], device: torch.device | str, holders: str | None = None
+) -> None:
     """Refuse SAEs whose weights, gradients and two Adam moments (4 float32 copies) exceed the device's free
-    memory, before anything is allocated."""
+    memory, before anything is allocated (``configs``: every SAE the device will hold, repeated per copy;
+    ``holders``: the processes that share the device, for the message)."""
     device = torch.device(device)
     need = 0
-    for cfg in configs.values():
+    for cfg in configs:
         weights = cfg.d_in * cfg.d_sae + cfg.d_sae * cfg.d_out + cfg.d_sae + cfg.d_out
         need += 16 * (weights + (cfg.d_in * cfg.d_out if cfg.skip else 0))
     free = _available_bytes(device)
     if need > free:
-        widest = max(configs.values(), key=lambda c: c.d_sae)
+        widest = max(configs, key=lambda c: c.d_sae)
         raise SAEInputError(
-            f"d_sae={widest.d_sae} is too large to train: the SAE(s) need about {need / 2**30:.1f} GiB (weights, "
-            f"gradients and Adam moments, float32) but {device} has {free / 2**30:.1f} GiB free; pick a smaller "
-            "--d-sae"
+            f"d_sae={widest.d_sae} is too large to train: {holders or 'the SAE(s)'} need about {need / 2**30:.1f} "
+            f"GiB (weights, gradients and Adam moments, float32) but {device} has {free / 2**30:.1f} GiB free; pick a "
+            "smaller --d-sae" + (" or fewer processes" if holders else "")
         )
 
 
@@ -320,10 +329,15 @@ def run(
                              "checkpoint": model.cfg.checkpoint, "dataset": dataset})
         for sae_id, spec in specs.items()
     }  # fmt: skip
-    check_memory(configs, model.device)
     rank, world = (distributed.rank, distributed.world_size) if distributed is not None else (0, 1)
     sharded = distributed is not None and distributed.mode == "hooks"
     mine = owned_names(list(configs), rank, world) if sharded else list(configs)
+    held, holders = mine, None  # a GPU holds its rank's SAEs; a CPU's memory every local rank's
+    if distributed is not None and model.device.type == "cpu":
+        local = local_ranks(distributed)
+        held = [n for r in local for n in (owned_names(list(configs), r, world) if sharded else configs)]
+        holders = f"the SAEs of the {len(local)} processes on this machine"
+    check_memory([configs[n] for n in held], model.device, holders)
     saes = {}
     for sae_id, cfg in ((n, configs[n]) for n in mine):
         try:

@@ -175,6 +175,13 @@ def owned_names(names: Sequence[str], rank: int, world_size: int) -> list[str]:
     return [name for i, name in enumerate(sorted(names)) if i % world_size == rank]
 
 
+def local_ranks(ctx: Distributed) -> range:
+    """The ranks on this machine (torchrun numbers a machine's ``LOCAL_WORLD_SIZE`` ranks contiguously)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    first = ctx.rank - int(os.environ.get("LOCAL_RANK", ctx.rank))
+    return range(first, first + local_world)
+
+
 def document_range(n_documents: int, rank: int, world_size: int) -> range:
     """This rank's contiguous, disjoint share of ``n_documents`` (sizes differ by at most one)."""
     base, extra = divmod(n_documents, world_size)
