@@ -133,7 +133,9 @@ class SAE(nn.Module, abc.ABC):
             )
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """[.., d_in] -> [.., d_sae]."""
+        """[.., d_in] -> [.., d_sae] (one fused multiply-add for a 2-D batch)."""
+        if x.dim() == 2:
+            return torch.addmm(self.b_enc, x, self.W_enc)
         return x @ self.W_enc + self.b_enc
 
     @abc.abstractmethod

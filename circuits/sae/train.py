@@ -214,6 +214,9 @@ def train_saes(
         return _train(saes, batches, cfg, distributed, flat)
     finally:
         flat.restore()
+        for sae in saes.values():
+            if isinstance(sae, TopKSAE):
+                sae.batch_gather = sae.pre_buffer = None  # training-time state, also after an error
 
 
 def _train(
@@ -267,6 +270,7 @@ def _train(
             sae.batch_gather = (
                 distributed.all_gather_rows if data_parallel and distributed is not None else None
             )
+            sae.pre_buffer = torch.empty(0, device=sae.device)  # grown by the first batch, reused after
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc="train SAE")
     for step in bar:
         batch = next(iterator, None)
@@ -360,8 +364,6 @@ def _train(
                             scales, history)  # fmt: skip
     _flush(pending, history)
     for name, sae in saes.items():
-        if isinstance(sae, TopKSAE):
-            sae.batch_gather = None
         s_in, s_out = scales.get(name, (1.0, 1.0))[:2]
         sae.fold_scaling(s_in, s_out)
     return TrainResult(saes, history)
