@@ -3,7 +3,11 @@ transcoders and transcoder circuits on any model reference and any dataset refer
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -110,6 +114,15 @@ def train(
             "distribute_modules) or auto (hooks when there are at least as many SAEs as processes, else data)."
         ),
     ] = "auto",  # fmt: skip
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Save the training state every N steps (0: never) in the workspace's jobs/sae-train-<key>/ "
+            "(<key>: this command's options); the same command rerun after a crash or a killed process resumes "
+            "from the last checkpoint. Removed once the SAEs are saved.",
+        ),
+    ] = 0,  # fmt: skip
     mask_outliers: Annotated[
         float | None,
         typer.Option(
@@ -152,12 +165,19 @@ def train(
     dataset = open_data(data)
     options = ({"outlier_norm": mask_outliers, "outlier_action": mask_action, "outlier_metric": mask_metric}
                if mask_outliers else {})  # fmt: skip
+    state_dir = _checkpoint_dir(context, workspace, world, mode) if checkpoint_every else None
+    if state_dir is not None:
+        options |= {"checkpoint_dir": state_dir, "checkpoint_every": checkpoint_every}
+        if main and state_dir.is_dir() and any(state_dir.iterdir()):
+            typer.echo(f"resuming from the checkpoint in {state_dir}")
     frames = run(hooked, dataset, specs, workspace=workspace, max_tokens=max_tokens,
                  context_length=context_length, batch_size=batch_size, steps=steps,
                  train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
                  train_options=options)  # fmt: skip
     if main:
         write_results(workspace, frames)
+        if state_dir is not None:  # every rank is past training (run gathered their rows)
+            shutil.rmtree(state_dir, ignore_errors=True)
         rows = frames["sae_evals"].set_index("sae_id")
         for name in specs:
             typer.echo(f"{name}: {_metrics(rows.loc[name])}")
@@ -168,6 +188,18 @@ def train(
                    f"(tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip
     if ctx is not None:
         dist.shutdown()
+
+
+def _checkpoint_dir(context: typer.Context, workspace: Path | None, world: int, mode: str) -> Path:
+    """``jobs/sae-train-<key>`` in the workspace, ``key`` a hash of the options that shape the training stream and
+    the SAEs (and of the number of processes and the layout): another command never resumes this one's state."""
+    ignored = ("progress", "nproc", "workspace", "checkpoint_every")
+    shaping = {k: v for k, v in sorted(context.params.items()) if k not in ignored} | {
+        "world": world,
+        "mode": mode,
+    }
+    key = hashlib.sha256(json.dumps(shaping, default=str).encode()).hexdigest()[:16]
+    return Workspace(workspace).jobs_dir / f"sae-train-{key}"
 
 
 def _sae_specs(model: str, hooks: list[str], hooks_out: list[str] | None, ids: list[str] | None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +40,9 @@ MODES = ("data", "hooks")
 PARALLEL_CHOICES = ("auto", *MODES)  # `sae train --parallel`
 DEFAULT_TIMEOUT_S = 600  # a rank waiting this long on a dead peer gives up (torchrun also stops the job)
 _TORCHRUN_LOG = re.compile(rb"^[WEI]\d{4} \d\d:\d\d:\d\d")  # torchrun's own log lines (W1201 12:13:54...)
+_ROOT_CAUSE_SIGNAL = re.compile(  # torchrun's failure report: the first failed rank, when a signal ended it
+    rb"Root Cause \(first observed failure\):[^=]*?rank\s*: (\d+)[^=]*?exitcode\s*: -(\d+)"
+)
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -297,6 +301,14 @@ def launch(nproc: int, module_args: Sequence[str]) -> None:
                 sys.stderr.buffer.write(line if line.endswith(b"\r") else line + b"\n")
         sys.stderr.flush()
     if process.wait() != 0:
+        killed = _ROOT_CAUSE_SIGNAL.search(seen)  # torchrun's report: the first rank to fail died of a signal
+        if killed:
+            rank, name = int(killed.group(1)), signal.Signals(int(killed.group(2))).name
+            raise DistributedRunError(
+                f"rank {rank} of the {nproc}-process run was killed by {name} (out of memory, or stopped from "
+                "outside) and the job stopped; rerun the same command (with --checkpoint-every N it resumes from "
+                "the last checkpoint)"
+            )
         text = seen.decode(errors="replace").splitlines()
         errors = [line.removeprefix("error:").strip() for line in text if line.startswith("error:")]
         last = next((line for line in reversed(text) if line.strip()), "no output")
