@@ -155,6 +155,7 @@ def train(
     world = int(os.environ["WORLD_SIZE"]) if dist.launched_by_torchrun() else nproc
     mode = dist.parallel_mode(parallel, len(specs), world)  # checked before any process starts
     if nproc > 1 and not dist.launched_by_torchrun():  # re-run this very command on nproc ranks
+        dist.check_local_devices(nproc, device)
         dist.launch(nproc, ["sae", "train", *_argv(context, drop=("nproc",))])
         return
     ctx = dist.init_distributed(mode, device) if dist.launched_by_torchrun() else None

@@ -237,8 +237,10 @@ def test_the_ranks_command_line_parses_to_the_same_options():
     assert again.params["skip"] is True and again.params["progress"] is False
 
 
-def test_several_hooks_bad_pairings_are_refused_before_any_process_starts(tmp_path):
+def test_bad_pairings_and_too_few_gpus_are_refused_before_any_process_starts(tmp_path, monkeypatch):
     from tests.test_sae import refused, sae_cli
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: NCCL takes one per process
 
     base = ["train", "code-tiny", "--data", "notes.txt", "--hook", ",".join(HOOKS), "--nproc", "2"]
     cases = [
@@ -248,6 +250,11 @@ def test_several_hooks_bad_pairings_are_refused_before_any_process_starts(tmp_pa
         ([*base, "--sae-id", "A", "--sae-id", "A"], "SAE id 'A' is given twice"),
         ([*base, "--parallel", "pipeline"], "parallel layout 'pipeline' (--parallel) is unknown"),
         ([*base[:4], "--hook", " , "], "--hook is empty"),
+        (
+            [*base, "--device", "cuda"],
+            "2 processes on --device cuda need 2 GPUs on this machine (one per process: "
+            "NCCL), but it has 1: run --nproc 1 or fewer",
+        ),
     ]
     for args, reason in cases:
         refused(sae_cli(tmp_path / "ws", *args), reason)

@@ -133,6 +133,20 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def check_local_devices(nproc: int, device: str | torch.device) -> None:
+    """Refuse more processes on this machine than it has GPUs, for a CUDA run (NCCL: one GPU per process)."""
+    if torch.device(device).type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise DistributedRunError(
+            f"{nproc} processes on --device cuda need {nproc} GPUs on this machine (one per process: NCCL), but "
+            f"it has {count}: run --nproc {count} or fewer (--nproc-per-node under torchrun), or --device cpu (gloo)"
+            if count
+            else f"--device cuda with {nproc} processes, but this machine has no CUDA GPU: use --device cpu"
+        )
+
+
 def init_distributed(
     mode: str = "data", device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> Distributed:
@@ -146,6 +160,7 @@ def init_distributed(
         )
     target = torch.device(device)
     if target.type == "cuda":
+        check_local_devices(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), target)
         target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(target)
     if not dist.is_initialized():
