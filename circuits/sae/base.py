@@ -192,10 +192,14 @@ class SAE(nn.Module, abc.ABC):
         skip = x @ self.W_skip if self.W_skip is not None else 0.0
         self.b_dec.copy_((y - skip).mean(0))
         self.center_encoder(x.mean(0))
-        pred = self.encode(x) @ self.W_dec
+        pred = self.latent_reconstruction(x)
         c = float((pred * (y - skip - self.b_dec)).sum() / pred.pow(2).sum().clamp_min(1e-12))
         if math.isfinite(c) and c > 0:
             self.scale_encoder(c)
+
+    def latent_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """encode(x) @ W_dec, the decoder's output without biases or skip path: [batch, d_in] -> [batch, d_out]."""
+        return self.encode(x) @ self.W_dec
 
     @torch.no_grad()
     def center_encoder(self, mean_x: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ class BatchTopKSAE(TopKSAE):
     above the (k · global batch)-th largest value of all ranks."""
 
     latent_major_parameters: tuple[str, ...] = ()  # dense latents: autograd's own backward
+    latent_reconstruction = SAE.latent_reconstruction  # its own encode (a learned threshold once trained)
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -10,6 +10,7 @@ so each such row is contiguous. Gradients equal those of the dense formulation (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,57 +25,46 @@ def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
 
-_CHUNK_ELEMENTS = 1 << 19  # rows × k × d per chunk of the sparse products: ~2 MB of float32 temporaries
-
-
-def _chunk_rows(index: torch.Tensor, width: int) -> int:
-    """Rows per chunk so that a [rows, k, width] temporary stays near ``_CHUNK_ELEMENTS`` entries."""
-    return max(1, _CHUNK_ELEMENTS // max(1, index.shape[1] * width))
+def _latent_rows(index: torch.Tensor, weights: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Sparse CSR [n_latents, batch] holding weights[b, j] at (index[b, j], b), for index and weights [batch, k]:
+    the choice as a matrix whose rows are latents (entries sorted by latent; one stable sort of batch · k)."""
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, order // index.shape[1], weights.reshape(-1)[order],
+                                       (n_latents, index.shape[0]), check_invariants=False)  # fmt: skip
 
 
 def _add_to_gradient(
     param: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, source: torch.Tensor, latent_dim: int
 ) -> None:
     """param.grad += the gradient of a matrix whose rows along ``latent_dim`` (0: W_dec [d_sae, d_out]; 1: W_enc
-    [d_in, d_sae]) were picked by index [batch, k] with weights [batch, k] times source [batch, width]; creates the
-    gradient as zeros in the parameter's own layout when absent (so the optimiser sees grad and param alike).
-
-    The trainer stores W_enc latent-major (``SAE.latent_major_parameters``), so each latent's gradient row is
-    contiguous and the rows are added in place; for a W_enc stored the usual way they are built in a [d_sae, d_in]
-    temporary and added transposed (correct, slower)."""
+    [d_in, d_sae]) were picked by index [batch, k] with weights [batch, k] times source [batch, width]:
+    grad_rows[index[b, j]] += weights[b, j] · source[b], one sparse (latent-sorted CSR) × dense product added in
+    place — no [batch · k, width] temporary, no [d_sae, width] buffer. Creates the gradient as zeros in the
+    parameter's own layout when absent (so the optimiser sees grad and param alike); the trainer stores W_enc
+    latent-major (``SAE.latent_major_parameters``) so that its gradient rows are contiguous."""
     if param.grad is None:
         param.grad = torch.zeros_like(param)
     rows = param.grad if latent_dim == 0 else param.grad.T
-    if rows.is_contiguous():
-        _add_chosen_rows(rows, index, weights, source)
-    else:
-        scratch = torch.zeros(rows.shape, dtype=rows.dtype, device=rows.device)
-        _add_chosen_rows(scratch, index, weights, source)
-        rows.add_(scratch)
-
-
-def _add_chosen_rows(
-    out: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, source: torch.Tensor
-) -> None:
-    """out[index[b, j]] += weights[b, j] · source[b] in place: out [d_sae, width], index and weights [batch, k],
-    source [batch, width] — the gradient of a matrix whose rows were picked by ``index`` (one index_add_ per
-    chunk of rows, so the [rows, k, width] temporary stays small and no [d_sae, width] buffer is allocated)."""
-    step = _chunk_rows(index, source.shape[1])
-    for start in range(0, index.shape[0], step):
-        rows = slice(start, start + step)
-        picked = weights[rows, :, None].to(source.dtype) * source[rows, None, :]
-        out.index_add_(0, index[rows].reshape(-1), picked.reshape(-1, source.shape[1]))
+    n_latents = rows.shape[0]
+    rows.addmm_(_latent_rows(index, weights.to(source.dtype), n_latents), source)
 
 
 def _chosen_dots(index: torch.Tensor, matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """[batch, k]: matrix[index[b, j]] · vectors[b], for index [batch, k], matrix [d_sae, width], vectors [batch,
-    width] — only the k chosen rows of each product (k · width per row instead of d_sae · width)."""
-    out = vectors.new_empty(index.shape)
-    step = _chunk_rows(index, matrix.shape[1])
-    for start in range(0, index.shape[0], step):
-        rows = slice(start, start + step)
-        out[rows] = torch.bmm(F.embedding(index[rows], matrix), vectors[rows, :, None])[..., 0]
-    return out
+    width] — only the k chosen entries of vectors @ matrixᵀ (a sampled product: k · width per row instead of
+    d_sae · width)."""
+    batch, k = index.shape
+    crow = torch.arange(0, batch * k + 1, k, device=index.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, index.reshape(-1), vectors.new_zeros(batch * k),
+                                          (batch, matrix.shape[0]), check_invariants=False)  # fmt: skip
+    return torch.sparse.sampled_addmm(pattern, vectors, matrix.T, beta=0.0).values().view(batch, k)
 
 
 class _ChosenPreActivations(torch.autograd.Function):
@@ -151,6 +141,11 @@ class TopKSAE(SAE):
         """Σ_j values[:, j] · W_dec[index[:, j]] + b_dec (+ x W_skip): [batch, d_out]."""
         out = _SparseDecode.apply(index, values, self.W_dec) + self.b_dec
         return out + x @ self.W_skip if self.W_skip is not None else out
+
+    def latent_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """encode(x) @ W_dec through the k chosen rows only: [batch, d_in] -> [batch, d_out]."""
+        chosen, index = self.pre_activation(x).topk(self.cfg.k, dim=-1, sorted=False)
+        return F.embedding_bag(index, self.W_dec, per_sample_weights=chosen.relu(), mode="sum")
 
     def training_forward(self, x, dead_mask=None):
         """Latents come back as a sparse COO tensor [batch, d_sae] (k entries per row): no dense latent matrix.
