@@ -286,21 +286,22 @@ def prune_rank_states(directory: Path, base: str, ctx: Distributed, keep_step: i
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-def torchrun_command(nproc: int, module_args: Sequence[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m workbench.cli <module_args>``."""
+def torchrun_command(nproc: int, module_args: Sequence[str], module: str = "workbench.cli") -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m <module> <module_args>``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "workbench.cli", *module_args]  # fmt: skip
+            "-m", module, *module_args]  # fmt: skip
 
 
-def launch(nproc: int, module_args: Sequence[str]) -> None:
-    """Run ``workbench <module_args>`` on ``nproc`` local processes under torchrun (rank 0 prints the output).
+def launch(nproc: int, module_args: Sequence[str], module: str = "workbench.cli") -> None:
+    """Run ``python -m <module> <module_args>`` (``workbench <module_args>``) on ``nproc`` local processes under
+    torchrun (rank 0 prints the output).
 
     The ranks' own output passes through as it comes; torchrun's log lines and failure report (a traceback) are held
     back, and a DistributedRunError carries the ranks' first ``error:`` line instead."""
     if nproc < 1:
         raise DistributedRunError(f"--nproc {nproc}: run at least one process")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    process = subprocess.Popen(torchrun_command(nproc, module_args), env=env, stderr=subprocess.PIPE)
+    process = subprocess.Popen(torchrun_command(nproc, module_args, module), env=env, stderr=subprocess.PIPE)
     assert process.stderr is not None
     seen, pending, passing = b"", b"", True
     while chunk := os.read(process.stderr.fileno(), 65536):
