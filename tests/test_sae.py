@@ -13,7 +13,7 @@ import torch
 
 from workbench.circuits.sae import SAEConfig, SAEInputError, create_sae, load_sae
 from workbench.circuits.sae.flat_parameters import flat_parameters
-from workbench.circuits.sae.topk import topk_activation
+from workbench.circuits.sae.topk import largest_k, topk_activation
 from workbench.circuits.sae.train import TRAINER_STATE, TrainConfig, seeded_sae, train_sae, train_saes
 
 
@@ -870,3 +870,20 @@ def test_flat_parameter_training_equals_per_parameter_adam_and_restores_layout(t
     with pytest.raises(ValueError, match=r"older SAE trainer \(format 2, this one reads 3\).*delete"):
         train_saes({"sae": seeded_sae(cfg)}, batches, TrainConfig(steps=2, checkpoint_dir=str(tmp_path),
                                                                    progress=False))  # fmt: skip
+
+
+@pytest.mark.parametrize("shape, k", [((64, 8192), 16), ((3, 5, 4096), 8), ((16, 100), 4)])
+def test_two_level_largest_k_equals_topk(shape, k) -> None:
+    """largest_k (block maxima, then candidates) returns exactly the values torch.topk returns, at distinct
+    indices that hold them — on continuous data, on heavily tied integers, with masked (-inf) latents, and through
+    the plain-topk fallback (a width not divisible into blocks)."""
+    torch.manual_seed(0)
+    continuous = torch.randn(shape)
+    tied = torch.randint(0, 3, shape).float()
+    masked = continuous.masked_fill(torch.rand(shape[-1]) < 0.7, -torch.inf)
+    for pre in (continuous, tied, masked):
+        values, indices = largest_k(pre, k)
+        reference = pre.topk(k, dim=-1, sorted=False).values
+        assert torch.equal(values.sort(-1).values, reference.sort(-1).values)
+        assert torch.equal(pre.gather(-1, indices), values)
+        assert bool((indices.sort(-1).values.diff(dim=-1) > 0).all())

@@ -18,10 +18,31 @@ from torch.nn import functional as F
 
 from workbench.circuits.sae.base import SAE, register
 
+_BLOCK = 32  # latents per block of the two-level top-k
+
+
+def largest_k(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [.., k] of the k largest entries of each row of pre [.., d_sae], in no particular order.
+
+    Exact, like ``pre.topk(k, sorted=False)``; a wide row on the CPU goes in two levels: the maxima of blocks of 32
+    latents, the k blocks with the largest maxima, then the k largest of those k · 32 candidates. Every entry
+    above the k-th largest value lies in a block whose maximum is above it, and there are fewer than k such blocks,
+    so the candidates hold the same k values (at d_sae 24576, k 32: 1.5× faster than ``topk`` over the whole row,
+    whose CPU kernel selects in a copy of each row)."""
+    width = pre.shape[-1]
+    if pre.device.type != "cpu" or width % _BLOCK or k * _BLOCK * 8 > width:
+        return pre.topk(k, dim=-1, sorted=False)
+    rows = pre.reshape(-1, width // _BLOCK, _BLOCK)
+    _, blocks = rows.amax(-1).topk(k, dim=-1, sorted=False)  # [rows, k]
+    candidates = rows.gather(1, blocks[:, :, None].expand(-1, -1, _BLOCK)).flatten(1)  # [rows, k · block]
+    values, picked = candidates.topk(k, dim=-1, sorted=False)
+    indices = blocks.gather(1, picked // _BLOCK) * _BLOCK + picked % _BLOCK
+    return values.view(*pre.shape[:-1], k), indices.view(*pre.shape[:-1], k)
+
 
 def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
     """[.., d_sae] -> same shape with all but the k largest (then relu'd) entries zeroed."""
-    values, indices = pre.topk(k, dim=-1, sorted=False)
+    values, indices = largest_k(pre, k)
     return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
 
@@ -144,7 +165,7 @@ class TopKSAE(SAE):
 
     def latent_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
         """encode(x) @ W_dec through the k chosen rows only: [batch, d_in] -> [batch, d_out]."""
-        chosen, index = self.pre_activation(x).topk(self.cfg.k, dim=-1, sorted=False)
+        chosen, index = largest_k(self.pre_activation(x), self.cfg.k)
         return F.embedding_bag(index, self.W_dec, per_sample_weights=chosen.relu(), mode="sum")
 
     def training_forward(self, x, dead_mask=None):
@@ -155,7 +176,7 @@ class TopKSAE(SAE):
         product at d_sae 24576."""
         with torch.no_grad():
             pre = self._pre_activation_in_buffer(x) if self.pre_buffer is not None else self.pre_activation(x)
-            chosen, index = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            chosen, index = largest_k(pre, self.cfg.k)
         values = _ChosenPreActivations.apply(x, self.W_enc, self.b_enc, index, chosen).relu()
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
         f = torch.sparse_coo_tensor(torch.stack([rows, index.reshape(-1)]), values.detach().reshape(-1),
@@ -176,7 +197,7 @@ class TopKSAE(SAE):
         aux_k = min(self.cfg.aux_k or self.d_out // 2, int(dead_mask.sum()))
         with torch.no_grad():
             dead = dead_mask.to(pre.device)
-            chosen, index = pre.masked_fill(~dead, -torch.inf).topk(aux_k, dim=-1)
+            chosen, index = largest_k(pre.masked_fill(~dead, -torch.inf), aux_k)
         values = _ChosenPreActivations.apply(x, self.W_enc, self.b_enc, index, chosen.nan_to_num(0.0)).relu()
         recon = _SparseDecode.apply(index, values, self.W_dec)
         if self.batch_gather is None:
