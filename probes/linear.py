@@ -14,9 +14,10 @@ covariance and start from the closed-form ridge fit to one-hot targets; wide one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,7 +251,8 @@ def fit_probes(
     y = torch.as_tensor(y)
     if y.shape[0] != x.shape[1]:
         raise ProbeError(f"{y.shape[0]} labels for {x.shape[1]} activation rows")
-    mean, scale, z = _standardise(x, standardize)
+    with _one_intra_op_thread():
+        mean, scale, z = _standardise(x, standardize)
     if task == "regression":
         weight, bias = _ridge(z, _as_targets(y), l2)
         return LinearProbes(task, weight, bias, mean, scale, None, sites, l2)
@@ -259,9 +261,26 @@ def fit_probes(
         raise ProbeError(f"classification needs at least two classes in the labels; got {classes.tolist()}")
     if precondition is None:
         precondition = _preconditioner_cost(z.shape[1], z.shape[2], len(classes)) <= PRECONDITION_LIMIT
-    weight, bias, site_iterations = _logistic(z, index, len(classes), l2, max_iter, tol, precondition)
+    with _one_intra_op_thread():
+        weight, bias, site_iterations = _logistic(z, index, len(classes), l2, max_iter, tol, precondition)
     iterations = int(site_iterations.max())
     return LinearProbes(task, weight, bias, mean, scale, classes, sites, l2, iterations, site_iterations)
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread (process-wide; the previous count is restored after).
+
+    The logistic fit is thousands of small, memory-bound ops (1 MiB blocks, [sites, C·d] vectors): a second
+    thread cannot add bandwidth, and every op's parallel region waits for it — on the shared 2-core VM, with the
+    other core busy, 2 threads made a [24, 1920, 768] fit 6–28× slower than 1 (benchmarks/RESULTS.md).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 HISTORY = 10  # L-BFGS correction pairs kept per site (scipy's L-BFGS-B default, which sklearn uses)
