@@ -3,7 +3,7 @@ capture -> store stream (tokens/s, MB/s, peak RSS along the stream) at real mode
 
 Same weights (random init; TransformerLens gets the GPT-NeoX ones through its own weight conversion), same batch,
 same hooks. Prints median times and ratios. ``--shape`` picks a real architecture's shape (random init):
-pythia-160m (GPT-NeoX 12 × 768), pythia-410m (24 × 1024), gpt2-small (GPT-2 12 × 768), llama-gqa (Llama,
+pythia-14m (GPT-NeoX 6 × 128: the ≥ 1M-token store stream on a CPU), pythia-160m (GPT-NeoX 12 × 768), pythia-410m (24 × 1024), gpt2-small (GPT-2 12 × 768), llama-gqa (Llama,
 12 × 768, 12 query heads sharing 4 KV heads); TransformerLens is timed on the GPT-NeoX shapes.
 ``--store-tokens N`` then streams N tokens through ``capture_to_store`` into a temporary store (all-layer
 resid_post, float32) and reports tokens/s, MB/s and the peak RSS at each quarter of the stream (flat = bounded).
@@ -39,6 +39,7 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
 
 
 SHAPES = {  # family, layers, d_model, heads, kv heads, vocab
+    "pythia-14m": ("gpt_neox", 6, 128, 4, 4, 50304),
     "pythia-160m": ("gpt_neox", 12, 768, 12, 12, 50304),
     "pythia-410m": ("gpt_neox", 24, 1024, 16, 16, 50304),
     "gpt2-small": ("gpt2", 12, 768, 12, 12, 50257),
