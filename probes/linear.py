@@ -370,8 +370,8 @@ class _SoftmaxObjective:
     """Mean multinomial cross-entropy + l2/2·‖W‖² of each site (bias unpenalised), with its gradient.
 
     Parameters are flat per site, [k, C·d + C]: class-major weights [C, d] then the bias [C], in float64; the data
-    z [sites, n, d] stays float32. The label terms are constants computed once — the class sums Yᵀz [sites, C, d]
-    and class counts — so an evaluation needs only the softmax: one pass over the data in blocks of about
+    z [sites, n, d] stays float32. The gradient's label terms are constants computed once — the class sums Yᵀz
+    [sites, C, d] and class counts — so an evaluation needs only the softmax: one pass over the data in blocks of about
     ``CACHE_FLOATS`` entries (a group of sites × a chunk of rows), each block's logits [group, C, rows], its
     probabilities and their product with the block taken while the block is still in cache (at d 768 this
     halves an evaluation against two full matmuls). Loss terms are summed in float64.
@@ -383,6 +383,7 @@ class _SoftmaxObjective:
         target = F.one_hot(index, n_classes).T.float()  # [C, n]
         self.class_sums = torch.bmm(target.expand(z.shape[0], -1, -1), z).double()  # [sites, C, d]
         self.counts = target.sum(1).double()  # [C]
+        self.pick = index[None, None, :]  # [1, 1, n]
         self.rows = min(n, max(256, CACHE_FLOATS // d))
         self.group = max(1, CACHE_FLOATS // (self.rows * d))
 
@@ -408,16 +409,26 @@ class _SoftmaxObjective:
                     part_grad.baddbmm_(probs, block)
                     logits_all[part, :, rows] = logits
                     probs_all[part, :, rows] = probs
-        # log-sum-exp = logit − log(probability) of any class; the likeliest one's probability is ≥ 1 / C
-        lse = logits_all.amax(1) - probs_all.amax(1).log()
-        lse_sum = lse.sum(1, dtype=torch.float64)
+        loss = self._cross_entropy(logits_all, probs_all) + 0.5 * self.l2 * (weight**2).sum((1, 2))
         prob_sum = probs_all.sum(-1, dtype=torch.float64)
         class_sums = self.class_sums[sites]
-        picked = (weight * class_sums).sum((1, 2)) + bias @ self.counts  # Σ_rows logit of the row's label
-        loss = (lse_sum - picked) / n + 0.5 * self.l2 * (weight**2).sum((1, 2))
         grad_weight = (prob_data.double() - class_sums) / n + self.l2 * weight
         grad_bias = (prob_sum - self.counts) / n
         return loss, torch.cat([grad_weight.reshape(k, -1), grad_bias], 1)
+
+    def _cross_entropy(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy [k] from logits and probabilities [k, C, n]: −log p(label) per row, whose error
+        from the float32 logits shrinks with the row's loss (a confidently right row contributes ≈ 0 ± 0). Rows
+        whose label probability underflows (< 1e-30) use log-sum-exp − label logit, with the log-sum-exp taken
+        as the likeliest class's logit − log of its probability (≥ 1 / C)."""
+        pick = self.pick.expand(len(logits), 1, -1)
+        label_prob = probs.gather(1, pick)[:, 0]
+        row_loss = -label_prob.clamp_min(1e-30).log()
+        tiny = label_prob < 1e-30
+        if bool(tiny.any()):
+            lse = logits.amax(1) - probs.amax(1).log()
+            row_loss = torch.where(tiny, lse - logits.gather(1, pick)[:, 0], row_loss)
+        return row_loss.sum(1, dtype=torch.float64) / logits.shape[2]
 
 
 def _lbfgs_logistic(
@@ -437,7 +448,7 @@ def _lbfgs_logistic(
     gradient entry is ≤ ``tol``, when its line search stalls, or after ``max_iter`` iterations, so later
     iterations cost only the sites still running. ``inverse`` [sites, d, d] (M⁻¹ per class column) or None
     (identity) is the initial inverse Hessian up to L-BFGS's scale γ = sᵀy / yᵀM⁻¹y, which starts at
-    1 / ``curvature``. Returns weight, bias and the iterations each site took [sites].
+    min(1 / ``curvature``, 1 / ‖g‖). Returns weight, bias and the iterations each site took [sites].
     """
     n_sites, n_classes, d = weight.shape
     split = n_classes * d
@@ -453,7 +464,9 @@ def _lbfgs_logistic(
     s_hist = torch.zeros(len(ids), HISTORY, size, dtype=torch.float64)
     y_hist = torch.zeros_like(s_hist)
     rho = torch.zeros(len(ids), HISTORY, dtype=torch.float64)
-    gamma = torch.full((len(ids),), 1 / curvature, dtype=torch.float64)
+    # the first step: the Newton length 1 / curvature, but at most 1 in parameter norm (scipy's first L-BFGS-B
+    # step) — a longer one from zero into saturated softmaxes leaves L-BFGS crawling on a flat, curved loss
+    gamma = (1 / grad.norm(dim=1)).clamp(max=1 / curvature)
 
     def initial_inverse(q: torch.Tensor) -> torch.Tensor:
         """M⁻¹ q for the active sites' q [A, C·d + C] (without γ)."""
@@ -509,6 +522,22 @@ def _lbfgs_logistic(
     return result[:, :split].reshape(n_sites, n_classes, d), result[:, split:], iterations
 
 
+def _cubic_minimiser(
+    a: torch.Tensor, fa: torch.Tensor, da: torch.Tensor, b: torch.Tensor, fb: torch.Tensor, db: torch.Tensor
+) -> torch.Tensor:
+    """Minimiser [k] of the cubic through values f and slopes d at both ends of each bracket [a, b] (Nocedal and
+    Wright, eq. 3.59); the derivative's secant where the cubic has none or an end is not finite (a loss or slope
+    that overflowed), the midpoint where that fails too. Interpolating values matters near separable classes:
+    there the loss grows exponentially past its minimum and a slope-only secant lands far short of it."""
+    d1 = da + db - 3 * (fa - fb) / (a - b)
+    root = (d1 * d1 - da * db).clamp_min(0).sqrt()
+    cubic = b - (b - a) * (db + root - d1) / (db - da + 2 * root)
+    usable = torch.isfinite(cubic) & (d1 * d1 >= da * db) & torch.isfinite(fb)
+    secant = a - da * (b - a) / (db - da)
+    secant = torch.where(torch.isfinite(secant) & (db > da), secant, (a + b) / 2)
+    return torch.where(usable, cubic, secant)
+
+
 def _line_search(
     objective: _SoftmaxObjective,
     ids: torch.Tensor,
@@ -518,8 +547,8 @@ def _line_search(
     direction: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Wolfe line search per site along ``direction`` [A, P] from ``params`` [A, P] (loss [A], slope = gᵀp [A]
-    < 0), evaluating only the sites still searching; trial step 1, then the secant step on the directional
-    derivative between the bracket ends (exact on a quadratic), expanding ×10 at most while the step is short.
+    < 0), evaluating only the sites still searching; trial step 1, then the minimiser of the cubic through the
+    bracket ends' losses and slopes, kept 10 % inside the bracket, expanding ×10 at most while the step is short.
 
     A step is accepted when the derivative has risen to ≥ 0.9·slope (curvature) and the loss fell by the Armijo
     amount — or, near the optimum where float32 round-off hides that, when the loss rose by at most 1e-6·|loss|
@@ -533,8 +562,9 @@ def _line_search(
     moved = torch.zeros(count, dtype=torch.bool)
     step = torch.ones(count, dtype=torch.float64)
     low = torch.zeros(count, dtype=torch.float64)
-    low_slope = slope.clone()
+    low_loss, low_slope = loss.clone(), slope.clone()
     high = torch.full((count,), math.inf, dtype=torch.float64)
+    high_loss = torch.zeros(count, dtype=torch.float64)
     high_slope = torch.zeros(count, dtype=torch.float64)
     pending = torch.arange(count)
     for _ in range(LINE_SEARCH_ROUNDS):
@@ -558,19 +588,20 @@ def _line_search(
         moved[done] = True
         # the bracket: a short step (still descending steeply) raises the low end, a long one lowers the high end
         low[pending[short]] = t[short]
+        low_loss[pending[short]] = trial_loss[short]
         low_slope[pending[short]] = trial_slope[short]
         new_params[pending[short]] = trial[short]
         new_loss[pending[short]] = trial_loss[short]
         new_grad[pending[short]] = trial_grad[short]
         long = ~decreased
         high[pending[long]] = t[long]
+        high_loss[pending[long]] = torch.where(finite[long], trial_loss[long], math.inf)
         high_slope[pending[long]] = torch.where(finite[long], trial_slope[long], math.inf)
         pending = pending[~accept]
         a, b, da, db = low[pending], high[pending], low_slope[pending], high_slope[pending]
         bracketed = torch.isfinite(b)
-        secant = a - da * (b - a) / (db - da)
-        secant = torch.where(torch.isfinite(secant) & (db > da), secant, (a + b) / 2)
-        inside = torch.minimum(torch.maximum(secant, a + 0.1 * (b - a)), b - 0.1 * (b - a))
+        inside = _cubic_minimiser(a, low_loss[pending], da, b, high_loss[pending], db)
+        inside = torch.minimum(torch.maximum(inside, a + 0.1 * (b - a)), b - 0.1 * (b - a))
         # not yet bracketed: extrapolate the derivative's secant from the start, 2× to 10× the short step
         start = slope[pending]
         reach = a * start / (start - da)
