@@ -374,7 +374,7 @@ class _SoftmaxObjective:
     [sites, C, d] and class counts — so an evaluation needs only the softmax: one pass over the data in blocks of about
     ``CACHE_FLOATS`` entries (a group of sites × a chunk of rows), each block's logits [group, C, rows], its
     probabilities and their product with the block taken while the block is still in cache (at d 768 this
-    halves an evaluation against two full matmuls). Loss terms are summed in float64.
+    halves an evaluation against two full matmuls). The loss is −log p(label) per row, summed in float64.
     """
 
     def __init__(self, z: torch.Tensor, index: torch.Tensor, n_classes: int, l2: float):
