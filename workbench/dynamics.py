@@ -317,7 +317,7 @@ def track_dynamics(
                 "tokens_sha256": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest(),
                 "spec": json.dumps(model.cfg.to_dict(), sort_keys=True, default=str)}  # fmt: skip
         atomic_save_tensors(directory / f"step{step}.safetensors",
-                            {k: torch.as_tensor(v) for k, v in values.items()}, meta, boundary="dynamics.checkpoint")  # fmt: skip
+                            {k: torch.tensor(np.asarray(v)) for k, v in values.items()}, meta, boundary="dynamics.checkpoint")  # fmt: skip
         done[step] = {"values": values, "fingerprint": meta["fingerprint"], "meta": meta}
         if write:
             write_tables(workspace, ANALYSIS, {"dynamics_metrics": _metric_rows(series.name, data.name, {step: values},
