@@ -406,11 +406,7 @@ def _all_reduce_step(
 ) -> None:  # fmt: skip
     """Data-parallel: average the gradients, the step's metrics and the fired masks [d_sae] over the ranks in one
     all_reduce (a latent fired if it fired on any rank); updates the tensors in ``step_stats`` in place."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
+    grads = [p.grad for p in params if p.grad is not None]  # the flat gradient buffers: always present
     fired_parts = {name: fired.float() for name, (fired, _, _) in step_stats.items()}
     metric_parts = [m for _, metrics, _ in step_stats.values() for m in metrics.values()]
     with torch.no_grad():
