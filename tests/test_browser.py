@@ -94,13 +94,27 @@ def _until(check, timeout: float = 60.0, what: str = "") -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _script_state(page) -> str | None:
+    """The frontend's script-run state (``notRunning``, ``rerunRequested``, ``running``, ...). It changes the moment
+    an input sends its rerun request, unlike the running-man widget, which appears only after a delay."""
+    return page.locator('[data-testid="stApp"]').first.get_attribute("data-test-script-state")
+
+
 def _idle(page) -> None:
-    """Wait for the script run triggered by the last input to finish (the running-man widget goes away)."""
+    """Wait until the script run triggered by the last input has finished: the app reports ``notRunning`` on two
+    polls in a row (a loaded machine can start the rerun late) and the running-man widget is gone."""
     page.wait_for_timeout(300)
-    _until(
-        lambda: page.locator('[data-testid="stStatusWidget"]').count() == 0, what="the script run to finish"
-    )
-    page.wait_for_timeout(200)
+    settled = 0
+    deadline = time.monotonic() + 120
+    while settled < 2:
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for the script run to finish (state {_script_state(page)!r})")
+        idle = (
+            _script_state(page) == "notRunning"
+            and page.locator('[data-testid="stStatusWidget"]').count() == 0
+        )
+        settled = settled + 1 if idle else 0
+        page.wait_for_timeout(250)
 
 
 def _choose(page, label: str, option: str) -> None:
@@ -155,7 +169,10 @@ def test_prompt_lab_steers_in_a_real_browser(dashboard_url, dashboard_workspace)
             field = page.get_by_label(label, exact=True).last
             field.fill(value)
             field.press("Enter")
-        _idle(page)
+            _idle(page)
+            assert float(field.input_value()) == float(value), (
+                f"the {label} field holds {field.input_value()!r}"
+            )
         page.get_by_role("button", name="add intervention").last.click()
         _until(lambda: page.get_by_text("latent 7)").count() > 0, what="the intervention in the stack")
         _until(lambda: _codes(page) == [PROMPT + api["clean"], PROMPT + api["intervened"]],
