@@ -446,7 +446,7 @@ def export(
     """Write a workspace SAE as SAELens or sparsify files (sae-lens / sparsify / delphi load it unchanged), or its
     feature pages as SAEDashboard batch JSON + a Neuronpedia bulk-import folder."""
     from workbench.circuits.sae.analysis import find_sae
-    from workbench.circuits.sae.features import token_decoder, unembedding_matrix
+    from workbench.circuits.sae.features import residual_writes, token_decoder, unembedding_matrix
     from workbench.circuits.sae.formats.transfer import EXPORT_FORMATS, export_sae
     from workbench.workspace import Workspace
 
@@ -462,6 +462,7 @@ def export(
         if hooked is not None and unembedding_matrix(hooked) is not None:
             options |= {
                 "unembedding": unembedding_matrix(hooked),
+                "writes": residual_writes(sae, hooked),
                 "decode": token_decoder(hooked.tokenizer),
                 "model_id": short_name(hooked.cfg.name),
             }  # fmt: skip  (a folder name: no '/')

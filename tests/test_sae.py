@@ -814,7 +814,7 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(zoo_ws, user_data
         ([*base, "--steps", "0"], "steps=0: train at least one step"),
         ([*base, "--max-tokens", "0"], "max_tokens=0"),
         ([*base, "--hook", "blocks.0.hook_resid_pots"], "closest valid names: blocks.0.hook_resid_post"),
-        ([*base, "--hook", "blocks.0.attn.hook_z"], "not [batch, pos, d]"),
+        ([*base, "--hook", "blocks.0.attn.hook_pattern"], "not [batch, pos, d]"),
         ([*base, "--d-sae", str(10**11)], "d_sae=100000000000 is too large to train"),
         ([*base, "--sae-id", "../escape"], "cannot name a checkpoint file"),
         ([*base, "--architecture", "sparsemax"], "unknown SAE architecture 'sparsemax'"),

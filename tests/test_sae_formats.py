@@ -602,3 +602,60 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
                             "values", "binMin", "binMax", "binContains", "qualifyingTokenIndex"} <= set(activations[0])  # fmt: skip
     assert all(a["maxValue"] == max(a["values"]) for a in activations)
     assert os.path.exists(source / "features" / "batch-0.jsonl.gz")
+
+
+def test_hook_z_sae_trains_splices_steers_and_round_trips_through_sae_lens(tmp_path, code_ws) -> None:
+    """An SAE on attn.hook_z (heads flattened, as sae_lens's reshape_activations="hook_z"): `sae train` evaluates it
+    spliced in and writes feature pages whose promoted tokens go through W_O; exported, sae_lens reads it as a hook_z
+    SAE and its forward on the [.., head, d_head] activation equals our splice; steering hook_z along a latent moves
+    hook_attn_out by scale × the latent's residual write (Σ_h W_dec[l, h] @ W_O[h], closed form)."""
+    from sae_lens import SAE as LensSAE
+
+    from tests.test_sae import sae_cli
+    from workbench.circuits.sae.evals import splice_hooks
+    from workbench.circuits.sae.features import residual_writes
+    from workbench.circuits.sae.readout import latent_steering
+    from workbench.interventions import intervention_hooks
+    from workbench.references import resolve_model
+
+    text = tmp_path / "code.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 3}\n" for i in range(120)))
+    ws, sae_id, hook = code_ws.root, "tiny-z", "blocks.0.attn.hook_z"
+    result = sae_cli(ws, "train", "code-tiny", "--data", str(text), "--hook", hook, "--d-sae", "32", "--k", "4",
+                     "--steps", "20", "--max-tokens", "1500", "--context-length", "32", "--sae-id", sae_id,
+                     "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = code_ws.results()
+    row = results.read("sae_evals", sae_id=sae_id).iloc[0]
+    model = resolve_model("code-tiny", workspace=ws).eval()
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_model // model.cfg.n_heads
+    assert (row["d_in"], row["L0"]) == (n_heads * d_head, 4.0) and np.isfinite(row["ce_spliced"]), row
+    assert row["ce_spliced"] != row["ce_clean"]  # the SAE really replaced hook_z
+    pages = results.read("sae_features", sae_id=sae_id)
+    assert len(pages) == 32 and pages["promoted_tokens"].notna().all()
+
+    out = tmp_path / "lens"
+    assert sae_cli(ws, "export", sae_id, "--out", str(out)).exit_code == 0
+    lens = LensSAE.load_from_disk(str(out))
+    assert lens.cfg.reshape_activations == "hook_z"
+    tokens = model.to_tokens("def f(x):\n    return x + 1")
+    with torch.no_grad(), model.capture([hook], device=None) as cache:
+        model(tokens)
+    z = cache[hook]  # [1, pos, n_heads, d_head]
+    assert z.shape[-2:] == (n_heads, d_head)
+    ours_sae = load_sae(ws / "saes" / sae_id)
+    (_, replace), = splice_hooks(ours_sae)  # fmt: skip
+    spliced = replace(z, None)
+    assert spliced.shape == z.shape
+    torch.testing.assert_close(spliced, lens(z).detach(), atol=TOL, rtol=TOL)
+
+    latent, scale = int(pages.sort_values("density").iloc[-1]["latent"]), 3.0
+    steer = latent_steering(ours_sae, sae_id, latent, scale)
+    with torch.no_grad():
+        with model.capture(["blocks.0.hook_attn_out"], device=None) as clean:
+            model(tokens)
+        with model.capture(["blocks.0.hook_attn_out"], device=None) as steered:
+            model.run_with_hooks(tokens, fwd_hooks=intervention_hooks(model, [steer], tokens))
+    delta = steered["blocks.0.hook_attn_out"] - clean["blocks.0.hook_attn_out"]  # [1, pos, d_model]
+    expected = scale * residual_writes(ours_sae, model)[latent]
+    torch.testing.assert_close(delta[0], expected.expand_as(delta[0]), atol=1e-4, rtol=1e-4)

@@ -100,15 +100,21 @@ def steering(
     heads: Sequence[int] | None = None,
 ):
     """Add ``scale · vector`` ([d], the activation's last size) to an activation [batch, pos, d] (residual stream,
-    MLP output, ...) or, with ``heads``, to those heads of a per-head activation [batch, pos, head, d_head]."""
+    MLP output, ...) or, with ``heads``, to those heads of a per-head activation [batch, pos, head, d_head]. On a
+    per-head activation a vector of n_heads·d_head (an ``attn.hook_z`` SAE's decoder row) is one d_head slice per
+    head."""
 
     def hook(activation: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        if vector.shape[-1] != activation.shape[-1]:
+        added = vector
+        if activation.ndim == 4 and vector.numel() == activation.shape[-2] * activation.shape[-1]:
+            added = vector.reshape(activation.shape[-2:])
+        if added.shape[-1] != activation.shape[-1]:
             raise ValueError(
                 f"steering vector has size {vector.shape[-1]} but {hook.name} has {activation.shape[-1]} features"
+                + (f" per head ({activation.shape[-2]} heads)" if activation.ndim == 4 else "")
             )
         mask = unit_mask(activation, positions, heads)
-        return activation + mask * (scale * vector.to(activation.device, activation.dtype))
+        return activation + mask * (scale * added.to(activation.device, activation.dtype))
 
     return hook
 

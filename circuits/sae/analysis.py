@@ -13,6 +13,7 @@ only the reconstruction metrics are reported and ``ce_note`` says why. :func:`wr
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
-from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, load_sae
+from workbench.circuits.sae.base import PER_HEAD_HOOKS, SAE, SAEConfig, SAEInputError, load_sae
 from workbench.circuits.sae.distributed import (
     Distributed,
     document_range,
@@ -52,7 +53,8 @@ ANALYSIS = Analysis(
               "loss with the SAE spliced in; ce_note says when the CE metrics do not apply"),
         Table("sae_features", keys=_KEYS,
               columns=("latent", "density", "max_activation", "top_contexts", "quantile_activations",
-                       "quantile_samples", "histogram", "promoted_tokens", "suppressed_tokens"),
+                       "quantile_samples", "histogram", "promoted_tokens", "suppressed_tokens", "n_prompts",
+                       "n_tokens_in_prompt"),
               description="feature pages, one row per latent, from the SAE's training dataset; a rerun replaces "
               "every latent of that SAE and dataset"),
     ),
@@ -89,8 +91,9 @@ def find_sae(reference: str | Path, workspace: Any = None) -> tuple[str, SAE]:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def probe_model(model, hooks: list[str]) -> tuple[dict[str, int], str]:
-    """Widths of ``hooks`` (exact names the model has, one [batch, pos, d] activation each) from a 2-token forward,
+def hook_widths(model, hooks: list[str]) -> tuple[dict[str, int], str]:
+    """Widths of ``hooks`` (exact names the model has, one [batch, pos, d] activation each, or a per-head
+    [batch, pos, n_heads, d_head] one read as n_heads·d_head) from a 2-token forward,
     and ``ce_note``: "" when the model gives next-token logits [batch, pos, d_vocab], else why the CE metrics do
     not apply. Unknown hooks raise HookNameError naming the closest hooks."""
     for hook in hooks:
@@ -104,11 +107,14 @@ def probe_model(model, hooks: list[str]) -> tuple[dict[str, int], str]:
     widths = {}
     for hook in hooks:
         shape = tuple(cache[hook].shape)
+        if len(shape) == 4 and hook.endswith(PER_HEAD_HOOKS):
+            widths[hook] = shape[2] * shape[3]  # heads flattened: n_heads·d_head (token_vectors)
+            continue
         if len(shape) != 3:
             raise SAEInputError(
                 f"{hook} of {model.cfg.name} has shape {list(shape)} per batch, not [batch, pos, d]; an SAE reads "
-                "one vector per token: use a hook such as blocks.L.hook_resid_post, blocks.L.hook_mlp_out or "
-                "blocks.L.mlp.hook_post"
+                "one vector per token: use a hook such as blocks.L.hook_resid_post, blocks.L.hook_mlp_out, "
+                "blocks.L.mlp.hook_post or blocks.L.attn.hook_z (heads flattened)"
             )
         widths[hook] = shape[-1]
     logits = bool(model.cfg.causal) and out.ndim == 3 and out.shape[-1] == model.cfg.d_vocab
@@ -209,7 +215,10 @@ def _store_source(model, data: Dataset, hooks: list[str], widths: Mapping[str, i
             "trained on its rows would not fit this model; pass the model it was captured from, or text with --data"
         )
     for hook in hooks:
-        stored = manifest.get("shapes", {}).get(hook, [None])[-1]
+        shape = manifest.get("shapes", {}).get(hook) or [None]
+        stored = (
+            math.prod(shape) if None not in shape else None
+        )  # a per-head row [n_heads, d_head] is read flat
         if stored != widths[hook]:
             raise AnalysisNotApplicable(
                 f"activation store {store.path} holds {hook} of width {stored}, but {model.cfg.name} has width "
@@ -318,7 +327,7 @@ def run(
         check_sae_name(sae_id)
     hooks = list(dict.fromkeys(h for spec in specs.values() for h in (spec["hook_in"], spec.get("hook_out") or
                                                                           spec["hook_in"])))  # fmt: skip
-    widths, ce_note = probe_model(model, hooks)
+    widths, ce_note = hook_widths(model, hooks)
     dataset = data.name
     store = _store_source(model, data, hooks, widths)
     if store is not None:
@@ -416,7 +425,7 @@ def evaluate(model, data: Dataset, sae: SAE, *, sae_id: str, max_tokens: int | N
     ANALYSIS.check(model, data)
     _check_counts(1, max_tokens)
     hooks = _sae_hooks(sae, model, sae_id)
-    widths, ce_note = probe_model(model, hooks)
+    widths, ce_note = hook_widths(model, hooks)
     check_sae_fits(sae, model, widths, sae_id)
     ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
                            batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip

@@ -27,6 +27,23 @@ class SAEInputError(ValueError):
     """Bad input to an SAE: wrong shape, non-finite values, unknown architecture, invalid k."""
 
 
+PER_HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")  # [batch, pos, n_heads, d_head]
+
+
+def token_vectors(activation: torch.Tensor, width: int) -> torch.Tensor:
+    """One vector per token: ``activation`` [..., width] as it is, a per-head activation [..., n_heads, d_head]
+    with n_heads·d_head = ``width`` with its heads flattened → [..., width] (how an SAE reads ``attn.hook_z``, as
+    SAELens's ``reshape_activations: hook_z``). Any other shape comes back unchanged for the caller's width check
+    to name."""
+    if (
+        activation.ndim >= 2
+        and activation.shape[-1] != width
+        and activation.shape[-2] * activation.shape[-1] == width
+    ):
+        return activation.flatten(-2)
+    return activation
+
+
 @dataclass
 class SAEConfig:
     """Everything needed to rebuild an SAE; `k` is used by topk/batchtopk/matryoshka_batchtopk, `threshold` init by

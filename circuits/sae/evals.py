@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from workbench.circuits.sae.base import SAE, SAEInputError
+from workbench.circuits.sae.base import SAE, SAEInputError, token_vectors
 
 
 @torch.no_grad()
@@ -33,6 +33,7 @@ def reconstruction_metrics(
     fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.device)
     for batch in tqdm(batches, disable=not progress, desc="reconstruction metrics", unit="batch"):
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, batch)
+        x, y = token_vectors(x, sae.d_in), token_vectors(y, sae.d_out)
         x = x.reshape(-1, x.shape[-1]).to(device=sae.device, dtype=torch.float32)
         y = y.reshape(-1, y.shape[-1]).to(device=sae.device, dtype=torch.float32)
         sae.check_input(x)
@@ -82,7 +83,8 @@ def density_histogram(density: torch.Tensor, bins: int = 30) -> dict:
 def splice_hooks(sae: SAE, mode: str = "sae") -> list:
     """Forward hooks replacing `sae.hook_out` with the SAE's output (mode "sae") or zeros (mode "zero").
 
-    A transcoder reads `sae.hook_in` earlier in the same forward.
+    A transcoder reads `sae.hook_in` earlier in the same forward. A per-head hook ([batch, pos, n_heads, d_head],
+    e.g. attn.hook_z) is read with its heads flattened and written back in its own shape.
     """
     seen: dict[str, torch.Tensor] = {}
 
@@ -93,9 +95,10 @@ def splice_hooks(sae: SAE, mode: str = "sae") -> list:
     def replace(act, hook):
         if mode == "zero":
             return torch.zeros_like(act)
-        x = seen.pop("x") if sae.hook_in != sae.hook_out else act
+        x = token_vectors(seen.pop("x") if sae.hook_in != sae.hook_out else act, sae.d_in)
         sae.check_input(x, f"activation of {sae.hook_in!r} while splicing the SAE")
-        return sae(x.to(device=sae.device, dtype=torch.float32)).to(device=act.device, dtype=act.dtype)
+        out = sae(x.to(device=sae.device, dtype=torch.float32)).to(device=act.device, dtype=act.dtype)
+        return out.reshape(act.shape)  # a per-head hook gets its heads back
 
     if sae.hook_in != sae.hook_out:
         return [(sae.hook_in, read_input), (sae.hook_out, replace)]

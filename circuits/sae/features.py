@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from workbench.circuits.sae.base import SAE
+from workbench.circuits.sae.base import SAE, SAEInputError
 
 HIST_EDGES = torch.logspace(-3, 3, 31)
 # Fine log-spaced bins (ratio 10**(8/256) ≈ 1.075) from which the quantile-band edges are read: a band edge is
@@ -138,9 +139,9 @@ def feature_pages(
 
     promoted = suppressed = None
     head = unembedding_matrix(model)
-    if head is not None and sae.d_out == head.shape[1]:
-        unembed = head.detach().float()
-        logits = (sae.W_dec.detach().float() @ unembed.to(device).T).cpu()  # [d_sae, d_vocab]
+    writes = residual_writes(sae, model)
+    if head is not None and writes is not None and writes.shape[1] == head.shape[1]:
+        logits = logit_effects(writes, head)  # [d_sae, d_vocab]
         promoted, suppressed = logits.topk(n_tokens, dim=1), (-logits).topk(n_tokens, dim=1)
     samples: dict[int, list[tuple[int, float]]] = {}
     for group, row, act in zip(kept.tolist(), kept_row.tolist(), kept_act.tolist(), strict=True):
@@ -321,6 +322,36 @@ def unembedding_matrix(model) -> torch.Tensor | None:
     return weight if isinstance(weight, torch.Tensor) else None
 
 
+def residual_writes(sae: SAE, model) -> torch.Tensor | None:
+    """What each latent writes into the residual stream, [d_sae, d_model] (float32): the decoder rows W_dec
+    [d_sae, d_out] themselves for a d_model-wide hook, or, for ``blocks.L.attn.hook_z`` (heads flattened), each
+    row split into heads [n_heads, d_head] and summed through the heads' output projections W_O[L]. None when the
+    hook's write is not known (no model, or another width)."""
+    w_dec = sae.W_dec.detach().float()
+    if model is None:
+        return None
+    layer = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_z", sae.hook_out)
+    if layer is None:  # n_heads·d_head often equals d_model: the hook, not the width, says what is written
+        return w_dec if sae.d_out == model.cfg.d_model else None
+    w_o = (
+        model.head_output_weights(int(layer.group(1))).detach().float().to(w_dec.device)
+    )  # [heads, d_head, d]
+    if w_o.shape[0] * w_o.shape[1] != sae.d_out:
+        return None
+    return torch.einsum("shd,hdm->sm", w_dec.view(sae.d_sae, w_o.shape[0], w_o.shape[1]), w_o)
+
+
+def logit_effects(writes: torch.Tensor, unembedding: torch.Tensor) -> torch.Tensor:
+    """Direct logit effect of each latent: its residual-stream write [d_sae, d_model] (``features.residual_writes``:
+    the decoder rows, or an ``attn.hook_z`` SAE's rows through W_O) @ W_Uᵀ [d_model, d_vocab] -> [d_sae, d_vocab]."""
+    if writes.shape[1] != unembedding.shape[1]:
+        raise SAEInputError(
+            f"the SAE writes vectors of width {writes.shape[1]} but the unembedding has d_model="
+            f"{unembedding.shape[1]}: logits need the SAE's own model"
+        )
+    return writes.detach().float().cpu() @ unembedding.detach().float().cpu().T
+
+
 def feature_pages_on_data(
     model, data, sae: SAE, sae_id: str, *, workspace, max_tokens: int | None = 20_000, context_length: int = 128,
     batch_size: int = 16, seed: int | None = 0, progress: bool = True,
@@ -328,14 +359,14 @@ def feature_pages_on_data(
     """Feature pages of a saved (or imported) SAE on ``model`` over a token budget of ``data``: the rows are captured
     at ``sae.hook_in`` into ``workspace/stores/pages-<sae_id>-<dataset>`` and read by :func:`feature_pages`; an SAE
     whose hook or width is not the model's is refused before any data is read."""
-    from workbench.circuits.sae.analysis import ANALYSIS, _sae_hooks, check_sae_fits, probe_model, token_rows
+    from workbench.circuits.sae.analysis import ANALYSIS, _sae_hooks, check_sae_fits, hook_widths, token_rows
     from workbench.references import short_name
     from workbench.store import capture_to_store
     from workbench.workspace import Workspace, safe_name
 
     ANALYSIS.check(model, data)
     hooks = _sae_hooks(sae, model, sae_id)
-    widths, _ = probe_model(model, hooks)
+    widths, _ = hook_widths(model, hooks)
     check_sae_fits(sae, model, widths, sae_id)
     ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length, batch_size=batch_size,
                            seed=seed, progress=progress)  # fmt: skip

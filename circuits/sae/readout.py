@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from workbench.circuits.sae.analysis import check_sae_fits, find_sae, probe_model
-from workbench.circuits.sae.base import CONFIG_FILE, SAE, SAEInputError
+from workbench.circuits.sae.analysis import check_sae_fits, find_sae, hook_widths
+from workbench.circuits.sae.base import CONFIG_FILE, SAE, SAEInputError, token_vectors
 from workbench.interventions import Intervention
 from workbench.workspace import Workspace
 
@@ -60,7 +60,7 @@ def load_sae_for(model: Any, sae_id: str, workspace: Any = None) -> tuple[SAE, s
             f"SAE {sae_id!r} reads/writes {', '.join(missing)}, which {model.cfg.name} does not have: it is an SAE "
             "for another model or hook; pick an SAE trained on this model"
         )
-    widths, _ = probe_model(model, list(dict.fromkeys([sae.hook_in, sae.hook_out])))
+    widths, _ = hook_widths(model, list(dict.fromkeys([sae.hook_in, sae.hook_out])))
     check_sae_fits(sae, model, widths, sae_id)
     note = ""
     if sae.cfg.model and sae.cfg.model != model.cfg.name:
@@ -78,7 +78,7 @@ def latent_activations(model: Any, tokens: torch.Tensor, sae: SAE) -> torch.Tens
     """SAE latent activations [pos, d_sae] on ``tokens`` [1, pos] (the SAE reads ``sae.hook_in``)."""
     with torch.no_grad(), model.capture([sae.hook_in], device=None) as cache:
         model(tokens.to(model.device))
-        return sae.encode(cache[sae.hook_in][0].to(sae.W_enc.dtype))
+        return sae.encode(token_vectors(cache[sae.hook_in][0], sae.d_in).to(sae.W_enc.dtype))
 
 
 def top_latents(model: Any, tokens: torch.Tensor, sae: SAE, k: int = 3) -> pd.DataFrame:

@@ -62,7 +62,7 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
         "device": "cpu",
         "apply_b_dec_to_input": False,
         "normalize_activations": "none",
-        "reshape_activations": "none",
+        "reshape_activations": "hook_z" if sae.hook_in.endswith("attn.hook_z") else "none",  # heads flattened
         "metadata": {
             "model_name": sae.cfg.model,
             "hook_name": sae.hook_in,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
+from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae, token_vectors
 from workbench.circuits.sae.distributed import (
     Distributed,
     agreed_resume_path,
@@ -136,8 +136,13 @@ def _as_pair(batch, sae: SAE, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         x = y = batch
     same = y is x
+    x = token_vectors(x, sae.d_in)
     x = x.reshape(-1, x.shape[-1]).to(device=sae.device, dtype=sae.W_enc.dtype)
-    y = x if same else y.reshape(-1, y.shape[-1]).to(device=sae.device, dtype=sae.W_enc.dtype)
+    if not same:
+        y = token_vectors(y, sae.d_out)
+        y = y.reshape(-1, y.shape[-1]).to(device=sae.device, dtype=sae.W_enc.dtype)
+    else:
+        y = x
     sae.check_input(x, f"training batch for {name}")
     if same:
         return x, y

@@ -48,16 +48,6 @@ def _histogram_bars(histogram: dict) -> tuple[list[float], list[float]]:
     return centres, [float(c) for c in counts]
 
 
-def logit_effects(sae: SAE, unembedding: torch.Tensor) -> torch.Tensor:
-    """Direct logit effect of each latent's decoder direction: W_dec [d_sae, d_out] @ W_Uᵀ -> [d_sae, d_vocab]."""
-    if sae.d_out != unembedding.shape[1]:
-        raise SAEInputError(
-            f"the SAE writes d_out={sae.d_out} but the unembedding has d_model={unembedding.shape[1]}: logits need "
-            "the SAE's own model"
-        )
-    return sae.W_dec.detach().float().cpu() @ unembedding.detach().float().cpu().T
-
-
 def _count(row: Any, column: str) -> int:
     """A count column of a ``sae_features`` row (0 for pages stored before the column existed)."""
     value = getattr(row, column, None)
@@ -76,7 +66,7 @@ def dashboard_batch(
 ) -> dict[str, Any]:
     """SAEDashboard batch JSON for the latents in ``features`` (rows of ``sae_features`` for one SAE and dataset).
 
-    ``logits`` [d_sae, d_vocab] (:func:`logit_effects`) and ``decode`` (token id -> text) give pos/neg logits and
+    ``logits`` [d_sae, d_vocab] (``features.logit_effects``) and ``decode`` (token id -> text) give pos/neg logits and
     the logit histogram; without them pos/neg come from the rows' promoted / suppressed tokens and the logit
     histogram is empty."""
     if features.empty:

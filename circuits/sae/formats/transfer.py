@@ -43,7 +43,7 @@ def import_saes(
     """Register every SAE at ``path`` under ``workspace/saes/``; returns their ids. One SAE takes ``sae_id`` (default:
     the folder name); several (a sparsify run, a transcoder set) are ``<sae_id or folder>.<name>``. With ``model``
     (a HookedModel) every SAE's hooks and widths are checked against it before anything is registered."""
-    from workbench.circuits.sae.analysis import _sae_hooks, check_sae_fits, probe_model
+    from workbench.circuits.sae.analysis import _sae_hooks, check_sae_fits, hook_widths
 
     path = Path(path).expanduser()
     kind = detect_format(path) if format == "auto" else format
@@ -62,7 +62,7 @@ def import_saes(
                 f"SAE {new_id!r} already exists in {ws.root / 'saes'}: pass --id NAME or --overwrite"
             )
         if model is not None:
-            widths, _ = probe_model(model, _sae_hooks(sae, model, new_id))
+            widths, _ = hook_widths(model, _sae_hooks(sae, model, new_id))
             check_sae_fits(sae, model, widths, new_id)
     root = ws.root / "saes"
     root.mkdir(parents=True, exist_ok=True)
@@ -89,14 +89,16 @@ def import_saes(
 
 def export_sae(
     sae: SAE, out: str | Path, format: str, *, family: str | None = None, features=None, sae_id: str = "",
-    model_id: str = "", unembedding=None, decode=None,
+    model_id: str = "", unembedding=None, writes=None, decode=None,
 ) -> Path:  # fmt: skip
     """Write ``sae`` in ``format`` (saelens, sparsify, neuronpedia) under ``out``; returns what was written.
 
     sparsify needs the model ``family`` (its folders are HF module names); neuronpedia needs ``features`` (the
-    SAE's ``sae_features`` rows) and takes the model's ``unembedding`` [d_vocab, d_model] and ``decode`` for the
+    SAE's ``sae_features`` rows) and takes the model's ``unembedding`` [d_vocab, d_model], each latent's residual
+    ``writes`` [d_sae, d_model] (``features.residual_writes``; default the decoder rows) and ``decode`` for the
     logit tables."""
-    from workbench.circuits.sae.formats.neuronpedia import dashboard_batch, logit_effects, write_bulk_export
+    from workbench.circuits.sae.features import logit_effects
+    from workbench.circuits.sae.formats.neuronpedia import dashboard_batch, write_bulk_export
     from workbench.circuits.sae.formats.sparsify import save_sparsify
     from workbench.circuits.sae.saelens_io import save_saelens
 
@@ -114,7 +116,8 @@ def export_sae(
                 f"SAE {sae_id!r} has no feature pages in the workspace (table sae_features): run `workbench sae "
                 "train` for it, or `workbench sae eval` with feature pages, before exporting to Neuronpedia"
             )
-        logits = logit_effects(sae, unembedding) if unembedding is not None else None
+        writes = sae.W_dec if writes is None else writes
+        logits = logit_effects(writes, unembedding) if unembedding is not None else None
         batch = dashboard_batch(features, sae, model_id=short_name(model_id or sae.cfg.model or "model"), sae_set=sae_id,
                                 logits=logits, decode=decode)  # fmt: skip
         return write_bulk_export(out, batch, sae)
