@@ -316,3 +316,22 @@ def test_every_cell_is_visible_in_its_dashboard_view(matrix, view, monkeypatch) 
     }  # a model picker, or a table of all models
     shown = {str(m) for frame in app.dataframe if "model" in frame.value for m in frame.value["model"]}
     assert {str(m) for m in models} <= offered | shown, (view, models, offered, shown)
+
+
+def test_every_written_column_is_declared_by_its_analysis(matrix) -> None:
+    """Runs after the cells above: each table the matrix wrote is declared by one installed analysis, and every
+    column in it is a key, a declared column or one every row carries, so ``workbench analyses`` describes the data
+    users get."""
+    from workbench.analysis import registered_analyses
+
+    declared = {table.name: table for analysis in registered_analyses().values() for table in analysis.tables}
+    common = {"model", "checkpoint", "hook", "dataset", "workbench_version", "created_at"}
+    results = Workspace(matrix["workspace"]).results()
+    written = results.tables()
+    assert {"massive_layers", "sae_evals", "sae_features", "probe_results"} <= set(written), written
+    undeclared = {name: "the table" for name in written if name not in declared}
+    for name in set(written) - set(undeclared):
+        extra = set(results.columns(name)) - common - set(declared[name].keys) - set(declared[name].columns)
+        if extra:
+            undeclared[name] = ", ".join(sorted(extra))
+    assert not undeclared, f"written but not declared by its analysis: {undeclared}"

@@ -271,10 +271,14 @@ ANALYSIS = Analysis(
     name="massive",
     command="workbench massive MODEL --data DATA",
     tables=(
-        Table("massive_layers", keys=_ROW_KEYS, columns=("top1", "top1_dim", "top1_token", "median", "ratio",
-              "top1_spread", "massive"), description="per hook (× checkpoint): top-1 magnitude, median, ratio"),
-        Table("massive_top", keys=_ROW_KEYS, columns=("rank", "value", "dim", "token", "sequence", "position"),
-              description="the largest (dimension, token) entries per hook"),
+        Table("massive_layers", keys=_ROW_KEYS, columns=("layer", "top1", "top1_dim", "top1_token_id",
+              "top1_token", "top1_position", "median", "ratio", "top1_spread", "passes_abs", "passes_ratio",
+              "massive", "n_massive"), description="per hook (× checkpoint): top-1 magnitude, median, ratio, "
+              "which criteria it passes, how many of the top entries are massive"),
+        Table("massive_top", keys=_ROW_KEYS, columns=("rank", "magnitude", "value", "dim", "token_id", "token",
+              "sequence", "position", "ratio", "spread", "occurrences", "passes_abs", "passes_ratio", "massive"),
+              description="the largest (dimension, token) entries per hook: |value|, signed value, ratio to the "
+              "median, spread over the token's occurrences"),
         Table("massive_fits", keys=("model", "hook", "metric", "family"),
               columns=("status", "r2", "peak_step", "emergence_step"), description="emergence curve fits"),
     ),
