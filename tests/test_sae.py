@@ -518,6 +518,52 @@ def test_feature_pages_streaming_against_brute_force(tmp_path) -> None:
     assert checked_bands >= 10
 
 
+def test_feature_pages_over_a_store_union_equal_one_store_of_the_same_rows(tmp_path) -> None:
+    """A distributed run's pages read its ranks' stores as one StoreUnion: two stores (the second's sequences
+    numbered from 0 again) give the pages of one store holding the same rows with distinct sequences — density,
+    max, histogram, top contexts (rows, windows, tokens), band edges and counts, n_prompts; mismatched hooks and a
+    shuffled read are refused."""
+    import json
+
+    from workbench.circuits.sae.features import feature_pages
+    from workbench.store import ActivationStore, StoreError, StoreUnion
+
+    torch.manual_seed(1)
+    n_seq, n_pos, d_in = 30, 9, 8
+    sae = create_sae(SAEConfig(architecture="topk", d_in=d_in, d_sae=12, k=3, hook_in="h"))
+    seq, pos = torch.arange(n_seq).repeat_interleave(n_pos), torch.arange(n_pos).repeat(n_seq)
+    x, tokens = torch.randn(len(seq), d_in), torch.randint(500, (len(seq),))
+    first = seq < 17
+
+    def stored(name, rows, sequence):
+        store = ActivationStore.create(tmp_path / name, model="m", hooks=["h"], dataset="d", shard_rows=40)
+        store.append({"h": x[rows]}, token_ids=tokens[rows], sequence=sequence, position=pos[rows])
+        return store.finalize()
+
+    one = stored("one", torch.ones_like(first), seq)
+    union = StoreUnion([stored("rank0", first, seq[first]), stored("rank1", ~first, seq[~first] - 17)])
+    assert union.n_rows == one.n_rows and torch.equal(union.locations(), one.locations())
+    assert torch.equal(union.token_ids(), one.token_ids())
+    options = {"top_k": 4, "n_quantiles": 3, "samples_per_quantile": 2, "window": 2, "batch_size": 32,
+               "progress": False}  # fmt: skip
+    got, want = feature_pages(sae, union, "u", **options), feature_pages(sae, one, "u", **options)
+    for column in ("latent", "density", "max_activation", "histogram", "top_contexts", "quantile_activations",
+                   "n_prompts", "n_tokens_in_prompt"):  # fmt: skip
+        assert got[column].tolist() == want[column].tolist(), column
+    assert got["n_prompts"].iloc[0] == n_seq
+
+    def band_counts(frame):
+        return [[(b["low"], b["high"], b["count"]) for b in json.loads(v)] for v in frame["quantile_samples"]]
+
+    assert band_counts(got) == band_counts(want)
+    other = ActivationStore.create(tmp_path / "other", model="m", hooks=["g"], dataset="d")
+    other.append({"g": x[:3]}, token_ids=tokens[:3], sequence=seq[:3], position=pos[:3])
+    with pytest.raises(StoreError, match="same hooks and shapes"):
+        StoreUnion([one, other.finalize()])
+    with pytest.raises(StoreError, match="in order only"):
+        next(union.iter_batches("h", 8, shuffle=True))
+
+
 @pytest.mark.parametrize("architecture,extra", [("topk", {"k": 12}), ("jumprelu", {"init_threshold": 0.05})])
 def test_data_init_is_the_least_squares_scale(architecture, extra) -> None:
     """initialize_from_batch (float64): b_dec = mean target, encoder centred, and the scale c is the least-squares

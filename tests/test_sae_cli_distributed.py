@@ -1,8 +1,8 @@
 """`workbench sae train` on 2 gloo processes, end to end through the command line (code-tiny, a user's text file).
 
 * data-parallel, ``--nproc 2`` (the CLI re-runs itself under torchrun): exit 0, the SAE saved under
-  ``saes/<id>/``, one ``sae_evals`` row and one feature page per latent (rank 0 writes), each rank's own document
-  range captured into its own store, and the SAE equal (rtol 1e-4: the ranks sum gradients in another order) to one
+  ``saes/<id>/``, one ``sae_evals`` row and one feature page per latent (rank 0 writes, over both ranks' stores),
+  each rank's own document range captured into its own store, and the SAE equal (rtol 1e-4: the ranks sum gradients in another order) to one
   process training the same SAE on the global batches, i.e. both ranks' batches of those stores concatenated;
 * hook-sharded, two ``--hook`` under ``torchrun --nnodes 1 --node-rank 0 --master-addr ... -m workbench.cli`` (the
   documented multi-machine form, on one machine): each SAE, trained by its own rank, equals that SAE trained alone
@@ -146,6 +146,9 @@ def test_data_parallel_cli_equals_one_process_on_the_global_batches(zoo_workspac
     _assert_written_once(workspace, [sae_id])
     stores = [ActivationStore.open(p) for p in sorted(workspace.stores_dir.iterdir())]
     assert len(stores) == WORLD and abs(stores[0].n_rows - stores[1].n_rows) <= 32  # halves of the documents
+    pages = workspace.results().read("sae_features", sae_id=sae_id)
+    sequences = sum(int(store.locations()[:, 0].unique().numel()) for store in stores)
+    assert set(pages["n_prompts"]) == {sequences}  # the pages read both ranks' documents, not rank 0's only
     batches = _global_batches(workspace, [HOOKS[0]])
     assert len(batches[0][HOOKS[0]]) == ROWS_PER_STEP
     _assert_saved_equals(workspace, sae_id, _trained_alone(workspace, sae_id, batches), rtol=1e-4)

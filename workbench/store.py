@@ -475,6 +475,66 @@ class ActivationStore:
         return f"ActivationStore({str(self.path)!r}, {self.n_rows} rows, hooks={self.hooks}, {state})"
 
 
+class StoreUnion:
+    """Several finalised stores of the same hooks read in order as one (a distributed run's per-rank stores): rows
+    store after store, sequence indices offset past the previous stores' so every sequence stays distinct. Reads
+    like an ActivationStore for in-order passes: ``hooks``, ``n_rows``, ``token_ids()``, ``locations()``,
+    ``iter_batches(..., shuffle=False)``."""
+
+    def __init__(self, stores: Sequence[ActivationStore]) -> None:
+        if not stores:
+            raise StoreError("a union needs at least one store")
+        first = stores[0]
+        for other in stores[1:]:
+            if other.hooks != first.hooks or other.manifest["shapes"] != first.manifest["shapes"]:
+                raise StoreError(
+                    f"{other.path} holds {other.hooks} {other.manifest['shapes']}, but {first.path} holds "
+                    f"{first.hooks} {first.manifest['shapes']}: a union reads stores of the same hooks and shapes"
+                )
+        self.stores = list(stores)
+        offsets, next_sequence = [], 0
+        for store in self.stores:
+            offsets.append(next_sequence)
+            sequences = store.locations()[:, 0]
+            next_sequence += int(sequences.max()) + 1 if len(sequences) else 0
+        self._sequence_offsets = offsets
+
+    @property
+    def hooks(self) -> list[str]:
+        return self.stores[0].hooks
+
+    @property
+    def n_rows(self) -> int:
+        return sum(store.n_rows for store in self.stores)
+
+    def token_ids(self) -> torch.Tensor:
+        """Token id of each row [n_rows]."""
+        return torch.cat([store.token_ids() for store in self.stores])
+
+    def locations(self) -> torch.Tensor:
+        """(sequence index, position) of each row [n_rows, 2], sequences offset store by store."""
+        parts = []
+        for store, offset in zip(self.stores, self._sequence_offsets, strict=True):
+            located = store.locations().clone()
+            located[:, 0] += offset
+            parts.append(located)
+        return torch.cat(parts)
+
+    def iter_batches(
+        self, hook: str | Sequence[str], batch_size: int, *, shuffle: bool = False
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Each store's in-order batches in turn (a store's last batch may be short), ``location`` offset."""
+        if shuffle:
+            raise StoreError("a store union reads in order only; shuffle each store with its own iter_batches")
+        for store, offset in zip(self.stores, self._sequence_offsets, strict=True):
+            for batch in store.iter_batches(hook, batch_size, shuffle=False):
+                batch["location"][:, 0] += offset
+                yield batch
+
+    def __repr__(self) -> str:
+        return f"StoreUnion({[str(store.path) for store in self.stores]}, {self.n_rows} rows)"
+
+
 Inputs = Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
 

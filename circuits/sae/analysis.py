@@ -193,6 +193,14 @@ def check_memory(
         )
 
 
+def _union_of_rank_stores(directories: Sequence[Path]):
+    """The training stores of every rank read as one (``workbench.store.StoreUnion``): called once training is
+    over, when every rank has finalised its capture, so the feature pages cover every rank's documents."""
+    from workbench.store import ActivationStore, StoreUnion
+
+    return StoreUnion([ActivationStore.open(directory) for directory in directories])
+
+
 def _check_counts(steps: int, max_tokens: int | None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SAEInputError(f"steps={steps!r}: train at least one step (--steps 1 or more)")
@@ -315,12 +323,14 @@ def run(
             its own document range of the training rows into its own store (or reads its own shards of a store
             given as data) and trains (data-parallel: the SAEs on the global batch of ``train_batch_size`` rows;
             hook-sharded: the SAEs it owns); rank 0 saves and evaluates (hook-sharded: each owner its own), and
-            every rank returns the same frames.
+            every rank returns the same frames. With every rank on one machine the feature pages read every rank's
+            store (a ``StoreUnion``); across machines, the writing rank's own.
     Returns ``{"sae_evals": one row per SAE on the held-out quarter of the rows, "sae_features": one row per latent
     of each SAE (absent when only transcoders were trained)}``.
     """
     ANALYSIS.check(model, data)
     _check_counts(steps, max_tokens)
+    page_dirs: list[Path] = []  # the stores the feature pages read (none: the training store)
     if not specs:
         raise SAEInputError("no SAE to train: pass {sae_id: {architecture, d_sae, hook_in, ...}}")
     for sae_id in specs:
@@ -383,13 +393,16 @@ def run(
         rows = [r[m.bool()].tolist() for r, m in zip(ids[mine_rows], mask[mine_rows], strict=True)]
         step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
         name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}"
-        name += f"-rank{rank}-of-{world}" if world > 1 else ""
+        store_dirs = [ws.store_dir(safe_name(f"{name}-rank{r}-of-{world}" if world > 1 else name))
+                      for r in range(world)]  # fmt: skip
         from workbench.store import capture_to_store
 
-        store = capture_to_store(model, rows, hooks, ws.store_dir(safe_name(name)), batch_size=batch_size,
+        store = capture_to_store(model, rows, hooks, store_dirs[rank], batch_size=batch_size,
                                  max_length=context_length, dataset=dataset, checkpoint=model.cfg.checkpoint,
                                  overwrite=True, progress=progress)  # fmt: skip
         below, train_rows, shards = None, store.n_rows, None
+        if distributed is not None and len(local_ranks(distributed)) == world:
+            page_dirs = store_dirs  # every rank's store is on this machine: the pages read them all
     batch = max(1, min(train_batch_size, train_rows * world) // world)  # rows per rank and step
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=min(20, steps), progress=progress,
                       dead_after_tokens=10 * batch * world, **(train_options or {}))  # fmt: skip
@@ -397,6 +410,8 @@ def run(
         saes, _rows_stream(store, hooks, batch, below, shards), cfg, distributed=distributed
     ).saes
     evals, features = [], []
+    writes_pages = pages and (distributed is None or sharded or distributed.is_main)
+    page_store = _union_of_rank_stores(page_dirs) if page_dirs and writes_pages else store
     for sae_id, sae in trained.items():
         if distributed is not None and not sharded and not distributed.is_main:
             break  # data-parallel ranks hold the same SAEs: rank 0 saves and evaluates them
@@ -406,7 +421,7 @@ def run(
                              progress=progress, attention_mask=mask[split:], ce_note=ce_note)  # fmt: skip
         evals.append(frame.assign(n_train_rows=train_rows, train_steps=steps))
         if pages and not sae.cfg.is_transcoder:
-            features.append(feature_pages(sae, store, sae_id, model=model, progress=progress))
+            features.append(feature_pages(sae, page_store, sae_id, model=model, progress=progress))
     if distributed is not None:  # every rank gets every rank's rows
         gathered = distributed.all_gather_object((evals, features))
         evals = [frame for part, _ in gathered for frame in part]

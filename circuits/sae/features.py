@@ -52,9 +52,10 @@ def feature_pages(
     Columns: density, max_activation, top_contexts (JSON list of {activation, focus, tokens, acts}),
     quantile_activations (the inner band edges), quantile_samples (JSON list per band of {low, high, count,
     contexts}), histogram, n_prompts (sequences in the store) and n_tokens_in_prompt (tokens of its longest
-    sequence; padding is never stored), and promoted/suppressed tokens from W_dec @ W_U when `model` (HookedModel) is given
-    and d_out = d_model
-    and the model has an output embedding W_U [d_vocab, d_model] (an encoder such as MiniLM has none).
+    sequence; padding is never stored), and promoted/suppressed tokens from each latent's residual write
+    (:func:`residual_writes`) @ W_U when `model` (HookedModel) is given and has an output embedding W_U
+    [d_vocab, d_model] (an encoder such as MiniLM has none). `store` is an ActivationStore or a StoreUnion of
+    several (a distributed run's per-rank stores).
     """
     from tqdm.auto import tqdm
 
