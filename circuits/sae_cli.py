@@ -61,8 +61,8 @@ def train(
     hook: Annotated[
         list[str],
         typer.Option(
-            help="Input hook, e.g. blocks.0.hook_resid_post; repeat it (or comma-separate) for several SAEs, all "
-            "trained from one model forward."
+            help="Input hook, e.g. blocks.0.hook_resid_post (or blocks.0.attn.hook_z: the heads flattened); repeat "
+            "it (or comma-separate) for several SAEs, all trained from one model forward."
         ),
     ],
     data: DataOption = None,
