@@ -525,7 +525,9 @@ class StoreUnion:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Each store's in-order batches in turn (a store's last batch may be short), ``location`` offset."""
         if shuffle:
-            raise StoreError("a store union reads in order only; shuffle each store with its own iter_batches")
+            raise StoreError(
+                "a store union reads in order only; shuffle each store with its own iter_batches"
+            )
         for store, offset in zip(self.stores, self._sequence_offsets, strict=True):
             for batch in store.iter_batches(hook, batch_size, shuffle=False):
                 batch["location"][:, 0] += offset
