@@ -47,7 +47,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.datasets import TABLE_SUFFIXES, Dataset, DatasetError, iter_model_batches, read_records
+from workbench.datasets import (
+    TABLE_SUFFIXES,
+    Dataset,
+    DatasetError,
+    iter_model_batches,
+    load_dataset,
+    read_records,
+)
 from workbench.probes.linear import TASKS, ProbeError
 
 IGNORE = -1
@@ -304,8 +311,6 @@ def load_labels(
         n_sequences: sequences of a zoo label set, documents of ``data`` a label function labels; label files use
             every row.
     """
-    from workbench.datasets import load_dataset
-
     parsed = source if isinstance(source, LabelSource) else parse_label_source(
         source, text_column=text_column, label_column=label_column, token_separator=token_separator
     )  # fmt: skip
