@@ -604,12 +604,16 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
     assert os.path.exists(source / "features" / "batch-0.jsonl.gz")
 
 
-def test_hook_z_sae_trains_splices_steers_and_round_trips_through_sae_lens(tmp_path, code_ws) -> None:
+def test_hook_z_sae_trains_splices_steers_and_round_trips_through_sae_lens(
+    tmp_path, code_ws, monkeypatch
+) -> None:
     """An SAE on attn.hook_z (heads flattened, as sae_lens's reshape_activations="hook_z"): `sae train` evaluates it
     spliced in and writes feature pages whose promoted tokens go through W_O; exported, sae_lens reads it as a hook_z
     SAE and its forward on the [.., head, d_head] activation equals our splice; steering hook_z along a latent moves
-    hook_attn_out by scale × the latent's residual write (Σ_h W_dec[l, h] @ W_O[h], closed form)."""
+    hook_attn_out by scale × the latent's residual write (Σ_h W_dec[l, h] @ W_O[h], closed form); the pages' head
+    shares are the decoder norm² per head, drawn by the SAE view."""
     from sae_lens import SAE as LensSAE
+    from streamlit.testing.v1 import AppTest
 
     from tests.test_sae import sae_cli
     from workbench.circuits.sae.evals import splice_hooks
@@ -633,6 +637,10 @@ def test_hook_z_sae_trains_splices_steers_and_round_trips_through_sae_lens(tmp_p
     assert row["ce_spliced"] != row["ce_clean"]  # the SAE really replaced hook_z
     pages = results.read("sae_features", sae_id=sae_id)
     assert len(pages) == 32 and pages["promoted_tokens"].notna().all()
+    w_dec = load_sae(ws / "saes" / sae_id).W_dec.detach().view(32, n_heads, d_head)
+    shares = w_dec.pow(2).sum(-1) / w_dec.pow(2).sum((1, 2))[:, None]  # decoder norm² per head
+    got = torch.tensor([json.loads(v) for v in pages.sort_values("latent")["head_shares"]])
+    torch.testing.assert_close(got, shares, atol=1e-4, rtol=0)
 
     out = tmp_path / "lens"
     assert sae_cli(ws, "export", sae_id, "--out", str(out)).exit_code == 0
@@ -659,3 +667,11 @@ def test_hook_z_sae_trains_splices_steers_and_round_trips_through_sae_lens(tmp_p
     delta = steered["blocks.0.hook_attn_out"] - clean["blocks.0.hook_attn_out"]  # [1, pos, d_model]
     expected = scale * residual_writes(ours_sae, model)[latent]
     torch.testing.assert_close(delta[0], expected.expand_as(delta[0]), atol=1e-4, rtol=1e-4)
+
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(ws))
+    view = AppTest.from_file(
+        str(Path(__file__).parents[1] / "app" / "views" / "sae.py"), default_timeout=60
+    ).run()
+    assert not view.exception
+    titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in view.get("plotly_chart")]
+    assert "Decoder norm share per head" in titles, titles

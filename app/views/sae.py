@@ -132,6 +132,11 @@ if hist.get("counts"):
     fig.update_layout(title="Activation histogram (non-zero)", xaxis_type="log", xaxis_title="activation",
                       yaxis_title="tokens", height=300)  # fmt: skip
     st.plotly_chart(fig, use_container_width=True)
+shares = page.get("head_shares")
+if isinstance(shares, str):  # an attn.hook_z SAE: where the latent's decoder direction lives, head by head
+    fig = go.Figure(go.Bar(x=[f"head {h}" for h in range(len(json.loads(shares)))], y=json.loads(shares)))
+    fig.update_layout(title="Decoder norm share per head", yaxis_title="share of ‖W_dec‖²", height=300)
+    st.plotly_chart(fig, use_container_width=True)
 quantiles = json.loads(page.get("quantile_activations") or "[]")
 if quantiles:
     st.caption("quantile-band edges of the non-zero activations: " + ", ".join(f"{q:.3f}" for q in quantiles))

@@ -54,7 +54,7 @@ ANALYSIS = Analysis(
         Table("sae_features", keys=_KEYS,
               columns=("latent", "density", "max_activation", "top_contexts", "quantile_activations",
                        "quantile_samples", "histogram", "promoted_tokens", "suppressed_tokens", "n_prompts",
-                       "n_tokens_in_prompt"),
+                       "n_tokens_in_prompt", "head_shares"),
               description="feature pages, one row per latent, from the SAE's training dataset; a rerun replaces "
               "every latent of that SAE and dataset"),
     ),

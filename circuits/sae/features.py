@@ -51,7 +51,8 @@ def feature_pages(
 
     Columns: density, max_activation, top_contexts (JSON list of {activation, focus, tokens, acts}),
     quantile_activations (the inner band edges), quantile_samples (JSON list per band of {low, high, count,
-    contexts}), histogram, n_prompts (sequences in the store) and n_tokens_in_prompt (tokens of its longest
+    contexts}), histogram, head_shares (an ``attn.hook_z`` SAE with `model`: :func:`head_shares`, JSON list),
+    n_prompts (sequences in the store) and n_tokens_in_prompt (tokens of its longest
     sequence; padding is never stored), and promoted/suppressed tokens from each latent's residual write
     (:func:`residual_writes`) @ W_U when `model` (HookedModel) is given and has an output embedding W_U
     [d_vocab, d_model] (an encoder such as MiniLM has none). `store` is an ActivationStore or a StoreUnion of
@@ -138,6 +139,7 @@ def feature_pages(
             "acts": [round(window_acts[(r, latent)], 4) for r in rows],
         }
 
+    shares = head_shares(sae, model.cfg.n_heads) if model is not None else None
     promoted = suppressed = None
     head = unembedding_matrix(model)
     writes = residual_writes(sae, model)
@@ -193,6 +195,8 @@ def feature_pages(
             "n_prompts": n_prompts,
             "n_tokens_in_prompt": n_tokens_in_prompt,
         }
+        if shares is not None:
+            record["head_shares"] = json.dumps([round(float(v), 4) for v in shares[latent]])
         if promoted is not None and suppressed is not None:
             record["promoted_tokens"] = json.dumps(
                 [
@@ -321,6 +325,16 @@ def unembedding_matrix(model) -> torch.Tensor | None:
     head = output_head(model)
     weight = None if head is None else getattr(head, "weight", None)
     return weight if isinstance(weight, torch.Tensor) else None
+
+
+def head_shares(sae: SAE, n_heads: int) -> torch.Tensor | None:
+    """Each latent's decoder norm² split over the heads of an ``attn.hook_z`` SAE, [d_sae, n_heads] summing to 1
+    per latent (Kissane et al. 2024's weight-based head attribution: which heads a latent's direction lives in);
+    None for any other hook."""
+    if not sae.hook_out.endswith("attn.hook_z") or sae.d_out % n_heads:
+        return None
+    per_head = sae.W_dec.detach().float().view(sae.d_sae, n_heads, sae.d_out // n_heads).pow(2).sum(-1)
+    return (per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-30)).cpu()
 
 
 def residual_writes(sae: SAE, model) -> torch.Tensor | None:
