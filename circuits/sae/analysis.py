@@ -223,10 +223,8 @@ def _store_source(model, data: Dataset, hooks: list[str], widths: Mapping[str, i
             "trained on its rows would not fit this model; pass the model it was captured from, or text with --data"
         )
     for hook in hooks:
-        shape = manifest.get("shapes", {}).get(hook) or [None]
-        stored = (
-            math.prod(shape) if None not in shape else None
-        )  # a per-head row [n_heads, d_head] is read flat
+        shape = manifest.get("shapes", {}).get(hook)
+        stored = math.prod(shape) if shape else None  # a per-head row [n_heads, d_head] is read flat
         if stored != widths[hook]:
             raise AnalysisNotApplicable(
                 f"activation store {store.path} holds {hook} of width {stored}, but {model.cfg.name} has width "
@@ -330,7 +328,6 @@ def run(
     """
     ANALYSIS.check(model, data)
     _check_counts(steps, max_tokens)
-    page_dirs: list[Path] = []  # the stores the feature pages read (none: the training store)
     if not specs:
         raise SAEInputError("no SAE to train: pass {sae_id: {architecture, d_sae, hook_in, ...}}")
     for sae_id in specs:
@@ -365,6 +362,7 @@ def run(
             raise SAEInputError(f"could not allocate SAE {sae_id!r} (d_sae={cfg.d_sae}): {str(err).splitlines()[0]}; "
                                 "pick a smaller --d-sae") from None  # fmt: skip
     ws = Workspace(workspace).ensure()  # nothing is written before this point
+    page_dirs: list[Path] = []  # the stores the feature pages read (none: the training store)
     if store is not None:
         if data.token_ids is None:
             raise SAEInputError(f"activation store {store.path} records no token ids, so the held-out rows cannot "

@@ -142,7 +142,7 @@ def feature_pages(
     shares = head_shares(sae, model.cfg.n_heads) if model is not None else None
     promoted = suppressed = None
     head = unembedding_matrix(model)
-    writes = residual_writes(sae, model)
+    writes = residual_writes(sae, model) if head is not None else None
     if head is not None and writes is not None and writes.shape[1] == head.shape[1]:
         logits = logit_effects(writes, head)  # [d_sae, d_vocab]
         promoted, suppressed = logits.topk(n_tokens, dim=1), (-logits).topk(n_tokens, dim=1)
@@ -342,9 +342,9 @@ def residual_writes(sae: SAE, model) -> torch.Tensor | None:
     [d_sae, d_out] themselves for a d_model-wide hook, or, for ``blocks.L.attn.hook_z`` (heads flattened), each
     row split into heads [n_heads, d_head] and summed through the heads' output projections W_O[L]. None when the
     hook's write is not known (no model, or another width)."""
-    w_dec = sae.W_dec.detach().float()
     if model is None:
         return None
+    w_dec = sae.W_dec.detach().float()
     layer = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_z", sae.hook_out)
     if layer is None:  # n_heads·d_head often equals d_model: the hook, not the width, says what is written
         return w_dec if sae.d_out == model.cfg.d_model else None

@@ -138,14 +138,11 @@ def _as_pair(batch, sae: SAE, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     same = y is x
     x = token_vectors(x, sae.d_in)
     x = x.reshape(-1, x.shape[-1]).to(device=sae.device, dtype=sae.W_enc.dtype)
-    if not same:
-        y = token_vectors(y, sae.d_out)
-        y = y.reshape(-1, y.shape[-1]).to(device=sae.device, dtype=sae.W_enc.dtype)
-    else:
-        y = x
     sae.check_input(x, f"training batch for {name}")
     if same:
-        return x, y
+        return x, x
+    y = token_vectors(y, sae.d_out)
+    y = y.reshape(-1, y.shape[-1]).to(device=sae.device, dtype=sae.W_enc.dtype)
     if y.shape[-1] != sae.d_out or not bool(torch.isfinite(y.sum())):
         bad = (~torch.isfinite(y).all(1)).nonzero()
         if y.shape[-1] != sae.d_out or len(bad):
