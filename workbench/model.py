@@ -459,9 +459,10 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
             f"{local} has no config.json, so it is not a saved transformers model; point at a directory written by "
             "save_pretrained (config.json + model.safetensors), or a workbench zoo checkpoint (models/<name>/step<N>)"
         )
-    remote = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        config = transformers.AutoConfig.from_pretrained(str(name_or_path), **remote)
+        config = transformers.AutoConfig.from_pretrained(
+            str(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as err:
         raise ModelLoadError(
             f"could not load {name_or_path!r} (revision {revision!r}): {err}. Without network access only local "
@@ -485,7 +486,9 @@ def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dty
         auto = transformers.AutoModelForMaskedLM
     else:
         auto = transformers.AutoModel
-    model = auto.from_pretrained(str(name_or_path), dtype=dtype, **remote, **kwargs)
+    model = auto.from_pretrained(
+        str(name_or_path), revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs
+    )
     return model, load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
