@@ -1,0 +1,5 @@
+"""Attribution graphs: the complete local-replacement graph of a prompt (features, errors, inputs, targets and every
+direct effect between them), pruned and scored as circuit-tracer does. One job per module: ``transcoders`` (one
+interface over per-layer and cross-layer transcoders), ``replacement`` (the frozen local replacement model),
+``graph`` (targets, batched rows, ``attribute`` → :class:`~workbench.circuits.attribution.graph.Graph`),
+``pruning`` (influence, pruning, replacement and completeness scores)."""

@@ -1,0 +1,558 @@
+"""The attribution graph of a prompt: every direct effect between features, errors, inputs and targets of the local
+replacement model (Ameisen et al. 2025, "Circuit Tracing"; circuit-tracer's ``attribute``).
+
+1. Replacement model (:class:`~workbench.circuits.attribution.replacement.ReplacementModel`): attention patterns
+   and norm scales frozen at the prompt, MLPs replaced by transcoders, one error node per (layer, position).
+2. Targets (:func:`resolve_targets`): each is a direction read at one hook and position plus its own constant —
+   ``logits`` (the most probable next tokens up to 0.95 probability, at most 10, demeaned over the vocabulary, as
+   circuit-tracer), ``diff:A,B`` (logit A − logit B), ``feature:L:P:F`` (a transcoder feature's pre-activation),
+   a probe direction (``probe_target``).
+3. Rows by batched backward passes: the frozen forward runs once on ``batch_size`` copies of the prompt; each
+   backward pass injects one row's read-out direction per batch element and returns, per element, the gradient at
+   every source (MLP writes, token and position embeddings). Edge to a feature = activation × (decoder rows · the
+   gradient at the MLP outputs it writes); to an error node = error · gradient; to an input = embedding · gradient.
+   A row is exact: its edges plus its constant (the frozen forward at zero sources) equal its pre-activation.
+4. Feature selection (``max_feature_nodes``): target rows first, then, until the budget is spent, the not yet
+   visited features of highest estimated influence on the targets (influence through the row-normalised |A| of the
+   rows computed so far), ``batch_size`` rows per pass.
+5. The graph: node order [selected features, errors (layer-major, then position), token embeddings, position
+   embeddings (where the model has one), targets]; ``adjacency`` [n_nodes, n_nodes] (row = target node, column =
+   source node); replacement and completeness scores (:mod:`~workbench.circuits.attribution.pruning`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from workbench.circuits.attribution.replacement import ReplacementModel
+from workbench.circuits.attribution.transcoders import AttributionError, Transcoders, as_transcoders
+from workbench.circuits.sae.features import output_head
+
+NODE_KINDS = ("feature", "error", "token", "position", "target")
+
+
+@dataclass
+class Target:
+    """A read-out the graph explains: ``vector`` [d_model] · the activation at ``hook``, ``position`` + ``bias``.
+
+    ``kind``: logit | diff | feature | probe; ``weight``: its share of the influence (a logit's probability, 1 for
+    a single target); ``value``: its value on the prompt (demeaned logit, logit difference, pre-activation, probe
+    value); ``token`` (logit), ``layer`` / ``feature`` (feature targets) name it in tables."""
+
+    kind: str
+    label: str
+    hook: str
+    position: int
+    vector: torch.Tensor
+    bias: float
+    weight: float = 1.0
+    value: float = float("nan")
+    token: int = -1
+    layer: int = -1
+    feature: int = -1
+
+
+@dataclass
+class Graph:
+    """An attribution graph. Node order: [selected features (n_features), errors (n_layers × n_pos, layer-major),
+    token embeddings (n_pos), position embeddings (n_pos when ``has_pos_embed``), targets (n_targets)].
+
+    ``features`` [n_features, 3] (layer, position, feature) with ``activations`` [n_features];
+    ``adjacency`` [n_nodes, n_nodes]: row = target node, column = source node (direct effect); rows exist for
+    features and targets (errors and inputs have no inputs). ``constants`` [n_nodes]: each row's bias term (the
+    frozen model at zero sources plus the node's own bias); ``dropped`` [n_nodes]: what active features left out by
+    ``max_feature_nodes`` contribute; so edges + constant + dropped = ``values`` (pre-activation, target value).
+    ``errors`` [n_layers, n_pos, d_model] and ``embed`` hold the error and input vectors; ``scores``: replacement and
+    completeness (circuit-tracer's definitions)."""
+
+    model: str
+    checkpoint: int | None
+    prompt: str
+    tokens: torch.Tensor
+    token_texts: list[str]
+    n_layers: int
+    has_pos_embed: bool
+    targets: list[Target]
+    features: torch.Tensor
+    activations: torch.Tensor
+    adjacency: torch.Tensor
+    constants: torch.Tensor
+    dropped: torch.Tensor
+    values: torch.Tensor
+    n_active: int
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_inputs(self) -> int:
+        return self.n_pos * (2 if self.has_pos_embed else 1)
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.targets)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_features + self.n_errors + self.n_inputs + self.n_targets
+
+    @property
+    def target_weights(self) -> torch.Tensor:
+        """[n_nodes]: each target's weight (normalised to sum 1), 0 elsewhere."""
+        weights = torch.zeros(self.n_nodes, dtype=torch.float64)
+        given = torch.tensor([t.weight for t in self.targets], dtype=torch.float64)
+        weights[self.n_nodes - self.n_targets :] = given / given.sum().clamp_min(1e-30)
+        return weights
+
+    def node_kinds(self) -> list[str]:
+        return (["feature"] * self.n_features + ["error"] * self.n_errors + ["token"] * self.n_pos
+                + ["position"] * (self.n_pos if self.has_pos_embed else 0) + ["target"] * self.n_targets)  # fmt: skip
+
+    def nodes(self) -> pd.DataFrame:
+        """One row per node: node (index), kind, layer (inputs −1, targets n_layers or the feature target's layer),
+        position, feature (feature index, token id for inputs and logits, −1 otherwise), label, activation (feature
+        activation, error norm, NaN for inputs), value (rows: pre-activation / target value), constant, dropped,
+        influence (on the targets through the normalised adjacency)."""
+        from workbench.circuits.attribution.pruning import node_influence
+
+        positions = torch.arange(self.n_pos)
+        layer = [
+            *self.features[:, 0].tolist(),
+            *torch.arange(self.n_layers).repeat_interleave(self.n_pos).tolist(),
+            *[-1] * self.n_inputs,
+            *[t.layer if t.kind == "feature" else self.n_layers for t in self.targets],
+        ]
+        position = [
+            *self.features[:, 1].tolist(),
+            *positions.repeat(self.n_layers).tolist(),
+            *positions.repeat(self.n_inputs // self.n_pos).tolist(),
+            *[t.position for t in self.targets],
+        ]
+        index = [*self.features[:, 2].tolist(), *[-1] * self.n_errors,
+                 *self.tokens.repeat(self.n_inputs // self.n_pos).tolist(),
+                 *[t.feature if t.kind == "feature" else t.token for t in self.targets]]  # fmt: skip
+        kinds = self.node_kinds()
+        labels = [*(f"L{la} #{f} @{p}" for la, p, f in self.features.tolist()),
+                  *(f"error L{la} @{p}" for la in range(self.n_layers) for p in range(self.n_pos)),
+                  *(f"emb {self.token_texts[p]!r} @{p}" for p in range(self.n_pos)),
+                  *(f"pos @{p}" for p in range(self.n_pos) if self.has_pos_embed), *(t.label for t in self.targets)]  # fmt: skip
+        activation = torch.full((self.n_nodes,), float("nan"), dtype=torch.float64)
+        activation[: self.n_features] = self.activations.double().cpu()
+        return pd.DataFrame({
+            "node": range(self.n_nodes), "kind": kinds, "layer": layer, "position": position, "feature": index,
+            "label": labels, "activation": activation.numpy(), "value": self.values.double().cpu().numpy(),
+            "constant": self.constants.double().cpu().numpy(), "dropped": self.dropped.double().cpu().numpy(),
+            "influence": node_influence(self).numpy(),
+        })  # fmt: skip
+
+    def edges(self) -> pd.DataFrame:
+        """Every nonzero edge: target (row node), source (column node), weight."""
+        rows, cols = torch.nonzero(self.adjacency, as_tuple=True)
+        return pd.DataFrame({"target": rows.cpu().numpy(), "source": cols.cpu().numpy(),
+                             "weight": self.adjacency[rows, cols].double().cpu().numpy()})  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def _unembedding(model: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    head = output_head(model)
+    if head is None:
+        raise AttributionError(
+            f"{model.cfg.name} has no LM head, so there is no logit to attribute; use --target feature:L:P:F or "
+            "probe:NAME"
+        )
+    weight = head.weight.detach().to(dtype)
+    bias = getattr(head, "bias", None)
+    return weight, torch.zeros(
+        weight.shape[0], dtype=dtype, device=weight.device
+    ) if bias is None else bias.detach().to(dtype)
+
+
+def logit_targets(
+    replacement: ReplacementModel, position: int = -1, max_logits: int = 10, probability: float = 0.95,
+    tokens: Sequence[int] | None = None,
+) -> list[Target]:  # fmt: skip
+    """The next-token logits at ``position``: ``tokens`` or the most probable ones until ``probability`` is covered
+    (at most ``max_logits``), each demeaned over the vocabulary (circuit-tracer's targets), weighted by probability."""
+    from workbench.circuits.transcoder_circuits import salient_tokens
+
+    w_u, b_u = _unembedding(replacement.model, replacement.dtype)
+    position = _position(position, replacement.n_pos)
+    logits = replacement.logits[position]
+    chosen = salient_tokens(logits, max_logits, probability) if tokens is None else [int(t) for t in tokens]
+    probabilities = torch.softmax(logits.double(), dim=0)
+    text = _token_texts(replacement.model, torch.tensor(chosen))
+    found = []
+    for token, token_text in zip(chosen, text, strict=True):
+        _check_token(token, w_u.shape[0])
+        found.append(Target("logit", f"logit {token_text!r} p={float(probabilities[token]):.3f} @{position}",
+                            replacement.final_hook, position, w_u[token] - w_u.mean(0), float(b_u[token] - b_u.mean()),
+                            float(probabilities[token]), float(logits[token] - logits.mean()), token=token))  # fmt: skip
+    return found
+
+
+def diff_target(replacement: ReplacementModel, token_a: int, token_b: int, position: int = -1) -> Target:
+    """logit(A) − logit(B) at ``position``."""
+    w_u, b_u = _unembedding(replacement.model, replacement.dtype)
+    for token in (token_a, token_b):
+        _check_token(token, w_u.shape[0])
+    position = _position(position, replacement.n_pos)
+    logits = replacement.logits[position]
+    a, b = _token_texts(replacement.model, torch.tensor([token_a, token_b]))
+    return Target("diff", f"logit {a!r} − {b!r} @{position}", replacement.final_hook, position,
+                  w_u[token_a] - w_u[token_b], float(b_u[token_a] - b_u[token_b]), 1.0,
+                  float(logits[token_a] - logits[token_b]), token=token_a)  # fmt: skip
+
+
+def feature_target(replacement: ReplacementModel, layer: int, position: int, feature: int) -> Target:
+    """A transcoder feature's pre-activation at (layer, position)."""
+    tc = replacement.transcoders
+    if not 0 <= layer < tc.n_layers or not 0 <= feature < tc.d_transcoder(layer):
+        raise AttributionError(
+            f"feature {layer}:{feature} does not exist: layers 0..{tc.n_layers - 1}, features "
+            f"0..{tc.d_transcoder(0) - 1}; pick one with --target feature:LAYER:POSITION:FEATURE"
+        )
+    position = _position(position, replacement.n_pos)
+    index = torch.tensor([feature], device=replacement.inputs.device)
+    vector, bias = tc.encoder_vectors(layer, index)
+    value = float(replacement.inputs[layer, position] @ vector[0] + bias[0])
+    return Target("feature", f"L{layer} #{feature} @{position}", tc.hook_in(layer), position, vector[0], float(bias[0]),
+                  1.0, value, layer=layer, feature=feature)  # fmt: skip
+
+
+def probe_target(
+    replacement: ReplacementModel, hook: str, vector: torch.Tensor, bias: float = 0.0, position: int = -1,
+    label: str = "probe",
+) -> Target:  # fmt: skip
+    """A linear probe's read-out ``vector`` [d_model] · activation at ``hook``, ``position`` + ``bias``."""
+    if hook not in set(replacement.model.hook_names()):
+        raise AttributionError(f"{replacement.model.cfg.name} has no hook {hook!r} for the probe to read")
+    if vector.shape != (replacement.model.cfg.d_model,):
+        raise AttributionError(
+            f"the probe direction has shape {list(vector.shape)}, the model d_model={replacement.model.cfg.d_model}: "
+            "it is a probe of another model or hook; fit one on this model"
+        )
+    position = _position(position, replacement.n_pos)
+    vector = vector.detach().to(device=replacement.inputs.device, dtype=replacement.dtype)
+    with torch.no_grad():
+        _, reads = replacement.forward(replacement.clean_sources(), reads=[hook])
+    value = float(reads[hook][0, position].to(replacement.dtype) @ vector + bias)
+    return Target("probe", f"{label} @{position}", hook, position, vector, float(bias), 1.0, value)
+
+
+TARGET_FORMS = "logits | diff:A,B | feature:LAYER:POSITION:FEATURE"
+
+
+def resolve_targets(replacement: ReplacementModel, targets: Any, *, position: int = -1, max_logits: int = 10,
+                    logit_probability: float = 0.95) -> list[Target]:  # fmt: skip
+    """Targets from a spec: ``"logits"``, ``"diff:A,B"`` (token ids or single-token texts), ``"feature:L:P:F"``, a
+    :class:`Target`, or a list of these."""
+    if isinstance(targets, (str, Target)):
+        targets = [targets]
+    found: list[Target] = []
+    for spec in targets:
+        if isinstance(spec, Target):
+            found.append(spec)
+        elif spec == "logits":
+            found += logit_targets(replacement, position, max_logits, logit_probability)
+        elif isinstance(spec, str) and spec.startswith("diff:") and spec.count(",") == 1:
+            a, b = (_token_id(replacement.model, part) for part in spec[len("diff:") :].split(","))
+            found.append(diff_target(replacement, a, b, position))
+        elif isinstance(spec, str) and (match := re.fullmatch(r"feature:(-?\d+):(-?\d+):(\d+)", spec)):
+            layer, at, feature = (int(g) for g in match.groups())
+            found.append(feature_target(replacement, layer, at, feature))
+        else:
+            raise AttributionError(f"target {spec!r} is not one of: {TARGET_FORMS}")
+    if not found:
+        raise AttributionError(f"no targets; pass one of: {TARGET_FORMS}")
+    return found
+
+
+def _token_id(model: Any, text: str) -> int:
+    if text.lstrip("-").isdigit():
+        token = int(text)
+    else:
+        if model.tokenizer is None:
+            raise AttributionError(
+                f"{model.cfg.name} has no tokenizer: name diff tokens by id (diff:123,456)"
+            )
+        ids = model.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise AttributionError(
+                f"{text!r} is {len(ids)} tokens, not one; name a single token (or its id) in diff:A,B"
+            )
+        token = ids[0]
+    _check_token(token, model.cfg.d_vocab)
+    return token
+
+
+def _check_token(token: int, d_vocab: int) -> None:
+    if not 0 <= token < d_vocab:
+        raise AttributionError(
+            f"token {token} is not in the vocabulary (0..{d_vocab - 1}); pick a token id below {d_vocab}"
+        )
+
+
+def _position(position: int, length: int) -> int:
+    resolved = position + length if position < 0 else position
+    if not 0 <= resolved < length:
+        raise AttributionError(f"position {position} is outside the prompt of {length} tokens")
+    return resolved
+
+
+def _token_texts(model: Any, tokens: torch.Tensor) -> list[str]:
+    if model.tokenizer is None:
+        return [str(int(t)) for t in tokens]
+    return [model.tokenizer.decode([int(t)]) for t in tokens]
+
+
+# ---------------------------------------------------------------------------------------------- rows
+@dataclass
+class _Row:
+    """One row to compute: the read-out ``vector`` [d_model] at ``hook``, ``position``."""
+
+    hook: str
+    position: int
+    vector: torch.Tensor
+
+
+class RowComputer:
+    """Batched rows of the adjacency over every source column of a replacement model.
+
+    Columns: [active features (n_active, sorted by layer, position, feature), errors (n_layers × n_pos), token
+    embeddings (n_pos), position embeddings (n_pos, when present)]. The frozen forward runs once on ``batch_size``
+    copies; every :meth:`rows` call is one backward pass per ``batch_size`` rows."""
+
+    def __init__(self, replacement: ReplacementModel, reads: Sequence[str], batch_size: int):
+        self.replacement, self.batch_size = replacement, batch_size
+        tc = replacement.transcoders
+        self.active: list[torch.Tensor] = []  # per layer [n_l, 2] (position, feature)
+        self.decoders: list[torch.Tensor] = []  # per layer [n_l, n_out, d_model]
+        self.values: list[torch.Tensor] = []  # per layer [n_l]
+        for layer, acts in enumerate(replacement.activations):
+            index = torch.nonzero(acts)
+            self.active.append(index)
+            self.values.append(acts[index[:, 0], index[:, 1]])
+            self.decoders.append(tc.decoder_vectors(layer, index[:, 1]).to(acts.device))
+        self.features = torch.cat([torch.cat([torch.full((len(i), 1), layer, device=i.device), i], 1)
+                                   for layer, i in enumerate(self.active)])  # fmt: skip
+        self.activations = torch.cat(self.values)
+        self.n_active = len(self.features)
+        n_inputs = replacement.n_pos * (2 if replacement.has_pos_embed else 1)
+        self.n_columns = self.n_active + replacement.n_layers * replacement.n_pos + n_inputs
+        self.sources = replacement.clean_sources(batch_size, grad=True)
+        _, self.reads = replacement.forward(self.sources, reads=reads)
+
+    def rows(self, rows: Sequence[_Row]) -> torch.Tensor:
+        """[len(rows), n_columns]: every source's direct effect on each row's read-out."""
+        if len(rows) > self.batch_size:
+            raise ValueError(f"{len(rows)} rows exceed the batch size {self.batch_size}")
+        rep = self.replacement
+        injections: dict[str, torch.Tensor] = {}
+        for element, row in enumerate(rows):
+            if row.hook not in injections:
+                injections[row.hook] = torch.zeros_like(self.reads[row.hook])
+            injections[row.hook][element, row.position] += row.vector.to(injections[row.hook].dtype)
+        leaves = self.sources.leaves()
+        grads = torch.autograd.grad([self.reads[h] for h in injections], leaves, list(injections.values()),
+                                    retain_graph=True, allow_unused=True)  # fmt: skip
+        grad_writes, grad_embed = (
+            g if g is not None else torch.zeros_like(x) for g, x in zip(grads[:2], leaves[:2], strict=True)
+        )
+        n = len(rows)
+        grad_writes, grad_embed = grad_writes[:n], grad_embed[:n]
+        parts = []
+        for layer, (active, decoder, values) in enumerate(
+            zip(self.active, self.decoders, self.values, strict=True)
+        ):
+            n_out = decoder.shape[1]
+            at = grad_writes[:, layer : layer + n_out]  # [n, n_out, pos, d]
+            chunk = max(1, (1 << 24) // max(1, n * n_out * rep.writes.shape[-1]))
+            for start in range(0, len(active), chunk):
+                stop = start + chunk
+                gathered = at[:, :, active[start:stop, 0]]  # [n, n_out, k, d]
+                parts.append(torch.einsum("nokd,kod->nk", gathered, decoder[start:stop]) * values[start:stop])
+        parts.append((grad_writes * rep.errors).sum(-1).flatten(1))
+        parts.append((grad_embed * rep.embed).sum(-1))
+        if rep.has_pos_embed:
+            assert rep.pos_embed is not None
+            grad_pos = grads[2] if grads[2] is not None else torch.zeros_like(leaves[2])
+            parts.append((grad_pos[:n] * rep.pos_embed).sum(-1))
+        return torch.cat(parts, dim=1)
+
+    def constants(self, rows: Sequence[_Row]) -> torch.Tensor:
+        """[len(rows)]: each row's read-out in the frozen model at zero sources (what biases contribute)."""
+        with torch.no_grad():
+            _, reads = self.replacement.forward(self.replacement.zero_sources(), reads=[r.hook for r in rows])
+        return torch.stack([reads[r.hook][0, r.position].to(r.vector.dtype) @ r.vector for r in rows])
+
+
+def _partial_influence(
+    matrix: torch.Tensor, row_nodes: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000
+) -> torch.Tensor:
+    """Estimated influence of every column on the targets from the rows computed so far: ``matrix`` [n_rows,
+    n_columns] (row r is column ``row_nodes[r]``'s inputs), ``weights`` [n_columns] (the targets' weights)."""
+    normalised = matrix.abs()
+    normalised = normalised / normalised.sum(1, keepdim=True).clamp_min(1e-10)
+    influence = torch.zeros_like(weights)
+    current = weights
+    for _ in range(max_iter):
+        current = current[row_nodes] @ normalised
+        if not bool(current.any()):
+            break
+        influence = influence + current
+    return influence
+
+
+def _prompt_tokens(model: Any, prompt: Any) -> tuple[torch.Tensor, str]:
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise AttributionError(f"{model.cfg.name} has no tokenizer: pass the prompt as token ids")
+        tokens = model.tokenize([prompt])["input_ids"][0]
+        return tokens, prompt
+    tokens = torch.as_tensor(prompt).reshape(-1).long()
+    text = model.to_string(tokens) if model.tokenizer is not None else " ".join(map(str, tokens.tolist()))
+    return tokens, str(text)
+
+
+def attribute(
+    model: Any,
+    transcoders: Any,
+    prompt: Any,
+    *,
+    targets: Any = "logits",
+    max_feature_nodes: int = 7500,
+    batch_size: int = 64,
+    position: int = -1,
+    max_logits: int = 10,
+    logit_probability: float = 0.95,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Graph:
+    """The attribution graph of ``prompt`` (text or token ids [pos]) on ``model`` (a HookedModel) with
+    ``transcoders`` (``{layer: SAE}``, a list of SAEs, a cross-layer transcoder or a ``Transcoders``).
+
+    ``targets``: ``"logits"`` (the most probable next tokens at ``position`` until ``logit_probability``, at most
+    ``max_logits``), ``"diff:A,B"``, ``"feature:L:P:F"``, a :class:`Target` (e.g. :func:`probe_target`), or a list;
+    ``max_feature_nodes``: features kept, the most influential first; ``batch_size``: rows per backward pass;
+    ``dtype``: the computation's dtype (default: the model's)."""
+    if max_feature_nodes < 0 or batch_size < 1:
+        raise AttributionError(
+            f"max_feature_nodes={max_feature_nodes} must be ≥ 0 and batch_size={batch_size} ≥ 1"
+        )
+    tc: Transcoders = as_transcoders(model, transcoders, dtype)
+    tokens, text = _prompt_tokens(model, prompt)
+    replacement = ReplacementModel(model, tc, tokens)
+    resolved = (resolve_targets(replacement, targets, position=position, max_logits=max_logits,
+                                logit_probability=logit_probability))  # fmt: skip
+    reads = sorted({t.hook for t in resolved})
+    computer = RowComputer(replacement, reads, batch_size)
+    n_active, n_targets = computer.n_active, len(resolved)
+    n_columns = computer.n_columns + n_targets  # targets are columns too (no outgoing edges)
+    budget = min(max_feature_nodes, n_active)
+    matrix = torch.zeros(n_targets + budget, n_columns, dtype=tc.dtype, device=replacement.inputs.device)
+    row_nodes = torch.zeros(n_targets + budget, dtype=torch.long, device=matrix.device)
+    bar = tqdm(total=n_targets + budget, desc="attribution rows", unit="row", disable=not progress)
+    target_rows = [_Row(t.hook, t.position, t.vector) for t in resolved]
+    for start in range(0, n_targets, batch_size):
+        chunk = target_rows[start : start + batch_size]
+        matrix[start : start + len(chunk), : computer.n_columns] = computer.rows(chunk)
+        bar.update(len(chunk))
+    row_nodes[:n_targets] = torch.arange(n_columns - n_targets, n_columns)
+    weights = torch.zeros(n_columns, dtype=tc.dtype, device=matrix.device)
+    given = torch.tensor([t.weight for t in resolved], dtype=tc.dtype)
+    weights[n_columns - n_targets :] = given / given.sum().clamp_min(1e-30)
+    visited = torch.zeros(n_active, dtype=torch.bool, device=matrix.device)
+    filled = n_targets
+    encoders = [tc.encoder_vectors(layer, computer.active[layer][:, 1]) for layer in range(tc.n_layers)]
+    enc_vectors = torch.cat([e[0] for e in encoders]) if n_active else torch.zeros(0, tc.d_model)
+    while filled - n_targets < budget:
+        if budget == n_active:
+            pending = torch.nonzero(~visited).flatten()
+        else:
+            influence = _partial_influence(matrix[:filled], row_nodes[:filled], weights)[:n_active]
+            order = torch.argsort(influence, descending=True)
+            pending = order[~visited[order]][: max(batch_size * 4, 1)]
+        pending = pending[: budget - (filled - n_targets)]
+        for chunk in pending.split(batch_size):
+            rows = [_Row(tc.hook_in(int(computer.features[i, 0])), int(computer.features[i, 1]), enc_vectors[i])
+                    for i in chunk.tolist()]  # fmt: skip
+            matrix[filled : filled + len(chunk), : computer.n_columns] = computer.rows(rows)
+            row_nodes[filled : filled + len(chunk)] = chunk
+            visited[chunk] = True
+            filled += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    return _assemble(
+        model, replacement, computer, resolved, matrix, row_nodes, visited, text, tokens, encoders
+    )
+
+
+def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, targets: list[Target],
+              matrix: torch.Tensor, row_nodes: torch.Tensor, visited: torch.Tensor, text: str, tokens: torch.Tensor,
+              encoders: list[tuple[torch.Tensor, torch.Tensor]]) -> Graph:  # fmt: skip
+    """Phase 5: the node-ordered adjacency over the selected features, with constants, dropped parts and values."""
+    from workbench.circuits.attribution.pruning import graph_scores
+
+    n_active, n_targets = computer.n_active, len(targets)
+    feature_rows = row_nodes[n_targets:]
+    selected = torch.sort(feature_rows).values  # keep the (layer, position, feature) order
+    n_features = len(selected)
+    others = torch.arange(n_active, matrix.shape[1], device=matrix.device)
+    columns = torch.cat([selected, others])  # node order: selected features, errors, inputs, targets
+    n_nodes = len(columns)
+    node_of_column = torch.full((matrix.shape[1],), -1, dtype=torch.long, device=matrix.device)
+    node_of_column[columns] = torch.arange(n_nodes, device=matrix.device)
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=matrix.dtype, device=matrix.device)
+    row_index = node_of_column[row_nodes]
+    adjacency[row_index] = matrix[:, columns]
+    dropped = torch.zeros(n_nodes, dtype=matrix.dtype, device=matrix.device)
+    unselected = ~visited
+    dropped[row_index] = matrix[:, :n_active][:, unselected].sum(1)
+    all_vectors = (
+        torch.cat([e[0] for e in encoders]) if n_active else torch.zeros(0, replacement.transcoders.d_model)
+    )
+    all_biases = torch.cat([e[1] for e in encoders]) if n_active else torch.zeros(0)
+    tc = replacement.transcoders
+    rows = [_Row(tc.hook_in(int(computer.features[i, 0])), int(computer.features[i, 1]), all_vectors[i])
+            for i in selected.tolist()] + [_Row(t.hook, t.position, t.vector) for t in targets]  # fmt: skip
+    constants = torch.zeros(n_nodes, dtype=matrix.dtype, device=matrix.device)
+    values = torch.full((n_nodes,), float("nan"), dtype=matrix.dtype, device=matrix.device)
+    if rows:
+        zero = computer.constants(rows)
+        own = torch.cat([all_biases[selected].to(matrix.dtype),
+                         torch.tensor([t.bias for t in targets], dtype=matrix.dtype, device=matrix.device)])  # fmt: skip
+        row_nodes_final = torch.cat(
+            [torch.arange(n_features), torch.arange(n_nodes - n_targets, n_nodes)]
+        ).to(matrix.device)
+        constants[row_nodes_final] = zero + own
+        features = computer.features[selected]
+        pre = (replacement.inputs[features[:, 0], features[:, 1]] * all_vectors[selected]).sum(
+            -1
+        ) + all_biases[selected]
+        values[:n_features] = pre
+        values[n_nodes - n_targets :] = torch.tensor([t.value for t in targets], dtype=matrix.dtype)
+    graph = Graph(model=model.cfg.name, checkpoint=model.cfg.checkpoint, prompt=text, tokens=tokens.cpu(),
+                  token_texts=_token_texts(model, tokens), n_layers=replacement.n_layers,
+                  has_pos_embed=replacement.has_pos_embed, targets=targets,
+                  features=computer.features[selected].cpu(), activations=computer.activations[selected].cpu(),
+                  adjacency=adjacency.cpu(), constants=constants.cpu(), dropped=dropped.cpu(), values=values.cpu(),
+                  n_active=n_active)  # fmt: skip
+    graph.scores = graph_scores(graph)
+    return graph

@@ -1,0 +1,264 @@
+"""The local replacement model of one prompt (Ameisen et al. 2025, "Circuit Tracing", §2.2).
+
+The model is made linear in its residual stream around the prompt, without changing a single output value:
+
+1. Clean run: one forward pass of the model on the prompt records every layer's MLP input (the transcoders'
+   ``hook_in``) and MLP output, every attention pattern [head, query, key], and every normalisation module's scale
+   per position (LayerNorm: σ = sqrt(var + ε); RMSNorm: rms = sqrt(mean x² + ε)). Each norm is recomputed from its
+   weights and checked against its own output, so a norm that is neither (Gemma's 1 + γ, a soft cap) is refused.
+2. Transcoders: features f_l = encode_l(MLP input of layer l) [pos, d_transcoder]; error node e_l = true MLP
+   output − the transcoders' reconstruction [pos, d_model], so the replacement reproduces the model exactly.
+3. Frozen forward (:meth:`ReplacementModel.forward`): the model's own modules run with every attention pattern
+   replaced by its clean value (so attention is linear in its values, OV), every norm computing
+   γ ⊙ (x − mean x) / σ_clean + β (LayerNorm) or γ ⊙ x / rms_clean (RMSNorm) — the scale is a constant, never
+   differentiated — and every MLP output replaced by a *source* tensor (decoded features + b_dec + error) plus the
+   skip path x @ W_skip of skip transcoders. The token embedding (and the position embedding where the model has
+   one) are source tensors too. The frozen forward is affine in the sources: its value at the clean sources is
+   the model's, at zero sources (every feature, error and embedding zero; decoder biases kept) it is the bias
+   constant of every read-out.
+
+What a model has (a position embedding, a final norm, an LM head) comes from its hook names and adapter; nothing
+here branches on a family name. Norm modules are found by type (``nn.LayerNorm`` or a class named ``*RMSNorm``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.circuits.attribution.transcoders import AttributionError, Transcoders
+
+FINAL_NORM_HOOK = "ln_final.hook_normalized"
+POS_EMBED_HOOK = "hook_pos_embed"
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """``"layernorm"``, ``"rmsnorm"`` or None: which normalisation ``module`` is, from its type."""
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    if type(module).__name__.lower().endswith("rmsnorm"):
+        return "rmsnorm"
+    return None
+
+
+@dataclass
+class FrozenNorm:
+    """One normalisation module with its scale frozen at the prompt: ``scale`` [pos, 1] (σ or rms per position),
+    γ ``weight`` and β ``bias`` [d_model] (None when absent), ``centred`` for LayerNorm."""
+
+    module: nn.Module
+    centred: bool
+    scale: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [batch, pos, d] → the norm's output with its scale held at the prompt's value (linear in x)."""
+        y = (x - x.mean(-1, keepdim=True) if self.centred else x) / self.scale.to(x.dtype)
+        if self.weight is not None:
+            y = y * self.weight.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+
+def _epsilon(module: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 1e-6
+
+
+def _freeze(module: nn.Module, kind: str, x: torch.Tensor, output: torch.Tensor) -> FrozenNorm:
+    """The norm's frozen form from its clean input x [1, pos, d] and output, checked to rebuild the output."""
+    x = x[0].detach()
+    centred = kind == "layernorm"
+    spread = x.var(-1, unbiased=False, keepdim=True) if centred else x.pow(2).mean(-1, keepdim=True)
+    scale = torch.sqrt(spread + _epsilon(module))
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    frozen = FrozenNorm(module, centred, scale, None if weight is None else weight.detach(),
+                        None if bias is None else bias.detach())  # fmt: skip
+    rebuilt = frozen.apply(x[None])[0]
+    clean = output[0].detach().to(rebuilt.dtype)
+    tolerance = 1e-4 * max(1.0, float(clean.abs().max()))  # a float32 norm in a float64 model rounds
+    if not torch.allclose(rebuilt, clean, atol=tolerance, rtol=0):
+        raise AttributionError(
+            f"the {type(module).__name__} recomputed as γ·(x − mean)/σ + β (LayerNorm) or γ·x/rms (RMSNorm) differs "
+            f"from its output by {float((rebuilt - clean).abs().max()):.3g}: it is not a plain norm, so its scale "
+            "cannot be frozen; attribution supports LayerNorm and RMSNorm models"
+        )
+    return frozen
+
+
+@dataclass
+class Sources:
+    """The frozen forward's inputs, each [batch, ...]: ``embed`` [batch, pos, d_model], ``pos_embed`` (None without a
+    position embedding), ``writes`` [batch, n_layers, pos, d_model] (each MLP's output minus its skip path)."""
+
+    embed: torch.Tensor
+    pos_embed: torch.Tensor | None
+    writes: torch.Tensor
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [t for t in (self.writes, self.embed, self.pos_embed) if t is not None]
+
+
+class ReplacementModel:
+    """The local replacement model of ``tokens`` [pos] on ``model`` (a HookedModel) with ``transcoders``.
+
+    Attributes (all on the model's device, in its dtype): ``logits`` [pos, d_vocab] (the model's), ``inputs``
+    [n_layers, pos, d_model] (MLP inputs at each ``hook_in``), ``activations`` (per layer [pos, d_transcoder]),
+    ``errors`` and ``writes`` [n_layers, pos, d_model], ``embed`` / ``pos_embed`` [pos, d_model], ``patterns`` (per
+    layer [head, query, key]), ``norms`` (every norm module, frozen), ``final_hook`` (the hook the unembedding
+    reads: ``ln_final.hook_normalized``, or the last ``hook_resid_post`` without a final norm)."""
+
+    def __init__(self, model: Any, transcoders: Transcoders, tokens: torch.Tensor):
+        self.model, self.transcoders = model, transcoders
+        self.tokens = torch.as_tensor(tokens).reshape(-1).to(model.device)
+        self.n_pos, self.n_layers = len(self.tokens), model.cfg.n_layers
+        n_ctx = model.cfg.n_ctx
+        if n_ctx and self.n_pos > n_ctx:
+            raise AttributionError(
+                f"the prompt has {self.n_pos} tokens but {model.cfg.name} has {n_ctx} positions; shorten the prompt"
+            )
+        names = set(model.hook_names())
+        self.has_pos_embed = POS_EMBED_HOOK in names
+        self.final_hook = (
+            FINAL_NORM_HOOK if FINAL_NORM_HOOK in names else f"blocks.{self.n_layers - 1}.hook_resid_post"
+        )
+        self.dtype = transcoders.dtype
+        self._clean_run()
+
+    # ------------------------------------------------------------------ phase 1-2: the clean run
+    def _clean_run(self) -> None:
+        model, tc = self.model, self.transcoders
+        hooks = ["hook_embed", self.final_hook, *(tc.hook_in(layer) for layer in range(self.n_layers))]
+        hooks += [tc.hook_out(layer) for layer in range(self.n_layers)]
+        hooks += [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.n_layers)]
+        hooks += [POS_EMBED_HOOK] if self.has_pos_embed else []
+        seen: dict[nn.Module, list[FrozenNorm]] = {}
+
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            kind = norm_kind(module)
+            assert kind is not None
+            seen.setdefault(module, []).append(_freeze(module, kind, args[0], output))
+
+        handles = [m.register_forward_hook(record) for m in model.model.modules() if norm_kind(m)]
+        try:
+            with torch.no_grad(), model.capture(sorted(set(hooks)), device=None) as cache:
+                self.logits = model(self.tokens[None])[0].to(self.dtype)
+        finally:
+            for handle in handles:
+                handle.remove()
+        twice = [type(m).__name__ for m, calls in seen.items() if len(calls) > 1]
+        if twice:
+            raise AttributionError(
+                f"a {twice[0]} module runs more than once per forward pass; its scale cannot be frozen per call"
+            )
+        self.norms = [calls[0] for calls in seen.values()]
+
+        def get(name: str) -> torch.Tensor:
+            return cache[name][0].to(self.dtype)
+
+        self.embed = get("hook_embed")
+        self.pos_embed = get(POS_EMBED_HOOK) if self.has_pos_embed else None
+        self.patterns = [get(f"blocks.{layer}.attn.hook_pattern") for layer in range(self.n_layers)]
+        self.final = get(self.final_hook)
+        self.inputs = torch.stack([get(tc.hook_in(layer)) for layer in range(self.n_layers)])
+        outputs = torch.stack([get(tc.hook_out(layer)) for layer in range(self.n_layers)])
+        self.activations = [tc.encode(layer, self.inputs[layer]) for layer in range(self.n_layers)]
+        predicted = torch.stack(tc.reconstruct(list(self.inputs), self.activations))
+        self.errors = outputs - predicted
+        self.writes = outputs.clone()
+        for layer in range(self.n_layers):
+            skip = tc.skip_weight(layer)
+            if skip is not None:
+                self.writes[layer] -= self.inputs[layer] @ skip
+
+    # ------------------------------------------------------------------ phase 3: the frozen forward
+    def clean_sources(self, batch: int = 1, grad: bool = False) -> Sources:
+        """The prompt's own sources repeated ``batch`` times (leaves requiring grad when ``grad``)."""
+
+        def leaf(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return x[None].expand(batch, *x.shape).clone().requires_grad_(grad)
+
+        embed, writes = leaf(self.embed), leaf(self.writes)
+        assert embed is not None and writes is not None
+        return Sources(embed, leaf(self.pos_embed), writes)
+
+    def zero_sources(self) -> Sources:
+        """Every node zero — features, errors, embeddings — with the decoder biases b_dec kept in each MLP's write
+        (batch 1): the frozen forward then gives each read-out's bias constant."""
+        sources = self.clean_sources()
+        biases = torch.stack([self.transcoders.decoder_bias(layer) for layer in range(self.n_layers)])
+        writes = biases[None, :, None].expand_as(sources.writes).to(sources.writes).clone()
+        return Sources(torch.zeros_like(sources.embed),
+                       None if sources.pos_embed is None else torch.zeros_like(sources.pos_embed), writes)  # fmt: skip
+
+    @contextlib.contextmanager
+    def _frozen_norms(self) -> Iterator[None]:
+        frozen = {norm.module: norm for norm in self.norms}
+
+        def apply(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+            return frozen[module].apply(args[0]).to(output.dtype)
+
+        handles = [module.register_forward_hook(apply, prepend=True) for module in frozen]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(
+        self, sources: Sources, reads: Sequence[str] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the frozen replacement model on ``sources`` → (logits [batch, pos, d_vocab], {hook: activation
+        [batch, pos, d_model]} for every transcoder ``hook_in`` and each hook of ``reads``, still attached to the
+        autograd graph)."""
+        tc, batch = self.transcoders, sources.writes.shape[0]
+        recorded: dict[str, torch.Tensor] = {}
+
+        def replace_with(value: torch.Tensor):
+            def replace(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+                return value.to(activation.dtype)
+
+            return replace
+
+        def record(activation: torch.Tensor, hook: Any) -> None:
+            recorded[hook.name] = activation
+
+        def mlp_out(layer: int):
+            skip = tc.skip_weight(layer)
+
+            def replace(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+                out = sources.writes[:, layer]
+                if skip is not None:
+                    out = out + recorded[tc.hook_in(layer)].to(skip.dtype) @ skip
+                return out.to(activation.dtype)
+
+            return replace
+
+        hooks = [("hook_embed", replace_with(sources.embed))]
+        if (
+            sources.pos_embed is not None
+        ):  # the position embedding's output is [1, pos, d]: carried by hook_embed
+            hooks = [("hook_embed", replace_with(sources.embed + sources.pos_embed)),
+                     (POS_EMBED_HOOK, lambda activation, hook: torch.zeros_like(activation))]  # fmt: skip
+        for layer in range(self.n_layers):
+            pattern = self.patterns[layer][None].expand(batch, *self.patterns[layer].shape)
+            hooks.append((f"blocks.{layer}.attn.hook_pattern", replace_with(pattern)))
+        for name in dict.fromkeys([*(tc.hook_in(layer) for layer in range(self.n_layers)), *reads]):
+            hooks.append((name, record))
+        hooks += [(tc.hook_out(layer), mlp_out(layer)) for layer in range(self.n_layers)]
+        with self._frozen_norms(), self.model.hooks(hooks):
+            logits = self.model(self.tokens[None].expand(batch, -1))
+        return logits, recorded

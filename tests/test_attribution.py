@@ -1,0 +1,289 @@
+"""Attribution graphs on tiny random models in float64 (GPT-2 with position embeddings and skip transcoders on
+ln2.hook_normalized, parallel GPT-NeoX with hook_resid_pre transcoders, Llama with RMSNorm and grouped-query
+attention on hook_resid_mid, and a cross-layer transcoder on Llama): every row adds up to its node's value, the
+batched adjacency equals a dense autograd Jacobian of the frozen replacement model and the effect of removing a
+source, the replacement model reproduces the logits, and bad input is refused with a message naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from workbench.circuits.attribution.graph import Graph, attribute, probe_target
+from workbench.circuits.attribution.pruning import graph_scores, node_influence, prune
+from workbench.circuits.attribution.replacement import ReplacementModel, Sources
+from workbench.circuits.attribution.transcoders import AttributionError, as_transcoders
+from workbench.circuits.sae.base import SAEConfig, create_sae
+from workbench.circuits.sae.formats.circuit_tracer import CrossLayerTranscoder
+from workbench.model import HookedModel
+
+D_MODEL, N_LAYERS, D_TRANSCODER, VOCAB = 16, 2, 24, 40
+TARGETS = ["logits", "feature:1:5:3", "diff:3,4"]
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    """Non-trivial norm weights and biases everywhere, so that every bias constant is exercised."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln" in name:
+                parameter.copy_(torch.rand(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.4 + 0.8
+                                if name.endswith("weight") else
+                                torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.1)  # fmt: skip
+
+
+def _model(family: str) -> HookedModel:
+    torch.manual_seed(0)
+    shape = {"vocab_size": VOCAB}
+    if family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_head=4,
+                                                                  n_positions=16, bos_token_id=0, eos_token_id=0, **shape))  # fmt: skip
+    elif family == "gpt_neox":
+        hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, num_attention_heads=4, intermediate_size=32,
+            max_position_embeddings=16, rotary_pct=0.5, use_parallel_residual=True, bos_token_id=0, eos_token_id=0,
+            **shape))  # fmt: skip
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=32, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, **shape))  # fmt: skip
+    hf = hf.double().eval()
+    _randomise(hf)
+    return HookedModel.from_hf(hf, None, name=f"tiny-{family}")
+
+
+def _per_layer(hook: str, skip: bool, architecture: str = "relu") -> dict:
+    generator = torch.Generator().manual_seed(2)
+    saes = {}
+    for layer in range(N_LAYERS):
+        sae = create_sae(SAEConfig(architecture, d_in=D_MODEL, d_sae=D_TRANSCODER, skip=skip,
+                                   hook_in=f"blocks.{layer}.{hook}", hook_out=f"blocks.{layer}.hook_mlp_out"))  # fmt: skip
+        with torch.no_grad():
+            sae.b_enc.copy_(torch.randn(D_TRANSCODER, generator=generator) * 0.3)
+            sae.b_dec.copy_(torch.randn(D_MODEL, generator=generator) * 0.1)
+            if sae.W_skip is not None:
+                sae.W_skip.copy_(torch.randn(D_MODEL, D_MODEL, generator=generator) * 0.05)
+        saes[layer] = sae.double().eval()
+    return saes
+
+
+def _clt() -> CrossLayerTranscoder:
+    generator = torch.Generator().manual_seed(3)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    return CrossLayerTranscoder(rand(N_LAYERS, D_MODEL, D_TRANSCODER, scale=0.5), rand(N_LAYERS, D_TRANSCODER, scale=0.3),
+                                torch.full((N_LAYERS, D_TRANSCODER), 0.05, dtype=torch.float64),
+                                [rand(D_TRANSCODER, N_LAYERS - i, D_MODEL, scale=0.2) for i in range(N_LAYERS)],
+                                rand(N_LAYERS, D_MODEL, scale=0.1), "mlp.hook_in", "mlp.hook_out")  # fmt: skip
+
+
+CASES = {
+    "gpt2-ln2-skip": ("gpt2", lambda: _per_layer("ln2.hook_normalized", skip=True)),
+    "neox-parallel-resid-pre": ("gpt_neox", lambda: _per_layer("hook_resid_pre", skip=False)),
+    "llama-gqa-resid-mid": (
+        "llama",
+        lambda: _per_layer("hook_resid_mid", skip=False, architecture="jumprelu"),
+    ),
+    "llama-clt": ("llama", _clt),
+}
+TOKENS = torch.tensor([1, 7, 3, 22, 9, 31, 5])
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, tuple[HookedModel, object, Graph]]:
+    models = {family: _model(family) for family in ("gpt2", "gpt_neox", "llama")}
+    found = {}
+    for case, (family, make) in CASES.items():
+        transcoders = make()
+        graph = attribute(models[family], transcoders, TOKENS, targets=TARGETS, batch_size=32)
+        found[case] = (models[family], transcoders, graph)
+    return found
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_row_adds_up_to_its_value(built, case) -> None:
+    """Features: incoming edges + constant (b_enc and every bias through the frozen paths) = pre-activation; logit
+    targets: = the demeaned logit; the diff target: = logit A − logit B; the feature target: its pre-activation."""
+    model, _, graph = built[case]
+    assert graph.n_features == graph.n_active > 0
+    rows = ~torch.isnan(graph.values)
+    assert int(rows.sum()) == graph.n_features + graph.n_targets
+    total = graph.adjacency.sum(1) + graph.constants + graph.dropped
+    assert float((total[rows] - graph.values[rows]).abs().max()) < 1e-5
+    logits = model(TOKENS[None])[0, -1].double()
+    logit_targets = [t for t in graph.targets if t.kind == "logit"]
+    assert logit_targets and sum(t.weight for t in logit_targets) >= 0.95 or len(logit_targets) == 10
+    for target in logit_targets:
+        assert target.value == pytest.approx(float(logits[target.token] - logits.mean()), abs=1e-6)
+    diff = next(t for t in graph.targets if t.kind == "diff")
+    assert diff.value == pytest.approx(
+        float(logits[3] - logits[4]), abs=1e-6
+    )  # Llama's RMSNorm runs in float32
+    assert float(graph.constants[graph.n_nodes - graph.n_targets :].abs().max()) > 1e-3  # biases matter here
+    assert (
+        float(
+            graph.adjacency[: graph.n_features, graph.n_features : graph.n_features + graph.n_errors]
+            .abs()
+            .max()
+        )
+        > 0
+    )
+
+
+def test_pruning_with_fewer_feature_nodes_keeps_the_identity(built) -> None:
+    """max_feature_nodes keeps the most influential features; what the others contribute is reported in
+    ``dropped``, so rows still add up, and scores lie in [0, 1]."""
+    model, transcoders, full = built["gpt2-ln2-skip"]
+    graph = attribute(model, transcoders, TOKENS, targets="logits", max_feature_nodes=20, batch_size=8)
+    assert graph.n_features == 20 and graph.n_active == full.n_active
+    rows = ~torch.isnan(graph.values)
+    total = graph.adjacency.sum(1) + graph.constants + graph.dropped
+    assert float((total[rows] - graph.values[rows]).abs().max()) < 1e-5
+    assert float(graph.dropped[: graph.n_features].abs().sum()) > 0
+    for value in graph.scores.values():
+        assert 0.0 <= value <= 1.0
+    pruned = prune(full, 0.8, 0.98)
+    assert bool(pruned.nodes[full.n_nodes - full.n_inputs - full.n_targets :].all())
+    assert 0 < int(pruned.nodes[: full.n_features].sum()) < full.n_features
+    assert not bool(pruned.edges[~pruned.nodes].any()) and not bool(pruned.edges[:, ~pruned.nodes].any())
+    influence = node_influence(full)
+    assert float(influence[full.n_nodes - full.n_targets :].abs().max()) == 0.0  # targets influence nothing
+    assert graph_scores(full) == full.scores
+
+
+def _dense_jacobian(replacement: ReplacementModel, graph: Graph) -> torch.Tensor:
+    """A[rows, columns] from torch.autograd.functional.jacobian of the frozen model's read-outs with respect to its
+    sources (flattened), mapped onto the graph's columns by each source's vector."""
+    sources = replacement.clean_sources()
+    shapes = [t.shape for t in sources.leaves()]
+    sizes = [t.numel() for t in sources.leaves()]
+    tc = replacement.transcoders
+    feature_rows = [(tc.hook_in(int(la)), int(p), tc.encoder_vectors(int(la), torch.tensor([int(f)]))[0][0])
+                    for la, p, f in graph.features]  # fmt: skip
+    rows = feature_rows + [(t.hook, t.position, t.vector) for t in graph.targets]
+
+    def readouts(flat: torch.Tensor) -> torch.Tensor:
+        parts = [p.reshape(s) for p, s in zip(flat.split(sizes), shapes, strict=True)]
+        pos_embed = parts[2] if replacement.has_pos_embed else None
+        _, reads = replacement.forward(Sources(parts[1], pos_embed, parts[0]), reads=[r[0] for r in rows])
+        return torch.stack([reads[hook][0, position] @ vector for hook, position, vector in rows])
+
+    flat = torch.cat([t.flatten() for t in sources.leaves()]).detach()
+    jacobian = torch.autograd.functional.jacobian(readouts, flat, vectorize=True)  # [n_rows, n_source_dims]
+    j_writes, j_embed, *j_pos = (
+        j.reshape(len(rows), *s) for j, s in zip(jacobian.split(sizes, 1), shapes, strict=True)
+    )
+    columns = []
+    for (layer, position, feature), value in zip(graph.features.tolist(), graph.activations, strict=True):
+        decoder = tc.decoder_vectors(layer, torch.tensor([feature]))[0]  # [n_out, d]
+        columns.append(
+            value * (j_writes[:, 0, layer : layer + len(decoder), position] * decoder).sum((-1, -2))
+        )
+    columns += list((j_writes[:, 0] * replacement.errors).sum(-1).flatten(1).T)
+    columns += list((j_embed[:, 0] * replacement.embed).sum(-1).T)
+    if j_pos:
+        columns += list((j_pos[0][:, 0] * replacement.pos_embed).sum(-1).T)
+    dense = torch.stack(columns, 1)
+    return torch.cat([dense, torch.zeros(len(rows), graph.n_targets, dtype=dense.dtype)], 1)
+
+
+@pytest.mark.parametrize("case", ["gpt2-ln2-skip", "llama-clt"])
+def test_batched_adjacency_equals_a_dense_jacobian(built, case) -> None:
+    model, transcoders, graph = built[case]
+    replacement = ReplacementModel(model, as_transcoders(model, transcoders), TOKENS)
+    dense = _dense_jacobian(replacement, graph)
+    rows = torch.cat(
+        [torch.arange(graph.n_features), torch.arange(graph.n_nodes - graph.n_targets, graph.n_nodes)]
+    )
+    assert float((graph.adjacency[rows] - dense).abs().max()) < 1e-9
+
+
+def test_zeroing_a_source_changes_its_target_by_minus_the_edge(built) -> None:
+    """Remove one source from the frozen model (a feature's decoded write, an error, a token embedding) with every
+    other source held: the target's read-out moves by exactly −A[t, s]."""
+    model, transcoders, graph = built["llama-clt"]
+    tc = as_transcoders(model, transcoders)
+    replacement = ReplacementModel(model, tc, TOKENS)
+    target = graph.targets[0]
+    row = graph.n_nodes - graph.n_targets
+
+    def readout(sources: Sources) -> float:
+        with torch.no_grad():
+            _, reads = replacement.forward(sources, reads=[target.hook])
+        return float(reads[target.hook][0, target.position] @ target.vector)
+
+    base = readout(replacement.clean_sources())
+    strongest = int(graph.adjacency[row, : graph.n_features].abs().argmax())
+    layer, position, feature = graph.features[strongest].tolist()
+    sources = replacement.clean_sources()
+    decoder = tc.decoder_vectors(layer, torch.tensor([feature]))[0]
+    sources.writes[0, layer : layer + len(decoder), position] -= graph.activations[strongest] * decoder
+    assert readout(sources) - base == pytest.approx(-float(graph.adjacency[row, strongest]), abs=1e-9)
+    sources = replacement.clean_sources()
+    sources.writes[0, 0, 2] -= replacement.errors[0, 2]
+    error_node = graph.n_features + 0 * graph.n_pos + 2
+    assert readout(sources) - base == pytest.approx(-float(graph.adjacency[row, error_node]), abs=1e-9)
+    sources = replacement.clean_sources()
+    sources.embed[0, 3] = 0
+    token_node = graph.n_features + graph.n_errors + 3
+    assert readout(sources) - base == pytest.approx(-float(graph.adjacency[row, token_node]), abs=1e-9)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replacement_reproduces_the_logits(built, case) -> None:
+    """With error nodes the frozen replacement model's logits are the model's; without them they are not."""
+    model, transcoders, _ = built[case]
+    replacement = ReplacementModel(model, as_transcoders(model, transcoders), TOKENS)
+    with torch.no_grad():
+        truth = model(TOKENS[None])[0]
+        logits, _ = replacement.forward(replacement.clean_sources(batch=2))
+        sources = replacement.clean_sources()
+        sources.writes -= replacement.errors[None]
+        without_errors, _ = replacement.forward(sources)
+    assert float((logits - truth[None]).abs().max()) < 1e-5
+    assert float((without_errors[0] - truth).abs().max()) > 1e-3
+
+
+def test_probe_target_rows_add_up(built) -> None:
+    model, transcoders, _ = built["llama-gqa-resid-mid"]
+    replacement = ReplacementModel(model, as_transcoders(model, transcoders), TOKENS)
+    direction = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    target = probe_target(
+        replacement, "blocks.1.hook_resid_post", direction, bias=0.25, position=4, label="probe"
+    )
+    graph = attribute(model, transcoders, TOKENS, targets=[target], batch_size=8)
+    last = graph.n_nodes - 1
+    total = graph.adjacency[last].sum() + graph.constants[last] + graph.dropped[last]
+    assert float(total) == pytest.approx(target.value, abs=1e-9)
+    with torch.no_grad(), model.capture("blocks.1.hook_resid_post") as cache:
+        model(TOKENS[None])
+    assert target.value == pytest.approx(
+        float(cache["blocks.1.hook_resid_post"][0, 4] @ direction + 0.25), abs=1e-6
+    )
+    features_after = graph.features[:, 1] > 4
+    assert not bool(
+        graph.adjacency[last, : graph.n_features][features_after].any()
+    )  # causal: no later positions
+
+
+def test_bad_input_is_refused_naming_the_fix(built) -> None:
+    model, transcoders, _ = built["gpt2-ln2-skip"]
+    with pytest.raises(AttributionError, match="no transcoder for layer"):
+        attribute(model, {0: transcoders[0]}, TOKENS)
+    wide = create_sae(SAEConfig("relu", d_in=D_MODEL * 2, d_sae=8, hook_in="blocks.0.ln2.hook_normalized",
+                                hook_out="blocks.0.hook_mlp_out"))  # fmt: skip
+    with pytest.raises(AttributionError, match="another model"):
+        attribute(model, {0: wide, 1: transcoders[1]}, TOKENS)
+    with pytest.raises(AttributionError, match="hook_resid_mid"):
+        attribute(model, _per_layer("hook_resid_pre", skip=False), TOKENS)
+    with pytest.raises(AttributionError, match="not an MLP input"):
+        attribute(model, _per_layer("hook_resid_post", skip=False), TOKENS)
+    with pytest.raises(AttributionError, match="not in the vocabulary"):
+        attribute(model, transcoders, TOKENS, targets="diff:3,400")
+    with pytest.raises(AttributionError, match="shorten the prompt"):
+        attribute(model, transcoders, torch.arange(20) % VOCAB)
+    with pytest.raises(AttributionError, match="is not one of"):
+        attribute(model, transcoders, TOKENS, targets="heads")
