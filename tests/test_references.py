@@ -149,6 +149,32 @@ def test_errors_list_what_was_tried(zoo_workspace, gpt2_dir) -> None:
         resolve_series("code-tiny", workspace=ws).restrict([9])
 
 
+def test_a_path_like_reference_that_is_not_a_directory_says_so_before_any_hub_lookup(
+    tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "weights.bin").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    for ref in (
+        "models/nope",
+        "models/nope@300",
+        "./nope",
+        "../no-such-dir-here",
+        "~/no-such-dir-wb",
+        "/no/such",
+    ):
+        with pytest.raises(ModelReferenceError, match="no such directory") as caught:
+            parse_model_ref(ref, tmp_path)
+        assert "hub" not in str(caught.value) and "stepN" not in str(caught.value)
+    with pytest.raises(ModelReferenceError, match=r"no such directory: .*models/nope \(the nearest existing "
+                       r"directory is .*models\)"):  # fmt: skip
+        resolve_model("models/nope")
+    with pytest.raises(ModelReferenceError, match="is a file, not a directory"):
+        parse_model_ref("models/weights.bin", tmp_path)
+    # an ORG/NAME whose ORG is not a local directory stays a hub id
+    assert parse_model_ref("someone/not-cached@step5", tmp_path).kind == "hub"
+
+
 def test_an_unknown_hub_model_fails_at_once_without_a_reachable_hub(tmp_path) -> None:
     env = {
         "PATH": "/usr/bin:/bin",

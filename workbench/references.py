@@ -87,6 +87,14 @@ def parse_model_ref(text: str | Path, workspace: str | Path | Workspace | None =
     path = Path(base).expanduser()
     if path.is_dir():
         return _directory_ref(text, path, at_or_none)
+    if _path_like(base):
+        missing = path.resolve()
+        where = "is a file, not a directory" if path.exists() else "no such directory"
+        nearest = next(p for p in (missing, *missing.parents) if p.is_dir())
+        raise ModelReferenceError(
+            f"model {text!r}: {where}: {missing} (the nearest existing directory is {nearest}); give a "
+            "save_pretrained directory or a directory of step<N>/ folders"
+        )
     tried.append(f"not a directory ({path.resolve()})")
     ws = Workspace(workspace)
     if "/" not in base and "\\" not in base and not base.startswith("."):
@@ -98,6 +106,17 @@ def parse_model_ref(text: str | Path, workspace: str | Path | Workspace | None =
         return ModelRef(text, "hub", base, at_or_none)
     tried.append("not a hub id (ORG/NAME)")
     raise ModelReferenceError(f"model {text!r}: {'; '.join(tried)}. Forms: {FORMS}")
+
+
+def _path_like(text: str) -> bool:
+    """Whether ``text`` reads as a local path rather than a workspace name or hub id: it starts with ``./``,
+    ``../``, ``/`` or ``~``, or it has a separator and its first component or its parent directory exists."""
+    if text.startswith(("./", "../", "/", "~", ".\\", "..\\")) or text in (".", ".."):
+        return True
+    parts = re.split(r"[/\\]", text)
+    if len(parts) < 2:
+        return False
+    return Path(parts[0]).expanduser().exists() or Path(text).expanduser().parent.is_dir()
 
 
 def _directory_ref(text: str, path: Path, at: str | None) -> ModelRef:
