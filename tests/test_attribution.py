@@ -18,7 +18,7 @@ from workbench.circuits.sae.base import SAEConfig, create_sae
 from workbench.circuits.sae.formats.circuit_tracer import CrossLayerTranscoder
 from workbench.model import HookedModel
 
-D_MODEL, N_LAYERS, D_TRANSCODER, VOCAB = 16, 2, 24, 40
+D_MODEL, N_LAYERS, D_TRANSCODER, VOCAB = 16, 2, 16, 40
 TARGETS = ["logits", "feature:1:5:3", "diff:3,4"]
 
 
@@ -98,7 +98,7 @@ def built() -> dict[str, tuple[HookedModel, object, Graph]]:
     found = {}
     for case, (family, make) in CASES.items():
         transcoders = make()
-        graph = attribute(models[family], transcoders, TOKENS, targets=TARGETS, batch_size=32)
+        graph = attribute(models[family], transcoders, TOKENS, targets=TARGETS, batch_size=64)
         found[case] = (models[family], transcoders, graph)
     return found
 
@@ -137,7 +137,9 @@ def test_pruning_with_fewer_feature_nodes_keeps_the_identity(built) -> None:
     """max_feature_nodes keeps the most influential features; what the others contribute is reported in
     ``dropped``, so rows still add up, and scores lie in [0, 1]."""
     model, transcoders, full = built["gpt2-ln2-skip"]
-    graph = attribute(model, transcoders, TOKENS, targets="logits", max_feature_nodes=20, batch_size=8)
+    graph = attribute(
+        model, transcoders, TOKENS, targets="logits", max_feature_nodes=20, batch_size=8, heads=False
+    )
     assert graph.n_features == 20 and graph.n_active == full.n_active
     rows = ~torch.isnan(graph.values)
     total = graph.adjacency.sum(1) + graph.constants + graph.dropped
@@ -254,7 +256,7 @@ def test_probe_target_rows_add_up(built) -> None:
     target = probe_target(
         replacement, "blocks.1.hook_resid_post", direction, bias=0.25, position=4, label="probe"
     )
-    graph = attribute(model, transcoders, TOKENS, targets=[target], batch_size=8)
+    graph = attribute(model, transcoders, TOKENS, targets=[target], batch_size=8, heads=False)
     last = graph.n_nodes - 1
     total = graph.adjacency[last].sum() + graph.constants[last] + graph.dropped[last]
     assert float(total) == pytest.approx(target.value, abs=1e-9)
@@ -287,3 +289,26 @@ def test_bad_input_is_refused_naming_the_fix(built) -> None:
         attribute(model, transcoders, torch.arange(20) % VOCAB)
     with pytest.raises(AttributionError, match="is not one of"):
         attribute(model, transcoders, TOKENS, targets="heads")
+
+
+@pytest.mark.parametrize("case", ["gpt2-ln2-skip", "llama-gqa-resid-mid", "llama-clt"])
+def test_head_loadings_sum_to_their_edges(built, case) -> None:
+    """Every edge between two positions is split over the (layer, head) pairs through which its paths first leave
+    the source's position; the parts add up to the edge, and same-position edges get no loadings."""
+    _, _, graph = built[case]
+    loadings = graph.head_loadings
+    assert loadings is not None and len(loadings) > 0
+    summed = loadings.groupby(["target", "source"])["weight"].sum()
+    targets = torch.tensor(summed.index.get_level_values(0).to_numpy())
+    sources = torch.tensor(summed.index.get_level_values(1).to_numpy())
+    edges = graph.adjacency[targets, sources]
+    assert float((edges - torch.tensor(summed.to_numpy())).abs().max()) < 1e-9
+    nodes = graph.nodes()
+    position = torch.tensor(nodes["position"].to_numpy())
+    assert bool((position[targets] != position[sources]).all())
+    crossing = (position[:, None] != position[None, :]) & (graph.adjacency.abs() > 1e-12)
+    rows, cols = torch.nonzero(crossing, as_tuple=True)
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) <= set(
+        zip(targets.tolist(), sources.tolist(), strict=True)
+    )
+    assert loadings["head"].nunique() > 1 and loadings["layer"].nunique() == N_LAYERS

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from workbench.circuits.attribution.heads import head_loadings
 from workbench.circuits.attribution.replacement import ReplacementModel
 from workbench.circuits.attribution.transcoders import AttributionError, Transcoders, as_transcoders
 from workbench.circuits.sae.features import output_head
@@ -69,8 +70,9 @@ class Graph:
     features and targets (errors and inputs have no inputs). ``constants`` [n_nodes]: each row's bias term (the
     frozen model at zero sources plus the node's own bias); ``dropped`` [n_nodes]: what active features left out by
     ``max_feature_nodes`` contribute; so edges + constant + dropped = ``values`` (pre-activation, target value).
-    ``errors`` [n_layers, n_pos, d_model] and ``embed`` hold the error and input vectors; ``scores``: replacement and
-    completeness (circuit-tracer's definitions)."""
+    ``scores``: replacement and completeness (circuit-tracer's definitions); ``head_loadings``: (target, source,
+    layer, head, weight) splitting each cross-position edge over the heads that carry it (the parts of an edge sum
+    to it; :mod:`~workbench.circuits.attribution.heads`), None when not computed."""
 
     model: str
     checkpoint: int | None
@@ -88,6 +90,7 @@ class Graph:
     values: torch.Tensor
     n_active: int
     scores: dict[str, float] = field(default_factory=dict)
+    head_loadings: pd.DataFrame | None = None
 
     @property
     def n_pos(self) -> int:
@@ -339,7 +342,13 @@ class RowComputer:
     embeddings (n_pos), position embeddings (n_pos, when present)]. The frozen forward runs once on ``batch_size``
     copies; every :meth:`rows` call is one backward pass per ``batch_size`` rows."""
 
-    def __init__(self, replacement: ReplacementModel, reads: Sequence[str], batch_size: int):
+    def __init__(
+        self,
+        replacement: ReplacementModel,
+        reads: Sequence[str],
+        batch_size: int,
+        patterns: Sequence[torch.Tensor] | None = None,
+    ):
         self.replacement, self.batch_size = replacement, batch_size
         tc = replacement.transcoders
         self.active: list[torch.Tensor] = []  # per layer [n_l, 2] (position, feature)
@@ -355,28 +364,42 @@ class RowComputer:
         self.activations = torch.cat(self.values)
         self.n_active = len(self.features)
         n_inputs = replacement.n_pos * (2 if replacement.has_pos_embed else 1)
+        positions = torch.arange(replacement.n_pos, device=self.features.device)
+        self.positions = torch.cat([self.features[:, 1], positions.repeat(replacement.n_layers),
+                                    positions.repeat(n_inputs // replacement.n_pos)])  # fmt: skip
+        # self.positions [n_columns]: the position of each source column
         self.n_columns = self.n_active + replacement.n_layers * replacement.n_pos + n_inputs
         self.sources = replacement.clean_sources(batch_size, grad=True)
-        _, self.reads = replacement.forward(self.sources, reads=reads)
+        _, self.reads = replacement.forward(self.sources, reads=reads, patterns=patterns)
 
     def rows(self, rows: Sequence[_Row]) -> torch.Tensor:
         """[len(rows), n_columns]: every source's direct effect on each row's read-out."""
         if len(rows) > self.batch_size:
             raise ValueError(f"{len(rows)} rows exceed the batch size {self.batch_size}")
-        rep = self.replacement
         injections: dict[str, torch.Tensor] = {}
         for element, row in enumerate(rows):
             if row.hook not in injections:
                 injections[row.hook] = torch.zeros_like(self.reads[row.hook])
             injections[row.hook][element, row.position] += row.vector.to(injections[row.hook].dtype)
+        grads = self.gradients(self.reads, injections)
+        return self.columns(grads, len(rows))
+
+    def gradients(
+        self, reads: dict[str, torch.Tensor], injections: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """One backward pass: the gradient of Σ injection · read over ``reads`` (recorded by a frozen forward on
+        ``self.sources``) at every source leaf ([batch, ...] each, zeros where unreached)."""
         leaves = self.sources.leaves()
-        grads = torch.autograd.grad([self.reads[h] for h in injections], leaves, list(injections.values()),
+        grads = torch.autograd.grad([reads[h] for h in injections], leaves, list(injections.values()),
                                     retain_graph=True, allow_unused=True)  # fmt: skip
-        grad_writes, grad_embed = (
-            g if g is not None else torch.zeros_like(x) for g, x in zip(grads[:2], leaves[:2], strict=True)
-        )
-        n = len(rows)
-        grad_writes, grad_embed = grad_writes[:n], grad_embed[:n]
+        return [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves, strict=True)]
+
+    def columns(self, grads: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+        """[n, n_columns]: the first ``n`` batch elements' gradients at the sources (writes, embed[, pos_embed])
+        turned into direct effects of every source node (activation × decoder · gradient, error · gradient,
+        embedding · gradient)."""
+        rep = self.replacement
+        grad_writes, grad_embed = grads[0][:n], grads[1][:n]
         parts = []
         for layer, (active, decoder, values) in enumerate(
             zip(self.active, self.decoders, self.values, strict=True)
@@ -392,8 +415,7 @@ class RowComputer:
         parts.append((grad_embed * rep.embed).sum(-1))
         if rep.has_pos_embed:
             assert rep.pos_embed is not None
-            grad_pos = grads[2] if grads[2] is not None else torch.zeros_like(leaves[2])
-            parts.append((grad_pos[:n] * rep.pos_embed).sum(-1))
+            parts.append((grads[2][:n] * rep.pos_embed).sum(-1))
         return torch.cat(parts, dim=1)
 
     def constants(self, rows: Sequence[_Row]) -> torch.Tensor:
@@ -443,6 +465,7 @@ def attribute(
     max_logits: int = 10,
     logit_probability: float = 0.95,
     dtype: torch.dtype | None = None,
+    heads: bool = True,
     progress: bool = False,
 ) -> Graph:
     """The attribution graph of ``prompt`` (text or token ids [pos]) on ``model`` (a HookedModel) with
@@ -451,7 +474,8 @@ def attribute(
     ``targets``: ``"logits"`` (the most probable next tokens at ``position`` until ``logit_probability``, at most
     ``max_logits``), ``"diff:A,B"``, ``"feature:L:P:F"``, a :class:`Target` (e.g. :func:`probe_target`), or a list;
     ``max_feature_nodes``: features kept, the most influential first; ``batch_size``: rows per backward pass;
-    ``dtype``: the computation's dtype (default: the model's)."""
+    ``dtype``: the computation's dtype (default: the model's); ``heads``: split every cross-position edge into the
+    graph's rows over the attention heads carrying it (``graph.head_loadings``; causal models)."""
     if max_feature_nodes < 0 or batch_size < 1:
         raise AttributionError(
             f"max_feature_nodes={max_feature_nodes} must be ≥ 0 and batch_size={batch_size} ≥ 1"
@@ -462,6 +486,9 @@ def attribute(
     resolved = (resolve_targets(replacement, targets, position=position, max_logits=max_logits,
                                 logit_probability=logit_probability))  # fmt: skip
     reads = sorted({t.hook for t in resolved})
+    heads = heads and bool(model.cfg.causal)
+    if heads:
+        reads += [f"blocks.{layer}.attn.hook_z" for layer in range(replacement.n_layers)]
     computer = RowComputer(replacement, reads, batch_size)
     n_active, n_targets = computer.n_active, len(resolved)
     n_columns = computer.n_columns + n_targets  # targets are columns too (no outgoing edges)
@@ -500,13 +527,13 @@ def attribute(
             bar.update(len(chunk))
     bar.close()
     return _assemble(
-        model, replacement, computer, resolved, matrix, row_nodes, visited, text, tokens, encoders
+        model, replacement, computer, resolved, matrix, row_nodes, visited, text, tokens, encoders, heads
     )
 
 
 def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, targets: list[Target],
               matrix: torch.Tensor, row_nodes: torch.Tensor, visited: torch.Tensor, text: str, tokens: torch.Tensor,
-              encoders: list[tuple[torch.Tensor, torch.Tensor]]) -> Graph:  # fmt: skip
+              encoders: list[tuple[torch.Tensor, torch.Tensor]], heads: bool) -> Graph:  # fmt: skip
     """Phase 5: the node-ordered adjacency over the selected features, with constants, dropped parts and values."""
     from workbench.circuits.attribution.pruning import graph_scores
 
@@ -555,4 +582,7 @@ def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, 
                   adjacency=adjacency.cpu(), constants=constants.cpu(), dropped=dropped.cpu(), values=values.cpu(),
                   n_active=n_active)  # fmt: skip
     graph.scores = graph_scores(graph)
+    if heads and rows:
+        node_rows = [*range(n_features), *range(n_nodes - n_targets, n_nodes)]
+        graph.head_loadings = head_loadings(computer, rows, node_rows, node_of_column[: computer.n_columns])
     return graph

@@ -219,13 +219,18 @@ class ReplacementModel:
                 handle.remove()
 
     def forward(
-        self, sources: Sources, reads: Sequence[str] = ()
+        self,
+        sources: Sources,
+        reads: Sequence[str] = (),
+        patterns: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the frozen replacement model on ``sources`` → (logits [batch, pos, d_vocab], {hook: activation
-        [batch, pos, d_model]} for every transcoder ``hook_in`` and each hook of ``reads``, still attached to the
-        autograd graph)."""
+        [batch, pos, ...]} for every transcoder ``hook_in`` and each hook of ``reads``, attached to the autograd
+        graph: a read is on the path to the output, so a gradient with respect to it is the model's). ``patterns``
+        (per layer [head, query, key]) replace the prompt's frozen patterns (head loadings use their diagonals)."""
         tc, batch = self.transcoders, sources.writes.shape[0]
         recorded: dict[str, torch.Tensor] = {}
+        patterns = self.patterns if patterns is None else patterns
 
         def replace_with(value: torch.Tensor):
             def replace(activation: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -233,8 +238,9 @@ class ReplacementModel:
 
             return replace
 
-        def record(activation: torch.Tensor, hook: Any) -> None:
-            recorded[hook.name] = activation
+        def record(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            recorded[hook.name] = activation.clone()  # a new tensor the model goes on with
+            return recorded[hook.name]
 
         def mlp_out(layer: int):
             skip = tc.skip_weight(layer)
@@ -254,11 +260,11 @@ class ReplacementModel:
             hooks = [("hook_embed", replace_with(sources.embed + sources.pos_embed)),
                      (POS_EMBED_HOOK, lambda activation, hook: torch.zeros_like(activation))]  # fmt: skip
         for layer in range(self.n_layers):
-            pattern = self.patterns[layer][None].expand(batch, *self.patterns[layer].shape)
+            pattern = patterns[layer][None].expand(batch, *patterns[layer].shape)
             hooks.append((f"blocks.{layer}.attn.hook_pattern", replace_with(pattern)))
+        hooks += [(tc.hook_out(layer), mlp_out(layer)) for layer in range(self.n_layers)]
         for name in dict.fromkeys([*(tc.hook_in(layer) for layer in range(self.n_layers)), *reads]):
             hooks.append((name, record))
-        hooks += [(tc.hook_out(layer), mlp_out(layer)) for layer in range(self.n_layers)]
         with self._frozen_norms(), self.model.hooks(hooks):
             logits = self.model(self.tokens[None].expand(batch, -1))
         return logits, recorded
