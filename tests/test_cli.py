@@ -87,6 +87,11 @@ def test_capture_command_writes_a_complete_store(tmp_path) -> None:
     store = ActivationStore.open(out, verify="full")
     assert len(store.hooks) == 6 and store.read("blocks.5.hook_resid_post").shape[1] == 384
     assert store.manifest["dataset"] == "corpus.txt" and store.manifest["model"] == "minilm"
+    assert f"wrote {store.n_rows} rows × 6 hooks to {out}" in result.output
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert "store complete: 0 new rows" in rerun.output and "wrote" not in rerun.output
+    assert f"{store.n_rows} rows × 6 hooks already in {out}" in rerun.output
     mismatch = runner.invoke(
         app,
         [

@@ -243,6 +243,11 @@ def test_capture_crash_then_resume_equals_uninterrupted_run(tmp_path, gpt2, monk
     assert len(partial.manifest["shards"]) == 2 and 0 < partial.manifest["sequences_done"] < 13
     resumed = capture_to_store(model, inputs, "blocks.*.hook_resid_post", tmp_path / "c", **options)
     assert resumed.manifest["complete"] and resumed.n_rows == reference.n_rows
+    assert (reference.rows_at_open, reference.rows_written) == (0, reference.n_rows)
+    assert resumed.rows_at_open == partial.n_rows > 0
+    assert resumed.rows_written == reference.n_rows - partial.n_rows > 0
+    again = capture_to_store(model, inputs, "blocks.*.hook_resid_post", tmp_path / "c", **options)
+    assert (again.rows_at_open, again.rows_written) == (reference.n_rows, 0)
     assert torch.equal(resumed.locations(), reference.locations())
     assert torch.equal(resumed.token_ids(), reference.token_ids())
     for hook in reference.hooks:

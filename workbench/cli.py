@@ -137,7 +137,15 @@ def capture(
                               packing=packing, max_tokens=max_tokens)  # fmt: skip
     store = capture_to_store(hooked, rows, hooks, out, batch_size=batch_size, max_length=context_length,
                              dtype=stored, dataset=dataset.name, progress=progress)  # fmt: skip
-    typer.echo(f"wrote {store.n_rows} rows × {len(store.hooks)} hooks to {out}")
+    hooks_text = f"{len(store.hooks)} hook{'s' if len(store.hooks) != 1 else ''}"
+    if store.rows_written == 0:
+        typer.echo(f"store complete: 0 new rows ({store.n_rows} rows × {hooks_text} already in {out}, checksums "
+                   "verified)")  # fmt: skip
+    elif store.rows_at_open:
+        typer.echo(f"resumed {out}: wrote {store.rows_written} new rows × {hooks_text} ({store.n_rows} rows in "
+                   f"all, {store.rows_at_open} were already there)")  # fmt: skip
+    else:
+        typer.echo(f"wrote {store.rows_written} rows × {hooks_text} to {out}")
 
 
 def _mount_core() -> None:

@@ -148,6 +148,8 @@ class ActivationStore:
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._buffer_rows = 0
         self._buffer_sequences_done = manifest.get("sequences_done", 0)
+        self.rows_at_open = int(manifest.get("n_rows", 0))  # rows on disk when this object was made
+        self.rows_written = 0  # rows this object wrote to shards since (what "wrote N rows" reports)
 
     # ---------------------------------------------------------------- creating
     @classmethod
@@ -293,6 +295,7 @@ class ActivationStore:
             {"file": name, "rows": self._buffer_rows, "sha256": hashlib.sha256(data).hexdigest()}
         )
         self.manifest["n_rows"] += self._buffer_rows
+        self.rows_written += self._buffer_rows
         self.manifest["sequences_done"] = self._buffer_sequences_done
         self._write_manifest()
         self._buffer, self._buffer_rows = [], 0
