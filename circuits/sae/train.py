@@ -1,5 +1,9 @@
 """Train SAEs / transcoders from an iterator of activation batches (one model forward can feed several SAEs).
 
+A cross-layer transcoder (``circuits.sae.clt``) trains here too: its batches are layer-major (x, y [n_layers,
+rows, d_model], stacked from each layer's hooks of a dict batch), its normalisation scales are per layer, its loss
+sums every layer's squared error, and its history holds L0 and FVU per layer (``l0.<layer>``, ``fvu.<layer>``).
+
 Training draws no random numbers: the same SAEs (``seeded_sae``) on the same stream give identical bytes. A
 checkpoint is one file, ``trainer_state.pt`` in ``TrainConfig.checkpoint_dir`` (weights, optimizer, scheduler,
 dead-latent counters, scales, history of one step), replaced atomically, so a kill -9 at any moment resumes from
@@ -11,13 +15,15 @@ a consistent step and ends in the same SAEs as an uninterrupted run. Fault-injec
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeAlias, TypeVar
 
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae, token_vectors
+from workbench.circuits.sae.clt import CLTConfig, CrossLayerTranscoder, create_clt
 from workbench.circuits.sae.distributed import (
     Distributed,
     agreed_resume_path,
@@ -30,6 +36,8 @@ from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
 
+Trainable: TypeAlias = SAE | CrossLayerTranscoder
+TrainableT = TypeVar("TrainableT", bound=Trainable)
 TRAINER_STATE = "trainer_state.pt"
 TRAINER_STATE_VERSION = 3  # 1 (unversioned): weights in separate files; 2: per-parameter optimizer state
 
@@ -59,10 +67,10 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
-    """Trained SAEs (norm scaling already folded in) and per-step metrics per SAE."""
+class TrainResult(Generic[TrainableT]):
+    """Trained SAEs / CLTs (norm scaling already folded in) and per-step metrics per SAE."""
 
-    saes: dict[str, SAE]
+    saes: dict[str, TrainableT]
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
 
@@ -81,6 +89,13 @@ def seeded_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_sae(cfg)
+
+
+def seeded_clt(cfg: CLTConfig, seed: int = 0) -> CrossLayerTranscoder:
+    """``create_clt(cfg)`` with its random initialisation drawn from ``seed``; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_clt(cfg)
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -154,6 +169,52 @@ def _as_pair(batch, sae: SAE, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _clt_pair(batch, clt: CrossLayerTranscoder, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y [n_layers, rows, d_model]) on the CLT's device and dtype from a dict batch {hook: [rows, d_model]}
+    holding every layer's input and output hook, or an (x, y) pair already layer-major."""
+    if isinstance(batch, Mapping):
+        ins, outs = clt.hook_names
+        missing = [hook for hook in dict.fromkeys(ins + outs) if hook not in batch]
+        if missing:
+            raise SAEInputError(
+                f"training batch for {name} has no activations for hook(s) {missing[:4]} (it holds "
+                f"{sorted(k for k in batch if k != 'token_ids')[:8]}): capture every layer's {clt.hook_in!r} and "
+                f"{clt.hook_out!r}"
+            )
+        x = torch.stack([batch[h].reshape(-1, batch[h].shape[-1]) for h in ins])
+        y = torch.stack([batch[h].reshape(-1, batch[h].shape[-1]) for h in outs])
+    elif isinstance(batch, (tuple, list)):
+        x, y = batch
+    else:
+        raise SAEInputError(f"training batch for {name}: a CLT trains on {{hook: tensor}} dicts or (x, y) pairs "
+                            f"[n_layers, rows, d_model], not {type(batch).__name__}")  # fmt: skip
+    x = x.to(device=clt.device, dtype=clt.W_enc.dtype)
+    y = y.to(device=clt.device, dtype=clt.W_enc.dtype)
+    clt.check_input(x, f"training batch for {name}")
+    clt.check_input(y, f"target of the training batch for {name}")
+    return x, y
+
+
+def _layer_scales(t: torch.Tensor) -> tuple[float, ...]:
+    """Per layer of t [n_layers, rows, d]: the factor making its mean squared norm d."""
+    means = t.norm(dim=-1).mean(1).clamp_min(1e-8)
+    return tuple(math.sqrt(t.shape[-1]) / m for m in means.tolist())
+
+
+def _times(t: torch.Tensor, scale: float | Sequence[float]) -> torch.Tensor:
+    """t scaled by a float, or t [n_layers, rows, d] scaled per layer."""
+    if isinstance(scale, (int, float)):
+        return t * scale if scale != 1.0 else t
+    return t * torch.tensor(list(scale), dtype=t.dtype, device=t.device)[:, None, None]
+
+
+def _gather_rows(distributed: Distributed, t: torch.Tensor, layer_major: bool) -> torch.Tensor:
+    """Every rank's rows of t ([rows, d], or [n_layers, rows, d] layer-major) in rank order."""
+    if not layer_major:
+        return distributed.all_gather_rows(t)
+    return distributed.all_gather_rows(t.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
 def _latent_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents f [batch, d_sae] (dense, or sparse COO as TopK training returns) -> (fired [d_sae] bool, mean L0)."""
     if f.is_sparse:
@@ -191,15 +252,16 @@ def _scale(t: torch.Tensor) -> float:
 
 
 def train_saes(
-    saes: Mapping[str, SAE],
+    saes: Mapping[str, TrainableT],
     batches: Iterable,
     cfg: TrainConfig | None = None,
     distributed: Distributed | None = None,
-) -> TrainResult:
-    """Train every SAE in `saes` on the same stream.
+) -> TrainResult[TrainableT]:
+    """Train every SAE (or CLT) in `saes` on the same stream.
 
-    Each batch is a dict {hook: [batch, d]} (each SAE reads its hook_in / hook_out), or, for one SAE,
-    a tensor [batch, d_in] or an (x [batch, d_in], y [batch, d_out]) pair. Refused with ValueError: steps < 1,
+    Each batch is a dict {hook: [batch, d]} (each SAE reads its hook_in / hook_out; a CLT every layer's), or, for
+    one SAE, a tensor [batch, d_in] or an (x [batch, d_in], y [batch, d_out]) pair (a CLT: x, y [n_layers, batch,
+    d_model]). Refused with ValueError: steps < 1,
     a stream without batches, a batch with NaN/inf (named by its step), a loss that turns non-finite.
 
     ``distributed`` (``workbench.circuits.sae.distributed``): in mode "data" every rank passes the same SAEs and
@@ -213,18 +275,25 @@ def train_saes(
         check_sae_name(name)
     flat = flat_parameters(saes.values())  # one buffer (and one gradient buffer) per device and dtype
     try:
-        return _train(saes, batches, cfg, distributed, flat)
+        history = _train(dict(saes), batches, cfg, distributed, flat)
     finally:
         flat.restore()
         for sae in saes.values():
             if isinstance(sae, TopKSAE):
                 sae.batch_gather = sae.pre_buffer = None  # training-time state, also after an error
+            elif isinstance(sae, CrossLayerTranscoder):
+                sae.batch_gather = None
+    return TrainResult(saes, history)
+
+
+def _latent_shape(sae: Trainable) -> tuple[int, ...]:
+    return (sae.n_layers, sae.d_transcoder) if isinstance(sae, CrossLayerTranscoder) else (sae.d_sae,)
 
 
 def _train(
-    saes: dict[str, SAE], batches: Iterable, cfg: TrainConfig, distributed: Distributed | None,
+    saes: dict[str, Trainable], batches: Iterable, cfg: TrainConfig, distributed: Distributed | None,
     flat: FlatParameters,
-) -> TrainResult:  # fmt: skip
+) -> dict[str, list[dict[str, float]]]:  # fmt: skip
     """The body of :func:`train_saes`, with the SAEs' parameters in ``flat``'s buffers."""
     from tqdm.auto import tqdm
 
@@ -235,8 +304,10 @@ def _train(
     optimizer = torch.optim.Adam(params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr, betas=(0.9, 0.999),
                                  fused=_can_fuse(params))  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    tokens_since_fired = {n: torch.zeros(s.d_sae, dtype=torch.long, device=s.device) for n, s in saes.items()}
-    scales: dict[str, tuple[float, float]] = {}
+    tokens_since_fired = {
+        n: torch.zeros(_latent_shape(s), dtype=torch.long, device=s.device) for n, s in saes.items()
+    }
+    scales: dict[str, tuple] = {}  # per SAE (scale in, scale out): floats, or per-layer tuples for a CLT
     history: dict[str, list[dict[str, float]]] = {n: [] for n in saes}
     pending: dict[str, list] = {n: [] for n in saes}  # metrics still as tensors: one device sync per flush
     start = 0
@@ -268,10 +339,11 @@ def _train(
     elif data_parallel and distributed is not None:
         iterator = _agreed_stream(iterator, distributed)
     for sae in saes.values():
-        if isinstance(sae, TopKSAE):
+        if isinstance(sae, (TopKSAE, CrossLayerTranscoder)):
             sae.batch_gather = (
                 distributed.all_gather_rows if data_parallel and distributed is not None else None
             )
+        if isinstance(sae, TopKSAE):
             sae.pre_buffer = torch.empty(0, device=sae.device)  # grown by the first batch, reused after
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc="train SAE")
     for step in bar:
@@ -286,25 +358,43 @@ def _train(
         total: torch.Tensor | float = 0.0
         step_stats: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor], int]] = {}
         for name, sae in saes.items():
-            x, y = _as_pair(batch, sae, f"{name} at step {step} (batch {step} of the stream)")
+            where = f"{name} at step {step} (batch {step} of the stream)"
+            clt = isinstance(sae, CrossLayerTranscoder)
+            x, y = (
+                _clt_pair(batch, sae, where)
+                if isinstance(sae, CrossLayerTranscoder)
+                else _as_pair(batch, sae, where)
+            )
             first = name not in scales
             if first:  # data-parallel: the scale and initialisation come from the first global batch
-                gx = distributed.all_gather_rows(x) if data_parallel and distributed is not None else x
+                gx = _gather_rows(distributed, x, clt) if data_parallel and distributed is not None else x
                 gy = (
-                    gx if y is x else (distributed.all_gather_rows(y) if data_parallel and distributed else y)
+                    gx
+                    if y is x
+                    else (_gather_rows(distributed, y, clt) if data_parallel and distributed else y)
                 )
-                scales[name] = (_scale(gx), _scale(gy)) if cfg.normalize_activations else (1.0, 1.0)
+                if clt:
+                    unit = (1.0,) * x.shape[0]
+                    scales[name] = (
+                        (_layer_scales(gx), _layer_scales(gy)) if cfg.normalize_activations else (unit, unit)
+                    )
+                else:
+                    scales[name] = (_scale(gx), _scale(gy)) if cfg.normalize_activations else (1.0, 1.0)
             s_in, s_out = scales[name]
-            x, y = (x * s_in if s_in != 1.0 else x), (y * s_out if s_out != 1.0 else y)
+            same = y is x
+            x = _times(x, s_in)
+            y = x if same else _times(y, s_out)
             if first:
-                gx, gy = gx * s_in, (gx * s_in if gy is gx else gy * s_out)
+                gx, gy = _times(gx, s_in), (_times(gx, s_in) if gy is gx else _times(gy, s_out))
             if cfg.outlier_norm is not None:
                 limit_key = f"{name}/outlier_limit"  # in the scales: a resumed run masks the same rows
                 if first:
+                    sizes = row_size(gx, cfg.outlier_metric)
                     scales[limit_key] = (
-                        cfg.outlier_norm * float(row_size(gx, cfg.outlier_metric).median()),
+                        tuple((cfg.outlier_norm * sizes.median(1).values).tolist()) if clt
+                        else cfg.outlier_norm * float(sizes.median()),
                         0.0,
-                    )
+                    )  # fmt: skip
                     gx, gy, _ = _mask_outliers(
                         gx, gy, scales[limit_key][0], cfg.outlier_action, cfg.outlier_metric
                     )
@@ -314,26 +404,31 @@ def _train(
             if first and cfg.data_init:
                 sae.initialize_from_batch(gx, gy)
             dead = tokens_since_fired[name] > cfg.dead_after_tokens
-            f, prediction, pre, _ = sae.training_forward(x, dead)
+            f, prediction, pre, extra = sae.training_forward(x, dead)
             residual = y - prediction
-            mse = residual.pow(2).sum(-1).mean()
-            losses = {"mse": mse} | sae.sparsity_loss(f, pre) | sae.auxiliary_losses(x, y, f, pre)
-            if isinstance(sae, TopKSAE):
+            mse = residual.pow(2).sum(-1).sum(0).mean() if clt else residual.pow(2).sum(-1).mean()
+            losses = {"mse": mse} | sae.sparsity_loss(f, pre) | sae.auxiliary_losses(x, y, f, pre) | extra
+            if isinstance(sae, TopKSAE) or (clt and sae.cfg.activation in ("topk", "batchtopk")):
                 losses["aux_k"] = sae.aux_loss(x, pre.detach(), residual.detach(), dead)
             loss = sum(losses.values())
+            rows = x.shape[1] if clt else x.shape[0]
             if (
                 cfg.outlier_norm is not None and data_parallel and distributed is not None
             ):  # ranks kept unequal rows
-                loss = loss * (x.shape[0] * world / max(distributed.all_reduce_sum_int(x.shape[0]), 1))
+                loss = loss * (rows * world / max(distributed.all_reduce_sum_int(rows), 1))
             total = total + loss
             with torch.no_grad():
-                fired, l0 = _latent_stats(f)
-                variance = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
-                metrics = {"loss": loss.detach(), "fvu": mse.detach() * x.shape[0] / variance, "l0": l0,
-                           "dead": dead.float().mean()}  # fmt: skip
+                if isinstance(sae, CrossLayerTranscoder):
+                    fired, metrics = _clt_metrics(sae, f, y, residual)
+                    metrics = {"loss": loss.detach()} | metrics | {"dead": dead.float().mean()}
+                else:
+                    fired, l0 = _latent_stats(f)
+                    variance = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+                    metrics = {"loss": loss.detach(), "fvu": mse.detach() * x.shape[0] / variance, "l0": l0,
+                               "dead": dead.float().mean()}  # fmt: skip
                 if cfg.outlier_norm is not None:
                     metrics["masked"] = masked
-            step_stats[name] = (fired, metrics, x.shape[0])
+            step_stats[name] = (fired, metrics, rows)
         optimizer.zero_grad(set_to_none=False)  # gradient buffers persist: no fresh d_sae × d pages per step
         if isinstance(total, torch.Tensor) and params:
             total.backward()
@@ -346,8 +441,14 @@ def _train(
             pending[name].append((step, metrics))
         if cfg.progress and saes and (step % 10 == 0 or step == cfg.steps - 1):
             _flush(pending, history)
-            last = history[next(iter(saes))][-1]
-            bar.set_postfix(l0=f"{last['l0']:.1f}", fvu=f"{last['fvu']:.3f}")
+            first_name, first_sae = next(iter(saes.items()))
+            last = history[first_name][-1]
+            postfix = {"loss": f"{last['loss']:.3g}", "l0": f"{last['l0']:.1f}", "fvu": f"{last['fvu']:.3f}"}
+            if isinstance(first_sae, CrossLayerTranscoder):  # per layer: "FVU/L0" of every layer
+                postfix["layers"] = " ".join(
+                    f"{last[f'fvu.{layer}']:.2f}/{last[f'l0.{layer}']:.0f}" for layer in first_sae.layers
+                )
+            bar.set_postfix(postfix)
         optimizer.step()
         scheduler.step()
         for sae in saes.values():
@@ -366,9 +467,29 @@ def _train(
                             scales, history)  # fmt: skip
     _flush(pending, history)
     for name, sae in saes.items():
-        s_in, s_out = scales.get(name, (1.0, 1.0))[:2]
-        sae.fold_scaling(s_in, s_out)
-    return TrainResult(saes, history)
+        if isinstance(sae, CrossLayerTranscoder):
+            unit = (1.0,) * sae.n_layers
+            sae.fold_scaling(*scales.get(name, (unit, unit))[:2])
+        else:
+            sae.fold_scaling(*scales.get(name, (1.0, 1.0))[:2])
+    return history
+
+
+def _clt_metrics(
+    clt: CrossLayerTranscoder, f: torch.Tensor, y: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A CLT step's fired mask [n_layers, F] and metrics: mean over layers of the per-layer FVU and L0 ("fvu",
+    "l0"), and each layer's ("fvu.<layer>", "l0.<layer>", the model layer), from f [n_layers, rows, F] and y,
+    residual [n_layers, rows, d_model]."""
+    active = f > 0
+    l0 = active.sum(-1).float().mean(1)  # [L]
+    variance = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+    fvu = residual.pow(2).sum((1, 2)) / variance
+    metrics = {"fvu": fvu.mean(), "l0": l0.mean()}
+    for i, layer in enumerate(clt.layers):
+        metrics[f"fvu.{layer}"] = fvu[i]
+        metrics[f"l0.{layer}"] = l0[i]
+    return active.any(1), metrics
 
 
 def row_size(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -377,12 +498,22 @@ def row_size(x: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 def _mask_outliers(
-    x: torch.Tensor, y: torch.Tensor, limit: float, action: str, metric: str = "norm"
+    x: torch.Tensor, y: torch.Tensor, limit: float | Sequence[float], action: str, metric: str = "norm"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of x [rows, d_in] (and their targets y [rows, d_out]) whose size (``row_size``) exceeds ``limit``:
     dropped ("exclude") or scaled down to size ``limit`` ("cap", the target by the same factor) -> (x, y, masked
-    fraction [])."""
+    fraction []). A CLT's x, y [n_layers, rows, d] have one limit per layer."""
     norms = row_size(x, metric)
+    if not isinstance(limit, (int, float)):  # a CLT's [n_layers, rows, d]: an outlier at any layer is one
+        limits = torch.tensor(list(limit), dtype=norms.dtype, device=norms.device)[:, None]
+        outlier = (norms > limits).any(0)
+        fraction = outlier.float().mean()
+        if not bool(outlier.any()):
+            return x, y, fraction
+        if action == "cap":
+            factor = (limits / norms.clamp_min(1e-12)).clamp(max=1.0)[..., None]
+            return x * factor, y * factor, fraction
+        return x[:, ~outlier], y[:, ~outlier], fraction
     outlier = norms > limit
     fraction = outlier.float().mean()
     if not bool(outlier.any()):

@@ -10,7 +10,8 @@ workbench transcoder ``blocks.L.<input hook>`` → ``blocks.L.<output hook>``.
 ``cross_layer_transcoder``: per source layer i, ``W_enc_{i}.safetensors`` (``W_enc_{i}`` [d_transcoder,
 d_model], ``b_enc_{i}``, ``b_dec_{i}`` [d_model], optional ``threshold_{i}``) and ``W_dec_{i}.safetensors``
 (``W_dec_{i}`` [d_transcoder, n_layers − i, d_model]: layer i's features write to every layer j ≥ i). It loads as
-:class:`CrossLayerTranscoder`, which :func:`evaluate_clt` scores on any model and dataset.
+``circuits.sae.clt.CrossLayerTranscoder`` (the class the workbench also trains), which :func:`evaluate_clt` scores
+on any model and dataset.
 
 Hook names: circuit-tracer's TransformerLens names (``hook_resid_mid``, ``ln2.hook_normalized``, ``hook_mlp_out``)
 are ours; its TransformerBridge names map as ``mlp.hook_in`` → ``ln2.hook_normalized``, ``mlp.hook_out`` →
@@ -25,23 +26,15 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch import nn
 
 from workbench.circuits.sae.base import SAE, SAEInputError
+from workbench.circuits.sae.clt import HOOK_ALIASES, CrossLayerTranscoder, block_hook
 from workbench.circuits.sae.formats.gemmascope import load_gemmascope
 from workbench.circuits.sae.formats.tensors import build_sae, read_safetensors, require
 
 CONFIG_FILE = "config.yaml"
-HOOK_ALIASES = {
-    "mlp.hook_in": "ln2.hook_normalized",
-    "mlp.hook_out": "hook_mlp_out",
-    "hook_mlp_in": "hook_resid_mid",
-}
-
-
-def block_hook(name: str, layer: int) -> str:
-    """``blocks.{layer}.<hook>`` for a circuit-tracer per-layer hook name."""
-    return f"blocks.{layer}.{HOOK_ALIASES.get(name, name)}"
+__all__ = ["CONFIG_FILE", "HOOK_ALIASES", "CrossLayerTranscoder", "block_hook", "evaluate_clt", "load_clt",
+           "load_transcoder_set", "read_config"]  # fmt: skip
 
 
 def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -135,38 +128,6 @@ def load_transcoder_set(path: str | Path, device: str = "cpu") -> list[tuple[str
     return saes
 
 
-class CrossLayerTranscoder(nn.Module):
-    """circuit-tracer's cross-layer transcoder: features of layer i read ``hook_in`` of layer i and write to the
-    ``hook_out`` of every layer j ≥ i.
-
-    W_enc [n_layers, d_model, d_transcoder], b_enc [n_layers, d_transcoder], threshold [n_layers, d_transcoder]
-    (JumpReLU; zeros for ReLU), W_dec[i] [d_transcoder, n_layers − i, d_model], b_dec [n_layers, d_model]."""
-
-    def __init__(
-        self, W_enc, b_enc, threshold, W_dec: list[torch.Tensor], b_dec, hook_in: str, hook_out: str
-    ):
-        super().__init__()
-        self.W_enc, self.b_enc, self.threshold, self.b_dec = W_enc, b_enc, threshold, b_dec
-        self.W_dec = W_dec
-        self.n_layers, self.d_model, self.d_transcoder = W_enc.shape
-        self.hook_in, self.hook_out = hook_in, hook_out
-
-    def hooks(self, layer: int) -> tuple[str, str]:
-        return block_hook(self.hook_in, layer), block_hook(self.hook_out, layer)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n_layers, n, d_model] (each layer's input) -> latents [n_layers, n, d_transcoder]."""
-        pre = torch.einsum("lnd,ldf->lnf", x.float(), self.W_enc) + self.b_enc[:, None]
-        return pre.relu() * (pre > self.threshold[:, None])
-
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """latents [n_layers, n, d_transcoder] -> outputs [n_layers, n, d_model]: out_j = Σ_{i≤j} f_i W_dec[i][:, j−i]."""
-        out = self.b_dec[:, None].expand(-1, f.shape[1], -1).clone()
-        for source in range(self.n_layers):
-            out[source:] += torch.einsum("nf,fld->lnd", f[source], self.W_dec[source])
-        return out
-
-
 def load_clt(path: str | Path, device: str = "cpu") -> CrossLayerTranscoder:
     """A circuit-tracer ``cross_layer_transcoder`` folder as a :class:`CrossLayerTranscoder`."""
     folder, config = read_config(path)
@@ -223,7 +184,7 @@ def evaluate_clt(model, data, clt: CrossLayerTranscoder, *, max_tokens: int = 40
         x = torch.stack([cache[h][mask] for h in ins])
         y = torch.stack([cache[h][mask] for h in outs]).double()
         f = clt.encode(x)
-        pred = clt.decode(f).double()
+        pred = clt.decode(f, x).double()
         err += (pred - y).pow(2).sum((1, 2))
         sums += y.sum(1)
         squares += y.pow(2).sum((1, 2))

@@ -1,0 +1,199 @@
+"""Cross-layer transcoders (circuits/sae/clt.py): the forward against a direct float64 sum over (source, target)
+decoders, circuit-tracer's layout both ways, training on a tiny model's MLPs, resume and reproducibility."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import transformers
+
+from workbench.circuits.sae.base import SAEInputError
+from workbench.circuits.sae.clt import (
+    CLTConfig,
+    CrossLayerTranscoder,
+    clt_parameter_count,
+    load_clt_dir,
+)
+from workbench.circuits.sae.formats.circuit_tracer import load_clt
+from workbench.circuits.sae.train import TrainConfig, live_batches, seeded_clt, train_saes
+from workbench.model import HookedModel
+
+N_LAYERS, D_MODEL, D_TC = 3, 8, 12
+
+
+def random_clt(skip: bool, dtype=torch.float64, seed: int = 0) -> CrossLayerTranscoder:
+    """A JumpReLU CLT with every tensor random (thresholds in [0, 0.5): some latents fire, some do not)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    cfg = CLTConfig(N_LAYERS, D_MODEL, D_TC, skip=skip)
+    decoders = [r(D_TC, N_LAYERS - i, D_MODEL) for i in range(N_LAYERS)]
+    threshold = torch.rand(N_LAYERS, D_TC, generator=g, dtype=dtype) * 0.5
+    return CrossLayerTranscoder(r(N_LAYERS, D_MODEL, D_TC), r(N_LAYERS, D_TC), threshold, decoders,
+                                r(N_LAYERS, D_MODEL), cfg.hook_in, cfg.hook_out,
+                                r(N_LAYERS, D_MODEL, D_MODEL) if skip else None, cfg)  # fmt: skip
+
+
+def reference_forward(clt: CrossLayerTranscoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, outputs) by the definition, in float64, one (source i, target j ≥ i) decoder at a time."""
+    x = x.double()
+    features = []
+    for i in range(clt.n_layers):
+        pre = x[i] @ clt.W_enc[i].double() + clt.b_enc[i].double()
+        features.append(torch.where(pre > clt.threshold[i].double(), pre, torch.zeros_like(pre)).relu())
+    out = []
+    for j in range(clt.n_layers):
+        total = clt.b_dec[j].double().expand(x.shape[1], -1).clone()
+        for i in range(j + 1):
+            total += features[i] @ clt.W_dec[i][:, j - i].double()
+        if clt.W_skip is not None:
+            total += x[j] @ clt.W_skip[j].double()
+        out.append(total)
+    return torch.stack(features), torch.stack(out)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_forward_equals_the_float64_sum_over_source_and_target_decoders(skip) -> None:
+    clt = random_clt(skip)
+    x = torch.randn(N_LAYERS, 40, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    features, out = reference_forward(clt, x)
+    assert 0 < int((features > 0).sum()) < features.numel()  # thresholds cut some latents, not all
+    with torch.no_grad():
+        torch.testing.assert_close(clt.encode(x), features, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(clt(x), out, atol=1e-10, rtol=1e-10)
+        single = copy.deepcopy(clt).float()  # float32 weights and input: float32 rounding only
+        torch.testing.assert_close(single(x.float()).double(), out, atol=1e-3, rtol=1e-4)
+    if skip:
+        with pytest.raises(SAEInputError, match="decode needs its input x"):
+            clt.decode(features)
+
+
+def test_circuit_tracer_layout_round_trip_and_our_layout(tmp_path) -> None:
+    clt = random_clt(skip=False, dtype=torch.float32)
+    folder = clt.save_circuit_tracer(tmp_path / "ct")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.yaml"] + [f"W_{kind}_{i}.safetensors" for kind in ("enc", "dec") for i in range(N_LAYERS)]
+    )
+    from safetensors.torch import load_file
+
+    encoder = load_file(str(folder / "W_enc_1.safetensors"))  # circuit-tracer's key names and shapes
+    assert sorted(encoder) == ["W_enc_1", "b_dec_1", "b_enc_1", "threshold_1"]
+    assert list(encoder["W_enc_1"].shape) == [D_TC, D_MODEL]
+    assert list(load_file(str(folder / "W_dec_1.safetensors"))["W_dec_1"].shape) == [
+        D_TC,
+        N_LAYERS - 1,
+        D_MODEL,
+    ]
+    back = load_clt(folder)
+    assert (back.hook_in, back.hook_out) == (clt.hook_in, clt.hook_out) and back.cfg.activation == "jumprelu"
+    for name, value in clt.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], value, atol=1e-6, rtol=1e-6, msg=name)
+    x = torch.randn(N_LAYERS, 16, D_MODEL)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), clt(x), atol=1e-6, rtol=1e-6)
+    ours = load_clt_dir(clt.save(tmp_path / "ours"))
+    for name, value in clt.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    with pytest.raises(
+        SAEInputError, match="circuit-tracer's CLT layout holds JumpReLU / ReLU CLTs without skip"
+    ):
+        random_clt(skip=True, dtype=torch.float32).save_circuit_tracer(tmp_path / "skip")
+
+
+def test_config_and_input_errors() -> None:
+    with pytest.raises(SAEInputError, match="unknown CLT activation 'gelu'"):
+        CLTConfig(2, 4, 8, activation="gelu")
+    with pytest.raises(SAEInputError, match="k=None is invalid"):
+        CLTConfig(2, 4, 8, activation="topk")
+    cfg = CLTConfig(4, 16, 32, skip=True)
+    assert clt_parameter_count(cfg) == 4 * 16 * 32 + 10 * 32 * 16 + 2 * 4 * 32 + 4 * 16 + 4 * 16 * 16
+    clt = random_clt(skip=False)
+    with pytest.raises(SAEInputError, match=r"shape \[2, 5, 8\].*n_layers=3"):
+        clt.check_input(torch.zeros(2, 5, 8))
+    bad = torch.zeros(N_LAYERS, 5, D_MODEL)
+    bad[2, 3, 0] = float("nan")
+    with pytest.raises(SAEInputError, match="NaN/inf values in row 3 of layer 2"):
+        clt.check_input(bad)
+
+
+# ------------------------------------------------------------------------------------------ training on a model
+@pytest.fixture(scope="module")
+def tiny_llama() -> HookedModel:
+    """A 3-layer random Llama (d_model 16, d_mlp 48)."""
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    return HookedModel.from_hf(transformers.AutoModelForCausalLM.from_config(config).eval())
+
+
+@pytest.fixture(scope="module")
+def mlp_batches(tiny_llama) -> list[dict[str, torch.Tensor]]:
+    """80 batches of 64 tokens: every layer's MLP input (ln2.hook_normalized) and output, from one capture each."""
+    tokens = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+    hooks = ["blocks.*.ln2.hook_normalized", "blocks.*.hook_mlp_out"]
+    stream = live_batches(tiny_llama, tokens, hooks, batch_size=64, buffer_rows=512, sequences_per_forward=16)
+    return list(itertools.islice(stream, 80))
+
+
+def clt_config(activation: str = "jumprelu", **options) -> CLTConfig:
+    return CLTConfig(3, 16, 48, activation=activation, **options)
+
+
+TRAIN = dict(steps=80, lr=3e-3, warmup_steps=5, progress=False)
+
+
+@pytest.mark.parametrize(
+    "activation, options",
+    [("jumprelu", {}), ("jumprelu", {"sparsity": "l0", "decoder_norm": "concat"}), ("topk", {"k": 6}),
+     ("batchtopk", {"k": 6}), ("relu", {"skip": True})],
+)  # fmt: skip
+def test_training_on_a_models_mlps_reduces_every_layers_fvu(mlp_batches, activation, options) -> None:
+    clt = seeded_clt(clt_config(activation, **options), seed=0)
+    result = train_saes({"clt": clt}, mlp_batches, TrainConfig(**TRAIN))
+    history = result.history["clt"]
+    assert len(history) == 80 and {"fvu.0", "fvu.1", "fvu.2", "l0.0", "l0.1", "l0.2"} <= set(history[-1])
+    for layer in range(3):
+        first = sum(h[f"fvu.{layer}"] for h in history[:5]) / 5
+        last = sum(h[f"fvu.{layer}"] for h in history[-5:]) / 5
+        assert last < 0.7 * first, (layer, first, last)
+    if activation in ("topk", "batchtopk"):
+        assert history[-1]["l0"] == pytest.approx(6, abs=0.5 if activation == "batchtopk" else 1e-6)
+    # the saved scale is folded in: the trained CLT predicts raw MLP outputs from raw MLP inputs
+    batch = mlp_batches[-1]
+    x = torch.stack([batch[f"blocks.{i}.ln2.hook_normalized"] for i in range(3)])
+    y = torch.stack([batch[f"blocks.{i}.hook_mlp_out"] for i in range(3)])
+    with torch.no_grad():
+        fvu = (clt(x) - y).pow(2).sum((1, 2)) / (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    assert float(fvu.max()) < 0.7 * history[0]["fvu"] + 0.3, fvu
+
+
+def test_resume_after_an_interruption_equals_uninterrupted_and_same_seed_same_bytes(
+    mlp_batches, tmp_path
+) -> None:
+    cfg = clt_config("jumprelu")
+    straight = train_saes({"clt": seeded_clt(cfg, 0)}, mlp_batches, TrainConfig(**TRAIN)).saes["clt"]
+    partial = TrainConfig(**TRAIN | {"checkpoint_dir": tmp_path / "state", "checkpoint_every": 30})
+    # the stream ends at step 45, the last checkpoint is step 30's
+    train_saes({"clt": seeded_clt(cfg, 0)}, mlp_batches[:45], partial)
+    resumed = train_saes({"clt": seeded_clt(cfg, 0)}, mlp_batches, partial)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.saes["clt"].state_dict()[name], value), name
+    assert len(resumed.history["clt"]) == 80
+    again = train_saes({"clt": seeded_clt(cfg, 0)}, mlp_batches, TrainConfig(**TRAIN)).saes["clt"]
+    files = [
+        m.save(tmp_path / name) / "clt_weights.safetensors" for name, m in (("a", straight), ("b", again))
+    ]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    other = seeded_clt(cfg, 1)
+    assert not torch.equal(other.W_enc, seeded_clt(cfg, 0).W_enc)
+
+
+def test_training_refuses_batches_without_every_layer(mlp_batches) -> None:
+    batch = {k: v for k, v in mlp_batches[0].items() if k != "blocks.2.hook_mlp_out"}
+    with pytest.raises(SAEInputError, match=r"no activations for hook\(s\) \['blocks.2.hook_mlp_out'\]"):
+        train_saes({"clt": seeded_clt(clt_config(), 0)}, [batch], TrainConfig(**TRAIN | {"steps": 1}))
