@@ -284,14 +284,19 @@ def evaluate(
 ) -> None:
     """Evaluate a saved SAE spliced into MODEL over --data and write its sae_evals row (CE metrics on causal LMs,
     reconstruction metrics on any model)."""
+    from workbench.circuits.sae.analysis import check_sae_fits, find_sae, hook_widths, write_results
     from workbench.circuits.sae.analysis import evaluate as evaluate_on
-    from workbench.circuits.sae.analysis import find_sae, write_results
 
     if data is None:
         fail(DATA_REQUIRED)
     found, sae = find_sae(sae_path, workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
+    hooks = list(dict.fromkeys([sae.hook_in, sae.hook_out]))
+    if all(h in hooked.hook_names() for h in hooks):  # evaluate_on names a missing hook with its fix
+        note = check_sae_fits(sae, hooked, hook_widths(hooked, hooks)[0], sae_id or found)
+        if note:
+            typer.echo(f"warning: {note}", err=True)
     frames = evaluate_on(hooked, dataset, sae, sae_id=sae_id or found, max_tokens=max_tokens,
                          context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
     write_results(workspace, frames)

@@ -59,6 +59,7 @@ import pandas as pd
 
 from workbench.analysis import write_tables
 from workbench.faults import crash_point
+from workbench.identity import identity_slug, is_path_identity
 from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
 from workbench.probes.labels import LabelError, parse_label_source, parse_position
 from workbench.workspace import Workspace
@@ -123,7 +124,8 @@ class ProbeTask:
         step = "final" if self.checkpoint is None else self.checkpoint
         payload = [self.location, list(self.hooks), *self._label_parts()]
         what = hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:8]
-        return f"{self.model}@{step}:{self.label_set}#{what}"
+        model = identity_slug(self.model) if is_path_identity(self.model) else self.model
+        return f"{model}@{step}:{self.label_set}#{what}"
 
     @property
     def fingerprint(self) -> str:
@@ -353,7 +355,7 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
                                         f"{entry['checkpoints']} do not apply; drop the checkpoints key")  # fmt: skip
         except (CheckpointError, ModelLoadError) as err:
             raise ProbeJobError(f"{where}: {err}") from None
-        probe_model_name = Path(location).name if source == "series" else name
+        probe_model_name = series.name if source == "series" else ref.name  # the model's identity
         hooks = _check_hooks_and_labels(
             ProbeTask(job.name, name, source, location, steps[-1], "", (), {}), entry
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -685,8 +686,19 @@ def test_short_names_of_model_and_dataset_references(tmp_path):
     from workbench.circuits.sae.analysis import default_sae_id
     from workbench.references import short_name
 
-    (tmp_path / "my-gpt2").mkdir()
-    assert short_name(tmp_path / "my-gpt2") == "my-gpt2" and short_name(f"{tmp_path}/my-gpt2/") == "my-gpt2"
+    for exp in ("exp-a", "exp-b"):
+        (tmp_path / exp / "my-gpt2").mkdir(parents=True)
+        (tmp_path / exp / "series" / "step200").mkdir(parents=True)
+    slug = short_name(tmp_path / "exp-a" / "my-gpt2")
+    assert re.fullmatch(r"my-gpt2-[0-9a-f]{8}", slug)  # the base name and a hash of the resolved path
+    assert short_name(f"{tmp_path}/exp-a/../exp-a/my-gpt2/") == slug  # one directory, two spellings: one name
+    assert short_name(tmp_path / "exp-b" / "my-gpt2") != slug  # same base name, another directory
+    series = short_name(tmp_path / "exp-a" / "series")
+    assert (
+        short_name(f"{tmp_path}/exp-a/series@200")
+        == short_name(tmp_path / "exp-a/series/step200")
+        == f"{series}@200"
+    )
     assert short_name("EleutherAI/pythia-70m@step3000") == "EleutherAI--pythia-70m@step3000"
     assert short_name("tl:gpt2") == "tl-gpt2" and short_name("code-tiny@300") == "code-tiny@300"
     assert (

@@ -12,19 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.fileio import CHECKSUMS_FILE, verify_checksums
+from workbench.identity import STEP_DIR, directory_identity
 
 if TYPE_CHECKING:
     from workbench.model import HookedModel
 
 log = logging.getLogger(__name__)
-STEP_DIR = re.compile(r"^step(\d+)$")
 PYTHIA_STEPS = [0, *(2**i for i in range(10)), *range(1000, 143001, 1000)]
 
 
@@ -61,7 +60,7 @@ class CheckpointSeries:
                 f"{root} holds no step<N>/ checkpoint folders; train one with `workbench zoo train NAME` or point "
                 "at a directory of save_pretrained checkpoints named step0, step1, …"
             )
-        return cls(root.name, steps, lambda step: root / f"step{step}", skip_damaged=skip_damaged,
+        return cls(directory_identity(root), steps, lambda step: root / f"step{step}", skip_damaged=skip_damaged,
                    load_kwargs=load_kwargs)  # fmt: skip
 
     @classmethod

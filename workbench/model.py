@@ -36,6 +36,7 @@ from workbench.hooks import (
     resolve_hook_names,
     select_positions,
 )
+from workbench.identity import directory_identity, directory_step
 from workbench.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -165,11 +166,16 @@ class HookedModel(nn.Module):
             tl_model = HookedTransformer.from_pretrained(
                 str(name_or_path), device=str(device), dtype=dtype, **kwargs
             )
-            return cls.from_transformer_lens(tl_model, name=str(name_or_path), checkpoint=checkpoint)
+            return cls.from_transformer_lens(tl_model, name=f"tl:{name_or_path}", checkpoint=checkpoint)
         if backend != "hf":
             raise ValueError(f"backend={backend!r} is not known; use 'hf' or 'tl'")
         model, tokenizer = _load_hf(name_or_path, revision=revision, dtype=dtype, **kwargs)
-        hooked = cls.from_hf(model.to(device), tokenizer, name=str(name_or_path), checkpoint=checkpoint)
+        if Path(name_or_path).expanduser().is_dir():  # one identity however the directory is spelled
+            name, step = directory_identity(name_or_path), directory_step(name_or_path)
+            checkpoint = step if checkpoint is None else checkpoint
+        else:
+            name = str(name_or_path)
+        hooked = cls.from_hf(model.to(device), tokenizer, name=name, checkpoint=checkpoint)
         return hooked
 
     # ------------------------------------------------------------------ weights

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 
 from workbench.checkpoints import STEP_DIR, CheckpointSeries
+from workbench.identity import directory_identity, directory_step, identity_slug
 from workbench.model import PACKAGED_MODELS, HookedModel, ModelLoadError
 from workbench.workspace import Workspace
 
@@ -62,9 +63,18 @@ class ModelRef:
 
     @property
     def name(self) -> str:
-        """The name results rows record for this model (series name, hub id, directory name)."""
+        """The model's identity (:mod:`workbench.identity`), what results rows, stores and default ids record: a
+        workspace model's name, another directory's resolved path, the hub id, ``tl:NAME``, ``minilm``."""
         if self.kind in ("directory", "series"):
-            return Path(self.location).name
+            return directory_identity(self.location)
+        if self.kind == "tl":
+            return f"tl:{self.location}"
+        if (
+            self.kind == "hub"
+            and self.at not in (None, "main")
+            and not re.fullmatch(r"step\d+", self.at or "")
+        ):
+            return f"{self.location}@{self.at}"  # a tag or commit; stepN branches are checkpoints of the repo
         return str(self.location)
 
 
@@ -148,25 +158,26 @@ def parse_step(at: str, where: str) -> int | None:
 
 
 def short_name(reference: Any) -> str:
-    """A model (or dataset) reference as one file-name component, for default run / SAE names.
+    """A model (or dataset) reference as one file-name component, for default run / SAE / store names.
 
-    A path gives its last component (a ``stepN`` folder gives ``<parent>@N``; ``DIR@STEP`` keeps ``@STEP``); a hub
-    id's '/' becomes '--' (``EleutherAI/pythia-70m@step3000`` -> ``EleutherAI--pythia-70m@step3000``); ``tl:gpt2`` ->
-    ``tl-gpt2``; ``data.jsonl:text`` -> ``data.jsonl-text``; an in-memory model gives its ``cfg.name``.
+    A model's identity decides it (:func:`workbench.identity.identity_slug`): a directory outside the workspace
+    gives its base name and a hash of its resolved path (``series-3f2a9c1d``; a ``stepN`` folder or ``DIR@STEP``
+    adds ``@N``), so two folders of the same name never share a default id; a workspace model its name; a hub id
+    ``EleutherAI--pythia-70m@step3000``; ``tl:gpt2`` -> ``tl-gpt2``; ``data.jsonl:text`` -> ``data.jsonl-text``;
+    an in-memory model its ``cfg.name``.
     """
     if not isinstance(reference, (str, Path)):
         reference = getattr(getattr(reference, "cfg", None), "name", None) or type(reference).__name__
     text = str(reference).strip().rstrip("/\\")
-    if text.startswith("tl:"):
-        text = "tl-" + text[3:]
-    base, at, step = text.rpartition("@") if "@" in text else (text, "", "")
+    base, at, step = (
+        text.rpartition("@") if "@" in text and not Path(text).expanduser().exists() else (text, "", "")
+    )
     path = Path(base).expanduser()
-    if base.startswith((".", "/", "~")) or "\\" in base or path.exists():  # a directory or file
-        if not at and re.fullmatch(r"step\d+", path.name) and path.parent.name:
-            path, at, step = path.parent, "@", path.name[4:]
-        base = (path.resolve() if path.exists() else path).name
-    text = re.sub(r"[^\w.@+-]+", "-", f"{base}{at}{step}".replace("/", "--"))
-    return re.sub(r"\.{2,}", ".", text).strip("-.") or "model"
+    if path.is_dir():
+        if not at and (member_step := directory_step(path)) is not None:
+            at, step = "@", str(member_step)
+        return identity_slug(directory_identity(path)) + f"{at}{step}"
+    return identity_slug(f"{base}{at}{step}")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -200,7 +211,12 @@ def resolve_model(
         return series.load(series.steps[-1] if step is None else step)
     revision = parsed.at
     _check_hub_reachable(str(parsed.location), revision)
-    return HookedModel.from_pretrained(parsed.location, revision=revision, **load)
+    model = HookedModel.from_pretrained(parsed.location, revision=revision, **load)
+    branch = re.fullmatch(r"step(\d+)", revision or "")
+    if branch:  # a stepN branch is a checkpoint of the repo's series, as resolve_series loads it
+        model.cfg.checkpoint = int(branch.group(1))
+    model.cfg.name = parsed.name  # the repo, or repo@REVISION for a tag or commit
+    return model
 
 
 def resolve_series(

@@ -13,6 +13,7 @@ only the reconstruction metrics are reported and ``ce_note`` says why. :func:`wr
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
-from workbench.circuits.sae.base import PER_HEAD_HOOKS, SAE, SAEConfig, SAEInputError, load_sae
+from workbench.circuits.sae.base import CONFIG_FILE, PER_HEAD_HOOKS, SAE, SAEConfig, SAEInputError, load_sae
 from workbench.circuits.sae.distributed import (
     Distributed,
     document_range,
@@ -69,6 +70,20 @@ def default_sae_id(model_reference: Any, hook_in: str, architecture: str, hook_o
     """``<model short name>.<hook_in>[.<hook_out>].<architecture>``, checked by ``safe_name``."""
     out = f".{hook_out}" if hook_out and hook_out != hook_in else ""
     return check_sae_name(f"{short_name(model_reference)}.{hook_in}{out}.{architecture}")
+
+
+def check_sae_owner(workspace: Workspace, sae_id: str, model_identity: str) -> None:
+    """Refuse to train ``sae_id`` for ``model_identity`` when the workspace holds an SAE of that id trained on
+    another model (retraining on the same model replaces it)."""
+    folder = sae_dir(workspace, sae_id)
+    if not (folder / CONFIG_FILE).is_file():
+        return
+    owner = json.loads((folder / CONFIG_FILE).read_text()).get("model") or ""
+    if owner and owner != model_identity:
+        raise SAEInputError(
+            f"SAE id {sae_id!r} already belongs to {owner!r}, not {model_identity!r}; pick another --id (the "
+            f"default id is built from the model's identity), or delete {folder} to replace it"
+        )
 
 
 def find_sae(reference: str | Path, workspace: Any = None) -> tuple[str, SAE]:
@@ -127,8 +142,10 @@ def hook_widths(model, hooks: list[str]) -> tuple[dict[str, int], str]:
     return widths, note
 
 
-def check_sae_fits(sae: SAE, model, widths: Mapping[str, int], sae_id: str) -> None:
-    """Refuse an SAE whose hooks or widths are not the model's (an SAE trained on another model or hook)."""
+def check_sae_fits(sae: SAE, model, widths: Mapping[str, int], sae_id: str) -> str:
+    """Refuse an SAE whose hooks or widths are not the model's (an SAE trained on another model or hook); for one
+    that fits but was trained on another model (identity) or checkpoint, the one-line note to show ("" when it
+    is the model's own)."""
     trained_on = f" (trained on {sae.cfg.model!r})" if sae.cfg.model else ""
     for hook, width, what in ((sae.hook_in, sae.d_in, "d_in"), (sae.hook_out, sae.d_out, "d_out")):
         if widths[hook] != width:
@@ -136,6 +153,15 @@ def check_sae_fits(sae: SAE, model, widths: Mapping[str, int], sae_id: str) -> N
                 f"SAE {sae_id!r}{trained_on} has {what}={width}, but {hook} of {model.cfg.name} has width "
                 f"{widths[hook]}: it is an SAE for another model or hook; evaluate it on the model it was trained on"
             )
+    if sae.cfg.model and sae.cfg.model != model.cfg.name:
+        return (
+            f"SAE {sae_id!r} was trained on {sae.cfg.model!r}, this model is {model.cfg.name!r} (same widths)"
+        )
+    if sae.cfg.checkpoint is not None and model.cfg.checkpoint not in (None, sae.cfg.checkpoint):
+        return (
+            f"SAE {sae_id!r} was trained on checkpoint {sae.cfg.checkpoint}; this is {model.cfg.checkpoint}"
+        )
+    return ""
 
 
 def _sae_hooks(sae: SAE, model, sae_id: str) -> list[str]:
@@ -332,6 +358,7 @@ def run(
         raise SAEInputError("no SAE to train: pass {sae_id: {architecture, d_sae, hook_in, ...}}")
     for sae_id in specs:
         check_sae_name(sae_id)
+        check_sae_owner(Workspace(workspace), sae_id, model.cfg.name)
     hooks = list(dict.fromkeys(h for spec in specs.values() for h in (spec["hook_in"], spec.get("hook_out") or
                                                                           spec["hook_in"])))  # fmt: skip
     widths, ce_note = hook_widths(model, hooks)

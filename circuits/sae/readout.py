@@ -61,16 +61,7 @@ def load_sae_for(model: Any, sae_id: str, workspace: Any = None) -> tuple[SAE, s
             "for another model or hook; pick an SAE trained on this model"
         )
     widths, _ = hook_widths(model, list(dict.fromkeys([sae.hook_in, sae.hook_out])))
-    check_sae_fits(sae, model, widths, sae_id)
-    note = ""
-    if sae.cfg.model and sae.cfg.model != model.cfg.name:
-        note = (
-            f"SAE {sae_id!r} was trained on {sae.cfg.model!r}, this model is {model.cfg.name!r} (same widths)"
-        )
-    elif sae.cfg.checkpoint is not None and model.cfg.checkpoint not in (None, sae.cfg.checkpoint):
-        note = (
-            f"SAE {sae_id!r} was trained on checkpoint {sae.cfg.checkpoint}; this is {model.cfg.checkpoint}"
-        )
+    note = check_sae_fits(sae, model, widths, sae_id)
     return sae.to(model.device), note
 
 

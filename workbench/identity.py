@@ -1,0 +1,83 @@
+"""Model identity: the one key every result row, store, SAE, run and job task of a model carries.
+
+A model's identity is its resolved reference, never a folder's base name:
+    workspace model        ``code-small``                    (``<workspace>/models/NAME``, however it is spelled)
+    any other directory    ``/abs/path/to/run``              (resolved: relative and absolute spellings agree)
+    hub repo               ``EleutherAI/pythia-70m``         (the revision or step is the row's checkpoint)
+    TransformerLens        ``tl:gpt2``
+    packaged               ``minilm``
+A series and its checkpoints share the series' identity (``DIR@300``, ``DIR/step300`` and ``DIR@last`` at step 300
+are one checkpoint of one model). Two directories never share an identity, even with equal base names
+(``exp-a/checkpoints``, ``exp-b/checkpoints``).
+
+:func:`identity_slug` turns an identity into one file-name component for default ids (a directory's base name
+plus a hash of its path: ``checkpoints-3f2a9c1d``), :func:`display_name` into the short label tables and the
+dashboard show (``exp-a/checkpoints``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path, PurePosixPath
+
+STEP_DIR = re.compile(r"^step(\d+)$")
+WORKSPACE_SUBDIRS = ("stores", "jobs")  # what `Workspace.ensure` creates beside models/
+
+
+def workspace_model_name(path: Path) -> str | None:
+    """NAME when ``path`` is ``<workspace>/models/NAME`` (a workspace: ``models/`` beside ``stores/`` and
+    ``jobs/``), else None."""
+    parent = path.parent
+    if parent.name != "models" or not all((parent.parent / d).is_dir() for d in WORKSPACE_SUBDIRS):
+        return None
+    return path.name
+
+
+def _series_member(resolved: Path) -> tuple[Path, int] | None:
+    """(series root, N) when ``resolved`` is a ``step<N>`` folder of a series (its parent is no saved model)."""
+    match = STEP_DIR.match(resolved.name)
+    if match and not (resolved.parent / "config.json").is_file():
+        return resolved.parent, int(match.group(1))
+    return None
+
+
+def directory_identity(path: str | Path) -> str:
+    """The identity of a saved model or checkpoint series directory; a ``step<N>`` folder of a series gives the
+    series' identity (its step: :func:`directory_step`)."""
+    resolved = Path(path).expanduser().resolve()
+    member = _series_member(resolved)
+    root = member[0] if member else resolved
+    return workspace_model_name(root) or root.as_posix()
+
+
+def directory_step(path: str | Path) -> int | None:
+    """N when ``path`` is the ``step<N>`` folder of a series, else None."""
+    member = _series_member(Path(path).expanduser().resolve())
+    return member[1] if member else None
+
+
+def is_path_identity(identity: str) -> bool:
+    """True for the identity of a directory outside a workspace (an absolute path)."""
+    return PurePosixPath(identity).is_absolute()
+
+
+def identity_slug(identity: str) -> str:
+    """One file-name component for ``identity``: a directory's base name and 8 hex digits of its path's hash;
+    other identities as they are, with '/' as '--' (``EleutherAI--pythia-70m``) and ':' as '-' (``tl-gpt2``)."""
+    if is_path_identity(identity):
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+        text = f"{PurePosixPath(identity).name}-{digest}"
+    else:
+        text = identity.replace("/", "--").replace(":", "-")
+    text = re.sub(r"[^\w.@+-]+", "-", text)
+    return re.sub(r"\.{2,}", ".", text).strip("-.") or "model"
+
+
+def display_name(identity: str) -> str:
+    """The short label for tables and the dashboard: a directory's last two path components
+    (``exp-a/checkpoints``), any other identity as it is."""
+    if is_path_identity(identity):
+        parts = PurePosixPath(identity).parts
+        return "/".join(parts[-2:]) if len(parts) > 2 else identity
+    return identity
