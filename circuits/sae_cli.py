@@ -147,10 +147,14 @@ def train(
     data-parallel or hook-sharded training. Hook-sharded SAE files are written by the process that trains them:
     across machines, put the workspace on a filesystem every machine sees."""
     from workbench.circuits.sae import distributed as dist
-    from workbench.circuits.sae.analysis import ANALYSIS, run, write_results
+    from workbench.circuits.sae.analysis import run, write_results
 
     if data is None:
         fail(DATA_REQUIRED)
+    if architecture.startswith("clt"):  # one cross-layer transcoder over every layer the patterns match
+        return _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae, k, skip, steps,
+                          max_tokens, context_length, batch_size, train_batch_size, seed, device, workspace,
+                          progress, trust_remote_code, nproc, checkpoint_every)  # fmt: skip
     specs = _sae_specs(model, hook, hook_out, sae_id, architecture, d_sae, k, skip)
     world = int(os.environ["WORLD_SIZE"]) if dist.launched_by_torchrun() else nproc
     mode = dist.parallel_mode(parallel, len(specs), world)  # checked before any process starts
@@ -176,7 +180,7 @@ def train(
                  train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
                  train_options=options)  # fmt: skip
     if main:
-        write_results(workspace, frames)
+        written = write_results(workspace, frames)
         if state_dir is not None:  # every rank is past training (run gathered their rows)
             shutil.rmtree(state_dir, ignore_errors=True)
         rows = frames["sae_evals"].set_index("sae_id")
@@ -185,8 +189,60 @@ def train(
         if ctx is not None:
             typer.echo(_layout(ctx, list(specs)))
         saved = ", ".join(f"saes/{name}" for name in specs)
+        tables = ", ".join(f"{table} {count} rows" for table, count in written.items())
         typer.echo(f"saved to {saved}; {hooked.cfg.name} on {rows.iloc[0]['dataset']!r} written to the workspace "
-                   f"(tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip
+                   f"({tables})")  # fmt: skip
+    if ctx is not None:
+        dist.shutdown()
+
+
+def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae, k, skip, steps, max_tokens,
+               context_length, batch_size, train_batch_size, seed, device, workspace, progress, trust_remote_code,
+               nproc, checkpoint_every) -> None:  # fmt: skip
+    """``sae train --architecture clt|clt_relu|clt_topk|clt_batchtopk``: one CLT over the layers --hook and
+    --hook-out match (``circuits.sae.clt_analysis.run_clt``), data-parallel under --nproc."""
+    from workbench.circuits.sae import distributed as dist
+    from workbench.circuits.sae.clt import CLT_ARCHITECTURES
+    from workbench.circuits.sae.clt_analysis import run_clt, write_results
+
+    ins, outs, names = _listed(hook), _listed(hook_out), _listed(sae_id)
+    if architecture not in CLT_ARCHITECTURES or len(ins) != 1 or len(outs) != 1 or len(names) > 1:
+        fail(f"--architecture {architecture} trains one CLT ({', '.join(CLT_ARCHITECTURES)}) from one --hook pattern "
+             "and one --hook-out pattern, e.g. --hook 'blocks.*.ln2.hook_normalized' --hook-out "
+             "'blocks.*.hook_mlp_out'")  # fmt: skip
+    if nproc > 1 and not dist.launched_by_torchrun():
+        dist.check_local_devices(nproc, device)
+        dist.launch(nproc, ["sae", "train", *_argv(context, drop=("nproc",))])
+        return
+    ctx = dist.init_distributed("data", device) if dist.launched_by_torchrun() else None
+    main = ctx is None or ctx.is_main
+    world = ctx.world_size if ctx is not None else 1
+    hooked = open_model(
+        model, workspace, str(ctx.device) if ctx else device, "float32", trust_remote_code
+    ).eval()
+    state_dir = _checkpoint_dir(context, workspace, world, "data") if checkpoint_every else None
+    options = (
+        {"checkpoint_dir": state_dir, "checkpoint_every": checkpoint_every} if state_dir is not None else {}
+    )
+    frames = run_clt(hooked, open_data(data), sae_id=names[0] if names else None, hook=ins[0], hook_out=outs[0],
+                     architecture=architecture, d_sae=d_sae, k=k, skip=skip, workspace=workspace,
+                     max_tokens=max_tokens, context_length=context_length, batch_size=batch_size, steps=steps,
+                     train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
+                     train_options=options, announce=typer.echo)  # fmt: skip
+    if main:
+        written = write_results(workspace, frames)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        for row in frames["sae_evals"].itertuples():
+            typer.echo(
+                f"{row.hook} -> {row.hook_out}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  dead {row.dead_fraction:.0%}"
+            )
+        for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
+            typer.echo(f"replacement model: CE {row.ce_replacement:.4f} (model {row.ce_clean:.4f}, unigram "
+                       f"{row.ce_unigram:.4f}), KL {row.kl:.4f}, loss gain kept {row.gain_kept:.3f}")  # fmt: skip
+        sae_name = frames["sae_evals"].iloc[0]["sae_id"]
+        tables = ", ".join(f"{table} {count} rows" for table, count in written.items())
+        typer.echo(f"saved to saes/{sae_name}; written to the workspace ({tables})")
     if ctx is not None:
         dist.shutdown()
 

@@ -180,3 +180,20 @@ def test_probe_job_tasks_of_same_named_series_are_separate(twins, tmp_path) -> N
     rows = ws.results().read("probe_results")
     assert sorted(rows["model"].unique()) == sorted(_ids(twins, "series"))
     assert len({task.split("@")[0] for task in status["task"]}) == 2
+
+
+def test_codebook_run_of_another_model_is_refused(twins, tmp_path) -> None:
+    ws = tmp_path / "ws"
+    args = ["--data", str(twins / "notes.txt"), "--site", "blocks.0.hook_mlp_out", "--n-codes", "8", "--steps", "2",
+            "--max-tokens", "400", "-w", str(ws), *COMMON]  # fmt: skip
+    _cli("codebook", "train", str(twins / "exp-a" / "model"), *args, "--run", "shared-run")
+    saved = (ws / "codebooks" / "shared-run" / "codebooks.safetensors").read_bytes()
+    refused = runner.invoke(
+        app, ["codebook", "train", str(twins / "exp-b" / "model"), *args, "--run", "shared-run"]
+    )
+    assert refused.exit_code == 2 and "holds codebooks of" in refused.output, refused.output
+    assert (ws / "codebooks" / "shared-run" / "codebooks.safetensors").read_bytes() == saved
+    for exp in ("exp-a", "exp-b"):  # default runs: named from each model's identity
+        _cli("codebook", "train", str(twins / exp / "model"), *args)
+    runs = sorted(p.name for p in (ws / "codebooks").iterdir())
+    assert len(runs) == 3 and all(r == "shared-run" or r.startswith("model-") for r in runs), runs

@@ -119,7 +119,7 @@ def train_codebooks(
     configs = [site_config(model, s, n_codes, k, similarity) for s in sites]
     settings = {"configs": [asdict(c) for c in configs], "batch_size": batch_size, "lr": lr,
                 "reconstruction_weight": reconstruction_weight, "dead_every": dead_every, "seed": seed,
-                "train_model": train_model}  # fmt: skip
+                "train_model": train_model, "model": model.cfg.name}  # fmt: skip
     if source is not None:
         settings["source"] = source
     extra = {"source": source} if source is not None else {}
@@ -145,6 +145,12 @@ def train_codebooks(
         report = TrainReport(evaluate_loss(model, eval_tokens), evaluate_loss(model, eval_tokens, books),
                              int(meta["step"]), 0, [], directory, source)  # fmt: skip
         return books, report
+    if saved is not None:
+        # a run saved before model identities records none: it is taken as this model's
+        owner = saved["settings"].setdefault("model", model.cfg.name)
+        if owner != model.cfg.name:
+            raise CodebookError(f"{directory} holds codebooks of {owner!r}, not {model.cfg.name!r}; pick another "
+                                "run name (the default is built from the model's identity)")  # fmt: skip
     if saved is not None and saved["settings"] != settings:
         changed = sorted(key for key in settings if saved["settings"].get(key) != settings[key])
         raise CodebookError(
