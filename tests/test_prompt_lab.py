@@ -129,6 +129,28 @@ def test_continuations_are_greedy_argmax_or_seeded_samples(code_model, tokens, r
     assert out["intervened"] != out["clean"]
 
 
+def test_a_continuation_that_stops_at_end_of_text_says_so(code_model, tokens) -> None:
+    eos = code_model.tokenizer.eos_token_id
+    unembed = code_model.model.get_output_embeddings().weight.detach()  # [d_vocab, d_model]
+    direction = torch.zeros(unembed.shape[1], requires_grad=True)  # a final-LN direction whose argmax is eos
+    optimizer = torch.optim.Adam([direction], lr=0.1)
+    for _ in range(300):
+        optimizer.zero_grad()
+        (-(unembed @ direction).log_softmax(-1)[eos]).backward()
+        optimizer.step()
+    direction = direction.detach()
+    assert int((unembed @ direction).argmax()) == eos
+    to_eos = Intervention.steer("ln_final.hook_normalized", direction / direction.norm(), scale=1000.0)
+    assert lab.generate(code_model, tokens, [to_eos], max_new_tokens=4).tolist() == [eos]
+    out = lab.continuations(code_model, tokens, [to_eos], max_new_tokens=4)
+    assert out["intervened"] == ""
+    assert out["note"] == (
+        "intervened stopped at end-of-text at step 0 (the model's first choice was end-of-text, so it is empty)"
+    )
+    clean = lab.generate(code_model, tokens, max_new_tokens=4).tolist()
+    assert len(clean) == 4 and eos not in clean and out["clean"] == code_model.to_string(clean)
+
+
 def test_sae_readout_equals_encode_and_refuses_another_model(code_model, tokens, resid_sae, dashboard_workspace,
                                                              zoo_workspace) -> None:  # fmt: skip
     from workbench.circuits.sae.base import SAEInputError
@@ -314,6 +336,7 @@ def test_a_session_is_written_in_one_transaction(code_model, tokens, tmp_path, m
     assert comparison.focus is not None
     assert rows["logit_diff"].iloc[0] == pytest.approx(comparison.focus["logit_diff"])
     assert rows["continuation_intervened"].iloc[0] == continuation["intervened"]
+    assert rows["continuation_note"].iloc[0] == continuation["note"]
     assert not math.isnan(rows["logit_diff"].iloc[0])
 
 

@@ -46,7 +46,8 @@ ANALYSIS = Analysis(
     tables=(
         Table("prompt_lab_sessions", keys=("model", "checkpoint", "session"),
               columns=("prompt", "tokens", "interventions", "next_token", "focus_token", "logit_diff",
-                       "continuation_clean", "continuation_intervened", "generation", "readouts"),
+                       "continuation_clean", "continuation_intervened", "continuation_note", "generation",
+                       "readouts"),
               description="saved prompt-lab sessions: prompt, intervention stack, next-token distributions clean "
               "vs intervened, continuations and readouts"),
     ),
@@ -327,11 +328,27 @@ def continuations(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Clean and intervened continuations (same seed) as text: {"clean": ..., "intervened": ...}."""
-    out = {}
+    """Clean and intervened continuations (same seed) as text: {"clean": ..., "intervened": ..., "note": ...}.
+
+    ``note`` says why a continuation is shorter than ``max_new_tokens`` (it stopped at end-of-text, naming the
+    step — at step 0 the text is empty because the model's first choice was end-of-text — or at the model's
+    context length); it is "" when both ran to ``max_new_tokens``.
+    """
+    out: dict[str, str] = {}
+    notes = []
+    eos = getattr(model.tokenizer, "eos_token_id", None)
     for name, stack in (("clean", ()), ("intervened", interventions)):
         new = generate(model, tokens, stack, max_new_tokens, temperature, seed)
         out[name] = str(model.to_string(new)) if len(new) else ""
+        if len(new) and eos is not None and int(new[-1]) == eos:
+            step = len(new) - 1
+            first = " (the model's first choice was end-of-text, so it is empty)" if step == 0 else ""
+            notes.append(f"{name} stopped at end-of-text at step {step}{first}")
+        elif len(new) < max_new_tokens:
+            notes.append(
+                f"{name} stopped after {len(new)} tokens at the model's context length ({model.cfg.n_ctx})"
+            )
+    out["note"] = "; ".join(notes)
     return out
 
 
@@ -388,6 +405,7 @@ def session_frame(
         "interventions": json.dumps(stack), "next_token": comparison.table.to_json(orient="records"),
         "focus_token": focus.get("token"), "logit_diff": focus.get("logit_diff"),
         "continuation_clean": continuation.get("clean"), "continuation_intervened": continuation.get("intervened"),
+        "continuation_note": continuation.get("note", ""),
         "generation": json.dumps(generation), "readouts": json.dumps(readouts or {}),
     }])  # fmt: skip
 

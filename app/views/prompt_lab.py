@@ -431,6 +431,8 @@ k1.markdown("**clean**")
 k1.code(prompt + continuation["clean"], language=None)
 k2.markdown("**intervened**")
 k2.code(prompt + continuation["intervened"], language=None)
+if continuation["note"]:
+    st.info(continuation["note"])
 st.caption(f"computed in {time.perf_counter() - STARTED:.2f} s", help="this run of the page, on the server")
 
 if st.button("save session to the results database", key="lab_save"):
