@@ -197,3 +197,80 @@ def test_training_refuses_batches_without_every_layer(mlp_batches) -> None:
     batch = {k: v for k, v in mlp_batches[0].items() if k != "blocks.2.hook_mlp_out"}
     with pytest.raises(SAEInputError, match=r"no activations for hook\(s\) \['blocks.2.hook_mlp_out'\]"):
         train_saes({"clt": seeded_clt(clt_config(), 0)}, [batch], TrainConfig(**TRAIN | {"steps": 1}))
+
+
+# ------------------------------------------------------------------------------------------ run and evaluate
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("data") / "ids.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 64, size=(48, 16)))
+    return path
+
+
+def test_run_clt_trains_saves_and_scores_the_replacement_model(tiny_llama, token_file, tmp_path) -> None:
+    from workbench.circuits.sae.clt_analysis import run_clt, write_results
+    from workbench.datasets import load_dataset
+
+    lines: list[str] = []
+    frames = run_clt(tiny_llama, load_dataset(str(token_file)), sae_id="llama-clt", hook="blocks.*.ln2.hook_normalized",
+                     hook_out="blocks.*.hook_mlp_out", d_sae=32, workspace=tmp_path, steps=40, progress=False,
+                     max_tokens=None, context_length=16, announce=lines.append)  # fmt: skip
+    assert "CLT over 3 layers × 32 latents" in lines[0] and "free" in lines[0]
+    evals = frames["sae_evals"]
+    assert list(evals["hook"]) == [f"blocks.{i}.ln2.hook_normalized" for i in range(3)]
+    assert (evals["FVU"] < 1).all() and (evals["L0"] > 0).all() and evals["dead_fraction"].between(0, 1).all()
+    row = frames["transcoder_replacement"].iloc[0]
+    assert row["n_tokens"] == 12 * 15 and row["kl"] >= 0 and row["ce_replacement"] > 0
+    assert row["gain_kept"] == pytest.approx(
+        (row["ce_unigram"] - row["ce_replacement"]) / (row["ce_unigram"] - row["ce_clean"])
+    )
+    assert write_results(tmp_path, frames) == {"sae_evals": 3, "transcoder_replacement": 1}
+    saved = load_clt_dir(tmp_path / "saes" / "llama-clt")
+    assert saved.layers == [0, 1, 2] and saved.hooks(2) == (
+        "blocks.2.ln2.hook_normalized",
+        "blocks.2.hook_mlp_out",
+    )
+
+
+def test_replacement_hooks_at_layer_zero_equal_the_clt_forward(tiny_llama) -> None:
+    """Layer 0's replaced MLP output (resid_post − resid_mid) is the CLT's own prediction from the model's layer-0
+    MLP input."""
+    from workbench.circuits.sae.clt_analysis import replacement_hooks
+
+    clt = random_clt(skip=True, dtype=torch.float32)
+    clt = CrossLayerTranscoder(torch.randn(3, 16, 12), torch.randn(3, 12), torch.rand(3, 12) * 0.3,
+                               [torch.randn(12, 3 - i, 16) for i in range(3)], torch.randn(3, 16),
+                               clt.hook_in, clt.hook_out)  # fmt: skip
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    with (
+        torch.no_grad(),
+        tiny_llama.capture(["blocks.0.ln2.hook_normalized", "blocks.0.hook_resid_mid"]) as clean,
+    ):
+        tiny_llama({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})
+    seen = {}
+    with torch.no_grad(), tiny_llama.capture(["blocks.0.hook_resid_post"]) as replaced:
+        tiny_llama.run_with_hooks({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)},
+                                  fwd_hooks=replacement_hooks(clt))  # fmt: skip
+        seen["out"] = replaced["blocks.0.hook_resid_post"] - clean["blocks.0.hook_resid_mid"]
+    x = clean["blocks.0.ln2.hook_normalized"].reshape(-1, 16)
+    expected = clt.encode_layer(x, 0) @ clt.W_dec[0][:, 0] + clt.b_dec[0]
+    torch.testing.assert_close(seen["out"].reshape(-1, 16), expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "hook, hook_out, d_sae, message",
+    [("blocks.*.hook_nope", "blocks.*.hook_mlp_out", 32, "--hook 'blocks.\\*.hook_nope' matches no hook"),
+     ("blocks.*.ln2.hook_normalized", "blocks.[01].hook_mlp_out", 32, r"matches layers \[0, 1, 2\] but --hook-out"),
+     ("blocks.*.ln2.hook_normalized", "blocks.*.hook_mlp_out", 10**9, "too large; use fewer layers")],
+)  # fmt: skip
+def test_run_clt_refuses_bad_input_and_writes_nothing(tiny_llama, token_file, tmp_path, hook, hook_out, d_sae,
+                                                      message) -> None:  # fmt: skip
+    from workbench.circuits.sae.clt_analysis import run_clt
+    from workbench.datasets import load_dataset
+
+    with pytest.raises(SAEInputError, match=message):
+        run_clt(tiny_llama, load_dataset(str(token_file)), sae_id=None, hook=hook, hook_out=hook_out, d_sae=d_sae,
+                workspace=tmp_path / "ws", steps=5, progress=False)  # fmt: skip
+    assert not (tmp_path / "ws").exists()

@@ -243,6 +243,15 @@ class CrossLayerTranscoder(nn.Module):
             return topk_activation(pre, int(self.cfg.k or 1))
         return pre.relu() * (pre > self.threshold[:, None]).to(pre.dtype)
 
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer's features: x [n, d_model] (layer ``layer``'s input) → [n, d_transcoder]."""
+        pre = torch.addmm(self.b_enc[layer], x.to(self.W_enc.dtype), self.W_enc[layer])
+        if self.cfg.activation == "topk" or (
+            self.cfg.activation == "batchtopk" and float(self.threshold.min()) < 0
+        ):
+            return topk_activation(pre, int(self.cfg.k or 1))
+        return pre.relu() * (pre > self.threshold[layer]).to(pre.dtype)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [n_layers, n, d_model] (each layer's input) → latents [n_layers, n, d_transcoder]."""
         return self.activation(self.pre_activation(x))

@@ -160,8 +160,10 @@ def load_clt(path: str | Path, device: str = "cpu") -> CrossLayerTranscoder:
 @torch.no_grad()
 def evaluate_clt(model, data, clt: CrossLayerTranscoder, *, max_tokens: int = 4096, context_length: int = 64,
                  batch_size: int = 8) -> pd.DataFrame:  # fmt: skip
-    """Per layer: FVU and cosine of the CLT's predicted ``hook_out`` against the model's, and mean L0 of its
-    features, over up to ``max_tokens`` real tokens of ``data`` (a Dataset) on ``model`` (a HookedModel)."""
+    """Per layer: FVU and cosine of the CLT's predicted ``hook_out`` against the model's, mean L0 of its
+    features and the fractions of its latents that never fire (``dead_fraction``) or fire on more than a tenth of
+    the tokens (``dense_fraction``), over up to ``max_tokens`` real tokens of ``data`` (a Dataset, or token-id
+    rows) on ``model`` (a HookedModel)."""
     from workbench.datasets import iter_model_batches
 
     ins = [clt.hooks(layer)[0] for layer in range(clt.n_layers)]
@@ -175,6 +177,7 @@ def evaluate_clt(model, data, clt: CrossLayerTranscoder, *, max_tokens: int = 40
     l0 = torch.zeros_like(err)
     sums = torch.zeros(clt.n_layers, clt.d_model, dtype=torch.float64)
     squares = torch.zeros_like(err)
+    fires = torch.zeros(clt.n_layers, clt.d_transcoder, dtype=torch.float64)
     seen = 0
     for _, batch in iter_model_batches(data, model.tokenizer, batch_size=batch_size, context_length=context_length,
                                        max_tokens=max_tokens, progress=False):  # fmt: skip
@@ -189,11 +192,13 @@ def evaluate_clt(model, data, clt: CrossLayerTranscoder, *, max_tokens: int = 40
         sums += y.sum(1)
         squares += y.pow(2).sum((1, 2))
         cos += torch.nn.functional.cosine_similarity(pred, y, dim=-1).sum(1)
-        l0 += (f > 0).sum(-1).double().sum(1)
+        l0 += (f > 0).sum(-1).double().sum(1).cpu()
+        fires += (f > 0).sum(1).double().cpu()
         seen += y.shape[1]
     if seen == 0:
         raise SAEInputError("the dataset gave no tokens to evaluate the CLT on")
     total = squares - sums.pow(2).sum(1) / seen
     return pd.DataFrame({"layer": range(clt.n_layers), "hook_in": ins, "hook_out": outs, "n_tokens": seen,
                          "FVU": (err / total).tolist(), "cosine": (cos / seen).tolist(),
-                         "L0": (l0 / seen).tolist()})  # fmt: skip
+                         "L0": (l0 / seen).tolist(), "dead_fraction": (fires == 0).double().mean(1).tolist(),
+                         "dense_fraction": (fires / seen > 0.1).double().mean(1).tolist()})  # fmt: skip
