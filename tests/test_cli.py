@@ -134,6 +134,9 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     result = runner.invoke(app, ["massive", "minilm", "--workspace", str(zoo_workspace.root)])
     assert result.exit_code == 0, result.output
     assert "[CLS]" in result.output
+    db = ResultsDB(zoo_workspace)
+    written = f"massive_layers ({len(db.read('massive_layers', model='minilm'))} rows), massive_top "
+    assert written in result.output and "massive_fits" not in result.output
     series = runner.invoke(
         app,
         [
@@ -147,6 +150,24 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     assert series.exit_code == 0, series.output
     fits = ResultsDB(zoo_workspace).read("massive_fits", model="code-tiny")
     assert len(fits) == 2 and set(fits["family"]) == {"exp_log"}
+    assert all(f"  step {s}: massive at " in series.output for s in (0, 1, 2, 4, 8, 16, 32, 64))
+    assert "at step 64 (the last checkpoint):" in series.output and "massive_fits (2 rows)" in series.output
+    few = ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--max-tokens", "64"]
+    logistic = runner.invoke(
+        app, [*few, "--family", "logistic", *sum((["--step", str(s)] for s in (0, 1, 2, 4)), [])]
+    )
+    assert logistic.exit_code == 0, logistic.output
+    note = " ".join(line for line in logistic.output.splitlines() if "emergence fit" in line or "--" in line)
+    assert "no logistic emergence fit: it needs 5 distinct checkpoints, this run has 4" in note
+    assert "--family log " in note and "--family logistic" not in note and "--family exp_log" not in note
+    assert (
+        "pass more --step values or drop --step (the series has" in note
+        and "massive_fits" not in logistic.output
+    )
+    log = runner.invoke(app, [*few, "--family", "log", "--step", "0", "--step", "1", "--step", "2"])
+    assert log.exit_code == 0 and "no log emergence fit" in log.output and "--family" not in log.output, (
+        log.output
+    )
     one = runner.invoke(app, ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "0",
                               "--max-tokens", "64"])  # fmt: skip
     assert one.exit_code == 0, one.output

@@ -287,13 +287,16 @@ ANALYSIS = Analysis(
 )  # fmt: skip
 
 
-def write_results(report: MassiveReport, fits: pd.DataFrame | None = None, workspace: Any = None) -> None:
-    """Store a report (and fits) in the workspace results database: tables massive_layers, massive_top,
-    massive_fits (re-running replaces the same model/checkpoint/hook/dataset rows)."""
+def write_results(
+    report: MassiveReport, fits: pd.DataFrame | None = None, workspace: Any = None
+) -> dict[str, int]:
+    """Store a report (and fits) in the workspace results database: tables massive_layers, massive_top and, when
+    there are fits, massive_fits (re-running replaces the same model/checkpoint/hook/dataset rows).
+    -> rows written per table (only the tables written)."""
     frames = {"massive_layers": report.layers, "massive_top": report.top}
     if fits is not None and not fits.empty:
         frames["massive_fits"] = fits.assign(dataset=report.layers["dataset"].iloc[0])
-    write_tables(workspace, ANALYSIS, frames)
+    return write_tables(workspace, ANALYSIS, frames)
 
 
 # ---------------------------------------------------------------------------------------------- figures

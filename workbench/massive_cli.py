@@ -19,6 +19,7 @@ from workbench.cli_options import (
     open_data,
     open_series,
 )
+from workbench.workspace import Workspace
 
 DEFAULT_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -89,27 +90,56 @@ def massive_command(
         if distinct >= needed:
             fits = fit_emergence(report.layers, metric="top1", family=family)
         else:
-            report.notes.append(f"no {family} emergence fit: it needs {needed} distinct checkpoints, the series has "
-                                f"{distinct}; pass more --step values or --family log")  # fmt: skip
+            available = len(
+                open_series(model, workspace, None, device, dtype, trust_remote_code) if steps else ()
+            )
+            report.notes.append(_no_fit_note(family, needed, distinct, available, FAMILIES))
     else:
         report = detect_massive(series.load(series.steps[0]), inputs, names, criteria=criteria, progress=progress,
                                 **options)  # fmt: skip
-    write_results(report, fits, workspace)
+    written = write_results(report, fits, workspace)
     for note in report.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
     layers = report.layers
-    latest = (
-        layers
-        if layers["checkpoint"].isna().all()
-        else layers[layers["checkpoint"] == layers["checkpoint"].max()]
-    )
     columns = ["hook", "top1", "top1_dim", "top1_token", "median", "ratio", "top1_spread", "massive"]
-    typer.echo(latest[columns].to_string(index=False))
+    if layers["checkpoint"].isna().all() or layers["checkpoint"].nunique() == 1:
+        step = "" if layers["checkpoint"].isna().iloc[0] else f" at step {int(layers['checkpoint'].iloc[0])}"
+        typer.echo(f"{layers['model'].iloc[0]}{step}:")
+        typer.echo(layers[columns].to_string(index=False))
+    else:
+        typer.echo(f"{layers['model'].iloc[0]}: per checkpoint (largest top-1 over the {layers['hook'].nunique()} "
+                   "hooks):")  # fmt: skip
+        for step, group in layers.groupby("checkpoint", sort=True):
+            top = group.loc[group["top1"].idxmax()]
+            typer.echo(f"  step {int(step)}: massive at {int(group['massive'].sum())} of {len(group)} hooks; top-1 "
+                       f"{top['top1']:.4g} at {top['hook']} dim {top['top1_dim']} (token {top['top1_token']!r}), "
+                       f"{top['ratio']:.3g}× the median")  # fmt: skip
+        last = layers["checkpoint"].max()
+        typer.echo(f"at step {int(last)} (the last checkpoint):")
+        typer.echo(layers[layers["checkpoint"] == last][columns].to_string(index=False))
     if fits is not None:
         typer.echo(
             fits[["hook", "family", "status", "r2", "peak_step", "emergence_step"]].to_string(index=False)
         )
-    typer.echo(f"results written to the workspace (tables {', '.join(ANALYSIS.table_names)})")
+    tables = ", ".join(f"{name} ({rows} rows)" for name, rows in written.items())
+    typer.echo(f"wrote {tables} to {Workspace(workspace).results_path}")
+
+
+def _no_fit_note(family: str, needed: int, distinct: int, available: int, families: dict) -> str:
+    """Why no emergence fit was made, suggesting only what the user has not done: more --step values when they
+    restricted the steps and the series has enough (``available``: its checkpoint count, 0 when not restricted),
+    a family with fewer parameters other than the one they chose, else more checkpoints."""
+    fixes = []
+    if available >= needed:
+        fixes.append(f"pass more --step values or drop --step (the series has {available} checkpoints)")
+    fewer = [name for name, f in families.items() if name != family and len(f.params) + 1 <= distinct]
+    if fewer:
+        fixes.append(" or ".join(f"--family {name}" for name in fewer) + f" (fits {distinct} checkpoints)")
+    if not fixes:
+        fixes.append("save more checkpoints of the run (every family needs at least "
+                     f"{min(len(f.params) + 1 for f in families.values())})")  # fmt: skip
+    return (f"no {family} emergence fit: it needs {needed} distinct checkpoints, this run has {distinct}; "
+            + "; or ".join(fixes))  # fmt: skip
 
 
 def _budget(dataset, series, context_length: int, max_tokens: int | None):
