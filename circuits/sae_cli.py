@@ -185,7 +185,7 @@ def train(
             shutil.rmtree(state_dir, ignore_errors=True)
         rows = frames["sae_evals"].set_index("sae_id")
         for name in specs:
-            typer.echo(f"{name}: {_metrics(rows.loc[name])}")
+            typer.echo(f"{name}: {_metrics(rows.loc[name], name)}")
         if ctx is not None:
             typer.echo(_layout(ctx, list(specs)))
         saved = ", ".join(f"saes/{name}" for name in specs)
@@ -357,7 +357,8 @@ def evaluate(
                          context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
     write_results(workspace, frames)
     typer.echo(
-        f"{sae_id or found} on {hooked.cfg.name} / {dataset.name!r}: {_metrics(frames['sae_evals'].iloc[0])}"
+        f"{sae_id or found} on {hooked.cfg.name} / {dataset.name!r}: "
+        + _metrics(frames["sae_evals"].iloc[0], sae_id or found)
     )
 
 
@@ -412,11 +413,34 @@ def circuit(
                f"written to the workspace (table {', '.join(ANALYSIS.table_names)})")  # fmt: skip
 
 
-def _metrics(row) -> str:
-    text = f"L0 {row['L0']:.2f}  FVU {row['FVU']:.4f}  cosine {row['cosine']:.3f}"
-    if row.get("ce_note"):
-        return f"{text}  ({row['ce_note']})"
-    return f"{text}  CE recovered {row['ce_recovered']:.3f}  KL {row['kl']:.4f}"
+DEAD_WARNING_FRACTION = 0.25
+AUXK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+
+
+def _metrics(row, sae_id: str) -> str:
+    """The end-of-run summary of one ``sae_evals`` row: sparsity, reconstruction, dead and dense latent fractions,
+    the CE metrics (or why they do not apply, or why CE recovered means nothing here), and a warning with what to
+    change when more than ``DEAD_WARNING_FRACTION`` of the latents are dead."""
+    text = (f"L0 {row['L0']:.2f}  FVU {row['FVU']:.4f}  cosine {row['cosine']:.3f}  dead {row['dead_fraction']:.1%}"
+            f"  dense {row['dense_fraction']:.1%}")  # fmt: skip
+    ce_note, recovered_note = (
+        row.get(c) if isinstance(row.get(c), str) else "" for c in ("ce_note", "ce_recovered_note")
+    )
+    if ce_note:
+        text += f"  ({ce_note})"
+    elif recovered_note:
+        text += (f"  CE spliced {row['ce_spliced']:.3f} (clean {row['ce_clean']:.3f})  KL {row['kl']:.4f}\n"
+                 f"  {recovered_note}")  # fmt: skip
+    else:
+        text += f"  CE recovered {row['ce_recovered']:.3f}  KL {row['kl']:.4f}"
+    if row["dead_fraction"] > DEAD_WARNING_FRACTION:
+        lr = "a lower learning rate (train_options={'lr': ...} of workbench.circuits.sae.analysis.run)"
+        fix = (f"AuxK already feeds them gradient in {row['architecture']}, so train longer (--steps, --max-tokens), "
+               f"with fewer latents (--d-sae) or {lr}" if row["architecture"] in AUXK_ARCHITECTURES
+               else f"train --architecture topk or batchtopk (their AuxK loss revives dead latents), or use {lr}")  # fmt: skip
+        text += (f"\nwarning: {row['dead_fraction']:.0%} of the {row['d_sae']} latents of {sae_id} are dead (never "
+                 f"active on the {row['n_tokens']} evaluation tokens); {fix}")  # fmt: skip
+    return text
 
 
 # ---------------------------------------------------------------------------------------- foreign formats

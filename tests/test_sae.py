@@ -326,6 +326,11 @@ def test_splice_metrics_against_closed_form(code_series):
     logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, zero_ablation())])[:, :-1]
     ce_zero = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1))
     assert out["ce_zero"] == pytest.approx(float(ce_zero.detach()), rel=1e-4)
+    clean = model(tokens)[:, :-1]
+    per_token = [F.cross_entropy(x.reshape(-1, x.shape[-1]).double(), tokens[:, 1:].reshape(-1), reduction="none")
+                 for x in (logits, clean)]  # fmt: skip
+    gap = (per_token[0] - per_token[1]).detach()
+    assert out["ce_gap_se"] == pytest.approx(float(gap.std() / math.sqrt(gap.numel())), rel=1e-3)
 
 
 def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
@@ -736,6 +741,8 @@ def test_cli_train_and_eval_on_a_zoo_checkpoint_with_a_users_text_file(zoo_ws, u
     assert row["FVU"] == pytest.approx(reference["FVU"], rel=1e-4)
     assert row["ce_clean"] == pytest.approx(reference["ce_clean"], rel=1e-4)
     assert row["ce_zero"] > row["ce_spliced"] and 0 < row["ce_recovered"] <= 1.05
+    assert row["ce_zero"] - row["ce_clean"] > 3 * row["ce_gap_se"] and row["ce_recovered_note"] == ""
+    assert f"CE recovered {row['ce_recovered']:.3f}" in result.output
     pages = zoo_ws.results().read("sae_features", sae_id=sae_id)
     assert (
         len(pages) == 64 and set(pages["dataset"]) == {"notes.txt"} and set(pages["model"]) == {"code-tiny"}
@@ -829,6 +836,39 @@ def test_cli_transcoder_on_a_users_gpt2_directory_with_a_save_to_disk_folder(tmp
                      "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert sorted(workspace.results().read("sae_evals")["dataset"]) == ["hf_notes", "notes.txt"]
+
+
+def test_cli_train_summary_reports_dead_latents_and_marks_ce_recovered_within_noise(
+    tmp_path, gpt2_dir, user_data
+):
+    """A random GPT-2's MLP barely matters to its loss, and 1024 latents with k=1 over a few hundred held-out tokens
+    leave most of them dead: the summary prints the dead and dense fractions, warns with what to change, and prints
+    CE spliced and KL instead of a CE recovered that divides by noise (the row says why)."""
+    from workbench.circuits.sae.evals import CE_MIN_GAP
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "ws")
+    result = sae_cli(workspace.root, "train", str(gpt2_dir), "--data", str(user_data / "notes.txt"), "--hook",
+                     "blocks.1.hook_mlp_out", *FAST_SAE[4:], "--context-length", "32", "--d-sae", "1024", "--k",
+                     "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    row = workspace.results().read("sae_evals").iloc[0]
+    sae_id = row["sae_id"]
+    assert (
+        row["n_tokens"] < 0.75 * 1024 and row["dead_fraction"] > 0.25
+    )  # at most n_tokens latents fire at k=1
+    assert f"dead {row['dead_fraction']:.1%}  dense {row['dense_fraction']:.1%}" in result.output
+    assert (f"warning: {row['dead_fraction']:.0%} of the 1024 latents of {sae_id} are dead (never active on the "
+            f"{row['n_tokens']} evaluation tokens); AuxK already feeds them gradient in topk") in result.output  # fmt: skip
+    gap = row["ce_zero"] - row["ce_clean"]
+    assert abs(gap) < CE_MIN_GAP and 0 < row["ce_gap_se"] < 1
+    assert row["ce_recovered_note"].startswith(
+        f"CE recovered not meaningful: zero-ablating blocks.1.hook_mlp_out moves the loss by only {gap:.3f} nats"
+    )
+    assert (
+        row["ce_recovered_note"] in result.output and f"CE spliced {row['ce_spliced']:.3f}" in result.output
+    )
+    assert f"CE recovered {row['ce_recovered']:.3f}" not in result.output and row["ce_note"] == ""
 
 
 def test_cli_train_from_an_activation_store_made_by_workbench_capture(zoo_ws, user_data, tmp_path):

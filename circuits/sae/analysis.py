@@ -49,9 +49,11 @@ ANALYSIS = Analysis(
               columns=("hook_out", "architecture", "transcoder", "d_in", "d_sae", "k", "n_tokens", "L0", "FVU",
                        "explained_variance", "cosine", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",
                        "ce_zero", "ce_recovered", "kl", "ce_note", "density_histogram", "n_train_rows",
-                       "train_steps"),
+                       "train_steps", "ce_gap_se", "ce_recovered_note"),
               description="per SAE, model checkpoint and dataset: sparsity, reconstruction and (causal LMs) the CE "
-              "loss with the SAE spliced in; ce_note says when the CE metrics do not apply"),
+              "loss with the SAE spliced in; ce_note says when the CE metrics do not apply, ce_recovered_note when "
+              "the zero-ablation gap (ce_zero - ce_clean, standard error ce_gap_se) is too small for CE recovered "
+              "to mean anything"),
         Table("sae_features", keys=_KEYS,
               columns=("latent", "density", "max_activation", "top_contexts", "quantile_activations",
                        "quantile_samples", "histogram", "promoted_tokens", "suppressed_tokens", "n_prompts",
