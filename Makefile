@@ -13,9 +13,10 @@ LOCK ?= requirements/lock.txt
 # The lock's platform: elsewhere (another OS, CPU or Python) `make venv` installs from pyproject's ranges instead.
 LOCK_PLATFORM := x86_64-manylinux_2_28
 LOCK_PYTHON := 3.11
-# Where the CPU build of torch comes from: pip's wheel folder when this machine has one (PIP_FIND_LINKS), else
-# PyTorch's CPU wheel page. On a GPU machine: `make venv` then `make gpu-torch TORCH_INDEX=.../cu128`.
-TORCH_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
+# Where the CPU build of torch comes from: pip's wheel folder when this machine configures one (PIP_FIND_LINKS or
+# pip's config), else PyTorch's CPU wheel page. On a GPU machine: `make venv`, then `make gpu-torch`.
+PIP_CONFIG_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+TORCH_LINKS ?= $(or $(PIP_FIND_LINKS),$(PIP_CONFIG_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 WORKSPACE ?= workspace
 PYTEST_ARGS ?=
