@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,8 +33,36 @@ def serve(workspace: Path, host: str, port: int) -> None:
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--", "--workspace", str(workspace),
     ]  # fmt: skip
-    with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(command, check=True)
+    server = subprocess.Popen(command, start_new_session=True)  # its own group: one stop reaches all of it
+    stopped: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        while server.poll() is None and not stopped:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=0.2)
+    finally:
+        _stop_server(server)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        typer.echo(f"dashboard stopped ({signal.Signals(stopped[0]).name}); the server on {url} is down")
+    elif server.returncode != 0:
+        fail(f"the dashboard server exited with code {server.returncode}; its output is above")
+
+
+def _stop_server(server: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the server's process group, wait up to ``grace`` seconds, then SIGKILL what is left of the group."""
+    if server.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def dashboard(

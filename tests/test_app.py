@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -200,3 +208,43 @@ def test_a_corrupt_database_gets_a_message_not_a_traceback(tmp_path, monkeypatch
         app = _run(view, tmp_path, monkeypatch)
         assert not app.exception, app.exception
         assert "is corrupt" in app.warning[0].value and "Move it aside" in app.warning[0].value
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_workbench_dashboard_stops_its_streamlit_server(stop, tmp_path) -> None:
+    """`kill` (or Ctrl-C) of the `workbench dashboard` process takes its Streamlit server down with it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    parent = subprocess.Popen([sys.executable, "-m", "workbench.cli", "dashboard", "-w", str(tmp_path), "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert parent.poll() is None and time.monotonic() < deadline, "the dashboard never served"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                    if response.read() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        children = [
+            int(p) for p in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+        ]
+        assert children, "the dashboard serves from a child process"
+        parent.send_signal(stop)
+        output, _ = parent.communicate(timeout=30)
+        assert parent.returncode == 0, output
+        assert f"dashboard stopped ({stop.name}); the server on http://127.0.0.1:{port} is down" in output
+        with pytest.raises(ProcessLookupError):
+            os.kill(children[0], 0)
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", port))
+    finally:
+        for pid in children:  # only after a failure is anything left: nothing this test started outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # the server leads its own process group
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
