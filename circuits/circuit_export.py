@@ -222,3 +222,93 @@ def write_circuit_tracer(
         layer, feature, _ = (int(x) for x in node["node_id"].split("_"))
         atomic_write_json(features / f"{node['feature']}.json", feature_file(pages.get((layer, feature))))
     return path
+
+
+def attribution_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list: list[str],
+                           node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict[str, Any]:  # fmt: skip
+    """circuit-tracer graph JSON for an attribution graph (``workbench.circuits.attribution.graph.Graph``), pruned
+    with circuit-tracer's semantics (``prune``: node / edge influence thresholds; inputs and targets kept). Feature
+    nodes ``{layer}_{feature}_{pos}``, errors ``{layer}_-1_{pos}``, embeddings ``E_{token}_{pos}`` (a position
+    embedding, which circuit-tracer has no node for, is folded into its token's links), targets
+    ``{n_layers + 1}_{token or feature}_{pos}`` (logit-typed; the most probable logit is the target logit). Link
+    weights are the graph's direct effects; ``influence`` is each node's cumulative influence share."""
+    from workbench.circuits.attribution.pruning import prune
+
+    kept = prune(graph, node_threshold, edge_threshold)
+    n_features, n_errors, n_pos = graph.n_features, graph.n_errors, graph.n_pos
+    ids: list[str] = []
+    nodes: list[dict[str, Any]] = []
+    node: dict[str, Any]
+    base: dict[str, Any] = {
+        "token_prob": 0.0,
+        "is_target_logit": False,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "activation": None,
+    }
+    top_logit = max((t for t in graph.targets if t.kind == "logit"), key=lambda t: t.weight, default=None)
+    for index in range(graph.n_nodes):
+        if index < n_features:
+            layer, position, feature = (int(x) for x in graph.features[index])
+            node = base | {"node_id": f"{layer}_{feature}_{position}", "feature": cantor(layer, feature),
+                           "layer": str(layer), "ctx_idx": position, "feature_type": "cross layer transcoder",
+                           "jsNodeId": f"{layer}_{feature}-0", "activation": float(graph.activations[index]),
+                           "clerp": f'L{layer} #{feature} @{position} "{token_text(graph.token_texts[position])}"'}  # fmt: skip
+        elif index < n_features + n_errors:
+            layer, position = divmod(index - n_features, n_pos)
+            node = base | {"node_id": f"{layer}_-1_{position}", "feature": -1, "layer": str(layer),
+                           "ctx_idx": position, "feature_type": "mlp reconstruction error",
+                           "jsNodeId": f"{layer}_-1-{position}", "clerp": f"error L{layer} @{position}"}  # fmt: skip
+        elif index < n_features + n_errors + graph.n_inputs:
+            position = (index - n_features - n_errors) % n_pos
+            token = int(graph.tokens[position])
+            node = base | {"node_id": f"E_{token}_{position}", "feature": position, "layer": "E",
+                           "ctx_idx": position, "feature_type": "embedding", "jsNodeId": f"E_{token}-{position}",
+                           "clerp": f'emb "{token_text(graph.token_texts[position])}" @{position}'}  # fmt: skip
+        else:
+            target = graph.targets[index - (graph.n_nodes - graph.n_targets)]
+            which = target.feature if target.kind == "feature" else target.token
+            node = base | {"node_id": f"{graph.n_layers + 1}_{which}_{target.position}", "feature": which,
+                           "layer": str(graph.n_layers + 1), "ctx_idx": target.position, "feature_type": "logit",
+                           "token_prob": target.weight if target.kind == "logit" else 0.0,
+                           "is_target_logit": target is top_logit, "jsNodeId": f"L_{which}-{target.position}",
+                           "clerp": target.label}  # fmt: skip
+        ids.append(node["node_id"])
+        node["influence"] = float(kept.cumulative[index])
+        if bool(kept.nodes[index]):
+            nodes.append(node)
+    unique = {node["node_id"]: node for node in nodes}
+    links: dict[tuple[str, str], float] = {}
+    for target_index, source_index in torch_nonzero(kept.edges):
+        key = (ids[source_index], ids[target_index])
+        links[key] = links.get(key, 0.0) + float(graph.adjacency[target_index, source_index])
+    pinned = [ids[i] for i in range(graph.n_nodes - graph.n_targets, graph.n_nodes)]
+    return {
+        "metadata": {"slug": slug, "scan": scan, "transcoder_list": transcoder_list,
+                     "prompt_tokens": [token_text(t) for t in graph.token_texts], "prompt": graph.prompt,
+                     "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION,
+                     "info": {"replacement_score": graph.scores.get("replacement_score"),
+                              "completeness_score": graph.scores.get("completeness_score"),
+                              "edge_threshold": edge_threshold}},
+        "qParams": {"pinnedIds": list(dict.fromkeys(pinned)), "supernodes": [], "linkType": "both", "clickedId": "",
+                    "sg_pos": ""},
+        "nodes": list(unique.values()),
+        "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()],
+    }  # fmt: skip
+
+
+def torch_nonzero(mask: Any) -> list[tuple[int, int]]:
+    """(row, column) pairs of a boolean matrix's True entries."""
+    return [(int(r), int(c)) for r, c in mask.nonzero().tolist()]
+
+
+def write_attribution_graph(out: str | Path, graph: Any, *, slug: str, scan: list[str], node_threshold: float = 0.8,
+                            edge_threshold: float = 0.98) -> Path:  # fmt: skip
+    """The pruned attribution graph as circuit-tracer files (``out/{slug}.json``, ``graph-metadata.json``, a feature
+    file per feature node under ``out/features/<model>/``, empty where no feature page exists yet)."""
+    from workbench.workspace import safe_name
+
+    data = attribution_graph_json(graph, slug=slug, scan=f"./features/{safe_name(graph.model.replace('/', '-'))}",
+                                  transcoder_list=scan, node_threshold=node_threshold,
+                                  edge_threshold=edge_threshold)  # fmt: skip
+    return write_circuit_tracer(out, data, {})

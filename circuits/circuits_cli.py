@@ -8,10 +8,12 @@ from typing import Annotated, Literal
 import typer
 
 from workbench.cli_options import (
+    BatchSizeOption,
     ContextOption,
     DataOption,
     DeviceOption,
     ModelArgument,
+    ProgressOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
     fail,
@@ -162,6 +164,97 @@ def export(
     typer.echo(f"circuit of {top['target']} ({len(graph['nodes'])} nodes, {len(graph['links'])} links) written to "
                f"{path}; view it with circuit_tracer.frontend.local_server.serve(data_dir={out!r}, "
                f"features_dir={out!r} + '/features')")  # fmt: skip
+
+
+def _load_transcoders(references: list[str], workspace, device: str) -> tuple[list[str], object]:
+    """--transcoders: one cross-layer transcoder folder, or one saved SAE id / directory per layer."""
+    from pathlib import Path
+
+    from workbench.circuits.sae.analysis import find_sae
+    from workbench.circuits.sae.formats.circuit_tracer import CONFIG_FILE, load_clt, read_config
+
+    if not references:
+        fail("--transcoders is required: one transcoder id per layer, or one cross-layer transcoder folder")
+    folder = Path(references[0]).expanduser()
+    if (folder / CONFIG_FILE).is_file() and read_config(folder)[1].get(
+        "model_kind"
+    ) == "cross_layer_transcoder":
+        if len(references) > 1:
+            fail("a cross-layer transcoder covers every layer: pass it alone to --transcoders")
+        return [folder.name], load_clt(folder, device=device)
+    found = [find_sae(reference, workspace) for reference in references]
+    return [name for name, _ in found], [sae.to(device) for _, sae in found]
+
+
+@app.command()
+def attribute(
+    model: ModelArgument,
+    transcoders: Annotated[
+        list[str],
+        typer.Option("--transcoders", help="Transcoder ids or directories, one per layer (repeatable), or one "
+                     "cross-layer transcoder folder."),
+    ],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt text.")] = None,
+    data: DataOption = None,
+    prompt_index: PromptIndexOption = 0,
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="logits (default) | diff:A,B (tokens or ids) | feature:LAYER:POSITION:FEATURE "
+                     "(repeatable)."),
+    ] = None,
+    position: PositionOption = -1,
+    max_feature_nodes: Annotated[int, typer.Option("--max-feature-nodes", min=0, help="Features kept, the most "
+                                                   "influential first.")] = 7500,
+    max_logits: MaxLogitsOption = 10,
+    logit_probability: LogitProbabilityOption = 0.95,
+    batch_size: BatchSizeOption = 64,
+    heads: Annotated[bool, typer.Option("--heads/--no-heads", help="Split cross-position edges over heads.")] = True,
+    context_length: ContextOption = 64,
+    out: Annotated[str | None, typer.Option("--out", help="Also write the pruned graph here (--format).")] = None,
+    format: Annotated[str, typer.Option("--format", help="circuit-tracer.")] = "circuit-tracer",
+    node_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Pruning: node influence kept.")] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Pruning: edge influence kept.")] = 0.98,
+    progress: ProgressOption = True,
+    device: DeviceOption = "cpu",
+    workspace: WorkspaceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:  # fmt: skip
+    """The complete attribution graph of a prompt (--prompt TEXT, or token row --prompt-index of --data): every
+    direct effect between transcoder features, error nodes, token (and position) embeddings and the targets in the
+    local replacement model, stored unpruned in the workspace (tables attribution_graphs / _nodes / _edges /
+    _heads) with its replacement and completeness scores; --out writes the pruned graph as circuit-tracer JSON."""
+    import torch
+
+    from workbench.circuits.attribution.graph import attribute as attribute_graph
+    from workbench.circuits.attribution.store import ANALYSIS, write_graph
+    from workbench.circuits.circuit_export import write_attribution_graph
+
+    if (prompt is None) == (data is None):
+        fail("pass exactly one of --prompt TEXT or --data REF (with --prompt-index N)")
+    if out is not None and format not in EXPORT_FORMATS:
+        fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    ANALYSIS.check(hooked)
+    ids, loaded = _load_transcoders(transcoders, workspace, device)
+    if prompt is not None:
+        tokens: object = prompt
+    else:
+        dataset = open_data(data)
+        rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
+        if len(rows) <= prompt_index:
+            fail(f"{dataset.name!r} has {len(rows)} token row(s); pick --prompt-index 0..{len(rows) - 1}")
+        tokens = torch.tensor(rows[prompt_index], dtype=torch.long)
+    graph = attribute_graph(hooked, loaded, tokens, targets=target or ["logits"], max_feature_nodes=max_feature_nodes,
+                            batch_size=batch_size, position=position, max_logits=max_logits,
+                            logit_probability=logit_probability, heads=heads, progress=progress)  # fmt: skip
+    name = write_graph(workspace, graph, transcoders=ids, max_feature_nodes=max_feature_nodes)
+    scores = ", ".join(f"{key} {value:.3f}" for key, value in graph.scores.items())
+    typer.echo(f"graph {name}: {graph.n_features} of {graph.n_active} active features, {graph.n_nodes} nodes, "
+               f"{int((graph.adjacency != 0).sum())} edges; {scores}")  # fmt: skip
+    if out is not None:
+        path = write_attribution_graph(out, graph, slug=name, scan=ids, node_threshold=node_threshold,
+                                       edge_threshold=edge_threshold)  # fmt: skip
+        typer.echo(f"pruned graph written to {path}")
 
 
 @app.command("clt-eval")

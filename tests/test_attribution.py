@@ -6,6 +6,8 @@ source, the replacement model reproduces the logits, and bad input is refused wi
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -312,3 +314,63 @@ def test_head_loadings_sum_to_their_edges(built, case) -> None:
         zip(targets.tolist(), sources.tolist(), strict=True)
     )
     assert loadings["head"].nunique() > 1 and loadings["layer"].nunique() == N_LAYERS
+
+
+def test_cli_attributes_a_users_gpt2_directory_and_stores_the_graph(built, tmp_path) -> None:
+    """`workbench circuits attribute DIR --transcoders T0 T1 --data ids.npy --out OUT`: the unpruned graph lands in
+    the workspace's tables (re-running replaces it), the pruned graph in circuit-tracer's JSON; bad input exits 2
+    with one line and writes nothing."""
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from workbench.circuits.attribution.store import read_graph
+    from workbench.cli import app
+
+    model, transcoders, _ = built["gpt2-ln2-skip"]
+    model_dir = tmp_path / "my-gpt2"
+    model.model.float().save_pretrained(model_dir)
+    model.model.double()
+    ids = []
+    for layer, sae in transcoders.items():
+        sae.float().save(tmp_path / f"tc{layer}")
+        sae.double()
+        ids.append(str(tmp_path / f"tc{layer}"))
+    np.save(tmp_path / "ids.npy", TOKENS[None].numpy())
+    workspace, out = tmp_path / "ws", tmp_path / "out"
+    command = ["circuits", "attribute", str(model_dir), "--transcoders", ids[0], "--transcoders", ids[1],
+               "--data", str(tmp_path / "ids.npy"), "--workspace", str(workspace), "--out", str(out),
+               "--no-progress", "--batch-size", "64", "--max-feature-nodes", "30"]  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    found = re.search(r"graph ([0-9a-f]{12}):", result.output)
+    assert found, result.output
+    name = found.group(1)
+    frames = read_graph(workspace, str(model_dir), name)
+    summary = frames["attribution_graphs"].iloc[0]
+    nodes, edges = frames["attribution_nodes"], frames["attribution_edges"]
+    assert len(nodes) == summary["n_nodes"] and len(edges) == summary["n_edges"] > 0
+    assert 0 <= summary["replacement_score"] <= 1 and 0 <= summary["completeness_score"] <= 1
+    rows = nodes[nodes["value"].notna()].set_index("node")
+    totals = edges.groupby("target")["weight"].sum().reindex(rows.index, fill_value=0.0)
+    assert (
+        float((totals + rows["constant"] + rows["dropped"] - rows["value"]).abs().max()) < 1e-4
+    )  # float32 model
+    assert len(frames["attribution_heads"]) > 0
+    assert runner.invoke(app, command).exit_code == 0  # the same request replaces its rows
+    assert len(read_graph(workspace, str(model_dir), name)["attribution_nodes"]) == len(nodes)
+    exported = json.loads((out / f"{name}.json").read_text())
+    assert {"metadata", "qParams", "nodes", "links"} <= set(exported)
+    node_ids = {n["node_id"] for n in exported["nodes"]}
+    assert exported["qParams"]["pinnedIds"] and set(exported["qParams"]["pinnedIds"]) <= node_ids
+    assert all(link["source"] in node_ids and link["target"] in node_ids for link in exported["links"])
+    assert sum(n["is_target_logit"] for n in exported["nodes"]) == 1
+    bad = runner.invoke(app, [*command[:7], "--prompt-index", "3", "--workspace", str(tmp_path / "ws2")])
+    assert bad.exit_code == 2 and "prompt-index" in bad.output
+    bad = runner.invoke(
+        app, [*command[:5], "--data", str(tmp_path / "ids.npy"), "--workspace", str(tmp_path / "ws2")]
+    )
+    assert bad.exit_code == 2 and "no transcoder for layer(s) [1]" in bad.output
+    assert not (tmp_path / "ws2" / "results.duckdb").exists()
