@@ -38,6 +38,7 @@ from workbench.cli_options import (
     open_data,
     open_model,
 )
+from workbench.model import ModelLoadError
 from workbench.references import short_name
 from workbench.workspace import Workspace
 
@@ -522,8 +523,9 @@ def export(
     format: Annotated[str, typer.Option("--format", help="saelens, sparsify or neuronpedia.")] = "saelens",
     family: Annotated[str | None, typer.Option(help="Model family for sparsify's module names (gpt_neox, "
                                                "gpt2, llama).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="The SAE's model (sparsify: its family; "
-                                              "neuronpedia: logits through its unembedding).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="The SAE's model (sparsify: its family, by default "
+                                              "the family of the model the SAE records; neuronpedia: logits through "
+                                              "its unembedding).")] = None,
     workspace: WorkspaceOption = None,
     device: DeviceOption = "cpu",
     trust_remote_code: TrustRemoteCodeOption = False,
@@ -540,6 +542,9 @@ def export(
     found, sae = find_sae(sae_path, workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval() if model else None
     options: dict = {"sae_id": found}
+    if format == "sparsify" and not family and hooked is None:
+        hooked = _recorded_model(found, sae, workspace, device, trust_remote_code)
+        typer.echo(f"model family {hooked.cfg.family}, from the model {found} records ({hooked.cfg.name})")
     if format == "sparsify":
         options["family"] = family or (hooked.cfg.family if hooked is not None else None)
     if format == "neuronpedia":
@@ -553,3 +558,17 @@ def export(
             }  # fmt: skip  (a folder name: no '/')
     written = export_sae(sae, out, format, **options)
     typer.echo(f"{found} written as {format} to {written}")
+
+
+def _recorded_model(found: str, sae, workspace: Path | None, device: str, trust_remote_code: bool):
+    """The model an SAE records (``cfg.model`` at ``cfg.checkpoint``), loaded; a clear failure naming --family and
+    --model when it records none or it does not load here."""
+    fix = "pass --family (gpt_neox, gpt2, llama) or --model"
+    if not sae.cfg.model:
+        fail(f"sparsify names folders by the model's modules, and {found} records no model: {fix}")
+    recorded = sae.cfg.model + (f"@step{sae.cfg.checkpoint}" if sae.cfg.checkpoint is not None else "")
+    try:
+        return open_model(recorded, workspace, device, "float32", trust_remote_code)
+    except ModelLoadError as err:
+        fail(f"sparsify names folders by the model's modules; {found} records the model {recorded!r}, which does "
+             f"not load here ({err}): {fix}")  # fmt: skip

@@ -425,6 +425,9 @@ def test_import_registers_atomically_and_exports(tmp_path) -> None:
     )
     result = sae_cli(ws, "export", "tiny.layers.1", "--format", "neuronpedia", "--out", str(tmp_path / "np"))
     assert result.exit_code == 2 and "no feature pages" in result.output
+    result = sae_cli(ws, "export", "tiny.layers.1", "--format", "sparsify", "--out", str(tmp_path / "sp2"))
+    assert result.exit_code == 2, result.output
+    assert "tiny.layers.1 records no model: pass --family" in result.output
 
 
 def test_dashboard_lists_imported_saes(tmp_path, monkeypatch) -> None:
@@ -543,6 +546,14 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
     result = sae_cli(ws, "export", "np-sae", "--format", "neuronpedia", "--out", str(tmp_path / "np"),
                      "--model", "code-tiny")  # fmt: skip
     assert result.exit_code == 0, result.output
+    # no --model / --family: the SAE's recorded model gives the family
+    result = sae_cli(ws, "export", "np-sae", "--format", "sparsify", "--out", str(tmp_path / "sp"))
+    assert result.exit_code == 0, result.output
+    assert "model family gpt_neox, from the model np-sae records (code-tiny)" in result.output
+    from sparsify import SparseCoder
+
+    coder = SparseCoder.load_from_disk(next((tmp_path / "sp").glob("*/sae.safetensors")).parent)
+    assert coder.cfg.num_latents == 24 and coder.cfg.k == 3
     batch = json.loads((tmp_path / "np" / "batch-0.json").read_text())
     assert set(batch) == {"model_id", "layer", "sae_set", "features"} and batch["layer"] == 1
     feature_keys = {"feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
