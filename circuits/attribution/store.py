@@ -1,8 +1,9 @@
 """Attribution graphs in the workspace: the unpruned graph as node, edge and head-loading tables through the one
 writer (``workbench.analysis.write_tables``), so pruning and subgraphs are queries rather than re-runs.
 
-1. ``graph_id``: a short hash of what makes a graph — model, checkpoint, prompt token ids, targets, transcoders and
-   ``max_feature_nodes`` — so the same request replaces its rows and two models never collide.
+1. ``graph_id``: a short hash of what makes a graph — model, checkpoint, prompt token ids, targets, transcoders,
+   ``max_feature_nodes`` and whether head loadings were computed — so the same request replaces its rows (a graph
+   with head loadings never leaves stale ones under a graph without) and two models never collide.
 2. ``graph_frames``: one ``attribution_graphs`` row (prompt, targets, counts, replacement and completeness scores),
    ``attribution_nodes`` (``Graph.nodes()``), ``attribution_edges`` (nonzero adjacency entries) and
    ``attribution_heads`` (head loadings), every row carrying (model, checkpoint, graph).
@@ -52,7 +53,7 @@ def graph_id(graph: Graph, transcoders: Sequence[str], max_feature_nodes: int) -
     """A 12-hex-digit id of the request that made ``graph`` (same request, same id)."""
     request = {"model": graph.model, "checkpoint": graph.checkpoint, "tokens": graph.tokens.tolist(),
                "targets": [t.label for t in graph.targets], "transcoders": list(transcoders),
-               "max_feature_nodes": max_feature_nodes}  # fmt: skip
+               "max_feature_nodes": max_feature_nodes, "heads": graph.head_loadings is not None}  # fmt: skip
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
 
 
