@@ -324,7 +324,12 @@ def _argv(context: typer.Context, drop: tuple[str, ...] = ()) -> list[str]:
 @app.command("eval")
 def evaluate(
     sae_path: Annotated[
-        str, typer.Argument(help="SAE directory (ours or SAELens cfg.json format) or SAE id.")
+        str,
+        typer.Argument(
+            help="SAE directory (any layout sae import reads) or SAE id; a cross-layer transcoder (id, or folder: "
+            "ours or circuit-tracer's) or a circuit-tracer transcoder set; or per-layer transcoders, "
+            "comma-separated (ID0,ID1,...), scored together as a replacement model."
+        ),
     ],
     model: ModelArgument,
     data: DataOption = None,
@@ -340,13 +345,23 @@ def evaluate(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Evaluate a saved SAE spliced into MODEL over --data and write its sae_evals row (CE metrics on causal LMs,
-    reconstruction metrics on any model)."""
+    reconstruction metrics on any model). A CLT or several transcoders: per-layer sae_evals rows and the
+    replacement model (every MLP replaced at once) in transcoder_replacement."""
     from workbench.circuits.sae.analysis import check_sae_fits, find_sae, hook_widths, write_results
     from workbench.circuits.sae.analysis import evaluate as evaluate_on
+    from workbench.circuits.sae.clt_analysis import find_transcoders
 
     if data is None:
         fail(DATA_REQUIRED)
-    found, sae = find_sae(sae_path, workspace)
+    references = _listed([sae_path])
+    if not references:
+        fail("the SAE argument is empty: name an SAE id or directory, or transcoders as ID0,ID1,...")
+    several = find_transcoders(references, workspace)
+    if several is not None:
+        _eval_transcoders(several, model, data, max_tokens, context_length, batch_size, sae_id, device, workspace,
+                          progress, trust_remote_code)  # fmt: skip
+        return
+    found, sae = find_sae(references[0], workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
     hooks = list(dict.fromkeys([sae.hook_in, sae.hook_out]))
@@ -360,6 +375,34 @@ def evaluate(
     typer.echo(
         f"{sae_id or found} on {hooked.cfg.name} / {dataset.name!r}: "
         + _metrics(frames["sae_evals"].iloc[0], sae_id or found)
+    )
+
+
+def _eval_transcoders(found, model, data, max_tokens, context_length, batch_size, sae_id, device, workspace,
+                      progress, trust_remote_code) -> None:  # fmt: skip
+    """``sae eval`` of a CLT or a set of per-layer transcoders (``clt_analysis.evaluate_replacement``)."""
+    from workbench.circuits.sae.clt_analysis import evaluate_replacement, write_results
+
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    dataset = open_data(data)
+    frames, notes = evaluate_replacement(hooked, dataset, found, sae_id=sae_id, workspace=workspace,
+                                         max_tokens=max_tokens, context_length=context_length,
+                                         batch_size=batch_size, progress=progress)  # fmt: skip
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
+    written = write_results(workspace, frames)
+    for row in frames["sae_evals"].itertuples():
+        typer.echo(f"{row.sae_id} {row.hook} -> {row.hook_out}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  dead "
+                   f"{row.dead_fraction:.0%}  dense {row.dense_fraction:.0%}")  # fmt: skip
+    for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
+        typer.echo(f"replacement model ({row.n_tokens} predicted tokens): CE {row.ce_replacement:.4f} (model "
+                   f"{row.ce_clean:.4f}, unigram {row.ce_unigram:.4f} from {row.unigram_tokens}), KL {row.kl:.4f}, "
+                   f"loss gain kept {row.gain_kept:.3f}")  # fmt: skip
+    if "transcoder_replacement" not in frames:
+        typer.echo(f"no replacement-model row: {frames['sae_evals'].iloc[0]['ce_note']}")
+    tables = ", ".join(f"{table} {count} rows" for table, count in written.items())
+    typer.echo(
+        f"{sae_id or found.name} on {hooked.cfg.name} / {dataset.name!r} written to the workspace ({tables})"
     )
 
 

@@ -9,8 +9,11 @@ transcoders) in ``transcoder_replacement`` (:data:`REPLACEMENT`), both stored by
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,16 +25,33 @@ from workbench.circuits.sae.analysis import (
     ANALYSIS,
     _available_bytes,
     _rows_stream,
+    _sae_hooks,
     _split,
+    check_sae_fits,
+    find_sae,
     hook_widths,
     token_rows,
 )
 from workbench.circuits.sae.base import SAE, SAEInputError
-from workbench.circuits.sae.clt import CLT_ARCHITECTURES, CLTConfig, CrossLayerTranscoder, clt_training_bytes
+from workbench.circuits.sae.clt import (
+    CLT_ARCHITECTURES,
+    CLTConfig,
+    CrossLayerTranscoder,
+    clt_training_bytes,
+    is_clt_dir,
+    load_clt_dir,
+)
 from workbench.circuits.sae.distributed import Distributed, document_range
 from workbench.circuits.sae.evals import _next_token_log_probs, evaluate_sae, sae_dir, splice_hooks
-from workbench.circuits.sae.formats.circuit_tracer import evaluate_clt
+from workbench.circuits.sae.formats.circuit_tracer import CONFIG_FILE as CT_CONFIG_FILE
+from workbench.circuits.sae.formats.circuit_tracer import (
+    evaluate_clt,
+    load_clt,
+    load_transcoder_set,
+    read_config,
+)
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_clt, train_saes
+from workbench.fileio import atomic_save_tensors
 from workbench.hooks import HookNameError
 from workbench.references import short_name
 from workbench.workspace import Workspace, safe_name
@@ -42,10 +62,10 @@ REPLACEMENT = Analysis(
     tables=(
         Table("transcoder_replacement", keys=("model", "checkpoint", "dataset", "transcoders"),
               columns=("kind", "n_layers", "n_tokens", "mean_L0", "ce_clean", "ce_replacement", "ce_unigram", "kl",
-                       "gain_kept"),
+                       "gain_kept", "unigram_tokens"),
               description="the replacement model (every MLP output replaced by the transcoders at once, errors "
               "off): next-token loss, KL against the model, and the share of the model's loss gain over a unigram "
-              "baseline that it keeps"),
+              "baseline that it keeps; unigram_tokens names the tokens whose frequencies gave the baseline"),
     ),
     requires=("tokenizer", "causal", "mlp"),
     description="cross-layer and per-layer transcoders as a replacement model",
@@ -92,18 +112,21 @@ def replacement_hooks(transcoders: CrossLayerTranscoder | Sequence[SAE]) -> list
 @torch.no_grad()
 def replacement_metrics(model, transcoders: CrossLayerTranscoder | Sequence[SAE], tokens: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, batch_size: int = 8,
-                        progress: bool = False) -> dict[str, float]:  # fmt: skip
+                        progress: bool = False, unigram_counts: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
     """The replacement model (every MLP output replaced by the transcoders at once, errors off) on tokens
     [batch, pos] (``attention_mask`` [batch, pos]): next-token CE of the model and of the replacement, KL(model ‖
-    replacement) per predicted token, the CE of a unigram baseline (the tokens' own frequencies, add-one smoothed
-    over the vocabulary) and ``gain_kept`` = (ce_unigram − ce_replacement) / (ce_unigram − ce_clean): the share of
-    the model's loss gain over the unigram baseline that the replacement keeps (1: all of it)."""
+    replacement) per predicted token, the CE of a unigram baseline (token frequencies ``unigram_counts`` [d_vocab],
+    e.g. of the training tokens, or else the scored tokens' own; add-one smoothed over the vocabulary) and
+    ``gain_kept`` = (ce_unigram − ce_replacement) / (ce_unigram − ce_clean): the share of the model's loss gain
+    over the unigram baseline that the replacement keeps (1: all of it)."""
     from tqdm.auto import tqdm
 
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     hooks = replacement_hooks(transcoders)
-    real = tokens[:, 1:][(mask[:, 1:] * mask[:, :-1]).bool()]
-    counts = torch.bincount(real.reshape(-1).cpu(), minlength=model.cfg.d_vocab).double() + 1.0
+    if unigram_counts is None:
+        real = tokens[:, 1:][(mask[:, 1:] * mask[:, :-1]).bool()]
+        unigram_counts = torch.bincount(real.reshape(-1).cpu(), minlength=model.cfg.d_vocab)
+    counts = unigram_counts.double().cpu() + 1.0
     unigram = (counts / counts.sum()).log()
     sums = {"ce_clean": 0.0, "ce_replacement": 0.0, "ce_unigram": 0.0, "kl": 0.0}
     count = 0
@@ -156,6 +179,10 @@ def matched_layers(model, hook: str, hook_out: str) -> tuple[list[int], str, str
     return sorted(layers_in), suffix_in, suffix_out
 
 
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def memory_line(cfg: CLTConfig, batch_rows: int, device: torch.device | str, processes: int = 1) -> str:
     """The memory a CLT's training needs on ``device`` (``processes`` copies on one CPU), or SAEInputError with
     the number and the fixes when the device's free memory is smaller."""
@@ -163,8 +190,8 @@ def memory_line(cfg: CLTConfig, batch_rows: int, device: torch.device | str, pro
     need = clt_training_bytes(cfg, batch_rows) * (processes if device.type == "cpu" else 1)
     free = _available_bytes(device)
     text = (f"CLT over {cfg.n_layers} layers × {cfg.d_transcoder} latents (d_model {cfg.d_model}): training needs "
-            f"about {need / 2**30:.2f} GiB (weights, gradients, Adam moments, a step's activations), {device} has "
-            f"{free / 2**30:.1f} GiB free")  # fmt: skip
+            f"about {_size(need)} (weights, gradients, Adam moments, a step's activations), {device} has "
+            f"{_size(free)} free")  # fmt: skip
     if need > free:
         raise SAEInputError(f"{text}: too large; use fewer layers (a narrower --hook pattern), a smaller --d-sae, a "
                             "smaller --train-batch-size, or a device with more memory")  # fmt: skip
@@ -233,9 +260,12 @@ def run_clt(model, data, *, sae_id: str | None, hook: str, hook_out: str, archit
     trained = train_saes({sae_id: clt}, stream, train, distributed=distributed).saes[sae_id].eval()
     frames: dict[str, pd.DataFrame] = {}
     if rank == 0:
-        trained.save(sae_dir(ws, sae_id))
+        folder = trained.save(sae_dir(ws, sae_id))
+        counts = torch.bincount(ids[:split][mask[:split].bool()].cpu(), minlength=int(model.cfg.d_vocab or 0))
+        save_training_tokens(folder, counts, data.name)
+        unigram = (counts, f"the {int(counts.sum())} training tokens of {data.name!r}")
         frames = evaluate_transcoders(model, trained, ids[split:], mask[split:], sae_id=sae_id, dataset=data.name,
-                                      batch_size=batch_size, ce_note=ce_note, progress=progress)  # fmt: skip
+                                      batch_size=batch_size, ce_note=ce_note, progress=progress, unigram=unigram)  # fmt: skip
         frames["sae_evals"] = frames["sae_evals"].assign(n_train_rows=store.n_rows * world, train_steps=steps)
     if distributed is not None:
         frames = distributed.all_gather_object(frames)[0]
@@ -244,10 +274,14 @@ def run_clt(model, data, *, sae_id: str | None, hook: str, hook_out: str, archit
 
 def evaluate_transcoders(model, transcoders: CrossLayerTranscoder | Sequence[SAE], tokens: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, *, sae_id: str, dataset: str,
-                         batch_size: int = 8, ce_note: str = "", progress: bool = False) -> dict[str, pd.DataFrame]:  # fmt: skip
+                         batch_size: int = 8, ce_note: str = "", progress: bool = False,
+                         names: Sequence[str] | None = None,
+                         unigram: tuple[torch.Tensor, str] | None = None) -> dict[str, pd.DataFrame]:  # fmt: skip
     """Score a CLT or per-layer transcoders on tokens [batch, pos]: per-layer ``sae_evals`` rows (FVU, L0,
     cosine, dead / dense fractions) and the ``transcoder_replacement`` row (:func:`replacement_metrics`; omitted when
-    ``ce_note`` says the model has no next-token logits). ``sae_id`` names the CLT or the set."""
+    ``ce_note`` says the model has no next-token logits). ``sae_id`` names the CLT or the set; ``names`` the
+    per-layer transcoders' own ids (default ``<sae_id>/<hook_in>``). ``unigram``: (token counts [d_vocab], what
+    they count) for the baseline; default the scored tokens' own frequencies."""
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     base = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "dataset": dataset}
     if isinstance(transcoders, CrossLayerTranscoder):
@@ -262,16 +296,217 @@ def evaluate_transcoders(model, transcoders: CrossLayerTranscoder | Sequence[SAE
         ).drop(columns=["layer"])  # fmt: skip
         kind, n_layers, mean_l0 = "cross_layer", transcoders.n_layers, float(layers["L0"].mean())
     else:
-        frames = [evaluate_sae(model, sae, tokens, f"{sae_id}/{sae.hook_in}", batch_size, dataset, progress, mask,
-                               ce_note) for sae in transcoders]  # fmt: skip
+        ids = list(names) if names is not None else [f"{sae_id}/{sae.hook_in}" for sae in transcoders]
+        frames = [evaluate_sae(model, sae, tokens, name, batch_size, dataset, progress, mask, ce_note)
+                  for name, sae in zip(ids, transcoders, strict=True)]  # fmt: skip
         evals = pd.concat(frames, ignore_index=True)
         kind, n_layers, mean_l0 = "per_layer", len(transcoders), float(evals["L0"].mean())
     out = {"sae_evals": evals}
     if not ce_note:
-        metrics = replacement_metrics(model, transcoders, tokens, mask, batch_size, progress)
+        counts, counted = unigram if unigram is not None else (None, scored_tokens_note(mask, dataset))
+        metrics = replacement_metrics(model, transcoders, tokens, mask, batch_size, progress, counts)
         out["transcoder_replacement"] = pd.DataFrame([base | {"transcoders": sae_id, "kind": kind,
-                                                              "n_layers": n_layers, "mean_L0": mean_l0} | metrics])  # fmt: skip
+                                                              "n_layers": n_layers, "mean_L0": mean_l0} | metrics
+                                                      | {"unigram_tokens": counted}])  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+TRAINING_TOKENS_FILE = "training_tokens.safetensors"  # next to a CLT that run_clt trained: its tokens' counts
+STORE_RANK = re.compile(r"-rank\d+-of-\d+$")
+
+
+@dataclass
+class FoundTranscoders:
+    """What ``sae eval`` scores as a replacement model: ``name`` (the CLT's or the set's), a CLT or per-layer
+    transcoders with their own ids ``names``, and the ``folders`` they were read from."""
+
+    name: str
+    transcoders: CrossLayerTranscoder | list[SAE]
+    names: list[str] | None
+    folders: list[Path]
+
+
+def _reference_dir(reference: str, ws: Workspace) -> Path | None:
+    """The folder a reference names, as ``find_sae`` resolves it: a saved id first, then a directory (or a
+    circuit-tracer config.yaml's folder); None when it names neither."""
+    path = Path(reference).expanduser()
+    bare = len(path.parts) == 1 and not reference.startswith(".")
+    if bare and safe_name(reference, "for an SAE") and sae_dir(ws, reference).is_dir():
+        return sae_dir(ws, reference)
+    if path.is_dir():
+        return path
+    if path.is_file() and path.name == CT_CONFIG_FILE:
+        return path.parent
+    return None
+
+
+def _circuit_tracer_kind(folder: Path) -> str | None:
+    if not (folder / CT_CONFIG_FILE).is_file():
+        return None
+    return str(read_config(folder)[1]["model_kind"])
+
+
+def find_transcoders(references: Sequence[str], workspace: Any = None) -> FoundTranscoders | None:
+    """Resolve ``sae eval``'s SAE argument: one reference to a CLT (a workspace id or a folder, ours or
+    circuit-tracer's) or to a circuit-tracer transcoder set, or several references to per-layer transcoders (ids
+    or folders); None for one plain SAE (scored by ``analysis.evaluate``). SAEInputError for a set that holds a
+    CLT, an SAE that is not a transcoder, or two transcoders writing the same hook."""
+    ws = Workspace(workspace)
+    if len(references) == 1:
+        folder = _reference_dir(references[0], ws)
+        if folder is None:
+            return None
+        kind = _circuit_tracer_kind(folder) if not is_clt_dir(folder) else "workbench_clt"
+        if kind == "workbench_clt":
+            return FoundTranscoders(folder.name, load_clt_dir(folder), None, [folder])
+        if kind == "cross_layer_transcoder":
+            return FoundTranscoders(folder.name, load_clt(folder), None, [folder])
+        if kind == "transcoder_set":
+            pairs = load_transcoder_set(folder)
+            return FoundTranscoders(folder.name, [sae for _, sae in pairs], [f"{folder.name}.{name}" for name, _ in
+                                                                               pairs], [folder])  # fmt: skip
+        return None
+    saes: list[SAE] = []
+    names: list[str] = []
+    folders: list[Path] = []
+    for reference in references:
+        folder = _reference_dir(reference, ws)
+        if folder is not None and (is_clt_dir(folder) or _circuit_tracer_kind(folder) is not None):
+            raise SAEInputError(f"{reference!r} is a cross-layer transcoder or a circuit-tracer transcoder set: score "
+                                f"it alone (`workbench sae eval {reference} MODEL --data DATA`), not in a list of "
+                                "per-layer transcoders")  # fmt: skip
+        name, sae = find_sae(reference, workspace)
+        if not sae.cfg.is_transcoder:
+            raise SAEInputError(f"SAE {name!r} reconstructs its own hook {sae.hook_in!r}: a replacement model is "
+                                "built from transcoders (MLP input → MLP output, `sae train --hook-out`); leave it "
+                                "out of the list")  # fmt: skip
+        saes.append(sae)
+        names.append(name)
+        folders.append(folder if folder is not None else Path(reference))
+    writes = [sae.hook_out for sae in saes]
+    twice = sorted({hook for hook in writes if writes.count(hook) > 1})
+    if twice:
+        both = [n for n, sae in zip(names, saes, strict=True) if sae.hook_out == twice[0]]
+        raise SAEInputError(f"transcoders {', '.join(both)} all write {twice[0]!r}: a replacement model takes one "
+                            "transcoder per MLP output; keep one of them")  # fmt: skip
+    return FoundTranscoders("+".join(names), saes, names, folders)
+
+
+def save_training_tokens(folder: Path, counts: torch.Tensor, dataset: str) -> Path:
+    """Write the training tokens' counts [d_vocab] next to the transcoders they trained (the unigram baseline of
+    a later ``sae eval``)."""
+    file = folder / TRAINING_TOKENS_FILE
+    atomic_save_tensors(file, {"counts": counts.to(torch.int64).cpu().contiguous()},
+                        {"dataset": dataset, "n_tokens": str(int(counts.sum()))})  # fmt: skip
+    return file
+
+
+def training_unigram(
+    model, found: FoundTranscoders, workspace: Any = None
+) -> tuple[torch.Tensor, str] | None:
+    """(counts [d_vocab], what they count) of the tokens the transcoders were trained on: the counts saved next to
+    them (a CLT from :func:`run_clt`), else the workspace's activation store(s) of their model, checkpoint and
+    dataset holding their hooks (``sae train``'s training store, every rank's; several such stores only when they
+    hold the same tokens); None when neither exists."""
+    from safetensors import safe_open
+
+    d_vocab = int(model.cfg.d_vocab or 0)
+    for folder in found.folders:
+        file = folder / TRAINING_TOKENS_FILE
+        if file.is_file():
+            with safe_open(str(file), framework="pt") as handle:
+                counts, meta = handle.get_tensor("counts"), handle.metadata() or {}
+            if counts.numel() == d_vocab:
+                return counts, (f"the {meta.get('n_tokens', int(counts.sum()))} training tokens of "
+                                f"{meta.get('dataset', '?')!r} (counted when {folder.name} was trained)")  # fmt: skip
+    transcoders = found.transcoders
+    if isinstance(transcoders, CrossLayerTranscoder):
+        cfgs = [transcoders.cfg]
+        hooks = set(transcoders.hook_names[0] + transcoders.hook_names[1])
+    else:
+        cfgs = [sae.cfg for sae in transcoders]
+        hooks = {hook for sae in transcoders for hook in (sae.hook_in, sae.hook_out)}
+    identities = {(cfg.model, cfg.checkpoint, cfg.dataset) for cfg in cfgs}
+    if len(identities) != 1 or not next(iter(identities))[2]:
+        return None
+    trained_on, checkpoint, dataset = identities.pop()
+    from workbench.store import ActivationStore
+
+    groups: dict[str, list[Path]] = {}
+    for manifest in sorted(Workspace(workspace).stores_dir.glob("*/manifest.json")):
+        try:
+            held = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if (held.get("model"), held.get("checkpoint"), held.get("dataset")) == (trained_on, checkpoint, dataset) and (
+            held.get("complete") and hooks <= set(held.get("hooks", []))
+        ):  # fmt: skip
+            groups.setdefault(STORE_RANK.sub("", manifest.parent.name), []).append(manifest.parent)
+    counted: dict[str, torch.Tensor] = {}
+    for name, folders in groups.items():
+        ids = torch.cat([ActivationStore.open(folder).token_ids() for folder in folders])
+        if d_vocab == 0 or (ids.numel() and int(ids.max()) >= d_vocab):
+            return None
+        counted[name + (f", {len(folders)} ranks" if len(folders) > 1 else "")] = torch.bincount(
+            ids, minlength=d_vocab
+        )
+    if not counted or any(not torch.equal(c, next(iter(counted.values()))) for c in counted.values()):
+        return None  # none, or several stores of other tokens: which trained these is unknown
+    counts = next(iter(counted.values()))
+    stores = "; ".join(f"store {name}" for name in counted)
+    return counts, f"the {int(counts.sum())} training tokens of {dataset!r} ({stores})"
+
+
+def evaluate_replacement(model, data, found: FoundTranscoders, *, sae_id: str | None = None, workspace: Any = None,
+                         max_tokens: int | None = 20_000, context_length: int = 128, batch_size: int = 16,
+                         seed: int | None = 0, progress: bool = False) -> tuple[dict[str, pd.DataFrame], list[str]]:  # fmt: skip
+    """``sae eval`` of a CLT or a set of per-layer transcoders on ``model`` over a token budget of ``data``: the
+    frames of :func:`evaluate_transcoders` (unigram baseline from :func:`training_unigram` when found) and the
+    warnings to show (transcoders trained on another model of the same widths). Transcoders whose hooks or widths
+    are not the model's are refused before any data is read."""
+    ANALYSIS.check(model, data)
+    if max_tokens is not None and max_tokens < 1:
+        raise SAEInputError(f"max_tokens={max_tokens!r}: the token budget must be at least 1 (--max-tokens)")
+    name = sae_id or found.name
+    transcoders = found.transcoders
+    notes: list[str] = []
+    if isinstance(transcoders, CrossLayerTranscoder):
+        hooks = [h for pair in zip(*transcoders.hook_names, strict=True) for h in pair]
+        known = set(model.hook_names())
+        missing = [h for h in hooks if h not in known]
+        if missing:
+            trained_on = f" (trained on {transcoders.cfg.model!r})" if transcoders.cfg.model else ""
+            raise SAEInputError(f"CLT {name!r}{trained_on} reads and writes {missing[0]!r}, which {model.cfg.name} "
+                                f"lacks: score it on a model with {len(hooks) // 2} such layers")  # fmt: skip
+        widths, ce_note = hook_widths(model, hooks)
+        wrong = [h for h in hooks if widths[h] != transcoders.d_model]
+        if wrong:
+            raise SAEInputError(f"CLT {name!r} has d_model={transcoders.d_model}, but {wrong[0]} of {model.cfg.name} "
+                                f"has width {widths[wrong[0]]}: it is a CLT of another model")  # fmt: skip
+        if transcoders.cfg.model and transcoders.cfg.model != model.cfg.name:
+            notes.append(f"CLT {name!r} was trained on {transcoders.cfg.model!r}, this model is {model.cfg.name!r} "
+                         "(same widths)")  # fmt: skip
+        transcoders = transcoders.to(model.device).eval()
+    else:
+        names = found.names or [f"{name}/{sae.hook_in}" for sae in transcoders]
+        hooks = [h for sae, n in zip(transcoders, names, strict=True) for h in _sae_hooks(sae, model, n)]
+        widths, ce_note = hook_widths(model, list(dict.fromkeys(hooks)))
+        notes += [note for sae, n in zip(transcoders, names, strict=True)
+                  if (note := check_sae_fits(sae, model, widths, n))]  # fmt: skip
+        transcoders = [sae.to(model.device).eval() for sae in transcoders]
+    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
+                           batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+    unigram = None if ce_note else training_unigram(model, found, workspace)
+    frames = evaluate_transcoders(model, transcoders, ids, mask, sae_id=name, dataset=data.name,
+                                  batch_size=batch_size, ce_note=ce_note, progress=progress, names=found.names,
+                                  unigram=unigram)  # fmt: skip
+    return frames, notes
+
+
+def scored_tokens_note(mask: torch.Tensor, dataset: str) -> str:
+    """What a unigram baseline of the scored tokens (mask [batch, pos]) counts."""
+    return f"the {int(mask.sum())} scored tokens of {dataset!r} (no training token counts found)"
 
 
 def write_results(workspace: Any, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:

@@ -1,0 +1,188 @@
+"""Cross-layer transcoders through the command line (issue 32): `workbench sae train --architecture clt` on a user's
+tiny GPT-2 directory and on the zoo model code-tiny, `workbench sae eval` of the CLT and of a set of per-layer
+transcoders (the replacement model, its unigram baseline from the training tokens), and bad input refused with one
+`error:` line and nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+from workbench.circuits.sae.clt import CLT_CONFIG_FILE, CLT_WEIGHTS_FILE, load_clt_dir
+from workbench.circuits.sae.clt_analysis import TRAINING_TOKENS_FILE
+from workbench.cli import app
+from workbench.store import ActivationStore
+from workbench.workspace import Workspace
+
+runner = CliRunner()
+HOOKS = ["--hook", "blocks.*.ln2.hook_normalized", "--hook-out", "blocks.*.hook_mlp_out"]
+SMALL = ["--d-sae", "32", "--steps", "12", "--max-tokens", "1024", "--context-length", "32", "--no-progress"]
+LINES = [
+    "def add(first, second):    return first + second",
+    "for index in range(10):    print(index * index)",
+    "the quick brown fox jumps over the lazy dog again and again",
+    "class Point:    def __init__(self, x, y):        self.x = x",
+    "with open(path) as handle:    text = handle.read()",
+] * 12
+
+
+@pytest.fixture(scope="module")
+def notes(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("notes") / "notes.txt"
+    path.write_text("\n".join(LINES) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(zoo_workspace, tmp_path_factory) -> Path:
+    """A user's model directory: a random 2-layer GPT-2 (d_model 32) saved with the zoo's tokenizer."""
+    folder = tmp_path_factory.mktemp("user") / "tiny-gpt2"
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64, bos_token_id=0,
+                          eos_token_id=0)  # fmt: skip
+    T.GPT2LMHeadModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo_workspace.model_dir("code-tiny") / name, folder / name)
+    return folder
+
+
+def _workspace(zoo_workspace, root: Path) -> Workspace:
+    workspace = Workspace(root).ensure()
+    workspace.model_dir("code-tiny").symlink_to(
+        zoo_workspace.model_dir("code-tiny"), target_is_directory=True
+    )
+    return workspace
+
+
+def _cli(*args: str) -> list[str]:
+    """`workbench ARGS`: exit 0; its standard output's lines."""
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def _unigram_ce(counts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """The mean next-token CE of the add-one smoothed unigram of ``counts`` over the predicted tokens of ids."""
+    probs = (counts.double() + 1) / (counts.double() + 1).sum()
+    targets = ids[:, 1:][(mask[:, 1:] * mask[:, :-1]).bool()]
+    return float(-probs[targets].log().mean())
+
+
+def test_a_clt_on_a_users_gpt2_trains_saves_and_evaluates(gpt2_dir, notes, tmp_path) -> None:
+    from workbench.circuits.sae.analysis import token_rows
+    from workbench.datasets import load_dataset
+    from workbench.references import resolve_model
+
+    ws = tmp_path / "ws"
+    out = _cli("sae", "train", str(gpt2_dir), "--data", str(notes), "--architecture", "clt", *HOOKS, *SMALL,
+               "--sae-id", "gpt2-clt", "--workspace", str(ws))  # fmt: skip
+    assert out[0].startswith("CLT over 2 layers × 32 latents (d_model 32): training needs about "), out
+    assert [line.split(":")[0] for line in out[1:3]] == [
+        f"blocks.{i}.ln2.hook_normalized -> blocks.{i}.hook_mlp_out" for i in range(2)
+    ]
+    assert out[3].startswith("replacement model: CE ") and out[-1] == (
+        "saved to saes/gpt2-clt; written to the workspace (sae_evals 2 rows, transcoder_replacement 1 rows)"
+    )
+    folder = ws / "saes" / "gpt2-clt"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [CLT_CONFIG_FILE, CLT_WEIGHTS_FILE, TRAINING_TOKENS_FILE]
+    )
+    clt = load_clt_dir(folder)
+    assert (clt.n_layers, clt.d_model, clt.d_transcoder, clt.layers) == (2, 32, 32, [0, 1])
+
+    lines = _cli("sae", "eval", "gpt2-clt", str(gpt2_dir), "--data", str(notes), "--context-length", "32",
+                 "--no-progress", "--workspace", str(ws))  # fmt: skip
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("gpt2-clt blocks.0.ln2.hook_normalized -> blocks.0.hook_mlp_out: L0 ")
+    assert lines[1].startswith("gpt2-clt blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out: L0 ")
+    train_store = ActivationStore.open(next((ws / "stores").iterdir()))
+    n_train = train_store.n_rows
+    assert "training tokens of 'notes.txt' (counted when gpt2-clt was trained)" in lines[2], lines[2]
+    assert f"from the {n_train} training tokens" in lines[2], (n_train, lines[2])
+    assert lines[3] == (
+        f"gpt2-clt on {resolve_model(str(gpt2_dir)).cfg.name} / 'notes.txt' written to the workspace "
+        "(sae_evals 2 rows, transcoder_replacement 1 rows)"
+    )
+    results = Workspace(ws).results()
+    row = results.read("transcoder_replacement").iloc[0]
+    assert row["transcoders"] == "gpt2-clt" and row["kind"] == "cross_layer" and row["n_layers"] == 2
+    # the baseline: the training tokens' frequencies (the store holds exactly them) scored on the eval tokens
+    counts = torch.bincount(train_store.token_ids(), minlength=512)
+    model = resolve_model(str(gpt2_dir))
+    ids, mask = token_rows(
+        model, load_dataset(str(notes)), max_tokens=20_000, context_length=32, batch_size=16
+    )
+    assert row["ce_unigram"] == pytest.approx(_unigram_ce(counts, ids, mask), rel=1e-9)
+    assert row["n_tokens"] == int((mask[:, 1:] * mask[:, :-1]).sum()) and row["kl"] > 0
+    assert row["gain_kept"] == pytest.approx(
+        (row["ce_unigram"] - row["ce_replacement"]) / (row["ce_unigram"] - row["ce_clean"])
+    )
+    evals = results.read("sae_evals", sae_id="gpt2-clt")
+    assert len(evals) == 2 and (evals["n_tokens"] == int(mask.sum())).all()  # eval's rows replaced train's
+
+
+def test_a_clt_and_per_layer_transcoders_on_code_tiny(zoo_workspace, notes, tmp_path) -> None:
+    """A TopK CLT (k latents per layer and token) and a set of per-layer transcoders with the same total latents,
+    each trained by one command on code-tiny, then scored by `sae eval`: the set's unigram baseline comes from
+    its training store."""
+    ws = _workspace(zoo_workspace, tmp_path / "ws").root
+    out = _cli("sae", "train", "code-tiny", "--data", str(notes), "--architecture", "clt_topk", "--k", "4", *HOOKS,
+               *SMALL, "--workspace", str(ws))  # fmt: skip
+    clt_id = "code-tiny.ln2.hook_normalized.hook_mlp_out.clt_topk"
+    assert (
+        out[-1]
+        == f"saved to saes/{clt_id}; written to the workspace (sae_evals 2 rows, transcoder_replacement 1 rows)"
+    )
+    assert all(" L0 4.00 " in line for line in out[1:3]), out  # TopK: exactly k per token and layer
+    ins = ",".join(f"blocks.{i}.ln2.hook_normalized" for i in range(2))
+    outs = ",".join(f"blocks.{i}.hook_mlp_out" for i in range(2))
+    _cli("sae", "train", "code-tiny", "--data", str(notes), "--hook", ins, "--hook-out", outs, "--sae-id", "L0,L1",
+         "--architecture", "topk", "--k", "4", "--d-sae", "64", *SMALL[2:], "--workspace", str(ws))  # fmt: skip
+    lines = _cli("sae", "eval", "L0,L1", "code-tiny", "--data", str(notes), "--context-length", "32",
+                 "--no-progress", "--workspace", str(ws))  # fmt: skip
+    assert [line.split(" ")[0] for line in lines[:2]] == ["L0", "L1"], lines
+    stores = sorted(Workspace(ws).stores_dir.iterdir())  # the set's store, and the CLT's (its name ends -clt)
+    assert [p.name for p in stores] == ["sae-code-tiny@300-notes.txt", "sae-code-tiny@300-notes.txt-clt"]
+    n_train = ActivationStore.open(stores[0]).n_rows  # both commands read the same tokens: both stores named
+    assert (f"from the {n_train} training tokens of 'notes.txt' (store {stores[0].name}; store {stores[1].name})"
+            in lines[2]), lines  # fmt: skip
+    assert lines[-1] == (
+        "L0+L1 on code-tiny / 'notes.txt' written to the workspace (sae_evals 2 rows, transcoder_replacement 1 rows)"
+    )
+    rows = Workspace(ws).results().read("transcoder_replacement").set_index("transcoders")
+    assert sorted(rows.index) == sorted([clt_id, "L0+L1"])
+    assert rows.loc["L0+L1", "kind"] == "per_layer" and rows.loc[clt_id, "kind"] == "cross_layer"
+    assert rows.loc["L0+L1", "mean_L0"] == pytest.approx(4.0) and rows.loc[
+        clt_id, "mean_L0"
+    ] == pytest.approx(4.0)
+    evals = Workspace(ws).results().read("sae_evals")
+    assert {"L0", "L1"} <= set(evals["sae_id"])  # the set's per-layer rows keep the transcoders' own ids
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (["--hook", "blocks.*.ln9.hook_normalized", "--hook-out", "blocks.*.hook_mlp_out"],
+         "error: --hook 'blocks.*.ln9.hook_normalized' matches no hook of "),
+        (["--hook", "blocks.*.ln2.hook_normalized", "--hook-out", "blocks.0.hook_mlp_out"],
+         "error: --hook 'blocks.*.ln2.hook_normalized' matches layers [0, 1] but --hook-out 'blocks.0.hook_mlp_out' "
+         "matches layers [0]: give patterns that match the same layers"),
+        ([*HOOKS, "--d-sae", "4000000000"], "too large; use fewer layers (a narrower --hook pattern), a smaller --d-sae"),
+    ],
+    ids=["no-layer", "different-layers", "too-large"],
+)  # fmt: skip
+def test_bad_clt_input_exits_2_with_one_line_and_writes_nothing(gpt2_dir, notes, tmp_path, options, reason):
+    ws = tmp_path / "ws"
+    result = runner.invoke(app, ["sae", "train", str(gpt2_dir), "--data", str(notes), "--architecture", "clt",
+                                 *options, "--steps", "2", "--no-progress", "--workspace", str(ws)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "", result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and reason in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not ws.exists()
