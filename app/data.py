@@ -112,6 +112,38 @@ def row_counts(path: Path) -> pd.DataFrame:
     return _row_counts(str(path), path.stat().st_mtime)
 
 
+@st.cache_data(show_spinner=False)
+def _result_models(path: str, mtime: float) -> pd.DataFrame:
+    from workbench.identity import display_name
+    from workbench.results import ResultsDB
+
+    db = ResultsDB(Path(path))
+    parts = []
+    for name in db.tables():
+        columns = set(db.columns(name))
+        if "model" not in columns:
+            continue
+        step = "checkpoint" if "checkpoint" in columns else "NULL"
+        found = db.query(f'SELECT DISTINCT model, {step} AS checkpoint FROM "{name}" WHERE model IS NOT NULL')
+        parts.append(found.assign(table=name))
+    if not parts:
+        return pd.DataFrame(columns=["model", "identity", "checkpoints", "first step", "last step", "tables"])
+    rows = pd.concat(parts, ignore_index=True)
+    out = []
+    for identity, group in rows.groupby("model", sort=True):
+        steps = sorted({int(s) for s in group["checkpoint"].dropna()})
+        out.append({"model": display_name(str(identity)), "identity": str(identity), "checkpoints": len(steps),
+                    "first step": steps[0] if steps else None, "last step": steps[-1] if steps else None,
+                    "tables": ", ".join(sorted(set(group["table"])))})  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def result_models(path: Path) -> pd.DataFrame:
+    """Every model with rows in the results database at ``path`` (the distinct ``model`` of every table): its short
+    display name, identity, the checkpoints its rows cover and the tables that hold them."""
+    return _result_models(str(path), path.stat().st_mtime)
+
+
 def plain(text: object) -> str:
     """``text`` as inert markdown/HTML: every character that markdown, HTML or Streamlit's directives (``:red[]``,
     ``$`` math) could interpret becomes a numeric character reference, so user-derived text (tokens, names) shows

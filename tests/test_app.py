@@ -94,6 +94,42 @@ def test_overview_lists_models_runs_and_tables(dashboard_workspace, monkeypatch)
     assert counts.loc["massive_layers", "models"] == db.read("massive_layers")["model"].nunique()
 
 
+def test_overview_and_prompt_lab_list_the_users_own_models_with_results(zoo_workspace, tmp_path, monkeypatch):
+    """Two of the user's own GPT-2 directories named alike (exp-a/my-gpt2, exp-b/my-gpt2), analysed with `workbench
+    massive` into a workspace without zoo models: the overview lists both, told apart, and the prompt lab offers
+    both."""
+    import shutil
+
+    import torch
+    import transformers
+    from typer.testing import CliRunner
+
+    from workbench.cli import app as cli
+
+    workspace = tmp_path / "ws"
+    dirs = [tmp_path / run / "my-gpt2" for run in ("exp-a", "exp-b")]
+    for seed, path in enumerate(dirs):
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+        transformers.GPT2LMHeadModel(config).save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(zoo_workspace.model_dir("code-tiny") / name, path / name)
+        result = CliRunner().invoke(
+            cli, ["massive", str(path), "--workspace", str(workspace), "--no-progress"]
+        )
+        assert result.exit_code == 0, result.output
+    app = _run("overview", workspace, monkeypatch)
+    models = _frame_with(app, "identity").set_index("identity")
+    assert set(models.index) == {str(p) for p in dirs}
+    assert sorted(models["model"]) == ["exp-a/my-gpt2", "exp-b/my-gpt2"]
+    assert set(models["tables"]) == {"massive_layers, massive_top"}
+    assert not any("No models" in info.value for info in app.info)
+    lab = _run("prompt_lab", workspace, monkeypatch)
+    choice = lab.selectbox(key="lab_model")
+    assert {"exp-a/my-gpt2 (has results)", "exp-b/my-gpt2 (has results)"} <= set(choice.options)
+    assert choice.value == str(dirs[0]) and not lab.exception  # the first is loaded by its identity
+
+
 @pytest.mark.parametrize(
     "view", ["massive", "attention", "dynamics", "probes", "sae", "circuits", "codebooks", "neuron_paths"]
 )

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench.analysis import registered_analyses
-from workbench.app.data import open_workspace_or_stop, plain, row_counts, workspace_path
+from workbench.app.data import open_workspace_or_stop, plain, result_models, row_counts, workspace_path
 
 st.title("Interpretability workbench")
 workspace = workspace_path()
@@ -18,13 +18,24 @@ series = []
 if models_dir.is_dir():
     for model_dir in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         steps = sorted(int(p.name[4:]) for p in model_dir.glob("step*") if p.name[4:].isdigit())
-        series.append({"model": model_dir.name, "checkpoints": len(steps), "first step": steps[0] if steps else None,
-                       "last step": steps[-1] if steps else None})  # fmt: skip
+        series.append({"model": model_dir.name, "identity": model_dir.name, "checkpoints": len(steps),
+                       "first step": steps[0] if steps else None, "last step": steps[-1] if steps else None,
+                       "where": "workspace models/"})  # fmt: skip
+with_results = result_models(db)
+saved = {row["identity"]: row for row in series}
+for row in with_results.to_dict("records"):
+    if row["identity"] in saved:
+        saved[row["identity"]]["tables"] = row["tables"]
+    else:
+        series.append({**row, "where": "results only (its checkpoints with results)"})
 st.subheader("Models and checkpoint series")
 if series:
     st.dataframe(pd.DataFrame(series), use_container_width=True, hide_index=True)
+    st.caption("model: the short name tables show; identity: the reference rows record (a workspace model's name, "
+               "a directory's path, a hub id); tables: the result tables holding its rows")  # fmt: skip
 else:
-    st.info("No models yet: `workbench zoo train code-tiny` trains one into this workspace.")
+    st.info("No models and no results yet: `workbench zoo train code-tiny` trains one into this workspace, and any "
+            "analysis of your own model (e.g. `workbench massive DIR`) lists it here.")  # fmt: skip
 
 st.subheader("Runs")
 RUN_KINDS = {"stores": "activation store", "jobs": "probe job state", "saes": "SAE / transcoder",

@@ -16,7 +16,7 @@ import streamlit as st
 import torch
 
 from workbench import prompt_lab as lab
-from workbench.app.data import plain, table, token_chips, workspace_path
+from workbench.app.data import plain, result_models, table, token_chips, workspace_path
 from workbench.attention.summary import layer_head_heatmap
 from workbench.interventions import Intervention
 from workbench.workspace import Workspace
@@ -84,9 +84,17 @@ def parse_indices(text: str, what: str) -> tuple[int, ...] | None:
 # ---------------------------------------------------------------------------------------------- model
 root = str(workspace.root)
 suggested = lab.saved_models(workspace)
+labels = {name: name for name in suggested}
+if workspace.results_path.exists():
+    for row in result_models(workspace.results_path).to_dict("records"):
+        if row["identity"] not in labels:  # the user's own models that analyses have results for
+            labels[row["identity"]] = f"{row['model']} (has results)"
+suggested = list(labels)
 left, mid, right = st.columns([2, 1, 2])
 choice = left.selectbox("model", [*suggested, "other reference…"], key="lab_model",
-                        help="a model trained into this workspace, or any model reference")  # fmt: skip
+                        format_func=lambda name: labels.get(name, name),
+                        help="a model trained into this workspace, a model with results in it, or any model "
+                        "reference")  # fmt: skip
 reference = choice
 if choice == "other reference…" or not suggested:
     reference = left.text_input("model reference", key="lab_reference",
