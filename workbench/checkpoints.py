@@ -49,8 +49,9 @@ class CheckpointSeries:
     # ------------------------------------------------------------------ sources
     @classmethod
     def from_directory(cls, path: str | Path, *, skip_damaged: bool = False,
-                       load_kwargs: dict[str, Any] | None = None) -> CheckpointSeries:  # fmt: skip
-        """A directory of ``step<N>/`` folders in ``save_pretrained`` layout (tokenizer at the root or in each)."""
+                       load_kwargs: dict[str, Any] | None = None, name: str | None = None) -> CheckpointSeries:  # fmt: skip
+        """A directory of ``step<N>/`` folders in ``save_pretrained`` layout (tokenizer at the root or in each);
+        ``name`` its identity (default: :func:`workbench.identity.directory_identity` of the directory)."""
         root = Path(path)
         if not root.is_dir():
             raise CheckpointError(f"checkpoint directory {root} does not exist")
@@ -60,7 +61,7 @@ class CheckpointSeries:
                 f"{root} holds no step<N>/ checkpoint folders; train one with `workbench zoo train NAME` or point "
                 "at a directory of save_pretrained checkpoints named step0, step1, …"
             )
-        return cls(directory_identity(root), steps, lambda step: root / f"step{step}", skip_damaged=skip_damaged,
+        return cls(name or directory_identity(root), steps, lambda step: root / f"step{step}", skip_damaged=skip_damaged,
                    load_kwargs=load_kwargs)  # fmt: skip
 
     @classmethod

@@ -22,16 +22,24 @@ import re
 from pathlib import Path, PurePosixPath
 
 STEP_DIR = re.compile(r"^step(\d+)$")
-WORKSPACE_SUBDIRS = ("stores", "jobs")  # what `Workspace.ensure` creates beside models/
+WORKSPACE_MARKERS = (
+    "results.duckdb",
+    "stores",
+    "jobs",
+    "saes",
+    "codebooks",
+)  # what a workspace holds beside models/
 
 
-def workspace_model_name(path: Path) -> str | None:
-    """NAME when ``path`` is ``<workspace>/models/NAME`` (a workspace: ``models/`` beside ``stores/`` and
-    ``jobs/``), else None."""
+def workspace_model_name(path: Path, workspace_root: Path | None = None) -> str | None:
+    """NAME when ``path`` is ``<workspace>/models/NAME``: of ``workspace_root`` (the workspace in use), or of a
+    directory that holds a workspace's other parts beside ``models/``; else None."""
     parent = path.parent
-    if parent.name != "models" or not all((parent.parent / d).is_dir() for d in WORKSPACE_SUBDIRS):
+    if parent.name != "models":
         return None
-    return path.name
+    if workspace_root is not None and parent == Path(workspace_root).expanduser().resolve() / "models":
+        return path.name
+    return path.name if any((parent.parent / marker).exists() for marker in WORKSPACE_MARKERS) else None
 
 
 def _series_member(resolved: Path) -> tuple[Path, int] | None:
@@ -42,13 +50,14 @@ def _series_member(resolved: Path) -> tuple[Path, int] | None:
     return None
 
 
-def directory_identity(path: str | Path) -> str:
+def directory_identity(path: str | Path, workspace_root: str | Path | None = None) -> str:
     """The identity of a saved model or checkpoint series directory; a ``step<N>`` folder of a series gives the
-    series' identity (its step: :func:`directory_step`)."""
+    series' identity (its step: :func:`directory_step`). ``workspace_root``: the workspace in use, whose models
+    are known by name."""
     resolved = Path(path).expanduser().resolve()
     member = _series_member(resolved)
     root = member[0] if member else resolved
-    return workspace_model_name(root) or root.as_posix()
+    return workspace_model_name(root, Path(workspace_root) if workspace_root else None) or root.as_posix()
 
 
 def directory_step(path: str | Path) -> int | None:

@@ -60,13 +60,14 @@ class ModelRef:
     kind: str
     location: str | Path
     at: str | None = None
+    workspace: Path | None = None
 
     @property
     def name(self) -> str:
         """The model's identity (:mod:`workbench.identity`), what results rows, stores and default ids record: a
         workspace model's name, another directory's resolved path, the hub id, ``tl:NAME``, ``minilm``."""
         if self.kind in ("directory", "series"):
-            return directory_identity(self.location)
+            return directory_identity(self.location, self.workspace)
         if self.kind == "tl":
             return f"tl:{self.location}"
         if (
@@ -95,8 +96,9 @@ def parse_model_ref(text: str | Path, workspace: str | Path | Workspace | None =
     base, sep, at = text.rpartition("@") if "@" in text and not whole.exists() else (text, "", "")
     at_or_none = at if sep else None
     path = Path(base).expanduser()
+    ws = Workspace(workspace)
     if path.is_dir():
-        return _directory_ref(text, path, at_or_none)
+        return _directory_ref(text, path, at_or_none, ws.root)
     if _path_like(base):
         missing = path.resolve()
         where = "is a file, not a directory" if path.exists() else "no such directory"
@@ -106,11 +108,10 @@ def parse_model_ref(text: str | Path, workspace: str | Path | Workspace | None =
             "save_pretrained directory or a directory of step<N>/ folders"
         )
     tried.append(f"not a directory ({path.resolve()})")
-    ws = Workspace(workspace)
     if "/" not in base and "\\" not in base and not base.startswith("."):
         zoo_dir = ws.models_dir / base
         if zoo_dir.is_dir():
-            return _directory_ref(text, zoo_dir, at_or_none)
+            return _directory_ref(text, zoo_dir, at_or_none, ws.root)
         tried.append(f"not a model in the workspace {ws.models_dir}")
     if HUB_ID.match(base):
         return ModelRef(text, "hub", base, at_or_none)
@@ -129,16 +130,16 @@ def _path_like(text: str) -> bool:
     return Path(parts[0]).expanduser().exists() or Path(text).expanduser().parent.is_dir()
 
 
-def _directory_ref(text: str, path: Path, at: str | None) -> ModelRef:
+def _directory_ref(text: str, path: Path, at: str | None, workspace: Path) -> ModelRef:
     if (path / "config.json").is_file():
         if at is not None:
             raise ModelReferenceError(
                 f"{path} is a single saved model, so '@{at}' does not apply; drop it, or point at the "
                 "directory of step<N>/ folders"
             )
-        return ModelRef(text, "directory", path)
+        return ModelRef(text, "directory", path, workspace=workspace)
     if any(STEP_DIR.match(p.name) for p in path.iterdir() if p.is_dir()):
-        return ModelRef(text, "series", path, at)
+        return ModelRef(text, "series", path, at, workspace)
     raise ModelReferenceError(
         f"{path} is a directory but neither a saved model (no config.json) nor a series (no step<N>/ folders); "
         "save the model with save_pretrained, or name its checkpoint folders step0, step100, …"
@@ -204,9 +205,11 @@ def resolve_model(
     if parsed.kind == "tl":
         return HookedModel.from_pretrained(parsed.location, backend="tl", device=device, dtype=dtype)
     if parsed.kind in ("packaged", "directory"):
-        return HookedModel.from_pretrained(parsed.location, **load)
+        model = HookedModel.from_pretrained(parsed.location, **load)
+        model.cfg.name = parsed.name
+        return model
     if parsed.kind == "series":
-        series = CheckpointSeries.from_directory(parsed.location, load_kwargs=load)
+        series = CheckpointSeries.from_directory(parsed.location, load_kwargs=load, name=parsed.name)
         step = parse_step(parsed.at, parsed.text) if parsed.at else None
         return series.load(series.steps[-1] if step is None else step)
     revision = parsed.at
@@ -242,7 +245,7 @@ def resolve_series(
         model = resolve_model(ref, workspace=workspace, **load)
         return CheckpointSeries.single(model)
     if parsed.kind == "series":
-        series = CheckpointSeries.from_directory(parsed.location, load_kwargs=load)
+        series = CheckpointSeries.from_directory(parsed.location, load_kwargs=load, name=parsed.name)
         if parsed.at:
             step = parse_step(parsed.at, parsed.text)
             steps = [series.steps[-1] if step is None else step]
