@@ -225,6 +225,8 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
     options = (
         {"checkpoint_dir": state_dir, "checkpoint_every": checkpoint_every} if state_dir is not None else {}
     )
+    if main and state_dir is not None and state_dir.is_dir() and any(state_dir.iterdir()):
+        typer.echo(f"resuming from the checkpoint in {state_dir}")
     frames = run_clt(hooked, open_data(data), sae_id=names[0] if names else None, hook=ins[0], hook_out=outs[0],
                      architecture=architecture, d_sae=d_sae, k=k, skip=skip, workspace=workspace,
                      max_tokens=max_tokens, context_length=context_length, batch_size=batch_size, steps=steps,
@@ -241,6 +243,8 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
         for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
             typer.echo(f"replacement model: CE {row.ce_replacement:.4f} (model {row.ce_clean:.4f}, unigram "
                        f"{row.ce_unigram:.4f}), KL {row.kl:.4f}, loss gain kept {row.gain_kept:.3f}")  # fmt: skip
+        if ctx is not None:
+            typer.echo(f"{ctx.world_size} data-parallel processes (every process trained the CLT)")
         sae_name = frames["sae_evals"].iloc[0]["sae_id"]
         tables = ", ".join(f"{table} {count} rows" for table, count in written.items())
         typer.echo(f"saved to saes/{sae_name}; written to the workspace ({tables})")

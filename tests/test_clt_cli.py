@@ -5,7 +5,13 @@ transcoders (the replacement model, its unigram baseline from the training token
 
 from __future__ import annotations
 
+import copy
+import multiprocessing
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +21,9 @@ from typer.testing import CliRunner
 
 from workbench.circuits.sae.clt import CLT_CONFIG_FILE, CLT_WEIGHTS_FILE, load_clt_dir
 from workbench.circuits.sae.clt_analysis import TRAINING_TOKENS_FILE
+from workbench.circuits.sae.distributed import ENV_KEYS
 from workbench.cli import app
+from workbench.faults import ENV_VAR
 from workbench.store import ActivationStore
 from workbench.workspace import Workspace
 
@@ -186,3 +194,118 @@ def test_bad_clt_input_exits_2_with_one_line_and_writes_nothing(gpt2_dir, notes,
     assert len(errors) == 1 and errors[0].startswith("error: ") and reason in errors[0], result.stderr
     assert "Traceback" not in result.output
     assert not ws.exists()
+
+
+# ------------------------------------------------------------------------------------ processes
+WORLD, STEPS, ROWS_PER_STEP = 2, 6, 64
+PARALLEL = ["--architecture", "clt_batchtopk", "--k", "4", *HOOKS, "--d-sae", "16", "--steps", str(STEPS),
+            "--max-tokens", "1024", "--context-length", "32", "--train-batch-size", str(ROWS_PER_STEP),
+            "--no-progress"]  # fmt: skip
+TIME_LIMIT_S = 240  # a run that has not ended by then hangs
+
+
+def _run(args: list[str], cwd: Path, crash: str | None = None) -> subprocess.Popen:
+    """`workbench ARGS` as a user's process (not inside a torchrun job; with ``crash``, killed by SIGKILL at that
+    crash point), one thread per process."""
+    env = {key: value for key, value in os.environ.items() if key not in (*ENV_KEYS, ENV_VAR)}
+    env |= {"OMP_NUM_THREADS": "1"} | ({ENV_VAR: crash} if crash else {})
+    command = [str(Path(sys.executable).parent / "workbench"), *args]
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=TIME_LIMIT_S)
+    return process.returncode, out, err
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_clt_dir(folder).state_dict()
+
+
+def test_two_data_parallel_processes_equal_one_process_on_the_global_batches(zoo_workspace, notes, tmp_path):
+    """`sae train --architecture clt_batchtopk --nproc 2` (gloo): each rank captures its own documents; the saved CLT
+    equals one process training the same CLT on the global batches (both ranks' batches of their stores
+    concatenated, rank 0's first), the BatchTopK cut taken over the global batch (rtol 1e-4: the ranks sum
+    gradients in another order)."""
+    from workbench.circuits.sae.analysis import _rows_stream
+    from workbench.circuits.sae.train import TrainConfig, seeded_clt, train_saes
+
+    ws = _workspace(zoo_workspace, tmp_path / "ws")
+    code, out, err = _finish(_run(["sae", "train", "code-tiny", "--data", str(notes), *PARALLEL, "--sae-id", "clt",
+                                   "--workspace", str(ws.root), "--nproc", str(WORLD)], tmp_path))  # fmt: skip
+    assert code == 0, out + err
+    assert "Traceback" not in err and "error:" not in err, err
+    lines = out.splitlines()
+    assert lines[-2:] == [
+        f"{WORLD} data-parallel processes (every process trained the CLT)",
+        "saved to saes/clt; written to the workspace (sae_evals 2 rows, transcoder_replacement 1 rows)",
+    ], out
+    assert out.count("saved to saes/clt") == 1  # rank 0 reports and writes
+    stores = [ActivationStore.open(p) for p in sorted(ws.stores_dir.iterdir())]
+    assert [s.path.name[-len("rank0-of-2") :] for s in stores] == [
+        f"rank{r}-of-{WORLD}" for r in range(WORLD)
+    ]
+    saved = load_clt_dir(ws.root / "saes" / "clt")
+    ins, outs = saved.hook_names
+    streams = [_rows_stream(store, ins + outs, ROWS_PER_STEP // WORLD, None) for store in stores]
+    batches = [{h: torch.cat([b[h] for b in parts]) for h in ins + outs}
+               for parts in (tuple(next(s) for s in streams) for _ in range(STEPS))]  # fmt: skip
+    cfg = copy.deepcopy(saved.cfg)
+    cfg.activation = "batchtopk"  # saved as JumpReLU at its learned thresholds
+    options = TrainConfig(
+        steps=STEPS, lr=3e-3, warmup_steps=STEPS, progress=False, dead_after_tokens=10 * ROWS_PER_STEP
+    )
+    alone = train_saes({"clt": seeded_clt(cfg, 0)}, batches, options).saes["clt"]
+    want = alone.inference_state()[1]
+    got = saved.inference_state()[1]
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()) + 1e-7,
+                                   msg=lambda m, k=key: f"{k}: {m}")  # fmt: skip
+
+
+def _cli_child(crash: str | None, args: list[str]) -> None:
+    """``workbench ARGS`` in this (forked) process on one thread; with ``crash`` it SIGKILLs itself there."""
+    torch.set_num_threads(1)
+    os.environ.pop(ENV_VAR, None)
+    if crash:
+        os.environ[ENV_VAR] = crash
+    result = runner.invoke(app, args)
+    print(result.stdout, end="", flush=True)
+    sys.exit(result.exit_code)
+
+
+def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(
+    zoo_workspace, notes, tmp_path, capfd
+):
+    """`sae train --architecture clt --checkpoint-every 2` killed by SIGKILL right after its second checkpoint
+    (step 4 of 6), then the same command again: it says it resumes, and the saved CLT is byte for byte the one an
+    uninterrupted run saves. Each run is a process forked from a forkserver that imported the CLI once."""
+    args = ["sae", "train", "code-tiny", "--data", str(notes), "--architecture", "clt", *HOOKS, "--d-sae", "16",
+            "--steps", str(STEPS), "--max-tokens", "1024", "--context-length", "32", "--train-batch-size",
+            str(ROWS_PER_STEP), "--no-progress", "--sae-id", "clt", "--checkpoint-every", "2"]  # fmt: skip
+    roots = [_workspace(zoo_workspace, tmp_path / name).root for name in ("killed", "straight")]
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.test_clt_cli", "workbench.circuits.sae.clt_analysis", "workbench.model",
+                                "transformers.models.gpt_neox.modeling_gpt_neox", "safetensors.torch", "tqdm.auto"])  # fmt: skip
+
+    def run(root: Path, crash: str | None = None) -> int:
+        process = ctx.Process(target=_cli_child, args=(crash, [*args, "--workspace", str(root)]))
+        process.start()
+        process.join(TIME_LIMIT_S)
+        assert process.exitcode is not None, "the run hangs"
+        return process.exitcode
+
+    assert run(roots[0], crash="sae.checkpoint_saved#2") == -signal.SIGKILL
+    assert not (roots[0] / "saes").exists()
+    (state_dir,) = (roots[0] / "jobs").iterdir()
+    assert torch.load(state_dir / "trainer_state.pt", weights_only=True)["step"] == 4
+    capfd.readouterr()
+    assert run(roots[0]) == 0
+    assert capfd.readouterr().out.splitlines()[0] == f"resuming from the checkpoint in {state_dir}"
+    assert not state_dir.exists()  # removed once the CLT is saved
+    assert run(roots[1]) == 0
+    weights = [(root / "saes" / "clt" / CLT_WEIGHTS_FILE).read_bytes() for root in roots]
+    assert weights[0] == weights[1]
