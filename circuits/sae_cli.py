@@ -521,11 +521,18 @@ def import_(
     ids = import_saes(path, workspace, format=format, sae_id=sae_id, family=family, hook=hook, hook_out=hook_out,
                       overwrite=overwrite, model=hooked)  # fmt: skip
     from workbench.circuits.sae import load_sae
+    from workbench.circuits.sae.clt import is_clt_dir, load_clt_dir
     from workbench.circuits.sae.evals import sae_dir
 
     for (
         name
     ) in ids:  # read back from the workspace (a folder named like the id may sit in the working directory)
+        if is_clt_dir(sae_dir(Workspace(workspace), name)):
+            clt = load_clt_dir(sae_dir(Workspace(workspace), name))
+            ins, outs = clt.hook_names
+            typer.echo(f"imported {name}: cross-layer transcoder ({clt.cfg.activation}) over {clt.n_layers} layers, "
+                       f"d_model={clt.d_model} d_transcoder={clt.d_transcoder} ({ins[0]} … {outs[-1]})")  # fmt: skip
+            continue
         sae = load_sae(sae_dir(Workspace(workspace), name))
         what = f"{sae.hook_in} -> {sae.hook_out}" if sae.cfg.is_transcoder else sae.hook_in
         typer.echo(f"imported {name}: {sae.cfg.architecture} d_in={sae.d_in} d_sae={sae.d_sae} ({what})")
@@ -567,7 +574,8 @@ def features(
 def export(
     sae_path: Annotated[str, typer.Argument(help="SAE id in the workspace or SAE directory.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write.")],
-    format: Annotated[str, typer.Option("--format", help="saelens, sparsify or neuronpedia.")] = "saelens",
+    format: Annotated[str, typer.Option("--format", help="saelens, sparsify or neuronpedia; circuit-tracer for a "
+                                        "cross-layer transcoder.")] = "saelens",
     family: Annotated[str | None, typer.Option(help="Model family for sparsify's module names (gpt_neox, "
                                                "gpt2, llama).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="The SAE's model (sparsify: its family, by default "
@@ -578,7 +586,8 @@ def export(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:  # fmt: skip
     """Write a workspace SAE as SAELens or sparsify files (sae-lens / sparsify / delphi load it unchanged), or its
-    feature pages as SAEDashboard batch JSON + a Neuronpedia bulk-import folder."""
+    feature pages as SAEDashboard batch JSON + a Neuronpedia bulk-import folder; a cross-layer transcoder in
+    circuit-tracer's layout (--format circuit-tracer)."""
     from workbench.circuits.sae.analysis import find_sae
     from workbench.circuits.sae.features import residual_writes, token_decoder, unembedding_matrix
     from workbench.circuits.sae.formats.transfer import EXPORT_FORMATS, export_sae
@@ -586,6 +595,15 @@ def export(
 
     if format not in EXPORT_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    from workbench.circuits.sae.clt_analysis import find_clt
+    from workbench.circuits.sae.formats.transfer import export_clt
+
+    clt = find_clt(sae_path, workspace)
+    if clt is not None:
+        written = export_clt(clt[1], out, format)
+        typer.echo(f"{clt[0]} written as circuit-tracer's cross_layer_transcoder to {written} ({clt[1].n_layers} "
+                   "layers: config.yaml, W_enc_L / W_dec_L.safetensors)")  # fmt: skip
+        return
     found, sae = find_sae(sae_path, workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval() if model else None
     options: dict = {"sae_id": found}

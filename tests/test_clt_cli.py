@@ -19,9 +19,16 @@ import torch
 import transformers as T
 from typer.testing import CliRunner
 
-from workbench.circuits.sae.clt import CLT_CONFIG_FILE, CLT_WEIGHTS_FILE, load_clt_dir
+from workbench.circuits.sae.clt import (
+    CLT_CONFIG_FILE,
+    CLT_WEIGHTS_FILE,
+    CLTConfig,
+    CrossLayerTranscoder,
+    load_clt_dir,
+)
 from workbench.circuits.sae.clt_analysis import TRAINING_TOKENS_FILE
 from workbench.circuits.sae.distributed import ENV_KEYS
+from workbench.circuits.sae.formats.circuit_tracer import load_clt
 from workbench.cli import app
 from workbench.faults import ENV_VAR
 from workbench.store import ActivationStore
@@ -309,3 +316,87 @@ def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(
     assert run(roots[1]) == 0
     weights = [(root / "saes" / "clt" / CLT_WEIGHTS_FILE).read_bytes() for root in roots]
     assert weights[0] == weights[1]
+
+
+# ------------------------------------------------------------------------------------ formats
+def _random_clt(skip: bool = False, seed: int = 0) -> CrossLayerTranscoder:
+    """A JumpReLU CLT for the tiny GPT-2 (2 layers, d_model 32, 24 latents per layer), every tensor random."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = CLTConfig(2, 32, 24, skip=skip)
+    return CrossLayerTranscoder(torch.randn(2, 32, 24, generator=g) / 4, torch.randn(2, 24, generator=g) / 4,
+                                torch.rand(2, 24, generator=g) * 0.2,
+                                [torch.randn(24, 2 - i, 32, generator=g) / 8 for i in range(2)],
+                                torch.randn(2, 32, generator=g) / 8, cfg.hook_in, cfg.hook_out,
+                                torch.randn(2, 32, 32, generator=g) / 8 if skip else None, cfg)  # fmt: skip
+
+
+def _refused(args: list[str], reason: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors[-1].startswith("error: ") and reason in errors[-1], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_import_eval_and_export_of_a_circuit_tracer_clt(gpt2_dir, notes, zoo_workspace, tmp_path) -> None:
+    """circuit-tracer's CLT folder: `sae eval` reads it in place; `sae import` registers it (checked against
+    --model first), `sae export --format circuit-tracer` writes it back equal (1e-6); CLTs refused where they do
+    not fit: another model's widths, another layout, skip connections, a list of per-layer transcoders."""
+    original = _random_clt()
+    folder = original.save_circuit_tracer(tmp_path / "ct-clt")
+    ws = _workspace(zoo_workspace, tmp_path / "ws").root
+    common = ["--workspace", str(ws)]
+    _refused(["sae", "import", str(folder), "--id", "ct", "--model", "code-tiny", *common],
+             "CLT 'ct' has d_model=32, but blocks.0.ln2.hook_normalized of code-tiny has width 64")  # fmt: skip
+    assert not (ws / "saes").exists() or not any((ws / "saes").iterdir())
+    assert _cli("sae", "import", str(folder), "--id", "ct", "--model", str(gpt2_dir), *common) == [
+        "imported ct: cross-layer transcoder (jumprelu) over 2 layers, d_model=32 d_transcoder=24 "
+        "(blocks.0.ln2.hook_normalized … blocks.1.hook_mlp_out)"
+    ]
+    assert sorted(p.name for p in (ws / "saes" / "ct").iterdir()) == [
+        CLT_WEIGHTS_FILE,
+        "source.json",
+        CLT_CONFIG_FILE,
+    ]
+
+    lines = _cli("sae", "eval", str(folder), str(gpt2_dir), "--data", str(notes), "--context-length", "32",
+                 "--no-progress", *common)  # fmt: skip
+    assert "(no training token counts found)" in lines[2] and lines[2].startswith("replacement model ("), (
+        lines
+    )
+    in_place = Workspace(ws).results().read("transcoder_replacement", transcoders="ct-clt").iloc[0]
+    _cli(
+        "sae",
+        "eval",
+        "ct",
+        str(gpt2_dir),
+        "--data",
+        str(notes),
+        "--context-length",
+        "32",
+        "--no-progress",
+        *common,
+    )
+    imported = Workspace(ws).results().read("transcoder_replacement", transcoders="ct").iloc[0]
+    for column in ("ce_clean", "ce_replacement", "ce_unigram", "kl", "mean_L0", "n_tokens"):
+        assert imported[column] == pytest.approx(in_place[column], rel=1e-6), column
+
+    out = tmp_path / "exported"
+    assert _cli("sae", "export", "ct", "--format", "circuit-tracer", "--out", str(out), *common) == [
+        f"ct written as circuit-tracer's cross_layer_transcoder to {out} (2 layers: config.yaml, W_enc_L / "
+        "W_dec_L.safetensors)"
+    ]
+    back = load_clt(out)
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], value, atol=1e-6, rtol=1e-6, msg=name)
+
+    _refused(["sae", "export", "ct", "--format", "saelens", "--out", str(tmp_path / "x"), *common],
+             "a cross-layer transcoder exports to --format circuit-tracer")  # fmt: skip
+    _random_clt(skip=True).save(ws / "saes" / "skip-clt")
+    _refused(["sae", "export", "skip-clt", "--format", "circuit-tracer", "--out", str(tmp_path / "y"), *common],
+             "circuit-tracer's CLT layout holds JumpReLU / ReLU CLTs without skip connections")  # fmt: skip
+    _refused(["sae", "eval", "ct,skip-clt", str(gpt2_dir), "--data", str(notes), *common],
+             "'ct' is a cross-layer transcoder or a circuit-tracer transcoder set: score it alone")  # fmt: skip
+    _refused(["sae", "features", "ct", str(gpt2_dir), "--data", str(notes), *common],
+             "holds a cross-layer transcoder (workbench_clt.json)")  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

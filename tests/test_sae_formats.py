@@ -377,8 +377,9 @@ def test_cross_layer_transcoder_loads_and_evaluates(tmp_path) -> None:
     assert (frame["n_tokens"] == 64).all() and np.isfinite(frame["FVU"]).all() and (frame["L0"] > 0).all()
     from tests.test_sae import sae_cli
 
-    result = sae_cli(tmp_path / "ws", "import", str(folder))
-    assert result.exit_code == 2 and "workbench circuits clt-eval" in result.output, result.output
+    result = sae_cli(tmp_path / "ws", "import", str(folder))  # one CLT in our layout (issue 32)
+    assert result.exit_code == 0, result.output
+    assert "imported clt: cross-layer transcoder (jumprelu) over 2 layers" in result.output
     from typer.testing import CliRunner
 
     from workbench.cli import app

@@ -458,6 +458,37 @@ def training_unigram(
     return counts, f"the {int(counts.sum())} training tokens of {dataset!r} ({stores})"
 
 
+def check_clt_fits(clt: CrossLayerTranscoder, model, name: str) -> tuple[str, list[str]]:
+    """Refuse a CLT whose hooks the model lacks or whose width is not the model's; (ce_note of
+    :func:`hook_widths`, warnings: a CLT trained on another model of the same widths)."""
+    hooks = [h for pair in zip(*clt.hook_names, strict=True) for h in pair]
+    known = set(model.hook_names())
+    missing = [h for h in hooks if h not in known]
+    if missing:
+        trained_on = f" (trained on {clt.cfg.model!r})" if clt.cfg.model else ""
+        raise SAEInputError(f"CLT {name!r}{trained_on} reads and writes {missing[0]!r}, which {model.cfg.name} "
+                            f"lacks: use it on a model with its {clt.n_layers} layers")  # fmt: skip
+    widths, ce_note = hook_widths(model, hooks)
+    wrong = [h for h in hooks if widths[h] != clt.d_model]
+    if wrong:
+        raise SAEInputError(f"CLT {name!r} has d_model={clt.d_model}, but {wrong[0]} of {model.cfg.name} has width "
+                            f"{widths[wrong[0]]}: it is a CLT of another model")  # fmt: skip
+    notes = []
+    if clt.cfg.model and clt.cfg.model != model.cfg.name:
+        notes.append(
+            f"CLT {name!r} was trained on {clt.cfg.model!r}, this model is {model.cfg.name!r} (same widths)"
+        )
+    return ce_note, notes
+
+
+def find_clt(reference: str, workspace: Any = None) -> tuple[str, CrossLayerTranscoder] | None:
+    """(name, CLT) of a reference to a CLT (workspace id, our folder or circuit-tracer's); None otherwise."""
+    found = find_transcoders([reference], workspace)
+    if found is None or not isinstance(found.transcoders, CrossLayerTranscoder):
+        return None
+    return found.name, found.transcoders
+
+
 def evaluate_replacement(model, data, found: FoundTranscoders, *, sae_id: str | None = None, workspace: Any = None,
                          max_tokens: int | None = 20_000, context_length: int = 128, batch_size: int = 16,
                          seed: int | None = 0, progress: bool = False) -> tuple[dict[str, pd.DataFrame], list[str]]:  # fmt: skip
@@ -472,21 +503,7 @@ def evaluate_replacement(model, data, found: FoundTranscoders, *, sae_id: str | 
     transcoders = found.transcoders
     notes: list[str] = []
     if isinstance(transcoders, CrossLayerTranscoder):
-        hooks = [h for pair in zip(*transcoders.hook_names, strict=True) for h in pair]
-        known = set(model.hook_names())
-        missing = [h for h in hooks if h not in known]
-        if missing:
-            trained_on = f" (trained on {transcoders.cfg.model!r})" if transcoders.cfg.model else ""
-            raise SAEInputError(f"CLT {name!r}{trained_on} reads and writes {missing[0]!r}, which {model.cfg.name} "
-                                f"lacks: score it on a model with {len(hooks) // 2} such layers")  # fmt: skip
-        widths, ce_note = hook_widths(model, hooks)
-        wrong = [h for h in hooks if widths[h] != transcoders.d_model]
-        if wrong:
-            raise SAEInputError(f"CLT {name!r} has d_model={transcoders.d_model}, but {wrong[0]} of {model.cfg.name} "
-                                f"has width {widths[wrong[0]]}: it is a CLT of another model")  # fmt: skip
-        if transcoders.cfg.model and transcoders.cfg.model != model.cfg.name:
-            notes.append(f"CLT {name!r} was trained on {transcoders.cfg.model!r}, this model is {model.cfg.name!r} "
-                         "(same widths)")  # fmt: skip
+        ce_note, notes = check_clt_fits(transcoders, model, name)
         transcoders = transcoders.to(model.device).eval()
     else:
         names = found.names or [f"{name}/{sae.hook_in}" for sae in transcoders]

@@ -44,6 +44,14 @@ def detect_format(path: str | Path) -> str:
         raise SAEInputError(
             f"{path} is not a file any SAE layout starts from (params.npz, ae.pt, config.yaml): pass its directory"
         )
+    from workbench.circuits.sae.clt import CLT_CONFIG_FILE  # here: clt.py imports this package
+
+    if (path / CLT_CONFIG_FILE).exists():
+        raise SAEInputError(
+            f"{path} holds a cross-layer transcoder ({CLT_CONFIG_FILE}): its features write to every later layer, "
+            "so it is not one SAE per hook; `workbench sae eval` scores it and `workbench sae export "
+            "--format circuit-tracer` writes it for circuit-tracer"
+        )
     if (path / CONFIG_FILE).exists():
         return "workbench"
     if (path / "cfg.json").exists() and (path / "sae_weights.safetensors").exists():

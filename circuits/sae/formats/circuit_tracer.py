@@ -94,8 +94,8 @@ def load_transcoder_set(path: str | Path, device: str = "cpu") -> list[tuple[str
     if config["model_kind"] == "cross_layer_transcoder":
         raise SAEInputError(
             f"{folder} holds a cross-layer transcoder: its features write to every later layer, so it is not one "
-            "SAE per hook and is not registered; score it with `workbench circuits clt-eval PATH MODEL --data DATA` "
-            "(or load_clt / evaluate_clt in workbench.circuits.sae.formats.circuit_tracer)"
+            "SAE per hook; `workbench sae import` registers it as one CLT and `workbench sae eval PATH MODEL --data "
+            "DATA` scores it (or load_clt / evaluate_clt in workbench.circuits.sae.formats.circuit_tracer)"
         )
     if config["model_kind"] != "transcoder_set":
         raise SAEInputError(f"{folder / CONFIG_FILE}: model_kind {config['model_kind']!r} is not transcoder_set "
