@@ -179,6 +179,26 @@ def test_sae_readout_equals_encode_and_refuses_another_model(code_model, tokens,
     assert "checkpoint 300" in load_sae_for(early, "code-tiny.L0-resid-topk", dashboard_workspace)[1]
 
 
+def test_the_lab_lists_only_the_saes_that_fit_the_loaded_model(code_model, tmp_path) -> None:
+    """Of four saved SAEs — the model's own, one of another model with the same hook and width, one of another
+    width, one of a hook the model lacks — the lab lists the first two, the second with a note naming both models;
+    the page offers them through the same function."""
+    from workbench.circuits.sae import SAEConfig, create_sae
+    from workbench.circuits.sae.readout import saes_for_model
+
+    d = code_model.cfg.d_model
+    specs = {"own": (d, RESID, "code-tiny"), "llama": (d, RESID, "/runs/my-llama"),
+             "narrow": (d // 2, RESID, "/runs/small"), "deep": (d, "blocks.9.hook_resid_post", "code-tiny")}  # fmt: skip
+    for sae_id, (width, hook, owner) in specs.items():
+        sae = create_sae(SAEConfig("topk", d_in=width, d_sae=8, k=2, hook_in=hook, model=owner))
+        sae.save(tmp_path / "saes" / sae_id)
+    listed = {entry.sae_id: note for entry, note in saes_for_model(code_model, tmp_path)}
+    assert listed == {
+        "own": "",
+        "llama": "trained on /runs/my-llama, this model is code-tiny (same hooks and widths)",
+    }
+
+
 def test_probe_readout_predicts_like_the_probe_and_steers_along_its_direction(
     code_model, tokens, tmp_path
 ) -> None:
@@ -398,7 +418,8 @@ def test_page_bad_input_gets_a_message(dashboard_workspace, monkeypatch) -> None
     app.text_area(key="lab_prompt").set_value("t0 t1 t2")
     app.selectbox(key="lab_model").set_value("fsm-tiny").run()
     app.radio(key="lab_overlay").set_value("SAE latents").run()
-    assert not app.exception and "another model or hook" in app.error[0].value
+    assert not app.exception and not app.error  # code-tiny's SAEs are not offered for fsm-tiny
+    assert any("SAEs in this workspace fits fsm-tiny (other hooks or widths)" in i.value for i in app.info)
     app.selectbox(key="lab_model").set_value("vit-digits").run()
     assert not app.exception and "causal" in app.error[0].value
     app.selectbox(key="lab_model").set_value("other reference…").run()

@@ -177,17 +177,21 @@ if overlay in ("max |activation|", "residual norm"):
     ]
     shown = rows
 elif overlay == "SAE latents":
-    from workbench.circuits.sae.readout import saved_saes, top_latents
+    from workbench.circuits.sae.readout import saes_for_model, saved_saes, top_latents
 
-    saes = saved_saes(workspace)
+    saes = saes_for_model(model, workspace)
     if not saes:
+        others = len(saved_saes(workspace))
         st.info(
-            "No SAEs in this workspace. Train one with:\n\n```\nworkbench sae train MODEL --data DATA --hook HOOK\n```"
-        )
+            (f"None of the {others} SAEs in this workspace fits {model.cfg.name} (other hooks or widths). "
+             if others else "No SAEs in this workspace. ")
+            + "Train one with:\n\n```\nworkbench sae train MODEL --data DATA --hook HOOK\n```"
+        )  # fmt: skip
     else:
         labels = {
             s.sae_id: f"{s.sae_id} ({s.hook_in}{' → ' + s.hook_out if s.hook_out != s.hook_in else ''})"
-            for s in saes
+            + (f" — {note}" if note else "")
+            for s, note in saes
         }
         sae_id = str(st.selectbox("SAE", list(labels), format_func=lambda s: labels[s], key="lab_sae"))
         try:
@@ -305,11 +309,11 @@ def new_intervention(kind: str) -> Intervention | None:
                                             help="token positions, e.g. 0, 3 (all: every position)"), "positions")  # fmt: skip
     built: Any = None
     if kind == "steer: SAE latent":
-        from workbench.circuits.sae.readout import latent_steering, saved_saes
+        from workbench.circuits.sae.readout import latent_steering, saes_for_model
 
-        ids = [s.sae_id for s in saved_saes(workspace)]
+        ids = [s.sae_id for s, _ in saes_for_model(model, workspace)]
         if not ids:
-            st.info("No SAEs in this workspace.")
+            st.info(f"No SAE in this workspace fits {model.cfg.name}.")
             return None
         shown_sae = st.session_state.get("lab_sae")  # default: the SAE the token chips show
         sae_id = f1.selectbox("steering SAE", ids, index=ids.index(shown_sae) if shown_sae in ids else 0,

@@ -27,6 +27,8 @@ class SavedSAE:
     d_sae: int
     model: str | None
     checkpoint: int | None
+    d_in: int = 0
+    d_out: int = 0
 
 
 def saved_saes(workspace: Any) -> list[SavedSAE]:
@@ -43,8 +45,34 @@ def saved_saes(workspace: Any) -> list[SavedSAE]:
         hook_in = cfg.get("hook_in") or cfg.get("hook_name") or ""
         found.append(SavedSAE(directory.name, hook_in, cfg.get("hook_out") or hook_in,
                               str(cfg.get("architecture", "?")), int(cfg.get("d_sae", 0)),
-                              cfg.get("model") or cfg.get("model_name"), cfg.get("checkpoint")))  # fmt: skip
+                              cfg.get("model") or cfg.get("model_name"), cfg.get("checkpoint"),
+                              int(cfg.get("d_in", 0)), int(cfg.get("d_out") or cfg.get("d_in", 0))))  # fmt: skip
     return found
+
+
+def saes_for_model(model: Any, workspace: Any = None) -> list[tuple[SavedSAE, str]]:
+    """The saved SAEs that fit ``model`` — it has their hooks, at their widths (from their configs; no weights are
+    read) — each with the note to show ("" for the model's own; one naming both models, or both checkpoints, for
+    one trained elsewhere that fits). SAEs of other hooks or widths are left out."""
+    saved = saved_saes(workspace)
+    known = set(model.hook_names())
+    widths: dict[str, int] = {}
+    for hook in sorted({h for s in saved for h in (s.hook_in, s.hook_out)} & known):
+        try:
+            widths |= hook_widths(model, [hook])[0]
+        except SAEInputError:  # a hook whose activation is not one vector per token: no SAE reads it
+            continue
+    fits = []
+    for entry in saved:
+        if widths.get(entry.hook_in) != entry.d_in or widths.get(entry.hook_out) != entry.d_out:
+            continue
+        note = ""
+        if entry.model and entry.model != model.cfg.name:
+            note = f"trained on {entry.model}, this model is {model.cfg.name} (same hooks and widths)"
+        elif entry.checkpoint is not None and model.cfg.checkpoint not in (None, entry.checkpoint):
+            note = f"trained on checkpoint {entry.checkpoint}, this is {model.cfg.checkpoint}"
+        fits.append((entry, note))
+    return fits
 
 
 def load_sae_for(model: Any, sae_id: str, workspace: Any = None) -> tuple[SAE, str]:
