@@ -3,9 +3,12 @@
 A random-init GPT-NeoX (4 layers, d_model 256, sequential blocks) with per-layer ReLU transcoders of 2 048
 latents on ``hook_resid_mid``, a 32-token prompt: the same ``--rows`` feature rows of the adjacency are computed by
 ``RowComputer`` once with ``--batch-size`` rows per backward pass and once with one row per pass; both give the same
-rows (checked), and the ratio of their times is printed.
+rows (up to float rounding, checked), and the ratio of their times is printed. On a shared CPU pass ``--threads 1``:
+with more threads than free cores every small operation of a one-row pass waits on its threads, which inflates
+the single-row time (and the ratio) by contention rather than by work.
 
     python benchmarks/attribution.py                      # CPU, 256 rows, batch 64
+    python benchmarks/attribution.py --rows 128 --threads 1
     python benchmarks/attribution.py --device cuda --rows 1024 --batch-size 256
 """
 
@@ -53,7 +56,10 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: torch's own choice)")  # fmt: skip
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model, saes = build(args.device, args.layers, args.d_model, args.latents)
     tokens = torch.randint(512, (args.tokens,), generator=torch.Generator().manual_seed(1))
     replacement = ReplacementModel(model, as_transcoders(model, saes), tokens)
@@ -80,12 +86,14 @@ def main() -> None:
 
     active = sum(int((a > 0).sum()) for a in replacement.activations)
     print(f"{args.layers} layers × {args.latents} latents, {args.tokens} tokens, {active} active features, "
-          f"{args.rows} rows on {args.device}")  # fmt: skip
+          f"{args.rows} rows on {args.device} ({torch.get_num_threads()} torch threads)")  # fmt: skip
     batched, rows_batched = run(args.batch_size)
     single, rows_single = run(1)
     difference = float((rows_batched - rows_single).abs().max())
-    print(f"batched ({args.batch_size} rows per backward pass): {batched:.3f} s")
-    print(f"one backward pass per row:                  {single:.3f} s")
+    per_row = {name: f"{seconds:.3f} s ({1e3 * seconds / args.rows:.2f} ms per row)"
+               for name, seconds in (("batched", batched), ("single", single))}  # fmt: skip
+    print(f"batched ({args.batch_size} rows per backward pass): {per_row['batched']}")
+    print(f"one backward pass per row:                  {per_row['single']}")
     print(f"ratio: {single / batched:.1f}× (max |difference| between the two: {difference:.2e})")
 
 

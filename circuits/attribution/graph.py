@@ -335,6 +335,53 @@ class _Row:
     vector: torch.Tensor
 
 
+@dataclass
+class _DecoderBlocks:
+    """One layer's active features as direct-effect weights grouped by position, so that turning gradients into
+    feature edges is one batched matmul per layer (no per-feature gather of gradients).
+
+    Feature k (at position ``p_k``, activation a_k, decoder rows W_k [n_out, d_model] into MLP outputs layer ..
+    layer + n_out − 1) has the edge a_k · Σ_o W_k[o] · ∂row/∂write[layer + o, p_k]. The features of a position
+    are cut into blocks of at most ``width``; ``weights`` [n_blocks, width, n_out · d_model] holds a_k · W_k
+    (zero in unused slots), ``position`` [n_blocks] each block's position, and feature k sits at (``block`` [k],
+    ``slot`` [k]). ``width`` is the mean count per position (at least 8), so the padding stays below the features
+    themselves plus one block per position."""
+
+    weights: torch.Tensor
+    position: torch.Tensor
+    block: torch.Tensor
+    slot: torch.Tensor
+    n_out: int
+
+    @classmethod
+    def of(cls, positions: torch.Tensor, weighted: torch.Tensor, n_pos: int) -> _DecoderBlocks:
+        """``positions`` [k] and activation-weighted decoder rows ``weighted`` [k, n_out, d_model]."""
+        k, n_out, d_model = weighted.shape
+        device = weighted.device
+        width = max(8, -(-k // max(1, n_pos)))
+        order = torch.sort(positions, stable=True).indices
+        counts = torch.bincount(positions, minlength=n_pos)
+        first = torch.cumsum(counts, 0) - counts  # the first of each position's features in sorted order
+        rank = torch.empty(k, dtype=torch.long, device=device)
+        rank[order] = torch.arange(k, device=device) - first[positions[order]]
+        per_position = -(-counts // width)
+        first_block = torch.cumsum(per_position, 0) - per_position
+        block = first_block[positions] + rank // width
+        slot = rank % width
+        position = torch.repeat_interleave(torch.arange(n_pos, device=device), per_position)
+        weights = torch.zeros(len(position), width, n_out * d_model, dtype=weighted.dtype, device=device)
+        weights[block, slot] = weighted.reshape(k, n_out * d_model)
+        return cls(weights, position, block, slot, n_out)
+
+    def effects(self, by_position: torch.Tensor, layer: int) -> torch.Tensor:
+        """``by_position`` [pos, n, n_layers, d_model]: n rows' gradients at every MLP write → [n, k] edges."""
+        n_pos, n = by_position.shape[:2]
+        if len(self.block) == 0:
+            return by_position.new_zeros(n, 0)
+        gradient = by_position[:, :, layer : layer + self.n_out].reshape(n_pos, n, -1)[self.position]
+        return torch.bmm(gradient, self.weights.transpose(1, 2))[self.block, :, self.slot].T
+
+
 class RowComputer:
     """Batched rows of the adjacency over every source column of a replacement model.
 
@@ -352,13 +399,15 @@ class RowComputer:
         self.replacement, self.batch_size = replacement, batch_size
         tc = replacement.transcoders
         self.active: list[torch.Tensor] = []  # per layer [n_l, 2] (position, feature)
-        self.decoders: list[torch.Tensor] = []  # per layer [n_l, n_out, d_model]
         self.values: list[torch.Tensor] = []  # per layer [n_l]
+        self.blocks: list[_DecoderBlocks] = []  # per layer: activation × decoder rows, grouped by position
         for layer, acts in enumerate(replacement.activations):
             index = torch.nonzero(acts)
             self.active.append(index)
             self.values.append(acts[index[:, 0], index[:, 1]])
-            self.decoders.append(tc.decoder_vectors(layer, index[:, 1]).to(acts.device))
+            decoders = tc.decoder_vectors(layer, index[:, 1]).to(acts.device)  # [n_l, n_out, d_model]
+            self.blocks.append(_DecoderBlocks.of(index[:, 0], decoders * self.values[-1][:, None, None],
+                                                 replacement.n_pos))  # fmt: skip
         self.features = torch.cat([torch.cat([torch.full((len(i), 1), layer, device=i.device), i], 1)
                                    for layer, i in enumerate(self.active)])  # fmt: skip
         self.activations = torch.cat(self.values)
@@ -400,22 +449,14 @@ class RowComputer:
         embedding · gradient)."""
         rep = self.replacement
         grad_writes, grad_embed = grads[0][:n], grads[1][:n]
-        parts = []
-        for layer, (active, decoder, values) in enumerate(
-            zip(self.active, self.decoders, self.values, strict=True)
-        ):
-            n_out = decoder.shape[1]
-            at = grad_writes[:, layer : layer + n_out]  # [n, n_out, pos, d]
-            chunk = max(1, (1 << 24) // max(1, n * n_out * rep.writes.shape[-1]))
-            for start in range(0, len(active), chunk):
-                stop = start + chunk
-                gathered = at[:, :, active[start:stop, 0]]  # [n, n_out, k, d]
-                parts.append(torch.einsum("nokd,kod->nk", gathered, decoder[start:stop]) * values[start:stop])
-        parts.append((grad_writes * rep.errors).sum(-1).flatten(1))
-        parts.append((grad_embed * rep.embed).sum(-1))
+        # [pos, n, n_layers · d]: each position's gradient at every MLP write, laid out for one bmm per layer
+        by_position = grad_writes.permute(2, 0, 1, 3)
+        parts = [block.effects(by_position, layer) for layer, block in enumerate(self.blocks)]
+        parts.append(torch.einsum("nlpd,lpd->nlp", grad_writes, rep.errors).flatten(1))
+        parts.append(torch.einsum("npd,pd->np", grad_embed, rep.embed))
         if rep.has_pos_embed:
             assert rep.pos_embed is not None
-            parts.append((grads[2][:n] * rep.pos_embed).sum(-1))
+            parts.append(torch.einsum("npd,pd->np", grads[2][:n], rep.pos_embed))
         return torch.cat(parts, dim=1)
 
     def constants(self, rows: Sequence[_Row]) -> torch.Tensor:
@@ -517,6 +558,8 @@ def attribute(
             order = torch.argsort(influence, descending=True)
             pending = order[~visited[order]][: max(batch_size * 4, 1)]
         pending = pending[: budget - (filled - n_targets)]
+        # layer-major within what is pending: a batch of low-layer rows backpropagates through fewer layers
+        pending = pending[torch.sort(computer.features[pending, 0], stable=True).indices]
         for chunk in pending.split(batch_size):
             rows = [_Row(tc.hook_in(int(computer.features[i, 0])), int(computer.features[i, 1]), enc_vectors[i])
                     for i in chunk.tolist()]  # fmt: skip

@@ -242,11 +242,14 @@ class ReplacementModel:
             recorded[hook.name] = activation.clone()  # a new tensor the model goes on with
             return recorded[hook.name]
 
+        # one view per layer: its backward stacks the layers' gradients instead of zero-filling a copy per layer
+        writes = sources.writes.unbind(1)
+
         def mlp_out(layer: int):
             skip = tc.skip_weight(layer)
 
             def replace(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-                out = sources.writes[:, layer]
+                out = writes[layer]
                 if skip is not None:
                     out = out + recorded[tc.hook_in(layer)].to(skip.dtype) @ skip
                 return out.to(activation.dtype)
