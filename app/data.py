@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from workbench.identity import display_name
+
 
 class WorkspaceProblem(Exception):
     """The workspace cannot be shown; the message tells the user what to run or fix."""
@@ -160,6 +162,15 @@ def pick(rows: pd.DataFrame, column: str, label: str | None = None, key: str | N
     return rows[rows[column] == chosen]
 
 
+def model_select(rows: pd.DataFrame, key: str | None = None, label: str = "model", container=st) -> str:
+    """Choose one of the models of ``rows["model"]`` (identities): shown by ``display_name``, with the identity
+    added where two display names coincide, so same-named folders are told apart; returns the identity."""
+    identities = sorted({str(m) for m in rows["model"].dropna()}, key=lambda m: (display_name(m), m))
+    shown = [display_name(m) for m in identities]
+    names = {m: d if shown.count(d) == 1 else f"{d} ({m})" for m, d in zip(identities, shown, strict=True)}
+    return str(container.selectbox(label, identities, format_func=names.__getitem__, key=key))
+
+
 def empty_state(what: str, command: str) -> None:
     """Say that nothing is computed yet and which command produces it."""
     st.info(f"No results yet for {what} in this workspace. Produce them with:\n\n```\n{command}\n```")
@@ -180,9 +191,9 @@ def table_browser(path: Path, names: list[str], what: str, command: str) -> pd.D
         rows = table(path, name)
         if rows is not None and not rows.empty:
             if "model" in rows:
-                model = st.selectbox("model", sorted(rows["model"].dropna().unique()), key=f"{name}-model")
+                model = model_select(rows, key=f"{name}-model")
                 rows = rows[rows["model"] == model]
-            st.dataframe(rows, use_container_width=True, hide_index=True)
+            st.dataframe(rows, width="stretch", hide_index=True)
             return rows
     empty_state(what, command)
     return None

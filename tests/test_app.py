@@ -17,8 +17,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 VIEWS = Path(__file__).resolve().parents[1] / "app" / "views"
-ALL_VIEWS = ("overview", "massive", "attention", "dynamics", "probes", "sae", "circuits", "codebooks", "neuron_paths",
-             "prompt_lab")  # fmt: skip
+ALL_VIEWS = ("overview", "massive", "attention", "dynamics", "probes", "sae", "circuits", "graph", "codebooks",
+             "neuron_paths", "prompt_lab")  # fmt: skip
 
 
 def _run(view: str, workspace: Path, monkeypatch) -> AppTest:
@@ -130,8 +130,51 @@ def test_overview_and_prompt_lab_list_the_users_own_models_with_results(zoo_work
     assert choice.value == str(dirs[0]) and not lab.exception  # the first is loaded by its identity
 
 
+def test_model_selects_tell_same_named_folders_apart(zoo_workspace, tmp_path, monkeypatch) -> None:
+    """Two of the user's GPT-2 directories whose last two path parts agree (x/run/my-gpt2, y/run/my-gpt2), both
+    analysed with `workbench massive` into one workspace: the massive view's model select shows both, told apart
+    by their identities, and choosing the second shows that model's rows only."""
+    import shutil
+
+    import torch
+    import transformers
+    from typer.testing import CliRunner
+
+    from workbench.cli import app as cli
+    from workbench.identity import display_name
+    from workbench.workspace import Workspace
+
+    workspace = tmp_path / "ws"
+    dirs = [tmp_path / parent / "run" / "my-gpt2" for parent in ("x", "y")]
+    for seed, path in enumerate(dirs):
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
+        transformers.GPT2LMHeadModel(config).save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(zoo_workspace.model_dir("code-tiny") / name, path / name)
+        result = CliRunner().invoke(
+            cli, ["massive", str(path), "--workspace", str(workspace), "--no-progress"]
+        )
+        assert result.exit_code == 0, result.output
+    assert display_name(str(dirs[0])) == display_name(str(dirs[1])) == "run/my-gpt2"
+    app = _run("massive", workspace, monkeypatch)
+    assert not app.exception, app.exception
+    choice = app.selectbox[0]
+    assert choice.label == "model" and choice.options == [f"run/my-gpt2 ({d})" for d in dirs]
+    assert choice.value == str(dirs[0])
+    choice.set_value(str(dirs[1])).run()
+    assert not app.exception, app.exception
+    shown = _frame_with(app, "magnitude")
+    top = Workspace(workspace).results().read("massive_top", model=str(dirs[1]))
+    top = top[top["checkpoint"] == top["checkpoint"].max()] if top["checkpoint"].notna().any() else top
+    assert sorted(shown["magnitude"]) == sorted(top["magnitude"])
+    other = Workspace(workspace).results().read("massive_top", model=str(dirs[0]))
+    assert sorted(shown["magnitude"]) != sorted(other["magnitude"])
+
+
 @pytest.mark.parametrize(
-    "view", ["massive", "attention", "dynamics", "probes", "sae", "circuits", "codebooks", "neuron_paths"]
+    "view",
+    ["massive", "attention", "dynamics", "probes", "sae", "circuits", "graph", "codebooks", "neuron_paths"],
 )
 def test_views_without_data_name_a_command_that_exists(view, tmp_path, monkeypatch) -> None:
     from typer.testing import CliRunner

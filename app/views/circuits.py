@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench.app.data import empty_state, open_workspace_or_stop, table
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, table
 from workbench.circuits.transcoder_circuits import ANALYSIS, NODE_COLUMNS, CircuitGraph
 
 (CIRCUITS,) = (t.name for t in ANALYSIS.tables)
@@ -19,7 +19,7 @@ if rows is None or rows.empty:
                 "--transcoder code-tiny.L0-mlp-transcoder --transcoder code-tiny.L1-mlp-transcoder")  # fmt: skip
     st.stop()
 left, right = st.columns(2)
-model = left.selectbox("model", sorted(rows["model"].unique()))
+model = model_select(rows, container=left)
 rows = rows[rows["model"] == model]
 for column in ("checkpoint", "dataset"):
     if column in rows and rows[column].nunique() > 1:  # several runs of this model: show one at a time
@@ -44,7 +44,7 @@ else:
 cols[1].metric("nodes", len(nodes))
 cols[2].metric("checkpoint", str(root["checkpoint"]))
 graph = CircuitGraph(nodes[[c for c in NODE_COLUMNS if c in nodes]].reset_index(drop=True))
-st.plotly_chart(graph.figure(), use_container_width=True)
+st.plotly_chart(graph.figure(), width="stretch")
 st.caption(
     "Attributions are in units of the root's pre-activation (a feature) or demeaned logit (the final norm frozen "
     "at the prompt): transcoder features (activation × pullback), attention heads from a source position "
@@ -52,4 +52,4 @@ st.caption(
     "viewer with `workbench circuits export MODEL --data DATA --transcoder ID ... --out DIR`."
 )
 shown = ["id", "parent", "node", "kind", "layer", "index", "position", "token", "attribution"]
-st.dataframe(graph.labelled()[shown], use_container_width=True, hide_index=True)
+st.dataframe(graph.labelled()[shown], width="stretch", hide_index=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from workbench.app.data import empty_state, open_workspace_or_stop, plain, table
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, plain, table
 from workbench.circuits.codebook import ANALYSIS, CODES_TABLE, PURITY_TABLE, TRAIN_COMMAND
 
 st.title("Codebooks")
@@ -15,7 +15,7 @@ if codes is None or codes.empty:
     empty_state(ANALYSIS.description or "codebook results",
                 f"{TRAIN_COMMAND}    # e.g. fsm-tiny --data zoo:tokfsm\n{ANALYSIS.command}")  # fmt: skip
     st.stop()
-model = st.selectbox("model", sorted(codes["model"].dropna().unique()))
+model = model_select(codes)
 codes = codes[codes["model"] == model]
 selected = {"model": model}
 for column in ("checkpoint", "dataset", "run"):  # several runs of this model: show one at a time
@@ -32,7 +32,7 @@ st.metric("live codes", len(codes))
 usage = px.bar(codes, x=codes["code"].astype(str), y="count", hover_data=["top_tokens"], labels={"x": "code"},
                title="Code usage (sorted by count)")  # fmt: skip
 usage.update_xaxes(type="category", categoryorder="total descending")
-st.plotly_chart(usage, use_container_width=True)
+st.plotly_chart(usage, width="stretch")
 purity = table(db, PURITY_TABLE)
 if purity is not None and not purity.empty:
     for column, value in selected.items():
@@ -53,10 +53,10 @@ if purity is not None and not purity.empty:
     st.plotly_chart(
         px.scatter(rows, x="label", y="purity", size="label_count", color="mi", hover_data=["best_code", "recall"],
                    title=f"Best code per {label_set} label: purity (colour = MI, nats)"),
-        use_container_width=True,
+        width="stretch",
     )  # fmt: skip
     st.subheader("Best code per label")
-    st.dataframe(rows[["label", "best_code", "purity", "recall", "mi", "label_count"]], use_container_width=True,
+    st.dataframe(rows[["label", "best_code", "purity", "recall", "mi", "label_count"]], width="stretch",
                  hide_index=True)  # fmt: skip
 else:
     empty_state("code ↔ label purity (the dataset carried no per-token labels)",
@@ -64,4 +64,4 @@ else:
 st.subheader("Codes (top contexts: highest code-input similarity first)")
 columns = [c for c in ("code", "head", "count", "frequency", "best_label", "purity", "top_tokens", "top_contexts")
            if c in codes]  # fmt: skip
-st.dataframe(codes[columns], use_container_width=True, hide_index=True)
+st.dataframe(codes[columns], width="stretch", hide_index=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
 from workbench.dynamics import (
     ANALYSIS,
     METRICS,
@@ -27,7 +27,7 @@ if metrics is None or metrics.empty:
         ANALYSIS.description, f"{ANALYSIS.command}    # e.g. SERIES = code-small, DATA = zoo:python-stdlib"
     )
     st.stop()
-model = st.selectbox("model", sorted(metrics["model"].unique()))
+model = model_select(metrics)
 rows = pick(metrics[metrics["model"] == model], "dataset", "prompt set")
 dataset = rows["dataset"].iloc[0]
 fits = table(db, FITS)
@@ -39,7 +39,7 @@ if order is not None:
 
 if order is not None and not order.empty:
     st.subheader("Emergence order")
-    st.plotly_chart(order_chart(order), use_container_width=True)
+    st.plotly_chart(order_chart(order), width="stretch")
     st.text(describe_order(order))
 
 st.subheader("Metrics over training")
@@ -51,7 +51,7 @@ heads = sorted(int(h) for h in rows.loc[rows["metric"] == metric, "head"].unique
 if heads:
     choice = st.selectbox("head", ["mean over heads", *map(str, heads)])
     head = None if choice == "mean over heads" else int(str(choice))
-st.plotly_chart(metric_curves(rows, fits, metric, head=head), use_container_width=True)
+st.plotly_chart(metric_curves(rows, fits, metric, head=head), width="stretch")
 if fits is not None and not fits.empty:
     shown = fits[fits["metric"] == metric]
     if head is not None:
@@ -59,11 +59,11 @@ if fits is not None and not fits.empty:
     columns = [c for c in shown.columns if c.startswith(("layer", "head", "family", "status", "message", "r2",
                "condition_", "param_", "stderr_", "emergence_", "low_emergence", "high_emergence", "steady_",
                "low_steady", "high_steady", "selected"))]  # fmt: skip
-    st.dataframe(shown[columns].sort_values(["layer", "head"]), use_container_width=True, hide_index=True)
+    st.dataframe(shown[columns].sort_values(["layer", "head"]), width="stretch", hide_index=True)
 
 if {"sink_mass", "massive_top1"} <= set(rows["metric"]):
     st.subheader("Per head: sink mass vs massive magnitude")
-    st.plotly_chart(sink_vs_massive(rows), use_container_width=True)
+    st.plotly_chart(sink_vs_massive(rows), width="stretch")
 
 scores = table(db, PREDICTOR)
 predictions = table(db, PREDICTIONS)
@@ -78,7 +78,7 @@ else:
     scores = pick(scores, "metric", "fitted metric", key="sweep_metric")
     chosen = scores["metric"].iloc[0]
     st.dataframe(scores[["target", "r2", "n_rows", "n_architectures", "learnt_as", "claim", "note"]],
-                 use_container_width=True, hide_index=True)  # fmt: skip
+                 width="stretch", hide_index=True)  # fmt: skip
     shown = predictions[(predictions["sweep"] == sweep) & (predictions["metric"] == chosen)]
     if not shown.empty:
-        st.plotly_chart(predicted_vs_fitted(shown, scores), use_container_width=True)
+        st.plotly_chart(predicted_vs_fitted(shown, scores), width="stretch")

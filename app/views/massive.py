@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
 from workbench.massive import ANALYSIS, checkpoint_heatmap, emergence_curves, ratio_by_layer
 
 LAYERS, TOP, FITS = (t.name for t in ANALYSIS.tables)
@@ -15,7 +15,7 @@ layers = table(db, LAYERS)
 if layers is None or layers.empty:
     empty_state(ANALYSIS.description, f"{ANALYSIS.command}    # e.g. MODEL = code-small, DATA = notes.txt")
     st.stop()
-model = st.selectbox("model", sorted(layers["model"].unique()))
+model = model_select(layers)
 rows = pick(layers[layers["model"] == model], "dataset", "prompt set")
 dataset = rows["dataset"].iloc[0] if "dataset" in rows else None
 metric = st.radio(
@@ -23,18 +23,18 @@ metric = st.radio(
 )
 checkpoints = rows["checkpoint"].dropna().unique()
 if len(checkpoints) > 1:
-    st.plotly_chart(checkpoint_heatmap(rows, metric), use_container_width=True)
+    st.plotly_chart(checkpoint_heatmap(rows, metric), width="stretch")
     fits = table(db, FITS)
     if fits is not None:
         fits = fits[(fits["model"] == model) & ((fits["dataset"] == dataset) if "dataset" in fits else True)]
-    st.plotly_chart(emergence_curves(rows, fits, metric="top1"), use_container_width=True)
+    st.plotly_chart(emergence_curves(rows, fits, metric="top1"), width="stretch")
     if fits is not None and not fits.empty:
         st.subheader("Emergence fits per layer")
         columns = [c for c in fits.columns if c.startswith(("layer", "family", "status", "r2", "aic", "param_", "stderr_",
                                                              "peak_", "emergence_", "steady_"))]  # fmt: skip
-        st.dataframe(fits[columns].sort_values("layer"), use_container_width=True, hide_index=True)
+        st.dataframe(fits[columns].sort_values("layer"), width="stretch", hide_index=True)
 else:
-    st.plotly_chart(ratio_by_layer(rows), use_container_width=True)
+    st.plotly_chart(ratio_by_layer(rows), width="stretch")
 st.subheader("Top dimensions and tokens")
 top = table(db, TOP)
 if top is not None and not top.empty:
@@ -45,4 +45,4 @@ if top is not None and not top.empty:
         step = top["checkpoint"].max()
     shown = top if step is None else top[top["checkpoint"] == step]
     st.dataframe(shown[["hook", "rank", "magnitude", "dim", "token", "position", "ratio", "spread", "occurrences",
-                        "massive"]], use_container_width=True, hide_index=True)  # fmt: skip
+                        "massive"]], width="stretch", hide_index=True)  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from workbench.app.data import empty_state, open_workspace_or_stop, table
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, table
 from workbench.circuits.neuron_path import ANALYSIS
 
 PATHS, METRICS = (t.name for t in ANALYSIS.tables)
@@ -18,7 +18,7 @@ if metrics is None or metrics.empty or paths is None or paths.empty:
     empty_state(ANALYSIS.description or "neuron paths",
                 f"{ANALYSIS.command}    # e.g. workbench neuron-path run vit-digits --data zoo:digits")  # fmt: skip
     st.stop()
-model = st.selectbox("model", sorted(metrics["model"].unique()))
+model = model_select(metrics)
 rows = metrics[metrics["model"] == model]
 neurons = paths[paths["model"] == model]
 for column, label in (("checkpoint", "checkpoint"), ("dataset", "dataset"), ("position", "position")):
@@ -31,7 +31,7 @@ st.subheader("Methods compared (averaged over targets)")
 score_fig = px.bar(
     rows, x="method", y="joint_score", color="method", title="Joint IG score of each method's path"
 )
-st.plotly_chart(score_fig, use_container_width=True)
+st.plotly_chart(score_fig, width="stretch")
 long = rows.melt(
     id_vars="method",
     value_vars=[
@@ -44,9 +44,9 @@ long = rows.melt(
 )
 st.plotly_chart(
     px.bar(long, x="metric", y="value", color="method", barmode="group", title="Remove (×0) / enhance (×2)"),
-    use_container_width=True,
+    width="stretch",
 )
-st.dataframe(rows, use_container_width=True, hide_index=True)
+st.dataframe(rows, width="stretch", hide_index=True)
 st.subheader("Path neurons per target")
 method = st.radio("method", sorted(neurons["method"].unique()), horizontal=True)
 chosen = neurons[neurons["method"] == method]
@@ -55,5 +55,5 @@ fig = px.scatter(
      hover_data=["target", "rank", "joint_score"], title=f"{method}: neuron chosen per layer",
 )  # fmt: skip
 fig.update_traces(mode="lines+markers")
-st.plotly_chart(fig, use_container_width=True)
-st.dataframe(chosen.sort_values(["target", "layer", "rank"]), use_container_width=True, hide_index=True)
+st.plotly_chart(fig, width="stretch")
+st.dataframe(chosen.sort_values(["target", "layer", "rank"]), width="stretch", hide_index=True)

@@ -30,7 +30,7 @@ for row in with_results.to_dict("records"):
         series.append({**row, "where": "results only (its checkpoints with results)"})
 st.subheader("Models and checkpoint series")
 if series:
-    st.dataframe(pd.DataFrame(series), use_container_width=True, hide_index=True)
+    st.dataframe(pd.DataFrame(series), width="stretch", hide_index=True)
     st.caption("model: the short name tables show; identity: the reference rows record (a workspace model's name, "
                "a directory's path, a hub id); tables: the result tables holding its rows")  # fmt: skip
 else:
@@ -50,7 +50,7 @@ for folder, kind in RUN_KINDS.items():
             modified = pd.Timestamp(entry.stat().st_mtime, unit="s").floor("s")
             runs.append({"kind": kind, "name": entry.name, "modified (UTC)": modified})
 if runs:
-    st.dataframe(pd.DataFrame(runs), use_container_width=True, hide_index=True)
+    st.dataframe(pd.DataFrame(runs), width="stretch", hide_index=True)
 else:
     st.info("No stores, probe jobs, SAEs or codebook runs yet: `workbench demo` makes one of each.")
 
@@ -67,10 +67,10 @@ catalogue = [
      "what": analysis.description}
     for analysis in registered_analyses().values()
 ]  # fmt: skip
-st.dataframe(pd.DataFrame(catalogue), use_container_width=True, hide_index=True)
+st.dataframe(pd.DataFrame(catalogue), width="stretch", hide_index=True)
 
 st.subheader("Computed results")
 if not summary.empty:
-    st.dataframe(summary, use_container_width=True, hide_index=True)
+    st.dataframe(summary, width="stretch", hide_index=True)
 else:
     st.info("The results database is empty: run `workbench demo` or an analysis command.")

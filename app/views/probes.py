@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench.app.data import empty_state, open_workspace_or_stop, pick, table
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
 from workbench.probes.analysis import ANALYSIS, probe_heatmap, probe_over_checkpoints
 
 METRICS = {
@@ -25,7 +25,7 @@ if rows is None or rows.empty:
     )
     st.stop()
 left, right = st.columns(2)
-model = left.selectbox("model", sorted(rows["model"].unique()))
+model = model_select(rows, container=left)
 rows = rows[rows["model"] == model]
 label_set = right.selectbox("label set", sorted(rows["label_set"].unique()))
 rows = rows[rows["label_set"] == label_set]
@@ -34,8 +34,8 @@ available = [m for m in METRICS if m in rows and rows[m].notna().any()]
 metric = st.radio("metric", available, horizontal=True, format_func=lambda m: m.replace("_", " "),
                   help="; ".join(f"{m}: {METRICS[m]}" for m in available))  # fmt: skip
 if rows["checkpoint"].nunique() > 1:
-    st.plotly_chart(probe_heatmap(rows, label_set, metric), use_container_width=True)
-    st.plotly_chart(probe_over_checkpoints(rows, label_set), use_container_width=True)
+    st.plotly_chart(probe_heatmap(rows, label_set, metric), width="stretch")
+    st.plotly_chart(probe_over_checkpoints(rows, label_set), width="stretch")
 last = rows[rows["checkpoint"] == rows["checkpoint"].max()] if rows["checkpoint"].notna().any() else rows
 if last["score"].isna().all():
     st.warning(
@@ -58,4 +58,4 @@ st.subheader("All rows")
 shown = [c for c in ["checkpoint", "hook", "layer", "score", "control_score", "selectivity", "majority_score",
                      "token_identity_score", "random_init_score", "cv_mean", "cv_std", "n_train", "n_test",
                      "n_classes", "l2", "job"] if c in rows]  # fmt: skip
-st.dataframe(rows[shown].sort_values(["checkpoint", "layer"]), use_container_width=True, hide_index=True)
+st.dataframe(rows[shown].sort_values(["checkpoint", "layer"]), width="stretch", hide_index=True)

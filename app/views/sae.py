@@ -24,7 +24,7 @@ features = table(db, FEATURES)
 imported = imported_saes(db.parent)
 if not imported.empty:
     with st.expander(f"Imported SAEs ({len(imported)})", expanded=evals is None or evals.empty):
-        st.dataframe(imported, use_container_width=True, hide_index=True)
+        st.dataframe(imported, width="stretch", hide_index=True)
         st.caption("Imported with `workbench sae import PATH`. Score one with `workbench sae eval ID MODEL --data "
                    "DATA`, its feature pages with `workbench sae features ID MODEL --data DATA`.")  # fmt: skip
 if (evals is None or evals.empty) and (features is None or features.empty):
@@ -39,7 +39,7 @@ if evals is not None and not evals.empty:
                            "transcoder", "d_sae", "k", "L0", "FVU", "explained_variance", "cosine", "ce_recovered",
                            "kl", "ce_clean", "ce_spliced", "ce_zero", "dead_fraction", "dense_fraction", "ce_note"]
                if c in evals.columns]  # fmt: skip
-    st.dataframe(evals[columns], use_container_width=True, hide_index=True)
+    st.dataframe(evals[columns], width="stretch", hide_index=True)
     tradeoff = go.Figure(
         go.Scatter(
             x=evals["L0"],
@@ -52,7 +52,7 @@ if evals is not None and not evals.empty:
     tradeoff.update_layout(
         title="Sparsity vs reconstruction", xaxis_title="L0", yaxis_title="FVU", height=360
     )
-    st.plotly_chart(tradeoff, use_container_width=True)
+    st.plotly_chart(tradeoff, width="stretch")
 
 if features is None or features.empty:
     empty_state("feature pages", COMMAND)
@@ -69,7 +69,7 @@ density_fig = go.Figure(go.Histogram(x=rows["density"].clip(lower=1e-6).map(math
 density_fig.update_layout(
     title="Latent density (log10 fraction of tokens)", xaxis_title="log10 density", height=300
 )
-st.plotly_chart(density_fig, use_container_width=True)
+st.plotly_chart(density_fig, width="stretch")
 search = st.text_input("search top-context tokens", "")
 rows["top_tokens"] = rows["top_contexts"].map(
     lambda text: " | ".join(c["tokens"][c["focus"]] for c in json.loads(text or "[]"))
@@ -79,7 +79,7 @@ if search:
 listing = rows[["latent", "density", "max_activation", "top_tokens"]].sort_values(
     "max_activation", ascending=False
 )
-st.dataframe(listing, use_container_width=True, hide_index=True)
+st.dataframe(listing, width="stretch", hide_index=True)
 if rows.empty:
     st.info("No latent matches this search.")
     st.stop()
@@ -131,12 +131,12 @@ if hist.get("counts"):
     fig = go.Figure(go.Bar(x=centers, y=hist["counts"]))
     fig.update_layout(title="Activation histogram (non-zero)", xaxis_type="log", xaxis_title="activation",
                       yaxis_title="tokens", height=300)  # fmt: skip
-    st.plotly_chart(fig, use_container_width=True)
+    st.plotly_chart(fig, width="stretch")
 shares = page.get("head_shares")
 if isinstance(shares, str):  # an attn.hook_z SAE: where the latent's decoder direction lives, head by head
     fig = go.Figure(go.Bar(x=[f"head {h}" for h in range(len(json.loads(shares)))], y=json.loads(shares)))
     fig.update_layout(title="Decoder norm share per head", yaxis_title="share of ‖W_dec‖²", height=300)
-    st.plotly_chart(fig, use_container_width=True)
+    st.plotly_chart(fig, width="stretch")
 quantiles = json.loads(page.get("quantile_activations") or "[]")
 if quantiles:
     st.caption("quantile-band edges of the non-zero activations: " + ", ".join(f"{q:.3f}" for q in quantiles))
@@ -150,4 +150,4 @@ if "promoted_tokens" in page and isinstance(page["promoted_tokens"], str):
         entries = json.loads(page[key] or "[]")
         fig = go.Figure(go.Bar(x=[v for _, v in entries], y=[repr(t) for t, _ in entries], orientation="h"))
         fig.update_layout(title=f"{label} tokens (W_dec · W_U)", height=320, yaxis_autorange="reversed")
-        column.plotly_chart(fig, use_container_width=True)
+        column.plotly_chart(fig, width="stretch")
