@@ -251,6 +251,16 @@ def attribute(
     scores = ", ".join(f"{key} {value:.3f}" for key, value in graph.scores.items())
     typer.echo(f"graph {name}: {graph.n_features} of {graph.n_active} active features, {graph.n_nodes} nodes, "
                f"{int((graph.adjacency != 0).sum())} edges; {scores}")  # fmt: skip
+    gap = graph.error_gap
+    logits = (f"KL(model ‖ replacement) {gap['errors_zeroed_kl']:.4f} nats, same top output at "
+              f"{gap['errors_zeroed_top1']:.0%} of positions, " if gap["errors_zeroed_kl"] == gap["errors_zeroed_kl"]
+              else "")  # fmt: skip
+    exact = gap["reproduction_max_diff"] <= 1e-3 * max(1.0, gap["errors_zeroed_max_diff"])
+    typer.echo(f"error nodes zeroed: {logits}max |output difference| {gap['errors_zeroed_max_diff']:.4g}; with them "
+               f"{gap['reproduction_max_diff']:.2g} "
+               + ("(the replacement reproduces the model)" if exact else
+                  "(the replacement does NOT reproduce the model: a bug — please report it with the model and "
+                  "transcoders)"))  # fmt: skip
     if out is not None:
         path = write_attribution_graph(out, graph, slug=name, scan=ids, node_threshold=node_threshold,
                                        edge_threshold=edge_threshold)  # fmt: skip

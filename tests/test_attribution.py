@@ -249,6 +249,16 @@ def test_replacement_reproduces_the_logits(built, case) -> None:
         without_errors, _ = replacement.forward(sources)
     assert float((logits - truth[None]).abs().max()) < 1e-5
     assert float((without_errors[0] - truth).abs().max()) > 1e-3
+    gap = replacement.error_gap()
+    assert gap["reproduction_max_diff"] < 1e-5
+    assert gap["errors_zeroed_max_diff"] == pytest.approx(
+        float((without_errors[0] - truth).abs().max()), rel=1e-9
+    )
+    log_p, log_q = truth.double().log_softmax(-1), without_errors[0].double().log_softmax(-1)
+    kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
+    assert gap["errors_zeroed_kl"] == pytest.approx(float(kl), rel=1e-6) and gap["errors_zeroed_kl"] > 0
+    assert 0.0 <= gap["errors_zeroed_top1"] <= 1.0
+    assert built[case][2].error_gap == pytest.approx(gap, rel=1e-6, abs=1e-9)  # the graph records it
 
 
 def test_probe_target_rows_add_up(built) -> None:
@@ -353,6 +363,10 @@ def test_cli_attributes_a_users_gpt2_directory_and_stores_the_graph(built, tmp_p
     nodes, edges = frames["attribution_nodes"], frames["attribution_edges"]
     assert len(nodes) == summary["n_nodes"] and len(edges) == summary["n_edges"] > 0
     assert 0 <= summary["replacement_score"] <= 1 and 0 <= summary["completeness_score"] <= 1
+    assert summary["reproduction_max_diff"] < 1e-4 and summary["errors_zeroed_kl"] > 0
+    printed = re.search(r"error nodes zeroed: KL\(model ‖ replacement\) ([0-9.]+) nats", result.output)
+    assert printed and float(printed.group(1)) == pytest.approx(summary["errors_zeroed_kl"], abs=1e-4)
+    assert "(the replacement reproduces the model)" in result.output
     rows = nodes[nodes["value"].notna()].set_index("node")
     totals = edges.groupby("target")["weight"].sum().reindex(rows.index, fill_value=0.0)
     assert (

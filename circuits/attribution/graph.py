@@ -72,7 +72,9 @@ class Graph:
     ``max_feature_nodes`` contribute; so edges + constant + dropped = ``values`` (pre-activation, target value).
     ``scores``: replacement and completeness (circuit-tracer's definitions); ``head_loadings``: (target, source,
     layer, head, weight) splitting each cross-position edge over the heads that carry it (the parts of an edge sum
-    to it; :mod:`~workbench.circuits.attribution.heads`), None when not computed."""
+    to it; :mod:`~workbench.circuits.attribution.heads`), None when not computed. ``error_gap``: the replacement
+    model's outputs with its error nodes and with them zeroed against the model's
+    (:meth:`~workbench.circuits.attribution.replacement.ReplacementModel.error_gap`)."""
 
     model: str
     checkpoint: int | None
@@ -91,6 +93,7 @@ class Graph:
     n_active: int
     scores: dict[str, float] = field(default_factory=dict)
     head_loadings: pd.DataFrame | None = None
+    error_gap: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_pos(self) -> int:
@@ -625,6 +628,7 @@ def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, 
                   adjacency=adjacency.cpu(), constants=constants.cpu(), dropped=dropped.cpu(), values=values.cpu(),
                   n_active=n_active)  # fmt: skip
     graph.scores = graph_scores(graph)
+    graph.error_gap = replacement.error_gap(has_logits=output_head(model) is not None)
     if heads and rows:
         node_rows = [*range(n_features), *range(n_nodes - n_targets, n_nodes)]
         graph.head_loadings = head_loadings(computer, rows, node_rows, node_of_column[: computer.n_columns])

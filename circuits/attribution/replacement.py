@@ -204,6 +204,29 @@ class ReplacementModel:
         return Sources(torch.zeros_like(sources.embed),
                        None if sources.pos_embed is None else torch.zeros_like(sources.pos_embed), writes)  # fmt: skip
 
+    def error_gap(self, has_logits: bool = True) -> dict[str, float]:
+        """How far the replacement model is from the model, over every position of the prompt:
+        ``reproduction_max_diff`` (with its error nodes: max |output − model output|, rounding only),
+        ``errors_zeroed_max_diff`` (every error node zeroed: max |output − model output|) and, when the output is a
+        logit vector (``has_logits``), ``errors_zeroed_kl`` (mean over positions of KL(model ‖ replacement without
+        errors), nats) and ``errors_zeroed_top1`` (share of positions whose most likely output stays the same)."""
+        with torch.no_grad():
+            sources = self.clean_sources(batch=2)
+            sources.writes[1] -= self.errors
+            out, _ = self.forward(sources)
+        out, truth = out.double(), self.logits.double()
+        gap = {
+            "reproduction_max_diff": float((out[0] - truth).abs().max()),
+            "errors_zeroed_max_diff": float((out[1] - truth).abs().max()),
+            "errors_zeroed_kl": float("nan"),
+            "errors_zeroed_top1": float("nan"),
+        }
+        if has_logits:
+            log_p, log_q = truth.log_softmax(-1), out[1].log_softmax(-1)
+            gap["errors_zeroed_kl"] = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+            gap["errors_zeroed_top1"] = float((truth.argmax(-1) == out[1].argmax(-1)).double().mean())
+        return gap
+
     @contextlib.contextmanager
     def _frozen_norms(self) -> Iterator[None]:
         frozen = {norm.module: norm for norm in self.norms}

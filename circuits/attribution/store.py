@@ -4,7 +4,8 @@ writer (``workbench.analysis.write_tables``), so pruning and subgraphs are queri
 1. ``graph_id``: a short hash of what makes a graph — model, checkpoint, prompt token ids, targets, transcoders,
    ``max_feature_nodes`` and whether head loadings were computed — so the same request replaces its rows (a graph
    with head loadings never leaves stale ones under a graph without) and two models never collide.
-2. ``graph_frames``: one ``attribution_graphs`` row (prompt, targets, counts, replacement and completeness scores),
+2. ``graph_frames``: one ``attribution_graphs`` row (prompt, targets, counts, replacement and completeness scores,
+   the error-node gap: the replacement model's outputs with and without error nodes against the model's),
    ``attribution_nodes`` (``Graph.nodes()``), ``attribution_edges`` (nonzero adjacency entries) and
    ``attribution_heads`` (head loadings), every row carrying (model, checkpoint, graph).
 3. ``write_graph`` stores them; every table is keyed by (model, checkpoint, graph), so a re-run replaces the whole
@@ -35,7 +36,8 @@ ANALYSIS = Analysis(
     tables=(
         Table("attribution_graphs", keys=GRAPH_KEYS,
               columns=("prompt", "tokens", "targets", "transcoders", "max_feature_nodes", "n_active", "n_features",
-                       "n_nodes", "n_edges", "replacement_score", "completeness_score"),
+                       "n_nodes", "n_edges", "replacement_score", "completeness_score", "reproduction_max_diff",
+                       "errors_zeroed_max_diff", "errors_zeroed_kl", "errors_zeroed_top1"),
               description="one row per attribution graph: its prompt, targets, transcoders and scores"),
         Table("attribution_nodes", keys=GRAPH_KEYS, columns=NODE_COLUMNS,
               description="nodes of an unpruned attribution graph (features, errors, inputs, targets), in node order"),
@@ -67,7 +69,7 @@ def graph_frames(
         "prompt": graph.prompt, "tokens": json.dumps(graph.tokens.tolist()),
         "targets": json.dumps([t.label for t in graph.targets]), "transcoders": json.dumps(list(transcoders)),
         "max_feature_nodes": max_feature_nodes, "n_active": graph.n_active, "n_features": graph.n_features,
-        "n_nodes": graph.n_nodes, "n_edges": len(edges), **graph.scores,
+        "n_nodes": graph.n_nodes, "n_edges": len(edges), **graph.scores, **graph.error_gap,
     }])  # fmt: skip
     heads = (
         graph.head_loadings if graph.head_loadings is not None else pd.DataFrame(columns=list(HEAD_COLUMNS))
