@@ -186,6 +186,70 @@ def _load_transcoders(references: list[str], workspace, device: str) -> tuple[li
     return [name for name, _ in found], [sae.to(device) for _, sae in found]
 
 
+def _probe_readout(spec: str, hooked, workspace):
+    """--target probe:NAME[:SITE[:LABEL]] → a ProbeReadout: the saved probe's logit for LABEL (classification:
+    LABEL's logit minus the mean logit, or minus the other class's for a binary probe, i.e. its log-odds;
+    regression: target LABEL, default 0) at SITE (a hook name or a layer number; default: the probe's only site),
+    as an affine read-out of the activation with the probe's standardisation folded in."""
+    # probes and circuits are siblings (app → probes, circuits → workbench): only this command reads a saved probe,
+    # through the probes package's own reader, so its format has one owner; the attribution library takes a vector.
+    from workbench.circuits.attribution.graph import ProbeReadout
+    from workbench.probes.linear import ProbeError
+    from workbench.probes.readout import load_probe_for
+
+    name, *rest = spec[len("probe:") :].split(":")
+    if not name or len(rest) > 2:
+        fail(f"--target {spec!r}: write probe:NAME, probe:NAME:SITE or probe:NAME:SITE:LABEL")
+    try:
+        probes, saved, note = load_probe_for(hooked, name, workspace)
+    except ProbeError as err:
+        fail(str(err))
+    if note:
+        typer.echo(f"warning: {note}", err=True)
+    site = rest[0] if rest else None
+    if site is None:
+        if len(probes.sites) != 1:
+            fail(f"probe {name!r} reads {len(probes.sites)} sites; name one: probe:{name}:SITE with SITE one of "
+                 f"{', '.join(probes.sites)} (or its layer number)")  # fmt: skip
+        site = probes.sites[0]
+    elif site.lstrip("-").isdigit():
+        at_layer = [s for s in probes.sites if s.startswith(f"blocks.{int(site)}.")]
+        if len(at_layer) != 1:
+            fail(f"probe {name!r} has {len(at_layer)} sites at layer {site}; name the hook: one of "
+                 f"{', '.join(probes.sites)}")  # fmt: skip
+        site = at_layer[0]
+    elif site not in probes.sites:
+        fail(f"probe {name!r} has no site {site!r}; its sites: {', '.join(probes.sites)}")
+    index = probes.sites.index(site)
+    weight = probes.weight[index].double() / probes.scale[index].double()[:, None]  # [d, outputs]
+    bias = probes.bias[index].double() - probes.mean[index].double() @ weight  # [outputs]
+    if probes.task == "regression":
+        column = int(rest[1]) if len(rest) > 1 and rest[1].isdigit() else 0
+        if len(rest) > 1 and not rest[1].isdigit() or not 0 <= column < weight.shape[1]:
+            fail(f"probe {name!r} is a regression on {weight.shape[1]} target(s); LABEL is a target index "
+                 f"0..{weight.shape[1] - 1}")  # fmt: skip
+        vector, constant, label = weight[:, column], bias[column], f"target {column}"
+    else:
+        assert probes.classes is not None
+        values = [str(int(v)) if float(v).is_integer() else str(float(v)) for v in probes.classes.tolist()]
+        names = saved.label_names or []
+        named = {n: str(i) for i, n in enumerate(names)}
+        wanted = rest[1] if len(rest) > 1 else values[-1]
+        wanted = named.get(wanted, wanted)
+        if wanted not in values:
+            fail(f"probe {name!r} has no class {rest[1]!r}; its classes: {', '.join(values)}"
+                 + (f" ({', '.join(names)})" if names else ""))  # fmt: skip
+        column = values.index(wanted)
+        others = (
+            [c for c in range(len(values)) if c != column] if len(values) == 2 else list(range(len(values)))
+        )
+        vector = weight[:, column] - weight[:, others].mean(1)
+        constant = bias[column] - bias[others].mean()
+        shown = names[int(float(wanted))] if names and 0 <= int(float(wanted)) < len(names) else wanted
+        label = f"class {shown} {'log-odds' if len(values) == 2 else 'logit − mean'}"
+    return ProbeReadout(site, vector, float(constant), f"probe {name} {label} at {site}")
+
+
 @app.command()
 def attribute(
     model: ModelArgument,
@@ -200,7 +264,7 @@ def attribute(
     target: Annotated[
         list[str] | None,
         typer.Option("--target", help="logits (default) | diff:A,B (tokens or ids) | feature:LAYER:POSITION:FEATURE "
-                     "(repeatable)."),
+                     "| probe:NAME[:SITE[:LABEL]] (a saved probe's logit at --position) (repeatable)."),
     ] = None,
     position: PositionOption = -1,
     max_feature_nodes: Annotated[int, typer.Option("--max-feature-nodes", min=0, help="Features kept, the most "
@@ -244,7 +308,9 @@ def attribute(
         if len(rows) <= prompt_index:
             fail(f"{dataset.name!r} has {len(rows)} token row(s); pick --prompt-index 0..{len(rows) - 1}")
         tokens = torch.tensor(rows[prompt_index], dtype=torch.long)
-    graph = attribute_graph(hooked, loaded, tokens, targets=target or ["logits"], max_feature_nodes=max_feature_nodes,
+    targets: list[object] = [_probe_readout(spec, hooked, workspace) if spec.startswith("probe:") else spec
+                             for spec in target or ["logits"]]  # fmt: skip
+    graph = attribute_graph(hooked, loaded, tokens, targets=targets, max_feature_nodes=max_feature_nodes,
                             batch_size=batch_size, position=position, max_logits=max_logits,
                             logit_probability=logit_probability, heads=heads, progress=progress)  # fmt: skip
     name = write_graph(workspace, graph, transcoders=ids, max_feature_nodes=max_feature_nodes)

@@ -381,6 +381,37 @@ def test_cli_attributes_a_users_gpt2_directory_and_stores_the_graph(built, tmp_p
     assert exported["qParams"]["pinnedIds"] and set(exported["qParams"]["pinnedIds"]) <= node_ids
     assert all(link["source"] in node_ids and link["target"] in node_ids for link in exported["links"])
     assert sum(n["is_target_logit"] for n in exported["nodes"]) == 1
+    # a saved probe as the target: its log-odds at blocks.1.hook_resid_post, position 4, with its standardisation
+    from workbench.probes.linear import LinearProbes
+    from workbench.probes.readout import save_probe
+
+    generator = torch.Generator().manual_seed(7)
+    probes = LinearProbes("classification", torch.randn(1, D_MODEL, 2, generator=generator),
+                          torch.tensor([[0.3, -0.2]]), torch.randn(1, D_MODEL, generator=generator) * 0.1,
+                          torch.rand(1, D_MODEL, generator=generator) + 0.5, torch.tensor([0, 1]),
+                          ["blocks.1.hook_resid_post"], 1.0)  # fmt: skip
+    save_probe(workspace, "topic", probes, model=model, label_names=["no", "yes"])
+    probed = runner.invoke(app, [*command[:9], "--workspace", str(workspace), "--no-progress", "--no-heads",
+                                 "--target", "probe:topic:1:yes", "--position", "4"])  # fmt: skip
+    assert probed.exit_code == 0, probed.output
+    graph_name = re.search(r"graph ([0-9a-f]{12}):", probed.output)
+    assert graph_name, probed.output
+    probe_nodes = read_graph(workspace, str(model_dir), graph_name.group(1))["attribution_nodes"]
+    target = probe_nodes[probe_nodes["kind"] == "target"].iloc[0]
+    assert target["label"] == "probe topic class yes log-odds at blocks.1.hook_resid_post @4"
+    with torch.no_grad(), model.capture("blocks.1.hook_resid_post") as cache:
+        model(TOKENS[None])
+    decision = probes.decision_function(cache["blocks.1.hook_resid_post"][:, 4:5].float())[0, 0]
+    assert target["value"] == pytest.approx(float(decision[1] - decision[0]), abs=1e-4)
+    probe_edges = read_graph(workspace, str(model_dir), graph_name.group(1))["attribution_edges"]
+    incoming = probe_edges[probe_edges["target"] == target["node"]]["weight"].sum()
+    assert float(incoming + target["constant"] + target["dropped"]) == pytest.approx(
+        target["value"], abs=1e-4
+    )
+    for spec, message in (("probe:nothing", "no saved probe 'nothing'"), ("probe:topic:1:maybe", "no class"),
+                          ("probe:topic:0", "0 sites at layer 0")):  # fmt: skip
+        bad = runner.invoke(app, [*command[:9], "--workspace", str(workspace), "--target", spec])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
     bad = runner.invoke(app, [*command[:7], "--prompt-index", "3", "--workspace", str(tmp_path / "ws2")])
     assert bad.exit_code == 2 and "prompt-index" in bad.output
     bad = runner.invoke(

@@ -262,19 +262,32 @@ def probe_target(
     return Target("probe", f"{label} @{position}", hook, position, vector, float(bias), 1.0, value)
 
 
-TARGET_FORMS = "logits | diff:A,B | feature:LAYER:POSITION:FEATURE"
+@dataclass(frozen=True)
+class ProbeReadout:
+    """A linear read-out to attribute, given without a model: ``vector`` [d_model] · activation at ``hook`` +
+    ``bias``, named ``label`` (e.g. a saved probe's logit for one class); resolved at the targets' position."""
+
+    hook: str
+    vector: torch.Tensor
+    bias: float
+    label: str
+
+
+TARGET_FORMS = "logits | diff:A,B | feature:LAYER:POSITION:FEATURE | probe:NAME[:SITE[:LABEL]] (CLI)"
 
 
 def resolve_targets(replacement: ReplacementModel, targets: Any, *, position: int = -1, max_logits: int = 10,
                     logit_probability: float = 0.95) -> list[Target]:  # fmt: skip
     """Targets from a spec: ``"logits"``, ``"diff:A,B"`` (token ids or single-token texts), ``"feature:L:P:F"``, a
-    :class:`Target`, or a list of these."""
+    :class:`ProbeReadout` (at ``position``), a :class:`Target`, or a list of these."""
     if isinstance(targets, (str, Target)):
         targets = [targets]
     found: list[Target] = []
     for spec in targets:
         if isinstance(spec, Target):
             found.append(spec)
+        elif isinstance(spec, ProbeReadout):
+            found.append(probe_target(replacement, spec.hook, spec.vector, spec.bias, position, spec.label))
         elif spec == "logits":
             found += logit_targets(replacement, position, max_logits, logit_probability)
         elif isinstance(spec, str) and spec.startswith("diff:") and spec.count(",") == 1:
@@ -283,6 +296,11 @@ def resolve_targets(replacement: ReplacementModel, targets: Any, *, position: in
         elif isinstance(spec, str) and (match := re.fullmatch(r"feature:(-?\d+):(-?\d+):(\d+)", spec)):
             layer, at, feature = (int(g) for g in match.groups())
             found.append(feature_target(replacement, layer, at, feature))
+        elif isinstance(spec, str) and spec.startswith("probe:"):
+            raise AttributionError(
+                f"target {spec!r} names a saved probe, which `workbench circuits attribute` reads; in Python pass "
+                "ProbeReadout(hook, vector, bias, label) or probe_target(replacement, hook, vector, bias, position)"
+            )
         else:
             raise AttributionError(f"target {spec!r} is not one of: {TARGET_FORMS}")
     if not found:
