@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors import safe_open
 
 from workbench.fileio import atomic_write_json
 from workbench.interventions import Intervention
@@ -71,6 +72,42 @@ def saved_probes(workspace: Any) -> list[SavedProbe]:
             found.append(SavedProbe(directory.name, list(meta["sites"]), meta["task"], meta.get("model"),
                                     meta.get("checkpoint"), meta.get("label_set"), meta.get("label_names")))  # fmt: skip
     return found
+
+
+def probe_width(workspace: Any, name: str) -> int:
+    """The activation width a saved probe reads (``weight`` [sites, d, outputs]), from the file's header only."""
+    with safe_open(str(probes_dir(workspace) / name / WEIGHTS), framework="pt") as handle:
+        return int(handle.get_slice("weight").get_shape()[1])
+
+
+def per_token_shapes(model: Any, hooks: list[str]) -> dict[str, tuple[int, ...]]:
+    """Each hook's activation shape per token (``shape[2:]``) on a two-token forward pass of ``model``."""
+    if not hooks:
+        return {}
+    with torch.no_grad(), model.capture(hooks) as cache:
+        model(torch.zeros((1, 2), dtype=torch.long, device=model.device))
+    return {hook: tuple(cache[hook].shape[2:]) for hook in hooks}
+
+
+def probes_for_model(model: Any, workspace: Any = None) -> list[tuple[SavedProbe, str]]:
+    """The saved probes that fit ``model`` — every site is a hook of it with one vector per token of the probe's
+    width (from the saved header; no probe weights are read) — each with the note to show ("" for the model's own;
+    one naming both models, or both checkpoints, for one fitted elsewhere that fits)."""
+    saved = saved_probes(workspace)
+    known = set(model.hook_names())
+    shapes = per_token_shapes(model, sorted({site for p in saved for site in p.sites} & known))
+    fits = []
+    for entry in saved:
+        width = probe_width(workspace, entry.name)
+        if any(shapes.get(site) != (width,) for site in entry.sites):
+            continue
+        note = ""
+        if entry.model and entry.model != model.cfg.name:
+            note = f"fitted on {entry.model}, this model is {model.cfg.name} (same hooks and widths)"
+        elif entry.checkpoint is not None and model.cfg.checkpoint not in (None, entry.checkpoint):
+            note = f"fitted on checkpoint {entry.checkpoint}, this is {model.cfg.checkpoint}"
+        fits.append((entry, note))
+    return fits
 
 
 def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[LinearProbes, SavedProbe, str]:

@@ -3,6 +3,7 @@ recorded codes, float64 attention), the model cache, saving, and the page under 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,11 @@ import pytest
 import torch
 
 from workbench import prompt_lab as lab
+from workbench.circuits.codebook.module import CodebookSet, site_config
+from workbench.circuits.codebook.readout import codebooks_for_model
 from workbench.interventions import Intervention
+from workbench.probes.linear import fit_probes
+from workbench.probes.readout import probes_dir, probes_for_model, save_probe
 
 PAGE = Path(__file__).resolve().parents[1] / "app" / "views" / "prompt_lab.py"
 PROMPT = "def f(x):\n    return x"
@@ -487,3 +492,31 @@ def test_attention_profile_in_the_fused_kernel_equals_the_reference_path(code_mo
     reference = lab.attention_profile(code_model, tokens, kernel=False)
     for statistic in ("entropy", "sink", "lse", "max_logit"):
         assert kernel[statistic].tolist() == pytest.approx(reference[statistic].tolist(), abs=1e-5)
+
+
+def test_the_lab_lists_only_the_probes_and_codebooks_that_fit_the_loaded_model(code_model, tmp_path) -> None:
+    """Probes: the model's own, one fitted on another model at the same hook and width, one of another width, one
+    of a hook the model lacks → the first two, the second with a note naming both models. Codebooks likewise (own,
+    another model's at the same site and width, another width)."""
+    d = code_model.cfg.d_model
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    for name, width, hook, owner in (("own", d, RESID, None), ("other", d, RESID, "/runs/my-llama"),
+                                     ("narrow", d // 2, RESID, None), ("deep", d, "blocks.9.hook_resid_post", None)):  # fmt: skip
+        probes = fit_probes({hook: torch.randn(64, width, generator=generator)}, labels)
+        save_probe(tmp_path, name, probes, model=code_model)
+        if owner:  # as `save_probe` writes it for that model
+            meta = json.loads((probes_dir(tmp_path) / name / "probe.json").read_text())
+            (probes_dir(tmp_path) / name / "probe.json").write_text(json.dumps(meta | {"model": owner}))
+    listed = {entry.name: note for entry, note in probes_for_model(code_model, tmp_path)}
+    assert listed == {
+        "own": "",
+        "other": "fitted on /runs/my-llama, this model is code-tiny (same hooks and widths)",
+    }
+    config = site_config(code_model, RESID, 16, 2, "cosine")
+    for run, books, extra in (("own", [config], {}), ("other", [config], {"model": "/runs/my-llama"}),
+                              ("narrow", [type(config)(**{**config.__dict__, "d": d // 2})], {})):  # fmt: skip
+        CodebookSet(books).save(tmp_path / "codebooks" / run, extra)
+    found = {run: (sites, note) for run, sites, note in codebooks_for_model(code_model, tmp_path)}
+    assert found == {"own": ([RESID], ""),
+                     "other": ([RESID], "trained on /runs/my-llama, this model is code-tiny (same hooks and widths)")}  # fmt: skip

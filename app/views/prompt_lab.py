@@ -208,14 +208,16 @@ elif overlay == "SAE latents":
         shown = latents
         readout["sae"] = sae_id
 elif overlay == "probe predictions":
-    from workbench.probes.readout import probe_predictions, saved_probes
+    from workbench.probes.readout import probe_predictions, probes_for_model, saved_probes
 
-    probes_found = saved_probes(workspace)
+    probes_found = dict((p.name, note) for p, note in probes_for_model(model, workspace))
     if not probes_found:
-        st.info("No saved probes in this workspace (workspace/probes/); save fitted probes with "
+        st.info(f"None of this workspace's {len(saved_probes(workspace))} saved probes fits {model.cfg.name} (its "
+                "hooks at their widths); save probes fitted on it with "
                 "`workbench.probes.readout.save_probe(workspace, name, probes, model=model)`.")  # fmt: skip
     else:
-        name = st.selectbox("probe", [p.name for p in probes_found], key="lab_probe")
+        name = st.selectbox("probe", list(probes_found), key="lab_probe",
+                            format_func=lambda n: f"{n} ({probes_found[n]})" if probes_found[n] else n)  # fmt: skip
         try:
             probes, saved, note = probe_for(key, name, root, model)
             site = st.selectbox("probe site", probes.sites, key="lab_probe_site")
@@ -233,15 +235,17 @@ elif overlay == "probe predictions":
         shown = predictions
         readout["probe"] = name
 elif overlay == "codebook codes":
-    from workbench.circuits.codebook.readout import saved_codebooks, token_codes
+    from workbench.circuits.codebook.readout import codebooks_for_model, token_codes
 
-    runs = saved_codebooks(workspace)
-    if not runs:
+    fitting = {run: note for run, _, note in codebooks_for_model(model, workspace)}
+    if not fitting:
         st.info(
-            "No codebooks in this workspace. Train them with:\n\n```\nworkbench codebook train MODEL --data DATA\n```"
+            f"No codebook run of this workspace fits {model.cfg.name}. Train them with:\n\n```\n"
+            "workbench codebook train MODEL --data DATA\n```"
         )
     else:
-        run = st.selectbox("codebook run", list(runs), key="lab_codebook")
+        run = st.selectbox("codebook run", list(fitting), key="lab_codebook",
+                           format_func=lambda r: f"{r} ({fitting[r]})" if fitting[r] else r)  # fmt: skip
         try:
             codebooks = codebooks_for(key, run, root, model)
             site = st.selectbox("codebook site", codebooks.sites, key="lab_codebook_site")
@@ -325,11 +329,11 @@ def new_intervention(kind: str) -> Intervention | None:
             sae, _ = sae_for(key, sae_id, root, model)
             return latent_steering(sae, sae_id, latent, scale, positions=positions)
     elif kind == "steer: probe direction":
-        from workbench.probes.readout import probe_steering, saved_probes
+        from workbench.probes.readout import probe_steering, probes_for_model
 
-        found = {p.name: p for p in saved_probes(workspace)}
+        found = {p.name: p for p, _ in probes_for_model(model, workspace)}
         if not found:
-            st.info("No saved probes in this workspace.")
+            st.info(f"No saved probe of this workspace fits {model.cfg.name}.")
             return None
         name = f1.selectbox("steering probe", list(found), key="lab_iv_probe")
         site = f1.selectbox("probe hook", found[name].sites, key="lab_iv_probe_site")
@@ -342,11 +346,11 @@ def new_intervention(kind: str) -> Intervention | None:
             probes, _, _ = probe_for(key, name, root, model)
             return probe_steering(probes, name, site, int(label_value), scale, positions=positions)
     elif kind == "steer: codebook code":
-        from workbench.circuits.codebook.readout import code_steering, saved_codebooks
+        from workbench.circuits.codebook.readout import code_steering, codebooks_for_model
 
-        runs = saved_codebooks(workspace)
+        runs = {run: sites for run, sites, _ in codebooks_for_model(model, workspace)}
         if not runs:
-            st.info("No codebooks in this workspace.")
+            st.info(f"No codebook run of this workspace fits {model.cfg.name}.")
             return None
         run = f1.selectbox("steering codebook", list(runs), key="lab_iv_codebook")
         site = f1.selectbox("codebook hook", runs[run], key="lab_iv_codebook_site")

@@ -12,6 +12,7 @@ import torch
 from workbench.circuits.codebook.module import CodebookError, CodebookSet
 from workbench.circuits.codebook.runs import codebook_dir
 from workbench.interventions import Intervention
+from workbench.probes.readout import per_token_shapes
 from workbench.workspace import Workspace
 
 
@@ -23,6 +24,32 @@ def saved_codebooks(workspace: Any) -> dict[str, list[str]]:
         if (directory / "codebooks.safetensors").exists():
             runs[directory.name] = [c["site"] for c in CodebookSet.metadata(directory)["configs"]]
     return runs
+
+
+def codebooks_for_model(model: Any, workspace: Any = None) -> list[tuple[str, list[str], str]]:
+    """The codebook runs that fit ``model`` — each site a hook of it with the codebook's per-token shape (d, or
+    (heads, d) for per-head codebooks; from the saved configs, no weights read) — as (run, sites, note): "" for the
+    model's own, a note naming both models (or checkpoints) for a run trained on another that fits."""
+    root = Workspace(workspace).root / "codebooks"
+    metas = {run: CodebookSet.metadata(root / run) for run in saved_codebooks(workspace)}
+    known = set(model.hook_names())
+    shapes = per_token_shapes(
+        model, sorted({c["site"] for m in metas.values() for c in m["configs"]} & known)
+    )
+    fits = []
+    for run, meta in metas.items():
+        wanted = {c["site"]: (c["n_groups"], c["d"]) if c.get("n_groups", 1) > 1 else (c["d"],)
+                  for c in meta["configs"]}  # fmt: skip
+        if any(shapes.get(site) != shape for site, shape in wanted.items()):
+            continue
+        trained_on, step = meta.get("model"), meta.get("checkpoint")
+        note = ""
+        if trained_on and trained_on != model.cfg.name:
+            note = f"trained on {trained_on}, this model is {model.cfg.name} (same hooks and widths)"
+        elif step is not None and model.cfg.checkpoint not in (None, step):
+            note = f"trained on checkpoint {step}, this is {model.cfg.checkpoint}"
+        fits.append((run, list(wanted), note))
+    return fits
 
 
 def load_codebooks_for(model: Any, run: str, workspace: Any = None) -> CodebookSet:
