@@ -1,6 +1,6 @@
 """Attribution graphs on tiny random models in float64 (GPT-2 with position embeddings and skip transcoders on
 ln2.hook_normalized, parallel GPT-NeoX with hook_resid_pre transcoders, Llama with RMSNorm and grouped-query
-attention on hook_resid_mid, and a cross-layer transcoder on Llama): every row adds up to its node's value, the
+attention on hook_resid_mid, a cross-layer transcoder on Llama, and the encoders BERT (masked LM) and ViT): every row adds up to its node's value, the
 batched adjacency equals a dense autograd Jacobian of the frozen replacement model and the effect of removing a
 source, the replacement model reproduces the logits, and bad input is refused with a message naming the fix."""
 
@@ -281,6 +281,62 @@ def test_probe_target_rows_add_up(built) -> None:
     assert not bool(
         graph.adjacency[last, : graph.n_features][features_after].any()
     )  # causal: no later positions
+
+
+def _encoder(family: str) -> HookedModel:
+    torch.manual_seed(0)
+    if family == "bert":
+        hf: torch.nn.Module = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+            intermediate_size=32, max_position_embeddings=16))  # fmt: skip
+    else:
+        hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+            num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, num_attention_heads=4, intermediate_size=32,
+            image_size=8, patch_size=2, num_channels=1, num_labels=10))  # fmt: skip
+    hf = hf.double().eval()
+    _randomise(hf)
+    return HookedModel.from_hf(hf, None, name=f"tiny-{family}")
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_encoders_bert_mlm_and_vit_class_logits(family) -> None:
+    """Bidirectional encoders: BERT's masked-LM logits (read at its head's input, the transform's GELU frozen at
+    its prompt gain and its LayerNorm at its scale), a feature and a probe direction; ViT's class logits (read at
+    the class token of the final norm) and a feature. Rows add up in float64, equal a dense Jacobian, match the
+    Hugging Face model's logits, the replacement reproduces the outputs, and edges run from later positions too."""
+    model = _encoder(family)
+    transcoders = _per_layer("hook_resid_mid", skip=False)
+    prompt = TOKENS if family == "bert" else torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(4),
+                                                          dtype=torch.float64)  # fmt: skip
+    replacement = ReplacementModel(model, as_transcoders(model, transcoders), prompt)
+    targets: list = ["logits", "feature:1:2:3"]
+    if family == "bert":
+        direction = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        targets += [
+            "diff:3,4",
+            probe_target(replacement, "blocks.1.hook_resid_mid", direction, 0.1, position=1),
+        ]
+    graph = attribute(model, transcoders, prompt, targets=targets, position=3, batch_size=16)
+    assert graph.head_loadings is None  # bidirectional: no unique first head
+    rows = ~torch.isnan(graph.values)
+    total = graph.adjacency.sum(1) + graph.constants + graph.dropped
+    assert float((total[rows] - graph.values[rows]).abs().max()) < 1e-9
+    with torch.no_grad():
+        hf_logits = (model.model(input_ids=TOKENS[None]).logits[0, 3] if family == "bert"
+                     else model.model(pixel_values=prompt[None]).logits[0])  # fmt: skip
+    logit_targets = [t for t in graph.targets if t.kind == "logit"]
+    assert logit_targets and all(t.position == (3 if family == "bert" else 0) for t in logit_targets)
+    for target in logit_targets:
+        assert target.value == pytest.approx(float(hf_logits[target.token] - hf_logits.mean()), abs=1e-9)
+    dense = _dense_jacobian(replacement, graph)
+    row_index = torch.cat(
+        [torch.arange(graph.n_features), torch.arange(graph.n_nodes - graph.n_targets, graph.n_nodes)]
+    )
+    assert float((graph.adjacency[row_index] - dense).abs().max()) < 1e-9
+    assert graph.error_gap["reproduction_max_diff"] < 1e-9 and graph.error_gap["errors_zeroed_kl"] > 0
+    position = torch.tensor(graph.nodes()["position"].to_numpy())
+    later = position[None, :] > position[:, None]
+    assert bool((graph.adjacency[: graph.n_features].abs() * later[: graph.n_features] > 1e-12).any())
 
 
 def test_bad_input_is_refused_naming_the_fix(built) -> None:

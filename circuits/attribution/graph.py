@@ -22,6 +22,7 @@ replacement model (Ameisen et al. 2025, "Circuit Tracing"; circuit-tracer's ``at
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.circuits.attribution.heads import head_loadings
-from workbench.circuits.attribution.replacement import ReplacementModel
+from workbench.circuits.attribution.replacement import HEAD_INPUT, ReplacementModel
 from workbench.circuits.attribution.transcoders import AttributionError, Transcoders, as_transcoders
 from workbench.circuits.sae.features import output_head
 
@@ -176,18 +177,25 @@ class Graph:
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def _unembedding(model: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    head = output_head(model)
+def _unembedding(replacement: ReplacementModel) -> tuple[torch.Tensor, torch.Tensor, str, int | None]:
+    """(W [d_out, d_in], b [d_out], the hook the head reads, the one position it reads or None): the output head
+    the clean run found (an LM head, an MLM decoder after its frozen transform, a class-token classifier), else the
+    model's LM head read at ``final_hook``."""
+    model, dtype = replacement.model, replacement.dtype
+    head, hook, position = replacement.head, HEAD_INPUT, replacement.head_position
     if head is None:
+        head, hook = output_head(model), replacement.final_hook
+    if head is not None and position is not None:
+        hook = replacement.final_hook
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise AttributionError(
-            f"{model.cfg.name} has no LM head, so there is no logit to attribute; use --target feature:L:P:F or "
-            "probe:NAME"
+            f"{model.cfg.name} has no output head (LM head or classifier), so there is no logit to attribute; use "
+            "--target feature:L:P:F or probe:NAME"
         )
     weight = head.weight.detach().to(dtype)
     bias = getattr(head, "bias", None)
-    return weight, torch.zeros(
-        weight.shape[0], dtype=dtype, device=weight.device
-    ) if bias is None else bias.detach().to(dtype)
+    zero = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+    return weight, zero if bias is None else bias.detach().to(dtype), hook, position
 
 
 def logit_targets(
@@ -198,9 +206,9 @@ def logit_targets(
     (at most ``max_logits``), each demeaned over the vocabulary (circuit-tracer's targets), weighted by probability."""
     from workbench.circuits.transcoder_circuits import salient_tokens
 
-    w_u, b_u = _unembedding(replacement.model, replacement.dtype)
-    position = _position(position, replacement.n_pos)
-    logits = replacement.logits[position]
+    w_u, b_u, hook, fixed = _unembedding(replacement)
+    position = _position(position, replacement.n_pos) if fixed is None else fixed
+    logits = replacement.logits[position] if fixed is None else replacement.logits
     chosen = salient_tokens(logits, max_logits, probability) if tokens is None else [int(t) for t in tokens]
     probabilities = torch.softmax(logits.double(), dim=0)
     text = _token_texts(replacement.model, torch.tensor(chosen))
@@ -208,20 +216,20 @@ def logit_targets(
     for token, token_text in zip(chosen, text, strict=True):
         _check_token(token, w_u.shape[0])
         found.append(Target("logit", f"logit {token_text!r} p={float(probabilities[token]):.3f} @{position}",
-                            replacement.final_hook, position, w_u[token] - w_u.mean(0), float(b_u[token] - b_u.mean()),
+                            hook, position, w_u[token] - w_u.mean(0), float(b_u[token] - b_u.mean()),
                             float(probabilities[token]), float(logits[token] - logits.mean()), token=token))  # fmt: skip
     return found
 
 
 def diff_target(replacement: ReplacementModel, token_a: int, token_b: int, position: int = -1) -> Target:
     """logit(A) − logit(B) at ``position``."""
-    w_u, b_u = _unembedding(replacement.model, replacement.dtype)
+    w_u, b_u, hook, fixed = _unembedding(replacement)
     for token in (token_a, token_b):
         _check_token(token, w_u.shape[0])
-    position = _position(position, replacement.n_pos)
-    logits = replacement.logits[position]
+    position = _position(position, replacement.n_pos) if fixed is None else fixed
+    logits = replacement.logits[position] if fixed is None else replacement.logits
     a, b = _token_texts(replacement.model, torch.tensor([token_a, token_b]))
-    return Target("diff", f"logit {a!r} − {b!r} @{position}", replacement.final_hook, position,
+    return Target("diff", f"logit {a!r} − {b!r} @{position}", hook, position,
                   w_u[token_a] - w_u[token_b], float(b_u[token_a] - b_u[token_b]), 1.0,
                   float(logits[token_a] - logits[token_b]), token=token_a)  # fmt: skip
 
@@ -505,6 +513,9 @@ def _partial_influence(
 
 
 def _prompt_tokens(model: Any, prompt: Any) -> tuple[torch.Tensor, str]:
+    if isinstance(prompt, torch.Tensor) and prompt.is_floating_point():  # pixels [channels, height, width]
+        digest = hashlib.sha256(prompt.detach().cpu().double().numpy().tobytes()).hexdigest()[:12]
+        return prompt, f"image {list(prompt.shape[-3:])} sha256:{digest}"
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise AttributionError(f"{model.cfg.name} has no tokenizer: pass the prompt as token ids")
@@ -591,7 +602,17 @@ def attribute(
             bar.update(len(chunk))
     bar.close()
     return _assemble(
-        model, replacement, computer, resolved, matrix, row_nodes, visited, text, tokens, encoders, heads
+        model,
+        replacement,
+        computer,
+        resolved,
+        matrix,
+        row_nodes,
+        visited,
+        text,
+        replacement.tokens,
+        encoders,
+        heads,
     )
 
 
@@ -646,7 +667,9 @@ def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, 
                   adjacency=adjacency.cpu(), constants=constants.cpu(), dropped=dropped.cpu(), values=values.cpu(),
                   n_active=n_active)  # fmt: skip
     graph.scores = graph_scores(graph)
-    graph.error_gap = replacement.error_gap(has_logits=output_head(model) is not None)
+    graph.error_gap = replacement.error_gap(
+        has_logits=replacement.head is not None or output_head(model) is not None
+    )
     if heads and rows:
         node_rows = [*range(n_features), *range(n_nodes - n_targets, n_nodes)]
         graph.head_loadings = head_loadings(computer, rows, node_rows, node_of_column[: computer.n_columns])

@@ -35,6 +35,17 @@ from workbench.circuits.attribution.transcoders import AttributionError, Transco
 
 FINAL_NORM_HOOK = "ln_final.hook_normalized"
 POS_EMBED_HOOK = "hook_pos_embed"
+HEAD_INPUT = (
+    "output_head.input"  # a read of the output head's input [batch, pos, d_in] (no hook point: a module hook)
+)
+# Elementwise activations frozen at their prompt gain (with those of ``transformers.activations``).
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.ReLU6,
+               nn.Hardtanh, nn.Hardswish)  # fmt: skip
+
+
+def is_activation(module: nn.Module) -> bool:
+    """Whether ``module`` is an elementwise activation (by type: torch's, or any of transformers.activations)."""
+    return isinstance(module, ELEMENTWISE) or type(module).__module__ == "transformers.activations"
 
 
 def norm_kind(module: nn.Module) -> str | None:
@@ -121,10 +132,15 @@ class ReplacementModel:
 
     def __init__(self, model: Any, transcoders: Transcoders, tokens: torch.Tensor):
         self.model, self.transcoders = model, transcoders
-        self.tokens = torch.as_tensor(tokens).reshape(-1).to(model.device)
+        given = torch.as_tensor(tokens)
+        # pixels [channels, height, width] (a ViT): the positions (class token, patches) come from the embedding
+        self.pixels = (
+            given.reshape(1, *given.shape[-3:]).to(model.device) if given.is_floating_point() else None
+        )
+        self.tokens = given.reshape(-1).long().to(model.device) if self.pixels is None else torch.zeros(0)
         self.n_pos, self.n_layers = len(self.tokens), model.cfg.n_layers
         n_ctx = model.cfg.n_ctx
-        if n_ctx and self.n_pos > n_ctx:
+        if self.pixels is None and n_ctx and self.n_pos > n_ctx:
             raise AttributionError(
                 f"the prompt has {self.n_pos} tokens but {model.cfg.name} has {n_ctx} positions; shorten the prompt"
             )
@@ -150,13 +166,32 @@ class ReplacementModel:
             assert kind is not None
             seen.setdefault(module, []).append(_freeze(module, kind, args[0], output))
 
+        gains: dict[nn.Module, list[torch.Tensor]] = {}
+        linear: list[
+            tuple[nn.Module, torch.Tensor, torch.Tensor]
+        ] = []  # the last nn.Linear run: the output head?
+
+        def record_gain(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0].detach().to(self.dtype)
+            gain = torch.where(x != 0, output.detach().to(self.dtype) / torch.where(x != 0, x, 1), 0)
+            gains.setdefault(module, []).append(gain)
+
+        def record_linear(module: nn.Module, args: tuple, output: Any) -> None:
+            linear[:] = [(module, args[0].detach(), output)]
+
         handles = [m.register_forward_hook(record) for m in model.model.modules() if norm_kind(m)]
+        handles += [m.register_forward_hook(record_gain) for m in model.model.modules() if is_activation(m)]
+        handles += [
+            m.register_forward_hook(record_linear) for m in model.model.modules() if isinstance(m, nn.Linear)
+        ]
         try:
             with torch.no_grad(), model.capture(sorted(set(hooks)), device=None) as cache:
-                self.logits = model(self.tokens[None])[0].to(self.dtype)
+                output = model(self._batched(1))
         finally:
             for handle in handles:
                 handle.remove()
+        self.logits = output[0].to(self.dtype)
+        self.gains = gains
         twice = [type(m).__name__ for m, calls in seen.items() if len(calls) > 1]
         if twice:
             raise AttributionError(
@@ -168,6 +203,9 @@ class ReplacementModel:
             return cache[name][0].to(self.dtype)
 
         self.embed = get("hook_embed")
+        if self.pixels is not None:
+            self.n_pos = self.embed.shape[0]
+            self.tokens = torch.arange(self.n_pos, device=model.device)
         self.pos_embed = get(POS_EMBED_HOOK) if self.has_pos_embed else None
         self.patterns = [get(f"blocks.{layer}.attn.hook_pattern") for layer in range(self.n_layers)]
         self.final = get(self.final_hook)
@@ -177,10 +215,35 @@ class ReplacementModel:
         predicted = torch.stack(tc.reconstruct(list(self.inputs), self.activations))
         self.errors = outputs - predicted
         self.writes = outputs.clone()
+        self._find_head(linear, output)
         for layer in range(self.n_layers):
             skip = tc.skip_weight(layer)
             if skip is not None:
                 self.writes[layer] -= self.inputs[layer] @ skip
+
+    def _find_head(
+        self, linear: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], output: torch.Tensor
+    ) -> None:
+        """The output head: the last ``nn.Linear`` of the clean run when its output is what the model returns
+        (an LM head, an MLM decoder, a classifier). ``head_position`` is None when it reads every position (its
+        input is read at :data:`HEAD_INPUT`), else the one position of ``final_hook`` it reads (a class token)."""
+        self.head: nn.Module | None = None
+        self.head_position: int | None = None
+        if not linear or linear[0][2].data_ptr() != output.data_ptr() or linear[0][2].shape != output.shape:
+            return
+        module, x, _ = linear[0]
+        if x.ndim == 3:
+            self.head = module
+            return
+        final = self.final.to(x.dtype)
+        matches = [p for p in range(self.n_pos) if torch.allclose(final[p], x[0], atol=1e-6, rtol=1e-5)]
+        if len(matches) == 1:
+            self.head, self.head_position = module, matches[0]
+
+    def _batched(self, batch: int) -> torch.Tensor:
+        if self.pixels is not None:
+            return self.pixels.expand(batch, -1, -1, -1)
+        return self.tokens[None].expand(batch, -1)
 
     # ------------------------------------------------------------------ phase 3: the frozen forward
     def clean_sources(self, batch: int = 1, grad: bool = False) -> Sources:
@@ -229,12 +292,22 @@ class ReplacementModel:
 
     @contextlib.contextmanager
     def _frozen_norms(self) -> Iterator[None]:
+        """Norms with their scales frozen, and every elementwise activation as its prompt gain f(x)/x (linear; the
+        same value at the prompt; one gain per call, in call order): what lies between the residual stream and an
+        output head (an MLM head's transform) stays linear; those inside replaced MLPs do not matter."""
         frozen = {norm.module: norm for norm in self.norms}
+        calls = dict.fromkeys(self.gains, 0)
 
         def apply(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
             return frozen[module].apply(args[0]).to(output.dtype)
 
+        def gain(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+            recorded, call = self.gains[module], calls[module]
+            calls[module] = call + 1
+            return (args[0] * recorded[min(call, len(recorded) - 1)].to(args[0].dtype)).to(output.dtype)
+
         handles = [module.register_forward_hook(apply, prepend=True) for module in frozen]
+        handles += [module.register_forward_hook(gain, prepend=True) for module in self.gains]
         try:
             yield
         finally:
@@ -290,7 +363,21 @@ class ReplacementModel:
             hooks.append((f"blocks.{layer}.attn.hook_pattern", replace_with(pattern)))
         hooks += [(tc.hook_out(layer), mlp_out(layer)) for layer in range(self.n_layers)]
         for name in dict.fromkeys([*(tc.hook_in(layer) for layer in range(self.n_layers)), *reads]):
+            if name == HEAD_INPUT:
+                continue
             hooks.append((name, record))
-        with self._frozen_norms(), self.model.hooks(hooks):
-            logits = self.model(self.tokens[None].expand(batch, -1))
+        head = None
+        if self.head is not None and self.head_position is None and HEAD_INPUT in reads:
+
+            def head_input(module: nn.Module, args: tuple) -> tuple:
+                recorded[HEAD_INPUT] = args[0].clone()
+                return (recorded[HEAD_INPUT], *args[1:])
+
+            head = self.head.register_forward_pre_hook(head_input)
+        try:
+            with self._frozen_norms(), self.model.hooks([h for h in hooks if h[0] != HEAD_INPUT]):
+                logits = self.model(self._batched(batch))
+        finally:
+            if head is not None:
+                head.remove()
         return logits, recorded
