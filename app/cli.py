@@ -31,7 +31,7 @@ def serve(workspace: Path, host: str, port: int) -> None:
     command = [
         sys.executable, "-m", "streamlit", "run", str(MAIN),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--", "--workspace", str(workspace),
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--workspace", str(workspace),
     ]  # fmt: skip
     server = subprocess.Popen(command, start_new_session=True)  # its own group: one stop reaches all of it
     stopped: list[int] = []

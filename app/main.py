@@ -10,7 +10,9 @@ from workbench.app.data import WorkspaceProblem, check_workspace, row_counts, wo
 
 VIEWS = Path(__file__).parent / "views"
 
-st.set_page_config(page_title="Interpretability workbench", layout="wide")
+st.set_page_config(
+    page_title="Interpretability workbench", page_icon="🔬", layout="wide"
+)  # no icon fetched from a CDN
 
 
 def _has_transcoder_circuits() -> bool:

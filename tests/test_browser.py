@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 PAGES = {"": "Interpretability workbench", "massive": "Massive activations", "attention": "Attention statistics",
-         "probes": "Probes", "sae": "SAE features", "circuits": "Transcoder circuits", "codebooks": "Codebooks", "neuron_paths": "Neuron paths",
-         "prompt_lab": "Prompt lab"}  # fmt: skip
+         "probes": "Probes", "sae": "SAE features", "graph": "Attribution graphs", "circuits": "Transcoder circuits",
+         "codebooks": "Codebooks", "neuron_paths": "Neuron paths", "prompt_lab": "Prompt lab"}  # fmt: skip
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
@@ -36,12 +39,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def dashboard_url(dashboard_workspace):
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dashboard-log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(dashboard_workspace, server_log):
+    """`workbench dashboard` itself (the installed entry point, with the Streamlit settings it passes) on a free
+    port; its output goes to ``server_log``."""
     port = _free_port()
-    env = {**os.environ, "WORKBENCH_WORKSPACE": str(dashboard_workspace.root)}
-    command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.address", "127.0.0.1",
-               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    workbench = Path(sys.executable).with_name("workbench")
+    command = [str(workbench), "dashboard", "--workspace", str(dashboard_workspace.root), "--port", str(port)]
+    log = server_log.open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -52,11 +62,12 @@ def dashboard_url(dashboard_workspace):
         except OSError:
             time.sleep(0.5)
     else:
-        server.kill()
-        pytest.fail(f"streamlit did not start: {server.stdout.read().decode()[-2000:]}")
+        os.killpg(server.pid, signal.SIGKILL)
+        pytest.fail(f"streamlit did not start: {server_log.read_text()[-2000:]}")
     yield url
-    server.terminate()
-    server.wait(timeout=20)
+    os.killpg(server.pid, signal.SIGTERM)  # workbench dashboard stops its streamlit server with it
+    server.wait(timeout=30)
+    log.close()
 
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -78,6 +89,32 @@ def test_every_page_renders_in_a_real_browser(dashboard_url) -> None:
             page.screenshot(path=str(ARTIFACTS / f"{path or 'overview'}.png"), full_page=True)
         browser.close()
     assert {p.name for p in ARTIFACTS.glob("*.png")} >= {f"{path or 'overview'}.png" for path in PAGES}
+
+
+def test_every_page_loads_only_from_127_0_0_1_with_a_minimal_toolbar(dashboard_url, server_log) -> None:
+    """Every request the dashboard's pages make in Chromium (fonts, icons, scripts, favicons included) goes to the
+    local server; the toolbar offers no "Deploy"; the server logs no `use_container_width` deprecation."""
+    from playwright.sync_api import sync_playwright
+
+    requests: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("request", lambda request: requests.append(request.url))
+        for path, title in PAGES.items():
+            page.goto(f"{dashboard_url}/{path}", wait_until="networkidle")
+            page.get_by_role("heading", name=title).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)
+            assert page.locator('[data-testid="stToolbar"]').get_by_text("Deploy").count() == 0, (
+                f"Deploy on /{path}"
+            )
+        browser.close()
+    fetched = [url for url in requests if not url.startswith(("data:", "blob:"))]
+    assert len(fetched) > len(PAGES)
+    remote = [url for url in fetched if urlsplit(url).hostname not in LOCAL_HOSTS]
+    assert not remote, remote
+    log = server_log.read_text()
+    assert "use_container_width" not in log, log[-3000:]
 
 
 PROMPT = "def f(x):\n    return x"
