@@ -312,3 +312,51 @@ def write_attribution_graph(out: str | Path, graph: Any, *, slug: str, scan: lis
                                   transcoder_list=scan, node_threshold=node_threshold,
                                   edge_threshold=edge_threshold)  # fmt: skip
     return write_circuit_tracer(out, data, {})
+
+
+def neuronpedia_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list: list[str],
+                           node_threshold: float = 0.8, edge_threshold: float = 0.98,
+                           generation: dict[str, Any] | None = None,
+                           source_set: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Neuronpedia's graph upload JSON (its published ``graph-schema.json``: ``metadata`` with the required slug,
+    scan — Neuronpedia's model id —, prompt_tokens and prompt, and the optional node_threshold, info {description,
+    generator, create_time_ms}, generation_settings, pruning_settings, feature_details {neuronpedia_source_set};
+    ``qParams``; ``nodes`` with node_id, feature, layer, ctx_idx, feature_type, jsNodeId, clerp, influence,
+    activation; ``links`` source → target with weight): the same pruned nodes and links as the circuit-tracer
+    export, with the graph's scores and error-node gap in ``info.description``."""
+    import importlib.metadata
+    import time
+
+    data = attribution_graph_json(graph, slug=slug, scan=scan, transcoder_list=transcoder_list,
+                                  node_threshold=node_threshold, edge_threshold=edge_threshold)  # fmt: skip
+    scores = ", ".join(f"{key.replace('_', ' ')} {value:.3f}" for key, value in graph.scores.items())
+    gap = getattr(graph, "error_gap", {}) or {}
+    kl = gap.get("errors_zeroed_kl")
+    described = f"{graph.model}: {graph.n_features} of {graph.n_active} active features; {scores}"
+    if kl is not None and kl == kl:
+        described += f"; error nodes zeroed: KL(model ‖ replacement) {kl:.4f} nats"
+    try:
+        version = importlib.metadata.version("interp-workbench")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    metadata: dict[str, Any] = {
+        "slug": slug, "scan": scan, "prompt_tokens": data["metadata"]["prompt_tokens"], "prompt": graph.prompt,
+        "node_threshold": node_threshold,
+        "info": {"description": described, "generator": {"name": "interpretability workbench", "version": version},
+                 "create_time_ms": int(time.time() * 1000), "transcoders": transcoder_list},
+        "generation_settings": dict(generation or {}),
+        "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
+    }  # fmt: skip
+    if source_set:
+        metadata["feature_details"] = {"neuronpedia_source_set": source_set}
+    return {"metadata": metadata, "qParams": data["qParams"], "nodes": data["nodes"], "links": data["links"]}
+
+
+def write_neuronpedia_graph(out: str | Path, graph: Any, **options: Any) -> Path:
+    """:func:`neuronpedia_graph_json` written as ``out/{slug}.json`` (atomically), the file Neuronpedia's graph
+    upload takes."""
+    data = neuronpedia_graph_json(graph, **options)
+    path = Path(out) / f"{data['metadata']['slug']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data)
+    return path

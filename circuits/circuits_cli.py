@@ -47,6 +47,7 @@ LogitProbabilityOption = Annotated[
     ),
 ]
 EXPORT_FORMATS = ("circuit-tracer",)
+ATTRIBUTION_FORMATS = ("circuit-tracer", "neuronpedia")
 ROOTS = ("logit", "feature")
 
 
@@ -275,7 +276,12 @@ def attribute(
     heads: Annotated[bool, typer.Option("--heads/--no-heads", help="Split cross-position edges over heads.")] = True,
     context_length: ContextOption = 64,
     out: Annotated[str | None, typer.Option("--out", help="Also write the pruned graph here (--format).")] = None,
-    format: Annotated[str, typer.Option("--format", help="circuit-tracer.")] = "circuit-tracer",
+    format: Annotated[str, typer.Option("--format", help="circuit-tracer (files its serve opens) | neuronpedia "
+                                        "(one graph upload JSON).")] = "circuit-tracer",
+    scan: Annotated[str | None, typer.Option("--scan", help="--format neuronpedia: Neuronpedia's model id (default: "
+                                             "the model's short name).")] = None,
+    source_set: Annotated[str | None, typer.Option("--source-set", help="--format neuronpedia: the Neuronpedia source "
+                                                   "set of the transcoders' feature dashboards, if it has them.")] = None,
     node_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Pruning: node influence kept.")] = 0.8,
     edge_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Pruning: edge influence kept.")] = 0.98,
     progress: ProgressOption = True,
@@ -291,12 +297,12 @@ def attribute(
 
     from workbench.circuits.attribution.graph import attribute as attribute_graph
     from workbench.circuits.attribution.store import ANALYSIS, write_graph
-    from workbench.circuits.circuit_export import write_attribution_graph
+    from workbench.circuits.circuit_export import write_attribution_graph, write_neuronpedia_graph
 
     if (prompt is None) == (data is None):
         fail("pass exactly one of --prompt TEXT or --data REF (with --prompt-index N)")
-    if out is not None and format not in EXPORT_FORMATS:
-        fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if out is not None and format not in ATTRIBUTION_FORMATS:
+        fail(f"--format {format!r} is not one of {', '.join(ATTRIBUTION_FORMATS)}")
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     ANALYSIS.check(hooked)
     ids, loaded = _load_transcoders(transcoders, workspace, device)
@@ -327,10 +333,21 @@ def attribute(
                + ("(the replacement reproduces the model)" if exact else
                   "(the replacement does NOT reproduce the model: a bug — please report it with the model and "
                   "transcoders)"))  # fmt: skip
-    if out is not None:
+    if out is not None and format == "neuronpedia":
+        from workbench.references import short_name
+
+        path = write_neuronpedia_graph(out, graph, slug=name, scan=scan or short_name(hooked.cfg.name),
+                                       transcoder_list=ids, node_threshold=node_threshold,
+                                       edge_threshold=edge_threshold, source_set=source_set,
+                                       generation={"max_n_logits": max_logits, "desired_logit_prob": logit_probability,
+                                                   "batch_size": batch_size, "max_feature_nodes": max_feature_nodes})  # fmt: skip
+        typer.echo(
+            f"pruned graph written as Neuronpedia graph JSON to {path} (upload it on Neuronpedia's graph page)"
+        )
+    elif out is not None:
         path = write_attribution_graph(out, graph, slug=name, scan=ids, node_threshold=node_threshold,
                                        edge_threshold=edge_threshold)  # fmt: skip
-        typer.echo(f"pruned graph written to {path}")
+        typer.echo(f"pruned graph written as circuit-tracer JSON to {path}")
 
 
 @app.command("clt-eval")

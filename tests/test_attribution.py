@@ -448,7 +448,8 @@ def test_cli_attributes_a_users_gpt2_directory_and_stores_the_graph(built, tmp_p
                           ["blocks.1.hook_resid_post"], 1.0)  # fmt: skip
     save_probe(workspace, "topic", probes, model=model, label_names=["no", "yes"])
     probed = runner.invoke(app, [*command[:9], "--workspace", str(workspace), "--no-progress", "--no-heads",
-                                 "--target", "probe:topic:1:yes", "--position", "4"])  # fmt: skip
+                                 "--target", "probe:topic:1:yes", "--position", "4", "--out", str(tmp_path / "np"),
+                                 "--format", "neuronpedia", "--scan", "tiny-gpt2"])  # fmt: skip
     assert probed.exit_code == 0, probed.output
     graph_name = re.search(r"graph ([0-9a-f]{12}):", probed.output)
     assert graph_name, probed.output
@@ -464,6 +465,50 @@ def test_cli_attributes_a_users_gpt2_directory_and_stores_the_graph(built, tmp_p
     assert float(incoming + target["constant"] + target["dropped"]) == pytest.approx(
         target["value"], abs=1e-4
     )
+    # Neuronpedia's graph upload JSON, field by field against its published graph-schema.json
+    uploaded = json.loads((tmp_path / "np" / f"{graph_name.group(1)}.json").read_text())
+    assert set(uploaded) == {"metadata", "qParams", "nodes", "links"}
+    meta = uploaded["metadata"]
+    assert (
+        meta["slug"] == graph_name.group(1)
+        and meta["scan"] == "tiny-gpt2"
+        and isinstance(meta["prompt"], str)
+    )
+    assert isinstance(meta["prompt_tokens"], list) and len(meta["prompt_tokens"]) == len(TOKENS)
+    assert all(isinstance(t, str) for t in meta["prompt_tokens"])
+    assert meta["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
+    assert (
+        meta["generation_settings"]["max_feature_nodes"] == 7500
+        and meta["generation_settings"]["batch_size"] == 64
+    )
+    assert meta["info"]["generator"]["name"] == "interpretability workbench"
+    assert (
+        isinstance(meta["info"]["create_time_ms"], int)
+        and "completeness score" in meta["info"]["description"]
+    )
+    assert isinstance(uploaded["qParams"]["pinnedIds"], list) and uploaded["qParams"]["linkType"] == "both"
+    kinds = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    for node in uploaded["nodes"]:
+        assert (
+            isinstance(node["node_id"], str)
+            and isinstance(node["jsNodeId"], str)
+            and isinstance(node["clerp"], str)
+        )
+        assert node["feature"] is None or isinstance(node["feature"], int)
+        assert isinstance(node["layer"], (str, int)) and isinstance(node["ctx_idx"], int)
+        assert node["feature_type"] in kinds
+        assert node["influence"] is None or isinstance(node["influence"], float)
+    assert "probe topic class yes" in next(
+        n["clerp"] for n in uploaded["nodes"] if n["feature_type"] == "logit"
+    )
+    ids_uploaded = {n["node_id"] for n in uploaded["nodes"]}
+    assert uploaded["links"] and all(
+        link["source"] in ids_uploaded
+        and link["target"] in ids_uploaded
+        and isinstance(link["weight"], float)
+        for link in uploaded["links"]
+    )
+    assert "written as Neuronpedia graph JSON" in probed.output
     for spec, message in (("probe:nothing", "no saved probe 'nothing'"), ("probe:topic:1:maybe", "no class"),
                           ("probe:topic:0", "0 sites at layer 0")):  # fmt: skip
         bad = runner.invoke(app, [*command[:9], "--workspace", str(workspace), "--target", spec])
