@@ -35,21 +35,13 @@ watchdog thread polling the parent pid everywhere), so a resumed job never runs 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import signal
-import sys
-import threading
 import time
 import tomllib
-import traceback
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +50,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.analysis import write_tables
+from workbench.executor import BACKENDS, execute, task_outcome
 from workbench.faults import crash_point
 from workbench.identity import identity_slug, is_path_identity
 from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
@@ -65,12 +58,9 @@ from workbench.probes.labels import LabelError, parse_label_source, parse_positi
 from workbench.workspace import Workspace
 
 STATUS_TABLE = TASKS_TABLE
-BACKENDS = ("local", "ray")
 JOB_KEYS = {"name", "workspace", "settings", "probe"}
 PROBE_KEYS = {"model", "checkpoints", "hooks", "label_sets", "labels", "data", "position"}
 DEFAULT_HOOKS = ["hook_embed", "blocks.*.hook_resid_post"]
-PARENT_POLL_SECONDS = 0.5  # how often a pool worker checks that the job process is still alive
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ProbeJobError(ValueError):
@@ -442,17 +432,10 @@ def run_task(task: ProbeTask) -> dict[str, Any]:
         dataset = labels_for_model(task.labels or f"zoo:{task.label_set}", model, location=task.location,
                                    data=task.data, position=task.position, settings=settings)  # fmt: skip
         rows = probe_model(model, dataset, list(task.hooks), settings)
-        outcome = _outcome("done", start, rows=rows.to_dict("records"))
+        result = task_outcome("done", start, rows=rows.to_dict("records"))
     except Exception as err:  # noqa: BLE001 — a failed task is reported in the status table, not raised
-        outcome = _outcome("failed", start, error=err)
-    return {**outcome, "threads": torch.get_num_threads()}
-
-
-def _outcome(status: str, start: float, rows: list | None = None, error: BaseException | str | None = None):
-    if isinstance(error, BaseException):
-        error = traceback.format_exception_only(error)[-1].strip()
-    return {"status": status, "rows": rows or [], "error": error, "seconds": time.perf_counter() - start,
-            "threads": None}  # fmt: skip
+        result = task_outcome("failed", start, error=err)
+    return {**result, "threads": torch.get_num_threads()}
 
 
 def _status_rows(job: ProbeJob) -> pd.DataFrame:
@@ -515,9 +498,9 @@ def run_job(
         tasks = [task for task in tasks if task.task_id not in done]
     bar = tqdm(total=len(tasks), desc=f"probe job {job.name}", unit="task", disable=not progress)
     failed = 0
-    for task, outcome in _execute(tasks, backend, workers, address, task_runner):
-        _commit(job.workspace, task, outcome)
-        failed += outcome["status"] == "failed"
+    for task, result in execute(tasks, backend, workers, address, task_runner):
+        _commit(job.workspace, task, result)
+        failed += result["status"] == "failed"
         bar.set_postfix(failed=failed)
         bar.update()
     bar.close()
@@ -538,155 +521,3 @@ def _commit(workspace: Workspace, task: ProbeTask, outcome: dict[str, Any]) -> N
     }])  # fmt: skip
     write_tables(workspace, ANALYSIS, {STATUS_TABLE: status})
     crash_point("probejob.status_written")
-
-
-Outcomes = Iterator[tuple[ProbeTask, dict[str, Any]]]
-
-
-def _execute(tasks: list[ProbeTask], backend: str, workers: int, address: str | None, runner) -> Outcomes:
-    if not tasks:
-        return
-    if backend == "ray":
-        yield from _execute_ray(tasks, workers, address, runner)
-    elif workers == 1:
-        for task in tasks:
-            yield task, _guarded(runner, task)
-    else:
-        yield from _execute_pool(tasks, workers, runner)
-
-
-def _guarded(runner, task: ProbeTask) -> dict[str, Any]:
-    start = time.perf_counter()
-    try:
-        return runner(task)
-    except Exception as err:  # noqa: BLE001 — a custom runner's error fails its task only
-        return _outcome("failed", start, error=err)
-
-
-def _execute_pool(tasks: list[ProbeTask], workers: int, runner) -> Outcomes:
-    """Run ``tasks`` on a spawn process pool. When a worker dies the pool breaks and every unfinished task gets
-    BrokenProcessPool; the tasks that may have been running then (the first ``workers + 1`` unfinished, as the
-    pool hands them out in order) are re-run one at a time in a fresh one-worker pool — the task that crashes
-    alone is marked failed — and the rest go to a fresh pool. Every worker, the lone ones too, runs torch with
-    cores / ``workers`` threads, so a task's results do not depend on which pool ran it."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    queue = list(tasks)
-    while queue:
-        batch, queue = queue, []
-        suspects = []
-        for task, outcome in _pool_round(batch, workers, threads, runner):
-            if outcome is not None:
-                yield task, outcome
-            else:
-                suspects.append(task)
-        if suspects:
-            queue = suspects[workers + 1 :]
-            for task in suspects[: workers + 1]:
-                (task, outcome), *_ = _pool_round([task], 1, threads, runner, isolated=True)
-                yield task, outcome
-
-
-def _pool_round(batch: list[ProbeTask], workers: int, threads: int, runner, isolated: bool = False):
-    """(task, outcome) for each task of one pool's life; outcome None for a task the broken pool left unfinished
-    (unless ``isolated``: then the one task ran alone and its crash is its failure)."""
-    import multiprocessing
-    from concurrent.futures.process import BrokenProcessPool
-
-    start = time.perf_counter()
-    results = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
-    ) as pool:
-        pending = {pool.submit(runner, task): task for task in batch}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in sorted(finished, key=lambda f: batch.index(pending[f])):
-                task = pending.pop(future)
-                try:
-                    outcome = future.result()
-                except BrokenProcessPool as err:
-                    outcome = (
-                        _outcome("failed", start, error=f"worker process died: {err}") if isolated else None
-                    )
-                except Exception as err:  # noqa: BLE001 — e.g. a runner raising or an unpicklable result
-                    outcome = _outcome("failed", start, error=err)
-                if outcome is None:
-                    results.append((task, None))
-                else:
-                    yield task, outcome
-    yield from results
-
-
-def _init_worker(threads: int, parent: int) -> None:
-    """Pool worker start-up: die with the job process ``parent``, then cap torch's threads."""
-    import torch
-
-    die_with_parent(parent)
-    torch.set_num_threads(threads)
-
-
-def die_with_parent(parent: int, interval: float = PARENT_POLL_SECONDS) -> None:
-    """Make this process exit as soon as the process ``parent`` (the one that started it) dies, even by SIGKILL.
-
-    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere: a daemon
-    thread exits the process once ``os.getppid()`` is no longer ``parent`` (orphans are re-parented). A parent
-    already gone by the time this runs ends the process at once (a worker killed while still importing its
-    modules, before its initializer runs, exits when that start-up finishes)."""
-    if sys.platform.startswith("linux"):
-        # without prctl (another libc) the watchdog below still ends the process
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(
-        target=_watch_parent, args=(parent, interval), name="parent-watchdog", daemon=True
-    ).start()
-
-
-def _watch_parent(parent: int, interval: float) -> None:
-    while os.getppid() == parent:
-        time.sleep(interval)
-    os._exit(1)
-
-
-def _ray_task(runner, task: ProbeTask, threads: int) -> dict[str, Any]:
-    """What a Ray worker runs: cap torch's threads to the CPUs the task reserved, then run the task."""
-    import torch
-
-    torch.set_num_threads(threads)
-    return runner(task)
-
-
-def _execute_ray(tasks: list[ProbeTask], workers: int, address: str | None, runner) -> Outcomes:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = ray.remote(num_cpus=1)(_ray_task)
-        start = time.perf_counter()
-        pending = {remote.remote(runner, task, 1): task for task in tasks}
-        while pending:
-            finished, _ = ray.wait(list(pending), num_returns=1)
-            for reference in finished:
-                task = pending.pop(reference)
-                try:
-                    outcome = ray.get(reference)
-                except Exception as err:  # noqa: BLE001 — RayTaskError, WorkerCrashedError: this task fails
-                    outcome = _outcome("failed", start, error=_ray_error(err))
-                yield task, outcome
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _ray_error(err: Exception) -> str:
-    """The cause of a Ray task error in one line (RayTaskError wraps the task's own exception)."""
-    cause = getattr(err, "cause", None)
-    shown: BaseException = cause if isinstance(cause, BaseException) else err
-    return traceback.format_exception_only(shown)[-1].strip().splitlines()[0]

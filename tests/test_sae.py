@@ -809,10 +809,12 @@ def gpt2_dir(zoo_workspace, tmp_path_factory):
 
 
 def test_cli_transcoder_on_a_users_gpt2_directory_with_a_save_to_disk_folder(tmp_path, gpt2_dir, user_data):
-    """A save_pretrained GPT-2 directory + a datasets folder: the default SAE id comes from the directory's name, the
-    transcoder row records the model as every analysis names it (its path; no checkpoint) and the folder's dataset name; `sae eval` of the saved
-    directory on the same model writes a second row."""
+    """A save_pretrained GPT-2 directory + a datasets folder: the default SAE id comes from the directory's identity
+    (its name and a hash of its path), the transcoder row records the model as every analysis names it (its resolved
+    path; no checkpoint) and the folder's dataset name; `sae eval` of the saved directory on the same model writes a
+    second row."""
     from workbench.circuits.sae.evals import sae_dir
+    from workbench.references import short_name
     from workbench.workspace import Workspace
 
     workspace = Workspace(tmp_path / "ws")
@@ -820,10 +822,11 @@ def test_cli_transcoder_on_a_users_gpt2_directory_with_a_save_to_disk_folder(tmp
                      "blocks.1.hook_resid_mid", "--hook-out", "blocks.1.hook_mlp_out", "--architecture", "relu",
                      *FAST_SAE[2:], "--context-length", "32", "--d-sae", "48")  # fmt: skip
     assert result.exit_code == 0, result.output
-    sae_id = "my-gpt2.blocks.1.hook_resid_mid.blocks.1.hook_mlp_out.relu"
+    sae_id = f"{short_name(gpt2_dir)}.blocks.1.hook_resid_mid.blocks.1.hook_mlp_out.relu"
+    assert re.fullmatch(r"my-gpt2-[0-9a-f]{8}\..*", sae_id)
     row = workspace.results().read("sae_evals", sae_id=sae_id).iloc[0]
     assert (row["model"], row["dataset"], row["transcoder"], row["d_sae"]) == (
-        str(gpt2_dir),
+        gpt2_dir.resolve().as_posix(),
         "hf_notes",
         True,
         48,
