@@ -337,6 +337,12 @@ def test_encoders_bert_mlm_and_vit_class_logits(family) -> None:
     position = torch.tensor(graph.nodes()["position"].to_numpy())
     later = position[None, :] > position[:, None]
     assert bool((graph.adjacency[: graph.n_features].abs() * later[: graph.n_features] > 1e-12).any())
+    if family == "vit":  # two images have the same positions 0..n; their stored graphs must not collide
+        from workbench.circuits.attribution.store import graph_id
+
+        small = [attribute(model, transcoders, image, targets="logits", max_feature_nodes=0, batch_size=16)
+                 for image in (prompt, prompt.flip(-1))]  # fmt: skip
+        assert graph_id(small[0], ["t0", "t1"], 0) != graph_id(small[1], ["t0", "t1"], 0)
 
 
 def test_bad_input_is_refused_naming_the_fix(built) -> None:
@@ -520,3 +526,40 @@ def test_cli_attributes_a_users_gpt2_directory_and_stores_the_graph(built, tmp_p
     )
     assert bad.exit_code == 2 and "no transcoder for layer(s) [1]" in bad.output
     assert not (tmp_path / "ws2" / "results.duckdb").exists()
+
+
+def test_cli_attributes_a_users_bert_mlm_directory(tmp_path) -> None:
+    """`workbench circuits attribute` on a saved BertForMaskedLM directory (a bidirectional encoder): masked-LM
+    logits at --position and a feature target; rows add up in the stored tables, no head loadings are stored, and
+    the error-node gap is printed."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from workbench.circuits.attribution.store import read_graph
+    from workbench.cli import app
+
+    model = _encoder("bert")
+    model_dir = tmp_path / "my-bert"
+    model.model.float().save_pretrained(model_dir)
+    ids = []
+    for layer, sae in _per_layer("hook_resid_mid", skip=False).items():
+        sae.float().save(tmp_path / f"tc{layer}")
+        ids += ["--transcoders", str(tmp_path / f"tc{layer}")]
+    np.save(tmp_path / "ids.npy", TOKENS[None].numpy())
+    workspace = tmp_path / "ws"
+    result = CliRunner().invoke(app, ["circuits", "attribute", str(model_dir), *ids, "--data", str(tmp_path / "ids.npy"),
+                                      "--workspace", str(workspace), "--no-progress", "--position", "3",
+                                      "--target", "logits", "--target", "feature:1:2:3"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "error nodes zeroed: KL(model ‖ replacement)" in result.output
+    assert "(the replacement reproduces the model)" in result.output
+    name = re.search(r"graph ([0-9a-f]{12}):", result.output)
+    assert name, result.output
+    frames = read_graph(workspace, str(model_dir), name.group(1))
+    nodes, edges = frames["attribution_nodes"], frames["attribution_edges"]
+    rows = nodes[nodes["value"].notna()].set_index("node")
+    totals = edges.groupby("target")["weight"].sum().reindex(rows.index, fill_value=0.0)
+    assert float((totals + rows["constant"] + rows["dropped"] - rows["value"]).abs().max()) < 1e-4
+    targets = nodes[nodes["kind"] == "target"]
+    assert (targets["position"] == 3).sum() >= 1 and (targets["label"] == "L1 #3 @2").sum() == 1
+    assert frames["attribution_heads"].empty

@@ -1,9 +1,10 @@
 """Attribution graphs in the workspace: the unpruned graph as node, edge and head-loading tables through the one
 writer (``workbench.analysis.write_tables``), so pruning and subgraphs are queries rather than re-runs.
 
-1. ``graph_id``: a short hash of what makes a graph — model, checkpoint, prompt token ids, targets, transcoders,
-   ``max_feature_nodes`` and whether head loadings were computed — so the same request replaces its rows (a graph
-   with head loadings never leaves stale ones under a graph without) and two models never collide.
+1. ``graph_id``: a short hash of what makes a graph — model, checkpoint, prompt (text or an image's digest) and
+   token ids, targets, transcoders, ``max_feature_nodes`` and whether head loadings were computed — so the same
+   request replaces its rows (a graph with head loadings never leaves stale ones under a graph without), and two
+   models or two images never collide.
 2. ``graph_frames``: one ``attribution_graphs`` row (prompt, targets, counts, replacement and completeness scores,
    the error-node gap: the replacement model's outputs with and without error nodes against the model's),
    ``attribution_nodes`` (``Graph.nodes()``), ``attribution_edges`` (nonzero adjacency entries) and
@@ -54,6 +55,7 @@ ANALYSIS = Analysis(
 def graph_id(graph: Graph, transcoders: Sequence[str], max_feature_nodes: int) -> str:
     """A 12-hex-digit id of the request that made ``graph`` (same request, same id)."""
     request = {"model": graph.model, "checkpoint": graph.checkpoint, "tokens": graph.tokens.tolist(),
+               "prompt": graph.prompt,  # an image's positions are 0..n: its digest is in the prompt
                "targets": [t.label for t in graph.targets], "transcoders": list(transcoders),
                "max_feature_nodes": max_feature_nodes, "heads": graph.head_loadings is not None}  # fmt: skip
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
