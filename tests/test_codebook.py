@@ -41,7 +41,7 @@ from workbench.circuits.codebook import (
 from workbench.circuits.codebook.train import _replace_dead
 from workbench.cli import app as cli
 from workbench.datasets import load_dataset
-from workbench.references import resolve_model
+from workbench.references import resolve_model, short_name
 from workbench.workspace import Workspace
 
 VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "codebooks.py"
@@ -526,9 +526,15 @@ def test_default_run_names_are_valid_names(tmp_path) -> None:
     assert default_run_name("fsm-tiny") == "fsm-tiny-codebooks"
     assert default_run_name("code-tiny@300") == "code-tiny@300-codebooks"
     assert default_run_name("EleutherAI/pythia-70m@step3000") == "EleutherAI--pythia-70m@step3000-codebooks"
-    assert default_run_name(str(tmp_path / "my-gpt2") + "/") == "my-gpt2-codebooks"
-    assert default_run_name(str(tmp_path / "series" / "step300")) == "series@300-codebooks"
-    assert default_run_name(f"{tmp_path / 'series'}@300") == "series@300-codebooks"
+    # a directory outside the workspace: its name and a hash of its resolved path (the model's identity)
+    model = short_name(tmp_path / "my-gpt2")
+    assert (
+        model.startswith("my-gpt2-")
+        and default_run_name(str(tmp_path / "my-gpt2") + "/") == f"{model}-codebooks"
+    )
+    series = short_name(tmp_path / "series")
+    assert default_run_name(str(tmp_path / "series" / "step300")) == f"{series}@300-codebooks"
+    assert default_run_name(f"{tmp_path / 'series'}@300") == f"{series}@300-codebooks"
 
 
 def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_workspace, tmp_path) -> None:
@@ -619,7 +625,8 @@ def test_cli_code_tiny_checkpoint_on_a_users_text_file(zoo_workspace, code_file,
 
 def test_cli_on_a_users_gpt2_directory_and_save_to_disk_folder(zoo_workspace, tmp_path) -> None:
     """A GPT-2 saved by the user (random init, the zoo's tokenizer copied next to it) on a datasets.save_to_disk
-    folder, with per-head codebooks on attn.hook_z: one row per (head, code), the run named after the directory."""
+    folder, with per-head codebooks on attn.hook_z: one row per (head, code), the run named after the directory's
+    identity."""
     import datasets
 
     model_dir = tmp_path / "my-gpt2"
@@ -635,7 +642,7 @@ def test_cli_on_a_users_gpt2_directory_and_save_to_disk_folder(zoo_workspace, tm
     trained = _codebook(workspace, "train", str(model_dir), "--data", str(folder), "--site", site, "--k", "2",
                         "--similarity", "cosine", *TINY)  # fmt: skip
     assert trained.exit_code == 0, trained.output
-    run_dir = tmp_path / "ws" / "codebooks" / "my-gpt2-codebooks"
+    run_dir = tmp_path / "ws" / "codebooks" / f"{short_name(model_dir)}-codebooks"
     books = CodebookSet.load(run_dir)
     assert books[site].config.n_groups == 4 and books[site].config.k == 2 and books[site].config.d == 8
     analysed = _codebook(workspace, "analyse", str(model_dir), "--data", str(folder))
