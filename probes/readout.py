@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from workbench.fileio import atomic_write_json
+from workbench.identity import provenance_note
 from workbench.interventions import Intervention
 from workbench.probes.linear import LinearProbes, ProbeError
 from workbench.workspace import Workspace, safe_name
@@ -101,12 +102,7 @@ def probes_for_model(model: Any, workspace: Any = None) -> list[tuple[SavedProbe
         width = probe_width(workspace, entry.name)
         if any(shapes.get(site) != (width,) for site in entry.sites):
             continue
-        note = ""
-        if entry.model and entry.model != model.cfg.name:
-            note = f"fitted on {entry.model}, this model is {model.cfg.name} (same hooks and widths)"
-        elif entry.checkpoint is not None and model.cfg.checkpoint not in (None, entry.checkpoint):
-            note = f"fitted on checkpoint {entry.checkpoint}, this is {model.cfg.checkpoint}"
-        fits.append((entry, note))
+        fits.append((entry, provenance_note(entry.model, entry.checkpoint, model, "fitted")))
     return fits
 
 
@@ -137,12 +133,8 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
                 f"probe {name!r} expects {probes.weight.shape[1]} features at {site}, but {model.cfg.name} has "
                 f"{list(cache[site].shape[1:])} per token there: it is a probe for another model or hook"
             )
-    note = ""
-    if saved.model and saved.model != model.cfg.name:
-        note = f"probe {name!r} was fitted on {saved.model!r}, this model is {model.cfg.name!r} (same widths)"
-    elif saved.checkpoint is not None and model.cfg.checkpoint not in (None, saved.checkpoint):
-        note = f"probe {name!r} was fitted on checkpoint {saved.checkpoint}; this is {model.cfg.checkpoint}"
-    return probes, saved, note
+    note = provenance_note(saved.model, saved.checkpoint, model, "fitted")
+    return probes, saved, f"probe {name!r} was {note}" if note else ""
 
 
 def probe_predictions(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 STEP_DIR = re.compile(r"^step(\d+)$")
 WORKSPACE_MARKERS = (
@@ -90,3 +91,14 @@ def display_name(identity: str) -> str:
         parts = PurePosixPath(identity).parts
         return "/".join(parts[-2:]) if len(parts) > 2 else identity
     return identity
+
+
+def provenance_note(owner: str | None, owner_step: int | None, model: Any, verb: str = "trained") -> str:
+    """Where an SAE, transcoder, probe or codebook run that fits ``model`` (same hooks and widths) was made, when
+    not on this model and checkpoint — ``"trained on OWNER, this model is NAME (same hooks and widths)"`` or
+    ``"trained on checkpoint S, this is T"`` (``verb`` for probes: "fitted") — and "" for the model's own."""
+    if owner and owner != model.cfg.name:
+        return f"{verb} on {owner}, this model is {model.cfg.name} (same hooks and widths)"
+    if owner_step is not None and model.cfg.checkpoint not in (None, owner_step):
+        return f"{verb} on checkpoint {owner_step}, this is {model.cfg.checkpoint}"
+    return ""

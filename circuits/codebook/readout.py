@@ -11,6 +11,7 @@ import torch
 
 from workbench.circuits.codebook.module import CodebookError, CodebookSet
 from workbench.circuits.codebook.runs import codebook_dir
+from workbench.identity import provenance_note
 from workbench.interventions import Intervention
 from workbench.probes.readout import per_token_shapes
 from workbench.workspace import Workspace
@@ -42,12 +43,7 @@ def codebooks_for_model(model: Any, workspace: Any = None) -> list[tuple[str, li
                   for c in meta["configs"]}  # fmt: skip
         if any(shapes.get(site) != shape for site, shape in wanted.items()):
             continue
-        trained_on, step = meta.get("model"), meta.get("checkpoint")
-        note = ""
-        if trained_on and trained_on != model.cfg.name:
-            note = f"trained on {trained_on}, this model is {model.cfg.name} (same hooks and widths)"
-        elif step is not None and model.cfg.checkpoint not in (None, step):
-            note = f"trained on checkpoint {step}, this is {model.cfg.checkpoint}"
+        note = provenance_note(meta.get("model"), meta.get("checkpoint"), model)
         fits.append((run, list(wanted), note))
     return fits
 

@@ -37,6 +37,7 @@ from workbench.circuits.sae.features import feature_pages
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_saes
 from workbench.datasets import Dataset, DatasetError, load_dataset
 from workbench.hooks import resolve_hook_names
+from workbench.identity import provenance_note
 from workbench.references import resolve_model, short_name
 from workbench.workspace import Workspace, safe_name
 
@@ -155,15 +156,8 @@ def check_sae_fits(sae: SAE, model, widths: Mapping[str, int], sae_id: str) -> s
                 f"SAE {sae_id!r}{trained_on} has {what}={width}, but {hook} of {model.cfg.name} has width "
                 f"{widths[hook]}: it is an SAE for another model or hook; evaluate it on the model it was trained on"
             )
-    if sae.cfg.model and sae.cfg.model != model.cfg.name:
-        return (
-            f"SAE {sae_id!r} was trained on {sae.cfg.model!r}, this model is {model.cfg.name!r} (same widths)"
-        )
-    if sae.cfg.checkpoint is not None and model.cfg.checkpoint not in (None, sae.cfg.checkpoint):
-        return (
-            f"SAE {sae_id!r} was trained on checkpoint {sae.cfg.checkpoint}; this is {model.cfg.checkpoint}"
-        )
-    return ""
+    note = provenance_note(sae.cfg.model, sae.cfg.checkpoint, model)
+    return f"SAE {sae_id!r} was {note}" if note else ""
 
 
 def _sae_hooks(sae: SAE, model, sae_id: str) -> list[str]:

@@ -53,6 +53,7 @@ from workbench.circuits.sae.formats.circuit_tracer import (
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_clt, train_saes
 from workbench.fileio import atomic_save_tensors
 from workbench.hooks import HookNameError
+from workbench.identity import provenance_note
 from workbench.references import short_name
 from workbench.workspace import Workspace, safe_name
 
@@ -473,12 +474,8 @@ def check_clt_fits(clt: CrossLayerTranscoder, model, name: str) -> tuple[str, li
     if wrong:
         raise SAEInputError(f"CLT {name!r} has d_model={clt.d_model}, but {wrong[0]} of {model.cfg.name} has width "
                             f"{widths[wrong[0]]}: it is a CLT of another model")  # fmt: skip
-    notes = []
-    if clt.cfg.model and clt.cfg.model != model.cfg.name:
-        notes.append(
-            f"CLT {name!r} was trained on {clt.cfg.model!r}, this model is {model.cfg.name!r} (same widths)"
-        )
-    return ce_note, notes
+    note = provenance_note(clt.cfg.model, None, model)
+    return ce_note, [f"CLT {name!r} was {note}"] if note else []
 
 
 def find_clt(reference: str, workspace: Any = None) -> tuple[str, CrossLayerTranscoder] | None:

@@ -12,6 +12,7 @@ import torch
 
 from workbench.circuits.sae.analysis import check_sae_fits, find_sae, hook_widths
 from workbench.circuits.sae.base import CONFIG_FILE, SAE, SAEInputError, token_vectors
+from workbench.identity import provenance_note
 from workbench.interventions import Intervention
 from workbench.workspace import Workspace
 
@@ -66,12 +67,7 @@ def saes_for_model(model: Any, workspace: Any = None) -> list[tuple[SavedSAE, st
     for entry in saved:
         if widths.get(entry.hook_in) != entry.d_in or widths.get(entry.hook_out) != entry.d_out:
             continue
-        note = ""
-        if entry.model and entry.model != model.cfg.name:
-            note = f"trained on {entry.model}, this model is {model.cfg.name} (same hooks and widths)"
-        elif entry.checkpoint is not None and model.cfg.checkpoint not in (None, entry.checkpoint):
-            note = f"trained on checkpoint {entry.checkpoint}, this is {model.cfg.checkpoint}"
-        fits.append((entry, note))
+        fits.append((entry, provenance_note(entry.model, entry.checkpoint, model)))
     return fits
 
 
