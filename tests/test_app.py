@@ -94,10 +94,9 @@ def test_overview_lists_models_runs_and_tables(dashboard_workspace, monkeypatch)
     assert counts.loc["massive_layers", "models"] == db.read("massive_layers")["model"].nunique()
 
 
-def test_overview_and_prompt_lab_list_the_users_own_models_with_results(zoo_workspace, tmp_path, monkeypatch):
-    """Two of the user's own GPT-2 directories named alike (exp-a/my-gpt2, exp-b/my-gpt2), analysed with `workbench
-    massive` into a workspace without zoo models: the overview lists both, told apart, and the prompt lab offers
-    both."""
+def _massive_on_users_gpt2_dirs(zoo_workspace, dirs: list[Path], workspace: Path) -> None:
+    """A random GPT-2 saved in each of ``dirs`` (the zoo's tokenizer beside it), each run through `workbench massive`
+    into ``workspace``."""
     import shutil
 
     import torch
@@ -106,8 +105,6 @@ def test_overview_and_prompt_lab_list_the_users_own_models_with_results(zoo_work
 
     from workbench.cli import app as cli
 
-    workspace = tmp_path / "ws"
-    dirs = [tmp_path / run / "my-gpt2" for run in ("exp-a", "exp-b")]
     for seed, path in enumerate(dirs):
         torch.manual_seed(seed)
         config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
@@ -118,6 +115,15 @@ def test_overview_and_prompt_lab_list_the_users_own_models_with_results(zoo_work
             cli, ["massive", str(path), "--workspace", str(workspace), "--no-progress"]
         )
         assert result.exit_code == 0, result.output
+
+
+def test_overview_and_prompt_lab_list_the_users_own_models_with_results(zoo_workspace, tmp_path, monkeypatch):
+    """Two of the user's own GPT-2 directories named alike (exp-a/my-gpt2, exp-b/my-gpt2), analysed with `workbench
+    massive` into a workspace without zoo models: the overview lists both, told apart, and the prompt lab offers
+    both."""
+    workspace = tmp_path / "ws"
+    dirs = [tmp_path / run / "my-gpt2" for run in ("exp-a", "exp-b")]
+    _massive_on_users_gpt2_dirs(zoo_workspace, dirs, workspace)
     app = _run("overview", workspace, monkeypatch)
     models = _frame_with(app, "identity").set_index("identity")
     assert set(models.index) == {str(p) for p in dirs}
@@ -134,28 +140,12 @@ def test_model_selects_tell_same_named_folders_apart(zoo_workspace, tmp_path, mo
     """Two of the user's GPT-2 directories whose last two path parts agree (x/run/my-gpt2, y/run/my-gpt2), both
     analysed with `workbench massive` into one workspace: the massive view's model select shows both, told apart
     by their identities, and choosing the second shows that model's rows only."""
-    import shutil
-
-    import torch
-    import transformers
-    from typer.testing import CliRunner
-
-    from workbench.cli import app as cli
     from workbench.identity import display_name
     from workbench.workspace import Workspace
 
     workspace = tmp_path / "ws"
     dirs = [tmp_path / parent / "run" / "my-gpt2" for parent in ("x", "y")]
-    for seed, path in enumerate(dirs):
-        torch.manual_seed(seed)
-        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)
-        transformers.GPT2LMHeadModel(config).save_pretrained(path)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(zoo_workspace.model_dir("code-tiny") / name, path / name)
-        result = CliRunner().invoke(
-            cli, ["massive", str(path), "--workspace", str(workspace), "--no-progress"]
-        )
-        assert result.exit_code == 0, result.output
+    _massive_on_users_gpt2_dirs(zoo_workspace, dirs, workspace)
     assert display_name(str(dirs[0])) == display_name(str(dirs[1])) == "run/my-gpt2"
     app = _run("massive", workspace, monkeypatch)
     assert not app.exception, app.exception
