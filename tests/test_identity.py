@@ -76,7 +76,9 @@ def _cli(*args: str) -> str:
 def _rows(workspace: Path, table: str, model: str, drop: tuple[str, ...] = ()) -> pd.DataFrame:
     rows = Workspace(workspace).results().read(table, model=model)
     dropped = [c for c in ("created_at", "workbench_version", *drop) if c in rows.columns]
-    order = [c for c in ("checkpoint", "hook", "metric", "layer", "head", "prompt") if c in rows.columns]
+    order = [
+        c for c in ("checkpoint", "hook", "metric", "method", "layer", "head", "prompt") if c in rows.columns
+    ]
     return rows.drop(columns=dropped).sort_values(order).reset_index(drop=True)
 
 
@@ -197,3 +199,17 @@ def test_codebook_run_of_another_model_is_refused(twins, tmp_path) -> None:
         _cli("codebook", "train", str(twins / exp / "model"), *args)
     runs = sorted(p.name for p in (ws / "codebooks").iterdir())
     assert len(runs) == 3 and all(r == "shared-run" or r.startswith("model-") for r in runs), runs
+
+
+def test_neuron_paths_keep_both_models_each_equal_to_it_alone(twins, tmp_path) -> None:
+    ids = _ids(twins, "model")
+    args = ["--data", str(twins / "notes.txt"), "--no-progress", "--position", "3", "--n-targets", "1", "--steps",
+            "4", "--max-sequences", "6"]  # fmt: skip
+    for exp in ("exp-a", "exp-b"):
+        _cli("neuron-path", "run", str(twins / exp / "model"), *args, "-w", str(tmp_path / "both"))
+    _cli("neuron-path", "run", str(twins / "exp-a" / "model"), *args, "-w", str(tmp_path / "alone"))
+    both = [_rows(tmp_path / "both", "neuron_path_metrics", m) for m in ids]
+    assert all(len(rows) for rows in both) and not both[0]["method"].empty
+    pd.testing.assert_frame_equal(
+        both[0], _rows(tmp_path / "alone", "neuron_path_metrics", ids[0]), check_dtype=False
+    )
