@@ -54,7 +54,7 @@ define run_tests
 	$(1)/bin/ruff check .
 	$(1)/bin/ruff format --check $(PY_DIRS)
 	$(1)/bin/mypy
-	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 endef
 
 test: venv

@@ -279,7 +279,8 @@ def test_job_with_a_user_model_directory_and_label_files_resumes_without_duplica
     assert list(status["status"]) == ["done", "done"], status["error"].tolist()
     assert list(status["label_set"]) == ["reviews.csv:sentiment@last", "people.jsonl:spans"]
     first = workspace.results().read("probe_results")
-    assert len(first) == 2 * 2 and set(first["model"]) == {"models/my-gpt2"}
+    # the model's identity: the resolved directory (the job's models/my-gpt2 links to it)
+    assert len(first) == 2 * 2 and set(first["model"]) == {gpt2_dir.resolve().as_posix()}
     again = run_job(path, workspace=workspace, progress=False)
     assert list(again["status"]) == ["done", "done"]
     assert list(workspace.results().read("probe_results")["created_at"]) == list(first["created_at"])

@@ -140,7 +140,8 @@ def test_data_parallel_cli_equals_one_process_on_the_global_batches(zoo_workspac
     assert out[0].startswith(f"{sae_id}: L0 4.00  FVU "), done.stdout
     assert out[1:] == [
         f"{WORLD} data-parallel processes (every process trained every SAE)",
-        f"saved to saes/{sae_id}; code-tiny on 'notes.txt' written to the workspace (tables sae_evals, sae_features)",
+        f"saved to saes/{sae_id}; code-tiny on 'notes.txt' written to the workspace (sae_evals 1 rows, "
+        "sae_features 32 rows)",
     ], done.stdout
     assert sorted(p.name for p in (workspace.root / "saes").iterdir()) == [sae_id]
     _assert_written_once(workspace, [sae_id])
