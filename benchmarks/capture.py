@@ -73,7 +73,7 @@ def store_stream(
 ) -> None:
     """Capture ``n_tokens`` random tokens of all ``names`` into a temporary store; tokens/s, MB/s, and the peak RSS
     in each quarter of the stream's time (sampled every 0.2 s; flat = memory bounded by a batch and a shard)."""
-    from workbench.store import capture_to_store
+    from workbench.capture import capture_to_store
 
     n_rows = max(1, n_tokens // seq)
     rows = torch.randint(0, vocab, (n_rows, seq)).tolist()

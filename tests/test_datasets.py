@@ -58,7 +58,7 @@ def test_pre_tokenized_ids_and_activation_store(sources, minilm_tokenizer) -> No
     data = load_dataset(sources / "ids.npy")
     assert data.modality == "tokens"
     assert data.token_rows(None, context_length=8) == [[5, 6, 7], [8, 9, 10, 11]]
-    from workbench.store import capture_to_store
+    from workbench.capture import capture_to_store
 
     model = HookedModel.from_pretrained("minilm")
     capture_to_store(model, DOCS, "blocks.0.hook_resid_post", sources / "store", progress=False)

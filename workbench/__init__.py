@@ -21,10 +21,14 @@ def __getattr__(name: str):
         from workbench import datasets
 
         return getattr(datasets, name)
-    if name in ("ActivationStore", "capture_to_store"):
+    if name == "ActivationStore":
         from workbench import store
 
-        return getattr(store, name)
+        return store.ActivationStore
+    if name == "capture_to_store":
+        from workbench import capture
+
+        return capture.capture_to_store
     if name in ("ResultsDB", "Workspace"):
         from workbench import results, workspace
 

@@ -27,15 +27,8 @@ from workbench.adapters.base import (
     HFAdapter,
     site_names,
 )
-from workbench.hooks import (
-    ActivationCache,
-    HookFn,
-    HookNameError,
-    HookPoint,
-    Positions,
-    resolve_hook_names,
-    select_positions,
-)
+from workbench.capture import Positions, select_positions
+from workbench.hooks import ActivationCache, HookFn, HookNameError, HookPoint, resolve_hook_names
 from workbench.identity import directory_identity, directory_step
 from workbench.spec import ModelSpec
 

@@ -416,7 +416,7 @@ def run(
         name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}"
         store_dirs = [ws.store_dir(safe_name(f"{name}-rank{r}-of-{world}" if world > 1 else name))
                       for r in range(world)]  # fmt: skip
-        from workbench.store import capture_to_store
+        from workbench.capture import capture_to_store
 
         store = capture_to_store(model, rows, hooks, store_dirs[rank], batch_size=batch_size,
                                  max_length=context_length, dataset=dataset, checkpoint=model.cfg.checkpoint,

@@ -374,9 +374,9 @@ def feature_pages_on_data(
     """Feature pages of a saved (or imported) SAE on ``model`` over a token budget of ``data``: the rows are captured
     at ``sae.hook_in`` into ``workspace/stores/pages-<sae_id>-<dataset>`` and read by :func:`feature_pages`; an SAE
     whose hook or width is not the model's is refused before any data is read."""
+    from workbench.capture import capture_to_store
     from workbench.circuits.sae.analysis import ANALYSIS, _sae_hooks, check_sae_fits, hook_widths, token_rows
     from workbench.references import short_name
-    from workbench.store import capture_to_store
     from workbench.workspace import Workspace, safe_name
 
     ANALYSIS.check(model, data)
