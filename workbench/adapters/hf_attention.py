@@ -73,7 +73,7 @@ def workbench_attention(
             "model.set_attention_path('eager') (or workbench.attention.uninstall_attention(model)) to capture it, or "
             "capture the statistics hooks (hook_entropy, hook_sink, hook_lse, hook_max_logit) on the kernel path"
         )
-    from workbench.attention import attend
+    from workbench.attention.dispatch import attend
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(getattr(module, "is_causal", False))

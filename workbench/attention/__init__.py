@@ -1,102 +1,33 @@
 """Attention for the hooked models: torch SDPA, a materialised eager path, and the fused Triton kernel.
 
-``attend`` is the single entry point the adapters call; statistics are defined in
-:mod:`workbench.attention.reference`.
+``attend`` (:mod:`workbench.attention.dispatch`) is the single entry point the adapters call; statistics are defined
+in :mod:`workbench.attention.reference`; ``install_attention`` lives in :mod:`workbench.attention.install`. The
+package itself imports nothing heavy, so ``workbench attention --help`` (``workbench.attention.cli``) starts without
+importing torch; the names below load their module on first use.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    from workbench.attention.dispatch import PATHS, AttentionOutput, attend
+    from workbench.attention.install import install_attention, kernel_statistics, uninstall_attention
 
-from workbench.attention.reference import masked_scores, stats_from_scores
+__all__ = [
+    "AttentionOutput",
+    "attend",
+    "install_attention",
+    "uninstall_attention",
+    "kernel_statistics",
+    "PATHS",
+]
+_HOME = {"AttentionOutput": "dispatch", "attend": "dispatch", "PATHS": "dispatch", "install_attention": "install",
+         "uninstall_attention": "install", "kernel_statistics": "install"}  # fmt: skip
 
-PATHS = ("sdpa", "eager", "kernel")
-__all__ = ["AttentionOutput", "attend", "install_attention", "uninstall_attention", "PATHS"]
 
-
-def __getattr__(name: str):
-    if name in ("install_attention", "uninstall_attention", "kernel_statistics"):
-        from workbench.attention import install
-
-        return getattr(install, name)
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f"workbench.attention.{_HOME[name]}"), name)
     raise AttributeError(f"module 'workbench.attention' has no attribute {name!r}")
-
-
-class AttentionOutput(NamedTuple):
-    """out [batch, heads, q_len, d_head]; pattern [batch, heads, q_len, k_len] or None; stats: name -> [b, h, q]."""
-
-    out: torch.Tensor
-    pattern: torch.Tensor | None
-    stats: dict[str, torch.Tensor] | None
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    causal: bool,
-    key_padding_mask: torch.Tensor | None = None,
-    path: str = "sdpa",
-    return_pattern: bool = False,
-    return_stats: bool = False,
-    sink_k: int = 1,
-) -> AttentionOutput:
-    """Attention of q [batch, heads, q_len, d] over k, v [batch, kv_heads, k_len, d] (GQA when kv_heads < heads).
-
-    ``key_padding_mask`` [batch, k_len] is True for real keys. ``path``: "sdpa" (torch SDPA), "eager"
-    (materialised softmax; the only path that returns the pattern), "kernel" (the fused Triton kernel).
-    """
-    if path not in PATHS:
-        raise ValueError(f"attention path {path!r} is not one of {PATHS}")
-    if return_pattern and path == "kernel":
-        raise ValueError(
-            "hook_pattern needs the materialised pattern, which the fused kernel never builds; use the eager path "
-            "(model.set_attention_path('eager') or uninstall_attention(model)) or capture the statistics hooks"
-        )
-    if path == "kernel":
-        from workbench.attention.kernel import flash_attention
-
-        out, stats = flash_attention(
-            q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-            return_stats=return_stats, sink_k=sink_k,
-        )  # fmt: skip
-        return AttentionOutput(out, None, stats)
-    if path == "eager" or return_stats:
-        scores = masked_scores(
-            q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, dtype=torch.float32
-        )
-        stats = stats_from_scores(scores, sink_k=sink_k) if return_stats else None
-        if stats is not None:
-            stats = {name: value.to(q.dtype) for name, value in stats.items()}
-        if path == "eager":
-            pattern = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
-            groups = q.shape[1] // v.shape[1]
-            out = pattern @ (v.repeat_interleave(groups, dim=1) if groups > 1 else v)
-            return AttentionOutput(out, pattern if return_pattern else None, stats)
-    else:
-        stats = None
-    return AttentionOutput(
-        _sdpa(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask), None, stats
-    )
-
-
-def _sdpa(q, k, v, *, scale: float, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    q_len, k_len = q.shape[2], k.shape[2]
-    if key_padding_mask is None and (not causal or q_len == k_len):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal and q_len > 1)
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril(diagonal=k_len - q_len)
-    allowed = allowed.expand(q.shape[0], 1, q_len, k_len)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)

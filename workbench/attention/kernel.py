@@ -185,7 +185,7 @@ def flash_attention(
     ok, reason = kernel_available(q.device)
     if not ok:
         _announce("torch SDPA with reference statistics (fallback)", reason)
-        from workbench.attention import attend
+        from workbench.attention.dispatch import attend
 
         result = attend(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, path="sdpa",
                         return_stats=return_stats, sink_k=sink_k)  # fmt: skip
