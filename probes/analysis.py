@@ -5,7 +5,7 @@
     write_probe_results(rows, workspace)
     probe_heatmap(rows, dataset.name)
 
-Label sources (user files, label functions, the zoo's label sets) live in :mod:`probes.labels`. Every row reports
+Label sources (user files, label functions, the zoo's label sets) live in :mod:`workbench.labels`. Every row reports
 the held-out score of the probe, the control-task score (Hewitt & Liang: a random label per token type, drawn from
 the label distribution; for per-sequence labels the "type" is the sequence's token content, so held-out sequences
 are unseen types and the control scores near chance), the selectivity (score − control score), the majority-class
@@ -36,8 +36,8 @@ import torch
 
 from workbench.analysis import Analysis, Table, write_tables
 from workbench.datasets import Dataset, load_dataset
+from workbench.labels import LabelDataset, LabelSource, label_provider, parse_label_source
 from workbench.model import HookedModel
-from workbench.probes.labels import ZOO_FSM, LabelDataset, LabelSource, parse_label_source
 from workbench.probes.linear import TASKS, LinearProbes, ProbeError, cross_validate, fit_probes
 
 __all__ = ["ANALYSIS", "LabelDataset", "ProbeSettings", "collect_activations", "label_dataset", "labels_for_model",
@@ -133,7 +133,7 @@ def label_dataset(
     seq_len: int = 64,
     seed: int = 0,
 ) -> LabelDataset:
-    """A seeded zoo label set (``zoo:NAME`` of :mod:`probes.labels`): Python labels need the model's ``tokenizer``,
+    """A seeded zoo label set (``zoo:NAME`` of :mod:`workbench.labels`): Python labels need the model's ``tokenizer``,
     TokFSM labels the ``fsm`` (a :class:`workbench.zoo.corpora.TokFSM`)."""
     name = label_set.removeprefix("zoo:")
     return parse_label_source(f"zoo:{name}").build(
@@ -159,10 +159,10 @@ def labels_for_model(
     parsed = source if isinstance(source, LabelSource) else parse_label_source(source)
     dataset = load_dataset(data) if data is not None and not isinstance(data, Dataset) else data
     fsm = None
-    if parsed.kind == "zoo" and parsed.zoo in ZOO_FSM and dataset is None:
+    if parsed.needs_fsm and dataset is None:
         if location is None:
             raise ProbeError(
-                f"label set {parsed.zoo!r} needs a zoo model trained on TokFSM (or --data zoo:tokfsm)"
+                f"label set {parsed.set_name!r} needs a zoo model trained on TokFSM (or --data zoo:tokfsm)"
             )
         fsm = zoo_fsm(location)
     return parsed.build(
@@ -411,7 +411,7 @@ def probe_series(
     steps: Sequence[int] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """:func:`probe_model` for each label dataset (any source of :mod:`probes.labels`, aligned once: checkpoints
+    """:func:`probe_model` for each label dataset (any source of :mod:`workbench.labels`, aligned once: checkpoints
     share the tokenizer) at every checkpoint of a :class:`CheckpointSeries` (loaded once each)."""
     frames = [
         probe_model(model, dataset, hooks, settings)
@@ -489,5 +489,5 @@ def zoo_fsm(model_dir: str | Path):
                 break
             return TokFSM(**spec["fsm"], seed=spec.get("seed", 0))
     raise ProbeError(
-        f"{path} is not a zoo model trained on TokFSM; the label sets {', '.join(ZOO_FSM)} need one"
+        f"{path} is not a zoo model trained on TokFSM; the label sets {', '.join(label_provider('zoo').needs_fsm)} need one"
     )

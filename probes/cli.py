@@ -86,13 +86,13 @@ def fit(
 ) -> None:
     """Probe every hook of MODEL for a label source; prints a score table and writes probe_results (and, with
     --save, the fitted probes)."""
+    from workbench.labels import parse_label_source, parse_position
     from workbench.probes.analysis import (
         ProbeSettings,
         fit_model_probes,
         labels_for_model,
         write_probe_results,
     )
-    from workbench.probes.labels import parse_label_source, parse_position
     from workbench.probes.readout import save_probe
     from workbench.references import parse_model_ref
     from workbench.workspace import Workspace, safe_name

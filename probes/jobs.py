@@ -17,7 +17,7 @@ A job file::
 
     [[probe]]
     model = "minilm"
-    labels = ["sentiment.csv", "entities.jsonl"]        # any label source of probes.labels (files, zoo:NAME,
+    labels = ["sentiment.csv", "entities.jsonl"]        # any label source of workbench.labels (files, zoo:NAME,
     position = "first"                                  #   FILE.py:FN); position: last | first | mean | N
     data = "reviews.txt"                                # texts for zoo Python label sets / label functions
 
@@ -53,8 +53,8 @@ from workbench.analysis import write_tables
 from workbench.executor import BACKENDS, execute, task_outcome
 from workbench.faults import crash_point
 from workbench.identity import identity_slug, is_path_identity
+from workbench.labels import LabelError, label_provider, parse_label_source, parse_position
 from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
-from workbench.probes.labels import LabelError, parse_label_source, parse_position
 from workbench.workspace import Workspace
 
 STATUS_TABLE = TASKS_TABLE
@@ -233,8 +233,6 @@ def _load_settings(table: Any, lines: _Lines) -> ProbeSettings:
 
 def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, Any]:
     """One [[probe]] table with defaults filled in and strings promoted to lists; wrong keys or types raise."""
-    from workbench.probes.labels import ZOO_LABEL_SETS as LABEL_SETS
-
     table = f"[[probe]] #{index + 1}"
 
     def fail(key: str | None, message: str) -> ProbeJobError:
@@ -256,9 +254,10 @@ def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, 
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             raise fail(key, f"{key} must be a non-empty list of strings (or one string); got {value!r}")
         entry[key] = value
+    zoo_sets = label_provider("zoo").names if entry.get("label_sets") else ()
     for label_set in entry.get("label_sets", []):
-        if label_set not in LABEL_SETS:
-            raise fail("label_sets", f"unknown label set {label_set!r}; valid: {', '.join(LABEL_SETS)}")
+        if label_set not in zoo_sets:
+            raise fail("label_sets", f"unknown label set {label_set!r}; valid: {', '.join(zoo_sets)}")
     base = lines.path.parent
     entry["_labels"] = []
     for reference in entry.get("labels", []):
@@ -386,7 +385,6 @@ def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
     """The hooks of ``entry`` resolved on the task's model; label sources the model cannot use are refused."""
     from workbench.hooks import HookNameError
     from workbench.probes.analysis import zoo_fsm
-    from workbench.probes.labels import ZOO_FSM
 
     where = entry["_where"]
     model = _load(task)
@@ -394,9 +392,13 @@ def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
         hooks = tuple(model.resolve(entry["hooks"]))
     except HookNameError as err:
         raise ProbeJobError(f"{where}: hooks: {err}") from None
-    names = [*entry.get("label_sets", []), *(s.zoo or s.text for s in entry["_labels"])]
-    for label_set in names:
-        if label_set in ZOO_FSM:
+    sources = [
+        *(parse_label_source(f"zoo:{name}") for name in entry.get("label_sets", [])),
+        *entry["_labels"],
+    ]
+    for source in sources:
+        label_set = source.set_name or source.text
+        if source.needs_fsm:
             if str(entry.get("data", "")).startswith("zoo:tokfsm"):
                 continue
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import tomllib
 from pathlib import Path
 
@@ -27,3 +28,17 @@ def test_every_source_package_is_listed_in_pyproject():
                 continue
             package = ".".join((name, *sub.parent.relative_to(ROOT / folder).parts))
             assert package in listed, f"{sub.relative_to(ROOT)}: add {package} to [tool.setuptools] packages"
+
+
+def test_every_entry_point_of_pyproject_is_installed_and_loads():
+    """Plug-in groups (CLI commands, analyses, dataset and label-set providers) resolve to their objects; a group
+    missing from the installed metadata means the venv predates pyproject (``make venv`` reinstalls it)."""
+    groups = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert "workbench.labels" in groups and "workbench.datasets" in groups
+    for group, entries in groups.items():
+        installed = {entry.name: entry for entry in importlib.metadata.entry_points(group=group)}
+        for name, value in entries.items():
+            assert name in installed and installed[name].value == value, (
+                f"{group} {name}: reinstall (make venv)"
+            )
+            assert installed[name].load() is not None

@@ -18,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
+from workbench.labels import LabelError, align_char_labels, load_labels, parse_label_source
 from workbench.probes.analysis import (
     ProbeSettings,
     collect_activations,
@@ -26,7 +27,6 @@ from workbench.probes.analysis import (
     split_by_sequence,
 )
 from workbench.probes.jobs import job_status, load_job, run_job
-from workbench.probes.labels import LabelError, align_char_labels, load_labels, parse_label_source
 from workbench.probes.readout import load_probe_for
 from workbench.references import resolve_model
 from workbench.workspace import Workspace
@@ -211,7 +211,7 @@ def test_zoo_label_sets_are_one_provider_and_read_your_own_code(bpe_tokenizer, t
     assert dataset.dataset == "mine.txt" and int(dataset.labels.max()) == 3
     with pytest.raises(LabelError, match="zoo has no label set 'depth'.*zoo:bracket_depth"):
         parse_label_source("zoo:depth")
-    imported = subprocess.run([sys.executable, "-c", "import sys, probes.analysis, probes.cli; "
+    imported = subprocess.run([sys.executable, "-c", "import sys, workbench.labels, probes.analysis, probes.cli; "
                                "print(sorted(m for m in sys.modules if m.startswith('workbench.zoo')))"],
                               capture_output=True, text=True, check=True)  # fmt: skip
     assert imported.stdout.strip() == "[]"

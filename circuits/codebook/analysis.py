@@ -6,7 +6,7 @@ on that label's tokens, and purity = P(label | best code), the share of the best
 label; recall = P(best code | label). ``run(model, data, codebooks)`` → ``{"codebook_codes", "codebook_purity"}``
 frames, keyed by (model, checkpoint, dataset, run, site); ``ANALYSIS`` declares them and ``write_results`` stores
 them. Labels: the per-token label arrays a token dataset carries (``zoo:tokfsm``: ``fsm_state``) or any per-token
-label source of ``probes.labels`` (a spans .jsonl, a label function ``FILE.py:FN``); without labels only counts and
+label source of ``workbench.labels`` (a spans .jsonl, a label function ``FILE.py:FN``); without labels only counts and
 contexts are computed.
 """
 
@@ -25,6 +25,7 @@ from workbench.circuits.codebook.data import EVAL_FRACTION, read_rows, token_row
 from workbench.circuits.codebook.module import CodebookError, CodebookSet, site_config
 from workbench.datasets import Dataset
 from workbench.hooks import HookNameError
+from workbench.labels import load_labels
 
 CODES_TABLE = "codebook_codes"
 PURITY_TABLE = "codebook_purity"
@@ -265,7 +266,7 @@ def run(
     any other dataset all its rows (``read_rows`` / ``token_rows``; ``context_length`` / ``max_tokens`` default to
     the training's). ``source``: how the training rows were read (``TrainReport.source``), by default from the run
     directory's metadata. ``labels``: names of ``data``'s per-token label arrays and/or per-token label sources
-    (``probes.labels.load_labels``); default every per-token label array ``data`` carries.
+    (``workbench.labels.load_labels``); default every per-token label array ``data`` carries.
     """
     meta: dict[str, Any] = {}
     if not isinstance(codebooks, CodebookSet):
@@ -304,12 +305,8 @@ def run(
 
 def _source_purity(model: Any, codebooks: CodebookSet, data: Dataset, source: str,
                    context_length: int) -> pd.DataFrame:  # fmt: skip
-    """Purity rows against a per-token label source of ``probes.labels`` (its own token rows, aligned to the
+    """Purity rows against a per-token label source of ``workbench.labels`` (its own token rows, aligned to the
     model's tokenizer; ``data`` feeds a label function)."""
-    from workbench.probes.labels import (
-        load_labels,  # the probes package only when a label source is asked for
-    )
-
     labelled = load_labels(source, model.tokenizer, data=data, context_length=context_length)
     if labelled.level != "token" or labelled.task != "classification":
         raise CodebookError(

@@ -13,28 +13,30 @@ non-whitespace character (its first character if it is all whitespace). Characte
 could not reach (a file cut in the middle of a string, say) and padding get the label −1 (ignored).
 
 TokFSM: ``fsm_state`` (the hidden state that emitted the token) and ``fsm_next_state`` (the state after it).
+
+:data:`LABELS` registers these sets as ``zoo:NAME`` label sources (entry point ``zoo`` of ``workbench.labels``).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import token as token_module
 import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-IGNORE = -1
+from workbench.datasets import Dataset
+from workbench.labels import IGNORE, LabelDataset, LabelError, LabelSets
+
 TOKEN_TYPES = ["NAME", "OP", "NUMBER", "STRING", "NEWLINE", "NL", "COMMENT", "INDENT", "DEDENT", "ENDMARKER"]
 PYTHON_LABELS = ("bracket_depth", "inside_string", "indent_level", "next_token_type")
 FSM_LABELS = ("fsm_state", "fsm_next_state")
 LABEL_SETS = PYTHON_LABELS + FSM_LABELS
-
-
-class LabelError(ValueError):
-    """A label set was asked for that does not exist or does not fit the corpus."""
 
 
 def check_label_set(name: str) -> str:
@@ -173,3 +175,40 @@ def fsm_label_dataset(
         "fsm_state": torch.from_numpy(states[:, :length]),
         "fsm_next_state": torch.from_numpy(next_states),
     }
+
+
+def build_label_set(name: str, tokenizer: Any, *, fsm: Any = None, data: Dataset | None = None,
+                    n_sequences: int = 64, context_length: int = 128, seed: int = 0,
+                    task: str = "classification") -> LabelDataset:  # fmt: skip
+    """The zoo label set ``name`` as a token-level :class:`LabelDataset` (tokens and labels [n, context_length]).
+
+    Python sets label ``data``'s documents when given, else ``n_sequences`` seeded stdlib windows, and need a
+    tokenizer with a pad token; TokFSM sets sample ``n_sequences`` sequences from ``fsm`` (or ``data.meta["fsm"]``).
+    A regression ``task`` reads the labels as float targets (NaN = ignored).
+    """
+    if name in PYTHON_LABELS:
+        if tokenizer is None or tokenizer.pad_token_id is None:
+            raise LabelError(f"label set {name!r} is computed from Python source and needs a tokenizer with a pad "
+                             "token (a code model)")  # fmt: skip
+        if data is None:
+            tokens, labels = python_label_dataset(tokenizer, n_sequences, context_length, seed=seed)
+            described = f"python-stdlib:{n_sequences}x{context_length}:seed{seed}"
+        else:
+            tokens, labels = python_token_labels(data.documents(limit=n_sequences), tokenizer, context_length)
+            described = data.name
+        mask = (tokens != tokenizer.pad_token_id).long()
+    else:
+        fsm = fsm if fsm is not None else (data.meta.get("fsm") if data is not None else None)
+        if fsm is None:
+            raise LabelError(f"label set {name!r} needs the TokFSM that generated the model's training data (a zoo "
+                             "model trained on the fsm corpus, or --data zoo:tokfsm)")  # fmt: skip
+        tokens, labels = fsm_label_dataset(fsm, n_sequences, context_length, seed=seed)
+        described, mask = f"tokfsm:{n_sequences}x{context_length}:seed{seed}", None
+    target = labels[check_label_set(name)]
+    if task == "regression":
+        target = torch.where(target == IGNORE, math.nan, target.double()).float()
+    classes = tuple(TOKEN_TYPES) if name == "next_token_type" and task == "classification" else ()
+    return LabelDataset(name, tokens, target, described, mask, classes, task, "token")
+
+
+LABELS = LabelSets(names=LABEL_SETS, build=build_label_set, needs_fsm=FSM_LABELS)
