@@ -169,22 +169,38 @@ def export(
 
 def _load_transcoders(references: list[str], workspace, device: str) -> tuple[list[str], object]:
     """--transcoders: one cross-layer transcoder folder, or one saved SAE id / directory per layer."""
-    from pathlib import Path
-
-    from workbench.circuits.sae.analysis import find_sae
-    from workbench.circuits.sae.formats.circuit_tracer import CONFIG_FILE, load_clt, read_config
+    from workbench.circuits.attribution.batch import load_transcoders
 
     if not references:
         fail("--transcoders is required: one transcoder id per layer, or one cross-layer transcoder folder")
-    folder = Path(references[0]).expanduser()
-    if (folder / CONFIG_FILE).is_file() and read_config(folder)[1].get(
-        "model_kind"
-    ) == "cross_layer_transcoder":
-        if len(references) > 1:
-            fail("a cross-layer transcoder covers every layer: pass it alone to --transcoders")
-        return [folder.name], load_clt(folder, device=device)
-    found = [find_sae(reference, workspace) for reference in references]
-    return [name for name, _ in found], [sae.to(device) for _, sae in found]
+    return load_transcoders(references, workspace, device)
+
+
+def _prompt_tokens(
+    hooked, prompt: str | None, data: str | None, prompt_index: int, context_length: int
+) -> object:
+    """--prompt TEXT, or token row --prompt-index of --data as token ids [pos]."""
+    import torch
+
+    if (prompt is None) == (data is None):
+        fail("pass exactly one of --prompt TEXT or --data REF (with --prompt-index N)")
+    if prompt is not None:
+        return prompt
+    dataset = open_data(data)
+    rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
+    if len(rows) <= prompt_index:
+        fail(f"{dataset.name!r} has {len(rows)} token row(s); pick --prompt-index 0..{len(rows) - 1}")
+    return torch.tensor(rows[prompt_index], dtype=torch.long)
+
+
+def _prompt_range(text: str) -> tuple[int, int]:
+    """--prompts START:STOP → (start, stop), checked."""
+    start, colon, stop = text.partition(":")
+    if not colon or not start.strip().isdigit() or not stop.strip().isdigit() or int(stop) <= int(start):
+        fail(
+            f"--prompts {text!r} is not a range START:STOP of token rows with STOP > START, e.g. --prompts 0:500"
+        )
+    return int(start), int(stop)
 
 
 def _probe_readout(spec: str, hooked, workspace):
@@ -262,6 +278,13 @@ def attribute(
     prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt text.")] = None,
     data: DataOption = None,
     prompt_index: PromptIndexOption = 0,
+    prompts: Annotated[str | None, typer.Option("--prompts", help="START:STOP: a graph for each of these token rows "
+                                                "of --data, as a resumable batch job (see `circuits status`).")] = None,
+    backend: Annotated[str, typer.Option(help="--prompts: local (this process, or a process pool with --workers) "
+                                         "or ray.")] = "local",
+    workers: Annotated[int, typer.Option(min=1, help="--prompts: parallel workers (processes or Ray CPUs).")] = 1,
+    address: Annotated[str | None, typer.Option(help="--prompts --backend ray: the cluster address (default: start "
+                                                "a local one).")] = None,
     target: Annotated[
         list[str] | None,
         typer.Option("--target", help="logits (default) | diff:A,B (tokens or ids) | feature:LAYER:POSITION:FEATURE "
@@ -292,30 +315,41 @@ def attribute(
     """The complete attribution graph of a prompt (--prompt TEXT, or token row --prompt-index of --data): every
     direct effect between transcoder features, error nodes, token (and position) embeddings and the targets in the
     local replacement model, stored unpruned in the workspace (tables attribution_graphs / _nodes / _edges /
-    _heads) with its replacement and completeness scores; --out writes the pruned graph as circuit-tracer JSON."""
-    import torch
-
+    _heads) with its replacement and completeness scores; --out writes the pruned graph as circuit-tracer JSON.
+    --prompts START:STOP makes one graph per token row of --data as a resumable batch job (table
+    attribution_batch; `workbench circuits status` shows it)."""
     from workbench.circuits.attribution.graph import attribute as attribute_graph
     from workbench.circuits.attribution.store import ANALYSIS, write_graph
     from workbench.circuits.circuit_export import write_attribution_graph, write_neuronpedia_graph
 
-    if (prompt is None) == (data is None):
-        fail("pass exactly one of --prompt TEXT or --data REF (with --prompt-index N)")
     if out is not None and format not in ATTRIBUTION_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(ATTRIBUTION_FORMATS)}")
+    if prompts is not None:
+        if prompt is not None or data is None:
+            fail("--prompts START:STOP picks token rows of --data REF; pass --data (not --prompt)")
+        if out is not None:
+            fail("--out exports one graph: export a batch's graph with --data REF --prompt-index N --out DIR")
+        if backend not in ("local", "ray"):
+            fail(f"--backend {backend!r} is not one of local, ray")
+        span = _prompt_range(prompts)
+    elif prompt is not None and data is not None or prompt is None and data is None:
+        fail(
+            "pass exactly one of --prompt TEXT or --data REF (with --prompt-index N or --prompts START:STOP)"
+        )
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     ANALYSIS.check(hooked)
     ids, loaded = _load_transcoders(transcoders, workspace, device)
-    if prompt is not None:
-        tokens: object = prompt
-    else:
-        dataset = open_data(data)
-        rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
-        if len(rows) <= prompt_index:
-            fail(f"{dataset.name!r} has {len(rows)} token row(s); pick --prompt-index 0..{len(rows) - 1}")
-        tokens = torch.tensor(rows[prompt_index], dtype=torch.long)
     targets: list[object] = [_probe_readout(spec, hooked, workspace) if spec.startswith("probe:") else spec
                              for spec in target or ["logits"]]  # fmt: skip
+    if prompts is not None:
+        assert data is not None
+        _attribute_batch(model, hooked, transcoders, ids, loaded, targets, data, span, workspace=workspace,
+                         max_feature_nodes=max_feature_nodes, batch_size=batch_size, position=position,
+                         max_logits=max_logits, logit_probability=logit_probability, heads=heads, device=device,
+                         context_length=context_length, backend=backend, workers=workers, address=address,
+                         progress=progress)  # fmt: skip
+        return
+    tokens = _prompt_tokens(hooked, prompt, data, prompt_index, context_length)
     graph = attribute_graph(hooked, loaded, tokens, targets=targets, max_feature_nodes=max_feature_nodes,
                             batch_size=batch_size, position=position, max_logits=max_logits,
                             logit_probability=logit_probability, heads=heads, progress=progress)  # fmt: skip
@@ -348,6 +382,113 @@ def attribute(
         path = write_attribution_graph(out, graph, slug=name, scan=ids, node_threshold=node_threshold,
                                        edge_threshold=edge_threshold)  # fmt: skip
         typer.echo(f"pruned graph written as circuit-tracer JSON to {path}")
+
+
+def _attribute_batch(model_ref: str, hooked, references: list[str], ids: list[str], loaded, targets: list[object],
+                     data: str, span: tuple[int, int], *, workspace, device: str, context_length: int, backend: str,
+                     workers: int, address: str | None, progress: bool, **options) -> None:  # fmt: skip
+    """`circuits attribute --data REF --prompts START:STOP`: one graph per token row, as a resumable batch job."""
+    from pathlib import Path
+
+    from workbench.circuits.attribution.batch import GraphSpec, preload, run_batch
+    from workbench.workspace import Workspace
+
+    dataset = open_data(data)
+    rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=span[1])
+    if len(rows) < span[1]:
+        fail(f"{dataset.name!r} has {len(rows)} token row(s) at --context-length {context_length}; pick --prompts "
+             f"within 0:{len(rows)}")  # fmt: skip
+    where = Path(model_ref.split("@")[0]).expanduser()
+    located = (
+        str(where.resolve()) + model_ref[len(model_ref.split("@")[0]) :] if where.exists() else model_ref
+    )
+    spec = GraphSpec(model=located, identity=hooked.cfg.name, checkpoint=hooked.cfg.checkpoint,
+                     workspace=str(Workspace(workspace).root.resolve()),
+                     transcoders=tuple(str(Path(r).resolve()) if Path(r).expanduser().is_dir() and len(Path(r).parts) > 1
+                                       else r for r in references),
+                     targets=tuple(targets), dataset=dataset.name, context_length=context_length, device=device,
+                     **options)  # fmt: skip
+    if workers == 1 and backend == "local":
+        preload(spec, hooked, ids, loaded)
+    job, status = run_batch(spec, {i: rows[i] for i in range(*span)}, backend=backend, workers=workers,
+                            address=address, progress=progress)  # fmt: skip
+    _print_batch(job, status)
+    if (status["status"] == "failed").any():
+        raise typer.Exit(1)
+
+
+def _print_batch(job: str, status) -> None:
+    """The per-prompt summary (graph id, replacement and completeness scores) and one count line."""
+    shown = status[["prompt_index", "status", "graph", "replacement_score", "completeness_score", "n_features",
+                    "n_edges"]]  # fmt: skip
+    typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    for row in status[status["status"] == "failed"].itertuples():
+        typer.secho(f"failed prompt {row.prompt_index}: {row.error}", fg=typer.colors.RED)
+    counts = status["status"].value_counts().to_dict()
+    done = status[status["status"] == "done"]
+    means = (f"; mean replacement score {done['replacement_score'].mean():.3f}, completeness "
+             f"{done['completeness_score'].mean():.3f}" if len(done) else "")  # fmt: skip
+    typer.echo(f"batch {job}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + means
+               + f" (graphs in table attribution_graphs; `workbench circuits status {job}`)")  # fmt: skip
+
+
+@app.command()
+def status(
+    job: Annotated[str | None, typer.Argument(help="A batch job id (default: list every batch job).")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Batches of attribution graphs (`circuits attribute --prompts`): every job with its done / failed / pending
+    counts, or one job's prompts with their graph ids and scores."""
+    from workbench.circuits.attribution.batch import batch_jobs, batch_status
+
+    if job is None:
+        jobs = batch_jobs(workspace)
+        if jobs.empty:
+            typer.echo("no attribution batches in this workspace; start one with `workbench circuits attribute "
+                       "MODEL --transcoders ... --data REF --prompts START:STOP`")  # fmt: skip
+            return
+        typer.echo(jobs.to_string(index=False))
+        return
+    _print_batch(job, batch_status(workspace, job))
+
+
+@app.command()
+def qk(
+    model: ModelArgument,
+    transcoders: Annotated[
+        list[str],
+        typer.Option("--transcoders", help="Transcoder ids or directories, one per layer (repeatable), or one "
+                     "cross-layer transcoder folder."),
+    ],
+    layer: Annotated[int, typer.Option("--layer", min=0, help="The attention layer.")],
+    head: Annotated[int, typer.Option("--head", min=0, help="The query head.")],
+    query: Annotated[int, typer.Option("--query", min=0, help="The query position.")],
+    key: Annotated[int, typer.Option("--key", min=0, help="The key position.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt text.")] = None,
+    data: DataOption = None,
+    prompt_index: PromptIndexOption = 0,
+    top: Annotated[int, typer.Option("--top", min=1, help="Terms shown (the rest summed in one row).")] = 20,
+    context_length: ContextOption = 64,
+    batch_size: BatchSizeOption = 64,
+    device: DeviceOption = "cpu",
+    workspace: WorkspaceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:  # fmt: skip
+    """Why a head attended: its pre-softmax score at (--query, --key) decomposed into query-side source node ×
+    key-side source node terms (transcoder features, error nodes, token and position embeddings, biases) of the local
+    replacement model, ranked; the terms sum to the model's score."""
+    from workbench.circuits.attribution.qk import qk_attribution
+
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+    _, loaded = _load_transcoders(transcoders, workspace, device)
+    tokens = _prompt_tokens(hooked, prompt, data, prompt_index, context_length)
+    frame = qk_attribution(hooked, loaded, tokens, layer=layer, head=head, query=query, key=key, top=top,
+                           batch_size=batch_size)  # fmt: skip
+    typer.echo(
+        frame[["query_label", "key_label", "score"]].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    )
+    typer.echo(f"L{layer}.H{head} score at query {query}, key {key}: {frame.attrs['score']:.6g} (pre-softmax, scale "
+               f"{frame.attrs['scale']:.4g}) = the sum of the terms above ({float(frame['score'].sum()):.6g})")  # fmt: skip
 
 
 @app.command("clt-eval")
