@@ -243,6 +243,7 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
         for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
             typer.echo(f"replacement model: CE {row.ce_replacement:.4f} (model {row.ce_clean:.4f}, unigram "
                        f"{row.ce_unigram:.4f}), KL {row.kl:.4f}, loss gain kept {row.gain_kept:.3f}")  # fmt: skip
+        _dead_warnings(frames["sae_evals"], clt=True)
         if ctx is not None:
             typer.echo(f"{ctx.world_size} data-parallel processes (every process trained the CLT)")
         sae_name = frames["sae_evals"].iloc[0]["sae_id"]
@@ -250,6 +251,15 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
         typer.echo(f"saved to saes/{sae_name}; written to the workspace ({tables})")
     if ctx is not None:
         dist.shutdown()
+
+
+def _dead_warnings(evals, clt: bool) -> None:
+    """Print :func:`dead_warning` for each per-layer row of a CLT (``clt``: named by the CLT and its layer's input
+    hook) or of a set of transcoders (named by their own ids)."""
+    for _, row in evals.iterrows():
+        warning = dead_warning(row, f"{row['sae_id']} at {row['hook']}" if clt else str(row["sae_id"]))
+        if warning:
+            typer.echo(warning)
 
 
 def _checkpoint_dir(context: typer.Context, workspace: Path | None, world: int, mode: str) -> Path:
@@ -404,6 +414,7 @@ def _eval_transcoders(found, model, data, max_tokens, context_length, batch_size
                    f"loss gain kept {row.gain_kept:.3f}")  # fmt: skip
     if "transcoder_replacement" not in frames:
         typer.echo(f"no replacement-model row: {frames['sae_evals'].iloc[0]['ce_note']}")
+    _dead_warnings(frames["sae_evals"], clt=not isinstance(found.transcoders, list))
     tables = ", ".join(f"{table} {count} rows" for table, count in written.items())
     typer.echo(
         f"{sae_id or found.name} on {hooked.cfg.name} / {dataset.name!r} written to the workspace ({tables})"
@@ -462,13 +473,32 @@ def circuit(
 
 
 DEAD_WARNING_FRACTION = 0.25
-AUXK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+AUXK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "clt_topk", "clt_batchtopk")
+
+
+def dead_warning(row, name: str) -> str:
+    """``""``, or a ``warning:`` line when more than ``DEAD_WARNING_FRACTION`` of the latents of one ``sae_evals``
+    row (an SAE, a transcoder, or one layer of a CLT: ``name`` says which) never fired on its evaluation tokens,
+    with what to change for its architecture."""
+    if not row["dead_fraction"] > DEAD_WARNING_FRACTION:
+        return ""
+    architecture = str(row["architecture"])
+    clt = architecture.startswith("clt")
+    lr = ("a lower learning rate (lr= of workbench.circuits.sae.clt_analysis.run_clt)" if clt else
+          "a lower learning rate (train_options={'lr': ...} of workbench.circuits.sae.analysis.run)")  # fmt: skip
+    if architecture in AUXK_ARCHITECTURES:
+        fix = (f"AuxK already feeds them gradient in {architecture}, so train longer (--steps, --max-tokens), with "
+               f"fewer latents (--d-sae) or {lr}")  # fmt: skip
+    else:
+        auxk = "clt_topk or clt_batchtopk" if clt else "topk or batchtopk"
+        fix = f"train --architecture {auxk} (their AuxK loss revives dead latents), or use {lr}"
+    return (f"warning: {row['dead_fraction']:.0%} of the {row['d_sae']} latents of {name} are dead (never active on "
+            f"the {row['n_tokens']} evaluation tokens); {fix}")  # fmt: skip
 
 
 def _metrics(row, sae_id: str) -> str:
     """The end-of-run summary of one ``sae_evals`` row: sparsity, reconstruction, dead and dense latent fractions,
-    the CE metrics (or why they do not apply, or why CE recovered means nothing here), and a warning with what to
-    change when more than ``DEAD_WARNING_FRACTION`` of the latents are dead."""
+    the CE metrics (or why they do not apply, or why CE recovered means nothing here), and :func:`dead_warning`."""
     text = (f"L0 {row['L0']:.2f}  FVU {row['FVU']:.4f}  cosine {row['cosine']:.3f}  dead {row['dead_fraction']:.1%}"
             f"  dense {row['dense_fraction']:.1%}")  # fmt: skip
     ce_note, recovered_note = (
@@ -481,14 +511,8 @@ def _metrics(row, sae_id: str) -> str:
                  f"  {recovered_note}")  # fmt: skip
     else:
         text += f"  CE recovered {row['ce_recovered']:.3f}  KL {row['kl']:.4f}"
-    if row["dead_fraction"] > DEAD_WARNING_FRACTION:
-        lr = "a lower learning rate (train_options={'lr': ...} of workbench.circuits.sae.analysis.run)"
-        fix = (f"AuxK already feeds them gradient in {row['architecture']}, so train longer (--steps, --max-tokens), "
-               f"with fewer latents (--d-sae) or {lr}" if row["architecture"] in AUXK_ARCHITECTURES
-               else f"train --architecture topk or batchtopk (their AuxK loss revives dead latents), or use {lr}")  # fmt: skip
-        text += (f"\nwarning: {row['dead_fraction']:.0%} of the {row['d_sae']} latents of {sae_id} are dead (never "
-                 f"active on the {row['n_tokens']} evaluation tokens); {fix}")  # fmt: skip
-    return text
+    warning = dead_warning(row, sae_id)
+    return f"{text}\n{warning}" if warning else text
 
 
 # ---------------------------------------------------------------------------------------- foreign formats

@@ -81,6 +81,19 @@ def _cli(*args: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
 
 
+def _dead_lines(rows) -> list[str]:
+    """The warning line expected of each per-layer row of a CLT's sae_evals ``rows`` with more than a quarter of
+    its latents dead (a JumpReLU CLT: AuxK's CLT variants named as the fix)."""
+    return [
+        f"warning: {row.dead_fraction:.0%} of the {row.d_sae} latents of {row.sae_id} at {row.hook} are dead "
+        f"(never active on the {row.n_tokens} evaluation tokens); train --architecture clt_topk or "
+        "clt_batchtopk (their AuxK loss revives dead latents), or use a lower learning rate (lr= of "
+        "workbench.circuits.sae.clt_analysis.run_clt)"
+        for row in rows.itertuples()
+        if row.dead_fraction > 0.25
+    ]
+
+
 def _unigram_ce(counts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
     """The mean next-token CE of the add-one smoothed unigram of ``counts`` over the predicted tokens of ids."""
     probs = (counts.double() + 1) / (counts.double() + 1).sum()
@@ -103,6 +116,9 @@ def test_a_clt_on_a_users_gpt2_trains_saves_and_evaluates(gpt2_dir, notes, tmp_p
     assert out[3].startswith("replacement model: CE ") and out[-1] == (
         "saved to saes/gpt2-clt; written to the workspace (sae_evals 2 rows, transcoder_replacement 1 rows)"
     )
+    trained = Workspace(ws).results().read("sae_evals", sae_id="gpt2-clt").sort_values("hook")
+    # the summary warns for each layer with more than 25 % of its latents dead, and only for those
+    assert out[4:-1] == _dead_lines(trained), out
     folder = ws / "saes" / "gpt2-clt"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [CLT_CONFIG_FILE, CLT_WEIGHTS_FILE, TRAINING_TOKENS_FILE]
@@ -112,7 +128,12 @@ def test_a_clt_on_a_users_gpt2_trains_saves_and_evaluates(gpt2_dir, notes, tmp_p
 
     lines = _cli("sae", "eval", "gpt2-clt", str(gpt2_dir), "--data", str(notes), "--context-length", "32",
                  "--no-progress", "--workspace", str(ws))  # fmt: skip
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    lines = [line for line in lines if not line.startswith("warning: ")]
     assert len(lines) == 4, lines
+    assert warnings == _dead_lines(
+        Workspace(ws).results().read("sae_evals", sae_id="gpt2-clt").sort_values("hook")
+    )
     assert lines[0].startswith("gpt2-clt blocks.0.ln2.hook_normalized -> blocks.0.hook_mlp_out: L0 ")
     assert lines[1].startswith("gpt2-clt blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out: L0 ")
     train_store = ActivationStore.open(next((ws / "stores").iterdir()))
@@ -187,9 +208,11 @@ def test_a_clt_and_per_layer_transcoders_on_code_tiny(zoo_workspace, notes, tmp_
         (["--hook", "blocks.*.ln2.hook_normalized", "--hook-out", "blocks.0.hook_mlp_out"],
          "error: --hook 'blocks.*.ln2.hook_normalized' matches layers [0, 1] but --hook-out 'blocks.0.hook_mlp_out' "
          "matches layers [0]: give patterns that match the same layers"),
+        (["--hook", "blocks.*.ln2.hook_normalized", "--hook-out", "blocks.*.hook_mlp_nowhere"],
+         "error: --hook-out 'blocks.*.hook_mlp_nowhere' matches no hook of "),
         ([*HOOKS, "--d-sae", "4000000000"], "too large; use fewer layers (a narrower --hook pattern), a smaller --d-sae"),
     ],
-    ids=["no-layer", "different-layers", "too-large"],
+    ids=["no-layer", "different-layers", "hook-out-no-layer", "too-large"],
 )  # fmt: skip
 def test_bad_clt_input_exits_2_with_one_line_and_writes_nothing(gpt2_dir, notes, tmp_path, options, reason):
     ws = tmp_path / "ws"
@@ -200,6 +223,37 @@ def test_bad_clt_input_exits_2_with_one_line_and_writes_nothing(gpt2_dir, notes,
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and reason in errors[0], result.stderr
     assert "Traceback" not in result.output
+    assert not ws.exists()
+
+
+def test_a_model_without_mlps_exits_2_with_one_line_and_writes_nothing(
+    notes, zoo_workspace, tmp_path, monkeypatch
+):
+    """An attention-only TransformerLens model (attn_only=True: no MLP blocks, though its config keeps a default
+    d_mlp) given to `sae train --architecture clt`: exit 2, one line naming the problem and the fix."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from workbench.circuits import sae_cli
+    from workbench.references import resolve_model
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_vocab=512,
+                                  attn_only=True, tokenizer_name=None)  # fmt: skip
+    torch.manual_seed(0)
+    attn_only = resolve_model(HookedTransformer(cfg))
+    attn_only.tokenizer = resolve_model("code-tiny", workspace=zoo_workspace).tokenizer
+    assert attn_only.cfg.d_mlp == 0 and not [
+        h for h in attn_only.hook_names() if "ln2" in h or "mlp.hook" in h
+    ]
+    monkeypatch.setattr(sae_cli, "open_model", lambda *args, **kwargs: attn_only)
+    ws = tmp_path / "ws"
+    result = runner.invoke(app, ["sae", "train", "attn-only", "--data", str(notes), "--architecture", "clt", *HOOKS,
+                                 "--steps", "2", "--no-progress", "--workspace", str(ws)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {attn_only.cfg.name} has no MLP blocks (d_mlp = 0): a cross-layer transcoder replaces MLPs; pick a "
+        "model with MLPs"
+    ]
     assert not ws.exists()
 
 
@@ -338,6 +392,29 @@ def _refused(args: list[str], reason: str) -> None:
     assert "Traceback" not in result.output
 
 
+def test_the_clt_summary_warns_for_each_layer_with_more_than_a_quarter_of_its_latents_dead(
+    gpt2_dir, notes, tmp_path
+) -> None:
+    """Half of layer 0's latents can never fire (b_enc −100): `sae eval` warns for layer 0 (its dead fraction from
+    the stored row, at least that half) and not for layer 1, whose latents are random and fire."""
+    clt = _random_clt()
+    with torch.no_grad():
+        clt.b_enc[0, :12] = -100.0
+    ws = tmp_path / "ws"
+    clt.save(ws / "saes" / "half-dead")
+    lines = _cli("sae", "eval", "half-dead", str(gpt2_dir), "--data", str(notes), "--context-length", "32",
+                 "--no-progress", "--workspace", str(ws))  # fmt: skip
+    rows = Workspace(ws).results().read("sae_evals", sae_id="half-dead").sort_values("hook")
+    assert rows["dead_fraction"].iloc[0] >= 0.5 and rows["dead_fraction"].iloc[1] <= 0.25, rows
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert (
+        warnings == _dead_lines(rows)
+        and len(warnings) == 1
+        and " at blocks.0.ln2.hook_normalized " in warnings[0]
+    )
+    assert lines.index(warnings[0]) == len(lines) - 2  # after the replacement line, before the closing line
+
+
 def test_import_eval_and_export_of_a_circuit_tracer_clt(gpt2_dir, notes, zoo_workspace, tmp_path) -> None:
     """circuit-tracer's CLT folder: `sae eval` reads it in place; `sae import` registers it (checked against
     --model first), `sae export --format circuit-tracer` writes it back equal (1e-6); CLTs refused where they do
@@ -390,7 +467,17 @@ def test_import_eval_and_export_of_a_circuit_tracer_clt(gpt2_dir, notes, zoo_wor
     for name, value in original.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], value, atol=1e-6, rtol=1e-6, msg=name)
 
+    import sae_lens
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    assert sae_lens.__version__.startswith("6.")  # the SAELens whose classes were read for the refusal below
+    assert not [a for a in SAE_CLASS_REGISTRY if "clt" in a or "cross" in a], sorted(SAE_CLASS_REGISTRY)
+    version = ".".join(sae_lens.__version__.split(".")[:2])
     _refused(["sae", "export", "ct", "--format", "saelens", "--out", str(tmp_path / "x"), *common],
+             f"error: SAELens {version} has no cross-layer transcoder class (its transcoders read and write one "
+             "layer, and a CLT's layer-i latents also write every later layer, so no per-layer split is exact): "
+             "export it with --format circuit-tracer (circuit-tracer's CLT layout)")  # fmt: skip
+    _refused(["sae", "export", "ct", "--format", "sparsify", "--out", str(tmp_path / "x"), *common],
              "a cross-layer transcoder exports to --format circuit-tracer")  # fmt: skip
     _random_clt(skip=True).save(ws / "saes" / "skip-clt")
     _refused(["sae", "export", "skip-clt", "--format", "circuit-tracer", "--out", str(tmp_path / "y"), *common],

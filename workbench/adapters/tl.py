@@ -37,7 +37,7 @@ class TransformerLensAdapter:
             n_heads=cfg.n_heads,
             n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
             d_head=cfg.d_head,
-            d_mlp=0 if getattr(cfg, "attn_only", False) else cfg.d_mlp or 0,  # attn_only keeps a default d_mlp
+            d_mlp=0 if getattr(cfg, "attn_only", False) else cfg.d_mlp or 0,  # attn_only keeps a d_mlp
             d_vocab=cfg.d_vocab,
             n_ctx=cfg.n_ctx,
             causal=cfg.attention_dir == "causal",

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +148,23 @@ def _import_clt(clt: CrossLayerTranscoder, path: Path, workspace: Any, *, sae_id
 def export_clt(clt: CrossLayerTranscoder, out: str | Path, format: str) -> Path:
     """Write a CLT in circuit-tracer's ``cross_layer_transcoder`` layout (the only one that holds CLTs);
     ``CrossLayerTranscoder.save_circuit_tracer`` refuses skip connections and TopK with the reason."""
+    if format == "saelens":
+        raise SAEInputError(f"SAELens {_installed_version('sae-lens')} has no cross-layer transcoder class (its "
+                            "transcoders read and write one layer, and a CLT's layer-i latents also write every later "
+                            "layer, so no per-layer split is exact): export it with --format circuit-tracer "
+                            "(circuit-tracer's CLT layout)")  # fmt: skip
     if format not in CLT_EXPORT_FORMATS:
         raise SAEInputError(f"a cross-layer transcoder exports to --format circuit-tracer (circuit-tracer's CLT layout) "
                             f"only, not {format!r}: SAELens, sparsify and Neuronpedia hold one SAE per hook")  # fmt: skip
     return clt.save_circuit_tracer(Path(out).expanduser())
+
+
+def _installed_version(distribution: str) -> str:
+    """The installed version of ``distribution`` as MAJOR.MINOR, or "(not installed here)"."""
+    try:
+        return ".".join(metadata.version(distribution).split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return "(not installed here)"
 
 
 def export_sae(
