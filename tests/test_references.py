@@ -15,10 +15,10 @@ import transformers as T
 
 from tests.conftest import HUB_CACHE, HUB_DUPLICATE, HUB_STEPS
 from workbench.checkpoints import CheckpointError, CheckpointSeries
+from workbench.hub import hub_step_branches
 from workbench.model import HookedModel, ModelLoadError
 from workbench.references import (
     ModelReferenceError,
-    hub_step_branches,
     parse_model_ref,
     resolve_model,
     resolve_series,

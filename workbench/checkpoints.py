@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.fileio import CHECKSUMS_FILE, verify_checksums
+from workbench.hub import hub_weights_fingerprint
 from workbench.identity import STEP_DIR, directory_identity
 
 if TYPE_CHECKING:
@@ -152,17 +153,7 @@ class CheckpointSeries:
                 digest.update(file.name.encode())
                 digest.update(file.read_bytes())
             return digest.hexdigest()
-        from workbench.references import hub_cache_dir
-
-        repo_cache = hub_cache_dir() / f"models--{str(where).replace('/', '--')}"
-        ref = repo_cache / "refs" / (self.revision(step) or "main")
-        if not ref.is_file():
-            return None
-        snapshot = repo_cache / "snapshots" / ref.read_text().strip()
-        weights = sorted(p for p in snapshot.glob("*") if p.suffix in (".safetensors", ".bin"))
-        if not weights:
-            return None
-        return hashlib.sha256("".join(f"{p.name}={p.resolve().name};" for p in weights).encode()).hexdigest()
+        return hub_weights_fingerprint(str(where), self.revision(step) or "main")
 
     def iter(self, steps: Sequence[int] | None = None, progress: bool = True,
              dedupe: bool = True) -> Iterator[HookedModel]:  # fmt: skip

@@ -18,17 +18,23 @@ Failures raise :class:`ModelReferenceError`, naming every form that was tried an
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlparse
 
 import torch
 
 from workbench.checkpoints import STEP_DIR, CheckpointSeries
+from workbench.hub import (
+    HubError,
+    hub_cached_revisions,
+    hub_offline,
+    hub_reachable,
+    hub_step_branches,
+    repo_cache,
+    where_looked,
+)
 from workbench.identity import directory_identity, directory_step, identity_slug
 from workbench.model import PACKAGED_MODELS, HookedModel, ModelLoadError
 from workbench.workspace import Workspace
@@ -258,10 +264,13 @@ def resolve_series(
                     f"'@last' is not a hub revision in {parsed.text!r}; name a stepN branch"
                 )
             steps = [step]
-        available = hub_step_branches(repo)
+        try:
+            available = hub_step_branches(repo)
+        except HubError as err:
+            raise ModelReferenceError(str(err)) from None
         if not available:
             raise ModelReferenceError(
-                f"hub repo {repo!r} has no stepN branches {_where_looked()}; give a revision (ORG/NAME@main) for "
+                f"hub repo {repo!r} has no stepN branches {where_looked()}; give a revision (ORG/NAME@main) for "
                 "one model, or download the step branches into the cache first"
             )
         series = CheckpointSeries.from_hub(repo, available, **load)
@@ -290,78 +299,19 @@ def _wrap_object(ref: Any, probe: bool = False) -> HookedModel | bool | None:
 
 
 # ---------------------------------------------------------------------------------------------------- the hub
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache directory (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ~/.cache/huggingface/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for the cache only."""
-    return any(
-        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _repo_cache(repo: str) -> Path:
-    return hub_cache_dir() / f"models--{repo.replace('/', '--')}"
-
-
-def hub_cached_revisions(repo: str) -> dict[str, str]:
-    """Branch/tag name -> commit for ``repo`` in the local hub cache (``refs/``), {} when not cached."""
-    refs = _repo_cache(repo) / "refs"
-    if not refs.is_dir():
-        return {}
-    return {
-        str(p.relative_to(refs)): p.read_text().strip() for p in refs.rglob("*") if p.is_file()
-    }  # fmt: skip
-
-
-def hub_step_branches(repo: str) -> list[int]:
-    """Steps N of the ``stepN`` branches of ``repo``: from the local cache, plus the hub's own list when online."""
-    names = set(hub_cached_revisions(repo))
-    if not hub_offline() and _hub_reachable():
-        from huggingface_hub import list_repo_refs
-
-        try:
-            names |= {branch.name for branch in list_repo_refs(repo).branches}
-        except Exception as err:  # noqa: BLE001 - any hub failure means: use what the cache holds
-            if not names:
-                raise ModelReferenceError(
-                    f"could not list the branches of {repo!r} on the hub: {err}"
-                ) from None
-    return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"step(\d+)", n)))
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _where_looked() -> str:
-    return f"in the hub cache {hub_cache_dir()}" + (" (HF_HUB_OFFLINE is set)" if hub_offline() else "")
-
-
 def _check_hub_reachable(repo: str, revision: str | None) -> None:
     """Fail at once (rather than after the hub client's retries) for a repo that neither the cache holds nor a
     reachable hub could serve."""
     cached = hub_cached_revisions(repo)
     wanted = revision or "main"
     if wanted in cached or (
-        re.fullmatch(r"[0-9a-f]{40}", wanted) and (_repo_cache(repo) / "snapshots" / wanted).is_dir()
+        re.fullmatch(r"[0-9a-f]{40}", wanted) and (repo_cache(repo) / "snapshots" / wanted).is_dir()
     ):
         return
-    if hub_offline() or not _hub_reachable():
+    if hub_offline() or not hub_reachable():
         state = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached (offline)"
         have = f"; cached revisions: {', '.join(sorted(cached))}" if cached else ""
         raise ModelReferenceError(
             f"model {repo}{'@' + revision if revision else ''}: not a directory, not a model in the workspace, and "
-            f"not {_where_looked()} ({state}){have}. Forms: {FORMS}"
+            f"not {where_looked()} ({state}){have}. Forms: {FORMS}"
         )
