@@ -27,6 +27,7 @@ HERE = Path(__file__).parent
 PROBE_JOB = HERE / "demo_probes.toml"
 PROMPTS = HERE / "demo_prompts.jsonl"  # the demo's own "user data": a jsonl file with a text field
 DEMO_TABLE = "demo_steps"
+GRAPH_PROMPT = "def add(a, b):\n    return a +"  # traced into the graph page's first graph
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,9 @@ def recipes() -> list[Recipe]:
         Recipe("probe job (code-small, fsm-tiny over checkpoints)",
                ("probe", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}")),
         Recipe("SAE and transcoders on code-tiny", run=_sae),
-        Recipe("transcoder circuit on code-tiny", run=_circuit),
+        Recipe("attribution graph on code-tiny (its two transcoders)",
+               ("circuits", "attribute", "code-tiny", "--transcoders", "code-tiny.L0-mlp-transcoder", "--transcoders",
+                "code-tiny.L1-mlp-transcoder", "--prompt", GRAPH_PROMPT, "-w", "{ws}")),
         Recipe("codebooks on fsm-small", run=_codebooks),
         Recipe("neuron paths on vit-digits",
                ("neuron-path", "run", "vit-digits", "--data", "zoo:digits", "--top-k", "3", "--steps", "5",
@@ -78,12 +81,6 @@ def _sae(ws: Workspace) -> str:
     import workbench.circuits.sae
 
     return workbench.circuits.sae.demo_step(ws, progress=True)
-
-
-def _circuit(ws: Workspace) -> str:
-    import workbench.circuits.transcoder_circuits
-
-    return workbench.circuits.transcoder_circuits.demo_step(ws, progress=True)
 
 
 def _codebooks(ws: Workspace) -> str:

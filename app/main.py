@@ -6,22 +6,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from workbench.app.data import WorkspaceProblem, check_workspace, row_counts, workspace_path
-
 VIEWS = Path(__file__).parent / "views"
 
 st.set_page_config(
     page_title="Interpretability workbench", page_icon="🔬", layout="wide"
 )  # no icon fetched from a CDN
-
-
-def _has_transcoder_circuits() -> bool:
-    try:
-        counts = row_counts(check_workspace(workspace_path()))
-    except WorkspaceProblem:
-        return False
-    found = counts[counts["table"] == "transcoder_circuits"] if not counts.empty else counts
-    return not found.empty and int(found["rows"].iloc[0]) > 0
 
 
 pages = [
@@ -36,6 +25,4 @@ pages = [
     st.Page(VIEWS / "neuron_paths.py", title="Neuron paths", icon=":material/route:"),
     st.Page(VIEWS / "prompt_lab.py", title="Prompt lab", icon=":material/edit_note:"),
 ]
-if _has_transcoder_circuits():  # the older greedy path search stays reachable while its table holds rows
-    pages.insert(7, st.Page(VIEWS / "circuits.py", title="Transcoder circuits", icon=":material/alt_route:"))
 st.navigation(pages).run()

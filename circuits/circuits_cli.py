@@ -106,7 +106,7 @@ def export(
 
     from workbench.circuits.circuit_export import circuit_tracer_graph, write_circuit_tracer
     from workbench.circuits.sae.analysis import find_sae, write_results
-    from workbench.circuits.sae.features import feature_pages_on_data
+    from workbench.circuits.sae.analysis import feature_pages_on_data
     from workbench.circuits.transcoder_circuits import ANALYSIS, layer_of, run
     from workbench.references import short_name
     from workbench.workspace import Workspace, safe_name

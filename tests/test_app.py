@@ -17,7 +17,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 VIEWS = Path(__file__).resolve().parents[1] / "app" / "views"
-ALL_VIEWS = ("overview", "massive", "attention", "dynamics", "probes", "sae", "circuits", "graph", "codebooks",
+ALL_VIEWS = ("overview", "massive", "attention", "dynamics", "probes", "sae", "graph", "codebooks",
              "neuron_paths", "prompt_lab")  # fmt: skip
 
 
@@ -66,14 +66,6 @@ def test_codebook_and_neuron_path_views_show_their_results(dashboard_workspace, 
     paths = _run("neuron_paths", dashboard_workspace.root, monkeypatch)
     assert not paths.exception, paths.exception
     assert len(paths.get("plotly_chart")) >= 2
-
-
-def test_circuits_view_draws_the_path_search(dashboard_workspace, monkeypatch) -> None:
-    app = _run("circuits", dashboard_workspace.root, monkeypatch)
-    assert not app.exception, app.exception
-    assert len(app.get("plotly_chart")) == 1 and len(app.dataframe) == 1
-    nodes = app.dataframe[0].value
-    assert nodes.iloc[0]["kind"] == "target" and len(nodes) > 1
 
 
 def _frame_with(app: AppTest, column: str) -> pd.DataFrame:
@@ -164,7 +156,7 @@ def test_model_selects_tell_same_named_folders_apart(zoo_workspace, tmp_path, mo
 
 @pytest.mark.parametrize(
     "view",
-    ["massive", "attention", "dynamics", "probes", "sae", "circuits", "graph", "codebooks", "neuron_paths"],
+    ["massive", "attention", "dynamics", "probes", "sae", "graph", "codebooks", "neuron_paths"],
 )
 def test_views_without_data_name_a_command_that_exists(view, tmp_path, monkeypatch) -> None:
     from typer.testing import CliRunner

@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 PAGES = {"": "Interpretability workbench", "massive": "Massive activations", "attention": "Attention statistics",
-         "probes": "Probes", "sae": "SAE features", "graph": "Attribution graphs", "circuits": "Transcoder circuits",
+         "probes": "Probes", "sae": "SAE features", "graph": "Attribution graphs",
          "codebooks": "Codebooks", "neuron_paths": "Neuron paths", "prompt_lab": "Prompt lab"}  # fmt: skip
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -44,7 +44,17 @@ def server_log(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dashboard_url(dashboard_workspace, server_log):
+def traced_graph(dashboard_workspace) -> tuple[str, str]:
+    """A small graph traced on code-tiny with the workspace's two trained transcoders, stored before the dashboard
+    starts (the graph page's first graph)."""
+    from workbench.app.graph_explorer import trace_prompt
+
+    return trace_prompt(dashboard_workspace, "code-tiny", ["code-tiny.L0-mlp-transcoder", "code-tiny.L1-mlp-transcoder"],
+                        GRAPH_PROMPT, step=lambda _: None)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(dashboard_workspace, server_log, traced_graph):
     """`workbench dashboard` itself (the installed entry point, with the Streamlit settings it passes) on a free
     port; its output goes to ``server_log``."""
     port = _free_port()
@@ -118,6 +128,7 @@ def test_every_page_loads_only_from_127_0_0_1_with_a_minimal_toolbar(dashboard_u
 
 
 PROMPT = "def f(x):\n    return x"
+GRAPH_PROMPT = "def f(x):\n    return x +"
 SAE_ID = "code-tiny.L0-resid-topk"
 
 
@@ -218,4 +229,95 @@ def test_prompt_lab_steers_in_a_real_browser(dashboard_url, dashboard_workspace)
         assert page.get_by_text(f"KL(clean‖intervened) = {kl:.4f} nats").count() == 1
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(ARTIFACTS / "prompt_lab_steered.png"), full_page=True)
+        browser.close()
+
+
+PLOT = '[data-testid="stPlotlyChart"] .js-plotly-plot'
+
+
+def _markers(page) -> list[dict]:
+    """The node markers of the graph figure (first plotly chart) with their pixel position on the page."""
+    return page.evaluate(
+        """(selector) => {
+            const gd = document.querySelector(selector), layout = gd._fullLayout, box = gd.getBoundingClientRect();
+            const found = [];
+            gd.data.forEach((trace) => {
+                if (trace.mode !== "markers" || trace.name === "pinned") return;
+                trace.x.forEach((x, i) => found.push({kind: trace.name, node: trace.customdata[i],
+                    px: box.left + layout._size.l + layout.xaxis.l2p(x),
+                    py: box.top + layout._size.t + layout.yaxis.l2p(trace.y[i])}));
+            });
+            return found;
+        }""",
+        PLOT,
+    )
+
+
+def _pruned_counts(page) -> tuple[int, int]:
+    text = page.get_by_text("pruned:").first.inner_text()
+    words = text.replace("*", "").split()
+    return int(words[1]), int(words[3])
+
+
+def test_graph_page_click_pin_and_threshold_in_a_real_browser(
+    dashboard_url, dashboard_workspace, traced_graph
+) -> None:
+    """Open the graph page on the traced graph: the nodes drawn are the pruned subgraph's; a click on a node opens
+    its panel; two pinned nodes show their subgraph (the paths between them, as ``paths_between`` says); moving the
+    node threshold to its minimum changes the count to what ``prune_sparse`` keeps there."""
+    from playwright.sync_api import sync_playwright
+
+    from workbench.app.graph_explorer import (
+        Annotations,
+        load_stored_graph,
+        paths_between,
+        prune_sparse,
+        subgraph,
+        write_annotations,
+    )
+
+    model, name = traced_graph
+    stored = load_stored_graph(dashboard_workspace, model, name)
+    write_annotations(dashboard_workspace, stored, Annotations())
+    shown = subgraph(stored, 0.8, 0.98)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"{dashboard_url}/graph", wait_until="networkidle")
+        page.get_by_role("heading", name="Attribution graphs").first.wait_for(timeout=60_000)
+        _idle(page)
+        page.locator(PLOT).first.wait_for(timeout=60_000)
+        _idle(page)
+        assert _pruned_counts(page) == (shown.pruned_nodes, shown.pruned_edges)
+        markers = _markers(page)
+        assert sorted(m["node"] for m in markers) == sorted(shown.nodes["node"].tolist())
+        page.screenshot(path=str(ARTIFACTS / "graph.png"), full_page=True)
+        features = [m for m in markers if m["kind"] == "feature"]
+        labels = stored.nodes["label"]
+        pinned = []
+        for marker in features[:2]:
+            page.mouse.click(marker["px"], marker["py"])
+            _until(lambda m=marker: page.locator(".st-key-node_panel").get_by_text(str(labels[m["node"]])).count() > 0,
+                   what=f"the panel of node {marker['node']}")  # fmt: skip
+            _idle(page)
+            page.locator(".st-key-pin_button button").click()
+            _until(lambda: page.locator(".st-key-pin_button").get_by_text("unpin").count() > 0, what="unpin")
+            pinned.append(marker["node"])
+            _idle(page)
+            if len(pinned) == 1:
+                page.screenshot(path=str(ARTIFACTS / "graph_node_panel.png"), full_page=True)
+        on_path = paths_between(shown.edges, pinned)
+        _until(lambda: page.get_by_text(f"pinned subgraph: {len(on_path)} nodes").count() > 0,
+               what="the pinned subgraph")  # fmt: skip
+        page.screenshot(path=str(ARTIFACTS / "graph_pinned.png"), full_page=True)
+        slider = page.get_by_role("slider").first
+        slider.focus()
+        slider.press("Home")
+        fewer = prune_sparse(stored, 0.05, 0.98)
+        _until(lambda: _pruned_counts(page) == (int(fewer.nodes.sum()), int(fewer.edges.sum())),
+               what="the count at node threshold 0.05")  # fmt: skip
+        assert int(fewer.nodes.sum()) != shown.pruned_nodes
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.screenshot(path=str(ARTIFACTS / "graph_threshold.png"), full_page=True)
         browser.close()
