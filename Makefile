@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 LATEST_VENV ?= .venv-latest
 
-.PHONY: venv demo test lint lock test-latest gpu-torch clean
+.PHONY: venv demo test lint lint-imports lock test-latest gpu-torch clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -49,12 +49,23 @@ demo: venv
 	$(VENV)/bin/workbench demo --workspace $(WORKSPACE)
 
 PY_DIRS := workbench probes circuits app tests benchmarks
+LINT_TREE := .lint-imports
+
+# The layering contracts of pyproject's [tool.importlinter]. grimp reads packages from disk, and probes/, circuits/
+# and app/ install inside workbench (package-dir), so the installed layout is laid out as links under $(LINT_TREE).
+define lint_imports
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/workbench
+	for entry in workbench/*; do ln -s ../../$$entry $(LINT_TREE)/workbench/; done
+	for folder in probes circuits app; do ln -s ../../$$folder $(LINT_TREE)/workbench/; done
+	cd $(LINT_TREE) && $(abspath $(1))/bin/lint-imports --no-cache ../pyproject.toml
+endef
 
 define run_tests
 	$(1)/bin/ruff check .
 	$(1)/bin/ruff format --check $(PY_DIRS)
 	$(1)/bin/mypy
-	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(call lint_imports,$(1))
+	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 endef
 
 test: venv
@@ -62,6 +73,10 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check $(PY_DIRS) && $(VENV)/bin/mypy
+	$(call lint_imports,$(VENV))
+
+lint-imports: venv
+	$(call lint_imports,$(VENV))
 
 # Re-resolve every pin to the newest release the ranges allow (torch stays the CPU build), hashes included.
 lock: | $(UV)
@@ -86,4 +101,4 @@ gpu-torch: venv
 	$(UV) pip install --python $(PY) --reinstall-package torch --index-url "$(TORCH_INDEX)" "torch==2.13.0"
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS) $(WORKSPACE) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS) $(WORKSPACE) .pytest_cache $(LINT_TREE)
