@@ -31,14 +31,16 @@ $(UV):
 	$(TOOLS)/bin/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
 
 # The interpreter and platform decide between the lock and the ranges; both end with the project installed editable.
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (this CI machine) no
+# process ever would, so every `import torch` compiled its sources again (import time halves with them compiled).
 $(VENV)/.installed: pyproject.toml $(LOCK) | $(UV)
 	$(PYTHON) -m venv --clear $(VENV)
 	@if $(PY) -c 'import platform, sys; sys.exit(not (sys.version_info[:2] == (3, 11) and platform.system() == "Linux" and platform.machine() == "x86_64"))'; then \
 		echo "installing the locked environment ($(LOCK))"; \
-		$(UV) pip sync -q --python $(PY) --require-hashes --find-links "$(TORCH_LINKS)" $(LOCK); \
+		$(UV) pip sync -q --compile-bytecode --python $(PY) --require-hashes --find-links "$(TORCH_LINKS)" $(LOCK); \
 	else \
 		echo "note: $(LOCK) is for CPython $(LOCK_PYTHON) on Linux x86_64; installing from pyproject.toml's ranges instead"; \
-		$(UV) pip install -q --python $(PY) --find-links "$(TORCH_LINKS)" "torch>=2.4" ".[dev]"; \
+		$(UV) pip install -q --compile-bytecode --python $(PY) --find-links "$(TORCH_LINKS)" "torch>=2.4" ".[dev]"; \
 	fi
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
@@ -65,6 +67,7 @@ define run_tests
 	$(1)/bin/ruff format --check $(PY_DIRS)
 	$(1)/bin/mypy
 	$(call lint_imports,$(1))
+	$(1)/bin/python -m compileall -q workbench probes circuits app tests >/dev/null  # the many test processes reuse it
 	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 endef
 
