@@ -1,19 +1,18 @@
-"""Transcoder circuits out as circuit-tracer graph files, and the readable node labels the dashboard shares.
+"""Attribution graphs out as circuit-tracer and Neuronpedia graph files.
 
-:func:`circuit_tracer_graph` turns the nodes of a path search (``transcoder_circuits`` rows) into circuit-tracer's
-graph JSON: ``metadata`` (slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold, schema_version),
-``qParams`` (pinnedIds, supernodes, linkType, clickedId, sg_pos), ``nodes[]`` (node_id ``{layer}_{feature}_{pos}``
-for transcoder features, ``{layer}_-1_{pos}`` for transcoder errors, ``E_{token}_{pos}`` for embeddings,
-``{n_layers + 1}_{token}_{pos}`` for logits; feature = cantor(layer, feature) / −1 / pos / token id, layer, ctx_idx,
-feature_type, token_prob and is_target_logit for logits, jsNodeId, clerp, influence, activation) and ``links[]``
-(source, target, weight). circuit-tracer draws no attention nodes (attention is frozen in its replacement model), so
-a head on a path is folded into the links it carries: its contributors link straight to the node the head feeds,
-and the head is named in their ``clerp``. Link weights are the path attributions of the search, in units of the
-root's pre-activation (a target feature) or demeaned logit (logit roots). :func:`write_circuit_tracer` writes
-``{slug}.json``, ``graph-metadata.json`` and one feature file per feature (``features/{scan}/{cantor id}.json``:
-top_logits, bottom_logits, act_min, act_max, examples_quantiles) from the transcoders' feature pages, the layout
-``circuit_tracer.frontend.local_server.serve(data_dir=OUT, features_dir=OUT/features)`` serves. circuit-tracer cannot be installed next to the project's
-transformers, so the tests check these files field by field against its ``frontend/graph_models.py`` schema.
+:func:`attribution_graph_json` turns an attribution graph (``workbench.circuits.attribution.graph.Graph``), pruned
+with circuit-tracer's semantics, into circuit-tracer's graph JSON: ``metadata`` (slug, scan, transcoder_list,
+prompt_tokens, prompt, node_threshold, schema_version, info with the graph's scores), ``qParams`` (pinnedIds,
+supernodes, linkType, clickedId, sg_pos), ``nodes[]`` (node_id ``{layer}_{feature}_{pos}`` for transcoder features,
+``{layer}_-1_{pos}`` for error nodes, ``E_{token}_{pos}`` for embeddings, ``{n_layers + 1}_{token}_{pos}`` for
+targets; feature = cantor(layer, feature) / −1 / pos / token id, layer, ctx_idx, feature_type, token_prob and
+is_target_logit for logits, jsNodeId, clerp, influence, activation) and ``links[]`` (source, target, weight).
+:func:`write_circuit_tracer` writes ``{slug}.json``, ``graph-metadata.json`` and one feature file per feature
+(``features/{scan}/{cantor id}.json``: top_logits, bottom_logits, act_min, act_max, examples_quantiles), the layout
+``circuit_tracer.frontend.local_server.serve(data_dir=OUT, features_dir=OUT/features)`` serves;
+:func:`neuronpedia_graph_json` is Neuronpedia's graph upload JSON. circuit-tracer cannot be installed next to the
+project's transformers, so the tests check these files field by field against its ``frontend/graph_models.py``
+schema.
 """
 
 from __future__ import annotations
@@ -34,138 +33,9 @@ def token_text(token: str) -> str:
     return token.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
 
 
-def node_label(
-    kind: str,
-    layer: int,
-    index: int,
-    position: int,
-    text: str,
-    output: str = "",
-    probability: float | None = None,
-) -> str:
-    """Readable name of a circuit node: ``L1 #124 @31 "m"``, ``emb "m" @31``, ``head L0.H2 ← @5 "x"``,
-    ``error L0 @31 "m"``, ``logit " return" p=0.412 @31`` (``output``: the logit's token, ``probability`` its)."""
-    token = f'"{token_text(text)}"'
-    if kind == "embedding":
-        return f"emb {token} @{position}"
-    if kind == "attention":
-        return f"head L{layer}.H{index} ← @{position} {token}"
-    if kind == "error":
-        return f"error L{layer} @{position} {token}"
-    if kind == "logit":
-        chance = "" if probability is None else f" p={probability:.3f}"
-        return f'logit "{token_text(output)}"{chance} @{position}'
-    prefix = "target " if kind == "target" else ""
-    return f"{prefix}L{layer} #{index} @{position} {token}"
-
-
 def cantor(layer: int, feature: int) -> int:
     """circuit-tracer's feature id for (layer, feature index)."""
     return (layer + feature) * (layer + feature + 1) // 2 + feature
-
-
-def _node_id(row) -> str:
-    kind, layer, index, position = row["kind"], int(row["layer"]), int(row["index"]), int(row["position"])
-    if kind == "embedding":
-        return f"E_{index}_{position}"
-    if kind == "error":
-        return f"{layer}_-1_{position}"
-    if kind == "logit":  # our logit rows sit at layer n_layers; circuit-tracer numbers them n_layers + 1
-        return f"{layer + 1}_{index}_{position}"
-    return f"{layer}_{index}_{position}"
-
-
-def _finite(value: Any) -> float | None:
-    return None if value is None or pd.isna(value) else float(value)
-
-
-def _node(row, is_target_logit: bool) -> dict[str, Any]:
-    """One circuit-tracer node (frontend/graph_models.py's Node) for a ``transcoder_circuits`` row."""
-    kind, layer, index, position = row["kind"], int(row["layer"]), int(row["index"]), int(row["position"])
-    nid = _node_id(row)
-    output = "" if pd.isna(row.get("output", "")) else str(row.get("output", ""))
-    probability = _finite(row.get("probability"))
-    node: dict[str, Any] = {"node_id": nid, "layer": str(layer), "ctx_idx": position, "token_prob": 0.0,
-                            "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "influence": None,
-                            "activation": None,
-                            "clerp": node_label(kind, layer, index, position, str(row["text"]), output=output,
-                                                probability=probability)}  # fmt: skip
-    if kind == "embedding":
-        return node | {"feature": position, "layer": "E", "feature_type": "embedding",
-                       "jsNodeId": f"E_{index}-{position}"}  # fmt: skip
-    if kind == "error":
-        return node | {
-            "feature": -1,
-            "feature_type": "mlp reconstruction error",
-            "jsNodeId": f"{layer}_-1-{position}",
-        }
-    if kind == "logit":
-        chance = probability or 0.0
-        return node | {"feature": index, "layer": str(layer + 1), "feature_type": "logit", "token_prob": chance,
-                       "is_target_logit": is_target_logit, "jsNodeId": f"L_{index}-{position}",
-                       "clerp": f'Output "{token_text(output)}" (p={chance:.3f})'}  # fmt: skip
-    return node | {"feature": cantor(layer, index), "feature_type": "cross layer transcoder",
-                   "jsNodeId": f"{layer}_{index}-0", "activation": _finite(row.get("activation"))}  # fmt: skip
-
-
-def circuit_tracer_graph(
-    nodes: pd.DataFrame, prompt_tokens: list[str], *, slug: str, scan: str, transcoder_list: list[str],
-    prompt: str, prompt_ids: list[int] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """circuit-tracer graph JSON for one circuit (``transcoder_circuits`` rows: id, parent, kind, layer, index,
-    position, attribution, text, and activation / output / probability where the search recorded them;
-    ``prompt_tokens``: the prompt's token strings). The roots (parent −1: a target feature, or logits of which the
-    most probable is the target logit) are pinned. With ``prompt_ids`` (the prompt's token ids) every position gets
-    its embedding node, linked or not, as circuit-tracer's graphs keep every token node."""
-    rows = nodes.sort_values("id").set_index("id", drop=False)
-    by_id = {int(i): row for i, row in rows.iterrows()}
-    roots = [node_id for node_id, row in by_id.items() if int(row["parent"]) < 0]
-    logits = [node_id for node_id in roots if by_id[node_id]["kind"] == "logit"]
-    top_logit = max(logits, key=lambda i: _finite(by_id[i].get("probability")) or 0.0) if logits else None
-
-    def visible_parent(node_id: int) -> int:
-        parent = int(by_id[node_id]["parent"])
-        while parent >= 0 and by_id[parent]["kind"] == "attention":
-            parent = int(by_id[parent]["parent"])
-        return parent
-
-    out_nodes: dict[str, dict[str, Any]] = {}
-    heads: dict[str, list[str]] = {}
-    for node_id, row in by_id.items():
-        if row["kind"] == "attention":
-            continue
-        nid = _node_id(row)
-        out_nodes.setdefault(nid, _node(row, node_id == top_logit))
-        parent = int(row["parent"])
-        if parent >= 0 and by_id[parent]["kind"] == "attention":
-            head = by_id[parent]
-            heads.setdefault(nid, []).append(f"via head L{int(head['layer'])}.H{int(head['index'])}")
-    for nid, via in heads.items():
-        out_nodes[nid]["clerp"] += " (" + ", ".join(dict.fromkeys(via)) + ")"
-    weights: dict[tuple[str, str], float] = {}
-    for node_id, row in by_id.items():
-        if row["kind"] == "attention" or int(row["parent"]) < 0:
-            continue
-        key = (_node_id(row), _node_id(by_id[visible_parent(node_id)]))
-        weights[key] = weights.get(key, 0.0) + float(row["attribution"])
-    for position, token in enumerate(prompt_ids or []):
-        row = pd.Series({"kind": "embedding", "layer": -1, "index": token, "position": position,
-                         "text": prompt_tokens[position]})  # fmt: skip
-        out_nodes.setdefault(_node_id(row), _node(row, False))
-    pinned = list(dict.fromkeys(_node_id(by_id[node_id]) for node_id in roots))
-    influence = {nid: 0.0 for nid in out_nodes}
-    for (source, _), weight in weights.items():
-        influence[source] += abs(weight)
-    for nid, node in out_nodes.items():
-        node["influence"] = None if nid in pinned else influence[nid]
-    return {
-        "metadata": {"slug": slug, "scan": scan, "transcoder_list": transcoder_list,
-                     "prompt_tokens": [token_text(t) for t in prompt_tokens], "prompt": prompt,
-                     "node_threshold": None, "schema_version": SCHEMA_VERSION},
-        "qParams": {"pinnedIds": pinned, "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": list(out_nodes.values()),
-        "links": [{"source": s, "target": t, "weight": w} for (s, t), w in weights.items()],
-    }  # fmt: skip
 
 
 def feature_file(page: pd.Series | None) -> dict[str, Any]:

@@ -65,13 +65,12 @@ def main() -> None:
     """Transcoder circuits in other tools' formats."""
 
 
-@app.command()
+@app.command(hidden=True)
 def export(
     model: ModelArgument,
     out: Annotated[str, typer.Option("--out", help="Directory for the graph files.")],
     transcoder: Annotated[
-        list[str],
-        typer.Option(help="Transcoder id in the workspace or directory (repeatable; one per layer)."),
+        list[str], typer.Option(help="Transcoder id or directory (repeatable; one per layer).")
     ],
     data: DataOption = None,
     format: Annotated[str, typer.Option("--format", help="circuit-tracer.")] = "circuit-tracer",
@@ -85,86 +84,72 @@ def export(
     context_length: ContextOption = 64,
     top_k: TopKOption = 3,
     depth: DepthOption = 3,
-    slug: Annotated[str | None, typer.Option(help="Graph name (default: model-target-prompt).")] = None,
-    pages_tokens: Annotated[
-        int,
-        typer.Option(
-            "--pages-tokens",
-            min=0,
-            help="Token budget for the feature pages of transcoders that have none on --data yet (0: skip).",
-        ),
-    ] = 20_000,
+    slug: Annotated[
+        str | None, typer.Option(help="Ignored (the graph file is named by its graph id).")
+    ] = None,
+    pages_tokens: Annotated[int, typer.Option("--pages-tokens", min=0, help="Ignored.")] = 20_000,
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Trace the circuit of the next-token logits (or of a transcoder feature, --root feature) on a prompt of --data
-    and write it as circuit-tracer graph JSON
-    (OUT/<slug>.json, OUT/graph-metadata.json) with the transcoders' feature files (OUT/features/<scan>/), which
-    circuit_tracer.frontend.local_server.serve(data_dir=OUT, features_dir=OUT/features) opens."""
-    import pandas as pd
+    """Deprecated alias (one release) of `circuits attribute --data DATA --prompt-index N --out DIR --format
+    circuit-tracer`: the full attribution graph replaces the greedy path search (--top-k / --depth no longer apply)."""
+    if format != "circuit-tracer":
+        fail(
+            f"--format {format!r} is not one of circuit-tracer (or use `workbench circuits attribute --format`)"
+        )
+    run_deprecated_circuit("circuits export", model=model, transcoders=transcoder, data=data, root=root, layer=layer,
+                           feature=feature, prompt_index=prompt_index, position=position,
+                           context_length=context_length, max_logits=max_logits, logit_probability=logit_probability,
+                           out=out, device=device, workspace=workspace, trust_remote_code=trust_remote_code)  # fmt: skip
 
-    from workbench.circuits.circuit_export import circuit_tracer_graph, write_circuit_tracer
-    from workbench.circuits.sae.analysis import find_sae, write_results
-    from workbench.circuits.sae.analysis import feature_pages_on_data
-    from workbench.circuits.transcoder_circuits import ANALYSIS, layer_of, run
-    from workbench.references import short_name
-    from workbench.workspace import Workspace, safe_name
 
-    if format not in EXPORT_FORMATS:
-        fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    checked_root = circuit_root(root, layer, feature)
+def run_deprecated_circuit(command: str, *, model: str, transcoders: list[str], data: str | None, root: str,
+                           layer: int | None, feature: int | None, prompt_index: int, position: int,
+                           context_length: int, max_logits: int, logit_probability: float, out: str | None,
+                           device: str, workspace, trust_remote_code: bool) -> None:  # fmt: skip
+    """The retired greedy-search commands (`sae circuit`, `circuits export`) translated to `circuits attribute`:
+    one deprecation line naming the command that runs, then the full attribution graph of the same prompt (root
+    logit: the next-token logits at --position; root feature: --layer / --feature at --position, by default the
+    highest layer's most active feature there, as the old default)."""
+    import shlex
+
+    import torch
+
+    from workbench.circuits.attribution.transcoders import as_transcoders
+
+    checked = circuit_root(root, layer, feature)
     if data is None:
         fail(
             "--data is required: the prompt is a token row of it (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
         )
-    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
-    ANALYSIS.check(hooked)
-    dataset = open_data(data)
-    found = [find_sae(ref, workspace) for ref in transcoder]
-    frames = run(hooked, dataset, [sae for _, sae in found], root=checked_root,
-                 layer=layer, feature=feature, prompt_index=prompt_index, position=position,
-                 context_length=context_length, top_k=top_k, depth=depth, max_logits=max_logits,
-                 logit_probability=logit_probability)  # fmt: skip
-    nodes = frames["transcoder_circuits"]
-    top = nodes.iloc[0]
-    rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
-    prompt_ids = [int(t) for t in rows[prompt_index]]
-    tokens = hooked.to_str_tokens(prompt_ids)
-    name = safe_name(slug or f"{short_name(hooked.cfg.name)}-{top['target'].replace('#', '-').replace('@', '-')}"
-                     f"-p{prompt_index}", "for a graph")  # fmt: skip
-    ids = [found_id for found_id, _ in found]
-    graph = circuit_tracer_graph(nodes, tokens, slug=name, scan=f"./features/{safe_name(short_name(hooked.cfg.name))}",
-                                 transcoder_list=ids, prompt=top["prompt"], prompt_ids=prompt_ids)  # fmt: skip
-    results = Workspace(workspace).results()
-    features = results.read("sae_features", sae_id=ids, dataset=dataset.name)
-    missing = [
-        (found_id, sae)
-        for found_id, sae in found
-        if features.empty or found_id not in set(features["sae_id"])
-    ]
-    if missing and pages_tokens > 0:
-        computed = [
-            feature_pages_on_data(
-                hooked,
-                dataset,
-                sae,
-                found_id,
-                workspace=workspace,
-                max_tokens=pages_tokens,
-                context_length=context_length,
-                progress=False,
-            )
-            for found_id, sae in missing
-        ]
-        write_results(workspace, {"sae_features": pd.concat(computed, ignore_index=True)})
-        features = results.read("sae_features", sae_id=ids, dataset=dataset.name)
-    layers = {found_id: layer_of(sae) for found_id, sae in found}
-    pages = {(layers[page["sae_id"]], int(page["latent"])): page for _, page in features.iterrows()}
-    path = write_circuit_tracer(out, graph, pages)
-    typer.echo(f"circuit of {top['target']} ({len(graph['nodes'])} nodes, {len(graph['links'])} links) written to "
-               f"{path}; view it with circuit_tracer.frontend.local_server.serve(data_dir={out!r}, "
-               f"features_dir={out!r} + '/features')")  # fmt: skip
+    target = "logits"
+    if checked == "feature":
+        hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
+        tc = as_transcoders(hooked, _load_transcoders(transcoders, workspace, device)[1])
+        layer = tc.n_layers - 1 if layer is None else layer
+        if not 0 <= layer < tc.n_layers:
+            fail(f"--layer {layer} is not a layer of {hooked.cfg.name} (0..{tc.n_layers - 1})")
+        tokens = _prompt_tokens(hooked, None, data, prompt_index, context_length)
+        assert isinstance(tokens, torch.Tensor)
+        at = position + len(tokens) if position < 0 else position
+        if not 0 <= at < len(tokens):
+            fail(f"--position {position} is outside the prompt of {len(tokens)} tokens")
+        if feature is None:
+            with torch.no_grad(), hooked.capture(tc.hook_in(layer)) as cache:
+                hooked(tokens[None])
+            feature = int(tc.encode(layer, cache[tc.hook_in(layer)][0, at].to(tc.dtype)[None])[0].argmax())
+        target = f"feature:{layer}:{at}:{feature}"
+    translated = ["workbench", "circuits", "attribute", model, *(a for t in transcoders for a in ("--transcoders", t)),
+                  "--data", data, "--prompt-index", str(prompt_index), "--target", target, "--position", str(position),
+                  "--context-length", str(context_length), "--max-logits", str(max_logits), "--logit-probability",
+                  str(logit_probability), *(["--out", out, "--format", "circuit-tracer"] if out else [])]  # fmt: skip
+    typer.echo(f"warning: `workbench {command}` is deprecated (the greedy path search is retired; it goes in the "
+               f"next release); running `{shlex.join(translated)}`", err=True)  # fmt: skip
+    attribute(model=model, transcoders=transcoders, data=data, prompt_index=prompt_index, target=[target],
+              position=position, max_logits=max_logits, logit_probability=logit_probability,
+              context_length=context_length, out=out, device=device, workspace=workspace,
+              trust_remote_code=trust_remote_code, progress=False)  # fmt: skip
 
 
 def _load_transcoders(references: list[str], workspace, device: str) -> tuple[list[str], object]:

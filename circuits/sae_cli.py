@@ -22,7 +22,7 @@ from workbench.circuits.circuits_cli import (
     PromptIndexOption,
     RootOption,
     TopKOption,
-    circuit_root,
+    run_deprecated_circuit,
 )
 from workbench.cli_options import (
     BatchSizeOption,
@@ -421,7 +421,7 @@ def _eval_transcoders(found, model, data, max_tokens, context_length, batch_size
     )
 
 
-@app.command()
+@app.command(hidden=True)
 def circuit(
     model: ModelArgument,
     transcoder: Annotated[
@@ -445,31 +445,12 @@ def circuit(
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Trace a transcoder feature's circuit (or the next-token logits', --root logit) on a prompt from --data
-    (greedy path search) and write transcoder_circuits; needs a rotary model (GPT-NeoX / Llama) with transcoders on
-    every layer below the target (every layer for logits)."""
-    from workbench.circuits.sae.analysis import find_sae
-    from workbench.circuits.transcoder_circuits import ANALYSIS, run, write_results
-
-    if data is None:
-        fail(
-            "--data is required: the prompt is a token row of it (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
-        )
-    checked_root = circuit_root(root, layer, feature)
-    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
-    ANALYSIS.check(hooked)  # a model without rotary embeddings is refused before anything else is read
-    dataset = open_data(data)
-    transcoders = [find_sae(ref, workspace)[1] for ref in transcoder]
-    frames = run(hooked, dataset, transcoders, root=checked_root, layer=layer, feature=feature,
-                 prompt_index=prompt_index, position=position, context_length=context_length, top_k=top_k,
-                 depth=depth, max_logits=max_logits, logit_probability=logit_probability)  # fmt: skip
-    write_results(workspace, frames)
-    nodes = frames["transcoder_circuits"]
-    root = nodes.iloc[0]
-    typer.echo(nodes[["id", "parent", "depth", "kind", "layer", "index", "position", "text", "attribution"]]
-               .to_string(index=False))  # fmt: skip
-    typer.echo(f"circuit of {root['target']} ({len(nodes)} nodes) on prompt {prompt_index} of {dataset.name!r} "
-               f"written to the workspace (table {', '.join(ANALYSIS.table_names)})")  # fmt: skip
+    """Deprecated alias (one release) of `circuits attribute --data DATA --prompt-index N`: the full attribution
+    graph of the prompt replaces the greedy path search (--top-k / --depth no longer apply)."""
+    run_deprecated_circuit("sae circuit", model=model, transcoders=transcoder, data=data, root=root, layer=layer,
+                           feature=feature, prompt_index=prompt_index, position=position,
+                           context_length=context_length, max_logits=max_logits, logit_probability=logit_probability,
+                           out=None, device=device, workspace=workspace, trust_remote_code=trust_remote_code)  # fmt: skip
 
 
 DEAD_WARNING_FRACTION = 0.25

@@ -349,11 +349,13 @@ def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
     shutil.copytree(zoo_workspace.model_dir("code-tiny"), workspace.model_dir("code-tiny"))
     summary = demo_step(workspace, progress=False)
     assert "CE recovered" in summary
-    import workbench.circuits.transcoder_circuits
+    from workbench.circuits.attribution import demo_step as attribution_demo_step
 
-    assert "nodes" in workbench.circuits.transcoder_circuits.demo_step(workspace, progress=False)
-    circuit = workspace.results().read("transcoder_circuits")
-    assert set(circuit["dataset"]) == {"zoo:python-stdlib"} and set(circuit["model"]) == {"code-tiny"}
+    assert "attribution graph" in attribution_demo_step(
+        workspace, progress=False
+    )  # the demo's transcoders fit
+    graphs = workspace.results().read("attribution_graphs")
+    assert set(graphs["model"]) == {"code-tiny"} and len(graphs) == 1
     evals = workspace.results().read("sae_evals")
     assert set(evals["sae_id"]) == {
         "code-tiny.L0-resid-topk",
