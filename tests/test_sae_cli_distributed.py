@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from workbench.circuits.sae.analysis import _rows_stream
-from workbench.circuits.sae.base import CONFIG_FILE, WEIGHTS_FILE, load_sae
+from workbench.circuits.sae.base import CONFIG_FILE, WEIGHTS_FILE
 from workbench.circuits.sae.distributed import ENV_KEYS, owned_names
+from workbench.circuits.sae.formats import load_sae
 from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_saes
 from workbench.circuits.sae_cli import app
 from workbench.faults import ENV_VAR

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.circuits.sae.base import SAEConfig, SAEInputError, load_sae
+from workbench.circuits.sae.base import SAEConfig, SAEInputError
+from workbench.circuits.sae.formats import load_sae
 from workbench.circuits.sae.saelens_io import load_saelens, save_saelens
 from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_sae
 

@@ -2,7 +2,9 @@
 the analysis that trains and evaluates them on any model and dataset (``circuits.sae.analysis``)."""
 
 from workbench.circuits.sae import batchtopk, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (register them)
-from workbench.circuits.sae.base import REGISTRY, SAE, SAEConfig, SAEInputError, create_sae, load_sae
+from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError
+from workbench.circuits.sae.formats import load_sae
+from workbench.circuits.sae.registry import REGISTRY, create_sae
 
 __all__ = ["demo_step", "REGISTRY", "SAE", "SAEConfig", "SAEInputError", "create_sae", "load_sae"]
 

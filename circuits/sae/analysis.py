@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
-from workbench.circuits.sae.base import CONFIG_FILE, PER_HEAD_HOOKS, SAE, SAEConfig, SAEInputError, load_sae
+from workbench.capture import capture_to_store
+from workbench.circuits.sae.base import CONFIG_FILE, PER_HEAD_HOOKS, SAE, SAEConfig, SAEInputError
 from workbench.circuits.sae.distributed import (
     Distributed,
     document_range,
@@ -34,6 +35,7 @@ from workbench.circuits.sae.distributed import (
 )
 from workbench.circuits.sae.evals import evaluate_sae, sae_dir
 from workbench.circuits.sae.features import feature_pages
+from workbench.circuits.sae.formats import load_sae
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_saes
 from workbench.datasets import Dataset, DatasetError, load_dataset
 from workbench.hooks import resolve_hook_names
@@ -416,8 +418,6 @@ def run(
         name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}"
         store_dirs = [ws.store_dir(safe_name(f"{name}-rank{r}-of-{world}" if world > 1 else name))
                       for r in range(world)]  # fmt: skip
-        from workbench.capture import capture_to_store
-
         store = capture_to_store(model, rows, hooks, store_dirs[rank], batch_size=batch_size,
                                  max_length=context_length, dataset=dataset, checkpoint=model.cfg.checkpoint,
                                  overwrite=True, progress=progress)  # fmt: skip
@@ -469,6 +469,29 @@ def evaluate(model, data: Dataset, sae: SAE, *, sae_id: str, max_tokens: int | N
     frame = evaluate_sae(model, sae, ids, sae_id, batch_size=batch_size, dataset=data.name, progress=progress,
                          attention_mask=mask, ce_note=ce_note)  # fmt: skip
     return {"sae_evals": frame}
+
+
+def feature_pages_on_data(
+    model, data, sae: SAE, sae_id: str, *, workspace, max_tokens: int | None = 20_000, context_length: int = 128,
+    batch_size: int = 16, seed: int | None = 0, progress: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """Feature pages of a saved (or imported) SAE on ``model`` over a token budget of ``data``: the rows are captured
+    at ``sae.hook_in`` into ``workspace/stores/pages-<sae_id>-<dataset>`` and read by
+    :func:`~workbench.circuits.sae.features.feature_pages`; an SAE whose hook or width is not the model's is refused
+    before any data is read."""
+    ANALYSIS.check(model, data)
+    hooks = _sae_hooks(sae, model, sae_id)
+    widths, _ = hook_widths(model, hooks)
+    check_sae_fits(sae, model, widths, sae_id)
+    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length, batch_size=batch_size,
+                           seed=seed, progress=progress)  # fmt: skip
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+    ws = Workspace(workspace).ensure()
+    store = capture_to_store(model, rows, [sae.hook_in], ws.store_dir(safe_name(f"pages-{sae_id}-{short_name(data.name)}")),
+                             batch_size=batch_size, max_length=context_length, dataset=data.name,
+                             checkpoint=model.cfg.checkpoint, overwrite=True, progress=progress)  # fmt: skip
+    sae = sae.to(model.device).eval()
+    return feature_pages(sae, store, sae_id, model=model, progress=progress).assign(dataset=data.name)
 
 
 def write_results(workspace: Any, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:

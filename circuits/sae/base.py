@@ -1,4 +1,5 @@
-"""Shared SAE / transcoder module, config, registry and safetensors I/O.
+"""Shared SAE / transcoder module, config and safetensors writer (the architecture registry is ``registry.py``,
+reading any layout back is ``formats.load_sae``).
 
 An SAE maps x [.., d_in] to latents f = encode(x) [.., d_sae] and back to decode(f) [.., d_out]
 (d_out = d_in for an SAE; a transcoder reads `hook_in` and predicts `hook_out`; a skip transcoder adds x @ W_skip).
@@ -17,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.circuits.sae.registry import K_ARCHITECTURES, REGISTRY
+from workbench.circuits.sae.registry import create_sae as create_sae  # re-exported: the registry is its home
+from workbench.circuits.sae.registry import register as register  # re-exported for the architecture modules
 from workbench.fileio import atomic_save_tensors, atomic_write_text
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -265,39 +269,3 @@ class SAE(nn.Module, abc.ABC):
     @property
     def device(self) -> torch.device:
         return self.W_enc.device
-
-
-REGISTRY: dict[str, type[SAE]] = {}
-K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # those that take k
-
-
-def register(name: str):
-    """Class decorator adding an SAE architecture to REGISTRY under `name`."""
-
-    def add(cls: type[SAE]) -> type[SAE]:
-        cls.architecture = name
-        REGISTRY[name] = cls
-        return cls
-
-    return add
-
-
-def create_sae(cfg: SAEConfig) -> SAE:
-    """Build a freshly initialised SAE of `cfg.architecture`."""
-    return REGISTRY[cfg.architecture](cfg)
-
-
-def load_sae(path: str | Path, device: str = "cpu") -> SAE:
-    """Load an SAE saved by `SAE.save`, or one SAE in any layout `workbench.circuits.sae.formats` reads (SAELens,
-    sparsify, Gemma Scope, dictionary_learning, a one-layer circuit-tracer set), detected from the files."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        from workbench.circuits.sae.formats import read_sae
-
-        return read_sae(path, device=device)
-    cfg = SAEConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    sae = create_sae(cfg)
-    sae.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=device))
-    return sae.to(device)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from workbench.circuits.sae.base import SAE, SAEInputError, register
+from workbench.circuits.sae.base import SAE, SAEInputError
+from workbench.circuits.sae.registry import register
 from workbench.circuits.sae.topk import TopKSAE
 
 

@@ -365,30 +365,3 @@ def logit_effects(writes: torch.Tensor, unembedding: torch.Tensor) -> torch.Tens
             f"{unembedding.shape[1]}: logits need the SAE's own model"
         )
     return writes.detach().float().cpu() @ unembedding.detach().float().cpu().T
-
-
-def feature_pages_on_data(
-    model, data, sae: SAE, sae_id: str, *, workspace, max_tokens: int | None = 20_000, context_length: int = 128,
-    batch_size: int = 16, seed: int | None = 0, progress: bool = True,
-) -> pd.DataFrame:  # fmt: skip
-    """Feature pages of a saved (or imported) SAE on ``model`` over a token budget of ``data``: the rows are captured
-    at ``sae.hook_in`` into ``workspace/stores/pages-<sae_id>-<dataset>`` and read by :func:`feature_pages`; an SAE
-    whose hook or width is not the model's is refused before any data is read."""
-    from workbench.capture import capture_to_store
-    from workbench.circuits.sae.analysis import ANALYSIS, _sae_hooks, check_sae_fits, hook_widths, token_rows
-    from workbench.references import short_name
-    from workbench.workspace import Workspace, safe_name
-
-    ANALYSIS.check(model, data)
-    hooks = _sae_hooks(sae, model, sae_id)
-    widths, _ = hook_widths(model, hooks)
-    check_sae_fits(sae, model, widths, sae_id)
-    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length, batch_size=batch_size,
-                           seed=seed, progress=progress)  # fmt: skip
-    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
-    ws = Workspace(workspace).ensure()
-    store = capture_to_store(model, rows, [sae.hook_in], ws.store_dir(safe_name(f"pages-{sae_id}-{short_name(data.name)}")),
-                             batch_size=batch_size, max_length=context_length, dataset=data.name,
-                             checkpoint=model.cfg.checkpoint, overwrite=True, progress=progress)  # fmt: skip
-    sae = sae.to(model.device).eval()
-    return feature_pages(sae, store, sae_id, model=model, progress=progress).assign(dataset=data.name)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workbench.circuits.sae.base import SAE, SAEInputError, register
+from workbench.circuits.sae.base import SAE, SAEInputError
+from workbench.circuits.sae.registry import register
 
 
 @register("gated")

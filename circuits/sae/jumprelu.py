@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workbench.circuits.sae.base import SAE, register
+from workbench.circuits.sae.base import SAE
+from workbench.circuits.sae.registry import register
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:

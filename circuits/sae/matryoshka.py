@@ -9,8 +9,8 @@ the learned global threshold (as SAELens does).
 
 from __future__ import annotations
 
-from workbench.circuits.sae.base import register
 from workbench.circuits.sae.batchtopk import BatchTopKSAE
+from workbench.circuits.sae.registry import register
 
 
 @register("matryoshka_batchtopk")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from workbench.circuits.sae.base import SAE, register
+from workbench.circuits.sae.base import SAE
+from workbench.circuits.sae.registry import register
 
 
 @register("relu")

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from workbench.circuits.sae.base import SAE, register
+from workbench.circuits.sae.base import SAE
+from workbench.circuits.sae.registry import register
 
 _BLOCK = 32  # latents per block of the two-level top-k
 

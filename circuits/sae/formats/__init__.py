@@ -18,10 +18,13 @@ pairs (a sparsify run or a transcoder set holds several); :func:`read_sae` expec
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from workbench.circuits.sae.base import CONFIG_FILE, SAE, SAEInputError
+from safetensors.torch import load_file
+
+from workbench.circuits.sae.base import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, SAEInputError, create_sae
 
 FORMATS = ("workbench", "saelens", "sparsify", "gemmascope", "dictionary_learning", "circuit_tracer")
 
@@ -90,7 +93,6 @@ def read_saes(
     x @ W_enc + b_enc, hook names in TransformerLens's convention). ``family`` picks the HF module-name table for
     sparsify layouts whose names fit several families; ``hook`` / ``hook_out`` name (or override) the hooks when
     the layout does not record them (Gemma Scope, dictionary_learning)."""
-    from workbench.circuits.sae.base import load_sae
     from workbench.circuits.sae.formats import circuit_tracer, dictionary_learning, gemmascope, sparsify
     from workbench.circuits.sae.saelens_io import load_saelens
 
@@ -120,6 +122,18 @@ def read_saes(
             )
         override_hooks(saes[0][1], hook, hook_out)
     return saes
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> SAE:
+    """Load an SAE saved by `SAE.save`, or one SAE in any layout this package reads (SAELens, sparsify, Gemma
+    Scope, dictionary_learning, a one-layer circuit-tracer set), detected from the files."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        return read_sae(path, device=device)
+    cfg = SAEConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    sae = create_sae(cfg)
+    sae.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=device))
+    return sae.to(device)
 
 
 def read_sae(path: str | Path, format: str = "auto", **options: Any) -> SAE:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.circuits.sae.base import REGISTRY, SAE, SAEInputError
+from workbench.circuits.sae.base import SAE, SAEInputError
 from workbench.circuits.sae.formats.tensors import (
     build_sae,
     fold_decoder_norms,
@@ -35,6 +35,7 @@ from workbench.circuits.sae.formats.tensors import (
     read_state_dict,
     require,
 )
+from workbench.circuits.sae.registry import REGISTRY
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
