@@ -558,8 +558,7 @@ def features(
 ) -> None:
     """Feature pages (top contexts, quantiles, histogram, promoted tokens) of a saved or imported SAE on MODEL
     over --data, written to sae_features."""
-    from workbench.circuits.sae.analysis import find_sae, write_results
-    from workbench.circuits.sae.analysis import feature_pages_on_data
+    from workbench.circuits.sae.analysis import feature_pages_on_data, find_sae, write_results
 
     if data is None:
         fail(DATA_REQUIRED)
