@@ -1,7 +1,8 @@
 """`workbench circuits attribute MODEL --data REF --prompts START:STOP`: one stored graph per prompt as a resumable
 batch job. A real CLI process killed (SIGKILL at the job's named fault points: after a graph is written but before
-its status, and inside a graph's table writes) and re-run holds exactly the graphs of an uninterrupted run on a local
-process pool — same graph ids, same node and edge rows, none duplicated — and `circuits status` reports it."""
+its status, and inside a graph's table writes) and re-run (in process, and on a local pool of two workers) holds
+exactly the graphs of an uninterrupted run — same graph ids, same node and edge rows, none duplicated — and
+`circuits status` reports it."""
 
 from __future__ import annotations
 
@@ -67,25 +68,29 @@ def _cli(args: list[str], crash_at: str | None = None) -> subprocess.CompletedPr
 def test_killed_batch_resumes_to_the_graphs_of_an_uninterrupted_run(user_files, tmp_path) -> None:
     runner = CliRunner()
     reference = tmp_path / "reference"
-    pooled = runner.invoke(app, _command(user_files, reference, "--workers", "2"))
-    assert pooled.exit_code == 0, pooled.output
-    assert f"{N_PROMPTS} done" in pooled.output
+    whole = runner.invoke(app, _command(user_files, reference))
+    assert whole.exit_code == 0, whole.output
+    assert f"{N_PROMPTS} done" in whole.output
     expected = _graph_rows(reference)
     assert len(expected["attribution_graphs"]) == N_PROMPTS
-    job = re.search(r"batch ([0-9a-f]{12}):", pooled.output)
-    assert job, pooled.output
-    # a graph written, its status not (the 2nd prompt); then a kill between a graph's own table writes (commit 7 is
-    # the 2nd graph's node table: 1 job row, then 3 graph tables + 1 status row per prompt)
-    for crash in ("attribution.batch.graph_written#2", "results.write.before_commit#7"):
+    job = re.search(r"batch ([0-9a-f]{12}):", whole.output)
+    assert job, whole.output
+    # killed after the 2nd prompt's graph was written, before its status; then killed between a graph's own table
+    # writes (commit 7 is the 2nd graph's node table: 1 job row, then 3 graph tables + 1 status row per prompt).
+    # The second resumes on a local pool of two worker processes.
+    for crash, workers in (
+        ("attribution.batch.graph_written#2", "1"),
+        ("results.write.before_commit#7", "2"),
+    ):
         workspace = tmp_path / crash.split("#")[0]
         killed = _cli(_command(user_files, workspace), crash)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         status = runner.invoke(app, ["circuits", "status", job.group(1), "--workspace", str(workspace)])
         assert status.exit_code == 0, status.output
         assert "1 done" in status.output and f"{N_PROMPTS - 1} pending" in status.output, status.output
-        resumed = _cli(_command(user_files, workspace))
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert f"batch {job.group(1)}: {N_PROMPTS} done" in resumed.stdout
+        resumed = runner.invoke(app, _command(user_files, workspace, "--workers", workers))
+        assert resumed.exit_code == 0, resumed.output
+        assert f"batch {job.group(1)}: {N_PROMPTS} done" in resumed.output
         found = _graph_rows(workspace)
         for table in GRAPH_TABLES:
             numeric = found[table].select_dtypes("number").columns
@@ -100,9 +105,8 @@ def test_killed_batch_resumes_to_the_graphs_of_an_uninterrupted_run(user_files, 
     again = runner.invoke(app, _command(user_files, reference))
     assert again.exit_code == 0 and f"{N_PROMPTS} done" in again.output
     listed = runner.invoke(app, ["circuits", "status", "--workspace", str(reference)])
-    assert job.group(1) in listed.output and re.search(
-        rf"0:{N_PROMPTS}\s+{N_PROMPTS}\s+{N_PROMPTS}\s+0\s+0", listed.output
-    )
+    assert job.group(1) in listed.output
+    assert re.search(rf"0:{N_PROMPTS}\s+{N_PROMPTS}\s+{N_PROMPTS}\s+0\s+0", listed.output), listed.output
 
 
 def test_batch_bad_input_exits_2_and_writes_nothing(user_files, tmp_path) -> None:
@@ -117,7 +121,8 @@ def test_batch_bad_input_exits_2_and_writes_nothing(user_files, tmp_path) -> Non
     ):
         bad = runner.invoke(app, [*command[:at], prompts, *command[at + 1 :]])
         assert bad.exit_code == 2 and message in bad.output, bad.output
-        assert len([line for line in bad.output.splitlines() if line.strip()]) == 1
+        errors = [line for line in bad.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and bad.output.rstrip().endswith(errors[0]), bad.output
     bad = runner.invoke(app, [*command, "--out", str(tmp_path / "out")])
     assert bad.exit_code == 2 and "--prompt-index N --out DIR" in bad.output
     bad = runner.invoke(app, ["circuits", "status", "feedfacecafe", "--workspace", str(workspace)])
