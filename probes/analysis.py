@@ -478,16 +478,6 @@ def _select(rows: pd.DataFrame, label_set: str, model: str | None) -> pd.DataFra
 
 
 def zoo_fsm(model_dir: str | Path):
-    """The TokFSM a zoo model directory (or one of its step dirs) was trained on, from its spec.json."""
-    from workbench.zoo.corpora import TokFSM
-
-    path = Path(model_dir)
-    for candidate in (path / "spec.json", path.parent / "spec.json"):
-        if candidate.exists():
-            spec = json.loads(candidate.read_text())
-            if spec.get("corpus") != "fsm":
-                break
-            return TokFSM(**spec["fsm"], seed=spec.get("seed", 0))
-    raise ProbeError(
-        f"{path} is not a zoo model trained on TokFSM; the label sets {', '.join(label_provider('zoo').needs_fsm)} need one"
-    )
+    """The TokFSM a zoo model directory (or one of its step dirs) was trained on, read by the zoo's label-set
+    provider (``LabelSets.model_fsm``); a LabelError for any other model."""
+    return label_provider("zoo").model_fsm(Path(model_dir))

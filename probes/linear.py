@@ -26,8 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from workbench.fileio import atomic_save_tensors
-
-TASKS = ("classification", "regression")
+from workbench.labels import TASKS
 
 
 class ProbeError(ValueError):

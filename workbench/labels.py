@@ -426,6 +426,10 @@ def _token_dataset(source: LabelSource, name: str, tokenizer: Any, task: str, ou
 
 
 # ---------------------------------------------------------------------------------------------------- providers
+def _no_machine(model_dir: Path) -> Any:
+    raise LabelError(f"{model_dir}: this provider's label sets are not made by a finite-state machine")
+
+
 @dataclass(frozen=True)
 class LabelSets:
     """A provider's label sets, the object of a ``workbench.labels`` entry point (its name is the SCHEME of
@@ -438,11 +442,14 @@ class LabelSets:
             set does not fit.
         needs_fsm: the sets labelled by the finite-state machine that generated the data (given as ``fsm``, or
             ``data.meta["fsm"]``).
+        model_fsm: ``model_fsm(model_dir)`` → the machine whose data the model in ``model_dir`` was trained on (for
+            the ``needs_fsm`` sets); raises :class:`LabelError` for a model trained on anything else.
     """
 
     names: tuple[str, ...]
     build: Callable[..., LabelDataset]
     needs_fsm: tuple[str, ...] = ()
+    model_fsm: Callable[[Path], Any] = _no_machine
 
 
 def _provider_entry_points() -> dict[str, importlib.metadata.EntryPoint]:

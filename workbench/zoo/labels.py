@@ -20,11 +20,13 @@ TokFSM: ``fsm_state`` (the hidden state that emitted the token) and ``fsm_next_s
 from __future__ import annotations
 
 import io
+import json
 import math
 import token as token_module
 import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ import torch
 
 from workbench.datasets import Dataset
 from workbench.labels import IGNORE, LabelDataset, LabelError, LabelSets
+from workbench.zoo.corpora import TokFSM, python_source_texts
 
 TOKEN_TYPES = ["NAME", "OP", "NUMBER", "STRING", "NEWLINE", "NL", "COMMENT", "INDENT", "DEDENT", "ENDMARKER"]
 PYTHON_LABELS = ("bracket_depth", "inside_string", "indent_level", "next_token_type")
@@ -152,8 +155,6 @@ def python_label_dataset(
     tokenizer, n_sequences: int, max_length: int, *, seed: int = 0, max_files: int = 400
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Windows of stdlib source (each starting at a line start), their token ids and Python label sets."""
-    from workbench.zoo.corpora import python_source_texts
-
     rng = np.random.default_rng(seed)
     files = python_source_texts(max_files=max_files, seed=seed + 1)
     windows: list[str] = []
@@ -211,4 +212,17 @@ def build_label_set(name: str, tokenizer: Any, *, fsm: Any = None, data: Dataset
     return LabelDataset(name, tokens, target, described, mask, classes, task, "token")
 
 
-LABELS = LabelSets(names=LABEL_SETS, build=build_label_set, needs_fsm=FSM_LABELS)
+def model_fsm(model_dir: Path) -> TokFSM:
+    """The TokFSM a zoo model directory (or one of its step dirs) was trained on, from its spec.json."""
+    for candidate in (model_dir / "spec.json", model_dir.parent / "spec.json"):
+        if candidate.exists():
+            spec = json.loads(candidate.read_text())
+            if spec.get("corpus") != "fsm":
+                break
+            return TokFSM(**spec["fsm"], seed=spec.get("seed", 0))
+    raise LabelError(
+        f"{model_dir} is not a zoo model trained on TokFSM; the label sets {', '.join(FSM_LABELS)} need one"
+    )
+
+
+LABELS = LabelSets(names=LABEL_SETS, build=build_label_set, needs_fsm=FSM_LABELS, model_fsm=model_fsm)
