@@ -26,9 +26,32 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+# The longest test files, longest first (fresh-clone CI, 2 xdist workers). `make test` distributes whole files
+# (--dist loadfile) in collection order (--no-loadscope-reorder) and this order puts these first, so that no worker
+# is handed a long file while the other is nearly done (xdist's own order, most tests first, would put the
+# notebooks, the browser and the crash tests, a few long tests each, last).
+LONG_FILES = (
+    "test_probe_jobs.py",
+    "test_notebooks.py",
+    "test_crash_store.py",
+    "test_sae_cli_distributed.py",
+    "test_browser.py",
+    "test_crash_training.py",
+    "test_clt_cli.py",
+    "test_matrix.py",
+    "test_sae.py",
+    "test_sae_distributed.py",
+)
 HUB_REPO = "workbench-test/code-tiny"
 HUB_STEPS = (0, 1, 2, 300)
 HUB_DUPLICATE = ("step3", 2)  # a branch byte-identical to step2, as on some public Pythia branches
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of LONG_FILES first, in that order; the others after them in collection order (a stable sort:
+    every file's tests stay together and in their order)."""
+    rank = {name: index for index, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
 
 
 @pytest.fixture(autouse=True)

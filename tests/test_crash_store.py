@@ -2,8 +2,10 @@
 (``workbench.faults.crash_point`` via ``WORKBENCH_CRASH_AT``) and at seeded random moments, then resumed, end
 byte-for-byte (store files) or row-for-row (results) equal to an uninterrupted run.
 
-Everything runs in real subprocesses on a random-init tiny GPT-NeoX saved with its tokenizer (no zoo training);
-torch runs single-threaded everywhere so that a resumed computation is bit-identical to the reference.
+Everything runs on a random-init tiny GPT-NeoX saved with its tokenizer (no zoo training). A run killed at a named
+point is a process forked from the warm forkserver of tests/forked.py (the same code a ``python -c`` capture or
+``workbench probe run`` process runs, minus seconds of imports); the random kills are of real ``workbench capture``
+processes. torch runs single-threaded everywhere so that a resumed computation is bit-identical to the reference.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 import transformers as T
 
+from tests.forked import run_forked
 from workbench.fileio import temp_files
 from workbench.model import HookedModel
 from workbench.store import ActivationStore, capture_to_store
@@ -29,17 +31,6 @@ from workbench.store import ActivationStore, capture_to_store
 HOOKS = ["blocks.*.hook_resid_post", "blocks.0.hook_mlp_out"]
 CAPTURE = dict(batch_size=3, max_length=24, shard_rows=40, dataset="crash-texts", progress=False)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-CAPTURE_SCRIPT = textwrap.dedent(
-    """
-    import sys, torch
-    torch.set_num_threads(1)
-    from workbench.model import HookedModel
-    from workbench.store import capture_to_store
-    model_dir, texts, out = sys.argv[1:4]
-    model = HookedModel.from_pretrained(model_dir)
-    capture_to_store(model, open(texts).read().splitlines(), {hooks!r}, out, **{options!r})
-    """
-).format(hooks=HOOKS, options=CAPTURE)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,10 +87,15 @@ def reference(model_dir, texts_file, tmp_path_factory) -> dict[str, bytes]:
     return _files(out)
 
 
+def _capture(model_dir: str, texts_file: str, out: str) -> None:
+    """The capture a killed process runs."""
+    model = HookedModel.from_pretrained(model_dir)
+    capture_to_store(model, Path(texts_file).read_text().splitlines(), HOOKS, out, **CAPTURE)
+
+
 def _killed_capture(model_dir: Path, texts_file: Path, out: Path, point: str) -> int:
-    env = {**ENV, "WORKBENCH_CRASH_AT": point}
-    command = [sys.executable, "-c", CAPTURE_SCRIPT, str(model_dir), str(texts_file), str(out)]
-    return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
+    """The exit code of a capture process killed at ``point`` (-9)."""
+    return run_forked(_capture, str(model_dir), str(texts_file), str(out), crash=point)
 
 
 STORE_POINTS = [
@@ -221,6 +217,13 @@ def probe_reference(model_dir, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataF
     return _rows(workspace)
 
 
+def _probe_cli(path: str, workspace: str) -> None:
+    """``workbench probe run JOB -w WORKSPACE`` in this (forked) process; exits with the command's code."""
+    from workbench.cli import app
+
+    app(["probe", "run", path, "-w", workspace], prog_name="workbench")
+
+
 @pytest.mark.parametrize(
     "point",
     [
@@ -236,11 +239,7 @@ def test_probe_job_killed_at_a_commit_boundary_resumes_row_for_row(
     from workbench.probes.jobs import run_job
 
     path, workspace = _job(model_dir, tmp_path)
-    command = [sys.executable, "-m", "workbench.cli", "probe", "run", str(path), "-w", str(workspace)]
-    killed = subprocess.run(
-        command, env={**ENV, "WORKBENCH_CRASH_AT": point}, capture_output=True, timeout=180
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert run_forked(_probe_cli, str(path), str(workspace), crash=point) == -signal.SIGKILL
     status = run_job(path, workspace=workspace, progress=False)
     assert (status["status"] == "done").all() and len(status) == 3
     results, tasks = _rows(workspace)

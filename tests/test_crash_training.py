@@ -9,7 +9,6 @@ seconds of imports; every run uses one thread, so all of them compute the same f
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.forked import run_forked, start_forked
 from workbench.faults import ENV_VAR
 from workbench.fileio import verify_checksums
 
@@ -37,33 +37,9 @@ CLI_STEPS = 30
 # ---------------------------------------------------------------------------------------------- processes
 @pytest.fixture(scope="module")
 def fork():
-    """Run ``fn(*args)`` in a process forked from a warm forkserver, with ``$WORKBENCH_CRASH_AT=crash``; returns
-    its exit code (-9: killed by SIGKILL)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(
-        ["tests.test_crash_training", "workbench.zoo.train", "workbench.circuits.sae.train", "workbench.circuits.codebook",
-         "workbench.model", "transformers.models.gpt_neox.modeling_gpt_neox", "safetensors.torch", "tqdm.auto"]
-    )  # fmt: skip
-
-    def run(fn, *args, crash: str | None = None) -> int:
-        process = ctx.Process(target=_child, args=(crash, fn, *args))
-        process.start()
-        process.join(300)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            pytest.fail(f"{fn.__name__}{args} (crash at {crash}) did not finish in 300 s")
-        return process.exitcode
-
-    return run
-
-
-def _child(crash: str | None, fn, *args) -> None:
-    torch.set_num_threads(1)
-    os.environ.pop(ENV_VAR, None)
-    if crash:
-        os.environ[ENV_VAR] = crash
-    fn(*args)
+    """``fork(fn, *args, crash=None)``: ``fn(*args)`` in a process forked from the warm forkserver
+    (tests/forked.py), with ``$WORKBENCH_CRASH_AT=crash``; returns its exit code (-9: killed by SIGKILL)."""
+    return run_forked
 
 
 def _crash_then_resume(fork, fn, crashes: list[str], *args) -> None:
@@ -142,10 +118,7 @@ def test_zoo_training_killed_at_a_write_boundary_resumes_to_the_same_bytes(
 def test_zoo_cli_killed_at_a_random_time_resumes_to_the_same_bytes(fork, tmp_path) -> None:
     """`workbench zoo train` killed with SIGKILL at a seeded random moment of its training, then resumed."""
     overrides = {"steps": CLI_STEPS, "seed": 3}  # what the command line below asks for
-    reference = multiprocessing.get_context("forkserver").Process(
-        target=_child, args=(None, _train_zoo, str(tmp_path / "reference"), overrides)
-    )
-    reference.start()  # runs beside the CLI
+    reference = start_forked(_train_zoo, str(tmp_path / "reference"), overrides)  # runs beside the CLI
     command = [str(Path(sys.executable).with_name("workbench")), "zoo", "train", "fsm-tiny", "--steps",
                str(CLI_STEPS), "--seed", "3", "--workspace", str(tmp_path / "cli")]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR} | {"OMP_NUM_THREADS": "1"}

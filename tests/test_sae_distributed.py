@@ -15,7 +15,6 @@ free local port (what torchrun sets up); every process uses one thread.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.forked import forkserver
 from workbench.circuits.sae.base import SAEConfig
 from workbench.circuits.sae.distributed import owned_names
 from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_saes
@@ -101,9 +101,7 @@ def _rank_main(
 @pytest.fixture(scope="module")
 def job():
     """Run a 2-rank job: ``job(mode, out, checkpoint_dir=None, crash={rank: point})`` -> exit codes per rank."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["workbench.circuits.sae.train", "workbench.circuits.sae.distributed", "torch._dynamo",
-                                "torch.distributed", "tqdm.auto", "tests.test_sae_distributed"])  # fmt: skip
+    ctx = forkserver()  # warm: torch, torch.distributed and the trainer imported once (tests/forked.py)
 
     def run(mode: str, out: Path, checkpoint_dir: Path | None = None, crash: dict[int, str] | None = None):
         with socket.socket() as s:
