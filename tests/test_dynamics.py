@@ -286,7 +286,7 @@ def test_cli_labels_track_probe_accuracy_equal_to_a_probe_fit(zoo_workspace, tmp
 
 
 def test_hub_series_with_a_duplicate_branch_and_a_micro_sweep(hub_repo, zoo_workspace, tmp_path) -> None:
-    from workbench.zoo.sweep import SweepError, describe_sweep, load_sweep, run_sweep
+    from workbench.dynamics_sweep import SweepError, describe_sweep, load_sweep, run_sweep
 
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(f"""

@@ -26,7 +26,7 @@ from workbench.cli_options import (
 )
 
 SweepArgument = Annotated[
-    Path | None, typer.Argument(help="With SERIES = sweep: the sweep file (format: workbench/zoo/sweep.py).")
+    Path | None, typer.Argument(help="With SERIES = sweep: the sweep file (format: dynamics_sweep.py).")
 ]
 
 
@@ -103,7 +103,7 @@ def dynamics_command(
     if model == "sweep":
         if sweep_file is None:
             fail("workbench dynamics sweep needs the sweep file: workbench dynamics sweep SWEEP.toml")
-        from workbench.zoo.sweep import describe_sweep, run_sweep
+        from workbench.dynamics_sweep import describe_sweep, run_sweep
 
         typer.echo(describe_sweep(run_sweep(sweep_file, workspace, progress=progress)))
         return
