@@ -425,8 +425,6 @@ def test_page_bad_input_gets_a_message(dashboard_workspace, monkeypatch) -> None
     app.radio(key="lab_overlay").set_value("SAE latents").run()
     assert not app.exception and not app.error  # code-tiny's SAEs are not offered for fsm-tiny
     assert any("SAEs in this workspace fits fsm-tiny (other hooks or widths)" in i.value for i in app.info)
-    app.selectbox(key="lab_model").set_value("vit-digits").run()
-    assert not app.exception and "causal" in app.error[0].value
     app.selectbox(key="lab_model").set_value("other reference…").run()
     app.text_input(key="lab_reference").set_value("no/such-model@main").run()
     assert not app.exception and app.error and "no/such-model" in app.error[0].value
@@ -520,3 +518,334 @@ def test_the_lab_lists_only_the_probes_and_codebooks_that_fit_the_loaded_model(c
     found = {run: (sites, note) for run, sites, note in codebooks_for_model(code_model, tmp_path)}
     assert found == {"own": ([RESID], ""),
                      "other": ([RESID], "trained on /runs/my-llama, this model is code-tiny (same hooks and widths)")}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- encoders and images
+SENTENCE = "the cat sat on the [MASK] by the door"
+
+
+@pytest.fixture(scope="module")
+def user_dirs(tmp_path_factory):
+    """A user's random-init BertForMaskedLM, BertModel and ViTForImageClassification (3 channels, 16×16 pixels, 4×4
+    patches) saved with save_pretrained; the BERTs with MiniLM's tokenizer."""
+    import transformers
+
+    from workbench.model import load_tokenizer
+
+    root = tmp_path_factory.mktemp("user-models")
+    tokenizer = load_tokenizer("minilm")
+    torch.manual_seed(0)
+    bert = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)  # fmt: skip
+    for name, cls in (("my-mlm", transformers.BertForMaskedLM), ("my-bert", transformers.BertModel)):
+        cls(bert).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    vit = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=48, num_labels=5)  # fmt: skip
+    transformers.ViTForImageClassification(vit).save_pretrained(root / "my-vit")
+    return root
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return lab.load_lab_model("minilm")
+
+
+def _hf(directory, cls_name: str):
+    import transformers
+
+    return getattr(transformers, cls_name).from_pretrained(str(directory)).eval()
+
+
+def _zero_heads_pre_hook(heads: tuple[int, ...], n_heads: int):
+    """A forward pre-hook on an attention output projection zeroing the input slices of ``heads``."""
+
+    def hook(module, args):
+        x = args[0].unflatten(-1, (n_heads, -1)).clone()
+        x[..., list(heads), :] = 0
+        return (x.flatten(-2), *args[1:])
+
+    return hook
+
+
+def test_capabilities_come_from_the_adapters(code_model, minilm, user_dirs, vit_model_dir) -> None:
+    caps = {name: lab.capabilities(lab.load_lab_model(str(ref))) for name, ref in
+            (("mlm", user_dirs / "my-mlm"), ("bert", user_dirs / "my-bert"), ("vit", user_dirs / "my-vit"),
+             ("digits", vit_model_dir))}  # fmt: skip
+    caps["code"], caps["minilm"] = lab.capabilities(code_model), lab.capabilities(minilm)
+    assert {n: (c.modality, c.output, c.pooling, c.normalize) for n, c in caps.items()} == {
+        "code": ("text", "next_token", "last", False),
+        "minilm": (
+            "text",
+            "hidden",
+            "mean",
+            True,
+        ),  # its sentence-transformers modules.json: Pooling, Normalize
+        "mlm": ("text", "masked_token", "mean", False),
+        "bert": ("text", "hidden", "mean", False),
+        "vit": ("image", "class", "cls", False),
+        "digits": ("image", "class", "cls", False),
+    }
+    assert (caps["vit"].image_shape, caps["vit"].patch_grid) == ((3, 16, 16), (4, 4))
+    assert (caps["digits"].image_shape, caps["digits"].patch_grid) == ((1, 8, 8), (4, 4))
+    assert caps["vit"].class_names == tuple(f"LABEL_{i}" for i in range(5))
+
+
+def test_minilm_pooled_embedding_is_sentence_transformers_mean_pooling(minilm) -> None:
+    """Mean pooling over the attention mask of HF BertModel's last hidden state, L2-normalised (the model's
+    modules.json), computed by hand; an ablation through the lab equals the same ablation as a torch pre-hook on HF's
+    attention output projection."""
+    from workbench.model import packaged_model_dir
+
+    hf = _hf(packaged_model_dir("minilm"), "BertModel")
+    tokenizer = minilm.tokenizer
+    second = "a dog lay on the rug"
+
+    def by_hand(text: str) -> torch.Tensor:
+        batch = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            hidden = hf(**batch).last_hidden_state.double()  # [1, pos, d]
+        mask = batch["attention_mask"][..., None].double()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(pooled, dim=-1)[0]
+
+    tokens = lab.encode_prompt(minilm, SENTENCE)
+    torch.testing.assert_close(
+        lab.pooled_embedding(minilm, tokens).double(), by_hand(SENTENCE), rtol=0, atol=2e-6
+    )
+    heads = (0, 3, 7)
+    stack = [Intervention("zero", "blocks.2.attn.hook_z", heads=heads)]
+    handle = hf.encoder.layer[2].attention.output.dense.register_forward_pre_hook(
+        _zero_heads_pre_hook(heads, 12)
+    )
+    try:
+        ablated = by_hand(SENTENCE)
+    finally:
+        handle.remove()
+    result = lab.compare_embeddings(minilm, tokens, stack, second)
+    torch.testing.assert_close(result.intervened.double(), ablated, rtol=0, atol=2e-6)
+    clean, other = by_hand(SENTENCE), by_hand(second)
+    assert result.cosine("clean · intervened") == pytest.approx(float(clean @ ablated), abs=1e-5)
+    assert result.cosine("clean · second") == pytest.approx(float(clean @ other), abs=1e-5)
+    assert result.cosine("intervened · second") == pytest.approx(float(ablated @ other), abs=1e-5)
+    assert result.cosine("clean · intervened") < 0.9999  # the ablation moved the embedding
+    assert [r["layer"] for r in lab.residual_profile(minilm, tokens).to_dict("records")][-1] == 5
+    with pytest.raises(lab.PromptLabError, match="no output head"):
+        lab.compare_outputs(minilm, tokens, stack)
+
+
+def test_masked_lm_head_top_tokens_equal_the_hf_head_under_a_manual_hook(user_dirs) -> None:
+    model = lab.load_lab_model(str(user_dirs / "my-mlm"))
+    hf = _hf(user_dirs / "my-mlm", "BertForMaskedLM")
+    tokens = lab.encode_prompt(model, SENTENCE)
+    (at,) = lab.mask_positions(model, tokens)
+    assert lab.str_tokens(model, tokens)[at] == "[MASK]"
+    neurons = (1, 5, 17)
+    stack = [Intervention("zero", "blocks.1.mlp.hook_post", neurons=neurons)]
+
+    def zero_units(module, args, output):
+        output = output.clone()
+        output[..., list(neurons)] = 0
+        return output
+
+    with torch.no_grad():
+        clean = hf(input_ids=tokens).logits[0, at]
+        handle = hf.bert.encoder.layer[1].intermediate.register_forward_hook(zero_units)
+        try:
+            ablated = hf(input_ids=tokens).logits[0, at]
+        finally:
+            handle.remove()
+    result = lab.compare_outputs(model, tokens, stack, top_k=5, position=at)
+    torch.testing.assert_close(result.clean, clean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.intervened, ablated, rtol=1e-5, atol=1e-5)
+    top = clean.softmax(-1).topk(5).indices.tolist()
+    assert result.table["token_id"].tolist()[:5] == top
+    assert result.table["token"].tolist()[:5] == [model.tokenizer.decode([i]) for i in top]
+    assert result.table["p_intervened"].tolist()[:5] == pytest.approx(
+        ablated.softmax(-1)[top].tolist(), abs=1e-6
+    )
+    assert result.kl > 0
+    assert lab.capabilities(model).pooling == "mean"  # and the embedding is the plain mean of the last block
+    _, cache = model.run_with_cache(tokens, ["blocks.1.hook_resid_post"])
+    torch.testing.assert_close(
+        lab.pooled_embedding(model, tokens), cache["blocks.1.hook_resid_post"][0].mean(0)
+    )
+
+
+def test_vit_class_probabilities_are_the_hf_softmax_and_images_come_from_a_dataset(
+    user_dirs, vit_model_dir
+) -> None:
+    from workbench.zoo.corpora import digits_dataset
+
+    digits = lab.load_lab_model(str(vit_model_dir))
+    picture = lab.load_image(digits, "zoo:digits", 3)
+    _, _, x_test, y_test = digits_dataset()
+    assert (
+        torch.equal(picture.pixels, x_test[3][None])
+        and picture.label == int(y_test[3])
+        and picture.note == ""
+    )
+    assert lab.position_labels(digits, picture.pixels)[:3] == ["CLS", "0,0", "0,1"]
+
+    model = lab.load_lab_model(str(user_dirs / "my-vit"))  # 3 channels, 16×16: the grey 8×8 digit adapted
+    image = lab.load_image(model, "zoo:digits", 3)
+    assert image.pixels.shape == (1, 3, 16, 16) and image.note == "grey → RGB; resized 8×8 → 16×16"
+    hf = _hf(user_dirs / "my-vit", "ViTForImageClassification")
+    heads = (1, 2)
+    stack = [Intervention("zero", "blocks.0.attn.hook_z", heads=heads)]
+    with torch.no_grad():
+        clean = hf(pixel_values=image.pixels).logits[0]
+        handle = hf.vit.layers[0].attention.o_proj.register_forward_pre_hook(_zero_heads_pre_hook(heads, 4))
+        try:
+            ablated = hf(pixel_values=image.pixels).logits[0]
+        finally:
+            handle.remove()
+        hidden = hf(
+            pixel_values=image.pixels, output_hidden_states=True
+        ).hidden_states  # embed + one per layer
+    result = lab.compare_outputs(model, image.pixels, stack, top_k=5)
+    table = result.table.set_index("token_id").sort_index()
+    assert table["p_clean"].tolist() == pytest.approx(clean.softmax(-1).tolist(), abs=1e-6)
+    assert table["p_intervened"].tolist() == pytest.approx(ablated.softmax(-1).tolist(), abs=1e-6)
+    assert table["token"].tolist() == [f"LABEL_{i}" for i in range(5)]
+    profile = lab.residual_profile(model, image.pixels)
+    for layer in range(2):
+        rows = profile[profile["layer"] == layer].sort_values("position")
+        assert rows["resid_norm"].tolist() == pytest.approx(
+            hidden[layer + 1][0].norm(dim=-1).tolist(), rel=1e-5
+        )
+    grid = lab.patch_grid(model, rows["resid_norm"].tolist())
+    assert grid.shape == (4, 4) and float(grid[1, 2]) == pytest.approx(rows["resid_norm"].iloc[1 + 1 * 4 + 2])
+    figure = lab.patch_figure(image.pixels, grid, "norms")
+    assert len(figure.data) == 2 and figure.data[1].z.shape == (4, 4)
+    attention = lab.attention_profile(model, image.pixels)
+    pattern = lab.head_pattern(model, image.pixels, 1, 3).double()  # [query, key], 17 positions
+    entropy = -(pattern * pattern.clamp_min(1e-300).log()).sum(-1)
+    row = attention[(attention["layer"] == 1) & (attention["head"] == 3)].iloc[0]
+    assert row["entropy"] == pytest.approx(float(entropy[1:].mean()), abs=1e-4)
+    assert row["sink"] == pytest.approx(float(pattern[1:, 0].mean()), abs=1e-4)
+    with pytest.raises(lab.PromptLabError, match=r"has 450 images; pick an index in 0\.\.449"):
+        lab.load_image(model, "zoo:digits", 10_000)
+    from workbench.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match="not images"):
+        lab.load_image(model, "zoo:python-stdlib", 0)
+    frame = lab.session_frame(model, image.name, stack, result, {}, {}, outputs={"note": image.note})
+    assert frame["output"].iloc[0] == "class" and frame["prompt"].iloc[0] == "zoo:digits#3"
+    assert json.loads(frame["next_token"].iloc[0])[0]["token"] == result.table["token"].iloc[0]
+
+
+def test_page_shows_an_encoders_embedding_and_probe_clean_vs_intervened(
+    minilm, tmp_path, monkeypatch
+) -> None:
+    """MiniLM on the page: the pooled-embedding cosines and a saved probe's per-token predictions, clean and under
+    a head ablation added in the form, equal the library's (and the probe's under the same ablation)."""
+    from workbench.probes.readout import probe_predictions
+    from workbench.workspace import Workspace
+
+    workspace = Workspace(tmp_path).ensure()
+    site = "blocks.3.hook_resid_post"
+    batch = minilm.tokenize(["the cat sat on the mat", "a dog ran in the park", "birds fly over the sea"])
+    _, cache = minilm.run_with_cache(batch, [site])
+    real = batch["attention_mask"].bool()
+    probes = fit_probes({site: cache[site][real]}, (batch["input_ids"][real] % 2).long())
+    save_probe(workspace, "minilm-parity", probes, model=minilm, label_names=["even", "odd"])
+    app = _page(workspace, monkeypatch)
+    app.text_input(key="lab_reference").set_value("minilm").run()
+    app.text_area(key="lab_prompt").set_value(SENTENCE)
+    app.text_input(key="lab_second").set_value("a dog lay on the rug").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    tokens = lab.encode_prompt(minilm, SENTENCE)
+    metrics = {m.label: float(m.value) for m in app.metric}
+    clean = lab.compare_embeddings(minilm, tokens, [], "a dog lay on the rug")
+    assert metrics["cosine clean · second"] == pytest.approx(clean.cosine("clean · second"), abs=1e-4)
+    assert metrics["cosine clean · intervened"] == pytest.approx(1.0, abs=1e-4)
+    app.selectbox(key="lab_iv_kind").set_value("zero-ablate heads").run()
+    app.selectbox(key="lab_iv_layer").set_value(2)
+    app.text_input(key="lab_iv_heads").set_value("0, 3, 7")
+    app.button(key="lab_iv_add").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    stack = [Intervention("zero", "blocks.2.attn.hook_z", heads=(0, 3, 7))]
+    want = lab.compare_embeddings(minilm, tokens, stack, "a dog lay on the rug")
+    metrics = {m.label: float(m.value) for m in app.metric}
+    for pair in ("clean · intervened", "clean · second", "intervened · second"):
+        assert metrics[f"cosine {pair}"] == pytest.approx(want.cosine(pair), abs=1e-4)
+    assert metrics["cosine clean · intervened"] < 0.9999
+    shown = app.dataframe[-1].value
+    with minilm.hooks([("blocks.2.attn.hook_z", lambda a, h: a.index_fill(2, torch.tensor([0, 3, 7]), 0.0))]):
+        ablated = probe_predictions(minilm, tokens, probes, site, ["even", "odd"])
+    assert (
+        shown["label_clean"].tolist()
+        == probe_predictions(minilm, tokens, probes, site, ["even", "odd"])["label"].tolist()
+    )
+    assert shown["label_intervened"].tolist() == ablated["label"].tolist()
+    assert shown["confidence_intervened"].tolist() == pytest.approx(ablated["confidence"].tolist(), abs=1e-5)
+
+
+def test_page_shows_a_vits_patches_classes_and_neuron_path(dashboard_workspace, monkeypatch) -> None:
+    """vit-digits on the page (a workspace holding text models' SAEs, which are not offered for it): an image of
+    zoo:digits, patch overlays, class probabilities clean vs a head ablation (KL as the library gives it), the neuron
+    path the library locates, and a bad image reference as a message."""
+    from workbench.circuits.neuron_path import joint_score, locate_path, make_task
+
+    app = _page(dashboard_workspace, monkeypatch)
+    app.selectbox(key="lab_model").set_value("vit-digits").run()
+    app.number_input(key="lab_image_index").set_value(3).run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    model = lab.load_lab_model("vit-digits", workspace=dashboard_workspace)
+    picture = lab.load_image(model, "zoo:digits", 3)
+    assert any(f"label {picture.label}" in c.value for c in app.caption)
+    assert [s.value for s in app.subheader][:2] == ["Patches", "Attention"]
+    clean = lab.compare_outputs(model, picture.pixels, [], top_k=5)
+    best = clean.table["token"].iloc[0]
+    assert any(
+        m.value.startswith(f"top class clean &#39;{best.replace('_', '&#95;')}&#39;") for m in app.markdown
+    )
+    app.selectbox(key="lab_image_iv_kind").set_value("zero-ablate heads").run()
+    app.selectbox(key="lab_iv_layer").set_value(1)
+    app.text_input(key="lab_iv_heads").set_value("0, 1, 2")
+    app.button(key="lab_iv_add").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    stack = [Intervention("zero", "blocks.1.attn.hook_z", heads=(0, 1, 2))]
+    kl = lab.compare_outputs(model, picture.pixels, stack, top_k=5).kl
+    assert kl > 0 and app.metric[0].value == f"{kl:.4f}"
+    app.number_input(key="lab_np_steps").set_value(2)
+    app.button(key="lab_np_run").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    target = torch.tensor([int(clean.clean.argmax())])
+    path, _ = locate_path(model, make_task(model, picture.pixels, target, position=0), 2, 1, progress=False)
+    described = "; ".join(f"layer {ly}: {', '.join(map(str, ns))}" for ly, ns in path.items())
+    assert any(m.value == f"path at CLS: {described}" for m in app.markdown)
+    at_cls = joint_score(model, make_task(model, picture.pixels, target, position=0), path, 2)
+    assert any(c.value.startswith(f"at CLS: {at_cls:.4g}") for c in app.caption)
+    app.text_input(key="lab_image_data").set_value("zoo:python-stdlib").run()
+    assert not app.exception and "not images" in app.error[0].value
+
+
+def test_an_image_folder_feeds_the_lab(vit_model_dir, tmp_path) -> None:
+    """A folder of PNGs in class subfolders (workbench.datasets' image-folder form): pixels are the PNG's bytes / 255,
+    the label the subfolder's index; images of two sizes are refused naming both files."""
+    import numpy as np
+    from PIL import Image
+
+    from workbench.datasets import DatasetError, load_dataset
+
+    generator = np.random.default_rng(0)
+    grey = {
+        f"{digit}/{i}.png": generator.integers(0, 256, (8, 8), dtype=np.uint8)
+        for digit in (3, 7)
+        for i in (0, 1)
+    }
+    for name, array in grey.items():
+        (tmp_path / "digits" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(tmp_path / "digits" / name)
+    model = lab.load_lab_model(str(vit_model_dir))
+    picture = lab.load_image(model, str(tmp_path / "digits"), 2)  # sorted: 3/0, 3/1, 7/0, 7/1
+    assert torch.equal(picture.pixels[0, 0], torch.from_numpy(grey["7/0.png"].astype(np.float32) / 255.0))
+    assert picture.label == 1 and picture.note == ""
+    assert lab.compare_outputs(model, picture.pixels, []).clean.shape == (10,)
+    data = load_dataset(str(tmp_path / "digits" / "7" / "*.png"))
+    assert data.inputs is not None and data.inputs.shape == (2, 1, 8, 8) and data.labels == {}
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "digits" / "7" / "big.png")
+    with pytest.raises(DatasetError, match=r"differ in size \(0\.png 8×8, big\.png 16×16\); resize them"):
+        load_dataset(str(tmp_path / "digits"))

@@ -7,6 +7,7 @@ Forms (a string):
     hf_folder[:FIELD]          a ``datasets.save_to_disk`` folder (a DatasetDict: FIELD may be SPLIT/FIELD)
     ids.npy / ids.safetensors  pre-tokenized ids: [n, ctx] rows (or a 1-D stream, windowed); safetensors key input_ids
     stores/NAME                an activation store (its token ids, and its activations for analyses that read them)
+    images/  or  images/*.png  a folder of images (.png .jpg .jpeg .bmp .gif .webp; class subfolders become labels)
     zoo:python-stdlib | zoo:tokfsm | zoo:digits     providers registered in the ``workbench.datasets`` entry points
 One iterator, :meth:`Dataset.batches`, tokenizes with the model's tokenizer and owns context length, BOS policy,
 packing, seeded shuffling, the token budget and progress; every analysis reads its data through it.
@@ -32,8 +33,9 @@ import torch
 FORMS = (
     "a text file (one document per line), FILE.jsonl[:FIELD] / .csv / .tsv / .parquet with a text column, a "
     "directory of text files (DIR or 'DIR/*.md'), a datasets.save_to_disk folder[:FIELD], pre-tokenized ids "
-    "(.npy / .safetensors), an activation store directory, or a provider such as zoo:python-stdlib"
+    "(.npy / .safetensors), an activation store directory, a folder of images, or a provider such as zoo:python-stdlib"
 )
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".safetensors")
 
@@ -299,8 +301,11 @@ def parse_dataset_ref(text: str | Path) -> DatasetRef:
         if Path(head).expanduser().exists():
             path, fld = Path(head).expanduser(), tail
     if "*" in path.name and path.parent.is_dir():
-        return DatasetRef(text, "glob", path.parent, path.name)
+        images = path.name.lower().endswith(IMAGE_SUFFIXES)
+        return DatasetRef(text, "images" if images else "glob", path.parent, path.name)
     if path.is_dir():
+        if fld is None and _image_files(path) and not any(path.glob("*.txt")):
+            return DatasetRef(text, "images", path)
         if (path / "manifest.json").is_file():
             return DatasetRef(text, "store", path)
         if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -348,6 +353,8 @@ def load_dataset(ref: str | Path | Dataset | DatasetRef, *, limit: int | None = 
             )
         return Dataset(parsed.name, texts=lambda: _capped((_read_utf8(f) for f in files), limit),
                        meta={"path": str(path), "files": len(files)})  # fmt: skip
+    if parsed.kind == "images":
+        return read_image_folder(path, parsed.field, limit)
     if parsed.kind == "tokens":
         ids, mask = read_token_file(path)
         return Dataset(parsed.name, token_ids=ids[:limit] if limit else ids,
@@ -357,6 +364,45 @@ def load_dataset(ref: str | Path | Dataset | DatasetRef, *, limit: int | None = 
     store = ActivationStore.open(path)
     ids, mask = _store_rows(store)
     return Dataset(parsed.name, token_ids=ids, token_mask=mask, store=store, meta={"path": str(path)})
+
+
+def _image_files(folder: Path, pattern: str | None = None) -> list[Path]:
+    """Image files of ``folder`` matching ``pattern``, else those in it and in its subfolders, sorted."""
+    found = folder.glob(pattern) if pattern else [*folder.glob("*"), *folder.glob("*/*")]
+    return sorted(f for f in found if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image_folder(folder: str | Path, pattern: str | None = None, limit: int | None = None) -> Dataset:
+    """A folder of images -> ``Dataset.inputs`` [n, C, H, W] float32 in [0, 1] (C = 1 when every image is grey,
+    else 3), files sorted by path; when every image sits in a subfolder, the subfolder names are the classes and
+    ``labels["class"]`` [n] their indices (meta: files, classes). Images of different sizes are refused."""
+    from PIL import Image  # pillow ships with streamlit; only image folders need it
+
+    folder = Path(folder)
+    files = _image_files(folder, pattern)[:limit] if limit else _image_files(folder, pattern)
+    if not files:
+        raise DatasetError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put images in it")
+    opened = [Image.open(f) for f in files]
+    mode = "L" if all(image.mode in ("1", "L", "I", "I;16", "F") for image in opened) else "RGB"
+    sizes = {image.size for image in opened}
+    if len(sizes) > 1:
+        first, other = opened[0], next(i for i in opened if i.size != opened[0].size)
+        raise DatasetError(
+            f"the images in {folder} differ in size ({files[0].name} {first.size[0]}×{first.size[1]}, "
+            f"{files[opened.index(other)].name} {other.size[0]}×{other.size[1]}); resize them to one size"
+        )
+    arrays = [np.asarray(image.convert(mode), dtype=np.float32) / 255.0 for image in opened]
+    inputs = torch.from_numpy(np.stack(arrays))
+    inputs = inputs[:, None] if mode == "L" else inputs.permute(0, 3, 1, 2)
+    classes = sorted({f.parent.name for f in files})
+    in_subfolders = all(f.parent != folder for f in files)
+    labels = {"class": np.array([classes.index(f.parent.name) for f in files])} if in_subfolders else {}
+    meta = {
+        "path": str(folder),
+        "files": [str(f) for f in files],
+        "classes": classes if in_subfolders else [],
+    }
+    return Dataset(folder.name, inputs=inputs.contiguous(), labels=labels, meta=meta)
 
 
 def _capped(items: Iterable[str], limit: int | None) -> Iterator[str]:

@@ -1,16 +1,24 @@
 """The prompt lab's model-only computations, for the dashboard page and for notebooks alike.
 
-One prompt, one model: per-token residual norms and largest |activation| per layer (massive activations stand
+One input, one model, any family: what the lab shows follows the model's declared
+:class:`~workbench.adapters.base.Capabilities` (:func:`capabilities`), never its family name. A text model takes a
+prompt (token ids [1, pos]); an image model one image of a dataset reference (:func:`load_image`, pixels
+[1, C, H, W], positions = CLS then the patches). Per-position residual norms and largest |activation| per layer (massive activations stand
 out), attention entropy / sink mass per layer × head (kernel statistics where the kernel runs, the reference path
-otherwise) and one head's full pattern, next-token distributions clean vs under a stack of
-:class:`~workbench.interventions.Intervention`, greedy or sampled continuations side by side, and the session
-record the page saves. Readouts that need an analysis package (SAE latents, probes, codebook codes) live in
+otherwise) and one head's full pattern; under a stack of :class:`~workbench.interventions.Intervention`, clean vs
+intervened: next-token distributions and greedy or sampled continuations (causal LMs), the masked-LM head's top
+tokens at a [MASK] (:func:`compare_outputs` at that position), the pooled embedding's cosines
+(:func:`compare_embeddings`, encoders), class probabilities (image classifiers); patch values drawn on the image
+(:func:`patch_figure`); and the session record the page saves. Readouts that need an analysis package (SAE latents, probes, codebook codes) live in
 ``workbench.circuits.sae.readout``, ``workbench.probes.readout`` and ``workbench.circuits.codebook.readout``.
 
     model = resolve_model("code-tiny")
     tokens = encode_prompt(model, "def f(x):")                       # [1, pos]
     stack = [Intervention("zero", "blocks.0.attn.hook_z", heads=(1,))]
     table = compare_next_token(model, tokens, stack).table          # token, p_clean, p_intervened, ...
+    vit = resolve_model("vit-digits")
+    image = load_image(vit, "zoo:digits", 3)                         # pixels [1, 1, 8, 8]
+    compare_outputs(vit, image.pixels, stack).table                  # class, p_clean, p_intervened, ...
 """
 
 from __future__ import annotations
@@ -27,8 +35,11 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+import torch.nn.functional as F
 
+from workbench.adapters.base import Capabilities
 from workbench.analysis import Analysis, Table, write_tables
+from workbench.datasets import DatasetError, load_dataset
 from workbench.interventions import Intervention, apply_interventions
 from workbench.model import HookedModel
 
@@ -47,11 +58,11 @@ ANALYSIS = Analysis(
         Table("prompt_lab_sessions", keys=("model", "checkpoint", "session"),
               columns=("prompt", "tokens", "interventions", "next_token", "focus_token", "logit_diff",
                        "continuation_clean", "continuation_intervened", "continuation_note", "generation",
-                       "readouts"),
-              description="saved prompt-lab sessions: prompt, intervention stack, next-token distributions clean "
-              "vs intervened, continuations and readouts"),
+                       "readouts", "output", "outputs"),
+              description="saved prompt-lab sessions: prompt (or image reference), intervention stack, outputs "
+              "clean vs intervened (next-token or masked-token distributions, class probabilities, pooled-embedding "
+              "cosines), continuations and readouts"),
     ),
-    requires=("causal", "tokenizer"),
     description="interactive prompt lab sessions saved from the dashboard",
 )  # fmt: skip
 
@@ -135,7 +146,12 @@ def load_lab_model(
     return resolve_series(reference.split("@")[0], workspace=workspace, device=device).load(step)
 
 
-# ---------------------------------------------------------------------------------------------- prompts
+# ---------------------------------------------------------------------------------------------- inputs
+def capabilities(model: HookedModel) -> Capabilities:
+    """What ``model`` has (modality, output head, pooling, image shape), as its adapter declares it."""
+    return model.adapter.capabilities(model)
+
+
 def encode_prompt(model: HookedModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> torch.Tensor:
     """The prompt's token ids [1, pos]; an empty prompt or one over ``max_tokens`` / the context is refused."""
     if not prompt or not prompt.strip():
@@ -158,14 +174,110 @@ def str_tokens(model: HookedModel, tokens: torch.Tensor) -> list[str]:
     return model.to_str_tokens(tokens[0])
 
 
+@dataclass
+class LabImage:
+    """One image of a dataset as the model takes it: ``pixels`` [1, C, H, W], its label (None when the dataset has
+    none), the reference ``name`` (``DATA#INDEX``) and ``note`` saying how it was adapted to the model (or "")."""
+
+    pixels: torch.Tensor
+    label: int | None
+    name: str
+    note: str = ""
+
+
+def load_image(model: HookedModel, data: str, index: int) -> LabImage:
+    """Image ``index`` of the dataset reference ``data`` (``workbench.datasets``: ``zoo:digits``, an image folder)
+    for an image model: channels matched (grey repeated to RGB, RGB averaged to grey) and resized bilinearly to the
+    model's ``image_shape`` when they differ (``note`` says so)."""
+    caps = capabilities(model)
+    if caps.image_shape is None:
+        raise PromptLabError(f"{model.cfg.name} takes text, not images; type a prompt")
+    if index < 0:
+        raise PromptLabError(f"image index {index} is negative; pick 0 or more")
+    dataset = load_dataset(data, limit=index + 1)
+    if dataset.inputs is None:
+        raise DatasetError(
+            f"dataset {data!r} holds {dataset.modality}, not images; give an image dataset (zoo:digits, a folder "
+            "of images)"
+        )
+    if index >= len(dataset.inputs):
+        raise PromptLabError(
+            f"dataset {data!r} has {len(dataset.inputs)} images; pick an index in 0..{len(dataset.inputs) - 1}"
+        )
+    image = torch.as_tensor(dataset.inputs[index]).float()
+    image = image[None] if image.ndim == 2 else image  # [H, W] -> [1, H, W]
+    channels, height, width = caps.image_shape
+    notes = []
+    if image.shape[0] != channels:
+        if channels == 3 and image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        elif channels == 1 and image.shape[0] == 3:
+            image = image.mean(0, keepdim=True)
+        else:
+            raise PromptLabError(
+                f"image {index} of {data!r} has {image.shape[0]} channels; {model.cfg.name} takes {channels}"
+            )
+        notes.append(f"{'grey → RGB' if channels == 3 else 'RGB → grey'}")
+    if tuple(image.shape[1:]) != (height, width):
+        notes.append(f"resized {image.shape[1]}×{image.shape[2]} → {height}×{width}")
+        image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    label = None
+    if dataset.labels:
+        values = next(iter(dataset.labels.values()))
+        label = int(values[index]) if len(values) > index else None
+    return LabImage(image[None].contiguous(), label, f"{data}#{index}", "; ".join(notes))
+
+
+def n_positions(model: HookedModel, inputs: torch.Tensor) -> int:
+    """Positions the model sees for ``inputs``: tokens [1, pos] -> pos; pixels -> 1 (CLS) + the patches."""
+    if inputs.is_floating_point():
+        grid = capabilities(model).patch_grid
+        if grid is None:
+            raise PromptLabError(f"{model.cfg.name} takes token ids, not pixels")
+        return 1 + grid[0] * grid[1]
+    return int(inputs.shape[1])
+
+
+def position_labels(model: HookedModel, inputs: torch.Tensor) -> list[str]:
+    """One label per position: the tokens' text, or "CLS" then "r,c" per patch (row, column) for pixels."""
+    if not inputs.is_floating_point():
+        return str_tokens(model, inputs)
+    grid = capabilities(model).patch_grid
+    if grid is None:
+        raise PromptLabError(f"{model.cfg.name} takes token ids, not pixels")
+    return ["CLS", *(f"{r},{c}" for r in range(grid[0]) for c in range(grid[1]))]
+
+
+def patch_grid(model: HookedModel, values: Sequence[float]) -> torch.Tensor:
+    """Per-position ``values`` (CLS first, as :func:`position_labels`) -> the patches' values [rows, columns]."""
+    grid = capabilities(model).patch_grid
+    if grid is None:
+        raise PromptLabError(f"{model.cfg.name} has no patches")
+    if len(values) != 1 + grid[0] * grid[1]:
+        raise PromptLabError(f"got {len(values)} values for CLS + {grid[0]}×{grid[1]} patches")
+    return torch.as_tensor(list(values)[1:], dtype=torch.float64).reshape(grid)
+
+
 # ---------------------------------------------------------------------------------------------- activations
+def final_hook(model: HookedModel) -> str:
+    """The hook holding the final hidden state: ``ln_final.hook_normalized`` where the model has a final norm,
+    else the last block's ``hook_resid_post`` (post-LN encoders such as BERT)."""
+    names = model.hook_names()
+    return (
+        "ln_final.hook_normalized"
+        if "ln_final.hook_normalized" in names
+        else (f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    )
+
+
 def residual_profile(model: HookedModel, tokens: torch.Tensor) -> pd.DataFrame:
-    """Per layer (``blocks.{l}.hook_resid_post``) and token of ``tokens`` [1, pos]: the residual norm, the largest
-    |activation| and its dimension. Columns: layer, position, token, resid_norm, max_abs, max_dim."""
+    """Per layer (``blocks.{l}.hook_resid_post``) and position of ``tokens`` (token ids [1, pos] or pixels
+    [1, C, H, W]): the residual norm, the largest |activation| and its dimension. Columns: layer, position, token,
+    resid_norm, max_abs, max_dim."""
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
     with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
         model(tokens.to(model.device))
-    texts = str_tokens(model, tokens)
+    texts = position_labels(model, tokens)
     rows = []
     for layer, name in enumerate(names):
         resid = cache[name][0]  # [pos, d_model]
@@ -179,7 +291,8 @@ def residual_profile(model: HookedModel, tokens: torch.Tensor) -> pd.DataFrame:
 
 def attention_profile(model: HookedModel, tokens: torch.Tensor, kernel: bool | None = None) -> pd.DataFrame:
     """Attention entropy, sink mass, lse and max logit per layer × head, averaged over the queries of ``tokens``
-    [1, pos] (``workbench.attention.summary.attention_statistics``; the sink average leaves out query 0).
+    (token ids [1, pos]: ``workbench.attention.summary.attention_statistics``, whose sink average leaves out
+    query 0; pixels [1, C, H, W]: the same statistics hooks, mean over the queries after CLS).
 
     ``kernel``: compute them inside the fused Triton kernel (default: where it runs, i.e. the model is on CUDA),
     else on the reference path. The ``path`` column says which."""
@@ -190,17 +303,40 @@ def attention_profile(model: HookedModel, tokens: torch.Tensor, kernel: bool | N
     path = "kernel" if use_kernel else ("eager" if previous == "kernel" else previous)
     model.set_attention_path(path)
     try:
-        frame = attention_statistics(model, tokens.cpu(), batch_size=1, max_length=tokens.shape[1])
+        if tokens.is_floating_point():
+            frame = _input_statistics(model, tokens)
+        else:
+            frame = attention_statistics(model, tokens.cpu(), batch_size=1, max_length=tokens.shape[1])
     finally:
         model.set_attention_path(previous)
     return frame.assign(path=path)
 
 
+STATISTICS = ("entropy", "sink", "lse", "max_logit")
+
+
+def _input_statistics(model: HookedModel, pixels: torch.Tensor) -> pd.DataFrame:
+    """Per layer × head statistics of one non-token input (queries 1.., as attention_statistics weighs them)."""
+    names = [f"blocks.{layer}.attn.hook_{s}" for layer in range(model.cfg.n_layers) for s in STATISTICS]
+    with torch.no_grad(), model.capture(names, dtype=torch.float64) as cache:
+        model(pixels.to(model.device))
+    rows = []
+    for layer in range(model.cfg.n_layers):
+        values = {s: cache[f"blocks.{layer}.attn.hook_{s}"][0, :, 1:].mean(-1) for s in STATISTICS}  # [head]
+        for head in range(model.cfg.n_heads):
+            rows.append({"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "layer": layer, "head": head,
+                         **{s: float(values[s][head]) for s in STATISTICS},
+                         "n_queries": int(cache[names[0]].shape[-1] - 1)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def head_pattern(model: HookedModel, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
-    """The attention pattern [query, key] of one head on ``tokens`` [1, pos] (prompts up to PATTERN_MAX_TOKENS)."""
-    if tokens.shape[1] > PATTERN_MAX_TOKENS:
+    """The attention pattern [query, key] of one head on ``tokens`` (token ids [1, pos] or pixels; inputs up to
+    PATTERN_MAX_TOKENS positions)."""
+    count = n_positions(model, tokens)
+    if count > PATTERN_MAX_TOKENS:
         raise PromptLabError(
-            f"the prompt has {tokens.shape[1]} tokens; the full pattern is drawn for prompts up to "
+            f"the input has {count} positions; the full pattern is drawn for inputs up to "
             f"{PATTERN_MAX_TOKENS} (the per-head statistics cover longer ones)"
         )
     if not 0 <= head < model.cfg.n_heads:
@@ -222,9 +358,10 @@ def head_pattern(model: HookedModel, tokens: torch.Tensor, layer: int, head: int
 # ---------------------------------------------------------------------------------------------- outputs
 @dataclass
 class NextTokenComparison:
-    """Next-token logits after the prompt, clean and under the interventions ([d_vocab] each), and ``table``: the
-    union of both top-k tokens with token_id, token, p_clean, p_intervened, logit_clean, logit_intervened,
-    delta_p, delta_logit. ``focus`` holds the chosen token's logits and their difference."""
+    """The model's output logits at one position, clean and under the interventions ([n_out] each: the vocabulary
+    for a token head, the classes for a classifier), and ``table``: the union of both top-k outputs with token_id,
+    token (the token's text or the class name), p_clean, p_intervened, logit_clean, logit_intervened, delta_p,
+    delta_logit. ``focus`` holds the chosen token's logits and their difference."""
 
     clean: torch.Tensor
     intervened: torch.Tensor
@@ -233,18 +370,75 @@ class NextTokenComparison:
 
     @property
     def kl(self) -> float:
-        """KL(clean ‖ intervened) of the next-token distributions, nats."""
+        """KL(clean ‖ intervened) of the two distributions, nats."""
         p, q = self.clean.log_softmax(-1), self.intervened.log_softmax(-1)
         return float((p.exp() * (p - q)).sum())
+
+
+def output_logits(
+    model: HookedModel, inputs: torch.Tensor, interventions: Sequence[Intervention] = (), position: int = -1
+) -> torch.Tensor:
+    """The model's logits under ``interventions`` (a stack) for ``inputs`` (token ids [1, pos] or pixels): at
+    ``position`` for a token head ([d_vocab]), the class logits [n_classes] for a classifier."""
+    caps = capabilities(model)
+    if caps.output == "hidden":
+        raise PromptLabError(
+            f"{model.cfg.name} has no output head (its forward returns hidden states); compare its pooled "
+            "embedding (compare_embeddings) instead"
+        )
+    inputs = inputs.to(model.device)
+    with torch.no_grad(), apply_interventions(model, interventions, inputs):
+        output = model(inputs)
+    return (output[0, position] if output.ndim == 3 else output[0]).float().cpu()
 
 
 def next_token_logits(
     model: HookedModel, tokens: torch.Tensor, interventions: Sequence[Intervention] = ()
 ) -> torch.Tensor:
     """Logits [d_vocab] of the token after ``tokens`` [1, pos], under ``interventions`` (a stack)."""
-    tokens = tokens.to(model.device)
-    with torch.no_grad(), apply_interventions(model, interventions, tokens):
-        return model(tokens)[0, -1].float().cpu()
+    return output_logits(model, tokens, interventions, -1)
+
+
+def output_names(model: HookedModel, ids: Sequence[int]) -> list[str]:
+    """The text of token ids, or the class names of a classifier's output ids."""
+    names = capabilities(model).class_names
+    if names:
+        return [names[i] for i in ids]
+    return [model.to_str_tokens([i])[0] for i in ids]
+
+
+def compare_outputs(
+    model: HookedModel,
+    inputs: torch.Tensor,
+    interventions: Sequence[Intervention],
+    top_k: int = 10,
+    focus_token: str | None = None,
+    position: int = -1,
+) -> NextTokenComparison:
+    """Output distributions clean vs intervened: the next token (position -1 of a causal LM), a masked-LM head's
+    tokens at ``position`` (:func:`mask_positions`), or a classifier's classes; ``focus_token`` (a single token's
+    text) adds its logit difference (intervened − clean)."""
+    clean = output_logits(model, inputs, (), position)
+    intervened = output_logits(model, inputs, interventions, position)
+    p_clean, p_int = clean.softmax(-1), intervened.softmax(-1)
+    k = min(top_k, clean.shape[0])
+    ids = list(dict.fromkeys([*p_clean.topk(k).indices.tolist(), *p_int.topk(k).indices.tolist()]))
+    focus = None
+    if focus_token:
+        focus_id = token_id(model, focus_token)
+        ids = list(dict.fromkeys([*ids, focus_id]))
+        focus = {"token": focus_token, "token_id": focus_id, "logit_clean": float(clean[focus_id]),
+                 "logit_intervened": float(intervened[focus_id]),
+                 "logit_diff": float(intervened[focus_id] - clean[focus_id])}  # fmt: skip
+    table = pd.DataFrame({
+        "token_id": ids, "token": output_names(model, ids),
+        "p_clean": p_clean[ids].tolist(), "p_intervened": p_int[ids].tolist(),
+        "logit_clean": clean[ids].tolist(), "logit_intervened": intervened[ids].tolist(),
+    })  # fmt: skip
+    table["delta_p"] = table["p_intervened"] - table["p_clean"]
+    table["delta_logit"] = table["logit_intervened"] - table["logit_clean"]
+    table = table.sort_values("p_clean", ascending=False, ignore_index=True)
+    return NextTokenComparison(clean, intervened, table, focus)
 
 
 def compare_next_token(
@@ -254,28 +448,69 @@ def compare_next_token(
     top_k: int = 10,
     focus_token: str | None = None,
 ) -> NextTokenComparison:
-    """Next-token distributions clean vs intervened; ``focus_token`` (a single token's text) adds its logit
-    difference (intervened − clean)."""
-    clean = next_token_logits(model, tokens)
-    intervened = next_token_logits(model, tokens, interventions)
-    p_clean, p_int = clean.softmax(-1), intervened.softmax(-1)
-    ids = list(dict.fromkeys([*p_clean.topk(top_k).indices.tolist(), *p_int.topk(top_k).indices.tolist()]))
-    focus = None
-    if focus_token:
-        focus_id = token_id(model, focus_token)
-        ids = list(dict.fromkeys([*ids, focus_id]))
-        focus = {"token": focus_token, "token_id": focus_id, "logit_clean": float(clean[focus_id]),
-                 "logit_intervened": float(intervened[focus_id]),
-                 "logit_diff": float(intervened[focus_id] - clean[focus_id])}  # fmt: skip
-    table = pd.DataFrame({
-        "token_id": ids, "token": [model.to_str_tokens([i])[0] for i in ids],
-        "p_clean": p_clean[ids].tolist(), "p_intervened": p_int[ids].tolist(),
-        "logit_clean": clean[ids].tolist(), "logit_intervened": intervened[ids].tolist(),
-    })  # fmt: skip
-    table["delta_p"] = table["p_intervened"] - table["p_clean"]
-    table["delta_logit"] = table["logit_intervened"] - table["logit_clean"]
-    table = table.sort_values("p_clean", ascending=False, ignore_index=True)
-    return NextTokenComparison(clean, intervened, table, focus)
+    """Next-token distributions clean vs intervened (:func:`compare_outputs` at the last position)."""
+    return compare_outputs(model, tokens, interventions, top_k, focus_token, position=-1)
+
+
+def mask_positions(model: HookedModel, tokens: torch.Tensor) -> list[int]:
+    """Positions of the tokenizer's mask token (e.g. ``[MASK]``) in ``tokens`` [1, pos]; [] when it has none."""
+    mask = getattr(model.tokenizer, "mask_token_id", None)
+    return [] if mask is None else (tokens[0] == mask).nonzero().flatten().tolist()
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+def pooled_embedding(
+    model: HookedModel, tokens: torch.Tensor, interventions: Sequence[Intervention] = ()
+) -> torch.Tensor:
+    """One vector [d_model] for ``tokens`` (token ids [1, pos] or pixels) under ``interventions``: the final hidden
+    state (:func:`final_hook`) pooled as the model declares (``Capabilities.pooling``: mean / max over the
+    positions, CLS, last), L2-normalised where it declares ``normalize`` (a sentence-transformers model)."""
+    caps = capabilities(model)
+    hook = final_hook(model)
+    tokens = tokens.to(model.device)
+    with torch.no_grad(), apply_interventions(model, interventions, tokens):
+        with model.capture([hook], dtype=torch.float32) as cache:
+            model(tokens)
+    hidden = cache[hook][0].cpu()  # [pos, d_model]
+    pooled = {"mean": lambda: hidden.mean(0), "max": lambda: hidden.max(0).values, "cls": lambda: hidden[0],
+              "last": lambda: hidden[-1]}[caps.pooling]()  # fmt: skip
+    return F.normalize(pooled, dim=0) if caps.normalize else pooled
+
+
+@dataclass
+class EmbeddingComparison:
+    """Pooled embeddings [d_model] of the input clean and intervened (and of a second prompt, or None), and
+    ``table``: pair, cosine (one row per pair of the vectors present)."""
+
+    clean: torch.Tensor
+    intervened: torch.Tensor
+    second: torch.Tensor | None
+    table: pd.DataFrame
+
+    def cosine(self, pair: str) -> float:
+        """The cosine of ``pair`` ("clean · intervened", "clean · second", "intervened · second")."""
+        return float(self.table.set_index("pair").loc[pair, "cosine"])
+
+
+def compare_embeddings(
+    model: HookedModel,
+    tokens: torch.Tensor,
+    interventions: Sequence[Intervention],
+    second: str | torch.Tensor | None = None,
+) -> EmbeddingComparison:
+    """Pooled embeddings (:func:`pooled_embedding`) clean vs intervened, and their cosines to each other and to a
+    ``second`` prompt (text, or token ids / pixels), which runs clean."""
+    clean = pooled_embedding(model, tokens)
+    intervened = pooled_embedding(model, tokens, interventions)
+    other = None
+    if second is not None:
+        other = pooled_embedding(model, encode_prompt(model, second) if isinstance(second, str) else second)
+    vectors = {"clean": clean, "intervened": intervened, **({"second": other} if other is not None else {})}
+    pairs = [("clean", "intervened"), ("clean", "second"), ("intervened", "second")]
+    rows = [{"pair": f"{a} · {b}", "cosine": float(F.cosine_similarity(vectors[a], vectors[b], dim=0)),
+             "norm_a": float(vectors[a].norm()), "norm_b": float(vectors[b].norm())}
+            for a, b in pairs if a in vectors and b in vectors]  # fmt: skip
+    return EmbeddingComparison(clean, intervened, other, pd.DataFrame(rows))
 
 
 def token_id(model: HookedModel, text: str) -> int:
@@ -374,12 +609,34 @@ def pattern_heatmap(pattern: torch.Tensor, tokens: Sequence[str], layer: int, he
     return fig
 
 
-def next_token_figure(table: pd.DataFrame) -> go.Figure:
-    """Grouped bars of p_clean and p_intervened per token of a :class:`NextTokenComparison` table."""
+def next_token_figure(table: pd.DataFrame, title: str = "next-token probability") -> go.Figure:
+    """Grouped bars of p_clean and p_intervened per output of a :class:`NextTokenComparison` table."""
     labels = table["token"].map(repr)
     fig = go.Figure([go.Bar(name="clean", x=labels, y=table["p_clean"]),
                      go.Bar(name="intervened", x=labels, y=table["p_intervened"])])  # fmt: skip
-    fig.update_layout(barmode="group", title="next-token probability", yaxis_title="p", height=320)
+    fig.update_layout(barmode="group", title=title, yaxis_title="p", height=320)
+    return fig
+
+
+def patch_figure(pixels: torch.Tensor, values: torch.Tensor, title: str, colorbar: str = "") -> go.Figure:
+    """The image ``pixels`` [1, C, H, W] in grey with per-patch ``values`` [rows, columns] (:func:`patch_grid`)
+    drawn over it, each patch's value written on it."""
+    image = pixels[0].float().mean(0).numpy()  # [H, W]
+    rows, cols = values.shape
+    height, width = image.shape
+    ys = [(r + 0.5) * height / rows - 0.5 for r in range(rows)]
+    xs = [(c + 0.5) * width / cols - 0.5 for c in range(cols)]
+    grid = values.numpy()
+    fig = go.Figure([
+        go.Heatmap(z=image, colorscale="Greys", reversescale=True, showscale=False, hoverinfo="skip"),
+        go.Heatmap(z=grid, x=xs, y=ys, colorscale="RdBu_r" if (grid < 0).any() else "Viridis", opacity=0.55,
+                   zmid=0 if (grid < 0).any() else None, colorbar={"title": colorbar},
+                   text=[[f"{v:.3g}" for v in row] for row in grid], texttemplate="%{text}",
+                   hovertemplate="patch (%{y:.0f}, %{x:.0f}): %{z:.4g}<extra></extra>"),
+    ])  # fmt: skip
+    fig.update_layout(title=title, height=360, yaxis={"autorange": "reversed", "scaleanchor": "x"},
+                      xaxis={"showticklabels": False}, margin={"l": 10, "r": 10, "t": 40, "b": 10})  # fmt: skip
+    fig.update_yaxes(showticklabels=False)
     return fig
 
 
@@ -388,25 +645,31 @@ def session_frame(
     model: HookedModel,
     prompt: str,
     interventions: Sequence[Intervention],
-    comparison: NextTokenComparison,
+    comparison: NextTokenComparison | None,
     continuation: dict[str, str],
     generation: dict[str, Any],
     readouts: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """One ``prompt_lab_sessions`` row; ``session`` is a hash of the model, prompt and stack, so saving the same
-    session again replaces its row."""
+    session again replaces its row. ``prompt`` is the text, or an image's reference (``DATA#INDEX``);
+    ``comparison`` the next-token, masked-token or class comparison (None for a model without a head);
+    ``outputs`` what else the page compared (e.g. the pooled-embedding cosines), stored as JSON with the
+    model's output kind."""
     stack = [iv.to_dict() for iv in interventions]
     ident = json.dumps([model.cfg.name, model.cfg.checkpoint, prompt, stack, generation], sort_keys=True)
-    focus = comparison.focus or {}
+    focus = (comparison.focus if comparison is not None else None) or {}
+    tokens = model.to_str_tokens(model.tokenizer(prompt)["input_ids"]) if model.tokenizer is not None else []
     return pd.DataFrame([{
         "model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "hook": None, "dataset": None,
         "session": hashlib.sha256(ident.encode()).hexdigest()[:16], "prompt": prompt,
-        "tokens": json.dumps(model.to_str_tokens(model.tokenizer(prompt)["input_ids"])),
-        "interventions": json.dumps(stack), "next_token": comparison.table.to_json(orient="records"),
+        "tokens": json.dumps(tokens), "interventions": json.dumps(stack),
+        "next_token": comparison.table.to_json(orient="records") if comparison is not None else None,
         "focus_token": focus.get("token"), "logit_diff": focus.get("logit_diff"),
         "continuation_clean": continuation.get("clean"), "continuation_intervened": continuation.get("intervened"),
         "continuation_note": continuation.get("note", ""),
         "generation": json.dumps(generation), "readouts": json.dumps(readouts or {}),
+        "output": capabilities(model).output, "outputs": json.dumps(outputs or {}),
     }])  # fmt: skip
 
 

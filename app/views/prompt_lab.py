@@ -1,16 +1,19 @@
-"""Prompt lab: type a prompt, see activations, SAE latents, probe predictions, codebook codes and attention on it,
-stack interventions, and compare next-token distributions and continuations clean vs intervened.
+"""Prompt lab: type a prompt (or pick an image), see activations, SAE latents, probe predictions, codebook codes and
+attention on it, stack interventions, and compare clean vs intervened what the model has: next-token distributions
+and continuations (causal LMs), the masked-LM head's tokens at a [MASK], the pooled sentence embedding and a probe's
+predictions (encoders), class probabilities and neuron paths on the patches (image classifiers). What the page
+shows follows the model's declared capabilities (``workbench.prompt_lab.capabilities``), never its family name.
 
 Everything it computes comes from library functions notebooks use too: ``workbench.prompt_lab``,
 ``workbench.interventions``, ``workbench.circuits.sae.readout``, ``workbench.probes.readout``,
-``workbench.circuits.codebook.readout``.
+``workbench.circuits.codebook.readout``, ``workbench.circuits.neuron_path``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import streamlit as st
 import torch
@@ -18,7 +21,7 @@ import torch
 from workbench import prompt_lab as lab
 from workbench.app.data import plain, result_models, table, token_chips, workspace_path
 from workbench.attention.summary import layer_head_heatmap
-from workbench.interventions import Intervention
+from workbench.interventions import Intervention, apply_interventions
 from workbench.workspace import Workspace
 
 STARTED = time.perf_counter()
@@ -26,9 +29,13 @@ torch.set_num_threads(lab.SERVER_THREADS)  # see lab.SERVER_THREADS (WORKBENCH_D
 st.title("Prompt lab")
 workspace = Workspace(workspace_path())
 DEFAULT_PROMPT = "def add(a, b):\n    return a +"
+DEFAULT_IMAGES = "zoo:digits"
+DEFAULT_SECOND = "a completely different sentence"
 OVERLAYS = ("max |activation|", "residual norm", "SAE latents", "probe predictions", "codebook codes")
+IMAGE_OVERLAYS = OVERLAYS[:2]  # the readouts' chips name tokens; an image's positions are patches
 KINDS = ("steer: SAE latent", "steer: probe direction", "steer: codebook code", "zero-ablate heads",
          "mean-ablate heads", "zero-ablate MLP neurons", "mean-ablate MLP neurons", "patch from a second prompt")  # fmt: skip
+IMAGE_KINDS = KINDS[3:7]  # ablations; the SAE / probe / codebook readouts and patching read token prompts
 ERRORS = (ValueError, KeyError, IndexError, OSError, RuntimeError)
 
 
@@ -64,7 +71,7 @@ def codebooks_for(key: str, run: str, root: str, _model: Any) -> Any:
     return load_codebooks_for(_model, run, root)
 
 
-def fail(message: object) -> None:
+def fail(message: object) -> NoReturn:
     st.error(str(message))
     st.stop()
 
@@ -118,50 +125,72 @@ try:
         with st.status(f"Loading {key} …", expanded=False) as status:
             model = cache.get(key, lambda: lab.load_lab_model(reference, step, root))
             status.update(label=f"Loaded {key}", state="complete")
-    lab.ANALYSIS.check(model)
 except ERRORS as err:
     fail(err)
+caps = lab.capabilities(model)
+image = caps.modality == "image"
 right.caption(
-    f"{plain(model.cfg.name)} ({model.cfg.family}, {model.cfg.n_layers} layers, d_model {model.cfg.d_model}) · "
+    f"{plain(model.cfg.name)} ({model.cfg.family}, {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
+    f"{caps.modality} in, {caps.output.replace('_', '-')} out) · "
     f"loaded: {plain(', '.join(cache.loaded))} · {cache.used_bytes / 2**20:.1f} of "
     f"{cache.budget_bytes / 2**20:.0f} MiB budget"
 )
 
-# ---------------------------------------------------------------------------------------------- prompt
-with st.expander("use a row of a dataset"):
-    data_ref = st.text_input(
-        "dataset reference", key="lab_dataset", help="a text file, FILE.jsonl:FIELD, zoo:…"
+# ---------------------------------------------------------------------------------------------- input
+picture: lab.LabImage | None = None
+if image:
+    p1, p2 = st.columns([3, 1])
+    data_ref = p1.text_input("image dataset", DEFAULT_IMAGES, key="lab_image_data",
+                             help="a dataset reference holding images: zoo:digits, a folder of images")  # fmt: skip
+    index = int(p2.number_input("image", min_value=0, value=0, step=1, key="lab_image_index"))
+    try:
+        picture = lab.load_image(model, data_ref, index)
+    except ERRORS as err:
+        fail(err)
+    tokens, prompt = picture.pixels, picture.name
+    st.caption(
+        f"{plain(picture.name)}: pixels {tuple(tokens.shape)}"
+        + (f", label {picture.label}" if picture.label is not None else "")
+        + (f" ({plain(picture.note)})" if picture.note else "")
     )
-    row = st.number_input("row", min_value=0, value=0, step=1, key="lab_row")
+else:
+    with st.expander("use a row of a dataset"):
+        data_ref = st.text_input(
+            "dataset reference", key="lab_dataset", help="a text file, FILE.jsonl:FIELD, zoo:…"
+        )
+        row = st.number_input("row", min_value=0, value=0, step=1, key="lab_row")
 
-    def use_row() -> None:
-        from workbench.datasets import load_dataset
+        def use_row() -> None:
+            from workbench.datasets import load_dataset
 
-        try:
-            documents = load_dataset(data_ref, limit=int(row) + 1).documents(limit=int(row) + 1)
-            st.session_state["lab_prompt"] = documents[int(row)]
-        except ERRORS as err:
-            st.session_state["lab_row_error"] = str(err)
+            try:
+                documents = load_dataset(data_ref, limit=int(row) + 1).documents(limit=int(row) + 1)
+                st.session_state["lab_prompt"] = documents[int(row)]
+            except ERRORS as err:
+                st.session_state["lab_row_error"] = str(err)
 
-    st.button("use this row as the prompt", on_click=use_row, key="lab_use_row", disabled=not data_ref)
-    if "lab_row_error" in st.session_state:
-        st.error(st.session_state.pop("lab_row_error"))
-st.session_state.setdefault("lab_prompt", DEFAULT_PROMPT)
-prompt = st.text_area("prompt", key="lab_prompt", height=90)
-try:
-    tokens = lab.encode_prompt(model, prompt)
-except ERRORS as err:
-    fail(err)
-texts = lab.str_tokens(model, tokens)
+        st.button("use this row as the prompt", on_click=use_row, key="lab_use_row", disabled=not data_ref)
+        if "lab_row_error" in st.session_state:
+            st.error(st.session_state.pop("lab_row_error"))
+    st.session_state.setdefault("lab_prompt", DEFAULT_PROMPT)
+    prompt = st.text_area("prompt", key="lab_prompt", height=90)
+    if caps.output == "masked_token":
+        st.caption(f"put {plain(model.tokenizer.mask_token)} where the masked-LM head should predict a token")
+    try:
+        tokens = lab.encode_prompt(model, prompt)
+    except ERRORS as err:
+        fail(err)
+texts = lab.position_labels(model, tokens)
 stacks = st.session_state.setdefault("lab_stacks", {})
 stack: list[dict] = stacks.setdefault(key, [])
 interventions = [Intervention.from_dict(d) for d in stack]
 
 # ---------------------------------------------------------------------------------------------- tokens
-st.subheader("Tokens")
+st.subheader("Patches" if image else "Tokens")
 c1, c2 = st.columns([1, 3])
 layer = c1.selectbox("layer", list(range(model.cfg.n_layers)), key="lab_layer")
-overlay = c2.radio("overlay", OVERLAYS, horizontal=True, key="lab_overlay")
+overlay = c2.radio("overlay", IMAGE_OVERLAYS if image else OVERLAYS, horizontal=True,
+                   key="lab_image_overlay" if image else "lab_overlay")  # fmt: skip
 readout: dict[str, Any] = {"overlay": overlay, "layer": layer}
 profile = lab.residual_profile(model, tokens)
 values: list[float] | None = None
@@ -258,7 +287,13 @@ elif overlay == "codebook codes":
                  for p in range(len(texts))]  # fmt: skip
         shown = codes
         readout["codebook"] = run
-st.markdown(token_chips(texts, values, notes), unsafe_allow_html=True)
+if picture is not None and values is not None:
+    patches = lab.patch_grid(model, values)
+    st.plotly_chart(lab.patch_figure(tokens, patches, f"{overlay}, layer {layer}", overlay), width="stretch",
+                    key="lab_patch_overlay")  # fmt: skip
+    st.caption(f"CLS: {values[0]:.4g}; patch (row, column) = position 1 + row × {patches.shape[1]} + column")
+else:
+    st.markdown(token_chips(texts, values, notes), unsafe_allow_html=True)
 if shown is not None:
     readout["rows"] = json.loads(shown.to_json(orient="records"))
     with st.expander("values", expanded=False):
@@ -295,14 +330,14 @@ except ERRORS as err:
 statistic = a1.radio("statistic", ("entropy", "sink"), horizontal=True, key="lab_statistic")
 a1.plotly_chart(layer_head_heatmap(attention, statistic), width="stretch")
 a1.caption(f"per layer × head, mean over this prompt's queries ({attention['path'].iloc[0]} path)")
-if tokens.shape[1] <= lab.PATTERN_MAX_TOKENS:
+if len(texts) <= lab.PATTERN_MAX_TOKENS:
     h1, h2 = a2.columns(2)
     pattern_layer = h1.selectbox("pattern layer", list(range(model.cfg.n_layers)), key="lab_pattern_layer")
     pattern_head = h2.selectbox("pattern head", list(range(model.cfg.n_heads)), key="lab_pattern_head")
     pattern = lab.head_pattern(model, tokens, pattern_layer, pattern_head)
     a2.plotly_chart(lab.pattern_heatmap(pattern, texts, pattern_layer, pattern_head), width="stretch")
 else:
-    a2.info(f"The full pattern of a head is drawn for prompts up to {lab.PATTERN_MAX_TOKENS} tokens.")
+    a2.info(f"The full pattern of a head is drawn for inputs up to {lab.PATTERN_MAX_TOKENS} positions.")
 
 
 # ---------------------------------------------------------------------------------------------- interventions
@@ -387,7 +422,9 @@ def new_intervention(kind: str) -> Intervention | None:
 
 
 st.subheader("Interventions")
-kind = st.selectbox("kind", KINDS, key="lab_iv_kind")
+kind = st.selectbox(
+    "kind", IMAGE_KINDS if image else KINDS, key="lab_image_iv_kind" if image else "lab_iv_kind"
+)
 try:
     added = new_intervention(kind)
 except ERRORS as err:
@@ -408,51 +445,178 @@ if not interventions:
     st.caption("No interventions yet: the intervened outputs equal the clean ones.")
 
 # ---------------------------------------------------------------------------------------------- outputs
-st.subheader("Next token and continuation")
-o1, o2, o3 = st.columns(3)
-top_k = int(o1.number_input("top tokens", min_value=1, max_value=50, value=8, key="lab_top_k"))
-focus = o2.text_input(
-    "token for the logit difference", key="lab_focus", help="one token of the vocabulary"
-).strip("\n")
-try:
-    comparison = lab.compare_next_token(model, tokens, interventions, top_k=top_k, focus_token=focus or None)
-except ERRORS as err:
-    fail(err)
-clean_top, int_top = comparison.clean.argmax(), comparison.intervened.argmax()
-best_clean = model.to_str_tokens([int(clean_top)])[0]
-best_int = model.to_str_tokens([int(int_top)])[0]
-summary = (f"top next token clean {plain(repr(best_clean))} (p={float(comparison.clean.softmax(-1).max()):.4f}) → "
-           f"intervened {plain(repr(best_int))} (p={float(comparison.intervened.softmax(-1).max()):.4f}); "
-           f"KL(clean‖intervened) = {comparison.kl:.4f} nats")  # fmt: skip
-if comparison.focus:
-    summary += f"; logit difference of {plain(repr(focus))}: {comparison.focus['logit_diff']:+.4f}"
-o3.metric("KL clean → intervened (nats)", f"{comparison.kl:.4f}")
-st.markdown(summary)
-st.plotly_chart(lab.next_token_figure(comparison.table), width="stretch")
-with st.expander("next-token table", expanded=False):
-    st.dataframe(comparison.table, width="stretch", hide_index=True)
-g1, g2, g3, g4 = st.columns(4)
-mode = g1.radio("decoding", ("greedy", "sampled"), horizontal=True, key="lab_mode")
-new_tokens = int(g2.number_input("new tokens", min_value=1, max_value=200, value=20, key="lab_new_tokens"))
-temperature = 0.0 if mode == "greedy" else float(g3.number_input("temperature", min_value=0.05, value=1.0,
-                                                                  step=0.1, key="lab_temperature"))  # fmt: skip
-seed = int(g4.number_input("seed", min_value=0, value=0, step=1, key="lab_seed"))
-generation = {"mode": mode, "max_new_tokens": new_tokens, "temperature": temperature, "seed": seed}
-try:
-    continuation = lab.continuations(model, tokens, interventions, new_tokens, temperature, seed)
-except ERRORS as err:
-    fail(err)
-k1, k2 = st.columns(2)
-k1.markdown("**clean**")
-k1.code(prompt + continuation["clean"], language=None)
-k2.markdown("**intervened**")
-k2.code(prompt + continuation["intervened"], language=None)
-if continuation["note"]:
-    st.info(continuation["note"])
+comparison: lab.NextTokenComparison | None = None
+continuation: dict[str, str] = {}
+generation: dict[str, Any] = {}
+outputs: dict[str, Any] = {}
+
+
+def show_comparison(result: lab.NextTokenComparison, what: str, title: str) -> None:
+    """The top output clean → intervened with KL, the bars and the table of a comparison."""
+    best_clean, best_int = lab.output_names(
+        model, [int(result.clean.argmax()), int(result.intervened.argmax())]
+    )
+    line = (f"top {what} clean {plain(repr(best_clean))} (p={float(result.clean.softmax(-1).max()):.4f}) → "
+            f"intervened {plain(repr(best_int))} (p={float(result.intervened.softmax(-1).max()):.4f}); "
+            f"KL(clean‖intervened) = {result.kl:.4f} nats")  # fmt: skip
+    if result.focus:
+        line += (
+            f"; logit difference of {plain(repr(result.focus['token']))}: {result.focus['logit_diff']:+.4f}"
+        )
+    st.markdown(line)
+    st.plotly_chart(lab.next_token_figure(result.table, title), width="stretch")
+    with st.expander(f"{what} table", expanded=False):
+        st.dataframe(result.table, width="stretch", hide_index=True)
+
+
+if caps.output == "next_token":
+    st.subheader("Next token and continuation")
+    o1, o2, o3 = st.columns(3)
+    top_k = int(o1.number_input("top tokens", min_value=1, max_value=50, value=8, key="lab_top_k"))
+    focus = o2.text_input(
+        "token for the logit difference", key="lab_focus", help="one token of the vocabulary"
+    ).strip("\n")
+    try:
+        comparison = lab.compare_next_token(
+            model, tokens, interventions, top_k=top_k, focus_token=focus or None
+        )
+    except ERRORS as err:
+        fail(err)
+    o3.metric("KL clean → intervened (nats)", f"{comparison.kl:.4f}")
+    show_comparison(comparison, "next token", "next-token probability")
+    g1, g2, g3, g4 = st.columns(4)
+    mode = g1.radio("decoding", ("greedy", "sampled"), horizontal=True, key="lab_mode")
+    new_tokens = int(
+        g2.number_input("new tokens", min_value=1, max_value=200, value=20, key="lab_new_tokens")
+    )
+    temperature = 0.0 if mode == "greedy" else float(g3.number_input("temperature", min_value=0.05, value=1.0,
+                                                                      step=0.1, key="lab_temperature"))  # fmt: skip
+    seed = int(g4.number_input("seed", min_value=0, value=0, step=1, key="lab_seed"))
+    generation = {"mode": mode, "max_new_tokens": new_tokens, "temperature": temperature, "seed": seed}
+    try:
+        continuation = lab.continuations(model, tokens, interventions, new_tokens, temperature, seed)
+    except ERRORS as err:
+        fail(err)
+    k1, k2 = st.columns(2)
+    k1.markdown("**clean**")
+    k1.code(prompt + continuation["clean"], language=None)
+    k2.markdown("**intervened**")
+    k2.code(prompt + continuation["intervened"], language=None)
+    if continuation["note"]:
+        st.info(continuation["note"])
+elif caps.output == "masked_token":
+    st.subheader("Masked-token prediction")
+    masked = lab.mask_positions(model, tokens)
+    if not masked:
+        st.info(f"The prompt has no {plain(model.tokenizer.mask_token)}: put one where the masked-LM head should "
+                "predict a token.")  # fmt: skip
+    else:
+        o1, o2, o3 = st.columns(3)
+        at = int(o1.selectbox("masked position", masked, key="lab_mask_position",
+                              format_func=lambda p: f"{p}: {texts[p]}"))  # fmt: skip
+        top_k = int(o2.number_input("top tokens", min_value=1, max_value=50, value=8, key="lab_top_k"))
+        try:
+            comparison = lab.compare_outputs(model, tokens, interventions, top_k=top_k, position=at)
+        except ERRORS as err:
+            fail(err)
+        o3.metric("KL clean → intervened (nats)", f"{comparison.kl:.4f}")
+        show_comparison(comparison, f"token at position {at}", f"masked-LM probability at position {at}")
+        outputs["masked_position"] = at
+elif caps.output == "class":
+    st.subheader("Class probabilities")
+    o1, o2 = st.columns(2)
+    top_k = int(o1.number_input("top classes", min_value=1, max_value=50, value=5, key="lab_top_classes"))
+    try:
+        comparison = lab.compare_outputs(model, tokens, interventions, top_k=top_k)
+    except ERRORS as err:
+        fail(err)
+    o2.metric("KL clean → intervened (nats)", f"{comparison.kl:.4f}")
+    show_comparison(comparison, "class", "class probability")
+
+if caps.modality == "text" and caps.output != "next_token":
+    st.subheader("Sentence embedding")
+    second = st.text_input("second prompt", DEFAULT_SECOND, key="lab_second",
+                           help="its pooled embedding (clean) is compared with this prompt's")  # fmt: skip
+    try:
+        embeddings = lab.compare_embeddings(model, tokens, interventions, second or None)
+    except ERRORS as err:
+        fail(err)
+    e1, e2, e3 = st.columns(3)
+    for place, pair in zip((e1, e2, e3), embeddings.table["pair"], strict=False):
+        place.metric(f"cosine {pair}", f"{embeddings.cosine(pair):.4f}")
+    st.caption(
+        f"{caps.pooling} pooling of {lab.final_hook(model)}" + (", L2-normalised" if caps.normalize else "")
+    )
+    outputs["embedding"] = json.loads(embeddings.table.to_json(orient="records"))
+
+    from workbench.probes.readout import probe_predictions, probes_for_model
+
+    probe_names = [p.name for p, _ in probes_for_model(model, workspace)]
+    if probe_names:
+        st.markdown("**Probe prediction, clean vs intervened**")
+        q1, q2 = st.columns(2)
+        probe_name = q1.selectbox("output probe", probe_names, key="lab_out_probe")
+        try:
+            probes, saved, _ = probe_for(key, probe_name, root, model)
+            probe_site = q2.selectbox("output probe site", probes.sites, key="lab_out_probe_site")
+            clean_pred = probe_predictions(model, tokens, probes, probe_site, saved.label_names)
+            with apply_interventions(model, interventions, tokens):
+                int_pred = probe_predictions(model, tokens, probes, probe_site, saved.label_names)
+        except ERRORS as err:
+            fail(err)
+        both = clean_pred.merge(int_pred, on=["position", "token"], suffixes=("_clean", "_intervened"))
+        changed = int((both["label_clean"] != both["label_intervened"]).sum())
+        st.caption(f"{changed} of {len(both)} positions change their predicted label")
+        st.dataframe(both, width="stretch", hide_index=True)
+        outputs["probe"] = {"name": probe_name, "site": probe_site,
+                            "rows": json.loads(both.to_json(orient="records"))}  # fmt: skip
+
+if picture is not None and caps.output == "class" and comparison is not None:
+    from workbench.circuits.neuron_path import joint_score, locate_path, make_task
+
+    st.subheader("Neuron path on the patches")
+    n1, n2, n3 = st.columns(3)
+    best = int(comparison.clean.argmax())
+    target = int(n1.selectbox("class", list(range(len(caps.class_names))), index=best,  # the image's top class
+                              key=f"lab_np_class_{key}_{picture.name}", format_func=lambda c: caps.class_names[c]))  # fmt: skip
+    top_n = int(n2.number_input("neurons per layer", min_value=1, max_value=8, value=1, key="lab_np_top_k"))
+    np_steps = int(n3.number_input("steps", min_value=1, max_value=64, value=8, key="lab_np_steps"))
+    traced = st.session_state.setdefault("lab_np_paths", {})
+    request = json.dumps([key, picture.name, target, top_n, np_steps])
+    if st.button("locate the neuron path", key="lab_np_run"):
+        with st.spinner("joint integrated gradients per layer, then at every patch …"):
+            goal = torch.tensor([target])
+            path, _ = locate_path(
+                model, make_task(model, tokens, goal, position=0), np_steps, top_n, progress=False
+            )
+            # the path's neurons scaled at CLS, then at each patch in turn
+            tasks = [make_task(model, tokens, goal, position=at) for at in range(len(texts))]
+            scores = [joint_score(model, task, path, np_steps) for task in tasks]
+            traced[request] = (path, scores)
+    if request in traced:
+        path, scores = traced[request]
+        st.markdown(
+            "path at CLS: " + "; ".join(f"layer {ly}: {', '.join(map(str, ns))}" for ly, ns in path.items())
+        )
+        st.plotly_chart(lab.patch_figure(tokens, lab.patch_grid(model, scores),
+                                         f"joint score of the path's neurons at each patch ({caps.class_names[target]})",
+                                         "joint score"), width="stretch", key="lab_np_figure")  # fmt: skip
+        st.caption(f"at CLS: {scores[0]:.4g} (the classifier reads CLS)")
+        outputs["neuron_path"] = {
+            "class": target,
+            "path": {str(k): v for k, v in path.items()},
+            "scores": scores,
+        }
+    else:
+        st.caption("Press the button to locate the class's neuron path (at CLS) and draw its joint score at every "
+                   "patch.")  # fmt: skip
+
 st.caption(f"computed in {time.perf_counter() - STARTED:.2f} s", help="this run of the page, on the server")
 
 if st.button("save session to the results database", key="lab_save"):
-    frame = lab.session_frame(model, prompt, interventions, comparison, continuation, generation, readout)
+    frame = lab.session_frame(
+        model, prompt, interventions, comparison, continuation, generation, readout, outputs
+    )
     try:
         session = lab.save_session(workspace, frame)
     except ERRORS as err:

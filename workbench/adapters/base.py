@@ -10,10 +10,12 @@ pass with nothing captured runs the model untouched.
 
 from __future__ import annotations
 
+import json
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import torch
@@ -109,6 +111,29 @@ def interleaved_qkv(n_heads: int, d_head: int) -> tuple[Split, Merge]:
     return split, merge
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a wrapped model has, as its adapter declares it: ask this, never a family name.
+
+    ``modality``: "text" (token ids [batch, pos]) or "image" (pixels [batch, channels, height, width]).
+    ``output``: what the model's forward returns — "next_token" logits [batch, pos, d_vocab] (a causal LM head),
+    "masked_token" logits [batch, pos, d_vocab] (a masked-LM head), "class" logits [batch, n_classes], or "hidden"
+    (the last hidden state [batch, pos, d_model]: no head).
+    ``pooling``: how one vector per input is read from the final hidden state — "mean" over the positions, "max",
+    "cls" (position 0) or "last" (the last position); ``normalize``: that vector is L2-normalised.
+    ``image_shape``: (channels, height, width) an image model takes; ``patch_grid``: (rows, columns) of its
+    patches, patch (r, c) at position 1 + r·columns + c (position 0 is CLS). ``class_names``: one per class.
+    """
+
+    modality: str = "text"
+    output: str = "hidden"
+    pooling: str = "mean"
+    normalize: bool = False
+    image_shape: tuple[int, int, int] | None = None
+    patch_grid: tuple[int, int] | None = None
+    class_names: tuple[str, ...] = ()
+
+
 class Adapter(Protocol):
     """What a HookedModel asks of its model family (``owner`` is the HookedModel)."""
 
@@ -140,6 +165,10 @@ class Adapter(Protocol):
 
     def set_attention_path(self, owner: Any, path: str) -> None:
         """Make the model compute attention on ``path`` ("sdpa", "eager" or "kernel")."""
+        ...
+
+    def capabilities(self, owner: Any) -> Capabilities:
+        """What the model has (modality, output head, pooling): :class:`Capabilities`."""
         ...
 
 
@@ -230,11 +259,45 @@ class HFAdapter(ABC):
         """Nothing to patch: the registered "workbench" attention function reads ``owner.attention_path``."""
         return None
 
+    def capabilities(self, owner: Any) -> Capabilities:
+        """Text in; a token head (``get_output_embeddings``) gives next-token logits when causal, masked-token
+        logits otherwise; pooling: what the directory's sentence-transformers config says, else the last
+        position (causal) or the mean."""
+        head = owner.model.get_output_embeddings()
+        causal = bool(owner.cfg.causal)
+        output = "hidden" if head is None else "next_token" if causal else "masked_token"
+        directory = getattr(owner.model.config, "_name_or_path", "") or ""
+        declared = sentence_transformers_pooling(directory) if directory else None
+        pooling, normalize = declared or ("last" if causal else "mean", False)
+        return Capabilities(output=output, pooling=pooling, normalize=normalize)
+
     @staticmethod
     def attention_site(attention: nn.Module, layer: int) -> AttentionSite:
         prefix = f"blocks.{layer}.attn."
         stats = ("pattern", "entropy", "sink", "lse", "max_logit")
         return AttentionSite(attention, layer, {s: f"{prefix}hook_{s}" for s in stats})
+
+
+SENTENCE_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                    "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}  # fmt: skip
+
+
+def sentence_transformers_pooling(directory: str | Path) -> tuple[str, bool] | None:
+    """(pooling, normalize) from a sentence-transformers model directory (``modules.json`` naming its Pooling and
+    Normalize modules, the Pooling module's ``config.json``); None when the directory has no ``modules.json``."""
+    modules_file = Path(directory) / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text())
+    pooling, normalize = "mean", False
+    for module in modules:
+        kind = str(module.get("type", ""))
+        if kind.endswith(".Normalize"):
+            normalize = True
+        elif kind.endswith(".Pooling") and (Path(directory) / module["path"] / "config.json").is_file():
+            config = json.loads((Path(directory) / module["path"] / "config.json").read_text())
+            pooling = next((mode for key, mode in SENTENCE_POOLING.items() if config.get(key)), pooling)
+    return pooling, normalize
 
 
 def _first(output: Any) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import nn
 
+from workbench.adapters.base import Capabilities
 from workbench.hooks import HookPoint
 from workbench.spec import ModelSpec
 
@@ -95,6 +96,13 @@ class TransformerLensAdapter:
     def head_output_weights(self, owner: Any, layer: int) -> torch.Tensor:
         model: TLModel = owner.model
         return model.blocks[layer].attn.W_O
+
+    def capabilities(self, owner: Any) -> Capabilities:
+        """Token ids in, token logits out (next-token when the attention is causal), pooled at the last token."""
+        causal = bool(owner.cfg.causal)
+        return Capabilities(
+            output="next_token" if causal else "masked_token", pooling="last" if causal else "mean"
+        )
 
     def set_attention_path(self, owner: Any, path: str) -> None:
         """The kernel path replaces each attention block's forward (workbench.attention.install); other paths

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, heads_view
+from workbench.adapters.base import (
+    AnySite,
+    Capabilities,
+    HFAdapter,
+    ResidMidSite,
+    Site,
+    block_sites,
+    heads_view,
+)
 
 
 class ViTAdapter(HFAdapter):
@@ -30,6 +38,22 @@ class ViTAdapter(HFAdapter):
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
             raise ValueError("a ViT takes pixel_values as a float tensor [batch, channels, height, width]")
         return {"pixel_values": pixels.to(owner.device)}
+
+    def capabilities(self, owner: Any) -> Capabilities:
+        """Pixels in; class logits where the model has a classifier (``ViTForImageClassification``), else the
+        hidden state; pooled at CLS, as the classifier reads it."""
+        config = owner.model.config
+        side = config.image_size // config.patch_size
+        classifier = getattr(owner.model, "classifier", None) is not None
+        names = tuple(str(config.id2label[i]) for i in range(config.num_labels)) if classifier else ()
+        return Capabilities(
+            modality="image",
+            output="class" if classifier else "hidden",
+            pooling="cls",
+            image_shape=(config.num_channels, config.image_size, config.image_size),
+            patch_grid=(side, side),
+            class_names=names,
+        )
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
         base = self.base(model)
