@@ -67,6 +67,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(directory: Path) -> None:
+    """fsync every file directly in ``directory``, then the directory itself: a folder written whole before it is
+    renamed into place (a zoo checkpoint step)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
 def temp_files(directory: str | Path) -> list[Path]:
     """The temporary files :func:`atomic_path` left in ``directory`` (a crash between write and rename)."""
     return sorted(p for p in Path(directory).glob(TEMP_GLOB) if p.is_file())

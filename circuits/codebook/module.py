@@ -221,11 +221,6 @@ class CodebookSet(nn.Module):
         """``fwd_hooks`` putting every codebook in its site: ``model.hooks(codebooks.hooks())``."""
         return [(site, self._hook) for site in self.state]
 
-    def check_sites(self, model: Any) -> None:
-        """Raise HookNameError (with close matches) when a site does not exist on ``model``."""
-        for site in self.state:
-            model.resolve(site)
-
     def codes(self, site: str) -> torch.Tensor:
         """Codes chosen in the last forward pass at ``site``: [batch, pos, n_groups, k] (−1: empty slot of a
         forced position)."""

@@ -84,12 +84,6 @@ class Distributed:
             t.copy_(moved[offset : offset + t.numel()].view_as(t).to(t.device))
             offset += t.numel()
 
-    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        """Elementwise maximum of ``t`` over the ranks (a new tensor on ``t``'s device)."""
-        moved = self._on(t.clone())
-        dist.all_reduce(moved, op=dist.ReduceOp.MAX)
-        return moved.to(t.device)
-
     def all_reduce_min_int(self, value: int) -> int:
         t = self._on(torch.tensor([value], dtype=torch.long))
         dist.all_reduce(t, op=dist.ReduceOp.MIN)

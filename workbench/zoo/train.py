@@ -39,7 +39,13 @@ import numpy as np
 import torch
 
 from workbench.faults import crash_point
-from workbench.fileio import atomic_torch_save, atomic_write_json, atomic_write_text, write_checksums
+from workbench.fileio import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_tree,
+    write_checksums,
+)
 from workbench.workspace import Workspace
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
 
@@ -222,19 +228,6 @@ RESUME_FILE = Path("resume") / "optimizer.pt"
 _STEP_DIR = re.compile(r"step(\d+)")
 
 
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file in ``directory`` and the directory itself, before it is renamed into place."""
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_dir(path: Path) -> None:
     """Delete a directory so that no reader sees part of it: rename it to a hidden name, then remove that."""
     trash = path.with_name(f".{path.name}.trash.tmp-{os.getpid()}")
@@ -260,7 +253,7 @@ def _save_tokenizer(tokenizer, model_dir: Path) -> None:
     tmp = model_dir / f".tokenizer.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_tokenizer(tokenizer, tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     crash_point("zoo.tokenizer_written")
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == "tokenizer.json"):
         os.replace(path, model_dir / path.name)
@@ -287,7 +280,7 @@ def _save_checkpoint(model: PreTrainedModel, model_dir: Path, step: int) -> None
     with _quiet_transformers():
         model.save_pretrained(str(tmp), safe_serialization=True)
     write_checksums(tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     crash_point("zoo.step_written")
     os.rename(tmp, model_dir / f"step{step}")
     crash_point("zoo.step_renamed")
