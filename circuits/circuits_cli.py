@@ -170,6 +170,15 @@ def _prompt_tokens(
     if (prompt is None) == (data is None):
         fail("pass exactly one of --prompt TEXT or --data REF (with --prompt-index N)")
     if prompt is not None:
+        n_ctx = hooked.cfg.n_ctx
+        if (
+            hooked.tokenizer is not None and n_ctx
+        ):  # the tokenizer would cut it silently at the model's length
+            length = len(hooked.tokenizer(prompt)["input_ids"])
+            if length > n_ctx:
+                fail(
+                    f"the prompt has {length} tokens but {hooked.cfg.name} has {n_ctx} positions; shorten the prompt"
+                )
         return prompt
     dataset = open_data(data)
     rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
