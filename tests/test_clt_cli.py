@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
+from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
 from workbench.circuits.sae.clt import (
@@ -35,6 +36,7 @@ from workbench.store import ActivationStore
 from workbench.workspace import Workspace
 
 runner = CliRunner()
+VIEWS = Path(__file__).resolve().parents[1] / "app" / "views"
 HOOKS = ["--hook", "blocks.*.ln2.hook_normalized", "--hook-out", "blocks.*.hook_mlp_out"]
 SMALL = ["--d-sae", "32", "--steps", "12", "--max-tokens", "1024", "--context-length", "32", "--no-progress"]
 LINES = [
@@ -162,10 +164,11 @@ def test_a_clt_on_a_users_gpt2_trains_saves_and_evaluates(gpt2_dir, notes, tmp_p
     assert len(evals) == 2 and (evals["n_tokens"] == int(mask.sum())).all()  # eval's rows replaced train's
 
 
-def test_a_clt_and_per_layer_transcoders_on_code_tiny(zoo_workspace, notes, tmp_path) -> None:
+def test_a_clt_and_per_layer_transcoders_on_code_tiny(zoo_workspace, notes, tmp_path, monkeypatch) -> None:
     """A TopK CLT (k latents per layer and token) and a set of per-layer transcoders with the same total latents,
     each trained by one command on code-tiny, then scored by `sae eval`: the set's unigram baseline comes from
-    its training store."""
+    its training store. The dashboard's SAE page shows both replacement-model rows and, for the one chosen, its
+    per-layer FVU, L0, dead and dense fractions."""
     ws = _workspace(zoo_workspace, tmp_path / "ws").root
     out = _cli("sae", "train", "code-tiny", "--data", str(notes), "--architecture", "clt_topk", "--k", "4", *HOOKS,
                *SMALL, "--workspace", str(ws))  # fmt: skip
@@ -198,6 +201,33 @@ def test_a_clt_and_per_layer_transcoders_on_code_tiny(zoo_workspace, notes, tmp_
     ] == pytest.approx(4.0)
     evals = Workspace(ws).results().read("sae_evals")
     assert {"L0", "L1"} <= set(evals["sae_id"])  # the set's per-layer rows keep the transcoders' own ids
+
+    monkeypatch.setenv("WORKBENCH_WORKSPACE", str(ws))
+    page = AppTest.from_file(str(VIEWS / "sae.py"), default_timeout=60).run()
+    assert not page.exception, page.exception
+    assert "Replacement model (transcoders)" in [h.value for h in page.subheader]
+    shown = next(f.value for f in page.dataframe if "gain_kept" in f.value.columns).set_index("transcoders")
+    assert sorted(shown.index) == sorted(rows.index)
+    for column in (
+        "kind",
+        "mean_L0",
+        "kl",
+        "ce_replacement",
+        "ce_clean",
+        "ce_unigram",
+        "gain_kept",
+        "n_tokens",
+    ):
+        assert shown[column].to_dict() == rows[column].to_dict(), column
+    for chosen, ids in ((clt_id, [clt_id, clt_id]), ("L0+L1", ["L0", "L1"])):
+        page.selectbox(key="replacement-transcoders").select(chosen).run()
+        assert not page.exception, page.exception
+        layers = next(f.value for f in page.dataframe if "dead_fraction" in f.value.columns and "hook_out" in
+                      f.value.columns and "ce_recovered" not in f.value.columns)  # fmt: skip
+        assert layers["sae_id"].tolist() == ids and layers["hook"].tolist() == ins.split(","), layers
+        stored = evals.set_index(["sae_id", "hook"]).loc[list(zip(ids, ins.split(","), strict=True))]
+        for column in ("L0", "FVU", "dead_fraction", "dense_fraction"):
+            assert layers[column].tolist() == stored[column].tolist(), (chosen, column)
 
 
 @pytest.mark.parametrize(

@@ -9,17 +9,20 @@ import math
 import plotly.graph_objects as go
 import streamlit as st
 
-from workbench.app.data import empty_state, open_workspace_or_stop, plain, table
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, plain, table
 from workbench.circuits.sae.analysis import ANALYSIS
+from workbench.circuits.sae.clt_analysis import REPLACEMENT, replacement_layers
 from workbench.circuits.sae.formats.transfer import imported_saes
 
 EVALS, FEATURES = (t.name for t in ANALYSIS.tables)
+(REPLACED,) = REPLACEMENT.table_names
 COMMAND = (f"{ANALYSIS.command}    # e.g. workbench sae train code-tiny --data zoo:python-stdlib "
            "--hook blocks.0.hook_resid_post")  # fmt: skip
 
 st.title("SAE features")
 db = open_workspace_or_stop()
 evals = table(db, EVALS)
+all_evals = evals  # every dataset's rows: the replacement section picks its own
 features = table(db, FEATURES)
 imported = imported_saes(db.parent)
 if not imported.empty:
@@ -54,7 +57,40 @@ if evals is not None and not evals.empty:
     )
     st.plotly_chart(tradeoff, width="stretch")
 
-if features is None or features.empty:
+replaced = table(db, REPLACED)
+if replaced is not None and not replaced.empty:  # CLTs and transcoder sets scored as a replacement model
+    st.subheader("Replacement model (transcoders)")
+    st.caption("Every MLP output replaced by the transcoders at once (errors off), on held-out text: next-token loss, "
+               "KL against the model's own predictions, and the share of the model's loss gain over a unigram "
+               "baseline that the replacement keeps. From `workbench sae eval CLT_OR_TRANSCODERS MODEL --data DATA` "
+               "(or `sae train --architecture clt`).")  # fmt: skip
+    shown = replaced[replaced["model"] == model_select(replaced, key="replacement-model")]
+    shown = pick(shown, "checkpoint", key="replacement-checkpoint")
+    shown = pick(shown, "dataset", key="replacement-dataset")
+    columns = [c for c in ["transcoders", "kind", "n_layers", "mean_L0", "kl", "ce_replacement", "ce_clean",
+                           "ce_unigram", "gain_kept", "n_tokens", "unigram_tokens", "dataset", "checkpoint"]
+               if c in shown.columns]  # fmt: skip
+    st.dataframe(shown[columns], width="stretch", hide_index=True)
+    if len(shown) > 1:  # CLTs against per-layer sets: KL at each mean L0
+        curve = go.Figure()
+        for kind, group in shown.sort_values("mean_L0").groupby("kind"):
+            curve.add_trace(go.Scatter(x=group["mean_L0"], y=group["kl"], mode="markers+lines+text", name=str(kind),
+                                       text=group["transcoders"], textposition="top center"))  # fmt: skip
+        curve.update_layout(title="Replacement-model KL vs mean L0", xaxis_title="mean L0 per layer and token",
+                            yaxis_title="KL (model ‖ replacement)", height=360)  # fmt: skip
+        st.plotly_chart(curve, width="stretch")
+    chosen = st.selectbox("transcoders", shown["transcoders"].tolist(), key="replacement-transcoders")
+    row = shown[shown["transcoders"] == chosen].iloc[0].to_dict()
+    layer_rows = replacement_layers(all_evals, row) if all_evals is not None else None
+    if layer_rows is None or layer_rows.empty:
+        st.info("No per-layer sae_evals rows of these transcoders on this model, checkpoint and dataset: rerun "
+                "`workbench sae eval` on them.")  # fmt: skip
+    else:
+        st.markdown(f"**Per layer** ({plain(chosen)})")
+        columns = [c for c in ["sae_id", "hook", "hook_out", "L0", "FVU", "explained_variance", "cosine",
+                               "dead_fraction", "dense_fraction", "n_tokens"] if c in layer_rows.columns]  # fmt: skip
+        st.dataframe(layer_rows[columns], width="stretch", hide_index=True)
+
     empty_state("feature pages", COMMAND)
     st.stop()
 

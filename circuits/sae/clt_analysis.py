@@ -63,10 +63,11 @@ REPLACEMENT = Analysis(
     tables=(
         Table("transcoder_replacement", keys=("model", "checkpoint", "dataset", "transcoders"),
               columns=("kind", "n_layers", "n_tokens", "mean_L0", "ce_clean", "ce_replacement", "ce_unigram", "kl",
-                       "gain_kept", "unigram_tokens"),
+                       "gain_kept", "unigram_tokens", "sae_ids"),
               description="the replacement model (every MLP output replaced by the transcoders at once, errors "
               "off): next-token loss, KL against the model, and the share of the model's loss gain over a unigram "
-              "baseline that it keeps; unigram_tokens names the tokens whose frequencies gave the baseline"),
+              "baseline that it keeps; unigram_tokens names the tokens whose frequencies gave the baseline; sae_ids "
+              "(JSON list) the sae_id of its per-layer sae_evals rows"),
     ),
     requires=("tokenizer", "causal", "mlp"),
     description="cross-layer and per-layer transcoders as a replacement model",
@@ -296,20 +297,38 @@ def evaluate_transcoders(model, transcoders: CrossLayerTranscoder | Sequence[SAE
             explained_variance=1 - layers["FVU"], ce_note=ce_note or note,
         ).drop(columns=["layer"])  # fmt: skip
         kind, n_layers, mean_l0 = "cross_layer", transcoders.n_layers, float(layers["L0"].mean())
+        members = [sae_id]
     else:
         ids = list(names) if names is not None else [f"{sae_id}/{sae.hook_in}" for sae in transcoders]
         frames = [evaluate_sae(model, sae, tokens, name, batch_size, dataset, progress, mask, ce_note)
                   for name, sae in zip(ids, transcoders, strict=True)]  # fmt: skip
         evals = pd.concat(frames, ignore_index=True)
         kind, n_layers, mean_l0 = "per_layer", len(transcoders), float(evals["L0"].mean())
+        members = ids
     out = {"sae_evals": evals}
     if not ce_note:
         counts, counted = unigram if unigram is not None else (None, scored_tokens_note(mask, dataset))
         metrics = replacement_metrics(model, transcoders, tokens, mask, batch_size, progress, counts)
         out["transcoder_replacement"] = pd.DataFrame([base | {"transcoders": sae_id, "kind": kind,
                                                               "n_layers": n_layers, "mean_L0": mean_l0} | metrics
-                                                      | {"unigram_tokens": counted}])  # fmt: skip
+                                                      | {"unigram_tokens": counted,
+                                                         "sae_ids": json.dumps(members)}])  # fmt: skip
     return out
+
+
+def replacement_layers(evals: pd.DataFrame, replacement: Mapping[str, Any]) -> pd.DataFrame:
+    """The per-layer ``sae_evals`` rows (FVU, L0, dead / dense fractions, ...) behind one ``transcoder_replacement``
+    row: those of its transcoders (``sae_ids``; a row written before that column: the CLT's own id) on the same
+    model, checkpoint and dataset, ordered by layer."""
+    ids = replacement.get("sae_ids")
+    members = json.loads(ids) if isinstance(ids, str) else [replacement["transcoders"]]
+    rows = evals[evals["sae_id"].isin(members)]
+    for column in ("model", "checkpoint", "dataset"):
+        value = replacement.get(column)
+        missing = value is None or (isinstance(value, float) and value != value)
+        rows = rows[rows[column].isna()] if missing else rows[rows[column] == value]
+    layer = rows["hook"].map(lambda hook: int(m.group(1)) if (m := LAYER_HOOK.fullmatch(str(hook))) else -1)
+    return rows.assign(_layer=layer).sort_values(["_layer", "hook"]).drop(columns="_layer")
 
 
 # ---------------------------------------------------------------------------------------------------- eval
