@@ -2,7 +2,10 @@
 
 1. Throughput: a CLT of F latents per layer and per-layer transcoders of F latents each (the same total latents,
    L · F) train on the same activation batches of the same model, in the same run, through the same trainer
-   (``train_saes``); runs alternate which goes first, best-of and median tokens/s are printed with the ratio.
+   (``train_saes``), at each TopK k of ``--speed-ks``; the CLT twice: its sparse TopK step (gradient only at the
+   chosen latents, embedding_bag decoders) and the dense formulation it replaced (``sparse_training = False``),
+   after checking that one step of each gives the same weights. Runs rotate which goes first; best-of and median
+   tokens/s are printed with the ratios.
 2. Quality at matched mean L0 (``--quality``): TopK CLTs and TopK per-layer transcoders at the same k (so the same
    L0 per layer and token) trained on the same tokens; each scored as a replacement model on held-out rows
    (every MLP replaced at once, errors off): KL against the model, next-token CE, the share of the loss gain over
@@ -53,15 +56,26 @@ def batches(
 
 
 def models(kind: str, layers: list[int], d_model: int, d_sae: int, k: int | None):
-    """A CLT (F = d_sae per layer) or per-layer transcoders (d_sae each): same total latents."""
+    """A CLT (F = d_sae per layer; kind "clt_dense": trained through the dense TopK formulation) or per-layer
+    transcoders (d_sae each): same total latents."""
     activation = "topk" if k else "jumprelu"
-    if kind == "clt":
+    if kind in ("clt", "clt_dense"):
         cfg = CLTConfig(len(layers), d_model, d_sae, activation=activation, k=k, layers=layers)
-        return {"clt": seeded_clt(cfg, 0)}
+        clt = seeded_clt(cfg, 0)
+        clt.sparse_training = kind == "clt"
+        return {"clt": clt}
     return {f"L{layer}": seeded_sae(SAEConfig(activation, d_in=d_model, d_sae=d_sae, k=k,
                                               hook_in=f"blocks.{layer}.ln2.hook_normalized",
                                               hook_out=f"blocks.{layer}.hook_mlp_out"), layer)
             for layer in layers}  # fmt: skip
+
+
+def step_gradients(clt, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The prediction and every parameter's gradient of one squared-error step of ``clt`` on x, y [L, rows, d]."""
+    _, prediction, _, _ = clt.training_forward(x)
+    (y - prediction).pow(2).sum(-1).sum(0).mean().backward()
+    grads = {name: p.grad for name, p in clt.named_parameters() if p.grad is not None}
+    return grads | {"prediction": prediction.detach()}
 
 
 def main() -> None:
@@ -72,7 +86,7 @@ def main() -> None:
     parser.add_argument("--data", default="zoo:python-stdlib")
     parser.add_argument("--max-tokens", type=int, default=32_768)
     parser.add_argument("--d-sae", type=int, default=256, help="latents per layer")
-    parser.add_argument("--k", type=int, default=8, help="TopK k of the throughput run (0: JumpReLU)")
+    parser.add_argument("--speed-ks", default="8,16", help="TopK k of the throughput runs (0: JumpReLU)")
     parser.add_argument("--rows", type=int, default=512, help="activation rows per step")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
@@ -100,23 +114,36 @@ def main() -> None:
     print(f"{model.cfg.name}: {len(layers)} layers, d_model {d_model}; {n_train} training tokens of {data.name!r}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
 
-    k = args.k or None
     stream = batches(acts, args.rows, args.steps)
-    timings: dict[str, list[float]] = {"clt": [], "per_layer": []}
     train = TrainConfig(steps=args.steps, lr=3e-3, warmup_steps=1, progress=False)
-    for repeat in range(args.repeats):
-        for kind in ("clt", "per_layer") if repeat % 2 == 0 else ("per_layer", "clt"):
-            saes = models(kind, layers, d_model, args.d_sae, k)
-            start = time.perf_counter()
-            train_saes(saes, stream, train)
-            timings[kind].append(args.rows * args.steps / (time.perf_counter() - start))
-    what = f"TopK k={k}" if k else "JumpReLU"
-    for kind, label in (("clt", f"CLT ({len(layers)} × {args.d_sae} latents)"),
-                        ("per_layer", f"per-layer transcoders ({len(layers)} × {args.d_sae})")):  # fmt: skip
-        print(f"{label}, {what}: best {max(timings[kind]):,.0f} tokens/s, median "
-              f"{statistics.median(timings[kind]):,.0f} tokens/s")  # fmt: skip
-    ratio = max(timings["clt"]) / max(timings["per_layer"])
-    print(f"CLT / per-layer tokens/s (best of {args.repeats}): {ratio:.2f}")
+    kinds = ("clt", "clt_dense", "per_layer")
+    labels = {"clt": f"CLT ({len(layers)} × {args.d_sae} latents), sparse TopK step",
+              "clt_dense": f"CLT ({len(layers)} × {args.d_sae} latents), dense TopK step",
+              "per_layer": f"per-layer transcoders ({len(layers)} × {args.d_sae})"}  # fmt: skip
+    for k in [int(v) or None for v in args.speed_ks.split(",")]:
+        if k:  # the sparse and the dense CLT step: the same prediction and gradients on the first batch
+            x, y = (
+                torch.stack([stream[0][f"blocks.{layer}.{h}"] for layer in layers])
+                for h in (hook_in, hook_out)
+            )
+            sparse, dense = (step_gradients(models(kind, layers, d_model, args.d_sae, k)["clt"], x, y)
+                             for kind in ("clt", "clt_dense"))  # fmt: skip
+            for name, value in sparse.items():
+                torch.testing.assert_close(value, dense[name], rtol=1e-4, atol=1e-6, msg=name)
+        timings: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for repeat in range(args.repeats):
+            for kind in kinds[repeat % 3 :] + kinds[: repeat % 3]:
+                saes = models(kind, layers, d_model, args.d_sae, k)
+                start = time.perf_counter()
+                train_saes(saes, stream, train)
+                timings[kind].append(args.rows * args.steps / (time.perf_counter() - start))
+        what = f"TopK k={k}" if k else "JumpReLU"
+        for kind in kinds if k else ("clt", "per_layer"):
+            print(f"{labels[kind]}, {what}: best {max(timings[kind]):,.0f} tokens/s, median "
+                  f"{statistics.median(timings[kind]):,.0f} tokens/s")  # fmt: skip
+        best = {kind: max(values) for kind, values in timings.items()}
+        print(f"{what}: CLT / per-layer tokens/s (best of {args.repeats}) {best['clt'] / best['per_layer']:.2f}"
+              + (f"; sparse / dense CLT step {best['clt'] / best['clt_dense']:.2f}" if k else ""))  # fmt: skip
 
     if not args.quality:
         return

@@ -73,6 +73,60 @@ def test_forward_equals_the_float64_sum_over_source_and_target_decoders(skip) ->
             clt.decode(features)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparse_topk_training_gradients_equal_the_dense_formulation(skip) -> None:
+    """A TopK CLT's training step (sparse: gradient only at the chosen latents, embedding_bag decoders) and its AuxK
+    term give every parameter the gradient that autograd gives through the dense definition in float64: f_i =
+    topk_k(x_i W_enc[i] + b_enc[i]), out_j = Σ_{i≤j} f_i W_dec[i][:, j−i] + b_dec[j] (+ x_j W_skip[j]), and AuxK's
+    dead-latent top-aux_k reconstructing the residual through every decoder, encoders included."""
+    from workbench.circuits.sae.topk import topk_activation
+
+    base, cfg = random_clt(skip), CLTConfig(N_LAYERS, D_MODEL, D_TC, activation="topk", k=3, skip=skip)
+    clt = CrossLayerTranscoder(base.W_enc.data, base.b_enc.data, torch.zeros(N_LAYERS, D_TC),
+                               [w.data for w in base.W_dec], base.b_dec.data, cfg.hook_in, cfg.hook_out,
+                               base.W_skip.data if skip else None, cfg)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N_LAYERS, 40, D_MODEL, generator=g, dtype=torch.float64)
+    y = torch.randn(N_LAYERS, 40, D_MODEL, generator=g, dtype=torch.float64)
+    dead = torch.rand(N_LAYERS, D_TC, generator=g) < 0.3
+    dead[0, :6] = True  # layers with different numbers of dead latents (aux_k: the most of any layer)
+
+    def grads(loss):
+        clt.zero_grad()
+        loss.backward(retain_graph=True)
+        return {name: p.grad.clone() for name, p in clt.named_parameters()}
+
+    f, prediction, pre, _ = clt.training_forward(x, dead)
+    assert f.is_sparse and f._nnz() == N_LAYERS * 40 * 3
+    residual = (y - prediction).detach()
+    sparse = grads((y - prediction).pow(2).sum() + clt.aux_loss(x, pre.detach(), residual, dead))
+
+    dense_pre = torch.stack([x[i] @ clt.W_enc[i] + clt.b_enc[i] for i in range(N_LAYERS)])
+    dense_f = topk_activation(dense_pre, 3)
+    torch.testing.assert_close(f.to_dense(), dense_f.detach())
+
+    def through_decoders(latents: torch.Tensor) -> torch.Tensor:  # Σ_{i≤j} latents_i W_dec[i][:, j − i]
+        return torch.stack(
+            [sum(latents[i] @ clt.W_dec[i][:, j - i] for i in range(j + 1)) for j in range(N_LAYERS)]
+        )
+
+    out = through_decoders(dense_f) + clt.b_dec[:, None]
+    if skip:
+        out = out + torch.stack([x[j] @ clt.W_skip[j] for j in range(N_LAYERS)])
+    torch.testing.assert_close(prediction, out)
+    aux_k = min(D_MODEL // 2, int(dead.sum(-1).max()))
+    f_dead = topk_activation(
+        torch.where(dead[:, None], dense_pre, torch.full_like(dense_pre, -torch.inf)), aux_k
+    )
+    variance = (residual - residual.mean(1, keepdim=True)).pow(2).sum((0, 2)).mean()
+    aux = (through_decoders(f_dead.nan_to_num(0.0)) - residual).pow(2).sum((0, 2)).mean() / variance
+    dense = grads((y - out).pow(2).sum() + clt.cfg.aux_k_coefficient * aux)
+    without_aux = grads((y - out).pow(2).sum())
+    assert not torch.allclose(dense["W_enc"], without_aux["W_enc"])  # AuxK reaches the dead latents' encoders
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
 def test_circuit_tracer_layout_round_trip_and_our_layout(tmp_path) -> None:
     clt = random_clt(skip=False, dtype=torch.float32)
     folder = clt.save_circuit_tracer(tmp_path / "ct")

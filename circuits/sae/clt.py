@@ -42,7 +42,7 @@ from torch import nn
 from workbench.circuits.sae.base import SAEInputError
 from workbench.circuits.sae.formats.tensors import read_safetensors, require
 from workbench.circuits.sae.jumprelu import _JumpReLU, _Step
-from workbench.circuits.sae.topk import largest_k, topk_activation
+from workbench.circuits.sae.topk import _ChosenPreActivations, _SparseDecode, largest_k, topk_activation
 from workbench.fileio import atomic_save_tensors, atomic_write_text
 
 CLT_WEIGHTS_FILE = "clt_weights.safetensors"
@@ -146,7 +146,11 @@ class CrossLayerTranscoder(nn.Module):
 
     # data-parallel (set by the trainer): gathers a tensor [n] of every rank into [world · n]
     batch_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # W_enc stays [n_layers, d_model, F]: the sparse TopK / AuxK backward adds its [n_layers · F, d_model] rows
+    # through one temporary, 1 / batch of the step's dense encoder product
     latent_major_parameters: tuple[str, ...] = ()
+    # False: TopK trains through the dense formulation (benchmarks/clt.py times both)
+    sparse_training: bool = True
 
     def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
                  W_dec: Sequence[torch.Tensor], b_dec: torch.Tensor, hook_in: str, hook_out: str,
@@ -289,10 +293,14 @@ class CrossLayerTranscoder(nn.Module):
     def training_forward(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """x [n_layers, batch, d_model] → (latents, prediction [n_layers, batch, d_model], pre-activations, {})
-        with straight-through threshold gradients (JumpReLU) or the batch-level cut (BatchTopK)."""
-        pre = self.pre_activation(x)
+        """x [n_layers, batch, d_model] → (latents [n_layers, batch, F], prediction [n_layers, batch, d_model],
+        pre-activations [n_layers, batch, F], {}) with straight-through threshold gradients (JumpReLU) or the
+        batch-level cut (BatchTopK). TopK goes sparse (:meth:`_sparse_topk_forward`; its latents a sparse COO
+        tensor)."""
         act = self.cfg.activation
+        if act == "topk" and self.sparse_training:
+            return self._sparse_topk_forward(x)
+        pre = self.pre_activation(x)
         if act == "jumprelu" and self.threshold.requires_grad:
             f = torch.stack([_JumpReLU.apply(pre[i], self.threshold[i], self.cfg.bandwidth)
                              for i in range(self.n_layers)]).relu()  # fmt: skip
@@ -301,6 +309,48 @@ class CrossLayerTranscoder(nn.Module):
         else:
             f = self.activation(pre)
         return f, self.decode(f, x), pre, {}
+
+    def _chosen_values(self, x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The pre-activations ``values`` [n_layers, batch, k] (computed without autograd) at latents index
+        [n_layers, batch, k], relu'd, carrying gradient into W_enc and b_enc at those latents only
+        (``topk._ChosenPreActivations`` over every layer at once: latent (i, f) is row i · F + f)."""
+        n_layers, batch, k = index.shape
+        offset = torch.arange(n_layers, device=index.device)[:, None, None] * self.d_transcoder
+        flat = _ChosenPreActivations.apply(x.reshape(n_layers * batch, self.d_model), self.W_enc, self.b_enc,
+                                           (index + offset).reshape(-1, k), values.reshape(-1, k))  # fmt: skip
+        return flat.view(n_layers, batch, k).relu()
+
+    def _sparse_writes(self, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Σ_{i≤j} Σ_m values[i, :, m] · W_dec[i][index[i, :, m], j − i]: what the chosen latents (index, values
+        [n_layers, batch, k]) write to each layer, [n_layers, batch, d_model], through the k chosen decoder rows
+        of each source layer only (``topk._SparseDecode``: an embedding_bag whose backward touches those rows)."""
+        batch = index.shape[1]
+        out = values.new_zeros(self.n_layers, batch, self.d_model)
+        for source in range(self.n_layers):
+            writes = _SparseDecode.apply(index[source], values[source], self.W_dec[source])
+            out[source:] += writes.view(batch, self.n_layers - source, self.d_model).transpose(0, 1)
+        return out
+
+    def _sparse_topk_forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """TopK training without dense latents: the pre-activations [n_layers, batch, F] once without autograd
+        (the step's one dense product), the k largest per row, gradient only at those; the latents come back as a
+        sparse COO tensor [n_layers, batch, F] (n_layers · batch · k entries). Gradients equal the dense
+        formulation's (tested)."""
+        with torch.no_grad():
+            pre = self.pre_activation(x)
+            chosen, index = largest_k(pre, int(self.cfg.k or 1))
+        values = self._chosen_values(x, index, chosen)
+        out = self._sparse_writes(index, values) + self.b_dec[:, None]
+        if self.W_skip is not None:
+            out = out + torch.bmm(x.to(self.W_skip.dtype), self.W_skip)
+        n_layers, batch, k = index.shape
+        layer = torch.arange(n_layers, device=x.device).repeat_interleave(batch * k)
+        row = torch.arange(batch, device=x.device).repeat_interleave(k).repeat(n_layers)
+        f = torch.sparse_coo_tensor(torch.stack([layer, row, index.reshape(-1)]), values.detach().reshape(-1),
+                                    pre.shape, check_invariants=False)  # fmt: skip
+        return f, out, pre, {}
 
     def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
         """pre [n_layers, batch, F] → latents keeping, per layer, the k · batch largest positive entries of the
@@ -350,16 +400,18 @@ class CrossLayerTranscoder(nn.Module):
     def aux_loss(self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor,
                  dead_mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """AuxK for TopK / BatchTopK CLTs (scalar []): per source layer, the aux_k largest pre-activations among its
-        dead latents (dead_mask [n_layers, F]) decode through every decoder to reconstruct the residual
-        [n_layers, batch, d_model] (detached); normalised by the residual's variance. Zero when nothing is dead."""
+        dead latents (dead_mask [n_layers, F]; pre [n_layers, batch, F], detached) decode through every decoder to
+        reconstruct the residual [n_layers, batch, d_model] (detached), with gradient into those latents' encoders
+        and decoders (sparse, as the TopK step); normalised by the residual's variance. aux_k = cfg.aux_k or
+        d_model // 2, at most the most dead latents of any layer (a layer with fewer adds zeros). Zero when
+        nothing is dead."""
         if self.cfg.activation not in ("topk", "batchtopk") or dead_mask is None or not bool(dead_mask.any()):
             return pre.new_zeros(())
-        aux_k = min(self.cfg.aux_k or self.d_model // 2, self.d_transcoder)
-        masked = pre.masked_fill(~dead_mask.to(pre.device)[:, None], -torch.inf)
-        values, index = largest_k(masked, aux_k)
-        chosen = torch.zeros_like(pre).scatter(-1, index, values.nan_to_num(0.0, neginf=0.0).relu())
-        recon = self.decode(chosen, x) - self.b_dec[:, None] - (torch.bmm(x, self.W_skip) if self.W_skip is not None
-                                                                 else 0.0)  # fmt: skip
+        dead = dead_mask.to(pre.device)
+        aux_k = min(self.cfg.aux_k or self.d_model // 2, int(dead.sum(-1).max()))
+        with torch.no_grad():
+            chosen, index = largest_k(pre.detach().masked_fill(~dead[:, None], -torch.inf), aux_k)
+        recon = self._sparse_writes(index, self._chosen_values(x, index, chosen.nan_to_num(0.0, neginf=0.0)))
         denom = (residual - residual.mean(1, keepdim=True)).pow(2).sum((0, 2)).mean().clamp_min(1e-8)
         return self.cfg.aux_k_coefficient * (recon - residual).pow(2).sum((0, 2)).mean() / denom
 

@@ -10,6 +10,7 @@ so each such row is contiguous. Gradients equal those of the dense formulation (
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -65,19 +66,43 @@ def _latent_rows(index: torch.Tensor, weights: torch.Tensor, n_latents: int) -> 
     return _csr(crow, order // index.shape[1], weights.reshape(-1)[order], (n_latents, index.shape[0]))
 
 
+def _gradient_rows(grad: torch.Tensor, latent_dim: int) -> torch.Tensor | None:
+    """``grad`` as a view [n_latents, width] whose row l is latent l's gradient, or None when its layout has no
+    such view. latent_dim 0: W_dec [d_sae, d_out] (or a CLT's [d_sae, n_targets, d_model], rows flattened);
+    1: W_enc [d_in, d_sae] (or a CLT's [n_layers, d_in, d_sae]: latent (i, f) is row i · d_sae + f)."""
+    if latent_dim == 0:
+        return grad if grad.ndim == 2 else (grad.view(grad.shape[0], -1) if grad.is_contiguous() else None)
+    rows = grad.transpose(-2, -1)
+    if rows.ndim == 2:
+        return rows
+    try:
+        return rows.view(-1, rows.shape[-1])
+    except RuntimeError:  # not stored latent-major
+        return None
+
+
 def _add_to_gradient(
     param: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, source: torch.Tensor, latent_dim: int
 ) -> None:
     """param.grad += the gradient of a matrix whose rows along ``latent_dim`` (0: W_dec [d_sae, d_out]; 1: W_enc
-    [d_in, d_sae]) were picked by index [batch, k] with weights [batch, k] times source [batch, width]:
-    grad_rows[index[b, j]] += weights[b, j] · source[b], one sparse (latent-sorted CSR) × dense product added in
-    place — no [batch · k, width] temporary, no [d_sae, width] buffer. Creates the gradient as zeros in the
-    parameter's own layout when absent (so the optimiser sees grad and param alike); the trainer stores W_enc
-    latent-major (``SAE.latent_major_parameters``) so that its gradient rows are contiguous."""
+    [d_in, d_sae]; a CLT's stacked layers as :func:`_gradient_rows` numbers them) were picked by index [batch, k]
+    with weights [batch, k] times source [batch, width]: grad_rows[index[b, j]] += weights[b, j] · source[b], one
+    sparse (latent-sorted CSR) × dense product added in place — no [batch · k, width] temporary, no [d_sae, width]
+    buffer. Creates the gradient as zeros in the parameter's own layout when absent (so the optimiser sees grad and
+    param alike); the trainer stores W_enc latent-major (``SAE.latent_major_parameters``) so that its gradient rows
+    are contiguous (another layout goes through one [n_latents, width] temporary)."""
     if param.grad is None:
         param.grad = torch.zeros_like(param)
-    rows = param.grad if latent_dim == 0 else param.grad.T
-    rows.addmm_(_latent_rows(index, weights.to(source.dtype), rows.shape[0]), source)
+    n_latents = param.shape[0] if latent_dim == 0 else param.shape[-1] * math.prod(param.shape[:-2])
+    product = _latent_rows(index, weights.to(source.dtype), n_latents)
+    rows = _gradient_rows(param.grad, latent_dim)
+    if rows is not None:
+        rows.addmm_(product, source)
+    elif latent_dim == 0:
+        param.grad.add_((product @ source).view(param.shape))
+    else:
+        shape = (*param.shape[:-2], param.shape[-1], param.shape[-2])
+        param.grad.add_((product @ source).view(shape).transpose(-2, -1))
 
 
 def _chosen_dots(index: torch.Tensor, matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -93,7 +118,8 @@ def _chosen_dots(index: torch.Tensor, matrix: torch.Tensor, vectors: torch.Tenso
 class _ChosenPreActivations(torch.autograd.Function):
     """Pre-activations at chosen latents, ``values`` [batch, k] = (x @ W_enc + b_enc)[row, index], passed in already
     computed; the backward adds into W_enc [d_in, d_sae] (stored latent-major) and b_enc [d_sae] only at the chosen
-    latents.
+    latents. A CLT's layers go in one call: W_enc [n_layers, d_in, d_sae], b_enc [n_layers, d_sae], x the layers'
+    rows stacked [n_layers · batch, d_in] and index the latents numbered layer · d_sae + f.
 
     The weight gradient is accumulated straight into ``W_enc.grad`` (as ``loss.backward()`` accumulates; the
     Function returns None for it), like Megatron's fused weight-gradient accumulation: a [d_sae, d_in] gradient
@@ -111,12 +137,15 @@ class _ChosenPreActivations(torch.autograd.Function):
             _add_to_gradient(w_enc, index, grad, x, latent_dim=1)
         grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(w_enc.shape[1]).index_add_(0, index.reshape(-1), grad.reshape(-1))
+            shape = (*w_enc.shape[:-2], w_enc.shape[-1])  # b_enc's
+            grad_b = grad.new_zeros(math.prod(shape))
+            grad_b = grad_b.index_add_(0, index.reshape(-1), grad.reshape(-1)).view(shape)
         return None, None, grad_b, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """Σ_j values[:, j] · W_dec[index[:, j]]: index, values [batch, k], W_dec [d_sae, d_out] -> [batch, d_out].
+    """Σ_j values[:, j] · W_dec[index[:, j]]: index, values [batch, k], W_dec [d_sae, d_out] -> [batch, d_out] (a
+    CLT's W_dec[i] [d_sae, n_targets, d_model] -> [batch, n_targets · d_model]).
 
     The backward touches only the chosen rows: the values' gradient is k dot products per row, and W_dec's is
     accumulated straight into ``W_dec.grad`` (see ``_ChosenPreActivations``)."""
@@ -124,12 +153,12 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, index, values, w_dec):
         ctx.save_for_backward(index, values, w_dec)
-        return F.embedding_bag(index, w_dec, per_sample_weights=values, mode="sum")
+        return F.embedding_bag(index, w_dec.flatten(1), per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx, grad):
         index, values, w_dec = ctx.saved_tensors
-        grad_values = _chosen_dots(index, w_dec, grad) if ctx.needs_input_grad[1] else None
+        grad_values = _chosen_dots(index, w_dec.flatten(1), grad) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
             _add_to_gradient(w_dec, index, values, grad, latent_dim=0)
         return None, grad_values, None

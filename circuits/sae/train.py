@@ -479,17 +479,23 @@ def _clt_metrics(
     clt: CrossLayerTranscoder, f: torch.Tensor, y: torch.Tensor, residual: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A CLT step's fired mask [n_layers, F] and metrics: mean over layers of the per-layer FVU and L0 ("fvu",
-    "l0"), and each layer's ("fvu.<layer>", "l0.<layer>", the model layer), from f [n_layers, rows, F] and y,
-    residual [n_layers, rows, d_model]."""
-    active = f > 0
-    l0 = active.sum(-1).float().mean(1)  # [L]
+    "l0"), and each layer's ("fvu.<layer>", "l0.<layer>", the model layer), from f [n_layers, rows, F] (dense, or
+    sparse COO as TopK training returns) and y, residual [n_layers, rows, d_model]."""
+    if f.is_sparse:  # sparse TopK training: n_layers · rows · k entries
+        index, active = f._indices(), f._values() > 0
+        fired = torch.zeros(f.shape[0], f.shape[2], dtype=torch.bool, device=f.device)
+        fired[index[0][active], index[2][active]] = True
+        l0 = torch.bincount(index[0][active], minlength=f.shape[0]).float() / f.shape[1]
+    else:
+        active = f > 0
+        fired, l0 = active.any(1), active.sum(-1).float().mean(1)  # [L, F], [L]
     variance = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
     fvu = residual.pow(2).sum((1, 2)) / variance
     metrics = {"fvu": fvu.mean(), "l0": l0.mean()}
     for i, layer in enumerate(clt.layers):
         metrics[f"fvu.{layer}"] = fvu[i]
         metrics[f"l0.{layer}"] = l0[i]
-    return active.any(1), metrics
+    return fired, metrics
 
 
 def row_size(x: torch.Tensor, metric: str) -> torch.Tensor:
