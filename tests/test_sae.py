@@ -96,7 +96,7 @@ def _saelens_encode(path, x):
     ],  # fmt: skip
 )
 def test_saelens_round_trip(tmp_path, architecture, extra):
-    from workbench.circuits.sae.saelens_io import load_saelens, save_saelens
+    from workbench.circuits.sae.formats.saelens import load_saelens, save_saelens
 
     torch.manual_seed(1)
     sae = create_sae(SAEConfig(architecture, d_in=8, d_sae=32, hook_in="blocks.0.hook_resid_post", **extra))
@@ -121,7 +121,7 @@ def test_load_saelens_trained_format(tmp_path):
     """An SAE written by sae_lens itself (with b_dec input centering) gives the same encodings here."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from workbench.circuits.sae.saelens_io import load_saelens
+    from workbench.circuits.sae.formats.saelens import load_saelens
 
     torch.manual_seed(2)
     lens = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16, apply_b_dec_to_input=True))
@@ -196,7 +196,7 @@ def test_bad_input():
 
 
 def test_untrained_batchtopk_is_not_saved_as_jumprelu(tmp_path):
-    from workbench.circuits.sae.saelens_io import save_saelens
+    from workbench.circuits.sae.formats.saelens import save_saelens
 
     sae = create_sae(SAEConfig("batchtopk", d_in=8, d_sae=16, k=2))
     for save in (sae.save, lambda path: save_saelens(sae, path)):
@@ -208,7 +208,7 @@ def test_untrained_batchtopk_is_not_saved_as_jumprelu(tmp_path):
 def test_saelens_file_missing_a_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from workbench.circuits.sae.saelens_io import load_saelens, save_saelens
+    from workbench.circuits.sae.formats.saelens import load_saelens, save_saelens
 
     save_saelens(create_sae(SAEConfig("topk", d_in=8, d_sae=16, k=2)), tmp_path)
     tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
@@ -909,7 +909,7 @@ def test_cli_train_from_an_activation_store_made_by_workbench_capture(zoo_ws, us
 
 
 def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(zoo_ws, user_data, tmp_path):
-    from workbench.circuits.sae.saelens_io import save_saelens
+    from workbench.circuits.sae.formats.saelens import save_saelens
 
     notes = str(user_data / "notes.txt")
     base = ["train", "code-tiny@300", "--data", notes, "--hook", "blocks.0.hook_resid_post", "--no-progress"]

@@ -16,7 +16,7 @@ import torch
 
 from workbench.circuits.sae.base import SAEConfig, SAEInputError
 from workbench.circuits.sae.formats import load_sae
-from workbench.circuits.sae.saelens_io import load_saelens, save_saelens
+from workbench.circuits.sae.formats.saelens import load_saelens, save_saelens
 from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_sae
 
 D_IN, D_SAE, N_ATOMS = 16, 64, 32

@@ -37,7 +37,7 @@ def test_saelens_names_are_the_installed_registry() -> None:
     import sae_lens  # noqa: F401  (registers the architectures)
     from sae_lens.registry import SAE_CLASS_REGISTRY
 
-    from workbench.circuits.sae.saelens_io import SAELENS_ARCHITECTURES
+    from workbench.circuits.sae.formats.saelens import SAELENS_ARCHITECTURES
 
     assert set(SAELENS_ARCHITECTURES) <= set(SAE_CLASS_REGISTRY), set(SAELENS_ARCHITECTURES) - set(
         SAE_CLASS_REGISTRY
@@ -481,7 +481,7 @@ def test_bad_layouts_are_refused_and_nothing_is_registered(tmp_path) -> None:
     create_sae(SAEConfig("relu", d_in=8, d_sae=16, hook_in="blocks.0.hook_resid_post")).save(
         tmp_path / "ours"
     )
-    from workbench.circuits.sae.saelens_io import save_saelens
+    from workbench.circuits.sae.formats.saelens import save_saelens
 
     save_saelens(load_sae(tmp_path / "ours"), lens)
     raw = json.loads((lens / "cfg.json").read_text()) | {"architecture": "temporal"}
@@ -534,7 +534,7 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
     sae = create_sae(
         SAEConfig("topk", d_in=d, d_sae=24, k=3, hook_in="blocks.1.hook_resid_post", model="code-tiny")
     )
-    from workbench.circuits.sae.saelens_io import save_saelens
+    from workbench.circuits.sae.formats.saelens import save_saelens
 
     save_saelens(sae, tmp_path / "lens")
     ws = code_ws.root

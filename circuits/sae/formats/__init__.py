@@ -4,7 +4,7 @@
 format                 what is on disk
 =====================  ==========================================================================================
 ``workbench``          ``workbench_sae.json`` + ``sae_weights.safetensors`` (``SAE.save``)
-``saelens``            ``cfg.json`` + ``sae_weights.safetensors`` (SAELens v6, ``saelens_io``)
+``saelens``            ``cfg.json`` + ``sae_weights.safetensors`` (SAELens v6, ``saelens.py``)
 ``sparsify``           EleutherAI sparsify: ``cfg.json`` + ``sae.safetensors`` per hookpoint folder, or a run folder
                        (top-level ``config.json``, one folder per HF module, optional ``.../seedK``)
 ``gemmascope``         Gemma Scope ``params.npz`` (W_enc, W_dec, b_enc, b_dec, threshold: JumpReLU)
@@ -94,7 +94,7 @@ def read_saes(
     sparsify layouts whose names fit several families; ``hook`` / ``hook_out`` name (or override) the hooks when
     the layout does not record them (Gemma Scope, dictionary_learning)."""
     from workbench.circuits.sae.formats import circuit_tracer, dictionary_learning, gemmascope, sparsify
-    from workbench.circuits.sae.saelens_io import load_saelens
+    from workbench.circuits.sae.formats.saelens import load_saelens
 
     path = Path(path)
     kind = detect_format(path) if format == "auto" else format

@@ -179,8 +179,8 @@ def export_sae(
     logit tables."""
     from workbench.circuits.sae.features import logit_effects
     from workbench.circuits.sae.formats.neuronpedia import dashboard_batch, write_bulk_export
+    from workbench.circuits.sae.formats.saelens import save_saelens
     from workbench.circuits.sae.formats.sparsify import save_sparsify
-    from workbench.circuits.sae.saelens_io import save_saelens
 
     out = Path(out).expanduser()
     if format == "saelens":
