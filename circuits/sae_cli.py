@@ -38,8 +38,6 @@ from workbench.cli_options import (
     open_data,
     open_model,
 )
-from workbench.model import ModelLoadError
-from workbench.references import short_name
 from workbench.workspace import Workspace
 
 app = typer.Typer(help="Sparse autoencoders, transcoders and transcoder circuits.", no_args_is_help=True)
@@ -595,6 +593,7 @@ def export(
     from workbench.circuits.sae.analysis import find_sae
     from workbench.circuits.sae.features import residual_writes, token_decoder, unembedding_matrix
     from workbench.circuits.sae.formats.transfer import EXPORT_FORMATS, export_sae
+    from workbench.references import short_name
     from workbench.workspace import Workspace
 
     if format not in EXPORT_FORMATS:
@@ -632,6 +631,9 @@ def export(
 def _recorded_model(found: str, sae, workspace: Path | None, device: str, trust_remote_code: bool):
     """The model an SAE records (``cfg.model`` at ``cfg.checkpoint``), loaded; a clear failure naming --family and
     --model when it records none or it does not load here."""
+    # workbench.model imports torch: imported here, not at start-up, so `workbench --help` stays fast
+    from workbench.model import ModelLoadError
+
     fix = "pass --family (gpt_neox, gpt2, llama) or --model"
     if not sae.cfg.model:
         fail(f"sparsify names folders by the model's modules, and {found} records no model: {fix}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -42,3 +44,22 @@ def test_every_entry_point_of_pyproject_is_installed_and_loads():
                 f"{group} {name}: reinstall (make venv)"
             )
             assert installed[name].load() is not None
+
+
+def test_the_command_line_starts_without_importing_torch_or_the_analyses():
+    """`workbench --help` lists every command (core and plugins) without importing torch, transformers or an
+    analysis: those load inside the command that runs (issue 34: ≤ 1.5 s of imports at start-up)."""
+    probe = (
+        "import sys, workbench.cli\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'transformer_lens', 'sae_lens', 'streamlit', 'triton')"
+        " if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "", f"imported at CLI start-up: {done.stdout.strip()}"
+    listed = subprocess.run([sys.executable, "-m", "workbench.cli", "--help"], capture_output=True, text=True,
+                            timeout=120, check=True).stdout  # fmt: skip
+    for command in ("info", "capture", "massive", "attention", "dynamics", "sae", "probe", "circuits"):
+        assert f" {command} " in listed, f"{command} missing from `workbench --help`"
