@@ -80,44 +80,21 @@ def test_local_job_commits_every_task_and_resume_skips_done_ones(job_workspace) 
         "created_at"])  # fmt: skip
 
 
-def test_killed_job_resumes_without_lost_or_duplicated_results(job_workspace) -> None:
-    path = write_job(job_workspace, checkpoints='"all"', n_sequences=8)
-    tasks = expand_tasks(load_job(path, job_workspace))
-    command = [
-        sys.executable,
-        "-m",
-        "workbench.cli",
-        "probe",
-        "run",
-        str(path),
-        "-w",
-        str(job_workspace.root),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
-    deadline = time.time() + 240
+def _done(workspace: Workspace, job: str) -> int:
+    """How many of the job's tasks the results database holds as done (a cheap poll: no model is loaded);
+    -1 while the job's transaction holds the database."""
     try:
-        while time.time() < deadline:
-            time.sleep(0.5)
-            try:
-                done = (job_status(path, job_workspace)["status"] == "done").sum()
-            except Exception:  # noqa: BLE001 — the database is locked while the job commits
-                continue
-            if done >= 3:
-                break
-        assert process.poll() is None, "the job finished before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(60)
-    interrupted = job_status(path, job_workspace)
-    assert 3 <= (interrupted["status"] == "done").sum() < len(tasks)
-    final = run_job(path, workspace=job_workspace, progress=False)
-    assert (final["status"] == "done").all()
-    rows = job_workspace.results().read("probe_results")
-    keys = ["model", "checkpoint", "hook", "label_set", "dataset"]
-    assert not rows.duplicated(keys).any()
-    code_checkpoints = len([t for t in tasks if t.model == "code-tiny"]) // 2
-    assert len(rows) == code_checkpoints * 2 * 3 + 2
+        status = workspace.results().read("probe_tasks", job=job)
+    except Exception:  # noqa: BLE001 — the database is locked while the job commits
+        return -1
+    return 0 if status.empty else int(status.loc[status["status"] == "done", "task"].nunique())
+
+
+def _wait_until(condition, process: subprocess.Popen, seconds: float) -> None:
+    """Poll ``condition()`` every 0.2 s until it holds, the process exits or ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None and not condition():
+        time.sleep(0.2)
 
 
 def _descendants(pid: int) -> list:
@@ -139,45 +116,66 @@ def _alive(process) -> bool:
         return False
 
 
-def test_kill_9_of_the_job_takes_its_pool_workers_down_and_resume_completes(job_workspace) -> None:
-    """kill -9 of the main process only (not its group): the spawn workers and the resource tracker exit within
-    seconds; a resume then commits every task exactly once."""
+def test_killed_jobs_resume_without_lost_or_duplicated_results(job_workspace) -> None:
+    """One job killed twice, then resumed: (1) a serial ``workbench probe run`` killed (its whole process group)
+    after three tasks; (2) its resume with a two-worker pool killed by kill -9 of the main process only, after it
+    committed one more task: the spawn workers and the resource tracker exit within seconds; (3) a resume in this
+    process commits every remaining task, and every task's rows and status are there exactly once."""
     path = write_job(job_workspace, checkpoints='"all"', n_sequences=8)
     tasks = expand_tasks(load_job(path, job_workspace))
-    command = [sys.executable, "-m", "workbench.cli", "probe", "run", str(path), "-w", str(job_workspace.root),
-               "--workers", "2"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "workbench.cli",
+        "probe",
+        "run",
+        str(path),
+        "-w",
+        str(job_workspace.root),
+    ]
+    serial = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 120
-        workers = []
-        while time.time() < deadline and process.poll() is None:
-            workers = [p for p in _descendants(process.pid) if "spawn_main" in " ".join(p.cmdline())]
-            if len(workers) == 2:
-                break
-            time.sleep(0.2)
+        _wait_until(lambda: _done(job_workspace, "demo") >= 3, serial, 240)
+        assert serial.poll() is None, "the job finished before it could be killed"
+        os.killpg(serial.pid, signal.SIGKILL)
+    finally:
+        serial.wait(60)
+    first = _done(job_workspace, "demo")
+    assert 3 <= first < len(tasks)
+    assert (job_status(path, job_workspace)["status"] == "done").sum() == first
+
+    pool = subprocess.Popen(
+        [*command, "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        workers: list = []
+
+        def two_workers() -> bool:
+            workers[:] = [p for p in _descendants(pool.pid) if "spawn_main" in " ".join(p.cmdline())]
+            return len(workers) == 2
+
+        _wait_until(two_workers, pool, 240)
         assert len(workers) == 2, "the pool's two workers never appeared"
-        while time.time() < deadline and process.poll() is None:  # workers started up: one task committed
-            time.sleep(0.5)
-            try:
-                if (job_status(path, job_workspace)["status"] == "done").sum() >= 1:
-                    break
-            except Exception:  # noqa: BLE001, S112 — the database is locked while the job commits
-                continue
-        helpers = _descendants(process.pid)  # the workers and multiprocessing's resource tracker
-        assert process.poll() is None, "the job finished before it could be killed"
-        process.kill()
-        process.wait(10)
+        _wait_until(lambda: _done(job_workspace, "demo") > first, pool, 300)  # the workers ran a task
+        helpers = _descendants(pool.pid)  # the workers and multiprocessing's resource tracker
+        assert pool.poll() is None, "the job finished before it could be killed"
+        pool.kill()
+        pool.wait(10)
         gone_by = time.time() + 5
         while time.time() < gone_by and any(_alive(p) for p in helpers):
             time.sleep(0.1)
         left = [(p.pid, " ".join(p.cmdline())[:80]) for p in helpers if _alive(p)]
         assert not left, f"still running 5 s after the job was killed: {left}"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        for helper in _descendants(process.pid):
+        if pool.poll() is None:
+            pool.kill()
+            pool.wait(10)
+        for helper in _descendants(pool.pid):
             helper.kill()
+    status = job_status(path, job_workspace)["status"]
+    assert first < (status == "done").sum() < len(tasks), status.value_counts().to_dict()
+
     final = run_job(path, workspace=job_workspace, progress=False)
     assert (final["status"] == "done").all() and len(final) == len(tasks)
     rows = job_workspace.results().read("probe_results")
@@ -200,18 +198,34 @@ def same_results(got: pd.DataFrame, want: pd.DataFrame) -> None:
     np.testing.assert_allclose(got[METRICS].to_numpy(float), want[METRICS].to_numpy(float), atol=1e-6)
 
 
-def serial_reference(path: Path, workspace: Workspace, threads: int) -> pd.DataFrame:
-    """The job run in this process with the torch thread count the workers use: float reductions depend on the
-    thread count, so only then are the results expected to be identical (not merely within a prediction flip)."""
+@pytest.fixture(scope="module")
+def serial_reference(zoo_workspace, tmp_path_factory):
+    """``reference(threads)``: the results of the job ``write_job(checkpoints='"last"', n_sequences=12)`` run in
+    this process with the torch thread count the workers use: float reductions depend on the thread count, so only
+    then are the results expected to be identical (not merely within a prediction flip). Computed once per thread
+    count for this module (the pool and the Ray test share it where their workers' thread counts agree)."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        run_job(path, workspace=workspace, progress=False)
-    finally:
-        torch.set_num_threads(before)
-    return workspace.results().read("probe_results")
+    computed: dict[int, pd.DataFrame] = {}
+
+    def reference(threads: int) -> pd.DataFrame:
+        if threads not in computed:
+            workspace = Workspace(tmp_path_factory.mktemp(f"serial-{threads}")).ensure()
+            for name in ("code-tiny", "fsm-tiny"):
+                (workspace.models_dir / name).symlink_to(
+                    zoo_workspace.model_dir(name), target_is_directory=True
+                )
+            path = write_job(workspace, checkpoints='"last"', n_sequences=12)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                run_job(path, workspace=workspace, progress=False)
+            finally:
+                torch.set_num_threads(before)
+            computed[threads] = workspace.results().read("probe_results")
+        return computed[threads]
+
+    return reference
 
 
 def linked_workspace(job_workspace: Workspace, root: Path) -> Workspace:
@@ -235,10 +249,12 @@ def raise_on_fsm(task: ProbeTask) -> dict:
     return run_task(task)
 
 
-def test_process_pool_gives_the_same_results_and_survives_a_crashed_worker(job_workspace, tmp_path) -> None:
+def test_process_pool_gives_the_same_results_and_survives_a_crashed_worker(
+    job_workspace, serial_reference, tmp_path
+) -> None:
     path = write_job(job_workspace, checkpoints='"last"', n_sequences=12)
     threads = max(1, (os.cpu_count() or 1) // 2)
-    serial = serial_reference(path, job_workspace, threads)
+    serial = serial_reference(threads)
     pool = linked_workspace(job_workspace, tmp_path / "pool")
     status = run_job(path, workspace=pool, workers=2, progress=False, task_runner=crash_on_fsm)
     assert dict(zip(status["label_set"], status["status"], strict=True)) == {
@@ -252,10 +268,10 @@ def test_process_pool_gives_the_same_results_and_survives_a_crashed_worker(job_w
     same_results(pool.results().read("probe_results"), serial)
 
 
-def test_ray_backend_gives_the_same_results_as_local(job_workspace, tmp_path) -> None:
+def test_ray_backend_gives_the_same_results_as_local(job_workspace, serial_reference, tmp_path) -> None:
     ray = pytest.importorskip("ray")
     path = write_job(job_workspace, checkpoints='"last"', n_sequences=12)
-    local = serial_reference(path, job_workspace, threads=1)  # each Ray task reserves one CPU
+    local = serial_reference(1)  # each Ray task reserves one CPU
     other = linked_workspace(job_workspace, tmp_path / "ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one local cluster for both runs
     try:

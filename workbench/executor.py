@@ -5,8 +5,9 @@ Probe jobs (``workbench.probes.jobs``) and batches of attribution graphs run on 
 results: workers only compute. Pool workers exit when the calling process dies, kill -9 included
 (``PR_SET_PDEATHSIG`` on Linux, and a watchdog thread polling the parent pid everywhere), so a resumed job never
 runs beside stale workers. A worker that dies breaks the pool: the tasks that may have been running are re-run one
-at a time in a fresh one-worker pool (the one that crashes alone is failed), the rest in a fresh pool. Every worker
-runs torch with cores / ``workers`` threads, so a task's result does not depend on which pool ran it.
+at a time in a one-worker pool (the one that crashes alone is failed, and a fresh one-worker pool takes the tasks
+after it), the rest in a fresh pool. Every worker runs torch with cores / ``workers`` threads, so a task's result
+does not depend on which pool ran it.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def _guarded(runner, task: Task) -> dict[str, Any]:
 def _execute_pool(tasks: list[Task], workers: int, runner) -> Iterator[tuple[Task, dict[str, Any]]]:
     """Run ``tasks`` on a spawn process pool. When a worker dies the pool breaks and every unfinished task gets
     BrokenProcessPool; the tasks that may have been running then (the first ``workers + 1`` unfinished, as the
-    pool hands them out in order) are re-run one at a time in a fresh one-worker pool — the task that crashes
-    alone is marked failed — and the rest go to a fresh pool. Every worker, the lone ones too, runs torch with
+    pool hands them out in order) are re-run one at a time (:func:`_one_at_a_time`) — the task that crashes alone
+    is marked failed — and the rest go to a fresh pool. Every worker, the lone ones too, runs torch with
     cores / ``workers`` threads, so a task's results do not depend on which pool ran it."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     queue = list(tasks)
@@ -88,20 +89,43 @@ def _execute_pool(tasks: list[Task], workers: int, runner) -> Iterator[tuple[Tas
                 suspects.append(task)
         if suspects:
             queue = suspects[workers + 1 :]
-            for task in suspects[: workers + 1]:
-                (task, outcome), *_ = _pool_round([task], 1, threads, runner, isolated=True)
+            yield from _one_at_a_time(suspects[: workers + 1], threads, runner)
+
+
+def _spawn_pool(workers: int, threads: int) -> ProcessPoolExecutor:
+    """A spawn pool of ``workers`` whose workers die with this process and run torch with ``threads`` threads."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
+    )
+
+
+def _one_at_a_time(tasks: list[Task], threads: int, runner) -> Iterator[tuple[Task, dict[str, Any]]]:
+    """(task, outcome) for ``tasks`` run one after another on a one-worker pool, so a worker that dies was running
+    that one task: it is failed, and a fresh one-worker pool takes the tasks after it (a pool start-up, seconds of
+    imports, per crash rather than per task)."""
+    left = list(tasks)
+    while left:
+        with _spawn_pool(1, threads) as pool:
+            while left:
+                task = left.pop(0)
+                start = time.perf_counter()
+                try:
+                    outcome = pool.submit(runner, task).result()
+                except BrokenProcessPool as err:
+                    yield task, task_outcome("failed", start, error=f"worker process died: {err}")
+                    break
+                except Exception as err:  # noqa: BLE001 — e.g. a runner raising or an unpicklable result
+                    outcome = task_outcome("failed", start, error=err)
                 yield task, outcome
 
 
-def _pool_round(batch: list[Task], workers: int, threads: int, runner, isolated: bool = False):
-    """(task, outcome) for each task of one pool's life; outcome None for a task the broken pool left unfinished
-    (unless ``isolated``: then the one task ran alone and its crash is its failure)."""
+def _pool_round(batch: list[Task], workers: int, threads: int, runner):
+    """(task, outcome) for each task of one pool's life; outcome None for a task the broken pool left
+    unfinished."""
     start = time.perf_counter()
     results = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
-    ) as pool:
+    with _spawn_pool(workers, threads) as pool:
         pending = {pool.submit(runner, task): task for task in batch}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -109,12 +133,8 @@ def _pool_round(batch: list[Task], workers: int, threads: int, runner, isolated:
                 task = pending.pop(future)
                 try:
                     outcome = future.result()
-                except BrokenProcessPool as err:
-                    outcome = (
-                        task_outcome("failed", start, error=f"worker process died: {err}")
-                        if isolated
-                        else None
-                    )
+                except BrokenProcessPool:
+                    outcome = None
                 except Exception as err:  # noqa: BLE001 — e.g. a runner raising or an unpicklable result
                     outcome = task_outcome("failed", start, error=err)
                 if outcome is None:
