@@ -16,12 +16,15 @@ stores the ``ANALYSIS`` tables.
 from __future__ import annotations
 
 import numbers
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from workbench.adapters.base import HFAdapter
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.datasets import Dataset, load_dataset
 from workbench.references import resolve_model
@@ -112,14 +115,17 @@ def target_probs(logits: torch.Tensor, targets: torch.Tensor, position: int) -> 
 
 def clean_activations(model, task: Task) -> dict[int, torch.Tensor]:
     """MLP hidden units at the task position for every layer: {layer: [batch, d_mlp]}."""
+    return _clean_forward(model, task)[0]
+
+
+def _clean_forward(model, task: Task) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """({layer: MLP hidden units [batch, d_mlp] at the task position}, target probabilities [batch])."""
     names = [HOOK.format(layer=ly) for ly in range(model.cfg.n_layers)]
     with torch.no_grad(), model.capture(names) as cache:
-        model(task.inputs)
-    return {ly: cache[HOOK.format(layer=ly)][:, task.position].float() for ly in range(model.cfg.n_layers)}
-
-
-def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
-    return x.repeat_interleave(times, dim=0)
+        probs = target_probs(model(task.inputs), task.targets, task.position)
+    return {
+        ly: cache[HOOK.format(layer=ly)][:, task.position].float() for ly in range(model.cfg.n_layers)
+    }, probs
 
 
 def _scaled_hooks(
@@ -142,94 +148,255 @@ def _scaled_hooks(
     return [(HOOK.format(layer=ly), make(ly)) for ly in masks]
 
 
-def _joint_scores(model, task: Task, clean: dict[int, torch.Tensor], masks: list[dict[int, torch.Tensor]],
-                  steps: int) -> torch.Tensor:  # fmt: skip
-    """Joint IG score of each candidate set (masks[c][ly]: [d_mlp] bool) averaged over inputs → [candidates]."""
-    n, c = task.inputs.shape[0], len(masks)
-    alphas = torch.arange(1, steps + 1, dtype=torch.float32, device=task.inputs.device) / steps
-    alpha = alphas.repeat(c * n).requires_grad_(True)
-    inputs = _repeat(task.inputs, steps).repeat(c, *([1] * (task.inputs.ndim - 1)))
-    targets = _repeat(task.targets, steps).repeat(c)
-    layers = sorted(masks[0])
-    row_clean = {ly: _repeat(clean[ly], steps).repeat(c, 1) for ly in layers}
-    row_masks = {ly: _repeat(torch.stack([m[ly] for m in masks]), n * steps) for ly in layers}
-    with model.hooks(_scaled_hooks(row_clean, row_masks, alpha, task.position)):
-        probs = target_probs(model(inputs), targets, task.position)
-    (grad,) = torch.autograd.grad(probs.sum(), alpha)
-    return grad.reshape(c, n * steps).mean(1).detach()
+CHUNK_BYTES = 512 * 2**20  # working memory one forward/backward chunk may take when --chunk-size is not given
+_CACHE_TOLERANCE = 1e-4  # |P(full forward) − P(prefix-cached forward)| above which the full forward is used
 
 
-def _masks(model, path: dict[int, list[int]]) -> dict[int, torch.Tensor]:
-    out = {}
-    for layer, neurons in path.items():
-        mask = torch.zeros(model.cfg.d_mlp, dtype=torch.bool, device=model.device)
-        mask[list(neurons)] = True
-        out[layer] = mask
-    return out
+@dataclass
+class Candidates:
+    """Sets of MLP units scored together: every set holds ``base`` ({layer: [neurons]}); with ``layer`` given, set
+    c adds (or, on ``layer``, replaces ``base``'s units with) the single neuron ``neurons[c]`` → ``len(self)`` sets."""
+
+    base: dict[int, list[int]]
+    layer: int | None = None
+    neurons: torch.Tensor | None = None  # [c] long
+
+    def __len__(self) -> int:
+        return 1 if self.neurons is None else len(self.neurons)
+
+    def row_masks(self, d_mlp: int, candidate: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Masks {layer: [rows, d_mlp] bool} of the sets ``candidate`` [rows] (candidate index per row)."""
+        rows = len(candidate)
+        out = {}
+        for layer, neurons in self.base.items():
+            if layer != self.layer:
+                mask = torch.zeros(d_mlp, dtype=torch.bool)
+                mask[list(neurons)] = True
+                out[layer] = mask.expand(rows, d_mlp)
+        if self.layer is not None and self.neurons is not None:
+            mask = torch.zeros(rows, d_mlp, dtype=torch.bool)
+            mask[torch.arange(rows), self.neurons[candidate]] = True
+            out[self.layer] = mask
+        return out
 
 
-def joint_score(model, task: Task, path: dict[int, list[int]], steps: int = 20) -> float:
-    """Joint IG attribution of ``path`` ({layer: [neurons]}) to the target probability, averaged over inputs."""
+@dataclass
+class Cost:
+    """What a neuron-path run will compute: ``rows`` forward/backward rows (one (neuron set, input, α-step) each) of
+    ``tokens_per_row`` tokens (1 when the prefix before the position is cached), in chunks of ``chunk_rows``
+    taking about ``chunk_bytes`` of working memory, an estimated ``seconds`` (timed on a calibration chunk)."""
+
+    targets: int
+    inputs: int
+    steps: int
+    layers: int
+    width: int
+    rows: int
+    tokens_per_row: int
+    chunk_rows: int
+    chunk_bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        """The cost in one line, printed before the run."""
+        token = (
+            "1 token (the prefix cached per input)"
+            if self.tokens_per_row == 1
+            else f"{self.tokens_per_row} tokens"
+        )
+        return (
+            f"neuron paths: {self.targets} targets, {self.inputs} inputs × {self.steps} steps × {self.layers} layers "
+            f"× {self.width} neurons → {self.rows:,} forward/backward rows of {token}, in chunks of "
+            f"{self.chunk_rows:,} rows (≈ {_size(self.chunk_bytes)} working memory); estimated "
+            f"{_duration(self.seconds)}"
+        )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.0f} MiB" if n_bytes >= 10 * 2**20 else f"{n_bytes / 2**20:.2f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _Scorer:
+    """Joint IG scores of sets of MLP units for one task, in chunks of ``chunk_rows`` forward/backward rows.
+
+    A row is one (set, input, α-step); all steps of all sets are stacked along the batch. For a causal LM read
+    through transformers (GPT-2, GPT-NeoX, Llama) the keys/values of the positions before ``task.position`` do not
+    depend on α (only that position's units are scaled, and earlier positions never attend to it), so they are
+    computed once per input and each row runs one token; the full forward is used where that is not so (ViT,
+    position 0, TransformerLens models, an attention path other than SDPA) or where the cached forward does not
+    reproduce the full forward's target probability within ``_CACHE_TOLERANCE``.
+    """
+
+    def __init__(self, model, task: Task, steps: int, chunk_rows: int | None = None, bar=None) -> None:
+        _check_steps(steps)
+        self.model, self.task, self.steps, self.bar = model, task, steps, bar
+        self.clean, probs = _clean_forward(model, task)
+        self.prefix = _prefix_cache(model, task, probs)
+        full = model.cfg.n_ctx if task.inputs.is_floating_point() else task.inputs.shape[1]
+        self.tokens_per_row = 1 if self.prefix is not None else int(full)
+        self.row_bytes = _row_bytes(
+            model, self.tokens_per_row, task.position if self.prefix is not None else 0
+        )
+        self.chunk_rows = chunk_rows or max(1, CHUNK_BYTES // self.row_bytes)
+
+    def scores(self, sets: Candidates) -> torch.Tensor:
+        """Joint score of each set, averaged over the task's inputs → [len(sets)]."""
+        n, steps, c = self.task.inputs.shape[0], self.steps, len(sets)
+        total = torch.zeros(c, dtype=torch.float64)
+        for start in range(0, c * n * steps, self.chunk_rows):
+            rows = torch.arange(start, min(start + self.chunk_rows, c * n * steps))
+            grad = self._rows(sets, rows)
+            total.index_add_(0, rows // (n * steps), grad.double())
+            if self.bar is not None:
+                self.bar.update(len(rows))
+        return (total / (n * steps)).float()
+
+    def _rows(self, sets: Candidates, rows: torch.Tensor) -> torch.Tensor:
+        """dP/dα of ``rows`` [r] (row = (set · n + input) · steps + step) → [r]."""
+        model, task, n, steps = self.model, self.task, self.task.inputs.shape[0], self.steps
+        candidate, inp = rows // (n * steps), (rows // steps) % n
+        alpha = ((rows % steps + 1).float() / steps).to(task.inputs.device).requires_grad_(True)
+        masks = {ly: m.to(task.inputs.device) for ly, m in sets.row_masks(model.cfg.d_mlp, candidate).items()}
+        clean = {ly: self.clean[ly][inp] for ly in masks}
+        if self.prefix is None:
+            with model.hooks(_scaled_hooks(clean, masks, alpha, task.position)):
+                logits = model(task.inputs[inp])
+            probs = target_probs(logits, task.targets[inp], task.position)
+        else:
+            with model.hooks(_scaled_hooks(clean, masks, alpha, 0)):
+                logits = model(task.inputs[inp, task.position : task.position + 1], cache=self.prefix.rows(inp),
+                               use_cache=False)  # fmt: skip
+            probs = target_probs(logits, task.targets[inp], 0)
+        (grad,) = torch.autograd.grad(probs.sum(), alpha)
+        return grad.detach()
+
+    def seconds_per_row(self, sets: Candidates, rows: int = 256) -> float:
+        """Seconds per row of one forward/backward of a chunk (at most ``rows`` rows) of ``sets``, after a one-row
+        warm-up: the calibration of :class:`Cost`, per-chunk overhead included."""
+        n = min(rows, len(sets) * self.task.inputs.shape[0] * self.steps, self.chunk_rows)
+        self._rows(sets, torch.arange(1))
+        t0 = time.perf_counter()
+        self._rows(sets, torch.arange(n))
+        return (time.perf_counter() - t0) / n
+
+
+@dataclass
+class _Prefix:
+    """Keys/values [inputs, kv_heads, position, d_head] per layer of the tokens before the task position."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def rows(self, inp: torch.Tensor):
+        """A transformers cache holding input ``inp[r]``'s prefix for row r."""
+        return _dynamic_cache([(k[inp], v[inp]) for k, v in self.kv])
+
+
+def _dynamic_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A transformers DynamicCache (empty, or holding ``kv``: per layer (keys, values) [rows, heads, pos, d_head])."""
+    # transformers takes seconds to import and the dashboard imports this module (ANALYSIS); only LMs need it
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache() if kv is None else DynamicCache(ddp_cache_data=kv)
+
+
+def _prefix_cache(model, task: Task, probs: torch.Tensor) -> _Prefix | None:
+    """The task's prefix keys/values when the model runs one token on them exactly (see :class:`_Scorer`)."""
+    if (task.inputs.is_floating_point() or task.position < 1 or not isinstance(model.adapter, HFAdapter)
+            or not model.cfg.causal or getattr(model, "attention_path", "sdpa") != "sdpa"):  # fmt: skip
+        return None
+    try:
+        cache = _dynamic_cache()
+        with torch.no_grad():
+            model(task.inputs[:, : task.position], cache=cache, use_cache=True)
+            prefix = _Prefix([(layer.keys, layer.values) for layer in cache.layers])
+            last = model(task.inputs[:, task.position : task.position + 1], cache=prefix.rows(torch.arange(len(probs))),
+                         use_cache=False)  # fmt: skip
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        return None
+    if last.ndim != 3 or (target_probs(last, task.targets, 0) - probs).abs().max() > _CACHE_TOLERANCE:
+        return None
+    return prefix
+
+
+def _row_bytes(model, tokens: int, prefix: int) -> int:
+    """Working memory of one forward/backward row: activations kept for the backward (≈ 12 d_model + 8 d_mlp
+    floats per token and layer), the cached prefix keys/values and the logits with their softmax."""
+    cfg = model.cfg
+    per_token = cfg.n_layers * (12 * cfg.d_model + 8 * cfg.d_mlp) + 3 * (cfg.d_vocab or 0)
+    return 4 * (tokens * per_token + 4 * cfg.n_layers * prefix * cfg.d_model)
+
+
+def joint_score(model, task: Task, path: dict[int, list[int]], steps: int = 20,
+                chunk_rows: int | None = None) -> float:  # fmt: skip
+    """Joint IG attribution of ``path`` ({layer: [neurons]}) to the target probability, averaged over inputs;
+    ``chunk_rows`` bounds the rows (input × α-step) of one forward/backward (default: by ``CHUNK_BYTES``)."""
     _check_steps(steps)
     _check_path(model, path)
-    clean = clean_activations(model, task)
-    return float(_joint_scores(model, task, clean, [_masks(model, path)], steps)[0])
+    return float(_Scorer(model, task, steps, chunk_rows).scores(Candidates(path))[0])
 
 
-def locate_path(model, task: Task, steps: int = 20, top_k: int = 1, chunk: int = 96,
-                progress: bool = True) -> tuple[dict[int, list[int]], list[float]]:  # fmt: skip
+def locate_path(model, task: Task, steps: int = 20, top_k: int = 1, chunk_rows: int | None = None,
+                progress: bool = True, scorer: _Scorer | None = None) -> tuple[dict[int, list[int]], list[float]]:  # fmt: skip
     """Layer-progressive search: per layer pick the ``top_k`` neurons maximising the joint score with earlier picks.
 
-    Returns ({layer: [neurons]}, joint score after each layer).
+    ``chunk_rows`` bounds the rows (neuron × input × α-step) of one forward/backward (default: as many as fit in
+    ``CHUNK_BYTES`` by :func:`_row_bytes`). Returns ({layer: [neurons]}, joint score after each layer).
     """
     _check_steps(steps)
     if top_k < 1 or top_k > model.cfg.d_mlp:
         raise NeuronPathError(f"top_k={top_k} must be in 1..{model.cfg.d_mlp}")
-    clean = clean_activations(model, task)
+    scorer = scorer or _Scorer(model, task, steps, chunk_rows)
     path: dict[int, list[int]] = {}
     scores: list[float] = []
+    neurons = torch.arange(model.cfg.d_mlp)
     for layer in tqdm(range(model.cfg.n_layers), desc="neuron path", disable=not progress):
-        base = _masks(model, path)
-        candidates = []
-        for j in range(model.cfg.d_mlp):
-            m = {ly: v.clone() for ly, v in base.items()}
-            m[layer] = torch.zeros(model.cfg.d_mlp, dtype=torch.bool, device=model.device)
-            m[layer][j] = True
-            candidates.append(m)
-        values = torch.cat([_joint_scores(model, task, clean, candidates[i : i + chunk], steps)
-                            for i in range(0, len(candidates), chunk)])  # fmt: skip
+        values = scorer.scores(Candidates(dict(path), layer, neurons))
         path[layer] = values.topk(top_k).indices.tolist()
-        scores.append(joint_score(model, task, path, steps) if top_k > 1 else float(values.max()))
+        scores.append(float(scorer.scores(Candidates(path))[0]) if top_k > 1 else float(values.max()))
     return path, scores
 
 
-def top_activation_path(model, task: Task, top_k: int = 1) -> dict[int, list[int]]:
-    """Baseline: per layer, the ``top_k`` neurons with the largest mean clean activation at the task position."""
-    clean = clean_activations(model, task)
+def top_activation_path(model, task: Task, top_k: int = 1,
+                        clean: dict[int, torch.Tensor] | None = None) -> dict[int, list[int]]:  # fmt: skip
+    """Baseline: per layer, the ``top_k`` neurons with the largest mean clean activation at the task position
+    (``clean``: the task's :func:`clean_activations` when already computed)."""
+    clean = clean if clean is not None else clean_activations(model, task)
     return {ly: clean[ly].mean(0).topk(top_k).indices.tolist() for ly in range(model.cfg.n_layers)}
 
 
-def influence_pattern_path(model, task: Task, steps: int = 20, top_k: int = 1) -> dict[int, list[int]]:
+def influence_pattern_path(model, task: Task, steps: int = 20, top_k: int = 1,
+                           chunk_rows: int | None = None) -> dict[int, list[int]]:  # fmt: skip
     """Baseline: scale the input embedding by α, pick per layer the ``top_k`` neurons with the largest mean
-    gradient."""
+    gradient; rows (input × α-step) run in chunks of ``chunk_rows`` (default: by ``CHUNK_BYTES``)."""
     _check_steps(steps)
     n = task.inputs.shape[0]
-    alphas = torch.arange(1, steps + 1, dtype=torch.float32, device=task.inputs.device) / steps
-    alpha = alphas.repeat(n)
-    inputs = _repeat(task.inputs, steps)
-    targets = _repeat(task.targets, steps)
-
-    def scale(act: torch.Tensor, hook) -> torch.Tensor:
-        return act * alpha.reshape(-1, *([1] * (act.ndim - 1))).to(act.dtype)
-
     names = [HOOK.format(layer=ly) for ly in range(model.cfg.n_layers)]
-    with model.hooks([("hook_embed", scale)]), model.capture(names, grad=True) as cache:
-        probs = target_probs(model(inputs), targets, task.position)
-    acts = [cache[name] for name in names]
-    grads = torch.autograd.grad(probs.sum(), acts)
-    return {
-        ly: g[:, task.position].float().mean(0).topk(top_k).indices.tolist() for ly, g in enumerate(grads)
-    }
+    tokens = model.cfg.n_ctx if task.inputs.is_floating_point() else int(task.inputs.shape[1])
+    chunk = chunk_rows or max(1, CHUNK_BYTES // _row_bytes(model, tokens, 0))
+    total = [torch.zeros(model.cfg.d_mlp, dtype=torch.float64) for _ in names]
+    for start in range(0, n * steps, chunk):
+        rows = torch.arange(start, min(start + chunk, n * steps), device=task.inputs.device)
+        alpha = (rows % steps + 1).float() / steps
+
+        def scale(act: torch.Tensor, hook, alpha=alpha) -> torch.Tensor:
+            return act * alpha.reshape(-1, *([1] * (act.ndim - 1))).to(act.dtype)
+
+        with model.hooks([("hook_embed", scale)]), model.capture(names, grad=True) as cache:
+            probs = target_probs(
+                model(task.inputs[rows // steps]), task.targets[rows // steps], task.position
+            )
+        grads = torch.autograd.grad(probs.sum(), [cache[name] for name in names])
+        for t, g in zip(total, grads, strict=True):
+            t += g[:, task.position].double().sum(0).cpu()
+    return {ly: (t / (n * steps)).float().topk(top_k).indices.tolist() for ly, t in enumerate(total)}
 
 
 def manipulate(model, task: Task, path: dict[int, list[int]], factor: float) -> dict[str, float]:
@@ -266,21 +433,54 @@ LM_POSITION = 8  # default position analysed in a causal LM (the target is the t
 LM_TARGETS = 3  # default number of next tokens analysed in a causal LM
 
 
+def estimate(model, tasks: dict[int, Task], steps: int = 20, top_k: int = 1, chunk_rows: int | None = None,
+             scorer: _Scorer | None = None) -> Cost:  # fmt: skip
+    """The cost of :func:`analyse` on ``tasks`` before it runs: rows = Σ over targets of inputs × steps × (layers ×
+    d_mlp candidates + the joint scores of the three paths, + one per layer when ``top_k`` > 1); time from one timed
+    calibration chunk of the first task (``scorer``: that task's, reused by the run)."""
+    first = next(iter(tasks.values()))
+    scorer = scorer or _Scorer(model, first, steps, chunk_rows)
+    layers, width = model.cfg.n_layers, model.cfg.d_mlp
+    per_input = steps * (layers * width + 3 + (layers if top_k > 1 else 0))
+    inputs = sum(int(t.inputs.shape[0]) for t in tasks.values())
+    full = model.cfg.n_ctx if first.inputs.is_floating_point() else int(first.inputs.shape[1])
+    per_row = scorer.seconds_per_row(Candidates({}, 0, torch.arange(width)))
+    seconds = (
+        per_row * inputs * (per_input + steps * full / scorer.tokens_per_row)
+    )  # + the influence baseline
+    return Cost(targets=len(tasks), inputs=inputs, steps=steps, layers=layers, width=width,
+                rows=inputs * per_input, tokens_per_row=scorer.tokens_per_row, chunk_rows=scorer.chunk_rows,
+                chunk_bytes=scorer.chunk_rows * scorer.row_bytes, seconds=seconds)  # fmt: skip
+
+
 def analyse(model, tasks: dict[int, Task], *, dataset: str, steps: int = 20, top_k: int = 1,
-            progress: bool = True) -> dict[str, pd.DataFrame]:  # fmt: skip
+            chunk_rows: int | None = None, progress: bool = True,
+            report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:  # fmt: skip
     """Paths of all three methods for each target ({target: Task}) → {"neuron_paths": one row per (target, method,
     layer, rank), "neuron_path_metrics": one row per method, averaged over the targets}; ``dataset`` is the name
-    recorded in every row (``Dataset.name``)."""
+    recorded in every row (``Dataset.name``). ``chunk_rows`` bounds one forward/backward (default: by
+    ``CHUNK_BYTES``); ``report`` receives the :class:`Cost` line before the work; ``progress`` shows a bar over
+    the rows."""
+    _check_steps(steps)
+    if not tasks:
+        raise NeuronPathError("no targets to trace; give at least one task")
     name, checkpoint = model.cfg.name, model.cfg.checkpoint
     run_keys = {"model": name, "checkpoint": checkpoint, "dataset": dataset, "hook": HOOK.format(layer="*")}
     path_rows, metric_rows = [], []
-    for target, task in tqdm(tasks.items(), desc=f"{name} targets", disable=not progress):
-        ours, _ = locate_path(model, task, steps, top_k, progress=False)
-        paths = {"joint_ig": ours, "top_activation": top_activation_path(model, task, top_k),
-                 "influence_pattern": influence_pattern_path(model, task, steps, top_k)}  # fmt: skip
+    first = _Scorer(model, next(iter(tasks.values())), steps, chunk_rows)
+    cost = estimate(model, tasks, steps, top_k, chunk_rows, scorer=first)
+    if report is not None:
+        report(cost.line())
+    bar = tqdm(total=cost.rows, desc=f"{name} rows", unit="row", disable=not progress, smoothing=0.1)
+    for i, (target, task) in enumerate(tasks.items()):
+        scorer = first if i == 0 else _Scorer(model, task, steps, chunk_rows)
+        scorer.bar = bar
+        ours, _ = locate_path(model, task, steps, top_k, progress=False, scorer=scorer)
+        paths = {"joint_ig": ours, "top_activation": top_activation_path(model, task, top_k, scorer.clean),
+                 "influence_pattern": influence_pattern_path(model, task, steps, top_k, chunk_rows)}  # fmt: skip
         label = _target_text(model, target)
         for method, path in paths.items():
-            score = joint_score(model, task, path, steps)
+            score = float(scorer.scores(Candidates(path))[0])
             removed, enhanced = manipulate(model, task, path, 0.0), manipulate(model, task, path, 2.0)
             for layer, neurons in path.items():
                 for rank, neuron in enumerate(neurons):
@@ -293,6 +493,7 @@ def analyse(model, tasks: dict[int, Task], *, dataset: str, steps: int = 20, top
                                 "remove_accuracy_change": removed["accuracy_change"],
                                 "enhance_prob_ratio": enhanced["prob_ratio"],
                                 "enhance_accuracy_change": enhanced["accuracy_change"]})  # fmt: skip
+    bar.close()
     group = ["model", "checkpoint", "dataset", "hook", "position", "method"]
     metrics = (pd.DataFrame(metric_rows).drop(columns="target")
                .groupby(group, as_index=False, dropna=False, sort=False).mean())  # fmt: skip
@@ -491,7 +692,8 @@ def _check_inputs(model, data: Dataset) -> None:
 
 def run(model, data: Dataset, *, position: int | None = None, n_targets: int | None = None, steps: int = 20,
         top_k: int = 1, max_sequences: int = 64, label: str | None = None, seed: int = 0,
-        progress: bool = True) -> dict[str, pd.DataFrame]:  # fmt: skip
+        chunk_rows: int | None = None, progress: bool = True,
+        report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:  # fmt: skip
     """Neuron paths of any causal LM or ViT classifier on any dataset → {table: DataFrame} (``write_results``).
 
     Args:
@@ -504,9 +706,14 @@ def run(model, data: Dataset, *, position: int | None = None, n_targets: int | N
             classifier: inputs split evenly among the classes.
         label: classifier: which of ``data.labels`` holds the classes (default: its only per-input array).
         seed: the shuffle of rows / the draw of inputs per class.
+        chunk_rows: forward/backward rows (neuron × input × α-step) per chunk, which bounds the working memory
+            (default: as many as fit in ``CHUNK_BYTES``).
+        report: receives the cost line (:meth:`Cost.line`) before the work starts.
     """
     kind = check(model, data, position, label)
     _check_steps(steps)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise NeuronPathError(f"--chunk-size {chunk_rows} must be >= 1 (rows per forward/backward)")
     if not 1 <= top_k <= model.cfg.d_mlp:
         raise NeuronPathError(f"--top-k {top_k} must be in 1..{model.cfg.d_mlp} (d_mlp of {model.cfg.name})")
     if kind == "lm":
@@ -518,7 +725,16 @@ def run(model, data: Dataset, *, position: int | None = None, n_targets: int | N
         n_classes = min(n_targets or len(labels.unique()), len(labels.unique()))
         tasks = class_tasks(model, data, per_class=max(1, max_sequences // n_classes), n_targets=n_targets,
                             label=label, position=position or 0, seed=seed)  # fmt: skip
-    return analyse(model, tasks, dataset=data.name, steps=steps, top_k=top_k, progress=progress)
+    return analyse(
+        model,
+        tasks,
+        dataset=data.name,
+        steps=steps,
+        top_k=top_k,
+        chunk_rows=chunk_rows,
+        progress=progress,
+        report=report,
+    )
 
 
 def write_results(workspace, frames: dict[str, pd.DataFrame]) -> dict[str, int]:

@@ -60,6 +60,14 @@ def run(
         str | None,
         typer.Option(help="ViT: the label array of --data holding the classes (default: its only one)."),
     ] = None,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Forward/backward rows (neuron × input × α-step) per chunk; bounds the working memory "
+            "(default: as many as fit in 512 MiB).",
+        ),
+    ] = None,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
@@ -76,7 +84,8 @@ def run(
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
     frames = run_paths(hooked, dataset, position=position, n_targets=n_targets, steps=steps, top_k=top_k,
-                       max_sequences=max_sequences, label=label, seed=seed, progress=progress)  # fmt: skip
+                       max_sequences=max_sequences, label=label, seed=seed, chunk_rows=chunk_size,
+                       progress=progress, report=typer.echo)  # fmt: skip
     write_results(workspace, frames)
     metrics = frames["neuron_path_metrics"]
     typer.echo(metrics[["method", "joint_score", "remove_prob_ratio", "remove_accuracy_change", "enhance_prob_ratio",

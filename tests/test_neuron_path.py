@@ -19,11 +19,15 @@ from workbench.analysis import AnalysisNotApplicable
 from workbench.circuits.neuron_path import (
     ANALYSIS,
     HOOK,
+    Candidates,
     NeuronPathError,
     Task,
+    _Scorer,
     check,
     class_tasks,
+    clean_activations,
     demo_step,
+    estimate,
     influence_pattern_path,
     joint_score,
     lm_tasks,
@@ -419,8 +423,9 @@ def test_cli_on_a_zoo_checkpoint_with_a_users_text_file(zoo_workspace, code_file
 
 
 def test_cli_on_a_users_gpt2_directory_and_text_file(zoo_workspace, code_file, tmp_path) -> None:
-    """A GPT-2 saved by the user (not from the zoo, the zoo tokenizer copied next to it): rows under its directory,
-    no checkpoint, top-2 neurons per layer inside d_mlp; a position past its 64-token context is refused."""
+    """A GPT-2 saved by the user (not from the zoo, the zoo tokenizer copied next to it): the cost line first (in
+    chunks of --chunk-size rows), rows under its directory, no checkpoint, top-2 neurons per layer inside d_mlp; a
+    position past its 64-token context is refused."""
     workspace = _workspace(zoo_workspace, tmp_path / "ws")
     model_dir = tmp_path / "my-gpt2"
     torch.manual_seed(0)
@@ -429,8 +434,12 @@ def test_cli_on_a_users_gpt2_directory_and_text_file(zoo_workspace, code_file, t
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(zoo_workspace.model_dir("code-tiny") / name, model_dir / name)
     result = _neuron_path(workspace, str(model_dir), "--data", str(code_file), "--position", "3", "--top-k", "2",
-                          *FAST)  # fmt: skip
+                          "--chunk-size", "7", *FAST)  # fmt: skip
     assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    (cost,) = [i for i, line in enumerate(lines) if "neuron paths: 1 targets, " in line]
+    assert "of 1 token (the prefix cached per input), in chunks of 7 rows" in lines[cost]
+    assert cost < min(i for i, line in enumerate(lines) if "joint_ig" in line)  # stated before the results
     paths = workspace.results().read("neuron_paths")
     metrics = workspace.results().read("neuron_path_metrics")
     assert set(paths["model"]) == {resolve_model(model_dir).cfg.name} and paths["checkpoint"].isna().all()
@@ -486,3 +495,91 @@ def test_cli_refuses_at_once_what_cannot_work(zoo_workspace, code_file, tmp_path
         assert len(errors) == 1 and message in errors[0], (args, result.output)
         assert "Traceback" not in result.output
     assert "neuron_paths" not in workspace.results().tables()
+
+
+def _reference_scores(model, task: Task, sets: list[dict[int, list[int]]], steps: int) -> torch.Tensor:
+    """Joint scores one α and one input at a time on the full sequence, by autograd on a scalar α: the definition,
+    independent of the scorer's batching, prefix cache and chunks → [sets], float64."""
+    clean = clean_activations(model, task)
+    out = torch.zeros(len(sets), dtype=torch.float64)
+    for c, path in enumerate(sets):
+        for i in range(task.inputs.shape[0]):
+            for k in range(1, steps + 1):
+                alpha = torch.tensor(k / steps, requires_grad=True)
+
+                def make(layer, neurons, i=i, alpha=alpha):
+                    def hook(act, hook):
+                        act = act.clone()
+                        row = clean[layer][i].clone()
+                        row[neurons] = row[neurons] * alpha
+                        act[:, task.position] = row
+                        return act
+
+                    return hook
+
+                with model.hooks([(HOOK.format(layer=ly), make(ly, ns)) for ly, ns in path.items()]):
+                    prob = target_probs(model(task.inputs[i : i + 1]), task.targets[i : i + 1], task.position)
+                (grad,) = torch.autograd.grad(prob.sum(), alpha)
+                out[c] += float(grad) / (task.inputs.shape[0] * steps)
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_one_token_rows_on_the_cached_prefix_equal_the_full_forward_in_any_chunking(
+    fsm_lm, fsm_task, family
+) -> None:
+    """The scorer runs each (set, input, α) row as one token on the cached keys/values of the positions before the
+    task position; its scores equal the one-α-at-a-time full-sequence autograd reference (fsm-tiny, GPT-NeoX with
+    rotary; a random GPT-2 with learned positions), with chunks of 5 rows or all rows at once, and no forward sees
+    more rows than the chunk."""
+    if family == "gpt_neox":
+        model, task = fsm_lm, Task(fsm_task.inputs[:3], fsm_task.targets[:3], fsm_task.position)
+    else:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16)
+        model = HookedModel.from_hf(transformers.GPT2LMHeadModel(config).eval(), name="tiny-gpt2")
+        task = make_task(model, torch.randint(0, 64, (3, 7)), None, position=5)
+    steps, neurons = 3, torch.tensor([0, 5, 9])
+    sets = [{0: [2], 1: [int(j)]} for j in neurons]
+    reference = _reference_scores(model, task, sets, steps)
+    assert reference.abs().max() > 1e-6
+    seen: list[int] = []
+    remove = model.add_hook(HOOK.format(layer=1), lambda act, hook: seen.append(act.shape[0]))
+    try:
+        for chunk in (5, None):
+            scorer = _Scorer(model, task, steps, chunk)
+            seen.clear()
+            assert scorer.prefix is not None and scorer.tokens_per_row == 1
+            scores = scorer.scores(Candidates({0: [2]}, 1, neurons))
+            torch.testing.assert_close(scores.double(), reference, rtol=1e-4, atol=1e-7)
+            assert max(seen) <= (chunk or 27) and sum(seen) == 27  # 3 sets × 3 inputs × 3 steps
+    finally:
+        remove()
+    full = _Scorer(model, task, steps)
+    full.prefix = None  # the full-sequence rows the scorer falls back to (ViT, position 0, TransformerLens)
+    torch.testing.assert_close(full.scores(Candidates({0: [2]}, 1, neurons)).double(), reference, rtol=1e-4,
+                               atol=1e-7)  # fmt: skip
+
+
+def test_the_cost_is_stated_before_the_work_and_counts_every_row(fsm_lm, fsm_task) -> None:
+    """estimate's rows = the rows analyse scores (counted through the scorer's progress updates) for a path search
+    with top_k 2 and the three paths' joint scores; the line names the sizes, the chunk and an estimated time."""
+
+    class Count:
+        n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+    model, task = fsm_lm, Task(fsm_task.inputs[:2], fsm_task.targets[:2], fsm_task.position)
+    count = Count()
+    scorer = _Scorer(model, task, 2, chunk_rows=64, bar=count)
+    path, _ = locate_path(model, task, steps=2, top_k=2, progress=False, scorer=scorer)
+    for _ in range(3):
+        scorer.scores(Candidates(path))
+    cost = estimate(model, {7: task}, steps=2, top_k=2, chunk_rows=64)
+    assert cost.rows == count.n == 2 * 2 * (model.cfg.n_layers * (model.cfg.d_mlp + 1) + 3)
+    line = cost.line()
+    assert line.startswith(f"neuron paths: 1 targets, 2 inputs × 2 steps × {model.cfg.n_layers} layers × "
+                           f"{model.cfg.d_mlp} neurons → {cost.rows:,} forward/backward rows of 1 token")  # fmt: skip
+    assert "in chunks of 64 rows" in line and "estimated" in line and cost.seconds > 0
