@@ -362,16 +362,34 @@ def dense_graph(graph: StoredGraph) -> Graph:
 
 
 # ---------------------------------------------------------------------------------------------- layout
-def node_xy(nodes: pd.DataFrame, n_layers: int) -> pd.DataFrame:
-    """x (position, nodes of one (row, position) cell spread within ±0.4) and y (inputs −1, layers, targets
-    ``n_layers``) for each node row."""
+def _rows_y(nodes: pd.DataFrame, n_layers: int) -> pd.Series:
     y = nodes["layer"].where(~nodes["kind"].isin(["token", "position"]), -1)
-    y = y.where(nodes["kind"] != "target", n_layers)
+    return y.where(nodes["kind"] != "target", n_layers)
+
+
+def column_centres(nodes: pd.DataFrame, n_layers: int, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each prompt position's column centre and width on the x axis ([n_pos] each): a column is as wide as the most
+    nodes one of its (row, position) cells holds (at least 1), so crowded positions get the room their nodes need."""
+    cell = pd.DataFrame({"y": _rows_y(nodes, n_layers), "position": nodes["position"]})
+    most = cell.groupby(["y", "position"]).size().groupby(level="position").max()
+    widths = np.ones(n_pos)
+    inside = most[(most.index >= 0) & (most.index < n_pos)]
+    widths[inside.index.to_numpy(np.int64)] = np.maximum(inside.to_numpy(np.float64), 1.0)
+    return np.cumsum(widths) - widths / 2, widths
+
+
+def node_xy(nodes: pd.DataFrame, n_layers: int, n_pos: int | None = None) -> pd.DataFrame:
+    """x (the position's column, nodes of one (row, position) cell spread evenly over 90 % of its width) and y
+    (inputs −1, layers, targets ``n_layers``) for each node row."""
+    y = _rows_y(nodes, n_layers)
+    n_pos = int(nodes["position"].max()) + 1 if n_pos is None else n_pos
+    centres, widths = column_centres(nodes, n_layers, n_pos)
     cell = pd.DataFrame({"y": y, "position": nodes["position"]}, index=nodes.index)
     rank = cell.groupby(["y", "position"]).cumcount()
     count = cell.groupby(["y", "position"])["position"].transform("size")
-    x = nodes["position"] + np.where(count > 1, (rank + 0.5) / count - 0.5, 0.0) * 0.8
-    return pd.DataFrame({"x": x.astype(float), "y": y.astype(float)}, index=nodes.index)
+    position = nodes["position"].to_numpy(np.int64)
+    offset = np.where(count > 1, (rank + 0.5) / count - 0.5, 0.0) * 0.9 * widths[position]
+    return pd.DataFrame({"x": centres[position] + offset, "y": y.astype(float)}, index=nodes.index)
 
 
 def graph_figure(
@@ -380,7 +398,8 @@ def graph_figure(
     """The subgraph drawn with WebGL traces: edges binned by sign and |weight|, nodes by kind, ``pinned`` ringed.
     Each node marker carries its node id as ``customdata`` (what a click selects)."""
     nodes = shown.nodes
-    xy = node_xy(nodes, n_layers).set_index(nodes["node"])
+    centres, _ = column_centres(nodes, n_layers, len(token_texts))
+    xy = node_xy(nodes, n_layers, len(token_texts)).set_index(nodes["node"])
     figure = go.Figure()
     edges = shown.edges
     if not edges.empty:
@@ -422,7 +441,7 @@ def graph_figure(
         ))  # fmt: skip
     figure.update_layout(
         height=200 + 90 * (n_layers + 2), margin={"l": 40, "r": 10, "t": 30, "b": 60}, hovermode="closest",
-        xaxis={"tickmode": "array", "tickvals": list(range(len(token_texts))),
+        xaxis={"tickmode": "array", "tickvals": centres.tolist(),
                "ticktext": [t.replace("\n", "↵") for t in token_texts], "title": "prompt position"},
         yaxis={"tickmode": "array", "tickvals": list(range(-1, n_layers + 1)),
                "ticktext": ["emb", *(f"L{la}" for la in range(n_layers)), "targets"], "title": "layer"},

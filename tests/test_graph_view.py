@@ -23,6 +23,7 @@ from workbench.analysis import write_tables
 from workbench.app.graph_explorer import (
     Annotations,
     circuit_tracer_id,
+    column_centres,
     dense_graph,
     export_view,
     graph_figure,
@@ -136,12 +137,21 @@ def test_the_layout_puts_inputs_below_and_targets_above(traced) -> None:
     workspace, model, name = traced
     stored = load_stored_graph(workspace, model, name)
     shown = subgraph(stored, 0.8, 0.98)
-    xy = node_xy(shown.nodes, stored.n_layers)
+    n_pos = len(stored.token_texts)
+    xy = node_xy(shown.nodes, stored.n_layers, n_pos)
     kinds = shown.nodes["kind"]
     assert (xy["y"][kinds == "token"] == -1).all() and (xy["y"][kinds == "target"] == stored.n_layers).all()
     inner = kinds.isin(["feature", "error"])
     assert (xy["y"][inner] == shown.nodes["layer"][inner]).all()
-    assert (np.abs(xy["x"] - shown.nodes["position"]) <= 0.4 + 1e-9).all()
+    # columns: in prompt order, each as wide as its most crowded cell; every node inside its column, none shared
+    centres, widths = column_centres(shown.nodes, stored.n_layers, n_pos)
+    most = shown.nodes.assign(y=xy["y"]).groupby(["y", "position"]).size().groupby(level="position").max()
+    assert np.allclose(widths[most.index], np.maximum(most, 1)) and np.allclose(
+        np.diff(centres), (widths[1:] + widths[:-1]) / 2
+    )
+    position = shown.nodes["position"].to_numpy()
+    assert (np.abs(xy["x"] - centres[position]) <= 0.45 * widths[position] + 1e-9).all()
+    assert not xy.duplicated().any()
     pinned = shown.nodes["node"].iloc[:2].tolist()
     figure = graph_figure(shown, stored.token_texts, stored.n_layers, pinned)
     assert {trace.type for trace in figure.data} == {"scattergl"}
@@ -323,3 +333,18 @@ def test_the_page_without_graphs_names_the_command(tmp_path, monkeypatch) -> Non
     workspace.results().write("unrelated", pd.DataFrame({"x": [1]}))
     app = _page(workspace, monkeypatch)
     assert not app.exception and "workbench circuits attribute" in app.info[0].value
+
+
+def test_the_trace_form_stores_and_opens_a_new_graph(traced, monkeypatch) -> None:
+    workspace, model, name = traced
+    app = _page(workspace, monkeypatch)
+    app.text_input(key="trace_model").input("code-tiny")
+    app.multiselect(key="trace_transcoders").set_value(["gv.L0", "gv.L1"])
+    app.text_area(key="trace_prompt").input("x = 1")
+    app.button(key="FormSubmitter:trace_form-trace").click().run()
+    assert not app.exception, app.exception
+    graphs = workspace.results().read("attribution_graphs")
+    new = graphs[graphs["prompt"] == "x = 1"]
+    assert len(new) == 1 and new.iloc[0]["graph"] != name
+    assert app.selectbox(key="graph_id").value == new.iloc[0]["graph"]  # opened
+    assert json.loads(new.iloc[0]["transcoders"]) == ["gv.L0", "gv.L1"]

@@ -20,6 +20,7 @@ import torch
 
 from workbench import prompt_lab as lab
 from workbench.app.data import plain, result_models, table, token_chips, workspace_path
+from workbench.app.trace_control import trace_form
 from workbench.attention.summary import layer_head_heatmap
 from workbench.interventions import Intervention, apply_interventions
 from workbench.workspace import Workspace
@@ -622,3 +623,9 @@ if st.button("save session to the results database", key="lab_save"):
     except ERRORS as err:
         fail(err)
     st.success(f"saved session {session} to prompt_lab_sessions in {plain(workspace.results_path)}")
+
+if (
+    not image
+):  # the graph page's trace control (issue 33): this prompt → an attribution graph, stored and opened
+    with st.expander("trace this prompt into an attribution graph"):
+        trace_form(lab.model_key(reference, step), prompt, key="lab_trace", on_graph_page=False)
