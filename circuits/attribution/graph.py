@@ -265,7 +265,7 @@ def probe_target(
     position = _position(position, replacement.n_pos)
     vector = vector.detach().to(device=replacement.inputs.device, dtype=replacement.dtype)
     with torch.no_grad():
-        _, reads = replacement.forward(replacement.clean_sources(), reads=[hook])
+        _, reads = replacement.forward(replacement.clean_sources(), reads=[hook], until_head=True)
     value = float(reads[hook][0, position].to(replacement.dtype) @ vector + bias)
     return Target("probe", f"{label} @{position}", hook, position, vector, float(bias), 1.0, value)
 
@@ -448,7 +448,7 @@ class RowComputer:
         # self.positions [n_columns]: the position of each source column
         self.n_columns = self.n_active + replacement.n_layers * replacement.n_pos + n_inputs
         self.sources = replacement.clean_sources(batch_size, grad=True)
-        _, self.reads = replacement.forward(self.sources, reads=reads, patterns=patterns)
+        _, self.reads = replacement.forward(self.sources, reads=reads, patterns=patterns, until_head=True)
 
     def rows(self, rows: Sequence[_Row]) -> torch.Tensor:
         """[len(rows), n_columns]: every source's direct effect on each row's read-out."""
@@ -481,31 +481,46 @@ class RowComputer:
         # [pos, n, n_layers · d]: each position's gradient at every MLP write, laid out for one bmm per layer
         by_position = grad_writes.permute(2, 0, 1, 3)
         parts = [block.effects(by_position, layer) for layer, block in enumerate(self.blocks)]
-        parts.append(torch.einsum("nlpd,lpd->nlp", grad_writes, rep.errors).flatten(1))
-        parts.append(torch.einsum("npd,pd->np", grad_embed, rep.embed))
+        # elementwise products summed over d_model (an einsum here would permute the gradients into a copy first)
+        parts.append((grad_writes * rep.errors).sum(-1).flatten(1))
+        parts.append((grad_embed * rep.embed).sum(-1))
         if rep.has_pos_embed:
             assert rep.pos_embed is not None
-            parts.append(torch.einsum("npd,pd->np", grads[2][:n], rep.pos_embed))
+            parts.append((grads[2][:n] * rep.pos_embed).sum(-1))
         return torch.cat(parts, dim=1)
 
     def constants(self, rows: Sequence[_Row]) -> torch.Tensor:
         """[len(rows)]: each row's read-out in the frozen model at zero sources (what biases contribute)."""
         with torch.no_grad():
-            _, reads = self.replacement.forward(self.replacement.zero_sources(), reads=[r.hook for r in rows])
+            _, reads = self.replacement.forward(
+                self.replacement.zero_sources(), reads=[r.hook for r in rows], until_head=True
+            )
         return torch.stack([reads[r.hook][0, r.position].to(r.vector.dtype) @ r.vector for r in rows])
 
 
 def _partial_influence(
-    matrix: torch.Tensor, row_nodes: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000
+    matrix: torch.Tensor,
+    row_nodes: torch.Tensor,
+    weights: torch.Tensor,
+    max_iter: int = 1000,
+    chunk: int = 256,
 ) -> torch.Tensor:
     """Estimated influence of every column on the targets from the rows computed so far: ``matrix`` [n_rows,
-    n_columns] (row r is column ``row_nodes[r]``'s inputs), ``weights`` [n_columns] (the targets' weights)."""
-    normalised = matrix.abs()
-    normalised = normalised / normalised.sum(1, keepdim=True).clamp_min(1e-10)
+    n_columns] (row r is column ``row_nodes[r]``'s inputs), ``weights`` [n_columns] (the targets' weights).
+
+    Each step is current[row_nodes] · Â with Â = |matrix| / its row sums, taken ``chunk`` rows at a time, so the
+    only copies of the matrix are ``chunk`` rows of |matrix| (no normalised [n_rows, n_columns] copy)."""
+    sums = torch.cat([part.abs().sum(1) for part in matrix.split(chunk)]).clamp_min(1e-10)
     influence = torch.zeros_like(weights)
     current = weights
     for _ in range(max_iter):
-        current = current[row_nodes] @ normalised
+        scaled = current[row_nodes] / sums
+        active = torch.nonzero(scaled).flatten()
+        if len(active) == 0:
+            break
+        current = torch.zeros_like(weights)
+        for part in active.split(chunk):
+            current += scaled[part] @ matrix[part].abs()
         if not bool(current.any()):
             break
         influence = influence + current
@@ -635,8 +650,9 @@ def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, 
     row_index = node_of_column[row_nodes]
     adjacency[row_index] = matrix[:, columns]
     dropped = torch.zeros(n_nodes, dtype=matrix.dtype, device=matrix.device)
-    unselected = ~visited
-    dropped[row_index] = matrix[:, :n_active][:, unselected].sum(1)
+    dropped[row_index] = matrix[:, :n_active] @ (~visited).to(
+        matrix.dtype
+    )  # a matrix-vector product: no copy
     all_vectors = (
         torch.cat([e[0] for e in encoders]) if n_active else torch.zeros(0, replacement.transcoders.d_model)
     )

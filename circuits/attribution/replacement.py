@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.adapters.base import Site
 from workbench.circuits.attribution.transcoders import AttributionError, Transcoders
 
 FINAL_NORM_HOOK = "ln_final.hook_normalized"
@@ -121,6 +122,55 @@ class Sources:
         return [t for t in (self.writes, self.embed, self.pos_embed) if t is not None]
 
 
+class _HeadReached(Exception):
+    """Raised by a pre-hook on the output head to end a frozen forward whose reads are all recorded."""
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _HeadReached
+
+
+@dataclass
+class ValueMap:
+    """The value part of one layer's fused Q/K/V projection as an explicit affine map: v = x @ ``weight`` + ``bias``
+    (x [..., d_model] the projection's input, ``weight`` [d_model, n_kv · d_head], ``bias`` [n_kv · d_head]).
+
+    With patterns frozen, queries and keys are constants, so the frozen forward computes each such layer's head
+    outputs itself, z[b, q, h] = Σ_k pattern[h, q, k] · v[b, k, h // group], from this map, and the backward pass
+    never touches the query and key columns of the fused projection (two thirds of its matmul) or the model's split
+    of its output (a zero-filled [batch, pos, 3 · d_model] gradient per layer). Layers whose value projection is a
+    module of its own need no map: the backward already reaches only it."""
+
+    module: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor
+    n_kv: int
+    d_head: int
+
+
+def value_map(model: Any, layer: int, dtype: torch.dtype) -> ValueMap | None:
+    """The :class:`ValueMap` of ``layer`` when the model's adapter says its values come out of a fused projection (one
+    module site feeding ``attn.hook_q``, ``hook_k`` and ``hook_v``), read off the module itself (its outputs at 0 and
+    at the unit vectors, split by the adapter's own layout); None otherwise (separate projections, TransformerLens)."""
+    name = f"blocks.{layer}.attn.hook_v"
+    sites = [s for s in getattr(model, "sites", []) if isinstance(s, Site) and name in s.names]
+    if len(sites) != 1 or len(sites[0].names) == 1 or sites[0].when != "output" or sites[0].split is None:
+        return None
+    site, split = sites[0], sites[0].split
+    parameter = next(site.module.parameters(), None)
+    if parameter is None:
+        return None
+    d_model = model.cfg.d_model
+    probe = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(parameter)[None]  # [1, 1 + d, d]
+    with torch.no_grad():
+        output = site.module(probe)
+    output = output[0] if isinstance(output, tuple) else output
+    values = split(output)[site.names.index(name)][0].to(dtype)  # [1 + d, n_kv, d_head]
+    n_kv, d_head = values.shape[1:]
+    bias = values[0].flatten()
+    return ValueMap(site.module, values[1:].flatten(1) - bias, bias, n_kv, d_head)
+
+
 class ReplacementModel:
     """The local replacement model of ``tokens`` [pos] on ``model`` (a HookedModel) with ``transcoders``.
 
@@ -179,7 +229,17 @@ class ReplacementModel:
         def record_linear(module: nn.Module, args: tuple, output: Any) -> None:
             linear[:] = [(module, args[0].detach(), output)]
 
+        maps = [value_map(model, layer, self.dtype) for layer in range(self.n_layers)]
+        hooks += [f"blocks.{layer}.attn.hook_v" for layer, m in enumerate(maps) if m is not None]
+        value_inputs: dict[nn.Module, torch.Tensor] = {}
+
+        def record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            value_inputs[module] = (args[0] if args else next(iter(kwargs.values()))).detach()
+
         handles = [m.register_forward_hook(record) for m in model.model.modules() if norm_kind(m)]
+        handles += [
+            m.module.register_forward_pre_hook(record_input, with_kwargs=True) for m in maps if m is not None
+        ]
         handles += [m.register_forward_hook(record_gain) for m in model.model.modules() if is_activation(m)]
         handles += [
             m.register_forward_hook(record_linear) for m in model.model.modules() if isinstance(m, nn.Linear)
@@ -216,6 +276,20 @@ class ReplacementModel:
         self.errors = outputs - predicted
         self.writes = outputs.clone()
         self._find_head(linear, output)
+        # each value map must give the model's own values on the prompt, else that layer keeps the model's path
+        self.value_maps: list[ValueMap | None] = []
+        for layer, m in enumerate(maps):
+            if m is not None:
+                mine = (value_inputs[m.module][0].to(self.dtype) @ m.weight + m.bias).unflatten(
+                    -1, (m.n_kv, m.d_head)
+                )
+                theirs = get(f"blocks.{layer}.attn.hook_v")
+                m = (
+                    m
+                    if torch.allclose(mine, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+                    else None
+                )
+            self.value_maps.append(m)
         for layer in range(self.n_layers):
             skip = tc.skip_weight(layer)
             if skip is not None:
@@ -277,6 +351,7 @@ class ReplacementModel:
             sources = self.clean_sources(batch=2)
             sources.writes[1] -= self.errors
             out, _ = self.forward(sources)
+        assert out is not None
         out, truth = out.double(), self.logits.double()
         gap = {
             "reproduction_max_diff": float((out[0] - truth).abs().max()),
@@ -319,11 +394,18 @@ class ReplacementModel:
         sources: Sources,
         reads: Sequence[str] = (),
         patterns: Sequence[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        until_head: bool = False,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Run the frozen replacement model on ``sources`` → (logits [batch, pos, d_vocab], {hook: activation
         [batch, pos, ...]} for every transcoder ``hook_in`` and each hook of ``reads``, attached to the autograd
         graph: a read is on the path to the output, so a gradient with respect to it is the model's). ``patterns``
-        (per layer [head, query, key]) replace the prompt's frozen patterns (head loadings use their diagonals)."""
+        (per layer [head, query, key]) replace the prompt's frozen patterns (head loadings use their diagonals).
+
+        ``until_head``: stop where the output head starts (logits None): the backward passes of attribution rows
+        read hooks only, and a batch of copies' logits ([batch, pos, d_vocab]) would be the largest tensor of the
+        pass. Every MLP's hidden activation (``mlp.hook_pre``) is detached unless a read is inside that MLP: its
+        output is replaced by a source, so keeping its hidden layer for a backward pass would only hold memory
+        ([batch, pos, d_mlp] per layer)."""
         tc, batch = self.transcoders, sources.writes.shape[0]
         recorded: dict[str, torch.Tensor] = {}
         patterns = self.patterns if patterns is None else patterns
@@ -352,18 +434,44 @@ class ReplacementModel:
 
             return replace
 
+        # layers with a fused Q/K/V projection: the head outputs z from the frozen pattern and the value map
+        value_inputs: dict[int, torch.Tensor] = {}
+
+        def heads_from_values(layer: int, vm: ValueMap):
+            name, pattern = f"blocks.{layer}.attn.hook_v", patterns[layer]
+            group = pattern.shape[0] // vm.n_kv
+
+            def replace(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+                x = value_inputs.pop(layer).to(vm.weight.dtype)
+                values = (x @ vm.weight + vm.bias).unflatten(
+                    -1, (vm.n_kv, vm.d_head)
+                )  # [batch, pos, kv, d_head]
+                recorded[name] = values  # the values on the path (hook_v's own activation is not, here)
+                if group > 1:
+                    values = values.repeat_interleave(group, dim=2)
+                return torch.einsum("hqk,bkhd->bqhd", pattern.to(values.dtype), values).to(activation.dtype)
+
+            return replace
+
         hooks = [("hook_embed", replace_with(sources.embed))]
         if (
             sources.pos_embed is not None
         ):  # the position embedding's output is [1, pos, d]: carried by hook_embed
             hooks = [("hook_embed", replace_with(sources.embed + sources.pos_embed)),
                      (POS_EMBED_HOOK, lambda activation, hook: torch.zeros_like(activation))]  # fmt: skip
-        for layer in range(self.n_layers):
-            pattern = patterns[layer][None].expand(batch, *patterns[layer].shape)
-            hooks.append((f"blocks.{layer}.attn.hook_pattern", replace_with(pattern)))
+        bypassed = set()
+        for layer, vm in enumerate(self.value_maps):
+            if vm is not None:
+                hooks.append((f"blocks.{layer}.attn.hook_z", heads_from_values(layer, vm)))
+                bypassed.add(f"blocks.{layer}.attn.hook_v")
+            else:
+                pattern = patterns[layer][None].expand(batch, *patterns[layer].shape)
+                hooks.append((f"blocks.{layer}.attn.hook_pattern", replace_with(pattern)))
         hooks += [(tc.hook_out(layer), mlp_out(layer)) for layer in range(self.n_layers)]
+        hooks += [(f"blocks.{layer}.mlp.hook_pre", lambda activation, hook: activation.detach())
+                  for layer in range(self.n_layers) if not any(r.startswith(f"blocks.{layer}.mlp.") for r in reads)]  # fmt: skip
         for name in dict.fromkeys([*(tc.hook_in(layer) for layer in range(self.n_layers)), *reads]):
-            if name == HEAD_INPUT:
+            if name == HEAD_INPUT or name in bypassed:
                 continue
             hooks.append((name, record))
         head = None
@@ -374,10 +482,26 @@ class ReplacementModel:
                 return (recorded[HEAD_INPUT], *args[1:])
 
             head = self.head.register_forward_pre_hook(head_input)
+        handles = [vm.module.register_forward_pre_hook(self._keep_input(value_inputs, layer), with_kwargs=True)
+                   for layer, vm in enumerate(self.value_maps) if vm is not None]  # fmt: skip
+        if until_head and self.head is not None:
+            handles.append(self.head.register_forward_pre_hook(_stop))
+        logits: torch.Tensor | None = None
         try:
             with self._frozen_norms(), self.model.hooks([h for h in hooks if h[0] != HEAD_INPUT]):
                 logits = self.model(self._batched(batch))
+        except _HeadReached:
+            pass
         finally:
             if head is not None:
                 head.remove()
+            for handle in handles:
+                handle.remove()
         return logits, recorded
+
+    @staticmethod
+    def _keep_input(store: dict[int, torch.Tensor], layer: int):
+        def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            store[layer] = args[0] if args else next(iter(kwargs.values()))
+
+        return keep
