@@ -1,7 +1,7 @@
 """Outlier-token masking for SAE training: FVU and dead latents with and without, on a model with a sink token.
 
 Every packed row starts with the model's BOS / [CLS] token (a fixed first token). The workbench's massive-activation
-detector (``workbench.massive.detect_massive``) names where the largest residual entries sit; the row-norm ratio
+detector (``workbench.analyses.massive.analysis.detect_massive``) names where the largest residual entries sit; the row-norm ratio
 (or of its largest entry: post-LayerNorm models keep norms alike) of position 0 to the median says how far
 that token is from the rest. Then the same TopK SAE (same seed, steps,
 batch, lr) is trained on the same activations three times — on every token, with the outlier tokens excluded
@@ -21,10 +21,10 @@ import time
 import pandas as pd
 import torch
 
+from workbench.analyses.massive.analysis import detect_massive
 from workbench.circuits.sae.base import SAEConfig
 from workbench.circuits.sae.train import TrainConfig, row_size, seeded_sae, train_saes
 from workbench.datasets import load_dataset
-from workbench.massive import detect_massive
 from workbench.references import resolve_model
 
 

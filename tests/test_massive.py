@@ -8,6 +8,14 @@ import pytest
 import torch
 import transformers as T
 
+from workbench.analyses.massive.analysis import (
+    MassiveCriteria,
+    MassiveError,
+    detect_massive,
+    fit_emergence,
+    track_massive,
+    write_results,
+)
 from workbench.emergence import (
     FAMILIES,
     FitError,
@@ -15,14 +23,6 @@ from workbench.emergence import (
     compare_families,
     derived_quantities,
     fit_curve,
-)
-from workbench.massive import (
-    MassiveCriteria,
-    MassiveError,
-    detect_massive,
-    fit_emergence,
-    track_massive,
-    write_results,
 )
 from workbench.model import HookedModel
 
@@ -180,7 +180,7 @@ def test_tracking_over_zoo_checkpoints_and_results(code_series, zoo_workspace) -
 
 
 def test_magnitude_map_and_ratio_figures_show_the_planted_dimension() -> None:
-    from workbench.massive import magnitude_map, ratio_by_layer
+    from workbench.analyses.massive.figures import magnitude_map, ratio_by_layer
 
     model = _planted_model(token=7, dim=13, value=600.0)
     ids = torch.tensor([[7, 9, 10, 11]])

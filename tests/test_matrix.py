@@ -149,13 +149,13 @@ def tl_model(matrix):
 def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset, tmp_path) -> None:
     """The in-memory TransformerLens model through every analysis's library function (the CLI takes tl:NAME, which
     needs the hub)."""
+    from workbench.analyses.massive.analysis import detect_massive
     from workbench.attention.summary import attention_statistics
     from workbench.circuits import neuron_path
     from workbench.circuits.codebook import train as train_codebooks
     from workbench.circuits.codebook.analysis import run as analyse_codebooks
     from workbench.circuits.sae.analysis import run as run_saes
     from workbench.datasets import load_dataset
-    from workbench.massive import detect_massive
     from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
 
     model, data = tl_model, load_dataset(matrix["data"][dataset])

@@ -4,7 +4,7 @@ device, dtype, batch size, context length, token budget, seed, progress), openin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -54,7 +54,19 @@ TrustRemoteCodeOption = Annotated[
         "--trust-remote-code", help="Allow a model whose config runs its own Python code (auto_map)."
     ),
 ]
+StepsOption = Annotated[
+    list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")
+]
 DTYPES = ("float32", "float16", "bfloat16")
+# The prompts an analysis reads when --data is not given (massive activations, attention statistics).
+DEFAULT_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "def add(a, b):\n    return a + b\n",
+    "import os\nprint(os.path.join('a', 'b'))\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
+    "Massive activations act as fixed biases in the residual stream.",
+]
 
 
 def fail(message: object) -> NoReturn:
@@ -116,3 +128,20 @@ def open_data(data: str | None, default: str | None = None, limit: int | None = 
         fail("--data is required: a text file, FILE.jsonl:FIELD, a directory, a save_to_disk folder, ids.npy, "
              "an activation store or zoo:NAME")  # fmt: skip
     return load_dataset(reference, limit=limit)
+
+
+def default_prompts() -> Dataset:
+    """The built-in prompt set used when ``--data`` is not given (a Dataset named builtin-prompts)."""
+    from workbench.datasets import Dataset
+
+    return Dataset("builtin-prompts", texts=lambda: DEFAULT_TEXTS)
+
+
+def budget_inputs(
+    dataset: Dataset, series: CheckpointSeries, context_length: int, max_tokens: int | None
+) -> Any:
+    """``dataset`` itself, or its first ``max_tokens`` tokens as token rows [n, context_length] (tokenized with
+    the series' tokenizer)."""
+    if max_tokens is None:
+        return dataset
+    return dataset.token_rows(series.tokenizer(), context_length=context_length, max_tokens=max_tokens)

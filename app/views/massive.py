@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
+from workbench.analyses.massive.analysis import ANALYSIS
+from workbench.analyses.massive.figures import checkpoint_heatmap, emergence_curves, ratio_by_layer
 from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
-from workbench.massive import ANALYSIS, checkpoint_heatmap, emergence_curves, ratio_by_layer
 
 LAYERS, TOP, FITS = (t.name for t in ANALYSIS.tables)
 

@@ -14,12 +14,14 @@ from workbench.cli_options import (
     MaxTokensOption,
     ModelArgument,
     ProgressOption,
+    StepsOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
+    budget_inputs,
+    default_prompts,
     open_data,
     open_series,
 )
-from workbench.massive_cli import StepsOption, _budget, default_prompts
 
 
 def attention_command(
@@ -46,7 +48,7 @@ def attention_command(
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)
     series = open_series(model, workspace, steps, device, dtype, trust_remote_code)
-    inputs = _budget(dataset, series, context_length, max_tokens)
+    inputs = budget_inputs(dataset, series, context_length, max_tokens)
     frame = write_attention_statistics(series.iter(progress=progress), inputs, workspace, dataset=dataset.name,
                                        kernel=kernel, sink_k=sink_k, batch_size=batch_size,
                                        max_length=context_length)  # fmt: skip

@@ -14,31 +14,15 @@ from workbench.cli_options import (
     MaxTokensOption,
     ModelArgument,
     ProgressOption,
+    StepsOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
+    budget_inputs,
+    default_prompts,
     open_data,
     open_series,
 )
 from workbench.workspace import Workspace
-
-DEFAULT_TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France, and Berlin is the capital of Germany.",
-    "def add(a, b):\n    return a + b\n",
-    "import os\nprint(os.path.join('a', 'b'))\n",
-    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
-    "Massive activations act as fixed biases in the residual stream.",
-]
-StepsOption = Annotated[
-    list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")
-]
-
-
-def default_prompts():
-    """The built-in prompt set used when ``--data`` is not given (a Dataset named builtin-prompts)."""
-    from workbench.datasets import Dataset
-
-    return Dataset("builtin-prompts", texts=lambda: DEFAULT_TEXTS)
 
 
 def massive_command(
@@ -59,8 +43,8 @@ def massive_command(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Find massive activations per layer; over a checkpoint series, also fit their emergence curves."""
-    from workbench.emergence import FAMILIES, FitError
-    from workbench.massive import (
+    # imported here: the analysis imports torch, and `workbench --help` loads this module
+    from workbench.analyses.massive.analysis import (
         ANALYSIS,
         MassiveCriteria,
         detect_massive,
@@ -68,6 +52,7 @@ def massive_command(
         track_massive,
         write_results,
     )
+    from workbench.emergence import FAMILIES, FitError
 
     if family not in FAMILIES:
         raise FitError(f"unknown curve family {family!r}; registered: {', '.join(FAMILIES)}")
@@ -81,7 +66,7 @@ def massive_command(
         "max_length": context_length,
         "dataset": dataset.name,
     }
-    inputs = _budget(dataset, series, context_length, max_tokens)
+    inputs = budget_inputs(dataset, series, context_length, max_tokens)
     fits = None
     if len(series) > 1:
         report = track_massive(series, inputs, names, criteria=criteria, progress=progress, **options)
@@ -140,10 +125,3 @@ def _no_fit_note(family: str, needed: int, distinct: int, available: int, famili
                      f"{min(len(f.params) + 1 for f in families.values())})")  # fmt: skip
     return (f"no {family} emergence fit: it needs {needed} distinct checkpoints, this run has {distinct}; "
             + "; or ".join(fixes))  # fmt: skip
-
-
-def _budget(dataset, series, context_length: int, max_tokens: int | None):
-    """``dataset`` itself, or its first ``max_tokens`` tokens as token rows (tokenized with the series' tokenizer)."""
-    if max_tokens is None:
-        return dataset
-    return dataset.token_rows(series.tokenizer(), context_length=context_length, max_tokens=max_tokens)
