@@ -15,11 +15,13 @@ positive gap means ours stopped above sklearn's point), with a summary of the ga
 
     python benchmarks/probes.py [--model code-small --label-set next_token_type --n-sequences 256]
     python benchmarks/probes.py --synthetic --d 768 --layers 12 --checkpoints 8 --repeats 1   # real shape
+    python benchmarks/probes.py --synthetic --n-tokens 2048 --max-iter 200 --repeats 1 --scaling 12 24 48 96
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -67,6 +69,11 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument("--n-tokens", type=int, default=4096)
     parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument(
+        "--scaling", type=int, nargs="+", default=None,
+        help="site counts (e.g. 12 24 48 96): time both sides (1 thread) on evenly spaced subsets of the sites "
+        "and fit the growth exponent of the total time in the number of sites, instead of the headline run",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from sklearn.exceptions import ConvergenceWarning
@@ -106,6 +113,10 @@ def main() -> None:
           f"load average {_load()}")  # fmt: skip
 
     from threadpoolctl import threadpool_limits
+
+    if args.scaling:
+        scaling(args, x_train, y_train, n_train)
+        return
 
     def fit_ours():
         return fit_probes(x_train, y_train, l2=args.l2, max_iter=args.max_iter, tol=ours_tol)
@@ -184,6 +195,45 @@ def main() -> None:
     )
     ours_iterations, sklearn_iterations = sum(site_iterations), sum(int(p[-1].n_iter_[0]) for p in pipelines)
     print(f"iterations summed over sites: ours {ours_iterations}, sklearn {sklearn_iterations}")
+
+
+def scaling(args, x_train: torch.Tensor, y_train: torch.Tensor, n_train: int) -> None:
+    """Cost per site as the sites grow: for each count k in ``--scaling``, every (sites / k)-th site (the same mix
+    of layers and checkpoints at each size), both sides at one thread, interleaved, best of ``--repeats``; the
+    growth exponent b of total time ∝ sites^b fitted by least squares on the logs (1 = linear)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    from workbench.probes.linear import fit_probes
+
+    torch.set_num_threads(1)
+    total = x_train.shape[0]
+    rows = []
+    for count in args.scaling:
+        pick = torch.arange(0, total, max(1, total // count))[:count]
+        x = x_train[pick].contiguous()
+        best = {"ours": math.inf, "sklearn": math.inf}
+        for _ in range(args.repeats):
+            with threadpool_limits(1):
+                start = time.perf_counter()
+                fit_probes(x, y_train, l2=args.l2, max_iter=args.max_iter, tol=args.tol)
+                best["ours"] = min(best["ours"], time.perf_counter() - start)
+                start = time.perf_counter()
+                for site in range(count):
+                    make_pipeline(StandardScaler(), LogisticRegression(C=1 / (args.l2 * n_train),
+                                                                       max_iter=args.max_iter, tol=args.tol)
+                                  ).fit(x[site].numpy(), y_train.numpy())  # fmt: skip
+                best["sklearn"] = min(best["sklearn"], time.perf_counter() - start)
+        rows.append((count, best["ours"], best["sklearn"]))
+        print(f"{count:4d} sites: ours {best['ours']:.2f} s ({1000 * best['ours'] / count:.1f} ms/site), sklearn "
+              f"{best['sklearn']:.2f} s ({1000 * best['sklearn'] / count:.1f} ms/site), ratio "
+              f"{best['sklearn'] / best['ours']:.2f}×; load average {_load()}")  # fmt: skip
+    logs = np.log(np.array([[c, o, s] for c, o, s in rows], dtype=np.float64))
+    for column, side in ((1, "ours"), (2, "sklearn")):
+        exponent = np.polyfit(logs[:, 0], logs[:, column], 1)[0]
+        print(f"{side}: total time ∝ sites^{exponent:.2f} ({args.scaling[0]} → {args.scaling[-1]} sites)")
 
 
 def synthetic_sites(args) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -254,7 +254,7 @@ class _Scorer:
         for start in range(0, c * n * steps, self.chunk_rows):
             rows = torch.arange(start, min(start + self.chunk_rows, c * n * steps))
             grad = self._rows(sets, rows)
-            total.index_add_(0, rows // (n * steps), grad.double())
+            total.index_add_(0, rows // (n * steps), grad.double().cpu())
             if self.bar is not None:
                 self.bar.update(len(rows))
         return (total / (n * steps)).float()
