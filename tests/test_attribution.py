@@ -94,6 +94,24 @@ CASES = {
 TOKENS = torch.tensor([1, 7, 3, 22, 9, 31, 5])
 
 
+def save_user_files(model: HookedModel, transcoders: dict, root, name: str, rows: torch.Tensor | None = None):
+    """``model`` saved as a user's directory ``root/name`` (float32 save_pretrained), its per-layer transcoders as SAE
+    directories ``root/tc<layer>`` and token ``rows`` [n, pos] (default: TOKENS) as ``root/ids.npy`` → (the model
+    directory, the ``--transcoders`` arguments). Model and transcoders are left in float64."""
+    import numpy as np
+
+    model_dir = root / name
+    model.model.float().save_pretrained(model_dir)
+    model.model.double()
+    arguments = []
+    for layer, sae in transcoders.items():
+        sae.float().save(root / f"tc{layer}")
+        sae.double()
+        arguments += ["--transcoders", str(root / f"tc{layer}")]
+    np.save(root / "ids.npy", (TOKENS[None] if rows is None else rows).numpy())
+    return model_dir, arguments
+
+
 @pytest.fixture(scope="module")
 def built() -> dict[str, tuple[HookedModel, object, Graph]]:
     models = {family: _model(family) for family in ("gpt2", "gpt_neox", "llama")}
@@ -532,20 +550,14 @@ def test_cli_attributes_a_users_bert_mlm_directory(tmp_path) -> None:
     """`workbench circuits attribute` on a saved BertForMaskedLM directory (a bidirectional encoder): masked-LM
     logits at --position and a feature target; rows add up in the stored tables, no head loadings are stored, and
     the error-node gap is printed."""
-    import numpy as np
     from typer.testing import CliRunner
 
     from workbench.circuits.attribution.store import read_graph
     from workbench.cli import app
 
-    model = _encoder("bert")
-    model_dir = tmp_path / "my-bert"
-    model.model.float().save_pretrained(model_dir)
-    ids = []
-    for layer, sae in _per_layer("hook_resid_mid", skip=False).items():
-        sae.float().save(tmp_path / f"tc{layer}")
-        ids += ["--transcoders", str(tmp_path / f"tc{layer}")]
-    np.save(tmp_path / "ids.npy", TOKENS[None].numpy())
+    model_dir, ids = save_user_files(
+        _encoder("bert"), _per_layer("hook_resid_mid", skip=False), tmp_path, "my-bert"
+    )
     workspace = tmp_path / "ws"
     result = CliRunner().invoke(app, ["circuits", "attribute", str(model_dir), *ids, "--data", str(tmp_path / "ids.npy"),
                                       "--workspace", str(workspace), "--no-progress", "--position", "3",

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_attribution import _model, _per_layer
+from tests.test_attribution import _model, _per_layer, save_user_files
 from workbench.cli import app
 from workbench.workspace import Workspace
 
@@ -31,12 +31,8 @@ GRAPH_TABLES = ("attribution_graphs", "attribution_nodes", "attribution_edges")
 def user_files(tmp_path_factory) -> dict[str, Path]:
     """A user's random-init GPT-2 directory, two skip transcoders on ln2.hook_normalized and five token rows."""
     root = tmp_path_factory.mktemp("batch")
-    model = _model("gpt2")
-    model.model.float().save_pretrained(root / "my-gpt2")
-    for layer, sae in _per_layer("ln2.hook_normalized", skip=True).items():
-        sae.float().save(root / f"tc{layer}")
-    generator = torch.Generator().manual_seed(0)
-    np.save(root / "ids.npy", torch.randint(1, 40, (N_PROMPTS + 1, 7), generator=generator).numpy())
+    rows = torch.randint(1, 40, (N_PROMPTS + 1, 7), generator=torch.Generator().manual_seed(0))
+    save_user_files(_model("gpt2"), _per_layer("ln2.hook_normalized", skip=True), root, "my-gpt2", rows)
     return {"root": root, "model": root / "my-gpt2", "data": root / "ids.npy"}
 
 

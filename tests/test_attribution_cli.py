@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_attribution import TOKENS, _model, _per_layer
+from tests.test_attribution import _model, _per_layer, save_user_files
 from tests.test_attribution_qk import _reference_score
 from workbench.circuits.attribution.store import read_graph
 from workbench.circuits.sae.base import SAEConfig, create_sae
@@ -91,14 +90,9 @@ def test_cli_attributes_a_feature_on_minilm(tmp_path) -> None:
 def test_cli_qk_on_a_users_gpt2_directory(tmp_path) -> None:
     """`circuits qk DIR --transcoders ... --data ids.npy --layer 1 --head 3 --query 5 --key 2`: the printed score is
     the model's (q · k / √d_head from its captured projections) and the shown terms plus `other` sum to it."""
-    model = _model("gpt2")
-    model_dir = tmp_path / "my-gpt2"
-    model.model.float().save_pretrained(model_dir)
-    ids = []
-    for layer, sae in _per_layer("ln2.hook_normalized", skip=True).items():
-        sae.float().save(tmp_path / f"tc{layer}")
-        ids += ["--transcoders", str(tmp_path / f"tc{layer}")]
-    np.save(tmp_path / "ids.npy", TOKENS[None].numpy())
+    model_dir, ids = save_user_files(
+        _model("gpt2"), _per_layer("ln2.hook_normalized", skip=True), tmp_path, "my-gpt2"
+    )
     command = ["circuits", "qk", str(model_dir), *ids, "--data", str(tmp_path / "ids.npy"), "--layer", "1",
                "--head", "3", "--workspace", str(tmp_path / "ws"), "--top", "5"]  # fmt: skip
     runner = CliRunner()

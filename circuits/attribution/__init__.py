@@ -12,9 +12,12 @@ from typing import Any
 DEMO_TRANSCODERS = ("code-tiny.L0-mlp-transcoder", "code-tiny.L1-mlp-transcoder")
 
 
-def demo_step(workspace: Any, progress: bool = True, context_length: int = 32) -> str:
+def demo_step(
+    workspace: Any, progress: bool = True, context_length: int = 32, max_feature_nodes: int = 500
+) -> str:
     """The attribution graph of code-tiny's next-token logits on the first ``zoo:python-stdlib`` row, with the
-    transcoders the SAE demo step trains, stored in the workspace → a one-line summary with its scores."""
+    transcoders the SAE demo step trains (the ``max_feature_nodes`` most influential features), stored in the
+    workspace → a one-line summary with its scores."""
     # imported here: the package's __init__ stays import-light (its modules load torch models and transformers)
     import torch
 
@@ -29,8 +32,16 @@ def demo_step(workspace: Any, progress: bool = True, context_length: int = 32) -
     (tokens,) = load_dataset("zoo:python-stdlib").token_rows(
         model.tokenizer, context_length=context_length, max_rows=1
     )
-    graph = attribute(model, transcoders, torch.tensor(tokens, dtype=torch.long), progress=progress)
-    name = write_graph(workspace, graph, transcoders=list(DEMO_TRANSCODERS), max_feature_nodes=7500)
+    graph = attribute(
+        model,
+        transcoders,
+        torch.tensor(tokens, dtype=torch.long),
+        max_feature_nodes=max_feature_nodes,
+        progress=progress,
+    )
+    name = write_graph(
+        workspace, graph, transcoders=list(DEMO_TRANSCODERS), max_feature_nodes=max_feature_nodes
+    )
     scores = ", ".join(f"{key.replace('_', ' ')} {value:.3f}" for key, value in graph.scores.items())
     return (
         f"attribution graph {name} of code-tiny: {graph.n_features} features, {graph.n_nodes} nodes; {scores}"
