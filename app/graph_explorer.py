@@ -40,9 +40,14 @@ import scipy.sparse as sp
 import torch
 
 from workbench.analysis import Analysis, Table, write_tables
-from workbench.circuits.attribution.graph import Graph, Target
+from workbench.circuits.attribution.graph import Graph, Target, attribute
 from workbench.circuits.attribution.pruning import threshold_for
+from workbench.circuits.attribution.store import write_graph
+from workbench.circuits.circuit_export import attribution_graph_json
+from workbench.circuits.sae.features import logit_effects, residual_writes, unembedding_matrix
+from workbench.circuits.sae.readout import load_sae_for
 from workbench.interventions import Intervention
+from workbench.prompt_lab import compare_next_token, load_lab_model
 from workbench.workspace import Workspace
 
 MAX_NODES = 1500
@@ -567,10 +572,6 @@ def export_view(graph: StoredGraph, node_threshold: float, edge_threshold: float
     """The graph pruned at the view's thresholds as circuit-tracer graph JSON (the attribution exporter,
     ``circuit_export.attribution_graph_json``), its ``qParams`` carrying the pins (``pinnedIds``) and supernodes
     (``supernodes``: [name, node id, ...] each) that are in the export."""
-    from workbench.circuits.circuit_export import (
-        attribution_graph_json,
-    )  # the exporter builds on the dense Graph
-
     data = attribution_graph_json(dense_graph(graph), slug=graph.graph, scan=graph.model, transcoder_list=graph.transcoders,
                                   node_threshold=node_threshold, edge_threshold=edge_threshold)  # fmt: skip
     present = {node["node_id"] for node in data["nodes"]}
@@ -602,8 +603,6 @@ def layer_of(hook: str) -> int | None:
 def open_graph_parts(workspace: Any, graph: StoredGraph) -> Opened:
     """Load the graph's model (at its checkpoint) and transcoders; a model or transcoder that is gone raises
     :class:`StoredGraphProblem` naming it."""
-    from workbench.circuits.sae.readout import load_sae_for
-    from workbench.prompt_lab import load_lab_model
 
     try:
         steps = None if graph.checkpoint is None else graph.checkpoint
@@ -633,7 +632,6 @@ def open_graph_parts(workspace: Any, graph: StoredGraph) -> Opened:
 def feature_logits(opened: Opened, layer: int, feature: int, k: int = 10) -> pd.DataFrame:
     """The tokens a feature's decoder row promotes and suppresses most through the unembedding: rows (token, effect)
     for the top ``k`` and the bottom ``k`` (``sae.features.logit_effects`` of its residual write)."""
-    from workbench.circuits.sae.features import logit_effects, residual_writes, unembedding_matrix
 
     _, sae = opened.transcoders[layer]
     head = unembedding_matrix(opened.model)
@@ -745,7 +743,6 @@ def intervene(graph: StoredGraph, opened: Opened, nodes: Sequence[int], mode: st
               top_k: int = 10) -> InterventionResult:  # fmt: skip
     """Run ``mode`` on ``nodes`` through the prompt lab's ``compare_next_token`` (the same function the lab and
     notebooks call) at the graph's target position, next to the graph's linear prediction."""
-    from workbench.prompt_lab import compare_next_token
 
     stack, delta = feature_interventions(graph, opened, nodes, mode, value)
     tokens = torch.tensor(_json_ints(graph.summary.get("tokens")), dtype=torch.long)
@@ -776,10 +773,6 @@ def trace_prompt(workspace: Any, model: str, transcoders: Sequence[str], prompt:
                  max_feature_nodes: int = 7500, step: Callable[[str], None] = print) -> tuple[str, str]:  # fmt: skip
     """Attribute ``prompt`` on ``model`` with ``transcoders`` (saved ids, one per layer) through the library's
     ``attribute`` and store the graph (``write_graph``) → (model identity, graph id). ``step`` is told each phase."""
-    from workbench.circuits.attribution.graph import attribute
-    from workbench.circuits.attribution.store import write_graph
-    from workbench.circuits.sae.readout import load_sae_for
-    from workbench.prompt_lab import load_lab_model
 
     step(f"loading {model}")
     hooked = load_lab_model(model, workspace=workspace).eval()
