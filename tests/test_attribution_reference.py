@@ -81,13 +81,22 @@ def test_graphs_through_value_maps_equal_graphs_through_the_models_attention(
     family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, saes = _tiny(family)
-    targets = ["logits", "feature:1:6:3"]
-    fast = attribute(model, saes, TOKENS, targets=targets, batch_size=8)
+    # a budget below the active features: selection by estimated influence and the dropped sums are exercised too
+    options = {
+        "targets": ["logits", "feature:1:6:3"],
+        "max_logits": 2,
+        "max_feature_nodes": 10,
+        "batch_size": 8,
+    }
+    fast = attribute(model, saes, TOKENS, **options)
     monkeypatch.setattr(replacement_module, "value_map", lambda *args, **kwargs: None)
-    reference = attribute(model, saes, TOKENS, targets=targets, batch_size=8)
-    assert fast.n_features == reference.n_features > 0
+    reference = attribute(model, saes, TOKENS, **options)
+    assert fast.n_features == reference.n_features == 10 < fast.n_active
+    torch.testing.assert_close(fast.features, reference.features)
     torch.testing.assert_close(fast.adjacency, reference.adjacency, atol=1e-10, rtol=0)
     torch.testing.assert_close(fast.constants, reference.constants, atol=1e-10, rtol=0)
+    torch.testing.assert_close(fast.dropped, reference.dropped, atol=1e-10, rtol=0)
+    assert float(fast.dropped.abs().max()) > 0
     assert fast.head_loadings is not None and reference.head_loadings is not None
     keys = ["target", "source", "layer", "head"]
     ours = fast.head_loadings.sort_values(keys).reset_index(drop=True)
