@@ -135,8 +135,8 @@ def vit_model_dir(zoo_workspace):
 def dashboard_workspace(zoo_workspace, tmp_path_factory):
     """A workspace whose results database holds massive-activation, attention-statistics, probe, SAE,
     transcoder-circuit, codebook and neuron-path results (every dashboard view has data)."""
+    from workbench.analyses.attention.analysis import write_attention_statistics
     from workbench.analyses.massive.analysis import fit_emergence, track_massive, write_results
-    from workbench.attention.summary import write_attention_statistics
     from workbench.checkpoints import CheckpointSeries
 
     series = CheckpointSeries.from_directory(zoo_workspace.model_dir("code-tiny"))

@@ -174,7 +174,7 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
 
 
 def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace, tmp_path) -> None:
-    from workbench.attention.summary import STAT_HOOKS, attention_statistics
+    from workbench.attention.statistics import STAT_HOOKS, attention_statistics
     from workbench.checkpoints import CheckpointSeries
     from workbench.results import ResultsDB
 

@@ -150,7 +150,7 @@ def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset
     """The in-memory TransformerLens model through every analysis's library function (the CLI takes tl:NAME, which
     needs the hub)."""
     from workbench.analyses.massive.analysis import detect_massive
-    from workbench.attention.summary import attention_statistics
+    from workbench.attention.statistics import attention_statistics
     from workbench.circuits import neuron_path
     from workbench.circuits.codebook import train as train_codebooks
     from workbench.circuits.codebook.analysis import run as analyse_codebooks

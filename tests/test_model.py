@@ -357,7 +357,8 @@ def test_attention_statistics_agree_across_paths_and_with_transformer_lens() -> 
 
 
 def test_attention_statistics_table_matches_direct_capture() -> None:
-    from workbench.attention.summary import attention_statistics, layer_head_heatmap
+    from workbench.analyses.attention.figures import layer_head_heatmap
+    from workbench.attention.statistics import attention_statistics
 
     model = HookedModel.from_hf(tiny_neox())
     ids = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(15))

@@ -149,12 +149,10 @@ def capture(
 
 
 def _mount_core() -> None:
-    from workbench.attention.cli import attention_command
     from workbench.dynamics_cli import dynamics_command
     from workbench.zoo.cli import app as zoo_app
 
     app.add_typer(zoo_app, name="zoo")
-    app.command(name="attention")(attention_command)
     app.command(name="dynamics")(dynamics_command)
 
 

@@ -291,12 +291,12 @@ def residual_profile(model: HookedModel, tokens: torch.Tensor) -> pd.DataFrame:
 
 def attention_profile(model: HookedModel, tokens: torch.Tensor, kernel: bool | None = None) -> pd.DataFrame:
     """Attention entropy, sink mass, lse and max logit per layer × head, averaged over the queries of ``tokens``
-    (token ids [1, pos]: ``workbench.attention.summary.attention_statistics``, whose sink average leaves out
+    (token ids [1, pos]: ``workbench.attention.statistics.attention_statistics``, whose sink average leaves out
     query 0; pixels [1, C, H, W]: the same statistics hooks, mean over the queries after CLS).
 
     ``kernel``: compute them inside the fused Triton kernel (default: where it runs, i.e. the model is on CUDA),
     else on the reference path. The ``path`` column says which."""
-    from workbench.attention.summary import attention_statistics
+    from workbench.attention.statistics import attention_statistics
 
     use_kernel = model.device.type == "cuda" if kernel is None else kernel
     previous = model.attention_path

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
+from workbench.analyses.attention.analysis import ANALYSIS
+from workbench.analyses.attention.figures import layer_head_heatmap, statistic_over_checkpoints
 from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
-from workbench.attention.summary import ANALYSIS, STAT_HOOKS, layer_head_heatmap, statistic_over_checkpoints
+from workbench.attention.statistics import STAT_HOOKS
 
 st.title("Attention statistics")
 db = open_workspace_or_stop()

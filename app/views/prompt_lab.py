@@ -19,9 +19,9 @@ import streamlit as st
 import torch
 
 from workbench import prompt_lab as lab
+from workbench.analyses.attention.figures import layer_head_heatmap
 from workbench.app.data import plain, result_models, table, token_chips, workspace_path
 from workbench.app.trace_control import trace_form
-from workbench.attention.summary import layer_head_heatmap
 from workbench.interventions import Intervention, apply_interventions
 from workbench.workspace import Workspace
 

@@ -1,9 +1,10 @@
 """Attention for the hooked models: torch SDPA, a materialised eager path, and the fused Triton kernel.
 
 ``attend`` (:mod:`workbench.attention.dispatch`) is the single entry point the adapters call; statistics are defined
-in :mod:`workbench.attention.reference`; ``install_attention`` lives in :mod:`workbench.attention.install`. The
-package itself imports nothing heavy, so ``workbench attention --help`` (``workbench.attention.cli``) starts without
-importing torch; the names below load their module on first use.
+in :mod:`workbench.attention.reference` and averaged over a corpus in :mod:`workbench.attention.statistics`;
+``install_attention`` lives in :mod:`workbench.attention.install`. The package itself imports nothing heavy (the
+``workbench attention`` command, ``workbench.analyses.attention.cli``, starts without importing torch); the names
+below load their module on first use.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def attention_command(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Mean attention entropy, sink mass, log-sum-exp and max logit per layer × head (× checkpoint)."""
-    from workbench.attention.summary import ANALYSIS, write_attention_statistics
+    # imported here: the analysis imports torch, and `workbench --help` loads this module
+    from workbench.analyses.attention.analysis import ANALYSIS, write_attention_statistics
 
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)
