@@ -120,7 +120,7 @@ def main() -> None:
     labels = {"clt": f"CLT ({len(layers)} × {args.d_sae} latents), sparse TopK step",
               "clt_dense": f"CLT ({len(layers)} × {args.d_sae} latents), dense TopK step",
               "per_layer": f"per-layer transcoders ({len(layers)} × {args.d_sae})"}  # fmt: skip
-    for k in [int(v) or None for v in args.speed_ks.split(",")]:
+    for k in [int(v) or None for v in args.speed_ks.split(",") if v]:  # --speed-ks "": quality only
         if k:  # the sparse and the dense CLT step: the same prediction and gradients on the first batch
             x, y = (
                 torch.stack([stream[0][f"blocks.{layer}.{h}"] for layer in layers])
