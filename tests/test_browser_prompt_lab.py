@@ -46,14 +46,6 @@ def _metrics(page) -> dict[str, str]:
     }
 
 
-def _choose_model(page, option: str) -> None:
-    """Pick ``option`` in the page's model select (the first field labelled "model": the trace form at the end of
-    the page has a "model" field too)."""
-    _idle(page)
-    page.get_by_label("model", exact=True).first.click()
-    page.get_by_role("option", name=option).first.click()
-
-
 def _fill(page, label: str, value: str, key: str = "Enter") -> None:
     _idle(page)
     field = page.get_by_label(label, exact=True).last
@@ -104,7 +96,7 @@ def test_encoder_lab_in_a_real_browser(dashboard_url) -> None:  # noqa: F811 (th
     ablated = lab.compare_embeddings(model, tokens, stack, SECOND)
     requests: list[str] = []
     with _prompt_lab(dashboard_url, requests) as page:
-        _choose_model(page, "other reference…")
+        _choose(page, "model", "other reference…")
         _fill(page, "model reference", "minilm")
         _fill(page, "prompt", SENTENCE, "Control+Enter")
         _fill(page, "second prompt", SECOND)

@@ -357,19 +357,21 @@ def test_two_data_parallel_processes_equal_one_process_on_the_global_batches(zoo
                                    msg=lambda m, k=key: f"{k}: {m}")  # fmt: skip
 
 
-def _cli_child(crash: str | None, args: list[str]) -> None:
-    """``workbench ARGS`` in this (forked) process on one thread; with ``crash`` it SIGKILLs itself there."""
+def _cli_child(crash: str | None, args: list[str], stdout_path: Path) -> None:
+    """``workbench ARGS`` in this (forked) process on one thread, its output written to ``stdout_path``; with
+    ``crash`` it SIGKILLs itself there. (A file, not the test's captured fd 1: a forkserver started by an earlier test
+    keeps the fd 1 of that test's capture.)"""
     torch.set_num_threads(1)
     os.environ.pop(ENV_VAR, None)
     if crash:
         os.environ[ENV_VAR] = crash
     result = runner.invoke(app, args)
-    print(result.stdout, end="", flush=True)
+    stdout_path.write_text(result.stdout)
     sys.exit(result.exit_code)
 
 
 def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(
-    zoo_workspace, notes, tmp_path, capfd
+    zoo_workspace, notes, tmp_path
 ):
     """`sae train --architecture clt --checkpoint-every 2` killed by SIGKILL right after its second checkpoint
     (step 4 of 6), then the same command again: it says it resumes, and the saved CLT is byte for byte the one an
@@ -382,8 +384,10 @@ def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(
     ctx.set_forkserver_preload(["tests.test_clt_cli", "workbench.circuits.sae.clt_analysis", "workbench.model",
                                 "transformers.models.gpt_neox.modeling_gpt_neox", "safetensors.torch", "tqdm.auto"])  # fmt: skip
 
+    stdout_path = tmp_path / "stdout.txt"
+
     def run(root: Path, crash: str | None = None) -> int:
-        process = ctx.Process(target=_cli_child, args=(crash, [*args, "--workspace", str(root)]))
+        process = ctx.Process(target=_cli_child, args=(crash, [*args, "--workspace", str(root)], stdout_path))
         process.start()
         process.join(TIME_LIMIT_S)
         assert process.exitcode is not None, "the run hangs"
@@ -393,9 +397,8 @@ def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(
     assert not (roots[0] / "saes").exists()
     (state_dir,) = (roots[0] / "jobs").iterdir()
     assert torch.load(state_dir / "trainer_state.pt", weights_only=True)["step"] == 4
-    capfd.readouterr()
     assert run(roots[0]) == 0
-    assert capfd.readouterr().out.splitlines()[0] == f"resuming from the checkpoint in {state_dir}"
+    assert stdout_path.read_text().splitlines()[0] == f"resuming from the checkpoint in {state_dir}"
     assert not state_dir.exists()  # removed once the CLT is saved
     assert run(roots[1]) == 0
     weights = [(root / "saes" / "clt" / CLT_WEIGHTS_FILE).read_bytes() for root in roots]

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The peer CLT trainer for benchmarks/clt.py: OpenMOSS's lm-saes, published as `llamascopium`, in its own venv
 # (benchmarks/.venv-llamascopium; never installed by the README's or the Makefile's commands: it pins its own torch,
-# transformer-lens, wandb, pymongo and openai). Then: python benchmarks/clt.py --peer benchmarks/.venv-llamascopium
+# transformer-lens, wandb, pymongo and openai). The CPU build of torch goes in first, from the same wheel folder as
+# the Makefile's (PIP_FIND_LINKS or pip's global.find-links, else PyTorch's CPU page): left to itself pip picks the
+# CUDA build from PyPI (4.8 GB of wheels).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=benchmarks/.venv-llamascopium
 python3.11 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet "llamascopium==2.0.0b34"
+LINKS="${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}"
+LINKS="${LINKS:-https://download.pytorch.org/whl/cpu/torch/}"
+"$VENV/bin/pip" install --quiet --find-links "$LINKS" "torch==2.13.0+cpu"
+"$VENV/bin/pip" install --quiet --find-links "$LINKS" "llamascopium==2.0.0b34"
 "$VENV/bin/python" -c "import llamascopium, torch; print('llamascopium', llamascopium.__version__ if hasattr(llamascopium, '__version__') else '?', 'torch', torch.__version__)"

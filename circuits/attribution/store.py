@@ -44,7 +44,7 @@ ANALYSIS = Analysis(
               description="nodes of an unpruned attribution graph (features, errors, inputs, targets), in node order"),
         Table("attribution_edges", keys=GRAPH_KEYS, columns=("target", "source", "weight"),
               description="direct effects between nodes of an attribution graph (row target ← column source)"),
-        Table("attribution_heads", keys=GRAPH_KEYS, columns=HEAD_COLUMNS[2:],
+        Table("attribution_heads", keys=GRAPH_KEYS, columns=HEAD_COLUMNS,
               description="each cross-position edge split over the attention heads that carry it"),
     ),
     requires=("mlp",),
