@@ -370,9 +370,7 @@ def _cli_child(crash: str | None, args: list[str], stdout_path: Path) -> None:
     sys.exit(result.exit_code)
 
 
-def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(
-    zoo_workspace, notes, tmp_path
-):
+def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(zoo_workspace, notes, tmp_path):
     """`sae train --architecture clt --checkpoint-every 2` killed by SIGKILL right after its second checkpoint
     (step 4 of 6), then the same command again: it says it resumes, and the saved CLT is byte for byte the one an
     uninterrupted run saves. Each run is a process forked from a forkserver that imported the CLI once."""
