@@ -23,6 +23,41 @@ def saved_gpt2(tmp_path_factory):
     return path
 
 
+def test_a_context_longer_than_the_models_positions_is_refused_before_any_work(saved_gpt2, tmp_path) -> None:
+    """A user's GPT-2 with 64 learned positions: `sae train` at the default context length (128) exits 2 naming the
+    limit and the fix, with no store written (it used to end in `error: index out of range in self`); the library
+    forward refuses a 65-token input the same way, and 64 tokens run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from workbench.model import ContextLengthError, HookedModel
+
+    user_model = tmp_path / "my-gpt2"
+    T.GPT2LMHeadModel.from_pretrained(saved_gpt2).save_pretrained(user_model)
+    text = tmp_path / "mine.txt"
+    text.write_text(
+        "\n".join(f"line {i} of my own notes about foxes and dogs" for i in range(300)), encoding="utf-8"
+    )
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train([str(text)], trainers.WordLevelTrainer(vocab_size=100, special_tokens=["<unk>", "<eos>"]))
+    T.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<eos>").save_pretrained(
+        user_model
+    )
+    workspace = tmp_path / "ws"
+    result = runner.invoke(app, ["sae", "train", str(user_model), "--data", str(text), "--hook",
+                                 "blocks.0.hook_resid_post", "--steps", "2", "--workspace", str(workspace)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert (
+        f"error: sequences of 128 tokens are longer than {user_model}'s 64 positions; use a context length of at "
+        "most 64 (--context-length 64)" in result.stderr
+    )
+    assert not list((workspace / "stores").glob("*/*")) and not (workspace / "saes").exists()
+    model = HookedModel.from_pretrained(user_model)
+    with pytest.raises(ContextLengthError, match="65 tokens are longer than .* 64 positions"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    assert model(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 100)
+
+
 def test_every_command_has_help() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0

@@ -101,6 +101,7 @@ def capture_to_store(
     if len(texts) == 0:
         raise StoreError(f"no inputs to capture into {path}; pass at least one text or token sequence")
     names = model.resolve(hooks)
+    model.check_context_length(_widest(texts, max_length))
     _check_positions(
         positions, _lengths(model, texts, max_length, batch_size) if positions is not None else None
     )
@@ -163,6 +164,15 @@ def capture_to_store(
             + "); pass non-empty inputs"
         )
     return store.finalize()
+
+
+def _widest(texts: Inputs, max_length: int) -> int:
+    """The longest sequence ``texts`` can give the model after truncation to ``max_length`` (texts: the cap)."""
+    if isinstance(texts, torch.Tensor):
+        return min(texts.shape[-1], max_length) if texts.ndim == 2 and not texts.is_floating_point() else 0
+    if all(isinstance(t, str) for t in texts):
+        return max_length
+    return min(max(len(t) for t in texts), max_length)
 
 
 def _lengths(model: HookedModel, texts: Inputs, max_length: int, batch_size: int) -> list[int]:

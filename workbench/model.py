@@ -38,11 +38,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HookedModel", "ModelSpec", "HookNameError", "ActivationCache", "HookPoint", "ModelLoadError"]
+__all__ = ["HookedModel", "ModelSpec", "HookNameError", "ActivationCache", "HookPoint", "ModelLoadError",
+           "ContextLengthError"]  # fmt: skip
 
 
 class ModelLoadError(ValueError):
     """A model could not be loaded; the message says what is missing and how to fix it."""
+
+
+class ContextLengthError(ValueError):
+    """Sequences longer than the model's positions (``cfg.n_ctx``); the message names the limit."""
 
 
 def _hf_adapters() -> dict[str, HFAdapter]:
@@ -344,6 +349,7 @@ class HookedModel(nn.Module):
                 "token ids [batch, pos] or a dict with input_ids/attention_mask"
             )
         ids = batch["input_ids"]
+        self.check_context_length(ids.shape[-1])
         if self.cfg.d_vocab and ids.numel() and int(ids.max()) >= self.cfg.d_vocab:
             raise ValueError(
                 f"token id {int(ids.max())} is outside the vocabulary (d_vocab={self.cfg.d_vocab})"
@@ -356,6 +362,17 @@ class HookedModel(nn.Module):
             return next(self.model.parameters()).device
         except StopIteration:
             return torch.device("cpu")
+
+    def check_context_length(self, context_length: int) -> None:
+        """Refuse sequences of ``context_length`` tokens when the model has fewer positions (``cfg.n_ctx``; 0 = no
+        stated limit), naming the limit and the fix, before any work: past its positions a model with learned
+        position embeddings fails with an index error deep in its forward."""
+        limit = self.cfg.n_ctx
+        if limit and context_length > limit:
+            raise ContextLengthError(
+                f"sequences of {context_length} tokens are longer than {self.cfg.name}'s {limit} positions; use a "
+                f"context length of at most {limit} (--context-length {limit})"
+            )
 
     # ------------------------------------------------------------------ tokens
     def _require_tokenizer(self) -> Any:
