@@ -164,21 +164,13 @@ def _load_transcoders(references: list[str], workspace, device: str) -> tuple[li
 def _prompt_tokens(
     hooked, prompt: str | None, data: str | None, prompt_index: int, context_length: int
 ) -> object:
-    """--prompt TEXT, or token row --prompt-index of --data as token ids [pos]."""
+    """--prompt TEXT (the library tokenizes it and refuses one longer than the model's positions), or token row
+    --prompt-index of --data as token ids [pos]."""
     import torch
 
     if (prompt is None) == (data is None):
         fail("pass exactly one of --prompt TEXT or --data REF (with --prompt-index N)")
     if prompt is not None:
-        n_ctx = hooked.cfg.n_ctx
-        if (
-            hooked.tokenizer is not None and n_ctx
-        ):  # the tokenizer would cut it silently at the model's length
-            length = len(hooked.tokenizer(prompt)["input_ids"])
-            if length > n_ctx:
-                fail(
-                    f"the prompt has {length} tokens but {hooked.cfg.name} has {n_ctx} positions; shorten the prompt"
-                )
         return prompt
     dataset = open_data(data)
     rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=prompt_index + 1)
@@ -206,7 +198,7 @@ def _probe_readout(spec: str, hooked, workspace):
     # through the probes package's own reader, so its format has one owner; the attribution library takes a vector.
     from workbench.circuits.attribution.graph import ProbeReadout
     from workbench.probes.linear import ProbeError
-    from workbench.probes.readout import load_probe_for
+    from workbench.probes.readout import load_probe_for, saved_probes
 
     name, *rest = spec[len("probe:") :].split(":")
     if not name or len(rest) > 2:
@@ -214,7 +206,10 @@ def _probe_readout(spec: str, hooked, workspace):
     try:
         probes, saved, note = load_probe_for(hooked, name, workspace)
     except ProbeError as err:
-        fail(str(err))
+        if name not in {p.name for p in saved_probes(workspace)}:
+            fail(str(err))  # no such probe: the message says how to save one
+        fail(f"{err}; fit a probe on {hooked.cfg.name} (`workbench probe fit MODEL --labels ... --hooks HOOK --save "
+             f"NAME`) and pass --target probe:NAME")  # fmt: skip
     if note:
         typer.echo(f"warning: {note}", err=True)
     site = rest[0] if rest else None

@@ -151,11 +151,11 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
                         progress=False)  # fmt: skip
     write_probe_results(rows, zoo_workspace)
+    import workbench.circuits.attribution
     import workbench.circuits.sae
-    import workbench.circuits.transcoder_circuits
 
     workbench.circuits.sae.demo_step(zoo_workspace, progress=False)
-    workbench.circuits.transcoder_circuits.demo_step(zoo_workspace, progress=False)
+    workbench.circuits.attribution.demo_step(zoo_workspace, progress=False)
     import workbench.circuits.codebook
     import workbench.circuits.neuron_path
 

@@ -383,6 +383,39 @@ def test_bad_input_is_refused_naming_the_fix(built) -> None:
         attribute(model, transcoders, TOKENS, targets="heads")
 
 
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word tokenizer over the tiny models' vocabulary: ``w1`` .. ``w39`` are tokens 1..39, anything
+    else is the unknown token ``[UNK]`` (0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(
+        models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}, unk_token="[UNK]")
+    )
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[UNK]")
+
+
+def test_a_text_prompt_longer_than_the_positions_is_refused_not_cut() -> None:
+    """A text prompt of 20 tokens on a model of 16 positions, which the tokenizer alone cuts to 16 silently, is
+    refused naming its length, the limit and the fix; one of exactly 16 tokens is traced whole. diff tokens that are
+    not one token of the vocabulary are refused naming them."""
+    model = _model("gpt2")
+    model.tokenizer = word_tokenizer()
+    transcoders = _per_layer("ln2.hook_normalized", skip=True)
+    words = [f"w{1 + i % (VOCAB - 1)}" for i in range(20)]
+    assert model.tokenize(" ".join(words))["input_ids"].shape == (1, 16)  # what used to be traced
+    with pytest.raises(AttributionError, match=r"^the prompt has 20 tokens but tiny-gpt2 has 16 positions; shorten "
+                       r"the prompt to at most 16 tokens$"):  # fmt: skip
+        attribute(model, transcoders, " ".join(words))
+    fits = " ".join(words[:16])
+    graph = attribute(model, transcoders, fits, targets="diff:w3,w4", max_feature_nodes=0, heads=False)
+    assert graph.tokens.tolist() == list(range(1, 17)) and graph.prompt == fits
+    with pytest.raises(AttributionError, match=r"'zebra' is not in the vocabulary .*'\[UNK\]'.*name a token"):
+        attribute(model, transcoders, fits, targets="diff:w3,zebra")
+    with pytest.raises(AttributionError, match=r"'w3 w4' is 2 tokens \('w3', 'w4'\), not one; name a single"):
+        attribute(model, transcoders, fits, targets="diff:w3 w4,w5")
+
+
 @pytest.mark.parametrize("case", ["gpt2-ln2-skip", "llama-gqa-resid-mid", "llama-clt"])
 def test_head_loadings_sum_to_their_edges(built, case) -> None:
     """Every edge between two positions is split over the (layer, head) pairs through which its paths first leave

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_attribution import _model, _per_layer, save_user_files
+from tests.test_attribution import D_MODEL, _model, _per_layer, save_user_files, word_tokenizer
 from tests.test_attribution_qk import _reference_score
 from workbench.circuits.attribution.store import read_graph
 from workbench.circuits.sae.base import SAEConfig, create_sae
@@ -28,10 +28,10 @@ def _one_error(result) -> str:
 
 
 def _nothing_written(workspace) -> None:
+    """No attribution table (graphs, nodes, edges, heads, batch) in the workspace's results."""
     ws = Workspace(workspace)
-    assert not ws.results_path.exists() or not {"attribution_graphs", "attribution_nodes"} & set(
-        ws.results().tables()
-    )
+    tables = set(ws.results().tables()) if ws.results_path.exists() else set()
+    assert not {table for table in tables if table.startswith("attribution")}, tables
 
 
 def test_cli_attributes_a_feature_on_minilm(tmp_path) -> None:
@@ -109,3 +109,43 @@ def test_cli_qk_on_a_users_gpt2_directory(tmp_path) -> None:
     assert "pick key ≤ query" in _one_error(runner.invoke(app, [*command, "--query", "2", "--key", "5"]))
     wrong_head = [*command[: command.index("--head") + 1], "9", *command[command.index("--head") + 2 :]]
     assert "does not exist" in _one_error(runner.invoke(app, [*wrong_head, "--query", "5", "--key", "2"]))
+
+
+def test_cli_refuses_a_diff_token_outside_the_vocabulary_and_a_probe_of_another_width(tmp_path) -> None:
+    """`circuits attribute DIR --target diff:A,B` on a user's GPT-2 directory with a word tokenizer, naming a word
+    outside the vocabulary, two tokens or an id past it, and `--target probe:NAME` of a probe saved at another width
+    (another model's d_model; this model's MLP hidden layer): exit 2, one line naming the problem and the fix, and
+    no attribution rows in the workspace."""
+    from workbench.probes.linear import LinearProbes
+    from workbench.probes.readout import save_probe
+
+    model_dir, ids = save_user_files(
+        _model("gpt2"), _per_layer("ln2.hook_normalized", skip=True), tmp_path, "my-gpt2"
+    )
+    word_tokenizer().save_pretrained(model_dir)
+    workspace = tmp_path / "ws"
+    command = ["circuits", "attribute", str(model_dir), *ids, "--prompt", "w1 w2 w3 w4 w5", "--workspace",
+               str(workspace), "--no-progress"]  # fmt: skip
+    runner = CliRunner()
+    for target, message in (
+        ("diff:w3,zebra", "'zebra' is not in the vocabulary (the tokenizer reads it as the unknown token '[UNK]'); "
+                          "name a token of the vocabulary (or its id) in diff:A,B"),
+        ("diff:w3 w4,w5", "'w3 w4' is 2 tokens ('w3', 'w4'), not one; name a single token of the vocabulary"),
+        ("diff:3,400", "token 400 is not in the vocabulary (0..39); pick a token id below 40"),
+    ):  # fmt: skip
+        assert message in _one_error(runner.invoke(app, [*command, "--target", target]))
+    generator = torch.Generator().manual_seed(0)
+    for name, site, width in (("other-model", "blocks.1.hook_resid_post", 2 * D_MODEL),
+                              ("mlp-hidden", "blocks.1.mlp.hook_post", 4 * D_MODEL)):  # fmt: skip
+        probes = LinearProbes("classification", torch.randn(1, width, 2, generator=generator), torch.zeros(1, 2),
+                              torch.zeros(1, width), torch.ones(1, width), torch.tensor([0, 1]), [site], 1.0)  # fmt: skip
+        save_probe(workspace, name, probes)
+    line = _one_error(runner.invoke(app, [*command, "--target", "probe:other-model"]))
+    assert f"probe 'other-model' expects {2 * D_MODEL} features at blocks.1.hook_resid_post" in line
+    assert "fit a probe on" in line and "--target probe:NAME" in line
+    line = _one_error(runner.invoke(app, [*command, "--target", "probe:mlp-hidden"]))
+    assert f"the probe direction has shape [{4 * D_MODEL}] but a target is a direction in" in line
+    assert f"(d_model={D_MODEL})" in line and "fit one on this model at a d_model-wide hook" in line
+    _nothing_written(workspace)
+    assert runner.invoke(app, [*command, "--target", "diff:w3,w4"]).exit_code == 0  # the same command, fixed
+    assert {"attribution_graphs", "attribution_nodes"} <= set(Workspace(workspace).results().tables())

@@ -257,10 +257,12 @@ def probe_target(
     """A linear probe's read-out ``vector`` [d_model] · activation at ``hook``, ``position`` + ``bias``."""
     if hook not in set(replacement.model.hook_names()):
         raise AttributionError(f"{replacement.model.cfg.name} has no hook {hook!r} for the probe to read")
-    if vector.shape != (replacement.model.cfg.d_model,):
+    d_model = replacement.model.cfg.d_model
+    if vector.shape != (d_model,):
         raise AttributionError(
-            f"the probe direction has shape {list(vector.shape)}, the model d_model={replacement.model.cfg.d_model}: "
-            "it is a probe of another model or hook; fit one on this model"
+            f"the probe direction has shape {list(vector.shape)} but a target is a direction in "
+            f"{replacement.model.cfg.name}'s residual stream (d_model={d_model}): it is a probe of another model or of "
+            "a hook of another width; fit one on this model at a d_model-wide hook (e.g. blocks.L.hook_resid_post)"
         )
     position = _position(position, replacement.n_pos)
     vector = vector.detach().to(device=replacement.inputs.device, dtype=replacement.dtype)
@@ -324,12 +326,17 @@ def _token_id(model: Any, text: str) -> int:
             raise AttributionError(
                 f"{model.cfg.name} has no tokenizer: name diff tokens by id (diff:123,456)"
             )
-        ids = model.tokenizer.encode(text, add_special_tokens=False)
+        tokenizer = model.tokenizer
+        ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise AttributionError(
-                f"{text!r} is {len(ids)} tokens, not one; name a single token (or its id) in diff:A,B"
-            )
+            pieces = f" ({', '.join(map(repr, tokenizer.convert_ids_to_tokens(ids)))})" if ids else ""
+            raise AttributionError(f"{text!r} is {len(ids)} tokens{pieces}, not one; name a single token of the "
+                                   "vocabulary (or its id) in diff:A,B")  # fmt: skip
         token = ids[0]
+        unknown = getattr(tokenizer, "unk_token", None)
+        if unknown is not None and token == tokenizer.unk_token_id and text != unknown:
+            raise AttributionError(f"{text!r} is not in the vocabulary (the tokenizer reads it as the unknown token "
+                                   f"{unknown!r}); name a token of the vocabulary (or its id) in diff:A,B")  # fmt: skip
     _check_token(token, model.cfg.d_vocab)
     return token
 
@@ -534,11 +541,28 @@ def _prompt_tokens(model: Any, prompt: Any) -> tuple[torch.Tensor, str]:
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise AttributionError(f"{model.cfg.name} has no tokenizer: pass the prompt as token ids")
-        tokens = model.tokenize([prompt])["input_ids"][0]
-        return tokens, prompt
+        return _text_tokens(model, prompt), prompt
     tokens = torch.as_tensor(prompt).reshape(-1).long()
     text = model.to_string(tokens) if model.tokenizer is not None else " ".join(map(str, tokens.tolist()))
     return tokens, str(text)
+
+
+def _text_tokens(model: Any, text: str) -> torch.Tensor:
+    """``text`` as the model tokenizes it [pos], refused when it has more tokens than the model has positions (the
+    one check of a text prompt's length: the CLI relies on it). A tokenizer cuts a text at the model's positions
+    silently, so it runs with room for every token the text can have (one per UTF-8 byte, plus special tokens); where
+    the family cuts at the positions anyway (TransformerLens), a prompt that fills them is counted by the tokenizer
+    itself."""
+    tokens = model.tokenize([text], max_length=len(text.encode("utf-8")) + 16)["input_ids"][0]
+    n_ctx, length = model.cfg.n_ctx, len(tokens)
+    if n_ctx and length >= n_ctx:
+        length = max(length, len(model.tokenizer(text)["input_ids"]))
+    if n_ctx and length > n_ctx:
+        raise AttributionError(
+            f"the prompt has {length} tokens but {model.cfg.name} has {n_ctx} positions; shorten the prompt to at "
+            f"most {n_ctx} tokens"
+        )
+    return tokens
 
 
 def attribute(
