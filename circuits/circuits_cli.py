@@ -198,7 +198,7 @@ def _probe_readout(spec: str, hooked, workspace):
     # through the probes package's own reader, so its format has one owner; the attribution library takes a vector.
     from workbench.circuits.attribution.graph import ProbeReadout
     from workbench.probes.linear import ProbeError
-    from workbench.probes.readout import load_probe_for, saved_probes
+    from workbench.probes.readout import load_probe_for
 
     name, *rest = spec[len("probe:") :].split(":")
     if not name or len(rest) > 2:
@@ -206,10 +206,7 @@ def _probe_readout(spec: str, hooked, workspace):
     try:
         probes, saved, note = load_probe_for(hooked, name, workspace)
     except ProbeError as err:
-        if name not in {p.name for p in saved_probes(workspace)}:
-            fail(str(err))  # no such probe: the message says how to save one
-        fail(f"{err}; fit a probe on {hooked.cfg.name} (`workbench probe fit MODEL --labels ... --hooks HOOK --save "
-             f"NAME`) and pass --target probe:NAME")  # fmt: skip
+        fail(str(err))  # a missing probe, or one of another model or width: the message says how to make one
     if note:
         typer.echo(f"warning: {note}", err=True)
     site = rest[0] if rest else None

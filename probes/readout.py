@@ -122,16 +122,21 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
     missing = [s for s in probes.sites if s not in known]
     if missing:
         raise ProbeError(f"probe {name!r} reads {', '.join(missing)}, which {model.cfg.name} does not have: it is a "
-                         "probe for another model or hook")  # fmt: skip
+                         f"probe for another model or hook; fit one on this model (workbench probe fit "
+                         f"{model.cfg.name} --labels ... --hooks HOOK --save NAME)")  # fmt: skip
     ids = torch.zeros((1, 2), dtype=torch.long)
     with torch.no_grad(), model.capture(probes.sites) as cache:
         model(ids.to(model.device))
     for site in probes.sites:
         width = cache[site].shape[-1]
         if cache[site].ndim != 3 or width != probes.weight.shape[1]:
+            there = (
+                f"{width} features per token" if cache[site].ndim == 3 else f"a {cache[site].ndim}-d tensor"
+            )
             raise ProbeError(
                 f"probe {name!r} expects {probes.weight.shape[1]} features at {site}, but {model.cfg.name} has "
-                f"{list(cache[site].shape[1:])} per token there: it is a probe for another model or hook"
+                f"{there} there: it is a probe for another model or hook; fit one on this model (workbench probe "
+                f"fit {model.cfg.name} --labels ... --hooks {site} --save NAME)"
             )
     note = provenance_note(saved.model, saved.checkpoint, model, "fitted")
     return probes, saved, f"probe {name!r} was {note}" if note else ""
