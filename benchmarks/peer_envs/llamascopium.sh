@@ -11,5 +11,7 @@ python3.11 -m venv "$VENV"
 LINKS="${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}"
 LINKS="${LINKS:-https://download.pytorch.org/whl/cpu/torch/}"
 "$VENV/bin/pip" install --quiet --find-links "$LINKS" "torch==2.13.0+cpu"
-"$VENV/bin/pip" install --quiet --find-links "$LINKS" "llamascopium==2.0.0b34"
+# transformer-lens below 4: llamascopium 2.0.0b34 imports HookedTransformer, which TransformerLens 4.0 removed
+# (left to itself pip resolves 4.x and `import llamascopium` fails with that ImportError).
+"$VENV/bin/pip" install --quiet --find-links "$LINKS" "torch==2.13.0+cpu" "llamascopium==2.0.0b34" "transformer-lens>=2.16.2,<4"
 "$VENV/bin/python" -c "import llamascopium, torch; print('llamascopium', llamascopium.__version__ if hasattr(llamascopium, '__version__') else '?', 'torch', torch.__version__)"
