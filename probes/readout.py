@@ -145,15 +145,17 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
 def probe_predictions(
     model: Any, tokens: torch.Tensor, probes: LinearProbes, site: str, label_names: list[str] | None = None
 ) -> pd.DataFrame:
-    """The probe's prediction per token of ``tokens`` [1, pos] at ``site``. Columns: position, token, prediction,
-    label, and for classifiers confidence (the predicted class's probability)."""
+    """The probe's prediction per position of ``tokens`` [1, pos] or pixels [1, C, H, W] at ``site``. Columns:
+    position, token (its text, or CLS / "row,column" of a patch), prediction, label, and for classifiers confidence
+    (the predicted class's probability)."""
     index = probes.sites.index(site)
     with torch.no_grad(), model.capture([site], dtype=torch.float32) as cache:
         model(tokens.to(model.device))
-    x = torch.zeros(len(probes.sites), tokens.shape[1], probes.weight.shape[1])
-    x[index] = cache[site][0]
+    activations = cache[site][0]  # [pos, d]
+    x = torch.zeros(len(probes.sites), activations.shape[0], probes.weight.shape[1])
+    x[index] = activations
     out = probes.decision_function(x)[index]  # [pos, outputs]
-    texts = model.to_str_tokens(tokens[0])
+    texts = model.position_labels(tokens)
     frame = pd.DataFrame({"position": range(len(texts)), "token": texts})
     if probes.task == "classification":
         assert probes.classes is not None

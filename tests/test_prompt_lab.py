@@ -685,7 +685,7 @@ def test_vit_class_probabilities_are_the_hf_softmax_and_images_come_from_a_datas
         and picture.label == int(y_test[3])
         and picture.note == ""
     )
-    assert lab.position_labels(digits, picture.pixels)[:3] == ["CLS", "0,0", "0,1"]
+    assert digits.position_labels(picture.pixels)[:3] == ["CLS", "0,0", "0,1"]
 
     model = lab.load_lab_model(str(user_dirs / "my-vit"))  # 3 channels, 16×16: the grey 8×8 digit adapted
     image = lab.load_image(model, "zoo:digits", 3)
@@ -849,3 +849,45 @@ def test_an_image_folder_feeds_the_lab(vit_model_dir, tmp_path) -> None:
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "digits" / "7" / "big.png")
     with pytest.raises(DatasetError, match=r"differ in size \(0\.png 8×8, big\.png 16×16\); resize them"):
         load_dataset(str(tmp_path / "digits"))
+
+
+def test_sae_latents_and_probe_predictions_read_an_images_patches(user_dirs) -> None:
+    """The SAE and probe overlays on a ViT: one row per position (CLS, then each patch by row and column), the SAE's
+    latents equal ``sae.encode`` of the model's own hidden state, the probe's confidences its softmax."""
+    import transformers as T
+
+    from workbench.circuits.sae import SAEConfig, create_sae
+    from workbench.circuits.sae.readout import top_latents
+    from workbench.probes.linear import LinearProbes
+    from workbench.probes.readout import probe_predictions
+
+    model = lab.load_lab_model(str(user_dirs / "my-vit"))
+    image = lab.load_image(model, "zoo:digits", 3)
+    d_model = model.cfg.d_model
+    with torch.no_grad():
+        hidden = T.ViTForImageClassification.from_pretrained(user_dirs / "my-vit")(
+            pixel_values=image.pixels, output_hidden_states=True
+        ).hidden_states[1][0]  # after block 0: [1 + patches, d_model]
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig("relu", d_in=d_model, d_sae=12, hook_in=RESID, hook_out=RESID))
+    latents = top_latents(model, image.pixels, sae, k=2)
+    codes = sae.encode(hidden).detach()
+    assert set(latents["position"]) <= set(range(hidden.shape[0])) and not latents.empty
+    for row in latents.itertuples():
+        assert float(codes[row.position, row.latent]) == pytest.approx(row.activation, rel=1e-4, abs=1e-5)
+        assert codes[row.position].topk(2).values[row.rank] == pytest.approx(
+            row.activation, rel=1e-4, abs=1e-5
+        )
+    labels = model.position_labels(image.pixels)
+    assert latents.set_index("position")["token"].to_dict() == {
+        p: labels[p] for p in set(latents["position"])
+    }
+
+    generator = torch.Generator().manual_seed(1)
+    probes = LinearProbes("classification", torch.randn(1, d_model, 3, generator=generator), torch.zeros(1, 3),
+                          torch.zeros(1, d_model), torch.ones(1, d_model), torch.tensor([0, 1, 2]), [RESID], 1.0)  # fmt: skip
+    predictions = probe_predictions(model, image.pixels, probes, RESID, ["a", "b", "c"])
+    assert predictions["token"].tolist() == labels and len(labels) == hidden.shape[0] == 1 + 16
+    proba = (hidden @ probes.weight[0]).softmax(-1)
+    assert predictions["confidence"].tolist() == pytest.approx(proba.max(-1).values.tolist(), abs=1e-5)
+    assert predictions["label"].tolist() == [["a", "b", "c"][i] for i in proba.argmax(-1).tolist()]

@@ -416,6 +416,16 @@ class HookedModel(nn.Module):
         )
         return [tokenizer.decode([t]) for t in ids.tolist()]
 
+    def position_labels(self, inputs: torch.Tensor) -> list[str]:
+        """One label per position of one input: each token's text for token ids [1, pos], or "CLS" then "r,c" per
+        patch (row, column) for pixels [1, C, H, W] (the adapter's patch grid)."""
+        if not inputs.is_floating_point():
+            return self.to_str_tokens(inputs[0])
+        grid = self.adapter.capabilities(self).patch_grid
+        if grid is None:
+            raise ValueError(f"{self.cfg.name} takes token ids, not pixels")
+        return ["CLS", *(f"{r},{c}" for r in range(grid[0]) for c in range(grid[1]))]
+
     def __repr__(self) -> str:
         return f"HookedModel({self.cfg.family}, {self.cfg.name!r}, layers={self.cfg.n_layers}, d_model={self.cfg.d_model})"
 

@@ -238,18 +238,8 @@ def n_positions(model: HookedModel, inputs: torch.Tensor) -> int:
     return int(inputs.shape[1])
 
 
-def position_labels(model: HookedModel, inputs: torch.Tensor) -> list[str]:
-    """One label per position: the tokens' text, or "CLS" then "r,c" per patch (row, column) for pixels."""
-    if not inputs.is_floating_point():
-        return str_tokens(model, inputs)
-    grid = capabilities(model).patch_grid
-    if grid is None:
-        raise PromptLabError(f"{model.cfg.name} takes token ids, not pixels")
-    return ["CLS", *(f"{r},{c}" for r in range(grid[0]) for c in range(grid[1]))]
-
-
 def patch_grid(model: HookedModel, values: Sequence[float]) -> torch.Tensor:
-    """Per-position ``values`` (CLS first, as :func:`position_labels`) -> the patches' values [rows, columns]."""
+    """Per-position ``values`` (CLS first, as ``HookedModel.position_labels``) -> the patches' values [rows, columns]."""
     grid = capabilities(model).patch_grid
     if grid is None:
         raise PromptLabError(f"{model.cfg.name} has no patches")
@@ -277,7 +267,7 @@ def residual_profile(model: HookedModel, tokens: torch.Tensor) -> pd.DataFrame:
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
     with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
         model(tokens.to(model.device))
-    texts = position_labels(model, tokens)
+    texts = model.position_labels(tokens)
     rows = []
     for layer, name in enumerate(names):
         resid = cache[name][0]  # [pos, d_model]

@@ -33,7 +33,7 @@ DEFAULT_PROMPT = "def add(a, b):\n    return a +"
 DEFAULT_IMAGES = "zoo:digits"
 DEFAULT_SECOND = "a completely different sentence"
 OVERLAYS = ("max |activation|", "residual norm", "SAE latents", "probe predictions", "codebook codes")
-IMAGE_OVERLAYS = OVERLAYS[:2]  # the readouts' chips name tokens; an image's positions are patches
+IMAGE_OVERLAYS = OVERLAYS[:4]  # codebook codes read token prompts; the rest read any position
 KINDS = ("steer: SAE latent", "steer: probe direction", "steer: codebook code", "zero-ablate heads",
          "mean-ablate heads", "zero-ablate MLP neurons", "mean-ablate MLP neurons", "patch from a second prompt")  # fmt: skip
 IMAGE_KINDS = KINDS[3:7]  # ablations; the SAE / probe / codebook readouts and patching read token prompts
@@ -181,7 +181,7 @@ else:
         tokens = lab.encode_prompt(model, prompt)
     except ERRORS as err:
         fail(err)
-texts = lab.position_labels(model, tokens)
+texts = model.position_labels(tokens)
 stacks = st.session_state.setdefault("lab_stacks", {})
 stack: list[dict] = stacks.setdefault(key, [])
 interventions = [Intervention.from_dict(d) for d in stack]

@@ -90,18 +90,19 @@ def load_sae_for(model: Any, sae_id: str, workspace: Any = None) -> tuple[SAE, s
 
 
 def latent_activations(model: Any, tokens: torch.Tensor, sae: SAE) -> torch.Tensor:
-    """SAE latent activations [pos, d_sae] on ``tokens`` [1, pos] (the SAE reads ``sae.hook_in``)."""
+    """SAE latent activations [pos, d_sae] on ``tokens`` [1, pos] or pixels [1, C, H, W] (the SAE reads
+    ``sae.hook_in``)."""
     with torch.no_grad(), model.capture([sae.hook_in], device=None) as cache:
         model(tokens.to(model.device))
         return sae.encode(token_vectors(cache[sae.hook_in][0], sae.d_in).to(sae.W_enc.dtype))
 
 
 def top_latents(model: Any, tokens: torch.Tensor, sae: SAE, k: int = 3) -> pd.DataFrame:
-    """The ``k`` most active latents per token (active ones only). Columns: position, token, rank, latent,
-    activation."""
+    """The ``k`` most active latents per position of ``tokens`` [1, pos] or pixels [1, C, H, W] (active ones
+    only). Columns: position, token (its text, or CLS / "row,column" of a patch), rank, latent, activation."""
     acts = latent_activations(model, tokens, sae).float().cpu()
     top = acts.topk(min(k, acts.shape[-1]), dim=-1)
-    texts = model.to_str_tokens(tokens[0])
+    texts = model.position_labels(tokens)
     rows = [
         {"position": p, "token": texts[p], "rank": r, "latent": int(top.indices[p, r]),
          "activation": float(top.values[p, r])}
