@@ -14,4 +14,4 @@ LINKS="${LINKS:-https://download.pytorch.org/whl/cpu/torch/}"
 # transformer-lens below 4: llamascopium 2.0.0b34 imports HookedTransformer, which TransformerLens 4.0 removed
 # (left to itself pip resolves 4.x and `import llamascopium` fails with that ImportError).
 "$VENV/bin/pip" install --quiet --find-links "$LINKS" "torch==2.13.0+cpu" "llamascopium==2.0.0b34" "transformer-lens>=2.16.2,<4"
-"$VENV/bin/python" -c "import llamascopium, torch; print('llamascopium', llamascopium.__version__ if hasattr(llamascopium, '__version__') else '?', 'torch', torch.__version__)"
+"$VENV/bin/python" -c "import llamascopium, importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('llamascopium', 'transformer-lens', 'transformers', 'torch')), sep=', ')" 2>&1 | grep -v -e UserWarning -e autocast
