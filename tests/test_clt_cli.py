@@ -6,6 +6,7 @@ transcoders (the replacement model, its unigram baseline from the training token
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing
 import os
 import shutil
@@ -162,6 +163,15 @@ def test_a_clt_on_a_users_gpt2_trains_saves_and_evaluates(gpt2_dir, notes, tmp_p
     )
     evals = results.read("sae_evals", sae_id="gpt2-clt")
     assert len(evals) == 2 and (evals["n_tokens"] == int(mask.sum())).all()  # eval's rows replaced train's
+
+    # the CLT trained here, by its workspace id, under the attribution graph of a prompt on the same model
+    traced = _cli("circuits", "attribute", str(gpt2_dir), "--transcoders", "gpt2-clt", "--prompt", LINES[0],
+                  "--no-progress", "--workspace", str(ws))  # fmt: skip
+    assert traced[0].startswith("graph ") and "replacement_score" in traced[0], traced
+    graph = Workspace(ws).results().read("attribution_graphs").iloc[0]
+    assert json.loads(graph["transcoders"]) == ["gpt2-clt"] and graph["n_features"] > 0
+    assert graph["reproduction_max_diff"] < 1e-4  # errors included, the replacement gives the model's logits
+    assert 0 < graph["replacement_score"] <= graph["completeness_score"] <= 1
 
 
 def test_a_clt_and_per_layer_transcoders_on_code_tiny(zoo_workspace, notes, tmp_path, monkeypatch) -> None:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -118,26 +117,23 @@ class GraphTask:
 
 
 def load_transcoders(references: Sequence[str], workspace: Any, device: str = "cpu") -> tuple[list[str], Any]:
-    """``references``: one cross-layer transcoder folder, or one saved SAE id / directory per layer → (ids, the
-    transcoders as ``attribute`` takes them)."""
+    """``references``: one cross-layer transcoder (a workspace id or a folder, ours or circuit-tracer's), one
+    circuit-tracer transcoder set, or one saved SAE id / directory per layer → (ids, the transcoders as
+    ``attribute`` takes them). Resolved as ``sae eval`` resolves them (``find_transcoders``)."""
     from workbench.circuits.sae.analysis import find_sae
-    from workbench.circuits.sae.formats.circuit_tracer import CONFIG_FILE, load_clt, read_config
+    from workbench.circuits.sae.clt_analysis import find_transcoders
 
     if not references:
         raise AttributionError(
-            "no transcoders: pass one transcoder id per layer, or one cross-layer transcoder folder"
+            "no transcoders: pass one transcoder id per layer, or one cross-layer transcoder (id or folder)"
         )
-    folder = Path(references[0]).expanduser()
-    if (folder / CONFIG_FILE).is_file() and read_config(folder)[1].get(
-        "model_kind"
-    ) == "cross_layer_transcoder":
-        if len(references) > 1:
-            raise AttributionError(
-                "a cross-layer transcoder covers every layer: pass it alone to --transcoders"
-            )
-        return [folder.name], load_clt(folder, device=device)
-    found = [find_sae(reference, workspace) for reference in references]
-    return [name for name, _ in found], [sae.to(device) for _, sae in found]
+    found = find_transcoders(references, workspace)
+    if found is None:  # one plain SAE or per-layer transcoder: as_transcoders says what it lacks
+        name, sae = find_sae(references[0], workspace)
+        return [name], [sae.to(device)]
+    if isinstance(found.transcoders, list):
+        return list(found.names or [found.name]), [sae.to(device) for sae in found.transcoders]
+    return [found.name], found.transcoders.to(device)
 
 
 _LOADED: dict[tuple, tuple[Any, list[str], Any]] = {}  # this process's model and transcoders, by spec
