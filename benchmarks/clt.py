@@ -35,14 +35,14 @@ from workbench.workspace import Workspace
 
 
 def capture(model, ids: torch.Tensor, mask: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """{hook: [real tokens, d]} of the rows ids [n, pos]."""
+    """{hook: [real tokens, d]} (float32) of the rows ids [n, pos]."""
     parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     for start in range(0, len(ids), 16):
         batch = {"input_ids": ids[start : start + 16], "attention_mask": mask[start : start + 16]}
         with torch.no_grad(), model.capture(hooks) as cache:
             model(batch)
         for h in hooks:
-            parts[h].append(cache[h][batch["attention_mask"].bool()])
+            parts[h].append(cache[h][batch["attention_mask"].bool()].float())
     return {h: torch.cat(v) for h, v in parts.items()}
 
 

@@ -179,19 +179,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the parent (.venv)
-def capture(model, ids: torch.Tensor, mask: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """{hook: [real tokens, d]} (float32) of the rows ids [n, pos]."""
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    for start in range(0, len(ids), 16):
-        batch = {"input_ids": ids[start : start + 16], "attention_mask": mask[start : start + 16]}
-        with torch.no_grad(), model.capture(hooks) as cache:
-            model(batch)
-        for h in hooks:
-            parts[h].append(cache[h][batch["attention_mask"].bool()].float())
-    return {h: torch.cat(v) for h, v in parts.items()}
-
-
 def capture_activations(args: argparse.Namespace, path: Path) -> tuple[str, int, int, int, int]:
+    # this side runs in the project's venv (the peer's child imports only torch): benchmarks/clt.py's capture
+    from clt import capture  # this script's folder is on sys.path
+
     from workbench.circuits.sae.analysis import token_rows
     from workbench.circuits.sae.clt_analysis import matched_layers
     from workbench.datasets import load_dataset
