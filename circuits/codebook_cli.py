@@ -118,13 +118,13 @@ def analyse(
 ) -> None:
     """Per-code counts and top contexts of a trained run on --data (its held-out rows when it is the training
     data), and code ↔ label purity / MI when --data carries per-token labels or --labels names a source."""
+    from workbench.analysis import write_tables
     from workbench.circuits.codebook import (
         ANALYSIS,
         PURITY_TABLE,
         check,
         codebook_dir,
         default_run_name,
-        write_results,
     )
     from workbench.circuits.codebook import run as analyse_run
 
@@ -140,7 +140,7 @@ def analyse(
              f"train {model} --data {data} --run {directory.name}")  # fmt: skip
     frames = analyse_run(hooked, dataset, directory, labels=labels, context_length=context_length,
                          max_tokens=max_tokens)  # fmt: skip
-    written = write_results(ws.ensure(), frames)
+    written = write_tables(ws.ensure(), ANALYSIS, frames)
     purity = frames[PURITY_TABLE]
     if len(purity):
         for (site, label_set), rows in purity.groupby(["site", "label_set"]):

@@ -9,7 +9,7 @@ steps evaluated as one batch.
 :func:`run` takes any model (``resolve_model``) and any dataset (``load_dataset``): a causal LM traces paths for
 the most frequent next tokens at a position of the dataset's token rows; an image classifier (ViT) one path per
 class of the dataset's label array, at CLS. :func:`check` refuses what cannot work (no MLP units, an encoder with
-no logits, data of the wrong modality, a position beyond the context) before any work; :func:`write_results`
+no logits, data of the wrong modality, a position beyond the context) before any work; ``write_tables(workspace, ANALYSIS, frames)``
 stores the ``ANALYSIS`` tables.
 """
 
@@ -708,7 +708,7 @@ def run(model, data: Dataset, *, position: int | None = None, n_targets: int | N
         top_k: int = 1, max_sequences: int = 64, label: str | None = None, seed: int = 0,
         chunk_rows: int | None = None, progress: bool = True,
         report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:  # fmt: skip
-    """Neuron paths of any causal LM or ViT classifier on any dataset → {table: DataFrame} (``write_results``).
+    """Neuron paths of any causal LM or ViT classifier on any dataset → {table: DataFrame} (for ``write_tables``).
 
     Args:
         model: a HookedModel (``workbench.references.resolve_model``).
@@ -751,18 +751,12 @@ def run(model, data: Dataset, *, position: int | None = None, n_targets: int | N
     )
 
 
-def write_results(workspace, frames: dict[str, pd.DataFrame]) -> dict[str, int]:
-    """Store ``run``'s frames in the workspace results database (``workbench.analysis.write_tables``): a rerun of
-    the same model, checkpoint, dataset and position replaces its rows."""
-    return write_tables(workspace, ANALYSIS, frames)
-
-
 def demo_step(workspace, progress: bool = True) -> str:
     """Neuron paths (3 neurons per layer) of the workspace's ``vit-digits`` on ``zoo:digits``, 3 images per class;
     writes results; returns a summary line."""
     model = resolve_model("vit-digits", workspace=workspace)
     frames = run(model, load_dataset("zoo:digits"), steps=5, top_k=3, max_sequences=30, progress=progress)
-    write_results(workspace, frames)
+    write_tables(workspace, ANALYSIS, frames)
     m = frames["neuron_path_metrics"].set_index("method")
     return (
         "neuron paths (vit-digits on zoo:digits, 10 classes): joint score ours {:.3f} vs top-act {:.3f} / "

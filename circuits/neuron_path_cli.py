@@ -76,7 +76,8 @@ def run(
 ) -> None:
     """Locate paths (ours and both baselines) for each target token / class and write the results tables; a model
     or dataset the analysis cannot use is refused before any work."""
-    from workbench.circuits.neuron_path import ANALYSIS, write_results
+    from workbench.analysis import write_tables
+    from workbench.circuits.neuron_path import ANALYSIS
     from workbench.circuits.neuron_path import run as run_paths
 
     if data is None:
@@ -86,7 +87,7 @@ def run(
     frames = run_paths(hooked, dataset, position=position, n_targets=n_targets, steps=steps, top_k=top_k,
                        max_sequences=max_sequences, label=label, seed=seed, chunk_rows=chunk_size,
                        progress=progress, report=typer.echo)  # fmt: skip
-    write_results(workspace, frames)
+    write_tables(workspace, ANALYSIS, frames)
     metrics = frames["neuron_path_metrics"]
     typer.echo(metrics[["method", "joint_score", "remove_prob_ratio", "remove_accuracy_change", "enhance_prob_ratio",
                         "enhance_accuracy_change"]].to_string(index=False))  # fmt: skip

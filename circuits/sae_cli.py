@@ -145,8 +145,9 @@ def train(
     With --nproc N (or under torchrun) the N processes take disjoint document ranges; --parallel picks
     data-parallel or hook-sharded training. Hook-sharded SAE files are written by the process that trains them:
     across machines, put the workspace on a filesystem every machine sees."""
+    from workbench.analysis import write_tables
     from workbench.circuits.sae import distributed as dist
-    from workbench.circuits.sae.analysis import run, write_results
+    from workbench.circuits.sae.analysis import ANALYSIS, run
 
     if data is None:
         fail(DATA_REQUIRED)
@@ -179,7 +180,7 @@ def train(
                  train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
                  train_options=options)  # fmt: skip
     if main:
-        written = write_results(workspace, frames)
+        written = write_tables(workspace, ANALYSIS, frames)
         if state_dir is not None:  # every rank is past training (run gathered their rows)
             shutil.rmtree(state_dir, ignore_errors=True)
         rows = frames["sae_evals"].set_index("sae_id")
@@ -200,9 +201,10 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
                nproc, checkpoint_every) -> None:  # fmt: skip
     """``sae train --architecture clt|clt_relu|clt_topk|clt_batchtopk``: one CLT over the layers --hook and
     --hook-out match (``circuits.sae.clt_analysis.run_clt``), data-parallel under --nproc."""
+    from workbench.analysis import write_tables
     from workbench.circuits.sae import distributed as dist
     from workbench.circuits.sae.clt import CLT_ARCHITECTURES
-    from workbench.circuits.sae.clt_analysis import run_clt, write_results
+    from workbench.circuits.sae.clt_analysis import ANALYSIS, REPLACEMENT, run_clt
 
     ins, outs, names = _listed(hook), _listed(hook_out), _listed(sae_id)
     if architecture not in CLT_ARCHITECTURES or len(ins) != 1 or len(outs) != 1 or len(names) > 1:
@@ -231,7 +233,7 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
                      train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
                      train_options=options, announce=typer.echo)  # fmt: skip
     if main:
-        written = write_results(workspace, frames)
+        written = write_tables(workspace, (ANALYSIS, REPLACEMENT), frames)
         if state_dir is not None:
             shutil.rmtree(state_dir, ignore_errors=True)
         for row in frames["sae_evals"].itertuples():
@@ -359,7 +361,8 @@ def evaluate(
     """Evaluate a saved SAE spliced into MODEL over --data and write its sae_evals row (CE metrics on causal LMs,
     reconstruction metrics on any model). A CLT or several transcoders: per-layer sae_evals rows and the
     replacement model (every MLP replaced at once) in transcoder_replacement."""
-    from workbench.circuits.sae.analysis import check_sae_fits, find_sae, hook_widths, write_results
+    from workbench.analysis import write_tables
+    from workbench.circuits.sae.analysis import ANALYSIS, check_sae_fits, find_sae, hook_widths
     from workbench.circuits.sae.analysis import evaluate as evaluate_on
     from workbench.circuits.sae.clt_analysis import find_transcoders
 
@@ -383,7 +386,7 @@ def evaluate(
             typer.echo(f"warning: {note}", err=True)
     frames = evaluate_on(hooked, dataset, sae, sae_id=sae_id or found, max_tokens=max_tokens,
                          context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
-    write_results(workspace, frames)
+    write_tables(workspace, ANALYSIS, frames)
     typer.echo(
         f"{sae_id or found} on {hooked.cfg.name} / {dataset.name!r}: "
         + _metrics(frames["sae_evals"].iloc[0], sae_id or found)
@@ -393,7 +396,8 @@ def evaluate(
 def _eval_transcoders(found, model, data, max_tokens, context_length, batch_size, sae_id, device, workspace,
                       progress, trust_remote_code) -> None:  # fmt: skip
     """``sae eval`` of a CLT or a set of per-layer transcoders (``clt_analysis.evaluate_replacement``)."""
-    from workbench.circuits.sae.clt_analysis import evaluate_replacement, write_results
+    from workbench.analysis import write_tables
+    from workbench.circuits.sae.clt_analysis import ANALYSIS, REPLACEMENT, evaluate_replacement
 
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
@@ -402,7 +406,7 @@ def _eval_transcoders(found, model, data, max_tokens, context_length, batch_size
                                          batch_size=batch_size, progress=progress)  # fmt: skip
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
-    written = write_results(workspace, frames)
+    written = write_tables(workspace, (ANALYSIS, REPLACEMENT), frames)
     for row in frames["sae_evals"].itertuples():
         typer.echo(f"{row.sae_id} {row.hook} -> {row.hook_out}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  dead "
                    f"{row.dead_fraction:.0%}  dense {row.dense_fraction:.0%}")  # fmt: skip
@@ -556,7 +560,8 @@ def features(
 ) -> None:
     """Feature pages (top contexts, quantiles, histogram, promoted tokens) of a saved or imported SAE on MODEL
     over --data, written to sae_features."""
-    from workbench.circuits.sae.analysis import feature_pages_on_data, find_sae, write_results
+    from workbench.analysis import write_tables
+    from workbench.circuits.sae.analysis import ANALYSIS, feature_pages_on_data, find_sae
 
     if data is None:
         fail(DATA_REQUIRED)
@@ -565,7 +570,7 @@ def features(
     dataset = open_data(data)
     pages = feature_pages_on_data(hooked, dataset, sae, found, workspace=workspace, max_tokens=max_tokens,
                                   context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
-    write_results(workspace, {"sae_features": pages})
+    write_tables(workspace, ANALYSIS, {"sae_features": pages})
     live = int((pages["density"] > 0).sum())
     typer.echo(
         f"{found}: {len(pages)} feature pages ({live} latents fire) on {dataset.name!r} written to sae_features"

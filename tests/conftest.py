@@ -138,13 +138,14 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     """A workspace whose results database holds massive-activation, attention-statistics, probe, SAE,
     transcoder-circuit, codebook and neuron-path results (every dashboard view has data)."""
     from workbench.analyses.attention.analysis import write_attention_statistics
-    from workbench.analyses.massive.analysis import fit_emergence, track_massive, write_results
+    from workbench.analyses.massive.analysis import ANALYSIS, fit_emergence, track_massive
+    from workbench.analysis import write_tables
     from workbench.checkpoints import CheckpointSeries
 
     series = CheckpointSeries.from_directory(zoo_workspace.model_dir("code-tiny"))
     texts = ["def f(x):\n    return x\n", "import os\n"]
     report = track_massive(series, texts, steps=[0, 1, 2, 4, 8, 16, 32, 64, 128], progress=False)
-    write_results(report, fit_emergence(report.layers), zoo_workspace)
+    write_tables(zoo_workspace, ANALYSIS, report.frames(fit_emergence(report.layers)))
     write_attention_statistics((series.load(s) for s in (0, series.steps[-1])), texts, zoo_workspace,
                                dataset="test-prompts")  # fmt: skip
     from workbench.probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results

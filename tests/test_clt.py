@@ -264,7 +264,8 @@ def token_file(tmp_path_factory):
 
 
 def test_run_clt_trains_saves_and_scores_the_replacement_model(tiny_llama, token_file, tmp_path) -> None:
-    from workbench.circuits.sae.clt_analysis import run_clt, write_results
+    from workbench.analysis import write_tables
+    from workbench.circuits.sae.clt_analysis import ANALYSIS, REPLACEMENT, run_clt
     from workbench.datasets import load_dataset
 
     lines: list[str] = []
@@ -280,7 +281,10 @@ def test_run_clt_trains_saves_and_scores_the_replacement_model(tiny_llama, token
     assert row["gain_kept"] == pytest.approx(
         (row["ce_unigram"] - row["ce_replacement"]) / (row["ce_unigram"] - row["ce_clean"])
     )
-    assert write_results(tmp_path, frames) == {"sae_evals": 3, "transcoder_replacement": 1}
+    assert write_tables(tmp_path, (ANALYSIS, REPLACEMENT), frames) == {
+        "sae_evals": 3,
+        "transcoder_replacement": 1,
+    }
     saved = load_clt_dir(tmp_path / "saes" / "llama-clt")
     assert saved.layers == [0, 1, 2] and saved.hooks(2) == (
         "blocks.2.ln2.hook_normalized",

@@ -15,6 +15,7 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
+from workbench.analysis import write_tables
 from workbench.circuits.codebook import (
     ANALYSIS,
     CODES_TABLE,
@@ -36,7 +37,6 @@ from workbench.circuits.codebook import (
     read_rows,
     site_config,
     train_codebooks,
-    write_results,
 )
 from workbench.circuits.codebook.train import _replace_dead
 from workbench.cli import app as cli
@@ -340,7 +340,7 @@ def test_resume_equals_an_uninterrupted_run(fsm_series, tmp_path, train_model) -
                         **{**kwargs, "train_model": not train_model})  # fmt: skip
 
 
-def test_write_results_replaces_every_row_of_a_site(tmp_path) -> None:
+def test_writing_codes_replaces_every_row_of_a_site(tmp_path) -> None:
     workspace = Workspace(tmp_path).ensure()
 
     def frame(site, codes, dataset="d"):
@@ -349,9 +349,9 @@ def test_write_results_replaces_every_row_of_a_site(tmp_path) -> None:
 
     purity = pd.DataFrame({"model": "m", "checkpoint": 5, "dataset": "d", "run": "r", "site": "a", "head": None,
                            "label_set": "s", "label": [0, 1], "purity": 0.5})  # fmt: skip
-    write_results(workspace, {CODES_TABLE: pd.concat([frame("a", [1, 2, 3]), frame("b", [7]), frame("a", [9], "e")]),
+    write_tables(workspace, ANALYSIS, {CODES_TABLE: pd.concat([frame("a", [1, 2, 3]), frame("b", [7]), frame("a", [9], "e")]),
                               PURITY_TABLE: purity})  # fmt: skip
-    write_results(workspace, {CODES_TABLE: frame("a", [1, 2]), PURITY_TABLE: purity.iloc[:1]})
+    write_tables(workspace, ANALYSIS, {CODES_TABLE: frame("a", [1, 2]), PURITY_TABLE: purity.iloc[:1]})
     rows = workspace.results().read("codebook_codes")
     on = rows[rows["dataset"] == "d"]
     assert sorted(on[on["site"] == "a"]["code"]) == [1, 2] and list(on[on["site"] == "b"]["code"]) == [7]
@@ -360,7 +360,7 @@ def test_write_results_replaces_every_row_of_a_site(tmp_path) -> None:
     assert ANALYSIS.table_names == [CODES_TABLE, PURITY_TABLE]
     assert all("dataset" in t.keys and "site" in t.keys for t in ANALYSIS.tables)
     with pytest.raises(ValueError, match="lacks key column"):
-        write_results(workspace, {CODES_TABLE: frame("a", [1]).drop(columns="site")})
+        write_tables(workspace, ANALYSIS, {CODES_TABLE: frame("a", [1]).drop(columns="site")})
 
 
 @pytest.fixture(scope="module")

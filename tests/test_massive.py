@@ -9,13 +9,14 @@ import torch
 import transformers as T
 
 from workbench.analyses.massive.analysis import (
+    ANALYSIS,
     MassiveCriteria,
     MassiveError,
     detect_massive,
     fit_emergence,
     track_massive,
-    write_results,
 )
+from workbench.analysis import write_tables
 from workbench.emergence import (
     FAMILIES,
     FitError,
@@ -170,12 +171,12 @@ def test_tracking_over_zoo_checkpoints_and_results(code_series, zoo_workspace) -
     assert len(layers) == len(code_series.steps) * 2
     fits = fit_emergence(layers, metric="top1")
     assert set(fits["status"]) <= {"ok", "non_identifiable", "no_emergence", "failed"} and len(fits) == 2
-    write_results(report, fits, zoo_workspace)
+    write_tables(zoo_workspace, ANALYSIS, report.frames(fits))
     db = zoo_workspace.results()
     assert {"massive_layers", "massive_top", "massive_fits"} <= set(db.tables())
     mine = {"model": "code-tiny", "dataset": "tracking-test"}
     assert len(db.read("massive_layers", **mine)) == len(layers)
-    write_results(report, fits, zoo_workspace)
+    write_tables(zoo_workspace, ANALYSIS, report.frames(fits))
     assert len(db.read("massive_layers", **mine)) == len(layers), "re-running replaces, never duplicates"
 
 

@@ -20,7 +20,7 @@ before any work is done.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,17 +116,24 @@ def _advice(missing: list[str]) -> str:
     return "use a model that has it"
 
 
-def write_tables(workspace: Any, analysis: Analysis, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:
-    """The one results writer: store each frame in its declared table, replacing rows with the same keys.
+def write_tables(
+    workspace: Any, analysis: Analysis | Sequence[Analysis], frames: Mapping[str, pd.DataFrame]
+) -> dict[str, int]:
+    """The one results writer: store each frame in the table its analysis declares (one analysis, or several
+    whose tables one command fills), replacing rows with the same keys.
 
     Returns rows written per table. A frame for an undeclared table, or one missing a declared key column,
     is refused before anything is written.
     """
-    tables = {name: analysis.table(name) for name in frames}
+    analyses = [analysis] if isinstance(analysis, Analysis) else list(analysis)
+    owner = {table.name: a for a in analyses for table in a.tables}
+    tables = {name: owner.get(name, analyses[0]).table(name) for name in frames}
     for name, frame in frames.items():
         absent = [k for k in tables[name].keys if k not in frame.columns and k not in _FILLED]
         if absent:
-            raise ValueError(f"{analysis.name}: frame for {name} lacks key column(s) {absent}")
+            raise ValueError(
+                f"{owner.get(name, analyses[0]).name}: frame for {name} lacks key column(s) {absent}"
+            )
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     db = ws.results()
     return {

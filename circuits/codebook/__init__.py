@@ -9,7 +9,7 @@ replaces it. One job per file:
     kmeans.py    k-means++ / Lloyd init of the codes from the site's activations
     data.py      token rows of any dataset through its one iterator, the seeded held-out split, per-token labels
     train.py     train_codebooks (next-token + reconstruction loss, dead codes, checkpoints, resume), train
-    analysis.py  ANALYSIS, check, analyse_codes / run (counts, contexts, purity, MI), write_results
+    analysis.py  ANALYSIS, check, analyse_codes / run (counts, contexts, purity, MI)
     steering.py  generate with forced / disabled codes
     tokfsm.py    the TokFSM science check: fsm_codebook_study, fsm_purity_ceiling, fsm_steering_check
     runs.py      workspace/codebooks/<run>/ and default run names
@@ -27,7 +27,6 @@ from workbench.circuits.codebook.analysis import (
     collect_codes,
     mutual_information,
     run,
-    write_results,
 )
 from workbench.circuits.codebook.data import TokenRows, read_rows, split_rows, token_rows
 from workbench.circuits.codebook.demo import demo_step
@@ -57,5 +56,5 @@ __all__ = [
     "codebook_dir", "collect_codes", "default_run_name", "default_site", "demo_step", "evaluate_loss",
     "fsm_codebook_study", "fsm_purity_ceiling", "fsm_steering_check", "generate", "init_kmeans", "kmeans",
     "mutual_information", "read_rows", "run", "site_config", "split_rows", "token_rows", "train",
-    "train_codebooks", "write_results",
+    "train_codebooks",
 ]  # fmt: skip

@@ -4,7 +4,7 @@ similarity) and how they line up with per-token labels (purity / mutual informat
 Purity (``codebook_purity``): for each label value (e.g. an FSM state) its best code is the code most often chosen
 on that label's tokens, and purity = P(label | best code), the share of the best code's tokens that carry that
 label; recall = P(best code | label). ``run(model, data, codebooks)`` → ``{"codebook_codes", "codebook_purity"}``
-frames, keyed by (model, checkpoint, dataset, run, site); ``ANALYSIS`` declares them and ``write_results`` stores
+frames, keyed by (model, checkpoint, dataset, run, site); ``ANALYSIS`` declares them and ``write_tables`` stores
 them. Labels: the per-token label arrays a token dataset carries (``zoo:tokfsm``: ``fsm_state``) or any per-token
 label source of ``workbench.labels`` (a spans .jsonl, a label function ``FILE.py:FN``); without labels only counts and
 contexts are computed.
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
+from workbench.analysis import Analysis, AnalysisNotApplicable, Table
 from workbench.circuits.codebook.data import EVAL_FRACTION, read_rows, token_rows
 from workbench.circuits.codebook.module import CodebookError, CodebookSet, site_config
 from workbench.datasets import Dataset
@@ -321,10 +321,3 @@ def _source_purity(model: Any, codebooks: CodebookSet, data: Dataset, source: st
     if labelled.classes and len(purity):
         purity["label_name"] = purity["label"].map(lambda i: labelled.classes[int(i)])
     return purity
-
-
-def write_results(workspace: Any, frames: dict[str, pd.DataFrame]) -> dict[str, int]:
-    """Store ``run``'s frames (``workbench.analysis.write_tables``): a rewrite replaces every earlier row of the
-    same (model, checkpoint, dataset, run, site), so codes that no longer fire and labels no longer seen leave no
-    stale rows."""
-    return write_tables(workspace, ANALYSIS, frames)

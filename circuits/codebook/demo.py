@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from workbench.circuits.codebook.analysis import write_results
+from workbench.analysis import write_tables
+from workbench.circuits.codebook.analysis import ANALYSIS
 from workbench.circuits.codebook.runs import codebook_dir
 from workbench.circuits.codebook.tokfsm import fsm_codebook_study
 from workbench.datasets import load_dataset
@@ -21,7 +22,7 @@ def demo_step(
     model = resolve_model(model_name, workspace=workspace)
     study = fsm_codebook_study(model, load_dataset("zoo:tokfsm"), n_codes=n_codes, steps=steps,
                                directory=codebook_dir(workspace, f"{model_name}-demo"), progress=progress)  # fmt: skip
-    write_results(workspace, study["frames"])
+    write_tables(workspace, ANALYSIS, study["frames"])
     steer = study["steering"]
     return (f"codebooks {model_name}: state purity {study['mean_state_purity']:.3f} (ceiling for a code that knows "
             f"the exact state posterior {study['purity_ceiling']:.3f}), loss gap "

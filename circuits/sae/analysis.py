@@ -8,7 +8,7 @@ the workspace (one forward feeds every SAE), trains, saves each SAE under ``work
 from directly (its rows are the training data). :func:`evaluate` scores a saved SAE on a model and a dataset.
 Everything a run can refuse (hooks the model lacks, an SAE that does not fit in memory, zero steps, a store of
 another model) is refused before any capture. The CE metrics need next-token logits: on an encoder such as MiniLM
-only the reconstruction metrics are reported and ``ce_note`` says why. :func:`write_results` stores the frames.
+only the reconstruction metrics are reported and ``ce_note`` says why. ``write_tables(workspace, ANALYSIS, frames)`` stores the frames.
 """
 
 from __future__ import annotations
@@ -494,12 +494,6 @@ def feature_pages_on_data(
     return feature_pages(sae, store, sae_id, model=model, progress=progress).assign(dataset=data.name)
 
 
-def write_results(workspace: Any, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:
-    """Store ``run`` / ``evaluate`` frames (``workbench.analysis.write_tables``): a rerun of the same SAE on the
-    same model checkpoint and dataset replaces its rows."""
-    return write_tables(workspace, ANALYSIS, frames)
-
-
 DEMO_SPECS = {
     "code-tiny.L0-resid-topk": {"architecture": "topk", "d_sae": 256, "k": 8, "hook_in": "blocks.0.hook_resid_post"},
     **{
@@ -518,7 +512,7 @@ def demo_step(workspace, progress: bool = True) -> str:
     model = resolve_model("code-tiny", workspace=workspace)
     frames = run(model, load_dataset("zoo:python-stdlib"), DEMO_SPECS, workspace=workspace, max_tokens=4096,
                  context_length=64, progress=progress)  # fmt: skip
-    write_results(workspace, frames)
+    write_tables(workspace, ANALYSIS, frames)
     parts = [
         f"{r.sae_id}: L0 {r.L0:.1f}, FVU {r.FVU:.3f}, CE recovered {r.ce_recovered:.2f}, dead {r.dead_fraction:.0%}"
         for r in frames["sae_evals"].itertuples()

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from workbench.analysis import Analysis, Table, write_tables
+from workbench.analysis import Analysis, Table
 from workbench.circuits.sae.analysis import (
     ANALYSIS,
     _available_bytes,
@@ -540,10 +540,3 @@ def evaluate_replacement(model, data, found: FoundTranscoders, *, sae_id: str | 
 def scored_tokens_note(mask: torch.Tensor, dataset: str) -> str:
     """What a unigram baseline of the scored tokens (mask [batch, pos]) counts."""
     return f"the {int(mask.sum())} scored tokens of {dataset!r} (no training token counts found)"
-
-
-def write_results(workspace: Any, frames: Mapping[str, pd.DataFrame]) -> dict[str, int]:
-    """Store :func:`run_clt` / :func:`evaluate_transcoders` frames through the one writer."""
-    written = write_tables(workspace, ANALYSIS, {k: v for k, v in frames.items() if k == "sae_evals"})
-    rest = {k: v for k, v in frames.items() if k != "sae_evals"}
-    return written | (write_tables(workspace, REPLACEMENT, rest) if rest else {})

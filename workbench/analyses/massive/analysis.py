@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.analysis import Analysis, Table, write_tables
+from workbench.analysis import Analysis, Table
 from workbench.datasets import iter_model_batches
 from workbench.emergence import CurveFit, FitError, derived_quantities, fit_curve
 
@@ -61,6 +61,14 @@ class MassiveReport:
     layers: pd.DataFrame
     top: pd.DataFrame
     notes: list[str]
+
+    def frames(self, fits: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+        """The report (and emergence ``fits``) as ``ANALYSIS``'s tables: massive_layers, massive_top and, when there
+        are fits, massive_fits (for ``write_tables``; a rerun replaces the same model/checkpoint/hook/dataset rows)."""
+        frames = {"massive_layers": self.layers, "massive_top": self.top}
+        if fits is not None and not fits.empty:
+            frames["massive_fits"] = fits.assign(dataset=self.layers["dataset"].iloc[0])
+        return frames
 
 
 def _batches(model: HookedModel, inputs: Any, batch_size: int, max_length: int):
@@ -283,15 +291,3 @@ ANALYSIS = Analysis(
     requires=("text",),
     description="massive activations: detection, tracking over checkpoints, emergence fits",
 )  # fmt: skip
-
-
-def write_results(
-    report: MassiveReport, fits: pd.DataFrame | None = None, workspace: Any = None
-) -> dict[str, int]:
-    """Store a report (and fits) in the workspace results database: tables massive_layers, massive_top and, when
-    there are fits, massive_fits (re-running replaces the same model/checkpoint/hook/dataset rows).
-    -> rows written per table (only the tables written)."""
-    frames = {"massive_layers": report.layers, "massive_top": report.top}
-    if fits is not None and not fits.empty:
-        frames["massive_fits"] = fits.assign(dataset=report.layers["dataset"].iloc[0])
-    return write_tables(workspace, ANALYSIS, frames)

@@ -50,8 +50,8 @@ def massive_command(
         detect_massive,
         fit_emergence,
         track_massive,
-        write_results,
     )
+    from workbench.analysis import write_tables
     from workbench.emergence import FAMILIES, FitError
 
     if family not in FAMILIES:
@@ -82,7 +82,7 @@ def massive_command(
     else:
         report = detect_massive(series.load(series.steps[0]), inputs, names, criteria=criteria, progress=progress,
                                 **options)  # fmt: skip
-    written = write_results(report, fits, workspace)
+    written = write_tables(workspace, ANALYSIS, report.frames(fits))
     for note in report.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
     layers = report.layers
