@@ -19,6 +19,7 @@ from workbench.cli_options import (
     fail,
     open_data,
     open_model,
+    require_data,
 )
 
 app = typer.Typer(help="Transcoder circuits in other tools' formats.", no_args_is_help=True)
@@ -119,10 +120,7 @@ def run_deprecated_circuit(command: str, *, model: str, transcoders: list[str], 
     from workbench.circuits.attribution.transcoders import as_transcoders
 
     checked = circuit_root(root, layer, feature)
-    if data is None:
-        fail(
-            "--data is required: the prompt is a token row of it (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
-        )
+    data = require_data(data, "the prompt is a token row of it")
     target = "logits"
     if checked == "feature":
         hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
@@ -493,10 +491,7 @@ def clt_eval(
     and the mean L0 of its features."""
     from workbench.circuits.sae.formats.circuit_tracer import evaluate_clt, load_clt
 
-    if data is None:
-        fail(
-            "--data is required: the text the CLT is scored on (a text file, FILE.jsonl:FIELD, zoo:python-stdlib)"
-        )
+    require_data(data, "the text the CLT is scored on")
     clt = load_clt(path, device=device)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     frame = evaluate_clt(hooked, open_data(data), clt, max_tokens=max_tokens, context_length=context_length)

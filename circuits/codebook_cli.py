@@ -21,6 +21,7 @@ from workbench.cli_options import (
     fail,
     open_data,
     open_model,
+    require_data,
 )
 from workbench.workspace import Workspace
 
@@ -28,10 +29,6 @@ app = typer.Typer(
     help="Codebook features: VQ bottlenecks on hook sites of a causal LM, code analysis and steering."
 )
 
-DATA_REQUIRED = (
-    "--data is required: the text or token ids the codebooks are {} on (a text file, FILE.jsonl:FIELD, a directory, "
-    "a save_to_disk folder, ids.npy, zoo:tokfsm, zoo:python-stdlib)"
-)
 RunOption = Annotated[
     str | None,
     typer.Option(
@@ -77,8 +74,7 @@ def train(
     )
     from workbench.circuits.codebook import train as train_codebooks
 
-    if data is None:
-        fail(DATA_REQUIRED.format("trained"))
+    require_data(data, "the text or token ids the codebooks are trained on")
     CodebookConfig("--site", d=1, n_codes=n_codes, k=k, similarity=similarity)  # refuses bad settings at once
     hooked = open_model(model, workspace, device, "float32", trust_remote_code)
     dataset = open_data(data)
@@ -128,8 +124,7 @@ def analyse(
     )
     from workbench.circuits.codebook import run as analyse_run
 
-    if data is None:
-        fail(DATA_REQUIRED.format("analysed"))
+    require_data(data, "the text or token ids the codebooks are analysed on")
     hooked = open_model(model, workspace, device, "float32", trust_remote_code)
     dataset = open_data(data)
     check(hooked, dataset, context_length=context_length)

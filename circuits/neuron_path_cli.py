@@ -15,18 +15,12 @@ from workbench.cli_options import (
     SeedOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
-    fail,
     open_data,
     open_model,
+    require_data,
 )
 
 app = typer.Typer(help="Neuron-path attribution (joint integrated gradients over MLP neurons).")
-
-DATA_REQUIRED = (
-    "--data is required: the dataset the paths are traced on; for a causal LM text or token ids (a text file, "
-    "FILE.jsonl:FIELD, ids.npy, zoo:tokfsm, zoo:python-stdlib), for an image classifier inputs with a class label "
-    "array (zoo:digits)"
-)
 
 
 @app.command()
@@ -80,8 +74,8 @@ def run(
     from workbench.circuits.neuron_path import ANALYSIS
     from workbench.circuits.neuron_path import run as run_paths
 
-    if data is None:
-        fail(DATA_REQUIRED)
+    require_data(data, "the dataset the paths are traced on: text or token ids for a causal LM, inputs with a class "
+                 "label array for an image classifier (zoo:digits)")  # fmt: skip
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
     frames = run_paths(hooked, dataset, position=position, n_targets=n_targets, steps=steps, top_k=top_k,

@@ -37,6 +37,7 @@ from workbench.cli_options import (
     fail,
     open_data,
     open_model,
+    require_data,
 )
 from workbench.workspace import Workspace
 
@@ -47,10 +48,6 @@ TokensOption = Annotated[
     int | None,
     typer.Option("--max-tokens", help="Token budget read from --data (default: 100000 for train)."),
 ]
-DATA_REQUIRED = (
-    "--data is required: the text the activations are read from (a text file, FILE.jsonl:FIELD, a directory, a "
-    "save_to_disk folder, ids.npy, zoo:python-stdlib) or an activation store holding the hook(s)"
-)
 
 
 @app.command()
@@ -149,8 +146,7 @@ def train(
     from workbench.circuits.sae import distributed as dist
     from workbench.circuits.sae.analysis import ANALYSIS, run
 
-    if data is None:
-        fail(DATA_REQUIRED)
+    require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
     if architecture.startswith("clt"):  # one cross-layer transcoder over every layer the patterns match
         return _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae, k, skip, steps,
                           max_tokens, context_length, batch_size, train_batch_size, seed, device, workspace,
@@ -366,8 +362,7 @@ def evaluate(
     from workbench.circuits.sae.analysis import evaluate as evaluate_on
     from workbench.circuits.sae.clt_analysis import find_transcoders
 
-    if data is None:
-        fail(DATA_REQUIRED)
+    require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
     references = _listed([sae_path])
     if not references:
         fail("the SAE argument is empty: name an SAE id or directory, or transcoders as ID0,ID1,...")
@@ -563,8 +558,7 @@ def features(
     from workbench.analysis import write_tables
     from workbench.circuits.sae.analysis import ANALYSIS, feature_pages_on_data, find_sae
 
-    if data is None:
-        fail(DATA_REQUIRED)
+    require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
     found, sae = find_sae(sae_path, workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)

@@ -167,11 +167,12 @@ def capture_to_store(
 
 
 def _widest(texts: Inputs, max_length: int) -> int:
-    """The longest sequence ``texts`` can give the model after truncation to ``max_length`` (texts: the cap)."""
+    """The longest sequence of token ids ``texts`` gives the model after truncation to ``max_length``; 0 for
+    strings, whose lengths are known once tokenized (a too-long one is refused by the model's forward)."""
     if isinstance(texts, torch.Tensor):
         return min(texts.shape[-1], max_length) if texts.ndim == 2 and not texts.is_floating_point() else 0
     if all(isinstance(t, str) for t in texts):
-        return max_length
+        return 0
     return min(max(len(t) for t in texts), max_length)
 
 

@@ -119,15 +119,22 @@ def check_results(workspace: Path | None) -> None:
         ws.results().tables()
 
 
+DATA_REFERENCES = "a text file, FILE.jsonl:FIELD, a directory, a save_to_disk folder, ids.npy, an activation store or zoo:NAME"
+
+
+def require_data(data: str | None, reads: str = "the dataset this command reads") -> str:
+    """``--data`` when given; otherwise exit 2 before any work, saying what the command ``reads`` from it and which
+    references it takes (the one place a command requires ``--data``)."""
+    if data is None:
+        fail(f"--data is required: {reads} ({DATA_REFERENCES})")
+    return data
+
+
 def open_data(data: str | None, default: str | None = None, limit: int | None = None) -> Dataset:
     """Load ``--data`` (or ``default`` when it is not given) through ``workbench.datasets.load_dataset``."""
     from workbench.datasets import load_dataset
 
-    reference = data or default
-    if reference is None:
-        fail("--data is required: a text file, FILE.jsonl:FIELD, a directory, a save_to_disk folder, ids.npy, "
-             "an activation store or zoo:NAME")  # fmt: skip
-    return load_dataset(reference, limit=limit)
+    return load_dataset(data or require_data(default), limit=limit)
 
 
 def default_prompts() -> Dataset:
