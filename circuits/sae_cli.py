@@ -238,7 +238,7 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
             )
         for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
             typer.echo(f"replacement model: CE {row.ce_replacement:.4f} (model {row.ce_clean:.4f}, unigram "
-                       f"{row.ce_unigram:.4f}), KL {row.kl:.4f}, loss gain kept {row.gain_kept:.3f}")  # fmt: skip
+                       f"{row.ce_unigram:.4f}), KL {row.kl:.4f}, {_gain_kept(row)}")  # fmt: skip
         _dead_warnings(frames["sae_evals"], clt=True)
         if ctx is not None:
             typer.echo(f"{ctx.world_size} data-parallel processes (every process trained the CLT)")
@@ -247,6 +247,15 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
         typer.echo(f"saved to saes/{sae_name}; written to the workspace ({tables})")
     if ctx is not None:
         dist.shutdown()
+
+
+def _gain_kept(row) -> str:
+    """The replacement model's share of the model's loss gain over the unigram baseline, or why it has none (a
+    model whose CE is not below the unigram's, e.g. untrained, has no gain to keep)."""
+    if row.ce_clean < row.ce_unigram:
+        return f"loss gain kept {row.gain_kept:.3f}"
+    return (f"loss gain kept: none to keep (the model's CE {row.ce_clean:.4f} is not below the unigram "
+            f"baseline's {row.ce_unigram:.4f})")  # fmt: skip
 
 
 def _dead_warnings(evals, clt: bool) -> None:
@@ -408,7 +417,7 @@ def _eval_transcoders(found, model, data, max_tokens, context_length, batch_size
     for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
         typer.echo(f"replacement model ({row.n_tokens} predicted tokens): CE {row.ce_replacement:.4f} (model "
                    f"{row.ce_clean:.4f}, unigram {row.ce_unigram:.4f} from {row.unigram_tokens}), KL {row.kl:.4f}, "
-                   f"loss gain kept {row.gain_kept:.3f}")  # fmt: skip
+                   f"{_gain_kept(row)}")  # fmt: skip
     if "transcoder_replacement" not in frames:
         typer.echo(f"no replacement-model row: {frames['sae_evals'].iloc[0]['ce_note']}")
     _dead_warnings(frames["sae_evals"], clt=not isinstance(found.transcoders, list))
