@@ -639,7 +639,7 @@ def test_masked_lm_head_top_tokens_equal_the_hf_head_under_a_manual_hook(user_di
     hf = _hf(user_dirs / "my-mlm", "BertForMaskedLM")
     tokens = lab.encode_prompt(model, SENTENCE)
     (at,) = lab.mask_positions(model, tokens)
-    assert lab.str_tokens(model, tokens)[at] == "[MASK]"
+    assert model.position_labels(tokens)[at] == "[MASK]"
     neurons = (1, 5, 17)
     stack = [Intervention("zero", "blocks.1.mlp.hook_post", neurons=neurons)]
 

@@ -169,11 +169,6 @@ def encode_prompt(model: HookedModel, prompt: str, max_tokens: int = MAX_PROMPT_
     return model.to_tokens(prompt).cpu()
 
 
-def str_tokens(model: HookedModel, tokens: torch.Tensor) -> list[str]:
-    """Each token of ``tokens`` [1, pos] as text."""
-    return model.to_str_tokens(tokens[0])
-
-
 @dataclass
 class LabImage:
     """One image of a dataset as the model takes it: ``pixels`` [1, C, H, W], its label (None when the dataset has
