@@ -7,10 +7,12 @@ source, the replacement model reproduces the logits, and bad input is refused wi
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from workbench.circuits.attribution.graph import Graph, attribute, probe_target
 from workbench.circuits.attribution.pruning import graph_scores, node_influence, prune
@@ -406,7 +408,7 @@ def test_a_text_prompt_longer_than_the_positions_is_refused_not_cut() -> None:
     assert model.tokenize(" ".join(words))["input_ids"].shape == (1, 16)  # what used to be traced
     with pytest.raises(AttributionError, match=r"^the prompt has 20 tokens but tiny-gpt2 has 16 positions; shorten "
                        r"the prompt to at most 16 tokens$"):  # fmt: skip
-        attribute(model, transcoders, " ".join(words))
+        attribute(model, transcoders, " ".join(words), targets="feature:1:5:3")
     fits = " ".join(words[:16])
     graph = attribute(model, transcoders, fits, targets="diff:w3,w4", max_feature_nodes=0, heads=False)
     assert graph.tokens.tolist() == list(range(1, 17)) and graph.prompt == fits
@@ -414,6 +416,28 @@ def test_a_text_prompt_longer_than_the_positions_is_refused_not_cut() -> None:
         attribute(model, transcoders, fits, targets="diff:w3,zebra")
     with pytest.raises(AttributionError, match=r"'w3 w4' is 2 tokens \('w3', 'w4'\), not one; name a single"):
         attribute(model, transcoders, fits, targets="diff:w3 w4,w5")
+
+
+def test_a_transformer_lens_prompt_counts_its_bos(tmp_path: Path) -> None:
+    """TransformerLens prepends BOS and cuts at n_ctx itself: on 16 positions, 15 words + BOS are traced whole and
+    16 words + BOS (17 tokens) are refused, not silently cut to 16."""
+    tokenizer = word_tokenizer()
+    tokenizer.bos_token = "[UNK]"
+    tokenizer.save_pretrained(tmp_path)  # TransformerLens rebuilds its tokenizer from a saved one
+    cfg = HookedTransformerConfig(n_layers=N_LAYERS, d_model=D_MODEL, n_ctx=16, d_head=4, n_heads=4, d_vocab=VOCAB,
+                                  act_fn="gelu", d_mlp=32, seed=0)  # fmt: skip
+    model = HookedModel.from_transformer_lens(
+        HookedTransformer(cfg, tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path))
+    )
+    transcoders = {layer: create_sae(SAEConfig("relu", d_in=D_MODEL, d_sae=8, hook_in=f"blocks.{layer}.hook_resid_mid",
+                                               hook_out=f"blocks.{layer}.hook_mlp_out")) for layer in range(N_LAYERS)}  # fmt: skip
+    words = [f"w{1 + i}" for i in range(16)]
+    graph = attribute(
+        model, transcoders, " ".join(words[:15]), targets="feature:1:5:3", max_feature_nodes=0, heads=False
+    )
+    assert graph.tokens.tolist() == [0, *range(1, 16)]
+    with pytest.raises(AttributionError, match=r"^the prompt has 17 tokens but .* has 16 positions"):
+        attribute(model, transcoders, " ".join(words), targets="feature:1:5:3")
 
 
 @pytest.mark.parametrize("case", ["gpt2-ln2-skip", "llama-gqa-resid-mid", "llama-clt"])
