@@ -94,6 +94,7 @@ def test_interrupted_store_is_not_read_as_complete_and_resumes(tmp_path, monkeyp
     acts, ids = _rows(40)
     store = _store(tmp_path / "s")
     store.append({k: v[:15] for k, v in acts.items()}, ids[:15], sequences_done=3)
+    store.flush()  # shard 0 on disk before the writes start failing (shards are otherwise written behind)
 
     import workbench.store as module
 
@@ -107,8 +108,10 @@ def test_interrupted_store_is_not_read_as_complete_and_resumes(tmp_path, monkeyp
         real_write(path, data, boundary)
 
     monkeypatch.setattr(module, "atomic_write_bytes", crash_on_manifest)
+    # the full buffer goes to the writer thread; its error surfaces when the store next waits for it
+    store.append({k: v[15:30] for k, v in acts.items()}, ids[15:30], sequences_done=6)
     with pytest.raises(KeyboardInterrupt):
-        store.append({k: v[15:30] for k, v in acts.items()}, ids[15:30], sequences_done=6)
+        store.flush()
     monkeypatch.setattr(module, "atomic_write_bytes", real_write)
     assert (tmp_path / "s" / "shard-00001.safetensors").exists()  # orphan shard, not in the manifest
     with pytest.raises(StoreError, match="incomplete"):

@@ -25,6 +25,7 @@ import json
 import re
 import struct
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,9 @@ class ActivationStore:
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._buffer_rows = 0
         self._buffer_sequences_done = manifest.get("sequences_done", 0)
+        self._writer: ThreadPoolExecutor | None = None  # one thread: shards written behind the next forward
+        self._in_flight: Future[None] | None = None
+        self._in_flight_rows = 0
         self.rows_at_open = int(manifest.get("n_rows", 0))  # rows on disk when this object was made
         self.rows_written = 0  # rows this object wrote to shards since (what "wrote N rows" reports)
 
@@ -254,7 +258,9 @@ class ActivationStore:
         for hook, value in activations.items():
             if value.shape[0] != rows:
                 raise StoreError(f"{hook} has {value.shape[0]} rows but token_ids has {rows}")
-            if not torch.isfinite(value).all():
+            # A sum is finite iff every value is (NaN and inf propagate), barring an overflow of the sum itself,
+            # which the exact elementwise test below then clears: one reduction instead of a bool tensor per batch.
+            if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
                 bad = int((~torch.isfinite(value)).flatten(1).any(1).nonzero()[0, 0])
                 raise StoreError(
                     f"{hook} holds NaN/inf at appended row {bad}; refusing to store non-finite activations"
@@ -276,25 +282,61 @@ class ActivationStore:
         if sequences_done is not None:
             self._buffer_sequences_done = sequences_done
         if self._buffer_rows >= self.manifest["shard_rows"]:
-            self.flush()
+            self._write_behind()
+
+    def _write_behind(self) -> None:
+        """Hand the buffered rows to the writer thread as one shard and return at once, so the next batch's forward
+        overlaps the shard's concatenation, checksum, write and fsync. At most one shard is in flight: this waits
+        for the previous one first (and re-raises its error), which bounds memory by one buffer plus one shard."""
+        self._wait_for_writer()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        buffer, rows, done = self._take_buffer()
+        self._in_flight_rows = rows
+        self._in_flight = self._writer.submit(self._write_shard, buffer, rows, done)
+
+    def _wait_for_writer(self) -> None:
+        """Block until the shard in flight (if any) is on disk and in the manifest; re-raise its error."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            try:
+                in_flight.result()
+            finally:
+                self._in_flight_rows = 0
+
+    def _take_buffer(self) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+        buffer, rows, done = self._buffer, self._buffer_rows, self._buffer_sequences_done
+        self._buffer, self._buffer_rows = [], 0
+        return buffer, rows, done
 
     def flush(self) -> None:
-        """Write the buffered rows as one shard (atomically), then record it in the manifest."""
-        if not self._buffer:
-            return
-        tensors = {k: torch.cat([c[k] for c in self._buffer]) for k in self._buffer[0]}
+        """Write the buffered rows as one shard (atomically) now, then record it in the manifest; returns once
+        every appended row is on disk."""
+        self._wait_for_writer()
+        if self._buffer:
+            self._write_shard(*self._take_buffer())
+        self._shutdown_writer()
+
+    def _shutdown_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def _write_shard(self, buffer: list[dict[str, torch.Tensor]], rows: int, sequences_done: int) -> None:
+        """One shard from ``buffer`` (appended chunks, each {column: [rows_i, ...]}) written atomically, then the
+        manifest rewritten to include it: the manifest never names a shard that is not fully on disk."""
+        tensors = {k: torch.cat([c[k] for c in buffer]) for k in buffer[0]}
         index = len(self.manifest["shards"])
         name = f"shard-{index:05d}.safetensors"
         data = safetensors_bytes(tensors, metadata={"shard": str(index)})
         atomic_write_bytes(self.path / name, data, boundary="store.shard")
         self.manifest["shards"].append(
-            {"file": name, "rows": self._buffer_rows, "sha256": hashlib.sha256(data).hexdigest()}
+            {"file": name, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
         )
-        self.manifest["n_rows"] += self._buffer_rows
-        self.rows_written += self._buffer_rows
-        self.manifest["sequences_done"] = self._buffer_sequences_done
+        self.manifest["n_rows"] += rows
+        self.rows_written += rows
+        self.manifest["sequences_done"] = sequences_done
         self._write_manifest()
-        self._buffer, self._buffer_rows = [], 0
 
     def finalize(self) -> ActivationStore:
         """Flush and mark the store complete; only complete stores open for reading by default."""
@@ -390,8 +432,9 @@ class ActivationStore:
 
     @property
     def pending_rows(self) -> int:
-        """Rows appended but not yet written to a shard (the next ``flush`` writes them)."""
-        return self._buffer_rows
+        """Rows appended but not yet recorded in a shard (buffered, or being written behind; ``flush`` writes
+        them)."""
+        return self._buffer_rows + self._in_flight_rows
 
     @property
     def n_rows(self) -> int:

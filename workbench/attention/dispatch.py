@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from workbench.attention.reference import masked_scores, stats_from_scores
+from workbench.attention.reference import masked_scores, sdpa, stats_from_scores
 
 PATHS = ("sdpa", "eager", "kernel")
 
@@ -49,6 +48,7 @@ def attend(
             "(model.set_attention_path('eager') or uninstall_attention(model)) or capture the statistics hooks"
         )
     if path == "kernel":
+        # Triton loads only when the kernel path is asked for (start-up time of every other path)
         from workbench.attention.kernel import flash_attention
 
         out, stats = flash_attention(
@@ -71,22 +71,5 @@ def attend(
     else:
         stats = None
     return AttentionOutput(
-        _sdpa(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask), None, stats
+        sdpa(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask), None, stats
     )
-
-
-def _sdpa(q, k, v, *, scale: float, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    q_len, k_len = q.shape[2], k.shape[2]
-    if key_padding_mask is None and (not causal or q_len == k_len):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal and q_len > 1)
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril(diagonal=k_len - q_len)
-    allowed = allowed.expand(q.shape[0], 1, q_len, k_len)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)

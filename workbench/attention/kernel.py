@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from workbench.attention.reference import sdpa, sdpa_with_statistics
+
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
@@ -185,12 +187,11 @@ def flash_attention(
     ok, reason = kernel_available(q.device)
     if not ok:
         _announce("torch SDPA with reference statistics (fallback)", reason)
-        from workbench.attention.dispatch import attend
-
-        result = attend(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, path="sdpa",
-                        return_stats=return_stats, sink_k=sink_k)  # fmt: skip
-        stats = {n: t.float() for n, t in result.stats.items()} if result.stats else None
-        return result.out, stats
+        if not return_stats:
+            return sdpa(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask), None
+        return sdpa_with_statistics(
+            q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, sink_k=sink_k
+        )
     _announce("Triton flash attention with in-kernel statistics", reason)
     bm, bn, warps, stages = block_config(d_head, q.dtype, q.device.type == "cpu")
     bm, bn = block_m or bm, block_n or bn

@@ -1,4 +1,5 @@
-"""Attention statistics from a materialised score matrix: the float64 reference and the eager path.
+"""Attention statistics from a materialised score matrix (the float64 reference and the eager path), and torch
+SDPA with those statistics (the bare path, and the fused kernel's fallback where Triton cannot run).
 
 For each (batch, head, query) with scores s_j over allowed keys (masked keys hold -inf) and p = softmax(s):
 ``lse = logsumexp(s)``, ``max_logit = max s``, ``entropy = lse − Σ p_j s_j`` (nats) and ``sink = Σ_{j<k} p_j``.
@@ -8,6 +9,7 @@ A fully masked row has lse = max_logit = −inf, entropy = 0 and sink = 0.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 STATISTICS = ("entropy", "sink", "lse", "max_logit")
 
@@ -84,3 +86,48 @@ def reference_attention(
     v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
     out = pattern @ v.to(dtype)
     return out, pattern, stats
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torch SDPA of q [b, h, q, d] over k, v [b, kv_h, k, d] (GQA repeated) -> out [b, h, q, d]; causal queries are
+    aligned to the end of the keys, and a query with no allowed key gets zeros (SDPA alone would give NaN)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q_len, k_len = q.shape[2], k.shape[2]
+    if key_padding_mask is None and (not causal or q_len == k_len):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal and q_len > 1)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril(diagonal=k_len - q_len)
+    allowed = allowed.expand(q.shape[0], 1, q_len, k_len)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+
+
+def sdpa_with_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    sink_k: int = 1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(out [b, h, q, d] from torch SDPA, statistics name -> [b, h, q] in float32 from the masked scores)."""
+    scores = masked_scores(
+        q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, dtype=torch.float32
+    )
+    stats = stats_from_scores(scores, sink_k=sink_k)
+    return sdpa(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask), stats
