@@ -5,10 +5,13 @@ loss). sklearn: ``StandardScaler`` + ``LogisticRegression(C=1 / (l2 · n_train))
 site by site with lbfgs. Both get the same stopping rule per site: at most ``--max-iter`` iterations, and done when
 the largest (projected-)gradient entry of that site's mean objective is ≤ ``--tol`` (ours: a per-site L-BFGS whose
 converged sites leave the batch). ``--ours-tol`` tightens ours only, to time ours reaching sklearn's objective at
-every site. Nothing is silenced: sklearn's convergence warnings are counted and printed. Each side is timed at
-torch's/BLAS's default thread count and at one thread (sklearn's OpenBLAS can be several times faster
-single-threaded on these skinny matrices), the sides interleaved within each repeat; the headline ratio compares
-the best of each, and the load average is printed before and after. Prints the wall times (best of
+every site. Nothing is silenced: sklearn's convergence warnings are counted and printed. Each side is timed in
+every configuration this 2-core machine allows, all interleaved within each repeat: ours at torch's default
+thread count (that many worker threads over the sites) and at one thread; sklearn site by site at BLAS's default
+thread count (``--skip-sklearn-blas-threads`` leaves this one out: OpenBLAS is 3–18× slower with 2 threads on
+these skinny matrices) and at one, and over 2 joblib workers (threads, and loky processes warmed before timing)
+with one BLAS thread each. Every configuration of a side must give the same fit (asserted); the headline ratio
+compares the best of each, and the load average is printed before and after. Prints the wall times (best of
 ``--repeats``), the ratios and, per site, the held-out accuracy of both, the iterations (sklearn's ``n_iter_``,
 ours ``site_iterations``) and the training objective each reached (the same float64 formula for both, so a
 positive gap means ours stopped above sklearn's point), with a summary of the gaps.

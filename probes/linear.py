@@ -5,8 +5,8 @@ penalised) — sklearn's ``LogisticRegression(C=1 / (l2 · n_train))`` objective
 mean squared error + ``l2`` · ‖W‖², solved in closed form — sklearn's ``Ridge(alpha=l2 · n_train)``. Inputs are
 standardised per site and dimension with training statistics unless ``standardize=False``.
 
-The sites are independent problems, fitted by one L-BFGS loop whose steps evaluate every still-running site in
-batched matmuls; each site keeps its own correction pairs and line search and leaves the batch as soon as it
+The sites are independent problems, fitted by one L-BFGS loop whose steps evaluate every still-running site
+(two float32 products per site, on a pool of worker threads where the sites are large); each site keeps its own correction pairs and line search and leaves the batch as soon as it
 meets sklearn's stopping rule (largest gradient entry ≤ tol), so easy sites do not wait for the hardest. Narrow
 sites (where a d × d factorisation is cheap next to the iterations) are preconditioned with their input
 covariance and start from the closed-form ridge fit to one-hot targets; wide ones (d 768) start from zero.
