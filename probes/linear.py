@@ -5,11 +5,12 @@ penalised) — sklearn's ``LogisticRegression(C=1 / (l2 · n_train))`` objective
 mean squared error + ``l2`` · ‖W‖², solved in closed form — sklearn's ``Ridge(alpha=l2 · n_train)``. Inputs are
 standardised per site and dimension with training statistics unless ``standardize=False``.
 
-The sites are independent problems, fitted by one L-BFGS loop whose steps evaluate every still-running site in
-batched matmuls; each site keeps its own correction pairs and line search and leaves the batch as soon as it
-meets sklearn's stopping rule (largest gradient entry ≤ tol), so easy sites do not wait for the hardest. Narrow
-sites (where a d × d factorisation is cheap next to the iterations) are preconditioned with their input
-covariance and start from the closed-form ridge fit to one-hot targets; wide ones (d 768) start from zero.
+The sites are independent problems, fitted by one L-BFGS loop whose steps evaluate every still-running site
+(two float32 products per site, on a pool of worker threads where the sites are large); each site keeps its own
+correction pairs and line search and leaves the batch as soon as it meets sklearn's stopping rule (largest
+gradient entry ≤ tol), so easy sites do not wait for the hardest. Narrow sites (where a d × d factorisation is
+cheap next to the iterations) are preconditioned with their input covariance and start from the closed-form
+ridge fit to one-hot targets; wide ones (d 768) start from zero.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,23 +165,40 @@ def _check_inputs(x: torch.Tensor, n_sites: int | None = None, d: int | None = N
     return x.float()
 
 
-def _standardise(x: torch.Tensor, standardize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _standardise(
+    x: torch.Tensor, standardize: bool, pool: _SitePool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-site, per-dimension training mean and scale [sites, d] and the standardised inputs z [sites, n, d]
-    (``x`` itself when ``standardize`` is False). One new tensor and few passes over memory: centre, sum the
-    squares block by block (``Tensor.std`` and column norms over dim 1 are ~10× slower at [96, 1920, 768]),
-    divide in place."""
+    (``x`` itself when ``standardize`` is False). Each site in turn (on the pool's workers when there is a pool):
+    its mean, then its centred sum of squares in blocks of ``CACHE_FLOATS`` read from cache (``Tensor.std`` and
+    column norms over dim 1 are ~10× slower at [96, 1920, 768]); then z = x·(1/scale) − mean/scale in one fused
+    op per site into one new tensor, whose first-touch page faults are most of the cost. The fused form is as
+    exact as the float32 data: it and x − mean both carry float32 round-off × |mean| / scale."""
     if not standardize:
         return torch.zeros(x.shape[0], x.shape[2]), torch.ones(x.shape[0], x.shape[2]), x
-    mean = x.mean(1)
-    z = x - mean[:, None]
-    squares = torch.zeros_like(mean)
-    rows = max(1, CACHE_FLOATS // x.shape[2])
-    for site in range(x.shape[0]):
-        for row in range(0, x.shape[1], rows):
-            block = z[site, row : row + rows]
-            squares[site] += (block * block).sum(0)
-    scale = _safe_scale((squares / x.shape[1]).sqrt())
-    return mean, scale, z.div_(scale[:, None])
+    n_sites, n, d = x.shape
+    mean = torch.empty(n_sites, d)
+    squares = torch.empty(n_sites, d)
+    rows = max(1, CACHE_FLOATS // d)
+
+    def moments(site: int) -> None:
+        mean[site] = x[site].mean(0)
+        total = torch.zeros(d)
+        for row in range(0, n, rows):
+            block = x[site, row : row + rows] - mean[site]
+            total += (block * block).sum(0)
+        squares[site] = total
+
+    _run_sites(pool, moments, n_sites)
+    scale = _safe_scale((squares / n).sqrt())
+    inverse, shift = 1 / scale, -mean / scale
+    z = torch.empty_like(x)
+
+    def fill(site: int) -> None:
+        torch.addcmul(shift[site], x[site], inverse[site], out=z[site])
+
+    _run_sites(pool, fill, n_sites)
+    return mean, scale, z
 
 
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -226,6 +245,7 @@ def fit_probes(
     tol: float = 1e-4,
     sites: Sequence[str] | None = None,
     precondition: bool | None = None,
+    workers: int | None = None,
 ) -> LinearProbes:
     """Fit one linear probe per site on activations ``x`` [sites, n, d] (or {site: [n, d]}) and labels ``y`` [n].
 
@@ -235,6 +255,9 @@ def fit_probes(
     lbfgs rule), when its line search finds no decrease, or after ``max_iter`` iterations, and then leaves the
     batch. ``precondition`` (default: decided by cost, see :func:`_preconditioner_cost`) preconditions with each
     site's input covariance and starts from the ridge fit — a d² per-site setup that pays off for narrow sites.
+    ``workers`` threads (default: torch's intra-op thread count where a site holds ≥ ``PARALLEL_FLOATS`` values,
+    else 1) standardise and evaluate the sites side by side, each at one torch thread; the result does not
+    depend on it.
     """
     if task not in TASKS:
         raise ProbeError(f"task={task!r} is not known; use one of {TASKS}")
@@ -250,18 +273,26 @@ def fit_probes(
     y = torch.as_tensor(y)
     if y.shape[0] != x.shape[1]:
         raise ProbeError(f"{y.shape[0]} labels for {x.shape[1]} activation rows")
-    with _one_intra_op_thread():
-        mean, scale, z = _standardise(x, standardize)
+    if workers is None:
+        workers = torch.get_num_threads() if x.shape[1] * x.shape[2] >= PARALLEL_FLOATS else 1
+    if workers < 1:
+        raise ProbeError(f"workers={workers} must be ≥ 1")
+    workers = min(workers, x.shape[0])
     if task == "regression":
+        with _one_intra_op_thread():
+            mean, scale, z = _standardise(x, standardize)
         weight, bias = _ridge(z, _as_targets(y), l2)
         return LinearProbes(task, weight, bias, mean, scale, None, sites, l2)
     classes, index = torch.unique(y.long(), return_inverse=True)
     if len(classes) < 2:
         raise ProbeError(f"classification needs at least two classes in the labels; got {classes.tolist()}")
     if precondition is None:
-        precondition = _preconditioner_cost(z.shape[1], z.shape[2], len(classes)) <= PRECONDITION_LIMIT
-    with _one_intra_op_thread():
-        weight, bias, site_iterations = _logistic(z, index, len(classes), l2, max_iter, tol, precondition)
+        precondition = _preconditioner_cost(x.shape[1], x.shape[2], len(classes)) <= PRECONDITION_LIMIT
+    with _one_intra_op_thread(), _site_pool(workers) as pool:
+        mean, scale, z = _standardise(x, standardize, pool)
+        weight, bias, site_iterations = _logistic(
+            z, index, len(classes), l2, max_iter, tol, precondition, pool
+        )
     iterations = int(site_iterations.max())
     return LinearProbes(task, weight, bias, mean, scale, classes, sites, l2, iterations, site_iterations)
 
@@ -270,7 +301,7 @@ def fit_probes(
 def _one_intra_op_thread() -> Iterator[None]:
     """Run the block with one torch intra-op thread (process-wide; the previous count is restored after).
 
-    The logistic fit is thousands of small, memory-bound ops (1 MiB blocks, [sites, C·d] vectors): a second
+    The logistic fit's bookkeeping is thousands of small, memory-bound ops ([sites, C·d] vectors): a second
     thread cannot add bandwidth, and every op's parallel region waits for it — on the shared 2-core VM, with the
     other core busy, 2 threads made a [24, 1920, 768] fit 6–28× slower than 1 (benchmarks/RESULTS.md).
     """
@@ -285,7 +316,9 @@ def _one_intra_op_thread() -> Iterator[None]:
 HISTORY = 10  # L-BFGS correction pairs kept per site (scipy's L-BFGS-B default, which sklearn uses)
 LINE_SEARCH_ROUNDS = 20  # loss evaluations one line search may take before its site counts as stalled
 PRECONDITION_LIMIT = 32.0  # precondition when the setup costs at most this many loss-and-gradient evaluations
-CACHE_FLOATS = 2**18  # float32 entries of activations per block of an evaluation (1 MiB: stays in L2)
+CACHE_FLOATS = 2**18  # float32 entries per block of the standardising pass (1 MiB: stays in L2)
+# a site's values (n·d) from which the default fit runs one worker per intra-op thread (d 768 × 1920 rows: 5.6×)
+PARALLEL_FLOATS = 2**18
 
 
 def _preconditioner_cost(n: int, d: int, n_classes: int) -> float:
@@ -309,6 +342,7 @@ def _logistic(
     max_iter: int,
     tol: float,
     precondition: bool,
+    pool: _SitePool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression per site; z [sites, n, d] standardised, index [n] in [0, n_classes).
 
@@ -334,7 +368,9 @@ def _logistic(
         ridge = _per_site(torch.cholesky_solve, rhs, lower)  # [sites, d, C]
         weight = (ridge / curvature).transpose(1, 2).contiguous()
         bias = bias - (z.mean(1).double()[:, None, :] @ ridge / curvature)[:, 0]
-    weight, bias, iterations = _lbfgs_logistic(z, index, weight, bias, l2, max_iter, tol, inverse, curvature)
+    weight, bias, iterations = _lbfgs_logistic(
+        z, index, weight, bias, l2, max_iter, tol, inverse, curvature, pool
+    )
     return weight.transpose(1, 2).float().contiguous(), bias.float(), iterations
 
 
@@ -352,67 +388,89 @@ def _damped_cholesky(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return lower
 
 
-def _site_runs(sites: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Runs of consecutive site indices in sorted ``sites`` [k] as (first site, first position, length), so the
-    data of a subset of sites is read through views, never copied."""
-    values = sites.tolist()
-    runs: list[tuple[int, int, int]] = []
-    for position, site in enumerate(values):
-        if runs and runs[-1][0] + runs[-1][2] == site:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((site, position, 1))
-    return runs
+class _SitePool:
+    """Worker threads that evaluate sites side by side (``workers`` ≥ 2), each running torch at one intra-op
+    thread: the per-site matrix products release the GIL, and a site is a task of its own, so a worker on a
+    core that other jobs keep busy simply takes fewer sites (no parallel region waits for it)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+    def map(self, task: Callable[[int], None], count: int) -> None:
+        for _ in self.executor.map(task, range(count)):
+            pass
+
+    def close(self) -> None:
+        self.executor.shutdown()
+
+
+def _run_sites(pool: _SitePool | None, task: Callable[[int], None], count: int) -> None:
+    """``task(i)`` for i in range(count), on the pool's workers when there is a pool and more than one task."""
+    if pool is None or count < 2:
+        for i in range(count):
+            task(i)
+    else:
+        pool.map(task, count)
+
+
+@contextlib.contextmanager
+def _site_pool(workers: int) -> Iterator[_SitePool | None]:
+    pool = _SitePool(workers) if workers > 1 else None
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 class _SoftmaxObjective:
     """Mean multinomial cross-entropy + l2/2·‖W‖² of each site (bias unpenalised), with its gradient.
 
     Parameters are flat per site, [k, C·d + C]: class-major weights [C, d] then the bias [C], in float64; the data
-    z [sites, n, d] stays float32. The gradient's label terms are constants computed once — the class sums Yᵀz
-    [sites, C, d] and class counts — so an evaluation needs only the softmax: one pass over the data in blocks of about
-    ``CACHE_FLOATS`` entries (a group of sites × a chunk of rows), each block's logits [group, C, rows], its
-    probabilities and their product with the block taken while the block is still in cache (at d 768 this
-    halves an evaluation against two full matmuls). The loss is −log p(label) per row, summed in float64.
+    z [sites, n, d] stays float32. An evaluation takes one site at a time through two float32 matrix products,
+    logits = W zᵀ + b [C, n] and (softmax − onehot) z [C, d], the second reading the site's data from cache
+    (5.9 MB at [1920, 768]). Class-major logits make the softmax run along rows (10× faster than over 4 classes
+    per row).
+    Sites run on the pool's workers when one is given. The loss is −log p(label) per row, summed in float64.
     """
 
-    def __init__(self, z: torch.Tensor, index: torch.Tensor, n_classes: int, l2: float):
+    def __init__(
+        self, z: torch.Tensor, index: torch.Tensor, n_classes: int, l2: float, pool: _SitePool | None = None
+    ):
         n, d = z.shape[1:]
-        self.z, self.l2, self.n_classes, self.split = z, l2, n_classes, n_classes * d
-        target = F.one_hot(index, n_classes).T.float()  # [C, n]
-        self.class_sums = torch.bmm(target.expand(z.shape[0], -1, -1), z).double()  # [sites, C, d]
-        self.counts = target.sum(1).double()  # [C]
+        self.z, self.l2, self.n_classes, self.split, self.pool = z, l2, n_classes, n_classes * d, pool
+        self.target = F.one_hot(index, n_classes).T.float().contiguous()  # [C, n]
+        self.counts = self.target.sum(1, dtype=torch.float64)  # [C]
         self.pick = index[None, None, :]  # [1, 1, n]
-        self.rows = min(n, max(256, CACHE_FLOATS // d))
-        self.group = max(1, CACHE_FLOATS // (self.rows * d))
 
     def __call__(self, sites: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss [k] and gradient [k, C·d + C] of ``sites`` [k] (sorted) at ``params`` [k, C·d + C]."""
+        """Loss [k] and gradient [k, C·d + C] of ``sites`` [k] at ``params`` [k, C·d + C]."""
         k, (n, d) = len(sites), self.z.shape[1:]
         weight = params[:, : self.split].reshape(k, self.n_classes, d)
-        bias = params[:, self.split :]
-        weight32, bias32 = weight.float(), bias.float()[:, :, None]
+        weight32, bias32 = weight.float(), params[:, self.split :].float()
         logits_all = torch.empty(k, self.n_classes, n)
-        probs_all = torch.empty(k, self.n_classes, n)  # softmax of each row's logits
-        prob_data = torch.zeros(k, self.n_classes, d)  # Σ_rows softmax(logits) zᵀ
-        for site, start, length in _site_runs(sites):
-            for offset in range(0, length, self.group):
-                part = slice(start + offset, start + min(offset + self.group, length))
-                data = self.z[site + offset : site + offset + part.stop - part.start]
-                part_weight, part_bias, part_grad = weight32[part], bias32[part], prob_data[part]
-                for row in range(0, n, self.rows):
-                    rows = slice(row, row + self.rows)
-                    block = data[:, rows]  # [group, rows, d]
-                    logits = torch.baddbmm(part_bias, part_weight, block.transpose(1, 2))
-                    probs = torch.softmax(logits, dim=1)
-                    part_grad.baddbmm_(probs, block)
-                    logits_all[part, :, rows] = logits
-                    probs_all[part, :, rows] = probs
+        probs_all = torch.empty(k, self.n_classes, n)
+        residual_data = torch.empty(k, self.n_classes, d)  # Σ_rows (softmax − onehot) zᵀ
+        ids = sites.tolist()
+        zero = (
+            (weight32 == 0).flatten(1).all(1).tolist()
+        )  # the start from 0: logits = bias, no product needed
+
+        def evaluate(i: int) -> None:
+            data = self.z[ids[i]]
+            if zero[i]:
+                logits = logits_all[i].copy_(bias32[i, :, None].expand(-1, n))
+            else:
+                logits = torch.addmm(bias32[i, :, None], weight32[i], data.T, out=logits_all[i])
+            probs = probs_all[i]
+            probs.copy_(torch.softmax(logits, dim=0))
+            torch.mm(probs - self.target, data, out=residual_data[i])
+
+        _run_sites(self.pool, evaluate, k)
         loss = self._cross_entropy(logits_all, probs_all) + 0.5 * self.l2 * (weight**2).sum((1, 2))
-        prob_sum = probs_all.sum(-1, dtype=torch.float64)
-        class_sums = self.class_sums[sites]
-        grad_weight = (prob_data.double() - class_sums) / n + self.l2 * weight
-        grad_bias = (prob_sum - self.counts) / n
+        grad_weight = residual_data.double() / n + self.l2 * weight
+        grad_bias = (probs_all.sum(2, dtype=torch.float64) - self.counts) / n
         return loss, torch.cat([grad_weight.reshape(k, -1), grad_bias], 1)
 
     def _cross_entropy(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -440,6 +498,7 @@ def _lbfgs_logistic(
     tol: float,
     inverse: torch.Tensor | None,
     curvature: float,
+    pool: _SitePool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L-BFGS per site from weight [sites, C, d] and bias [sites, C] (float64), all active sites per step.
 
@@ -451,7 +510,7 @@ def _lbfgs_logistic(
     """
     n_sites, n_classes, d = weight.shape
     split = n_classes * d
-    objective = _SoftmaxObjective(z, index, n_classes, l2)
+    objective = _SoftmaxObjective(z, index, n_classes, l2, pool)
     result = torch.cat([weight.reshape(n_sites, split), bias], 1)
     iterations = torch.zeros(n_sites, dtype=torch.long)
     every = torch.arange(n_sites)

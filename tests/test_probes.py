@@ -112,26 +112,50 @@ def test_logistic_reaches_sklearns_objective_on_planted_data(precondition) -> No
             assert float(ours - best) <= gap, (site, probes.site_iterations, float(ours - best))
 
 
-def test_blocked_objective_equals_float64_autograd(monkeypatch) -> None:
-    """The fused evaluation (class sums, blocks of rows × sites, softmax-only passes) gives the float64 loss and
-    gradient of every site, with the default blocks and with blocks small enough to split rows and sites."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_objective_equals_float64_autograd(workers) -> None:
+    """The per-site evaluation (float32 products, class-major softmax, −log p(label) losses) gives the float64
+    loss and gradient of every site asked for, in any order and subset, on one worker or on a pool of two."""
     from workbench.probes import linear
 
     x, y = graded_sites(n=700, d=40, classes=4)
     z = (x - x.mean(1, keepdim=True)) / x.std(1, unbiased=False, keepdim=True)
     g = torch.Generator().manual_seed(2)
     params = torch.randn(len(x), 4 * 40 + 4, generator=g, dtype=torch.float64) * 0.3
-    sites = torch.tensor([0, 1, 3, 4])  # two runs of consecutive sites
-    for cache_floats in (linear.CACHE_FLOATS, 256):
-        monkeypatch.setattr(linear, "CACHE_FLOATS", cache_floats)
-        objective = linear._SoftmaxObjective(z, y, 4, 1e-2)
+    sites = torch.tensor([0, 1, 3, 4])
+    with linear._site_pool(workers) as pool:
+        objective = linear._SoftmaxObjective(z, y, 4, 1e-2, pool)
         loss, grad = objective(sites, params[sites])
-        for row, site in enumerate(sites.tolist()):
-            weight = params[site, :160].reshape(4, 40).T
-            expected, grad_weight, grad_bias = softmax_objective(z[site], y, weight, params[site, 160:], 1e-2)
-            assert float(loss[row]) == pytest.approx(float(expected), abs=1e-6)
-            torch.testing.assert_close(grad[row, :160], grad_weight.T.reshape(-1), atol=1e-6, rtol=0)
-            torch.testing.assert_close(grad[row, 160:], grad_bias, atol=1e-6, rtol=0)
+    for row, site in enumerate(sites.tolist()):
+        weight = params[site, :160].reshape(4, 40).T
+        expected, grad_weight, grad_bias = softmax_objective(z[site], y, weight, params[site, 160:], 1e-2)
+        assert float(loss[row]) == pytest.approx(float(expected), abs=1e-6)
+        torch.testing.assert_close(grad[row, :160], grad_weight.T.reshape(-1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad[row, 160:], grad_bias, atol=1e-6, rtol=0)
+
+
+def test_fit_on_two_workers_is_the_fit_on_one(monkeypatch) -> None:
+    """Sites standardised and evaluated by two worker threads: bit-identical probes, iteration counts and
+    statistics to one worker (each site's arithmetic is the same whichever thread runs it), and the standardising
+    pass equals the float64 mean and population std of each site."""
+    from workbench.probes import linear
+
+    x, y = graded_sites(n=500, d=48, classes=3)
+    one = fit_probes(x, y, tol=1e-5, max_iter=300, workers=1)
+    two = fit_probes(x, y, tol=1e-5, max_iter=300, workers=2)
+    for field in ("weight", "bias", "mean", "scale", "site_iterations"):
+        assert torch.equal(getattr(one, field), getattr(two, field)), field
+    monkeypatch.setattr(linear, "CACHE_FLOATS", 100)  # blocks of 2 rows in the sum of squares
+    with linear._site_pool(2) as pool:
+        mean, scale, z = linear._standardise(x, True, pool)
+    torch.testing.assert_close(mean.double(), x.double().mean(1), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(scale.double(), x.double().std(1, unbiased=False), atol=0, rtol=1e-5)
+    expected = (x.double() - x.double().mean(1, keepdim=True)) / x.double().std(
+        1, unbiased=False, keepdim=True
+    )
+    torch.testing.assert_close(z.double(), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ProbeError, match="workers"):
+        fit_probes(x, y, workers=0)
 
 
 def test_logistic_with_fewer_samples_than_dimensions_matches_sklearn() -> None:
