@@ -136,7 +136,7 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
             raise ProbeError(
                 f"probe {name!r} expects {probes.weight.shape[1]} features at {site}, but {model.cfg.name} has "
                 f"{there} there: it is a probe for another model or hook; fit one on this model (workbench probe "
-                f"fit {model.cfg.name} --labels ... --hooks {site} --save NAME)"
+                f"run {model.cfg.name} --labels ... --hooks {site} --save NAME)"
             )
     note = provenance_note(saved.model, saved.checkpoint, model, "fitted")
     return probes, saved, f"probe {name!r} was {note}" if note else ""
