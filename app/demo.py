@@ -1,7 +1,9 @@
 """The one-command demo: a list of recipes over the zoo — the same `workbench` commands a user types.
 
 Each recipe is a command line run in-process through the CLI (`workbench.cli.app`), so the demo exercises exactly
-what the README shows; only zoo training is a Python call (it resumes from its last checkpoint). Each finished
+what the README shows; two are Python calls: zoo training (it resumes from its last checkpoint) and the codebooks'
+TokFSM study (`circuits.codebook.tokfsm.fsm_codebook_study`: `codebook train` and `codebook run` plus a steering
+check and a purity ceiling that no command computes). Each finished
 recipe is recorded in the results table ``demo_steps`` and skipped on a rerun (the probe job resumes by its own
 task status), so a rerun only serves the dashboard. A failing recipe raises DemoStepError naming it and the
 command to rerun by hand; the recipes before it stay done.
@@ -19,6 +21,12 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
+from workbench.analysis import write_tables
+from workbench.circuits.codebook.analysis import ANALYSIS as CODEBOOK_ANALYSIS
+from workbench.circuits.codebook.runs import codebook_dir
+from workbench.circuits.codebook.tokfsm import fsm_codebook_study
+from workbench.datasets import load_dataset
+from workbench.references import resolve_model
 from workbench.workspace import Workspace
 
 console = Console()
@@ -28,6 +36,13 @@ PROBE_JOB = HERE / "demo_probes.toml"
 PROMPTS = HERE / "demo_prompts.jsonl"  # the demo's own "user data": a jsonl file with a text field
 DEMO_TABLE = "demo_steps"
 GRAPH_PROMPT = "def add(a, b):\n    return a +"  # traced into the graph page's first graph
+# `sae train`'s SAEs, one model forward: (--hook, --hook-out, --sae-id): an SAE on code-tiny's layer-0 residual
+# stream and a transcoder on each MLP (the graph's transcoders)
+DEMO_SAES = (
+    ("blocks.0.hook_resid_post", "blocks.0.hook_resid_post", "code-tiny.L0-resid-topk"),
+    ("blocks.0.hook_resid_pre", "blocks.0.hook_mlp_out", "code-tiny.L0-mlp-transcoder"),
+    ("blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out", "code-tiny.L1-mlp-transcoder"),
+)
 
 
 @dataclass(frozen=True)
@@ -58,12 +73,15 @@ def recipes() -> list[Recipe]:
         Recipe("training dynamics over code-small checkpoints",
                ("dynamics", "code-small", "--data", prompts, "-w", "{ws}")),
         Recipe("probe job (code-small, fsm-tiny over checkpoints)",
-               ("probe", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}")),
-        Recipe("SAE and transcoders on code-tiny", run=_sae),
+               ("probe", "jobs", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}")),
+        Recipe("SAE and transcoders on code-tiny",
+               ("sae", "train", "code-tiny", "--data", "zoo:python-stdlib", "--max-tokens", "4096", "--context-length",
+                "64", *(a for hook, hook_out, sae_id in DEMO_SAES
+                        for a in ("--hook", hook, "--hook-out", hook_out, "--sae-id", sae_id)), "-w", "{ws}")),
         Recipe("attribution graph on code-tiny (its two transcoders)",
                ("circuits", "attribute", "code-tiny", "--transcoders", "code-tiny.L0-mlp-transcoder", "--transcoders",
                 "code-tiny.L1-mlp-transcoder", "--prompt", GRAPH_PROMPT, "-w", "{ws}")),
-        Recipe("codebooks on fsm-small", run=_codebooks),
+        Recipe("codebooks on fsm-small", run=_codebook_study),
         Recipe("neuron paths on vit-digits",
                ("neuron-path", "run", "vit-digits", "--data", "zoo:digits", "--top-k", "3", "--steps", "5",
                 "--max-sequences", "30", "-w", "{ws}")),
@@ -77,16 +95,19 @@ def _train(ws: Workspace, name: str) -> str:
     return str(train_zoo_model(name, ws, progress=True).name)
 
 
-def _sae(ws: Workspace) -> str:
-    import workbench.circuits.sae
-
-    return workbench.circuits.sae.demo_step(ws, progress=True)
-
-
-def _codebooks(ws: Workspace) -> str:
-    import workbench.circuits.codebook
-
-    return workbench.circuits.codebook.demo_step(ws, progress=True)
+def _codebook_study(ws: Workspace, model_name: str = "fsm-small") -> str:
+    """The TokFSM study of codebooks on the workspace's ``model_name`` over ``zoo:tokfsm`` (run
+    ``<model_name>-demo``): both codebook tables written; returns state purity vs its ceiling, the loss gap and the
+    steering effect."""
+    model = resolve_model(model_name, workspace=ws)
+    study = fsm_codebook_study(model, load_dataset("zoo:tokfsm"), n_codes=300, steps=300,
+                               directory=codebook_dir(ws, f"{model_name}-demo"), progress=True)  # fmt: skip
+    write_tables(ws, CODEBOOK_ANALYSIS, study["frames"])
+    steer = study["steering"]
+    return (f"state purity {study['mean_state_purity']:.3f} (ceiling for a code that knows the exact state "
+            f"posterior {study['purity_ceiling']:.3f}), loss gap {study['report'].loss_gap:+.3f} nats, forced code → "
+            f"legal from forced state {steer['forced_legal_from_forced']:.2f} vs unforced "
+            f"{steer['plain_legal_from_forced']:.2f}")  # fmt: skip
 
 
 class DemoStepError(RuntimeError):

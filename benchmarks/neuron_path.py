@@ -33,7 +33,7 @@ import torch
 # Run as a script, this file's folder comes first on sys.path; keep it off, as benchmarks/probes.py does.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from workbench.circuits import neuron_path as npth  # noqa: E402
+from workbench.circuits.neuron_path import analysis as npth  # noqa: E402
 from workbench.datasets import load_dataset  # noqa: E402
 from workbench.references import resolve_model  # noqa: E402
 

@@ -5,12 +5,10 @@ attribution graph.
 
 What stays: the ``transcoder_circuits`` table declaration (``ANALYSIS``, ``NODE_COLUMNS``) so the rows earlier
 releases stored stay readable, :func:`salient_tokens` (circuit-tracer's choice of logit targets, used by the
-attribution graph's logit targets) and :func:`demo_step` (forwards to the attribution graph's).
+attribution graph's logit targets).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -38,7 +36,7 @@ def salient_tokens(logits: torch.Tensor, max_logits: int = 10, probability: floa
 _CIRCUIT_KEYS = ("model", "checkpoint", "dataset", "target", "prompt")
 ANALYSIS = Analysis(
     name="transcoder_circuits",
-    command="workbench sae circuit MODEL --data DATA --transcoder SAE_ID",
+    command="workbench circuits attribute MODEL --data DATA --transcoders SAE_ID",
     tables=(
         Table("transcoder_circuits", keys=_CIRCUIT_KEYS,
               columns=("prompt_index", *NODE_COLUMNS),
@@ -50,11 +48,3 @@ ANALYSIS = Analysis(
     requires=("rotary", "tokenizer", "text"),
     description="transcoder circuits (retired greedy path search; rows made by earlier releases)",
 )  # fmt: skip
-
-
-def demo_step(workspace: Any, progress: bool = True) -> str:
-    """Kept for callers of the retired demo step: :func:`workbench.circuits.attribution.demo_step` (the attribution
-    graph of code-tiny's next-token logits, stored in the workspace)."""
-    from workbench.circuits.attribution import demo_step as attribution_demo_step
-
-    return attribution_demo_step(workspace, progress=progress)

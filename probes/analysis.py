@@ -48,7 +48,7 @@ TASKS_TABLE = "probe_tasks"
 RESULT_KEYS = ["model", "checkpoint", "hook", "label_set", "dataset"]
 ANALYSIS = Analysis(
     name="probes",
-    command="workbench probe fit MODEL --labels LABELS [--data DATA]  |  workbench probe run JOB.toml",
+    command="workbench probe run MODEL --labels LABELS [--data DATA]  |  workbench probe jobs run JOB.toml",
     tables=(
         Table(RESULTS_TABLE, keys=tuple(RESULT_KEYS), columns=(
             "layer", "position", "label_names", "metric", "score", "control_score", "selectivity", "majority_score",

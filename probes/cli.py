@@ -1,12 +1,14 @@
-"""`workbench probe fit MODEL --labels LABELS` and `workbench probe run|status JOBS.toml` (mounted through the
-workbench.cli entry points)."""
+"""`workbench probe run MODEL --labels LABELS` (the analysis) and `workbench probe jobs run|status JOBS.toml` (job
+files), mounted through the workbench.cli entry points. The spellings before issue 30 (`probe fit`, `probe run
+JOBS.toml`, `probe status JOBS.toml`) are hidden aliases for one release."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from workbench.cli_options import (
     BatchSizeOption,
@@ -18,18 +20,38 @@ from workbench.cli_options import (
     SeedOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
+    add_deprecated_alias,
+    deprecation_note,
     fail,
     open_model,
 )
 
-app = typer.Typer(help="Linear probes: fit one model for a label source, or run scripted batch jobs (see "
-                  "probes/jobs.py for the job file format).", no_args_is_help=True)  # fmt: skip
+
+class _ProbeCommands(TyperGroup):
+    """The `probe` group, which reads the old job spelling `probe run JOBS.toml` (no --labels, a .toml argument) as
+    `probe jobs run JOBS.toml` with a deprecation line, for one release."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        labelled = any(a in ("--labels", "-l") or a.startswith("--labels=") for a in args)
+        if args[:1] == ["run"] and not labelled and any(a.endswith(".toml") for a in args[1:]):
+            deprecation_note("probe run JOBS.toml", "probe jobs run JOBS.toml")
+            args = ["jobs", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_ProbeCommands, no_args_is_help=True,
+                  help="Linear probes: run them on a model for a label source, or run scripted batch jobs (`probe jobs`; "
+                  "see probes/jobs.py for the job file format).")  # fmt: skip
+jobs_app = typer.Typer(
+    help="Probe job files: run every pending task, or show each task's status.", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
 TABLE_COLUMNS = {"hook": "hook", "score": "score", "control_score": "control", "selectivity": "selectivity",
                  "majority_score": "majority", "token_identity_score": "token id", "random_init_score": "random init"}  # fmt: skip
 
 
-@app.command()
-def fit(
+@app.command("run")
+def run_probes(
     model: ModelArgument,
     labels: Annotated[
         str,
@@ -125,8 +147,8 @@ def fit(
         typer.echo(f"saved the probes ({len(probes.sites)} hooks) to {saved}")
 
 
-@app.command()
-def run(
+@jobs_app.command("run")
+def run_job_file(
     job_file: Annotated[Path, typer.Argument(help="TOML job file.")],
     workspace: WorkspaceOption = None,
     backend: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
@@ -152,8 +174,8 @@ def run(
         raise typer.Exit(1)
 
 
-@app.command()
-def status(
+@jobs_app.command("status")
+def job_file_status(
     job_file: Annotated[Path, typer.Argument(help="TOML job file.")], workspace: WorkspaceOption = None
 ) -> None:
     """Show every task of the job as done, failed (with its error) or pending."""
@@ -168,3 +190,7 @@ def status(
         typer.echo(line + (f"  ({row.error})" if row.status == "failed" else ""))
     counts = table["status"].value_counts().to_dict()
     typer.echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+add_deprecated_alias(app, "fit", "probe fit", "probe run", run_probes)
+add_deprecated_alias(app, "status", "probe status JOBS.toml", "probe jobs status JOBS.toml", job_file_status)

@@ -113,7 +113,7 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
     if name not in listing:
         raise ProbeError(
             f"no saved probe {name!r} in {probes_dir(workspace)} (saved: {', '.join(listing) or 'none'}); save one "
-            "with `workbench probe fit MODEL --labels ... --save NAME` or probes.readout.save_probe(workspace, name, "
+            "with `workbench probe run MODEL --labels ... --save NAME` or probes.readout.save_probe(workspace, name, "
             "probes, model=model)"
         )
     saved = listing[name]
@@ -122,7 +122,7 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
     missing = [s for s in probes.sites if s not in known]
     if missing:
         raise ProbeError(f"probe {name!r} reads {', '.join(missing)}, which {model.cfg.name} does not have: it is a "
-                         f"probe for another model or hook; fit one on this model (workbench probe fit "
+                         f"probe for another model or hook; fit one on this model (workbench probe run "
                          f"{model.cfg.name} --labels ... --hooks HOOK --save NAME)")  # fmt: skip
     ids = torch.zeros((1, 2), dtype=torch.long)
     with torch.no_grad(), model.capture(probes.sites) as cache:
@@ -136,7 +136,7 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
             raise ProbeError(
                 f"probe {name!r} expects {probes.weight.shape[1]} features at {site}, but {model.cfg.name} has "
                 f"{there} there: it is a probe for another model or hook; fit one on this model (workbench probe "
-                f"fit {model.cfg.name} --labels ... --hooks {site} --save NAME)"
+                f"run {model.cfg.name} --labels ... --hooks {site} --save NAME)"
             )
     note = provenance_note(saved.model, saved.checkpoint, model, "fitted")
     return probes, saved, f"probe {name!r} was {note}" if note else ""

@@ -154,16 +154,33 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
                         progress=False)  # fmt: skip
     write_probe_results(rows, zoo_workspace)
-    import workbench.circuits.attribution
-    import workbench.circuits.sae
+    from workbench.app.demo import recipes
+    from workbench.circuits.codebook.analysis import ANALYSIS as CODEBOOKS
+    from workbench.circuits.codebook.runs import codebook_dir
+    from workbench.circuits.codebook.tokfsm import fsm_codebook_study
+    from workbench.datasets import load_dataset
+    from workbench.references import resolve_model
 
-    workbench.circuits.sae.demo_step(zoo_workspace, progress=False)
-    workbench.circuits.attribution.demo_step(zoo_workspace, progress=False)
-    import workbench.circuits.codebook
-    import workbench.circuits.neuron_path
-
-    workbench.circuits.codebook.demo_step(
-        zoo_workspace, progress=False, model_name="fsm-tiny", n_codes=100, steps=40
-    )
-    workbench.circuits.neuron_path.demo_step(zoo_workspace, progress=False)
+    # the demo's SAE and neuron-path commands, then a graph of a python-stdlib row (fewer features: faster)
+    for recipe in recipes():
+        if recipe.command[:2] in (("sae", "train"), ("neuron-path", "run")):
+            workbench_cli(*recipe.argv(zoo_workspace), "--no-progress")
+    workbench_cli("circuits", "attribute", "code-tiny", "--transcoders", "code-tiny.L0-mlp-transcoder", "--transcoders",
+                  "code-tiny.L1-mlp-transcoder", "--data", "zoo:python-stdlib", "--context-length", "32",
+                  "--max-feature-nodes", "500", "--no-progress", "-w", str(zoo_workspace.root))  # fmt: skip
+    study = fsm_codebook_study(resolve_model("fsm-tiny", workspace=zoo_workspace), load_dataset("zoo:tokfsm"),
+                               n_codes=100, steps=40, directory=codebook_dir(zoo_workspace, "fsm-tiny-demo"),
+                               progress=False)  # fmt: skip
+    write_tables(zoo_workspace, CODEBOOKS, study["frames"])
     return zoo_workspace
+
+
+def workbench_cli(*argv: str) -> str:
+    """Run `workbench ARGV` in this process (typer's runner); its output, after asserting it exited 0."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    result = CliRunner().invoke(app, list(argv))
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -2,7 +2,7 @@
 batch job. A real CLI process killed (SIGKILL at the job's named fault points: after a graph is written but before
 its status, and inside a graph's table writes) and re-run (in process, and on a local pool of two workers) holds
 exactly the graphs of an uninterrupted run — same graph ids, same node and edge rows, none duplicated — and
-`circuits status` reports it."""
+`circuits jobs status` reports it."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def test_killed_batch_resumes_to_the_graphs_of_an_uninterrupted_run(user_files, 
         workspace = tmp_path / crash.split("#")[0]
         killed = _cli(_command(user_files, workspace), crash)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-        status = runner.invoke(app, ["circuits", "status", job.group(1), "--workspace", str(workspace)])
+        status = runner.invoke(
+            app, ["circuits", "jobs", "status", job.group(1), "--workspace", str(workspace)]
+        )
         assert status.exit_code == 0, status.output
         assert "1 done" in status.output and f"{N_PROMPTS - 1} pending" in status.output, status.output
         resumed = runner.invoke(app, _command(user_files, workspace, "--workers", workers))
@@ -100,7 +102,7 @@ def test_killed_batch_resumes_to_the_graphs_of_an_uninterrupted_run(user_files, 
     # a finished batch re-run computes nothing and still reports every prompt; status lists the job
     again = runner.invoke(app, _command(user_files, reference))
     assert again.exit_code == 0 and f"{N_PROMPTS} done" in again.output
-    listed = runner.invoke(app, ["circuits", "status", "--workspace", str(reference)])
+    listed = runner.invoke(app, ["circuits", "jobs", "status", "--workspace", str(reference)])
     assert job.group(1) in listed.output
     assert re.search(rf"0:{N_PROMPTS}\s+{N_PROMPTS}\s+{N_PROMPTS}\s+0\s+0", listed.output), listed.output
 
@@ -121,7 +123,7 @@ def test_batch_bad_input_exits_2_and_writes_nothing(user_files, tmp_path) -> Non
         assert len(errors) == 1 and bad.output.rstrip().endswith(errors[0]), bad.output
     bad = runner.invoke(app, [*command, "--out", str(tmp_path / "out")])
     assert bad.exit_code == 2 and "--prompt-index N --out DIR" in bad.output
-    bad = runner.invoke(app, ["circuits", "status", "feedfacecafe", "--workspace", str(workspace)])
+    bad = runner.invoke(app, ["circuits", "jobs", "status", "feedfacecafe", "--workspace", str(workspace)])
     assert bad.exit_code == 2 and "no attribution batch 'feedfacecafe'" in bad.output
     assert not (tmp_path / "out").exists()
     assert (

@@ -142,7 +142,7 @@ def test_cli_refuses_a_diff_token_outside_the_vocabulary_and_a_probe_of_another_
         save_probe(workspace, name, probes)
     line = _one_error(runner.invoke(app, [*command, "--target", "probe:other-model"]))
     assert f"probe 'other-model' expects {2 * D_MODEL} features at blocks.1.hook_resid_post" in line
-    assert "fit one on this model (workbench probe fit" in line and "--save NAME)" in line
+    assert "fit one on this model (workbench probe run" in line and "--save NAME)" in line
     line = _one_error(runner.invoke(app, [*command, "--target", "probe:mlp-hidden"]))
     assert f"the probe direction has shape [{4 * D_MODEL}] but a target is a direction in" in line
     assert f"(d_model={D_MODEL})" in line and "fit one on this model at a d_model-wide hook" in line

@@ -66,6 +66,43 @@ def test_every_command_has_help() -> None:
         assert runner.invoke(app, [command, "--help"]).exit_code == 0
 
 
+# Each spelling before issue 30's one grammar: (old argv, the new spelling its note names, what the refusal says).
+OLD_SPELLINGS = [
+    (["probe", "fit", "m", "--labels", "{tmp}/none.csv"], "`workbench probe run`", "does not exist"),
+    (["probe", "run", "{tmp}/none.toml"], "`workbench probe jobs run JOBS.toml`", "does not exist"),
+    (["probe", "status", "{tmp}/none.toml"], "`workbench probe jobs status JOBS.toml`", "does not exist"),
+    (["codebook", "analyse", "m"], "`workbench codebook run`", "--data is required"),
+    (["circuits", "status", "feedfacecafe"], "`workbench circuits jobs status`", "feedfacecafe"),
+    (["sae", "export", "none", "--out", "{tmp}/out", "--model", "m"], "`workbench sae export ... MODEL`", "none"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "new", "refusal"), OLD_SPELLINGS, ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else None
+)
+def test_old_spellings_still_run_and_name_the_new_one(argv, new, refusal, tmp_path) -> None:
+    """A hidden alias for one release: one deprecation line naming the new spelling, then the same command (here
+    refusing bad input with its one `error:` line), and absent from its group's --help."""
+    result = runner.invoke(app, [*(a.format(tmp=tmp_path) for a in argv), "-w", str(tmp_path / "ws")])
+    lines = result.output.splitlines()
+    assert result.exit_code == 2, result.output
+    assert lines[0].startswith("warning: `workbench ") and "is deprecated" in lines[0] and new in lines[0]
+    assert lines[-1].startswith("error: ") and refusal in lines[-1] and "Traceback" not in result.output
+    hidden, where = ("--model", argv[:2]) if argv[:2] == ["sae", "export"] else (f" {argv[1]} ", argv[:1])
+    assert argv[1] == "run" or hidden not in runner.invoke(app, [*where, "--help"]).output
+
+
+def test_sae_circuit_and_circuits_export_take_no_progress() -> None:
+    """The retired greedy-search commands accept --no-progress like every other command (they refuse the missing
+    --data, not the option)."""
+    for argv in (
+        ["sae", "circuit", "m", "--transcoder", "t"],
+        ["circuits", "export", "m", "--transcoder", "t", "--out", "o"],
+    ):
+        result = runner.invoke(app, [*argv, "--no-progress"])
+        assert result.exit_code == 2 and "--data is required" in result.output, result.output
+
+
 def test_info_lists_hook_names(saved_gpt2) -> None:
     result = runner.invoke(app, ["info", str(saved_gpt2), "--hooks", "blocks.1.*"])
     assert result.exit_code == 0, result.output

@@ -273,7 +273,7 @@ def test_a_model_without_mlps_exits_2_with_one_line_and_writes_nothing(
     d_mlp) given to `sae train --architecture clt`: exit 2, one line naming the problem and the fix."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from workbench.circuits import sae_cli
+    from workbench.circuits.sae import cli as sae_cli
     from workbench.references import resolve_model
 
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_vocab=512,
@@ -464,10 +464,10 @@ def test_import_eval_and_export_of_a_circuit_tracer_clt(gpt2_dir, notes, zoo_wor
     folder = original.save_circuit_tracer(tmp_path / "ct-clt")
     ws = _workspace(zoo_workspace, tmp_path / "ws").root
     common = ["--workspace", str(ws)]
-    _refused(["sae", "import", str(folder), "--id", "ct", "--model", "code-tiny", *common],
+    _refused(["sae", "import", str(folder), "--id", "ct", "code-tiny", *common],
              "CLT 'ct' has d_model=32, but blocks.0.ln2.hook_normalized of code-tiny has width 64")  # fmt: skip
     assert not (ws / "saes").exists() or not any((ws / "saes").iterdir())
-    assert _cli("sae", "import", str(folder), "--id", "ct", "--model", str(gpt2_dir), *common) == [
+    assert _cli("sae", "import", str(folder), "--id", "ct", str(gpt2_dir), *common) == [
         "imported ct: cross-layer transcoder (jumprelu) over 2 layers, d_model=32 d_transcoder=24 "
         "(blocks.0.ln2.hook_normalized … blocks.1.hook_mlp_out)"
     ]

@@ -1,6 +1,6 @@
 """Codebook features: VQ maths against float64 brute force, k-means against sklearn, purity/MI against sklearn
-and closed forms, checkpoint/resume, steering, the TokFSM science check, demo_step, the dashboard view, and
-`workbench codebook train|analyse` on zoo and user models and datasets (MiniLM refused at once)."""
+and closed forms, checkpoint/resume, steering, the TokFSM science check (the demo's study), the dashboard
+view, and `workbench codebook train|run` on zoo and user models and datasets (MiniLM refused at once)."""
 
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ from workbench.circuits.codebook import (
     codebook_dir,
     collect_codes,
     default_run_name,
-    demo_step,
+    fsm_codebook_study,
     fsm_purity_ceiling,
     fsm_steering_check,
     generate,
-    kmeans,
     mutual_information,
     read_rows,
     site_config,
     train_codebooks,
 )
+from workbench.circuits.codebook.kmeans import kmeans
 from workbench.circuits.codebook.train import _replace_dead
 from workbench.cli import app as cli
 from workbench.datasets import load_dataset
@@ -365,20 +365,22 @@ def test_writing_codes_replaces_every_row_of_a_site(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def codebook_workspace(zoo_workspace, tmp_path_factory):
-    """A workspace holding a link to the session's fsm-tiny, after demo_step."""
+    """A workspace holding a link to the session's fsm-tiny, after the demo's TokFSM study (run fsm-tiny-demo)."""
     workspace = Workspace(tmp_path_factory.mktemp("codebooks")).ensure()
     workspace.model_dir("fsm-tiny").symlink_to(zoo_workspace.model_dir("fsm-tiny"), target_is_directory=True)
-    summary = demo_step(workspace, progress=False, model_name="fsm-tiny", n_codes=200, steps=100)
-    return workspace, summary
+    study = fsm_codebook_study(resolve_model("fsm-tiny", workspace=workspace), load_dataset("zoo:tokfsm"), n_codes=200,
+                               steps=100, directory=codebook_dir(workspace, "fsm-tiny-demo"), progress=False)  # fmt: skip
+    write_tables(workspace, ANALYSIS, study["frames"])
+    return workspace, study
 
 
-def test_demo_step_fsm_state_purity_and_steering(codebook_workspace) -> None:
+def test_tokfsm_study_state_purity_and_steering(codebook_workspace) -> None:
     from workbench.zoo.corpora import TokFSM
     from workbench.zoo.labels import fsm_label_dataset
     from workbench.zoo.train import get_spec
 
-    workspace, summary = codebook_workspace
-    assert "state purity" in summary and "loss gap" in summary and "ceiling" in summary
+    workspace, study = codebook_workspace
+    assert {"mean_state_purity", "purity_ceiling", "steering", "report", "frames"} <= set(study)
     purity = workspace.results().read("codebook_purity", model="fsm-tiny")
     codes = workspace.results().read("codebook_codes", model="fsm-tiny")
     assert {"best_code", "purity", "mi", "recall", "label_set"} <= set(purity.columns)
@@ -538,7 +540,7 @@ def test_default_run_names_are_valid_names(tmp_path) -> None:
 
 
 def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_workspace, tmp_path) -> None:
-    """`train fsm-tiny --data zoo:tokfsm` then `analyse`: rows keyed by model, last checkpoint, dataset, run and
+    """`train fsm-tiny --data zoo:tokfsm` then `run`: rows keyed by model, last checkpoint, dataset, run and
     site; counts over exactly the held-out quarter of zoo:tokfsm's rows; FSM-state purity rows; a rerun replaces its
     rows; a missing run or a mistyped site exits 2 naming the fix."""
     workspace = _linked_workspace(zoo_workspace, tmp_path / "ws")
@@ -558,7 +560,7 @@ def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_works
     )  # resumed
     other = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", *TINY, "--max-tokens", "4096")
     assert other.exit_code == 2 and "other settings (source)" in other.output  # other rows: not this run's
-    analysed = _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm")
+    analysed = _codebook(workspace, "run", "fsm-tiny", "--data", "zoo:tokfsm")
     assert analysed.exit_code == 0, analysed.output
     assert "P(fsm_state | best code)" in analysed.output
     db = workspace.results()
@@ -578,10 +580,10 @@ def test_cli_fsm_tiny_on_zoo_tokfsm_writes_purity_on_the_held_out_rows(zoo_works
     assert (purity["label_set"] == "fsm_state").all()
     assert set(purity["label"]) == set(held.eval_labels["fsm_state"].unique().tolist())
     assert purity["purity"].between(0, 1).all() and (purity["label_count"].sum() == held.eval.numel())
-    assert _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm").exit_code == 0
+    assert _codebook(workspace, "run", "fsm-tiny", "--data", "zoo:tokfsm").exit_code == 0
     assert len(db.read(CODES_TABLE)) == len(codes) and len(db.read(PURITY_TABLE)) == len(purity)
 
-    missing = _codebook(workspace, "analyse", "fsm-tiny", "--data", "zoo:tokfsm", "--run", "nope")
+    missing = _codebook(workspace, "run", "fsm-tiny", "--data", "zoo:tokfsm", "--run", "nope")
     assert missing.exit_code == 2 and "error:" in missing.output and "train them first" in missing.output
     bad_site = _codebook(workspace, "train", "fsm-tiny", "--data", "zoo:tokfsm", "--site", "blocks.1.hook_resid_pots",
                          "--run", "x", *TINY)  # fmt: skip
@@ -600,7 +602,7 @@ def test_cli_code_tiny_checkpoint_on_a_users_text_file(zoo_workspace, code_file,
     trained = _codebook(workspace, "train", "code-tiny@300", "--data", str(code_file), *TINY)
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "ws" / "codebooks" / "code-tiny@300-codebooks" / "codebooks.safetensors").exists()
-    analysed = _codebook(workspace, "analyse", "code-tiny@300", "--data", str(code_file))
+    analysed = _codebook(workspace, "run", "code-tiny@300", "--data", str(code_file))
     assert analysed.exit_code == 0, analysed.output
     assert "carries no per-token labels" in analysed.output
     name = load_dataset(code_file).name
@@ -615,7 +617,7 @@ def test_cli_code_tiny_checkpoint_on_a_users_text_file(zoo_workspace, code_file,
 
     labeller = tmp_path / "digits.py"
     labeller.write_text("def digit(text):\n    return ['digit' if c.isdigit() else 'other' for c in text]\n")
-    labelled = _codebook(workspace, "analyse", "code-tiny@300", "--data", str(code_file), "--labels",
+    labelled = _codebook(workspace, "run", "code-tiny@300", "--data", str(code_file), "--labels",
                          f"{labeller}:digit")  # fmt: skip
     assert labelled.exit_code == 0, labelled.output
     purity = workspace.results().read(PURITY_TABLE)
@@ -645,7 +647,7 @@ def test_cli_on_a_users_gpt2_directory_and_save_to_disk_folder(zoo_workspace, tm
     run_dir = tmp_path / "ws" / "codebooks" / f"{short_name(model_dir)}-codebooks"
     books = CodebookSet.load(run_dir)
     assert books[site].config.n_groups == 4 and books[site].config.k == 2 and books[site].config.d == 8
-    analysed = _codebook(workspace, "analyse", str(model_dir), "--data", str(folder))
+    analysed = _codebook(workspace, "run", str(model_dir), "--data", str(folder))
     assert analysed.exit_code == 0, analysed.output
     codes = workspace.results().read(CODES_TABLE)
     assert set(codes["model"]) == {resolve_model(model_dir).cfg.name} and codes["checkpoint"].isna().all()
@@ -660,7 +662,7 @@ def test_cli_refuses_minilm_at_once(code_file, tmp_path) -> None:
     """MiniLM is an encoder without next-token logits: train and analyse exit 2 with one `error:` line naming the
     reason, no traceback, nothing written."""
     workspace = Workspace(tmp_path / "ws")
-    for command in ("train", "analyse"):
+    for command in ("train", "run"):
         result = _codebook(
             workspace, command, "minilm", "--data", str(code_file), *(TINY if command == "train" else ())
         )

@@ -4,7 +4,7 @@ byte-for-byte (store files) or row-for-row (results) equal to an uninterrupted r
 
 Everything runs on a random-init tiny GPT-NeoX saved with its tokenizer (no zoo training). A run killed at a named
 point is a process forked from the warm forkserver of tests/forked.py (the same code a ``python -c`` capture or
-``workbench probe run`` process runs, minus seconds of imports); the random kills are of real ``workbench capture``
+``workbench probe jobs run`` process runs, minus seconds of imports); the random kills are of real ``workbench capture``
 processes. torch runs single-threaded everywhere so that a resumed computation is bit-identical to the reference.
 """
 
@@ -218,10 +218,10 @@ def probe_reference(model_dir, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataF
 
 
 def _probe_cli(path: str, workspace: str) -> None:
-    """``workbench probe run JOB -w WORKSPACE`` in this (forked) process; exits with the command's code."""
+    """``workbench probe jobs run JOB -w WORKSPACE`` in this (forked) process; exits with the command's code."""
     from workbench.cli import app
 
-    app(["probe", "run", path, "-w", workspace], prog_name="workbench")
+    app(["probe", "jobs", "run", path, "-w", workspace], prog_name="workbench")
 
 
 @pytest.mark.parametrize(

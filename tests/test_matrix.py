@@ -151,9 +151,9 @@ def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset
     needs the hub)."""
     from workbench.analyses.massive.analysis import detect_massive
     from workbench.attention.statistics import attention_statistics
-    from workbench.circuits import neuron_path
-    from workbench.circuits.codebook import train as train_codebooks
     from workbench.circuits.codebook.analysis import run as analyse_codebooks
+    from workbench.circuits.codebook.train import train as train_codebooks
+    from workbench.circuits.neuron_path import analysis as neuron_path
     from workbench.circuits.sae.analysis import run as run_saes
     from workbench.datasets import load_dataset
     from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
@@ -208,7 +208,7 @@ def _probe_labels(matrix, dataset: str) -> list[str]:
 def test_probe(matrix, model, dataset) -> None:
     ws = matrix["workspace"]
     ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
-    result, _ = _invoke(["probe", "fit", ref, *_probe_labels(matrix, dataset), "--hooks", "blocks.*.hook_resid_post",
+    result, _ = _invoke(["probe", "run", ref, *_probe_labels(matrix, dataset), "--hooks", "blocks.*.hook_resid_post",
                          "--no-random-init", "--context-length", "32", "--workspace", str(ws)])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = Workspace(ws).results().read("probe_results", model=_model_name(matrix, model))
@@ -240,7 +240,7 @@ def test_codebook(matrix, model, dataset) -> None:
         assert seconds < 30 and not (ws / "codebooks" / run).exists()
         return
     assert result.exit_code == 0, result.output
-    analysed, _ = _invoke(["codebook", "analyse", *common])
+    analysed, _ = _invoke(["codebook", "run", *common])
     assert analysed.exit_code == 0, analysed.output
     rows = Workspace(ws).results().read("codebook_codes", model=_model_name(matrix, model),
                                         dataset=matrix["dataset_names"][dataset])  # fmt: skip

@@ -15,8 +15,10 @@ import transformers
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
+from tests.conftest import workbench_cli
 from workbench.analysis import AnalysisNotApplicable
-from workbench.circuits.neuron_path import (
+from workbench.app.demo import recipes
+from workbench.circuits.neuron_path.analysis import (
     ANALYSIS,
     HOOK,
     Candidates,
@@ -26,7 +28,6 @@ from workbench.circuits.neuron_path import (
     check,
     class_tasks,
     clean_activations,
-    demo_step,
     estimate,
     influence_pattern_path,
     joint_score,
@@ -124,8 +125,8 @@ def test_demo_science_check_and_view(zoo_workspace, tmp_path, monkeypatch) -> No
     shutil.copytree(
         zoo_workspace.model_dir("vit-digits"), workspace.model_dir("vit-digits"), dirs_exist_ok=True
     )
-    summary = demo_step(workspace, progress=False)
-    assert "vit-digits" in summary
+    (recipe,) = [r for r in recipes() if r.command[:2] == ("neuron-path", "run")]
+    assert "vit-digits" in workbench_cli(*recipe.argv(workspace), "--no-progress")
     metrics = workspace.results().read("neuron_path_metrics").set_index("method")
     ours = metrics.loc["joint_ig"]
     assert ours["joint_score"] > metrics.loc["top_activation", "joint_score"]
@@ -154,7 +155,7 @@ def test_demo_science_check_and_view(zoo_workspace, tmp_path, monkeypatch) -> No
 def test_cli_is_registered() -> None:
     names = {e.name for e in entry_points(group="workbench.cli")}
     assert "neuron-path" in names
-    from workbench.circuits.neuron_path_cli import app
+    from workbench.circuits.neuron_path.cli import app
 
     assert any(c.name in (None, "run") and c.callback.__name__ == "run" for c in app.registered_commands)
     assert ANALYSIS.table_names == ["neuron_paths", "neuron_path_metrics"]

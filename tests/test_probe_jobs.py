@@ -117,7 +117,7 @@ def _alive(process) -> bool:
 
 
 def test_killed_jobs_resume_without_lost_or_duplicated_results(job_workspace) -> None:
-    """One job killed twice, then resumed: (1) a serial ``workbench probe run`` killed (its whole process group)
+    """One job killed twice, then resumed: (1) a serial ``workbench probe jobs run`` killed (its whole process group)
     after three tasks; (2) its resume with a two-worker pool killed by kill -9 of the main process only, after it
     committed one more task: the spawn workers and the resource tracker exit within seconds; (3) a resume in this
     process commits every remaining task, and every task's rows and status are there exactly once."""
@@ -128,6 +128,7 @@ def test_killed_jobs_resume_without_lost_or_duplicated_results(job_workspace) ->
         "-m",
         "workbench.cli",
         "probe",
+        "jobs",
         "run",
         str(path),
         "-w",
@@ -306,10 +307,10 @@ def test_failed_task_is_reported_with_its_error(job_workspace, tmp_path) -> None
         (copy / "step0" / item.name).write_bytes(item.read_bytes()[:100] if item.suffix == ".safetensors" else
                                                  item.read_bytes())  # fmt: skip
     path = write_job(damaged, name="tiny", checkpoints="[0, 300]", n_sequences=8)
-    result = CliRunner().invoke(app, ["probe", "run", str(path), "-w", str(damaged.root)])
+    result = CliRunner().invoke(app, ["probe", "jobs", "run", str(path), "-w", str(damaged.root)])
     assert result.exit_code == 1
     assert result.output.count("failed code-tiny@0:") == 2
-    status = CliRunner().invoke(app, ["probe", "status", str(path), "-w", str(damaged.root)])
+    status = CliRunner().invoke(app, ["probe", "jobs", "status", str(path), "-w", str(damaged.root)])
     assert status.exit_code == 0
     assert len(re.findall(r"failed +code-tiny@0:\S+ +\(.*not a valid safetensors file", status.output)) == 2
     assert len(re.findall(r"done +(code-tiny@300|fsm-tiny@1000):", status.output)) == 3

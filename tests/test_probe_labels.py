@@ -234,7 +234,7 @@ def test_fit_cli_on_a_user_gpt2_directory_puts_span_labels_on_its_tokens(
     named = [piece for piece, label in zip(second, dataset.labels[1].tolist(), strict=False) if label == 0]
     assert "".join(named).strip() == "Ada"
     workspace = tmp_path / "ws"
-    result = CliRunner().invoke(app, ["probe", "fit", str(gpt2_dir), "--labels", str(path), "--hooks",
+    result = CliRunner().invoke(app, ["probe", "run", str(gpt2_dir), "--labels", str(path), "--hooks",
                                       "blocks.*.hook_resid_post", "--no-random-init", "-w", str(workspace),
                                       "--save", "people"])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -312,7 +312,7 @@ def test_bad_label_files_exit_2_with_one_line(gpt2_dir, tmp_path, name, content,
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     result = CliRunner().invoke(
-        app, ["probe", "fit", str(gpt2_dir), "--labels", str(path), "-w", str(tmp_path)]
+        app, ["probe", "run", str(gpt2_dir), "--labels", str(path), "-w", str(tmp_path)]
     )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()

@@ -786,7 +786,7 @@ def test_page_shows_a_vits_patches_classes_and_neuron_path(dashboard_workspace, 
     """vit-digits on the page (a workspace holding text models' SAEs, which are not offered for it): an image of
     zoo:digits, patch overlays, class probabilities clean vs a head ablation (KL as the library gives it), the neuron
     path the library locates, and a bad image reference as a message."""
-    from workbench.circuits.neuron_path import joint_score, locate_path, make_task
+    from workbench.circuits.neuron_path.analysis import joint_score, locate_path, make_task
 
     app = _page(dashboard_workspace, monkeypatch)
     app.selectbox(key="lab_model").set_value("vit-digits").run()

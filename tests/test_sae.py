@@ -334,26 +334,28 @@ def test_splice_metrics_against_closed_form(code_series):
 
 
 def test_demo_features_and_view(zoo_workspace, tmp_path, monkeypatch):
-    """demo_step on the session zoo, checked against brute force; the dashboard renders its results."""
+    """The demo's `sae train` command on the session zoo, checked against brute force; its transcoders trace an
+    attribution graph; the dashboard renders the results."""
     import json
     import shutil
 
     from streamlit.testing.v1 import AppTest
 
-    from workbench.circuits.sae import demo_step
+    from tests.conftest import workbench_cli
+    from workbench.app.demo import recipes
     from workbench.circuits.sae.evals import sae_dir
     from workbench.store import ActivationStore
     from workbench.workspace import Workspace
 
     workspace = Workspace(tmp_path / "ws").ensure()
     shutil.copytree(zoo_workspace.model_dir("code-tiny"), workspace.model_dir("code-tiny"))
-    summary = demo_step(workspace, progress=False)
-    assert "CE recovered" in summary
-    from workbench.circuits.attribution import demo_step as attribution_demo_step
-
-    assert "attribution graph" in attribution_demo_step(
-        workspace, progress=False
-    )  # the demo's transcoders fit
+    (train,) = [r for r in recipes() if r.command[:2] == ("sae", "train")]
+    assert "CE recovered" in workbench_cli(*train.argv(workspace), "--no-progress")
+    traced = workbench_cli("circuits", "attribute", "code-tiny", "--transcoders", "code-tiny.L0-mlp-transcoder",
+                           "--transcoders", "code-tiny.L1-mlp-transcoder", "--data", "zoo:python-stdlib",
+                           "--context-length", "32", "--max-feature-nodes", "500", "--no-progress", "-w",
+                           str(workspace.root))  # fmt: skip
+    assert "graph " in traced and "replacement" in traced  # the demo's transcoders fit
     graphs = workspace.results().read("attribution_graphs")
     assert set(graphs["model"]) == {"code-tiny"} and len(graphs) == 1
     evals = workspace.results().read("sae_evals")

@@ -26,10 +26,10 @@ import torch
 
 from workbench.circuits.sae.analysis import _rows_stream
 from workbench.circuits.sae.base import CONFIG_FILE, WEIGHTS_FILE
+from workbench.circuits.sae.cli import app
 from workbench.circuits.sae.distributed import ENV_KEYS, owned_names
 from workbench.circuits.sae.formats import load_sae
 from workbench.circuits.sae.train import TrainConfig, seeded_sae, train_saes
-from workbench.circuits.sae_cli import app
 from workbench.faults import ENV_VAR
 from workbench.store import ActivationStore
 from workbench.workspace import Workspace
@@ -211,7 +211,7 @@ def test_the_ranks_command_line_parses_to_the_same_options():
     survive, and the ranks see --nproc at its default."""
     from typer.main import get_command
 
-    from workbench.circuits.sae_cli import _argv
+    from workbench.circuits.sae.cli import _argv
 
     train = get_command(app).commands["train"]  # type: ignore[attr-defined]
     given = ["code-tiny", "--data", "notes.txt", "--hook", f"{HOOKS[0]},{HOOKS[1]}", "--hook", "blocks.0.hook_mlp_out",
@@ -307,7 +307,7 @@ def test_a_rerun_finds_the_checkpoint_of_the_same_command_only():
     data, steps or layouts do not, and progress bars, the workspace and the checkpoint interval do not matter."""
     from typer.main import get_command
 
-    from workbench.circuits.sae_cli import _checkpoint_dir
+    from workbench.circuits.sae.cli import _checkpoint_dir
 
     train = get_command(app).commands["train"]  # type: ignore[attr-defined]
     base = [

@@ -511,7 +511,7 @@ def test_imported_sae_with_another_width_is_refused_at_eval(tmp_path, code_ws) -
 
     _sparsify_coder(tmp_path / "layers.0")
     ws = code_ws.root
-    result = sae_cli(ws, "import", str(tmp_path / "layers.0"), "--id", "other-model", "--model", "code-tiny")
+    result = sae_cli(ws, "import", str(tmp_path / "layers.0"), "--id", "other-model", "code-tiny")
     _assert_refused(result, "d_in=16", "blocks.0.hook_resid_post", "another model or hook")
     assert not (ws / "saes" / "other-model").exists()
     result = sae_cli(ws, "import", str(tmp_path / "layers.0"), "--id", "other-model", "--overwrite")
@@ -544,10 +544,11 @@ def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
     result = sae_cli(ws, "features", "np-sae", "code-tiny", "--data", str(text), "--max-tokens", "1500",
                      "--context-length", "32", "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.output
-    result = sae_cli(ws, "export", "np-sae", "--format", "neuronpedia", "--out", str(tmp_path / "np"),
-                     "--model", "code-tiny")  # fmt: skip
+    result = sae_cli(
+        ws, "export", "np-sae", "code-tiny", "--format", "neuronpedia", "--out", str(tmp_path / "np")
+    )
     assert result.exit_code == 0, result.output
-    # no --model / --family: the SAE's recorded model gives the family
+    # no MODEL / --family: the SAE's recorded model gives the family
     result = sae_cli(ws, "export", "np-sae", "--format", "sparsify", "--out", str(tmp_path / "sp"))
     assert result.exit_code == 0, result.output
     assert "model family gpt_neox, from the model np-sae records (code-tiny)" in result.output

@@ -3,6 +3,8 @@ device, dtype, batch size, context length, token budget, seed, progress), openin
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -57,6 +59,30 @@ TrustRemoteCodeOption = Annotated[
 StepsOption = Annotated[
     list[int] | None, typer.Option("--step", help="Only these checkpoint steps (repeatable).")
 ]
+# A transcoder circuit's target and prompt (`workbench circuits attribute|qk`, and the hidden `sae circuit` /
+# `circuits export` aliases).
+LayerOption = Annotated[int | None, typer.Option(help="Target layer (default: the highest transcoder's).")]
+FeatureOption = Annotated[
+    int | None, typer.Option(help="Target feature (default: the most active at --position).")
+]
+PromptIndexOption = Annotated[int, typer.Option(min=0, help="Which token row of --data is the prompt.")]
+PositionOption = Annotated[int, typer.Option(help="Target position in the prompt (negative: from the end).")]
+TopKOption = Annotated[int, typer.Option(min=1, help="Contributors kept per node.")]
+DepthOption = Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")]
+RootOption = Annotated[
+    str,
+    typer.Option(
+        help="logit: rooted at the most probable next tokens at --position (circuit-tracer's graphs; needs a "
+        "transcoder on every layer); feature: at a transcoder feature (--layer / --feature)."
+    ),
+]
+MaxLogitsOption = Annotated[int, typer.Option(min=1, help="Logit roots at most (--root logit).")]
+LogitProbabilityOption = Annotated[
+    float,
+    typer.Option(
+        min=0.0, max=1.0, help="Logit roots until their total probability reaches this (--root logit)."
+    ),
+]
 DTYPES = ("float32", "float16", "bfloat16")
 # The prompts an analysis reads when --data is not given (massive activations, attention statistics).
 DEFAULT_TEXTS = [
@@ -73,6 +99,28 @@ def fail(message: object) -> NoReturn:
     """Print ``error: message`` in red on stderr and exit with status 2 (bad input, nothing was written)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def deprecation_note(old: str, new: str) -> None:
+    """The one line on stderr an old command spelling prints before it runs: ``workbench OLD`` goes in the next
+    release, ``workbench NEW`` is its spelling now."""
+    typer.echo(f"warning: `workbench {old}` is deprecated (it goes in the next release); use `workbench {new}`",
+               err=True)  # fmt: skip
+
+
+def add_deprecated_alias(
+    group: typer.Typer, name: str, old: str, new: str, command: Callable[..., Any]
+) -> None:
+    """Register ``name`` in ``group`` as a hidden alias of ``command`` for one release: the same arguments and
+    options, one :func:`deprecation_note` (``old`` -> ``new``, whole spellings after ``workbench``), then
+    ``command``."""
+
+    @functools.wraps(command)
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        deprecation_note(old, new)
+        return command(*args, **kwargs)
+
+    group.command(name, hidden=True, help=f"Deprecated spelling of `workbench {new}`.")(alias)
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -74,7 +74,7 @@ def dynamics_command(
         typer.Option(
             "--labels",
             "-l",
-            help="Also track probe accuracy per layer for this label source (as `workbench probe fit --labels`: "
+            help="Also track probe accuracy per layer for this label source (as `workbench probe run --labels`: "
             "zoo:NAME, FILE.csv:TEXT:LABEL, spans .jsonl, FILE.py:FUNCTION); texts for label functions come "
             "from --data.",
         ),

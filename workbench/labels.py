@@ -2,7 +2,7 @@
 
 Labels are shared by probes, codebooks and dynamics, so they live in the core beside :mod:`workbench.datasets`.
 
-Forms of a label source (``load_labels(source, tokenizer=..., ...)``, ``--labels`` of ``workbench probe fit``,
+Forms of a label source (``load_labels(source, tokenizer=..., ...)``, ``--labels`` of ``workbench probe run``,
 ``labels =`` in a job file):
 
     reviews.csv[:TEXT[:LABEL]]   one label per sequence: a text and a label column (default ``text`` and

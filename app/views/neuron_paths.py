@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from workbench.app.data import empty_state, model_select, open_workspace_or_stop, table
-from workbench.circuits.neuron_path import ANALYSIS
+from workbench.circuits.neuron_path.analysis import ANALYSIS
 
 PATHS, METRICS = (t.name for t in ANALYSIS.tables)
 

@@ -21,7 +21,7 @@ rows = table(db, ANALYSIS.tables[0].name)
 if rows is None or rows.empty:
     empty_state(
         ANALYSIS.description or "probes",
-        f"{ANALYSIS.command}    # e.g. workbench probe run examples/zoo_probes.toml",
+        f"{ANALYSIS.command}    # e.g. workbench probe jobs run examples/zoo_probes.toml",
     )
     st.stop()
 left, right = st.columns(2)
@@ -39,7 +39,7 @@ if rows["checkpoint"].nunique() > 1:
 last = rows[rows["checkpoint"] == rows["checkpoint"].max()] if rows["checkpoint"].notna().any() else rows
 if last["score"].isna().all():
     st.warning(
-        "Every probe of the last checkpoint failed to score (NaN); see `workbench probe status JOB.toml`."
+        "Every probe of the last checkpoint failed to score (NaN); see `workbench probe jobs status JOB.toml`."
     )
     st.stop()
 best = last.loc[last["score"].idxmax()]

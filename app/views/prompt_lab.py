@@ -6,7 +6,7 @@ shows follows the model's declared capabilities (``workbench.prompt_lab.capabili
 
 Everything it computes comes from library functions notebooks use too: ``workbench.prompt_lab``,
 ``workbench.interventions``, ``workbench.circuits.sae.readout``, ``workbench.probes.readout``,
-``workbench.circuits.codebook.readout``, ``workbench.circuits.neuron_path``.
+``workbench.circuits.codebook.readout``, ``workbench.circuits.neuron_path.analysis``.
 """
 
 from __future__ import annotations
@@ -573,7 +573,7 @@ if caps.modality == "text" and caps.output != "next_token":
                             "rows": json.loads(both.to_json(orient="records"))}  # fmt: skip
 
 if picture is not None and caps.output == "class" and comparison is not None:
-    from workbench.circuits.neuron_path import joint_score, locate_path, make_task
+    from workbench.circuits.neuron_path.analysis import joint_score, locate_path, make_task
 
     st.subheader("Neuron path on the patches")
     n1, n2, n3 = st.columns(3)

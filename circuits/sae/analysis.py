@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
+from workbench.analysis import Analysis, AnalysisNotApplicable, Table
 from workbench.capture import capture_to_store
 from workbench.circuits.sae.base import CONFIG_FILE, PER_HEAD_HOOKS, SAE, SAEConfig, SAEInputError
 from workbench.circuits.sae.distributed import (
@@ -37,10 +37,10 @@ from workbench.circuits.sae.evals import evaluate_sae, sae_dir
 from workbench.circuits.sae.features import feature_pages
 from workbench.circuits.sae.formats import load_sae
 from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_sae, train_saes
-from workbench.datasets import Dataset, DatasetError, load_dataset
+from workbench.datasets import Dataset, DatasetError
 from workbench.hooks import resolve_hook_names
 from workbench.identity import provenance_note
-from workbench.references import resolve_model, short_name
+from workbench.references import short_name
 from workbench.workspace import Workspace, safe_name
 
 _KEYS = ("model", "checkpoint", "hook", "dataset", "sae_id")
@@ -492,29 +492,3 @@ def feature_pages_on_data(
                              checkpoint=model.cfg.checkpoint, overwrite=True, progress=progress)  # fmt: skip
     sae = sae.to(model.device).eval()
     return feature_pages(sae, store, sae_id, model=model, progress=progress).assign(dataset=data.name)
-
-
-DEMO_SPECS = {
-    "code-tiny.L0-resid-topk": {"architecture": "topk", "d_sae": 256, "k": 8, "hook_in": "blocks.0.hook_resid_post"},
-    **{
-        f"code-tiny.L{layer}-mlp-transcoder": {
-            "architecture": "topk", "d_sae": 256, "k": 8,
-            "hook_in": f"blocks.{layer}.hook_resid_pre", "hook_out": f"blocks.{layer}.hook_mlp_out",
-        }
-        for layer in (0, 1)
-    },
-}  # fmt: skip
-
-
-def demo_step(workspace, progress: bool = True) -> str:
-    """A TopK SAE on code-tiny's layer-0 residual stream and TopK transcoders on its layer-0 and 1 MLPs, trained on
-    ``zoo:python-stdlib``; writes ``sae_evals`` and ``sae_features`` and returns a one-line summary."""
-    model = resolve_model("code-tiny", workspace=workspace)
-    frames = run(model, load_dataset("zoo:python-stdlib"), DEMO_SPECS, workspace=workspace, max_tokens=4096,
-                 context_length=64, progress=progress)  # fmt: skip
-    write_tables(workspace, ANALYSIS, frames)
-    parts = [
-        f"{r.sae_id}: L0 {r.L0:.1f}, FVU {r.FVU:.3f}, CE recovered {r.ce_recovered:.2f}, dead {r.dead_fraction:.0%}"
-        for r in frames["sae_evals"].itertuples()
-    ]
-    return "SAE " + "; ".join(parts)

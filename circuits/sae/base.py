@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.circuits.sae.registry import K_ARCHITECTURES, REGISTRY
+from workbench.circuits.sae.registry import K_ARCHITECTURES, architectures
 from workbench.circuits.sae.registry import create_sae as create_sae  # re-exported: the registry is its home
 from workbench.circuits.sae.registry import register as register  # re-exported for the architecture modules
 from workbench.fileio import atomic_save_tensors, atomic_write_text
@@ -78,9 +78,9 @@ class SAEConfig:
             self.d_out = self.d_in
         if not self.hook_out:
             self.hook_out = self.hook_in
-        if self.architecture not in REGISTRY:
+        if self.architecture not in architectures():
             raise SAEInputError(
-                f"unknown SAE architecture {self.architecture!r}; use one of {sorted(REGISTRY)}"
+                f"unknown SAE architecture {self.architecture!r}; use one of {sorted(architectures())}"
             )
         if min(self.d_in, self.d_sae, self.d_out) <= 0:
             raise SAEInputError(

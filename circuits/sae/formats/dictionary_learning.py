@@ -35,7 +35,7 @@ from workbench.circuits.sae.formats.tensors import (
     read_state_dict,
     require,
 )
-from workbench.circuits.sae.registry import REGISTRY
+from workbench.circuits.sae.registry import architectures
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
@@ -112,12 +112,12 @@ def load_dictionary_learning(
         tensors = {key: state[key] for key in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
         fold_decoder_norms(tensors)
         return folder.name, build_sae("jumprelu", tensors, weights, device, **common)
-    if dict_class == "GatedAutoEncoder" and "gated" in REGISTRY:
+    if dict_class == "GatedAutoEncoder" and "gated" in architectures():
         return folder.name, _gated(state, weights, device, common)
     if dict_class == "GatedAutoEncoder":
         raise SAEInputError(
             f"{cfg_path}: GatedAutoEncoder needs the workbench's gated architecture, which this registry lacks "
-            f"(it has {sorted(REGISTRY)})"
+            f"(it has {sorted(architectures())})"
         )
     raise SAEInputError(
         f"{cfg_path}: dict_class {dict_class!r} is not supported; the workbench reads AutoEncoder, AutoEncoderTopK, "

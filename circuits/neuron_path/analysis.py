@@ -27,9 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.adapters.base import HFAdapter
-from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
-from workbench.datasets import Dataset, load_dataset
-from workbench.references import resolve_model
+from workbench.analysis import Analysis, AnalysisNotApplicable, Table
+from workbench.datasets import Dataset
 
 HOOK = "blocks.{layer}.mlp.hook_post"
 
@@ -748,24 +747,4 @@ def run(model, data: Dataset, *, position: int | None = None, n_targets: int | N
         chunk_rows=chunk_rows,
         progress=progress,
         report=report,
-    )
-
-
-def demo_step(workspace, progress: bool = True) -> str:
-    """Neuron paths (3 neurons per layer) of the workspace's ``vit-digits`` on ``zoo:digits``, 3 images per class;
-    writes results; returns a summary line."""
-    model = resolve_model("vit-digits", workspace=workspace)
-    frames = run(model, load_dataset("zoo:digits"), steps=5, top_k=3, max_sequences=30, progress=progress)
-    write_tables(workspace, ANALYSIS, frames)
-    m = frames["neuron_path_metrics"].set_index("method")
-    return (
-        "neuron paths (vit-digits on zoo:digits, 10 classes): joint score ours {:.3f} vs top-act {:.3f} / "
-        "influence {:.3f}; remove → accuracy change ours {:+.2f} vs {:+.2f} / {:+.2f}".format(
-            m.loc["joint_ig", "joint_score"],
-            m.loc["top_activation", "joint_score"],
-            m.loc["influence_pattern", "joint_score"],
-            m.loc["joint_ig", "remove_accuracy_change"],
-            m.loc["top_activation", "remove_accuracy_change"],
-            m.loc["influence_pattern", "remove_accuracy_change"],
-        )  # fmt: skip
     )

@@ -1,5 +1,6 @@
-"""`workbench codebook train|analyse MODEL --data DATA`: codebooks on any causal LM, trained (checkpointed and
-resumable under workspace/codebooks/RUN) and analysed on any dataset, written to the workspace results database."""
+"""`workbench codebook train|run MODEL --data DATA`: codebooks on any causal LM, trained (checkpointed and resumable
+under workspace/codebooks/RUN) and analysed on any dataset (`run`, the codebook analysis), written to the workspace
+results database. `codebook analyse` is the hidden spelling of `codebook run` for one release."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from workbench.cli_options import (
     SeedOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
+    add_deprecated_alias,
     fail,
     open_data,
     open_model,
@@ -72,7 +74,7 @@ def train(
         default_run_name,
         default_site,
     )
-    from workbench.circuits.codebook import train as train_codebooks
+    from workbench.circuits.codebook.train import train as train_codebooks
 
     require_data(data, "the text or token ids the codebooks are trained on")
     CodebookConfig("--site", d=1, n_codes=n_codes, k=k, similarity=similarity)  # refuses bad settings at once
@@ -86,12 +88,12 @@ def train(
                                 directory=directory, seed=seed, progress=progress)  # fmt: skip
     typer.echo(f"held-out loss {report.base_loss:.4f} -> {report.codebook_loss:.4f} with codebooks on "
                f"{', '.join(sites)} (gap {report.loss_gap:+.4f} nats, step {report.steps}); saved in "
-               f"{report.directory}; next: workbench codebook analyse {model} --data {data} --run "
+               f"{report.directory}; next: workbench codebook run {model} --data {data} --run "
                f"{directory.name}")  # fmt: skip
 
 
-@app.command()
-def analyse(
+@app.command("run")
+def run_analysis(
     model: ModelArgument,
     data: DataOption = None,
     run: RunOption = None,
@@ -122,7 +124,7 @@ def analyse(
         codebook_dir,
         default_run_name,
     )
-    from workbench.circuits.codebook import run as analyse_run
+    from workbench.circuits.codebook import run as analyse_codebooks
 
     require_data(data, "the text or token ids the codebooks are analysed on")
     hooked = open_model(model, workspace, device, "float32", trust_remote_code)
@@ -133,7 +135,7 @@ def analyse(
     if not (directory / "codebooks.safetensors").exists():
         fail(f"no codebook run {directory.name!r} in {directory.parent}; train them first: workbench codebook "
              f"train {model} --data {data} --run {directory.name}")  # fmt: skip
-    frames = analyse_run(hooked, dataset, directory, labels=labels, context_length=context_length,
+    frames = analyse_codebooks(hooked, dataset, directory, labels=labels, context_length=context_length,
                          max_tokens=max_tokens)  # fmt: skip
     written = write_tables(ws.ensure(), ANALYSIS, frames)
     purity = frames[PURITY_TABLE]
@@ -146,3 +148,6 @@ def analyse(
                    "(pass --labels SOURCE for purity / MI)")  # fmt: skip
     typer.echo(f"{written.get(ANALYSIS.tables[0].name, 0)} code rows of run {directory.name} on {dataset.name!r} "
                f"written (tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip
+
+
+add_deprecated_alias(app, "analyse", "codebook analyse", "codebook run", run_analysis)

@@ -1,5 +1,7 @@
-"""`workbench sae train|eval|circuit MODEL --data DATA` (mounted through the workbench.cli entry points): SAEs,
-transcoders and transcoder circuits on any model reference and any dataset reference."""
+"""`workbench sae train MODEL --data DATA`, `sae eval|features SAE MODEL --data DATA`, `sae import PATH [MODEL]` and
+`sae export SAE [MODEL] --out DIR` (mounted through the workbench.cli entry points): SAEs and transcoders on any
+model reference and any dataset reference. Hidden for one release: `sae circuit` (now `circuits attribute`) and
+`--model` of import / export (now the positional MODEL)."""
 
 from __future__ import annotations
 
@@ -12,28 +14,27 @@ from typing import Annotated
 
 import typer
 
-from workbench.circuits.circuits_cli import (
-    DepthOption,
-    FeatureOption,
-    LayerOption,
-    LogitProbabilityOption,
-    MaxLogitsOption,
-    PositionOption,
-    PromptIndexOption,
-    RootOption,
-    TopKOption,
-    run_deprecated_circuit,
-)
+from workbench.circuits.attribution.cli import run_deprecated_circuit
 from workbench.cli_options import (
     BatchSizeOption,
     ContextOption,
     DataOption,
+    DepthOption,
     DeviceOption,
+    FeatureOption,
+    LayerOption,
+    LogitProbabilityOption,
+    MaxLogitsOption,
     ModelArgument,
+    PositionOption,
     ProgressOption,
+    PromptIndexOption,
+    RootOption,
     SeedOption,
+    TopKOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
+    deprecation_note,
     fail,
     open_data,
     open_model,
@@ -41,7 +42,28 @@ from workbench.cli_options import (
 )
 from workbench.workspace import Workspace
 
-app = typer.Typer(help="Sparse autoencoders, transcoders and transcoder circuits.", no_args_is_help=True)
+app = typer.Typer(help="Sparse autoencoders and transcoders: train, eval, features, import, export (MODEL after the SAE "
+                  "where a command takes both).", no_args_is_help=True)  # fmt: skip
+
+# The model an SAE is checked against or read through, where a command can do without it (`sae import`, `sae export`):
+# a positional MODEL after the SAE, as in `sae eval|features SAE MODEL`; `--model` is the spelling before issue 30.
+OptionalModelArgument = Annotated[
+    str | None, typer.Argument(help="Model reference (as MODEL of `workbench sae eval`); optional here.")
+]
+OldModelOption = Annotated[
+    str | None, typer.Option("--model", hidden=True, help="Deprecated: MODEL, positional.")
+]
+
+
+def _model_argument(command: str, model: str | None, old_option: str | None) -> str | None:
+    """MODEL, or the hidden ``--model`` it replaced (one deprecation line); both given is refused."""
+    if old_option is None:
+        return model
+    if model is not None:
+        fail(f"MODEL is given twice ({model!r} and --model {old_option!r}): pass it once, after the SAE")
+    deprecation_note(f"sae {command} ... --model MODEL", f"sae {command} ... MODEL")
+    return old_option
+
 
 # Checked by the library (an `error:` line naming the fix) rather than by typer's range check.
 TokensOption = Annotated[
@@ -449,6 +471,7 @@ def circuit(
     logit_probability: LogitProbabilityOption = 0.95,
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Deprecated alias (one release) of `circuits attribute --data DATA --prompt-index N`: the full attribution
@@ -456,7 +479,8 @@ def circuit(
     run_deprecated_circuit("sae circuit", model=model, transcoders=transcoder, data=data, root=root, layer=layer,
                            feature=feature, prompt_index=prompt_index, position=position,
                            context_length=context_length, max_logits=max_logits, logit_probability=logit_probability,
-                           out=None, device=device, workspace=workspace, trust_remote_code=trust_remote_code)  # fmt: skip
+                           out=None, device=device, workspace=workspace, trust_remote_code=trust_remote_code,
+                           progress=progress)  # fmt: skip
 
 
 DEAD_WARNING_FRACTION = 0.25
@@ -516,16 +540,19 @@ def import_(
     hook: Annotated[str | None, typer.Option(help="Input hook, where the layout records none.")] = None,
     hook_out: Annotated[str | None, typer.Option(help="Output hook of a transcoder.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace SAEs of the same id.")] = False,
-    model: Annotated[str | None, typer.Option("--model", help="Check every SAE's hooks and widths against "
-                                              "this model before registering any.")] = None,
+    model: Annotated[str | None, typer.Argument(help="Check every SAE's hooks and widths against this model "
+                                                "before registering any.")] = None,
+    old_model: OldModelOption = None,
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:  # fmt: skip
     """Register SAEs / transcoders from another trainer's layout in the workspace (saes/<id>/), so sae eval,
-    sae features, sae export, sae circuit and the dashboard use them like ours; nothing is registered on error."""
+    sae features, sae export, circuits attribute and the dashboard use them like ours; nothing is registered on
+    error."""
     from workbench.adapters.module_names import FAMILY_MODULES
     from workbench.circuits.sae.formats.transfer import import_saes
 
+    model = _model_argument("import", model, old_model)
     hooked = open_model(model, workspace, "cpu", "float32", trust_remote_code).eval() if model else None
     if hooked is not None and family is None and hooked.cfg.family in FAMILY_MODULES:
         family = hooked.cfg.family
@@ -588,9 +615,10 @@ def export(
                                         "cross-layer transcoder.")] = "saelens",
     family: Annotated[str | None, typer.Option(help="Model family for sparsify's module names (gpt_neox, "
                                                "gpt2, llama).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="The SAE's model (sparsify: its family, by default "
-                                              "the family of the model the SAE records; neuronpedia: logits through "
-                                              "its unembedding).")] = None,
+    model: Annotated[str | None, typer.Argument(help="The SAE's model (sparsify: its family, by default the family "
+                                                "of the model the SAE records; neuronpedia: logits through its "
+                                                "unembedding).")] = None,
+    old_model: OldModelOption = None,
     workspace: WorkspaceOption = None,
     device: DeviceOption = "cpu",
     trust_remote_code: TrustRemoteCodeOption = False,
@@ -604,6 +632,7 @@ def export(
     from workbench.references import short_name
     from workbench.workspace import Workspace
 
+    model = _model_argument("export", model, old_model)
     if format not in EXPORT_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     from workbench.circuits.sae.clt_analysis import find_clt

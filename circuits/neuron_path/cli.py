@@ -71,8 +71,8 @@ def run(
     """Locate paths (ours and both baselines) for each target token / class and write the results tables; a model
     or dataset the analysis cannot use is refused before any work."""
     from workbench.analysis import write_tables
-    from workbench.circuits.neuron_path import ANALYSIS
-    from workbench.circuits.neuron_path import run as run_paths
+    from workbench.circuits.neuron_path.analysis import ANALYSIS
+    from workbench.circuits.neuron_path.analysis import run as run_paths
 
     require_data(data, "the dataset the paths are traced on: text or token ids for a causal LM, inputs with a class "
                  "label array for an image classifier (zoo:digits)")  # fmt: skip

@@ -1,5 +1,8 @@
-"""`workbench circuits export MODEL --data DATA --transcoder ID ... --format circuit-tracer --out DIR` (mounted
-through the workbench.cli entry points): a transcoder circuit as circuit-tracer graph files."""
+"""`workbench circuits attribute|qk MODEL ...`, `circuits jobs status [JOB]` and `circuits clt-eval PATH MODEL`
+(mounted through the workbench.cli entry points): attribution graphs of a prompt or a batch of prompts, stored in the
+workspace and exported as circuit-tracer or Neuronpedia JSON. Hidden for one release: `circuits export` (now
+`circuits attribute --out`), `circuits status` (now `circuits jobs status`) and, in `sae`, `sae circuit`, through
+:func:`run_deprecated_circuit`."""
 
 from __future__ import annotations
 
@@ -11,42 +14,34 @@ from workbench.cli_options import (
     BatchSizeOption,
     ContextOption,
     DataOption,
+    DepthOption,
     DeviceOption,
+    FeatureOption,
+    LayerOption,
+    LogitProbabilityOption,
+    MaxLogitsOption,
     ModelArgument,
+    PositionOption,
     ProgressOption,
+    PromptIndexOption,
+    RootOption,
+    TopKOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
+    add_deprecated_alias,
     fail,
     open_data,
     open_model,
     require_data,
 )
 
-app = typer.Typer(help="Transcoder circuits in other tools' formats.", no_args_is_help=True)
+app = typer.Typer(help="Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk, "
+                  "clt-eval.", no_args_is_help=True)  # fmt: skip
+jobs_app = typer.Typer(
+    help="Batches of attribution graphs (`circuits attribute --prompts`).", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
 
-# The circuit's options, shared with `workbench sae circuit`.
-LayerOption = Annotated[int | None, typer.Option(help="Target layer (default: the highest transcoder's).")]
-FeatureOption = Annotated[
-    int | None, typer.Option(help="Target feature (default: the most active at --position).")
-]
-PromptIndexOption = Annotated[int, typer.Option(min=0, help="Which token row of --data is the prompt.")]
-PositionOption = Annotated[int, typer.Option(help="Target position in the prompt (negative: from the end).")]
-TopKOption = Annotated[int, typer.Option(min=1, help="Contributors kept per node.")]
-DepthOption = Annotated[int, typer.Option(min=1, help="Levels of the greedy path search.")]
-RootOption = Annotated[
-    str,
-    typer.Option(
-        help="logit: rooted at the most probable next tokens at --position (circuit-tracer's graphs; needs a "
-        "transcoder on every layer); feature: at a transcoder feature (--layer / --feature)."
-    ),
-]
-MaxLogitsOption = Annotated[int, typer.Option(min=1, help="Logit roots at most (--root logit).")]
-LogitProbabilityOption = Annotated[
-    float,
-    typer.Option(
-        min=0.0, max=1.0, help="Logit roots until their total probability reaches this (--root logit)."
-    ),
-]
 EXPORT_FORMATS = ("circuit-tracer",)
 ATTRIBUTION_FORMATS = ("circuit-tracer", "neuronpedia")
 ROOTS = ("logit", "feature")
@@ -63,7 +58,7 @@ def circuit_root(root: str, layer: int | None, feature: int | None) -> Literal["
 
 @app.callback()
 def main() -> None:
-    """Transcoder circuits in other tools' formats."""
+    """Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk, clt-eval."""
 
 
 @app.command(hidden=True)
@@ -91,6 +86,7 @@ def export(
     pages_tokens: Annotated[int, typer.Option("--pages-tokens", min=0, help="Ignored.")] = 20_000,
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Deprecated alias (one release) of `circuits attribute --data DATA --prompt-index N --out DIR --format
@@ -102,13 +98,14 @@ def export(
     run_deprecated_circuit("circuits export", model=model, transcoders=transcoder, data=data, root=root, layer=layer,
                            feature=feature, prompt_index=prompt_index, position=position,
                            context_length=context_length, max_logits=max_logits, logit_probability=logit_probability,
-                           out=out, device=device, workspace=workspace, trust_remote_code=trust_remote_code)  # fmt: skip
+                           out=out, device=device, workspace=workspace, trust_remote_code=trust_remote_code,
+                           progress=progress)  # fmt: skip
 
 
 def run_deprecated_circuit(command: str, *, model: str, transcoders: list[str], data: str | None, root: str,
                            layer: int | None, feature: int | None, prompt_index: int, position: int,
                            context_length: int, max_logits: int, logit_probability: float, out: str | None,
-                           device: str, workspace, trust_remote_code: bool) -> None:  # fmt: skip
+                           device: str, workspace, trust_remote_code: bool, progress: bool = True) -> None:  # fmt: skip
     """The retired greedy-search commands (`sae circuit`, `circuits export`) translated to `circuits attribute`:
     one deprecation line naming the command that runs, then the full attribution graph of the same prompt (root
     logit: the next-token logits at --position; root feature: --layer / --feature at --position, by default the
@@ -147,7 +144,7 @@ def run_deprecated_circuit(command: str, *, model: str, transcoders: list[str], 
     attribute(model=model, transcoders=transcoders, data=data, prompt_index=prompt_index, target=[target],
               position=position, max_logits=max_logits, logit_probability=logit_probability,
               context_length=context_length, out=out, device=device, workspace=workspace,
-              trust_remote_code=trust_remote_code, progress=False)  # fmt: skip
+              trust_remote_code=trust_remote_code, progress=progress)  # fmt: skip
 
 
 def _load_transcoders(references: list[str], workspace, device: str) -> tuple[list[str], object]:
@@ -263,7 +260,7 @@ def attribute(
     data: DataOption = None,
     prompt_index: PromptIndexOption = 0,
     prompts: Annotated[str | None, typer.Option("--prompts", help="START:STOP: a graph for each of these token rows "
-                                                "of --data, as a resumable batch job (see `circuits status`).")] = None,
+                                                "of --data, as a resumable batch job (see `circuits jobs status`).")] = None,
     backend: Annotated[str, typer.Option(help="--prompts: local (this process, or a process pool with --workers) "
                                          "or ray.")] = "local",
     workers: Annotated[int, typer.Option(min=1, help="--prompts: parallel workers (processes or Ray CPUs).")] = 1,
@@ -301,7 +298,7 @@ def attribute(
     local replacement model, stored unpruned in the workspace (tables attribution_graphs / _nodes / _edges /
     _heads) with its replacement and completeness scores; --out writes the pruned graph as circuit-tracer JSON.
     --prompts START:STOP makes one graph per token row of --data as a resumable batch job (table
-    attribution_batch; `workbench circuits status` shows it)."""
+    attribution_batch; `workbench circuits jobs status` shows it)."""
     from workbench.circuits.attribution.graph import attribute as attribute_graph
     from workbench.circuits.attribution.store import ANALYSIS, write_graph
     from workbench.circuits.circuit_export import write_attribution_graph, write_neuronpedia_graph
@@ -413,11 +410,11 @@ def _print_batch(job: str, status) -> None:
     means = (f"; mean replacement score {done['replacement_score'].mean():.3f}, completeness "
              f"{done['completeness_score'].mean():.3f}" if len(done) else "")  # fmt: skip
     typer.echo(f"batch {job}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + means
-               + f" (graphs in table attribution_graphs; `workbench circuits status {job}`)")  # fmt: skip
+               + f" (graphs in table attribution_graphs; `workbench circuits jobs status {job}`)")  # fmt: skip
 
 
-@app.command()
-def status(
+@jobs_app.command("status")
+def batch_status_command(
     job: Annotated[str | None, typer.Argument(help="A batch job id (default: list every batch job).")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
@@ -496,3 +493,6 @@ def clt_eval(
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     frame = evaluate_clt(hooked, open_data(data), clt, max_tokens=max_tokens, context_length=context_length)
     typer.echo(frame.to_string(index=False))
+
+
+add_deprecated_alias(app, "status", "circuits status", "circuits jobs status", batch_status_command)
