@@ -216,9 +216,8 @@ class Adapter(Protocol):
         ...
 
     def unembedding(self, owner: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The output head's W_U [d_out, d_model] and bias [d_out] (None when it has none) — an LM head (d_out =
-        d_vocab) or, for a classifier, None as well: W_U reads the final hidden state at every position — or None
-        without an LM head."""
+        """The LM head (causal or masked) that reads the final hidden state at every position: W_U [d_vocab, d_model]
+        and its bias [d_vocab] (None when it has none); None without one (a headless encoder, a classifier)."""
         ...
 
     def fresh_copy(self, owner: Any) -> Any:
