@@ -44,7 +44,7 @@ from workbench.circuits.attribution.graph import Graph, Target, attribute
 from workbench.circuits.attribution.pruning import threshold_for
 from workbench.circuits.attribution.store import write_graph
 from workbench.circuits.circuit_export import attribution_graph_json
-from workbench.circuits.sae.features import logit_effects, residual_writes, unembedding_matrix
+from workbench.circuits.sae.features import logit_effects, residual_writes
 from workbench.circuits.sae.readout import load_sae_for
 from workbench.interventions import Intervention
 from workbench.prompt_lab import compare_next_token, load_lab_model
@@ -634,7 +634,7 @@ def feature_logits(opened: Opened, layer: int, feature: int, k: int = 10) -> pd.
     for the top ``k`` and the bottom ``k`` (``sae.features.logit_effects`` of its residual write)."""
 
     _, sae = opened.transcoders[layer]
-    head = unembedding_matrix(opened.model)
+    head = opened.model.unembedding_matrix()
     writes = residual_writes(sae, opened.model)
     if head is None or writes is None:
         return pd.DataFrame(columns=["direction", "token", "effect"])

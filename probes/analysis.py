@@ -229,22 +229,6 @@ def control_labels(token_ids: torch.Tensor, labels: torch.Tensor, seed: int = 0)
     return values[drawn][inverse]
 
 
-def random_init_model(model: HookedModel, seed: int = 0) -> HookedModel:
-    """A copy of ``model``'s architecture with freshly initialised weights (the random-init baseline).
-
-    The weights depend only on ``seed``; the global torch RNG is left as it was (the draws use a forked state).
-    """
-    inner: Any = model.model  # a HookedTransformer or a transformers PreTrainedModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if model.cfg.family == "transformer_lens":
-            from transformer_lens import HookedTransformer
-
-            return HookedModel.from_transformer_lens(HookedTransformer(inner.cfg), name=model.cfg.name)
-        fresh = type(inner)(inner.config)
-    return HookedModel.from_hf(fresh, model.tokenizer, name=model.cfg.name)
-
-
 def split_by_sequence(
     sequence: torch.Tensor, test_fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +337,7 @@ def fit_model_probes(
     rows["selectivity"] = rows["score"] - rows["control_score"]
     rows["random_init_score"] = np.nan
     if settings.random_init:
-        baseline = random_init_model(model, settings.seed)
+        baseline = model.fresh_copy(settings.seed)
         _, x_random, *_ = collect_activations(baseline, dataset, names, settings.batch_size)
         random_probes = fit_probes(x_random[:, train], labels[train], **fit)
         rows["random_init_score"] = random_probes.score(x_random[:, test], labels[test]).numpy()

@@ -83,6 +83,18 @@ def tl_twin(hf: torch.nn.Module, family: str):
             n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
             eps=c.layer_norm_epsilon, default_prepend_bos=False,
         )  # fmt: skip
+    elif family == "llama":
+        from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights as convert
+
+        c = hf.config
+        cfg = HookedTransformerConfig(
+            n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
+            d_head=c.hidden_size // c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
+            d_mlp=c.intermediate_size, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size, act_fn="silu",
+            normalization_type="RMS", eps=c.rms_norm_eps, positional_embedding_type="rotary", gated_mlp=True,
+            rotary_dim=c.hidden_size // c.num_attention_heads, rotary_adjacent_pairs=False, final_rms=True,
+            rotary_base=c.rope_parameters["rope_theta"], default_prepend_bos=False,
+        )  # fmt: skip
     else:
         from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights as convert
 
@@ -104,10 +116,17 @@ def tl_twin(hf: torch.nn.Module, family: str):
     return tl.eval()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+TWINS = {"gpt2": tiny_gpt2, "gpt_neox": tiny_neox, "llama": tiny_llama}
+
+
+@pytest.mark.parametrize("family", list(TWINS))
 def test_hf_capture_matches_transformer_lens_cache(family: str) -> None:
-    hf = tiny_gpt2() if family == "gpt2" else tiny_neox()
+    """Every hook point both have agrees with TransformerLens's own cache on the same (random-init) weights: the
+    norms' hook_scale / hook_normalized (norm weights at their initial 1 and 0, where TransformerLens's pre-weight
+    hook_normalized equals the norm's output), attn.hook_attn_scores (masked keys -inf) and per-head hook_result."""
+    hf = TWINS[family]()
     tl = tl_twin(hf, family)
+    tl.set_use_attn_result(True)
     model = HookedModel.from_hf(hf)
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     tl_logits, tl_cache = tl.run_with_cache(ids)
@@ -115,7 +134,9 @@ def test_hf_capture_matches_transformer_lens_cache(family: str) -> None:
     torch.testing.assert_close(logits, tl_logits, atol=1e-5, rtol=1e-4)
     common = [n for n in cache if n in tl_cache]
     expected = {"hook_embed", "blocks.0.attn.hook_q", "blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern",
-                "blocks.0.mlp.hook_post", "blocks.1.hook_resid_post", "ln_final.hook_normalized"}  # fmt: skip
+                "blocks.0.mlp.hook_post", "blocks.1.hook_resid_post", "ln_final.hook_normalized",
+                "ln_final.hook_scale", "blocks.1.attn.hook_attn_scores", "blocks.0.attn.hook_result",
+                *(f"blocks.{layer}.{ln}.hook_{x}" for layer in range(2) for ln in ("ln1", "ln2") for x in ("scale", "normalized"))}  # fmt: skip
     assert expected <= set(common)
     for name in common:
         ours = cache[name].expand_as(tl_cache[name])  # GPT-2's hook_pos_embed is [1, pos, d_model] here
@@ -156,7 +177,7 @@ def test_resid_post_equals_output_hidden_states(build) -> None:
     torch.testing.assert_close(hooked, bare, atol=0, rtol=0)
     stack = cache.stack("resid_post")
     n_layers = model.cfg.n_layers
-    post_ln = model.cfg.family == "bert"
+    post_ln = model.capabilities.final_norm is None
     checked = n_layers if post_ln else n_layers - 1  # decoders apply the final norm to the last hidden state
     for layer in range(checked):
         torch.testing.assert_close(stack[layer], reference.hidden_states[layer + 1], atol=1e-6, rtol=1e-5)
@@ -166,7 +187,7 @@ def test_resid_post_equals_output_hidden_states(build) -> None:
         torch.testing.assert_close(
             final["ln_final.hook_normalized"], reference.hidden_states[-1], atol=1e-6, rtol=1e-5
         )
-    if model.cfg.family != "gpt2":
+    if "hook_pos_embed" not in model.hook_names():  # GPT-2's hidden_states[0] adds the position embedding
         torch.testing.assert_close(cache["hook_embed"], reference.hidden_states[0], atol=1e-6, rtol=1e-5)
 
 
@@ -370,3 +391,131 @@ def test_attention_statistics_table_matches_direct_capture() -> None:
     got = table[(table["layer"] == 1) & (table["head"] == 2)]["entropy"].item()
     assert abs(got - expected.item()) < 1e-6
     assert layer_head_heatmap(table).data[0].z.shape == (2, 4)
+
+
+# ---------------------------------------------------------------------------------------------- adapters: capabilities
+@pytest.mark.parametrize(
+    "build, declared",
+    [
+        (tiny_gpt2, dict(positional="learned", norm="layernorm", final_norm="ln_final", output="next_token",
+                         module_names="gpt2")),
+        (tiny_neox, dict(positional="rotary", norm="layernorm", final_norm="ln_final", output="next_token",
+                         module_names="gpt_neox")),
+        (tiny_llama, dict(positional="rotary", norm="rmsnorm", final_norm="ln_final", output="next_token",
+                          module_names="llama")),
+        (tiny_bert, dict(positional="learned", norm="layernorm", final_norm=None, output="hidden", module_names=None)),
+        (tiny_vit, dict(modality="image", positional="learned", final_norm="ln_final", output="class")),
+        (lambda: tl_twin(tiny_neox(), "gpt_neox"), dict(positional="rotary", norm="layernorm", final_norm="ln_final",
+                                                         output="next_token", module_names=None)),
+        (lambda: tl_twin(tiny_gpt2(), "gpt2"), dict(positional="learned", output="next_token")),
+    ],
+)  # fmt: skip
+def test_adapters_declare_capabilities(build, declared) -> None:
+    from workbench.references import resolve_model
+
+    model = resolve_model(build())
+    caps = model.capabilities
+    assert {key: getattr(caps, key) for key in declared} == declared
+    if caps.final_norm is not None:
+        assert {f"{caps.final_norm}.hook_scale", caps.final_hook} <= set(model.hook_names())
+
+
+def test_a_rotary_transformer_lens_model_passes_a_rotary_requirement() -> None:
+    from workbench.analysis import Analysis, AnalysisNotApplicable
+
+    needs_rotary = Analysis("rotary_only", "workbench rotary-only MODEL", (), requires=("rotary",))
+    needs_rotary.check(HookedModel.from_transformer_lens(tl_twin(tiny_neox(), "gpt_neox")))
+    needs_rotary.check(HookedModel.from_hf(tiny_llama()))
+    with pytest.raises(AnalysisNotApplicable, match="rotary position embeddings"):
+        needs_rotary.check(HookedModel.from_transformer_lens(tl_twin(tiny_gpt2(), "gpt2")))
+
+
+def test_adapters_are_registered_by_model_type() -> None:
+    from workbench.adapters import REGISTRY
+
+    assert {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "bert", "vit"} <= set(REGISTRY)
+    opt = T.OPTForCausalLM(T.OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32,
+                                       vocab_size=50, word_embed_proj_dim=16))  # fmt: skip
+    with pytest.raises(ModelLoadError, match="no adapter for model_type 'opt'; supported: .*gpt2.*@register"):
+        HookedModel.from_hf(opt)
+
+
+@pytest.mark.parametrize("family", list(TWINS))
+def test_unembedding_and_head_output_weights_match_transformer_lens(family: str) -> None:
+    """W_U, b_U and per-head W_O as TransformerLens converts them (GPT-2's Conv1D projections included)."""
+    hf = TWINS[family]()
+    tl = tl_twin(hf, family)
+    model, twin = HookedModel.from_hf(hf), HookedModel.from_transformer_lens(tl)
+    torch.testing.assert_close(model.unembedding_matrix(), tl.W_U.T)
+    torch.testing.assert_close(twin.unembedding_matrix(), tl.W_U.T)
+    bias = model.unembedding_bias()
+    torch.testing.assert_close(torch.zeros_like(tl.b_U) if bias is None else bias, tl.b_U)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(
+            model.head_output_weights(layer), tl.blocks[layer].attn.W_O, atol=1e-6, rtol=1e-5
+        )
+    assert HookedModel.from_hf(tiny_bert()).unembedding_matrix() is None
+    assert HookedModel.from_hf(tiny_vit()).unembedding_matrix() is None  # a classifier, not an unembedding
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, lambda: tl_twin(tiny_gpt2(), "gpt2")])
+def test_fresh_copy_has_the_architecture_but_not_the_weights(build) -> None:
+    from workbench.references import resolve_model
+
+    model = resolve_model(build())
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    fresh = model.fresh_copy(seed=3)
+    torch.testing.assert_close(torch.rand(3), expected_next)  # the global RNG did not move
+    again = model.fresh_copy(seed=3)
+    assert all(
+        torch.equal(p, q) for p, q in zip(fresh.model.parameters(), again.model.parameters(), strict=True)
+    )
+    assert fresh.hook_names() == model.hook_names() and fresh.cfg == model.cfg
+    trained = dict(model.model.named_parameters())
+    assert not [
+        name
+        for name, p in fresh.model.named_parameters()
+        if p.ndim > 1 and p.any() and torch.equal(p, trained[name])
+    ]
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, tiny_bert, tiny_vit])
+def test_scale_result_and_score_hooks_edit_the_forward(build) -> None:
+    """A replaced hook_scale rescales the norm (γ ⊙ centred x / scale + β), a replaced hook_result sets the output
+    projection to Σ heads + bias, a replaced hook_attn_scores sets the pattern to its softmax."""
+    model = HookedModel.from_hf(build())
+    inputs = (torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6)) if model.capabilities.modality == "image"
+              else torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(6)))  # fmt: skip
+    with torch.no_grad():
+        _, clean = model.run_with_cache(inputs, ["blocks.0.ln2.hook_*", "blocks.0.attn.hook_*"])
+        with model.capture("blocks.0.ln2.hook_normalized") as doubled:
+            model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.ln2.hook_scale", lambda act, hook: act * 2)])
+        ln2 = model.sites[[getattr(s, "prefix", "") for s in model.sites].index("blocks.0.ln2")].module
+        bias = 0 if getattr(ln2, "bias", None) is None else ln2.bias
+        torch.testing.assert_close(doubled["blocks.0.ln2.hook_normalized"] - bias,
+                                   (clean["blocks.0.ln2.hook_normalized"] - bias) / 2)  # fmt: skip
+
+        def zero_head(act, hook):
+            act[:, :, 1] = 0
+            return act
+
+        def zero_z(act, hook):
+            act[:, :, 1] = 0
+            return act
+
+        torch.testing.assert_close(model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.attn.hook_result", zero_head)]),
+                                   model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.attn.hook_z", zero_z)]))  # fmt: skip
+        w_o = model.head_output_weights(0)
+        torch.testing.assert_close(clean["blocks.0.attn.hook_result"],
+                                   torch.einsum("bphd,hdm->bphm", clean["blocks.0.attn.hook_z"], w_o))  # fmt: skip
+        torch.testing.assert_close(clean["blocks.0.attn.hook_pattern"],
+                                   clean["blocks.0.attn.hook_attn_scores"].softmax(-1))  # fmt: skip
+        with model.capture("blocks.0.attn.hook_pattern") as flat:
+            model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.attn.hook_attn_scores",
+                                                     lambda act, hook: torch.where(act.isinf(), act, 0.0))])  # fmt: skip
+        allowed = clean["blocks.0.attn.hook_attn_scores"].isfinite()
+        torch.testing.assert_close(
+            flat["blocks.0.attn.hook_pattern"], allowed / allowed.sum(-1, keepdim=True)
+        )

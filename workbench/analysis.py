@@ -33,7 +33,7 @@ REQUIREMENTS = {
     "causal": "a causal language model (next-token logits)",
     "logits": "output logits (a causal LM's next-token or a classifier's class logits)",
     "mlp": "MLP blocks (d_mlp > 0)",
-    "rotary": "rotary position embeddings (GPT-NeoX / Llama)",
+    "rotary": "rotary position embeddings (GPT-NeoX, Llama, a rotary TransformerLens model)",
     "text": "a text dataset (documents or token ids)",
 }
 
@@ -88,21 +88,22 @@ class Analysis:
 
 
 def _meets(requirement: str, model: Any, data: Any) -> bool:
+    """Whether ``model`` / ``data`` meet ``requirement``, from the model's declared capabilities (never its family)."""
     if requirement == "text":
         return data is None or data.modality in ("text", "tokens")
     if model is None:
         return True
-    cfg = model.cfg
+    cfg, caps = model.cfg, model.capabilities
     if requirement == "tokenizer":
         return model.tokenizer is not None or (data is not None and data.modality == "tokens")
     if requirement == "causal":
-        return bool(cfg.causal) and cfg.family != "vit"
+        return bool(cfg.causal) and caps.modality == "text"
     if requirement == "logits":
-        return (bool(cfg.causal) and cfg.family != "vit") or cfg.family == "vit"
+        return (bool(cfg.causal) and caps.modality == "text") or caps.modality == "image"
     if requirement == "mlp":
         return cfg.d_mlp > 0
     if requirement == "rotary":
-        return cfg.family in ("gpt_neox", "llama")
+        return caps.positional == "rotary"
     raise KeyError(requirement)
 
 
@@ -110,7 +111,7 @@ def _advice(missing: list[str]) -> str:
     if "causal" in missing or "logits" in missing:
         return "use a causal LM (GPT-2, GPT-NeoX/Pythia, Llama, a code-* or fsm-* zoo model)"
     if "rotary" in missing:
-        return "use a GPT-NeoX (Pythia) or Llama model"
+        return "use a model with rotary position embeddings (GPT-NeoX/Pythia, Llama, a rotary TransformerLens model)"
     if "text" in missing:
         return "pass a text or token dataset with --data"
     return "use a model that has it"

@@ -24,9 +24,10 @@ from workbench.adapters.base import (
     Adapter,
     AnySite,
     AttentionSite,
-    HFAdapter,
+    Capabilities,
     site_names,
 )
+from workbench.adapters.registry import REGISTRY, adapter_for
 from workbench.capture import Positions, select_positions
 from workbench.hooks import ActivationCache, HookFn, HookNameError, HookPoint, resolve_hook_names
 from workbench.identity import directory_identity, directory_step
@@ -48,20 +49,6 @@ class ModelLoadError(ValueError):
 
 class ContextLengthError(ValueError):
     """Sequences longer than the model's positions (``cfg.n_ctx``); the message names the limit."""
-
-
-def _hf_adapters() -> dict[str, HFAdapter]:
-    from workbench.adapters.bert import BertAdapter
-    from workbench.adapters.gpt2 import GPT2Adapter
-    from workbench.adapters.gpt_neox import GPTNeoXAdapter
-    from workbench.adapters.llama import LlamaAdapter
-    from workbench.adapters.vit import ViTAdapter
-
-    adapters: dict[str, HFAdapter] = {}
-    for adapter in (GPTNeoXAdapter(), GPT2Adapter(), LlamaAdapter(), BertAdapter(), ViTAdapter()):
-        for model_type in adapter.model_types:
-            adapters[model_type] = adapter
-    return adapters
 
 
 def _pos_dim(name: str) -> int:
@@ -100,19 +87,19 @@ class HookedModel(nn.Module):
     def from_hf(
         cls, model: PreTrainedModel, tokenizer: Any = None, name: str = "", checkpoint: int | None = None
     ) -> HookedModel:
-        """Wrap a transformers model (GPT-NeoX, GPT-2, Llama, BERT or ViT family)."""
+        """Wrap a transformers model of a registered family (``workbench.adapters.REGISTRY``: GPT-NeoX, GPT-2,
+        Llama, BERT, ViT)."""
         from workbench.adapters import hf_attention
 
         model_type = getattr(model.config, "model_type", None)
-        adapters = _hf_adapters()
-        if model_type not in adapters:
+        adapter = adapter_for(model_type)
+        if adapter is None:
             raise ModelLoadError(
-                f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(adapters))}. "
-                "Add a file in workbench/adapters/ mapping its modules to the hook names."
+                f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(REGISTRY))}. "
+                "Add a file in workbench/adapters/ mapping its modules to the hook names (@register)."
             )
-        adapter = adapters[model_type]
         spec = adapter.spec(model.config)
-        spec.name = name or getattr(model.config, "_name_or_path", "") or model_type
+        spec.name = name or getattr(model.config, "_name_or_path", "") or str(model_type)
         spec.checkpoint = checkpoint
         hf_attention.register()
         model.set_attn_implementation(hf_attention.IMPLEMENTATION)
@@ -187,6 +174,30 @@ class HookedModel(nn.Module):
         if not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"layer {layer} is out of range; the model has {self.cfg.n_layers} layers")
         return self.adapter.head_output_weights(self, layer)
+
+    def unembedding_matrix(self) -> torch.Tensor | None:
+        """W_U [d_vocab, d_model] of the LM head (logits = final hidden state @ W_U.T + bias), or None without one
+        (an encoder's hidden state, a classifier)."""
+        found = self.adapter.unembedding(self)
+        return None if found is None else found[0]
+
+    def unembedding_bias(self) -> torch.Tensor | None:
+        """The LM head's bias [d_vocab], or None (no bias, or no LM head)."""
+        found = self.adapter.unembedding(self)
+        return None if found is None else found[1]
+
+    def fresh_copy(self, seed: int = 0) -> HookedModel:
+        """A HookedModel of this architecture with freshly initialised weights (the random-init baseline), same
+        name and tokenizer; the weights depend only on ``seed`` and the global torch RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.adapter.fresh_copy(self)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the model has, as its adapter declares it (modality, output head, pooling, positional scheme, norms,
+        final norm): ask this, never ``cfg.family``."""
+        return self.adapter.capabilities(self)
 
     @property
     def sites(self) -> list[AnySite]:
@@ -421,7 +432,7 @@ class HookedModel(nn.Module):
         patch (row, column) for pixels [1, C, H, W] (the adapter's patch grid)."""
         if not inputs.is_floating_point():
             return self.to_str_tokens(inputs[0])
-        grid = self.adapter.capabilities(self).patch_grid
+        grid = self.capabilities.patch_grid
         if grid is None:
             raise ValueError(f"{self.cfg.name} takes token ids, not pixels")
         return ["CLS", *(f"{r},{c}" for r in range(grid[0]) for c in range(grid[1]))]

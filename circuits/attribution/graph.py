@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from workbench.circuits.attribution.heads import head_loadings
 from workbench.circuits.attribution.replacement import HEAD_INPUT, ReplacementModel
 from workbench.circuits.attribution.transcoders import AttributionError, Transcoders, as_transcoders
-from workbench.circuits.sae.features import output_head
 
 NODE_KINDS = ("feature", "error", "token", "position", "target")
 
@@ -183,19 +182,19 @@ def _unembedding(replacement: ReplacementModel) -> tuple[torch.Tensor, torch.Ten
     model's LM head read at ``final_hook``."""
     model, dtype = replacement.model, replacement.dtype
     head, hook, position = replacement.head, HEAD_INPUT, replacement.head_position
+    weight, bias = (head.weight, head.bias) if head is not None else (None, None)
     if head is None:
-        head, hook = output_head(model), replacement.final_hook
+        weight, bias, hook = model.unembedding_matrix(), model.unembedding_bias(), replacement.final_hook
     if head is not None and position is not None:
         hook = replacement.final_hook
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+    if not isinstance(weight, torch.Tensor):
         raise AttributionError(
             f"{model.cfg.name} has no output head (LM head or classifier), so there is no logit to attribute; use "
             "--target feature:L:P:F or probe:NAME"
         )
-    weight = head.weight.detach().to(dtype)
-    bias = getattr(head, "bias", None)
+    weight = weight.detach().to(dtype)
     zero = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
-    return weight, zero if bias is None else bias.detach().to(dtype), hook, position
+    return weight, zero if not isinstance(bias, torch.Tensor) else bias.detach().to(dtype), hook, position
 
 
 def logit_targets(
@@ -708,7 +707,7 @@ def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, 
                   n_active=n_active)  # fmt: skip
     graph.scores = graph_scores(graph)
     graph.error_gap = replacement.error_gap(
-        has_logits=replacement.head is not None or output_head(model) is not None
+        has_logits=replacement.head is not None or model.unembedding_matrix() is not None
     )
     if heads and rows:
         node_rows = [*range(n_features), *range(n_nodes - n_targets, n_nodes)]

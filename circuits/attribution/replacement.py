@@ -3,22 +3,22 @@
 The model is made linear in its residual stream around the prompt, without changing a single output value:
 
 1. Clean run: one forward pass of the model on the prompt records every layer's MLP input (the transcoders'
-   ``hook_in``) and MLP output, every attention pattern [head, query, key], and every normalisation module's scale
-   per position (LayerNorm: σ = sqrt(var + ε); RMSNorm: rms = sqrt(mean x² + ε)). Each norm is recomputed from its
-   weights and checked against its own output, so a norm that is neither (Gemma's 1 + γ, a soft cap) is refused.
+   ``hook_in``) and MLP output, every attention pattern [head, query, key], and every norm's scale per position,
+   its ``hook_scale`` [pos, 1] (LayerNorm: σ = sqrt(var + ε); RMSNorm: rms = sqrt(mean x² + ε)), the hook point each
+   adapter declares for every norm (TransformerLens models have them natively).
 2. Transcoders: features f_l = encode_l(MLP input of layer l) [pos, d_transcoder]; error node e_l = true MLP
    output − the transcoders' reconstruction [pos, d_model], so the replacement reproduces the model exactly.
 3. Frozen forward (:meth:`ReplacementModel.forward`): the model's own modules run with every attention pattern
-   replaced by its clean value (so attention is linear in its values, OV), every norm computing
-   γ ⊙ (x − mean x) / σ_clean + β (LayerNorm) or γ ⊙ x / rms_clean (RMSNorm) — the scale is a constant, never
+   replaced by its clean value (so attention is linear in its values, OV), every ``hook_scale`` replaced by its clean
+   value, so each norm computes γ ⊙ (x − mean x) / σ_clean + β (LayerNorm) or γ ⊙ x / rms_clean (RMSNorm) — a constant, never
    differentiated — and every MLP output replaced by a *source* tensor (decoded features + b_dec + error) plus the
    skip path x @ W_skip of skip transcoders. The token embedding (and the position embedding where the model has
    one) are source tensors too. The frozen forward is affine in the sources: its value at the clean sources is
    the model's, at zero sources (every feature, error and embedding zero; decoder biases kept) it is the bias
    constant of every read-out.
 
-What a model has (a position embedding, a final norm, an LM head) comes from its hook names and adapter; nothing
-here branches on a family name. Norm modules are found by type (``nn.LayerNorm`` or a class named ``*RMSNorm``).
+What a model has (a position embedding, a final norm, an LM head) comes from its hook names and its adapter's
+capabilities; nothing here branches on a family name or finds a norm by its module type.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from torch import nn
 from workbench.adapters.base import Site
 from workbench.circuits.attribution.transcoders import AttributionError, Transcoders
 
-FINAL_NORM_HOOK = "ln_final.hook_normalized"
 POS_EMBED_HOOK = "hook_pos_embed"
 HEAD_INPUT = (
     "output_head.input"  # a read of the output head's input [batch, pos, d_in] (no hook point: a module hook)
@@ -47,66 +46,6 @@ ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Leaky
 def is_activation(module: nn.Module) -> bool:
     """Whether ``module`` is an elementwise activation (by type: torch's, or any of transformers.activations)."""
     return isinstance(module, ELEMENTWISE) or type(module).__module__ == "transformers.activations"
-
-
-def norm_kind(module: nn.Module) -> str | None:
-    """``"layernorm"``, ``"rmsnorm"`` or None: which normalisation ``module`` is, from its type."""
-    if isinstance(module, nn.LayerNorm):
-        return "layernorm"
-    if type(module).__name__.lower().endswith("rmsnorm"):
-        return "rmsnorm"
-    return None
-
-
-@dataclass
-class FrozenNorm:
-    """One normalisation module with its scale frozen at the prompt: ``scale`` [pos, 1] (σ or rms per position),
-    γ ``weight`` and β ``bias`` [d_model] (None when absent), ``centred`` for LayerNorm."""
-
-    module: nn.Module
-    centred: bool
-    scale: torch.Tensor
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [batch, pos, d] → the norm's output with its scale held at the prompt's value (linear in x)."""
-        y = (x - x.mean(-1, keepdim=True) if self.centred else x) / self.scale.to(x.dtype)
-        if self.weight is not None:
-            y = y * self.weight.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y
-
-
-def _epsilon(module: nn.Module) -> float:
-    for name in ("eps", "variance_epsilon", "epsilon"):
-        value = getattr(module, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return 1e-6
-
-
-def _freeze(module: nn.Module, kind: str, x: torch.Tensor, output: torch.Tensor) -> FrozenNorm:
-    """The norm's frozen form from its clean input x [1, pos, d] and output, checked to rebuild the output."""
-    x = x[0].detach()
-    centred = kind == "layernorm"
-    spread = x.var(-1, unbiased=False, keepdim=True) if centred else x.pow(2).mean(-1, keepdim=True)
-    scale = torch.sqrt(spread + _epsilon(module))
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    frozen = FrozenNorm(module, centred, scale, None if weight is None else weight.detach(),
-                        None if bias is None else bias.detach())  # fmt: skip
-    rebuilt = frozen.apply(x[None])[0]
-    clean = output[0].detach().to(rebuilt.dtype)
-    tolerance = 1e-4 * max(1.0, float(clean.abs().max()))  # a float32 norm in a float64 model rounds
-    if not torch.allclose(rebuilt, clean, atol=tolerance, rtol=0):
-        raise AttributionError(
-            f"the {type(module).__name__} recomputed as γ·(x − mean)/σ + β (LayerNorm) or γ·x/rms (RMSNorm) differs "
-            f"from its output by {float((rebuilt - clean).abs().max()):.3g}: it is not a plain norm, so its scale "
-            "cannot be frozen; attribution supports LayerNorm and RMSNorm models"
-        )
-    return frozen
 
 
 @dataclass
@@ -177,8 +116,9 @@ class ReplacementModel:
     Attributes (all on the model's device, in its dtype): ``logits`` [pos, d_vocab] (the model's), ``inputs``
     [n_layers, pos, d_model] (MLP inputs at each ``hook_in``), ``activations`` (per layer [pos, d_transcoder]),
     ``errors`` and ``writes`` [n_layers, pos, d_model], ``embed`` / ``pos_embed`` [pos, d_model], ``patterns`` (per
-    layer [head, query, key]), ``norms`` (every norm module, frozen), ``final_hook`` (the hook the unembedding
-    reads: ``ln_final.hook_normalized``, or the last ``hook_resid_post`` without a final norm)."""
+    layer [head, query, key]), ``scales`` (every norm's ``hook_scale`` -> [pos, 1], frozen), ``final_hook`` (the
+    hook the unembedding reads: the final norm's ``ln_final.hook_normalized``, or the last ``hook_resid_post``
+    without a final norm)."""
 
     def __init__(self, model: Any, transcoders: Transcoders, tokens: torch.Tensor):
         self.model, self.transcoders = model, transcoders
@@ -196,9 +136,8 @@ class ReplacementModel:
             )
         names = set(model.hook_names())
         self.has_pos_embed = POS_EMBED_HOOK in names
-        self.final_hook = (
-            FINAL_NORM_HOOK if FINAL_NORM_HOOK in names else f"blocks.{self.n_layers - 1}.hook_resid_post"
-        )
+        self.final_hook = model.capabilities.final_hook or f"blocks.{self.n_layers - 1}.hook_resid_post"
+        self.scale_hooks = [name for name in model.hook_names() if name.endswith(".hook_scale")]
         self.dtype = transcoders.dtype
         self._clean_run()
 
@@ -209,13 +148,7 @@ class ReplacementModel:
         hooks += [tc.hook_out(layer) for layer in range(self.n_layers)]
         hooks += [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.n_layers)]
         hooks += [POS_EMBED_HOOK] if self.has_pos_embed else []
-        seen: dict[nn.Module, list[FrozenNorm]] = {}
-
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            kind = norm_kind(module)
-            assert kind is not None
-            seen.setdefault(module, []).append(_freeze(module, kind, args[0], output))
-
+        hooks += self.scale_hooks
         gains: dict[nn.Module, list[torch.Tensor]] = {}
         linear: list[
             tuple[nn.Module, torch.Tensor, torch.Tensor]
@@ -236,8 +169,7 @@ class ReplacementModel:
         def record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
             value_inputs[module] = (args[0] if args else next(iter(kwargs.values()))).detach()
 
-        handles = [m.register_forward_hook(record) for m in model.model.modules() if norm_kind(m)]
-        handles += [
+        handles = [
             m.module.register_forward_pre_hook(record_input, with_kwargs=True) for m in maps if m is not None
         ]
         handles += [m.register_forward_hook(record_gain) for m in model.model.modules() if is_activation(m)]
@@ -252,12 +184,7 @@ class ReplacementModel:
                 handle.remove()
         self.logits = output[0].to(self.dtype)
         self.gains = gains
-        twice = [type(m).__name__ for m, calls in seen.items() if len(calls) > 1]
-        if twice:
-            raise AttributionError(
-                f"a {twice[0]} module runs more than once per forward pass; its scale cannot be frozen per call"
-            )
-        self.norms = [calls[0] for calls in seen.values()]
+        self.scales = {name: cache[name][0] for name in self.scale_hooks}  # [pos, 1], the model's dtype
 
         def get(name: str) -> torch.Tensor:
             return cache[name][0].to(self.dtype)
@@ -366,23 +293,18 @@ class ReplacementModel:
         return gap
 
     @contextlib.contextmanager
-    def _frozen_norms(self) -> Iterator[None]:
-        """Norms with their scales frozen, and every elementwise activation as its prompt gain f(x)/x (linear; the
-        same value at the prompt; one gain per call, in call order): what lies between the residual stream and an
-        output head (an MLM head's transform) stays linear; those inside replaced MLPs do not matter."""
-        frozen = {norm.module: norm for norm in self.norms}
+    def _frozen_gains(self) -> Iterator[None]:
+        """Every elementwise activation as its prompt gain f(x)/x (linear; the same value at the prompt; one gain per
+        call, in call order): what lies between the residual stream and an output head (an MLM head's transform)
+        stays linear; those inside replaced MLPs do not matter."""
         calls = dict.fromkeys(self.gains, 0)
-
-        def apply(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
-            return frozen[module].apply(args[0]).to(output.dtype)
 
         def gain(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
             recorded, call = self.gains[module], calls[module]
             calls[module] = call + 1
             return (args[0] * recorded[min(call, len(recorded) - 1)].to(args[0].dtype)).to(output.dtype)
 
-        handles = [module.register_forward_hook(apply, prepend=True) for module in frozen]
-        handles += [module.register_forward_hook(gain, prepend=True) for module in self.gains]
+        handles = [module.register_forward_hook(gain, prepend=True) for module in self.gains]
         try:
             yield
         finally:
@@ -459,6 +381,10 @@ class ReplacementModel:
         ):  # the position embedding's output is [1, pos, d]: carried by hook_embed
             hooks = [("hook_embed", replace_with(sources.embed + sources.pos_embed)),
                      (POS_EMBED_HOOK, lambda activation, hook: torch.zeros_like(activation))]  # fmt: skip
+        hooks += [
+            (name, replace_with(scale[None].expand(batch, *scale.shape)))
+            for name, scale in self.scales.items()
+        ]
         bypassed = set()
         for layer, vm in enumerate(self.value_maps):
             if vm is not None:
@@ -488,7 +414,7 @@ class ReplacementModel:
             handles.append(self.head.register_forward_pre_hook(_stop))
         logits: torch.Tensor | None = None
         try:
-            with self._frozen_norms(), self.model.hooks([h for h in hooks if h[0] != HEAD_INPUT]):
+            with self._frozen_gains(), self.model.hooks([h for h in hooks if h[0] != HEAD_INPUT]):
                 logits = self.model(self._batched(batch))
         except _HeadReached:
             pass

@@ -516,7 +516,7 @@ def analyse(model, tasks: dict[int, Task], *, dataset: str, steps: int = 20, top
 
 
 def _target_text(model, target: int) -> str:
-    if model.cfg.family != "vit" and model.tokenizer is not None:
+    if model.capabilities.modality == "text" and model.tokenizer is not None:
         return str(model.to_string([target]))
     return str(target)
 
@@ -541,10 +541,10 @@ ANALYSIS = Analysis(
 
 
 def model_kind(model) -> str:
-    """Kind of ``model``: "lm" for a causal LM (next-token logits [batch, pos, d_vocab]), "classifier" for a ViT
-    (class logits [batch, n_classes]); anything else raises AnalysisNotApplicable (an encoder's forward returns
-    hidden states, so there is no target probability to attribute)."""
-    if model.cfg.family == "vit":
+    """Kind of ``model``: "lm" for a causal LM (next-token logits [batch, pos, d_vocab]), "classifier" for an image
+    model (a ViT: class logits [batch, n_classes]); anything else raises AnalysisNotApplicable (an encoder's forward
+    returns hidden states, so there is no target probability to attribute)."""
+    if model.capabilities.modality == "image":
         return "classifier"
     if model.cfg.causal:
         return "lm"

@@ -549,13 +549,12 @@ def import_(
     """Register SAEs / transcoders from another trainer's layout in the workspace (saes/<id>/), so sae eval,
     sae features, sae export, circuits attribute and the dashboard use them like ours; nothing is registered on
     error."""
-    from workbench.adapters.module_names import FAMILY_MODULES
     from workbench.circuits.sae.formats.transfer import import_saes
 
     model = _model_argument("import", model, old_model)
     hooked = open_model(model, workspace, "cpu", "float32", trust_remote_code).eval() if model else None
-    if hooked is not None and family is None and hooked.cfg.family in FAMILY_MODULES:
-        family = hooked.cfg.family
+    if hooked is not None and family is None:
+        family = hooked.capabilities.module_names
     ids = import_saes(path, workspace, format=format, sae_id=sae_id, family=family, hook=hook, hook_out=hook_out,
                       overwrite=overwrite, model=hooked)  # fmt: skip
     from workbench.circuits.sae import load_sae
@@ -627,7 +626,7 @@ def export(
     feature pages as SAEDashboard batch JSON + a Neuronpedia bulk-import folder; a cross-layer transcoder in
     circuit-tracer's layout (--format circuit-tracer)."""
     from workbench.circuits.sae.analysis import find_sae
-    from workbench.circuits.sae.features import residual_writes, token_decoder, unembedding_matrix
+    from workbench.circuits.sae.features import residual_writes, token_decoder
     from workbench.circuits.sae.formats.transfer import EXPORT_FORMATS, export_sae
     from workbench.references import short_name
     from workbench.workspace import Workspace
@@ -651,12 +650,12 @@ def export(
         hooked = _recorded_model(found, sae, workspace, device, trust_remote_code)
         typer.echo(f"model family {hooked.cfg.family}, from the model {found} records ({hooked.cfg.name})")
     if format == "sparsify":
-        options["family"] = family or (hooked.cfg.family if hooked is not None else None)
+        options["family"] = family or (hooked.capabilities.module_names if hooked is not None else None)
     if format == "neuronpedia":
         options["features"] = Workspace(workspace).results().read("sae_features", sae_id=found)
-        if hooked is not None and unembedding_matrix(hooked) is not None:
+        if hooked is not None and hooked.unembedding_matrix() is not None:
             options |= {
-                "unembedding": unembedding_matrix(hooked),
+                "unembedding": hooked.unembedding_matrix(),
                 "writes": residual_writes(sae, hooked),
                 "decode": token_decoder(hooked.tokenizer),
                 "model_id": short_name(hooked.cfg.name),

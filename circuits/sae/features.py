@@ -11,7 +11,6 @@ import re
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from workbench.circuits.sae.base import SAE, SAEInputError
 
@@ -141,7 +140,7 @@ def feature_pages(
 
     shares = head_shares(sae, model.cfg.n_heads) if model is not None else None
     promoted = suppressed = None
-    head = unembedding_matrix(model)
+    head = model.unembedding_matrix() if model is not None else None
     writes = residual_writes(sae, model) if head is not None else None
     if head is not None and writes is not None and writes.shape[1] == head.shape[1]:
         logits = logit_effects(writes, head)  # [d_sae, d_vocab]
@@ -310,21 +309,6 @@ def token_decoder(tokenizer):
     if tokenizer is None:
         return str
     return lambda token: tokenizer.decode([token])
-
-
-def output_head(model) -> nn.Module | None:
-    """The LM head of a HookedModel (``weight`` W_U [d_vocab, d_model], maybe ``bias`` [d_vocab]), or None (no model,
-    or an encoder without a head)."""
-    get = getattr(getattr(model, "model", None), "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, nn.Module) else None
-
-
-def unembedding_matrix(model) -> torch.Tensor | None:
-    """W_U [d_vocab, d_model] of a HookedModel's LM head, or None (no model, or an encoder without a head)."""
-    head = output_head(model)
-    weight = None if head is None else getattr(head, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) else None
 
 
 def head_shares(sae: SAE, n_heads: int) -> torch.Tensor | None:

@@ -1,9 +1,9 @@
 """The adapter protocol, and the machinery shared by the Hugging Face adapters (module sites feeding hook points).
 
-An :class:`Adapter` is everything :class:`~workbench.model.HookedModel` needs to know about a model family, so the
-model never branches on a family name: its ModelSpec, installing torch hooks for the active hook points, running a
-forward pass, tokenizing, preparing non-text inputs, the embedding and per-head output weights, and switching the
-attention path. A Hugging Face adapter describes which module input or output carries each TransformerLens-named
+An :class:`Adapter` is everything :class:`~workbench.model.HookedModel` needs to know about a model family, so
+neither the model nor an analysis branches on a family name: its ModelSpec, its :class:`Capabilities`, installing
+torch hooks for the active hook points, running a forward pass, tokenizing, preparing non-text inputs, the
+embedding, unembedding and per-head output weights, a freshly initialised copy, and switching the attention path. A Hugging Face adapter describes which module input or output carries each TransformerLens-named
 activation (a :class:`Site`); torch hooks are installed only for sites whose hook points are active, so a forward
 pass with nothing captured runs the model untouched.
 """
@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -66,7 +66,35 @@ class AttentionSite:
     names: dict[str, str] = field(default_factory=dict)
 
 
-AnySite = Site | ResidMidSite | AttentionSite
+@dataclass
+class NormSite:
+    """A LayerNorm or RMSNorm module feeding ``{prefix}.hook_scale`` [batch, pos, 1] (σ = sqrt(var x + ε), or
+    rms = sqrt(mean x² + ε)) and ``{prefix}.hook_normalized`` [batch, pos, d_model] (the module's output, γ and β
+    applied). A replaced scale recomputes the output as γ ⊙ (x − mean x) / scale + β (LayerNorm) or γ ⊙ x / scale
+    (RMSNorm), the way TransformerLens's own norms use theirs (what attribution freezes)."""
+
+    module: nn.Module
+    prefix: str
+    kind: str
+    eps: float
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return (f"{self.prefix}.hook_scale", f"{self.prefix}.hook_normalized")
+
+
+@dataclass
+class ResultSite:
+    """Per-head writes ``blocks.{l}.attn.hook_result`` [batch, pos, head, d_model] of the attention output projection
+    ``module`` (z [batch, pos, heads·d_head] in): head h's write is z_h @ W_O[h], without the output bias. A replaced
+    result sets the projection's output to Σ_h result_h + bias."""
+
+    module: nn.Module
+    name: str
+    n_heads: int
+
+
+AnySite = Site | ResidMidSite | AttentionSite | NormSite | ResultSite
 
 
 def heads_view(n_heads: int) -> tuple[Split, Merge]:
@@ -123,6 +151,13 @@ class Capabilities:
     "cls" (position 0) or "last" (the last position); ``normalize``: that vector is L2-normalised.
     ``image_shape``: (channels, height, width) an image model takes; ``patch_grid``: (rows, columns) of its
     patches, patch (r, c) at position 1 + r·columns + c (position 0 is CLS). ``class_names``: one per class.
+    ``positional``: how positions enter — "rotary" (rotated queries and keys), "learned" (a learned absolute
+    embedding added to the token or patch embedding), "none", or another scheme's name (TransformerLens's
+    "alibi"...). ``norm``: "layernorm" or "rmsnorm" (every norm of the blocks; "none" without). ``final_norm``: the
+    hook prefix of the norm between the last block and the head ("ln_final": ``ln_final.hook_scale`` [batch, pos,
+    1], ``ln_final.hook_normalized`` [batch, pos, d_model]), None without one (post-LN encoders).
+    ``module_names``: the family's Hugging Face module-name table (:mod:`workbench.adapters.module_names`, for
+    trainers that name sites by module: sparsify), None without one.
     """
 
     modality: str = "text"
@@ -132,6 +167,15 @@ class Capabilities:
     image_shape: tuple[int, int, int] | None = None
     patch_grid: tuple[int, int] | None = None
     class_names: tuple[str, ...] = ()
+    positional: str = "learned"
+    norm: str = "layernorm"
+    final_norm: str | None = None
+    module_names: str | None = None
+
+    @property
+    def final_hook(self) -> str | None:
+        """The final norm's output ``{final_norm}.hook_normalized`` [batch, pos, d_model] (None without one)."""
+        return None if self.final_norm is None else f"{self.final_norm}.hook_normalized"
 
 
 class Adapter(Protocol):
@@ -168,7 +212,16 @@ class Adapter(Protocol):
         ...
 
     def capabilities(self, owner: Any) -> Capabilities:
-        """What the model has (modality, output head, pooling): :class:`Capabilities`."""
+        """What the model has (modality, output head, pooling, positions, norms): :class:`Capabilities`."""
+        ...
+
+    def unembedding(self, owner: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The LM head (causal or masked) that reads the final hidden state at every position: W_U [d_vocab, d_model]
+        and its bias [d_vocab] (None when it has none); None without one (a headless encoder, a classifier)."""
+        ...
+
+    def fresh_copy(self, owner: Any) -> Any:
+        """A HookedModel of the same architecture with freshly initialised weights (drawn from torch's RNG)."""
         ...
 
 
@@ -179,6 +232,9 @@ class HFAdapter(ABC):
     family: str = ""
     model_types: tuple[str, ...] = ()
     base_attr: str = ""
+    positional: str = "learned"  # Capabilities.positional
+    norm: str = "layernorm"  # Capabilities.norm: the kind of every norm module the family file names
+    module_names: str | None = None  # Capabilities.module_names
 
     def spec(self, config: Any) -> ModelSpec:
         """Shape facts from a transformers config (families override what their config names differently)."""
@@ -252,8 +308,24 @@ class HFAdapter(ABC):
     def head_output_weights(self, owner: Any, layer: int) -> torch.Tensor:
         name = f"blocks.{layer}.attn.hook_z"
         module = next(s.module for s in owner.sites if isinstance(s, Site) and s.names == (name,))
-        weight = cast(torch.Tensor, module.weight)  # [d_model, n_heads * d_head]
-        return weight.T.reshape(owner.cfg.n_heads, -1, weight.shape[0])
+        return output_weights(module, owner.cfg.n_heads, owner.cfg.d_head)
+
+    def unembedding(self, owner: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        head = owner.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return None
+        bias = getattr(head, "bias", None)
+        return weight, bias if isinstance(bias, torch.Tensor) else None
+
+    def fresh_copy(self, owner: Any) -> Any:
+        fresh = type(owner.model)(owner.model.config)
+        return type(owner).from_hf(fresh, owner.tokenizer, name=owner.cfg.name)
+
+    def norm_site(self, module: nn.Module, prefix: str) -> NormSite:
+        """The :class:`NormSite` of one of the family's norm modules (of kind ``norm``; ε as the module keeps it)."""
+        eps = next(getattr(module, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(module, a))
+        return NormSite(module, prefix, self.norm, float(eps))
 
     def set_attention_path(self, owner: Any, path: str) -> None:
         """Nothing to patch: the registered "workbench" attention function reads ``owner.attention_path``."""
@@ -269,12 +341,14 @@ class HFAdapter(ABC):
         directory = getattr(owner.model.config, "_name_or_path", "") or ""
         declared = sentence_transformers_pooling(directory) if directory else None
         pooling, normalize = declared or ("last" if causal else "mean", False)
-        return Capabilities(output=output, pooling=pooling, normalize=normalize)
+        final = "ln_final" if "ln_final.hook_normalized" in owner.hook_points else None
+        return Capabilities(output=output, pooling=pooling, normalize=normalize, positional=self.positional,
+                            norm=self.norm, final_norm=final, module_names=self.module_names)  # fmt: skip
 
     @staticmethod
     def attention_site(attention: nn.Module, layer: int) -> AttentionSite:
         prefix = f"blocks.{layer}.attn."
-        stats = ("pattern", "entropy", "sink", "lse", "max_logit")
+        stats = ("attn_scores", "pattern", "entropy", "sink", "lse", "max_logit")
         return AttentionSite(attention, layer, {s: f"{prefix}hook_{s}" for s in stats})
 
 
@@ -298,6 +372,18 @@ def sentence_transformers_pooling(directory: str | Path) -> tuple[str, bool] | N
             config = json.loads((Path(directory) / module["path"] / "config.json").read_text())
             pooling = next((mode for key, mode in SENTENCE_POOLING.items() if config.get(key)), pooling)
     return pooling, normalize
+
+
+def output_weights(module: nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
+    """Per-head W_O [n_heads, d_head, d_model] of an output projection (``nn.Linear``, GPT-2's ``Conv1D``: any
+    affine map of z [..., n_heads·d_head]), read off the module: its outputs at the unit vectors minus at zero."""
+    d_in = n_heads * d_head
+    probe = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).to(
+        next(module.parameters())
+    )  # [1 + d_in, d_in]
+    with torch.no_grad():
+        out = module.forward(probe)  # forward, not __call__: no hooks (this runs inside the hook_result one)
+    return (out[1:] - out[0]).reshape(n_heads, d_head, -1)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -335,6 +421,10 @@ def install_site(site: AnySite, points: dict[str, HookPoint]) -> list[Any]:
         return []
     if isinstance(site, ResidMidSite):
         return _install_resid_mid(site, points[site.name])
+    if isinstance(site, NormSite):
+        return _install_norm(site, points[site.names[0]], points[site.names[1]])
+    if isinstance(site, ResultSite):
+        return _install_result(site, points[site.name])
     site_points = [points[n] for n in site.names]
     split = site.split or (lambda x: (x,))
     merge = site.merge or (lambda parts: parts[0])
@@ -372,6 +462,45 @@ def _install_resid_mid(site: ResidMidSite, point: HookPoint) -> list[Any]:
     ]
 
 
+def _install_norm(site: NormSite, scale_point: HookPoint, normalized_point: HookPoint) -> list[Any]:
+    def on_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        out = _first(output)
+        changed = False
+        if scale_point.active:
+            x = _input_tensor(args, kwargs)
+            work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            centred = work - work.mean(-1, keepdim=True) if site.kind == "layernorm" else work
+            scale = (centred.pow(2).mean(-1, keepdim=True) + site.eps).sqrt()  # [batch, pos, 1]
+            before = scale.clone()  # a hook may edit the derived scale in place
+            new_scale = scale_point(scale)
+            if new_scale is not scale or not torch.equal(scale, before):
+                y = centred / new_scale.to(work.dtype)
+                weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+                y = y if weight is None else y * weight.to(y.dtype)
+                out, changed = (y if bias is None else y + bias.to(y.dtype)).to(out.dtype), True
+        if normalized_point.active:
+            new = normalized_point(out)
+            out, changed = new, changed or new is not out
+        return _replace_first(output, out) if changed else None
+
+    return [site.module.register_forward_hook(on_output, with_kwargs=True)]
+
+
+def _install_result(site: ResultSite, point: HookPoint) -> list[Any]:
+    def on_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        z = _input_tensor(args, kwargs).unflatten(-1, (site.n_heads, -1))  # [batch, pos, head, d_head]
+        w_o = output_weights(module, site.n_heads, z.shape[-1]).to(z.dtype)  # [head, d_head, d_model]
+        result = torch.einsum("bphd,hdm->bphm", z, w_o)
+        before = result.sum(-2)  # [batch, pos, d_model]; a hook may edit the derived result in place
+        after = point(result).sum(-2)
+        if torch.equal(after, before):
+            return None
+        out = _first(output)
+        return _replace_first(output, out + (after - before).to(out.dtype))
+
+    return [site.module.register_forward_hook(on_output, with_kwargs=True)]
+
+
 # Attention modules -> (weak reference to the owning HookedModel, AttentionSite), read by the attention function.
 ATTENTION_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, AttentionSite]] = (
     weakref.WeakKeyDictionary()
@@ -390,28 +519,34 @@ def block_sites(
     mlp_post: Site,
     mlp_out: nn.Module,
     resid_mid: AnySite | None,
+    ln1: NormSite,
+    ln2: NormSite,
     attn_out: nn.Module | None = None,
-    mlp_in: nn.Module | None = None,
+    post_ln: bool = False,
 ) -> list[AnySite]:
-    """The standard sites of one transformer block, in the order their torch hooks must run; ``mlp_in`` is the
-    module whose input is the normalised residual the MLP reads (``ln2.hook_normalized``, pre-LN families)."""
+    """The standard sites of one transformer block, in the order their torch hooks must run. ``ln1`` / ``ln2``:
+    the norms before attention and before the MLP (pre-LN), or after each sub-block's residual sum (``post_ln``:
+    BERT, as TransformerLens's BERT blocks name them)."""
     prefix = f"blocks.{layer}."
     split, merge = heads_view(n_heads)
     sites: list[AnySite] = [
         Site(block, "input", (prefix + "hook_resid_pre",)),
+        *([] if post_ln else [ln1]),
         *qkv,
         Site(out_proj, "input", (prefix + "attn.hook_z",), split, merge),
         HFAdapter.attention_site(attention, layer),
+        ResultSite(out_proj, prefix + "attn.hook_result", n_heads),
         Site(attn_out or attention, "output", (prefix + "hook_attn_out",)),
+        *([ln1] if post_ln else []),
     ]
     if resid_mid is not None:
         sites.append(resid_mid)
-    if mlp_in is not None:
-        sites.append(Site(mlp_in, "input", (prefix + "ln2.hook_normalized",)))
     sites += [
+        *([] if post_ln else [ln2]),
         Site(mlp_pre, "output", (prefix + "mlp.hook_pre",)),
         mlp_post,
         Site(mlp_out, "output", (prefix + "hook_mlp_out",)),
+        *([ln2] if post_ln else []),
         Site(block, "output", (prefix + "hook_resid_post",)),
     ]
     return sites
@@ -425,6 +560,8 @@ def site_names(sites: Sequence[AnySite]) -> list[str]:
             names.append(site.name)
         elif isinstance(site, AttentionSite):
             names += list(site.names.values())
+        elif isinstance(site, ResultSite):
+            names.append(site.name)
         else:
             names += list(site.names)
     return names

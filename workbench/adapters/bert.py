@@ -2,7 +2,9 @@
 
 Post-LayerNorm blocks: ``hook_resid_mid`` is the attention sub-block's output after its LayerNorm,
 ``hook_resid_post`` the block output (what ``output_hidden_states`` returns); ``hook_embed`` is the embedding
-output after its LayerNorm. There is no final LayerNorm.
+output after its LayerNorm. ``ln1`` is the attention sub-block's LayerNorm (its output is ``hook_resid_mid``),
+``ln2`` the block's output LayerNorm (its output is ``hook_resid_post``), as TransformerLens's BERT names them.
+There is no final LayerNorm; a masked-LM head's LayerNorm is ``mlm_head.ln`` (TransformerLens's BERT name).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Any
 from torch import nn
 
 from workbench.adapters.base import AnySite, HFAdapter, Site, block_sites, heads_view
+from workbench.adapters.registry import register
 
 
+@register
 class BertAdapter(HFAdapter):
     family = "bert"
     base_attr = "bert"
@@ -44,5 +48,11 @@ class BertAdapter(HFAdapter):
                 mlp_out=block.output.dense,
                 resid_mid=Site(block.attention, "output", (prefix + "hook_resid_mid",)),
                 attn_out=block.attention.output.dense,
+                ln1=self.norm_site(block.attention.output.LayerNorm, prefix + "ln1"),
+                ln2=self.norm_site(block.output.LayerNorm, prefix + "ln2"),
+                post_ln=True,
             )
+        transform = getattr(getattr(getattr(model, "cls", None), "predictions", None), "transform", None)
+        if transform is not None:  # a masked-LM head: dense, activation, LayerNorm, then the decoder
+            sites.append(self.norm_site(transform.LayerNorm, "mlm_head.ln"))
         return sites

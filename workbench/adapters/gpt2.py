@@ -7,12 +7,15 @@ from typing import Any
 from torch import nn
 
 from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, concat_qkv
+from workbench.adapters.registry import register
 
 
+@register
 class GPT2Adapter(HFAdapter):
     family = "gpt2"
     base_attr = "transformer"
     model_types = ("gpt2",)
+    module_names = "gpt2"
 
     def spec(self, config: Any):
         return self.standard_spec(config, d_mlp=config.n_inner or 4 * config.n_embd)
@@ -37,8 +40,9 @@ class GPT2Adapter(HFAdapter):
                 mlp_pre=block.mlp.c_fc,
                 mlp_post=Site(block.mlp.act, "output", (prefix + "mlp.hook_post",)),
                 mlp_out=block.mlp,
-                mlp_in=block.mlp,
                 resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
+                ln1=self.norm_site(block.ln_1, prefix + "ln1"),
+                ln2=self.norm_site(block.ln_2, prefix + "ln2"),
             )
-        sites.append(Site(base.ln_f, "output", ("ln_final.hook_normalized",)))
+        sites.append(self.norm_site(base.ln_f, "ln_final"))
         return sites

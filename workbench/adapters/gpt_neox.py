@@ -7,12 +7,16 @@ from typing import Any
 from torch import nn
 
 from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, interleaved_qkv
+from workbench.adapters.registry import register
 
 
+@register
 class GPTNeoXAdapter(HFAdapter):
     family = "gpt_neox"
     base_attr = "gpt_neox"
     model_types = ("gpt_neox",)
+    positional = "rotary"
+    module_names = "gpt_neox"
 
     def spec(self, config: Any):
         return self.standard_spec(config, parallel_residual=bool(config.use_parallel_residual))
@@ -37,8 +41,9 @@ class GPTNeoXAdapter(HFAdapter):
                 mlp_pre=block.mlp.dense_h_to_4h,
                 mlp_post=Site(block.mlp.act, "output", (prefix + "mlp.hook_post",)),
                 mlp_out=block.mlp,
-                mlp_in=block.mlp,
                 resid_mid=mid,
+                ln1=self.norm_site(block.input_layernorm, prefix + "ln1"),
+                ln2=self.norm_site(block.post_attention_layernorm, prefix + "ln2"),
             )
-        sites.append(Site(base.final_layer_norm, "output", ("ln_final.hook_normalized",)))
+        sites.append(self.norm_site(base.final_layer_norm, "ln_final"))
         return sites

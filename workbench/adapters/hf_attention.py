@@ -1,7 +1,7 @@
 """The attention function registered with transformers as ``"workbench"``.
 
 With nothing hooked on the bare path it defers to transformers' own SDPA function, so logits are bit-identical
-to the unwrapped model. When ``hook_pattern`` or a statistic is hooked, or the model's ``attention_path`` is
+to the unwrapped model. When ``hook_attn_scores``, ``hook_pattern`` or a statistic is hooked, or the model's ``attention_path`` is
 "eager" or "kernel", it computes attention with :func:`workbench.attention.attend` and fires the hook points.
 """
 
@@ -59,17 +59,19 @@ def workbench_attention(
     site = entry[1]
     points = owner.hook_points
     pattern_point = points[site.names["pattern"]]
+    scores_point = points[site.names["attn_scores"]]
     stat_points = {s: points[site.names[s]] for s in STAT_NAMES}
-    want_pattern = pattern_point.active
+    want_pattern, want_scores = pattern_point.active, scores_point.active
     want_stats = any(p.active for p in stat_points.values())
     path = owner.attention_path
-    if path == "sdpa" and not (want_pattern or want_stats):
+    if path == "sdpa" and not (want_pattern or want_scores or want_stats):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if want_pattern and path == "kernel":
+    if (want_pattern or want_scores) and path == "kernel":
+        name = site.names["pattern" if want_pattern else "attn_scores"]
         raise ValueError(
-            f"{site.names['pattern']} needs the materialised pattern, which the fused kernel never builds; set "
+            f"{name} needs the materialised pattern and its scores, which the fused kernel never builds; set "
             "model.set_attention_path('eager') (or workbench.attention.uninstall_attention(model)) to capture it, or "
             "capture the statistics hooks (hook_entropy, hook_sink, hook_lse, hook_max_logit) on the kernel path"
         )
@@ -77,6 +79,10 @@ def workbench_attention(
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(getattr(module, "is_causal", False))
+
+    def edit_scores(scores: torch.Tensor) -> torch.Tensor:
+        return scores_point(scores.to(query.dtype))
+
     result = attend(
         query,
         key,
@@ -84,10 +90,11 @@ def workbench_attention(
         scale=scale,
         causal=causal,
         key_padding_mask=_key_padding(attention_mask, key.shape[2]),
-        path="eager" if want_pattern else path,
+        path="eager" if want_pattern or want_scores else path,
         return_pattern=want_pattern,
         return_stats=want_stats,
         sink_k=owner.sink_k,
+        edit_scores=edit_scores if want_scores else None,
     )
     out = result.out
     if want_pattern:

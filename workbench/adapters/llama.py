@@ -9,12 +9,17 @@ from __future__ import annotations
 from torch import nn
 
 from workbench.adapters.base import AnySite, HFAdapter, ResidMidSite, Site, block_sites, heads_view
+from workbench.adapters.registry import register
 
 
+@register
 class LlamaAdapter(HFAdapter):
     family = "llama"
     base_attr = "model"
     model_types = ("llama", "mistral", "qwen2")
+    positional = "rotary"
+    norm = "rmsnorm"
+    module_names = "llama"
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
         base = self.base(model)
@@ -39,8 +44,9 @@ class LlamaAdapter(HFAdapter):
                 mlp_pre=block.mlp.gate_proj,
                 mlp_post=Site(block.mlp.down_proj, "input", (prefix + "mlp.hook_post",)),
                 mlp_out=block.mlp,
-                mlp_in=block.mlp,
                 resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
+                ln1=self.norm_site(block.input_layernorm, prefix + "ln1"),
+                ln2=self.norm_site(block.post_attention_layernorm, prefix + "ln2"),
             )
-        sites.append(Site(base.norm, "output", ("ln_final.hook_normalized",)))
+        sites.append(self.norm_site(base.norm, "ln_final"))
         return sites

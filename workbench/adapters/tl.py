@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint as TLHookPoint
 
 STATS = ("entropy", "sink", "lse", "max_logit")
+POSITIONAL = {
+    "standard": "learned",
+    "shortformer": "learned",
+}  # TransformerLens name -> Capabilities.positional
+NORMS = {"LN": "layernorm", "LNPre": "layernorm", "RMS": "rmsnorm", "RMSPre": "rmsnorm"}
 
 # A TransformerLens ``HookedTransformer`` or ``TransformerBridge`` (not imported: ``import workbench`` stays
 # light, and both are accepted). Their attributes (cfg, hook_dict, to_tokens, blocks) are not visible
@@ -98,11 +103,29 @@ class TransformerLensAdapter:
         return model.blocks[layer].attn.W_O
 
     def capabilities(self, owner: Any) -> Capabilities:
-        """Token ids in, token logits out (next-token when the attention is causal), pooled at the last token."""
-        causal = bool(owner.cfg.causal)
+        """Token ids in, token logits out (next-token when the attention is causal), pooled at the last token;
+        positions and norms as the TransformerLens config names them."""
+        cfg, causal = owner.model.cfg, bool(owner.cfg.causal)
+        positional = getattr(cfg, "positional_embedding_type", "standard")
         return Capabilities(
-            output="next_token" if causal else "masked_token", pooling="last" if causal else "mean"
+            output="next_token" if causal else "masked_token",
+            pooling="last" if causal else "mean",
+            positional=POSITIONAL.get(positional, positional),
+            norm=NORMS.get(getattr(cfg, "normalization_type", None) or "", "none"),
+            final_norm="ln_final" if "ln_final.hook_normalized" in owner.model.hook_dict else None,
         )
+
+    def unembedding(self, owner: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """W_U [d_vocab, d_model] (TransformerLens keeps it [d_model, d_vocab]) and b_U [d_vocab]."""
+        model: TLModel = owner.model
+        w_u = getattr(model, "W_U", None)
+        return None if w_u is None else (w_u.T, getattr(model, "b_U", None))
+
+    def fresh_copy(self, owner: Any) -> Any:
+        # transformer_lens is optional and slow to import: only a random-init baseline of a TL model needs it
+        from transformer_lens import HookedTransformer
+
+        return type(owner).from_transformer_lens(HookedTransformer(owner.model.cfg), name=owner.cfg.name)
 
     def set_attention_path(self, owner: Any, path: str) -> None:
         """The kernel path replaces each attention block's forward (workbench.attention.install); other paths

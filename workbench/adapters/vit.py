@@ -5,6 +5,7 @@ Position 0 is the [CLS] token, then one position per patch; ``hook_embed`` is th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,8 +20,10 @@ from workbench.adapters.base import (
     block_sites,
     heads_view,
 )
+from workbench.adapters.registry import register
 
 
+@register
 class ViTAdapter(HFAdapter):
     family = "vit"
     base_attr = "vit"
@@ -46,7 +49,8 @@ class ViTAdapter(HFAdapter):
         side = config.image_size // config.patch_size
         classifier = getattr(owner.model, "classifier", None) is not None
         names = tuple(str(config.id2label[i]) for i in range(config.num_labels)) if classifier else ()
-        return Capabilities(
+        return replace(
+            super().capabilities(owner),
             modality="image",
             output="class" if classifier else "hidden",
             pooling="cls",
@@ -83,6 +87,8 @@ class ViTAdapter(HFAdapter):
                 mlp_post=Site(block.mlp.activation_fn, "output", (prefix + "mlp.hook_post",)),
                 mlp_out=block.mlp,
                 resid_mid=ResidMidSite(block, attn, prefix + "hook_resid_mid"),
+                ln1=self.norm_site(block.layernorm_before, prefix + "ln1"),
+                ln2=self.norm_site(block.layernorm_after, prefix + "ln2"),
             )
-        sites.append(Site(base.layernorm, "output", ("ln_final.hook_normalized",)))
+        sites.append(self.norm_site(base.layernorm, "ln_final"))
         return sites

@@ -5,6 +5,7 @@ Statistics are defined in :mod:`workbench.attention.reference`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -34,15 +35,18 @@ def attend(
     return_pattern: bool = False,
     return_stats: bool = False,
     sink_k: int = 1,
+    edit_scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> AttentionOutput:
     """Attention of q [batch, heads, q_len, d] over k, v [batch, kv_heads, k_len, d] (GQA when kv_heads < heads).
 
     ``key_padding_mask`` [batch, k_len] is True for real keys. ``path``: "sdpa" (torch SDPA), "eager"
     (materialised softmax; the only path that returns the pattern), "kernel" (the fused Triton kernel).
+    ``edit_scores`` (eager path): called on the masked scores [batch, heads, q_len, k_len] (float32, disallowed
+    keys -inf) before the softmax; what it returns is used (``hook_attn_scores``).
     """
     if path not in PATHS:
         raise ValueError(f"attention path {path!r} is not one of {PATHS}")
-    if return_pattern and path == "kernel":
+    if (return_pattern or edit_scores is not None) and path == "kernel":
         raise ValueError(
             "hook_pattern needs the materialised pattern, which the fused kernel never builds; use the eager path "
             "(model.set_attention_path('eager') or uninstall_attention(model)) or capture the statistics hooks"
@@ -60,6 +64,8 @@ def attend(
         scores = masked_scores(
             q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, dtype=torch.float32
         )
+        if edit_scores is not None and path == "eager":
+            scores = edit_scores(scores).float()
         stats = stats_from_scores(scores, sink_k=sink_k) if return_stats else None
         if stats is not None:
             stats = {name: value.to(q.dtype) for name, value in stats.items()}
