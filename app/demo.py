@@ -71,7 +71,7 @@ def recipes() -> list[Recipe]:
         Recipe("attention statistics over code-small checkpoints",
                ("attention", "code-small", "--data", prompts, "-w", "{ws}")),
         Recipe("training dynamics over code-small checkpoints",
-               ("dynamics", "code-small", "--data", prompts, "-w", "{ws}")),
+               ("dynamics", "run", "code-small", "--data", prompts, "-w", "{ws}")),
         Recipe("probe job (code-small, fsm-tiny over checkpoints)",
                ("probe", "jobs", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}")),
         Recipe("SAE and transcoders on code-tiny",

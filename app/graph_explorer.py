@@ -39,6 +39,7 @@ import plotly.graph_objects as go
 import scipy.sparse as sp
 import torch
 
+from workbench.analyses.prompt_lab.analysis import compare_next_token, load_lab_model
 from workbench.analysis import Analysis, Table, write_tables
 from workbench.circuits.attribution.graph import Graph, Target, attribute
 from workbench.circuits.attribution.pruning import threshold_for
@@ -47,7 +48,6 @@ from workbench.circuits.circuit_export import attribution_graph_json
 from workbench.circuits.sae.features import logit_effects, residual_writes
 from workbench.circuits.sae.readout import load_sae_for
 from workbench.interventions import Intervention
-from workbench.prompt_lab import compare_next_token, load_lab_model
 from workbench.workspace import Workspace
 
 MAX_NODES = 1500

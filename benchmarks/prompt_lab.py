@@ -104,7 +104,7 @@ def main() -> None:
         raise SystemExit("chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    from workbench import prompt_lab as lab
+    from workbench.analyses.prompt_lab import analysis as lab
     from workbench.interventions import Intervention
 
     server, url = _serve(workspace)

@@ -174,7 +174,7 @@ def test_views_without_data_name_a_command_that_exists(view, tmp_path, monkeypat
         subcommand = [w for w in words[1:] if not w.startswith("-")][:2]
         result = CliRunner().invoke(cli, [*subcommand[:1], "--help"])
         assert result.exit_code == 0, (message, result.output)
-        if subcommand[0] in ("probe", "sae", "codebook", "neuron-path") and len(subcommand) > 1:
+        if subcommand[0] in ("probe", "sae", "codebook", "neuron-path", "dynamics") and len(subcommand) > 1:
             assert CliRunner().invoke(cli, [*subcommand, "--help"]).exit_code == 0, message
 
 

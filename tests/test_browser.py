@@ -180,7 +180,7 @@ def test_prompt_lab_steers_in_a_real_browser(dashboard_url, dashboard_workspace)
     continuation and next-token KL shown change and equal what the same intervention gives through the API."""
     from playwright.sync_api import sync_playwright
 
-    from workbench import prompt_lab as lab
+    from workbench.analyses.prompt_lab import analysis as lab
     from workbench.circuits.sae.readout import latent_steering, load_sae_for, top_latents
 
     model = lab.load_lab_model("code-tiny", workspace=dashboard_workspace)

@@ -74,6 +74,7 @@ def test_graph_page_ablates_a_pinned_feature_as_the_library(
     at the transcoder's output hook)."""
     from playwright.sync_api import sync_playwright
 
+    from workbench.analyses.prompt_lab.analysis import compare_next_token
     from workbench.app.graph_explorer import (
         Annotations,
         load_stored_graph,
@@ -82,7 +83,6 @@ def test_graph_page_ablates_a_pinned_feature_as_the_library(
         write_annotations,
     )
     from workbench.interventions import Intervention
-    from workbench.prompt_lab import compare_next_token
 
     model, name = traced_graph
     stored = load_stored_graph(dashboard_workspace, model, name)

@@ -23,7 +23,7 @@ from tests.test_browser import (  # noqa: F401  (dashboard_url and the fixtures 
     server_log,
     traced_graph,
 )
-from workbench import prompt_lab as lab
+from workbench.analyses.prompt_lab import analysis as lab
 from workbench.interventions import Intervention
 
 pytestmark = [

@@ -14,20 +14,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from workbench.attention.kernel import kernel_available
-from workbench.datasets import load_dataset
-from workbench.dynamics import (
+from workbench.analyses.dynamics.analysis import (
     ANALYSIS,
     DynamicsError,
     DynamicsSettings,
+    checkpoint_metrics,
     describe_order,
-    metric_curves,
-    order_chart,
+    run,
     run_dir,
-    sink_vs_massive,
     track_dynamics,
 )
-from workbench.emergence import FAMILIES, bootstrap_fit, derived_quantities, fit_curve
+from workbench.analyses.dynamics.emergence import FAMILIES, bootstrap_fit, derived_quantities, fit_curve
+from workbench.analyses.dynamics.figures import metric_curves, order_chart, sink_vs_massive
+from workbench.analyses.dynamics.sweep import SweepError, describe_sweep, load_sweep, run_sweep
+from workbench.attention.kernel import kernel_available
+from workbench.datasets import load_dataset
+from workbench.workspace import Workspace
 
 PYTHIA_LIKE = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, *range(1000, 10001, 1000)], dtype=float)
 PLANTED = [5.0, 1e-4, 0.05, 1.0, 1.0]  # A, lambda, gamma, t0, K: rise to a peak near step 2000, then decay
@@ -194,14 +196,28 @@ def test_fits_order_and_figures(tracked) -> None:
     assert undetermined["steady_state"].isna().all()  # no extrapolated level from a non-identifiable curve
     db = Path(workspace) / "results.duckdb"
     assert db.exists()
-    from workbench.workspace import Workspace
-
     stored = Workspace(workspace).results()
     assert len(stored.read("dynamics_metrics")) == len(result.metrics)
     assert len(stored.read("dynamics_fits")) == len(fits)
     assert len(metric_curves(result.metrics, fits, "massive_top1").data) >= 3
     assert len(metric_curves(result.metrics, fits, "sink_mass", head=0).data) >= 2
     assert len(order_chart(result.order).data) == 1 and len(sink_vs_massive(result.metrics).data) >= 1
+
+
+def test_run_gives_the_tables_the_library_stored(tracked, text_file) -> None:
+    """Equivalence across the move to analyses/dynamics/: the frames of ``run`` (what `workbench dynamics run`
+    stores) are the tables ``track_dynamics`` stored (the library's write path), row for row. The rerun resumes
+    from the run's checkpoint files, so only the fits are computed again."""
+    _, workspace, series = tracked
+    frames = run(series, load_dataset(str(text_file)), settings=SETTINGS, workspace=workspace, steps=STEPS,
+                 n_boot=10, progress=False)  # fmt: skip
+    assert list(frames) == ANALYSIS.table_names[:3]
+    stored = Workspace(workspace).results()
+    for name, frame in frames.items():
+        keys = list(ANALYSIS.table(name).keys)
+        rows = stored.read(name)[list(frame.columns)].sort_values(keys).reset_index(drop=True)
+        expected = frame.sort_values(keys).reset_index(drop=True)
+        pd.testing.assert_frame_equal(rows, expected, check_dtype=False, obj=name)
 
 
 def test_a_run_with_other_settings_is_refused(tracked, text_file) -> None:
@@ -222,33 +238,38 @@ def test_one_checkpoint_records_metrics_with_a_note_and_bad_requests_fail_clearl
     from workbench.cli import app
 
     runner = CliRunner()
-    bad = runner.invoke(app, ["dynamics", "code-tiny", "--data", str(text_file), "--family", "cubic", "-w",
-                              str(series.location(0).parent.parent.parent)])  # fmt: skip
+    workspace = str(series.location(0).parent.parent.parent)
+    args = ["code-tiny", "--data", str(text_file), "--family", "cubic", "-w", workspace]
+    bad = runner.invoke(app, ["dynamics", "run", *args])
     assert bad.exit_code == 2 and "unknown curve family 'cubic'; registered: exp_log" in bad.output
+    assert "deprecated" not in bad.output
+    # the last release's spelling `workbench dynamics SERIES ...` runs `run` after a one-line note
+    old_spelling = runner.invoke(app, ["dynamics", *args])
+    assert old_spelling.exit_code == 2 and "unknown curve family 'cubic'" in old_spelling.output
+    note = [line for line in old_spelling.output.splitlines() if "deprecated" in line]
+    assert len(note) == 1 and "use `workbench dynamics run SERIES --data DATA`" in note[0]
     missing = runner.invoke(app, ["dynamics", "sweep"])
-    assert missing.exit_code == 2 and "needs the sweep file" in missing.output
+    assert missing.exit_code == 2 and "Missing argument 'sweep_file'" in missing.output
 
 
 def test_cli_run_killed_mid_series_resumes_to_the_same_result(
     tracked, zoo_workspace, text_file, tmp_path
 ) -> None:
     result, _, _ = tracked
-    args = ["dynamics", str(zoo_workspace.model_dir("code-tiny")), "--data", str(text_file), "--context-length",
-            "32", "--max-sequences", "6", "--batch-size", "6", "--n-boot", "10", "--workspace", str(tmp_path),
-            "--no-progress", "--family", "log", *[a for s in CLI_STEPS for a in ("--step", str(s))]]  # fmt: skip
+    args = ["dynamics", "run", str(zoo_workspace.model_dir("code-tiny")), "--data", str(text_file),
+            "--context-length", "32", "--max-sequences", "6", "--batch-size", "6", "--n-boot", "10", "--workspace",
+            str(tmp_path), "--no-progress", "--family", "log", *[a for s in CLI_STEPS for a in ("--step", str(s))]]  # fmt: skip
     env = {**os.environ, "WORKBENCH_CRASH_AT": "dynamics.checkpoint_written#2"}
     killed = subprocess.run([sys.executable, "-m", "workbench.cli", *args], env=env, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-2000:]
-    run = run_dir(tmp_path, "code-tiny--code.txt")
-    assert sorted(p.name for p in run.glob("step*.safetensors")) == ["step0.safetensors", "step4.safetensors"]
+    files = run_dir(tmp_path, "code-tiny--code.txt").glob("step*.safetensors")
+    assert sorted(p.name for p in files) == ["step0.safetensors", "step4.safetensors"]
     from workbench.cli import app
 
     resumed = CliRunner().invoke(app, args)
     assert resumed.exit_code == 0, resumed.output
     assert "emergence order" in resumed.output and "half-way at step" in resumed.output
-    from workbench.workspace import Workspace
-
     stored = Workspace(tmp_path).results().read("dynamics_metrics")
     keys = ["checkpoint", "metric", "layer", "head"]
     reference = result.metrics[result.metrics["checkpoint"].isin(CLI_STEPS)]
@@ -263,12 +284,11 @@ def test_cli_labels_track_probe_accuracy_equal_to_a_probe_fit(zoo_workspace, tmp
     from workbench.cli import app
     from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
     from workbench.references import resolve_series
-    from workbench.workspace import Workspace
 
     model_dir = str(zoo_workspace.model_dir("code-tiny"))
-    args = ["dynamics", model_dir, "--data", "zoo:python-stdlib", "--labels", "zoo:bracket_depth", "--context-length",
-            "32", "--max-sequences", "6", "--batch-size", "6", "--n-boot", "0", "--workspace", str(tmp_path),
-            "--no-progress", "--step", "0", "--step", "300"]  # fmt: skip
+    args = ["dynamics", "run", model_dir, "--data", "zoo:python-stdlib", "--labels", "zoo:bracket_depth",
+            "--context-length", "32", "--max-sequences", "6", "--batch-size", "6", "--n-boot", "0", "--workspace",
+            str(tmp_path), "--no-progress", "--step", "0", "--step", "300"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     stored = Workspace(tmp_path).results().read("dynamics_metrics")
@@ -286,8 +306,6 @@ def test_cli_labels_track_probe_accuracy_equal_to_a_probe_fit(zoo_workspace, tmp
 
 
 def test_hub_series_with_a_duplicate_branch_and_a_micro_sweep(hub_repo, zoo_workspace, tmp_path) -> None:
-    from workbench.dynamics_sweep import SweepError, describe_sweep, load_sweep, run_sweep
-
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(f"""
 name = "micro"
@@ -344,8 +362,6 @@ def test_view_shows_order_curves_sink_scatter_and_predictions(tracked, monkeypat
     from streamlit.testing.v1 import AppTest
 
     _, workspace, _ = tracked
-    from workbench.workspace import Workspace
-
     predictions = pd.DataFrame({"sweep": "s", "metric": "massive_top1", "target": ["K", "K", "A", "A"],
                                 "model": ["m1", "m2", "m1", "m2"], "layer": 0, "fitted": [1.0, 2.0, 0.1, 0.2],
                                 "predicted": [1.1, 1.8, 0.2, 0.1]})  # fmt: skip
@@ -369,13 +385,12 @@ def test_view_without_data_names_the_command(tmp_path, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 
     from workbench.cli import app as cli
-    from workbench.workspace import Workspace
 
     Workspace(tmp_path).results().write("unrelated", pd.DataFrame({"x": [1]}))
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path))
     view = Path(__file__).resolve().parents[1] / "app" / "views" / "dynamics.py"
     app = AppTest.from_file(str(view), default_timeout=60).run()
-    assert not app.exception and "workbench dynamics SERIES --data DATA" in app.info[0].value
+    assert not app.exception and "workbench dynamics run SERIES --data DATA" in app.info[0].value
     assert CliRunner().invoke(cli, ["dynamics", "--help"]).exit_code == 0
 
 
@@ -383,8 +398,6 @@ def test_view_without_data_names_the_command(tmp_path, monkeypatch) -> None:
     not kernel_available(torch.device("cpu"))[0], reason="needs TRITON_INTERPRET=1 before import"
 )
 def test_kernel_statistics_give_the_same_metrics(tracked, text_file) -> None:
-    from workbench.dynamics import checkpoint_metrics
-
     _, _, series = tracked
     model = series.load(300)
     ids, mask = load_dataset(str(text_file)).token_tensor(model.tokenizer, context_length=16, max_rows=2)

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 from streamlit.testing.v1 import AppTest
 
+from workbench.analyses.prompt_lab.analysis import compare_next_token, load_lab_model
 from workbench.analysis import write_tables
 from workbench.app.graph_explorer import (
     Annotations,
@@ -44,7 +45,6 @@ from workbench.circuits.attribution.store import ANALYSIS as GRAPHS
 from workbench.circuits.sae.base import SAEConfig, create_sae
 from workbench.circuits.sae.evals import sae_dir
 from workbench.interventions import Intervention
-from workbench.prompt_lab import compare_next_token, load_lab_model
 from workbench.workspace import Workspace
 
 PAGE = Path(__file__).resolve().parents[1] / "app" / "views" / "graph.py"

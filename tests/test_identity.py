@@ -100,18 +100,24 @@ def test_one_identity_per_model_however_it_is_spelled(twins, monkeypatch) -> Non
     assert resolve_model("exp-a/model").cfg.name != resolve_model("exp-b/model").cfg.name
 
 
-@pytest.mark.parametrize("command", ["massive", "dynamics"])
+@pytest.mark.parametrize("command", ["massive", "dynamics run"])
 def test_series_analyses_keep_both_series(twins, tmp_path, command) -> None:
     """Both series in one workspace: both sets of rows, each equal to the series analysed alone."""
     ids = _ids(twins, "series")
-    table = {"massive": "massive_layers", "dynamics": "dynamics_metrics"}[command]
+    table = {"massive": "massive_layers", "dynamics run": "dynamics_metrics"}[command]
     both, alone = tmp_path / "both", tmp_path / "alone"
     for exp in ("exp-a", "exp-b"):
         _cli(
-            command, str(twins / exp / "series"), "--data", str(twins / "notes.txt"), "-w", str(both), *COMMON
+            *command.split(),
+            str(twins / exp / "series"),
+            "--data",
+            str(twins / "notes.txt"),
+            "-w",
+            str(both),
+            *COMMON,
         )
     _cli(
-        command,
+        *command.split(),
         str(twins / "exp-b" / "series"),
         "--data",
         str(twins / "notes.txt"),

@@ -8,6 +8,14 @@ import pytest
 import torch
 import transformers as T
 
+from workbench.analyses.dynamics.emergence import (
+    FAMILIES,
+    FitError,
+    compare_families,
+    derived_quantities,
+    fit_curve,
+)
+from workbench.analyses.dynamics.predictor import ParameterPredictor
 from workbench.analyses.massive.analysis import (
     ANALYSIS,
     MassiveCriteria,
@@ -17,14 +25,6 @@ from workbench.analyses.massive.analysis import (
     track_massive,
 )
 from workbench.analysis import write_tables
-from workbench.emergence import (
-    FAMILIES,
-    FitError,
-    ParameterPredictor,
-    compare_families,
-    derived_quantities,
-    fit_curve,
-)
 from workbench.model import HookedModel
 
 TEXTS = ["The cat sat on the mat.", "Massive activations act as biases.", "Paris is the capital of France.",

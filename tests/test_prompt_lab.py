@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import prompt_lab as lab
+from workbench.analyses.prompt_lab import analysis as lab
+from workbench.analyses.prompt_lab.figures import patch_figure
 from workbench.circuits.codebook.module import CodebookSet, site_config
 from workbench.circuits.codebook.readout import codebooks_for_model
 from workbench.interventions import Intervention
@@ -716,7 +717,7 @@ def test_vit_class_probabilities_are_the_hf_softmax_and_images_come_from_a_datas
         )
     grid = lab.patch_grid(model, rows["resid_norm"].tolist())
     assert grid.shape == (4, 4) and float(grid[1, 2]) == pytest.approx(rows["resid_norm"].iloc[1 + 1 * 4 + 2])
-    figure = lab.patch_figure(image.pixels, grid, "norms")
+    figure = patch_figure(image.pixels, grid, "norms")
     assert len(figure.data) == 2 and figure.data[1].z.shape == (4, 4)
     attention = lab.attention_profile(model, image.pixels)
     pattern = lab.head_pattern(model, image.pixels, 1, 3).double()  # [query, key], 17 positions

@@ -149,11 +149,9 @@ def capture(
 
 
 def _mount_core() -> None:
-    from workbench.dynamics_cli import dynamics_command
     from workbench.zoo.cli import app as zoo_app
 
     app.add_typer(zoo_app, name="zoo")
-    app.command(name="dynamics")(dynamics_command)
 
 
 def _mount_plugins() -> None:

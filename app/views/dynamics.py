@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
-from workbench.dynamics import (
-    ANALYSIS,
-    METRICS,
-    NO_HEAD,
-    describe_order,
+from workbench.analyses.dynamics.analysis import ANALYSIS, METRICS, NO_HEAD, describe_order
+from workbench.analyses.dynamics.figures import (
     metric_curves,
     order_chart,
     predicted_vs_fitted,
     sink_vs_massive,
 )
+from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
 
 METRIC_TABLE, FITS, ORDER, _, PREDICTOR, PREDICTIONS = ANALYSIS.table_names
 

@@ -2,10 +2,11 @@
 attention on it, stack interventions, and compare clean vs intervened what the model has: next-token distributions
 and continuations (causal LMs), the masked-LM head's tokens at a [MASK], the pooled sentence embedding and a probe's
 predictions (encoders), class probabilities and neuron paths on the patches (image classifiers). What the page
-shows follows the model's declared capabilities (``workbench.prompt_lab.capabilities``), never its family name.
+shows follows the model's declared capabilities (``workbench.analyses.prompt_lab.analysis.capabilities``), never
+its family name.
 
-Everything it computes comes from library functions notebooks use too: ``workbench.prompt_lab``,
-``workbench.interventions``, ``workbench.circuits.sae.readout``, ``workbench.probes.readout``,
+Everything it computes comes from library functions notebooks use too: ``workbench.analyses.prompt_lab`` (analysis
+and figures), ``workbench.interventions``, ``workbench.circuits.sae.readout``, ``workbench.probes.readout``,
 ``workbench.circuits.codebook.readout``, ``workbench.circuits.neuron_path.analysis``.
 """
 
@@ -18,8 +19,14 @@ from typing import Any, NoReturn
 import streamlit as st
 import torch
 
-from workbench import prompt_lab as lab
 from workbench.analyses.attention.figures import layer_head_heatmap
+from workbench.analyses.prompt_lab import analysis as lab
+from workbench.analyses.prompt_lab.figures import (
+    next_token_figure,
+    patch_figure,
+    pattern_heatmap,
+    profile_heatmap,
+)
 from workbench.app.data import plain, result_models, table, token_chips, workspace_path
 from workbench.app.trace_control import trace_form
 from workbench.interventions import Intervention, apply_interventions
@@ -290,7 +297,7 @@ elif overlay == "codebook codes":
         readout["codebook"] = run
 if picture is not None and values is not None:
     patches = lab.patch_grid(model, values)
-    st.plotly_chart(lab.patch_figure(tokens, patches, f"{overlay}, layer {layer}", overlay), width="stretch",
+    st.plotly_chart(patch_figure(tokens, patches, f"{overlay}, layer {layer}", overlay), width="stretch",
                     key="lab_patch_overlay")  # fmt: skip
     st.caption(f"CLS: {values[0]:.4g}; patch (row, column) = position 1 + row × {patches.shape[1]} + column")
 else:
@@ -319,7 +326,7 @@ if overlay == "SAE latents" and shown is not None and not shown.empty:
                 token_chips(context["tokens"], [float(a) for a in context["acts"]]), unsafe_allow_html=True
             )
 metric = "max_abs" if overlay != "residual norm" else "resid_norm"
-st.plotly_chart(lab.profile_heatmap(profile, metric), width="stretch")
+st.plotly_chart(profile_heatmap(profile, metric), width="stretch")
 
 # ---------------------------------------------------------------------------------------------- attention
 st.subheader("Attention")
@@ -336,7 +343,7 @@ if len(texts) <= lab.PATTERN_MAX_TOKENS:
     pattern_layer = h1.selectbox("pattern layer", list(range(model.cfg.n_layers)), key="lab_pattern_layer")
     pattern_head = h2.selectbox("pattern head", list(range(model.cfg.n_heads)), key="lab_pattern_head")
     pattern = lab.head_pattern(model, tokens, pattern_layer, pattern_head)
-    a2.plotly_chart(lab.pattern_heatmap(pattern, texts, pattern_layer, pattern_head), width="stretch")
+    a2.plotly_chart(pattern_heatmap(pattern, texts, pattern_layer, pattern_head), width="stretch")
 else:
     a2.info(f"The full pattern of a head is drawn for inputs up to {lab.PATTERN_MAX_TOKENS} positions.")
 
@@ -465,7 +472,7 @@ def show_comparison(result: lab.NextTokenComparison, what: str, title: str) -> N
             f"; logit difference of {plain(repr(result.focus['token']))}: {result.focus['logit_diff']:+.4f}"
         )
     st.markdown(line)
-    st.plotly_chart(lab.next_token_figure(result.table, title), width="stretch")
+    st.plotly_chart(next_token_figure(result.table, title), width="stretch")
     with st.expander(f"{what} table", expanded=False):
         st.dataframe(result.table, width="stretch", hide_index=True)
 
@@ -599,9 +606,9 @@ if picture is not None and caps.output == "class" and comparison is not None:
         st.markdown(
             "path at CLS: " + "; ".join(f"layer {ly}: {', '.join(map(str, ns))}" for ly, ns in path.items())
         )
-        st.plotly_chart(lab.patch_figure(tokens, lab.patch_grid(model, scores),
-                                         f"joint score of the path's neurons at each patch ({caps.class_names[target]})",
-                                         "joint score"), width="stretch", key="lab_np_figure")  # fmt: skip
+        st.plotly_chart(patch_figure(tokens, lab.patch_grid(model, scores),
+                                     f"joint score of the path's neurons at each patch ({caps.class_names[target]})",
+                                     "joint score"), width="stretch", key="lab_np_figure")  # fmt: skip
         st.caption(f"at CLS: {scores[0]:.4g} (the classifier reads CLS)")
         outputs["neuron_path"] = {
             "class": target,

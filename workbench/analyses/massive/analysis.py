@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from workbench.analyses.dynamics.emergence import CurveFit, FitError, derived_quantities, fit_curve
 from workbench.analysis import Analysis, Table
 from workbench.datasets import iter_model_batches
-from workbench.emergence import CurveFit, FitError, derived_quantities, fit_curve
 
 if TYPE_CHECKING:
     from workbench.checkpoints import CheckpointSeries

@@ -44,6 +44,7 @@ def massive_command(
 ) -> None:
     """Find massive activations per layer; over a checkpoint series, also fit their emergence curves."""
     # imported here: the analysis imports torch, and `workbench --help` loads this module
+    from workbench.analyses.dynamics.emergence import FAMILIES, FitError
     from workbench.analyses.massive.analysis import (
         ANALYSIS,
         MassiveCriteria,
@@ -52,7 +53,6 @@ def massive_command(
         track_massive,
     )
     from workbench.analysis import write_tables
-    from workbench.emergence import FAMILIES, FitError
 
     if family not in FAMILIES:
         raise FitError(f"unknown curve family {family!r}; registered: {', '.join(FAMILIES)}")

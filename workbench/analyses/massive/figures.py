@@ -15,7 +15,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
-from workbench.emergence import FAMILIES
+from workbench.analyses.dynamics.emergence import FAMILIES
 
 if TYPE_CHECKING:
     from workbench.model import HookedModel

@@ -8,9 +8,11 @@ out), attention entropy / sink mass per layer × head (kernel statistics where t
 otherwise) and one head's full pattern; under a stack of :class:`~workbench.interventions.Intervention`, clean vs
 intervened: next-token distributions and greedy or sampled continuations (causal LMs), the masked-LM head's top
 tokens at a [MASK] (:func:`compare_outputs` at that position), the pooled embedding's cosines
-(:func:`compare_embeddings`, encoders), class probabilities (image classifiers); patch values drawn on the image
-(:func:`patch_figure`); and the session record the page saves. Readouts that need an analysis package (SAE latents, probes, codebook codes) live in
-``workbench.circuits.sae.readout``, ``workbench.probes.readout`` and ``workbench.circuits.codebook.readout``.
+(:func:`compare_embeddings`, encoders), class probabilities (image classifiers); per-patch values of an image
+(:func:`patch_grid`); and the session record the page saves. The figures of all these are in
+:mod:`workbench.analyses.prompt_lab.figures`. Readouts that need an analysis package (SAE latents, probes, codebook
+codes) live in ``workbench.circuits.sae.readout``, ``workbench.probes.readout`` and
+``workbench.circuits.codebook.readout``.
 
     model = resolve_model("code-tiny")
     tokens = encode_prompt(model, "def f(x):")                       # [1, pos]
@@ -33,15 +35,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
 from workbench.adapters.base import Capabilities
 from workbench.analysis import Analysis, Table, write_tables
+from workbench.attention.statistics import attention_statistics
 from workbench.datasets import DatasetError, load_dataset
 from workbench.interventions import Intervention, apply_interventions
 from workbench.model import HookedModel
+from workbench.references import parse_model_ref, resolve_model, resolve_series
+from workbench.workspace import Workspace
 
 MAX_PROMPT_TOKENS = int(os.environ.get("WORKBENCH_PROMPT_LAB_MAX_TOKENS", "256"))
 PATTERN_MAX_TOKENS = 64  # the full pattern of a head is drawn for prompts up to this length
@@ -127,8 +131,6 @@ def model_key(reference: str, step: int | None) -> str:
 
 def series_steps(reference: str, workspace: Any = None) -> list[int]:
     """Checkpoint steps of a series reference ([] for a single model), without loading weights."""
-    from workbench.references import parse_model_ref, resolve_series
-
     parsed = parse_model_ref(reference.split("@")[0], workspace)
     if parsed.kind not in ("series", "hub"):
         return []
@@ -139,8 +141,6 @@ def load_lab_model(
     reference: str, step: int | None = None, workspace: Any = None, device: str = "cpu"
 ) -> HookedModel:
     """Any model reference (``workbench.references``), at checkpoint ``step`` of its series when given."""
-    from workbench.references import resolve_model, resolve_series
-
     if step is None:
         return resolve_model(reference, workspace=workspace, device=device)
     return resolve_series(reference.split("@")[0], workspace=workspace, device=device).load(step)
@@ -281,8 +281,6 @@ def attention_profile(model: HookedModel, tokens: torch.Tensor, kernel: bool | N
 
     ``kernel``: compute them inside the fused Triton kernel (default: where it runs, i.e. the model is on CUDA),
     else on the reference path. The ``path`` column says which."""
-    from workbench.attention.statistics import attention_statistics
-
     use_kernel = model.device.type == "cuda" if kernel is None else kernel
     previous = model.attention_path
     path = "kernel" if use_kernel else ("eager" if previous == "kernel" else previous)
@@ -572,59 +570,6 @@ def continuations(
     return out
 
 
-# ---------------------------------------------------------------------------------------------- figures
-def profile_heatmap(profile: pd.DataFrame, metric: str = "max_abs") -> go.Figure:
-    """Layer × token heatmap of a :func:`residual_profile` column (resid_norm or max_abs)."""
-    grid = profile.pivot_table(index="layer", columns="position", values=metric)
-    labels = profile.drop_duplicates("position").sort_values("position")["token"].map(repr).tolist()
-    fig = go.Figure(go.Heatmap(z=grid.values, x=[f"{i}:{t}" for i, t in enumerate(labels)], y=grid.index,
-                               colorscale="Viridis", colorbar={"title": metric}))  # fmt: skip
-    fig.update_layout(
-        title=f"{metric} per layer × token", xaxis_title="token", yaxis_title="layer", height=320
-    )
-    return fig
-
-
-def pattern_heatmap(pattern: torch.Tensor, tokens: Sequence[str], layer: int, head: int) -> go.Figure:
-    """The [query, key] pattern of one head with token labels."""
-    labels = [f"{i}:{t!r}" for i, t in enumerate(tokens)]
-    fig = go.Figure(go.Heatmap(z=pattern.numpy(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1))
-    fig.update_layout(title=f"L{layer}H{head} attention pattern", xaxis_title="key", yaxis_title="query",
-                      yaxis_autorange="reversed", height=420)  # fmt: skip
-    return fig
-
-
-def next_token_figure(table: pd.DataFrame, title: str = "next-token probability") -> go.Figure:
-    """Grouped bars of p_clean and p_intervened per output of a :class:`NextTokenComparison` table."""
-    labels = table["token"].map(repr)
-    fig = go.Figure([go.Bar(name="clean", x=labels, y=table["p_clean"]),
-                     go.Bar(name="intervened", x=labels, y=table["p_intervened"])])  # fmt: skip
-    fig.update_layout(barmode="group", title=title, yaxis_title="p", height=320)
-    return fig
-
-
-def patch_figure(pixels: torch.Tensor, values: torch.Tensor, title: str, colorbar: str = "") -> go.Figure:
-    """The image ``pixels`` [1, C, H, W] in grey with per-patch ``values`` [rows, columns] (:func:`patch_grid`)
-    drawn over it, each patch's value written on it."""
-    image = pixels[0].float().mean(0).numpy()  # [H, W]
-    rows, cols = values.shape
-    height, width = image.shape
-    ys = [(r + 0.5) * height / rows - 0.5 for r in range(rows)]
-    xs = [(c + 0.5) * width / cols - 0.5 for c in range(cols)]
-    grid = values.numpy()
-    fig = go.Figure([
-        go.Heatmap(z=image, colorscale="Greys", reversescale=True, showscale=False, hoverinfo="skip"),
-        go.Heatmap(z=grid, x=xs, y=ys, colorscale="RdBu_r" if (grid < 0).any() else "Viridis", opacity=0.55,
-                   zmid=0 if (grid < 0).any() else None, colorbar={"title": colorbar},
-                   text=[[f"{v:.3g}" for v in row] for row in grid], texttemplate="%{text}",
-                   hovertemplate="patch (%{y:.0f}, %{x:.0f}): %{z:.4g}<extra></extra>"),
-    ])  # fmt: skip
-    fig.update_layout(title=title, height=360, yaxis={"autorange": "reversed", "scaleanchor": "x"},
-                      xaxis={"showticklabels": False}, margin={"l": 10, "r": 10, "t": 40, "b": 10})  # fmt: skip
-    fig.update_yaxes(showticklabels=False)
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------- saving
 def session_frame(
     model: HookedModel,
@@ -666,7 +611,5 @@ def save_session(workspace: Any, frame: pd.DataFrame) -> str:
 
 def saved_models(workspace: Any) -> list[str]:
     """Names of the models trained into ``workspace/models`` (the page's suggestions)."""
-    from workbench.workspace import Workspace
-
     root = Workspace(workspace).models_dir
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -32,8 +32,9 @@ leave-one-architecture-out cross-validation.
     lr = 1e-3
 
 Each config trains into the workspace like any zoo model (``models/<name>/``, resumable) and each series is
-tracked with :func:`workbench.dynamics.track_dynamics` (resumable per checkpoint), so a killed sweep continues where
-it stopped. Everything in the file is checked before any training.
+tracked with :func:`workbench.analyses.dynamics.analysis.track_dynamics` (resumable per checkpoint), so a killed
+sweep continues where it stopped. Everything in the file is checked before any training. The predictor is
+:class:`workbench.analyses.dynamics.predictor.ParameterPredictor`.
 """
 
 from __future__ import annotations
@@ -46,10 +47,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.ensemble import RandomForestRegressor
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from workbench.analyses.dynamics.analysis import ANALYSIS, METRICS, NO_HEAD, DynamicsSettings, track_dynamics
+from workbench.analyses.dynamics.emergence import FAMILIES, FitError
+from workbench.analyses.dynamics.predictor import LOG_TARGETS, ParameterPredictor
 from workbench.analysis import write_tables
-from workbench.dynamics import ANALYSIS, METRICS, NO_HEAD, DynamicsSettings, track_dynamics
-from workbench.emergence import FAMILIES, LOG_TARGETS, FitError, ParameterPredictor
+from workbench.datasets import load_dataset
+from workbench.references import resolve_series, short_name
 from workbench.workspace import Workspace, safe_name
 from workbench.zoo.train import ZooError, ZooSpec, get_spec, train_zoo_model
 
@@ -114,6 +122,12 @@ class SweepResult:
     predictions: pd.DataFrame
     notes: list[str]
 
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """The sweep's tables of :data:`ANALYSIS` (``dynamics_sweep_fits``, ``dynamics_predictor``,
+        ``dynamics_predictions``), for ``write_tables``."""
+        return {"dynamics_sweep_fits": self.fits, "dynamics_predictor": self.scores,
+                "dynamics_predictions": self.predictions}  # fmt: skip
+
 
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and check a sweep file (see the module doc); every problem is a SweepError naming file and key."""
@@ -168,8 +182,6 @@ def load_sweep(path: str | Path) -> Sweep:
         _known(path, f"[[series]] #{i + 1}", table, SERIES_KEYS)
         if "model" not in table:
             raise SweepError(f"{path}: [[series]] #{i + 1} has no model (a model reference with checkpoints)")
-        from workbench.references import short_name
-
         label = str(table.get("name", short_name(table["model"])))
         recipe = {k: table[k] for k in ("lr", "weight_decay", "prepend_bos") if k in table}
         steps = [int(s) for s in table["steps"]] if "steps" in table else None
@@ -194,12 +206,17 @@ def _known(path: Path, where: str, table: dict[str, Any], allowed: set[str]) -> 
 
 
 def run_sweep(
-    path: str | Path, workspace: str | Path | Workspace | None = None, *, progress: bool = True
+    path: str | Path,
+    workspace: str | Path | Workspace | None = None,
+    *,
+    write: bool = True,
+    progress: bool = True,
 ) -> SweepResult:
-    """Train (or resume) every config, track every architecture, fit per layer, and score the predictor."""
-    from workbench.datasets import load_dataset
-    from workbench.references import resolve_series
+    """Train (or resume) every config, track every architecture, fit per layer, and score the predictor.
 
+    Each architecture's own dynamics tables are stored as it is tracked; ``write`` also stores the sweep's tables
+    (:meth:`SweepResult.frames`; False when the caller stores them, as ``workbench dynamics sweep`` does).
+    """
     sweep = load_sweep(path)
     data = load_dataset(sweep.data)
     ANALYSIS.check(data=data)
@@ -226,9 +243,10 @@ def run_sweep(
     fits = pd.concat(frames, ignore_index=True).assign(sweep=sweep.name, dataset=data.name)
     scores, predictions = score_predictor(fits, sweep.family, sweep.predictor)
     scores, predictions = scores.assign(sweep=sweep.name), predictions.assign(sweep=sweep.name)
-    write_tables(ws, ANALYSIS, {"dynamics_sweep_fits": fits, "dynamics_predictor": scores,
-                                "dynamics_predictions": predictions})  # fmt: skip
-    return SweepResult(sweep.name, fits, scores, predictions, notes)
+    swept = SweepResult(sweep.name, fits, scores, predictions, notes)
+    if write:
+        write_tables(ws, ANALYSIS, swept.frames())
+    return swept
 
 
 def score_predictor(
@@ -270,13 +288,7 @@ def score_predictor(
 def _estimator(predictor: str) -> Any:
     """The regressor behind ``predictor`` (see :data:`PREDICTORS`)."""
     if predictor == "forest":
-        from sklearn.ensemble import RandomForestRegressor
-
         return RandomForestRegressor(n_estimators=200, random_state=0)
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
 
 

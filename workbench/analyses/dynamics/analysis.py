@@ -18,10 +18,16 @@ per-prompt values of the tracked metrics (:data:`METRICS`):
   position left out: its outlier is ``massive_top1``'s).
 
 Further metrics come from ``extra_metrics`` (name -> function of the checkpoint's HookedModel returning
-[n_layers] or [n_samples, n_layers] values), e.g. probe accuracy from the probes package (the core imports no
-analysis; analysis packages offer metric factories in the ``workbench.dynamics_metrics`` entry-point group,
-:func:`metric_providers`, which the CLI's ``--labels`` uses). Every metric × layer (× head) then gets an emergence fit (:mod:`workbench.emergence`) with bootstrap
-intervals over prompts, and :func:`emergence_order` says which phenomena emerge in which order.
+[n_layers] or [n_samples, n_layers] values), e.g. probe accuracy from the probes package (an analysis imports no
+other; analysis packages offer metric factories in the ``workbench.dynamics_metrics`` entry-point group,
+:func:`metric_providers`, which ``labels=`` and the CLI's ``--labels`` use). Every metric × layer (× head) then gets
+an emergence fit (:mod:`workbench.analyses.dynamics.emergence`) with bootstrap intervals over prompts, and
+:func:`emergence_order` says which phenomena emerge in which order.
+
+:func:`run` is the analysis contract's entry (frames for ``write_tables``, what ``workbench dynamics run`` stores);
+:func:`track_dynamics` returns the whole :class:`DynamicsResult` (per-prompt samples included) for notebooks and the
+architecture sweep (:mod:`workbench.analyses.dynamics.sweep`); figures are in
+:mod:`workbench.analyses.dynamics.figures`.
 
 Resumable and crash-safe: each checkpoint's per-prompt values are written atomically to
 ``<workspace>/dynamics/<run>/step<N>.safetensors`` (with the settings and the checkpoint's fingerprint) before its
@@ -34,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,16 +48,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
+from workbench.analyses.dynamics.emergence import (
+    DERIVED,
+    FAMILIES,
+    FitError,
+    bootstrap_fit,
+    derived_quantities,
+)
 from workbench.analysis import Analysis, Table, write_tables
-from workbench.emergence import DERIVED, FAMILIES, FitError, bootstrap_fit, derived_quantities
 from workbench.faults import crash_point
 from workbench.fileio import atomic_save_tensors, remove_temp_files
+from workbench.references import short_name
 from workbench.workspace import Workspace, safe_name
 
 if TYPE_CHECKING:
-    import plotly.graph_objects as go
-
     from workbench.checkpoints import CheckpointSeries
     from workbench.datasets import Dataset
     from workbench.model import HookedModel
@@ -121,6 +134,11 @@ class DynamicsResult:
     duplicates: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """The run's tables of :data:`ANALYSIS` (``dynamics_metrics``, ``dynamics_fits``, ``dynamics_order``), for
+        ``write_tables``."""
+        return {"dynamics_metrics": self.metrics, "dynamics_fits": self.fits, "dynamics_order": self.order}
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -264,13 +282,14 @@ def track_dynamics(
     progress: bool = True,
 ) -> DynamicsResult:
     """Capture every metric at every checkpoint of ``series`` on ``data`` (resuming a killed run), fit their
-    emergence curves and order them; rows go to the workspace tables of :data:`ANALYSIS` when ``write``.
+    emergence curves and order them.
 
-    ``run`` names the run directory (default: series name + dataset); ``steps`` restricts the checkpoints;
-    ``attention_path="kernel"`` computes the attention statistics inside the fused Triton kernel.
+    Each checkpoint's ``dynamics_metrics`` rows go to the workspace as it finishes (a killed run's progress is kept
+    there as in its run directory); ``write`` also stores the run's three tables at the end (:meth:`DynamicsResult.
+    frames`; False when the caller stores them, as :func:`run`'s command does). ``run`` names the run directory
+    (default: series name + dataset); ``steps`` restricts the checkpoints; ``attention_path="kernel"`` computes the
+    attention statistics inside the fused Triton kernel.
     """
-    from workbench.references import short_name
-
     extra_metrics = dict(extra_metrics or {})
     clash = sorted(set(extra_metrics) & set(METRICS))
     if clash:
@@ -319,9 +338,8 @@ def track_dynamics(
         atomic_save_tensors(directory / f"step{step}.safetensors",
                             {k: torch.tensor(np.asarray(v)) for k, v in values.items()}, meta, boundary="dynamics.checkpoint")  # fmt: skip
         done[step] = {"values": values, "fingerprint": meta["fingerprint"], "meta": meta}
-        if write:
-            write_tables(workspace, ANALYSIS, {"dynamics_metrics": _metric_rows(series.name, data.name, {step: values},
-                                                                                 model.tokenizer)})  # fmt: skip
+        write_tables(workspace, ANALYSIS, {"dynamics_metrics": _metric_rows(series.name, data.name, {step: values},
+                                                                             model.tokenizer)})  # fmt: skip
         crash_point("dynamics.checkpoint_written")
     duplicates.update(series.duplicates)
     analysed = sorted(s for s in done if s in chosen and s not in duplicates)
@@ -349,12 +367,48 @@ def track_dynamics(
     if duplicates:
         notes.append("byte-identical checkpoints analysed once and left out of the fits: "
                      + ", ".join(f"step {s} = step {o}" for s, o in sorted(duplicates.items())))  # fmt: skip
-    if write:
-        write_tables(
-            workspace, ANALYSIS, {"dynamics_metrics": metrics, "dynamics_fits": fits, "dynamics_order": order}
-        )
     spec = json.loads(done[analysed[-1]]["meta"].get("spec", "{}"))
-    return DynamicsResult(metrics, fits, order, analysed, samples, duplicates, notes, spec)
+    result = DynamicsResult(metrics, fits, order, analysed, samples, duplicates, notes, spec)
+    if write:
+        write_tables(workspace, ANALYSIS, result.frames())
+    return result
+
+
+def run(
+    model: CheckpointSeries,
+    data: Dataset,
+    *,
+    labels: str | None = None,
+    report: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict[str, pd.DataFrame]:
+    """Training dynamics of a checkpoint series on a dataset → ``{table: frame}`` of :data:`ANALYSIS`
+    (``dynamics_metrics``, ``dynamics_fits``, ``dynamics_order``) for ``write_tables``.
+
+    Args:
+        model: a CheckpointSeries (``workbench.references.resolve_series``; any model reference with checkpoints).
+        data: a text or token Dataset (``workbench.datasets.load_dataset``).
+        labels: also track probe accuracy per layer for this label source (the ``probe_accuracy`` metric of the
+            ``workbench.dynamics_metrics`` entry points; texts for label functions come from ``data``).
+        report: receives each note of the run (too few checkpoints to fit, byte-identical checkpoints).
+        options: :func:`track_dynamics`'s keyword arguments (settings, workspace, run, extra_metrics, families,
+            n_boot, level, steps, attention_path, seed, progress); the run's files and each checkpoint's
+            ``dynamics_metrics`` rows go to ``workspace`` as the checkpoints finish, the returned frames are the
+            whole run's.
+    """
+    if labels is not None:
+        providers = metric_providers()
+        if "probe_accuracy" not in providers:
+            raise DynamicsError("--labels needs the probes package's probe_accuracy metric (workbench.dynamics_metrics "
+                                "entry point); reinstall the workbench (pip install -e .)")  # fmt: skip
+        extra = dict(options.pop("extra_metrics", None) or {})
+        extra["probe_accuracy"] = providers["probe_accuracy"](labels, data=data)
+        options["extra_metrics"] = extra
+    result = track_dynamics(model, data, write=False, **options)
+    if report is not None:
+        for note in result.notes:
+            report(note)
+    return result.frames()
 
 
 def _tokens(
@@ -384,8 +438,6 @@ def _metric_names(values: Mapping[str, np.ndarray]) -> list[str]:
 
 def _read_done(directory: Path, expected: str, run: str) -> dict[int, dict[str, Any]]:
     """The checkpoints a previous run finished (their per-prompt values, fingerprint and metadata)."""
-    from safetensors import safe_open
-
     done: dict[int, dict[str, Any]] = {}
     for path in sorted(directory.glob("step*.safetensors")):
         try:
@@ -467,8 +519,6 @@ def fit_dynamics(
     intervals (``low_<q>`` / ``high_<q>``), the derived quantities and ``selected`` (the family used for the
     emergence order: the lowest AIC among identifiable fits, else among usable ones).
     """
-    from tqdm.auto import tqdm
-
     t = np.asarray(steps, dtype=float)
     rows = []
     bar = tqdm(total=sum(int(np.prod(np.shape(a)[2:])) for a in samples.values()), desc="dynamics: fits",
@@ -515,7 +565,8 @@ def emergence_order(fits: pd.DataFrame) -> pd.DataFrame:
     among selected usable fits), its emergence (half-rise) step with the bootstrap interval, ranked by that step.
 
     ``resolved_before_next`` is True when the interval ends before the next phenomenon's interval begins (the order
-    is beyond the prompt-sampling uncertainty); metrics without a usable fit come last with their status.
+    is beyond the prompt-sampling uncertainty); metrics without a usable fit come last with their status. Ties
+    (equal steps, no fit) follow :data:`METRICS`' order, then the name, so a resumed run ranks as a fresh one.
     ``steady_state`` (the curve's extrapolated level) is NaN for a non-identifiable fit, whose half-rise step is
     determined but whose long-run level is not.
     """
@@ -538,7 +589,11 @@ def emergence_order(fits: pd.DataFrame) -> pd.DataFrame:
                      "trend": int(best["trend"]),
                      "relative_change": float(best["change"] / best["scale"]),
                      "n_series": int(len(usable))})  # fmt: skip
-    order = pd.DataFrame(rows).sort_values("emergence_step", na_position="last").reset_index(drop=True)
+    order = pd.DataFrame(rows)
+    built_in = list(METRICS)
+    tie = order["metric"].map(lambda m: built_in.index(m) if m in built_in else len(built_in))
+    order = (order.assign(tie=tie).sort_values(["emergence_step", "tie", "metric"], na_position="last", kind="stable")
+             .drop(columns="tie").reset_index(drop=True))  # fmt: skip
     order["rank"] = np.arange(1, len(order) + 1)
     high = order.get("high_emergence_step", pd.Series(np.nan, index=order.index)).to_numpy(dtype=float)
     low = order.get("low_emergence_step", pd.Series(np.nan, index=order.index)).to_numpy(dtype=float)
@@ -570,7 +625,7 @@ def describe_order(order: pd.DataFrame) -> str:
 _METRIC_KEYS = ("model", "checkpoint", "dataset", "metric", "layer", "head")
 ANALYSIS = Analysis(
     name="dynamics",
-    command="workbench dynamics SERIES --data DATA",
+    command="workbench dynamics run SERIES --data DATA",
     tables=(
         Table("dynamics_metrics", keys=_METRIC_KEYS, columns=("value", "sem", "n_prompts", "top1_dim", "top1_token"),
               description="per checkpoint × metric × layer (× head): mean over prompts"),
@@ -592,123 +647,3 @@ ANALYSIS = Analysis(
     description="training dynamics: massive activations, sinks, entropy, MLP sparsity and norm growth over "
     "checkpoints, their emergence fits and order",
 )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- figures
-def _step_axis(steps: Iterable[float]) -> tuple[np.ndarray, float]:
-    values = np.asarray(list(steps), dtype=float)
-    positive = values[values > 0]
-    zero_at = float(positive.min()) / 2 if len(positive) else 0.5
-    return np.where(values > 0, values, zero_at), zero_at
-
-
-def metric_curves(
-    metrics: pd.DataFrame, fits: pd.DataFrame | None, metric: str, head: int | None = None
-) -> go.Figure:
-    """One metric over training, one trace per layer: markers with standard errors, the selected fit as a line
-    (dashed when non-identifiable) and its emergence step as a dotted vertical line. A per-head metric shows one
-    ``head`` with its fits, or (``head=None``) the mean over heads without fits. Step 0 is drawn at half the first
-    positive step on the log axis."""
-    import plotly.graph_objects as go
-
-    rows = metrics[metrics["metric"] == metric]
-    per_head = bool((rows["head"] != NO_HEAD).any())
-    if per_head and head is not None:
-        rows = rows[rows["head"] == head]
-    per_layer = rows.groupby(["layer", "checkpoint"], as_index=False).agg(
-        value=("value", "mean"), sem=("sem", "mean")
-    )
-    fig = go.Figure()
-    if per_layer.empty:
-        return fig
-    _, zero_at = _step_axis(per_layer["checkpoint"])
-    grid = np.geomspace(zero_at, float(per_layer["checkpoint"].max()), 200)
-    show_fits = fits is not None and not fits.empty and (not per_head or head is not None)
-    for i, (layer, group) in enumerate(per_layer.groupby("layer")):
-        colour = _colour(i)
-        x, _ = _step_axis(group["checkpoint"])
-        label = "embedding" if layer < 0 else f"layer {layer}"
-        fig.add_trace(go.Scatter(x=x, y=group["value"], mode="markers", name=label, marker={"color": colour},
-                                 error_y={"type": "data", "array": group["sem"], "visible": True}))  # fmt: skip
-        if not show_fits:
-            continue
-        assert fits is not None
-        chosen = fits[(fits["metric"] == metric) & (fits["layer"] == layer) & fits["selected"].astype(bool)
-                      & (fits["head"] == (head if per_head else NO_HEAD))]  # fmt: skip
-        for _, fit in chosen.iterrows():
-            family = FAMILIES[fit["family"]]
-            with np.errstate(all="ignore"):
-                curve = family.fn(grid, *[fit[f"param_{p}"] for p in family.params])
-            dash = "solid" if fit["status"] == "ok" else "dash"
-            fig.add_trace(go.Scatter(x=grid, y=curve, mode="lines", line={"color": colour, "dash": dash},
-                                     name=f"{label} {fit['family']} ({fit['status']}, R²={fit['r2']:.2f})"))  # fmt: skip
-            if np.isfinite(fit["emergence_step"]):
-                fig.add_vline(
-                    x=max(float(fit["emergence_step"]), zero_at), line={"color": colour, "dash": "dot"}
-                )
-    where = f" (head {head})" if per_head and head is not None else (" (mean over heads)" if per_head else "")
-    fig.update_layout(xaxis_type="log", xaxis_title="step", yaxis_title=metric,
-                      title=f"{metric}{where}: {METRICS[metric].description if metric in METRICS else metric}")  # fmt: skip
-    return fig
-
-
-def _colour(i: int) -> str:
-    import plotly.express as px
-
-    palette = px.colors.qualitative.Plotly
-    return palette[i % len(palette)]
-
-
-def order_chart(order: pd.DataFrame) -> go.Figure:
-    """Emergence steps of the phenomena with their bootstrap intervals (log step axis), earliest at the top."""
-    import plotly.graph_objects as go
-
-    shown = order[np.isfinite(order["emergence_step"].astype(float))]
-    low = shown.get("low_emergence_step", shown["emergence_step"])
-    high = shown.get("high_emergence_step", shown["emergence_step"])
-    labels = [f"{r['phenomenon']} (L{int(r['layer'])}" + (f" H{int(r['head'])})" if r["head"] != NO_HEAD else ")")
-              for _, r in shown.iterrows()]  # fmt: skip
-    fig = go.Figure(go.Scatter(
-        x=shown["emergence_step"], y=labels, mode="markers",
-        error_x={"type": "data", "symmetric": False, "array": (high - shown["emergence_step"]).fillna(0),
-                 "arrayminus": (shown["emergence_step"] - low).fillna(0)},
-    ))  # fmt: skip
-    fig.update_layout(xaxis_type="log", xaxis_title="emergence (half-rise) step", title="emergence order",
-                      yaxis={"autorange": "reversed"})  # fmt: skip
-    return fig
-
-
-def sink_vs_massive(metrics: pd.DataFrame, checkpoint: int | None = None) -> go.Figure:
-    """Per head: its sink mass against the massive (top-1) magnitude of the residual stream entering its layer
-    (the embedding for layer 0), over every checkpoint (or one), coloured by log10 step."""
-    import plotly.express as px
-
-    sink = metrics[metrics["metric"] == "sink_mass"][["checkpoint", "layer", "head", "value"]]
-    top = metrics[metrics["metric"] == "massive_top1"][["checkpoint", "layer", "value"]]
-    top = top.assign(layer=top["layer"] + 1).rename(columns={"value": "massive_top1_in"})
-    joined = sink.merge(top, on=["checkpoint", "layer"]).rename(columns={"value": "sink_mass"})
-    if checkpoint is not None:
-        joined = joined[joined["checkpoint"] == checkpoint]
-    joined = joined.assign(log10_step=np.log10(joined["checkpoint"].clip(lower=0) + 1), head_label=
-                           "L" + joined["layer"].astype(str) + " H" + joined["head"].astype(str))  # fmt: skip
-    return px.scatter(joined, x="massive_top1_in", y="sink_mass", color="log10_step", symbol="layer",
-                      hover_data=["checkpoint", "head_label"], log_x=True,
-                      title="per head: sink mass vs the massive magnitude entering its layer")  # fmt: skip
-
-
-def predicted_vs_fitted(predictions: pd.DataFrame, scores: pd.DataFrame | None = None) -> go.Figure:
-    """The sweep's out-of-fold predicted vs fitted value per target (one panel each), with the identity line."""
-    import plotly.express as px
-
-    fig = px.scatter(predictions, x="fitted", y="predicted", color="model", facet_col="target", facet_col_wrap=3,
-                     hover_data=["layer"], title="architecture → parameter predictor (leave one architecture out)")  # fmt: skip
-    fig.update_xaxes(matches=None)
-    fig.update_yaxes(matches=None)
-    if scores is not None:
-        r2 = dict(zip(scores["target"], scores["r2"], strict=True))
-        fig.for_each_annotation(
-            lambda a: a.update(
-                text=f"{a.text.split('=')[-1]} (R²={r2.get(a.text.split('=')[-1], np.nan):.2f})"
-            )
-        )
-    return fig
