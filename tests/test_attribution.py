@@ -418,24 +418,36 @@ def test_a_text_prompt_longer_than_the_positions_is_refused_not_cut() -> None:
         attribute(model, transcoders, fits, targets="diff:w3 w4,w5")
 
 
-def test_a_transformer_lens_prompt_counts_its_bos(tmp_path: Path) -> None:
-    """TransformerLens prepends BOS and cuts at n_ctx itself: on 16 positions, 15 words + BOS are traced whole and
-    16 words + BOS (17 tokens) are refused, not silently cut to 16."""
+def test_a_transformer_lens_model_graph_adds_up_and_counts_its_bos(tmp_path: Path) -> None:
+    """A TransformerLens-backed model (norm weights and biases not folded: TransformerLens hooks
+    ``ln_final.hook_normalized`` before them) in float64: every row adds up to its value, logit and diff targets
+    equal the model's logits. TransformerLens prepends BOS and cuts at n_ctx itself: on 16 positions, 15 words + BOS
+    are traced whole and 16 words + BOS (17 tokens) are refused, not silently cut to 16."""
     tokenizer = word_tokenizer()
     tokenizer.bos_token = "[UNK]"
     tokenizer.save_pretrained(tmp_path)  # TransformerLens rebuilds its tokenizer from a saved one
     cfg = HookedTransformerConfig(n_layers=N_LAYERS, d_model=D_MODEL, n_ctx=16, d_head=4, n_heads=4, d_vocab=VOCAB,
-                                  act_fn="gelu", d_mlp=32, seed=0)  # fmt: skip
-    model = HookedModel.from_transformer_lens(
-        HookedTransformer(cfg, tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path))
-    )
+                                  act_fn="gelu", d_mlp=32, seed=0, dtype=torch.float64)  # fmt: skip
+    tl = HookedTransformer(cfg, tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path))
+    _randomise(tl)
+    model = HookedModel.from_transformer_lens(tl)
     transcoders = {layer: create_sae(SAEConfig("relu", d_in=D_MODEL, d_sae=8, hook_in=f"blocks.{layer}.hook_resid_mid",
-                                               hook_out=f"blocks.{layer}.hook_mlp_out")) for layer in range(N_LAYERS)}  # fmt: skip
+                                               hook_out=f"blocks.{layer}.hook_mlp_out")).double()
+                   for layer in range(N_LAYERS)}  # fmt: skip
     words = [f"w{1 + i}" for i in range(16)]
     graph = attribute(
-        model, transcoders, " ".join(words[:15]), targets="feature:1:5:3", max_feature_nodes=0, heads=False
+        model, transcoders, " ".join(words[:15]), targets=TARGETS, max_feature_nodes=0, heads=False
     )
     assert graph.tokens.tolist() == [0, *range(1, 16)]
+    rows = ~torch.isnan(graph.values)
+    total = graph.adjacency.sum(1) + graph.constants + graph.dropped
+    assert float((total[rows] - graph.values[rows]).abs().max()) < 1e-5
+    logits = model(graph.tokens[None])[0, -1].detach()
+    for target in graph.targets:
+        if target.kind == "logit":
+            assert target.value == pytest.approx(float(logits[target.token] - logits.mean()), abs=1e-6)
+    diff = next(t for t in graph.targets if t.kind == "diff")
+    assert diff.value == pytest.approx(float(logits[3] - logits[4]), abs=1e-6)
     with pytest.raises(AttributionError, match=r"^the prompt has 17 tokens but .* has 16 positions"):
         attribute(model, transcoders, " ".join(words), targets="feature:1:5:3")
 

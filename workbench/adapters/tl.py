@@ -116,10 +116,22 @@ class TransformerLensAdapter:
         )
 
     def unembedding(self, owner: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """W_U [d_vocab, d_model] (TransformerLens keeps it [d_model, d_vocab]) and b_U [d_vocab]."""
+        """W_U [d_vocab, d_model] (TransformerLens keeps it [d_model, d_vocab]) and b_U [d_vocab], with the final
+        norm's weight w and bias b folded in: TransformerLens fires ``ln_final.hook_normalized`` before applying
+        them, so ``logits = hook_normalized @ (w[:, None] * W_U) + (b_U + b @ W_U)`` is what reads that hook (the
+        fold TransformerLens's own ``fold_ln`` makes; nothing to fold when the model was loaded folded)."""
         model: TLModel = owner.model
         w_u = getattr(model, "W_U", None)
-        return None if w_u is None else (w_u.T, getattr(model, "b_U", None))
+        if w_u is None:
+            return None
+        b_u = getattr(model, "b_U", None)
+        final = getattr(model, "ln_final", None)
+        weight, bias = getattr(final, "w", None), getattr(final, "b", None)
+        if isinstance(bias, torch.Tensor):
+            b_u = bias @ w_u if b_u is None else b_u + bias @ w_u
+        if isinstance(weight, torch.Tensor):
+            w_u = weight[:, None] * w_u
+        return w_u.T, b_u
 
     def fresh_copy(self, owner: Any) -> Any:
         # transformer_lens is optional and slow to import: only a random-init baseline of a TL model needs it
