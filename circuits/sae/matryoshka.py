@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from workbench.circuits.sae.batchtopk import BatchTopKSAE
 from workbench.circuits.sae.registry import register
+from workbench.circuits.sae.topk import _SparseDecode
 
 
 @register("matryoshka_batchtopk")
@@ -19,10 +20,20 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     def auxiliary_losses(self, x, y, f, pre):
         """{"matryoshka": Σ over the inner levels of ‖y − prefix reconstruction‖² (batch means)} for f [batch,
-        d_sae] dense latents; the outer level (all latents) is the trainer's MSE."""
+        d_sae] latents (dense, or the sparse training step's COO, whose kept entries ``chosen`` carry the
+        gradient); the outer level (all latents) is the trainer's MSE."""
         widths = self.cfg.matryoshka_widths or [self.d_sae]
         partial = self.b_dec + (x @ self.W_skip if self.W_skip is not None else 0.0)
-        total = f.new_zeros(())
+        total = self.b_dec.new_zeros(())
+        if f.is_sparse and self.chosen is not None:  # each level adds the kept entries of its latent range
+            index, values = self.chosen
+            start = 0
+            for width in widths[:-1]:
+                level = values * ((index >= start) & (index < width)).to(values.dtype)
+                partial = partial + _SparseDecode.apply(index, level, self.W_dec)
+                total = total + (y - partial).pow(2).sum(-1).mean()
+                start = width
+            return {"matryoshka": total}
         start = 0
         for width in widths[:-1]:
             partial = partial + f[:, start:width] @ self.W_dec[start:width]

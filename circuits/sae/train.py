@@ -23,6 +23,7 @@ from typing import Generic, TypeAlias, TypeVar
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae, token_vectors
+from workbench.circuits.sae.batchtopk import BatchTopKSAE
 from workbench.circuits.sae.clt import CLTConfig, CrossLayerTranscoder, create_clt
 from workbench.circuits.sae.distributed import (
     Distributed,
@@ -32,6 +33,7 @@ from workbench.circuits.sae.distributed import (
     route_batches,
 )
 from workbench.circuits.sae.flat_parameters import FlatParameters, flat_parameters
+from workbench.circuits.sae.jumprelu import JumpReLUSAE
 from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
@@ -281,6 +283,10 @@ def train_saes(
         for sae in saes.values():
             if isinstance(sae, TopKSAE):
                 sae.batch_gather = sae.pre_buffer = None  # training-time state, also after an error
+                if isinstance(sae, BatchTopKSAE):
+                    sae.chosen = None  # the last step's kept entries (and their autograd graph)
+            elif isinstance(sae, JumpReLUSAE):
+                sae.pre_buffer = None
             elif isinstance(sae, CrossLayerTranscoder):
                 sae.batch_gather = None
     return TrainResult(saes, history)
