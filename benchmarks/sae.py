@@ -14,10 +14,12 @@ before any ratio is printed. The equal-L0 condition per architecture:
   activation, checked). Each SAE's inference form, JumpReLU at its learned global threshold (ours: ``threshold``;
   SAELens: ``topk_threshold``, what it saves), is reported beside it but not required to match: SAELens's
   threshold is a moving average started at 0, so after a few hundred steps it still keeps far more than k;
-- jumprelu: L0 is set by the L0 coefficient (loss = MSE + coefficient · L0 on both sides, same bandwidth and initial
-  threshold), so each side gets its own coefficient (``--l0-coefficient`` / ``--peer-l0-coefficient``) and the run
-  fails unless the held-out L0s agree within 10 %. ``--l0-grid`` trains a few coefficients on both sides once (no
-  timing) and prints FVU against L0, to pick the matched pair.
+- jumprelu: L0 is set by the L0 coefficient (loss = MSE + coefficient · L0 on both sides, same bandwidth) and the
+  initial threshold, so each side gets its own (``--l0-coefficient`` / ``--peer-l0-coefficient``,
+  ``--init-threshold`` / ``--peer-init-threshold``) and the run fails unless the held-out L0s agree within 10 %.
+  ``--l0-grid`` trains a few coefficients on both sides once and prints FVU against L0. Over a few hundred steps
+  the coefficient barely moves L0: Adam moves each threshold by at most about lr per step, whatever the
+  coefficient, so the initial threshold is the knob that matches L0 in a short run.
 
     python benchmarks/sae.py                      # synthetic: d_in 256, sparse sums of 4096 unit directions
     python benchmarks/sae.py --real               # code-tiny blocks.1.hook_resid_post (d_in 64)
@@ -200,7 +202,7 @@ def saelens_sae(d_in: int, args, l0_coefficient: float | None = None):
 
         coefficient = args.peer_l0_coefficient if l0_coefficient is None else l0_coefficient
         return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-            d_in=d_in, d_sae=args.d_sae, l0_coefficient=coefficient, jumprelu_init_threshold=args.init_threshold,
+            d_in=d_in, d_sae=args.d_sae, l0_coefficient=coefficient, jumprelu_init_threshold=args.peer_init_threshold,
             jumprelu_bandwidth=args.bandwidth, device=args.device))  # fmt: skip
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
@@ -366,7 +368,9 @@ def main() -> None:
     parser.add_argument(
         "--l0-grid", default="", help="jumprelu: comma-separated coefficients, FVU vs L0 only"
     )
-    parser.add_argument("--init-threshold", type=float, default=0.05, help="jumprelu: both sides")
+    parser.add_argument("--init-threshold", type=float, default=0.05, help="jumprelu: ours")
+    parser.add_argument("--peer-init-threshold", type=float, default=None,
+                        help="jumprelu: SAELens's initial threshold (default --init-threshold)")  # fmt: skip
     parser.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu: both sides")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=300)
@@ -382,6 +386,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--n-rows", type=int, default=60_000)
     args = parser.parse_args()
+    if args.peer_init_threshold is None:
+        args.peer_init_threshold = args.init_threshold
     if args.peers is None:
         args.peers = "SAELens,sparsify" if args.architecture == "topk" else "SAELens"
     if args.architecture != "topk" and "sparsify" in args.peers.split(","):
@@ -396,7 +402,8 @@ def main() -> None:
     split = args.n_rows * 5 // 6
     train, held_out = data[:split], data[split:]
     setting = {"jumprelu": f"L0 coefficient ours {args.l0_coefficient:g} / SAELens {args.peer_l0_coefficient:g}, "
-                           f"initial threshold {args.init_threshold:g}, bandwidth {args.bandwidth:g}",
+                           f"initial threshold ours {args.init_threshold:g} / SAELens {args.peer_init_threshold:g}, "
+                           f"bandwidth {args.bandwidth:g}",
                "matryoshka": f"k {args.k}, widths {matryoshka_widths(args)}"}.get(args.architecture, f"k {args.k}")  # fmt: skip
     print(f"activations: {'code-tiny resid' if args.real else 'synthetic'} {tuple(data.shape)}; {args.architecture} "
           f"d_sae {args.d_sae}, {setting}, batch {args.batch}, steps {args.steps}, lr {args.lr}; "

@@ -47,7 +47,6 @@ class BatchTopKSAE(TopKSAE):
 
     latent_major_parameters: tuple[str, ...] = ("W_enc",)  # its sparse backward adds whole latent rows
     latent_reconstruction = SAE.latent_reconstruction  # its own encode (a learned threshold once trained)
-    chosen: tuple[torch.Tensor, torch.Tensor] | None = None  # the last sparse training step's (index, values)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -76,9 +75,8 @@ class BatchTopKSAE(TopKSAE):
 
     def training_forward(self, x, dead_mask=None):
         """Latents come back as a sparse COO tensor [batch, d_sae] (k · batch entries, some of them zero) on the
-        sparse path, dense on the dense one; ``chosen`` is then (index, values) [batch, width] of the kept entries,
-        values carrying gradient (Matryoshka's prefix losses read it)."""
-        self.chosen = None
+        sparse path, dense on the dense one; the sparse prediction is ``_kept_decode``'s (Matryoshka decodes level
+        by level there)."""
         if self.batch_gather is None:
             with torch.no_grad():
                 pre = (
@@ -92,14 +90,13 @@ class BatchTopKSAE(TopKSAE):
             if picked is not None:
                 chosen, index = picked
                 values = _ChosenPreActivations.apply(x, self.W_enc, self.b_enc, index, chosen).relu()
-                self.chosen = (index, values)
                 with torch.no_grad():
                     kept = chosen[chosen > 0]
                     self._update_threshold(kept)
                 rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
                 f = torch.sparse_coo_tensor(torch.stack([rows, index.reshape(-1)]), values.detach().reshape(-1),
                                             pre.shape, check_invariants=False)  # fmt: skip
-                return f, self._sparse_decode(x, index, values), pre, {}
+                return f, self._kept_decode(x, index, values), pre, {}
         pre = self.pre_activation(x)
         f = self.batch_activation(pre)
         with torch.no_grad():
@@ -110,6 +107,10 @@ class BatchTopKSAE(TopKSAE):
                 kept = kept[torch.isfinite(kept)]
             self._update_threshold(kept)
         return f, self.decode(f, x), pre, {}
+
+    def _kept_decode(self, x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The sparse step's prediction from the kept entries index, values [batch, width]: [batch, d_out]."""
+        return self._sparse_decode(x, index, values)
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:

@@ -56,6 +56,25 @@ class _Step(torch.autograd.Function):
         return None, grad_threshold.reshape(-1, threshold.shape[-1]).sum(0), None
 
 
+class _PreActivations(torch.autograd.Function):
+    """x W_enc + b_enc [batch, d_sae], passed in already computed (``pre``); the backward adds W_enc's gradient
+    gradᵀ x straight into its latent-major gradient rows (one GEMM, contiguous writes) and returns b_enc's."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, pre):
+        ctx.save_for_backward(x, w_enc)
+        return pre
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_enc = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            if w_enc.grad is None:
+                w_enc.grad = torch.zeros_like(w_enc)
+            w_enc.grad.T.addmm_(grad.T, x)
+        return None, None, grad.sum(0) if ctx.needs_input_grad[2] else None, None
+
+
 class _L0(torch.autograd.Function):
     """Σ_i 1[pre_i > θ_i] averaged over the rows of pre [batch, d_sae] (no gradient), with _Step's straight-through
     threshold gradient −(1/bandwidth) · (entries of latent i inside the rectangle window) / batch, computed from
@@ -104,9 +123,10 @@ class JumpReLUSAE(SAE):
             active = pre > self.threshold
             counts = active.sum(1)
             width = int(counts.max()) if len(counts) else 0
-        if width > self.d_sae // 4:
-            self.pre_buffer = None  # the dense step allocates its own; keep the memory bounded
-            return super().training_forward(x, dead_mask)
+        if width > self.d_sae // 4:  # dense: the pre-activations already computed carry the gradient
+            pre = _PreActivations.apply(x, self.W_enc, self.b_enc, pre)
+            f = self.activation(pre)
+            return f, self.decode(f, x), pre, {}
         with torch.no_grad():
             rows, latents = active.nonzero(as_tuple=True)  # row-major: sorted by row
             position = torch.arange(len(rows), device=x.device) - (counts.cumsum(0) - counts)[rows]

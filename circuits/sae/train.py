@@ -23,7 +23,6 @@ from typing import Generic, TypeAlias, TypeVar
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae, token_vectors
-from workbench.circuits.sae.batchtopk import BatchTopKSAE
 from workbench.circuits.sae.clt import CLTConfig, CrossLayerTranscoder, create_clt
 from workbench.circuits.sae.distributed import (
     Distributed,
@@ -34,6 +33,7 @@ from workbench.circuits.sae.distributed import (
 )
 from workbench.circuits.sae.flat_parameters import FlatParameters, flat_parameters
 from workbench.circuits.sae.jumprelu import JumpReLUSAE
+from workbench.circuits.sae.matryoshka import MatryoshkaBatchTopKSAE
 from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
@@ -283,8 +283,8 @@ def train_saes(
         for sae in saes.values():
             if isinstance(sae, TopKSAE):
                 sae.batch_gather = sae.pre_buffer = None  # training-time state, also after an error
-                if isinstance(sae, BatchTopKSAE):
-                    sae.chosen = None  # the last step's kept entries (and their autograd graph)
+                if isinstance(sae, MatryoshkaBatchTopKSAE):
+                    sae.partials = None  # the last step's inner reconstructions (and their autograd graph)
             elif isinstance(sae, JumpReLUSAE):
                 sae.pre_buffer = None
             elif isinstance(sae, CrossLayerTranscoder):
