@@ -1,15 +1,32 @@
-"""TopK SAE training throughput: our trainer vs SAELens's SAETrainer and sparsify on the same in-memory activations.
+"""SAE training throughput: our trainer vs SAELens's SAETrainer (and sparsify for TopK) on the same in-memory
+activations, for TopK, BatchTopK, JumpReLU and Matryoshka BatchTopK (``--architecture``).
 
 Same architecture (TopK with AuxK), width, k, batch, steps, learning rate (constant), Adam, float32, no activation
 normalisation on either side, same torch seed; each trainer keeps its own initialisation (ours: the data-dependent
 init from the first batch, inside the timed loop). Only the training loops are timed; runs alternate which trainer
 goes first (shared machines drift) and best-of and median are reported. Both trained SAEs are then scored on the
-same held-out activations (FVU, L0) through their own encode/decode, and the run fails unless both sit at L0 = k.
+same held-out activations (FVU, L0) through their own encode/decode, and the run fails unless the L0s are equal
+before any ratio is printed. The equal-L0 condition per architecture:
+
+- topk: every trainer at L0 = k on every held-out row (its own per-row top-k);
+- batchtopk, matryoshka: the same k over the batch on both sides (and the same prefix widths for Matryoshka); the
+  held-out FVU is taken with batch top-k over all held-out rows (L0 = k exactly on both, the training-time
+  activation, checked). Each SAE's inference form, JumpReLU at its learned global threshold (ours: ``threshold``;
+  SAELens: ``topk_threshold``, what it saves), is reported beside it but not required to match: SAELens's
+  threshold is a moving average started at 0, so after a few hundred steps it still keeps far more than k;
+- jumprelu: L0 is set by the L0 coefficient (loss = MSE + coefficient · L0 on both sides, same bandwidth) and the
+  initial threshold, so each side gets its own (``--l0-coefficient`` / ``--peer-l0-coefficient``,
+  ``--init-threshold`` / ``--peer-init-threshold``) and the run fails unless the held-out L0s agree within 10 %.
+  ``--l0-grid`` trains a few coefficients on both sides once and prints FVU against L0. Over a few hundred steps
+  the coefficient barely moves L0: Adam moves each threshold by at most about lr per step, whatever the
+  coefficient, so the initial threshold is the knob that matches L0 in a short run.
 
     python benchmarks/sae.py                      # synthetic: d_in 256, sparse sums of 4096 unit directions
     python benchmarks/sae.py --real               # code-tiny blocks.1.hook_resid_post (d_in 64)
     python benchmarks/sae.py --device cuda        # every trainer on the GPU
     python benchmarks/sae.py --d-in 768 --d-sae 24576 --k 32 --nproc 2   # GPT-2 / Pythia-160m width, + 2 gloo ranks
+    python benchmarks/sae.py --architecture batchtopk --threads 1        # ours vs SAELens (sparsify has no BatchTopK)
+    python benchmarks/sae.py --architecture jumprelu --l0-grid 3e-3,1e-2,3e-2 --threads 1   # FVU vs L0, both sides
 
 sparsify (eai-sparsify) runs its SparseCoder through its own training step (``train_sparsify``); ``--nproc N``
 also times our trainer data-parallel on N gloo processes over the same global batches.
@@ -76,14 +93,83 @@ def fvu_l0(encode, decode, x: torch.Tensor) -> tuple[float, float]:
     return float(residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()), float((f > 0).float().sum(-1).mean())
 
 
-def train_ours(data, args) -> tuple[float, float, object]:
-    from workbench.circuits.sae.base import SAEConfig, create_sae
+def held_out_scores(name: str, sae, x: torch.Tensor, args) -> dict[str, tuple[float, float]]:
+    """{evaluation: (held-out FVU, L0)} of one trained SAE through its own encode / decode; the first entry is the
+    one the equal-L0 condition and the FVU target are stated on (see the module docstring)."""
+    if args.architecture not in ("batchtopk", "matryoshka"):
+        return {"own encode": fvu_l0(sae.encode, sae.decode, x)}
+    if name.startswith("ours"):  # batch top-k over the held-out rows; then the learned threshold (its encode)
+        batch = fvu_l0(lambda v: sae.batch_activation(sae.pre_activation(v)), sae.decode, x)
+        return {"batch top-k": batch, "threshold": fvu_l0(sae.encode, sae.decode, x)}
+
+    def at_threshold(v):  # SAELens's saved (JumpReLU) form: its pre-activations above topk_threshold
+        _, pre = sae.encode_with_hidden_pre(v)
+        return pre.relu() * (pre > sae.topk_threshold).to(pre.dtype)
+
+    return {
+        "batch top-k": fvu_l0(sae.encode, sae.decode, x),
+        "threshold": fvu_l0(at_threshold, sae.decode, x),
+    }
+
+
+def check_equal_l0(scores: dict[str, dict[str, tuple[float, float]]], args) -> str:
+    """Raise SystemExit unless the trainers' held-out L0s meet the architecture's equal-L0 condition; returns the
+    line saying how they met it."""
+    first = {name: next(iter(modes.values()))[1] for name, modes in scores.items()}
+    listed = ", ".join(f"{n} {l0:.2f}" for n, l0 in first.items())
+    if args.architecture == "jumprelu":  # L0 set by each side's coefficient: the sides must agree within 10 %
+        low, high = min(first.values()), max(first.values())
+        if high > 1.1 * low:
+            raise SystemExit(f"held-out L0s {listed} differ by more than 10 %: pick L0 coefficients that match "
+                             "(--l0-coefficient / --peer-l0-coefficient; --l0-grid shows FVU against L0)")  # fmt: skip
+        return f"L0 check: within 10 % of each other ({listed}; ratio {high / low:.3f})"
+    tolerance = 0.05 if args.architecture == "topk" else 0.01
+    for name, l0 in first.items():  # per-row top-k, or batch top-k over the held-out rows: L0 = k
+        if abs(l0 - args.k) > tolerance * args.k:
+            raise SystemExit(
+                f"{name} reached L0 {l0:.2f}, not k={args.k}: the FVU comparison would be unfair"
+            )
+    line = f"L0 check: all at k={args.k} ({listed})"
+    if args.architecture in ("batchtopk", "matryoshka"):  # reported, not required: SAELens's threshold is an
+        at = {name: modes["threshold"][1] for name, modes in scores.items()}  # EMA from 0, still low after a
+        line += "; at the learned thresholds (reported only): " + ", ".join(
+            f"{n} {v:.1f}" for n, v in at.items()
+        )
+    return line  # few hundred steps (its L0 there is far above k), ours starts at the first batch's value
+
+
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka")
+
+
+def matryoshka_widths(args) -> list[int]:
+    """Nested prefix widths for Matryoshka (both sides): ``--matryoshka-widths`` or d_sae/8, /4, /2, d_sae."""
+    if args.matryoshka_widths:
+        widths = [int(w) for w in args.matryoshka_widths.split(",")]
+    else:
+        widths = [args.d_sae // 8, args.d_sae // 4, args.d_sae // 2]
+    return sorted(set(widths) | {args.d_sae})
+
+
+def ours_config(d_in: int, args, l0_coefficient: float | None = None):
+    """Our SAEConfig for ``args.architecture`` (the same k / widths / L0 coefficient settings as the peer's)."""
+    from workbench.circuits.sae.base import SAEConfig
+
+    if args.architecture == "jumprelu":
+        coefficient = args.l0_coefficient if l0_coefficient is None else l0_coefficient
+        return SAEConfig(architecture="jumprelu", d_in=d_in, d_sae=args.d_sae, l0_coefficient=coefficient,
+                         init_threshold=args.init_threshold, bandwidth=args.bandwidth)  # fmt: skip
+    if args.architecture == "matryoshka":
+        return SAEConfig(architecture="matryoshka_batchtopk", d_in=d_in, d_sae=args.d_sae, k=args.k,
+                         matryoshka_widths=matryoshka_widths(args))  # fmt: skip
+    return SAEConfig(architecture=args.architecture, d_in=d_in, d_sae=args.d_sae, k=args.k)
+
+
+def train_ours(data, args, l0_coefficient: float | None = None) -> tuple[float, float, object]:
+    from workbench.circuits.sae.base import create_sae
     from workbench.circuits.sae.train import TrainConfig, train_saes
 
     torch.manual_seed(args.seed)
-    sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k)).to(
-        args.device
-    )
+    sae = create_sae(ours_config(data.shape[1], args, l0_coefficient)).to(args.device)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
                       normalize_activations=False, progress=False, dead_after_tokens=10_000_000)  # fmt: skip
     stream = batches(data, args.batch, args.seed)
@@ -94,15 +180,41 @@ def train_ours(data, args) -> tuple[float, float, object]:
     return *clock.stop(), trained
 
 
-def train_saelens(data, args) -> tuple[float, float, object]:
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+def saelens_sae(d_in: int, args, l0_coefficient: float | None = None):
+    """SAELens's training SAE for ``args.architecture`` with its own defaults except the compared settings (k,
+    widths, L0 coefficient, bandwidth, initial threshold)."""
+    if args.architecture == "batchtopk":
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        return BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, device=args.device)
+        )
+    if args.architecture == "matryoshka":
+        from sae_lens.saes.matryoshka_batchtopk_sae import (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+        )
+
+        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=args.d_sae, k=args.k, matryoshka_widths=matryoshka_widths(args), device=args.device))  # fmt: skip
+    if args.architecture == "jumprelu":
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+        coefficient = args.peer_l0_coefficient if l0_coefficient is None else l0_coefficient
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+            d_in=d_in, d_sae=args.d_sae, l0_coefficient=coefficient, jumprelu_init_threshold=args.peer_init_threshold,
+            jumprelu_bandwidth=args.bandwidth, device=args.device))  # fmt: skip
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, device=args.device))
+
+
+def train_saelens(data, args, l0_coefficient: float | None = None) -> tuple[float, float, object]:
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(args.seed)
-    sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(d_in=data.shape[1], d_sae=args.d_sae, k=args.k, device=args.device)
-    )
+    sae = saelens_sae(data.shape[1], args, l0_coefficient)
     cfg = SAETrainerConfig(
         total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
         lr_end=args.lr, lr_scheduler_name="constant", device=args.device, dead_feature_window=10_000, feature_sampling_window=10_000,
@@ -166,7 +278,7 @@ def _rank_train(rank: int, world: int, port: int, data, args, out) -> None:
     """One rank of a data-parallel run of our trainer: its half of every global batch, one thread."""
     import os
 
-    from workbench.circuits.sae.base import SAEConfig, create_sae
+    from workbench.circuits.sae.base import create_sae
     from workbench.circuits.sae.distributed import init_distributed, shutdown
     from workbench.circuits.sae.train import TrainConfig, train_saes
 
@@ -174,7 +286,7 @@ def _rank_train(rank: int, world: int, port: int, data, args, out) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ctx = init_distributed("data", args.device)
     torch.manual_seed(args.seed)
-    sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k))
+    sae = create_sae(ours_config(data.shape[1], args))
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
                       normalize_activations=False, progress=False, dead_after_tokens=10_000_000)  # fmt: skip
     local = args.batch // world
@@ -195,7 +307,7 @@ def train_ours_processes(data, args) -> tuple[float, float, object]:
 
     import torch.multiprocessing as mp
 
-    from workbench.circuits.sae.base import SAEConfig, create_sae
+    from workbench.circuits.sae.base import create_sae
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -210,7 +322,7 @@ def train_ours_processes(data, args) -> tuple[float, float, object]:
         seconds = out[0].get()
         for proc in procs:
             proc.join()
-        sae = create_sae(SAEConfig(architecture="topk", d_in=data.shape[1], d_sae=args.d_sae, k=args.k))
+        sae = create_sae(ours_config(data.shape[1], args))
         sae.load_state_dict(torch.load(out[1], weights_only=True))
     return seconds, float("nan"), sae  # the ranks' CPU time is not this process's
 
@@ -220,27 +332,66 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def l0_grid(train, held_out, args) -> None:
+    """JumpReLU: each coefficient of ``--l0-grid`` trained once on both sides (timed once, not interleaved): held-out
+    L0 and FVU per side, to read FVU at matched L0 off the two curves and pick the pair for the timed runs."""
+    coefficients = [float(c) for c in args.l0_grid.split(",")]
+    print(f"{'coefficient':>12} {'ours L0':>8} {'ours FVU':>9} {'ours s':>7} {'SAELens L0':>11} {'SAELens FVU':>12} "
+          f"{'SAELens s':>10}")  # fmt: skip
+    for coefficient in coefficients:
+        cells = []
+        for name, run in (("ours", train_ours), ("SAELens", train_saelens)):
+            seconds, _, sae = run(train, args, coefficient)
+            fvu, l0 = held_out_scores(name, sae, held_out, args)["own encode"]
+            cells.append((l0, fvu, seconds))
+        (l0_a, fvu_a, s_a), (l0_b, fvu_b, s_b) = cells
+        print(f"{coefficient:12.3g} {l0_a:8.1f} {fvu_a:9.4f} {s_a:7.1f} {l0_b:11.1f} {fvu_b:12.4f} {s_b:10.1f}",
+              flush=True)  # fmt: skip
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--real", action="store_true", help="code-tiny residual activations instead of synthetic"
     )
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="topk")
     parser.add_argument("--d-in", type=int, default=256)
     parser.add_argument("--d-sae", type=int, default=2048)
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, default=32, help="topk, batchtopk, matryoshka: latents per row")
+    parser.add_argument(
+        "--matryoshka-widths", default="", help="comma-separated prefix widths (d_sae/8,/4,/2)"
+    )
+    parser.add_argument("--l0-coefficient", type=float, default=1e-2, help="jumprelu: ours")
+    parser.add_argument("--peer-l0-coefficient", type=float, default=1e-2, help="jumprelu: SAELens's")
+    parser.add_argument(
+        "--l0-grid", default="", help="jumprelu: comma-separated coefficients, FVU vs L0 only"
+    )
+    parser.add_argument("--init-threshold", type=float, default=0.05, help="jumprelu: ours")
+    parser.add_argument("--peer-init-threshold", type=float, default=None,
+                        help="jumprelu: SAELens's initial threshold (default --init-threshold)")  # fmt: skip
+    parser.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu: both sides")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every trainer uses it)")
-    parser.add_argument("--peers", default="SAELens,sparsify", help="comma-separated: SAELens, sparsify")
+    parser.add_argument("--peers", default=None,
+                        help="comma-separated: SAELens, sparsify (topk only); default both for topk, else SAELens")  # fmt: skip
     parser.add_argument(
         "--nproc", type=int, default=1, help="also time ours data-parallel on N gloo processes"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--n-rows", type=int, default=60_000)
     args = parser.parse_args()
+    if args.peer_init_threshold is None:
+        args.peer_init_threshold = args.init_threshold
+    if args.peers is None:
+        args.peers = "SAELens,sparsify" if args.architecture == "topk" else "SAELens"
+    if args.architecture != "topk" and "sparsify" in args.peers.split(","):
+        parser.error("sparsify trains TopK only: pass --peers SAELens for this architecture")
     torch.set_num_threads(args.threads)
     torch.optim.Adam(
         [torch.zeros(1, requires_grad=True)]
@@ -250,9 +401,18 @@ def main() -> None:
     data = data.to(args.device)
     split = args.n_rows * 5 // 6
     train, held_out = data[:split], data[split:]
-    print(f"activations: {'code-tiny resid' if args.real else 'synthetic'} {tuple(data.shape)}; TopK d_sae "
-          f"{args.d_sae}, k {args.k}, batch {args.batch}, steps {args.steps}, lr {args.lr}; "
+    setting = {"jumprelu": f"L0 coefficient ours {args.l0_coefficient:g} / SAELens {args.peer_l0_coefficient:g}, "
+                           f"initial threshold ours {args.init_threshold:g} / SAELens {args.peer_init_threshold:g}, "
+                           f"bandwidth {args.bandwidth:g}",
+               "matryoshka": f"k {args.k}, widths {matryoshka_widths(args)}"}.get(args.architecture, f"k {args.k}")  # fmt: skip
+    print(f"activations: {'code-tiny resid' if args.real else 'synthetic'} {tuple(data.shape)}; {args.architecture} "
+          f"d_sae {args.d_sae}, {setting}, batch {args.batch}, steps {args.steps}, lr {args.lr}; "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    if args.l0_grid:
+        if args.architecture != "jumprelu":
+            parser.error("--l0-grid is for --architecture jumprelu (the others fix L0 by k)")
+        l0_grid(train, held_out, args)
+        return
     trainers = {"ours": train_ours, "SAELens": train_saelens, "sparsify": train_sparsify}
     order = [("ours", train_ours)] + [(n, trainers[n]) for n in args.peers.split(",") if n]
     if args.nproc > 1:
@@ -268,23 +428,22 @@ def main() -> None:
             models[name] = sae
             print(f"  repeat {repeat}: {name} {seconds:.2f} s wall, {cpu:.2f} s CPU", flush=True)
     tokens = args.steps * args.batch
+    scores = {name: held_out_scores(name, sae, held_out, args) for name, sae in models.items()}
+    modes = list(next(iter(scores.values())))
     rows = {}
-    for name, sae in models.items():
+    for name in models:
         seconds = min(results[name])
-        fvu, l0 = fvu_l0(sae.encode, sae.decode, held_out)
+        fvu, l0 = scores[name][modes[0]]
         rows[name] = (seconds, tokens / seconds, fvu, l0)
+    extra = "".join(f" {'FVU / L0 ' + mode:>24}" for mode in modes[1:])
     print(f"{'trainer':16} {'best s':>8} {'median s':>9} {'best CPU s':>11} {'tokens/s':>10} {'held-out FVU':>13} "
-          f"{'L0':>6}")  # fmt: skip
+          f"{'L0':>6}{extra}   (FVU, L0: {modes[0]})")  # fmt: skip
     for name, (seconds, rate, fvu, l0) in rows.items():
         median = statistics.median(results[name])
+        cells = "".join(f" {scores[name][m][0]:16.4f} / {scores[name][m][1]:5.1f}" for m in modes[1:])
         print(f"{name:16} {seconds:8.2f} {median:9.2f} {min(cpu_results[name]):11.2f} {rate:10.0f} {fvu:13.4f} "
-              f"{l0:6.1f}")  # fmt: skip
-    for name, (*_, l0) in rows.items():  # TopK: every held-out row must have exactly k active latents
-        if abs(l0 - args.k) > 0.05 * args.k:
-            raise SystemExit(
-                f"{name} reached L0 {l0:.2f}, not k={args.k}: the FVU comparison would be unfair"
-            )
-    print(f"L0 check: all at k={args.k} (" + ", ".join(f"{n} {r[3]:.2f}" for n, r in rows.items()) + ")")
+              f"{l0:6.1f}{cells}")  # fmt: skip
+    print(check_equal_l0(scores, args))  # before any ratio
     peers = [n for n in rows if n in ("SAELens", "sparsify")]
     for peer in peers:
         cpu_ratio = min(cpu_results[peer]) / min(cpu_results["ours"])

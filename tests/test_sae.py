@@ -456,6 +456,84 @@ def test_sparse_topk_training_gradients_equal_the_dense_formulation(skip) -> Non
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_sparse_batchtopk_training_equals_the_dense_formulation(architecture, skewed) -> None:
+    """BatchTopK / Matryoshka training backpropagates through the k · batch kept entries only (laid out per row);
+    latents, threshold, losses (Matryoshka's prefix losses included) and every gradient must match autograd through
+    the dense f = batch_topk(x W_enc + b_enc). A skewed batch (one row keeping most latents) takes the dense path."""
+    import copy
+
+    torch.manual_seed(0)
+    extra = {"matryoshka_widths": [12, 40]} if architecture == "matryoshka_batchtopk" else {}
+    sae = create_sae(SAEConfig(architecture, d_in=24, d_sae=96, k=5, **extra))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(40, 24)
+    if skewed:
+        x[0] *= 100
+    dense_sae = copy.deepcopy(sae)
+
+    def step(model, f, prediction, pre):
+        model.zero_grad()
+        losses = model.auxiliary_losses(x, x, f, pre)
+        loss = (x - prediction).pow(2).sum(-1).mean() + sum(losses.values(), torch.zeros(()))
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    f, prediction, pre, _ = sae.training_forward(x)
+    assert f.is_sparse != skewed
+    loss, grads = step(sae, f, prediction, pre)
+    dense_f = dense_sae.batch_activation(dense_sae.pre_activation(x))
+    dense_loss, dense_grads = step(dense_sae, dense_f, dense_sae.decode(dense_f, x), None)
+    torch.testing.assert_close(f.to_dense() if f.is_sparse else f.detach(), dense_f.detach())
+    torch.testing.assert_close(float(sae.threshold), float(dense_f.detach()[dense_f > 0].min()))
+    torch.testing.assert_close(loss, dense_loss)
+    for name in dense_grads:
+        torch.testing.assert_close(grads[name], dense_grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("dense", [False, True])
+def test_sparse_jumprelu_training_equals_the_dense_formulation(skip, dense) -> None:
+    """JumpReLU training backpropagates through the active entries only (their threshold gradient within the
+    rectangle window) and counts the window per latent for the L0 term's; latents, losses and every gradient must
+    match autograd through the dense f = JumpReLU(x W_enc + b_enc). Thresholds low enough that a row fires on more
+    than a quarter of the latents take the dense path."""
+    import copy
+
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig("jumprelu", d_in=24, d_sae=96, d_out=16 if skip else 24, skip=skip,
+                               l0_coefficient=0.1, bandwidth=0.5))  # fmt: skip
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.threshold.uniform_(0.01, 0.3) if dense else sae.threshold.uniform_(1.0, 2.5)
+        if skip:
+            sae.W_skip.normal_()
+    x, y = torch.randn(40, 24), torch.randn(40, sae.d_out)
+    dense_sae = copy.deepcopy(sae)
+
+    def step(model, f, prediction, pre):
+        model.zero_grad()
+        loss = (y - prediction).pow(2).sum(-1).mean() + model.sparsity_loss(f, pre)["l0"]
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    f, prediction, pre, _ = sae.training_forward(x)
+    assert f.is_sparse != dense
+    loss, grads = step(sae, f, prediction, pre)
+    dense_pre = dense_sae.pre_activation(x)
+    dense_f = dense_sae.activation(dense_pre)
+    dense_loss, dense_grads = step(dense_sae, dense_f, dense_sae.decode(dense_f, x), dense_pre)
+    torch.testing.assert_close(f.to_dense() if f.is_sparse else f.detach(), dense_f.detach())
+    assert int((dense_f > 0).sum()) > 0 and float(grads["threshold"].abs().sum()) > 0
+    torch.testing.assert_close(loss, dense_loss)
+    for name in dense_grads:
+        torch.testing.assert_close(grads[name], dense_grads[name], rtol=1e-4, atol=1e-5)
+
+
 def test_feature_pages_streaming_against_brute_force(tmp_path) -> None:
     """Planted store (rows in shuffled order, several shards and batches): top contexts are exactly the top
     activations, windows hold the right tokens and activations, quantile samples lie in their bands, band edges

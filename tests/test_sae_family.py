@@ -109,7 +109,7 @@ def test_matryoshka_objective_equals_sae_lens_matryoshka_batchtopk():
     x = torch.randn(32, D_IN, generator=generator)
     out = theirs.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
     f, prediction, pre, _ = ours.training_forward(x)
-    torch.testing.assert_close(f, out.feature_acts.to_dense(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f.to_dense(), out.feature_acts.to_dense(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         (x - prediction).pow(2).sum(-1).mean(), out.losses["mse_loss"], rtol=1e-5, atol=1e-6
     )

@@ -164,6 +164,15 @@ class _SparseDecode(torch.autograd.Function):
         return None, grad_values, None
 
 
+def pre_activation_in_buffer(sae, x: torch.Tensor) -> torch.Tensor:
+    """x [batch, d_in] @ W_enc + b_enc written into ``sae.pre_buffer`` (regrown when too small, a sparse training
+    step's reused pre-activation memory): [batch, d_sae]."""
+    buffer = sae.pre_buffer
+    if buffer is None or buffer.shape[0] < x.shape[0] or (buffer.dtype, buffer.device) != (x.dtype, x.device):
+        buffer = sae.pre_buffer = x.new_empty(x.shape[0], sae.d_sae)
+    return torch.addmm(sae.b_enc, x, sae.W_enc, out=buffer[: x.shape[0]])
+
+
 @register("topk")
 class TopKSAE(SAE):
     """f = relu(topk_k(x W_enc + b_enc)).
@@ -176,15 +185,7 @@ class TopKSAE(SAE):
     pre_buffer: torch.Tensor | None = None  # reused pre-activation memory [rows, d_sae] while training
 
     def _pre_activation_in_buffer(self, x: torch.Tensor) -> torch.Tensor:
-        """x [batch, d_in] @ W_enc + b_enc written into ``pre_buffer`` (regrown when too small): [batch, d_sae]."""
-        buffer = self.pre_buffer
-        if (
-            buffer is None
-            or buffer.shape[0] < x.shape[0]
-            or (buffer.dtype, buffer.device) != (x.dtype, x.device)
-        ):
-            buffer = self.pre_buffer = x.new_empty(x.shape[0], self.d_sae)
-        return torch.addmm(self.b_enc, x, self.W_enc, out=buffer[: x.shape[0]])
+        return pre_activation_in_buffer(self, x)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_activation(pre, self.cfg.k)

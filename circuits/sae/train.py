@@ -32,6 +32,8 @@ from workbench.circuits.sae.distributed import (
     route_batches,
 )
 from workbench.circuits.sae.flat_parameters import FlatParameters, flat_parameters
+from workbench.circuits.sae.jumprelu import JumpReLUSAE
+from workbench.circuits.sae.matryoshka import MatryoshkaBatchTopKSAE
 from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
@@ -281,6 +283,10 @@ def train_saes(
         for sae in saes.values():
             if isinstance(sae, TopKSAE):
                 sae.batch_gather = sae.pre_buffer = None  # training-time state, also after an error
+                if isinstance(sae, MatryoshkaBatchTopKSAE):
+                    sae.partials = None  # the last step's inner reconstructions (and their autograd graph)
+            elif isinstance(sae, JumpReLUSAE):
+                sae.pre_buffer = None
             elif isinstance(sae, CrossLayerTranscoder):
                 sae.batch_gather = None
     return TrainResult(saes, history)
