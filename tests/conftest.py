@@ -137,7 +137,7 @@ def vit_model_dir(zoo_workspace):
 def dashboard_workspace(zoo_workspace, tmp_path_factory):
     """A workspace whose results database holds massive-activation, attention-statistics, probe, SAE,
     transcoder-circuit, codebook and neuron-path results (every dashboard view has data)."""
-    from workbench.analyses.attention.analysis import write_attention_statistics
+    from workbench.analyses.attention import analysis as attention
     from workbench.analyses.massive.analysis import ANALYSIS, fit_emergence, track_massive
     from workbench.analysis import write_tables
     from workbench.checkpoints import CheckpointSeries
@@ -146,8 +146,8 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     texts = ["def f(x):\n    return x\n", "import os\n"]
     report = track_massive(series, texts, steps=[0, 1, 2, 4, 8, 16, 32, 64, 128], progress=False)
     write_tables(zoo_workspace, ANALYSIS, report.frames(fit_emergence(report.layers)))
-    write_attention_statistics((series.load(s) for s in (0, series.steps[-1])), texts, zoo_workspace,
-                               dataset="test-prompts")  # fmt: skip
+    write_tables(zoo_workspace, attention.ANALYSIS, attention.run((series.load(s) for s in (0, series.steps[-1])),
+                                                                  texts, dataset="test-prompts"))  # fmt: skip
     from workbench.probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
 
     dataset = label_dataset("bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, seq_len=48)

@@ -22,6 +22,7 @@ from workbench.analyses.massive.analysis import (
     MassiveError,
     detect_massive,
     fit_emergence,
+    run,
     track_massive,
 )
 from workbench.analysis import write_tables
@@ -149,6 +150,27 @@ def test_nan_activations_are_reported_with_hook_and_position() -> None:
         detect_massive(model, ids, hooks="hook_embed")
 
 
+def test_run_on_one_model_detects_and_notes_why_a_series_fit_is_missing(code_series) -> None:
+    """run() on a HookedModel is detection (no fits); on two checkpoints with a 5-parameter family it names the
+    families that fit two checkpoints instead, and an unknown family is refused naming the registered ones."""
+    model = _planted_model(token=3, dim=5, value=500.0)
+    ids = torch.tensor([[3, 1, 2, 3], [4, 3, 2, 1]])
+    frames = run(model, ids, hooks="blocks.*.hook_resid_post", progress=False)
+    expected = detect_massive(model, ids, "blocks.*.hook_resid_post").frames()
+    assert set(frames) == {"massive_layers", "massive_top"}
+    pd.testing.assert_frame_equal(frames["massive_layers"], expected["massive_layers"])
+    notes: list[str] = []
+    two = code_series.restrict(code_series.steps[:2])
+    frames = run(two, ["def f(x):\n    return x\n"], report=notes.append, progress=False)
+    assert "massive_fits" not in frames
+    assert any(
+        n.startswith("no exp_log emergence fit: it needs 6 distinct checkpoints, this run has 2")
+        for n in notes
+    )
+    with pytest.raises(FitError, match="unknown curve family 'cubic'; registered"):
+        run(model, ids, family="cubic")
+
+
 def test_non_residual_hook_is_allowed_with_a_note() -> None:
     model = _planted_model(token=7, dim=13, value=600.0)
     report = detect_massive(model, torch.randint(0, 50, (2, 6)), hooks="blocks.0.hook_mlp_out")
@@ -178,6 +200,12 @@ def test_tracking_over_zoo_checkpoints_and_results(code_series, zoo_workspace) -
     assert len(db.read("massive_layers", **mine)) == len(layers)
     write_tables(zoo_workspace, ANALYSIS, report.frames(fits))
     assert len(db.read("massive_layers", **mine)) == len(layers), "re-running replaces, never duplicates"
+    notes: list[str] = []
+    frames = run(code_series, texts, criteria=MassiveCriteria(top_k=5), dataset="tracking-test", report=notes.append,
+                 progress=False)  # fmt: skip
+    for name, frame in report.frames(fits).items():  # the contract's run() gives what the parts give
+        pd.testing.assert_frame_equal(frames[name], frame)
+    assert notes == report.notes
 
 
 def test_magnitude_map_and_ratio_figures_show_the_planted_dimension() -> None:

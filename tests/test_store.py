@@ -374,6 +374,7 @@ def test_resume_sweeps_the_temporary_files_a_crash_left(tmp_path) -> None:
     store = _store(tmp_path / "s")
     acts, ids = _rows(10)
     store.append(acts, ids)
+    store.flush()  # the shard is written behind; a resume follows a process that ended
     stale = [
         tmp_path / "s" / ".shard-00001.safetensors.k2j4h1x9.tmp",
         tmp_path / "s" / ".manifest.json.abcd1234.tmp",

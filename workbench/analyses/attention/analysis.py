@@ -1,26 +1,22 @@
 """Attention statistics over a corpus, per layer × head (× checkpoint): the ``attention_stats`` table.
 
 The statistics themselves (``workbench.attention.statistics.attention_statistics``) are the means of the attention
-paths' statistic hooks; this analysis runs them over a model or a checkpoint series and writes the table.
+paths' statistic hooks; this analysis runs them over a model or a checkpoint series (:func:`run`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
-from workbench.analysis import Analysis, Table, write_tables
+from workbench.analysis import Analysis, Table
 from workbench.attention.install import install_attention
 from workbench.attention.statistics import attention_statistics
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from workbench.model import HookedModel
-    from workbench.workspace import Workspace
+from workbench.checkpoints import CheckpointSeries
+from workbench.datasets import Dataset
+from workbench.model import HookedModel
 
 RESULT_KEYS = ["model", "checkpoint", "dataset", "layer", "head"]
 ANALYSIS = Analysis(
@@ -34,26 +30,37 @@ ANALYSIS = Analysis(
 )  # fmt: skip
 
 
-def write_attention_statistics(
-    models: Iterable[HookedModel],
-    texts: Sequence[str] | torch.Tensor,
-    workspace: Workspace | str | Path | None = None,
+def run(
+    model: CheckpointSeries | HookedModel | Iterable[HookedModel],
+    data: Dataset | Sequence[str] | torch.Tensor,
     *,
-    dataset: str = "texts",
+    dataset: str | None = None,
     kernel: bool = False,
-    **kwargs,
-) -> pd.DataFrame:
-    """:func:`attention_statistics` for each model (e.g. ``series.iter()``, loaded one at a time), written to the
-    workspace's ``attention_stats`` table (a rerun replaces its own rows) and returned.
+    sink_k: int = 1,
+    batch_size: int = 16,
+    context_length: int = 128,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Attention statistics of a model, of every checkpoint of a series (loaded one at a time) or of each model of
+    an iterable, on ``data`` → ``{"attention_stats": frame}`` (one row per model × checkpoint × layer × head) for
+    ``write_tables``.
 
-    ``kernel=True`` computes the statistics inside the fused Triton kernel (``install_attention``) instead of the
-    eager path; both give the same numbers.
+    ``data``: a Dataset, strings, token-id lists or ids [n, pos]; ``dataset``: the name the rows carry (default:
+    the Dataset's name, else "texts"). ``kernel=True`` computes the statistics inside the fused Triton kernel
+    (``install_attention``) instead of the eager path; both give the same numbers.
     """
+    if isinstance(model, CheckpointSeries):
+        models: Iterable[HookedModel] = model.iter(progress=progress)
+    elif isinstance(model, HookedModel):
+        models = [model]
+    else:
+        models = model
     frames = []
-    for model in models:
+    for each in models:
         if kernel:
-            install_attention(model)
-        frames.append(attention_statistics(model, texts, **kwargs))
-    frame = pd.concat(frames, ignore_index=True).assign(dataset=dataset, hook="blocks.*.attn.hook_*")
-    write_tables(workspace, ANALYSIS, {"attention_stats": frame})
-    return frame
+            install_attention(each)
+        frames.append(attention_statistics(each, data, batch_size=batch_size, max_length=context_length,
+                                           sink_k=sink_k))  # fmt: skip
+    name = dataset or (data.name if isinstance(data, Dataset) else "texts")
+    frame = pd.concat(frames, ignore_index=True).assign(dataset=name, hook="blocks.*.attn.hook_*")
+    return {"attention_stats": frame}

@@ -44,15 +44,17 @@ def attention_command(
 ) -> None:
     """Mean attention entropy, sink mass, log-sum-exp and max logit per layer × head (× checkpoint)."""
     # imported here: the analysis imports torch, and `workbench --help` loads this module
-    from workbench.analyses.attention.analysis import ANALYSIS, write_attention_statistics
+    from workbench.analyses.attention.analysis import ANALYSIS, run
+    from workbench.analysis import write_tables
 
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)
     series = open_series(model, workspace, steps, device, dtype, trust_remote_code)
     inputs = budget_inputs(dataset, series, context_length, max_tokens)
-    frame = write_attention_statistics(series.iter(progress=progress), inputs, workspace, dataset=dataset.name,
-                                       kernel=kernel, sink_k=sink_k, batch_size=batch_size,
-                                       max_length=context_length)  # fmt: skip
+    frames = run(series, inputs, dataset=dataset.name, kernel=kernel, sink_k=sink_k, batch_size=batch_size,
+                 context_length=context_length, progress=progress)  # fmt: skip
+    write_tables(workspace, ANALYSIS, frames)
+    frame = frames["attention_stats"]
     latest = (
         frame[frame["checkpoint"] == frame["checkpoint"].max()]
         if frame["checkpoint"].notna().any()

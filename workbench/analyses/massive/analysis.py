@@ -18,7 +18,7 @@ estimated from a uniform random sample beyond that (bounded memory).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.analyses.dynamics.emergence import CurveFit, FitError, derived_quantities, fit_curve
+from workbench.analyses.dynamics.emergence import FAMILIES, CurveFit, FitError, derived_quantities, fit_curve
 from workbench.analysis import Analysis, Table
-from workbench.datasets import iter_model_batches
+from workbench.checkpoints import CheckpointSeries
+from workbench.datasets import Dataset, iter_model_batches
 
 if TYPE_CHECKING:
-    from workbench.checkpoints import CheckpointSeries
     from workbench.model import HookedModel
 
 
@@ -270,6 +270,78 @@ def fit_emergence(
         row.update(derived_quantities(fit, float(steps.max())))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def run(
+    model: CheckpointSeries | HookedModel,
+    data: Any,
+    *,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    family: str = "exp_log",
+    criteria: MassiveCriteria | None = None,
+    batch_size: int = 8,
+    context_length: int = 128,
+    dataset: str | None = None,
+    count_all_checkpoints: Callable[[], int] | None = None,
+    report: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Massive activations of a model, or of every checkpoint of a series with their emergence fits, on ``data``
+    → ``{table: frame}`` of :data:`ANALYSIS` (massive_layers, massive_top and, over enough checkpoints,
+    massive_fits) for ``write_tables``.
+
+    Args:
+        model: a CheckpointSeries (``workbench.references.resolve_series``; one checkpoint: detection only) or a
+            HookedModel.
+        data: a Dataset, texts, token-id lists or token ids [n, pos].
+        family: the emergence curve family fitted over checkpoints (``emergence.FAMILIES``).
+        dataset: the dataset name the rows carry (default: ``data.name``, else "texts").
+        count_all_checkpoints: how many checkpoints the series has without a step restriction (called only when
+            too few checkpoints leave no fit, to suggest more steps); None when the steps were not restricted.
+        report: receives each note of the run (non-residual hooks, duplicate checkpoints, why no fit was made).
+    """
+    if family not in FAMILIES:
+        raise FitError(f"unknown curve family {family!r}; registered: {', '.join(FAMILIES)}")
+    settings: dict[str, Any] = {
+        "criteria": criteria,
+        "batch_size": batch_size,
+        "max_length": context_length,
+        "dataset": dataset or (data.name if isinstance(data, Dataset) else "texts"),
+    }
+    fits = None
+    if isinstance(model, CheckpointSeries) and len(model) > 1:
+        result = track_massive(model, data, hooks, progress=progress, **settings)
+        distinct = result.layers["checkpoint"].nunique()
+        needed = len(FAMILIES[family].params) + 1
+        if distinct >= needed:
+            fits = fit_emergence(result.layers, metric="top1", family=family)
+        else:
+            available = count_all_checkpoints() if count_all_checkpoints is not None else 0
+            result.notes.append(no_fit_note(family, needed, distinct, available))
+    else:
+        single = model.load(model.steps[0]) if isinstance(model, CheckpointSeries) else model
+        result = detect_massive(single, data, hooks, progress=progress, **settings)
+    if report is not None:
+        for note in result.notes:
+            report(note)
+    return result.frames(fits)
+
+
+def no_fit_note(family: str, needed: int, distinct: int, available: int) -> str:
+    """Why no emergence fit was made, suggesting only what the user has not done: more --step values when they
+    restricted the steps and the series has enough (``available``: its checkpoint count, 0 when not restricted),
+    a family with fewer parameters other than the one they chose, else more checkpoints."""
+    fixes = []
+    if available >= needed:
+        fixes.append(f"pass more --step values or drop --step (the series has {available} checkpoints)")
+    fewer = [name for name, f in FAMILIES.items() if name != family and len(f.params) + 1 <= distinct]
+    if fewer:
+        fixes.append(" or ".join(f"--family {name}" for name in fewer) + f" (fits {distinct} checkpoints)")
+    if not fixes:
+        fixes.append("save more checkpoints of the run (every family needs at least "
+                     f"{min(len(f.params) + 1 for f in FAMILIES.values())})")  # fmt: skip
+    return (f"no {family} emergence fit: it needs {needed} distinct checkpoints, this run has {distinct}; "
+            + "; or ".join(fixes))  # fmt: skip
 
 
 _ROW_KEYS = ("model", "checkpoint", "hook", "dataset")
