@@ -185,20 +185,6 @@ def open_workspace_or_stop() -> Path:
         st.stop()
 
 
-def table_browser(path: Path, names: list[str], what: str, command: str) -> pd.DataFrame | None:
-    """Show the first existing table of ``names`` as a filterable, sortable table; empty state otherwise."""
-    for name in names:
-        rows = table(path, name)
-        if rows is not None and not rows.empty:
-            if "model" in rows:
-                model = model_select(rows, key=f"{name}-model")
-                rows = rows[rows["model"] == model]
-            st.dataframe(rows, width="stretch", hide_index=True)
-            return rows
-    empty_state(what, command)
-    return None
-
-
 def token_chips(tokens: list[str], values: list[float] | None = None, notes: list[str] | None = None) -> str:
     """A row of token chips as HTML: each token (made inert by ``plain``; spaces shown as ·, newlines as ↵) shaded by
     its value relative to the row's largest |value|, with ``notes`` (e.g. "L12 3.1") under it and the value in its

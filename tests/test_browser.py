@@ -206,7 +206,7 @@ def test_prompt_lab_steers_in_a_real_browser(dashboard_url, dashboard_workspace)
         )
         page.get_by_text("SAE latents", exact=True).last.click()
         _choose(page, "SAE", f"{SAE_ID} (blocks.0.hook_resid_post)")
-        chips = page.locator(".token-chip")
+        chips = page.locator(".token-row .token-chip")  # the prompt's row, not a latent's contexts
         _until(lambda: chips.count() == tokens.shape[1] and f"L{first_latent}:" in chips.first.inner_text(),
                what="token chips with the SAE's top latents")  # fmt: skip
         page.screenshot(path=str(ARTIFACTS / "prompt_lab_latents.png"), full_page=True)

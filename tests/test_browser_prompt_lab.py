@@ -128,7 +128,7 @@ def test_encoder_lab_in_a_real_browser(dashboard_url) -> None:  # noqa: F811 (th
         _fill(page, "prompt", SENTENCE, "Control+Enter")
         _fill(page, "second prompt", SECOND)
         page.get_by_role("heading", name="Sentence embedding").first.wait_for(timeout=120_000)
-        chips = page.locator(".token-chip")
+        chips = page.locator(".token-row .token-chip")  # the prompt's row, not a latent's contexts
         _until(lambda: chips.count() == tokens.shape[1], what="a chip per token")
         _until(lambda: _metrics(page).get("cosine clean · second") == f"{clean.cosine('clean · second'):.4f}",
                what="the cosine to the second prompt")  # fmt: skip

@@ -300,8 +300,8 @@ if picture is not None and values is not None:
     st.plotly_chart(patch_figure(tokens, patches, f"{overlay}, layer {layer}", overlay), width="stretch",
                     key="lab_patch_overlay")  # fmt: skip
     st.caption(f"CLS: {values[0]:.4g}; patch (row, column) = position 1 + row × {patches.shape[1]} + column")
-else:
-    st.markdown(token_chips(texts, values, notes), unsafe_allow_html=True)
+else:  # the prompt's own row (class token-row), apart from the chips of an open latent's contexts below
+    st.markdown(f'<div class="token-row">{token_chips(texts, values, notes)}</div>', unsafe_allow_html=True)
 if shown is not None:
     readout["rows"] = json.loads(shown.to_json(orient="records"))
     with st.expander("values", expanded=False):

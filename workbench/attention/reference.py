@@ -57,14 +57,29 @@ def masked_scores(
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} key/value heads")
     k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
-    q_len, k_len = scores.shape[-2:]
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device)
-    if causal:
-        allowed = torch.ones_like(allowed).tril(diagonal=k_len - q_len)
-    allowed = allowed.expand(scores.shape[0], 1, q_len, k_len)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask.bool()[:, None, None, :].to(scores.device)
+    allowed = allowed_keys(scores.shape[0], *scores.shape[-2:], causal=causal, key_padding_mask=key_padding_mask,
+                           device=scores.device)  # fmt: skip
     return scores.masked_fill(~allowed, float("-inf"))
+
+
+def allowed_keys(
+    batch: int,
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Which key each query may attend, [batch, 1, q_len, k_len] bool: causal queries aligned to the end of the keys
+    (query i sees keys j <= i + k_len - q_len), and only real keys where ``key_padding_mask`` [batch, k_len] says so."""
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril(diagonal=k_len - q_len)
+    allowed = allowed.expand(batch, 1, q_len, k_len)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :].to(device)
+    return allowed
 
 
 def reference_attention(
@@ -105,12 +120,9 @@ def sdpa(
     q_len, k_len = q.shape[2], k.shape[2]
     if key_padding_mask is None and (not causal or q_len == k_len):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal and q_len > 1)
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril(diagonal=k_len - q_len)
-    allowed = allowed.expand(q.shape[0], 1, q_len, k_len)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    allowed = allowed_keys(
+        q.shape[0], q_len, k_len, causal=causal, key_padding_mask=key_padding_mask, device=q.device
+    )
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
 
