@@ -173,7 +173,8 @@ class Dataset:
             return
         if tokenizer is None:
             raise DatasetError(
-                f"dataset {self.name!r} is text, and the model has no tokenizer to read it with"
+                f"dataset {self.name!r} is text, and the model has no tokenizer to read it with; save the model's "
+                "tokenizer into its directory (tokenizer.save_pretrained(DIR)) or pass pre-tokenized ids as --data"
             )
         docs = self.documents(shuffle_seed=shuffle_seed)
         bos_id = _bos_id(tokenizer) if bos else None
