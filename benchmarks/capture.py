@@ -74,21 +74,21 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def store_stream(
-    model,
-    names: list[str],
-    n_tokens: int,
-    seq: int,
-    batch: int,
-    vocab: int,
-    shard_rows: int,
-    loop_seconds: float,
-) -> None:
-    """Capture ``n_tokens`` random tokens of all ``names`` into a temporary store; tokens/s, MB/s, the ratio to the
+def store_stream(model, names: list[str], args, loop_seconds: float) -> None:
+    """Capture ``args.store_tokens`` random tokens of all ``names`` into a temporary store (``args``: batch, seq,
+    vocab, shard_rows as parsed); tokens/s, MB/s, the ratio to the
     in-memory capture loop (``loop_seconds`` per batch, timed above at the same batch; target >= 0.95: shard writes
     and checksums overlap the next forward), and the peak RSS in each quarter of the stream's time (sampled every
     0.2 s; flat = memory bounded by a batch and a shard)."""
     from workbench.capture import capture_to_store
+
+    n_tokens, seq, batch, vocab, shard_rows = (
+        args.store_tokens,
+        args.seq,
+        args.batch,
+        args.vocab,
+        args.shard_rows,
+    )
 
     n_rows = max(1, n_tokens // seq)
     rows = torch.randint(0, vocab, (n_rows, seq)).tolist()
@@ -216,16 +216,7 @@ def main() -> None:
         f"  TransformerLens / capture        {results['TransformerLens run_with_cache'] / results['workbench capture']:6.3f}x  (target >= 1.0)"
     )
     if args.store_tokens:
-        store_stream(
-            model,
-            names,
-            args.store_tokens,
-            args.seq,
-            args.batch,
-            args.vocab,
-            args.shard_rows,
-            results["workbench capture"],
-        )
+        store_stream(model, names, args, results["workbench capture"])
 
 
 def scaling(args) -> None:
@@ -299,16 +290,7 @@ def other_family(args, family: str, kv_heads: int) -> None:
         f"  capture / bare forward          {results['workbench capture'] / results['bare HF forward']:6.3f}x"
     )
     if args.store_tokens:
-        store_stream(
-            model,
-            names,
-            args.store_tokens,
-            args.seq,
-            args.batch,
-            args.vocab,
-            args.shard_rows,
-            results["workbench capture"],
-        )
+        store_stream(model, names, args, results["workbench capture"])
 
 
 if __name__ == "__main__":
