@@ -24,19 +24,38 @@ def serve(workspace: Path, host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as err:
-        fail(f"cannot serve on {host}:{port} ({err.strerror or err}); another server holds it: pass --port N "
-             "(e.g. --port 8502), or stop the other server")  # fmt: skip
+        fail(
+            f"cannot serve on {host}:{port} ({err.strerror or err}); another server holds it: pass --port N "
+            "(e.g. --port 8502), or stop the other server"
+        )
     url = f"http://{host}:{port}"
     typer.secho(f"dashboard: {url}  (workspace {workspace}; Ctrl-C to stop)", fg=typer.colors.GREEN)
     command = [
-        sys.executable, "-m", "streamlit", "run", str(MAIN),
-        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--workspace", str(workspace),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(MAIN),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+        "--",
+        "--workspace",
+        str(workspace),
+    ]
     server = subprocess.Popen(command, start_new_session=True)  # its own group: one stop reaches all of it
     stopped: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         while server.poll() is None and not stopped:
             with contextlib.suppress(subprocess.TimeoutExpired):

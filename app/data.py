@@ -134,9 +134,16 @@ def _result_models(path: str, mtime: float) -> pd.DataFrame:
     out = []
     for identity, group in rows.groupby("model", sort=True):
         steps = sorted({int(s) for s in group["checkpoint"].dropna()})
-        out.append({"model": display_name(str(identity)), "identity": str(identity), "checkpoints": len(steps),
-                    "first step": steps[0] if steps else None, "last step": steps[-1] if steps else None,
-                    "tables": ", ".join(sorted(set(group["table"])))})  # fmt: skip
+        out.append(
+            {
+                "model": display_name(str(identity)),
+                "identity": str(identity),
+                "checkpoints": len(steps),
+                "first step": steps[0] if steps else None,
+                "last step": steps[-1] if steps else None,
+                "tables": ", ".join(sorted(set(group["table"]))),
+            }
+        )
     return pd.DataFrame(out)
 
 

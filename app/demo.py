@@ -65,27 +65,83 @@ def recipes() -> list[Recipe]:
         Recipe(f"train zoo model {name}", run=functools.partial(_train, name=name)) for name in DEMO_MODELS
     ]
     steps += [
-        Recipe("massive activations over code-small checkpoints",
-               ("massive", "code-small", "--data", prompts, "-w", "{ws}")),
-        Recipe("massive activations of the pretrained MiniLM", ("massive", "minilm", "--data", prompts, "-w", "{ws}")),
-        Recipe("attention statistics over code-small checkpoints",
-               ("attention", "code-small", "--data", prompts, "-w", "{ws}")),
-        Recipe("training dynamics over code-small checkpoints",
-               ("dynamics", "run", "code-small", "--data", prompts, "-w", "{ws}")),
-        Recipe("probe job (code-small, fsm-tiny over checkpoints)",
-               ("probe", "jobs", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}")),
-        Recipe("SAE and transcoders on code-tiny",
-               ("sae", "train", "code-tiny", "--data", "zoo:python-stdlib", "--max-tokens", "4096", "--context-length",
-                "64", *(a for hook, hook_out, sae_id in DEMO_SAES
-                        for a in ("--hook", hook, "--hook-out", hook_out, "--sae-id", sae_id)), "-w", "{ws}")),
-        Recipe("attribution graph on code-tiny (its two transcoders)",
-               ("circuits", "attribute", "code-tiny", "--transcoders", "code-tiny.L0-mlp-transcoder", "--transcoders",
-                "code-tiny.L1-mlp-transcoder", "--prompt", GRAPH_PROMPT, "-w", "{ws}")),
+        Recipe(
+            "massive activations over code-small checkpoints",
+            ("massive", "code-small", "--data", prompts, "-w", "{ws}"),
+        ),
+        Recipe(
+            "massive activations of the pretrained MiniLM",
+            ("massive", "minilm", "--data", prompts, "-w", "{ws}"),
+        ),
+        Recipe(
+            "attention statistics over code-small checkpoints",
+            ("attention", "code-small", "--data", prompts, "-w", "{ws}"),
+        ),
+        Recipe(
+            "training dynamics over code-small checkpoints",
+            ("dynamics", "run", "code-small", "--data", prompts, "-w", "{ws}"),
+        ),
+        Recipe(
+            "probe job (code-small, fsm-tiny over checkpoints)",
+            ("probe", "jobs", "run", str(PROBE_JOB), "--workers", "2", "-w", "{ws}"),
+        ),
+        Recipe(
+            "SAE and transcoders on code-tiny",
+            (
+                "sae",
+                "train",
+                "code-tiny",
+                "--data",
+                "zoo:python-stdlib",
+                "--max-tokens",
+                "4096",
+                "--context-length",
+                "64",
+                *(
+                    a
+                    for hook, hook_out, sae_id in DEMO_SAES
+                    for a in ("--hook", hook, "--hook-out", hook_out, "--sae-id", sae_id)
+                ),
+                "-w",
+                "{ws}",
+            ),
+        ),
+        Recipe(
+            "attribution graph on code-tiny (its two transcoders)",
+            (
+                "circuits",
+                "attribute",
+                "code-tiny",
+                "--transcoders",
+                "code-tiny.L0-mlp-transcoder",
+                "--transcoders",
+                "code-tiny.L1-mlp-transcoder",
+                "--prompt",
+                GRAPH_PROMPT,
+                "-w",
+                "{ws}",
+            ),
+        ),
         Recipe("codebooks on fsm-small", run=_codebook_study),
-        Recipe("neuron paths on vit-digits",
-               ("neuron-path", "run", "vit-digits", "--data", "zoo:digits", "--top-k", "3", "--steps", "5",
-                "--max-sequences", "30", "-w", "{ws}")),
-    ]  # fmt: skip
+        Recipe(
+            "neuron paths on vit-digits",
+            (
+                "neuron-path",
+                "run",
+                "vit-digits",
+                "--data",
+                "zoo:digits",
+                "--top-k",
+                "3",
+                "--steps",
+                "5",
+                "--max-sequences",
+                "30",
+                "-w",
+                "{ws}",
+            ),
+        ),
+    ]
     return steps
 
 
@@ -100,14 +156,22 @@ def _codebook_study(ws: Workspace, model_name: str = "fsm-small") -> str:
     ``<model_name>-demo``): both codebook tables written; returns state purity vs its ceiling, the loss gap and the
     steering effect."""
     model = resolve_model(model_name, workspace=ws)
-    study = fsm_codebook_study(model, load_dataset("zoo:tokfsm"), n_codes=300, steps=300,
-                               directory=codebook_dir(ws, f"{model_name}-demo"), progress=True)  # fmt: skip
+    study = fsm_codebook_study(
+        model,
+        load_dataset("zoo:tokfsm"),
+        n_codes=300,
+        steps=300,
+        directory=codebook_dir(ws, f"{model_name}-demo"),
+        progress=True,
+    )
     write_tables(ws, CODEBOOK_ANALYSIS, study["frames"])
     steer = study["steering"]
-    return (f"state purity {study['mean_state_purity']:.3f} (ceiling for a code that knows the exact state "
-            f"posterior {study['purity_ceiling']:.3f}), loss gap {study['report'].loss_gap:+.3f} nats, forced code → "
-            f"legal from forced state {steer['forced_legal_from_forced']:.2f} vs unforced "
-            f"{steer['plain_legal_from_forced']:.2f}")  # fmt: skip
+    return (
+        f"state purity {study['mean_state_purity']:.3f} (ceiling for a code that knows the exact state "
+        f"posterior {study['purity_ceiling']:.3f}), loss gap {study['report'].loss_gap:+.3f} nats, forced code → "
+        f"legal from forced state {steer['forced_legal_from_forced']:.2f} vs unforced "
+        f"{steer['plain_legal_from_forced']:.2f}"
+    )
 
 
 class DemoStepError(RuntimeError):

@@ -67,12 +67,16 @@ ANNOTATIONS = Analysis(
     name="graph_annotations",
     command="the dashboard's graph page (pin nodes, group supernodes, write notes)",
     tables=(
-        Table("graph_annotations", keys=ANNOTATION_KEYS, columns=("kind", "node", "name", "text"),
-              description="pins (kind pin), supernodes (kind group: name, node), notes (kind note: node, text) and "
-              "the view (kind view: thresholds as JSON) of an attribution graph; rewritten whole on each change"),
+        Table(
+            "graph_annotations",
+            keys=ANNOTATION_KEYS,
+            columns=("kind", "node", "name", "text"),
+            description="pins (kind pin), supernodes (kind group: name, node), notes (kind note: node, text) and "
+            "the view (kind view: thresholds as JSON) of an attribution graph; rewritten whole on each change",
+        ),
     ),
     description="annotations of attribution graphs made on the dashboard's graph page",
-)  # fmt: skip
+)
 
 
 class StoredGraphProblem(Exception):
@@ -140,8 +144,9 @@ def load_stored_graph(workspace: Any, model: str, graph: str) -> StoredGraph:
         )
     summary = results.read("attribution_graphs", model=model, graph=graph)
     if summary.empty:
-        raise StoredGraphProblem(f"no graph {graph!r} of {model!r} is stored; make it with `workbench circuits "
-                                 "attribute`")  # fmt: skip
+        raise StoredGraphProblem(
+            f"no graph {graph!r} of {model!r} is stored; make it with `workbench circuits attribute`"
+        )
     nodes = (
         results.read("attribution_nodes", model=model, graph=graph)
         if "attribution_nodes" in tables
@@ -163,8 +168,9 @@ def load_stored_graph(workspace: Any, model: str, graph: str) -> StoredGraph:
     if any(k not in order for k in kinds) or any(
         order[a] > order[b] for a, b in zip(kinds, kinds[1:], strict=False)
     ):
-        raise StoredGraphProblem(f"graph {graph}'s nodes are not in the order features, errors, inputs, targets; "
-                                 f"{rerun}")  # fmt: skip
+        raise StoredGraphProblem(
+            f"graph {graph}'s nodes are not in the order features, errors, inputs, targets; {rerun}"
+        )
     if "attribution_edges" in tables:
         edges = results.query(
             "SELECT target, source, weight FROM attribution_edges WHERE model = ? AND graph = ?",
@@ -188,11 +194,18 @@ def load_stored_graph(workspace: Any, model: str, graph: str) -> StoredGraph:
     checkpoint = row.get("checkpoint")
     n_pos = max(1, len(tokens))
     return StoredGraph(
-        model=model, checkpoint=None if checkpoint is None or pd.isna(checkpoint) else int(checkpoint), graph=graph,
-        prompt=str(row.get("prompt", "")), transcoders=_json_list(row.get("transcoders")), nodes=nodes,
-        adjacency=adjacency, target_weights=weights, token_texts=[_token_text(t) for t in tokens["label"]],
-        n_layers=kinds.count("error") // n_pos, summary=row.to_dict(),
-    )  # fmt: skip
+        model=model,
+        checkpoint=None if checkpoint is None or pd.isna(checkpoint) else int(checkpoint),
+        graph=graph,
+        prompt=str(row.get("prompt", "")),
+        transcoders=_json_list(row.get("transcoders")),
+        nodes=nodes,
+        adjacency=adjacency,
+        target_weights=weights,
+        token_texts=[_token_text(t) for t in tokens["label"]],
+        n_layers=kinds.count("error") // n_pos,
+        summary=row.to_dict(),
+    )
 
 
 def _json_list(value: Any) -> list[str]:
@@ -298,8 +311,13 @@ class Subgraph:
         return len(self.nodes) < self.pruned_nodes or len(self.edges) < self.pruned_edges
 
 
-def subgraph(graph: StoredGraph, node_threshold: float, edge_threshold: float, max_nodes: int = MAX_NODES,
-             max_edges: int = MAX_EDGES) -> Subgraph:  # fmt: skip
+def subgraph(
+    graph: StoredGraph,
+    node_threshold: float,
+    edge_threshold: float,
+    max_nodes: int = MAX_NODES,
+    max_edges: int = MAX_EDGES,
+) -> Subgraph:
     """The pruned graph at these thresholds, at most ``max_nodes`` nodes and ``max_edges`` edges."""
     kept = prune_sparse(graph, node_threshold, edge_threshold)
     adjacency = graph.adjacency
@@ -315,8 +333,9 @@ def subgraph(graph: StoredGraph, node_threshold: float, edge_threshold: float, m
     allowed = np.zeros(graph.n_nodes, dtype=bool)
     allowed[rows["node"].to_numpy()] = True
     inside = allowed[targets] & allowed[sources]
-    edges = pd.DataFrame({"target": targets[inside], "source": sources[inside],
-                          "weight": adjacency.data[kept.edges][inside]})  # fmt: skip
+    edges = pd.DataFrame(
+        {"target": targets[inside], "source": sources[inside], "weight": adjacency.data[kept.edges][inside]}
+    )
     if len(edges) > max_edges:
         edges = edges.loc[edges["weight"].abs().sort_values(ascending=False, kind="stable").index[:max_edges]]
     return Subgraph(rows.reset_index(drop=True), edges.reset_index(drop=True), pruned_nodes, pruned_edges)
@@ -346,24 +365,48 @@ def dense_graph(graph: StoredGraph) -> Graph:
     n_pos = len(graph.token_texts)
     tokens = nodes[nodes["kind"] == "token"].sort_values("position")
     weights = graph.target_weights[graph.n_nodes - graph.count("target") :].tolist()
-    targets = [Target(_target_kind(str(row.label)), str(row.label), "", int(row.position), torch.zeros(0), 0.0,
-                      float(w), float(row.value), token=int(row.feature), layer=int(row.layer), feature=int(row.feature))
-               for row, w in zip(nodes[nodes["kind"] == "target"].itertuples(), weights, strict=True)]  # fmt: skip
+    targets = [
+        Target(
+            _target_kind(str(row.label)),
+            str(row.label),
+            "",
+            int(row.position),
+            torch.zeros(0),
+            0.0,
+            float(w),
+            float(row.value),
+            token=int(row.feature),
+            layer=int(row.layer),
+            feature=int(row.feature),
+        )
+        for row, w in zip(nodes[nodes["kind"] == "target"].itertuples(), weights, strict=True)
+    ]
 
     def column(name: str) -> torch.Tensor:
         return torch.tensor(nodes[name].to_numpy(np.float64)) if name in nodes else torch.zeros(len(nodes))
 
     return Graph(
-        model=graph.model, checkpoint=graph.checkpoint, prompt=graph.prompt,
-        tokens=torch.tensor(tokens["feature"].to_numpy(np.int64)), token_texts=graph.token_texts,
-        n_layers=graph.n_layers, has_pos_embed=graph.count("position") > 0 and graph.count("position") == n_pos,
-        targets=targets, features=torch.tensor(features[["layer", "position", "feature"]].to_numpy(np.int64)).reshape(-1, 3),
+        model=graph.model,
+        checkpoint=graph.checkpoint,
+        prompt=graph.prompt,
+        tokens=torch.tensor(tokens["feature"].to_numpy(np.int64)),
+        token_texts=graph.token_texts,
+        n_layers=graph.n_layers,
+        has_pos_embed=graph.count("position") > 0 and graph.count("position") == n_pos,
+        targets=targets,
+        features=torch.tensor(features[["layer", "position", "feature"]].to_numpy(np.int64)).reshape(-1, 3),
         activations=torch.tensor(features["activation"].to_numpy(np.float64)),
-        adjacency=torch.from_numpy(graph.adjacency.toarray()), constants=column("constant"),
-        dropped=column("dropped"), values=column("value"),
+        adjacency=torch.from_numpy(graph.adjacency.toarray()),
+        constants=column("constant"),
+        dropped=column("dropped"),
+        values=column("value"),
         n_active=int(graph.summary.get("n_active", len(features)) or len(features)),
-        scores={k: float(graph.summary[k]) for k in ("replacement_score", "completeness_score") if k in graph.summary},
-    )  # fmt: skip
+        scores={
+            k: float(graph.summary[k])
+            for k in ("replacement_score", "completeness_score")
+            if k in graph.summary
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -418,10 +461,16 @@ def graph_figure(
                 src, dst = xy.loc[part["source"]], xy.loc[part["target"]]
                 xs = np.column_stack([src["x"], dst["x"], np.full(len(part), np.nan)]).ravel()
                 ys = np.column_stack([src["y"], dst["y"], np.full(len(part), np.nan)]).ravel()
-                figure.add_trace(go.Scattergl(
-                    x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-                    line={"width": 0.5 + 1.5 * b, "color": f"rgba({colour},{0.25 + 0.2 * b:.2f})"},
-                ))  # fmt: skip
+                figure.add_trace(
+                    go.Scattergl(
+                        x=xs,
+                        y=ys,
+                        mode="lines",
+                        hoverinfo="skip",
+                        showlegend=False,
+                        line={"width": 0.5 + 1.5 * b, "color": f"rgba({colour},{0.25 + 0.2 * b:.2f})"},
+                    )
+                )
     peak_influence = float(nodes["influence"].max()) if len(nodes) else 0.0
     for kind, (symbol, colour) in KIND_STYLE.items():
         part = nodes[nodes["kind"] == kind]
@@ -430,27 +479,58 @@ def graph_figure(
         share = part["influence"].clip(lower=0) / (peak_influence or 1.0)
         size = np.where(part["kind"].isin(["token", "position", "target"]), 12, 6 + 22 * np.sqrt(share))
         at = xy.loc[part["node"]]
-        hover = [f"{label}<br>activation {act:.4g}<br>influence {inf:.4g}"
-                 for label, act, inf in zip(part["label"], part["activation"], part["influence"], strict=True)]  # fmt: skip
-        figure.add_trace(go.Scattergl(
-            x=at["x"], y=at["y"], mode="markers", name=kind, text=hover, hoverinfo="text",
-            customdata=part["node"], marker={"symbol": symbol, "color": colour, "size": size,
-                                             "line": {"width": 1, "color": "#333"}},
-        ))  # fmt: skip
+        hover = [
+            f"{label}<br>activation {act:.4g}<br>influence {inf:.4g}"
+            for label, act, inf in zip(part["label"], part["activation"], part["influence"], strict=True)
+        ]
+        figure.add_trace(
+            go.Scattergl(
+                x=at["x"],
+                y=at["y"],
+                mode="markers",
+                name=kind,
+                text=hover,
+                hoverinfo="text",
+                customdata=part["node"],
+                marker={
+                    "symbol": symbol,
+                    "color": colour,
+                    "size": size,
+                    "line": {"width": 1, "color": "#333"},
+                },
+            )
+        )
     ringed = nodes[nodes["node"].isin(list(pinned))]
     if not ringed.empty:
         at = xy.loc[ringed["node"]]
-        figure.add_trace(go.Scattergl(
-            x=at["x"], y=at["y"], mode="markers", name="pinned", hoverinfo="skip", customdata=ringed["node"],
-            marker={"symbol": "circle-open", "size": 26, "color": "#ff7f0e", "line": {"width": 3}},
-        ))  # fmt: skip
+        figure.add_trace(
+            go.Scattergl(
+                x=at["x"],
+                y=at["y"],
+                mode="markers",
+                name="pinned",
+                hoverinfo="skip",
+                customdata=ringed["node"],
+                marker={"symbol": "circle-open", "size": 26, "color": "#ff7f0e", "line": {"width": 3}},
+            )
+        )
     figure.update_layout(
-        height=200 + 90 * (n_layers + 2), margin={"l": 40, "r": 10, "t": 30, "b": 60}, hovermode="closest",
-        xaxis={"tickmode": "array", "tickvals": centres.tolist(),
-               "ticktext": [t.replace("\n", "↵") for t in token_texts], "title": "prompt position"},
-        yaxis={"tickmode": "array", "tickvals": list(range(-1, n_layers + 1)),
-               "ticktext": ["emb", *(f"L{la}" for la in range(n_layers)), "targets"], "title": "layer"},
-    )  # fmt: skip
+        height=200 + 90 * (n_layers + 2),
+        margin={"l": 40, "r": 10, "t": 30, "b": 60},
+        hovermode="closest",
+        xaxis={
+            "tickmode": "array",
+            "tickvals": centres.tolist(),
+            "ticktext": [t.replace("\n", "↵") for t in token_texts],
+            "title": "prompt position",
+        },
+        yaxis={
+            "tickmode": "array",
+            "tickvals": list(range(-1, n_layers + 1)),
+            "ticktext": ["emb", *(f"L{la}" for la in range(n_layers)), "targets"],
+            "title": "layer",
+        },
+    )
     return figure
 
 
@@ -490,8 +570,11 @@ def write_annotations(workspace: Any, graph: StoredGraph, annotations: Annotatio
     written. A view row is always written, so clearing every pin also clears them in the database."""
     rows = [{"kind": "view", "node": -1, "name": "", "text": json.dumps(annotations.view)}]
     rows += [{"kind": "pin", "node": int(n), "name": "", "text": ""} for n in dict.fromkeys(annotations.pins)]
-    rows += [{"kind": "group", "node": int(n), "name": name, "text": ""}
-             for name, members in annotations.groups.items() for n in dict.fromkeys(members)]  # fmt: skip
+    rows += [
+        {"kind": "group", "node": int(n), "name": name, "text": ""}
+        for name, members in annotations.groups.items()
+        for n in dict.fromkeys(members)
+    ]
     rows += [
         {"kind": "note", "node": int(n), "name": "", "text": text}
         for n, text in annotations.notes.items()
@@ -530,8 +613,15 @@ def paths_between(edges: pd.DataFrame, pinned: Sequence[int]) -> set[int]:
     return kept
 
 
-def suggest_supernodes(features: pd.DataFrame, directions: np.ndarray, adjacency: sp.csr_matrix, *,
-                       layer_span: int = 1, min_cosine: float = 0.5, min_overlap: float = 0.5) -> list[list[int]]:  # fmt: skip
+def suggest_supernodes(
+    features: pd.DataFrame,
+    directions: np.ndarray,
+    adjacency: sp.csr_matrix,
+    *,
+    layer_span: int = 1,
+    min_cosine: float = 0.5,
+    min_overlap: float = 0.5,
+) -> list[list[int]]:
     """Groups of feature nodes to merge: two features join when their layers are at most ``layer_span`` apart, their
     decoder directions (rows of ``directions`` [len(features), d_model], in ``features``' order) have cosine ≥
     ``min_cosine`` and their graph neighbourhoods agree: the cosine of their edge profiles (incoming row and outgoing
@@ -567,19 +657,28 @@ def circuit_tracer_id(row: Any, n_layers: int) -> str:
     return f"{n_layers + 1}_{feature}_{position}"
 
 
-def export_view(graph: StoredGraph, node_threshold: float, edge_threshold: float,
-                annotations: Annotations) -> dict[str, Any]:  # fmt: skip
+def export_view(
+    graph: StoredGraph, node_threshold: float, edge_threshold: float, annotations: Annotations
+) -> dict[str, Any]:
     """The graph pruned at the view's thresholds as circuit-tracer graph JSON (the attribution exporter,
     ``circuit_export.attribution_graph_json``), its ``qParams`` carrying the pins (``pinnedIds``) and supernodes
     (``supernodes``: [name, node id, ...] each) that are in the export."""
-    data = attribution_graph_json(dense_graph(graph), slug=graph.graph, scan=graph.model, transcoder_list=graph.transcoders,
-                                  node_threshold=node_threshold, edge_threshold=edge_threshold)  # fmt: skip
+    data = attribution_graph_json(
+        dense_graph(graph),
+        slug=graph.graph,
+        scan=graph.model,
+        transcoder_list=graph.transcoders,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+    )
     present = {node["node_id"] for node in data["nodes"]}
     ids = {int(row.node): circuit_tracer_id(row, graph.n_layers) for row in graph.nodes.itertuples()}
     pinned = [ids[n] for n in annotations.pins if ids.get(n) in present]
     data["qParams"]["pinnedIds"] = list(dict.fromkeys([*pinned, *data["qParams"]["pinnedIds"]]))
-    data["qParams"]["supernodes"] = [[name, *dict.fromkeys(ids[n] for n in members if ids.get(n) in present)]
-                                     for name, members in annotations.groups.items()]  # fmt: skip
+    data["qParams"]["supernodes"] = [
+        [name, *dict.fromkeys(ids[n] for n in members if ids.get(n) in present)]
+        for name, members in annotations.groups.items()
+    ]
     data["qParams"]["supernodes"] = [group for group in data["qParams"]["supernodes"] if len(group) > 1]
     return data
 
@@ -613,15 +712,19 @@ def open_graph_parts(workspace: Any, graph: StoredGraph) -> Opened:
                 raise
             model = load_lab_model(graph.model, workspace=workspace)
     except Exception as err:
-        raise StoredGraphProblem(f"the graph's model {graph.model!r} cannot be opened ({type(err).__name__}: {err}); "
-                                 "the graph is still drawn, but feature logits and interventions need its model") from err  # fmt: skip
+        raise StoredGraphProblem(
+            f"the graph's model {graph.model!r} cannot be opened ({type(err).__name__}: {err}); "
+            "the graph is still drawn, but feature logits and interventions need its model"
+        ) from err
     found: dict[int, tuple[str, Any]] = {}
     for sae_id in graph.transcoders:
         try:
             sae, _ = load_sae_for(model, sae_id, workspace)
         except Exception as err:
-            raise StoredGraphProblem(f"the graph's transcoder {sae_id!r} cannot be loaded ({err}); feature logits "
-                                     "and interventions need it") from err  # fmt: skip
+            raise StoredGraphProblem(
+                f"the graph's transcoder {sae_id!r} cannot be loaded ({err}); feature logits "
+                "and interventions need it"
+            ) from err
         layer = layer_of(sae.hook_out)
         if layer is None:
             raise StoredGraphProblem(f"transcoder {sae_id!r} writes {sae.hook_out}, not a block's hook")
@@ -641,16 +744,29 @@ def feature_logits(opened: Opened, layer: int, feature: int, k: int = 10) -> pd.
     effects = logit_effects(writes[feature : feature + 1], head)[0]
     top, bottom = effects.topk(k), (-effects).topk(k)
     tokens = lambda ids: opened.model.to_str_tokens(ids.tolist())  # noqa: E731
-    return pd.concat([
-        pd.DataFrame({"direction": "promotes", "token": tokens(top.indices), "effect": top.values.tolist()}),
-        pd.DataFrame({"direction": "suppresses", "token": tokens(bottom.indices), "effect": (-bottom.values).tolist()}),
-    ], ignore_index=True)  # fmt: skip
+    return pd.concat(
+        [
+            pd.DataFrame(
+                {"direction": "promotes", "token": tokens(top.indices), "effect": top.values.tolist()}
+            ),
+            pd.DataFrame(
+                {
+                    "direction": "suppresses",
+                    "token": tokens(bottom.indices),
+                    "effect": (-bottom.values).tolist(),
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
 
 
 def decoder_directions(opened: Opened, features: pd.DataFrame) -> np.ndarray:
     """The decoder rows W_dec[feature] [len(features), d_out] of feature-node rows (layer, feature), float64."""
-    rows = [opened.transcoders[int(r.layer)][1].W_dec[int(r.feature)].detach().double().cpu().numpy()
-            for r in features.itertuples()]  # fmt: skip
+    rows = [
+        opened.transcoders[int(r.layer)][1].W_dec[int(r.feature)].detach().double().cpu().numpy()
+        for r in features.itertuples()
+    ]
     return np.stack(rows) if rows else np.zeros((0, 1))
 
 
@@ -667,8 +783,9 @@ def feature_page(workspace: Any, sae_id: str, latent: int) -> pd.Series | None:
 INTERVENTION_MODES = ("ablate", "scale", "set")
 
 
-def feature_interventions(graph: StoredGraph, opened: Opened, nodes: Sequence[int], mode: str,
-                          value: float = 0.0) -> tuple[list[Intervention], np.ndarray]:  # fmt: skip
+def feature_interventions(
+    graph: StoredGraph, opened: Opened, nodes: Sequence[int], mode: str, value: float = 0.0
+) -> tuple[list[Intervention], np.ndarray]:
     """``mode`` (ablate: activation → 0; scale: × ``value``; set: → ``value``) on the feature nodes ``nodes`` as
     the library's intervention stack — each feature's decoder row W_dec[f] [d_out] added at its transcoder's output
     hook and position, scaled by the change in activation — and that change per node [n_nodes] (0 elsewhere).
@@ -695,8 +812,15 @@ def feature_interventions(graph: StoredGraph, opened: Opened, nodes: Sequence[in
         new = {"ablate": 0.0, "scale": value * activation, "set": value}[mode]
         delta[node] = new - activation
         sae_id, sae = opened.transcoders[layer]
-        stack.append(Intervention.steer(sae.hook_out, sae.W_dec[feature], scale=delta[node], positions=[position],
-                                        label=f"{sae_id} #{feature} {mode} {activation:.4g}→{new:.4g}"))  # fmt: skip
+        stack.append(
+            Intervention.steer(
+                sae.hook_out,
+                sae.W_dec[feature],
+                scale=delta[node],
+                positions=[position],
+                label=f"{sae_id} #{feature} {mode} {activation:.4g}→{new:.4g}",
+            )
+        )
     return stack, delta
 
 
@@ -739,8 +863,9 @@ class InterventionResult:
     stack: list[Intervention]
 
 
-def intervene(graph: StoredGraph, opened: Opened, nodes: Sequence[int], mode: str, value: float = 0.0,
-              top_k: int = 10) -> InterventionResult:  # fmt: skip
+def intervene(
+    graph: StoredGraph, opened: Opened, nodes: Sequence[int], mode: str, value: float = 0.0, top_k: int = 10
+) -> InterventionResult:
     """Run ``mode`` on ``nodes`` through the prompt lab's ``compare_next_token`` (the same function the lab and
     notebooks call) at the graph's target position, next to the graph's linear prediction."""
 
@@ -758,9 +883,14 @@ def intervene(graph: StoredGraph, opened: Opened, nodes: Sequence[int], mode: st
     for row in targets.itertuples():
         token = int(row.feature)
         is_logit = str(row.label).startswith("logit") and 0 <= token < len(shift)
-        rows.append({"target": row.label, "clean value": float(row.value),
-                     "model change": float(shift[token] - shift.mean()) if is_logit else float("nan"),
-                     "graph prediction": float(predicted[int(row.node)])})  # fmt: skip
+        rows.append(
+            {
+                "target": row.label,
+                "clean value": float(row.value),
+                "model change": float(shift[token] - shift.mean()) if is_logit else float("nan"),
+                "graph prediction": float(predicted[int(row.node)]),
+            }
+        )
     return InterventionResult(compared.table, pd.DataFrame(rows), compared.kl, stack)
 
 
@@ -769,8 +899,15 @@ def _json_ints(value: Any) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- trace
-def trace_prompt(workspace: Any, model: str, transcoders: Sequence[str], prompt: str, *,
-                 max_feature_nodes: int = 7500, step: Callable[[str], None] = print) -> tuple[str, str]:  # fmt: skip
+def trace_prompt(
+    workspace: Any,
+    model: str,
+    transcoders: Sequence[str],
+    prompt: str,
+    *,
+    max_feature_nodes: int = 7500,
+    step: Callable[[str], None] = print,
+) -> tuple[str, str]:
     """Attribute ``prompt`` on ``model`` with ``transcoders`` (saved ids, one per layer) through the library's
     ``attribute`` and store the graph (``write_graph``) → (model identity, graph id). ``step`` is told each phase."""
 

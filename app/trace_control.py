@@ -26,8 +26,12 @@ def trace_form(model: str = "", prompt: str = "", *, key: str = "trace", on_grap
     """A form: model reference, transcoders (one per layer) and prompt → trace, store, open. Progress is shown per
     phase; a failure is shown as one error line and the page goes on."""
     with st.form(f"{key}_form"):
-        model_ref = st.text_input("model to trace", value=model, key=f"{key}_model",
-                                  help="a workspace model name, a directory, a hub id")  # fmt: skip
+        model_ref = st.text_input(
+            "model to trace",
+            value=model,
+            key=f"{key}_model",
+            help="a workspace model name, a directory, a hub id",
+        )
         chosen = st.multiselect("transcoders (one per layer)", saved_transcoders(), key=f"{key}_transcoders")
         text = st.text_area("prompt to trace", value=prompt, key=f"{key}_prompt", height=80)
         submitted = st.form_submit_button("trace")

@@ -50,20 +50,36 @@ def feature_file(page: pd.Series | None) -> dict[str, Any]:
         }
 
     def examples(contexts: list[dict]) -> list[dict]:
-        return [{"tokens": [token_text(t) for t in c["tokens"]], "tokens_acts_list": c["acts"],
-                 "train_token_ind": c["focus"], "is_repeated_datapoint": False} for c in contexts]  # fmt: skip
+        return [
+            {
+                "tokens": [token_text(t) for t in c["tokens"]],
+                "tokens_acts_list": c["acts"],
+                "train_token_ind": c["focus"],
+                "is_repeated_datapoint": False,
+            }
+            for c in contexts
+        ]
 
     quantiles = [
         {"quantile_name": "Top activations", "examples": examples(json.loads(page["top_contexts"] or "[]"))}
     ]
     for band in json.loads(page["quantile_samples"] or "[]"):
         high = "max" if band["high"] is None else f"{band['high']:.3g}"
-        quantiles.append({"quantile_name": f"Activations {band['low']:.3g} – {high}",
-                          "examples": examples(band["contexts"])})  # fmt: skip
+        quantiles.append(
+            {
+                "quantile_name": f"Activations {band['low']:.3g} – {high}",
+                "examples": examples(band["contexts"]),
+            }
+        )
     promoted = json.loads(page.get("promoted_tokens") or "[]")
     suppressed = json.loads(page.get("suppressed_tokens") or "[]")
-    return {"top_logits": [token_text(t) for t, _ in promoted], "bottom_logits": [token_text(t) for t, _ in suppressed],
-            "act_min": 0.0, "act_max": float(page["max_activation"]), "examples_quantiles": quantiles}  # fmt: skip
+    return {
+        "top_logits": [token_text(t) for t, _ in promoted],
+        "bottom_logits": [token_text(t) for t, _ in suppressed],
+        "act_min": 0.0,
+        "act_max": float(page["max_activation"]),
+        "examples_quantiles": quantiles,
+    }
 
 
 def write_circuit_tracer(
@@ -94,8 +110,15 @@ def write_circuit_tracer(
     return path
 
 
-def attribution_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list: list[str],
-                           node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict[str, Any]:  # fmt: skip
+def attribution_graph_json(
+    graph: Any,
+    *,
+    slug: str,
+    scan: str,
+    transcoder_list: list[str],
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> dict[str, Any]:
     """circuit-tracer graph JSON for an attribution graph (``workbench.circuits.attribution.graph.Graph``), pruned
     with circuit-tracer's semantics (``prune``: node / edge influence thresholds; inputs and targets kept). Feature
     nodes ``{layer}_{feature}_{pos}``, errors ``{layer}_-1_{pos}``, embeddings ``E_{token}_{pos}`` (a position
@@ -120,29 +143,53 @@ def attribution_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list:
     for index in range(graph.n_nodes):
         if index < n_features:
             layer, position, feature = (int(x) for x in graph.features[index])
-            node = base | {"node_id": f"{layer}_{feature}_{position}", "feature": cantor(layer, feature),
-                           "layer": str(layer), "ctx_idx": position, "feature_type": "cross layer transcoder",
-                           "jsNodeId": f"{layer}_{feature}-0", "activation": float(graph.activations[index]),
-                           "clerp": f'L{layer} #{feature} @{position} "{token_text(graph.token_texts[position])}"'}  # fmt: skip
+            node = base | {
+                "node_id": f"{layer}_{feature}_{position}",
+                "feature": cantor(layer, feature),
+                "layer": str(layer),
+                "ctx_idx": position,
+                "feature_type": "cross layer transcoder",
+                "jsNodeId": f"{layer}_{feature}-0",
+                "activation": float(graph.activations[index]),
+                "clerp": f'L{layer} #{feature} @{position} "{token_text(graph.token_texts[position])}"',
+            }
         elif index < n_features + n_errors:
             layer, position = divmod(index - n_features, n_pos)
-            node = base | {"node_id": f"{layer}_-1_{position}", "feature": -1, "layer": str(layer),
-                           "ctx_idx": position, "feature_type": "mlp reconstruction error",
-                           "jsNodeId": f"{layer}_-1-{position}", "clerp": f"error L{layer} @{position}"}  # fmt: skip
+            node = base | {
+                "node_id": f"{layer}_-1_{position}",
+                "feature": -1,
+                "layer": str(layer),
+                "ctx_idx": position,
+                "feature_type": "mlp reconstruction error",
+                "jsNodeId": f"{layer}_-1-{position}",
+                "clerp": f"error L{layer} @{position}",
+            }
         elif index < n_features + n_errors + graph.n_inputs:
             position = (index - n_features - n_errors) % n_pos
             token = int(graph.tokens[position])
-            node = base | {"node_id": f"E_{token}_{position}", "feature": position, "layer": "E",
-                           "ctx_idx": position, "feature_type": "embedding", "jsNodeId": f"E_{token}-{position}",
-                           "clerp": f'emb "{token_text(graph.token_texts[position])}" @{position}'}  # fmt: skip
+            node = base | {
+                "node_id": f"E_{token}_{position}",
+                "feature": position,
+                "layer": "E",
+                "ctx_idx": position,
+                "feature_type": "embedding",
+                "jsNodeId": f"E_{token}-{position}",
+                "clerp": f'emb "{token_text(graph.token_texts[position])}" @{position}',
+            }
         else:
             target = graph.targets[index - (graph.n_nodes - graph.n_targets)]
             which = target.feature if target.kind == "feature" else target.token
-            node = base | {"node_id": f"{graph.n_layers + 1}_{which}_{target.position}", "feature": which,
-                           "layer": str(graph.n_layers + 1), "ctx_idx": target.position, "feature_type": "logit",
-                           "token_prob": target.weight if target.kind == "logit" else 0.0,
-                           "is_target_logit": target is top_logit, "jsNodeId": f"L_{which}-{target.position}",
-                           "clerp": target.label}  # fmt: skip
+            node = base | {
+                "node_id": f"{graph.n_layers + 1}_{which}_{target.position}",
+                "feature": which,
+                "layer": str(graph.n_layers + 1),
+                "ctx_idx": target.position,
+                "feature_type": "logit",
+                "token_prob": target.weight if target.kind == "logit" else 0.0,
+                "is_target_logit": target is top_logit,
+                "jsNodeId": f"L_{which}-{target.position}",
+                "clerp": target.label,
+            }
         ids.append(node["node_id"])
         node["influence"] = float(kept.cumulative[index])
         if bool(kept.nodes[index]):
@@ -154,17 +201,30 @@ def attribution_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list:
         links[key] = links.get(key, 0.0) + float(graph.adjacency[target_index, source_index])
     pinned = [ids[i] for i in range(graph.n_nodes - graph.n_targets, graph.n_nodes)]
     return {
-        "metadata": {"slug": slug, "scan": scan, "transcoder_list": transcoder_list,
-                     "prompt_tokens": [token_text(t) for t in graph.token_texts], "prompt": graph.prompt,
-                     "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION,
-                     "info": {"replacement_score": graph.scores.get("replacement_score"),
-                              "completeness_score": graph.scores.get("completeness_score"),
-                              "edge_threshold": edge_threshold}},
-        "qParams": {"pinnedIds": list(dict.fromkeys(pinned)), "supernodes": [], "linkType": "both", "clickedId": "",
-                    "sg_pos": ""},
+        "metadata": {
+            "slug": slug,
+            "scan": scan,
+            "transcoder_list": transcoder_list,
+            "prompt_tokens": [token_text(t) for t in graph.token_texts],
+            "prompt": graph.prompt,
+            "node_threshold": node_threshold,
+            "schema_version": SCHEMA_VERSION,
+            "info": {
+                "replacement_score": graph.scores.get("replacement_score"),
+                "completeness_score": graph.scores.get("completeness_score"),
+                "edge_threshold": edge_threshold,
+            },
+        },
+        "qParams": {
+            "pinnedIds": list(dict.fromkeys(pinned)),
+            "supernodes": [],
+            "linkType": "both",
+            "clickedId": "",
+            "sg_pos": "",
+        },
         "nodes": list(unique.values()),
         "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()],
-    }  # fmt: skip
+    }
 
 
 def torch_nonzero(mask: Any) -> list[tuple[int, int]]:
@@ -172,22 +232,41 @@ def torch_nonzero(mask: Any) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in mask.nonzero().tolist()]
 
 
-def write_attribution_graph(out: str | Path, graph: Any, *, slug: str, scan: list[str], node_threshold: float = 0.8,
-                            edge_threshold: float = 0.98) -> Path:  # fmt: skip
+def write_attribution_graph(
+    out: str | Path,
+    graph: Any,
+    *,
+    slug: str,
+    scan: list[str],
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> Path:
     """The pruned attribution graph as circuit-tracer files (``out/{slug}.json``, ``graph-metadata.json``, a feature
     file per feature node under ``out/features/<model>/``, empty where no feature page exists yet)."""
     from workbench.workspace import safe_name
 
-    data = attribution_graph_json(graph, slug=slug, scan=f"./features/{safe_name(graph.model.replace('/', '-'))}",
-                                  transcoder_list=scan, node_threshold=node_threshold,
-                                  edge_threshold=edge_threshold)  # fmt: skip
+    data = attribution_graph_json(
+        graph,
+        slug=slug,
+        scan=f"./features/{safe_name(graph.model.replace('/', '-'))}",
+        transcoder_list=scan,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+    )
     return write_circuit_tracer(out, data, {})
 
 
-def neuronpedia_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list: list[str],
-                           node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                           generation: dict[str, Any] | None = None,
-                           source_set: str | None = None) -> dict[str, Any]:  # fmt: skip
+def neuronpedia_graph_json(
+    graph: Any,
+    *,
+    slug: str,
+    scan: str,
+    transcoder_list: list[str],
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    generation: dict[str, Any] | None = None,
+    source_set: str | None = None,
+) -> dict[str, Any]:
     """Neuronpedia's graph upload JSON (its published ``graph-schema.json``: ``metadata`` with the required slug,
     scan — Neuronpedia's model id —, prompt_tokens and prompt, and the optional node_threshold, info {description,
     generator, create_time_ms}, generation_settings, pruning_settings, feature_details {neuronpedia_source_set};
@@ -197,8 +276,14 @@ def neuronpedia_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list:
     import importlib.metadata
     import time
 
-    data = attribution_graph_json(graph, slug=slug, scan=scan, transcoder_list=transcoder_list,
-                                  node_threshold=node_threshold, edge_threshold=edge_threshold)  # fmt: skip
+    data = attribution_graph_json(
+        graph,
+        slug=slug,
+        scan=scan,
+        transcoder_list=transcoder_list,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+    )
     scores = ", ".join(f"{key.replace('_', ' ')} {value:.3f}" for key, value in graph.scores.items())
     gap = getattr(graph, "error_gap", {}) or {}
     kl = gap.get("errors_zeroed_kl")
@@ -210,13 +295,20 @@ def neuronpedia_graph_json(graph: Any, *, slug: str, scan: str, transcoder_list:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     metadata: dict[str, Any] = {
-        "slug": slug, "scan": scan, "prompt_tokens": data["metadata"]["prompt_tokens"], "prompt": graph.prompt,
+        "slug": slug,
+        "scan": scan,
+        "prompt_tokens": data["metadata"]["prompt_tokens"],
+        "prompt": graph.prompt,
         "node_threshold": node_threshold,
-        "info": {"description": described, "generator": {"name": "interpretability workbench", "version": version},
-                 "create_time_ms": int(time.time() * 1000), "transcoders": transcoder_list},
+        "info": {
+            "description": described,
+            "generator": {"name": "interpretability workbench", "version": version},
+            "create_time_ms": int(time.time() * 1000),
+            "transcoders": transcoder_list,
+        },
         "generation_settings": dict(generation or {}),
         "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
-    }  # fmt: skip
+    }
     if source_set:
         metadata["feature_details"] = {"neuronpedia_source_set": source_set}
     return {"metadata": metadata, "qParams": data["qParams"], "nodes": data["nodes"], "links": data["links"]}

@@ -14,8 +14,20 @@ import torch
 
 from workbench.analysis import Analysis, Table
 
-NODE_COLUMNS = ("id", "parent", "depth", "kind", "layer", "index", "position", "attribution", "activation", "output",
-                "probability", "text")  # fmt: skip
+NODE_COLUMNS = (
+    "id",
+    "parent",
+    "depth",
+    "kind",
+    "layer",
+    "index",
+    "position",
+    "attribution",
+    "activation",
+    "output",
+    "probability",
+    "text",
+)
 
 
 class CircuitError(ValueError):
@@ -38,13 +50,16 @@ ANALYSIS = Analysis(
     name="transcoder_circuits",
     command="workbench circuits attribute MODEL --data DATA --transcoders SAE_ID",
     tables=(
-        Table("transcoder_circuits", keys=_CIRCUIT_KEYS,
-              columns=("prompt_index", *NODE_COLUMNS),
-              description="nodes of a greedy path search from a target transcoder feature (target = "
-              "L<layer>#<feature>@<position>; attributions in its pre-activation units) or from the most probable "
-              "next-token logits (target = logits@<position>; attributions in demeaned-logit units) on a prompt of "
-              "the dataset"),
+        Table(
+            "transcoder_circuits",
+            keys=_CIRCUIT_KEYS,
+            columns=("prompt_index", *NODE_COLUMNS),
+            description="nodes of a greedy path search from a target transcoder feature (target = "
+            "L<layer>#<feature>@<position>; attributions in its pre-activation units) or from the most probable "
+            "next-token logits (target = logits@<position>; attributions in demeaned-logit units) on a prompt of "
+            "the dataset",
+        ),
     ),
     requires=("rotary", "tokenizer", "text"),
     description="transcoder circuits (retired greedy path search; rows made by earlier releases)",
-)  # fmt: skip
+)

@@ -40,8 +40,17 @@ from workbench.labels import LabelDataset, LabelSource, label_provider, parse_la
 from workbench.model import HookedModel
 from workbench.probes.linear import TASKS, LinearProbes, ProbeError, cross_validate, fit_probes
 
-__all__ = ["ANALYSIS", "LabelDataset", "ProbeSettings", "collect_activations", "label_dataset", "labels_for_model",
-           "probe_model", "probe_series", "write_probe_results"]  # fmt: skip
+__all__ = [
+    "ANALYSIS",
+    "LabelDataset",
+    "ProbeSettings",
+    "collect_activations",
+    "label_dataset",
+    "labels_for_model",
+    "probe_model",
+    "probe_series",
+    "write_probe_results",
+]
 
 RESULTS_TABLE = "probe_results"
 TASKS_TABLE = "probe_tasks"
@@ -50,17 +59,50 @@ ANALYSIS = Analysis(
     name="probes",
     command="workbench probe run MODEL --labels LABELS [--data DATA]  |  workbench probe jobs run JOB.toml",
     tables=(
-        Table(RESULTS_TABLE, keys=tuple(RESULT_KEYS), columns=(
-            "layer", "position", "label_names", "metric", "score", "control_score", "selectivity", "majority_score",
-            "token_identity_score", "random_init_score", "cv_mean", "cv_std", "n_train", "n_test", "n_classes",
-            "l2", "job"), description="One linear probe per (model, checkpoint, hook, label set, dataset): held-out "
-            "score and its controls"),
-        Table(TASKS_TABLE, keys=("job", "task"), columns=(
-            "model", "checkpoint", "label_set", "status", "error", "seconds", "fingerprint", "threads",
-            "finished_at"), description="State of each task of a probe job (done / failed, with its error)"),
+        Table(
+            RESULTS_TABLE,
+            keys=tuple(RESULT_KEYS),
+            columns=(
+                "layer",
+                "position",
+                "label_names",
+                "metric",
+                "score",
+                "control_score",
+                "selectivity",
+                "majority_score",
+                "token_identity_score",
+                "random_init_score",
+                "cv_mean",
+                "cv_std",
+                "n_train",
+                "n_test",
+                "n_classes",
+                "l2",
+                "job",
+            ),
+            description="One linear probe per (model, checkpoint, hook, label set, dataset): held-out "
+            "score and its controls",
+        ),
+        Table(
+            TASKS_TABLE,
+            keys=("job", "task"),
+            columns=(
+                "model",
+                "checkpoint",
+                "label_set",
+                "status",
+                "error",
+                "seconds",
+                "fingerprint",
+                "threads",
+                "finished_at",
+            ),
+            description="State of each task of a probe job (done / failed, with its error)",
+        ),
     ),
     description="Linear probes for any label source (label files, label functions, zoo label sets) with controls",
-)  # fmt: skip
+)
 
 
 class ProbeSettingError(ProbeError):
@@ -166,10 +208,16 @@ def labels_for_model(
             )
         fsm = zoo_fsm(location)
     return parsed.build(
-        model.tokenizer, data=dataset, fsm=fsm, position=position, task=settings.task,
-        context_length=settings.seq_len, batch_size=settings.batch_size, n_sequences=settings.n_sequences,
+        model.tokenizer,
+        data=dataset,
+        fsm=fsm,
+        position=position,
+        task=settings.task,
+        context_length=settings.seq_len,
+        batch_size=settings.batch_size,
+        n_sequences=settings.n_sequences,
         seed=settings.seed,
-    )  # fmt: skip
+    )
 
 
 def collect_activations(
@@ -194,8 +242,10 @@ def collect_activations(
             for name in names:
                 act = cache[name].float()
                 if act.ndim != 3:
-                    raise ProbeError(f"probed hooks must be [batch, pos, d] activations; {name} is "
-                                     f"{list(act.shape)}. Probe the residual stream, attn/mlp outputs or z")  # fmt: skip
+                    raise ProbeError(
+                        f"probed hooks must be [batch, pos, d] activations; {name} is "
+                        f"{list(act.shape)}. Probe the residual stream, attn/mlp outputs or z"
+                    )
                 if dataset.pooled:
                     weight = rows[..., None].float()
                     act = ((act * weight).sum(1) / weight.sum(1).clamp_min(1))[rows.any(1)]
@@ -306,8 +356,10 @@ def fit_model_probes(
         and dataset.classes
         and not _numeric(dataset)
     ):
-        raise ProbeError(f"{dataset.name!r} holds classes {list(dataset.classes)[:5]}, not numbers; regression needs "
-                         "numeric labels (build them with task='regression')")  # fmt: skip
+        raise ProbeError(
+            f"{dataset.name!r} holds classes {list(dataset.classes)[:5]}, not numbers; regression needs "
+            "numeric labels (build them with task='regression')"
+        )
     names, x, labels, token_ids, sequence = collect_activations(model, dataset, hooks, settings.batch_size)
     if len(labels) == 0:
         raise ProbeError(f"no labelled tokens for {dataset.name!r} in the dataset ({dataset.dataset})")
@@ -316,17 +368,28 @@ def fit_model_probes(
     probes = fit_probes(x[:, train], labels[train], **fit)
     score = probes.score(x[:, test], labels[test]).numpy()
     identity = task == "classification" and not dataset.pooled
-    rows = pd.DataFrame({
-        "model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "hook": names,
-        "layer": [_layer(n) for n in names], "label_set": dataset.name, "dataset": dataset.dataset,
-        "position": "token" if dataset.level == "token" else str(dataset.position),
-        "label_names": json.dumps(list(dataset.label_names)),
-        "metric": "accuracy" if task == "classification" else "r2", "score": score,
-        "majority_score": _majority_score(labels[train], labels[test], task),
-        "token_identity_score": token_identity_score(token_ids, labels, train, test) if identity else np.nan,
-        "n_train": int(train.sum()), "n_test": int(test.sum()),
-        "n_classes": len(probes.classes) if probes.classes is not None else 0, "l2": settings.l2,
-    })  # fmt: skip
+    rows = pd.DataFrame(
+        {
+            "model": model.cfg.name,
+            "checkpoint": model.cfg.checkpoint,
+            "hook": names,
+            "layer": [_layer(n) for n in names],
+            "label_set": dataset.name,
+            "dataset": dataset.dataset,
+            "position": "token" if dataset.level == "token" else str(dataset.position),
+            "label_names": json.dumps(list(dataset.label_names)),
+            "metric": "accuracy" if task == "classification" else "r2",
+            "score": score,
+            "majority_score": _majority_score(labels[train], labels[test], task),
+            "token_identity_score": token_identity_score(token_ids, labels, train, test)
+            if identity
+            else np.nan,
+            "n_train": int(train.sum()),
+            "n_test": int(test.sum()),
+            "n_classes": len(probes.classes) if probes.classes is not None else 0,
+            "l2": settings.l2,
+        }
+    )
     rows["control_score"] = np.nan
     if settings.control:
         types = _sequence_types(dataset)[sequence] if dataset.level == "sequence" else token_ids
@@ -419,10 +482,13 @@ def probe_heatmap(
     frame = _select(rows, label_set, model)
     grid = frame.pivot_table(index="layer", columns="checkpoint", values=metric)
     fig = px.imshow(
-        grid, aspect="auto", origin="lower", color_continuous_scale="Viridis",
+        grid,
+        aspect="auto",
+        origin="lower",
+        color_continuous_scale="Viridis",
         labels={"x": "checkpoint", "y": "layer", "color": metric},
         title=f"{frame['model'].iloc[0]} · {label_set} · {metric}",
-    )  # fmt: skip
+    )
     fig.update_xaxes(type="category")
     fig.update_yaxes(dtick=1)
     return fig
@@ -436,15 +502,21 @@ def probe_over_checkpoints(rows: pd.DataFrame, label_set: str, model: str | None
         steps = group["checkpoint"].clip(lower=0) + 1
         fig.add_scatter(x=steps, y=group["score"], mode="lines+markers", name=f"layer {layer}")
         fig.add_scatter(
-            x=steps, y=group["control_score"], mode="lines", line={"dash": "dot"},
-            name=f"layer {layer} control", legendgroup=str(layer), showlegend=True,
-        )  # fmt: skip
+            x=steps,
+            y=group["control_score"],
+            mode="lines",
+            line={"dash": "dot"},
+            name=f"layer {layer} control",
+            legendgroup=str(layer),
+            showlegend=True,
+        )
     baseline = float(frame["majority_score"].mean())
     fig.add_hline(y=baseline, line_dash="dash", annotation_text="majority")
     fig.update_layout(
-        xaxis={"type": "log", "title": "checkpoint step + 1"}, yaxis_title=frame["metric"].iloc[0],
+        xaxis={"type": "log", "title": "checkpoint step + 1"},
+        yaxis_title=frame["metric"].iloc[0],
         title=f"{frame['model'].iloc[0]} · {label_set} over training",
-    )  # fmt: skip
+    )
     return fig
 
 
@@ -454,8 +526,11 @@ def _select(rows: pd.DataFrame, label_set: str, model: str | None) -> pd.DataFra
         frame = frame[frame["model"] == model]
     if frame.empty:
         have = sorted(rows["label_set"].unique())
-        raise ProbeError(f"no probe rows for label set {label_set!r}" + (f" and model {model!r}" if model else "")
-                         + f"; label sets present: {have}")  # fmt: skip
+        raise ProbeError(
+            f"no probe rows for label set {label_set!r}"
+            + (f" and model {model!r}" if model else "")
+            + f"; label sets present: {have}"
+        )
     if frame["model"].nunique() > 1:
         raise ProbeError(f"rows hold several models {sorted(frame['model'].unique())}; pass model=")
     return frame

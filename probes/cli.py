@@ -39,15 +39,25 @@ class _ProbeCommands(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-app = typer.Typer(cls=_ProbeCommands, no_args_is_help=True,
-                  help="Linear probes: run them on a model for a label source, or run scripted batch jobs (`probe jobs`; "
-                  "see probes/jobs.py for the job file format).")  # fmt: skip
+app = typer.Typer(
+    cls=_ProbeCommands,
+    no_args_is_help=True,
+    help="Linear probes: run them on a model for a label source, or run scripted batch jobs (`probe jobs`; "
+    "see probes/jobs.py for the job file format).",
+)
 jobs_app = typer.Typer(
     help="Probe job files: run every pending task, or show each task's status.", no_args_is_help=True
 )
 app.add_typer(jobs_app, name="jobs")
-TABLE_COLUMNS = {"hook": "hook", "score": "score", "control_score": "control", "selectivity": "selectivity",
-                 "majority_score": "majority", "token_identity_score": "token id", "random_init_score": "random init"}  # fmt: skip
+TABLE_COLUMNS = {
+    "hook": "hook",
+    "score": "score",
+    "control_score": "control",
+    "selectivity": "selectivity",
+    "majority_score": "majority",
+    "token_identity_score": "token id",
+    "random_init_score": "random init",
+}
 
 
 @app.command("run")
@@ -119,31 +129,46 @@ def run_probes(
     from workbench.references import parse_model_ref
     from workbench.workspace import Workspace, safe_name
 
-    settings = ProbeSettings(task=task, seq_len=context_length, batch_size=batch_size, seed=seed,
-                             n_sequences=n_sequences, random_init=random_init)  # fmt: skip
+    settings = ProbeSettings(
+        task=task,
+        seq_len=context_length,
+        batch_size=batch_size,
+        seed=seed,
+        n_sequences=n_sequences,
+        random_init=random_init,
+    )
     source = parse_label_source(labels)  # a bad label file fails before the model loads
     if save is not None:
         safe_name(save, "for a probe")
     where = parse_model_ref(model, workspace)
     hooked = open_model(model, workspace, device, dtype, trust_remote_code)
     location = where.location if where.kind in ("directory", "series") else None
-    dataset = labels_for_model(source, hooked, location=location, data=data, settings=settings,
-                               position=parse_position(position) if position is not None else None)  # fmt: skip
+    dataset = labels_for_model(
+        source,
+        hooked,
+        location=location,
+        data=data,
+        settings=settings,
+        position=parse_position(position) if position is not None else None,
+    )
     patterns = [
         p.strip() for item in hooks or ["blocks.*.hook_resid_post"] for p in item.split(",") if p.strip()
     ]
     rows, probes = fit_model_probes(hooked, dataset, patterns, settings)
     shown = rows[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
-    typer.echo(f"{hooked.cfg.name} · {dataset.name} on {dataset.dataset} · {rows['metric'].iloc[0]} "
-               f"(n_train {rows['n_train'].iloc[0]}, n_test {rows['n_test'].iloc[0]}, classes "
-               f"{', '.join(dataset.label_names) or rows['n_classes'].iloc[0]})")  # fmt: skip
+    typer.echo(
+        f"{hooked.cfg.name} · {dataset.name} on {dataset.dataset} · {rows['metric'].iloc[0]} "
+        f"(n_train {rows['n_train'].iloc[0]}, n_test {rows['n_test'].iloc[0]}, classes "
+        f"{', '.join(dataset.label_names) or rows['n_classes'].iloc[0]})"
+    )
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     root = Workspace(workspace).root
     written = write_probe_results(rows, root)
     typer.echo(f"wrote {written} rows to probe_results in {root}")
     if save is not None:
-        saved = save_probe(root, save, probes, model=hooked, label_set=dataset.name,
-                           label_names=list(dataset.label_names))  # fmt: skip
+        saved = save_probe(
+            root, save, probes, model=hooked, label_set=dataset.name, label_names=list(dataset.label_names)
+        )
         typer.echo(f"saved the probes ({len(probes.sites)} hooks) to {saved}")
 
 
@@ -162,8 +187,9 @@ def run_job_file(
     from workbench.probes.jobs import ProbeJobError, run_job
 
     try:
-        status = run_job(job_file, workspace=workspace, backend=backend, workers=workers, address=address,
-                         resume=resume)  # fmt: skip
+        status = run_job(
+            job_file, workspace=workspace, backend=backend, workers=workers, address=address, resume=resume
+        )
     except ProbeJobError as err:
         fail(err)
     counts = status["status"].value_counts().to_dict()

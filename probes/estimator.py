@@ -33,9 +33,14 @@ class _ProbeEstimator(BaseEstimator):
             self.classes_, encoded = np.unique(y, return_inverse=True)
             labels = torch.as_tensor(encoded)
         self.probes_: LinearProbes = fit_probes(
-            torch.from_numpy(X)[None], labels, task=self.task, l2=self.l2, standardize=self.standardize,
-            max_iter=self.max_iter, tol=self.tol,
-        )  # fmt: skip
+            torch.from_numpy(X)[None],
+            labels,
+            task=self.task,
+            l2=self.l2,
+            standardize=self.standardize,
+            max_iter=self.max_iter,
+            tol=self.tol,
+        )
         self.n_iter_ = self.probes_.iterations
         return self
 

@@ -284,12 +284,17 @@ def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, 
         except LabelError as err:
             raise fail("position", str(err)) from None
         if not any(s.kind in ("sequence", "function") for s in entry["_labels"]):
-            raise fail("position", "position applies to per-sequence labels (labels = a text,label file or a "
-                       "label function); drop it here")  # fmt: skip
+            raise fail(
+                "position",
+                "position applies to per-sequence labels (labels = a text,label file or a "
+                "label function); drop it here",
+            )
     checkpoints = entry.setdefault("checkpoints", "all")
-    steps_ok = isinstance(checkpoints, list) and checkpoints and all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in checkpoints
-    )  # fmt: skip
+    steps_ok = (
+        isinstance(checkpoints, list)
+        and checkpoints
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in checkpoints)
+    )
     if checkpoints not in ("all", "last") and not steps_ok:
         raise fail(
             "checkpoints",
@@ -340,8 +345,10 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
                 location = str(Path(ref.location).resolve()) if ref.kind == "directory" else ref.text
                 source, steps = "model", [None]
                 if entry["checkpoints"] not in ("all", "last"):
-                    raise ProbeJobError(f"{where}: {name!r} is a single model, so checkpoints "
-                                        f"{entry['checkpoints']} do not apply; drop the checkpoints key")  # fmt: skip
+                    raise ProbeJobError(
+                        f"{where}: {name!r} is a single model, so checkpoints "
+                        f"{entry['checkpoints']} do not apply; drop the checkpoints key"
+                    )
         except (CheckpointError, ModelLoadError) as err:
             raise ProbeJobError(f"{where}: {err}") from None
         probe_model_name = series.name if source == "series" else ref.name  # the model's identity
@@ -358,9 +365,20 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
         for step in steps:
             for label_set, labels, at, digest in plain + sources:
                 task = ProbeTask(
-                    job.name, probe_model_name, source, location, step, label_set, hooks, settings, where,
-                    labels=labels, data=data, position=at, digest=digest,
-                )  # fmt: skip
+                    job.name,
+                    probe_model_name,
+                    source,
+                    location,
+                    step,
+                    label_set,
+                    hooks,
+                    settings,
+                    where,
+                    labels=labels,
+                    data=data,
+                    position=at,
+                    digest=digest,
+                )
                 if task.task_id in tasks:
                     raise ProbeJobError(
                         f"{where}: task {task.task_id} (hooks {', '.join(hooks)}) is already in "
@@ -431,8 +449,14 @@ def run_task(task: ProbeTask) -> dict[str, Any]:
         settings = ProbeSettings(**task.settings)
         model = _load(task)
         model.cfg.name = task.model
-        dataset = labels_for_model(task.labels or f"zoo:{task.label_set}", model, location=task.location,
-                                   data=task.data, position=task.position, settings=settings)  # fmt: skip
+        dataset = labels_for_model(
+            task.labels or f"zoo:{task.label_set}",
+            model,
+            location=task.location,
+            data=task.data,
+            position=task.position,
+            settings=settings,
+        )
         rows = probe_model(model, dataset, list(task.hooks), settings)
         result = task_outcome("done", start, rows=rows.to_dict("records"))
     except Exception as err:  # noqa: BLE001 — a failed task is reported in the status table, not raised
@@ -458,12 +482,19 @@ def job_status(path: str | Path, workspace: str | Path | Workspace | None = None
         row = latest.get(task.task_id)
         stale = row is not None and row.fingerprint != task.fingerprint
         status = "pending" if row is None or stale else row.status
-        rows.append({
-            "task": task.task_id, "model": task.model, "checkpoint": task.checkpoint, "label_set": task.label_set,
-            "hooks": len(task.hooks), "status": status, "error": None if row is None or stale else row.error,
-            "seconds": None if row is None else row.seconds,
-            "threads": None if row is None else getattr(row, "threads", None),
-        })  # fmt: skip
+        rows.append(
+            {
+                "task": task.task_id,
+                "model": task.model,
+                "checkpoint": task.checkpoint,
+                "label_set": task.label_set,
+                "hooks": len(task.hooks),
+                "status": status,
+                "error": None if row is None or stale else row.error,
+                "seconds": None if row is None else row.seconds,
+                "threads": None if row is None else getattr(row, "threads", None),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -515,11 +546,22 @@ def _commit(workspace: Workspace, task: ProbeTask, outcome: dict[str, Any]) -> N
         rows = pd.DataFrame(outcome["rows"]).assign(job=task.job)
         write_tables(workspace, ANALYSIS, {RESULTS_TABLE: rows})
     crash_point("probejob.results_written")
-    status = pd.DataFrame([{
-        "job": task.job, "task": task.task_id, "model": task.model, "checkpoint": task.checkpoint,
-        "label_set": task.label_set, "status": outcome["status"], "error": outcome["error"],
-        "seconds": float(outcome["seconds"]), "fingerprint": task.fingerprint,
-        "threads": outcome.get("threads"), "finished_at": datetime.now(UTC).replace(tzinfo=None),
-    }])  # fmt: skip
+    status = pd.DataFrame(
+        [
+            {
+                "job": task.job,
+                "task": task.task_id,
+                "model": task.model,
+                "checkpoint": task.checkpoint,
+                "label_set": task.label_set,
+                "status": outcome["status"],
+                "error": outcome["error"],
+                "seconds": float(outcome["seconds"]),
+                "fingerprint": task.fingerprint,
+                "threads": outcome.get("threads"),
+                "finished_at": datetime.now(UTC).replace(tzinfo=None),
+            }
+        ]
+    )
     write_tables(workspace, ANALYSIS, {STATUS_TABLE: status})
     crash_point("probejob.status_written")

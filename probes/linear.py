@@ -131,9 +131,15 @@ class LinearProbes:
             meta = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 — safe_open is not iterable
         return cls(
-            meta["task"], tensors["weight"], tensors["bias"], tensors["mean"], tensors["scale"],
-            tensors.get("classes"), json.loads(meta["sites"]), float(meta["l2"]),
-        )  # fmt: skip
+            meta["task"],
+            tensors["weight"],
+            tensors["bias"],
+            tensors["mean"],
+            tensors["scale"],
+            tensors.get("classes"),
+            json.loads(meta["sites"]),
+            float(meta["l2"]),
+        )
 
 
 def r2_score(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

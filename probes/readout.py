@@ -56,9 +56,14 @@ def save_probe(
     directory = probes_dir(workspace) / safe_name(name, "for a probe")
     directory.mkdir(parents=True, exist_ok=True)
     probes.save(directory / WEIGHTS)
-    meta = {"sites": probes.sites, "task": probes.task, "label_set": label_set, "label_names": label_names,
-            "model": model.cfg.name if model is not None else None,
-            "checkpoint": model.cfg.checkpoint if model is not None else None}  # fmt: skip
+    meta = {
+        "sites": probes.sites,
+        "task": probes.task,
+        "label_set": label_set,
+        "label_names": label_names,
+        "model": model.cfg.name if model is not None else None,
+        "checkpoint": model.cfg.checkpoint if model is not None else None,
+    }
     atomic_write_json(directory / META, meta)
     return directory
 
@@ -70,8 +75,17 @@ def saved_probes(workspace: Any) -> list[SavedProbe]:
     for directory in sorted(root.glob("*")) if root.is_dir() else []:
         if (directory / META).exists() and (directory / WEIGHTS).exists():
             meta = json.loads((directory / META).read_text())
-            found.append(SavedProbe(directory.name, list(meta["sites"]), meta["task"], meta.get("model"),
-                                    meta.get("checkpoint"), meta.get("label_set"), meta.get("label_names")))  # fmt: skip
+            found.append(
+                SavedProbe(
+                    directory.name,
+                    list(meta["sites"]),
+                    meta["task"],
+                    meta.get("model"),
+                    meta.get("checkpoint"),
+                    meta.get("label_set"),
+                    meta.get("label_names"),
+                )
+            )
     return found
 
 
@@ -121,9 +135,11 @@ def load_probe_for(model: Any, name: str, workspace: Any = None) -> tuple[Linear
     known = set(model.hook_names())
     missing = [s for s in probes.sites if s not in known]
     if missing:
-        raise ProbeError(f"probe {name!r} reads {', '.join(missing)}, which {model.cfg.name} does not have: it is a "
-                         f"probe for another model or hook; fit one on this model (workbench probe run "
-                         f"{model.cfg.name} --labels ... --hooks HOOK --save NAME)")  # fmt: skip
+        raise ProbeError(
+            f"probe {name!r} reads {', '.join(missing)}, which {model.cfg.name} does not have: it is a "
+            f"probe for another model or hook; fit one on this model (workbench probe run "
+            f"{model.cfg.name} --labels ... --hooks HOOK --save NAME)"
+        )
     ids = torch.zeros((1, 2), dtype=torch.long)
     with torch.no_grad(), model.capture(probes.sites) as cache:
         model(ids.to(model.device))
@@ -163,8 +179,9 @@ def probe_predictions(
         best = proba.argmax(-1)
         classes = probes.classes[best].tolist()
         frame["prediction"] = classes
-        frame["label"] = [label_names[int(c)] if label_names and 0 <= int(c) < len(label_names) else str(c)
-                          for c in classes]  # fmt: skip
+        frame["label"] = [
+            label_names[int(c)] if label_names and 0 <= int(c) < len(label_names) else str(c) for c in classes
+        ]
         frame["confidence"] = proba.max(-1).values.tolist()
     else:
         frame["prediction"] = out[:, 0].tolist()

@@ -139,8 +139,9 @@ def write_tables(
     db = ws.results()
     return {
         name: db.write(name, frame, replace_keys=list(tables[name].keys))
-        for name, frame in frames.items() if not frame.empty
-    }  # fmt: skip
+        for name, frame in frames.items()
+        if not frame.empty
+    }
 
 
 _FILLED = ("model", "checkpoint", "hook", "dataset")  # ResultsDB fills these when a frame lacks them

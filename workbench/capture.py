@@ -112,10 +112,17 @@ def capture_to_store(
         "positions": _describe_positions(positions),
     }
     store = ActivationStore.create(
-        path, model=model.cfg.name, checkpoint=model.cfg.checkpoint if checkpoint is None else checkpoint,
-        hooks=names, dataset=dataset, dtype=dtype, shard_rows=shard_rows, resume=resume, overwrite=overwrite,
+        path,
+        model=model.cfg.name,
+        checkpoint=model.cfg.checkpoint if checkpoint is None else checkpoint,
+        hooks=names,
+        dataset=dataset,
+        dtype=dtype,
+        shard_rows=shard_rows,
+        resume=resume,
+        overwrite=overwrite,
         extra={"capture": recipe},
-    )  # fmt: skip
+    )
     stored = store.manifest["extra"].get("capture")
     if stored != recipe:
         changed = sorted(k for k in recipe if (stored or {}).get(k) != recipe[k])
@@ -182,9 +189,10 @@ def _lengths(model: HookedModel, texts: Inputs, max_length: int, batch_size: int
         return [min(texts.shape[-1], max_length)] * len(texts) if texts.ndim == 2 else []
     step = max(batch_size, 256)
     return [
-        int(n) for begin in range(0, len(texts), step)
+        int(n)
+        for begin in range(0, len(texts), step)
         for n in _encode(model, texts[begin : begin + step], max_length)["attention_mask"].sum(1).tolist()
-    ]  # fmt: skip
+    ]
 
 
 def _check_positions(positions: Positions, lengths: list[int] | None) -> None:

@@ -35,8 +35,16 @@ class CheckpointError(ValueError):
 class CheckpointSeries:
     """Checkpoints of one training run, by training step. ``load(step)`` returns a HookedModel."""
 
-    def __init__(self, name: str, steps: Sequence[int], locate: Any, *, revision_format: str | None = None,
-                 skip_damaged: bool = False, load_kwargs: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        steps: Sequence[int],
+        locate: Any,
+        *,
+        revision_format: str | None = None,
+        skip_damaged: bool = False,
+        load_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self.steps = sorted(int(s) for s in steps)
         self._locate = locate
@@ -49,8 +57,14 @@ class CheckpointSeries:
 
     # ------------------------------------------------------------------ sources
     @classmethod
-    def from_directory(cls, path: str | Path, *, skip_damaged: bool = False,
-                       load_kwargs: dict[str, Any] | None = None, name: str | None = None) -> CheckpointSeries:  # fmt: skip
+    def from_directory(
+        cls,
+        path: str | Path,
+        *,
+        skip_damaged: bool = False,
+        load_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> CheckpointSeries:
         """A directory of ``step<N>/`` folders in ``save_pretrained`` layout (tokenizer at the root or in each);
         ``name`` its identity (default: :func:`workbench.identity.directory_identity` of the directory)."""
         root = Path(path)
@@ -62,20 +76,38 @@ class CheckpointSeries:
                 f"{root} holds no step<N>/ checkpoint folders; train one with `workbench zoo train NAME` or point "
                 "at a directory of save_pretrained checkpoints named step0, step1, …"
             )
-        return cls(name or directory_identity(root), steps, lambda step: root / f"step{step}", skip_damaged=skip_damaged,
-                   load_kwargs=load_kwargs)  # fmt: skip
+        return cls(
+            name or directory_identity(root),
+            steps,
+            lambda step: root / f"step{step}",
+            skip_damaged=skip_damaged,
+            load_kwargs=load_kwargs,
+        )
 
     @classmethod
-    def from_hub(cls, repo_id: str, steps: Sequence[int] | None = None, *, revision_format: str = "step{step}",
-                 skip_damaged: bool = False, **load_kwargs: Any) -> CheckpointSeries:  # fmt: skip
+    def from_hub(
+        cls,
+        repo_id: str,
+        steps: Sequence[int] | None = None,
+        *,
+        revision_format: str = "step{step}",
+        skip_damaged: bool = False,
+        **load_kwargs: Any,
+    ) -> CheckpointSeries:
         """Hub revisions of one model, e.g. Pythia's ``EleutherAI/pythia-70m`` at revisions ``step1000``.
 
         ``steps`` defaults to Pythia's 154 published checkpoints (``workbench.references.resolve_series`` lists
         the repo's real ``stepN`` branches instead). Loading needs the hub or a populated HF cache
         (``HF_HUB_OFFLINE=1`` uses only the cache).
         """
-        return cls(repo_id, steps if steps is not None else PYTHIA_STEPS, lambda step: repo_id,
-                   revision_format=revision_format, skip_damaged=skip_damaged, load_kwargs=load_kwargs)  # fmt: skip
+        return cls(
+            repo_id,
+            steps if steps is not None else PYTHIA_STEPS,
+            lambda step: repo_id,
+            revision_format=revision_format,
+            skip_damaged=skip_damaged,
+            load_kwargs=load_kwargs,
+        )
 
     @classmethod
     def single(cls, model: HookedModel) -> CheckpointSeries:
@@ -90,8 +122,14 @@ class CheckpointSeries:
         missing = sorted(set(int(s) for s in steps) - set(self.steps))
         if missing:
             raise CheckpointError(f"{self.name} has no checkpoint at step(s) {missing}; steps: {self.steps}")
-        series = CheckpointSeries(self.name, steps, self._locate, revision_format=self.revision_format,
-                                  skip_damaged=self.skip_damaged, load_kwargs=self.load_kwargs)  # fmt: skip
+        series = CheckpointSeries(
+            self.name,
+            steps,
+            self._locate,
+            revision_format=self.revision_format,
+            skip_damaged=self.skip_damaged,
+            load_kwargs=self.load_kwargs,
+        )
         series._preloaded = self._preloaded
         return series
 
@@ -111,8 +149,11 @@ class CheckpointSeries:
         if self._preloaded is not None:
             return self._preloaded.tokenizer
         step = self.steps[0] if step is None else step
-        return load_tokenizer(self.location(step), revision=self.revision(step),
-                              trust_remote_code=bool(self.load_kwargs.get("trust_remote_code", False)))  # fmt: skip
+        return load_tokenizer(
+            self.location(step),
+            revision=self.revision(step),
+            trust_remote_code=bool(self.load_kwargs.get("trust_remote_code", False)),
+        )
 
     def load(self, step: int) -> HookedModel:
         """The checkpoint at ``step`` as a HookedModel (``cfg.checkpoint == step``, ``cfg.name`` the series)."""
@@ -155,8 +196,9 @@ class CheckpointSeries:
             return digest.hexdigest()
         return hub_weights_fingerprint(str(where), self.revision(step) or "main")
 
-    def iter(self, steps: Sequence[int] | None = None, progress: bool = True,
-             dedupe: bool = True) -> Iterator[HookedModel]:  # fmt: skip
+    def iter(
+        self, steps: Sequence[int] | None = None, progress: bool = True, dedupe: bool = True
+    ) -> Iterator[HookedModel]:
         """Yield each checkpoint's HookedModel in step order; only one is referenced by the series at a time.
 
         With ``dedupe`` a checkpoint byte-identical to an earlier one (same :meth:`fingerprint`) is not loaded
@@ -189,9 +231,10 @@ class CheckpointSeries:
         if self.duplicates:
             log.warning(
                 "%s: %d checkpoint(s) are byte-identical to an earlier one and were analysed once: %s",
-                self.name, len(self.duplicates),
+                self.name,
+                len(self.duplicates),
                 ", ".join(f"step {s} = step {o}" for s, o in sorted(self.duplicates.items())),
-            )  # fmt: skip
+            )
 
     def __repr__(self) -> str:
         return f"CheckpointSeries({self.name!r}, {len(self.steps)} steps: {self.steps[:4]}…{self.steps[-1:]})"

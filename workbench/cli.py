@@ -52,13 +52,23 @@ class _OneLineErrors(TyperGroup):
             if ctx.params.get("verbose") or type(err).__module__.startswith("typer"):  # usage errors, Exit
                 raise
             if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-                message, code = (f"not enough memory for this request ({err or 'MemoryError'}); ask for less "
-                                 "(e.g. a smaller --d-sae, --batch-size or --context-length)"), 2  # fmt: skip
+                message, code = (
+                    (
+                        f"not enough memory for this request ({err or 'MemoryError'}); ask for less "
+                        "(e.g. a smaller --d-sae, --batch-size or --context-length)"
+                    ),
+                    2,
+                )
             elif isinstance(err, USER_ERRORS) or type(err).__module__.split(".")[0] in OWN_PACKAGES:
                 message, code = str(err.args[0] if isinstance(err, KeyError) and err.args else err), 2
             else:
-                message, code = (f"internal error ({type(err).__name__}: {err}); rerun as `workbench --verbose "
-                                 "...` for the traceback and report it"), 1  # fmt: skip
+                message, code = (
+                    (
+                        f"internal error ({type(err).__name__}: {err}); rerun as `workbench --verbose "
+                        "...` for the traceback and report it"
+                    ),
+                    1,
+                )
             typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code) from None
 
@@ -133,17 +143,35 @@ def capture(
         fail(f"--out {out} is a file; name a directory for the activation store")
     dataset = open_data(data)
     hooked = open_model(model, workspace, device=device, trust_remote_code=trust_remote_code)
-    rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, batch_size=batch_size,
-                              packing=packing, max_tokens=max_tokens)  # fmt: skip
-    store = capture_to_store(hooked, rows, hooks, out, batch_size=batch_size, max_length=context_length,
-                             dtype=stored, dataset=dataset.name, progress=progress)  # fmt: skip
+    rows = dataset.token_rows(
+        hooked.tokenizer,
+        context_length=context_length,
+        batch_size=batch_size,
+        packing=packing,
+        max_tokens=max_tokens,
+    )
+    store = capture_to_store(
+        hooked,
+        rows,
+        hooks,
+        out,
+        batch_size=batch_size,
+        max_length=context_length,
+        dtype=stored,
+        dataset=dataset.name,
+        progress=progress,
+    )
     hooks_text = f"{len(store.hooks)} hook{'s' if len(store.hooks) != 1 else ''}"
     if store.rows_written == 0:
-        typer.echo(f"store complete: 0 new rows ({store.n_rows} rows × {hooks_text} already in {out}, checksums "
-                   "verified)")  # fmt: skip
+        typer.echo(
+            f"store complete: 0 new rows ({store.n_rows} rows × {hooks_text} already in {out}, checksums "
+            "verified)"
+        )
     elif store.rows_at_open:
-        typer.echo(f"resumed {out}: wrote {store.rows_written} new rows × {hooks_text} ({store.n_rows} rows in "
-                   f"all, {store.rows_at_open} were already there)")  # fmt: skip
+        typer.echo(
+            f"resumed {out}: wrote {store.rows_written} new rows × {hooks_text} ({store.n_rows} rows in "
+            f"all, {store.rows_at_open} were already there)"
+        )
     else:
         typer.echo(f"wrote {store.rows_written} rows × {hooks_text} to {out}")
 

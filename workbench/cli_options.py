@@ -33,12 +33,13 @@ ModelArgument = Annotated[
 DataOption = Annotated[
     str | None,
     typer.Option(
-        "--data", "-d",
+        "--data",
+        "-d",
         help="Dataset reference: FILE.txt (a document per line), FILE.jsonl:FIELD / .csv / .parquet, a directory "
         "of text files, a save_to_disk folder, ids.npy / .safetensors, an activation store, zoo:python-stdlib, "
         "zoo:tokfsm, zoo:digits.",
     ),
-]  # fmt: skip
+]
 DeviceOption = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps.")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, float16 or bfloat16.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")]
@@ -104,8 +105,10 @@ def fail(message: object) -> NoReturn:
 def deprecation_note(old: str, new: str) -> None:
     """The one line on stderr an old command spelling prints before it runs: ``workbench OLD`` goes in the next
     release, ``workbench NEW`` is its spelling now."""
-    typer.echo(f"warning: `workbench {old}` is deprecated (it goes in the next release); use `workbench {new}`",
-               err=True)  # fmt: skip
+    typer.echo(
+        f"warning: `workbench {old}` is deprecated (it goes in the next release); use `workbench {new}`",
+        err=True,
+    )
 
 
 def add_deprecated_alias(
@@ -132,8 +135,13 @@ def parse_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def open_model(model: str, workspace: Path | None = None, device: str = "cpu", dtype: str = "float32",
-               trust_remote_code: bool = False) -> HookedModel:  # fmt: skip
+def open_model(
+    model: str,
+    workspace: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> HookedModel:
     """Resolve a MODEL argument through the one resolver (``workbench.references.resolve_model``).
 
     The workspace's results database is opened first, so a corrupt or locked one fails before any model work.
@@ -142,19 +150,36 @@ def open_model(model: str, workspace: Path | None = None, device: str = "cpu", d
 
     check_results(workspace)
 
-    return resolve_model(model, workspace=workspace, device=device, dtype=parse_dtype(dtype),
-                         trust_remote_code=trust_remote_code)  # fmt: skip
+    return resolve_model(
+        model,
+        workspace=workspace,
+        device=device,
+        dtype=parse_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def open_series(model: str, workspace: Path | None = None, steps: list[int] | None = None, device: str = "cpu",
-                dtype: str = "float32", trust_remote_code: bool = False) -> CheckpointSeries:  # fmt: skip
+def open_series(
+    model: str,
+    workspace: Path | None = None,
+    steps: list[int] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> CheckpointSeries:
     """Resolve a MODEL argument as a checkpoint series (``workbench.references.resolve_series``), after
     :func:`check_results`."""
     from workbench.references import resolve_series
 
     check_results(workspace)
-    return resolve_series(model, workspace=workspace, steps=steps, device=device, dtype=parse_dtype(dtype),
-                          trust_remote_code=trust_remote_code)  # fmt: skip
+    return resolve_series(
+        model,
+        workspace=workspace,
+        steps=steps,
+        device=device,
+        dtype=parse_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def check_results(workspace: Path | None) -> None:

@@ -154,17 +154,29 @@ class Dataset:
         batches = list(self.batches(tokenizer, **options))
         width = max(b["input_ids"].shape[1] for b in batches)
         pad = _pad_id(tokenizer)
-        ids = torch.cat([torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad)
-                         for b in batches])  # fmt: skip
-        mask = torch.cat([torch.nn.functional.pad(b["attention_mask"], (0, width - b["attention_mask"].shape[1]))
-                          for b in batches])  # fmt: skip
+        ids = torch.cat(
+            [
+                torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad)
+                for b in batches
+            ]
+        )
+        mask = torch.cat(
+            [
+                torch.nn.functional.pad(b["attention_mask"], (0, width - b["attention_mask"].shape[1]))
+                for b in batches
+            ]
+        )
         return ids, mask
 
-    def _rows(self, tokenizer: Any, context_length: int, bos: bool | None, packing: bool,
-              shuffle_seed: int | None) -> Iterator[list[int]]:  # fmt: skip
+    def _rows(
+        self, tokenizer: Any, context_length: int, bos: bool | None, packing: bool, shuffle_seed: int | None
+    ) -> Iterator[list[int]]:
         if self.token_ids is not None:
-            order = (np.random.default_rng(shuffle_seed).permutation(len(self.token_ids))
-                     if shuffle_seed is not None else range(len(self.token_ids)))  # fmt: skip
+            order = (
+                np.random.default_rng(shuffle_seed).permutation(len(self.token_ids))
+                if shuffle_seed is not None
+                else range(len(self.token_ids))
+            )
             for i in order:
                 row = self.token_ids[int(i)]
                 if self.token_mask is not None:
@@ -220,8 +232,13 @@ def iter_model_batches(
             raise DatasetError(
                 f"token ids must be an integer tensor [n, pos], got {tuple(inputs.shape)} {inputs.dtype}"
             )
-        batches = ({"input_ids": inputs[i : i + batch_size], "attention_mask": torch.ones_like(inputs[i : i + batch_size])}
-                   for i in range(0, len(inputs), batch_size))  # fmt: skip
+        batches = (
+            {
+                "input_ids": inputs[i : i + batch_size],
+                "attention_mask": torch.ones_like(inputs[i : i + batch_size]),
+            }
+            for i in range(0, len(inputs), batch_size)
+        )
     elif len(inputs) and all(isinstance(x, str) for x in inputs):
         texts = cast("Sequence[str]", inputs)  # all strings (checked above)
         batches = Dataset("texts", texts=lambda: list(texts)).batches(
@@ -352,14 +369,20 @@ def load_dataset(ref: str | Path | Dataset | DatasetRef, *, limit: int | None = 
             raise DatasetError(
                 f"{path} holds no files matching {parsed.field!r}; name a pattern, e.g. '{path}/*.md'"
             )
-        return Dataset(parsed.name, texts=lambda: _capped((_read_utf8(f) for f in files), limit),
-                       meta={"path": str(path), "files": len(files)})  # fmt: skip
+        return Dataset(
+            parsed.name,
+            texts=lambda: _capped((_read_utf8(f) for f in files), limit),
+            meta={"path": str(path), "files": len(files)},
+        )
     if parsed.kind == "images":
         return read_image_folder(path, parsed.field, limit)
     if parsed.kind == "tokens":
         ids, mask = read_token_file(path)
-        return Dataset(parsed.name, token_ids=ids[:limit] if limit else ids,
-                       token_mask=None if mask is None else mask[:limit] if limit else mask)  # fmt: skip
+        return Dataset(
+            parsed.name,
+            token_ids=ids[:limit] if limit else ids,
+            token_mask=None if mask is None else mask[:limit] if limit else mask,
+        )
     from workbench.store import ActivationStore
 
     store = ActivationStore.open(path)
@@ -522,8 +545,10 @@ def read_token_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None
             raise DatasetError(f"{path} has no 'input_ids' tensor (it has {', '.join(tensors)})")
         ids = tensors["input_ids"]
     if ids.is_floating_point() or ids.dim() not in (1, 2) or ids.numel() == 0:
-        raise DatasetError(f"{path}: token ids must be a non-empty 1-D or 2-D integer array, got {tuple(ids.shape)} "
-                           f"{ids.dtype}")  # fmt: skip
+        raise DatasetError(
+            f"{path}: token ids must be a non-empty 1-D or 2-D integer array, got {tuple(ids.shape)} "
+            f"{ids.dtype}"
+        )
     ids = ids.long()
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)

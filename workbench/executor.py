@@ -39,8 +39,13 @@ def task_outcome(
     """A task's outcome: {"status", "rows", "error" (one line), "seconds" since ``start``, "threads"}."""
     if isinstance(error, BaseException):
         error = traceback.format_exception_only(error)[-1].strip()
-    return {"status": status, "rows": rows or [], "error": error, "seconds": time.perf_counter() - start,
-            "threads": None}  # fmt: skip
+    return {
+        "status": status,
+        "rows": rows or [],
+        "error": error,
+        "seconds": time.perf_counter() - start,
+        "threads": None,
+    }
 
 
 def execute(

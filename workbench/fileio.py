@@ -108,10 +108,17 @@ def atomic_write_json(path: str | Path, payload: Any) -> None:
 
 
 SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
-}  # fmt: skip
+}
 
 
 def safetensors_bytes(
@@ -203,6 +210,7 @@ def verify_checksums(directory: str | Path) -> list[str]:
     except (ValueError, KeyError, TypeError):
         return [CHECKSUMS_FILE]
     return [
-        name for name, expected in sums.items()
+        name
+        for name, expected in sums.items()
         if not (directory / name).is_file() or sha256_file(directory / name) != expected
-    ]  # fmt: skip
+    ]

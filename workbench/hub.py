@@ -57,9 +57,7 @@ def hub_cached_revisions(repo: str) -> dict[str, str]:
     refs = repo_cache(repo) / "refs"
     if not refs.is_dir():
         return {}
-    return {
-        str(p.relative_to(refs)): p.read_text().strip() for p in refs.rglob("*") if p.is_file()
-    }  # fmt: skip
+    return {str(p.relative_to(refs)): p.read_text().strip() for p in refs.rglob("*") if p.is_file()}
 
 
 def hub_step_branches(repo: str) -> list[int]:

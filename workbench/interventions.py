@@ -229,8 +229,12 @@ class Intervention:
         where = [
             f"{name} {list(v)}" for name in ("positions", "heads", "neurons") if (v := getattr(self, name))
         ]
-        what = {"zero": "zero-ablate", "mean": "mean-ablate", "steer": f"steer ×{self.scale:g}",
-                "patch": f"patch from {self.source!r}"}[self.kind]  # fmt: skip
+        what = {
+            "zero": "zero-ablate",
+            "mean": "mean-ablate",
+            "steer": f"steer ×{self.scale:g}",
+            "patch": f"patch from {self.source!r}",
+        }[self.kind]
         return " ".join([what, self.hook, *where, f"({self.label})" if self.label else ""]).strip()
 
 

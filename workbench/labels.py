@@ -108,8 +108,10 @@ class LabelDataset:
         if self.mask is None:
             self.mask = torch.ones_like(self.tokens)
         if self.tokens.shape != self.labels.shape or self.tokens.shape != self.mask.shape:
-            raise LabelError(f"tokens {tuple(self.tokens.shape)}, labels {tuple(self.labels.shape)} and mask "
-                             f"{tuple(self.mask.shape)} must share one shape [n, pos]")  # fmt: skip
+            raise LabelError(
+                f"tokens {tuple(self.tokens.shape)}, labels {tuple(self.labels.shape)} and mask "
+                f"{tuple(self.mask.shape)} must share one shape [n, pos]"
+            )
 
     @property
     def pooled(self) -> bool:
@@ -193,8 +195,16 @@ class LabelSource:
             if position is not None:
                 raise LabelError(f"--position applies to per-sequence labels; {self.text} labels every token")
             provider = label_providers()[self.scheme or ""]
-            return provider.build(self.set_name or "", tokenizer, fsm=fsm, data=data, n_sequences=n_sequences,
-                                  context_length=context_length, seed=seed, task=task)  # fmt: skip
+            return provider.build(
+                self.set_name or "",
+                tokenizer,
+                fsm=fsm,
+                data=data,
+                n_sequences=n_sequences,
+                context_length=context_length,
+                seed=seed,
+                task=task,
+            )
         name = self.label_set(position)
         source = self._evaluate(data, n_sequences) if self.kind == "function" else self
         if tokenizer is None:
@@ -223,18 +233,24 @@ class LabelSource:
             try:
                 values.append(self.function(text))  # type: ignore[misc]
             except Exception as err:
-                raise LabelError(f"label function {self.text!r} failed on document {number} of {data.name}: "
-                                 f"{type(err).__name__}: {err}") from err  # fmt: skip
+                raise LabelError(
+                    f"label function {self.text!r} failed on document {number} of {data.name}: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
         per_char = [not _is_scalar(v) for v in values]
         if any(per_char) and not all(per_char):
-            raise LabelError(f"label function {self.text!r} returned one label for some documents and a sequence "
-                             "for others; return one label per text, or one label per character, always")  # fmt: skip
+            raise LabelError(
+                f"label function {self.text!r} returned one label for some documents and a sequence "
+                "for others; return one label per text, or one label per character, always"
+            )
         if all(per_char):
             raw = [list(v) for v in values]
             for number, (text, labels) in enumerate(zip(texts, raw, strict=True), 1):
                 if len(labels) != len(text):
-                    raise LabelError(f"label function {self.text!r}: document {number} of {data.name} has "
-                                     f"{len(text)} characters but {len(labels)} labels; return one per character")  # fmt: skip
+                    raise LabelError(
+                        f"label function {self.text!r}: document {number} of {data.name} has "
+                        f"{len(text)} characters but {len(labels)} labels; return one per character"
+                    )
             kind = "chars"
         else:
             raw, kind = list(values), "sequence"
@@ -263,8 +279,10 @@ def parse_label_source(
     if sep and scheme in _provider_entry_points():
         provider = label_providers()[scheme]
         if name not in provider.names:
-            raise LabelError(f"{scheme} has no label set {name!r}; {scheme} label sets: "
-                             + ", ".join(f"{scheme}:{n}" for n in provider.names))  # fmt: skip
+            raise LabelError(
+                f"{scheme} has no label set {name!r}; {scheme} label sets: "
+                + ", ".join(f"{scheme}:{n}" for n in provider.names)
+            )
         return LabelSource(text, "provider", name, set_name=name, scheme=scheme)
     if text.startswith("py:"):
         module, _, function = text[3:].rpartition(":")
@@ -323,13 +341,26 @@ def load_labels(
         n_sequences: sequences of a zoo label set, documents of ``data`` a label function labels; label files use
             every row.
     """
-    parsed = source if isinstance(source, LabelSource) else parse_label_source(
-        source, text_column=text_column, label_column=label_column, token_separator=token_separator
-    )  # fmt: skip
+    parsed = (
+        source
+        if isinstance(source, LabelSource)
+        else parse_label_source(
+            source, text_column=text_column, label_column=label_column, token_separator=token_separator
+        )
+    )
     dataset = load_dataset(data) if data is not None else None
-    return parsed.build(tokenizer, data=dataset, fsm=fsm, position=position, task=task, outside=outside,
-                        context_length=context_length, batch_size=batch_size, n_sequences=n_sequences,
-                        seed=seed)  # fmt: skip
+    return parsed.build(
+        tokenizer,
+        data=dataset,
+        fsm=fsm,
+        position=position,
+        task=task,
+        outside=outside,
+        context_length=context_length,
+        batch_size=batch_size,
+        n_sequences=n_sequences,
+        seed=seed,
+    )
 
 
 def parse_position(position: str | int) -> str | int:
@@ -377,15 +408,24 @@ def tokenize_with_offsets(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of ``text`` (special tokens included, truncated to ``context_length``)."""
     if not getattr(tokenizer, "is_fast", True):
-        raise LabelError(f"aligning labels to tokens needs a fast tokenizer (offset mapping); "
-                         f"{type(tokenizer).__name__} is not one: save the model with its tokenizer.json")  # fmt: skip
+        raise LabelError(
+            f"aligning labels to tokens needs a fast tokenizer (offset mapping); "
+            f"{type(tokenizer).__name__} is not one: save the model with its tokenizer.json"
+        )
     encoding = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=context_length)
     return list(encoding["input_ids"]), [(int(start), int(end)) for start, end in encoding["offset_mapping"]]
 
 
 # ---------------------------------------------------------------------------------------------------- builders
-def _sequence_dataset(source: LabelSource, name: str, tokenizer: Any, position: str | int, task: str,
-                      context_length: int, batch_size: int) -> LabelDataset:  # fmt: skip
+def _sequence_dataset(
+    source: LabelSource,
+    name: str,
+    tokenizer: Any,
+    position: str | int,
+    task: str,
+    context_length: int,
+    batch_size: int,
+) -> LabelDataset:
     texts = Dataset(source.dataset, texts=lambda: source.texts)
     ids, mask = texts.token_tensor(tokenizer, context_length=context_length, batch_size=batch_size)
     if len(ids) != len(source.texts):
@@ -402,14 +442,17 @@ def _sequence_dataset(source: LabelSource, name: str, tokenizer: Any, position: 
         index = {"first": 0, "last": length - 1}.get(position, position)  # type: ignore[arg-type]
         index = length + index if isinstance(index, int) and index < 0 else index
         if not 0 <= index < length:
-            raise LabelError(f"{source.text}: text {row + 1} has {length} tokens, so position {position} does not "
-                             "exist; use --position last, first, mean or a smaller index")  # fmt: skip
+            raise LabelError(
+                f"{source.text}: text {row + 1} has {length} tokens, so position {position} does not "
+                "exist; use --position last, first, mean or a smaller index"
+            )
         labels[row, index] = value
     return LabelDataset(name, ids, labels, source.dataset, mask, classes, task, "sequence", position)
 
 
-def _token_dataset(source: LabelSource, name: str, tokenizer: Any, task: str, outside: str | None,
-                   context_length: int) -> LabelDataset:  # fmt: skip
+def _token_dataset(
+    source: LabelSource, name: str, tokenizer: Any, task: str, outside: str | None, context_length: int
+) -> LabelDataset:
     rows, token_labels = [], []
     for text, chars in zip(source.texts, source.raw, strict=True):
         token_ids, offsets = tokenize_with_offsets(tokenizer, text, context_length)
@@ -464,8 +507,10 @@ def label_providers() -> dict[str, LabelSets]:
     for scheme, entry in _provider_entry_points().items():
         provider = entry.load()
         if not isinstance(provider, LabelSets):
-            raise LabelError(f"entry point {entry.value} of workbench.labels is a {type(provider).__name__}, not a "
-                             "workbench.labels.LabelSets")  # fmt: skip
+            raise LabelError(
+                f"entry point {entry.value} of workbench.labels is a {type(provider).__name__}, not a "
+                "workbench.labels.LabelSets"
+            )
         providers[scheme] = provider
     return providers
 
@@ -475,8 +520,10 @@ def label_provider(scheme: str) -> LabelSets:
     providers = label_providers()
     if scheme not in providers:
         known = ", ".join(sorted(providers)) or "none installed"
-        raise LabelError(f"no label-set provider {scheme!r} (installed: {known}); it registers in the "
-                         "workbench.labels entry points")  # fmt: skip
+        raise LabelError(
+            f"no label-set provider {scheme!r} (installed: {known}); it registers in the "
+            "workbench.labels entry points"
+        )
     return providers[scheme]
 
 
@@ -509,8 +556,10 @@ def _records(path: Path) -> list[dict[str, Any]]:
     except DatasetError as err:
         raise LabelError(str(err)) from None
     except Exception as err:  # a parquet / csv reader's own error
-        raise LabelError(f"{path}: cannot be read as {path.suffix} ({type(err).__name__}: {err}); check the file "
-                         "format, or convert it to .jsonl") from None  # fmt: skip
+        raise LabelError(
+            f"{path}: cannot be read as {path.suffix} ({type(err).__name__}: {err}); check the file "
+            "format, or convert it to .jsonl"
+        ) from None
     if not records:
         raise LabelError(f"{path} holds no rows; write one labelled text per row ({FORMS})")
     return records
@@ -542,8 +591,10 @@ def _sequence_source(
                 )
         value, label = record[text_col], record[label_col]
         if not isinstance(value, str) or not value.strip():
-            raise LabelError(f"{_line(path, index)}: the text ({text_col!r}) is empty or not a string; "
-                             "fill it in or remove the row")  # fmt: skip
+            raise LabelError(
+                f"{_line(path, index)}: the text ({text_col!r}) is empty or not a string; "
+                "fill it in or remove the row"
+            )
         if label is None or (isinstance(label, str) and not label.strip()) or _is_nan(label):
             raise LabelError(
                 f"{_line(path, index)}: the label ({label_col!r}) is empty; fill it in or remove the row"
@@ -560,15 +611,19 @@ def _span_source(text: str, path: Path, records: list[dict], text_col: str) -> L
         where = _line(path, index)
         value, spans = record.get(text_col), record.get("spans")
         if not isinstance(value, str):
-            raise LabelError(f"{where}: a span record needs a {text_col!r} string (it has "
-                             f"{', '.join(map(str, record))}); write {{\"text\": ..., \"spans\": [...]}}")  # fmt: skip
+            raise LabelError(
+                f"{where}: a span record needs a {text_col!r} string (it has "
+                f'{", ".join(map(str, record))}); write {{"text": ..., "spans": [...]}}'
+            )
         if not isinstance(spans, list):
             raise LabelError(f'{where}: \'spans\' must be a list of {{"start", "end", "label"}} objects')
         chars: list[Any] = [_OUTSIDE] * len(value)
         for span in spans:
             if not isinstance(span, dict) or not {"start", "end", "label"} <= set(span):
-                raise LabelError(f"{where}: span {span!r} needs start, end and label, e.g. "
-                                 '{"start": 0, "end": 5, "label": "NAME"}')  # fmt: skip
+                raise LabelError(
+                    f"{where}: span {span!r} needs start, end and label, e.g. "
+                    '{"start": 0, "end": 5, "label": "NAME"}'
+                )
             start, end, label = span["start"], span["end"], span["label"]
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
                 raise LabelError(f"{where}: span {span!r}: start and end must be integer character offsets")
@@ -578,8 +633,10 @@ def _span_source(text: str, path: Path, records: list[dict], text_col: str) -> L
                     "offsets are 0-based characters with end exclusive (0 <= start < end <= len(text))"
                 )
             if any(c is not _OUTSIDE for c in chars[start:end]):
-                raise LabelError(f"{where}: span {start}..{end} ({label!r}) overlaps another span; split or merge "
-                                 "them so that every character has one label")  # fmt: skip
+                raise LabelError(
+                    f"{where}: span {start}..{end} ({label!r}) overlaps another span; split or merge "
+                    "them so that every character has one label"
+                )
             if label is None:
                 raise LabelError(f"{where}: span {start}..{end} has no label; give one or drop the span")
             chars[start:end] = [label] * (end - start)
@@ -597,8 +654,10 @@ def _pieces_source(text: str, path: Path, records: list[dict], label_col: str, s
             raise LabelError(f"{where}: 'tokens' must be a non-empty list of strings")
         if not isinstance(labels, list) or len(labels) != len(pieces):
             got = len(labels) if isinstance(labels, list) else type(labels).__name__
-            raise LabelError(f"{where}: {len(pieces)} tokens but {got} {label_col!r}; give one label per token "
-                             "(null to ignore one)")  # fmt: skip
+            raise LabelError(
+                f"{where}: {len(pieces)} tokens but {got} {label_col!r}; give one label per token "
+                "(null to ignore one)"
+            )
         full = record.get("text")
         if full is None:
             full = separator.join(pieces)
@@ -609,8 +668,10 @@ def _pieces_source(text: str, path: Path, records: list[dict], label_col: str, s
         for piece, label in zip(pieces, labels, strict=True):
             begin = full.find(piece, cursor)
             if begin < 0:
-                raise LabelError(f"{where}: token {piece!r} is not in the text after character {cursor}; the tokens "
-                                 "must appear in the text in order (or drop 'text' to join them)")  # fmt: skip
+                raise LabelError(
+                    f"{where}: token {piece!r} is not in the text after character {cursor}; the tokens "
+                    "must appear in the text in order (or drop 'text' to join them)"
+                )
             chars[begin : begin + len(piece)] = [label] * len(piece)
             cursor = begin + len(piece)
         texts.append(full)
@@ -629,13 +690,16 @@ def _function_source(text: str, module: str, function: str, path: Path | None) -
         else:
             loaded = importlib.import_module(module)
     except Exception as err:
-        raise LabelError(f"label function {text!r}: importing {path or module} failed: {type(err).__name__}: "
-                         f"{err}") from err  # fmt: skip
+        raise LabelError(
+            f"label function {text!r}: importing {path or module} failed: {type(err).__name__}: {err}"
+        ) from err
     fn = getattr(loaded, function, None)
     if not callable(fn):
         have = sorted(n for n, v in vars(loaded).items() if callable(v) and not n.startswith("_"))
-        raise LabelError(f"label function {text!r}: {path or module} has no function {function!r}; it has "
-                         f"{', '.join(have) or 'none'}")  # fmt: skip
+        raise LabelError(
+            f"label function {text!r}: {path or module} has no function {function!r}; it has "
+            f"{', '.join(have) or 'none'}"
+        )
     return LabelSource(text, "function", function, function=fn, path=path)
 
 
@@ -653,8 +717,10 @@ def _encode(rows: list[list[Any]], task: str, source: str) -> tuple[list[list[fl
                 try:
                     values.append(float(label))
                 except (TypeError, ValueError):
-                    raise LabelError(f"{source}: text {number} has the label {label!r}, which is not a number; "
-                                     "regression needs numeric labels (or use task classification)") from None  # fmt: skip
+                    raise LabelError(
+                        f"{source}: text {number} has the label {label!r}, which is not a number; "
+                        "regression needs numeric labels (or use task classification)"
+                    ) from None
             out.append(values)
         return out, ()
     seen = {_class_name(label) for row in rows for label in row if label is not None}

@@ -39,8 +39,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HookedModel", "ModelSpec", "HookNameError", "ActivationCache", "HookPoint", "ModelLoadError",
-           "ContextLengthError"]  # fmt: skip
+__all__ = [
+    "HookedModel",
+    "ModelSpec",
+    "HookNameError",
+    "ActivationCache",
+    "HookPoint",
+    "ModelLoadError",
+    "ContextLengthError",
+]
 
 
 class ModelLoadError(ValueError):
@@ -478,8 +485,14 @@ def packaged_model_dir(name: str) -> Path:
     return Path(module.__file__).resolve().parent / "model"
 
 
-def _load_hf(name_or_path: str | Path, *, revision: str | None, dtype: torch.dtype,
-             trust_remote_code: bool = False, **kwargs: Any):  # fmt: skip
+def _load_hf(
+    name_or_path: str | Path,
+    *,
+    revision: str | None,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+):
     """Load a transformers model and its tokenizer (None if the directory has none).
 
     A config that asks for its own Python code (``auto_map``) is refused unless ``trust_remote_code=True``;

@@ -205,9 +205,12 @@ class ResultsDB:
         con = self._connect()
         try:
             con.execute("BEGIN TRANSACTION")
-            existing = {r[0] for r in con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
-            ).fetchall()}  # fmt: skip
+            existing = {
+                r[0]
+                for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+                ).fetchall()
+            }
             if not existing:
                 columns = ", ".join(f'"{c}" {_sql_type(frame[c])}' for c in frame.columns)
                 con.execute(f'CREATE TABLE "{table}" ({columns})')

@@ -78,10 +78,19 @@ def _crash_leftover(path: Path) -> bool:
 
 
 _MANIFEST_KEYS: dict[str, tuple[type, ...]] = {
-    "format_version": (int,), "model": (str,), "dataset": (str,), "hooks": (list,), "dtype": (str,),
-    "shard_rows": (int,), "shards": (list,), "n_rows": (int,), "sequences_done": (int,), "complete": (bool,),
-    "shapes": (dict,), "extra": (dict,),
-}  # fmt: skip
+    "format_version": (int,),
+    "model": (str,),
+    "dataset": (str,),
+    "hooks": (list,),
+    "dtype": (str,),
+    "shard_rows": (int,),
+    "shards": (list,),
+    "n_rows": (int,),
+    "sequences_done": (int,),
+    "complete": (bool,),
+    "shapes": (dict,),
+    "extra": (dict,),
+}
 
 
 def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:

@@ -12,16 +12,19 @@ st.title("Codebooks")
 db = open_workspace_or_stop()
 codes = table(db, CODES_TABLE)
 if codes is None or codes.empty:
-    empty_state(ANALYSIS.description or "codebook results",
-                f"{TRAIN_COMMAND}    # e.g. fsm-tiny --data zoo:tokfsm\n{ANALYSIS.command}")  # fmt: skip
+    empty_state(
+        ANALYSIS.description or "codebook results",
+        f"{TRAIN_COMMAND}    # e.g. fsm-tiny --data zoo:tokfsm\n{ANALYSIS.command}",
+    )
     st.stop()
 model = model_select(codes)
 codes = codes[codes["model"] == model]
 selected = {"model": model}
 for column in ("checkpoint", "dataset", "run"):  # several runs of this model: show one at a time
     if column in codes and codes[column].nunique() > 1:
-        selected[column] = st.selectbox(column, sorted(codes[column].dropna().unique(), key=str,
-                                                       reverse=column == "checkpoint"))  # fmt: skip
+        selected[column] = st.selectbox(
+            column, sorted(codes[column].dropna().unique(), key=str, reverse=column == "checkpoint")
+        )
         codes = codes[codes[column] == selected[column]]
 site = st.selectbox("site", sorted(codes["site"].dropna().unique()))
 selected["site"] = site
@@ -29,8 +32,14 @@ codes = codes[codes["site"] == site].sort_values("count", ascending=False)
 if "loss_gap" in codes and codes["loss_gap"].notna().any():
     st.metric("loss gap (codebook − original, nats)", f"{codes['loss_gap'].dropna().iloc[0]:+.3f}")
 st.metric("live codes", len(codes))
-usage = px.bar(codes, x=codes["code"].astype(str), y="count", hover_data=["top_tokens"], labels={"x": "code"},
-               title="Code usage (sorted by count)")  # fmt: skip
+usage = px.bar(
+    codes,
+    x=codes["code"].astype(str),
+    y="count",
+    hover_data=["top_tokens"],
+    labels={"x": "code"},
+    title="Code usage (sorted by count)",
+)
 usage.update_xaxes(type="category", categoryorder="total descending")
 st.plotly_chart(usage, width="stretch")
 purity = table(db, PURITY_TABLE)
@@ -51,17 +60,32 @@ if purity is not None and not purity.empty:
         "recall = P(best code | label)."
     )
     st.plotly_chart(
-        px.scatter(rows, x="label", y="purity", size="label_count", color="mi", hover_data=["best_code", "recall"],
-                   title=f"Best code per {label_set} label: purity (colour = MI, nats)"),
+        px.scatter(
+            rows,
+            x="label",
+            y="purity",
+            size="label_count",
+            color="mi",
+            hover_data=["best_code", "recall"],
+            title=f"Best code per {label_set} label: purity (colour = MI, nats)",
+        ),
         width="stretch",
-    )  # fmt: skip
+    )
     st.subheader("Best code per label")
-    st.dataframe(rows[["label", "best_code", "purity", "recall", "mi", "label_count"]], width="stretch",
-                 hide_index=True)  # fmt: skip
+    st.dataframe(
+        rows[["label", "best_code", "purity", "recall", "mi", "label_count"]],
+        width="stretch",
+        hide_index=True,
+    )
 else:
-    empty_state("code ↔ label purity (the dataset carried no per-token labels)",
-                f"{ANALYSIS.command} --labels SOURCE    # e.g. fsm-tiny --data zoo:tokfsm")  # fmt: skip
+    empty_state(
+        "code ↔ label purity (the dataset carried no per-token labels)",
+        f"{ANALYSIS.command} --labels SOURCE    # e.g. fsm-tiny --data zoo:tokfsm",
+    )
 st.subheader("Codes (top contexts: highest code-input similarity first)")
-columns = [c for c in ("code", "head", "count", "frequency", "best_label", "purity", "top_tokens", "top_contexts")
-           if c in codes]  # fmt: skip
+columns = [
+    c
+    for c in ("code", "head", "count", "frequency", "best_label", "purity", "top_tokens", "top_contexts")
+    if c in codes
+]
 st.dataframe(codes[columns], width="stretch", hide_index=True)

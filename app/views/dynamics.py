@@ -41,8 +41,14 @@ if order is not None and not order.empty:
 
 st.subheader("Metrics over training")
 available = [m for m in METRICS if m in set(rows["metric"])] + sorted(set(rows["metric"]) - set(METRICS))
-metric = str(st.radio("metric", available, horizontal=True,
-                  format_func=lambda m: METRICS[m].phenomenon if m in METRICS else m))  # fmt: skip
+metric = str(
+    st.radio(
+        "metric",
+        available,
+        horizontal=True,
+        format_func=lambda m: METRICS[m].phenomenon if m in METRICS else m,
+    )
+)
 head: int | None = None
 heads = sorted(int(h) for h in rows.loc[rows["metric"] == metric, "head"].unique() if h != NO_HEAD)
 if heads:
@@ -53,9 +59,30 @@ if fits is not None and not fits.empty:
     shown = fits[fits["metric"] == metric]
     if head is not None:
         shown = shown[shown["head"] == head]
-    columns = [c for c in shown.columns if c.startswith(("layer", "head", "family", "status", "message", "r2",
-               "condition_", "param_", "stderr_", "emergence_", "low_emergence", "high_emergence", "steady_",
-               "low_steady", "high_steady", "selected"))]  # fmt: skip
+    columns = [
+        c
+        for c in shown.columns
+        if c.startswith(
+            (
+                "layer",
+                "head",
+                "family",
+                "status",
+                "message",
+                "r2",
+                "condition_",
+                "param_",
+                "stderr_",
+                "emergence_",
+                "low_emergence",
+                "high_emergence",
+                "steady_",
+                "low_steady",
+                "high_steady",
+                "selected",
+            )
+        )
+    ]
     st.dataframe(shown[columns].sort_values(["layer", "head"]), width="stretch", hide_index=True)
 
 if {"sink_mass", "massive_top1"} <= set(rows["metric"]):
@@ -74,8 +101,11 @@ else:
     sweep = scores["sweep"].iloc[0]
     scores = pick(scores, "metric", "fitted metric", key="sweep_metric")
     chosen = scores["metric"].iloc[0]
-    st.dataframe(scores[["target", "r2", "n_rows", "n_architectures", "learnt_as", "claim", "note"]],
-                 width="stretch", hide_index=True)  # fmt: skip
+    st.dataframe(
+        scores[["target", "r2", "n_rows", "n_architectures", "learnt_as", "claim", "note"]],
+        width="stretch",
+        hide_index=True,
+    )
     shown = predictions[(predictions["sweep"] == sweep) & (predictions["metric"] == chosen)]
     if not shown.empty:
         st.plotly_chart(predicted_vs_fitted(shown, scores), width="stretch")

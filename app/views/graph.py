@@ -125,8 +125,10 @@ cols[3].metric("nodes stored", stored.n_nodes)
 cols[4].metric("edges stored", stored.adjacency.nnz)
 st.caption(f"transcoders: {', '.join(stored.transcoders) or 'not recorded'}")
 if stored.n_features == 0 or stored.adjacency.nnz == 0:
-    st.warning(f"graph {graph_id} has no {'features' if stored.n_features == 0 else 'edges'}: nothing to prune or "
-               "draw. Trace another prompt, or raise --max-feature-nodes.")  # fmt: skip
+    st.warning(
+        f"graph {graph_id} has no {'features' if stored.n_features == 0 else 'edges'}: nothing to prune or "
+        "draw. Trace another prompt, or raise --max-feature-nodes."
+    )
     st.stop()
 
 # ------------------------------------------------------------------ annotations, restored per graph
@@ -161,16 +163,23 @@ try:
 except ValueError as err:
     st.error(f"graph {graph_id} cannot be pruned: {err}")
     st.stop()
-st.markdown(f"pruned: **{shown.pruned_nodes}** nodes, **{shown.pruned_edges}** edges; drawn: "
-            f"**{len(shown.nodes)}** nodes, **{len(shown.edges)}** edges")  # fmt: skip
+st.markdown(
+    f"pruned: **{shown.pruned_nodes}** nodes, **{shown.pruned_edges}** edges; drawn: "
+    f"**{len(shown.nodes)}** nodes, **{len(shown.edges)}** edges"
+)
 if shown.capped:
     st.warning(
         f"The pruned graph has {shown.pruned_nodes} nodes and {shown.pruned_edges} edges; only the "
         f"{len(shown.nodes)} most influential nodes (≤ {MAX_NODES}) and the {len(shown.edges)} largest edges among "
         f"them (≤ {MAX_EDGES}) are sent to the browser. Lower the thresholds to see a complete pruned graph."
     )
-event: Any = st.plotly_chart(graph_figure(shown, stored.token_texts, stored.n_layers, notes.pins), width="stretch",
-                             key="graph_figure", on_select="rerun", selection_mode="points")  # fmt: skip
+event: Any = st.plotly_chart(
+    graph_figure(shown, stored.token_texts, stored.n_layers, notes.pins),
+    width="stretch",
+    key="graph_figure",
+    on_select="rerun",
+    selection_mode="points",
+)
 st.caption(
     "x: prompt position (token below), y: layer (embeddings at the bottom, targets on top). Marker size: influence "
     "on the targets; grey squares: transcoder error nodes; diamonds: embeddings; stars: targets; orange rings: "
@@ -188,12 +197,20 @@ if st.session_state.get("graph_node") not in ordered:
     st.session_state.pop("graph_node", None)
 
 table_col, detail_col = st.columns([3, 2])
-table_col.dataframe(nodes[["node", "kind", "label", "layer", "position", "activation", "influence"]]
-                    .sort_values("influence", ascending=False), width="stretch", hide_index=True, height=420)  # fmt: skip
+table_col.dataframe(
+    nodes[["node", "kind", "label", "layer", "position", "activation", "influence"]].sort_values(
+        "influence", ascending=False
+    ),
+    width="stretch",
+    hide_index=True,
+    height=420,
+)
 chosen = detail_col.selectbox(
-    "node", ordered, key="graph_node",
+    "node",
+    ordered,
+    key="graph_node",
     format_func=lambda n: f"{all_nodes.at[n, 'label']} (influence {float(all_nodes.at[n, 'influence']):.3g})",
-)  # fmt: skip
+)
 row = all_nodes.loc[chosen]
 opened = _opened(*key)
 with detail_col.container(border=True, key="node_panel"):
@@ -223,8 +240,10 @@ with detail_col.container(border=True, key="node_panel"):
                 st.dataframe(logits, width="stretch", hide_index=True, key="feature_logits")
             page = feature_page(workspace_path(), sae_id, feature) if sae_id else None
             if page is None:
-                st.caption(f"no feature page is stored for {sae_id} #{feature}; make them with "
-                           f"`workbench sae features MODEL {sae_id} --data DATA`")  # fmt: skip
+                st.caption(
+                    f"no feature page is stored for {sae_id} #{feature}; make them with "
+                    f"`workbench sae features MODEL {sae_id} --data DATA`"
+                )
             else:
                 st.markdown(f"top activating contexts (max activation {float(page['max_activation']):.3g})")
                 for context in json.loads(page["top_contexts"] or "[]")[:5]:
@@ -265,8 +284,9 @@ if not crossing.empty:
         loads = loads.assign(source_label=loads["source"].map(all_nodes["label"]))
         loads = loads.reindex(loads["weight"].abs().sort_values(ascending=False).index)
         detail_col.markdown("heads carrying the 10 largest incoming cross-position edges")
-        detail_col.dataframe(loads[["source", "source_label", "layer", "head", "weight"]], width="stretch",
-                             hide_index=True)  # fmt: skip
+        detail_col.dataframe(
+            loads[["source", "source_label", "layer", "head", "weight"]], width="stretch", hide_index=True
+        )
 
 # ------------------------------------------------------------------ pinned subgraph, supernodes, export
 st.subheader("Pinned nodes")
@@ -277,18 +297,36 @@ if not notes.pins:
     )
 else:
     on_path = paths_between(shown.edges, notes.pins)
-    pinned_view = Subgraph(nodes[nodes["node"].isin(on_path)].reset_index(drop=True),
-                           shown.edges[shown.edges["target"].isin(on_path) & shown.edges["source"].isin(on_path)]
-                           .reset_index(drop=True), 0, 0)  # fmt: skip
+    pinned_view = Subgraph(
+        nodes[nodes["node"].isin(on_path)].reset_index(drop=True),
+        shown.edges[shown.edges["target"].isin(on_path) & shown.edges["source"].isin(on_path)].reset_index(
+            drop=True
+        ),
+        0,
+        0,
+    )
     missing = [p for p in notes.pins if p not in set(nodes["node"])]
-    st.markdown(f"pinned subgraph: **{len(pinned_view.nodes)}** nodes, **{len(pinned_view.edges)}** edges "
-                f"({len(notes.pins)} pinned; the other nodes lie on paths between them in the pruned graph)")  # fmt: skip
+    st.markdown(
+        f"pinned subgraph: **{len(pinned_view.nodes)}** nodes, **{len(pinned_view.edges)}** edges "
+        f"({len(notes.pins)} pinned; the other nodes lie on paths between them in the pruned graph)"
+    )
     if missing:
         st.caption(f"pinned but pruned away at these thresholds: {', '.join(labels[p] for p in missing)}")
-    st.plotly_chart(graph_figure(pinned_view, stored.token_texts, stored.n_layers, notes.pins), width="stretch",
-                    key="pinned_figure")  # fmt: skip
-    st.dataframe(pd.DataFrame({"node": notes.pins, "label": [labels[p] for p in notes.pins],
-                               "note": [notes.notes.get(p, "") for p in notes.pins]}), hide_index=True)  # fmt: skip
+    st.plotly_chart(
+        graph_figure(pinned_view, stored.token_texts, stored.n_layers, notes.pins),
+        width="stretch",
+        key="pinned_figure",
+    )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "node": notes.pins,
+                "label": [labels[p] for p in notes.pins],
+                "note": [notes.notes.get(p, "") for p in notes.pins],
+            }
+        ),
+        hide_index=True,
+    )
 
 group_col, suggest_col = st.columns(2)
 with group_col:
@@ -335,10 +373,13 @@ if st.button("export the view to circuit-tracer JSON"):
     except StoredGraphProblem as err:
         st.error(str(err))
     else:
-        st.download_button("download graph JSON", json.dumps(exported), file_name=f"{graph_id}.json",
-                           mime="application/json")  # fmt: skip
-        st.caption(f"{len(exported['nodes'])} nodes, {len(exported['links'])} links; qParams pinnedIds "
-                   f"{len(exported['qParams']['pinnedIds'])}, supernodes {len(exported['qParams']['supernodes'])}")  # fmt: skip
+        st.download_button(
+            "download graph JSON", json.dumps(exported), file_name=f"{graph_id}.json", mime="application/json"
+        )
+        st.caption(
+            f"{len(exported['nodes'])} nodes, {len(exported['links'])} links; qParams pinnedIds "
+            f"{len(exported['qParams']['pinnedIds'])}, supernodes {len(exported['qParams']['supernodes'])}"
+        )
 
 # ------------------------------------------------------------------ interventions
 st.subheader("Intervene on pinned features")
@@ -372,7 +413,12 @@ else:
         st.markdown(f"KL(clean‖intervened) = {result.kl:.4f} nats")
         logits_col, targets_col = st.columns(2)
         logits_col.markdown("the model's next-token logits, clean and intervened")
-        logits_col.dataframe(result.logits[["token", "p_clean", "p_intervened", "logit_clean", "logit_intervened",
-                                            "delta_logit"]], hide_index=True, key="iv_logits")  # fmt: skip
+        logits_col.dataframe(
+            result.logits[
+                ["token", "p_clean", "p_intervened", "logit_clean", "logit_intervened", "delta_logit"]
+            ],
+            hide_index=True,
+            key="iv_logits",
+        )
         targets_col.markdown("graph targets: the model's change vs the graph's linear prediction")
         targets_col.dataframe(result.targets, hide_index=True, key="iv_targets_table")

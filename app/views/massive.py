@@ -31,8 +31,24 @@ if len(checkpoints) > 1:
     st.plotly_chart(emergence_curves(rows, fits, metric="top1"), width="stretch")
     if fits is not None and not fits.empty:
         st.subheader("Emergence fits per layer")
-        columns = [c for c in fits.columns if c.startswith(("layer", "family", "status", "r2", "aic", "param_", "stderr_",
-                                                             "peak_", "emergence_", "steady_"))]  # fmt: skip
+        columns = [
+            c
+            for c in fits.columns
+            if c.startswith(
+                (
+                    "layer",
+                    "family",
+                    "status",
+                    "r2",
+                    "aic",
+                    "param_",
+                    "stderr_",
+                    "peak_",
+                    "emergence_",
+                    "steady_",
+                )
+            )
+        ]
         st.dataframe(fits[columns].sort_values("layer"), width="stretch", hide_index=True)
 else:
     st.plotly_chart(ratio_by_layer(rows), width="stretch")
@@ -40,10 +56,30 @@ st.subheader("Top dimensions and tokens")
 top = table(db, TOP)
 if top is not None and not top.empty:
     top = top[(top["model"] == model) & ((top["dataset"] == dataset) if "dataset" in top else True)]
-    step = st.selectbox("checkpoint", sorted(top["checkpoint"].dropna().unique().tolist()) or [None], index=None,
-                        placeholder="latest")  # fmt: skip
+    step = st.selectbox(
+        "checkpoint",
+        sorted(top["checkpoint"].dropna().unique().tolist()) or [None],
+        index=None,
+        placeholder="latest",
+    )
     if step is None and top["checkpoint"].notna().any():
         step = top["checkpoint"].max()
     shown = top if step is None else top[top["checkpoint"] == step]
-    st.dataframe(shown[["hook", "rank", "magnitude", "dim", "token", "position", "ratio", "spread", "occurrences",
-                        "massive"]], width="stretch", hide_index=True)  # fmt: skip
+    st.dataframe(
+        shown[
+            [
+                "hook",
+                "rank",
+                "magnitude",
+                "dim",
+                "token",
+                "position",
+                "ratio",
+                "spread",
+                "occurrences",
+                "massive",
+            ]
+        ],
+        width="stretch",
+        hide_index=True,
+    )

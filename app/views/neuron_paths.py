@@ -15,8 +15,10 @@ db = open_workspace_or_stop()
 metrics = table(db, METRICS)
 paths = table(db, PATHS)
 if metrics is None or metrics.empty or paths is None or paths.empty:
-    empty_state(ANALYSIS.description or "neuron paths",
-                f"{ANALYSIS.command}    # e.g. workbench neuron-path run vit-digits --data zoo:digits")  # fmt: skip
+    empty_state(
+        ANALYSIS.description or "neuron paths",
+        f"{ANALYSIS.command}    # e.g. workbench neuron-path run vit-digits --data zoo:digits",
+    )
     st.stop()
 model = model_select(metrics)
 rows = metrics[metrics["model"] == model]
@@ -51,9 +53,13 @@ st.subheader("Path neurons per target")
 method = st.radio("method", sorted(neurons["method"].unique()), horizontal=True)
 chosen = neurons[neurons["method"] == method]
 fig = px.scatter(
-    chosen, x="layer", y="neuron", color=chosen["target"].astype(str),
-     hover_data=["target", "rank", "joint_score"], title=f"{method}: neuron chosen per layer",
-)  # fmt: skip
+    chosen,
+    x="layer",
+    y="neuron",
+    color=chosen["target"].astype(str),
+    hover_data=["target", "rank", "joint_score"],
+    title=f"{method}: neuron chosen per layer",
+)
 fig.update_traces(mode="lines+markers")
 st.plotly_chart(fig, width="stretch")
 st.dataframe(chosen.sort_values(["target", "layer", "rank"]), width="stretch", hide_index=True)

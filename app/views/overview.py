@@ -18,9 +18,16 @@ series = []
 if models_dir.is_dir():
     for model_dir in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         steps = sorted(int(p.name[4:]) for p in model_dir.glob("step*") if p.name[4:].isdigit())
-        series.append({"model": model_dir.name, "identity": model_dir.name, "checkpoints": len(steps),
-                       "first step": steps[0] if steps else None, "last step": steps[-1] if steps else None,
-                       "where": "workspace models/"})  # fmt: skip
+        series.append(
+            {
+                "model": model_dir.name,
+                "identity": model_dir.name,
+                "checkpoints": len(steps),
+                "first step": steps[0] if steps else None,
+                "last step": steps[-1] if steps else None,
+                "where": "workspace models/",
+            }
+        )
 with_results = result_models(db)
 saved = {row["identity"]: row for row in series}
 for row in with_results.to_dict("records"):
@@ -31,15 +38,23 @@ for row in with_results.to_dict("records"):
 st.subheader("Models and checkpoint series")
 if series:
     st.dataframe(pd.DataFrame(series), width="stretch", hide_index=True)
-    st.caption("model: the short name tables show; identity: the reference rows record (a workspace model's name, "
-               "a directory's path, a hub id); tables: the result tables holding its rows")  # fmt: skip
+    st.caption(
+        "model: the short name tables show; identity: the reference rows record (a workspace model's name, "
+        "a directory's path, a hub id); tables: the result tables holding its rows"
+    )
 else:
-    st.info("No models and no results yet: `workbench zoo train code-tiny` trains one into this workspace, and any "
-            "analysis of your own model (e.g. `workbench massive DIR`) lists it here.")  # fmt: skip
+    st.info(
+        "No models and no results yet: `workbench zoo train code-tiny` trains one into this workspace, and any "
+        "analysis of your own model (e.g. `workbench massive DIR`) lists it here."
+    )
 
 st.subheader("Runs")
-RUN_KINDS = {"stores": "activation store", "jobs": "probe job state", "saes": "SAE / transcoder",
-             "codebooks": "codebook run"}  # fmt: skip
+RUN_KINDS = {
+    "stores": "activation store",
+    "jobs": "probe job state",
+    "saes": "SAE / transcoder",
+    "codebooks": "codebook run",
+}
 runs = []
 for folder, kind in RUN_KINDS.items():
     root = workspace / folder
@@ -62,11 +77,15 @@ counts = (
     else {}
 )
 catalogue = [
-    {"analysis": analysis.name, "tables": ", ".join(analysis.table_names),
-     "rows": sum(int(counts.get(t, 0)) for t in analysis.table_names), "command": analysis.command,
-     "what": analysis.description}
+    {
+        "analysis": analysis.name,
+        "tables": ", ".join(analysis.table_names),
+        "rows": sum(int(counts.get(t, 0)) for t in analysis.table_names),
+        "command": analysis.command,
+        "what": analysis.description,
+    }
     for analysis in registered_analyses().values()
-]  # fmt: skip
+]
 st.dataframe(pd.DataFrame(catalogue), width="stretch", hide_index=True)
 
 st.subheader("Computed results")

@@ -31,8 +31,13 @@ label_set = right.selectbox("label set", sorted(rows["label_set"].unique()))
 rows = rows[rows["label_set"] == label_set]
 rows = pick(rows, "dataset")
 available = [m for m in METRICS if m in rows and rows[m].notna().any()]
-metric = st.radio("metric", available, horizontal=True, format_func=lambda m: m.replace("_", " "),
-                  help="; ".join(f"{m}: {METRICS[m]}" for m in available))  # fmt: skip
+metric = st.radio(
+    "metric",
+    available,
+    horizontal=True,
+    format_func=lambda m: m.replace("_", " "),
+    help="; ".join(f"{m}: {METRICS[m]}" for m in available),
+)
 if rows["checkpoint"].nunique() > 1:
     st.plotly_chart(probe_heatmap(rows, label_set, metric), width="stretch")
     st.plotly_chart(probe_over_checkpoints(rows, label_set), width="stretch")
@@ -55,7 +60,26 @@ st.caption(
     "saturates; compare the score with the token-identity and random-init baselines."
 )
 st.subheader("All rows")
-shown = [c for c in ["checkpoint", "hook", "layer", "score", "control_score", "selectivity", "majority_score",
-                     "token_identity_score", "random_init_score", "cv_mean", "cv_std", "n_train", "n_test",
-                     "n_classes", "l2", "job"] if c in rows]  # fmt: skip
+shown = [
+    c
+    for c in [
+        "checkpoint",
+        "hook",
+        "layer",
+        "score",
+        "control_score",
+        "selectivity",
+        "majority_score",
+        "token_identity_score",
+        "random_init_score",
+        "cv_mean",
+        "cv_std",
+        "n_train",
+        "n_test",
+        "n_classes",
+        "l2",
+        "job",
+    ]
+    if c in rows
+]
 st.dataframe(rows[shown].sort_values(["checkpoint", "layer"]), width="stretch", hide_index=True)

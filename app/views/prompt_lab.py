@@ -41,8 +41,16 @@ DEFAULT_IMAGES = "zoo:digits"
 DEFAULT_SECOND = "a completely different sentence"
 OVERLAYS = ("max |activation|", "residual norm", "SAE latents", "probe predictions", "codebook codes")
 IMAGE_OVERLAYS = OVERLAYS[:4]  # codebook codes read token prompts; the rest read any position
-KINDS = ("steer: SAE latent", "steer: probe direction", "steer: codebook code", "zero-ablate heads",
-         "mean-ablate heads", "zero-ablate MLP neurons", "mean-ablate MLP neurons", "patch from a second prompt")  # fmt: skip
+KINDS = (
+    "steer: SAE latent",
+    "steer: probe direction",
+    "steer: codebook code",
+    "zero-ablate heads",
+    "mean-ablate heads",
+    "zero-ablate MLP neurons",
+    "mean-ablate MLP neurons",
+    "patch from a second prompt",
+)
 IMAGE_KINDS = KINDS[3:7]  # ablations; the SAE / probe / codebook readouts and patching read token prompts
 ERRORS = (ValueError, KeyError, IndexError, OSError, RuntimeError)
 
@@ -106,14 +114,20 @@ if workspace.results_path.exists():
             labels[row["identity"]] = f"{row['model']} (has results)"
 suggested = list(labels)
 left, mid, right = st.columns([2, 1, 2])
-choice = left.selectbox("model", [*suggested, "other reference…"], key="lab_model",
-                        format_func=lambda name: labels.get(name, name),
-                        help="a model trained into this workspace, a model with results in it, or any model "
-                        "reference")  # fmt: skip
+choice = left.selectbox(
+    "model",
+    [*suggested, "other reference…"],
+    key="lab_model",
+    format_func=lambda name: labels.get(name, name),
+    help="a model trained into this workspace, a model with results in it, or any model reference",
+)
 reference = choice
 if choice == "other reference…" or not suggested:
-    reference = left.text_input("model reference", key="lab_reference",
-                                help="DIR, DIR@STEP, NAME@STEP, ORG/NAME@REVISION, minilm or tl:NAME").strip()  # fmt: skip
+    reference = left.text_input(
+        "model reference",
+        key="lab_reference",
+        help="DIR, DIR@STEP, NAME@STEP, ORG/NAME@REVISION, minilm or tl:NAME",
+    ).strip()
     if not reference:
         st.info("Type a model reference to load it (e.g. a save_pretrained directory or code-tiny@300).")
         st.stop()
@@ -148,8 +162,12 @@ right.caption(
 picture: lab.LabImage | None = None
 if image:
     p1, p2 = st.columns([3, 1])
-    data_ref = p1.text_input("image dataset", DEFAULT_IMAGES, key="lab_image_data",
-                             help="a dataset reference holding images: zoo:digits, a folder of images")  # fmt: skip
+    data_ref = p1.text_input(
+        "image dataset",
+        DEFAULT_IMAGES,
+        key="lab_image_data",
+        help="a dataset reference holding images: zoo:digits, a folder of images",
+    )
     index = int(p2.number_input("image", min_value=0, value=0, step=1, key="lab_image_index"))
     try:
         picture = lab.load_image(model, data_ref, index)
@@ -197,8 +215,12 @@ interventions = [Intervention.from_dict(d) for d in stack]
 st.subheader("Patches" if image else "Tokens")
 c1, c2 = st.columns([1, 3])
 layer = c1.selectbox("layer", list(range(model.cfg.n_layers)), key="lab_layer")
-overlay = c2.radio("overlay", IMAGE_OVERLAYS if image else OVERLAYS, horizontal=True,
-                   key="lab_image_overlay" if image else "lab_overlay")  # fmt: skip
+overlay = c2.radio(
+    "overlay",
+    IMAGE_OVERLAYS if image else OVERLAYS,
+    horizontal=True,
+    key="lab_image_overlay" if image else "lab_overlay",
+)
 readout: dict[str, Any] = {"overlay": overlay, "layer": layer}
 profile = lab.residual_profile(model, tokens)
 values: list[float] | None = None
@@ -220,10 +242,13 @@ elif overlay == "SAE latents":
     if not saes:
         others = len(saved_saes(workspace))
         st.info(
-            (f"None of the {others} SAEs in this workspace fits {model.cfg.name} (other hooks or widths). "
-             if others else "No SAEs in this workspace. ")
+            (
+                f"None of the {others} SAEs in this workspace fits {model.cfg.name} (other hooks or widths). "
+                if others
+                else "No SAEs in this workspace. "
+            )
             + "Train one with:\n\n```\nworkbench sae train MODEL --data DATA --hook HOOK\n```"
-        )  # fmt: skip
+        )
     else:
         labels = {
             s.sae_id: f"{s.sae_id} ({s.hook_in}{' → ' + s.hook_out if s.hook_out != s.hook_in else ''})"
@@ -240,8 +265,12 @@ elif overlay == "SAE latents":
             st.warning(note)
         first = latents[latents["rank"] == 0].set_index("position")["activation"]
         values = [float(first.get(p, 0.0)) for p in range(len(texts))]
-        notes = [" ".join(f"L{r.latent}:{r.activation:.2f}" for r in latents[latents["position"] == p].itertuples())
-                 for p in range(len(texts))]  # fmt: skip
+        notes = [
+            " ".join(
+                f"L{r.latent}:{r.activation:.2f}" for r in latents[latents["position"] == p].itertuples()
+            )
+            for p in range(len(texts))
+        ]
         shown = latents
         readout["sae"] = sae_id
 elif overlay == "probe predictions":
@@ -249,12 +278,18 @@ elif overlay == "probe predictions":
 
     probes_found = dict((p.name, note) for p, note in probes_for_model(model, workspace))
     if not probes_found:
-        st.info(f"None of this workspace's {len(saved_probes(workspace))} saved probes fits {model.cfg.name} (its "
-                "hooks at their widths); save probes fitted on it with "
-                "`workbench.probes.readout.save_probe(workspace, name, probes, model=model)`.")  # fmt: skip
+        st.info(
+            f"None of this workspace's {len(saved_probes(workspace))} saved probes fits {model.cfg.name} (its "
+            "hooks at their widths); save probes fitted on it with "
+            "`workbench.probes.readout.save_probe(workspace, name, probes, model=model)`."
+        )
     else:
-        name = st.selectbox("probe", list(probes_found), key="lab_probe",
-                            format_func=lambda n: f"{n} ({probes_found[n]})" if probes_found[n] else n)  # fmt: skip
+        name = st.selectbox(
+            "probe",
+            list(probes_found),
+            key="lab_probe",
+            format_func=lambda n: f"{n} ({probes_found[n]})" if probes_found[n] else n,
+        )
         try:
             probes, saved, note = probe_for(key, name, root, model)
             site = st.selectbox("probe site", probes.sites, key="lab_probe_site")
@@ -281,8 +316,12 @@ elif overlay == "codebook codes":
             "workbench codebook train MODEL --data DATA\n```"
         )
     else:
-        run = st.selectbox("codebook run", list(fitting), key="lab_codebook",
-                           format_func=lambda r: f"{r} ({fitting[r]})" if fitting[r] else r)  # fmt: skip
+        run = st.selectbox(
+            "codebook run",
+            list(fitting),
+            key="lab_codebook",
+            format_func=lambda r: f"{r} ({fitting[r]})" if fitting[r] else r,
+        )
         try:
             codebooks = codebooks_for(key, run, root, model)
             site = st.selectbox("codebook site", codebooks.sites, key="lab_codebook_site")
@@ -291,14 +330,21 @@ elif overlay == "codebook codes":
             fail(err)
         top = codes[(codes["rank"] == 0) & (codes["group"] == 0)].set_index("position")
         values = [float(top["score"].get(p, 0.0)) for p in range(len(texts))]
-        notes = [" ".join(f"c{r.code}" for r in codes[(codes["position"] == p) & (codes["rank"] == 0)].itertuples())
-                 for p in range(len(texts))]  # fmt: skip
+        notes = [
+            " ".join(
+                f"c{r.code}" for r in codes[(codes["position"] == p) & (codes["rank"] == 0)].itertuples()
+            )
+            for p in range(len(texts))
+        ]
         shown = codes
         readout["codebook"] = run
 if picture is not None and values is not None:
     patches = lab.patch_grid(model, values)
-    st.plotly_chart(patch_figure(tokens, patches, f"{overlay}, layer {layer}", overlay), width="stretch",
-                    key="lab_patch_overlay")  # fmt: skip
+    st.plotly_chart(
+        patch_figure(tokens, patches, f"{overlay}, layer {layer}", overlay),
+        width="stretch",
+        key="lab_patch_overlay",
+    )
     st.caption(f"CLS: {values[0]:.4g}; patch (row, column) = position 1 + row × {patches.shape[1]} + column")
 else:  # the prompt's own row (class token-row), apart from the chips of an open latent's contexts below
     st.markdown(f'<div class="token-row">{token_chips(texts, values, notes)}</div>', unsafe_allow_html=True)
@@ -309,8 +355,12 @@ if shown is not None:
 if overlay == "SAE latents" and shown is not None and not shown.empty:
     last = shown[shown["position"] == shown["position"].max()]["latent"].tolist()  # the last token's first
     latents_seen = list(dict.fromkeys([*last, *sorted(set(shown["latent"]))]))
-    latent = st.selectbox("open latent", latents_seen, key="lab_open_latent",
-                          help="the latents on the chips, the last token's first: its feature page")  # fmt: skip
+    latent = st.selectbox(
+        "open latent",
+        latents_seen,
+        key="lab_open_latent",
+        help="the latents on the chips, the last token's first: its feature page",
+    )
     pages = table(workspace.results_path, "sae_features") if workspace.results_path.exists() else None
     page = None if pages is None else pages[(pages["sae_id"] == readout["sae"]) & (pages["latent"] == latent)]
     if page is None or page.empty:
@@ -319,8 +369,10 @@ if overlay == "SAE latents" and shown is not None and not shown.empty:
         )
     else:
         entry = page.iloc[0]
-        st.markdown(f"**Latent {latent}** of {plain(readout['sae'])} — density {entry['density']:.4f}, max "
-                    f"activation {entry['max_activation']:.3f} (full page: SAE features)")  # fmt: skip
+        st.markdown(
+            f"**Latent {latent}** of {plain(readout['sae'])} — density {entry['density']:.4f}, max "
+            f"activation {entry['max_activation']:.3f} (full page: SAE features)"
+        )
         for context in json.loads(entry["top_contexts"] or "[]")[:5]:
             st.markdown(
                 token_chips(context["tokens"], [float(a) for a in context["acts"]]), unsafe_allow_html=True
@@ -352,8 +404,15 @@ else:
 def new_intervention(kind: str) -> Intervention | None:
     """The add-intervention form for ``kind``; returns the intervention when the button is pressed."""
     f1, f2, f3, f4 = st.columns(4)
-    positions = parse_indices(f4.text_input("positions", "all", key="lab_iv_positions",
-                                            help="token positions, e.g. 0, 3 (all: every position)"), "positions")  # fmt: skip
+    positions = parse_indices(
+        f4.text_input(
+            "positions",
+            "all",
+            key="lab_iv_positions",
+            help="token positions, e.g. 0, 3 (all: every position)",
+        ),
+        "positions",
+    )
     built: Any = None
     if kind == "steer: SAE latent":
         from workbench.circuits.sae.readout import latent_steering, saes_for_model
@@ -363,8 +422,12 @@ def new_intervention(kind: str) -> Intervention | None:
             st.info(f"No SAE in this workspace fits {model.cfg.name}.")
             return None
         shown_sae = st.session_state.get("lab_sae")  # default: the SAE the token chips show
-        sae_id = f1.selectbox("steering SAE", ids, index=ids.index(shown_sae) if shown_sae in ids else 0,
-                              key=f"lab_iv_sae_{shown_sae}")  # fmt: skip
+        sae_id = f1.selectbox(
+            "steering SAE",
+            ids,
+            index=ids.index(shown_sae) if shown_sae in ids else 0,
+            key=f"lab_iv_sae_{shown_sae}",
+        )
         latent = int(f2.number_input("latent", min_value=0, value=0, step=1, key="lab_iv_latent"))
         scale = float(f3.number_input("scale", value=4.0, step=1.0, key="lab_iv_scale"))
 
@@ -404,8 +467,9 @@ def new_intervention(kind: str) -> Intervention | None:
         scale = float(f3.number_input("scale", value=4.0, step=1.0, key="lab_iv_scale"))
 
         def built() -> Intervention:
-            return code_steering(codebooks_for(key, run, root, model), run, site, code, scale, group=group,
-                                 positions=positions)  # fmt: skip
+            return code_steering(
+                codebooks_for(key, run, root, model), run, site, code, scale, group=group, positions=positions
+            )
     elif kind in ("zero-ablate heads", "mean-ablate heads"):
         at = int(f1.selectbox("ablation layer", list(range(model.cfg.n_layers)), key="lab_iv_layer"))
         heads = parse_indices(f2.text_input("heads", "0", key="lab_iv_heads"), "heads")
@@ -464,9 +528,11 @@ def show_comparison(result: lab.NextTokenComparison, what: str, title: str) -> N
     best_clean, best_int = lab.output_names(
         model, [int(result.clean.argmax()), int(result.intervened.argmax())]
     )
-    line = (f"top {what} clean {plain(repr(best_clean))} (p={float(result.clean.softmax(-1).max()):.4f}) → "
-            f"intervened {plain(repr(best_int))} (p={float(result.intervened.softmax(-1).max()):.4f}); "
-            f"KL(clean‖intervened) = {result.kl:.4f} nats")  # fmt: skip
+    line = (
+        f"top {what} clean {plain(repr(best_clean))} (p={float(result.clean.softmax(-1).max()):.4f}) → "
+        f"intervened {plain(repr(best_int))} (p={float(result.intervened.softmax(-1).max()):.4f}); "
+        f"KL(clean‖intervened) = {result.kl:.4f} nats"
+    )
     if result.focus:
         line += (
             f"; logit difference of {plain(repr(result.focus['token']))}: {result.focus['logit_diff']:+.4f}"
@@ -497,8 +563,11 @@ if caps.output == "next_token":
     new_tokens = int(
         g2.number_input("new tokens", min_value=1, max_value=200, value=20, key="lab_new_tokens")
     )
-    temperature = 0.0 if mode == "greedy" else float(g3.number_input("temperature", min_value=0.05, value=1.0,
-                                                                      step=0.1, key="lab_temperature"))  # fmt: skip
+    temperature = (
+        0.0
+        if mode == "greedy"
+        else float(g3.number_input("temperature", min_value=0.05, value=1.0, step=0.1, key="lab_temperature"))
+    )
     seed = int(g4.number_input("seed", min_value=0, value=0, step=1, key="lab_seed"))
     generation = {"mode": mode, "max_new_tokens": new_tokens, "temperature": temperature, "seed": seed}
     try:
@@ -516,12 +585,17 @@ elif caps.output == "masked_token":
     st.subheader("Masked-token prediction")
     masked = lab.mask_positions(model, tokens)
     if not masked:
-        st.info(f"The prompt has no {plain(model.tokenizer.mask_token)}: put one where the masked-LM head should "
-                "predict a token.")  # fmt: skip
+        st.info(
+            f"The prompt has no {plain(model.tokenizer.mask_token)}: put one where the masked-LM head should "
+            "predict a token."
+        )
     else:
         o1, o2, o3 = st.columns(3)
-        at = int(o1.selectbox("masked position", masked, key="lab_mask_position",
-                              format_func=lambda p: f"{p}: {texts[p]}"))  # fmt: skip
+        at = int(
+            o1.selectbox(
+                "masked position", masked, key="lab_mask_position", format_func=lambda p: f"{p}: {texts[p]}"
+            )
+        )
         top_k = int(o2.number_input("top tokens", min_value=1, max_value=50, value=8, key="lab_top_k"))
         try:
             comparison = lab.compare_outputs(model, tokens, interventions, top_k=top_k, position=at)
@@ -543,8 +617,12 @@ elif caps.output == "class":
 
 if caps.modality == "text" and caps.output != "next_token":
     st.subheader("Sentence embedding")
-    second = st.text_input("second prompt", DEFAULT_SECOND, key="lab_second",
-                           help="its pooled embedding (clean) is compared with this prompt's")  # fmt: skip
+    second = st.text_input(
+        "second prompt",
+        DEFAULT_SECOND,
+        key="lab_second",
+        help="its pooled embedding (clean) is compared with this prompt's",
+    )
     try:
         embeddings = lab.compare_embeddings(model, tokens, interventions, second or None)
     except ERRORS as err:
@@ -576,8 +654,11 @@ if caps.modality == "text" and caps.output != "next_token":
         changed = int((both["label_clean"] != both["label_intervened"]).sum())
         st.caption(f"{changed} of {len(both)} positions change their predicted label")
         st.dataframe(both, width="stretch", hide_index=True)
-        outputs["probe"] = {"name": probe_name, "site": probe_site,
-                            "rows": json.loads(both.to_json(orient="records"))}  # fmt: skip
+        outputs["probe"] = {
+            "name": probe_name,
+            "site": probe_site,
+            "rows": json.loads(both.to_json(orient="records")),
+        }
 
 if picture is not None and caps.output == "class" and comparison is not None:
     from workbench.circuits.neuron_path.analysis import joint_score, locate_path, make_task
@@ -585,8 +666,15 @@ if picture is not None and caps.output == "class" and comparison is not None:
     st.subheader("Neuron path on the patches")
     n1, n2, n3 = st.columns(3)
     best = int(comparison.clean.argmax())
-    target = int(n1.selectbox("class", list(range(len(caps.class_names))), index=best,  # the image's top class
-                              key=f"lab_np_class_{key}_{picture.name}", format_func=lambda c: caps.class_names[c]))  # fmt: skip
+    target = int(
+        n1.selectbox(
+            "class",
+            list(range(len(caps.class_names))),
+            index=best,  # the image's top class
+            key=f"lab_np_class_{key}_{picture.name}",
+            format_func=lambda c: caps.class_names[c],
+        )
+    )
     top_n = int(n2.number_input("neurons per layer", min_value=1, max_value=8, value=1, key="lab_np_top_k"))
     np_steps = int(n3.number_input("steps", min_value=1, max_value=64, value=8, key="lab_np_steps"))
     traced = st.session_state.setdefault("lab_np_paths", {})
@@ -606,9 +694,16 @@ if picture is not None and caps.output == "class" and comparison is not None:
         st.markdown(
             "path at CLS: " + "; ".join(f"layer {ly}: {', '.join(map(str, ns))}" for ly, ns in path.items())
         )
-        st.plotly_chart(patch_figure(tokens, lab.patch_grid(model, scores),
-                                     f"joint score of the path's neurons at each patch ({caps.class_names[target]})",
-                                     "joint score"), width="stretch", key="lab_np_figure")  # fmt: skip
+        st.plotly_chart(
+            patch_figure(
+                tokens,
+                lab.patch_grid(model, scores),
+                f"joint score of the path's neurons at each patch ({caps.class_names[target]})",
+                "joint score",
+            ),
+            width="stretch",
+            key="lab_np_figure",
+        )
         st.caption(f"at CLS: {scores[0]:.4g} (the classifier reads CLS)")
         outputs["neuron_path"] = {
             "class": target,
@@ -616,8 +711,10 @@ if picture is not None and caps.output == "class" and comparison is not None:
             "scores": scores,
         }
     else:
-        st.caption("Press the button to locate the class's neuron path (at CLS) and draw its joint score at every "
-                   "patch.")  # fmt: skip
+        st.caption(
+            "Press the button to locate the class's neuron path (at CLS) and draw its joint score at every "
+            "patch."
+        )
 
 st.caption(f"computed in {time.perf_counter() - STARTED:.2f} s", help="this run of the page, on the server")
 

@@ -16,8 +16,10 @@ from workbench.circuits.sae.formats.transfer import imported_saes
 
 EVALS, FEATURES = (t.name for t in ANALYSIS.tables)
 (REPLACED,) = REPLACEMENT.table_names
-COMMAND = (f"{ANALYSIS.command}    # e.g. workbench sae train code-tiny --data zoo:python-stdlib "
-           "--hook blocks.0.hook_resid_post")  # fmt: skip
+COMMAND = (
+    f"{ANALYSIS.command}    # e.g. workbench sae train code-tiny --data zoo:python-stdlib "
+    "--hook blocks.0.hook_resid_post"
+)
 
 st.title("SAE features")
 db = open_workspace_or_stop()
@@ -28,8 +30,10 @@ imported = imported_saes(db.parent)
 if not imported.empty:
     with st.expander(f"Imported SAEs ({len(imported)})", expanded=evals is None or evals.empty):
         st.dataframe(imported, width="stretch", hide_index=True)
-        st.caption("Imported with `workbench sae import PATH`. Score one with `workbench sae eval ID MODEL --data "
-                   "DATA`, its feature pages with `workbench sae features ID MODEL --data DATA`.")  # fmt: skip
+        st.caption(
+            "Imported with `workbench sae import PATH`. Score one with `workbench sae eval ID MODEL --data "
+            "DATA`, its feature pages with `workbench sae features ID MODEL --data DATA`."
+        )
 if (evals is None or evals.empty) and (features is None or features.empty):
     empty_state("SAE evaluations and feature pages", COMMAND)
     st.stop()
@@ -38,10 +42,34 @@ if evals is not None and not evals.empty:
     st.subheader("Evaluations")
     if "dataset" in evals and evals["dataset"].nunique() > 1:  # the same SAEs scored on several datasets
         evals = evals[evals["dataset"] == st.selectbox("dataset", sorted(evals["dataset"].dropna().unique()))]
-    columns = [c for c in ["sae_id", "model", "checkpoint", "dataset", "hook", "hook_out", "architecture",
-                           "transcoder", "d_sae", "k", "L0", "FVU", "explained_variance", "cosine", "ce_recovered",
-                           "kl", "ce_clean", "ce_spliced", "ce_zero", "dead_fraction", "dense_fraction", "ce_note"]
-               if c in evals.columns]  # fmt: skip
+    columns = [
+        c
+        for c in [
+            "sae_id",
+            "model",
+            "checkpoint",
+            "dataset",
+            "hook",
+            "hook_out",
+            "architecture",
+            "transcoder",
+            "d_sae",
+            "k",
+            "L0",
+            "FVU",
+            "explained_variance",
+            "cosine",
+            "ce_recovered",
+            "kl",
+            "ce_clean",
+            "ce_spliced",
+            "ce_zero",
+            "dead_fraction",
+            "dense_fraction",
+            "ce_note",
+        ]
+        if c in evals.columns
+    ]
     st.dataframe(evals[columns], width="stretch", hide_index=True)
     tradeoff = go.Figure(
         go.Scatter(
@@ -60,35 +88,81 @@ if evals is not None and not evals.empty:
 replaced = table(db, REPLACED)
 if replaced is not None and not replaced.empty:  # CLTs and transcoder sets scored as a replacement model
     st.subheader("Replacement model (transcoders)")
-    st.caption("Every MLP output replaced by the transcoders at once (errors off), on held-out text: next-token loss, "
-               "KL against the model's own predictions, and the share of the model's loss gain over a unigram "
-               "baseline that the replacement keeps. From `workbench sae eval CLT_OR_TRANSCODERS MODEL --data DATA` "
-               "(or `sae train --architecture clt`).")  # fmt: skip
+    st.caption(
+        "Every MLP output replaced by the transcoders at once (errors off), on held-out text: next-token loss, "
+        "KL against the model's own predictions, and the share of the model's loss gain over a unigram "
+        "baseline that the replacement keeps. From `workbench sae eval CLT_OR_TRANSCODERS MODEL --data DATA` "
+        "(or `sae train --architecture clt`)."
+    )
     shown = replaced[replaced["model"] == model_select(replaced, key="replacement-model")]
     shown = pick(shown, "checkpoint", key="replacement-checkpoint")
     shown = pick(shown, "dataset", key="replacement-dataset")
-    columns = [c for c in ["transcoders", "kind", "n_layers", "mean_L0", "kl", "ce_replacement", "ce_clean",
-                           "ce_unigram", "gain_kept", "n_tokens", "unigram_tokens", "dataset", "checkpoint"]
-               if c in shown.columns]  # fmt: skip
+    columns = [
+        c
+        for c in [
+            "transcoders",
+            "kind",
+            "n_layers",
+            "mean_L0",
+            "kl",
+            "ce_replacement",
+            "ce_clean",
+            "ce_unigram",
+            "gain_kept",
+            "n_tokens",
+            "unigram_tokens",
+            "dataset",
+            "checkpoint",
+        ]
+        if c in shown.columns
+    ]
     st.dataframe(shown[columns], width="stretch", hide_index=True)
     if len(shown) > 1:  # CLTs against per-layer sets: KL at each mean L0
         curve = go.Figure()
         for kind, group in shown.sort_values("mean_L0").groupby("kind"):
-            curve.add_trace(go.Scatter(x=group["mean_L0"], y=group["kl"], mode="markers+lines+text", name=str(kind),
-                                       text=group["transcoders"], textposition="top center"))  # fmt: skip
-        curve.update_layout(title="Replacement-model KL vs mean L0", xaxis_title="mean L0 per layer and token",
-                            yaxis_title="KL (model ‖ replacement)", height=360)  # fmt: skip
+            curve.add_trace(
+                go.Scatter(
+                    x=group["mean_L0"],
+                    y=group["kl"],
+                    mode="markers+lines+text",
+                    name=str(kind),
+                    text=group["transcoders"],
+                    textposition="top center",
+                )
+            )
+        curve.update_layout(
+            title="Replacement-model KL vs mean L0",
+            xaxis_title="mean L0 per layer and token",
+            yaxis_title="KL (model ‖ replacement)",
+            height=360,
+        )
         st.plotly_chart(curve, width="stretch")
     chosen = st.selectbox("transcoders", shown["transcoders"].tolist(), key="replacement-transcoders")
     row = shown[shown["transcoders"] == chosen].iloc[0].to_dict()
     layer_rows = replacement_layers(all_evals, row) if all_evals is not None else None
     if layer_rows is None or layer_rows.empty:
-        st.info("No per-layer sae_evals rows of these transcoders on this model, checkpoint and dataset: rerun "
-                "`workbench sae eval` on them.")  # fmt: skip
+        st.info(
+            "No per-layer sae_evals rows of these transcoders on this model, checkpoint and dataset: rerun "
+            "`workbench sae eval` on them."
+        )
     else:
         st.markdown(f"**Per layer** ({plain(chosen)})")
-        columns = [c for c in ["sae_id", "hook", "hook_out", "L0", "FVU", "explained_variance", "cosine",
-                               "dead_fraction", "dense_fraction", "n_tokens"] if c in layer_rows.columns]  # fmt: skip
+        columns = [
+            c
+            for c in [
+                "sae_id",
+                "hook",
+                "hook_out",
+                "L0",
+                "FVU",
+                "explained_variance",
+                "cosine",
+                "dead_fraction",
+                "dense_fraction",
+                "n_tokens",
+            ]
+            if c in layer_rows.columns
+        ]
         st.dataframe(layer_rows[columns], width="stretch", hide_index=True)
 
     empty_state("feature pages", COMMAND)
@@ -165,8 +239,13 @@ if hist.get("counts"):
     edges = hist["edges"]
     centers = [(a * b) ** 0.5 for a, b in zip(edges[:-1], edges[1:], strict=True)]
     fig = go.Figure(go.Bar(x=centers, y=hist["counts"]))
-    fig.update_layout(title="Activation histogram (non-zero)", xaxis_type="log", xaxis_title="activation",
-                      yaxis_title="tokens", height=300)  # fmt: skip
+    fig.update_layout(
+        title="Activation histogram (non-zero)",
+        xaxis_type="log",
+        xaxis_title="activation",
+        yaxis_title="tokens",
+        height=300,
+    )
     st.plotly_chart(fig, width="stretch")
 shares = page.get("head_shares")
 if isinstance(shares, str):  # an attn.hook_z SAE: where the latent's decoder direction lives, head by head

@@ -40,16 +40,31 @@ ANALYSIS = Analysis(
     name="attribution_batches",
     command="workbench circuits attribute MODEL --transcoders ID ... --data REF --prompts START:STOP",
     tables=(
-        Table(JOBS_TABLE, keys=("model", "checkpoint", "job"),
-              columns=("prompts", "n_prompts", "model_ref", "transcoders", "targets", "options"),
-              description="one row per batch of attribution graphs: its spec and latest prompt range"),
-        Table(BATCH_TABLE, keys=("model", "checkpoint", "job", "prompt_index"),
-              columns=("status", "graph", "error", "seconds", *SCORE_COLUMNS, "n_features", "n_nodes", "n_edges",
-                       "finished_at"),
-              description="one row per prompt of a batch: its graph id (attribution_graphs) and scores, or its error"),
+        Table(
+            JOBS_TABLE,
+            keys=("model", "checkpoint", "job"),
+            columns=("prompts", "n_prompts", "model_ref", "transcoders", "targets", "options"),
+            description="one row per batch of attribution graphs: its spec and latest prompt range",
+        ),
+        Table(
+            BATCH_TABLE,
+            keys=("model", "checkpoint", "job", "prompt_index"),
+            columns=(
+                "status",
+                "graph",
+                "error",
+                "seconds",
+                *SCORE_COLUMNS,
+                "n_features",
+                "n_nodes",
+                "n_edges",
+                "finished_at",
+            ),
+            description="one row per prompt of a batch: its graph id (attribution_graphs) and scores, or its error",
+        ),
     ),
     description="batches of attribution graphs over a dataset's prompts, resumable",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -82,16 +97,25 @@ class GraphSpec:
         for target in self.targets:
             if isinstance(target, ProbeReadout):
                 vector = target.vector.detach().double().cpu().numpy().tobytes()
-                found.append(f"{target.label} @{target.hook} bias {target.bias!r} "
-                             f"sha256:{hashlib.sha256(vector).hexdigest()[:12]}")  # fmt: skip
+                found.append(
+                    f"{target.label} @{target.hook} bias {target.bias!r} "
+                    f"sha256:{hashlib.sha256(vector).hexdigest()[:12]}"
+                )
             else:
                 found.append(str(target))
         return found
 
     def options(self) -> dict[str, Any]:
-        return {"max_feature_nodes": self.max_feature_nodes, "batch_size": self.batch_size, "position": self.position,
-                "max_logits": self.max_logits, "logit_probability": self.logit_probability, "heads": self.heads,
-                "dataset": self.dataset, "context_length": self.context_length}  # fmt: skip
+        return {
+            "max_feature_nodes": self.max_feature_nodes,
+            "batch_size": self.batch_size,
+            "position": self.position,
+            "max_logits": self.max_logits,
+            "logit_probability": self.logit_probability,
+            "heads": self.heads,
+            "dataset": self.dataset,
+            "context_length": self.context_length,
+        }
 
 
 def job_id(spec: GraphSpec) -> str:
@@ -171,15 +195,28 @@ def run_graph_task(task: GraphTask) -> dict[str, Any]:
     spec = task.spec
     try:
         model, ids, transcoders = _loaded(spec)
-        graph = attribute(model, transcoders, torch.tensor(task.tokens, dtype=torch.long), targets=list(spec.targets),
-                          max_feature_nodes=spec.max_feature_nodes, batch_size=spec.batch_size, position=spec.position,
-                          max_logits=spec.max_logits, logit_probability=spec.logit_probability, heads=spec.heads)  # fmt: skip
+        graph = attribute(
+            model,
+            transcoders,
+            torch.tensor(task.tokens, dtype=torch.long),
+            targets=list(spec.targets),
+            max_feature_nodes=spec.max_feature_nodes,
+            batch_size=spec.batch_size,
+            position=spec.position,
+            max_logits=spec.max_logits,
+            logit_probability=spec.logit_probability,
+            heads=spec.heads,
+        )
         name = graph_id(graph, ids, spec.max_feature_nodes)
         frames = graph_frames(graph, name, ids, spec.max_feature_nodes)
         summary = frames["attribution_graphs"].iloc[0]
         outcome = task_outcome("done", start)
-        outcome.update(frames=frames, graph=name, **{c: float(summary[c]) for c in SCORE_COLUMNS},
-                       **{c: int(summary[c]) for c in ("n_features", "n_nodes", "n_edges")})  # fmt: skip
+        outcome.update(
+            frames=frames,
+            graph=name,
+            **{c: float(summary[c]) for c in SCORE_COLUMNS},
+            **{c: int(summary[c]) for c in ("n_features", "n_nodes", "n_edges")},
+        )
     except Exception as err:  # noqa: BLE001 — a failed prompt is reported in the batch table, not raised
         outcome = task_outcome("failed", start, error=err)
     return {**outcome, "threads": torch.get_num_threads()}
@@ -190,11 +227,18 @@ def _commit(workspace: Workspace, task: GraphTask, outcome: dict[str, Any]) -> N
     if outcome["status"] == "done":
         write_tables(workspace, GRAPH_ANALYSIS, outcome["frames"])
     crash_point("attribution.batch.graph_written")
-    row = {"model": task.spec.identity, "checkpoint": task.spec.checkpoint, "job": task.job,
-           "prompt_index": task.prompt_index, "status": outcome["status"], "graph": outcome.get("graph"),
-           "error": outcome["error"], "seconds": float(outcome["seconds"]),
-           **{c: outcome.get(c) for c in (*SCORE_COLUMNS, "n_features", "n_nodes", "n_edges")},
-           "finished_at": datetime.now(UTC).replace(tzinfo=None)}  # fmt: skip
+    row = {
+        "model": task.spec.identity,
+        "checkpoint": task.spec.checkpoint,
+        "job": task.job,
+        "prompt_index": task.prompt_index,
+        "status": outcome["status"],
+        "graph": outcome.get("graph"),
+        "error": outcome["error"],
+        "seconds": float(outcome["seconds"]),
+        **{c: outcome.get(c) for c in (*SCORE_COLUMNS, "n_features", "n_nodes", "n_edges")},
+        "finished_at": datetime.now(UTC).replace(tzinfo=None),
+    }
     write_tables(workspace, ANALYSIS, {BATCH_TABLE: pd.DataFrame([row])})
     crash_point("attribution.batch.status_written")
 
@@ -228,16 +272,32 @@ def run_batch(
         raise AttributionError("no prompts: pass a non-empty range, e.g. --prompts 0:100")
     workspace = Workspace(spec.workspace)
     job = job_id(spec)
-    record = {"model": spec.identity, "checkpoint": spec.checkpoint, "job": job, "prompts": _prompts_text(list(rows)),
-              "n_prompts": len(rows), "model_ref": spec.model, "transcoders": json.dumps(list(spec.transcoders)),
-              "targets": json.dumps(spec.describe_targets()), "options": json.dumps(spec.options())}  # fmt: skip
+    record = {
+        "model": spec.identity,
+        "checkpoint": spec.checkpoint,
+        "job": job,
+        "prompts": _prompts_text(list(rows)),
+        "n_prompts": len(rows),
+        "model_ref": spec.model,
+        "transcoders": json.dumps(list(spec.transcoders)),
+        "targets": json.dumps(spec.describe_targets()),
+        "options": json.dumps(spec.options()),
+    }
     write_tables(workspace, ANALYSIS, {JOBS_TABLE: pd.DataFrame([record])})
     done = _recorded(workspace, job)
     finished = set() if done.empty else set(done.loc[done["status"] == "done", "prompt_index"].astype(int))
-    tasks = [GraphTask(job, spec, index, tuple(int(t) for t in tokens)) for index, tokens in sorted(rows.items())
-             if index not in finished]  # fmt: skip
-    bar = tqdm(total=len(rows), initial=len(rows) - len(tasks), desc=f"attribution graphs {job}", unit="graph",
-               disable=not progress)  # fmt: skip
+    tasks = [
+        GraphTask(job, spec, index, tuple(int(t) for t in tokens))
+        for index, tokens in sorted(rows.items())
+        if index not in finished
+    ]
+    bar = tqdm(
+        total=len(rows),
+        initial=len(rows) - len(tasks),
+        desc=f"attribution graphs {job}",
+        unit="graph",
+        disable=not progress,
+    )
     failed = 0
     for task, outcome in execute(tasks, backend, workers, address, run_graph_task):
         _commit(workspace, task, outcome)
@@ -261,14 +321,23 @@ def batch_jobs(workspace: Any) -> pd.DataFrame:
     ws = Workspace(workspace)
     results = ws.results()
     if JOBS_TABLE not in results.tables():
-        return pd.DataFrame(columns=["job", "model", "checkpoint", "prompts", "n_prompts", "done", "failed",
-                                     "pending"])  # fmt: skip
+        return pd.DataFrame(
+            columns=["job", "model", "checkpoint", "prompts", "n_prompts", "done", "failed", "pending"]
+        )
     jobs = results.read(JOBS_TABLE).sort_values("created_at")
     rows = []
     for job in jobs.itertuples():
         counts = batch_status(ws, str(job.job))["status"].value_counts()
-        rows.append({"job": job.job, "model": job.model, "checkpoint": job.checkpoint, "prompts": job.prompts,
-                     "n_prompts": job.n_prompts, **{s: int(counts.get(s, 0)) for s in ("done", "failed", "pending")}})  # fmt: skip
+        rows.append(
+            {
+                "job": job.job,
+                "model": job.model,
+                "checkpoint": job.checkpoint,
+                "prompts": job.prompts,
+                "n_prompts": job.n_prompts,
+                **{s: int(counts.get(s, 0)) for s in ("done", "failed", "pending")},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -280,9 +349,11 @@ def batch_status(workspace: Any, job: str) -> pd.DataFrame:
     jobs = results.read(JOBS_TABLE, job=job) if JOBS_TABLE in results.tables() else pd.DataFrame()
     if jobs.empty:
         known = results.read(JOBS_TABLE)["job"].tolist() if JOBS_TABLE in results.tables() else []
-        raise AttributionError(f"no attribution batch {job!r} in {ws.root} (batches: {', '.join(known) or 'none'}); "
-                               "start one with `workbench circuits attribute MODEL --transcoders ... --data REF "
-                               "--prompts START:STOP`")  # fmt: skip
+        raise AttributionError(
+            f"no attribution batch {job!r} in {ws.root} (batches: {', '.join(known) or 'none'}); "
+            "start one with `workbench circuits attribute MODEL --transcoders ... --data REF "
+            "--prompts START:STOP`"
+        )
     prompts = str(jobs.iloc[-1]["prompts"])
     indices = list(range(*map(int, prompts.split(":")))) if ":" in prompts else json.loads(prompts)
     recorded = _recorded(ws, job)
@@ -291,6 +362,10 @@ def batch_status(workspace: Any, job: str) -> pd.DataFrame:
     table = []
     for index in indices:
         row = latest.get(index)
-        table.append({"prompt_index": index, **({c: row[c] for c in columns} if row is not None else
-                                                {"status": "pending"})})  # fmt: skip
+        table.append(
+            {
+                "prompt_index": index,
+                **({c: row[c] for c in columns} if row is not None else {"status": "pending"}),
+            }
+        )
     return pd.DataFrame(table).reindex(columns=["prompt_index", *columns])

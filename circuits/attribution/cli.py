@@ -35,8 +35,11 @@ from workbench.cli_options import (
     require_data,
 )
 
-app = typer.Typer(help="Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk, "
-                  "clt-eval.", no_args_is_help=True)  # fmt: skip
+app = typer.Typer(
+    help="Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk, "
+    "clt-eval.",
+    no_args_is_help=True,
+)
 jobs_app = typer.Typer(
     help="Batches of attribution graphs (`circuits attribute --prompts`).", no_args_is_help=True
 )
@@ -95,17 +98,47 @@ def export(
         fail(
             f"--format {format!r} is not one of circuit-tracer (or use `workbench circuits attribute --format`)"
         )
-    run_deprecated_circuit("circuits export", model=model, transcoders=transcoder, data=data, root=root, layer=layer,
-                           feature=feature, prompt_index=prompt_index, position=position,
-                           context_length=context_length, max_logits=max_logits, logit_probability=logit_probability,
-                           out=out, device=device, workspace=workspace, trust_remote_code=trust_remote_code,
-                           progress=progress)  # fmt: skip
+    run_deprecated_circuit(
+        "circuits export",
+        model=model,
+        transcoders=transcoder,
+        data=data,
+        root=root,
+        layer=layer,
+        feature=feature,
+        prompt_index=prompt_index,
+        position=position,
+        context_length=context_length,
+        max_logits=max_logits,
+        logit_probability=logit_probability,
+        out=out,
+        device=device,
+        workspace=workspace,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
 
 
-def run_deprecated_circuit(command: str, *, model: str, transcoders: list[str], data: str | None, root: str,
-                           layer: int | None, feature: int | None, prompt_index: int, position: int,
-                           context_length: int, max_logits: int, logit_probability: float, out: str | None,
-                           device: str, workspace, trust_remote_code: bool, progress: bool = True) -> None:  # fmt: skip
+def run_deprecated_circuit(
+    command: str,
+    *,
+    model: str,
+    transcoders: list[str],
+    data: str | None,
+    root: str,
+    layer: int | None,
+    feature: int | None,
+    prompt_index: int,
+    position: int,
+    context_length: int,
+    max_logits: int,
+    logit_probability: float,
+    out: str | None,
+    device: str,
+    workspace,
+    trust_remote_code: bool,
+    progress: bool = True,
+) -> None:
     """The retired greedy-search commands (`sae circuit`, `circuits export`) translated to `circuits attribute`:
     one deprecation line naming the command that runs, then the full attribution graph of the same prompt (root
     logit: the next-token logits at --position; root feature: --layer / --feature at --position, by default the
@@ -135,16 +168,49 @@ def run_deprecated_circuit(command: str, *, model: str, transcoders: list[str], 
                 hooked(tokens[None])
             feature = int(tc.encode(layer, cache[tc.hook_in(layer)][0, at].to(tc.dtype)[None])[0].argmax())
         target = f"feature:{layer}:{at}:{feature}"
-    translated = ["workbench", "circuits", "attribute", model, *(a for t in transcoders for a in ("--transcoders", t)),
-                  "--data", data, "--prompt-index", str(prompt_index), "--target", target, "--position", str(position),
-                  "--context-length", str(context_length), "--max-logits", str(max_logits), "--logit-probability",
-                  str(logit_probability), *(["--out", out, "--format", "circuit-tracer"] if out else [])]  # fmt: skip
-    typer.echo(f"warning: `workbench {command}` is deprecated (the greedy path search is retired; it goes in the "
-               f"next release); running `{shlex.join(translated)}`", err=True)  # fmt: skip
-    attribute(model=model, transcoders=transcoders, data=data, prompt_index=prompt_index, target=[target],
-              position=position, max_logits=max_logits, logit_probability=logit_probability,
-              context_length=context_length, out=out, device=device, workspace=workspace,
-              trust_remote_code=trust_remote_code, progress=progress)  # fmt: skip
+    translated = [
+        "workbench",
+        "circuits",
+        "attribute",
+        model,
+        *(a for t in transcoders for a in ("--transcoders", t)),
+        "--data",
+        data,
+        "--prompt-index",
+        str(prompt_index),
+        "--target",
+        target,
+        "--position",
+        str(position),
+        "--context-length",
+        str(context_length),
+        "--max-logits",
+        str(max_logits),
+        "--logit-probability",
+        str(logit_probability),
+        *(["--out", out, "--format", "circuit-tracer"] if out else []),
+    ]
+    typer.echo(
+        f"warning: `workbench {command}` is deprecated (the greedy path search is retired; it goes in the "
+        f"next release); running `{shlex.join(translated)}`",
+        err=True,
+    )
+    attribute(
+        model=model,
+        transcoders=transcoders,
+        data=data,
+        prompt_index=prompt_index,
+        target=[target],
+        position=position,
+        max_logits=max_logits,
+        logit_probability=logit_probability,
+        context_length=context_length,
+        out=out,
+        device=device,
+        workspace=workspace,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
 
 
 def _load_transcoders(references: list[str], workspace, device: str) -> tuple[list[str], object]:
@@ -207,14 +273,18 @@ def _probe_readout(spec: str, hooked, workspace):
     site = rest[0] if rest else None
     if site is None:
         if len(probes.sites) != 1:
-            fail(f"probe {name!r} reads {len(probes.sites)} sites; name one: probe:{name}:SITE with SITE one of "
-                 f"{', '.join(probes.sites)} (or its layer number)")  # fmt: skip
+            fail(
+                f"probe {name!r} reads {len(probes.sites)} sites; name one: probe:{name}:SITE with SITE one of "
+                f"{', '.join(probes.sites)} (or its layer number)"
+            )
         site = probes.sites[0]
     elif site.lstrip("-").isdigit():
         at_layer = [s for s in probes.sites if s.startswith(f"blocks.{int(site)}.")]
         if len(at_layer) != 1:
-            fail(f"probe {name!r} has {len(at_layer)} sites at layer {site}; name the hook: one of "
-                 f"{', '.join(probes.sites)}")  # fmt: skip
+            fail(
+                f"probe {name!r} has {len(at_layer)} sites at layer {site}; name the hook: one of "
+                f"{', '.join(probes.sites)}"
+            )
         site = at_layer[0]
     elif site not in probes.sites:
         fail(f"probe {name!r} has no site {site!r}; its sites: {', '.join(probes.sites)}")
@@ -224,8 +294,10 @@ def _probe_readout(spec: str, hooked, workspace):
     if probes.task == "regression":
         column = int(rest[1]) if len(rest) > 1 and rest[1].isdigit() else 0
         if len(rest) > 1 and not rest[1].isdigit() or not 0 <= column < weight.shape[1]:
-            fail(f"probe {name!r} is a regression on {weight.shape[1]} target(s); LABEL is a target index "
-                 f"0..{weight.shape[1] - 1}")  # fmt: skip
+            fail(
+                f"probe {name!r} is a regression on {weight.shape[1]} target(s); LABEL is a target index "
+                f"0..{weight.shape[1] - 1}"
+            )
         vector, constant, label = weight[:, column], bias[column], f"target {column}"
     else:
         assert probes.classes is not None
@@ -235,8 +307,10 @@ def _probe_readout(spec: str, hooked, workspace):
         wanted = rest[1] if len(rest) > 1 else values[-1]
         wanted = named.get(wanted, wanted)
         if wanted not in values:
-            fail(f"probe {name!r} has no class {rest[1]!r}; its classes: {', '.join(values)}"
-                 + (f" ({', '.join(names)})" if names else ""))  # fmt: skip
+            fail(
+                f"probe {name!r} has no class {rest[1]!r}; its classes: {', '.join(values)}"
+                + (f" ({', '.join(names)})" if names else "")
+            )
         column = values.index(wanted)
         others = (
             [c for c in range(len(values)) if c != column] if len(values) == 2 else list(range(len(values)))
@@ -253,46 +327,86 @@ def attribute(
     model: ModelArgument,
     transcoders: Annotated[
         list[str],
-        typer.Option("--transcoders", help="Transcoder ids or directories, one per layer (repeatable), or one "
-                     "cross-layer transcoder folder."),
+        typer.Option(
+            "--transcoders",
+            help="Transcoder ids or directories, one per layer (repeatable), or one "
+            "cross-layer transcoder folder.",
+        ),
     ],
     prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt text.")] = None,
     data: DataOption = None,
     prompt_index: PromptIndexOption = 0,
-    prompts: Annotated[str | None, typer.Option("--prompts", help="START:STOP: a graph for each of these token rows "
-                                                "of --data, as a resumable batch job (see `circuits jobs status`).")] = None,
-    backend: Annotated[str, typer.Option(help="--prompts: local (this process, or a process pool with --workers) "
-                                         "or ray.")] = "local",
-    workers: Annotated[int, typer.Option(min=1, help="--prompts: parallel workers (processes or Ray CPUs).")] = 1,
-    address: Annotated[str | None, typer.Option(help="--prompts --backend ray: the cluster address (default: start "
-                                                "a local one).")] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts",
+            help="START:STOP: a graph for each of these token rows "
+            "of --data, as a resumable batch job (see `circuits jobs status`).",
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="--prompts: local (this process, or a process pool with --workers) or ray.")
+    ] = "local",
+    workers: Annotated[
+        int, typer.Option(min=1, help="--prompts: parallel workers (processes or Ray CPUs).")
+    ] = 1,
+    address: Annotated[
+        str | None,
+        typer.Option(help="--prompts --backend ray: the cluster address (default: start a local one)."),
+    ] = None,
     target: Annotated[
         list[str] | None,
-        typer.Option("--target", help="logits (default) | diff:A,B (tokens or ids) | feature:LAYER:POSITION:FEATURE "
-                     "| probe:NAME[:SITE[:LABEL]] (a saved probe's logit at --position) (repeatable)."),
+        typer.Option(
+            "--target",
+            help="logits (default) | diff:A,B (tokens or ids) | feature:LAYER:POSITION:FEATURE "
+            "| probe:NAME[:SITE[:LABEL]] (a saved probe's logit at --position) (repeatable).",
+        ),
     ] = None,
     position: PositionOption = -1,
-    max_feature_nodes: Annotated[int, typer.Option("--max-feature-nodes", min=0, help="Features kept, the most "
-                                                   "influential first.")] = 7500,
+    max_feature_nodes: Annotated[
+        int, typer.Option("--max-feature-nodes", min=0, help="Features kept, the most influential first.")
+    ] = 7500,
     max_logits: MaxLogitsOption = 10,
     logit_probability: LogitProbabilityOption = 0.95,
     batch_size: BatchSizeOption = 64,
-    heads: Annotated[bool, typer.Option("--heads/--no-heads", help="Split cross-position edges over heads.")] = True,
+    heads: Annotated[
+        bool, typer.Option("--heads/--no-heads", help="Split cross-position edges over heads.")
+    ] = True,
     context_length: ContextOption = 64,
-    out: Annotated[str | None, typer.Option("--out", help="Also write the pruned graph here (--format).")] = None,
-    format: Annotated[str, typer.Option("--format", help="circuit-tracer (files its serve opens) | neuronpedia "
-                                        "(one graph upload JSON).")] = "circuit-tracer",
-    scan: Annotated[str | None, typer.Option("--scan", help="--format neuronpedia: Neuronpedia's model id (default: "
-                                             "the model's short name).")] = None,
-    source_set: Annotated[str | None, typer.Option("--source-set", help="--format neuronpedia: the Neuronpedia source "
-                                                   "set of the transcoders' feature dashboards, if it has them.")] = None,
-    node_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Pruning: node influence kept.")] = 0.8,
-    edge_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Pruning: edge influence kept.")] = 0.98,
+    out: Annotated[
+        str | None, typer.Option("--out", help="Also write the pruned graph here (--format).")
+    ] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="circuit-tracer (files its serve opens) | neuronpedia (one graph upload JSON)."
+        ),
+    ] = "circuit-tracer",
+    scan: Annotated[
+        str | None,
+        typer.Option(
+            "--scan", help="--format neuronpedia: Neuronpedia's model id (default: the model's short name)."
+        ),
+    ] = None,
+    source_set: Annotated[
+        str | None,
+        typer.Option(
+            "--source-set",
+            help="--format neuronpedia: the Neuronpedia source "
+            "set of the transcoders' feature dashboards, if it has them.",
+        ),
+    ] = None,
+    node_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Pruning: node influence kept.")
+    ] = 0.8,
+    edge_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Pruning: edge influence kept.")
+    ] = 0.98,
     progress: ProgressOption = True,
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
-) -> None:  # fmt: skip
+) -> None:
     """The complete attribution graph of a prompt (--prompt TEXT, or token row --prompt-index of --data): every
     direct effect between transcoder features, error nodes, token (and position) embeddings and the targets in the
     local replacement model, stored unpruned in the workspace (tables attribution_graphs / _nodes / _edges /
@@ -320,54 +434,122 @@ def attribute(
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     ANALYSIS.check(hooked)
     ids, loaded = _load_transcoders(transcoders, workspace, device)
-    targets: list[object] = [_probe_readout(spec, hooked, workspace) if spec.startswith("probe:") else spec
-                             for spec in target or ["logits"]]  # fmt: skip
+    targets: list[object] = [
+        _probe_readout(spec, hooked, workspace) if spec.startswith("probe:") else spec
+        for spec in target or ["logits"]
+    ]
     if prompts is not None:
         assert data is not None
-        _attribute_batch(model, hooked, transcoders, ids, loaded, targets, data, span, workspace=workspace,
-                         max_feature_nodes=max_feature_nodes, batch_size=batch_size, position=position,
-                         max_logits=max_logits, logit_probability=logit_probability, heads=heads, device=device,
-                         context_length=context_length, backend=backend, workers=workers, address=address,
-                         progress=progress)  # fmt: skip
+        _attribute_batch(
+            model,
+            hooked,
+            transcoders,
+            ids,
+            loaded,
+            targets,
+            data,
+            span,
+            workspace=workspace,
+            max_feature_nodes=max_feature_nodes,
+            batch_size=batch_size,
+            position=position,
+            max_logits=max_logits,
+            logit_probability=logit_probability,
+            heads=heads,
+            device=device,
+            context_length=context_length,
+            backend=backend,
+            workers=workers,
+            address=address,
+            progress=progress,
+        )
         return
     tokens = _prompt_tokens(hooked, prompt, data, prompt_index, context_length)
-    graph = attribute_graph(hooked, loaded, tokens, targets=targets, max_feature_nodes=max_feature_nodes,
-                            batch_size=batch_size, position=position, max_logits=max_logits,
-                            logit_probability=logit_probability, heads=heads, progress=progress)  # fmt: skip
+    graph = attribute_graph(
+        hooked,
+        loaded,
+        tokens,
+        targets=targets,
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        position=position,
+        max_logits=max_logits,
+        logit_probability=logit_probability,
+        heads=heads,
+        progress=progress,
+    )
     name = write_graph(workspace, graph, transcoders=ids, max_feature_nodes=max_feature_nodes)
     scores = ", ".join(f"{key} {value:.3f}" for key, value in graph.scores.items())
-    typer.echo(f"graph {name}: {graph.n_features} of {graph.n_active} active features, {graph.n_nodes} nodes, "
-               f"{int((graph.adjacency != 0).sum())} edges; {scores}")  # fmt: skip
+    typer.echo(
+        f"graph {name}: {graph.n_features} of {graph.n_active} active features, {graph.n_nodes} nodes, "
+        f"{int((graph.adjacency != 0).sum())} edges; {scores}"
+    )
     gap = graph.error_gap
-    logits = (f"KL(model ‖ replacement) {gap['errors_zeroed_kl']:.4f} nats, same top output at "
-              f"{gap['errors_zeroed_top1']:.0%} of positions, " if gap["errors_zeroed_kl"] == gap["errors_zeroed_kl"]
-              else "")  # fmt: skip
+    logits = (
+        f"KL(model ‖ replacement) {gap['errors_zeroed_kl']:.4f} nats, same top output at "
+        f"{gap['errors_zeroed_top1']:.0%} of positions, "
+        if gap["errors_zeroed_kl"] == gap["errors_zeroed_kl"]
+        else ""
+    )
     exact = gap["reproduction_max_diff"] <= 1e-3 * max(1.0, gap["errors_zeroed_max_diff"])
-    typer.echo(f"error nodes zeroed: {logits}max |output difference| {gap['errors_zeroed_max_diff']:.4g}; with them "
-               f"{gap['reproduction_max_diff']:.2g} "
-               + ("(the replacement reproduces the model)" if exact else
-                  "(the replacement does NOT reproduce the model: a bug — please report it with the model and "
-                  "transcoders)"))  # fmt: skip
+    typer.echo(
+        f"error nodes zeroed: {logits}max |output difference| {gap['errors_zeroed_max_diff']:.4g}; with them "
+        f"{gap['reproduction_max_diff']:.2g} "
+        + (
+            "(the replacement reproduces the model)"
+            if exact
+            else "(the replacement does NOT reproduce the model: a bug — please report it with the model and "
+            "transcoders)"
+        )
+    )
     if out is not None and format == "neuronpedia":
         from workbench.references import short_name
 
-        path = write_neuronpedia_graph(out, graph, slug=name, scan=scan or short_name(hooked.cfg.name),
-                                       transcoder_list=ids, node_threshold=node_threshold,
-                                       edge_threshold=edge_threshold, source_set=source_set,
-                                       generation={"max_n_logits": max_logits, "desired_logit_prob": logit_probability,
-                                                   "batch_size": batch_size, "max_feature_nodes": max_feature_nodes})  # fmt: skip
+        path = write_neuronpedia_graph(
+            out,
+            graph,
+            slug=name,
+            scan=scan or short_name(hooked.cfg.name),
+            transcoder_list=ids,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+            source_set=source_set,
+            generation={
+                "max_n_logits": max_logits,
+                "desired_logit_prob": logit_probability,
+                "batch_size": batch_size,
+                "max_feature_nodes": max_feature_nodes,
+            },
+        )
         typer.echo(
             f"pruned graph written as Neuronpedia graph JSON to {path} (upload it on Neuronpedia's graph page)"
         )
     elif out is not None:
-        path = write_attribution_graph(out, graph, slug=name, scan=ids, node_threshold=node_threshold,
-                                       edge_threshold=edge_threshold)  # fmt: skip
+        path = write_attribution_graph(
+            out, graph, slug=name, scan=ids, node_threshold=node_threshold, edge_threshold=edge_threshold
+        )
         typer.echo(f"pruned graph written as circuit-tracer JSON to {path}")
 
 
-def _attribute_batch(model_ref: str, hooked, references: list[str], ids: list[str], loaded, targets: list[object],
-                     data: str, span: tuple[int, int], *, workspace, device: str, context_length: int, backend: str,
-                     workers: int, address: str | None, progress: bool, **options) -> None:  # fmt: skip
+def _attribute_batch(
+    model_ref: str,
+    hooked,
+    references: list[str],
+    ids: list[str],
+    loaded,
+    targets: list[object],
+    data: str,
+    span: tuple[int, int],
+    *,
+    workspace,
+    device: str,
+    context_length: int,
+    backend: str,
+    workers: int,
+    address: str | None,
+    progress: bool,
+    **options,
+) -> None:
     """`circuits attribute --data REF --prompts START:STOP`: one graph per token row, as a resumable batch job."""
     from pathlib import Path
 
@@ -377,22 +559,39 @@ def _attribute_batch(model_ref: str, hooked, references: list[str], ids: list[st
     dataset = open_data(data)
     rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=span[1])
     if len(rows) < span[1]:
-        fail(f"{dataset.name!r} has {len(rows)} token row(s) at --context-length {context_length}; pick --prompts "
-             f"within 0:{len(rows)}")  # fmt: skip
+        fail(
+            f"{dataset.name!r} has {len(rows)} token row(s) at --context-length {context_length}; pick --prompts "
+            f"within 0:{len(rows)}"
+        )
     where = Path(model_ref.split("@")[0]).expanduser()
     located = (
         str(where.resolve()) + model_ref[len(model_ref.split("@")[0]) :] if where.exists() else model_ref
     )
-    spec = GraphSpec(model=located, identity=hooked.cfg.name, checkpoint=hooked.cfg.checkpoint,
-                     workspace=str(Workspace(workspace).root.resolve()),
-                     transcoders=tuple(str(Path(r).resolve()) if Path(r).expanduser().is_dir() and len(Path(r).parts) > 1
-                                       else r for r in references),
-                     targets=tuple(targets), dataset=dataset.name, context_length=context_length, device=device,
-                     **options)  # fmt: skip
+    spec = GraphSpec(
+        model=located,
+        identity=hooked.cfg.name,
+        checkpoint=hooked.cfg.checkpoint,
+        workspace=str(Workspace(workspace).root.resolve()),
+        transcoders=tuple(
+            str(Path(r).resolve()) if Path(r).expanduser().is_dir() and len(Path(r).parts) > 1 else r
+            for r in references
+        ),
+        targets=tuple(targets),
+        dataset=dataset.name,
+        context_length=context_length,
+        device=device,
+        **options,
+    )
     if workers == 1 and backend == "local":
         preload(spec, hooked, ids, loaded)
-    job, status = run_batch(spec, {i: rows[i] for i in range(*span)}, backend=backend, workers=workers,
-                            address=address, progress=progress)  # fmt: skip
+    job, status = run_batch(
+        spec,
+        {i: rows[i] for i in range(*span)},
+        backend=backend,
+        workers=workers,
+        address=address,
+        progress=progress,
+    )
     _print_batch(job, status)
     if (status["status"] == "failed").any():
         raise typer.Exit(1)
@@ -400,17 +599,34 @@ def _attribute_batch(model_ref: str, hooked, references: list[str], ids: list[st
 
 def _print_batch(job: str, status) -> None:
     """The per-prompt summary (graph id, replacement and completeness scores) and one count line."""
-    shown = status[["prompt_index", "status", "graph", "replacement_score", "completeness_score", "n_features",
-                    "n_edges"]]  # fmt: skip
+    shown = status[
+        [
+            "prompt_index",
+            "status",
+            "graph",
+            "replacement_score",
+            "completeness_score",
+            "n_features",
+            "n_edges",
+        ]
+    ]
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     for row in status[status["status"] == "failed"].itertuples():
         typer.secho(f"failed prompt {row.prompt_index}: {row.error}", fg=typer.colors.RED)
     counts = status["status"].value_counts().to_dict()
     done = status[status["status"] == "done"]
-    means = (f"; mean replacement score {done['replacement_score'].mean():.3f}, completeness "
-             f"{done['completeness_score'].mean():.3f}" if len(done) else "")  # fmt: skip
-    typer.echo(f"batch {job}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + means
-               + f" (graphs in table attribution_graphs; `workbench circuits jobs status {job}`)")  # fmt: skip
+    means = (
+        f"; mean replacement score {done['replacement_score'].mean():.3f}, completeness "
+        f"{done['completeness_score'].mean():.3f}"
+        if len(done)
+        else ""
+    )
+    typer.echo(
+        f"batch {job}: "
+        + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        + means
+        + f" (graphs in table attribution_graphs; `workbench circuits jobs status {job}`)"
+    )
 
 
 @jobs_app.command("status")
@@ -425,8 +641,10 @@ def batch_status_command(
     if job is None:
         jobs = batch_jobs(workspace)
         if jobs.empty:
-            typer.echo("no attribution batches in this workspace; start one with `workbench circuits attribute "
-                       "MODEL --transcoders ... --data REF --prompts START:STOP`")  # fmt: skip
+            typer.echo(
+                "no attribution batches in this workspace; start one with `workbench circuits attribute "
+                "MODEL --transcoders ... --data REF --prompts START:STOP`"
+            )
             return
         typer.echo(jobs.to_string(index=False))
         return
@@ -438,8 +656,11 @@ def qk(
     model: ModelArgument,
     transcoders: Annotated[
         list[str],
-        typer.Option("--transcoders", help="Transcoder ids or directories, one per layer (repeatable), or one "
-                     "cross-layer transcoder folder."),
+        typer.Option(
+            "--transcoders",
+            help="Transcoder ids or directories, one per layer (repeatable), or one "
+            "cross-layer transcoder folder.",
+        ),
     ],
     layer: Annotated[int, typer.Option("--layer", min=0, help="The attention layer.")],
     head: Annotated[int, typer.Option("--head", min=0, help="The query head.")],
@@ -454,7 +675,7 @@ def qk(
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
-) -> None:  # fmt: skip
+) -> None:
     """Why a head attended: its pre-softmax score at (--query, --key) decomposed into query-side source node ×
     key-side source node terms (transcoder features, error nodes, token and position embeddings, biases) of the local
     replacement model, ranked; the terms sum to the model's score."""
@@ -463,19 +684,26 @@ def qk(
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     _, loaded = _load_transcoders(transcoders, workspace, device)
     tokens = _prompt_tokens(hooked, prompt, data, prompt_index, context_length)
-    frame = qk_attribution(hooked, loaded, tokens, layer=layer, head=head, query=query, key=key, top=top,
-                           batch_size=batch_size)  # fmt: skip
+    frame = qk_attribution(
+        hooked, loaded, tokens, layer=layer, head=head, query=query, key=key, top=top, batch_size=batch_size
+    )
     typer.echo(
         frame[["query_label", "key_label", "score"]].to_string(index=False, float_format=lambda v: f"{v:.4f}")
     )
-    typer.echo(f"L{layer}.H{head} score at query {query}, key {key}: {frame.attrs['score']:.6g} (pre-softmax, scale "
-               f"{frame.attrs['scale']:.4g}) = the sum of the terms above ({float(frame['score'].sum()):.6g})")  # fmt: skip
+    typer.echo(
+        f"L{layer}.H{head} score at query {query}, key {key}: {frame.attrs['score']:.6g} (pre-softmax, scale "
+        f"{frame.attrs['scale']:.4g}) = the sum of the terms above ({float(frame['score'].sum()):.6g})"
+    )
 
 
 @app.command("clt-eval")
 def clt_eval(
-    path: Annotated[str, typer.Argument(help="circuit-tracer cross-layer transcoder folder (config.yaml + "
-                                        "W_enc_L / W_dec_L safetensors).")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="circuit-tracer cross-layer transcoder folder (config.yaml + W_enc_L / W_dec_L safetensors)."
+        ),
+    ],
     model: ModelArgument,
     data: DataOption = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of --data to score on.")] = 4096,
@@ -483,7 +711,7 @@ def clt_eval(
     device: DeviceOption = "cpu",
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
-) -> None:  # fmt: skip
+) -> None:
     """Score a cross-layer transcoder on MODEL over --data: per layer, FVU and cosine of its predicted MLP outputs
     and the mean L0 of its features."""
     from workbench.circuits.sae.formats.circuit_tracer import evaluate_clt, load_clt

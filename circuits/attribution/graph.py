@@ -128,8 +128,13 @@ class Graph:
         return weights
 
     def node_kinds(self) -> list[str]:
-        return (["feature"] * self.n_features + ["error"] * self.n_errors + ["token"] * self.n_pos
-                + ["position"] * (self.n_pos if self.has_pos_embed else 0) + ["target"] * self.n_targets)  # fmt: skip
+        return (
+            ["feature"] * self.n_features
+            + ["error"] * self.n_errors
+            + ["token"] * self.n_pos
+            + ["position"] * (self.n_pos if self.has_pos_embed else 0)
+            + ["target"] * self.n_targets
+        )
 
     def nodes(self) -> pd.DataFrame:
         """One row per node: node (index), kind, layer (inputs −1, targets n_layers or the feature target's layer),
@@ -151,28 +156,48 @@ class Graph:
             *positions.repeat(self.n_inputs // self.n_pos).tolist(),
             *[t.position for t in self.targets],
         ]
-        index = [*self.features[:, 2].tolist(), *[-1] * self.n_errors,
-                 *self.tokens.repeat(self.n_inputs // self.n_pos).tolist(),
-                 *[t.feature if t.kind == "feature" else t.token for t in self.targets]]  # fmt: skip
+        index = [
+            *self.features[:, 2].tolist(),
+            *[-1] * self.n_errors,
+            *self.tokens.repeat(self.n_inputs // self.n_pos).tolist(),
+            *[t.feature if t.kind == "feature" else t.token for t in self.targets],
+        ]
         kinds = self.node_kinds()
-        labels = [*(f"L{la} #{f} @{p}" for la, p, f in self.features.tolist()),
-                  *(f"error L{la} @{p}" for la in range(self.n_layers) for p in range(self.n_pos)),
-                  *(f"emb {self.token_texts[p]!r} @{p}" for p in range(self.n_pos)),
-                  *(f"pos @{p}" for p in range(self.n_pos) if self.has_pos_embed), *(t.label for t in self.targets)]  # fmt: skip
+        labels = [
+            *(f"L{la} #{f} @{p}" for la, p, f in self.features.tolist()),
+            *(f"error L{la} @{p}" for la in range(self.n_layers) for p in range(self.n_pos)),
+            *(f"emb {self.token_texts[p]!r} @{p}" for p in range(self.n_pos)),
+            *(f"pos @{p}" for p in range(self.n_pos) if self.has_pos_embed),
+            *(t.label for t in self.targets),
+        ]
         activation = torch.full((self.n_nodes,), float("nan"), dtype=torch.float64)
         activation[: self.n_features] = self.activations.double().cpu()
-        return pd.DataFrame({
-            "node": range(self.n_nodes), "kind": kinds, "layer": layer, "position": position, "feature": index,
-            "label": labels, "activation": activation.numpy(), "value": self.values.double().cpu().numpy(),
-            "constant": self.constants.double().cpu().numpy(), "dropped": self.dropped.double().cpu().numpy(),
-            "influence": node_influence(self).numpy(),
-        })  # fmt: skip
+        return pd.DataFrame(
+            {
+                "node": range(self.n_nodes),
+                "kind": kinds,
+                "layer": layer,
+                "position": position,
+                "feature": index,
+                "label": labels,
+                "activation": activation.numpy(),
+                "value": self.values.double().cpu().numpy(),
+                "constant": self.constants.double().cpu().numpy(),
+                "dropped": self.dropped.double().cpu().numpy(),
+                "influence": node_influence(self).numpy(),
+            }
+        )
 
     def edges(self) -> pd.DataFrame:
         """Every nonzero edge: target (row node), source (column node), weight."""
         rows, cols = torch.nonzero(self.adjacency, as_tuple=True)
-        return pd.DataFrame({"target": rows.cpu().numpy(), "source": cols.cpu().numpy(),
-                             "weight": self.adjacency[rows, cols].double().cpu().numpy()})  # fmt: skip
+        return pd.DataFrame(
+            {
+                "target": rows.cpu().numpy(),
+                "source": cols.cpu().numpy(),
+                "weight": self.adjacency[rows, cols].double().cpu().numpy(),
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -198,9 +223,12 @@ def _unembedding(replacement: ReplacementModel) -> tuple[torch.Tensor, torch.Ten
 
 
 def logit_targets(
-    replacement: ReplacementModel, position: int = -1, max_logits: int = 10, probability: float = 0.95,
+    replacement: ReplacementModel,
+    position: int = -1,
+    max_logits: int = 10,
+    probability: float = 0.95,
     tokens: Sequence[int] | None = None,
-) -> list[Target]:  # fmt: skip
+) -> list[Target]:
     """The next-token logits at ``position``: ``tokens`` or the most probable ones until ``probability`` is covered
     (at most ``max_logits``), each demeaned over the vocabulary (circuit-tracer's targets), weighted by probability."""
     from workbench.circuits.transcoder_circuits import salient_tokens
@@ -214,9 +242,19 @@ def logit_targets(
     found = []
     for token, token_text in zip(chosen, text, strict=True):
         _check_token(token, w_u.shape[0])
-        found.append(Target("logit", f"logit {token_text!r} p={float(probabilities[token]):.3f} @{position}",
-                            hook, position, w_u[token] - w_u.mean(0), float(b_u[token] - b_u.mean()),
-                            float(probabilities[token]), float(logits[token] - logits.mean()), token=token))  # fmt: skip
+        found.append(
+            Target(
+                "logit",
+                f"logit {token_text!r} p={float(probabilities[token]):.3f} @{position}",
+                hook,
+                position,
+                w_u[token] - w_u.mean(0),
+                float(b_u[token] - b_u.mean()),
+                float(probabilities[token]),
+                float(logits[token] - logits.mean()),
+                token=token,
+            )
+        )
     return found
 
 
@@ -228,9 +266,17 @@ def diff_target(replacement: ReplacementModel, token_a: int, token_b: int, posit
     position = _position(position, replacement.n_pos) if fixed is None else fixed
     logits = replacement.logits[position] if fixed is None else replacement.logits
     a, b = _token_texts(replacement.model, torch.tensor([token_a, token_b]))
-    return Target("diff", f"logit {a!r} − {b!r} @{position}", hook, position,
-                  w_u[token_a] - w_u[token_b], float(b_u[token_a] - b_u[token_b]), 1.0,
-                  float(logits[token_a] - logits[token_b]), token=token_a)  # fmt: skip
+    return Target(
+        "diff",
+        f"logit {a!r} − {b!r} @{position}",
+        hook,
+        position,
+        w_u[token_a] - w_u[token_b],
+        float(b_u[token_a] - b_u[token_b]),
+        1.0,
+        float(logits[token_a] - logits[token_b]),
+        token=token_a,
+    )
 
 
 def feature_target(replacement: ReplacementModel, layer: int, position: int, feature: int) -> Target:
@@ -245,14 +291,28 @@ def feature_target(replacement: ReplacementModel, layer: int, position: int, fea
     index = torch.tensor([feature], device=replacement.inputs.device)
     vector, bias = tc.encoder_vectors(layer, index)
     value = float(replacement.inputs[layer, position] @ vector[0] + bias[0])
-    return Target("feature", f"L{layer} #{feature} @{position}", tc.hook_in(layer), position, vector[0], float(bias[0]),
-                  1.0, value, layer=layer, feature=feature)  # fmt: skip
+    return Target(
+        "feature",
+        f"L{layer} #{feature} @{position}",
+        tc.hook_in(layer),
+        position,
+        vector[0],
+        float(bias[0]),
+        1.0,
+        value,
+        layer=layer,
+        feature=feature,
+    )
 
 
 def probe_target(
-    replacement: ReplacementModel, hook: str, vector: torch.Tensor, bias: float = 0.0, position: int = -1,
+    replacement: ReplacementModel,
+    hook: str,
+    vector: torch.Tensor,
+    bias: float = 0.0,
+    position: int = -1,
     label: str = "probe",
-) -> Target:  # fmt: skip
+) -> Target:
     """A linear probe's read-out ``vector`` [d_model] · activation at ``hook``, ``position`` + ``bias``."""
     if hook not in set(replacement.model.hook_names()):
         raise AttributionError(f"{replacement.model.cfg.name} has no hook {hook!r} for the probe to read")
@@ -285,8 +345,14 @@ class ProbeReadout:
 TARGET_FORMS = "logits | diff:A,B | feature:LAYER:POSITION:FEATURE | probe:NAME[:SITE[:LABEL]] (CLI)"
 
 
-def resolve_targets(replacement: ReplacementModel, targets: Any, *, position: int = -1, max_logits: int = 10,
-                    logit_probability: float = 0.95) -> list[Target]:  # fmt: skip
+def resolve_targets(
+    replacement: ReplacementModel,
+    targets: Any,
+    *,
+    position: int = -1,
+    max_logits: int = 10,
+    logit_probability: float = 0.95,
+) -> list[Target]:
     """Targets from a spec: ``"logits"``, ``"diff:A,B"`` (token ids or single-token texts), ``"feature:L:P:F"``, a
     :class:`ProbeReadout` (at ``position``), a :class:`Target`, or a list of these."""
     if isinstance(targets, (str, Target)):
@@ -329,13 +395,17 @@ def _token_id(model: Any, text: str) -> int:
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
             pieces = f" ({', '.join(map(repr, tokenizer.convert_ids_to_tokens(ids)))})" if ids else ""
-            raise AttributionError(f"{text!r} is {len(ids)} tokens{pieces}, not one; name a single token of the "
-                                   "vocabulary (or its id) in diff:A,B")  # fmt: skip
+            raise AttributionError(
+                f"{text!r} is {len(ids)} tokens{pieces}, not one; name a single token of the "
+                "vocabulary (or its id) in diff:A,B"
+            )
         token = ids[0]
         unknown = getattr(tokenizer, "unk_token", None)
         if unknown is not None and token == tokenizer.unk_token_id and text != unknown:
-            raise AttributionError(f"{text!r} is not in the vocabulary (the tokenizer reads it as the unknown token "
-                                   f"{unknown!r}); name a token of the vocabulary (or its id) in diff:A,B")  # fmt: skip
+            raise AttributionError(
+                f"{text!r} is not in the vocabulary (the tokenizer reads it as the unknown token "
+                f"{unknown!r}); name a token of the vocabulary (or its id) in diff:A,B"
+            )
     _check_token(token, model.cfg.d_vocab)
     return token
 
@@ -441,16 +511,26 @@ class RowComputer:
             self.active.append(index)
             self.values.append(acts[index[:, 0], index[:, 1]])
             decoders = tc.decoder_vectors(layer, index[:, 1]).to(acts.device)  # [n_l, n_out, d_model]
-            self.blocks.append(_DecoderBlocks.of(index[:, 0], decoders * self.values[-1][:, None, None],
-                                                 replacement.n_pos))  # fmt: skip
-        self.features = torch.cat([torch.cat([torch.full((len(i), 1), layer, device=i.device), i], 1)
-                                   for layer, i in enumerate(self.active)])  # fmt: skip
+            self.blocks.append(
+                _DecoderBlocks.of(index[:, 0], decoders * self.values[-1][:, None, None], replacement.n_pos)
+            )
+        self.features = torch.cat(
+            [
+                torch.cat([torch.full((len(i), 1), layer, device=i.device), i], 1)
+                for layer, i in enumerate(self.active)
+            ]
+        )
         self.activations = torch.cat(self.values)
         self.n_active = len(self.features)
         n_inputs = replacement.n_pos * (2 if replacement.has_pos_embed else 1)
         positions = torch.arange(replacement.n_pos, device=self.features.device)
-        self.positions = torch.cat([self.features[:, 1], positions.repeat(replacement.n_layers),
-                                    positions.repeat(n_inputs // replacement.n_pos)])  # fmt: skip
+        self.positions = torch.cat(
+            [
+                self.features[:, 1],
+                positions.repeat(replacement.n_layers),
+                positions.repeat(n_inputs // replacement.n_pos),
+            ]
+        )
         # self.positions [n_columns]: the position of each source column
         self.n_columns = self.n_active + replacement.n_layers * replacement.n_pos + n_inputs
         self.sources = replacement.clean_sources(batch_size, grad=True)
@@ -474,8 +554,13 @@ class RowComputer:
         """One backward pass: the gradient of Σ injection · read over ``reads`` (recorded by a frozen forward on
         ``self.sources``) at every source leaf ([batch, ...] each, zeros where unreached)."""
         leaves = self.sources.leaves()
-        grads = torch.autograd.grad([reads[h] for h in injections], leaves, list(injections.values()),
-                                    retain_graph=True, allow_unused=True)  # fmt: skip
+        grads = torch.autograd.grad(
+            [reads[h] for h in injections],
+            leaves,
+            list(injections.values()),
+            retain_graph=True,
+            allow_unused=True,
+        )
         return [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves, strict=True)]
 
     def columns(self, grads: Sequence[torch.Tensor], n: int) -> torch.Tensor:
@@ -594,8 +679,9 @@ def attribute(
     tc: Transcoders = as_transcoders(model, transcoders, dtype)
     tokens, text = _prompt_tokens(model, prompt)
     replacement = ReplacementModel(model, tc, tokens)
-    resolved = (resolve_targets(replacement, targets, position=position, max_logits=max_logits,
-                                logit_probability=logit_probability))  # fmt: skip
+    resolved = resolve_targets(
+        replacement, targets, position=position, max_logits=max_logits, logit_probability=logit_probability
+    )
     reads = sorted({t.hook for t in resolved})
     heads = heads and bool(model.cfg.causal)
     if heads:
@@ -631,8 +717,10 @@ def attribute(
         # layer-major within what is pending: a batch of low-layer rows backpropagates through fewer layers
         pending = pending[torch.sort(computer.features[pending, 0], stable=True).indices]
         for chunk in pending.split(batch_size):
-            rows = [_Row(tc.hook_in(int(computer.features[i, 0])), int(computer.features[i, 1]), enc_vectors[i])
-                    for i in chunk.tolist()]  # fmt: skip
+            rows = [
+                _Row(tc.hook_in(int(computer.features[i, 0])), int(computer.features[i, 1]), enc_vectors[i])
+                for i in chunk.tolist()
+            ]
             matrix[filled : filled + len(chunk), : computer.n_columns] = computer.rows(rows)
             row_nodes[filled : filled + len(chunk)] = chunk
             visited[chunk] = True
@@ -654,9 +742,19 @@ def attribute(
     )
 
 
-def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, targets: list[Target],
-              matrix: torch.Tensor, row_nodes: torch.Tensor, visited: torch.Tensor, text: str, tokens: torch.Tensor,
-              encoders: list[tuple[torch.Tensor, torch.Tensor]], heads: bool) -> Graph:  # fmt: skip
+def _assemble(
+    model: Any,
+    replacement: ReplacementModel,
+    computer: RowComputer,
+    targets: list[Target],
+    matrix: torch.Tensor,
+    row_nodes: torch.Tensor,
+    visited: torch.Tensor,
+    text: str,
+    tokens: torch.Tensor,
+    encoders: list[tuple[torch.Tensor, torch.Tensor]],
+    heads: bool,
+) -> Graph:
     """Phase 5: the node-ordered adjacency over the selected features, with constants, dropped parts and values."""
     from workbench.circuits.attribution.pruning import graph_scores
 
@@ -681,14 +779,20 @@ def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, 
     )
     all_biases = torch.cat([e[1] for e in encoders]) if n_active else torch.zeros(0)
     tc = replacement.transcoders
-    rows = [_Row(tc.hook_in(int(computer.features[i, 0])), int(computer.features[i, 1]), all_vectors[i])
-            for i in selected.tolist()] + [_Row(t.hook, t.position, t.vector) for t in targets]  # fmt: skip
+    rows = [
+        _Row(tc.hook_in(int(computer.features[i, 0])), int(computer.features[i, 1]), all_vectors[i])
+        for i in selected.tolist()
+    ] + [_Row(t.hook, t.position, t.vector) for t in targets]
     constants = torch.zeros(n_nodes, dtype=matrix.dtype, device=matrix.device)
     values = torch.full((n_nodes,), float("nan"), dtype=matrix.dtype, device=matrix.device)
     if rows:
         zero = computer.constants(rows)
-        own = torch.cat([all_biases[selected].to(matrix.dtype),
-                         torch.tensor([t.bias for t in targets], dtype=matrix.dtype, device=matrix.device)])  # fmt: skip
+        own = torch.cat(
+            [
+                all_biases[selected].to(matrix.dtype),
+                torch.tensor([t.bias for t in targets], dtype=matrix.dtype, device=matrix.device),
+            ]
+        )
         row_nodes_final = torch.cat(
             [torch.arange(n_features), torch.arange(n_nodes - n_targets, n_nodes)]
         ).to(matrix.device)
@@ -699,12 +803,23 @@ def _assemble(model: Any, replacement: ReplacementModel, computer: RowComputer, 
         ) + all_biases[selected]
         values[:n_features] = pre
         values[n_nodes - n_targets :] = torch.tensor([t.value for t in targets], dtype=matrix.dtype)
-    graph = Graph(model=model.cfg.name, checkpoint=model.cfg.checkpoint, prompt=text, tokens=tokens.cpu(),
-                  token_texts=_token_texts(model, tokens), n_layers=replacement.n_layers,
-                  has_pos_embed=replacement.has_pos_embed, targets=targets,
-                  features=computer.features[selected].cpu(), activations=computer.activations[selected].cpu(),
-                  adjacency=adjacency.cpu(), constants=constants.cpu(), dropped=dropped.cpu(), values=values.cpu(),
-                  n_active=n_active)  # fmt: skip
+    graph = Graph(
+        model=model.cfg.name,
+        checkpoint=model.cfg.checkpoint,
+        prompt=text,
+        tokens=tokens.cpu(),
+        token_texts=_token_texts(model, tokens),
+        n_layers=replacement.n_layers,
+        has_pos_embed=replacement.has_pos_embed,
+        targets=targets,
+        features=computer.features[selected].cpu(),
+        activations=computer.activations[selected].cpu(),
+        adjacency=adjacency.cpu(),
+        constants=constants.cpu(),
+        dropped=dropped.cpu(),
+        values=values.cpu(),
+        n_active=n_active,
+    )
     graph.scores = graph_scores(graph)
     graph.error_gap = replacement.error_gap(
         has_logits=replacement.head is not None or model.unembedding_matrix() is not None

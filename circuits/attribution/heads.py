@@ -73,12 +73,20 @@ def head_loadings(
             if row.hook not in injections:
                 injections[row.hook] = torch.zeros_like(computer.reads[row.hook])
             injections[row.hook][element, row.position] += row.vector.to(injections[row.hook].dtype)
-        grads = torch.autograd.grad([computer.reads[h] for h in injections], [computer.reads[h] for h in z_hooks],
-                                    list(injections.values()), retain_graph=True, allow_unused=True)  # fmt: skip
+        grads = torch.autograd.grad(
+            [computer.reads[h] for h in injections],
+            [computer.reads[h] for h in z_hooks],
+            list(injections.values()),
+            retain_graph=True,
+            allow_unused=True,
+        )
         # received[L][b, h, k, d]: what row b gets through head h of layer L from the value at key k, leaving k
-        received = [torch.zeros_like(computer.reads[h]).transpose(1, 2) if g is None
-                    else torch.einsum("hqk,bqhd->bhkd", off.to(g.dtype), g)
-                    for g, h, off in zip(grads, z_hooks, off_diagonal, strict=True)]  # fmt: skip
+        received = [
+            torch.zeros_like(computer.reads[h]).transpose(1, 2)
+            if g is None
+            else torch.einsum("hqk,bqhd->bhkd", off.to(g.dtype), g)
+            for g, h, off in zip(grads, z_hooks, off_diagonal, strict=True)
+        ]
         elements = [
             (b, layer, head)
             for b in range(len(chunk))
@@ -97,11 +105,17 @@ def head_loadings(
             keep = (sources.positions[None] != target_positions[:, None]) & (node_of_column[None] >= 0)
             keep &= columns.abs() > min_weight
             kept, column = torch.nonzero(keep, as_tuple=True)
-            frames.append(pd.DataFrame({
-                "target": target_nodes[kept].cpu().numpy(), "source": node_of_column[column].cpu().numpy(),
-                "layer": index[kept, 1].cpu().numpy(), "head": index[kept, 2].cpu().numpy(),
-                "weight": columns[kept, column].double().cpu().numpy(),
-            }))  # fmt: skip
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "target": target_nodes[kept].cpu().numpy(),
+                        "source": node_of_column[column].cpu().numpy(),
+                        "layer": index[kept, 1].cpu().numpy(),
+                        "head": index[kept, 2].cpu().numpy(),
+                        "weight": columns[kept, column].double().cpu().numpy(),
+                    }
+                )
+            )
     if not frames:
         return pd.DataFrame(columns=list(HEAD_COLUMNS))
     return pd.concat(frames, ignore_index=True)

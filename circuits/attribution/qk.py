@@ -45,10 +45,15 @@ def _recording_qk(layer: int) -> Iterator[dict[str, Any]]:
     def record(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         entry = ATTENTION_OWNERS.get(module)
         if entry is not None and entry[1].layer == layer:
-            recorded.update(query=query, key=key, mask=attention_mask,
-                            scaling=scaling if scaling is not None else query.shape[-1] ** -0.5)  # fmt: skip
-        return workbench_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                   **kwargs)  # fmt: skip
+            recorded.update(
+                query=query,
+                key=key,
+                mask=attention_mask,
+                scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
+            )
+        return workbench_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
 
     AttentionInterface.register(IMPLEMENTATION, record)
     try:
@@ -98,16 +103,20 @@ def qk_attribution(
     replacement = ReplacementModel(model, tc, tokens)
     n_heads, n_pos = model.cfg.n_heads, replacement.n_pos
     if not 0 <= layer < replacement.n_layers or not 0 <= head < n_heads:
-        raise AttributionError(f"head L{layer}.H{head} does not exist: layers 0..{replacement.n_layers - 1}, heads "
-                               f"0..{n_heads - 1}")  # fmt: skip
+        raise AttributionError(
+            f"head L{layer}.H{head} does not exist: layers 0..{replacement.n_layers - 1}, heads "
+            f"0..{n_heads - 1}"
+        )
     for name, position in (("query", query), ("key", key)):
         if not 0 <= position < n_pos:
             raise AttributionError(
                 f"{name} position {position} is outside the prompt of {n_pos} tokens (0..{n_pos - 1})"
             )
     if model.cfg.causal and key > query:
-        raise AttributionError(f"key position {key} is masked for query position {query} (a causal model attends "
-                               "only to earlier positions); pick key ≤ query")  # fmt: skip
+        raise AttributionError(
+            f"key position {key} is masked for query position {query} (a causal model attends "
+            "only to earlier positions); pick key ≤ query"
+        )
     if getattr(getattr(model.model, "config", None), "_attn_implementation", None) != IMPLEMENTATION:
         raise AttributionError(
             f"{model.cfg.name} does not run the workbench attention function (a TransformerLens model?): QK "
@@ -128,11 +137,15 @@ def qk_attribution(
         at = mask[0, 0, query, key] if mask.dim() == 4 else mask[..., query, key].flatten()[0]
         if at.dtype == torch.bool:
             if not bool(at):
-                raise AttributionError(f"key position {key} is masked for query position {query} (a causal model "
-                                       "attends only to earlier positions); pick key ≤ query")  # fmt: skip
+                raise AttributionError(
+                    f"key position {key} is masked for query position {query} (a causal model "
+                    "attends only to earlier positions); pick key ≤ query"
+                )
         elif not bool(torch.isfinite(at)) or float(at) < torch.finfo(at.dtype).min / 2:
-            raise AttributionError(f"key position {key} is masked for query position {query} (a causal model "
-                                   "attends only to earlier positions); pick key ≤ query")  # fmt: skip
+            raise AttributionError(
+                f"key position {key} is masked for query position {query} (a causal model "
+                "attends only to earlier positions); pick key ≤ query"
+            )
         else:
             mask_value = float(at)
     d_head = q_all.shape[-1]
@@ -150,8 +163,10 @@ def qk_attribution(
     q_matrix, k_matrix = sides
     q0 = q_zero[0, head, query].detach().double()
     k0 = k_zero[0, kv_head, key].detach().double()
-    score = float((q_all[0, head, query].detach().double() @ k_all[0, kv_head, key].detach().double()) * scale
-                  + mask_value)  # fmt: skip
+    score = float(
+        (q_all[0, head, query].detach().double() @ k_all[0, kv_head, key].detach().double()) * scale
+        + mask_value
+    )
     q_used = torch.nonzero(q_matrix.abs().sum(0)).flatten()
     k_used = torch.nonzero(k_matrix.abs().sum(0)).flatten()
     pairs = scale * q_matrix[:, q_used].T @ k_matrix[:, k_used]  # [n_q, n_k]
@@ -167,15 +182,24 @@ def qk_attribution(
         k_used,
         torch.tensor([BIAS_NODE]),
     ]
-    scores = [pairs.flatten(), scale * (q_matrix[:, q_used].T @ k0), scale * (q0 @ k_matrix[:, k_used]),
-              (scale * (q0 @ k0)).reshape(1)]  # fmt: skip
+    scores = [
+        pairs.flatten(),
+        scale * (q_matrix[:, q_used].T @ k0),
+        scale * (q0 @ k_matrix[:, k_used]),
+        (scale * (q0 @ k0)).reshape(1),
+    ]
     if mask_value:
         query_nodes.append(torch.tensor([MASK_NODE]))
         key_nodes.append(torch.tensor([MASK_NODE]))
         scores.append(torch.tensor([mask_value], dtype=torch.float64))
     kinds, labels = _source_labels(replacement, computer)
-    frame = pd.DataFrame({"query_node": torch.cat(query_nodes).cpu().numpy(), "key_node": torch.cat(key_nodes).cpu().numpy(),
-                          "score": torch.cat(scores).cpu().numpy()})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "query_node": torch.cat(query_nodes).cpu().numpy(),
+            "key_node": torch.cat(key_nodes).cpu().numpy(),
+            "score": torch.cat(scores).cpu().numpy(),
+        }
+    )
     special = {
         BIAS_NODE: ("bias", "bias (every bias through the frozen paths)"),
         MASK_NODE: ("mask", "attention mask value"),
@@ -188,9 +212,24 @@ def qk_attribution(
     frame = frame.iloc[frame["score"].abs().argsort()[::-1]].reset_index(drop=True)
     if top is not None and len(frame) > top:
         rest = frame.iloc[top:]
-        other = {"query_node": -3, "query_kind": "other", "query_label": f"{len(rest)} other terms", "key_node": -3,
-                 "key_kind": "other", "key_label": f"{len(rest)} other terms", "score": float(rest["score"].sum())}  # fmt: skip
+        other = {
+            "query_node": -3,
+            "query_kind": "other",
+            "query_label": f"{len(rest)} other terms",
+            "key_node": -3,
+            "key_kind": "other",
+            "key_label": f"{len(rest)} other terms",
+            "score": float(rest["score"].sum()),
+        }
         frame = pd.concat([frame.iloc[:top], pd.DataFrame([other])], ignore_index=True)
-    frame.attrs.update(score=score, scale=scale, layer=layer, head=head, query=query, key=key,
-                       query_bias=float(q0.norm()), key_bias=float(k0.norm()))  # fmt: skip
+    frame.attrs.update(
+        score=score,
+        scale=scale,
+        layer=layer,
+        head=head,
+        query=query,
+        key=key,
+        query_bias=float(q0.norm()),
+        key_bias=float(k0.norm()),
+    )
     return frame

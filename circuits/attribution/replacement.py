@@ -39,8 +39,20 @@ HEAD_INPUT = (
     "output_head.input"  # a read of the output head's input [batch, pos, d_in] (no hook point: a module hook)
 )
 # Elementwise activations frozen at their prompt gain (with those of ``transformers.activations``).
-ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.ReLU6,
-               nn.Hardtanh, nn.Hardswish)  # fmt: skip
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Mish,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Hardswish,
+)
 
 
 def is_activation(module: nn.Module) -> bool:
@@ -265,8 +277,11 @@ class ReplacementModel:
         sources = self.clean_sources()
         biases = torch.stack([self.transcoders.decoder_bias(layer) for layer in range(self.n_layers)])
         writes = biases[None, :, None].expand_as(sources.writes).to(sources.writes).clone()
-        return Sources(torch.zeros_like(sources.embed),
-                       None if sources.pos_embed is None else torch.zeros_like(sources.pos_embed), writes)  # fmt: skip
+        return Sources(
+            torch.zeros_like(sources.embed),
+            None if sources.pos_embed is None else torch.zeros_like(sources.pos_embed),
+            writes,
+        )
 
     def error_gap(self, has_logits: bool = True) -> dict[str, float]:
         """How far the replacement model is from the model, over every position of the prompt:
@@ -379,8 +394,10 @@ class ReplacementModel:
         if (
             sources.pos_embed is not None
         ):  # the position embedding's output is [1, pos, d]: carried by hook_embed
-            hooks = [("hook_embed", replace_with(sources.embed + sources.pos_embed)),
-                     (POS_EMBED_HOOK, lambda activation, hook: torch.zeros_like(activation))]  # fmt: skip
+            hooks = [
+                ("hook_embed", replace_with(sources.embed + sources.pos_embed)),
+                (POS_EMBED_HOOK, lambda activation, hook: torch.zeros_like(activation)),
+            ]
         hooks += [
             (name, replace_with(scale[None].expand(batch, *scale.shape)))
             for name, scale in self.scales.items()
@@ -394,8 +411,11 @@ class ReplacementModel:
                 pattern = patterns[layer][None].expand(batch, *patterns[layer].shape)
                 hooks.append((f"blocks.{layer}.attn.hook_pattern", replace_with(pattern)))
         hooks += [(tc.hook_out(layer), mlp_out(layer)) for layer in range(self.n_layers)]
-        hooks += [(f"blocks.{layer}.mlp.hook_pre", lambda activation, hook: activation.detach())
-                  for layer in range(self.n_layers) if not any(r.startswith(f"blocks.{layer}.mlp.") for r in reads)]  # fmt: skip
+        hooks += [
+            (f"blocks.{layer}.mlp.hook_pre", lambda activation, hook: activation.detach())
+            for layer in range(self.n_layers)
+            if not any(r.startswith(f"blocks.{layer}.mlp.") for r in reads)
+        ]
         for name in dict.fromkeys([*(tc.hook_in(layer) for layer in range(self.n_layers)), *reads]):
             if name == HEAD_INPUT or name in bypassed:
                 continue
@@ -408,8 +428,11 @@ class ReplacementModel:
                 return (recorded[HEAD_INPUT], *args[1:])
 
             head = self.head.register_forward_pre_hook(head_input)
-        handles = [vm.module.register_forward_pre_hook(self._keep_input(value_inputs, layer), with_kwargs=True)
-                   for layer, vm in enumerate(self.value_maps) if vm is not None]  # fmt: skip
+        handles = [
+            vm.module.register_forward_pre_hook(self._keep_input(value_inputs, layer), with_kwargs=True)
+            for layer, vm in enumerate(self.value_maps)
+            if vm is not None
+        ]
         if until_head and self.head is not None:
             handles.append(self.head.register_forward_pre_hook(_stop))
         logits: torch.Tensor | None = None

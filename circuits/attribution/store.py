@@ -29,35 +29,81 @@ from workbench.circuits.attribution.transcoders import AttributionError
 from workbench.workspace import Workspace
 
 GRAPH_KEYS = ("model", "checkpoint", "graph")
-NODE_COLUMNS = ("node", "kind", "layer", "position", "feature", "label", "activation", "value", "constant", "dropped",
-                "influence")  # fmt: skip
+NODE_COLUMNS = (
+    "node",
+    "kind",
+    "layer",
+    "position",
+    "feature",
+    "label",
+    "activation",
+    "value",
+    "constant",
+    "dropped",
+    "influence",
+)
 ANALYSIS = Analysis(
     name="attribution_graphs",
     command="workbench circuits attribute MODEL --transcoders ID ... --prompt TEXT",
     tables=(
-        Table("attribution_graphs", keys=GRAPH_KEYS,
-              columns=("prompt", "tokens", "targets", "transcoders", "max_feature_nodes", "n_active", "n_features",
-                       "n_nodes", "n_edges", "replacement_score", "completeness_score", "reproduction_max_diff",
-                       "errors_zeroed_max_diff", "errors_zeroed_kl", "errors_zeroed_top1"),
-              description="one row per attribution graph: its prompt, targets, transcoders and scores"),
-        Table("attribution_nodes", keys=GRAPH_KEYS, columns=NODE_COLUMNS,
-              description="nodes of an unpruned attribution graph (features, errors, inputs, targets), in node order"),
-        Table("attribution_edges", keys=GRAPH_KEYS, columns=("target", "source", "weight"),
-              description="direct effects between nodes of an attribution graph (row target ← column source)"),
-        Table("attribution_heads", keys=GRAPH_KEYS, columns=HEAD_COLUMNS,
-              description="each cross-position edge split over the attention heads that carry it"),
+        Table(
+            "attribution_graphs",
+            keys=GRAPH_KEYS,
+            columns=(
+                "prompt",
+                "tokens",
+                "targets",
+                "transcoders",
+                "max_feature_nodes",
+                "n_active",
+                "n_features",
+                "n_nodes",
+                "n_edges",
+                "replacement_score",
+                "completeness_score",
+                "reproduction_max_diff",
+                "errors_zeroed_max_diff",
+                "errors_zeroed_kl",
+                "errors_zeroed_top1",
+            ),
+            description="one row per attribution graph: its prompt, targets, transcoders and scores",
+        ),
+        Table(
+            "attribution_nodes",
+            keys=GRAPH_KEYS,
+            columns=NODE_COLUMNS,
+            description="nodes of an unpruned attribution graph (features, errors, inputs, targets), in node order",
+        ),
+        Table(
+            "attribution_edges",
+            keys=GRAPH_KEYS,
+            columns=("target", "source", "weight"),
+            description="direct effects between nodes of an attribution graph (row target ← column source)",
+        ),
+        Table(
+            "attribution_heads",
+            keys=GRAPH_KEYS,
+            columns=HEAD_COLUMNS,
+            description="each cross-position edge split over the attention heads that carry it",
+        ),
     ),
     requires=("mlp",),
     description="attribution graphs: the complete local-replacement graph of a prompt, scored",
-)  # fmt: skip
+)
 
 
 def graph_id(graph: Graph, transcoders: Sequence[str], max_feature_nodes: int) -> str:
     """A 12-hex-digit id of the request that made ``graph`` (same request, same id)."""
-    request = {"model": graph.model, "checkpoint": graph.checkpoint, "tokens": graph.tokens.tolist(),
-               "prompt": graph.prompt,  # an image's positions are 0..n: its digest is in the prompt
-               "targets": [t.label for t in graph.targets], "transcoders": list(transcoders),
-               "max_feature_nodes": max_feature_nodes, "heads": graph.head_loadings is not None}  # fmt: skip
+    request = {
+        "model": graph.model,
+        "checkpoint": graph.checkpoint,
+        "tokens": graph.tokens.tolist(),
+        "prompt": graph.prompt,  # an image's positions are 0..n: its digest is in the prompt
+        "targets": [t.label for t in graph.targets],
+        "transcoders": list(transcoders),
+        "max_feature_nodes": max_feature_nodes,
+        "heads": graph.head_loadings is not None,
+    }
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -67,12 +113,24 @@ def graph_frames(
     """The graph as the four declared tables, each row keyed by (model, checkpoint, graph=``name``)."""
     keys = {"model": graph.model, "checkpoint": graph.checkpoint, "graph": name}
     edges = graph.edges()
-    summary = pd.DataFrame([keys | {
-        "prompt": graph.prompt, "tokens": json.dumps(graph.tokens.tolist()),
-        "targets": json.dumps([t.label for t in graph.targets]), "transcoders": json.dumps(list(transcoders)),
-        "max_feature_nodes": max_feature_nodes, "n_active": graph.n_active, "n_features": graph.n_features,
-        "n_nodes": graph.n_nodes, "n_edges": len(edges), **graph.scores, **graph.error_gap,
-    }])  # fmt: skip
+    summary = pd.DataFrame(
+        [
+            keys
+            | {
+                "prompt": graph.prompt,
+                "tokens": json.dumps(graph.tokens.tolist()),
+                "targets": json.dumps([t.label for t in graph.targets]),
+                "transcoders": json.dumps(list(transcoders)),
+                "max_feature_nodes": max_feature_nodes,
+                "n_active": graph.n_active,
+                "n_features": graph.n_features,
+                "n_nodes": graph.n_nodes,
+                "n_edges": len(edges),
+                **graph.scores,
+                **graph.error_gap,
+            }
+        ]
+    )
     heads = (
         graph.head_loadings if graph.head_loadings is not None else pd.DataFrame(columns=list(HEAD_COLUMNS))
     )
@@ -106,8 +164,11 @@ def read_graph(workspace: Any, model: str, name: str) -> dict[str, pd.DataFrame]
             "`workbench circuits attribute`"
         )
     frames = {"attribution_graphs": summary}
-    for table, order in (("attribution_nodes", ["node"]), ("attribution_edges", ["target", "source"]),
-                         ("attribution_heads", ["target", "source", "layer", "head"])):  # fmt: skip
+    for table, order in (
+        ("attribution_nodes", ["node"]),
+        ("attribution_edges", ["target", "source"]),
+        ("attribution_heads", ["target", "source", "layer", "head"]),
+    ):
         found = results.read(table, model=model, graph=name) if table in results.tables() else pd.DataFrame()
         frames[table] = found.sort_values(order).reset_index(drop=True) if not found.empty else found
     return frames

@@ -34,25 +34,57 @@ ANALYSIS = Analysis(
     name="codebook",
     command="workbench codebook run MODEL --data DATA",
     tables=(
-        Table(CODES_TABLE, keys=KEYS,
-              columns=("head", "code", "count", "frequency", "top_tokens", "top_contexts", "top_context_scores",
-                       "label_set", "best_label", "purity", "loss_gap"),
-              description="per live code (per head on attn.hook_z): usage, top tokens and top contexts; with labels "
-              "its most frequent label and P(label | code); a rerun of the same model, checkpoint, dataset, run "
-              "and site replaces all its rows"),
-        Table(PURITY_TABLE, keys=KEYS,
-              columns=("head", "label_set", "label", "label_name", "best_code", "purity", "recall", "label_count",
-                       "mi", "label_set_mi"),
-              description="per label value: its best code, purity P(label | best code), recall, MI (nats)"),
+        Table(
+            CODES_TABLE,
+            keys=KEYS,
+            columns=(
+                "head",
+                "code",
+                "count",
+                "frequency",
+                "top_tokens",
+                "top_contexts",
+                "top_context_scores",
+                "label_set",
+                "best_label",
+                "purity",
+                "loss_gap",
+            ),
+            description="per live code (per head on attn.hook_z): usage, top tokens and top contexts; with labels "
+            "its most frequent label and P(label | code); a rerun of the same model, checkpoint, dataset, run "
+            "and site replaces all its rows",
+        ),
+        Table(
+            PURITY_TABLE,
+            keys=KEYS,
+            columns=(
+                "head",
+                "label_set",
+                "label",
+                "label_name",
+                "best_code",
+                "purity",
+                "recall",
+                "label_count",
+                "mi",
+                "label_set_mi",
+            ),
+            description="per label value: its best code, purity P(label | best code), recall, MI (nats)",
+        ),
     ),
     requires=("causal", "text", "tokenizer"),
     description="codebook features: VQ bottlenecks on hook sites of a causal LM, code usage and label purity",
-)  # fmt: skip
+)
 TRAIN_COMMAND = "workbench codebook train MODEL --data DATA"
 
 
-def check(model: Any, data: Dataset | None = None, sites: Sequence[str] = (), context_length: int | None = None,
-          codebooks: CodebookSet | None = None) -> None:  # fmt: skip
+def check(
+    model: Any,
+    data: Dataset | None = None,
+    sites: Sequence[str] = (),
+    context_length: int | None = None,
+    codebooks: CodebookSet | None = None,
+) -> None:
     """Refuse, before any work, what codebooks cannot use: a model without next-token logits (an encoder such as
     MiniLM; codebooks are fine-tuned with the next-token loss), data that is not text or token ids, a site the
     model lacks or that holds no codebook, a context longer than the model's, or ``codebooks`` trained on a model
@@ -140,14 +172,29 @@ def association(codes: np.ndarray, labels: np.ndarray, n_codes: int) -> pd.DataF
     for label in np.flatnonzero(per_label):
         best = int(joint[:, label].argmax())
         both = joint[best, label]
-        p = np.array([[n - per_code[best] - per_label[label] + both, per_label[label] - both],
-                      [per_code[best] - both, both]]) / n  # fmt: skip
+        p = (
+            np.array(
+                [
+                    [n - per_code[best] - per_label[label] + both, per_label[label] - both],
+                    [per_code[best] - both, both],
+                ]
+            )
+            / n
+        )
         outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
         mi = float(
             np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1) / np.where(outer > 0, outer, 1)), 0))
         )
-        rows.append({"label": int(label), "best_code": best, "purity": both / per_code[best],
-                     "recall": both / per_label[label], "label_count": int(per_label[label]), "mi": mi})  # fmt: skip
+        rows.append(
+            {
+                "label": int(label),
+                "best_code": best,
+                "purity": both / per_code[best],
+                "recall": both / per_label[label],
+                "label_count": int(per_label[label]),
+                "mi": mi,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -202,9 +249,19 @@ def analyse_codes(
                 table = association(first, labels, config.n_codes)
                 mi_total = mutual_information(first, labels)
                 for row in table.to_dict("records"):
-                    purity_rows.append({"model": name, "checkpoint": step, "dataset": dataset, "site": site, "hook": site,
-                                        "head": group if config.n_groups > 1 else None, "label_set": set_name,
-                                        **row, "label_set_mi": mi_total})  # fmt: skip
+                    purity_rows.append(
+                        {
+                            "model": name,
+                            "checkpoint": step,
+                            "dataset": dataset,
+                            "site": site,
+                            "hook": site,
+                            "head": group if config.n_groups > 1 else None,
+                            "label_set": set_name,
+                            **row,
+                            "label_set_mi": mi_total,
+                        }
+                    )
                 best[set_name] = _best_label_per_code(first, labels, config.n_codes)
             for code in np.flatnonzero(counts):
                 hit = flat == code
@@ -219,15 +276,29 @@ def analyse_codes(
                     seq, pos = divmod(int(row_index), tokens.shape[1])
                     window = tokens[seq, max(0, pos - context) : pos + 1]
                     contexts.append(" ".join(to_str(window)))
-                row = {"model": name, "checkpoint": step, "dataset": dataset, "site": site, "hook": site,
-                       "head": group if config.n_groups > 1 else None, "code": int(code), "count": int(counts[code]),
-                       "frequency": float(counts[code] / max(1, flat.shape[0])), "top_tokens": top_tokens,
-                       "top_contexts": contexts,
-                       "top_context_scores": [float(v) for v in similarity[ranked]]}  # fmt: skip
+                row = {
+                    "model": name,
+                    "checkpoint": step,
+                    "dataset": dataset,
+                    "site": site,
+                    "hook": site,
+                    "head": group if config.n_groups > 1 else None,
+                    "code": int(code),
+                    "count": int(counts[code]),
+                    "frequency": float(counts[code] / max(1, flat.shape[0])),
+                    "top_tokens": top_tokens,
+                    "top_contexts": contexts,
+                    "top_context_scores": [float(v) for v in similarity[ranked]],
+                }
                 if best:
                     set_name, (labels_of, purities) = next(iter(best.items()))
-                    row.update({"label_set": set_name, "best_label": int(labels_of[code]),
-                                "purity": float(purities[code])})  # fmt: skip
+                    row.update(
+                        {
+                            "label_set": set_name,
+                            "best_label": int(labels_of[code]),
+                            "purity": float(purities[code]),
+                        }
+                    )
                 code_rows.append(row)
     return pd.DataFrame(code_rows), pd.DataFrame(purity_rows)
 
@@ -291,10 +362,22 @@ def run(
     else:
         tokens, carried = token_rows(model, data, context_length=context_length, max_tokens=max_tokens)
     wanted = list(carried) if labels is None else list(labels)
-    codes, purity = analyse_codes(model, codebooks, tokens, {n: carried[n] for n in wanted if n in carried},
-                                  dataset=data.name, top_contexts=top_contexts, context=context)  # fmt: skip
-    purity = pd.concat([purity, *(_source_purity(model, codebooks, data, s, context_length)
-                                  for s in wanted if s not in carried)], ignore_index=True)  # fmt: skip
+    codes, purity = analyse_codes(
+        model,
+        codebooks,
+        tokens,
+        {n: carried[n] for n in wanted if n in carried},
+        dataset=data.name,
+        top_contexts=top_contexts,
+        context=context,
+    )
+    purity = pd.concat(
+        [
+            purity,
+            *(_source_purity(model, codebooks, data, s, context_length) for s in wanted if s not in carried),
+        ],
+        ignore_index=True,
+    )
     codes = codes.assign(run=run_name)
     if meta.get("loss_gap") is not None:
         codes["loss_gap"] = meta["loss_gap"]
@@ -303,8 +386,9 @@ def run(
     return {CODES_TABLE: codes, PURITY_TABLE: purity.assign(run=run_name)}
 
 
-def _source_purity(model: Any, codebooks: CodebookSet, data: Dataset, source: str,
-                   context_length: int) -> pd.DataFrame:  # fmt: skip
+def _source_purity(
+    model: Any, codebooks: CodebookSet, data: Dataset, source: str, context_length: int
+) -> pd.DataFrame:
     """Purity rows against a per-token label source of ``workbench.labels`` (its own token rows, aligned to the
     model's tokenizer; ``data`` feeds a label function)."""
     labelled = load_labels(source, model.tokenizer, data=data, context_length=context_length)
@@ -316,8 +400,9 @@ def _source_purity(model: Any, codebooks: CodebookSet, data: Dataset, source: st
     ids = torch.where(
         labelled.labelled(), labelled.labels.long(), torch.full_like(labelled.labels.long(), -1)
     )
-    _, purity = analyse_codes(model, codebooks, labelled.tokens, {labelled.name: ids}, dataset=data.name,
-                              top_contexts=0)  # fmt: skip
+    _, purity = analyse_codes(
+        model, codebooks, labelled.tokens, {labelled.name: ids}, dataset=data.name, top_contexts=0
+    )
     if labelled.classes and len(purity):
         purity["label_name"] = purity["label"].map(lambda i: labelled.classes[int(i)])
     return purity

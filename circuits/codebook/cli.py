@@ -50,7 +50,7 @@ def train(
             help="Hook site of a codebook (repeatable): blocks.L.hook_resid_post|mlp_out|attn_out "
             "or blocks.L.attn.hook_z (one per head); default the last block's hook_resid_post.",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     n_codes: Annotated[int, typer.Option("--n-codes", min=1, help="Codes per codebook.")] = 200,
     k: Annotated[int, typer.Option("--k", min=1, help="Codes chosen per token.")] = 1,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")] = 150,
@@ -83,13 +83,27 @@ def train(
     sites = site or [default_site(hooked)]
     check(hooked, dataset, sites, context_length)
     directory = codebook_dir(Workspace(workspace).ensure(), run or default_run_name(model))
-    _, report = train_codebooks(hooked, dataset, sites, n_codes=n_codes, k=k, similarity=similarity, steps=steps,
-                                batch_size=batch_size, context_length=context_length, max_tokens=max_tokens,
-                                directory=directory, seed=seed, progress=progress)  # fmt: skip
-    typer.echo(f"held-out loss {report.base_loss:.4f} -> {report.codebook_loss:.4f} with codebooks on "
-               f"{', '.join(sites)} (gap {report.loss_gap:+.4f} nats, step {report.steps}); saved in "
-               f"{report.directory}; next: workbench codebook run {model} --data {data} --run "
-               f"{directory.name}")  # fmt: skip
+    _, report = train_codebooks(
+        hooked,
+        dataset,
+        sites,
+        n_codes=n_codes,
+        k=k,
+        similarity=similarity,
+        steps=steps,
+        batch_size=batch_size,
+        context_length=context_length,
+        max_tokens=max_tokens,
+        directory=directory,
+        seed=seed,
+        progress=progress,
+    )
+    typer.echo(
+        f"held-out loss {report.base_loss:.4f} -> {report.codebook_loss:.4f} with codebooks on "
+        f"{', '.join(sites)} (gap {report.loss_gap:+.4f} nats, step {report.steps}); saved in "
+        f"{report.directory}; next: workbench codebook run {model} --data {data} --run "
+        f"{directory.name}"
+    )
 
 
 @app.command("run")
@@ -105,7 +119,7 @@ def run_analysis(
             "(zoo:tokfsm: fsm_state; default: all it carries) or a label source (spans .jsonl, "
             "FILE.py:FN).",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     context_length: Annotated[
         int | None, typer.Option("--context-length", min=1, help="Tokens per row (default: the training's).")
     ] = None,
@@ -133,21 +147,30 @@ def run_analysis(
     ws = Workspace(workspace)
     directory = codebook_dir(ws, run or default_run_name(model))
     if not (directory / "codebooks.safetensors").exists():
-        fail(f"no codebook run {directory.name!r} in {directory.parent}; train them first: workbench codebook "
-             f"train {model} --data {data} --run {directory.name}")  # fmt: skip
-    frames = analyse_codebooks(hooked, dataset, directory, labels=labels, context_length=context_length,
-                         max_tokens=max_tokens)  # fmt: skip
+        fail(
+            f"no codebook run {directory.name!r} in {directory.parent}; train them first: workbench codebook "
+            f"train {model} --data {data} --run {directory.name}"
+        )
+    frames = analyse_codebooks(
+        hooked, dataset, directory, labels=labels, context_length=context_length, max_tokens=max_tokens
+    )
     written = write_tables(ws.ensure(), ANALYSIS, frames)
     purity = frames[PURITY_TABLE]
     if len(purity):
         for (site, label_set), rows in purity.groupby(["site", "label_set"]):
-            typer.echo(f"{site}: mean purity P({label_set} | best code) over {len(rows)} labels "
-                       f"{rows['purity'].mean():.3f}, I(code; {label_set}) {rows['label_set_mi'].iloc[0]:.3f} nats")  # fmt: skip
+            typer.echo(
+                f"{site}: mean purity P({label_set} | best code) over {len(rows)} labels "
+                f"{rows['purity'].mean():.3f}, I(code; {label_set}) {rows['label_set_mi'].iloc[0]:.3f} nats"
+            )
     else:
-        typer.echo(f"dataset {dataset.name!r} carries no per-token labels: wrote code counts and contexts only "
-                   "(pass --labels SOURCE for purity / MI)")  # fmt: skip
-    typer.echo(f"{written.get(ANALYSIS.tables[0].name, 0)} code rows of run {directory.name} on {dataset.name!r} "
-               f"written (tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip
+        typer.echo(
+            f"dataset {dataset.name!r} carries no per-token labels: wrote code counts and contexts only "
+            "(pass --labels SOURCE for purity / MI)"
+        )
+    typer.echo(
+        f"{written.get(ANALYSIS.tables[0].name, 0)} code rows of run {directory.name} on {dataset.name!r} "
+        f"written (tables {', '.join(ANALYSIS.table_names)})"
+    )
 
 
 add_deprecated_alias(app, "analyse", "codebook analyse", "codebook run", run_analysis)

@@ -46,10 +46,17 @@ def token_rows(
     token dataset (``per_token_labels``), cut like their rows.
     """
     rows: list[list[int]] = []
-    for batch in data.batches(model.tokenizer, context_length=context_length, batch_size=64,
-                              packing=data.modality == "text", max_tokens=max_tokens):  # fmt: skip
-        rows += [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"],
-                                                                  strict=True)]  # fmt: skip
+    for batch in data.batches(
+        model.tokenizer,
+        context_length=context_length,
+        batch_size=64,
+        packing=data.modality == "text",
+        max_tokens=max_tokens,
+    ):
+        rows += [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
     lengths = np.array([len(r) for r in rows])
     ordered = np.sort(lengths)[::-1]
     width = int(ordered[np.argmax(ordered * np.arange(1, len(ordered) + 1))]) if len(rows) else 0
@@ -89,11 +96,23 @@ def split_rows(
     return order[held:].sort().values, order[:held].sort().values
 
 
-def read_rows(model: Any, data: Dataset, *, context_length: int = 128, max_tokens: int | None = None,
-              seed: int = 0, eval_fraction: float = EVAL_FRACTION) -> TokenRows:  # fmt: skip
+def read_rows(
+    model: Any,
+    data: Dataset,
+    *,
+    context_length: int = 128,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    eval_fraction: float = EVAL_FRACTION,
+) -> TokenRows:
     """``token_rows`` of ``data`` split by ``split_rows``: training rows, held-out rows and their labels."""
     tokens, labels = token_rows(model, data, context_length=context_length, max_tokens=max_tokens)
     train, held = split_rows(len(tokens), eval_fraction, seed)
-    source = {"dataset": data.name, "context_length": context_length, "max_tokens": max_tokens, "seed": seed,
-              "eval_fraction": eval_fraction}  # fmt: skip
+    source = {
+        "dataset": data.name,
+        "context_length": context_length,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "eval_fraction": eval_fraction,
+    }
     return TokenRows(tokens[train], tokens[held], {k: v[held] for k, v in labels.items()}, source)

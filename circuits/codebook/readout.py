@@ -39,8 +39,10 @@ def codebooks_for_model(model: Any, workspace: Any = None) -> list[tuple[str, li
     )
     fits = []
     for run, meta in metas.items():
-        wanted = {c["site"]: (c["n_groups"], c["d"]) if c.get("n_groups", 1) > 1 else (c["d"],)
-                  for c in meta["configs"]}  # fmt: skip
+        wanted = {
+            c["site"]: (c["n_groups"], c["d"]) if c.get("n_groups", 1) > 1 else (c["d"],)
+            for c in meta["configs"]
+        }
         if any(shapes.get(site) != shape for site, shape in wanted.items()):
             continue
         note = provenance_note(meta.get("model"), meta.get("checkpoint"), model)
@@ -54,8 +56,10 @@ def load_codebooks_for(model: Any, run: str, workspace: Any = None) -> CodebookS
     known = set(model.hook_names())
     missing = [s for s in codebooks.sites if s not in known]
     if missing:
-        raise CodebookError(f"codebook run {run!r} sits on {', '.join(missing)}, which {model.cfg.name} does not "
-                            "have: it is a codebook for another model")  # fmt: skip
+        raise CodebookError(
+            f"codebook run {run!r} sits on {', '.join(missing)}, which {model.cfg.name} does not "
+            "have: it is a codebook for another model"
+        )
     ids = torch.zeros((1, 2), dtype=torch.long, device=model.device)
     with torch.no_grad(), model.capture(codebooks.sites) as cache:
         model(ids)
@@ -81,10 +85,18 @@ def token_codes(model: Any, tokens: torch.Tensor, codebooks: CodebookSet, site: 
         _, idx, scores = book.encode(cache[site][0].to(book.codes.dtype))  # [pos, n_groups, k]
     texts = model.to_str_tokens(tokens[0])
     rows = [
-        {"position": p, "token": texts[p], "group": g, "rank": r, "code": int(idx[p, g, r]),
-         "score": float(scores[p, g, r])}
-        for p in range(idx.shape[0]) for g in range(idx.shape[1]) for r in range(idx.shape[2])
-    ]  # fmt: skip
+        {
+            "position": p,
+            "token": texts[p],
+            "group": g,
+            "rank": r,
+            "code": int(idx[p, g, r]),
+            "score": float(scores[p, g, r]),
+        }
+        for p in range(idx.shape[0])
+        for g in range(idx.shape[1])
+        for r in range(idx.shape[2])
+    ]
     return pd.DataFrame(rows)
 
 
@@ -100,9 +112,16 @@ def code_vector(codebooks: CodebookSet, site: str, code: int, group: int = 0) ->
     return book.codes[group, code].detach().float().cpu()
 
 
-def code_steering(codebooks: CodebookSet, run: str, site: str, code: int, scale: float, group: int = 0,
-                  **kwargs: Any) -> Intervention:  # fmt: skip
+def code_steering(
+    codebooks: CodebookSet, run: str, site: str, code: int, scale: float, group: int = 0, **kwargs: Any
+) -> Intervention:
     """Steer ``site`` by ``scale`` × the code's vector (on head ``group`` only for a per-head codebook)."""
     heads = (group,) if codebooks[site].config.n_groups > 1 else None
-    return Intervention.steer(site, code_vector(codebooks, site, code, group), scale, heads=heads,
-                              label=f"codebook {run} code {code}", **kwargs)  # fmt: skip
+    return Intervention.steer(
+        site,
+        code_vector(codebooks, site, code, group),
+        scale,
+        heads=heads,
+        label=f"codebook {run} code {code}",
+        **kwargs,
+    )

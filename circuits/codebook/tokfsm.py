@@ -84,9 +84,14 @@ def fsm_steering_check(
             plain_forced += fsm.is_legal(target, int(plain[i]))
             n += 1
     rate = (lambda x: x / n) if n else (lambda x: float("nan"))
-    return {"forced_legal_from_forced": rate(forced_legal), "forced_legal_from_true": rate(forced_true),
-            "plain_legal_from_true": rate(plain_true), "plain_legal_from_forced": rate(plain_forced),
-            "n": n, "skipped": skipped}  # fmt: skip
+    return {
+        "forced_legal_from_forced": rate(forced_legal),
+        "forced_legal_from_true": rate(forced_true),
+        "plain_legal_from_true": rate(plain_true),
+        "plain_legal_from_forced": rate(plain_forced),
+        "n": n,
+        "skipped": skipped,
+    }
 
 
 def fsm_purity_ceiling(fsm: Any, tokens: torch.Tensor, states: torch.Tensor) -> dict[str, float]:
@@ -112,8 +117,10 @@ def fsm_purity_ceiling(fsm: Any, tokens: torch.Tensor, states: torch.Tensor) -> 
     flat = posterior.reshape(-1, n_states)
     _, ids = np.unique(np.round(flat, 9), axis=0, return_inverse=True)
     table = association(ids.reshape(-1), true_states.reshape(-1), int(ids.max()) + 1)
-    return {"purity": float(table["purity"].mean()),
-            "map_accuracy": float((flat.argmax(1) == true_states.reshape(-1)).mean())}  # fmt: skip
+    return {
+        "purity": float(table["purity"].mean()),
+        "map_accuracy": float((flat.argmax(1) == true_states.reshape(-1)).mean()),
+    }
 
 
 def fsm_codebook_study(
@@ -136,11 +143,27 @@ def fsm_codebook_study(
     ``purity_ceiling``), numbers and the codebooks."""
     fsm = dataset_fsm(data)
     site = site or default_site(model)
-    books, report = train(model, data, [site], n_codes=n_codes, k=1, similarity=similarity, steps=steps,
-                          context_length=context_length, directory=directory, seed=seed,
-                          progress=progress)  # fmt: skip
-    frames = analyse(model, data, books, source=report.source, labels=[STATE_LABELS],
-                     run_name=Path(directory).name if directory else None)  # fmt: skip
+    books, report = train(
+        model,
+        data,
+        [site],
+        n_codes=n_codes,
+        k=1,
+        similarity=similarity,
+        steps=steps,
+        context_length=context_length,
+        directory=directory,
+        seed=seed,
+        progress=progress,
+    )
+    frames = analyse(
+        model,
+        data,
+        books,
+        source=report.source,
+        labels=[STATE_LABELS],
+        run_name=Path(directory).name if directory else None,
+    )
     held = read_rows(model, data, **{k: v for k, v in report.source.items() if k != "dataset"})
     states = held.eval_labels[STATE_LABELS]
     purity = frames[PURITY_TABLE]
@@ -148,7 +171,14 @@ def fsm_codebook_study(
     ceiling = fsm_purity_ceiling(fsm, held.eval, states)
     frames[PURITY_TABLE] = purity.assign(purity_ceiling=ceiling["purity"])
     frames[CODES_TABLE] = frames[CODES_TABLE].assign(loss_gap=report.loss_gap)
-    return {"codebooks": books, "report": report, "frames": frames, "codes": frames[CODES_TABLE],
-            "purity": frames[PURITY_TABLE], "steering": steering,
-            "mean_state_purity": float(purity[purity["label_set"] == STATE_LABELS]["purity"].mean()),
-            "purity_ceiling": ceiling["purity"], "map_accuracy": ceiling["map_accuracy"]}  # fmt: skip
+    return {
+        "codebooks": books,
+        "report": report,
+        "frames": frames,
+        "codes": frames[CODES_TABLE],
+        "purity": frames[PURITY_TABLE],
+        "steering": steering,
+        "mean_state_purity": float(purity[purity["label_set"] == STATE_LABELS]["purity"].mean()),
+        "purity_ceiling": ceiling["purity"],
+        "map_accuracy": ceiling["map_accuracy"],
+    }

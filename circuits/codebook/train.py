@@ -117,9 +117,16 @@ def train_codebooks(
     device = model.device
     tokens = tokens.to(device)
     configs = [site_config(model, s, n_codes, k, similarity) for s in sites]
-    settings = {"configs": [asdict(c) for c in configs], "batch_size": batch_size, "lr": lr,
-                "reconstruction_weight": reconstruction_weight, "dead_every": dead_every, "seed": seed,
-                "train_model": train_model, "model": model.cfg.name}  # fmt: skip
+    settings = {
+        "configs": [asdict(c) for c in configs],
+        "batch_size": batch_size,
+        "lr": lr,
+        "reconstruction_weight": reconstruction_weight,
+        "dead_every": dead_every,
+        "seed": seed,
+        "train_model": train_model,
+        "model": model.cfg.name,
+    }
     if source is not None:
         settings["source"] = source
     extra = {"source": source} if source is not None else {}
@@ -142,15 +149,24 @@ def train_codebooks(
                 "further or with these settings; pick another run name"
             )
         books = CodebookSet.load(directory, device)
-        report = TrainReport(evaluate_loss(model, eval_tokens), evaluate_loss(model, eval_tokens, books),
-                             int(meta["step"]), 0, [], directory, source)  # fmt: skip
+        report = TrainReport(
+            evaluate_loss(model, eval_tokens),
+            evaluate_loss(model, eval_tokens, books),
+            int(meta["step"]),
+            0,
+            [],
+            directory,
+            source,
+        )
         return books, report
     if saved is not None:
         # a run saved before model identities records none: it is taken as this model's
         owner = saved["settings"].setdefault("model", model.cfg.name)
         if owner != model.cfg.name:
-            raise CodebookError(f"{directory} holds codebooks of {owner!r}, not {model.cfg.name!r}; pick another "
-                                "run name (the default is built from the model's identity)")  # fmt: skip
+            raise CodebookError(
+                f"{directory} holds codebooks of {owner!r}, not {model.cfg.name!r}; pick another "
+                "run name (the default is built from the model's identity)"
+            )
     if saved is not None and saved["settings"] != settings:
         changed = sorted(key for key in settings if saved["settings"].get(key) != settings[key])
         raise CodebookError(
@@ -177,9 +193,16 @@ def train_codebooks(
     def checkpoint(step: int) -> None:
         if directory is None:
             return
-        state = {"version": TRAIN_STATE_VERSION, "step": step, "settings": settings, "replaced": replaced,
-                 "codes": [b.codes.detach().cpu() for b in books.codebooks], "optimizer": optimizer.state_dict(),
-                 "generator": gen.get_state(), "usage": {s: u.cpu() for s, u in usage.items()}}  # fmt: skip
+        state = {
+            "version": TRAIN_STATE_VERSION,
+            "step": step,
+            "settings": settings,
+            "replaced": replaced,
+            "codes": [b.codes.detach().cpu() for b in books.codebooks],
+            "optimizer": optimizer.state_dict(),
+            "generator": gen.get_state(),
+            "usage": {s: u.cpu() for s, u in usage.items()},
+        }
         if train_model:
             state["model"] = {n: t.detach().cpu() for n, t in model.model.state_dict().items()}
         atomic_torch_save(directory / TRAIN_STATE, state)
@@ -205,11 +228,12 @@ def train_codebooks(
                 logits = model(batch)
             loss = _next_token_loss(logits, batch)
             recon = sum(
-                F.mse_loss(books[s].decode(books.codes(s).reshape(-1, *books.codes(s).shape[2:])),
-                           F.layer_norm(books[s]._grouped(books.state[s].last_input),
-                                        (books[s].config.d,)))
+                F.mse_loss(
+                    books[s].decode(books.codes(s).reshape(-1, *books.codes(s).shape[2:])),
+                    F.layer_norm(books[s]._grouped(books.state[s].last_input), (books[s].config.d,)),
+                )
                 for s in books.sites
-            )  # fmt: skip
+            )
             optimizer.zero_grad()
             (loss + reconstruction_weight * recon).backward()
             optimizer.step()
@@ -228,12 +252,28 @@ def train_codebooks(
         for p, flag in zip(model.model.parameters(), grad_flags, strict=True):
             p.requires_grad_(flag)
     at = max(start, steps)
-    report = TrainReport(evaluate_loss(model, eval_tokens), evaluate_loss(model, eval_tokens, books), at,
-                         replaced, history, directory, source)  # fmt: skip
+    report = TrainReport(
+        evaluate_loss(model, eval_tokens),
+        evaluate_loss(model, eval_tokens, books),
+        at,
+        replaced,
+        history,
+        directory,
+        source,
+    )
     if directory is not None:
-        books.save(directory, {"step": at, "n_codes": n_codes, "train_model": train_model,
-                               "base_loss": report.base_loss, "codebook_loss": report.codebook_loss,
-                               "loss_gap": report.loss_gap, **extra})  # fmt: skip
+        books.save(
+            directory,
+            {
+                "step": at,
+                "n_codes": n_codes,
+                "train_model": train_model,
+                "base_loss": report.base_loss,
+                "codebook_loss": report.codebook_loss,
+                "loss_gap": report.loss_gap,
+                **extra,
+            },
+        )
     return books, report
 
 
@@ -283,11 +323,30 @@ def train(
     other keyword ``options``: lr, reconstruction_weight, train_model, dead_every, checkpoint_every)."""
     sites = list(sites) if sites else [default_site(model)]
     check(model, data, sites, context_length)
-    rows = read_rows(model, data, context_length=context_length, max_tokens=max_tokens, seed=seed,
-                     eval_fraction=eval_fraction)  # fmt: skip
-    return train_codebooks(model, rows.train, sites, n_codes=n_codes, k=k, similarity=similarity, steps=steps,
-                           batch_size=batch_size, eval_tokens=rows.eval, directory=directory, seed=seed,
-                           source=rows.source, progress=progress, **options)  # fmt: skip
+    rows = read_rows(
+        model,
+        data,
+        context_length=context_length,
+        max_tokens=max_tokens,
+        seed=seed,
+        eval_fraction=eval_fraction,
+    )
+    return train_codebooks(
+        model,
+        rows.train,
+        sites,
+        n_codes=n_codes,
+        k=k,
+        similarity=similarity,
+        steps=steps,
+        batch_size=batch_size,
+        eval_tokens=rows.eval,
+        directory=directory,
+        seed=seed,
+        source=rows.source,
+        progress=progress,
+        **options,
+    )
 
 
 def default_site(model: Any) -> str:

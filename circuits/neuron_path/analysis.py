@@ -275,8 +275,11 @@ class _Scorer:
             probs = target_probs(logits, task.targets[inp], task.position)
         else:
             with model.hooks(_scaled_hooks(clean, masks, alpha, 0)):
-                logits = model(task.inputs[inp, task.position : task.position + 1], cache=self.prefix.rows(inp),
-                               use_cache=False)  # fmt: skip
+                logits = model(
+                    task.inputs[inp, task.position : task.position + 1],
+                    cache=self.prefix.rows(inp),
+                    use_cache=False,
+                )
             probs = target_probs(logits, task.targets[inp], 0)
         (grad,) = torch.autograd.grad(probs.sum(), alpha)
         return grad.detach()
@@ -322,16 +325,24 @@ def _dynamic_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
 
 def _prefix_cache(model, task: Task, probs: torch.Tensor) -> _Prefix | None:
     """The task's prefix keys/values when the model runs one token on them exactly (see :class:`_Scorer`)."""
-    if (task.inputs.is_floating_point() or task.position < 1 or not isinstance(model.adapter, HFAdapter)
-            or not model.cfg.causal or getattr(model, "attention_path", "sdpa") != "sdpa"):  # fmt: skip
+    if (
+        task.inputs.is_floating_point()
+        or task.position < 1
+        or not isinstance(model.adapter, HFAdapter)
+        or not model.cfg.causal
+        or getattr(model, "attention_path", "sdpa") != "sdpa"
+    ):
         return None
     try:
         cache = _dynamic_cache()
         with torch.no_grad():
             model(task.inputs[:, : task.position], cache=cache, use_cache=True)
             prefix = _Prefix([(layer.keys, layer.values) for layer in cache.layers])
-            last = model(task.inputs[:, task.position : task.position + 1], cache=prefix.rows(torch.arange(len(probs))),
-                         use_cache=False)  # fmt: skip
+            last = model(
+                task.inputs[:, task.position : task.position + 1],
+                cache=prefix.rows(torch.arange(len(probs))),
+                use_cache=False,
+            )
     except (TypeError, ValueError, AttributeError, RuntimeError):
         return None
     if last.ndim != 3 or (target_probs(last, task.targets, 0) - probs).abs().max() > _CACHE_TOLERANCE:
@@ -347,8 +358,9 @@ def _row_bytes(model, tokens: int, prefix: int) -> int:
     return 4 * (tokens * per_token + 4 * cfg.n_layers * prefix * cfg.d_model)
 
 
-def joint_score(model, task: Task, path: dict[int, list[int]], steps: int = 20,
-                chunk_rows: int | None = None) -> float:  # fmt: skip
+def joint_score(
+    model, task: Task, path: dict[int, list[int]], steps: int = 20, chunk_rows: int | None = None
+) -> float:
     """Joint IG attribution of ``path`` ({layer: [neurons]}) to the target probability, averaged over inputs;
     ``chunk_rows`` bounds the rows (input × α-step) of one forward/backward (default: by ``CHUNK_BYTES``)."""
     _check_steps(steps)
@@ -356,8 +368,15 @@ def joint_score(model, task: Task, path: dict[int, list[int]], steps: int = 20,
     return float(_Scorer(model, task, steps, chunk_rows).scores(Candidates(path))[0])
 
 
-def locate_path(model, task: Task, steps: int = 20, top_k: int = 1, chunk_rows: int | None = None,
-                progress: bool = True, scorer: _Scorer | None = None) -> tuple[dict[int, list[int]], list[float]]:  # fmt: skip
+def locate_path(
+    model,
+    task: Task,
+    steps: int = 20,
+    top_k: int = 1,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+    scorer: _Scorer | None = None,
+) -> tuple[dict[int, list[int]], list[float]]:
     """Layer-progressive search: per layer pick the ``top_k`` neurons maximising the joint score with earlier picks.
 
     ``chunk_rows`` bounds the rows (neuron × input × α-step) of one forward/backward (default: as many as fit in
@@ -377,16 +396,18 @@ def locate_path(model, task: Task, steps: int = 20, top_k: int = 1, chunk_rows: 
     return path, scores
 
 
-def top_activation_path(model, task: Task, top_k: int = 1,
-                        clean: dict[int, torch.Tensor] | None = None) -> dict[int, list[int]]:  # fmt: skip
+def top_activation_path(
+    model, task: Task, top_k: int = 1, clean: dict[int, torch.Tensor] | None = None
+) -> dict[int, list[int]]:
     """Baseline: per layer, the ``top_k`` neurons with the largest mean clean activation at the task position
     (``clean``: the task's :func:`clean_activations` when already computed)."""
     clean = clean if clean is not None else clean_activations(model, task)
     return {ly: clean[ly].mean(0).topk(top_k).indices.tolist() for ly in range(model.cfg.n_layers)}
 
 
-def influence_pattern_path(model, task: Task, steps: int = 20, top_k: int = 1,
-                           chunk_rows: int | None = None) -> dict[int, list[int]]:  # fmt: skip
+def influence_pattern_path(
+    model, task: Task, steps: int = 20, top_k: int = 1, chunk_rows: int | None = None
+) -> dict[int, list[int]]:
     """Baseline: scale the input embedding by α, pick per layer the ``top_k`` neurons with the largest mean
     gradient; rows (input × α-step) run in chunks of ``chunk_rows`` (default: by ``CHUNK_BYTES``)."""
     _check_steps(steps)
@@ -446,8 +467,14 @@ LM_POSITION = 8  # default position analysed in a causal LM (the target is the t
 LM_TARGETS = 3  # default number of next tokens analysed in a causal LM
 
 
-def estimate(model, tasks: dict[int, Task], steps: int = 20, top_k: int = 1, chunk_rows: int | None = None,
-             scorer: _Scorer | None = None) -> Cost:  # fmt: skip
+def estimate(
+    model,
+    tasks: dict[int, Task],
+    steps: int = 20,
+    top_k: int = 1,
+    chunk_rows: int | None = None,
+    scorer: _Scorer | None = None,
+) -> Cost:
     """The cost of :func:`analyse` on ``tasks`` before it runs: rows = Σ over targets of inputs × steps × (layers ×
     d_mlp candidates + the joint scores of the three paths, + one per layer when ``top_k`` > 1); time from one timed
     calibration chunk of the first task (``scorer``: that task's, reused by the run)."""
@@ -461,14 +488,31 @@ def estimate(model, tasks: dict[int, Task], steps: int = 20, top_k: int = 1, chu
     seconds = (
         per_row * inputs * (per_input + steps * full / scorer.tokens_per_row)
     )  # + the influence baseline
-    return Cost(targets=len(tasks), inputs=inputs, steps=steps, layers=layers, width=width,
-                rows=inputs * per_input, tokens_per_row=scorer.tokens_per_row, chunk_rows=scorer.chunk_rows,
-                chunk_bytes=scorer.chunk_rows * scorer.row_bytes, seconds=seconds)  # fmt: skip
+    return Cost(
+        targets=len(tasks),
+        inputs=inputs,
+        steps=steps,
+        layers=layers,
+        width=width,
+        rows=inputs * per_input,
+        tokens_per_row=scorer.tokens_per_row,
+        chunk_rows=scorer.chunk_rows,
+        chunk_bytes=scorer.chunk_rows * scorer.row_bytes,
+        seconds=seconds,
+    )
 
 
-def analyse(model, tasks: dict[int, Task], *, dataset: str, steps: int = 20, top_k: int = 1,
-            chunk_rows: int | None = None, progress: bool = True,
-            report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:  # fmt: skip
+def analyse(
+    model,
+    tasks: dict[int, Task],
+    *,
+    dataset: str,
+    steps: int = 20,
+    top_k: int = 1,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, pd.DataFrame]:
     """Paths of all three methods for each target ({target: Task}) → {"neuron_paths": one row per (target, method,
     layer, rank), "neuron_path_metrics": one row per method, averaged over the targets}; ``dataset`` is the name
     recorded in every row (``Dataset.name``). ``chunk_rows`` bounds one forward/backward (default: by
@@ -489,27 +533,52 @@ def analyse(model, tasks: dict[int, Task], *, dataset: str, steps: int = 20, top
         scorer = first if i == 0 else _Scorer(model, task, steps, chunk_rows)
         scorer.bar = bar
         ours, _ = locate_path(model, task, steps, top_k, progress=False, scorer=scorer)
-        paths = {"joint_ig": ours, "top_activation": top_activation_path(model, task, top_k, scorer.clean),
-                 "influence_pattern": influence_pattern_path(model, task, steps, top_k, chunk_rows)}  # fmt: skip
+        paths = {
+            "joint_ig": ours,
+            "top_activation": top_activation_path(model, task, top_k, scorer.clean),
+            "influence_pattern": influence_pattern_path(model, task, steps, top_k, chunk_rows),
+        }
         label = _target_text(model, target)
         for method, path in paths.items():
             score = float(scorer.scores(Candidates(path))[0])
             removed, enhanced = manipulate(model, task, path, 0.0), manipulate(model, task, path, 2.0)
             for layer, neurons in path.items():
                 for rank, neuron in enumerate(neurons):
-                    path_rows.append({**run_keys, "position": task.position, "target": int(target),
-                                      "target_text": label, "method": method, "layer": layer, "rank": rank,
-                                      "neuron": int(neuron), "joint_score": score,
-                                      "n_inputs": int(task.inputs.shape[0])})  # fmt: skip
-            metric_rows.append({**run_keys, "position": task.position, "target": int(target), "method": method,
-                                "joint_score": score, "remove_prob_ratio": removed["prob_ratio"],
-                                "remove_accuracy_change": removed["accuracy_change"],
-                                "enhance_prob_ratio": enhanced["prob_ratio"],
-                                "enhance_accuracy_change": enhanced["accuracy_change"]})  # fmt: skip
+                    path_rows.append(
+                        {
+                            **run_keys,
+                            "position": task.position,
+                            "target": int(target),
+                            "target_text": label,
+                            "method": method,
+                            "layer": layer,
+                            "rank": rank,
+                            "neuron": int(neuron),
+                            "joint_score": score,
+                            "n_inputs": int(task.inputs.shape[0]),
+                        }
+                    )
+            metric_rows.append(
+                {
+                    **run_keys,
+                    "position": task.position,
+                    "target": int(target),
+                    "method": method,
+                    "joint_score": score,
+                    "remove_prob_ratio": removed["prob_ratio"],
+                    "remove_accuracy_change": removed["accuracy_change"],
+                    "enhance_prob_ratio": enhanced["prob_ratio"],
+                    "enhance_accuracy_change": enhanced["accuracy_change"],
+                }
+            )
     bar.close()
     group = ["model", "checkpoint", "dataset", "hook", "position", "method"]
-    metrics = (pd.DataFrame(metric_rows).drop(columns="target")
-               .groupby(group, as_index=False, dropna=False, sort=False).mean())  # fmt: skip
+    metrics = (
+        pd.DataFrame(metric_rows)
+        .drop(columns="target")
+        .groupby(group, as_index=False, dropna=False, sort=False)
+        .mean()
+    )
     metrics["n_targets"] = len(tasks)
     metrics["steps"] = steps
     return {"neuron_paths": pd.DataFrame(path_rows), "neuron_path_metrics": metrics}
@@ -526,18 +595,32 @@ ANALYSIS = Analysis(
     name="neuron_path",
     command="workbench neuron-path run MODEL --data DATA",
     tables=(
-        Table("neuron_paths", keys=_RUN_KEYS,
-              columns=("target", "target_text", "method", "layer", "rank", "neuron", "joint_score", "n_inputs"),
-              description="per target and method, the neuron picked at each layer (rank < top_k); a rerun of the "
-              "same model, checkpoint, dataset and position replaces its rows"),
-        Table("neuron_path_metrics", keys=_RUN_KEYS,
-              columns=("method", "joint_score", "remove_prob_ratio", "remove_accuracy_change", "enhance_prob_ratio",
-                       "enhance_accuracy_change", "n_targets", "steps"),
-              description="per method, joint score and remove (×0) / enhance (×2) effects averaged over targets"),
+        Table(
+            "neuron_paths",
+            keys=_RUN_KEYS,
+            columns=("target", "target_text", "method", "layer", "rank", "neuron", "joint_score", "n_inputs"),
+            description="per target and method, the neuron picked at each layer (rank < top_k); a rerun of the "
+            "same model, checkpoint, dataset and position replaces its rows",
+        ),
+        Table(
+            "neuron_path_metrics",
+            keys=_RUN_KEYS,
+            columns=(
+                "method",
+                "joint_score",
+                "remove_prob_ratio",
+                "remove_accuracy_change",
+                "enhance_prob_ratio",
+                "enhance_accuracy_change",
+                "n_targets",
+                "steps",
+            ),
+            description="per method, joint score and remove (×0) / enhance (×2) effects averaged over targets",
+        ),
     ),
     requires=("mlp",),
     description="neuron paths: joint integrated gradients over MLP hidden units (causal LMs and ViT classifiers)",
-)  # fmt: skip
+)
 
 
 def model_kind(model) -> str:
@@ -610,8 +693,10 @@ def check(model, data: Dataset, position: int | None = None, label: str | None =
 def _inputs(data: Dataset) -> torch.Tensor:
     """``data``'s input array [n, ...]; a token or text dataset is refused (class tasks read inputs)."""
     if data.inputs is None:
-        raise NeuronPathError(f"dataset {data.name!r} holds no input array (it is {data.modality}); class tasks "
-                              "need an inputs dataset such as zoo:digits")  # fmt: skip
+        raise NeuronPathError(
+            f"dataset {data.name!r} holds no input array (it is {data.modality}); class tasks "
+            "need an inputs dataset such as zoo:digits"
+        )
     return data.inputs
 
 
@@ -670,12 +755,22 @@ def lm_tasks(model, tokens: torch.Tensor, position: int, n_targets: int = LM_TAR
     task = make_task(model, tokens, None, position)
     values, counts = task.targets.unique(return_counts=True)
     chosen = values[counts.argsort(descending=True, stable=True)[:n_targets]]
-    return {int(t): Task(task.inputs[task.targets == t], task.targets[task.targets == t], task.position)
-            for t in chosen}  # fmt: skip
+    return {
+        int(t): Task(task.inputs[task.targets == t], task.targets[task.targets == t], task.position)
+        for t in chosen
+    }
 
 
-def class_tasks(model, data: Dataset, *, per_class: int = 8, n_targets: int | None = None, label: str | None = None,
-                position: int = 0, seed: int = 0) -> dict[int, Task]:  # fmt: skip
+def class_tasks(
+    model,
+    data: Dataset,
+    *,
+    per_class: int = 8,
+    n_targets: int | None = None,
+    label: str | None = None,
+    position: int = 0,
+    seed: int = 0,
+) -> dict[int, Task]:
     """One task per class of ``data``'s label array (its ``n_targets`` most frequent classes, default all): up to
     ``per_class`` inputs [k, ...] each, drawn with a seeded permutation."""
     _, labels = _class_labels(data, label)
@@ -703,10 +798,21 @@ def _check_inputs(model, data: Dataset) -> None:
         ) from err
 
 
-def run(model, data: Dataset, *, position: int | None = None, n_targets: int | None = None, steps: int = 20,
-        top_k: int = 1, max_sequences: int = 64, label: str | None = None, seed: int = 0,
-        chunk_rows: int | None = None, progress: bool = True,
-        report: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:  # fmt: skip
+def run(
+    model,
+    data: Dataset,
+    *,
+    position: int | None = None,
+    n_targets: int | None = None,
+    steps: int = 20,
+    top_k: int = 1,
+    max_sequences: int = 64,
+    label: str | None = None,
+    seed: int = 0,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, pd.DataFrame]:
     """Neuron paths of any causal LM or ViT classifier on any dataset → {table: DataFrame} (for ``write_tables``).
 
     Args:
@@ -736,8 +842,15 @@ def run(model, data: Dataset, *, position: int | None = None, n_targets: int | N
     else:
         _, labels = _class_labels(data, label)
         n_classes = min(n_targets or len(labels.unique()), len(labels.unique()))
-        tasks = class_tasks(model, data, per_class=max(1, max_sequences // n_classes), n_targets=n_targets,
-                            label=label, position=position or 0, seed=seed)  # fmt: skip
+        tasks = class_tasks(
+            model,
+            data,
+            per_class=max(1, max_sequences // n_classes),
+            n_targets=n_targets,
+            label=label,
+            position=position or 0,
+            seed=seed,
+        )
     return analyse(
         model,
         tasks,

@@ -74,16 +74,42 @@ def run(
     from workbench.circuits.neuron_path.analysis import ANALYSIS
     from workbench.circuits.neuron_path.analysis import run as run_paths
 
-    require_data(data, "the dataset the paths are traced on: text or token ids for a causal LM, inputs with a class "
-                 "label array for an image classifier (zoo:digits)")  # fmt: skip
+    require_data(
+        data,
+        "the dataset the paths are traced on: text or token ids for a causal LM, inputs with a class "
+        "label array for an image classifier (zoo:digits)",
+    )
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
-    frames = run_paths(hooked, dataset, position=position, n_targets=n_targets, steps=steps, top_k=top_k,
-                       max_sequences=max_sequences, label=label, seed=seed, chunk_rows=chunk_size,
-                       progress=progress, report=typer.echo)  # fmt: skip
+    frames = run_paths(
+        hooked,
+        dataset,
+        position=position,
+        n_targets=n_targets,
+        steps=steps,
+        top_k=top_k,
+        max_sequences=max_sequences,
+        label=label,
+        seed=seed,
+        chunk_rows=chunk_size,
+        progress=progress,
+        report=typer.echo,
+    )
     write_tables(workspace, ANALYSIS, frames)
     metrics = frames["neuron_path_metrics"]
-    typer.echo(metrics[["method", "joint_score", "remove_prob_ratio", "remove_accuracy_change", "enhance_prob_ratio",
-                        "enhance_accuracy_change"]].to_string(index=False))  # fmt: skip
-    typer.echo(f"{len(frames['neuron_paths'])} path rows of {hooked.cfg.name} on {dataset.name!r} written to the "
-               f"workspace (tables {', '.join(ANALYSIS.table_names)})")  # fmt: skip
+    typer.echo(
+        metrics[
+            [
+                "method",
+                "joint_score",
+                "remove_prob_ratio",
+                "remove_accuracy_change",
+                "enhance_prob_ratio",
+                "enhance_accuracy_change",
+            ]
+        ].to_string(index=False)
+    )
+    typer.echo(
+        f"{len(frames['neuron_paths'])} path rows of {hooked.cfg.name} on {dataset.name!r} written to the "
+        f"workspace (tables {', '.join(ANALYSIS.table_names)})"
+    )

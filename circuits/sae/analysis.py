@@ -48,25 +48,64 @@ ANALYSIS = Analysis(
     name="sae",
     command="workbench sae train MODEL --data DATA --hook HOOK",
     tables=(
-        Table("sae_evals", keys=_KEYS,
-              columns=("hook_out", "architecture", "transcoder", "d_in", "d_sae", "k", "n_tokens", "L0", "FVU",
-                       "explained_variance", "cosine", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",
-                       "ce_zero", "ce_recovered", "kl", "ce_note", "density_histogram", "n_train_rows",
-                       "train_steps", "ce_gap_se", "ce_recovered_note"),
-              description="per SAE, model checkpoint and dataset: sparsity, reconstruction and (causal LMs) the CE "
-              "loss with the SAE spliced in; ce_note says when the CE metrics do not apply, ce_recovered_note when "
-              "the zero-ablation gap (ce_zero - ce_clean, standard error ce_gap_se) is too small for CE recovered "
-              "to mean anything"),
-        Table("sae_features", keys=_KEYS,
-              columns=("latent", "density", "max_activation", "top_contexts", "quantile_activations",
-                       "quantile_samples", "histogram", "promoted_tokens", "suppressed_tokens", "n_prompts",
-                       "n_tokens_in_prompt", "head_shares"),
-              description="feature pages, one row per latent, from the SAE's training dataset; a rerun replaces "
-              "every latent of that SAE and dataset"),
+        Table(
+            "sae_evals",
+            keys=_KEYS,
+            columns=(
+                "hook_out",
+                "architecture",
+                "transcoder",
+                "d_in",
+                "d_sae",
+                "k",
+                "n_tokens",
+                "L0",
+                "FVU",
+                "explained_variance",
+                "cosine",
+                "dead_fraction",
+                "dense_fraction",
+                "ce_clean",
+                "ce_spliced",
+                "ce_zero",
+                "ce_recovered",
+                "kl",
+                "ce_note",
+                "density_histogram",
+                "n_train_rows",
+                "train_steps",
+                "ce_gap_se",
+                "ce_recovered_note",
+            ),
+            description="per SAE, model checkpoint and dataset: sparsity, reconstruction and (causal LMs) the CE "
+            "loss with the SAE spliced in; ce_note says when the CE metrics do not apply, ce_recovered_note when "
+            "the zero-ablation gap (ce_zero - ce_clean, standard error ce_gap_se) is too small for CE recovered "
+            "to mean anything",
+        ),
+        Table(
+            "sae_features",
+            keys=_KEYS,
+            columns=(
+                "latent",
+                "density",
+                "max_activation",
+                "top_contexts",
+                "quantile_activations",
+                "quantile_samples",
+                "histogram",
+                "promoted_tokens",
+                "suppressed_tokens",
+                "n_prompts",
+                "n_tokens_in_prompt",
+                "head_shares",
+            ),
+            description="feature pages, one row per latent, from the SAE's training dataset; a rerun replaces "
+            "every latent of that SAE and dataset",
+        ),
     ),
     requires=("tokenizer", "text"),
     description="sparse autoencoders and transcoders: training, evaluation, feature pages",
-)  # fmt: skip
+)
 EVAL_FRACTION = 0.25  # share of the token rows held out for evaluation
 
 
@@ -119,8 +158,10 @@ def hook_widths(model, hooks: list[str]) -> tuple[dict[str, int], str]:
     for hook in hooks:
         matched = model.resolve(hook)
         if matched != [hook]:
-            raise SAEInputError(f"hook {hook!r} names {len(matched)} hooks ({', '.join(matched[:4])}, …); an SAE "
-                                "reads one hook: give its exact name")  # fmt: skip
+            raise SAEInputError(
+                f"hook {hook!r} names {len(matched)} hooks ({', '.join(matched[:4])}, …); an SAE "
+                "reads one hook: give its exact name"
+            )
     ids = torch.zeros((1, 2), dtype=torch.long, device=model.device)
     with torch.no_grad(), model.capture(list(dict.fromkeys(hooks))) as cache:
         out = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -138,12 +179,16 @@ def hook_widths(model, hooks: list[str]) -> tuple[dict[str, int], str]:
             )
         widths[hook] = shape[-1]
     logits = bool(model.cfg.causal) and out.ndim == 3 and out.shape[-1] == model.cfg.d_vocab
-    note = "" if logits else (
-        f"CE metrics do not apply: {model.cfg.name} ({model.cfg.family}) is "
-        + ("an encoder" if not model.cfg.causal else "a model without an LM head")
-        + f" whose forward returns hidden states [batch, pos, {out.shape[-1]}], not next-token logits; the "
-        "reconstruction metrics (L0, FVU, cosine, dead/dense fractions) are reported"
-    )  # fmt: skip
+    note = (
+        ""
+        if logits
+        else (
+            f"CE metrics do not apply: {model.cfg.name} ({model.cfg.family}) is "
+            + ("an encoder" if not model.cfg.causal else "a model without an LM head")
+            + f" whose forward returns hidden states [batch, pos, {out.shape[-1]}], not next-token logits; the "
+            "reconstruction metrics (L0, FVU, cosine, dead/dense fractions) are reported"
+        )
+    )
     return widths, note
 
 
@@ -164,8 +209,10 @@ def check_sae_fits(sae: SAE, model, widths: Mapping[str, int], sae_id: str) -> s
 
 def _sae_hooks(sae: SAE, model, sae_id: str) -> list[str]:
     if not sae.hook_in:
-        raise SAEInputError(f"SAE {sae_id!r} names no input hook (hook_in/hook_name is empty); it cannot be "
-                            "spliced into a model")  # fmt: skip
+        raise SAEInputError(
+            f"SAE {sae_id!r} names no input hook (hook_in/hook_name is empty); it cannot be "
+            "spliced into a model"
+        )
     hooks = list(dict.fromkeys([sae.hook_in, sae.hook_out]))
     known = set(model.hook_names())
     missing = [h for h in hooks if h not in known]
@@ -174,8 +221,9 @@ def _sae_hooks(sae: SAE, model, sae_id: str) -> list[str]:
         try:
             resolve_hook_names(missing[0], model.hook_names())
         except KeyError as err:
-            raise SAEInputError(f"SAE {sae_id!r} reads {missing[0]!r}, which {model.cfg.name} lacks{trained_on}: "
-                                f"{err}") from None  # fmt: skip
+            raise SAEInputError(
+                f"SAE {sae_id!r} reads {missing[0]!r}, which {model.cfg.name} lacks{trained_on}: {err}"
+            ) from None
     return hooks
 
 
@@ -229,8 +277,10 @@ def _check_counts(steps: int, max_tokens: int | None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SAEInputError(f"steps={steps!r}: train at least one step (--steps 1 or more)")
     if max_tokens is not None and max_tokens < 1:
-        raise SAEInputError(f"max_tokens={max_tokens!r}: the token budget must be at least 1 (--max-tokens), or "
-                            "None for all of the dataset")  # fmt: skip
+        raise SAEInputError(
+            f"max_tokens={max_tokens!r}: the token budget must be at least 1 (--max-tokens), or "
+            "None for all of the dataset"
+        )
 
 
 def _store_source(model, data: Dataset, hooks: list[str], widths: Mapping[str, int]):
@@ -263,13 +313,27 @@ def _store_source(model, data: Dataset, hooks: list[str], widths: Mapping[str, i
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def token_rows(model, data: Dataset, *, max_tokens: int | None, context_length: int, batch_size: int,
-               seed: int | None = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def token_rows(
+    model,
+    data: Dataset,
+    *,
+    max_tokens: int | None,
+    context_length: int,
+    batch_size: int,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The dataset's token rows through its one iterator (documents packed into full rows for text):
     (ids [n, pos], attention_mask [n, pos]), checked against the model's vocabulary."""
-    ids, mask = data.token_tensor(model.tokenizer, context_length=context_length, batch_size=batch_size,
-                                  packing=data.modality == "text", shuffle_seed=seed, max_tokens=max_tokens,
-                                  progress=progress)  # fmt: skip
+    ids, mask = data.token_tensor(
+        model.tokenizer,
+        context_length=context_length,
+        batch_size=batch_size,
+        packing=data.modality == "text",
+        shuffle_seed=seed,
+        max_tokens=max_tokens,
+        progress=progress,
+    )
     if model.cfg.d_vocab and int(ids[mask.bool()].max()) >= model.cfg.d_vocab:
         raise DatasetError(
             f"dataset {data.name!r} holds token id {int(ids[mask.bool()].max())}, outside {model.cfg.name}'s "
@@ -288,8 +352,9 @@ def _split(n_rows: int, data: Dataset, context_length: int) -> int:
     return max(1, min(n_rows - 1, round(n_rows * (1 - EVAL_FRACTION))))
 
 
-def _rows_stream(store, hooks: list[str], batch_size: int, below_sequence: int | None,
-                 shards: list[int] | None = None) -> Iterator[dict]:  # fmt: skip
+def _rows_stream(
+    store, hooks: list[str], batch_size: int, below_sequence: int | None, shards: list[int] | None = None
+) -> Iterator[dict]:
     """Endless shuffled batches {hook: [batch_size, d]} of the store's rows (only sequences < below_sequence; only
     the given shards, for a rank of a distributed run)."""
     epoch = 0
@@ -357,19 +422,29 @@ def run(
     for sae_id in specs:
         check_sae_name(sae_id)
         check_sae_owner(Workspace(workspace), sae_id, model.cfg.name)
-    hooks = list(dict.fromkeys(h for spec in specs.values() for h in (spec["hook_in"], spec.get("hook_out") or
-                                                                          spec["hook_in"])))  # fmt: skip
+    hooks = list(
+        dict.fromkeys(
+            h for spec in specs.values() for h in (spec["hook_in"], spec.get("hook_out") or spec["hook_in"])
+        )
+    )
     widths, ce_note = hook_widths(model, hooks)
     dataset = data.name
     store = _store_source(model, data, hooks, widths)
     if store is not None:
         dataset = store.manifest.get("dataset") or data.name
     configs = {
-        sae_id: SAEConfig(**{**spec, "d_in": widths[spec["hook_in"]],
-                             "d_out": widths[spec.get("hook_out") or spec["hook_in"]], "model": model.cfg.name,
-                             "checkpoint": model.cfg.checkpoint, "dataset": dataset})
+        sae_id: SAEConfig(
+            **{
+                **spec,
+                "d_in": widths[spec["hook_in"]],
+                "d_out": widths[spec.get("hook_out") or spec["hook_in"]],
+                "model": model.cfg.name,
+                "checkpoint": model.cfg.checkpoint,
+                "dataset": dataset,
+            }
+        )
         for sae_id, spec in specs.items()
-    }  # fmt: skip
+    }
     rank, world = (distributed.rank, distributed.world_size) if distributed is not None else (0, 1)
     sharded = distributed is not None and distributed.mode == "hooks"
     mine = owned_names(list(configs), rank, world) if sharded else list(configs)
@@ -384,14 +459,18 @@ def run(
         try:
             saes[sae_id] = seeded_sae(cfg, seed).to(model.device)
         except RuntimeError as err:  # the allocator refused despite the estimate
-            raise SAEInputError(f"could not allocate SAE {sae_id!r} (d_sae={cfg.d_sae}): {str(err).splitlines()[0]}; "
-                                "pick a smaller --d-sae") from None  # fmt: skip
+            raise SAEInputError(
+                f"could not allocate SAE {sae_id!r} (d_sae={cfg.d_sae}): {str(err).splitlines()[0]}; "
+                "pick a smaller --d-sae"
+            ) from None
     ws = Workspace(workspace).ensure()  # nothing is written before this point
     page_dirs: list[Path] = []  # the stores the feature pages read (none: the training store)
     if store is not None:
         if data.token_ids is None:
-            raise SAEInputError(f"activation store {store.path} records no token ids, so the held-out rows cannot "
-                                "be spliced back into the model; recapture it with `workbench capture`")  # fmt: skip
+            raise SAEInputError(
+                f"activation store {store.path} records no token ids, so the held-out rows cannot "
+                "be spliced back into the model; recapture it with `workbench capture`"
+            )
         ids = data.token_ids
         mask = data.token_mask if data.token_mask is not None else torch.ones_like(ids)
         split = _split(len(ids), data, ids.shape[1])
@@ -406,27 +485,52 @@ def run(
                 "fewer processes"
             )
     else:
-        ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
-                               batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+        ids, mask = token_rows(
+            model,
+            data,
+            max_tokens=max_tokens,
+            context_length=context_length,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
         split = _split(len(ids), data, context_length)
         if split < world:
-            raise DatasetError(f"dataset {data.name!r} gave {split} training rows for {world} ranks: give more text "
-                               "or run fewer processes")  # fmt: skip
+            raise DatasetError(
+                f"dataset {data.name!r} gave {split} training rows for {world} ranks: give more text "
+                "or run fewer processes"
+            )
         mine_rows = document_range(split, rank, world)  # disjoint document ranges per rank
         rows = [r[m.bool()].tolist() for r, m in zip(ids[mine_rows], mask[mine_rows], strict=True)]
         step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
         name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}"
-        store_dirs = [ws.store_dir(safe_name(f"{name}-rank{r}-of-{world}" if world > 1 else name))
-                      for r in range(world)]  # fmt: skip
-        store = capture_to_store(model, rows, hooks, store_dirs[rank], batch_size=batch_size,
-                                 max_length=context_length, dataset=dataset, checkpoint=model.cfg.checkpoint,
-                                 overwrite=True, progress=progress)  # fmt: skip
+        store_dirs = [
+            ws.store_dir(safe_name(f"{name}-rank{r}-of-{world}" if world > 1 else name)) for r in range(world)
+        ]
+        store = capture_to_store(
+            model,
+            rows,
+            hooks,
+            store_dirs[rank],
+            batch_size=batch_size,
+            max_length=context_length,
+            dataset=dataset,
+            checkpoint=model.cfg.checkpoint,
+            overwrite=True,
+            progress=progress,
+        )
         below, train_rows, shards = None, store.n_rows, None
         if distributed is not None and len(local_ranks(distributed)) == world:
             page_dirs = store_dirs  # every rank's store is on this machine: the pages read them all
     batch = max(1, min(train_batch_size, train_rows * world) // world)  # rows per rank and step
-    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=min(20, steps), progress=progress,
-                      dead_after_tokens=10 * batch * world, **(train_options or {}))  # fmt: skip
+    cfg = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=min(20, steps),
+        progress=progress,
+        dead_after_tokens=10 * batch * world,
+        **(train_options or {}),
+    )
     trained = train_saes(
         saes, _rows_stream(store, hooks, batch, below, shards), cfg, distributed=distributed
     ).saes
@@ -438,8 +542,17 @@ def run(
             break  # data-parallel ranks hold the same SAEs: rank 0 saves and evaluates them
         sae.eval()
         sae.save(sae_dir(ws, sae_id))
-        frame = evaluate_sae(model, sae, ids[split:], sae_id, batch_size=batch_size, dataset=dataset,
-                             progress=progress, attention_mask=mask[split:], ce_note=ce_note)  # fmt: skip
+        frame = evaluate_sae(
+            model,
+            sae,
+            ids[split:],
+            sae_id,
+            batch_size=batch_size,
+            dataset=dataset,
+            progress=progress,
+            attention_mask=mask[split:],
+            ce_note=ce_note,
+        )
         evals.append(frame.assign(n_train_rows=train_rows, train_steps=steps))
         if pages and not sae.cfg.is_transcoder:
             features.append(feature_pages(sae, page_store, sae_id, model=model, progress=progress))
@@ -453,9 +566,18 @@ def run(
     return frames
 
 
-def evaluate(model, data: Dataset, sae: SAE, *, sae_id: str, max_tokens: int | None = 20_000,
-             context_length: int = 128, batch_size: int = 16, seed: int | None = 0,
-             progress: bool = True) -> dict[str, pd.DataFrame]:  # fmt: skip
+def evaluate(
+    model,
+    data: Dataset,
+    sae: SAE,
+    *,
+    sae_id: str,
+    max_tokens: int | None = 20_000,
+    context_length: int = 128,
+    batch_size: int = 16,
+    seed: int | None = 0,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
     """A saved SAE spliced into ``model`` over a token budget of ``data`` → {"sae_evals": one row}; an SAE whose
     hooks or widths are not the model's is refused before any data is read."""
     ANALYSIS.check(model, data)
@@ -463,18 +585,43 @@ def evaluate(model, data: Dataset, sae: SAE, *, sae_id: str, max_tokens: int | N
     hooks = _sae_hooks(sae, model, sae_id)
     widths, ce_note = hook_widths(model, hooks)
     check_sae_fits(sae, model, widths, sae_id)
-    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
-                           batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+    ids, mask = token_rows(
+        model,
+        data,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     sae = sae.to(model.device).eval()
-    frame = evaluate_sae(model, sae, ids, sae_id, batch_size=batch_size, dataset=data.name, progress=progress,
-                         attention_mask=mask, ce_note=ce_note)  # fmt: skip
+    frame = evaluate_sae(
+        model,
+        sae,
+        ids,
+        sae_id,
+        batch_size=batch_size,
+        dataset=data.name,
+        progress=progress,
+        attention_mask=mask,
+        ce_note=ce_note,
+    )
     return {"sae_evals": frame}
 
 
 def feature_pages_on_data(
-    model, data, sae: SAE, sae_id: str, *, workspace, max_tokens: int | None = 20_000, context_length: int = 128,
-    batch_size: int = 16, seed: int | None = 0, progress: bool = True,
-) -> pd.DataFrame:  # fmt: skip
+    model,
+    data,
+    sae: SAE,
+    sae_id: str,
+    *,
+    workspace,
+    max_tokens: int | None = 20_000,
+    context_length: int = 128,
+    batch_size: int = 16,
+    seed: int | None = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Feature pages of a saved (or imported) SAE on ``model`` over a token budget of ``data``: the rows are captured
     at ``sae.hook_in`` into ``workspace/stores/pages-<sae_id>-<dataset>`` and read by
     :func:`~workbench.circuits.sae.features.feature_pages`; an SAE whose hook or width is not the model's is refused
@@ -483,12 +630,28 @@ def feature_pages_on_data(
     hooks = _sae_hooks(sae, model, sae_id)
     widths, _ = hook_widths(model, hooks)
     check_sae_fits(sae, model, widths, sae_id)
-    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length, batch_size=batch_size,
-                           seed=seed, progress=progress)  # fmt: skip
+    ids, mask = token_rows(
+        model,
+        data,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
     ws = Workspace(workspace).ensure()
-    store = capture_to_store(model, rows, [sae.hook_in], ws.store_dir(safe_name(f"pages-{sae_id}-{short_name(data.name)}")),
-                             batch_size=batch_size, max_length=context_length, dataset=data.name,
-                             checkpoint=model.cfg.checkpoint, overwrite=True, progress=progress)  # fmt: skip
+    store = capture_to_store(
+        model,
+        rows,
+        [sae.hook_in],
+        ws.store_dir(safe_name(f"pages-{sae_id}-{short_name(data.name)}")),
+        batch_size=batch_size,
+        max_length=context_length,
+        dataset=data.name,
+        checkpoint=model.cfg.checkpoint,
+        overwrite=True,
+        progress=progress,
+    )
     sae = sae.to(model.device).eval()
     return feature_pages(sae, store, sae_id, model=model, progress=progress).assign(dataset=data.name)

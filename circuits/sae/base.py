@@ -91,8 +91,10 @@ class SAEConfig:
                 f"k={self.k} is invalid for d_sae={self.d_sae}: pass 1 <= k <= d_sae (or widen the SAE)"
             )
         if self.architecture == "matryoshka_batchtopk":
-            widths = list(self.matryoshka_widths or [max(1, self.d_sae // 8), max(1, self.d_sae // 4),
-                                                     max(1, self.d_sae // 2), self.d_sae])  # fmt: skip
+            widths = list(
+                self.matryoshka_widths
+                or [max(1, self.d_sae // 8), max(1, self.d_sae // 4), max(1, self.d_sae // 2), self.d_sae]
+            )
             widths = sorted(set(widths))
             if widths[-1] < self.d_sae:
                 widths.append(self.d_sae)  # the outer level is the whole dictionary

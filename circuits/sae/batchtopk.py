@@ -94,8 +94,12 @@ class BatchTopKSAE(TopKSAE):
                     kept = chosen[chosen > 0]
                     self._update_threshold(kept)
                 rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
-                f = torch.sparse_coo_tensor(torch.stack([rows, index.reshape(-1)]), values.detach().reshape(-1),
-                                            pre.shape, check_invariants=False)  # fmt: skip
+                f = torch.sparse_coo_tensor(
+                    torch.stack([rows, index.reshape(-1)]),
+                    values.detach().reshape(-1),
+                    pre.shape,
+                    check_invariants=False,
+                )
                 return f, self._kept_decode(x, index, values), pre, {}
         pre = self.pre_activation(x)
         f = self.batch_activation(pre)

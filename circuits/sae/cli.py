@@ -42,8 +42,11 @@ from workbench.cli_options import (
 )
 from workbench.workspace import Workspace
 
-app = typer.Typer(help="Sparse autoencoders and transcoders: train, eval, features, import, export (MODEL after the SAE "
-                  "where a command takes both).", no_args_is_help=True)  # fmt: skip
+app = typer.Typer(
+    help="Sparse autoencoders and transcoders: train, eval, features, import, export (MODEL after the SAE "
+    "where a command takes both).",
+    no_args_is_help=True,
+)
 
 # The model an SAE is checked against or read through, where a command can do without it (`sae import`, `sae export`):
 # a positional MODEL after the SAE, as in `sae eval|features SAE MODEL`; `--model` is the spelling before issue 30.
@@ -123,7 +126,7 @@ def train(
             "running the model on its own share of the documents. For several machines run `torchrun --nnodes "
             "... -m workbench.cli sae train ...` instead."
         ),
-    ] = 1,  # fmt: skip
+    ] = 1,
     parallel: Annotated[
         str,
         typer.Option(
@@ -131,7 +134,7 @@ def train(
             "hooks (each SAE trained by one process on every process's activations of its hook, like sparsify's "
             "distribute_modules) or auto (hooks when there are at least as many SAEs as processes, else data)."
         ),
-    ] = "auto",  # fmt: skip
+    ] = "auto",
     checkpoint_every: Annotated[
         int,
         typer.Option(
@@ -140,14 +143,14 @@ def train(
             "(<key>: this command's options); the same command rerun after a crash or a killed process resumes "
             "from the last checkpoint. Removed once the SAEs are saved.",
         ),
-    ] = 0,  # fmt: skip
+    ] = 0,
     mask_outliers: Annotated[
         float | None,
         typer.Option(
             help="Leave out of training the tokens whose norm exceeds this many times the median "
             "(attention sinks / massive activations), e.g. 10."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     mask_action: Annotated[
         str, typer.Option(help="What --mask-outliers does to such tokens: exclude or cap (scale down).")
     ] = "exclude",
@@ -170,9 +173,30 @@ def train(
 
     require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
     if architecture.startswith("clt"):  # one cross-layer transcoder over every layer the patterns match
-        return _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae, k, skip, steps,
-                          max_tokens, context_length, batch_size, train_batch_size, seed, device, workspace,
-                          progress, trust_remote_code, nproc, checkpoint_every)  # fmt: skip
+        return _train_clt(
+            context,
+            model,
+            data,
+            hook,
+            hook_out,
+            sae_id,
+            architecture,
+            d_sae,
+            k,
+            skip,
+            steps,
+            max_tokens,
+            context_length,
+            batch_size,
+            train_batch_size,
+            seed,
+            device,
+            workspace,
+            progress,
+            trust_remote_code,
+            nproc,
+            checkpoint_every,
+        )
     specs = _sae_specs(model, hook, hook_out, sae_id, architecture, d_sae, k, skip)
     world = int(os.environ["WORLD_SIZE"]) if dist.launched_by_torchrun() else nproc
     mode = dist.parallel_mode(parallel, len(specs), world)  # checked before any process starts
@@ -186,17 +210,31 @@ def train(
         model, workspace, str(ctx.device) if ctx else device, "float32", trust_remote_code
     ).eval()
     dataset = open_data(data)
-    options = ({"outlier_norm": mask_outliers, "outlier_action": mask_action, "outlier_metric": mask_metric}
-               if mask_outliers else {})  # fmt: skip
+    options = (
+        {"outlier_norm": mask_outliers, "outlier_action": mask_action, "outlier_metric": mask_metric}
+        if mask_outliers
+        else {}
+    )
     state_dir = _checkpoint_dir(context, workspace, world, mode) if checkpoint_every else None
     if state_dir is not None:
         options |= {"checkpoint_dir": state_dir, "checkpoint_every": checkpoint_every}
         if main and state_dir.is_dir() and any(state_dir.iterdir()):
             typer.echo(f"resuming from the checkpoint in {state_dir}")
-    frames = run(hooked, dataset, specs, workspace=workspace, max_tokens=max_tokens,
-                 context_length=context_length, batch_size=batch_size, steps=steps,
-                 train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
-                 train_options=options)  # fmt: skip
+    frames = run(
+        hooked,
+        dataset,
+        specs,
+        workspace=workspace,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        steps=steps,
+        train_batch_size=train_batch_size,
+        seed=seed,
+        progress=progress and main,
+        distributed=ctx,
+        train_options=options,
+    )
     if main:
         written = write_tables(workspace, ANALYSIS, frames)
         if state_dir is not None:  # every rank is past training (run gathered their rows)
@@ -208,15 +246,38 @@ def train(
             typer.echo(_layout(ctx, list(specs)))
         saved = ", ".join(f"saes/{name}" for name in specs)
         tables = ", ".join(f"{table} {count} rows" for table, count in written.items())
-        typer.echo(f"saved to {saved}; {hooked.cfg.name} on {rows.iloc[0]['dataset']!r} written to the workspace "
-                   f"({tables})")  # fmt: skip
+        typer.echo(
+            f"saved to {saved}; {hooked.cfg.name} on {rows.iloc[0]['dataset']!r} written to the workspace "
+            f"({tables})"
+        )
     if ctx is not None:
         dist.shutdown()
 
 
-def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae, k, skip, steps, max_tokens,
-               context_length, batch_size, train_batch_size, seed, device, workspace, progress, trust_remote_code,
-               nproc, checkpoint_every) -> None:  # fmt: skip
+def _train_clt(
+    context,
+    model,
+    data,
+    hook,
+    hook_out,
+    sae_id,
+    architecture,
+    d_sae,
+    k,
+    skip,
+    steps,
+    max_tokens,
+    context_length,
+    batch_size,
+    train_batch_size,
+    seed,
+    device,
+    workspace,
+    progress,
+    trust_remote_code,
+    nproc,
+    checkpoint_every,
+) -> None:
     """``sae train --architecture clt|clt_relu|clt_topk|clt_batchtopk``: one CLT over the layers --hook and
     --hook-out match (``circuits.sae.clt_analysis.run_clt``), data-parallel under --nproc."""
     from workbench.analysis import write_tables
@@ -226,9 +287,11 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
 
     ins, outs, names = _listed(hook), _listed(hook_out), _listed(sae_id)
     if architecture not in CLT_ARCHITECTURES or len(ins) != 1 or len(outs) != 1 or len(names) > 1:
-        fail(f"--architecture {architecture} trains one CLT ({', '.join(CLT_ARCHITECTURES)}) from one --hook pattern "
-             "and one --hook-out pattern, e.g. --hook 'blocks.*.ln2.hook_normalized' --hook-out "
-             "'blocks.*.hook_mlp_out'")  # fmt: skip
+        fail(
+            f"--architecture {architecture} trains one CLT ({', '.join(CLT_ARCHITECTURES)}) from one --hook pattern "
+            "and one --hook-out pattern, e.g. --hook 'blocks.*.ln2.hook_normalized' --hook-out "
+            "'blocks.*.hook_mlp_out'"
+        )
     if nproc > 1 and not dist.launched_by_torchrun():
         dist.check_local_devices(nproc, device)
         dist.launch(nproc, ["sae", "train", *_argv(context, drop=("nproc",))])
@@ -245,11 +308,28 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
     )
     if main and state_dir is not None and state_dir.is_dir() and any(state_dir.iterdir()):
         typer.echo(f"resuming from the checkpoint in {state_dir}")
-    frames = run_clt(hooked, open_data(data), sae_id=names[0] if names else None, hook=ins[0], hook_out=outs[0],
-                     architecture=architecture, d_sae=d_sae, k=k, skip=skip, workspace=workspace,
-                     max_tokens=max_tokens, context_length=context_length, batch_size=batch_size, steps=steps,
-                     train_batch_size=train_batch_size, seed=seed, progress=progress and main, distributed=ctx,
-                     train_options=options, announce=typer.echo)  # fmt: skip
+    frames = run_clt(
+        hooked,
+        open_data(data),
+        sae_id=names[0] if names else None,
+        hook=ins[0],
+        hook_out=outs[0],
+        architecture=architecture,
+        d_sae=d_sae,
+        k=k,
+        skip=skip,
+        workspace=workspace,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        steps=steps,
+        train_batch_size=train_batch_size,
+        seed=seed,
+        progress=progress and main,
+        distributed=ctx,
+        train_options=options,
+        announce=typer.echo,
+    )
     if main:
         written = write_tables(workspace, (ANALYSIS, REPLACEMENT), frames)
         if state_dir is not None:
@@ -259,8 +339,10 @@ def _train_clt(context, model, data, hook, hook_out, sae_id, architecture, d_sae
                 f"{row.hook} -> {row.hook_out}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  dead {row.dead_fraction:.0%}"
             )
         for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
-            typer.echo(f"replacement model: CE {row.ce_replacement:.4f} (model {row.ce_clean:.4f}, unigram "
-                       f"{row.ce_unigram:.4f}), KL {row.kl:.4f}, {_gain_kept(row)}")  # fmt: skip
+            typer.echo(
+                f"replacement model: CE {row.ce_replacement:.4f} (model {row.ce_clean:.4f}, unigram "
+                f"{row.ce_unigram:.4f}), KL {row.kl:.4f}, {_gain_kept(row)}"
+            )
         _dead_warnings(frames["sae_evals"], clt=True)
         if ctx is not None:
             typer.echo(f"{ctx.world_size} data-parallel processes (every process trained the CLT)")
@@ -276,8 +358,10 @@ def _gain_kept(row) -> str:
     model whose CE is not below the unigram's, e.g. untrained, has no gain to keep)."""
     if row.ce_clean < row.ce_unigram:
         return f"loss gain kept {row.gain_kept:.3f}"
-    return (f"loss gain kept: none to keep (the model's CE {row.ce_clean:.4f} is not below the unigram "
-            f"baseline's {row.ce_unigram:.4f})")  # fmt: skip
+    return (
+        f"loss gain kept: none to keep (the model's CE {row.ce_clean:.4f} is not below the unigram "
+        f"baseline's {row.ce_unigram:.4f})"
+    )
 
 
 def _dead_warnings(evals, clt: bool) -> None:
@@ -301,8 +385,16 @@ def _checkpoint_dir(context: typer.Context, workspace: Path | None, world: int, 
     return Workspace(workspace).jobs_dir / f"sae-train-{key}"
 
 
-def _sae_specs(model: str, hooks: list[str], hooks_out: list[str] | None, ids: list[str] | None,
-               architecture: str, d_sae: int, k: int, skip: bool) -> dict[str, dict]:  # fmt: skip
+def _sae_specs(
+    model: str,
+    hooks: list[str],
+    hooks_out: list[str] | None,
+    ids: list[str] | None,
+    architecture: str,
+    d_sae: int,
+    k: int,
+    skip: bool,
+) -> dict[str, dict]:
     """{sae_id: SAEConfig kwargs} for ``sae train``: one SAE per --hook (its --hook-out and --sae-id by position)."""
     from workbench.circuits.sae.analysis import default_sae_id
     from workbench.circuits.sae.base import K_ARCHITECTURES
@@ -313,19 +405,28 @@ def _sae_specs(model: str, hooks: list[str], hooks_out: list[str] | None, ids: l
         fail("--hook is empty: name the input hook, e.g. --hook blocks.0.hook_resid_post")
     for option, given in (("--hook-out", outs), ("--sae-id", names)):
         if given and len(given) != len(ins):
-            fail(f"{len(given)} {option} for {len(ins)} --hook ({', '.join(ins)}): give one {option} per --hook, "
-                 "in the same order, or none")  # fmt: skip
+            fail(
+                f"{len(given)} {option} for {len(ins)} --hook ({', '.join(ins)}): give one {option} per --hook, "
+                "in the same order, or none"
+            )
     pairs = list(zip(ins, outs or ins, strict=True))  # an SAE reconstructs its own hook
-    names = [check_sae_name(n) for n in names] if names else [
-        default_sae_id(model, h, architecture, o) for h, o in pairs
-    ]  # fmt: skip
+    names = (
+        [check_sae_name(n) for n in names]
+        if names
+        else [default_sae_id(model, h, architecture, o) for h, o in pairs]
+    )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        fail(f"SAE id {repeated[0]!r} is given twice (the same --hook/--hook-out pair or --sae-id): each SAE needs "
-             "its own id")  # fmt: skip
+        fail(
+            f"SAE id {repeated[0]!r} is given twice (the same --hook/--hook-out pair or --sae-id): each SAE needs "
+            "its own id"
+        )
     extra = {"k": k} if architecture in K_ARCHITECTURES else {}
-    return {name: {"architecture": architecture, "d_sae": d_sae, "hook_in": h, "hook_out": o, "skip": skip} | extra
-            for name, (h, o) in zip(names, pairs, strict=True)}  # fmt: skip
+    return {
+        name: {"architecture": architecture, "d_sae": d_sae, "hook_in": h, "hook_out": o, "skip": skip}
+        | extra
+        for name, (h, o) in zip(names, pairs, strict=True)
+    }
 
 
 def _listed(values: list[str] | None) -> list[str]:
@@ -339,8 +440,10 @@ def _layout(ctx, names: list[str]) -> str:
 
     if ctx.mode == "data":
         return f"{ctx.world_size} data-parallel processes (every process trained every SAE)"
-    owners = "; ".join(f"rank {r}: {', '.join(owned_names(names, r, ctx.world_size)) or 'none'}"
-                       for r in range(ctx.world_size))  # fmt: skip
+    owners = "; ".join(
+        f"rank {r}: {', '.join(owned_names(names, r, ctx.world_size)) or 'none'}"
+        for r in range(ctx.world_size)
+    )
     return f"{ctx.world_size} hook-sharded processes ({owners})"
 
 
@@ -399,8 +502,19 @@ def evaluate(
         fail("the SAE argument is empty: name an SAE id or directory, or transcoders as ID0,ID1,...")
     several = find_transcoders(references, workspace)
     if several is not None:
-        _eval_transcoders(several, model, data, max_tokens, context_length, batch_size, sae_id, device, workspace,
-                          progress, trust_remote_code)  # fmt: skip
+        _eval_transcoders(
+            several,
+            model,
+            data,
+            max_tokens,
+            context_length,
+            batch_size,
+            sae_id,
+            device,
+            workspace,
+            progress,
+            trust_remote_code,
+        )
         return
     found, sae = find_sae(references[0], workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
@@ -410,8 +524,16 @@ def evaluate(
         note = check_sae_fits(sae, hooked, hook_widths(hooked, hooks)[0], sae_id or found)
         if note:
             typer.echo(f"warning: {note}", err=True)
-    frames = evaluate_on(hooked, dataset, sae, sae_id=sae_id or found, max_tokens=max_tokens,
-                         context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
+    frames = evaluate_on(
+        hooked,
+        dataset,
+        sae,
+        sae_id=sae_id or found,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        progress=progress,
+    )
     write_tables(workspace, ANALYSIS, frames)
     typer.echo(
         f"{sae_id or found} on {hooked.cfg.name} / {dataset.name!r}: "
@@ -419,27 +541,50 @@ def evaluate(
     )
 
 
-def _eval_transcoders(found, model, data, max_tokens, context_length, batch_size, sae_id, device, workspace,
-                      progress, trust_remote_code) -> None:  # fmt: skip
+def _eval_transcoders(
+    found,
+    model,
+    data,
+    max_tokens,
+    context_length,
+    batch_size,
+    sae_id,
+    device,
+    workspace,
+    progress,
+    trust_remote_code,
+) -> None:
     """``sae eval`` of a CLT or a set of per-layer transcoders (``clt_analysis.evaluate_replacement``)."""
     from workbench.analysis import write_tables
     from workbench.circuits.sae.clt_analysis import ANALYSIS, REPLACEMENT, evaluate_replacement
 
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
-    frames, notes = evaluate_replacement(hooked, dataset, found, sae_id=sae_id, workspace=workspace,
-                                         max_tokens=max_tokens, context_length=context_length,
-                                         batch_size=batch_size, progress=progress)  # fmt: skip
+    frames, notes = evaluate_replacement(
+        hooked,
+        dataset,
+        found,
+        sae_id=sae_id,
+        workspace=workspace,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        progress=progress,
+    )
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
     written = write_tables(workspace, (ANALYSIS, REPLACEMENT), frames)
     for row in frames["sae_evals"].itertuples():
-        typer.echo(f"{row.sae_id} {row.hook} -> {row.hook_out}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  dead "
-                   f"{row.dead_fraction:.0%}  dense {row.dense_fraction:.0%}")  # fmt: skip
+        typer.echo(
+            f"{row.sae_id} {row.hook} -> {row.hook_out}: L0 {row.L0:.2f}  FVU {row.FVU:.4f}  dead "
+            f"{row.dead_fraction:.0%}  dense {row.dense_fraction:.0%}"
+        )
     for row in frames.get("transcoder_replacement", frames["sae_evals"].iloc[:0]).itertuples():
-        typer.echo(f"replacement model ({row.n_tokens} predicted tokens): CE {row.ce_replacement:.4f} (model "
-                   f"{row.ce_clean:.4f}, unigram {row.ce_unigram:.4f} from {row.unigram_tokens}), KL {row.kl:.4f}, "
-                   f"{_gain_kept(row)}")  # fmt: skip
+        typer.echo(
+            f"replacement model ({row.n_tokens} predicted tokens): CE {row.ce_replacement:.4f} (model "
+            f"{row.ce_clean:.4f}, unigram {row.ce_unigram:.4f} from {row.unigram_tokens}), KL {row.kl:.4f}, "
+            f"{_gain_kept(row)}"
+        )
     if "transcoder_replacement" not in frames:
         typer.echo(f"no replacement-model row: {frames['sae_evals'].iloc[0]['ce_note']}")
     _dead_warnings(frames["sae_evals"], clt=not isinstance(found.transcoders, list))
@@ -476,11 +621,25 @@ def circuit(
 ) -> None:
     """Deprecated alias (one release) of `circuits attribute --data DATA --prompt-index N`: the full attribution
     graph of the prompt replaces the greedy path search (--top-k / --depth no longer apply)."""
-    run_deprecated_circuit("sae circuit", model=model, transcoders=transcoder, data=data, root=root, layer=layer,
-                           feature=feature, prompt_index=prompt_index, position=position,
-                           context_length=context_length, max_logits=max_logits, logit_probability=logit_probability,
-                           out=None, device=device, workspace=workspace, trust_remote_code=trust_remote_code,
-                           progress=progress)  # fmt: skip
+    run_deprecated_circuit(
+        "sae circuit",
+        model=model,
+        transcoders=transcoder,
+        data=data,
+        root=root,
+        layer=layer,
+        feature=feature,
+        prompt_index=prompt_index,
+        position=position,
+        context_length=context_length,
+        max_logits=max_logits,
+        logit_probability=logit_probability,
+        out=None,
+        device=device,
+        workspace=workspace,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
 
 
 DEAD_WARNING_FRACTION = 0.25
@@ -495,31 +654,42 @@ def dead_warning(row, name: str) -> str:
         return ""
     architecture = str(row["architecture"])
     clt = architecture.startswith("clt")
-    lr = ("a lower learning rate (lr= of workbench.circuits.sae.clt_analysis.run_clt)" if clt else
-          "a lower learning rate (train_options={'lr': ...} of workbench.circuits.sae.analysis.run)")  # fmt: skip
+    lr = (
+        "a lower learning rate (lr= of workbench.circuits.sae.clt_analysis.run_clt)"
+        if clt
+        else "a lower learning rate (train_options={'lr': ...} of workbench.circuits.sae.analysis.run)"
+    )
     if architecture in AUXK_ARCHITECTURES:
-        fix = (f"AuxK already feeds them gradient in {architecture}, so train longer (--steps, --max-tokens), with "
-               f"fewer latents (--d-sae) or {lr}")  # fmt: skip
+        fix = (
+            f"AuxK already feeds them gradient in {architecture}, so train longer (--steps, --max-tokens), with "
+            f"fewer latents (--d-sae) or {lr}"
+        )
     else:
         auxk = "clt_topk or clt_batchtopk" if clt else "topk or batchtopk"
         fix = f"train --architecture {auxk} (their AuxK loss revives dead latents), or use {lr}"
-    return (f"warning: {row['dead_fraction']:.0%} of the {row['d_sae']} latents of {name} are dead (never active on "
-            f"the {row['n_tokens']} evaluation tokens); {fix}")  # fmt: skip
+    return (
+        f"warning: {row['dead_fraction']:.0%} of the {row['d_sae']} latents of {name} are dead (never active on "
+        f"the {row['n_tokens']} evaluation tokens); {fix}"
+    )
 
 
 def _metrics(row, sae_id: str) -> str:
     """The end-of-run summary of one ``sae_evals`` row: sparsity, reconstruction, dead and dense latent fractions,
     the CE metrics (or why they do not apply, or why CE recovered means nothing here), and :func:`dead_warning`."""
-    text = (f"L0 {row['L0']:.2f}  FVU {row['FVU']:.4f}  cosine {row['cosine']:.3f}  dead {row['dead_fraction']:.1%}"
-            f"  dense {row['dense_fraction']:.1%}")  # fmt: skip
+    text = (
+        f"L0 {row['L0']:.2f}  FVU {row['FVU']:.4f}  cosine {row['cosine']:.3f}  dead {row['dead_fraction']:.1%}"
+        f"  dense {row['dense_fraction']:.1%}"
+    )
     ce_note, recovered_note = (
         row.get(c) if isinstance(row.get(c), str) else "" for c in ("ce_note", "ce_recovered_note")
     )
     if ce_note:
         text += f"  ({ce_note})"
     elif recovered_note:
-        text += (f"  CE spliced {row['ce_spliced']:.3f} (clean {row['ce_clean']:.3f})  KL {row['kl']:.4f}\n"
-                 f"  {recovered_note}")  # fmt: skip
+        text += (
+            f"  CE spliced {row['ce_spliced']:.3f} (clean {row['ce_clean']:.3f})  KL {row['kl']:.4f}\n"
+            f"  {recovered_note}"
+        )
     else:
         text += f"  CE recovered {row['ce_recovered']:.3f}  KL {row['kl']:.4f}"
     warning = dead_warning(row, sae_id)
@@ -529,23 +699,42 @@ def _metrics(row, sae_id: str) -> str:
 # ---------------------------------------------------------------------------------------- foreign formats
 @app.command("import")
 def import_(
-    path: Annotated[str, typer.Argument(help="SAE folder or file: SAELens, sparsify (a coder or a run folder), "
-                                        "Gemma Scope params.npz, dictionary_learning ae.pt, circuit-tracer set.")],
-    format: Annotated[str, typer.Option("--format", help="auto, saelens, sparsify, gemmascope, "
-                                        "dictionary_learning or circuit_tracer.")] = "auto",
-    sae_id: Annotated[str | None, typer.Option("--id", help="Name in the workspace (several SAEs: the prefix; "
-                                               "default: the folder name).")] = None,
-    family: Annotated[str | None, typer.Option(help="Model family for sparsify module names (gpt_neox, gpt2, "
-                                               "llama) when the names fit several.")] = None,
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="SAE folder or file: SAELens, sparsify (a coder or a run folder), "
+            "Gemma Scope params.npz, dictionary_learning ae.pt, circuit-tracer set."
+        ),
+    ],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="auto, saelens, sparsify, gemmascope, dictionary_learning or circuit_tracer."
+        ),
+    ] = "auto",
+    sae_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id", help="Name in the workspace (several SAEs: the prefix; default: the folder name)."
+        ),
+    ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option(
+            help="Model family for sparsify module names (gpt_neox, gpt2, llama) when the names fit several."
+        ),
+    ] = None,
     hook: Annotated[str | None, typer.Option(help="Input hook, where the layout records none.")] = None,
     hook_out: Annotated[str | None, typer.Option(help="Output hook of a transcoder.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace SAEs of the same id.")] = False,
-    model: Annotated[str | None, typer.Argument(help="Check every SAE's hooks and widths against this model "
-                                                "before registering any.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Check every SAE's hooks and widths against this model before registering any."),
+    ] = None,
     old_model: OldModelOption = None,
     workspace: WorkspaceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
-) -> None:  # fmt: skip
+) -> None:
     """Register SAEs / transcoders from another trainer's layout in the workspace (saes/<id>/), so sae eval,
     sae features, sae export, circuits attribute and the dashboard use them like ours; nothing is registered on
     error."""
@@ -555,8 +744,17 @@ def import_(
     hooked = open_model(model, workspace, "cpu", "float32", trust_remote_code).eval() if model else None
     if hooked is not None and family is None:
         family = hooked.capabilities.module_names
-    ids = import_saes(path, workspace, format=format, sae_id=sae_id, family=family, hook=hook, hook_out=hook_out,
-                      overwrite=overwrite, model=hooked)  # fmt: skip
+    ids = import_saes(
+        path,
+        workspace,
+        format=format,
+        sae_id=sae_id,
+        family=family,
+        hook=hook,
+        hook_out=hook_out,
+        overwrite=overwrite,
+        model=hooked,
+    )
     from workbench.circuits.sae import load_sae
     from workbench.circuits.sae.clt import is_clt_dir, load_clt_dir
     from workbench.circuits.sae.evals import sae_dir
@@ -567,8 +765,10 @@ def import_(
         if is_clt_dir(sae_dir(Workspace(workspace), name)):
             clt = load_clt_dir(sae_dir(Workspace(workspace), name))
             ins, outs = clt.hook_names
-            typer.echo(f"imported {name}: cross-layer transcoder ({clt.cfg.activation}) over {clt.n_layers} layers, "
-                       f"d_model={clt.d_model} d_transcoder={clt.d_transcoder} ({ins[0]} … {outs[-1]})")  # fmt: skip
+            typer.echo(
+                f"imported {name}: cross-layer transcoder ({clt.cfg.activation}) over {clt.n_layers} layers, "
+                f"d_model={clt.d_model} d_transcoder={clt.d_transcoder} ({ins[0]} … {outs[-1]})"
+            )
             continue
         sae = load_sae(sae_dir(Workspace(workspace), name))
         what = f"{sae.hook_in} -> {sae.hook_out}" if sae.cfg.is_transcoder else sae.hook_in
@@ -597,8 +797,17 @@ def features(
     found, sae = find_sae(sae_path, workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
-    pages = feature_pages_on_data(hooked, dataset, sae, found, workspace=workspace, max_tokens=max_tokens,
-                                  context_length=context_length, batch_size=batch_size, progress=progress)  # fmt: skip
+    pages = feature_pages_on_data(
+        hooked,
+        dataset,
+        sae,
+        found,
+        workspace=workspace,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        progress=progress,
+    )
     write_tables(workspace, ANALYSIS, {"sae_features": pages})
     live = int((pages["density"] > 0).sum())
     typer.echo(
@@ -610,18 +819,28 @@ def features(
 def export(
     sae_path: Annotated[str, typer.Argument(help="SAE id in the workspace or SAE directory.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write.")],
-    format: Annotated[str, typer.Option("--format", help="saelens, sparsify or neuronpedia; circuit-tracer for a "
-                                        "cross-layer transcoder.")] = "saelens",
-    family: Annotated[str | None, typer.Option(help="Model family for sparsify's module names (gpt_neox, "
-                                               "gpt2, llama).")] = None,
-    model: Annotated[str | None, typer.Argument(help="The SAE's model (sparsify: its family, by default the family "
-                                                "of the model the SAE records; neuronpedia: logits through its "
-                                                "unembedding).")] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="saelens, sparsify or neuronpedia; circuit-tracer for a cross-layer transcoder."
+        ),
+    ] = "saelens",
+    family: Annotated[
+        str | None, typer.Option(help="Model family for sparsify's module names (gpt_neox, gpt2, llama).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="The SAE's model (sparsify: its family, by default the family "
+            "of the model the SAE records; neuronpedia: logits through its "
+            "unembedding)."
+        ),
+    ] = None,
     old_model: OldModelOption = None,
     workspace: WorkspaceOption = None,
     device: DeviceOption = "cpu",
     trust_remote_code: TrustRemoteCodeOption = False,
-) -> None:  # fmt: skip
+) -> None:
     """Write a workspace SAE as SAELens or sparsify files (sae-lens / sparsify / delphi load it unchanged), or its
     feature pages as SAEDashboard batch JSON + a Neuronpedia bulk-import folder; a cross-layer transcoder in
     circuit-tracer's layout (--format circuit-tracer)."""
@@ -640,8 +859,10 @@ def export(
     clt = find_clt(sae_path, workspace)
     if clt is not None:
         written = export_clt(clt[1], out, format)
-        typer.echo(f"{clt[0]} written as circuit-tracer's cross_layer_transcoder to {written} ({clt[1].n_layers} "
-                   "layers: config.yaml, W_enc_L / W_dec_L.safetensors)")  # fmt: skip
+        typer.echo(
+            f"{clt[0]} written as circuit-tracer's cross_layer_transcoder to {written} ({clt[1].n_layers} "
+            "layers: config.yaml, W_enc_L / W_dec_L.safetensors)"
+        )
         return
     found, sae = find_sae(sae_path, workspace)
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval() if model else None
@@ -659,7 +880,7 @@ def export(
                 "writes": residual_writes(sae, hooked),
                 "decode": token_decoder(hooked.tokenizer),
                 "model_id": short_name(hooked.cfg.name),
-            }  # fmt: skip  (a folder name: no '/')
+            }  # model_id: a folder name (no "/")
     written = export_sae(sae, out, format, **options)
     typer.echo(f"{found} written as {format} to {written}")
 
@@ -677,5 +898,7 @@ def _recorded_model(found: str, sae, workspace: Path | None, device: str, trust_
     try:
         return open_model(recorded, workspace, device, "float32", trust_remote_code)
     except ModelLoadError as err:
-        fail(f"sparsify names folders by the model's modules; {found} records the model {recorded!r}, which does "
-             f"not load here ({err}): {fix}")  # fmt: skip
+        fail(
+            f"sparsify names folders by the model's modules; {found} records the model {recorded!r}, which does "
+            f"not load here ({err}): {fix}"
+        )

@@ -95,16 +95,22 @@ class CLTConfig:
                 f"unknown CLT activation {self.activation!r}; use one of {list(CLT_ACTIVATIONS)}"
             )
         if min(self.n_layers, self.d_model, self.d_transcoder) <= 0:
-            raise SAEInputError(f"n_layers, d_model and d_transcoder must be positive, got {self.n_layers}, "
-                                f"{self.d_model}, {self.d_transcoder}")  # fmt: skip
+            raise SAEInputError(
+                f"n_layers, d_model and d_transcoder must be positive, got {self.n_layers}, "
+                f"{self.d_model}, {self.d_transcoder}"
+            )
         if self.activation in ("topk", "batchtopk") and (
             self.k is None or not 0 < self.k <= self.d_transcoder
         ):
-            raise SAEInputError(f"k={self.k} is invalid for d_transcoder={self.d_transcoder}: pass 1 <= k <= "
-                                "d_transcoder (latents per token and layer)")  # fmt: skip
+            raise SAEInputError(
+                f"k={self.k} is invalid for d_transcoder={self.d_transcoder}: pass 1 <= k <= "
+                "d_transcoder (latents per token and layer)"
+            )
         if self.sparsity not in ("tanh", "l0") or self.decoder_norm not in ("sum", "concat"):
-            raise SAEInputError(f"sparsity={self.sparsity!r}, decoder_norm={self.decoder_norm!r}: use 'tanh' or "
-                                "'l0', and 'sum' or 'concat'")  # fmt: skip
+            raise SAEInputError(
+                f"sparsity={self.sparsity!r}, decoder_norm={self.decoder_norm!r}: use 'tanh' or "
+                "'l0', and 'sum' or 'concat'"
+            )
         if self.layers is None:
             self.layers = list(range(self.n_layers))
         self.layers = [int(layer) for layer in self.layers]
@@ -152,21 +158,39 @@ class CrossLayerTranscoder(nn.Module):
     # False: TopK trains through the dense formulation (benchmarks/clt.py times both)
     sparse_training: bool = True
 
-    def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
-                 W_dec: Sequence[torch.Tensor], b_dec: torch.Tensor, hook_in: str, hook_out: str,
-                 W_skip: torch.Tensor | None = None, cfg: CLTConfig | None = None):  # fmt: skip
+    def __init__(
+        self,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        threshold: torch.Tensor,
+        W_dec: Sequence[torch.Tensor],
+        b_dec: torch.Tensor,
+        hook_in: str,
+        hook_out: str,
+        W_skip: torch.Tensor | None = None,
+        cfg: CLTConfig | None = None,
+    ):
         super().__init__()
         n_layers, d_model, d_transcoder = W_enc.shape
         if len(W_dec) != n_layers or any(
             tuple(w.shape) != (d_transcoder, n_layers - i, d_model) for i, w in enumerate(W_dec)
         ):
-            raise SAEInputError(f"W_dec must hold {n_layers} tensors [d_transcoder, n_layers − i, d_model] = "
-                                f"[{d_transcoder}, {n_layers} − i, {d_model}], got "
-                                f"{[list(w.shape) for w in W_dec]}")  # fmt: skip
+            raise SAEInputError(
+                f"W_dec must hold {n_layers} tensors [d_transcoder, n_layers − i, d_model] = "
+                f"[{d_transcoder}, {n_layers} − i, {d_model}], got "
+                f"{[list(w.shape) for w in W_dec]}"
+            )
         if cfg is None:
             activation = "jumprelu" if bool((threshold > 0).any()) else "relu"
-            cfg = CLTConfig(n_layers, d_model, d_transcoder, activation=activation, skip=W_skip is not None,
-                            hook_in=hook_in, hook_out=hook_out)  # fmt: skip
+            cfg = CLTConfig(
+                n_layers,
+                d_model,
+                d_transcoder,
+                activation=activation,
+                skip=W_skip is not None,
+                hook_in=hook_in,
+                hook_out=hook_out,
+            )
         self.cfg = cfg
         self.n_layers, self.d_model, self.d_transcoder = n_layers, d_model, d_transcoder
         self.hook_in, self.hook_out = hook_in, hook_out
@@ -194,8 +218,17 @@ class CrossLayerTranscoder(nn.Module):
         threshold = torch.full((n, f), cfg.init_threshold if cfg.activation == "jumprelu" else 0.0)
         if cfg.activation == "batchtopk":
             threshold = torch.full((n, f), -1.0)
-        return cls(w_enc.contiguous(), torch.zeros(n, f), threshold, decoders, torch.zeros(n, d), cfg.hook_in,
-                   cfg.hook_out, torch.zeros(n, d, d) if cfg.skip else None, cfg)  # fmt: skip
+        return cls(
+            w_enc.contiguous(),
+            torch.zeros(n, f),
+            threshold,
+            decoders,
+            torch.zeros(n, d),
+            cfg.hook_in,
+            cfg.hook_out,
+            torch.zeros(n, d, d) if cfg.skip else None,
+            cfg,
+        )
 
     # ------------------------------------------------------------------------------------------------ names
     @property
@@ -226,14 +259,18 @@ class CrossLayerTranscoder(nn.Module):
     def check_input(self, x: torch.Tensor, name: str = "x") -> None:
         """Raise SAEInputError unless x is [n_layers, n, d_model] and finite."""
         if x.ndim != 3 or x.shape[0] != self.n_layers or x.shape[-1] != self.d_model:
-            raise SAEInputError(f"{name} has shape {list(x.shape)}, but this CLT reads [n_layers={self.n_layers}, "
-                                f"n, d_model={self.d_model}]: stack each layer's {self.hook_in!r}")  # fmt: skip
+            raise SAEInputError(
+                f"{name} has shape {list(x.shape)}, but this CLT reads [n_layers={self.n_layers}, "
+                f"n, d_model={self.d_model}]: stack each layer's {self.hook_in!r}"
+            )
         if x.numel() and not bool(torch.isfinite(x.sum())):
             bad = (~torch.isfinite(x).all(-1)).nonzero()
             if len(bad):
                 layer, row = (int(v) for v in bad[0])
-                raise SAEInputError(f"{name} has NaN/inf values in row {row} of layer {self.layers[layer]} "
-                                    f"({self.hooks(layer)[0]}): fix or drop those activations")  # fmt: skip
+                raise SAEInputError(
+                    f"{name} has NaN/inf values in row {row} of layer {self.layers[layer]} "
+                    f"({self.hooks(layer)[0]}): fix or drop those activations"
+                )
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """x [n_layers, n, d_model] → h [n_layers, n, d_transcoder] (one batched product)."""
@@ -302,8 +339,9 @@ class CrossLayerTranscoder(nn.Module):
             return self._sparse_topk_forward(x)
         pre = self.pre_activation(x)
         if act == "jumprelu" and self.threshold.requires_grad:
-            f = torch.stack([_JumpReLU.apply(pre[i], self.threshold[i], self.cfg.bandwidth)
-                             for i in range(self.n_layers)]).relu()  # fmt: skip
+            f = torch.stack(
+                [_JumpReLU.apply(pre[i], self.threshold[i], self.cfg.bandwidth) for i in range(self.n_layers)]
+            ).relu()
         elif act == "batchtopk":
             f = self._batch_topk(pre)
         else:
@@ -316,8 +354,13 @@ class CrossLayerTranscoder(nn.Module):
         (``topk._ChosenPreActivations`` over every layer at once: latent (i, f) is row i · F + f)."""
         n_layers, batch, k = index.shape
         offset = torch.arange(n_layers, device=index.device)[:, None, None] * self.d_transcoder
-        flat = _ChosenPreActivations.apply(x.reshape(n_layers * batch, self.d_model), self.W_enc, self.b_enc,
-                                           (index + offset).reshape(-1, k), values.reshape(-1, k))  # fmt: skip
+        flat = _ChosenPreActivations.apply(
+            x.reshape(n_layers * batch, self.d_model),
+            self.W_enc,
+            self.b_enc,
+            (index + offset).reshape(-1, k),
+            values.reshape(-1, k),
+        )
         return flat.view(n_layers, batch, k).relu()
 
     def _sparse_writes(self, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -348,8 +391,12 @@ class CrossLayerTranscoder(nn.Module):
         n_layers, batch, k = index.shape
         layer = torch.arange(n_layers, device=x.device).repeat_interleave(batch * k)
         row = torch.arange(batch, device=x.device).repeat_interleave(k).repeat(n_layers)
-        f = torch.sparse_coo_tensor(torch.stack([layer, row, index.reshape(-1)]), values.detach().reshape(-1),
-                                    pre.shape, check_invariants=False)  # fmt: skip
+        f = torch.sparse_coo_tensor(
+            torch.stack([layer, row, index.reshape(-1)]),
+            values.detach().reshape(-1),
+            pre.shape,
+            check_invariants=False,
+        )
         return f, out, pre, {}
 
     def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
@@ -386,8 +433,16 @@ class CrossLayerTranscoder(nn.Module):
         if self.cfg.sparsity == "tanh":
             penalty = torch.tanh(self.cfg.tanh_scale * norms * f).sum((0, 2)).mean()
         else:
-            penalty = torch.stack([_Step.apply(pre[i], self.threshold[i], self.cfg.bandwidth).sum(-1)
-                                   for i in range(self.n_layers)]).sum(0).mean()  # fmt: skip
+            penalty = (
+                torch.stack(
+                    [
+                        _Step.apply(pre[i], self.threshold[i], self.cfg.bandwidth).sum(-1)
+                        for i in range(self.n_layers)
+                    ]
+                )
+                .sum(0)
+                .mean()
+            )
         losses = {"sparsity": self.cfg.sparsity_coefficient * penalty}
         if self.cfg.pre_act_coefficient:
             below = (self.threshold[:, None] - pre).relu() * norms
@@ -397,8 +452,9 @@ class CrossLayerTranscoder(nn.Module):
     def auxiliary_losses(self, x, y, f, pre) -> dict[str, torch.Tensor]:
         return {}
 
-    def aux_loss(self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor,
-                 dead_mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    def aux_loss(
+        self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """AuxK for TopK / BatchTopK CLTs (scalar []): per source layer, the aux_k largest pre-activations among its
         dead latents (dead_mask [n_layers, F]; pre [n_layers, batch, F], detached) decode through every decoder to
         reconstruct the residual [n_layers, batch, d_model] (detached), with gradient into those latents' encoders
@@ -463,8 +519,10 @@ class CrossLayerTranscoder(nn.Module):
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
         if cfg.activation == "batchtopk":
             if float(self.threshold.min()) < 0:
-                raise SAEInputError("this BatchTopK CLT has not been trained (its thresholds are still −1), so it "
-                                    "has no JumpReLU form to save: train it first, or use activation 'topk'")  # fmt: skip
+                raise SAEInputError(
+                    "this BatchTopK CLT has not been trained (its thresholds are still −1), so it "
+                    "has no JumpReLU form to save: train it first, or use activation 'topk'"
+                )
             cfg.activation = "jumprelu"
         return cfg, tensors
 
@@ -474,8 +532,9 @@ class CrossLayerTranscoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         cfg, tensors = self.inference_state()
         atomic_save_tensors(path / CLT_WEIGHTS_FILE, tensors)
-        atomic_write_text(path / CLT_CONFIG_FILE, json.dumps(asdict(cfg) | {"architecture": cfg.architecture},
-                                                             indent=2))  # fmt: skip
+        atomic_write_text(
+            path / CLT_CONFIG_FILE, json.dumps(asdict(cfg) | {"architecture": cfg.architecture}, indent=2)
+        )
         return path
 
     def save_circuit_tracer(self, path: str | Path) -> Path:
@@ -492,14 +551,20 @@ class CrossLayerTranscoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for i in range(self.n_layers):
-            encoder = {f"W_enc_{i}": tensors["W_enc"][i].T.contiguous(), f"b_enc_{i}": tensors["b_enc"][i],
-                       f"b_dec_{i}": tensors["b_dec"][i]}  # fmt: skip
+            encoder = {
+                f"W_enc_{i}": tensors["W_enc"][i].T.contiguous(),
+                f"b_enc_{i}": tensors["b_enc"][i],
+                f"b_dec_{i}": tensors["b_dec"][i],
+            }
             if cfg.activation == "jumprelu":
                 encoder[f"threshold_{i}"] = tensors["threshold"][i]
             atomic_save_tensors(path / f"W_enc_{i}.safetensors", encoder)
             atomic_save_tensors(path / f"W_dec_{i}.safetensors", {f"W_dec_{i}": tensors[f"W_dec.{i}"]})
-        atomic_write_text(path / "config.yaml", f"model_kind: cross_layer_transcoder\nfeature_input_hook: "
-                          f"{cfg.hook_in}\nfeature_output_hook: {cfg.hook_out}\n")  # fmt: skip
+        atomic_write_text(
+            path / "config.yaml",
+            f"model_kind: cross_layer_transcoder\nfeature_input_hook: "
+            f"{cfg.hook_in}\nfeature_output_hook: {cfg.hook_out}\n",
+        )
         return path
 
 
@@ -522,7 +587,15 @@ def load_clt_dir(path: str | Path, device: str | torch.device = "cpu") -> CrossL
     tensors = read_safetensors(path / CLT_WEIGHTS_FILE)
     names = ["W_enc", "b_enc", "threshold", "b_dec", *(f"W_dec.{i}" for i in range(cfg.n_layers))]
     require(tensors, names + (["W_skip"] if cfg.skip else []), path / CLT_WEIGHTS_FILE, "a CLT")
-    clt = CrossLayerTranscoder(tensors["W_enc"], tensors["b_enc"], tensors["threshold"],
-                               [tensors[f"W_dec.{i}"] for i in range(cfg.n_layers)], tensors["b_dec"], cfg.hook_in,
-                               cfg.hook_out, tensors.get("W_skip"), cfg)  # fmt: skip
+    clt = CrossLayerTranscoder(
+        tensors["W_enc"],
+        tensors["b_enc"],
+        tensors["threshold"],
+        [tensors[f"W_dec.{i}"] for i in range(cfg.n_layers)],
+        tensors["b_dec"],
+        cfg.hook_in,
+        cfg.hook_out,
+        tensors.get("W_skip"),
+        cfg,
+    )
     return clt.to(device)

@@ -61,17 +61,31 @@ REPLACEMENT = Analysis(
     name="transcoder_replacement",
     command="workbench sae eval CLT_OR_TRANSCODERS MODEL --data DATA",
     tables=(
-        Table("transcoder_replacement", keys=("model", "checkpoint", "dataset", "transcoders"),
-              columns=("kind", "n_layers", "n_tokens", "mean_L0", "ce_clean", "ce_replacement", "ce_unigram", "kl",
-                       "gain_kept", "unigram_tokens", "sae_ids"),
-              description="the replacement model (every MLP output replaced by the transcoders at once, errors "
-              "off): next-token loss, KL against the model, and the share of the model's loss gain over a unigram "
-              "baseline that it keeps; unigram_tokens names the tokens whose frequencies gave the baseline; sae_ids "
-              "(JSON list) the sae_id of its per-layer sae_evals rows"),
+        Table(
+            "transcoder_replacement",
+            keys=("model", "checkpoint", "dataset", "transcoders"),
+            columns=(
+                "kind",
+                "n_layers",
+                "n_tokens",
+                "mean_L0",
+                "ce_clean",
+                "ce_replacement",
+                "ce_unigram",
+                "kl",
+                "gain_kept",
+                "unigram_tokens",
+                "sae_ids",
+            ),
+            description="the replacement model (every MLP output replaced by the transcoders at once, errors "
+            "off): next-token loss, KL against the model, and the share of the model's loss gain over a unigram "
+            "baseline that it keeps; unigram_tokens names the tokens whose frequencies gave the baseline; sae_ids "
+            "(JSON list) the sae_id of its per-layer sae_evals rows",
+        ),
     ),
     requires=("tokenizer", "causal", "mlp"),
     description="cross-layer and per-layer transcoders as a replacement model",
-)  # fmt: skip
+)
 LAYER_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
@@ -112,9 +126,15 @@ def replacement_hooks(transcoders: CrossLayerTranscoder | Sequence[SAE]) -> list
 
 
 @torch.no_grad()
-def replacement_metrics(model, transcoders: CrossLayerTranscoder | Sequence[SAE], tokens: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None, batch_size: int = 8,
-                        progress: bool = False, unigram_counts: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
+def replacement_metrics(
+    model,
+    transcoders: CrossLayerTranscoder | Sequence[SAE],
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    unigram_counts: torch.Tensor | None = None,
+) -> dict[str, float]:
     """The replacement model (every MLP output replaced by the transcoders at once, errors off) on tokens
     [batch, pos] (``attention_mask`` [batch, pos]): next-token CE of the model and of the replacement, KL(model ‖
     replacement) per predicted token, the CE of a unigram baseline (token frequencies ``unigram_counts`` [d_vocab],
@@ -133,8 +153,10 @@ def replacement_metrics(model, transcoders: CrossLayerTranscoder | Sequence[SAE]
     sums = {"ce_clean": 0.0, "ce_replacement": 0.0, "ce_unigram": 0.0, "kl": 0.0}
     count = 0
     for start in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc="replacement model"):
-        batch = {"input_ids": tokens[start : start + batch_size].to(model.device),
-                 "attention_mask": mask[start : start + batch_size].to(model.device)}  # fmt: skip
+        batch = {
+            "input_ids": tokens[start : start + batch_size].to(model.device),
+            "attention_mask": mask[start : start + batch_size].to(model.device),
+        }
         valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool().reshape(-1)
         targets = batch["input_ids"][:, 1:].reshape(-1)[valid]
         clean = _next_token_log_probs(model, batch, valid, [])
@@ -160,8 +182,10 @@ def matched_layers(model, hook: str, hook_out: str) -> tuple[list[int], str, str
     ``blocks.*.ln2.hook_normalized`` / ``blocks.*.hook_mlp_out``; SAEInputError when a pattern matches no
     per-layer hook, names several kinds of hook, or the two match different layers, or the model has no MLPs."""
     if not getattr(model.cfg, "d_mlp", 0):
-        raise SAEInputError(f"{model.cfg.name} has no MLP blocks (d_mlp = 0): a cross-layer transcoder replaces MLPs; "
-                            "pick a model with MLPs")  # fmt: skip
+        raise SAEInputError(
+            f"{model.cfg.name} has no MLP blocks (d_mlp = 0): a cross-layer transcoder replaces MLPs; "
+            "pick a model with MLPs"
+        )
     found = []
     for option, pattern in (("--hook", hook), ("--hook-out", hook_out)):
         try:
@@ -171,13 +195,17 @@ def matched_layers(model, hook: str, hook_out: str) -> tuple[list[int], str, str
         parsed = [LAYER_HOOK.fullmatch(name) for name in names]
         suffixes = {m.group(2) for m in parsed if m}
         if not names or None in parsed or len(suffixes) != 1:
-            raise SAEInputError(f"{option} {pattern!r} matches {names[:4]}: a CLT needs one per-layer hook, e.g. "
-                                "--hook 'blocks.*.ln2.hook_normalized' --hook-out 'blocks.*.hook_mlp_out'")  # fmt: skip
+            raise SAEInputError(
+                f"{option} {pattern!r} matches {names[:4]}: a CLT needs one per-layer hook, e.g. "
+                "--hook 'blocks.*.ln2.hook_normalized' --hook-out 'blocks.*.hook_mlp_out'"
+            )
         found.append(([int(m.group(1)) for m in parsed if m], suffixes.pop()))
     (layers_in, suffix_in), (layers_out, suffix_out) = found
     if sorted(layers_in) != sorted(layers_out):
-        raise SAEInputError(f"--hook {hook!r} matches layers {sorted(layers_in)} but --hook-out {hook_out!r} matches "
-                            f"layers {sorted(layers_out)}: give patterns that match the same layers")  # fmt: skip
+        raise SAEInputError(
+            f"--hook {hook!r} matches layers {sorted(layers_in)} but --hook-out {hook_out!r} matches "
+            f"layers {sorted(layers_out)}: give patterns that match the same layers"
+        )
     return sorted(layers_in), suffix_in, suffix_out
 
 
@@ -191,21 +219,44 @@ def memory_line(cfg: CLTConfig, batch_rows: int, device: torch.device | str, pro
     device = torch.device(device)
     need = clt_training_bytes(cfg, batch_rows) * (processes if device.type == "cpu" else 1)
     free = _available_bytes(device)
-    text = (f"CLT over {cfg.n_layers} layers × {cfg.d_transcoder} latents (d_model {cfg.d_model}): training needs "
-            f"about {_size(need)} (weights, gradients, Adam moments, a step's activations), {device} has "
-            f"{_size(free)} free")  # fmt: skip
+    text = (
+        f"CLT over {cfg.n_layers} layers × {cfg.d_transcoder} latents (d_model {cfg.d_model}): training needs "
+        f"about {_size(need)} (weights, gradients, Adam moments, a step's activations), {device} has "
+        f"{_size(free)} free"
+    )
     if need > free:
-        raise SAEInputError(f"{text}: too large; use fewer layers (a narrower --hook pattern), a smaller --d-sae, a "
-                            "smaller --train-batch-size, or a device with more memory")  # fmt: skip
+        raise SAEInputError(
+            f"{text}: too large; use fewer layers (a narrower --hook pattern), a smaller --d-sae, a "
+            "smaller --train-batch-size, or a device with more memory"
+        )
     return text
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def run_clt(model, data, *, sae_id: str | None, hook: str, hook_out: str, architecture: str = "clt",
-            d_sae: int = 256, k: int | None = None, skip: bool = False, workspace: Any, max_tokens: int | None = 100_000,
-            context_length: int = 128, batch_size: int = 16, steps: int = 300, train_batch_size: int = 256,
-            lr: float = 3e-3, seed: int = 0, progress: bool = True, distributed: Distributed | None = None,
-            train_options: Mapping[str, Any] | None = None, announce=None) -> dict[str, pd.DataFrame]:  # fmt: skip
+def run_clt(
+    model,
+    data,
+    *,
+    sae_id: str | None,
+    hook: str,
+    hook_out: str,
+    architecture: str = "clt",
+    d_sae: int = 256,
+    k: int | None = None,
+    skip: bool = False,
+    workspace: Any,
+    max_tokens: int | None = 100_000,
+    context_length: int = 128,
+    batch_size: int = 16,
+    steps: int = 300,
+    train_batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+    distributed: Distributed | None = None,
+    train_options: Mapping[str, Any] | None = None,
+    announce=None,
+) -> dict[str, pd.DataFrame]:
     """Train a CLT (``architecture`` one of ``CLT_ARCHITECTURES``: clt = JumpReLU, clt_relu, clt_topk,
     clt_batchtopk) of ``d_sae`` latents per layer over the layers ``hook`` / ``hook_out`` match, on ``model``'s
     activations over ``data`` (the last quarter of the token rows held out), save it under ``saes/<id>/`` and score
@@ -224,22 +275,41 @@ def run_clt(model, data, *, sae_id: str | None, hook: str, hook_out: str, archit
     hooks_out = [f"blocks.{layer}.{suffix_out}" for layer in layers]
     widths, ce_note = hook_widths(model, hooks_in + hooks_out)
     if len({widths[h] for h in hooks_in + hooks_out}) != 1:
-        raise SAEInputError(f"the hooks have widths {sorted(set(widths.values()))}: a CLT reads and writes one "
-                            "width (the MLP's input and output in the residual stream)")  # fmt: skip
+        raise SAEInputError(
+            f"the hooks have widths {sorted(set(widths.values()))}: a CLT reads and writes one "
+            "width (the MLP's input and output in the residual stream)"
+        )
     activation = CLT_ARCHITECTURES[architecture]
     sae_id = check_sae_name(sae_id or f"{short_name(model.cfg.name)}.{suffix_in}.{suffix_out}.{architecture}")
-    cfg = CLTConfig(len(layers), widths[hooks_in[0]], d_sae, activation=activation,
-                    k=k if activation in ("topk", "batchtopk") else None, skip=skip, hook_in=suffix_in,
-                    hook_out=suffix_out, layers=layers, model=model.cfg.name, checkpoint=model.cfg.checkpoint,
-                    dataset=data.name)  # fmt: skip
+    cfg = CLTConfig(
+        len(layers),
+        widths[hooks_in[0]],
+        d_sae,
+        activation=activation,
+        k=k if activation in ("topk", "batchtopk") else None,
+        skip=skip,
+        hook_in=suffix_in,
+        hook_out=suffix_out,
+        layers=layers,
+        model=model.cfg.name,
+        checkpoint=model.cfg.checkpoint,
+        dataset=data.name,
+    )
     rank, world = (distributed.rank, distributed.world_size) if distributed is not None else (0, 1)
     batch = max(1, train_batch_size // world)
     line = memory_line(cfg, batch, model.device, world if distributed is not None else 1)
     if announce is not None and rank == 0:
         announce(line)
     clt = seeded_clt(cfg, seed).to(model.device)
-    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
-                           batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+    ids, mask = token_rows(
+        model,
+        data,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     split = _split(len(ids), data, context_length)
     if split < world:
         raise SAEInputError(
@@ -252,12 +322,26 @@ def run_clt(model, data, *, sae_id: str | None, hook: str, hook_out: str, archit
     name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}-clt"
     from workbench.store import capture_to_store
 
-    store = capture_to_store(model, rows, hooks_in + hooks_out,
-                             ws.store_dir(safe_name(f"{name}-rank{rank}-of-{world}" if world > 1 else name)),
-                             batch_size=batch_size, max_length=context_length, dataset=data.name,
-                             checkpoint=model.cfg.checkpoint, overwrite=True, progress=progress)  # fmt: skip
-    train = TrainConfig(steps=steps, lr=lr, warmup_steps=min(20, steps), progress=progress,
-                        dead_after_tokens=10 * batch * world, **(train_options or {}))  # fmt: skip
+    store = capture_to_store(
+        model,
+        rows,
+        hooks_in + hooks_out,
+        ws.store_dir(safe_name(f"{name}-rank{rank}-of-{world}" if world > 1 else name)),
+        batch_size=batch_size,
+        max_length=context_length,
+        dataset=data.name,
+        checkpoint=model.cfg.checkpoint,
+        overwrite=True,
+        progress=progress,
+    )
+    train = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=min(20, steps),
+        progress=progress,
+        dead_after_tokens=10 * batch * world,
+        **(train_options or {}),
+    )
     stream = _rows_stream(store, hooks_in + hooks_out, batch, None)
     trained = train_saes({sae_id: clt}, stream, train, distributed=distributed).saes[sae_id].eval()
     frames: dict[str, pd.DataFrame] = {}
@@ -266,19 +350,38 @@ def run_clt(model, data, *, sae_id: str | None, hook: str, hook_out: str, archit
         counts = torch.bincount(ids[:split][mask[:split].bool()].cpu(), minlength=int(model.cfg.d_vocab or 0))
         save_training_tokens(folder, counts, data.name)
         unigram = (counts, f"the {int(counts.sum())} training tokens of {data.name!r}")
-        frames = evaluate_transcoders(model, trained, ids[split:], mask[split:], sae_id=sae_id, dataset=data.name,
-                                      batch_size=batch_size, ce_note=ce_note, progress=progress, unigram=unigram)  # fmt: skip
+        frames = evaluate_transcoders(
+            model,
+            trained,
+            ids[split:],
+            mask[split:],
+            sae_id=sae_id,
+            dataset=data.name,
+            batch_size=batch_size,
+            ce_note=ce_note,
+            progress=progress,
+            unigram=unigram,
+        )
         frames["sae_evals"] = frames["sae_evals"].assign(n_train_rows=store.n_rows * world, train_steps=steps)
     if distributed is not None:
         frames = distributed.all_gather_object(frames)[0]
     return frames
 
 
-def evaluate_transcoders(model, transcoders: CrossLayerTranscoder | Sequence[SAE], tokens: torch.Tensor,
-                         attention_mask: torch.Tensor | None = None, *, sae_id: str, dataset: str,
-                         batch_size: int = 8, ce_note: str = "", progress: bool = False,
-                         names: Sequence[str] | None = None,
-                         unigram: tuple[torch.Tensor, str] | None = None) -> dict[str, pd.DataFrame]:  # fmt: skip
+def evaluate_transcoders(
+    model,
+    transcoders: CrossLayerTranscoder | Sequence[SAE],
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    sae_id: str,
+    dataset: str,
+    batch_size: int = 8,
+    ce_note: str = "",
+    progress: bool = False,
+    names: Sequence[str] | None = None,
+    unigram: tuple[torch.Tensor, str] | None = None,
+) -> dict[str, pd.DataFrame]:
     """Score a CLT or per-layer transcoders on tokens [batch, pos]: per-layer ``sae_evals`` rows (FVU, L0,
     cosine, dead / dense fractions) and the ``transcoder_replacement`` row (:func:`replacement_metrics`; omitted when
     ``ce_note`` says the model has no next-token logits). ``sae_id`` names the CLT or the set; ``names`` the
@@ -288,20 +391,38 @@ def evaluate_transcoders(model, transcoders: CrossLayerTranscoder | Sequence[SAE
     base = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "dataset": dataset}
     if isinstance(transcoders, CrossLayerTranscoder):
         rows = [r[m.bool()].tolist() for r, m in zip(tokens, mask, strict=True)]
-        layers = evaluate_clt(model, rows, transcoders, max_tokens=int(mask.sum()) + 1,
-                              context_length=tokens.shape[1], batch_size=batch_size)  # fmt: skip
+        layers = evaluate_clt(
+            model,
+            rows,
+            transcoders,
+            max_tokens=int(mask.sum()) + 1,
+            context_length=tokens.shape[1],
+            batch_size=batch_size,
+        )
         note = "a CLT's layer: its replacement-model loss is in transcoder_replacement"
-        evals = layers.rename(columns={"hook_in": "hook"}).assign(
-            **base, sae_id=sae_id, architecture=transcoders.cfg.architecture, transcoder=True,
-            d_in=transcoders.d_model, d_sae=transcoders.d_transcoder, k=transcoders.cfg.k,
-            explained_variance=1 - layers["FVU"], ce_note=ce_note or note,
-        ).drop(columns=["layer"])  # fmt: skip
+        evals = (
+            layers.rename(columns={"hook_in": "hook"})
+            .assign(
+                **base,
+                sae_id=sae_id,
+                architecture=transcoders.cfg.architecture,
+                transcoder=True,
+                d_in=transcoders.d_model,
+                d_sae=transcoders.d_transcoder,
+                k=transcoders.cfg.k,
+                explained_variance=1 - layers["FVU"],
+                ce_note=ce_note or note,
+            )
+            .drop(columns=["layer"])
+        )
         kind, n_layers, mean_l0 = "cross_layer", transcoders.n_layers, float(layers["L0"].mean())
         members = [sae_id]
     else:
         ids = list(names) if names is not None else [f"{sae_id}/{sae.hook_in}" for sae in transcoders]
-        frames = [evaluate_sae(model, sae, tokens, name, batch_size, dataset, progress, mask, ce_note)
-                  for name, sae in zip(ids, transcoders, strict=True)]  # fmt: skip
+        frames = [
+            evaluate_sae(model, sae, tokens, name, batch_size, dataset, progress, mask, ce_note)
+            for name, sae in zip(ids, transcoders, strict=True)
+        ]
         evals = pd.concat(frames, ignore_index=True)
         kind, n_layers, mean_l0 = "per_layer", len(transcoders), float(evals["L0"].mean())
         members = ids
@@ -309,10 +430,14 @@ def evaluate_transcoders(model, transcoders: CrossLayerTranscoder | Sequence[SAE
     if not ce_note:
         counts, counted = unigram if unigram is not None else (None, scored_tokens_note(mask, dataset))
         metrics = replacement_metrics(model, transcoders, tokens, mask, batch_size, progress, counts)
-        out["transcoder_replacement"] = pd.DataFrame([base | {"transcoders": sae_id, "kind": kind,
-                                                              "n_layers": n_layers, "mean_L0": mean_l0} | metrics
-                                                      | {"unigram_tokens": counted,
-                                                         "sae_ids": json.dumps(members)}])  # fmt: skip
+        out["transcoder_replacement"] = pd.DataFrame(
+            [
+                base
+                | {"transcoders": sae_id, "kind": kind, "n_layers": n_layers, "mean_L0": mean_l0}
+                | metrics
+                | {"unigram_tokens": counted, "sae_ids": json.dumps(members)}
+            ]
+        )
     return out
 
 
@@ -384,8 +509,12 @@ def find_transcoders(references: Sequence[str], workspace: Any = None) -> FoundT
             return FoundTranscoders(folder.name, load_clt(folder), None, [folder])
         if kind == "transcoder_set":
             pairs = load_transcoder_set(folder)
-            return FoundTranscoders(folder.name, [sae for _, sae in pairs], [f"{folder.name}.{name}" for name, _ in
-                                                                               pairs], [folder])  # fmt: skip
+            return FoundTranscoders(
+                folder.name,
+                [sae for _, sae in pairs],
+                [f"{folder.name}.{name}" for name, _ in pairs],
+                [folder],
+            )
         return None
     saes: list[SAE] = []
     names: list[str] = []
@@ -393,14 +522,18 @@ def find_transcoders(references: Sequence[str], workspace: Any = None) -> FoundT
     for reference in references:
         folder = _reference_dir(reference, ws)
         if folder is not None and (is_clt_dir(folder) or _circuit_tracer_kind(folder) is not None):
-            raise SAEInputError(f"{reference!r} is a cross-layer transcoder or a circuit-tracer transcoder set: score "
-                                f"it alone (`workbench sae eval {reference} MODEL --data DATA`), not in a list of "
-                                "per-layer transcoders")  # fmt: skip
+            raise SAEInputError(
+                f"{reference!r} is a cross-layer transcoder or a circuit-tracer transcoder set: score "
+                f"it alone (`workbench sae eval {reference} MODEL --data DATA`), not in a list of "
+                "per-layer transcoders"
+            )
         name, sae = find_sae(reference, workspace)
         if not sae.cfg.is_transcoder:
-            raise SAEInputError(f"SAE {name!r} reconstructs its own hook {sae.hook_in!r}: a replacement model is "
-                                "built from transcoders (MLP input → MLP output, `sae train --hook-out`); leave it "
-                                "out of the list")  # fmt: skip
+            raise SAEInputError(
+                f"SAE {name!r} reconstructs its own hook {sae.hook_in!r}: a replacement model is "
+                "built from transcoders (MLP input → MLP output, `sae train --hook-out`); leave it "
+                "out of the list"
+            )
         saes.append(sae)
         names.append(name)
         folders.append(folder if folder is not None else Path(reference))
@@ -408,8 +541,10 @@ def find_transcoders(references: Sequence[str], workspace: Any = None) -> FoundT
     twice = sorted({hook for hook in writes if writes.count(hook) > 1})
     if twice:
         both = [n for n, sae in zip(names, saes, strict=True) if sae.hook_out == twice[0]]
-        raise SAEInputError(f"transcoders {', '.join(both)} all write {twice[0]!r}: a replacement model takes one "
-                            "transcoder per MLP output; keep one of them")  # fmt: skip
+        raise SAEInputError(
+            f"transcoders {', '.join(both)} all write {twice[0]!r}: a replacement model takes one "
+            "transcoder per MLP output; keep one of them"
+        )
     return FoundTranscoders("+".join(names), saes, names, folders)
 
 
@@ -417,8 +552,11 @@ def save_training_tokens(folder: Path, counts: torch.Tensor, dataset: str) -> Pa
     """Write the training tokens' counts [d_vocab] next to the transcoders they trained (the unigram baseline of
     a later ``sae eval``)."""
     file = folder / TRAINING_TOKENS_FILE
-    atomic_save_tensors(file, {"counts": counts.to(torch.int64).cpu().contiguous()},
-                        {"dataset": dataset, "n_tokens": str(int(counts.sum()))})  # fmt: skip
+    atomic_save_tensors(
+        file,
+        {"counts": counts.to(torch.int64).cpu().contiguous()},
+        {"dataset": dataset, "n_tokens": str(int(counts.sum()))},
+    )
     return file
 
 
@@ -438,8 +576,10 @@ def training_unigram(
             with safe_open(str(file), framework="pt") as handle:
                 counts, meta = handle.get_tensor("counts"), handle.metadata() or {}
             if counts.numel() == d_vocab:
-                return counts, (f"the {meta.get('n_tokens', int(counts.sum()))} training tokens of "
-                                f"{meta.get('dataset', '?')!r} (counted when {folder.name} was trained)")  # fmt: skip
+                return counts, (
+                    f"the {meta.get('n_tokens', int(counts.sum()))} training tokens of "
+                    f"{meta.get('dataset', '?')!r} (counted when {folder.name} was trained)"
+                )
     transcoders = found.transcoders
     if isinstance(transcoders, CrossLayerTranscoder):
         cfgs = [transcoders.cfg]
@@ -459,9 +599,11 @@ def training_unigram(
             held = json.loads(manifest.read_text())
         except (OSError, ValueError):
             continue
-        if (held.get("model"), held.get("checkpoint"), held.get("dataset")) == (trained_on, checkpoint, dataset) and (
-            held.get("complete") and hooks <= set(held.get("hooks", []))
-        ):  # fmt: skip
+        if (held.get("model"), held.get("checkpoint"), held.get("dataset")) == (
+            trained_on,
+            checkpoint,
+            dataset,
+        ) and (held.get("complete") and hooks <= set(held.get("hooks", []))):
             groups.setdefault(STORE_RANK.sub("", manifest.parent.name), []).append(manifest.parent)
     counted: dict[str, torch.Tensor] = {}
     for name, folders in groups.items():
@@ -486,13 +628,17 @@ def check_clt_fits(clt: CrossLayerTranscoder, model, name: str) -> tuple[str, li
     missing = [h for h in hooks if h not in known]
     if missing:
         trained_on = f" (trained on {clt.cfg.model!r})" if clt.cfg.model else ""
-        raise SAEInputError(f"CLT {name!r}{trained_on} reads and writes {missing[0]!r}, which {model.cfg.name} "
-                            f"lacks: use it on a model with its {clt.n_layers} layers")  # fmt: skip
+        raise SAEInputError(
+            f"CLT {name!r}{trained_on} reads and writes {missing[0]!r}, which {model.cfg.name} "
+            f"lacks: use it on a model with its {clt.n_layers} layers"
+        )
     widths, ce_note = hook_widths(model, hooks)
     wrong = [h for h in hooks if widths[h] != clt.d_model]
     if wrong:
-        raise SAEInputError(f"CLT {name!r} has d_model={clt.d_model}, but {wrong[0]} of {model.cfg.name} has width "
-                            f"{widths[wrong[0]]}: it is a CLT of another model")  # fmt: skip
+        raise SAEInputError(
+            f"CLT {name!r} has d_model={clt.d_model}, but {wrong[0]} of {model.cfg.name} has width "
+            f"{widths[wrong[0]]}: it is a CLT of another model"
+        )
     note = provenance_note(clt.cfg.model, None, model)
     return ce_note, [f"CLT {name!r} was {note}"] if note else []
 
@@ -505,9 +651,19 @@ def find_clt(reference: str, workspace: Any = None) -> tuple[str, CrossLayerTran
     return found.name, found.transcoders
 
 
-def evaluate_replacement(model, data, found: FoundTranscoders, *, sae_id: str | None = None, workspace: Any = None,
-                         max_tokens: int | None = 20_000, context_length: int = 128, batch_size: int = 16,
-                         seed: int | None = 0, progress: bool = False) -> tuple[dict[str, pd.DataFrame], list[str]]:  # fmt: skip
+def evaluate_replacement(
+    model,
+    data,
+    found: FoundTranscoders,
+    *,
+    sae_id: str | None = None,
+    workspace: Any = None,
+    max_tokens: int | None = 20_000,
+    context_length: int = 128,
+    batch_size: int = 16,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """``sae eval`` of a CLT or a set of per-layer transcoders on ``model`` over a token budget of ``data``: the
     frames of :func:`evaluate_transcoders` (unigram baseline from :func:`training_unigram` when found) and the
     warnings to show (transcoders trained on another model of the same widths). Transcoders whose hooks or widths
@@ -525,15 +681,35 @@ def evaluate_replacement(model, data, found: FoundTranscoders, *, sae_id: str | 
         names = found.names or [f"{name}/{sae.hook_in}" for sae in transcoders]
         hooks = [h for sae, n in zip(transcoders, names, strict=True) for h in _sae_hooks(sae, model, n)]
         widths, ce_note = hook_widths(model, list(dict.fromkeys(hooks)))
-        notes += [note for sae, n in zip(transcoders, names, strict=True)
-                  if (note := check_sae_fits(sae, model, widths, n))]  # fmt: skip
+        notes += [
+            note
+            for sae, n in zip(transcoders, names, strict=True)
+            if (note := check_sae_fits(sae, model, widths, n))
+        ]
         transcoders = [sae.to(model.device).eval() for sae in transcoders]
-    ids, mask = token_rows(model, data, max_tokens=max_tokens, context_length=context_length,
-                           batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+    ids, mask = token_rows(
+        model,
+        data,
+        max_tokens=max_tokens,
+        context_length=context_length,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     unigram = None if ce_note else training_unigram(model, found, workspace)
-    frames = evaluate_transcoders(model, transcoders, ids, mask, sae_id=name, dataset=data.name,
-                                  batch_size=batch_size, ce_note=ce_note, progress=progress, names=found.names,
-                                  unigram=unigram)  # fmt: skip
+    frames = evaluate_transcoders(
+        model,
+        transcoders,
+        ids,
+        mask,
+        sae_id=name,
+        dataset=data.name,
+        batch_size=batch_size,
+        ce_note=ce_note,
+        progress=progress,
+        names=found.names,
+        unigram=unigram,
+    )
     return frames, notes
 
 

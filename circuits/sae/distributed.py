@@ -282,8 +282,16 @@ def prune_rank_states(directory: Path, base: str, ctx: Distributed, keep_step: i
 # ---------------------------------------------------------------------------------------------- launcher
 def torchrun_command(nproc: int, module_args: Sequence[str], module: str = "workbench.cli") -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m <module> <module_args>``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", module, *module_args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        *module_args,
+    ]
 
 
 def launch(nproc: int, module_args: Sequence[str], module: str = "workbench.cli") -> None:

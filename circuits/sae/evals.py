@@ -109,8 +109,14 @@ def splice_hooks(sae: SAE, mode: str = "sae") -> list:
 
 
 @torch.no_grad()
-def splice_metrics(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                   attention_mask: torch.Tensor | None = None) -> dict:  # fmt: skip
+def splice_metrics(
+    model,
+    sae: SAE,
+    tokens: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> dict:
     """CE loss clean / spliced / zero-ablated, CE loss recovered and KL(clean || spliced) per predicted token.
 
     Args:
@@ -124,12 +130,16 @@ def splice_metrics(model, sae: SAE, tokens: torch.Tensor, batch_size: int = 8, p
     gap_squares = 0.0  # Σ (zero-ablated − clean loss)² per token, for the standard error of the ablation gap
     count = 0
     for start in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc="splice metrics"):
-        batch = {"input_ids": tokens[start : start + batch_size].to(model.device),
-                 "attention_mask": mask[start : start + batch_size].to(model.device)}  # fmt: skip
+        batch = {
+            "input_ids": tokens[start : start + batch_size].to(model.device),
+            "attention_mask": mask[start : start + batch_size].to(model.device),
+        }
         valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool().reshape(-1)
         targets = batch["input_ids"][:, 1:].reshape(-1)[valid]
-        clean, spliced, zero = (_next_token_log_probs(model, batch, valid, hooks)
-                                for hooks in ([], splice_hooks(sae), splice_hooks(sae, "zero")))  # fmt: skip
+        clean, spliced, zero = (
+            _next_token_log_probs(model, batch, valid, hooks)
+            for hooks in ([], splice_hooks(sae), splice_hooks(sae, "zero"))
+        )
         clean_loss = F.nll_loss(clean, targets, reduction="none").double()
         zero_loss = F.nll_loss(zero, targets, reduction="none").double()
         sums["ce_clean"] += float(clean_loss.sum())
@@ -209,8 +219,10 @@ def evaluate_sae(
 
     def pairs():
         for start in range(0, tokens.shape[0], batch_size):
-            batch = {"input_ids": tokens[start : start + batch_size].to(model.device),
-                     "attention_mask": mask[start : start + batch_size].to(model.device)}  # fmt: skip
+            batch = {
+                "input_ids": tokens[start : start + batch_size].to(model.device),
+                "attention_mask": mask[start : start + batch_size].to(model.device),
+            }
             _, cache = model.run_with_cache(batch, hooks)
             real = batch["attention_mask"].bool()
             x = cache[sae.hook_in][real]
@@ -218,8 +230,11 @@ def evaluate_sae(
 
     recon = reconstruction_metrics(sae, pairs(), progress=progress)
     density = recon.pop("density")
-    splice = (dict.fromkeys(CE_COLUMNS, float("nan")) if ce_note
-              else splice_metrics(model, sae, tokens, batch_size, progress=progress, attention_mask=mask))  # fmt: skip
+    splice = (
+        dict.fromkeys(CE_COLUMNS, float("nan"))
+        if ce_note
+        else splice_metrics(model, sae, tokens, batch_size, progress=progress, attention_mask=mask)
+    )
     row = {
         "model": model.cfg.name,
         "checkpoint": model.cfg.checkpoint,

@@ -119,9 +119,12 @@ def feature_pages(
     n_tokens_in_prompt = int(locations[:, 1].max()) + 1 if n_rows else 0
     windows = _windows(locations, window)
     wanted: dict[int, set[int]] = {}
-    focus_rows = [(int(r), latent) for latent in range(d_sae) for r, v in zip(top_rows[latent], top_vals[latent],
-                  strict=True) if v > 0] + [(int(r), int(g) // n_quantiles) for g, r in zip(kept, kept_row,
-                  strict=True)]  # fmt: skip
+    focus_rows = [
+        (int(r), latent)
+        for latent in range(d_sae)
+        for r, v in zip(top_rows[latent], top_vals[latent], strict=True)
+        if v > 0
+    ] + [(int(r), int(g) // n_quantiles) for g, r in zip(kept, kept_row, strict=True)]
     for row, latent in focus_rows:
         for neighbour in windows(row):
             wanted.setdefault(neighbour, set()).add(latent)

@@ -142,8 +142,12 @@ class JumpReLUSAE(SAE):
         if self.W_skip is not None:
             out = out + x @ self.W_skip
         batch_rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
-        f = torch.sparse_coo_tensor(torch.stack([batch_rows, index.reshape(-1)]), values.detach().reshape(-1),
-                                    pre.shape, check_invariants=False)  # fmt: skip
+        f = torch.sparse_coo_tensor(
+            torch.stack([batch_rows, index.reshape(-1)]),
+            values.detach().reshape(-1),
+            pre.shape,
+            check_invariants=False,
+        )
         return f, out, pre, {}
 
     def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -44,10 +44,19 @@ def saved_saes(workspace: Any) -> list[SavedSAE]:
             continue
         cfg = json.loads(config.read_text())
         hook_in = cfg.get("hook_in") or cfg.get("hook_name") or ""
-        found.append(SavedSAE(directory.name, hook_in, cfg.get("hook_out") or hook_in,
-                              str(cfg.get("architecture", "?")), int(cfg.get("d_sae", 0)),
-                              cfg.get("model") or cfg.get("model_name"), cfg.get("checkpoint"),
-                              int(cfg.get("d_in", 0)), int(cfg.get("d_out") or cfg.get("d_in", 0))))  # fmt: skip
+        found.append(
+            SavedSAE(
+                directory.name,
+                hook_in,
+                cfg.get("hook_out") or hook_in,
+                str(cfg.get("architecture", "?")),
+                int(cfg.get("d_sae", 0)),
+                cfg.get("model") or cfg.get("model_name"),
+                cfg.get("checkpoint"),
+                int(cfg.get("d_in", 0)),
+                int(cfg.get("d_out") or cfg.get("d_in", 0)),
+            )
+        )
     return found
 
 
@@ -104,10 +113,17 @@ def top_latents(model: Any, tokens: torch.Tensor, sae: SAE, k: int = 3) -> pd.Da
     top = acts.topk(min(k, acts.shape[-1]), dim=-1)
     texts = model.position_labels(tokens)
     rows = [
-        {"position": p, "token": texts[p], "rank": r, "latent": int(top.indices[p, r]),
-         "activation": float(top.values[p, r])}
-        for p in range(acts.shape[0]) for r in range(top.indices.shape[1]) if top.values[p, r] > 0
-    ]  # fmt: skip
+        {
+            "position": p,
+            "token": texts[p],
+            "rank": r,
+            "latent": int(top.indices[p, r]),
+            "activation": float(top.values[p, r]),
+        }
+        for p in range(acts.shape[0])
+        for r in range(top.indices.shape[1])
+        if top.values[p, r] > 0
+    ]
     return pd.DataFrame(rows, columns=["position", "token", "rank", "latent", "activation"])
 
 
@@ -120,5 +136,6 @@ def latent_direction(sae: SAE, latent: int) -> torch.Tensor:
 
 def latent_steering(sae: SAE, sae_id: str, latent: int, scale: float, **kwargs: Any) -> Intervention:
     """Steer ``sae.hook_out`` by ``scale`` × the latent's decoder direction."""
-    return Intervention.steer(sae.hook_out, latent_direction(sae, latent), scale,
-                              label=f"SAE {sae_id} latent {latent}", **kwargs)  # fmt: skip
+    return Intervention.steer(
+        sae.hook_out, latent_direction(sae, latent), scale, label=f"SAE {sae_id} latent {latent}", **kwargs
+    )

@@ -211,8 +211,12 @@ class TopKSAE(SAE):
             chosen, index = largest_k(pre, self.cfg.k)
         values = _ChosenPreActivations.apply(x, self.W_enc, self.b_enc, index, chosen).relu()
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
-        f = torch.sparse_coo_tensor(torch.stack([rows, index.reshape(-1)]), values.detach().reshape(-1),
-                                    pre.shape, check_invariants=False)  # fmt: skip
+        f = torch.sparse_coo_tensor(
+            torch.stack([rows, index.reshape(-1)]),
+            values.detach().reshape(-1),
+            pre.shape,
+            check_invariants=False,
+        )
         return f, self._sparse_decode(x, index, values), pre, {}
 
     def aux_loss(

@@ -105,8 +105,11 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(
             f"TrainConfig.steps must be a whole number of at least 1, got {cfg.steps!r}; pass steps=N"
         )
-    if (cfg.outlier_action not in ("exclude", "cap") or cfg.outlier_metric not in ("norm", "max")
-            or (cfg.outlier_norm is not None and cfg.outlier_norm <= 1)):  # fmt: skip
+    if (
+        cfg.outlier_action not in ("exclude", "cap")
+        or cfg.outlier_metric not in ("norm", "max")
+        or (cfg.outlier_norm is not None and cfg.outlier_norm <= 1)
+    ):
         raise ValueError(
             f"outlier_norm={cfg.outlier_norm!r}, outlier_action={cfg.outlier_action!r}, outlier_metric="
             f"{cfg.outlier_metric!r}: pass a factor above 1 (e.g. 10: rows over 10× the median norm), 'exclude' or "
@@ -188,8 +191,10 @@ def _clt_pair(batch, clt: CrossLayerTranscoder, name: str) -> tuple[torch.Tensor
     elif isinstance(batch, (tuple, list)):
         x, y = batch
     else:
-        raise SAEInputError(f"training batch for {name}: a CLT trains on {{hook: tensor}} dicts or (x, y) pairs "
-                            f"[n_layers, rows, d_model], not {type(batch).__name__}")  # fmt: skip
+        raise SAEInputError(
+            f"training batch for {name}: a CLT trains on {{hook: tensor}} dicts or (x, y) pairs "
+            f"[n_layers, rows, d_model], not {type(batch).__name__}"
+        )
     x = x.to(device=clt.device, dtype=clt.W_enc.dtype)
     y = y.to(device=clt.device, dtype=clt.W_enc.dtype)
     clt.check_input(x, f"training batch for {name}")
@@ -297,9 +302,12 @@ def _latent_shape(sae: Trainable) -> tuple[int, ...]:
 
 
 def _train(
-    saes: dict[str, Trainable], batches: Iterable, cfg: TrainConfig, distributed: Distributed | None,
+    saes: dict[str, Trainable],
+    batches: Iterable,
+    cfg: TrainConfig,
+    distributed: Distributed | None,
     flat: FlatParameters,
-) -> dict[str, list[dict[str, float]]]:  # fmt: skip
+) -> dict[str, list[dict[str, float]]]:
     """The body of :func:`train_saes`, with the SAEs' parameters in ``flat``'s buffers."""
     from tqdm.auto import tqdm
 
@@ -307,8 +315,9 @@ def _train(
     sharded = distributed is not None and distributed.mode == "hooks"
     world = distributed.world_size if data_parallel and distributed is not None else 1
     params = flat.buffers
-    optimizer = torch.optim.Adam(params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr, betas=(0.9, 0.999),
-                                 fused=_can_fuse(params))  # fmt: skip
+    optimizer = torch.optim.Adam(
+        params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr, betas=(0.9, 0.999), fused=_can_fuse(params)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     tokens_since_fired = {
         n: torch.zeros(_latent_shape(s), dtype=torch.long, device=s.device) for n, s in saes.items()
@@ -397,10 +406,11 @@ def _train(
                 if first:
                     sizes = row_size(gx, cfg.outlier_metric)
                     scales[limit_key] = (
-                        tuple((cfg.outlier_norm * sizes.median(1).values).tolist()) if clt
+                        tuple((cfg.outlier_norm * sizes.median(1).values).tolist())
+                        if clt
                         else cfg.outlier_norm * float(sizes.median()),
                         0.0,
-                    )  # fmt: skip
+                    )
                     gx, gy, _ = _mask_outliers(
                         gx, gy, scales[limit_key][0], cfg.outlier_action, cfg.outlier_metric
                     )
@@ -430,8 +440,12 @@ def _train(
                 else:
                     fired, l0 = _latent_stats(f)
                     variance = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
-                    metrics = {"loss": loss.detach(), "fvu": mse.detach() * x.shape[0] / variance, "l0": l0,
-                               "dead": dead.float().mean()}  # fmt: skip
+                    metrics = {
+                        "loss": loss.detach(),
+                        "fvu": mse.detach() * x.shape[0] / variance,
+                        "l0": l0,
+                        "dead": dead.float().mean(),
+                    }
                 if cfg.outlier_norm is not None:
                     metrics["masked"] = masked
             step_stats[name] = (fired, metrics, rows)
@@ -465,12 +479,28 @@ def _train(
             _flush(pending, history)
             if sharded and distributed is not None:
                 name = rank_state_name(TRAINER_STATE, distributed.rank, distributed.world_size, step + 1)
-                _checkpoint(state_dir / name, step + 1, saes, optimizer, scheduler, tokens_since_fired, scales,
-                            history)  # fmt: skip
+                _checkpoint(
+                    state_dir / name,
+                    step + 1,
+                    saes,
+                    optimizer,
+                    scheduler,
+                    tokens_since_fired,
+                    scales,
+                    history,
+                )
                 prune_rank_states(state_dir, TRAINER_STATE, distributed, step + 1)
             elif writes:
-                _checkpoint(state_dir / TRAINER_STATE, step + 1, saes, optimizer, scheduler, tokens_since_fired,
-                            scales, history)  # fmt: skip
+                _checkpoint(
+                    state_dir / TRAINER_STATE,
+                    step + 1,
+                    saes,
+                    optimizer,
+                    scheduler,
+                    tokens_since_fired,
+                    scales,
+                    history,
+                )
     _flush(pending, history)
     for name, sae in saes.items():
         if isinstance(sae, CrossLayerTranscoder):
@@ -546,9 +576,10 @@ def _agreed_stream(iterator: Iterator, ctx: Distributed) -> Iterator:
 
 
 def _all_reduce_step(
-    params: list[torch.Tensor], step_stats: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor], int]],
+    params: list[torch.Tensor],
+    step_stats: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor], int]],
     ctx: Distributed,
-) -> None:  # fmt: skip
+) -> None:
     """Data-parallel: average the gradients, the step's metrics and the fired masks [d_sae] over the ranks in one
     all_reduce (a latent fired if it fired on any rank); updates the tensors in ``step_stats`` in place."""
     grads = [p.grad for p in params if p.grad is not None]  # the flat gradient buffers: always present

@@ -342,8 +342,15 @@ class HFAdapter(ABC):
         declared = sentence_transformers_pooling(directory) if directory else None
         pooling, normalize = declared or ("last" if causal else "mean", False)
         final = "ln_final" if "ln_final.hook_normalized" in owner.hook_points else None
-        return Capabilities(output=output, pooling=pooling, normalize=normalize, positional=self.positional,
-                            norm=self.norm, final_norm=final, module_names=self.module_names)  # fmt: skip
+        return Capabilities(
+            output=output,
+            pooling=pooling,
+            normalize=normalize,
+            positional=self.positional,
+            norm=self.norm,
+            final_norm=final,
+            module_names=self.module_names,
+        )
 
     @staticmethod
     def attention_site(attention: nn.Module, layer: int) -> AttentionSite:
@@ -352,8 +359,12 @@ class HFAdapter(ABC):
         return AttentionSite(attention, layer, {s: f"{prefix}hook_{s}" for s in stats})
 
 
-SENTENCE_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                    "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}  # fmt: skip
+SENTENCE_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "last",
+}
 
 
 def sentence_transformers_pooling(directory: str | Path) -> tuple[str, bool] | None:

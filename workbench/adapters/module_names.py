@@ -76,10 +76,15 @@ def hook_for_module(family: str, module: str, side: str = "output") -> str:
     relative = module.removeprefix(names.base + ".")
     found = _kind(names, relative)
     if found is None or (found[0], side) not in _HOOKS:
-        known = ", ".join((
-            f"{names.layers}.L", f"{names.layers}.L.{names.attention}", f"{names.layers}.L.{names.mlp}",
-            names.embed, names.final_norm,
-        ))  # fmt: skip
+        known = ", ".join(
+            (
+                f"{names.layers}.L",
+                f"{names.layers}.L.{names.attention}",
+                f"{names.layers}.L.{names.mlp}",
+                names.embed,
+                names.final_norm,
+            )
+        )
         raise ModuleNameError(
             f"module {module!r} ({side}) has no hook name in {family}: the mapped modules are {known}"
         )

@@ -24,8 +24,14 @@ __all__ = [
     "kernel_statistics",
     "PATHS",
 ]
-_HOME = {"AttentionOutput": "dispatch", "attend": "dispatch", "PATHS": "dispatch", "install_attention": "install",
-         "uninstall_attention": "install", "kernel_statistics": "install"}  # fmt: skip
+_HOME = {
+    "AttentionOutput": "dispatch",
+    "attend": "dispatch",
+    "PATHS": "dispatch",
+    "install_attention": "install",
+    "uninstall_attention": "install",
+    "kernel_statistics": "install",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -56,9 +56,15 @@ def attend(
         from workbench.attention.kernel import flash_attention
 
         out, stats = flash_attention(
-            q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-            return_stats=return_stats, sink_k=sink_k,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            scale=scale,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            return_stats=return_stats,
+            sink_k=sink_k,
+        )
         return AttentionOutput(out, None, stats)
     if path == "eager" or return_stats:
         scores = masked_scores(

@@ -69,8 +69,16 @@ def patch_transformer_lens(model: HookedModel) -> None:
 def _kernel_forward_for(owner: HookedModel, layer: int):
     prefix = f"blocks.{layer}.attn."
 
-    def forward(attn: Any, query_input, key_input, value_input, past_kv_cache_entry=None,
-                additive_attention_mask=None, attention_mask=None, position_bias=None):  # fmt: skip
+    def forward(
+        attn: Any,
+        query_input,
+        key_input,
+        value_input,
+        past_kv_cache_entry=None,
+        additive_attention_mask=None,
+        attention_mask=None,
+        position_bias=None,
+    ):
         from workbench.attention.kernel import flash_attention
 
         if (
@@ -95,11 +103,15 @@ def _kernel_forward_for(owner: HookedModel, layer: int):
         want_stats = any(p.active for p in points)
         scale = 1.0 / attn.attn_scale
         out, stats = flash_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            scale=scale,
             causal=attn.cfg.attention_dir == "causal",
             key_padding_mask=attention_mask.bool() if attention_mask is not None else None,
-            return_stats=want_stats, sink_k=owner.sink_k,
-        )  # fmt: skip
+            return_stats=want_stats,
+            sink_k=owner.sink_k,
+        )
         if want_stats:
             assert stats is not None  # flash_attention(return_stats=True) always returns them
             for point, name in zip(points, STATS, strict=True):

@@ -47,16 +47,49 @@ if triton is not None:
 
     @triton.jit
     def _flash_stats_kernel(
-        Q, K, V, Out, PAD, LSE, MAXL, ENT, SINK,
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_ob, stride_oh, stride_om, stride_od,
-        stride_pb, stride_sb, stride_sh,
-        n_heads, kv_group, q_len, k_len, d_head, qk_scale, sink_k,
-        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
+        Q,
+        K,
+        V,
+        Out,
+        PAD,
+        LSE,
+        MAXL,
+        ENT,
+        SINK,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        stride_pb,
+        stride_sb,
+        stride_sh,
+        n_heads,
+        kv_group,
+        q_len,
+        k_len,
+        d_head,
+        qk_scale,
+        sink_k,
+        CAUSAL: tl.constexpr,
+        HAS_PAD: tl.constexpr,
+        STATS: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // n_heads
@@ -69,8 +102,9 @@ if triton is not None:
         d_valid = offs_d < d_head
         q = tl.load(
             Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-            mask=m_valid[:, None] & d_valid[None, :], other=0.0,
-        )  # fmt: skip
+            mask=m_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         t_i = tl.zeros([BLOCK_M], tl.float32)
@@ -87,8 +121,9 @@ if triton is not None:
             n_valid = cols < k_len
             k = tl.load(
                 k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=n_valid[None, :] & d_valid[:, None], other=0.0,
-            )  # fmt: skip
+                mask=n_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
             if IEEE:
                 s = tl.dot(q, k, input_precision="ieee") * qk_scale
             else:
@@ -111,8 +146,9 @@ if triton is not None:
                 z_i = z_i * alpha + tl.sum(tl.where(in_sink, p, 0.0), 1)
             v = tl.load(
                 v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=n_valid[:, None] & d_valid[None, :], other=0.0,
-            )  # fmt: skip
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -123,8 +159,9 @@ if triton is not None:
         out = acc / l_safe[:, None]
         tl.store(
             Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-            out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :],
-        )  # fmt: skip
+            out.to(Out.dtype.element_ty),
+            mask=m_valid[:, None] & d_valid[None, :],
+        )
         if STATS:
             row = b * stride_sb + h * stride_sh + offs_m
             lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
@@ -205,14 +242,36 @@ def flash_attention(
     )
     grid = (triton.cdiv(q_len, bm), batch * heads)
     _flash_stats_kernel[grid](
-        q, k, v, out, pad, *buffers,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        pad.stride(0) if key_padding_mask is not None else 0, buffers[0].stride(0), buffers[0].stride(1),
-        heads, heads // kv_heads, q_len, k_len, d_head, scale * LOG2E, sink_k,
-        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, STATS=return_stats, IEEE=q.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d_head)),
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        out,
+        pad,
+        *buffers,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        pad.stride(0) if key_padding_mask is not None else 0,
+        buffers[0].stride(0),
+        buffers[0].stride(1),
+        heads,
+        heads // kv_heads,
+        q_len,
+        k_len,
+        d_head,
+        scale * LOG2E,
+        sink_k,
+        CAUSAL=causal,
+        HAS_PAD=key_padding_mask is not None,
+        STATS=return_stats,
+        IEEE=q.dtype == torch.float32,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=max(16, triton.next_power_of_2(d_head)),
+        num_warps=warps,
+        num_stages=stages,
+    )
     if not return_stats:
         return out, None
     return out, dict(zip(("lse", "max_logit", "entropy", "sink"), buffers, strict=True))

@@ -57,8 +57,13 @@ def masked_scores(
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} key/value heads")
     k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
-    allowed = allowed_keys(scores.shape[0], *scores.shape[-2:], causal=causal, key_padding_mask=key_padding_mask,
-                           device=scores.device)  # fmt: skip
+    allowed = allowed_keys(
+        scores.shape[0],
+        *scores.shape[-2:],
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        device=scores.device,
+    )
     return scores.masked_fill(~allowed, float("-inf"))
 
 

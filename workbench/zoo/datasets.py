@@ -24,8 +24,12 @@ def provide(name: str, limit: int | None = None) -> Dataset:
         tokens, states = fsm.sample(limit or FSM_SEQUENCES, FSM_LENGTH, seed=1)
         import torch
 
-        return Dataset("zoo:tokfsm", token_ids=torch.as_tensor(tokens, dtype=torch.long),
-                       labels={"fsm_state": states}, meta={"fsm": fsm})  # fmt: skip
+        return Dataset(
+            "zoo:tokfsm",
+            token_ids=torch.as_tensor(tokens, dtype=torch.long),
+            labels={"fsm_state": states},
+            meta={"fsm": fsm},
+        )
     if name == "digits":
         _, _, x_test, y_test = digits_dataset()
         n = limit or len(x_test)

@@ -178,9 +178,17 @@ def fsm_label_dataset(
     }
 
 
-def build_label_set(name: str, tokenizer: Any, *, fsm: Any = None, data: Dataset | None = None,
-                    n_sequences: int = 64, context_length: int = 128, seed: int = 0,
-                    task: str = "classification") -> LabelDataset:  # fmt: skip
+def build_label_set(
+    name: str,
+    tokenizer: Any,
+    *,
+    fsm: Any = None,
+    data: Dataset | None = None,
+    n_sequences: int = 64,
+    context_length: int = 128,
+    seed: int = 0,
+    task: str = "classification",
+) -> LabelDataset:
     """The zoo label set ``name`` as a token-level :class:`LabelDataset` (tokens and labels [n, context_length]).
 
     Python sets label ``data``'s documents when given, else ``n_sequences`` seeded stdlib windows, and need a
@@ -189,8 +197,10 @@ def build_label_set(name: str, tokenizer: Any, *, fsm: Any = None, data: Dataset
     """
     if name in PYTHON_LABELS:
         if tokenizer is None or tokenizer.pad_token_id is None:
-            raise LabelError(f"label set {name!r} is computed from Python source and needs a tokenizer with a pad "
-                             "token (a code model)")  # fmt: skip
+            raise LabelError(
+                f"label set {name!r} is computed from Python source and needs a tokenizer with a pad "
+                "token (a code model)"
+            )
         if data is None:
             tokens, labels = python_label_dataset(tokenizer, n_sequences, context_length, seed=seed)
             described = f"python-stdlib:{n_sequences}x{context_length}:seed{seed}"
@@ -201,8 +211,10 @@ def build_label_set(name: str, tokenizer: Any, *, fsm: Any = None, data: Dataset
     else:
         fsm = fsm if fsm is not None else (data.meta.get("fsm") if data is not None else None)
         if fsm is None:
-            raise LabelError(f"label set {name!r} needs the TokFSM that generated the model's training data (a zoo "
-                             "model trained on the fsm corpus, or --data zoo:tokfsm)")  # fmt: skip
+            raise LabelError(
+                f"label set {name!r} needs the TokFSM that generated the model's training data (a zoo "
+                "model trained on the fsm corpus, or --data zoo:tokfsm)"
+            )
         tokens, labels = fsm_label_dataset(fsm, n_sequences, context_length, seed=seed)
         described, mask = f"tokfsm:{n_sequences}x{context_length}:seed{seed}", None
     target = labels[check_label_set(name)]

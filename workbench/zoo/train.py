@@ -86,15 +86,48 @@ class ZooSpec:
 
 _ZOO = (
     ZooSpec("code-tiny", "code", n_layers=2, d_model=64, n_heads=4, d_mlp=256, steps=300, max_files=40),
-    ZooSpec("code-small", "code", n_layers=4, d_model=128, n_heads=4, d_mlp=512, steps=600, seq_len=128, lr=2e-3,
-            max_files=150),
-    ZooSpec("code-medium", "code", n_layers=6, d_model=128, n_heads=4, d_mlp=512, steps=800, seq_len=128, lr=2e-3,
-            max_files=300, checkpoint_every=200),
+    ZooSpec(
+        "code-small",
+        "code",
+        n_layers=4,
+        d_model=128,
+        n_heads=4,
+        d_mlp=512,
+        steps=600,
+        seq_len=128,
+        lr=2e-3,
+        max_files=150,
+    ),
+    ZooSpec(
+        "code-medium",
+        "code",
+        n_layers=6,
+        d_model=128,
+        n_heads=4,
+        d_mlp=512,
+        steps=800,
+        seq_len=128,
+        lr=2e-3,
+        max_files=300,
+        checkpoint_every=200,
+    ),
     ZooSpec("fsm-tiny", "fsm", n_layers=2, d_model=32, n_heads=4, d_mlp=64, steps=1000, batch_size=32),
-    ZooSpec("fsm-small", "fsm", n_layers=3, d_model=64, n_heads=4, d_mlp=96, steps=1200, batch_size=32, lr=2e-3),
-    ZooSpec("vit-digits", "digits", n_layers=2, d_model=48, n_heads=4, d_mlp=96, steps=800, batch_size=64, warmup=40,
-            checkpoint_every=200),
-)  # fmt: skip
+    ZooSpec(
+        "fsm-small", "fsm", n_layers=3, d_model=64, n_heads=4, d_mlp=96, steps=1200, batch_size=32, lr=2e-3
+    ),
+    ZooSpec(
+        "vit-digits",
+        "digits",
+        n_layers=2,
+        d_model=48,
+        n_heads=4,
+        d_mlp=96,
+        steps=800,
+        batch_size=64,
+        warmup=40,
+        checkpoint_every=200,
+    ),
+)
 SPECS: dict[str, ZooSpec] = {spec.name: spec for spec in _ZOO}
 
 
@@ -192,17 +225,34 @@ def _init_model(spec: ZooSpec, vocab_size: int) -> PreTrainedModel:
     rotary: dict[str, Any] = {"rotary_pct": 0.25}
     if spec.corpus == "digits":
         vit_config = transformers.ViTConfig(
-            image_size=8, patch_size=2, num_channels=1, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
-            num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp, **labels,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=spec.d_model,
+            num_hidden_layers=spec.n_layers,
+            num_attention_heads=spec.n_heads,
+            intermediate_size=spec.d_mlp,
+            **labels,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         return transformers.ViTForImageClassification(vit_config)
     config = transformers.GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=spec.d_model, num_hidden_layers=spec.n_layers,
-        num_attention_heads=spec.n_heads, intermediate_size=spec.d_mlp, max_position_embeddings=max(2048, spec.seq_len),
-        **rotary, use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
-        tie_word_embeddings=False, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=spec.d_model,
+        num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads,
+        intermediate_size=spec.d_mlp,
+        max_position_embeddings=max(2048, spec.seq_len),
+        **rotary,
+        use_parallel_residual=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 2,
+        pad_token_id=vocab_size - 1,
+    )
     return transformers.GPTNeoXForCausalLM(config)
 
 

@@ -33,8 +33,16 @@ from workbench.circuits.sae.formats.gemmascope import load_gemmascope
 from workbench.circuits.sae.formats.tensors import build_sae, read_safetensors, require
 
 CONFIG_FILE = "config.yaml"
-__all__ = ["CONFIG_FILE", "HOOK_ALIASES", "CrossLayerTranscoder", "block_hook", "evaluate_clt", "load_clt",
-           "load_transcoder_set", "read_config"]  # fmt: skip
+__all__ = [
+    "CONFIG_FILE",
+    "HOOK_ALIASES",
+    "CrossLayerTranscoder",
+    "block_hook",
+    "evaluate_clt",
+    "load_clt",
+    "load_transcoder_set",
+    "read_config",
+]
 
 
 def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -55,8 +63,10 @@ def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise SAEInputError(f"{file} holds {type(config).__name__}, not a mapping")
     for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
         if key not in config:
-            raise SAEInputError(f"{file} lacks {key!r} (circuit-tracer's config.yaml names model_kind, "
-                                "feature_input_hook and feature_output_hook)")  # fmt: skip
+            raise SAEInputError(
+                f"{file} lacks {key!r} (circuit-tracer's config.yaml names model_kind, "
+                "feature_input_hook and feature_output_hook)"
+            )
     return file.parent, config
 
 
@@ -98,8 +108,10 @@ def load_transcoder_set(path: str | Path, device: str = "cpu") -> list[tuple[str
             "DATA` scores it (or load_clt / evaluate_clt in workbench.circuits.sae.formats.circuit_tracer)"
         )
     if config["model_kind"] != "transcoder_set":
-        raise SAEInputError(f"{folder / CONFIG_FILE}: model_kind {config['model_kind']!r} is not transcoder_set "
-                            "or cross_layer_transcoder")  # fmt: skip
+        raise SAEInputError(
+            f"{folder / CONFIG_FILE}: model_kind {config['model_kind']!r} is not transcoder_set "
+            "or cross_layer_transcoder"
+        )
     activation = config.get("activation")
     saes = []
     for layer, file in enumerate(_layer_paths(folder, config)):
@@ -111,8 +123,12 @@ def load_transcoder_set(path: str | Path, device: str = "cpu") -> list[tuple[str
             continue
         tensors = read_safetensors(file)
         require(tensors, ["W_enc", "W_dec", "b_enc", "b_dec"], file, "a circuit-tracer transcoder")
-        ours = {"W_enc": tensors["W_enc"].T.contiguous(), "b_enc": tensors["b_enc"], "W_dec": tensors["W_dec"],
-                "b_dec": tensors["b_dec"]}  # fmt: skip
+        ours = {
+            "W_enc": tensors["W_enc"].T.contiguous(),
+            "b_enc": tensors["b_enc"],
+            "W_dec": tensors["W_dec"],
+            "b_dec": tensors["b_dec"],
+        }
         if "W_skip" in tensors:
             ours["W_skip"] = tensors["W_skip"].T.contiguous()
         options: dict[str, Any] = {"hook_in": hook_in, "hook_out": hook_out}
@@ -132,8 +148,10 @@ def load_clt(path: str | Path, device: str = "cpu") -> CrossLayerTranscoder:
     """A circuit-tracer ``cross_layer_transcoder`` folder as a :class:`CrossLayerTranscoder`."""
     folder, config = read_config(path)
     if config["model_kind"] != "cross_layer_transcoder":
-        raise SAEInputError(f"{folder / CONFIG_FILE}: model_kind is {config['model_kind']!r}, not "
-                            "cross_layer_transcoder: load it with `workbench sae import`")  # fmt: skip
+        raise SAEInputError(
+            f"{folder / CONFIG_FILE}: model_kind is {config['model_kind']!r}, not "
+            "cross_layer_transcoder: load it with `workbench sae import`"
+        )
     n_layers = len(list(folder.glob("W_enc_*.safetensors")))
     if n_layers == 0:
         raise SAEInputError(f"{folder} has no W_enc_L.safetensors files")
@@ -145,21 +163,36 @@ def load_clt(path: str | Path, device: str = "cpu") -> CrossLayerTranscoder:
         require(decoder, [f"W_dec_{layer}"], dec_file, "a CLT decoder")
         w_dec = decoder[f"W_dec_{layer}"]
         if w_dec.ndim != 3 or w_dec.shape[1] != n_layers - layer:
-            raise SAEInputError(f"{dec_file}: tensor 'W_dec_{layer}' has shape {list(w_dec.shape)}, expected "
-                                f"[d_transcoder, {n_layers - layer}, d_model] for {n_layers} layers")  # fmt: skip
+            raise SAEInputError(
+                f"{dec_file}: tensor 'W_dec_{layer}' has shape {list(w_dec.shape)}, expected "
+                f"[d_transcoder, {n_layers - layer}, d_model] for {n_layers} layers"
+            )
         enc.append(encoder[f"W_enc_{layer}"].T)
         b_enc.append(encoder[f"b_enc_{layer}"])
         b_dec.append(encoder[f"b_dec_{layer}"])
         thr.append(encoder.get(f"threshold_{layer}", torch.zeros_like(encoder[f"b_enc_{layer}"])).reshape(-1))
         dec.append(w_dec.to(device))
-    return CrossLayerTranscoder(torch.stack(enc).to(device), torch.stack(b_enc).to(device),
-                                torch.stack(thr).to(device), dec, torch.stack(b_dec).to(device),
-                                config["feature_input_hook"], config["feature_output_hook"])  # fmt: skip
+    return CrossLayerTranscoder(
+        torch.stack(enc).to(device),
+        torch.stack(b_enc).to(device),
+        torch.stack(thr).to(device),
+        dec,
+        torch.stack(b_dec).to(device),
+        config["feature_input_hook"],
+        config["feature_output_hook"],
+    )
 
 
 @torch.no_grad()
-def evaluate_clt(model, data, clt: CrossLayerTranscoder, *, max_tokens: int = 4096, context_length: int = 64,
-                 batch_size: int = 8) -> pd.DataFrame:  # fmt: skip
+def evaluate_clt(
+    model,
+    data,
+    clt: CrossLayerTranscoder,
+    *,
+    max_tokens: int = 4096,
+    context_length: int = 64,
+    batch_size: int = 8,
+) -> pd.DataFrame:
     """Per layer: FVU and cosine of the CLT's predicted ``hook_out`` against the model's, mean L0 of its
     features and the fractions of its latents that never fire (``dead_fraction``) or fire on more than a tenth of
     the tokens (``dense_fraction``), over up to ``max_tokens`` real tokens of ``data`` (a Dataset, or token-id
@@ -179,8 +212,14 @@ def evaluate_clt(model, data, clt: CrossLayerTranscoder, *, max_tokens: int = 40
     squares = torch.zeros_like(err)
     fires = torch.zeros(clt.n_layers, clt.d_transcoder, dtype=torch.float64)
     seen = 0
-    for _, batch in iter_model_batches(data, model.tokenizer, batch_size=batch_size, context_length=context_length,
-                                       max_tokens=max_tokens, progress=False):  # fmt: skip
+    for _, batch in iter_model_batches(
+        data,
+        model.tokenizer,
+        batch_size=batch_size,
+        context_length=context_length,
+        max_tokens=max_tokens,
+        progress=False,
+    ):
         with model.capture(ins + outs) as cache:
             model(batch)
         mask = batch["attention_mask"].bool()
@@ -198,7 +237,16 @@ def evaluate_clt(model, data, clt: CrossLayerTranscoder, *, max_tokens: int = 40
     if seen == 0:
         raise SAEInputError("the dataset gave no tokens to evaluate the CLT on")
     total = squares - sums.pow(2).sum(1) / seen
-    return pd.DataFrame({"layer": range(clt.n_layers), "hook_in": ins, "hook_out": outs, "n_tokens": seen,
-                         "FVU": (err / total).tolist(), "cosine": (cos / seen).tolist(),
-                         "L0": (l0 / seen).tolist(), "dead_fraction": (fires == 0).double().mean(1).tolist(),
-                         "dense_fraction": (fires / seen > 0.1).double().mean(1).tolist()})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "layer": range(clt.n_layers),
+            "hook_in": ins,
+            "hook_out": outs,
+            "n_tokens": seen,
+            "FVU": (err / total).tolist(),
+            "cosine": (cos / seen).tolist(),
+            "L0": (l0 / seen).tolist(),
+            "dead_fraction": (fires == 0).double().mean(1).tolist(),
+            "dense_fraction": (fires / seen > 0.1).double().mean(1).tolist(),
+        }
+    )

@@ -41,8 +41,14 @@ WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
 _LINEAR = ["encoder.weight", "encoder.bias", "decoder.weight"]
 _SUBMODULE = re.compile(r"(resid_post|resid_pre|resid_mid|mlp_out|attn_out|mlp_in)_layer_(\d+)")
-_HOOK_OF = {"resid_post": "hook_resid_post", "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
-            "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out", "mlp_in": "ln2.hook_normalized"}  # fmt: skip
+_HOOK_OF = {
+    "resid_post": "hook_resid_post",
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+    "mlp_in": "ln2.hook_normalized",
+}
 
 
 def _hooks(trainer: dict, hook: str | None, hook_out: str | None, source: Path) -> tuple[str, str]:
@@ -129,8 +135,12 @@ def _gated(state: dict[str, torch.Tensor], weights: Path, device: str, common: d
     """GatedAutoEncoder -> the workbench gated SAE. Its encode is f = 1[(x−c)W + gate_bias > 0] ·
     relu(exp(r_mag) ⊙ (x−c)W + mag_bias) · ‖W_dec[i]‖ with c = decoder_bias; the centring goes into b_enc / b_mag
     and the decoder norms into r_mag (+log‖W_dec[i]‖) and b_mag, the decoder rows to unit norm."""
-    require(state, ["encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias"], weights,
-            "a GatedAutoEncoder")  # fmt: skip
+    require(
+        state,
+        ["encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias"],
+        weights,
+        "a GatedAutoEncoder",
+    )
     norms = state["decoder.weight"].norm(dim=0).clamp_min(1e-12)  # [d_sae]
     w_enc = state["encoder.weight"].T.contiguous()
     center = state["decoder_bias"] @ w_enc  # [d_sae]

@@ -49,8 +49,10 @@ def load_gemmascope(
             require(dict.fromkeys(archive.files), KEYS, file, "a Gemma Scope JumpReLU SAE")
             tensors = {key: torch.from_numpy(np.asarray(archive[key], dtype=np.float32)) for key in KEYS}
     except ValueError as err:
-        raise SAEInputError(f"{file} is not a plain npz archive of arrays ({err}); the workbench never unpickles "
-                            "weights: save the arrays with numpy.savez") from None  # fmt: skip
+        raise SAEInputError(
+            f"{file} is not a plain npz archive of arrays ({err}); the workbench never unpickles "
+            "weights: save the arrays with numpy.savez"
+        ) from None
     inferred = hooks_from_path(file.parent)
     if hook is None and inferred is None:
         raise SAEInputError(

@@ -37,8 +37,14 @@ def _layer(hook: str) -> int:
 
 
 def _activation(context: dict, bin_min: float, bin_max: float, bin_contains: float) -> dict[str, Any]:
-    return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains, "tokens": context["tokens"],
-            "values": [float(v) for v in context["acts"]], "qualifying_token_index": int(context["focus"])}  # fmt: skip
+    return {
+        "bin_min": bin_min,
+        "bin_max": bin_max,
+        "bin_contains": bin_contains,
+        "tokens": context["tokens"],
+        "values": [float(v) for v in context["acts"]],
+        "qualifying_token_index": int(context["focus"]),
+    }
 
 
 def _histogram_bars(histogram: dict) -> tuple[list[float], list[float]]:
@@ -93,34 +99,44 @@ def dashboard_batch(
             "neuron_alignment_indices": align.indices.tolist(),
             "neuron_alignment_values": [round(float(direction[i]), 4) for i in align.indices],
             "neuron_alignment_l1": [round(float(direction[i]) / l1, 4) for i in align.indices],
-            "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
-            "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+            "correlated_neurons_indices": [],
+            "correlated_neurons_l1": [],
+            "correlated_neurons_pearson": [],
+            "correlated_features_indices": [],
+            "correlated_features_l1": [],
+            "correlated_features_pearson": [],
             "frac_nonzero": float(row.density),
             "freq_hist_data_bar_values": bar_values,
             "freq_hist_data_bar_heights": bar_heights,
-            "n_prompts_total": _count(row, "n_prompts"), "n_tokens_in_prompt": _count(row, "n_tokens_in_prompt"),
+            "n_prompts_total": _count(row, "n_prompts"),
+            "n_tokens_in_prompt": _count(row, "n_tokens_in_prompt"),
             "dataset": str(row.dataset or ""),
             "decoder_weights_dist": [],
             "activations": activations,
-        }  # fmt: skip
+        }
         if logits is not None and decode is not None:
             effects = logits[latent]
             pos, neg = effects.topk(n_logits), (-effects).topk(n_logits)
             counts, edges = torch.histogram(effects, bins=N_LOGIT_BINS)
             feature |= {
-                "pos_str": [decode(int(t)) for t in pos.indices], "pos_values": [round(float(v), 4) for v in pos.values],
-                "neg_str": [decode(int(t)) for t in neg.indices], "neg_values": [round(-float(v), 4) for v in neg.values],
+                "pos_str": [decode(int(t)) for t in pos.indices],
+                "pos_values": [round(float(v), 4) for v in pos.values],
+                "neg_str": [decode(int(t)) for t in neg.indices],
+                "neg_values": [round(-float(v), 4) for v in neg.values],
                 "logits_hist_data_bar_values": [round(float(e), 4) for e in (edges[:-1] + edges[1:]) / 2],
                 "logits_hist_data_bar_heights": counts.tolist(),
-            }  # fmt: skip
+            }
         else:
             promoted = json.loads(getattr(row, "promoted_tokens", None) or "[]")
             suppressed = json.loads(getattr(row, "suppressed_tokens", None) or "[]")
             feature |= {
-                "pos_str": [t for t, _ in promoted], "pos_values": [v for _, v in promoted],
-                "neg_str": [t for t, _ in suppressed], "neg_values": [v for _, v in suppressed],
-                "logits_hist_data_bar_values": [], "logits_hist_data_bar_heights": [],
-            }  # fmt: skip
+                "pos_str": [t for t, _ in promoted],
+                "pos_values": [v for _, v in promoted],
+                "neg_str": [t for t, _ in suppressed],
+                "neg_values": [v for _, v in suppressed],
+                "logits_hist_data_bar_values": [],
+                "logits_hist_data_bar_heights": [],
+            }
         out.append(feature)
     return {"model_id": model_id, "layer": _layer(sae.hook_in), "sae_set": sae_set, "features": out}
 
@@ -134,9 +150,15 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
 
 
 def write_bulk_export(
-    out: str | Path, batch: dict[str, Any], sae: SAE, *, creator_id: str = "workbench", creator_name: str = "",
-    batch_name: str = "batch-0", description: str = "",
-) -> Path:  # fmt: skip
+    out: str | Path,
+    batch: dict[str, Any],
+    sae: SAE,
+    *,
+    creator_id: str = "workbench",
+    creator_name: str = "",
+    batch_name: str = "batch-0",
+    description: str = "",
+) -> Path:
     """Write ``batch`` as SAEDashboard's ``batch_name.json`` under ``out`` and Neuronpedia's bulk-import folder
     ``out/{model_id}/{layer}-{sae_set}/``; returns the source folder."""
     out = Path(out)
@@ -145,18 +167,49 @@ def write_bulk_export(
     source_id = f"{layer}-{sae_set}"
     folder = out / model_id / source_id
     now = datetime.now(UTC).isoformat()
-    release = {"name": sae_set, "description": description or f"{sae_set} ({sae.cfg.architecture}, d_sae={sae.d_sae})",
-               "descriptionShort": description or sae_set, "creatorName": creator_name or creator_id,
-               "creatorNameShort": creator_name or creator_id, "creatorId": creator_id, "visibility": "PUBLIC",
-               "urls": [], "createdAt": now}  # fmt: skip
-    model = {"id": model_id, "instruct": model_id.endswith("-it"), "displayNameShort": model_id,
-             "displayName": model_id, "creatorId": creator_id, "createdAt": now, "updatedAt": now}  # fmt: skip
-    sourceset = {"modelId": model_id, "name": sae_set, "creatorId": creator_id, "creatorName": creator_name or
-                 creator_id, "releaseName": sae_set, "description": description or sae_set, "visibility": "PUBLIC",
-                 "hasDashboards": True, "createdAt": now}  # fmt: skip
-    source = {"id": source_id, "modelId": model_id, "setName": sae_set, "creatorId": creator_id,
-              "hasDashboards": True, "visibility": "PUBLIC", "dataset": sae.cfg.dataset or None,
-              "num_prompts": None, "num_tokens_in_prompt": None, "createdAt": now}  # fmt: skip
+    release = {
+        "name": sae_set,
+        "description": description or f"{sae_set} ({sae.cfg.architecture}, d_sae={sae.d_sae})",
+        "descriptionShort": description or sae_set,
+        "creatorName": creator_name or creator_id,
+        "creatorNameShort": creator_name or creator_id,
+        "creatorId": creator_id,
+        "visibility": "PUBLIC",
+        "urls": [],
+        "createdAt": now,
+    }
+    model = {
+        "id": model_id,
+        "instruct": model_id.endswith("-it"),
+        "displayNameShort": model_id,
+        "displayName": model_id,
+        "creatorId": creator_id,
+        "createdAt": now,
+        "updatedAt": now,
+    }
+    sourceset = {
+        "modelId": model_id,
+        "name": sae_set,
+        "creatorId": creator_id,
+        "creatorName": creator_name or creator_id,
+        "releaseName": sae_set,
+        "description": description or sae_set,
+        "visibility": "PUBLIC",
+        "hasDashboards": True,
+        "createdAt": now,
+    }
+    source = {
+        "id": source_id,
+        "modelId": model_id,
+        "setName": sae_set,
+        "creatorId": creator_id,
+        "hasDashboards": True,
+        "visibility": "PUBLIC",
+        "dataset": sae.cfg.dataset or None,
+        "num_prompts": None,
+        "num_tokens_in_prompt": None,
+        "createdAt": now,
+    }
     for name, row in (("release", release), ("model", model), ("sourceset", sourceset), ("source", source)):
         atomic_write_bytes(folder / f"{name}.jsonl", _jsonl([row]))
     feature_rows, activation_rows = [], []
@@ -167,20 +220,48 @@ def write_bulk_export(
             values = act["values"]
             peak = max(values) if values else 0.0
             max_act = max(max_act, peak)
-            activation_rows.append({
-                "id": f"{source_id}-{index}-{number}", "tokens": act["tokens"], "modelId": model_id,
-                "layer": source_id, "index": index, "maxValue": peak,
-                "maxValueTokenIndex": values.index(peak) if values else 0, "minValue": min(values) if values else 0.0,
-                "values": values, "creatorId": creator_id, "dfaValues": [], "lossValues": [],
-                "binMin": act["bin_min"], "binMax": act["bin_max"], "binContains": act["bin_contains"],
-                "qualifyingTokenIndex": act["qualifying_token_index"], "createdAt": now,
-            })  # fmt: skip
-        keep = {k: v for k, v in feature.items() if k not in ("feature_index", "activations", "n_prompts_total",
-                                                               "n_tokens_in_prompt", "dataset")}  # fmt: skip
-        feature_rows.append({"modelId": model_id, "layer": source_id, "index": index, "creatorId": creator_id,
-                             "createdAt": now, "maxActApprox": max_act, "hasVector": False, "vector": [],
-                             "hookName": sae.hook_in, "topkCosSimIndices": [], "topkCosSimValues": [],
-                             **keep})  # fmt: skip
+            activation_rows.append(
+                {
+                    "id": f"{source_id}-{index}-{number}",
+                    "tokens": act["tokens"],
+                    "modelId": model_id,
+                    "layer": source_id,
+                    "index": index,
+                    "maxValue": peak,
+                    "maxValueTokenIndex": values.index(peak) if values else 0,
+                    "minValue": min(values) if values else 0.0,
+                    "values": values,
+                    "creatorId": creator_id,
+                    "dfaValues": [],
+                    "lossValues": [],
+                    "binMin": act["bin_min"],
+                    "binMax": act["bin_max"],
+                    "binContains": act["bin_contains"],
+                    "qualifyingTokenIndex": act["qualifying_token_index"],
+                    "createdAt": now,
+                }
+            )
+        keep = {
+            k: v
+            for k, v in feature.items()
+            if k not in ("feature_index", "activations", "n_prompts_total", "n_tokens_in_prompt", "dataset")
+        }
+        feature_rows.append(
+            {
+                "modelId": model_id,
+                "layer": source_id,
+                "index": index,
+                "creatorId": creator_id,
+                "createdAt": now,
+                "maxActApprox": max_act,
+                "hasVector": False,
+                "vector": [],
+                "hookName": sae.hook_in,
+                "topkCosSimIndices": [],
+                "topkCosSimValues": [],
+                **keep,
+            }
+        )
     atomic_write_bytes(folder / "features" / f"{batch_name}.jsonl.gz", _jsonl_gz(feature_rows))
     atomic_write_bytes(folder / "activations" / f"{batch_name}.jsonl.gz", _jsonl_gz(activation_rows))
     return folder

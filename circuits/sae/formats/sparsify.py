@@ -70,9 +70,14 @@ def _hook(module: str, side: str, family: str | None, source: Path) -> str:
 
 
 def load_coder(
-    folder: Path, hookpoint: str, *, family: str | None, model: str, device: str = "cpu",
+    folder: Path,
+    hookpoint: str,
+    *,
+    family: str | None,
+    model: str,
+    device: str = "cpu",
     hooks: tuple[str, str] | None = None,
-) -> SAE:  # fmt: skip
+) -> SAE:
     """One sparsify coder folder as a workbench TopK SAE / transcoder; ``hooks`` (in, out) replace the mapping of
     its hookpoint name."""
     cfg_path = folder / SPARSIFY_CONFIG
@@ -111,14 +116,26 @@ def load_coder(
     else:
         hook_in = _hook(hookpoint, "input" if transcode else "output", family, weights)
         hook_out = _hook(hookpoint, "output", family, weights) if transcode else hook_in
-    return build_sae("topk", ours, weights, device, k=int(raw.get("k", 32)), hook_in=hook_in, hook_out=hook_out,
-                     model=model)  # fmt: skip
+    return build_sae(
+        "topk",
+        ours,
+        weights,
+        device,
+        k=int(raw.get("k", 32)),
+        hook_in=hook_in,
+        hook_out=hook_out,
+        model=model,
+    )
 
 
 def load_sparsify(
-    path: str | Path, *, family: str | None = None, device: str = "cpu", hook: str | None = None,
+    path: str | Path,
+    *,
+    family: str | None = None,
+    device: str = "cpu",
+    hook: str | None = None,
     hook_out: str | None = None,
-) -> list[tuple[str, SAE]]:  # fmt: skip
+) -> list[tuple[str, SAE]]:
     """Every coder of a sparsify folder or run folder as (name, SAE): the name is the hookpoint (and seed).
     ``hook`` / ``hook_out`` name the hooks of a single coder whose folder is no module name."""
     root = Path(path)

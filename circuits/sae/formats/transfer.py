@@ -109,8 +109,9 @@ def read_clt(path: Path, format: str = "auto") -> CrossLayerTranscoder | None:
     return None
 
 
-def _import_clt(clt: CrossLayerTranscoder, path: Path, workspace: Any, *, sae_id: str | None, overwrite: bool,
-                model=None) -> str:  # fmt: skip
+def _import_clt(
+    clt: CrossLayerTranscoder, path: Path, workspace: Any, *, sae_id: str | None, overwrite: bool, model=None
+) -> str:
     """Register a CLT under ``saes/<id>/`` in our layout (+ ``source.json``), staged and renamed like an SAE; with
     ``model`` its hooks and widths are checked first."""
     from workbench.circuits.sae.clt_analysis import check_clt_fits
@@ -149,13 +150,17 @@ def export_clt(clt: CrossLayerTranscoder, out: str | Path, format: str) -> Path:
     """Write a CLT in circuit-tracer's ``cross_layer_transcoder`` layout (the only one that holds CLTs);
     ``CrossLayerTranscoder.save_circuit_tracer`` refuses skip connections and TopK with the reason."""
     if format == "saelens":
-        raise SAEInputError(f"SAELens {_installed_version('sae-lens')} has no cross-layer transcoder class (its "
-                            "transcoders read and write one layer, and a CLT's layer-i latents also write every later "
-                            "layer, so no per-layer split is exact): export it with --format circuit-tracer "
-                            "(circuit-tracer's CLT layout)")  # fmt: skip
+        raise SAEInputError(
+            f"SAELens {_installed_version('sae-lens')} has no cross-layer transcoder class (its "
+            "transcoders read and write one layer, and a CLT's layer-i latents also write every later "
+            "layer, so no per-layer split is exact): export it with --format circuit-tracer "
+            "(circuit-tracer's CLT layout)"
+        )
     if format not in CLT_EXPORT_FORMATS:
-        raise SAEInputError(f"a cross-layer transcoder exports to --format circuit-tracer (circuit-tracer's CLT layout) "
-                            f"only, not {format!r}: SAELens, sparsify and Neuronpedia hold one SAE per hook")  # fmt: skip
+        raise SAEInputError(
+            f"a cross-layer transcoder exports to --format circuit-tracer (circuit-tracer's CLT layout) "
+            f"only, not {format!r}: SAELens, sparsify and Neuronpedia hold one SAE per hook"
+        )
     return clt.save_circuit_tracer(Path(out).expanduser())
 
 
@@ -168,9 +173,18 @@ def _installed_version(distribution: str) -> str:
 
 
 def export_sae(
-    sae: SAE, out: str | Path, format: str, *, family: str | None = None, features=None, sae_id: str = "",
-    model_id: str = "", unembedding=None, writes=None, decode=None,
-) -> Path:  # fmt: skip
+    sae: SAE,
+    out: str | Path,
+    format: str,
+    *,
+    family: str | None = None,
+    features=None,
+    sae_id: str = "",
+    model_id: str = "",
+    unembedding=None,
+    writes=None,
+    decode=None,
+) -> Path:
     """Write ``sae`` in ``format`` (saelens, sparsify, neuronpedia) under ``out``; returns what was written.
 
     sparsify needs the model ``family`` (its folders are HF module names); neuronpedia needs ``features`` (the
@@ -187,8 +201,9 @@ def export_sae(
         return save_saelens(sae, out)
     if format == "sparsify":
         if not family:
-            raise SAEInputError("sparsify names folders by the HF module: pass --family (gpt_neox, gpt2, llama) or "
-                                "--model")  # fmt: skip
+            raise SAEInputError(
+                "sparsify names folders by the HF module: pass --family (gpt_neox, gpt2, llama) or --model"
+            )
         return save_sparsify(sae, out, family=family)
     if format == "neuronpedia":
         if features is None or len(features) == 0:
@@ -198,12 +213,20 @@ def export_sae(
             )
         writes = sae.W_dec if writes is None else writes
         logits = logit_effects(writes, unembedding) if unembedding is not None else None
-        batch = dashboard_batch(features, sae, model_id=short_name(model_id or sae.cfg.model or "model"), sae_set=sae_id,
-                                logits=logits, decode=decode)  # fmt: skip
+        batch = dashboard_batch(
+            features,
+            sae,
+            model_id=short_name(model_id or sae.cfg.model or "model"),
+            sae_set=sae_id,
+            logits=logits,
+            decode=decode,
+        )
         return write_bulk_export(out, batch, sae)
     if format in CLT_EXPORT_FORMATS:
-        raise SAEInputError(f"--format {format} writes cross-layer transcoders (circuit-tracer's CLT layout); "
-                            f"{sae_id or 'this SAE'} is one SAE of {sae.hook_in}: export it as saelens or sparsify")  # fmt: skip
+        raise SAEInputError(
+            f"--format {format} writes cross-layer transcoders (circuit-tracer's CLT layout); "
+            f"{sae_id or 'this SAE'} is one SAE of {sae.hook_in}: export it as saelens or sparsify"
+        )
     raise SAEInputError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
 
 
@@ -224,8 +247,18 @@ def imported_saes(workspace: Any = None) -> pd.DataFrame:
             continue
         else:
             origin, cfg = json.loads(source.read_text()), json.loads(config.read_text())
-        rows.append({"sae_id": source.parent.name, "format": origin.get("format"), "source": origin.get("path"),
-                     "architecture": cfg.get("architecture"), "hook_in": cfg.get("hook_in"),
-                     "hook_out": cfg.get("hook_out"), "d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae")})  # fmt: skip
-    return pd.DataFrame(rows, columns=["sae_id", "format", "source", "architecture", "hook_in", "hook_out", "d_in",
-                                       "d_sae"])  # fmt: skip
+        rows.append(
+            {
+                "sae_id": source.parent.name,
+                "format": origin.get("format"),
+                "source": origin.get("path"),
+                "architecture": cfg.get("architecture"),
+                "hook_in": cfg.get("hook_in"),
+                "hook_out": cfg.get("hook_out"),
+                "d_in": cfg.get("d_in"),
+                "d_sae": cfg.get("d_sae"),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["sae_id", "format", "source", "architecture", "hook_in", "hook_out", "d_in", "d_sae"]
+    )

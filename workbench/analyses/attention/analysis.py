@@ -22,12 +22,17 @@ RESULT_KEYS = ["model", "checkpoint", "dataset", "layer", "head"]
 ANALYSIS = Analysis(
     name="attention",
     command="workbench attention MODEL --data DATA",
-    tables=(Table("attention_stats", keys=tuple(RESULT_KEYS),
-                  columns=("entropy", "sink", "lse", "max_logit", "n_queries"),
-                  description="mean attention statistics per layer × head (× checkpoint)"),),
+    tables=(
+        Table(
+            "attention_stats",
+            keys=tuple(RESULT_KEYS),
+            columns=("entropy", "sink", "lse", "max_logit", "n_queries"),
+            description="mean attention statistics per layer × head (× checkpoint)",
+        ),
+    ),
     requires=("text",),
     description="attention entropy, sink mass, log-sum-exp and max logit per layer × head",
-)  # fmt: skip
+)
 
 
 def run(
@@ -59,8 +64,9 @@ def run(
     for each in models:
         if kernel:
             install_attention(each)
-        frames.append(attention_statistics(each, data, batch_size=batch_size, max_length=context_length,
-                                           sink_k=sink_k))  # fmt: skip
+        frames.append(
+            attention_statistics(each, data, batch_size=batch_size, max_length=context_length, sink_k=sink_k)
+        )
     name = dataset or (data.name if isinstance(data, Dataset) else "texts")
     frame = pd.concat(frames, ignore_index=True).assign(dataset=name, hook="blocks.*.attn.hook_*")
     return {"attention_stats": frame}

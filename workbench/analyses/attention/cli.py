@@ -51,8 +51,16 @@ def attention_command(
     ANALYSIS.check(data=dataset)
     series = open_series(model, workspace, steps, device, dtype, trust_remote_code)
     inputs = budget_inputs(dataset, series, context_length, max_tokens)
-    frames = run(series, inputs, dataset=dataset.name, kernel=kernel, sink_k=sink_k, batch_size=batch_size,
-                 context_length=context_length, progress=progress)  # fmt: skip
+    frames = run(
+        series,
+        inputs,
+        dataset=dataset.name,
+        kernel=kernel,
+        sink_k=sink_k,
+        batch_size=batch_size,
+        context_length=context_length,
+        progress=progress,
+    )
     write_tables(workspace, ANALYSIS, frames)
     frame = frames["attention_stats"]
     latest = (

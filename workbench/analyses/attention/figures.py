@@ -29,7 +29,15 @@ def statistic_over_checkpoints(table: pd.DataFrame, statistic: str = "sink") -> 
     positive = per_layer.loc[per_layer["checkpoint"] > 0, "checkpoint"]
     zero_at = float(positive.min()) / 2 if len(positive) else 1.0
     per_layer["step_axis"] = per_layer["checkpoint"].astype(float).where(per_layer["checkpoint"] > 0, zero_at)
-    fig = px.line(per_layer, x="step_axis", y=statistic, color="layer", markers=True, log_x=True,
-                  hover_data={"checkpoint": True, "step_axis": False},
-                  title=f"mean attention {statistic} over training", labels={"step_axis": "step"})  # fmt: skip
+    fig = px.line(
+        per_layer,
+        x="step_axis",
+        y=statistic,
+        color="layer",
+        markers=True,
+        log_x=True,
+        hover_data={"checkpoint": True, "step_axis": False},
+        title=f"mean attention {statistic} over training",
+        labels={"step_axis": "step"},
+    )
     return fig

@@ -228,8 +228,10 @@ def checkpoint_metrics(
         model.sink_k = previous_sink
     for metric, values in out.items():
         if not np.isfinite(values).all():
-            raise DynamicsError(f"{model.cfg.name} step {model.cfg.checkpoint}: {metric} is NaN/inf (the "
-                                "checkpoint's activations overflow); check the checkpoint or use --dtype float32")  # fmt: skip
+            raise DynamicsError(
+                f"{model.cfg.name} step {model.cfg.checkpoint}: {metric} is NaN/inf (the "
+                "checkpoint's activations overflow); check the checkpoint or use --dtype float32"
+            )
     out.update(top1_dim=where[0], top1_token=where[1], top1_position=where[2])
     return out
 
@@ -332,14 +334,25 @@ def track_dynamics(
         values = checkpoint_metrics(model, ids, mask, settings)
         for name, fn in extra_metrics.items():
             values[name] = _extra_values(name, fn(model), model.cfg.n_layers)
-        meta = {"settings": expected, "step": str(step), "fingerprint": series.fingerprint(step) or "",
-                "tokens_sha256": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest(),
-                "spec": json.dumps(model.cfg.to_dict(), sort_keys=True, default=str)}  # fmt: skip
-        atomic_save_tensors(directory / f"step{step}.safetensors",
-                            {k: torch.tensor(np.asarray(v)) for k, v in values.items()}, meta, boundary="dynamics.checkpoint")  # fmt: skip
+        meta = {
+            "settings": expected,
+            "step": str(step),
+            "fingerprint": series.fingerprint(step) or "",
+            "tokens_sha256": hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest(),
+            "spec": json.dumps(model.cfg.to_dict(), sort_keys=True, default=str),
+        }
+        atomic_save_tensors(
+            directory / f"step{step}.safetensors",
+            {k: torch.tensor(np.asarray(v)) for k, v in values.items()},
+            meta,
+            boundary="dynamics.checkpoint",
+        )
         done[step] = {"values": values, "fingerprint": meta["fingerprint"], "meta": meta}
-        write_tables(workspace, ANALYSIS, {"dynamics_metrics": _metric_rows(series.name, data.name, {step: values},
-                                                                             model.tokenizer)})  # fmt: skip
+        write_tables(
+            workspace,
+            ANALYSIS,
+            {"dynamics_metrics": _metric_rows(series.name, data.name, {step: values}, model.tokenizer)},
+        )
         crash_point("dynamics.checkpoint_written")
     duplicates.update(series.duplicates)
     analysed = sorted(s for s in done if s in chosen and s not in duplicates)
@@ -347,26 +360,33 @@ def track_dynamics(
         raise DynamicsError(f"{series.name}: no checkpoint analysed (steps {chosen})")
     hashes = {done[s]["meta"]["tokens_sha256"] for s in analysed}
     if len(hashes) > 1:
-        raise DynamicsError(f"{directory}: checkpoints were analysed on different token rows (tokenizers differ "
-                            "between checkpoints?); delete the directory or pass another --run")  # fmt: skip
+        raise DynamicsError(
+            f"{directory}: checkpoints were analysed on different token rows (tokenizers differ "
+            "between checkpoints?); delete the directory or pass another --run"
+        )
     per_step = {s: done[s]["values"] for s in analysed}
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(series, analysed[-1])
     metrics = _metric_rows(series.name, data.name, per_step, tokenizer)
     samples = {
         name: np.stack([per_step[s][name] for s in analysed]) for name in _metric_names(per_step[analysed[0]])
     }
-    fits = fit_dynamics(analysed, samples, families=families, n_boot=n_boot, level=level, seed=seed,
-                        progress=progress)  # fmt: skip
+    fits = fit_dynamics(
+        analysed, samples, families=families, n_boot=n_boot, level=level, seed=seed, progress=progress
+    )
     fits = fits.assign(model=series.name, dataset=data.name)
     order = emergence_order(fits).assign(model=series.name, dataset=data.name)
     notes = []
     needed = min(len(FAMILIES[f].params) for f in families) + 1
     if len(analysed) < needed:
-        notes.append(f"{len(analysed)} distinct checkpoint(s): metrics recorded, but an emergence fit needs at least "
-                     f"{needed}; pass a series with more checkpoints (or --family log, which needs 4)")  # fmt: skip
+        notes.append(
+            f"{len(analysed)} distinct checkpoint(s): metrics recorded, but an emergence fit needs at least "
+            f"{needed}; pass a series with more checkpoints (or --family log, which needs 4)"
+        )
     if duplicates:
-        notes.append("byte-identical checkpoints analysed once and left out of the fits: "
-                     + ", ".join(f"step {s} = step {o}" for s, o in sorted(duplicates.items())))  # fmt: skip
+        notes.append(
+            "byte-identical checkpoints analysed once and left out of the fits: "
+            + ", ".join(f"step {s} = step {o}" for s, o in sorted(duplicates.items()))
+        )
     spec = json.loads(done[analysed[-1]]["meta"].get("spec", "{}"))
     result = DynamicsResult(metrics, fits, order, analysed, samples, duplicates, notes, spec)
     if write:
@@ -399,8 +419,10 @@ def run(
     if labels is not None:
         providers = metric_providers()
         if "probe_accuracy" not in providers:
-            raise DynamicsError("--labels needs the probes package's probe_accuracy metric (workbench.dynamics_metrics "
-                                "entry point); reinstall the workbench (pip install -e .)")  # fmt: skip
+            raise DynamicsError(
+                "--labels needs the probes package's probe_accuracy metric (workbench.dynamics_metrics "
+                "entry point); reinstall the workbench (pip install -e .)"
+            )
         extra = dict(options.pop("extra_metrics", None) or {})
         extra["probe_accuracy"] = providers["probe_accuracy"](labels, data=data)
         options["extra_metrics"] = extra
@@ -414,11 +436,18 @@ def run(
 def _tokens(
     data: Dataset, model: HookedModel, settings: DynamicsSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = data.token_tensor(model.tokenizer, context_length=settings.context_length, bos=settings.bos,
-                                  max_rows=settings.max_sequences, max_tokens=settings.max_tokens)  # fmt: skip
+    ids, mask = data.token_tensor(
+        model.tokenizer,
+        context_length=settings.context_length,
+        bos=settings.bos,
+        max_rows=settings.max_sequences,
+        max_tokens=settings.max_tokens,
+    )
     if len(ids) == 0 or int(mask[:, 1:].sum()) == 0:
-        raise DynamicsError(f"{data.name} gives no token rows with more than one token at context length "
-                            f"{settings.context_length}; pass more text or a longer --context-length")  # fmt: skip
+        raise DynamicsError(
+            f"{data.name} gives no token rows with more than one token at context length "
+            f"{settings.context_length}; pass more text or a longer --context-length"
+        )
     return ids, mask
 
 
@@ -427,8 +456,10 @@ def _extra_values(name: str, value: Any, n_layers: int) -> np.ndarray:
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2 or array.shape[1] != n_layers:
-        raise DynamicsError(f"extra metric {name!r} returned shape {np.shape(value)}; expected [n_layers={n_layers}]"
-                            " or [n_samples, n_layers]")  # fmt: skip
+        raise DynamicsError(
+            f"extra metric {name!r} returned shape {np.shape(value)}; expected [n_layers={n_layers}]"
+            " or [n_samples, n_layers]"
+        )
     return array
 
 
@@ -465,8 +496,9 @@ def _tokenizer_of(series: CheckpointSeries, step: int) -> Any:
         return None
 
 
-def _metric_rows(model: str, dataset: str, per_step: Mapping[int, Mapping[str, np.ndarray]],
-                 tokenizer: Any) -> pd.DataFrame:  # fmt: skip
+def _metric_rows(
+    model: str, dataset: str, per_step: Mapping[int, Mapping[str, np.ndarray]], tokenizer: Any
+) -> pd.DataFrame:
     """Long table: the mean over prompts (and its standard error) per checkpoint × metric × layer × head."""
     rows = []
     for step, values in per_step.items():
@@ -477,15 +509,26 @@ def _metric_rows(model: str, dataset: str, per_step: Mapping[int, Mapping[str, n
             offset = 1 if name.startswith("massive_") else 0
             for index in np.ndindex(mean.shape):
                 layer = index[0] - offset
-                row = {"model": model, "checkpoint": int(step), "dataset": dataset, "metric": name, "layer": layer,
-                       "head": int(index[1]) if len(index) > 1 else NO_HEAD, "value": float(mean[index]),
-                       "sem": float(sem[index]), "n_prompts": len(array),
-                       "hook": _hook_of(name, layer)}  # fmt: skip
+                row = {
+                    "model": model,
+                    "checkpoint": int(step),
+                    "dataset": dataset,
+                    "metric": name,
+                    "layer": layer,
+                    "head": int(index[1]) if len(index) > 1 else NO_HEAD,
+                    "value": float(mean[index]),
+                    "sem": float(sem[index]),
+                    "n_prompts": len(array),
+                    "hook": _hook_of(name, layer),
+                }
                 if offset:
                     token = int(values["top1_token"][index[0]])
-                    row.update(top1_dim=int(values["top1_dim"][index[0]]), top1_token_id=token,
-                               top1_position=int(values["top1_position"][index[0]]),
-                               top1_token=tokenizer.decode([token]) if tokenizer is not None else str(token))  # fmt: skip
+                    row.update(
+                        top1_dim=int(values["top1_dim"][index[0]]),
+                        top1_token_id=token,
+                        top1_position=int(values["top1_position"][index[0]]),
+                        top1_token=tokenizer.decode([token]) if tokenizer is not None else str(token),
+                    )
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -493,9 +536,12 @@ def _metric_rows(model: str, dataset: str, per_step: Mapping[int, Mapping[str, n
 def _hook_of(metric: str, layer: int) -> str:
     if metric.startswith("massive_"):
         return "hook_embed" if layer < 0 else f"blocks.{layer}.hook_resid_post"
-    return {"sink_mass": f"blocks.{layer}.attn.hook_sink", "attention_entropy": f"blocks.{layer}.attn.hook_entropy",
-            "mlp_sparsity": f"blocks.{layer}.mlp.hook_post",
-            "resid_norm_growth": f"blocks.{layer}.hook_resid_post"}.get(metric, f"blocks.{layer}")  # fmt: skip
+    return {
+        "sink_mass": f"blocks.{layer}.attn.hook_sink",
+        "attention_entropy": f"blocks.{layer}.attn.hook_entropy",
+        "mlp_sparsity": f"blocks.{layer}.mlp.hook_post",
+        "resid_norm_growth": f"blocks.{layer}.hook_resid_post",
+    }.get(metric, f"blocks.{layer}")
 
 
 # ---------------------------------------------------------------------------------------------- fits
@@ -521,8 +567,12 @@ def fit_dynamics(
     """
     t = np.asarray(steps, dtype=float)
     rows = []
-    bar = tqdm(total=sum(int(np.prod(np.shape(a)[2:])) for a in samples.values()), desc="dynamics: fits",
-               unit="curve", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=sum(int(np.prod(np.shape(a)[2:])) for a in samples.values()),
+        desc="dynamics: fits",
+        unit="curve",
+        disable=not progress,
+    )
     for name, array in samples.items():
         array = np.asarray(array, dtype=float)
         offset = 1 if name.startswith("massive_") else 0
@@ -531,8 +581,12 @@ def fit_dynamics(
             per_prompt = array[(slice(None), slice(None), *index)].T  # [n_prompts, n_steps]
             candidates = []
             for family in families:
-                base = {"metric": name, "layer": index[0] - offset,
-                        "head": int(index[1]) if len(index) > 1 else NO_HEAD, "hook": _hook_of(name, index[0] - offset)}  # fmt: skip
+                base = {
+                    "metric": name,
+                    "layer": index[0] - offset,
+                    "head": int(index[1]) if len(index) > 1 else NO_HEAD,
+                    "hook": _hook_of(name, index[0] - offset),
+                }
                 try:
                     fit = bootstrap_fit(
                         t, family=family, samples=per_prompt, n_boot=n_boot, level=level, seed=seed
@@ -580,20 +634,32 @@ def emergence_order(fits: pd.DataFrame) -> pd.DataFrame:
             rows.append({**base, "status": statuses, "emergence_step": np.nan})
             continue
         best = usable.loc[(usable["change"] / usable["scale"]).idxmax()]
-        rows.append({**base, "layer": int(best["layer"]), "head": int(best["head"]), "family": best["family"],
-                     "status": best["status"], "emergence_step": float(best["emergence_step"]),
-                     "low_emergence_step": float(best.get("low_emergence_step", np.nan)),
-                     "high_emergence_step": float(best.get("high_emergence_step", np.nan)),
-                     # the extrapolated level is only reported where the curve's parameters are determined
-                     "steady_state": float(best["steady_state"]) if best["status"] == "ok" else np.nan,
-                     "trend": int(best["trend"]),
-                     "relative_change": float(best["change"] / best["scale"]),
-                     "n_series": int(len(usable))})  # fmt: skip
+        rows.append(
+            {
+                **base,
+                "layer": int(best["layer"]),
+                "head": int(best["head"]),
+                "family": best["family"],
+                "status": best["status"],
+                "emergence_step": float(best["emergence_step"]),
+                "low_emergence_step": float(best.get("low_emergence_step", np.nan)),
+                "high_emergence_step": float(best.get("high_emergence_step", np.nan)),
+                # the extrapolated level is only reported where the curve's parameters are determined
+                "steady_state": float(best["steady_state"]) if best["status"] == "ok" else np.nan,
+                "trend": int(best["trend"]),
+                "relative_change": float(best["change"] / best["scale"]),
+                "n_series": int(len(usable)),
+            }
+        )
     order = pd.DataFrame(rows)
     built_in = list(METRICS)
     tie = order["metric"].map(lambda m: built_in.index(m) if m in built_in else len(built_in))
-    order = (order.assign(tie=tie).sort_values(["emergence_step", "tie", "metric"], na_position="last", kind="stable")
-             .drop(columns="tie").reset_index(drop=True))  # fmt: skip
+    order = (
+        order.assign(tie=tie)
+        .sort_values(["emergence_step", "tie", "metric"], na_position="last", kind="stable")
+        .drop(columns="tie")
+        .reset_index(drop=True)
+    )
     order["rank"] = np.arange(1, len(order) + 1)
     high = order.get("high_emergence_step", pd.Series(np.nan, index=order.index)).to_numpy(dtype=float)
     low = order.get("low_emergence_step", pd.Series(np.nan, index=order.index)).to_numpy(dtype=float)
@@ -616,8 +682,10 @@ def describe_order(order: pd.DataFrame) -> str:
             interval = f" [{row['low_emergence_step']:.0f}, {row['high_emergence_step']:.0f}]"
         tie = "" if row["resolved_before_next"] or row["rank"] == len(order) else " (overlaps the next)"
         trend = "rises" if row["trend"] > 0 else "falls"
-        lines.append(f"{int(row['rank'])}. {row['phenomenon']} ({row['metric']}, {where}) {trend}: half-way at step "
-                     f"{row['emergence_step']:.0f}{interval}, {row['status']}{tie}")  # fmt: skip
+        lines.append(
+            f"{int(row['rank'])}. {row['phenomenon']} ({row['metric']}, {where}) {trend}: half-way at step "
+            f"{row['emergence_step']:.0f}{interval}, {row['status']}{tie}"
+        )
     return "\n".join(lines)
 
 
@@ -627,23 +695,44 @@ ANALYSIS = Analysis(
     name="dynamics",
     command="workbench dynamics run SERIES --data DATA",
     tables=(
-        Table("dynamics_metrics", keys=_METRIC_KEYS, columns=("value", "sem", "n_prompts", "top1_dim", "top1_token"),
-              description="per checkpoint × metric × layer (× head): mean over prompts"),
-        Table("dynamics_fits", keys=("model", "dataset", "metric", "layer", "head", "family"),
-              columns=("status", "r2", "emergence_step", "steady_state", "selected"),
-              description="emergence fits with bootstrap intervals and identifiability status"),
-        Table("dynamics_order", keys=("model", "dataset", "metric"),
-              columns=("rank", "emergence_step", "low_emergence_step", "high_emergence_step"),
-              description="which phenomenon emerges when"),
-        Table("dynamics_sweep_fits", keys=("sweep", "model", "dataset", "metric", "layer", "head", "family"),
-              columns=("status", "r2", "emergence_step", "steady_state"),
-              description="the architecture sweep's per-layer fits with each configuration's features"),
-        Table("dynamics_predictor", keys=("sweep", "metric", "target"), columns=("r2", "n_rows", "claim"),
-              description="leave-one-architecture-out R² of the architecture → parameter predictor"),
-        Table("dynamics_predictions", keys=("sweep", "metric", "target", "model", "layer"),
-              columns=("fitted", "predicted"), description="out-of-fold predicted vs fitted parameters"),
+        Table(
+            "dynamics_metrics",
+            keys=_METRIC_KEYS,
+            columns=("value", "sem", "n_prompts", "top1_dim", "top1_token"),
+            description="per checkpoint × metric × layer (× head): mean over prompts",
+        ),
+        Table(
+            "dynamics_fits",
+            keys=("model", "dataset", "metric", "layer", "head", "family"),
+            columns=("status", "r2", "emergence_step", "steady_state", "selected"),
+            description="emergence fits with bootstrap intervals and identifiability status",
+        ),
+        Table(
+            "dynamics_order",
+            keys=("model", "dataset", "metric"),
+            columns=("rank", "emergence_step", "low_emergence_step", "high_emergence_step"),
+            description="which phenomenon emerges when",
+        ),
+        Table(
+            "dynamics_sweep_fits",
+            keys=("sweep", "model", "dataset", "metric", "layer", "head", "family"),
+            columns=("status", "r2", "emergence_step", "steady_state"),
+            description="the architecture sweep's per-layer fits with each configuration's features",
+        ),
+        Table(
+            "dynamics_predictor",
+            keys=("sweep", "metric", "target"),
+            columns=("r2", "n_rows", "claim"),
+            description="leave-one-architecture-out R² of the architecture → parameter predictor",
+        ),
+        Table(
+            "dynamics_predictions",
+            keys=("sweep", "metric", "target", "model", "layer"),
+            columns=("fitted", "predicted"),
+            description="out-of-fold predicted vs fitted parameters",
+        ),
     ),
     requires=("text",),
     description="training dynamics: massive activations, sinks, entropy, MLP sparsity and norm growth over "
     "checkpoints, their emergence fits and order",
-)  # fmt: skip
+)

@@ -124,17 +124,38 @@ def run_command(
     dataset = open_data(data)
     ANALYSIS.check(data=dataset)
     series = open_series(model, workspace, None, device, dtype, trust_remote_code)
-    settings = DynamicsSettings(context_length=context_length, max_sequences=max_sequences, max_tokens=max_tokens,
-                                batch_size=batch_size, bos=bos, sparsity_threshold=sparsity_threshold)  # fmt: skip
-    frames = run(series, dataset, labels=labels, report=_print_note, settings=settings, workspace=workspace,
-                 run=run_name, families=tuple(family or ("exp_log",)), n_boot=n_boot, level=level, steps=steps,
-                 attention_path="kernel" if kernel else None, seed=seed, progress=progress)  # fmt: skip
+    settings = DynamicsSettings(
+        context_length=context_length,
+        max_sequences=max_sequences,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        bos=bos,
+        sparsity_threshold=sparsity_threshold,
+    )
+    frames = run(
+        series,
+        dataset,
+        labels=labels,
+        report=_print_note,
+        settings=settings,
+        workspace=workspace,
+        run=run_name,
+        families=tuple(family or ("exp_log",)),
+        n_boot=n_boot,
+        level=level,
+        steps=steps,
+        attention_path="kernel" if kernel else None,
+        seed=seed,
+        progress=progress,
+    )
     write_tables(workspace, ANALYSIS, frames)
     fits = frames["dynamics_fits"]
     counts = fits[fits["selected"] | ~fits["status"].isin(["ok", "non_identifiable"])]
     table = counts.groupby(["metric", "status"]).size().unstack(fill_value=0)
-    typer.echo(f"{series.name}: {frames['dynamics_metrics']['checkpoint'].nunique()} checkpoints analysed on "
-               f"{dataset.name}")  # fmt: skip
+    typer.echo(
+        f"{series.name}: {frames['dynamics_metrics']['checkpoint'].nunique()} checkpoints analysed on "
+        f"{dataset.name}"
+    )
     typer.echo("fits per metric (series × status):")
     typer.echo(table.to_string())
     typer.echo("emergence order:")

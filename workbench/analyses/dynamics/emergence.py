@@ -138,11 +138,19 @@ def _exp_log_guesses(s: Scales) -> list[list[float]]:
     return guesses
 
 
-register_family(CurveFamily(
-    "exp_log", ("A", "lambda", "gamma", "t0", "K"), _exp_log, _exp_log_params, _exp_log_bounds, _exp_log_guesses,
-    free_lower=("lambda", "t0"), locations={"K": "metric"},
-    description="A·exp(−λt)·log(γt + t0) + K (arXiv 2508.03616)",
-))  # fmt: skip
+register_family(
+    CurveFamily(
+        "exp_log",
+        ("A", "lambda", "gamma", "t0", "K"),
+        _exp_log,
+        _exp_log_params,
+        _exp_log_bounds,
+        _exp_log_guesses,
+        free_lower=("lambda", "t0"),
+        locations={"K": "metric"},
+        description="A·exp(−λt)·log(γt + t0) + K (arXiv 2508.03616)",
+    )
+)
 
 
 def _logistic(t, a, r, c, k):
@@ -163,11 +171,18 @@ def _logistic_guesses(s: Scales) -> list[list[float]]:
     return [[0.0, r, c * top, 0.0] for r in (1.0, 3.0, 10.0) for c in (0.25, 0.5, 0.75)]
 
 
-register_family(CurveFamily(
-    "logistic", ("A", "rate", "center_log_step", "K"), _logistic, _logistic_params, _logistic_bounds,
-    _logistic_guesses, locations={"K": "metric", "center_log_step": "log_step"},
-    description="K + A / (1 + exp(−rate·(log(1+t) − center)))",
-))  # fmt: skip
+register_family(
+    CurveFamily(
+        "logistic",
+        ("A", "rate", "center_log_step", "K"),
+        _logistic,
+        _logistic_params,
+        _logistic_bounds,
+        _logistic_guesses,
+        locations={"K": "metric", "center_log_step": "log_step"},
+        description="K + A / (1 + exp(−rate·(log(1+t) − center)))",
+    )
+)
 
 
 def _log_curve(t, a, gamma, k):
@@ -192,10 +207,18 @@ def _log_guesses(s: Scales) -> list[list[float]]:
     ]
 
 
-register_family(CurveFamily(
-    "log", ("A", "gamma", "K"), _log_curve, _log_params, _log_bounds, _log_guesses, locations={"K": "metric"},
-    description="A·log(γt + 1) + K",
-))  # fmt: skip
+register_family(
+    CurveFamily(
+        "log",
+        ("A", "gamma", "K"),
+        _log_curve,
+        _log_params,
+        _log_bounds,
+        _log_guesses,
+        locations={"K": "metric"},
+        description="A·log(γt + 1) + K",
+    )
+)
 
 
 @dataclass
@@ -235,9 +258,16 @@ class CurveFit:
         return FAMILIES[self.family].fn(np.asarray(steps, dtype=float), *self.params.values())
 
     def as_row(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"family": self.family, "status": self.status, "r2": self.r2, "aic": self.aic,
-                               "n_points": self.n_points, "message": self.message,
-                               "condition_number": self.condition_number, "direction": self.direction}  # fmt: skip
+        row: dict[str, Any] = {
+            "family": self.family,
+            "status": self.status,
+            "r2": self.r2,
+            "aic": self.aic,
+            "n_points": self.n_points,
+            "message": self.message,
+            "condition_number": self.condition_number,
+            "direction": self.direction,
+        }
         row.update({f"param_{k}": v for k, v in self.params.items()})
         row.update({f"stderr_{k}": v for k, v in self.stderr.items()})
         for name, (low, high) in self.intervals.items():
@@ -251,8 +281,13 @@ def _scales(t: np.ndarray, y: np.ndarray, direction: float) -> Scales:
     positive = t[t > 0]
     order = np.argsort(t)
     span = float(y.max() - y.min()) or 1.0
-    return Scales(float(t.max()) or 1.0, float(positive.min()) if len(positive) else 1.0, float(y[order[0]]), span,
-                  direction)  # fmt: skip
+    return Scales(
+        float(t.max()) or 1.0,
+        float(positive.min()) if len(positive) else 1.0,
+        float(y[order[0]]),
+        span,
+        direction,
+    )
 
 
 def _solve(curve: CurveFamily, t: np.ndarray, y: np.ndarray, scales: Scales, starts: list[list[float]]):
@@ -309,8 +344,12 @@ def fit_curve(
         )
     scale = max(float(np.abs(y).max()), 1e-12)
     if float(y.max() - y.min()) < min_relative_change * scale:
-        return CurveFit(family, "no_emergence", n_points=len(t),
-                        message=f"metric varies by {float(y.max() - y.min()):.3g} on a scale of {scale:.3g}")  # fmt: skip
+        return CurveFit(
+            family,
+            "no_emergence",
+            n_points=len(t),
+            message=f"metric varies by {float(y.max() - y.min()):.3g} on a scale of {scale:.3g}",
+        )
     rng = np.random.default_rng(seed)
     first = float(y[np.argmin(t)])
     direction = 1.0 if float(y.max()) - first >= first - float(y.min()) else -1.0
@@ -356,10 +395,19 @@ def _assess(curve, t, y, result, scales: Scales, lower, upper, *, max_condition:
     grad = _params_jacobian(curve, theta, scales)
     cov = grad @ cov_theta @ grad.T
     stderr = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    fit = CurveFit(curve.name, "ok", dict(zip(curve.params, map(float, params), strict=True)),
-                   dict(zip(curve.params, map(float, stderr), strict=True)), float(r2), float(aic), n,
-                   condition_number=condition, direction=int(scales.direction), theta=[float(x) for x in theta],
-                   scales=scales)  # fmt: skip
+    fit = CurveFit(
+        curve.name,
+        "ok",
+        dict(zip(curve.params, map(float, params), strict=True)),
+        dict(zip(curve.params, map(float, stderr), strict=True)),
+        float(r2),
+        float(aic),
+        n,
+        condition_number=condition,
+        direction=int(scales.direction),
+        theta=[float(x) for x in theta],
+        scales=scales,
+    )
     if r2 < 0.5:
         fit.status, fit.message = "failed", f"best fit explains too little (R² = {r2:.2f})"
         return fit
@@ -447,8 +495,9 @@ def bootstrap_fit(
         result, _, _ = _solve(curve, t[keep], replicate[keep], scales, start)
         if result is None:
             continue
-        boot = CurveFit(family, "ok", dict(zip(curve.params, map(float, curve.to_params(result.x, scales)),
-                                               strict=True)))  # fmt: skip
+        boot = CurveFit(
+            family, "ok", dict(zip(curve.params, map(float, curve.to_params(result.x, scales)), strict=True))
+        )
         draws.append([*boot.params.values(), *derived_quantities(boot, float(t.max())).values()])
     if not draws:
         return fit
@@ -467,8 +516,10 @@ def bootstrap_fit(
         if name in fit.intervals and np.isfinite(derived[name]):
             low, high = fit.intervals[name]
             below, above = observed[observed <= derived[name]], observed[observed >= derived[name]]
-            fit.intervals[name] = (min(low, float(below.max()) if len(below) else low),
-                                   max(high, float(above.min()) if len(above) else high))  # fmt: skip
+            fit.intervals[name] = (
+                min(low, float(below.max()) if len(below) else low),
+                max(high, float(above.min()) if len(above) else high),
+            )
     fit.level, fit.n_boot = level, len(draws)
     return fit
 

@@ -51,27 +51,50 @@ def metric_curves(
         colour = _colour(i)
         x, _ = _step_axis(group["checkpoint"])
         label = "embedding" if layer < 0 else f"layer {layer}"
-        fig.add_trace(go.Scatter(x=x, y=group["value"], mode="markers", name=label, marker={"color": colour},
-                                 error_y={"type": "data", "array": group["sem"], "visible": True}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=group["value"],
+                mode="markers",
+                name=label,
+                marker={"color": colour},
+                error_y={"type": "data", "array": group["sem"], "visible": True},
+            )
+        )
         if not show_fits:
             continue
         assert fits is not None
-        chosen = fits[(fits["metric"] == metric) & (fits["layer"] == layer) & fits["selected"].astype(bool)
-                      & (fits["head"] == (head if per_head else NO_HEAD))]  # fmt: skip
+        chosen = fits[
+            (fits["metric"] == metric)
+            & (fits["layer"] == layer)
+            & fits["selected"].astype(bool)
+            & (fits["head"] == (head if per_head else NO_HEAD))
+        ]
         for _, fit in chosen.iterrows():
             family = FAMILIES[fit["family"]]
             with np.errstate(all="ignore"):
                 curve = family.fn(grid, *[fit[f"param_{p}"] for p in family.params])
             dash = "solid" if fit["status"] == "ok" else "dash"
-            fig.add_trace(go.Scatter(x=grid, y=curve, mode="lines", line={"color": colour, "dash": dash},
-                                     name=f"{label} {fit['family']} ({fit['status']}, R²={fit['r2']:.2f})"))  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=grid,
+                    y=curve,
+                    mode="lines",
+                    line={"color": colour, "dash": dash},
+                    name=f"{label} {fit['family']} ({fit['status']}, R²={fit['r2']:.2f})",
+                )
+            )
             if np.isfinite(fit["emergence_step"]):
                 fig.add_vline(
                     x=max(float(fit["emergence_step"]), zero_at), line={"color": colour, "dash": "dot"}
                 )
     where = f" (head {head})" if per_head and head is not None else (" (mean over heads)" if per_head else "")
-    fig.update_layout(xaxis_type="log", xaxis_title="step", yaxis_title=metric,
-                      title=f"{metric}{where}: {METRICS[metric].description if metric in METRICS else metric}")  # fmt: skip
+    fig.update_layout(
+        xaxis_type="log",
+        xaxis_title="step",
+        yaxis_title=metric,
+        title=f"{metric}{where}: {METRICS[metric].description if metric in METRICS else metric}",
+    )
     return fig
 
 
@@ -85,15 +108,29 @@ def order_chart(order: pd.DataFrame) -> go.Figure:
     shown = order[np.isfinite(order["emergence_step"].astype(float))]
     low = shown.get("low_emergence_step", shown["emergence_step"])
     high = shown.get("high_emergence_step", shown["emergence_step"])
-    labels = [f"{r['phenomenon']} (L{int(r['layer'])}" + (f" H{int(r['head'])})" if r["head"] != NO_HEAD else ")")
-              for _, r in shown.iterrows()]  # fmt: skip
-    fig = go.Figure(go.Scatter(
-        x=shown["emergence_step"], y=labels, mode="markers",
-        error_x={"type": "data", "symmetric": False, "array": (high - shown["emergence_step"]).fillna(0),
-                 "arrayminus": (shown["emergence_step"] - low).fillna(0)},
-    ))  # fmt: skip
-    fig.update_layout(xaxis_type="log", xaxis_title="emergence (half-rise) step", title="emergence order",
-                      yaxis={"autorange": "reversed"})  # fmt: skip
+    labels = [
+        f"{r['phenomenon']} (L{int(r['layer'])}" + (f" H{int(r['head'])})" if r["head"] != NO_HEAD else ")")
+        for _, r in shown.iterrows()
+    ]
+    fig = go.Figure(
+        go.Scatter(
+            x=shown["emergence_step"],
+            y=labels,
+            mode="markers",
+            error_x={
+                "type": "data",
+                "symmetric": False,
+                "array": (high - shown["emergence_step"]).fillna(0),
+                "arrayminus": (shown["emergence_step"] - low).fillna(0),
+            },
+        )
+    )
+    fig.update_layout(
+        xaxis_type="log",
+        xaxis_title="emergence (half-rise) step",
+        title="emergence order",
+        yaxis={"autorange": "reversed"},
+    )
     return fig
 
 
@@ -106,17 +143,34 @@ def sink_vs_massive(metrics: pd.DataFrame, checkpoint: int | None = None) -> go.
     joined = sink.merge(top, on=["checkpoint", "layer"]).rename(columns={"value": "sink_mass"})
     if checkpoint is not None:
         joined = joined[joined["checkpoint"] == checkpoint]
-    joined = joined.assign(log10_step=np.log10(joined["checkpoint"].clip(lower=0) + 1), head_label=
-                           "L" + joined["layer"].astype(str) + " H" + joined["head"].astype(str))  # fmt: skip
-    return px.scatter(joined, x="massive_top1_in", y="sink_mass", color="log10_step", symbol="layer",
-                      hover_data=["checkpoint", "head_label"], log_x=True,
-                      title="per head: sink mass vs the massive magnitude entering its layer")  # fmt: skip
+    joined = joined.assign(
+        log10_step=np.log10(joined["checkpoint"].clip(lower=0) + 1),
+        head_label="L" + joined["layer"].astype(str) + " H" + joined["head"].astype(str),
+    )
+    return px.scatter(
+        joined,
+        x="massive_top1_in",
+        y="sink_mass",
+        color="log10_step",
+        symbol="layer",
+        hover_data=["checkpoint", "head_label"],
+        log_x=True,
+        title="per head: sink mass vs the massive magnitude entering its layer",
+    )
 
 
 def predicted_vs_fitted(predictions: pd.DataFrame, scores: pd.DataFrame | None = None) -> go.Figure:
     """The sweep's out-of-fold predicted vs fitted value per target (one panel each), with the identity line."""
-    fig = px.scatter(predictions, x="fitted", y="predicted", color="model", facet_col="target", facet_col_wrap=3,
-                     hover_data=["layer"], title="architecture → parameter predictor (leave one architecture out)")  # fmt: skip
+    fig = px.scatter(
+        predictions,
+        x="fitted",
+        y="predicted",
+        color="model",
+        facet_col="target",
+        facet_col_wrap=3,
+        hover_data=["layer"],
+        title="architecture → parameter predictor (leave one architecture out)",
+    )
     fig.update_xaxes(matches=None)
     fig.update_yaxes(matches=None)
     if scores is not None:

@@ -16,8 +16,16 @@ from sklearn.model_selection import KFold, LeaveOneGroupOut, cross_val_predict
 
 from workbench.analyses.dynamics.emergence import FitError
 
-CONFIG_FEATURES = ("n_layers", "d_model", "n_heads", "d_mlp", "layer_fraction", "prepend_bos", "log10_lr",
-                   "weight_decay")  # fmt: skip
+CONFIG_FEATURES = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_mlp",
+    "layer_fraction",
+    "prepend_bos",
+    "log10_lr",
+    "weight_decay",
+)
 # what a predictor learns per parameter: log10 for scale parameters, the value itself otherwise
 LOG_TARGETS = ("A", "gamma", "t0", "emergence_step", "peak_step")
 

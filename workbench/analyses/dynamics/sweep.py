@@ -125,8 +125,11 @@ class SweepResult:
     def frames(self) -> dict[str, pd.DataFrame]:
         """The sweep's tables of :data:`ANALYSIS` (``dynamics_sweep_fits``, ``dynamics_predictor``,
         ``dynamics_predictions``), for ``write_tables``."""
-        return {"dynamics_sweep_fits": self.fits, "dynamics_predictor": self.scores,
-                "dynamics_predictions": self.predictions}  # fmt: skip
+        return {
+            "dynamics_sweep_fits": self.fits,
+            "dynamics_predictor": self.scores,
+            "dynamics_predictions": self.predictions,
+        }
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -227,18 +230,38 @@ def run_sweep(
         if entry.spec is not None:
             train_zoo_model(entry.spec, ws, progress=progress)
         series = resolve_series(entry.model or entry.name, workspace=ws.root)
-        result = track_dynamics(series, data, settings=sweep.settings, workspace=ws, run=f"{sweep.name}--{entry.name}",
-                                families=(sweep.family,), n_boot=sweep.n_boot, level=sweep.level, steps=entry.steps,
-                                progress=progress)  # fmt: skip
+        result = track_dynamics(
+            series,
+            data,
+            settings=sweep.settings,
+            workspace=ws,
+            run=f"{sweep.name}--{entry.name}",
+            families=(sweep.family,),
+            n_boot=sweep.n_boot,
+            level=sweep.level,
+            steps=entry.steps,
+            progress=progress,
+        )
         notes += [f"{entry.name}: {note}" for note in result.notes]
         cfg = (
             result.spec or series.load(result.steps[-1]).cfg.to_dict()
         )  # files written before specs were stored
-        features = {"n_layers": cfg["n_layers"], "d_model": cfg["d_model"], "n_heads": cfg["n_heads"], "d_mlp": cfg["d_mlp"],
-                    "lr": entry.recipe.get("lr"), "weight_decay": entry.recipe.get("weight_decay", 0.0),
-                    "prepend_bos": bool(entry.recipe.get("prepend_bos", False)), "architecture": entry.name}  # fmt: skip
-        rows = result.fits[result.fits["metric"].isin(sweep.metrics) & (result.fits["layer"] >= 0)
-                           & (result.fits["head"] == NO_HEAD) & (result.fits["family"] == sweep.family)]  # fmt: skip
+        features = {
+            "n_layers": cfg["n_layers"],
+            "d_model": cfg["d_model"],
+            "n_heads": cfg["n_heads"],
+            "d_mlp": cfg["d_mlp"],
+            "lr": entry.recipe.get("lr"),
+            "weight_decay": entry.recipe.get("weight_decay", 0.0),
+            "prepend_bos": bool(entry.recipe.get("prepend_bos", False)),
+            "architecture": entry.name,
+        }
+        rows = result.fits[
+            result.fits["metric"].isin(sweep.metrics)
+            & (result.fits["layer"] >= 0)
+            & (result.fits["head"] == NO_HEAD)
+            & (result.fits["family"] == sweep.family)
+        ]
         frames.append(rows.assign(**features, model=series.name))
     fits = pd.concat(frames, ignore_index=True).assign(sweep=sweep.name, dataset=data.name)
     scores, predictions = score_predictor(fits, sweep.family, sweep.predictor)
@@ -263,9 +286,15 @@ def score_predictor(
         for target in (*FAMILIES[family].params, *DERIVED_TARGETS):
             statuses = ["ok"] if target in FAMILIES[family].params else ["ok", "non_identifiable"]
             rows = group[group["status"].isin(statuses)].reset_index(drop=True)
-            base = {"metric": metric, "target": target, "claim": CLAIMS.get(target, ""), "n_rows": len(rows),
-                    "n_architectures": int(rows["architecture"].nunique()) if len(rows) else 0,
-                    "learnt_as": "log10" if target in LOG_TARGETS else "value", "predictor": predictor}  # fmt: skip
+            base = {
+                "metric": metric,
+                "target": target,
+                "claim": CLAIMS.get(target, ""),
+                "n_rows": len(rows),
+                "n_architectures": int(rows["architecture"].nunique()) if len(rows) else 0,
+                "learnt_as": "log10" if target in LOG_TARGETS else "value",
+                "predictor": predictor,
+            }
             try:
                 learnt = ParameterPredictor([target], estimator).fit(rows, groups="architecture")
             except FitError as err:
@@ -276,9 +305,19 @@ def score_predictor(
             if target in LOG_TARGETS:
                 fitted = np.log10(np.abs(fitted))
             scores.append({**base, "r2": learnt.cv_scores[target], "note": ""})
-            predictions.append(pd.DataFrame({"metric": metric, "target": target, "model": rows["model"],
-                                             "architecture": rows["architecture"], "layer": rows["layer"],
-                                             "fitted": fitted, "predicted": learnt.cv_predictions[target]}))  # fmt: skip
+            predictions.append(
+                pd.DataFrame(
+                    {
+                        "metric": metric,
+                        "target": target,
+                        "model": rows["model"],
+                        "architecture": rows["architecture"],
+                        "layer": rows["layer"],
+                        "fitted": fitted,
+                        "predicted": learnt.cv_predictions[target],
+                    }
+                )
+            )
     columns = ["metric", "target", "model", "architecture", "layer", "fitted", "predicted"]
     return pd.DataFrame(scores), (
         pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=columns)
@@ -294,9 +333,12 @@ def _estimator(predictor: str) -> Any:
 
 def describe_sweep(result: SweepResult) -> str:
     """The predictor's R² per metric and target next to the paper's claim, and what was fitted."""
-    lines = [f"sweep {result.sweep}: {result.fits['architecture'].nunique()} architectures, {len(result.fits)} "
-             "per-layer fits (status counts: " + ", ".join(f"{k} {v}" for k, v in
-                                                           result.fits["status"].value_counts().items()) + ")"]  # fmt: skip
+    lines = [
+        f"sweep {result.sweep}: {result.fits['architecture'].nunique()} architectures, {len(result.fits)} "
+        "per-layer fits (status counts: "
+        + ", ".join(f"{k} {v}" for k, v in result.fits["status"].value_counts().items())
+        + ")"
+    ]
     for note in result.notes:
         lines.append(f"note: {note}")
     shown = result.scores[["metric", "target", "r2", "n_rows", "n_architectures", "claim", "note"]]

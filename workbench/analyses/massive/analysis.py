@@ -97,14 +97,18 @@ def detect_massive(
 
     criteria = criteria or MassiveCriteria()
     names = model.resolve(hooks)
-    notes = [f"{n} is not a residual-stream hook; magnitudes there are not comparable to Sun et al.'s thresholds"
-             for n in names if "resid" not in n and n != "hook_embed"]  # fmt: skip
+    notes = [
+        f"{n} is not a residual-stream hook; magnitudes there are not comparable to Sun et al.'s thresholds"
+        for n in names
+        if "resid" not in n and n != "hook_embed"
+    ]
     rng = np.random.default_rng(seed)
     tops: dict[str, dict[tuple[int, int], tuple[float, int, int, int, int, float]]] = {n: {} for n in names}
     samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
     seen: dict[str, int] = dict.fromkeys(names, 0)
-    for start, batch in tqdm(list(_batches(model, inputs, batch_size, max_length)), desc="massive: scan",
-                             disable=not progress):  # fmt: skip
+    for start, batch in tqdm(
+        list(_batches(model, inputs, batch_size, max_length)), desc="massive: scan", disable=not progress
+    ):
         mask = batch["attention_mask"].bool()
         ids = batch["input_ids"]
         with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
@@ -153,19 +157,45 @@ def detect_massive(
         for rank, (value, seq, pos, token, dim, signed) in enumerate(ranked):
             by_abs, by_ratio, massive = criteria.passes(value, median)
             spread, count = spreads[name].get((dim, token), (np.nan, 0))
-            top_rows.append({"hook": name, "rank": rank, "magnitude": value, "value": signed, "dim": dim,
-                             "token_id": token, "token": _token_text(model, token), "sequence": seq, "position": pos,
-                             "ratio": value / max(median, 1e-12), "spread": spread, "occurrences": count,
-                             "passes_abs": by_abs, "passes_ratio": by_ratio, "massive": massive})  # fmt: skip
+            top_rows.append(
+                {
+                    "hook": name,
+                    "rank": rank,
+                    "magnitude": value,
+                    "value": signed,
+                    "dim": dim,
+                    "token_id": token,
+                    "token": _token_text(model, token),
+                    "sequence": seq,
+                    "position": pos,
+                    "ratio": value / max(median, 1e-12),
+                    "spread": spread,
+                    "occurrences": count,
+                    "passes_abs": by_abs,
+                    "passes_ratio": by_ratio,
+                    "massive": massive,
+                }
+            )
         top1 = ranked[0] if ranked else (np.nan, -1, -1, -1, -1, np.nan)
         by_abs, by_ratio, massive = criteria.passes(top1[0], median)
-        layer_rows.append({
-            "hook": name, "layer": _layer_of(name), "top1": top1[0], "top1_dim": top1[4], "top1_token_id": top1[3],
-            "top1_token": _token_text(model, top1[3]), "top1_position": top1[2], "median": median,
-            "ratio": top1[0] / max(median, 1e-12), "top1_spread": spreads[name].get((top1[4], top1[3]), (np.nan, 0))[0],
-            "passes_abs": by_abs, "passes_ratio": by_ratio, "massive": massive,
-            "n_massive": sum(r["massive"] for r in top_rows if r["hook"] == name),
-        })  # fmt: skip
+        layer_rows.append(
+            {
+                "hook": name,
+                "layer": _layer_of(name),
+                "top1": top1[0],
+                "top1_dim": top1[4],
+                "top1_token_id": top1[3],
+                "top1_token": _token_text(model, top1[3]),
+                "top1_position": top1[2],
+                "median": median,
+                "ratio": top1[0] / max(median, 1e-12),
+                "top1_spread": spreads[name].get((top1[4], top1[3]), (np.nan, 0))[0],
+                "passes_abs": by_abs,
+                "passes_ratio": by_ratio,
+                "massive": massive,
+                "n_massive": sum(r["massive"] for r in top_rows if r["hook"] == name),
+            }
+        )
     meta = {"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "dataset": dataset}
     layers = pd.DataFrame(layer_rows).assign(**meta)
     top = pd.DataFrame(top_rows).assign(**meta)
@@ -237,8 +267,10 @@ def track_massive(
     notes = list(reports[0].notes)
     duplicates = getattr(series, "duplicates", {})
     if duplicates:
-        notes.append("byte-identical checkpoints analysed once: "
-                     + ", ".join(f"step {s} = step {o}" for s, o in sorted(duplicates.items())))  # fmt: skip
+        notes.append(
+            "byte-identical checkpoints analysed once: "
+            + ", ".join(f"step {s} = step {o}" for s, o in sorted(duplicates.items()))
+        )
     return MassiveReport(
         pd.concat([r.layers for r in reports], ignore_index=True),
         pd.concat([r.top for r in reports], ignore_index=True),
@@ -338,10 +370,14 @@ def no_fit_note(family: str, needed: int, distinct: int, available: int) -> str:
     if fewer:
         fixes.append(" or ".join(f"--family {name}" for name in fewer) + f" (fits {distinct} checkpoints)")
     if not fixes:
-        fixes.append("save more checkpoints of the run (every family needs at least "
-                     f"{min(len(f.params) + 1 for f in FAMILIES.values())})")  # fmt: skip
-    return (f"no {family} emergence fit: it needs {needed} distinct checkpoints, this run has {distinct}; "
-            + "; or ".join(fixes))  # fmt: skip
+        fixes.append(
+            "save more checkpoints of the run (every family needs at least "
+            f"{min(len(f.params) + 1 for f in FAMILIES.values())})"
+        )
+    return (
+        f"no {family} emergence fit: it needs {needed} distinct checkpoints, this run has {distinct}; "
+        + "; or ".join(fixes)
+    )
 
 
 _ROW_KEYS = ("model", "checkpoint", "hook", "dataset")
@@ -349,17 +385,56 @@ ANALYSIS = Analysis(
     name="massive",
     command="workbench massive MODEL --data DATA",
     tables=(
-        Table("massive_layers", keys=_ROW_KEYS, columns=("layer", "top1", "top1_dim", "top1_token_id",
-              "top1_token", "top1_position", "median", "ratio", "top1_spread", "passes_abs", "passes_ratio",
-              "massive", "n_massive"), description="per hook (× checkpoint): top-1 magnitude, median, ratio, "
-              "which criteria it passes, how many of the top entries are massive"),
-        Table("massive_top", keys=_ROW_KEYS, columns=("rank", "magnitude", "value", "dim", "token_id", "token",
-              "sequence", "position", "ratio", "spread", "occurrences", "passes_abs", "passes_ratio", "massive"),
-              description="the largest (dimension, token) entries per hook: |value|, signed value, ratio to the "
-              "median, spread over the token's occurrences"),
-        Table("massive_fits", keys=("model", "hook", "metric", "family"),
-              columns=("status", "r2", "peak_step", "emergence_step"), description="emergence curve fits"),
+        Table(
+            "massive_layers",
+            keys=_ROW_KEYS,
+            columns=(
+                "layer",
+                "top1",
+                "top1_dim",
+                "top1_token_id",
+                "top1_token",
+                "top1_position",
+                "median",
+                "ratio",
+                "top1_spread",
+                "passes_abs",
+                "passes_ratio",
+                "massive",
+                "n_massive",
+            ),
+            description="per hook (× checkpoint): top-1 magnitude, median, ratio, "
+            "which criteria it passes, how many of the top entries are massive",
+        ),
+        Table(
+            "massive_top",
+            keys=_ROW_KEYS,
+            columns=(
+                "rank",
+                "magnitude",
+                "value",
+                "dim",
+                "token_id",
+                "token",
+                "sequence",
+                "position",
+                "ratio",
+                "spread",
+                "occurrences",
+                "passes_abs",
+                "passes_ratio",
+                "massive",
+            ),
+            description="the largest (dimension, token) entries per hook: |value|, signed value, ratio to the "
+            "median, spread over the token's occurrences",
+        ),
+        Table(
+            "massive_fits",
+            keys=("model", "hook", "metric", "family"),
+            columns=("status", "r2", "peak_step", "emergence_step"),
+            description="emergence curve fits",
+        ),
     ),
     requires=("text",),
     description="massive activations: detection, tracking over checkpoints, emergence fits",
-)  # fmt: skip
+)

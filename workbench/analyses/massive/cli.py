@@ -76,13 +76,17 @@ def massive_command(
         typer.echo(f"{layers['model'].iloc[0]}{step}:")
         typer.echo(layers[columns].to_string(index=False))
     else:
-        typer.echo(f"{layers['model'].iloc[0]}: per checkpoint (largest top-1 over the {layers['hook'].nunique()} "
-                   "hooks):")  # fmt: skip
+        typer.echo(
+            f"{layers['model'].iloc[0]}: per checkpoint (largest top-1 over the {layers['hook'].nunique()} "
+            "hooks):"
+        )
         for step, group in layers.groupby("checkpoint", sort=True):
             top = group.loc[group["top1"].idxmax()]
-            typer.echo(f"  step {int(step)}: massive at {int(group['massive'].sum())} of {len(group)} hooks; top-1 "
-                       f"{top['top1']:.4g} at {top['hook']} dim {top['top1_dim']} (token {top['top1_token']!r}), "
-                       f"{top['ratio']:.3g}× the median")  # fmt: skip
+            typer.echo(
+                f"  step {int(step)}: massive at {int(group['massive'].sum())} of {len(group)} hooks; top-1 "
+                f"{top['top1']:.4g} at {top['hook']} dim {top['top1_dim']} (token {top['top1_token']!r}), "
+                f"{top['ratio']:.3g}× the median"
+            )
         last = layers["checkpoint"].max()
         typer.echo(f"at step {int(last)} (the last checkpoint):")
         typer.echo(layers[layers["checkpoint"] == last][columns].to_string(index=False))

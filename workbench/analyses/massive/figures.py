@@ -29,22 +29,40 @@ def magnitude_map(
     with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
         model(text if isinstance(text, torch.Tensor) else [text])
     grid = torch.stack([cache[n][0].abs().amax(0) for n in names]).numpy()
-    return px.imshow(grid, aspect="auto", color_continuous_scale="Viridis", labels={"x": "dimension", "y": "hook", "color": "max |a|"},
-                     y=names, title=f"{model.cfg.name}: max |activation| per dimension")  # fmt: skip
+    return px.imshow(
+        grid,
+        aspect="auto",
+        color_continuous_scale="Viridis",
+        labels={"x": "dimension", "y": "hook", "color": "max |a|"},
+        y=names,
+        title=f"{model.cfg.name}: max |activation| per dimension",
+    )
 
 
 def ratio_by_layer(layers: pd.DataFrame) -> go.Figure:
     """Top-1 / median per layer (log scale), one line per model/checkpoint."""
     frame = layers.assign(series=layers["model"] + " @ " + layers["checkpoint"].astype(str))
-    return px.line(frame, x="layer", y="ratio", color="series", markers=True, log_y=True,
-                   title="top-1 magnitude / median per layer")  # fmt: skip
+    return px.line(
+        frame,
+        x="layer",
+        y="ratio",
+        color="series",
+        markers=True,
+        log_y=True,
+        title="top-1 magnitude / median per layer",
+    )
 
 
 def checkpoint_heatmap(layers: pd.DataFrame, metric: str = "ratio") -> go.Figure:
     """Heatmap layer × checkpoint of ``metric`` (log colour scale)."""
     grid = layers.pivot_table(index="layer", columns="checkpoint", values=metric)
-    fig = px.imshow(np.log10(grid.clip(lower=1e-12)), aspect="auto", labels={"x": "checkpoint", "y": "layer", "color": f"log10 {metric}"},
-                     x=[str(c) for c in grid.columns], title=f"{metric} over training (log10)")  # fmt: skip
+    fig = px.imshow(
+        np.log10(grid.clip(lower=1e-12)),
+        aspect="auto",
+        labels={"x": "checkpoint", "y": "layer", "color": f"log10 {metric}"},
+        x=[str(c) for c in grid.columns],
+        title=f"{metric} over training (log10)",
+    )
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category")
     return fig

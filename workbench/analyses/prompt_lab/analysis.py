@@ -59,16 +59,31 @@ ANALYSIS = Analysis(
     name="prompt_lab",
     command="workbench dashboard    # Prompt lab page: type a prompt, intervene, press Save",
     tables=(
-        Table("prompt_lab_sessions", keys=("model", "checkpoint", "session"),
-              columns=("prompt", "tokens", "interventions", "next_token", "focus_token", "logit_diff",
-                       "continuation_clean", "continuation_intervened", "continuation_note", "generation",
-                       "readouts", "output", "outputs"),
-              description="saved prompt-lab sessions: prompt (or image reference), intervention stack, outputs "
-              "clean vs intervened (next-token or masked-token distributions, class probabilities, pooled-embedding "
-              "cosines), continuations and readouts"),
+        Table(
+            "prompt_lab_sessions",
+            keys=("model", "checkpoint", "session"),
+            columns=(
+                "prompt",
+                "tokens",
+                "interventions",
+                "next_token",
+                "focus_token",
+                "logit_diff",
+                "continuation_clean",
+                "continuation_intervened",
+                "continuation_note",
+                "generation",
+                "readouts",
+                "output",
+                "outputs",
+            ),
+            description="saved prompt-lab sessions: prompt (or image reference), intervention stack, outputs "
+            "clean vs intervened (next-token or masked-token distributions, class probabilities, pooled-embedding "
+            "cosines), continuations and readouts",
+        ),
     ),
     description="interactive prompt lab sessions saved from the dashboard",
-)  # fmt: skip
+)
 
 
 class PromptLabError(ValueError):
@@ -268,9 +283,16 @@ def residual_profile(model: HookedModel, tokens: torch.Tensor) -> pd.DataFrame:
         resid = cache[name][0]  # [pos, d_model]
         peak = resid.abs().max(-1)
         for position, text in enumerate(texts):
-            rows.append({"layer": layer, "position": position, "token": text,
-                         "resid_norm": float(resid[position].norm()), "max_abs": float(peak.values[position]),
-                         "max_dim": int(peak.indices[position])})  # fmt: skip
+            rows.append(
+                {
+                    "layer": layer,
+                    "position": position,
+                    "token": text,
+                    "resid_norm": float(resid[position].norm()),
+                    "max_abs": float(peak.values[position]),
+                    "max_dim": int(peak.indices[position]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -307,9 +329,16 @@ def _input_statistics(model: HookedModel, pixels: torch.Tensor) -> pd.DataFrame:
     for layer in range(model.cfg.n_layers):
         values = {s: cache[f"blocks.{layer}.attn.hook_{s}"][0, :, 1:].mean(-1) for s in STATISTICS}  # [head]
         for head in range(model.cfg.n_heads):
-            rows.append({"model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "layer": layer, "head": head,
-                         **{s: float(values[s][head]) for s in STATISTICS},
-                         "n_queries": int(cache[names[0]].shape[-1] - 1)})  # fmt: skip
+            rows.append(
+                {
+                    "model": model.cfg.name,
+                    "checkpoint": model.cfg.checkpoint,
+                    "layer": layer,
+                    "head": head,
+                    **{s: float(values[s][head]) for s in STATISTICS},
+                    "n_queries": int(cache[names[0]].shape[-1] - 1),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -410,14 +439,23 @@ def compare_outputs(
     if focus_token:
         focus_id = token_id(model, focus_token)
         ids = list(dict.fromkeys([*ids, focus_id]))
-        focus = {"token": focus_token, "token_id": focus_id, "logit_clean": float(clean[focus_id]),
-                 "logit_intervened": float(intervened[focus_id]),
-                 "logit_diff": float(intervened[focus_id] - clean[focus_id])}  # fmt: skip
-    table = pd.DataFrame({
-        "token_id": ids, "token": output_names(model, ids),
-        "p_clean": p_clean[ids].tolist(), "p_intervened": p_int[ids].tolist(),
-        "logit_clean": clean[ids].tolist(), "logit_intervened": intervened[ids].tolist(),
-    })  # fmt: skip
+        focus = {
+            "token": focus_token,
+            "token_id": focus_id,
+            "logit_clean": float(clean[focus_id]),
+            "logit_intervened": float(intervened[focus_id]),
+            "logit_diff": float(intervened[focus_id] - clean[focus_id]),
+        }
+    table = pd.DataFrame(
+        {
+            "token_id": ids,
+            "token": output_names(model, ids),
+            "p_clean": p_clean[ids].tolist(),
+            "p_intervened": p_int[ids].tolist(),
+            "logit_clean": clean[ids].tolist(),
+            "logit_intervened": intervened[ids].tolist(),
+        }
+    )
     table["delta_p"] = table["p_intervened"] - table["p_clean"]
     table["delta_logit"] = table["logit_intervened"] - table["logit_clean"]
     table = table.sort_values("p_clean", ascending=False, ignore_index=True)
@@ -455,8 +493,12 @@ def pooled_embedding(
         with model.capture([hook], dtype=torch.float32) as cache:
             model(tokens)
     hidden = cache[hook][0].cpu()  # [pos, d_model]
-    pooled = {"mean": lambda: hidden.mean(0), "max": lambda: hidden.max(0).values, "cls": lambda: hidden[0],
-              "last": lambda: hidden[-1]}[caps.pooling]()  # fmt: skip
+    pooled = {
+        "mean": lambda: hidden.mean(0),
+        "max": lambda: hidden.max(0).values,
+        "cls": lambda: hidden[0],
+        "last": lambda: hidden[-1],
+    }[caps.pooling]()
     return F.normalize(pooled, dim=0) if caps.normalize else pooled
 
 
@@ -490,9 +532,16 @@ def compare_embeddings(
         other = pooled_embedding(model, encode_prompt(model, second) if isinstance(second, str) else second)
     vectors = {"clean": clean, "intervened": intervened, **({"second": other} if other is not None else {})}
     pairs = [("clean", "intervened"), ("clean", "second"), ("intervened", "second")]
-    rows = [{"pair": f"{a} · {b}", "cosine": float(F.cosine_similarity(vectors[a], vectors[b], dim=0)),
-             "norm_a": float(vectors[a].norm()), "norm_b": float(vectors[b].norm())}
-            for a, b in pairs if a in vectors and b in vectors]  # fmt: skip
+    rows = [
+        {
+            "pair": f"{a} · {b}",
+            "cosine": float(F.cosine_similarity(vectors[a], vectors[b], dim=0)),
+            "norm_a": float(vectors[a].norm()),
+            "norm_b": float(vectors[b].norm()),
+        }
+        for a, b in pairs
+        if a in vectors and b in vectors
+    ]
     return EmbeddingComparison(clean, intervened, other, pd.DataFrame(rows))
 
 
@@ -590,17 +639,30 @@ def session_frame(
     ident = json.dumps([model.cfg.name, model.cfg.checkpoint, prompt, stack, generation], sort_keys=True)
     focus = (comparison.focus if comparison is not None else None) or {}
     tokens = model.to_str_tokens(model.tokenizer(prompt)["input_ids"]) if model.tokenizer is not None else []
-    return pd.DataFrame([{
-        "model": model.cfg.name, "checkpoint": model.cfg.checkpoint, "hook": None, "dataset": None,
-        "session": hashlib.sha256(ident.encode()).hexdigest()[:16], "prompt": prompt,
-        "tokens": json.dumps(tokens), "interventions": json.dumps(stack),
-        "next_token": comparison.table.to_json(orient="records") if comparison is not None else None,
-        "focus_token": focus.get("token"), "logit_diff": focus.get("logit_diff"),
-        "continuation_clean": continuation.get("clean"), "continuation_intervened": continuation.get("intervened"),
-        "continuation_note": continuation.get("note", ""),
-        "generation": json.dumps(generation), "readouts": json.dumps(readouts or {}),
-        "output": capabilities(model).output, "outputs": json.dumps(outputs or {}),
-    }])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {
+                "model": model.cfg.name,
+                "checkpoint": model.cfg.checkpoint,
+                "hook": None,
+                "dataset": None,
+                "session": hashlib.sha256(ident.encode()).hexdigest()[:16],
+                "prompt": prompt,
+                "tokens": json.dumps(tokens),
+                "interventions": json.dumps(stack),
+                "next_token": comparison.table.to_json(orient="records") if comparison is not None else None,
+                "focus_token": focus.get("token"),
+                "logit_diff": focus.get("logit_diff"),
+                "continuation_clean": continuation.get("clean"),
+                "continuation_intervened": continuation.get("intervened"),
+                "continuation_note": continuation.get("note", ""),
+                "generation": json.dumps(generation),
+                "readouts": json.dumps(readouts or {}),
+                "output": capabilities(model).output,
+                "outputs": json.dumps(outputs or {}),
+            }
+        ]
+    )
 
 
 def save_session(workspace: Any, frame: pd.DataFrame) -> str:
