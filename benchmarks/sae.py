@@ -20,6 +20,8 @@ before any ratio is printed. The equal-L0 condition per architecture:
   ``--l0-grid`` trains a few coefficients on both sides once and prints FVU against L0. Over a few hundred steps
   the coefficient barely moves L0: Adam moves each threshold by at most about lr per step, whatever the
   coefficient, so the initial threshold is the knob that matches L0 in a short run.
+  ``--target-l0 L`` starts both sides from one SAE (ours, data-initialised, its threshold set to keep L latents
+  per row on the first batch; SAELens gets a copy): the matched start the timed runs use.
 
     python benchmarks/sae.py                      # synthetic: d_in 256, sparse sums of 4096 unit directions
     python benchmarks/sae.py --real               # code-tiny blocks.1.hook_resid_post (d_in 64)
@@ -27,6 +29,7 @@ before any ratio is printed. The equal-L0 condition per architecture:
     python benchmarks/sae.py --d-in 768 --d-sae 24576 --k 32 --nproc 2   # GPT-2 / Pythia-160m width, + 2 gloo ranks
     python benchmarks/sae.py --architecture batchtopk --threads 1        # ours vs SAELens (sparsify has no BatchTopK)
     python benchmarks/sae.py --architecture jumprelu --l0-grid 3e-3,1e-2,3e-2 --threads 1   # FVU vs L0, both sides
+    python benchmarks/sae.py --architecture jumprelu --target-l0 64 --threads 1   # both sides start at L0 64
 
 sparsify (eai-sparsify) runs its SparseCoder through its own training step (``train_sparsify``); ``--nproc N``
 also times our trainer data-parallel on N gloo processes over the same global batches.
@@ -170,7 +173,10 @@ def train_ours(data, args, l0_coefficient: float | None = None) -> tuple[float, 
 
     torch.manual_seed(args.seed)
     sae = create_sae(ours_config(data.shape[1], args, l0_coefficient)).to(args.device)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
+    shared = getattr(args, "shared_initial", None)
+    if shared is not None:
+        load_shared_initial(sae, shared, peer=False)
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0, data_init=shared is None,
                       normalize_activations=False, progress=False, dead_after_tokens=10_000_000)  # fmt: skip
     stream = batches(data, args.batch, args.seed)
     _sync(args.device)
@@ -215,6 +221,8 @@ def train_saelens(data, args, l0_coefficient: float | None = None) -> tuple[floa
 
     torch.manual_seed(args.seed)
     sae = saelens_sae(data.shape[1], args, l0_coefficient)
+    if getattr(args, "shared_initial", None) is not None:
+        load_shared_initial(sae, args.shared_initial, peer=True)
     cfg = SAETrainerConfig(
         total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
         lr_end=args.lr, lr_scheduler_name="constant", device=args.device, dead_feature_window=10_000, feature_sampling_window=10_000,
@@ -332,6 +340,50 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def threshold_for_l0(pre: torch.Tensor, l0: float) -> float:
+    """The global threshold t at which pre [rows, d_sae] keeps ``l0`` entries per row on average (Σ 1[pre > t] / rows
+    = l0): the (rows · l0)-th largest pre-activation."""
+    kept = max(1, min(pre.numel() - 1, round(pre.shape[0] * l0)))
+    return float(pre.flatten().topk(kept + 1).values[-1])
+
+
+def shared_initial_sae(train: torch.Tensor, args) -> dict[str, torch.Tensor]:
+    """--target-l0 (jumprelu): the one initial SAE both sides train from, as a state dict — ours, seeded, with its
+    threshold set so that it keeps ``args.target_l0`` latents per row on the first training batch, then its
+    data-dependent initialisation on that batch (which scales the threshold with the encoder: the same latents fire).
+    Each side's own default initialisation has a different pre-activation scale (SAELens: decoder rows of norm 0.1),
+    which after 100 steps left SAELens at ten times our L0 whatever its coefficient or initial threshold."""
+    from workbench.circuits.sae.base import create_sae
+
+    first = next(batches(train, args.batch, args.seed))
+    torch.manual_seed(args.seed)
+    sae = create_sae(ours_config(train.shape[1], args)).to(args.device)
+    with torch.no_grad():
+        sae.center_encoder(first.mean(0))
+        sae.threshold.fill_(threshold_for_l0(sae.pre_activation(first), args.target_l0))
+        sae.initialize_from_batch(first, first)
+        l0 = float((sae.encode(first) > 0).float().sum(-1).mean())
+    print(
+        f"shared initial SAE: threshold {float(sae.threshold[0].detach()):.4g}, L0 {l0:.1f} on the first batch"
+    )
+    return {name: t.detach().clone() for name, t in sae.state_dict().items()}
+
+
+def load_shared_initial(sae, state: dict[str, torch.Tensor], peer: bool) -> None:
+    """Copy the shared initial SAE into ``sae`` (ours, or SAELens's JumpReLU training SAE with ``peer``: it encodes
+    (x − b_dec) W_enc + b_enc, so its b_enc is ours + b_dec W_enc: the same pre-activations, checked)."""
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_dec", "threshold"):
+            getattr(sae, name).copy_(state[name])
+        b_enc = state["b_enc"] + state["b_dec"] @ state["W_enc"] if peer else state["b_enc"]
+        sae.b_enc.copy_(b_enc)
+        if peer:
+            x = torch.randn(8, state["W_enc"].shape[0], device=b_enc.device)
+            _, pre = sae.encode_with_hidden_pre(x)
+            expected = torch.addmm(state["b_enc"], x, state["W_enc"])
+            torch.testing.assert_close(pre, expected, rtol=1e-4, atol=1e-4)
+
+
 def l0_grid(train, held_out, args) -> None:
     """JumpReLU: each coefficient of ``--l0-grid`` trained once on both sides (timed once, not interleaved): held-out
     L0 and FVU per side, to read FVU at matched L0 off the two curves and pick the pair for the timed runs."""
@@ -372,6 +424,12 @@ def main() -> None:
     parser.add_argument("--peer-init-threshold", type=float, default=None,
                         help="jumprelu: SAELens's initial threshold (default --init-threshold)")  # fmt: skip
     parser.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu: both sides")
+    parser.add_argument(
+        "--target-l0",
+        type=float,
+        default=None,
+        help="jumprelu: both sides start from one SAE keeping this L0 on the first batch",
+    )
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -401,6 +459,10 @@ def main() -> None:
     data = data.to(args.device)
     split = args.n_rows * 5 // 6
     train, held_out = data[:split], data[split:]
+    if args.target_l0 is not None:
+        if args.architecture != "jumprelu":
+            parser.error("--target-l0 is for --architecture jumprelu (the others fix L0 by k)")
+        args.shared_initial = shared_initial_sae(train, args)
     setting = {"jumprelu": f"L0 coefficient ours {args.l0_coefficient:g} / SAELens {args.peer_l0_coefficient:g}, "
                            f"initial threshold ours {args.init_threshold:g} / SAELens {args.peer_init_threshold:g}, "
                            f"bandwidth {args.bandwidth:g}",
