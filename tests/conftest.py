@@ -30,6 +30,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # (--dist loadfile) in collection order (--no-loadscope-reorder) and this order puts these first, so that no worker
 # is handed a long file while the other is nearly done (xdist's own order, most tests first, would put the
 # notebooks, the browser and the crash tests, a few long tests each, last).
+# Named by base name, whichever folder of tests/ holds the file (test file names are unique across the folders).
 LONG_FILES = (
     "test_probe_jobs.py",
     "test_notebooks.py",

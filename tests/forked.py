@@ -23,9 +23,9 @@ from workbench.faults import ENV_VAR
 
 PRELOAD = [
     "tests.forked",
-    "tests.test_crash_store",
+    "tests.workbench.test_crash_store",
     "tests.test_crash_training",
-    "tests.test_sae_distributed",
+    "tests.circuits.sae.test_sae_distributed",
     "workbench.zoo.train",
     "workbench.circuits.sae.train",
     "workbench.circuits.sae.distributed",

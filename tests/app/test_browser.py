@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 PAGES = {"": "Interpretability workbench", "massive": "Massive activations", "attention": "Attention statistics",
          "probes": "Probes", "sae": "SAE features", "graph": "Attribution graphs",

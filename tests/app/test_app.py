@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-VIEWS = Path(__file__).resolve().parents[1] / "app" / "views"
+VIEWS = Path(__file__).resolve().parents[2] / "app" / "views"
 ALL_VIEWS = ("overview", "massive", "attention", "dynamics", "probes", "sae", "graph", "codebooks",
              "neuron_paths", "prompt_lab")  # fmt: skip
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_attribution import TOKENS, _clt, _model, _per_layer
+from tests.circuits.attribution.test_attribution import TOKENS, _clt, _model, _per_layer
 from workbench.circuits.attribution.qk import BIAS_NODE, qk_attribution
 from workbench.circuits.attribution.transcoders import AttributionError
 

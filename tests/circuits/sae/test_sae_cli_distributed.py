@@ -10,7 +10,7 @@
 * a bad hook with ``--nproc 2``: exit 2, one ``error:`` line naming the closest hooks, no traceback, nothing
   written, and no hang (a time limit).
 * the launcher under real torchrun with stand-in ranks: a rank killed by SIGKILL is one line naming it; ``--checkpoint-every``'s directory is found again by the same command only. (Resume
-  itself, a killed rank included, is tested on 2 gloo processes in tests/test_sae_distributed.py.)
+  itself, a killed rank included, is tested on 2 gloo processes in tests/circuits/sae/test_sae_distributed.py.)
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def test_the_ranks_command_line_parses_to_the_same_options():
 
 
 def test_bad_pairings_and_too_few_gpus_are_refused_before_any_process_starts(tmp_path, monkeypatch):
-    from tests.test_sae import refused, sae_cli
+    from tests.circuits.sae.test_sae import refused, sae_cli
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: NCCL takes one per process
 

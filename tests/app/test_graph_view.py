@@ -47,7 +47,7 @@ from workbench.circuits.sae.evals import sae_dir
 from workbench.interventions import Intervention
 from workbench.workspace import Workspace
 
-PAGE = Path(__file__).resolve().parents[1] / "app" / "views" / "graph.py"
+PAGE = Path(__file__).resolve().parents[2] / "app" / "views" / "graph.py"
 PROMPT = "def f(x):\n    return x"
 D_MODEL, D_SAE = 64, 32
 

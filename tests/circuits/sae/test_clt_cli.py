@@ -37,7 +37,7 @@ from workbench.store import ActivationStore
 from workbench.workspace import Workspace
 
 runner = CliRunner()
-VIEWS = Path(__file__).resolve().parents[1] / "app" / "views"
+VIEWS = Path(__file__).resolve().parents[3] / "app" / "views"
 HOOKS = ["--hook", "blocks.*.ln2.hook_normalized", "--hook-out", "blocks.*.hook_mlp_out"]
 SMALL = ["--d-sae", "32", "--steps", "12", "--max-tokens", "1024", "--context-length", "32", "--no-progress"]
 LINES = [
@@ -389,8 +389,9 @@ def test_a_clt_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(zoo_wo
             str(ROWS_PER_STEP), "--no-progress", "--sae-id", "clt", "--checkpoint-every", "2"]  # fmt: skip
     roots = [_workspace(zoo_workspace, tmp_path / name).root for name in ("killed", "straight")]
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.test_clt_cli", "workbench.circuits.sae.clt_analysis", "workbench.model",
-                                "transformers.models.gpt_neox.modeling_gpt_neox", "safetensors.torch", "tqdm.auto"])  # fmt: skip
+    ctx.set_forkserver_preload(["tests.circuits.sae.test_clt_cli", "workbench.circuits.sae.clt_analysis",
+                                "workbench.model", "transformers.models.gpt_neox.modeling_gpt_neox",
+                                "safetensors.torch", "tqdm.auto"])  # fmt: skip
 
     stdout_path = tmp_path / "stdout.txt"
 

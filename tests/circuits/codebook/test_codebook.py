@@ -44,7 +44,7 @@ from workbench.datasets import load_dataset
 from workbench.references import resolve_model, short_name
 from workbench.workspace import Workspace
 
-VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "codebooks.py"
+VIEW = Path(__file__).resolve().parents[3] / "app" / "views" / "codebooks.py"
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])

@@ -1,4 +1,4 @@
-"""Real-browser test of the graph page's intervention, on the dashboard server fixture of tests/test_browser.py and
+"""Real-browser test of the graph page's intervention, on the dashboard server fixture of tests/app/test_browser.py and
 its traced graph: a feature pinned and ablated in the page, and the model's new top logits the page shows equal to
 the prompt lab's ``compare_next_token`` on the same intervention built here from the stored graph. Screenshots in
 test-artifacts/dashboard/; every request on 127.0.0.1."""
@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from tests.test_browser import (  # noqa: F401  (dashboard_url and the fixtures it uses are found by name)
+from tests.app.test_browser import (  # noqa: F401  (dashboard_url and the fixtures it uses are found by name)
     ARTIFACTS,
     CHROMIUM,
     FLAGS,
@@ -24,7 +24,7 @@ from tests.test_browser import (  # noqa: F401  (dashboard_url and the fixtures 
     server_log,
     traced_graph,
 )
-from tests.test_browser_prompt_lab import _open_list
+from tests.app.test_browser_prompt_lab import _open_list
 
 pytestmark = [
     pytest.mark.browser,

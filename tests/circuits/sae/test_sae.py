@@ -50,7 +50,7 @@ def recovered(atoms, W_dec):
     return (a @ w.T).max(1).values
 
 
-VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "sae.py"
+VIEW = Path(__file__).resolve().parents[3] / "app" / "views" / "sae.py"
 FAST = TrainConfig(steps=250, lr=3e-3, warmup_steps=20, progress=False, dead_after_tokens=5000)
 
 

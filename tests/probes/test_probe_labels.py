@@ -323,7 +323,7 @@ def test_bad_label_files_exit_2_with_one_line(gpt2_dir, tmp_path, name, content,
 def test_example_job_files_parse_with_their_label_files() -> None:
     from pathlib import Path
 
-    examples = Path(__file__).resolve().parent.parent / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     job = load_job(examples / "my_labels.toml")
     sources = [entry["_labels"][0] for entry in job.entries]
     assert [s.kind for s in sources] == ["sequence", "chars"] and job.entries[0]["position"] == "first"

@@ -1,5 +1,5 @@
 """Real-browser tests of the prompt lab on an encoder (MiniLM) and an image classifier (the zoo's vit-digits), on the
-dashboard server fixture of tests/test_browser.py: what the page shows equal to the library's values for the same
+dashboard server fixture of tests/app/test_browser.py: what the page shows equal to the library's values for the same
 intervention, screenshots in test-artifacts/dashboard/, and every request on 127.0.0.1."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401  (dashboard_url and the fixtures it uses are found by name)
+from tests.app.test_browser import (  # noqa: F401  (dashboard_url and the fixtures it uses are found by name)
     ARTIFACTS,
     CHROMIUM,
     FLAGS,

@@ -10,8 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_attribution import D_MODEL, _model, _per_layer, save_user_files, word_tokenizer
-from tests.test_attribution_qk import _reference_score
+from tests.circuits.attribution.test_attribution import (
+    D_MODEL,
+    _model,
+    _per_layer,
+    save_user_files,
+    word_tokenizer,
+)
+from tests.circuits.attribution.test_attribution_qk import _reference_score
 from workbench.circuits.attribution.store import read_graph
 from workbench.circuits.sae.base import SAEConfig, create_sae
 from workbench.cli import app

@@ -373,7 +373,7 @@ def test_view_shows_order_curves_sink_scatter_and_predictions(tracked, monkeypat
         Workspace(workspace), ANALYSIS, {"dynamics_predictor": scores, "dynamics_predictions": predictions}
     )
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(workspace))
-    view = Path(__file__).resolve().parents[1] / "app" / "views" / "dynamics.py"
+    view = Path(__file__).resolve().parents[3] / "app" / "views" / "dynamics.py"
     app = AppTest.from_file(str(view), default_timeout=60).run()
     assert not app.exception, app.exception
     assert app.title[0].value == "Training dynamics"
@@ -388,7 +388,7 @@ def test_view_without_data_names_the_command(tmp_path, monkeypatch) -> None:
 
     Workspace(tmp_path).results().write("unrelated", pd.DataFrame({"x": [1]}))
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(tmp_path))
-    view = Path(__file__).resolve().parents[1] / "app" / "views" / "dynamics.py"
+    view = Path(__file__).resolve().parents[3] / "app" / "views" / "dynamics.py"
     app = AppTest.from_file(str(view), default_timeout=60).run()
     assert not app.exception and "workbench dynamics run SERIES --data DATA" in app.info[0].value
     assert CliRunner().invoke(cli, ["dynamics", "--help"]).exit_code == 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.workbench.test_model import tiny_bert, tiny_gpt2, tiny_llama, tl_twin
 from workbench.attention import install_attention, uninstall_attention
 from workbench.attention.kernel import kernel_available
 from workbench.model import HookedModel
-
-from .test_model import tiny_bert, tiny_gpt2, tiny_llama, tl_twin
 
 pytestmark = pytest.mark.skipif(
     not kernel_available(torch.device("cpu"))[0],

@@ -45,7 +45,7 @@ from workbench.model import HookedModel
 from workbench.references import resolve_model
 from workbench.workspace import Workspace
 
-VIEW = Path(__file__).resolve().parents[1] / "app" / "views" / "neuron_paths.py"
+VIEW = Path(__file__).resolve().parents[3] / "app" / "views" / "neuron_paths.py"
 CODE_LINES = [
     "def add(first, second):    return first + second",
     "for index in range(10):    print(index * index)",

@@ -19,7 +19,7 @@ from workbench.interventions import Intervention
 from workbench.probes.linear import fit_probes
 from workbench.probes.readout import probes_dir, probes_for_model, save_probe
 
-PAGE = Path(__file__).resolve().parents[1] / "app" / "views" / "prompt_lab.py"
+PAGE = Path(__file__).resolve().parents[3] / "app" / "views" / "prompt_lab.py"
 PROMPT = "def f(x):\n    return x"
 RESID = "blocks.0.hook_resid_post"
 

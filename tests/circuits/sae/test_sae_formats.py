@@ -375,7 +375,7 @@ def test_cross_layer_transcoder_loads_and_evaluates(tmp_path) -> None:
     frame = evaluate_clt(model, load_dataset(str(text)), clt, max_tokens=64)
     assert list(frame["hook_in"]) == ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"]
     assert (frame["n_tokens"] == 64).all() and np.isfinite(frame["FVU"]).all() and (frame["L0"] > 0).all()
-    from tests.test_sae import sae_cli
+    from tests.circuits.sae.test_sae import sae_cli
 
     result = sae_cli(tmp_path / "ws", "import", str(folder))  # one CLT in our layout (issue 32)
     assert result.exit_code == 0, result.output
@@ -400,7 +400,7 @@ def _sparsify_coder(folder: Path, seed: int = 0) -> None:
 
 
 def test_import_registers_atomically_and_exports(tmp_path) -> None:
-    from tests.test_sae import sae_cli
+    from tests.circuits.sae.test_sae import sae_cli
 
     run = tmp_path / "run"
     _sparsify_coder(run / "layers.0")
@@ -432,8 +432,8 @@ def test_import_registers_atomically_and_exports(tmp_path) -> None:
 
 
 def test_dashboard_lists_imported_saes(tmp_path, monkeypatch) -> None:
-    from tests.test_app import _run
-    from tests.test_sae import sae_cli
+    from tests.app.test_app import _run
+    from tests.circuits.sae.test_sae import sae_cli
     from workbench.workspace import Workspace
 
     _sparsify_coder(tmp_path / "run" / "layers.2")
@@ -455,7 +455,7 @@ def _assert_refused(result, *reasons: str) -> None:
 
 
 def test_bad_layouts_are_refused_and_nothing_is_registered(tmp_path) -> None:
-    from tests.test_sae import sae_cli
+    from tests.circuits.sae.test_sae import sae_cli
 
     ws = tmp_path / "ws"
     run = tmp_path / "run"
@@ -507,7 +507,7 @@ def code_ws(zoo_workspace, tmp_path):
 def test_imported_sae_with_another_width_is_refused_at_eval(tmp_path, code_ws) -> None:
     """An SAE for another model (d_in 16): refused at import when checked against code-tiny, and (imported unchecked)
     refused by sae eval on code-tiny, the hook width named both times."""
-    from tests.test_sae import sae_cli
+    from tests.circuits.sae.test_sae import sae_cli
 
     _sparsify_coder(tmp_path / "layers.0")
     ws = code_ws.root
@@ -525,7 +525,7 @@ def test_imported_sae_with_another_width_is_refused_at_eval(tmp_path, code_ws) -
 def test_neuronpedia_export_from_feature_pages(tmp_path, code_ws) -> None:
     """`sae features` on an imported SAE, then `sae export --format neuronpedia`: the batch JSON and the bulk-import
     folder carry SAEDashboard's fields (neuronpedia_dashboard.py / neuronpedia_export.py), values from the pages."""
-    from tests.test_sae import sae_cli
+    from tests.circuits.sae.test_sae import sae_cli
     from workbench.references import resolve_model
 
     model = resolve_model("code-tiny", workspace=code_ws)
@@ -628,7 +628,7 @@ def test_hook_z_sae_trains_splices_steers_and_round_trips_through_sae_lens(
     from sae_lens import SAE as LensSAE
     from streamlit.testing.v1 import AppTest
 
-    from tests.test_sae import sae_cli
+    from tests.circuits.sae.test_sae import sae_cli
     from workbench.circuits.sae.evals import splice_hooks
     from workbench.circuits.sae.features import residual_writes
     from workbench.circuits.sae.readout import latent_steering
@@ -683,7 +683,7 @@ def test_hook_z_sae_trains_splices_steers_and_round_trips_through_sae_lens(
 
     monkeypatch.setenv("WORKBENCH_WORKSPACE", str(ws))
     view = AppTest.from_file(
-        str(Path(__file__).parents[1] / "app" / "views" / "sae.py"), default_timeout=60
+        str(Path(__file__).parents[3] / "app" / "views" / "sae.py"), default_timeout=60
     ).run()
     assert not view.exception
     titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in view.get("plotly_chart")]

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_attribution import _model, _per_layer, save_user_files
+from tests.circuits.attribution.test_attribution import _model, _per_layer, save_user_files
 from workbench.cli import app
 from workbench.workspace import Workspace
 
