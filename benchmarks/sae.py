@@ -30,6 +30,7 @@ before any ratio is printed. The equal-L0 condition per architecture:
     python benchmarks/sae.py --architecture batchtopk --threads 1        # ours vs SAELens (sparsify has no BatchTopK)
     python benchmarks/sae.py --architecture jumprelu --l0-grid 3e-3,1e-2,3e-2 --threads 1   # FVU vs L0, both sides
     python benchmarks/sae.py --architecture jumprelu --target-l0 64 --threads 1   # both sides start at L0 64
+    python benchmarks/sae.py --d-in 768 --steps 20 --scaling 2048 8192 32768 65536   # cost per token vs d_sae
 
 sparsify (eai-sparsify) runs its SparseCoder through its own training step (``train_sparsify``); ``--nproc N``
 also times our trainer data-parallel on N gloo processes over the same global batches.
@@ -64,8 +65,9 @@ def real(n: int) -> torch.Tensor:
     workspace = Workspace().ensure()
     train_zoo_model("code-tiny", workspace, progress=True)
     model = resolve_model("code-tiny", workspace=workspace)
-    tokens, _ = load_dataset("zoo:python-stdlib").token_tensor(model.tokenizer, context_length=64, packing=True,
-                                                              max_rows=n // 64 + 1)  # fmt: skip
+    tokens, _ = load_dataset("zoo:python-stdlib").token_tensor(
+        model.tokenizer, context_length=64, packing=True, max_rows=n // 64 + 1
+    )
     with torch.no_grad(), model.capture("blocks.1.hook_resid_post") as cache:
         model(tokens)
     return cache["blocks.1.hook_resid_post"].reshape(-1, model.cfg.d_model)[:n]
@@ -123,8 +125,10 @@ def check_equal_l0(scores: dict[str, dict[str, tuple[float, float]]], args) -> s
     if args.architecture == "jumprelu":  # L0 set by each side's coefficient: the sides must agree within 10 %
         low, high = min(first.values()), max(first.values())
         if high > 1.1 * low:
-            raise SystemExit(f"held-out L0s {listed} differ by more than 10 %: pick L0 coefficients that match "
-                             "(--l0-coefficient / --peer-l0-coefficient; --l0-grid shows FVU against L0)")  # fmt: skip
+            raise SystemExit(
+                f"held-out L0s {listed} differ by more than 10 %: pick L0 coefficients that match "
+                "(--l0-coefficient / --peer-l0-coefficient; --l0-grid shows FVU against L0)"
+            )
         return f"L0 check: within 10 % of each other ({listed}; ratio {high / low:.3f})"
     tolerance = 0.05 if args.architecture == "topk" else 0.01
     for name, l0 in first.items():  # per-row top-k, or batch top-k over the held-out rows: L0 = k
@@ -159,11 +163,22 @@ def ours_config(d_in: int, args, l0_coefficient: float | None = None):
 
     if args.architecture == "jumprelu":
         coefficient = args.l0_coefficient if l0_coefficient is None else l0_coefficient
-        return SAEConfig(architecture="jumprelu", d_in=d_in, d_sae=args.d_sae, l0_coefficient=coefficient,
-                         init_threshold=args.init_threshold, bandwidth=args.bandwidth)  # fmt: skip
+        return SAEConfig(
+            architecture="jumprelu",
+            d_in=d_in,
+            d_sae=args.d_sae,
+            l0_coefficient=coefficient,
+            init_threshold=args.init_threshold,
+            bandwidth=args.bandwidth,
+        )
     if args.architecture == "matryoshka":
-        return SAEConfig(architecture="matryoshka_batchtopk", d_in=d_in, d_sae=args.d_sae, k=args.k,
-                         matryoshka_widths=matryoshka_widths(args))  # fmt: skip
+        return SAEConfig(
+            architecture="matryoshka_batchtopk",
+            d_in=d_in,
+            d_sae=args.d_sae,
+            k=args.k,
+            matryoshka_widths=matryoshka_widths(args),
+        )
     return SAEConfig(architecture=args.architecture, d_in=d_in, d_sae=args.d_sae, k=args.k)
 
 
@@ -176,8 +191,16 @@ def train_ours(data, args, l0_coefficient: float | None = None) -> tuple[float, 
     shared = getattr(args, "shared_initial", None)
     if shared is not None:
         load_shared_initial(sae, shared, peer=False)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0, data_init=shared is None,
-                      normalize_activations=False, progress=False, dead_after_tokens=10_000_000)  # fmt: skip
+    cfg = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=0,
+        decay_fraction=0.0,
+        data_init=shared is None,
+        normalize_activations=False,
+        progress=False,
+        dead_after_tokens=10_000_000,
+    )
     stream = batches(data, args.batch, args.seed)
     _sync(args.device)
     clock = Clock().start()
@@ -201,15 +224,29 @@ def saelens_sae(d_in: int, args, l0_coefficient: float | None = None):
             MatryoshkaBatchTopKTrainingSAEConfig,
         )
 
-        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-            d_in=d_in, d_sae=args.d_sae, k=args.k, matryoshka_widths=matryoshka_widths(args), device=args.device))  # fmt: skip
+        return MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=d_in,
+                d_sae=args.d_sae,
+                k=args.k,
+                matryoshka_widths=matryoshka_widths(args),
+                device=args.device,
+            )
+        )
     if args.architecture == "jumprelu":
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
         coefficient = args.peer_l0_coefficient if l0_coefficient is None else l0_coefficient
-        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-            d_in=d_in, d_sae=args.d_sae, l0_coefficient=coefficient, jumprelu_init_threshold=args.peer_init_threshold,
-            jumprelu_bandwidth=args.bandwidth, device=args.device))  # fmt: skip
+        return JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(
+                d_in=d_in,
+                d_sae=args.d_sae,
+                l0_coefficient=coefficient,
+                jumprelu_init_threshold=args.peer_init_threshold,
+                jumprelu_bandwidth=args.bandwidth,
+                device=args.device,
+            )
+        )
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, device=args.device))
@@ -224,10 +261,16 @@ def train_saelens(data, args, l0_coefficient: float | None = None) -> tuple[floa
     if getattr(args, "shared_initial", None) is not None:
         load_shared_initial(sae, args.shared_initial, peer=True)
     cfg = SAETrainerConfig(
-        total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
-        lr_end=args.lr, lr_scheduler_name="constant", device=args.device, dead_feature_window=10_000, feature_sampling_window=10_000,
+        total_training_samples=args.steps * args.batch,
+        train_batch_size_samples=args.batch,
+        lr=args.lr,
+        lr_end=args.lr,
+        lr_scheduler_name="constant",
+        device=args.device,
+        dead_feature_window=10_000,
+        feature_sampling_window=10_000,
         logger=LoggingConfig(log_to_wandb=False),
-    )  # fmt: skip
+    )
     trainer = SAETrainer(cfg, sae, batches(data, args.batch, args.seed))
     _sync(args.device)
     clock = Clock().start()
@@ -295,8 +338,15 @@ def _rank_train(rank: int, world: int, port: int, data, args, out) -> None:
     ctx = init_distributed("data", args.device)
     torch.manual_seed(args.seed)
     sae = create_sae(ours_config(data.shape[1], args))
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
-                      normalize_activations=False, progress=False, dead_after_tokens=10_000_000)  # fmt: skip
+    cfg = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=0,
+        decay_fraction=0.0,
+        normalize_activations=False,
+        progress=False,
+        dead_after_tokens=10_000_000,
+    )
     local = args.batch // world
     stream = (b[rank * local : (rank + 1) * local] for b in batches(data, args.batch, args.seed))
     ctx.barrier()
@@ -323,8 +373,10 @@ def train_ours_processes(data, args) -> tuple[float, float, object]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         out = (ctx.Queue(), Path(tmp) / "sae.pt")
-        procs = [ctx.Process(target=_rank_train, args=(r, args.nproc, port, data, args, out))
-                 for r in range(args.nproc)]  # fmt: skip
+        procs = [
+            ctx.Process(target=_rank_train, args=(r, args.nproc, port, data, args, out))
+            for r in range(args.nproc)
+        ]
         for proc in procs:
             proc.start()
         seconds = out[0].get()
@@ -388,8 +440,10 @@ def l0_grid(train, held_out, args) -> None:
     """JumpReLU: each coefficient of ``--l0-grid`` trained once on both sides (timed once, not interleaved): held-out
     L0 and FVU per side, to read FVU at matched L0 off the two curves and pick the pair for the timed runs."""
     coefficients = [float(c) for c in args.l0_grid.split(",")]
-    print(f"{'coefficient':>12} {'ours L0':>8} {'ours FVU':>9} {'ours s':>7} {'SAELens L0':>11} {'SAELens FVU':>12} "
-          f"{'SAELens s':>10}")  # fmt: skip
+    print(
+        f"{'coefficient':>12} {'ours L0':>8} {'ours FVU':>9} {'ours s':>7} {'SAELens L0':>11} {'SAELens FVU':>12} "
+        f"{'SAELens s':>10}"
+    )
     for coefficient in coefficients:
         cells = []
         for name, run in (("ours", train_ours), ("SAELens", train_saelens)):
@@ -397,8 +451,45 @@ def l0_grid(train, held_out, args) -> None:
             fvu, l0 = held_out_scores(name, sae, held_out, args)["own encode"]
             cells.append((l0, fvu, seconds))
         (l0_a, fvu_a, s_a), (l0_b, fvu_b, s_b) = cells
-        print(f"{coefficient:12.3g} {l0_a:8.1f} {fvu_a:9.4f} {s_a:7.1f} {l0_b:11.1f} {fvu_b:12.4f} {s_b:10.1f}",
-              flush=True)  # fmt: skip
+        print(
+            f"{coefficient:12.3g} {l0_a:8.1f} {fvu_a:9.4f} {s_a:7.1f} {l0_b:11.1f} {fvu_b:12.4f} {s_b:10.1f}",
+            flush=True,
+        )
+
+
+def scaling(train: torch.Tensor, held_out: torch.Tensor, args) -> None:
+    """--scaling D1 D2 ...: ours and each peer trained once per width d_sae (the other settings as given), CPU
+    microseconds per token, the ratio, held-out FVU at the equal-L0 condition; then the growth exponent of each side's
+    cost per token in d_sae (a least-squares line in log-log). The encoder product is d_in · d_sae per token, so the
+    cost should grow about linearly."""
+    import numpy as np
+
+    peers = [n for n in args.peers.split(",") if n]
+    trainers = {"ours": train_ours, "SAELens": train_saelens, "sparsify": train_sparsify}
+    tokens = args.steps * args.batch
+    print(
+        f"{'d_sae':>7} "
+        + " ".join(f"{n + ' µs/tok':>16} {n + ' FVU':>12}" for n in ["ours", *peers])
+        + " "
+        + " ".join(f"{'ours/' + n:>14}" for n in peers)
+    )
+    costs: dict[str, list[float]] = {n: [] for n in ["ours", *peers]}
+    widths = [int(w) for w in args.scaling]
+    for width in widths:
+        args.d_sae = width
+        cells, cpu = {}, {}
+        for name in ["ours", *peers]:
+            _, cpu[name], sae = trainers[name](train, args)
+            cells[name] = held_out_scores(name, sae, held_out, args)
+            costs[name].append(cpu[name] / tokens * 1e6)
+        check_equal_l0(cells, args)
+        row = " ".join(
+            f"{costs[n][-1]:16.1f} {next(iter(cells[n].values()))[0]:12.4f}" for n in ["ours", *peers]
+        )
+        print(f"{width:7d} {row} " + " ".join(f"{cpu[n] / cpu['ours']:13.2f}×" for n in peers), flush=True)
+    for name, values in costs.items():
+        exponent = np.polyfit(np.log(widths), np.log(values), 1)[0]
+        print(f"{name}: CPU time per token ∝ d_sae^{exponent:.2f} ({widths[0]} → {widths[-1]})")
 
 
 def main() -> None:
@@ -421,8 +512,12 @@ def main() -> None:
         "--l0-grid", default="", help="jumprelu: comma-separated coefficients, FVU vs L0 only"
     )
     parser.add_argument("--init-threshold", type=float, default=0.05, help="jumprelu: ours")
-    parser.add_argument("--peer-init-threshold", type=float, default=None,
-                        help="jumprelu: SAELens's initial threshold (default --init-threshold)")  # fmt: skip
+    parser.add_argument(
+        "--peer-init-threshold",
+        type=float,
+        default=None,
+        help="jumprelu: SAELens's initial threshold (default --init-threshold)",
+    )
     parser.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu: both sides")
     parser.add_argument(
         "--target-l0",
@@ -436,13 +531,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every trainer uses it)")
-    parser.add_argument("--peers", default=None,
-                        help="comma-separated: SAELens, sparsify (topk only); default both for topk, else SAELens")  # fmt: skip
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help="comma-separated: SAELens, sparsify (topk only); default both for topk, else SAELens",
+    )
     parser.add_argument(
         "--nproc", type=int, default=1, help="also time ours data-parallel on N gloo processes"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--n-rows", type=int, default=60_000)
+    parser.add_argument(
+        "--scaling",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="D_SAE",
+        help="one run per d_sae on each side: cost per token and its growth exponent",
+    )
     args = parser.parse_args()
     if args.peer_init_threshold is None:
         args.peer_init_threshold = args.init_threshold
@@ -463,13 +569,20 @@ def main() -> None:
         if args.architecture != "jumprelu":
             parser.error("--target-l0 is for --architecture jumprelu (the others fix L0 by k)")
         args.shared_initial = shared_initial_sae(train, args)
-    setting = {"jumprelu": f"L0 coefficient ours {args.l0_coefficient:g} / SAELens {args.peer_l0_coefficient:g}, "
-                           f"initial threshold ours {args.init_threshold:g} / SAELens {args.peer_init_threshold:g}, "
-                           f"bandwidth {args.bandwidth:g}",
-               "matryoshka": f"k {args.k}, widths {matryoshka_widths(args)}"}.get(args.architecture, f"k {args.k}")  # fmt: skip
-    print(f"activations: {'code-tiny resid' if args.real else 'synthetic'} {tuple(data.shape)}; {args.architecture} "
-          f"d_sae {args.d_sae}, {setting}, batch {args.batch}, steps {args.steps}, lr {args.lr}; "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    setting = {
+        "jumprelu": f"L0 coefficient ours {args.l0_coefficient:g} / SAELens {args.peer_l0_coefficient:g}, "
+        f"initial threshold ours {args.init_threshold:g} / SAELens {args.peer_init_threshold:g}, "
+        f"bandwidth {args.bandwidth:g}",
+        "matryoshka": f"k {args.k}, widths {matryoshka_widths(args)}",
+    }.get(args.architecture, f"k {args.k}")
+    print(
+        f"activations: {'code-tiny resid' if args.real else 'synthetic'} {tuple(data.shape)}; {args.architecture} "
+        f"d_sae {args.d_sae}, {setting}, batch {args.batch}, steps {args.steps}, lr {args.lr}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    if args.scaling:
+        scaling(train, held_out, args)
+        return
     if args.l0_grid:
         if args.architecture != "jumprelu":
             parser.error("--l0-grid is for --architecture jumprelu (the others fix L0 by k)")
@@ -498,27 +611,37 @@ def main() -> None:
         fvu, l0 = scores[name][modes[0]]
         rows[name] = (seconds, tokens / seconds, fvu, l0)
     extra = "".join(f" {'FVU / L0 ' + mode:>24}" for mode in modes[1:])
-    print(f"{'trainer':16} {'best s':>8} {'median s':>9} {'best CPU s':>11} {'tokens/s':>10} {'held-out FVU':>13} "
-          f"{'L0':>6}{extra}   (FVU, L0: {modes[0]})")  # fmt: skip
+    print(
+        f"{'trainer':16} {'best s':>8} {'median s':>9} {'best CPU s':>11} {'tokens/s':>10} {'held-out FVU':>13} "
+        f"{'L0':>6}{extra}   (FVU, L0: {modes[0]})"
+    )
     for name, (seconds, rate, fvu, l0) in rows.items():
         median = statistics.median(results[name])
         cells = "".join(f" {scores[name][m][0]:16.4f} / {scores[name][m][1]:5.1f}" for m in modes[1:])
-        print(f"{name:16} {seconds:8.2f} {median:9.2f} {min(cpu_results[name]):11.2f} {rate:10.0f} {fvu:13.4f} "
-              f"{l0:6.1f}{cells}")  # fmt: skip
+        print(
+            f"{name:16} {seconds:8.2f} {median:9.2f} {min(cpu_results[name]):11.2f} {rate:10.0f} {fvu:13.4f} "
+            f"{l0:6.1f}{cells}"
+        )
     print(check_equal_l0(scores, args))  # before any ratio
     peers = [n for n in rows if n in ("SAELens", "sparsify")]
     for peer in peers:
         cpu_ratio = min(cpu_results[peer]) / min(cpu_results["ours"])
-        print(f"throughput ratio ours / {peer}: {rows['ours'][1] / rows[peer][1]:.2f}× wall, {cpu_ratio:.2f}× CPU "
-              f"time; FVU ours − {peer}: {rows['ours'][2] - rows[peer][2]:+.4f}")  # fmt: skip
+        print(
+            f"throughput ratio ours / {peer}: {rows['ours'][1] / rows[peer][1]:.2f}× wall, {cpu_ratio:.2f}× CPU "
+            f"time; FVU ours − {peer}: {rows['ours'][2] - rows[peer][2]:+.4f}"
+        )
     if peers:
         fastest = max(peers, key=lambda n: rows[n][1])
-        print(f"vs the faster peer ({fastest}): {rows['ours'][1] / rows[fastest][1]:.2f}× (target ≥ 1.5×), FVU "
-              f"{rows['ours'][2] - rows[fastest][2]:+.4f} (target ≤ 0)")  # fmt: skip
+        print(
+            f"vs the faster peer ({fastest}): {rows['ours'][1] / rows[fastest][1]:.2f}× (target ≥ 1.5×), FVU "
+            f"{rows['ours'][2] - rows[fastest][2]:+.4f} (target ≤ 0)"
+        )
     if args.nproc > 1:
         name = f"ours x{args.nproc} proc"
-        print(f"{args.nproc} gloo processes vs 1 process: {rows[name][1] / rows['ours'][1]:.2f}× tokens/s, FVU "
-              f"{rows[name][2] - rows['ours'][2]:+.4f}")  # fmt: skip
+        print(
+            f"{args.nproc} gloo processes vs 1 process: {rows[name][1] / rows['ours'][1]:.2f}× tokens/s, FVU "
+            f"{rows[name][2] - rows['ours'][2]:+.4f}"
+        )
 
 
 if __name__ == "__main__":
