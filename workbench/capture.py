@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench.datasets import TokenRowStream
 from workbench.store import ActivationStore, StoreError
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def select_positions(
     return picked.squeeze(pos_dim) if single else picked
 
 
-Inputs = Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
+Inputs = Sequence[str] | Sequence[Sequence[int]] | torch.Tensor | TokenRowStream
 
 
 def capture_to_store(
@@ -88,7 +89,9 @@ def capture_to_store(
 ) -> ActivationStore:
     """Stream ``texts`` through ``model`` and store the activations of ``hooks`` for every real token.
 
-    ``texts``: strings (tokenized by the model), token-id lists, or token ids [n, pos] (all real). Each row is one
+    ``texts``: strings (tokenized by the model), token-id lists, token ids [n, pos] (all real), or a dataset's
+    :class:`~workbench.datasets.TokenRowStream` (read from the source batch by batch: memory holds one batch and one
+    shard however large the dataset; this is what ``workbench capture`` passes). Each row is one
     (sequence, position); padding is dropped, and ``positions`` (int, list, slice or "last", counted within each
     sequence's real tokens) keeps only those; an int or listed position must exist in every sequence (IndexError
     naming the shortest length otherwise), a slice must select at least one token overall. Empty inputs are
@@ -106,7 +109,7 @@ def capture_to_store(
         positions, _lengths(model, texts, max_length, batch_size) if positions is not None else None
     )
     recipe = {
-        "inputs_sha256": _fingerprint(texts),
+        "inputs_sha256": texts.fingerprint if isinstance(texts, TokenRowStream) else _fingerprint(texts),
         "n_inputs": len(texts),
         "max_length": max_length,
         "positions": _describe_positions(positions),
@@ -137,8 +140,7 @@ def capture_to_store(
     bar = tqdm(
         total=len(texts), initial=start, desc=f"capture → {Path(path).name}", unit="seq", disable=not progress
     )
-    for begin in range(start, len(texts), batch_size):
-        chunk = texts[begin : begin + batch_size]
+    for begin, chunk in _chunks(texts, start, batch_size):
         batch = _encode(model, chunk, max_length)
         keep = _position_mask(batch["attention_mask"].bool(), positions)
         with torch.no_grad(), model.capture(names, dtype=dtype) as cache:
@@ -173,11 +175,32 @@ def capture_to_store(
     return store.finalize()
 
 
+def _chunks(texts: Inputs, start: int, batch_size: int) -> Iterator[tuple[int, Inputs]]:
+    """(index of the chunk's first input, up to ``batch_size`` inputs) from input ``start`` on; a stream is read
+    from its beginning, the inputs before ``start`` (already in a resumed store) skipped without a forward."""
+    if not isinstance(texts, TokenRowStream):
+        for begin in range(start, len(texts), batch_size):
+            yield begin, texts[begin : begin + batch_size]
+        return
+    pending: list[list[int]] = []
+    for index, row in enumerate(texts):
+        if index < start:
+            continue
+        pending.append(row)
+        if len(pending) == batch_size:
+            yield index + 1 - batch_size, pending
+            pending = []
+    if pending:
+        yield len(texts) - len(pending), pending
+
+
 def _widest(texts: Inputs, max_length: int) -> int:
     """The longest sequence of token ids ``texts`` gives the model after truncation to ``max_length``; 0 for
     strings, whose lengths are known once tokenized (a too-long one is refused by the model's forward)."""
     if isinstance(texts, torch.Tensor):
         return min(texts.shape[-1], max_length) if texts.ndim == 2 and not texts.is_floating_point() else 0
+    if isinstance(texts, TokenRowStream):
+        return min(texts.widest, max_length)
     if all(isinstance(t, str) for t in texts):
         return 0
     return min(max(len(t) for t in texts), max_length)
@@ -187,6 +210,8 @@ def _lengths(model: HookedModel, texts: Inputs, max_length: int, batch_size: int
     """Real-token count of every input after tokenization and truncation to ``max_length``."""
     if isinstance(texts, torch.Tensor):
         return [min(texts.shape[-1], max_length)] * len(texts) if texts.ndim == 2 else []
+    if isinstance(texts, TokenRowStream):
+        return [min(len(row), max_length) for row in texts]
     step = max(batch_size, 256)
     return [
         int(n)

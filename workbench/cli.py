@@ -143,13 +143,14 @@ def capture(
         fail(f"--out {out} is a file; name a directory for the activation store")
     dataset = open_data(data)
     hooked = open_model(model, workspace, device=device, trust_remote_code=trust_remote_code)
-    rows = dataset.token_rows(
+    rows = dataset.token_row_stream(
         hooked.tokenizer,
         context_length=context_length,
         batch_size=batch_size,
         packing=packing,
         max_tokens=max_tokens,
     )
+    typer.echo(f"capture: {rows.n_rows:,} sequences, {rows.n_tokens:,} tokens of {dataset.name} → {out}")
     store = capture_to_store(
         hooked,
         rows,

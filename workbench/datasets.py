@@ -20,6 +20,7 @@ packing, seeded shuffling, the token budget and progress; every analysis reads i
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -149,6 +150,11 @@ class Dataset:
             for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
         ]
 
+    def token_row_stream(self, tokenizer: Any, **options: Any) -> TokenRowStream:
+        """The rows of :meth:`token_rows` (same options), streamed: one counting pass now, a fresh pass of
+        :meth:`batches` per iteration, so memory holds one batch whatever the size of the dataset."""
+        return TokenRowStream(lambda: self.batches(tokenizer, **options), name=self.name)
+
     def token_tensor(self, tokenizer: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """All rows of :meth:`batches` at once: (input_ids [n, pos], attention_mask [n, pos]), padded to one length."""
         batches = list(self.batches(tokenizer, **options))
@@ -213,6 +219,34 @@ class Dataset:
                 yield [bos_id, *chunk] if bos_id is not None else chunk
         if buffer:
             yield [bos_id, *buffer] if bos_id is not None else buffer
+
+
+class TokenRowStream:
+    """Token rows (lists of real token ids, padding removed) of a dataset, read again from the source on every
+    iteration instead of held in memory: ``len()`` and the totals come from one counting pass at construction.
+
+    Attributes: ``n_rows``, ``n_tokens``, ``widest`` (the longest row) and ``fingerprint`` (sha256 of the rows,
+    the same digest as ``workbench.capture``'s for the same rows held as lists).
+    """
+
+    def __init__(self, batches: Callable[[], Iterable[dict[str, torch.Tensor]]], name: str = "rows") -> None:
+        self._batches, self.name = batches, name
+        digest = hashlib.sha256()
+        self.n_rows = self.n_tokens = self.widest = 0
+        for row in self:
+            digest.update(b"t" + np.asarray(row, dtype=np.int64).tobytes() + b"\0")
+            self.n_rows += 1
+            self.n_tokens += len(row)
+            self.widest = max(self.widest, len(row))
+        self.fingerprint = digest.hexdigest()
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches():
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+                yield ids[mask.bool()].tolist()
 
 
 def iter_model_batches(

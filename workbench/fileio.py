@@ -121,15 +121,11 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def safetensors_bytes(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> bytes:
-    """The safetensors file of ``tensors`` (any shapes, 0-d included), deterministic byte for byte.
-
-    Layout: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__":
-    {...}}`` with sorted keys, padded with spaces to a multiple of 8, then each tensor's raw little-endian bytes,
-    widest dtype first and by name within a width (so each tensor is aligned to its element size). Readable by ``safetensors.safe_open`` / ``safetensors.torch.load_file``.
-    """
+def _safetensors_parts(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[memoryview]]:
+    """(length prefix + JSON header, each tensor's raw bytes as a view in file order) of the safetensors file of
+    ``tensors``: no tensor's bytes are copied."""
     if metadata is not None and not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -141,23 +137,37 @@ def safetensors_bytes(
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}; storable: {list(SAFETENSORS_DTYPES)}")
     header: dict[str, Any] = {}
-    blobs: list[bytes] = []
+    blobs: list[memoryview] = []
     offset = 0
     for name in sorted(cpu, key=lambda n: (-cpu[n].element_size(), n)):  # widest first: every tensor aligned
         tensor = cpu[name]
-        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else memoryview(b"")
         header[name] = {
             "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(blob)],
+            "data_offsets": [offset, offset + blob.nbytes],
         }
         blobs.append(blob)
-        offset += len(blob)
+        offset += blob.nbytes
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+    return len(text).to_bytes(8, "little") + text, blobs
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The safetensors file of ``tensors`` (any shapes, 0-d included), deterministic byte for byte.
+
+    Layout: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__":
+    {...}}`` with sorted keys, padded with spaces to a multiple of 8, then each tensor's raw little-endian bytes,
+    widest dtype first and by name within a width (so each tensor is aligned to its element size). Readable by
+    ``safetensors.safe_open`` / ``safetensors.torch.load_file``.
+    """
+    header, blobs = _safetensors_parts(tensors, metadata)
+    return header + b"".join(blobs)
 
 
 def atomic_save_tensors(
@@ -165,9 +175,17 @@ def atomic_save_tensors(
     tensors: Mapping[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
     boundary: str | None = None,
-) -> None:
-    """Write ``tensors`` as a safetensors file atomically, with deterministic bytes (:func:`safetensors_bytes`)."""
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata), boundary)
+) -> str:
+    """Write ``tensors`` as a safetensors file atomically, with the deterministic bytes of :func:`safetensors_bytes`,
+    streamed from the tensors' memory (no copy of the file in memory); returns the file's sha256 (hex)."""
+    header, blobs = _safetensors_parts(tensors, metadata)
+    digest = hashlib.sha256(header)
+    with atomic_path(path, boundary) as tmp, tmp.open("wb") as out:
+        out.write(header)
+        for blob in blobs:
+            digest.update(blob)
+            out.write(blob)
+    return digest.hexdigest()
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:

@@ -20,7 +20,6 @@ rewrite: after each shard and at finalize).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -33,7 +32,14 @@ import numpy as np
 import torch
 
 from workbench import __version__
-from workbench.fileio import TEMP_GLOB, atomic_write_bytes, remove_temp_files, safetensors_bytes, sha256_file
+from workbench.fileio import (
+    TEMP_GLOB,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    remove_temp_files,
+    sha256_file,
+)
+from workbench.heap import release_free_heap
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -42,6 +48,9 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.in
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_NAME = re.compile(r"^shard-\d{5,}\.safetensors$")
 SHARD_GLOB = "shard-*.safetensors"
+# A shard is written once its buffered rows reach shard_rows or this many bytes (all hooks together), so a capture's
+# memory is bounded by a few shards' bytes whatever the width, the number of hooks or the size of the dataset.
+SHARD_BYTES = 64 * 2**20
 
 
 class StoreError(RuntimeError):
@@ -153,6 +162,8 @@ class ActivationStore:
         self._mapped: dict[str, dict[str, torch.Tensor]] = {}
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._buffer_rows = 0
+        self._buffer_bytes = 0
+        self.shard_bytes = SHARD_BYTES  # a shard is written once its rows reach shard_rows or this many bytes
         self._buffer_sequences_done = manifest.get("sequences_done", 0)
         self._writer: ThreadPoolExecutor | None = None  # one thread: shards written behind the next forward
         self._in_flight: Future[None] | None = None
@@ -288,9 +299,10 @@ class ActivationStore:
         )
         self._buffer.append(chunk)
         self._buffer_rows += rows
+        self._buffer_bytes += sum(t.numel() * t.element_size() for t in chunk.values())
         if sequences_done is not None:
             self._buffer_sequences_done = sequences_done
-        if self._buffer_rows >= self.manifest["shard_rows"]:
+        if self._buffer_rows >= self.manifest["shard_rows"] or self._buffer_bytes >= self.shard_bytes:
             self._write_behind()
 
     def _write_behind(self) -> None:
@@ -315,7 +327,7 @@ class ActivationStore:
 
     def _take_buffer(self) -> tuple[list[dict[str, torch.Tensor]], int, int]:
         buffer, rows, done = self._buffer, self._buffer_rows, self._buffer_sequences_done
-        self._buffer, self._buffer_rows = [], 0
+        self._buffer, self._buffer_rows, self._buffer_bytes = [], 0, 0
         return buffer, rows, done
 
     def flush(self) -> None:
@@ -335,17 +347,17 @@ class ActivationStore:
         """One shard from ``buffer`` (appended chunks, each {column: [rows_i, ...]}) written atomically, then the
         manifest rewritten to include it: the manifest never names a shard that is not fully on disk."""
         tensors = {k: torch.cat([c[k] for c in buffer]) for k in buffer[0]}
+        buffer.clear()  # the chunks go as soon as they are joined: at most two copies of a shard at any time
         index = len(self.manifest["shards"])
         name = f"shard-{index:05d}.safetensors"
-        data = safetensors_bytes(tensors, metadata={"shard": str(index)})
-        atomic_write_bytes(self.path / name, data, boundary="store.shard")
-        self.manifest["shards"].append(
-            {"file": name, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
-        )
+        sha256 = atomic_save_tensors(self.path / name, tensors, {"shard": str(index)}, boundary="store.shard")
+        del tensors
+        self.manifest["shards"].append({"file": name, "rows": rows, "sha256": sha256})
         self.manifest["n_rows"] += rows
         self.rows_written += rows
         self.manifest["sequences_done"] = sequences_done
         self._write_manifest()
+        release_free_heap()  # the shard's freed buffers back to the OS, not kept at the heap's high point
 
     def finalize(self) -> ActivationStore:
         """Flush and mark the store complete; only complete stores open for reading by default."""

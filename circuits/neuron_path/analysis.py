@@ -15,9 +15,7 @@ stores the ``ANALYSIS`` tables.
 
 from __future__ import annotations
 
-import ctypes
 import numbers
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 from workbench.adapters.base import HFAdapter
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table
 from workbench.datasets import Dataset
+from workbench.heap import release_free_heap
 
 HOOK = "blocks.{layer}.mlp.hook_post"
 
@@ -257,7 +256,7 @@ class _Scorer:
             grad = self._rows(sets, rows)
             total.index_add_(0, rows // (n * steps), grad.double().cpu())
             del grad
-            _trim_heap()
+            release_free_heap()
             if self.bar is not None:
                 self.bar.update(len(rows))
         return (total / (n * steps)).float()
@@ -292,16 +291,6 @@ class _Scorer:
         t0 = time.perf_counter()
         self._rows(sets, torch.arange(n))
         return (time.perf_counter() - t0) / n
-
-
-def _trim_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere). A chunk frees tensors
-    of a few MB, which glibc keeps in its heap once its dynamic mmap threshold has grown past them: measured on the
-    issue's GPT-2 (benchmarks/RESULTS.md), a run's peak RSS 4.2 GB that way against 0.9 GB with a fixed threshold."""
-    if sys.platform.startswith("linux"):
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
 
 
 @dataclass
