@@ -85,6 +85,22 @@ class Dataset:
             docs = [docs[i] for i in order]
         return docs[:limit] if limit else docs
 
+    def _stream_documents(self) -> Iterator[str]:
+        """The non-empty documents in source order, read as they are used (what :meth:`documents` lists)."""
+        if self.texts is None:
+            raise DatasetError(
+                f"dataset {self.name!r} holds {self.modality}, not texts; pass a text dataset to this analysis"
+            )
+        count = 0
+        for doc in self.texts():
+            if doc.strip():
+                count += 1
+                yield doc
+        if not count:
+            raise DatasetError(
+                f"dataset {self.name!r} holds no text; it needs at least one non-empty document"
+            )
+
     # ------------------------------------------------------------------ the one iterator
     def batches(
         self,
@@ -194,7 +210,11 @@ class Dataset:
                 f"dataset {self.name!r} is text, and the model has no tokenizer to read it with; save the model's "
                 "tokenizer into its directory (tokenizer.save_pretrained(DIR)) or pass pre-tokenized ids as --data"
             )
-        docs = self.documents(shuffle_seed=shuffle_seed)
+        docs = (
+            self.documents(shuffle_seed=shuffle_seed)
+            if shuffle_seed is not None
+            else self._stream_documents()
+        )
         bos_id = _bos_id(tokenizer) if bos else None
         if bos and bos_id is None:
             raise DatasetError("bos=True, but the tokenizer has no BOS or CLS token; use bos=None or False")
@@ -389,9 +409,15 @@ def load_dataset(ref: str | Path | Dataset | DatasetRef, *, limit: int | None = 
     if parsed.kind == "provider":
         return _providers()[str(parsed.location)](parsed.field or "", limit)
     if parsed.kind in ("text", "table", "hf_disk"):  # read now: a bad file fails before any model work
-        if parsed.kind == "text":
-            docs = read_text_lines(path)
-        elif parsed.kind == "table":
+        if parsed.kind == "text":  # streamed from the file on every pass: checked and counted now
+            count = count_text_lines(path)
+            documents = min(count, limit) if limit else count
+            return Dataset(
+                parsed.name,
+                texts=lambda: _capped(iter_text_lines(path), limit),
+                meta={"path": str(path), "documents": documents},
+            )
+        if parsed.kind == "table":
             docs = read_table_column(path, parsed.field or "text")
         else:
             docs = _read_hf_disk(path, parsed.field)
@@ -483,15 +509,41 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def read_text_lines(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file (one document each)."""
+def iter_text_lines(path: str | Path) -> Iterator[str]:
+    """The non-empty lines of a UTF-8 text file (one document each), read as they are used: memory holds one line,
+    not the file. Lines split as ``str.splitlines`` splits the whole text; a byte that is not UTF-8 raises
+    DatasetError naming the line and the fix."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"text file {path} does not exist")
-    lines = [line for line in _read_utf8(path).splitlines() if line.strip()]
-    if not lines:
+    with path.open("rb") as raw:
+        offset = 0
+        for number, line in enumerate(raw, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(
+                    f"{path} is not UTF-8 (byte {offset + err.start}, line {number}: "
+                    f"{line[err.start : err.start + 4]!r}); convert it, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
+                ) from None
+            offset += len(line)
+            yield from (part for part in text.splitlines() if part.strip())
+
+
+def count_text_lines(path: str | Path) -> int:
+    """How many documents :func:`iter_text_lines` gives, checked in one streaming pass (a file that is missing, not
+    UTF-8 or without text fails here, before any model work)."""
+    count = sum(1 for _ in iter_text_lines(path))
+    if not count:
         raise DatasetError(f"{path} holds no text; write one document per line")
-    return lines
+    return count
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (one document each), as a list."""
+    count_text_lines(path)
+    return list(iter_text_lines(path))
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
