@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -46,6 +45,7 @@ from workbench.fileio import (
     fsync_tree,
     write_checksums,
 )
+from workbench.schedules import lr_factor
 from workbench.workspace import Workspace
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
 
@@ -264,13 +264,6 @@ def _optimizer(model: torch.nn.Module, spec: ZooSpec) -> torch.optim.Optimizer:
         (decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95))
-
-
-def _lr_factor(spec: ZooSpec, step: int) -> float:
-    if step < spec.warmup:
-        return (step + 1) / spec.warmup
-    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -499,7 +492,14 @@ def train_zoo_model(
     with open(log_path, "a") as log:
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = spec.lr * _lr_factor(spec, step)
+                group["lr"] = spec.lr * lr_factor(
+                    step,
+                    steps=spec.steps,
+                    warmup=spec.warmup,
+                    decay_start=spec.warmup,
+                    decay="cosine",
+                    floor=0.1,
+                )
             if data is None:
                 gen = torch.Generator().manual_seed(hash((spec.seed, step)) % (2**63))
                 index = torch.randint(0, len(x_train), (spec.batch_size,), generator=gen)
