@@ -148,12 +148,13 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     write_tables(zoo_workspace, ANALYSIS, report.frames(fit_emergence(report.layers)))
     write_tables(zoo_workspace, attention.ANALYSIS, attention.run((series.load(s) for s in (0, series.steps[-1])),
                                                                   texts, dataset="test-prompts"))  # fmt: skip
-    from workbench.probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
+    from workbench.probes import analysis as probes
 
-    dataset = label_dataset("bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, seq_len=48)
-    rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
-                        progress=False)  # fmt: skip
-    write_probe_results(rows, zoo_workspace)
+    settings = probes.ProbeSettings(random_init=False, n_sequences=16, seq_len=48)
+    frames = probes.run(
+        series, labels="zoo:bracket_depth", steps=[0, 64, 300], settings=settings, progress=False
+    )
+    write_tables(zoo_workspace, probes.ANALYSIS, frames)
     from workbench.app.demo import recipes
     from workbench.circuits.codebook.analysis import ANALYSIS as CODEBOOKS
     from workbench.circuits.codebook.runs import codebook_dir
