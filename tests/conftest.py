@@ -156,11 +156,6 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     )
     write_tables(zoo_workspace, probes.ANALYSIS, frames)
     from workbench.app.demo import recipes
-    from workbench.circuits.codebook.analysis import ANALYSIS as CODEBOOKS
-    from workbench.circuits.codebook.runs import codebook_dir
-    from workbench.circuits.codebook.tokfsm import fsm_codebook_study
-    from workbench.datasets import load_dataset
-    from workbench.references import resolve_model
 
     # the demo's SAE and neuron-path commands, then a graph of a python-stdlib row (fewer features: faster)
     for recipe in recipes():
@@ -169,10 +164,9 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     workbench_cli("circuits", "attribute", "code-tiny", "--transcoders", "code-tiny.L0-mlp-transcoder", "--transcoders",
                   "code-tiny.L1-mlp-transcoder", "--data", "zoo:python-stdlib", "--context-length", "32",
                   "--max-feature-nodes", "500", "--no-progress", "-w", str(zoo_workspace.root))  # fmt: skip
-    study = fsm_codebook_study(resolve_model("fsm-tiny", workspace=zoo_workspace), load_dataset("zoo:tokfsm"),
-                               n_codes=100, steps=40, directory=codebook_dir(zoo_workspace, "fsm-tiny-demo"),
-                               progress=False)  # fmt: skip
-    write_tables(zoo_workspace, CODEBOOKS, study["frames"])
+    # the demo's TokFSM study of codebooks, smaller
+    workbench_cli("codebook", "tokfsm", "fsm-tiny", "--n-codes", "100", "--steps", "40", "--run", "fsm-tiny-demo",
+                  "--no-progress", "-w", str(zoo_workspace.root))  # fmt: skip
     return zoo_workspace
 
 

@@ -131,8 +131,8 @@ _ZOO = (
 SPECS: dict[str, ZooSpec] = {spec.name: spec for spec in _ZOO}
 
 
-def get_spec(name: str, **overrides: Any) -> ZooSpec:
-    """The registered spec ``name`` (with field overrides, e.g. ``steps=100``)."""
+def get_spec(name: str, /, **overrides: Any) -> ZooSpec:
+    """The registered spec ``name`` (with field overrides, e.g. ``steps=100``, or ``name=`` for a variant)."""
     if name not in SPECS:
         raise ZooError(f"no zoo model named {name!r}; valid names: {', '.join(SPECS)}")
     try:
@@ -553,3 +553,19 @@ def read_train_log(model_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise ZooError(f"{model_dir} has no train_log.jsonl; is it a zoo model directory?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ZooTrainer:
+    """The zoo as a model trainer (``workbench.references.ModelTrainer``, entry point ``zoo`` of
+    ``workbench.trainers``): :func:`get_spec` and :func:`train_zoo_model`."""
+
+    def spec(self, base: str, **overrides: Any) -> ZooSpec:
+        return get_spec(base, **overrides)
+
+    def train(
+        self, spec: ZooSpec, workspace: str | Path | Workspace | None, *, progress: bool = True
+    ) -> Path:
+        return train_zoo_model(spec, workspace, progress=progress)
+
+
+TRAINER = ZooTrainer()
