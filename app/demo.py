@@ -1,17 +1,15 @@
 """The one-command demo: a list of recipes over the zoo — the same `workbench` commands a user types.
 
 Each recipe is a command line run in-process through the CLI (`workbench.cli.app`), so the demo exercises exactly
-what the README shows; two are Python calls: zoo training (it resumes from its last checkpoint) and the codebooks'
-TokFSM study (`circuits.codebook.tokfsm.fsm_codebook_study`: `codebook train` and `codebook run` plus a steering
-check and a purity ceiling that no command computes). Each finished
-recipe is recorded in the results table ``demo_steps`` and skipped on a rerun (the probe job resumes by its own
-task status), so a rerun only serves the dashboard. A failing recipe raises DemoStepError naming it and the
-command to rerun by hand; the recipes before it stay done.
+what the README shows, from `workbench zoo train NAME` (it resumes from its last checkpoint) to `workbench codebook
+tokfsm fsm-small` (the codebooks' TokFSM study). Each finished recipe is recorded in the results table
+``demo_steps`` and skipped on a rerun (zoo training is always asked, and resumes or finds its run finished; the
+probe job resumes by its own task status), so a rerun only serves the dashboard. A failing recipe raises
+DemoStepError naming it and the command to rerun by hand; the recipes before it stay done.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -21,12 +19,6 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from workbench.analysis import write_tables
-from workbench.circuits.codebook.analysis import ANALYSIS as CODEBOOK_ANALYSIS
-from workbench.circuits.codebook.runs import codebook_dir
-from workbench.circuits.codebook.tokfsm import fsm_codebook_study
-from workbench.datasets import load_dataset
-from workbench.references import resolve_model
 from workbench.workspace import Workspace
 
 console = Console()
@@ -47,11 +39,10 @@ DEMO_SAES = (
 
 @dataclass(frozen=True)
 class Recipe:
-    """One demo step: a title and a `workbench` command line ({ws} is the workspace), or a Python callable."""
+    """One demo step: a title and a `workbench` command line ({ws} is the workspace)."""
 
     title: str
-    command: tuple[str, ...] = ()
-    run: Callable[[Workspace], str | None] | None = None
+    command: tuple[str, ...]
 
     def argv(self, ws: Workspace) -> list[str]:
         return [part.format(ws=ws.root) for part in self.command]
@@ -61,9 +52,7 @@ def recipes() -> list[Recipe]:
     """The demo, in order: train the zoo, then every analysis on zoo models and zoo / packaged data, plus the real
     pretrained MiniLM on the demo's prompts file."""
     prompts = str(PROMPTS)
-    steps = [
-        Recipe(f"train zoo model {name}", run=functools.partial(_train, name=name)) for name in DEMO_MODELS
-    ]
+    steps = [Recipe(f"train zoo model {name}", ("zoo", "train", name, "-w", "{ws}")) for name in DEMO_MODELS]
     steps += [
         Recipe(
             "massive activations over code-small checkpoints",
@@ -122,7 +111,22 @@ def recipes() -> list[Recipe]:
                 "{ws}",
             ),
         ),
-        Recipe("codebooks on fsm-small", run=_codebook_study),
+        Recipe(
+            "codebooks on fsm-small",
+            (
+                "codebook",
+                "tokfsm",
+                "fsm-small",
+                "--n-codes",
+                "300",
+                "--steps",
+                "300",
+                "--run",
+                "fsm-small-demo",
+                "-w",
+                "{ws}",
+            ),
+        ),
         Recipe(
             "neuron paths on vit-digits",
             (
@@ -143,35 +147,6 @@ def recipes() -> list[Recipe]:
         ),
     ]
     return steps
-
-
-def _train(ws: Workspace, name: str) -> str:
-    from workbench.zoo.train import train_zoo_model
-
-    return str(train_zoo_model(name, ws, progress=True).name)
-
-
-def _codebook_study(ws: Workspace, model_name: str = "fsm-small") -> str:
-    """The TokFSM study of codebooks on the workspace's ``model_name`` over ``zoo:tokfsm`` (run
-    ``<model_name>-demo``): both codebook tables written; returns state purity vs its ceiling, the loss gap and the
-    steering effect."""
-    model = resolve_model(model_name, workspace=ws)
-    study = fsm_codebook_study(
-        model,
-        load_dataset("zoo:tokfsm"),
-        n_codes=300,
-        steps=300,
-        directory=codebook_dir(ws, f"{model_name}-demo"),
-        progress=True,
-    )
-    write_tables(ws, CODEBOOK_ANALYSIS, study["frames"])
-    steer = study["steering"]
-    return (
-        f"state purity {study['mean_state_purity']:.3f} (ceiling for a code that knows the exact state "
-        f"posterior {study['purity_ceiling']:.3f}), loss gap {study['report'].loss_gap:+.3f} nats, forced code → "
-        f"legal from forced state {steer['forced_legal_from_forced']:.2f} vs unforced "
-        f"{steer['plain_legal_from_forced']:.2f}"
-    )
 
 
 class DemoStepError(RuntimeError):
@@ -230,10 +205,7 @@ def run_demo(workspace: str | Path | None = None) -> Workspace:
     db = ws.results()
     console.print(f"[bold]Workbench demo[/] → workspace {ws.root}")
     for recipe in recipes():
-        if recipe.run is not None:
-            run = lambda recipe=recipe: recipe.run(ws)  # noqa: E731
-        else:
-            run = lambda recipe=recipe: _run_command(recipe.argv(ws))  # noqa: E731
+        run = lambda recipe=recipe: _run_command(recipe.argv(ws))  # noqa: E731
         done = None
         if recipe.title.startswith("train zoo model"):
             done = False  # training resumes from its last checkpoint, so always ask it

@@ -1,9 +1,8 @@
-"""Probing a model (or every checkpoint of a series) for any label source: data, controls, results rows, figures.
+"""Probing a model (or every checkpoint of a series) for any label source: data, controls, results rows.
 
-    dataset = load_labels("reviews.csv", model.tokenizer, position="first")      # or "zoo:bracket_depth", spans, …
-    rows = probe_model(model, dataset, hooks="blocks.*.hook_resid_post")
-    write_probe_results(rows, workspace)
-    probe_heatmap(rows, dataset.name)
+    frames = run(model, "reviews.csv", labels="reviews.csv:text:label", position="first")  # or zoo:bracket_depth, …
+    write_tables(workspace, ANALYSIS, frames)                   # table probe_results: one row per checkpoint × hook
+    probe_heatmap(frames["probe_results"], "reviews.csv:label@first")      # probes.figures
 
 Label sources (user files, label functions, the zoo's label sets) live in :mod:`workbench.labels`. Every row reports
 the held-out score of the probe, the control-task score (Hewitt & Liang: a random label per token type, drawn from
@@ -23,18 +22,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import torch
 
-from workbench.analysis import Analysis, Table, write_tables
+from workbench.analysis import Analysis, Table
+from workbench.checkpoints import CheckpointSeries
 from workbench.datasets import Dataset, load_dataset
 from workbench.labels import LabelDataset, LabelSource, label_provider, parse_label_source
 from workbench.model import HookedModel
@@ -45,16 +43,16 @@ __all__ = [
     "LabelDataset",
     "ProbeSettings",
     "collect_activations",
+    "fit_model_probes",
     "label_dataset",
     "labels_for_model",
-    "probe_model",
-    "probe_series",
-    "write_probe_results",
+    "run",
 ]
 
 RESULTS_TABLE = "probe_results"
 TASKS_TABLE = "probe_tasks"
 RESULT_KEYS = ["model", "checkpoint", "hook", "label_set", "dataset"]
+DEFAULT_HOOKS = "blocks.*.hook_resid_post"
 ANALYSIS = Analysis(
     name="probes",
     command="workbench probe run MODEL --labels LABELS [--data DATA]  |  workbench probe jobs run JOB.toml",
@@ -323,21 +321,10 @@ def _layer(hook: str) -> int:
     return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else -1
 
 
-def probe_model(
-    model: HookedModel,
-    dataset: LabelDataset,
-    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
-    settings: ProbeSettings | None = None,
-) -> pd.DataFrame:
-    """Probe every hook of ``model`` for ``dataset``'s labels in one batched fit; one row per hook (the score table
-    of :func:`fit_model_probes`)."""
-    return fit_model_probes(model, dataset, hooks, settings)[0]
-
-
 def fit_model_probes(
     model: HookedModel,
     dataset: LabelDataset,
-    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    hooks: str | Sequence[str] = DEFAULT_HOOKS,
     settings: ProbeSettings | None = None,
 ) -> tuple[pd.DataFrame, LinearProbes]:
     """Probe every hook of ``model`` for ``dataset``'s labels in one batched fit → (one row per hook, the fitted
@@ -413,11 +400,64 @@ def fit_model_probes(
     return rows, probes
 
 
+def run(
+    model: HookedModel | CheckpointSeries,
+    data: str | Path | Dataset | None = None,
+    *,
+    labels: str | Path | LabelSource | LabelDataset,
+    hooks: str | Sequence[str] = DEFAULT_HOOKS,
+    position: str | int | None = None,
+    settings: ProbeSettings | None = None,
+    location: str | Path | None = None,
+    steps: Sequence[int] | None = None,
+    on_fit: Callable[[HookedModel, LabelDataset, LinearProbes], None] | None = None,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Linear probes on every hook of a model, or of every checkpoint of a series (each loaded once), for one label
+    source → ``{"probe_results": frame}`` of :data:`ANALYSIS` (one row per checkpoint × hook, the columns of
+    :func:`fit_model_probes`) for ``write_tables``.
+
+    Args:
+        model: a HookedModel or a CheckpointSeries (``workbench.references.resolve_series``).
+        data: the texts a label source reads (the zoo's Python label sets, label functions) or ``zoo:tokfsm`` for
+            the TokFSM label sets: a dataset reference or a Dataset; None when the labels bring their own.
+        labels: any label source of :mod:`workbench.labels` (a label file, ``zoo:NAME``, ``FILE.py:FN``, a
+            LabelSource), aligned once to the first checkpoint's tokenizer (the checkpoints of a series share it),
+            or a LabelDataset already aligned.
+        position: where a per-sequence label is probed: last, first, mean or a token index.
+        settings: the fit's :class:`ProbeSettings` (sequences, context length, split, controls, seed).
+        location: the zoo model directory the TokFSM label sets read their machine from (default: a series' first
+            checkpoint).
+        steps: the checkpoints of a series to probe (default: all).
+        on_fit: receives each checkpoint's model, label dataset and fitted probes (``probe run --save`` keeps
+            them with ``probes.readout.save_probe``).
+    """
+    settings = settings or ProbeSettings()
+    if isinstance(model, CheckpointSeries):
+        if location is None:
+            location = model.location(model.steps[0])
+        models: Iterable[HookedModel] = model.iter(steps, progress=progress)
+    else:
+        models = [model]
+    dataset = labels if isinstance(labels, LabelDataset) else None
+    frames = []
+    for each in models:
+        if dataset is None:
+            dataset = labels_for_model(
+                labels, each, location=location, data=data, position=position, settings=settings
+            )
+        rows, probes = fit_model_probes(each, dataset, hooks, settings)
+        if on_fit is not None:
+            on_fit(each, dataset, probes)
+        frames.append(rows)
+    return {RESULTS_TABLE: pd.concat(frames, ignore_index=True)}
+
+
 def probe_accuracy_metric(
     labels: str | Path | LabelSource,
     *,
     data: str | Path | Dataset | None = None,
-    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    hooks: str | Sequence[str] = DEFAULT_HOOKS,
     settings: ProbeSettings | None = None,
 ) -> Callable[[HookedModel], np.ndarray]:
     """A training-dynamics metric (``workbench.dynamics_metrics`` entry point ``probe_accuracy``): for each
@@ -431,7 +471,7 @@ def probe_accuracy_metric(
     def metric(model: HookedModel) -> np.ndarray:
         if not built:
             built.append(labels_for_model(source, model, data=data, settings=settings))
-        return probe_model(model, built[0], hooks, settings)["score"].to_numpy()
+        return run(model, labels=built[0], hooks=hooks, settings=settings)[RESULTS_TABLE]["score"].to_numpy()
 
     return metric
 
@@ -448,92 +488,6 @@ def _sequence_types(dataset: LabelDataset) -> torch.Tensor:
     """One id per distinct sequence content (real tokens only) [n]: the control task's "type" for sequence labels."""
     masked = torch.where(dataset.mask.bool(), dataset.tokens, -1)
     return torch.unique(masked, dim=0, return_inverse=True)[1]
-
-
-def probe_series(
-    series,
-    datasets: Sequence[LabelDataset],
-    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
-    settings: ProbeSettings | None = None,
-    steps: Sequence[int] | None = None,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """:func:`probe_model` for each label dataset (any source of :mod:`workbench.labels`, aligned once: checkpoints
-    share the tokenizer) at every checkpoint of a :class:`CheckpointSeries` (loaded once each)."""
-    frames = [
-        probe_model(model, dataset, hooks, settings)
-        for model in series.iter(steps, progress=progress)
-        for dataset in datasets
-    ]
-    return pd.concat(frames, ignore_index=True)
-
-
-def write_probe_results(rows: pd.DataFrame, workspace, job: str | None = None) -> int:
-    """Upsert probe rows into the workspace's ``probe_results`` table through :func:`workbench.analysis.write_tables`
-    (keyed by model/checkpoint/hook/label set/dataset, so re-running replaces rather than duplicates)."""
-    rows = rows.assign(job=job) if job is not None else rows
-    return write_tables(workspace, ANALYSIS, {RESULTS_TABLE: rows}).get(RESULTS_TABLE, 0)
-
-
-def probe_heatmap(
-    rows: pd.DataFrame, label_set: str, metric: str = "score", model: str | None = None
-) -> go.Figure:
-    """Heatmap layer × checkpoint of ``metric`` (score, selectivity, control_score, …) for one label set."""
-    frame = _select(rows, label_set, model)
-    grid = frame.pivot_table(index="layer", columns="checkpoint", values=metric)
-    fig = px.imshow(
-        grid,
-        aspect="auto",
-        origin="lower",
-        color_continuous_scale="Viridis",
-        labels={"x": "checkpoint", "y": "layer", "color": metric},
-        title=f"{frame['model'].iloc[0]} · {label_set} · {metric}",
-    )
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(dtick=1)
-    return fig
-
-
-def probe_over_checkpoints(rows: pd.DataFrame, label_set: str, model: str | None = None) -> go.Figure:
-    """Held-out score (solid) and control score (dotted) per layer over checkpoints, log-scaled steps."""
-    frame = _select(rows, label_set, model).sort_values("checkpoint")
-    fig = go.Figure()
-    for layer, group in frame.groupby("layer"):
-        steps = group["checkpoint"].clip(lower=0) + 1
-        fig.add_scatter(x=steps, y=group["score"], mode="lines+markers", name=f"layer {layer}")
-        fig.add_scatter(
-            x=steps,
-            y=group["control_score"],
-            mode="lines",
-            line={"dash": "dot"},
-            name=f"layer {layer} control",
-            legendgroup=str(layer),
-            showlegend=True,
-        )
-    baseline = float(frame["majority_score"].mean())
-    fig.add_hline(y=baseline, line_dash="dash", annotation_text="majority")
-    fig.update_layout(
-        xaxis={"type": "log", "title": "checkpoint step + 1"},
-        yaxis_title=frame["metric"].iloc[0],
-        title=f"{frame['model'].iloc[0]} · {label_set} over training",
-    )
-    return fig
-
-
-def _select(rows: pd.DataFrame, label_set: str, model: str | None) -> pd.DataFrame:
-    frame = rows[rows["label_set"] == label_set]
-    if model is not None:
-        frame = frame[frame["model"] == model]
-    if frame.empty:
-        have = sorted(rows["label_set"].unique())
-        raise ProbeError(
-            f"no probe rows for label set {label_set!r}"
-            + (f" and model {model!r}" if model else "")
-            + f"; label sets present: {have}"
-        )
-    if frame["model"].nunique() > 1:
-        raise ProbeError(f"rows hold several models {sorted(frame['model'].unique())}; pass model=")
-    return frame
 
 
 def zoo_fsm(model_dir: str | Path):

@@ -4,6 +4,7 @@ JOBS.toml`, `probe status JOBS.toml`) are hidden aliases for one release."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,7 @@ from workbench.cli_options import (
     add_deprecated_alias,
     deprecation_note,
     fail,
+    open_data,
     open_model,
 )
 
@@ -118,13 +120,10 @@ def run_probes(
 ) -> None:
     """Probe every hook of MODEL for a label source; prints a score table and writes probe_results (and, with
     --save, the fitted probes)."""
+    # imported here: the analysis imports torch, and `workbench --help` loads this module
+    from workbench.analysis import write_tables
     from workbench.labels import parse_label_source, parse_position
-    from workbench.probes.analysis import (
-        ProbeSettings,
-        fit_model_probes,
-        labels_for_model,
-        write_probe_results,
-    )
+    from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, ProbeSettings, run
     from workbench.probes.readout import save_probe
     from workbench.references import parse_model_ref
     from workbench.workspace import Workspace, safe_name
@@ -140,34 +139,44 @@ def run_probes(
     source = parse_label_source(labels)  # a bad label file fails before the model loads
     if save is not None:
         safe_name(save, "for a probe")
+    dataset = open_data(data) if data is not None else None
     where = parse_model_ref(model, workspace)
     hooked = open_model(model, workspace, device, dtype, trust_remote_code)
-    location = where.location if where.kind in ("directory", "series") else None
-    dataset = labels_for_model(
-        source,
-        hooked,
-        location=location,
-        data=data,
-        settings=settings,
-        position=parse_position(position) if position is not None else None,
-    )
+    ANALYSIS.check(hooked, dataset)
+    root = Workspace(workspace).root
     patterns = [
         p.strip() for item in hooks or ["blocks.*.hook_resid_post"] for p in item.split(",") if p.strip()
     ]
-    rows, probes = fit_model_probes(hooked, dataset, patterns, settings)
+    fitted: list[tuple[Any, Any, Any]] = []  # (model, label dataset, probes), kept with --save
+    frames = run(
+        hooked,
+        dataset,
+        labels=source,
+        hooks=patterns,
+        position=parse_position(position) if position is not None else None,
+        settings=settings,
+        location=where.location if where.kind in ("directory", "series") else None,
+        on_fit=(lambda *fit: fitted.append(fit)) if save is not None else None,
+    )
+    written = write_tables(root, ANALYSIS, frames)
+    rows = frames[RESULTS_TABLE]
+    first = rows.iloc[0]
     shown = rows[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
     typer.echo(
-        f"{hooked.cfg.name} · {dataset.name} on {dataset.dataset} · {rows['metric'].iloc[0]} "
-        f"(n_train {rows['n_train'].iloc[0]}, n_test {rows['n_test'].iloc[0]}, classes "
-        f"{', '.join(dataset.label_names) or rows['n_classes'].iloc[0]})"
+        f"{first['model']} · {first['label_set']} on {first['dataset']} · {first['metric']} "
+        f"(n_train {first['n_train']}, n_test {first['n_test']}, classes "
+        f"{', '.join(json.loads(first['label_names'])) or first['n_classes']})"
     )
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
-    root = Workspace(workspace).root
-    written = write_probe_results(rows, root)
-    typer.echo(f"wrote {written} rows to probe_results in {root}")
-    if save is not None:
+    typer.echo(f"wrote {written.get(RESULTS_TABLE, 0)} rows to {RESULTS_TABLE} in {root}")
+    for fitted_model, labelled, probes in fitted if save is not None else []:
         saved = save_probe(
-            root, save, probes, model=hooked, label_set=dataset.name, label_names=list(dataset.label_names)
+            root,
+            save,
+            probes,
+            model=fitted_model,
+            label_set=labelled.name,
+            label_names=list(labelled.label_names),
         )
         typer.echo(f"saved the probes ({len(probes.sites)} hooks) to {saved}")
 

@@ -54,7 +54,15 @@ from workbench.executor import BACKENDS, execute, task_outcome
 from workbench.faults import crash_point
 from workbench.identity import identity_slug, is_path_identity
 from workbench.labels import LabelError, label_provider, parse_label_source, parse_position
-from workbench.probes.analysis import ANALYSIS, RESULTS_TABLE, TASKS_TABLE, ProbeSettingError, ProbeSettings
+from workbench.probes.analysis import (
+    ANALYSIS,
+    RESULTS_TABLE,
+    TASKS_TABLE,
+    ProbeSettingError,
+    ProbeSettings,
+    run,
+    zoo_fsm,
+)
 from workbench.workspace import Workspace
 
 STATUS_TABLE = TASKS_TABLE
@@ -402,7 +410,6 @@ def _pick_steps(steps: list[int], wanted: Any, where: str) -> list[int]:
 def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
     """The hooks of ``entry`` resolved on the task's model; label sources the model cannot use are refused."""
     from workbench.hooks import HookNameError
-    from workbench.probes.analysis import zoo_fsm
 
     where = entry["_where"]
     model = _load(task)
@@ -442,22 +449,20 @@ def run_task(task: ProbeTask) -> dict[str, Any]:
     "threads" (torch threads it ran with)}."""
     import torch
 
-    from workbench.probes.analysis import labels_for_model, probe_model
-
     start = time.perf_counter()
     try:
-        settings = ProbeSettings(**task.settings)
         model = _load(task)
         model.cfg.name = task.model
-        dataset = labels_for_model(
-            task.labels or f"zoo:{task.label_set}",
+        frames = run(
             model,
-            location=task.location,
-            data=task.data,
+            task.data,
+            labels=task.labels or f"zoo:{task.label_set}",
+            hooks=list(task.hooks),
             position=task.position,
-            settings=settings,
+            settings=ProbeSettings(**task.settings),
+            location=task.location,
         )
-        rows = probe_model(model, dataset, list(task.hooks), settings)
+        rows = frames[RESULTS_TABLE]
         result = task_outcome("done", start, rows=rows.to_dict("records"))
     except Exception as err:  # noqa: BLE001 — a failed task is reported in the status table, not raised
         result = task_outcome("failed", start, error=err)

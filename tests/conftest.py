@@ -149,18 +149,14 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     write_tables(zoo_workspace, ANALYSIS, report.frames(fit_emergence(report.layers)))
     write_tables(zoo_workspace, attention.ANALYSIS, attention.run((series.load(s) for s in (0, series.steps[-1])),
                                                                   texts, dataset="test-prompts"))  # fmt: skip
-    from workbench.probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
+    from workbench.probes import analysis as probes
 
-    dataset = label_dataset("bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, seq_len=48)
-    rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
-                        progress=False)  # fmt: skip
-    write_probe_results(rows, zoo_workspace)
+    settings = probes.ProbeSettings(random_init=False, n_sequences=16, seq_len=48)
+    frames = probes.run(
+        series, labels="zoo:bracket_depth", steps=[0, 64, 300], settings=settings, progress=False
+    )
+    write_tables(zoo_workspace, probes.ANALYSIS, frames)
     from workbench.app.demo import recipes
-    from workbench.circuits.codebook.analysis import ANALYSIS as CODEBOOKS
-    from workbench.circuits.codebook.runs import codebook_dir
-    from workbench.circuits.codebook.tokfsm import fsm_codebook_study
-    from workbench.datasets import load_dataset
-    from workbench.references import resolve_model
 
     # the demo's SAE and neuron-path commands, then a graph of a python-stdlib row (fewer features: faster)
     for recipe in recipes():
@@ -169,10 +165,9 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
     workbench_cli("circuits", "attribute", "code-tiny", "--transcoders", "code-tiny.L0-mlp-transcoder", "--transcoders",
                   "code-tiny.L1-mlp-transcoder", "--data", "zoo:python-stdlib", "--context-length", "32",
                   "--max-feature-nodes", "500", "--no-progress", "-w", str(zoo_workspace.root))  # fmt: skip
-    study = fsm_codebook_study(resolve_model("fsm-tiny", workspace=zoo_workspace), load_dataset("zoo:tokfsm"),
-                               n_codes=100, steps=40, directory=codebook_dir(zoo_workspace, "fsm-tiny-demo"),
-                               progress=False)  # fmt: skip
-    write_tables(zoo_workspace, CODEBOOKS, study["frames"])
+    # the demo's TokFSM study of codebooks, smaller
+    workbench_cli("codebook", "tokfsm", "fsm-tiny", "--n-codes", "100", "--steps", "40", "--run", "fsm-tiny-demo",
+                  "--no-progress", "-w", str(zoo_workspace.root))  # fmt: skip
     return zoo_workspace
 
 

@@ -156,7 +156,8 @@ def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset
     from workbench.circuits.neuron_path import analysis as neuron_path
     from workbench.circuits.sae.analysis import run as run_saes
     from workbench.datasets import load_dataset
-    from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
+    from workbench.probes.analysis import ProbeSettings, labels_for_model
+    from workbench.probes.analysis import run as run_probes
 
     model, data = tl_model, load_dataset(matrix["data"][dataset])
     report = detect_massive(model, data, dataset=data.name, max_length=32)
@@ -174,7 +175,7 @@ def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset
     labels = labels_for_model(
         "zoo:inside_string", model, data=data, settings=ProbeSettings(random_init=False)
     )
-    rows = probe_model(model, labels, "blocks.*.hook_resid_post", ProbeSettings(random_init=False))
+    rows = run_probes(model, labels=labels, settings=ProbeSettings(random_init=False))["probe_results"]
     assert len(rows) == 2 and rows["score"].notna().all()
 
 

@@ -1,7 +1,8 @@
 """The ``workbench`` command line.
 
-Core commands live here; the analysis packages contribute theirs through the ``workbench.cli`` entry-point
-group (pyproject.toml), so ``workbench`` never imports ``probes``, ``circuits`` or ``app`` directly.
+Core commands live here; the analysis packages and the zoo contribute theirs through the ``workbench.cli``
+entry-point group (pyproject.toml), so ``workbench`` never imports ``probes``, ``circuits``, ``app`` or the zoo
+directly.
 """
 
 from __future__ import annotations
@@ -177,12 +178,6 @@ def capture(
         typer.echo(f"wrote {store.rows_written} rows × {hooks_text} to {out}")
 
 
-def _mount_core() -> None:
-    from workbench.zoo.cli import app as zoo_app
-
-    app.add_typer(zoo_app, name="zoo")
-
-
 def _mount_plugins() -> None:
     """Add the commands that installed packages declare in the ``workbench.cli`` entry-point group."""
     for entry in importlib.metadata.entry_points(group="workbench.cli"):
@@ -197,7 +192,6 @@ def _mount_plugins() -> None:
             app.command(name=entry.name)(target)
 
 
-_mount_core()
 _mount_plugins()
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ Failures raise :class:`ModelReferenceError`, naming every form that was tried an
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -296,6 +297,35 @@ def _wrap_object(ref: Any, probe: bool = False) -> HookedModel | bool | None:
         f"a {kind} is not a model the workbench wraps; pass a HookedModel, a TransformerLens HookedTransformer or "
         f"TransformerBridge, a transformers PreTrainedModel, or a string: {FORMS}"
     )
+
+
+# ---------------------------------------------------------------------------------------------------- trainers
+class ModelTrainer(Protocol):
+    """What trains the workspace models ``NAME`` resolves to: named specs and a resumable run into
+    ``workspace/models/NAME/step<N>/``. Registered in the ``workbench.trainers`` entry points (the zoo's is ``zoo``),
+    so the core, the analyses and the app train models without importing the provider."""
+
+    def spec(self, base: str, **overrides: Any) -> Any:
+        """The spec named ``base`` with field ``overrides`` (it has ``name``); a ValueError names the valid names
+        or fields."""
+        ...
+
+    def train(self, spec: Any, workspace: str | Path | Workspace | None, *, progress: bool = True) -> Path:
+        """Train ``spec`` into ``workspace`` (or resume it, or find it finished); its model directory."""
+        ...
+
+
+def model_trainer(name: str = "zoo") -> ModelTrainer:
+    """The trainer registered as ``name`` in the ``workbench.trainers`` entry points (a ModelReferenceError naming
+    the installed ones otherwise)."""
+    entries = {entry.name: entry for entry in importlib.metadata.entry_points(group="workbench.trainers")}
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "none installed"
+        raise ModelReferenceError(
+            f"no model trainer {name!r} (installed: {known}); a trainer registers in the workbench.trainers entry "
+            "points (reinstall the workbench with `pip install -e .` if the zoo's is missing)"
+        )
+    return cast(ModelTrainer, entries[name].load())
 
 
 # ---------------------------------------------------------------------------------------------------- the hub

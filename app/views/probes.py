@@ -5,7 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from workbench.app.data import empty_state, model_select, open_workspace_or_stop, pick, table
-from workbench.probes.analysis import ANALYSIS, probe_heatmap, probe_over_checkpoints
+from workbench.probes.analysis import ANALYSIS
+from workbench.probes.figures import probe_heatmap, probe_over_checkpoints
 
 METRICS = {
     "score": "held-out probe accuracy (R² for regression)",

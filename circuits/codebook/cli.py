@@ -1,6 +1,7 @@
 """`workbench codebook train|run MODEL --data DATA`: codebooks on any causal LM, trained (checkpointed and resumable
 under workspace/codebooks/RUN) and analysed on any dataset (`run`, the codebook analysis), written to the workspace
-results database. `codebook analyse` is the hidden spelling of `codebook run` for one release."""
+results database; `workbench codebook tokfsm MODEL` runs the TokFSM science check (tokfsm.py) on a TokFSM model.
+`codebook analyse` is the hidden spelling of `codebook run` for one release."""
 
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ app = typer.Typer(
 RunOption = Annotated[
     str | None,
     typer.Option(
-        "--run", help="Run name under workspace/codebooks (default: the model's short name + -codebooks)."
+        "--run",
+        help="Run name under workspace/codebooks (default: the model's short name + -codebooks; -tokfsm for the "
+        "TokFSM study).",
     ),
 ]
+NCodesOption = Annotated[int, typer.Option("--n-codes", min=1, help="Codes per codebook.")]
+TrainStepsOption = Annotated[int, typer.Option("--steps", min=1, help="Training steps.")]
+SimilarityOption = Annotated[str, typer.Option("--similarity", help="dot or cosine.")]
 
 
 @app.command()
@@ -51,10 +57,10 @@ def train(
             "or blocks.L.attn.hook_z (one per head); default the last block's hook_resid_post.",
         ),
     ] = None,
-    n_codes: Annotated[int, typer.Option("--n-codes", min=1, help="Codes per codebook.")] = 200,
+    n_codes: NCodesOption = 200,
     k: Annotated[int, typer.Option("--k", min=1, help="Codes chosen per token.")] = 1,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")] = 150,
-    similarity: Annotated[str, typer.Option("--similarity", help="dot or cosine.")] = "dot",
+    steps: TrainStepsOption = 150,
+    similarity: SimilarityOption = "dot",
     run: RunOption = None,
     seed: SeedOption = 0,
     context_length: ContextOption = 128,
@@ -171,6 +177,65 @@ def run_analysis(
         f"{written.get(ANALYSIS.tables[0].name, 0)} code rows of run {directory.name} on {dataset.name!r} "
         f"written (tables {', '.join(ANALYSIS.table_names)})"
     )
+
+
+@app.command("tokfsm")
+def tokfsm_study(
+    model: ModelArgument,
+    data: DataOption = "zoo:tokfsm",
+    site: Annotated[
+        str | None,
+        typer.Option(
+            "--site", help="Hook site of the k=1 codebook (default: the last block's hook_resid_post)."
+        ),
+    ] = None,
+    n_codes: NCodesOption = 200,
+    steps: TrainStepsOption = 100,
+    similarity: SimilarityOption = "dot",
+    run: RunOption = None,
+    seed: SeedOption = 0,
+    context_length: ContextOption = 32,
+    device: DeviceOption = "cpu",
+    workspace: WorkspaceOption = None,
+    progress: ProgressOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """The TokFSM science check: train a k=1 codebook on a TokFSM model over --data (a TokFSM dataset, which carries
+    its machine and state labels: zoo:tokfsm), write both codebook tables, and print how purely each FSM state's best
+    code names it (against the best any code can do), the loss gap and what forcing a state's code does."""
+    from workbench.analysis import write_tables
+    from workbench.circuits.codebook import ANALYSIS, CodebookConfig, check, codebook_dir
+    from workbench.circuits.codebook.tokfsm import dataset_fsm, fsm_codebook_study
+    from workbench.references import short_name
+
+    CodebookConfig("--site", d=1, n_codes=n_codes, k=1, similarity=similarity)  # refuses bad settings at once
+    dataset = open_data(data)
+    dataset_fsm(dataset)  # a dataset that is not TokFSM's is refused before the model loads
+    hooked = open_model(model, workspace, device, "float32", trust_remote_code)
+    check(hooked, dataset, [site] if site else [], context_length)
+    ws = Workspace(workspace).ensure()
+    directory = codebook_dir(ws, run or f"{short_name(model)}-tokfsm")
+    study = fsm_codebook_study(
+        hooked,
+        dataset,
+        site=site,
+        n_codes=n_codes,
+        steps=steps,
+        similarity=similarity,
+        context_length=context_length,
+        directory=directory,
+        seed=seed,
+        progress=progress,
+    )
+    written = write_tables(ws, ANALYSIS, study["frames"])
+    steer = study["steering"]
+    typer.echo(
+        f"state purity {study['mean_state_purity']:.3f} (ceiling for a code that knows the exact state posterior "
+        f"{study['purity_ceiling']:.3f}), loss gap {study['report'].loss_gap:+.3f} nats, forced code → legal from "
+        f"forced state {steer['forced_legal_from_forced']:.2f} vs unforced {steer['plain_legal_from_forced']:.2f}"
+    )
+    tables = ", ".join(f"{name} ({rows} rows)" for name, rows in written.items())
+    typer.echo(f"codebooks saved in {directory}; wrote {tables} to {ws.results_path}")
 
 
 add_deprecated_alias(app, "analyse", "codebook analyse", "codebook run", run_analysis)

@@ -37,6 +37,7 @@ from workbench.circuits.sae.matryoshka import MatryoshkaBatchTopKSAE
 from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
+from workbench.schedules import lr_factor
 
 Trainable: TypeAlias = SAE | CrossLayerTranscoder
 TrainableT = TypeVar("TrainableT", bound=Trainable)
@@ -74,16 +75,6 @@ class TrainResult(Generic[TrainableT]):
 
     saes: dict[str, TrainableT]
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier (a float, no tensors) at 0-based ``step``: linear warm-up to 1 over
-    ``warmup_steps``, constant, then linear decay to 0 over the last ``decay_fraction`` of ``steps``."""
-    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
-    if step < decay_start or cfg.decay_fraction <= 0:
-        return warm
-    return warm * max(0.0, (cfg.steps - step) / max(cfg.steps - decay_start, 1))
 
 
 def seeded_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
@@ -318,7 +309,10 @@ def _train(
     optimizer = torch.optim.Adam(
         params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr, betas=(0.9, 0.999), fused=_can_fuse(params)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    decay_start = int(cfg.steps * (1 - cfg.decay_fraction)) if cfg.decay_fraction > 0 else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps=cfg.steps, warmup=cfg.warmup_steps, decay_start=decay_start)
+    )
     tokens_since_fired = {
         n: torch.zeros(_latent_shape(s), dtype=torch.long, device=s.device) for n, s in saes.items()
     }

@@ -23,7 +23,7 @@ from workbench.probes.analysis import (
     ProbeSettings,
     collect_activations,
     fit_model_probes,
-    probe_model,
+    run,
     split_by_sequence,
 )
 from workbench.probes.jobs import job_status, load_job, run_job
@@ -135,7 +135,7 @@ def test_planted_sentiment_on_minilm_cls_beats_its_controls_and_matches_sklearn(
     assert (dataset.labelled().sum(1) == 1).all() and dataset.labelled()[:, 0].all()
     hooks = ["blocks.0.hook_resid_post", "blocks.5.hook_resid_post"]
     settings = ProbeSettings(random_init=False, l2=1e-2)
-    rows = probe_model(minilm, dataset, hooks, settings)
+    rows = run(minilm, labels=dataset, hooks=hooks, settings=settings)["probe_results"]
     assert (rows["score"] >= 0.95).all(), rows
     assert (rows["control_score"] <= 0.75).all() and (rows["selectivity"] >= 0.25).all(), rows
     assert (rows["majority_score"] <= 0.65).all() and set(rows["position"]) == {"first"}
@@ -174,7 +174,9 @@ def test_mean_pooling_and_regression_on_minilm(minilm, tmp_path) -> None:
     torch.testing.assert_close(x[0], expected, atol=1e-4, rtol=1e-4)
     assert labels.tolist() == [float(r["sentiment"] == "positive") for r in records]
     assert (token_ids == -1).all() and sequence.tolist() == list(range(24))
-    rows = probe_model(minilm, pooled, [hook], ProbeSettings(random_init=False, control=False, l2=1.0))
+    rows = run(
+        minilm, labels=pooled, hooks=[hook], settings=ProbeSettings(random_init=False, control=False, l2=1.0)
+    )["probe_results"]
     assert rows["metric"].iloc[0] == "r2" and rows["score"].iloc[0] > 0.5, rows
     assert np.isnan(rows["token_identity_score"].iloc[0])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.base import clone
@@ -11,19 +12,21 @@ from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from workbench.analysis import write_tables
 from workbench.probes.analysis import (
+    ANALYSIS,
     ProbeSettings,
     collect_activations,
     control_labels,
+    fit_model_probes,
     label_dataset,
-    probe_heatmap,
-    probe_model,
-    probe_over_checkpoints,
+    labels_for_model,
+    run,
     token_identity_score,
-    write_probe_results,
     zoo_fsm,
 )
 from workbench.probes.estimator import ProbeClassifier, ProbeRegressor
+from workbench.probes.figures import probe_heatmap, probe_over_checkpoints
 from workbench.probes.linear import LinearProbes, ProbeError, cross_validate, fit_probes, fit_probes_streaming
 
 
@@ -338,8 +341,12 @@ def test_science_fsm_state_is_read_beyond_token_identity_after_training(fsm_seri
     dataset = label_dataset("fsm_state", fsm=zoo_fsm(fsm_series.location(0)), n_sequences=64, seq_len=48)
     settings = ProbeSettings(l2=1e-3)
     hooks = ["hook_embed", "blocks.*.hook_resid_post"]
-    final = probe_model(fsm_series.load(fsm_series.steps[-1]), dataset, hooks, settings)
-    start = probe_model(fsm_series.load(0), dataset, hooks, settings.__class__(l2=1e-3, random_init=False))
+    final = run(fsm_series.load(fsm_series.steps[-1]), labels=dataset, hooks=hooks, settings=settings)[
+        "probe_results"
+    ]
+    start = run(
+        fsm_series.load(0), labels=dataset, hooks=hooks, settings=ProbeSettings(l2=1e-3, random_init=False)
+    )["probe_results"]
     best = final.loc[final["score"].idxmax()]
     assert best["hook"] != "hook_embed"
     assert best["score"] > best["token_identity_score"] + 0.1
@@ -347,10 +354,45 @@ def test_science_fsm_state_is_read_beyond_token_identity_after_training(fsm_seri
     assert best["score"] > best["random_init_score"] + 0.1
     assert (final["control_score"] > 0.99).all()
     assert final["majority_score"].iloc[0] < 0.05
-    rows = __import__("pandas").concat([final, start])
-    write_probe_results(rows, tmp_path)
+    rows = pd.concat([final, start])
+    write_tables(tmp_path, ANALYSIS, {"probe_results": rows})
     assert len(probe_heatmap(rows, "fsm_state").data) == 1
     assert len(probe_over_checkpoints(rows, "fsm_state").data) == 2 * 3
+
+
+def test_run_equals_the_per_checkpoint_fits_and_probe_run_writes_its_rows(code_series, tmp_path) -> None:
+    """`run` over a series is the fit of each checkpoint with the labels aligned once (the path `probe_series` took),
+    row for row; `workbench probe run` on one checkpoint writes exactly the rows `run` returns for it."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+    from workbench.references import resolve_model
+    from workbench.workspace import Workspace
+
+    settings = ProbeSettings(random_init=False, n_sequences=16, seq_len=32)
+    hooks = ["hook_embed", "blocks.*.hook_resid_post"]
+    steps = [0, code_series.steps[-1]]
+    frames = run(
+        code_series, labels="zoo:bracket_depth", hooks=hooks, settings=settings, steps=steps, progress=False
+    )
+    labels = labels_for_model("zoo:bracket_depth", code_series.load(0), settings=settings)
+    before = [fit_model_probes(code_series.load(step), labels, hooks, settings)[0] for step in steps]
+    pd.testing.assert_frame_equal(frames["probe_results"], pd.concat(before, ignore_index=True))
+    assert list(frames) == ["probe_results"] and len(frames["probe_results"]) == 2 * 3
+
+    reference = f"{code_series.location(steps[-1]).parent}@{steps[-1]}"
+    result = CliRunner().invoke(app, ["probe", "run", reference, "--labels", "zoo:bracket_depth", "--hooks",
+                                      ",".join(hooks), "--n-sequences", "16", "--context-length", "32",
+                                      "--no-random-init", "-w", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = run(resolve_model(reference), labels="zoo:bracket_depth", hooks=hooks, settings=settings)
+    columns = [*ANALYSIS.tables[0].keys, *(c for c in ANALYSIS.tables[0].columns if c != "job")]
+    written = (
+        Workspace(tmp_path).results().read("probe_results")[columns].sort_values("layer", ignore_index=True)
+    )
+    want = expected["probe_results"][columns].sort_values("layer", ignore_index=True)
+    pd.testing.assert_frame_equal(written, want, check_dtype=False)
+    assert f"wrote {len(want)} rows to probe_results" in result.output
 
 
 MARGIN = 0.005  # accuracy (0–1) the bracket-depth check demands beyond step 0
@@ -371,7 +413,11 @@ def test_science_bracket_depth_is_read_better_after_training_than_at_step_zero(c
     dataset = label_dataset("bracket_depth", tokenizer=final.tokenizer, n_sequences=256, seq_len=64)
     for seed in (0, 1, 2):
         settings = ProbeSettings(random_init=False, seed=seed)
-        trained = probe_model(final, dataset, "blocks.*.hook_attn_out", settings)
-        initial = probe_model(start, dataset, "blocks.*.hook_attn_out", settings)
+        trained = run(final, labels=dataset, hooks="blocks.*.hook_attn_out", settings=settings)[
+            "probe_results"
+        ]
+        initial = run(start, labels=dataset, hooks="blocks.*.hook_attn_out", settings=settings)[
+            "probe_results"
+        ]
         assert trained["score"].max() > initial["score"].max() + MARGIN, (seed, trained, initial)
         assert trained["selectivity"].max() > initial["selectivity"].max() + MARGIN, (seed, trained, initial)

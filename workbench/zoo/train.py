@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -46,6 +45,7 @@ from workbench.fileio import (
     fsync_tree,
     write_checksums,
 )
+from workbench.schedules import lr_factor
 from workbench.workspace import Workspace
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
 
@@ -131,8 +131,8 @@ _ZOO = (
 SPECS: dict[str, ZooSpec] = {spec.name: spec for spec in _ZOO}
 
 
-def get_spec(name: str, **overrides: Any) -> ZooSpec:
-    """The registered spec ``name`` (with field overrides, e.g. ``steps=100``)."""
+def get_spec(name: str, /, **overrides: Any) -> ZooSpec:
+    """The registered spec ``name`` (with field overrides, e.g. ``steps=100``, or ``name=`` for a variant)."""
     if name not in SPECS:
         raise ZooError(f"no zoo model named {name!r}; valid names: {', '.join(SPECS)}")
     try:
@@ -264,13 +264,6 @@ def _optimizer(model: torch.nn.Module, spec: ZooSpec) -> torch.optim.Optimizer:
         (decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95))
-
-
-def _lr_factor(spec: ZooSpec, step: int) -> float:
-    if step < spec.warmup:
-        return (step + 1) / spec.warmup
-    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -499,7 +492,14 @@ def train_zoo_model(
     with open(log_path, "a") as log:
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = spec.lr * _lr_factor(spec, step)
+                group["lr"] = spec.lr * lr_factor(
+                    step,
+                    steps=spec.steps,
+                    warmup=spec.warmup,
+                    decay_start=spec.warmup,
+                    decay="cosine",
+                    floor=0.1,
+                )
             if data is None:
                 gen = torch.Generator().manual_seed(hash((spec.seed, step)) % (2**63))
                 index = torch.randint(0, len(x_train), (spec.batch_size,), generator=gen)
@@ -553,3 +553,19 @@ def read_train_log(model_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise ZooError(f"{model_dir} has no train_log.jsonl; is it a zoo model directory?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ZooTrainer:
+    """The zoo as a model trainer (``workbench.references.ModelTrainer``, entry point ``zoo`` of
+    ``workbench.trainers``): :func:`get_spec` and :func:`train_zoo_model`."""
+
+    def spec(self, base: str, **overrides: Any) -> ZooSpec:
+        return get_spec(base, **overrides)
+
+    def train(
+        self, spec: ZooSpec, workspace: str | Path | Workspace | None, *, progress: bool = True
+    ) -> Path:
+        return train_zoo_model(spec, workspace, progress=progress)
+
+
+TRAINER = ZooTrainer()

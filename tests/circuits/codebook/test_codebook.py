@@ -522,6 +522,22 @@ def code_file(tmp_path_factory) -> Path:
     return path
 
 
+def test_tokfsm_command_runs_the_study_and_refuses_other_data_before_loading(
+    zoo_workspace, code_file, tmp_path
+) -> None:
+    """`codebook tokfsm MODEL` (the demo's step): the study's tables written and its numbers printed; data without a
+    TokFSM is refused before the model loads (the model named here does not exist)."""
+    workspace = _linked_workspace(zoo_workspace, tmp_path / "ws")
+    result = _codebook(workspace, "tokfsm", "fsm-tiny", "--steps", "3", "--n-codes", "16", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "state purity" in result.output and "ceiling" in result.output
+    assert (workspace.root / "codebooks" / "fsm-tiny-tokfsm" / "codebooks.safetensors").exists()
+    purity = workspace.results().read("codebook_purity", model="fsm-tiny")
+    assert set(purity["run"]) == {"fsm-tiny-tokfsm"} and purity["purity_ceiling"].notna().all()
+    refused = _codebook(workspace, "tokfsm", "no-such-model", "--data", str(code_file))
+    assert refused.exit_code == 2 and "is not a TokFSM dataset" in refused.output, refused.output
+
+
 def test_default_run_names_are_valid_names(tmp_path) -> None:
     (tmp_path / "my-gpt2").mkdir()
     (tmp_path / "series" / "step300").mkdir(parents=True)

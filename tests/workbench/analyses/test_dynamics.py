@@ -282,7 +282,8 @@ def test_cli_labels_track_probe_accuracy_equal_to_a_probe_fit(zoo_workspace, tmp
     """--labels adds the probes package's metric (workbench.dynamics_metrics entry point): per checkpoint and layer,
     the held-out score of the same probe fit made directly."""
     from workbench.cli import app
-    from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
+    from workbench.probes.analysis import ProbeSettings, labels_for_model
+    from workbench.probes.analysis import run as run_probes
     from workbench.references import resolve_series
 
     model_dir = str(zoo_workspace.model_dir("code-tiny"))
@@ -299,7 +300,8 @@ def test_cli_labels_track_probe_accuracy_equal_to_a_probe_fit(zoo_workspace, tmp
         "zoo:bracket_depth", series.load(0), data="zoo:python-stdlib", settings=settings
     )
     expected = [
-        probe_model(series.load(step), labels, settings=settings)["score"].to_numpy() for step in (0, 300)
+        run_probes(series.load(step), labels=labels, settings=settings)["probe_results"]["score"].to_numpy()
+        for step in (0, 300)
     ]
     np.testing.assert_allclose(stored["value"].to_numpy(), np.concatenate(expected), rtol=1e-6)
     assert stored["value"].between(0, 0.999).all() and len(stored) == 2 * series.load(0).cfg.n_layers

@@ -39,7 +39,6 @@ sweep continues where it stopped. Everything in the file is checked before any t
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +56,8 @@ from workbench.analyses.dynamics.emergence import FAMILIES, FitError
 from workbench.analyses.dynamics.predictor import LOG_TARGETS, ParameterPredictor
 from workbench.analysis import write_tables
 from workbench.datasets import load_dataset
-from workbench.references import resolve_series, short_name
+from workbench.references import model_trainer, resolve_series, short_name
 from workbench.workspace import Workspace, safe_name
-from workbench.zoo.train import ZooError, ZooSpec, get_spec, train_zoo_model
 
 TOP_KEYS = {"name", "data", "base", "metrics", "family", "predictor", "defaults", "track", "config", "series"}
 PREDICTORS = (
@@ -88,10 +86,11 @@ class SweepError(ValueError):
 
 @dataclass
 class SweepEntry:
-    """One architecture of the sweep: a zoo spec to train, or an existing series reference."""
+    """One architecture of the sweep: a zoo spec to train (``workbench.references.model_trainer``'s), or an
+    existing series reference."""
 
     name: str
-    spec: ZooSpec | None = None
+    spec: Any = None
     model: str | None = None
     steps: list[int] | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
@@ -168,11 +167,8 @@ def load_sweep(path: str | Path) -> Sweep:
             raise SweepError(f"{path}: [[config]] #{i + 1} has no name; give every config a unique name")
         overrides = {**defaults, **table}
         try:
-            spec = dataclasses.replace(get_spec(base), **overrides)
-        except TypeError as err:
-            fields = ", ".join(f.name for f in dataclasses.fields(ZooSpec))
-            raise SweepError(f"{path}: [[config]] {table['name']!r}: {err}; fields: {fields}") from None
-        except ZooError as err:
+            spec = model_trainer("zoo").spec(base, **overrides)
+        except ValueError as err:  # an unknown base or field, named with the valid ones
             raise SweepError(f"{path}: [[config]] {table['name']!r}: {err}") from None
         if spec.corpus == "digits":
             raise SweepError(
@@ -228,7 +224,7 @@ def run_sweep(
     notes: list[str] = []
     for entry in sweep.entries:
         if entry.spec is not None:
-            train_zoo_model(entry.spec, ws, progress=progress)
+            model_trainer("zoo").train(entry.spec, ws, progress=progress)
         series = resolve_series(entry.model or entry.name, workspace=ws.root)
         result = track_dynamics(
             series,
