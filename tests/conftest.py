@@ -150,7 +150,9 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
                                                                   texts, dataset="test-prompts"))  # fmt: skip
     from workbench.probes.analysis import ProbeSettings, label_dataset, probe_series, write_probe_results
 
-    dataset = label_dataset("bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, seq_len=48)
+    dataset = label_dataset(
+        "bracket_depth", tokenizer=series.load(0).tokenizer, n_sequences=16, context_length=48
+    )
     rows = probe_series(series, [dataset], settings=ProbeSettings(random_init=False), steps=[0, 64, 300],
                         progress=False)  # fmt: skip
     write_probe_results(rows, zoo_workspace)

@@ -180,7 +180,7 @@ def test_probe_job_tasks_of_same_named_series_are_separate(twins, tmp_path) -> N
     ws = Workspace(tmp_path / "ws").ensure()
     job = tmp_path / "job.toml"
     table = '[[probe]]\nmodel = "{}"\ncheckpoints = "all"\nhooks = "blocks.0.hook_resid_post"\nlabel_sets = ["bracket_depth"]\n'
-    job.write_text('name = "twins"\n[settings]\nn_sequences = 8\nseq_len = 16\nrandom_init = false\n'
+    job.write_text('name = "twins"\n[settings]\nn_sequences = 8\ncontext_length = 16\nrandom_init = false\n'
                    + "".join(table.format(twins / exp / "series") for exp in ("exp-a", "exp-b")))  # fmt: skip
     status = run_job(job, workspace=ws, progress=False)
     assert list(status["status"]) == ["done"] * 4 and status["task"].nunique() == 4

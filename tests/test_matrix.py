@@ -159,9 +159,9 @@ def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset
     from workbench.probes.analysis import ProbeSettings, labels_for_model, probe_model
 
     model, data = tl_model, load_dataset(matrix["data"][dataset])
-    report = detect_massive(model, data, dataset=data.name, max_length=32)
+    report = detect_massive(model, data, dataset=data.name, context_length=32)
     assert len(report.layers) == 2 and report.layers["top1"].gt(0).all()
-    assert len(attention_statistics(model, data, max_length=32)) == 2 * 4
+    assert len(attention_statistics(model, data, context_length=32)) == 2 * 4
     saes = run_saes(model, data, {"tl-sae": {"architecture": "topk", "d_sae": 32, "k": 4,
                                             "hook_in": "blocks.0.hook_resid_post"}},
                     workspace=tmp_path, max_tokens=400, context_length=32, steps=5, progress=False)  # fmt: skip
