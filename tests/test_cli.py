@@ -74,6 +74,9 @@ OLD_SPELLINGS = [
     (["codebook", "analyse", "m"], "`workbench codebook run`", "--data is required"),
     (["circuits", "status", "feedfacecafe"], "`workbench circuits jobs status`", "feedfacecafe"),
     (["sae", "export", "none", "--out", "{tmp}/out", "--model", "m"], "`workbench sae export ... MODEL`", "none"),
+    (["massive", "m", "--data", "{tmp}/none.txt"], "`workbench massive run MODEL --data DATA`", "none.txt"),
+    (["attention", "m", "--data", "{tmp}/none.txt"], "`workbench attention run MODEL --data DATA`", "none.txt"),
+    (["circuits", "clt-eval", "{tmp}/clt", "m"], "`workbench sae eval PATH MODEL`", "--data is required"),
 ]  # fmt: skip
 
 
@@ -203,7 +206,7 @@ def test_capture_command_rejects_non_utf8_texts(tmp_path) -> None:
 def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     from workbench.results import ResultsDB
 
-    result = runner.invoke(app, ["massive", "minilm", "--workspace", str(zoo_workspace.root)])
+    result = runner.invoke(app, ["massive", "run", "minilm", "--workspace", str(zoo_workspace.root)])
     assert result.exit_code == 0, result.output
     assert "[CLS]" in result.output
     db = ResultsDB(zoo_workspace)
@@ -213,6 +216,7 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
         app,
         [
             "massive",
+            "run",
             "code-tiny",
             "--workspace",
             str(zoo_workspace.root),
@@ -224,7 +228,7 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     assert len(fits) == 2 and set(fits["family"]) == {"exp_log"}
     assert all(f"  step {s}: massive at " in series.output for s in (0, 1, 2, 4, 8, 16, 32, 64))
     assert "at step 64 (the last checkpoint):" in series.output and "massive_fits (2 rows)" in series.output
-    few = ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--max-tokens", "64"]
+    few = ["massive", "run", "code-tiny", "--workspace", str(zoo_workspace.root), "--max-tokens", "64"]
     logistic = runner.invoke(
         app, [*few, "--family", "logistic", *sum((["--step", str(s)] for s in (0, 1, 2, 4)), [])]
     )
@@ -240,7 +244,7 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     assert log.exit_code == 0 and "no log emergence fit" in log.output and "--family" not in log.output, (
         log.output
     )
-    one = runner.invoke(app, ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "0",
+    one = runner.invoke(app, ["massive", "run", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "0",
                               "--max-tokens", "64"])  # fmt: skip
     assert one.exit_code == 0, one.output
 
@@ -256,6 +260,7 @@ def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace,
     steps = [0, series.steps[-1]]
     args = [
         "attention",
+        "run",
         "code-tiny",
         "--workspace",
         str(zoo_workspace.root),
@@ -277,7 +282,7 @@ def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace,
         ResultsDB(zoo_workspace).read("attention_stats", dataset="prompts.txt")
     ) == len(rows)
     bad = runner.invoke(
-        app, ["attention", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "7777"]
+        app, ["attention", "run", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "7777"]
     )
     assert bad.exit_code == 2 and "no checkpoint at step(s) [7777]" in bad.output
 

@@ -100,11 +100,11 @@ def test_one_identity_per_model_however_it_is_spelled(twins, monkeypatch) -> Non
     assert resolve_model("exp-a/model").cfg.name != resolve_model("exp-b/model").cfg.name
 
 
-@pytest.mark.parametrize("command", ["massive", "dynamics run"])
+@pytest.mark.parametrize("command", ["massive run", "dynamics run"])
 def test_series_analyses_keep_both_series(twins, tmp_path, command) -> None:
     """Both series in one workspace: both sets of rows, each equal to the series analysed alone."""
     ids = _ids(twins, "series")
-    table = {"massive": "massive_layers", "dynamics run": "dynamics_metrics"}[command]
+    table = {"massive run": "massive_layers", "dynamics run": "dynamics_metrics"}[command]
     both, alone = tmp_path / "both", tmp_path / "alone"
     for exp in ("exp-a", "exp-b"):
         _cli(
@@ -142,6 +142,7 @@ def test_attention_and_sae_training_keep_both_models(twins, tmp_path) -> None:
     for exp in ("exp-a", "exp-b"):
         _cli(
             "attention",
+            "run",
             str(twins / exp / "model"),
             "--data",
             str(twins / "notes.txt"),

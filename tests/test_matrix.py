@@ -88,7 +88,7 @@ def _assert_refused(result, reason: str) -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_massive(matrix, model, dataset) -> None:
     ws = matrix["workspace"]
-    args = ["massive", matrix["models"][model], "--data", matrix["data"][dataset], "--workspace", str(ws),
+    args = ["massive", "run", matrix["models"][model], "--data", matrix["data"][dataset], "--workspace", str(ws),
             "--no-progress", "--context-length", "32"]  # fmt: skip
     if model == "hub":
         args += ["--step", "0", "--step", "1", "--step", "2", "--step", "3", "--step", "300"]
@@ -108,7 +108,7 @@ def test_massive(matrix, model, dataset) -> None:
 def test_attention(matrix, model, dataset) -> None:
     ws = matrix["workspace"]
     ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
-    result, _ = _invoke(["attention", ref, "--data", matrix["data"][dataset], "--workspace", str(ws),
+    result, _ = _invoke(["attention", "run", ref, "--data", matrix["data"][dataset], "--workspace", str(ws),
                          "--no-progress", "--context-length", "32"])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = Workspace(ws).results().read("attention_stats", model=_model_name(matrix, model),

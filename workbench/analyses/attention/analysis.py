@@ -21,7 +21,7 @@ from workbench.model import HookedModel
 RESULT_KEYS = ["model", "checkpoint", "dataset", "layer", "head"]
 ANALYSIS = Analysis(
     name="attention",
-    command="workbench attention MODEL --data DATA",
+    command="workbench attention run MODEL --data DATA",
     tables=(
         Table(
             "attention_stats",

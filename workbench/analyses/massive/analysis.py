@@ -385,7 +385,7 @@ def no_fit_note(family: str, needed: int, distinct: int, available: int) -> str:
 _ROW_KEYS = ("model", "checkpoint", "hook", "dataset")
 ANALYSIS = Analysis(
     name="massive",
-    command="workbench massive MODEL --data DATA",
+    command="workbench massive run MODEL --data DATA",
     tables=(
         Table(
             "massive_layers",
