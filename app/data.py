@@ -51,7 +51,7 @@ def check_workspace(workspace: Path) -> Path:
     if not path.exists():
         raise WorkspaceProblem(
             f"{workspace} has no results database yet ({path.name}). Run an analysis, e.g. `workbench demo`, "
-            "`workbench massive ...` or `workbench probe jobs run jobs.toml`."
+            "`workbench massive run ...` or `workbench probe jobs run jobs.toml`."
         )
     from workbench.results import ResultsDB, ResultsError
 

@@ -56,15 +56,15 @@ def recipes() -> list[Recipe]:
     steps += [
         Recipe(
             "massive activations over code-small checkpoints",
-            ("massive", "code-small", "--data", prompts, "-w", "{ws}"),
+            ("massive", "run", "code-small", "--data", prompts, "-w", "{ws}"),
         ),
         Recipe(
             "massive activations of the pretrained MiniLM",
-            ("massive", "minilm", "--data", prompts, "-w", "{ws}"),
+            ("massive", "run", "minilm", "--data", prompts, "-w", "{ws}"),
         ),
         Recipe(
             "attention statistics over code-small checkpoints",
-            ("attention", "code-small", "--data", prompts, "-w", "{ws}"),
+            ("attention", "run", "code-small", "--data", prompts, "-w", "{ws}"),
         ),
         Recipe(
             "training dynamics over code-small checkpoints",

@@ -103,7 +103,7 @@ def store_stream(model, names: list[str], args, loop_seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        store = capture_to_store(model, rows, names, Path(tmp) / "store", batch_size=batch, max_length=seq,
+        store = capture_to_store(model, rows, names, Path(tmp) / "store", batch_size=batch, context_length=seq,
                                  shard_rows=shard_rows, progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
         done.set()

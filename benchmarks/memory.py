@@ -57,7 +57,7 @@ def write_text(path: Path, lines: int, seed: int) -> Path:
     return path
 
 
-def command_line(name: str, model: str, data: Path, workspace: Path, hook: str) -> list[str]:
+def command_line(name: str, model: str, data: Path, workspace: Path, hook: str, sae_hook: str) -> list[str]:
     """The command as a user types it (``workbench`` from this environment)."""
     common = ["--data", str(data), "--workspace", str(workspace)]
     if name == "capture":
@@ -77,7 +77,7 @@ def command_line(name: str, model: str, data: Path, workspace: Path, hook: str) 
     if name == "attention":
         return ["attention", "run", model, *common]
     if name == "sae":
-        return ["sae", "train", model, "--hook", hook, "--steps", "50", "--d-sae", "512", *common]
+        return ["sae", "train", model, "--hook", sae_hook, "--steps", "50", "--d-sae", "512", *common]
     raise SystemExit(f"unknown command {name!r}: use capture, massive, attention or sae")
 
 
@@ -109,8 +109,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="minilm")
-    parser.add_argument("--hook", default="blocks.2.hook_resid_post")
-    parser.add_argument("--lines", type=int, default=300, help="lines of the 1× file")
+    parser.add_argument(
+        "--hook", default="blocks.*.hook_resid_post", help="capture / massive: hooks (a glob)"
+    )
+    parser.add_argument("--sae-hook", default="blocks.2.hook_resid_post")
+    parser.add_argument("--lines", type=int, default=600, help="lines of the 1× file")
     parser.add_argument("--sizes", default="1,4,16", help="multiples of --lines")
     parser.add_argument("--commands", default="capture,massive,attention,sae")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -129,7 +132,10 @@ def main() -> None:
         peaks = {}
         for size in sizes:
             workspace = root / f"ws_{name}_{size}"
-            argv = [workbench, *command_line(name, args.model, files[size], workspace, args.hook)]
+            argv = [
+                workbench,
+                *command_line(name, args.model, files[size], workspace, args.hook, args.sae_hook),
+            ]
             peak, seconds, output, code = run_measured(argv, env)
             if code != 0:
                 raise SystemExit(f"{' '.join(argv)} exited {code}:\n{output[-2000:]}")

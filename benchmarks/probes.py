@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--workspace", default="workspace")
     parser.add_argument("--label-set", default="next_token_type")
     parser.add_argument("--n-sequences", type=int, default=256)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--max-iter", type=int, default=1000, help="iteration cap, both sides")
     parser.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance, both sides")
@@ -102,7 +102,7 @@ def main() -> None:
         series = CheckpointSeries.from_directory(workspace.model_dir(args.model))
         model = series.load(series.steps[-1])
         dataset = label_dataset(args.label_set, tokenizer=model.tokenizer, n_sequences=args.n_sequences,
-                                seq_len=args.seq_len)  # fmt: skip
+                                context_length=args.context_length)  # fmt: skip
         hooks, x, labels, _, sequence = collect_activations(
             model, dataset, ["hook_embed", "blocks.*.hook_resid_post"]
         )

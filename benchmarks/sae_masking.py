@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--hook", default="blocks.3.hook_resid_post")
     parser.add_argument("--data", default="zoo:python-stdlib")
     parser.add_argument("--max-tokens", type=int, default=60_000)
-    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--context-length", type=int, default=64)
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--steps", type=int, default=600)
@@ -66,8 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = resolve_model(args.model, workspace=args.workspace).eval()
-    x, position, sequence, probe_ids = capture(model, args.hook, args.data, args.max_tokens, args.context)
-    report = detect_massive(model, probe_ids, args.hook, max_length=args.context)
+    x, position, sequence, probe_ids = capture(
+        model, args.hook, args.data, args.max_tokens, args.context_length
+    )
+    report = detect_massive(model, probe_ids, args.hook, context_length=args.context_length)
     top = report.top.head(3)
     print(f"{args.model} {args.hook}: {len(x)} tokens, d={x.shape[1]}; detector's top entries:")
     print(

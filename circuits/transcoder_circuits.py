@@ -48,7 +48,9 @@ def salient_tokens(logits: torch.Tensor, max_logits: int = 10, probability: floa
 _CIRCUIT_KEYS = ("model", "checkpoint", "dataset", "target", "prompt")
 ANALYSIS = Analysis(
     name="transcoder_circuits",
-    command="workbench circuits attribute MODEL --data DATA --transcoders SAE_ID",
+    # no command writes this table any more: its rows come from earlier releases' `workbench sae circuit` (now an
+    # alias of `circuits attribute`, which writes attribution_graphs)
+    command="none since the greedy path search was retired (earlier releases: workbench sae circuit)",
     tables=(
         Table(
             "transcoder_circuits",

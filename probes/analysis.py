@@ -34,6 +34,7 @@ import torch
 from workbench.analysis import Analysis, Table
 from workbench.checkpoints import CheckpointSeries
 from workbench.datasets import Dataset, load_dataset
+from workbench.deprecation import renamed_keywords
 from workbench.labels import LabelDataset, LabelSource, label_provider, parse_label_source
 from workbench.model import HookedModel
 from workbench.probes.linear import TASKS, LinearProbes, ProbeError, cross_validate, fit_probes
@@ -114,7 +115,7 @@ class ProbeSettingError(ProbeError):
 # What each setting must satisfy (its type comes from the default value).
 _SETTING_RULES: dict[str, tuple[Any, str]] = {
     "n_sequences": (lambda v: v >= 2, "≥ 2 (the held-out split is by sequence)"),
-    "seq_len": (lambda v: v >= 2, "≥ 2"),
+    "context_length": (lambda v: v >= 2, "≥ 2"),
     "test_fraction": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
     "l2": (lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
     "max_iter": (lambda v: v >= 1, "≥ 1"),
@@ -130,13 +131,13 @@ class ProbeSettings:
     """What a probe fit uses; every field is a key of a job file's [settings] table.
 
     ``n_sequences`` is the number of sequences of a zoo label set (and of documents a label function labels; label
-    files use every row); ``seq_len`` the context length every label source is tokenized to.
+    files use every row); ``context_length`` the tokens per sequence every label source is tokenized to.
     Values are checked on construction (:class:`ProbeSettingError` names the bad one): ints must be ints (not
     bools), floats accept ints, and each value must satisfy its rule (e.g. ``0 < test_fraction < 1``).
     """
 
     n_sequences: int = 64
-    seq_len: int = 64
+    context_length: int = 64
     test_fraction: float = 0.25
     l2: float = 1e-3
     max_iter: int = 100
@@ -164,20 +165,21 @@ class ProbeSettings:
         return dict(self.__dict__)
 
 
+@renamed_keywords(seq_len="context_length")
 def label_dataset(
     label_set: str,
     *,
     tokenizer: Any = None,
     fsm: Any = None,
     n_sequences: int = 64,
-    seq_len: int = 64,
+    context_length: int = 64,
     seed: int = 0,
 ) -> LabelDataset:
     """A seeded zoo label set (``zoo:NAME`` of :mod:`workbench.labels`): Python labels need the model's ``tokenizer``,
     TokFSM labels the ``fsm`` (a :class:`workbench.zoo.corpora.TokFSM`)."""
     name = label_set.removeprefix("zoo:")
     return parse_label_source(f"zoo:{name}").build(
-        tokenizer, fsm=fsm, n_sequences=n_sequences, context_length=seq_len, seed=seed
+        tokenizer, fsm=fsm, n_sequences=n_sequences, context_length=context_length, seed=seed
     )
 
 
@@ -190,7 +192,7 @@ def labels_for_model(
     position: str | int | None = None,
     settings: ProbeSettings | None = None,
 ) -> LabelDataset:
-    """Any label source aligned to ``model``'s tokenizer with ``settings`` (n_sequences, seq_len, seed, task).
+    """Any label source aligned to ``model``'s tokenizer with ``settings`` (n_sequences, context_length, seed, task).
 
     The TokFSM label sets find their machine in the zoo model directory ``location`` (the one the model was loaded
     from) unless ``data`` is ``zoo:tokfsm``.
@@ -211,7 +213,7 @@ def labels_for_model(
         fsm=fsm,
         position=position,
         task=settings.task,
-        context_length=settings.seq_len,
+        context_length=settings.context_length,
         batch_size=settings.batch_size,
         n_sequences=settings.n_sequences,
         seed=settings.seed,

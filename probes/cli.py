@@ -130,7 +130,7 @@ def run_probes(
 
     settings = ProbeSettings(
         task=task,
-        seq_len=context_length,
+        context_length=context_length,
         batch_size=batch_size,
         seed=seed,
         n_sequences=n_sequences,

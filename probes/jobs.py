@@ -50,6 +50,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.analysis import write_tables
+from workbench.deprecation import renamed_keys
 from workbench.executor import BACKENDS, execute, task_outcome
 from workbench.faults import crash_point
 from workbench.identity import identity_slug, is_path_identity
@@ -227,6 +228,9 @@ def load_job(path: str | Path, workspace: str | Path | Workspace | None = None) 
 def _load_settings(table: Any, lines: _Lines) -> ProbeSettings:
     if not isinstance(table, dict):
         raise ProbeJobError(f"{lines.where('settings')}: settings must be a [settings] table; got {table!r}")
+    table = renamed_keys(
+        table, {"seq_len": "context_length"}, f"{lines.where('seq_len', 'settings')} [settings]"
+    )
     valid = {item.name for item in dataclasses.fields(ProbeSettings)}
     for key in table:
         if key not in valid:

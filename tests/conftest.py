@@ -151,7 +151,7 @@ def dashboard_workspace(zoo_workspace, tmp_path_factory):
                                                                   texts, dataset="test-prompts"))  # fmt: skip
     from workbench.probes import analysis as probes
 
-    settings = probes.ProbeSettings(random_init=False, n_sequences=16, seq_len=48)
+    settings = probes.ProbeSettings(random_init=False, n_sequences=16, context_length=48)
     frames = probes.run(
         series, labels="zoo:bracket_depth", steps=[0, 64, 300], settings=settings, progress=False
     )

@@ -25,7 +25,7 @@ from workbench.faults import ENV_VAR
 from workbench.fileio import verify_checksums
 
 ZOO = dict(
-    steps=12, checkpoint_every=4, n_layers=1, d_model=16, n_heads=2, d_mlp=32, batch_size=8, seq_len=16
+    steps=12, checkpoint_every=4, n_layers=1, d_model=16, n_heads=2, d_mlp=32, batch_size=8, context_length=16
 )
 ZOO_STEPS = [0, 1, 2, 4, 8, 12]  # its checkpoints
 SAE_STEPS, SAE_EVERY = 20, 5

@@ -88,7 +88,7 @@ def _assert_refused(result, reason: str) -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_massive(matrix, model, dataset) -> None:
     ws = matrix["workspace"]
-    args = ["massive", matrix["models"][model], "--data", matrix["data"][dataset], "--workspace", str(ws),
+    args = ["massive", "run", matrix["models"][model], "--data", matrix["data"][dataset], "--workspace", str(ws),
             "--no-progress", "--context-length", "32"]  # fmt: skip
     if model == "hub":
         args += ["--step", "0", "--step", "1", "--step", "2", "--step", "3", "--step", "300"]
@@ -108,7 +108,7 @@ def test_massive(matrix, model, dataset) -> None:
 def test_attention(matrix, model, dataset) -> None:
     ws = matrix["workspace"]
     ref = matrix["models"][model] + ("@step300" if model == "hub" else "")
-    result, _ = _invoke(["attention", ref, "--data", matrix["data"][dataset], "--workspace", str(ws),
+    result, _ = _invoke(["attention", "run", ref, "--data", matrix["data"][dataset], "--workspace", str(ws),
                          "--no-progress", "--context-length", "32"])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = Workspace(ws).results().read("attention_stats", model=_model_name(matrix, model),
@@ -160,9 +160,9 @@ def test_transformer_lens_model_through_the_python_api(matrix, tl_model, dataset
     from workbench.probes.analysis import run as run_probes
 
     model, data = tl_model, load_dataset(matrix["data"][dataset])
-    report = detect_massive(model, data, dataset=data.name, max_length=32)
+    report = detect_massive(model, data, dataset=data.name, context_length=32)
     assert len(report.layers) == 2 and report.layers["top1"].gt(0).all()
-    assert len(attention_statistics(model, data, max_length=32)) == 2 * 4
+    assert len(attention_statistics(model, data, context_length=32)) == 2 * 4
     saes = run_saes(model, data, {"tl-sae": {"architecture": "topk", "d_sae": 32, "k": 4,
                                             "hook_in": "blocks.0.hook_resid_post"}},
                     workspace=tmp_path, max_tokens=400, context_length=32, steps=5, progress=False)  # fmt: skip

@@ -4,7 +4,7 @@ An analysis module holds one :class:`Analysis`::
 
     ANALYSIS = Analysis(
         name="massive",
-        command="workbench massive MODEL --data DATA",
+        command="workbench massive run MODEL --data DATA",
         tables=(Table("massive_layers", keys=("model", "checkpoint", "hook", "dataset"), columns=(...)), ...),
         requires=("tokenizer",),
     )

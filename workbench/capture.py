@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.datasets import TokenRowStream
+from workbench.deprecation import renamed_keywords
 from workbench.store import ActivationStore, StoreError
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def select_positions(
 Inputs = Sequence[str] | Sequence[Sequence[int]] | torch.Tensor | TokenRowStream
 
 
+@renamed_keywords(max_length="context_length")
 def capture_to_store(
     model: HookedModel,
     texts: Inputs,
@@ -77,7 +79,7 @@ def capture_to_store(
     path: str | Path,
     *,
     batch_size: int = 16,
-    max_length: int = 128,
+    context_length: int = 128,
     positions: Positions = None,
     dtype: torch.dtype = torch.float32,
     dataset: str = "texts",
@@ -96,22 +98,22 @@ def capture_to_store(
     sequence's real tokens) keeps only those; an int or listed position must exist in every sequence (IndexError
     naming the shortest length otherwise), a slice must select at least one token overall. Empty inputs are
     refused. ``checkpoint`` defaults to the model's. RAM is bounded by one batch plus one shard. An interrupted
-    capture resumes after the last sequence written; resuming with other inputs, ``max_length`` or ``positions``
+    capture resumes after the last sequence written; resuming with other inputs, ``context_length`` or ``positions``
     raises StoreError. A rerun on a finished store verifies every shard's checksum and returns it.
     """
-    if batch_size < 1 or max_length < 1:
-        raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
+    if batch_size < 1 or context_length < 1:
+        raise ValueError(f"batch_size={batch_size} and context_length={context_length} must be positive")
     if len(texts) == 0:
         raise StoreError(f"no inputs to capture into {path}; pass at least one text or token sequence")
     names = model.resolve(hooks)
-    model.check_context_length(_widest(texts, max_length))
+    model.check_context_length(_widest(texts, context_length))
     _check_positions(
-        positions, _lengths(model, texts, max_length, batch_size) if positions is not None else None
+        positions, _lengths(model, texts, context_length, batch_size) if positions is not None else None
     )
     recipe = {
         "inputs_sha256": texts.fingerprint if isinstance(texts, TokenRowStream) else _fingerprint(texts),
         "n_inputs": len(texts),
-        "max_length": max_length,
+        "context_length": context_length,
         "positions": _describe_positions(positions),
     }
     store = ActivationStore.create(
@@ -127,6 +129,8 @@ def capture_to_store(
         extra={"capture": recipe},
     )
     stored = store.manifest["extra"].get("capture")
+    if stored is not None and "max_length" in stored:  # captured before context_length was its name
+        stored = {("context_length" if k == "max_length" else k): v for k, v in stored.items()}
     if stored != recipe:
         changed = sorted(k for k in recipe if (stored or {}).get(k) != recipe[k])
         raise StoreError(
@@ -141,7 +145,7 @@ def capture_to_store(
         total=len(texts), initial=start, desc=f"capture → {Path(path).name}", unit="seq", disable=not progress
     )
     for begin, chunk in _chunks(texts, start, batch_size):
-        batch = _encode(model, chunk, max_length)
+        batch = _encode(model, chunk, context_length)
         keep = _position_mask(batch["attention_mask"].bool(), positions)
         with torch.no_grad(), model.capture(names, dtype=dtype) as cache:
             model(batch)
@@ -194,29 +198,31 @@ def _chunks(texts: Inputs, start: int, batch_size: int) -> Iterator[tuple[int, I
         yield len(texts) - len(pending), pending
 
 
-def _widest(texts: Inputs, max_length: int) -> int:
-    """The longest sequence of token ids ``texts`` gives the model after truncation to ``max_length``; 0 for
+def _widest(texts: Inputs, context_length: int) -> int:
+    """The longest sequence of token ids ``texts`` gives the model after truncation to ``context_length``; 0 for
     strings, whose lengths are known once tokenized (a too-long one is refused by the model's forward)."""
     if isinstance(texts, torch.Tensor):
-        return min(texts.shape[-1], max_length) if texts.ndim == 2 and not texts.is_floating_point() else 0
+        return (
+            min(texts.shape[-1], context_length) if texts.ndim == 2 and not texts.is_floating_point() else 0
+        )
     if isinstance(texts, TokenRowStream):
-        return min(texts.widest, max_length)
+        return min(texts.widest, context_length)
     if all(isinstance(t, str) for t in texts):
         return 0
-    return min(max(len(t) for t in texts), max_length)
+    return min(max(len(t) for t in texts), context_length)
 
 
-def _lengths(model: HookedModel, texts: Inputs, max_length: int, batch_size: int) -> list[int]:
-    """Real-token count of every input after tokenization and truncation to ``max_length``."""
+def _lengths(model: HookedModel, texts: Inputs, context_length: int, batch_size: int) -> list[int]:
+    """Real-token count of every input after tokenization and truncation to ``context_length``."""
     if isinstance(texts, torch.Tensor):
-        return [min(texts.shape[-1], max_length)] * len(texts) if texts.ndim == 2 else []
+        return [min(texts.shape[-1], context_length)] * len(texts) if texts.ndim == 2 else []
     if isinstance(texts, TokenRowStream):
-        return [min(len(row), max_length) for row in texts]
+        return [min(len(row), context_length) for row in texts]
     step = max(batch_size, 256)
     return [
         int(n)
         for begin in range(0, len(texts), step)
-        for n in _encode(model, texts[begin : begin + step], max_length)["attention_mask"].sum(1).tolist()
+        for n in _encode(model, texts[begin : begin + step], context_length)["attention_mask"].sum(1).tolist()
     ]
 
 
@@ -231,7 +237,7 @@ def _check_positions(positions: Positions, lengths: list[int] | None) -> None:
         if lengths is not None and not any(len(range(n)[positions]) for n in lengths):
             raise IndexError(
                 f"positions={positions} selects no token of any sequence (longest {max(lengths)} tokens); "
-                "choose a slice within the sequences or raise --max-length"
+                "choose a slice within the sequences or raise --context-length"
             )
         return
     wanted = [positions] if isinstance(positions, int) else list(positions)
@@ -245,23 +251,23 @@ def _check_positions(positions: Positions, lengths: list[int] | None) -> None:
         lacking = sum(1 for n in lengths if any(not -n <= p < n for p in outside))
         raise IndexError(
             f"positions {outside} are out of range for {lacking} of {len(lengths)} sequences (shortest "
-            f"{shortest} tokens; valid positions there are {-shortest}..{shortest - 1}); raise max_length "
-            "(--max-length), drop the shorter inputs, or count from the end with a negative position"
+            f"{shortest} tokens; valid positions there are {-shortest}..{shortest - 1}); raise the context "
+            "length (--context-length), drop the shorter inputs, or count from the end with a negative position"
         )
 
 
-def _encode(model: HookedModel, chunk: Inputs, max_length: int) -> dict[str, torch.Tensor]:
+def _encode(model: HookedModel, chunk: Inputs, context_length: int) -> dict[str, torch.Tensor]:
     """A slice of the inputs as input_ids / attention_mask [batch, pos], right-padded and truncated."""
     if isinstance(chunk, torch.Tensor):
         if chunk.ndim != 2 or chunk.is_floating_point():
             raise ValueError(
                 f"token ids must be an integer tensor [n, pos]; got {chunk.dtype} {list(chunk.shape)}"
             )
-        ids = chunk[:, :max_length].long()
+        ids = chunk[:, :context_length].long()
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if all(isinstance(item, str) for item in chunk):
-        return model.tokenize(list(cast("Sequence[str]", chunk)), max_length=max_length)
-    sequences = [torch.as_tensor(list(item), dtype=torch.long)[:max_length] for item in chunk]
+        return model.tokenize(list(cast("Sequence[str]", chunk)), context_length=context_length)
+    sequences = [torch.as_tensor(list(item), dtype=torch.long)[:context_length] for item in chunk]
     if any(s.ndim != 1 or len(s) == 0 for s in sequences):
         raise ValueError("each input must be a non-empty text or a non-empty list of token ids")
     ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)

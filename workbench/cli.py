@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,6 +34,7 @@ from workbench.cli_options import (
     open_model,
     parse_dtype,
 )
+from workbench.deprecation import WHEN
 
 # pickle.UnpicklingError: a checkpoint torch.load(weights_only=True) refuses to unpickle (it holds Python objects)
 USER_ERRORS = (ValueError, KeyError, IndexError, LookupError, OSError, pickle.UnpicklingError)
@@ -92,6 +95,8 @@ def main(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # a renamed keyword or settings key still works for one release; say so (Python hides DeprecationWarning)
+    warnings.filterwarnings("default", message=f".*{re.escape(WHEN)}", category=DeprecationWarning)
 
 
 @app.command()
@@ -158,7 +163,7 @@ def capture(
         hooks,
         out,
         batch_size=batch_size,
-        max_length=context_length,
+        context_length=context_length,
         dtype=stored,
         dataset=dataset.name,
         progress=progress,

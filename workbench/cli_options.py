@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +125,27 @@ def add_deprecated_alias(
         return command(*args, **kwargs)
 
     group.command(name, hidden=True, help=f"Deprecated spelling of `workbench {new}`.")(alias)
+
+
+def run_group(help: str, old: str, new: str) -> typer.Typer:
+    """The command group of an analysis whose ``run`` command was the whole command in the last release: a first
+    argument that is no command name (``workbench GROUP MODEL ...``) runs ``run`` with the same arguments after one
+    :func:`deprecation_note` (``old`` -> ``new``), for one release."""
+
+    class RunsByDefault(TyperGroup):
+        def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+            if (
+                args
+                and args[0] not in self.commands
+                and not args[0].startswith("-")
+                and not ctx.resilient_parsing
+            ):
+                deprecation_note(old, new)
+                return "run", self.commands["run"], args
+            return super().resolve_command(ctx, args)
+
+    # the callback keeps a group of one command a group (`workbench GROUP run`), not that command
+    return typer.Typer(cls=RunsByDefault, help=help, no_args_is_help=True, callback=lambda: None)
 
 
 def parse_dtype(name: str) -> torch.dtype:

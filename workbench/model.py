@@ -29,6 +29,7 @@ from workbench.adapters.base import (
 )
 from workbench.adapters.registry import REGISTRY, adapter_for
 from workbench.capture import Positions, select_positions
+from workbench.deprecation import renamed_keywords
 from workbench.hooks import ActivationCache, HookFn, HookNameError, HookPoint, resolve_hook_names
 from workbench.identity import directory_identity, directory_step
 from workbench.spec import ModelSpec
@@ -401,10 +402,14 @@ class HookedModel(nn.Module):
             )
         return self.tokenizer
 
-    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Texts -> dict(input_ids [batch, pos], attention_mask [batch, pos]), padded, truncated to n_ctx."""
+    @renamed_keywords(max_length="context_length")
+    def tokenize(
+        self, texts: str | Sequence[str], context_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Texts -> dict(input_ids [batch, pos], attention_mask [batch, pos]), padded, truncated to
+        ``context_length`` tokens (default: the model's n_ctx)."""
         self._require_tokenizer()
-        return self.adapter.tokenize(self, [texts] if isinstance(texts, str) else list(texts), max_length)
+        return self.adapter.tokenize(self, [texts] if isinstance(texts, str) else list(texts), context_length)
 
     def to_tokens(self, texts: str | Sequence[str], prepend_bos: bool | None = None) -> torch.Tensor:
         """Texts -> token ids [batch, pos] (right-padded). ``prepend_bos=True`` adds the BOS token."""

@@ -45,7 +45,7 @@ if series:
 else:
     st.info(
         "No models and no results yet: `workbench zoo train code-tiny` trains one into this workspace, and any "
-        "analysis of your own model (e.g. `workbench massive DIR`) lists it here."
+        "analysis of your own model (e.g. `workbench massive run DIR`) lists it here."
     )
 
 st.subheader("Runs")

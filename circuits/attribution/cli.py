@@ -1,8 +1,8 @@
-"""`workbench circuits attribute|qk MODEL ...`, `circuits jobs status [JOB]` and `circuits clt-eval PATH MODEL`
-(mounted through the workbench.cli entry points): attribution graphs of a prompt or a batch of prompts, stored in the
-workspace and exported as circuit-tracer or Neuronpedia JSON. Hidden for one release: `circuits export` (now
-`circuits attribute --out`), `circuits status` (now `circuits jobs status`) and, in `sae`, `sae circuit`, through
-:func:`run_deprecated_circuit`."""
+"""`workbench circuits attribute|qk MODEL ...` and `circuits jobs status [JOB]` (mounted through the workbench.cli
+entry points): attribution graphs of a prompt or a batch of prompts, stored in the workspace and exported as
+circuit-tracer or Neuronpedia JSON. Hidden for one release: `circuits export` (now `circuits attribute --out`),
+`circuits status` (now `circuits jobs status`), `circuits clt-eval PATH MODEL` (now `sae eval PATH MODEL`, registered
+by circuits/sae/cli.py next to it) and, in `sae`, `sae circuit`, through :func:`run_deprecated_circuit`."""
 
 from __future__ import annotations
 
@@ -36,8 +36,7 @@ from workbench.cli_options import (
 )
 
 app = typer.Typer(
-    help="Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk, "
-    "clt-eval.",
+    help="Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk.",
     no_args_is_help=True,
 )
 jobs_app = typer.Typer(
@@ -61,7 +60,7 @@ def circuit_root(root: str, layer: int | None, feature: int | None) -> Literal["
 
 @app.callback()
 def main() -> None:
-    """Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk, clt-eval."""
+    """Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk."""
 
 
 @app.command(hidden=True)
@@ -694,33 +693,6 @@ def qk(
         f"L{layer}.H{head} score at query {query}, key {key}: {frame.attrs['score']:.6g} (pre-softmax, scale "
         f"{frame.attrs['scale']:.4g}) = the sum of the terms above ({float(frame['score'].sum()):.6g})"
     )
-
-
-@app.command("clt-eval")
-def clt_eval(
-    path: Annotated[
-        str,
-        typer.Argument(
-            help="circuit-tracer cross-layer transcoder folder (config.yaml + W_enc_L / W_dec_L safetensors)."
-        ),
-    ],
-    model: ModelArgument,
-    data: DataOption = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of --data to score on.")] = 4096,
-    context_length: ContextOption = 64,
-    device: DeviceOption = "cpu",
-    workspace: WorkspaceOption = None,
-    trust_remote_code: TrustRemoteCodeOption = False,
-) -> None:
-    """Score a cross-layer transcoder on MODEL over --data: per layer, FVU and cosine of its predicted MLP outputs
-    and the mean L0 of its features."""
-    from workbench.circuits.sae.formats.circuit_tracer import evaluate_clt, load_clt
-
-    require_data(data, "the text the CLT is scored on")
-    clt = load_clt(path, device=device)
-    hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
-    frame = evaluate_clt(hooked, open_data(data), clt, max_tokens=max_tokens, context_length=context_length)
-    typer.echo(frame.to_string(index=False))
 
 
 add_deprecated_alias(app, "status", "circuits status", "circuits jobs status", batch_status_command)

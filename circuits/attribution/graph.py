@@ -637,7 +637,7 @@ def _text_tokens(model: Any, text: str) -> torch.Tensor:
     silently, so it runs with room for every token the text can have (one per UTF-8 byte, plus special tokens); where
     the family cuts at the positions anyway (TransformerLens), a prompt that fills them is counted by the tokenizer
     itself."""
-    tokens = model.tokenize([text], max_length=len(text.encode("utf-8")) + 16)["input_ids"][0]
+    tokens = model.tokenize([text], context_length=len(text.encode("utf-8")) + 16)["input_ids"][0]
     n_ctx, length = model.cfg.n_ctx, len(tokens)
     if n_ctx and length >= n_ctx:
         length = max(length, len(model.tokenizer(text)["input_ids"]))

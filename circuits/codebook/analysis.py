@@ -108,11 +108,8 @@ def check(
                     f"{model.cfg.name} has {config.d} × {config.n_groups} there; analyse it with the model it was "
                     "trained on"
                 )
-    if context_length is not None and model.cfg.n_ctx and context_length > model.cfg.n_ctx:
-        raise CodebookError(
-            f"--context-length {context_length} exceeds the {model.cfg.n_ctx} positions of {model.cfg.name}; "
-            f"pick at most {model.cfg.n_ctx}"
-        )
+    if context_length is not None:
+        model.check_context_length(context_length)
 
 
 @overload

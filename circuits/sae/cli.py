@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from workbench.circuits.attribution.cli import app as circuits_app
 from workbench.circuits.attribution.cli import run_deprecated_circuit
 from workbench.cli_options import (
     BatchSizeOption,
@@ -34,6 +35,7 @@ from workbench.cli_options import (
     TopKOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
+    add_deprecated_alias,
     deprecation_note,
     fail,
     open_data,
@@ -539,6 +541,13 @@ def evaluate(
         f"{sae_id or found} on {hooked.cfg.name} / {dataset.name!r}: "
         + _metrics(frames["sae_evals"].iloc[0], sae_id or found)
     )
+
+
+# The last release's CLT scorer, `circuits clt-eval PATH MODEL`, is `sae eval PATH MODEL` for one release (registered
+# here: circuits/attribution/cli.py cannot import this module, which imports it).
+add_deprecated_alias(
+    circuits_app, "clt-eval", "circuits clt-eval PATH MODEL", "sae eval PATH MODEL", evaluate
+)
 
 
 def _eval_transcoders(

@@ -328,7 +328,7 @@ def run_clt(
         hooks_in + hooks_out,
         ws.store_dir(safe_name(f"{name}-rank{rank}-of-{world}" if world > 1 else name)),
         batch_size=batch_size,
-        max_length=context_length,
+        context_length=context_length,
         dataset=data.name,
         checkpoint=model.cfg.checkpoint,
         overwrite=True,

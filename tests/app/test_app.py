@@ -104,7 +104,7 @@ def _massive_on_users_gpt2_dirs(zoo_workspace, dirs: list[Path], workspace: Path
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(zoo_workspace.model_dir("code-tiny") / name, path / name)
         result = CliRunner().invoke(
-            cli, ["massive", str(path), "--workspace", str(workspace), "--no-progress"]
+            cli, ["massive", "run", str(path), "--workspace", str(workspace), "--no-progress"]
         )
         assert result.exit_code == 0, result.output
 
@@ -174,7 +174,8 @@ def test_views_without_data_name_a_command_that_exists(view, tmp_path, monkeypat
         subcommand = [w for w in words[1:] if not w.startswith("-")][:2]
         result = CliRunner().invoke(cli, [*subcommand[:1], "--help"])
         assert result.exit_code == 0, (message, result.output)
-        if subcommand[0] in ("probe", "sae", "codebook", "neuron-path", "dynamics") and len(subcommand) > 1:
+        groups = ("probe", "sae", "codebook", "neuron-path", "dynamics", "massive", "attention", "circuits")
+        if subcommand[0] in groups and len(subcommand) > 1:
             assert CliRunner().invoke(cli, [*subcommand, "--help"]).exit_code == 0, message
 
 

@@ -31,7 +31,7 @@ name = "{name}"
 
 [settings]
 n_sequences = {n_sequences}
-seq_len = 32
+context_length = 32
 random_init = false
 
 [[probe]]
@@ -319,7 +319,7 @@ def test_failed_task_is_reported_with_its_error(job_workspace, tmp_path) -> None
 def test_tables_probing_other_hooks_of_one_model_are_separate_tasks(job_workspace) -> None:
     path = job_workspace.root / "hooks.toml"
     table = '[[probe]]\nmodel = "fsm-tiny"\ncheckpoints = "last"\nlabel_sets = "fsm_state"\nhooks = "{}"\n'
-    path.write_text('name = "hooks"\n[settings]\nn_sequences = 8\nseq_len = 32\nrandom_init = false\n'
+    path.write_text('name = "hooks"\n[settings]\nn_sequences = 8\ncontext_length = 32\nrandom_init = false\n'
                     + table.format("hook_embed") + table.format("blocks.*.hook_resid_post"))  # fmt: skip
     status = run_job(path, workspace=job_workspace, progress=False)
     assert list(status["status"]) == ["done", "done"] and status["task"].nunique() == 2
@@ -335,6 +335,21 @@ def test_tables_probing_other_hooks_of_one_model_are_separate_tasks(job_workspac
         expand_tasks(load_job(path, job_workspace))
 
 
+def test_a_job_file_with_the_old_seq_len_setting_still_loads_for_one_release(tmp_path) -> None:
+    workspace = Workspace(tmp_path / "ws").ensure()
+    path = write_job(workspace)
+    path.write_text(path.read_text().replace("context_length = 32", "seq_len = 24"))
+    with pytest.warns(
+        DeprecationWarning, match=r"'seq_len' in .*demo.toml:6 \[settings\] is deprecated .*'context_length'"
+    ):
+        assert load_job(path, workspace).settings.context_length == 24
+    path.write_text(path.read_text().replace("seq_len = 24", "seq_len = 24\ncontext_length = 16"))
+    with pytest.raises(
+        ValueError, match="gives both 'seq_len' and 'context_length'; keep 'context_length' only"
+    ):
+        load_job(path, workspace)
+
+
 FSM_TABLE = '[[probe]]\nmodel = "fsm-tiny"\ncheckpoints = "last"\nhooks = "blocks.*.hook_resid_post"\nlabel_sets = ["fsm_state"]\n'
 SETTING = "random_init = false"  # the last [settings] line (7); a setting added after it is on line 8
 
@@ -342,20 +357,20 @@ SETTING = "random_init = false"  # the last [settings] line (7); a setting added
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("seq_len = 32", "seq_lenght = 32", r"demo.toml:6: unknown setting 'seq_lenght'"),
+        ("context_length = 32", "context_lenght = 32", r"demo.toml:6: unknown setting 'context_lenght'"),
         ('"inside_string"', '"inside_strng"', r"demo.toml:12: \[\[probe\]\] #1: unknown label set .*bracket_depth"),
         ('hooks = "blocks.*', 'hookz = "blocks.*', r"demo.toml:17: .* unknown key 'hookz'"),
         ('model = "fsm-tiny"', 'colour = "red"\nmodel = "fsm-tiny"', r"demo.toml:15: \[\[probe\]\] #2: unknown key 'colour'"),
         ("n_sequences = 16", "n_sequences = 'many'", r"demo.toml:5: .*must be int"),
         ("n_sequences = 16", "n_sequences = true", r"demo.toml:5: .*must be int; got True"),
         ("n_sequences = 16", "n_sequences = 1", r"demo.toml:5: .*n_sequences.* ≥ 2"),
-        ("seq_len = 32", "seq_len = 32.0", r"demo.toml:6: .*seq_len.*must be int"),
+        ("context_length = 32", "context_length = 32.0", r"demo.toml:6: .*context_length.*must be int"),
         (SETTING, "random_init = 0", r"demo.toml:7: .*must be bool"),
         (SETTING, SETTING + "\ntest_fraction = 1.5", r"demo.toml:8: setting 'test_fraction' must be strictly between 0 and 1; got 1.5"),
         (SETTING, SETTING + "\ntask = 'ordinal'", r"demo.toml:8: .*'task' must be one of classification, regression"),
         (SETTING, SETTING + "\nl2 = -1", r"demo.toml:8: .*'l2' must be a finite number ≥ 0"),
         (SETTING, SETTING + "\ncv_folds = 1", r"demo.toml:8: .*'cv_folds' must be 0 .*or ≥ 2"),
-        ("[settings]\nn_sequences = 16\nseq_len = 32\n" + SETTING, "settings = 3", r"demo.toml:4: settings must be a \[settings\] table; got 3"),
+        ("[settings]\nn_sequences = 16\ncontext_length = 32\n" + SETTING, "settings = 3", r"demo.toml:4: settings must be a \[settings\] table; got 3"),
         ('name = "demo"', "name = 3", r"demo.toml:2: .*needs `name"),
         ("[0, 300]", "[]", r"demo.toml:11: \[\[probe\]\] #1: checkpoints must be"),
         ("[0, 300]", "[0, true]", r"demo.toml:11: .*checkpoints must be"),

@@ -255,7 +255,7 @@ def test_fit_cli_on_a_user_gpt2_directory_puts_span_labels_on_its_tokens(
 JOB = """name = "mine"
 [settings]
 n_sequences = 8
-seq_len = 32
+context_length = 32
 random_init = false
 
 [[probe]]

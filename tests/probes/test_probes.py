@@ -291,7 +291,9 @@ def test_streaming_fit_from_a_store_matches_in_memory(fsm_series, tmp_path) -> N
     from workbench.store import ActivationStore, capture_to_store
 
     model = fsm_series.load(fsm_series.steps[-1])
-    dataset = label_dataset("fsm_state", fsm=zoo_fsm(fsm_series.location(0)), n_sequences=48, seq_len=32)
+    dataset = label_dataset(
+        "fsm_state", fsm=zoo_fsm(fsm_series.location(0)), n_sequences=48, context_length=32
+    )
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     store = ActivationStore.open(capture_to_store(model, dataset.tokens, hooks, tmp_path / "s", shard_rows=400,
                                                   progress=False).path)  # fmt: skip
@@ -316,7 +318,7 @@ def test_probe_direction_steers_and_project_out_removes_it(code_series) -> None:
     from workbench.interventions import project_out, steering
 
     model = code_series.load(code_series.steps[-1])
-    dataset = label_dataset("inside_string", tokenizer=model.tokenizer, n_sequences=24, seq_len=48)
+    dataset = label_dataset("inside_string", tokenizer=model.tokenizer, n_sequences=24, context_length=48)
     hook = "blocks.1.hook_resid_post"
     _, x, labels, _, _ = collect_activations(model, dataset, [hook])
     probes = fit_probes(x, labels, l2=1e-2, sites=[hook])
@@ -338,7 +340,9 @@ def _capture(model, tokens, hook, fwd_hooks=()):
 def test_science_fsm_state_is_read_beyond_token_identity_after_training(fsm_series, tmp_path) -> None:
     """TokFSM: the hidden state is decodable from the residual stream of the trained model well beyond what the
     token alone tells (and beyond step 0 and a random-init copy); H&L's control saturates on 20 token types."""
-    dataset = label_dataset("fsm_state", fsm=zoo_fsm(fsm_series.location(0)), n_sequences=64, seq_len=48)
+    dataset = label_dataset(
+        "fsm_state", fsm=zoo_fsm(fsm_series.location(0)), n_sequences=64, context_length=48
+    )
     settings = ProbeSettings(l2=1e-3)
     hooks = ["hook_embed", "blocks.*.hook_resid_post"]
     final = run(fsm_series.load(fsm_series.steps[-1]), labels=dataset, hooks=hooks, settings=settings)[
@@ -410,7 +414,7 @@ def test_science_bracket_depth_is_read_better_after_training_than_at_step_zero(c
     enough to memorise its label (benchmarks/RESULTS.md, probe science check). code-tiny (2 × 64, 300 steps) barely
     represents depth beyond the majority class (0.84–0.87)."""
     final, start = code_series.load(code_series.steps[-1]), code_series.load(0)
-    dataset = label_dataset("bracket_depth", tokenizer=final.tokenizer, n_sequences=256, seq_len=64)
+    dataset = label_dataset("bracket_depth", tokenizer=final.tokenizer, n_sequences=256, context_length=64)
     for seed in (0, 1, 2):
         settings = ProbeSettings(random_init=False, seed=seed)
         trained = run(final, labels=dataset, hooks="blocks.*.hook_attn_out", settings=settings)[

@@ -23,19 +23,19 @@ def saved_gpt2(tmp_path_factory):
     return path
 
 
-def test_a_context_longer_than_the_models_positions_is_refused_before_any_work(saved_gpt2, tmp_path) -> None:
-    """A user's GPT-2 with 64 learned positions: `sae train` at the default context length (128) exits 2 naming the
-    limit and the fix, with no store written (it used to end in `error: index out of range in self`); the library
-    forward refuses a 65-token input the same way, and 64 tokens run."""
+@pytest.fixture(scope="module")
+def user_gpt2(saved_gpt2, tmp_path_factory):
+    """A user's GPT-2 with 64 learned positions and its own word-level tokenizer, and a text file of long lines
+    (every line is longer than 64 tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from workbench.model import ContextLengthError, HookedModel
-
-    user_model = tmp_path / "my-gpt2"
+    root = tmp_path_factory.mktemp("user")
+    user_model = root / "my-gpt2"
     T.GPT2LMHeadModel.from_pretrained(saved_gpt2).save_pretrained(user_model)
-    text = tmp_path / "mine.txt"
+    text = root / "mine.txt"
     text.write_text(
-        "\n".join(f"line {i} of my own notes about foxes and dogs" for i in range(300)), encoding="utf-8"
+        "\n".join(" ".join([f"line {i} of my own notes about foxes and dogs"] * 20) for i in range(40)),
+        encoding="utf-8",
     )
     words = Tokenizer(models.WordLevel(unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -43,16 +43,57 @@ def test_a_context_longer_than_the_models_positions_is_refused_before_any_work(s
     T.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<eos>").save_pretrained(
         user_model
     )
-    workspace = tmp_path / "ws"
-    result = runner.invoke(app, ["sae", "train", str(user_model), "--data", str(text), "--hook",
-                                 "blocks.0.hook_resid_post", "--steps", "2", "--workspace", str(workspace)])  # fmt: skip
-    assert result.exit_code == 2, result.output
-    assert (
-        f"error: sequences of 128 tokens are longer than {user_model}'s 64 positions; use a context length of at "
-        "most 64 (--context-length 64)" in result.stderr
+    labels = root / "labels.csv"
+    labels.write_text(
+        "text,label\n" + "".join(f"{' '.join(['fox and dog'] * 60)} {i},{i % 2}\n" for i in range(24)),
+        encoding="utf-8",
     )
-    assert not list((workspace / "stores").glob("*/*")) and not (workspace / "saes").exists()
-    model = HookedModel.from_pretrained(user_model)
+    return user_model, text, labels
+
+
+# Every command that feeds --data to a model at --context-length (default or given 128) on the 64-position GPT-2.
+TOO_LONG = {
+    "sae train": ["sae", "train", "{model}", "--data", "{text}", "--hook", "blocks.0.hook_resid_post", "--steps", "2"],
+    "capture": ["capture", "{model}", "--data", "{text}", "--hooks", "blocks.0.hook_resid_post", "--out", "{ws}/stores/c"],
+    "massive run": ["massive", "run", "{model}", "--data", "{text}", "--no-progress"],
+    "attention run": ["attention", "run", "{model}", "--data", "{text}", "--no-progress"],
+    "dynamics run": ["dynamics", "run", "{model}", "--data", "{text}", "--context-length", "128", "--no-progress"],
+    "probe run": ["probe", "run", "{model}", "--labels", "{labels}"],
+    "codebook train": ["codebook", "train", "{model}", "--data", "{text}", "--steps", "2"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", TOO_LONG)
+def test_a_context_longer_than_the_models_positions_is_refused_before_any_work(
+    user_gpt2, tmp_path, command
+) -> None:
+    """A user's GPT-2 with 64 learned positions at a context of 128 tokens: every command exits 2 with one line
+    naming the model's limit, the requested context and the fix, no traceback, and nothing written (it used to end
+    in `error: index out of range in self`)."""
+    user_model, text, labels = user_gpt2
+    workspace = tmp_path / "ws"
+    argv = [a.format(model=user_model, text=text, labels=labels, ws=workspace) for a in TOO_LONG[command]]
+    result = runner.invoke(app, [*argv, "--workspace", str(workspace)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        f"error: sequences of 128 tokens are longer than {user_model}'s 64 positions; use a context length of at "
+        "most 64 (--context-length 64)"
+    ]  # (transformers' weight-loading bar may precede it)
+    written = [p for p in workspace.rglob("*") if p.is_file() and p.name != "results.duckdb"]
+    assert not written, written
+    if (workspace / "results.duckdb").exists():
+        from workbench.results import ResultsDB
+
+        assert ResultsDB(workspace).tables() == []
+    for folder in ("stores", "saes", "dynamics", "codebooks", "probes"):
+        assert not (workspace / folder).exists() or not any((workspace / folder).iterdir()), folder
+
+
+def test_the_library_forward_refuses_more_tokens_than_the_models_positions(saved_gpt2) -> None:
+    from workbench.model import ContextLengthError, HookedModel
+
+    model = HookedModel.from_pretrained(saved_gpt2)
     with pytest.raises(ContextLengthError, match="65 tokens are longer than .* 64 positions"):
         model(torch.zeros(1, 65, dtype=torch.long))
     assert model(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 100)
@@ -74,6 +115,9 @@ OLD_SPELLINGS = [
     (["codebook", "analyse", "m"], "`workbench codebook run`", "--data is required"),
     (["circuits", "status", "feedfacecafe"], "`workbench circuits jobs status`", "feedfacecafe"),
     (["sae", "export", "none", "--out", "{tmp}/out", "--model", "m"], "`workbench sae export ... MODEL`", "none"),
+    (["massive", "m", "--data", "{tmp}/none.txt"], "`workbench massive run MODEL --data DATA`", "none.txt"),
+    (["attention", "m", "--data", "{tmp}/none.txt"], "`workbench attention run MODEL --data DATA`", "none.txt"),
+    (["circuits", "clt-eval", "{tmp}/clt", "m"], "`workbench sae eval PATH MODEL`", "--data is required"),
 ]  # fmt: skip
 
 
@@ -203,7 +247,7 @@ def test_capture_command_rejects_non_utf8_texts(tmp_path) -> None:
 def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     from workbench.results import ResultsDB
 
-    result = runner.invoke(app, ["massive", "minilm", "--workspace", str(zoo_workspace.root)])
+    result = runner.invoke(app, ["massive", "run", "minilm", "--workspace", str(zoo_workspace.root)])
     assert result.exit_code == 0, result.output
     assert "[CLS]" in result.output
     db = ResultsDB(zoo_workspace)
@@ -213,6 +257,7 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
         app,
         [
             "massive",
+            "run",
             "code-tiny",
             "--workspace",
             str(zoo_workspace.root),
@@ -224,7 +269,7 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     assert len(fits) == 2 and set(fits["family"]) == {"exp_log"}
     assert all(f"  step {s}: massive at " in series.output for s in (0, 1, 2, 4, 8, 16, 32, 64))
     assert "at step 64 (the last checkpoint):" in series.output and "massive_fits (2 rows)" in series.output
-    few = ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--max-tokens", "64"]
+    few = ["massive", "run", "code-tiny", "--workspace", str(zoo_workspace.root), "--max-tokens", "64"]
     logistic = runner.invoke(
         app, [*few, "--family", "logistic", *sum((["--step", str(s)] for s in (0, 1, 2, 4)), [])]
     )
@@ -240,7 +285,7 @@ def test_massive_command_on_minilm_and_on_a_zoo_series(zoo_workspace) -> None:
     assert log.exit_code == 0 and "no log emergence fit" in log.output and "--family" not in log.output, (
         log.output
     )
-    one = runner.invoke(app, ["massive", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "0",
+    one = runner.invoke(app, ["massive", "run", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "0",
                               "--max-tokens", "64"])  # fmt: skip
     assert one.exit_code == 0, one.output
 
@@ -256,6 +301,7 @@ def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace,
     steps = [0, series.steps[-1]]
     args = [
         "attention",
+        "run",
         "code-tiny",
         "--workspace",
         str(zoo_workspace.root),
@@ -277,7 +323,7 @@ def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace,
         ResultsDB(zoo_workspace).read("attention_stats", dataset="prompts.txt")
     ) == len(rows)
     bad = runner.invoke(
-        app, ["attention", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "7777"]
+        app, ["attention", "run", "code-tiny", "--workspace", str(zoo_workspace.root), "--step", "7777"]
     )
     assert bad.exit_code == 2 and "no checkpoint at step(s) [7777]" in bad.output
 

@@ -29,7 +29,7 @@ from workbench.model import HookedModel
 from workbench.store import ActivationStore, capture_to_store
 
 HOOKS = ["blocks.*.hook_resid_post", "blocks.0.hook_mlp_out"]
-CAPTURE = dict(batch_size=3, max_length=24, shard_rows=40, dataset="crash-texts", progress=False)
+CAPTURE = dict(batch_size=3, context_length=24, shard_rows=40, dataset="crash-texts", progress=False)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -176,7 +176,7 @@ JOB = """
 name = "crash"
 [settings]
 n_sequences = 12
-seq_len = 48
+context_length = 48
 random_init = false
 cv_folds = 0
 

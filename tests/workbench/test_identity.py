@@ -100,11 +100,11 @@ def test_one_identity_per_model_however_it_is_spelled(twins, monkeypatch) -> Non
     assert resolve_model("exp-a/model").cfg.name != resolve_model("exp-b/model").cfg.name
 
 
-@pytest.mark.parametrize("command", ["massive", "dynamics run"])
+@pytest.mark.parametrize("command", ["massive run", "dynamics run"])
 def test_series_analyses_keep_both_series(twins, tmp_path, command) -> None:
     """Both series in one workspace: both sets of rows, each equal to the series analysed alone."""
     ids = _ids(twins, "series")
-    table = {"massive": "massive_layers", "dynamics run": "dynamics_metrics"}[command]
+    table = {"massive run": "massive_layers", "dynamics run": "dynamics_metrics"}[command]
     both, alone = tmp_path / "both", tmp_path / "alone"
     for exp in ("exp-a", "exp-b"):
         _cli(
@@ -142,6 +142,7 @@ def test_attention_and_sae_training_keep_both_models(twins, tmp_path) -> None:
     for exp in ("exp-a", "exp-b"):
         _cli(
             "attention",
+            "run",
             str(twins / exp / "model"),
             "--data",
             str(twins / "notes.txt"),
@@ -180,7 +181,7 @@ def test_probe_job_tasks_of_same_named_series_are_separate(twins, tmp_path) -> N
     ws = Workspace(tmp_path / "ws").ensure()
     job = tmp_path / "job.toml"
     table = '[[probe]]\nmodel = "{}"\ncheckpoints = "all"\nhooks = "blocks.0.hook_resid_post"\nlabel_sets = ["bracket_depth"]\n'
-    job.write_text('name = "twins"\n[settings]\nn_sequences = 8\nseq_len = 16\nrandom_init = false\n'
+    job.write_text('name = "twins"\n[settings]\nn_sequences = 8\ncontext_length = 16\nrandom_init = false\n'
                    + "".join(table.format(twins / exp / "series") for exp in ("exp-a", "exp-b")))  # fmt: skip
     status = run_job(job, workspace=ws, progress=False)
     assert list(status["status"]) == ["done"] * 4 and status["task"].nunique() == 4

@@ -259,6 +259,34 @@ def test_capture_crash_then_resume_equals_uninterrupted_run(tmp_path, gpt2, monk
         capture_to_store(model, inputs[:-1], "blocks.*.hook_resid_post", tmp_path / "c", **options)
 
 
+def test_capture_takes_max_length_for_one_release_and_resumes_stores_that_recorded_it(tmp_path, gpt2) -> None:
+    """``max_length=`` is the old name of ``context_length=`` (a DeprecationWarning); a store whose manifest
+    recorded ``max_length`` (written before the rename) resumes and verifies as before."""
+    _, model = gpt2
+    inputs = _token_lists(5)
+    new = capture_to_store(model, inputs, "blocks.0.hook_resid_post", tmp_path / "new", context_length=8,
+                           progress=False)  # fmt: skip
+    with pytest.warns(
+        DeprecationWarning, match=r"max_length= in capture_to_store\(\) is deprecated .*context_length="
+    ):
+        old = capture_to_store(model, inputs, "blocks.0.hook_resid_post", tmp_path / "old", max_length=8,
+                               progress=False)  # fmt: skip
+    assert torch.equal(old.read("blocks.0.hook_resid_post"), new.read("blocks.0.hook_resid_post"))
+    assert old.n_rows == sum(min(len(ids), 8) for ids in inputs)
+    with pytest.raises(TypeError, match="gives both max_length= and context_length="):
+        capture_to_store(
+            model, inputs, "blocks.0.hook_resid_post", tmp_path / "x", max_length=8, context_length=8
+        )
+    manifest_file = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    recipe = manifest["extra"]["capture"]
+    recipe["max_length"] = recipe.pop("context_length")
+    manifest_file.write_text(json.dumps(manifest))
+    again = capture_to_store(model, inputs, "blocks.0.hook_resid_post", tmp_path / "old", context_length=8,
+                             progress=False)  # fmt: skip
+    assert (again.rows_at_open, again.rows_written) == (old.n_rows, 0)
+
+
 def test_capture_from_texts_through_the_tokenizer(tmp_path) -> None:
     model = _tiny_neox()
     texts = [f"def f{i}(x): return x + {i}" for i in range(5)]
@@ -390,7 +418,7 @@ def test_resume_sweeps_the_temporary_files_a_crash_left(tmp_path) -> None:
     ("positions", "error", "message"),
     [
         (1000, IndexError, r"positions \[1000\] are out of range for 6 of 6 sequences \(shortest \d+ tokens"),
-        ([0, 999], IndexError, r"positions \[999\] are out of range .*max_length .*negative position"),
+        ([0, 999], IndexError, r"positions \[999\] are out of range .*--context-length.*negative position"),
         (15, IndexError, r"out of range for [1-5] of 6 sequences"),
         (-30, IndexError, r"positions \[-30\]"),
         (slice(100, 200), IndexError, "selects no token"),

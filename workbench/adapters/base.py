@@ -191,7 +191,7 @@ class Adapter(Protocol):
         """Run the wrapped model on a prepared batch; logits (or the last hidden state for headless encoders)."""
         ...
 
-    def tokenize(self, owner: Any, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
+    def tokenize(self, owner: Any, texts: list[str], context_length: int | None) -> dict[str, torch.Tensor]:
         """Texts -> {"input_ids", "attention_mask"} [batch, pos] with the family's tokenizer conventions."""
         ...
 
@@ -286,7 +286,7 @@ class HFAdapter(ABC):
                 return value
         return output[0]
 
-    def tokenize(self, owner: Any, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
+    def tokenize(self, owner: Any, texts: list[str], context_length: int | None) -> dict[str, torch.Tensor]:
         tokenizer = owner.tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -295,7 +295,7 @@ class HFAdapter(ABC):
             return_tensors="pt",
             padding=True,
             truncation=True,
-            max_length=max_length or owner.cfg.n_ctx,
+            max_length=context_length or owner.cfg.n_ctx,
         )
         return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 

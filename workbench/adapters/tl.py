@@ -81,13 +81,13 @@ class TransformerLensAdapter:
     def forward(self, owner: Any, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return owner.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
 
-    def tokenize(self, owner: Any, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
+    def tokenize(self, owner: Any, texts: list[str], context_length: int | None) -> dict[str, torch.Tensor]:
         from transformer_lens.utils import get_attention_mask
 
         model: TLModel = owner.model
         tokens = model.to_tokens(texts, padding_side="right")
-        if max_length is not None:
-            tokens = tokens[:, :max_length]
+        if context_length is not None:
+            tokens = tokens[:, :context_length]
         mask = get_attention_mask(model.tokenizer, tokens, model.cfg.default_prepend_bos)
         return {"input_ids": tokens, "attention_mask": mask}
 

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from workbench.datasets import Dataset, iter_model_batches
+from workbench.deprecation import renamed_keywords
 
 if TYPE_CHECKING:
     from workbench.model import HookedModel
@@ -23,12 +24,13 @@ if TYPE_CHECKING:
 STAT_HOOKS = ("entropy", "sink", "lse", "max_logit")
 
 
+@renamed_keywords(max_length="context_length")
 def attention_statistics(
     model: HookedModel,
     texts: Dataset | Sequence[str] | torch.Tensor,
     *,
     batch_size: int = 16,
-    max_length: int = 128,
+    context_length: int = 128,
     sink_k: int = 1,
 ) -> pd.DataFrame:
     """Mean statistics per (layer, head) over ``texts`` (a Dataset, strings, token-id lists or ids [batch, pos]).
@@ -43,7 +45,7 @@ def attention_statistics(
     model.sink_k = sink_k
     try:
         for _, batch in iter_model_batches(
-            texts, model.tokenizer, batch_size=batch_size, context_length=max_length
+            texts, model.tokenizer, batch_size=batch_size, context_length=context_length
         ):
             real = batch["attention_mask"].bool().clone()
             real[:, 0] = False

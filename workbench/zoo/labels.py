@@ -133,13 +133,15 @@ def align_to_tokens(char_labels: np.ndarray, offsets: Sequence[tuple[int, int]],
 
 
 def python_token_labels(
-    texts: Sequence[str], tokenizer, max_length: int
+    texts: Sequence[str], tokenizer, context_length: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token ids [n, max_length] (right-padded) and each Python label set [n, max_length] (−1 = ignore)."""
-    ids = torch.full((len(texts), max_length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = {name: torch.full((len(texts), max_length), IGNORE, dtype=torch.long) for name in PYTHON_LABELS}
+    """Token ids [n, context_length] (right-padded) and each Python label set [n, context_length] (−1 = ignore)."""
+    ids = torch.full((len(texts), context_length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = {
+        name: torch.full((len(texts), context_length), IGNORE, dtype=torch.long) for name in PYTHON_LABELS
+    }
     for row, text in enumerate(texts):
-        encoding = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=max_length)
+        encoding = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=context_length)
         offsets = encoding["offset_mapping"]
         n = len(encoding["input_ids"])
         ids[row, :n] = torch.tensor(encoding["input_ids"])
@@ -152,7 +154,7 @@ def python_token_labels(
 
 
 def python_label_dataset(
-    tokenizer, n_sequences: int, max_length: int, *, seed: int = 0, max_files: int = 400
+    tokenizer, n_sequences: int, context_length: int, *, seed: int = 0, max_files: int = 400
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Windows of stdlib source (each starting at a line start), their token ids and Python label sets."""
     rng = np.random.default_rng(seed)
@@ -163,17 +165,18 @@ def python_label_dataset(
         lines = text.splitlines(keepends=True)
         start = int(rng.integers(max(1, len(lines) - 40)))
         windows.append("".join(lines[start : start + 40]))
-    return python_token_labels(windows, tokenizer, max_length)
+    return python_token_labels(windows, tokenizer, context_length)
 
 
 def fsm_label_dataset(
-    fsm, n_sequences: int, length: int, *, seed: int = 0
+    fsm, n_sequences: int, context_length: int, *, seed: int = 0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """TokFSM tokens [n, length] with ``fsm_state`` and ``fsm_next_state`` labels (the last next state is −1)."""
-    tokens, states = fsm.sample(n_sequences, length + 1, seed=seed)
+    """TokFSM tokens [n, context_length] with ``fsm_state`` and ``fsm_next_state`` labels (the last next state is
+    −1)."""
+    tokens, states = fsm.sample(n_sequences, context_length + 1, seed=seed)
     next_states = states[:, 1:]
-    return torch.from_numpy(tokens[:, :length]), {
-        "fsm_state": torch.from_numpy(states[:, :length]),
+    return torch.from_numpy(tokens[:, :context_length]), {
+        "fsm_state": torch.from_numpy(states[:, :context_length]),
         "fsm_next_state": torch.from_numpy(next_states),
     }
 

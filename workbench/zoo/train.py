@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from workbench.deprecation import renamed_keywords
 from workbench.faults import crash_point
 from workbench.fileio import (
     atomic_torch_save,
@@ -68,7 +69,7 @@ class ZooSpec:
     n_heads: int
     d_mlp: int
     steps: int
-    seq_len: int = 64
+    context_length: int = 64
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 50
@@ -94,7 +95,7 @@ _ZOO = (
         n_heads=4,
         d_mlp=512,
         steps=600,
-        seq_len=128,
+        context_length=128,
         lr=2e-3,
         max_files=150,
     ),
@@ -106,7 +107,7 @@ _ZOO = (
         n_heads=4,
         d_mlp=512,
         steps=800,
-        seq_len=128,
+        context_length=128,
         lr=2e-3,
         max_files=300,
         checkpoint_every=200,
@@ -131,6 +132,7 @@ _ZOO = (
 SPECS: dict[str, ZooSpec] = {spec.name: spec for spec in _ZOO}
 
 
+@renamed_keywords(seq_len="context_length")
 def get_spec(name: str, /, **overrides: Any) -> ZooSpec:
     """The registered spec ``name`` (with field overrides, e.g. ``steps=100``, or ``name=`` for a variant)."""
     if name not in SPECS:
@@ -181,8 +183,10 @@ class _CodeData:
 
     def batch(self, spec: ZooSpec, step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(hash((spec.seed, step)) % (2**63))
-        starts = torch.randint(0, len(self.tokens) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
-        batch = torch.stack([self.tokens[s : s + spec.seq_len] for s in starts.tolist()])
+        starts = torch.randint(
+            0, len(self.tokens) - spec.context_length - 1, (spec.batch_size,), generator=gen
+        )
+        batch = torch.stack([self.tokens[s : s + spec.context_length] for s in starts.tolist()])
         if spec.prepend_bos:
             batch = torch.cat(
                 [torch.full((spec.batch_size, 1), self.tokenizer.bos_token_id), batch[:, :-1]], dim=1
@@ -200,13 +204,13 @@ class _FSMData:
             _save_tokenizer(tokenizer, model_dir)
         self.tokenizer = as_transformers(tokenizer)
         self.vocab_size = tokenizer.get_vocab_size()
-        tokens, _ = self.fsm.sample(2000, spec.seq_len, seed=10**6)
+        tokens, _ = self.fsm.sample(2000, spec.context_length, seed=10**6)
         counts = np.bincount(tokens.ravel(), minlength=self.vocab_size)
         p = counts[counts > 0] / counts.sum()
         self.unigram_entropy = float(-(p * np.log(p)).sum())
 
     def batch(self, spec: ZooSpec, step: int) -> torch.Tensor:
-        tokens, _ = self.fsm.sample(spec.batch_size, spec.seq_len, seed=step)
+        tokens, _ = self.fsm.sample(spec.batch_size, spec.context_length, seed=step)
         return torch.from_numpy(tokens)
 
 
@@ -243,7 +247,7 @@ def _init_model(spec: ZooSpec, vocab_size: int) -> PreTrainedModel:
         num_hidden_layers=spec.n_layers,
         num_attention_heads=spec.n_heads,
         intermediate_size=spec.d_mlp,
-        max_position_embeddings=max(2048, spec.seq_len),
+        max_position_embeddings=max(2048, spec.context_length),
         **rotary,
         use_parallel_residual=True,
         hidden_dropout=0.0,
@@ -377,7 +381,7 @@ def _log_entries(log_path: Path, upto: int) -> list[str]:
 
 
 def _check_lengths(spec: ZooSpec) -> None:
-    for name in ("steps", "checkpoint_every", "batch_size", "seq_len"):
+    for name in ("steps", "checkpoint_every", "batch_size", "context_length"):
         value = getattr(spec, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             default = getattr(SPECS[spec.name], name) if spec.name in SPECS else 1
@@ -393,6 +397,8 @@ def _check_spec(model_dir: Path, spec: ZooSpec) -> None:
     if not spec_file.exists():
         return
     stored = json.loads(spec_file.read_text())
+    if "seq_len" in stored:  # written before context_length was its name
+        stored["context_length"] = stored.pop("seq_len")
     defaults = {
         f.name: f.default for f in dataclasses.fields(ZooSpec) if f.default is not dataclasses.MISSING
     }

@@ -388,7 +388,14 @@ def test_cross_layer_transcoder_loads_and_evaluates(tmp_path) -> None:
     result = CliRunner().invoke(app, ["circuits", "clt-eval", str(folder), str(tmp_path / "llama"), "--data",
                                       str(text), "--max-tokens", "32", "--workspace", str(tmp_path / "ws")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "blocks.1.hook_resid_mid" in result.output and "FVU" in result.output
+    assert (
+        "warning: `workbench circuits clt-eval PATH MODEL` is deprecated (it goes in the next release); use "
+        "`workbench sae eval PATH MODEL`" in result.stderr
+    )
+    assert (
+        "clt blocks.1.hook_resid_mid -> blocks.1.hook_mlp_out: L0" in result.stdout and "FVU" in result.stdout
+    )
+    assert "written to the workspace (sae_evals 2 rows, transcoder_replacement 1 rows)" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------- workspace, bad input

@@ -327,7 +327,7 @@ n_heads = 2
 steps = 4
 checkpoint_every = 4
 max_files = 4
-seq_len = 24
+context_length = 24
 batch_size = 4
 [[series]]
 model = "{hub_repo}"

@@ -82,7 +82,7 @@ def test_training_is_reproducible_and_resumes_after_interruption(tmp_path) -> No
     assert [e["step"] for e in read_train_log(resumed)] == list(range(1, 41))
 
 
-SMALL = dict(n_layers=1, d_model=16, n_heads=2, d_mlp=32, batch_size=4, seq_len=16, progress=False)
+SMALL = dict(n_layers=1, d_model=16, n_heads=2, d_mlp=32, batch_size=4, context_length=16, progress=False)
 
 
 def test_same_seed_same_bytes_other_seed_other_weights_and_the_global_rng_is_left_alone(tmp_path) -> None:
@@ -202,7 +202,7 @@ def test_python_labels_follow_the_source_structure(code_series) -> None:
     )  # "(" in a string opens nothing
     assert chars.indent_level[at("return")] == 2 and chars.indent_level[at("s =")] == 1
     tokenizer = code_series.load(0).tokenizer
-    ids, labels = python_token_labels([source], tokenizer, max_length=64)
+    ids, labels = python_token_labels([source], tokenizer, context_length=64)
     n = int((ids[0] != tokenizer.pad_token_id).sum())
     assert (labels["inside_string"][0, :n] >= 0).all() and labels["inside_string"][0, n:].eq(-1).all()
     assert labels["inside_string"][0, :n].sum() >= 1
@@ -216,7 +216,7 @@ def test_prepend_bos_starts_every_training_window_with_bos(tmp_path) -> None:
     spec = get_spec("code-tiny", prepend_bos=True, max_files=5)
     data = _CodeData(spec, tmp_path)
     batch = data.batch(spec, step=3)
-    assert batch.shape == (spec.batch_size, spec.seq_len)
+    assert batch.shape == (spec.batch_size, spec.context_length)
     assert (batch[:, 0] == data.tokenizer.bos_token_id).all()
     plain = data.batch(get_spec("code-tiny", max_files=5), step=3)
     assert torch.equal(batch[:, 1:], plain[:, :-1])
@@ -229,3 +229,18 @@ def test_runs_written_before_a_spec_field_existed_still_resume(tmp_path) -> None
     del stored["prepend_bos"]  # as written by an older workbench
     spec_file.write_text(json.dumps(stored))
     assert train_zoo_model("fsm-tiny", tmp_path, steps=4, progress=False) == model_dir
+
+
+def test_runs_written_when_the_context_was_seq_len_still_resume(tmp_path) -> None:
+    """spec.json of an older workbench names the context ``seq_len``; ``get_spec(seq_len=)`` still works for one
+    release, with a DeprecationWarning."""
+    model_dir = train_zoo_model("fsm-tiny", tmp_path, steps=4, context_length=32, progress=False)
+    spec_file = model_dir / "spec.json"
+    stored = json.loads(spec_file.read_text())
+    stored["seq_len"] = stored.pop("context_length")
+    spec_file.write_text(json.dumps(stored))
+    assert train_zoo_model("fsm-tiny", tmp_path, steps=4, context_length=32, progress=False) == model_dir
+    with pytest.warns(
+        DeprecationWarning, match=r"seq_len= in get_spec\(\) is deprecated .*use context_length="
+    ):
+        assert get_spec("fsm-tiny", seq_len=32).context_length == 32

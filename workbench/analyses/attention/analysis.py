@@ -21,7 +21,7 @@ from workbench.model import HookedModel
 RESULT_KEYS = ["model", "checkpoint", "dataset", "layer", "head"]
 ANALYSIS = Analysis(
     name="attention",
-    command="workbench attention MODEL --data DATA",
+    command="workbench attention run MODEL --data DATA",
     tables=(
         Table(
             "attention_stats",
@@ -65,7 +65,9 @@ def run(
         if kernel:
             install_attention(each)
         frames.append(
-            attention_statistics(each, data, batch_size=batch_size, max_length=context_length, sink_k=sink_k)
+            attention_statistics(
+                each, data, batch_size=batch_size, context_length=context_length, sink_k=sink_k
+            )
         )
     name = dataset or (data.name if isinstance(data, Dataset) else "texts")
     frame = pd.concat(frames, ignore_index=True).assign(dataset=name, hook="blocks.*.attn.hook_*")

@@ -1,4 +1,6 @@
-"""`workbench attention MODEL --data DATA`: per-layer × head attention statistics, written to the workspace."""
+"""`workbench attention run MODEL --data DATA`: per-layer × head attention statistics, written to the workspace. The
+last release's spelling, `workbench attention MODEL ...`, still runs `run` for one release, after a one-line
+deprecation note."""
 
 from __future__ import annotations
 
@@ -21,9 +23,17 @@ from workbench.cli_options import (
     default_prompts,
     open_data,
     open_series,
+    run_group,
+)
+
+app = run_group(
+    "Attention statistics per layer × head (× checkpoint): entropy, sink mass, log-sum-exp, max logit.",
+    "attention MODEL --data DATA",
+    "attention run MODEL --data DATA",
 )
 
 
+@app.command("run")
 def attention_command(
     model: ModelArgument,
     data: DataOption = None,

@@ -304,8 +304,7 @@ def track_dynamics(
     ANALYSIS.check(data=data)
     chosen = sorted(steps) if steps is not None else list(series.steps)
     run = run or f"{short_name(series.name)}--{short_name(data.name)}"
-    directory = run_dir(workspace, run)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = run_dir(workspace, run)  # made by the first checkpoint's write (nothing before a refusal)
     remove_temp_files(directory)
     expected = json.dumps({**settings.to_json(), "model": series.name, "dataset": data.name}, sort_keys=True)
     done = _read_done(directory, expected, run)

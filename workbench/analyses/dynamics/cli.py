@@ -6,10 +6,9 @@ parameter predictor with leave-one-architecture-out R²). The last release's spe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
 from workbench.cli_options import (
     BatchSizeOption,
@@ -23,38 +22,16 @@ from workbench.cli_options import (
     StepsOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
-    deprecation_note,
     open_data,
     open_series,
+    run_group,
 )
 
-
-class _SeriesRunsByDefault(TyperGroup):
-    """The ``dynamics`` group. A first argument that is no command name is the last release's ``workbench dynamics
-    SERIES ...``: it runs ``run`` with the same arguments after a one-line deprecation note (for one release)."""
-
-    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
-        if (
-            args
-            and args[0] not in self.commands
-            and not args[0].startswith("-")
-            and not ctx.resilient_parsing
-        ):
-            deprecation_note("dynamics SERIES --data DATA", "dynamics run SERIES --data DATA")
-            return "run", self.commands["run"], args
-        return super().resolve_command(ctx, args)
-
-
-app = typer.Typer(
-    cls=_SeriesRunsByDefault,
-    help="Training dynamics over checkpoints: what emerges when, and the architecture sweep.",
-    no_args_is_help=True,
+app = run_group(
+    "Training dynamics over checkpoints: what emerges when, and the architecture sweep.",
+    "dynamics SERIES --data DATA",
+    "dynamics run SERIES --data DATA",
 )
-
-
-@app.callback()
-def main() -> None:
-    """Training dynamics over checkpoints: what emerges when, and the architecture sweep."""
 
 
 @app.command("run")

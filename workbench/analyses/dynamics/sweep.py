@@ -11,7 +11,7 @@ leave-one-architecture-out cross-validation.
     family = "exp_log"                   # curve family fitted per layer
     predictor = "ridge"                  # "ridge" (standardised RidgeCV) or "forest" (random forest)
 
-    [defaults]                           # ZooSpec fields for every config (steps, seq_len, max_files, ...)
+    [defaults]                           # ZooSpec fields for every config (steps, context_length, max_files, ...)
     steps = 300
 
     [track]                              # dynamics settings: max_sequences, context_length, batch_size, bos,
@@ -56,6 +56,7 @@ from workbench.analyses.dynamics.emergence import FAMILIES, FitError
 from workbench.analyses.dynamics.predictor import LOG_TARGETS, ParameterPredictor
 from workbench.analysis import write_tables
 from workbench.datasets import load_dataset
+from workbench.deprecation import renamed_keys
 from workbench.references import model_trainer, resolve_series, short_name
 from workbench.workspace import Workspace, safe_name
 
@@ -66,6 +67,7 @@ PREDICTORS = (
 )  # standardised ridge (extrapolates linearly to a held-out size) or a random forest
 TRACK_KEYS = {"max_sequences", "context_length", "batch_size", "bos", "sparsity_threshold", "n_boot", "level"}
 SERIES_KEYS = {"model", "name", "steps", "lr", "weight_decay", "prepend_bos"}
+RENAMED = {"seq_len": "context_length"}  # ZooSpec fields' old names (one release)
 DERIVED_TARGETS = ("emergence_step", "final_value", "steady_state")
 # The paper's qualitative claim per target (arXiv 2508.03616: steady state predicted well, emergence timing moderately)
 CLAIMS = {
@@ -160,12 +162,12 @@ def load_sweep(path: str | Path) -> Sweep:
     n_boot, level = int(track.pop("n_boot", 20)), float(track.pop("level", 0.9))
     settings = DynamicsSettings(**track)
     base = str(raw.get("base", "code-tiny"))
-    defaults = dict(raw.get("defaults", {}))
+    defaults = renamed_keys(raw.get("defaults", {}), RENAMED, f"{path} [defaults]")
     entries: list[SweepEntry] = []
     for i, table in enumerate(raw.get("config", [])):
         if "name" not in table:
             raise SweepError(f"{path}: [[config]] #{i + 1} has no name; give every config a unique name")
-        overrides = {**defaults, **table}
+        overrides = {**defaults, **renamed_keys(table, RENAMED, f"{path} [[config]] #{i + 1}")}
         try:
             spec = model_trainer("zoo").spec(base, **overrides)
         except ValueError as err:  # an unknown base or field, named with the valid ones

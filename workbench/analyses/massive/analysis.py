@@ -30,6 +30,7 @@ from workbench.analyses.dynamics.emergence import FAMILIES, CurveFit, FitError, 
 from workbench.analysis import Analysis, Table
 from workbench.checkpoints import CheckpointSeries
 from workbench.datasets import Dataset, iter_model_batches
+from workbench.deprecation import renamed_keywords
 
 if TYPE_CHECKING:
     from workbench.model import HookedModel
@@ -71,10 +72,11 @@ class MassiveReport:
         return frames
 
 
-def _batches(model: HookedModel, inputs: Any, batch_size: int, max_length: int):
-    return iter_model_batches(inputs, model.tokenizer, batch_size=batch_size, context_length=max_length)
+def _batches(model: HookedModel, inputs: Any, batch_size: int, context_length: int):
+    return iter_model_batches(inputs, model.tokenizer, batch_size=batch_size, context_length=context_length)
 
 
+@renamed_keywords(max_length="context_length")
 def detect_massive(
     model: HookedModel,
     inputs: Sequence[str] | torch.Tensor,
@@ -82,7 +84,7 @@ def detect_massive(
     *,
     criteria: MassiveCriteria | None = None,
     batch_size: int = 8,
-    max_length: int = 128,
+    context_length: int = 128,
     median_sample: int = 200_000,
     dataset: str = "texts",
     seed: int = 0,
@@ -107,7 +109,7 @@ def detect_massive(
     samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
     seen: dict[str, int] = dict.fromkeys(names, 0)
     for start, batch in tqdm(
-        list(_batches(model, inputs, batch_size, max_length)), desc="massive: scan", disable=not progress
+        list(_batches(model, inputs, batch_size, context_length)), desc="massive: scan", disable=not progress
     ):
         mask = batch["attention_mask"].bool()
         ids = batch["input_ids"]
@@ -145,7 +147,7 @@ def detect_massive(
             samples[name].append(
                 rng.choice(flat_real, size=take, replace=False) if take < flat_real.size else flat_real
             )
-    spreads = _token_spreads(model, inputs, names, tops, batch_size, max_length)
+    spreads = _token_spreads(model, inputs, names, tops, batch_size, context_length)
     layer_rows: list[dict[str, Any]] = []
     top_rows: list[dict[str, Any]] = []
     for name in names:
@@ -205,12 +207,12 @@ def detect_massive(
 
 
 def _token_spreads(
-    model, inputs, names, tops, batch_size, max_length
+    model, inputs, names, tops, batch_size, context_length
 ) -> dict[str, dict[tuple[int, int], tuple[float, int]]]:
     """For each top (dim, token) of each hook: std / |mean| of that dimension over every occurrence of the token."""
     wanted = {name: sorted(tops[name]) for name in names}
     sums = {name: {key: [0.0, 0.0, 0] for key in keys} for name, keys in wanted.items()}
-    for _, batch in _batches(model, inputs, batch_size, max_length):
+    for _, batch in _batches(model, inputs, batch_size, context_length):
         mask = batch["attention_mask"].bool()
         ids = batch["input_ids"]
         with torch.no_grad(), model.capture(names, dtype=torch.float64) as cache:
@@ -337,7 +339,7 @@ def run(
     settings: dict[str, Any] = {
         "criteria": criteria,
         "batch_size": batch_size,
-        "max_length": context_length,
+        "context_length": context_length,
         "dataset": dataset or (data.name if isinstance(data, Dataset) else "texts"),
     }
     fits = None
@@ -383,7 +385,7 @@ def no_fit_note(family: str, needed: int, distinct: int, available: int) -> str:
 _ROW_KEYS = ("model", "checkpoint", "hook", "dataset")
 ANALYSIS = Analysis(
     name="massive",
-    command="workbench massive MODEL --data DATA",
+    command="workbench massive run MODEL --data DATA",
     tables=(
         Table(
             "massive_layers",

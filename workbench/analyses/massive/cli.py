@@ -1,4 +1,6 @@
-"""`workbench massive MODEL --data DATA`: detect (one model) or track and fit (a checkpoint series)."""
+"""`workbench massive run MODEL --data DATA`: detect (one model) or track and fit (a checkpoint series). The last
+release's spelling, `workbench massive MODEL ...`, still runs `run` for one release, after a one-line deprecation
+note."""
 
 from __future__ import annotations
 
@@ -21,10 +23,18 @@ from workbench.cli_options import (
     default_prompts,
     open_data,
     open_series,
+    run_group,
 )
 from workbench.workspace import Workspace
 
+app = run_group(
+    "Massive activations: detect them in a model, or track and fit them over a checkpoint series.",
+    "massive MODEL --data DATA",
+    "massive run MODEL --data DATA",
+)
 
+
+@app.command("run")
 def massive_command(
     model: ModelArgument,
     data: DataOption = None,

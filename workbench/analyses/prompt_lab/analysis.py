@@ -311,7 +311,7 @@ def attention_profile(model: HookedModel, tokens: torch.Tensor, kernel: bool | N
         if tokens.is_floating_point():
             frame = _input_statistics(model, tokens)
         else:
-            frame = attention_statistics(model, tokens.cpu(), batch_size=1, max_length=tokens.shape[1])
+            frame = attention_statistics(model, tokens.cpu(), batch_size=1, context_length=tokens.shape[1])
     finally:
         model.set_attention_path(previous)
     return frame.assign(path=path)
