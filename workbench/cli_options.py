@@ -242,8 +242,18 @@ def default_prompts() -> Dataset:
 def budget_inputs(
     dataset: Dataset, series: CheckpointSeries, context_length: int, max_tokens: int | None
 ) -> Any:
-    """``dataset`` itself, or its first ``max_tokens`` tokens as token rows [n, context_length] (tokenized with
-    the series' tokenizer)."""
+    """``dataset`` itself (streamed), or its first ``max_tokens`` tokens as token rows [n, context_length]
+    (tokenized with the series' tokenizer); prints how much of it the command will read, at how many checkpoints."""
+    checkpoints = f" at each of {len(series)} checkpoints" if len(series) > 1 else ""
     if max_tokens is None:
+        size = dataset.meta.get("documents")
+        if size is None and dataset.token_ids is not None:
+            size = len(dataset.token_ids)
+        unit = "documents" if dataset.modality == "text" else "rows"
+        amount = f"{size:,} {unit}" if size is not None else f"every {unit[:-1]}"
+        typer.echo(f"reading all of {dataset.name}: {amount}{checkpoints} (--max-tokens N reads less)")
         return dataset
-    return dataset.token_rows(series.tokenizer(), context_length=context_length, max_tokens=max_tokens)
+    rows = dataset.token_rows(series.tokenizer(), context_length=context_length, max_tokens=max_tokens)
+    tokens = sum(len(row) for row in rows)
+    typer.echo(f"reading the first {tokens:,} tokens of {dataset.name} ({len(rows):,} rows){checkpoints}")
+    return rows

@@ -373,7 +373,7 @@ def test_run_equals_the_per_checkpoint_fits_and_probe_run_writes_its_rows(code_s
     from workbench.references import resolve_model
     from workbench.workspace import Workspace
 
-    settings = ProbeSettings(random_init=False, n_sequences=16, seq_len=32)
+    settings = ProbeSettings(random_init=False, n_sequences=16, context_length=32)
     hooks = ["hook_embed", "blocks.*.hook_resid_post"]
     steps = [0, code_series.steps[-1]]
     frames = run(
