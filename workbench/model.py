@@ -200,6 +200,21 @@ class HookedModel(nn.Module):
             torch.manual_seed(seed)
             return self.adapter.fresh_copy(self)
 
+    def kv_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+        """A key/value cache the forward takes as ``cache=`` (where ``capabilities.prefix_cache``): empty (a forward
+        with ``use_cache=True`` fills it), or holding ``kv`` (per layer (keys, values) [batch, kv_heads, pos,
+        d_head]) for a forward on the positions after them."""
+        if not self.capabilities.prefix_cache:
+            raise ValueError(
+                f"{self.cfg.name} ({'causal' if self.cfg.causal else 'bidirectional'}) takes no key/value cache "
+                "(capabilities.prefix_cache is False); run the full forward on every position"
+            )
+        return self.adapter.kv_cache(self, kv)
+
+    def cached_keys_values(self, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) [batch, kv_heads, pos, d_head] held by ``cache`` (from :meth:`kv_cache`)."""
+        return self.adapter.cached_keys_values(self, cache)
+
     @property
     def capabilities(self) -> Capabilities:
         """What the model has, as its adapter declares it (modality, output head, pooling, positional scheme, norms,

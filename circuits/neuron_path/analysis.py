@@ -21,12 +21,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from workbench.adapters.base import HFAdapter
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table
 from workbench.datasets import Dataset
 
@@ -228,10 +228,11 @@ def _duration(seconds: float) -> str:
 class _Scorer:
     """Joint IG scores of sets of MLP units for one task, in chunks of ``chunk_rows`` forward/backward rows.
 
-    A row is one (set, input, α-step); all steps of all sets are stacked along the batch. For a causal LM read
-    through transformers (GPT-2, GPT-NeoX, Llama) the keys/values of the positions before ``task.position`` do not
-    depend on α (only that position's units are scaled, and earlier positions never attend to it), so they are
-    computed once per input and each row runs one token; the full forward is used where that is not so (ViT,
+    A row is one (set, input, α-step); all steps of all sets are stacked along the batch. For a causal LM whose
+    adapter declares ``capabilities.prefix_cache`` (the transformers families: GPT-2, GPT-NeoX, Llama) the
+    keys/values of the positions before ``task.position`` do not depend on α (only that position's units are
+    scaled, and earlier positions never attend to it), so they are computed once per input and each row runs one
+    token; the full forward is used where that is not so (ViT,
     position 0, TransformerLens models, an attention path other than SDPA) or where the cached forward does not
     reproduce the full forward's target probability within ``_CACHE_TOLERANCE``.
     """
@@ -308,19 +309,13 @@ def _trim_heap() -> None:
 class _Prefix:
     """Keys/values [inputs, kv_heads, position, d_head] per layer of the tokens before the task position."""
 
+    model: Any
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
     def rows(self, inp: torch.Tensor):
-        """A transformers cache holding input ``inp[r]``'s prefix for row r."""
-        return _dynamic_cache([(k[inp], v[inp]) for k, v in self.kv])
-
-
-def _dynamic_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """A transformers DynamicCache (empty, or holding ``kv``: per layer (keys, values) [rows, heads, pos, d_head])."""
-    # transformers takes seconds to import and the dashboard imports this module (ANALYSIS); only LMs need it
-    from transformers.cache_utils import DynamicCache
-
-    return DynamicCache() if kv is None else DynamicCache(ddp_cache_data=kv)
+        """A key/value cache (:meth:`~workbench.model.HookedModel.kv_cache`) holding input ``inp[r]``'s prefix for
+        row r."""
+        return self.model.kv_cache([(k[inp], v[inp]) for k, v in self.kv])
 
 
 def _prefix_cache(model, task: Task, probs: torch.Tensor) -> _Prefix | None:
@@ -328,16 +323,15 @@ def _prefix_cache(model, task: Task, probs: torch.Tensor) -> _Prefix | None:
     if (
         task.inputs.is_floating_point()
         or task.position < 1
-        or not isinstance(model.adapter, HFAdapter)
-        or not model.cfg.causal
+        or not model.capabilities.prefix_cache
         or getattr(model, "attention_path", "sdpa") != "sdpa"
     ):
         return None
     try:
-        cache = _dynamic_cache()
+        cache = model.kv_cache()
         with torch.no_grad():
             model(task.inputs[:, : task.position], cache=cache, use_cache=True)
-            prefix = _Prefix([(layer.keys, layer.values) for layer in cache.layers])
+            prefix = _Prefix(model, model.cached_keys_values(cache))
             last = model(
                 task.inputs[:, task.position : task.position + 1],
                 cache=prefix.rows(torch.arange(len(probs))),

@@ -107,13 +107,28 @@ class TransformerLensAdapter:
         positions and norms as the TransformerLens config names them."""
         cfg, causal = owner.model.cfg, bool(owner.cfg.causal)
         positional = getattr(cfg, "positional_embedding_type", "standard")
+        elementwise = not getattr(cfg, "gated_mlp", False) and not str(getattr(cfg, "act_fn", "")).endswith(
+            "_ln"
+        )
+        mlps = [f"blocks.{layer}.mlp" for layer in range(owner.cfg.n_layers)] if elementwise else []
         return Capabilities(
             output="next_token" if causal else "masked_token",
             pooling="last" if causal else "mean",
             positional=POSITIONAL.get(positional, positional),
             norm=NORMS.get(getattr(cfg, "normalization_type", None) or "", "none"),
             final_norm="ln_final" if "ln_final.hook_normalized" in owner.model.hook_dict else None,
+            activations=tuple(
+                p for p in mlps if {f"{p}.hook_pre", f"{p}.hook_post"} <= owner.model.hook_dict.keys()
+            ),
         )
+
+    def kv_cache(self, owner: Any, kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+        raise ValueError(
+            f"{owner.cfg.name} is a TransformerLens model: its forward takes no key/value cache here"
+        )
+
+    def cached_keys_values(self, owner: Any, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.kv_cache(owner, None)
 
     def unembedding(self, owner: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """W_U [d_vocab, d_model] (TransformerLens keeps it [d_model, d_vocab]) and b_U [d_vocab], with the final
