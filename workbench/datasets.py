@@ -149,6 +149,15 @@ class Dataset:
             for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
         ]
 
+    def check_vocabulary(self, ids: torch.Tensor, model: Any) -> None:
+        """Refuse token ids (real tokens, any shape) at or past ``model``'s vocabulary (``cfg.d_vocab``; 0: not
+        known), naming the fix."""
+        if model.cfg.d_vocab and ids.numel() and int(ids.max()) >= model.cfg.d_vocab:
+            raise DatasetError(
+                f"dataset {self.name!r} holds token id {int(ids.max())}, outside {model.cfg.name}'s vocabulary "
+                f"(d_vocab={model.cfg.d_vocab}); pass token ids made with this model's tokenizer, or text"
+            )
+
     def token_tensor(self, tokenizer: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """All rows of :meth:`batches` at once: (input_ids [n, pos], attention_mask [n, pos]), padded to one length."""
         batches = list(self.batches(tokenizer, **options))

@@ -715,7 +715,9 @@ def _class_labels(data: Dataset, label: str | None = None) -> tuple[str, torch.T
     return chosen, torch.as_tensor(per_input[chosen]).long()
 
 
-def token_rows(model, data: Dataset, position: int, max_rows: int = 64, seed: int | None = 0) -> torch.Tensor:
+def next_token_rows(
+    model, data: Dataset, position: int, max_rows: int = 64, seed: int | None = 0
+) -> torch.Tensor:
     """The first ``max_rows`` token rows of ``data`` (seeded shuffle) that have a token after ``position``, cut to
     ids [n, position + 2], through the dataset's one iterator (``Dataset.batches``)."""
     if max_rows < 1:
@@ -736,11 +738,7 @@ def token_rows(model, data: Dataset, position: int, max_rows: int = 64, seed: in
             f"no row of dataset {data.name!r} has a token after position {position}; pick a smaller --position or "
             "longer documents"
         )
-    if model.cfg.d_vocab and int(rows.max()) >= model.cfg.d_vocab:
-        raise NeuronPathError(
-            f"dataset {data.name!r} holds token id {int(rows.max())}, outside {model.cfg.name}'s vocabulary "
-            f"(d_vocab={model.cfg.d_vocab}); pass token ids made with this model's tokenizer, or text"
-        )
+    data.check_vocabulary(rows, model)
     return rows
 
 
@@ -831,7 +829,7 @@ def run(
         raise NeuronPathError(f"--top-k {top_k} must be in 1..{model.cfg.d_mlp} (d_mlp of {model.cfg.name})")
     if kind == "lm":
         position = LM_POSITION if position is None else position
-        tokens = token_rows(model, data, position, max_sequences, seed)
+        tokens = next_token_rows(model, data, position, max_sequences, seed)
         tasks = lm_tasks(model, tokens, position, n_targets or LM_TARGETS)
     else:
         _, labels = _class_labels(data, label)

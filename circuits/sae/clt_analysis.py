@@ -30,7 +30,7 @@ from workbench.circuits.sae.analysis import (
     check_sae_fits,
     find_sae,
     hook_widths,
-    token_rows,
+    packed_token_tensor,
 )
 from workbench.circuits.sae.base import SAE, SAEInputError
 from workbench.circuits.sae.clt import (
@@ -301,7 +301,7 @@ def run_clt(
     if announce is not None and rank == 0:
         announce(line)
     clt = seeded_clt(cfg, seed).to(model.device)
-    ids, mask = token_rows(
+    ids, mask = packed_token_tensor(
         model,
         data,
         max_tokens=max_tokens,
@@ -687,7 +687,7 @@ def evaluate_replacement(
             if (note := check_sae_fits(sae, model, widths, n))
         ]
         transcoders = [sae.to(model.device).eval() for sae in transcoders]
-    ids, mask = token_rows(
+    ids, mask = packed_token_tensor(
         model,
         data,
         max_tokens=max_tokens,
