@@ -31,6 +31,7 @@ from workbench.cli_options import (
     open_model,
     parse_dtype,
 )
+from workbench.zoo.cli import app as zoo_app
 
 # pickle.UnpicklingError: a checkpoint torch.load(weights_only=True) refuses to unpickle (it holds Python objects)
 USER_ERRORS = (ValueError, KeyError, IndexError, LookupError, OSError, pickle.UnpicklingError)
@@ -136,7 +137,7 @@ def capture(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Stream activations of HOOKS over --data into a sharded, checksummed activation store (resumable)."""
-    from workbench.capture import capture_to_store
+    from workbench.capture import capture_to_store  # deferred: CLI start-up (torch)
 
     stored = parse_dtype(dtype)
     if out.exists() and not out.is_dir():
@@ -177,8 +178,6 @@ def capture(
 
 
 def _mount_core() -> None:
-    from workbench.zoo.cli import app as zoo_app
-
     app.add_typer(zoo_app, name="zoo")
 
 

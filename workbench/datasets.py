@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from workbench.store import ActivationStore
 
 FORMS = (
     "a text file (one document per line), FILE.jsonl[:FIELD] / .csv / .tsv / .parquet with a text column, a "
@@ -110,8 +115,6 @@ class Dataset:
             max_tokens: stop once this many real tokens are yielded (the token budget); max_rows likewise.
             progress: a tqdm bar over tokens.
         """
-        from tqdm.auto import tqdm
-
         if context_length < 1 or batch_size < 1:
             raise DatasetError(
                 f"context_length ({context_length}) and batch_size ({batch_size}) must be >= 1"
@@ -392,7 +395,6 @@ def load_dataset(ref: str | Path | Dataset | DatasetRef, *, limit: int | None = 
             token_ids=ids[:limit] if limit else ids,
             token_mask=None if mask is None else mask[:limit] if limit else mask,
         )
-    from workbench.store import ActivationStore
 
     store = ActivationStore.open(path)
     ids, mask = _store_rows(store)
@@ -474,8 +476,6 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         return pq.read_table(path).to_pylist()
     text = _read_utf8(path)
     if suffix in (".csv", ".tsv"):
@@ -521,7 +521,7 @@ def read_table_column(path: str | Path, column: str) -> list[str]:
 
 
 def _read_hf_disk(path: Path, spec: str | None) -> list[str]:
-    import datasets
+    import datasets  # optional: Hugging Face datasets (save_to_disk folders only)
 
     loaded = datasets.load_from_disk(str(path))
     column = spec or "text"
@@ -547,8 +547,6 @@ def read_token_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None
         array = np.load(path, allow_pickle=False)
         ids = torch.from_numpy(np.ascontiguousarray(array))
     else:
-        from safetensors.torch import load_file
-
         tensors = load_file(str(path))
         if "input_ids" not in tensors:
             raise DatasetError(f"{path} has no 'input_ids' tensor (it has {', '.join(tensors)})")

