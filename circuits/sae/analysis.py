@@ -41,6 +41,7 @@ from workbench.datasets import Dataset, DatasetError
 from workbench.hooks import resolve_hook_names
 from workbench.identity import provenance_note
 from workbench.references import short_name
+from workbench.store import ActivationStore, StoreUnion
 from workbench.workspace import Workspace, safe_name
 
 _KEYS = ("model", "checkpoint", "hook", "dataset", "sae_id")
@@ -268,8 +269,6 @@ def check_memory(
 def _union_of_rank_stores(directories: Sequence[Path]):
     """The training stores of every rank read as one (``workbench.store.StoreUnion``): called once training is
     over, when every rank has finalised its capture, so the feature pages cover every rank's documents."""
-    from workbench.store import ActivationStore, StoreUnion
-
     return StoreUnion([ActivationStore.open(directory) for directory in directories])
 
 
