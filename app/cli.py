@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from workbench.cli_options import fail
+from workbench.workspace import Workspace
 
 MAIN = Path(__file__).with_name("main.py")
 
@@ -92,8 +93,6 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
 ) -> None:
     """Open the Streamlit dashboard on the workspace (binds 127.0.0.1 unless --host says otherwise)."""
-    from workbench.workspace import Workspace
-
     serve(Workspace(workspace).root, host, port)
 
 
@@ -106,7 +105,7 @@ def demo(
     port: Annotated[int, typer.Option(help="Dashboard port.")] = 8501,
 ) -> None:
     """Train the embedded zoo, run the analyses, then open the dashboard (reruns reuse what is done)."""
-    from workbench.app.demo import DemoStepError, run_demo
+    from workbench.app.demo import DemoStepError, run_demo  # deferred: CLI start-up (torch)
 
     try:
         ws = run_demo(workspace)

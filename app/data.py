@@ -7,12 +7,15 @@ analysis shows up on the next page load.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from workbench.identity import display_name
+from workbench.results import ResultsDB, ResultsError
+from workbench.workspace import Workspace
 
 
 class WorkspaceProblem(Exception):
@@ -28,14 +31,10 @@ def workspace_path() -> Path:
 
 
 def _script_args() -> list[str]:
-    import sys
-
     return sys.argv[1:]
 
 
 def results_path(workspace: Path) -> Path:
-    from workbench.workspace import Workspace
-
     return Workspace(workspace).results_path
 
 
@@ -53,7 +52,6 @@ def check_workspace(workspace: Path) -> Path:
             f"{workspace} has no results database yet ({path.name}). Run an analysis, e.g. `workbench demo`, "
             "`workbench massive run ...` or `workbench probe jobs run jobs.toml`."
         )
-    from workbench.results import ResultsDB, ResultsError
 
     try:
         ResultsDB(path).tables()
@@ -64,15 +62,11 @@ def check_workspace(workspace: Path) -> Path:
 
 @st.cache_data(show_spinner=False)
 def _read(path: str, mtime: float, table: str) -> pd.DataFrame:
-    from workbench.results import ResultsDB
-
     return ResultsDB(Path(path)).read(table)
 
 
 @st.cache_data(show_spinner=False)
 def _tables(path: str, mtime: float) -> list[str]:
-    from workbench.results import ResultsDB
-
     return ResultsDB(Path(path)).tables()
 
 
@@ -84,8 +78,6 @@ def tables(path: Path) -> list[str]:
 def table(path: Path, name: str) -> pd.DataFrame | None:
     """One results table (None when no analysis has written it yet); a database locked for too long or corrupt
     stops the page with a warning."""
-    from workbench.results import ResultsError
-
     try:
         if name not in tables(path):
             return None
@@ -97,8 +89,6 @@ def table(path: Path, name: str) -> pd.DataFrame | None:
 
 @st.cache_data(show_spinner=False)
 def _row_counts(path: str, mtime: float) -> pd.DataFrame:
-    from workbench.results import ResultsDB
-
     db = ResultsDB(Path(path))
     rows = []
     for name in db.tables():
@@ -116,9 +106,6 @@ def row_counts(path: Path) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def _result_models(path: str, mtime: float) -> pd.DataFrame:
-    from workbench.identity import display_name
-    from workbench.results import ResultsDB
-
     db = ResultsDB(Path(path))
     parts = []
     for name in db.tables():

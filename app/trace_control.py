@@ -11,14 +11,13 @@ from streamlit.errors import StreamlitAPIException
 
 from workbench.app.data import workspace_path
 from workbench.app.graph_explorer import trace_prompt
+from workbench.circuits.sae.readout import saved_saes
 
 GRAPH_PAGE = "views/graph.py"
 
 
 def saved_transcoders() -> list[str]:
     """Ids of the workspace's saved transcoders (SAEs that write another hook than they read)."""
-    from workbench.circuits.sae.readout import saved_saes
-
     return [s.sae_id for s in saved_saes(workspace_path()) if s.hook_out != s.hook_in]
 
 

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from workbench.circuits.sae.analysis import token_rows
+from workbench.circuits.sae.analysis import packed_token_tensor
 from workbench.circuits.sae.base import SAEConfig
 from workbench.circuits.sae.clt import CLTConfig
 from workbench.circuits.sae.clt_analysis import evaluate_transcoders, matched_layers
@@ -106,7 +106,7 @@ def main() -> None:
     layers, hook_in, hook_out = matched_layers(model, "blocks.*.ln2.hook_normalized", "blocks.*.hook_mlp_out")
     hooks = [f"blocks.{layer}.{h}" for layer in layers for h in (hook_in, hook_out)]
     data = load_dataset(args.data)
-    ids, mask = token_rows(model, data, max_tokens=args.max_tokens, context_length=64, batch_size=16)
+    ids, mask = packed_token_tensor(model, data, max_tokens=args.max_tokens, context_length=64, batch_size=16)
     split = len(ids) * 3 // 4
     acts = capture(model, ids[:split], mask[:split], hooks)
     n_train = len(next(iter(acts.values())))

@@ -183,7 +183,7 @@ def capture_activations(args: argparse.Namespace, path: Path) -> tuple[str, int,
     # this side runs in the project's venv (the peer's child imports only torch): benchmarks/clt.py's capture
     from clt import capture  # this script's folder is on sys.path
 
-    from workbench.circuits.sae.analysis import token_rows
+    from workbench.circuits.sae.analysis import packed_token_tensor
     from workbench.circuits.sae.clt_analysis import matched_layers
     from workbench.datasets import load_dataset
     from workbench.references import resolve_model
@@ -200,7 +200,9 @@ def capture_activations(args: argparse.Namespace, path: Path) -> tuple[str, int,
     assert (hook_in, hook_out) == (HOOK_IN, HOOK_OUT), (hook_in, hook_out)
     ins, outs = hook_names(layers)
     data = load_dataset(args.data)
-    ids, mask = token_rows(model, data, max_tokens=args.max_tokens, context_length=128, batch_size=16)
+    ids, mask = packed_token_tensor(
+        model, data, max_tokens=args.max_tokens, context_length=128, batch_size=16
+    )
     split = len(ids) * 3 // 4
     acts = {"train": capture(model, ids[:split], mask[:split], ins + outs),
             "heldout": capture(model, ids[split:], mask[split:], ins + outs)}  # fmt: skip

@@ -140,7 +140,7 @@ def speed(model_dir: Path, data: Path, steps: int, n_neurons: int) -> dict:
     """Old vs new on the same candidate sets of every target and layer, interleaved; asserts equal scores."""
     model = resolve_model(str(model_dir)).eval()
     dataset = load_dataset(str(data))
-    tokens = npth.token_rows(model, dataset, npth.LM_POSITION, 64, 0)
+    tokens = npth.next_token_rows(model, dataset, npth.LM_POSITION, 64, 0)
     tasks = npth.lm_tasks(model, tokens, npth.LM_POSITION, npth.LM_TARGETS)
     d = model.cfg.d_mlp
     neurons = torch.arange(0, d, max(1, d // n_neurons))[:n_neurons]

@@ -17,13 +17,17 @@ schema.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from workbench.circuits.attribution.pruning import prune
 from workbench.fileio import atomic_write_json
+from workbench.workspace import safe_name
 
 SCHEMA_VERSION = 1
 
@@ -125,8 +129,6 @@ def attribution_graph_json(
     embedding, which circuit-tracer has no node for, is folded into its token's links), targets
     ``{n_layers + 1}_{token or feature}_{pos}`` (logit-typed; the most probable logit is the target logit). Link
     weights are the graph's direct effects; ``influence`` is each node's cumulative influence share."""
-    from workbench.circuits.attribution.pruning import prune
-
     kept = prune(graph, node_threshold, edge_threshold)
     n_features, n_errors, n_pos = graph.n_features, graph.n_errors, graph.n_pos
     ids: list[str] = []
@@ -243,8 +245,6 @@ def write_attribution_graph(
 ) -> Path:
     """The pruned attribution graph as circuit-tracer files (``out/{slug}.json``, ``graph-metadata.json``, a feature
     file per feature node under ``out/features/<model>/``, empty where no feature page exists yet)."""
-    from workbench.workspace import safe_name
-
     data = attribution_graph_json(
         graph,
         slug=slug,
@@ -273,9 +273,6 @@ def neuronpedia_graph_json(
     ``qParams``; ``nodes`` with node_id, feature, layer, ctx_idx, feature_type, jsNodeId, clerp, influence,
     activation; ``links`` source → target with weight): the same pruned nodes and links as the circuit-tracer
     export, with the graph's scores and error-node gap in ``info.description``."""
-    import importlib.metadata
-    import time
-
     data = attribution_graph_json(
         graph,
         slug=slug,

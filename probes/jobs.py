@@ -48,13 +48,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from workbench.analysis import write_tables
+from workbench.checkpoints import CheckpointError
+from workbench.datasets import parse_dataset_ref
 from workbench.deprecation import renamed_keys
 from workbench.executor import BACKENDS, execute, task_outcome
 from workbench.faults import crash_point
+from workbench.hooks import HookNameError
 from workbench.identity import identity_slug, is_path_identity
 from workbench.labels import LabelError, label_provider, parse_label_source, parse_position
+from workbench.model import ModelLoadError
 from workbench.probes.analysis import (
     ANALYSIS,
     RESULTS_TABLE,
@@ -64,6 +70,7 @@ from workbench.probes.analysis import (
     run,
     zoo_fsm,
 )
+from workbench.references import parse_model_ref, resolve_model, resolve_series
 from workbench.workspace import Workspace
 
 STATUS_TABLE = TASKS_TABLE
@@ -283,8 +290,6 @@ def _check_entry(entry: dict[str, Any], index: int, lines: _Lines) -> dict[str, 
                 key, f"{key} must be a string{' or an int' if key == 'position' else ''}; got {entry[key]!r}"
             )
     if "data" in entry:
-        from workbench.datasets import parse_dataset_ref
-
         entry["data"] = _relative(entry["data"], base)
         try:
             parse_dataset_ref(entry["data"])
@@ -333,10 +338,6 @@ def expand_tasks(job: ProbeJob) -> list[ProbeTask]:
     check hooks and label sources against the model.
 
     Two tables giving the same task (model directory, checkpoint, label source and hooks) are refused."""
-    from workbench.checkpoints import CheckpointError
-    from workbench.model import ModelLoadError
-    from workbench.references import parse_model_ref, resolve_series
-
     tasks: dict[str, ProbeTask] = {}
     for entry in job.entries:
         name, where = entry["model"], entry["_where"]
@@ -413,8 +414,6 @@ def _pick_steps(steps: list[int], wanted: Any, where: str) -> list[int]:
 
 def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
     """The hooks of ``entry`` resolved on the task's model; label sources the model cannot use are refused."""
-    from workbench.hooks import HookNameError
-
     where = entry["_where"]
     model = _load(task)
     try:
@@ -441,8 +440,6 @@ def _check_hooks_and_labels(task: ProbeTask, entry: dict) -> tuple:
 
 def _load(task: ProbeTask):
     """The task's checkpoint, through the one resolver (``workbench.references.resolve_model``)."""
-    from workbench.references import resolve_model
-
     model = resolve_model(task.model_ref)
     model.cfg.checkpoint = task.checkpoint
     return model
@@ -451,8 +448,6 @@ def _load(task: ProbeTask):
 def run_task(task: ProbeTask) -> dict[str, Any]:
     """Compute one task (in whichever process runs it): {"status", "rows" (records), "error", "seconds",
     "threads" (torch threads it ran with)}."""
-    import torch
-
     start = time.perf_counter()
     try:
         model = _load(task)
@@ -526,8 +521,6 @@ def run_job(
     breaks, or the Ray task raises) is marked failed with the error and the other tasks still run.
     ``task_runner`` computes one task (default :func:`run_task`; a module-level function, so that it pickles).
     """
-    from tqdm.auto import tqdm
-
     if backend not in BACKENDS:
         raise ProbeJobError(f"backend={backend!r} is not known; use one of {BACKENDS}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

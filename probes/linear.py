@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from workbench.fileio import atomic_save_tensors
 from workbench.labels import TASKS
@@ -125,8 +127,6 @@ class LinearProbes:
         """Read probes written by :meth:`save`: the tensors (weight [sites, d, outputs], bias [sites, outputs],
         mean and scale [sites, d], classes [outputs] for classification) and the task, site names and l2 from
         the safetensors header. ``iterations`` is not saved and reads 0."""
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 — safe_open is not iterable
@@ -736,8 +736,6 @@ def fit_probes_streaming(
     label outside it raises :class:`ProbeError` (drop unlabelled rows before yielding them). Standardisation
     uses the same near-constant-dimension rule as the in-memory fit.
     """
-    from tqdm.auto import tqdm
-
     if task not in TASKS:
         raise ProbeError(f"task={task!r} is not known; use one of {TASKS}")
     wanted = None if classes is None or task == "regression" else {int(v) for v in classes}

@@ -15,14 +15,14 @@ import logging
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from tqdm.auto import tqdm
 
 from workbench.fileio import CHECKSUMS_FILE, verify_checksums
 from workbench.hub import hub_weights_fingerprint
 from workbench.identity import STEP_DIR, directory_identity
-
-if TYPE_CHECKING:
-    from workbench.model import HookedModel
+from workbench.model import HookedModel, load_tokenizer
 
 log = logging.getLogger(__name__)
 PYTHIA_STEPS = [0, *(2**i for i in range(10)), *range(1000, 143001, 1000)]
@@ -144,8 +144,6 @@ class CheckpointSeries:
 
     def tokenizer(self, step: int | None = None) -> Any:
         """The tokenizer of the checkpoint at ``step`` (default: the first), without loading its weights."""
-        from workbench.model import load_tokenizer
-
         if self._preloaded is not None:
             return self._preloaded.tokenizer
         step = self.steps[0] if step is None else step
@@ -157,8 +155,6 @@ class CheckpointSeries:
 
     def load(self, step: int) -> HookedModel:
         """The checkpoint at ``step`` as a HookedModel (``cfg.checkpoint == step``, ``cfg.name`` the series)."""
-        from workbench.model import HookedModel
-
         if self._preloaded is not None:
             return self._preloaded
         where = self.location(step)
@@ -206,8 +202,6 @@ class CheckpointSeries:
         checkpoints raise CheckpointError, or are skipped (recorded in ``self.skipped``) when the series was made
         with ``skip_damaged=True``.
         """
-        from tqdm.auto import tqdm
-
         seen: dict[str, int] = {}
         for step in tqdm(
             steps or self.steps, desc=f"checkpoints of {self.name}", unit="ckpt", disable=not progress

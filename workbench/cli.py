@@ -142,7 +142,7 @@ def capture(
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Stream activations of HOOKS over --data into a sharded, checksummed activation store (resumable)."""
-    from workbench.capture import capture_to_store
+    from workbench.capture import capture_to_store  # deferred: CLI start-up (torch)
 
     stored = parse_dtype(dtype)
     if out.exists() and not out.is_dir():

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
+from workbench.workspace import Workspace
+
 if TYPE_CHECKING:
     import torch
 
@@ -150,7 +152,7 @@ def run_group(help: str, old: str, new: str) -> typer.Typer:
 
 def parse_dtype(name: str) -> torch.dtype:
     """``"float32"`` / ``"float16"`` / ``"bfloat16"`` -> the torch dtype; anything else fails naming the choices."""
-    import torch
+    import torch  # deferred: CLI start-up (torch)
 
     if name not in DTYPES:
         fail(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
@@ -168,7 +170,7 @@ def open_model(
 
     The workspace's results database is opened first, so a corrupt or locked one fails before any model work.
     """
-    from workbench.references import resolve_model
+    from workbench.references import resolve_model  # deferred: CLI start-up (torch)
 
     check_results(workspace)
 
@@ -191,7 +193,7 @@ def open_series(
 ) -> CheckpointSeries:
     """Resolve a MODEL argument as a checkpoint series (``workbench.references.resolve_series``), after
     :func:`check_results`."""
-    from workbench.references import resolve_series
+    from workbench.references import resolve_series  # deferred: CLI start-up (torch)
 
     check_results(workspace)
     return resolve_series(
@@ -207,8 +209,6 @@ def open_series(
 def check_results(workspace: Path | None) -> None:
     """Open the workspace's results database if it exists: a corrupt or locked one raises its clear error now,
     before a command spends time on models and data."""
-    from workbench.workspace import Workspace
-
     ws = Workspace(workspace)
     if ws.results_path.exists():
         ws.results().tables()
@@ -227,14 +227,14 @@ def require_data(data: str | None, reads: str = "the dataset this command reads"
 
 def open_data(data: str | None, default: str | None = None, limit: int | None = None) -> Dataset:
     """Load ``--data`` (or ``default`` when it is not given) through ``workbench.datasets.load_dataset``."""
-    from workbench.datasets import load_dataset
+    from workbench.datasets import load_dataset  # deferred: CLI start-up (torch)
 
     return load_dataset(data or require_data(default), limit=limit)
 
 
 def default_prompts() -> Dataset:
     """The built-in prompt set used when ``--data`` is not given (a Dataset named builtin-prompts)."""
-    from workbench.datasets import Dataset
+    from workbench.datasets import Dataset  # deferred: CLI start-up (torch)
 
     return Dataset("builtin-prompts", texts=lambda: DEFAULT_TEXTS)
 

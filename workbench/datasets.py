@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from workbench.store import ActivationStore
 
 FORMS = (
     "a text file (one document per line), FILE.jsonl[:FIELD] / .csv / .tsv / .parquet with a text column, a "
@@ -127,8 +132,6 @@ class Dataset:
             max_tokens: stop once this many real tokens are yielded (the token budget); max_rows likewise.
             progress: a tqdm bar over tokens.
         """
-        from tqdm.auto import tqdm
-
         if context_length < 1 or batch_size < 1:
             raise DatasetError(
                 f"context_length ({context_length}) and batch_size ({batch_size}) must be >= 1"
@@ -170,6 +173,15 @@ class Dataset:
         """The rows of :meth:`token_rows` (same options), streamed: one counting pass now, a fresh pass of
         :meth:`batches` per iteration, so memory holds one batch whatever the size of the dataset."""
         return TokenRowStream(lambda: self.batches(tokenizer, **options), name=self.name)
+
+    def check_vocabulary(self, ids: torch.Tensor, model: Any) -> None:
+        """Refuse token ids (real tokens, any shape) at or past ``model``'s vocabulary (``cfg.d_vocab``; 0: not
+        known), naming the fix."""
+        if model.cfg.d_vocab and ids.numel() and int(ids.max()) >= model.cfg.d_vocab:
+            raise DatasetError(
+                f"dataset {self.name!r} holds token id {int(ids.max())}, outside {model.cfg.name}'s vocabulary "
+                f"(d_vocab={model.cfg.d_vocab}); pass token ids made with this model's tokenizer, or text"
+            )
 
     def token_tensor(self, tokenizer: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """All rows of :meth:`batches` at once: (input_ids [n, pos], attention_mask [n, pos]), padded to one length."""
@@ -443,7 +455,6 @@ def load_dataset(ref: str | Path | Dataset | DatasetRef, *, limit: int | None = 
             token_ids=ids[:limit] if limit else ids,
             token_mask=None if mask is None else mask[:limit] if limit else mask,
         )
-    from workbench.store import ActivationStore
 
     store = ActivationStore.open(path)
     ids, mask = _store_rows(store)
@@ -551,8 +562,6 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         return pq.read_table(path).to_pylist()
     text = _read_utf8(path)
     if suffix in (".csv", ".tsv"):
@@ -598,7 +607,7 @@ def read_table_column(path: str | Path, column: str) -> list[str]:
 
 
 def _read_hf_disk(path: Path, spec: str | None) -> list[str]:
-    import datasets
+    import datasets  # optional: Hugging Face datasets (save_to_disk folders only)
 
     loaded = datasets.load_from_disk(str(path))
     column = spec or "text"
@@ -624,8 +633,6 @@ def read_token_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None
         array = np.load(path, allow_pickle=False)
         ids = torch.from_numpy(np.ascontiguousarray(array))
     else:
-        from safetensors.torch import load_file
-
         tensors = load_file(str(path))
         if "input_ids" not in tensors:
             raise DatasetError(f"{path} has no 'input_ids' tensor (it has {', '.join(tensors)})")

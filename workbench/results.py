@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
 
@@ -91,8 +92,6 @@ class ResultsDB:
 
     # ---------------------------------------------------------------- connections
     def _connect(self, read_only: bool = False):
-        import duckdb
-
         if read_only and not self.path.exists():
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)

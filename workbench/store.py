@@ -609,7 +609,7 @@ def __getattr__(name: str) -> Any:
     """``workbench.store.capture_to_store``, the old home of :func:`workbench.capture.capture_to_store`, kept for one
     release (imported lazily: capture imports the store)."""
     if name == "capture_to_store":
-        from workbench.capture import capture_to_store
+        from workbench.capture import capture_to_store  # deferred: import circle (capture imports store)
 
         return capture_to_store
     raise AttributeError(f"module 'workbench.store' has no attribute {name!r}")

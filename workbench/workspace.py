@@ -50,7 +50,7 @@ class Workspace:
 
     def results(self):
         """The workspace's results database (:class:`workbench.results.ResultsDB`)."""
-        from workbench.results import ResultsDB
+        from workbench.results import ResultsDB  # deferred: CLI start-up (pandas, duckdb)
 
         self.ensure()
         return ResultsDB(self.results_path)

@@ -29,7 +29,11 @@ from workbench.analyses.prompt_lab.figures import (
 )
 from workbench.app.data import plain, result_models, table, token_chips, workspace_path
 from workbench.app.trace_control import trace_form
+from workbench.circuits.codebook.readout import code_steering, codebooks_for_model, load_codebooks_for
+from workbench.circuits.sae.readout import latent_steering, load_sae_for, saes_for_model
+from workbench.datasets import load_dataset
 from workbench.interventions import Intervention, apply_interventions
+from workbench.probes.readout import load_probe_for, probe_steering, probes_for_model
 from workbench.workspace import Workspace
 
 STARTED = time.perf_counter()
@@ -68,22 +72,16 @@ def steps_of(reference: str, root: str) -> list[int]:
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def sae_for(key: str, sae_id: str, root: str, _model: Any) -> tuple[Any, str]:
-    from workbench.circuits.sae.readout import load_sae_for
-
     return load_sae_for(_model, sae_id, root)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def probe_for(key: str, name: str, root: str, _model: Any) -> tuple[Any, Any, str]:
-    from workbench.probes.readout import load_probe_for
-
     return load_probe_for(_model, name, root)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def codebooks_for(key: str, run: str, root: str, _model: Any) -> Any:
-    from workbench.circuits.codebook.readout import load_codebooks_for
-
     return load_codebooks_for(_model, run, root)
 
 
@@ -187,8 +185,6 @@ else:
         row = st.number_input("row", min_value=0, value=0, step=1, key="lab_row")
 
         def use_row() -> None:
-            from workbench.datasets import load_dataset
-
             try:
                 documents = load_dataset(data_ref, limit=int(row) + 1).documents(limit=int(row) + 1)
                 st.session_state["lab_prompt"] = documents[int(row)]
@@ -415,8 +411,6 @@ def new_intervention(kind: str) -> Intervention | None:
     )
     built: Any = None
     if kind == "steer: SAE latent":
-        from workbench.circuits.sae.readout import latent_steering, saes_for_model
-
         ids = [s.sae_id for s, _ in saes_for_model(model, workspace)]
         if not ids:
             st.info(f"No SAE in this workspace fits {model.cfg.name}.")
@@ -435,8 +429,6 @@ def new_intervention(kind: str) -> Intervention | None:
             sae, _ = sae_for(key, sae_id, root, model)
             return latent_steering(sae, sae_id, latent, scale, positions=positions)
     elif kind == "steer: probe direction":
-        from workbench.probes.readout import probe_steering, probes_for_model
-
         found = {p.name: p for p, _ in probes_for_model(model, workspace)}
         if not found:
             st.info(f"No saved probe of this workspace fits {model.cfg.name}.")
@@ -452,8 +444,6 @@ def new_intervention(kind: str) -> Intervention | None:
             probes, _, _ = probe_for(key, name, root, model)
             return probe_steering(probes, name, site, int(label_value), scale, positions=positions)
     elif kind == "steer: codebook code":
-        from workbench.circuits.codebook.readout import code_steering, codebooks_for_model
-
         runs = {run: sites for run, sites, _ in codebooks_for_model(model, workspace)}
         if not runs:
             st.info(f"No codebook run of this workspace fits {model.cfg.name}.")

@@ -24,14 +24,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from workbench.analysis import Analysis, Table, write_tables
 from workbench.circuits.attribution.graph import ProbeReadout, attribute
 from workbench.circuits.attribution.store import ANALYSIS as GRAPH_ANALYSIS
 from workbench.circuits.attribution.store import graph_frames, graph_id
 from workbench.circuits.attribution.transcoders import AttributionError
+from workbench.circuits.sae.analysis import find_sae
+from workbench.circuits.sae.clt_analysis import find_transcoders
 from workbench.executor import BACKENDS, execute, task_outcome
 from workbench.faults import crash_point
+from workbench.references import resolve_model
 from workbench.workspace import Workspace
 
 JOBS_TABLE, BATCH_TABLE = "attribution_jobs", "attribution_batch"
@@ -144,9 +149,6 @@ def load_transcoders(references: Sequence[str], workspace: Any, device: str = "c
     """``references``: one cross-layer transcoder (a workspace id or a folder, ours or circuit-tracer's), one
     circuit-tracer transcoder set, or one saved SAE id / directory per layer → (ids, the transcoders as
     ``attribute`` takes them). Resolved as ``sae eval`` resolves them (``find_transcoders``)."""
-    from workbench.circuits.sae.analysis import find_sae
-    from workbench.circuits.sae.clt_analysis import find_transcoders
-
     if not references:
         raise AttributionError(
             "no transcoders: pass one transcoder id per layer, or one cross-layer transcoder (id or folder)"
@@ -176,8 +178,6 @@ def preload(spec: GraphSpec, model: Any, ids: list[str], transcoders: Any) -> No
 def _loaded(spec: GraphSpec) -> tuple[Any, list[str], Any]:
     key = _spec_key(spec)
     if key not in _LOADED:
-        from workbench.references import resolve_model
-
         _LOADED.clear()  # one model per worker process at a time
         model = resolve_model(spec.model, workspace=spec.workspace, device=spec.device).eval()
         model.cfg.name, model.cfg.checkpoint = spec.identity, spec.checkpoint
@@ -189,8 +189,6 @@ def _loaded(spec: GraphSpec) -> tuple[Any, list[str], Any]:
 def run_graph_task(task: GraphTask) -> dict[str, Any]:
     """Compute one prompt's graph (in whichever process runs it): the executor's outcome plus ``frames`` (the four
     graph tables), ``graph`` (its id) and its scores and counts; a failure is an outcome, not an exception."""
-    import torch
-
     start = time.perf_counter()
     spec = task.spec
     try:
@@ -262,8 +260,6 @@ def run_batch(
     :func:`batch_status` of the job's prompts). ``workers=1`` runs in this process, more on a local spawn pool
     (``backend="local"``) or as Ray tasks (``backend="ray"``, the cluster at ``address`` or a local one). Each
     graph is committed as it finishes; a prompt that fails is recorded with its error and the others still run."""
-    from tqdm.auto import tqdm
-
     if backend not in BACKENDS:
         raise AttributionError(f"backend {backend!r} is not known; use one of {', '.join(BACKENDS)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

@@ -6,6 +6,8 @@ by circuits/sae/cli.py next to it) and, in `sae`, `sae circuit`, through :func:`
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -34,6 +36,7 @@ from workbench.cli_options import (
     open_model,
     require_data,
 )
+from workbench.workspace import Workspace
 
 app = typer.Typer(
     help="Attribution graphs of transcoder circuits: attribute (one prompt or a batch), jobs status, qk.",
@@ -142,11 +145,9 @@ def run_deprecated_circuit(
     one deprecation line naming the command that runs, then the full attribution graph of the same prompt (root
     logit: the next-token logits at --position; root feature: --layer / --feature at --position, by default the
     highest layer's most active feature there, as the old default)."""
-    import shlex
+    import torch  # deferred: CLI start-up (torch)
 
-    import torch
-
-    from workbench.circuits.attribution.transcoders import as_transcoders
+    from workbench.circuits.attribution.transcoders import as_transcoders  # deferred: CLI start-up (torch)
 
     checked = circuit_root(root, layer, feature)
     data = require_data(data, "the prompt is a token row of it")
@@ -214,7 +215,7 @@ def run_deprecated_circuit(
 
 def _load_transcoders(references: list[str], workspace, device: str) -> tuple[list[str], object]:
     """--transcoders: one cross-layer transcoder folder, or one saved SAE id / directory per layer."""
-    from workbench.circuits.attribution.batch import load_transcoders
+    from workbench.circuits.attribution.batch import load_transcoders  # deferred: CLI start-up (torch)
 
     if not references:
         fail("--transcoders is required: one transcoder id per layer, or one cross-layer transcoder folder")
@@ -226,7 +227,7 @@ def _prompt_tokens(
 ) -> object:
     """--prompt TEXT (the library tokenizes it and refuses one longer than the model's positions), or token row
     --prompt-index of --data as token ids [pos]."""
-    import torch
+    import torch  # deferred: CLI start-up (torch)
 
     if (prompt is None) == (data is None):
         fail("pass exactly one of --prompt TEXT or --data REF (with --prompt-index N)")
@@ -257,8 +258,8 @@ def _probe_readout(spec: str, hooked, workspace):
     # probes and circuits are siblings (app → probes, circuits → workbench): only this command reads a saved probe,
     # through the probes package's own reader, so its format has one owner; the attribution library takes a vector.
     from workbench.circuits.attribution.graph import ProbeReadout
-    from workbench.probes.linear import ProbeError
-    from workbench.probes.readout import load_probe_for
+    from workbench.probes.linear import ProbeError  # deferred: CLI start-up (torch)
+    from workbench.probes.readout import load_probe_for  # deferred: CLI start-up (torch)
 
     name, *rest = spec[len("probe:") :].split(":")
     if not name or len(rest) > 2:
@@ -412,9 +413,13 @@ def attribute(
     _heads) with its replacement and completeness scores; --out writes the pruned graph as circuit-tracer JSON.
     --prompts START:STOP makes one graph per token row of --data as a resumable batch job (table
     attribution_batch; `workbench circuits jobs status` shows it)."""
+    # deferred: CLI start-up (torch)
     from workbench.circuits.attribution.graph import attribute as attribute_graph
-    from workbench.circuits.attribution.store import ANALYSIS, write_graph
-    from workbench.circuits.circuit_export import write_attribution_graph, write_neuronpedia_graph
+    from workbench.circuits.attribution.store import ANALYSIS, write_graph  # deferred: CLI start-up (torch)
+    from workbench.circuits.circuit_export import (  # deferred: CLI start-up (torch)
+        write_attribution_graph,
+        write_neuronpedia_graph,
+    )
 
     if out is not None and format not in ATTRIBUTION_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(ATTRIBUTION_FORMATS)}")
@@ -502,7 +507,7 @@ def attribute(
         )
     )
     if out is not None and format == "neuronpedia":
-        from workbench.references import short_name
+        from workbench.references import short_name  # deferred: CLI start-up (torch)
 
         path = write_neuronpedia_graph(
             out,
@@ -550,10 +555,11 @@ def _attribute_batch(
     **options,
 ) -> None:
     """`circuits attribute --data REF --prompts START:STOP`: one graph per token row, as a resumable batch job."""
-    from pathlib import Path
-
-    from workbench.circuits.attribution.batch import GraphSpec, preload, run_batch
-    from workbench.workspace import Workspace
+    from workbench.circuits.attribution.batch import (  # deferred: CLI start-up (torch)
+        GraphSpec,
+        preload,
+        run_batch,
+    )
 
     dataset = open_data(data)
     rows = dataset.token_rows(hooked.tokenizer, context_length=context_length, max_rows=span[1])
@@ -635,7 +641,10 @@ def batch_status_command(
 ) -> None:
     """Batches of attribution graphs (`circuits attribute --prompts`): every job with its done / failed / pending
     counts, or one job's prompts with their graph ids and scores."""
-    from workbench.circuits.attribution.batch import batch_jobs, batch_status
+    from workbench.circuits.attribution.batch import (  # deferred: CLI start-up (torch)
+        batch_jobs,
+        batch_status,
+    )
 
     if job is None:
         jobs = batch_jobs(workspace)
@@ -678,7 +687,7 @@ def qk(
     """Why a head attended: its pre-softmax score at (--query, --key) decomposed into query-side source node ×
     key-side source node terms (transcoder features, error nodes, token and position embeddings, biases) of the local
     replacement model, ranked; the terms sum to the model's score."""
-    from workbench.circuits.attribution.qk import qk_attribution
+    from workbench.circuits.attribution.qk import qk_attribution  # deferred: CLI start-up (torch)
 
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     _, loaded = _load_transcoders(transcoders, workspace, device)

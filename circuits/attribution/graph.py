@@ -33,8 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.circuits.attribution.heads import head_loadings
+from workbench.circuits.attribution.pruning import graph_scores, node_influence
 from workbench.circuits.attribution.replacement import HEAD_INPUT, ReplacementModel
 from workbench.circuits.attribution.transcoders import AttributionError, Transcoders, as_transcoders
+from workbench.circuits.transcoder_circuits import salient_tokens
 
 NODE_KINDS = ("feature", "error", "token", "position", "target")
 
@@ -141,8 +143,6 @@ class Graph:
         position, feature (feature index, token id for inputs and logits, −1 otherwise), label, activation (feature
         activation, error norm, NaN for inputs), value (rows: pre-activation / target value), constant, dropped,
         influence (on the targets through the normalised adjacency)."""
-        from workbench.circuits.attribution.pruning import node_influence
-
         positions = torch.arange(self.n_pos)
         layer = [
             *self.features[:, 0].tolist(),
@@ -231,8 +231,6 @@ def logit_targets(
 ) -> list[Target]:
     """The next-token logits at ``position``: ``tokens`` or the most probable ones until ``probability`` is covered
     (at most ``max_logits``), each demeaned over the vocabulary (circuit-tracer's targets), weighted by probability."""
-    from workbench.circuits.transcoder_circuits import salient_tokens
-
     w_u, b_u, hook, fixed = _unembedding(replacement)
     position = _position(position, replacement.n_pos) if fixed is None else fixed
     logits = replacement.logits[position] if fixed is None else replacement.logits
@@ -756,8 +754,6 @@ def _assemble(
     heads: bool,
 ) -> Graph:
     """Phase 5: the node-ordered adjacency over the selected features, with constants, dropped parts and values."""
-    from workbench.circuits.attribution.pruning import graph_scores
-
     n_active, n_targets = computer.n_active, len(targets)
     feature_rows = row_nodes[n_targets:]
     selected = torch.sort(feature_rows).values  # keep the (layer, position, feature) order

@@ -46,6 +46,7 @@ def head_loadings(
     heads carrying it: a frame (target, source, layer, head, weight); ``node_of_column`` [n_columns] maps the row
     computer's columns to graph nodes (−1: not in the graph). ``computer`` must have recorded every layer's
     ``attn.hook_z``. Loadings with |weight| ≤ ``min_weight`` are left out."""
+    # deferred: import circle (graph imports heads)
     from workbench.circuits.attribution.graph import RowComputer
 
     replacement = computer.replacement

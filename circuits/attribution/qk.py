@@ -38,6 +38,7 @@ MASK_NODE = -2  # an additive attention-mask value (a position bias), on both si
 def _recording_qk(layer: int) -> Iterator[dict[str, Any]]:
     """While active, the workbench attention function records the query [batch, heads, q, d], key [batch, kv_heads,
     k, d], additive mask and scaling that layer ``layer``'s attention module receives (autograd graph kept)."""
+    # deferred: transformers (~1 s to import); only an HF model's QK recording needs it
     from transformers import AttentionInterface
 
     recorded: dict[str, Any] = {}

@@ -11,20 +11,22 @@ The model is made linear in its residual stream around the prompt, without chang
 3. Frozen forward (:meth:`ReplacementModel.forward`): the model's own modules run with every attention pattern
    replaced by its clean value (so attention is linear in its values, OV), every ``hook_scale`` replaced by its clean
    value, so each norm computes γ ⊙ (x − mean x) / σ_clean + β (LayerNorm) or γ ⊙ x / rms_clean (RMSNorm) — a constant, never
-   differentiated — and every MLP output replaced by a *source* tensor (decoded features + b_dec + error) plus the
-   skip path x @ W_skip of skip transcoders. The token embedding (and the position embedding where the model has
+   differentiated — every elementwise activation the adapter declares (``capabilities.activations``: ``P.hook_post``
+   = f(``P.hook_pre``), an MLP's or an MLM head's) replaced by its prompt gain f(x)/x times its input (linear, and
+   the same value at the prompt), and every MLP output replaced by a *source* tensor (decoded features + b_dec +
+   error) plus the skip path x @ W_skip of skip transcoders. The token embedding (and the position embedding where the model has
    one) are source tensors too. The frozen forward is affine in the sources: its value at the clean sources is
    the model's, at zero sources (every feature, error and embedding zero; decoder biases kept) it is the bias
    constant of every read-out.
 
-What a model has (a position embedding, a final norm, an LM head) comes from its hook names and its adapter's
-capabilities; nothing here branches on a family name or finds a norm by its module type.
+What a model has (a position embedding, a final norm, elementwise activations, an LM head) comes from its hook names
+and its adapter's capabilities; nothing here branches on a family name or finds a norm or an activation by its
+module type.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,26 +40,6 @@ POS_EMBED_HOOK = "hook_pos_embed"
 HEAD_INPUT = (
     "output_head.input"  # a read of the output head's input [batch, pos, d_in] (no hook point: a module hook)
 )
-# Elementwise activations frozen at their prompt gain (with those of ``transformers.activations``).
-ELEMENTWISE = (
-    nn.ReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Mish,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Softplus,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.Hardswish,
-)
-
-
-def is_activation(module: nn.Module) -> bool:
-    """Whether ``module`` is an elementwise activation (by type: torch's, or any of transformers.activations)."""
-    return isinstance(module, ELEMENTWISE) or type(module).__module__ == "transformers.activations"
 
 
 @dataclass
@@ -71,6 +53,29 @@ class Sources:
 
     def leaves(self) -> list[torch.Tensor]:
         return [t for t in (self.writes, self.embed, self.pos_embed) if t is not None]
+
+
+def _gain(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The prompt gain f(x)/x of an elementwise activation y = f(x) (0 where x is 0), in x's shape [pos, width]."""
+    return torch.where(x != 0, y.to(x.dtype) / torch.where(x != 0, x, 1), 0)
+
+
+@dataclass
+class _FrozenActivation:
+    """An elementwise activation ``{prefix}.hook_post`` = f(``{prefix}.hook_pre``) as its prompt gain: the output
+    is gain ⊙ input (linear, equal to f at the prompt). ``keep_input`` hooks the input, ``output`` the output."""
+
+    prefix: str
+    gain: torch.Tensor  # [pos, width]
+    kept: torch.Tensor | None = None
+
+    def keep_input(self, activation: torch.Tensor, hook: Any) -> None:
+        self.kept = activation
+
+    def output(self, activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        assert self.kept is not None, f"{self.prefix}.hook_pre did not run before {self.prefix}.hook_post"
+        x, self.kept = self.kept, None
+        return (x * self.gain.to(x.dtype)).to(activation.dtype)
 
 
 class _HeadReached(Exception):
@@ -161,15 +166,11 @@ class ReplacementModel:
         hooks += [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.n_layers)]
         hooks += [POS_EMBED_HOOK] if self.has_pos_embed else []
         hooks += self.scale_hooks
-        gains: dict[nn.Module, list[torch.Tensor]] = {}
+        activations = model.capabilities.activations
+        hooks += [f"{prefix}.hook_{end}" for prefix in activations for end in ("pre", "post")]
         linear: list[
             tuple[nn.Module, torch.Tensor, torch.Tensor]
         ] = []  # the last nn.Linear run: the output head?
-
-        def record_gain(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0].detach().to(self.dtype)
-            gain = torch.where(x != 0, output.detach().to(self.dtype) / torch.where(x != 0, x, 1), 0)
-            gains.setdefault(module, []).append(gain)
 
         def record_linear(module: nn.Module, args: tuple, output: Any) -> None:
             linear[:] = [(module, args[0].detach(), output)]
@@ -184,7 +185,6 @@ class ReplacementModel:
         handles = [
             m.module.register_forward_pre_hook(record_input, with_kwargs=True) for m in maps if m is not None
         ]
-        handles += [m.register_forward_hook(record_gain) for m in model.model.modules() if is_activation(m)]
         handles += [
             m.register_forward_hook(record_linear) for m in model.model.modules() if isinstance(m, nn.Linear)
         ]
@@ -195,7 +195,10 @@ class ReplacementModel:
             for handle in handles:
                 handle.remove()
         self.logits = output[0].to(self.dtype)
-        self.gains = gains
+        self.gains = {
+            p: _gain(cache[f"{p}.hook_pre"][0].to(self.dtype), cache[f"{p}.hook_post"][0])
+            for p in activations
+        }
         self.scales = {name: cache[name][0] for name in self.scale_hooks}  # [pos, 1], the model's dtype
 
         def get(name: str) -> torch.Tensor:
@@ -307,25 +310,6 @@ class ReplacementModel:
             gap["errors_zeroed_top1"] = float((truth.argmax(-1) == out[1].argmax(-1)).double().mean())
         return gap
 
-    @contextlib.contextmanager
-    def _frozen_gains(self) -> Iterator[None]:
-        """Every elementwise activation as its prompt gain f(x)/x (linear; the same value at the prompt; one gain per
-        call, in call order): what lies between the residual stream and an output head (an MLM head's transform)
-        stays linear; those inside replaced MLPs do not matter."""
-        calls = dict.fromkeys(self.gains, 0)
-
-        def gain(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
-            recorded, call = self.gains[module], calls[module]
-            calls[module] = call + 1
-            return (args[0] * recorded[min(call, len(recorded) - 1)].to(args[0].dtype)).to(output.dtype)
-
-        handles = [module.register_forward_hook(gain, prepend=True) for module in self.gains]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
     def forward(
         self,
         sources: Sources,
@@ -411,15 +395,23 @@ class ReplacementModel:
                 pattern = patterns[layer][None].expand(batch, *patterns[layer].shape)
                 hooks.append((f"blocks.{layer}.attn.hook_pattern", replace_with(pattern)))
         hooks += [(tc.hook_out(layer), mlp_out(layer)) for layer in range(self.n_layers)]
-        hooks += [
-            (f"blocks.{layer}.mlp.hook_pre", lambda activation, hook: activation.detach())
+        detached = [
+            f"blocks.{layer}.mlp"
             for layer in range(self.n_layers)
             if not any(r.startswith(f"blocks.{layer}.mlp.") for r in reads)
         ]
+        hooks += [(f"{prefix}.hook_pre", lambda activation, hook: activation.detach()) for prefix in detached]
+        # every other declared activation at its prompt gain: its output replaced before a read records it, its
+        # input kept after (so the frozen output stays on the path of a read of the input)
+        frozen = [
+            _FrozenActivation(prefix, gain) for prefix, gain in self.gains.items() if prefix not in detached
+        ]
+        hooks += [(f"{f.prefix}.hook_post", f.output) for f in frozen]
         for name in dict.fromkeys([*(tc.hook_in(layer) for layer in range(self.n_layers)), *reads]):
             if name == HEAD_INPUT or name in bypassed:
                 continue
             hooks.append((name, record))
+        hooks += [(f"{f.prefix}.hook_pre", f.keep_input) for f in frozen]
         head = None
         if self.head is not None and self.head_position is None and HEAD_INPUT in reads:
 
@@ -437,7 +429,7 @@ class ReplacementModel:
             handles.append(self.head.register_forward_pre_hook(_stop))
         logits: torch.Tensor | None = None
         try:
-            with self._frozen_gains(), self.model.hooks([h for h in hooks if h[0] != HEAD_INPUT]):
+            with self.model.hooks([h for h in hooks if h[0] != HEAD_INPUT]):
                 logits = self.model(self._batched(batch))
         except _HeadReached:
             pass

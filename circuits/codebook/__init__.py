@@ -38,7 +38,7 @@ if TYPE_CHECKING:
         mutual_information,
         run,
     )
-    from workbench.circuits.codebook.data import TokenRows, read_rows, split_rows, token_rows
+    from workbench.circuits.codebook.data import TokenRows, equal_length_rows, read_rows, split_rows
     from workbench.circuits.codebook.kmeans import init_kmeans
     from workbench.circuits.codebook.module import (
         Codebook,
@@ -88,7 +88,7 @@ __all__ = [
     "run",
     "site_config",
     "split_rows",
-    "token_rows",
+    "equal_length_rows",
     "train_codebooks",
 ]
 _HOMES = {
@@ -105,7 +105,7 @@ _HOMES = {
     "TokenRows": "data",
     "read_rows": "data",
     "split_rows": "data",
-    "token_rows": "data",
+    "equal_length_rows": "data",
     "init_kmeans": "kmeans",
     "Codebook": "module",
     "CodebookConfig": "module",

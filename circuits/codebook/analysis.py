@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table
-from workbench.circuits.codebook.data import EVAL_FRACTION, read_rows, token_rows
+from workbench.circuits.codebook.data import EVAL_FRACTION, equal_length_rows, read_rows
 from workbench.circuits.codebook.module import CodebookError, CodebookSet, site_config
 from workbench.datasets import Dataset
 from workbench.hooks import HookNameError
@@ -331,7 +331,7 @@ def run(
     ``{"codebook_codes": frame, "codebook_purity": frame}`` (purity empty without labels).
 
     Rows: on the dataset the codebooks were trained on, its held-out rows (the seeded split saved with them); on
-    any other dataset all its rows (``read_rows`` / ``token_rows``; ``context_length`` / ``max_tokens`` default to
+    any other dataset all its rows (``read_rows`` / ``equal_length_rows``; ``context_length`` / ``max_tokens`` default to
     the training's). ``source``: how the training rows were read (``TrainReport.source``), by default from the run
     directory's metadata. ``labels``: names of ``data``'s per-token label arrays and/or per-token label sources
     (``workbench.labels.load_labels``); default every per-token label array ``data`` carries.
@@ -357,7 +357,7 @@ def run(
         )
         tokens, carried = rows.eval, rows.eval_labels
     else:
-        tokens, carried = token_rows(model, data, context_length=context_length, max_tokens=max_tokens)
+        tokens, carried = equal_length_rows(model, data, context_length=context_length, max_tokens=max_tokens)
     wanted = list(carried) if labels is None else list(labels)
     codes, purity = analyse_codes(
         model,

@@ -73,14 +73,14 @@ def train(
 ) -> None:
     """Fine-tune codebooks with next-token loss on --data (a seeded quarter of its rows held out for the loss gap);
     a model or dataset codebooks cannot use (an encoder such as minilm, a missing site) is refused before any work."""
-    from workbench.circuits.codebook import (
+    from workbench.circuits.codebook import (  # deferred: CLI start-up (torch)
         CodebookConfig,
         check,
         codebook_dir,
         default_run_name,
         default_site,
     )
-    from workbench.circuits.codebook.train import train as train_codebooks
+    from workbench.circuits.codebook.train import train as train_codebooks  # deferred: CLI start-up (torch)
 
     require_data(data, "the text or token ids the codebooks are trained on")
     CodebookConfig("--site", d=1, n_codes=n_codes, k=k, similarity=similarity)  # refuses bad settings at once
@@ -136,15 +136,15 @@ def run_analysis(
 ) -> None:
     """Per-code counts and top contexts of a trained run on --data (its held-out rows when it is the training
     data), and code ↔ label purity / MI when --data carries per-token labels or --labels names a source."""
-    from workbench.analysis import write_tables
-    from workbench.circuits.codebook import (
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.codebook import (  # deferred: CLI start-up (torch)
         ANALYSIS,
         PURITY_TABLE,
         check,
         codebook_dir,
         default_run_name,
     )
-    from workbench.circuits.codebook import run as analyse_codebooks
+    from workbench.circuits.codebook import run as analyse_codebooks  # deferred: CLI start-up (torch)
 
     require_data(data, "the text or token ids the codebooks are analysed on")
     hooked = open_model(model, workspace, device, "float32", trust_remote_code)

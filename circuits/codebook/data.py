@@ -36,7 +36,7 @@ def per_token_labels(data: Dataset) -> dict[str, np.ndarray]:
     return {name: np.asarray(v) for name, v in data.labels.items() if tuple(np.shape(v)) == shape}
 
 
-def token_rows(
+def equal_length_rows(
     model: Any, data: Dataset, *, context_length: int = 128, max_tokens: int | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """All rows of ``data`` in source order, cut to one length L: (ids [n, L], {label: [n, L]}).
@@ -45,18 +45,13 @@ def token_rows(
     the length that keeps the most tokens (rows shorter than L are dropped); labels are per-token arrays of a
     token dataset (``per_token_labels``), cut like their rows.
     """
-    rows: list[list[int]] = []
-    for batch in data.batches(
+    rows = data.token_rows(
         model.tokenizer,
         context_length=context_length,
         batch_size=64,
         packing=data.modality == "text",
         max_tokens=max_tokens,
-    ):
-        rows += [
-            ids[mask.bool()].tolist()
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
-        ]
+    )
     lengths = np.array([len(r) for r in rows])
     ordered = np.sort(lengths)[::-1]
     width = int(ordered[np.argmax(ordered * np.arange(1, len(ordered) + 1))]) if len(rows) else 0
@@ -68,11 +63,7 @@ def token_rows(
             "--context-length or a larger --max-tokens"
         )
     tokens = torch.tensor([rows[i][:width] for i in keep], dtype=torch.long)
-    if model.cfg.d_vocab and int(tokens.max()) >= model.cfg.d_vocab:
-        raise CodebookError(
-            f"dataset {data.name!r} holds token id {int(tokens.max())}, outside {model.cfg.name}'s vocabulary "
-            f"(d_vocab={model.cfg.d_vocab}); pass token ids made with this model's tokenizer, or text"
-        )
+    data.check_vocabulary(tokens, model)
     labels = {}
     for name, array in per_token_labels(data).items():
         cut = []
@@ -105,8 +96,8 @@ def read_rows(
     seed: int = 0,
     eval_fraction: float = EVAL_FRACTION,
 ) -> TokenRows:
-    """``token_rows`` of ``data`` split by ``split_rows``: training rows, held-out rows and their labels."""
-    tokens, labels = token_rows(model, data, context_length=context_length, max_tokens=max_tokens)
+    """``equal_length_rows`` of ``data`` split by ``split_rows``: training rows, held-out rows and their labels."""
+    tokens, labels = equal_length_rows(model, data, context_length=context_length, max_tokens=max_tokens)
     train, held = split_rows(len(tokens), eval_fraction, seed)
     source = {
         "dataset": data.name,

@@ -19,12 +19,12 @@ import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from workbench.adapters.base import HFAdapter
 from workbench.analysis import Analysis, AnalysisNotApplicable, Table
 from workbench.datasets import Dataset
 from workbench.heap import release_free_heap
@@ -227,10 +227,11 @@ def _duration(seconds: float) -> str:
 class _Scorer:
     """Joint IG scores of sets of MLP units for one task, in chunks of ``chunk_rows`` forward/backward rows.
 
-    A row is one (set, input, α-step); all steps of all sets are stacked along the batch. For a causal LM read
-    through transformers (GPT-2, GPT-NeoX, Llama) the keys/values of the positions before ``task.position`` do not
-    depend on α (only that position's units are scaled, and earlier positions never attend to it), so they are
-    computed once per input and each row runs one token; the full forward is used where that is not so (ViT,
+    A row is one (set, input, α-step); all steps of all sets are stacked along the batch. For a causal LM whose
+    adapter declares ``capabilities.prefix_cache`` (the transformers families: GPT-2, GPT-NeoX, Llama) the
+    keys/values of the positions before ``task.position`` do not depend on α (only that position's units are
+    scaled, and earlier positions never attend to it), so they are computed once per input and each row runs one
+    token; the full forward is used where that is not so (ViT,
     position 0, TransformerLens models, an attention path other than SDPA) or where the cached forward does not
     reproduce the full forward's target probability within ``_CACHE_TOLERANCE``.
     """
@@ -297,19 +298,13 @@ class _Scorer:
 class _Prefix:
     """Keys/values [inputs, kv_heads, position, d_head] per layer of the tokens before the task position."""
 
+    model: Any
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
     def rows(self, inp: torch.Tensor):
-        """A transformers cache holding input ``inp[r]``'s prefix for row r."""
-        return _dynamic_cache([(k[inp], v[inp]) for k, v in self.kv])
-
-
-def _dynamic_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """A transformers DynamicCache (empty, or holding ``kv``: per layer (keys, values) [rows, heads, pos, d_head])."""
-    # transformers takes seconds to import and the dashboard imports this module (ANALYSIS); only LMs need it
-    from transformers.cache_utils import DynamicCache
-
-    return DynamicCache() if kv is None else DynamicCache(ddp_cache_data=kv)
+        """A key/value cache (:meth:`~workbench.model.HookedModel.kv_cache`) holding input ``inp[r]``'s prefix for
+        row r."""
+        return self.model.kv_cache([(k[inp], v[inp]) for k, v in self.kv])
 
 
 def _prefix_cache(model, task: Task, probs: torch.Tensor) -> _Prefix | None:
@@ -317,16 +312,15 @@ def _prefix_cache(model, task: Task, probs: torch.Tensor) -> _Prefix | None:
     if (
         task.inputs.is_floating_point()
         or task.position < 1
-        or not isinstance(model.adapter, HFAdapter)
-        or not model.cfg.causal
+        or not model.capabilities.prefix_cache
         or getattr(model, "attention_path", "sdpa") != "sdpa"
     ):
         return None
     try:
-        cache = _dynamic_cache()
+        cache = model.kv_cache()
         with torch.no_grad():
             model(task.inputs[:, : task.position], cache=cache, use_cache=True)
-            prefix = _Prefix([(layer.keys, layer.values) for layer in cache.layers])
+            prefix = _Prefix(model, model.cached_keys_values(cache))
             last = model(
                 task.inputs[:, task.position : task.position + 1],
                 cache=prefix.rows(torch.arange(len(probs))),
@@ -710,7 +704,9 @@ def _class_labels(data: Dataset, label: str | None = None) -> tuple[str, torch.T
     return chosen, torch.as_tensor(per_input[chosen]).long()
 
 
-def token_rows(model, data: Dataset, position: int, max_rows: int = 64, seed: int | None = 0) -> torch.Tensor:
+def next_token_rows(
+    model, data: Dataset, position: int, max_rows: int = 64, seed: int | None = 0
+) -> torch.Tensor:
     """The first ``max_rows`` token rows of ``data`` (seeded shuffle) that have a token after ``position``, cut to
     ids [n, position + 2], through the dataset's one iterator (``Dataset.batches``)."""
     if max_rows < 1:
@@ -731,11 +727,7 @@ def token_rows(model, data: Dataset, position: int, max_rows: int = 64, seed: in
             f"no row of dataset {data.name!r} has a token after position {position}; pick a smaller --position or "
             "longer documents"
         )
-    if model.cfg.d_vocab and int(rows.max()) >= model.cfg.d_vocab:
-        raise NeuronPathError(
-            f"dataset {data.name!r} holds token id {int(rows.max())}, outside {model.cfg.name}'s vocabulary "
-            f"(d_vocab={model.cfg.d_vocab}); pass token ids made with this model's tokenizer, or text"
-        )
+    data.check_vocabulary(rows, model)
     return rows
 
 
@@ -826,7 +818,7 @@ def run(
         raise NeuronPathError(f"--top-k {top_k} must be in 1..{model.cfg.d_mlp} (d_mlp of {model.cfg.name})")
     if kind == "lm":
         position = LM_POSITION if position is None else position
-        tokens = token_rows(model, data, position, max_sequences, seed)
+        tokens = next_token_rows(model, data, position, max_sequences, seed)
         tasks = lm_tasks(model, tokens, position, n_targets or LM_TARGETS)
     else:
         _, labels = _class_labels(data, label)

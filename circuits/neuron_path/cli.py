@@ -70,9 +70,9 @@ def run(
 ) -> None:
     """Locate paths (ours and both baselines) for each target token / class and write the results tables; a model
     or dataset the analysis cannot use is refused before any work."""
-    from workbench.analysis import write_tables
-    from workbench.circuits.neuron_path.analysis import ANALYSIS
-    from workbench.circuits.neuron_path.analysis import run as run_paths
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.neuron_path.analysis import ANALYSIS  # deferred: CLI start-up (torch)
+    from workbench.circuits.neuron_path.analysis import run as run_paths  # deferred: CLI start-up (torch)
 
     require_data(
         data,

@@ -41,6 +41,7 @@ from workbench.datasets import Dataset, DatasetError
 from workbench.hooks import resolve_hook_names
 from workbench.identity import provenance_note
 from workbench.references import short_name
+from workbench.store import ActivationStore, StoreUnion
 from workbench.workspace import Workspace, safe_name
 
 _KEYS = ("model", "checkpoint", "hook", "dataset", "sae_id")
@@ -268,8 +269,6 @@ def check_memory(
 def _union_of_rank_stores(directories: Sequence[Path]):
     """The training stores of every rank read as one (``workbench.store.StoreUnion``): called once training is
     over, when every rank has finalised its capture, so the feature pages cover every rank's documents."""
-    from workbench.store import ActivationStore, StoreUnion
-
     return StoreUnion([ActivationStore.open(directory) for directory in directories])
 
 
@@ -313,7 +312,7 @@ def _store_source(model, data: Dataset, hooks: list[str], widths: Mapping[str, i
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def token_rows(
+def packed_token_tensor(
     model,
     data: Dataset,
     *,
@@ -334,11 +333,7 @@ def token_rows(
         max_tokens=max_tokens,
         progress=progress,
     )
-    if model.cfg.d_vocab and int(ids[mask.bool()].max()) >= model.cfg.d_vocab:
-        raise DatasetError(
-            f"dataset {data.name!r} holds token id {int(ids[mask.bool()].max())}, outside {model.cfg.name}'s "
-            f"vocabulary (d_vocab={model.cfg.d_vocab}); pass token ids made with this model's tokenizer, or text"
-        )
+    data.check_vocabulary(ids[mask.bool()], model)
     return ids, mask
 
 
@@ -485,7 +480,7 @@ def run(
                 "fewer processes"
             )
     else:
-        ids, mask = token_rows(
+        ids, mask = packed_token_tensor(
             model,
             data,
             max_tokens=max_tokens,
@@ -585,7 +580,7 @@ def evaluate(
     hooks = _sae_hooks(sae, model, sae_id)
     widths, ce_note = hook_widths(model, hooks)
     check_sae_fits(sae, model, widths, sae_id)
-    ids, mask = token_rows(
+    ids, mask = packed_token_tensor(
         model,
         data,
         max_tokens=max_tokens,
@@ -630,7 +625,7 @@ def feature_pages_on_data(
     hooks = _sae_hooks(sae, model, sae_id)
     widths, _ = hook_widths(model, hooks)
     check_sae_fits(sae, model, widths, sae_id)
-    ids, mask = token_rows(
+    ids, mask = packed_token_tensor(
         model,
         data,
         max_tokens=max_tokens,

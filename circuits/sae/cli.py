@@ -169,9 +169,9 @@ def train(
     With --nproc N (or under torchrun) the N processes take disjoint document ranges; --parallel picks
     data-parallel or hook-sharded training. Hook-sharded SAE files are written by the process that trains them:
     across machines, put the workspace on a filesystem every machine sees."""
-    from workbench.analysis import write_tables
-    from workbench.circuits.sae import distributed as dist
-    from workbench.circuits.sae.analysis import ANALYSIS, run
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.sae import distributed as dist  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.analysis import ANALYSIS, run  # deferred: CLI start-up (torch)
 
     require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
     if architecture.startswith("clt"):  # one cross-layer transcoder over every layer the patterns match
@@ -282,10 +282,14 @@ def _train_clt(
 ) -> None:
     """``sae train --architecture clt|clt_relu|clt_topk|clt_batchtopk``: one CLT over the layers --hook and
     --hook-out match (``circuits.sae.clt_analysis.run_clt``), data-parallel under --nproc."""
-    from workbench.analysis import write_tables
-    from workbench.circuits.sae import distributed as dist
-    from workbench.circuits.sae.clt import CLT_ARCHITECTURES
-    from workbench.circuits.sae.clt_analysis import ANALYSIS, REPLACEMENT, run_clt
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.sae import distributed as dist  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.clt import CLT_ARCHITECTURES  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.clt_analysis import (  # deferred: CLI start-up (torch)
+        ANALYSIS,
+        REPLACEMENT,
+        run_clt,
+    )
 
     ins, outs, names = _listed(hook), _listed(hook_out), _listed(sae_id)
     if architecture not in CLT_ARCHITECTURES or len(ins) != 1 or len(outs) != 1 or len(names) > 1:
@@ -398,9 +402,9 @@ def _sae_specs(
     skip: bool,
 ) -> dict[str, dict]:
     """{sae_id: SAEConfig kwargs} for ``sae train``: one SAE per --hook (its --hook-out and --sae-id by position)."""
-    from workbench.circuits.sae.analysis import default_sae_id
-    from workbench.circuits.sae.base import K_ARCHITECTURES
-    from workbench.circuits.sae.train import check_sae_name
+    from workbench.circuits.sae.analysis import default_sae_id  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.base import K_ARCHITECTURES  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.train import check_sae_name  # deferred: CLI start-up (torch)
 
     ins, outs, names = _listed(hooks), _listed(hooks_out), _listed(ids)
     if not ins:
@@ -438,7 +442,7 @@ def _listed(values: list[str] | None) -> list[str]:
 
 def _layout(ctx, names: list[str]) -> str:
     """Which process trained what, for the summary line."""
-    from workbench.circuits.sae.distributed import owned_names
+    from workbench.circuits.sae.distributed import owned_names  # deferred: CLI start-up (torch)
 
     if ctx.mode == "data":
         return f"{ctx.world_size} data-parallel processes (every process trained every SAE)"
@@ -493,10 +497,15 @@ def evaluate(
     """Evaluate a saved SAE spliced into MODEL over --data and write its sae_evals row (CE metrics on causal LMs,
     reconstruction metrics on any model). A CLT or several transcoders: per-layer sae_evals rows and the
     replacement model (every MLP replaced at once) in transcoder_replacement."""
-    from workbench.analysis import write_tables
-    from workbench.circuits.sae.analysis import ANALYSIS, check_sae_fits, find_sae, hook_widths
-    from workbench.circuits.sae.analysis import evaluate as evaluate_on
-    from workbench.circuits.sae.clt_analysis import find_transcoders
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.sae.analysis import (  # deferred: CLI start-up (torch)
+        ANALYSIS,
+        check_sae_fits,
+        find_sae,
+        hook_widths,
+    )
+    from workbench.circuits.sae.analysis import evaluate as evaluate_on  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.clt_analysis import find_transcoders  # deferred: CLI start-up (torch)
 
     require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
     references = _listed([sae_path])
@@ -564,8 +573,12 @@ def _eval_transcoders(
     trust_remote_code,
 ) -> None:
     """``sae eval`` of a CLT or a set of per-layer transcoders (``clt_analysis.evaluate_replacement``)."""
-    from workbench.analysis import write_tables
-    from workbench.circuits.sae.clt_analysis import ANALYSIS, REPLACEMENT, evaluate_replacement
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.sae.clt_analysis import (  # deferred: CLI start-up (torch)
+        ANALYSIS,
+        REPLACEMENT,
+        evaluate_replacement,
+    )
 
     hooked = open_model(model, workspace, device, "float32", trust_remote_code).eval()
     dataset = open_data(data)
@@ -747,7 +760,7 @@ def import_(
     """Register SAEs / transcoders from another trainer's layout in the workspace (saes/<id>/), so sae eval,
     sae features, sae export, circuits attribute and the dashboard use them like ours; nothing is registered on
     error."""
-    from workbench.circuits.sae.formats.transfer import import_saes
+    from workbench.circuits.sae.formats.transfer import import_saes  # deferred: CLI start-up (torch)
 
     model = _model_argument("import", model, old_model)
     hooked = open_model(model, workspace, "cpu", "float32", trust_remote_code).eval() if model else None
@@ -764,9 +777,9 @@ def import_(
         overwrite=overwrite,
         model=hooked,
     )
-    from workbench.circuits.sae import load_sae
-    from workbench.circuits.sae.clt import is_clt_dir, load_clt_dir
-    from workbench.circuits.sae.evals import sae_dir
+    from workbench.circuits.sae import load_sae  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.clt import is_clt_dir, load_clt_dir  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.evals import sae_dir  # deferred: CLI start-up (torch)
 
     for (
         name
@@ -799,8 +812,12 @@ def features(
 ) -> None:
     """Feature pages (top contexts, quantiles, histogram, promoted tokens) of a saved or imported SAE on MODEL
     over --data, written to sae_features."""
-    from workbench.analysis import write_tables
-    from workbench.circuits.sae.analysis import ANALYSIS, feature_pages_on_data, find_sae
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.sae.analysis import (  # deferred: CLI start-up (torch)
+        ANALYSIS,
+        feature_pages_on_data,
+        find_sae,
+    )
 
     require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
     found, sae = find_sae(sae_path, workspace)
@@ -853,17 +870,22 @@ def export(
     """Write a workspace SAE as SAELens or sparsify files (sae-lens / sparsify / delphi load it unchanged), or its
     feature pages as SAEDashboard batch JSON + a Neuronpedia bulk-import folder; a cross-layer transcoder in
     circuit-tracer's layout (--format circuit-tracer)."""
-    from workbench.circuits.sae.analysis import find_sae
-    from workbench.circuits.sae.features import residual_writes, token_decoder
-    from workbench.circuits.sae.formats.transfer import EXPORT_FORMATS, export_sae
-    from workbench.references import short_name
-    from workbench.workspace import Workspace
+    from workbench.circuits.sae.analysis import find_sae  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.features import (  # deferred: CLI start-up (torch)
+        residual_writes,
+        token_decoder,
+    )
+    from workbench.circuits.sae.formats.transfer import (  # deferred: CLI start-up (torch)
+        EXPORT_FORMATS,
+        export_sae,
+    )
+    from workbench.references import short_name  # deferred: CLI start-up (torch)
 
     model = _model_argument("export", model, old_model)
     if format not in EXPORT_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    from workbench.circuits.sae.clt_analysis import find_clt
-    from workbench.circuits.sae.formats.transfer import export_clt
+    from workbench.circuits.sae.clt_analysis import find_clt  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.formats.transfer import export_clt  # deferred: CLI start-up (torch)
 
     clt = find_clt(sae_path, workspace)
     if clt is not None:

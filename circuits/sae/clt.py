@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from workbench.circuits.sae.base import SAEInputError
-from workbench.circuits.sae.formats.tensors import read_safetensors, require
 from workbench.circuits.sae.jumprelu import _JumpReLU, _Step
+from workbench.circuits.sae.tensors import read_safetensors, require
 from workbench.circuits.sae.topk import _ChosenPreActivations, _SparseDecode, largest_k, topk_activation
 from workbench.fileio import atomic_save_tensors, atomic_write_text
 

@@ -19,8 +19,11 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from workbench.analysis import Analysis, Table
+from workbench.capture import capture_to_store
 from workbench.circuits.sae.analysis import (
     ANALYSIS,
     _available_bytes,
@@ -30,7 +33,7 @@ from workbench.circuits.sae.analysis import (
     check_sae_fits,
     find_sae,
     hook_widths,
-    token_rows,
+    packed_token_tensor,
 )
 from workbench.circuits.sae.base import SAE, SAEInputError
 from workbench.circuits.sae.clt import (
@@ -55,6 +58,7 @@ from workbench.fileio import atomic_save_tensors
 from workbench.hooks import HookNameError
 from workbench.identity import provenance_note
 from workbench.references import short_name
+from workbench.store import ActivationStore
 from workbench.workspace import Workspace, safe_name
 
 REPLACEMENT = Analysis(
@@ -141,8 +145,6 @@ def replacement_metrics(
     e.g. of the training tokens, or else the scored tokens' own; add-one smoothed over the vocabulary) and
     ``gain_kept`` = (ce_unigram − ce_replacement) / (ce_unigram − ce_clean): the share of the model's loss gain
     over the unigram baseline that the replacement keeps (1: all of it)."""
-    from tqdm.auto import tqdm
-
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     hooks = replacement_hooks(transcoders)
     if unigram_counts is None:
@@ -301,7 +303,7 @@ def run_clt(
     if announce is not None and rank == 0:
         announce(line)
     clt = seeded_clt(cfg, seed).to(model.device)
-    ids, mask = token_rows(
+    ids, mask = packed_token_tensor(
         model,
         data,
         max_tokens=max_tokens,
@@ -320,7 +322,6 @@ def run_clt(
     rows = [r[m.bool()].tolist() for r, m in zip(ids[mine], mask[mine], strict=True)]
     step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
     name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}-clt"
-    from workbench.store import capture_to_store
 
     store = capture_to_store(
         model,
@@ -567,8 +568,6 @@ def training_unigram(
     them (a CLT from :func:`run_clt`), else the workspace's activation store(s) of their model, checkpoint and
     dataset holding their hooks (``sae train``'s training store, every rank's; several such stores only when they
     hold the same tokens); None when neither exists."""
-    from safetensors import safe_open
-
     d_vocab = int(model.cfg.d_vocab or 0)
     for folder in found.folders:
         file = folder / TRAINING_TOKENS_FILE
@@ -591,7 +590,6 @@ def training_unigram(
     if len(identities) != 1 or not next(iter(identities))[2]:
         return None
     trained_on, checkpoint, dataset = identities.pop()
-    from workbench.store import ActivationStore
 
     groups: dict[str, list[Path]] = {}
     for manifest in sorted(Workspace(workspace).stores_dir.glob("*/manifest.json")):
@@ -687,7 +685,7 @@ def evaluate_replacement(
             if (note := check_sae_fits(sae, model, widths, n))
         ]
         transcoders = [sae.to(model.device).eval() for sae in transcoders]
-    ids, mask = token_rows(
+    ids, mask = packed_token_tensor(
         model,
         data,
         max_tokens=max_tokens,

@@ -14,8 +14,10 @@ from collections.abc import Iterable, Mapping
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from workbench.circuits.sae.base import SAE, SAEInputError, token_vectors
+from workbench.workspace import safe_name
 
 
 @torch.no_grad()
@@ -27,8 +29,6 @@ def reconstruction_metrics(
     `batches` yields x [batch, d_in] (target = x) or (x [batch, d_in], y [batch, d_out]) pairs, on any device
     (moved to the SAE's); sums are accumulated in float64. `density` comes back on the CPU, [d_sae].
     """
-    from tqdm.auto import tqdm
-
     n = 0
     sq_err = 0.0
     y_sum = y_sq = None
@@ -123,8 +123,6 @@ def splice_metrics(
         tokens: token ids [batch, pos]; ``attention_mask`` [batch, pos] (1 = real token, default all real): only
             next-token predictions from a real token to a real token count.
     A hook activation whose width is not the SAE's d_in (or that holds NaN/inf) raises SAEInputError."""
-    from tqdm.auto import tqdm
-
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0}
     gap_squares = 0.0  # Σ (zero-ablated − clean loss)² per token, for the standard error of the ablation gap
@@ -258,6 +256,4 @@ def evaluate_sae(
 
 def sae_dir(workspace, sae_id: str):
     """Where SAE `sae_id` is saved inside the workspace."""
-    from workbench.workspace import safe_name
-
     return workspace.root / "saes" / safe_name(sae_id)

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from workbench.circuits.sae.base import SAE, SAEInputError
 
@@ -57,8 +58,6 @@ def feature_pages(
     [d_vocab, d_model] (an encoder such as MiniLM has none). `store` is an ActivationStore or a StoreUnion of
     several (a distributed run's per-rank stores).
     """
-    from tqdm.auto import tqdm
-
     device = sae.device
     n_rows, d_sae = store.n_rows, sae.d_sae
     coarse, fine = HIST_EDGES.to(device), FINE_EDGES.to(device)
@@ -285,8 +284,6 @@ def _windows(locations: torch.Tensor, window: int):
 
 def _window_activations(sae, store, wanted: dict[int, set[int]], batch_size, device, progress, sae_id):
     """{(row, latent): activation} for the wanted rows and latents, encoding only those rows (pass 3)."""
-    from tqdm.auto import tqdm
-
     out: dict[tuple[int, int], float] = {}
     needed = torch.tensor(sorted(wanted), dtype=torch.long)
     offset = 0

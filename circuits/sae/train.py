@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Generic, TypeAlias, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae, token_vectors
 from workbench.circuits.sae.clt import CLTConfig, CrossLayerTranscoder, create_clt
@@ -38,6 +39,7 @@ from workbench.circuits.sae.topk import TopKSAE
 from workbench.faults import crash_point
 from workbench.fileio import atomic_path
 from workbench.schedules import lr_factor
+from workbench.workspace import safe_name
 
 Trainable: TypeAlias = SAE | CrossLayerTranscoder
 TrainableT = TypeVar("TrainableT", bound=Trainable)
@@ -115,8 +117,6 @@ def _check_config(cfg: TrainConfig) -> None:
 
 def check_sae_name(name: str) -> str:
     """An SAE name becomes a file name in checkpoint directories (see ``workbench.workspace.safe_name``)."""
-    from workbench.workspace import safe_name
-
     return safe_name(name, "for an SAE: it cannot name a checkpoint file (e.g. 'pythia.L3-resid-topk')")
 
 
@@ -300,8 +300,6 @@ def _train(
     flat: FlatParameters,
 ) -> dict[str, list[dict[str, float]]]:
     """The body of :func:`train_saes`, with the SAEs' parameters in ``flat``'s buffers."""
-    from tqdm.auto import tqdm
-
     data_parallel = distributed is not None and distributed.mode == "data"
     sharded = distributed is not None and distributed.mode == "hooks"
     world = distributed.world_size if data_parallel and distributed is not None else 1

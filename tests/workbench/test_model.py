@@ -430,6 +430,55 @@ def test_a_rotary_transformer_lens_model_passes_a_rotary_requirement() -> None:
         needs_rotary.check(HookedModel.from_transformer_lens(tl_twin(tiny_gpt2(), "gpt2")))
 
 
+def tiny_bert_mlm() -> T.BertForMaskedLM:
+    torch.manual_seed(0)
+    cfg = T.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=100
+    )
+    return T.BertForMaskedLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "build, act, activations, prefix_cache",
+    [
+        (tiny_gpt2, "gelu_new", ("blocks.0.mlp", "blocks.1.mlp"), True),
+        (tiny_llama, "silu", (), True),  # gated: hook_post is act(gate) · up
+        (tiny_bert_mlm, "gelu", ("blocks.0.mlp", "blocks.1.mlp", "mlm_head"), False),
+        (tiny_vit, "gelu", ("blocks.0.mlp", "blocks.1.mlp"), False),
+        (lambda: tl_twin(tiny_gpt2(), "gpt2"), "gelu_new", ("blocks.0.mlp", "blocks.1.mlp"), False),
+    ],
+)
+def test_declared_activations_are_elementwise_and_the_prefix_cache_reproduces_the_forward(
+    build, act, activations, prefix_cache
+) -> None:
+    """``capabilities.activations``: each ``P.hook_post`` is the family's activation of ``P.hook_pre``, unit by
+    unit; ``capabilities.prefix_cache``: one token after a ``kv_cache`` of the prefix gives the full forward's
+    logits at that position."""
+    from workbench.references import resolve_model
+
+    model = resolve_model(build())
+    caps = model.capabilities
+    assert (caps.activations, caps.prefix_cache) == (activations, prefix_cache)
+    inputs = torch.randn(1, 1, 8, 8) if caps.modality == "image" else torch.randint(0, 100, (2, 6))
+    names = [f"{p}.hook_{end}" for p in activations for end in ("pre", "post")]
+    with torch.no_grad(), model.capture(names) as cache:
+        full = model(inputs)
+    for prefix in activations:
+        pre, post = cache[f"{prefix}.hook_pre"], cache[f"{prefix}.hook_post"]
+        torch.testing.assert_close(post, T.activations.ACT2FN[act](pre))
+    if prefix_cache:
+        kv = model.kv_cache()
+        with torch.no_grad():
+            model(inputs[:, :5], cache=kv, use_cache=True)
+            kept = model.cached_keys_values(kv)
+            last = model(inputs[:, 5:], cache=model.kv_cache(kept), use_cache=False)
+        assert len(kept) == model.cfg.n_layers and kept[0][0].shape[:3] == (2, model.cfg.n_kv_heads, 5)
+        torch.testing.assert_close(last[:, 0], full[:, 5], atol=1e-5, rtol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="no key/value cache"):
+            model.kv_cache()
+
+
 def test_adapters_are_registered_by_model_type() -> None:
     from workbench.adapters import REGISTRY
 

@@ -158,6 +158,11 @@ class Capabilities:
     1], ``ln_final.hook_normalized`` [batch, pos, d_model]), None without one (post-LN encoders).
     ``module_names``: the family's Hugging Face module-name table (:mod:`workbench.adapters.module_names`, for
     trainers that name sites by module: sparsify), None without one.
+    ``activations``: hook prefixes P of the elementwise activations, ``P.hook_post`` = f(``P.hook_pre``) unit by
+    unit [batch, pos, width] — each non-gated MLP's ``blocks.{l}.mlp``, an MLM head's ``mlm_head`` (what
+    attribution freezes at its prompt gain).
+    ``prefix_cache``: the forward takes ``cache=`` (:meth:`~workbench.model.HookedModel.kv_cache`, the keys and
+    values of the positions before) with ``use_cache``, so a causal LM can run one token after a cached prefix.
     """
 
     modality: str = "text"
@@ -171,6 +176,8 @@ class Capabilities:
     norm: str = "layernorm"
     final_norm: str | None = None
     module_names: str | None = None
+    activations: tuple[str, ...] = ()
+    prefix_cache: bool = False
 
     @property
     def final_hook(self) -> str | None:
@@ -224,6 +231,16 @@ class Adapter(Protocol):
         """A HookedModel of the same architecture with freshly initialised weights (drawn from torch's RNG)."""
         ...
 
+    def kv_cache(self, owner: Any, kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+        """A key/value cache the forward takes as ``cache=`` (where ``Capabilities.prefix_cache``): empty, or
+        holding ``kv`` (per layer (keys, values) [batch, kv_heads, pos, d_head])."""
+        ...
+
+    def cached_keys_values(self, owner: Any, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The per-layer (keys, values) [batch, kv_heads, pos, d_head] a forward with ``use_cache`` left in
+        ``cache``."""
+        ...
+
 
 class HFAdapter(ABC):
     """Base for one Hugging Face model family: subclasses give ``spec`` and ``sites``; the rest of the
@@ -235,6 +252,13 @@ class HFAdapter(ABC):
     positional: str = "learned"  # Capabilities.positional
     norm: str = "layernorm"  # Capabilities.norm: the kind of every norm module the family file names
     module_names: str | None = None  # Capabilities.module_names
+    gated_mlp: bool = (
+        False  # an MLP's hook_post is act(hook_pre) · (up projection): no Capabilities.activations
+    )
+    head_activation: str | None = None  # Capabilities.activations: the output head's, when the model has one
+    prefix_cache: bool = (
+        True  # Capabilities.prefix_cache (of a causal model): the forward takes a DynamicCache
+    )
 
     def spec(self, config: Any) -> ModelSpec:
         """Shape facts from a transformers config (families override what their config names differently)."""
@@ -342,6 +366,13 @@ class HFAdapter(ABC):
         declared = sentence_transformers_pooling(directory) if directory else None
         pooling, normalize = declared or ("last" if causal else "mean", False)
         final = "ln_final" if "ln_final.hook_normalized" in owner.hook_points else None
+        mlps = () if self.gated_mlp else tuple(f"blocks.{layer}.mlp" for layer in range(owner.cfg.n_layers))
+        activations = tuple(
+            prefix
+            for prefix in (*mlps, self.head_activation)
+            if prefix is not None
+            and {f"{prefix}.hook_pre", f"{prefix}.hook_post"} <= owner.hook_points.keys()
+        )
         return Capabilities(
             output=output,
             pooling=pooling,
@@ -350,7 +381,19 @@ class HFAdapter(ABC):
             norm=self.norm,
             final_norm=final,
             module_names=self.module_names,
+            activations=activations,
+            prefix_cache=self.prefix_cache and causal,
         )
+
+    def kv_cache(self, owner: Any, kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+        """A transformers ``DynamicCache``, empty or holding ``kv``."""
+        # deferred: transformers takes seconds to import; only a prefix-cached forward needs it
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache() if kv is None else DynamicCache(ddp_cache_data=kv)
+
+    def cached_keys_values(self, owner: Any, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     @staticmethod
     def attention_site(attention: nn.Module, layer: int) -> AttentionSite:

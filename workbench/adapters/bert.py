@@ -4,7 +4,9 @@ Post-LayerNorm blocks: ``hook_resid_mid`` is the attention sub-block's output af
 ``hook_resid_post`` the block output (what ``output_hidden_states`` returns); ``hook_embed`` is the embedding
 output after its LayerNorm. ``ln1`` is the attention sub-block's LayerNorm (its output is ``hook_resid_mid``),
 ``ln2`` the block's output LayerNorm (its output is ``hook_resid_post``), as TransformerLens's BERT names them.
-There is no final LayerNorm; a masked-LM head's LayerNorm is ``mlm_head.ln`` (TransformerLens's BERT name).
+There is no final LayerNorm; a masked-LM head's LayerNorm is ``mlm_head.ln`` (TransformerLens's BERT name), its
+activation's input ``mlm_head.hook_pre`` (the head's dense output) and output ``mlm_head.hook_post`` (the LayerNorm's
+input).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class BertAdapter(HFAdapter):
     family = "bert"
     base_attr = "bert"
     model_types = ("bert",)
+    head_activation = "mlm_head"
 
     def spec(self, config: Any):
         return self.standard_spec(config, causal=False)
@@ -54,5 +57,9 @@ class BertAdapter(HFAdapter):
             )
         transform = getattr(getattr(getattr(model, "cls", None), "predictions", None), "transform", None)
         if transform is not None:  # a masked-LM head: dense, activation, LayerNorm, then the decoder
-            sites.append(self.norm_site(transform.LayerNorm, "mlm_head.ln"))
+            sites += [
+                Site(transform.dense, "output", ("mlm_head.hook_pre",)),
+                Site(transform.LayerNorm, "input", ("mlm_head.hook_post",)),
+                self.norm_site(transform.LayerNorm, "mlm_head.ln"),
+            ]
         return sites

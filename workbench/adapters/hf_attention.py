@@ -11,8 +11,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from workbench.adapters.base import ATTENTION_OWNERS
+from workbench.attention.dispatch import attend
 
 IMPLEMENTATION = "workbench"
 STAT_NAMES = ("entropy", "sink", "lse", "max_logit")
@@ -20,9 +24,6 @@ STAT_NAMES = ("entropy", "sink", "lse", "max_logit")
 
 def register() -> None:
     """Register the ``"workbench"`` attention and mask functions with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     AttentionInterface.register(IMPLEMENTATION, workbench_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
 
@@ -48,8 +49,6 @@ def workbench_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention interface: q [batch, heads, q, d], k/v [batch, kv_heads, k, d]
     -> (output [batch, q, heads, d], pattern or None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     entry = ATTENTION_OWNERS.get(module)
     owner = entry[0]() if entry is not None else None
     if entry is None or owner is None:
@@ -75,7 +74,6 @@ def workbench_attention(
             "model.set_attention_path('eager') (or workbench.attention.uninstall_attention(model)) to capture it, or "
             "capture the statistics hooks (hook_entropy, hook_sink, hook_lse, hook_max_logit) on the kernel path"
         )
-    from workbench.attention.dispatch import attend
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(getattr(module, "is_causal", False))

@@ -20,6 +20,7 @@ class LlamaAdapter(HFAdapter):
     positional = "rotary"
     norm = "rmsnorm"
     module_names = "llama"
+    gated_mlp = True
 
     def sites(self, model: nn.Module, spec) -> list[AnySite]:
         base = self.base(model)

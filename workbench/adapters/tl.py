@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from workbench.adapters.base import Capabilities
+from workbench.attention.install import patch_transformer_lens, unpatch_transformer_lens
+from workbench.attention.reference import stats_from_scores
 from workbench.hooks import HookPoint
 from workbench.spec import ModelSpec
 
@@ -82,6 +84,7 @@ class TransformerLensAdapter:
         return owner.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
 
     def tokenize(self, owner: Any, texts: list[str], context_length: int | None) -> dict[str, torch.Tensor]:
+        # optional: transformer_lens (slow import; TL models only)
         from transformer_lens.utils import get_attention_mask
 
         model: TLModel = owner.model
@@ -107,13 +110,28 @@ class TransformerLensAdapter:
         positions and norms as the TransformerLens config names them."""
         cfg, causal = owner.model.cfg, bool(owner.cfg.causal)
         positional = getattr(cfg, "positional_embedding_type", "standard")
+        elementwise = not getattr(cfg, "gated_mlp", False) and not str(getattr(cfg, "act_fn", "")).endswith(
+            "_ln"
+        )
+        mlps = [f"blocks.{layer}.mlp" for layer in range(owner.cfg.n_layers)] if elementwise else []
         return Capabilities(
             output="next_token" if causal else "masked_token",
             pooling="last" if causal else "mean",
             positional=POSITIONAL.get(positional, positional),
             norm=NORMS.get(getattr(cfg, "normalization_type", None) or "", "none"),
             final_norm="ln_final" if "ln_final.hook_normalized" in owner.model.hook_dict else None,
+            activations=tuple(
+                p for p in mlps if {f"{p}.hook_pre", f"{p}.hook_post"} <= owner.model.hook_dict.keys()
+            ),
         )
+
+    def kv_cache(self, owner: Any, kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+        raise ValueError(
+            f"{owner.cfg.name} is a TransformerLens model: its forward takes no key/value cache here"
+        )
+
+    def cached_keys_values(self, owner: Any, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.kv_cache(owner, None)
 
     def unembedding(self, owner: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """W_U [d_vocab, d_model] (TransformerLens keeps it [d_model, d_vocab]) and b_U [d_vocab], with the final
@@ -142,8 +160,6 @@ class TransformerLensAdapter:
     def set_attention_path(self, owner: Any, path: str) -> None:
         """The kernel path replaces each attention block's forward (workbench.attention.install); other paths
         restore TransformerLens's own."""
-        from workbench.attention.install import patch_transformer_lens, unpatch_transformer_lens
-
         if path == "kernel":
             patch_transformer_lens(owner)
         else:
@@ -177,8 +193,6 @@ def _forward_to(point: HookPoint):
 
 
 def _stats_from_scores_hook(stat_points: list[HookPoint], owner: Any):
-    from workbench.attention.reference import stats_from_scores
-
     def run(scores: torch.Tensor) -> None:
         stats = stats_from_scores(scores, sink_k=owner.sink_k)
         for point in stat_points:

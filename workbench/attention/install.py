@@ -79,6 +79,7 @@ def _kernel_forward_for(owner: HookedModel, layer: int):
         attention_mask=None,
         position_bias=None,
     ):
+        # deferred: Triton loads only on the kernel path
         from workbench.attention.kernel import flash_attention
 
         if (

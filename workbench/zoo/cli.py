@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from workbench.cli_options import fail
+from workbench.workspace import Workspace
 
 app = typer.Typer(
     help="Train the embedded model suite (offline) with Pythia-style checkpoints.", no_args_is_help=True
@@ -17,8 +18,7 @@ app = typer.Typer(
 @app.command("list")
 def list_models(workspace: Annotated[Path | None, typer.Option("--workspace", "-w")] = None) -> None:
     """List the zoo specs and which are trained in the workspace."""
-    from workbench.workspace import Workspace
-    from workbench.zoo.train import SPECS
+    from workbench.zoo.train import SPECS  # deferred: CLI start-up (torch)
 
     ws = Workspace(workspace)
     for name, spec in SPECS.items():
@@ -38,6 +38,7 @@ def train(
     restart: Annotated[bool, typer.Option(help="Delete an existing run and train from scratch.")] = False,
 ) -> None:
     """Train NAME into the workspace (resumes an interrupted run; a finished run is left as it is)."""
+    # deferred: CLI start-up (torch)
     from workbench.zoo.train import ZooError, read_train_log, train_zoo_model
 
     overrides: dict[str, Any] = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}

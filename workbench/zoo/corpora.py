@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 class CorpusError(ValueError):
@@ -120,9 +121,8 @@ class TokFSM:
 
 def digits_dataset(test_fraction: float = 0.25, seed: int = 0):
     """sklearn's bundled 8×8 digits as float tensors: (x_train [n, 1, 8, 8] in [0, 1], y_train, x_test, y_test)."""
-    import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # deferred: scikit-learn (~1.4 s), the digits corpus only
+    from sklearn.model_selection import train_test_split  # deferred: scikit-learn, as above
 
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from workbench.datasets import Dataset, DatasetError
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
 
@@ -22,7 +24,6 @@ def provide(name: str, limit: int | None = None) -> Dataset:
     if name == "tokfsm":
         fsm = TokFSM()
         tokens, states = fsm.sample(limit or FSM_SEQUENCES, FSM_LENGTH, seed=1)
-        import torch
 
         return Dataset(
             "zoo:tokfsm",

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int = 512):
     """A byte-level BPE (``tokenizers``) trained on ``texts``; deterministic for the same texts and size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -27,8 +28,6 @@ def train_bpe(texts: Sequence[str], vocab_size: int = 512):
 
 def fsm_tokenizer(vocab_size: int):
     """Whitespace-separated symbols ``t0 … t{V-1}`` mapped to ids 0 … V-1 (then the special tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     vocab = {f"t{i}": i for i in range(vocab_size)}
     vocab.update({tok: vocab_size + i for i, tok in enumerate(SPECIAL_TOKENS)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS[1]))
@@ -38,8 +37,6 @@ def fsm_tokenizer(vocab_size: int):
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
     """Save as ``tokenizer.json`` + the files ``transformers.AutoTokenizer`` needs."""
-    from transformers import PreTrainedTokenizerFast
-
     wrapped = as_transformers(tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
     if not isinstance(
@@ -51,8 +48,6 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
 
 def as_transformers(tokenizer):
     """Wrap a ``tokenizers.Tokenizer`` as a ``transformers.PreTrainedTokenizerFast`` with our special tokens."""
-    from transformers import PreTrainedTokenizerFast
-
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=SPECIAL_TOKENS[0],

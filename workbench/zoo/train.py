@@ -36,6 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import transformers
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from workbench.deprecation import renamed_keywords
 from workbench.faults import crash_point
@@ -49,6 +53,7 @@ from workbench.fileio import (
 from workbench.schedules import lr_factor
 from workbench.workspace import Workspace
 from workbench.zoo.corpora import TokFSM, digits_dataset, python_source_texts
+from workbench.zoo.tokenizer import as_transformers, fsm_tokenizer, save_tokenizer, train_bpe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -159,13 +164,9 @@ def checkpoint_steps(total: int, every: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- data
 class _CodeData:
     def __init__(self, spec: ZooSpec, model_dir: Path) -> None:
-        from workbench.zoo.tokenizer import as_transformers, train_bpe
-
         texts = python_source_texts(max_files=spec.max_files, seed=spec.seed)
         tokenizer_file = model_dir / "tokenizer.json"
         if tokenizer_file.exists():
-            from tokenizers import Tokenizer
-
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         else:
             tokenizer = train_bpe(texts, spec.vocab_size)
@@ -196,8 +197,6 @@ class _CodeData:
 
 class _FSMData:
     def __init__(self, spec: ZooSpec, model_dir: Path) -> None:
-        from workbench.zoo.tokenizer import as_transformers, fsm_tokenizer
-
         self.fsm = TokFSM(**spec.fsm, seed=spec.seed)
         tokenizer = fsm_tokenizer(self.fsm.vocab_size)
         if not (model_dir / "tokenizer.json").exists():
@@ -222,8 +221,6 @@ def _build_model(spec: ZooSpec, vocab_size: int) -> PreTrainedModel:
 
 
 def _init_model(spec: ZooSpec, vocab_size: int) -> PreTrainedModel:
-    import transformers
-
     # Keywords the configs read in __post_init__(**kwargs) rather than declare as fields (invisible to a checker).
     labels: dict[str, Any] = {"num_labels": 10}
     rotary: dict[str, Any] = {"rotary_pct": 0.25}
@@ -295,8 +292,6 @@ def _remove_temp(model_dir: Path) -> None:
 def _save_tokenizer(tokenizer, model_dir: Path) -> None:
     """``save_tokenizer`` into a hidden directory, then move its files into ``model_dir``, ``tokenizer.json`` last
     (its presence means the tokenizer is complete)."""
-    from workbench.zoo.tokenizer import save_tokenizer
-
     tmp = model_dir / f".tokenizer.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_tokenizer(tokenizer, tmp)
@@ -310,8 +305,6 @@ def _save_tokenizer(tokenizer, model_dir: Path) -> None:
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No transformers progress bars (saving / loading a checkpoint)."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     try:
         yield
@@ -432,8 +425,6 @@ def train_zoo_model(
     its last checkpoint next time). ``overrides`` change spec fields (e.g. ``steps=100``, ``seed=1``); the seed
     determines the initialisation and every batch, and the global RNG is left untouched.
     """
-    from tqdm.auto import tqdm
-
     spec = name if isinstance(name, ZooSpec) else get_spec(name, **overrides)
     _check_lengths(spec)
     model_dir = Workspace(workspace).ensure().model_dir(spec.name)

@@ -25,6 +25,10 @@ from typing import Any
 from safetensors.torch import load_file
 
 from workbench.circuits.sae.base import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, SAEInputError, create_sae
+from workbench.circuits.sae.clt import CLT_CONFIG_FILE
+from workbench.circuits.sae.formats import circuit_tracer, dictionary_learning, gemmascope, sparsify
+from workbench.circuits.sae.formats.saelens import load_saelens
+from workbench.circuits.sae.formats.sparsify import hookpoint_folders
 
 FORMATS = ("workbench", "saelens", "sparsify", "gemmascope", "dictionary_learning", "circuit_tracer")
 
@@ -47,7 +51,6 @@ def detect_format(path: str | Path) -> str:
         raise SAEInputError(
             f"{path} is not a file any SAE layout starts from (params.npz, ae.pt, config.yaml): pass its directory"
         )
-    from workbench.circuits.sae.clt import CLT_CONFIG_FILE  # here: clt.py imports this package
 
     if (path / CLT_CONFIG_FILE).exists():
         raise SAEInputError(
@@ -69,7 +72,6 @@ def detect_format(path: str | Path) -> str:
         return "dictionary_learning"
     if (path / "cfg.json").exists():
         return "saelens"  # its loader names the missing weights file
-    from workbench.circuits.sae.formats.sparsify import hookpoint_folders
 
     if hookpoint_folders(path):
         return "sparsify"
@@ -93,9 +95,6 @@ def read_saes(
     x @ W_enc + b_enc, hook names in TransformerLens's convention). ``family`` picks the HF module-name table for
     sparsify layouts whose names fit several families; ``hook`` / ``hook_out`` name (or override) the hooks when
     the layout does not record them (Gemma Scope, dictionary_learning)."""
-    from workbench.circuits.sae.formats import circuit_tracer, dictionary_learning, gemmascope, sparsify
-    from workbench.circuits.sae.formats.saelens import load_saelens
-
     path = Path(path)
     kind = detect_format(path) if format == "auto" else format
     if kind not in FORMATS:

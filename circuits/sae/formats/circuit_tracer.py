@@ -30,7 +30,8 @@ import torch
 from workbench.circuits.sae.base import SAE, SAEInputError
 from workbench.circuits.sae.clt import HOOK_ALIASES, CrossLayerTranscoder, block_hook
 from workbench.circuits.sae.formats.gemmascope import load_gemmascope
-from workbench.circuits.sae.formats.tensors import build_sae, read_safetensors, require
+from workbench.circuits.sae.tensors import build_sae, read_safetensors, require
+from workbench.datasets import iter_model_batches
 
 CONFIG_FILE = "config.yaml"
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 
 def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """(folder, config) of a circuit-tracer layout given its folder or its config.yaml."""
-    import yaml
+    import yaml  # optional: PyYAML (circuit-tracer's config.yaml)
 
     path = Path(path)
     file = path if path.is_file() else path / CONFIG_FILE
@@ -197,8 +198,6 @@ def evaluate_clt(
     features and the fractions of its latents that never fire (``dead_fraction``) or fire on more than a tenth of
     the tokens (``dense_fraction``), over up to ``max_tokens`` real tokens of ``data`` (a Dataset, or token-id
     rows) on ``model`` (a HookedModel)."""
-    from workbench.datasets import iter_model_batches
-
     ins = [clt.hooks(layer)[0] for layer in range(clt.n_layers)]
     outs = [clt.hooks(layer)[1] for layer in range(clt.n_layers)]
     missing = [h for h in ins + outs if h not in set(model.hook_names())]

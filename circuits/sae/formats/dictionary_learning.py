@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEInputError
-from workbench.circuits.sae.formats.tensors import (
+from workbench.circuits.sae.registry import architectures
+from workbench.circuits.sae.tensors import (
     build_sae,
     fold_decoder_norms,
     fold_input_centering,
     read_state_dict,
     require,
 )
-from workbench.circuits.sae.registry import architectures
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEInputError
-from workbench.circuits.sae.formats.tensors import build_sae, require
+from workbench.circuits.sae.tensors import build_sae, require
 
 PARAMS_FILE = "params.npz"
 KEYS = ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
-from workbench.circuits.sae.formats.tensors import fold_decoder_norms, fold_input_centering, read_safetensors
+from workbench.circuits.sae.tensors import fold_decoder_norms, fold_input_centering, read_safetensors
 from workbench.fileio import atomic_save_tensors, atomic_write_text
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"

@@ -23,7 +23,7 @@ from workbench.adapters.module_names import (
     module_for_hook,
 )
 from workbench.circuits.sae.base import SAE, SAEInputError
-from workbench.circuits.sae.formats.tensors import build_sae, fold_input_centering, read_safetensors, require
+from workbench.circuits.sae.tensors import build_sae, fold_input_centering, read_safetensors, require
 from workbench.fileio import atomic_save_tensors, atomic_write_json
 
 SPARSIFY_CONFIG = "cfg.json"

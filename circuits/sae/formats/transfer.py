@@ -20,12 +20,18 @@ from typing import Any
 
 import pandas as pd
 
+from workbench.circuits.sae.analysis import _sae_hooks, check_sae_fits, hook_widths
 from workbench.circuits.sae.base import CONFIG_FILE, SAE, SAEInputError
 from workbench.circuits.sae.clt import CLT_CONFIG_FILE, CrossLayerTranscoder, is_clt_dir, load_clt_dir
+from workbench.circuits.sae.clt_analysis import check_clt_fits
 from workbench.circuits.sae.evals import sae_dir
+from workbench.circuits.sae.features import logit_effects
 from workbench.circuits.sae.formats import FORMATS, detect_format, read_saes
 from workbench.circuits.sae.formats.circuit_tracer import CONFIG_FILE as CT_CONFIG_FILE
 from workbench.circuits.sae.formats.circuit_tracer import load_clt, read_config
+from workbench.circuits.sae.formats.neuronpedia import dashboard_batch, write_bulk_export
+from workbench.circuits.sae.formats.saelens import save_saelens
+from workbench.circuits.sae.formats.sparsify import save_sparsify
 from workbench.fileio import atomic_write_json
 from workbench.references import short_name
 from workbench.workspace import Workspace, safe_name
@@ -50,8 +56,6 @@ def import_saes(
     """Register every SAE at ``path`` under ``workspace/saes/``; returns their ids. One SAE takes ``sae_id`` (default:
     the folder name); several (a sparsify run, a transcoder set) are ``<sae_id or folder>.<name>``. With ``model``
     (a HookedModel) every SAE's hooks and widths are checked against it before anything is registered."""
-    from workbench.circuits.sae.analysis import _sae_hooks, check_sae_fits, hook_widths
-
     path = Path(path).expanduser()
     clt = read_clt(path, format)
     if clt is not None:
@@ -114,8 +118,6 @@ def _import_clt(
 ) -> str:
     """Register a CLT under ``saes/<id>/`` in our layout (+ ``source.json``), staged and renamed like an SAE; with
     ``model`` its hooks and widths are checked first."""
-    from workbench.circuits.sae.clt_analysis import check_clt_fits
-
     folder = path.parent if path.is_file() else path
     new_id = sae_id or folder.name
     safe_name(new_id, "for an SAE")
@@ -191,11 +193,6 @@ def export_sae(
     SAE's ``sae_features`` rows) and takes the model's ``unembedding`` [d_vocab, d_model], each latent's residual
     ``writes`` [d_sae, d_model] (``features.residual_writes``; default the decoder rows) and ``decode`` for the
     logit tables."""
-    from workbench.circuits.sae.features import logit_effects
-    from workbench.circuits.sae.formats.neuronpedia import dashboard_batch, write_bulk_export
-    from workbench.circuits.sae.formats.saelens import save_saelens
-    from workbench.circuits.sae.formats.sparsify import save_sparsify
-
     out = Path(out).expanduser()
     if format == "saelens":
         return save_saelens(sae, out)

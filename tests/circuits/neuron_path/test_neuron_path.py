@@ -35,8 +35,8 @@ from workbench.circuits.neuron_path.analysis import (
     locate_path,
     make_task,
     manipulate,
+    next_token_rows,
     target_probs,
-    token_rows,
     top_activation_path,
 )
 from workbench.cli import app as cli
@@ -174,7 +174,7 @@ def fsm_lm(fsm_series):
 
 @pytest.fixture(scope="module")
 def fsm_task(fsm_lm):
-    rows = token_rows(fsm_lm, load_dataset("zoo:tokfsm"), position=6, max_rows=48)
+    rows = next_token_rows(fsm_lm, load_dataset("zoo:tokfsm"), position=6, max_rows=48)
     (task,) = lm_tasks(fsm_lm, rows, position=6, n_targets=1).values()
     return Task(task.inputs[:8], task.targets[:8], task.position)
 
@@ -311,7 +311,7 @@ def test_influence_pattern_on_the_planted_network() -> None:
     assert locate_path(model, task, steps=10, progress=False)[0] == {0: [3], 1: [11]}
 
 
-def test_token_rows_come_from_the_datasets_iterator_and_keep_rows_with_a_next_token(
+def test_next_token_rows_come_from_the_datasets_iterator_and_keep_rows_with_a_next_token(
     code_lm, tmp_path
 ) -> None:
     """A user's text file (a document per line) → rows [n, position + 2] equal to the tokenizer's ids of each line
@@ -323,13 +323,13 @@ def test_token_rows_come_from_the_datasets_iterator_and_keep_rows_with_a_next_to
         ids[:5] for ids in (code_lm.tokenizer(line)["input_ids"] for line in CODE_LINES[:7]) if len(ids) >= 5
     ]
     assert 0 < len(expected) < 7
-    rows = token_rows(code_lm, data, position=3, max_rows=64, seed=None)
+    rows = next_token_rows(code_lm, data, position=3, max_rows=64, seed=None)
     assert rows.shape == (len(expected), 5) and rows.tolist() == expected
-    shuffled = token_rows(code_lm, data, position=3, max_rows=64, seed=1)
+    shuffled = next_token_rows(code_lm, data, position=3, max_rows=64, seed=1)
     assert sorted(shuffled.tolist()) == sorted(expected)
-    assert token_rows(code_lm, data, position=3, max_rows=2, seed=None).tolist() == expected[:2]
+    assert next_token_rows(code_lm, data, position=3, max_rows=2, seed=None).tolist() == expected[:2]
     with pytest.raises(NeuronPathError, match="no row of dataset .* has a token after position 200"):
-        token_rows(code_lm, data, position=200)
+        next_token_rows(code_lm, data, position=200)
 
 
 def test_check_refuses_a_model_without_mlp_neurons() -> None:
@@ -414,7 +414,7 @@ def test_cli_on_a_zoo_checkpoint_with_a_users_text_file(zoo_workspace, code_file
     assert result.exit_code == 0, result.output
     paths = workspace.results().read("neuron_paths")
     model = resolve_model("code-tiny@250", workspace=workspace)
-    rows = token_rows(model, load_dataset(code_file), position=3, max_rows=16)
+    rows = next_token_rows(model, load_dataset(code_file), position=3, max_rows=16)
     values, counts = rows[:, 4].unique(return_counts=True)
     assert (paths["model"] == "code-tiny").all() and (paths["checkpoint"] == 250).all()
     assert (paths["dataset"] == load_dataset(code_file).name).all()

@@ -105,7 +105,7 @@ def _unigram_ce(counts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def test_a_clt_on_a_users_gpt2_trains_saves_and_evaluates(gpt2_dir, notes, tmp_path) -> None:
-    from workbench.circuits.sae.analysis import token_rows
+    from workbench.circuits.sae.analysis import packed_token_tensor
     from workbench.datasets import load_dataset
     from workbench.references import resolve_model
 
@@ -153,7 +153,7 @@ def test_a_clt_on_a_users_gpt2_trains_saves_and_evaluates(gpt2_dir, notes, tmp_p
     # the baseline: the training tokens' frequencies (the store holds exactly them) scored on the eval tokens
     counts = torch.bincount(train_store.token_ids(), minlength=512)
     model = resolve_model(str(gpt2_dir))
-    ids, mask = token_rows(
+    ids, mask = packed_token_tensor(
         model, load_dataset(str(notes)), max_tokens=20_000, context_length=32, batch_size=16
     )
     assert row["ce_unigram"] == pytest.approx(_unigram_ce(counts, ids, mask), rel=1e-9)

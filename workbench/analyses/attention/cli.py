@@ -55,7 +55,7 @@ def attention_command(
     """Mean attention entropy, sink mass, log-sum-exp and max logit per layer × head (× checkpoint)."""
     # imported here: the analysis imports torch, and `workbench --help` loads this module
     from workbench.analyses.attention.analysis import ANALYSIS, run
-    from workbench.analysis import write_tables
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
 
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)

@@ -96,7 +96,7 @@ def run_command(
     emerges when."""
     # imported here: the analysis imports torch, and `workbench --help` loads this module
     from workbench.analyses.dynamics.analysis import ANALYSIS, DynamicsSettings, describe_order, run
-    from workbench.analysis import write_tables
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
 
     dataset = open_data(data)
     ANALYSIS.check(data=dataset)
@@ -156,8 +156,8 @@ def sweep_command(
     architecture → curve parameter predictor with leave-one-architecture-out R²."""
     # imported here: the sweep imports torch and scikit-learn, and `workbench --help` loads this module
     from workbench.analyses.dynamics.analysis import ANALYSIS
-    from workbench.analyses.dynamics.sweep import describe_sweep, run_sweep
-    from workbench.analysis import write_tables
+    from workbench.analyses.dynamics.sweep import describe_sweep, run_sweep  # deferred: CLI start-up (torch)
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
 
     result = run_sweep(sweep_file, workspace, write=False, progress=progress)
     write_tables(workspace, ANALYSIS, result.frames())

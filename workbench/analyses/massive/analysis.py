@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from workbench.analyses.dynamics.emergence import FAMILIES, CurveFit, FitError, derived_quantities, fit_curve
 from workbench.analysis import Analysis, Table
@@ -95,8 +96,6 @@ def detect_massive(
     Two streaming passes over the inputs (one batch in memory at a time): the first finds the top-k entries and
     the median, the second measures the spread of each top entry's (dimension, token) across inputs.
     """
-    from tqdm.auto import tqdm
-
     criteria = criteria or MassiveCriteria()
     names = model.resolve(hooks)
     notes = [

@@ -55,7 +55,7 @@ def massive_command(
     """Find massive activations per layer; over a checkpoint series, also fit their emergence curves."""
     # imported here: the analysis imports torch, and `workbench --help` loads this module
     from workbench.analyses.massive.analysis import ANALYSIS, MassiveCriteria, run
-    from workbench.analysis import write_tables
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
 
     dataset = open_data(data) if data else default_prompts()
     ANALYSIS.check(data=dataset)

@@ -1,12 +1,16 @@
-"""What every format loader shares: reading tensor files safely and building a checked workbench SAE."""
+"""What the SAE file readers share (every format loader, and the CLT's own loader): reading tensor files safely and
+building a checked workbench SAE."""
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from workbench.circuits.sae.base import SAE, SAEConfig, SAEInputError, create_sae
 
@@ -26,9 +30,6 @@ def refuse_pickle(path: Path, expected: str) -> None:
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file as float32 on the CPU; a pickle in its place is refused."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise SAEInputError(f"{path} is missing: the layout needs this safetensors file")
@@ -42,8 +43,6 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A ``torch.save``d state dict read with ``weights_only=True``; anything needing unpickling is refused."""
-    import pickle
-
     path = Path(path)
     if not path.is_file():
         raise SAEInputError(f"{path} is missing: the layout needs this file")
