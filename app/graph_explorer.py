@@ -41,10 +41,10 @@ import torch
 
 from workbench.analyses.prompt_lab.analysis import compare_next_token, load_lab_model
 from workbench.analysis import Analysis, Table, write_tables
+from workbench.circuits.attribution.export import attribution_graph_json
 from workbench.circuits.attribution.graph import Graph, Target, attribute
 from workbench.circuits.attribution.pruning import threshold_for
 from workbench.circuits.attribution.store import write_graph
-from workbench.circuits.circuit_export import attribution_graph_json
 from workbench.circuits.sae.features import logit_effects, residual_writes
 from workbench.circuits.sae.readout import load_sae_for
 from workbench.interventions import Intervention

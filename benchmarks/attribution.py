@@ -42,8 +42,9 @@ from typing import Any
 import torch
 import transformers
 
-from workbench.circuits.attribution.graph import RowComputer, _Row, attribute
+from workbench.circuits.attribution.graph import attribute
 from workbench.circuits.attribution.replacement import ReplacementModel
+from workbench.circuits.attribution.rows import Row, RowComputer
 from workbench.circuits.attribution.transcoders import as_transcoders
 from workbench.circuits.sae.base import SAEConfig, create_sae
 from workbench.model import HookedModel
@@ -112,7 +113,7 @@ def run_rows(args: argparse.Namespace) -> None:
     tc = replacement.transcoders
     fused = sum(m is not None for m in replacement.value_maps)
 
-    def rows_of(computer: RowComputer) -> list[_Row]:
+    def rows_of(computer: RowComputer) -> list[Row]:
         picked = torch.randperm(computer.n_active, generator=torch.Generator().manual_seed(2))[: args.rows]
         picked = picked[
             torch.sort(computer.features[picked, 0], stable=True).indices
@@ -120,7 +121,7 @@ def run_rows(args: argparse.Namespace) -> None:
         features = computer.features[picked]
         vectors = [tc.encoder_vectors(int(layer), features[features[:, 0] == layer, 2])[0]
                    for layer in range(tc.n_layers)]  # fmt: skip
-        return [_Row(tc.hook_in(int(layer)), int(position), vector)
+        return [Row(tc.hook_in(int(layer)), int(position), vector)
                 for (layer, position, _), vector in zip(features.tolist(), torch.cat(vectors), strict=True)]  # fmt: skip
 
     def run(batch: int) -> tuple[float, float, torch.Tensor]:
@@ -158,7 +159,7 @@ def run_rows(args: argparse.Namespace) -> None:
 
 
 def profile_batch(
-    replacement: ReplacementModel, rows_of: Callable[[RowComputer], list[_Row]], batch: int
+    replacement: ReplacementModel, rows_of: Callable[[RowComputer], list[Row]], batch: int
 ) -> None:
     from torch.profiler import ProfilerActivity, profile  # profiling only: not needed for the timings
 

@@ -414,12 +414,12 @@ def attribute(
     --prompts START:STOP makes one graph per token row of --data as a resumable batch job (table
     attribution_batch; `workbench circuits jobs status` shows it)."""
     # deferred: CLI start-up (torch)
-    from workbench.circuits.attribution.graph import attribute as attribute_graph
-    from workbench.circuits.attribution.store import ANALYSIS, write_graph  # deferred: CLI start-up (torch)
-    from workbench.circuits.circuit_export import (  # deferred: CLI start-up (torch)
+    from workbench.circuits.attribution.export import (  # deferred: CLI start-up (torch)
         write_attribution_graph,
         write_neuronpedia_graph,
     )
+    from workbench.circuits.attribution.graph import attribute as attribute_graph
+    from workbench.circuits.attribution.store import ANALYSIS, write_graph  # deferred: CLI start-up (torch)
 
     if out is not None and format not in ATTRIBUTION_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(ATTRIBUTION_FORMATS)}")

@@ -22,22 +22,19 @@ and the parts sum to the edge exactly. Computed with batched backward passes, ne
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
+from workbench.circuits.attribution.rows import Row, RowComputer
 from workbench.circuits.attribution.transcoders import AttributionError
-
-if TYPE_CHECKING:
-    from workbench.circuits.attribution.graph import RowComputer, _Row
 
 HEAD_COLUMNS = ("target", "source", "layer", "head", "weight")
 
 
 def head_loadings(
     computer: RowComputer,
-    rows: Sequence[_Row],
+    rows: Sequence[Row],
     row_nodes: Sequence[int],
     node_of_column: torch.Tensor,
     min_weight: float = 0.0,
@@ -46,9 +43,6 @@ def head_loadings(
     heads carrying it: a frame (target, source, layer, head, weight); ``node_of_column`` [n_columns] maps the row
     computer's columns to graph nodes (−1: not in the graph). ``computer`` must have recorded every layer's
     ``attn.hook_z``. Loadings with |weight| ≤ ``min_weight`` are left out."""
-    # deferred: import circle (graph imports heads)
-    from workbench.circuits.attribution.graph import RowComputer
-
     replacement = computer.replacement
     model = replacement.model
     if not model.cfg.causal:

@@ -25,8 +25,9 @@ import torch
 
 from workbench.adapters.base import ATTENTION_OWNERS
 from workbench.adapters.hf_attention import IMPLEMENTATION, workbench_attention
-from workbench.circuits.attribution.graph import RowComputer, _prompt_tokens, _token_texts
+from workbench.circuits.attribution.graph import _prompt_tokens, _token_texts
 from workbench.circuits.attribution.replacement import ReplacementModel
+from workbench.circuits.attribution.rows import RowComputer
 from workbench.circuits.attribution.transcoders import AttributionError, as_transcoders
 
 QK_COLUMNS = ("query_node", "query_kind", "query_label", "key_node", "key_kind", "key_label", "score")

@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from workbench.circuits.circuit_export import cantor
+from workbench.circuits.attribution.export import cantor
 from workbench.circuits.sae import SAEConfig, create_sae
 
 Schema = dict[str, type | tuple[type, ...]]
