@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
+from workbench.cli import app
+from workbench.probes.jobs import job_status
 from workbench.workspace import Workspace
 
 console = Console()
@@ -185,8 +187,6 @@ class RecipeFailed(RuntimeError):
 
 def _run_command(argv: list[str]) -> str:
     """Run one `workbench` command line in this process; its exit code must be 0."""
-    from workbench.cli import app
-
     code = app(args=argv, standalone_mode=False)
     if code:
         raise RecipeFailed(f"`workbench {' '.join(argv)}` exited with {code} (its error is printed above)")
@@ -194,8 +194,6 @@ def _run_command(argv: list[str]) -> str:
 
 
 def _job_done(ws: Workspace, job_file: Path) -> bool:
-    from workbench.probes.jobs import job_status
-
     return bool((job_status(job_file, ws)["status"] == "done").all())
 
 

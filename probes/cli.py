@@ -193,7 +193,7 @@ def run_job_file(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip tasks already done.")] = True,
 ) -> None:
     """Run every pending task of a probe job; each finished task is committed at once."""
-    from workbench.probes.jobs import ProbeJobError, run_job
+    from workbench.probes.jobs import ProbeJobError, run_job  # deferred: CLI start-up (torch)
 
     try:
         status = run_job(
@@ -214,7 +214,7 @@ def job_file_status(
     job_file: Annotated[Path, typer.Argument(help="TOML job file.")], workspace: WorkspaceOption = None
 ) -> None:
     """Show every task of the job as done, failed (with its error) or pending."""
-    from workbench.probes.jobs import ProbeJobError, job_status
+    from workbench.probes.jobs import ProbeJobError, job_status  # deferred: CLI start-up (torch)
 
     try:
         table = job_status(job_file, workspace)

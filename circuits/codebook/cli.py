@@ -203,6 +203,7 @@ def tokfsm_study(
     """The TokFSM science check: train a k=1 codebook on a TokFSM model over --data (a TokFSM dataset, which carries
     its machine and state labels: zoo:tokfsm), write both codebook tables, and print how purely each FSM state's best
     code names it (against the best any code can do), the loss gap and what forcing a state's code does."""
+    # deferred: CLI start-up (torch)
     from workbench.analysis import write_tables
     from workbench.circuits.codebook import ANALYSIS, CodebookConfig, check, codebook_dir
     from workbench.circuits.codebook.tokfsm import dataset_fsm, fsm_codebook_study
