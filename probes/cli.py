@@ -18,6 +18,7 @@ from workbench.cli_options import (
     DeviceOption,
     DtypeOption,
     ModelArgument,
+    ProgressOption,
     SeedOption,
     TrustRemoteCodeOption,
     WorkspaceOption,
@@ -117,6 +118,7 @@ def run_probes(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     trust_remote_code: TrustRemoteCodeOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Probe every hook of MODEL for a label source; prints a score table and writes probe_results (and, with
     --save, the fitted probes)."""
@@ -157,6 +159,7 @@ def run_probes(
         settings=settings,
         location=where.location if where.kind in ("directory", "series") else None,
         on_fit=(lambda *fit: fitted.append(fit)) if save is not None else None,
+        progress=progress,
     )
     written = write_tables(root, ANALYSIS, frames)
     rows = frames[RESULTS_TABLE]
@@ -191,13 +194,20 @@ def run_job_file(
         str | None, typer.Option(help="Ray cluster address (default: start a local one).")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip tasks already done.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Run every pending task of a probe job; each finished task is committed at once."""
     from workbench.probes.jobs import ProbeJobError, run_job  # deferred: CLI start-up (torch)
 
     try:
         status = run_job(
-            job_file, workspace=workspace, backend=backend, workers=workers, address=address, resume=resume
+            job_file,
+            workspace=workspace,
+            backend=backend,
+            workers=workers,
+            address=address,
+            resume=resume,
+            progress=progress,
         )
     except ProbeJobError as err:
         fail(err)
