@@ -126,12 +126,6 @@ def _token_text(label: str) -> str:
         return label
 
 
-def stored_graphs(workspace: Any) -> pd.DataFrame:
-    """The ``attribution_graphs`` rows of the workspace (empty when none is stored)."""
-    results = Workspace(workspace).results()
-    return results.read("attribution_graphs") if "attribution_graphs" in results.tables() else pd.DataFrame()
-
-
 def load_stored_graph(workspace: Any, model: str, graph: str) -> StoredGraph:
     """One stored graph as a :class:`StoredGraph`; an absent, empty or older-schema graph raises
     :class:`StoredGraphProblem` saying what to run."""

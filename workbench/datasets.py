@@ -551,12 +551,6 @@ def count_text_lines(path: str | Path) -> int:
     return count
 
 
-def read_text_lines(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file (one document each), as a list."""
-    count_text_lines(path)
-    return list(iter_text_lines(path))
-
-
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl / .json (list of objects) / .csv / .tsv / .parquet file as dicts."""
     path = Path(path)

@@ -74,7 +74,7 @@ def _trace_form(default_model: str = "") -> None:
         trace_form(default_model, key="trace")
 
 
-graphs = table(db, "attribution_graphs")
+graphs = table(db, ANALYSIS.table("attribution_graphs").name)
 if graphs is None or graphs.empty:
     empty_state(ANALYSIS.description or "attribution graphs", TRACE_HINT)
     _trace_form()
@@ -271,7 +271,7 @@ detail_col.markdown("outgoing (top 10 by |weight|, unpruned)")
 detail_col.dataframe(_edge_table(outgoing.row, outgoing.data), width="stretch", hide_index=True)
 crossing = into[into["position"] != row["position"]]
 if not crossing.empty:
-    heads = table(db, "attribution_heads")
+    heads = table(db, ANALYSIS.table("attribution_heads").name)
     heads = (
         heads[(heads["model"] == model) & (heads["graph"] == graph_id)]
         if heads is not None

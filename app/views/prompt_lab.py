@@ -30,6 +30,7 @@ from workbench.analyses.prompt_lab.figures import (
 from workbench.app.data import plain, result_models, table, token_chips, workspace_path
 from workbench.app.trace_control import trace_form
 from workbench.circuits.codebook.readout import code_steering, codebooks_for_model, load_codebooks_for
+from workbench.circuits.sae.analysis import ANALYSIS as SAE_TABLES
 from workbench.circuits.sae.readout import latent_steering, load_sae_for, saes_for_model
 from workbench.datasets import load_dataset
 from workbench.interventions import Intervention, apply_interventions
@@ -357,7 +358,11 @@ if overlay == "SAE latents" and shown is not None and not shown.empty:
         key="lab_open_latent",
         help="the latents on the chips, the last token's first: its feature page",
     )
-    pages = table(workspace.results_path, "sae_features") if workspace.results_path.exists() else None
+    pages = (
+        table(workspace.results_path, SAE_TABLES.table("sae_features").name)
+        if workspace.results_path.exists()
+        else None
+    )
     page = None if pages is None else pages[(pages["sae_id"] == readout["sae"]) & (pages["latent"] == latent)]
     if page is None or page.empty:
         st.caption(

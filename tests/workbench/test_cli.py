@@ -8,7 +8,7 @@ import transformers as T
 from typer.testing import CliRunner
 
 from workbench.cli import app
-from workbench.datasets import DatasetError, load_dataset, read_text_lines
+from workbench.datasets import DatasetError, count_text_lines, iter_text_lines, load_dataset
 
 runner = CliRunner()
 
@@ -169,7 +169,7 @@ def test_non_utf8_text_file_is_reported_with_its_line(tmp_path) -> None:
     path = tmp_path / "corpus.txt"
     path.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(DatasetError, match=r"not UTF-8 \(byte 14, line 2"):
-        read_text_lines(path)
+        count_text_lines(path)  # what loading the dataset does first: the file fails before any model work
 
 
 def test_texts_from_jsonl_and_txt(tmp_path) -> None:
@@ -314,7 +314,7 @@ def test_attention_command_kernel_statistics_equal_the_eager_path(zoo_workspace,
     rows = ResultsDB(zoo_workspace).read("attention_stats", model="code-tiny", dataset="prompts.txt")
     assert sorted(rows["checkpoint"].unique()) == steps
     assert len(rows) == len(steps) * series.load(0).cfg.n_layers * series.load(0).cfg.n_heads
-    eager = attention_statistics(series.load(steps[-1]), read_text_lines(texts))
+    eager = attention_statistics(series.load(steps[-1]), list(iter_text_lines(texts)))
     kernel = rows[rows["checkpoint"] == steps[-1]].sort_values(["layer", "head"])
     for stat in STAT_HOOKS:
         assert kernel[stat].to_numpy() == pytest.approx(eager[stat].to_numpy(), abs=1e-4), stat
