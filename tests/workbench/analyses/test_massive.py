@@ -218,3 +218,24 @@ def test_magnitude_map_and_ratio_figures_show_the_planted_dimension() -> None:
     assert grid.shape == (3, 32) and (grid.argmax(axis=1) == 13).all()
     report = detect_massive(model, ids)
     assert len(ratio_by_layer(report.layers).data) == 1
+
+
+def test_the_median_sample_is_uniform_over_every_batch_and_bounded() -> None:
+    """The random-key sample keeps every value while fewer than its size have been offered (an exact median) and
+    afterwards a sample of exactly that size, uniform over all batches: batches of very different sizes and ranges
+    are represented in proportion to their counts (the old size/seen rule over-weighted the early ones)."""
+    from workbench.analyses.massive.analysis import _keep_smallest_keys
+
+    rng = np.random.default_rng(0)
+    kept = (np.empty(0, np.float32), np.empty(0, np.float64))
+    small = [np.arange(10, dtype=np.float32), np.arange(10, 30, dtype=np.float32)]
+    for values in small:
+        kept = _keep_smallest_keys(kept, values, rng, 100)
+    assert sorted(kept[0].tolist()) == list(range(30))
+    kept = (np.empty(0, np.float32), np.empty(0, np.float64))
+    batches = [np.zeros(1_000, np.float32), np.ones(9_000, np.float32), np.full(90_000, 2.0, np.float32)]
+    for values in batches:
+        kept = _keep_smallest_keys(kept, values, rng, 5_000)
+    assert kept[0].size == 5_000
+    shares = [float(np.mean(kept[0] == v)) for v in (0.0, 1.0, 2.0)]
+    np.testing.assert_allclose(shares, [0.01, 0.09, 0.90], atol=0.015)

@@ -12,7 +12,7 @@ dimension and on a few tokens (the first token, delimiters), nearly constant acr
 
 Post-LayerNorm models (BERT, MiniLM) keep magnitudes small, so ratio and invariance are always reported even
 when nothing passes the absolute threshold. The median is exact up to ``median_sample`` magnitudes per hook and
-estimated from a uniform random sample beyond that (bounded memory).
+estimated from a uniform random sample of that size beyond (random keys, the smallest kept: bounded memory).
 """
 
 from __future__ import annotations
@@ -73,6 +73,32 @@ class MassiveReport:
         return frames
 
 
+def _keep_smallest_keys(
+    kept: tuple[np.ndarray, np.ndarray], values: np.ndarray, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(values, keys) [≤ size] of ``kept`` and ``values`` [n] together, where each new value draws a uniform key and
+    the ``size`` smallest keys stay: a uniform random sample of every value offered so far."""
+    keys = rng.random(values.size)
+    if values.size > size:
+        chosen = np.argpartition(keys, size)[:size]
+        values, keys = values[chosen], keys[chosen]
+    values, keys = np.concatenate([kept[0], values]), np.concatenate([kept[1], keys])
+    if values.size > size:
+        chosen = np.argpartition(keys, size)[:size]
+        values, keys = values[chosen], keys[chosen]
+    return values, keys
+
+
+def _input_count(inputs: Any) -> int | None:
+    """How many sequences ``inputs`` gives (a dataset's documents or rows, a list's or tensor's length), or None
+    when only reading it would tell."""
+    if isinstance(inputs, Dataset):
+        if inputs.token_ids is not None:
+            return len(inputs.token_ids)
+        return inputs.meta.get("documents")
+    return len(inputs) if hasattr(inputs, "__len__") else None
+
+
 def _batches(model: HookedModel, inputs: Any, batch_size: int, context_length: int):
     return iter_model_batches(inputs, model.tokenizer, batch_size=batch_size, context_length=context_length)
 
@@ -105,11 +131,14 @@ def detect_massive(
     ]
     rng = np.random.default_rng(seed)
     tops: dict[str, dict[tuple[int, int], tuple[float, int, int, int, int, float]]] = {n: {} for n in names}
-    samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    seen: dict[str, int] = dict.fromkeys(names, 0)
-    for start, batch in tqdm(
-        list(_batches(model, inputs, batch_size, context_length)), desc="massive: scan", disable=not progress
-    ):
+    # the median's sample: each magnitude gets a uniform random key and the median_sample smallest keys are kept,
+    # an exactly uniform sample of the values seen, in bounded memory (every value while there are fewer)
+    samples: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        n: (np.empty(0, np.float32), np.empty(0, np.float64)) for n in names
+    }
+    bar = tqdm(total=_input_count(inputs), desc="massive: scan", unit="seq", disable=not progress)
+    for start, batch in _batches(model, inputs, batch_size, context_length):
+        bar.update(len(batch["input_ids"]))
         mask = batch["attention_mask"].bool()
         ids = batch["input_ids"]
         with torch.no_grad(), model.capture(names, dtype=torch.float32) as cache:
@@ -140,19 +169,15 @@ def detect_massive(
                 tops[name] = best = dict(
                     heapq.nlargest(4 * criteria.top_k, best.items(), key=lambda kv: kv[1][0])
                 )
-            flat_real = real.abs().flatten().numpy()
-            seen[name] += flat_real.size
-            take = min(flat_real.size, max(1, median_sample * flat_real.size // max(seen[name], 1)))
-            samples[name].append(
-                rng.choice(flat_real, size=take, replace=False) if take < flat_real.size else flat_real
+            samples[name] = _keep_smallest_keys(
+                samples[name], real.abs().flatten().numpy(), rng, median_sample
             )
+    bar.close()
     spreads = _token_spreads(model, inputs, names, tops, batch_size, context_length)
     layer_rows: list[dict[str, Any]] = []
     top_rows: list[dict[str, Any]] = []
     for name in names:
-        pool = np.concatenate(samples[name]) if samples[name] else np.zeros(1)
-        if pool.size > median_sample:
-            pool = rng.choice(pool, size=median_sample, replace=False)
+        pool = samples[name][0] if samples[name][0].size else np.zeros(1)
         median = float(np.median(pool))
         ranked = sorted(tops[name].values(), reverse=True)[: criteria.top_k]
         for rank, (value, seq, pos, token, dim, signed) in enumerate(ranked):
