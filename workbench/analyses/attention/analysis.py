@@ -7,6 +7,8 @@ paths' statistic hooks; this analysis runs them over a model or a checkpoint ser
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import pandas as pd
 import torch
@@ -35,25 +37,43 @@ ANALYSIS = Analysis(
 )
 
 
+@dataclass(frozen=True)
+class AttentionSettings:
+    """One attention-statistics run's settings, shared by :func:`run` and ``workbench attention run`` (its options).
+
+    kernel: the statistics from the fused Triton kernel (``install_attention``) instead of the eager path (the
+    same numbers); sink_k: sink mass is the attention on the first k keys; batch_size / context_length: how the
+    data is read."""
+
+    kernel: bool = False
+    sink_k: int = 1
+    batch_size: int = 16
+    context_length: int = 128
+
+
 def run(
     model: CheckpointSeries | HookedModel | Iterable[HookedModel],
     data: Dataset | Sequence[str] | torch.Tensor,
+    settings: AttentionSettings | None = None,
     *,
     dataset: str | None = None,
-    kernel: bool = False,
-    sink_k: int = 1,
-    batch_size: int = 16,
-    context_length: int = 128,
     progress: bool = True,
+    **overrides: Any,
 ) -> dict[str, pd.DataFrame]:
     """Attention statistics of a model, of every checkpoint of a series (loaded one at a time) or of each model of
     an iterable, on ``data`` → ``{"attention_stats": frame}`` (one row per model × checkpoint × layer × head) for
     ``write_tables``.
 
     ``data``: a Dataset, strings, token-id lists or ids [n, pos]; ``dataset``: the name the rows carry (default:
-    the Dataset's name, else "texts"). ``kernel=True`` computes the statistics inside the fused Triton kernel
-    (``install_attention``) instead of the eager path; both give the same numbers.
+    the Dataset's name, else "texts"). ``settings``: :class:`AttentionSettings`; ``overrides`` replace its fields
+    by keyword (``kernel=``, ``sink_k=``, ``batch_size=``, ``context_length=``).
     """
+    unknown = set(overrides) - {f.name for f in fields(AttentionSettings)}
+    if unknown:
+        raise TypeError(
+            f"run() got unexpected keyword arguments {sorted(unknown)}; AttentionSettings has no such field"
+        )
+    chosen = replace(settings or AttentionSettings(), **overrides)
     if isinstance(model, CheckpointSeries):
         models: Iterable[HookedModel] = model.iter(progress=progress)
     elif isinstance(model, HookedModel):
@@ -62,11 +82,15 @@ def run(
         models = model
     frames = []
     for each in models:
-        if kernel:
+        if chosen.kernel:
             install_attention(each)
         frames.append(
             attention_statistics(
-                each, data, batch_size=batch_size, context_length=context_length, sink_k=sink_k
+                each,
+                data,
+                batch_size=chosen.batch_size,
+                context_length=chosen.context_length,
+                sink_k=chosen.sink_k,
             )
         )
     name = dataset or (data.name if isinstance(data, Dataset) else "texts")

@@ -54,7 +54,7 @@ def attention_command(
 ) -> None:
     """Mean attention entropy, sink mass, log-sum-exp and max logit per layer × head (× checkpoint)."""
     # imported here: the analysis imports torch, and `workbench --help` loads this module
-    from workbench.analyses.attention.analysis import ANALYSIS, run
+    from workbench.analyses.attention.analysis import ANALYSIS, AttentionSettings, run
     from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
 
     dataset = open_data(data) if data else default_prompts()
@@ -64,11 +64,8 @@ def attention_command(
     frames = run(
         series,
         inputs,
+        AttentionSettings(kernel=kernel, sink_k=sink_k, batch_size=batch_size, context_length=context_length),
         dataset=dataset.name,
-        kernel=kernel,
-        sink_k=sink_k,
-        batch_size=batch_size,
-        context_length=context_length,
         progress=progress,
     )
     write_tables(workspace, ANALYSIS, frames)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -330,19 +330,35 @@ def fit_emergence(
     return pd.DataFrame(rows)
 
 
+@dataclass(frozen=True)
+class MassiveSettings:
+    """One massive-activation run's settings, shared by :func:`run` and ``workbench massive run`` (its options).
+
+    hooks: hook names or globs; family: the emergence curve family fitted over checkpoints
+    (``emergence.FAMILIES``); criteria: the thresholds; batch_size / context_length: how the data is read."""
+
+    hooks: tuple[str, ...] = ("blocks.*.hook_resid_post",)
+    family: str = "exp_log"
+    criteria: MassiveCriteria = MassiveCriteria()
+    batch_size: int = 8
+    context_length: int = 128
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hooks", (self.hooks,) if isinstance(self.hooks, str) else tuple(self.hooks))
+        if self.family not in FAMILIES:
+            raise FitError(f"unknown curve family {self.family!r}; registered: {', '.join(FAMILIES)}")
+
+
 def run(
     model: CheckpointSeries | HookedModel,
     data: Any,
+    settings: MassiveSettings | None = None,
     *,
-    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
-    family: str = "exp_log",
-    criteria: MassiveCriteria | None = None,
-    batch_size: int = 8,
-    context_length: int = 128,
     dataset: str | None = None,
     count_all_checkpoints: Callable[[], int] | None = None,
     report: Callable[[str], None] | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> dict[str, pd.DataFrame]:
     """Massive activations of a model, or of every checkpoint of a series with their emergence fits, on ``data``
     → ``{table: frame}`` of :data:`ANALYSIS` (massive_layers, massive_top and, over enough checkpoints,
@@ -352,23 +368,30 @@ def run(
         model: a CheckpointSeries (``workbench.references.resolve_series``; one checkpoint: detection only) or a
             HookedModel.
         data: a Dataset, texts, token-id lists or token ids [n, pos].
-        family: the emergence curve family fitted over checkpoints (``emergence.FAMILIES``).
+        settings: :class:`MassiveSettings`; ``overrides`` replace its fields by keyword (``hooks=``, ``family=``,
+            ``criteria=``, ``batch_size=``, ``context_length=``).
         dataset: the dataset name the rows carry (default: ``data.name``, else "texts").
         count_all_checkpoints: how many checkpoints the series has without a step restriction (called only when
             too few checkpoints leave no fit, to suggest more steps); None when the steps were not restricted.
         report: receives each note of the run (non-residual hooks, duplicate checkpoints, why no fit was made).
     """
-    if family not in FAMILIES:
-        raise FitError(f"unknown curve family {family!r}; registered: {', '.join(FAMILIES)}")
-    settings: dict[str, Any] = {
-        "criteria": criteria,
-        "batch_size": batch_size,
-        "context_length": context_length,
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(MassiveSettings)}
+    if unknown:
+        raise TypeError(
+            f"run() got unexpected keyword arguments {sorted(unknown)}; MassiveSettings has no such field"
+        )
+    chosen = replace(settings or MassiveSettings(), **given)
+    hooks, family = chosen.hooks, chosen.family
+    settings_: dict[str, Any] = {
+        "criteria": chosen.criteria,
+        "batch_size": chosen.batch_size,
+        "context_length": chosen.context_length,
         "dataset": dataset or (data.name if isinstance(data, Dataset) else "texts"),
     }
     fits = None
     if isinstance(model, CheckpointSeries) and len(model) > 1:
-        result = track_massive(model, data, hooks, progress=progress, **settings)
+        result = track_massive(model, data, list(hooks), progress=progress, **settings_)
         distinct = result.layers["checkpoint"].nunique()
         needed = len(FAMILIES[family].params) + 1
         if distinct >= needed:
@@ -378,7 +401,7 @@ def run(
             result.notes.append(no_fit_note(family, needed, distinct, available))
     else:
         single = model.load(model.steps[0]) if isinstance(model, CheckpointSeries) else model
-        result = detect_massive(single, data, hooks, progress=progress, **settings)
+        result = detect_massive(single, data, list(hooks), progress=progress, **settings_)
     if report is not None:
         for note in result.notes:
             report(note)

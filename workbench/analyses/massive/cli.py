@@ -54,7 +54,7 @@ def massive_command(
 ) -> None:
     """Find massive activations per layer; over a checkpoint series, also fit their emergence curves."""
     # imported here: the analysis imports torch, and `workbench --help` loads this module
-    from workbench.analyses.massive.analysis import ANALYSIS, MassiveCriteria, run
+    from workbench.analyses.massive.analysis import ANALYSIS, MassiveCriteria, MassiveSettings, run
     from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
 
     dataset = open_data(data) if data else default_prompts()
@@ -63,11 +63,13 @@ def massive_command(
     frames = run(
         series,
         budget_inputs(dataset, series, context_length, max_tokens),
-        hooks=hooks or ["blocks.*.hook_resid_post"],
-        family=family,
-        criteria=MassiveCriteria(abs_threshold=abs_threshold, ratio_threshold=ratio_threshold),
-        batch_size=batch_size,
-        context_length=context_length,
+        MassiveSettings(
+            hooks=tuple(hooks or ["blocks.*.hook_resid_post"]),
+            family=family,
+            criteria=MassiveCriteria(abs_threshold=abs_threshold, ratio_threshold=ratio_threshold),
+            batch_size=batch_size,
+            context_length=context_length,
+        ),
         dataset=dataset.name,
         count_all_checkpoints=(
             (lambda: len(open_series(model, workspace, None, device, dtype, trust_remote_code)))
