@@ -61,26 +61,6 @@ st.caption(
     "saturates; compare the score with the token-identity and random-init baselines."
 )
 st.subheader("All rows")
-shown = [
-    c
-    for c in [
-        "checkpoint",
-        "hook",
-        "layer",
-        "score",
-        "control_score",
-        "selectivity",
-        "majority_score",
-        "token_identity_score",
-        "random_init_score",
-        "cv_mean",
-        "cv_std",
-        "n_train",
-        "n_test",
-        "n_classes",
-        "l2",
-        "job",
-    ]
-    if c in rows
-]
+declared = ANALYSIS.tables[0].columns  # the scores and fit facts, in the table's declared order
+shown = [c for c in ("checkpoint", "hook", "layer", *declared[declared.index("score") :]) if c in rows]
 st.dataframe(rows[shown].sort_values(["checkpoint", "layer"]), width="stretch", hide_index=True)
