@@ -172,7 +172,15 @@ def _choose(page, label: str, option: str) -> None:
 
 
 def _codes(page) -> list[str]:
-    return [c.inner_text().rstrip() for c in page.locator('[data-testid="stCode"] code').all()]
+    """The text of every code block, read in one step: a rerun can remove a block between listing the blocks and
+    reading one, and reading a vanished element waits 30 s and fails."""
+    return [text.rstrip() for text in page.locator('[data-testid="stCode"] code').all_inner_texts()]
+
+
+def _chips_show(texts: list[str], n_tokens: int, latent: str) -> bool:
+    """Whether the prompt's row holds one chip per token and the first chip names ``latent`` (texts read in one
+    step, so a rerun cannot remove a chip between counting and reading)."""
+    return len(texts) == n_tokens and latent in texts[0]
 
 
 def test_prompt_lab_steers_in_a_real_browser(dashboard_url, dashboard_workspace) -> None:
@@ -207,7 +215,7 @@ def test_prompt_lab_steers_in_a_real_browser(dashboard_url, dashboard_workspace)
         page.get_by_text("SAE latents", exact=True).last.click()
         _choose(page, "SAE", f"{SAE_ID} (blocks.0.hook_resid_post)")
         chips = page.locator(".token-row .token-chip")  # the prompt's row, not a latent's contexts
-        _until(lambda: chips.count() == tokens.shape[1] and f"L{first_latent}:" in chips.first.inner_text(),
+        _until(lambda: _chips_show(chips.all_inner_texts(), tokens.shape[1], f"L{first_latent}:"),
                what="token chips with the SAE's top latents")  # fmt: skip
         page.screenshot(path=str(ARTIFACTS / "prompt_lab_latents.png"), full_page=True)
         _idle(page)

@@ -36,15 +36,14 @@ IMAGES = "zoo:digits"  # the page's default image dataset
 
 
 def _metrics(page) -> dict[str, str]:
-    """The page's st.metric values by label."""
-    return {
-        m.locator('[data-testid="stMetricLabel"]').inner_text().strip(): m.locator(
-            '[data-testid="stMetricValue"]'
-        )
-        .inner_text()
-        .strip()
-        for m in page.locator('[data-testid="stMetric"]').all()
-    }
+    """The page's st.metric values by label, read in one step (a rerun can remove a metric between listing the
+    metrics and reading one)."""
+    pairs = page.locator('[data-testid="stMetric"]').evaluate_all(
+        """metrics => metrics.map(m => [
+            (m.querySelector('[data-testid="stMetricLabel"]') || {}).innerText || '',
+            (m.querySelector('[data-testid="stMetricValue"]') || {}).innerText || ''])"""
+    )
+    return {label.strip(): value.strip() for label, value in pairs}
 
 
 def _fill(page, label: str, value: str, key: str = "Enter") -> None:
