@@ -261,9 +261,13 @@ def _markers(page) -> list[dict]:
     )
 
 
-def _pruned_counts(page) -> tuple[int, int]:
-    text = page.get_by_text("pruned:").first.inner_text()
-    words = text.replace("*", "").split()
+def _pruned_counts(page) -> tuple[int, int] | None:
+    """The pruned node and edge counts the graph page shows, or None while no count is on the page (read in one
+    step: a rerun can remove the line between finding and reading it)."""
+    texts = page.get_by_text("pruned:").all_inner_texts()
+    if not texts:
+        return None
+    words = texts[0].replace("*", "").split()
     return int(words[1]), int(words[3])
 
 
