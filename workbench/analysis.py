@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -36,6 +36,21 @@ REQUIREMENTS = {
     "rotary": "rotary position embeddings (GPT-NeoX, Llama, a rotary TransformerLens model)",
     "text": "a text dataset (documents or token ids)",
 }
+
+
+S = TypeVar("S")
+
+
+def settings_with(settings: S | None, kind: type[S], overrides: Mapping[str, Any]) -> S:
+    """``settings`` (default ``kind()``), a settings dataclass shared by an analysis's ``run()`` and its command, with
+    the fields ``overrides`` names replaced; a key that is no field of ``kind`` is the TypeError a misspelt keyword of
+    ``run()`` would give."""
+    unknown = set(overrides) - {f.name for f in fields(kind)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(
+            f"run() got unexpected keyword arguments {sorted(unknown)}; {kind.__name__} has no such field"
+        )
+    return replace(settings if settings is not None else kind(), **overrides)  # type: ignore[type-var]
 
 
 class AnalysisNotApplicable(ValueError):

@@ -17,13 +17,14 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from workbench.analysis import Analysis, AnalysisNotApplicable, Table
+from workbench.analysis import Analysis, AnalysisNotApplicable, Table, settings_with
 from workbench.capture import capture_to_store
 from workbench.circuits.sae.base import CONFIG_FILE, PER_HEAD_HOOKS, SAE, SAEConfig, SAEInputError
 from workbench.circuits.sae.distributed import (
@@ -370,23 +371,37 @@ def _rows_stream(
 
 
 # ---------------------------------------------------------------------------------------------------- run
+@dataclass(frozen=True)
+class SAETrainSettings:
+    """How SAEs, transcoders and CLTs are trained: shared by :func:`run`, ``clt_analysis.run_clt`` and ``workbench
+    sae train`` (its options).
+
+    max_tokens: token budget read from the data (None: all of it; a store's rows are all used);
+    context_length, batch_size: tokens per row and rows per forward pass of the capture;
+    steps, train_batch_size, lr: optimisation (activation rows per step, over all processes);
+    seed: the initialisation and the order of the documents (same seed, same files)."""
+
+    max_tokens: int | None = 100_000
+    context_length: int = 128
+    batch_size: int = 16
+    steps: int = 300
+    train_batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+
+
 def run(
     model,
     data: Dataset,
     specs: Mapping[str, Mapping[str, Any]],
+    settings: SAETrainSettings | None = None,
     *,
     workspace: Any,
-    max_tokens: int | None = 100_000,
-    context_length: int = 128,
-    batch_size: int = 16,
-    steps: int = 300,
-    train_batch_size: int = 256,
-    lr: float = 3e-3,
-    seed: int = 0,
     pages: bool = True,
     progress: bool = True,
     distributed: Distributed | None = None,
     train_options: Mapping[str, Any] | None = None,
+    **overrides: Any,
 ) -> dict[str, pd.DataFrame]:
     """Train every SAE / transcoder of ``specs`` on ``model``'s activations over ``data`` → {table: DataFrame}.
 
@@ -394,11 +409,9 @@ def run(
         model: a HookedModel (any model reference through ``resolve_model``).
         data: a Dataset of text or token ids, or an activation store holding the hooks (trained from directly).
         specs: {sae_id: SAEConfig kwargs}: architecture, d_sae, hook_in, optional hook_out / k / skip / ...
+        settings: :class:`SAETrainSettings`; ``overrides`` replace its fields by keyword (``max_tokens=``,
+            ``context_length=``, ``batch_size=``, ``steps=``, ``train_batch_size=``, ``lr=``, ``seed=``).
         workspace: where the SAEs (``saes/<id>/``) and the training store (``stores/sae-…``) are written.
-        max_tokens: token budget read from ``data`` (text / token ids; a store's rows are all used).
-        context_length, batch_size: tokens per row and rows per forward pass of the capture.
-        steps, train_batch_size, lr: optimisation (activation rows per step).
-        seed: the SAEs' initialisation and the order of the documents (same seed, same SAE files).
         pages: also the feature pages of each SAE (not of transcoders).
         train_options: further ``TrainConfig`` fields (e.g. ``outlier_norm=10`` to mask attention-sink tokens).
         distributed: this rank of a torchrun job (``circuits.sae.distributed.init_distributed``): every rank captures
@@ -410,6 +423,9 @@ def run(
     Returns ``{"sae_evals": one row per SAE on the held-out quarter of the rows, "sae_features": one row per latent
     of each SAE (absent when only transcoders were trained)}``.
     """
+    chosen = settings_with(settings, SAETrainSettings, overrides)
+    max_tokens, context_length, batch_size = chosen.max_tokens, chosen.context_length, chosen.batch_size
+    steps, train_batch_size, lr, seed = chosen.steps, chosen.train_batch_size, chosen.lr, chosen.seed
     ANALYSIS.check(model, data)
     _check_counts(steps, max_tokens)
     if not specs:

@@ -9,8 +9,9 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -43,6 +44,9 @@ from workbench.cli_options import (
     require_data,
 )
 from workbench.workspace import Workspace
+
+if TYPE_CHECKING:  # imported where used: CLI start-up (torch)
+    from workbench.circuits.sae.analysis import SAETrainSettings
 
 app = typer.Typer(
     help="Sparse autoencoders and transcoders: train, eval, features, import, export (MODEL after the SAE "
@@ -171,68 +175,46 @@ def train(
     across machines, put the workspace on a filesystem every machine sees."""
     from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
     from workbench.circuits.sae import distributed as dist  # deferred: CLI start-up (torch)
-    from workbench.circuits.sae.analysis import ANALYSIS, run  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.analysis import (  # deferred: CLI start-up (torch)
+        ANALYSIS,
+        SAETrainSettings,
+        run,
+    )
 
     require_data(data, "the text the activations are read from, or an activation store holding the hook(s)")
-    if architecture.startswith("clt"):  # one cross-layer transcoder over every layer the patterns match
-        return _train_clt(
-            context,
-            model,
-            data,
-            hook,
-            hook_out,
-            sae_id,
-            architecture,
-            d_sae,
-            k,
-            skip,
-            steps,
-            max_tokens,
-            context_length,
-            batch_size,
-            train_batch_size,
-            seed,
-            device,
-            workspace,
-            progress,
-            trust_remote_code,
-            nproc,
-            checkpoint_every,
-        )
-    specs = _sae_specs(model, hook, hook_out, sae_id, architecture, d_sae, k, skip)
-    world = int(os.environ["WORLD_SIZE"]) if dist.launched_by_torchrun() else nproc
-    mode = dist.parallel_mode(parallel, len(specs), world)  # checked before any process starts
-    if nproc > 1 and not dist.launched_by_torchrun():  # re-run this very command on nproc ranks
-        dist.check_local_devices(nproc, device)
-        dist.launch(nproc, ["sae", "train", *_argv(context, drop=("nproc",))])
-        return
-    ctx = dist.init_distributed(mode, device) if dist.launched_by_torchrun() else None
-    main = ctx is None or ctx.is_main
-    hooked = open_model(
-        model, workspace, str(ctx.device) if ctx else device, "float32", trust_remote_code
-    ).eval()
-    dataset = open_data(data)
-    options = (
-        {"outlier_norm": mask_outliers, "outlier_action": mask_action, "outlier_metric": mask_metric}
-        if mask_outliers
-        else {}
-    )
-    state_dir = _checkpoint_dir(context, workspace, world, mode) if checkpoint_every else None
-    if state_dir is not None:
-        options |= {"checkpoint_dir": state_dir, "checkpoint_every": checkpoint_every}
-        if main and state_dir.is_dir() and any(state_dir.iterdir()):
-            typer.echo(f"resuming from the checkpoint in {state_dir}")
-    frames = run(
-        hooked,
-        dataset,
-        specs,
-        workspace=workspace,
+    settings = SAETrainSettings(
         max_tokens=max_tokens,
         context_length=context_length,
         batch_size=batch_size,
         steps=steps,
         train_batch_size=train_batch_size,
         seed=seed,
+    )
+    launch = _Launch(
+        context, model, data, device, workspace, progress, trust_remote_code, nproc, checkpoint_every
+    )
+    if architecture.startswith("clt"):  # one cross-layer transcoder over every layer the patterns match
+        return _train_clt(launch, _clt_spec(hook, hook_out, sae_id, architecture, d_sae, k, skip), settings)
+    specs = _sae_specs(model, hook, hook_out, sae_id, architecture, d_sae, k, skip)
+    world = int(os.environ["WORLD_SIZE"]) if dist.launched_by_torchrun() else nproc
+    mode = dist.parallel_mode(parallel, len(specs), world)  # checked before any process starts
+    started = _start(launch, mode)
+    if started is None:  # this process launched the --nproc processes, which did the work
+        return
+    ctx, hooked, state_dir, options = started
+    main = ctx is None or ctx.is_main
+    if mask_outliers:
+        options |= {
+            "outlier_norm": mask_outliers,
+            "outlier_action": mask_action,
+            "outlier_metric": mask_metric,
+        }
+    frames = run(
+        hooked,
+        open_data(data),
+        specs,
+        settings,
+        workspace=workspace,
         progress=progress and main,
         distributed=ctx,
         train_options=options,
@@ -256,88 +238,104 @@ def train(
         dist.shutdown()
 
 
-def _train_clt(
-    context,
-    model,
-    data,
-    hook,
-    hook_out,
-    sae_id,
-    architecture,
-    d_sae,
-    k,
-    skip,
-    steps,
-    max_tokens,
-    context_length,
-    batch_size,
-    train_batch_size,
-    seed,
-    device,
-    workspace,
-    progress,
-    trust_remote_code,
-    nproc,
-    checkpoint_every,
-) -> None:
-    """``sae train --architecture clt|clt_relu|clt_topk|clt_batchtopk``: one CLT over the layers --hook and
-    --hook-out match (``circuits.sae.clt_analysis.run_clt``), data-parallel under --nproc."""
-    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
-    from workbench.circuits.sae import distributed as dist  # deferred: CLI start-up (torch)
-    from workbench.circuits.sae.clt import CLT_ARCHITECTURES  # deferred: CLI start-up (torch)
-    from workbench.circuits.sae.clt_analysis import (  # deferred: CLI start-up (torch)
-        ANALYSIS,
-        REPLACEMENT,
-        run_clt,
-    )
+@dataclass(frozen=True)
+class _Launch:
+    """Where and how one ``sae train`` command runs, beside what it trains (its specs) and how (its
+    ``SAETrainSettings``): the references, the device and workspace, the processes and the checkpoints."""
 
-    ins, outs, names = _listed(hook), _listed(hook_out), _listed(sae_id)
+    context: typer.Context
+    model: str
+    data: str | None
+    device: str
+    workspace: Path | None
+    progress: bool
+    trust_remote_code: bool
+    nproc: int
+    checkpoint_every: int
+
+
+def _start(launch: _Launch, mode: str):
+    """Start ``sae train`` in this process: None when this process launched the --nproc processes (torchrun) that do
+    the work; else (this rank of the torchrun job or None, the model, the checkpoint folder or None, the
+    ``TrainConfig`` options that checkpoint into it), the resume said once."""
+    from workbench.circuits.sae import distributed as dist  # deferred: CLI start-up (torch)
+
+    if launch.nproc > 1 and not dist.launched_by_torchrun():  # re-run this very command on nproc ranks
+        dist.check_local_devices(launch.nproc, launch.device)
+        dist.launch(launch.nproc, ["sae", "train", *_argv(launch.context, drop=("nproc",))])
+        return None
+    ctx = dist.init_distributed(mode, launch.device) if dist.launched_by_torchrun() else None
+    device = str(ctx.device) if ctx else launch.device
+    hooked = open_model(launch.model, launch.workspace, device, "float32", launch.trust_remote_code).eval()
+    world = ctx.world_size if ctx is not None else 1
+    if not launch.checkpoint_every:
+        return ctx, hooked, None, {}
+    state_dir = _checkpoint_dir(launch.context, launch.workspace, world, mode)
+    if (ctx is None or ctx.is_main) and state_dir.is_dir() and any(state_dir.iterdir()):
+        typer.echo(f"resuming from the checkpoint in {state_dir}")
+    return ctx, hooked, state_dir, {"checkpoint_dir": state_dir, "checkpoint_every": launch.checkpoint_every}
+
+
+def _clt_spec(
+    hooks: list[str],
+    hooks_out: list[str] | None,
+    ids: list[str] | None,
+    architecture: str,
+    d_sae: int,
+    k: int,
+    skip: bool,
+) -> dict:
+    """``run_clt``'s keyword arguments for ``sae train --architecture clt*``: one --hook pattern and one --hook-out
+    pattern (every layer they match), at most one --sae-id."""
+    from workbench.circuits.sae.clt import CLT_ARCHITECTURES  # deferred: CLI start-up (torch)
+
+    ins, outs, names = _listed(hooks), _listed(hooks_out), _listed(ids)
     if architecture not in CLT_ARCHITECTURES or len(ins) != 1 or len(outs) != 1 or len(names) > 1:
         fail(
             f"--architecture {architecture} trains one CLT ({', '.join(CLT_ARCHITECTURES)}) from one --hook pattern "
             "and one --hook-out pattern, e.g. --hook 'blocks.*.ln2.hook_normalized' --hook-out "
             "'blocks.*.hook_mlp_out'"
         )
-    if nproc > 1 and not dist.launched_by_torchrun():
-        dist.check_local_devices(nproc, device)
-        dist.launch(nproc, ["sae", "train", *_argv(context, drop=("nproc",))])
-        return
-    ctx = dist.init_distributed("data", device) if dist.launched_by_torchrun() else None
-    main = ctx is None or ctx.is_main
-    world = ctx.world_size if ctx is not None else 1
-    hooked = open_model(
-        model, workspace, str(ctx.device) if ctx else device, "float32", trust_remote_code
-    ).eval()
-    state_dir = _checkpoint_dir(context, workspace, world, "data") if checkpoint_every else None
-    options = (
-        {"checkpoint_dir": state_dir, "checkpoint_every": checkpoint_every} if state_dir is not None else {}
+    return {
+        "sae_id": names[0] if names else None,
+        "hook": ins[0],
+        "hook_out": outs[0],
+        "architecture": architecture,
+        "d_sae": d_sae,
+        "k": k,
+        "skip": skip,
+    }
+
+
+def _train_clt(launch: _Launch, spec: dict, settings: SAETrainSettings) -> None:
+    """``sae train --architecture clt|clt_relu|clt_topk|clt_batchtopk``: one CLT of ``spec`` (:func:`_clt_spec`)
+    over the layers its patterns match (``circuits.sae.clt_analysis.run_clt``), data-parallel under --nproc."""
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
+    from workbench.circuits.sae import distributed as dist  # deferred: CLI start-up (torch)
+    from workbench.circuits.sae.clt_analysis import (  # deferred: CLI start-up (torch)
+        ANALYSIS,
+        REPLACEMENT,
+        run_clt,
     )
-    if main and state_dir is not None and state_dir.is_dir() and any(state_dir.iterdir()):
-        typer.echo(f"resuming from the checkpoint in {state_dir}")
+
+    started = _start(launch, "data")
+    if started is None:  # this process launched the --nproc processes, which did the work
+        return
+    ctx, hooked, state_dir, options = started
+    main = ctx is None or ctx.is_main
     frames = run_clt(
         hooked,
-        open_data(data),
-        sae_id=names[0] if names else None,
-        hook=ins[0],
-        hook_out=outs[0],
-        architecture=architecture,
-        d_sae=d_sae,
-        k=k,
-        skip=skip,
-        workspace=workspace,
-        max_tokens=max_tokens,
-        context_length=context_length,
-        batch_size=batch_size,
-        steps=steps,
-        train_batch_size=train_batch_size,
-        seed=seed,
-        progress=progress and main,
+        open_data(launch.data),
+        **spec,
+        settings=settings,
+        workspace=launch.workspace,
+        progress=launch.progress and main,
         distributed=ctx,
         train_options=options,
         announce=typer.echo,
     )
     if main:
-        written = write_tables(workspace, (ANALYSIS, REPLACEMENT), frames)
+        written = write_tables(launch.workspace, (ANALYSIS, REPLACEMENT), frames)
         if state_dir is not None:
             shutil.rmtree(state_dir, ignore_errors=True)
         for row in frames["sae_evals"].itertuples():

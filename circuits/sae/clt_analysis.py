@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from workbench.analysis import Analysis, Table
+from workbench.analysis import Analysis, Table, settings_with
 from workbench.capture import capture_to_store
 from workbench.circuits.sae.analysis import (
     ANALYSIS,
+    SAETrainSettings,
     _available_bytes,
     _rows_stream,
     _sae_hooks,
@@ -246,25 +247,24 @@ def run_clt(
     d_sae: int = 256,
     k: int | None = None,
     skip: bool = False,
+    settings: SAETrainSettings | None = None,
     workspace: Any,
-    max_tokens: int | None = 100_000,
-    context_length: int = 128,
-    batch_size: int = 16,
-    steps: int = 300,
-    train_batch_size: int = 256,
-    lr: float = 3e-3,
-    seed: int = 0,
     progress: bool = True,
     distributed: Distributed | None = None,
     train_options: Mapping[str, Any] | None = None,
     announce=None,
+    **overrides: Any,
 ) -> dict[str, pd.DataFrame]:
     """Train a CLT (``architecture`` one of ``CLT_ARCHITECTURES``: clt = JumpReLU, clt_relu, clt_topk,
     clt_batchtopk) of ``d_sae`` latents per layer over the layers ``hook`` / ``hook_out`` match, on ``model``'s
     activations over ``data`` (the last quarter of the token rows held out), save it under ``saes/<id>/`` and score
     it (:func:`evaluate_transcoders`). Everything it refuses is refused before anything is captured or written;
     ``announce`` (a callable) receives the memory line before training. Data-parallel over ``distributed``'s ranks
-    (each rank captures its own document range)."""
+    (each rank captures its own document range). ``settings``: :class:`SAETrainSettings` (the data budget and the
+    optimisation); ``overrides`` replace its fields by keyword (``max_tokens=``, ``steps=``, ...)."""
+    chosen = settings_with(settings, SAETrainSettings, overrides)
+    max_tokens, context_length, batch_size = chosen.max_tokens, chosen.context_length, chosen.batch_size
+    steps, train_batch_size, lr, seed = chosen.steps, chosen.train_batch_size, chosen.lr, chosen.seed
     ANALYSIS.check(model, data)
     if architecture not in CLT_ARCHITECTURES:
         raise SAEInputError(

@@ -7,13 +7,13 @@ paths' statistic hooks; this analysis runs them over a model or a checkpoint ser
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
-from workbench.analysis import Analysis, Table
+from workbench.analysis import Analysis, Table, settings_with
 from workbench.attention.install import install_attention
 from workbench.attention.statistics import attention_statistics
 from workbench.checkpoints import CheckpointSeries
@@ -68,12 +68,7 @@ def run(
     the Dataset's name, else "texts"). ``settings``: :class:`AttentionSettings`; ``overrides`` replace its fields
     by keyword (``kernel=``, ``sink_k=``, ``batch_size=``, ``context_length=``).
     """
-    unknown = set(overrides) - {f.name for f in fields(AttentionSettings)}
-    if unknown:
-        raise TypeError(
-            f"run() got unexpected keyword arguments {sorted(unknown)}; AttentionSettings has no such field"
-        )
-    chosen = replace(settings or AttentionSettings(), **overrides)
+    chosen = settings_with(settings, AttentionSettings, overrides)
     if isinstance(model, CheckpointSeries):
         models: Iterable[HookedModel] = model.iter(progress=progress)
     elif isinstance(model, HookedModel):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.analyses.dynamics.emergence import FAMILIES, CurveFit, FitError, derived_quantities, fit_curve
-from workbench.analysis import Analysis, Table
+from workbench.analysis import Analysis, Table, settings_with
 from workbench.checkpoints import CheckpointSeries
 from workbench.datasets import Dataset, iter_model_batches
 from workbench.deprecation import renamed_keywords
@@ -375,13 +375,7 @@ def run(
             too few checkpoints leave no fit, to suggest more steps); None when the steps were not restricted.
         report: receives each note of the run (non-residual hooks, duplicate checkpoints, why no fit was made).
     """
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - {f.name for f in fields(MassiveSettings)}
-    if unknown:
-        raise TypeError(
-            f"run() got unexpected keyword arguments {sorted(unknown)}; MassiveSettings has no such field"
-        )
-    chosen = replace(settings or MassiveSettings(), **given)
+    chosen = settings_with(settings, MassiveSettings, {k: v for k, v in overrides.items() if v is not None})
     hooks, family = chosen.hooks, chosen.family
     settings_: dict[str, Any] = {
         "criteria": chosen.criteria,
