@@ -193,9 +193,10 @@ def train(
     launch = _Launch(
         context, model, data, device, workspace, progress, trust_remote_code, nproc, checkpoint_every
     )
+    wanted = _Wanted(_listed(hook), _listed(hook_out), _listed(sae_id), architecture, d_sae, k, skip)
     if architecture.startswith("clt"):  # one cross-layer transcoder over every layer the patterns match
-        return _train_clt(launch, _clt_spec(hook, hook_out, sae_id, architecture, d_sae, k, skip), settings)
-    specs = _sae_specs(model, hook, hook_out, sae_id, architecture, d_sae, k, skip)
+        return _train_clt(launch, _clt_spec(wanted), settings)
+    specs = _sae_specs(model, wanted)
     world = int(os.environ["WORLD_SIZE"]) if dist.launched_by_torchrun() else nproc
     mode = dist.parallel_mode(parallel, len(specs), world)  # checked before any process starts
     started = _start(launch, mode)
@@ -276,20 +277,26 @@ def _start(launch: _Launch, mode: str):
     return ctx, hooked, state_dir, {"checkpoint_dir": state_dir, "checkpoint_every": launch.checkpoint_every}
 
 
-def _clt_spec(
-    hooks: list[str],
-    hooks_out: list[str] | None,
-    ids: list[str] | None,
-    architecture: str,
-    d_sae: int,
-    k: int,
-    skip: bool,
-) -> dict:
+@dataclass(frozen=True)
+class _Wanted:
+    """What one ``sae train`` command trains, as its options name it: the --hook, --hook-out and --sae-id values
+    (repeated and comma-separated ones listed in order), the architecture and its width, k and skip."""
+
+    hooks: list[str]
+    hooks_out: list[str]
+    ids: list[str]
+    architecture: str
+    d_sae: int
+    k: int
+    skip: bool
+
+
+def _clt_spec(wanted: _Wanted) -> dict:
     """``run_clt``'s keyword arguments for ``sae train --architecture clt*``: one --hook pattern and one --hook-out
     pattern (every layer they match), at most one --sae-id."""
     from workbench.circuits.sae.clt import CLT_ARCHITECTURES  # deferred: CLI start-up (torch)
 
-    ins, outs, names = _listed(hooks), _listed(hooks_out), _listed(ids)
+    ins, outs, names, architecture = wanted.hooks, wanted.hooks_out, wanted.ids, wanted.architecture
     if architecture not in CLT_ARCHITECTURES or len(ins) != 1 or len(outs) != 1 or len(names) > 1:
         fail(
             f"--architecture {architecture} trains one CLT ({', '.join(CLT_ARCHITECTURES)}) from one --hook pattern "
@@ -301,9 +308,9 @@ def _clt_spec(
         "hook": ins[0],
         "hook_out": outs[0],
         "architecture": architecture,
-        "d_sae": d_sae,
-        "k": k,
-        "skip": skip,
+        "d_sae": wanted.d_sae,
+        "k": wanted.k,
+        "skip": wanted.skip,
     }
 
 
@@ -389,22 +396,13 @@ def _checkpoint_dir(context: typer.Context, workspace: Path | None, world: int, 
     return Workspace(workspace).jobs_dir / f"sae-train-{key}"
 
 
-def _sae_specs(
-    model: str,
-    hooks: list[str],
-    hooks_out: list[str] | None,
-    ids: list[str] | None,
-    architecture: str,
-    d_sae: int,
-    k: int,
-    skip: bool,
-) -> dict[str, dict]:
+def _sae_specs(model: str, wanted: _Wanted) -> dict[str, dict]:
     """{sae_id: SAEConfig kwargs} for ``sae train``: one SAE per --hook (its --hook-out and --sae-id by position)."""
     from workbench.circuits.sae.analysis import default_sae_id  # deferred: CLI start-up (torch)
     from workbench.circuits.sae.base import K_ARCHITECTURES  # deferred: CLI start-up (torch)
     from workbench.circuits.sae.train import check_sae_name  # deferred: CLI start-up (torch)
 
-    ins, outs, names = _listed(hooks), _listed(hooks_out), _listed(ids)
+    ins, outs, names, architecture = wanted.hooks, wanted.hooks_out, wanted.ids, wanted.architecture
     if not ins:
         fail("--hook is empty: name the input hook, e.g. --hook blocks.0.hook_resid_post")
     for option, given in (("--hook-out", outs), ("--sae-id", names)):
@@ -425,9 +423,15 @@ def _sae_specs(
             f"SAE id {repeated[0]!r} is given twice (the same --hook/--hook-out pair or --sae-id): each SAE needs "
             "its own id"
         )
-    extra = {"k": k} if architecture in K_ARCHITECTURES else {}
+    extra = {"k": wanted.k} if architecture in K_ARCHITECTURES else {}
     return {
-        name: {"architecture": architecture, "d_sae": d_sae, "hook_in": h, "hook_out": o, "skip": skip}
+        name: {
+            "architecture": architecture,
+            "d_sae": wanted.d_sae,
+            "hook_in": h,
+            "hook_out": o,
+            "skip": wanted.skip,
+        }
         | extra
         for name, (h, o) in zip(names, pairs, strict=True)
     }
