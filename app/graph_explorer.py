@@ -42,9 +42,10 @@ import torch
 from workbench.analyses.prompt_lab.analysis import compare_next_token, load_lab_model
 from workbench.analysis import Analysis, Table, write_tables
 from workbench.circuits.attribution.export import attribution_graph_json
-from workbench.circuits.attribution.graph import Graph, Target, attribute
+from workbench.circuits.attribution.graph import Graph, Target
 from workbench.circuits.attribution.pruning import threshold_for
-from workbench.circuits.attribution.store import write_graph
+from workbench.circuits.attribution.store import ANALYSIS as GRAPH_TABLES
+from workbench.circuits.attribution.store import run as graph_tables
 from workbench.circuits.sae.features import logit_effects, residual_writes
 from workbench.circuits.sae.readout import load_sae_for
 from workbench.interventions import Intervention
@@ -903,7 +904,8 @@ def trace_prompt(
     step: Callable[[str], None] = print,
 ) -> tuple[str, str]:
     """Attribute ``prompt`` on ``model`` with ``transcoders`` (saved ids, one per layer) through the library's
-    ``attribute`` and store the graph (``write_graph``) → (model identity, graph id). ``step`` is told each phase."""
+    ``attribute`` and store the graph's tables (``store.run``, ``write_tables``) → (model identity, graph id).
+    ``step`` is told each phase."""
 
     step(f"loading {model}")
     hooked = load_lab_model(model, workspace=workspace).eval()
@@ -912,7 +914,14 @@ def trace_prompt(
         step(f"loading transcoder {sae_id}")
         saes.append(load_sae_for(hooked, sae_id, workspace)[0])
     step(f"attributing {prompt[:40]!r} (the complete graph: one backward row per kept feature)")
-    graph = attribute(hooked, saes, prompt, max_feature_nodes=max_feature_nodes)
-    step(f"storing {graph.n_nodes} nodes and {int((graph.adjacency != 0).sum())} edges")
-    name = write_graph(workspace, graph, transcoders=list(transcoders), max_feature_nodes=max_feature_nodes)
-    return graph.model, name
+    frames = graph_tables(
+        hooked,
+        prompt,
+        transcoders=saes,
+        transcoder_ids=list(transcoders),
+        max_feature_nodes=max_feature_nodes,
+    )
+    summary = frames["attribution_graphs"].iloc[0]
+    step(f"storing {summary['n_nodes']} nodes and {summary['n_edges']} edges")
+    write_tables(workspace, GRAPH_TABLES, frames)
+    return str(summary["model"]), str(summary["graph"])

@@ -6,7 +6,7 @@ this process, a local spawn pool, or Ray), one stored graph per prompt.
    re-uses the graphs already made. ``attribution_jobs`` holds the job's spec and its latest prompt range.
 2. Tasks: one per prompt, (job, prompt index, token ids). Workers only compute (:func:`run_graph_task`: the graph's
    four tables as frames, model and transcoders loaded once per worker process); the calling process is the only
-   writer: it stores the graph (``store.write_graph``'s tables, keyed by its graph id, so a re-run replaces it),
+   writer: it stores the graph (``store.run``'s tables, keyed by its graph id, so a re-run replaces it),
    then the task's row in ``attribution_batch`` (status, graph id, replacement and completeness scores, seconds).
 3. Resume: a task whose ``attribution_batch`` row says done is skipped; one killed after its graph was written but
    before its status (fault points ``attribution.batch.graph_written`` / ``attribution.batch.status_written``) is
@@ -28,9 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.analysis import Analysis, Table, write_tables
-from workbench.circuits.attribution.graph import ProbeReadout, attribute
+from workbench.circuits.attribution.graph import ProbeReadout
 from workbench.circuits.attribution.store import ANALYSIS as GRAPH_ANALYSIS
-from workbench.circuits.attribution.store import graph_frames, graph_id
+from workbench.circuits.attribution.store import run as graph_tables
 from workbench.circuits.attribution.transcoders import AttributionError
 from workbench.circuits.sae.analysis import find_sae
 from workbench.circuits.sae.clt_analysis import find_transcoders
@@ -193,10 +193,11 @@ def run_graph_task(task: GraphTask) -> dict[str, Any]:
     spec = task.spec
     try:
         model, ids, transcoders = _loaded(spec)
-        graph = attribute(
+        frames = graph_tables(
             model,
-            transcoders,
             torch.tensor(task.tokens, dtype=torch.long),
+            transcoders=transcoders,
+            transcoder_ids=ids,
             targets=list(spec.targets),
             max_feature_nodes=spec.max_feature_nodes,
             batch_size=spec.batch_size,
@@ -205,9 +206,8 @@ def run_graph_task(task: GraphTask) -> dict[str, Any]:
             logit_probability=spec.logit_probability,
             heads=spec.heads,
         )
-        name = graph_id(graph, ids, spec.max_feature_nodes)
-        frames = graph_frames(graph, name, ids, spec.max_feature_nodes)
         summary = frames["attribution_graphs"].iloc[0]
+        name = str(summary["graph"])
         outcome = task_outcome("done", start)
         outcome.update(
             frames=frames,

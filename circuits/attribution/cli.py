@@ -414,12 +414,16 @@ def attribute(
     --prompts START:STOP makes one graph per token row of --data as a resumable batch job (table
     attribution_batch; `workbench circuits jobs status` shows it)."""
     # deferred: CLI start-up (torch)
+    from workbench.analysis import write_tables  # deferred: CLI start-up (pandas)
     from workbench.circuits.attribution.export import (  # deferred: CLI start-up (torch)
         write_attribution_graph,
         write_neuronpedia_graph,
     )
     from workbench.circuits.attribution.graph import attribute as attribute_graph
-    from workbench.circuits.attribution.store import ANALYSIS, write_graph  # deferred: CLI start-up (torch)
+    from workbench.circuits.attribution.store import (  # deferred: CLI start-up (torch)
+        ANALYSIS,
+        graph_frames,
+    )
 
     if out is not None and format not in ATTRIBUTION_FORMATS:
         fail(f"--format {format!r} is not one of {', '.join(ATTRIBUTION_FORMATS)}")
@@ -482,7 +486,9 @@ def attribute(
         heads=heads,
         progress=progress,
     )
-    name = write_graph(workspace, graph, transcoders=ids, max_feature_nodes=max_feature_nodes)
+    frames = graph_frames(graph, ids, max_feature_nodes)  # the Graph itself is what --out exports
+    write_tables(workspace, ANALYSIS, frames)
+    name = str(frames["attribution_graphs"]["graph"].iloc[0])
     scores = ", ".join(f"{key} {value:.3f}" for key, value in graph.scores.items())
     typer.echo(
         f"graph {name}: {graph.n_features} of {graph.n_active} active features, {graph.n_nodes} nodes, "

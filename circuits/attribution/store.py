@@ -9,8 +9,10 @@ writer (``workbench.analysis.write_tables``), so pruning and subgraphs are queri
    the error-node gap: the replacement model's outputs with and without error nodes against the model's),
    ``attribution_nodes`` (``Graph.nodes()``), ``attribution_edges`` (nonzero adjacency entries) and
    ``attribution_heads`` (head loadings), every row carrying (model, checkpoint, graph).
-3. ``write_graph`` stores them; every table is keyed by (model, checkpoint, graph), so a re-run replaces the whole
-   graph and leaves no stale node or edge behind. ``read_graph`` reads one back as frames.
+3. ``run(model, prompt, transcoders=, transcoder_ids=, ...)`` is the analysis contract's step: ``attribute`` then
+   ``graph_frames``; ``write_tables(workspace, ANALYSIS, frames)`` stores them. Every table is keyed by (model,
+   checkpoint, graph), so a re-run replaces the whole graph and leaves no stale node or edge behind. ``read_graph``
+   reads one back as frames.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.analysis import Analysis, Table, write_tables
-from workbench.circuits.attribution.graph import Graph
+from workbench.analysis import Analysis, Table
+from workbench.circuits.attribution.graph import Graph, attribute
 from workbench.circuits.attribution.heads import HEAD_COLUMNS
 from workbench.circuits.attribution.transcoders import AttributionError
 from workbench.workspace import Workspace
@@ -107,10 +109,10 @@ def graph_id(graph: Graph, transcoders: Sequence[str], max_feature_nodes: int) -
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def graph_frames(
-    graph: Graph, name: str, transcoders: Sequence[str], max_feature_nodes: int
-) -> dict[str, pd.DataFrame]:
-    """The graph as the four declared tables, each row keyed by (model, checkpoint, graph=``name``)."""
+def graph_frames(graph: Graph, transcoders: Sequence[str], max_feature_nodes: int) -> dict[str, pd.DataFrame]:
+    """The graph as the four declared tables, each row keyed by (model, checkpoint, graph=:func:`graph_id`);
+    ``transcoders``: the ids the graph was made with, as stored with it."""
+    name = graph_id(graph, transcoders, max_feature_nodes)
     keys = {"model": graph.model, "checkpoint": graph.checkpoint, "graph": name}
     edges = graph.edges()
     summary = pd.DataFrame(
@@ -142,11 +144,24 @@ def graph_frames(
     }
 
 
-def write_graph(workspace: Any, graph: Graph, *, transcoders: Sequence[str], max_feature_nodes: int) -> str:
-    """Store the unpruned graph (replacing an earlier run of the same request) → its graph id."""
-    name = graph_id(graph, transcoders, max_feature_nodes)
-    write_tables(workspace, ANALYSIS, graph_frames(graph, name, transcoders, max_feature_nodes))
-    return name
+def run(
+    model: Any,
+    prompt: Any,
+    *,
+    transcoders: Any,
+    transcoder_ids: Sequence[str],
+    max_feature_nodes: int = 7500,
+    **options: Any,
+) -> dict[str, pd.DataFrame]:
+    """The attribution graph of ``prompt`` (text or token ids [pos]) on ``model`` (a HookedModel) as the four tables
+    of :data:`ANALYSIS` for ``write_tables``; the graph id is ``frames["attribution_graphs"]["graph"]``.
+
+    ``transcoders``: what :func:`~workbench.circuits.attribution.graph.attribute` takes (per-layer SAEs, a CLT, ...);
+    ``transcoder_ids``: their ids, stored with the graph and part of its id; ``options``: ``attribute``'s keywords
+    (``targets``, ``batch_size``, ``position``, ``max_logits``, ``logit_probability``, ``heads``, ``progress``).
+    ``attribute`` itself returns the ``Graph`` object the exporters and interventions take."""
+    graph = attribute(model, transcoders, prompt, max_feature_nodes=max_feature_nodes, **options)
+    return graph_frames(graph, transcoder_ids, max_feature_nodes)
 
 
 def read_graph(workspace: Any, model: str, name: str) -> dict[str, pd.DataFrame]:

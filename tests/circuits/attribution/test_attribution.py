@@ -475,6 +475,39 @@ def test_head_loadings_sum_to_their_edges(built, case) -> None:
     assert loadings["head"].nunique() > 1 and loadings["layer"].nunique() == N_LAYERS
 
 
+def test_run_returns_the_graph_tables_that_write_tables_stores(built, tmp_path) -> None:
+    """The analysis contract: ``store.run`` gives the four declared tables of ``attribute``'s graph, keyed by its
+    graph id, and ``write_tables`` then ``read_graph`` gives them back row for row."""
+    import pandas as pd
+
+    from workbench.analysis import write_tables
+    from workbench.circuits.attribution.store import ANALYSIS, graph_id, read_graph, run
+
+    model, transcoders, graph = built["gpt2-ln2-skip"]  # made with TARGETS and batch_size 64, every feature kept
+    ids = ["tc0", "tc1"]
+    frames = run(model, TOKENS, transcoders=transcoders, transcoder_ids=ids, targets=TARGETS, batch_size=64)
+    assert set(frames) == set(ANALYSIS.table_names)
+    summary = frames["attribution_graphs"].iloc[0]
+    assert summary["graph"] == graph_id(graph, ids, 7500) and summary["transcoders"] == '["tc0", "tc1"]'
+    assert len(frames["attribution_nodes"]) == graph.n_nodes == summary["n_nodes"]
+    assert len(frames["attribution_edges"]) == int((graph.adjacency != 0).sum()) == summary["n_edges"]
+    edges = frames["attribution_edges"]
+    dense = torch.zeros(graph.n_nodes, graph.n_nodes, dtype=torch.float64)
+    dense[torch.tensor(edges["target"].to_numpy()), torch.tensor(edges["source"].to_numpy())] = torch.tensor(
+        edges["weight"].to_numpy()
+    )
+    assert torch.allclose(dense, graph.adjacency.double(), atol=1e-12)
+    write_tables(tmp_path, ANALYSIS, frames)
+    stored = read_graph(tmp_path, graph.model, summary["graph"])
+    for table, frame in frames.items():  # rows in any order (the store reads edges back grouped differently)
+        columns = [c for c in frame.columns if c in stored[table].columns]
+
+        def rows(found: pd.DataFrame, columns: list[str] = columns) -> pd.DataFrame:
+            return found[columns].sort_values(columns).reset_index(drop=True)
+
+        pd.testing.assert_frame_equal(rows(stored[table]), rows(frame), check_dtype=False)
+
+
 def test_cli_attributes_a_users_gpt2_directory_and_stores_the_graph(built, tmp_path) -> None:
     """`workbench circuits attribute DIR --transcoders T0 T1 --data ids.npy --out OUT`: the unpruned graph lands in
     the workspace's tables (re-running replaces it), the pruned graph in circuit-tracer's JSON; bad input exits 2
