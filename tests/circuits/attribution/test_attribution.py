@@ -483,7 +483,9 @@ def test_run_returns_the_graph_tables_that_write_tables_stores(built, tmp_path) 
     from workbench.analysis import write_tables
     from workbench.circuits.attribution.store import ANALYSIS, graph_id, read_graph, run
 
-    model, transcoders, graph = built["gpt2-ln2-skip"]  # made with TARGETS and batch_size 64, every feature kept
+    model, transcoders, graph = built[
+        "gpt2-ln2-skip"
+    ]  # made with TARGETS and batch_size 64, every feature kept
     ids = ["tc0", "tc1"]
     frames = run(model, TOKENS, transcoders=transcoders, transcoder_ids=ids, targets=TARGETS, batch_size=64)
     assert set(frames) == set(ANALYSIS.table_names)
