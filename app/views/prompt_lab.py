@@ -610,6 +610,9 @@ elif caps.output == "class":
     o2.metric("KL clean → intervened (nats)", f"{comparison.kl:.4f}")
     show_comparison(comparison, "class", "class probability")
 
+if comparison is not None:  # stored with the session, as prompt_lab.run stores it
+    outputs["kl"] = comparison.kl
+
 if caps.modality == "text" and caps.output != "next_token":
     st.subheader("Sentence embedding")
     second = st.text_input(

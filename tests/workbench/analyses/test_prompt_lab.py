@@ -411,10 +411,102 @@ def test_page_steers_and_shows_what_the_api_gives(
     from workbench.workspace import Workspace
 
     db = Workspace(dashboard_workspace.root).results()
-    assert db.read("prompt_lab_sessions")["continuation_intervened"].tolist() == [api["intervened"]]
+    saved = db.read("prompt_lab_sessions")
+    assert saved["continuation_intervened"].tolist() == [api["intervened"]]
+    # the page's Save stores the row prompt_lab.run gives for the same prompt and stack (its overlays aside)
+    steer = latent_steering(resid_sae, "code-tiny.L0-resid-topk", 7, 30.0)
+    _assert_same_session(
+        saved.iloc[0], lab.run(code_model, PROMPT, interventions=[steer])["prompt_lab_sessions"]
+    )
     db.delete("prompt_lab_sessions")
     app.button(key="lab_iv_remove_0").click().run()
     assert [c.value for c in app.code] == clean
+
+
+def _assert_same_session(saved: pd.Series, frame: pd.DataFrame) -> None:
+    """A stored prompt_lab_sessions row equals ``frame``'s one row in every declared column but ``readouts`` (the
+    page's overlays); JSON columns are compared parsed, numbers to float32 precision (the page and the test run on other threads)."""
+    assert len(frame) == 1
+    row = frame.iloc[0]
+    for column in ("model", "session", "prompt", "tokens", "interventions", "focus_token", "output"):
+        assert saved[column] == row[column], column
+    for column in ("continuation_clean", "continuation_intervened", "continuation_note"):
+        assert (saved[column] or "") == (row[column] or ""), column
+    for column in ("next_token", "generation", "outputs"):
+        assert _close(json.loads(saved[column]), json.loads(row[column])), column
+
+
+def _close(a: object, b: object) -> bool:
+    """Equal JSON values, numbers to float32 precision (1e-5 relative, 1e-6 absolute; nested lists and objects compared element by element)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, int | float)
+            and isinstance(b, int | float)
+            and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+        )
+    return a == b
+
+
+def test_cli_runs_a_session_from_an_interventions_file(zoo_workspace, code_model, tmp_path) -> None:
+    """`workbench prompt-lab run MODEL --prompt TEXT --interventions FILE` stores the row prompt_lab.run gives and
+    prints its comparison; the stack read back from the stored row re-runs to the same session; a bad file is one
+    error line and writes nothing."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+    from workbench.workspace import Workspace
+
+    workspace = tmp_path / "ws"
+    stack = [Intervention("zero", "blocks.0.attn.hook_z", heads=(0, 1))]
+    stack_file = tmp_path / "stack.json"
+    stack_file.write_text(json.dumps([iv.to_dict() for iv in stack]))
+    command = ["prompt-lab", "run", str(zoo_workspace.model_dir("code-tiny")), "--prompt", PROMPT,
+               "--interventions", str(stack_file), "--focus-token", "x", "--workspace", str(workspace)]  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    stored = Workspace(workspace).results().read("prompt_lab_sessions")
+    assert len(stored) == 1
+    model = lab.load_lab_model(str(zoo_workspace.model_dir("code-tiny")))
+    expected = lab.run(model, PROMPT, interventions=stack, focus_token="x")["prompt_lab_sessions"]
+    _assert_same_session(stored.iloc[0], expected)
+    outputs = json.loads(stored.iloc[0]["outputs"])
+    assert f"KL(clean‖intervened) = {outputs['kl']:.4f} nats" in result.output
+    assert f"continuation (intervened): {stored.iloc[0]['continuation_intervened']!r}" in result.output
+    assert f"saved session {stored.iloc[0]['session']}" in result.output
+    reread = [Intervention.from_dict(d) for d in json.loads(stored.iloc[0]["interventions"])]
+    assert reread == stack
+    for bad, message in (
+        ('{"kind": "zero"}', "give a JSON list of objects"),
+        ('[{"kind": "zap", "hook": "blocks.0.hook_resid_post"}]', "entry 0 is not an intervention"),
+        ("[{", "cannot be read as JSON"),
+    ):
+        stack_file.write_text(bad)
+        failed = runner.invoke(app, [*command[:-2], "--workspace", str(tmp_path / "nothing")])
+        assert failed.exit_code == 2 and message in failed.output and "Traceback" not in failed.output
+        assert not (tmp_path / "nothing").exists()
+
+
+def test_run_on_an_encoder_compares_pooled_embeddings_and_refuses_images(zoo_workspace) -> None:
+    """MiniLM (no next-token head): the session holds the pooled embedding's cosines (equal to
+    compare_embeddings') and no continuation; an image model is refused naming the dashboard page."""
+    from workbench.analysis import AnalysisNotApplicable
+
+    minilm = lab.load_lab_model("minilm")
+    stack = [Intervention("zero", "blocks.0.attn.hook_z", heads=(1, 2))]
+    row = lab.run(minilm, "the cat sat on the mat", interventions=stack, second_prompt="a dog ran")[
+        "prompt_lab_sessions"
+    ].iloc[0]
+    tokens = lab.encode_prompt(minilm, "the cat sat on the mat")
+    want = lab.compare_embeddings(minilm, tokens, stack, "a dog ran").table
+    assert _close(json.loads(row["outputs"])["embedding"], json.loads(want.to_json(orient="records")))
+    assert row["continuation_clean"] is None and json.loads(row["generation"]) == {}
+    with pytest.raises(AnalysisNotApplicable, match="Prompt lab page"):
+        lab.run(lab.load_lab_model("vit-digits", workspace=zoo_workspace), "an image")
 
 
 def test_page_bad_input_gets_a_message(dashboard_workspace, monkeypatch) -> None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.adapters.base import Capabilities
-from workbench.analysis import Analysis, Table, write_tables
+from workbench.analysis import Analysis, AnalysisNotApplicable, Table, write_tables
 from workbench.attention.statistics import attention_statistics
 from workbench.datasets import DatasetError, load_dataset
 from workbench.interventions import Intervention, apply_interventions
@@ -57,7 +57,8 @@ SERVER_THREADS = int(os.environ.get("WORKBENCH_DASHBOARD_THREADS", "1"))
 
 ANALYSIS = Analysis(
     name="prompt_lab",
-    command="workbench dashboard    # Prompt lab page: type a prompt, intervene, press Save",
+    command="workbench prompt-lab run MODEL --prompt TEXT [--interventions FILE]  (or the dashboard's Prompt lab "
+    "page: type a prompt, intervene, press Save)",
     tables=(
         Table(
             "prompt_lab_sessions",
@@ -82,7 +83,7 @@ ANALYSIS = Analysis(
             "cosines), continuations and readouts",
         ),
     ),
-    description="interactive prompt lab sessions saved from the dashboard",
+    description="prompt lab sessions: saved from the dashboard, or run from the command line",
 )
 
 
@@ -669,6 +670,73 @@ def save_session(workspace: Any, frame: pd.DataFrame) -> str:
     """Write a :func:`session_frame` row through the one results writer (one transaction) -> the session id."""
     write_tables(workspace, ANALYSIS, {"prompt_lab_sessions": frame})
     return str(frame["session"].iloc[0])
+
+
+def run(
+    model: HookedModel,
+    prompt: str,
+    *,
+    interventions: Sequence[Intervention] = (),
+    top_k: int = 8,
+    focus_token: str | None = None,
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    seed: int = 0,
+    masked_position: int | None = None,
+    second_prompt: str | None = None,
+) -> dict[str, pd.DataFrame]:
+    """One prompt-lab session of a text model without the dashboard → ``{"prompt_lab_sessions": one row}``, the row
+    the Prompt lab page's Save stores for the same prompt, stack and settings (its overlays aside: ``readouts`` is
+    empty); ``write_tables(workspace, ANALYSIS, frames)`` stores it.
+
+    What is compared follows the model's declared output (:func:`capabilities`): a causal LM's next token (top
+    ``top_k``, the logit difference of ``focus_token``) and its continuations (greedy when ``temperature`` is 0,
+    else sampled with ``seed``); a masked LM's tokens at ``masked_position`` (default: the first [MASK]; none in the
+    prompt, no comparison); a classifier's classes; and for every text model without a next-token head the pooled
+    embedding's cosines (clean, intervened, ``second_prompt``); ``outputs`` holds KL(clean‖intervened) of the
+    comparison in nats (``kl``). ``interventions``: the stack, e.g. read back from a
+    saved session's ``interventions`` column with ``Intervention.from_dict``."""
+    caps = capabilities(model)
+    if caps.modality != "text":
+        raise AnalysisNotApplicable(
+            f"{model.cfg.name} reads images: open its prompt-lab sessions on the dashboard's Prompt lab page "
+            "(workbench dashboard), which takes an image of a dataset"
+        )
+    tokens = encode_prompt(model, prompt)
+    comparison: NextTokenComparison | None = None
+    continuation: dict[str, str] = {}
+    generation: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+    if caps.output == "next_token":
+        comparison = compare_next_token(model, tokens, interventions, top_k=top_k, focus_token=focus_token)
+        mode = "greedy" if temperature == 0 else "sampled"
+        generation = {
+            "mode": mode,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "seed": seed,
+        }
+        continuation = continuations(model, tokens, interventions, max_new_tokens, temperature, seed)
+    elif caps.output == "masked_token":
+        masked = mask_positions(model, tokens)
+        if masked_position is not None and masked_position not in masked:
+            raise PromptLabError(
+                f"position {masked_position} of the prompt is not a {model.tokenizer.mask_token}; the masked "
+                f"positions are {masked or 'none'}"
+            )
+        if masked:
+            at = masked[0] if masked_position is None else masked_position
+            comparison = compare_outputs(model, tokens, interventions, top_k=top_k, position=at)
+            outputs["masked_position"] = at
+    elif caps.output == "class":
+        comparison = compare_outputs(model, tokens, interventions, top_k=top_k)
+    if comparison is not None:
+        outputs["kl"] = comparison.kl
+    if caps.output != "next_token":
+        embeddings = compare_embeddings(model, tokens, interventions, second_prompt or None)
+        outputs["embedding"] = json.loads(embeddings.table.to_json(orient="records"))
+    frame = session_frame(model, prompt, interventions, comparison, continuation, generation, outputs=outputs)
+    return {"prompt_lab_sessions": frame}
 
 
 def saved_models(workspace: Any) -> list[str]:
