@@ -84,28 +84,13 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
-def test_every_page_renders_in_a_real_browser(dashboard_url) -> None:
+def test_every_page_renders_from_127_0_0_1_only_with_a_minimal_toolbar(dashboard_url, server_log) -> None:
+    """Every page renders in Chromium without an exception (a screenshot each); every request the pages make
+    (fonts, icons, scripts, favicons included) goes to the local server; the toolbar offers no "Deploy"; the server
+    logs no `use_container_width` deprecation. One visit per page checks all of it."""
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        for path, title in PAGES.items():
-            page.goto(f"{dashboard_url}/{path}", wait_until="networkidle")
-            page.get_by_role("heading", name=title).first.wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)
-            assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
-            page.screenshot(path=str(ARTIFACTS / f"{path or 'overview'}.png"), full_page=True)
-        browser.close()
-    assert {p.name for p in ARTIFACTS.glob("*.png")} >= {f"{path or 'overview'}.png" for path in PAGES}
-
-
-def test_every_page_loads_only_from_127_0_0_1_with_a_minimal_toolbar(dashboard_url, server_log) -> None:
-    """Every request the dashboard's pages make in Chromium (fonts, icons, scripts, favicons included) goes to the
-    local server; the toolbar offers no "Deploy"; the server logs no `use_container_width` deprecation."""
-    from playwright.sync_api import sync_playwright
-
     requests: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -115,10 +100,13 @@ def test_every_page_loads_only_from_127_0_0_1_with_a_minimal_toolbar(dashboard_u
             page.goto(f"{dashboard_url}/{path}", wait_until="networkidle")
             page.get_by_role("heading", name=title).first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)
+            assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
             assert page.locator('[data-testid="stToolbar"]').get_by_text("Deploy").count() == 0, (
                 f"Deploy on /{path}"
             )
+            page.screenshot(path=str(ARTIFACTS / f"{path or 'overview'}.png"), full_page=True)
         browser.close()
+    assert {p.name for p in ARTIFACTS.glob("*.png")} >= {f"{path or 'overview'}.png" for path in PAGES}
     fetched = [url for url in requests if not url.startswith(("data:", "blob:"))]
     assert len(fetched) > len(PAGES)
     remote = [url for url in fetched if urlsplit(url).hostname not in LOCAL_HOSTS]
