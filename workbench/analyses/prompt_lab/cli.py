@@ -104,6 +104,8 @@ def run_command(
     row = frames["prompt_lab_sessions"].iloc[0]
     for intervention in stack:
         typer.echo(f"intervention: {intervention.describe()}")
+    if not stack:
+        typer.echo("no interventions (--interventions FILE): the intervened run is the clean run")
     _print_outputs(row)
     typer.echo(f"saved session {row['session']} of {hooked.cfg.name} to prompt_lab_sessions in the workspace")
 
