@@ -370,6 +370,76 @@ def _rows_stream(
         epoch += 1
 
 
+def capture_training_rows(
+    model,
+    data: Dataset,
+    hooks: list[str],
+    settings: SAETrainSettings,
+    workspace: Any,
+    *,
+    rank: int,
+    world: int,
+    dataset: str,
+    progress: bool,
+    suffix: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, int, ActivationStore, list[Path]]:
+    """``data``'s packed token rows under ``settings``' budget, and this rank's document range of the training rows
+    (all but the last quarter) captured at ``hooks`` into the workspace store ``sae-<model>[@step]-<data><suffix>``
+    (``-rank<r>-of-<world>`` per rank) → (ids [n, pos], attention mask [n, pos], split: the first held-out row,
+    this rank's store, every rank's store folder). Nothing is written when the rows are too few."""
+    ids, mask = packed_token_tensor(
+        model,
+        data,
+        max_tokens=settings.max_tokens,
+        context_length=settings.context_length,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        progress=progress,
+    )
+    split = _split(len(ids), data, settings.context_length)
+    if split < world:
+        raise DatasetError(
+            f"dataset {data.name!r} gave {split} training rows for {world} ranks: give more text "
+            "or run fewer processes"
+        )
+    ws = Workspace(workspace).ensure()
+    mine = document_range(split, rank, world)  # disjoint document ranges per rank
+    rows = [r[m.bool()].tolist() for r, m in zip(ids[mine], mask[mine], strict=True)]
+    step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
+    name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}{suffix}"
+    store_dirs = [
+        ws.store_dir(safe_name(f"{name}-rank{r}-of-{world}" if world > 1 else name)) for r in range(world)
+    ]
+    store = capture_to_store(
+        model,
+        rows,
+        hooks,
+        store_dirs[rank],
+        batch_size=settings.batch_size,
+        context_length=settings.context_length,
+        dataset=dataset,
+        checkpoint=model.cfg.checkpoint,
+        overwrite=True,
+        progress=progress,
+    )
+    return ids, mask, split, store, store_dirs
+
+
+def train_config(
+    settings: SAETrainSettings, batch: int, world: int, progress: bool, options: Mapping[str, Any] | None
+) -> TrainConfig:
+    """The ``TrainConfig`` of ``settings`` for ``batch`` rows per rank and step over ``world`` ranks (warm-up of up
+    to 20 steps, a latent dead after 10 steps' tokens without firing); ``options``: further TrainConfig fields."""
+    return TrainConfig(
+        steps=settings.steps,
+        lr=settings.lr,
+        warmup_steps=min(20, settings.steps),
+        progress=progress,
+        dead_after_tokens=10 * batch * world,
+        **(options or {}),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- run
 @dataclass(frozen=True)
 class SAETrainSettings:
@@ -424,10 +494,14 @@ def run(
     of each SAE (absent when only transcoders were trained)}``.
     """
     chosen = settings_with(settings, SAETrainSettings, overrides)
-    max_tokens, context_length, batch_size = chosen.max_tokens, chosen.context_length, chosen.batch_size
-    steps, train_batch_size, lr, seed = chosen.steps, chosen.train_batch_size, chosen.lr, chosen.seed
+    batch_size, steps, train_batch_size, seed = (
+        chosen.batch_size,
+        chosen.steps,
+        chosen.train_batch_size,
+        chosen.seed,
+    )
     ANALYSIS.check(model, data)
-    _check_counts(steps, max_tokens)
+    _check_counts(steps, chosen.max_tokens)
     if not specs:
         raise SAEInputError("no SAE to train: pass {sae_id: {architecture, d_sae, hook_in, ...}}")
     for sae_id in specs:
@@ -496,52 +570,14 @@ def run(
                 "fewer processes"
             )
     else:
-        ids, mask = packed_token_tensor(
-            model,
-            data,
-            max_tokens=max_tokens,
-            context_length=context_length,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-        )
-        split = _split(len(ids), data, context_length)
-        if split < world:
-            raise DatasetError(
-                f"dataset {data.name!r} gave {split} training rows for {world} ranks: give more text "
-                "or run fewer processes"
-            )
-        mine_rows = document_range(split, rank, world)  # disjoint document ranges per rank
-        rows = [r[m.bool()].tolist() for r, m in zip(ids[mine_rows], mask[mine_rows], strict=True)]
-        step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
-        name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}"
-        store_dirs = [
-            ws.store_dir(safe_name(f"{name}-rank{r}-of-{world}" if world > 1 else name)) for r in range(world)
-        ]
-        store = capture_to_store(
-            model,
-            rows,
-            hooks,
-            store_dirs[rank],
-            batch_size=batch_size,
-            context_length=context_length,
-            dataset=dataset,
-            checkpoint=model.cfg.checkpoint,
-            overwrite=True,
-            progress=progress,
+        ids, mask, split, store, store_dirs = capture_training_rows(
+            model, data, hooks, chosen, workspace, rank=rank, world=world, dataset=dataset, progress=progress
         )
         below, train_rows, shards = None, store.n_rows, None
         if distributed is not None and len(local_ranks(distributed)) == world:
             page_dirs = store_dirs  # every rank's store is on this machine: the pages read them all
     batch = max(1, min(train_batch_size, train_rows * world) // world)  # rows per rank and step
-    cfg = TrainConfig(
-        steps=steps,
-        lr=lr,
-        warmup_steps=min(20, steps),
-        progress=progress,
-        dead_after_tokens=10 * batch * world,
-        **(train_options or {}),
-    )
+    cfg = train_config(chosen, batch, world, progress, train_options)
     trained = train_saes(
         saes, _rows_stream(store, hooks, batch, below, shards), cfg, distributed=distributed
     ).saes

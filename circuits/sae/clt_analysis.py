@@ -23,18 +23,18 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from workbench.analysis import Analysis, Table, settings_with
-from workbench.capture import capture_to_store
 from workbench.circuits.sae.analysis import (
     ANALYSIS,
     SAETrainSettings,
     _available_bytes,
     _rows_stream,
     _sae_hooks,
-    _split,
+    capture_training_rows,
     check_sae_fits,
     find_sae,
     hook_widths,
     packed_token_tensor,
+    train_config,
 )
 from workbench.circuits.sae.base import SAE, SAEInputError
 from workbench.circuits.sae.clt import (
@@ -45,7 +45,7 @@ from workbench.circuits.sae.clt import (
     is_clt_dir,
     load_clt_dir,
 )
-from workbench.circuits.sae.distributed import Distributed, document_range
+from workbench.circuits.sae.distributed import Distributed
 from workbench.circuits.sae.evals import _next_token_log_probs, evaluate_sae, sae_dir, splice_hooks
 from workbench.circuits.sae.formats.circuit_tracer import CONFIG_FILE as CT_CONFIG_FILE
 from workbench.circuits.sae.formats.circuit_tracer import (
@@ -54,7 +54,7 @@ from workbench.circuits.sae.formats.circuit_tracer import (
     load_transcoder_set,
     read_config,
 )
-from workbench.circuits.sae.train import TrainConfig, check_sae_name, seeded_clt, train_saes
+from workbench.circuits.sae.train import check_sae_name, seeded_clt, train_saes
 from workbench.fileio import atomic_save_tensors
 from workbench.hooks import HookNameError
 from workbench.identity import provenance_note
@@ -263,8 +263,12 @@ def run_clt(
     (each rank captures its own document range). ``settings``: :class:`SAETrainSettings` (the data budget and the
     optimisation); ``overrides`` replace its fields by keyword (``max_tokens=``, ``steps=``, ...)."""
     chosen = settings_with(settings, SAETrainSettings, overrides)
-    max_tokens, context_length, batch_size = chosen.max_tokens, chosen.context_length, chosen.batch_size
-    steps, train_batch_size, lr, seed = chosen.steps, chosen.train_batch_size, chosen.lr, chosen.seed
+    batch_size, steps, train_batch_size, seed = (
+        chosen.batch_size,
+        chosen.steps,
+        chosen.train_batch_size,
+        chosen.seed,
+    )
     ANALYSIS.check(model, data)
     if architecture not in CLT_ARCHITECTURES:
         raise SAEInputError(
@@ -303,46 +307,20 @@ def run_clt(
     if announce is not None and rank == 0:
         announce(line)
     clt = seeded_clt(cfg, seed).to(model.device)
-    ids, mask = packed_token_tensor(
+    ids, mask, split, store, _ = capture_training_rows(
         model,
         data,
-        max_tokens=max_tokens,
-        context_length=context_length,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-    )
-    split = _split(len(ids), data, context_length)
-    if split < world:
-        raise SAEInputError(
-            f"dataset {data.name!r} gave {split} training rows for {world} ranks: give more text"
-        )
-    ws = Workspace(workspace).ensure()  # nothing is written before this point
-    mine = document_range(split, rank, world)
-    rows = [r[m.bool()].tolist() for r, m in zip(ids[mine], mask[mine], strict=True)]
-    step = "" if model.cfg.checkpoint is None else f"@{model.cfg.checkpoint}"
-    name = f"sae-{short_name(model.cfg.name)}{step}-{short_name(data.name)}-clt"
-
-    store = capture_to_store(
-        model,
-        rows,
         hooks_in + hooks_out,
-        ws.store_dir(safe_name(f"{name}-rank{rank}-of-{world}" if world > 1 else name)),
-        batch_size=batch_size,
-        context_length=context_length,
+        chosen,
+        workspace,
+        rank=rank,
+        world=world,
         dataset=data.name,
-        checkpoint=model.cfg.checkpoint,
-        overwrite=True,
         progress=progress,
+        suffix="-clt",
     )
-    train = TrainConfig(
-        steps=steps,
-        lr=lr,
-        warmup_steps=min(20, steps),
-        progress=progress,
-        dead_after_tokens=10 * batch * world,
-        **(train_options or {}),
-    )
+    ws = Workspace(workspace)
+    train = train_config(chosen, batch, world, progress, train_options)
     stream = _rows_stream(store, hooks_in + hooks_out, batch, None)
     trained = train_saes({sae_id: clt}, stream, train, distributed=distributed).saes[sae_id].eval()
     frames: dict[str, pd.DataFrame] = {}
